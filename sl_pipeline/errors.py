@@ -1,0 +1,114 @@
+"""One root exception for the whole project, with stable codes.
+
+Every error a user can see derives from :class:`SLError`. Subclasses also inherit a
+builtin category (``ValueError``, ``ConnectionError`` ...) so callers that only know
+the builtins still catch them sensibly. Each class carries a stable ``code`` that
+travels in ERROR messages and a process ``exit_code`` for the CLI.
+"""
+
+from __future__ import annotations
+
+
+class SLError(Exception):
+    """Root of every sl-pipeline error. ``str(err)`` is the message shown to users."""
+
+    code: str = "internal"
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(message if hint is None else f"{message} ({hint})")
+
+
+class ConfigError(SLError, ValueError):
+    """A configuration file, flag or value is invalid. Exit status 2."""
+
+    code = "config"
+    exit_code = 2
+
+
+class ProtocolError(SLError, ValueError):
+    """A message could not be decoded or broke the protocol's rules."""
+
+    code = "protocol"
+    exit_code = 3
+
+
+class LimitError(ProtocolError):
+    """A message exceeded a configured limit (frames, bytes, dims, dtype)."""
+
+    code = "limit"
+
+
+class VersionError(ProtocolError):
+    """The peer speaks a protocol version we do not."""
+
+    code = "version"
+
+
+class CryptoError(ProtocolError):
+    """Authentication failed: bad tag, replay, unknown key or broken handshake."""
+
+    code = "crypto"
+
+
+class ReplayError(CryptoError):
+    """A message counter was reused or went backwards."""
+
+    code = "replay"
+
+
+class NotAdmittedError(CryptoError, PermissionError):
+    """The peer's static key is not in the admitted set."""
+
+    code = "not_admitted"
+
+
+class PeerError(SLError, RuntimeError):
+    """The peer replied with an ERROR message; ``remote_code`` is its code."""
+
+    code = "peer"
+    exit_code = 4
+
+    def __init__(self, remote_code: str, message: str, *, retryable: bool = False) -> None:
+        self.remote_code = remote_code
+        self.retryable = retryable
+        super().__init__(f"peer error [{remote_code}]: {message}")
+
+
+class TransportError(SLError, ConnectionError):
+    """The network failed: peer unreachable, timed out or gone."""
+
+    code = "transport"
+    exit_code = 5
+
+
+class PrivacyError(SLError, ValueError):
+    """A privacy setting is invalid or two settings contradict each other."""
+
+    code = "privacy"
+    exit_code = 2
+
+
+class CheckpointError(SLError, OSError):
+    """A checkpoint could not be written or read."""
+
+    code = "checkpoint"
+    exit_code = 6
+
+
+__all__ = [
+    "SLError",
+    "ConfigError",
+    "ProtocolError",
+    "LimitError",
+    "VersionError",
+    "CryptoError",
+    "ReplayError",
+    "NotAdmittedError",
+    "PeerError",
+    "TransportError",
+    "PrivacyError",
+    "CheckpointError",
+]
