@@ -1,0 +1,239 @@
+"""Privacy settings: frozen dataclasses validated at construction, built from TOML.
+
+The ``[privacy]`` table of a run's TOML file maps onto :class:`PrivacyConfig`::
+
+    [privacy.noise]            # cut-layer activation noise (client side)
+    sigma = 0.5
+    clip = 1.0
+    mechanism = "gaussian"     # or "laplace"
+
+    [privacy.nopeek]           # distance-correlation penalty in the client loss
+    alpha = 0.1
+
+    [privacy.dpsgd]            # DP-SGD on the client segment's weights (Opacus)
+    noise_multiplier = 1.0     # exactly one of noise_multiplier / target_epsilon
+    max_grad_norm = 1.0
+
+    [privacy.label]            # label protection (vertical topology only)
+    mechanism = "marvell"
+    scale = 4.0
+
+A missing section means that defense is off. Unknown keys, wrong types, out-of-range values
+and contradictory combinations raise :class:`~sl_pipeline.errors.PrivacyError` naming the key.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from sl_pipeline.errors import PrivacyError
+
+NoiseMechanism = Literal["gaussian", "laplace"]
+LabelMechanism = Literal["none", "gaussian", "marvell"]
+ACCOUNTANTS = ("rdp", "gdp", "prv")
+LABEL_TOPOLOGY = "vertical"
+
+
+def _check_float(
+    path: str, value: float, *, low: float, high: float = math.inf,
+    low_open: bool = False, high_open: bool = False, hint: str | None = None,
+) -> None:
+    """Raise unless ``low <= value <= high`` (open ends when asked) and ``value`` is finite."""
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if math.isfinite(value) and not too_low and not too_high:
+        return
+    left = "(" if low_open else "["
+    right = ")" if high_open or math.isinf(high) else "]"
+    raise PrivacyError(
+        f"{path} = {value!r} is out of range; allowed: {left}{low:g}, {high:g}{right}",
+        hint=hint or f"set {path} to a finite value in that range",
+    )
+
+
+def _check_choice(path: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise PrivacyError(
+            f"{path} = {value!r} is not supported; allowed: {', '.join(choices)}",
+            hint=f"set {path} to one of the allowed values",
+        )
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """Per-sample clipping of cut-layer activations, then additive noise of scale sigma*clip."""
+
+    sigma: float = 0.0
+    clip: float = 1.0
+    mechanism: NoiseMechanism = "gaussian"
+
+    def __post_init__(self) -> None:
+        _check_float("privacy.noise.sigma", self.sigma, low=0.0, high=1e6,
+                     hint="sigma is the noise multiplier; 0 means clipping only")
+        _check_float("privacy.noise.clip", self.clip, low=0.0, low_open=True,
+                     hint="clip is the per-sample norm bound; use a positive value such as 1.0")
+        _check_choice("privacy.noise.mechanism", self.mechanism, ("gaussian", "laplace"))
+
+
+@dataclass(frozen=True)
+class NoPeekConfig:
+    """Weight of the distance-correlation penalty added to the client loss."""
+
+    alpha: float
+
+    def __post_init__(self) -> None:
+        _check_float("privacy.nopeek.alpha", self.alpha, low=0.0, high=1e6,
+                     hint="alpha weighs dCor(inputs, activations) in the loss; typical 0.01-10")
+
+
+@dataclass(frozen=True)
+class DPSGDConfig:
+    """DP-SGD on the client segment (Opacus). Exactly one of noise_multiplier/target_epsilon."""
+
+    noise_multiplier: float | None = None
+    max_grad_norm: float = 1.0
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    poisson_sampling: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            given = "both" if self.noise_multiplier is not None else "neither"
+            raise PrivacyError(
+                f"privacy.dpsgd: {given} of noise_multiplier and target_epsilon are set; "
+                "exactly one is required",
+                hint="set noise_multiplier to fix the noise, or target_epsilon to have it derived",
+            )
+        if self.noise_multiplier is not None:
+            _check_float("privacy.dpsgd.noise_multiplier", self.noise_multiplier, low=0.0,
+                         high=1e6)
+        if self.target_epsilon is not None:
+            _check_float("privacy.dpsgd.target_epsilon", self.target_epsilon, low=0.0,
+                         high=1e4, low_open=True)
+        _check_float("privacy.dpsgd.max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
+        _check_float("privacy.dpsgd.delta", self.delta, low=0.0, high=1.0,
+                     low_open=True, high_open=True,
+                     hint="delta should be well below 1/dataset size, e.g. 1e-5")
+        _check_choice("privacy.dpsgd.accountant", self.accountant, ACCOUNTANTS)
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """Protection of the cut gradients the label holder sends to a non-label party."""
+
+    mechanism: LabelMechanism = "none"
+    scale: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_choice("privacy.label.mechanism", self.mechanism, ("none", "gaussian", "marvell"))
+        if self.mechanism == "none":
+            if self.scale != 0.0:
+                raise PrivacyError(
+                    f"privacy.label.scale = {self.scale!r} has no effect with mechanism 'none'",
+                    hint="choose mechanism 'gaussian' or 'marvell', or remove scale",
+                )
+            return
+        _check_float("privacy.label.scale", self.scale, low=0.0, high=1e6, low_open=True,
+                     hint="scale is the noise power relative to the gradients; try 1-4")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """All privacy settings of one run; ``None`` means that defense is off."""
+
+    noise: NoiseConfig | None = None
+    nopeek: NoPeekConfig | None = None
+    dpsgd: DPSGDConfig | None = None
+    label: LabelConfig | None = None
+
+    @property
+    def label_protection_on(self) -> bool:
+        return self.label is not None and self.label.mechanism != "none"
+
+    def validate_for_topology(self, topology: str) -> None:
+        """Refuse settings that make no sense for ``topology`` (e.g. label protection)."""
+        if self.label_protection_on and topology != LABEL_TOPOLOGY:
+            raise PrivacyError(
+                f"privacy.label is only meaningful for topology '{LABEL_TOPOLOGY}', "
+                f"not '{topology}'",
+                hint="remove [privacy.label] or set mechanism = 'none'",
+            )
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> PrivacyConfig:
+        """Build from the TOML ``[privacy]`` table, rejecting unknown keys and bad types."""
+        if not isinstance(data, Mapping):
+            raise PrivacyError(f"privacy must be a table, got {type(data).__name__}")
+        sections: dict[str, type] = {
+            "noise": NoiseConfig, "nopeek": NoPeekConfig, "dpsgd": DPSGDConfig,
+            "label": LabelConfig,
+        }
+        _reject_unknown("privacy", data, sections)
+        built: dict[str, Any] = {
+            name: _build(sections[name], value, f"privacy.{name}")
+            for name, value in data.items()
+        }
+        return cls(**built)
+
+
+def _reject_unknown(path: str, data: Mapping[str, Any], valid: Mapping[str, Any]) -> None:
+    for key in data:
+        if key not in valid:
+            raise PrivacyError(
+                f"unknown key '{path}.{key}'; valid keys: {', '.join(valid)}",
+                hint="check the spelling in the [privacy] table",
+            )
+
+
+_T = TypeVar("_T")
+
+
+def _build(cls: type[_T], data: Any, path: str) -> _T:
+    if not isinstance(data, Mapping):
+        raise PrivacyError(f"{path} must be a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    valid = {f.name: hints[f.name] for f in fields(cls)}  # type: ignore[arg-type]
+    _reject_unknown(path, data, valid)
+    values = {key: _check_type(f"{path}.{key}", value, valid[key]) for key, value in data.items()}
+    return cls(**values)
+
+
+def _check_type(path: str, value: Any, hint: Any) -> Any:
+    """Return ``value`` (ints widened to float) if it matches ``hint``, else raise."""
+    allowed = get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in allowed:
+        if option is type(None) and value is None:
+            return value
+        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if option is bool and isinstance(value, bool):
+            return value
+        if (option is str or get_origin(option) is Literal) and isinstance(value, str):
+            return value
+    names = " or ".join(_type_name(o) for o in allowed)
+    raise PrivacyError(
+        f"{path} must be {names}, got {type(value).__name__} {value!r}",
+        hint=f"write {path} as {names} in the TOML file",
+    )
+
+
+def _type_name(option: Any) -> str:
+    if get_origin(option) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(option))
+    return "null" if option is type(None) else getattr(option, "__name__", str(option))
+
+
+__all__ = [
+    "ACCOUNTANTS",
+    "DPSGDConfig",
+    "LabelConfig",
+    "NoPeekConfig",
+    "NoiseConfig",
+    "PrivacyConfig",
+]

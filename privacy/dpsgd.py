@@ -1,0 +1,112 @@
+"""DP-SGD for the client segment, driven by the cut-layer gradient the server returns.
+
+The client runs ``act = module(x)``, sends ``act``, receives ``grad = d loss / d act`` and calls
+``act.backward(grad)``; Opacus' hooks then compute per-sample gradients of the client's
+weights, and its ``DPOptimizer`` clips each to ``max_grad_norm``, sums, adds
+N(0, (noise_multiplier * max_grad_norm)^2) and rescales.
+
+**Loss reduction.** Opacus must know how the server reduced the loss over the batch:
+
+* ``"mean"`` (the default, and what the server should use): the returned cut gradient is
+  ``d(mean loss)/d act``, i.e. already divided by the batch size B. Opacus' ``GradSampleModule``
+  multiplies the backprops by B to recover each example's own gradient, and the optimizer
+  divides the clipped sum by the *expected* batch size;
+* ``"sum"``: no rescaling either way.
+
+A mismatch silently scales every per-sample gradient by B (or 1/B) before clipping, which
+changes both the update and what clipping does — hence ``server_loss_reduction`` must match
+the server's loss. ``tests/test_privacy_dpsgd.py`` checks that, with no noise and no clipping,
+a step driven by the server's gradient equals plain training of the joint model.
+
+**Sampling.** With ``poisson_sampling=True`` (default, what the accountant assumes) Opacus
+replaces the data loader by a Poisson-sampled one with the same expected batch size: batch
+sizes vary and the server must accept any size, including (rarely) empty batches. With
+``poisson_sampling=False`` the loader is kept, the epsilon Opacus reports is only an
+approximation, and the dataset size must be a multiple of the batch size (Opacus divides by
+``len(dataset) / len(loader)``, which otherwise differs from the real batch size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader
+
+from privacy.accounting import DPSGDAccountantView
+from privacy.config import DPSGDConfig
+from sl_pipeline.errors import PrivacyError
+
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+@dataclass
+class PrivateClient:
+    """What :func:`make_private_client` returns: use these in place of the originals."""
+
+    module: nn.Module
+    optimizer: Any  # opacus DPOptimizer
+    data_loader: DataLoader[Any]
+    engine: PrivacyEngine
+    noise_multiplier: float
+    delta: float
+
+    def epsilon(self) -> float:
+        return epsilon_spent(self.engine, self.delta)
+
+
+def _check_fixed_batches(data_loader: DataLoader[Any]) -> None:
+    batch_size = data_loader.batch_size
+    size = len(data_loader.dataset)  # type: ignore[arg-type]
+    if batch_size is None or size % batch_size != 0:
+        raise PrivacyError(
+            f"poisson_sampling = false needs a dataset size that is a multiple of the batch "
+            f"size; got {size} examples and batch_size {batch_size}",
+            hint="enable poisson_sampling, or trim the dataset (e.g. with a Subset)",
+        )
+
+
+def make_private_client(
+    module: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader[Any],
+    cfg: DPSGDConfig, epochs: int, *, server_loss_reduction: str = "mean",
+    noise_generator: torch.Generator | None = None, secure_mode: bool = False,
+) -> PrivateClient:
+    """Wrap the client segment with Opacus DP-SGD (``make_private`` or ``_with_epsilon``).
+
+    ``epochs`` is used to derive the noise when ``cfg.target_epsilon`` is set.
+    ``noise_generator`` is for tests only and is refused in ``secure_mode``.
+    """
+    if server_loss_reduction not in LOSS_REDUCTIONS:
+        raise PrivacyError(
+            f"server_loss_reduction = {server_loss_reduction!r} is not supported; allowed: "
+            f"{', '.join(LOSS_REDUCTIONS)}", hint="pass the reduction of the server's loss")
+    if epochs < 1:
+        raise PrivacyError(f"epochs = {epochs} is out of range; allowed: >= 1")
+    if not cfg.poisson_sampling:
+        _check_fixed_batches(data_loader)
+    engine = PrivacyEngine(accountant=cfg.accountant, secure_mode=secure_mode)
+    common: dict[str, Any] = {
+        "module": module, "optimizer": optimizer, "data_loader": data_loader,
+        "max_grad_norm": cfg.max_grad_norm, "loss_reduction": server_loss_reduction,
+        "poisson_sampling": cfg.poisson_sampling, "noise_generator": noise_generator,
+    }
+    if cfg.target_epsilon is not None:
+        private = engine.make_private_with_epsilon(
+            target_epsilon=cfg.target_epsilon, target_delta=cfg.delta, epochs=epochs, **common)
+    else:
+        private = engine.make_private(noise_multiplier=cfg.noise_multiplier, **common)
+    wrapped, dp_optimizer, loader = private[0], private[1], private[-1]
+    return PrivateClient(module=wrapped, optimizer=dp_optimizer, data_loader=loader,
+                         engine=engine, noise_multiplier=float(dp_optimizer.noise_multiplier),
+                         delta=cfg.delta)
+
+
+def epsilon_spent(engine: PrivacyEngine, delta: float) -> float:
+    """DP-SGD epsilon spent so far at ``delta`` (0 before the first step)."""
+    return DPSGDAccountantView(engine, delta).epsilon()
+
+
+__all__ = ["LOSS_REDUCTIONS", "PrivateClient", "epsilon_spent", "make_private_client"]

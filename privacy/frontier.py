@@ -1,0 +1,95 @@
+"""Accuracy/leakage trade-off: Pareto fronts and a plot, one point per privacy setting.
+
+Rows are mappings such as ``{"name": "sigma=0.5", "test_accuracy": 0.91, "dcor": 0.42,
+"label_leak_auc": 0.71, "reconstruction_mse": 0.05}``. Accuracy is maximised; a leakage
+measure is minimised unless it is listed in ``maximize`` (by default the reconstruction MSE,
+where a larger error means less leakage).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from sl_pipeline.errors import PrivacyError
+
+Row = Mapping[str, Any]
+MAXIMIZE_DEFAULT = frozenset({"reconstruction_mse"})
+LEAKAGE_KEYS = ("dcor", "label_leak_auc", "reconstruction_mse", "ssim", "epsilon")
+
+
+def _oriented(row: Row, key: str, maximize: Collection[str]) -> float:
+    """The row's value for ``key`` turned into a 'larger is better' score."""
+    value = row.get(key)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise PrivacyError(f"row {dict(row)!r} has no numeric {key!r}",
+                           hint="give every row a number for each plotted key")
+    return float(value) if key in maximize else -float(value)
+
+
+def pareto_front(
+    rows: Sequence[Row], x_key: str, y_keys: Sequence[str], *,
+    maximize: Collection[str] = MAXIMIZE_DEFAULT,
+) -> list[Row]:
+    """Rows not dominated on (``x_key`` maximised, each ``y_key`` oriented), sorted by x.
+
+    A row is dominated if another is at least as good on every objective and strictly
+    better on one. Rows that tie on every objective are all kept.
+    """
+    keep_max = set(maximize) | {x_key}
+    scores = [[_oriented(r, k, keep_max) for k in (x_key, *y_keys)] for r in rows]
+
+    def dominated(i: int) -> bool:
+        return any(
+            all(o >= s for o, s in zip(other, scores[i], strict=True)) and other != scores[i]
+            for other in scores
+        )
+
+    front = [r for i, r in enumerate(rows) if not dominated(i)]
+    return sorted(front, key=lambda r: float(r[x_key]))
+
+
+def plot_frontier(
+    rows: Sequence[Row], out_png: str | Path, *, x_key: str = "test_accuracy",
+    y_keys: Sequence[str] | None = None, label_key: str = "name",
+    maximize: Collection[str] = MAXIMIZE_DEFAULT,
+) -> Path:
+    """One panel per leakage measure: accuracy (x) vs leakage (y), Pareto front marked.
+
+    ``y_keys`` defaults to the known leakage keys present in every row. Renders with the Agg
+    canvas directly, so no global matplotlib backend is touched. Returns the written path.
+    """
+    if not rows:
+        raise PrivacyError("plot_frontier needs at least one row")
+    keys = list(y_keys) if y_keys is not None else [
+        k for k in LEAKAGE_KEYS if all(isinstance(r.get(k), int | float) for r in rows)]
+    if not keys:
+        raise PrivacyError("no leakage measure to plot", hint=f"pass y_keys; known: {LEAKAGE_KEYS}")
+    fig = Figure(figsize=(4.5 * len(keys), 4.0))
+    FigureCanvasAgg(fig)
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(1, len(keys), i + 1)
+        ax.scatter([r[x_key] for r in rows], [r[key] for r in rows], color="tab:blue",
+                   label="setting")
+        front = pareto_front(rows, x_key, [key], maximize=maximize)
+        ax.plot([r[x_key] for r in front], [r[key] for r in front], "o-", color="tab:red",
+                mfc="none", ms=10, label="Pareto front")
+        for r in rows:
+            if label_key in r:
+                ax.annotate(str(r[label_key]), (r[x_key], r[key]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+        better = "higher" if key in maximize else "lower"
+        ax.set_xlabel(x_key)
+        ax.set_ylabel(f"{key} ({better} = less leakage)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out_png)
+    fig.savefig(out, format="png")
+    return out
+
+
+__all__ = ["LEAKAGE_KEYS", "pareto_front", "plot_frontier"]

@@ -1,0 +1,182 @@
+"""Message <-> ZeroMQ frames. No pickle, no torch.load: a JSON header plus raw tensor bytes.
+
+Frame 0 is a UTF-8 JSON header; frames 1..n are the tensors' contiguous bytes in the
+order the header lists them. Every limit is checked against the header *before* any
+buffer is interpreted, so a hostile peer cannot make us allocate.
+See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import LimitError, ProtocolError, VersionError
+from .messages import PROTOCOL_VERSION, Kind, Message
+
+Buffer = bytes | bytearray | memoryview
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_HEADER_KEYS = {"v", "kind", "session", "client", "epoch", "step", "meta", "tensors"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a peer may send us. Checked before allocation."""
+
+    max_frames: int = 32
+    max_header_bytes: int = 64 * 1024
+    max_tensor_bytes: int = 256 * 1024 * 1024
+    max_message_bytes: int = 512 * 1024 * 1024
+    max_dims: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("max_frames", "max_header_bytes", "max_tensor_bytes", "max_message_bytes"):
+            if getattr(self, name) <= 0:
+                raise LimitError(f"limits.{name} must be positive")
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a CPU tensor (one copy only if it is not contiguous)."""
+    flat = tensor.detach()
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    flat = flat.contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def encode(message: Message) -> list[Buffer]:
+    """Frames for ``message``: the JSON header then each tensor's raw bytes (no copies)."""
+    specs: list[dict[str, Any]] = []
+    buffers: list[Buffer] = []
+    for name, tensor in message.tensors.items():
+        dtype = _DTYPE_NAMES.get(tensor.dtype)
+        if dtype is None:
+            raise ProtocolError(f"tensor {name!r} has unsupported dtype {tensor.dtype}")
+        specs.append({"name": name, "dtype": dtype, "shape": list(tensor.shape)})
+        buffers.append(tensor_bytes(tensor))
+    header = {
+        "v": PROTOCOL_VERSION,
+        "kind": message.kind.value,
+        "session": message.session,
+        "client": message.client,
+        "epoch": message.epoch,
+        "step": message.step,
+        "meta": _plain(message.meta),
+        "tensors": specs,
+    }
+    return [json.dumps(header, separators=(",", ":")).encode(), *buffers]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if hasattr(value, "items"):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def decode(frames: Sequence[Buffer], limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Parse frames into a Message, raising ProtocolError (never anything else) if bad."""
+    if not frames:
+        raise ProtocolError("empty message: expected a header frame")
+    if len(frames) > limits.max_frames:
+        raise LimitError(f"message has {len(frames)} frames; the limit is {limits.max_frames}")
+    header = _parse_header(frames[0], limits)
+    specs = _check_specs(header["tensors"], len(frames) - 1, limits)
+    tensors = {}
+    for (name, dtype, shape, nbytes), frame in zip(specs, frames[1:], strict=True):
+        if memoryview(frame).nbytes != nbytes:
+            raise ProtocolError(
+                f"tensor {name!r} frame has {memoryview(frame).nbytes} bytes; "
+                f"dtype and shape say {nbytes}"
+            )
+        tensors[name] = _view(frame, dtype, shape)
+    return Message(
+        kind=header["kind"],
+        session=header["session"],
+        client=header["client"],
+        epoch=header["epoch"],
+        step=header["step"],
+        meta=header["meta"],
+        tensors=tensors,
+    )
+
+
+def _parse_header(frame: Buffer, limits: Limits) -> dict[str, Any]:
+    size = memoryview(frame).nbytes
+    if size > limits.max_header_bytes:
+        raise LimitError(f"header is {size} bytes; the limit is {limits.max_header_bytes}")
+    try:
+        header = json.loads(bytes(frame).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ProtocolError(f"header is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(header, dict) or set(header) != _HEADER_KEYS:
+        raise ProtocolError(f"header must be an object with exactly the keys {sorted(_HEADER_KEYS)}")
+    if header["v"] != PROTOCOL_VERSION:
+        raise VersionError(
+            f"peer speaks protocol version {header['v']!r}; this build speaks {PROTOCOL_VERSION}"
+        )
+    if header["kind"] not in Kind._value2member_map_:
+        raise ProtocolError(f"unknown message kind {header['kind']!r}")
+    if not isinstance(header["meta"], dict) or not isinstance(header["tensors"], list):
+        raise ProtocolError("header 'meta' must be an object and 'tensors' a list")
+    return header
+
+
+def _check_specs(
+    specs: list[Any], n_frames: int, limits: Limits
+) -> list[tuple[str, torch.dtype, tuple[int, ...], int]]:
+    if len(specs) != n_frames:
+        raise ProtocolError(f"header lists {len(specs)} tensors but {n_frames} frames follow")
+    checked = []
+    total = 0
+    for spec in specs:
+        if not isinstance(spec, dict) or set(spec) != {"name", "dtype", "shape"}:
+            raise ProtocolError("each tensor spec must be {name, dtype, shape}")
+        name, dtype_name, shape = spec["name"], spec["dtype"], spec["shape"]
+        if not isinstance(name, str) or dtype_name not in DTYPES:
+            raise ProtocolError(f"tensor spec has a bad name or dtype {dtype_name!r}")
+        if not isinstance(shape, list) or len(shape) > limits.max_dims:
+            raise LimitError(f"tensor {name!r} shape must be a list of at most {limits.max_dims}")
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ProtocolError(f"tensor {name!r} shape has a non-integer or negative dim")
+        dtype = DTYPES[dtype_name]
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > limits.max_tensor_bytes:
+            raise LimitError(f"tensor {name!r} is {nbytes} bytes; limit {limits.max_tensor_bytes}")
+        total += nbytes
+        checked.append((name, dtype, tuple(shape), nbytes))
+    if total > limits.max_message_bytes:
+        raise LimitError(f"message carries {total} bytes; the limit is {limits.max_message_bytes}")
+    return checked
+
+
+def _view(frame: Buffer, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """Interpret the frame's bytes in place: no copy. Read-only buffers are used as is."""
+    if math.prod(shape) == 0:
+        return torch.empty(shape, dtype=dtype)
+    with warnings.catch_warnings():
+        # Peer buffers may be read-only (zmq frames); we never write into received tensors.
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(frame, dtype=torch.uint8)
+    return flat.view(dtype).reshape(shape)

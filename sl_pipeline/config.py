@@ -1,0 +1,300 @@
+"""Typed worker configuration: TOML in, frozen dataclasses out, every bad key named.
+
+One TOML file per worker. Unknown keys are refused with their dotted name (hypercorn's
+``Config.from_mapping`` silently ignores them: that is the counterexample). Relative
+paths are resolved against the config file's folder. Flags override file values via
+:func:`apply_overrides` with ``section.key=value`` strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from .codec import Limits
+from .errors import ConfigError
+
+TOPOLOGIES = ("vanilla", "ushaped", "vertical", "multitask", "multihop", "roundrobin", "splitfed")
+Topology = Literal[
+    "vanilla", "ushaped", "vertical", "multitask", "multihop", "roundrobin", "splitfed"
+]
+_ENDPOINT = re.compile(r"^tcp://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.*-]+):(\d{1,5})$")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which network, and where it is cut. All parties build it from the same seed."""
+
+    builtin: str = ""  # "cnn" | "mlp" | "vertical_mlp"
+    sequential: str = ""  # "pkg.module:function" returning an nn.Sequential
+    factories: list[str] = field(default_factory=list)  # one import path per segment
+    cuts: list[int] = field(default_factory=list)  # indices into the Sequential
+    in_shape: list[int] = field(default_factory=list)
+    classes: int = 2
+    hidden: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    seed: int = 0
+    device: str = "cpu"
+    wire_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = ""  # "digits" | "breast_cancer" ; or a file below
+    path: str = ""  # .csv or .npz
+    label: str = ""  # label column (CSV) or array name (NPZ); "" = this party has no labels
+    features: str = "x"  # NPZ array of features
+    test_fraction: float = 0.2
+    seed: int = 0
+    shard: int = 0  # which horizontal shard this client holds
+    shards: int = 1
+    feature_slice: list[int] = field(default_factory=list)  # vertical: [start, stop)
+    task: str = ""  # multitask: which task's labels
+
+
+@dataclass(frozen=True)
+class OpsConfig:
+    listen: str = ""  # "HOST:PORT"; empty = no ops HTTP server
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str = ""
+    every_steps: int = 0
+    keep: int = 3
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_frames: int = 32
+    max_header_bytes: int = 64 * 1024
+    max_tensor_bytes: int = 256 * 1024 * 1024
+    max_message_bytes: int = 512 * 1024 * 1024
+
+    def to_limits(self) -> Limits:
+        return Limits(**dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    bind: str = "tcp://127.0.0.1:5555"
+    topology: Topology = "vanilla"
+    key: str = ""
+    admitted: str = ""
+    insecure: bool = False
+    max_clients: int = 64
+    max_inflight_per_client: int = 4
+    client_timeout_s: float = 120.0
+    fuse: Literal["concat", "sum", "mean"] = "concat"
+    parties: int = 1  # vertical: feature parties per batch
+    tasks: list[str] = field(default_factory=list)  # multitask: task names
+
+
+@dataclass(frozen=True)
+class ClientSection:
+    server: str = "tcp://127.0.0.1:5555"
+    name: str = "client-1"
+    key: str = ""
+    server_key: str = ""
+    insecure: bool = False
+    timeout_s: float = 30.0
+    connect_timeout_s: float = 10.0
+    retry_for_s: float = 60.0
+    role: Literal["trainer", "feature", "label"] = "trainer"
+    pipeline_depth: int = 1
+
+
+@dataclass(frozen=True)
+class RelaySection:
+    bind: str = "tcp://127.0.0.1:5556"
+    upstream: str = "tcp://127.0.0.1:5555"
+    name: str = "relay-1"
+    key: str = ""
+    admitted: str = ""
+    upstream_key: str = ""
+    insecure: bool = False
+    segment: int = 1  # which segment of the model this relay holds
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    server: ServerSection = field(default_factory=ServerSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ops: OpsConfig = field(default_factory=OpsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    privacy: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    client: ClientSection = field(default_factory=ClientSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ops: OpsConfig = field(default_factory=OpsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    privacy: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    relay: RelaySection = field(default_factory=RelaySection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ops: OpsConfig = field(default_factory=OpsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+
+T = TypeVar("T")
+
+
+def from_mapping(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``, refusing unknown keys and wrong types by name."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"[{where or 'top'}] must be a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"unknown key {key!r}; valid keys here: {', '.join(sorted(names))}")
+    values = {}
+    for name, raw in data.items():
+        dotted = f"{where}.{name}" if where else name
+        values[name] = _convert(hints[name], raw, dotted)
+    return cls(**values)
+
+
+def _convert(hint: Any, raw: Any, dotted: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_mapping(typing.cast(type, hint), raw, dotted)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if raw not in allowed:
+            raise ConfigError(f"{dotted} = {raw!r} is not allowed; choose one of {list(allowed)}")
+        return raw
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(raw, list):
+            raise ConfigError(f"{dotted} must be a list, got {type(raw).__name__}")
+        return [_convert(item, v, f"{dotted}[{i}]") for i, v in enumerate(raw)]
+    if origin is dict:
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{dotted} must be a table, got {type(raw).__name__}")
+        return dict(raw)
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"internal: unsupported union type for {dotted}")
+    return _scalar(hint, raw, dotted)
+
+
+def _scalar(hint: Any, raw: Any, dotted: str) -> Any:
+    if hint is bool:
+        if not isinstance(raw, bool):
+            raise ConfigError(f"{dotted} must be true or false, got {raw!r}")
+        return raw
+    if hint is int:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ConfigError(f"{dotted} must be an integer, got {raw!r}")
+        if raw < 0:
+            raise ConfigError(f"{dotted} must not be negative, got {raw}")
+        return raw
+    if hint is float:
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise ConfigError(f"{dotted} must be a number, got {raw!r}")
+        if raw < 0:
+            raise ConfigError(f"{dotted} must not be negative, got {raw}")
+        return float(raw)
+    if hint is str:
+        if not isinstance(raw, str):
+            raise ConfigError(f"{dotted} must be a string, got {raw!r}")
+        return raw
+    raise ConfigError(f"internal: no converter for {dotted} ({hint})")
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file, turning every failure into a ConfigError naming the file."""
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config path {str(path)!r} is a directory; give a .toml file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (["section", "key"], value parsed as a TOML value or string)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a table")
+        node[path[-1]] = value
+    return data
+
+
+def check_endpoint(value: str, dotted: str) -> str:
+    """Validate a ZeroMQ TCP endpoint such as ``tcp://127.0.0.1:5555``."""
+    match = _ENDPOINT.match(value)
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise ConfigError(
+            f"{dotted} = {value!r} is not a TCP endpoint; write it as tcp://HOST:PORT"
+        )
+    return value
+
+
+def resolve_path(base: Path, value: str, dotted: str, *, must_exist: bool = True) -> Path:
+    """A config path relative to the config file's folder; missing files named clearly."""
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = base / path
+    if must_exist and not path.exists():
+        raise ConfigError(f"{dotted} = {value!r}: no such file or directory ({path})")
+    return path
+
+
+def load(cls: type[T], path: Path, overrides: list[str] | None = None) -> T:
+    """Read, override and validate one worker's TOML config."""
+    data = apply_overrides(read_toml(path), overrides or [])
+    return from_mapping(cls, data)

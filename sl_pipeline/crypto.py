@@ -1,0 +1,546 @@
+"""Sans-IO Noise IK handshake and the encrypted multipart transport session.
+
+The handshake is ``Noise_IK_25519_AESGCM_SHA256`` exactly as in the Noise spec (rev 34):
+the client (initiator) pins the server's static key; the server (responder) checks the
+client's static key against its admitted set. Nothing here does I/O: callers feed bytes in
+and send the bytes that come out, so tests drive it directly.
+
+After the handshake, a :class:`Session` seals a multipart message as a 16-byte plaintext
+envelope ``magic(2) | version(1) | flags(1) | counter(8, BE) | frame_count(4, BE)`` followed
+by one AES-256-GCM ciphertext per buffer. Frame ``i`` (1-based) uses nonce
+``i(4, BE) || counter(8, BE)`` and associated data ``envelope || i(4, BE)``, so every byte,
+the frame order and the frame count are authenticated. See docs/security.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from collections.abc import Callable, Sequence
+from typing import Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from sl_pipeline.errors import ConfigError, CryptoError, LimitError, NotAdmittedError, ReplayError
+from sl_pipeline.keys import KeyPair, fingerprint
+
+Buffer = bytes | bytearray | memoryview
+
+PROTOCOL_NAME: Final = b"Noise_IK_25519_AESGCM_SHA256"
+DEFAULT_PROLOGUE: Final = b"sl-pipeline/1"
+DEFAULT_REKEY_INTERVAL: Final = 2**20
+DEFAULT_MAX_FRAMES: Final = 1024
+
+_HASHLEN = 32
+_DHLEN = 32
+_TAGLEN = 16
+# Noise caps every handshake message at 65535 bytes; the payload limits follow from it.
+_MAX_NOISE_MESSAGE = 65535
+_MSG1_OVERHEAD = _DHLEN + (_DHLEN + _TAGLEN) + _TAGLEN  # e, encrypted s, payload tag
+_MSG2_OVERHEAD = _DHLEN + _TAGLEN  # e, payload tag
+MAX_HANDSHAKE_PAYLOAD: Final = _MAX_NOISE_MESSAGE - _MSG1_OVERHEAD
+
+ENVELOPE_MAGIC: Final = b"SL"
+ENVELOPE_VERSION: Final = 1
+FLAG_PLAINTEXT: Final = 0x01
+_ENVELOPE = struct.Struct(">2sBBQI")
+ENVELOPE_SIZE: Final = _ENVELOPE.size  # 16
+_NONCE = struct.Struct(">IQ")
+_INDEX = struct.Struct(">I")
+# Noise reserves nonce 2^64-1 for REKEY; we stop one short so no counter is ever reused.
+_COUNTER_LIMIT = 2**64 - 1
+_MAX_FRAMES_LIMIT = 2**32 - 1
+_REKEY_NONCE = b"\x00" * 4 + b"\xff" * 8
+_ZEROS32 = bytes(32)
+
+
+# --- Noise primitives --------------------------------------------------------------------
+
+
+def _hash(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _hmac(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
+def hkdf(chaining_key: bytes, input_key_material: bytes, num_outputs: int) -> tuple[bytes, ...]:
+    """Noise's HKDF (spec section 4.3): HMAC-SHA256 extract, then 2 or 3 expand blocks."""
+    if num_outputs not in (2, 3):
+        raise ValueError("Noise HKDF produces 2 or 3 outputs")
+    temp_key = _hmac(chaining_key, input_key_material)
+    outputs: list[bytes] = []
+    previous = b""
+    for i in range(1, num_outputs + 1):
+        previous = _hmac(temp_key, previous + bytes([i]))
+        outputs.append(previous)
+    return tuple(outputs)
+
+
+def _generate_ephemeral() -> X25519PrivateKey:
+    # A module-level seam so the known-answer test can inject the spec's fixed ephemerals.
+    return X25519PrivateKey.generate()
+
+
+def _raw_public(private: X25519PrivateKey) -> bytes:
+    return private.public_key().public_bytes_raw()
+
+
+def _dh(private: X25519PrivateKey, public: bytes) -> bytes:
+    try:
+        return private.exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError:  # low-order point: the shared secret would be all zeros
+        raise CryptoError("peer sent an invalid X25519 public key; handshake aborted") from None
+
+
+def _noise_nonce(n: int) -> bytes:
+    return _NONCE.pack(0, n)
+
+
+class _CipherState:
+    """Noise CipherState for the handshake phase (nonce = 32 zero bits || 64-bit n)."""
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self._aead = AESGCM(key) if key is not None else None
+        self.n = 0
+
+    def encrypt_with_ad(self, ad: bytes, plaintext: bytes) -> bytes:
+        if self._aead is None:
+            return plaintext
+        ciphertext = self._aead.encrypt(_noise_nonce(self.n), plaintext, ad)
+        self.n += 1
+        return ciphertext
+
+    def decrypt_with_ad(self, ad: bytes, ciphertext: bytes) -> bytes:
+        if self._aead is None:
+            return ciphertext
+        try:
+            plaintext = self._aead.decrypt(_noise_nonce(self.n), ciphertext, ad)
+        except InvalidTag:
+            raise CryptoError(
+                "handshake message failed authentication",
+                hint="check that the client pins the right server key and both use the same "
+                "prologue (protocol version)",
+            ) from None
+        self.n += 1
+        return plaintext
+
+
+class _SymmetricState:
+    """Noise SymmetricState: chaining key ``ck``, handshake hash ``h`` and a CipherState."""
+
+    def __init__(self, protocol_name: bytes) -> None:
+        if len(protocol_name) <= _HASHLEN:
+            self.h = protocol_name.ljust(_HASHLEN, b"\x00")
+        else:
+            self.h = _hash(protocol_name)
+        self.ck = self.h
+        self.cipher = _CipherState()
+
+    def mix_key(self, input_key_material: bytes) -> None:
+        self.ck, temp_k = hkdf(self.ck, input_key_material, 2)
+        self.cipher = _CipherState(temp_k)  # HASHLEN == 32 == key size, no truncation
+
+    def mix_hash(self, data: bytes) -> None:
+        self.h = _hash(self.h + data)
+
+    def encrypt_and_hash(self, plaintext: bytes) -> bytes:
+        ciphertext = self.cipher.encrypt_with_ad(self.h, plaintext)
+        self.mix_hash(ciphertext)
+        return ciphertext
+
+    def decrypt_and_hash(self, ciphertext: bytes) -> bytes:
+        plaintext = self.cipher.decrypt_with_ad(self.h, ciphertext)
+        self.mix_hash(ciphertext)
+        return plaintext
+
+    def split(self) -> tuple[bytes, bytes]:
+        k1, k2 = hkdf(self.ck, b"", 2)
+        return k1, k2
+
+
+# --- Handshake -----------------------------------------------------------------------------
+
+
+def _check_public_key(key: bytes, what: str) -> bytes:
+    if len(key) != _DHLEN:
+        raise ConfigError(f"{what} must be {_DHLEN} raw bytes, got {len(key)}")
+    return bytes(key)
+
+
+def _check_payload(payload: bytes) -> bytes:
+    if len(payload) > MAX_HANDSHAKE_PAYLOAD:
+        raise LimitError(
+            f"handshake payload is {len(payload)} bytes, the limit is {MAX_HANDSHAKE_PAYLOAD}",
+            hint="send large data after the handshake, over the session",
+        )
+    return bytes(payload)
+
+
+def _check_message(message: Buffer, overhead: int, which: str) -> bytes:
+    # Bound the size before any DH or hashing so junk costs the receiver nothing.
+    size = memoryview(message).nbytes
+    if not overhead <= size <= overhead + MAX_HANDSHAKE_PAYLOAD:
+        raise CryptoError(
+            f"{which} is {size} bytes; expected {overhead} to {overhead + MAX_HANDSHAKE_PAYLOAD}",
+            hint="the peer is not speaking the sl-pipeline handshake",
+        )
+    return bytes(message)
+
+
+class _Handshake:
+    """State shared by both roles; a handshake object is single-use."""
+
+    def __init__(
+        self, static: KeyPair, prologue: bytes, rekey_interval: int, max_frames: int
+    ) -> None:
+        _check_session_limits(rekey_interval, max_frames)
+        self._s = static
+        self._sym = _SymmetricState(PROTOCOL_NAME)
+        self._sym.mix_hash(bytes(prologue))
+        self._step = "start"
+        self._session_args = (rekey_interval, max_frames)
+
+    def _advance(self, expected: str, method: str) -> None:
+        if self._step != expected:
+            raise CryptoError(
+                f"{method}() is not valid now (handshake state: {self._step})",
+                hint="use a new Initiator/Responder for every handshake attempt",
+            )
+        # Marked failed until the step completes: a half-mixed transcript must never be reused.
+        self._step = "failed"
+
+    def _session(self, send: bytes, recv: bytes, remote_static: bytes) -> Session:
+        interval, max_frames = self._session_args
+        return Session(
+            send_key=send,
+            recv_key=recv,
+            remote_static=remote_static,
+            handshake_hash=self._sym.h,
+            rekey_interval=interval,
+            max_frames=max_frames,
+        )
+
+
+class Initiator(_Handshake):
+    """Client side of Noise IK: ``write_message1`` then ``read_message2``."""
+
+    def __init__(
+        self,
+        static: KeyPair,
+        remote_static: bytes,
+        prologue: bytes = DEFAULT_PROLOGUE,
+        *,
+        rekey_interval: int = DEFAULT_REKEY_INTERVAL,
+        max_frames: int = DEFAULT_MAX_FRAMES,
+    ) -> None:
+        super().__init__(static, prologue, rekey_interval, max_frames)
+        self._rs = _check_public_key(remote_static, "server public key")
+        self._sym.mix_hash(self._rs)  # pre-message "<- s"
+        self._e: X25519PrivateKey | None = None
+
+    def write_message1(self, payload: bytes) -> bytes:
+        """``-> e, es, s, ss`` plus the encrypted payload."""
+        payload = _check_payload(payload)
+        self._advance("start", "write_message1")
+        sym, e = self._sym, _generate_ephemeral()
+        e_pub = _raw_public(e)
+        sym.mix_hash(e_pub)
+        sym.mix_key(_dh(e, self._rs))
+        encrypted_s = sym.encrypt_and_hash(self._s.public)
+        sym.mix_key(_dh(self._s.private, self._rs))
+        encrypted_payload = sym.encrypt_and_hash(payload)
+        self._e, self._step = e, "sent1"
+        return e_pub + encrypted_s + encrypted_payload
+
+    def read_message2(self, message: Buffer) -> tuple[bytes, Session]:
+        """``<- e, ee, se``; returns the server's payload and the transport session."""
+        self._advance("sent1", "read_message2")
+        data = _check_message(message, _MSG2_OVERHEAD, "handshake reply")
+        assert self._e is not None  # set by write_message1, which "sent1" implies
+        sym, re = self._sym, data[:_DHLEN]
+        sym.mix_hash(re)
+        sym.mix_key(_dh(self._e, re))
+        sym.mix_key(_dh(self._s.private, re))
+        payload = sym.decrypt_and_hash(data[_DHLEN:])
+        send, recv = sym.split()
+        self._e, self._step = None, "done"
+        return payload, self._session(send, recv, self._rs)
+
+
+class Responder(_Handshake):
+    """Server side of Noise IK: ``read_message1`` then ``write_message2``."""
+
+    def __init__(
+        self,
+        static: KeyPair,
+        admitted: Callable[[bytes], bool],
+        prologue: bytes = DEFAULT_PROLOGUE,
+        *,
+        rekey_interval: int = DEFAULT_REKEY_INTERVAL,
+        max_frames: int = DEFAULT_MAX_FRAMES,
+    ) -> None:
+        super().__init__(static, prologue, rekey_interval, max_frames)
+        self._admitted = admitted
+        self._sym.mix_hash(static.public)  # pre-message "<- s"
+        self._re = b""
+        self._rs = b""
+
+    def read_message1(self, message: Buffer) -> tuple[bytes, bytes]:
+        """``-> e, es, s, ss``; returns ``(payload, client static key)``.
+
+        Raises :class:`NotAdmittedError` for an authentic but unknown client key and
+        :class:`CryptoError` for anything malformed or forged.
+        """
+        self._advance("start", "read_message1")
+        data = _check_message(message, _MSG1_OVERHEAD, "handshake request")
+        sym, re = self._sym, data[:_DHLEN]
+        sym.mix_hash(re)
+        sym.mix_key(_dh(self._s.private, re))
+        rs = sym.decrypt_and_hash(data[_DHLEN : 2 * _DHLEN + _TAGLEN])
+        sym.mix_key(_dh(self._s.private, rs))
+        # The payload tag proves the sender holds rs's private key, so admission is decided
+        # on an authenticated identity, never on a key someone merely copied.
+        payload = sym.decrypt_and_hash(data[2 * _DHLEN + _TAGLEN :])
+        if not self._admitted(rs):
+            raise NotAdmittedError(
+                f"client key {fingerprint(rs)} is not admitted",
+                hint="add the client's .pub file to the server's admitted keys",
+            )
+        self._re, self._rs, self._step = re, rs, "read1"
+        return payload, rs
+
+    def write_message2(self, payload: bytes) -> tuple[bytes, Session]:
+        """``<- e, ee, se`` plus the encrypted payload; returns the reply and the session."""
+        payload = _check_payload(payload)
+        self._advance("read1", "write_message2")
+        sym, e = self._sym, _generate_ephemeral()
+        e_pub = _raw_public(e)
+        sym.mix_hash(e_pub)
+        sym.mix_key(_dh(e, self._re))
+        sym.mix_key(_dh(e, self._rs))
+        encrypted_payload = sym.encrypt_and_hash(payload)
+        initiator_to_responder, responder_to_initiator = sym.split()
+        self._step = "done"
+        session = self._session(responder_to_initiator, initiator_to_responder, self._rs)
+        return e_pub + encrypted_payload, session
+
+
+# --- Transport -----------------------------------------------------------------------------
+
+
+def _check_session_limits(rekey_interval: int, max_frames: int) -> None:
+    if rekey_interval < 1:
+        raise ConfigError(f"rekey_interval must be >= 1 message, got {rekey_interval}")
+    if not 1 <= max_frames <= _MAX_FRAMES_LIMIT:
+        raise ConfigError(f"max_frames must be in 1..{_MAX_FRAMES_LIMIT}, got {max_frames}")
+
+
+def _byte_view(buffer: Buffer, index: int) -> memoryview:
+    view = memoryview(buffer)
+    if view.ndim == 1 and view.format in ("B", "b", "c"):
+        return view
+    try:
+        return view.cast("B")
+    except TypeError:
+        raise LimitError(
+            f"buffer {index} is not contiguous", hint="call .contiguous() on the tensor first"
+        ) from None
+
+
+class _Direction:
+    """One direction's current key. Changes only through ``commit``, after success."""
+
+    __slots__ = ("aead", "key")
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.aead = AESGCM(key)
+
+    def key_for(self, counter: int, interval: int) -> tuple[bytes, AESGCM]:
+        """Key for message ``counter``: both sides rekey before every ``interval``-th one."""
+        if counter == 0 or counter % interval:
+            return self.key, self.aead
+        # Noise REKEY: k' = first 32 bytes of ENCRYPT(k, 2^64-1, empty ad, 32 zero bytes).
+        # Transport frames use index >= 1, so this nonce never collides with theirs.
+        new_key = self.aead.encrypt(_REKEY_NONCE, _ZEROS32, None)[:32]
+        return new_key, AESGCM(new_key)
+
+    def commit(self, key: bytes, aead: AESGCM) -> None:
+        self.key, self.aead = key, aead
+
+
+class _Channel:
+    """Envelope handling shared by the encrypted and the plaintext session."""
+
+    _flags = 0
+
+    def __init__(self, remote_static: bytes, handshake_hash: bytes, max_frames: int) -> None:
+        self.remote_static = remote_static
+        self.handshake_hash = handshake_hash
+        self._max_frames = max_frames
+        self._send_counter = 0
+        self._recv_counter = 0
+
+    def _envelope(self, buffers: Sequence[Buffer]) -> bytes:
+        if not 1 <= len(buffers) <= self._max_frames:
+            raise LimitError(
+                f"cannot seal {len(buffers)} buffers; allowed 1..{self._max_frames}",
+                hint="send b'' for an empty message, or raise max_frames on both sides",
+            )
+        if self._send_counter >= _COUNTER_LIMIT:
+            raise CryptoError("message counter exhausted", hint="reconnect to run a new handshake")
+        return _ENVELOPE.pack(
+            ENVELOPE_MAGIC, ENVELOPE_VERSION, self._flags, self._send_counter, len(buffers)
+        )
+
+    def _check_envelope(self, frames: Sequence[Buffer]) -> bytes:
+        """Validate frame 0 against the frame list; returns the envelope bytes."""
+        if len(frames) > self._max_frames + 1:
+            raise LimitError(
+                f"message has {len(frames)} frames; the limit is {self._max_frames + 1}",
+                hint="raise max_frames on both sides if this is expected",
+            )
+        if len(frames) < 2:
+            raise CryptoError(f"message has {len(frames)} frames; it was truncated")
+        envelope = bytes(frames[0])
+        if len(envelope) != ENVELOPE_SIZE:
+            raise CryptoError(f"envelope is {len(envelope)} bytes, expected {ENVELOPE_SIZE}")
+        magic, version, flags, counter, count = _ENVELOPE.unpack(envelope)
+        if magic != ENVELOPE_MAGIC or version != ENVELOPE_VERSION:
+            raise CryptoError(
+                f"not an sl-pipeline v{ENVELOPE_VERSION} message (magic {magic!r}, v{version})",
+                hint="both peers must run compatible sl-pipeline versions",
+            )
+        if flags != self._flags:
+            raise CryptoError(
+                f"envelope flags {flags:#04x}, expected {self._flags:#04x}",
+                hint="both peers must agree on --insecure",
+            )
+        if count != len(frames) - 1:
+            raise CryptoError(f"envelope announces {count} frames but {len(frames) - 1} arrived")
+        if counter != self._recv_counter:
+            what = "replayed or reordered" if counter < self._recv_counter else "messages lost"
+            raise ReplayError(
+                f"message counter {counter}, expected {self._recv_counter} ({what})",
+                hint="the message was dropped; the session stays usable",
+            )
+        return envelope
+
+
+class Session(_Channel):
+    """Transport phase: seals and opens multipart messages with one key per direction.
+
+    Not thread-safe; use one Session per peer connection from one task.
+    """
+
+    def __init__(
+        self,
+        *,
+        send_key: bytes,
+        recv_key: bytes,
+        remote_static: bytes,
+        handshake_hash: bytes,
+        rekey_interval: int = DEFAULT_REKEY_INTERVAL,
+        max_frames: int = DEFAULT_MAX_FRAMES,
+    ) -> None:
+        _check_session_limits(rekey_interval, max_frames)
+        super().__init__(remote_static, handshake_hash, max_frames)
+        self._rekey_interval = rekey_interval
+        self._send = _Direction(send_key)
+        self._recv = _Direction(recv_key)
+
+    def seal(self, buffers: Sequence[Buffer]) -> list[bytes | bytearray]:
+        """Encrypt ``buffers`` into ``[envelope, ciphertext_1, ..., ciphertext_n]``.
+
+        Each ciphertext is a fresh bytearray, so it may be sent zero-copy and left in flight.
+        """
+        envelope = self._envelope(buffers)
+        counter = self._send_counter
+        key, aead = self._send.key_for(counter, self._rekey_interval)
+        frames: list[bytes | bytearray] = [envelope]
+        for index, buffer in enumerate(buffers, start=1):
+            view = _byte_view(buffer, index)
+            out = bytearray(view.nbytes + _TAGLEN)
+            aad = envelope + _INDEX.pack(index)
+            aead.encrypt_into(_NONCE.pack(index, counter), view, aad, out)
+            frames.append(out)
+        self._send.commit(key, aead)
+        self._send_counter += 1
+        return frames
+
+    def open(self, frames: Sequence[Buffer]) -> list[bytearray]:
+        """Authenticate and decrypt a sealed message; returns writable plaintext buffers.
+
+        Any failure raises (ReplayError for counter problems, CryptoError otherwise) and
+        leaves the session unchanged, so the next genuine message still opens.
+        """
+        envelope = self._check_envelope(frames)
+        counter = self._recv_counter
+        key, aead = self._recv.key_for(counter, self._rekey_interval)
+        plaintexts: list[bytearray] = []
+        for index in range(1, len(frames)):
+            view = _byte_view(frames[index], index)
+            if view.nbytes < _TAGLEN:
+                raise CryptoError(f"frame {index} is shorter than an authentication tag")
+            out = bytearray(view.nbytes - _TAGLEN)
+            aad = envelope + _INDEX.pack(index)
+            try:
+                aead.decrypt_into(_NONCE.pack(index, counter), view, aad, out)
+            except InvalidTag:
+                raise CryptoError(
+                    f"frame {index} of message {counter} failed authentication",
+                    hint="the message was altered in transit or sent under another session",
+                ) from None
+            plaintexts.append(out)
+        self._recv.commit(key, aead)
+        self._recv_counter += 1
+        return plaintexts
+
+
+class PlainSession(_Channel):
+    """No encryption, for ``--insecure`` only. Still checks counters and frame counts.
+
+    Gives no confidentiality or integrity against an attacker: it only detects accidental
+    loss, duplication and truncation.
+    """
+
+    _flags = FLAG_PLAINTEXT
+
+    def __init__(self, *, remote_static: bytes = b"", max_frames: int = DEFAULT_MAX_FRAMES) -> None:
+        _check_session_limits(1, max_frames)
+        super().__init__(remote_static, b"", max_frames)
+
+    def seal(self, buffers: Sequence[Buffer]) -> list[bytes | bytearray | memoryview]:
+        """``[envelope, *buffers]``; buffers go out as they are (no copy)."""
+        envelope = self._envelope(buffers)
+        frames: list[bytes | bytearray | memoryview] = [envelope]
+        for index, buffer in enumerate(buffers, start=1):
+            frames.append(_byte_view(buffer, index) if isinstance(buffer, memoryview) else buffer)
+        self._send_counter += 1
+        return frames
+
+    def open(self, frames: Sequence[Buffer]) -> list[bytearray]:
+        """Check the envelope; returns writable copies (frames may be read-only)."""
+        self._check_envelope(frames)
+        plaintexts = [bytearray(frame) for frame in frames[1:]]
+        self._recv_counter += 1
+        return plaintexts
+
+
+__all__ = [
+    "DEFAULT_PROLOGUE",
+    "DEFAULT_REKEY_INTERVAL",
+    "ENVELOPE_SIZE",
+    "MAX_HANDSHAKE_PAYLOAD",
+    "PROTOCOL_NAME",
+    "Initiator",
+    "PlainSession",
+    "Responder",
+    "Session",
+    "hkdf",
+]

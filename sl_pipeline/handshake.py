@@ -1,0 +1,132 @@
+"""Joining a server: the HELLO/WELCOME exchange, carried inside a Noise IK handshake.
+
+Sans-IO: functions take and return frames. The client's hello (name, topology, model
+fingerprint, where it stands) travels encrypted in Noise message 1; the server's welcome
+(session id, where the server stands) in message 2. A refusal before authentication is a
+small plaintext JSON frame: it carries a reason and nothing about the model.
+
+Frames on the wire::
+
+    hello:   [b"sl-hello", b"<protocol version>", b"noise" | b"plain", payload]
+    welcome: [b"sl-welcome", payload]
+    refuse:  [b"sl-refuse", json {"code", "reason"}]
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .crypto import Initiator, PlainSession, Responder, Session
+from .errors import CryptoError, PeerError, ProtocolError, SLError, VersionError
+from .keys import KeyPair
+from .messages import PROTOCOL_VERSION
+
+HELLO = b"sl-hello"
+WELCOME = b"sl-welcome"
+REFUSE = b"sl-refuse"
+MAX_PAYLOAD = 16 * 1024
+
+AnySession = Session | PlainSession
+Buffer = bytes | bytearray | memoryview
+
+
+def is_handshake(frames: Sequence[Buffer]) -> bool:
+    return len(frames) > 0 and bytes(frames[0][:10]) in (HELLO, WELCOME, REFUSE)
+
+
+def _dump(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _load(blob: Buffer, what: str) -> dict[str, Any]:
+    if len(blob) > MAX_PAYLOAD:
+        raise ProtocolError(f"{what} payload is {len(blob)} bytes; limit {MAX_PAYLOAD}")
+    try:
+        obj = json.loads(bytes(blob).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ProtocolError(f"{what} payload is not JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{what} payload must be a JSON object")
+    return obj
+
+
+@dataclass
+class ClientHandshake:
+    """Client side: build the hello, then read the server's answer."""
+
+    hello: Mapping[str, Any]
+    static: KeyPair | None
+    server_key: bytes | None
+
+    def __post_init__(self) -> None:
+        self._initiator = (
+            Initiator(self.static, self.server_key)
+            if self.static is not None and self.server_key is not None
+            else None
+        )
+
+    def start(self) -> list[bytes]:
+        version = str(PROTOCOL_VERSION).encode()
+        if self._initiator is None:
+            return [HELLO, version, b"plain", _dump(self.hello)]
+        return [HELLO, version, b"noise", self._initiator.write_message1(_dump(self.hello))]
+
+    def finish(self, frames: Sequence[Buffer]) -> tuple[AnySession, dict[str, Any]]:
+        """The session and the welcome; PeerError if the server refused us."""
+        if len(frames) == 2 and bytes(frames[0]) == REFUSE:
+            info = _load(frames[1], "refusal")
+            raise PeerError(str(info.get("code", "refused")), str(info.get("reason", "")))
+        if len(frames) != 2 or bytes(frames[0]) != WELCOME:
+            raise ProtocolError("expected a welcome or refusal from the server")
+        if self._initiator is None:
+            return PlainSession(), _load(frames[1], "welcome")
+        payload, session = self._initiator.read_message2(bytes(frames[1]))
+        return session, _load(payload, "welcome")
+
+
+Accept = Callable[[dict[str, Any], bytes | None], dict[str, Any]]
+
+
+@dataclass
+class ServerHandshake:
+    """Server side: authenticate a hello and decide with ``accept``."""
+
+    static: KeyPair | None
+    admitted: Callable[[bytes], bool]
+    insecure: bool = False
+
+    def answer(
+        self, frames: Sequence[Buffer], accept: Accept
+    ) -> tuple[list[bytes], AnySession, dict[str, Any], bytes | None]:
+        """(reply frames, session, hello, peer static key). Raises SLError to refuse."""
+        if len(frames) != 4 or bytes(frames[0]) != HELLO:
+            raise ProtocolError("a hello has exactly 4 frames")
+        if bytes(frames[1]) != str(PROTOCOL_VERSION).encode():
+            raise VersionError(
+                f"client speaks protocol {bytes(frames[1])[:8]!r}; server speaks {PROTOCOL_VERSION}"
+            )
+        mode = bytes(frames[2])
+        if mode == b"plain":
+            if not self.insecure:
+                raise CryptoError(
+                    "this server requires encryption; configure the client's key and "
+                    "server_key (sl-pipeline keygen), or run both sides with --insecure"
+                )
+            hello = _load(frames[3], "hello")
+            welcome = accept(hello, None)
+            return [WELCOME, _dump(welcome)], PlainSession(), hello, None
+        if mode != b"noise" or self.static is None:
+            raise CryptoError("this server runs --insecure; run the client with --insecure too")
+        responder = Responder(self.static, self.admitted)
+        payload, peer_key = responder.read_message1(bytes(frames[3]))
+        hello = _load(payload, "hello")
+        welcome = accept(hello, peer_key)
+        reply, session = responder.write_message2(_dump(welcome))
+        return [WELCOME, reply], session, hello, peer_key
+
+
+def refusal(error: SLError) -> list[bytes]:
+    return [REFUSE, _dump({"code": error.code, "reason": error.message})]

@@ -1,0 +1,141 @@
+"""Model splitting: build the whole network from a seed, keep only your own segment.
+
+A model is either an ``nn.Sequential`` cut at indices (a built-in, or a user function
+named ``"pkg.module:function"``), or one factory per segment. Every party builds from the
+same seed, so the split network starts from exactly the weights a central one would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .errors import ConfigError
+
+# How many segments each topology needs, and the default cuts for the built-ins.
+SEGMENTS = {"vanilla": 2, "roundrobin": 2, "splitfed": 2, "multitask": 2, "ushaped": 3}
+DEFAULT_CUTS: dict[str, dict[str, list[int]]] = {
+    "cnn": {"two": [3], "ushaped": [3, 8], "multihop": [3, 6]},
+    "mlp": {"two": [2], "ushaped": [2, 4], "multihop": [2, 4]},
+}
+
+
+def cnn(in_shape: Sequence[int], classes: int, hidden: int = 64) -> nn.Sequential:
+    """A small CNN for small images (digits is 1x8x8)."""
+    channels, height, width = in_shape
+    flat = 32 * (height // 2) * (width // 2)
+    return nn.Sequential(
+        nn.Conv2d(channels, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(flat, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, classes),
+    )
+
+
+def mlp(in_shape: Sequence[int], classes: int, hidden: int = 64) -> nn.Sequential:
+    """An MLP for tabular data (breast_cancer has 30 features)."""
+    features = math.prod(in_shape)
+    return nn.Sequential(
+        nn.Linear(features, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden // 2),
+        nn.ReLU(),
+        nn.Linear(hidden // 2, classes),
+    )
+
+
+BUILTINS: dict[str, Callable[..., nn.Sequential]] = {"cnn": cnn, "mlp": mlp}
+
+
+def import_path(spec: str, dotted: str) -> Callable[..., nn.Module]:
+    """Resolve ``"pkg.module:function"``; errors name the config key."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"{dotted} = {spec!r} must look like 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"{dotted} = {spec!r}: cannot import {module_name!r} ({exc})") from None
+    try:
+        factory = getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(f"{dotted} = {spec!r}: {module_name!r} has no {attr!r}") from None
+    if not callable(factory):
+        raise ConfigError(f"{dotted} = {spec!r} is not callable")
+    return factory  # type: ignore[no-any-return]
+
+
+def default_cuts(builtin: str, topology: str) -> list[int]:
+    table = DEFAULT_CUTS.get(builtin)
+    if table is None:
+        raise ConfigError(f"model.cuts must be set for model.builtin = {builtin!r}")
+    key = topology if topology in ("ushaped", "multihop") else "two"
+    return list(table[key])
+
+
+def full_model(cfg: ModelConfig) -> nn.Sequential:
+    """The whole network as one Sequential, initialised from ``cfg.seed``."""
+    torch.manual_seed(cfg.seed)
+    if cfg.builtin:
+        if cfg.builtin not in BUILTINS:
+            raise ConfigError(
+                f"model.builtin = {cfg.builtin!r} is unknown; choose one of {sorted(BUILTINS)}"
+            )
+        if not cfg.in_shape:
+            raise ConfigError("model.in_shape must be set for a built-in model")
+        return BUILTINS[cfg.builtin](cfg.in_shape, cfg.classes, cfg.hidden)
+    if cfg.sequential:
+        model = import_path(cfg.sequential, "model.sequential")()
+        if not isinstance(model, nn.Sequential):
+            raise ConfigError("model.sequential must return an nn.Sequential")
+        return model
+    raise ConfigError("set one of model.builtin, model.sequential or model.factories")
+
+
+def build_segments(cfg: ModelConfig, topology: str = "vanilla") -> list[nn.Module]:
+    """All segments in order (client first). Each party keeps only its own."""
+    if cfg.factories:
+        segments = []
+        for i, spec in enumerate(cfg.factories):
+            torch.manual_seed(cfg.seed + i)
+            segments.append(import_path(spec, f"model.factories[{i}]")())
+        return segments
+    model = full_model(cfg)
+    cuts = list(cfg.cuts) or default_cuts(cfg.builtin, topology)
+    if sorted(set(cuts)) != cuts or cuts[0] <= 0 or cuts[-1] >= len(model):
+        raise ConfigError(
+            f"model.cuts = {cuts} must be increasing indices between 1 and {len(model) - 1}"
+        )
+    bounds = [0, *cuts, len(model)]
+    return [model[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def fingerprint(cfg: ModelConfig, topology: str) -> str:
+    """A short hash both sides compare in the handshake: same architecture, same cut."""
+    blob = json.dumps({"model": asdict(cfg), "topology": topology}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def make_optimizer(
+    params: Sequence[nn.Parameter] | list[nn.Parameter],
+    name: str,
+    lr: float,
+    momentum: float,
+) -> torch.optim.Optimizer:
+    params = list(params)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum)

@@ -1,0 +1,156 @@
+"""Thin asyncio/ZeroMQ adapters over the sans-IO core (codec, crypto session, handshake).
+
+A :class:`Channel` turns messages into sealed frames for one authenticated peer and back.
+:class:`DealerConnection` is the client end (one server); :class:`RouterEndpoint` the
+server end (many clients). Large frames go out with ``copy=False``; each sealed buffer is
+freshly allocated, so nothing is reused while ZeroMQ still holds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from .codec import DEFAULT_LIMITS, Limits, decode, encode
+from .errors import PeerError, ProtocolError, TransportError
+from .handshake import AnySession, Buffer, ClientHandshake, is_handshake
+from .messages import Kind, Message
+
+OnMessage = Callable[[str, str, int], None]  # (direction, kind, nbytes)
+COPY_THRESHOLD = 64 * 1024
+
+
+def _noop(direction: str, kind: str, nbytes: int) -> None:
+    return None
+
+
+def frames_size(frames: Sequence[Any]) -> int:
+    return sum(memoryview(f.buffer if isinstance(f, zmq.Frame) else f).nbytes for f in frames)
+
+
+def frame_buffers(frames: Sequence[Any]) -> list[Buffer]:
+    return [f.buffer if isinstance(f, zmq.Frame) else f for f in frames]
+
+
+class Channel:
+    """Seal/open messages for one peer. Pure: no sockets."""
+
+    def __init__(self, session: AnySession, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.session = session
+        self.limits = limits
+
+    def pack(self, message: Message) -> list[Buffer]:
+        return list(self.session.seal(encode(message)))
+
+    def unpack(self, frames: Sequence[Buffer]) -> Message:
+        return decode(self.session.open(frames), self.limits)
+
+
+def new_socket(ctx: zmq.asyncio.Context, kind: int, limits: Limits, hwm: int = 1000) -> Any:
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    # libzmq refuses any single frame above this before allocating it.
+    sock.setsockopt(zmq.MAXMSGSIZE, limits.max_tensor_bytes + 64)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.copy_threshold = COPY_THRESHOLD
+    return sock
+
+
+class DealerConnection:
+    """Client end of one server link: handshake, then request/response messages."""
+
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        endpoint: str,
+        limits: Limits = DEFAULT_LIMITS,
+        on_message: OnMessage = _noop,
+    ) -> None:
+        self.endpoint = endpoint
+        self.limits = limits
+        self.on_message = on_message
+        self.sock = new_socket(ctx, zmq.DEALER, limits)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        self.sock.connect(endpoint)
+        self.channel: Channel | None = None
+
+    async def handshake(self, hs: ClientHandshake, timeout_s: float) -> dict[str, Any]:
+        """Join the server; PeerError if refused, TransportError if nobody answers."""
+        await self.sock.send_multipart(hs.start())
+        frames = await self._recv_raw(timeout_s, "a handshake answer")
+        session, welcome = hs.finish(frame_buffers(frames))
+        self.channel = Channel(session, self.limits)
+        return welcome
+
+    async def send(self, message: Message) -> int:
+        if self.channel is None:
+            raise ProtocolError("send before handshake")
+        frames = self.channel.pack(message)
+        await self.sock.send_multipart(frames, copy=False)
+        nbytes = frames_size(frames)
+        self.on_message("sent", message.kind.value, nbytes)
+        return nbytes
+
+    async def recv(self, timeout_s: float) -> Message:
+        """The next message; a refusal or ERROR reply becomes a PeerError."""
+        if self.channel is None:
+            raise ProtocolError("recv before handshake")
+        frames = await self._recv_raw(timeout_s, "a reply")
+        buffers = frame_buffers(frames)
+        if is_handshake(buffers):
+            # A plaintext refusal after joining: the server lost our session (restart).
+            raise PeerError("unauthenticated", "server no longer knows this session", retryable=True)
+        message = self.channel.unpack(buffers)
+        self.on_message("received", message.kind.value, frames_size(frames))
+        if message.kind is Kind.ERROR:
+            raise PeerError(
+                str(message.meta.get("code", "error")),
+                str(message.meta.get("reason", "")),
+                retryable=bool(message.meta.get("retryable", False)),
+            )
+        return message
+
+    async def _recv_raw(self, timeout_s: float, what: str) -> list[Any]:
+        try:
+            return list(
+                await asyncio.wait_for(self.sock.recv_multipart(copy=False), timeout_s)
+            )
+        except TimeoutError:
+            raise TransportError(
+                f"no answer from {self.endpoint} within {timeout_s:.0f}s while waiting for "
+                f"{what}; is the server running and the address right?"
+            ) from None
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class RouterEndpoint:
+    """Server end: one ROUTER socket, many peers identified by ZeroMQ identity."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, limits: Limits, hwm: int) -> None:
+        self.sock = new_socket(ctx, zmq.ROUTER, limits, hwm)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        try:
+            self.sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            self.sock.close(linger=0)
+            raise TransportError(f"cannot bind {endpoint}: {exc}; is the port in use?") from None
+        self.endpoint = endpoint
+
+    async def recv(self) -> tuple[bytes, list[Any]]:
+        parts = await self.sock.recv_multipart(copy=False)
+        return bytes(parts[0].buffer), list(parts[1:])
+
+    async def send(self, identity: bytes, frames: Sequence[Buffer]) -> int:
+        await self.sock.send_multipart([identity, *frames], copy=False)
+        return frames_size(frames)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)

@@ -1,0 +1,180 @@
+"""`sl-pipeline`: the command line. Every failure is one clear line and an exit status."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sl_pipeline.config import ClientConfig, ServerConfig, load
+from sl_pipeline.errors import ConfigError, SLError
+
+from .logs import configure_logging
+
+log = logging.getLogger("sl_pipeline")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, type=Path, help="the worker's TOML file")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (repeatable)")
+    p.add_argument("--insecure", action="store_true",
+                   help="plaintext, no authentication (warns on every start)")
+    p.add_argument("--log-format", choices=["text", "json"], default=None)
+    p.add_argument("--json", action="store_true", help="print a one-line JSON summary last")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sl-pipeline", description="Split learning over encrypted ZeroMQ")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _config_args(sub.add_parser("server", help="run the server worker"))
+    client = sub.add_parser("client", help="run a client worker (trains, then exits)")
+    _config_args(client)
+    client.add_argument("--epochs", type=int, default=None)
+    client.add_argument("--no-progress", action="store_true")
+    init = sub.add_parser("init", help="write a ready-to-run local deployment")
+    init.add_argument("dir", type=Path)
+    _deployment_args(init)
+    demo = sub.add_parser("demo", help="train across real processes on built-in data")
+    _deployment_args(demo)
+    demo.add_argument("--json", action="store_true")
+    demo.add_argument("--dir", type=Path, default=None, help="keep the deployment here")
+    keygen = sub.add_parser("keygen", help="write an X25519 key pair NAME.key / NAME.pub")
+    keygen.add_argument("name")
+    keygen.add_argument("--out", type=Path, default=Path("."))
+    health = sub.add_parser("health", help="exit 0 if the worker's /readyz answers 200")
+    health.add_argument("--config", required=True, type=Path)
+    health.add_argument("--timeout", type=float, default=3.0)
+    return parser
+
+
+def _deployment_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--topology", default="vanilla")
+    p.add_argument("--dataset", default="digits", choices=["digits", "breast_cancer"])
+    p.add_argument("--clients", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--insecure", action="store_true")
+    p.add_argument("--ops", action="store_true", help="give every worker an ops HTTP port")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _overrides(args: argparse.Namespace, role: str) -> list[str]:
+    sets = list(args.set)
+    if args.insecure:
+        sets.append(f"{role}.insecure=true")
+    if getattr(args, "epochs", None) is not None:
+        sets.append(f"train.epochs={args.epochs}")
+    return sets
+
+
+def _setup_logging(args: argparse.Namespace, ops_format: str, level: str, role: str) -> None:
+    configure_logging(args.log_format or ops_format, level, role)
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from .server import ServerWorker
+    from .common import install_stop_signals
+
+    cfg = load(ServerConfig, args.config, _overrides(args, "server"))
+    _setup_logging(args, cfg.ops.log_format, cfg.ops.log_level, "server")
+
+    async def main() -> dict[str, Any]:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        worker = ServerWorker(cfg, args.config.parent)
+        return await worker.serve(stop)
+
+    summary = asyncio.run(main())
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    return 0
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from .client import ClientWorker
+
+    cfg = load(ClientConfig, args.config, _overrides(args, "client"))
+    _setup_logging(args, cfg.ops.log_format, cfg.ops.log_level, "client")
+    worker = ClientWorker(cfg, args.config.parent, progress=not args.no_progress)
+    summary = asyncio.run(worker.run())
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    else:
+        print(f"trained {summary['steps']} steps; test accuracy {summary['test_accuracy']:.4f}")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from .localdeploy import init_deployment
+
+    result = init_deployment(args.dir, topology=args.topology, clients=args.clients,
+                             dataset=args.dataset, epochs=args.epochs, insecure=args.insecure,
+                             ops=args.ops, seed=args.seed)
+    for name, path in result["files"].items():
+        print(f"{name}: {path}")
+    print(f"start with: sl-pipeline server --config {result['files']['server']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    configure_logging("text", "WARNING", "demo")
+    summary = run_demo(args)
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from sl_pipeline.keys import fingerprint, load_public_key, write_keypair
+
+    private, public = write_keypair(args.name, args.out)
+    print(f"private key: {private} (mode 0600; keep it secret)")
+    print(f"public key:  {public} (fingerprint {fingerprint(load_public_key(public))})")
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from sl_pipeline.config import read_toml
+
+    from .ops import check_health, parse_listen
+
+    data = read_toml(args.config)
+    listen = data.get("ops", {}).get("listen", "")
+    if not listen:
+        raise ConfigError(f"{args.config} has no [ops] listen address to check")
+    host, port = parse_listen(listen)
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return 0 if asyncio.run(check_health(url, args.timeout)) else 1
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "server": cmd_server,
+    "client": cmd_client,
+    "init": cmd_init,
+    "demo": cmd_demo,
+    "keygen": cmd_keygen,
+    "health": cmd_health,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except SLError as exc:
+        print(f"sl-pipeline {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
