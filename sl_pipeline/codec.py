@@ -136,10 +136,13 @@ def _parse_header(frame: Buffer, limits: Limits) -> dict[str, Any]:
         raise VersionError(
             f"peer speaks protocol version {header['v']!r}; this build speaks {PROTOCOL_VERSION}"
         )
-    if header["kind"] not in Kind._value2member_map_:
+    if not isinstance(header["kind"], str) or header["kind"] not in Kind._value2member_map_:
         raise ProtocolError(f"unknown message kind {header['kind']!r}")
     if not isinstance(header["meta"], dict) or not isinstance(header["tensors"], list):
         raise ProtocolError("header 'meta' must be an object and 'tensors' a list")
+    for key in ("session", "client"):
+        if not isinstance(header[key], str):
+            raise ProtocolError(f"header {key!r} must be a string")
     return header
 
 

@@ -1,14 +1,9 @@
-"""Sans-IO Noise IK handshake and the encrypted multipart transport session.
+"""Sans-IO Noise IK handshake (``Noise_IK_25519_AESGCM_SHA256``, spec rev 34) and session.
 
-The handshake is ``Noise_IK_25519_AESGCM_SHA256`` exactly as in the Noise spec (rev 34):
-the client (initiator) pins the server's static key; the server (responder) checks the
-client's static key against its admitted set. Nothing here does I/O: callers feed bytes in
-and send the bytes that come out, so tests drive it directly.
-
-After the handshake, a :class:`Session` seals a multipart message as a 16-byte plaintext
-envelope ``magic(2) | version(1) | flags(1) | counter(8, BE) | frame_count(4, BE)`` followed
-by one AES-256-GCM ciphertext per buffer. Frame ``i`` (1-based) uses nonce
-``i(4, BE) || counter(8, BE)`` and associated data ``envelope || i(4, BE)``, so every byte,
+No I/O: callers feed bytes in and send what comes out. A :class:`Session` seals a multipart
+message as a 16-byte plaintext envelope ``magic(2) | version(1) | flags(1) | counter(8) |
+frame_count(4)`` (big-endian) plus one AES-256-GCM ciphertext per buffer; frame ``i`` >= 1
+uses nonce ``i(4) || counter(8)`` and associated data ``envelope || i(4)``, so every byte,
 the frame order and the frame count are authenticated. See docs/security.md.
 """
 
@@ -58,10 +53,6 @@ _ZEROS32 = bytes(32)
 
 
 # --- Noise primitives --------------------------------------------------------------------
-
-
-def _hash(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
 
 
 def _hmac(key: bytes, data: bytes) -> bytes:
@@ -137,7 +128,7 @@ class _SymmetricState:
         if len(protocol_name) <= _HASHLEN:
             self.h = protocol_name.ljust(_HASHLEN, b"\x00")
         else:
-            self.h = _hash(protocol_name)
+            self.h = hashlib.sha256(protocol_name).digest()
         self.ck = self.h
         self.cipher = _CipherState()
 
@@ -146,7 +137,7 @@ class _SymmetricState:
         self.cipher = _CipherState(temp_k)  # HASHLEN == 32 == key size, no truncation
 
     def mix_hash(self, data: bytes) -> None:
-        self.h = _hash(self.h + data)
+        self.h = hashlib.sha256(self.h + data).digest()
 
     def encrypt_and_hash(self, plaintext: bytes) -> bytes:
         ciphertext = self.cipher.encrypt_with_ad(self.h, plaintext)
@@ -164,12 +155,6 @@ class _SymmetricState:
 
 
 # --- Handshake -----------------------------------------------------------------------------
-
-
-def _check_public_key(key: bytes, what: str) -> bytes:
-    if len(key) != _DHLEN:
-        raise ConfigError(f"{what} must be {_DHLEN} raw bytes, got {len(key)}")
-    return bytes(key)
 
 
 def _check_payload(payload: bytes) -> bytes:
@@ -239,7 +224,9 @@ class Initiator(_Handshake):
         max_frames: int = DEFAULT_MAX_FRAMES,
     ) -> None:
         super().__init__(static, prologue, rekey_interval, max_frames)
-        self._rs = _check_public_key(remote_static, "server public key")
+        if len(remote_static) != _DHLEN:
+            raise ConfigError(f"server public key must be {_DHLEN} bytes, not {len(remote_static)}")
+        self._rs = bytes(remote_static)
         self._sym.mix_hash(self._rs)  # pre-message "<- s"
         self._e: X25519PrivateKey | None = None
 
@@ -352,26 +339,14 @@ def _byte_view(buffer: Buffer, index: int) -> memoryview:
         ) from None
 
 
-class _Direction:
-    """One direction's current key. Changes only through ``commit``, after success."""
-
-    __slots__ = ("aead", "key")
-
-    def __init__(self, key: bytes) -> None:
-        self.key = key
-        self.aead = AESGCM(key)
-
-    def key_for(self, counter: int, interval: int) -> tuple[bytes, AESGCM]:
-        """Key for message ``counter``: both sides rekey before every ``interval``-th one."""
-        if counter == 0 or counter % interval:
-            return self.key, self.aead
-        # Noise REKEY: k' = first 32 bytes of ENCRYPT(k, 2^64-1, empty ad, 32 zero bytes).
-        # Transport frames use index >= 1, so this nonce never collides with theirs.
-        new_key = self.aead.encrypt(_REKEY_NONCE, _ZEROS32, None)[:32]
-        return new_key, AESGCM(new_key)
-
-    def commit(self, key: bytes, aead: AESGCM) -> None:
-        self.key, self.aead = key, aead
+def _key_for(current: tuple[bytes, AESGCM], counter: int, interval: int) -> tuple[bytes, AESGCM]:
+    """Key for message ``counter``: both sides rekey before every ``interval``-th message."""
+    if counter == 0 or counter % interval:
+        return current
+    # Noise REKEY: k' = first 32 bytes of ENCRYPT(k, 2^64-1, empty ad, 32 zero bytes).
+    # Transport frames use index >= 1, so this nonce never collides with theirs.
+    new_key = current[1].encrypt(_REKEY_NONCE, _ZEROS32, None)[:32]
+    return new_key, AESGCM(new_key)
 
 
 class _Channel:
@@ -407,9 +382,10 @@ class _Channel:
             )
         if len(frames) < 2:
             raise CryptoError(f"message has {len(frames)} frames; it was truncated")
+        size = memoryview(frames[0]).nbytes  # check before copying anything a peer sent
+        if size != ENVELOPE_SIZE:
+            raise CryptoError(f"envelope is {size} bytes, expected {ENVELOPE_SIZE}")
         envelope = bytes(frames[0])
-        if len(envelope) != ENVELOPE_SIZE:
-            raise CryptoError(f"envelope is {len(envelope)} bytes, expected {ENVELOPE_SIZE}")
         magic, version, flags, counter, count = _ENVELOPE.unpack(envelope)
         if magic != ENVELOPE_MAGIC or version != ENVELOPE_VERSION:
             raise CryptoError(
@@ -451,8 +427,9 @@ class Session(_Channel):
         _check_session_limits(rekey_interval, max_frames)
         super().__init__(remote_static, handshake_hash, max_frames)
         self._rekey_interval = rekey_interval
-        self._send = _Direction(send_key)
-        self._recv = _Direction(recv_key)
+        # (key, cipher) per direction; replaced only after a message fully succeeds.
+        self._send = (send_key, AESGCM(send_key))
+        self._recv = (recv_key, AESGCM(recv_key))
 
     def seal(self, buffers: Sequence[Buffer]) -> list[bytes | bytearray]:
         """Encrypt ``buffers`` into ``[envelope, ciphertext_1, ..., ciphertext_n]``.
@@ -461,7 +438,7 @@ class Session(_Channel):
         """
         envelope = self._envelope(buffers)
         counter = self._send_counter
-        key, aead = self._send.key_for(counter, self._rekey_interval)
+        key, aead = _key_for(self._send, counter, self._rekey_interval)
         frames: list[bytes | bytearray] = [envelope]
         for index, buffer in enumerate(buffers, start=1):
             view = _byte_view(buffer, index)
@@ -469,7 +446,7 @@ class Session(_Channel):
             aad = envelope + _INDEX.pack(index)
             aead.encrypt_into(_NONCE.pack(index, counter), view, aad, out)
             frames.append(out)
-        self._send.commit(key, aead)
+        self._send = (key, aead)
         self._send_counter += 1
         return frames
 
@@ -481,7 +458,7 @@ class Session(_Channel):
         """
         envelope = self._check_envelope(frames)
         counter = self._recv_counter
-        key, aead = self._recv.key_for(counter, self._rekey_interval)
+        key, aead = _key_for(self._recv, counter, self._rekey_interval)
         plaintexts: list[bytearray] = []
         for index in range(1, len(frames)):
             view = _byte_view(frames[index], index)
@@ -497,7 +474,7 @@ class Session(_Channel):
                     hint="the message was altered in transit or sent under another session",
                 ) from None
             plaintexts.append(out)
-        self._recv.commit(key, aead)
+        self._recv = (key, aead)
         self._recv_counter += 1
         return plaintexts
 

@@ -62,14 +62,13 @@ class ClientHandshake:
     server_key: bytes | None
 
     def __post_init__(self) -> None:
-        self._initiator = (
-            Initiator(self.static, self.server_key)
-            if self.static is not None and self.server_key is not None
-            else None
-        )
+        self._initiator: Initiator | None = None
 
     def start(self) -> list[bytes]:
+        """Hello frames for a fresh attempt (a Noise handshake state is single-use)."""
         version = str(PROTOCOL_VERSION).encode()
+        if self.static is not None and self.server_key is not None:
+            self._initiator = Initiator(self.static, self.server_key)
         if self._initiator is None:
             return [HELLO, version, b"plain", _dump(self.hello)]
         return [HELLO, version, b"noise", self._initiator.write_message1(_dump(self.hello))]

@@ -52,6 +52,8 @@ def _check_meta_value(key: str, value: Any, depth: int = 0) -> Any:
     if isinstance(value, list | tuple):
         return tuple(_check_meta_value(key, v, depth + 1) for v in value)
     if isinstance(value, Mapping):
+        if len(value) > 256:
+            raise ProtocolError(f"meta value for {key!r} has too many entries (max 256)")
         return MappingProxyType(
             {str(k): _check_meta_value(f"{key}.{k}", v, depth + 1) for k, v in value.items()}
         )

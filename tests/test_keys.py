@@ -90,7 +90,7 @@ def test_write_refuses_when_only_the_pub_exists_and_leaves_no_key(tmp_path: Path
     (tmp_path / "dave.pub").write_text("something else\n")
 
     # Execute / Assert
-    with pytest.raises(ConfigError, match="dave.pub"):
+    with pytest.raises(ConfigError, match=r"dave\.pub"):
         write_keypair("dave", tmp_path)
     assert not (tmp_path / "dave.key").exists()
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from sl_pipeline.config import ClientConfig, check_endpoint
 from sl_pipeline.data import PartyData, batch_order, iter_batches, load_party_data
-from sl_pipeline.errors import PeerError, SLError, TransportError
+from sl_pipeline.errors import ConfigError, PeerError, SLError, TransportError
 from sl_pipeline.handshake import ClientHandshake
 from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
 from sl_pipeline.models import build_segments, fingerprint, make_optimizer
@@ -111,9 +111,10 @@ class ClientWorker:
                 return
             except TransportError:
                 if time.monotonic() + delay > deadline:
-                    raise TransportError(
-                        f"server {c.server} did not answer for {c.retry_for_s:.0f}s; "
-                        "check that it runs and that client.server is right"
+                    error = ConfigError if self.steps_done == 0 else TransportError
+                    raise error(
+                        f"client.server = {c.server!r}: no server answered for "
+                        f"{c.retry_for_s:.0f}s; check that it runs and that the address is right"
                     ) from None
             self.retries += 1
             self.metrics.retries_total.inc()

@@ -52,6 +52,7 @@ class Peer:
     applied: int = 0
     last_step: tuple[int, int] | None = None
     last_reply: Message | None = None
+    confirmed: bool = False  # set once the peer's first sealed message opens
 
 
 class ServerWorker:
@@ -72,6 +73,7 @@ class ServerWorker:
 
     def _make_handshake(self) -> ServerHandshake:
         s = self.cfg.server
+        self.admitted_names: dict[bytes, str] = {}
         if s.insecure:
             warn_insecure("server")
             return ServerHandshake(None, lambda key: True, insecure=True)
@@ -160,6 +162,8 @@ class ServerWorker:
             reply = error_message(exc.code, exc.message)
             await self._send(endpoint, identity, peer, reply)
             return
+        if not peer.confirmed:
+            self._confirm(identity, peer)
         self.metrics.record_message("received", message.kind.value, nbytes)
         reply = self._dispatch(identity, peer, message)
         if reply is not None:
@@ -187,19 +191,28 @@ class ServerWorker:
             self.metrics.record_rejected("not_admitted" if result == "not_admitted" else "other")
             log.warning("refused a client handshake (%s): %s", result, exc.message)
             return refusal(exc)
-        name = str(hello.get("client", "?"))[:64]
-        self._forget_name(name)
+        # The name comes from the admitted key, never from what the client claims.
+        name = self.admitted_names[key] if key else str(hello.get("client", "?"))[:64]
+        self._bound_unconfirmed()
         self.peers[identity] = Peer(name, Channel(session, self.limits), key_fingerprint(key) if key else "insecure")
         self.metrics.record_handshake("ok")
         self.metrics.peers_authenticated.set(len(self.peers))
         log.info("client %s joined (key %s)", name, self.peers[identity].key)
         return reply
 
-    def _forget_name(self, name: str) -> None:
-        """A client that reconnects replaces its old session (same name)."""
-        for identity, peer in list(self.peers.items()):
-            if peer.name == name:
-                self._forget(identity)
+    def _confirm(self, identity: bytes, peer: Peer) -> None:
+        """A rejoining client replaces its old session only once the new one has proved
+        itself with a valid sealed message: a replayed hello cannot evict anybody."""
+        peer.confirmed = True
+        for other_id, other in list(self.peers.items()):
+            if other.name == peer.name and other_id != identity:
+                self._forget(other_id)
+
+    def _bound_unconfirmed(self) -> None:
+        """Handshakes that never send a message cost bounded memory: drop the oldest."""
+        pending = [i for i, p in self.peers.items() if not p.confirmed]
+        for identity in pending[: max(0, len(pending) - self.cfg.server.max_clients)]:
+            self._forget(identity)
 
     def _accept(self, hello: dict[str, Any], key: bytes | None) -> dict[str, Any]:
         if hello.get("model") != self.fingerprint:
@@ -207,7 +220,7 @@ class ServerWorker:
                 f"model/topology mismatch: client has {hello.get('model')!r}, server has "
                 f"{self.fingerprint!r}; use the same [model] section and topology on both sides"
             )
-        if len(self.peers) >= self.cfg.server.max_clients:
+        if sum(p.confirmed for p in self.peers.values()) >= self.cfg.server.max_clients:
             raise ProtocolError(f"server is full ({self.cfg.server.max_clients} clients); retry later")
         return {"session": self.session_id, "topology": self.cfg.server.topology}
 
@@ -251,7 +264,6 @@ class ServerWorker:
         if applies:
             peer.applied += 1
             self.steps_applied += 1
-            self.metrics.steps_applied_total.inc()
             self.metrics.record_step(self.steps_applied)
             loss = reply.meta.get("loss")
             if isinstance(loss, float):

@@ -1,0 +1,118 @@
+"""Helpers every bench section shares: timing, child processes, keys, memory."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from sl_pipeline.keys import write_keypair
+from workers.localdeploy import free_port, to_toml
+
+REPO = Path(__file__).resolve().parent.parent
+LOOPBACK = "127.0.0.1"
+STOP_TIMEOUT_S = 10.0
+CTX = mp.get_context("spawn")  # fresh interpreters: no forked zmq contexts or torch threads
+
+__all__ = ["CTX", "LOOPBACK", "REPO", "free_port", "to_toml"]
+
+
+def median(values: list[float]) -> float:
+    if not values:
+        raise ValueError("median of no samples")
+    return float(statistics.median(values))
+
+
+def endpoint(port: int) -> str:
+    return f"tcp://{LOOPBACK}:{port}"
+
+
+def time_calls(fn: Callable[[], object], repeats: int, warmup: int, budget_s: float) -> list[float]:
+    """Seconds per call of ``fn``: ``warmup`` untimed calls, then up to ``repeats`` timed ones.
+
+    Stops early (keeping at least 3 samples) once ``budget_s`` has passed.
+    """
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    deadline = time.monotonic() + budget_s
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+        if len(samples) >= 3 and time.monotonic() > deadline:
+            break
+    return samples
+
+
+def start_child(target: Callable[..., Any], *args: Any) -> BaseProcess:
+    proc = CTX.Process(target=target, args=args, daemon=True)
+    proc.start()
+    return proc
+
+
+def stop_child(proc: BaseProcess, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Join within a bound; then SIGTERM, then SIGKILL. Never leaves the child running."""
+    proc.join(timeout_s)
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(timeout_s)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(timeout_s)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout_s)
+
+
+def worker_process(role: str, config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """A real ``python -m workers ROLE --config F`` process, importable ``bench`` on its path."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    with log.open("wb") as fh:
+        return subprocess.Popen(
+            [sys.executable, "-m", "workers", role, "--config", str(config)],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=fh,
+        )
+
+
+def write_keys(folder: Path, clients: list[str]) -> dict[str, str]:
+    """Server identity plus one admitted identity per client name; relative paths for TOML."""
+    keys = folder / "keys"
+    admitted = keys / "admitted"
+    admitted.mkdir(parents=True, exist_ok=True)
+    write_keypair("server", keys)
+    for name in clients:
+        _, pub = write_keypair(name, keys)
+        (admitted / pub.name).write_bytes(pub.read_bytes())
+    return {"server_key": "keys/server.key", "server_pub": "keys/server.pub",
+            "admitted": "keys/admitted"}
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of ``pid`` (VmRSS from /proc/PID/status), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(0.05)

@@ -1,0 +1,154 @@
+"""Split-training overhead: our encrypted two-process pipeline vs one plain torch loop.
+
+(a) one process, no split: the whole model, the same optimizer and batches, a plain loop.
+(b) the real server worker (``python -m workers server``) in its own process, and the real
+:class:`ClientWorker` in this one, driven step by step through ``train_step`` (so start-up
+and evaluation are not timed). Blocks of (a) and (b) steps alternate; the ratio of the
+median step times is ``overhead_ratio``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import zmq.asyncio
+
+from sl_pipeline.config import ClientConfig, from_mapping
+from sl_pipeline.data import batch_order
+from sl_pipeline.messages import Kind, Message
+from sl_pipeline.models import full_model, make_optimizer
+from workers.client import ClientWorker
+
+from .common import endpoint, free_port, median, stop_process, to_toml, worker_process, write_keys
+from .models import CIFAR_CNN_CUT
+
+BATCH = 32
+TRAIN = {"epochs": 1, "batch_size": BATCH, "lr": 0.01, "momentum": 0.9, "seed": 0}
+MODELS: dict[str, dict[str, Any]] = {
+    "digits_cnn": {"builtin": "cnn", "in_shape": [1, 8, 8], "classes": 10, "seed": 0},
+    "cifar_cnn": {"sequential": "bench.models:cifar_cnn", "cuts": [CIFAR_CNN_CUT],
+                  "in_shape": [3, 32, 32], "classes": 10, "seed": 0},
+}
+CIFAR_SAMPLES = 2048
+
+
+def write_cifar_npz(path: Path, samples: int = CIFAR_SAMPLES) -> None:
+    """Synthetic CIFAR-shaped data: 3x32x32 float32 images, 10 classes."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((samples, 3, 32, 32), dtype=np.float32)
+    np.savez(path, x=x, y=rng.integers(0, 10, samples).astype(np.int64))
+
+
+def configs(folder: Path, name: str) -> tuple[Path, dict[str, Any]]:
+    """Write server.toml for ``name``; return it and the client's config mapping."""
+    keys = write_keys(folder, ["bench-client"])
+    url = endpoint(free_port())
+    model = MODELS[name]
+    data: dict[str, Any] = {"dataset": "digits"}
+    if name == "cifar_cnn":
+        write_cifar_npz(folder / "cifar.npz")
+        data = {"path": "cifar.npz", "features": "x", "label": "y"}
+    server = {"server": {"bind": url, "key": keys["server_key"], "admitted": keys["admitted"]},
+              "model": model, "train": TRAIN, "ops": {"log_level": "WARNING"}}
+    (folder / "server.toml").write_text(to_toml(server))
+    client = {"client": {"server": url, "name": "bench-client", "key": "keys/bench-client.key",
+                         "server_key": keys["server_pub"], "retry_for_s": 60.0},
+              "data": data, "model": model, "train": TRAIN}
+    return folder / "server.toml", client
+
+
+class PlainLoop:
+    """(a): the whole model in this process, trained with a plain torch loop."""
+
+    def __init__(self, cfg: ClientConfig) -> None:
+        self.model = full_model(cfg.model)
+        t = cfg.train
+        self.optimizer = make_optimizer(list(self.model.parameters()), t.optimizer, t.lr, t.momentum)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        loss = F.cross_entropy(self.model(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+
+def _plan(quick: bool) -> tuple[int, int, int, float]:
+    """(warm-up steps, blocks, steps per block, time budget in seconds) per model."""
+    return (3, 3, 5, 8.0) if quick else (5, 8, 10, 30.0)
+
+
+async def measure(cfg: ClientConfig, base: Path, quick: bool) -> dict[str, Any]:
+    warmup, blocks, per_block, budget_s = _plan(quick)
+    client = ClientWorker(cfg, base, progress=False)
+    plain = PlainLoop(cfg)
+    train = client.data.train
+    batches = batch_order(len(train), BATCH, 0, 0)
+    client.ctx = zmq.asyncio.Context()
+    step = 0
+    times: dict[str, list[float]] = {"single_process": [], "split_encrypted": []}
+
+    async def split_steps(n: int, record: bool) -> None:
+        nonlocal step
+        for _ in range(n):
+            idx = batches[step % len(batches)]
+            start = time.perf_counter()
+            await client.train_step(0, step, train.x[idx], train.y[idx])
+            if record:
+                times["split_encrypted"].append(time.perf_counter() - start)
+            step += 1
+
+    def plain_steps(n: int, record: bool) -> None:
+        for i in range(n):
+            idx = batches[(step + i) % len(batches)]
+            assert train.y is not None
+            start = time.perf_counter()
+            plain.step(train.x[idx], train.y[idx])
+            if record:
+                times["single_process"].append(time.perf_counter() - start)
+
+    try:
+        await client.connect()
+        await split_steps(warmup, record=False)
+        plain_steps(warmup, record=False)
+        deadline = time.monotonic() + budget_s
+        for _ in range(blocks):
+            plain_steps(per_block, record=True)
+            await split_steps(per_block, record=True)
+            if time.monotonic() > deadline:
+                break
+        assert client.conn is not None
+        await client.conn.send(Message(kind=Kind.BYE, client=cfg.client.name))
+    finally:
+        if client.conn is not None:
+            client.conn.close()
+        client.ctx.term()
+    step_ms = {k: median(v) * 1e3 for k, v in times.items()}
+    return {"step_ms": step_ms | {"steps": len(times["split_encrypted"])},
+            "ratio": step_ms["split_encrypted"] / step_ms["single_process"]}
+
+
+def run_model(name: str, quick: bool) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="sl-bench-") as tmp:
+        folder = Path(tmp)
+        server_toml, client_map = configs(folder, name)
+        server = worker_process("server", server_toml, folder / "server.log")
+        try:
+            cfg = from_mapping(ClientConfig, client_map)
+            return asyncio.run(measure(cfg, folder, quick))
+        finally:
+            stop_process(server)
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    per_model = {name: run_model(name, quick) for name in MODELS}
+    return {"overhead": per_model,
+            "overhead_ratio": {name: r["ratio"] for name, r in per_model.items()},
+            "batch_size": BATCH}

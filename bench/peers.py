@@ -1,0 +1,96 @@
+"""Child-process peers for the message-path benchmarks (run under the ``spawn`` context).
+
+``channel_peer`` is our server side: a ROUTER :class:`RouterEndpoint`, the real handshake
+(plaintext and Noise IK both accepted), and one :class:`Channel` per peer. Each FORWARD
+says in ``meta["reply"]`` what it wants back: ``"echo"`` (the same tensor, same size),
+``"ack"`` (a small reply) or ``"none"``. ``raw_peer`` is the baseline: bare pyzmq plus
+AES-256-GCM on the same bytes, acknowledging every message that ends in ``b"A"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Event
+import zmq
+import zmq.asyncio
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from sl_pipeline.codec import DEFAULT_LIMITS
+from sl_pipeline.handshake import ServerHandshake, is_handshake
+from sl_pipeline.keys import generate_keypair
+from sl_pipeline.messages import Kind
+from sl_pipeline.transport import Channel, RouterEndpoint, frame_buffers
+
+POLL_MS = 100
+NONCE = struct.Struct(">4xQ")  # 12-byte GCM nonce from a 64-bit message counter
+
+
+def channel_peer(endpoint: str, ready: Queue, stop: Event) -> None:
+    """Serve until ``stop`` is set; puts the server's public key on ``ready`` once bound."""
+    asyncio.run(_serve(endpoint, ready, stop))
+
+
+async def _serve(endpoint: str, ready: Queue, stop: Event) -> None:
+    ctx = zmq.asyncio.Context()
+    router = RouterEndpoint(ctx, endpoint, DEFAULT_LIMITS, hwm=1000)
+    static = generate_keypair()
+    handshake = ServerHandshake(static, lambda key: True, insecure=True)
+    channels: dict[bytes, Channel] = {}
+    ready.put(static.public)
+    try:
+        while not stop.is_set():
+            if not await router.sock.poll(POLL_MS, zmq.POLLIN):
+                continue
+            identity, frames = await router.recv()
+            buffers = frame_buffers(frames)
+            if is_handshake(buffers):
+                reply, session, _, _ = handshake.answer(buffers, lambda hello, key: {})
+                channels[identity] = Channel(session)
+                await router.send(identity, reply)
+                continue
+            channel = channels[identity]
+            message = channel.unpack(buffers)
+            mode = message.meta.get("reply", "echo")
+            if mode == "echo":
+                answer = message.reply(Kind.BACKWARD, tensors={"grad": message.tensor("act")})
+            elif mode == "ack":
+                answer = message.reply(Kind.HEARTBEAT)
+            else:
+                continue
+            await router.send(identity, channel.pack(answer))
+    finally:
+        router.close()
+        ctx.term()
+
+
+def raw_peer(endpoint: str, key: bytes, ready: Queue, stop: Event) -> None:
+    """Decrypt every frame with AES-256-GCM; reply ``b"ok"`` to a frame whose plaintext ends in A."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(endpoint)
+    aead = AESGCM(key)
+    counters: dict[bytes, int] = {}
+    ready.put(b"raw")
+    try:
+        while not stop.is_set():
+            if not sock.poll(POLL_MS, zmq.POLLIN):
+                continue
+            identity, frame = sock.recv_multipart(copy=False)
+            peer = bytes(identity.buffer)
+            counter = counters.get(peer, 0)
+            plain = aead.decrypt(NONCE.pack(counter), frame.buffer, None)
+            counters[peer] = counter + 1
+            if plain[-1:] == b"A":
+                sock.send_multipart([identity, b"ok"])
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+def raw_seal(aead: AESGCM, counter: int, payload: bytearray, ack: bool) -> bytes:
+    """The raw sender's frame: payload's last byte marks whether an ack is wanted."""
+    payload[-1:] = b"A" if ack else b"N"
+    return aead.encrypt(NONCE.pack(counter), payload, None)

@@ -1,0 +1,65 @@
+"""Shared fixtures: local deployments on free loopback ports, worker processes that always stop."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sl_pipeline.config import ClientConfig, ServerConfig, load
+from workers.demo import stop_process
+from workers.localdeploy import init_deployment
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def deployment(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A factory: deployment(clients=2, dataset="digits", ...) -> dict of config paths."""
+
+    def make(**kwargs):  # type: ignore[no-untyped-def]
+        kwargs.setdefault("epochs", 1)
+        out = tmp_path / f"deploy-{len(list(tmp_path.iterdir()))}"
+        return {k: Path(v) for k, v in init_deployment(out, **kwargs)["files"].items()}
+
+    return make
+
+
+def load_server(path: Path, *overrides: str) -> ServerConfig:
+    return load(ServerConfig, path, list(overrides))
+
+
+def load_client(path: Path, *overrides: str) -> ClientConfig:
+    return load(ClientConfig, path, list(overrides))
+
+
+class Procs:
+    """Starts worker processes and guarantees they are stopped (SIGTERM, then SIGKILL)."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def start(self, role: str, config: Path, *extra: str) -> subprocess.Popen[str]:
+        cmd = [sys.executable, "-m", "workers", role, "--config", str(config), *extra]
+        proc = subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            stop_process(proc, timeout_s=10)
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+
+
+@pytest.fixture
+def procs() -> Iterator[Procs]:
+    manager = Procs()
+    try:
+        yield manager
+    finally:
+        manager.stop_all()

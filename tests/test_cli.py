@@ -1,0 +1,75 @@
+"""The command line: clear one-line errors with exit status 2 for bad configuration."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from workers.cli import main
+
+from .conftest import ROOT
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "workers", *args], cwd=ROOT, text=True,
+                          capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_unknown_key_is_named_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[train]\nepochz = 3\n")
+    assert main(["client", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "train.epochz" in err and "Traceback" not in err
+
+
+def test_wrong_type_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('[server]\nmax_clients = "many"\n')
+    assert main(["server", "--config", str(cfg)]) == 2
+    assert "server.max_clients" in capsys.readouterr().err
+
+
+def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["server", "--config", str(tmp_path / "nope.toml")]) == 2
+    assert "nope.toml" in capsys.readouterr().err
+
+
+def test_missing_key_file_is_named(deployment, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    files = deployment()
+    (files["server"].parent / "keys" / "server.key").unlink()
+    assert main(["server", "--config", str(files["server"])]) == 2
+    assert "server.key" in capsys.readouterr().err
+
+
+def test_bad_endpoint_is_named(deployment, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    files = deployment()
+    assert main(["client", "--config", str(files["client-1"]), "--set", 'client.server="localhost:1"']) == 2
+    assert "client.server" in capsys.readouterr().err
+
+
+def test_unreachable_server_exits_2(deployment) -> None:  # type: ignore[no-untyped-def]
+    files = deployment()
+    result = run_cli("client", "--config", str(files["client-1"]), "--no-progress",
+                     "--set", "client.retry_for_s=1", "--set", "client.connect_timeout_s=0.5")
+    assert result.returncode == 2, result.stderr
+    assert "client.server" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_init_writes_configs_with_tcp_endpoint_and_keys(tmp_path: Path) -> None:
+    assert main(["init", str(tmp_path / "d"), "--clients", "3"]) == 0
+    server = (tmp_path / "d" / "server.toml").read_text()
+    assert 'bind = "tcp://127.0.0.1:' in server
+    for i in (1, 2, 3):
+        assert (tmp_path / "d" / f"client-{i}.toml").exists()
+        assert (tmp_path / "d" / "keys" / "admitted" / f"client-{i}.pub").exists()
+    assert (tmp_path / "d" / "keys" / "server.key").stat().st_mode & 0o077 == 0
+
+
+def test_keygen_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["keygen", "alice", "--out", str(tmp_path)]) == 0
+    assert main(["keygen", "alice", "--out", str(tmp_path)]) == 2
+    assert "alice.key" in capsys.readouterr().err

@@ -1,0 +1,55 @@
+"""Real worker processes over real loopback sockets."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from .conftest import Procs
+
+
+def _summary(proc, timeout: float = 180) -> dict:  # type: ignore[no-untyped-def]
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-2000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_two_clients_train_against_one_server(deployment, procs: Procs) -> None:  # type: ignore[no-untyped-def]
+    # Prepare
+    files = deployment(clients=2, dataset="breast_cancer", epochs=3)
+    procs.start("server", files["server"])
+    # Execute
+    clients = [procs.start("client", files[f"client-{i}"], "--json", "--no-progress") for i in (1, 2)]
+    summaries = [_summary(c) for c in clients]
+    # Assert
+    for s in summaries:
+        assert s["steps"] > 0 and s["test_accuracy"] >= 0.85
+        assert s["bytes_sent"] > 0 and s["bytes_received"] > 0
+    assert {s["client"] for s in summaries} == {"client-1", "client-2"}
+
+
+def test_server_survives_a_client_killed_mid_epoch(deployment, procs: Procs) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: client-1 trains long enough to be killed mid-epoch
+    files = deployment(clients=2, dataset="digits", epochs=1)
+    server = procs.start("server", files["server"])
+    victim = procs.start("client", files["client-1"], "--json", "--no-progress", "--epochs", "50")
+    time.sleep(4)
+    # Execute
+    victim.kill()
+    victim.wait(10)
+    survivor = procs.start("client", files["client-2"], "--json", "--no-progress", "--epochs", "4")
+    # Assert: the other client trains to the end against the same server
+    summary = _summary(survivor)
+    assert summary["steps"] == 4 * 23 and summary["test_accuracy"] > 0.7
+    assert server.poll() is None
+
+
+def test_killed_client_can_rejoin_under_its_name(deployment, procs: Procs) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(clients=1, dataset="breast_cancer", epochs=1)
+    procs.start("server", files["server"])
+    first = procs.start("client", files["client-1"], "--json", "--no-progress", "--epochs", "100")
+    time.sleep(3)
+    first.kill()
+    first.wait(10)
+    again = procs.start("client", files["client-1"], "--json", "--no-progress")
+    assert _summary(again)["steps"] > 0

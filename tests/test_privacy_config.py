@@ -1,0 +1,120 @@
+"""PrivacyConfig: TOML mapping, unknown keys, types, ranges, contradictions, topology."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from privacy.config import DPSGDConfig, LabelConfig, NoiseConfig, PrivacyConfig
+from sl_pipeline.errors import PrivacyError, SLError
+
+
+def test_full_table_builds_frozen_configs() -> None:
+    # Prepare
+    table = {
+        "noise": {"sigma": 1, "clip": 2.0, "mechanism": "laplace"},
+        "nopeek": {"alpha": 0.5},
+        "dpsgd": {"target_epsilon": 3.0, "max_grad_norm": 1.0, "delta": 1e-6},
+        "label": {"mechanism": "marvell", "scale": 4},
+    }
+    # Execute
+    cfg = PrivacyConfig.from_mapping(table)
+    # Assert
+    assert cfg.noise == NoiseConfig(sigma=1.0, clip=2.0, mechanism="laplace")
+    assert isinstance(cfg.noise.sigma, float)
+    assert cfg.nopeek is not None and cfg.nopeek.alpha == 0.5
+    assert cfg.dpsgd is not None and cfg.dpsgd.noise_multiplier is None
+    assert cfg.label == LabelConfig(mechanism="marvell", scale=4.0)
+    with pytest.raises(AttributeError):
+        cfg.noise.sigma = 2.0  # type: ignore[misc]
+
+
+def test_empty_table_turns_everything_off() -> None:
+    assert PrivacyConfig.from_mapping({}) == PrivacyConfig()
+
+
+@pytest.mark.parametrize(
+    ("table", "needle"),
+    [
+        ({"noise": {"sigmaa": 1.0}}, "unknown key 'privacy.noise.sigmaa'; valid keys: sigma, clip"),
+        ({"nosie": {}}, "unknown key 'privacy.nosie'"),
+        ({"dpsgd": {"noise_multiplier": 1.0, "epsilon": 2.0}}, "'privacy.dpsgd.epsilon'"),
+    ],
+)
+def test_unknown_keys_are_named(table: dict[str, Any], needle: str) -> None:
+    with pytest.raises(PrivacyError, match="unknown key") as err:
+        PrivacyConfig.from_mapping(table)
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ({"noise": {"sigma": "1.0"}}, "privacy.noise.sigma must be float"),
+        ({"noise": {"sigma": True}}, "privacy.noise.sigma must be float"),
+        ({"noise": 3}, "privacy.noise must be a table"),
+        ({"dpsgd": {"noise_multiplier": 1.0, "poisson_sampling": 1}},
+         "privacy.dpsgd.poisson_sampling must be bool"),
+        ({"label": {"mechanism": 2}}, "privacy.label.mechanism must be one of"),
+    ],
+)
+def test_wrong_types_rejected(table: dict[str, Any], key: str) -> None:
+    with pytest.raises(PrivacyError) as err:
+        PrivacyConfig.from_mapping(table)
+    assert key in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ({"noise": {"sigma": -0.1}}, "privacy.noise.sigma"),
+        ({"noise": {"sigma": float("nan")}}, "privacy.noise.sigma"),
+        ({"noise": {"clip": 0.0}}, "privacy.noise.clip"),
+        ({"noise": {"mechanism": "uniform"}}, "privacy.noise.mechanism"),
+        ({"nopeek": {"alpha": -1.0}}, "privacy.nopeek.alpha"),
+        ({"dpsgd": {"noise_multiplier": -1.0}}, "privacy.dpsgd.noise_multiplier"),
+        ({"dpsgd": {"target_epsilon": 0.0}}, "privacy.dpsgd.target_epsilon"),
+        ({"dpsgd": {"noise_multiplier": 1.0, "delta": 1.0}}, "privacy.dpsgd.delta"),
+        ({"dpsgd": {"noise_multiplier": 1.0, "max_grad_norm": 0}}, "privacy.dpsgd.max_grad_norm"),
+        ({"dpsgd": {"noise_multiplier": 1.0, "accountant": "moments"}},
+         "privacy.dpsgd.accountant"),
+        ({"label": {"mechanism": "marvell", "scale": 0.0}}, "privacy.label.scale"),
+    ],
+)
+def test_out_of_range_values_rejected_with_range(table: dict[str, Any], key: str) -> None:
+    with pytest.raises(PrivacyError) as err:
+        PrivacyConfig.from_mapping(table)
+    message = str(err.value)
+    assert key in message
+    assert "allowed" in message
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"noise_multiplier": 1.0, "target_epsilon": 3.0}], ids=["neither", "both"]
+)
+def test_contradictory_dpsgd_rejected(kwargs: dict[str, float]) -> None:
+    with pytest.raises(PrivacyError, match="exactly one is required"):
+        DPSGDConfig(**kwargs)
+
+
+def test_label_scale_without_mechanism_is_contradictory() -> None:
+    with pytest.raises(PrivacyError, match="no effect"):
+        LabelConfig(mechanism="none", scale=1.0)
+
+
+def test_label_protection_only_for_vertical() -> None:
+    # Prepare
+    cfg = PrivacyConfig(label=LabelConfig(mechanism="gaussian", scale=1.0))
+    # Execute / Assert
+    cfg.validate_for_topology("vertical")
+    with pytest.raises(PrivacyError, match="only meaningful for topology 'vertical'"):
+        cfg.validate_for_topology("horizontal")
+    PrivacyConfig(label=LabelConfig()).validate_for_topology("horizontal")
+
+
+def test_privacy_error_is_sl_and_value_error() -> None:
+    with pytest.raises(ValueError) as err:
+        NoiseConfig(sigma=-1.0)
+    assert isinstance(err.value, SLError)
+    assert err.value.code == "privacy"

@@ -1,0 +1,149 @@
+"""DP-SGD on the client segment driven by the server's cut gradient (Opacus)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from privacy.config import DPSGDConfig
+from privacy.dpsgd import epsilon_spent, make_private_client
+from sl_pipeline.errors import PrivacyError
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def make_parts(seed: int = 0) -> tuple[nn.Module, nn.Module, TensorDataset]:
+    torch.manual_seed(seed)
+    client = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    server = nn.Linear(4, 3)
+    data = TensorDataset(torch.randn(32, 6), torch.randint(0, 3, (32,)))
+    return client, server, data
+
+
+def split_step(client: nn.Module, optimizer: torch.optim.Optimizer, server: nn.Module,
+               x: torch.Tensor, y: torch.Tensor, reduction: str) -> None:
+    """One split-learning step: the 'server' sees only detached activations."""
+    optimizer.zero_grad()
+    act = client(x)
+    received = act.detach().requires_grad_(True)
+    loss = nn.functional.cross_entropy(server(received), y, reduction=reduction)
+    loss.backward()
+    assert received.grad is not None
+    act.backward(received.grad)  # the gradient the server returns
+    optimizer.step()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_noiseless_split_step_equals_joint_training(reduction: str) -> None:
+    # Prepare: identical copies for the joint (non-private) model and the split private one.
+    client, server, data = make_parts()
+    joint_client, joint_server = copy.deepcopy(client), copy.deepcopy(server)
+    joint_opt = torch.optim.SGD(joint_client.parameters(), lr=0.1)
+    loader = DataLoader(data, batch_size=8, shuffle=False)
+    cfg = DPSGDConfig(noise_multiplier=0.0, max_grad_norm=1e6, poisson_sampling=False)
+    private = make_private_client(client, torch.optim.SGD(client.parameters(), lr=0.1), loader,
+                                  cfg, epochs=1, server_loss_reduction=reduction)
+    # Execute: two steps each way on the same batches.
+    for step, (x, y) in enumerate(private.data_loader):
+        if step == 2:
+            break
+        split_step(private.module, private.optimizer, server, x, y, reduction)
+        joint_opt.zero_grad()
+        loss = nn.functional.cross_entropy(joint_server(joint_client(x)), y, reduction=reduction)
+        loss.backward()
+        joint_opt.step()
+    # Assert: same client weights, and they did move.
+    for p_private, p_joint, p_start in zip(
+        private.module._module.parameters(), joint_client.parameters(),
+        make_parts()[0].parameters(), strict=True,
+    ):
+        assert torch.allclose(p_private, p_joint, atol=1e-6)
+        assert not torch.allclose(p_joint, p_start)
+
+
+def manual_clipped_step(client: nn.Module, server: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                        clip: float, lr: float, reduction: str) -> None:
+    """Reference DP-SGD step without noise: clip each example's own gradient, sum, rescale."""
+    params = list(client.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(len(x)):
+        loss = nn.functional.cross_entropy(server(client(x[i:i + 1])), y[i:i + 1])
+        grads = torch.autograd.grad(loss, params)
+        norm = torch.sqrt(sum(g.square().sum() for g in grads))
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        total = [t + factor * g for t, g in zip(total, grads, strict=True)]
+    scale = 1.0 / len(x) if reduction == "mean" else 1.0
+    with torch.no_grad():
+        for p, t in zip(params, total, strict=True):
+            p -= lr * scale * t
+
+
+@pytest.mark.parametrize(
+    ("server_reduction", "declared", "matches"),
+    [("mean", "mean", True), ("sum", "sum", True), ("mean", "sum", False)],
+)
+def test_clipping_acts_on_each_examples_own_gradient(
+    server_reduction: str, declared: str, matches: bool
+) -> None:
+    # Prepare: a clip bound small enough to be active for every example.
+    client, server, data = make_parts()
+    reference = copy.deepcopy(client)
+    loader = DataLoader(data, batch_size=8)
+    cfg = DPSGDConfig(noise_multiplier=0.0, max_grad_norm=0.05, poisson_sampling=False)
+    private = make_private_client(client, torch.optim.SGD(client.parameters(), lr=0.1), loader,
+                                  cfg, epochs=1, server_loss_reduction=declared)
+    x, y = next(iter(private.data_loader))
+    # Execute
+    split_step(private.module, private.optimizer, server, x, y, server_reduction)
+    manual_clipped_step(reference, server, x, y, clip=0.05, lr=0.1, reduction=server_reduction)
+    # Assert: a declared reduction that differs from the server's changes the update.
+    same = all(
+        torch.allclose(a, b, atol=1e-6)
+        for a, b in zip(private.module._module.parameters(), reference.parameters(), strict=True)
+    )
+    assert same is matches
+
+
+def test_poisson_sampling_and_epsilon_spent() -> None:
+    # Prepare
+    client, server, data = make_parts()
+    loader = DataLoader(data, batch_size=8)
+    cfg = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0)
+    private = make_private_client(client, torch.optim.SGD(client.parameters(), lr=0.1), loader,
+                                  cfg, epochs=1, noise_generator=torch.Generator().manual_seed(0))
+    assert epsilon_spent(private.engine, 1e-5) == 0.0
+    # Execute
+    steps = 0
+    for x, y in private.data_loader:
+        if len(x) == 0:
+            continue
+        split_step(private.module, private.optimizer, server, x, y, "mean")
+        steps += 1
+    # Assert
+    assert type(private.data_loader).__name__ == "DPDataLoader"
+    assert steps > 0
+    assert private.epsilon() == epsilon_spent(private.engine, 1e-5) > 0
+
+
+def test_target_epsilon_derives_noise() -> None:
+    client, _, data = make_parts()
+    cfg = DPSGDConfig(target_epsilon=2.0, max_grad_norm=1.0)
+    private = make_private_client(client, torch.optim.SGD(client.parameters(), lr=0.1),
+                                  DataLoader(data, batch_size=8), cfg, epochs=3)
+    assert private.noise_multiplier > 0
+
+
+def test_fixed_batches_need_divisible_dataset() -> None:
+    client, _, data = make_parts()
+    cfg = DPSGDConfig(noise_multiplier=1.0, poisson_sampling=False)
+    with pytest.raises(PrivacyError, match="multiple of the batch size"):
+        make_private_client(client, torch.optim.SGD(client.parameters(), lr=0.1),
+                            DataLoader(data, batch_size=5), cfg, epochs=1)
+    with pytest.raises(PrivacyError, match="server_loss_reduction"):
+        make_private_client(client, torch.optim.SGD(client.parameters(), lr=0.1),
+                            DataLoader(data, batch_size=8), cfg, epochs=1,
+                            server_loss_reduction="none")
