@@ -54,6 +54,13 @@ class PrivateClient:
     noise_multiplier: float
     delta: float
 
+    @property
+    def unwrapped(self) -> nn.Module:
+        """The client segment inside Opacus' ``GradSampleModule`` (same parameters)."""
+        inner = getattr(self.module, "_module", self.module)
+        assert isinstance(inner, nn.Module)
+        return inner
+
     def epsilon(self) -> float:
         return epsilon_spent(self.engine, self.delta)
 

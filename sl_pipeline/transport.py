@@ -53,8 +53,9 @@ class Channel:
 def new_socket(ctx: zmq.asyncio.Context, kind: int, limits: Limits, hwm: int = 1000) -> Any:
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
-    # libzmq refuses any single frame above this before allocating it.
-    sock.setsockopt(zmq.MAXMSGSIZE, limits.max_tensor_bytes + 64)
+    # libzmq drops a peer that sends a frame above this, before allocating it. Smaller
+    # excesses (over max_tensor_bytes) are refused by the codec with an error reply.
+    sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes + 4096)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
     sock.copy_threshold = COPY_THRESHOLD

@@ -93,7 +93,7 @@ def test_out_of_range_values_rejected_with_range(table: dict[str, Any], key: str
 @pytest.mark.parametrize(
     "kwargs", [{}, {"noise_multiplier": 1.0, "target_epsilon": 3.0}], ids=["neither", "both"]
 )
-def test_contradictory_dpsgd_rejected(kwargs: dict[str, float]) -> None:
+def test_contradictory_dpsgd_rejected(kwargs: dict[str, Any]) -> None:
     with pytest.raises(PrivacyError, match="exactly one is required"):
         DPSGDConfig(**kwargs)
 

@@ -58,7 +58,7 @@ def test_noiseless_split_step_equals_joint_training(reduction: str) -> None:
         joint_opt.step()
     # Assert: same client weights, and they did move.
     for p_private, p_joint, p_start in zip(
-        private.module._module.parameters(), joint_client.parameters(),
+        private.unwrapped.parameters(), joint_client.parameters(),
         make_parts()[0].parameters(), strict=True,
     ):
         assert torch.allclose(p_private, p_joint, atol=1e-6)
@@ -73,13 +73,13 @@ def manual_clipped_step(client: nn.Module, server: nn.Module, x: torch.Tensor, y
     for i in range(len(x)):
         loss = nn.functional.cross_entropy(server(client(x[i:i + 1])), y[i:i + 1])
         grads = torch.autograd.grad(loss, params)
-        norm = torch.sqrt(sum(g.square().sum() for g in grads))
+        norm = torch.sqrt(torch.stack([g.square().sum() for g in grads]).sum())
         factor = min(1.0, clip / (float(norm) + 1e-6))
         total = [t + factor * g for t, g in zip(total, grads, strict=True)]
     scale = 1.0 / len(x) if reduction == "mean" else 1.0
     with torch.no_grad():
         for p, t in zip(params, total, strict=True):
-            p -= lr * scale * t
+            p.sub_(lr * scale * t)
 
 
 @pytest.mark.parametrize(
@@ -103,7 +103,7 @@ def test_clipping_acts_on_each_examples_own_gradient(
     # Assert: a declared reduction that differs from the server's changes the update.
     same = all(
         torch.allclose(a, b, atol=1e-6)
-        for a, b in zip(private.module._module.parameters(), reference.parameters(), strict=True)
+        for a, b in zip(private.unwrapped.parameters(), reference.parameters(), strict=True)
     )
     assert same is matches
 

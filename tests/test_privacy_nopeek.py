@@ -103,7 +103,7 @@ def test_gradient_flows_to_activations_and_lowers_dcor() -> None:
 def test_nopeek_scales_by_alpha_and_validates() -> None:
     x, z = torch.randn(16, 3), torch.randn(16, 3)
     assert float(NoPeekLoss(2.0)(x, z)) == pytest.approx(2 * float(distance_correlation(x, z)))
-    with pytest.raises(PrivacyError, match="privacy.nopeek.alpha"):
+    with pytest.raises(PrivacyError, match=r"privacy\.nopeek\.alpha"):
         NoPeekLoss(-1.0)
     with pytest.raises(PrivacyError, match="samples"):
         distance_correlation(torch.randn(3, 2), torch.randn(4, 2))

@@ -1,0 +1,137 @@
+"""A misbehaving peer gets an error and a log line; the server keeps serving the others."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import torch
+import zmq
+import zmq.asyncio
+
+from sl_pipeline.errors import PeerError
+from sl_pipeline.handshake import ClientHandshake
+from sl_pipeline.keys import generate_keypair, load_keypair, load_public_key
+from sl_pipeline.messages import Kind, Message
+from sl_pipeline.models import fingerprint
+from sl_pipeline.transport import DealerConnection
+from workers.client import ClientWorker
+from workers.server import ServerWorker
+
+from .conftest import load_client, load_server
+
+
+@pytest.fixture
+async def running(deployment) -> AsyncIterator[tuple[ServerWorker, dict[str, Path], zmq.asyncio.Context]]:  # type: ignore[no-untyped-def]
+    files = deployment(clients=2, dataset="breast_cancer", epochs=2)
+    server = ServerWorker(load_server(files["server"], "limits.max_tensor_bytes=131072"), files["server"].parent)
+    stop = asyncio.Event()
+    task = asyncio.create_task(server.serve(stop))
+    ctx = zmq.asyncio.Context()
+    try:
+        yield server, files, ctx
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        ctx.destroy(linger=0)
+
+
+def _hello(server: ServerWorker, name: str) -> dict[str, object]:
+    return {"v": 1, "client": name, "model": server.fingerprint, "role": "trainer"}
+
+
+async def _join(server: ServerWorker, files: dict[str, Path], ctx: zmq.asyncio.Context, name: str = "client-1") -> DealerConnection:
+    keys = files["server"].parent / "keys"
+    conn = DealerConnection(ctx, server.cfg.server.bind)
+    hs = ClientHandshake(_hello(server, name), load_keypair(keys / f"{name}.key"), load_public_key(keys / "server.pub"))
+    await conn.handshake(hs, 5)
+    return conn
+
+
+async def test_malformed_and_oversized_messages_get_error_replies(running, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    server, files, ctx = running
+    conn = await _join(server, files, ctx)
+    caplog.set_level(logging.WARNING)
+    # wrong shape of activations for the server segment
+    bad = Message(kind=Kind.FORWARD, tensors={"act": torch.randn(4, 7), "labels": torch.zeros(4, dtype=torch.int64)})
+    with pytest.raises(PeerError, match="do not fit"):
+        await conn.send(bad)
+        await conn.recv(5)
+    # labels out of range
+    bad = Message(kind=Kind.FORWARD, tensors={"act": torch.randn(4, 64), "labels": torch.full((4,), 9)})
+    with pytest.raises(PeerError, match="class indices"):
+        await conn.send(bad)
+        await conn.recv(5)
+    # a tensor over the configured limit (128 KiB here) is refused from its header
+    big = Message(kind=Kind.FORWARD, tensors={"act": torch.zeros(1024, 64), "labels": torch.zeros(1024, dtype=torch.int64)})
+    with pytest.raises(PeerError, match="limit"):
+        await conn.send(big)
+        await conn.recv(5)
+    assert "(oversized)" in caplog.text
+    assert "rejected message from client-1" in caplog.text
+    # the same client still trains afterwards
+    ok = Message(kind=Kind.FORWARD, step=1, tensors={"act": torch.randn(4, 64), "labels": torch.zeros(4, dtype=torch.int64)})
+    await conn.send(ok)
+    reply = await conn.recv(5)
+    assert reply.kind is Kind.BACKWARD and reply.tensor("grad").shape == (4, 64)
+    conn.close()
+
+
+async def test_tampered_and_unauthenticated_frames_are_refused(running, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    server, files, ctx = running
+    caplog.set_level(logging.WARNING)
+    conn = await _join(server, files, ctx)
+    assert conn.channel is not None
+    frames = [bytearray(f) for f in conn.channel.pack(Message(kind=Kind.HEARTBEAT))]
+    frames[-1][0] ^= 1
+    await conn.sock.send_multipart(frames)
+    with pytest.raises(PeerError, match="crypto|tag|authentic"):
+        await conn.recv(5)
+    assert "bad_tag" in caplog.text
+    # a stranger's garbage, without any handshake
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(server.cfg.server.bind)
+    await raw.send_multipart([b"\x00" * 16, b"garbage"])
+    reply = await asyncio.wait_for(raw.recv_multipart(), 5)
+    assert reply[0] == b"sl-refuse"
+    raw.close()
+    conn.close()
+
+
+async def test_unadmitted_key_is_refused_while_admitted_client_trains(running, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    server, files, ctx = running
+    caplog.set_level(logging.WARNING)
+    keys = files["server"].parent / "keys"
+    stranger = DealerConnection(ctx, server.cfg.server.bind)
+    hs = ClientHandshake(_hello(server, "mallory"), generate_keypair(), load_public_key(keys / "server.pub"))
+    honest = ClientWorker(load_client(files["client-2"]), files["client-2"].parent, progress=False)
+    training = asyncio.create_task(honest.run())
+    with pytest.raises(PeerError, match="not admitted|admitted"):
+        await stranger.handshake(hs, 5)
+    summary = await asyncio.wait_for(training, 60)
+    assert summary["steps"] > 0 and summary["test_accuracy"] > 0.85
+    assert "not_admitted" in caplog.text
+    stranger.close()
+
+
+async def test_retransmitted_step_is_answered_from_cache(running) -> None:  # type: ignore[no-untyped-def]
+    server, files, ctx = running
+    conn = await _join(server, files, ctx)
+    msg = Message(kind=Kind.FORWARD, epoch=0, step=5, tensors={"act": torch.randn(4, 64), "labels": torch.zeros(4, dtype=torch.int64)})
+    await conn.send(msg)
+    first = await conn.recv(5)
+    await conn.send(msg)
+    second = await conn.recv(5)
+    assert torch.equal(first.tensor("grad"), second.tensor("grad"))
+    assert server.steps_applied == 1
+    conn.close()
+
+
+def test_hello_for_a_different_model_is_refused(deployment) -> None:  # type: ignore[no-untyped-def]
+    files = deployment()
+    cfg = load_server(files["server"])
+    assert fingerprint(cfg.model, "vanilla") != fingerprint(cfg.model, "ushaped")
