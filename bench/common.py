@@ -81,7 +81,8 @@ def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_
 
 def worker_process(role: str, config: Path, log: Path) -> subprocess.Popen[bytes]:
     """A real ``python -m workers ROLE --config F`` process, importable ``bench`` on its path."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path)
     with log.open("wb") as fh:
         return subprocess.Popen(
             [sys.executable, "-m", "workers", role, "--config", str(config)],

@@ -80,25 +80,30 @@ def train_flops_per_sample(model: nn.Module, cut: int | None) -> tuple[float, tu
     return counter.get_total_flops() / COUNT_BATCH, tuple(out.shape[1:])
 
 
-def per_client(factory: Callable[[], nn.Sequential], cut: int, clients: int) -> dict[str, float]:
-    """Per-client, per-epoch TFLOPs and GB for federated averaging and split learning."""
+def counts(factory: Callable[[], nn.Sequential], cut: int) -> dict[str, Any]:
+    """Per-sample training FLOPs (whole model, client segment), parameters, cut shape."""
     model = factory()
-    samples = TRAIN_IMAGES / clients
-    params, client_params = _numel(model), _numel(model[:cut])
     full, _ = train_flops_per_sample(model, None)
     segment, cut_shape = train_flops_per_sample(factory(), cut)
-    act_bytes = math.prod(cut_shape) * FLOAT_BYTES
-    split_bytes = samples * (2 * act_bytes + LABEL_BYTES) + 2 * client_params * FLOAT_BYTES
-    fl_tflops, split_tflops = full * samples / TFLOP, segment * samples / TFLOP
+    return {"full": full, "segment": segment, "cut_shape": cut_shape,
+            "params": _numel(model), "client_params": _numel(model[:cut])}
+
+
+def per_client(c: dict[str, Any], clients: int) -> dict[str, Any]:
+    """Per-client, per-epoch TFLOPs and GB for federated averaging and split learning."""
+    samples = TRAIN_IMAGES / clients
+    act_bytes = math.prod(c["cut_shape"]) * FLOAT_BYTES
+    split_bytes = samples * (2 * act_bytes + LABEL_BYTES) + 2 * c["client_params"] * FLOAT_BYTES
+    fl_tflops, split_tflops = c["full"] * samples / TFLOP, c["segment"] * samples / TFLOP
     return {
         "federated_tflops": fl_tflops,
         "split_tflops": split_tflops,
         "compute_ratio_fl_over_split": fl_tflops / split_tflops,
-        "federated_gb": 2 * params * FLOAT_BYTES / GB,
+        "federated_gb": 2 * c["params"] * FLOAT_BYTES / GB,
         "split_gb": split_bytes / GB,
-        "params": params,
-        "client_params": client_params,
-        "cut_shape": list(cut_shape),
+        "params": c["params"],
+        "client_params": c["client_params"],
+        "cut_shape": list(c["cut_shape"]),
     }
 
 
@@ -111,6 +116,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Sequential], int]] = {
 def run(quick: bool = False) -> dict[str, Any]:
     table: dict[str, Any] = {}
     for name, (factory, cut) in MODELS.items():
-        table[name] = {str(k): per_client(factory, cut, k) for k in CLIENT_COUNTS}
+        c = counts(factory, cut)
+        table[name] = {str(k): per_client(c, k) for k in CLIENT_COUNTS}
     return {"flops_table": {"ours_per_epoch": table, "published": PUBLISHED,
                             "assumptions": ASSUMPTIONS}}

@@ -70,7 +70,8 @@ class PlainLoop:
     def __init__(self, cfg: ClientConfig) -> None:
         self.model = full_model(cfg.model)
         t = cfg.train
-        self.optimizer = make_optimizer(list(self.model.parameters()), t.optimizer, t.lr, t.momentum)
+        params = list(self.model.parameters())
+        self.optimizer = make_optimizer(params, t.optimizer, t.lr, t.momentum)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         loss = F.cross_entropy(self.model(x), y)

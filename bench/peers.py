@@ -13,6 +13,7 @@ import asyncio
 import struct
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event
+
 import zmq
 import zmq.asyncio
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -66,7 +67,7 @@ async def _serve(endpoint: str, ready: Queue, stop: Event) -> None:
 
 
 def raw_peer(endpoint: str, key: bytes, ready: Queue, stop: Event) -> None:
-    """Decrypt every frame with AES-256-GCM; reply ``b"ok"`` to a frame whose plaintext ends in A."""
+    """Decrypt every frame (AES-256-GCM); answer ``b"ok"`` when the plaintext ends in ``A``."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)

@@ -25,8 +25,16 @@ from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
 from sl_pipeline.models import build_segments, fingerprint
 from sl_pipeline.transport import DealerConnection
 
-from .common import endpoint, free_port, median, rss_mib, stop_process, to_toml, worker_process
-from .common import write_keys
+from .common import (
+    endpoint,
+    free_port,
+    median,
+    rss_mib,
+    stop_process,
+    to_toml,
+    worker_process,
+    write_keys,
+)
 from .overhead import BATCH, MODELS, TRAIN
 
 MODEL = "digits_cnn"
@@ -95,7 +103,9 @@ def write_server(folder: Path) -> tuple[Path, str]:
     return folder / "server.toml", url
 
 
-async def throughput(fleet: Fleet, counts: list[int], repeats: int, window_s: float) -> dict[str, float]:
+async def throughput(
+    fleet: Fleet, counts: list[int], repeats: int, window_s: float
+) -> dict[str, float]:
     await fleet.grow(1)
     await fleet.window(1, 1.0)  # warm-up: the server's first steps allocate
     table = {}

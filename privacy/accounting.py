@@ -46,6 +46,7 @@ ADJACENCIES = ("replace", "add_remove")
 
 class Accountant(Protocol):
     mechanism_name: str
+    metric_label: str  # the ``mechanism`` label of the sl_privacy_epsilon gauge
 
     def epsilon(self) -> float: ...
 
@@ -72,6 +73,7 @@ class ActivationReleaseAccountant:
     """(epsilon, delta) of the Gaussian activation release, composed with an Opacus accountant."""
 
     mechanism_name = "gaussian activation release"
+    metric_label = "activation_noise"
 
     def __init__(
         self, sigma: float, sample_rate: float, delta: float, accountant: str = "rdp",
@@ -128,6 +130,7 @@ class LaplaceReleaseAccountant:
     """Pure epsilon of the Laplace activation release under basic composition."""
 
     mechanism_name = "laplace activation release (basic composition)"
+    metric_label = "activation_noise"
 
     def __init__(self, sigma: float, *, adjacency: str = "replace") -> None:
         _check_common(sigma, 1.0, 0.0, adjacency)
@@ -168,6 +171,8 @@ def activation_accountant(
 
 class DPSGDAccountantView:
     """Reads DP-SGD's epsilon from the accountant of an Opacus ``PrivacyEngine``."""
+
+    metric_label = "dpsgd"
 
     def __init__(self, engine: Any, delta: float) -> None:
         if not (0.0 < delta < 1.0):

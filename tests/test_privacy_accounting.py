@@ -38,6 +38,7 @@ def test_rdp_fixed_epsilon_and_opacus_wiring(
     assert round(acc.epsilon(), 3) == expected
     assert acc.epsilon() == opacus_rdp_epsilon(multiplier, 0.01, 1000, 1e-5)
     assert acc.mechanism_name == "gaussian activation release"
+    assert acc.metric_label == "activation_noise"
     assert "DP-SGD" not in acc.describe()["mechanism"]
 
 

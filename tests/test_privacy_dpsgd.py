@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from privacy.accounting import DPSGDAccountantView
 from privacy.config import DPSGDConfig
 from privacy.dpsgd import epsilon_spent, make_private_client
 from sl_pipeline.errors import PrivacyError
@@ -127,6 +128,8 @@ def test_poisson_sampling_and_epsilon_spent() -> None:
     assert type(private.data_loader).__name__ == "DPDataLoader"
     assert steps > 0
     assert private.epsilon() == epsilon_spent(private.engine, 1e-5) > 0
+    view = DPSGDAccountantView(private.engine, 1e-5)
+    assert view.metric_label == "dpsgd" and view.mechanism_name.startswith("DP-SGD")
 
 
 def test_target_epsilon_derives_noise() -> None:

@@ -1,0 +1,86 @@
+"""``python -m bench [--quick] [--json] [--only SECTION ...]``: run the benchmarks.
+
+Prints a table; with ``--json`` the last stdout line is one JSON object holding every
+figure. A section that fails is reported (in the table and under ``errors``) and the
+others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import SECTIONS
+
+KEYS = ("encryption_overhead", "transport_efficiency", "overhead_ratio", "rpc_ratio",
+        "scaling", "efficiency_64", "server_mem_per_client_mib", "flops_table")
+
+
+def pin_threads(threads: int) -> None:
+    """One torch thread per party by default: client and server share this machine's cores."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)  # inherited by every child and worker process
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def machine() -> str:
+    return f"{os.cpu_count()}-core {platform.machine()} CPU, Python {platform.python_version()}"
+
+
+def _runner(name: str, quick: bool, results: dict[str, Any]) -> Callable[[], dict[str, Any]]:
+    import importlib
+
+    module = importlib.import_module(f"bench.{name}")
+    if name == "rpc":
+        ours = {k: v["step_ms"]["split_encrypted"] for k, v in results.get("overhead", {}).items()}
+        return lambda: module.run(quick, ours or None)  # type: ignore[no-any-return]
+    return lambda: module.run(quick)  # type: ignore[no-any-return]
+
+
+def run_all(sections: Sequence[str], quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    results: dict[str, Any] = {"errors": {}, "seconds": {}}
+    for name in sections:
+        log(f"bench: {name} ...")
+        start = time.monotonic()
+        try:
+            results.update(_runner(name, quick, results)())
+        except Exception as exc:  # one failing section must not hide the others
+            results["errors"][name] = f"{type(exc).__name__}: {exc}"
+        results["seconds"][name] = round(time.monotonic() - start, 1)
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="few repeats, no 64 clients (<3 min)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object last")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per party")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    pin_threads(args.threads)
+    from .report import render
+
+    results = run_all(args.only, args.quick, lambda text: print(text, file=sys.stderr))
+    results.update(machine=machine(), quick=args.quick, threads_per_party=args.threads)
+    print(render(results, results["errors"], results["machine"]))
+    if args.json:
+        summary = {key: results.get(key) for key in KEYS}
+        extra = {k: v for k, v in results.items() if k not in summary}
+        print(json.dumps(summary | extra, default=str))
+    return 1 if results["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

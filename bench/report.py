@@ -1,0 +1,66 @@
+"""The human-readable table ``python -m bench`` prints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if value is None:
+        return "n/a"
+    return str(value)
+
+
+def _pairs(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
+    return _fmt(value)
+
+
+def headline(results: dict[str, Any]) -> list[str]:
+    rows = [
+        ("encryption_overhead", "encrypted/plain round trip, by size (goal <= 1.10 at 2MiB)"),
+        ("transport_efficiency", "our message path / raw pyzmq+AESGCM throughput at 2MiB"),
+        ("overhead_ratio", "split encrypted 2-process step / single-process step"),
+        ("rpc_ratio", "our split step / torch.distributed.rpc (TensorPipe) step"),
+        ("scaling", "aggregate steps/s by number of clients"),
+        ("efficiency_64", "steps/s at 64 clients / 1-client server limit"),
+        ("server_mem_per_client_mib", "server RSS growth per idle authenticated client"),
+    ]
+    lines = ["", "figure                       value", "-" * 78]
+    for key, meaning in rows:
+        lines.append(f"{key:<28} {_pairs(results.get(key))}")
+        lines.append(f"{'':<28}   ({meaning})")
+    return lines
+
+
+def flops_lines(table: dict[str, Any] | None) -> list[str]:
+    if not table or "ours_per_epoch" not in table:
+        return []
+    lines = ["", "client compute and communication, per client per epoch (ours)",
+             f"{'model':<10}{'clients':>8}{'FL TFLOP':>11}{'split TFLOP':>13}{'FL/split':>10}"
+             f"{'FL GB':>9}{'split GB':>10}"]
+    for model, by_clients in table["ours_per_epoch"].items():
+        for clients, r in by_clients.items():
+            lines.append(
+                f"{model:<10}{clients:>8}{r['federated_tflops']:>11.4g}{r['split_tflops']:>13.4g}"
+                f"{r['compute_ratio_fl_over_split']:>10.0f}{r['federated_gb']:>9.3g}"
+                f"{r['split_gb']:>10.3g}")
+    lines.append("published (project page, whole training, epochs not stated):")
+    for name, t in table["published"].items():
+        cells = ", ".join(f"{row} {v['100']}/{v['500']}" for row, v in t.items() if row != "setup")
+        lines.append(f"  {name} [{t['setup']}] 100/500 clients: {cells}")
+    lines.append("assumptions:")
+    lines += [f"  - {a}" for a in table["assumptions"]]
+    return lines
+
+
+def render(results: dict[str, Any], errors: dict[str, str], machine: str) -> str:
+    lines = [f"sl-pipeline bench ({machine}); ratios and medians from this run only"]
+    lines += headline(results)
+    lines += flops_lines(results.get("flops_table"))
+    for section, message in errors.items():
+        lines.append(f"section {section} failed: {message}")
+    return "\n".join(lines)

@@ -1,0 +1,44 @@
+"""Smoke tests for the cheap bench sections. They check that figures exist, never speed."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import crypto_rt, flops
+from bench.models import VGG_CUT, vgg16
+
+
+@pytest.mark.timeout(60)
+def test_flops_table_counts_positive_and_split_below_federated() -> None:
+    # Execute
+    table = flops.run(quick=True)["flops_table"]["ours_per_epoch"]
+
+    # Assert
+    assert set(table) == {"vgg16", "resnet18"}
+    for by_clients in table.values():
+        assert set(by_clients) == {"100", "500"}
+        for row in by_clients.values():
+            assert row["split_tflops"] > 0 and row["federated_tflops"] > 0
+            assert row["split_tflops"] < row["federated_tflops"]
+            assert row["split_gb"] > 0 and row["federated_gb"] > 0
+
+
+def test_segment_flops_are_a_part_of_the_whole_model() -> None:
+    # Execute
+    whole, out_shape = flops.train_flops_per_sample(vgg16(), None)
+    segment, cut_shape = flops.train_flops_per_sample(vgg16(), VGG_CUT)
+
+    # Assert
+    assert 0 < segment < whole
+    assert out_shape == (10,) and cut_shape == (64, 32, 32)
+
+
+@pytest.mark.timeout(60)
+def test_tiny_crypto_round_trip_runs() -> None:
+    # Execute
+    result = crypto_rt.run(quick=True, sizes={"4KiB": 4 * 1024})
+
+    # Assert
+    assert set(result["encryption_overhead"]) == {"4KiB"}
+    assert result["encryption_overhead"]["4KiB"] > 0
+    assert result["rtt_ms"]["4KiB"]["samples"] >= 3
