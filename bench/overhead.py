@@ -81,6 +81,15 @@ class PlainLoop:
         return float(loss.detach())
 
 
+async def train_step(client: ClientWorker, step: int, idx: torch.Tensor) -> float:
+    """One real client step; follows the worker's API whether or not it has a step runner."""
+    train = client.data.train
+    runner = getattr(client, "runner", None)
+    if runner is not None:
+        return float(await runner.train_step(step, train.x[idx], train.y[idx], train.ids[idx]))
+    return float(await client.train_step(0, step, train.x[idx], train.y[idx]))  # type: ignore[attr-defined]
+
+
 def _plan(quick: bool) -> tuple[int, int, int, float]:
     """(warm-up steps, blocks, steps per block, time budget in seconds) per model."""
     return (3, 3, 5, 8.0) if quick else (5, 8, 10, 30.0)
@@ -101,7 +110,7 @@ async def measure(cfg: ClientConfig, base: Path, quick: bool) -> dict[str, Any]:
         for _ in range(n):
             idx = batches[step % len(batches)]
             start = time.perf_counter()
-            await client.train_step(0, step, train.x[idx], train.y[idx])
+            await train_step(client, step, idx)
             if record:
                 times["split_encrypted"].append(time.perf_counter() - start)
             step += 1
@@ -144,6 +153,11 @@ def run_model(name: str, quick: bool) -> dict[str, Any]:
         try:
             cfg = from_mapping(ClientConfig, client_map)
             return asyncio.run(measure(cfg, folder, quick))
+        except Exception as exc:
+            stop_process(server)
+            tail = (folder / "server.log").read_text(errors="replace")[-1500:]
+            status = server.returncode
+            raise RuntimeError(f"{name}: {exc}; server exit {status}, log: {tail}") from exc
         finally:
             stop_process(server)
 

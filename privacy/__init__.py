@@ -6,30 +6,52 @@ Mechanisms (``defenses``, ``nopeek``, ``label``, ``dpsgd``) are kept apart from 
 imports no transport code.
 """
 
-from privacy.accounting import (
-    ActivationReleaseAccountant,
-    DPSGDAccountantView,
-    LaplaceReleaseAccountant,
-    activation_accountant,
-)
-from privacy.audit import dcor_leakage, label_leak_auc, reconstruction_attack, ssim
-from privacy.config import (
-    DPSGDConfig,
-    LabelConfig,
-    NoiseConfig,
-    NoPeekConfig,
-    PrivacyConfig,
-)
-from privacy.defenses import ActivationNoise, Compose, CutLayerDefense, Identity, build_defenses
-from privacy.dpsgd import PrivateClient, epsilon_spent, make_private_client
-from privacy.frontier import pareto_front, plot_frontier
-from privacy.label import (
-    GaussianGradientNoise,
-    LabelProtection,
-    Marvell,
-    build_label_protection,
-)
-from privacy.nopeek import NoPeekLoss, distance_correlation
+from importlib import import_module
+from typing import Any
+
+# Names are loaded on first use (PEP 562): opacus, scikit-learn and matplotlib take seconds
+# to import, and a worker that uses only a cut-layer defense should not pay for them.
+_SOURCES = {
+    "ActivationReleaseAccountant": "accounting",
+    "DPSGDAccountantView": "accounting",
+    "LaplaceReleaseAccountant": "accounting",
+    "activation_accountant": "accounting",
+    "dcor_leakage": "audit",
+    "label_leak_auc": "audit",
+    "reconstruction_attack": "audit",
+    "ssim": "audit",
+    "DPSGDConfig": "config",
+    "LabelConfig": "config",
+    "NoiseConfig": "config",
+    "NoPeekConfig": "config",
+    "PrivacyConfig": "config",
+    "ActivationNoise": "defenses",
+    "Compose": "defenses",
+    "CutLayerDefense": "defenses",
+    "Identity": "defenses",
+    "build_defenses": "defenses",
+    "PrivateClient": "dpsgd",
+    "epsilon_spent": "dpsgd",
+    "make_private_client": "dpsgd",
+    "pareto_front": "frontier",
+    "plot_frontier": "frontier",
+    "GaussianGradientNoise": "label",
+    "LabelProtection": "label",
+    "Marvell": "label",
+    "build_label_protection": "label",
+    "NoPeekLoss": "nopeek",
+    "distance_correlation": "nopeek",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _SOURCES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'privacy' has no attribute {name!r}")
+    value = getattr(import_module(f"privacy.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ActivationNoise",

@@ -104,8 +104,10 @@ class ServerSection:
     max_inflight_per_client: int = 4
     client_timeout_s: float = 120.0
     fuse: Literal["concat", "sum", "mean"] = "concat"
-    parties: int = 1  # vertical: feature parties per batch
+    parties: int = 1  # vertical: feature parties; roundrobin/splitfed: clients per round
     tasks: list[str] = field(default_factory=list)  # multitask: task names
+    task_classes: list[int] = field(default_factory=list)  # multitask: classes per task
+    save: str = ""  # where to save this server's segment(s) at the end / load at start
 
 
 @dataclass(frozen=True)
@@ -118,8 +120,12 @@ class ClientSection:
     timeout_s: float = 30.0
     connect_timeout_s: float = 10.0
     retry_for_s: float = 60.0
+    topology: Topology = "vanilla"
     role: Literal["trainer", "feature", "label"] = "trainer"
     pipeline_depth: int = 1
+    group: list[str] = field(default_factory=list)  # roundrobin/splitfed: every client's name
+    group_key: str = ""  # roundrobin/splitfed: secret shared by the clients, not the server
+    save: str = ""  # where to save this client's segment(s) at the end of training
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,7 @@ class RelaySection:
     insecure: bool = False
     segment: int = 1  # which segment of the model this relay holds
     timeout_s: float = 30.0
+    save: str = ""
 
 
 @dataclass(frozen=True)
@@ -144,6 +151,7 @@ class ServerConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     privacy: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)  # vertical: the labels it holds
 
 
 @dataclass(frozen=True)

@@ -129,8 +129,21 @@ def split_indices(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, 
     return order[n_test:], order[:n_test]
 
 
+TASKS = {
+    # Built-in multitask demo: several label sets derived from one data set.
+    "digit": lambda y: y,
+    "parity": lambda y: y % 2,
+    "large": lambda y: (y >= 5).astype(np.int64),
+}
+
+
 def load_party_data(cfg: DataConfig, base: Path, classes: int | None = None) -> PartyData:
     x, y, shape = load_arrays(cfg, base)
+    if cfg.task:
+        if cfg.task not in TASKS:
+            raise ConfigError(f"data.task = {cfg.task!r} is unknown; choose one of {sorted(TASKS)}")
+        if y is not None:
+            y = TASKS[cfg.task](y)
     train_idx, test_idx = split_indices(len(x), cfg.test_fraction, cfg.seed)
     if cfg.shards < 1 or not 0 <= cfg.shard < cfg.shards:
         raise ConfigError(f"data.shard = {cfg.shard} must be in [0, data.shards={cfg.shards})")

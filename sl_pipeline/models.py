@@ -123,9 +123,37 @@ def build_segments(cfg: ModelConfig, topology: str = "vanilla") -> list[nn.Modul
     return [model[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
+def vertical_bottom(cfg: ModelConfig, party: int) -> nn.Sequential:
+    """A vertical feature party's own layers: its features -> ``hidden`` units."""
+    torch.manual_seed(cfg.seed + 1 + party)
+    return nn.Sequential(nn.Linear(math.prod(cfg.in_shape), cfg.hidden), nn.ReLU())
+
+
+def vertical_top(cfg: ModelConfig, parties: int, fuse: str) -> nn.Sequential:
+    """The server's layers above the fusion of every party's cut-layer output."""
+    torch.manual_seed(cfg.seed)
+    width = cfg.hidden * parties if fuse == "concat" else cfg.hidden
+    return nn.Sequential(
+        nn.Linear(width, cfg.hidden // 2), nn.ReLU(), nn.Linear(cfg.hidden // 2, cfg.classes)
+    )
+
+
+def multitask_heads(cfg: ModelConfig, in_features: int, classes: Sequence[int]) -> list[nn.Module]:
+    """One head per task on top of the shared trunk (in place of the model's last Linear)."""
+    heads: list[nn.Module] = []
+    for i, n in enumerate(classes):
+        torch.manual_seed(cfg.seed + 1000 + i)
+        heads.append(nn.Linear(in_features, n))
+    return heads
+
+
 def fingerprint(cfg: ModelConfig, topology: str) -> str:
-    """A short hash both sides compare in the handshake: same architecture, same cut."""
-    blob = json.dumps({"model": asdict(cfg), "topology": topology}, sort_keys=True)
+    """A short hash both sides compare in the handshake: same architecture, same cut.
+    Vertical parties each see a different slice of the features, so in_shape is left out."""
+    model = asdict(cfg)
+    if topology == "vertical":
+        model.pop("in_shape")
+    blob = json.dumps({"model": model, "topology": topology}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -1,23 +1,30 @@
 """What the server computes for each topology. No sockets here: messages in, messages out.
 
-An engine owns the server's segment(s) and optimizer(s). ``train`` answers a FORWARD with a
-BACKWARD carrying the cut-layer gradient; ``evaluate``/``predict`` answer with outputs.
+An engine owns the server's segment(s) and optimizer(s). ``handle`` takes one request from
+one peer and returns the replies to send now, as ``(peer identity, message)`` pairs: most
+requests are answered at once, a vertical party's part waits until every party has sent
+its own. ``steps_applied`` counts optimizer steps, for the exactly-once bookkeeping.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sl_pipeline.config import ServerConfig
-from sl_pipeline.errors import ProtocolError
+from sl_pipeline.errors import ConfigError, ProtocolError
 from sl_pipeline.messages import Kind, Message
-from sl_pipeline.models import build_segments, make_optimizer
+from sl_pipeline.models import build_segments, make_optimizer, multitask_heads
+
+Reply = tuple[bytes, Message]
 
 
 def as_input(tensor: torch.Tensor, requires_grad: bool) -> torch.Tensor:
-    """A received tensor as float32 leaf (received buffers may be read-only or half precision)."""
+    """A received tensor as a float32 leaf (peer buffers may be read-only or half precision)."""
     out = tensor.detach().to(torch.float32)
     if out.data_ptr() == tensor.data_ptr():
         out = out.clone()  # never let autograd or the optimizer touch a peer's buffer
@@ -34,68 +41,80 @@ def wire(tensor: torch.Tensor, dtype: str) -> torch.Tensor:
 
 
 def check_labels(labels: torch.Tensor, batch: int, classes: int) -> torch.Tensor:
-    if labels.dtype not in (torch.int64, torch.int32) or labels.shape != (batch,):
+    if labels.dtype not in (torch.int64, torch.int32) or tuple(labels.shape) != (batch,):
         raise ProtocolError(f"labels must be an int tensor of shape ({batch},)")
     if batch and (int(labels.min()) < 0 or int(labels.max()) >= classes):
         raise ProtocolError(f"labels must be class indices in [0, {classes})")
     return labels.to(torch.int64)
 
 
+def run_segment(module: nn.Module, act: torch.Tensor) -> torch.Tensor:
+    try:
+        return module(act)  # type: ignore[no-any-return]
+    except RuntimeError as exc:
+        raise ProtocolError(
+            f"activations of shape {tuple(act.shape)} do not fit the server segment: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+
+
 class Engine:
-    """Base: one segment, one optimizer; subclasses decide loss and replies."""
+    """Base: one module (possibly several parts), one optimizer; subclasses decide the rest."""
 
-    def __init__(self, segment: nn.Module, cfg: ServerConfig) -> None:
+    def __init__(self, module: nn.Module, cfg: ServerConfig) -> None:
         self.cfg = cfg
-        self.model = segment
+        self.model = module
+        self.wire_dtype = cfg.train.wire_dtype
         self.optimizer = make_optimizer(
-            list(segment.parameters()), cfg.train.optimizer, cfg.train.lr, cfg.train.momentum
+            list(module.parameters()), cfg.train.optimizer, cfg.train.lr, cfg.train.momentum
         )
+        self.steps_applied = 0
+        self.last_loss: float | None = None
 
-    def _forward(self, msg: Message, requires_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        act = as_input(msg.tensor("act"), requires_grad)
-        try:
-            out = self.model(act)
-        except RuntimeError as exc:
-            raise ProtocolError(
-                f"activations of shape {tuple(act.shape)} do not fit the server segment: "
-                f"{str(exc).splitlines()[0]}"
-            ) from None
-        return act, out
+    def handle(self, identity: bytes, msg: Message) -> list[Reply]:
+        raise ProtocolError(f"this server does not accept {msg.kind.value} messages")
 
-    def train(self, msg: Message) -> Message:
-        raise NotImplementedError
-
-    def evaluate(self, msg: Message) -> Message:
+    def evaluate(self, identity: bytes, msg: Message) -> list[Reply]:
         self.model.eval()
         with torch.no_grad():
-            _, out = self._forward(msg, requires_grad=False)
+            out = run_segment(self.model, as_input(msg.tensor("act"), False))
         self.model.train()
-        return msg.reply(Kind.RESULT, tensors={"out": wire(out, self.cfg.train.wire_dtype)})
+        return [(identity, msg.reply(Kind.RESULT, tensors={"out": wire(out, self.wire_dtype)}))]
 
-    def state_dict(self) -> dict[str, object]:
+    def forget(self, client: str) -> None:
+        return None
+
+    def _apply(self, loss: torch.Tensor | None = None) -> None:
+        self.optimizer.step()
+        self.steps_applied += 1
+        if loss is not None:
+            self.last_loss = float(loss.detach())
+
+    def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
 
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        self.model.load_state_dict(state["model"])  # type: ignore[arg-type]
-        self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
 
 class VanillaEngine(Engine):
     """The server holds the last layers and computes the loss from labels the client sends."""
 
-    def train(self, msg: Message) -> Message:
-        act, out = self._forward(msg, requires_grad=True)
+    def handle(self, identity: bytes, msg: Message) -> list[Reply]:
+        if msg.kind is not Kind.FORWARD:
+            return super().handle(identity, msg)
+        act = as_input(msg.tensor("act"), True)
+        out = run_segment(self.model, act)
         labels = check_labels(msg.tensor("labels"), act.shape[0], out.shape[-1])
         loss = F.cross_entropy(out, labels)  # mean reduction: what Opacus assumes too
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
+        self._apply(loss)
         assert act.grad is not None
-        return msg.reply(
-            Kind.BACKWARD,
-            meta={"loss": float(loss.detach())},
-            tensors={"grad": wire(act.grad, self.cfg.train.wire_dtype)},
-        )
+        reply = msg.reply(Kind.BACKWARD, meta={"loss": self.last_loss},
+                          tensors={"grad": wire(act.grad, self.wire_dtype)})
+        return [(identity, reply)]
 
 
 class MiddleEngine(Engine):
@@ -105,18 +124,23 @@ class MiddleEngine(Engine):
     at the client's cut). The graph of the pending step is kept per client between the two.
     """
 
-    def __init__(self, segment: nn.Module, cfg: ServerConfig) -> None:
-        super().__init__(segment, cfg)
+    def __init__(self, module: nn.Module, cfg: ServerConfig) -> None:
+        super().__init__(module, cfg)
         self._pending: dict[str, tuple[int, int, torch.Tensor, torch.Tensor]] = {}
 
-    def train(self, msg: Message) -> Message:
-        if "labels" in msg.tensors:
-            raise ProtocolError("u-shaped topology: labels must stay at the client; do not send them")
-        act, out = self._forward(msg, requires_grad=True)
-        self._pending[msg.client] = (msg.epoch, msg.step, act, out)
-        return msg.reply(Kind.RESULT, tensors={"out": wire(out, self.cfg.train.wire_dtype)})
+    def handle(self, identity: bytes, msg: Message) -> list[Reply]:
+        if msg.kind is Kind.FORWARD:
+            if "labels" in msg.tensors:
+                raise ProtocolError("u-shaped topology: labels stay at the client; do not send them")
+            act = as_input(msg.tensor("act"), True)
+            out = run_segment(self.model, act)
+            self._pending[msg.client] = (msg.epoch, msg.step, act, out)
+            return [(identity, msg.reply(Kind.RESULT, tensors={"out": wire(out, self.wire_dtype)}))]
+        if msg.kind is Kind.BACKWARD:
+            return [(identity, self._backward(msg))]
+        return super().handle(identity, msg)
 
-    def backward(self, msg: Message) -> Message:
+    def _backward(self, msg: Message) -> Message:
         pending = self._pending.pop(msg.client, None)
         if pending is None or pending[:2] != (msg.epoch, msg.step):
             raise ProtocolError("backward for a step this server has no forward for")
@@ -126,19 +150,74 @@ class MiddleEngine(Engine):
             raise ProtocolError(f"gradient shape {tuple(grad.shape)} != output {tuple(out.shape)}")
         self.optimizer.zero_grad(set_to_none=True)
         out.backward(grad)
-        self.optimizer.step()
+        self._apply()
         assert act.grad is not None
-        return msg.reply(Kind.BACKWARD, tensors={"grad": wire(act.grad, self.cfg.train.wire_dtype)})
+        return msg.reply(Kind.BACKWARD, tensors={"grad": wire(act.grad, self.wire_dtype)})
 
     def forget(self, client: str) -> None:
         self._pending.pop(client, None)
 
 
-def build_engine(cfg: ServerConfig) -> Engine:
+class MultitaskEngine(Engine):
+    """One shared trunk, one head per task; each client names its task in ``meta.task``."""
+
+    def __init__(self, trunk: nn.Module, in_features: int, cfg: ServerConfig) -> None:
+        tasks, classes = cfg.server.tasks, cfg.server.task_classes
+        if not tasks or len(tasks) != len(classes):
+            raise ConfigError("multitask: server.tasks and server.task_classes must pair up")
+        self.tasks = list(tasks)
+        self.heads = nn.ModuleList(multitask_heads(cfg.model, in_features, classes))
+        super().__init__(nn.ModuleDict({"trunk": trunk, "heads": self.heads}), cfg)
+        self.trunk = trunk
+
+    def _head(self, msg: Message) -> nn.Module:
+        task = msg.meta.get("task")
+        if task not in self.tasks:
+            raise ProtocolError(f"unknown task {task!r}; this server trains {self.tasks}")
+        return self.heads[self.tasks.index(str(task))]
+
+    def _out(self, msg: Message, act: torch.Tensor) -> torch.Tensor:
+        return run_segment(self._head(msg), run_segment(self.trunk, act))
+
+    def handle(self, identity: bytes, msg: Message) -> list[Reply]:
+        if msg.kind is not Kind.FORWARD:
+            return super().handle(identity, msg)
+        act = as_input(msg.tensor("act"), True)
+        out = self._out(msg, act)
+        labels = check_labels(msg.tensor("labels"), act.shape[0], out.shape[-1])
+        loss = F.cross_entropy(out, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._apply(loss)
+        assert act.grad is not None
+        reply = msg.reply(Kind.BACKWARD, meta={"loss": self.last_loss},
+                          tensors={"grad": wire(act.grad, self.wire_dtype)})
+        return [(identity, reply)]
+
+    def evaluate(self, identity: bytes, msg: Message) -> list[Reply]:
+        self.model.eval()
+        with torch.no_grad():
+            out = self._out(msg, as_input(msg.tensor("act"), False))
+        self.model.train()
+        return [(identity, msg.reply(Kind.RESULT, tensors={"out": wire(out, self.wire_dtype)}))]
+
+
+def build_engine(cfg: ServerConfig, base: Path) -> Engine:
     topology = cfg.server.topology
+    if topology == "vertical":
+        from .vertical import VerticalEngine
+
+        return VerticalEngine(cfg, base)
     segments = build_segments(cfg.model, topology)
     if topology == "ushaped":
         return MiddleEngine(segments[1], cfg)
-    if topology == "multihop":
-        return VanillaEngine(segments[-1], cfg)
+    if topology == "multitask":
+        trunk = segments[-1]
+        if not isinstance(trunk, nn.Sequential) or not isinstance(trunk[-1], nn.Linear):
+            raise ConfigError("multitask needs a Sequential model whose last layer is a Linear")
+        return MultitaskEngine(trunk[:-1], trunk[-1].in_features, cfg)
+    if topology in ("roundrobin", "splitfed"):
+        from .coordination import GroupEngine
+
+        return GroupEngine(segments[-1], cfg)
     return VanillaEngine(segments[-1], cfg)

@@ -36,7 +36,7 @@ from sl_pipeline.models import fingerprint
 from sl_pipeline.transport import Channel, RouterEndpoint, frame_buffers, frames_size
 
 from .common import load_admitted, load_own_key, start_ops, warn_insecure
-from .engine import Engine, MiddleEngine, build_engine
+from .engine import Engine, build_engine
 from .metrics import WorkerMetrics
 
 log = logging.getLogger("sl_pipeline.server")
@@ -62,7 +62,8 @@ class ServerWorker:
         self.metrics = metrics or WorkerMetrics("server")
         check_endpoint(cfg.server.bind, "server.bind")
         self.limits = cfg.limits.to_limits()
-        self.engine: Engine = build_engine(cfg)
+        self.engine: Engine = build_engine(cfg, base)
+        self.replies: dict[tuple[str, str], tuple[tuple[int, int], Message]] = {}
         self.fingerprint = fingerprint(cfg.model, cfg.server.topology)
         self.peers: dict[bytes, Peer] = {}
         self.handshake = self._make_handshake()
@@ -129,7 +130,7 @@ class ServerWorker:
 
     def _forget(self, identity: bytes) -> None:
         peer = self.peers.pop(identity, None)
-        if peer is not None and isinstance(self.engine, MiddleEngine):
+        if peer is not None:
             self.engine.forget(peer.name)
         self.metrics.peers_authenticated.set(len(self.peers))
 
@@ -165,9 +166,10 @@ class ServerWorker:
         if not peer.confirmed:
             self._confirm(identity, peer)
         self.metrics.record_message("received", message.kind.value, nbytes)
-        reply = self._dispatch(identity, peer, message)
-        if reply is not None:
-            await self._send(endpoint, identity, peer, reply)
+        for target, reply in self._dispatch(identity, peer, message):
+            receiver = self.peers.get(target)
+            if receiver is not None:
+                await self._send(endpoint, target, receiver, reply)
 
     def _reject(self, peer: Peer, reason: str, exc: SLError) -> None:
         self.metrics.record_rejected(reason)
@@ -224,52 +226,53 @@ class ServerWorker:
             raise ProtocolError(f"server is full ({self.cfg.server.max_clients} clients); retry later")
         return {"session": self.session_id, "topology": self.cfg.server.topology}
 
-    def _dispatch(self, identity: bytes, peer: Peer, msg: Message) -> Message | None:
-        msg = Message(kind=msg.kind, session=msg.session, client=peer.name, epoch=msg.epoch,
+    def _dispatch(self, identity: bytes, peer: Peer, msg: Message) -> list[tuple[bytes, Message]]:
+        # A relay forwards for its own clients: keep them apart under the relay's name.
+        client = peer.name if not msg.client or msg.client == peer.name else f"{peer.name}/{msg.client}"
+        msg = Message(kind=msg.kind, session=msg.session, client=client, epoch=msg.epoch,
                       step=msg.step, meta=msg.meta, tensors=msg.tensors)
         try:
-            if msg.kind is Kind.FORWARD:
-                return self._train(peer, msg)
-            if msg.kind is Kind.BACKWARD and isinstance(self.engine, MiddleEngine):
-                return self._timed(peer, msg, self.engine.backward, applies=True)
+            if msg.kind in (Kind.FORWARD, Kind.BACKWARD, Kind.WEIGHTS):
+                return self._train(identity, peer, msg)
             if msg.kind in (Kind.EVALUATE, Kind.PREDICT):
-                return self.engine.evaluate(msg)
+                return self.engine.evaluate(identity, msg)
             if msg.kind is Kind.HEARTBEAT:
-                return msg.reply(Kind.HEARTBEAT)
+                return [(identity, msg.reply(Kind.HEARTBEAT))]
             if msg.kind is Kind.BYE:
                 log.info("client %s said bye after %d steps", peer.name, peer.applied)
                 self._forget(identity)
-                return None
+                return []
             raise ProtocolError(f"a server does not accept {msg.kind.value} messages")
         except ProtocolError as exc:
             self._reject(peer, _reason(exc), exc)
-            return error_message(exc.code, exc.message, request=msg)
+            return [(identity, error_message(exc.code, exc.message, request=msg))]
 
-    def _train(self, peer: Peer, msg: Message) -> Message:
+    def _train(self, identity: bytes, peer: Peer, msg: Message) -> list[tuple[bytes, Message]]:
+        """Apply a step at most once: a retransmitted request gets the cached reply."""
+        key = (msg.client, msg.kind.value)
         step = (msg.epoch, msg.step)
-        if peer.last_step == step and peer.last_reply is not None:
-            log.info("client %s retransmitted step %s: answering from cache", peer.name, step)
-            return peer.last_reply
-        if peer.last_step is not None and step < peer.last_step:
-            raise ProtocolError(f"step {step} is older than the last applied step {peer.last_step}")
-        applies = not isinstance(self.engine, MiddleEngine)
-        reply = self._timed(peer, msg, self.engine.train, applies=applies)
-        peer.last_step, peer.last_reply = step, reply
-        return reply
-
-    def _timed(self, peer: Peer, msg: Message, fn: Any, *, applies: bool) -> Message:
+        cached = self.replies.get(key)
+        if cached is not None and cached[0] == step:
+            log.info("client %s retransmitted %s step %s: answering from cache", msg.client, msg.kind.value, step)
+            return [(identity, cached[1])]
+        if msg.kind is Kind.FORWARD and cached is not None and step < cached[0]:
+            raise ProtocolError(f"step {step} is older than the last applied step {cached[0]}")
+        before = self.engine.steps_applied
         start = time.perf_counter()
-        reply: Message = fn(msg)
+        replies = self.engine.handle(identity, msg)
         self.metrics.server_compute_seconds.observe(time.perf_counter() - start)
-        if applies:
+        for _, reply in replies:
+            if reply.kind is not Kind.ERROR:
+                self.replies[(reply.client, msg.kind.value)] = ((reply.epoch, reply.step), reply)
+        applied = self.engine.steps_applied - before
+        if applied:
             peer.applied += 1
-            self.steps_applied += 1
+            self.steps_applied += applied
             self.metrics.record_step(self.steps_applied)
-            loss = reply.meta.get("loss")
-            if isinstance(loss, float):
-                self.last_loss = loss
-                self.metrics.train_loss.set(loss)
-        return reply
+            if self.engine.last_loss is not None:
+                self.last_loss = self.engine.last_loss
+                self.metrics.train_loss.set(self.last_loss)
+        return replies
 
 
 def _reason(exc: SLError) -> str:

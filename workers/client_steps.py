@@ -1,0 +1,289 @@
+"""What a client does in one step, per topology, with its privacy defenses.
+
+A :class:`StepRunner` owns the client's segment(s), optimizer and defenses. The worker
+(:mod:`workers.client`) owns the connection and the loop, and calls the runner's hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from privacy.config import PrivacyConfig
+from privacy.defenses import build_defenses
+from sl_pipeline.config import resolve_path
+from sl_pipeline.data import Split, batch_order, iter_batches
+from sl_pipeline.errors import ConfigError, PrivacyError, ProtocolError
+from sl_pipeline.messages import Kind, Message
+from sl_pipeline.models import build_segments, make_optimizer, vertical_bottom
+
+from .engine import as_input, wire
+
+if TYPE_CHECKING:
+    from .client import ClientWorker
+
+Batch = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]
+
+
+class StepRunner:
+    """Vanilla (and the base of the others): act + labels out, gradient at the cut back."""
+
+    sends_labels = True
+
+    def __init__(self, worker: ClientWorker) -> None:
+        self.w = worker
+        cfg = worker.cfg
+        self.privacy = PrivacyConfig.from_mapping(cfg.privacy) if cfg.privacy else PrivacyConfig()
+        if self.privacy.label is not None and self.privacy.label.mechanism != "none":
+            raise PrivacyError("privacy.label belongs in the label holder's (server's) config")
+        self.defense = build_defenses(self.privacy)
+        self.nopeek = None
+        if self.privacy.nopeek is not None and self.privacy.nopeek.alpha > 0:
+            from privacy.nopeek import NoPeekLoss
+
+            self.nopeek = NoPeekLoss(self.privacy.nopeek.alpha)
+        self.modules = self.build_modules()
+        params = [p for m in self.modules.values() for p in m.parameters()]
+        t = cfg.train
+        self.optimizer = make_optimizer(params, t.optimizer, t.lr, t.momentum)
+        self.accountant = self._activation_accountant()
+        self.dp: Any = None
+        if self.privacy.dpsgd is not None:
+            self._make_private()
+
+    # ---- set-up --------------------------------------------------------------------------
+    def build_modules(self) -> dict[str, nn.Module]:
+        return {"bottom": build_segments(self.w.cfg.model, self.w.topology)[0]}
+
+    @property
+    def bottom(self) -> nn.Module:
+        return self.modules["bottom"]
+
+    def _activation_accountant(self) -> Any:
+        noise = self.privacy.noise
+        if noise is None or noise.sigma <= 0:
+            return None
+        from privacy.accounting import activation_accountant
+
+        # The server sees which records are in each batch, so no subsampling amplification:
+        # every training record is released once per epoch (sample_rate 1).
+        return activation_accountant(noise, sample_rate=1.0)
+
+    def _make_private(self) -> None:
+        from torch.utils.data import DataLoader, TensorDataset
+
+        from privacy.dpsgd import make_private_client
+
+        train = self.w.data.train
+        labels = train.y if train.y is not None else torch.zeros(len(train), dtype=torch.int64)
+        loader = DataLoader(TensorDataset(train.x, labels, train.ids),
+                            batch_size=self.w.cfg.train.batch_size)
+        assert self.privacy.dpsgd is not None
+        self.dp = make_private_client(self.bottom, self.optimizer, loader, self.privacy.dpsgd,
+                                      self.w.cfg.train.epochs)
+        self.modules["bottom"] = self.dp.module
+        self.optimizer = self.dp.optimizer
+
+    # ---- batches -------------------------------------------------------------------------
+    def epoch_batches(self, epoch: int) -> Iterator[Batch]:
+        train = self.w.data.train
+        if self.dp is not None:  # Opacus' Poisson-sampled batches
+            for x, y, ids in self.dp.data_loader:
+                if len(ids):
+                    yield x, (y if train.y is not None else None), ids
+            return
+        for idx in batch_order(len(train), self.w.cfg.train.batch_size, self.w.cfg.train.seed, epoch):
+            yield train.x[idx], (train.y[idx] if train.y is not None else None), train.ids[idx]
+
+    # ---- one step ------------------------------------------------------------------------
+    def cut(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(raw activations, what is sent): the defenses run here, before the wire."""
+        act = self.bottom(x)
+        return act, self.defense.apply(act)
+
+    def forward_message(self, step: int, sent: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor) -> Message:
+        tensors = {"act": wire(sent, self.w.cfg.train.wire_dtype)}
+        if self.sends_labels:
+            if y is None:
+                raise ConfigError("this topology needs labels at the client; set data.label")
+            tensors["labels"] = y
+        return self.w.message(Kind.FORWARD, step, tensors=tensors, meta=self.forward_meta())
+
+    def forward_meta(self) -> dict[str, Any]:
+        return {}
+
+    def apply_gradient(self, x: torch.Tensor, act: torch.Tensor, sent: torch.Tensor, grad: torch.Tensor) -> None:
+        """Finish backpropagation locally (plus the NoPeek term), then step."""
+        roots, grads = [sent], [as_input(grad, requires_grad=False)]
+        if self.nopeek is not None:
+            roots.append(self.nopeek(x, act))
+            grads.append(torch.ones(()))
+        torch.autograd.backward(roots, grads)
+        self.optimizer.step()
+
+    async def train_step(self, step: int, x: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        act, sent = self.cut(x)
+        reply = await self.w.request(self.forward_message(step, sent, y, ids))
+        self.apply_gradient(x, act, sent, reply.tensor("grad"))
+        return float(reply.meta.get("loss", float("nan")))
+
+    # ---- evaluation and inference ----------------------------------------------------------
+    async def predict(self, x: torch.Tensor, step: int = 0, ids: torch.Tensor | None = None,
+                      kind: Kind = Kind.PREDICT) -> torch.Tensor:
+        out, _ = await self._infer(x, step, ids, kind)
+        return out
+
+    async def _infer(self, x: torch.Tensor, step: int, ids: torch.Tensor | None, kind: Kind) -> tuple[torch.Tensor, Message]:
+        for module in self.modules.values():
+            module.eval()
+        with torch.no_grad():
+            sent = self.defense.apply(self.bottom(x)) if self.privacy.noise else self.bottom(x)
+        tensors = {"act": wire(sent, self.w.cfg.train.wire_dtype)}
+        if ids is not None and not self.sends_labels and "head" not in self.modules:
+            tensors["ids"] = ids
+        reply = await self.w.request(self.w.message(kind, step, tensors=tensors, meta=self.forward_meta()))
+        out = as_input(reply.tensor("out"), requires_grad=False)
+        if "head" in self.modules:
+            with torch.no_grad():
+                out = self.modules["head"](out)
+        for module in self.modules.values():
+            module.train()
+        return out, reply
+
+    async def evaluate(self, test: Split) -> float:
+        correct = 0
+        for step, (x, y, ids) in enumerate(_eval_batches(test)):
+            out, reply = await self._infer(x, step, ids, Kind.EVALUATE)
+            if y is None:
+                correct += int(reply.meta.get("correct", 0))
+            else:
+                correct += int((out.argmax(dim=1) == y).sum())
+        return correct / max(1, len(test))
+
+    # ---- hooks and reports -----------------------------------------------------------------
+    async def before_epoch(self, epoch: int) -> None:
+        return None
+
+    async def after_epoch(self, epoch: int) -> None:
+        if self.accountant is not None:
+            self.accountant.step(1)
+            self.w.metrics.set_privacy("activation_noise", self.accountant.epsilon())
+        if self.dp is not None:
+            self.w.metrics.set_privacy("dpsgd", self.dp.epsilon(), self.privacy.dpsgd.target_epsilon if self.privacy.dpsgd else None)
+
+    async def after_training(self) -> bool:
+        """True when the weights changed after the last evaluation (group topologies)."""
+        return False
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.accountant is not None:
+            out["activation_epsilon"] = round(self.accountant.epsilon(), 4)
+            out["activation_mechanism"] = self.accountant.mechanism_name
+        if self.dp is not None:
+            out["dpsgd_epsilon"] = round(self.dp.epsilon(), 4)
+        return out
+
+    def save(self) -> None:
+        """Each party saves only its own segment(s)."""
+        if not self.w.cfg.client.save:
+            return
+        path = resolve_path(self.w.base, self.w.cfg.client.save, "client.save", must_exist=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({name: _plain_state(m) for name, m in self.modules.items()}, path)
+
+    def load(self, path: Path) -> None:
+        state = torch.load(path, weights_only=True)
+        for name, module in self.modules.items():
+            _unwrap(module).load_state_dict(state[name])
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "_module", module)  # Opacus' GradSampleModule wraps the segment
+
+
+def _plain_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(_unwrap(module).state_dict())
+
+
+def _eval_batches(test: Split) -> Iterator[Batch]:
+    for start, (x, y) in zip(range(0, len(test), 256), iter_batches(test, 256), strict=True):
+        yield x, y, test.ids[start : start + 256]
+
+
+class UShapedRunner(StepRunner):
+    """Labels and the last layers stay here: two exchanges per step, no labels sent."""
+
+    sends_labels = False
+
+    def build_modules(self) -> dict[str, nn.Module]:
+        segments = build_segments(self.w.cfg.model, "ushaped")
+        if len(segments) != 3:
+            raise ConfigError("ushaped needs model.cuts with two cut indices")
+        return {"bottom": segments[0], "head": segments[2]}
+
+    async def train_step(self, step: int, x: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor) -> float:
+        if y is None:
+            raise ConfigError("ushaped: the client holds the labels; set data.label")
+        self.optimizer.zero_grad(set_to_none=True)
+        act, sent = self.cut(x)
+        msg = self.forward_message(step, sent, None, ids)
+        reply = await self.w.request(msg)
+        middle = as_input(reply.tensor("out"), requires_grad=True)
+        loss = F.cross_entropy(self.modules["head"](middle), y)
+        loss.backward()
+        assert middle.grad is not None
+        back = msg.reply(Kind.BACKWARD, tensors={"grad": wire(middle.grad, self.w.cfg.train.wire_dtype)})
+        grad_reply = await self.w.request(back)
+        self.apply_gradient(x, act, sent, grad_reply.tensor("grad"))
+        return float(loss.detach())
+
+
+class VerticalRunner(StepRunner):
+    """A feature party: its own bottom on its features; sample ids align the batch."""
+
+    sends_labels = False
+
+    def build_modules(self) -> dict[str, nn.Module]:
+        group = self.w.cfg.client.group
+        name = self.w.cfg.client.name
+        index = sorted(group).index(name) if name in group else 0
+        return {"bottom": vertical_bottom(self.w.cfg.model, index)}
+
+    def forward_message(self, step: int, sent: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor) -> Message:
+        tensors = {"act": wire(sent, self.w.cfg.train.wire_dtype), "ids": ids}
+        return self.w.message(Kind.FORWARD, step, tensors=tensors)
+
+
+class MultitaskRunner(StepRunner):
+    def forward_meta(self) -> dict[str, Any]:
+        if not self.w.cfg.data.task:
+            raise ConfigError("multitask: set data.task to this client's task")
+        return {"task": self.w.cfg.data.task}
+
+
+def build_runner(worker: ClientWorker) -> StepRunner:
+    topology = worker.topology
+    if topology == "ushaped":
+        return UShapedRunner(worker)
+    if topology == "vertical":
+        return VerticalRunner(worker)
+    if topology == "multitask":
+        return MultitaskRunner(worker)
+    if topology in ("roundrobin", "splitfed"):
+        from .client_group import RoundRobinRunner, SplitFedRunner
+
+        return RoundRobinRunner(worker) if topology == "roundrobin" else SplitFedRunner(worker)
+    if topology not in ("vanilla", "multihop"):
+        raise ProtocolError(f"unknown topology {topology!r}")
+    return StepRunner(worker)
+
+
+__all__ = ["StepRunner", "build_runner", "parameters_to_vector", "vector_to_parameters"]

@@ -1,0 +1,136 @@
+"""Vertically partitioned data: several parties hold different features of the same samples.
+
+Each feature party sends its cut-layer output for a batch together with the batch's sample
+ids; the server (the only label holder) waits until every party has sent its part of that
+batch, fuses them (concat, sum or mean), computes the loss and sends each party only the
+gradient of its own part, after the configured label protection. A party that falls behind
+or sends another batch's ids gets an error and never touches the others' step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from privacy.config import LabelConfig, PrivacyConfig
+from privacy.label import build_label_protection
+from sl_pipeline.config import ServerConfig
+from sl_pipeline.data import load_arrays
+from sl_pipeline.errors import ConfigError, ProtocolError
+from sl_pipeline.messages import Kind, Message
+from sl_pipeline.models import vertical_top
+
+from .engine import Engine, Reply, as_input, run_segment, wire
+
+
+@dataclass
+class Part:
+    identity: bytes
+    msg: Message
+    act: torch.Tensor
+
+
+class VerticalEngine(Engine):
+    def __init__(self, cfg: ServerConfig, base: Path | None = None) -> None:
+        if cfg.server.parties < 2:
+            raise ConfigError("vertical: server.parties must be at least 2 feature parties")
+        super().__init__(vertical_top(cfg.model, cfg.server.parties, cfg.server.fuse), cfg)
+        self.parties = cfg.server.parties
+        self.labels = self._load_labels(cfg, base or Path("."))
+        privacy = PrivacyConfig.from_mapping(cfg.privacy) if cfg.privacy else PrivacyConfig()
+        self.label_protection = build_label_protection(privacy.label or LabelConfig())
+        self._waiting: dict[tuple[str, int, int], dict[str, Part]] = {}
+        self._done: dict[str, tuple[int, int]] = {}  # per kind: newest completed batch
+        self.last_grads: dict[str, torch.Tensor] = {}  # what each party got (for audits)
+
+    @staticmethod
+    def _load_labels(cfg: ServerConfig, base: Path) -> torch.Tensor:
+        if not cfg.data.label and not cfg.data.dataset:
+            raise ConfigError("vertical: the server holds the labels; set [data] on the server")
+        _, y, _ = load_arrays(cfg.data, base)
+        if y is None:
+            raise ConfigError("vertical: the server's [data] has no labels (set data.label)")
+        return torch.from_numpy(y)
+
+    def handle(self, identity: bytes, msg: Message) -> list[Reply]:
+        if msg.kind is not Kind.FORWARD:
+            return super().handle(identity, msg)
+        return self._gather(identity, msg, train=True)
+
+    def evaluate(self, identity: bytes, msg: Message) -> list[Reply]:
+        return self._gather(identity, msg, train=False)
+
+    def _gather(self, identity: bytes, msg: Message, train: bool) -> list[Reply]:
+        kind = "train" if train else "eval"
+        key = (kind, msg.epoch, msg.step)
+        if (msg.epoch, msg.step) <= self._done.get(kind, (-1, -1)):
+            raise ProtocolError(
+                f"batch {(msg.epoch, msg.step)} is already done; this party fell behind"
+            )
+        if "labels" in msg.tensors:
+            raise ProtocolError("vertical: feature parties must not send labels")
+        parts = self._waiting.setdefault(key, {})
+        parts[msg.client] = Part(identity, msg, as_input(msg.tensor("act"), train))
+        if len(parts) < self.parties:
+            return []
+        del self._waiting[key]
+        self._done[kind] = (msg.epoch, msg.step)
+        for stale in [k for k in self._waiting if k[0] == kind and k[1:] < key[1:]]:
+            del self._waiting[stale]  # a batch the others abandoned can never complete
+        ordered = [parts[name] for name in sorted(parts)]
+        ids = ordered[0].msg.tensor("ids")
+        if any(not torch.equal(p.msg.tensor("ids"), ids) for p in ordered[1:]):
+            error = "parties sent different sample ids for the same batch; check data.seed"
+            raise ProtocolError(error)
+        return self._step(ordered, ids) if train else self._predict(ordered, ids)
+
+    def _fuse(self, acts: list[torch.Tensor]) -> torch.Tensor:
+        if self.cfg.server.fuse == "concat":
+            return torch.cat(acts, dim=1)
+        if any(a.shape != acts[0].shape for a in acts):
+            raise ProtocolError("sum/mean fusion needs every party's output to have one shape")
+        total = torch.stack(acts).sum(dim=0)
+        return total / len(acts) if self.cfg.server.fuse == "mean" else total
+
+    def _labels_for(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dtype != torch.int64 or int(ids.min()) < 0 or int(ids.max()) >= len(self.labels):
+            raise ProtocolError(f"sample ids must be int64 in [0, {len(self.labels)})")
+        return self.labels[ids]
+
+    def _step(self, parts: list[Part], ids: torch.Tensor) -> list[Reply]:
+        labels = self._labels_for(ids)
+        out = run_segment(self.model, self._fuse([p.act for p in parts]))
+        loss = F.cross_entropy(out, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._apply(loss)
+        replies = []
+        for part in parts:
+            assert part.act.grad is not None
+            grad = self.label_protection.protect(part.act.grad, labels)
+            self.last_grads[part.msg.client] = grad.detach()
+            reply = part.msg.reply(Kind.BACKWARD, meta={"loss": self.last_loss},
+                                   tensors={"grad": wire(grad, self.wire_dtype)})
+            replies.append((part.identity, reply))
+        return replies
+
+    def _predict(self, parts: list[Part], ids: torch.Tensor) -> list[Reply]:
+        self.model.eval()
+        with torch.no_grad():
+            out = run_segment(self.model, self._fuse([p.act for p in parts]))
+        self.model.train()
+        meta: dict[str, int] = {}
+        if parts[0].msg.kind is Kind.EVALUATE:
+            labels = self._labels_for(ids)
+            meta = {"correct": int((out.argmax(1) == labels).sum()), "total": len(labels)}
+        return [
+            (p.identity, p.msg.reply(Kind.RESULT, meta=meta, tensors={"out": wire(out, self.wire_dtype)}))
+            for p in parts
+        ]
+
+    def forget(self, client: str) -> None:
+        for key in list(self._waiting):
+            self._waiting[key].pop(client, None)
