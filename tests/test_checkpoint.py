@@ -143,6 +143,13 @@ def test_no_temp_file_remains_and_stale_temps_are_removed(tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in store.list()]
 
 
+def test_files_are_private(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "ckpts")
+    path = store.save({"w": torch.ones(2)}, 1)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "ckpts").stat().st_mode & 0o077 == 0
+
+
 def test_pickled_object_is_refused_and_never_executed(tmp_path: Path) -> None:
     # Prepare: a well-framed file (valid hash) whose payload pickles a class instance
     store = CheckpointStore(tmp_path)

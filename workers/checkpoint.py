@@ -113,7 +113,8 @@ class CheckpointStore:
     """The last ``keep`` checkpoints of one worker in ``directory``, named by step.
 
     ``step`` is a global, monotonically increasing counter (e.g. steps applied); one
-    store per worker and directory. Files: ``{prefix}-{step:012d}.ckpt``.
+    store per worker and directory. Files: ``{prefix}-{step:012d}.ckpt``, mode 0600 (they
+    hold model weights); a directory it creates is 0700.
     """
 
     def __init__(self, directory: Path, keep: int = 3, prefix: str = "ckpt") -> None:
@@ -126,7 +127,7 @@ class CheckpointStore:
         self.prefix = prefix
         self._pattern = re.compile(rf"{re.escape(prefix)}-(\d{{12}})\.ckpt")
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise CheckpointError(f"cannot create checkpoint dir {directory}: {exc}") from None
         self._remove_stale_temps()
@@ -154,7 +155,8 @@ class CheckpointStore:
         blob = encode(state, step)
         tmp = self.directory / f".{self.prefix}-{step:012d}.{secrets.token_hex(4)}.tmp"
         try:
-            with open(tmp, "wb") as fh:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
                 fh.write(blob)
                 fh.flush()
                 os.fsync(fh.fileno())

@@ -48,6 +48,10 @@ def run_processes(files: dict[str, str], clients: int, show_progress: bool) -> l
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     procs: list[subprocess.Popen[str]] = []
     try:
+        if "relay-1" in files:  # multi-hop: the relay joins the server before clients join it
+            procs.append(subprocess.Popen(worker_command("relay", Path(files["relay-1"])), text=True,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        relays = len(procs)
         for i in range(clients):
             extra = ["--json"] + ([] if show_progress and i == 0 else ["--no-progress"])
             procs.append(subprocess.Popen(
@@ -55,7 +59,7 @@ def run_processes(files: dict[str, str], clients: int, show_progress: bool) -> l
                 stdout=subprocess.PIPE, stderr=None if show_progress and i == 0 else subprocess.PIPE))
         results = []
         deadline = time.monotonic() + CLIENT_TIMEOUT_S
-        for i, proc in enumerate(procs):
+        for i, proc in enumerate(procs[relays:]):
             out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
             if proc.returncode != 0:
                 raise SLError(f"client-{i + 1} failed (exit {proc.returncode}): {(err or '').strip()[-800:]}")
@@ -101,10 +105,13 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "baseline", False):
         from .baseline import central_accuracy
 
-        summary["baseline_accuracy"] = central_accuracy(args.dataset, args.topology, summary["epochs"], args.seed)
+        summary["baseline_accuracy"] = round(
+            central_accuracy(args.dataset, args.topology, summary["epochs"], args.seed, args.clients), 4)
     if not args.json:
         for r in results:
             print(f"  {r['client']}: {r['steps']} steps, test accuracy {r['test_accuracy']:.4f}")
+        if "baseline_accuracy" in summary:
+            print(f"central baseline (same architecture, pooled data): {summary['baseline_accuracy']:.4f}")
         print(f"test accuracy {summary['test_accuracy']:.4f}, train loss {summary['train_loss']:.4f}, "
               f"{summary['bytes_sent'] / 1e6:.1f} MB sent, {summary['wall_seconds']:.1f}s")
     return summary

@@ -6,7 +6,9 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from sl_pipeline.config import TOPOLOGIES
 from sl_pipeline.errors import ConfigError
+from sl_pipeline.group import write_group_key
 from sl_pipeline.keys import write_keypair
 
 DATASETS = {
@@ -14,6 +16,8 @@ DATASETS = {
     "breast_cancer": {"builtin": "mlp", "in_shape": [30], "classes": 2},
 }
 DEFAULT_EPOCHS = {"digits": 8, "breast_cancer": 10}
+MULTITASK = {"tasks": ["digit", "parity"], "task_classes": [10, 2]}
+Table = dict[str, dict[str, Any]]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -32,7 +36,7 @@ def _toml_value(value: Any) -> str:
     return repr(value)
 
 
-def to_toml(data: dict[str, dict[str, Any]]) -> str:
+def to_toml(data: Table) -> str:
     """Tiny TOML writer for our two-level configs (tables of scalars and lists)."""
     lines: list[str] = []
     for section, table in data.items():
@@ -40,6 +44,45 @@ def to_toml(data: dict[str, dict[str, Any]]) -> str:
         lines.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
         lines.append("")
     return "\n".join(lines)
+
+
+def _feature_slices(dataset: str, parties: int) -> list[list[int]]:
+    width = 30 if dataset == "breast_cancer" else 64
+    bounds = [round(i * width / parties) for i in range(parties + 1)]
+    return [[bounds[i], bounds[i + 1]] for i in range(parties)]
+
+
+def _model(dataset: str, topology: str, seed: int) -> dict[str, Any]:
+    model: dict[str, Any] = dict(DATASETS[dataset], seed=seed)
+    if topology == "ushaped":
+        model["cuts"] = [3, 8] if dataset == "digits" else [2, 4]
+    if topology == "multihop":
+        model["cuts"] = [3, 6] if dataset == "digits" else [2, 4]
+    if topology == "vertical":
+        model = {"builtin": "mlp", "in_shape": [0], "classes": DATASETS[dataset]["classes"], "seed": seed}
+    return model
+
+
+def _client(i: int, n: int, endpoint: str, dataset: str, topology: str, model: dict[str, Any],
+            train: dict[str, Any], seed: int) -> Table:
+    name = f"client-{i + 1}"
+    data: dict[str, Any] = {"dataset": dataset, "seed": seed}
+    client_model = dict(model)
+    client: dict[str, Any] = {"server": endpoint, "name": name, "topology": topology,
+                              "save": f"state/{name}.pt"}
+    if topology == "vertical":
+        data["feature_slice"] = _feature_slices(dataset, n)[i]
+        client_model["in_shape"] = [data["feature_slice"][1] - data["feature_slice"][0]]
+        client["role"] = "feature"
+        client["group"] = [f"client-{j + 1}" for j in range(n)]
+    elif topology == "multitask":
+        data["task"] = MULTITASK["tasks"][i % len(MULTITASK["tasks"])]
+    else:
+        data.update(shard=i, shards=n)
+    if topology in ("roundrobin", "splitfed"):
+        client["group"] = [f"client-{j + 1}" for j in range(n)]
+        client["group_key"] = "keys/group.secret"
+    return {"client": client, "data": data, "model": client_model, "train": train}
 
 
 def init_deployment(
@@ -53,64 +96,85 @@ def init_deployment(
     ops: bool = False,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Write DIR/server.toml and DIR/client-N.toml (and keys). Returns the file paths."""
-    if topology not in ("vanilla", "ushaped"):
-        raise ConfigError(f"--topology {topology!r} is not available yet; use vanilla or ushaped")
+    """Write DIR/server.toml, DIR/client-N.toml (and relay-1.toml, keys). Returns the paths."""
+    if topology not in TOPOLOGIES:
+        raise ConfigError(f"--topology {topology!r} is unknown; choose one of {list(TOPOLOGIES)}")
     if dataset not in DATASETS:
         raise ConfigError(f"--dataset {dataset!r} is unknown; choose one of {sorted(DATASETS)}")
-    if clients < 1:
-        raise ConfigError("--clients must be at least 1")
+    if clients < 1 or (topology in ("vertical", "multitask") and clients < 2):
+        raise ConfigError(f"--clients must be at least {2 if topology in ('vertical', 'multitask') else 1}")
+    if topology == "multitask" and dataset != "digits":
+        raise ConfigError("--topology multitask runs on --dataset digits (tasks: digit, parity)")
     out.mkdir(parents=True, exist_ok=True)
     if (out / "server.toml").exists():
         raise ConfigError(f"{out / 'server.toml'} exists; choose an empty folder for init")
-    model: dict[str, Any] = dict(DATASETS[dataset], seed=seed)
-    if topology == "ushaped":
-        model["cuts"] = [3, 8] if dataset == "digits" else [2, 4]
+    model = _model(dataset, topology, seed)
     train = {"epochs": epochs or DEFAULT_EPOCHS[dataset], "batch_size": 32, "lr": 0.05,
              "momentum": 0.9, "seed": seed}
     port = free_port()
-    server: dict[str, dict[str, Any]] = {
-        "server": {"bind": f"tcp://127.0.0.1:{port}", "topology": topology},
-        "model": model,
-        "train": train,
-    }
-    client_cfgs = [
-        {
-            "client": {"server": f"tcp://127.0.0.1:{port}", "name": f"client-{i + 1}"},
-            "data": {"dataset": dataset, "shard": i, "shards": clients, "seed": seed},
-            "model": model,
-            "train": train,
-        }
-        for i in range(clients)
-    ]
-    if insecure:
-        server["server"]["insecure"] = True
-        for cfg in client_cfgs:
-            cfg["client"]["insecure"] = True
-    else:
-        _wire_keys(out, server, client_cfgs)
+    server_section: dict[str, Any] = {"bind": f"tcp://127.0.0.1:{port}", "topology": topology,
+                                      "save": "state/server.pt"}
+    server: Table = {"server": server_section, "model": model, "train": train}
+    if topology == "vertical":
+        server_section.update(parties=clients, fuse="concat")
+        server["data"] = {"dataset": dataset, "seed": seed}
+    if topology in ("roundrobin", "splitfed"):
+        server_section["parties"] = clients
+    if topology == "multitask":
+        server_section.update(MULTITASK)
+    endpoint = f"tcp://127.0.0.1:{port}"
+    relay: Table | None = None
+    if topology == "multihop":
+        relay_port = free_port()
+        relay = {"relay": {"bind": f"tcp://127.0.0.1:{relay_port}", "upstream": endpoint,
+                           "name": "relay-1", "segment": 1, "save": "state/relay-1.pt"},
+                 "model": model, "train": train}
+        endpoint = f"tcp://127.0.0.1:{relay_port}"
+    client_cfgs = [_client(i, clients, endpoint, dataset, topology, model, train, seed)
+                   for i in range(clients)]
+    _secure(out, insecure, server, relay, client_cfgs, topology)
     if ops:
-        server["ops"] = {"listen": f"127.0.0.1:{free_port()}"}
-        for cfg in client_cfgs:
+        for cfg in [server, *([relay] if relay else []), *client_cfgs]:
             cfg["ops"] = {"listen": f"127.0.0.1:{free_port()}"}
     paths = {"server": out / "server.toml"}
     paths["server"].write_text(to_toml(server))
+    if relay is not None:
+        paths["relay-1"] = out / "relay-1.toml"
+        paths["relay-1"].write_text(to_toml(relay))
     for i, cfg in enumerate(client_cfgs):
         paths[f"client-{i + 1}"] = out / f"client-{i + 1}.toml"
         paths[f"client-{i + 1}"].write_text(to_toml(cfg))
     return {"dir": str(out), "files": {k: str(v) for k, v in paths.items()}, "port": port}
 
 
-def _wire_keys(out: Path, server: dict[str, Any], clients: list[dict[str, Any]]) -> None:
+def _secure(out: Path, insecure: bool, server: Table, relay: Table | None,
+            clients: list[Table], topology: str) -> None:
     keys = out / "keys"
+    keys.mkdir(parents=True, exist_ok=True)
+    if topology in ("roundrobin", "splitfed"):
+        write_group_key(keys / "group.secret")  # shared by the clients, never by the server
+    if insecure:
+        for cfg, section in [(server, "server"), *([(relay, "relay")] if relay else []),
+                             *[(c, "client") for c in clients]]:
+            assert cfg is not None
+            cfg[section]["insecure"] = True
+        return
     admitted = keys / "admitted"
-    admitted.mkdir(parents=True, exist_ok=True)
+    admitted.mkdir(exist_ok=True)
     write_keypair("server", keys)
-    server["server"]["key"] = "keys/server.key"
-    server["server"]["admitted"] = "keys/admitted"
+    server["server"].update(key="keys/server.key", admitted="keys/admitted")
+    downstream = admitted
+    upstream_key = "keys/server.pub"
+    if relay is not None:
+        _, pub = write_keypair("relay-1", keys)
+        (admitted / pub.name).write_bytes(pub.read_bytes())
+        downstream = keys / "relay-1-admitted"
+        downstream.mkdir(exist_ok=True)
+        relay["relay"].update(key="keys/relay-1.key", admitted="keys/relay-1-admitted",
+                              upstream_key="keys/server.pub")
+        upstream_key = "keys/relay-1.pub"
     for cfg in clients:
         name = cfg["client"]["name"]
         _, pub = write_keypair(name, keys)
-        (admitted / pub.name).write_bytes(pub.read_bytes())
-        cfg["client"]["key"] = f"keys/{name}.key"
-        cfg["client"]["server_key"] = "keys/server.pub"
+        (downstream / pub.name).write_bytes(pub.read_bytes())
+        cfg["client"].update(key=f"keys/{name}.key", server_key=upstream_key)

@@ -1,0 +1,139 @@
+"""A relay in a multi-hop chain: client -> relay -> ... -> server.
+
+It holds one middle segment. Downstream peers join it as they would a server (its own key,
+its own admitted set); it joins the next hop upstream as a client would. Each hop has its
+own Noise session, so what one hop seals only the next hop can open. Forward: run the
+segment, pass the output upstream, get the gradient of the output back, finish the local
+backward pass and step, return the gradient at this relay's input.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import zmq.asyncio
+
+from sl_pipeline.config import RelayConfig, check_endpoint, resolve_path
+from sl_pipeline.errors import ConfigError, PeerError, ProtocolError, SLError
+from sl_pipeline.handshake import ClientHandshake
+from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message, error_message
+from sl_pipeline.models import build_segments, fingerprint, make_optimizer
+from sl_pipeline.transport import DealerConnection
+
+from .common import load_own_key, load_peer_key, warn_insecure
+from .engine import as_input, run_segment, wire
+from .metrics import WorkerMetrics
+from .service import Listen, Peer, Replies, RouterService, reject_reason
+
+log = logging.getLogger("sl_pipeline.relay")
+
+
+class RelayWorker(RouterService):
+    role = "relay"
+
+    def __init__(self, cfg: RelayConfig, base: Path, metrics: WorkerMetrics | None = None) -> None:
+        r = cfg.relay
+        listen = Listen(r.bind, r.key, r.admitted, r.insecure, 64, 600.0, "relay")
+        super().__init__(listen, cfg.ops, cfg.limits.to_limits(), base,
+                         fingerprint(cfg.model, "multihop"), metrics)
+        check_endpoint(r.upstream, "relay.upstream")
+        self.cfg = cfg
+        segments = build_segments(cfg.model, "multihop")
+        if not 0 < r.segment < len(segments) - 1:
+            raise ConfigError(f"relay.segment = {r.segment} must be a middle segment (1..{len(segments) - 2})")
+        self.segment = segments[r.segment]
+        t = cfg.train
+        self.optimizer = make_optimizer(list(self.segment.parameters()), t.optimizer, t.lr, t.momentum)
+        self.upstream_hs = self._upstream_handshake()
+        self.ctx: zmq.asyncio.Context | None = None
+        self.upstream: DealerConnection | None = None
+        self.cache: dict[tuple[str, str], tuple[tuple[int, int], Message]] = {}
+        self.steps_applied = 0
+
+    def _upstream_handshake(self) -> ClientHandshake:
+        r = self.cfg.relay
+        hello = {"v": PROTOCOL_VERSION, "client": r.name, "model": self.fingerprint, "role": "relay"}
+        if r.insecure:
+            warn_insecure("relay")
+            return ClientHandshake(hello, None, None)
+        return ClientHandshake(hello, load_own_key(self.base, r.key, "relay.key"),
+                               load_peer_key(self.base, r.upstream_key, "relay.upstream_key"))
+
+    async def on_start(self) -> None:
+        self.ctx = zmq.asyncio.Context()
+        self.upstream = DealerConnection(self.ctx, self.cfg.relay.upstream, self.limits,
+                                         self.metrics.record_message)
+        await self.upstream.handshake(self.upstream_hs, self.cfg.relay.timeout_s)
+        log.info("relay joined upstream %s", self.cfg.relay.upstream)
+
+    async def on_stop(self) -> None:
+        if self.upstream is not None:
+            self.upstream.close()
+        if self.ctx is not None:
+            self.ctx.destroy(linger=0)
+        if self.cfg.relay.save and self.steps_applied:
+            path = resolve_path(self.base, self.cfg.relay.save, "relay.save", must_exist=False)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(self.segment.state_dict(), path)
+
+    def ready(self) -> bool:
+        return self.bound and self.upstream is not None
+
+    async def _ask_upstream(self, msg: Message) -> Message:
+        assert self.upstream is not None
+        await self.upstream.send(msg)
+        return await self.upstream.recv(self.cfg.relay.timeout_s)
+
+    async def dispatch(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
+        name = peer.name if not msg.client or msg.client == peer.name else f"{peer.name}/{msg.client}"
+        msg = Message(kind=msg.kind, client=name, epoch=msg.epoch, step=msg.step,
+                      meta=msg.meta, tensors=msg.tensors)
+        try:
+            if msg.kind is Kind.FORWARD:
+                return [(identity, await self._forward(msg))]
+            if msg.kind in (Kind.EVALUATE, Kind.PREDICT):
+                return [(identity, await self._infer(msg))]
+            if msg.kind is Kind.HEARTBEAT:
+                return [(identity, msg.reply(Kind.HEARTBEAT))]
+            if msg.kind is Kind.BYE:
+                self.forget(identity)
+                return []
+            raise ProtocolError(f"a relay does not accept {msg.kind.value} messages")
+        except PeerError as exc:  # the next hop refused: pass its reason down the chain
+            return [(identity, error_message(exc.remote_code, str(exc), request=msg))]
+        except SLError as exc:
+            self.reject(peer, reject_reason(exc), exc)
+            return [(identity, error_message(exc.code, exc.message, request=msg))]
+
+    async def _forward(self, msg: Message) -> Message:
+        key, step = (msg.client, "forward"), (msg.epoch, msg.step)
+        cached = self.cache.get(key)
+        if cached is not None and cached[0] == step:
+            return cached[1]
+        act = as_input(msg.tensor("act"), True)
+        out = run_segment(self.segment, act)
+        tensors: dict[str, Any] = {"act": wire(out, self.cfg.train.wire_dtype)}
+        if "labels" in msg.tensors:
+            tensors["labels"] = msg.tensor("labels")
+        reply = await self._ask_upstream(msg.reply(Kind.FORWARD, tensors=tensors))
+        self.optimizer.zero_grad(set_to_none=True)
+        out.backward(as_input(reply.tensor("grad"), False))
+        self.optimizer.step()
+        self.steps_applied += 1
+        self.metrics.record_step(self.steps_applied)
+        assert act.grad is not None
+        answer = msg.reply(Kind.BACKWARD, meta=dict(reply.meta),
+                           tensors={"grad": wire(act.grad, self.cfg.train.wire_dtype)})
+        self.cache[key] = (step, answer)
+        return answer
+
+    async def _infer(self, msg: Message) -> Message:
+        self.segment.eval()
+        with torch.no_grad():
+            out = run_segment(self.segment, as_input(msg.tensor("act"), False))
+        self.segment.train()
+        reply = await self._ask_upstream(msg.reply(msg.kind, tensors={"act": wire(out, self.cfg.train.wire_dtype)}))
+        return msg.reply(Kind.RESULT, meta=dict(reply.meta), tensors=dict(reply.tensors))

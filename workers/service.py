@@ -1,0 +1,256 @@
+"""The part every listening worker shares (server and relay): a ROUTER socket, the
+handshake, the table of authenticated peers, and the rules for bad input.
+
+A subclass implements :meth:`RouterService.dispatch`: one authenticated, decoded message in,
+the replies to send out. Everything before that (authentication, decoding, limits) and the
+bookkeeping after it (metrics, logs, silent peers) lives here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from sl_pipeline.codec import Limits
+from sl_pipeline.config import OpsConfig, check_endpoint
+from sl_pipeline.errors import (
+    CryptoError,
+    LimitError,
+    NotAdmittedError,
+    ProtocolError,
+    ReplayError,
+    SLError,
+    VersionError,
+)
+from sl_pipeline.handshake import ServerHandshake, is_handshake, refusal
+from sl_pipeline.keys import fingerprint as key_fingerprint
+from sl_pipeline.messages import Message, error_message
+from sl_pipeline.transport import Channel, RouterEndpoint, frame_buffers, frames_size
+
+from .common import load_admitted, load_own_key, start_ops, warn_insecure
+from .metrics import WorkerMetrics
+
+log = logging.getLogger("sl_pipeline.service")
+POLL_MS = 200
+Replies = list[tuple[bytes, Message]]
+
+
+@dataclass(frozen=True)
+class Listen:
+    """Where and how a service listens; the config keys are named for error messages."""
+
+    bind: str
+    key: str
+    admitted: str
+    insecure: bool
+    max_peers: int
+    peer_timeout_s: float
+    section: str  # "server" or "relay"
+
+
+@dataclass
+class Peer:
+    name: str
+    channel: Channel
+    key: str  # fingerprint of the static key, or "insecure"
+    last_seen: float = field(default_factory=time.monotonic)
+    applied: int = 0
+    confirmed: bool = False  # set once the peer's first sealed message opens
+
+
+def reject_reason(exc: SLError) -> str:
+    if isinstance(exc, LimitError):
+        return "oversized"
+    if isinstance(exc, VersionError):
+        return "version"
+    if isinstance(exc, ReplayError):
+        return "replay"
+    if isinstance(exc, CryptoError):
+        return "bad_tag"
+    return "malformed"
+
+
+class RouterService:
+    role = "server"
+
+    def __init__(self, listen: Listen, ops: OpsConfig, limits: Limits, base: Path,
+                 fingerprint: str, metrics: WorkerMetrics | None) -> None:
+        check_endpoint(listen.bind, f"{listen.section}.bind")
+        self.listen = listen
+        self.ops_cfg = ops
+        self.limits = limits
+        self.base = base
+        self.fingerprint = fingerprint
+        self.metrics = metrics or WorkerMetrics(self.role)
+        self.peers: dict[bytes, Peer] = {}
+        self.admitted_names: dict[bytes, str] = {}
+        self.handshake = self._make_handshake()
+        self.session_id = secrets.token_hex(8)
+        self.bound = False
+
+    def _make_handshake(self) -> ServerHandshake:
+        s, section = self.listen, self.listen.section
+        if s.insecure:
+            warn_insecure(self.role)
+            return ServerHandshake(None, lambda key: True, insecure=True)
+        static = load_own_key(self.base, s.key, f"{section}.key")
+        self.admitted_names = load_admitted(self.base, s.admitted, f"{section}.admitted")
+        return ServerHandshake(static, lambda key: key in self.admitted_names)
+
+    # ---- to override -----------------------------------------------------------------
+    async def dispatch(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
+        raise NotImplementedError
+
+    def forget_peer(self, peer: Peer) -> None:
+        return None
+
+    def accept(self, hello: dict[str, Any], key: bytes | None) -> dict[str, Any]:
+        if hello.get("model") != self.fingerprint:
+            raise ProtocolError(
+                f"model/topology mismatch: peer has {hello.get('model')!r}, this {self.role} has "
+                f"{self.fingerprint!r}; use the same [model] section and topology on both sides"
+            )
+        if sum(p.confirmed for p in self.peers.values()) >= self.listen.max_peers:
+            raise ProtocolError(f"{self.role} is full ({self.listen.max_peers} peers); retry later")
+        return {"session": self.session_id}
+
+    async def on_start(self) -> None:
+        return None
+
+    async def on_stop(self) -> None:
+        return None
+
+    def status(self) -> dict[str, Any]:
+        return {"role": self.role, "session": self.session_id,
+                "peers": [{"name": p.name, "key": p.key, "applied": p.applied} for p in self.peers.values()]}
+
+    def ready(self) -> bool:
+        return self.bound
+
+    # ---- the loop --------------------------------------------------------------------
+    async def serve(self, stop: asyncio.Event) -> dict[str, Any]:
+        ctx = zmq.asyncio.Context()
+        endpoint = RouterEndpoint(ctx, self.listen.bind, self.limits, hwm=1000)
+        ops = None
+        try:
+            await self.on_start()
+            self.bound = True
+            ops = await start_ops(self.ops_cfg, self.metrics, self.status, self.ready)
+            log.info("%s listening on %s", self.role, self.listen.bind)
+            while not stop.is_set():
+                if await endpoint.sock.poll(POLL_MS, zmq.POLLIN):
+                    identity, frames = await endpoint.recv()
+                    await self._handle(endpoint, identity, frames)
+                self._drop_silent_peers()
+        finally:
+            self.bound = False
+            endpoint.close()
+            if ops is not None:
+                await ops.stop()
+            await self.on_stop()
+            ctx.destroy(linger=0)
+        return self.summary()
+
+    def summary(self) -> dict[str, Any]:
+        return {"role": self.role, "peers": len(self.peers)}
+
+    def _drop_silent_peers(self) -> None:
+        now = time.monotonic()
+        for identity, peer in list(self.peers.items()):
+            if now - peer.last_seen > self.listen.peer_timeout_s:
+                log.warning("dropping peer %s: silent for %.0fs", peer.name, now - peer.last_seen)
+                self.forget(identity)
+
+    def forget(self, identity: bytes) -> None:
+        peer = self.peers.pop(identity, None)
+        if peer is not None:
+            self.forget_peer(peer)
+        self.metrics.peers_authenticated.set(len(self.peers))
+
+    async def _handle(self, endpoint: RouterEndpoint, identity: bytes, frames: list[Any]) -> None:
+        buffers = frame_buffers(frames)
+        nbytes = frames_size(frames)
+        if is_handshake(buffers):
+            self.metrics.record_message("received", "hello", nbytes)
+            await self._send_raw(endpoint, identity, self._answer_hello(identity, buffers), "welcome")
+            return
+        peer = self.peers.get(identity)
+        if peer is None:
+            self.metrics.record_rejected("unauthenticated")
+            log.warning("rejected a message from an unauthenticated peer (%d bytes)", nbytes)
+            error = CryptoError("no session: complete the handshake first")
+            error.code = "unauthenticated"
+            await self._send_raw(endpoint, identity, refusal(error), "error")
+            return
+        peer.last_seen = time.monotonic()
+        try:
+            message = peer.channel.unpack(buffers)
+        except CryptoError as exc:
+            self.reject(peer, reject_reason(exc), exc)
+            await self._send_raw(endpoint, identity, refusal(exc), "error")
+            return
+        except ProtocolError as exc:
+            self.reject(peer, reject_reason(exc), exc)
+            await self._send(endpoint, identity, peer, error_message(exc.code, exc.message))
+            return
+        if not peer.confirmed:
+            self._confirm(identity, peer)
+        self.metrics.record_message("received", message.kind.value, nbytes)
+        for target, reply in await self.dispatch(identity, peer, message):
+            receiver = self.peers.get(target)
+            if receiver is not None:
+                await self._send(endpoint, target, receiver, reply)
+
+    def reject(self, peer: Peer, reason: str, exc: SLError) -> None:
+        self.metrics.record_rejected(reason)
+        log.warning("rejected message from %s (%s): %s", peer.name, reason, exc.message)
+
+    async def _send(self, endpoint: RouterEndpoint, identity: bytes, peer: Peer, msg: Message) -> None:
+        frames = peer.channel.pack(msg)
+        nbytes = await endpoint.send(identity, frames)
+        self.metrics.record_message("sent", msg.kind.value, nbytes)
+
+    async def _send_raw(self, endpoint: RouterEndpoint, identity: bytes, frames: list[bytes], kind: str) -> None:
+        nbytes = await endpoint.send(identity, frames)
+        self.metrics.record_message("sent", kind, nbytes)
+
+    def _answer_hello(self, identity: bytes, buffers: list[Any]) -> list[bytes]:
+        try:
+            reply, session, hello, key = self.handshake.answer(buffers, self.accept)
+        except SLError as exc:
+            result = {NotAdmittedError: "not_admitted", VersionError: "version"}.get(type(exc), "bad_handshake")
+            self.metrics.record_handshake(result)
+            self.metrics.record_rejected("not_admitted" if result == "not_admitted" else "other")
+            log.warning("refused a handshake (%s): %s", result, exc.message)
+            return refusal(exc)
+        # The name comes from the admitted key, never from what the peer claims.
+        name = self.admitted_names[key] if key else str(hello.get("client", "?"))[:64]
+        self._bound_unconfirmed()
+        fp = key_fingerprint(key) if key else "insecure"
+        self.peers[identity] = Peer(name, Channel(session, self.limits), fp)
+        self.metrics.record_handshake("ok")
+        self.metrics.peers_authenticated.set(len(self.peers))
+        log.info("peer %s joined (key %s)", name, fp)
+        return reply
+
+    def _confirm(self, identity: bytes, peer: Peer) -> None:
+        """A rejoining peer replaces its old session only once the new one has proved
+        itself with a valid sealed message: a replayed hello cannot evict anybody."""
+        peer.confirmed = True
+        for other_id, other in list(self.peers.items()):
+            if other.name == peer.name and other_id != identity:
+                self.forget(other_id)
+
+    def _bound_unconfirmed(self) -> None:
+        """Handshakes that never send a message cost bounded memory: drop the oldest."""
+        pending = [i for i, p in self.peers.items() if not p.confirmed]
+        for identity in pending[: max(0, len(pending) - self.listen.max_peers)]:
+            self.forget(identity)
