@@ -15,12 +15,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sl_pipeline.errors import CheckpointError, SLError
+from sl_pipeline.messages import Kind, Message
 from workers.checkpoint import (
     CheckpointStore,
     SnapshotRing,
     _frame,
     decode,
     encode,
+    message_from_state,
+    message_state,
     restore_rng,
     rng_state,
 )
@@ -250,6 +253,30 @@ def test_snapshot_ring_is_a_bounded_deep_copy() -> None:
     ring.discard_after((0, 3))
     assert ring.keys() == [(0, 3)]
     assert ring.get((0, 0)) is None
+
+
+def test_cached_reply_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
+    # Prepare
+    reply = Message(kind=Kind.BACKWARD, session="s1", client="client-1", epoch=1, step=9,
+                    meta={"loss": 0.25, "durable": [1, 5], "nested": {"a": [1, {"b": None}]}},
+                    tensors={"grad": torch.randn(4, 3)})
+    store = CheckpointStore(tmp_path)
+    # Execute
+    store.save({"clients": {"client-1": {"applied": [1, 9], "reply": message_state(reply)}}}, 1)
+    loaded = store.load_latest()
+    # Assert
+    assert loaded is not None
+    again = message_from_state(loaded[0]["clients"]["client-1"]["reply"])
+    assert (again.kind, again.session, again.client, again.epoch, again.step) == (
+        Kind.BACKWARD, "s1", "client-1", 1, 9)
+    assert _plain_meta(again) == _plain_meta(reply)
+    assert torch.equal(again.tensor("grad"), reply.tensor("grad"))
+    with pytest.raises(CheckpointError):
+        message_from_state({"kind": "nonsense"})
+
+
+def _plain_meta(msg: Message) -> str:
+    return repr(message_state(msg)["meta"])
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

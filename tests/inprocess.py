@@ -1,0 +1,35 @@
+"""Run a whole deployment in one event loop (real sockets, real encryption), for tests that
+need to look inside the workers."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from sl_pipeline.config import ClientConfig, RelayConfig, ServerConfig, load
+from workers.client import ClientWorker
+from workers.relay import RelayWorker
+from workers.server import ServerWorker
+
+
+async def run_deployment(files: dict[str, Path], *overrides: str, timeout_s: float = 180,
+                         server_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    base = files["server"].parent
+    server = ServerWorker(load(ServerConfig, files["server"], list(server_overrides)), base)
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(server.serve(stop))]
+    relay = None
+    if "relay-1" in files:
+        await asyncio.sleep(0.3)
+        relay = RelayWorker(load(RelayConfig, files["relay-1"]), base)
+        tasks.append(asyncio.create_task(relay.serve(stop)))
+        await asyncio.sleep(0.5)
+    clients = [ClientWorker(load(ClientConfig, path, list(overrides)), base, progress=False)
+               for name, path in sorted(files.items()) if name.startswith("client-")]
+    try:
+        summaries = await asyncio.wait_for(asyncio.gather(*(c.run() for c in clients)), timeout_s)
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 15)
+    return {"server": server, "relay": relay, "clients": clients, "summaries": summaries}

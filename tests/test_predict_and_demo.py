@@ -1,0 +1,79 @@
+"""Inference after training, and every topology's demo against its central baseline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sl_pipeline.data import load_party_data
+from sl_pipeline.models import build_segments
+
+from .conftest import ROOT, Procs, load_client
+from .inprocess import run_deployment
+
+
+def _write_csv(path: Path, x: np.ndarray) -> None:
+    header = ",".join(f"f{i}" for i in range(x.shape[1]))
+    np.savetxt(path, x, delimiter=",", header=header, comments="")
+
+
+@pytest.mark.parametrize("topology", ["vanilla", "ushaped"])
+async def test_predict_matches_the_in_process_model(deployment, procs: Procs, topology: str) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: train, so each party saves its own segment
+    files = deployment(topology=topology, dataset="breast_cancer", epochs=2)
+    await run_deployment(files)
+    base = files["server"].parent
+    cfg = load_client(files["client-1"])
+    x = load_party_data(cfg.data, base, 2).test.x[:40]
+    _write_csv(base / "inputs.csv", x.numpy())
+    # Execute: the server restarts from its saved segment; predict sends only activations
+    procs.start("server", files["server"])
+    time.sleep(1.5)
+    result = subprocess.run([sys.executable, "-m", "workers", "predict", "--config", str(files["client-1"]),
+                             "--input", str(base / "inputs.csv"), "--json"], cwd=ROOT, text=True,
+                            capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    predicted = json.loads(result.stdout.strip().splitlines()[-1])
+    # Assert: the same as running the saved segments in one process
+    segments = build_segments(cfg.model, topology)
+    mine = torch.load(base / "state" / "client-1.pt", weights_only=True)
+    segments[0].load_state_dict(mine["bottom"])
+    segments[1].load_state_dict(torch.load(base / "state" / "server.pt", weights_only=True))
+    if topology == "ushaped":
+        segments[2].load_state_dict(mine["head"])
+    with torch.no_grad():
+        expected = x
+        for segment in segments:
+            segment.eval()
+            expected = segment(expected)
+    assert predicted["count"] == 40
+    assert predicted["predictions"] == expected.argmax(1).tolist()
+    assert torch.allclose(torch.tensor(predicted["logits"]), expected, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("topology", "dataset", "clients"),
+    [("vanilla", "digits", 1), ("ushaped", "digits", 1), ("multihop", "digits", 1),
+     ("vertical", "breast_cancer", 2), ("multitask", "digits", 2), ("roundrobin", "digits", 2),
+     ("splitfed", "digits", 2)],
+)
+def test_demo_reaches_the_central_baseline(topology: str, dataset: str, clients: int) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "workers", "demo", "--topology", topology, "--dataset", dataset,
+         "--clients", str(clients), "--baseline", "--json"],
+        cwd=ROOT, text=True, capture_output=True, timeout=400, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("topology", "dataset", "clients", "epochs", "steps", "test_accuracy", "train_loss",
+                "bytes_sent", "bytes_received", "wall_seconds", "baseline_accuracy"):
+        assert key in summary
+    assert summary["test_accuracy"] >= summary["baseline_accuracy"] - 0.02
+    assert summary["test_accuracy"] >= 0.95

@@ -1,0 +1,129 @@
+"""Every configuration from the project page: what each party receives, and nothing more."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from sl_pipeline.errors import CryptoError
+from sl_pipeline.group import open_weights
+from sl_pipeline.messages import Message
+from workers.service import RouterService
+
+from .inprocess import run_deployment
+
+
+def record_inbound(monkeypatch: pytest.MonkeyPatch) -> list[Message]:
+    """Every message a server or relay accepts, as its dispatch sees it."""
+    seen: list[Message] = []
+    from workers.relay import RelayWorker
+    from workers.server import ServerWorker
+
+    for cls in (ServerWorker, RelayWorker):
+        original = cls.dispatch
+
+        async def spy(self: RouterService, identity: bytes, peer: Any, msg: Message, _orig: Any = original) -> Any:
+            seen.append(msg)
+            return await _orig(self, identity, peer, msg)
+
+        monkeypatch.setattr(cls, "dispatch", spy)
+    return seen
+
+
+def record_received(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Message]]:
+    """Every message each client receives."""
+    from sl_pipeline.transport import DealerConnection
+
+    received: dict[str, list[Message]] = {}
+    original = DealerConnection.recv
+
+    async def spy(self: DealerConnection, timeout_s: float) -> Message:
+        msg = await original(self, timeout_s)
+        received.setdefault(msg.client, []).append(msg)
+        return msg
+
+    monkeypatch.setattr(DealerConnection, "recv", spy)
+    return received
+
+
+async def test_ushaped_server_never_receives_labels(deployment, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    seen = record_inbound(monkeypatch)
+    run = await run_deployment(deployment(topology="ushaped", dataset="digits", epochs=2))
+    assert run["summaries"][0]["test_accuracy"] > 0.75
+    assert seen and all("labels" not in m.tensors for m in seen)
+    assert all(t.dtype.is_floating_point for m in seen for t in m.tensors.values())
+
+
+async def test_vertical_parties_receive_only_their_own_gradient(deployment, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    received = record_received(monkeypatch)
+    run = await run_deployment(deployment(topology="vertical", clients=2, dataset="breast_cancer", epochs=2))
+    for client in run["clients"]:
+        assert client.data.train.y is None  # a feature party holds no labels
+    assert run["summaries"][0]["test_accuracy"] > 0.9
+    for name, messages in received.items():
+        for msg in messages:
+            assert set(msg.tensors) <= {"grad", "out"}, msg.tensors.keys()
+            if "grad" in msg.tensors:  # the gradient of this party's own 64-unit output only
+                assert msg.tensors["grad"].shape[1] == 64
+            if "out" in msg.tensors:  # fused predictions, never another party's cut output
+                assert msg.tensors["out"].shape[1] == 2
+    assert set(received) == {"client-1", "client-2"}
+
+
+async def test_vertical_server_gets_no_features_and_aligned_ids(deployment, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    seen = record_inbound(monkeypatch)
+    await run_deployment(deployment(topology="vertical", clients=2, dataset="breast_cancer", epochs=1))
+    forwards = [m for m in seen if m.kind.value == "forward"]
+    assert forwards and all(set(m.tensors) == {"act", "ids"} for m in forwards)
+    by_step: dict[tuple[int, int], list[Message]] = {}
+    for m in forwards:
+        by_step.setdefault((m.epoch, m.step), []).append(m)
+    for parts in by_step.values():
+        assert len(parts) == 2 and torch.equal(parts[0].tensors["ids"], parts[1].tensors["ids"])
+
+
+async def test_roundrobin_weights_are_unreadable_by_the_server(deployment, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    seen = record_inbound(monkeypatch)
+    run = await run_deployment(deployment(topology="roundrobin", clients=2, dataset="breast_cancer", epochs=2))
+    blobs = [m.tensors["sealed"] for m in seen if "sealed" in m.tensors]
+    assert len(blobs) == 4  # 2 clients x 2 epochs
+    final = torch.nn.utils.parameters_to_vector(run["clients"][0].bottom.parameters()).detach()
+    raw = final.numpy().tobytes()
+    for blob in blobs:
+        data = blob.numpy().tobytes()
+        assert raw[:64] not in data and len(data) == 12 + len(raw) + 16
+        with pytest.raises(CryptoError):
+            open_weights(b"\x00" * 32, blob, 1)  # the server has no group key
+    # both clients end with the same (last) weights
+    other = torch.nn.utils.parameters_to_vector(run["clients"][1].bottom.parameters()).detach()
+    assert torch.equal(final, other)
+
+
+async def test_splitfed_server_sees_only_masked_weights(deployment, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    seen = record_inbound(monkeypatch)
+    run = await run_deployment(deployment(topology="splitfed", clients=2, dataset="breast_cancer", epochs=2))
+    masked = [m.tensors["masked"] for m in seen if "masked" in m.tensors]
+    assert len(masked) == 4
+    a, b = (torch.nn.utils.parameters_to_vector(c.bottom.parameters()).detach() for c in run["clients"])
+    assert torch.allclose(a, b, atol=1e-6)  # averaged: every client holds the same segment
+    fixed = torch.round(a.double() * 2**24).long()
+    for m in masked:  # the masked vector looks nothing like the fixed-point weights
+        assert (m - fixed).abs().float().mean() > 1e15
+
+
+async def test_multitask_clients_share_the_trunk(deployment) -> None:  # type: ignore[no-untyped-def]
+    run = await run_deployment(deployment(topology="multitask", clients=2, dataset="digits", epochs=2))
+    tasks = {s["client"]: s["test_accuracy"] for s in run["summaries"]}
+    assert tasks["client-1"] > 0.8 and tasks["client-2"] > 0.8
+    assert run["server"].engine.steps_applied == sum(s["steps"] for s in run["summaries"])
+
+
+async def test_multihop_passes_through_the_relay(deployment, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    seen = record_inbound(monkeypatch)
+    run = await run_deployment(deployment(topology="multihop", dataset="digits", epochs=2))
+    assert run["summaries"][0]["test_accuracy"] > 0.75
+    assert run["relay"].steps_applied == run["summaries"][0]["steps"]
+    shapes = {tuple(m.tensors["act"].shape[1:]) for m in seen if m.kind.value == "forward"}
+    assert shapes == {(16, 4, 4), (512,)}  # what the relay receives, what the server receives
