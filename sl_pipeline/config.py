@@ -78,9 +78,10 @@ class OpsConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    dir: str = ""
-    every_steps: int = 0
+    dir: str = ""  # empty = no checkpoints
+    every_steps: int = 1  # 1: nothing applied is ever lost, so no rollback is needed
     keep: int = 3
+    fsync: bool = True  # survive power loss, not only a killed process
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,7 @@ class DealerConnection:
         self.sock = new_socket(ctx, zmq.DEALER, limits)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.sock.connect(endpoint)
         self.channel: Channel | None = None
 
@@ -118,17 +119,29 @@ class DealerConnection:
         return message
 
     async def _recv_raw(self, timeout_s: float, what: str) -> list[Any]:
+        """The next multipart message; TransportError on timeout or a dropped connection
+        (a dead server is noticed at once, not after the whole timeout)."""
+        recv = asyncio.ensure_future(self.sock.recv_multipart(copy=False))
+        lost = asyncio.ensure_future(self.monitor.recv_multipart())
         try:
-            return list(
-                await asyncio.wait_for(self.sock.recv_multipart(copy=False), timeout_s)
-            )
-        except TimeoutError:
-            raise TransportError(
-                f"no answer from {self.endpoint} within {timeout_s:.0f}s while waiting for "
-                f"{what}; is the server running and the address right?"
-            ) from None
+            done, _ = await asyncio.wait({recv, lost}, timeout=timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (recv, lost):
+                if not task.done():
+                    task.cancel()
+        if recv in done:
+            return list(recv.result())
+        if lost in done:
+            raise TransportError(f"connection to {self.endpoint} lost while waiting for {what}")
+        raise TransportError(
+            f"no answer from {self.endpoint} within {timeout_s:g}s while waiting for "
+            f"{what}; is the server running and the address right?"
+        )
 
     def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
         self.sock.close(linger=0)
 
 

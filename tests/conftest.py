@@ -8,12 +8,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from sl_pipeline.config import ClientConfig, ServerConfig, load
 from workers.demo import stop_process
 from workers.localdeploy import init_deployment
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Workers run one torch thread each (train.threads = 1); in-process runs must match them so
+# results are comparable bit for bit, and two cores are not oversubscribed.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -118,7 +118,8 @@ class CheckpointStore:
     hold model weights); a directory it creates is 0700.
     """
 
-    def __init__(self, directory: Path, keep: int = 3, prefix: str = "ckpt") -> None:
+    def __init__(self, directory: Path, keep: int = 3, prefix: str = "ckpt", fsync: bool = True) -> None:
+        self.fsync = fsync
         if keep < 1:
             raise CheckpointError(f"keep = {keep}: keep at least one checkpoint")
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", prefix):
@@ -160,9 +161,11 @@ class CheckpointStore:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(blob)
                 fh.flush()
-                os.fsync(fh.fileno())
+                if self.fsync:
+                    os.fsync(fh.fileno())
             os.replace(tmp, final)
-            _fsync_dir(self.directory)
+            if self.fsync:
+                _fsync_dir(self.directory)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise CheckpointError(f"cannot write checkpoint {final}: {exc}") from None

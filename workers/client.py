@@ -20,7 +20,7 @@ import torch
 import zmq.asyncio
 from tqdm import tqdm
 
-from sl_pipeline.config import ClientConfig, check_endpoint
+from sl_pipeline.config import ClientConfig, check_endpoint, resolve_path
 from sl_pipeline.data import PartyData, Split, load_party_data
 from sl_pipeline.errors import ConfigError, PeerError, TransportError
 from sl_pipeline.handshake import ClientHandshake
@@ -28,6 +28,7 @@ from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
 from sl_pipeline.models import fingerprint
 from sl_pipeline.transport import DealerConnection
 
+from .checkpoint import CheckpointStore, restore_rng, rng_state
 from .client_steps import StepRunner, build_runner
 from .common import load_own_key, load_peer_key, start_ops, warn_insecure
 from .metrics import WorkerMetrics
@@ -66,6 +67,11 @@ class ClientWorker:
         self.last_loss: float | None = None
         self.last_accuracy: float | None = None
         self.bytes = {"sent": 0, "received": 0}
+        self.epoch_losses: list[float] = []
+        self.start = (0, 0)  # (epoch, step) to continue from
+        self.last_applied: tuple[int, int] | None = None
+        self.ckpt = self._checkpoint_store()
+        self.resumed_from = self._restore() if self.ckpt else 0
 
     def _make_handshake(self) -> ClientHandshake:
         c = self.cfg.client
@@ -77,6 +83,61 @@ class ClientWorker:
         static = load_own_key(self.base, c.key, "client.key")
         server_key = load_peer_key(self.base, c.server_key, "client.server_key")
         return ClientHandshake(hello, static, server_key)
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def _checkpoint_store(self) -> CheckpointStore | None:
+        c = self.cfg.checkpoint
+        if not c.dir:
+            return None
+        directory = resolve_path(self.base, c.dir, "checkpoint.dir", must_exist=False)
+        return CheckpointStore(directory, keep=max(1, c.keep), prefix=self.cfg.client.name, fsync=c.fsync)
+
+    def _state(self, next_step: int) -> dict[str, Any]:
+        return {
+            "modules": {n: dict(m.state_dict()) for n, m in self.runner.modules.items()},
+            "optimizer": self.runner.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "next_step": next_step,
+            "steps_done": self.steps_done,
+            "epoch_losses": list(self.epoch_losses),
+            "rng": rng_state(),
+            "accounted_epochs": self.runner.accounted_epochs,
+        }
+
+    def _restore(self) -> int:
+        assert self.ckpt is not None
+        found = self.ckpt.load_latest()
+        if found is None:
+            return 0
+        state, path = found
+        for name, module in self.runner.modules.items():
+            module.load_state_dict(state["modules"][name])
+        self.runner.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.steps_done = int(state["epoch"]), int(state["steps_done"])
+        self.start = (self.epoch, int(state["next_step"]))
+        self.last_applied = (self.epoch, self.start[1] - 1) if self.start[1] else None
+        self.epoch_losses = [float(v) for v in state["epoch_losses"]]
+        restore_rng(state["rng"])
+        self.runner.restore_accounting(int(state["accounted_epochs"]))
+        log.info("resumed from checkpoint %s at epoch %d step %d", path, *self.start)
+        return self.steps_done
+
+    def _save(self, next_step: int, force: bool = False) -> None:
+        every = max(1, self.cfg.checkpoint.every_steps)
+        if self.ckpt is not None and (force or self.steps_done % every == 0):
+            self.ckpt.save(self._state(next_step), self.steps_done)
+            self.metrics.checkpoints_total.inc()
+
+    def _check_resume(self, welcome: dict[str, Any]) -> None:
+        """The server says which step of ours it applied last; we must not be ahead of it."""
+        applied = welcome.get("applied")
+        if self.last_applied is None:
+            return
+        server_step = (int(applied[0]), int(applied[1])) if applied else (-1, -1)
+        if server_step < self.last_applied:
+            log.error("the server lost steps after %s that this client applied (up to %s); "
+                      "exactly-once needs the server's checkpoint.every_steps = 1",
+                      server_step, self.last_applied)
 
     # ---- connection --------------------------------------------------------------------
     def _count(self, direction: str, kind: str, nbytes: int) -> None:
@@ -94,9 +155,14 @@ class ClientWorker:
                 self.conn.close()
             self.conn = DealerConnection(self.ctx, c.server, self.cfg.limits.to_limits(), self._count)
             try:
-                await self.conn.handshake(self.handshake, c.connect_timeout_s)
+                welcome = await self.conn.handshake(self.handshake, c.connect_timeout_s)
                 log.info("joined server %s", c.server)
+                self._check_resume(welcome)
                 return
+            except PeerError as exc:
+                if exc.remote_code != "overloaded" or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("server is full; retrying in %.1fs", delay)
             except TransportError:
                 if time.monotonic() + delay > deadline:
                     error = ConfigError if self.steps_done == 0 else TransportError
@@ -139,6 +205,7 @@ class ClientWorker:
             assert self.conn is not None
             await self.conn.send(self.message(Kind.BYE))
             self.runner.save()
+            self._save(0, force=True)
         finally:
             if ops is not None:
                 await ops.stop()
@@ -148,11 +215,11 @@ class ClientWorker:
         return self.summary(time.perf_counter() - start)
 
     async def train(self) -> None:
-        for epoch in range(self.cfg.train.epochs):
+        for epoch in range(self.start[0], self.cfg.train.epochs):
             self.epoch = epoch
             self.metrics.epoch.set(epoch)
             await self.runner.before_epoch(epoch)
-            self.last_loss = await self._train_epoch(epoch)
+            self.last_loss = await self._train_epoch(epoch, self.start[1] if epoch == self.start[0] else 0)
             await self.runner.after_epoch(epoch)
             self.last_accuracy = await self.runner.evaluate(self.data.test)
             self.metrics.test_accuracy.set(self.last_accuracy)
@@ -175,6 +242,7 @@ class ClientWorker:
             "bytes_sent": self.bytes["sent"],
             "bytes_received": self.bytes["received"],
             "retries": self.retries,
+            "resumed_from": self.resumed_from,
             "wall_seconds": round(wall, 3),
             **self.runner.report(),
         }
@@ -184,23 +252,30 @@ class ClientWorker:
                 "epoch": self.epoch, "step": self.step, "last_loss": self.last_loss,
                 "last_accuracy": self.last_accuracy, "privacy": self.runner.report()}
 
-    async def _train_epoch(self, epoch: int) -> float:
+    async def _train_epoch(self, epoch: int, first_step: int = 0) -> float:
+        """One epoch's batches in their fixed order, from ``first_step`` after a resume."""
         total = -(-len(self.data.train) // self.cfg.train.batch_size)
-        bar = tqdm(self.runner.epoch_batches(epoch), total=total,
+        if first_step == 0:
+            self.epoch_losses = []
+        bar = tqdm(total=total, initial=first_step, file=sys.stderr, leave=False, dynamic_ncols=True,
                    desc=f"{self.cfg.client.name} epoch {epoch + 1}/{self.cfg.train.epochs}",
-                   disable=not self.progress, file=sys.stderr, leave=False, dynamic_ncols=True)
-        losses = []
-        for step, (x, y, ids) in enumerate(bar):
+                   disable=not self.progress)
+        for step, (x, y, ids) in enumerate(self.runner.epoch_batches(epoch)):
+            if step < first_step:
+                continue
             self.step = step
             started = time.perf_counter()
             loss = await self.runner.train_step(step, x, y, ids)
             self.metrics.step_rtt_seconds.observe(time.perf_counter() - started)
             self.steps_done += 1
+            self.last_applied = (epoch, step)
             self.metrics.record_step(self.steps_done)
-            losses.append(loss)
+            self.epoch_losses.append(loss)
+            self._save(step + 1)
+            bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
         bar.close()
-        mean = float(sum(losses) / max(1, len(losses)))
+        mean = float(sum(self.epoch_losses) / max(1, len(self.epoch_losses)))
         self.metrics.train_loss.set(mean)
         return mean
 

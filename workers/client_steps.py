@@ -56,6 +56,7 @@ class StepRunner:
         self.dp: Any = None
         if self.privacy.dpsgd is not None:
             self._make_private()
+        self.accounted_epochs = 0
 
     # ---- set-up --------------------------------------------------------------------------
     def build_modules(self) -> dict[str, nn.Module]:
@@ -171,7 +172,14 @@ class StepRunner:
     async def before_epoch(self, epoch: int) -> None:
         return None
 
+    def restore_accounting(self, epochs: int) -> None:
+        """After a resume: the releases already made still count (never rolled back)."""
+        self.accounted_epochs = epochs
+        if self.accountant is not None and epochs:
+            self.accountant.step(epochs)
+
     async def after_epoch(self, epoch: int) -> None:
+        self.accounted_epochs += 1
         if self.accountant is not None:
             self.accountant.step(1)
             self.w.metrics.set_privacy("activation_noise", self.accountant.epsilon())

@@ -16,10 +16,11 @@ from typing import Any
 import torch
 
 from sl_pipeline.config import ServerConfig, resolve_path
-from sl_pipeline.errors import ProtocolError
+from sl_pipeline.errors import ConfigError, ProtocolError
 from sl_pipeline.messages import Kind, Message, error_message
 from sl_pipeline.models import fingerprint
 
+from .checkpoint import CheckpointStore, message_from_state, message_state, restore_rng, rng_state
 from .engine import Engine, build_engine
 from .metrics import WorkerMetrics
 from .service import Listen, Peer, Replies, RouterService, reject_reason
@@ -40,7 +41,56 @@ class ServerWorker(RouterService):
         self.replies: dict[tuple[str, str], tuple[tuple[int, int], Message]] = {}
         self.steps_applied = 0
         self.last_loss: float | None = None
+        self.applied_log: list[list[Any]] = []  # [client, epoch, step] per applied update
+        self.from_cache = 0
         self._load_saved()
+        self.ckpt = self._checkpoint_store()
+        self.resumed_from = self._restore() if self.ckpt else 0
+        self._saved_at = self.steps_applied
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def _checkpoint_store(self) -> CheckpointStore | None:
+        c = self.cfg.checkpoint
+        if not c.dir:
+            return None
+        directory = resolve_path(self.base, c.dir, "checkpoint.dir", must_exist=False)
+        return CheckpointStore(directory, keep=max(1, c.keep), prefix="server", fsync=c.fsync)
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fingerprint,
+            "engine": self.engine.state_dict(),
+            "steps_applied": self.steps_applied,
+            "rng": rng_state(),
+            "replies": [{"client": c, "kind": k, "step": list(step), "reply": message_state(m)}
+                        for (c, k), (step, m) in self.replies.items()],
+            "applied_log": self.applied_log,
+        }
+
+    def _restore(self) -> int:
+        assert self.ckpt is not None
+        found = self.ckpt.load_latest()
+        if found is None:
+            return 0
+        state, path = found
+        if state.get("fingerprint") != self.fingerprint:
+            raise ConfigError(f"checkpoint {path} is for another model or topology; "
+                              "point checkpoint.dir elsewhere or remove it")
+        self.engine.load_state_dict(state["engine"])
+        self.steps_applied = self.engine.steps_applied = int(state["steps_applied"])
+        restore_rng(state["rng"])
+        for entry in state["replies"]:
+            step = (int(entry["step"][0]), int(entry["step"][1]))
+            self.replies[(entry["client"], entry["kind"])] = (step, message_from_state(entry["reply"]))
+        self.applied_log = [list(e) for e in state["applied_log"]]
+        log.info("resumed from checkpoint %s at %d applied steps", path, self.steps_applied)
+        return self.steps_applied
+
+    def checkpoint(self) -> None:
+        if self.ckpt is not None and self.steps_applied != self._saved_at:
+            self.ckpt.save(self._state(), self.steps_applied)
+            self._saved_at = self.steps_applied
+            self.metrics.checkpoints_total.inc()
 
     def _save_path(self) -> Path | None:
         if not self.cfg.server.save:
@@ -54,6 +104,7 @@ class ServerWorker(RouterService):
             log.info("loaded the server segment from %s", path)
 
     async def on_stop(self) -> None:
+        self.checkpoint()
         path = self._save_path()
         if path is not None and self.steps_applied:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,14 +112,19 @@ class ServerWorker(RouterService):
         log.info("server stopped after %d applied steps", self.steps_applied)
 
     def summary(self) -> dict[str, Any]:
-        return {"role": "server", "steps_applied": self.steps_applied, "peers": len(self.peers)}
+        return {"role": "server", "steps_applied": self.steps_applied, "peers": len(self.peers),
+                "resumed_from": self.resumed_from, "answered_from_cache": self.from_cache}
 
     def status(self) -> dict[str, Any]:
         return {**super().status(), "topology": self.cfg.server.topology,
                 "steps_applied": self.steps_applied, "last_loss": self.last_loss}
 
     def accept(self, hello: dict[str, Any], key: bytes | None) -> dict[str, Any]:
-        return {**super().accept(hello, key), "topology": self.cfg.server.topology}
+        """The welcome carries where this server stands for the client (the resume exchange)."""
+        name = self.admitted_names[key] if key else str(hello.get("client", "?"))[:64]
+        last = self.replies.get((name, Kind.FORWARD.value))
+        return {**super().accept(hello, key), "topology": self.cfg.server.topology,
+                "applied": list(last[0]) if last else None}
 
     def forget_peer(self, peer: Peer) -> None:
         self.engine.forget(peer.name)
@@ -101,6 +157,7 @@ class ServerWorker(RouterService):
         cached = self.replies.get(key)
         if cached is not None and cached[0] == step:
             log.info("%s retransmitted %s %s: answering from cache", msg.client, msg.kind.value, step)
+            self.from_cache += 1
             return [(identity, cached[1])]
         if msg.kind is Kind.FORWARD and cached is not None and step < cached[0]:
             raise ProtocolError(f"step {step} is older than the last applied step {cached[0]}")
@@ -113,10 +170,13 @@ class ServerWorker(RouterService):
                 self.replies[(reply.client, msg.kind.value)] = ((reply.epoch, reply.step), reply)
         applied = self.engine.steps_applied - before
         if applied:
+            self.applied_log.extend([r.client, r.epoch, r.step] for _, r in replies if r.kind is Kind.BACKWARD)
             peer.applied += 1
             self.steps_applied += applied
             self.metrics.record_step(self.steps_applied)
             if self.engine.last_loss is not None:
                 self.last_loss = self.engine.last_loss
                 self.metrics.train_loss.set(self.last_loss)
+            if self.steps_applied - self._saved_at >= max(1, self.cfg.checkpoint.every_steps):
+                self.checkpoint()  # before any reply leaves: what a client saw is durable
         return replies

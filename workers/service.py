@@ -119,7 +119,9 @@ class RouterService:
                 f"{self.fingerprint!r}; use the same [model] section and topology on both sides"
             )
         if sum(p.confirmed for p in self.peers.values()) >= self.listen.max_peers:
-            raise ProtocolError(f"{self.role} is full ({self.listen.max_peers} peers); retry later")
+            error = ProtocolError(f"{self.role} is full ({self.listen.max_peers} peers); retry later")
+            error.code = "overloaded"
+            raise error
         return {"session": self.session_id}
 
     async def on_start(self) -> None:
@@ -228,7 +230,8 @@ class RouterService:
         except SLError as exc:
             result = {NotAdmittedError: "not_admitted", VersionError: "version"}.get(type(exc), "bad_handshake")
             self.metrics.record_handshake(result)
-            self.metrics.record_rejected("not_admitted" if result == "not_admitted" else "other")
+            reason = "overloaded" if exc.code == "overloaded" else result
+            self.metrics.record_rejected(reason if reason in ("not_admitted", "overloaded", "version") else "other")
             log.warning("refused a handshake (%s): %s", result, exc.message)
             return refusal(exc)
         # The name comes from the admitted key, never from what the peer claims.

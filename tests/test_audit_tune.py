@@ -1,0 +1,156 @@
+"""`sl-pipeline audit` and `sl-pipeline tune`: end to end on built-in data, and bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sl_pipeline.errors import ConfigError, PrivacyError, SLError
+from workers.audit import audit_deployment, run_audit, split_overrides
+from workers.localdeploy import init_deployment
+from workers.privacy_cli import COMMANDS, add_parsers
+from workers.tune import combinations, parse_sweep, run_tune
+
+ROW_KEYS = {"name", "test_accuracy", "dcor", "reconstruction_mse"}
+
+
+def cli(*argv: str) -> int:
+    """What `sl-pipeline` does with these commands: one line and an exit status on error."""
+    parser = argparse.ArgumentParser(prog="sl-pipeline")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except SLError as exc:
+        print(f"sl-pipeline {args.command}: error: {exc}")
+        return exc.exit_code
+
+
+def test_tune_writes_results_frontier_and_json_rows(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare
+    out = tmp_path / "tune"
+    # Execute
+    status = cli("tune", "--topology", "vanilla", "--dataset", "breast_cancer", "--epochs", "1",
+                 "--sweep", "privacy.noise.sigma=0,0.5", "--set", "privacy.noise.clip=5.0",
+                 "--out", str(out), "--json", "--no-progress")
+    # Assert
+    assert status == 0
+    assert {p.name for p in out.iterdir()} == {"results.csv", "results.json", "frontier.png"}
+    assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["privacy.noise.sigma"] for r in rows] == [0, 0.5]
+    assert all(ROW_KEYS <= set(r) for r in rows)
+    assert "epsilon" not in rows[0]  # clip only: nothing to account
+    assert rows[1]["epsilon"] > 0 and rows[1]["epsilon_mechanism"] == "activation_noise"
+    assert all("label_leak_auc" not in r for r in rows)  # no label party to attack
+    assert json.loads((out / "results.json").read_text()) == rows
+    header = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"privacy.noise.sigma", "test_accuracy", "epsilon"} <= set(header)
+
+
+def test_audit_vertical_reports_label_leakage() -> None:
+    # Execute
+    result = run_audit("vertical", "breast_cancer", epochs=2)
+    # Assert
+    assert 0.5 <= result["label_leak_auc"] <= 1.0
+    assert result["label_leak_auc"] == max(result["norm_auc"], result["direction_auc"])
+    assert set(result["label_leak_by_party"]) == {"client-1", "client-2"}
+    assert result["test_accuracy"] > 0.8
+    assert 0.0 <= result["dcor"] <= 1.0 and result["reconstruction_mse"] > 0
+
+
+def test_tune_routes_label_keys_to_the_server() -> None:
+    # Prepare
+    calls: list[tuple[list[str], list[str]]] = []
+
+    def fake_audit(topology: str, dataset: str, client: list[str], server: list[str],
+                   **_: Any) -> dict[str, Any]:
+        calls.append((client, server))
+        return {"test_accuracy": 0.9, "dcor": 0.5, "reconstruction_mse": 0.1,
+                "label_leak_auc": 0.6}
+
+    # Execute
+    rows = run_tune("vertical", "breast_cancer", ["privacy.label.scale=1,2",
+                                                   "privacy.noise.sigma=0.5"],
+                    sets=['privacy.label.mechanism="marvell"'], progress=False,
+                    audit=fake_audit)
+    # Assert
+    assert [r["name"] for r in rows] == ["scale=1,sigma=0.5", "scale=2,sigma=0.5"]
+    client, server = calls[1]
+    assert client == ["privacy.noise.sigma=0.5"]
+    assert server == ['privacy.label.mechanism="marvell"', "privacy.label.scale=2"]
+
+
+def test_audit_of_an_existing_deployment_leaves_it_untouched(tmp_path: Path) -> None:
+    # Prepare
+    files = init_deployment(tmp_path / "d", dataset="breast_cancer", epochs=3)["files"]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    # Execute
+    result = audit_deployment(Path(files["client-1"]), ["privacy.noise.sigma=0.2"], epochs=1)
+    # Assert
+    assert result["topology"] == "vanilla" and result["activation_epsilon"] > 0
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize(("spec", "named"), [
+    ("privacy.noise.sigma", "KEY=V1,V2"),
+    ("privacy.noise.sigma=", "privacy.noise.sigma"),
+    ("privacy.noise.sigma=0.5,,1", "privacy.noise.sigma"),
+    ("privacy.noise.sigma=[1]", "privacy.noise.sigma"),
+    ("privacy.noise.sigma=1,1", "privacy.noise.sigma"),
+    ("server.bind=1", "server.bind"),
+    ("privacy.sigma=1", "privacy.sigma"),
+    ("privacy.noise.sigma=1 2", "privacy.noise.sigma"),
+])
+def test_bad_sweep_specs_are_refused_by_key(spec: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.").replace("[", r"\[")):
+        parse_sweep(spec)
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["--sweep", "privacy.noise.sigmaa=1"], "privacy.noise.sigmaa"),
+    (["--sweep", "privacy.noise.sigma=-1"], "privacy.noise.sigma"),
+    (["--sweep", "privacy.noise.mechanism=uniform"], "privacy.noise.mechanism"),
+    (["--sweep", "privacy.label.scale=1"], "privacy.label.scale"),
+    (["--sweep", "privacy.noise.sigma=1", "--set", 'privacy.label.mechanism="marvell"',
+      "--set", "privacy.label.scale=1"], "privacy.label"),
+    (["--sweep", "train.lr=fast"], "train.lr"),
+    (["--sweep", "privacy.noise.sigma=1", "--epochs", "0"], "--epochs"),
+    (["--sweep", "privacy.noise.sigma=1", "--sweep", "privacy.noise.sigma=2"],
+     "privacy.noise.sigma"),
+    (["--sweep", "privacy.noise.sigma=1", "--set", "nonsense.key=1"], "nonsense.key"),
+])
+def test_bad_tune_input_is_one_line_naming_the_key(
+    argv: list[str], named: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Execute: everything is refused before any training starts
+    status = cli("tune", "--topology", "vanilla", "--out", str(tmp_path / "o"),
+                 "--no-progress", *argv)
+    # Assert
+    out = capsys.readouterr().out.strip()
+    assert status == 2
+    assert out.startswith("sl-pipeline tune: error:") and named in out
+    assert "\n" not in out and not (tmp_path / "o").exists()
+
+
+def test_bad_audit_input_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("audit", "--config", str(tmp_path / "client-1.toml")) == 2
+    assert "server.toml" in capsys.readouterr().out
+    with pytest.raises(PrivacyError, match="privacy.label"):
+        run_audit("vanilla", "breast_cancer", [], ['privacy.label.mechanism="marvell"',
+                                                   "privacy.label.scale=1"], epochs=1)
+    with pytest.raises(ConfigError, match="--dataset"):
+        run_audit("vanilla", "mnist")
+
+
+def test_overrides_are_routed_by_key() -> None:
+    client, server = split_overrides(["privacy.noise.sigma=1", "privacy.label.scale=2",
+                                      "train.epochs=3", "server.fuse=\"sum\"", "data.seed=1"])
+    assert client == ["privacy.noise.sigma=1", "train.epochs=3", "data.seed=1"]
+    assert server == ["privacy.label.scale=2", "train.epochs=3", "server.fuse=\"sum\""]
+    assert len(combinations(["privacy.noise.sigma=0,1", "privacy.noise.clip=1,2,3"])) == 6

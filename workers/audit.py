@@ -1,0 +1,306 @@
+"""`sl-pipeline audit`: train a deployment in one process, then attack what it sent.
+
+The harness runs the server (plus a relay for multihop) and every client in one event loop
+over real encrypted loopback sockets, keeps the worker objects, and measures on held-out
+data what an honest-but-curious server could learn:
+
+* ``dcor`` — distance correlation between a client's test inputs and what it sends for them
+  (the activations *after* its cut-layer defense), :func:`privacy.audit.dcor_leakage`;
+* ``reconstruction_mse`` (and ``ssim`` for images) — a decoder trained on the client's
+  *train* split (inputs and the defended activations the trained segment produces) inverts
+  the defended activations of its *test* split, :func:`privacy.audit.reconstruction_attack`;
+* ``label_leak_auc`` (vertical) — norm and direction attacks on the gradients each feature
+  party received during the last epoch, :func:`privacy.audit.label_leak_auc`;
+* ``epsilon`` — what the accountants prove, per mechanism (never one reported as another).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sl_pipeline.config import (
+    TOPOLOGIES,
+    ClientConfig,
+    RelayConfig,
+    ServerConfig,
+    load,
+    parse_override,
+    read_toml,
+)
+from sl_pipeline.errors import ConfigError, TransportError
+from workers.client import ClientWorker
+from workers.localdeploy import DATASETS, free_port, init_deployment
+from workers.relay import RelayWorker
+from workers.server import ServerWorker
+
+SERVER_PREFIXES = ("privacy.label.", "server.")
+CLIENT_PREFIXES = ("privacy.", "client.", "data.")
+SHARED_PREFIXES = ("train.", "model.")
+STOP_TIMEOUT_S = 15.0
+DEFAULT_TIMEOUT_S = 900.0
+Grads = dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def split_overrides(sets: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Route ``KEY=VALUE`` overrides: label protection and ``server.*`` to the label holder
+    (server), other ``privacy.*``/``client.*``/``data.*`` to the clients, ``train.*`` and
+    ``model.*`` to both. Anything else is refused by name."""
+    client: list[str] = []
+    server: list[str] = []
+    for text in sets:
+        path, _ = parse_override(text)
+        key = ".".join(path) + "."
+        if key.startswith(SHARED_PREFIXES):
+            client.append(text)
+            server.append(text)
+        elif key.startswith(SERVER_PREFIXES):
+            server.append(text)
+        elif key.startswith(CLIENT_PREFIXES):
+            client.append(text)
+        else:
+            raise ConfigError(
+                f"--set {text!r}: key {'.'.join(path)!r} cannot be routed; use privacy.*, "
+                "train.*, model.*, client.*, data.* or server.*")
+    return client, server
+
+
+@dataclass
+class Trained:
+    """The workers after training, and the gradients each feature party received."""
+
+    server: ServerWorker
+    clients: list[ClientWorker]
+    summaries: list[dict[str, Any]]
+    grads: Grads = field(default_factory=dict)
+
+
+def _record_label_grads(server: ServerWorker, last_epoch: int) -> Grads:
+    """Wrap the vertical engine's step (on this instance only) to keep, for the last epoch,
+    the gradient each party was sent together with the batch's labels."""
+    grads: Grads = {}
+    engine: Any = server.engine  # a VerticalEngine when it has _step and last_grads
+    original: Callable[..., Any] | None = getattr(engine, "_step", None)
+    if original is None or not hasattr(engine, "last_grads"):
+        return grads
+
+    def step(parts: list[Any], ids: torch.Tensor) -> Any:
+        replies = original(parts, ids)
+        if parts and parts[0].msg.epoch == last_epoch:
+            labels = engine.labels[ids]
+            for part in parts:
+                sent = engine.last_grads[part.msg.client]
+                grads.setdefault(part.msg.client, []).append((sent.clone(), labels.clone()))
+        return replies
+
+    engine._step = step  # this instance only; the class is untouched
+    return grads
+
+
+async def train_in_process(
+    files: dict[str, Path], client_overrides: Sequence[str] = (),
+    server_overrides: Sequence[str] = (), relay_overrides: Sequence[str] = (),
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> Trained:
+    """Run server (+ relay) and clients in this event loop until every client is done."""
+    base = files["server"].parent
+    server = ServerWorker(load(ServerConfig, files["server"], list(server_overrides)), base)
+    grads = _record_label_grads(server, server.cfg.train.epochs - 1)
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(server.serve(stop))]
+    if "relay-1" in files:
+        relay = RelayWorker(load(RelayConfig, files["relay-1"], list(relay_overrides)), base)
+        tasks.append(asyncio.create_task(relay.serve(stop)))
+    clients = [ClientWorker(load(ClientConfig, path, list(client_overrides)), base, progress=False)
+               for name, path in sorted(files.items()) if name.startswith("client-")]
+    try:
+        summaries = await asyncio.wait_for(asyncio.gather(*(c.run() for c in clients)), timeout_s)
+    except TimeoutError:
+        raise TransportError(f"training did not finish within {timeout_s:.0f}s") from None
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), STOP_TIMEOUT_S)
+    return Trained(server, clients, list(summaries), grads)
+
+
+# ------------------------------------------------------------------------ measures
+
+
+def _sent(client: ClientWorker, x: torch.Tensor) -> torch.Tensor:
+    """What the trained client puts on the wire for ``x``: its segment, then its defense."""
+    runner = client.runner
+    runner.bottom.eval()
+    with torch.no_grad():
+        out = runner.defense.apply(runner.bottom(x))
+    runner.bottom.train()
+    return out
+
+
+def measure_client(client: ClientWorker, seed: int, attack_epochs: int = 30) -> dict[str, Any]:
+    """dCor and the reconstruction attack against one client's held-out test split."""
+    from privacy.audit import dcor_leakage, reconstruction_attack
+
+    train, test = client.data.train, client.data.test
+    victim = _sent(client, test.x)
+    images = test.x.dim() == 4
+    attack = reconstruction_attack(
+        train.x, _sent(client, train.x), test.x, victim, epochs=attack_epochs, seed=seed,
+        image_shape=tuple(test.x.shape[1:]) if images else None,  # type: ignore[arg-type]
+    )
+    return {"dcor": dcor_leakage(test.x, victim), **attack}
+
+
+def measure_labels(grads: Grads) -> dict[str, Any]:
+    """The label-inference attacks on each party's last-epoch gradients; the worst party wins."""
+    from privacy.audit import label_leak_auc
+
+    per_party = {}
+    for party, pairs in sorted(grads.items()):
+        g = torch.cat([p[0].reshape(p[0].shape[0], -1) for p in pairs])
+        y = torch.cat([p[1] for p in pairs])
+        per_party[party] = label_leak_auc(g, y)
+    if not per_party:
+        return {}
+    worst = max(per_party.values(), key=lambda r: r["label_leak_auc"])
+    return {"label_leak_auc": worst["label_leak_auc"], "norm_auc": worst["norm_auc"],
+            "direction_auc": worst["direction_auc"], "label_leak_by_party": per_party}
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    known = [float(v) for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
+def _epsilons(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Each mechanism's epsilon (the worst client's); ``epsilon`` is the activation-release one
+    when activation noise is on, else DP-SGD's, and ``epsilon_mechanism`` says which."""
+    out: dict[str, Any] = {}
+    for key in ("activation_epsilon", "dpsgd_epsilon"):
+        values = [float(s[key]) for s in summaries if s.get(key) is not None]
+        if values:
+            out[key] = max(values)
+    for key, mechanism in (("activation_epsilon", "activation_noise"), ("dpsgd_epsilon", "dpsgd")):
+        if key in out:
+            out["epsilon"], out["epsilon_mechanism"] = out[key], mechanism
+            break
+    return out
+
+
+def measure(trained: Trained, seed: int) -> dict[str, Any]:
+    """All audit figures for a trained deployment (client measures averaged over clients)."""
+    per_client = [measure_client(c, seed) for c in trained.clients]
+    result: dict[str, Any] = {
+        "test_accuracy": _mean([s.get("test_accuracy") for s in trained.summaries]),
+        "dcor": _mean([m["dcor"] for m in per_client]),
+        "reconstruction_mse": _mean([m["reconstruction_mse"] for m in per_client]),
+    }
+    ssim = _mean([m["ssim"] for m in per_client])
+    if ssim is not None:
+        result["ssim"] = ssim
+    result.update(measure_labels(trained.grads))
+    result.update(_epsilons(trained.summaries))
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in result.items()}
+
+
+# ------------------------------------------------------------------------ entry points
+
+
+def check_args(topology: str, dataset: str, epochs: int | None) -> None:
+    if topology not in TOPOLOGIES:
+        raise ConfigError(f"--topology {topology!r} is unknown; choose one of {list(TOPOLOGIES)}")
+    if dataset not in DATASETS:
+        raise ConfigError(f"--dataset {dataset!r} is unknown; choose one of {sorted(DATASETS)}")
+    if epochs is not None and epochs < 1:
+        raise ConfigError(f"--epochs {epochs} must be at least 1")
+
+
+def _audit(files: dict[str, Path], client_overrides: Sequence[str],
+           server_overrides: Sequence[str], seed: int, timeout_s: float,
+           relay_overrides: Sequence[str] = ()) -> dict[str, Any]:
+    from privacy.config import PrivacyConfig
+
+    first = min(name for name in files if name.startswith("client-"))
+    cfg = load(ClientConfig, files[first], list(client_overrides))
+    PrivacyConfig.from_mapping(cfg.privacy).validate_for_topology(cfg.client.topology)
+    scfg = load(ServerConfig, files["server"], list(server_overrides))
+    PrivacyConfig.from_mapping(scfg.privacy).validate_for_topology(scfg.server.topology)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        trained = asyncio.run(train_in_process(
+            files, client_overrides, server_overrides, relay_overrides, timeout_s))
+        return measure(trained, seed)
+
+
+def run_audit(
+    topology: str, dataset: str = "digits", client_overrides: Sequence[str] = (),
+    server_overrides: Sequence[str] = (), epochs: int | None = None, seed: int = 0, *,
+    clients: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> dict[str, Any]:
+    """Build a fresh local deployment in a temporary folder, train it in-process, audit it.
+
+    Returns ``test_accuracy``, ``dcor``, ``reconstruction_mse`` (+ ``ssim`` for digits),
+    ``label_leak_auc`` (+ ``norm_auc``, ``direction_auc``) for vertical, and the epsilons
+    that apply. Blocking: call it outside a running event loop.
+    """
+    check_args(topology, dataset, epochs)
+    n = clients or (2 if topology in ("vertical", "multitask") else 1)
+    with tempfile.TemporaryDirectory(prefix="sl-audit-") as tmp:
+        made = init_deployment(Path(tmp) / "deploy", topology=topology, clients=n,
+                               dataset=dataset, epochs=epochs, seed=seed)
+        files = {k: Path(v) for k, v in made["files"].items()}
+        shared = [s for s in client_overrides if s.startswith(SHARED_PREFIXES)]
+        result = _audit(files, client_overrides, server_overrides, seed, timeout_s, shared)
+    return {"topology": topology, "dataset": dataset, **result}
+
+
+def _deployment_files(client_toml: Path) -> dict[str, Path]:
+    folder = client_toml.parent
+    files = {"server": folder / "server.toml"}
+    if not files["server"].exists():
+        raise ConfigError(f"--config {str(client_toml)!r}: no server.toml next to it in {folder}")
+    if (folder / "relay-1.toml").exists():
+        files["relay-1"] = folder / "relay-1.toml"
+    for path in sorted(folder.glob("client-*.toml")):
+        files[path.stem] = path
+    if client_toml.name not in {p.name for p in files.values()}:
+        files[f"client-{client_toml.stem}"] = client_toml
+    return files
+
+
+QUIET = ('ops.listen=""', 'checkpoint.dir=""')
+
+
+def audit_deployment(client_toml: Path, sets: Sequence[str] = (), epochs: int | None = None,
+                     seed: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    """Audit an existing deployment folder with its own settings. It is retrained from
+    scratch on fresh loopback ports; its saved state, checkpoints and ops ports are left alone."""
+    files = _deployment_files(client_toml)
+    topology = str(read_toml(files["server"]).get("server", {}).get("topology", "vanilla"))
+    client_sets, server_sets = split_overrides(sets)
+    if epochs is not None:
+        check_args(topology, "digits", epochs)
+        client_sets.append(f"train.epochs={epochs}")
+        server_sets.append(f"train.epochs={epochs}")
+    server_at = f'"tcp://127.0.0.1:{free_port()}"'
+    server_sets += [f"server.bind={server_at}", 'server.save=""', *QUIET]
+    relay_sets = [s for s in client_sets if s.startswith(SHARED_PREFIXES)]
+    upstream = server_at
+    if "relay-1" in files:
+        upstream = f'"tcp://127.0.0.1:{free_port()}"'
+        relay_sets += [f"relay.bind={upstream}", f"relay.upstream={server_at}",
+                       'relay.save=""', *QUIET]
+    client_sets += [f"client.server={upstream}", 'client.save=""', *QUIET]
+    result = _audit(files, client_sets, server_sets, seed, timeout_s, relay_sets)
+    return {"topology": topology, "config": str(client_toml), **result}
+
+
+__all__ = ["Trained", "audit_deployment", "check_args", "measure", "run_audit", "split_overrides",
+           "train_in_process"]

@@ -1,0 +1,111 @@
+"""`sl-pipeline audit` and `sl-pipeline tune`: the privacy commands.
+
+The lead wires them into :mod:`workers.cli` with ``add_parsers(sub)`` and ``COMMANDS``.
+Every bad input raises an :class:`~sl_pipeline.errors.SLError` naming the flag or key, which
+the CLI prints as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sl_pipeline.config import TOPOLOGIES
+from sl_pipeline.errors import ConfigError
+
+AUDIT_KEYS = ("test_accuracy", "dcor", "reconstruction_mse", "ssim", "label_leak_auc",
+              "norm_auc", "direction_auc", "activation_epsilon", "dpsgd_epsilon")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="digits", choices=["digits", "breast_cancer"])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="fixed override: privacy.label.* and server.* go to the server, other "
+                        "privacy.*, client.*, data.* to the clients, train.*, model.* to both")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs per run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the result as JSON, last line")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    audit = sub.add_parser("audit", help="train in-process, then measure what leaks")
+    where = audit.add_mutually_exclusive_group(required=True)
+    where.add_argument("--topology", choices=list(TOPOLOGIES))
+    where.add_argument("--config", type=Path,
+                       help="a client TOML of an existing deployment (server.toml beside it)")
+    audit.add_argument("--clients", type=int, default=None)
+    _common(audit)
+    tune = sub.add_parser("tune", help="sweep privacy settings; write results and a frontier")
+    tune.add_argument("--topology", required=True, choices=list(TOPOLOGIES))
+    tune.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                      help="a setting and its values (repeatable; all combinations run)")
+    tune.add_argument("--out", required=True, type=Path, help="folder for the results")
+    tune.add_argument("--no-progress", action="store_true")
+    _common(tune)
+
+
+def _quiet() -> None:
+    """Warnings only, one torch thread (the workers share this process)."""
+    import torch
+
+    from .logs import configure_logging
+
+    configure_logging("text", "WARNING", "audit")
+    torch.set_num_threads(1)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import audit_deployment, run_audit, split_overrides
+
+    _quiet()
+    if args.config is not None:
+        result = audit_deployment(args.config, args.set, args.epochs, args.seed)
+    else:
+        client, server = split_overrides(args.set)
+        result = run_audit(args.topology, args.dataset, client, server, args.epochs, args.seed,
+                           clients=args.clients)
+    if args.json:
+        print(json.dumps(_jsonable(result)), flush=True)
+        return 0
+    for key in AUDIT_KEYS:
+        if result.get(key) is not None:
+            print(f"{key:>20}: {result[key]:.4f}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .tune import format_table, run_tune, write_results
+
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {str(args.out)!r} is a file; give a folder for the results")
+    _quiet()
+    rows = run_tune(args.topology, args.dataset, args.sweep, sets=args.set, epochs=args.epochs,
+                    seed=args.seed, progress=not args.no_progress)
+    paths = write_results([_jsonable(r) for r in rows], args.out)
+    print(format_table(rows))
+    print(f"wrote {paths['csv']}, {paths['json']}, {paths['png']}")
+    if args.json:
+        print(json.dumps(_jsonable(rows)), flush=True)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "audit": cmd_audit,
+    "tune": cmd_tune,
+}
+
+__all__ = ["COMMANDS", "add_parsers"]
