@@ -61,7 +61,8 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     if flat.device.type != "cpu":
         flat = flat.cpu()
     flat = flat.contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    array: Any = flat.view(torch.uint8).numpy()
+    return memoryview(array).cast("B")
 
 
 def encode(message: Message) -> list[Buffer]:
@@ -131,7 +132,9 @@ def _parse_header(frame: Buffer, limits: Limits) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ProtocolError(f"header is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(header, dict) or set(header) != _HEADER_KEYS:
-        raise ProtocolError(f"header must be an object with exactly the keys {sorted(_HEADER_KEYS)}")
+        raise ProtocolError(
+            f"header must be an object with exactly the keys {sorted(_HEADER_KEYS)}"
+        )
     if header["v"] != PROTOCOL_VERSION:
         raise VersionError(
             f"peer speaks protocol version {header['v']!r}; this build speaks {PROTOCOL_VERSION}"

@@ -91,6 +91,7 @@ def _from_npz(path: Path, features: str, label: str) -> tuple[np.ndarray, np.nda
 
 def load_arrays(cfg: DataConfig, base: Path) -> tuple[np.ndarray, np.ndarray | None, list[int]]:
     """Features, labels (None for a party without labels) and the per-sample shape."""
+    y: np.ndarray | None
     if cfg.dataset and cfg.path:
         raise ConfigError("set data.dataset or data.path, not both")
     if cfg.dataset:
@@ -173,7 +174,9 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Te
     return list(order.split(batch_size))
 
 
-def iter_batches(split: Split, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+def iter_batches(
+    split: Split, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """In-order batches for evaluation."""
     for start in range(0, len(split), batch_size):
         y = split.y[start : start + batch_size] if split.y is not None else None

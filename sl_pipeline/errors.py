@@ -99,16 +99,16 @@ class CheckpointError(SLError, OSError):
 
 
 __all__ = [
-    "SLError",
+    "CheckpointError",
     "ConfigError",
-    "ProtocolError",
-    "LimitError",
-    "VersionError",
     "CryptoError",
-    "ReplayError",
+    "LimitError",
     "NotAdmittedError",
     "PeerError",
-    "TransportError",
     "PrivacyError",
-    "CheckpointError",
+    "ProtocolError",
+    "ReplayError",
+    "SLError",
+    "TransportError",
+    "VersionError",
 ]

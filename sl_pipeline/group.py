@@ -37,7 +37,9 @@ def load_group_key(path: Path) -> bytes:
         tag, value = path.read_text().split()
         key = bytes.fromhex(value)
     except (OSError, ValueError):
-        raise ConfigError(f"client.group_key = {str(path)!r} is missing or not a group key") from None
+        raise ConfigError(
+            f"client.group_key = {str(path)!r} is missing or not a group key"
+        ) from None
     if tag != _TAG or len(key) != 32:
         raise ConfigError(f"client.group_key = {str(path)!r} is not a group key file")
     return key
@@ -65,7 +67,9 @@ def _prg(key: bytes, label: str, size: int) -> np.ndarray:
     return gen.integers(0, 2**64, size=size, dtype=np.uint64)
 
 
-def masked_weights(key: bytes, vector: torch.Tensor, round_: int, me: str, group: Sequence[str]) -> torch.Tensor:
+def masked_weights(
+    key: bytes, vector: torch.Tensor, round_: int, me: str, group: Sequence[str]
+) -> torch.Tensor:
     """Fixed-point weights plus masks that cancel when every member's vectors are summed."""
     if me not in group:
         raise ConfigError(f"client name {me!r} is not in client.group {list(group)}")
@@ -84,4 +88,6 @@ def masked_weights(key: bytes, vector: torch.Tensor, round_: int, me: str, group
 
 
 def average_from_sum(summed: torch.Tensor, parties: int) -> torch.Tensor:
-    return torch.from_numpy(summed.numpy().astype(np.float64) / 2**FIXED_POINT_BITS / parties).float()
+    return torch.from_numpy(
+        summed.numpy().astype(np.float64) / 2**FIXED_POINT_BITS / parties
+    ).float()

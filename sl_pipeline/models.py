@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import itertools
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -120,7 +121,7 @@ def build_segments(cfg: ModelConfig, topology: str = "vanilla") -> list[nn.Modul
             f"model.cuts = {cuts} must be increasing indices between 1 and {len(model) - 1}"
         )
     bounds = [0, *cuts, len(model)]
-    return [model[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return [model[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def vertical_bottom(cfg: ModelConfig, party: int) -> nn.Sequential:

@@ -107,7 +107,9 @@ class DealerConnection:
         buffers = frame_buffers(frames)
         if is_handshake(buffers):
             # A plaintext refusal after joining: the server lost our session (restart).
-            raise PeerError("unauthenticated", "server no longer knows this session", retryable=True)
+            raise PeerError(
+                "unauthenticated", "server no longer knows this session", retryable=True
+            )
         message = self.channel.unpack(buffers)
         self.on_message("received", message.kind.value, frames_size(frames))
         if message.kind is Kind.ERROR:
@@ -124,8 +126,9 @@ class DealerConnection:
         recv = asyncio.ensure_future(self.sock.recv_multipart(copy=False))
         lost = asyncio.ensure_future(self.monitor.recv_multipart())
         try:
-            done, _ = await asyncio.wait({recv, lost}, timeout=timeout_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {recv, lost}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             for task in (recv, lost):
                 if not task.done():

@@ -49,7 +49,9 @@ class Procs:
 
     def start(self, role: str, config: Path, *extra: str) -> subprocess.Popen[str]:
         cmd = [sys.executable, "-m", "workers", role, "--config", str(config), *extra]
-        proc = subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         self.procs.append(proc)
         return proc
 

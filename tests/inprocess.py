@@ -13,8 +13,12 @@ from workers.relay import RelayWorker
 from workers.server import ServerWorker
 
 
-async def run_deployment(files: dict[str, Path], *overrides: str, timeout_s: float = 180,
-                         server_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+async def run_deployment(
+    files: dict[str, Path],
+    *overrides: str,
+    timeout_s: float = 180,
+    server_overrides: tuple[str, ...] = (),
+) -> dict[str, Any]:
     base = files["server"].parent
     server = ServerWorker(load(ServerConfig, files["server"], list(server_overrides)), base)
     stop = asyncio.Event()
@@ -25,8 +29,11 @@ async def run_deployment(files: dict[str, Path], *overrides: str, timeout_s: flo
         relay = RelayWorker(load(RelayConfig, files["relay-1"]), base)
         tasks.append(asyncio.create_task(relay.serve(stop)))
         await asyncio.sleep(0.5)
-    clients = [ClientWorker(load(ClientConfig, path, list(overrides)), base, progress=False)
-               for name, path in sorted(files.items()) if name.startswith("client-")]
+    clients = [
+        ClientWorker(load(ClientConfig, path, list(overrides)), base, progress=False)
+        for name, path in sorted(files.items())
+        if name.startswith("client-")
+    ]
     try:
         summaries = await asyncio.wait_for(asyncio.gather(*(c.run() for c in clients)), timeout_s)
     finally:

@@ -14,11 +14,19 @@ from .conftest import ROOT
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "workers", *args], cwd=ROOT, text=True,
-                          capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "workers", *args],
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
-def test_unknown_key_is_named_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unknown_key_is_named_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text("[train]\nepochz = 3\n")
     assert main(["client", "--config", str(cfg)]) == 2
@@ -47,14 +55,25 @@ def test_missing_key_file_is_named(deployment, capsys: pytest.CaptureFixture[str
 
 def test_bad_endpoint_is_named(deployment, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
     files = deployment()
-    assert main(["client", "--config", str(files["client-1"]), "--set", 'client.server="localhost:1"']) == 2
+    assert (
+        main(["client", "--config", str(files["client-1"]), "--set", 'client.server="localhost:1"'])
+        == 2
+    )
     assert "client.server" in capsys.readouterr().err
 
 
 def test_unreachable_server_exits_2(deployment) -> None:  # type: ignore[no-untyped-def]
     files = deployment()
-    result = run_cli("client", "--config", str(files["client-1"]), "--no-progress",
-                     "--set", "client.retry_for_s=1", "--set", "client.connect_timeout_s=0.5")
+    result = run_cli(
+        "client",
+        "--config",
+        str(files["client-1"]),
+        "--no-progress",
+        "--set",
+        "client.retry_for_s=1",
+        "--set",
+        "client.connect_timeout_s=0.5",
+    )
     assert result.returncode == 2, result.stderr
     assert "client.server" in result.stderr and "Traceback" not in result.stderr
 

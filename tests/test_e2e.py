@@ -19,7 +19,9 @@ def test_two_clients_train_against_one_server(deployment, procs: Procs) -> None:
     files = deployment(clients=2, dataset="breast_cancer", epochs=3)
     procs.start("server", files["server"])
     # Execute
-    clients = [procs.start("client", files[f"client-{i}"], "--json", "--no-progress") for i in (1, 2)]
+    clients = [
+        procs.start("client", files[f"client-{i}"], "--json", "--no-progress") for i in (1, 2)
+    ]
     summaries = [_summary(c) for c in clients]
     # Assert
     for s in summaries:

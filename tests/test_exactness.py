@@ -1,4 +1,4 @@
-"""Split training over the real encrypted pipeline equals training the whole model in one process."""
+"""Split training over the real encrypted pipeline equals the whole model trained in one process."""
 
 from __future__ import annotations
 
@@ -61,5 +61,7 @@ async def test_split_weights_equal_central_weights(deployment, dataset: str) -> 
     # Assert
     assert summary["steps"] > 0
     for split_part, ref_part in ((bottom, ref_bottom), (top, ref_top)):
-        for (name, p), (_, q) in zip(split_part.state_dict().items(), ref_part.state_dict().items(), strict=True):
+        for (name, p), (_, q) in zip(
+            split_part.state_dict().items(), ref_part.state_dict().items(), strict=True
+        ):
             assert torch.allclose(p, q, atol=1e-5, rtol=1e-4), name

@@ -23,9 +23,18 @@ from .conftest import Procs
 from .inprocess import run_deployment
 
 SERVER_SETS = ("--set", 'checkpoint.dir="ckpt/server"', "--set", "checkpoint.fsync=false")
-CLIENT_SETS = ("--set", 'checkpoint.dir="ckpt/client"', "--set", "checkpoint.fsync=false",
-               "--set", "client.retry_for_s=60", "--set", "client.timeout_s=10",
-               "--set", "client.connect_timeout_s=2")
+CLIENT_SETS = (
+    "--set",
+    'checkpoint.dir="ckpt/client"',
+    "--set",
+    "checkpoint.fsync=false",
+    "--set",
+    "client.retry_for_s=60",
+    "--set",
+    "client.timeout_s=10",
+    "--set",
+    "client.connect_timeout_s=2",
+)
 
 
 def _summary(proc: subprocess.Popen[str], timeout: float = 240) -> dict:  # type: ignore[type-arg]
@@ -102,14 +111,20 @@ def test_client_killed_and_restarted(deployment, procs: Procs) -> None:  # type:
 
 async def test_lossy_network_loses_and_delays_messages(deployment) -> None:  # type: ignore[no-untyped-def]
     files = deployment(dataset="breast_cancer", epochs=2)
-    reference = (await run_deployment(deployment(dataset="breast_cancer", epochs=2)))["summaries"][0]
+    reference = (await run_deployment(deployment(dataset="breast_cancer", epochs=2)))["summaries"][
+        0
+    ]
     port = int(files["client-1"].read_text().split("tcp://127.0.0.1:")[1].split('"')[0])
     proxy = LossyProxy(f"tcp://127.0.0.1:{port}", drop_rate=0.05, delay_s=(0.0, 0.003), seed=3)
     await proxy.start()
     try:
         run = await run_deployment(
-            files, f'client.server="{proxy.endpoint}"', "client.timeout_s=1", "client.connect_timeout_s=1",
-            "client.retry_for_s=30")
+            files,
+            f'client.server="{proxy.endpoint}"',
+            "client.timeout_s=1",
+            "client.connect_timeout_s=1",
+            "client.retry_for_s=30",
+        )
     finally:
         await proxy.stop()
     summary = run["summaries"][0]

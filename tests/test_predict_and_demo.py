@@ -25,7 +25,9 @@ def _write_csv(path: Path, x: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("topology", ["vanilla", "ushaped"])
-async def test_predict_matches_the_in_process_model(deployment, procs: Procs, topology: str) -> None:  # type: ignore[no-untyped-def]
+async def test_predict_matches_the_in_process_model(
+    deployment, procs: Procs, topology: str
+) -> None:  # type: ignore[no-untyped-def]
     # Prepare: train, so each party saves its own segment
     files = deployment(topology=topology, dataset="breast_cancer", epochs=2)
     await run_deployment(files)
@@ -36,9 +38,23 @@ async def test_predict_matches_the_in_process_model(deployment, procs: Procs, to
     # Execute: the server restarts from its saved segment; predict sends only activations
     procs.start("server", files["server"])
     time.sleep(1.5)
-    result = subprocess.run([sys.executable, "-m", "workers", "predict", "--config", str(files["client-1"]),
-                             "--input", str(base / "inputs.csv"), "--json"], cwd=ROOT, text=True,
-                            capture_output=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "workers",
+            "predict",
+            "--config",
+            str(files["client-1"]),
+            "--input",
+            str(base / "inputs.csv"),
+            "--json",
+        ],
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     predicted = json.loads(result.stdout.strip().splitlines()[-1])
     # Assert: the same as running the saved segments in one process
@@ -61,19 +77,53 @@ async def test_predict_matches_the_in_process_model(deployment, procs: Procs, to
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("topology", "dataset", "clients"),
-    [("vanilla", "digits", 1), ("ushaped", "digits", 1), ("multihop", "digits", 1),
-     ("vertical", "breast_cancer", 2), ("multitask", "digits", 2), ("roundrobin", "digits", 2),
-     ("splitfed", "digits", 2)],
+    [
+        ("vanilla", "digits", 1),
+        ("ushaped", "digits", 1),
+        ("multihop", "digits", 1),
+        ("vertical", "breast_cancer", 2),
+        ("multitask", "digits", 2),
+        ("roundrobin", "digits", 2),
+        ("splitfed", "digits", 2),
+    ],
 )
 def test_demo_reaches_the_central_baseline(topology: str, dataset: str, clients: int) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "workers", "demo", "--topology", topology, "--dataset", dataset,
-         "--clients", str(clients), "--baseline", "--json"],
-        cwd=ROOT, text=True, capture_output=True, timeout=400, stdin=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "workers",
+            "demo",
+            "--topology",
+            topology,
+            "--dataset",
+            dataset,
+            "--clients",
+            str(clients),
+            "--baseline",
+            "--json",
+        ],
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
+        timeout=400,
+        stdin=subprocess.DEVNULL,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    for key in ("topology", "dataset", "clients", "epochs", "steps", "test_accuracy", "train_loss",
-                "bytes_sent", "bytes_received", "wall_seconds", "baseline_accuracy"):
+    for key in (
+        "topology",
+        "dataset",
+        "clients",
+        "epochs",
+        "steps",
+        "test_accuracy",
+        "train_loss",
+        "bytes_sent",
+        "bytes_received",
+        "wall_seconds",
+        "baseline_accuracy",
+    ):
         assert key in summary
     assert summary["test_accuracy"] >= summary["baseline_accuracy"] - 0.02
     assert summary["test_accuracy"] >= 0.95

@@ -25,9 +25,13 @@ from .conftest import load_client, load_server
 
 
 @pytest.fixture
-async def running(deployment) -> AsyncIterator[tuple[ServerWorker, dict[str, Path], zmq.asyncio.Context]]:  # type: ignore[no-untyped-def]
+async def running(
+    deployment,
+) -> AsyncIterator[tuple[ServerWorker, dict[str, Path], zmq.asyncio.Context]]:  # type: ignore[no-untyped-def]
     files = deployment(clients=2, dataset="breast_cancer", epochs=2)
-    server = ServerWorker(load_server(files["server"], "limits.max_tensor_bytes=131072"), files["server"].parent)
+    server = ServerWorker(
+        load_server(files["server"], "limits.max_tensor_bytes=131072"), files["server"].parent
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(server.serve(stop))
     ctx = zmq.asyncio.Context()
@@ -43,44 +47,66 @@ def _hello(server: ServerWorker, name: str) -> dict[str, object]:
     return {"v": 1, "client": name, "model": server.fingerprint, "role": "trainer"}
 
 
-async def _join(server: ServerWorker, files: dict[str, Path], ctx: zmq.asyncio.Context, name: str = "client-1") -> DealerConnection:
+async def _join(
+    server: ServerWorker, files: dict[str, Path], ctx: zmq.asyncio.Context, name: str = "client-1"
+) -> DealerConnection:
     keys = files["server"].parent / "keys"
     conn = DealerConnection(ctx, server.cfg.server.bind)
-    hs = ClientHandshake(_hello(server, name), load_keypair(keys / f"{name}.key"), load_public_key(keys / "server.pub"))
+    hs = ClientHandshake(
+        _hello(server, name),
+        load_keypair(keys / f"{name}.key"),
+        load_public_key(keys / "server.pub"),
+    )
     await conn.handshake(hs, 5)
     return conn
 
 
-async def test_malformed_and_oversized_messages_get_error_replies(running, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+async def test_malformed_and_oversized_messages_get_error_replies(
+    running, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
     server, files, ctx = running
     conn = await _join(server, files, ctx)
     caplog.set_level(logging.WARNING)
     # wrong shape of activations for the server segment
-    bad = Message(kind=Kind.FORWARD, tensors={"act": torch.randn(4, 7), "labels": torch.zeros(4, dtype=torch.int64)})
+    bad = Message(
+        kind=Kind.FORWARD,
+        tensors={"act": torch.randn(4, 7), "labels": torch.zeros(4, dtype=torch.int64)},
+    )
     with pytest.raises(PeerError, match="do not fit"):
         await conn.send(bad)
         await conn.recv(5)
     # labels out of range
-    bad = Message(kind=Kind.FORWARD, tensors={"act": torch.randn(4, 64), "labels": torch.full((4,), 9)})
+    bad = Message(
+        kind=Kind.FORWARD, tensors={"act": torch.randn(4, 64), "labels": torch.full((4,), 9)}
+    )
     with pytest.raises(PeerError, match="class indices"):
         await conn.send(bad)
         await conn.recv(5)
     # a tensor over the configured limit (128 KiB here) is refused from its header
-    big = Message(kind=Kind.FORWARD, tensors={"act": torch.zeros(1024, 64), "labels": torch.zeros(1024, dtype=torch.int64)})
+    big = Message(
+        kind=Kind.FORWARD,
+        tensors={"act": torch.zeros(1024, 64), "labels": torch.zeros(1024, dtype=torch.int64)},
+    )
     with pytest.raises(PeerError, match="limit"):
         await conn.send(big)
         await conn.recv(5)
     assert "(oversized)" in caplog.text
     assert "rejected message from client-1" in caplog.text
     # the same client still trains afterwards
-    ok = Message(kind=Kind.FORWARD, step=1, tensors={"act": torch.randn(4, 64), "labels": torch.zeros(4, dtype=torch.int64)})
+    ok = Message(
+        kind=Kind.FORWARD,
+        step=1,
+        tensors={"act": torch.randn(4, 64), "labels": torch.zeros(4, dtype=torch.int64)},
+    )
     await conn.send(ok)
     reply = await conn.recv(5)
     assert reply.kind is Kind.BACKWARD and reply.tensor("grad").shape == (4, 64)
     conn.close()
 
 
-async def test_tampered_and_unauthenticated_frames_are_refused(running, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+async def test_tampered_and_unauthenticated_frames_are_refused(
+    running, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
     server, files, ctx = running
     caplog.set_level(logging.WARNING)
     conn = await _join(server, files, ctx)
@@ -88,7 +114,7 @@ async def test_tampered_and_unauthenticated_frames_are_refused(running, caplog: 
     frames = [bytearray(f) for f in conn.channel.pack(Message(kind=Kind.HEARTBEAT))]
     frames[-1][0] ^= 1
     await conn.sock.send_multipart(frames)
-    with pytest.raises(PeerError, match="crypto|tag|authentic"):
+    with pytest.raises(PeerError, match=r"crypto|tag|authentic"):
         await conn.recv(5)
     assert "bad_tag" in caplog.text
     # a stranger's garbage, without any handshake
@@ -102,15 +128,19 @@ async def test_tampered_and_unauthenticated_frames_are_refused(running, caplog: 
     conn.close()
 
 
-async def test_unadmitted_key_is_refused_while_admitted_client_trains(running, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+async def test_unadmitted_key_is_refused_while_admitted_client_trains(
+    running, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
     server, files, ctx = running
     caplog.set_level(logging.WARNING)
     keys = files["server"].parent / "keys"
     stranger = DealerConnection(ctx, server.cfg.server.bind)
-    hs = ClientHandshake(_hello(server, "mallory"), generate_keypair(), load_public_key(keys / "server.pub"))
+    hs = ClientHandshake(
+        _hello(server, "mallory"), generate_keypair(), load_public_key(keys / "server.pub")
+    )
     honest = ClientWorker(load_client(files["client-2"]), files["client-2"].parent, progress=False)
     training = asyncio.create_task(honest.run())
-    with pytest.raises(PeerError, match="not admitted|admitted"):
+    with pytest.raises(PeerError, match=r"not admitted|admitted"):
         await stranger.handshake(hs, 5)
     summary = await asyncio.wait_for(training, 60)
     assert summary["steps"] > 0 and summary["test_accuracy"] > 0.85
@@ -121,7 +151,12 @@ async def test_unadmitted_key_is_refused_while_admitted_client_trains(running, c
 async def test_retransmitted_step_is_answered_from_cache(running) -> None:  # type: ignore[no-untyped-def]
     server, files, ctx = running
     conn = await _join(server, files, ctx)
-    msg = Message(kind=Kind.FORWARD, epoch=0, step=5, tensors={"act": torch.randn(4, 64), "labels": torch.zeros(4, dtype=torch.int64)})
+    msg = Message(
+        kind=Kind.FORWARD,
+        epoch=0,
+        step=5,
+        tensors={"act": torch.randn(4, 64), "labels": torch.zeros(4, dtype=torch.int64)},
+    )
     await conn.send(msg)
     first = await conn.recv(5)
     await conn.send(msg)

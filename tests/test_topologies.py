@@ -24,7 +24,9 @@ def record_inbound(monkeypatch: pytest.MonkeyPatch) -> list[Message]:
     for cls in (ServerWorker, RelayWorker):
         original = cls.dispatch
 
-        async def spy(self: RouterService, identity: bytes, peer: Any, msg: Message, _orig: Any = original) -> Any:
+        async def spy(
+            self: RouterService, identity: bytes, peer: Any, msg: Message, _orig: Any = original
+        ) -> Any:
             seen.append(msg)
             return await _orig(self, identity, peer, msg)
 
@@ -48,7 +50,9 @@ def record_received(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Message]]
     return received
 
 
-async def test_ushaped_server_never_receives_labels(deployment, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+async def test_ushaped_server_never_receives_labels(
+    deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
     seen = record_inbound(monkeypatch)
     run = await run_deployment(deployment(topology="ushaped", dataset="digits", epochs=2))
     assert run["summaries"][0]["test_accuracy"] > 0.75
@@ -56,13 +60,17 @@ async def test_ushaped_server_never_receives_labels(deployment, monkeypatch: pyt
     assert all(t.dtype.is_floating_point for m in seen for t in m.tensors.values())
 
 
-async def test_vertical_parties_receive_only_their_own_gradient(deployment, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+async def test_vertical_parties_receive_only_their_own_gradient(
+    deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
     received = record_received(monkeypatch)
-    run = await run_deployment(deployment(topology="vertical", clients=2, dataset="breast_cancer", epochs=2))
+    run = await run_deployment(
+        deployment(topology="vertical", clients=2, dataset="breast_cancer", epochs=2)
+    )
     for client in run["clients"]:
         assert client.data.train.y is None  # a feature party holds no labels
     assert run["summaries"][0]["test_accuracy"] > 0.9
-    for name, messages in received.items():
+    for messages in received.values():
         for msg in messages:
             assert set(msg.tensors) <= {"grad", "out"}, msg.tensors.keys()
             if "grad" in msg.tensors:  # the gradient of this party's own 64-unit output only
@@ -72,9 +80,13 @@ async def test_vertical_parties_receive_only_their_own_gradient(deployment, monk
     assert set(received) == {"client-1", "client-2"}
 
 
-async def test_vertical_server_gets_no_features_and_aligned_ids(deployment, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+async def test_vertical_server_gets_no_features_and_aligned_ids(
+    deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
     seen = record_inbound(monkeypatch)
-    await run_deployment(deployment(topology="vertical", clients=2, dataset="breast_cancer", epochs=1))
+    await run_deployment(
+        deployment(topology="vertical", clients=2, dataset="breast_cancer", epochs=1)
+    )
     forwards = [m for m in seen if m.kind.value == "forward"]
     assert forwards and all(set(m.tensors) == {"act", "ids"} for m in forwards)
     by_step: dict[tuple[int, int], list[Message]] = {}
@@ -84,9 +96,13 @@ async def test_vertical_server_gets_no_features_and_aligned_ids(deployment, monk
         assert len(parts) == 2 and torch.equal(parts[0].tensors["ids"], parts[1].tensors["ids"])
 
 
-async def test_roundrobin_weights_are_unreadable_by_the_server(deployment, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+async def test_roundrobin_weights_are_unreadable_by_the_server(
+    deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
     seen = record_inbound(monkeypatch)
-    run = await run_deployment(deployment(topology="roundrobin", clients=2, dataset="breast_cancer", epochs=2))
+    run = await run_deployment(
+        deployment(topology="roundrobin", clients=2, dataset="breast_cancer", epochs=2)
+    )
     blobs = [m.tensors["sealed"] for m in seen if "sealed" in m.tensors]
     assert len(blobs) == 4  # 2 clients x 2 epochs
     final = torch.nn.utils.parameters_to_vector(run["clients"][0].bottom.parameters()).detach()
@@ -101,12 +117,18 @@ async def test_roundrobin_weights_are_unreadable_by_the_server(deployment, monke
     assert torch.equal(final, other)
 
 
-async def test_splitfed_server_sees_only_masked_weights(deployment, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+async def test_splitfed_server_sees_only_masked_weights(
+    deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
     seen = record_inbound(monkeypatch)
-    run = await run_deployment(deployment(topology="splitfed", clients=2, dataset="breast_cancer", epochs=2))
+    run = await run_deployment(
+        deployment(topology="splitfed", clients=2, dataset="breast_cancer", epochs=2)
+    )
     masked = [m.tensors["masked"] for m in seen if "masked" in m.tensors]
     assert len(masked) == 4
-    a, b = (torch.nn.utils.parameters_to_vector(c.bottom.parameters()).detach() for c in run["clients"])
+    a, b = (
+        torch.nn.utils.parameters_to_vector(c.bottom.parameters()).detach() for c in run["clients"]
+    )
     assert torch.allclose(a, b, atol=1e-6)  # averaged: every client holds the same segment
     fixed = torch.round(a.double() * 2**24).long()
     for m in masked:  # the masked vector looks nothing like the fixed-point weights
@@ -114,13 +136,17 @@ async def test_splitfed_server_sees_only_masked_weights(deployment, monkeypatch:
 
 
 async def test_multitask_clients_share_the_trunk(deployment) -> None:  # type: ignore[no-untyped-def]
-    run = await run_deployment(deployment(topology="multitask", clients=2, dataset="digits", epochs=2))
+    run = await run_deployment(
+        deployment(topology="multitask", clients=2, dataset="digits", epochs=2)
+    )
     tasks = {s["client"]: s["test_accuracy"] for s in run["summaries"]}
     assert tasks["client-1"] > 0.8 and tasks["client-2"] > 0.8
     assert run["server"].engine.steps_applied == sum(s["steps"] for s in run["summaries"])
 
 
-async def test_multihop_passes_through_the_relay(deployment, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+async def test_multihop_passes_through_the_relay(
+    deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
     seen = record_inbound(monkeypatch)
     run = await run_deployment(deployment(topology="multihop", dataset="digits", epochs=2))
     assert run["summaries"][0]["test_accuracy"] > 0.75

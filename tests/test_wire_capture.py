@@ -1,4 +1,4 @@
-"""What a network observer sees: no raw activation bytes when encrypted (and all of them when not)."""
+"""What a network observer sees: no raw activation bytes when encrypted (all of them when not)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ class Tap:
         self.captured = bytearray()
         self.port = free_port()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: bool) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: bool
+    ) -> None:
         try:
             while data := await reader.read(65536):
                 if record:
@@ -37,7 +39,9 @@ class Tap:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        await asyncio.gather(self._pipe(reader, up_writer, True), self._pipe(up_reader, writer, False))
+        await asyncio.gather(
+            self._pipe(reader, up_writer, True), self._pipe(up_reader, writer, False)
+        )
 
     async def start(self) -> asyncio.Server:
         return await asyncio.start_server(self._handle, "127.0.0.1", self.port)
@@ -49,8 +53,12 @@ async def capture_run(files: dict[str, Path], insecure: bool) -> tuple[bytes, li
     port = int(server_cfg.server.bind.rsplit(":", 1)[1])
     tap = Tap(port)
     proxy = await tap.start()
-    overrides = [f'client.server="tcp://127.0.0.1:{tap.port}"'] + (["client.insecure=true"] if insecure else [])
-    client = ClientWorker(load_client(files["client-1"], *overrides), files["client-1"].parent, progress=False)
+    overrides = [f'client.server="tcp://127.0.0.1:{tap.port}"'] + (
+        ["client.insecure=true"] if insecure else []
+    )
+    client = ClientWorker(
+        load_client(files["client-1"], *overrides), files["client-1"].parent, progress=False
+    )
     sent: list[torch.Tensor] = []
     client.bottom.register_forward_hook(lambda m, i, o: sent.append(o.detach().clone()))
     server = ServerWorker(server_cfg, files["server"].parent)
@@ -78,7 +86,9 @@ def leaked_windows(captured: bytes, tensors: list[torch.Tensor]) -> int:
 
 
 @pytest.mark.parametrize("insecure", [False, True])
-async def test_activations_are_unreadable_on_the_wire_only_when_encrypted(deployment, insecure: bool) -> None:  # type: ignore[no-untyped-def]
+async def test_activations_are_unreadable_on_the_wire_only_when_encrypted(
+    deployment, insecure: bool
+) -> None:  # type: ignore[no-untyped-def]
     files = deployment(dataset="breast_cancer", epochs=1)
     captured, sent = await capture_run(files, insecure)
     assert len(captured) > 10_000 and sent

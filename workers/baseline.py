@@ -6,6 +6,7 @@ what splitting the network (and any privacy defense) costs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -14,7 +15,14 @@ from torch import nn
 
 from sl_pipeline.config import DataConfig, ModelConfig
 from sl_pipeline.data import batch_order, load_party_data
-from sl_pipeline.models import build_segments, full_model, make_optimizer, multitask_heads, vertical_bottom, vertical_top
+from sl_pipeline.models import (
+    build_segments,
+    full_model,
+    make_optimizer,
+    multitask_heads,
+    vertical_bottom,
+    vertical_top,
+)
 
 from .localdeploy import DATASETS, MULTITASK, _feature_slices
 
@@ -22,7 +30,7 @@ LR, MOMENTUM, BATCH = 0.05, 0.9, 32
 
 
 class _Vertical(nn.Module):
-    def __init__(self, bottoms: list[nn.Module], top: nn.Module, slices: list[list[int]]) -> None:
+    def __init__(self, bottoms: Sequence[nn.Module], top: nn.Module, slices: list[list[int]]) -> None:
         super().__init__()
         self.bottoms = nn.ModuleList(bottoms)
         self.top = top
@@ -34,7 +42,9 @@ class _Vertical(nn.Module):
         return self.top(torch.cat(parts, dim=1))  # type: ignore[no-any-return]
 
 
-def _train_and_test(model: nn.Module, data_cfg: DataConfig, classes: int, epochs: int, seed: int) -> float:
+def _train_and_test(
+    model: nn.Module, data_cfg: DataConfig, classes: int, epochs: int, seed: int
+) -> float:
     data = load_party_data(data_cfg, Path("."), classes)
     assert data.train.y is not None and data.test.y is not None
     opt = make_optimizer(list(model.parameters()), "sgd", LR, MOMENTUM)
@@ -49,20 +59,34 @@ def _train_and_test(model: nn.Module, data_cfg: DataConfig, classes: int, epochs
     return float(correct) / len(data.test)
 
 
-def central_accuracy(dataset: str, topology: str, epochs: int, seed: int = 0, clients: int = 1) -> float:
+def central_accuracy(
+    dataset: str, topology: str, epochs: int, seed: int = 0, clients: int = 1
+) -> float:
     spec = DATASETS[dataset]
-    cfg = ModelConfig(builtin=str(spec["builtin"]), in_shape=list(spec["in_shape"]),  # type: ignore[call-overload]
-                      classes=int(spec["classes"]), seed=seed)  # type: ignore[call-overload]
+    cfg = ModelConfig(
+        builtin=str(spec["builtin"]),
+        in_shape=list(spec["in_shape"]),
+        classes=int(spec["classes"]),
+        seed=seed,
+    )
     data_cfg = DataConfig(dataset=dataset, seed=seed)
     if topology == "vertical":
         slices = _feature_slices(dataset, clients)
-        bottoms = [vertical_bottom(ModelConfig(builtin="mlp", in_shape=[z - a], classes=cfg.classes, seed=seed), i)
-                   for i, (a, z) in enumerate(slices)]
-        top = vertical_top(ModelConfig(builtin="mlp", classes=cfg.classes, seed=seed), clients, "concat")
+        bottoms = [
+            vertical_bottom(
+                ModelConfig(builtin="mlp", in_shape=[z - a], classes=cfg.classes, seed=seed), i
+            )
+            for i, (a, z) in enumerate(slices)
+        ]
+        top = vertical_top(
+            ModelConfig(builtin="mlp", classes=cfg.classes, seed=seed), clients, "concat"
+        )
         return _train_and_test(_Vertical(bottoms, top, slices), data_cfg, cfg.classes, epochs, seed)
     if topology == "multitask":
         accuracies = []
-        for i, (task, n) in enumerate(zip(MULTITASK["tasks"], MULTITASK["task_classes"], strict=True)):
+        for i, (task, n) in enumerate(
+            zip(MULTITASK["tasks"], MULTITASK["task_classes"], strict=True)
+        ):
             bottom, rest = build_segments(cfg, "vanilla")
             assert isinstance(rest, nn.Sequential)
             head = multitask_heads(cfg, rest[-1].in_features, MULTITASK["task_classes"])[i]  # type: ignore[arg-type]

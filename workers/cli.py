@@ -21,16 +21,26 @@ log = logging.getLogger("sl_pipeline")
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, type=Path, help="the worker's TOML file")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value (repeatable)")
-    p.add_argument("--insecure", action="store_true",
-                   help="plaintext, no authentication (warns on every start)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext, no authentication (warns on every start)",
+    )
     p.add_argument("--log-format", choices=["text", "json"], default=None)
     p.add_argument("--json", action="store_true", help="print a one-line JSON summary last")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sl-pipeline", description="Split learning over encrypted ZeroMQ")
+    parser = argparse.ArgumentParser(
+        prog="sl-pipeline", description="Split learning over encrypted ZeroMQ"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _config_args(sub.add_parser("server", help="run the server worker"))
     client = sub.add_parser("client", help="run a client worker (trains, then exits)")
@@ -43,11 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train across real processes on built-in data")
     _deployment_args(demo)
     demo.add_argument("--json", action="store_true")
-    demo.add_argument("--baseline", action="store_true",
-                      help="also train the same architecture centrally and report its accuracy")
+    demo.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also train the same architecture centrally and report its accuracy",
+    )
     relay = sub.add_parser("relay", help="run a relay (a middle segment of a multi-hop chain)")
     _config_args(relay)
-    predict = sub.add_parser("predict", help="predictions for an input file; only activations leave")
+    predict = sub.add_parser(
+        "predict", help="predictions for an input file; only activations leave"
+    )
     predict.add_argument("--config", required=True, type=Path, help="the client's TOML file")
     predict.add_argument("--input", required=True, type=Path, help=".csv or .npz features")
     predict.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -96,8 +111,8 @@ def _set_threads(threads: int) -> None:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from .server import ServerWorker
     from .common import install_stop_signals
+    from .server import ServerWorker
 
     cfg = load(ServerConfig, args.config, _overrides(args, "server"))
     _setup_logging(args, cfg.ops.log_format, cfg.ops.log_level, "server")
@@ -166,9 +181,16 @@ def cmd_client(args: argparse.Namespace) -> int:
 def cmd_init(args: argparse.Namespace) -> int:
     from .localdeploy import init_deployment
 
-    result = init_deployment(args.dir, topology=args.topology, clients=args.clients,
-                             dataset=args.dataset, epochs=args.epochs, insecure=args.insecure,
-                             ops=args.ops, seed=args.seed)
+    result = init_deployment(
+        args.dir,
+        topology=args.topology,
+        clients=args.clients,
+        dataset=args.dataset,
+        epochs=args.epochs,
+        insecure=args.insecure,
+        ops=args.ops,
+        seed=args.seed,
+    )
     for name, path in result["files"].items():
         print(f"{name}: {path}")
     print(f"start with: sl-pipeline server --config {result['files']['server']}")

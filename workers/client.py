@@ -53,9 +53,12 @@ class ClientWorker:
         check_endpoint(cfg.client.server, "client.server")
         self.data: PartyData = load_party_data(cfg.data, base, cfg.model.classes)
         if self.topology == "vertical":  # a feature party holds no labels
-            self.data = PartyData(Split(self.data.train.x, None, self.data.train.ids),
-                                  Split(self.data.test.x, None, self.data.test.ids),
-                                  self.data.in_shape, self.data.classes)
+            self.data = PartyData(
+                Split(self.data.train.x, None, self.data.train.ids),
+                Split(self.data.test.x, None, self.data.test.ids),
+                self.data.in_shape,
+                self.data.classes,
+            )
         self.runner: StepRunner = build_runner(self)
         self.handshake = self._make_handshake()
         self.conn: DealerConnection | None = None
@@ -75,8 +78,12 @@ class ClientWorker:
 
     def _make_handshake(self) -> ClientHandshake:
         c = self.cfg.client
-        hello = {"v": PROTOCOL_VERSION, "client": c.name,
-                 "model": fingerprint(self.cfg.model, self.topology), "role": c.role}
+        hello = {
+            "v": PROTOCOL_VERSION,
+            "client": c.name,
+            "model": fingerprint(self.cfg.model, self.topology),
+            "role": c.role,
+        }
         if c.insecure:
             warn_insecure("client")
             return ClientHandshake(hello, None, None)
@@ -90,7 +97,9 @@ class ClientWorker:
         if not c.dir:
             return None
         directory = resolve_path(self.base, c.dir, "checkpoint.dir", must_exist=False)
-        return CheckpointStore(directory, keep=max(1, c.keep), prefix=self.cfg.client.name, fsync=c.fsync)
+        return CheckpointStore(
+            directory, keep=max(1, c.keep), prefix=self.cfg.client.name, fsync=c.fsync
+        )
 
     def _state(self, next_step: int) -> dict[str, Any]:
         return {
@@ -135,9 +144,12 @@ class ClientWorker:
             return
         server_step = (int(applied[0]), int(applied[1])) if applied else (-1, -1)
         if server_step < self.last_applied:
-            log.error("the server lost steps after %s that this client applied (up to %s); "
-                      "exactly-once needs the server's checkpoint.every_steps = 1",
-                      server_step, self.last_applied)
+            log.error(
+                "the server lost steps after %s that this client applied (up to %s); "
+                "exactly-once needs the server's checkpoint.every_steps = 1",
+                server_step,
+                self.last_applied,
+            )
 
     # ---- connection --------------------------------------------------------------------
     def _count(self, direction: str, kind: str, nbytes: int) -> None:
@@ -153,7 +165,9 @@ class ClientWorker:
         while True:
             if self.conn is not None:
                 self.conn.close()
-            self.conn = DealerConnection(self.ctx, c.server, self.cfg.limits.to_limits(), self._count)
+            self.conn = DealerConnection(
+                self.ctx, c.server, self.cfg.limits.to_limits(), self._count
+            )
             try:
                 welcome = await self.conn.handshake(self.handshake, c.connect_timeout_s)
                 log.info("joined server %s", c.server)
@@ -192,13 +206,17 @@ class ClientWorker:
         raise TransportError(f"gave up after {MAX_RETRIES_PER_REQUEST} retries of one step")
 
     def message(self, kind: Kind, step: int = 0, **kwargs: Any) -> Message:
-        return Message(kind=kind, client=self.cfg.client.name, epoch=self.epoch, step=step, **kwargs)
+        return Message(
+            kind=kind, client=self.cfg.client.name, epoch=self.epoch, step=step, **kwargs
+        )
 
     # ---- training ----------------------------------------------------------------------
     async def run(self) -> dict[str, Any]:
         start = time.perf_counter()
         self.ctx = zmq.asyncio.Context()
-        ops = await start_ops(self.cfg.ops, self.metrics, self.status, lambda: self.conn is not None)
+        ops = await start_ops(
+            self.cfg.ops, self.metrics, self.status, lambda: self.conn is not None
+        )
         try:
             await self.connect()
             await self.train()
@@ -219,12 +237,18 @@ class ClientWorker:
             self.epoch = epoch
             self.metrics.epoch.set(epoch)
             await self.runner.before_epoch(epoch)
-            self.last_loss = await self._train_epoch(epoch, self.start[1] if epoch == self.start[0] else 0)
+            self.last_loss = await self._train_epoch(
+                epoch, self.start[1] if epoch == self.start[0] else 0
+            )
             await self.runner.after_epoch(epoch)
             self.last_accuracy = await self.runner.evaluate(self.data.test)
             self.metrics.test_accuracy.set(self.last_accuracy)
-            log.info("epoch %d: train loss %.4f, test accuracy %.4f",
-                     epoch + 1, self.last_loss, self.last_accuracy)
+            log.info(
+                "epoch %d: train loss %.4f, test accuracy %.4f",
+                epoch + 1,
+                self.last_loss,
+                self.last_accuracy,
+            )
         if await self.runner.after_training():
             self.last_accuracy = await self.runner.evaluate(self.data.test)
             self.metrics.test_accuracy.set(self.last_accuracy)
@@ -248,18 +272,31 @@ class ClientWorker:
         }
 
     def status(self) -> dict[str, Any]:
-        return {"role": "client", "name": self.cfg.client.name, "topology": self.topology,
-                "epoch": self.epoch, "step": self.step, "last_loss": self.last_loss,
-                "last_accuracy": self.last_accuracy, "privacy": self.runner.report()}
+        return {
+            "role": "client",
+            "name": self.cfg.client.name,
+            "topology": self.topology,
+            "epoch": self.epoch,
+            "step": self.step,
+            "last_loss": self.last_loss,
+            "last_accuracy": self.last_accuracy,
+            "privacy": self.runner.report(),
+        }
 
     async def _train_epoch(self, epoch: int, first_step: int = 0) -> float:
         """One epoch's batches in their fixed order, from ``first_step`` after a resume."""
         total = -(-len(self.data.train) // self.cfg.train.batch_size)
         if first_step == 0:
             self.epoch_losses = []
-        bar = tqdm(total=total, initial=first_step, file=sys.stderr, leave=False, dynamic_ncols=True,
-                   desc=f"{self.cfg.client.name} epoch {epoch + 1}/{self.cfg.train.epochs}",
-                   disable=not self.progress)
+        bar = tqdm(
+            total=total,
+            initial=first_step,
+            file=sys.stderr,
+            leave=False,
+            dynamic_ncols=True,
+            desc=f"{self.cfg.client.name} epoch {epoch + 1}/{self.cfg.train.epochs}",
+            disable=not self.progress,
+        )
         for step, (x, y, ids) in enumerate(self.runner.epoch_batches(epoch)):
             if step < first_step:
                 continue

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from sl_pipeline.config import resolve_path
 from sl_pipeline.errors import ConfigError
-from sl_pipeline.group import average_from_sum, load_group_key, masked_weights, open_weights, seal_weights
+from sl_pipeline.group import (
+    average_from_sum,
+    load_group_key,
+    masked_weights,
+    open_weights,
+    seal_weights,
+)
 from sl_pipeline.messages import Kind
 
 from .client_steps import StepRunner, parameters_to_vector, vector_to_parameters
@@ -16,9 +22,13 @@ class _GroupRunner(StepRunner):
     def group_key(self) -> bytes:
         c = self.w.cfg.client
         if not c.group_key:
-            raise ConfigError(f"{c.topology}: set client.group_key (a secret shared by the clients)")
+            raise ConfigError(
+                f"{c.topology}: set client.group_key (a secret shared by the clients)"
+            )
         if len(c.group) < 1 or c.name not in c.group:
-            raise ConfigError(f"{c.topology}: client.group must list every client, this one included")
+            raise ConfigError(
+                f"{c.topology}: client.group must list every client, this one included"
+            )
         return load_group_key(resolve_path(self.w.base, c.group_key, "client.group_key"))
 
     def vector(self):  # type: ignore[no-untyped-def]
@@ -50,9 +60,15 @@ class RoundRobinRunner(_GroupRunner):
 
     async def after_epoch(self, epoch: int) -> None:
         await super().after_epoch(epoch)
-        turn = epoch * len(self.w.cfg.client.group) + sorted(self.w.cfg.client.group).index(self.w.cfg.client.name) + 1
+        turn = (
+            epoch * len(self.w.cfg.client.group)
+            + sorted(self.w.cfg.client.group).index(self.w.cfg.client.name)
+            + 1
+        )
         sealed = seal_weights(self.group_key(), self.vector(), turn)
-        await self.w.request(self.w.message(Kind.WEIGHTS, 1, meta={"op": "release"}, tensors={"sealed": sealed}))
+        await self.w.request(
+            self.w.message(Kind.WEIGHTS, 1, meta={"op": "release"}, tensors={"sealed": sealed})
+        )
 
     async def after_training(self) -> bool:
         self.w.epoch = self.w.cfg.train.epochs

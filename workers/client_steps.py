@@ -83,11 +83,13 @@ class StepRunner:
 
         train = self.w.data.train
         labels = train.y if train.y is not None else torch.zeros(len(train), dtype=torch.int64)
-        loader = DataLoader(TensorDataset(train.x, labels, train.ids),
-                            batch_size=self.w.cfg.train.batch_size)
+        loader = DataLoader(
+            TensorDataset(train.x, labels, train.ids), batch_size=self.w.cfg.train.batch_size
+        )
         assert self.privacy.dpsgd is not None
-        self.dp = make_private_client(self.bottom, self.optimizer, loader, self.privacy.dpsgd,
-                                      self.w.cfg.train.epochs)
+        self.dp = make_private_client(
+            self.bottom, self.optimizer, loader, self.privacy.dpsgd, self.w.cfg.train.epochs
+        )
         self.modules["bottom"] = self.dp.module
         self.optimizer = self.dp.optimizer
 
@@ -99,7 +101,9 @@ class StepRunner:
                 if len(ids):
                     yield x, (y if train.y is not None else None), ids
             return
-        for idx in batch_order(len(train), self.w.cfg.train.batch_size, self.w.cfg.train.seed, epoch):
+        for idx in batch_order(
+            len(train), self.w.cfg.train.batch_size, self.w.cfg.train.seed, epoch
+        ):
             yield train.x[idx], (train.y[idx] if train.y is not None else None), train.ids[idx]
 
     # ---- one step ------------------------------------------------------------------------
@@ -108,7 +112,9 @@ class StepRunner:
         act = self.bottom(x)
         return act, self.defense.apply(act)
 
-    def forward_message(self, step: int, sent: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor) -> Message:
+    def forward_message(
+        self, step: int, sent: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor
+    ) -> Message:
         tensors = {"act": wire(sent, self.w.cfg.train.wire_dtype)}
         if self.sends_labels:
             if y is None:
@@ -119,7 +125,9 @@ class StepRunner:
     def forward_meta(self) -> dict[str, Any]:
         return {}
 
-    def apply_gradient(self, x: torch.Tensor, act: torch.Tensor, sent: torch.Tensor, grad: torch.Tensor) -> None:
+    def apply_gradient(
+        self, x: torch.Tensor, act: torch.Tensor, sent: torch.Tensor, grad: torch.Tensor
+    ) -> None:
         """Finish backpropagation locally (plus the NoPeek term), then step."""
         roots, grads = [sent], [as_input(grad, requires_grad=False)]
         if self.nopeek is not None:
@@ -128,7 +136,9 @@ class StepRunner:
         torch.autograd.backward(roots, grads)
         self.optimizer.step()
 
-    async def train_step(self, step: int, x: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor) -> float:
+    async def train_step(
+        self, step: int, x: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor
+    ) -> float:
         self.optimizer.zero_grad(set_to_none=True)
         act, sent = self.cut(x)
         reply = await self.w.request(self.forward_message(step, sent, y, ids))
@@ -136,12 +146,19 @@ class StepRunner:
         return float(reply.meta.get("loss", float("nan")))
 
     # ---- evaluation and inference ----------------------------------------------------------
-    async def predict(self, x: torch.Tensor, step: int = 0, ids: torch.Tensor | None = None,
-                      kind: Kind = Kind.PREDICT) -> torch.Tensor:
+    async def predict(
+        self,
+        x: torch.Tensor,
+        step: int = 0,
+        ids: torch.Tensor | None = None,
+        kind: Kind = Kind.PREDICT,
+    ) -> torch.Tensor:
         out, _ = await self._infer(x, step, ids, kind)
         return out
 
-    async def _infer(self, x: torch.Tensor, step: int, ids: torch.Tensor | None, kind: Kind) -> tuple[torch.Tensor, Message]:
+    async def _infer(
+        self, x: torch.Tensor, step: int, ids: torch.Tensor | None, kind: Kind
+    ) -> tuple[torch.Tensor, Message]:
         for module in self.modules.values():
             module.eval()
         with torch.no_grad():
@@ -149,7 +166,9 @@ class StepRunner:
         tensors = {"act": wire(sent, self.w.cfg.train.wire_dtype)}
         if ids is not None and not self.sends_labels and "head" not in self.modules:
             tensors["ids"] = ids
-        reply = await self.w.request(self.w.message(kind, step, tensors=tensors, meta=self.forward_meta()))
+        reply = await self.w.request(
+            self.w.message(kind, step, tensors=tensors, meta=self.forward_meta())
+        )
         out = as_input(reply.tensor("out"), requires_grad=False)
         if "head" in self.modules:
             with torch.no_grad():
@@ -184,7 +203,11 @@ class StepRunner:
             self.accountant.step(1)
             self.w.metrics.set_privacy("activation_noise", self.accountant.epsilon())
         if self.dp is not None:
-            self.w.metrics.set_privacy("dpsgd", self.dp.epsilon(), self.privacy.dpsgd.target_epsilon if self.privacy.dpsgd else None)
+            self.w.metrics.set_privacy(
+                "dpsgd",
+                self.dp.epsilon(),
+                self.privacy.dpsgd.target_epsilon if self.privacy.dpsgd else None,
+            )
 
     async def after_training(self) -> bool:
         """True when the weights changed after the last evaluation (group topologies)."""
@@ -237,7 +260,9 @@ class UShapedRunner(StepRunner):
             raise ConfigError("ushaped needs model.cuts with two cut indices")
         return {"bottom": segments[0], "head": segments[2]}
 
-    async def train_step(self, step: int, x: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor) -> float:
+    async def train_step(
+        self, step: int, x: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor
+    ) -> float:
         if y is None:
             raise ConfigError("ushaped: the client holds the labels; set data.label")
         self.optimizer.zero_grad(set_to_none=True)
@@ -248,7 +273,9 @@ class UShapedRunner(StepRunner):
         loss = F.cross_entropy(self.modules["head"](middle), y)
         loss.backward()
         assert middle.grad is not None
-        back = msg.reply(Kind.BACKWARD, tensors={"grad": wire(middle.grad, self.w.cfg.train.wire_dtype)})
+        back = msg.reply(
+            Kind.BACKWARD, tensors={"grad": wire(middle.grad, self.w.cfg.train.wire_dtype)}
+        )
         grad_reply = await self.w.request(back)
         self.apply_gradient(x, act, sent, grad_reply.tensor("grad"))
         return float(loss.detach())
@@ -265,7 +292,9 @@ class VerticalRunner(StepRunner):
         index = sorted(group).index(name) if name in group else 0
         return {"bottom": vertical_bottom(self.w.cfg.model, index)}
 
-    def forward_message(self, step: int, sent: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor) -> Message:
+    def forward_message(
+        self, step: int, sent: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor
+    ) -> Message:
         tensors = {"act": wire(sent, self.w.cfg.train.wire_dtype), "ids": ids}
         return self.w.message(Kind.FORWARD, step, tensors=tensors)
 

@@ -77,7 +77,14 @@ class GroupEngine(VanillaEngine):
         for name, (identity, msg) in list(self._waiting.items()):
             if final or (name == self._whose_turn() and not msg.meta.get("final")):
                 tensors = {"sealed": self.blob} if self.blob is not None else {}
-                replies.append((identity, msg.reply(Kind.WEIGHTS, meta={"op": "grant", "turn": self.turn}, tensors=tensors)))
+                replies.append(
+                    (
+                        identity,
+                        msg.reply(
+                            Kind.WEIGHTS, meta={"op": "grant", "turn": self.turn}, tensors=tensors
+                        ),
+                    )
+                )
                 del self._waiting[name]
         return replies
 
@@ -99,7 +106,14 @@ class GroupEngine(VanillaEngine):
             total += vector  # uint64 arithmetic wraps mod 2^64: the masks cancel exactly
         summed = torch.from_numpy(total.view(np.int64).copy())
         return [
-            (ident, m.reply(Kind.WEIGHTS, meta={"op": "sum", "parties": self.parties}, tensors={"sum": summed}))
+            (
+                ident,
+                m.reply(
+                    Kind.WEIGHTS,
+                    meta={"op": "sum", "parties": self.parties},
+                    tensors={"sum": summed},
+                ),
+            )
             for ident, m, _ in round_parts.values()
         ]
 

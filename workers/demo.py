@@ -44,25 +44,42 @@ def stop_process(proc: subprocess.Popen[str], timeout_s: float = STOP_TIMEOUT_S)
 
 
 def run_processes(files: dict[str, str], clients: int, show_progress: bool) -> list[dict[str, Any]]:
-    server = subprocess.Popen(worker_command("server", Path(files["server"])), text=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen(
+        worker_command("server", Path(files["server"])),
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     procs: list[subprocess.Popen[str]] = []
     try:
         if "relay-1" in files:  # multi-hop: the relay joins the server before clients join it
-            procs.append(subprocess.Popen(worker_command("relay", Path(files["relay-1"])), text=True,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+            procs.append(
+                subprocess.Popen(
+                    worker_command("relay", Path(files["relay-1"])),
+                    text=True,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
+            )
         relays = len(procs)
         for i in range(clients):
             extra = ["--json"] + ([] if show_progress and i == 0 else ["--no-progress"])
-            procs.append(subprocess.Popen(
-                worker_command("client", Path(files[f"client-{i + 1}"]), *extra), text=True,
-                stdout=subprocess.PIPE, stderr=None if show_progress and i == 0 else subprocess.PIPE))
+            procs.append(
+                subprocess.Popen(
+                    worker_command("client", Path(files[f"client-{i + 1}"]), *extra),
+                    text=True,
+                    stdout=subprocess.PIPE,
+                    stderr=None if show_progress and i == 0 else subprocess.PIPE,
+                )
+            )
         results = []
         deadline = time.monotonic() + CLIENT_TIMEOUT_S
         for i, proc in enumerate(procs[relays:]):
             out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
             if proc.returncode != 0:
-                raise SLError(f"client-{i + 1} failed (exit {proc.returncode}): {(err or '').strip()[-800:]}")
+                raise SLError(
+                    f"client-{i + 1} failed (exit {proc.returncode}): {(err or '').strip()[-800:]}"
+                )
             results.append(last_json_line(out))
         return results
     finally:
@@ -73,7 +90,9 @@ def run_processes(files: dict[str, str], clients: int, show_progress: bool) -> l
             print(server.stderr.read()[-800:], file=sys.stderr)
 
 
-def aggregate(results: list[dict[str, Any]], args: argparse.Namespace, wall: float) -> dict[str, Any]:
+def aggregate(
+    results: list[dict[str, Any]], args: argparse.Namespace, wall: float
+) -> dict[str, Any]:
     total_test = sum(r["test_samples"] for r in results) or 1
     return {
         "topology": args.topology,
@@ -81,7 +100,9 @@ def aggregate(results: list[dict[str, Any]], args: argparse.Namespace, wall: flo
         "clients": len(results),
         "epochs": results[0]["epochs"],
         "steps": sum(r["steps"] for r in results),
-        "test_accuracy": round(sum(r["test_accuracy"] * r["test_samples"] for r in results) / total_test, 4),
+        "test_accuracy": round(
+            sum(r["test_accuracy"] * r["test_samples"] for r in results) / total_test, 4
+        ),
         "train_loss": round(sum(r["train_loss"] for r in results) / len(results), 4),
         "bytes_sent": sum(r["bytes_sent"] for r in results),
         "bytes_received": sum(r["bytes_received"] for r in results),
@@ -94,24 +115,43 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sl-demo-") as tmp:
         folder = args.dir or Path(tmp)
-        deployment = init_deployment(folder, topology=args.topology, clients=args.clients,
-                                     dataset=args.dataset, epochs=args.epochs,
-                                     insecure=args.insecure, ops=args.ops, seed=args.seed)
+        deployment = init_deployment(
+            folder,
+            topology=args.topology,
+            clients=args.clients,
+            dataset=args.dataset,
+            epochs=args.epochs,
+            insecure=args.insecure,
+            ops=args.ops,
+            seed=args.seed,
+        )
         if not args.json:
-            print(f"demo: 1 server + {args.clients} client process(es), topology {args.topology}, "
-                  f"dataset {args.dataset}, {'plaintext' if args.insecure else 'encrypted'}")
-        results = run_processes(deployment["files"], args.clients, show_progress=sys.stderr.isatty())
+            print(
+                f"demo: 1 server + {args.clients} client process(es), topology {args.topology}, "
+                f"dataset {args.dataset}, {'plaintext' if args.insecure else 'encrypted'}"
+            )
+        results = run_processes(
+            deployment["files"], args.clients, show_progress=sys.stderr.isatty()
+        )
     summary = aggregate(results, args, time.perf_counter() - start)
     if getattr(args, "baseline", False):
         from .baseline import central_accuracy
 
         summary["baseline_accuracy"] = round(
-            central_accuracy(args.dataset, args.topology, summary["epochs"], args.seed, args.clients), 4)
+            central_accuracy(
+                args.dataset, args.topology, summary["epochs"], args.seed, args.clients
+            ),
+            4,
+        )
     if not args.json:
         for r in results:
             print(f"  {r['client']}: {r['steps']} steps, test accuracy {r['test_accuracy']:.4f}")
         if "baseline_accuracy" in summary:
-            print(f"central baseline (same architecture, pooled data): {summary['baseline_accuracy']:.4f}")
-        print(f"test accuracy {summary['test_accuracy']:.4f}, train loss {summary['train_loss']:.4f}, "
-              f"{summary['bytes_sent'] / 1e6:.1f} MB sent, {summary['wall_seconds']:.1f}s")
+            baseline = summary["baseline_accuracy"]
+            print(f"central baseline (same architecture, pooled data): {baseline:.4f}")
+        print(
+            f"test accuracy {summary['test_accuracy']:.4f}, "
+            f"train loss {summary['train_loss']:.4f}, "
+            f"{summary['bytes_sent'] / 1e6:.1f} MB sent, {summary['wall_seconds']:.1f}s"
+        )
     return summary

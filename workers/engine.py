@@ -112,8 +112,11 @@ class VanillaEngine(Engine):
         loss.backward()
         self._apply(loss)
         assert act.grad is not None
-        reply = msg.reply(Kind.BACKWARD, meta={"loss": self.last_loss},
-                          tensors={"grad": wire(act.grad, self.wire_dtype)})
+        reply = msg.reply(
+            Kind.BACKWARD,
+            meta={"loss": self.last_loss},
+            tensors={"grad": wire(act.grad, self.wire_dtype)},
+        )
         return [(identity, reply)]
 
 
@@ -131,7 +134,9 @@ class MiddleEngine(Engine):
     def handle(self, identity: bytes, msg: Message) -> list[Reply]:
         if msg.kind is Kind.FORWARD:
             if "labels" in msg.tensors:
-                raise ProtocolError("u-shaped topology: labels stay at the client; do not send them")
+                raise ProtocolError(
+                    "u-shaped topology: labels stay at the client; do not send them"
+                )
             act = as_input(msg.tensor("act"), True)
             out = run_segment(self.model, act)
             self._pending[msg.client] = (msg.epoch, msg.step, act, out)
@@ -190,8 +195,11 @@ class MultitaskEngine(Engine):
         loss.backward()
         self._apply(loss)
         assert act.grad is not None
-        reply = msg.reply(Kind.BACKWARD, meta={"loss": self.last_loss},
-                          tensors={"grad": wire(act.grad, self.wire_dtype)})
+        reply = msg.reply(
+            Kind.BACKWARD,
+            meta={"loss": self.last_loss},
+            tensors={"grad": wire(act.grad, self.wire_dtype)},
+        )
         return [(identity, reply)]
 
     def evaluate(self, identity: bytes, msg: Message) -> list[Reply]:

@@ -11,12 +11,12 @@ from sl_pipeline.errors import ConfigError
 from sl_pipeline.group import write_group_key
 from sl_pipeline.keys import write_keypair
 
-DATASETS = {
+DATASETS: dict[str, dict[str, Any]] = {
     "digits": {"builtin": "cnn", "in_shape": [1, 8, 8], "classes": 10},
     "breast_cancer": {"builtin": "mlp", "in_shape": [30], "classes": 2},
 }
 DEFAULT_EPOCHS = {"digits": 8, "breast_cancer": 10}
-MULTITASK = {"tasks": ["digit", "parity"], "task_classes": [10, 2]}
+MULTITASK: dict[str, Any] = {"tasks": ["digit", "parity"], "task_classes": [10, 2]}
 Table = dict[str, dict[str, Any]]
 
 
@@ -59,17 +59,34 @@ def _model(dataset: str, topology: str, seed: int) -> dict[str, Any]:
     if topology == "multihop":
         model["cuts"] = [3, 6] if dataset == "digits" else [2, 4]
     if topology == "vertical":
-        model = {"builtin": "mlp", "in_shape": [0], "classes": DATASETS[dataset]["classes"], "seed": seed}
+        model = {
+            "builtin": "mlp",
+            "in_shape": [0],
+            "classes": DATASETS[dataset]["classes"],
+            "seed": seed,
+        }
     return model
 
 
-def _client(i: int, n: int, endpoint: str, dataset: str, topology: str, model: dict[str, Any],
-            train: dict[str, Any], seed: int) -> Table:
+def _client(
+    i: int,
+    n: int,
+    endpoint: str,
+    dataset: str,
+    topology: str,
+    model: dict[str, Any],
+    train: dict[str, Any],
+    seed: int,
+) -> Table:
     name = f"client-{i + 1}"
     data: dict[str, Any] = {"dataset": dataset, "seed": seed}
     client_model = dict(model)
-    client: dict[str, Any] = {"server": endpoint, "name": name, "topology": topology,
-                              "save": f"state/{name}.pt"}
+    client: dict[str, Any] = {
+        "server": endpoint,
+        "name": name,
+        "topology": topology,
+        "save": f"state/{name}.pt",
+    }
     if topology == "vertical":
         data["feature_slice"] = _feature_slices(dataset, n)[i]
         client_model["in_shape"] = [data["feature_slice"][1] - data["feature_slice"][0]]
@@ -102,18 +119,28 @@ def init_deployment(
     if dataset not in DATASETS:
         raise ConfigError(f"--dataset {dataset!r} is unknown; choose one of {sorted(DATASETS)}")
     if clients < 1 or (topology in ("vertical", "multitask") and clients < 2):
-        raise ConfigError(f"--clients must be at least {2 if topology in ('vertical', 'multitask') else 1}")
+        raise ConfigError(
+            f"--clients must be at least {2 if topology in ('vertical', 'multitask') else 1}"
+        )
     if topology == "multitask" and dataset != "digits":
         raise ConfigError("--topology multitask runs on --dataset digits (tasks: digit, parity)")
     out.mkdir(parents=True, exist_ok=True)
     if (out / "server.toml").exists():
         raise ConfigError(f"{out / 'server.toml'} exists; choose an empty folder for init")
     model = _model(dataset, topology, seed)
-    train = {"epochs": epochs or DEFAULT_EPOCHS[dataset], "batch_size": 32, "lr": 0.05,
-             "momentum": 0.9, "seed": seed}
+    train = {
+        "epochs": epochs or DEFAULT_EPOCHS[dataset],
+        "batch_size": 32,
+        "lr": 0.05,
+        "momentum": 0.9,
+        "seed": seed,
+    }
     port = free_port()
-    server_section: dict[str, Any] = {"bind": f"tcp://127.0.0.1:{port}", "topology": topology,
-                                      "save": "state/server.pt"}
+    server_section: dict[str, Any] = {
+        "bind": f"tcp://127.0.0.1:{port}",
+        "topology": topology,
+        "save": "state/server.pt",
+    }
     server: Table = {"server": server_section, "model": model, "train": train}
     if topology == "vertical":
         server_section.update(parties=clients, fuse="concat")
@@ -126,12 +153,21 @@ def init_deployment(
     relay: Table | None = None
     if topology == "multihop":
         relay_port = free_port()
-        relay = {"relay": {"bind": f"tcp://127.0.0.1:{relay_port}", "upstream": endpoint,
-                           "name": "relay-1", "segment": 1, "save": "state/relay-1.pt"},
-                 "model": model, "train": train}
+        relay = {
+            "relay": {
+                "bind": f"tcp://127.0.0.1:{relay_port}",
+                "upstream": endpoint,
+                "name": "relay-1",
+                "segment": 1,
+                "save": "state/relay-1.pt",
+            },
+            "model": model,
+            "train": train,
+        }
         endpoint = f"tcp://127.0.0.1:{relay_port}"
-    client_cfgs = [_client(i, clients, endpoint, dataset, topology, model, train, seed)
-                   for i in range(clients)]
+    client_cfgs = [
+        _client(i, clients, endpoint, dataset, topology, model, train, seed) for i in range(clients)
+    ]
     _secure(out, insecure, server, relay, client_cfgs, topology)
     if ops:
         for cfg in [server, *([relay] if relay else []), *client_cfgs]:
@@ -147,15 +183,24 @@ def init_deployment(
     return {"dir": str(out), "files": {k: str(v) for k, v in paths.items()}, "port": port}
 
 
-def _secure(out: Path, insecure: bool, server: Table, relay: Table | None,
-            clients: list[Table], topology: str) -> None:
+def _secure(
+    out: Path,
+    insecure: bool,
+    server: Table,
+    relay: Table | None,
+    clients: list[Table],
+    topology: str,
+) -> None:
     keys = out / "keys"
     keys.mkdir(parents=True, exist_ok=True)
     if topology in ("roundrobin", "splitfed"):
         write_group_key(keys / "group.secret")  # shared by the clients, never by the server
     if insecure:
-        for cfg, section in [(server, "server"), *([(relay, "relay")] if relay else []),
-                             *[(c, "client") for c in clients]]:
+        for cfg, section in [
+            (server, "server"),
+            *([(relay, "relay")] if relay else []),
+            *[(c, "client") for c in clients],
+        ]:
             assert cfg is not None
             cfg[section]["insecure"] = True
         return
@@ -170,8 +215,9 @@ def _secure(out: Path, insecure: bool, server: Table, relay: Table | None,
         (admitted / pub.name).write_bytes(pub.read_bytes())
         downstream = keys / "relay-1-admitted"
         downstream.mkdir(exist_ok=True)
-        relay["relay"].update(key="keys/relay-1.key", admitted="keys/relay-1-admitted",
-                              upstream_key="keys/server.pub")
+        relay["relay"].update(
+            key="keys/relay-1.key", admitted="keys/relay-1-admitted", upstream_key="keys/server.pub"
+        )
         upstream_key = "keys/relay-1.pub"
     for cfg in clients:
         name = cfg["client"]["name"]

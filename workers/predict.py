@@ -23,8 +23,9 @@ BATCH = 256
 
 def read_inputs(cfg: ClientConfig, path: Path) -> torch.Tensor:
     """Features from a .csv (header row, no label column) or .npz (``data.features``)."""
-    data = DataConfig(path=str(path.resolve()), features=cfg.data.features,
-                      feature_slice=cfg.data.feature_slice)
+    data = DataConfig(
+        path=str(path.resolve()), features=cfg.data.features, feature_slice=cfg.data.feature_slice
+    )
     x, _, shape = load_arrays(data, Path("."))
     expected = list(cfg.model.in_shape)
     if cfg.model.builtin and expected and int(np.prod(shape)) == int(np.prod(expected)):
@@ -55,12 +56,16 @@ def run_predict(cfg: ClientConfig, base: Path, input_path: Path) -> dict[str, An
         raise ConfigError("client.save is not set: there is no trained segment to predict with")
     saved = resolve_path(base, cfg.client.save, "client.save", must_exist=False)
     if not saved.exists():
-        raise ConfigError(f"client.save = {cfg.client.save!r}: no trained segment at {saved}; train first")
+        raise ConfigError(
+            f"client.save = {cfg.client.save!r}: no trained segment at {saved}; train first"
+        )
     if not input_path.exists():
         raise ConfigError(f"--input {str(input_path)!r}: no such file")
     if cfg.client.topology == "vertical":
-        raise ConfigError("predict in the vertical topology needs every feature party at once; "
-                          "it is not supported by this command yet")
+        raise ConfigError(
+            "predict in the vertical topology needs every feature party at once; "
+            "it is not supported by this command yet"
+        )
     x = read_inputs(cfg, input_path)
     worker = ClientWorker(replace(cfg, train=replace(cfg.train, epochs=0)), base, progress=False)
     worker.runner.load(saved)

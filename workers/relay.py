@@ -37,16 +37,26 @@ class RelayWorker(RouterService):
     def __init__(self, cfg: RelayConfig, base: Path, metrics: WorkerMetrics | None = None) -> None:
         r = cfg.relay
         listen = Listen(r.bind, r.key, r.admitted, r.insecure, 64, 600.0, "relay")
-        super().__init__(listen, cfg.ops, cfg.limits.to_limits(), base,
-                         fingerprint(cfg.model, "multihop"), metrics)
+        super().__init__(
+            listen,
+            cfg.ops,
+            cfg.limits.to_limits(),
+            base,
+            fingerprint(cfg.model, "multihop"),
+            metrics,
+        )
         check_endpoint(r.upstream, "relay.upstream")
         self.cfg = cfg
         segments = build_segments(cfg.model, "multihop")
         if not 0 < r.segment < len(segments) - 1:
-            raise ConfigError(f"relay.segment = {r.segment} must be a middle segment (1..{len(segments) - 2})")
+            raise ConfigError(
+                f"relay.segment = {r.segment} must be a middle segment (1..{len(segments) - 2})"
+            )
         self.segment = segments[r.segment]
         t = cfg.train
-        self.optimizer = make_optimizer(list(self.segment.parameters()), t.optimizer, t.lr, t.momentum)
+        self.optimizer = make_optimizer(
+            list(self.segment.parameters()), t.optimizer, t.lr, t.momentum
+        )
         self.upstream_hs = self._upstream_handshake()
         self.ctx: zmq.asyncio.Context | None = None
         self.upstream: DealerConnection | None = None
@@ -55,17 +65,26 @@ class RelayWorker(RouterService):
 
     def _upstream_handshake(self) -> ClientHandshake:
         r = self.cfg.relay
-        hello = {"v": PROTOCOL_VERSION, "client": r.name, "model": self.fingerprint, "role": "relay"}
+        hello = {
+            "v": PROTOCOL_VERSION,
+            "client": r.name,
+            "model": self.fingerprint,
+            "role": "relay",
+        }
         if r.insecure:
             warn_insecure("relay")
             return ClientHandshake(hello, None, None)
-        return ClientHandshake(hello, load_own_key(self.base, r.key, "relay.key"),
-                               load_peer_key(self.base, r.upstream_key, "relay.upstream_key"))
+        return ClientHandshake(
+            hello,
+            load_own_key(self.base, r.key, "relay.key"),
+            load_peer_key(self.base, r.upstream_key, "relay.upstream_key"),
+        )
 
     async def on_start(self) -> None:
         self.ctx = zmq.asyncio.Context()
-        self.upstream = DealerConnection(self.ctx, self.cfg.relay.upstream, self.limits,
-                                         self.metrics.record_message)
+        self.upstream = DealerConnection(
+            self.ctx, self.cfg.relay.upstream, self.limits, self.metrics.record_message
+        )
         await self.upstream.handshake(self.upstream_hs, self.cfg.relay.timeout_s)
         log.info("relay joined upstream %s", self.cfg.relay.upstream)
 
@@ -88,9 +107,17 @@ class RelayWorker(RouterService):
         return await self.upstream.recv(self.cfg.relay.timeout_s)
 
     async def dispatch(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
-        name = peer.name if not msg.client or msg.client == peer.name else f"{peer.name}/{msg.client}"
-        msg = Message(kind=msg.kind, client=name, epoch=msg.epoch, step=msg.step,
-                      meta=msg.meta, tensors=msg.tensors)
+        name = (
+            peer.name if not msg.client or msg.client == peer.name else f"{peer.name}/{msg.client}"
+        )
+        msg = Message(
+            kind=msg.kind,
+            client=name,
+            epoch=msg.epoch,
+            step=msg.step,
+            meta=msg.meta,
+            tensors=msg.tensors,
+        )
         try:
             if msg.kind is Kind.FORWARD:
                 return [(identity, await self._forward(msg))]
@@ -125,8 +152,11 @@ class RelayWorker(RouterService):
         self.steps_applied += 1
         self.metrics.record_step(self.steps_applied)
         assert act.grad is not None
-        answer = msg.reply(Kind.BACKWARD, meta=dict(reply.meta),
-                           tensors={"grad": wire(act.grad, self.cfg.train.wire_dtype)})
+        answer = msg.reply(
+            Kind.BACKWARD,
+            meta=dict(reply.meta),
+            tensors={"grad": wire(act.grad, self.cfg.train.wire_dtype)},
+        )
         self.cache[key] = (step, answer)
         return answer
 
@@ -135,5 +165,7 @@ class RelayWorker(RouterService):
         with torch.no_grad():
             out = run_segment(self.segment, as_input(msg.tensor("act"), False))
         self.segment.train()
-        reply = await self._ask_upstream(msg.reply(msg.kind, tensors={"act": wire(out, self.cfg.train.wire_dtype)}))
+        reply = await self._ask_upstream(
+            msg.reply(msg.kind, tensors={"act": wire(out, self.cfg.train.wire_dtype)})
+        )
         return msg.reply(Kind.RESULT, meta=dict(reply.meta), tensors=dict(reply.tensors))

@@ -33,9 +33,17 @@ class ServerWorker(RouterService):
 
     def __init__(self, cfg: ServerConfig, base: Path, metrics: WorkerMetrics | None = None) -> None:
         s = cfg.server
-        listen = Listen(s.bind, s.key, s.admitted, s.insecure, s.max_clients, s.client_timeout_s, "server")
-        super().__init__(listen, cfg.ops, cfg.limits.to_limits(), base,
-                         fingerprint(cfg.model, s.topology), metrics)
+        listen = Listen(
+            s.bind, s.key, s.admitted, s.insecure, s.max_clients, s.client_timeout_s, "server"
+        )
+        super().__init__(
+            listen,
+            cfg.ops,
+            cfg.limits.to_limits(),
+            base,
+            fingerprint(cfg.model, s.topology),
+            metrics,
+        )
         self.cfg = cfg
         self.engine: Engine = build_engine(cfg, base)
         self.replies: dict[tuple[str, str], tuple[tuple[int, int], Message]] = {}
@@ -62,8 +70,10 @@ class ServerWorker(RouterService):
             "engine": self.engine.state_dict(),
             "steps_applied": self.steps_applied,
             "rng": rng_state(),
-            "replies": [{"client": c, "kind": k, "step": list(step), "reply": message_state(m)}
-                        for (c, k), (step, m) in self.replies.items()],
+            "replies": [
+                {"client": c, "kind": k, "step": list(step), "reply": message_state(m)}
+                for (c, k), (step, m) in self.replies.items()
+            ],
             "applied_log": self.applied_log,
         }
 
@@ -74,14 +84,19 @@ class ServerWorker(RouterService):
             return 0
         state, path = found
         if state.get("fingerprint") != self.fingerprint:
-            raise ConfigError(f"checkpoint {path} is for another model or topology; "
-                              "point checkpoint.dir elsewhere or remove it")
+            raise ConfigError(
+                f"checkpoint {path} is for another model or topology; "
+                "point checkpoint.dir elsewhere or remove it"
+            )
         self.engine.load_state_dict(state["engine"])
         self.steps_applied = self.engine.steps_applied = int(state["steps_applied"])
         restore_rng(state["rng"])
         for entry in state["replies"]:
             step = (int(entry["step"][0]), int(entry["step"][1]))
-            self.replies[(entry["client"], entry["kind"])] = (step, message_from_state(entry["reply"]))
+            self.replies[(entry["client"], entry["kind"])] = (
+                step,
+                message_from_state(entry["reply"]),
+            )
         self.applied_log = [list(e) for e in state["applied_log"]]
         log.info("resumed from checkpoint %s at %d applied steps", path, self.steps_applied)
         return self.steps_applied
@@ -112,28 +127,49 @@ class ServerWorker(RouterService):
         log.info("server stopped after %d applied steps", self.steps_applied)
 
     def summary(self) -> dict[str, Any]:
-        return {"role": "server", "steps_applied": self.steps_applied, "peers": len(self.peers),
-                "resumed_from": self.resumed_from, "answered_from_cache": self.from_cache}
+        return {
+            "role": "server",
+            "steps_applied": self.steps_applied,
+            "peers": len(self.peers),
+            "resumed_from": self.resumed_from,
+            "answered_from_cache": self.from_cache,
+        }
 
     def status(self) -> dict[str, Any]:
-        return {**super().status(), "topology": self.cfg.server.topology,
-                "steps_applied": self.steps_applied, "last_loss": self.last_loss}
+        return {
+            **super().status(),
+            "topology": self.cfg.server.topology,
+            "steps_applied": self.steps_applied,
+            "last_loss": self.last_loss,
+        }
 
     def accept(self, hello: dict[str, Any], key: bytes | None) -> dict[str, Any]:
         """The welcome carries where this server stands for the client (the resume exchange)."""
         name = self.admitted_names[key] if key else str(hello.get("client", "?"))[:64]
         last = self.replies.get((name, Kind.FORWARD.value))
-        return {**super().accept(hello, key), "topology": self.cfg.server.topology,
-                "applied": list(last[0]) if last else None}
+        return {
+            **super().accept(hello, key),
+            "topology": self.cfg.server.topology,
+            "applied": list(last[0]) if last else None,
+        }
 
     def forget_peer(self, peer: Peer) -> None:
         self.engine.forget(peer.name)
 
     async def dispatch(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
         # A relay forwards for its own clients: keep them apart under the relay's name.
-        client = peer.name if not msg.client or msg.client == peer.name else f"{peer.name}/{msg.client}"
-        msg = Message(kind=msg.kind, session=msg.session, client=client, epoch=msg.epoch,
-                      step=msg.step, meta=msg.meta, tensors=msg.tensors)
+        client = (
+            peer.name if not msg.client or msg.client == peer.name else f"{peer.name}/{msg.client}"
+        )
+        msg = Message(
+            kind=msg.kind,
+            session=msg.session,
+            client=client,
+            epoch=msg.epoch,
+            step=msg.step,
+            meta=msg.meta,
+            tensors=msg.tensors,
+        )
         try:
             if msg.kind in (Kind.FORWARD, Kind.BACKWARD, Kind.WEIGHTS):
                 return self._train(identity, peer, msg)
@@ -156,7 +192,9 @@ class ServerWorker(RouterService):
         step = (msg.epoch, msg.step)
         cached = self.replies.get(key)
         if cached is not None and cached[0] == step:
-            log.info("%s retransmitted %s %s: answering from cache", msg.client, msg.kind.value, step)
+            log.info(
+                "%s retransmitted %s %s: answering from cache", msg.client, msg.kind.value, step
+            )
             self.from_cache += 1
             return [(identity, cached[1])]
         if msg.kind is Kind.FORWARD and cached is not None and step < cached[0]:
@@ -170,7 +208,9 @@ class ServerWorker(RouterService):
                 self.replies[(reply.client, msg.kind.value)] = ((reply.epoch, reply.step), reply)
         applied = self.engine.steps_applied - before
         if applied:
-            self.applied_log.extend([r.client, r.epoch, r.step] for _, r in replies if r.kind is Kind.BACKWARD)
+            self.applied_log.extend(
+                [r.client, r.epoch, r.step] for _, r in replies if r.kind is Kind.BACKWARD
+            )
             peer.applied += 1
             self.steps_applied += applied
             self.metrics.record_step(self.steps_applied)

@@ -81,8 +81,15 @@ def reject_reason(exc: SLError) -> str:
 class RouterService:
     role = "server"
 
-    def __init__(self, listen: Listen, ops: OpsConfig, limits: Limits, base: Path,
-                 fingerprint: str, metrics: WorkerMetrics | None) -> None:
+    def __init__(
+        self,
+        listen: Listen,
+        ops: OpsConfig,
+        limits: Limits,
+        base: Path,
+        fingerprint: str,
+        metrics: WorkerMetrics | None,
+    ) -> None:
         check_endpoint(listen.bind, f"{listen.section}.bind")
         self.listen = listen
         self.ops_cfg = ops
@@ -119,7 +126,9 @@ class RouterService:
                 f"{self.fingerprint!r}; use the same [model] section and topology on both sides"
             )
         if sum(p.confirmed for p in self.peers.values()) >= self.listen.max_peers:
-            error = ProtocolError(f"{self.role} is full ({self.listen.max_peers} peers); retry later")
+            error = ProtocolError(
+                f"{self.role} is full ({self.listen.max_peers} peers); retry later"
+            )
             error.code = "overloaded"
             raise error
         return {"session": self.session_id}
@@ -131,8 +140,13 @@ class RouterService:
         return None
 
     def status(self) -> dict[str, Any]:
-        return {"role": self.role, "session": self.session_id,
-                "peers": [{"name": p.name, "key": p.key, "applied": p.applied} for p in self.peers.values()]}
+        return {
+            "role": self.role,
+            "session": self.session_id,
+            "peers": [
+                {"name": p.name, "key": p.key, "applied": p.applied} for p in self.peers.values()
+            ],
+        }
 
     def ready(self) -> bool:
         return self.bound
@@ -182,7 +196,9 @@ class RouterService:
         nbytes = frames_size(frames)
         if is_handshake(buffers):
             self.metrics.record_message("received", "hello", nbytes)
-            await self._send_raw(endpoint, identity, self._answer_hello(identity, buffers), "welcome")
+            await self._send_raw(
+                endpoint, identity, self._answer_hello(identity, buffers), "welcome"
+            )
             return
         peer = self.peers.get(identity)
         if peer is None:
@@ -215,12 +231,16 @@ class RouterService:
         self.metrics.record_rejected(reason)
         log.warning("rejected message from %s (%s): %s", peer.name, reason, exc.message)
 
-    async def _send(self, endpoint: RouterEndpoint, identity: bytes, peer: Peer, msg: Message) -> None:
+    async def _send(
+        self, endpoint: RouterEndpoint, identity: bytes, peer: Peer, msg: Message
+    ) -> None:
         frames = peer.channel.pack(msg)
         nbytes = await endpoint.send(identity, frames)
         self.metrics.record_message("sent", msg.kind.value, nbytes)
 
-    async def _send_raw(self, endpoint: RouterEndpoint, identity: bytes, frames: list[bytes], kind: str) -> None:
+    async def _send_raw(
+        self, endpoint: RouterEndpoint, identity: bytes, frames: list[bytes], kind: str
+    ) -> None:
         nbytes = await endpoint.send(identity, frames)
         self.metrics.record_message("sent", kind, nbytes)
 
@@ -228,10 +248,16 @@ class RouterService:
         try:
             reply, session, hello, key = self.handshake.answer(buffers, self.accept)
         except SLError as exc:
-            result = {NotAdmittedError: "not_admitted", VersionError: "version"}.get(type(exc), "bad_handshake")
+            result = (
+                "not_admitted" if isinstance(exc, NotAdmittedError)
+                else "version" if isinstance(exc, VersionError)
+                else "bad_handshake"
+            )
             self.metrics.record_handshake(result)
             reason = "overloaded" if exc.code == "overloaded" else result
-            self.metrics.record_rejected(reason if reason in ("not_admitted", "overloaded", "version") else "other")
+            self.metrics.record_rejected(
+                reason if reason in ("not_admitted", "overloaded", "version") else "other"
+            )
             log.warning("refused a handshake (%s): %s", result, exc.message)
             return refusal(exc)
         # The name comes from the admitted key, never from what the peer claims.

@@ -112,8 +112,11 @@ class VerticalEngine(Engine):
             assert part.act.grad is not None
             grad = self.label_protection.protect(part.act.grad, labels)
             self.last_grads[part.msg.client] = grad.detach()
-            reply = part.msg.reply(Kind.BACKWARD, meta={"loss": self.last_loss},
-                                   tensors={"grad": wire(grad, self.wire_dtype)})
+            reply = part.msg.reply(
+                Kind.BACKWARD,
+                meta={"loss": self.last_loss},
+                tensors={"grad": wire(grad, self.wire_dtype)},
+            )
             replies.append((part.identity, reply))
         return replies
 
@@ -127,7 +130,10 @@ class VerticalEngine(Engine):
             labels = self._labels_for(ids)
             meta = {"correct": int((out.argmax(1) == labels).sum()), "total": len(labels)}
         return [
-            (p.identity, p.msg.reply(Kind.RESULT, meta=meta, tensors={"out": wire(out, self.wire_dtype)}))
+            (
+                p.identity,
+                p.msg.reply(Kind.RESULT, meta=meta, tensors={"out": wire(out, self.wire_dtype)}),
+            )
             for p in parts
         ]
 

@@ -1,0 +1,206 @@
+"""Worker lifecycle as an operator sees it: SIGTERM, `health`, JSON logs, /status, /readyz.
+
+Every test runs real worker processes on loopback (the ``procs`` fixture stops them all),
+and every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, Procs
+from workers.ops import local_url
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+LONG_EPOCHS = 500  # the tests stop the workers long before training ends
+STOP_BOUND_S = 10.0
+START_TIMEOUT_S = 60.0
+READYZ_XFAIL = (
+    "ClientWorker.run passes `lambda: self.conn is not None` as readiness, and connect() "
+    "sets self.conn before the handshake: /readyz is 200 while no server answers. "
+    "workers/client.py must track a `connected` flag set after the handshake succeeds and "
+    "cleared when the server is lost"
+)
+PROGRESS_XFAIL = (
+    "the client's tqdm progress bar still writes to stderr under --log-format json: "
+    "workers/cli.py cmd_client must pass progress=not args.no_progress and the effective "
+    "log format (args.log_format or cfg.ops.log_format) != 'json'"
+)
+
+
+def ops_url(config: Path) -> str:
+    return local_url(tomllib.loads(config.read_text())["ops"]["listen"])
+
+
+def http_get(url: str) -> tuple[int, Any]:
+    """(status, parsed JSON or text); status 0 when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=2.0) as response:
+            status, body = response.status, response.read()
+    except urllib.error.HTTPError as err:
+        status, body = err.code, err.read()
+    except (urllib.error.URLError, OSError):
+        return 0, None
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body.decode(errors="replace")
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def training(url: str) -> bool:
+    """True once the client at ``url`` has applied a step (its /status says so)."""
+    status, body = http_get(f"{url}/status")
+    return status == 200 and (body["epoch"] > 0 or body["step"] > 0)
+
+
+def health(config: Path) -> int:
+    cmd = [sys.executable, "-m", "workers", "health", "--config", str(config), "--timeout", "2"]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=30, check=False).returncode
+
+
+def output(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """stdout and stderr of a process that has exited."""
+    out, err = proc.communicate(timeout=STOP_BOUND_S)
+    return out, err
+
+
+def test_sigterm_stops_the_server_and_the_client_fails_cleanly(
+    deployment: Callable[..., dict[str, Path]], procs: Procs
+) -> None:
+    # Prepare: a client in mid-training, with a short rejoin budget
+    files = deployment(clients=1, epochs=LONG_EPOCHS, ops=True)
+    server = procs.start("server", files["server"])
+    client = procs.start("client", files["client-1"], "--no-progress",
+                         "--set", "client.retry_for_s=2", "--set", "client.connect_timeout_s=1")
+    wait_until(lambda: training(ops_url(files["client-1"])), START_TIMEOUT_S, "training")
+
+    # Execute
+    started = time.monotonic()
+    server.send_signal(signal.SIGTERM)
+    server_rc = server.wait(timeout=STOP_BOUND_S)
+    stopped_in = time.monotonic() - started
+    client_rc = client.wait(timeout=30)
+
+    # Assert
+    _, server_err = output(server)
+    _, client_err = output(client)
+    assert server_rc == 0 and stopped_in < STOP_BOUND_S, server_err[-2000:]
+    assert "server stopped after" in server_err
+    assert client_rc not in (0, None)
+    assert "Traceback" not in client_err, client_err[-3000:]
+    last = client_err.strip().splitlines()[-1]
+    assert last.startswith("sl-pipeline client: error:") and "no server answered" in last, last
+
+
+def test_health_follows_the_server(
+    deployment: Callable[..., dict[str, Path]], procs: Procs
+) -> None:
+    # Prepare
+    files = deployment(clients=1, ops=True)
+    server = procs.start("server", files["server"])
+
+    # Execute / Assert: 0 once the server is ready, 1 after it stopped
+    wait_until(lambda: health(files["server"]) == 0, START_TIMEOUT_S, "health to pass")
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=STOP_BOUND_S) == 0
+    assert health(files["server"]) == 1
+
+
+@pytest.mark.parametrize(
+    "progress",
+    [
+        pytest.param(["--no-progress"], id="no-progress"),
+        pytest.param([], id="progress-default",
+                     marks=pytest.mark.xfail(reason=PROGRESS_XFAIL, strict=True)),
+    ],
+)
+def test_json_logs_are_json_on_every_stderr_line(
+    deployment: Callable[..., dict[str, Path]], procs: Procs, progress: list[str]
+) -> None:
+    # Prepare
+    files = deployment(clients=1, epochs=2, ops=True)
+    server = procs.start("server", files["server"], "--log-format", "json")
+
+    # Execute: a full (short) training, then a clean stop of the server
+    client = procs.start("client", files["client-1"], "--log-format", "json", *progress)
+    assert client.wait(timeout=120) == 0, output(client)[1][-2000:]
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=STOP_BOUND_S) == 0
+
+    # Assert
+    for name, proc in (("server", server), ("client", client)):
+        lines = output(proc)[1].splitlines()
+        assert lines, f"{name} logged nothing"
+        for line in lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                pytest.fail(f"{name} wrote a stderr line that is not JSON: {line[:200]!r}")
+            assert isinstance(event, dict) and isinstance(event.get("msg"), str), line
+
+
+def test_client_status_and_readiness_while_training(
+    deployment: Callable[..., dict[str, Path]], procs: Procs
+) -> None:
+    # Prepare
+    files = deployment(clients=1, epochs=LONG_EPOCHS, ops=True)
+    url = ops_url(files["client-1"])
+    procs.start("server", files["server"])
+    procs.start("client", files["client-1"], "--no-progress")
+
+    # Execute
+    wait_until(lambda: training(url), START_TIMEOUT_S, "training")
+    ready_status, ready = http_get(f"{url}/readyz")
+    _, first = http_get(f"{url}/status")
+    wait_until(lambda: http_get(f"{url}/status")[1] != first, 10, "/status to move on")
+    _, later = http_get(f"{url}/status")
+
+    # Assert
+    assert (ready_status, ready) == (200, {"ready": True})
+    assert first["role"] == "client" and first["name"] == "client-1"
+    for body in (first, later):
+        assert isinstance(body["epoch"], int) and isinstance(body["step"], int)
+        assert body["epoch"] >= 0 and body["step"] >= 0
+    assert (later["epoch"], later["step"]) != (first["epoch"], first["step"])
+
+
+@pytest.mark.xfail(reason=READYZ_XFAIL, strict=True)
+def test_client_is_not_ready_before_it_has_joined(
+    deployment: Callable[..., dict[str, Path]], procs: Procs
+) -> None:
+    # Prepare: a client whose server is not running yet
+    files = deployment(clients=1, epochs=LONG_EPOCHS, ops=True)
+    url = ops_url(files["client-1"])
+    procs.start("client", files["client-1"], "--no-progress")
+    wait_until(lambda: http_get(f"{url}/healthz")[0] == 200, START_TIMEOUT_S, "the ops port")
+
+    # Execute
+    before = http_get(f"{url}/readyz")
+    procs.start("server", files["server"])
+    wait_until(lambda: training(url), START_TIMEOUT_S, "training")
+    after = http_get(f"{url}/readyz")
+
+    # Assert
+    assert before[0] == 503 and before[1]["ready"] is False
+    assert after == (200, {"ready": True})

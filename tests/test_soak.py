@@ -1,0 +1,100 @@
+"""A bounded soak on loopback: 16 clients hammer one server process; its memory stays flat
+and it leaks no file descriptors, while clients keep joining and leaving."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import zmq.asyncio
+
+from sl_pipeline.handshake import ClientHandshake
+from sl_pipeline.keys import load_keypair, load_public_key
+from sl_pipeline.messages import Kind, Message
+from sl_pipeline.models import fingerprint
+from sl_pipeline.transport import DealerConnection
+
+from .conftest import Procs, load_server
+
+CLIENTS = 16
+DURATION_S = 75.0
+WARMUP_S = 15.0
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def client_loop(
+    ctx: zmq.asyncio.Context, endpoint: str, keys: Path, name: str, fp: str, deadline: float
+) -> int:
+    """Train-like traffic; every 50 steps the client leaves and joins again (session churn)."""
+    steps, epoch = 0, 0
+    while time.monotonic() < deadline:
+        conn = DealerConnection(ctx, endpoint)
+        hello = {"v": 1, "client": name, "model": fp, "role": "trainer"}
+        await conn.handshake(
+            ClientHandshake(
+                hello, load_keypair(keys / f"{name}.key"), load_public_key(keys / "server.pub")
+            ),
+            60,
+        )
+        for step in range(50):
+            if time.monotonic() >= deadline:
+                break
+            msg = Message(
+                kind=Kind.FORWARD,
+                client=name,
+                epoch=epoch,
+                step=step,
+                tensors={"act": torch.randn(32, 64), "labels": torch.randint(0, 2, (32,))},
+            )
+            await conn.send(msg)
+            reply = await conn.recv(60)
+            assert reply.kind is Kind.BACKWARD
+            steps += 1
+        await conn.send(Message(kind=Kind.BYE, client=name))
+        conn.close()
+        epoch += 1
+    return steps
+
+
+@pytest.mark.slow
+async def test_server_memory_and_fds_stay_flat(deployment, procs: Procs) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(clients=CLIENTS, dataset="breast_cancer")
+    server = procs.start("server", files["server"])
+    cfg = load_server(files["server"])
+    await asyncio.sleep(2.0)
+    ctx = zmq.asyncio.Context()
+    keys = files["server"].parent / "keys"
+    fp = fingerprint(cfg.model, "vanilla")
+    start = time.monotonic()
+    loops = asyncio.gather(
+        *(
+            client_loop(ctx, cfg.server.bind, keys, f"client-{i + 1}", fp, start + DURATION_S)
+            for i in range(CLIENTS)
+        )
+    )
+    samples: list[tuple[int, int]] = []
+    while time.monotonic() - start < DURATION_S:
+        await asyncio.sleep(5)
+        if time.monotonic() - start >= WARMUP_S:
+            samples.append((rss_kib(server.pid), open_fds(server.pid)))
+    steps = await asyncio.wait_for(loops, 60)
+    ctx.destroy(linger=0)
+    assert server.poll() is None
+    assert min(steps) > 50  # every client made progress
+    (rss0, fds0), (_, fds1) = samples[0], samples[-1]
+    assert max(r for r, _ in samples) <= rss0 * 1.10, samples
+    assert fds1 <= fds0 + 4, samples
