@@ -52,7 +52,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int = 1  # torch intra-op threads; 0 = torch's default (oversubscribes small hosts)
-    wire_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    wire_dtype: Literal["float32", "float16", "bfloat16", "int8"] = "float32"
 
 
 @dataclass(frozen=True)

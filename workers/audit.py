@@ -35,7 +35,7 @@ from sl_pipeline.config import (
     parse_override,
     read_toml,
 )
-from sl_pipeline.errors import ConfigError, TransportError
+from sl_pipeline.errors import ConfigError, SLError, TransportError
 from workers.client import ClientWorker
 from workers.localdeploy import DATASETS, free_port, init_deployment
 from workers.relay import RelayWorker
@@ -104,29 +104,47 @@ def _record_label_grads(server: ServerWorker, last_epoch: int) -> Grads:
     return grads
 
 
+def _raise_crash(services: Sequence[asyncio.Future[Any]]) -> None:
+    """Re-raise the error of a server or relay that stopped early, as one SLError line."""
+    for service in services:
+        error = service.exception() if service.done() else None
+        if isinstance(error, SLError):
+            raise error
+        if error is not None:
+            raise SLError(f"a worker crashed during training: {type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}") from error
+
+
 async def train_in_process(
     files: dict[str, Path], client_overrides: Sequence[str] = (),
     server_overrides: Sequence[str] = (), relay_overrides: Sequence[str] = (),
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> Trained:
-    """Run server (+ relay) and clients in this event loop until every client is done."""
+    """Run server (+ relay) and clients in this event loop until every client is done.
+    A worker that crashes, or a run longer than ``timeout_s``, ends it with an error."""
     base = files["server"].parent
     server = ServerWorker(load(ServerConfig, files["server"], list(server_overrides)), base)
-    grads = _record_label_grads(server, server.cfg.train.epochs - 1)
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(server.serve(stop))]
-    if "relay-1" in files:
-        relay = RelayWorker(load(RelayConfig, files["relay-1"], list(relay_overrides)), base)
-        tasks.append(asyncio.create_task(relay.serve(stop)))
     clients = [ClientWorker(load(ClientConfig, path, list(client_overrides)), base, progress=False)
                for name, path in sorted(files.items()) if name.startswith("client-")]
+    grads = _record_label_grads(server, clients[0].cfg.train.epochs - 1)
+    stop = asyncio.Event()
+    services = [asyncio.ensure_future(server.serve(stop))]
+    if "relay-1" in files:
+        relay = RelayWorker(load(RelayConfig, files["relay-1"], list(relay_overrides)), base)
+        services.append(asyncio.ensure_future(relay.serve(stop)))
+    runs = asyncio.ensure_future(asyncio.gather(*(c.run() for c in clients)))
     try:
-        summaries = await asyncio.wait_for(asyncio.gather(*(c.run() for c in clients)), timeout_s)
-    except TimeoutError:
-        raise TransportError(f"training did not finish within {timeout_s:.0f}s") from None
+        await asyncio.wait([runs, *services], timeout=timeout_s,
+                           return_when=asyncio.FIRST_COMPLETED)
+        if not runs.done():
+            runs.cancel()
+            await asyncio.gather(runs, return_exceptions=True)
+            _raise_crash(services)
+            raise TransportError(f"training did not finish within {timeout_s:.0f}s")
+        summaries = runs.result()
     finally:
         stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), STOP_TIMEOUT_S)
+        await asyncio.wait_for(asyncio.gather(*services, return_exceptions=True), STOP_TIMEOUT_S)
     return Trained(server, clients, list(summaries), grads)
 
 

@@ -30,7 +30,9 @@ LR, MOMENTUM, BATCH = 0.05, 0.9, 32
 
 
 class _Vertical(nn.Module):
-    def __init__(self, bottoms: Sequence[nn.Module], top: nn.Module, slices: list[list[int]]) -> None:
+    def __init__(
+        self, bottoms: Sequence[nn.Module], top: nn.Module, slices: list[list[int]]
+    ) -> None:
         super().__init__()
         self.bottoms = nn.ModuleList(bottoms)
         self.top = top

@@ -118,7 +118,9 @@ class CheckpointStore:
     hold model weights); a directory it creates is 0700.
     """
 
-    def __init__(self, directory: Path, keep: int = 3, prefix: str = "ckpt", fsync: bool = True) -> None:
+    def __init__(
+        self, directory: Path, keep: int = 3, prefix: str = "ckpt", fsync: bool = True
+    ) -> None:
         self.fsync = fsync
         if keep < 1:
             raise CheckpointError(f"keep = {keep}: keep at least one checkpoint")
@@ -295,17 +297,29 @@ def _plain(value: Any) -> Any:
 
 def message_state(msg: Message) -> dict[str, Any]:
     """A message (e.g. a cached reply) as a ``weights_only``-safe dict."""
-    return {"kind": msg.kind.value, "session": msg.session, "client": msg.client,
-            "epoch": msg.epoch, "step": msg.step, "meta": _plain(msg.meta),
-            "tensors": dict(msg.tensors)}
+    return {
+        "kind": msg.kind.value,
+        "session": msg.session,
+        "client": msg.client,
+        "epoch": msg.epoch,
+        "step": msg.step,
+        "meta": _plain(msg.meta),
+        "tensors": dict(msg.tensors),
+    }
 
 
 def message_from_state(state: Mapping[str, Any]) -> Message:
     """Undo :func:`message_state`; the message validates itself again."""
     try:
-        return Message(kind=Kind(state["kind"]), session=state["session"],
-                       client=state["client"], epoch=state["epoch"], step=state["step"],
-                       meta=state["meta"], tensors=state["tensors"])
+        return Message(
+            kind=Kind(state["kind"]),
+            session=state["session"],
+            client=state["client"],
+            epoch=state["epoch"],
+            step=state["step"],
+            meta=state["meta"],
+            tensors=state["tensors"],
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"cannot restore a cached message from checkpoint: {exc}") from None
 

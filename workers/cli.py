@@ -86,6 +86,12 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--insecure", action="store_true")
     p.add_argument("--ops", action="store_true", help="give every worker an ops HTTP port")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--wire-dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16", "int8"],
+        help="compress activations and gradients on the wire",
+    )
 
 
 def _overrides(args: argparse.Namespace, role: str) -> list[str]:
@@ -190,6 +196,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         insecure=args.insecure,
         ops=args.ops,
         seed=args.seed,
+        wire_dtype=args.wire_dtype,
     )
     for name, path in result["files"].items():
         print(f"{name}: {path}")

@@ -23,7 +23,7 @@ from sl_pipeline.errors import ConfigError, PrivacyError, ProtocolError
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.models import build_segments, make_optimizer, vertical_bottom
 
-from .engine import as_input, wire
+from .engine import as_input, read_tensor, wire_tensors
 
 if TYPE_CHECKING:
     from .client import ClientWorker
@@ -115,7 +115,7 @@ class StepRunner:
     def forward_message(
         self, step: int, sent: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor
     ) -> Message:
-        tensors = {"act": wire(sent, self.w.cfg.train.wire_dtype)}
+        tensors = wire_tensors("act", sent, self.w.cfg.train.wire_dtype)
         if self.sends_labels:
             if y is None:
                 raise ConfigError("this topology needs labels at the client; set data.label")
@@ -142,7 +142,7 @@ class StepRunner:
         self.optimizer.zero_grad(set_to_none=True)
         act, sent = self.cut(x)
         reply = await self.w.request(self.forward_message(step, sent, y, ids))
-        self.apply_gradient(x, act, sent, reply.tensor("grad"))
+        self.apply_gradient(x, act, sent, read_tensor(reply, "grad"))
         return float(reply.meta.get("loss", float("nan")))
 
     # ---- evaluation and inference ----------------------------------------------------------
@@ -163,13 +163,13 @@ class StepRunner:
             module.eval()
         with torch.no_grad():
             sent = self.defense.apply(self.bottom(x)) if self.privacy.noise else self.bottom(x)
-        tensors = {"act": wire(sent, self.w.cfg.train.wire_dtype)}
+        tensors = wire_tensors("act", sent, self.w.cfg.train.wire_dtype)
         if ids is not None and not self.sends_labels and "head" not in self.modules:
             tensors["ids"] = ids
         reply = await self.w.request(
             self.w.message(kind, step, tensors=tensors, meta=self.forward_meta())
         )
-        out = as_input(reply.tensor("out"), requires_grad=False)
+        out = as_input(read_tensor(reply, "out"), requires_grad=False)
         if "head" in self.modules:
             with torch.no_grad():
                 out = self.modules["head"](out)
@@ -269,15 +269,15 @@ class UShapedRunner(StepRunner):
         act, sent = self.cut(x)
         msg = self.forward_message(step, sent, None, ids)
         reply = await self.w.request(msg)
-        middle = as_input(reply.tensor("out"), requires_grad=True)
+        middle = as_input(read_tensor(reply, "out"), requires_grad=True)
         loss = F.cross_entropy(self.modules["head"](middle), y)
         loss.backward()
         assert middle.grad is not None
         back = msg.reply(
-            Kind.BACKWARD, tensors={"grad": wire(middle.grad, self.w.cfg.train.wire_dtype)}
+            Kind.BACKWARD, tensors=wire_tensors("grad", middle.grad, self.w.cfg.train.wire_dtype)
         )
         grad_reply = await self.w.request(back)
-        self.apply_gradient(x, act, sent, grad_reply.tensor("grad"))
+        self.apply_gradient(x, act, sent, read_tensor(grad_reply, "grad"))
         return float(loss.detach())
 
 
@@ -295,7 +295,7 @@ class VerticalRunner(StepRunner):
     def forward_message(
         self, step: int, sent: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor
     ) -> Message:
-        tensors = {"act": wire(sent, self.w.cfg.train.wire_dtype), "ids": ids}
+        tensors = {**wire_tensors("act", sent, self.w.cfg.train.wire_dtype), "ids": ids}
         return self.w.message(Kind.FORWARD, step, tensors=tensors)
 
 

@@ -124,6 +124,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             insecure=args.insecure,
             ops=args.ops,
             seed=args.seed,
+            wire_dtype=args.wire_dtype,
         )
         if not args.json:
             print(

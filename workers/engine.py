@@ -37,7 +37,30 @@ def wire(tensor: torch.Tensor, dtype: str) -> torch.Tensor:
         return tensor.detach().to(torch.float16)
     if dtype == "bfloat16":
         return tensor.detach().to(torch.bfloat16)
-    return tensor.detach()
+    return tensor.detach().cpu()
+
+
+def wire_tensors(name: str, tensor: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` as it goes on the wire. ``int8`` quantises symmetrically with one
+    float32 scale per sample (``name + "_scale"``): 4x fewer bytes than float32."""
+    if dtype != "int8":
+        return {name: wire(tensor, dtype)}
+    flat = tensor.detach().cpu().float().reshape(len(tensor), -1) if tensor.dim() else tensor
+    scale = flat.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+    quantised = torch.round(flat / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return {name: quantised.reshape(tensor.shape), f"{name}_scale": scale}
+
+
+def read_tensor(msg: Message, name: str) -> torch.Tensor:
+    """A tensor from a message as float32, dequantising int8 when a scale came with it."""
+    tensor = msg.tensor(name)
+    if tensor.dtype != torch.int8:
+        return tensor
+    scale = msg.tensor(f"{name}_scale").to(torch.float32)
+    if scale.shape != (len(tensor),):
+        raise ProtocolError(f"{name}_scale must hold one scale per sample")
+    flat = tensor.to(torch.float32).reshape(len(tensor), -1) * scale[:, None]
+    return flat.reshape(tensor.shape)
 
 
 def check_labels(labels: torch.Tensor, batch: int, classes: int) -> torch.Tensor:
@@ -77,9 +100,11 @@ class Engine:
     def evaluate(self, identity: bytes, msg: Message) -> list[Reply]:
         self.model.eval()
         with torch.no_grad():
-            out = run_segment(self.model, as_input(msg.tensor("act"), False))
+            out = run_segment(self.model, as_input(read_tensor(msg, "act"), False))
         self.model.train()
-        return [(identity, msg.reply(Kind.RESULT, tensors={"out": wire(out, self.wire_dtype)}))]
+        return [
+            (identity, msg.reply(Kind.RESULT, tensors=wire_tensors("out", out, self.wire_dtype)))
+        ]
 
     def forget(self, client: str) -> None:
         return None
@@ -104,7 +129,7 @@ class VanillaEngine(Engine):
     def handle(self, identity: bytes, msg: Message) -> list[Reply]:
         if msg.kind is not Kind.FORWARD:
             return super().handle(identity, msg)
-        act = as_input(msg.tensor("act"), True)
+        act = as_input(read_tensor(msg, "act"), True)
         out = run_segment(self.model, act)
         labels = check_labels(msg.tensor("labels"), act.shape[0], out.shape[-1])
         loss = F.cross_entropy(out, labels)  # mean reduction: what Opacus assumes too
@@ -115,7 +140,7 @@ class VanillaEngine(Engine):
         reply = msg.reply(
             Kind.BACKWARD,
             meta={"loss": self.last_loss},
-            tensors={"grad": wire(act.grad, self.wire_dtype)},
+            tensors=wire_tensors("grad", act.grad, self.wire_dtype),
         )
         return [(identity, reply)]
 
@@ -137,10 +162,15 @@ class MiddleEngine(Engine):
                 raise ProtocolError(
                     "u-shaped topology: labels stay at the client; do not send them"
                 )
-            act = as_input(msg.tensor("act"), True)
+            act = as_input(read_tensor(msg, "act"), True)
             out = run_segment(self.model, act)
             self._pending[msg.client] = (msg.epoch, msg.step, act, out)
-            return [(identity, msg.reply(Kind.RESULT, tensors={"out": wire(out, self.wire_dtype)}))]
+            return [
+                (
+                    identity,
+                    msg.reply(Kind.RESULT, tensors=wire_tensors("out", out, self.wire_dtype)),
+                )
+            ]
         if msg.kind is Kind.BACKWARD:
             return [(identity, self._backward(msg))]
         return super().handle(identity, msg)
@@ -150,14 +180,14 @@ class MiddleEngine(Engine):
         if pending is None or pending[:2] != (msg.epoch, msg.step):
             raise ProtocolError("backward for a step this server has no forward for")
         _, _, act, out = pending
-        grad = as_input(msg.tensor("grad"), requires_grad=False)
+        grad = as_input(read_tensor(msg, "grad"), requires_grad=False)
         if grad.shape != out.shape:
             raise ProtocolError(f"gradient shape {tuple(grad.shape)} != output {tuple(out.shape)}")
         self.optimizer.zero_grad(set_to_none=True)
         out.backward(grad)
         self._apply()
         assert act.grad is not None
-        return msg.reply(Kind.BACKWARD, tensors={"grad": wire(act.grad, self.wire_dtype)})
+        return msg.reply(Kind.BACKWARD, tensors=wire_tensors("grad", act.grad, self.wire_dtype))
 
     def forget(self, client: str) -> None:
         self._pending.pop(client, None)
@@ -187,7 +217,7 @@ class MultitaskEngine(Engine):
     def handle(self, identity: bytes, msg: Message) -> list[Reply]:
         if msg.kind is not Kind.FORWARD:
             return super().handle(identity, msg)
-        act = as_input(msg.tensor("act"), True)
+        act = as_input(read_tensor(msg, "act"), True)
         out = self._out(msg, act)
         labels = check_labels(msg.tensor("labels"), act.shape[0], out.shape[-1])
         loss = F.cross_entropy(out, labels)
@@ -198,16 +228,18 @@ class MultitaskEngine(Engine):
         reply = msg.reply(
             Kind.BACKWARD,
             meta={"loss": self.last_loss},
-            tensors={"grad": wire(act.grad, self.wire_dtype)},
+            tensors=wire_tensors("grad", act.grad, self.wire_dtype),
         )
         return [(identity, reply)]
 
     def evaluate(self, identity: bytes, msg: Message) -> list[Reply]:
         self.model.eval()
         with torch.no_grad():
-            out = self._out(msg, as_input(msg.tensor("act"), False))
+            out = self._out(msg, as_input(read_tensor(msg, "act"), False))
         self.model.train()
-        return [(identity, msg.reply(Kind.RESULT, tensors={"out": wire(out, self.wire_dtype)}))]
+        return [
+            (identity, msg.reply(Kind.RESULT, tensors=wire_tensors("out", out, self.wire_dtype)))
+        ]
 
 
 def build_engine(cfg: ServerConfig, base: Path) -> Engine:

@@ -112,6 +112,7 @@ def init_deployment(
     insecure: bool = False,
     ops: bool = False,
     seed: int = 0,
+    wire_dtype: str = "float32",
 ) -> dict[str, Any]:
     """Write DIR/server.toml, DIR/client-N.toml (and relay-1.toml, keys). Returns the paths."""
     if topology not in TOPOLOGIES:
@@ -134,6 +135,7 @@ def init_deployment(
         "lr": 0.05,
         "momentum": 0.9,
         "seed": seed,
+        "wire_dtype": wire_dtype,
     }
     port = free_port()
     server_section: dict[str, Any] = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,9 @@ def _quiet() -> None:
 
     configure_logging("text", "WARNING", "audit")
     torch.set_num_threads(1)
+    # Opacus says this on every DP-SGD step of a first segment (its inputs need no grad).
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha")
 
 
 def _jsonable(value: Any) -> Any:

@@ -24,7 +24,7 @@ from sl_pipeline.models import build_segments, fingerprint, make_optimizer
 from sl_pipeline.transport import DealerConnection
 
 from .common import load_own_key, load_peer_key, warn_insecure
-from .engine import as_input, run_segment, wire
+from .engine import as_input, read_tensor, run_segment, wire_tensors
 from .metrics import WorkerMetrics
 from .service import Listen, Peer, Replies, RouterService, reject_reason
 
@@ -140,14 +140,14 @@ class RelayWorker(RouterService):
         cached = self.cache.get(key)
         if cached is not None and cached[0] == step:
             return cached[1]
-        act = as_input(msg.tensor("act"), True)
+        act = as_input(read_tensor(msg, "act"), True)
         out = run_segment(self.segment, act)
-        tensors: dict[str, Any] = {"act": wire(out, self.cfg.train.wire_dtype)}
+        tensors: dict[str, Any] = wire_tensors("act", out, self.cfg.train.wire_dtype)
         if "labels" in msg.tensors:
             tensors["labels"] = msg.tensor("labels")
         reply = await self._ask_upstream(msg.reply(Kind.FORWARD, tensors=tensors))
         self.optimizer.zero_grad(set_to_none=True)
-        out.backward(as_input(reply.tensor("grad"), False))
+        out.backward(as_input(read_tensor(reply, "grad"), False))
         self.optimizer.step()
         self.steps_applied += 1
         self.metrics.record_step(self.steps_applied)
@@ -155,7 +155,7 @@ class RelayWorker(RouterService):
         answer = msg.reply(
             Kind.BACKWARD,
             meta=dict(reply.meta),
-            tensors={"grad": wire(act.grad, self.cfg.train.wire_dtype)},
+            tensors=wire_tensors("grad", act.grad, self.cfg.train.wire_dtype),
         )
         self.cache[key] = (step, answer)
         return answer
@@ -163,9 +163,9 @@ class RelayWorker(RouterService):
     async def _infer(self, msg: Message) -> Message:
         self.segment.eval()
         with torch.no_grad():
-            out = run_segment(self.segment, as_input(msg.tensor("act"), False))
+            out = run_segment(self.segment, as_input(read_tensor(msg, "act"), False))
         self.segment.train()
         reply = await self._ask_upstream(
-            msg.reply(msg.kind, tensors={"act": wire(out, self.cfg.train.wire_dtype)})
+            msg.reply(msg.kind, tensors=wire_tensors("act", out, self.cfg.train.wire_dtype))
         )
         return msg.reply(Kind.RESULT, meta=dict(reply.meta), tensors=dict(reply.tensors))

@@ -23,7 +23,7 @@ from sl_pipeline.errors import ConfigError, ProtocolError
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.models import vertical_top
 
-from .engine import Engine, Reply, as_input, run_segment, wire
+from .engine import Engine, Reply, as_input, read_tensor, run_segment, wire_tensors
 
 
 @dataclass
@@ -73,7 +73,7 @@ class VerticalEngine(Engine):
         if "labels" in msg.tensors:
             raise ProtocolError("vertical: feature parties must not send labels")
         parts = self._waiting.setdefault(key, {})
-        parts[msg.client] = Part(identity, msg, as_input(msg.tensor("act"), train))
+        parts[msg.client] = Part(identity, msg, as_input(read_tensor(msg, "act"), train))
         if len(parts) < self.parties:
             return []
         del self._waiting[key]
@@ -115,7 +115,7 @@ class VerticalEngine(Engine):
             reply = part.msg.reply(
                 Kind.BACKWARD,
                 meta={"loss": self.last_loss},
-                tensors={"grad": wire(grad, self.wire_dtype)},
+                tensors=wire_tensors("grad", grad, self.wire_dtype),
             )
             replies.append((part.identity, reply))
         return replies
@@ -132,7 +132,9 @@ class VerticalEngine(Engine):
         return [
             (
                 p.identity,
-                p.msg.reply(Kind.RESULT, meta=meta, tensors={"out": wire(out, self.wire_dtype)}),
+                p.msg.reply(
+                    Kind.RESULT, meta=meta, tensors=wire_tensors("out", out, self.wire_dtype)
+                ),
             )
             for p in parts
         ]
