@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -54,9 +55,17 @@ class Scraper(threading.Thread):
         self.urls, self.interval_s = urls, interval_s
         self.ok = 0
         self.failed = 0  # a client's port is closed before it starts and after it exits
+        self.seconds = 0.0
         self._stop_event = threading.Event()
 
     def run(self) -> None:
+        started = time.monotonic()
+        try:
+            self._loop()
+        finally:
+            self.seconds = time.monotonic() - started
+
+    def _loop(self) -> None:
         while not self._stop_event.wait(self.interval_s):
             for url in self.urls:
                 try:
@@ -82,13 +91,13 @@ def write_configs(folder: Path, runs: int, epochs: int) -> tuple[Path, int, list
     url = endpoint(free_port())
     train = dict(TRAIN, epochs=epochs)
     server_port = free_port()
-    server = {"server": {"bind": url, "key": keys["server_key"], "admitted": keys["admitted"]},
+    server: dict[str, dict[str, Any]] = {"server": {"bind": url, "key": keys["server_key"], "admitted": keys["admitted"]},
               "model": MODEL, "train": train, "ops": _ops(server_port)}
     (folder / "server.toml").write_text(to_toml(server))
     clients = []
     for name in names:
         port = free_port()
-        client = {"client": {"server": url, "name": name, "key": f"keys/{name}.key",
+        client: dict[str, dict[str, Any]] = {"client": {"server": url, "name": name, "key": f"keys/{name}.key",
                              "server_key": keys["server_pub"]},
                   "data": {"dataset": "digits", "seed": 0}, "model": MODEL, "train": train,
                   "ops": _ops(port)}
@@ -116,6 +125,7 @@ def train_once(config: Path, scrape_urls: list[str] | None) -> dict[str, Any]:
     summary = last_json_line(done.stdout)
     summary["step_s"] = summary["wall_seconds"] / max(1, summary["steps"])
     summary["scrapes"] = scraper.ok if scraper else 0
+    summary["scrape_seconds"] = scraper.seconds if scraper else 0.0
     return summary
 
 
@@ -128,7 +138,7 @@ def _ready(port: int) -> bool:
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    pairs, epochs = (2, 4) if quick else (4, 10)
+    pairs, epochs = (2, 4) if quick else (4, 8)
     with tempfile.TemporaryDirectory(prefix="sl-bench-scrape-") as tmp:
         folder = Path(tmp)
         server_cfg, server_port, clients = write_configs(folder, 2 * pairs, epochs)
@@ -148,7 +158,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                     samples["scrape_100ms" if scraped else "no_scrape"].append(result["step_s"])
                     if scraped:
                         scrapes += result["scrapes"]
-                        seconds += result["wall_seconds"]
+                        seconds += result["scrape_seconds"]
                 ratios.append(step[True] / step[False])
         finally:
             stop_process(server)

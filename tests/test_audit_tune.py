@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from sl_pipeline.errors import ConfigError, PrivacyError, SLError
-from workers.audit import audit_deployment, run_audit, split_overrides
+from workers.audit import run_audit, split_overrides
 from workers.localdeploy import init_deployment
-from workers.privacy_cli import COMMANDS, add_parsers
+from workers.privacy_cli import COMMANDS, add_parsers, audit_deployment
 from workers.tune import combinations, parse_sweep, run_tune
 
 ROW_KEYS = {"name", "test_accuracy", "dcor", "reconstruction_mse"}

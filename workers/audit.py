@@ -4,14 +4,13 @@ The harness runs the server (plus a relay for multihop) and every client in one 
 over real encrypted loopback sockets, keeps the worker objects, and measures on held-out
 data what an honest-but-curious server could learn:
 
-* ``dcor`` — distance correlation between a client's test inputs and what it sends for them
-  (the activations *after* its cut-layer defense), :func:`privacy.audit.dcor_leakage`;
-* ``reconstruction_mse`` (and ``ssim`` for images) — a decoder trained on the client's
-  *train* split (inputs and the defended activations the trained segment produces) inverts
-  the defended activations of its *test* split, :func:`privacy.audit.reconstruction_attack`;
-* ``label_leak_auc`` (vertical) — norm and direction attacks on the gradients each feature
-  party received during the last epoch, :func:`privacy.audit.label_leak_auc`;
-* ``epsilon`` — what the accountants prove, per mechanism (never one reported as another).
+* ``dcor``: dCor between a client's test inputs and what it sends for them (after its
+  cut-layer defense);
+* ``reconstruction_mse`` (+ ``ssim`` for images): a decoder trained on the client's *train*
+  split (inputs, defended activations) inverts the defended activations of its *test* split;
+* ``label_leak_auc`` (vertical): norm and direction attacks on the gradients each feature
+  party received during the last epoch;
+* the epsilons the accountants prove, per mechanism (never one reported as another).
 """
 
 from __future__ import annotations
@@ -33,11 +32,10 @@ from sl_pipeline.config import (
     ServerConfig,
     load,
     parse_override,
-    read_toml,
 )
 from sl_pipeline.errors import ConfigError, SLError, TransportError
 from workers.client import ClientWorker
-from workers.localdeploy import DATASETS, free_port, init_deployment
+from workers.localdeploy import DATASETS, init_deployment
 from workers.relay import RelayWorker
 from workers.server import ServerWorker
 
@@ -166,12 +164,9 @@ def measure_client(client: ClientWorker, seed: int, attack_epochs: int = 30) -> 
     from privacy.audit import dcor_leakage, reconstruction_attack
 
     train, test = client.data.train, client.data.test
-    victim = _sent(client, test.x)
-    images = test.x.dim() == 4
-    attack = reconstruction_attack(
-        train.x, _sent(client, train.x), test.x, victim, epochs=attack_epochs, seed=seed,
-        image_shape=tuple(test.x.shape[1:]) if images else None,  # type: ignore[arg-type]
-    )
+    victim = _sent(client, test.x)  # 4-D digits images also get SSIM
+    attack = reconstruction_attack(train.x, _sent(client, train.x), test.x, victim,
+                                   epochs=attack_epochs, seed=seed)
     return {"dcor": dcor_leakage(test.x, victim), **attack}
 
 
@@ -240,9 +235,11 @@ def check_args(topology: str, dataset: str, epochs: int | None) -> None:
         raise ConfigError(f"--epochs {epochs} must be at least 1")
 
 
-def _audit(files: dict[str, Path], client_overrides: Sequence[str],
-           server_overrides: Sequence[str], seed: int, timeout_s: float,
-           relay_overrides: Sequence[str] = ()) -> dict[str, Any]:
+def audit_files(files: dict[str, Path], client_overrides: Sequence[str],
+                server_overrides: Sequence[str], seed: int = 0,
+                timeout_s: float = DEFAULT_TIMEOUT_S,
+                relay_overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Train the deployment ``files`` (name -> TOML path) in-process and audit it."""
     from privacy.config import PrivacyConfig
 
     first = min(name for name in files if name.startswith("client-"))
@@ -257,7 +254,7 @@ def _audit(files: dict[str, Path], client_overrides: Sequence[str],
         return measure(trained, seed)
 
 
-def run_audit(
+def runaudit_files(
     topology: str, dataset: str = "digits", client_overrides: Sequence[str] = (),
     server_overrides: Sequence[str] = (), epochs: int | None = None, seed: int = 0, *,
     clients: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -275,50 +272,9 @@ def run_audit(
                                dataset=dataset, epochs=epochs, seed=seed)
         files = {k: Path(v) for k, v in made["files"].items()}
         shared = [s for s in client_overrides if s.startswith(SHARED_PREFIXES)]
-        result = _audit(files, client_overrides, server_overrides, seed, timeout_s, shared)
+        result = audit_files(files, client_overrides, server_overrides, seed, timeout_s, shared)
     return {"topology": topology, "dataset": dataset, **result}
 
 
-def _deployment_files(client_toml: Path) -> dict[str, Path]:
-    folder = client_toml.parent
-    files = {"server": folder / "server.toml"}
-    if not files["server"].exists():
-        raise ConfigError(f"--config {str(client_toml)!r}: no server.toml next to it in {folder}")
-    if (folder / "relay-1.toml").exists():
-        files["relay-1"] = folder / "relay-1.toml"
-    for path in sorted(folder.glob("client-*.toml")):
-        files[path.stem] = path
-    if client_toml.name not in {p.name for p in files.values()}:
-        files[f"client-{client_toml.stem}"] = client_toml
-    return files
-
-
-QUIET = ('ops.listen=""', 'checkpoint.dir=""')
-
-
-def audit_deployment(client_toml: Path, sets: Sequence[str] = (), epochs: int | None = None,
-                     seed: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
-    """Audit an existing deployment folder with its own settings. It is retrained from
-    scratch on fresh loopback ports; its saved state, checkpoints and ops ports are left alone."""
-    files = _deployment_files(client_toml)
-    topology = str(read_toml(files["server"]).get("server", {}).get("topology", "vanilla"))
-    client_sets, server_sets = split_overrides(sets)
-    if epochs is not None:
-        check_args(topology, "digits", epochs)
-        client_sets.append(f"train.epochs={epochs}")
-        server_sets.append(f"train.epochs={epochs}")
-    server_at = f'"tcp://127.0.0.1:{free_port()}"'
-    server_sets += [f"server.bind={server_at}", 'server.save=""', *QUIET]
-    relay_sets = [s for s in client_sets if s.startswith(SHARED_PREFIXES)]
-    upstream = server_at
-    if "relay-1" in files:
-        upstream = f'"tcp://127.0.0.1:{free_port()}"'
-        relay_sets += [f"relay.bind={upstream}", f"relay.upstream={server_at}",
-                       'relay.save=""', *QUIET]
-    client_sets += [f"client.server={upstream}", 'client.save=""', *QUIET]
-    result = _audit(files, client_sets, server_sets, seed, timeout_s, relay_sets)
-    return {"topology": topology, "config": str(client_toml), **result}
-
-
-__all__ = ["Trained", "audit_deployment", "check_args", "measure", "run_audit", "split_overrides",
-           "train_in_process"]
+__all__ = ["SHARED_PREFIXES", "Trained", "audit_files", "check_args", "measure", "run_audit",
+           "split_overrides", "train_in_process"]

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     keygen = sub.add_parser("keygen", help="write an X25519 key pair NAME.key / NAME.pub")
     keygen.add_argument("name")
     keygen.add_argument("--out", type=Path, default=Path("."))
+    bench = sub.add_parser("bench", help="the benchmark suite (from a source checkout)")
+    bench.add_argument("--quick", action="store_true")
+    bench.add_argument("--json", action="store_true")
     health = sub.add_parser("health", help="exit 0 if the worker's /readyz answers 200")
     health.add_argument("--config", required=True, type=Path)
     health.add_argument("--timeout", type=float, default=3.0)
@@ -214,6 +217,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run ``python -m bench`` from the source tree this package was installed from."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "bench" / "__main__.py").exists():
+        raise ConfigError(
+            "the benchmark suite lives in the source tree (bench/); run it from a checkout"
+        )
+    flags = [f for f, on in (("--quick", args.quick), ("--json", args.json)) if on]
+    return subprocess.run([sys.executable, "-m", "bench", *flags], cwd=root, check=False).returncode
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from sl_pipeline.keys import fingerprint, load_public_key, write_keypair
 
@@ -246,6 +262,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "init": cmd_init,
     "demo": cmd_demo,
     "keygen": cmd_keygen,
+    "bench": cmd_bench,
     "health": cmd_health,
 }
 

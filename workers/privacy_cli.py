@@ -11,12 +11,14 @@ import argparse
 import json
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sl_pipeline.config import TOPOLOGIES
+from sl_pipeline.config import TOPOLOGIES, read_toml
 from sl_pipeline.errors import ConfigError
+
+from .localdeploy import free_port
 
 AUDIT_KEYS = ("test_accuracy", "dcor", "reconstruction_mse", "ssim", "label_leak_auc",
               "norm_auc", "direction_auc", "activation_epsilon", "dpsgd_epsilon")
@@ -72,8 +74,57 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _deployment_files(client_toml: Path) -> dict[str, Path]:
+    """The deployment around a client TOML: server.toml beside it, relay and other clients."""
+    if not client_toml.is_file():
+        raise ConfigError(f"--config {str(client_toml)!r} is not a file; give a client TOML")
+    if client_toml.name in ("server.toml", "relay-1.toml"):
+        raise ConfigError(f"--config {str(client_toml)!r}: give a client's TOML, not the "
+                          "server's or relay's")
+    folder = client_toml.parent
+    files = {"server": folder / "server.toml"}
+    if not files["server"].exists():
+        raise ConfigError(f"--config {str(client_toml)!r}: no server.toml next to it in {folder}")
+    if (folder / "relay-1.toml").exists():
+        files["relay-1"] = folder / "relay-1.toml"
+    for path in sorted(folder.glob("client-*.toml")):
+        files[path.stem] = path
+    if client_toml.name not in {p.name for p in files.values()}:
+        files[f"client-{client_toml.stem}"] = client_toml
+    return files
+
+
+QUIET = ('ops.listen=""', 'checkpoint.dir=""')
+
+
+def audit_deployment(client_toml: Path, sets: Sequence[str] = (), epochs: int | None = None,
+                     seed: int = 0, timeout_s: float = 900.0) -> dict[str, Any]:
+    """Audit an existing deployment folder with its own settings. It is retrained from
+    scratch on fresh loopback ports; its saved state, checkpoints and ops ports are left alone."""
+    from .audit import SHARED_PREFIXES, check_args, split_overrides
+
+    files = _deployment_files(client_toml)
+    topology = str(read_toml(files["server"]).get("server", {}).get("topology", "vanilla"))
+    client_sets, server_sets = split_overrides(sets)
+    if epochs is not None:
+        check_args(topology, "digits", epochs)
+        client_sets.append(f"train.epochs={epochs}")
+        server_sets.append(f"train.epochs={epochs}")
+    server_at = f'"tcp://127.0.0.1:{free_port()}"'
+    server_sets += [f"server.bind={server_at}", 'server.save=""', *QUIET]
+    relay_sets = [s for s in client_sets if s.startswith(SHARED_PREFIXES)]
+    upstream = server_at
+    if "relay-1" in files:
+        upstream = f'"tcp://127.0.0.1:{free_port()}"'
+        relay_sets += [f"relay.bind={upstream}", f"relay.upstream={server_at}",
+                       'relay.save=""', *QUIET]
+    client_sets += [f"client.server={upstream}", 'client.save=""', *QUIET]
+    result = _audit(files, client_sets, server_sets, seed, timeout_s, relay_sets)
+    return {"topology": topology, "config": str(client_toml), **result}
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
-    from .audit import audit_deployment, run_audit, split_overrides
+    from .audit import run_audit, split_overrides
 
     _quiet()
     if args.config is not None:
@@ -112,4 +163,4 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "tune": cmd_tune,
 }
 
-__all__ = ["COMMANDS", "add_parsers"]
+__all__ = ["COMMANDS", "add_parsers", "audit_deployment"]
