@@ -19,7 +19,7 @@ from typing import Any
 from . import SECTIONS
 
 KEYS = ("encryption_overhead", "transport_efficiency", "overhead_ratio", "rpc_ratio",
-        "scaling", "efficiency_64", "server_mem_per_client_mib", "flops_table")
+        "scaling", "efficiency_64", "server_mem_per_client_mib", "flops_table", "scrape_slowdown")
 
 
 def pin_threads(threads: int) -> None:

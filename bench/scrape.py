@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -53,25 +52,17 @@ class Scraper(threading.Thread):
     def __init__(self, urls: list[str], interval_s: float = INTERVAL_S) -> None:
         super().__init__(daemon=True)
         self.urls, self.interval_s = urls, interval_s
-        self.ok = 0
+        self.ok = dict.fromkeys(urls, 0)
         self.failed = 0  # a client's port is closed before it starts and after it exits
-        self.seconds = 0.0
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        started = time.monotonic()
-        try:
-            self._loop()
-        finally:
-            self.seconds = time.monotonic() - started
-
-    def _loop(self) -> None:
         while not self._stop_event.wait(self.interval_s):
             for url in self.urls:
                 try:
                     with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
                         response.read()
-                    self.ok += 1
+                    self.ok[url] += 1
                 except OSError:
                     self.failed += 1
 
@@ -91,16 +82,18 @@ def write_configs(folder: Path, runs: int, epochs: int) -> tuple[Path, int, list
     url = endpoint(free_port())
     train = dict(TRAIN, epochs=epochs)
     server_port = free_port()
-    server: dict[str, dict[str, Any]] = {"server": {"bind": url, "key": keys["server_key"], "admitted": keys["admitted"]},
-              "model": MODEL, "train": train, "ops": _ops(server_port)}
+    server: dict[str, dict[str, Any]] = {
+        "server": {"bind": url, "key": keys["server_key"], "admitted": keys["admitted"]},
+        "model": MODEL, "train": train, "ops": _ops(server_port)}
     (folder / "server.toml").write_text(to_toml(server))
     clients = []
     for name in names:
         port = free_port()
-        client: dict[str, dict[str, Any]] = {"client": {"server": url, "name": name, "key": f"keys/{name}.key",
-                             "server_key": keys["server_pub"]},
-                  "data": {"dataset": "digits", "seed": 0}, "model": MODEL, "train": train,
-                  "ops": _ops(port)}
+        client: dict[str, dict[str, Any]] = {
+            "client": {"server": url, "name": name, "key": f"keys/{name}.key",
+                       "server_key": keys["server_pub"]},
+            "data": {"dataset": "digits", "seed": 0}, "model": MODEL, "train": train,
+            "ops": _ops(port)}
         path = folder / f"{name}.toml"
         path.write_text(to_toml(client))
         clients.append((path, port))
@@ -124,8 +117,8 @@ def train_once(config: Path, scrape_urls: list[str] | None) -> dict[str, Any]:
         raise RuntimeError(f"client {config.name} failed ({done.returncode}): {done.stderr[-500:]}")
     summary = last_json_line(done.stdout)
     summary["step_s"] = summary["wall_seconds"] / max(1, summary["steps"])
-    summary["scrapes"] = scraper.ok if scraper else 0
-    summary["scrape_seconds"] = scraper.seconds if scraper else 0.0
+    # The client's /metrics answers only while it runs: scrapes of it per second of training.
+    summary["client_scrapes"] = scraper.ok[scrape_urls[-1]] if scraper and scrape_urls else 0
     return summary
 
 
@@ -146,7 +139,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         try:
             wait_for(lambda: _ready(server_port), 120, "the server's /readyz")
             samples: dict[str, list[float]] = {"no_scrape": [], "scrape_100ms": []}
-            ratios, scrapes, seconds = [], 0, 0.0
+            ratios, scrapes, seconds = [], 0, 0.0  # client scrapes, client wall seconds
             for pair in range(pairs):
                 order = (False, True) if pair % 2 == 0 else (True, False)
                 step: dict[bool, float] = {}
@@ -157,8 +150,8 @@ def run(quick: bool = False) -> dict[str, Any]:
                     step[scraped] = result["step_s"]
                     samples["scrape_100ms" if scraped else "no_scrape"].append(result["step_s"])
                     if scraped:
-                        scrapes += result["scrapes"]
-                        seconds += result["scrape_seconds"]
+                        scrapes += result["client_scrapes"]
+                        seconds += result["wall_seconds"]
                 ratios.append(step[True] / step[False])
         finally:
             stop_process(server)
@@ -170,6 +163,6 @@ def run(quick: bool = False) -> dict[str, Any]:
             "pairs": pairs,
             "epochs_per_run": epochs,
             "interval_ms": round(1000 * INTERVAL_S),
-            "scrapes_per_s": round(scrapes / max(seconds, 1e-9), 1),
+            "client_scrapes_per_s": round(scrapes / max(seconds, 1e-9), 1),
         },
     }

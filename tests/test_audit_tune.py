@@ -139,8 +139,12 @@ def test_bad_tune_input_is_one_line_naming_the_key(
 
 
 def test_bad_audit_input_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli("audit", "--config", str(tmp_path / "client-1.toml")) == 2
-    assert "server.toml" in capsys.readouterr().out
+    lonely = tmp_path / "client-1.toml"
+    assert cli("audit", "--config", str(lonely)) == 2
+    assert "is not a file" in capsys.readouterr().out
+    lonely.write_text("")
+    assert cli("audit", "--config", str(lonely)) == 2
+    assert "no server.toml" in capsys.readouterr().out
     with pytest.raises(PrivacyError, match=r"privacy\.label"):
         run_audit("vanilla", "breast_cancer", [], ['privacy.label.mechanism="marvell"',
                                                    "privacy.label.scale=1"], epochs=1)

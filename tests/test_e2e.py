@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 
 from .conftest import Procs
@@ -55,3 +56,21 @@ def test_killed_client_can_rejoin_under_its_name(deployment, procs: Procs) -> No
     first.wait(10)
     again = procs.start("client", files["client-1"], "--json", "--no-progress")
     assert _summary(again)["steps"] > 0
+
+
+def test_sigterm_stops_a_client_cleanly_and_it_resumes(deployment, procs: Procs) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(dataset="digits", epochs=3)
+    sets = ("--set", 'checkpoint.dir="ckpt/client"', "--set", "checkpoint.fsync=false")
+    procs.start("server", files["server"])
+    client = procs.start("client", files["client-1"], "--json", "--no-progress", *sets)
+    ckpt = files["client-1"].parent / "ckpt" / "client"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list(ckpt.glob("*.ckpt"))) < 2:
+        time.sleep(0.1)  # training is under way once checkpoints appear
+    client.send_signal(signal.SIGTERM)
+    stopped = _summary(client, timeout=30)
+    assert stopped["stopped_early"] is True and 0 < stopped["steps"] < 135
+    again = procs.start("client", files["client-1"], "--json", "--no-progress", *sets)
+    final = _summary(again)
+    assert final["resumed_from"] == stopped["steps"]
+    assert final["steps"] == 135 and final["stopped_early"] is False

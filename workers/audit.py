@@ -254,7 +254,7 @@ def audit_files(files: dict[str, Path], client_overrides: Sequence[str],
         return measure(trained, seed)
 
 
-def runaudit_files(
+def run_audit(
     topology: str, dataset: str = "digits", client_overrides: Sequence[str] = (),
     server_overrides: Sequence[str] = (), epochs: int | None = None, seed: int = 0, *,
     clients: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,

@@ -172,7 +172,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exit_quietly_on_sigterm() -> None:
+    """Before the event loop runs (imports, data loading) a SIGTERM just ends the process
+    with status 0: nothing has been trained or sent yet. The loop then installs its own."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+
+
 def cmd_client(args: argparse.Namespace) -> int:
+    _exit_quietly_on_sigterm()
     from .client import ClientWorker
 
     cfg = load(ClientConfig, args.config, _overrides(args, "client"))

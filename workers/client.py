@@ -30,10 +30,16 @@ from sl_pipeline.transport import DealerConnection
 
 from .checkpoint import CheckpointStore, restore_rng, rng_state
 from .client_steps import StepRunner, build_runner
-from .common import load_own_key, load_peer_key, start_ops, warn_insecure
+from .common import install_stop_signals, load_own_key, load_peer_key, start_ops, warn_insecure
 from .metrics import WorkerMetrics
 
 log = logging.getLogger("sl_pipeline.client")
+
+
+class _Stopped(Exception):
+    """Raised between steps once SIGTERM/SIGINT asked the client to stop."""
+
+
 MAX_RETRIES_PER_REQUEST = 100
 
 
@@ -73,6 +79,8 @@ class ClientWorker:
         self.epoch_losses: list[float] = []
         self.start = (0, 0)  # (epoch, step) to continue from
         self.last_applied: tuple[int, int] | None = None
+        self.stop = asyncio.Event()
+        self.stopped = False
         self.ckpt = self._checkpoint_store()
         self.resumed_from = self._restore() if self.ckpt else 0
 
@@ -217,13 +225,24 @@ class ClientWorker:
         ops = await start_ops(
             self.cfg.ops, self.metrics, self.status, lambda: self.conn is not None
         )
+        install_stop_signals(self.stop)
         try:
             await self.connect()
-            await self.train()
+            try:
+                await self.train()
+            except _Stopped:
+                self.stopped = True
+                log.warning(
+                    "stopped by signal at epoch %d step %d; state saved", self.epoch, self.step
+                )
             assert self.conn is not None
             await self.conn.send(self.message(Kind.BYE))
             self.runner.save()
-            self._save(0, force=True)
+            if not self.stopped:
+                self.epoch = self.cfg.train.epochs  # finished: a restart has nothing left to do
+            last = self.last_applied
+            next_step = last[1] + 1 if self.stopped and last and last[0] == self.epoch else 0
+            self._save(next_step, force=True)
         finally:
             if ops is not None:
                 await ops.stop()
@@ -267,6 +286,7 @@ class ClientWorker:
             "bytes_received": self.bytes["received"],
             "retries": self.retries,
             "resumed_from": self.resumed_from,
+            "stopped_early": self.stopped,
             "wall_seconds": round(wall, 3),
             **self.runner.report(),
         }
@@ -300,6 +320,8 @@ class ClientWorker:
         for step, (x, y, ids) in enumerate(self.runner.epoch_batches(epoch)):
             if step < first_step:
                 continue
+            if self.stop.is_set():
+                raise _Stopped
             self.step = step
             started = time.perf_counter()
             loss = await self.runner.train_step(step, x, y, ids)

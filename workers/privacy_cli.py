@@ -101,7 +101,7 @@ def audit_deployment(client_toml: Path, sets: Sequence[str] = (), epochs: int | 
                      seed: int = 0, timeout_s: float = 900.0) -> dict[str, Any]:
     """Audit an existing deployment folder with its own settings. It is retrained from
     scratch on fresh loopback ports; its saved state, checkpoints and ops ports are left alone."""
-    from .audit import SHARED_PREFIXES, check_args, split_overrides
+    from .audit import SHARED_PREFIXES, audit_files, check_args, split_overrides
 
     files = _deployment_files(client_toml)
     topology = str(read_toml(files["server"]).get("server", {}).get("topology", "vanilla"))
@@ -119,7 +119,7 @@ def audit_deployment(client_toml: Path, sets: Sequence[str] = (), epochs: int | 
         relay_sets += [f"relay.bind={upstream}", f"relay.upstream={server_at}",
                        'relay.save=""', *QUIET]
     client_sets += [f"client.server={upstream}", 'client.save=""', *QUIET]
-    result = _audit(files, client_sets, server_sets, seed, timeout_s, relay_sets)
+    result = audit_files(files, client_sets, server_sets, seed, timeout_s, relay_sets)
     return {"topology": topology, "config": str(client_toml), **result}
 
 
