@@ -54,7 +54,7 @@ def _reference(deployment, epochs: int) -> dict:  # type: ignore[no-untyped-def,
     return asyncio.run(run_deployment(files))["summaries"][0]
 
 
-def _wait_steps(proc_base: Path, at_least: int, timeout_s: float = 30) -> None:
+def _wait_steps(proc_base: Path, at_least: int, timeout_s: float = 120) -> None:
     """Wait until the client has checkpointed ``at_least`` steps (training is under way)."""
     deadline = time.monotonic() + timeout_s
     store = CheckpointStore(proc_base / "ckpt" / "client", prefix="client-1")

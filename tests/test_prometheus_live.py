@@ -202,9 +202,8 @@ def knock(endpoint: str, server_pub: Path) -> None:
             sock.send_multipart(message)
             assert sock.poll(10_000), "the server did not answer the intruder"
             sock.recv_multipart()
-        sock.close(linger=0)
     finally:
-        ctx.term()
+        ctx.destroy(linger=0)  # closes the socket too, even after a failed assert
 
 
 def _wait_count(url: str, expr: str, count: int) -> None:
