@@ -11,7 +11,8 @@ in ABBA order so that drift on a shared machine cancels out:
 
 A run's step time is the client's own ``wall_seconds / steps`` (start-up and imports are
 not in it). ``scrape_slowdown`` is the median over pairs of (step time with the scraper) /
-(step time without): 1.0 means no measurable cost.
+(step time without): 1.0 means no measurable cost. ``render_ms`` is the median time to
+render one client's ``/metrics`` body in-process: what each scrape blocks a worker's loop.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -122,6 +124,20 @@ def train_once(config: Path, scrape_urls: list[str] | None) -> dict[str, Any]:
     return summary
 
 
+def render_ms(repeats: int = 200) -> float:
+    """Median milliseconds to render a client's /metrics body in-process: the event-loop
+    time one scrape costs a worker."""
+    from workers.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics("client")
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        metrics.render()
+        samples.append(time.perf_counter() - start)
+    return 1000 * median(samples)
+
+
 def _ready(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/readyz", timeout=1) as response:
@@ -163,6 +179,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             "pairs": pairs,
             "epochs_per_run": epochs,
             "interval_ms": round(1000 * INTERVAL_S),
+            "render_ms": round(render_ms(), 3),
             "client_scrapes_per_s": round(scrapes / max(seconds, 1e-9), 1),
         },
     }

@@ -158,6 +158,19 @@ def fingerprint(cfg: ModelConfig, topology: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def resolve_device(name: str) -> torch.device:
+    """``train.device``: "cpu" (the default, what CI tests) or "cuda[:N]" where a GPU exists."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device = {name!r} is not a device; use 'cpu' or 'cuda'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device = {name!r} but no CUDA GPU is visible; use 'cpu'")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device = {name!r} is not supported; use 'cpu' or 'cuda'")
+    return device
+
+
 def make_optimizer(
     params: Sequence[nn.Parameter] | list[nn.Parameter],
     name: str,

@@ -92,3 +92,15 @@ def test_keygen_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["keygen", "alice", "--out", str(tmp_path)]) == 0
     assert main(["keygen", "alice", "--out", str(tmp_path)]) == 2
     assert "alice.key" in capsys.readouterr().err
+
+
+def test_cuda_without_a_gpu_is_a_clear_config_error(
+    deployment, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    files = deployment()
+    assert main(["server", "--config", str(files["server"]), "--set", 'train.device="cuda"']) == 2
+    assert "train.device" in capsys.readouterr().err

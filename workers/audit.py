@@ -66,7 +66,8 @@ def split_overrides(sets: Sequence[str]) -> tuple[list[str], list[str]]:
         else:
             raise ConfigError(
                 f"--set {text!r}: key {'.'.join(path)!r} cannot be routed; use privacy.*, "
-                "train.*, model.*, client.*, data.* or server.*")
+                "train.*, model.*, client.*, data.* or server.*"
+            )
     return client, server
 
 
@@ -109,21 +110,28 @@ def _raise_crash(services: Sequence[asyncio.Future[Any]]) -> None:
         if isinstance(error, SLError):
             raise error
         if error is not None:
-            raise SLError(f"a worker crashed during training: {type(error).__name__}: "
-                          f"{str(error).splitlines()[0] if str(error) else ''}") from error
+            raise SLError(
+                f"a worker crashed during training: {type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}"
+            ) from error
 
 
 async def train_in_process(
-    files: dict[str, Path], client_overrides: Sequence[str] = (),
-    server_overrides: Sequence[str] = (), relay_overrides: Sequence[str] = (),
+    files: dict[str, Path],
+    client_overrides: Sequence[str] = (),
+    server_overrides: Sequence[str] = (),
+    relay_overrides: Sequence[str] = (),
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> Trained:
     """Run server (+ relay) and clients in this event loop until every client is done.
     A worker that crashes, or a run longer than ``timeout_s``, ends it with an error."""
     base = files["server"].parent
     server = ServerWorker(load(ServerConfig, files["server"], list(server_overrides)), base)
-    clients = [ClientWorker(load(ClientConfig, path, list(client_overrides)), base, progress=False)
-               for name, path in sorted(files.items()) if name.startswith("client-")]
+    clients = [
+        ClientWorker(load(ClientConfig, path, list(client_overrides)), base, progress=False)
+        for name, path in sorted(files.items())
+        if name.startswith("client-")
+    ]
     grads = _record_label_grads(server, clients[0].cfg.train.epochs - 1)
     stop = asyncio.Event()
     services = [asyncio.ensure_future(server.serve(stop))]
@@ -132,8 +140,9 @@ async def train_in_process(
         services.append(asyncio.ensure_future(relay.serve(stop)))
     runs = asyncio.ensure_future(asyncio.gather(*(c.run() for c in clients)))
     try:
-        await asyncio.wait([runs, *services], timeout=timeout_s,
-                           return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            [runs, *services], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
         if not runs.done():
             runs.cancel()
             await asyncio.gather(runs, return_exceptions=True)
@@ -165,8 +174,9 @@ def measure_client(client: ClientWorker, seed: int, attack_epochs: int = 30) -> 
 
     train, test = client.data.train, client.data.test
     victim = _sent(client, test.x)  # 4-D digits images also get SSIM
-    attack = reconstruction_attack(train.x, _sent(client, train.x), test.x, victim,
-                                   epochs=attack_epochs, seed=seed)
+    attack = reconstruction_attack(
+        train.x, _sent(client, train.x), test.x, victim, epochs=attack_epochs, seed=seed
+    )
     return {"dcor": dcor_leakage(test.x, victim), **attack}
 
 
@@ -182,8 +192,12 @@ def measure_labels(grads: Grads) -> dict[str, Any]:
     if not per_party:
         return {}
     worst = max(per_party.values(), key=lambda r: r["label_leak_auc"])
-    return {"label_leak_auc": worst["label_leak_auc"], "norm_auc": worst["norm_auc"],
-            "direction_auc": worst["direction_auc"], "label_leak_by_party": per_party}
+    return {
+        "label_leak_auc": worst["label_leak_auc"],
+        "norm_auc": worst["norm_auc"],
+        "direction_auc": worst["direction_auc"],
+        "label_leak_by_party": per_party,
+    }
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -219,8 +233,9 @@ def measure(trained: Trained, seed: int) -> dict[str, Any]:
         result["ssim"] = ssim
     result.update(measure_labels(trained.grads))
     result.update(_epsilons(trained.summaries))
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in result.items()}
+    return {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()
+    }
 
 
 # ------------------------------------------------------------------------ entry points
@@ -235,10 +250,14 @@ def check_args(topology: str, dataset: str, epochs: int | None) -> None:
         raise ConfigError(f"--epochs {epochs} must be at least 1")
 
 
-def audit_files(files: dict[str, Path], client_overrides: Sequence[str],
-                server_overrides: Sequence[str], seed: int = 0,
-                timeout_s: float = DEFAULT_TIMEOUT_S,
-                relay_overrides: Sequence[str] = ()) -> dict[str, Any]:
+def audit_files(
+    files: dict[str, Path],
+    client_overrides: Sequence[str],
+    server_overrides: Sequence[str],
+    seed: int = 0,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    relay_overrides: Sequence[str] = (),
+) -> dict[str, Any]:
     """Train the deployment ``files`` (name -> TOML path) in-process and audit it."""
     from privacy.config import PrivacyConfig
 
@@ -249,15 +268,22 @@ def audit_files(files: dict[str, Path], client_overrides: Sequence[str],
     PrivacyConfig.from_mapping(scfg.privacy).validate_for_topology(scfg.server.topology)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        trained = asyncio.run(train_in_process(
-            files, client_overrides, server_overrides, relay_overrides, timeout_s))
+        trained = asyncio.run(
+            train_in_process(files, client_overrides, server_overrides, relay_overrides, timeout_s)
+        )
         return measure(trained, seed)
 
 
 def run_audit(
-    topology: str, dataset: str = "digits", client_overrides: Sequence[str] = (),
-    server_overrides: Sequence[str] = (), epochs: int | None = None, seed: int = 0, *,
-    clients: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+    topology: str,
+    dataset: str = "digits",
+    client_overrides: Sequence[str] = (),
+    server_overrides: Sequence[str] = (),
+    epochs: int | None = None,
+    seed: int = 0,
+    *,
+    clients: int | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> dict[str, Any]:
     """Build a fresh local deployment in a temporary folder, train it in-process, audit it.
 
@@ -268,13 +294,27 @@ def run_audit(
     check_args(topology, dataset, epochs)
     n = clients or (2 if topology in ("vertical", "multitask") else 1)
     with tempfile.TemporaryDirectory(prefix="sl-audit-") as tmp:
-        made = init_deployment(Path(tmp) / "deploy", topology=topology, clients=n,
-                               dataset=dataset, epochs=epochs, seed=seed)
+        made = init_deployment(
+            Path(tmp) / "deploy",
+            topology=topology,
+            clients=n,
+            dataset=dataset,
+            epochs=epochs,
+            seed=seed,
+        )
         files = {k: Path(v) for k, v in made["files"].items()}
         shared = [s for s in client_overrides if s.startswith(SHARED_PREFIXES)]
         result = audit_files(files, client_overrides, server_overrides, seed, timeout_s, shared)
     return {"topology": topology, "dataset": dataset, **result}
 
 
-__all__ = ["SHARED_PREFIXES", "Trained", "audit_files", "check_args", "measure", "run_audit",
-           "split_overrides", "train_in_process"]
+__all__ = [
+    "SHARED_PREFIXES",
+    "Trained",
+    "audit_files",
+    "check_args",
+    "measure",
+    "run_audit",
+    "split_overrides",
+    "train_in_process",
+]

@@ -21,7 +21,7 @@ from sl_pipeline.config import resolve_path
 from sl_pipeline.data import Split, batch_order, iter_batches
 from sl_pipeline.errors import ConfigError, PrivacyError, ProtocolError
 from sl_pipeline.messages import Kind, Message
-from sl_pipeline.models import build_segments, make_optimizer, vertical_bottom
+from sl_pipeline.models import build_segments, make_optimizer, resolve_device, vertical_bottom
 
 from .engine import as_input, read_tensor, wire_tensors
 
@@ -48,7 +48,8 @@ class StepRunner:
             from privacy.nopeek import NoPeekLoss
 
             self.nopeek = NoPeekLoss(self.privacy.nopeek.alpha)
-        self.modules = self.build_modules()
+        self.device = resolve_device(cfg.train.device)
+        self.modules = {n: m.to(self.device) for n, m in self.build_modules().items()}
         params = [p for m in self.modules.values() for p in m.parameters()]
         t = cfg.train
         self.optimizer = make_optimizer(params, t.optimizer, t.lr, t.momentum)
@@ -109,7 +110,7 @@ class StepRunner:
     # ---- one step ------------------------------------------------------------------------
     def cut(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(raw activations, what is sent): the defenses run here, before the wire."""
-        act = self.bottom(x)
+        act = self.bottom(x.to(self.device))
         return act, self.defense.apply(act)
 
     def forward_message(
@@ -129,9 +130,9 @@ class StepRunner:
         self, x: torch.Tensor, act: torch.Tensor, sent: torch.Tensor, grad: torch.Tensor
     ) -> None:
         """Finish backpropagation locally (plus the NoPeek term), then step."""
-        roots, grads = [sent], [as_input(grad, requires_grad=False)]
+        roots, grads = [sent], [as_input(grad, requires_grad=False, device=self.device)]
         if self.nopeek is not None:
-            roots.append(self.nopeek(x, act))
+            roots.append(self.nopeek(x.to(self.device), act))
             grads.append(torch.ones(()))
         torch.autograd.backward(roots, grads)
         self.optimizer.step()
@@ -162,6 +163,7 @@ class StepRunner:
         for module in self.modules.values():
             module.eval()
         with torch.no_grad():
+            x = x.to(self.device)
             sent = self.defense.apply(self.bottom(x)) if self.privacy.noise else self.bottom(x)
         tensors = wire_tensors("act", sent, self.w.cfg.train.wire_dtype)
         if ids is not None and not self.sends_labels and "head" not in self.modules:
@@ -169,13 +171,13 @@ class StepRunner:
         reply = await self.w.request(
             self.w.message(kind, step, tensors=tensors, meta=self.forward_meta())
         )
-        out = as_input(read_tensor(reply, "out"), requires_grad=False)
+        out = as_input(read_tensor(reply, "out"), requires_grad=False, device=self.device)
         if "head" in self.modules:
             with torch.no_grad():
                 out = self.modules["head"](out)
         for module in self.modules.values():
             module.train()
-        return out, reply
+        return out.cpu(), reply
 
     async def evaluate(self, test: Split) -> float:
         correct = 0
@@ -269,8 +271,8 @@ class UShapedRunner(StepRunner):
         act, sent = self.cut(x)
         msg = self.forward_message(step, sent, None, ids)
         reply = await self.w.request(msg)
-        middle = as_input(read_tensor(reply, "out"), requires_grad=True)
-        loss = F.cross_entropy(self.modules["head"](middle), y)
+        middle = as_input(read_tensor(reply, "out"), requires_grad=True, device=self.device)
+        loss = F.cross_entropy(self.modules["head"](middle), y.to(self.device))
         loss.backward()
         assert middle.grad is not None
         back = msg.reply(

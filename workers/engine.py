@@ -18,15 +18,20 @@ from torch import nn
 from sl_pipeline.config import ServerConfig
 from sl_pipeline.errors import ConfigError, ProtocolError
 from sl_pipeline.messages import Kind, Message
-from sl_pipeline.models import build_segments, make_optimizer, multitask_heads
+from sl_pipeline.models import build_segments, make_optimizer, multitask_heads, resolve_device
 
 Reply = tuple[bytes, Message]
 
 
-def as_input(tensor: torch.Tensor, requires_grad: bool) -> torch.Tensor:
-    """A received tensor as a float32 leaf (peer buffers may be read-only or half precision)."""
+def as_input(
+    tensor: torch.Tensor, requires_grad: bool, device: torch.device | None = None
+) -> torch.Tensor:
+    """A received tensor as a float32 leaf on ``device`` (peer buffers may be read-only or
+    half precision). Host-to-GPU copies go through pinned memory, asynchronously."""
     out = tensor.detach().to(torch.float32)
-    if out.data_ptr() == tensor.data_ptr():
+    if device is not None and device.type == "cuda":
+        out = out.pin_memory().to(device, non_blocking=True)
+    elif out.data_ptr() == tensor.data_ptr():
         out = out.clone()  # never let autograd or the optimizer touch a peer's buffer
     return out.requires_grad_(requires_grad)
 
@@ -34,9 +39,9 @@ def as_input(tensor: torch.Tensor, requires_grad: bool) -> torch.Tensor:
 def wire(tensor: torch.Tensor, dtype: str) -> torch.Tensor:
     """Cast a tensor for the wire (optional fp16/bf16 compression)."""
     if dtype == "float16":
-        return tensor.detach().to(torch.float16)
+        return tensor.detach().to(torch.float16).cpu()
     if dtype == "bfloat16":
-        return tensor.detach().to(torch.bfloat16)
+        return tensor.detach().to(torch.bfloat16).cpu()
     return tensor.detach().cpu()
 
 
@@ -86,7 +91,8 @@ class Engine:
 
     def __init__(self, module: nn.Module, cfg: ServerConfig) -> None:
         self.cfg = cfg
-        self.model = module
+        self.device = resolve_device(cfg.train.device)
+        self.model = module.to(self.device)
         self.wire_dtype = cfg.train.wire_dtype
         self.optimizer = make_optimizer(
             list(module.parameters()), cfg.train.optimizer, cfg.train.lr, cfg.train.momentum
@@ -100,7 +106,7 @@ class Engine:
     def evaluate(self, identity: bytes, msg: Message) -> list[Reply]:
         self.model.eval()
         with torch.no_grad():
-            out = run_segment(self.model, as_input(read_tensor(msg, "act"), False))
+            out = run_segment(self.model, as_input(read_tensor(msg, "act"), False, self.device))
         self.model.train()
         return [
             (identity, msg.reply(Kind.RESULT, tensors=wire_tensors("out", out, self.wire_dtype)))
@@ -129,10 +135,12 @@ class VanillaEngine(Engine):
     def handle(self, identity: bytes, msg: Message) -> list[Reply]:
         if msg.kind is not Kind.FORWARD:
             return super().handle(identity, msg)
-        act = as_input(read_tensor(msg, "act"), True)
+        act = as_input(read_tensor(msg, "act"), True, self.device)
         out = run_segment(self.model, act)
         labels = check_labels(msg.tensor("labels"), act.shape[0], out.shape[-1])
-        loss = F.cross_entropy(out, labels)  # mean reduction: what Opacus assumes too
+        loss = F.cross_entropy(
+            out, labels.to(out.device)
+        )  # mean reduction: what Opacus assumes too
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self._apply(loss)
@@ -162,7 +170,7 @@ class MiddleEngine(Engine):
                 raise ProtocolError(
                     "u-shaped topology: labels stay at the client; do not send them"
                 )
-            act = as_input(read_tensor(msg, "act"), True)
+            act = as_input(read_tensor(msg, "act"), True, self.device)
             out = run_segment(self.model, act)
             self._pending[msg.client] = (msg.epoch, msg.step, act, out)
             return [
@@ -180,7 +188,7 @@ class MiddleEngine(Engine):
         if pending is None or pending[:2] != (msg.epoch, msg.step):
             raise ProtocolError("backward for a step this server has no forward for")
         _, _, act, out = pending
-        grad = as_input(read_tensor(msg, "grad"), requires_grad=False)
+        grad = as_input(read_tensor(msg, "grad"), requires_grad=False, device=self.device)
         if grad.shape != out.shape:
             raise ProtocolError(f"gradient shape {tuple(grad.shape)} != output {tuple(out.shape)}")
         self.optimizer.zero_grad(set_to_none=True)
@@ -217,10 +225,10 @@ class MultitaskEngine(Engine):
     def handle(self, identity: bytes, msg: Message) -> list[Reply]:
         if msg.kind is not Kind.FORWARD:
             return super().handle(identity, msg)
-        act = as_input(read_tensor(msg, "act"), True)
+        act = as_input(read_tensor(msg, "act"), True, self.device)
         out = self._out(msg, act)
         labels = check_labels(msg.tensor("labels"), act.shape[0], out.shape[-1])
-        loss = F.cross_entropy(out, labels)
+        loss = F.cross_entropy(out, labels.to(out.device))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self._apply(loss)
@@ -235,7 +243,7 @@ class MultitaskEngine(Engine):
     def evaluate(self, identity: bytes, msg: Message) -> list[Reply]:
         self.model.eval()
         with torch.no_grad():
-            out = self._out(msg, as_input(read_tensor(msg, "act"), False))
+            out = self._out(msg, as_input(read_tensor(msg, "act"), False, self.device))
         self.model.train()
         return [
             (identity, msg.reply(Kind.RESULT, tensors=wire_tensors("out", out, self.wire_dtype)))

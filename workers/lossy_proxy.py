@@ -47,9 +47,11 @@ class _Link:
     identity: bytes
     dealer: Any
     up: asyncio.Queue[tuple[float, list[Any]]] = field(
-        default_factory=lambda: asyncio.Queue(QUEUE_MAX))
+        default_factory=lambda: asyncio.Queue(QUEUE_MAX)
+    )
     down: asyncio.Queue[tuple[float, list[Any]]] = field(
-        default_factory=lambda: asyncio.Queue(QUEUE_MAX))
+        default_factory=lambda: asyncio.Queue(QUEUE_MAX)
+    )
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -113,9 +115,15 @@ class LossyProxy:
         return len(self._links)
 
     def counters(self) -> dict[str, int]:
-        return {"received": self.received, "forwarded": self.forwarded, "dropped": self.dropped,
-                "forwarded_up": self.forwarded_up, "forwarded_down": self.forwarded_down,
-                "dropped_up": self.dropped_up, "dropped_down": self.dropped_down}
+        return {
+            "received": self.received,
+            "forwarded": self.forwarded,
+            "dropped": self.dropped,
+            "forwarded_up": self.forwarded_up,
+            "forwarded_down": self.forwarded_down,
+            "dropped_up": self.dropped_up,
+            "dropped_down": self.dropped_down,
+        }
 
     def drop_next(self, direction: str = "upstream", count: int = 1) -> None:
         """Drop the next ``count`` messages going ``direction`` ("upstream" is
@@ -257,16 +265,24 @@ def _delay(text: str) -> tuple[float, float]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m workers.lossy_proxy", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--upstream", required=True, help="server endpoint, e.g. tcp://127.0.0.1:5555")
+    parser = argparse.ArgumentParser(
+        prog="python -m workers.lossy_proxy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--upstream", required=True, help="server endpoint, e.g. tcp://127.0.0.1:5555"
+    )
     parser.add_argument("--drop", type=float, default=0.0, help="drop probability per message")
     parser.add_argument("--delay", type=_delay, default=(0.0, 0.0), help="LOW,HIGH seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--direction", choices=DIRECTIONS, default="both")
     parser.add_argument("--max-messages", type=int, default=1_000_000)
-    parser.add_argument("--spare-handshakes", action="store_true",
-                        help="never drop sl-hello/sl-welcome/sl-refuse messages")
+    parser.add_argument(
+        "--spare-handshakes",
+        action="store_true",
+        help="never drop sl-hello/sl-welcome/sl-refuse messages",
+    )
     return parser.parse_args(argv)
 
 
@@ -275,9 +291,15 @@ async def _main(args: argparse.Namespace) -> dict[str, int]:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    proxy = LossyProxy(args.upstream, drop_rate=args.drop, delay_s=args.delay, seed=args.seed,
-                       drop_direction=args.direction, max_messages=args.max_messages,
-                       spare_handshakes=args.spare_handshakes)
+    proxy = LossyProxy(
+        args.upstream,
+        drop_rate=args.drop,
+        delay_s=args.delay,
+        seed=args.seed,
+        drop_direction=args.direction,
+        max_messages=args.max_messages,
+        spare_handshakes=args.spare_handshakes,
+    )
     await proxy.start()
     try:
         print(proxy.endpoint, flush=True)

@@ -20,15 +20,29 @@ from sl_pipeline.errors import ConfigError
 
 from .localdeploy import free_port
 
-AUDIT_KEYS = ("test_accuracy", "dcor", "reconstruction_mse", "ssim", "label_leak_auc",
-              "norm_auc", "direction_auc", "activation_epsilon", "dpsgd_epsilon")
+AUDIT_KEYS = (
+    "test_accuracy",
+    "dcor",
+    "reconstruction_mse",
+    "ssim",
+    "label_leak_auc",
+    "norm_auc",
+    "direction_auc",
+    "activation_epsilon",
+    "dpsgd_epsilon",
+)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="digits", choices=["digits", "breast_cancer"])
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="fixed override: privacy.label.* and server.* go to the server, other "
-                        "privacy.*, client.*, data.* to the clients, train.*, model.* to both")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fixed override: privacy.label.* and server.* go to the server, other "
+        "privacy.*, client.*, data.* to the clients, train.*, model.* to both",
+    )
     p.add_argument("--epochs", type=int, default=None, help="training epochs per run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as JSON, last line")
@@ -38,14 +52,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     audit = sub.add_parser("audit", help="train in-process, then measure what leaks")
     where = audit.add_mutually_exclusive_group(required=True)
     where.add_argument("--topology", choices=list(TOPOLOGIES))
-    where.add_argument("--config", type=Path,
-                       help="a client TOML of an existing deployment (server.toml beside it)")
+    where.add_argument(
+        "--config",
+        type=Path,
+        help="a client TOML of an existing deployment (server.toml beside it)",
+    )
     audit.add_argument("--clients", type=int, default=None)
     _common(audit)
     tune = sub.add_parser("tune", help="sweep privacy settings; write results and a frontier")
     tune.add_argument("--topology", required=True, choices=list(TOPOLOGIES))
-    tune.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
-                      help="a setting and its values (repeatable; all combinations run)")
+    tune.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="a setting and its values (repeatable; all combinations run)",
+    )
     tune.add_argument("--out", required=True, type=Path, help="folder for the results")
     tune.add_argument("--no-progress", action="store_true")
     _common(tune)
@@ -79,8 +101,9 @@ def _deployment_files(client_toml: Path) -> dict[str, Path]:
     if not client_toml.is_file():
         raise ConfigError(f"--config {str(client_toml)!r} is not a file; give a client TOML")
     if client_toml.name in ("server.toml", "relay-1.toml"):
-        raise ConfigError(f"--config {str(client_toml)!r}: give a client's TOML, not the "
-                          "server's or relay's")
+        raise ConfigError(
+            f"--config {str(client_toml)!r}: give a client's TOML, not the server's or relay's"
+        )
     folder = client_toml.parent
     files = {"server": folder / "server.toml"}
     if not files["server"].exists():
@@ -97,8 +120,13 @@ def _deployment_files(client_toml: Path) -> dict[str, Path]:
 QUIET = ('ops.listen=""', 'checkpoint.dir=""')
 
 
-def audit_deployment(client_toml: Path, sets: Sequence[str] = (), epochs: int | None = None,
-                     seed: int = 0, timeout_s: float = 900.0) -> dict[str, Any]:
+def audit_deployment(
+    client_toml: Path,
+    sets: Sequence[str] = (),
+    epochs: int | None = None,
+    seed: int = 0,
+    timeout_s: float = 900.0,
+) -> dict[str, Any]:
     """Audit an existing deployment folder with its own settings. It is retrained from
     scratch on fresh loopback ports; its saved state, checkpoints and ops ports are left alone."""
     from .audit import SHARED_PREFIXES, audit_files, check_args, split_overrides
@@ -116,8 +144,12 @@ def audit_deployment(client_toml: Path, sets: Sequence[str] = (), epochs: int | 
     upstream = server_at
     if "relay-1" in files:
         upstream = f'"tcp://127.0.0.1:{free_port()}"'
-        relay_sets += [f"relay.bind={upstream}", f"relay.upstream={server_at}",
-                       'relay.save=""', *QUIET]
+        relay_sets += [
+            f"relay.bind={upstream}",
+            f"relay.upstream={server_at}",
+            'relay.save=""',
+            *QUIET,
+        ]
     client_sets += [f"client.server={upstream}", 'client.save=""', *QUIET]
     result = audit_files(files, client_sets, server_sets, seed, timeout_s, relay_sets)
     return {"topology": topology, "config": str(client_toml), **result}
@@ -131,8 +163,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
         result = audit_deployment(args.config, args.set, args.epochs, args.seed)
     else:
         client, server = split_overrides(args.set)
-        result = run_audit(args.topology, args.dataset, client, server, args.epochs, args.seed,
-                           clients=args.clients)
+        result = run_audit(
+            args.topology,
+            args.dataset,
+            client,
+            server,
+            args.epochs,
+            args.seed,
+            clients=args.clients,
+        )
     if args.json:
         print(json.dumps(_jsonable(result)), flush=True)
         return 0
@@ -148,8 +187,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {str(args.out)!r} is a file; give a folder for the results")
     _quiet()
-    rows = run_tune(args.topology, args.dataset, args.sweep, sets=args.set, epochs=args.epochs,
-                    seed=args.seed, progress=not args.no_progress)
+    rows = run_tune(
+        args.topology,
+        args.dataset,
+        args.sweep,
+        sets=args.set,
+        epochs=args.epochs,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
     paths = write_results([_jsonable(r) for r in rows], args.out)
     print(format_table(rows))
     print(f"wrote {paths['csv']}, {paths['json']}, {paths['png']}")

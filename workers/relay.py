@@ -20,7 +20,7 @@ from sl_pipeline.config import RelayConfig, check_endpoint, resolve_path
 from sl_pipeline.errors import ConfigError, PeerError, ProtocolError, SLError
 from sl_pipeline.handshake import ClientHandshake
 from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message, error_message
-from sl_pipeline.models import build_segments, fingerprint, make_optimizer
+from sl_pipeline.models import build_segments, fingerprint, make_optimizer, resolve_device
 from sl_pipeline.transport import DealerConnection
 
 from .common import load_own_key, load_peer_key, warn_insecure
@@ -52,7 +52,8 @@ class RelayWorker(RouterService):
             raise ConfigError(
                 f"relay.segment = {r.segment} must be a middle segment (1..{len(segments) - 2})"
             )
-        self.segment = segments[r.segment]
+        self.device = resolve_device(cfg.train.device)
+        self.segment = segments[r.segment].to(self.device)
         t = cfg.train
         self.optimizer = make_optimizer(
             list(self.segment.parameters()), t.optimizer, t.lr, t.momentum
@@ -140,14 +141,14 @@ class RelayWorker(RouterService):
         cached = self.cache.get(key)
         if cached is not None and cached[0] == step:
             return cached[1]
-        act = as_input(read_tensor(msg, "act"), True)
+        act = as_input(read_tensor(msg, "act"), True, self.device)
         out = run_segment(self.segment, act)
         tensors: dict[str, Any] = wire_tensors("act", out, self.cfg.train.wire_dtype)
         if "labels" in msg.tensors:
             tensors["labels"] = msg.tensor("labels")
         reply = await self._ask_upstream(msg.reply(Kind.FORWARD, tensors=tensors))
         self.optimizer.zero_grad(set_to_none=True)
-        out.backward(as_input(read_tensor(reply, "grad"), False))
+        out.backward(as_input(read_tensor(reply, "grad"), False, self.device))
         self.optimizer.step()
         self.steps_applied += 1
         self.metrics.record_step(self.steps_applied)
@@ -163,7 +164,7 @@ class RelayWorker(RouterService):
     async def _infer(self, msg: Message) -> Message:
         self.segment.eval()
         with torch.no_grad():
-            out = run_segment(self.segment, as_input(read_tensor(msg, "act"), False))
+            out = run_segment(self.segment, as_input(read_tensor(msg, "act"), False, self.device))
         self.segment.train()
         reply = await self._ask_upstream(
             msg.reply(msg.kind, tensors=wire_tensors("act", out, self.cfg.train.wire_dtype))

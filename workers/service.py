@@ -249,8 +249,10 @@ class RouterService:
             reply, session, hello, key = self.handshake.answer(buffers, self.accept)
         except SLError as exc:
             result = (
-                "not_admitted" if isinstance(exc, NotAdmittedError)
-                else "version" if isinstance(exc, VersionError)
+                "not_admitted"
+                if isinstance(exc, NotAdmittedError)
+                else "version"
+                if isinstance(exc, VersionError)
                 else "bad_handshake"
             )
             self.metrics.record_handshake(result)

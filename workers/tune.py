@@ -25,13 +25,22 @@ from sl_pipeline.errors import ConfigError
 
 from .audit import check_args, run_audit, split_overrides
 
-SWEEP_PREFIXES = ("privacy.noise.", "privacy.nopeek.", "privacy.dpsgd.", "privacy.label.",
-                  "train.")
+SWEEP_PREFIXES = ("privacy.noise.", "privacy.nopeek.", "privacy.dpsgd.", "privacy.label.", "train.")
 MAX_COMBINATIONS = 256
 _BARE_WORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
-METRIC_KEYS = ("test_accuracy", "dcor", "reconstruction_mse", "ssim", "label_leak_auc",
-               "norm_auc", "direction_auc", "epsilon", "epsilon_mechanism",
-               "activation_epsilon", "dpsgd_epsilon")
+METRIC_KEYS = (
+    "test_accuracy",
+    "dcor",
+    "reconstruction_mse",
+    "ssim",
+    "label_leak_auc",
+    "norm_auc",
+    "direction_auc",
+    "epsilon",
+    "epsilon_mechanism",
+    "activation_epsilon",
+    "dpsgd_epsilon",
+)
 Setting = dict[str, Any]
 Auditor = Callable[..., dict[str, Any]]
 
@@ -57,11 +66,14 @@ def parse_sweep(spec: str) -> tuple[str, list[Any]]:
     key, sep, values = spec.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"--sweep {spec!r} must look like KEY=V1,V2,... "
-                          "(e.g. privacy.noise.sigma=0.5,1.0)")
+        raise ConfigError(
+            f"--sweep {spec!r} must look like KEY=V1,V2,... (e.g. privacy.noise.sigma=0.5,1.0)"
+        )
     if not key.startswith(SWEEP_PREFIXES) or key.count(".") != key.startswith("privacy.") + 1:
-        raise ConfigError(f"--sweep key {key!r} is not sweepable; use privacy.noise.*, "
-                          "privacy.nopeek.*, privacy.dpsgd.*, privacy.label.* or train.*")
+        raise ConfigError(
+            f"--sweep key {key!r} is not sweepable; use privacy.noise.*, "
+            "privacy.nopeek.*, privacy.dpsgd.*, privacy.label.* or train.*"
+        )
     parsed = [parse_value(key, v) for v in values.split(",")]
     if len(set(map(repr, parsed))) != len(parsed):
         raise ConfigError(f"--sweep {key}: a value is listed twice")
@@ -85,13 +97,16 @@ def combinations(specs: Sequence[str]) -> list[Setting]:
     sweeps = [parse_sweep(s) for s in specs]
     keys = [k for k, _ in sweeps]
     if len(set(keys)) != len(keys):
-        raise ConfigError(f"--sweep {next(k for k in keys if keys.count(k) > 1)} is given twice; "
-                          "list all its values in one --sweep")
+        raise ConfigError(
+            f"--sweep {next(k for k in keys if keys.count(k) > 1)} is given twice; "
+            "list all its values in one --sweep"
+        )
     total = math.prod(len(v) for _, v in sweeps)
     if total > MAX_COMBINATIONS:
         raise ConfigError(f"the sweeps make {total} combinations; at most {MAX_COMBINATIONS}")
-    return [dict(zip(keys, combo, strict=True))
-            for combo in itertools.product(*(v for _, v in sweeps))]
+    return [
+        dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(v for _, v in sweeps))
+    ]
 
 
 def setting_overrides(setting: Setting) -> list[str]:
@@ -115,8 +130,14 @@ def row_name(setting: Setting) -> str:
 
 
 def run_tune(
-    topology: str, dataset: str, specs: Sequence[str], *, sets: Sequence[str] = (),
-    epochs: int | None = None, seed: int = 0, progress: bool = True,
+    topology: str,
+    dataset: str,
+    specs: Sequence[str],
+    *,
+    sets: Sequence[str] = (),
+    epochs: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
     audit: Auditor = run_audit,
 ) -> list[dict[str, Any]]:
     """Audit every combination; one row per combination with its settings and figures."""
@@ -127,13 +148,21 @@ def run_tune(
     for setting in settings:
         check_setting(topology, [*sets, *setting_overrides(setting)])
     rows: list[dict[str, Any]] = []
-    bar = tqdm(settings, desc=f"tune {topology}/{dataset}", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        settings,
+        desc=f"tune {topology}/{dataset}",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     for setting in bar:
         client, server = split_overrides([*sets, *setting_overrides(setting)])
         result = audit(topology, dataset, client, server, epochs=epochs, seed=seed)
-        row = {"name": row_name(setting), **setting,
-               **{k: result[k] for k in (*METRIC_KEYS, "label_leak_by_party") if k in result}}
+        row = {
+            "name": row_name(setting),
+            **setting,
+            **{k: result[k] for k in (*METRIC_KEYS, "label_leak_by_party") if k in result},
+        }
         rows.append(row)
         bar.set_postfix(acc=f"{row.get('test_accuracy') or 0:.3f}")
     bar.close()
@@ -145,8 +174,7 @@ def write_results(rows: Sequence[dict[str, Any]], out: Path) -> dict[str, Path]:
     from privacy.frontier import plot_frontier
 
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out / "results.csv", "json": out / "results.json",
-             "png": out / "frontier.png"}
+    paths = {"csv": out / "results.csv", "json": out / "results.json", "png": out / "frontier.png"}
     columns: list[str] = []
     for row in rows:
         columns += [k for k, v in row.items() if k not in columns and not isinstance(v, dict)]
@@ -178,5 +206,11 @@ def _cell(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-__all__ = ["check_setting", "combinations", "format_table", "parse_sweep", "run_tune",
-           "write_results"]
+__all__ = [
+    "check_setting",
+    "combinations",
+    "format_table",
+    "parse_sweep",
+    "run_tune",
+    "write_results",
+]

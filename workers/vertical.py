@@ -73,7 +73,9 @@ class VerticalEngine(Engine):
         if "labels" in msg.tensors:
             raise ProtocolError("vertical: feature parties must not send labels")
         parts = self._waiting.setdefault(key, {})
-        parts[msg.client] = Part(identity, msg, as_input(read_tensor(msg, "act"), train))
+        parts[msg.client] = Part(
+            identity, msg, as_input(read_tensor(msg, "act"), train, self.device)
+        )
         if len(parts) < self.parties:
             return []
         del self._waiting[key]
@@ -103,14 +105,14 @@ class VerticalEngine(Engine):
     def _step(self, parts: list[Part], ids: torch.Tensor) -> list[Reply]:
         labels = self._labels_for(ids)
         out = run_segment(self.model, self._fuse([p.act for p in parts]))
-        loss = F.cross_entropy(out, labels)
+        loss = F.cross_entropy(out, labels.to(out.device))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self._apply(loss)
         replies = []
         for part in parts:
             assert part.act.grad is not None
-            grad = self.label_protection.protect(part.act.grad, labels)
+            grad = self.label_protection.protect(part.act.grad.cpu(), labels)
             self.last_grads[part.msg.client] = grad.detach()
             reply = part.msg.reply(
                 Kind.BACKWARD,
@@ -128,7 +130,7 @@ class VerticalEngine(Engine):
         meta: dict[str, int] = {}
         if parts[0].msg.kind is Kind.EVALUATE:
             labels = self._labels_for(ids)
-            meta = {"correct": int((out.argmax(1) == labels).sum()), "total": len(labels)}
+            meta = {"correct": int((out.argmax(1).cpu() == labels).sum()), "total": len(labels)}
         return [
             (
                 p.identity,
