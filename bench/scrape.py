@@ -17,6 +17,7 @@ render one client's ``/metrics`` body in-process: what each scrape blocks a work
 
 from __future__ import annotations
 
+import http.client
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,7 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from workers.demo import last_json_line
 
@@ -49,7 +51,8 @@ HTTP_TIMEOUT_S = 1.0
 
 
 class Scraper(threading.Thread):
-    """GET each URL every ``interval_s`` until :meth:`stop`; counts answers and failures."""
+    """GET each URL every ``interval_s`` until :meth:`stop`, over keep-alive connections
+    (as Prometheus does); counts answers per URL."""
 
     def __init__(self, urls: list[str], interval_s: float = INTERVAL_S) -> None:
         super().__init__(daemon=True)
@@ -59,14 +62,25 @@ class Scraper(threading.Thread):
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        while not self._stop_event.wait(self.interval_s):
-            for url in self.urls:
-                try:
-                    with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
-                        response.read()
-                    self.ok[url] += 1
-                except OSError:
-                    self.failed += 1
+        conns: dict[str, http.client.HTTPConnection] = {}
+        try:
+            while not self._stop_event.wait(self.interval_s):
+                for url in self.urls:
+                    parts = urlsplit(url)
+                    conn = conns.get(url) or http.client.HTTPConnection(
+                        parts.netloc, timeout=HTTP_TIMEOUT_S)
+                    try:
+                        conn.request("GET", parts.path)
+                        conn.getresponse().read()
+                        conns[url] = conn
+                        self.ok[url] += 1
+                    except (OSError, http.client.HTTPException):
+                        conn.close()
+                        conns.pop(url, None)
+                        self.failed += 1
+        finally:
+            for conn in conns.values():
+                conn.close()
 
     def stop(self) -> None:
         self._stop_event.set()

@@ -30,14 +30,29 @@ def cli(*argv: str) -> int:
         return exc.exit_code
 
 
-def test_tune_writes_results_frontier_and_json_rows(tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_tune_writes_results_frontier_and_json_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # Prepare
     out = tmp_path / "tune"
     # Execute
-    status = cli("tune", "--topology", "vanilla", "--dataset", "breast_cancer", "--epochs", "1",
-                 "--sweep", "privacy.noise.sigma=0,0.5", "--set", "privacy.noise.clip=5.0",
-                 "--out", str(out), "--json", "--no-progress")
+    status = cli(
+        "tune",
+        "--topology",
+        "vanilla",
+        "--dataset",
+        "breast_cancer",
+        "--epochs",
+        "1",
+        "--sweep",
+        "privacy.noise.sigma=0,0.5",
+        "--set",
+        "privacy.noise.clip=5.0",
+        "--out",
+        str(out),
+        "--json",
+        "--no-progress",
+    )
     # Assert
     assert status == 0
     assert {p.name for p in out.iterdir()} == {"results.csv", "results.json", "frontier.png"}
@@ -68,17 +83,21 @@ def test_tune_routes_label_keys_to_the_server() -> None:
     # Prepare
     calls: list[tuple[list[str], list[str]]] = []
 
-    def fake_audit(topology: str, dataset: str, client: list[str], server: list[str],
-                   **_: Any) -> dict[str, Any]:
+    def fake_audit(
+        topology: str, dataset: str, client: list[str], server: list[str], **_: Any
+    ) -> dict[str, Any]:
         calls.append((client, server))
-        return {"test_accuracy": 0.9, "dcor": 0.5, "reconstruction_mse": 0.1,
-                "label_leak_auc": 0.6}
+        return {"test_accuracy": 0.9, "dcor": 0.5, "reconstruction_mse": 0.1, "label_leak_auc": 0.6}
 
     # Execute
-    rows = run_tune("vertical", "breast_cancer", ["privacy.label.scale=1,2",
-                                                   "privacy.noise.sigma=0.5"],
-                    sets=['privacy.label.mechanism="marvell"'], progress=False,
-                    audit=fake_audit)
+    rows = run_tune(
+        "vertical",
+        "breast_cancer",
+        ["privacy.label.scale=1,2", "privacy.noise.sigma=0.5"],
+        sets=['privacy.label.mechanism="marvell"'],
+        progress=False,
+        audit=fake_audit,
+    )
     # Assert
     assert [r["name"] for r in rows] == ["scale=1,sigma=0.5", "scale=2,sigma=0.5"]
     client, server = calls[1]
@@ -97,40 +116,58 @@ def test_audit_of_an_existing_deployment_leaves_it_untouched(tmp_path: Path) -> 
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
-@pytest.mark.parametrize(("spec", "named"), [
-    ("privacy.noise.sigma", "KEY=V1,V2"),
-    ("privacy.noise.sigma=", "privacy.noise.sigma"),
-    ("privacy.noise.sigma=0.5,,1", "privacy.noise.sigma"),
-    ("privacy.noise.sigma=[1]", "privacy.noise.sigma"),
-    ("privacy.noise.sigma=1,1", "privacy.noise.sigma"),
-    ("server.bind=1", "server.bind"),
-    ("privacy.sigma=1", "privacy.sigma"),
-    ("privacy.noise.sigma=1 2", "privacy.noise.sigma"),
-])
+@pytest.mark.parametrize(
+    ("spec", "named"),
+    [
+        ("privacy.noise.sigma", "KEY=V1,V2"),
+        ("privacy.noise.sigma=", "privacy.noise.sigma"),
+        ("privacy.noise.sigma=0.5,,1", "privacy.noise.sigma"),
+        ("privacy.noise.sigma=[1]", "privacy.noise.sigma"),
+        ("privacy.noise.sigma=1,1", "privacy.noise.sigma"),
+        ("server.bind=1", "server.bind"),
+        ("privacy.sigma=1", "privacy.sigma"),
+        ("privacy.noise.sigma=1 2", "privacy.noise.sigma"),
+    ],
+)
 def test_bad_sweep_specs_are_refused_by_key(spec: str, named: str) -> None:
     with pytest.raises(ConfigError, match=named.replace(".", r"\.").replace("[", r"\[")):
         parse_sweep(spec)
 
 
-@pytest.mark.parametrize(("argv", "named"), [
-    (["--sweep", "privacy.noise.sigmaa=1"], "privacy.noise.sigmaa"),
-    (["--sweep", "privacy.noise.sigma=-1"], "privacy.noise.sigma"),
-    (["--sweep", "privacy.noise.mechanism=uniform"], "privacy.noise.mechanism"),
-    (["--sweep", "privacy.label.scale=1"], "privacy.label.scale"),
-    (["--sweep", "privacy.noise.sigma=1", "--set", 'privacy.label.mechanism="marvell"',
-      "--set", "privacy.label.scale=1"], "privacy.label"),
-    (["--sweep", "train.lr=fast"], "train.lr"),
-    (["--sweep", "privacy.noise.sigma=1", "--epochs", "0"], "--epochs"),
-    (["--sweep", "privacy.noise.sigma=1", "--sweep", "privacy.noise.sigma=2"],
-     "privacy.noise.sigma"),
-    (["--sweep", "privacy.noise.sigma=1", "--set", "nonsense.key=1"], "nonsense.key"),
-])
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--sweep", "privacy.noise.sigmaa=1"], "privacy.noise.sigmaa"),
+        (["--sweep", "privacy.noise.sigma=-1"], "privacy.noise.sigma"),
+        (["--sweep", "privacy.noise.mechanism=uniform"], "privacy.noise.mechanism"),
+        (["--sweep", "privacy.label.scale=1"], "privacy.label.scale"),
+        (
+            [
+                "--sweep",
+                "privacy.noise.sigma=1",
+                "--set",
+                'privacy.label.mechanism="marvell"',
+                "--set",
+                "privacy.label.scale=1",
+            ],
+            "privacy.label",
+        ),
+        (["--sweep", "train.lr=fast"], "train.lr"),
+        (["--sweep", "privacy.noise.sigma=1", "--epochs", "0"], "--epochs"),
+        (
+            ["--sweep", "privacy.noise.sigma=1", "--sweep", "privacy.noise.sigma=2"],
+            "privacy.noise.sigma",
+        ),
+        (["--sweep", "privacy.noise.sigma=1", "--set", "nonsense.key=1"], "nonsense.key"),
+    ],
+)
 def test_bad_tune_input_is_one_line_naming_the_key(
     argv: list[str], named: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Execute: everything is refused before any training starts
-    status = cli("tune", "--topology", "vanilla", "--out", str(tmp_path / "o"),
-                 "--no-progress", *argv)
+    status = cli(
+        "tune", "--topology", "vanilla", "--out", str(tmp_path / "o"), "--no-progress", *argv
+    )
     # Assert
     out = capsys.readouterr().out.strip()
     assert status == 2
@@ -146,15 +183,27 @@ def test_bad_audit_input_is_refused(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert cli("audit", "--config", str(lonely)) == 2
     assert "no server.toml" in capsys.readouterr().out
     with pytest.raises(PrivacyError, match=r"privacy\.label"):
-        run_audit("vanilla", "breast_cancer", [], ['privacy.label.mechanism="marvell"',
-                                                   "privacy.label.scale=1"], epochs=1)
+        run_audit(
+            "vanilla",
+            "breast_cancer",
+            [],
+            ['privacy.label.mechanism="marvell"', "privacy.label.scale=1"],
+            epochs=1,
+        )
     with pytest.raises(ConfigError, match="--dataset"):
         run_audit("vanilla", "mnist")
 
 
 def test_overrides_are_routed_by_key() -> None:
-    client, server = split_overrides(["privacy.noise.sigma=1", "privacy.label.scale=2",
-                                      "train.epochs=3", "server.fuse=\"sum\"", "data.seed=1"])
+    client, server = split_overrides(
+        [
+            "privacy.noise.sigma=1",
+            "privacy.label.scale=2",
+            "train.epochs=3",
+            'server.fuse="sum"',
+            "data.seed=1",
+        ]
+    )
     assert client == ["privacy.noise.sigma=1", "train.epochs=3", "data.seed=1"]
-    assert server == ["privacy.label.scale=2", "train.epochs=3", "server.fuse=\"sum\""]
+    assert server == ["privacy.label.scale=2", "train.epochs=3", 'server.fuse="sum"']
     assert len(combinations(["privacy.noise.sigma=0,1", "privacy.noise.clip=1,2,3"])) == 6

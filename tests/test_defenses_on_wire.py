@@ -84,14 +84,16 @@ async def test_activation_noise_changes_the_sent_activations(
             assert torch.allclose(act, clipped, atol=1e-6)
             assert bool((act.flatten(1).norm(dim=1) <= clip * (1 + 1e-5)).all())
     if sigma > 0:  # what was added on top of the clipped activations is N(0, (sigma*clip)^2)
-        noise = torch.cat([(a - clip_per_sample(r, clip)).flatten()
-                           for a, (_, r) in zip(sent, cuts, strict=True)])
+        noise = torch.cat(
+            [(a - clip_per_sample(r, clip)).flatten() for a, (_, r) in zip(sent, cuts, strict=True)]
+        )
         assert abs(float(noise.mean())) < 0.02
         assert float(noise.std()) == pytest.approx(sigma * clip, rel=0.05)
 
 
-async def _weights_after_first_step(files: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
-                                    *overrides: str) -> torch.Tensor:
+async def _weights_after_first_step(
+    files: dict[str, Path], monkeypatch: pytest.MonkeyPatch, *overrides: str
+) -> torch.Tensor:
     """The client segment's weights right after its first training step."""
     snapshots: list[torch.Tensor] = []
     original = StepRunner.train_step
@@ -108,8 +110,9 @@ async def _weights_after_first_step(files: dict[str, Path], monkeypatch: pytest.
     return snapshots[0]
 
 
-async def test_nopeek_changes_the_client_update(deployment: Any,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_nopeek_changes_the_client_update(
+    deployment: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Prepare: three identical deployments (same seed, so same weights and first batch)
     files = [deployment(topology="vanilla", dataset="digits", epochs=1) for _ in range(3)]
     # Execute
@@ -127,8 +130,10 @@ async def test_label_protection_changes_the_received_gradients(
 ) -> None:
     # Prepare
     grads = spy_received_grads(monkeypatch)
-    files = [deployment(topology="vertical", clients=2, dataset="breast_cancer", epochs=1)
-             for _ in range(2)]
+    files = [
+        deployment(topology="vertical", clients=2, dataset="breast_cancer", epochs=1)
+        for _ in range(2)
+    ]
     # Execute
     await run_deployment(files[0])
     plain = {name: list(g) for name, g in grads.items()}

@@ -153,3 +153,11 @@ async def test_multihop_passes_through_the_relay(
     assert run["relay"].steps_applied == run["summaries"][0]["steps"]
     shapes = {tuple(m.tensors["act"].shape[1:]) for m in seen if m.kind.value == "forward"}
     assert shapes == {(16, 4, 4), (512,)}  # what the relay receives, what the server receives
+
+
+async def test_ushaped_serves_several_clients_one_open_step_at_a_time(deployment) -> None:  # type: ignore[no-untyped-def]
+    run = await run_deployment(
+        deployment(topology="ushaped", clients=2, dataset="breast_cancer", epochs=2)
+    )
+    assert [s["test_accuracy"] > 0.9 for s in run["summaries"]] == [True, True]
+    assert run["server"].engine.steps_applied == sum(s["steps"] for s in run["summaries"])

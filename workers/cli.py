@@ -14,6 +14,7 @@ from typing import Any
 from sl_pipeline.config import TOPOLOGIES, ClientConfig, RelayConfig, ServerConfig, load
 from sl_pipeline.errors import ConfigError, SLError
 
+from . import privacy_cli
 from .logs import configure_logging
 
 log = logging.getLogger("sl_pipeline")
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     keygen = sub.add_parser("keygen", help="write an X25519 key pair NAME.key / NAME.pub")
     keygen.add_argument("name")
     keygen.add_argument("--out", type=Path, default=Path("."))
+    privacy_cli.add_parsers(sub)
     bench = sub.add_parser("bench", help="the benchmark suite (from a source checkout)")
     bench.add_argument("--quick", action="store_true")
     bench.add_argument("--json", action="store_true")

@@ -157,12 +157,15 @@ class MiddleEngine(Engine):
     """U-shaped: the server holds only the middle; labels and loss stay with the client.
 
     FORWARD(act) -> RESULT(out of the middle); then BACKWARD(grad of out) -> BACKWARD(grad
-    at the client's cut). The graph of the pending step is kept per client between the two.
+    at the client's cut). One step is open at a time: the graph of the open step must not
+    see an optimizer update from another client's step, so other clients' FORWARDs wait
+    (in arrival order) until the open step's BACKWARD has been applied.
     """
 
     def __init__(self, module: nn.Module, cfg: ServerConfig) -> None:
         super().__init__(module, cfg)
-        self._pending: dict[str, tuple[int, int, torch.Tensor, torch.Tensor]] = {}
+        self._open: tuple[str, int, int, torch.Tensor, torch.Tensor] | None = None
+        self._waiting: dict[str, tuple[bytes, Message]] = {}
 
     def handle(self, identity: bytes, msg: Message) -> list[Reply]:
         if msg.kind is Kind.FORWARD:
@@ -170,27 +173,32 @@ class MiddleEngine(Engine):
                 raise ProtocolError(
                     "u-shaped topology: labels stay at the client; do not send them"
                 )
-            act = as_input(read_tensor(msg, "act"), True, self.device)
-            out = run_segment(self.model, act)
-            self._pending[msg.client] = (msg.epoch, msg.step, act, out)
-            return [
-                (
-                    identity,
-                    msg.reply(Kind.RESULT, tensors=wire_tensors("out", out, self.wire_dtype)),
-                )
-            ]
+            if self._open is not None and self._open[0] != msg.client:
+                self._waiting[msg.client] = (identity, msg)  # answered when the open step ends
+                return []
+            return [self._forward(identity, msg)]
         if msg.kind is Kind.BACKWARD:
-            return [(identity, self._backward(msg))]
+            replies = [(identity, self._backward(msg))]
+            if self._waiting:
+                client = next(iter(self._waiting))
+                replies.append(self._forward(*self._waiting.pop(client)))
+            return replies
         return super().handle(identity, msg)
 
+    def _forward(self, identity: bytes, msg: Message) -> Reply:
+        act = as_input(read_tensor(msg, "act"), True, self.device)
+        out = run_segment(self.model, act)
+        self._open = (msg.client, msg.epoch, msg.step, act, out)
+        return identity, msg.reply(Kind.RESULT, tensors=wire_tensors("out", out, self.wire_dtype))
+
     def _backward(self, msg: Message) -> Message:
-        pending = self._pending.pop(msg.client, None)
-        if pending is None or pending[:2] != (msg.epoch, msg.step):
-            raise ProtocolError("backward for a step this server has no forward for")
-        _, _, act, out = pending
+        if self._open is None or self._open[:3] != (msg.client, msg.epoch, msg.step):
+            raise ProtocolError("backward for a step this server has no open forward for")
+        _, _, _, act, out = self._open
         grad = as_input(read_tensor(msg, "grad"), requires_grad=False, device=self.device)
         if grad.shape != out.shape:
             raise ProtocolError(f"gradient shape {tuple(grad.shape)} != output {tuple(out.shape)}")
+        self._open = None
         self.optimizer.zero_grad(set_to_none=True)
         out.backward(grad)
         self._apply()
@@ -198,7 +206,9 @@ class MiddleEngine(Engine):
         return msg.reply(Kind.BACKWARD, tensors=wire_tensors("grad", act.grad, self.wire_dtype))
 
     def forget(self, client: str) -> None:
-        self._pending.pop(client, None)
+        self._waiting.pop(client, None)
+        if self._open is not None and self._open[0] == client:
+            self._open = None  # a waiting client's resend will be served next
 
 
 class MultitaskEngine(Engine):

@@ -205,7 +205,10 @@ class ServerWorker(RouterService):
         self.metrics.server_compute_seconds.observe(time.perf_counter() - start)
         for _, reply in replies:
             if reply.kind is not Kind.ERROR:
-                self.replies[(reply.client, msg.kind.value)] = ((reply.epoch, reply.step), reply)
+                # A reply to another client answers that client's waiting FORWARD
+                # (a vertical party's part, a queued u-shaped step).
+                kind = msg.kind.value if reply.client == msg.client else Kind.FORWARD.value
+                self.replies[(reply.client, kind)] = ((reply.epoch, reply.step), reply)
         applied = self.engine.steps_applied - before
         if applied:
             self.applied_log.extend(
