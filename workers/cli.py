@@ -121,43 +121,36 @@ def _set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def cmd_server(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, role: str) -> int:
+    """Run a listening worker (server or relay) until SIGTERM/SIGINT, then report."""
     from .common import install_stop_signals
+    from .relay import RelayWorker
     from .server import ServerWorker
 
-    cfg = load(ServerConfig, args.config, _overrides(args, "server"))
-    _setup_logging(args, cfg.ops.log_format, cfg.ops.log_level, "server")
+    cls, config_cls = (
+        (ServerWorker, ServerConfig) if role == "server" else (RelayWorker, RelayConfig)
+    )
+    cfg: Any = load(config_cls, args.config, _overrides(args, role))
+    _setup_logging(args, cfg.ops.log_format, cfg.ops.log_level, role)
     _set_threads(cfg.train.threads)
 
     async def main() -> dict[str, Any]:
         stop = asyncio.Event()
         install_stop_signals(stop)
-        worker = ServerWorker(cfg, args.config.parent)
-        return await worker.serve(stop)
+        return await cls(cfg, args.config.parent).serve(stop)
 
     summary = asyncio.run(main())
     if args.json:
         print(json.dumps(summary), flush=True)
     return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    return _serve(args, "server")
 
 
 def cmd_relay(args: argparse.Namespace) -> int:
-    from .common import install_stop_signals
-    from .relay import RelayWorker
-
-    cfg = load(RelayConfig, args.config, _overrides(args, "relay"))
-    _setup_logging(args, cfg.ops.log_format, cfg.ops.log_level, "relay")
-    _set_threads(cfg.train.threads)
-
-    async def main() -> dict[str, Any]:
-        stop = asyncio.Event()
-        install_stop_signals(stop)
-        return await RelayWorker(cfg, args.config.parent).serve(stop)
-
-    summary = asyncio.run(main())
-    if args.json:
-        print(json.dumps(summary), flush=True)
-    return 0
+    return _serve(args, "relay")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -199,19 +192,9 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from .localdeploy import init_deployment
+    from .localdeploy import deployment_options, init_deployment
 
-    result = init_deployment(
-        args.dir,
-        topology=args.topology,
-        clients=args.clients,
-        dataset=args.dataset,
-        epochs=args.epochs,
-        insecure=args.insecure,
-        ops=args.ops,
-        seed=args.seed,
-        wire_dtype=args.wire_dtype,
-    )
+    result = init_deployment(args.dir, **deployment_options(args))
     for name, path in result["files"].items():
         print(f"{name}: {path}")
     print(f"start with: sl-pipeline server --config {result['files']['server']}")

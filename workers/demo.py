@@ -14,7 +14,7 @@ from typing import Any
 
 from sl_pipeline.errors import SLError
 
-from .localdeploy import init_deployment
+from .localdeploy import deployment_options, init_deployment
 
 CLIENT_TIMEOUT_S = 600
 STOP_TIMEOUT_S = 15
@@ -115,17 +115,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sl-demo-") as tmp:
         folder = args.dir or Path(tmp)
-        deployment = init_deployment(
-            folder,
-            topology=args.topology,
-            clients=args.clients,
-            dataset=args.dataset,
-            epochs=args.epochs,
-            insecure=args.insecure,
-            ops=args.ops,
-            seed=args.seed,
-            wire_dtype=args.wire_dtype,
-        )
+        deployment = init_deployment(folder, **deployment_options(args))
         if not args.json:
             print(
                 f"demo: 1 server + {args.clients} client process(es), topology {args.topology}, "

@@ -103,14 +103,17 @@ class Engine:
     def handle(self, identity: bytes, msg: Message) -> list[Reply]:
         raise ProtocolError(f"this server does not accept {msg.kind.value} messages")
 
+    def outputs(self, msg: Message, act: torch.Tensor) -> torch.Tensor:
+        """What the server's layers make of ``act`` (multitask picks the task's head)."""
+        return run_segment(self.model, act)
+
     def evaluate(self, identity: bytes, msg: Message) -> list[Reply]:
         self.model.eval()
         with torch.no_grad():
-            out = run_segment(self.model, as_input(read_tensor(msg, "act"), False, self.device))
+            out = self.outputs(msg, as_input(read_tensor(msg, "act"), False, self.device))
         self.model.train()
-        return [
-            (identity, msg.reply(Kind.RESULT, tensors=wire_tensors("out", out, self.wire_dtype)))
-        ]
+        reply = msg.reply(Kind.RESULT, tensors=wire_tensors("out", out, self.wire_dtype))
+        return [(identity, reply)]
 
     def forget(self, client: str) -> None:
         return None
@@ -136,11 +139,10 @@ class VanillaEngine(Engine):
         if msg.kind is not Kind.FORWARD:
             return super().handle(identity, msg)
         act = as_input(read_tensor(msg, "act"), True, self.device)
-        out = run_segment(self.model, act)
+        out = self.outputs(msg, act)
         labels = check_labels(msg.tensor("labels"), act.shape[0], out.shape[-1])
-        loss = F.cross_entropy(
-            out, labels.to(out.device)
-        )  # mean reduction: what Opacus assumes too
+        # Mean reduction over the batch: what Opacus' per-sample clipping assumes too.
+        loss = F.cross_entropy(out, labels.to(out.device))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self._apply(loss)
@@ -211,7 +213,7 @@ class MiddleEngine(Engine):
             self._open = None  # a waiting client's resend will be served next
 
 
-class MultitaskEngine(Engine):
+class MultitaskEngine(VanillaEngine):
     """One shared trunk, one head per task; each client names its task in ``meta.task``."""
 
     def __init__(self, trunk: nn.Module, in_features: int, cfg: ServerConfig) -> None:
@@ -229,35 +231,8 @@ class MultitaskEngine(Engine):
             raise ProtocolError(f"unknown task {task!r}; this server trains {self.tasks}")
         return self.heads[self.tasks.index(str(task))]
 
-    def _out(self, msg: Message, act: torch.Tensor) -> torch.Tensor:
+    def outputs(self, msg: Message, act: torch.Tensor) -> torch.Tensor:
         return run_segment(self._head(msg), run_segment(self.trunk, act))
-
-    def handle(self, identity: bytes, msg: Message) -> list[Reply]:
-        if msg.kind is not Kind.FORWARD:
-            return super().handle(identity, msg)
-        act = as_input(read_tensor(msg, "act"), True, self.device)
-        out = self._out(msg, act)
-        labels = check_labels(msg.tensor("labels"), act.shape[0], out.shape[-1])
-        loss = F.cross_entropy(out, labels.to(out.device))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self._apply(loss)
-        assert act.grad is not None
-        reply = msg.reply(
-            Kind.BACKWARD,
-            meta={"loss": self.last_loss},
-            tensors=wire_tensors("grad", act.grad, self.wire_dtype),
-        )
-        return [(identity, reply)]
-
-    def evaluate(self, identity: bytes, msg: Message) -> list[Reply]:
-        self.model.eval()
-        with torch.no_grad():
-            out = self._out(msg, as_input(read_tensor(msg, "act"), False, self.device))
-        self.model.train()
-        return [
-            (identity, msg.reply(Kind.RESULT, tensors=wire_tensors("out", out, self.wire_dtype)))
-        ]
 
 
 def build_engine(cfg: ServerConfig, base: Path) -> Engine:

@@ -102,6 +102,12 @@ def _client(
     return {"client": client, "data": data, "model": client_model, "train": train}
 
 
+def deployment_options(args: Any) -> dict[str, Any]:
+    """The keyword arguments of :func:`init_deployment` from parsed command-line flags."""
+    names = ("topology", "clients", "dataset", "epochs", "insecure", "ops", "seed", "wire_dtype")
+    return {name: getattr(args, name) for name in names}
+
+
 def init_deployment(
     out: Path,
     *,

@@ -205,9 +205,7 @@ class ServerWorker(RouterService):
         self.metrics.server_compute_seconds.observe(time.perf_counter() - start)
         for _, reply in replies:
             if reply.kind is not Kind.ERROR:
-                # A reply to another client answers that client's waiting FORWARD
-                # (a vertical party's part, a queued u-shaped step).
-                kind = msg.kind.value if reply.client == msg.client else Kind.FORWARD.value
+                kind = msg.kind.value if reply.client == msg.client else _answers(reply)
                 self.replies[(reply.client, kind)] = ((reply.epoch, reply.step), reply)
         applied = self.engine.steps_applied - before
         if applied:
@@ -223,3 +221,9 @@ class ServerWorker(RouterService):
             if self.steps_applied - self._saved_at >= max(1, self.cfg.checkpoint.every_steps):
                 self.checkpoint()  # before any reply leaves: what a client saw is durable
         return replies
+
+
+def _answers(reply: Message) -> str:
+    """The request kind a reply to *another* client answers: its waiting WEIGHTS request
+    (a round-robin turn), else its waiting FORWARD (a vertical part, a queued u-shaped step)."""
+    return Kind.WEIGHTS.value if reply.kind is Kind.WEIGHTS else Kind.FORWARD.value
