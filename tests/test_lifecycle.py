@@ -28,17 +28,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 LONG_EPOCHS = 500  # the tests stop the workers long before training ends
 STOP_BOUND_S = 10.0
 START_TIMEOUT_S = 60.0
-READYZ_XFAIL = (
-    "ClientWorker.run passes `lambda: self.conn is not None` as readiness, and connect() "
-    "sets self.conn before the handshake: /readyz is 200 while no server answers. "
-    "workers/client.py must track a `connected` flag set after the handshake succeeds and "
-    "cleared when the server is lost"
-)
-PROGRESS_XFAIL = (
-    "the client's tqdm progress bar still writes to stderr under --log-format json: "
-    "workers/cli.py cmd_client must pass progress=not args.no_progress and the effective "
-    "log format (args.log_format or cfg.ops.log_format) != 'json'"
-)
 
 
 def ops_url(config: Path) -> str:
@@ -131,8 +120,7 @@ def test_health_follows_the_server(
     "progress",
     [
         pytest.param(["--no-progress"], id="no-progress"),
-        pytest.param([], id="progress-default",
-                     marks=pytest.mark.xfail(reason=PROGRESS_XFAIL, strict=True)),
+        pytest.param([], id="progress-default"),
     ],
 )
 def test_json_logs_are_json_on_every_stderr_line(
@@ -185,7 +173,6 @@ def test_client_status_and_readiness_while_training(
     assert (later["epoch"], later["step"]) != (first["epoch"], first["step"])
 
 
-@pytest.mark.xfail(reason=READYZ_XFAIL, strict=True)
 def test_client_is_not_ready_before_it_has_joined(
     deployment: Callable[..., dict[str, Path]], procs: Procs
 ) -> None:

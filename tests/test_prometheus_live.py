@@ -29,9 +29,6 @@ What is asserted:
   parentheses, e.g. ``(sl_privacy_epsilon_budget > 0)``, are filters and stay. The
   stripped expression must return a finite sample: the metrics, labels and joins the rule
   depends on exist on live workers. Prometheus must also report every rule healthy.
-
-An expression that cannot return data because no worker sets its metric is xfail (strict:
-the marker must go once the workers are fixed), its reason naming the worker change.
 """
 
 from __future__ import annotations
@@ -71,20 +68,6 @@ CLIENT_PRIVACY = {
     "client-1": "\n[privacy.noise]\nsigma = 1.0\nclip = 1.0\n\n[privacy.nopeek]\nalpha = 0.1\n",
     "client-2": "\n[privacy.dpsgd]\ntarget_epsilon = 8.0\nmax_grad_norm = 1.0\n",
 }
-DCOR_XFAIL = (
-    "no worker sets sl_dcor_last: workers/client_steps.py must set "
-    "metrics.dcor_last to the batch's distance correlation when NoPeek runs"
-)
-PEERS_CONNECTED_XFAIL = (
-    "no worker sets sl_peers_connected: workers/service.py must set it with "
-    "sl_peers_authenticated (clients/relays: 1 while their upstream link is up)"
-)
-CLIENT_PEERS_XFAIL = (
-    "clients never set sl_peers_authenticated, so SLTrainingStalled (which needs it > 0) "
-    "cannot fire for a stalled client: workers/client.py must set it to 1 after a handshake "
-    "and to 0 when the server is lost"
-)
-XFAIL_PANELS = {"Distance correlation (last)": DCOR_XFAIL}
 
 
 # ---- PromQL helpers ----------------------------------------------------------------------
@@ -139,9 +122,7 @@ def dashboard_params() -> list[Any]:
     params = []
     for panel in _walk(DASHBOARD_JSON["panels"]):
         for target in panel.get("targets", []):
-            reason = XFAIL_PANELS.get(panel["title"])
-            marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
-            params.append(pytest.param(target["expr"], marks=marks,
+            params.append(pytest.param(target["expr"],
                                        id=f"{panel['id']}{target['refId']}-{panel['title']}"))
     return params
 
@@ -307,13 +288,11 @@ def test_alert_rules_are_healthy(live: Live) -> None:
     assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
 
 
-@pytest.mark.xfail(reason=PEERS_CONNECTED_XFAIL, strict=True)
 def test_server_counts_its_connected_peers(live: Live) -> None:
     result = live.query("sl_peers_connected{role='server'} >= 1")
     assert result, "the dashboard's Peers panel shows 0 connected peers on a busy server"
 
 
-@pytest.mark.xfail(reason=CLIENT_PEERS_XFAIL, strict=True)
 def test_training_stalled_alert_can_fire_for_every_worker(live: Live) -> None:
     result = live.query("sl_peers_authenticated{job='sl-pipeline'} > 0")
     assert len(result) == len(live.targets), f"only {result} report an authenticated peer"

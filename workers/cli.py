@@ -182,7 +182,8 @@ def cmd_client(args: argparse.Namespace) -> int:
     cfg = load(ClientConfig, args.config, _overrides(args, "client"))
     _setup_logging(args, cfg.ops.log_format, cfg.ops.log_level, "client")
     _set_threads(cfg.train.threads)
-    worker = ClientWorker(cfg, args.config.parent, progress=not args.no_progress)
+    json_logs = (args.log_format or cfg.ops.log_format) == "json"  # keep stderr pure JSON
+    worker = ClientWorker(cfg, args.config.parent, progress=not (args.no_progress or json_logs))
     summary = asyncio.run(worker.run())
     if args.json:
         print(json.dumps(summary), flush=True)

@@ -68,6 +68,7 @@ class ClientWorker:
         self.runner: StepRunner = build_runner(self)
         self.handshake = self._make_handshake()
         self.conn: DealerConnection | None = None
+        self.connected = False  # between a completed handshake and a lost server
         self.ctx: zmq.asyncio.Context | None = None
         self.epoch = 0
         self.step = 0
@@ -171,6 +172,7 @@ class ClientWorker:
         delay = 0.2
         assert self.ctx is not None
         while True:
+            self._set_connected(False)
             if self.conn is not None:
                 self.conn.close()
             self.conn = DealerConnection(
@@ -178,6 +180,7 @@ class ClientWorker:
             )
             try:
                 welcome = await self.conn.handshake(self.handshake, c.connect_timeout_s)
+                self._set_connected(True)
                 log.info("joined server %s", c.server)
                 self._check_resume(welcome)
                 return
@@ -213,6 +216,11 @@ class ClientWorker:
                 await self.connect()
         raise TransportError(f"gave up after {MAX_RETRIES_PER_REQUEST} retries of one step")
 
+    def _set_connected(self, connected: bool) -> None:
+        self.connected = connected
+        self.metrics.peers_connected.set(int(connected))
+        self.metrics.peers_authenticated.set(int(connected))
+
     def message(self, kind: Kind, step: int = 0, **kwargs: Any) -> Message:
         return Message(
             kind=kind, client=self.cfg.client.name, epoch=self.epoch, step=step, **kwargs
@@ -222,9 +230,7 @@ class ClientWorker:
     async def run(self) -> dict[str, Any]:
         start = time.perf_counter()
         self.ctx = zmq.asyncio.Context()
-        ops = await start_ops(
-            self.cfg.ops, self.metrics, self.status, lambda: self.conn is not None
-        )
+        ops = await start_ops(self.cfg.ops, self.metrics, self.status, lambda: self.connected)
         install_stop_signals(self.stop)
         try:
             await self.connect()
@@ -248,6 +254,7 @@ class ClientWorker:
                 await ops.stop()
             if self.conn is not None:
                 self.conn.close()
+            self._set_connected(False)
             self.ctx.term()
         return self.summary(time.perf_counter() - start)
 

@@ -132,7 +132,9 @@ class StepRunner:
         """Finish backpropagation locally (plus the NoPeek term), then step."""
         roots, grads = [sent], [as_input(grad, requires_grad=False, device=self.device)]
         if self.nopeek is not None:
-            roots.append(self.nopeek(x.to(self.device), act))
+            penalty = self.nopeek(x.to(self.device), act)  # alpha * dCor(x, act)
+            self.w.metrics.dcor_last.set(float(penalty.detach()) / self.nopeek.alpha)
+            roots.append(penalty)
             grads.append(torch.ones(()))
         torch.autograd.backward(roots, grads)
         self.optimizer.step()

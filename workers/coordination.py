@@ -117,5 +117,8 @@ class GroupEngine(VanillaEngine):
             for ident, m, _ in round_parts.values()
         ]
 
+    def queue_depth(self) -> int:
+        return len(self._waiting) + sum(len(parts) for parts in self._rounds.values())
+
     def forget(self, client: str) -> None:
         self._waiting.pop(client, None)

@@ -118,6 +118,10 @@ class Engine:
     def forget(self, client: str) -> None:
         return None
 
+    def queue_depth(self) -> int:
+        """Requests waiting for other parties (vertical parts, queued steps, turns)."""
+        return 0
+
     def _apply(self, loss: torch.Tensor | None = None) -> None:
         self.optimizer.step()
         self.steps_applied += 1
@@ -206,6 +210,9 @@ class MiddleEngine(Engine):
         self._apply()
         assert act.grad is not None
         return msg.reply(Kind.BACKWARD, tensors=wire_tensors("grad", act.grad, self.wire_dtype))
+
+    def queue_depth(self) -> int:
+        return len(self._waiting)
 
     def forget(self, client: str) -> None:
         self._waiting.pop(client, None)

@@ -203,6 +203,8 @@ class ServerWorker(RouterService):
         start = time.perf_counter()
         replies = self.engine.handle(identity, msg)
         self.metrics.server_compute_seconds.observe(time.perf_counter() - start)
+        self.metrics.queue_depth.set(self.engine.queue_depth())
+        self.metrics.epoch.set(msg.epoch)
         for _, reply in replies:
             if reply.kind is not Kind.ERROR:
                 kind = msg.kind.value if reply.client == msg.client else _answers(reply)

@@ -190,6 +190,7 @@ class RouterService:
         if peer is not None:
             self.forget_peer(peer)
         self.metrics.peers_authenticated.set(len(self.peers))
+        self.metrics.peers_connected.set(len(self.peers))
 
     async def _handle(self, endpoint: RouterEndpoint, identity: bytes, frames: list[Any]) -> None:
         buffers = frame_buffers(frames)
@@ -269,6 +270,7 @@ class RouterService:
         self.peers[identity] = Peer(name, Channel(session, self.limits), fp)
         self.metrics.record_handshake("ok")
         self.metrics.peers_authenticated.set(len(self.peers))
+        self.metrics.peers_connected.set(len(self.peers))
         log.info("peer %s joined (key %s)", name, fp)
         return reply
 

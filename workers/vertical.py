@@ -141,6 +141,9 @@ class VerticalEngine(Engine):
             for p in parts
         ]
 
+    def queue_depth(self) -> int:
+        return sum(len(parts) for parts in self._waiting.values())
+
     def forget(self, client: str) -> None:
         for key in list(self._waiting):
             self._waiting[key].pop(client, None)
