@@ -8,9 +8,23 @@ from pathlib import Path
 import privacy
 
 FORBIDDEN = ("workers", "zmq", "sl_pipeline.transport")
-ALLOWED_ROOTS = {"__future__", "collections", "dataclasses", "math", "pathlib", "types",
-                 "typing", "numpy", "torch", "opacus", "sklearn", "matplotlib", "privacy",
-                 "sl_pipeline"}
+ALLOWED_ROOTS = {
+    "__future__",
+    "collections",
+    "dataclasses",
+    "importlib",
+    "math",
+    "pathlib",
+    "types",
+    "typing",
+    "numpy",
+    "torch",
+    "opacus",
+    "sklearn",
+    "matplotlib",
+    "privacy",
+    "sl_pipeline",
+}
 
 
 def imported_modules(path: Path) -> set[str]:
