@@ -22,6 +22,8 @@ from .messages import Kind, Message
 
 OnMessage = Callable[[str, str, int], None]  # (direction, kind, nbytes)
 COPY_THRESHOLD = 64 * 1024
+HEARTBEAT_IVL_MS = 2_000
+HEARTBEAT_TIMEOUT_MS = 10_000
 
 
 def _noop(direction: str, kind: str, nbytes: int) -> None:
@@ -58,6 +60,11 @@ def new_socket(ctx: zmq.asyncio.Context, kind: int, limits: Limits, hwm: int = 1
     sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes + 4096)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
+    # ZMTP heartbeats: a peer that stops answering PINGs is disconnected after the timeout,
+    # which a waiting client sees at once through its monitor socket.
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
     sock.copy_threshold = COPY_THRESHOLD
     return sock
 

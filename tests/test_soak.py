@@ -22,7 +22,7 @@ from sl_pipeline.transport import DealerConnection
 from .conftest import Procs, load_server
 
 CLIENTS = 16
-DURATION_S = float(os.environ.get("SL_SOAK_SECONDS", "75"))
+DURATION_S = float(os.environ.get("SL_SOAK_SECONDS", "120"))
 WARMUP_S = 15.0
 
 

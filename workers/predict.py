@@ -61,11 +61,8 @@ def run_predict(cfg: ClientConfig, base: Path, input_path: Path) -> dict[str, An
         )
     if not input_path.exists():
         raise ConfigError(f"--input {str(input_path)!r}: no such file")
-    if cfg.client.topology == "vertical":
-        raise ConfigError(
-            "predict in the vertical topology needs every feature party at once; "
-            "it is not supported by this command yet"
-        )
+    # Vertical: every feature party runs predict at the same time on its own columns of the
+    # same rows (row order aligns them); the server fuses the parts and answers everyone.
     x = read_inputs(cfg, input_path)
     worker = ClientWorker(replace(cfg, train=replace(cfg.train, epochs=0)), base, progress=False)
     worker.runner.load(saved)
