@@ -1,0 +1,235 @@
+"""The transport phase of a Noise session: sealing and opening multipart messages.
+
+Sans-IO. A :class:`Session` seals a multipart message as a 16-byte plaintext envelope
+``magic(2) | version(1) | flags(1) | counter(8) | frame_count(4)`` (big-endian) plus one
+AES-256-GCM ciphertext per buffer; frame ``i`` >= 1 uses nonce ``i(4) || counter(8)`` and
+associated data ``envelope || i(4)``, so every byte, the frame order and the frame count are
+authenticated. :class:`PlainSession` keeps the envelope checks without encryption
+(``--insecure`` only). Sessions come from the handshake in :mod:`sl_pipeline.crypto`.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from sl_pipeline.errors import ConfigError, CryptoError, LimitError, ReplayError
+
+Buffer = bytes | bytearray | memoryview
+_TAGLEN = 16
+DEFAULT_REKEY_INTERVAL: Final = 2**20
+DEFAULT_MAX_FRAMES: Final = 1024
+ENVELOPE_MAGIC: Final = b"SL"
+ENVELOPE_VERSION: Final = 1
+FLAG_PLAINTEXT: Final = 0x01
+_ENVELOPE = struct.Struct(">2sBBQI")
+ENVELOPE_SIZE: Final = _ENVELOPE.size  # 16
+_NONCE = struct.Struct(">IQ")
+_INDEX = struct.Struct(">I")
+# Noise reserves nonce 2^64-1 for REKEY; we stop one short so no counter is ever reused.
+_COUNTER_LIMIT = 2**64 - 1
+_MAX_FRAMES_LIMIT = 2**32 - 1
+_REKEY_NONCE = b"\x00" * 4 + b"\xff" * 8
+_ZEROS32 = bytes(32)
+
+
+def _check_session_limits(rekey_interval: int, max_frames: int) -> None:
+    if rekey_interval < 1:
+        raise ConfigError(f"rekey_interval must be >= 1 message, got {rekey_interval}")
+    if not 1 <= max_frames <= _MAX_FRAMES_LIMIT:
+        raise ConfigError(f"max_frames must be in 1..{_MAX_FRAMES_LIMIT}, got {max_frames}")
+
+
+def _byte_view(buffer: Buffer, index: int) -> memoryview:
+    view = memoryview(buffer)
+    if view.ndim == 1 and view.format in ("B", "b", "c"):
+        return view
+    try:
+        return view.cast("B")
+    except TypeError:
+        raise LimitError(
+            f"buffer {index} is not contiguous", hint="call .contiguous() on the tensor first"
+        ) from None
+
+
+def _key_for(current: tuple[bytes, AESGCM], counter: int, interval: int) -> tuple[bytes, AESGCM]:
+    """Key for message ``counter``: both sides rekey before every ``interval``-th message."""
+    if counter == 0 or counter % interval:
+        return current
+    # Noise REKEY: k' = first 32 bytes of ENCRYPT(k, 2^64-1, empty ad, 32 zero bytes).
+    # Transport frames use index >= 1, so this nonce never collides with theirs.
+    new_key = current[1].encrypt(_REKEY_NONCE, _ZEROS32, None)[:32]
+    return new_key, AESGCM(new_key)
+
+
+class _Channel:
+    """Envelope handling shared by the encrypted and the plaintext session."""
+
+    _flags = 0
+
+    def __init__(self, remote_static: bytes, handshake_hash: bytes, max_frames: int) -> None:
+        self.remote_static = remote_static
+        self.handshake_hash = handshake_hash
+        self._max_frames = max_frames
+        self._send_counter = 0
+        self._recv_counter = 0
+
+    def _envelope(self, buffers: Sequence[Buffer]) -> bytes:
+        if not 1 <= len(buffers) <= self._max_frames:
+            raise LimitError(
+                f"cannot seal {len(buffers)} buffers; allowed 1..{self._max_frames}",
+                hint="send b'' for an empty message, or raise max_frames on both sides",
+            )
+        if self._send_counter >= _COUNTER_LIMIT:
+            raise CryptoError("message counter exhausted", hint="reconnect to run a new handshake")
+        return _ENVELOPE.pack(
+            ENVELOPE_MAGIC, ENVELOPE_VERSION, self._flags, self._send_counter, len(buffers)
+        )
+
+    def _check_envelope(self, frames: Sequence[Buffer]) -> bytes:
+        """Validate frame 0 against the frame list; returns the envelope bytes."""
+        if len(frames) > self._max_frames + 1:
+            raise LimitError(
+                f"message has {len(frames)} frames; the limit is {self._max_frames + 1}",
+                hint="raise max_frames on both sides if this is expected",
+            )
+        if len(frames) < 2:
+            raise CryptoError(f"message has {len(frames)} frames; it was truncated")
+        size = memoryview(frames[0]).nbytes  # check before copying anything a peer sent
+        if size != ENVELOPE_SIZE:
+            raise CryptoError(f"envelope is {size} bytes, expected {ENVELOPE_SIZE}")
+        envelope = bytes(frames[0])
+        magic, version, flags, counter, count = _ENVELOPE.unpack(envelope)
+        if magic != ENVELOPE_MAGIC or version != ENVELOPE_VERSION:
+            raise CryptoError(
+                f"not an sl-pipeline v{ENVELOPE_VERSION} message (magic {magic!r}, v{version})",
+                hint="both peers must run compatible sl-pipeline versions",
+            )
+        if flags != self._flags:
+            raise CryptoError(
+                f"envelope flags {flags:#04x}, expected {self._flags:#04x}",
+                hint="both peers must agree on --insecure",
+            )
+        if count != len(frames) - 1:
+            raise CryptoError(f"envelope announces {count} frames but {len(frames) - 1} arrived")
+        if counter != self._recv_counter:
+            what = "replayed or reordered" if counter < self._recv_counter else "messages lost"
+            raise ReplayError(
+                f"message counter {counter}, expected {self._recv_counter} ({what})",
+                hint="the message was dropped; the session stays usable",
+            )
+        return envelope
+
+
+class Session(_Channel):
+    """Transport phase: seals and opens multipart messages with one key per direction.
+
+    Not thread-safe; use one Session per peer connection from one task.
+    """
+
+    def __init__(
+        self,
+        *,
+        send_key: bytes,
+        recv_key: bytes,
+        remote_static: bytes,
+        handshake_hash: bytes,
+        rekey_interval: int = DEFAULT_REKEY_INTERVAL,
+        max_frames: int = DEFAULT_MAX_FRAMES,
+    ) -> None:
+        _check_session_limits(rekey_interval, max_frames)
+        super().__init__(remote_static, handshake_hash, max_frames)
+        self._rekey_interval = rekey_interval
+        # (key, cipher) per direction; replaced only after a message fully succeeds.
+        self._send = (send_key, AESGCM(send_key))
+        self._recv = (recv_key, AESGCM(recv_key))
+
+    def seal(self, buffers: Sequence[Buffer]) -> list[bytes | bytearray]:
+        """Encrypt ``buffers`` into ``[envelope, ciphertext_1, ..., ciphertext_n]``.
+
+        Each ciphertext is a fresh bytearray, so it may be sent zero-copy and left in flight.
+        """
+        envelope = self._envelope(buffers)
+        counter = self._send_counter
+        key, aead = _key_for(self._send, counter, self._rekey_interval)
+        frames: list[bytes | bytearray] = [envelope]
+        for index, buffer in enumerate(buffers, start=1):
+            view = _byte_view(buffer, index)
+            out = bytearray(view.nbytes + _TAGLEN)
+            aad = envelope + _INDEX.pack(index)
+            aead.encrypt_into(_NONCE.pack(index, counter), view, aad, out)
+            frames.append(out)
+        self._send = (key, aead)
+        self._send_counter += 1
+        return frames
+
+    def open(self, frames: Sequence[Buffer]) -> list[bytearray]:
+        """Authenticate and decrypt a sealed message; returns writable plaintext buffers.
+
+        Any failure raises (ReplayError for counter problems, CryptoError otherwise) and
+        leaves the session unchanged, so the next genuine message still opens.
+        """
+        envelope = self._check_envelope(frames)
+        counter = self._recv_counter
+        key, aead = _key_for(self._recv, counter, self._rekey_interval)
+        plaintexts: list[bytearray] = []
+        for index in range(1, len(frames)):
+            view = _byte_view(frames[index], index)
+            if view.nbytes < _TAGLEN:
+                raise CryptoError(f"frame {index} is shorter than an authentication tag")
+            out = bytearray(view.nbytes - _TAGLEN)
+            aad = envelope + _INDEX.pack(index)
+            try:
+                aead.decrypt_into(_NONCE.pack(index, counter), view, aad, out)
+            except InvalidTag:
+                raise CryptoError(
+                    f"frame {index} of message {counter} failed authentication",
+                    hint="the message was altered in transit or sent under another session",
+                ) from None
+            plaintexts.append(out)
+        self._recv = (key, aead)
+        self._recv_counter += 1
+        return plaintexts
+
+
+class PlainSession(_Channel):
+    """No encryption, for ``--insecure`` only. Still checks counters and frame counts.
+
+    Gives no confidentiality or integrity against an attacker: it only detects accidental
+    loss, duplication and truncation.
+    """
+
+    _flags = FLAG_PLAINTEXT
+
+    def __init__(self, *, remote_static: bytes = b"", max_frames: int = DEFAULT_MAX_FRAMES) -> None:
+        _check_session_limits(1, max_frames)
+        super().__init__(remote_static, b"", max_frames)
+
+    def seal(self, buffers: Sequence[Buffer]) -> list[bytes | bytearray | memoryview]:
+        """``[envelope, *buffers]``; buffers go out as they are (no copy)."""
+        envelope = self._envelope(buffers)
+        frames: list[bytes | bytearray | memoryview] = [envelope]
+        for index, buffer in enumerate(buffers, start=1):
+            frames.append(_byte_view(buffer, index) if isinstance(buffer, memoryview) else buffer)
+        self._send_counter += 1
+        return frames
+
+    def open(self, frames: Sequence[Buffer]) -> list[bytearray]:
+        """Check the envelope; returns writable copies (frames may be read-only)."""
+        self._check_envelope(frames)
+        plaintexts = [bytearray(frame) for frame in frames[1:]]
+        self._recv_counter += 1
+        return plaintexts
+
+
+__all__ = [
+    "DEFAULT_MAX_FRAMES",
+    "DEFAULT_REKEY_INTERVAL",
+    "ENVELOPE_SIZE",
+    "PlainSession",
+    "Session",
+]
