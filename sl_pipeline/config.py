@@ -103,7 +103,6 @@ class ServerSection:
     admitted: str = ""
     insecure: bool = False
     max_clients: int = 64
-    max_inflight_per_client: int = 4
     client_timeout_s: float = 120.0
     fuse: Literal["concat", "sum", "mean"] = "concat"
     parties: int = 1  # vertical: feature parties; roundrobin/splitfed: clients per round
@@ -124,7 +123,6 @@ class ClientSection:
     retry_for_s: float = 60.0
     topology: Topology = "vanilla"
     role: Literal["trainer", "feature", "label"] = "trainer"
-    pipeline_depth: int = 1
     group: list[str] = field(default_factory=list)  # roundrobin/splitfed: every client's name
     group_key: str = ""  # roundrobin/splitfed: secret shared by the clients, not the server
     save: str = ""  # where to save this client's segment(s) at the end of training
