@@ -161,3 +161,14 @@ async def test_ushaped_serves_several_clients_one_open_step_at_a_time(deployment
     )
     assert [s["test_accuracy"] > 0.9 for s in run["summaries"]] == [True, True]
     assert run["server"].engine.steps_applied == sum(s["steps"] for s in run["summaries"])
+
+
+async def test_a_full_server_says_so_and_the_client_retries(deployment) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(clients=2, dataset="breast_cancer", epochs=1)
+    run = await run_deployment(files, server_overrides=("server.max_clients=1",))
+    summaries = run["summaries"]
+    assert all(s["steps"] > 0 for s in summaries)
+    assert max(s["retries"] for s in summaries) > 0  # one of them waited for a free slot
+    assert (
+        run["server"].metrics.rejected_messages_total.labels(reason="overloaded")._value.get() > 0
+    )

@@ -145,7 +145,7 @@ class ServerWorker(RouterService):
 
     def accept(self, hello: dict[str, Any], key: bytes | None) -> dict[str, Any]:
         """The welcome carries where this server stands for the client (the resume exchange)."""
-        name = self.admitted_names[key] if key else str(hello.get("client", "?"))[:64]
+        name = self.peer_name(hello, key)
         last = self.replies.get((name, Kind.FORWARD.value))
         return {
             **super().accept(hello, key),

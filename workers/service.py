@@ -125,13 +125,18 @@ class RouterService:
                 f"model/topology mismatch: peer has {hello.get('model')!r}, this {self.role} has "
                 f"{self.fingerprint!r}; use the same [model] section and topology on both sides"
             )
-        if sum(p.confirmed for p in self.peers.values()) >= self.listen.max_peers:
+        others = {p.name for p in self.peers.values()} - {self.peer_name(hello, key)}
+        if len(others) >= self.listen.max_peers:  # a rejoin replaces its own old session
             error = ProtocolError(
                 f"{self.role} is full ({self.listen.max_peers} peers); retry later"
             )
             error.code = "overloaded"
             raise error
         return {"session": self.session_id}
+
+    def peer_name(self, hello: dict[str, Any], key: bytes | None) -> str:
+        """The name a peer goes by: its admitted key's, never what the hello claims."""
+        return self.admitted_names[key] if key else str(hello.get("client", "?"))[:64]
 
     async def on_start(self) -> None:
         return None
@@ -264,7 +269,7 @@ class RouterService:
             log.warning("refused a handshake (%s): %s", result, exc.message)
             return refusal(exc)
         # The name comes from the admitted key, never from what the peer claims.
-        name = self.admitted_names[key] if key else str(hello.get("client", "?"))[:64]
+        name = self.peer_name(hello, key)
         self._bound_unconfirmed()
         fp = key_fingerprint(key) if key else "insecure"
         self.peers[identity] = Peer(name, Channel(session, self.limits), fp)
