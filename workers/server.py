@@ -20,9 +20,10 @@ from sl_pipeline.errors import ConfigError, ProtocolError
 from sl_pipeline.messages import Kind, Message, error_message
 from sl_pipeline.models import fingerprint
 
-from .checkpoint import CheckpointStore, message_from_state, message_state, restore_rng, rng_state
+from .checkpoint import CheckpointStore, restore_rng, rng_state
 from .engine import Engine, build_engine
 from .metrics import WorkerMetrics
+from .replycache import ReplyCache
 from .service import Listen, Peer, Replies, RouterService, reject_reason
 
 log = logging.getLogger("sl_pipeline.server")
@@ -46,7 +47,7 @@ class ServerWorker(RouterService):
         )
         self.cfg = cfg
         self.engine: Engine = build_engine(cfg, base)
-        self.replies: dict[tuple[str, str], tuple[tuple[int, int], Message]] = {}
+        self.replies = ReplyCache()
         self.steps_applied = 0
         self.last_loss: float | None = None
         self.applied_log: list[list[Any]] = []  # [client, epoch, step] per applied update
@@ -70,10 +71,7 @@ class ServerWorker(RouterService):
             "engine": self.engine.state_dict(),
             "steps_applied": self.steps_applied,
             "rng": rng_state(),
-            "replies": [
-                {"client": c, "kind": k, "step": list(step), "reply": message_state(m)}
-                for (c, k), (step, m) in self.replies.items()
-            ],
+            "replies": self.replies.entries(),
             "applied_log": self.applied_log,
         }
 
@@ -91,12 +89,7 @@ class ServerWorker(RouterService):
         self.engine.load_state_dict(state["engine"])
         self.steps_applied = self.engine.steps_applied = int(state["steps_applied"])
         restore_rng(state["rng"])
-        for entry in state["replies"]:
-            step = (int(entry["step"][0]), int(entry["step"][1]))
-            self.replies[(entry["client"], entry["kind"])] = (
-                step,
-                message_from_state(entry["reply"]),
-            )
+        self.replies.load(state["replies"])
         self.applied_log = [list(e) for e in state["applied_log"]]
         log.info("resumed from checkpoint %s at %d applied steps", path, self.steps_applied)
         return self.steps_applied
@@ -146,11 +139,11 @@ class ServerWorker(RouterService):
     def accept(self, hello: dict[str, Any], key: bytes | None) -> dict[str, Any]:
         """The welcome carries where this server stands for the client (the resume exchange)."""
         name = self.peer_name(hello, key)
-        last = self.replies.get((name, Kind.FORWARD.value))
+        last = self.replies.newest(name, Kind.FORWARD.value)
         return {
             **super().accept(hello, key),
             "topology": self.cfg.server.topology,
-            "applied": list(last[0]) if last else None,
+            "applied": list(last) if last else None,
         }
 
     def forget_peer(self, peer: Peer) -> None:
@@ -188,17 +181,15 @@ class ServerWorker(RouterService):
 
     def _train(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
         """Apply a step at most once: a retransmitted request gets the cached reply."""
-        key = (msg.client, msg.kind.value)
         step = (msg.epoch, msg.step)
-        cached = self.replies.get(key)
-        if cached is not None and cached[0] == step:
-            log.info(
-                "%s retransmitted %s %s: answering from cache", msg.client, msg.kind.value, step
-            )
+        cached = self.replies.get(msg.client, msg.kind.value, step)
+        if cached is not None:
+            log.info("%s resent %s %s: answering from cache", msg.client, msg.kind.value, step)
             self.from_cache += 1
-            return [(identity, cached[1])]
-        if msg.kind is Kind.FORWARD and cached is not None and step < cached[0]:
-            raise ProtocolError(f"step {step} is older than the last applied step {cached[0]}")
+            return [(identity, cached)]
+        newest = self.replies.newest(msg.client, msg.kind.value)
+        if msg.kind is Kind.FORWARD and newest is not None and step < newest:
+            raise ProtocolError(f"step {step} is older than the steps this server remembers")
         before = self.engine.steps_applied
         start = time.perf_counter()
         replies = self.engine.handle(identity, msg)
@@ -208,7 +199,7 @@ class ServerWorker(RouterService):
         for _, reply in replies:
             if reply.kind is not Kind.ERROR:
                 kind = msg.kind.value if reply.client == msg.client else _answers(reply)
-                self.replies[(reply.client, kind)] = ((reply.epoch, reply.step), reply)
+                self.replies.put(reply.client, kind, (reply.epoch, reply.step), reply)
         applied = self.engine.steps_applied - before
         if applied:
             self.applied_log.extend(
