@@ -92,6 +92,12 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ops", action="store_true", help="give every worker an ops HTTP port")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--pipeline-depth",
+        type=int,
+        default=1,
+        help="steps in flight per client (>1 overlaps client and server compute)",
+    )
+    p.add_argument(
         "--wire-dtype",
         default="float32",
         choices=["float32", "float16", "bfloat16", "int8"],

@@ -13,6 +13,7 @@ import logging
 import random
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from .checkpoint import CheckpointStore, restore_rng, rng_state
 from .client_steps import StepRunner, build_runner
 from .common import install_stop_signals, load_own_key, load_peer_key, start_ops, warn_insecure
 from .metrics import WorkerMetrics
+from .pipeline import check_depth, train_pipelined
 
 log = logging.getLogger("sl_pipeline.client")
 
@@ -66,6 +68,7 @@ class ClientWorker:
                 self.data.classes,
             )
         self.runner: StepRunner = build_runner(self)
+        check_depth(self)
         self.handshake = self._make_handshake()
         self.conn: DealerConnection | None = None
         self.connected = False  # between a completed handshake and a lost server
@@ -324,26 +327,44 @@ class ClientWorker:
             desc=f"{self.cfg.client.name} epoch {epoch + 1}/{self.cfg.train.epochs}",
             disable=not self.progress,
         )
+        batches = self._batches(epoch, first_step)
+        if self.cfg.train.pipeline_depth > 1:
+            await train_pipelined(
+                self,
+                epoch,
+                batches,
+                lambda step, loss, started: self._done(epoch, step, loss, started, bar),
+            )
+        else:
+            for step, x, y, ids in batches:
+                self.step = step
+                started = time.perf_counter()
+                loss = await self.runner.train_step(step, x, y, ids)
+                self._done(epoch, step, loss, started, bar)
+        bar.close()
+        mean = float(sum(self.epoch_losses) / max(1, len(self.epoch_losses)))
+        self.metrics.train_loss.set(mean)
+        return mean
+
+    def _batches(self, epoch: int, first_step: int) -> Iterator[tuple[int, Any, Any, Any]]:
+        """This epoch's batches from ``first_step``; stops between steps on SIGTERM/SIGINT."""
         for step, (x, y, ids) in enumerate(self.runner.epoch_batches(epoch)):
             if step < first_step:
                 continue
             if self.stop.is_set():
                 raise _Stopped
-            self.step = step
-            started = time.perf_counter()
-            loss = await self.runner.train_step(step, x, y, ids)
-            self.metrics.step_rtt_seconds.observe(time.perf_counter() - started)
-            self.steps_done += 1
-            self.last_applied = (epoch, step)
-            self.metrics.record_step(self.steps_done)
-            self.epoch_losses.append(loss)
-            self._save(step + 1)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-        bar.close()
-        mean = float(sum(self.epoch_losses) / max(1, len(self.epoch_losses)))
-        self.metrics.train_loss.set(mean)
-        return mean
+            yield step, x, y, ids
+
+    def _done(self, epoch: int, step: int, loss: float, started: float, bar: Any) -> None:
+        """Bookkeeping after a step's gradient is applied: counters, metrics, checkpoint."""
+        self.metrics.step_rtt_seconds.observe(time.perf_counter() - started)
+        self.steps_done += 1
+        self.last_applied = (epoch, step)
+        self.metrics.record_step(self.steps_done)
+        self.epoch_losses.append(loss)
+        self._save(step + 1)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
 
     async def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Predictions for ``x``: only cut-layer activations leave this party."""

@@ -35,6 +35,7 @@ class StepRunner:
     """Vanilla (and the base of the others): act + labels out, gradient at the cut back."""
 
     sends_labels = True
+    supports_pipelining = True  # one exchange per step: the forward can run ahead
 
     def __init__(self, worker: ClientWorker) -> None:
         self.w = worker
@@ -137,6 +138,40 @@ class StepRunner:
             roots.append(penalty)
             grads.append(torch.ones(()))
         torch.autograd.backward(roots, grads)
+        self.optimizer.step()
+
+    @property
+    def pipelines(self) -> bool:
+        return self.supports_pipelining and self.dp is None
+
+    def stash_forward(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The forward on a copy of the current weights (weight stashing for pipelining)."""
+        stash = {
+            n: p.detach().clone().requires_grad_(True) for n, p in self.bottom.named_parameters()
+        }
+        state = {**stash, **dict(self.bottom.named_buffers())}
+        act = torch.func.functional_call(self.bottom, state, (x.to(self.device),))
+        return act, self.defense.apply(act), stash
+
+    def apply_stashed(
+        self,
+        x: torch.Tensor,
+        act: torch.Tensor,
+        sent: torch.Tensor,
+        stash: dict[str, torch.Tensor],
+        grad: torch.Tensor,
+    ) -> None:
+        """Backward through the stashed weights; apply that gradient to the current ones."""
+        self.optimizer.zero_grad(set_to_none=True)
+        roots, grads = [sent], [as_input(grad, requires_grad=False, device=self.device)]
+        if self.nopeek is not None:
+            roots.append(self.nopeek(x.to(self.device), act))
+            grads.append(torch.ones(()))
+        torch.autograd.backward(roots, grads)
+        for name, param in self.bottom.named_parameters():
+            param.grad = stash[name].grad
         self.optimizer.step()
 
     async def train_step(
@@ -257,6 +292,7 @@ class UShapedRunner(StepRunner):
     """Labels and the last layers stay here: two exchanges per step, no labels sent."""
 
     sends_labels = False
+    supports_pipelining = False
 
     def build_modules(self) -> dict[str, nn.Module]:
         segments = build_segments(self.w.cfg.model, "ushaped")
@@ -289,6 +325,7 @@ class VerticalRunner(StepRunner):
     """A feature party: its own bottom on its features; sample ids align the batch."""
 
     sends_labels = False
+    supports_pipelining = False
 
     def build_modules(self) -> dict[str, nn.Module]:
         group = self.w.cfg.client.group

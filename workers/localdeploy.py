@@ -104,7 +104,17 @@ def _client(
 
 def deployment_options(args: Any) -> dict[str, Any]:
     """The keyword arguments of :func:`init_deployment` from parsed command-line flags."""
-    names = ("topology", "clients", "dataset", "epochs", "insecure", "ops", "seed", "wire_dtype")
+    names = (
+        "topology",
+        "clients",
+        "dataset",
+        "epochs",
+        "insecure",
+        "ops",
+        "seed",
+        "wire_dtype",
+        "pipeline_depth",
+    )
     return {name: getattr(args, name) for name in names}
 
 
@@ -119,6 +129,7 @@ def init_deployment(
     ops: bool = False,
     seed: int = 0,
     wire_dtype: str = "float32",
+    pipeline_depth: int = 1,
 ) -> dict[str, Any]:
     """Write DIR/server.toml, DIR/client-N.toml (and relay-1.toml, keys). Returns the paths."""
     if topology not in TOPOLOGIES:
@@ -142,6 +153,7 @@ def init_deployment(
         "momentum": 0.9,
         "seed": seed,
         "wire_dtype": wire_dtype,
+        "pipeline_depth": pipeline_depth,
     }
     port = free_port()
     server_section: dict[str, Any] = {
