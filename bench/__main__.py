@@ -18,8 +18,18 @@ from typing import Any
 
 from . import SECTIONS
 
-KEYS = ("encryption_overhead", "transport_efficiency", "overhead_ratio", "rpc_ratio",
-        "scaling", "efficiency_64", "server_mem_per_client_mib", "flops_table", "scrape_slowdown")
+KEYS = (
+    "encryption_overhead",
+    "transport_efficiency",
+    "overhead_ratio",
+    "overhead_ratio_pipelined",
+    "rpc_ratio",
+    "scaling",
+    "efficiency_64",
+    "server_mem_per_client_mib",
+    "flops_table",
+    "scrape_slowdown",
+)
 
 
 def pin_threads(threads: int) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from sl_pipeline.data import batch_order
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.models import full_model, make_optimizer
 from workers.client import ClientWorker
+from workers.pipeline import train_pipelined
 
 from .common import endpoint, free_port, median, stop_process, to_toml, worker_process, write_keys
 from .models import CIFAR_CNN_CUT
@@ -33,8 +35,13 @@ BATCH = 32
 TRAIN = {"epochs": 1, "batch_size": BATCH, "lr": 0.01, "momentum": 0.9, "seed": 0}
 MODELS: dict[str, dict[str, Any]] = {
     "digits_cnn": {"builtin": "cnn", "in_shape": [1, 8, 8], "classes": 10, "seed": 0},
-    "cifar_cnn": {"sequential": "bench.models:cifar_cnn", "cuts": [CIFAR_CNN_CUT],
-                  "in_shape": [3, 32, 32], "classes": 10, "seed": 0},
+    "cifar_cnn": {
+        "sequential": "bench.models:cifar_cnn",
+        "cuts": [CIFAR_CNN_CUT],
+        "in_shape": [3, 32, 32],
+        "classes": 10,
+        "seed": 0,
+    },
 }
 CIFAR_SAMPLES = 2048
 
@@ -55,12 +62,25 @@ def configs(folder: Path, name: str) -> tuple[Path, dict[str, Any]]:
     if name == "cifar_cnn":
         write_cifar_npz(folder / "cifar.npz")
         data = {"path": "cifar.npz", "features": "x", "label": "y"}
-    server = {"server": {"bind": url, "key": keys["server_key"], "admitted": keys["admitted"]},
-              "model": model, "train": TRAIN, "ops": {"log_level": "WARNING"}}
+    server = {
+        "server": {"bind": url, "key": keys["server_key"], "admitted": keys["admitted"]},
+        "model": model,
+        "train": TRAIN,
+        "ops": {"log_level": "WARNING"},
+    }
     (folder / "server.toml").write_text(to_toml(server))
-    client = {"client": {"server": url, "name": "bench-client", "key": "keys/bench-client.key",
-                         "server_key": keys["server_pub"], "retry_for_s": 60.0},
-              "data": data, "model": model, "train": TRAIN}
+    client = {
+        "client": {
+            "server": url,
+            "name": "bench-client",
+            "key": "keys/bench-client.key",
+            "server_key": keys["server_pub"],
+            "retry_for_s": 60.0,
+        },
+        "data": data,
+        "model": model,
+        "train": TRAIN,
+    }
     return folder / "server.toml", client
 
 
@@ -100,10 +120,33 @@ async def measure(cfg: ClientConfig, base: Path, quick: bool) -> dict[str, Any]:
     client = ClientWorker(cfg, base, progress=False)
     plain = PlainLoop(cfg)
     train = client.data.train
-    batches = batch_order(len(train), BATCH, 0, 0)
+    batches = batches_all = batch_order(len(train), BATCH, 0, 0)
     client.ctx = zmq.asyncio.Context()
     step = 0
-    times: dict[str, list[float]] = {"single_process": [], "split_encrypted": []}
+    times: dict[str, list[float]] = {
+        "single_process": [],
+        "split_encrypted": [],
+        "split_pipelined": [],
+    }
+    piped_cfg = replace(cfg, train=replace(cfg.train, pipeline_depth=2))
+
+    async def pipelined_steps(n: int, record: bool) -> None:
+        """The same steps with pipelining (depth 2): per-step time = block time / n."""
+        nonlocal step
+        first = step
+
+        def batches():  # type: ignore[no-untyped-def]
+            for s in range(first, first + n):
+                idx = batches_all[s % len(batches_all)]
+                yield s, train.x[idx], train.y[idx], train.ids[idx]
+
+        client.cfg = piped_cfg
+        start = time.perf_counter()
+        await train_pipelined(client, 0, batches(), lambda s, loss, t0: None)
+        if record:
+            times["split_pipelined"].append((time.perf_counter() - start) / n)
+        client.cfg = cfg
+        step += n
 
     async def split_steps(n: int, record: bool) -> None:
         nonlocal step
@@ -129,9 +172,11 @@ async def measure(cfg: ClientConfig, base: Path, quick: bool) -> dict[str, Any]:
         await split_steps(warmup, record=False)
         plain_steps(warmup, record=False)
         deadline = time.monotonic() + budget_s
+        await pipelined_steps(warmup, record=False)
         for _ in range(blocks):
             plain_steps(per_block, record=True)
             await split_steps(per_block, record=True)
+            await pipelined_steps(per_block, record=True)
             if time.monotonic() > deadline:
                 break
         assert client.conn is not None
@@ -141,8 +186,11 @@ async def measure(cfg: ClientConfig, base: Path, quick: bool) -> dict[str, Any]:
             client.conn.close()
         client.ctx.term()
     step_ms = {k: median(v) * 1e3 for k, v in times.items()}
-    return {"step_ms": step_ms | {"steps": len(times["split_encrypted"])},
-            "ratio": step_ms["split_encrypted"] / step_ms["single_process"]}
+    return {
+        "step_ms": step_ms | {"steps": len(times["split_encrypted"])},
+        "ratio": step_ms["split_encrypted"] / step_ms["single_process"],
+        "ratio_pipelined": step_ms["split_pipelined"] / step_ms["single_process"],
+    }
 
 
 def run_model(name: str, quick: bool) -> dict[str, Any]:
@@ -164,6 +212,9 @@ def run_model(name: str, quick: bool) -> dict[str, Any]:
 
 def run(quick: bool = False) -> dict[str, Any]:
     per_model = {name: run_model(name, quick) for name in MODELS}
-    return {"overhead": per_model,
-            "overhead_ratio": {name: r["ratio"] for name, r in per_model.items()},
-            "batch_size": BATCH}
+    return {
+        "overhead": per_model,
+        "overhead_ratio": {name: r["ratio"] for name, r in per_model.items()},
+        "overhead_ratio_pipelined": {name: r["ratio_pipelined"] for name, r in per_model.items()},
+        "batch_size": BATCH,
+    }

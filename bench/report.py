@@ -24,6 +24,7 @@ def headline(results: dict[str, Any]) -> list[str]:
         ("encryption_overhead", "encrypted/plain round trip, by size (goal <= 1.10 at 2MiB)"),
         ("transport_efficiency", "our message path / raw pyzmq+AESGCM throughput at 2MiB"),
         ("overhead_ratio", "split encrypted 2-process step / single-process step"),
+        ("overhead_ratio_pipelined", "the same with pipelining (depth 2) / single-process step"),
         ("rpc_ratio", "our split step / torch.distributed.rpc (TensorPipe) step"),
         ("scaling", "aggregate steps/s by number of clients"),
         ("efficiency_64", "steps/s at 64 clients / 1-client server limit"),

@@ -172,3 +172,25 @@ async def test_a_full_server_says_so_and_the_client_retries(deployment) -> None:
     assert (
         run["server"].metrics.rejected_messages_total.labels(reason="overloaded")._value.get() > 0
     )
+
+
+async def test_pipelined_client_keeps_steps_in_flight_and_applies_each_once(deployment) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(dataset="breast_cancer", epochs=3)
+    plain = (await run_deployment(deployment(dataset="breast_cancer", epochs=3)))["summaries"][0]
+    run = await run_deployment(files, "train.pipeline_depth=3")
+    summary = run["summaries"][0]
+    assert summary["steps"] == plain["steps"] == run["server"].steps_applied
+    assert summary["test_accuracy"] >= plain["test_accuracy"] - 0.03  # stale by <= 2 steps
+
+
+def test_pipelining_is_refused_where_a_step_needs_two_exchanges(deployment) -> None:  # type: ignore[no-untyped-def]
+    from sl_pipeline.errors import ConfigError
+    from workers.client import ClientWorker
+
+    from .conftest import load_client
+
+    files = deployment(topology="ushaped", dataset="breast_cancer")
+    with pytest.raises(ConfigError, match="pipeline_depth"):
+        ClientWorker(
+            load_client(files["client-1"], "train.pipeline_depth=2"), files["server"].parent
+        )
