@@ -144,37 +144,33 @@ class RelaySection:
 
 
 @dataclass(frozen=True)
-class ServerConfig:
-    server: ServerSection = field(default_factory=ServerSection)
+class WorkerConfig:
+    """The sections every worker's file may have."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ops: OpsConfig = field(default_factory=OpsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
-    privacy: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServerConfig(WorkerConfig):
+    server: ServerSection = field(default_factory=ServerSection)
+    privacy: dict[str, Any] = field(default_factory=dict)  # label protection (vertical)
     data: DataConfig = field(default_factory=DataConfig)  # vertical: the labels it holds
 
 
 @dataclass(frozen=True)
-class ClientConfig:
+class ClientConfig(WorkerConfig):
     client: ClientSection = field(default_factory=ClientSection)
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    ops: OpsConfig = field(default_factory=OpsConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    limits: LimitsConfig = field(default_factory=LimitsConfig)
     privacy: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
-class RelayConfig:
+class RelayConfig(WorkerConfig):
     relay: RelaySection = field(default_factory=RelaySection)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    ops: OpsConfig = field(default_factory=OpsConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 T = TypeVar("T")
