@@ -24,6 +24,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check sl_pipeline privacy workers tests bench
+	$(BIN)/ruff format --check sl_pipeline privacy workers tests bench
 	$(BIN)/mypy
 
 bench: install

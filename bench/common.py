@@ -86,7 +86,10 @@ def worker_process(role: str, config: Path, log: Path) -> subprocess.Popen[bytes
     with log.open("wb") as fh:
         return subprocess.Popen(
             [sys.executable, "-m", "workers", role, "--config", str(config)],
-            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=fh,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=fh,
         )
 
 
@@ -99,8 +102,11 @@ def write_keys(folder: Path, clients: list[str]) -> dict[str, str]:
     for name in clients:
         _, pub = write_keypair(name, keys)
         (admitted / pub.name).write_bytes(pub.read_bytes())
-    return {"server_key": "keys/server.key", "server_pub": "keys/server.pub",
-            "admitted": "keys/admitted"}
+    return {
+        "server_key": "keys/server.key",
+        "server_pub": "keys/server.pub",
+        "admitted": "keys/admitted",
+    }
 
 
 def rss_mib(pid: int) -> float:

@@ -29,8 +29,9 @@ GOAL_2MIB = 1.10
 TIMEOUT_S = 30.0
 
 
-async def connect(ctx: zmq.asyncio.Context, url: str, server_key: bytes | None,
-                  name: str) -> DealerConnection:
+async def connect(
+    ctx: zmq.asyncio.Context, url: str, server_key: bytes | None, name: str
+) -> DealerConnection:
     """A joined connection: Noise IK when ``server_key`` is given, plaintext otherwise."""
     conn = DealerConnection(ctx, url)
     static = generate_keypair() if server_key is not None else None
@@ -53,8 +54,9 @@ def _plan(quick: bool) -> tuple[int, int, float]:
     return (5, 6, 4.0) if quick else (10, 20, 20.0)
 
 
-async def measure(url: str, server_key: bytes, quick: bool,
-                  sizes: dict[str, int] | None = None) -> dict[str, Any]:
+async def measure(
+    url: str, server_key: bytes, quick: bool, sizes: dict[str, int] | None = None
+) -> dict[str, Any]:
     blocks, per_block, budget_s = _plan(quick)
     ctx = zmq.asyncio.Context()
     plain = await connect(ctx, url, None, "bench-plain")
@@ -62,8 +64,9 @@ async def measure(url: str, server_key: bytes, quick: bool,
     result: dict[str, Any] = {"rtt_ms": {}, "encryption_overhead": {}}
     try:
         for label, nbytes in (sizes or SIZES).items():
-            message = Message(kind=Kind.FORWARD, meta={"reply": "echo"},
-                              tensors={"act": torch.randn(nbytes // 4)})
+            message = Message(
+                kind=Kind.FORWARD, meta={"reply": "echo"}, tensors={"act": torch.randn(nbytes // 4)}
+            )
             await round_trips(plain, message, 2)  # warm-up: buffers, first-touch pages
             await round_trips(sealed, message, 2)
             times: dict[str, list[float]] = {"plain": [], "encrypted": []}

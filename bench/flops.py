@@ -85,8 +85,13 @@ def counts(factory: Callable[[], nn.Sequential], cut: int) -> dict[str, Any]:
     model = factory()
     full, _ = train_flops_per_sample(model, None)
     segment, cut_shape = train_flops_per_sample(factory(), cut)
-    return {"full": full, "segment": segment, "cut_shape": cut_shape,
-            "params": _numel(model), "client_params": _numel(model[:cut])}
+    return {
+        "full": full,
+        "segment": segment,
+        "cut_shape": cut_shape,
+        "params": _numel(model),
+        "client_params": _numel(model[:cut]),
+    }
 
 
 def per_client(c: dict[str, Any], clients: int) -> dict[str, Any]:
@@ -118,5 +123,6 @@ def run(quick: bool = False) -> dict[str, Any]:
     for name, (factory, cut) in MODELS.items():
         c = counts(factory, cut)
         table[name] = {str(k): per_client(c, k) for k in CLIENT_COUNTS}
-    return {"flops_table": {"ours_per_epoch": table, "published": PUBLISHED,
-                            "assumptions": ASSUMPTIONS}}
+    return {
+        "flops_table": {"ours_per_epoch": table, "published": PUBLISHED, "assumptions": ASSUMPTIONS}
+    }

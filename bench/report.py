@@ -40,15 +40,19 @@ def headline(results: dict[str, Any]) -> list[str]:
 def flops_lines(table: dict[str, Any] | None) -> list[str]:
     if not table or "ours_per_epoch" not in table:
         return []
-    lines = ["", "client compute and communication, per client per epoch (ours)",
-             f"{'model':<10}{'clients':>8}{'FL TFLOP':>11}{'split TFLOP':>13}{'FL/split':>10}"
-             f"{'FL GB':>9}{'split GB':>10}"]
+    lines = [
+        "",
+        "client compute and communication, per client per epoch (ours)",
+        f"{'model':<10}{'clients':>8}{'FL TFLOP':>11}{'split TFLOP':>13}{'FL/split':>10}"
+        f"{'FL GB':>9}{'split GB':>10}",
+    ]
     for model, by_clients in table["ours_per_epoch"].items():
         for clients, r in by_clients.items():
             lines.append(
                 f"{model:<10}{clients:>8}{r['federated_tflops']:>11.4g}{r['split_tflops']:>13.4g}"
                 f"{r['compute_ratio_fl_over_split']:>10.0f}{r['federated_gb']:>9.3g}"
-                f"{r['split_gb']:>10.3g}")
+                f"{r['split_gb']:>10.3g}"
+            )
     lines.append("published (project page, whole training, epochs not stated):")
     for name, t in table["published"].items():
         cells = ", ".join(f"{row} {v['100']}/{v['500']}" for row, v in t.items() if row != "setup")

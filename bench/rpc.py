@@ -74,19 +74,25 @@ def _client_loop(name: str, steps: tuple[int, int]) -> list[float]:
 
 def rpc_party(rank: int, port: int, name: str, steps: tuple[int, int], out: Queue) -> None:
     """One RPC party (0 = client, 1 = server); the client puts its step times on ``out``."""
-    os.environ.update(MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port), TP_SOCKET_IFNAME="lo",
-                      GLOO_SOCKET_IFNAME="lo")
+    os.environ.update(
+        MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port), TP_SOCKET_IFNAME="lo", GLOO_SOCKET_IFNAME="lo"
+    )
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
     try:
         from torch.distributed import rpc
 
         options = rpc.TensorPipeRpcBackendOptions(
-            init_method=f"tcp://{LOOPBACK}:{port}", rpc_timeout=60, num_worker_threads=4)
+            init_method=f"tcp://{LOOPBACK}:{port}", rpc_timeout=60, num_worker_threads=4
+        )
         if rank == 1:
             _, top, _ = _segments(name)
             _server.update(top=top, optimizer=_optimizer(top))
-        rpc.init_rpc("client" if rank == 0 else "server", rank=rank, world_size=2,
-                     rpc_backend_options=options)
+        rpc.init_rpc(
+            "client" if rank == 0 else "server",
+            rank=rank,
+            world_size=2,
+            rpc_backend_options=options,
+        )
         if rank == 0:
             out.put(("ok", _client_loop(name, steps)))
         rpc.shutdown()

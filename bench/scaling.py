@@ -61,8 +61,12 @@ class Fleet:
         server_key = load_public_key(self.folder / "keys" / "server.pub")
         while len(self.conns) < count:
             name = f"bench-{len(self.conns) + 1}"
-            hello = {"v": PROTOCOL_VERSION, "client": name, "role": "trainer",
-                     "model": fingerprint(self.model, "vanilla")}
+            hello = {
+                "v": PROTOCOL_VERSION,
+                "client": name,
+                "role": "trainer",
+                "model": fingerprint(self.model, "vanilla"),
+            }
             static = load_keypair(self.folder / "keys" / f"{name}.key")
             conn = DealerConnection(self.ctx, self.url)
             self.conns.append(conn)
@@ -73,8 +77,13 @@ class Fleet:
         conn, done = self.conns[i], 0
         while time.monotonic() < until:
             self.steps[i] += 1
-            await conn.send(Message(kind=Kind.FORWARD, step=self.steps[i],
-                                    tensors={"act": self.act, "labels": self.labels}))
+            await conn.send(
+                Message(
+                    kind=Kind.FORWARD,
+                    step=self.steps[i],
+                    tensors={"act": self.act, "labels": self.labels},
+                )
+            )
             await conn.recv(TIMEOUT_S)
             done += 1
         return done
@@ -96,9 +105,17 @@ class Fleet:
 def write_server(folder: Path) -> tuple[Path, str]:
     keys = write_keys(folder, [f"bench-{i + 1}" for i in range(MAX_CLIENTS)])
     url = endpoint(free_port())
-    server = {"server": {"bind": url, "key": keys["server_key"], "admitted": keys["admitted"],
-                         "max_clients": MAX_CLIENTS},
-              "model": MODELS[MODEL], "train": TRAIN, "ops": {"log_level": "WARNING"}}
+    server = {
+        "server": {
+            "bind": url,
+            "key": keys["server_key"],
+            "admitted": keys["admitted"],
+            "max_clients": MAX_CLIENTS,
+        },
+        "model": MODELS[MODEL],
+        "train": TRAIN,
+        "ops": {"log_level": "WARNING"},
+    }
     (folder / "server.toml").write_text(to_toml(server))
     return folder / "server.toml", url
 
@@ -122,8 +139,12 @@ async def memory(fleet: Fleet, pid: int, idle: int) -> dict[str, float]:
     await fleet.grow(1 + idle)
     await asyncio.sleep(0.5)
     after = rss_mib(pid)
-    return {"rss_before_mib": before, "rss_after_mib": after, "idle_clients": idle,
-            "per_client_mib": (after - before) / idle}
+    return {
+        "rss_before_mib": before,
+        "rss_after_mib": after,
+        "idle_clients": idle,
+        "per_client_mib": (after - before) / idle,
+    }
 
 
 async def _with_server(job: str, quick: bool) -> dict[str, Any]:
@@ -146,6 +167,10 @@ def run(quick: bool = False) -> dict[str, Any]:
     table = asyncio.run(_with_server("throughput", quick))
     mem = asyncio.run(_with_server("memory", quick))
     efficiency = table["64"] / table["1"] if "64" in table else None
-    return {"scaling": table, "efficiency_64": efficiency,
-            "server_mem_per_client_mib": mem["per_client_mib"], "server_memory": mem,
-            "scaling_note": "64 clients skipped in --quick" if efficiency is None else ""}
+    return {
+        "scaling": table,
+        "efficiency_64": efficiency,
+        "server_mem_per_client_mib": mem["per_client_mib"],
+        "server_memory": mem,
+        "scaling_note": "64 clients skipped in --quick" if efficiency is None else "",
+    }

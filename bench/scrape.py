@@ -71,7 +71,8 @@ class Scraper(threading.Thread):
                 for url in self.urls:
                     parts = urlsplit(url)
                     conn = conns.get(url) or http.client.HTTPConnection(
-                        parts.netloc, timeout=HTTP_TIMEOUT_S)
+                        parts.netloc, timeout=HTTP_TIMEOUT_S
+                    )
                     try:
                         conn.request("GET", parts.path)
                         conn.getresponse().read()
@@ -103,16 +104,26 @@ def write_configs(folder: Path, runs: int, epochs: int) -> tuple[Path, int, list
     server_port = free_port()
     server: dict[str, dict[str, Any]] = {
         "server": {"bind": url, "key": keys["server_key"], "admitted": keys["admitted"]},
-        "model": MODEL, "train": train, "ops": _ops(server_port)}
+        "model": MODEL,
+        "train": train,
+        "ops": _ops(server_port),
+    }
     (folder / "server.toml").write_text(to_toml(server))
     clients = []
     for name in names:
         port = free_port()
         client: dict[str, dict[str, Any]] = {
-            "client": {"server": url, "name": name, "key": f"keys/{name}.key",
-                       "server_key": keys["server_pub"]},
-            "data": {"dataset": "digits", "seed": 0}, "model": MODEL, "train": train,
-            "ops": _ops(port)}
+            "client": {
+                "server": url,
+                "name": name,
+                "key": f"keys/{name}.key",
+                "server_key": keys["server_pub"],
+            },
+            "data": {"dataset": "digits", "seed": 0},
+            "model": MODEL,
+            "train": train,
+            "ops": _ops(port),
+        }
         path = folder / f"{name}.toml"
         path.write_text(to_toml(client))
         clients.append((path, port))
@@ -126,9 +137,22 @@ def train_once(config: Path, scrape_urls: list[str] | None) -> dict[str, Any]:
         scraper.start()
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "workers", "client", "--config", str(config), "--json",
-             "--no-progress"],
-            cwd=REPO, capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S, check=False)
+            [
+                sys.executable,
+                "-m",
+                "workers",
+                "client",
+                "--config",
+                str(config),
+                "--json",
+                "--no-progress",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=CLIENT_TIMEOUT_S,
+            check=False,
+        )
     finally:
         if scraper is not None:
             scraper.stop()

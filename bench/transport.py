@@ -70,8 +70,9 @@ def _plan(quick: bool) -> tuple[int, float]:
     return (5, 4.0) if quick else (15, 15.0)
 
 
-async def measure(ours_url: str, raw_url: str, server_key: bytes, key: bytes,
-                  quick: bool) -> dict[str, Any]:
+async def measure(
+    ours_url: str, raw_url: str, server_key: bytes, key: bytes, quick: bool
+) -> dict[str, Any]:
     trials, budget_s = _plan(quick)
     actx, ctx = zmq.asyncio.Context(), zmq.Context()
     conn = await connect(actx, ours_url, server_key, "bench-stream")
@@ -106,8 +107,10 @@ def run(quick: bool = False) -> dict[str, Any]:
     ours_url, raw_url = endpoint(free_port()), endpoint(free_port())
     key = AESGCM.generate_key(bit_length=256)
     ready, stop = CTX.Queue(), CTX.Event()
-    children = [start_child(peers.channel_peer, ours_url, ready, stop),
-                start_child(peers.raw_peer, raw_url, key, ready, stop)]
+    children = [
+        start_child(peers.channel_peer, ours_url, ready, stop),
+        start_child(peers.raw_peer, raw_url, key, ready, stop),
+    ]
     try:
         answers = [ready.get(timeout=60) for _ in children]
         server_key = next(a for a in answers if a != b"raw")

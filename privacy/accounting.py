@@ -55,13 +55,16 @@ def _check_common(sigma: float, sample_rate: float, delta: float, adjacency: str
     if not (math.isfinite(sigma) and sigma >= 0):
         raise PrivacyError(f"sigma = {sigma!r} is out of range; allowed: [0, inf)")
     if not (0.0 < sample_rate <= 1.0):
-        raise PrivacyError(f"sample_rate = {sample_rate!r} is out of range; allowed: (0, 1]",
-                           hint="use 1.0 unless batches are Poisson-sampled and anonymous")
+        raise PrivacyError(
+            f"sample_rate = {sample_rate!r} is out of range; allowed: (0, 1]",
+            hint="use 1.0 unless batches are Poisson-sampled and anonymous",
+        )
     if not (0.0 <= delta < 1.0):
         raise PrivacyError(f"delta = {delta!r} is out of range; allowed: [0, 1)")
     if adjacency not in ADJACENCIES:
-        raise PrivacyError(f"adjacency = {adjacency!r} is not supported; allowed: "
-                           f"{', '.join(ADJACENCIES)}")
+        raise PrivacyError(
+            f"adjacency = {adjacency!r} is not supported; allowed: {', '.join(ADJACENCIES)}"
+        )
 
 
 def _sensitivity_factor(adjacency: str) -> float:
@@ -76,16 +79,24 @@ class ActivationReleaseAccountant:
     metric_label = "activation_noise"
 
     def __init__(
-        self, sigma: float, sample_rate: float, delta: float, accountant: str = "rdp",
-        *, adjacency: str = "replace",
+        self,
+        sigma: float,
+        sample_rate: float,
+        delta: float,
+        accountant: str = "rdp",
+        *,
+        adjacency: str = "replace",
     ) -> None:
         _check_common(sigma, sample_rate, delta, adjacency)
         if delta <= 0.0:
-            raise PrivacyError("delta = 0 is out of range for the Gaussian mechanism; "
-                               "allowed: (0, 1)", hint="use e.g. delta = 1e-5")
+            raise PrivacyError(
+                "delta = 0 is out of range for the Gaussian mechanism; allowed: (0, 1)",
+                hint="use e.g. delta = 1e-5",
+            )
         if accountant not in ACCOUNTANTS:
-            raise PrivacyError(f"accountant = {accountant!r} is not supported; allowed: "
-                               f"{', '.join(ACCOUNTANTS)}")
+            raise PrivacyError(
+                f"accountant = {accountant!r} is not supported; allowed: {', '.join(ACCOUNTANTS)}"
+            )
         self.sigma = sigma
         self.sample_rate = sample_rate
         self.delta = delta
@@ -107,8 +118,9 @@ class ActivationReleaseAccountant:
             self.steps += num_steps
             return
         for _ in range(num_steps):
-            self._accountant.step(noise_multiplier=self.noise_multiplier,
-                                  sample_rate=self.sample_rate)
+            self._accountant.step(
+                noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate
+            )
         self.steps += num_steps
 
     def epsilon(self) -> float:
@@ -120,10 +132,16 @@ class ActivationReleaseAccountant:
         return float(self._accountant.get_epsilon(delta=self.delta))
 
     def describe(self) -> dict[str, Any]:
-        return {"mechanism": self.mechanism_name, "accountant": self.accountant_name,
-                "adjacency": self.adjacency, "sigma": self.sigma,
-                "sample_rate": self.sample_rate, "steps": self.steps,
-                "epsilon": self.epsilon(), "delta": self.delta}
+        return {
+            "mechanism": self.mechanism_name,
+            "accountant": self.accountant_name,
+            "adjacency": self.adjacency,
+            "sigma": self.sigma,
+            "sample_rate": self.sample_rate,
+            "steps": self.steps,
+            "epsilon": self.epsilon(),
+            "delta": self.delta,
+        }
 
 
 class LaplaceReleaseAccountant:
@@ -153,20 +171,30 @@ class LaplaceReleaseAccountant:
         return 0.0 if self.releases == 0 else self.epsilon_per_release * self.releases
 
     def describe(self) -> dict[str, Any]:
-        return {"mechanism": self.mechanism_name, "adjacency": self.adjacency,
-                "sigma": self.sigma, "releases": self.releases,
-                "epsilon": self.epsilon(), "delta": 0.0}
+        return {
+            "mechanism": self.mechanism_name,
+            "adjacency": self.adjacency,
+            "sigma": self.sigma,
+            "releases": self.releases,
+            "epsilon": self.epsilon(),
+            "delta": 0.0,
+        }
 
 
 def activation_accountant(
-    cfg: NoiseConfig, *, sample_rate: float = 1.0, delta: float = 1e-5,
-    accountant: str = "rdp", adjacency: str = "replace",
+    cfg: NoiseConfig,
+    *,
+    sample_rate: float = 1.0,
+    delta: float = 1e-5,
+    accountant: str = "rdp",
+    adjacency: str = "replace",
 ) -> ActivationReleaseAccountant | LaplaceReleaseAccountant:
     """The accountant matching ``cfg.mechanism``."""
     if cfg.mechanism == "laplace":
         return LaplaceReleaseAccountant(cfg.sigma, adjacency=adjacency)
-    return ActivationReleaseAccountant(cfg.sigma, sample_rate, delta, accountant,
-                                       adjacency=adjacency)
+    return ActivationReleaseAccountant(
+        cfg.sigma, sample_rate, delta, accountant, adjacency=adjacency
+    )
 
 
 class DPSGDAccountantView:
@@ -190,8 +218,7 @@ class DPSGDAccountantView:
         return float(self.engine.get_epsilon(self.delta))
 
     def describe(self) -> dict[str, Any]:
-        return {"mechanism": self.mechanism_name, "epsilon": self.epsilon(),
-                "delta": self.delta}
+        return {"mechanism": self.mechanism_name, "epsilon": self.epsilon(), "delta": self.delta}
 
 
 __all__ = [

@@ -27,13 +27,15 @@ def dcor_leakage(inputs: Tensor, activations: Tensor, *, batch_size: int = 512) 
     Batching keeps memory at O(batch_size^2); a trailing batch smaller than 2 is dropped.
     """
     if batch_size < 2:
-        raise PrivacyError(f"batch_size = {batch_size} is out of range; allowed: >= 2",
-                           hint="use a batch of at least a few hundred for a stable estimate")
+        raise PrivacyError(
+            f"batch_size = {batch_size} is out of range; allowed: >= 2",
+            hint="use a batch of at least a few hundred for a stable estimate",
+        )
     n = inputs.shape[0]
     values: list[float] = []
     with torch.no_grad():
         for start in range(0, n, batch_size):
-            x, z = inputs[start:start + batch_size], activations[start:start + batch_size]
+            x, z = inputs[start : start + batch_size], activations[start : start + batch_size]
             if x.shape[0] >= 2:
                 values.append(float(distance_correlation(x, z)))
     return float(np.mean(values)) if values else 0.0
@@ -59,8 +61,10 @@ def ssim(
     channels and images. ``ssim(x, x) == 1``.
     """
     if x.shape != y.shape or x.dim() != 4:
-        raise PrivacyError(f"ssim needs two (N, C, H, W) tensors of one shape, got "
-                           f"{tuple(x.shape)} and {tuple(y.shape)}")
+        raise PrivacyError(
+            f"ssim needs two (N, C, H, W) tensors of one shape, got "
+            f"{tuple(x.shape)} and {tuple(y.shape)}"
+        )
     size = min(window, x.shape[-1], x.shape[-2])
     size -= 1 - size % 2  # odd
     dtype = torch.float64  # E[x^2] - E[x]^2 loses too much in float32 near constant images
@@ -84,15 +88,27 @@ def ssim(
 
 def _decoder(d_in: int, d_out: int, hidden: int) -> nn.Module:
     return nn.Sequential(
-        nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+        nn.Linear(d_in, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
         nn.Linear(hidden, d_out),
     )
 
 
 def reconstruction_attack(
-    aux_inputs: Tensor, aux_acts: Tensor, victim_inputs: Tensor, victim_acts: Tensor, *,
-    epochs: int = 30, seed: int = 0, hidden: int = 256, lr: float = 1e-3, batch_size: int = 64,
-    image_shape: tuple[int, int, int] | None = None, data_range: float = 1.0,
+    aux_inputs: Tensor,
+    aux_acts: Tensor,
+    victim_inputs: Tensor,
+    victim_acts: Tensor,
+    *,
+    epochs: int = 30,
+    seed: int = 0,
+    hidden: int = 256,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    image_shape: tuple[int, int, int] | None = None,
+    data_range: float = 1.0,
 ) -> dict[str, Any]:
     """Train an MLP decoder activations -> inputs on auxiliary pairs, attack the victim's.
 
@@ -150,16 +166,20 @@ def label_leak_auc(grads: Tensor, labels: Tensor) -> dict[str, float]:
     flat = grads.detach().reshape(grads.shape[0], -1).to(torch.float64)
     y = labels.detach().reshape(-1).cpu().numpy()
     if y.shape[0] != flat.shape[0] or len(np.unique(y)) != 2:
-        raise PrivacyError("label_leak_auc needs one binary label per example, "
-                           "both classes present",
-                           hint="audit a batch holding positive and negative examples")
+        raise PrivacyError(
+            "label_leak_auc needs one binary label per example, both classes present",
+            hint="audit a batch holding positive and negative examples",
+        )
     norms = torch.linalg.vector_norm(flat, dim=1)
     _, _, vh = torch.linalg.svd(flat, full_matrices=False)
     cos = (flat @ vh[0]) / norms.clamp_min(1e-12)
     norm_auc = _auc(y, norms.cpu().numpy())
     direction_auc = _auc(y, cos.cpu().numpy())
-    return {"norm_auc": norm_auc, "direction_auc": direction_auc,
-            "label_leak_auc": max(norm_auc, direction_auc)}
+    return {
+        "norm_auc": norm_auc,
+        "direction_auc": direction_auc,
+        "label_leak_auc": max(norm_auc, direction_auc),
+    }
 
 
 __all__ = ["dcor_leakage", "label_leak_auc", "reconstruction_attack", "ssim"]

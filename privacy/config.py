@@ -40,8 +40,14 @@ LABEL_TOPOLOGY = "vertical"
 
 
 def _check_float(
-    path: str, value: float, *, low: float, high: float = math.inf,
-    low_open: bool = False, high_open: bool = False, hint: str | None = None,
+    path: str,
+    value: float,
+    *,
+    low: float,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+    hint: str | None = None,
 ) -> None:
     """Raise unless ``low <= value <= high`` (open ends when asked) and ``value`` is finite."""
     too_low = value <= low if low_open else value < low
@@ -73,10 +79,20 @@ class NoiseConfig:
     mechanism: NoiseMechanism = "gaussian"
 
     def __post_init__(self) -> None:
-        _check_float("privacy.noise.sigma", self.sigma, low=0.0, high=1e6,
-                     hint="sigma is the noise multiplier; 0 means clipping only")
-        _check_float("privacy.noise.clip", self.clip, low=0.0, low_open=True,
-                     hint="clip is the per-sample norm bound; use a positive value such as 1.0")
+        _check_float(
+            "privacy.noise.sigma",
+            self.sigma,
+            low=0.0,
+            high=1e6,
+            hint="sigma is the noise multiplier; 0 means clipping only",
+        )
+        _check_float(
+            "privacy.noise.clip",
+            self.clip,
+            low=0.0,
+            low_open=True,
+            hint="clip is the per-sample norm bound; use a positive value such as 1.0",
+        )
         _check_choice("privacy.noise.mechanism", self.mechanism, ("gaussian", "laplace"))
 
 
@@ -87,8 +103,13 @@ class NoPeekConfig:
     alpha: float
 
     def __post_init__(self) -> None:
-        _check_float("privacy.nopeek.alpha", self.alpha, low=0.0, high=1e6,
-                     hint="alpha weighs dCor(inputs, activations) in the loss; typical 0.01-10")
+        _check_float(
+            "privacy.nopeek.alpha",
+            self.alpha,
+            low=0.0,
+            high=1e6,
+            hint="alpha weighs dCor(inputs, activations) in the loss; typical 0.01-10",
+        )
 
 
 @dataclass(frozen=True)
@@ -111,15 +132,25 @@ class DPSGDConfig:
                 hint="set noise_multiplier to fix the noise, or target_epsilon to have it derived",
             )
         if self.noise_multiplier is not None:
-            _check_float("privacy.dpsgd.noise_multiplier", self.noise_multiplier, low=0.0,
-                         high=1e6)
+            _check_float("privacy.dpsgd.noise_multiplier", self.noise_multiplier, low=0.0, high=1e6)
         if self.target_epsilon is not None:
-            _check_float("privacy.dpsgd.target_epsilon", self.target_epsilon, low=0.0,
-                         high=1e4, low_open=True)
+            _check_float(
+                "privacy.dpsgd.target_epsilon",
+                self.target_epsilon,
+                low=0.0,
+                high=1e4,
+                low_open=True,
+            )
         _check_float("privacy.dpsgd.max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
-        _check_float("privacy.dpsgd.delta", self.delta, low=0.0, high=1.0,
-                     low_open=True, high_open=True,
-                     hint="delta should be well below 1/dataset size, e.g. 1e-5")
+        _check_float(
+            "privacy.dpsgd.delta",
+            self.delta,
+            low=0.0,
+            high=1.0,
+            low_open=True,
+            high_open=True,
+            hint="delta should be well below 1/dataset size, e.g. 1e-5",
+        )
         _check_choice("privacy.dpsgd.accountant", self.accountant, ACCOUNTANTS)
 
 
@@ -139,8 +170,14 @@ class LabelConfig:
                     hint="choose mechanism 'gaussian' or 'marvell', or remove scale",
                 )
             return
-        _check_float("privacy.label.scale", self.scale, low=0.0, high=1e6, low_open=True,
-                     hint="scale is the noise power relative to the gradients; try 1-4")
+        _check_float(
+            "privacy.label.scale",
+            self.scale,
+            low=0.0,
+            high=1e6,
+            low_open=True,
+            hint="scale is the noise power relative to the gradients; try 1-4",
+        )
 
 
 @dataclass(frozen=True)
@@ -171,13 +208,14 @@ class PrivacyConfig:
         if not isinstance(data, Mapping):
             raise PrivacyError(f"privacy must be a table, got {type(data).__name__}")
         sections: dict[str, type] = {
-            "noise": NoiseConfig, "nopeek": NoPeekConfig, "dpsgd": DPSGDConfig,
+            "noise": NoiseConfig,
+            "nopeek": NoPeekConfig,
+            "dpsgd": DPSGDConfig,
             "label": LabelConfig,
         }
         _reject_unknown("privacy", data, sections)
         built: dict[str, Any] = {
-            name: _build(sections[name], value, f"privacy.{name}")
-            for name, value in data.items()
+            name: _build(sections[name], value, f"privacy.{name}") for name, value in data.items()
         }
         return cls(**built)
 

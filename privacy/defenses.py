@@ -64,7 +64,10 @@ class ActivationNoise:
     """
 
     def __init__(
-        self, sigma: float, clip: float, mechanism: str = "gaussian",
+        self,
+        sigma: float,
+        clip: float,
+        mechanism: str = "gaussian",
         generator: torch.Generator | None = None,
     ) -> None:
         cfg = NoiseConfig(sigma=sigma, clip=clip, mechanism=mechanism)  # type: ignore[arg-type]
@@ -87,8 +90,9 @@ class ActivationNoise:
 
     def _noise(self, like: Tensor) -> Tensor:
         if self.mechanism == "gaussian":
-            z = torch.randn(like.shape, generator=self.generator, dtype=like.dtype,
-                            device=like.device)
+            z = torch.randn(
+                like.shape, generator=self.generator, dtype=like.dtype, device=like.device
+            )
             return z * self.noise_scale
         # Laplace(0, b) is the difference of two independent Exponential(1/b) variables.
         e1 = torch.empty_like(like).exponential_(generator=self.generator)
@@ -96,8 +100,9 @@ class ActivationNoise:
         return (e1 - e2) * self.noise_scale
 
     def __repr__(self) -> str:
-        return (f"ActivationNoise(sigma={self.sigma}, clip={self.clip}, "
-                f"mechanism={self.mechanism!r})")
+        return (
+            f"ActivationNoise(sigma={self.sigma}, clip={self.clip}, mechanism={self.mechanism!r})"
+        )
 
 
 class Compose:

@@ -77,9 +77,15 @@ def _check_fixed_batches(data_loader: DataLoader[Any]) -> None:
 
 
 def make_private_client(
-    module: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader[Any],
-    cfg: DPSGDConfig, epochs: int, *, server_loss_reduction: str = "mean",
-    noise_generator: torch.Generator | None = None, secure_mode: bool = False,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader[Any],
+    cfg: DPSGDConfig,
+    epochs: int,
+    *,
+    server_loss_reduction: str = "mean",
+    noise_generator: torch.Generator | None = None,
+    secure_mode: bool = False,
 ) -> PrivateClient:
     """Wrap the client segment with Opacus DP-SGD (``make_private`` or ``_with_epsilon``).
 
@@ -89,26 +95,38 @@ def make_private_client(
     if server_loss_reduction not in LOSS_REDUCTIONS:
         raise PrivacyError(
             f"server_loss_reduction = {server_loss_reduction!r} is not supported; allowed: "
-            f"{', '.join(LOSS_REDUCTIONS)}", hint="pass the reduction of the server's loss")
+            f"{', '.join(LOSS_REDUCTIONS)}",
+            hint="pass the reduction of the server's loss",
+        )
     if epochs < 1:
         raise PrivacyError(f"epochs = {epochs} is out of range; allowed: >= 1")
     if not cfg.poisson_sampling:
         _check_fixed_batches(data_loader)
     engine = PrivacyEngine(accountant=cfg.accountant, secure_mode=secure_mode)
     common: dict[str, Any] = {
-        "module": module, "optimizer": optimizer, "data_loader": data_loader,
-        "max_grad_norm": cfg.max_grad_norm, "loss_reduction": server_loss_reduction,
-        "poisson_sampling": cfg.poisson_sampling, "noise_generator": noise_generator,
+        "module": module,
+        "optimizer": optimizer,
+        "data_loader": data_loader,
+        "max_grad_norm": cfg.max_grad_norm,
+        "loss_reduction": server_loss_reduction,
+        "poisson_sampling": cfg.poisson_sampling,
+        "noise_generator": noise_generator,
     }
     if cfg.target_epsilon is not None:
         private = engine.make_private_with_epsilon(
-            target_epsilon=cfg.target_epsilon, target_delta=cfg.delta, epochs=epochs, **common)
+            target_epsilon=cfg.target_epsilon, target_delta=cfg.delta, epochs=epochs, **common
+        )
     else:
         private = engine.make_private(noise_multiplier=cfg.noise_multiplier, **common)
     wrapped, dp_optimizer, loader = private[0], private[1], private[-1]
-    return PrivateClient(module=wrapped, optimizer=dp_optimizer, data_loader=loader,
-                         engine=engine, noise_multiplier=float(dp_optimizer.noise_multiplier),
-                         delta=cfg.delta)
+    return PrivateClient(
+        module=wrapped,
+        optimizer=dp_optimizer,
+        data_loader=loader,
+        engine=engine,
+        noise_multiplier=float(dp_optimizer.noise_multiplier),
+        delta=cfg.delta,
+    )
 
 
 def epsilon_spent(engine: PrivacyEngine, delta: float) -> float:

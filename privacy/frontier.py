@@ -26,13 +26,18 @@ def _oriented(row: Row, key: str, maximize: Collection[str]) -> float:
     """The row's value for ``key`` turned into a 'larger is better' score."""
     value = row.get(key)
     if not isinstance(value, int | float) or isinstance(value, bool):
-        raise PrivacyError(f"row {dict(row)!r} has no numeric {key!r}",
-                           hint="give every row a number for each plotted key")
+        raise PrivacyError(
+            f"row {dict(row)!r} has no numeric {key!r}",
+            hint="give every row a number for each plotted key",
+        )
     return float(value) if key in maximize else -float(value)
 
 
 def pareto_front(
-    rows: Sequence[Row], x_key: str, y_keys: Sequence[str], *,
+    rows: Sequence[Row],
+    x_key: str,
+    y_keys: Sequence[str],
+    *,
     maximize: Collection[str] = MAXIMIZE_DEFAULT,
 ) -> list[Row]:
     """Rows not dominated on (``x_key`` maximised, each ``y_key`` oriented), sorted by x.
@@ -54,8 +59,12 @@ def pareto_front(
 
 
 def plot_frontier(
-    rows: Sequence[Row], out_png: str | Path, *, x_key: str = "test_accuracy",
-    y_keys: Sequence[str] | None = None, label_key: str = "name",
+    rows: Sequence[Row],
+    out_png: str | Path,
+    *,
+    x_key: str = "test_accuracy",
+    y_keys: Sequence[str] | None = None,
+    label_key: str = "name",
     maximize: Collection[str] = MAXIMIZE_DEFAULT,
 ) -> Path:
     """One panel per leakage measure: accuracy (x) vs leakage (y), Pareto front marked.
@@ -65,23 +74,39 @@ def plot_frontier(
     """
     if not rows:
         raise PrivacyError("plot_frontier needs at least one row")
-    keys = list(y_keys) if y_keys is not None else [
-        k for k in LEAKAGE_KEYS if all(isinstance(r.get(k), int | float) for r in rows)]
+    keys = (
+        list(y_keys)
+        if y_keys is not None
+        else [k for k in LEAKAGE_KEYS if all(isinstance(r.get(k), int | float) for r in rows)]
+    )
     if not keys:
         raise PrivacyError("no leakage measure to plot", hint=f"pass y_keys; known: {LEAKAGE_KEYS}")
     fig = Figure(figsize=(4.5 * len(keys), 4.0))
     FigureCanvasAgg(fig)
     for i, key in enumerate(keys):
         ax = fig.add_subplot(1, len(keys), i + 1)
-        ax.scatter([r[x_key] for r in rows], [r[key] for r in rows], color="tab:blue",
-                   label="setting")
+        ax.scatter(
+            [r[x_key] for r in rows], [r[key] for r in rows], color="tab:blue", label="setting"
+        )
         front = pareto_front(rows, x_key, [key], maximize=maximize)
-        ax.plot([r[x_key] for r in front], [r[key] for r in front], "o-", color="tab:red",
-                mfc="none", ms=10, label="Pareto front")
+        ax.plot(
+            [r[x_key] for r in front],
+            [r[key] for r in front],
+            "o-",
+            color="tab:red",
+            mfc="none",
+            ms=10,
+            label="Pareto front",
+        )
         for r in rows:
             if label_key in r:
-                ax.annotate(str(r[label_key]), (r[x_key], r[key]), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
+                ax.annotate(
+                    str(r[label_key]),
+                    (r[x_key], r[key]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
         better = "higher" if key in maximize else "lower"
         ax.set_xlabel(x_key)
         ax.set_ylabel(f"{key} ({better} = less leakage)")

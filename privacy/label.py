@@ -65,8 +65,9 @@ class GaussianGradientNoise:
             return grads
         median = torch.linalg.vector_norm(flat, dim=1).median()
         std = self.scale * median / flat.shape[1] ** 0.5
-        noise = torch.randn(flat.shape, generator=self.generator, dtype=flat.dtype,
-                            device=flat.device)
+        noise = torch.randn(
+            flat.shape, generator=self.generator, dtype=flat.dtype, device=flat.device
+        )
         return (flat + std * noise).reshape(grads.shape)
 
 
@@ -89,11 +90,15 @@ class MarvellPlan:
 def _check_binary(labels: Tensor, n: int) -> Tensor:
     y = labels.reshape(-1)
     if y.shape[0] != n:
-        raise PrivacyError(f"labels has {y.shape[0]} entries but grads has {n} examples",
-                           hint="pass one label per example")
+        raise PrivacyError(
+            f"labels has {y.shape[0]} entries but grads has {n} examples",
+            hint="pass one label per example",
+        )
     if not bool(((y == 0) | (y == 1)).all()):
-        raise PrivacyError("labels must be binary (0 or 1) for Marvell",
-                           hint="map the positive class to 1 and the rest to 0")
+        raise PrivacyError(
+            "labels must be binary (0 or 1) for Marvell",
+            hint="map the positive class to 1 and the rest to 0",
+        )
     return y.bool()
 
 
@@ -169,13 +174,15 @@ class Marvell:
         flat = _flat(grads)
         plan = marvell_plan(grads, labels, self.scale) or self.last_plan
         if plan is None:
-            return GaussianGradientNoise(self.scale ** 0.5, self.generator).protect(grads, labels)
+            return GaussianGradientNoise(self.scale**0.5, self.generator).protect(grads, labels)
         self.last_plan = plan
         pos = _check_binary(labels, flat.shape[0]).long()
-        z = torch.randn(flat.shape, generator=self.generator, dtype=torch.float64,
-                        device=flat.device)
-        xi = torch.randn((flat.shape[0], 1), generator=self.generator, dtype=torch.float64,
-                         device=flat.device)
+        z = torch.randn(
+            flat.shape, generator=self.generator, dtype=torch.float64, device=flat.device
+        )
+        xi = torch.randn(
+            (flat.shape[0], 1), generator=self.generator, dtype=torch.float64, device=flat.device
+        )
         diag_std = plan.diag_var.to(flat.device).sqrt()[pos]
         dir_std = plan.dir_var.to(flat.device).sqrt()[pos].unsqueeze(1)
         noise = diag_std * z + dir_std * xi * plan.direction.to(flat.device)

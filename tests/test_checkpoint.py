@@ -100,7 +100,10 @@ def test_keep_k_prunes_oldest_by_step(tmp_path: Path) -> None:
     for step in (5, 1, 30, 20, 10):
         store.save({"step": step}, step)
     assert [p.name for p in store.list()] == [
-        "server-000000000010.ckpt", "server-000000000020.ckpt", "server-000000000030.ckpt"]
+        "server-000000000010.ckpt",
+        "server-000000000020.ckpt",
+        "server-000000000030.ckpt",
+    ]
     latest = store.load_latest()
     assert latest is not None and latest[0] == {"step": 30}
 
@@ -257,9 +260,15 @@ def test_snapshot_ring_is_a_bounded_deep_copy() -> None:
 
 def test_cached_reply_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
     # Prepare
-    reply = Message(kind=Kind.BACKWARD, session="s1", client="client-1", epoch=1, step=9,
-                    meta={"loss": 0.25, "durable": [1, 5], "nested": {"a": [1, {"b": None}]}},
-                    tensors={"grad": torch.randn(4, 3)})
+    reply = Message(
+        kind=Kind.BACKWARD,
+        session="s1",
+        client="client-1",
+        epoch=1,
+        step=9,
+        meta={"loss": 0.25, "durable": [1, 5], "nested": {"a": [1, {"b": None}]}},
+        tensors={"grad": torch.randn(4, 3)},
+    )
     store = CheckpointStore(tmp_path)
     # Execute
     store.save({"clients": {"client-1": {"applied": [1, 9], "reply": message_state(reply)}}}, 1)
@@ -268,7 +277,12 @@ def test_cached_reply_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
     assert loaded is not None
     again = message_from_state(loaded[0]["clients"]["client-1"]["reply"])
     assert (again.kind, again.session, again.client, again.epoch, again.step) == (
-        Kind.BACKWARD, "s1", "client-1", 1, 9)
+        Kind.BACKWARD,
+        "s1",
+        "client-1",
+        1,
+        9,
+    )
     assert _plain_meta(again) == _plain_meta(reply)
     assert torch.equal(again.tensor("grad"), reply.tensor("grad"))
     with pytest.raises(CheckpointError):
@@ -280,11 +294,13 @@ def _plain_meta(msg: Message) -> str:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(blob=st.one_of(
-    st.binary(max_size=2048),
-    st.binary(max_size=512).map(lambda b: _frame(b)),  # valid frame, arbitrary payload
-    st.binary(max_size=64).map(lambda b: b"SLCKPT\x00\x01" + b),
-))
+@given(
+    blob=st.one_of(
+        st.binary(max_size=2048),
+        st.binary(max_size=512).map(lambda b: _frame(b)),  # valid frame, arbitrary payload
+        st.binary(max_size=64).map(lambda b: b"SLCKPT\x00\x01" + b),
+    )
+)
 def test_arbitrary_newest_file_never_crashes_load_latest(blob: bytes) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = CheckpointStore(Path(tmp))

@@ -80,8 +80,15 @@ def test_sigterm_stops_the_server_and_the_client_fails_cleanly(
     # Prepare: a client in mid-training, with a short rejoin budget
     files = deployment(clients=1, epochs=LONG_EPOCHS, ops=True)
     server = procs.start("server", files["server"])
-    client = procs.start("client", files["client-1"], "--no-progress",
-                         "--set", "client.retry_for_s=2", "--set", "client.connect_timeout_s=1")
+    client = procs.start(
+        "client",
+        files["client-1"],
+        "--no-progress",
+        "--set",
+        "client.retry_for_s=2",
+        "--set",
+        "client.connect_timeout_s=1",
+    )
     wait_until(lambda: training(ops_url(files["client-1"])), START_TIMEOUT_S, "training")
 
     # Execute

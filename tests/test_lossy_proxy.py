@@ -59,8 +59,10 @@ class Echo:
 def message(client: int, seq: int) -> list[bytes]:
     """1-5 frames; each names (client, seq, index, count) so a partial message shows."""
     count = 1 + (seq * 7 + client) % 5
-    return [f"{client}:{seq}:{i}:{count}:".encode() + bytes([seq % 256]) * (i * 97)
-            for i in range(count)]
+    return [
+        f"{client}:{seq}:{i}:{count}:".encode() + bytes([seq % 256]) * (i * 97)
+        for i in range(count)
+    ]
 
 
 def whole(frames: list[bytes]) -> bool:
@@ -173,8 +175,12 @@ async def test_drops_are_whole_messages_and_counted(rig: Rig) -> None:
     for seq in range(n):
         for c, sock in enumerate(socks):
             await sock.send_multipart(message(c, seq))
-    await wait_until(lambda: proxy.received == clients * n + echo.received
-                     and proxy.received == proxy.forwarded + proxy.dropped)
+    await wait_until(
+        lambda: (
+            proxy.received == clients * n + echo.received
+            and proxy.received == proxy.forwarded + proxy.dropped
+        )
+    )
     replies = await asyncio.gather(*(drain(sock) for sock in socks))
     # Assert: every message accounted for, none partial, order kept
     assert proxy.forwarded_up + proxy.dropped_up == clients * n
@@ -233,10 +239,15 @@ async def test_stop_is_fast_and_frees_the_port(rig: Rig) -> None:
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("lossy")]
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"drop_rate": 1.5}, {"delay_s": (0.2, 0.1)}, {"drop_direction": "sideways"},
-    {"max_messages": 0},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"drop_rate": 1.5},
+        {"delay_s": (0.2, 0.1)},
+        {"drop_direction": "sideways"},
+        {"max_messages": 0},
+    ],
+)
 def test_bad_settings_are_refused(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
         LossyProxy("tcp://127.0.0.1:1", **kwargs)
@@ -244,9 +255,19 @@ def test_bad_settings_are_refused(kwargs: dict[str, Any]) -> None:
 
 async def test_command_line(rig: Rig) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "workers.lossy_proxy", "--upstream", rig.echo.endpoint,
-        "--drop", "0", "--delay", "0,0.001", cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "workers.lossy_proxy",
+        "--upstream",
+        rig.echo.endpoint,
+        "--drop",
+        "0",
+        "--delay",
+        "0,0.001",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         assert proc.stdout is not None
         endpoint = (await asyncio.wait_for(proc.stdout.readline(), 20.0)).decode().strip()
@@ -318,10 +339,14 @@ async def training(deployment: Any, epochs: int, **proxy_kwargs: Any) -> AsyncIt
     serving = asyncio.create_task(server.serve(stop))
     proxy = LossyProxy(server.cfg.server.bind, **proxy_kwargs)
     await proxy.start()
-    overrides = [f"client.server={proxy.endpoint}", "client.timeout_s=0.5",
-                 "client.connect_timeout_s=0.5"]
-    client = ClientWorker(load_client(files["client-1"], *overrides), files["client-1"].parent,
-                          progress=False)
+    overrides = [
+        f"client.server={proxy.endpoint}",
+        "client.timeout_s=0.5",
+        "client.connect_timeout_s=0.5",
+    ]
+    client = ClientWorker(
+        load_client(files["client-1"], *overrides), files["client-1"].parent, progress=False
+    )
     try:
         yield server, proxy, client
     finally:

@@ -59,8 +59,9 @@ def test_reconstruction_attack_succeeds_without_defense_and_noise_hurts_it() -> 
     attack = {"epochs": 10, "seed": 0, "lr": 1e-2, "hidden": 64}
     # Execute
     clean = reconstruction_attack(aux, aux_act, victim, victim_act, **attack)  # type: ignore[arg-type]
-    defended = reconstruction_attack(aux, noisy.apply(aux_act), victim, noisy.apply(victim_act),
-                                     **attack)  # type: ignore[arg-type]
+    defended = reconstruction_attack(
+        aux, noisy.apply(aux_act), victim, noisy.apply(victim_act), **attack
+    )  # type: ignore[arg-type]
     # Assert
     baseline = float(victim.var())  # MSE of always guessing the mean
     assert clean["reconstruction_mse"] < 0.5 * baseline
@@ -74,8 +75,9 @@ def test_reconstruction_attack_is_seeded_and_leaves_global_rng_alone() -> None:
     before = torch.random.get_rng_state()
     first = reconstruction_attack(x, x.flatten(1)[:, :10], x, x.flatten(1)[:, :10], epochs=2)
     assert torch.equal(torch.random.get_rng_state(), before)
-    assert reconstruction_attack(x, x.flatten(1)[:, :10], x, x.flatten(1)[:, :10],
-                                 epochs=2) == first
+    assert (
+        reconstruction_attack(x, x.flatten(1)[:, :10], x, x.flatten(1)[:, :10], epochs=2) == first
+    )
 
 
 def test_reconstruction_attack_without_image_shape_has_no_ssim() -> None:

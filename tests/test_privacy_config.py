@@ -54,8 +54,10 @@ def test_unknown_keys_are_named(table: dict[str, Any], needle: str) -> None:
         ({"noise": {"sigma": "1.0"}}, "privacy.noise.sigma must be float"),
         ({"noise": {"sigma": True}}, "privacy.noise.sigma must be float"),
         ({"noise": 3}, "privacy.noise must be a table"),
-        ({"dpsgd": {"noise_multiplier": 1.0, "poisson_sampling": 1}},
-         "privacy.dpsgd.poisson_sampling must be bool"),
+        (
+            {"dpsgd": {"noise_multiplier": 1.0, "poisson_sampling": 1}},
+            "privacy.dpsgd.poisson_sampling must be bool",
+        ),
         ({"label": {"mechanism": 2}}, "privacy.label.mechanism must be one of"),
     ],
 )
@@ -77,8 +79,7 @@ def test_wrong_types_rejected(table: dict[str, Any], key: str) -> None:
         ({"dpsgd": {"target_epsilon": 0.0}}, "privacy.dpsgd.target_epsilon"),
         ({"dpsgd": {"noise_multiplier": 1.0, "delta": 1.0}}, "privacy.dpsgd.delta"),
         ({"dpsgd": {"noise_multiplier": 1.0, "max_grad_norm": 0}}, "privacy.dpsgd.max_grad_norm"),
-        ({"dpsgd": {"noise_multiplier": 1.0, "accountant": "moments"}},
-         "privacy.dpsgd.accountant"),
+        ({"dpsgd": {"noise_multiplier": 1.0, "accountant": "moments"}}, "privacy.dpsgd.accountant"),
         ({"label": {"mechanism": "marvell", "scale": 0.0}}, "privacy.label.scale"),
     ],
 )

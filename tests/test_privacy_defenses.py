@@ -21,8 +21,12 @@ from sl_pipeline.errors import PrivacyError
 
 @settings(max_examples=60, deadline=None)
 @given(
-    n=st.integers(1, 8), d=st.integers(1, 12), clip=st.floats(0.01, 10.0),
-    spread=st.floats(0.001, 100.0), seed=st.integers(0, 2**31 - 1), order=st.sampled_from([1, 2]),
+    n=st.integers(1, 8),
+    d=st.integers(1, 12),
+    clip=st.floats(0.01, 10.0),
+    spread=st.floats(0.001, 100.0),
+    seed=st.integers(0, 2**31 - 1),
+    order=st.sampled_from([1, 2]),
 )
 def test_clipping_bounds_norms_and_keeps_small_samples(
     n: int, d: int, clip: float, spread: float, seed: int, order: int
@@ -51,8 +55,9 @@ def test_clipping_handles_zero_samples() -> None:
 @pytest.mark.parametrize("mechanism", ["gaussian", "laplace"])
 def test_noise_changes_output_with_expected_std(mechanism: str) -> None:
     # Prepare: activations inside the clip bound, so only the noise changes them.
-    defense = ActivationNoise(sigma=0.5, clip=2.0, mechanism=mechanism,
-                              generator=torch.Generator().manual_seed(0))
+    defense = ActivationNoise(
+        sigma=0.5, clip=2.0, mechanism=mechanism, generator=torch.Generator().manual_seed(0)
+    )
     x = torch.full((400, 50), 1e-3)
     # Execute
     noise = defense.apply(x) - x

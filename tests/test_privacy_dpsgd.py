@@ -25,8 +25,14 @@ def make_parts(seed: int = 0) -> tuple[nn.Module, nn.Module, TensorDataset]:
     return client, server, data
 
 
-def split_step(client: nn.Module, optimizer: torch.optim.Optimizer, server: nn.Module,
-               x: torch.Tensor, y: torch.Tensor, reduction: str) -> None:
+def split_step(
+    client: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    server: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    reduction: str,
+) -> None:
     """One split-learning step: the 'server' sees only detached activations."""
     optimizer.zero_grad()
     act = client(x)
@@ -46,8 +52,14 @@ def test_noiseless_split_step_equals_joint_training(reduction: str) -> None:
     joint_opt = torch.optim.SGD(joint_client.parameters(), lr=0.1)
     loader = DataLoader(data, batch_size=8, shuffle=False)
     cfg = DPSGDConfig(noise_multiplier=0.0, max_grad_norm=1e6, poisson_sampling=False)
-    private = make_private_client(client, torch.optim.SGD(client.parameters(), lr=0.1), loader,
-                                  cfg, epochs=1, server_loss_reduction=reduction)
+    private = make_private_client(
+        client,
+        torch.optim.SGD(client.parameters(), lr=0.1),
+        loader,
+        cfg,
+        epochs=1,
+        server_loss_reduction=reduction,
+    )
     # Execute: two steps each way on the same batches.
     for step, (x, y) in enumerate(private.data_loader):
         if step == 2:
@@ -59,20 +71,29 @@ def test_noiseless_split_step_equals_joint_training(reduction: str) -> None:
         joint_opt.step()
     # Assert: same client weights, and they did move.
     for p_private, p_joint, p_start in zip(
-        private.unwrapped.parameters(), joint_client.parameters(),
-        make_parts()[0].parameters(), strict=True,
+        private.unwrapped.parameters(),
+        joint_client.parameters(),
+        make_parts()[0].parameters(),
+        strict=True,
     ):
         assert torch.allclose(p_private, p_joint, atol=1e-6)
         assert not torch.allclose(p_joint, p_start)
 
 
-def manual_clipped_step(client: nn.Module, server: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                        clip: float, lr: float, reduction: str) -> None:
+def manual_clipped_step(
+    client: nn.Module,
+    server: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    clip: float,
+    lr: float,
+    reduction: str,
+) -> None:
     """Reference DP-SGD step without noise: clip each example's own gradient, sum, rescale."""
     params = list(client.parameters())
     total = [torch.zeros_like(p) for p in params]
     for i in range(len(x)):
-        loss = nn.functional.cross_entropy(server(client(x[i:i + 1])), y[i:i + 1])
+        loss = nn.functional.cross_entropy(server(client(x[i : i + 1])), y[i : i + 1])
         grads = torch.autograd.grad(loss, params)
         norm = torch.sqrt(torch.stack([g.square().sum() for g in grads]).sum())
         factor = min(1.0, clip / (float(norm) + 1e-6))
@@ -95,8 +116,14 @@ def test_clipping_acts_on_each_examples_own_gradient(
     reference = copy.deepcopy(client)
     loader = DataLoader(data, batch_size=8)
     cfg = DPSGDConfig(noise_multiplier=0.0, max_grad_norm=0.05, poisson_sampling=False)
-    private = make_private_client(client, torch.optim.SGD(client.parameters(), lr=0.1), loader,
-                                  cfg, epochs=1, server_loss_reduction=declared)
+    private = make_private_client(
+        client,
+        torch.optim.SGD(client.parameters(), lr=0.1),
+        loader,
+        cfg,
+        epochs=1,
+        server_loss_reduction=declared,
+    )
     x, y = next(iter(private.data_loader))
     # Execute
     split_step(private.module, private.optimizer, server, x, y, server_reduction)
@@ -114,8 +141,14 @@ def test_poisson_sampling_and_epsilon_spent() -> None:
     client, server, data = make_parts()
     loader = DataLoader(data, batch_size=8)
     cfg = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0)
-    private = make_private_client(client, torch.optim.SGD(client.parameters(), lr=0.1), loader,
-                                  cfg, epochs=1, noise_generator=torch.Generator().manual_seed(0))
+    private = make_private_client(
+        client,
+        torch.optim.SGD(client.parameters(), lr=0.1),
+        loader,
+        cfg,
+        epochs=1,
+        noise_generator=torch.Generator().manual_seed(0),
+    )
     assert epsilon_spent(private.engine, 1e-5) == 0.0
     # Execute
     steps = 0
@@ -135,8 +168,13 @@ def test_poisson_sampling_and_epsilon_spent() -> None:
 def test_target_epsilon_derives_noise() -> None:
     client, _, data = make_parts()
     cfg = DPSGDConfig(target_epsilon=2.0, max_grad_norm=1.0)
-    private = make_private_client(client, torch.optim.SGD(client.parameters(), lr=0.1),
-                                  DataLoader(data, batch_size=8), cfg, epochs=3)
+    private = make_private_client(
+        client,
+        torch.optim.SGD(client.parameters(), lr=0.1),
+        DataLoader(data, batch_size=8),
+        cfg,
+        epochs=3,
+    )
     assert private.noise_multiplier > 0
 
 
@@ -144,9 +182,19 @@ def test_fixed_batches_need_divisible_dataset() -> None:
     client, _, data = make_parts()
     cfg = DPSGDConfig(noise_multiplier=1.0, poisson_sampling=False)
     with pytest.raises(PrivacyError, match="multiple of the batch size"):
-        make_private_client(client, torch.optim.SGD(client.parameters(), lr=0.1),
-                            DataLoader(data, batch_size=5), cfg, epochs=1)
+        make_private_client(
+            client,
+            torch.optim.SGD(client.parameters(), lr=0.1),
+            DataLoader(data, batch_size=5),
+            cfg,
+            epochs=1,
+        )
     with pytest.raises(PrivacyError, match="server_loss_reduction"):
-        make_private_client(client, torch.optim.SGD(client.parameters(), lr=0.1),
-                            DataLoader(data, batch_size=8), cfg, epochs=1,
-                            server_loss_reduction="none")
+        make_private_client(
+            client,
+            torch.optim.SGD(client.parameters(), lr=0.1),
+            DataLoader(data, batch_size=8),
+            cfg,
+            epochs=1,
+            server_loss_reduction="none",
+        )

@@ -28,8 +28,9 @@ def binary_logit_grads(
     g = torch.Generator().manual_seed(seed)
     y = (torch.rand(n, generator=g) < 0.2).long()
     w = torch.randn(d, generator=g)
-    p = torch.where(y == 1, 0.3 + 0.2 * torch.rand(n, generator=g),
-                    0.1 + 0.2 * torch.rand(n, generator=g))
+    p = torch.where(
+        y == 1, 0.3 + 0.2 * torch.rand(n, generator=g), 0.1 + 0.2 * torch.rand(n, generator=g)
+    )
     grads = (p - y)[:, None] * w + 0.05 * torch.randn(n, d, generator=g)
     return grads.reshape(n, 4, 4), y
 

@@ -19,8 +19,10 @@ def reference_dcor(x: np.ndarray, z: np.ndarray) -> float:
     n = x.shape[0]
 
     def centred(v: np.ndarray) -> list[list[float]]:
-        d = [[math.sqrt(sum((v[k][i] - v[m][i]) ** 2 for i in range(v.shape[1])))
-              for m in range(n)] for k in range(n)]
+        d = [
+            [math.sqrt(sum((v[k][i] - v[m][i]) ** 2 for i in range(v.shape[1]))) for m in range(n)]
+            for k in range(n)
+        ]
         row = [sum(d[k]) / n for k in range(n)]
         col = [sum(d[k][m] for k in range(n)) / n for m in range(n)]
         tot = sum(row) / n
@@ -36,8 +38,13 @@ def reference_dcor(x: np.ndarray, z: np.ndarray) -> float:
 
 
 @settings(max_examples=30, deadline=None)
-@given(n=st.integers(2, 12), dx=st.integers(1, 4), dz=st.integers(1, 4),
-       seed=st.integers(0, 2**31 - 1), coupling=st.floats(0.0, 3.0))
+@given(
+    n=st.integers(2, 12),
+    dx=st.integers(1, 4),
+    dz=st.integers(1, 4),
+    seed=st.integers(0, 2**31 - 1),
+    coupling=st.floats(0.0, 3.0),
+)
 def test_matches_reference(n: int, dx: int, dz: int, seed: int, coupling: float) -> None:
     # Prepare: z partly depends on x so the cases span weak to strong dependence.
     rng = np.random.default_rng(seed)
@@ -76,8 +83,9 @@ def test_zero_variance_returns_zero_with_finite_gradient() -> None:
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(2, 40))
 def test_in_unit_interval(seed: int, n: int) -> None:
     g = torch.Generator().manual_seed(seed)
-    value = float(distance_correlation(torch.randn(n, 4, generator=g),
-                                       torch.randn(n, 2, 2, generator=g) ** 3))
+    value = float(
+        distance_correlation(torch.randn(n, 4, generator=g), torch.randn(n, 2, 2, generator=g) ** 3)
+    )
     assert 0.0 <= value <= 1.0
 
 

@@ -103,11 +103,11 @@ def strip_comparisons(expr: str) -> str:
         end = match.start() if match else len(expr)
         operand, masked_operand = expr[start:end], masked[start:end]
         cmp = _COMPARISON.search(masked_operand)
-        if cmp and not re.match(r"\s*bool\b", masked_operand[cmp.end():]):
+        if cmp and not re.match(r"\s*bool\b", masked_operand[cmp.end() :]):
             operand = operand[: cmp.start()]
         parts.append(operand.strip())
         if match:
-            parts.append(" ".join(expr[match.start():match.end()].split()))
+            parts.append(" ".join(expr[match.start() : match.end()].split()))
             start = match.end()
     return " ".join(parts)
 
@@ -122,21 +122,29 @@ def dashboard_params() -> list[Any]:
     params = []
     for panel in _walk(DASHBOARD_JSON["panels"]):
         for target in panel.get("targets", []):
-            params.append(pytest.param(target["expr"],
-                                       id=f"{panel['id']}{target['refId']}-{panel['title']}"))
+            params.append(
+                pytest.param(target["expr"], id=f"{panel['id']}{target['refId']}-{panel['title']}")
+            )
     return params
 
 
 def alert_params() -> list[Any]:
     groups = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())["groups"]
-    return [pytest.param(rule["expr"], id=rule["alert"])
-            for group in groups for rule in group["rules"] if "alert" in rule]
+    return [
+        pytest.param(rule["expr"], id=rule["alert"])
+        for group in groups
+        for rule in group["rules"]
+        if "alert" in rule
+    ]
 
 
 def variables() -> list[tuple[str, str]]:
     """(name, label_values query) of the dashboard's query variables, in order."""
-    return [(v["name"], v["definition"]) for v in DASHBOARD_JSON["templating"]["list"]
-            if v["type"] == "query"]
+    return [
+        (v["name"], v["definition"])
+        for v in DASHBOARD_JSON["templating"]["list"]
+        if v["type"] == "query"
+    ]
 
 
 def _finite(result: list[dict[str, Any]]) -> bool:
@@ -162,11 +170,16 @@ class Live:
 
 def _prometheus_config(targets: dict[str, str]) -> str:
     config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
-    config["global"].update(scrape_interval=f"{SCRAPE_S}s", scrape_timeout=f"{SCRAPE_S}s",
-                            evaluation_interval=f"{SCRAPE_S}s")
+    config["global"].update(
+        scrape_interval=f"{SCRAPE_S}s",
+        scrape_timeout=f"{SCRAPE_S}s",
+        evaluation_interval=f"{SCRAPE_S}s",
+    )
     job = next(j for j in config["scrape_configs"] if j["job_name"].startswith("sl-pipeline"))
-    job["static_configs"] = [{"targets": [address], "labels": {"role": name.split("-")[0]}}
-                             for name, address in targets.items()]
+    job["static_configs"] = [
+        {"targets": [address], "labels": {"role": name.split("-")[0]}}
+        for name, address in targets.items()
+    ]
     config["scrape_configs"] = [job]
     return yaml.safe_dump(config)
 
@@ -188,8 +201,12 @@ def knock(endpoint: str, server_pub: Path) -> None:
 
 
 def _wait_count(url: str, expr: str, count: int) -> None:
-    query_until(url, f"count({expr})", CAPTURE_TIMEOUT_S,
-                lambda r: bool(r) and float(r[0]["value"][1]) >= count)
+    query_until(
+        url,
+        f"count({expr})",
+        CAPTURE_TIMEOUT_S,
+        lambda r: bool(r) and float(r[0]["value"][1]) >= count,
+    )
 
 
 def _capture(url: str, files: dict[str, Path], procs: dict[str, subprocess.Popen[bytes]]) -> float:
@@ -210,12 +227,17 @@ def _capture(url: str, files: dict[str, Path], procs: dict[str, subprocess.Popen
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     tmp = tmp_path_factory.mktemp("live")
-    files = {k: Path(v) for k, v in init_deployment(
-        tmp / "deploy", topology="multihop", clients=2, epochs=EPOCHS, ops=True)["files"].items()}
+    files = {
+        k: Path(v)
+        for k, v in init_deployment(
+            tmp / "deploy", topology="multihop", clients=2, epochs=EPOCHS, ops=True
+        )["files"].items()
+    }
     for name, text in CLIENT_PRIVACY.items():
         files[name].write_text(files[name].read_text() + text)
-    targets = {name: tomllib.loads(path.read_text())["ops"]["listen"]
-               for name, path in files.items()}
+    targets = {
+        name: tomllib.loads(path.read_text())["ops"]["listen"] for name, path in files.items()
+    }
     shutil.copy(PROMETHEUS_DIR / "alerts.yml", tmp / "alerts.yml")
     prometheus, url = start_prometheus(_prometheus_config(targets), tmp)
     procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -226,7 +248,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             with (tmp / f"{name}.log").open("wb") as log:
                 procs[name] = subprocess.Popen(
                     [sys.executable, "-m", "workers", role, "--config", str(path), *extra],
-                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+                    cwd=ROOT,
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                )
         at_s = _capture(url, files, procs)
         for proc in procs.values():
             stop_process(proc, timeout_s=10)  # type: ignore[arg-type]
@@ -250,8 +275,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     ("expr", "stripped"),
     [
         ('up{job=~"a.*"} == 0', 'up{job=~"a.*"}'),
-        ("increase(x[15m]) == 0\nand on (job, instance)\ny > 0",
-         "increase(x[15m]) and on (job, instance) y"),
+        (
+            "increase(x[15m]) == 0\nand on (job, instance)\ny > 0",
+            "increase(x[15m]) and on (job, instance) y",
+        ),
         ("sum by (a) (rate(x[5m])) > 1", "sum by (a) (rate(x[5m]))"),
         ("e / (b > 0) > 0.9", "e / (b > 0)"),
         ('x{l="a>b"} > bool 1', 'x{l="a>b"} > bool 1'),
