@@ -109,6 +109,7 @@ class ServerSection:
     parties: int = 1  # vertical: feature parties; roundrobin/splitfed: clients per round
     tasks: list[str] = field(default_factory=list)  # multitask: task names
     task_classes: list[int] = field(default_factory=list)  # multitask: classes per task
+    label_holder: str = ""  # vertical: "" = this server holds the labels; else a client's name
     save: str = ""  # where to save this server's segment(s) at the end / load at start
 
 

@@ -77,18 +77,21 @@ async def test_predict_matches_the_in_process_model(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("topology", "dataset", "clients"),
+    ("topology", "dataset", "clients", "extra"),
     [
-        ("vanilla", "digits", 1),
-        ("ushaped", "digits", 1),
-        ("multihop", "digits", 1),
-        ("vertical", "breast_cancer", 2),
-        ("multitask", "digits", 2),
-        ("roundrobin", "digits", 2),
-        ("splitfed", "digits", 2),
+        ("vanilla", "digits", 1, ()),
+        ("ushaped", "digits", 1, ()),
+        ("multihop", "digits", 1, ()),
+        ("vertical", "breast_cancer", 2, ()),
+        ("vertical", "breast_cancer", 2, ("--label-client",)),
+        ("multitask", "digits", 2, ()),
+        ("roundrobin", "digits", 2, ()),
+        ("splitfed", "digits", 2, ()),
     ],
 )
-def test_demo_reaches_the_central_baseline(topology: str, dataset: str, clients: int) -> None:
+def test_demo_reaches_the_central_baseline(
+    topology: str, dataset: str, clients: int, extra: tuple[str, ...]
+) -> None:
     result = subprocess.run(
         [
             sys.executable,
@@ -103,6 +106,7 @@ def test_demo_reaches_the_central_baseline(topology: str, dataset: str, clients:
             str(clients),
             "--baseline",
             "--json",
+            *extra,
         ],
         cwd=ROOT,
         text=True,

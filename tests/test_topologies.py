@@ -194,3 +194,22 @@ def test_pipelining_is_refused_where_a_step_needs_two_exchanges(deployment) -> N
         ClientWorker(
             load_client(files["client-1"], "train.pipeline_depth=2"), files["server"].parent
         )
+
+
+async def test_vertical_with_a_label_client_keeps_labels_off_the_server(
+    deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    seen = record_inbound(monkeypatch)
+    received = record_received(monkeypatch)
+    files = deployment(
+        topology="vertical", clients=2, dataset="breast_cancer", epochs=3, label_client=True
+    )
+    run = await run_deployment(files)
+    label, feature = run["summaries"]
+    assert run["server"].engine.labels is None  # the server never loaded labels
+    assert label["test_accuracy"] > 0.9 and feature["test_accuracy"] is None
+    assert all("labels" not in m.tensors for m in seen)
+    # the feature party gets only its own gradient; the label client also gets fused outputs
+    assert {k for m in received["client-2"] for k in m.tensors} <= {"grad", "out"}
+    assert all(m.kind.value == "backward" for m in received["client-2"] if "grad" in m.tensors)
+    assert run["server"].engine.steps_applied == label["steps"] == feature["steps"]

@@ -92,6 +92,11 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ops", action="store_true", help="give every worker an ops HTTP port")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--label-client",
+        action="store_true",
+        help="vertical: client-1 holds the labels and the loss instead of the server",
+    )
+    p.add_argument(
         "--pipeline-depth",
         type=int,
         default=1,
@@ -194,7 +199,9 @@ def cmd_client(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary), flush=True)
     else:
-        print(f"trained {summary['steps']} steps; test accuracy {summary['test_accuracy']:.4f}")
+        accuracy = summary["test_accuracy"]
+        shown = "n/a (this party holds no labels)" if accuracy is None else f"{accuracy:.4f}"
+        print(f"trained {summary['steps']} steps; test accuracy {shown}")
     return 0
 
 

@@ -60,7 +60,7 @@ class ClientWorker:
         self.topology = cfg.client.topology
         check_endpoint(cfg.client.server, "client.server")
         self.data: PartyData = load_party_data(cfg.data, base, cfg.model.classes)
-        if self.topology == "vertical":  # a feature party holds no labels
+        if self.topology == "vertical" and cfg.client.role != "label":  # a feature party: no labels
             self.data = PartyData(
                 Split(self.data.train.x, None, self.data.train.ids),
                 Split(self.data.test.x, None, self.data.test.ids),
@@ -270,16 +270,21 @@ class ClientWorker:
                 epoch, self.start[1] if epoch == self.start[0] else 0
             )
             await self.runner.after_epoch(epoch)
-            self.last_accuracy = await self.runner.evaluate(self.data.test)
-            self.metrics.test_accuracy.set(self.last_accuracy)
+            await self._evaluate()
             log.info(
-                "epoch %d: train loss %.4f, test accuracy %.4f",
+                "epoch %d: train loss %.4f, test accuracy %s",
                 epoch + 1,
                 self.last_loss,
-                self.last_accuracy,
+                "n/a (no labels here)"
+                if self.last_accuracy is None
+                else f"{self.last_accuracy:.4f}",
             )
         if await self.runner.after_training():
-            self.last_accuracy = await self.runner.evaluate(self.data.test)
+            await self._evaluate()
+
+    async def _evaluate(self) -> None:
+        self.last_accuracy = await self.runner.evaluate(self.data.test)
+        if self.last_accuracy is not None:
             self.metrics.test_accuracy.set(self.last_accuracy)
 
     def summary(self, wall: float) -> dict[str, Any]:

@@ -216,15 +216,18 @@ class StepRunner:
             module.train()
         return out.cpu(), reply
 
-    async def evaluate(self, test: Split) -> float:
-        correct = 0
+    async def evaluate(self, test: Split) -> float | None:
+        """Test accuracy; None for a party that holds no labels and is not told a score."""
+        correct, known = 0, True
         for step, (x, y, ids) in enumerate(_eval_batches(test)):
             out, reply = await self._infer(x, step, ids, Kind.EVALUATE)
-            if y is None:
-                correct += int(reply.meta.get("correct", 0))
-            else:
+            if y is not None:
                 correct += int((out.argmax(dim=1) == y).sum())
-        return correct / max(1, len(test))
+            elif "correct" in reply.meta:
+                correct += int(reply.meta["correct"])
+            else:
+                known = False
+        return correct / max(1, len(test)) if known else None
 
     # ---- hooks and reports -----------------------------------------------------------------
     async def before_epoch(self, epoch: int) -> None:
@@ -322,10 +325,30 @@ class UShapedRunner(StepRunner):
 
 
 class VerticalRunner(StepRunner):
-    """A feature party: its own bottom on its features; sample ids align the batch."""
+    """A feature party: its own bottom on its features; sample ids align the batch.
+    The designated label client (``client.role = "label"``) also computes the loss."""
 
     sends_labels = False
     supports_pipelining = False
+
+    async def train_step(
+        self, step: int, x: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor
+    ) -> float:
+        if self.w.cfg.client.role != "label":
+            return await super().train_step(step, x, y, ids)
+        if y is None:
+            raise ConfigError("vertical: the label client needs labels; set data.label")
+        self.optimizer.zero_grad(set_to_none=True)
+        act, sent = self.cut(x)
+        msg = self.forward_message(step, sent, None, ids)
+        fused = as_input(read_tensor(await self.w.request(msg), "out"), True, self.device)
+        loss = F.cross_entropy(fused, y.to(self.device))
+        loss.backward()
+        assert fused.grad is not None
+        tensors = wire_tensors("grad", fused.grad, self.w.cfg.train.wire_dtype)
+        reply = await self.w.request(msg.reply(Kind.BACKWARD, tensors=tensors))
+        self.apply_gradient(x, act, sent, read_tensor(reply, "grad"))
+        return float(loss.detach())
 
     def build_modules(self) -> dict[str, nn.Module]:
         group = self.w.cfg.client.group

@@ -93,7 +93,10 @@ def run_processes(files: dict[str, str], clients: int, show_progress: bool) -> l
 def aggregate(
     results: list[dict[str, Any]], args: argparse.Namespace, wall: float
 ) -> dict[str, Any]:
-    total_test = sum(r["test_samples"] for r in results) or 1
+    # Parties without labels (vertical feature parties beside a label client) report no score.
+    scored = [r for r in results if r["test_accuracy"] is not None]
+    losses = [r["train_loss"] for r in results if r["train_loss"] == r["train_loss"]]  # not NaN
+    total_test = sum(r["test_samples"] for r in scored) or 1
     return {
         "topology": args.topology,
         "dataset": args.dataset,
@@ -101,9 +104,9 @@ def aggregate(
         "epochs": results[0]["epochs"],
         "steps": sum(r["steps"] for r in results),
         "test_accuracy": round(
-            sum(r["test_accuracy"] * r["test_samples"] for r in results) / total_test, 4
+            sum(r["test_accuracy"] * r["test_samples"] for r in scored) / total_test, 4
         ),
-        "train_loss": round(sum(r["train_loss"] for r in results) / len(results), 4),
+        "train_loss": round(sum(losses) / max(1, len(losses)), 4),
         "bytes_sent": sum(r["bytes_sent"] for r in results),
         "bytes_received": sum(r["bytes_received"] for r in results),
         "encrypted": not args.insecure,
@@ -136,7 +139,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         )
     if not args.json:
         for r in results:
-            print(f"  {r['client']}: {r['steps']} steps, test accuracy {r['test_accuracy']:.4f}")
+            acc = r["test_accuracy"]
+            shown = "n/a (no labels)" if acc is None else f"{acc:.4f}"
+            print(f"  {r['client']}: {r['steps']} steps, test accuracy {shown}")
         if "baseline_accuracy" in summary:
             baseline = summary["baseline_accuracy"]
             print(f"central baseline (same architecture, pooled data): {baseline:.4f}")

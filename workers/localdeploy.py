@@ -114,6 +114,7 @@ def deployment_options(args: Any) -> dict[str, Any]:
         "seed",
         "wire_dtype",
         "pipeline_depth",
+        "label_client",
     )
     return {name: getattr(args, name) for name in names}
 
@@ -130,6 +131,7 @@ def init_deployment(
     seed: int = 0,
     wire_dtype: str = "float32",
     pipeline_depth: int = 1,
+    label_client: bool = False,
 ) -> dict[str, Any]:
     """Write DIR/server.toml, DIR/client-N.toml (and relay-1.toml, keys). Returns the paths."""
     if topology not in TOPOLOGIES:
@@ -162,7 +164,11 @@ def init_deployment(
         "save": "state/server.pt",
     }
     server: Table = {"server": server_section, "model": model, "train": train}
-    if topology == "vertical":
+    if label_client and topology != "vertical":
+        raise ConfigError("--label-client applies to --topology vertical only")
+    if topology == "vertical" and label_client:  # client-1 holds the labels, not the server
+        server_section.update(parties=clients, fuse="concat", label_holder="client-1")
+    elif topology == "vertical":
         server_section.update(parties=clients, fuse="concat")
         server["data"] = {"dataset": dataset, "seed": seed}
     if topology in ("roundrobin", "splitfed"):
@@ -188,6 +194,8 @@ def init_deployment(
     client_cfgs = [
         _client(i, clients, endpoint, dataset, topology, model, train, seed) for i in range(clients)
     ]
+    if label_client:
+        client_cfgs[0]["client"]["role"] = "label"
     _secure(out, insecure, server, relay, client_cfgs, topology)
     if ops:
         for cfg in [server, *([relay] if relay else []), *client_cfgs]:

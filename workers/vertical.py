@@ -39,9 +39,16 @@ class VerticalEngine(Engine):
             raise ConfigError("vertical: server.parties must be at least 2 feature parties")
         super().__init__(vertical_top(cfg.model, cfg.server.parties, cfg.server.fuse), cfg)
         self.parties = cfg.server.parties
-        self.labels = self._load_labels(cfg, base or Path("."))
+        self.label_holder = cfg.server.label_holder
         privacy = PrivacyConfig.from_mapping(cfg.privacy) if cfg.privacy else PrivacyConfig()
+        if self.label_holder and privacy.label_protection_on:
+            raise ConfigError(
+                "vertical: privacy.label runs where the labels are; with server.label_holder "
+                "set, this server has no labels to protect: remove [privacy.label]"
+            )
+        self.labels = None if self.label_holder else self._load_labels(cfg, base or Path("."))
         self.label_protection = build_label_protection(privacy.label or LabelConfig())
+        self._open: tuple[int, int, list[Part], torch.Tensor] | None = None
         self._waiting: dict[tuple[str, int, int], dict[str, Part]] = {}
         self._done: dict[str, tuple[int, int]] = {}  # per kind: newest completed batch
         self.last_grads: dict[str, torch.Tensor] = {}  # what each party got (for audits)
@@ -56,6 +63,8 @@ class VerticalEngine(Engine):
         return torch.from_numpy(y)
 
     def handle(self, identity: bytes, msg: Message) -> list[Reply]:
+        if msg.kind is Kind.BACKWARD and self.label_holder:
+            return self._label_backward(msg)
         if msg.kind is not Kind.FORWARD:
             return super().handle(identity, msg)
         return self._gather(identity, msg, train=True)
@@ -98,11 +107,14 @@ class VerticalEngine(Engine):
         return total / len(acts) if self.cfg.server.fuse == "mean" else total
 
     def _labels_for(self, ids: torch.Tensor) -> torch.Tensor:
+        assert self.labels is not None
         if ids.dtype != torch.int64 or int(ids.min()) < 0 or int(ids.max()) >= len(self.labels):
             raise ProtocolError(f"sample ids must be int64 in [0, {len(self.labels)})")
         return self.labels[ids]
 
     def _step(self, parts: list[Part], ids: torch.Tensor) -> list[Reply]:
+        if self.label_holder:
+            return self._to_label_holder(parts)
         labels = self._labels_for(ids)
         out = run_segment(self.model, self._fuse([p.act for p in parts]))
         loss = F.cross_entropy(out, labels.to(out.device))
@@ -128,7 +140,7 @@ class VerticalEngine(Engine):
             out = run_segment(self.model, self._fuse([p.act for p in parts]))
         self.model.train()
         meta: dict[str, int] = {}
-        if parts[0].msg.kind is Kind.EVALUATE:
+        if parts[0].msg.kind is Kind.EVALUATE and not self.label_holder:
             labels = self._labels_for(ids)
             meta = {"correct": int((out.argmax(1).cpu() == labels).sum()), "total": len(labels)}
         return [
@@ -140,6 +152,39 @@ class VerticalEngine(Engine):
             )
             for p in parts
         ]
+
+    # ---- a designated label client holds the labels and the loss -------------------------
+    def _to_label_holder(self, parts: list[Part]) -> list[Reply]:
+        """Send the fused output to the label client only; the others wait for its gradient."""
+        holder = [p for p in parts if p.msg.client == self.label_holder]
+        if not holder:
+            raise ProtocolError(f"vertical: label client {self.label_holder!r} sent no part")
+        out = run_segment(self.model, self._fuse([p.act for p in parts]))
+        msg = holder[0].msg
+        self._open = (msg.epoch, msg.step, parts, out)
+        reply = msg.reply(Kind.RESULT, tensors=wire_tensors("out", out, self.wire_dtype))
+        return [(holder[0].identity, reply)]
+
+    def _label_backward(self, msg: Message) -> list[Reply]:
+        if msg.client != self.label_holder:
+            raise ProtocolError("vertical: only the label client sends the output gradient")
+        if self._open is None or self._open[:2] != (msg.epoch, msg.step):
+            raise ProtocolError("vertical: output gradient for a batch that is not open")
+        _, _, parts, out = self._open
+        grad = as_input(read_tensor(msg, "grad"), requires_grad=False, device=self.device)
+        if grad.shape != out.shape:
+            raise ProtocolError(f"gradient shape {tuple(grad.shape)} != output {tuple(out.shape)}")
+        self._open = None
+        self.optimizer.zero_grad(set_to_none=True)
+        out.backward(grad)
+        self._apply()
+        replies = []
+        for part in parts:
+            assert part.act.grad is not None
+            self.last_grads[part.msg.client] = part.act.grad.detach().cpu()
+            tensors = wire_tensors("grad", part.act.grad, self.wire_dtype)
+            replies.append((part.identity, part.msg.reply(Kind.BACKWARD, tensors=tensors)))
+        return replies
 
     def queue_depth(self) -> int:
         return sum(len(parts) for parts in self._waiting.values())
