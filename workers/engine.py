@@ -103,6 +103,15 @@ class Engine:
     def handle(self, identity: bytes, msg: Message) -> list[Reply]:
         raise ProtocolError(f"this server does not accept {msg.kind.value} messages")
 
+    def backprop_output(self, msg: Message, out: torch.Tensor) -> None:
+        """Apply the gradient of ``out`` that a peer computed (where the loss is not here)."""
+        grad = as_input(read_tensor(msg, "grad"), requires_grad=False, device=self.device)
+        if grad.shape != out.shape:
+            raise ProtocolError(f"gradient shape {tuple(grad.shape)} != output {tuple(out.shape)}")
+        self.optimizer.zero_grad(set_to_none=True)
+        out.backward(grad)
+        self._apply()
+
     def outputs(self, msg: Message, act: torch.Tensor) -> torch.Tensor:
         """What the server's layers make of ``act`` (multitask picks the task's head)."""
         return run_segment(self.model, act)
@@ -201,13 +210,8 @@ class MiddleEngine(Engine):
         if self._open is None or self._open[:3] != (msg.client, msg.epoch, msg.step):
             raise ProtocolError("backward for a step this server has no open forward for")
         _, _, _, act, out = self._open
-        grad = as_input(read_tensor(msg, "grad"), requires_grad=False, device=self.device)
-        if grad.shape != out.shape:
-            raise ProtocolError(f"gradient shape {tuple(grad.shape)} != output {tuple(out.shape)}")
+        self.backprop_output(msg, out)  # a bad gradient leaves the step open for a resend
         self._open = None
-        self.optimizer.zero_grad(set_to_none=True)
-        out.backward(grad)
-        self._apply()
         assert act.grad is not None
         return msg.reply(Kind.BACKWARD, tensors=wire_tensors("grad", act.grad, self.wire_dtype))
 

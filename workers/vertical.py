@@ -171,13 +171,8 @@ class VerticalEngine(Engine):
         if self._open is None or self._open[:2] != (msg.epoch, msg.step):
             raise ProtocolError("vertical: output gradient for a batch that is not open")
         _, _, parts, out = self._open
-        grad = as_input(read_tensor(msg, "grad"), requires_grad=False, device=self.device)
-        if grad.shape != out.shape:
-            raise ProtocolError(f"gradient shape {tuple(grad.shape)} != output {tuple(out.shape)}")
+        self.backprop_output(msg, out)  # a bad gradient leaves the step open for a resend
         self._open = None
-        self.optimizer.zero_grad(set_to_none=True)
-        out.backward(grad)
-        self._apply()
         replies = []
         for part in parts:
             assert part.act.grad is not None
