@@ -88,6 +88,10 @@ def test_sigterm_stops_the_server_and_the_client_fails_cleanly(
         "client.retry_for_s=2",
         "--set",
         "client.connect_timeout_s=1",
+        # A request sent just as the server closes may go unanswered and unnoticed: bound
+        # the wait for a reply so the client's whole give-up path fits the 30 s below.
+        "--set",
+        "client.timeout_s=5",
     )
     wait_until(lambda: training(ops_url(files["client-1"])), START_TIMEOUT_S, "training")
 
