@@ -88,6 +88,7 @@ class DealerConnection:
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.sock.connect(endpoint)
         self.channel: Channel | None = None
+        self._lost: asyncio.Future[Any] | None = None
 
     async def handshake(self, hs: ClientHandshake, timeout_s: float) -> dict[str, Any]:
         """Join the server; PeerError if refused, TransportError if nobody answers."""
@@ -129,27 +130,54 @@ class DealerConnection:
 
     async def _recv_raw(self, timeout_s: float, what: str) -> list[Any]:
         """The next multipart message; TransportError on timeout or a dropped connection
-        (a dead server is noticed at once, not after the whole timeout)."""
-        recv = asyncio.ensure_future(self.sock.recv_multipart(copy=False))
-        lost = asyncio.ensure_future(self.monitor.recv_multipart())
+        (a dead server is noticed at once, not after the whole timeout).
+
+        One watcher on the monitor socket lives across calls, and the receive future is
+        cancelled by callbacks: no tasks or ``asyncio.wait`` per message on the hot path.
+        """
+        lost = self._lost_watcher()
+        if lost.done():
+            self._lost = None
+            raise TransportError(f"connection to {self.endpoint} lost while waiting for {what}")
+        received = self.sock.recv_multipart(copy=False)
+        why: list[str] = []
+
+        def give_up(reason: str) -> None:
+            if not received.done():
+                why.append(reason)
+                received.cancel()
+
+        def on_lost(_: object) -> None:
+            give_up("lost")
+
+        timer = asyncio.get_running_loop().call_later(timeout_s, give_up, "timeout")
+        lost.add_done_callback(on_lost)
         try:
-            done, _ = await asyncio.wait(
-                {recv, lost}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
-            )
+            return list(await received)
+        except asyncio.CancelledError:
+            if not why:
+                raise  # our caller was cancelled
         finally:
-            for task in (recv, lost):
-                if not task.done():
-                    task.cancel()
-        if recv in done:
-            return list(recv.result())
-        if lost in done:
+            timer.cancel()
+            lost.remove_done_callback(on_lost)
+        if why[0] == "lost":
+            self._lost = None
             raise TransportError(f"connection to {self.endpoint} lost while waiting for {what}")
         raise TransportError(
             f"no answer from {self.endpoint} within {timeout_s:g}s while waiting for "
             f"{what}; is the server running and the address right?"
         )
 
+    def _lost_watcher(self) -> asyncio.Future[Any]:
+        """A future that completes when the monitor reports a disconnect."""
+        if self._lost is None:
+            self._lost = asyncio.ensure_future(self.monitor.recv_multipart())
+        return self._lost
+
     def close(self) -> None:
+        if self._lost is not None:
+            self._lost.cancel()
+            self._lost = None
         self.sock.disable_monitor()
         self.monitor.close(linger=0)
         self.sock.close(linger=0)

@@ -102,6 +102,7 @@ class RouterService:
         self.handshake = self._make_handshake()
         self.session_id = secrets.token_hex(8)
         self.bound = False
+        self._idle = True  # the receiver waits for a message (not handling one)
 
     def _make_handshake(self) -> ServerHandshake:
         s, section = self.listen, self.listen.section
@@ -166,11 +167,7 @@ class RouterService:
             self.bound = True
             ops = await start_ops(self.ops_cfg, self.metrics, self.status, self.ready)
             log.info("%s listening on %s", self.role, self.listen.bind)
-            while not stop.is_set():
-                if await endpoint.sock.poll(POLL_MS, zmq.POLLIN):
-                    identity, frames = await endpoint.recv()
-                    await self._handle(endpoint, identity, frames)
-                self._drop_silent_peers()
+            await self._run_until(stop, endpoint)
         finally:
             self.bound = False
             endpoint.close()
@@ -179,6 +176,41 @@ class RouterService:
             await self.on_stop()
             ctx.destroy(linger=0)
         return self.summary()
+
+    async def _run_until(self, stop: asyncio.Event, endpoint: RouterEndpoint) -> None:
+        """Receive and handle messages until ``stop``; a message being handled is finished.
+
+        The receiver awaits the socket directly (no poll-then-recv: that costs an extra
+        event-loop round per message); silent peers are dropped by a separate tick.
+        """
+        receiver = asyncio.ensure_future(self._receive(stop, endpoint))
+        ticker = asyncio.ensure_future(self._tick(stop))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({receiver, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not receiver.done():
+                if self._idle:
+                    receiver.cancel()  # waiting for a message that nobody needs any more
+                await asyncio.wait({receiver})
+            if not receiver.cancelled() and (error := receiver.exception()) is not None:
+                raise error
+        finally:
+            for task in (receiver, ticker, stopping):
+                task.cancel()
+            await asyncio.gather(receiver, ticker, stopping, return_exceptions=True)
+
+    async def _receive(self, stop: asyncio.Event, endpoint: RouterEndpoint) -> None:
+        while not stop.is_set():
+            self._idle = True
+            identity, frames = await endpoint.recv()
+            self._idle = False
+            await self._handle(endpoint, identity, frames)
+
+    async def _tick(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(POLL_MS / 1000)
+            if self._idle:  # never between a message's arrival and its replies
+                self._drop_silent_peers()
 
     def summary(self) -> dict[str, Any]:
         return {"role": self.role, "peers": len(self.peers)}
