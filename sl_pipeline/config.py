@@ -111,6 +111,9 @@ class ServerSection:
     task_classes: list[int] = field(default_factory=list)  # multitask: classes per task
     label_holder: str = ""  # vertical: "" = this server holds the labels; else a client's name
     save: str = ""  # where to save this server's segment(s) at the end / load at start
+    # Send the cut gradient before computing weight gradients when no other request waits
+    # (the client's backward overlaps them); same updates, one extra partial backward.
+    reply_first: bool = True
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from workers.client import ClientWorker
 from workers.server import ServerWorker
 
 from .conftest import load_client, load_server
+from .inprocess import run_deployment
 
 
 def central_training(cfg_client, base: Path) -> tuple[torch.nn.Module, torch.nn.Module]:  # type: ignore[no-untyped-def]
@@ -35,7 +36,7 @@ def central_training(cfg_client, base: Path) -> tuple[torch.nn.Module, torch.nn.
     return bottom, top
 
 
-async def split_training(server_cfg, client_cfg, base: Path):  # type: ignore[no-untyped-def]
+async def split_training(server_cfg, client_cfg, base: Path, server_out: dict | None = None):  # type: ignore[no-untyped-def]
     server = ServerWorker(server_cfg, base)
     client = ClientWorker(client_cfg, base, progress=False)
     stop = asyncio.Event()
@@ -44,24 +45,69 @@ async def split_training(server_cfg, client_cfg, base: Path):  # type: ignore[no
         summary = await asyncio.wait_for(client.run(), 120)
     finally:
         stop.set()
-        await asyncio.wait_for(task, 10)
+        server_summary = await asyncio.wait_for(task, 10)
+    if server_out is not None:
+        server_out.update(server_summary)
     return client.bottom, server.engine.model, summary
 
 
-@pytest.mark.parametrize("dataset", ["digits", "breast_cancer"])
-async def test_split_weights_equal_central_weights(deployment, dataset: str) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    ("dataset", "server_overrides", "replies_first"),
+    [
+        ("digits", (), True),
+        ("breast_cancer", (), True),
+        ("digits", ("server.reply_first=false",), False),
+        # A checkpoint due with every step must hold the update before the reply leaves.
+        ("digits", ("checkpoint.dir=ckpt-server",), False),
+    ],
+)
+async def test_split_weights_equal_central_weights(  # type: ignore[no-untyped-def]
+    deployment, dataset: str, server_overrides: tuple[str, ...], replies_first: bool
+) -> None:
     # Prepare
     files = deployment(dataset=dataset, epochs=2)
     base = files["server"].parent
-    server_cfg = load_server(files["server"])
+    server_cfg = load_server(files["server"], *server_overrides)
     client_cfg = load_client(files["client-1"])
+    server_summary: dict = {}
     # Execute
-    bottom, top, summary = await split_training(server_cfg, client_cfg, base)
+    bottom, top, summary = await split_training(server_cfg, client_cfg, base, server_summary)
     ref_bottom, ref_top = central_training(client_cfg, base)
     # Assert
     assert summary["steps"] > 0
+    # Reply-first (the default) moves when the server's update happens, never what it is.
+    assert (server_summary["replied_first"] > 0) is replies_first
     for split_part, ref_part in ((bottom, ref_bottom), (top, ref_top)):
         for (name, p), (_, q) in zip(
             split_part.state_dict().items(), ref_part.state_dict().items(), strict=True
         ):
             assert torch.allclose(p, q, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"topology": "ushaped"},
+        {"topology": "vertical", "dataset": "breast_cancer", "clients": 2},
+        {"topology": "vertical", "dataset": "breast_cancer", "clients": 2, "label_client": True},
+    ],
+    ids=["ushaped", "vertical", "vertical-label-client"],
+)
+async def test_reply_first_moves_the_update_not_its_value(deployment, kwargs) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: two identical deployments (same data, seed and initial weights)
+    runs = {}
+    # Execute
+    for flag in ("true", "false"):
+        files = deployment(epochs=1, **kwargs)
+        runs[flag] = await run_deployment(files, server_overrides=(f"server.reply_first={flag}",))
+    # Assert
+    first, plain = runs["true"]["server"], runs["false"]["server"]
+    assert first.engine.deferred_updates > 0
+    assert plain.engine.deferred_updates == 0
+    assert first.steps_applied == plain.steps_applied > 0
+    for (name, p), (_, q) in zip(
+        first.engine.model.state_dict().items(),
+        plain.engine.model.state_dict().items(),
+        strict=True,
+    ):
+        assert torch.allclose(p, q, atol=1e-6, rtol=1e-5), name

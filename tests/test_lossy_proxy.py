@@ -326,7 +326,9 @@ async def test_a_dropped_sealed_message_leaves_a_gap_the_server_rejects(rig: Rig
 
 
 @contextlib.asynccontextmanager
-async def training(deployment: Any, epochs: int, **proxy_kwargs: Any) -> AsyncIterator[Any]:
+async def training(
+    deployment: Any, epochs: int, timeout_s: float = 0.5, **proxy_kwargs: Any
+) -> AsyncIterator[Any]:
     """A real server, a LossyProxy in front of it and a client (not yet running) with
     short timeouts; yields (server, proxy, client) and stops everything."""
     from tests.conftest import load_client, load_server
@@ -341,7 +343,7 @@ async def training(deployment: Any, epochs: int, **proxy_kwargs: Any) -> AsyncIt
     await proxy.start()
     overrides = [
         f"client.server={proxy.endpoint}",
-        "client.timeout_s=0.5",
+        f"client.timeout_s={timeout_s}",
         "client.connect_timeout_s=0.5",
     ]
     client = ClientWorker(
@@ -361,7 +363,9 @@ async def test_lost_message_is_applied_exactly_once(
 ) -> None:
     """Drop one message mid-training: the client times out, rejoins and resends the same
     step; a lost reply is answered from the server's per-client cache."""
-    async with training(deployment, epochs=1) as (server, proxy, client):
+    # A reply later than client.timeout_s would also be answered from the cache: leave room
+    # for a loaded machine so that only the dropped message causes a resend.
+    async with training(deployment, epochs=1, timeout_s=2.0) as (server, proxy, client):
         running = asyncio.create_task(client.run())
         await wait_until(lambda: client.steps_done >= 3, 30.0)
         # Execute: the next message this way (a FORWARD or its reply) is lost

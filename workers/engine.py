@@ -86,6 +86,12 @@ def run_segment(module: nn.Module, act: torch.Tensor) -> torch.Tensor:
         ) from None
 
 
+def _grad_of(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.grad is None:
+        raise ProtocolError("the loss does not depend on a cut tensor; check the model")
+    return tensor.grad
+
+
 class Engine:
     """Base: one module (possibly several parts), one optimizer; subclasses decide the rest."""
 
@@ -99,18 +105,61 @@ class Engine:
         )
         self.steps_applied = 0
         self.last_loss: float | None = None
+        # Reply-first: the server sets this per request (see ``backprop``).
+        self.defer_updates = False
+        self.deferred_updates = 0  # how many steps replied first (reported in the summary)
+        self._deferred: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def handle(self, identity: bytes, msg: Message) -> list[Reply]:
         raise ProtocolError(f"this server does not accept {msg.kind.value} messages")
 
-    def backprop_output(self, msg: Message, out: torch.Tensor) -> None:
-        """Apply the gradient of ``out`` that a peer computed (where the loss is not here)."""
+    def backprop_output(
+        self, msg: Message, out: torch.Tensor, cut: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Apply the gradient of ``out`` that a peer computed (where the loss is not here);
+        returns the gradients at ``cut``."""
         grad = as_input(read_tensor(msg, "grad"), requires_grad=False, device=self.device)
         if grad.shape != out.shape:
             raise ProtocolError(f"gradient shape {tuple(grad.shape)} != output {tuple(out.shape)}")
+        return self.backprop(out, grad, cut)
+
+    def backprop(
+        self,
+        root: torch.Tensor,
+        grad: torch.Tensor | None,
+        cut: list[torch.Tensor],
+        loss: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """This step's update, and the gradients at the ``cut`` tensors (what peers get back).
+
+        With ``defer_updates`` the cut gradients come first (``torch.autograd.grad``, which
+        skips every weight gradient) and the weight gradients and optimizer step wait for
+        :meth:`settle`, which the server calls once the replies have left: the peer's own
+        backward then overlaps our weight-gradient work. The update itself is unchanged,
+        and anything that reads or runs the weights settles first.
+        """
+        self.settle()
+        if self.defer_updates:
+            grads = torch.autograd.grad(root, cut, grad, retain_graph=True)
+            self._deferred = (root, grad)
+            self.deferred_updates += 1
+            self._count_step(loss)
+            return list(grads)
         self.optimizer.zero_grad(set_to_none=True)
-        out.backward(grad)
-        self._apply()
+        torch.autograd.backward(root, grad)
+        self._apply(loss)
+        return [_grad_of(t) for t in cut]
+
+    def settle(self) -> None:
+        """Finish a deferred update: weight gradients (only), then the optimizer step."""
+        if self._deferred is None:
+            return
+        root, grad = self._deferred
+        self._deferred = None
+        self.optimizer.zero_grad(set_to_none=True)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        torch.autograd.backward(root, grad, inputs=params)
+        self.optimizer.step()
 
     def outputs(self, msg: Message, act: torch.Tensor) -> torch.Tensor:
         """What the server's layers make of ``act`` (multitask picks the task's head)."""
@@ -133,11 +182,15 @@ class Engine:
 
     def _apply(self, loss: torch.Tensor | None = None) -> None:
         self.optimizer.step()
+        self._count_step(loss)
+
+    def _count_step(self, loss: torch.Tensor | None) -> None:
         self.steps_applied += 1
         if loss is not None:
             self.last_loss = float(loss.detach())
 
     def state_dict(self) -> dict[str, Any]:
+        self.settle()
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -156,14 +209,11 @@ class VanillaEngine(Engine):
         labels = check_labels(msg.tensor("labels"), act.shape[0], out.shape[-1])
         # Mean reduction over the batch: what Opacus' per-sample clipping assumes too.
         loss = F.cross_entropy(out, labels.to(out.device))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self._apply(loss)
-        assert act.grad is not None
+        (grad,) = self.backprop(loss, None, [act], loss)
         reply = msg.reply(
             Kind.BACKWARD,
             meta={"loss": self.last_loss},
-            tensors=wire_tensors("grad", act.grad, self.wire_dtype),
+            tensors=wire_tensors("grad", grad, self.wire_dtype),
         )
         return [(identity, reply)]
 
@@ -195,6 +245,7 @@ class MiddleEngine(Engine):
         if msg.kind is Kind.BACKWARD:
             replies = [(identity, self._backward(msg))]
             if self._waiting:
+                self.settle()  # the next client's forward must see this step's update
                 client = next(iter(self._waiting))
                 replies.append(self._forward(*self._waiting.pop(client)))
             return replies
@@ -210,10 +261,10 @@ class MiddleEngine(Engine):
         if self._open is None or self._open[:3] != (msg.client, msg.epoch, msg.step):
             raise ProtocolError("backward for a step this server has no open forward for")
         _, _, _, act, out = self._open
-        self.backprop_output(msg, out)  # a bad gradient leaves the step open for a resend
+        # A bad gradient raises before anything changes and leaves the step open for a resend.
+        (grad,) = self.backprop_output(msg, out, [act])
         self._open = None
-        assert act.grad is not None
-        return msg.reply(Kind.BACKWARD, tensors=wire_tensors("grad", act.grad, self.wire_dtype))
+        return msg.reply(Kind.BACKWARD, tensors=wire_tensors("grad", grad, self.wire_dtype))
 
     def queue_depth(self) -> int:
         return len(self._waiting)

@@ -112,6 +112,7 @@ class ServerWorker(RouterService):
             log.info("loaded the server segment from %s", path)
 
     async def on_stop(self) -> None:
+        self.engine.settle()
         self.checkpoint()
         path = self._save_path()
         if path is not None and self.steps_applied:
@@ -126,6 +127,7 @@ class ServerWorker(RouterService):
             "peers": len(self.peers),
             "resumed_from": self.resumed_from,
             "answered_from_cache": self.from_cache,
+            "replied_first": self.engine.deferred_updates,
         }
 
     def status(self) -> dict[str, Any]:
@@ -149,7 +151,20 @@ class ServerWorker(RouterService):
     def forget_peer(self, peer: Peer) -> None:
         self.engine.forget(peer.name)
 
+    def _can_reply_first(self) -> bool:
+        """Defer weight gradients past the reply only when it costs nobody anything: no
+        checkpoint is due with this step (it must hold the update before the reply leaves)
+        and no other request is waiting (the deferred work would delay it)."""
+        if not self.cfg.server.reply_first or self.inbox_waiting():
+            return False
+        due = self.steps_applied + 1 - self._saved_at >= max(1, self.cfg.checkpoint.every_steps)
+        return self.ckpt is None or not due
+
+    def after_replies(self) -> None:
+        self.engine.settle()
+
     async def dispatch(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
+        self.engine.settle()  # no request ever sees weights without the last update
         # A relay forwards for its own clients: keep them apart under the relay's name.
         client = (
             peer.name if not msg.client or msg.client == peer.name else f"{peer.name}/{msg.client}"
@@ -191,6 +206,7 @@ class ServerWorker(RouterService):
         if msg.kind is Kind.FORWARD and newest is not None and step < newest:
             raise ProtocolError(f"step {step} is older than the steps this server remembers")
         before = self.engine.steps_applied
+        self.engine.defer_updates = self._can_reply_first()
         start = time.perf_counter()
         replies = self.engine.handle(identity, msg)
         self.metrics.server_compute_seconds.observe(time.perf_counter() - start)

@@ -103,6 +103,7 @@ class RouterService:
         self.session_id = secrets.token_hex(8)
         self.bound = False
         self._idle = True  # the receiver waits for a message (not handling one)
+        self._endpoint: RouterEndpoint | None = None
 
     def _make_handshake(self) -> ServerHandshake:
         s, section = self.listen, self.listen.section
@@ -161,6 +162,7 @@ class RouterService:
     async def serve(self, stop: asyncio.Event) -> dict[str, Any]:
         ctx = zmq.asyncio.Context()
         endpoint = RouterEndpoint(ctx, self.listen.bind, self.limits, hwm=1000)
+        self._endpoint = endpoint
         ops = None
         try:
             await self.on_start()
@@ -170,6 +172,7 @@ class RouterService:
             await self._run_until(stop, endpoint)
         finally:
             self.bound = False
+            self._endpoint = None
             endpoint.close()
             if ops is not None:
                 await ops.stop()
@@ -264,6 +267,17 @@ class RouterService:
             receiver = self.peers.get(target)
             if receiver is not None:
                 await self._send(endpoint, target, receiver, reply)
+        self.after_replies()
+
+    def after_replies(self) -> None:
+        """Work that may wait until this message's replies are on their way."""
+        return None
+
+    def inbox_waiting(self) -> bool:
+        """Whether another message is already queued on the socket."""
+        if self._endpoint is None:
+            return False
+        return bool(self._endpoint.sock.get(zmq.EVENTS) & zmq.POLLIN)
 
     def reject(self, peer: Peer, reason: str, exc: SLError) -> None:
         self.metrics.record_rejected(reason)

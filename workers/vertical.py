@@ -118,13 +118,10 @@ class VerticalEngine(Engine):
         labels = self._labels_for(ids)
         out = run_segment(self.model, self._fuse([p.act for p in parts]))
         loss = F.cross_entropy(out, labels.to(out.device))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self._apply(loss)
+        grads = self.backprop(loss, None, [p.act for p in parts], loss)
         replies = []
-        for part in parts:
-            assert part.act.grad is not None
-            grad = self.label_protection.protect(part.act.grad.cpu(), labels)
+        for part, cut_grad in zip(parts, grads, strict=True):
+            grad = self.label_protection.protect(cut_grad.cpu(), labels)
             self.last_grads[part.msg.client] = grad.detach()
             reply = part.msg.reply(
                 Kind.BACKWARD,
@@ -171,13 +168,13 @@ class VerticalEngine(Engine):
         if self._open is None or self._open[:2] != (msg.epoch, msg.step):
             raise ProtocolError("vertical: output gradient for a batch that is not open")
         _, _, parts, out = self._open
-        self.backprop_output(msg, out)  # a bad gradient leaves the step open for a resend
+        # A bad gradient raises before anything changes and leaves the step open for a resend.
+        grads = self.backprop_output(msg, out, [p.act for p in parts])
         self._open = None
         replies = []
-        for part in parts:
-            assert part.act.grad is not None
-            self.last_grads[part.msg.client] = part.act.grad.detach().cpu()
-            tensors = wire_tensors("grad", part.act.grad, self.wire_dtype)
+        for part, grad in zip(parts, grads, strict=True):
+            self.last_grads[part.msg.client] = grad.detach().cpu()
+            tensors = wire_tensors("grad", grad, self.wire_dtype)
             replies.append((part.identity, part.msg.reply(Kind.BACKWARD, tensors=tensors)))
         return replies
 
