@@ -204,5 +204,6 @@ class RouterEndpoint:
         await self.sock.send_multipart([identity, *frames], copy=False)
         return frames_size(frames)
 
-    def close(self) -> None:
-        self.sock.close(linger=0)
+    def close(self, linger_ms: int = 0) -> None:
+        """Close; ``linger_ms`` lets messages already sent leave first (bounded)."""
+        self.sock.close(linger=linger_ms)

@@ -170,3 +170,28 @@ def test_hello_for_a_different_model_is_refused(deployment) -> None:  # type: ig
     files = deployment()
     cfg = load_server(files["server"])
     assert fingerprint(cfg.model, "vanilla") != fingerprint(cfg.model, "ushaped")
+
+
+async def test_stopping_server_tells_a_waiting_client_to_rejoin(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a client that has joined and waits for a reply when the server stops
+    files = deployment(clients=1, dataset="breast_cancer")
+    server = ServerWorker(load_server(files["server"]), files["server"].parent)
+    stop = asyncio.Event()
+    task = asyncio.create_task(server.serve(stop))
+    ctx = zmq.asyncio.Context()
+    try:
+        conn = await _join(server, files, ctx)
+        waiting = asyncio.create_task(conn.recv(30))
+        await asyncio.sleep(0.2)
+        # Execute
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        # Assert: told at once (not after the 30 s reply timeout), and told it may retry
+        with pytest.raises(PeerError) as refused:
+            await asyncio.wait_for(waiting, 5)
+        assert refused.value.remote_code == "shutting_down"
+        assert refused.value.retryable
+        conn.close()
+    finally:
+        stop.set()
+        ctx.destroy(linger=0)

@@ -17,7 +17,7 @@ import torch
 import zmq.asyncio
 
 from sl_pipeline.config import RelayConfig, check_endpoint, resolve_path
-from sl_pipeline.errors import ConfigError, PeerError, ProtocolError, SLError
+from sl_pipeline.errors import ConfigError, PeerError, ProtocolError, SLError, TransportError
 from sl_pipeline.handshake import ClientHandshake
 from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message, error_message
 from sl_pipeline.models import build_segments, fingerprint, make_optimizer, resolve_device
@@ -83,6 +83,12 @@ class RelayWorker(RouterService):
 
     async def on_start(self) -> None:
         self.ctx = zmq.asyncio.Context()
+        await self._join_upstream()
+
+    async def _join_upstream(self) -> None:
+        assert self.ctx is not None
+        if self.upstream is not None:
+            self.upstream.close()
         self.upstream = DealerConnection(
             self.ctx, self.cfg.relay.upstream, self.limits, self.metrics.record_message
         )
@@ -103,9 +109,19 @@ class RelayWorker(RouterService):
         return self.bound and self.upstream is not None
 
     async def _ask_upstream(self, msg: Message) -> Message:
-        assert self.upstream is not None
-        await self.upstream.send(msg)
-        return await self.upstream.recv(self.cfg.relay.timeout_s)
+        """Send upstream and wait; when the next hop went away (a retryable refusal such as
+        ``shutting_down``, or a lost link) rejoin it once and resend the same request."""
+        for attempt in range(2):
+            assert self.upstream is not None
+            try:
+                await self.upstream.send(msg)
+                return await self.upstream.recv(self.cfg.relay.timeout_s)
+            except (PeerError, TransportError) as exc:
+                if attempt or (isinstance(exc, PeerError) and not exc.retryable):
+                    raise
+                log.warning("lost the upstream hop (%s); rejoining", exc)
+                await self._join_upstream()
+        raise AssertionError("unreachable")
 
     async def dispatch(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
         name = (
@@ -131,7 +147,11 @@ class RelayWorker(RouterService):
                 return []
             raise ProtocolError(f"a relay does not accept {msg.kind.value} messages")
         except PeerError as exc:  # the next hop refused: pass its reason down the chain
-            return [(identity, error_message(exc.remote_code, str(exc), request=msg))]
+            reply = error_message(exc.remote_code, str(exc), retryable=exc.retryable, request=msg)
+            return [(identity, reply)]
+        except TransportError as exc:  # the next hop is unreachable: the client may retry
+            self.reject(peer, reject_reason(exc), exc)
+            return [(identity, error_message(exc.code, exc.message, retryable=True, request=msg))]
         except SLError as exc:
             self.reject(peer, reject_reason(exc), exc)
             return [(identity, error_message(exc.code, exc.message, request=msg))]

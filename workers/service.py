@@ -40,6 +40,7 @@ from .metrics import WorkerMetrics
 
 log = logging.getLogger("sl_pipeline.service")
 POLL_MS = 200
+GOODBYE_LINGER_MS = 500  # how long closing may wait for the shutdown notices to leave
 Replies = list[tuple[bytes, Message]]
 
 
@@ -173,7 +174,8 @@ class RouterService:
         finally:
             self.bound = False
             self._endpoint = None
-            endpoint.close()
+            await self._tell_peers_we_stop(endpoint)
+            endpoint.close(linger_ms=GOODBYE_LINGER_MS)
             if ops is not None:
                 await ops.stop()
             await self.on_stop()
@@ -214,6 +216,18 @@ class RouterService:
             await asyncio.sleep(POLL_MS / 1000)
             if self._idle:  # never between a message's arrival and its replies
                 self._drop_silent_peers()
+
+    async def _tell_peers_we_stop(self, endpoint: RouterEndpoint) -> None:
+        """A retryable ``shutting_down`` error to every peer: a client waiting for a reply
+        rejoins (with backoff) at once instead of waiting out its whole reply timeout."""
+        notice = error_message(
+            "shutting_down", f"{self.role} is stopping; rejoin when it is back", retryable=True
+        )
+        for identity, peer in list(self.peers.items()):
+            try:
+                await endpoint.send(identity, peer.channel.pack(notice))
+            except (SLError, zmq.ZMQError) as exc:  # best effort: we are going away anyway
+                log.debug("could not tell %s that we stop: %s", peer.name, exc)
 
     def summary(self) -> dict[str, Any]:
         return {"role": self.role, "peers": len(self.peers)}
