@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 import pytest
 import torch
 
+from sl_pipeline.config import ClientConfig, RelayConfig, ServerConfig, load
 from sl_pipeline.errors import CryptoError
 from sl_pipeline.group import open_weights
 from sl_pipeline.messages import Message
+from workers.client import ClientWorker
+from workers.relay import RelayWorker
+from workers.server import ServerWorker
 from workers.service import RouterService
 
 from .inprocess import run_deployment
@@ -213,3 +219,40 @@ async def test_vertical_with_a_label_client_keeps_labels_off_the_server(
     assert {k for m in received["client-2"] for k in m.tensors} <= {"grad", "out"}
     assert all(m.kind.value == "backward" for m in received["client-2"] if "grad" in m.tensors)
     assert run["server"].engine.steps_applied == label["steps"] == feature["steps"]
+
+
+async def test_relay_rejoins_a_restarted_server_and_training_finishes(
+    deployment, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: client -> relay -> server, training under way
+    files = deployment(topology="multihop", dataset="breast_cancer", epochs=2)
+    base = files["server"].parent
+    server_cfg = load(ServerConfig, files["server"])
+    first_stop, second_stop, relay_stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    first = asyncio.create_task(ServerWorker(server_cfg, base).serve(first_stop))
+    await asyncio.sleep(0.3)
+    relay = RelayWorker(load(RelayConfig, files["relay-1"]), base)
+    relaying = asyncio.create_task(relay.serve(relay_stop))
+    await asyncio.sleep(0.5)
+    client = ClientWorker(load(ClientConfig, files["client-1"]), base, progress=False)
+    training = asyncio.create_task(client.run())
+    second = None
+    try:
+        for _ in range(300):  # bounded: 30 s
+            if client.steps_done >= 3:
+                break
+            await asyncio.sleep(0.1)
+        # Execute: stop the server gracefully and start a fresh one on the same address
+        with caplog.at_level(logging.WARNING, logger="sl_pipeline.relay"):
+            first_stop.set()
+            await asyncio.wait_for(first, 10)
+            second = asyncio.create_task(ServerWorker(server_cfg, base).serve(second_stop))
+            summary = await asyncio.wait_for(training, 120)
+        # Assert: the relay rejoined upstream and the client trained every step
+        assert "rejoining" in caplog.text
+        assert summary["steps"] == relay.steps_applied > 3
+    finally:
+        for event in (first_stop, second_stop, relay_stop):
+            event.set()
+        pending = [t for t in (first, second, relaying, training) if t is not None]
+        await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 15)
