@@ -4,7 +4,8 @@ The server is the real worker process (``python -m workers server``, digits CNN)
 are asyncio tasks in this process, each with its own DEALER connection, key and Noise IK
 handshake, sending precomputed cut-layer activations and labels back to back (no client
 compute, so the server is the bottleneck). With one client that is the server's
-single-client throughput limit; ``efficiency_64`` = steps/s with 64 clients / that limit.
+single-client throughput limit; ``efficiency_64`` = steps/s with 64 clients / that limit, the
+median of ratios taken from windows run back to back (1, 4, 16, 64 clients, then again).
 """
 
 from __future__ import annotations
@@ -122,14 +123,22 @@ def write_server(folder: Path) -> tuple[Path, str]:
 
 async def throughput(
     fleet: Fleet, counts: list[int], repeats: int, window_s: float
-) -> dict[str, float]:
-    await fleet.grow(1)
+) -> tuple[dict[str, float], float]:
+    """Median steps/s per client count, and the median of the paired ratios
+    (largest count / one client) from windows run back to back in the same round.
+
+    Every client joins first; rounds then cycle through the counts (1, 4, 16, 64, 1, ...)
+    so each count sees the same machine load, and idle clients cost the server nothing.
+    """
+    await fleet.grow(max(counts))
     await fleet.window(1, 1.0)  # warm-up: the server's first steps allocate
-    table = {}
-    for count in counts:
-        await fleet.grow(count)
-        table[str(count)] = median([await fleet.window(count, window_s) for _ in range(repeats)])
-    return table
+    rates: dict[int, list[float]] = {count: [] for count in counts}
+    ratios = []
+    for _ in range(repeats):
+        for count in counts:
+            rates[count].append(await fleet.window(count, window_s))
+        ratios.append(rates[max(counts)][-1] / rates[1][-1])
+    return {str(c): median(r) for c, r in rates.items()}, median(ratios)
 
 
 async def memory(fleet: Fleet, pid: int, idle: int) -> dict[str, float]:
@@ -157,16 +166,19 @@ async def _with_server(job: str, quick: bool) -> dict[str, Any]:
             if job == "memory":
                 return await memory(fleet, server.pid, 16 if quick else MAX_CLIENTS - 1)
             counts = [1, 4, 16] if quick else [1, 4, 16, 64]
-            return await throughput(fleet, counts, 2 if quick else 3, 1.5 if quick else 3.0)
+            repeats, window_s = (2, 1.5) if quick else (3, 3.0)
+            table, paired = await throughput(fleet, counts, repeats, window_s)
+            return {"table": table, "paired_ratio": paired}
         finally:
             await fleet.close()
             stop_process(server)
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    table = asyncio.run(_with_server("throughput", quick))
+    result = asyncio.run(_with_server("throughput", quick))
+    table = result["table"]
     mem = asyncio.run(_with_server("memory", quick))
-    efficiency = table["64"] / table["1"] if "64" in table else None
+    efficiency = result["paired_ratio"] if "64" in table else None
     return {
         "scaling": table,
         "efficiency_64": efficiency,
