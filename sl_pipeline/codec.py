@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -178,11 +177,13 @@ def _check_specs(
 
 
 def _view(frame: Buffer, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """Interpret the frame's bytes in place: no copy. Read-only buffers are used as is."""
+    """Interpret the frame's bytes in place. The sessions hand us fresh writable buffers,
+    which are used without a copy; a read-only buffer (a raw zmq frame) is copied once, so
+    every decoded tensor is writable and its memory belongs to the message alone."""
     if math.prod(shape) == 0:
         return torch.empty(shape, dtype=dtype)
-    with warnings.catch_warnings():
-        # Peer buffers may be read-only (zmq frames); we never write into received tensors.
-        warnings.simplefilter("ignore", UserWarning)
-        flat = torch.frombuffer(frame, dtype=torch.uint8)
+    view = memoryview(frame)
+    if view.readonly:
+        view = memoryview(bytearray(view))
+    flat = torch.frombuffer(view, dtype=torch.uint8)
     return flat.view(dtype).reshape(shape)

@@ -67,6 +67,15 @@ def test_decoding_shares_the_buffer_without_copying() -> None:
     assert out.reshape(-1)[0].item() == 0.0  # the tensor is a view of the received buffer
 
 
+def test_a_read_only_buffer_is_copied_once_so_decoded_tensors_are_writable() -> None:
+    frames = encode(Message(kind=Kind.FORWARD, tensors={"act": torch.arange(6.0)}))
+    received = bytes(frames[1])  # read-only, like a raw zmq frame
+    out = decode([frames[0], received]).tensors["act"]
+    out.add_(1.0)
+    assert torch.equal(out, torch.arange(6.0) + 1.0)
+    assert received == bytes(frames[1])  # the peer's buffer was never written into
+
+
 def test_non_contiguous_tensor_travels_correctly() -> None:
     t = torch.arange(12.0).reshape(3, 4).t()
     out = decode([bytes(f) for f in encode(Message(kind=Kind.FORWARD, tensors={"a": t}))])

@@ -26,13 +26,13 @@ Reply = tuple[bytes, Message]
 def as_input(
     tensor: torch.Tensor, requires_grad: bool, device: torch.device | None = None
 ) -> torch.Tensor:
-    """A received tensor as a float32 leaf on ``device`` (peer buffers may be read-only or
-    half precision). Host-to-GPU copies go through pinned memory, asynchronously."""
+    """A received tensor as a float32 leaf on ``device``, without a copy where none is
+    needed: the codec gives every decoded tensor its own writable memory, and autograd
+    never writes into a leaf's data. Half-precision wire tensors are widened; host-to-GPU
+    copies go through pinned memory, asynchronously."""
     out = tensor.detach().to(torch.float32)
     if device is not None and device.type == "cuda":
         out = out.pin_memory().to(device, non_blocking=True)
-    elif out.data_ptr() == tensor.data_ptr():
-        out = out.clone()  # never let autograd or the optimizer touch a peer's buffer
     return out.requires_grad_(requires_grad)
 
 
