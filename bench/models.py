@@ -7,6 +7,8 @@ FLOPs table (CIFAR-shaped 3x32x32 inputs).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -14,6 +16,19 @@ CIFAR_SHAPE = (3, 32, 32)
 CIFAR_CNN_CUT = 3  # client: conv-relu-pool; cut activations are 32x16x16 per sample
 VGG_CUT = 3  # client: the first conv-bn-relu (what the published SplitNN client ran)
 RESNET_CUT = 3  # client: the stem conv-bn-relu
+# The split-training benchmarks (overhead, rpc, scaling) all train these two models:
+BATCH = 32
+TRAIN = {"epochs": 1, "batch_size": BATCH, "lr": 0.01, "momentum": 0.9, "seed": 0}
+MODELS: dict[str, dict[str, Any]] = {
+    "digits_cnn": {"builtin": "cnn", "in_shape": [1, 8, 8], "classes": 10, "seed": 0},
+    "cifar_cnn": {
+        "sequential": "bench.models:cifar_cnn",
+        "cuts": [CIFAR_CNN_CUT],
+        "in_shape": [3, 32, 32],
+        "classes": 10,
+        "seed": 0,
+    },
+}
 _VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
 

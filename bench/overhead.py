@@ -29,20 +29,9 @@ from workers.client import ClientWorker
 from workers.pipeline import train_pipelined
 
 from .common import endpoint, free_port, median, stop_process, to_toml, worker_process, write_keys
-from .models import CIFAR_CNN_CUT
+from .models import BATCH, MODELS, TRAIN
+from .rpc import RpcPeer
 
-BATCH = 32
-TRAIN = {"epochs": 1, "batch_size": BATCH, "lr": 0.01, "momentum": 0.9, "seed": 0}
-MODELS: dict[str, dict[str, Any]] = {
-    "digits_cnn": {"builtin": "cnn", "in_shape": [1, 8, 8], "classes": 10, "seed": 0},
-    "cifar_cnn": {
-        "sequential": "bench.models:cifar_cnn",
-        "cuts": [CIFAR_CNN_CUT],
-        "in_shape": [3, 32, 32],
-        "classes": 10,
-        "seed": 0,
-    },
-}
 CIFAR_SAMPLES = 2048
 
 
@@ -115,8 +104,9 @@ def _plan(quick: bool) -> tuple[int, int, int, float]:
     return (3, 3, 5, 8.0) if quick else (5, 8, 10, 30.0)
 
 
-async def measure(cfg: ClientConfig, base: Path, quick: bool) -> dict[str, Any]:
+async def measure(cfg: ClientConfig, base: Path, quick: bool, name: str) -> dict[str, Any]:
     warmup, blocks, per_block, budget_s = _plan(quick)
+    rpc = RpcBlocks(name)
     client = ClientWorker(cfg, base, progress=False)
     plain = PlainLoop(cfg)
     train = client.data.train
@@ -171,17 +161,20 @@ async def measure(cfg: ClientConfig, base: Path, quick: bool) -> dict[str, Any]:
         await client.connect()
         await split_steps(warmup, record=False)
         plain_steps(warmup, record=False)
+        rpc.steps(warmup, record=False)
         deadline = time.monotonic() + budget_s
         await pipelined_steps(warmup, record=False)
         for _ in range(blocks):
             plain_steps(per_block, record=True)
             await split_steps(per_block, record=True)
             await pipelined_steps(per_block, record=True)
+            rpc.steps(per_block, record=True)
             if time.monotonic() > deadline:
                 break
         assert client.conn is not None
         await client.conn.send(Message(kind=Kind.BYE, client=cfg.client.name))
     finally:
+        rpc.close()
         if client.conn is not None:
             client.conn.close()
         client.ctx.term()
@@ -190,7 +183,41 @@ async def measure(cfg: ClientConfig, base: Path, quick: bool) -> dict[str, Any]:
         "step_ms": step_ms | {"steps": len(times["split_encrypted"])},
         "ratio": step_ms["split_encrypted"] / step_ms["single_process"],
         "ratio_pipelined": step_ms["split_pipelined"] / step_ms["single_process"],
+        **rpc.result(),
     }
+
+
+class RpcBlocks:
+    """Blocks of the same split step over ``torch.distributed.rpc`` (see ``bench.rpc``),
+    run between our blocks so that ``rpc_ratio`` compares the two under the same load.
+    If RPC cannot run here, the reason is kept and the other figures still come."""
+
+    def __init__(self, name: str) -> None:
+        self.peer: RpcPeer | None = RpcPeer(name)
+        self.samples: list[float] = []
+        self.error = ""
+
+    def steps(self, count: int, record: bool) -> None:
+        if self.peer is None:
+            return
+        try:
+            samples = self.peer.steps(count)
+        except RuntimeError as exc:
+            self.error = str(exc)
+            self.close()
+            return
+        if record:
+            self.samples += samples
+
+    def close(self) -> None:
+        if self.peer is not None:
+            self.peer.close()
+            self.peer = None
+
+    def result(self) -> dict[str, Any]:
+        if self.error:
+            return {"rpc_error": self.error}
+        return {"rpc_step_ms": median(self.samples) * 1e3} if self.samples else {}
 
 
 def run_model(name: str, quick: bool) -> dict[str, Any]:
@@ -200,7 +227,7 @@ def run_model(name: str, quick: bool) -> dict[str, Any]:
         server = worker_process("server", server_toml, folder / "server.log")
         try:
             cfg = from_mapping(ClientConfig, client_map)
-            return asyncio.run(measure(cfg, folder, quick))
+            return asyncio.run(measure(cfg, folder, quick, name))
         except Exception as exc:
             stop_process(server)
             tail = (folder / "server.log").read_text(errors="replace")[-1500:]

@@ -36,7 +36,7 @@ from .common import (
     worker_process,
     write_keys,
 )
-from .overhead import BATCH, MODELS, TRAIN
+from .models import BATCH, MODELS, TRAIN
 
 MODEL = "digits_cnn"
 TIMEOUT_S = 30.0
