@@ -6,6 +6,7 @@ import pytest
 
 from bench import crypto_rt, flops
 from bench.models import VGG_CUT, vgg16
+from bench.rpc import RpcPeer
 
 
 @pytest.mark.timeout(60)
@@ -42,3 +43,19 @@ def test_tiny_crypto_round_trip_runs() -> None:
     assert set(result["encryption_overhead"]) == {"4KiB"}
     assert result["encryption_overhead"]["4KiB"] > 0
     assert result["rtt_ms"]["4KiB"]["samples"] >= 3
+
+
+@pytest.mark.timeout(120)
+def test_rpc_baseline_runs_blocks_on_request_and_its_processes_stop() -> None:
+    # Setup
+    peer = RpcPeer("digits_cnn")
+    try:
+        # Execute: two blocks, as bench.overhead interleaves them with its own
+        first, second = peer.steps(2), peer.steps(3)
+    finally:
+        peer.close()
+
+    # Assert
+    assert len(first) == 2 and len(second) == 3
+    assert all(seconds > 0 for seconds in first + second)
+    assert not any(party.is_alive() for party in peer.parties)
