@@ -189,6 +189,18 @@ class PrivacyConfig:
     dpsgd: DPSGDConfig | None = None
     label: LabelConfig | None = None
 
+    def __post_init__(self) -> None:
+        if self.dpsgd is not None and self.nopeek is not None and self.nopeek.alpha > 0:
+            # dCor is a statistic of the whole batch: with it in the loss, one record's
+            # "per-example" gradient depends on every other record of the batch, so clipping
+            # no longer bounds a record's influence and the accountant's epsilon is void.
+            raise PrivacyError(
+                "privacy.nopeek and privacy.dpsgd cannot be combined: NoPeek's dCor term "
+                "couples the examples of a batch, so DP-SGD's per-example clipping no longer "
+                "bounds one record's influence and its epsilon would not hold",
+                hint="remove [privacy.nopeek] (or set alpha = 0) or remove [privacy.dpsgd]",
+            )
+
     @property
     def label_protection_on(self) -> bool:
         return self.label is not None and self.label.mechanism != "none"

@@ -14,7 +14,7 @@ def test_full_table_builds_frozen_configs() -> None:
     # Prepare
     table = {
         "noise": {"sigma": 1, "clip": 2.0, "mechanism": "laplace"},
-        "nopeek": {"alpha": 0.5},
+        "nopeek": {"alpha": 0},  # off: NoPeek with alpha > 0 is refused beside DP-SGD
         "dpsgd": {"target_epsilon": 3.0, "max_grad_norm": 1.0, "delta": 1e-6},
         "label": {"mechanism": "marvell", "scale": 4},
     }
@@ -23,7 +23,7 @@ def test_full_table_builds_frozen_configs() -> None:
     # Assert
     assert cfg.noise == NoiseConfig(sigma=1.0, clip=2.0, mechanism="laplace")
     assert isinstance(cfg.noise.sigma, float)
-    assert cfg.nopeek is not None and cfg.nopeek.alpha == 0.5
+    assert cfg.nopeek is not None and cfg.nopeek.alpha == 0.0
     assert cfg.dpsgd is not None and cfg.dpsgd.noise_multiplier is None
     assert cfg.label == LabelConfig(mechanism="marvell", scale=4.0)
     with pytest.raises(AttributeError):
@@ -119,3 +119,11 @@ def test_privacy_error_is_sl_and_value_error() -> None:
         NoiseConfig(sigma=-1.0)
     assert isinstance(err.value, SLError)
     assert err.value.code == "privacy"
+
+
+def test_nopeek_with_dpsgd_is_refused_naming_both() -> None:
+    # dCor couples a batch's examples: per-example clipping would not bound a record.
+    table = {"nopeek": {"alpha": 0.5}, "dpsgd": {"noise_multiplier": 1.0}}
+    with pytest.raises(PrivacyError, match=r"privacy\.nopeek and privacy\.dpsgd cannot"):
+        PrivacyConfig.from_mapping(table)
+    assert PrivacyConfig.from_mapping({"nopeek": {"alpha": 0.5}}).nopeek is not None

@@ -16,9 +16,12 @@ data what an honest-but-curious server could learn:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import signal
+import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +47,10 @@ CLIENT_PREFIXES = ("privacy.", "client.", "data.")
 SHARED_PREFIXES = ("train.", "model.")
 STOP_TIMEOUT_S = 15.0
 DEFAULT_TIMEOUT_S = 900.0
+# Figures depend on torch's intra-op thread count (reductions are split differently), so an
+# audit always runs with this many threads, whoever calls it, and restores the caller's count.
+AUDIT_THREADS = 1
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 Grads = dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
 
 
@@ -69,6 +76,48 @@ def split_overrides(sets: Sequence[str]) -> tuple[list[str], list[str]]:
                 "train.*, model.*, client.*, data.* or server.*"
             )
     return client, server
+
+
+class AuditIncomplete(SLError):
+    """Training was stopped by a signal: the figures would describe a truncated run."""
+
+    code = "incomplete"
+    exit_code = 128 + signal.SIGTERM
+
+    def __init__(self, message: str, signum: int | None = None) -> None:
+        super().__init__(message, hint="rerun the audit to completion for figures")
+        if signum is not None:
+            self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int = AUDIT_THREADS) -> Iterator[None]:
+    """Run the block with ``threads`` torch threads, then restore the caller's count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _seed_workers(server: ServerWorker, clients: Sequence[ClientWorker], seed: int) -> None:
+    """Give every noise source its own seeded generator: several workers share this process,
+    and the order in which they draw from the global RNG depends on socket timing."""
+    for index, client in enumerate(clients, start=1):
+        runner: Any = client.runner
+        defense = runner.defense
+        for part in getattr(defense, "defenses", (defense,)):
+            if hasattr(part, "generator"):
+                part.generator = torch.Generator().manual_seed(seed * 1000 + index)
+        if runner.dp is not None:  # Opacus' noise and Poisson sampler
+            runner.dp.optimizer.generator = torch.Generator().manual_seed(seed * 1000 + 100 + index)
+            sampler: Any = getattr(runner.dp.data_loader, "batch_sampler", None)
+            if hasattr(sampler, "generator"):
+                sampler.generator = torch.Generator().manual_seed(seed * 1000 + 200 + index)
+    protection: Any = getattr(server.engine, "label_protection", None)
+    if protection is not None and hasattr(protection, "generator"):
+        protection.generator = torch.Generator().manual_seed(seed * 1000)
 
 
 @dataclass
@@ -116,15 +165,53 @@ def _raise_crash(services: Sequence[asyncio.Future[Any]]) -> None:
             ) from error
 
 
+async def _take_over_signals(clients: Sequence[ClientWorker], caught: list[int]) -> None:
+    """Once every client is training (each has installed its own handlers), make SIGTERM and
+    SIGINT stop them all and remember which signal came. Before that, a signal still reaches
+    the shared stop event through the clients' own handlers."""
+    loop = asyncio.get_running_loop()
+    while not all(c.steps_done or c.stop.is_set() for c in clients):
+        await asyncio.sleep(0.01)
+
+    def on_signal(signum: int) -> None:
+        caught.append(signum)
+        for client in clients:
+            client.stop.set()
+
+    for signum in STOP_SIGNALS:
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+            loop.add_signal_handler(signum, on_signal, signum)
+    print("audit: training; SIGTERM or SIGINT stops it (no figures then)", file=sys.stderr)
+
+
+def _check_complete(
+    clients: Sequence[ClientWorker], summaries: Sequence[dict[str, Any]], caught: list[int]
+) -> None:
+    """Refuse to measure a run that a signal cut short."""
+    stopped = [s for s in summaries if s.get("stopped_early")]
+    if not stopped and not caught and not any(c.stop.is_set() for c in clients):
+        return
+    name = signal.Signals(caught[0]).name if caught else "a signal"
+    epoch = min((c.epoch for c in clients), default=0)
+    epochs = clients[0].cfg.train.epochs if clients else 0
+    raise AuditIncomplete(
+        f"audit interrupted by {name} during epoch {epoch + 1} of {epochs}: the run is "
+        "incomplete and no figures are reported",
+        caught[0] if caught else None,
+    )
+
+
 async def train_in_process(
     files: dict[str, Path],
     client_overrides: Sequence[str] = (),
     server_overrides: Sequence[str] = (),
     relay_overrides: Sequence[str] = (),
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    seed: int = 0,
 ) -> Trained:
     """Run server (+ relay) and clients in this event loop until every client is done.
-    A worker that crashes, or a run longer than ``timeout_s``, ends it with an error."""
+    A worker that crashes, or a run longer than ``timeout_s``, ends it with an error; a
+    SIGTERM/SIGINT stops every client and ends it with :class:`AuditIncomplete`."""
     base = files["server"].parent
     server = ServerWorker(load(ServerConfig, files["server"], list(server_overrides)), base)
     clients = [
@@ -132,12 +219,18 @@ async def train_in_process(
         for name, path in sorted(files.items())
         if name.startswith("client-")
     ]
+    halt = asyncio.Event()  # one stop event: whichever client's handler wins stops them all
+    for client in clients:
+        client.stop = halt
+    _seed_workers(server, clients, seed)
     grads = _record_label_grads(server, clients[0].cfg.train.epochs - 1)
     stop = asyncio.Event()
     services = [asyncio.ensure_future(server.serve(stop))]
     if "relay-1" in files:
         relay = RelayWorker(load(RelayConfig, files["relay-1"], list(relay_overrides)), base)
         services.append(asyncio.ensure_future(relay.serve(stop)))
+    caught: list[int] = []
+    watcher = asyncio.ensure_future(_take_over_signals(clients, caught))
     runs = asyncio.ensure_future(asyncio.gather(*(c.run() for c in clients)))
     try:
         await asyncio.wait(
@@ -149,7 +242,9 @@ async def train_in_process(
             _raise_crash(services)
             raise TransportError(f"training did not finish within {timeout_s:.0f}s")
         summaries = runs.result()
+        _check_complete(clients, summaries, caught)
     finally:
+        watcher.cancel()
         stop.set()
         await asyncio.wait_for(asyncio.gather(*services, return_exceptions=True), STOP_TIMEOUT_S)
     return Trained(server, clients, list(summaries), grads)
@@ -266,10 +361,12 @@ def audit_files(
     PrivacyConfig.from_mapping(cfg.privacy).validate_for_topology(cfg.client.topology)
     scfg = load(ServerConfig, files["server"], list(server_overrides))
     PrivacyConfig.from_mapping(scfg.privacy).validate_for_topology(scfg.server.topology)
-    with torch.random.fork_rng(devices=[]):
+    with pinned_threads(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         trained = asyncio.run(
-            train_in_process(files, client_overrides, server_overrides, relay_overrides, timeout_s)
+            train_in_process(
+                files, client_overrides, server_overrides, relay_overrides, timeout_s, seed
+            )
         )
         return measure(trained, seed)
 
@@ -309,7 +406,9 @@ def run_audit(
 
 
 __all__ = [
+    "AUDIT_THREADS",
     "SHARED_PREFIXES",
+    "AuditIncomplete",
     "Trained",
     "audit_files",
     "check_args",

@@ -1,0 +1,120 @@
+"""`sl-pipeline audit` is reproducible and refuses to report a run that a signal cut short."""
+
+from __future__ import annotations
+
+import json
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from workers.audit import run_audit
+from workers.cli import main
+from workers.demo import stop_process
+
+ROOT = Path(__file__).resolve().parents[1]
+VERTICAL = [
+    "audit",
+    "--topology",
+    "vertical",
+    "--dataset",
+    "breast_cancer",
+    "--epochs",
+    "2",
+    "--set",
+    "privacy.noise.sigma=0.2",
+    "--set",
+    'privacy.label.mechanism="marvell"',
+    "--set",
+    "privacy.label.scale=2.0",
+    "--json",
+]
+
+
+def audit_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, object]:
+    assert main(list(argv)) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_same_audit_command_twice_gives_same_figures(capsys: pytest.CaptureFixture[str]) -> None:
+    # Two feature parties draw activation noise and the server draws Marvell noise in one
+    # process: their draws interleave with socket timing unless each has its own generator.
+    # Execute
+    first = audit_json(capsys, *VERTICAL)
+    second = audit_json(capsys, *VERTICAL)
+    # Assert
+    assert first == second
+    assert first["label_leak_auc"] is not None and first["activation_epsilon"] is not None
+
+
+def test_audit_figures_do_not_depend_on_the_callers_thread_count() -> None:
+    # Prepare: the caller runs with two threads (a direct call used to differ from `tune`).
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        # Execute
+        direct = run_audit("vanilla", "breast_cancer", epochs=1)
+        threads_after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    single = run_audit("vanilla", "breast_cancer", epochs=1)
+    # Assert
+    assert direct == single
+    assert threads_after == 2  # the caller's setting is restored
+
+
+def read_until(proc: subprocess.Popen[str], needle: str, timeout_s: float) -> str:
+    """Lines of the process's stderr up to one holding ``needle`` (bounded in time)."""
+    assert proc.stderr is not None
+    seen = ""
+    deadline = time.monotonic() + timeout_s
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stderr, selectors.EVENT_READ)
+        while needle not in seen and time.monotonic() < deadline and proc.poll() is None:
+            if sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                seen += proc.stderr.readline()
+    return seen
+
+
+def test_audit_stopped_by_sigterm_reports_incomplete_and_fails() -> None:
+    # Prepare: far more epochs than the test waits for.
+    cmd = [sys.executable, "-m", "workers", "audit", "--topology", "vanilla", "--epochs", "500"]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        started = read_until(proc, "audit: training", timeout_s=120)
+        assert "audit: training" in started, started
+        # Execute
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        stop_process(proc, timeout_s=10)
+    # Assert
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "interrupted by SIGTERM" in err and "incomplete" in err
+    assert "test_accuracy" not in out and "reconstruction_mse" not in out
+
+
+def test_audit_refuses_nopeek_with_dpsgd_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    # Execute
+    status = main(
+        [
+            "audit",
+            "--topology",
+            "vanilla",
+            "--set",
+            "privacy.nopeek.alpha=1.0",
+            "--set",
+            "privacy.dpsgd.noise_multiplier=1.0",
+        ]
+    )
+    # Assert
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert len(err) == 1 and "privacy.nopeek and privacy.dpsgd cannot be combined" in err[0]
