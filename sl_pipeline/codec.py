@@ -128,8 +128,9 @@ def _parse_header(frame: Buffer, limits: Limits) -> dict[str, Any]:
         raise LimitError(f"header is {size} bytes; the limit is {limits.max_header_bytes}")
     try:
         header = json.loads(bytes(frame).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ProtocolError(f"header is not valid UTF-8 JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError also covers integers of more than 4300 digits, RecursionError deep nesting
+        raise ProtocolError(f"header is not valid UTF-8 JSON: {str(exc)[:200]}") from None
     if not isinstance(header, dict) or set(header) != _HEADER_KEYS:
         raise ProtocolError(
             f"header must be an object with exactly the keys {sorted(_HEADER_KEYS)}"
@@ -165,6 +166,12 @@ def _check_specs(
             raise LimitError(f"tensor {name!r} shape must be a list of at most {limits.max_dims}")
         if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise ProtocolError(f"tensor {name!r} shape has a non-integer or negative dim")
+        # An empty tensor passes the byte limit whatever its other dims; bound each dim too,
+        # so no shape reaches torch that it cannot represent.
+        if any(d > limits.max_tensor_bytes for d in shape):
+            raise LimitError(
+                f"tensor {name!r} has a dim over {limits.max_tensor_bytes} (max_tensor_bytes)"
+            )
         dtype = DTYPES[dtype_name]
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes > limits.max_tensor_bytes:

@@ -46,8 +46,9 @@ def _load(blob: Buffer, what: str) -> dict[str, Any]:
         raise ProtocolError(f"{what} payload is {len(blob)} bytes; limit {MAX_PAYLOAD}")
     try:
         obj = json.loads(bytes(blob).decode())
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ProtocolError(f"{what} payload is not JSON") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        # ValueError: bad JSON or an integer of more than 4300 digits; RecursionError: nesting
+        raise ProtocolError(f"{what} payload is not JSON within this protocol's limits") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what} payload must be a JSON object")
     return obj

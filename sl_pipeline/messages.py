@@ -48,6 +48,8 @@ def _check_meta_value(key: str, value: Any, depth: int = 0) -> Any:
     if isinstance(value, _META_SCALARS):
         if isinstance(value, float) and not math.isfinite(value):
             raise ProtocolError(f"meta value for {key!r} is not a finite number")
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:
+            raise ProtocolError(f"meta value for {key!r} is not a 64-bit integer")
         return value
     if isinstance(value, list | tuple):
         return tuple(_check_meta_value(key, v, depth + 1) for v in value)

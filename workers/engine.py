@@ -59,6 +59,8 @@ def wire_tensors(name: str, tensor: torch.Tensor, dtype: str) -> dict[str, torch
 def read_tensor(msg: Message, name: str) -> torch.Tensor:
     """A tensor from a message as float32, dequantising int8 when a scale came with it."""
     tensor = msg.tensor(name)
+    if tensor.dim() == 0:
+        raise ProtocolError(f"{name} must have a batch dimension, got a 0-d tensor")
     if tensor.dtype != torch.int8:
         return tensor
     scale = msg.tensor(f"{name}_scale").to(torch.float32)

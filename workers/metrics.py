@@ -51,6 +51,7 @@ REJECT_REASONS: tuple[str, ...] = (
     "version",
     "unauthenticated",
     "overloaded",
+    "internal",
     "other",
 )
 HANDSHAKE_RESULTS: tuple[str, ...] = ("ok", "not_admitted", "bad_handshake", "version")

@@ -139,7 +139,12 @@ class RouterService:
 
     def peer_name(self, hello: dict[str, Any], key: bytes | None) -> str:
         """The name a peer goes by: its admitted key's, never what the hello claims."""
-        return self.admitted_names[key] if key else str(hello.get("client", "?"))[:64]
+        if key:
+            return self.admitted_names[key]
+        claimed = hello.get("client", "?")  # --insecure: whatever the peer says it is
+        if not isinstance(claimed, str) or not claimed.isprintable() or len(claimed) > 64:
+            raise ProtocolError("the hello's 'client' must be a printable name of 64 chars or less")
+        return claimed
 
     async def on_start(self) -> None:
         return None
@@ -209,7 +214,33 @@ class RouterService:
             self._idle = True
             identity, frames = await endpoint.recv()
             self._idle = False
-            await self._handle(endpoint, identity, frames)
+            try:
+                await self._handle(endpoint, identity, frames)
+            except Exception as exc:  # the last resort: one peer's message never ends us
+                await self._internal_failure(endpoint, identity, exc)
+
+    async def _internal_failure(
+        self, endpoint: RouterEndpoint, identity: bytes, exc: Exception
+    ) -> None:
+        """An error nobody foresaw while handling one message: a log line with the trace,
+        a metric, and an ``internal`` error reply to an authenticated peer (a stranger gets
+        nothing). The worker goes on serving everyone else."""
+        self.metrics.record_rejected("internal")
+        peer = self.peers.get(identity)
+        log.error(
+            "internal error while handling a message from %s: %s: %s",
+            peer.name if peer else "an unauthenticated peer",
+            type(exc).__name__,
+            str(exc)[:200],
+            exc_info=exc,
+        )
+        if peer is None:
+            return
+        notice = error_message("internal", "the message could not be handled; see the log")
+        try:
+            await self._send(endpoint, identity, peer, notice)
+        except Exception as failure:  # a reply we cannot send is only logged
+            log.warning("could not send the internal error to %s: %s", peer.name, failure)
 
     async def _tick(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
