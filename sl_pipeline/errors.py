@@ -65,6 +65,12 @@ class NotAdmittedError(CryptoError, PermissionError):
     code = "not_admitted"
 
 
+class OverloadedError(ProtocolError):
+    """The worker is at a bound (peers, pending handshakes, hello rate); retry later."""
+
+    code = "overloaded"
+
+
 class PeerError(SLError, RuntimeError):
     """The peer replied with an ERROR message; ``remote_code`` is its code."""
 
@@ -104,6 +110,7 @@ __all__ = [
     "CryptoError",
     "LimitError",
     "NotAdmittedError",
+    "OverloadedError",
     "PeerError",
     "PrivacyError",
     "ProtocolError",

@@ -15,12 +15,13 @@ Frames on the wire::
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .crypto import Initiator, PlainSession, Responder, Session
-from .errors import CryptoError, PeerError, ProtocolError, SLError, VersionError
+from .errors import CryptoError, PeerError, ProtocolError, ReplayError, SLError, VersionError
 from .keys import KeyPair
 from .messages import PROTOCOL_VERSION
 
@@ -64,15 +65,22 @@ class ClientHandshake:
 
     def __post_init__(self) -> None:
         self._initiator: Initiator | None = None
+        self._last_ts = 0
 
     def start(self) -> list[bytes]:
-        """Hello frames for a fresh attempt (a Noise handshake state is single-use)."""
+        """Hello frames for a fresh attempt (a Noise handshake state is single-use).
+
+        Each attempt carries a timestamp newer than the last (``ts``, ns since the epoch):
+        the server refuses a hello that is not newer than the last one from the same key,
+        so a captured hello replayed by someone without the key gets nowhere."""
         version = str(PROTOCOL_VERSION).encode()
+        self._last_ts = max(self._last_ts + 1, time.time_ns())
+        hello = _dump({**self.hello, "ts": self._last_ts})
         if self.static is not None and self.server_key is not None:
             self._initiator = Initiator(self.static, self.server_key)
         if self._initiator is None:
-            return [HELLO, version, b"plain", _dump(self.hello)]
-        return [HELLO, version, b"noise", self._initiator.write_message1(_dump(self.hello))]
+            return [HELLO, version, b"plain", hello]
+        return [HELLO, version, b"noise", self._initiator.write_message1(hello)]
 
     def finish(self, frames: Sequence[Buffer]) -> tuple[AnySession, dict[str, Any]]:
         """The session and the welcome; PeerError if the server refused us."""
@@ -97,6 +105,10 @@ class ServerHandshake:
     static: KeyPair | None
     admitted: Callable[[bytes], bool]
     insecure: bool = False
+
+    def __post_init__(self) -> None:
+        # Per admitted key, the newest hello timestamp seen: one entry per admitted key.
+        self._newest: dict[bytes, int] = {}
 
     def answer(
         self, frames: Sequence[Buffer], accept: Accept
@@ -123,9 +135,20 @@ class ServerHandshake:
         responder = Responder(self.static, self.admitted)
         payload, peer_key = responder.read_message1(bytes(frames[3]))
         hello = _load(payload, "hello")
+        self._check_fresh(hello, peer_key)
         welcome = accept(hello, peer_key)
         reply, session = responder.write_message2(_dump(welcome))
         return [WELCOME, reply], session, hello, peer_key
+
+    def _check_fresh(self, hello: Mapping[str, Any], key: bytes) -> None:
+        """Refuse a replayed message 1: it authenticates (IK's known limit) but its
+        timestamp is not newer than one this server already accepted from the same key."""
+        ts = hello.get("ts")
+        if isinstance(ts, bool) or not isinstance(ts, int) or not 0 < ts < 2**63:
+            raise ProtocolError("the hello lacks a valid timestamp 'ts'; update the client")
+        if ts <= self._newest.get(key, 0):
+            raise ReplayError("a replayed hello: its timestamp is not newer than the last one")
+        self._newest[key] = ts
 
 
 def refusal(error: SLError) -> list[bytes]:

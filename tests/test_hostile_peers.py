@@ -19,12 +19,15 @@ from sl_pipeline.errors import PeerError
 from sl_pipeline.handshake import HELLO, ClientHandshake
 from sl_pipeline.keys import load_keypair, load_public_key
 from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
-from sl_pipeline.transport import DealerConnection
+from sl_pipeline.session import PlainSession
+from sl_pipeline.transport import Channel, DealerConnection
+from workers.client import ClientWorker
 from workers.relay import RelayWorker
 from workers.server import ServerWorker
+from workers.service import Peer
 
-from .conftest import load_server
-from .inprocess import load
+from .conftest import load_client, load_server
+from .inprocess import load, run_deployment
 
 Served = tuple[ServerWorker, dict[str, Path], zmq.asyncio.Context, asyncio.Task[Any]]
 
@@ -268,3 +271,71 @@ async def _until(predicate: Any, timeout_s: float = 10.0) -> None:
     while not predicate():
         assert loop.time() < deadline, "timed out waiting for a worker"
         await asyncio.sleep(0.02)
+
+
+# ---- finding 4: a replayed hello, with no key, changes nothing -------------------------------
+async def _replay(bind: str, frames: list[bytes], ctx: zmq.asyncio.Context) -> list[bytes]:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(bind)
+    try:
+        await sock.send_multipart(frames)
+        return list(await asyncio.wait_for(sock.recv_multipart(), 10))
+    finally:
+        sock.close()
+
+
+async def test_a_replayed_hello_leaves_the_real_client_untouched(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: what the client achieves alone (u-shaped: the server holds an open step)
+    make = dict(topology="ushaped", clients=1, dataset="breast_cancer", epochs=3)
+    alone = (await run_deployment(deployment(**make)))["summaries"][0]
+    files = deployment(**make)
+    base = files["server"].parent
+    server = ServerWorker(load_server(files["server"], "server.max_clients=4"), base)
+    stop = asyncio.Event()
+    task = asyncio.create_task(server.serve(stop))
+    ctx = zmq.asyncio.Context()
+    try:
+        await _until(lambda: server.bound)
+        client = ClientWorker(load_client(files["client-1"]), base, progress=False)
+        captured: list[list[bytes]] = []
+        start = client.handshake.start
+
+        def recording() -> list[bytes]:  # what an on-path observer sees: the first hello
+            captured.append(start())
+            return captured[-1]
+
+        client.handshake.start = recording  # type: ignore[method-assign]
+        training = asyncio.create_task(client.run())
+        await _until(lambda: server.steps_applied >= 2)
+        # Execute: the captured hello, replayed from many connections while the client trains
+        answers = await asyncio.gather(
+            *(_replay(server.cfg.server.bind, captured[0], ctx) for _ in range(40))
+        )
+        summary = await asyncio.wait_for(training, 120)
+        # Assert: every replay refused, and the client's run is the one it has alone
+        assert all(answer[0] == b"sl-refuse" for answer in answers)
+        assert b"replayed hello" in answers[0][1]
+        assert summary["steps"] == alone["steps"]
+        assert summary["test_accuracy"] == pytest.approx(alone["test_accuracy"], abs=0.02)
+        assert not task.done()
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
+        ctx.destroy(linger=0)
+
+
+def test_an_unconfirmed_session_owns_no_engine_state(deployment) -> None:  # type: ignore[no-untyped-def]
+    """Sans-IO view of the same rule: dropping a never-confirmed session of a name (timeout
+    or eviction) must not clear that name's live step in the engine."""
+    files = deployment(topology="ushaped", clients=1, dataset="breast_cancer")
+    server = ServerWorker(load_server(files["server"]), files["server"].parent)
+    forgotten: list[str] = []
+    server.engine.forget = forgotten.append  # type: ignore[method-assign,assignment]
+    live = Peer("client-1", Channel(PlainSession()), "k", confirmed=True)
+    replayed = Peer("client-1", Channel(PlainSession()), "k")
+    server.peers = {b"live": live, b"replayed": replayed}
+    server.forget(b"replayed")
+    assert forgotten == [] and b"live" in server.peers
+    server.forget(b"live")
+    assert forgotten == ["client-1"]

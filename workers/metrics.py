@@ -54,6 +54,16 @@ REJECT_REASONS: tuple[str, ...] = (
     "internal",
     "other",
 )
+#: Tables a peer's messages fill, each with a bound; ``sl_bound_hits_total`` counts the hits.
+BOUNDED_TABLES: tuple[str, ...] = (
+    "pending_handshakes",
+    "hello_rate",
+    "reply_cache",
+    "relay_cache",
+    "round_table",
+    "waiting",
+    "other",
+)
 HANDSHAKE_RESULTS: tuple[str, ...] = ("ok", "not_admitted", "bad_handshake", "version")
 PRIVACY_MECHANISMS: tuple[str, ...] = ("dpsgd", "activation_noise")
 
@@ -160,6 +170,12 @@ class WorkerMetrics:
             ["reason"],
             registry=reg,
         )
+        self.bound_hits_total = Counter(
+            "sl_bound_hits_total",
+            "Times a per-peer or per-name table hit its bound (an entry was refused or evicted).",
+            ["table"],
+            registry=reg,
+        )
         self.handshakes_total = Counter(
             "sl_handshakes_total",
             "Handshakes attempted with this worker, by result.",
@@ -220,6 +236,8 @@ class WorkerMetrics:
             self.rejected_messages_total.labels(reason=reason)
         for result in HANDSHAKE_RESULTS:
             self.handshakes_total.labels(result=result)
+        for table in BOUNDED_TABLES:
+            self.bound_hits_total.labels(table=table)
         # "No value yet" is NaN, not 0: a loss, an accuracy or a dCor of 0 would be a claim.
         # The privacy gauges appear only once a mechanism reports: an epsilon of 0 for a
         # mechanism that is not running would read as "perfect privacy".
@@ -239,6 +257,10 @@ class WorkerMetrics:
     def record_rejected(self, reason: str) -> None:
         """Count one dropped message; an unknown ``reason`` counts as ``other``."""
         self.rejected_messages_total.labels(reason=_bounded(reason, REJECT_REASONS)).inc()
+
+    def record_bound(self, table: str) -> None:
+        """A bounded table refused or evicted an entry; an unknown ``table`` counts as ``other``."""
+        self.bound_hits_total.labels(table=_bounded(table, BOUNDED_TABLES)).inc()
 
     def record_handshake(self, result: str) -> None:
         """Count one handshake; ``result`` must be one of :data:`HANDSHAKE_RESULTS`."""
@@ -267,6 +289,7 @@ class WorkerMetrics:
 
 
 __all__ = [
+    "BOUNDED_TABLES",
     "DIRECTIONS",
     "HANDSHAKE_RESULTS",
     "LATENCY_BUCKETS_S",

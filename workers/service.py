@@ -25,6 +25,7 @@ from sl_pipeline.errors import (
     CryptoError,
     LimitError,
     NotAdmittedError,
+    OverloadedError,
     ProtocolError,
     ReplayError,
     SLError,
@@ -41,6 +42,8 @@ from .metrics import WorkerMetrics
 log = logging.getLogger("sl_pipeline.service")
 POLL_MS = 200
 GOODBYE_LINGER_MS = 500  # how long closing may wait for the shutdown notices to leave
+CONFIRM_TIMEOUT_S = 30.0  # a session must send its first message within this after joining
+PENDING_PER_NAME = 2  # unconfirmed sessions kept per name (a client retrying its join)
 Replies = list[tuple[bytes, Message]]
 
 
@@ -128,13 +131,16 @@ class RouterService:
                 f"model/topology mismatch: peer has {hello.get('model')!r}, this {self.role} has "
                 f"{self.fingerprint!r}; use the same [model] section and topology on both sides"
             )
-        others = {p.name for p in self.peers.values()} - {self.peer_name(hello, key)}
+        name = self.peer_name(hello, key)
+        others = {p.name for p in self.peers.values()} - {name}
         if len(others) >= self.listen.max_peers:  # a rejoin replaces its own old session
-            error = ProtocolError(
+            raise OverloadedError(
                 f"{self.role} is full ({self.listen.max_peers} peers); retry later"
             )
-            error.code = "overloaded"
-            raise error
+        pending = sum(1 for p in self.peers.values() if not p.confirmed and p.name != name)
+        if pending >= self.listen.max_peers:  # refuse the newcomer; never push out others
+            self.metrics.record_bound("pending_handshakes")
+            raise OverloadedError(f"{self.role} has too many unfinished handshakes; retry later")
         return {"session": self.session_id}
 
     def peer_name(self, hello: dict[str, Any], key: bytes | None) -> str:
@@ -265,14 +271,18 @@ class RouterService:
 
     def _drop_silent_peers(self) -> None:
         now = time.monotonic()
+        unconfirmed_s = min(self.listen.peer_timeout_s, CONFIRM_TIMEOUT_S)
         for identity, peer in list(self.peers.items()):
-            if now - peer.last_seen > self.listen.peer_timeout_s:
+            limit = self.listen.peer_timeout_s if peer.confirmed else unconfirmed_s
+            if now - peer.last_seen > limit:
                 log.warning("dropping peer %s: silent for %.0fs", peer.name, now - peer.last_seen)
                 self.forget(identity)
 
     def forget(self, identity: bytes) -> None:
         peer = self.peers.pop(identity, None)
-        if peer is not None:
+        # A session that never proved itself (a replayed hello, a client that vanished
+        # mid-join) owns no engine state: the name's live session keeps its own.
+        if peer is not None and peer.confirmed:
             self.forget_peer(peer)
         self.metrics.peers_authenticated.set(len(self.peers))
         self.metrics.peers_connected.set(len(self.peers))
@@ -354,16 +364,17 @@ class RouterService:
             )
             self.metrics.record_handshake(result)
             reason = "overloaded" if exc.code == "overloaded" else result
+            reason = "replay" if isinstance(exc, ReplayError) else reason
             self.metrics.record_rejected(
-                reason if reason in ("not_admitted", "overloaded", "version") else "other"
+                reason if reason in ("not_admitted", "overloaded", "version", "replay") else "other"
             )
             log.warning("refused a handshake (%s): %s", result, exc.message)
             return refusal(exc)
         # The name comes from the admitted key, never from what the peer claims.
         name = self.peer_name(hello, key)
-        self._bound_unconfirmed()
         fp = key_fingerprint(key) if key else "insecure"
         self.peers[identity] = Peer(name, Channel(session, self.limits), fp)
+        self._bound_unconfirmed(name)
         self.metrics.record_handshake("ok")
         self.metrics.peers_authenticated.set(len(self.peers))
         self.metrics.peers_connected.set(len(self.peers))
@@ -378,8 +389,12 @@ class RouterService:
             if other.name == peer.name and other_id != identity:
                 self.forget(other_id)
 
-    def _bound_unconfirmed(self) -> None:
-        """Handshakes that never send a message cost bounded memory: drop the oldest."""
-        pending = [i for i, p in self.peers.items() if not p.confirmed]
-        for identity in pending[: max(0, len(pending) - self.listen.max_peers)]:
+    def _bound_unconfirmed(self, name: str) -> None:
+        """Handshakes that never send a message cost bounded memory: at most a few per
+        name (the oldest of the *same* name goes), and :meth:`accept` refuses newcomers
+        when too many names have one pending; nobody's pending handshake is pushed out by
+        another name's."""
+        pending = [i for i, p in self.peers.items() if not p.confirmed and p.name == name]
+        for identity in pending[: max(0, len(pending) - PENDING_PER_NAME)]:
+            self.metrics.record_bound("pending_handshakes")
             self.forget(identity)
