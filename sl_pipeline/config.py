@@ -105,6 +105,10 @@ class ServerSection:
     insecure: bool = False
     max_clients: int = 64
     client_timeout_s: float = 120.0
+    # Admitted peers that may speak for clients of their own (the `client` field of a
+    # message): relays only. Everyone else is known by its admitted name alone.
+    relays: list[str] = field(default_factory=list)
+    max_names: int = 256  # names (clients, a relay's clients) whose replies are remembered
     fuse: Literal["concat", "sum", "mean"] = "concat"
     parties: int = 1  # vertical: feature parties; roundrobin/splitfed: clients per round
     tasks: list[str] = field(default_factory=list)  # multitask: task names
@@ -144,6 +148,8 @@ class RelaySection:
     insecure: bool = False
     segment: int = 1  # which segment of the model this relay holds
     timeout_s: float = 30.0
+    relays: list[str] = field(default_factory=list)  # downstream relays (a longer chain)
+    max_names: int = 256  # names whose last reply this relay remembers
     save: str = ""
 
 

@@ -5,6 +5,7 @@ authenticated fuzz test is in ``test_hostile_fuzz.py``."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -339,3 +340,111 @@ def test_an_unconfirmed_session_owns_no_engine_state(deployment) -> None:  # typ
     assert forgotten == [] and b"live" in server.peers
     server.forget(b"live")
     assert forgotten == ["client-1"]
+
+
+# ---- finding 3: sub-names only from relays, every per-name table bounded ---------------------
+def _act_forward(client: str, step: int = 0, labels: bool = True) -> Message:
+    tensors = {"act": torch.randn(4, 64)}
+    if labels:
+        tensors["labels"] = torch.zeros(4, dtype=torch.int64)
+    return Message(kind=Kind.FORWARD, client=client, step=step, tensors=tensors)
+
+
+async def test_a_client_cannot_open_state_under_a_sub_name(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: u-shaped, where an open step blocks every other client's forward
+    files = deployment(topology="ushaped", clients=2, dataset="breast_cancer")
+    base = files["server"].parent
+    server = ServerWorker(load_server(files["server"]), base)
+    stop = asyncio.Event()
+    task = asyncio.create_task(server.serve(stop))
+    ctx = zmq.asyncio.Context()
+    try:
+        await _until(lambda: server.bound)
+        keys, bind = base / "keys", server.cfg.server.bind
+        mallory = await join(bind, server.fingerprint, keys, ctx, "client-1")
+        honest = await join(bind, server.fingerprint, keys, ctx, "client-2")
+        # Execute: a step opened under a self-chosen sub-name, then bye
+        await mallory.send(_act_forward("x", labels=False))
+        opened = await mallory.recv(10)
+        await mallory.send(Message(kind=Kind.BYE, client="x"))
+        # Assert: the step was the client's own, so its bye closed it; nobody is blocked
+        assert opened.client == "client-1"
+        await honest.send(_act_forward("client-2", labels=False))
+        reply = await honest.recv(10)
+        assert reply.kind is Kind.RESULT and reply.client == "client-2"
+        mallory.close()
+        honest.close()
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
+        ctx.destroy(linger=0)
+
+
+async def test_the_reply_cache_is_bounded_in_names_and_counts_the_hits(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: client-1 configured as a relay (it may speak for others); room for 3 names
+    files = deployment(clients=1, dataset="breast_cancer")
+    base = files["server"].parent
+    cfg = load_server(files["server"], 'server.relays=["client-1"]', "server.max_names=3")
+    server = ServerWorker(cfg, base)
+    stop = asyncio.Event()
+    task = asyncio.create_task(server.serve(stop))
+    ctx = zmq.asyncio.Context()
+    try:
+        await _until(lambda: server.bound)
+        conn = await join(server.cfg.server.bind, server.fingerprint, base / "keys", ctx)
+        # Execute: forwards under 10 distinct sub-names
+        for i in range(10):
+            await conn.send(_act_forward(f"sub-{i}"))
+            assert (await conn.recv(10)).kind is Kind.BACKWARD
+        # Assert: 3 names kept, 7 evictions counted
+        assert server.replies.names() == 3
+        hits = server.metrics.registry.get_sample_value(
+            "sl_bound_hits_total", {"table": "reply_cache"}
+        )
+        assert hits == 7.0
+        conn.close()
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
+        ctx.destroy(linger=0)
+
+
+async def test_a_relay_keeps_sub_names_of_configured_relays_only_and_bounds_its_cache(
+    deployment,
+) -> None:  # type: ignore[no-untyped-def]
+    from sl_pipeline.config import RelayConfig
+
+    files = deployment(topology="multihop", clients=1, dataset="breast_cancer")
+    base = files["server"].parent
+    server = ServerWorker(load_server(files["server"]), base)
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(server.serve(stop))]
+    ctx = zmq.asyncio.Context()
+    try:
+        relay_cfg = load(RelayConfig, files["relay-1"], ["relay.max_names=2"])
+        relay = RelayWorker(relay_cfg, base)
+        await _until(lambda: server.bound)
+        tasks.append(asyncio.create_task(relay.serve(stop)))
+        await _until(relay.ready)
+        conn = await join(
+            relay.cfg.relay.bind, relay.fingerprint, base / "keys", ctx, server="relay-1"
+        )
+        act = torch.randn(4, 64)
+        for i in range(3):  # a plain client's sub-names are ignored: one name, one entry
+            await conn.send(dataclasses.replace(forward(act, step=i), client=f"x{i}"))
+            assert (await conn.recv(10)).client == "client-1"
+        assert len(relay.cache) == 1
+        relay.listen = dataclasses.replace(relay.listen, relays=frozenset({"client-1"}))
+        for i in range(4):  # a configured relay's sub-names: bounded at 2
+            await conn.send(dataclasses.replace(forward(act, step=i), client=f"y{i}"))
+            assert (await conn.recv(10)).client == f"client-1/y{i}"
+        assert len(relay.cache) == 2
+        hits = relay.metrics.registry.get_sample_value(
+            "sl_bound_hits_total", {"table": "relay_cache"}
+        )
+        assert hits == 3.0
+        conn.close()
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 15)
+        ctx.destroy(linger=0)

@@ -8,6 +8,7 @@ its own. ``steps_applied`` counts optimizer steps, for the exactly-once bookkeep
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,13 @@ from sl_pipeline.errors import ConfigError, ProtocolError
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.models import build_segments, make_optimizer, multitask_heads, resolve_device
 
+from .bounded import LruTable
+
 Reply = tuple[bytes, Message]
+
+
+def _no_report(table: str) -> None:
+    return None
 
 
 def as_input(
@@ -110,6 +117,7 @@ class Engine:
         # Reply-first: the server sets this per request (see ``backprop``).
         self.defer_updates = False
         self.deferred_updates = 0  # how many steps replied first (reported in the summary)
+        self.on_bound: Callable[[str], None] = _no_report  # a bounded table was hit
         self._deferred: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def handle(self, identity: bytes, msg: Message) -> list[Reply]:
@@ -232,7 +240,9 @@ class MiddleEngine(Engine):
     def __init__(self, module: nn.Module, cfg: ServerConfig) -> None:
         super().__init__(module, cfg)
         self._open: tuple[str, int, int, torch.Tensor, torch.Tensor] | None = None
-        self._waiting: dict[str, tuple[bytes, Message]] = {}
+        self._waiting: LruTable[str, tuple[bytes, Message]] = LruTable(
+            max(1, cfg.server.max_names), lambda: self.on_bound("waiting")
+        )
 
     def handle(self, identity: bytes, msg: Message) -> list[Reply]:
         if msg.kind is Kind.FORWARD:
@@ -241,7 +251,8 @@ class MiddleEngine(Engine):
                     "u-shaped topology: labels stay at the client; do not send them"
                 )
             if self._open is not None and self._open[0] != msg.client:
-                self._waiting[msg.client] = (identity, msg)  # answered when the open step ends
+                # answered when the open step ends; a full queue refuses the newcomer
+                self._waiting.add(msg.client, (identity, msg), "clients waiting for a step")
                 return []
             return [self._forward(identity, msg)]
         if msg.kind is Kind.BACKWARD:
@@ -249,7 +260,9 @@ class MiddleEngine(Engine):
             if self._waiting:
                 self.settle()  # the next client's forward must see this step's update
                 client = next(iter(self._waiting))
-                replies.append(self._forward(*self._waiting.pop(client)))
+                waiting = self._waiting.pop(client)
+                assert waiting is not None
+                replies.append(self._forward(*waiting))
             return replies
         return super().handle(identity, msg)
 
@@ -272,7 +285,7 @@ class MiddleEngine(Engine):
         return len(self._waiting)
 
     def forget(self, client: str) -> None:
-        self._waiting.pop(client, None)
+        self._waiting.pop(client)
         if self._open is not None and self._open[0] == client:
             self._open = None  # a waiting client's resend will be served next
 

@@ -191,6 +191,7 @@ def init_deployment(
             "train": train,
         }
         endpoint = f"tcp://127.0.0.1:{relay_port}"
+        server_section["relays"] = ["relay-1"]  # it speaks for its clients
     client_cfgs = [
         _client(i, clients, endpoint, dataset, topology, model, train, seed) for i in range(clients)
     ]

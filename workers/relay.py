@@ -23,6 +23,7 @@ from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message, error_message
 from sl_pipeline.models import build_segments, fingerprint, make_optimizer, resolve_device
 from sl_pipeline.transport import DealerConnection
 
+from .bounded import LruTable
 from .common import load_own_key, load_peer_key, warn_insecure
 from .engine import as_input, read_tensor, run_segment, wire_tensors
 from .metrics import WorkerMetrics
@@ -36,7 +37,9 @@ class RelayWorker(RouterService):
 
     def __init__(self, cfg: RelayConfig, base: Path, metrics: WorkerMetrics | None = None) -> None:
         r = cfg.relay
-        listen = Listen(r.bind, r.key, r.admitted, r.insecure, 64, 600.0, "relay")
+        listen = Listen(
+            r.bind, r.key, r.admitted, r.insecure, 64, 600.0, "relay", frozenset(r.relays)
+        )
         super().__init__(
             listen,
             cfg.ops,
@@ -61,7 +64,9 @@ class RelayWorker(RouterService):
         self.upstream_hs = self._upstream_handshake()
         self.ctx: zmq.asyncio.Context | None = None
         self.upstream: DealerConnection | None = None
-        self.cache: dict[tuple[str, str], tuple[tuple[int, int], Message]] = {}
+        self.cache: LruTable[str, tuple[tuple[int, int], Message]] = LruTable(
+            max(1, r.max_names), lambda: self.metrics.record_bound("relay_cache")
+        )
         self.steps_applied = 0
 
     def _upstream_handshake(self) -> ClientHandshake:
@@ -124,12 +129,9 @@ class RelayWorker(RouterService):
         raise AssertionError("unreachable")
 
     async def dispatch(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
-        name = (
-            peer.name if not msg.client or msg.client == peer.name else f"{peer.name}/{msg.client}"
-        )
         msg = Message(
             kind=msg.kind,
-            client=name,
+            client=self.speaker(peer, msg),
             epoch=msg.epoch,
             step=msg.step,
             meta=msg.meta,
@@ -157,7 +159,7 @@ class RelayWorker(RouterService):
             return [(identity, error_message(exc.code, exc.message, request=msg))]
 
     async def _forward(self, msg: Message) -> Message:
-        key, step = (msg.client, "forward"), (msg.epoch, msg.step)
+        key, step = msg.client, (msg.epoch, msg.step)
         cached = self.cache.get(key)
         if cached is not None and cached[0] == step:
             return cached[1]
@@ -178,7 +180,7 @@ class RelayWorker(RouterService):
             meta=dict(reply.meta),
             tensors=wire_tensors("grad", act.grad, self.cfg.train.wire_dtype),
         )
-        self.cache[key] = (step, answer)
+        self.cache.put(key, (step, answer))
         return answer
 
     async def _infer(self, msg: Message) -> Message:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from sl_pipeline.config import ServerConfig, resolve_path
-from sl_pipeline.errors import ConfigError, ProtocolError
+from sl_pipeline.errors import ConfigError, OverloadedError, ProtocolError
 from sl_pipeline.messages import Kind, Message, error_message
 from sl_pipeline.models import fingerprint
 
@@ -35,7 +35,14 @@ class ServerWorker(RouterService):
     def __init__(self, cfg: ServerConfig, base: Path, metrics: WorkerMetrics | None = None) -> None:
         s = cfg.server
         listen = Listen(
-            s.bind, s.key, s.admitted, s.insecure, s.max_clients, s.client_timeout_s, "server"
+            s.bind,
+            s.key,
+            s.admitted,
+            s.insecure,
+            s.max_clients,
+            s.client_timeout_s,
+            "server",
+            frozenset(s.relays),
         )
         super().__init__(
             listen,
@@ -47,7 +54,11 @@ class ServerWorker(RouterService):
         )
         self.cfg = cfg
         self.engine: Engine = build_engine(cfg, base)
-        self.replies = ReplyCache()
+        self.engine.on_bound = self.metrics.record_bound
+        self.replies = ReplyCache(
+            max_names=max(1, s.max_names),
+            on_hit=lambda: self.metrics.record_bound("reply_cache"),
+        )
         self.steps_applied = 0
         self.last_loss: float | None = None
         self.applied_log: list[list[Any]] = []  # [client, epoch, step] per applied update
@@ -165,14 +176,10 @@ class ServerWorker(RouterService):
 
     async def dispatch(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
         self.engine.settle()  # no request ever sees weights without the last update
-        # A relay forwards for its own clients: keep them apart under the relay's name.
-        client = (
-            peer.name if not msg.client or msg.client == peer.name else f"{peer.name}/{msg.client}"
-        )
         msg = Message(
             kind=msg.kind,
             session=msg.session,
-            client=client,
+            client=self.speaker(peer, msg),
             epoch=msg.epoch,
             step=msg.step,
             meta=msg.meta,
@@ -192,7 +199,8 @@ class ServerWorker(RouterService):
             raise ProtocolError(f"a server does not accept {msg.kind.value} messages")
         except ProtocolError as exc:
             self.reject(peer, reject_reason(exc), exc)
-            return [(identity, error_message(exc.code, exc.message, request=msg))]
+            retry = isinstance(exc, OverloadedError)
+            return [(identity, error_message(exc.code, exc.message, retryable=retry, request=msg))]
 
     def _train(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
         """Apply a step at most once: a retransmitted request gets the cached reply."""

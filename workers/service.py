@@ -58,6 +58,7 @@ class Listen:
     max_peers: int
     peer_timeout_s: float
     section: str  # "server" or "relay"
+    relays: frozenset[str] = frozenset()  # admitted names that may speak for others
 
 
 @dataclass
@@ -142,6 +143,15 @@ class RouterService:
             self.metrics.record_bound("pending_handshakes")
             raise OverloadedError(f"{self.role} has too many unfinished handshakes; retry later")
         return {"session": self.session_id}
+
+    def speaker(self, peer: Peer, msg: Message) -> str:
+        """Whom a message speaks for. A configured relay forwards for its own clients, who
+        are kept apart under the relay's name (``relay-1/client-1``); anyone else is its
+        admitted name, whatever its ``client`` field says: no peer can open state, fill a
+        group or take a turn under names of its own choosing."""
+        if not msg.client or msg.client == peer.name or peer.name not in self.listen.relays:
+            return peer.name
+        return f"{peer.name}/{msg.client}"
 
     def peer_name(self, hello: dict[str, Any], key: bytes | None) -> str:
         """The name a peer goes by: its admitted key's, never what the hello claims."""

@@ -19,11 +19,13 @@ from privacy.config import LabelConfig, PrivacyConfig
 from privacy.label import build_label_protection
 from sl_pipeline.config import ServerConfig
 from sl_pipeline.data import load_arrays
-from sl_pipeline.errors import ConfigError, ProtocolError
+from sl_pipeline.errors import ConfigError, OverloadedError, ProtocolError
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.models import vertical_top
 
 from .engine import Engine, Reply, as_input, read_tensor, run_segment, wire_tensors
+
+MAX_OPEN_BATCHES = 64  # batches some parties sent and others not yet (pipelining, stragglers)
 
 
 @dataclass
@@ -81,6 +83,9 @@ class VerticalEngine(Engine):
             )
         if "labels" in msg.tensors:
             raise ProtocolError("vertical: feature parties must not send labels")
+        if key not in self._waiting and len(self._waiting) >= MAX_OPEN_BATCHES:
+            self.on_bound("waiting")  # parties far ahead of the others cannot pile up batches
+            raise OverloadedError(f"vertical: {MAX_OPEN_BATCHES} batches already wait; retry")
         parts = self._waiting.setdefault(key, {})
         parts[msg.client] = Part(
             identity, msg, as_input(read_tensor(msg, "act"), train, self.device)

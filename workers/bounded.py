@@ -1,0 +1,79 @@
+"""A table with a bound on its number of entries, for state that peers' messages create.
+
+Every per-name table a peer can grow (the server's reply cache, a relay's cache, queued
+requests) is one of these: at the bound it either evicts the least recently used entry or
+refuses the newcomer, and reports the hit (``sl_bound_hits_total``) through ``on_hit``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+from sl_pipeline.errors import OverloadedError
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def no_hit() -> None:
+    return None
+
+
+class LruTable(Generic[K, V]):
+    """At most ``limit`` entries; reading or writing an entry makes it the most recent."""
+
+    def __init__(self, limit: int, on_hit: Callable[[], None] = no_hit) -> None:
+        if limit < 1:
+            raise ValueError(f"a bounded table needs a limit of at least 1, got {limit}")
+        self.limit = limit
+        self.on_hit = on_hit
+        self._items: OrderedDict[K, V] = OrderedDict()
+
+    def get(self, key: K) -> V | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        """Store ``value``; at the bound the least recently used entry goes."""
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.limit:
+            self._items.popitem(last=False)
+            self.on_hit()
+
+    def add(self, key: K, value: V, what: str) -> None:
+        """Store ``value`` for a new key only while there is room: a full table refuses
+        the newcomer (OverloadedError, retryable) instead of pushing out somebody else."""
+        if key not in self._items and len(self._items) >= self.limit:
+            self.on_hit()
+            raise OverloadedError(f"{what}: {self.limit} already waiting; retry later")
+        self._items[key] = value
+
+    def pop(self, key: K) -> V | None:
+        return self._items.pop(key, None)
+
+    def setdefault(self, key: K, value: V) -> V:
+        found = self.get(key)
+        if found is None:
+            self.put(key, value)
+            return value
+        return found
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(list(self._items))
+
+    def items(self) -> list[tuple[K, V]]:
+        return list(self._items.items())
+
+    def values(self) -> list[V]:
+        return list(self._items.values())
