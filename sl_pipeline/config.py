@@ -68,6 +68,16 @@ class DataConfig:
     shards: int = 1
     feature_slice: list[int] = field(default_factory=list)  # vertical: [start, stop)
     task: str = ""  # multitask: which task's labels
+    # Tables (CSV/Parquet) and image folders; see docs/data.md.
+    id: str = ""  # identifier column: kept as the row id, never a feature
+    align: Literal["", "psi", "position"] = ""  # vertical: "" = psi when data.id is set
+    encode: Literal["onehot", "ordinal"] = "onehot"  # text feature columns
+    unknown: Literal["ignore", "error"] = "ignore"  # a category not seen in training rows
+    missing: Literal["error", "impute"] = "error"  # impute: training mean / most frequent
+    categorical: list[str] = field(default_factory=list)  # read as text though numeric
+    image: str = ""  # CSV column of image file paths (relative to the CSV's folder)
+    resize: bool = False  # resize images to model.in_shape instead of refusing other sizes
+    max_memory_mb: int = 1024  # decoded images beyond this go to a memory-mapped temp file
 
 
 @dataclass(frozen=True)

@@ -1,24 +1,28 @@
-"""Data a party holds: built-in offline sets, or the user's CSV/NPZ, split with a seed.
+"""Data a party holds, split with a seed: built-in sets, NPZ arrays, tables, image folders.
 
 Built-ins come from scikit-learn (no download): ``digits`` (1x8x8 images, 10 classes)
-and ``breast_cancer`` (30 tabular features, 2 classes). Every sample keeps its row id
-so vertically partitioned parties can align batches without sharing features.
+and ``breast_cancer`` (30 tabular features, 2 classes). A user's own rows are loaded and
+checked by :mod:`sl_pipeline.sources`; here they are split (train/test, shards), tables are
+encoded with statistics of the training rows only, and the result is checked against
+``model.in_shape``. Every sample keeps its row position as its id so vertically partitioned
+parties can align batches without sharing features (after a PSI, the position in the
+agreed intersection).
 """
 
 from __future__ import annotations
 
-import csv
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import encoding
 from .config import DataConfig
+from .encoding import Encoding
 from .errors import ConfigError
-
-BUILTIN_DATASETS = ("digits", "breast_cancer")
+from .sources import Source, check_arrays, load_source
 
 
 @dataclass(frozen=True)
@@ -37,81 +41,8 @@ class PartyData:
     test: Split
     in_shape: list[int]
     classes: int
-
-
-def _builtin(name: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    from sklearn import datasets
-
-    if name == "digits":
-        bunch = datasets.load_digits()
-        x = (bunch.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
-        return x, bunch.target.astype(np.int64), [1, 8, 8]
-    if name == "breast_cancer":
-        bunch = datasets.load_breast_cancer()
-        return bunch.data.astype(np.float32), bunch.target.astype(np.int64), [30]
-    raise ConfigError(f"data.dataset = {name!r} is unknown; choose one of {list(BUILTIN_DATASETS)}")
-
-
-def _from_csv(path: Path, label: str) -> tuple[np.ndarray, np.ndarray | None]:
-    try:
-        with path.open(newline="") as fh:
-            rows = list(csv.reader(fh))
-    except OSError as exc:
-        raise ConfigError(f"data.path = {str(path)!r} cannot be read: {exc.strerror}") from None
-    if len(rows) < 2:
-        raise ConfigError(f"data.path = {str(path)!r} needs a header row and at least one row")
-    header, body = rows[0], rows[1:]
-    if label and label not in header:
-        raise ConfigError(f"data.label = {label!r} is not a column of {path}; columns: {header}")
-    try:
-        table = np.array(body, dtype=np.float64)
-    except ValueError:
-        raise ConfigError(f"data.path = {str(path)!r} has a non-numeric or ragged row") from None
-    if not label:
-        return table.astype(np.float32), None
-    col = header.index(label)
-    y = table[:, col].astype(np.int64)
-    return np.delete(table, col, axis=1).astype(np.float32), y
-
-
-def _from_npz(path: Path, features: str, label: str) -> tuple[np.ndarray, np.ndarray | None]:
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"data.path = {str(path)!r} is not a readable .npz: {exc}") from None
-    with archive:
-        if features not in archive:
-            raise ConfigError(f"data.features = {features!r} is not in {path}: {archive.files}")
-        if label and label not in archive:
-            raise ConfigError(f"data.label = {label!r} is not in {path}: {archive.files}")
-        x = archive[features].astype(np.float32)
-        y = archive[label].astype(np.int64) if label else None
-    return x, y
-
-
-def load_arrays(cfg: DataConfig, base: Path) -> tuple[np.ndarray, np.ndarray | None, list[int]]:
-    """Features, labels (None for a party without labels) and the per-sample shape."""
-    y: np.ndarray | None
-    if cfg.dataset and cfg.path:
-        raise ConfigError("set data.dataset or data.path, not both")
-    if cfg.dataset:
-        x, y, shape = _builtin(cfg.dataset)
-    elif cfg.path:
-        path = Path(cfg.path) if Path(cfg.path).is_absolute() else base / cfg.path
-        if not path.exists():
-            raise ConfigError(f"data.path = {cfg.path!r}: no such file ({path})")
-        if path.suffix == ".npz":
-            x, y = _from_npz(path, cfg.features, cfg.label)
-        elif path.suffix == ".csv":
-            x, y = _from_csv(path, cfg.label)
-        else:
-            raise ConfigError(f"data.path = {cfg.path!r} must end in .csv or .npz")
-        shape = list(x.shape[1:])
-    else:
-        raise ConfigError("set data.dataset (digits, breast_cancer) or data.path (.csv/.npz)")
-    if cfg.feature_slice:
-        x, shape = _slice_features(x, cfg.feature_slice)
-    return x, y, shape
+    encoding: Encoding | None = None  # a table's fitted encoding, saved with the segment
+    label_names: list[str] | None = None  # text labels: the name of each class index
 
 
 def _slice_features(x: np.ndarray, bounds: list[int]) -> tuple[np.ndarray, list[int]]:
@@ -138,21 +69,76 @@ TASKS = {
 }
 
 
-def load_party_data(cfg: DataConfig, base: Path, classes: int | None = None) -> PartyData:
-    x, y, shape = load_arrays(cfg, base)
+def load_party_data(
+    cfg: DataConfig, base: Path, classes: int | None = None, in_shape: Sequence[int] = ()
+) -> PartyData:
+    """Load, check, split and encode this party's rows (``classes``/``in_shape``: [model])."""
+    return prepare(load_source(cfg, base, classes or 0, in_shape), cfg, classes, in_shape)
+
+
+def load_arrays(cfg: DataConfig, base: Path) -> tuple[np.ndarray, np.ndarray | None, list[int]]:
+    """Every row's features (tables encoded with all rows), labels and per-sample shape."""
+    src = load_source(cfg, base)
+    if src.table is not None:
+        enc = encoding.fit(src.table, cfg, range(len(src)), src.label_names)
+        x, shape = encoding.transform(enc, src.table), [enc.width]
+    else:
+        assert src.x is not None
+        x, shape = src.x, src.shape
+    if cfg.feature_slice:
+        x, shape = _slice_features(x, cfg.feature_slice)
+    return x, src.y, shape
+
+
+def prepare(
+    src: Source, cfg: DataConfig, classes: int | None = None, in_shape: Sequence[int] = ()
+) -> PartyData:
+    """Split ``src`` with the seed, fit a table's encoding on the training rows, check shapes."""
+    check_arrays(src, f"data.path = {cfg.path!r}" if cfg.path else "data", classes or 0)
+    y = src.y
     if cfg.task:
         if cfg.task not in TASKS:
             raise ConfigError(f"data.task = {cfg.task!r} is unknown; choose one of {sorted(TASKS)}")
         if y is not None:
             y = TASKS[cfg.task](y)
-    train_idx, test_idx = split_indices(len(x), cfg.test_fraction, cfg.seed)
+    train_idx, test_idx = split_indices(len(src), cfg.test_fraction, cfg.seed)
     if cfg.shards < 1 or not 0 <= cfg.shard < cfg.shards:
         raise ConfigError(f"data.shard = {cfg.shard} must be in [0, data.shards={cfg.shards})")
     train_idx = np.array_split(train_idx, cfg.shards)[cfg.shard]
     test_idx = np.array_split(test_idx, cfg.shards)[cfg.shard]
-    x = _standardise(x, train_idx) if cfg.dataset != "digits" else x
-    n_classes = classes or (int(y.max()) + 1 if y is not None else 0)
-    return PartyData(_take(x, y, train_idx), _take(x, y, test_idx), shape, n_classes)
+    enc = None
+    if src.table is not None:
+        enc = encoding.fit(src.table, cfg, sorted(train_idx.tolist()), src.label_names)
+        x, shape = encoding.transform(enc, src.table), [enc.width]
+    else:
+        assert src.x is not None
+        x, shape = src.x, src.shape
+        x = _standardise(x, train_idx) if src.scale else x
+    if cfg.feature_slice:
+        x, shape = _slice_features(x, cfg.feature_slice)
+    x, shape = _fit_shape(x, shape, in_shape, cfg, enc)
+    n_classes = classes or (int(y.max()) + 1 if y is not None and len(y) else 0)
+    return PartyData(
+        _take(x, y, train_idx), _take(x, y, test_idx), shape, n_classes, enc, src.label_names
+    )
+
+
+def _fit_shape(
+    x: np.ndarray, shape: list[int], in_shape: Sequence[int], cfg: DataConfig, enc: Encoding | None
+) -> tuple[np.ndarray, list[int]]:
+    """Reshape to ``model.in_shape`` when the sizes agree; otherwise say what to set."""
+    want = [int(v) for v in in_shape]
+    if not want or int(np.prod(want)) <= 0 or want == shape:
+        return x, shape
+    have = int(np.prod(shape))
+    if have != int(np.prod(want)):
+        what = f"data.path = {cfg.path!r}" if cfg.path else f"data.dataset = {cfg.dataset!r}"
+        detail = f" after encoding ({enc.describe()})" if enc is not None else ""
+        raise ConfigError(
+            f"{what} gives {shape} features per sample{detail}, but model.in_shape = {want}; "
+            f"set model.in_shape = {shape if len(shape) > 1 else [have]} or check the columns"
+        )
+    return np.ascontiguousarray(x.reshape(len(x), *want)), want
 
 
 def _standardise(x: np.ndarray, train_idx: np.ndarray) -> np.ndarray:

@@ -65,7 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         "predict", help="predictions for an input file; only activations leave"
     )
     predict.add_argument("--config", required=True, type=Path, help="the client's TOML file")
-    predict.add_argument("--input", required=True, type=Path, help=".csv or .npz features")
+    predict.add_argument(
+        "--input",
+        required=True,
+        type=Path,
+        help=".csv, .parquet or .npz features, or a folder of images",
+    )
     predict.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     predict.add_argument("--insecure", action="store_true")
     predict.add_argument("--json", action="store_true")
@@ -173,8 +178,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result), flush=True)
     else:
-        for value in result["predictions"]:
-            print(value)
+        shown = result.get("labels", result["predictions"])
+        for i, value in enumerate(shown):
+            print(f"{result['ids'][i]},{value}" if "ids" in result else value)
     return 0
 
 

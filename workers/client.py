@@ -14,6 +14,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,16 @@ import zmq.asyncio
 from tqdm import tqdm
 
 from sl_pipeline.config import ClientConfig, check_endpoint, resolve_path
-from sl_pipeline.data import PartyData, Split, load_party_data
+from sl_pipeline.data import PartyData, Split, prepare
 from sl_pipeline.errors import ConfigError, PeerError, TransportError
+from sl_pipeline.group import load_group_key
 from sl_pipeline.handshake import ClientHandshake
 from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
 from sl_pipeline.models import fingerprint
+from sl_pipeline.sources import Source, load_source
 from sl_pipeline.transport import DealerConnection
 
+from .align import align_rows, psi_partner
 from .checkpoint import CheckpointStore, restore_rng, rng_state
 from .client_steps import StepRunner, build_runner
 from .common import install_stop_signals, load_own_key, load_peer_key, start_ops, warn_insecure
@@ -59,14 +63,15 @@ class ClientWorker:
         self.progress = progress
         self.topology = cfg.client.topology
         check_endpoint(cfg.client.server, "client.server")
-        self.data: PartyData = load_party_data(cfg.data, base, cfg.model.classes)
-        if self.topology == "vertical" and cfg.client.role != "label":  # a feature party: no labels
-            self.data = PartyData(
-                Split(self.data.train.x, None, self.data.train.ids),
-                Split(self.data.test.x, None, self.data.test.ids),
-                self.data.in_shape,
-                self.data.classes,
-            )
+        m = cfg.model
+        source = load_source(cfg.data, base, m.classes, m.in_shape)  # every data error: now
+        self.pending: Source | None = None  # rows waiting for the PSI alignment
+        self.aligned_rows: int | None = None
+        if self._aligns_by_psi(source):
+            self.pending = source
+            self.data = _no_rows(m.in_shape, m.classes)
+        else:
+            self.data = self._own_view(prepare(source, cfg.data, m.classes, m.in_shape))
         self.runner: StepRunner = build_runner(self)
         check_depth(self)
         self.handshake = self._make_handshake()
@@ -87,6 +92,51 @@ class ClientWorker:
         self.stopped = False
         self.ckpt = self._checkpoint_store()
         self.resumed_from = self._restore() if self.ckpt else 0
+
+    # ---- data ----------------------------------------------------------------------------
+    def _aligns_by_psi(self, source: Source) -> bool:
+        """Vertical parties with ids align by PSI unless told the rows are already aligned."""
+        d, c = self.cfg.data, self.cfg.client
+        if d.align and self.topology != "vertical":
+            raise ConfigError(f"data.align applies to vertical parties; this is {self.topology}")
+        if d.align == "psi" and source.ids is None:
+            raise ConfigError('data.align = "psi" needs data.id: the column of row ids')
+        if self.topology != "vertical" or source.ids is None or d.align == "position":
+            return False
+        if self.cfg.privacy.get("dpsgd"):
+            raise ConfigError(
+                "privacy.dpsgd with PSI alignment is not supported yet; align the rows "
+                'beforehand and set data.align = "position"'
+            )
+        psi_partner(c)
+        if not c.group_key:
+            raise ConfigError(
+                "vertical alignment by PSI seals its messages with client.group_key, a secret "
+                "both parties hold and the server does not; set client.group_key"
+            )
+        self.psi_key = load_group_key(resolve_path(self.base, c.group_key, "client.group_key"))
+        return True
+
+    def _own_view(self, data: PartyData) -> PartyData:
+        """A vertical feature party keeps no labels, even when its file has a label column."""
+        if self.topology != "vertical" or self.cfg.client.role == "label":
+            return data
+        return replace(
+            data,
+            train=Split(data.train.x, None, data.train.ids),
+            test=Split(data.test.x, None, data.test.ids),
+        )
+
+    async def align(self) -> None:
+        """Keep the rows both parties hold, in the agreed order; split and encode them."""
+        source = self.pending
+        assert source is not None and source.ids is not None
+        rows = await align_rows(
+            source.ids, self.psi_key, self.cfg.client, self.request, self.message
+        )
+        m = self.cfg.model
+        self.data = self._own_view(prepare(source.take(rows), self.cfg.data, m.classes, m.in_shape))
+        self.aligned_rows, self.pending = len(rows), None
 
     def _make_handshake(self) -> ClientHandshake:
         c = self.cfg.client
@@ -237,6 +287,8 @@ class ClientWorker:
         install_stop_signals(self.stop)
         try:
             await self.connect()
+            if self.pending is not None:
+                await self.align()
             try:
                 await self.train()
             except _Stopped:
@@ -296,6 +348,7 @@ class ClientWorker:
             "steps": self.steps_done,
             "test_accuracy": self.last_accuracy,
             "test_samples": len(self.data.test),
+            **({"aligned_rows": self.aligned_rows} if self.aligned_rows is not None else {}),
             "train_loss": self.last_loss,
             "bytes_sent": self.bytes["sent"],
             "bytes_received": self.bytes["received"],
@@ -378,3 +431,9 @@ class ClientWorker:
     @property
     def bottom(self) -> torch.nn.Module:
         return self.runner.bottom
+
+
+def _no_rows(in_shape: list[int], classes: int) -> PartyData:
+    """Placeholder until the PSI alignment says which rows this party trains on."""
+    empty = Split(torch.empty((0, *in_shape)), None, torch.empty(0, dtype=torch.int64))
+    return PartyData(empty, empty, list(in_shape), classes)

@@ -6,6 +6,7 @@ A :class:`StepRunner` owns the client's segment(s), optimizer and defenses. The 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from .client import ClientWorker
 
 Batch = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]
+DATA_STATE = "data"  # key of the saved data encoding beside the segments' weights
 
 
 class StepRunner:
@@ -270,7 +272,17 @@ class StepRunner:
             return
         path = resolve_path(self.w.base, self.w.cfg.client.save, "client.save", must_exist=False)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({name: _plain_state(m) for name, m in self.modules.items()}, path)
+        state: dict[str, Any] = {name: _plain_state(m) for name, m in self.modules.items()}
+        data = self.w.data
+        if data.encoding is not None or data.label_names is not None:
+            # How this party's rows were encoded, so predict encodes new rows the same way.
+            state[DATA_STATE] = json.dumps(
+                {
+                    "encoding": data.encoding.to_json() if data.encoding else None,
+                    "label_names": data.label_names,
+                }
+            )
+        torch.save(state, path)
 
     def load(self, path: Path) -> None:
         state = torch.load(path, weights_only=True)

@@ -96,7 +96,7 @@ def _client(
         data["task"] = MULTITASK["tasks"][i % len(MULTITASK["tasks"])]
     else:
         data.update(shard=i, shards=n)
-    if topology in ("roundrobin", "splitfed"):
+    if topology in ("roundrobin", "splitfed", "vertical"):  # vertical: PSI alignment by id
         client["group"] = [f"client-{j + 1}" for j in range(n)]
         client["group_key"] = "keys/group.secret"
     return {"client": client, "data": data, "model": client_model, "train": train}
@@ -222,7 +222,7 @@ def _secure(
 ) -> None:
     keys = out / "keys"
     keys.mkdir(parents=True, exist_ok=True)
-    if topology in ("roundrobin", "splitfed"):
+    if topology in ("roundrobin", "splitfed", "vertical"):
         write_group_key(keys / "group.secret")  # shared by the clients, never by the server
     if insecure:
         for cfg, section in [

@@ -5,6 +5,10 @@ ids; the server (the only label holder) waits until every party has sent its par
 batch, fuses them (concat, sum or mean), computes the loss and sends each party only the
 gradient of its own part, after the configured label protection. A party that falls behind
 or sends another batch's ids gets an error and never touches the others' step.
+
+Before training, parties with ``data.id`` align their rows by private set intersection
+(:mod:`sl_pipeline.psi`): the server only relays their sealed PSI payloads (WEIGHTS messages,
+``op = "psi"``), pairing each round's posts, and never holds a key to open them.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class VerticalEngine(Engine):
         self._waiting: dict[tuple[str, int, int], dict[str, Part]] = {}
         self._done: dict[str, tuple[int, int]] = {}  # per kind: newest completed batch
         self.last_grads: dict[str, torch.Tensor] = {}  # what each party got (for audits)
+        self._psi: dict[int, dict[str, tuple[bytes, Message]]] = {}  # round -> posts
 
     @staticmethod
     def _load_labels(cfg: ServerConfig, base: Path) -> torch.Tensor:
@@ -67,6 +72,8 @@ class VerticalEngine(Engine):
     def handle(self, identity: bytes, msg: Message) -> list[Reply]:
         if msg.kind is Kind.BACKWARD and self.label_holder:
             return self._label_backward(msg)
+        if msg.kind is Kind.WEIGHTS and msg.meta.get("op") == "psi":
+            return self._relay_psi(identity, msg)
         if msg.kind is not Kind.FORWARD:
             return super().handle(identity, msg)
         return self._gather(identity, msg, train=True)
@@ -183,9 +190,41 @@ class VerticalEngine(Engine):
             replies.append((part.identity, part.msg.reply(Kind.BACKWARD, tensors=tensors)))
         return replies
 
+    # ---- private set intersection: relay sealed payloads it cannot open -------------------
+    def _relay_psi(self, identity: bytes, msg: Message) -> list[Reply]:
+        if not self.label_holder:
+            raise ProtocolError(
+                "vertical: parties aligning ids by PSI need the labels on a client "
+                "(server.label_holder); a server holding labels by row would need the ids"
+            )
+        if self.parties != 2:
+            raise ProtocolError("vertical: PSI alignment supports exactly 2 parties")
+        round_ = msg.meta.get("round")
+        sealed = msg.tensor("sealed")
+        if round_ not in (0, 1) or sealed.dtype != torch.uint8 or sealed.dim() != 1:
+            raise ProtocolError("vertical: a PSI post needs round 0 or 1 and 1-D uint8 'sealed'")
+        posts = self._psi.setdefault(int(round_), {})
+        posts[msg.client] = (identity, msg)  # a resent post replaces the earlier one
+        if len(posts) < self.parties:
+            return []
+        del self._psi[int(round_)]
+        (_, (id_a, msg_a)), (_, (id_b, msg_b)) = sorted(posts.items())
+        return [
+            (id_a, _psi_reply(msg_a, msg_b)),
+            (id_b, _psi_reply(msg_b, msg_a)),
+        ]
+
     def queue_depth(self) -> int:
         return sum(len(parts) for parts in self._waiting.values())
 
     def forget(self, client: str) -> None:
         for key in list(self._waiting):
             self._waiting[key].pop(client, None)
+        for posts in self._psi.values():
+            posts.pop(client, None)
+
+
+def _psi_reply(to: Message, other: Message) -> Message:
+    """The other party's sealed payload, answering ``to``'s own post of the same round."""
+    meta = {"op": "psi", "round": other.meta["round"], "from": other.client}
+    return to.reply(Kind.WEIGHTS, meta=meta, tensors={"sealed": other.tensor("sealed")})

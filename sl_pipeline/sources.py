@@ -1,0 +1,149 @@
+"""Where a party's rows come from, loaded and checked before any split or connection.
+
+A :class:`Source` is every row this party holds, in file order, with its ids when
+``data.id`` names a column: a built-in set, an NPZ file, a table (CSV/Parquet, kept as text
+until :mod:`sl_pipeline.encoding` fits on the training rows) or images (a class-folder tree,
+or a CSV of file paths). Everything that can be checked without the split is checked here,
+so a bad file ends the party with one clear line before it joins the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from . import encoding, images
+from .config import DataConfig
+from .errors import ConfigError
+from .tables import Table, encode_labels, read_table
+
+TABLE_SUFFIXES = (".csv", ".parquet")
+BUILTIN_DATASETS = ("digits", "breast_cancer")
+
+
+@dataclass(frozen=True)
+class Source:
+    x: np.ndarray | None  # arrays (built-in, NPZ, images); None for a table
+    y: np.ndarray | None
+    shape: list[int]
+    table: Table | None = None
+    label_names: list[str] | None = None
+    ids: list[str] | None = None
+    scale: bool = True  # standardise arrays with the training rows' statistics
+
+    def __len__(self) -> int:
+        return len(self.table) if self.table is not None else len(self.x)  # type: ignore[arg-type]
+
+    def take(self, rows: Sequence[int]) -> Source:
+        """These rows in this order: a vertical party keeps only the agreed intersection."""
+        idx = np.asarray(rows, dtype=np.int64)
+        return replace(
+            self,
+            x=self.x[idx] if self.x is not None else None,
+            y=self.y[idx] if self.y is not None else None,
+            table=self.table.take(rows) if self.table is not None else None,
+            ids=[self.ids[i] for i in rows] if self.ids is not None else None,
+        )
+
+
+def builtin(name: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    from sklearn import datasets
+
+    if name == "digits":
+        bunch = datasets.load_digits()
+        x = (bunch.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+        return x, bunch.target.astype(np.int64), [1, 8, 8]
+    if name == "breast_cancer":
+        bunch = datasets.load_breast_cancer()
+        return bunch.data.astype(np.float32), bunch.target.astype(np.int64), [30]
+    raise ConfigError(f"data.dataset = {name!r} is unknown; choose one of {list(BUILTIN_DATASETS)}")
+
+
+def from_npz(path: Path, features: str, label: str) -> tuple[np.ndarray, np.ndarray | None]:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"data.path = {str(path)!r} is not a readable .npz: {exc}") from None
+    with archive:
+        if features not in archive:
+            raise ConfigError(f"data.features = {features!r} is not in {path}: {archive.files}")
+        if label and label not in archive:
+            raise ConfigError(f"data.label = {label!r} is not in {path}: {archive.files}")
+        x = archive[features].astype(np.float32)
+        y = archive[label].astype(np.int64) if label else None
+    return x, y
+
+
+def data_path(cfg: DataConfig, base: Path) -> Path:
+    path = Path(cfg.path).expanduser()
+    path = path if path.is_absolute() else base / path
+    if not path.exists():
+        raise ConfigError(f"data.path = {cfg.path!r}: no such file or folder ({path})")
+    return path
+
+
+def load_source(
+    cfg: DataConfig, base: Path, classes: int = 0, in_shape: Sequence[int] = ()
+) -> Source:
+    """Every row of this party's data, checked; ``classes``/``in_shape`` from [model]."""
+    if cfg.dataset and cfg.path:
+        raise ConfigError("set data.dataset or data.path, not both")
+    if cfg.dataset:
+        x, y, shape = builtin(cfg.dataset)
+        return Source(x, y, shape, scale=cfg.dataset != "digits")
+    if not cfg.path:
+        raise ConfigError(
+            "set data.dataset (digits, breast_cancer) or data.path "
+            "(.csv, .parquet, .npz, or a folder of images)"
+        )
+    path = data_path(cfg, base)
+    if path.is_dir():
+        x, labels, names = images.load_image_folder(path, cfg, in_shape, classes)
+        return Source(x, labels, list(x.shape[1:]), label_names=names, scale=False)
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        x, y = from_npz(path, cfg.features, cfg.label)
+        return Source(x, y, list(x.shape[1:]))
+    if suffix not in TABLE_SUFFIXES:
+        raise ConfigError(
+            f"data.path = {cfg.path!r} must be a .csv, .parquet or .npz file, or a folder"
+        )
+    if cfg.image:
+        x, y, names, ids = images.load_image_csv(path, cfg, in_shape, classes)
+        return Source(x, y, list(x.shape[1:]), label_names=names, ids=ids, scale=False)
+    return _table_source(read_table(path, cfg), cfg, classes)
+
+
+def _table_source(table: Table, cfg: DataConfig, classes: int) -> Source:
+    y, names = None, None
+    if cfg.label:
+        labels, names = encode_labels(table, cfg.label, classes)
+        y = np.asarray(labels, dtype=np.int64)
+    # A dry run over every row finds stray words, NaN and gaps now, before any connection;
+    # the real statistics are fitted on the training rows once the rows are known.
+    encoding.transform(encoding.fit(table, cfg, range(len(table)), names), table)
+    return Source(None, y, [], table=table, label_names=names, ids=table.ids)
+
+
+def check_arrays(src: Source, where: str, classes: int) -> None:
+    """Arrays from NPZ files: finite features, labels within model.classes."""
+    if src.x is not None and src.x.dtype.kind == "f":
+        flat = src.x.reshape(len(src.x), -1)
+        bad = np.argwhere(~np.isfinite(flat))
+        if len(bad):
+            row, col = (int(v) for v in bad[0])
+            raise ConfigError(
+                f"{where}: sample {row}, feature {col} is {flat[row, col]}; "
+                "replace NaN/inf values before training"
+            )
+    if src.y is not None and classes:
+        bad = np.flatnonzero((src.y < 0) | (src.y >= classes))
+        if len(bad):
+            row = int(bad[0])
+            raise ConfigError(
+                f"{where}: sample {row} has label {int(src.y[row])}, out of range for "
+                f"model.classes = {classes}; labels must be 0..{classes - 1}"
+            )
