@@ -13,7 +13,6 @@ segment, so ``predict`` encodes new rows exactly as the training rows were.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -60,12 +59,13 @@ class Encoding:
         text = [f"{c.name!r} one-hot ({c.width})" for c in self.columns if c.width > 1]
         return ", ".join(text) if text else "no text columns"
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values: saved beside the weights, never pickled."""
+        return asdict(self)
 
     @classmethod
-    def from_json(cls, text: str) -> Encoding:
-        raw: dict[str, Any] = json.loads(text)
+    def from_dict(cls, raw: dict[str, Any]) -> Encoding:
+        raw = dict(raw)
         columns = [Column(**c) for c in raw.pop("columns")]
         return cls(columns=columns, **raw)
 
@@ -96,6 +96,7 @@ def _fit_column(table: Table, name: str, cfg: DataConfig, train_rows: Sequence[i
             name, "text", float(np.mean(codes)), _spread(codes), fill, vocab, onehot=False
         )
     values = [float(cells[i]) for i in train_rows if not is_missing(cells[i])]
+    values = [v for v in values if math.isfinite(v)]  # inf is refused when encoding
     if not values:
         raise ConfigError(
             f"{table.path}, column {name!r}: no value in the training rows; "

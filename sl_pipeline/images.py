@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from .config import DataConfig
 from .errors import ConfigError
@@ -113,12 +114,10 @@ def decode_all(
 
 
 def decode(file: Path, chw: Sequence[int], resize: bool) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
     channels, height, width = chw
     try:
-        with Image.open(file) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
+        with Image.open(file) as raw:
+            img: Image.Image = raw.convert("L" if channels == 1 else "RGB")
             if img.size != (width, height):
                 if not resize:
                     raise ConfigError(

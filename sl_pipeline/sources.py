@@ -105,15 +105,16 @@ def load_source(
         return Source(x, labels, list(x.shape[1:]), label_names=names, scale=False)
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        x, y = from_npz(path, cfg.features, cfg.label)
-        return Source(x, y, list(x.shape[1:]))
+        arrays, targets = from_npz(path, cfg.features, cfg.label)
+        return Source(arrays, targets, list(arrays.shape[1:]))
     if suffix not in TABLE_SUFFIXES:
         raise ConfigError(
             f"data.path = {cfg.path!r} must be a .csv, .parquet or .npz file, or a folder"
         )
     if cfg.image:
-        x, y, names, ids = images.load_image_csv(path, cfg, in_shape, classes)
-        return Source(x, y, list(x.shape[1:]), label_names=names, ids=ids, scale=False)
+        pixels, listed, texts, ids = images.load_image_csv(path, cfg, in_shape, classes)
+        shape = list(pixels.shape[1:])
+        return Source(pixels, listed, shape, label_names=texts, ids=ids, scale=False)
     return _table_source(read_table(path, cfg), cfg, classes)
 
 
@@ -140,9 +141,9 @@ def check_arrays(src: Source, where: str, classes: int) -> None:
                 "replace NaN/inf values before training"
             )
     if src.y is not None and classes:
-        bad = np.flatnonzero((src.y < 0) | (src.y >= classes))
-        if len(bad):
-            row = int(bad[0])
+        out_of_range = np.flatnonzero((src.y < 0) | (src.y >= classes))
+        if len(out_of_range):
+            row = int(out_of_range[0])
             raise ConfigError(
                 f"{where}: sample {row} has label {int(src.y[row])}, out of range for "
                 f"model.classes = {classes}; labels must be 0..{classes - 1}"

@@ -278,7 +278,7 @@ class StepRunner:
             # How this party's rows were encoded, so predict encodes new rows the same way.
             state[DATA_STATE] = json.dumps(
                 {
-                    "encoding": data.encoding.to_json() if data.encoding else None,
+                    "encoding": data.encoding.to_dict() if data.encoding else None,
                     "label_names": data.label_names,
                 }
             )

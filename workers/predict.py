@@ -45,7 +45,7 @@ def saved_data(path: Path) -> tuple[Encoding | None, list[str] | None]:
     if DATA_STATE not in state:
         return None, None
     raw = json.loads(state[DATA_STATE])
-    enc = Encoding.from_json(raw["encoding"]) if raw.get("encoding") else None
+    enc = Encoding.from_dict(raw["encoding"]) if raw.get("encoding") else None
     return enc, raw.get("label_names")
 
 
