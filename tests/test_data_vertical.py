@@ -1,0 +1,178 @@
+"""Vertical parties holding different, overlapping people in different orders, keyed by id.
+
+They align by private set intersection through the server: each trains on exactly the
+intersection, as well as on the same rows pre-aligned, and no id outside the intersection
+shows up in anything a party or the server prints or saves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sl_pipeline.config import ServerConfig, load
+from sl_pipeline.messages import Message
+from workers.cli import main
+from workers.localdeploy import to_toml
+from workers.server import ServerWorker
+
+from .conftest import Procs
+from .datafiles import party_csv, wisconsin_rows
+from .inprocess import run_deployment
+from .test_topologies import record_inbound
+
+EPOCHS = 6
+A_COLUMNS, B_COLUMNS = range(0, 15), range(15, 30)
+
+
+def _use_data(config: Path, **data: Any) -> None:
+    """Point a generated client config at the user's own file."""
+    cfg = tomllib.loads(config.read_text())
+    cfg["data"] = {"seed": 0, **data}
+    config.write_text(to_toml(cfg))
+
+
+def _people(seed: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(shared 80%, only at A 10%, only at B 10%) of the Wisconsin rows."""
+    n = len(wisconsin_rows()[0])
+    order = np.random.default_rng(seed).permutation(n)
+    tenth = n // 10
+    return order[2 * tenth :], order[:tenth], order[tenth : 2 * tenth]
+
+
+def _shuffled(rows: np.ndarray, seed: int) -> list[int]:
+    return [int(r) for r in np.random.default_rng(seed).permutation(rows)]
+
+
+async def _finish(proc: subprocess.Popen[str], timeout_s: float = 240) -> tuple[str, str]:
+    out, err = await asyncio.to_thread(proc.communicate, timeout=timeout_s)
+    assert proc.returncode == 0, err[-2000:]
+    return out, err
+
+
+def _last_json(out: str) -> dict[str, Any]:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _bytes_seen(messages: list[Message]) -> bytes:
+    """Everything the server was given: meta and tensor bytes of every accepted message."""
+    parts = [repr(dict(m.meta)).encode() for m in messages]
+    parts += [t.contiguous().numpy().tobytes() for m in messages for t in m.tensors.values()]
+    return b"\n".join(parts)
+
+
+class _Server:
+    """The server in this test's loop, so the test sees every message it accepts."""
+
+    def __init__(self, config: Path) -> None:
+        self.stop = asyncio.Event()
+        self.task = asyncio.create_task(
+            ServerWorker(load(ServerConfig, config), config.parent).serve(self.stop)
+        )
+
+    async def close(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, 15)
+
+
+async def test_psi_aligned_parties_train_on_the_intersection_and_leak_no_other_id(
+    deployment, procs: Procs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: A (labels + 15 columns) and B (15 other columns), 80% shared, own orders
+    ids = wisconsin_rows()[0]
+    shared, only_a, only_b = _people()
+    files = deployment(
+        topology="vertical", clients=2, dataset="breast_cancer", epochs=EPOCHS, label_client=True
+    )
+    base = files["server"].parent
+    a = party_csv(tmp_path / "a.csv", _shuffled(np.r_[shared, only_a], 2), A_COLUMNS, True)
+    b = party_csv(tmp_path / "b.csv", _shuffled(np.r_[shared, only_b], 3), B_COLUMNS)
+    _use_data(files["client-1"], path=str(a), id="id", label="diagnosis")
+    _use_data(files["client-2"], path=str(b), id="id")
+    seen = record_inbound(monkeypatch)
+    # Execute: each party through the CLI in its own process
+    server = _Server(files["server"])
+    runs = [
+        procs.start("client", files[n], "--json", "--no-progress") for n in ("client-1", "client-2")
+    ]
+    try:
+        outputs = [await _finish(run) for run in runs]
+    finally:
+        await server.close()  # it saves its segment; predict runs on a fresh start
+    label_party, feature_party = (_last_json(out) for out, _ in outputs)
+    # ... then predict on new files with other overlapping ids, in other orders
+    new_a = party_csv(tmp_path / "new_a.csv", _shuffled(np.r_[shared[:50], only_a], 4), A_COLUMNS)
+    new_b = party_csv(tmp_path / "new_b.csv", _shuffled(np.r_[shared[:50], only_b], 5), B_COLUMNS)
+    server = _Server(files["server"])
+    try:
+        results = await asyncio.gather(
+            *(_predict(files[n], path) for n, path in (("client-1", new_a), ("client-2", new_b)))
+        )
+    finally:
+        await server.close()
+    # Assert: exactly the intersection, on both sides
+    assert label_party["aligned_rows"] == feature_party["aligned_rows"] == len(shared)
+    assert label_party["steps"] == feature_party["steps"] > 0
+    expected_ids = sorted(ids[i] for i in shared[:50])
+    assert results[0]["ids"] == results[1]["ids"] == expected_ids
+    assert results[0]["predictions"] == results[1]["predictions"]
+    labels = dict(zip(ids, wisconsin_rows()[2], strict=True))
+    right = sum(labels[i] == p for i, p in zip(expected_ids, results[0]["labels"], strict=True))
+    assert right / 50 >= 0.9
+    # ... no id outside it anywhere a party prints or saves; the server is given no id at all
+    outside = [ids[i] for i in np.r_[only_a, only_b]]
+    party_text = "".join(out + err for out, err in outputs) + json.dumps(results)
+    party_state = b"".join(p.read_bytes() for p in (base / "state").glob("client-*.pt"))
+    assert not [i for i in outside if i in party_text or i.encode() in party_state]
+    server_state = (base / "state" / "server.pt").read_bytes()
+    given = _bytes_seen(seen)
+    assert any(m.meta.get("op") == "psi" for m in seen)
+    assert not [i for i in ids if i.encode() in given or i.encode() in server_state]
+    assert f"aligned by PSI: {len(shared)} of" in outputs[0][1]
+    # ... and the same accuracy as the same rows pre-aligned (by position, same split)
+    pre = deployment(
+        topology="vertical", clients=2, dataset="breast_cancer", epochs=EPOCHS, label_client=True
+    )
+    by_id = sorted(shared.tolist(), key=lambda i: ids[i])
+    pa = party_csv(tmp_path / "pa.csv", by_id, A_COLUMNS, True)
+    pb = party_csv(tmp_path / "pb.csv", by_id, B_COLUMNS)
+    _use_data(pre["client-1"], path=str(pa), id="id", label="diagnosis", align="position")
+    _use_data(pre["client-2"], path=str(pb), id="id", align="position")
+    baseline = (await run_deployment(pre))["summaries"][0]
+    assert baseline["test_samples"] == label_party["test_samples"]
+    assert abs(label_party["test_accuracy"] - baseline["test_accuracy"]) <= 0.02
+    assert label_party["test_accuracy"] >= 0.9
+
+
+async def _predict(config: Path, rows: Path) -> dict[str, Any]:
+    """``sl-pipeline predict`` through the CLI's entry point, in a thread of its own."""
+    out = io.StringIO()
+
+    def run() -> int:
+        with contextlib.redirect_stdout(out):
+            return main(["predict", "--config", str(config), "--input", str(rows), "--json"])
+
+    assert await asyncio.wait_for(asyncio.to_thread(run), 120) == 0
+    return _last_json(out.getvalue())
+
+
+def test_psi_needs_the_group_key_and_two_named_parties(
+    deployment, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(topology="vertical", clients=2, dataset="breast_cancer", label_client=True)
+    shared, only_a, _ = _people()
+    a = party_csv(tmp_path / "a.csv", _shuffled(np.r_[shared, only_a], 2), A_COLUMNS, True)
+    _use_data(files["client-1"], path=str(a), id="id", label="diagnosis")
+    status = main(["client", "--config", str(files["client-1"]), "--set", "client.group_key="])
+    assert status == 2 and "client.group_key" in capsys.readouterr().err
+    status = main(["client", "--config", str(files["client-1"]), "--set", "client.group=[]"])
+    assert status == 2 and "client.group" in capsys.readouterr().err
