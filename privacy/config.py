@@ -37,6 +37,7 @@ NoiseMechanism = Literal["gaussian", "laplace"]
 LabelMechanism = Literal["none", "gaussian", "marvell"]
 ACCOUNTANTS = ("rdp", "gdp", "prv")
 LABEL_TOPOLOGY = "vertical"
+CLIENT_DEFENSES = ("noise", "nopeek", "dpsgd")
 
 
 def _check_float(
@@ -212,6 +213,31 @@ class PrivacyConfig:
                 f"privacy.label is only meaningful for topology '{LABEL_TOPOLOGY}', "
                 f"not '{topology}'",
                 hint="remove [privacy.label] or set mechanism = 'none'",
+            )
+
+    def check_placement(self, topology: str, *, server: bool, holds_labels: bool) -> None:
+        """Refuse a defense that this worker cannot apply, instead of ignoring it.
+
+        The cut-layer defenses (noise, nopeek, dpsgd) act on a client's segment and its
+        activations, so they belong in a client's file; label protection acts on the gradient
+        that the label holder sends back, which today is the vertical server holding the labels.
+        """
+        if server:
+            for name in CLIENT_DEFENSES:
+                if getattr(self, name) is not None:
+                    raise PrivacyError(
+                        f"privacy.{name} is a client-side defense; a server cannot apply it",
+                        hint=f"move [privacy.{name}] to each client's config",
+                    )
+        if self.label is None:
+            return
+        if topology != LABEL_TOPOLOGY:
+            self.validate_for_topology(topology)
+        elif not (server and holds_labels):
+            raise PrivacyError(
+                "privacy.label is applied by the vertical server that holds the labels; "
+                "this worker does not",
+                hint="put [privacy.label] in server.toml and leave server.label_holder empty",
             )
 
     @classmethod

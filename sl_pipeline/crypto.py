@@ -1,6 +1,7 @@
-"""Sans-IO Noise IK handshake (``Noise_IK_25519_AESGCM_SHA256``, spec rev 34) and session.
+"""Sans-IO Noise IK handshake (``Noise_IK_25519_AESGCM_SHA256``, spec rev 34).
 
-No I/O: callers feed bytes in and send what comes out. A :class:`Session` seals a multipart
+No I/O: callers feed bytes in and send what comes out. The handshake ends in a transport
+session (:class:`~sl_pipeline.session.Session`, in ``session.py``), which seals a multipart
 message as a 16-byte plaintext envelope ``magic(2) | version(1) | flags(1) | counter(8) |
 frame_count(4)`` (big-endian) plus one AES-256-GCM ciphertext per buffer; frame ``i`` >= 1
 uses nonce ``i(4) || counter(8)`` and associated data ``envelope || i(4)``, so every byte,

@@ -59,6 +59,12 @@ class ReplayError(CryptoError):
     code = "replay"
 
 
+class UnauthenticatedError(CryptoError):
+    """A sealed message arrived from a peer with no session (e.g. after a restart)."""
+
+    code = "unauthenticated"
+
+
 class NotAdmittedError(CryptoError, PermissionError):
     """The peer's static key is not in the admitted set."""
 

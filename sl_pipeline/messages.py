@@ -35,7 +35,6 @@ class Kind(enum.StrEnum):
     HEARTBEAT = "heartbeat"
     ERROR = "error"  # code + reason as data
     BYE = "bye"
-    RESUME = "resume"  # where a party stands after a restart
     WEIGHTS = "weights"  # segment weights between clients (opaque to the server)
 
 

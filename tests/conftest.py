@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 from sl_pipeline.config import ClientConfig, ServerConfig, load
+from sl_pipeline.config import read_toml as load_toml
 from workers.demo import stop_process
 from workers.localdeploy import init_deployment
 
@@ -39,6 +42,29 @@ def load_server(path: Path, *overrides: str) -> ServerConfig:
 
 def load_client(path: Path, *overrides: str) -> ClientConfig:
     return load(ClientConfig, path, list(overrides))
+
+
+def wait_listening(config: Path, timeout_s: float = 60.0) -> None:
+    """Poll (bounded) until the worker of ``config`` accepts TCP connections on its bind port."""
+    data = load_toml(config)
+    section = data.get("server") or data.get("relay") or {}
+    host, port = section["bind"].removeprefix("tcp://").rsplit(":", 1)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex((host, int(port))) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {section['bind']} after {timeout_s}s")
+
+
+def wait_for_files(folder: Path, pattern: str, count: int, timeout_s: float = 60.0) -> None:
+    """Poll (bounded) until ``folder`` holds ``count`` files matching ``pattern``."""
+    deadline = time.monotonic() + timeout_s
+    while len(list(folder.glob(pattern))) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{folder} did not get {count} {pattern} within {timeout_s}s")
+        time.sleep(0.05)
 
 
 class Procs:

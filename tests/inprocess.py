@@ -4,6 +4,7 @@ need to look inside the workers."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,15 @@ from sl_pipeline.config import ClientConfig, RelayConfig, ServerConfig, load
 from workers.client import ClientWorker
 from workers.relay import RelayWorker
 from workers.server import ServerWorker
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Poll ``condition`` until it holds (bounded); fails the test if it never does."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{condition} did not hold within {timeout_s}s")
+        await asyncio.sleep(0.01)
 
 
 async def run_deployment(
@@ -24,11 +34,11 @@ async def run_deployment(
     stop = asyncio.Event()
     tasks = [asyncio.create_task(server.serve(stop))]
     relay = None
+    await wait_until(server.ready)
     if "relay-1" in files:
-        await asyncio.sleep(0.3)
         relay = RelayWorker(load(RelayConfig, files["relay-1"]), base)
         tasks.append(asyncio.create_task(relay.serve(stop)))
-        await asyncio.sleep(0.5)
+        await wait_until(relay.ready)
     clients = [
         ClientWorker(load(ClientConfig, path, list(overrides)), base, progress=False)
         for name, path in sorted(files.items())

@@ -2,32 +2,25 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from sl_pipeline.errors import ConfigError, PrivacyError, SLError
+from sl_pipeline.errors import ConfigError, PrivacyError
 from workers.audit import run_audit, split_overrides
+from workers.cli import main
 from workers.localdeploy import init_deployment
-from workers.privacy_cli import COMMANDS, add_parsers, audit_deployment
+from workers.privacy_cli import audit_deployment
 from workers.tune import combinations, parse_sweep, run_tune
 
 ROW_KEYS = {"name", "test_accuracy", "dcor", "reconstruction_mse"}
 
 
 def cli(*argv: str) -> int:
-    """What `sl-pipeline` does with these commands: one line and an exit status on error."""
-    parser = argparse.ArgumentParser(prog="sl-pipeline")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except SLError as exc:
-        print(f"sl-pipeline {args.command}: error: {exc}")
-        return exc.exit_code
+    """The real command line, as the console script runs it (never a parser of our own)."""
+    return main(list(argv))
 
 
 def test_tune_writes_results_frontier_and_json_rows(
@@ -169,7 +162,7 @@ def test_bad_tune_input_is_one_line_naming_the_key(
         "tune", "--topology", "vanilla", "--out", str(tmp_path / "o"), "--no-progress", *argv
     )
     # Assert
-    out = capsys.readouterr().out.strip()
+    out = capsys.readouterr().err.strip()
     assert status == 2
     assert out.startswith("sl-pipeline tune: error:") and named in out
     assert "\n" not in out and not (tmp_path / "o").exists()
@@ -178,10 +171,10 @@ def test_bad_tune_input_is_one_line_naming_the_key(
 def test_bad_audit_input_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     lonely = tmp_path / "client-1.toml"
     assert cli("audit", "--config", str(lonely)) == 2
-    assert "is not a file" in capsys.readouterr().out
+    assert "is not a file" in capsys.readouterr().err
     lonely.write_text("")
     assert cli("audit", "--config", str(lonely)) == 2
-    assert "no server.toml" in capsys.readouterr().out
+    assert "no server.toml" in capsys.readouterr().err
     with pytest.raises(PrivacyError, match=r"privacy\.label"):
         run_audit(
             "vanilla",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,41 @@ def test_cuda_without_a_gpu_is_a_clear_config_error(
     files = deployment()
     assert main(["server", "--config", str(files["server"]), "--set", 'train.device="cuda"']) == 2
     assert "train.device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("role", "table", "named"),
+    [
+        ("server", "[privacy.noise]\nsigma = 1.0\nclip = 1.0\n", "privacy.noise"),
+        ("server", "[privacy.nopeak]\nalpha = 1.0\n", "privacy.nopeak"),
+        ("server", '[privacy.label]\nmechanism = "marvell"\nscale = 1.0\n', "privacy.label"),
+        ("client-1", '[privacy.label]\nmechanism = "marvell"\nscale = 1.0\n', "privacy.label"),
+        ("client-1", "[privacy.noise]\nsigmaa = 1.0\n", "privacy.noise.sigmaa"),
+    ],
+)
+def test_privacy_tables_are_typed_and_placed_for_every_worker(
+    deployment,  # type: ignore[no-untyped-def]
+    capsys: pytest.CaptureFixture[str],
+    role: str,
+    table: str,
+    named: str,
+) -> None:
+    # Prepare: a vanilla deployment whose worker file gets a [privacy] table it cannot apply
+    files = deployment()
+    with files[role].open("a") as fh:
+        fh.write("\n" + table)
+    verb = "server" if role == "server" else "client"
+    # Execute
+    status = main([verb, "--config", str(files[role])])
+    # Assert: refused at load, one line naming the key, nothing silently ignored
+    err = capsys.readouterr().err.strip()
+    assert status == 2
+    assert named in err and "Traceback" not in err and "\n" not in err
+
+
+def test_demo_chooses_the_parties_a_topology_needs(capsys: pytest.CaptureFixture[str]) -> None:
+    # Execute: no --clients: vertical needs two feature parties
+    status = main(["demo", "--topology", "vertical", "--epochs", "1", "--json"])
+    # Assert
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert status == 0 and summary["clients"] == 2 and summary["topology"] == "vertical"

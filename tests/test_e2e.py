@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 
-from .conftest import Procs
+from .conftest import Procs, wait_for_files
 
 
 def _summary(proc, timeout: float = 180) -> dict:  # type: ignore[no-untyped-def]
@@ -35,8 +34,11 @@ def test_server_survives_a_client_killed_mid_epoch(deployment, procs: Procs) -> 
     # Prepare: client-1 trains long enough to be killed mid-epoch
     files = deployment(clients=2, dataset="digits", epochs=1)
     server = procs.start("server", files["server"])
-    victim = procs.start("client", files["client-1"], "--json", "--no-progress", "--epochs", "50")
-    time.sleep(4)
+    ckpt = ("--set", 'checkpoint.dir="ckpt/victim"', "--set", "checkpoint.fsync=false")
+    victim = procs.start(
+        "client", files["client-1"], "--json", "--no-progress", "--epochs", "50", *ckpt
+    )
+    wait_for_files(files["client-1"].parent / "ckpt" / "victim", "*.ckpt", 2)  # mid-epoch
     # Execute
     victim.kill()
     victim.wait(10)
@@ -50,8 +52,11 @@ def test_server_survives_a_client_killed_mid_epoch(deployment, procs: Procs) -> 
 def test_killed_client_can_rejoin_under_its_name(deployment, procs: Procs) -> None:  # type: ignore[no-untyped-def]
     files = deployment(clients=1, dataset="breast_cancer", epochs=1)
     procs.start("server", files["server"])
-    first = procs.start("client", files["client-1"], "--json", "--no-progress", "--epochs", "100")
-    time.sleep(3)
+    ckpt = ("--set", 'checkpoint.dir="ckpt/first"', "--set", "checkpoint.fsync=false")
+    first = procs.start(
+        "client", files["client-1"], "--json", "--no-progress", "--epochs", "100", *ckpt
+    )
+    wait_for_files(files["client-1"].parent / "ckpt" / "first", "*.ckpt", 2)  # training
     first.kill()
     first.wait(10)
     again = procs.start("client", files["client-1"], "--json", "--no-progress")
@@ -64,9 +69,7 @@ def test_sigterm_stops_a_client_cleanly_and_it_resumes(deployment, procs: Procs)
     procs.start("server", files["server"])
     client = procs.start("client", files["client-1"], "--json", "--no-progress", *sets)
     ckpt = files["client-1"].parent / "ckpt" / "client"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len(list(ckpt.glob("*.ckpt"))) < 2:
-        time.sleep(0.1)  # training is under way once checkpoints appear
+    wait_for_files(ckpt, "*.ckpt", 2)  # training is under way once checkpoints appear
     client.send_signal(signal.SIGTERM)
     stopped = _summary(client, timeout=30)
     assert stopped["stopped_early"] is True and 0 < stopped["steps"] < 135

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 from sl_pipeline.data import load_party_data
 from sl_pipeline.models import build_segments
 
-from .conftest import ROOT, Procs, load_client
+from .conftest import ROOT, Procs, load_client, wait_listening
 from .inprocess import run_deployment
 
 
@@ -38,7 +37,7 @@ async def test_predict_matches_the_in_process_model(
     _write_csv(base / "inputs.csv", x.numpy())
     # Execute: the server restarts from its saved segment; predict sends only activations
     procs.start("server", files["server"])
-    time.sleep(1.5)
+    wait_listening(files["server"])
     result = subprocess.run(
         [
             sys.executable,
@@ -147,7 +146,7 @@ async def test_vertical_predict_fuses_every_party(deployment, procs: Procs) -> N
     full = load_party_data(replace(cfgs[0].data, feature_slice=[]), base, 2).test.x[:30]
     _write_csv(base / "rows.csv", full.numpy())
     procs.start("server", files["server"])
-    time.sleep(1.5)
+    wait_listening(files["server"])
     runs = [
         subprocess.Popen(
             [

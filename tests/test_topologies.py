@@ -18,7 +18,7 @@ from workers.relay import RelayWorker
 from workers.server import ServerWorker
 from workers.service import RouterService
 
-from .inprocess import run_deployment
+from .inprocess import run_deployment, wait_until
 
 
 def record_inbound(monkeypatch: pytest.MonkeyPatch) -> list[Message]:
@@ -229,24 +229,35 @@ async def test_relay_rejoins_a_restarted_server_and_training_finishes(
     base = files["server"].parent
     server_cfg = load(ServerConfig, files["server"])
     first_stop, second_stop, relay_stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
-    first = asyncio.create_task(ServerWorker(server_cfg, base).serve(first_stop))
-    await asyncio.sleep(0.3)
+    first_server = ServerWorker(server_cfg, base)
+    first = asyncio.create_task(first_server.serve(first_stop))
+    await wait_until(first_server.ready)
     relay = RelayWorker(load(RelayConfig, files["relay-1"]), base)
     relaying = asyncio.create_task(relay.serve(relay_stop))
-    await asyncio.sleep(0.5)
+    await wait_until(relay.ready)
     client = ClientWorker(load(ClientConfig, files["client-1"]), base, progress=False)
+    # The scenario forces its order: after 3 steps the client holds its next request until
+    # the server has been restarted, so it can never finish before the restart.
+    held, restarted = asyncio.Event(), asyncio.Event()
+    send = client.request
+
+    async def held_after_three_steps(message, timeout_s=None):  # type: ignore[no-untyped-def]
+        if client.steps_done >= 3 and not restarted.is_set():
+            held.set()
+            await restarted.wait()
+        return await send(message, timeout_s)
+
+    client.request = held_after_three_steps  # type: ignore[method-assign]
     training = asyncio.create_task(client.run())
     second = None
     try:
-        for _ in range(300):  # bounded: 30 s
-            if client.steps_done >= 3:
-                break
-            await asyncio.sleep(0.1)
+        await asyncio.wait_for(held.wait(), 60)
         # Execute: stop the server gracefully and start a fresh one on the same address
         with caplog.at_level(logging.WARNING, logger="sl_pipeline.relay"):
             first_stop.set()
             await asyncio.wait_for(first, 10)
             second = asyncio.create_task(ServerWorker(server_cfg, base).serve(second_stop))
+            restarted.set()
             summary = await asyncio.wait_for(training, 120)
         # Assert: the relay rejoined upstream and the client trained every step
         assert "rejoining" in caplog.text

@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="the benchmark suite (from a source checkout)")
     bench.add_argument("--quick", action="store_true")
     bench.add_argument("--json", action="store_true")
+    bench.add_argument("--only", nargs="+", metavar="SECTION", help="run only these sections")
     health = sub.add_parser("health", help="exit 0 if the worker's /readyz answers 200")
     health.add_argument("--config", required=True, type=Path)
     health.add_argument("--timeout", type=float, default=3.0)
@@ -91,7 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _deployment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topology", default="vanilla", choices=list(TOPOLOGIES))
     p.add_argument("--dataset", default="digits", choices=["digits", "breast_cancer"])
-    p.add_argument("--clients", type=int, default=1)
+    p.add_argument(
+        "--clients",
+        type=int,
+        default=None,
+        help="number of clients (default: what the topology needs, 1 or 2)",
+    )
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--insecure", action="store_true")
     p.add_argument("--ops", action="store_true", help="give every worker an ops HTTP port")
@@ -241,6 +247,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "the benchmark suite lives in the source tree (bench/); run it from a checkout"
         )
     flags = [f for f, on in (("--quick", args.quick), ("--json", args.json)) if on]
+    if args.only:
+        flags += ["--only", *args.only]
     return subprocess.run([sys.executable, "-m", "bench", *flags], cwd=root, check=False).returncode
 
 
@@ -278,6 +286,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "keygen": cmd_keygen,
     "bench": cmd_bench,
     "health": cmd_health,
+    **privacy_cli.COMMANDS,
 }
 
 

@@ -22,6 +22,7 @@ import torch
 import zmq.asyncio
 from tqdm import tqdm
 
+from privacy.config import PrivacyConfig
 from sl_pipeline.config import ClientConfig, check_endpoint, resolve_path
 from sl_pipeline.data import PartyData, Split, prepare
 from sl_pipeline.errors import ConfigError, PeerError, TransportError
@@ -63,6 +64,9 @@ class ClientWorker:
         self.progress = progress
         self.topology = cfg.client.topology
         check_endpoint(cfg.client.server, "client.server")
+        PrivacyConfig.from_mapping(cfg.privacy).check_placement(
+            self.topology, server=False, holds_labels=cfg.client.role == "label"
+        )
         m = cfg.model
         source = load_source(cfg.data, base, m.classes, m.in_shape)  # every data error: now
         self.pending: Source | None = None  # rows waiting for the PSI alignment

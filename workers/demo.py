@@ -118,23 +118,21 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sl-demo-") as tmp:
         folder = args.dir or Path(tmp)
-        deployment = init_deployment(folder, **deployment_options(args))
+        options = deployment_options(args)
+        clients = options["clients"]
+        deployment = init_deployment(folder, **options)
         if not args.json:
             print(
-                f"demo: 1 server + {args.clients} client process(es), topology {args.topology}, "
+                f"demo: 1 server + {clients} client process(es), topology {args.topology}, "
                 f"dataset {args.dataset}, {'plaintext' if args.insecure else 'encrypted'}"
             )
-        results = run_processes(
-            deployment["files"], args.clients, show_progress=sys.stderr.isatty()
-        )
+        results = run_processes(deployment["files"], clients, show_progress=sys.stderr.isatty())
     summary = aggregate(results, args, time.perf_counter() - start)
     if getattr(args, "baseline", False):
         from .baseline import central_accuracy
 
         summary["baseline_accuracy"] = round(
-            central_accuracy(
-                args.dataset, args.topology, summary["epochs"], args.seed, args.clients
-            ),
+            central_accuracy(args.dataset, args.topology, summary["epochs"], args.seed, clients),
             4,
         )
     if not args.json:

@@ -18,6 +18,7 @@ DATASETS: dict[str, dict[str, Any]] = {
 DEFAULT_EPOCHS = {"digits": 8, "breast_cancer": 10}
 MULTITASK: dict[str, Any] = {"tasks": ["digit", "parity"], "task_classes": [10, 2]}
 Table = dict[str, dict[str, Any]]
+MULTI_PARTY = ("vertical", "multitask", "roundrobin", "splitfed")  # two clients by default
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -116,7 +117,15 @@ def deployment_options(args: Any) -> dict[str, Any]:
         "pipeline_depth",
         "label_client",
     )
-    return {name: getattr(args, name) for name in names}
+    options = {name: getattr(args, name) for name in names}
+    if options["clients"] is None:
+        options["clients"] = default_clients(options["topology"])
+    return options
+
+
+def default_clients(topology: str) -> int:
+    """Parties a topology needs to show what it does: two where it is about several."""
+    return 2 if topology in MULTI_PARTY else 1
 
 
 def init_deployment(

@@ -1,6 +1,7 @@
 """`sl-pipeline audit` and `sl-pipeline tune`: the privacy commands.
 
-The lead wires them into :mod:`workers.cli` with ``add_parsers(sub)`` and ``COMMANDS``.
+:mod:`workers.cli` adds their parsers with ``add_parsers(sub)`` and dispatches to them
+through ``COMMANDS``.
 Every bad input raises an :class:`~sl_pipeline.errors.SLError` naming the flag or key, which
 the CLI prints as one line.
 """

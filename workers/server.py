@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from privacy.config import PrivacyConfig
 from sl_pipeline.config import ServerConfig, resolve_path
 from sl_pipeline.errors import ConfigError, OverloadedError, ProtocolError
 from sl_pipeline.messages import Kind, Message, error_message
@@ -53,6 +54,9 @@ class ServerWorker(RouterService):
             metrics,
         )
         self.cfg = cfg
+        PrivacyConfig.from_mapping(cfg.privacy).check_placement(
+            s.topology, server=True, holds_labels=not s.label_holder
+        )
         self.engine: Engine = build_engine(cfg, base)
         self.engine.on_bound = self.metrics.record_bound
         self.replies = ReplyCache(

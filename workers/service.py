@@ -29,6 +29,7 @@ from sl_pipeline.errors import (
     ProtocolError,
     ReplayError,
     SLError,
+    UnauthenticatedError,
     VersionError,
 )
 from sl_pipeline.handshake import ServerHandshake, is_handshake, refusal
@@ -310,8 +311,7 @@ class RouterService:
         if peer is None:
             self.metrics.record_rejected("unauthenticated")
             log.warning("rejected a message from an unauthenticated peer (%d bytes)", nbytes)
-            error = CryptoError("no session: complete the handshake first")
-            error.code = "unauthenticated"
+            error = UnauthenticatedError("no session: complete the handshake first")
             await self._send_raw(endpoint, identity, refusal(error), "error")
             return
         peer.last_seen = time.monotonic()

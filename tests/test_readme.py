@@ -1,0 +1,173 @@
+"""The README is executable: every `sl-pipeline ...` line in its code blocks runs, in order,
+through the installed console script (the binary a user types), in a temporary folder.
+
+Rules a README command follows so that this test can run it as written:
+- lines of one code block run in order, in one temporary working folder per block;
+- a line ending in ``&`` is a long-lived worker (its config has an ops port): it is started,
+  and the next line runs once `sl-pipeline health` says it is ready; it is stopped with
+  SIGTERM when the block ends and must then exit 0;
+- training is shortened by adding ``--epochs 1`` to the verbs that take it, and the
+  benchmark by ``--only flops`` (its other sections are covered by test_bench_smoke.py);
+- ``rows.csv`` (the input that `predict` reads) is written by this test from digits rows;
+- with ``--json`` the last stdout line must be one JSON object holding the keys listed in
+  ``JSON_KEYS`` for that verb.
+A command added to the README is covered here with no further work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from .conftest import ROOT
+
+README = ROOT / "README.md"
+SHORTEN = {
+    "demo": ["--epochs", "1"],
+    "init": ["--epochs", "1"],
+    "audit": ["--epochs", "1"],
+    "tune": ["--epochs", "1", "--no-progress"],
+    "bench": ["--only", "flops"],
+}
+JSON_KEYS = {
+    "demo": {"topology", "dataset", "clients", "epochs", "steps", "test_accuracy", "train_loss"},
+    "client": {"client", "steps", "test_accuracy", "bytes_sent", "bytes_received"},
+    "predict": {"predictions"},
+    "audit": {"test_accuracy", "dcor", "reconstruction_mse"},
+    "bench": {"flops_table"},
+}
+# Commands that cannot run here, with the reason (none today).
+CANNOT_RUN: dict[str, str] = {}
+COMMAND_TIMEOUT_S = 600
+READY_TIMEOUT_S = 60
+
+
+def console_script() -> str:
+    """The `sl-pipeline` entry point installed beside this interpreter."""
+    script = Path(sys.executable).parent / "sl-pipeline"
+    found = str(script) if script.exists() else shutil.which("sl-pipeline")
+    if found is None:
+        pytest.fail("the sl-pipeline console script is not installed (run `make install`)")
+    return found
+
+
+def readme_blocks() -> list[list[str]]:
+    """The `sl-pipeline` lines of each fenced code block, comments stripped."""
+    blocks: list[list[str]] = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", README.read_text(), flags=re.S):
+        lines = []
+        for raw in block.splitlines():
+            line = raw.split("  #")[0].strip()
+            if line.startswith("sl-pipeline "):
+                lines.append(line)
+        if lines:
+            blocks.append(lines)
+    return blocks
+
+
+def block_id(block: list[str]) -> str:
+    return " | ".join(line.split()[1] for line in block)
+
+
+def shortened(argv: list[str]) -> list[str]:
+    verb = argv[1]
+    extra = [flag for flag in SHORTEN.get(verb, []) if flag.startswith("--")]
+    if any(flag in argv for flag in extra):
+        return argv
+    return argv + SHORTEN.get(verb, [])
+
+
+def write_rows(folder: Path, count: int = 5) -> None:
+    x, _ = load_digits(return_X_y=True)
+    rows = (x[:count] / 16.0).astype(np.float32)
+    np.savetxt(folder / "rows.csv", rows, delimiter=",", fmt="%.6f")
+
+
+def wait_ready(cmd: list[str], proc: subprocess.Popen[str], cwd: Path) -> None:
+    """Wait (bounded) until `sl-pipeline health` answers 0 for the worker's config."""
+    config = cmd[cmd.index("--config") + 1]
+    assert "listen" in (cwd / config).read_text(), f"{config}: a README worker needs --ops"
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    probe = [console_script(), "health", "--config", config, "--timeout", "1"]
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"{shlex.join(cmd)} exited early with {proc.returncode}"
+        if subprocess.run(probe, cwd=cwd, capture_output=True).returncode == 0:
+            return
+        time.sleep(0.2)  # a bounded poll of the readiness probe
+    pytest.fail(f"{shlex.join(cmd)} was not ready within {READY_TIMEOUT_S}s")
+
+
+def check_json(verb: str, stdout: str, line: str) -> None:
+    if "--json" not in line.split():
+        return
+    last = stdout.strip().splitlines()[-1]
+    result = json.loads(last)
+    rows = result if isinstance(result, list) else [result]
+    for row in rows:
+        missing = JSON_KEYS.get(verb, set()) - set(row)
+        assert not missing, f"{line}: --json output lacks {sorted(missing)}"
+
+
+def stop(proc: subprocess.Popen[str]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return int(proc.returncode)
+
+
+def test_the_readme_has_commands_for_every_verb() -> None:
+    from workers.cli import COMMANDS
+
+    verbs = {line.split()[1] for block in readme_blocks() for line in block}
+    assert set(COMMANDS) - verbs == set(), "README lacks a command for these verbs"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("block", readme_blocks(), ids=block_id)
+def test_readme_block_runs_through_the_console_script(block: list[str], tmp_path: Path) -> None:
+    write_rows(tmp_path)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    background: list[tuple[str, subprocess.Popen[str]]] = []
+    try:
+        for line in block:
+            if line in CANNOT_RUN:
+                continue
+            argv = shortened(shlex.split(line.rstrip("&").strip()))
+            cmd = [console_script(), *argv[1:]]
+            if line.endswith("&"):
+                proc = subprocess.Popen(
+                    cmd, cwd=tmp_path, env=env, text=True,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                )  # fmt: skip
+                background.append((line, proc))
+                wait_ready(cmd, proc, tmp_path)
+                continue
+            done = subprocess.run(
+                cmd, cwd=tmp_path, env=env, text=True, capture_output=True,
+                timeout=COMMAND_TIMEOUT_S, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+            assert done.returncode == 0, f"{line} -> exit {done.returncode}: {done.stderr[-1500:]}"
+            assert "Traceback" not in done.stderr, f"{line}: {done.stderr[-1500:]}"
+            check_json(argv[1], done.stdout, line)
+    finally:
+        statuses = [(line, stop(proc), proc) for line, proc in reversed(background)]
+    for line, status, proc in statuses:
+        err = proc.stderr.read() if proc.stderr else ""
+        assert status == 0, f"{line} stopped with {status}: {err[-1500:]}"
