@@ -121,6 +121,7 @@ class ServerSection:
     max_names: int = 256  # names (clients, a relay's clients) whose replies are remembered
     fuse: Literal["concat", "sum", "mean"] = "concat"
     parties: int = 1  # vertical: feature parties; roundrobin/splitfed: clients per round
+    group: list[str] = field(default_factory=list)  # roundrobin/splitfed: the members, by name
     tasks: list[str] = field(default_factory=list)  # multitask: task names
     task_classes: list[int] = field(default_factory=list)  # multitask: classes per task
     label_holder: str = ""  # vertical: "" = this server holds the labels; else a client's name
@@ -143,7 +144,8 @@ class ClientSection:
     topology: Topology = "vanilla"
     role: Literal["trainer", "feature", "label"] = "trainer"
     group: list[str] = field(default_factory=list)  # roundrobin/splitfed: every client's name
-    group_key: str = ""  # roundrobin/splitfed: secret shared by the clients, not the server
+    group_key: str = ""  # roundrobin, vertical PSI: secret shared by the clients, not the server
+    group_keys: str = ""  # splitfed: folder of the other members' public keys (NAME.pub)
     save: str = ""  # where to save this client's segment(s) at the end of training
 
 

@@ -1,28 +1,26 @@
-"""Secrets shared by a group of clients and never by the server.
+"""The round-robin group key: a secret the clients share and the server never holds.
 
 Round-robin hands a client segment's weights from one client to the next sealed with the
-group key (AES-256-GCM, random 96-bit nonce, the round as associated data). SplitFed sends
-weights as fixed-point integers plus pairwise masks derived from the group key: the masks
-cancel in the server's sum mod 2^64, so the server learns the sum and nothing else.
+group key (AES-256-GCM, random 96-bit nonce). The associated data is the run id and the
+turn the weights were sealed at; the receiving client computes both itself, so a server
+that hands back an older blob, or one from an earlier run under the same key, is refused.
+(SplitFed does not use a shared key: see :mod:`sl_pipeline.secagg`.)
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .errors import ConfigError, CryptoError
 
-FIXED_POINT_BITS = 24
 _TAG = "sl-pipeline-group-key-v1"
 
 
@@ -45,49 +43,40 @@ def load_group_key(path: Path) -> bytes:
     return key
 
 
-def seal_weights(key: bytes, vector: torch.Tensor, round_: int) -> torch.Tensor:
+def run_id(run_nonces: Mapping[str, str]) -> bytes:
+    """The id of one run of a group: a hash of every member's fresh run nonce.
+
+    Each client picks its nonce at the start of a run, so a run id is new for every run,
+    even with the same group key, and no member can be left out of it unnoticed."""
+    h = hashlib.sha256(b"sl-pipeline roundrobin run v1")
+    for name in sorted(run_nonces):
+        for part in (name.encode(), run_nonces[name].encode()):
+            h.update(len(part).to_bytes(4, "big") + part)
+    return h.digest()
+
+
+def _associated(run: bytes, turn: int) -> bytes:
+    return b"sl-pipeline roundrobin v1|" + run + turn.to_bytes(8, "big")
+
+
+def seal_weights(key: bytes, vector: torch.Tensor, run: bytes, turn: int) -> torch.Tensor:
+    """Weights at the end of ``turn`` of run ``run``, for the next client only to open."""
     nonce = secrets.token_bytes(12)
     data = vector.detach().to(torch.float32).contiguous().numpy().tobytes()
-    sealed = AESGCM(key).encrypt(nonce, data, f"round-{round_}".encode())
+    sealed = AESGCM(key).encrypt(nonce, data, _associated(run, turn))
     return torch.frombuffer(bytearray(nonce + sealed), dtype=torch.uint8)
 
 
-def open_weights(key: bytes, sealed: torch.Tensor, round_: int) -> torch.Tensor:
+def open_weights(key: bytes, sealed: torch.Tensor, run: bytes, turn: int) -> torch.Tensor:
+    """The weights sealed at the end of ``turn`` of this run; anything else is refused."""
+    if sealed.dtype != torch.uint8 or sealed.dim() != 1 or sealed.numel() < 28:
+        raise CryptoError("roundrobin: the sealed weights are not a byte string")
     blob = sealed.numpy().tobytes()
     try:
-        data = AESGCM(key).decrypt(blob[:12], blob[12:], f"round-{round_}".encode())
+        data = AESGCM(key).decrypt(blob[:12], blob[12:], _associated(run, turn))
     except (InvalidTag, ValueError):
-        raise CryptoError("weights from the previous client failed authentication") from None
+        raise CryptoError(
+            f"roundrobin: the weights the server handed over were not sealed at turn {turn} "
+            "of this run (an older blob, another run's, or tampered); refusing them"
+        ) from None
     return torch.frombuffer(bytearray(data), dtype=torch.float32)
-
-
-def _prg(key: bytes, label: str, size: int) -> np.ndarray:
-    seed = hmac.new(key, label.encode(), hashlib.sha256).digest()
-    gen = np.random.Generator(np.random.PCG64(int.from_bytes(seed, "big")))
-    return gen.integers(0, 2**64, size=size, dtype=np.uint64)
-
-
-def masked_weights(
-    key: bytes, vector: torch.Tensor, round_: int, me: str, group: Sequence[str]
-) -> torch.Tensor:
-    """Fixed-point weights plus masks that cancel when every member's vectors are summed."""
-    if me not in group:
-        raise ConfigError(f"client name {me!r} is not in client.group {list(group)}")
-    fixed = np.round(vector.detach().double().numpy() * 2**FIXED_POINT_BITS).astype(np.int64)
-    out = fixed.view(np.uint64).copy()
-    for other in group:
-        if other == me:
-            continue
-        a, b = sorted((me, other))
-        mask = _prg(key, f"mask/{round_}/{a}/{b}", out.size)
-        if me == a:
-            out += mask
-        else:
-            out -= mask
-    return torch.from_numpy(out.view(np.int64))
-
-
-def average_from_sum(summed: torch.Tensor, parties: int) -> torch.Tensor:
-    return torch.from_numpy(
-        summed.numpy().astype(np.float64) / 2**FIXED_POINT_BITS / parties
-    ).float()

@@ -117,7 +117,7 @@ async def test_roundrobin_weights_are_unreadable_by_the_server(
         data = blob.numpy().tobytes()
         assert raw[:64] not in data and len(data) == 12 + len(raw) + 16
         with pytest.raises(CryptoError):
-            open_weights(b"\x00" * 32, blob, 1)  # the server has no group key
+            open_weights(b"\x00" * 32, blob, b"\x00" * 32, 1)  # the server has no group key
     # both clients end with the same (last) weights
     other = torch.nn.utils.parameters_to_vector(run["clients"][1].bottom.parameters()).detach()
     assert torch.equal(final, other)

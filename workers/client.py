@@ -177,6 +177,7 @@ class ClientWorker:
             "epoch_losses": list(self.epoch_losses),
             "rng": rng_state(),
             "accounted_epochs": self.runner.accounted_epochs,
+            "runner": self.runner.extra_state(),
         }
 
     def _restore(self) -> int:
@@ -194,6 +195,7 @@ class ClientWorker:
         self.epoch_losses = [float(v) for v in state["epoch_losses"]]
         restore_rng(state["rng"])
         self.runner.restore_accounting(int(state["accounted_epochs"]))
+        self.runner.load_extra_state(dict(state.get("runner", {})))
         log.info("resumed from checkpoint %s at epoch %d step %d", path, *self.start)
         return self.steps_done
 

@@ -257,6 +257,13 @@ class StepRunner:
         """True when the weights changed after the last evaluation (group topologies)."""
         return False
 
+    def extra_state(self) -> dict[str, Any]:
+        """What this runner adds to the client's checkpoint (round-robin: its run nonce)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        return None
+
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.accountant is not None:

@@ -190,6 +190,12 @@ class Engine:
         """Requests waiting for other parties (vertical parts, queued steps, turns)."""
         return 0
 
+    @property
+    def coordination_version(self) -> int:
+        """Changes when state a client saw changed outside a step (group turns and rounds):
+        the server checkpoints then, as it does after a step."""
+        return 0
+
     def _apply(self, loss: torch.Tensor | None = None) -> None:
         self.optimizer.step()
         self._count_step(loss)

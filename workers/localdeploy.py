@@ -99,7 +99,10 @@ def _client(
         data.update(shard=i, shards=n)
     if topology in ("roundrobin", "splitfed", "vertical"):  # vertical: PSI alignment by id
         client["group"] = [f"client-{j + 1}" for j in range(n)]
+    if topology in ("roundrobin", "vertical"):
         client["group_key"] = "keys/group.secret"
+    if topology == "splitfed":  # pairwise masks: its own private key, the others' public keys
+        client.update(key=f"keys/{name}.key", group_keys="keys/group")
     return {"client": client, "data": data, "model": client_model, "train": train}
 
 
@@ -182,6 +185,7 @@ def init_deployment(
         server["data"] = {"dataset": dataset, "seed": seed}
     if topology in ("roundrobin", "splitfed"):
         server_section["parties"] = clients
+        server_section["group"] = [f"client-{j + 1}" for j in range(clients)]
     if topology == "multitask":
         server_section.update(MULTITASK)
     endpoint = f"tcp://127.0.0.1:{port}"
@@ -231,8 +235,18 @@ def _secure(
 ) -> None:
     keys = out / "keys"
     keys.mkdir(parents=True, exist_ok=True)
-    if topology in ("roundrobin", "splitfed", "vertical"):
+    if topology in ("roundrobin", "vertical"):
         write_group_key(keys / "group.secret")  # shared by the clients, never by the server
+    client_pubs = {}
+    if not insecure or topology == "splitfed":
+        client_pubs = {
+            c["client"]["name"]: write_keypair(c["client"]["name"], keys)[1] for c in clients
+        }
+    if topology == "splitfed":  # each client gets the others' public keys, never a secret
+        group = keys / "group"
+        group.mkdir(exist_ok=True)
+        for pub in client_pubs.values():
+            (group / pub.name).write_bytes(pub.read_bytes())
     if insecure:
         for cfg, section in [
             (server, "server"),
@@ -259,6 +273,6 @@ def _secure(
         upstream_key = "keys/relay-1.pub"
     for cfg in clients:
         name = cfg["client"]["name"]
-        _, pub = write_keypair(name, keys)
+        pub = client_pubs[name]
         (downstream / pub.name).write_bytes(pub.read_bytes())
         cfg["client"].update(key=f"keys/{name}.key", server_key=upstream_key)

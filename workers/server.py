@@ -71,6 +71,7 @@ class ServerWorker(RouterService):
         self.ckpt = self._checkpoint_store()
         self.resumed_from = self._restore() if self.ckpt else 0
         self._saved_at = self.steps_applied
+        self._saved_version = self.engine.coordination_version
 
     # ---- checkpoints ---------------------------------------------------------------------
     def _checkpoint_store(self) -> CheckpointStore | None:
@@ -110,9 +111,11 @@ class ServerWorker(RouterService):
         return self.steps_applied
 
     def checkpoint(self) -> None:
-        if self.ckpt is not None and self.steps_applied != self._saved_at:
+        version = self.engine.coordination_version
+        changed = self.steps_applied != self._saved_at or version != self._saved_version
+        if self.ckpt is not None and changed:
             self.ckpt.save(self._state(), self.steps_applied)
-            self._saved_at = self.steps_applied
+            self._saved_at, self._saved_version = self.steps_applied, version
             self.metrics.checkpoints_total.inc()
 
     def _save_path(self) -> Path | None:
@@ -241,6 +244,8 @@ class ServerWorker(RouterService):
                 self.metrics.train_loss.set(self.last_loss)
             if self.steps_applied - self._saved_at >= max(1, self.cfg.checkpoint.every_steps):
                 self.checkpoint()  # before any reply leaves: what a client saw is durable
+        if self.engine.coordination_version != self._saved_version:
+            self.checkpoint()  # a turn or a round moved on: durable before anyone hears of it
         return replies
 
 

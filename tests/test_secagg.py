@@ -1,0 +1,288 @@
+"""SplitFed secure aggregation: masks only a pair can make, exact sums, members only.
+
+The attack of issue 15 (finding 2): client-1 submits zero vectors under sub-names, gets the
+round's sum, and removes client-2's masks. These tests show that sub-names are never
+members, that a round needs every member once, and that client-1 together with the server's
+whole view recovers nothing correlated with client-2's weights, while a positive control
+with the missing pair secret recovers them exactly (so the recovery itself is right).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from sl_pipeline.config import ServerConfig, load
+from sl_pipeline.errors import ConfigError, CryptoError, ProtocolError
+from sl_pipeline.keys import generate_keypair, load_admitted_keys, load_keypair
+from sl_pipeline.messages import Kind, Message
+from sl_pipeline.secagg import (
+    FIXED_POINT_BITS,
+    MaskingKeys,
+    average_from_sum,
+    mask,
+    masked_tensor,
+    new_nonce,
+    pair_seed,
+    round_context,
+    sum_masked,
+    to_fixed,
+)
+from workers.aggregation import SecureAggregator
+from workers.checkpoint import decode, encode
+from workers.coordination import GroupEngine
+from workers.engine import build_engine
+
+from .inprocess import run_deployment
+from .test_topologies import record_inbound
+
+NAMES = ["client-1", "client-2", "client-3"]
+
+
+def _group(names: list[str] = NAMES) -> dict[str, MaskingKeys]:
+    pairs = {n: generate_keypair() for n in names}
+    return {
+        n: MaskingKeys(n, pairs[n].private, {o: pairs[o].public for o in names if o != n})
+        for n in names
+    }
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.astype(np.float64), b.astype(np.float64))[0, 1])
+
+
+# ---- the pure core -------------------------------------------------------------------------
+def test_masks_cancel_and_the_sum_is_exactly_the_fixed_point_sum() -> None:
+    # Prepare
+    keys = _group()
+    torch.manual_seed(0)
+    vectors = {n: torch.randn(1000) for n in NAMES}
+    nonces = {n: new_nonce() for n in NAMES}
+    # Execute
+    masked = [keys[n].masked(vectors[n], 3, nonces) for n in NAMES]
+    total = masked_tensor(sum_masked(masked))
+    # Assert: bit-identical to the unmasked fixed-point sum, so training is unchanged
+    plain = masked_tensor(sum_masked([to_fixed(v) for v in vectors.values()]))
+    assert torch.equal(total, plain)
+    mean = torch.stack(list(vectors.values())).double().mean(0).float()
+    assert torch.allclose(average_from_sum(total, 3), mean, atol=2.0**-FIXED_POINT_BITS)
+    for n, words in zip(NAMES, masked, strict=True):
+        assert abs(_pearson(words.view(np.int64), to_fixed(vectors[n]).view(np.int64))) < 0.1
+
+
+def test_a_pair_seed_is_shared_by_its_two_clients_only() -> None:
+    a, b, c = generate_keypair(), generate_keypair(), generate_keypair()
+    ctx = round_context(0, {"a": new_nonce(), "b": new_nonce()})
+    seed = pair_seed(a.private, b.public, ctx, "a", "b")
+    assert seed == pair_seed(b.private, a.public, ctx, "a", "b")
+    assert seed != pair_seed(c.private, b.public, ctx, "a", "b")  # a third client's try
+    other = round_context(0, {"a": new_nonce(), "b": new_nonce()})  # a new attempt
+    assert seed != pair_seed(a.private, b.public, other, "a", "b")
+    assert seed != pair_seed(a.private, b.public, round_context(1, {"a": b"", "b": b""}), "a", "b")
+
+
+def test_masks_come_from_a_keystream_not_a_seeded_numpy_generator() -> None:
+    words = mask(b"\x01" * 32, 4096)
+    assert words.dtype == np.uint64 and len(set(words.tolist())) == 4096
+    bits = np.unpackbits(words.view(np.uint8))
+    assert abs(bits.mean() - 0.5) < 0.01
+    assert not np.array_equal(words, mask(b"\x02" + b"\x01" * 31, 4096))
+
+
+def test_the_round_members_must_be_exactly_the_group() -> None:
+    keys = _group()
+    nonces = {"client-1": new_nonce(), "client-1/x": new_nonce(), "client-1/y": new_nonce()}
+    with pytest.raises(ProtocolError, match="not the group"):
+        keys["client-1"].masked(torch.zeros(4), 0, nonces)
+
+
+# ---- the server's rounds -------------------------------------------------------------------
+def _join(name: str, epoch: int = 0, nonce: bytes | None = None) -> Message:
+    nonce = nonce or new_nonce()
+    meta = {"op": "join", "nonce": nonce.hex()}
+    return Message(kind=Kind.WEIGHTS, client=name, epoch=epoch, step=0, meta=meta)
+
+
+def _submit(name: str, attempt: str, words: np.ndarray, epoch: int = 0) -> Message:
+    meta = {"op": "submit", "attempt": attempt}
+    tensors = {"masked": masked_tensor(words)}
+    return Message(kind=Kind.WEIGHTS, client=name, epoch=epoch, step=1, meta=meta, tensors=tensors)
+
+
+def _announce(agg: SecureAggregator, nonces: dict[str, bytes]) -> dict[str, Any]:
+    replies: list[Any] = []
+    for name in nonces:
+        replies = agg.handle(name.encode(), _join(name, nonce=nonces[name]))
+    assert {m.meta["op"] for _, m in replies} == {"members"} and len(replies) == 3
+    return dict(replies[0][1].meta)
+
+
+def test_sub_names_and_strangers_are_never_members() -> None:
+    # The issue's attack: client-1 also submits under sub-names x and y (the server names
+    # them client-1/x, client-1/y); a round must not complete, or even count them.
+    agg = SecureAggregator(NAMES)
+    assert agg.handle(b"1", _join("client-1")) == []
+    for fake in ("client-1/x", "client-1/y", "x"):
+        with pytest.raises(ProtocolError, match="not a member"):
+            agg.handle(b"1", _join(fake))
+    assert agg.queue_depth() == 1  # only client-1 joined; nothing was announced
+
+
+def test_a_round_sums_once_every_member_submitted_in_the_same_attempt() -> None:
+    keys, agg = _group(), SecureAggregator(NAMES)
+    nonces = {n: new_nonce() for n in NAMES}
+    announced = _announce(agg, nonces)
+    got = {n: bytes.fromhex(v) for n, v in announced["nonces"].items()}
+    words = {n: keys[n].masked(torch.full((8,), float(i)), 0, got) for i, n in enumerate(NAMES)}
+    assert agg.handle(b"1", _submit("client-1", announced["attempt"], words["client-1"])) == []
+    with pytest.raises(ProtocolError, match="already submitted"):  # one submission each
+        agg.handle(b"1", _submit("client-1", announced["attempt"], words["client-2"]))
+    agg.handle(b"2", _submit("client-2", announced["attempt"], words["client-2"]))
+    replies = agg.handle(b"3", _submit("client-3", announced["attempt"], words["client-3"]))
+    assert {m.meta["op"] for _, m in replies} == {"sum"} and len(replies) == 3
+    avg = average_from_sum(replies[0][1].tensors["sum"], 3)
+    assert torch.equal(avg, torch.ones(8))  # (0 + 1 + 2) / 3
+    late = agg.handle(b"9", _join("client-2"))  # a restarted member gets the same sum
+    assert late[0][1].meta["op"] == "sum" and torch.equal(
+        late[0][1].tensors["sum"], replies[0][1].tensors["sum"]
+    )
+
+
+def test_a_member_that_starts_over_aborts_the_attempt_with_fresh_nonces() -> None:
+    keys, agg = _group(), SecureAggregator(NAMES)
+    announced = _announce(agg, {n: new_nonce() for n in NAMES})
+    got = {n: bytes.fromhex(v) for n, v in announced["nonces"].items()}
+    first = keys["client-1"].masked(torch.ones(8), 0, got)
+    agg.handle(b"1", _submit("client-1", announced["attempt"], first))
+    # client-3 restarts and joins again with a new nonce: the attempt is void
+    replies = agg.handle(b"3", _join("client-3"))
+    assert [(i, m.meta["op"]) for i, m in replies] == [(b"1", "retry")]
+    stale = agg.handle(b"2", _submit("client-2", announced["attempt"], first))
+    assert stale[0][1].meta["op"] == "retry"  # a submission for the void attempt
+    again = _announce(agg, {n: new_nonce() for n in NAMES[:2]})  # client-3 already joined
+    assert again["attempt"] != announced["attempt"]
+    fresh = {n: bytes.fromhex(v) for n, v in again["nonces"].items()}
+    second = keys["client-1"].masked(torch.ones(8), 0, fresh)
+    # the same weights in two attempts: the difference of the masked words is noise
+    diff = (second - first).view(np.int64)
+    assert abs(_pearson(diff, np.arange(8))) < 0.9 and len(set(diff.tolist())) == 8
+
+
+def test_round_state_survives_a_checkpoint() -> None:
+    keys, agg = _group(), SecureAggregator(NAMES)
+    announced = _announce(agg, {n: new_nonce() for n in NAMES})
+    got = {n: bytes.fromhex(v) for n, v in announced["nonces"].items()}
+    words = {n: keys[n].masked(torch.ones(8), 0, got) for n in NAMES}
+    agg.handle(b"1", _submit("client-1", announced["attempt"], words["client-1"]))
+    state, _ = decode(encode({"group": agg.state_dict()}, 0))
+    restored = SecureAggregator(NAMES)
+    restored.load_state_dict(state["group"])
+    restored.handle(b"2", _submit("client-2", announced["attempt"], words["client-2"]))
+    replies = restored.handle(b"3", _submit("client-3", announced["attempt"], words["client-3"]))
+    assert len(replies) == 3 and torch.equal(
+        average_from_sum(replies[0][1].tensors["sum"], 3), torch.ones(8)
+    )
+
+
+def test_the_server_needs_the_group_by_name(deployment) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(topology="splitfed", clients=3, dataset="breast_cancer")
+    cfg = load(ServerConfig, files["server"])
+    assert isinstance(build_engine(cfg, files["server"].parent), GroupEngine)
+    with pytest.raises(ConfigError, match=r"server\.group"):
+        build_engine(
+            load(ServerConfig, files["server"], ["server.group=[]"]), files["server"].parent
+        )
+
+
+# ---- key distribution ----------------------------------------------------------------------
+@pytest.mark.parametrize("insecure", [False, True])
+def test_init_gives_each_client_its_key_and_only_the_others_public_keys(
+    deployment, insecure: bool
+) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(topology="splitfed", clients=3, insecure=insecure)
+    base = files["server"].parent
+    group = base / "keys" / "group"
+    assert sorted(p.name for p in group.iterdir()) == [f"{n}.pub" for n in NAMES]
+    assert not (base / "keys" / "group.secret").exists()  # no secret that every client holds
+    public = {name: key for key, name in load_admitted_keys(group).items()}
+    for name in NAMES:
+        text = files[name].read_text()
+        assert 'group_keys = "keys/group"' in text and "group_key =" not in text
+        assert load_keypair(base / "keys" / f"{name}.key").public == public[name]
+    assert 'group = ["client-1", "client-2", "client-3"]' in files["server"].read_text()
+
+
+# ---- the attack, in a real three-client run --------------------------------------------------
+async def test_client_1_with_the_servers_view_learns_nothing_of_client_2(
+    deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: record what the server sees, and (for the assertion only) the true weights
+    seen = record_inbound(monkeypatch)
+    truth: dict[tuple[str, int], torch.Tensor] = {}
+    original = MaskingKeys.masked
+
+    def spy(self: MaskingKeys, vector: torch.Tensor, round_: int, nonces: Any) -> np.ndarray:
+        truth[(self.me, round_)] = vector.clone()
+        return original(self, vector, round_, nonces)
+
+    monkeypatch.setattr(MaskingKeys, "masked", spy)
+    files = deployment(topology="splitfed", clients=3, dataset="breast_cancer", epochs=1)
+    base = files["server"].parent
+    # Execute
+    run = await run_deployment(files)
+    # Assert: client-1 knows its own private key and everyone's public keys; the server's
+    # view adds every nonce and every masked vector. Remove what client-1 can: its own
+    # pair mask with client-2. The pair (2, 3) mask stays, and the result is noise.
+    keys = {n: load_keypair(base / "keys" / f"{n}.key") for n in NAMES}
+    joins = {m.client: bytes.fromhex(m.meta["nonce"]) for m in seen if m.meta.get("op") == "join"}
+    victim = next(m for m in seen if m.meta.get("op") == "submit" and m.client == "client-2")
+    y2 = victim.tensors["masked"].numpy().view(np.uint64).copy()
+    context = round_context(0, joins)
+    m12 = mask(
+        pair_seed(
+            keys["client-1"].private, keys["client-2"].public, context, "client-1", "client-2"
+        ),
+        y2.size,
+    )
+    recovered = (y2 + m12).view(np.int64) / 2.0**FIXED_POINT_BITS
+    x2 = truth[("client-2", 0)].double().numpy()
+    assert abs(_pearson(recovered, x2)) < 0.1
+    # Positive control: with the (2, 3) secret, which only client-2 and client-3 hold, the
+    # same recovery gives client-2's weights to the fixed-point precision.
+    m23 = mask(
+        pair_seed(
+            keys["client-3"].private, keys["client-2"].public, context, "client-2", "client-3"
+        ),
+        y2.size,
+    )
+    exact = (y2 + m12 - m23).view(np.int64) / 2.0**FIXED_POINT_BITS
+    assert np.abs(exact - x2).max() <= 2.0**-FIXED_POINT_BITS and _pearson(exact, x2) > 0.999
+    # and training still averaged: every client ends with the same segment
+    a, b, c = (
+        torch.nn.utils.parameters_to_vector(w.bottom.parameters()).detach() for w in run["clients"]
+    )
+    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(a, c, atol=1e-6)
+
+
+def test_a_client_without_its_key_is_told_what_to_set(deployment) -> None:  # type: ignore[no-untyped-def]
+    from workers.cli import main
+
+    files = deployment(topology="splitfed", clients=2)
+    code = main(["client", "--config", str(files["client-1"]), "--set", 'client.group_keys=""'])
+    assert code == ConfigError.exit_code
+    code = main(["client", "--config", str(files["client-1"]), "--set", 'client.group_key="x"'])
+    assert code == ConfigError.exit_code
+
+
+def test_a_bad_announcement_is_refused() -> None:
+    from workers.client_group import _announced_nonces
+
+    nonce = new_nonce()
+    reply = Message(
+        kind=Kind.WEIGHTS, meta={"op": "members", "nonces": {"client-1": new_nonce().hex()}}
+    )
+    with pytest.raises(CryptoError):
+        _announced_nonces(reply, "client-1", nonce)
