@@ -65,6 +65,13 @@ class UnauthenticatedError(CryptoError):
     code = "unauthenticated"
 
 
+class BadTagError(CryptoError):
+    """A sealed frame failed authentication: altered in transit or sealed under another
+    session."""
+
+    code = "bad_tag"
+
+
 class NotAdmittedError(CryptoError, PermissionError):
     """The peer's static key is not in the admitted set."""
 
@@ -85,6 +92,7 @@ class PeerError(SLError, RuntimeError):
 
     def __init__(self, remote_code: str, message: str, *, retryable: bool = False) -> None:
         self.remote_code = remote_code
+        self.reason = message  # the peer's own words, without our prefix
         self.retryable = retryable
         super().__init__(f"peer error [{remote_code}]: {message}")
 
@@ -94,6 +102,12 @@ class TransportError(SLError, ConnectionError):
 
     code = "transport"
     exit_code = 5
+
+
+class ReplyTimeoutError(TransportError, TimeoutError):
+    """No reply came within the wait (the request or its reply may have been lost)."""
+
+    code = "timeout"
 
 
 class PrivacyError(SLError, ValueError):
@@ -111,6 +125,7 @@ class CheckpointError(SLError, OSError):
 
 
 __all__ = [
+    "BadTagError",
     "CheckpointError",
     "ConfigError",
     "CryptoError",
@@ -121,6 +136,7 @@ __all__ = [
     "PrivacyError",
     "ProtocolError",
     "ReplayError",
+    "ReplyTimeoutError",
     "SLError",
     "TransportError",
     "VersionError",

@@ -84,9 +84,9 @@ class ClientHandshake:
 
     def finish(self, frames: Sequence[Buffer]) -> tuple[AnySession, dict[str, Any]]:
         """The session and the welcome; PeerError if the server refused us."""
-        if len(frames) == 2 and bytes(frames[0]) == REFUSE:
-            info = _load(frames[1], "refusal")
-            raise PeerError(str(info.get("code", "refused")), str(info.get("reason", "")))
+        error = refused(frames)
+        if error is not None:
+            raise error
         if len(frames) != 2 or bytes(frames[0]) != WELCOME:
             raise ProtocolError("expected a welcome or refusal from the server")
         if self._initiator is None:
@@ -149,6 +149,14 @@ class ServerHandshake:
         if ts <= self._newest.get(key, 0):
             raise ReplayError("a replayed hello: its timestamp is not newer than the last one")
         self._newest[key] = ts
+
+
+def refused(frames: Sequence[Buffer]) -> PeerError | None:
+    """The refusal's code and reason as a PeerError, or None if ``frames`` are no refusal."""
+    if len(frames) != 2 or bytes(frames[0]) != REFUSE:
+        return None
+    info = _load(frames[1], "refusal")
+    return PeerError(str(info.get("code", "refused")), str(info.get("reason", ""))[:500])
 
 
 def refusal(error: SLError) -> list[bytes]:

@@ -17,7 +17,7 @@ from typing import Final
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sl_pipeline.errors import ConfigError, CryptoError, LimitError, ReplayError
+from sl_pipeline.errors import BadTagError, ConfigError, CryptoError, LimitError, ReplayError
 
 Buffer = bytes | bytearray | memoryview
 _TAGLEN = 16
@@ -186,7 +186,7 @@ class Session(_Channel):
             try:
                 aead.decrypt_into(_NONCE.pack(index, counter), view, aad, out)
             except InvalidTag:
-                raise CryptoError(
+                raise BadTagError(
                     f"frame {index} of message {counter} failed authentication",
                     hint="the message was altered in transit or sent under another session",
                 ) from None

@@ -16,8 +16,8 @@ import zmq
 import zmq.asyncio
 
 from .codec import DEFAULT_LIMITS, Limits, decode, encode
-from .errors import PeerError, ProtocolError, TransportError
-from .handshake import AnySession, Buffer, ClientHandshake, is_handshake
+from .errors import PeerError, ProtocolError, ReplyTimeoutError, TransportError
+from .handshake import AnySession, Buffer, ClientHandshake, is_handshake, refused
 from .messages import Kind, Message
 
 OnMessage = Callable[[str, str, int], None]  # (direction, kind, nbytes)
@@ -78,10 +78,12 @@ class DealerConnection:
         endpoint: str,
         limits: Limits = DEFAULT_LIMITS,
         on_message: OnMessage = _noop,
+        peer: str = "server",
     ) -> None:
         self.endpoint = endpoint
         self.limits = limits
         self.on_message = on_message
+        self.peer = peer  # what the other end is ("server", "relay"), for messages
         self.sock = new_socket(ctx, zmq.DEALER, limits)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
@@ -114,9 +116,16 @@ class DealerConnection:
         frames = await self._recv_raw(timeout_s, "a reply")
         buffers = frame_buffers(frames)
         if is_handshake(buffers):
-            # A plaintext refusal after joining: the server lost our session (restart).
+            # A plaintext refusal after joining: the peer dropped our session (it restarted,
+            # or refused a message: a counter gap, a failed tag). Rejoining starts afresh.
+            error = refused(buffers)
+            code = error.remote_code if error is not None else "unauthenticated"
+            reason = error.reason if error is not None else "no reason given"
             raise PeerError(
-                "unauthenticated", "server no longer knows this session", retryable=True
+                code,
+                f"the {self.peer} at {self.endpoint} refused our message and dropped this "
+                f"session: {reason}",
+                retryable=True,
             )
         message = self.channel.unpack(buffers)
         self.on_message("received", message.kind.value, frames_size(frames))
@@ -138,7 +147,9 @@ class DealerConnection:
         lost = self._lost_watcher()
         if lost.done():
             self._lost = None
-            raise TransportError(f"connection to {self.endpoint} lost while waiting for {what}")
+            raise TransportError(
+                f"connection to the {self.peer} at {self.endpoint} lost while waiting for {what}"
+            )
         received = self.sock.recv_multipart(copy=False)
         why: list[str] = []
 
@@ -162,10 +173,12 @@ class DealerConnection:
             lost.remove_done_callback(on_lost)
         if why[0] == "lost":
             self._lost = None
-            raise TransportError(f"connection to {self.endpoint} lost while waiting for {what}")
-        raise TransportError(
-            f"no answer from {self.endpoint} within {timeout_s:g}s while waiting for "
-            f"{what}; is the server running and the address right?"
+            raise TransportError(
+                f"connection to the {self.peer} at {self.endpoint} lost while waiting for {what}"
+            )
+        raise ReplyTimeoutError(
+            f"no answer from the {self.peer} at {self.endpoint} within {timeout_s:.3g}s while "
+            f"waiting for {what}; is the {self.peer} running and the address right?"
         )
 
     def _lost_watcher(self) -> asyncio.Future[Any]:

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from sl_pipeline.config import CheckpointConfig, resolve_path
 from sl_pipeline.errors import CheckpointError
 from sl_pipeline.messages import Kind, Message
 
@@ -230,6 +231,14 @@ class CheckpointStore:
             path.unlink(missing_ok=True)
 
 
+def open_store(cfg: CheckpointConfig, base: Path, prefix: str) -> CheckpointStore | None:
+    """The store ``[checkpoint]`` asks for (``dir`` relative to the config), or None."""
+    if not cfg.dir:
+        return None
+    directory = resolve_path(base, cfg.dir, "checkpoint.dir", must_exist=False)
+    return CheckpointStore(directory, keep=max(1, cfg.keep), prefix=prefix, fsync=cfg.fsync)
+
+
 class SnapshotRing:
     """In-memory deep copies of state keyed by (epoch, step), oldest dropped beyond
     ``capacity``: the undo points a client rolls back to after a server restart."""
@@ -331,6 +340,7 @@ __all__ = [
     "encode",
     "message_from_state",
     "message_state",
+    "open_store",
     "restore_rng",
     "rng_state",
 ]

@@ -25,11 +25,12 @@ from tqdm import tqdm
 from privacy.config import PrivacyConfig
 from sl_pipeline.config import ClientConfig, check_endpoint, resolve_path
 from sl_pipeline.data import PartyData, Split, prepare
-from sl_pipeline.errors import ConfigError, PeerError, TransportError
+from sl_pipeline.errors import ConfigError, PeerError, ReplyTimeoutError, TransportError
 from sl_pipeline.group import load_group_key
 from sl_pipeline.handshake import ClientHandshake
 from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
 from sl_pipeline.models import fingerprint
+from sl_pipeline.retransmit import RetransmitTimer
 from sl_pipeline.sources import Source, load_source
 from sl_pipeline.transport import DealerConnection
 
@@ -48,6 +49,7 @@ class _Stopped(Exception):
 
 
 MAX_RETRIES_PER_REQUEST = 100
+RETRY_HANDSHAKE = ("overloaded", "shutting_down")  # refusals that say "come back later"
 
 
 class ClientWorker:
@@ -80,6 +82,10 @@ class ClientWorker:
         check_depth(self)
         self.handshake = self._make_handshake()
         self.conn: DealerConnection | None = None
+        self.upstream = "server"  # what client.server points at; a relay says so in its welcome
+        # Reply waits follow the measured round trip (RFC 6298), at most the configured bound.
+        self.timer = RetransmitTimer(cfg.client.timeout_s)
+        self.hello_timer = RetransmitTimer(cfg.client.connect_timeout_s)
         self.connected = False  # between a completed handshake and a lost server
         self.ctx: zmq.asyncio.Context | None = None
         self.epoch = 0
@@ -206,17 +212,20 @@ class ClientWorker:
             self.metrics.checkpoints_total.inc()
 
     def _check_resume(self, welcome: dict[str, Any]) -> None:
-        """The server says which step of ours it applied last; we must not be ahead of it."""
+        """The server (or relay) says which step of ours it applied last; we must not be
+        ahead of it."""
         applied = welcome.get("applied")
         if self.last_applied is None:
             return
         server_step = (int(applied[0]), int(applied[1])) if applied else (-1, -1)
         if server_step < self.last_applied:
             log.error(
-                "the server lost steps after %s that this client applied (up to %s); "
-                "exactly-once needs the server's checkpoint.every_steps = 1",
+                "the %s lost steps after %s that this client applied (up to %s); "
+                "exactly-once needs the %s's checkpoint.dir and checkpoint.every_steps = 1",
+                self.upstream,
                 server_step,
                 self.last_applied,
+                self.upstream,
             )
 
     # ---- connection --------------------------------------------------------------------
@@ -235,23 +244,29 @@ class ClientWorker:
             if self.conn is not None:
                 self.conn.close()
             self.conn = DealerConnection(
-                self.ctx, c.server, self.cfg.limits.to_limits(), self._count
+                self.ctx, c.server, self.cfg.limits.to_limits(), self._count, self.upstream
             )
+            sent = time.monotonic()
             try:
-                welcome = await self.conn.handshake(self.handshake, c.connect_timeout_s)
-                self._set_connected(True)
-                log.info("joined server %s", c.server)
-                self._check_resume(welcome)
+                welcome = await self.conn.handshake(
+                    self.handshake, self.hello_timer.timeout("hello")
+                )
+                self.hello_timer.sample("hello", time.monotonic() - sent)
+                self._joined(welcome)
                 return
             except PeerError as exc:
-                if exc.remote_code != "overloaded" or time.monotonic() + delay > deadline:
+                if exc.remote_code not in RETRY_HANDSHAKE or time.monotonic() + delay > deadline:
                     raise
-                log.warning("server is full; retrying in %.1fs", delay)
-            except TransportError:
+                log.warning(
+                    "the %s refused to join (%s); retrying in %.1fs", self.upstream, exc, delay
+                )
+            except TransportError as exc:
+                if isinstance(exc, ReplyTimeoutError):
+                    self.hello_timer.expired("hello")
                 if time.monotonic() + delay > deadline:
                     error = ConfigError if self.steps_done == 0 else TransportError
                     raise error(
-                        f"client.server = {c.server!r}: no server answered for "
+                        f"client.server = {c.server!r}: no {self.upstream} answered for "
                         f"{c.retry_for_s:.0f}s; check that it runs and that the address is right"
                     ) from None
             self.retries += 1
@@ -259,21 +274,45 @@ class ClientWorker:
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 5.0)
 
+    def _joined(self, welcome: dict[str, Any]) -> None:
+        self._set_connected(True)
+        role = welcome.get("role", "server")
+        self.upstream = role if role in ("server", "relay") else "server"
+        assert self.conn is not None
+        self.conn.peer = self.upstream
+        log.info("joined %s %s", self.upstream, self.cfg.client.server)
+        self._check_resume(welcome)
+
     async def request(self, message: Message, timeout_s: float | None = None) -> Message:
-        """Send and wait for the reply; on a lost server, rejoin and resend the same step."""
-        for _ in range(MAX_RETRIES_PER_REQUEST):
+        """Send and wait for the reply; on a lost peer or a wait that ran out, rejoin and
+        resend the same step. The wait follows the measured round trip (``self.timer``)
+        unless ``timeout_s`` fixes it (a wait for other clients, which no RTT predicts)."""
+        kind = message.kind.value
+        fixed = timeout_s or (None if self.runner.adaptive_wait else self.cfg.client.timeout_s)
+        for attempt in range(MAX_RETRIES_PER_REQUEST):
             assert self.conn is not None
+            wait = fixed or self.timer.timeout(kind)
+            sent = time.monotonic()
             try:
                 await self.conn.send(message)
-                return await self.conn.recv(timeout_s or self.cfg.client.timeout_s)
+                reply = await self.conn.recv(wait)
             except (TransportError, PeerError) as exc:
                 if isinstance(exc, PeerError) and not exc.retryable:
                     raise
-                log.warning("lost the server (%s); rejoining", exc)
-                self.retries += 1
-                self.metrics.retries_total.inc()
+                if isinstance(exc, ReplyTimeoutError) and fixed is None:
+                    self.timer.expired(kind)
+                self.lost_upstream(exc)
                 await self.connect()
+                continue
+            if attempt == 0 and fixed is None:  # Karn: a resent request gives no sample
+                self.timer.sample(kind, time.monotonic() - sent)
+            return reply
         raise TransportError(f"gave up after {MAX_RETRIES_PER_REQUEST} retries of one step")
+
+    def lost_upstream(self, exc: Exception) -> None:
+        log.warning("lost the %s (%s); rejoining", self.upstream, exc)
+        self.retries += 1
+        self.metrics.retries_total.inc()
 
     def _set_connected(self, connected: bool) -> None:
         self.connected = connected

@@ -38,6 +38,9 @@ class StepRunner:
 
     sends_labels = True
     supports_pipelining = True  # one exchange per step: the forward can run ahead
+    # The reply wait follows the measured round trip; off where a reply waits for other
+    # parties (their pace is no round trip of ours, and a resent evaluation part is refused).
+    adaptive_wait = True
 
     def __init__(self, worker: ClientWorker) -> None:
         self.w = worker
@@ -349,6 +352,7 @@ class VerticalRunner(StepRunner):
 
     sends_labels = False
     supports_pipelining = False
+    adaptive_wait = False
 
     async def train_step(
         self, step: int, x: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sl_pipeline.errors import ConfigError, PeerError, TransportError
+from sl_pipeline.errors import ConfigError, PeerError, ReplyTimeoutError, TransportError
 from sl_pipeline.messages import Message
 
 from .engine import read_tensor
@@ -54,19 +54,25 @@ def check_depth(worker: ClientWorker) -> int:
 
 
 async def _reply(worker: ClientWorker, inflight: deque[InFlight]) -> Message:
-    """The oldest step's reply; after a lost server, rejoin and resend every step in flight."""
-    for _ in range(MAX_REJOINS):
+    """The oldest step's reply; after a lost server or a wait that ran out (the adaptive
+    timer, as for single requests), rejoin and resend every step in flight."""
+    for attempt in range(MAX_REJOINS):
         assert worker.conn is not None
         try:
-            return await worker.conn.recv(worker.cfg.client.timeout_s)
+            reply = await worker.conn.recv(worker.timer.timeout("forward"))
         except (TransportError, PeerError) as exc:
             if isinstance(exc, PeerError) and not exc.retryable:
                 raise
-            worker.retries += 1
-            worker.metrics.retries_total.inc()
+            if isinstance(exc, ReplyTimeoutError):
+                worker.timer.expired("forward")
+            worker.lost_upstream(exc)
             await worker.connect()
             for item in inflight:
                 await worker.conn.send(item.msg)
+            continue
+        if attempt == 0:  # the round trip of the oldest step, from when it was sent
+            worker.timer.sample("forward", time.perf_counter() - inflight[0].started)
+        return reply
     raise TransportError(f"gave up after {MAX_REJOINS} rejoins with steps in flight")
 
 

@@ -5,6 +5,12 @@ its own admitted set); it joins the next hop upstream as a client would. Each ho
 own Noise session, so what one hop seals only the next hop can open. Forward: run the
 segment, pass the output upstream, get the gradient of the output back, finish the local
 backward pass and step, return the gradient at this relay's input.
+
+With ``[checkpoint] dir`` the relay checkpoints after applying a step and before its reply
+leaves (segment, optimizer, reply cache, applied-step log), as the server does, so a
+``kill -9`` and a restart resume where it stood: a step resent by the client is answered
+from the restored cache, or, if the relay died before its checkpoint, redone from the
+previous weights with the next hop answering from its own cache.
 """
 
 from __future__ import annotations
@@ -23,10 +29,11 @@ from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message, error_message
 from sl_pipeline.models import build_segments, fingerprint, make_optimizer, resolve_device
 from sl_pipeline.transport import DealerConnection
 
-from .bounded import LruTable
+from .checkpoint import open_store, restore_rng, rng_state
 from .common import load_own_key, load_peer_key, warn_insecure
 from .engine import as_input, read_tensor, run_segment, wire_tensors
 from .metrics import WorkerMetrics
+from .replycache import ReplyCache
 from .service import Listen, Peer, Replies, RouterService, reject_reason
 
 log = logging.getLogger("sl_pipeline.relay")
@@ -64,10 +71,63 @@ class RelayWorker(RouterService):
         self.upstream_hs = self._upstream_handshake()
         self.ctx: zmq.asyncio.Context | None = None
         self.upstream: DealerConnection | None = None
-        self.cache: LruTable[str, tuple[tuple[int, int], Message]] = LruTable(
-            max(1, r.max_names), lambda: self.metrics.record_bound("relay_cache")
+        self.replies = ReplyCache(
+            max_names=max(1, r.max_names),
+            on_hit=lambda: self.metrics.record_bound("relay_cache"),
         )
+        self.applied_log: list[list[Any]] = []  # [client, epoch, step] per applied update
         self.steps_applied = 0
+        self.ckpt = open_store(cfg.checkpoint, base, r.name)
+        self.resumed_from = self._restore()
+        self._saved_at = self.steps_applied
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fingerprint,
+            "segment": dict(self.segment.state_dict()),
+            "optimizer": self.optimizer.state_dict(),
+            "steps_applied": self.steps_applied,
+            "rng": rng_state(),
+            "replies": self.replies.entries(),
+            "applied_log": self.applied_log,
+        }
+
+    def _restore(self) -> int:
+        found = self.ckpt.load_latest() if self.ckpt is not None else None
+        if found is None:
+            return 0
+        state, path = found
+        if state.get("fingerprint") != self.fingerprint:
+            raise ConfigError(
+                f"checkpoint {path} is for another model or topology; "
+                "point checkpoint.dir elsewhere or remove it"
+            )
+        self.segment.load_state_dict(state["segment"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps_applied = int(state["steps_applied"])
+        restore_rng(state["rng"])
+        self.replies.load(state["replies"])
+        self.applied_log = [list(e) for e in state["applied_log"]]
+        log.info("relay resumed from checkpoint %s at %d applied steps", path, self.steps_applied)
+        return self.steps_applied
+
+    def checkpoint(self, force: bool = False) -> None:
+        """Save when ``every_steps`` steps were applied since the last save (or ``force``)."""
+        due = self.steps_applied - self._saved_at >= max(1, self.cfg.checkpoint.every_steps)
+        if self.ckpt is not None and self.steps_applied != self._saved_at and (force or due):
+            self.ckpt.save(self._state(), self.steps_applied)
+            self._saved_at = self.steps_applied
+            self.metrics.checkpoints_total.inc()
+
+    def accept(self, hello: dict[str, Any], key: bytes | None) -> dict[str, Any]:
+        """The welcome says this is a relay and which step of the peer it applied last."""
+        last = self.replies.newest(self.peer_name(hello, key), Kind.FORWARD.value)
+        return {
+            **super().accept(hello, key),
+            "role": "relay",
+            "applied": list(last) if last else None,
+        }
 
     def _upstream_handshake(self) -> ClientHandshake:
         r = self.cfg.relay
@@ -105,6 +165,7 @@ class RelayWorker(RouterService):
             self.upstream.close()
         if self.ctx is not None:
             self.ctx.destroy(linger=0)
+        self.checkpoint(force=True)
         if self.cfg.relay.save and self.steps_applied:
             path = resolve_path(self.base, self.cfg.relay.save, "relay.save", must_exist=False)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,10 +220,11 @@ class RelayWorker(RouterService):
             return [(identity, error_message(exc.code, exc.message, request=msg))]
 
     async def _forward(self, msg: Message) -> Message:
-        key, step = msg.client, (msg.epoch, msg.step)
-        cached = self.cache.get(key)
-        if cached is not None and cached[0] == step:
-            return cached[1]
+        step = (msg.epoch, msg.step)
+        cached = self.replies.get(msg.client, Kind.FORWARD.value, step)
+        if cached is not None:
+            log.info("%s resent forward %s: answering from cache", msg.client, step)
+            return cached
         act = as_input(read_tensor(msg, "act"), True, self.device)
         out = run_segment(self.segment, act)
         tensors: dict[str, Any] = wire_tensors("act", out, self.cfg.train.wire_dtype)
@@ -180,7 +242,9 @@ class RelayWorker(RouterService):
             meta=dict(reply.meta),
             tensors=wire_tensors("grad", act.grad, self.cfg.train.wire_dtype),
         )
-        self.cache.put(key, (step, answer))
+        self.replies.put(msg.client, Kind.FORWARD.value, step, answer)
+        self.applied_log.append([msg.client, msg.epoch, msg.step])
+        self.checkpoint()  # before the reply leaves: what the client saw is durable
         return answer
 
     async def _infer(self, msg: Message) -> Message:
