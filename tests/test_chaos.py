@@ -1,0 +1,217 @@
+"""The chaos matrix: real worker processes killed with ``kill -9`` and restarted, per topology.
+
+Each faulty run must end with every client's uninterrupted step count, the applied-step
+logs (server, relay) must hold every step once, and where the run is deterministic (one
+client, or parties the server always combines in the same order) the final accuracy must be
+within 0.01 of the uninterrupted run. Kills happen at a step count read from the victim's
+checkpoint files, never after a sleep. A lossy link (5% of messages dropped each way) at the
+default ``client.timeout_s`` must cost round trips, not reply timeouts.
+
+By default two short runs kill each kind of worker once (the suite's time budget); set
+``SL_CHAOS_FULL=1`` for the full matrix: three epochs and three server kills per topology,
+client and relay kills (see docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from workers.checkpoint import CheckpointStore
+from workers.lossy_proxy import LossyProxy
+
+from .conftest import Procs
+from .inprocess import run_deployment
+from .workerproc import WorkerProcess
+
+FULL = os.environ.get("SL_CHAOS_FULL") == "1"
+CKPT = ("--set", "checkpoint.fsync=false")
+CLIENT_SETS = ("--json", "--no-progress", "--set", "client.retry_for_s=90", *CKPT)
+
+
+@dataclass(frozen=True)
+class Case:
+    topology: str
+    faults: tuple[tuple[str, int], ...] = (("server", 3),)  # (victim, kills), in this order
+    clients: int = 1
+    deterministic: bool = True  # same accuracy expected (no interleaving of clients)
+    dataset: str = "breast_cancer"
+    epochs: int = 3
+
+    def __str__(self) -> str:
+        return "-".join([self.topology, *(f"{v}x{n}" for v, n in self.faults)])
+
+
+# The full matrix (SL_CHAOS_FULL=1): three server kills per topology, a client kill where
+# clients hold state the others wait for, a relay kill in the multi-hop chain.
+FULL_CASES = [
+    Case("vanilla"),
+    Case("ushaped"),
+    Case("vertical", clients=2),
+    Case("multitask", clients=2, deterministic=False, dataset="digits", epochs=1),
+    Case("multihop"),
+    Case("splitfed", clients=2, deterministic=False),
+    # roundrobin: added with the round-robin coordinator's checkpoint (workers/coordination.py)
+    Case("vanilla", faults=(("client", 1),)),
+    Case("splitfed", faults=(("client", 1),), clients=2, deterministic=False),
+    Case("multihop", faults=(("relay", 1),)),
+]
+# The default (the suite's time budget): one short epoch, two runs that between them kill
+# every kind of worker once, each kill in a topology where it matters most.
+SHORT_CASES = [
+    Case("multihop", faults=(("relay", 1), ("server", 1)), epochs=1),
+    Case(
+        "splitfed", faults=(("client", 1), ("server", 1)), clients=2, deterministic=False, epochs=1
+    ),
+]
+CASES = FULL_CASES if FULL else SHORT_CASES
+NAMES = {"server": "server", "relay": "relay-1", "client": "client-1"}
+
+
+def _ckpt_sets(role: str) -> tuple[str, ...]:
+    return ("--set", f'checkpoint.dir="ckpt/{role}"')
+
+
+def _step_of(base: Path, role: str) -> int:
+    """The newest checkpointed step count of a worker (0 before its first checkpoint).
+    Read-only: a CheckpointStore here would remove the worker's temp files mid-save."""
+    steps = [
+        int(p.stem.rsplit("-", 1)[-1]) for p in (base / "ckpt" / role).glob(f"{NAMES[role]}-*.ckpt")
+    ]
+    return max(steps, default=0)
+
+
+def _wait_step(base: Path, victim: str, at_least: int, proc: WorkerProcess) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if _step_of(base, victim) >= at_least:
+            return
+        assert proc.poll() is None, f"the {victim} exited before step {at_least}"
+        time.sleep(0.05)
+    raise AssertionError(f"the {victim} never reached step {at_least}")
+
+
+def _summary(proc: WorkerProcess) -> dict[str, Any]:
+    assert proc.wait(300) == 0, proc.log.read_text()[-3000:]
+    return dict(json.loads(proc.out.read_text().strip().splitlines()[-1]))
+
+
+def _applied_log(base: Path, role: str) -> list[tuple[str, int, int]]:
+    found = CheckpointStore(base / "ckpt" / role, prefix=NAMES[role]).load_latest()
+    assert found is not None, f"no {role} checkpoint"
+    return [(str(c), int(e), int(s)) for c, e, s in found[0]["applied_log"]]
+
+
+class Run:
+    """One deployment's worker processes, each restartable with the same arguments."""
+
+    def __init__(self, procs: Procs, files: dict[str, Path]) -> None:
+        self.procs, self.files = procs, files
+        self.base = files["server"].parent
+        self.live: dict[str, WorkerProcess] = {}
+        self.starts: dict[str, int] = {}
+
+    def start(self, name: str) -> WorkerProcess:
+        role = name.split("-")[0]
+        extra = CLIENT_SETS if role == "client" else ("--json", *CKPT)
+        argv = [role, "--config", str(self.files[name]), *extra, *_ckpt_sets(role)]
+        self.starts[name] = self.starts.get(name, 0) + 1
+        stem = self.base / f"{name}-{self.starts[name]}"
+        self.live[name] = WorkerProcess(argv, stem.with_suffix(".out"), stem.with_suffix(".log"))
+        self.procs.procs.append(self.live[name])  # type: ignore[arg-type]  # stopped like a Popen
+        return self.live[name]
+
+    def kill(self, name: str) -> None:
+        self.live[name].send_signal(signal.SIGKILL)
+        self.live[name].wait(10)
+
+    def stop(self, name: str) -> None:
+        self.live[name].send_signal(signal.SIGTERM)
+        assert self.live[name].wait(30) == 0, self.live[name].log.read_text()[-3000:]
+
+
+def _reference(deployment, case: Case) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    files = deployment(
+        topology=case.topology, clients=case.clients, dataset=case.dataset, epochs=case.epochs
+    )
+    return list(asyncio.run(run_deployment(files))["summaries"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_kill_9_and_restart(case: Case, deployment, procs: Procs) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: the uninterrupted run, then the same deployment as processes
+    reference = _reference(deployment, case)
+    files = deployment(
+        topology=case.topology, clients=case.clients, dataset=case.dataset, epochs=case.epochs
+    )
+    run = Run(procs, files)
+    run.start("server")
+    if "relay-1" in files:
+        run.start("relay-1")
+    clients = sorted(name for name in files if name.startswith("client-"))
+    for name in clients:
+        run.start(name)
+    # Execute: kill each victim at evenly spaced step counts of its own, restart it each time
+    planned = [victim for victim, kills in case.faults for _ in range(kills)]
+    for i, victim in enumerate(planned):
+        # the victim's own step count: the server's counts every client's steps
+        own = sum(r["steps"] for r in reference) if victim == "server" else reference[0]["steps"]
+        name = NAMES[victim]
+        _wait_step(run.base, victim, own * (i + 1) // (len(planned) + 1), run.live[name])
+        run.kill(name)
+        run.start(name)
+    summaries = [_summary(run.live[name]) for name in clients]
+    run.stop("server")
+    if "relay-1" in files:
+        run.stop("relay-1")
+    # Assert: same steps, every step applied once, same accuracy where deterministic
+    assert [s["steps"] for s in summaries] == [r["steps"] for r in reference]
+    applied = _applied_log(run.base, "server")
+    assert len(applied) == len(set(applied)) == sum(r["steps"] for r in reference)
+    if "relay-1" in files:
+        relayed = _applied_log(run.base, "relay")
+        assert len(relayed) == len(set(relayed)) == reference[0]["steps"]
+    victims = {victim for victim, _ in case.faults}
+    if "client" in victims:
+        assert summaries[0]["resumed_from"] > 0
+    if case.deterministic:
+        for got, want in zip(summaries, reference, strict=True):
+            if want["test_accuracy"] is not None:
+                assert abs(got["test_accuracy"] - want["test_accuracy"]) <= 0.01
+    if "relay" in victims:  # the client names what it lost: the relay, not the server
+        assert "lost the relay" in run.live["client-1"].log.read_text()
+
+
+async def test_lossy_link_at_the_default_timeout_costs_round_trips(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: the clean run's time, and a proxy dropping 5% of messages each way
+    epochs = 3 if FULL else 2
+    started = time.perf_counter()
+    clean = await run_deployment(deployment(dataset="breast_cancer", epochs=epochs))
+    clean_s = time.perf_counter() - started
+    files = deployment(dataset="breast_cancer", epochs=epochs)
+    port = int(files["client-1"].read_text().split("tcp://127.0.0.1:")[1].split('"')[0])
+    proxy = LossyProxy(f"tcp://127.0.0.1:{port}", drop_rate=0.05, delay_s=(0.0, 0.003), seed=3)
+    await proxy.start()
+    proxy.drop_next("downstream")  # at least one lost reply, whatever the dice say
+    # Execute: client.timeout_s left at its default (30 s)
+    started = time.perf_counter()
+    try:
+        run = await run_deployment(files, f'client.server="{proxy.endpoint}"')
+    finally:
+        await proxy.stop()
+    lossy_s = time.perf_counter() - started
+    # Assert: exactly once, and no loss waited anywhere near the 30 s default
+    summary, want = run["summaries"][0], clean["summaries"][0]
+    assert proxy.dropped > 0 and summary["retries"] > 0
+    assert summary["steps"] == want["steps"] == run["server"].steps_applied
+    assert abs(summary["test_accuracy"] - want["test_accuracy"]) <= 0.01
+    assert lossy_s < 2 * clean_s + 10, (lossy_s, clean_s)
