@@ -176,9 +176,14 @@ class DealerConnection:
             raise TransportError(
                 f"connection to the {self.peer} at {self.endpoint} lost while waiting for {what}"
             )
+        hint = (
+            "the request or its reply may have been lost"
+            if self.channel is not None
+            else f"is the {self.peer} running and the address right?"
+        )
         raise ReplyTimeoutError(
             f"no answer from the {self.peer} at {self.endpoint} within {timeout_s:.3g}s while "
-            f"waiting for {what}; is the {self.peer} running and the address right?"
+            f"waiting for {what}; {hint}"
         )
 
     def _lost_watcher(self) -> asyncio.Future[Any]:

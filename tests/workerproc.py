@@ -17,7 +17,14 @@ from pathlib import Path
 
 _CTX = multiprocessing.get_context("forkserver")
 _CTX.set_forkserver_preload(
-    ["torch", "sklearn.datasets", "workers.cli", "workers.server", "workers.client", "workers.relay"]
+    [
+        "torch",
+        "sklearn.datasets",
+        "workers.cli",
+        "workers.server",
+        "workers.client",
+        "workers.relay",
+    ]
 )
 
 

@@ -1,0 +1,152 @@
+"""Recovery pieces in one process: the retransmission timer, refusals that keep their cause,
+and a relay that checkpoints, resumes and says it is a relay."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+import torch
+
+from sl_pipeline.config import ClientConfig, RelayConfig, ServerConfig, load
+from sl_pipeline.errors import ConfigError
+from sl_pipeline.messages import Message
+from sl_pipeline.retransmit import RetransmitTimer
+from sl_pipeline.transport import DealerConnection
+from workers.client import ClientWorker
+from workers.relay import RelayWorker
+from workers.server import ServerWorker
+
+from .inprocess import run_deployment
+
+
+# ---- the retransmission timer (RFC 6298) ----------------------------------------------------
+def test_timer_waits_the_initial_value_until_it_has_measured() -> None:
+    timer = RetransmitTimer(max_s=30.0)
+    assert timer.timeout("forward") == 1.0
+    assert timer.srtt("forward") is None
+
+
+def test_timer_follows_rfc_6298_smoothing() -> None:
+    timer = RetransmitTimer(max_s=30.0, min_s=0.01)
+    timer.sample("forward", 0.4)  # SRTT 0.4, RTTVAR 0.2: RTO = 0.4 + 4 * 0.2
+    assert timer.timeout("forward") == pytest.approx(1.2)
+    timer.sample("forward", 0.2)  # RTTVAR = 0.75*0.2 + 0.25*0.2 = 0.2; SRTT = 0.375
+    assert timer.srtt("forward") == pytest.approx(0.375)
+    assert timer.timeout("forward") == pytest.approx(0.375 + 0.8)
+    for _ in range(200):  # a steady round trip: the variance decays, the wait approaches it
+        timer.sample("forward", 0.1)
+    assert timer.timeout("forward") == pytest.approx(0.11, abs=0.01)
+
+
+def test_timer_backs_off_exponentially_up_to_the_bound_and_resets_on_a_sample() -> None:
+    timer = RetransmitTimer(max_s=5.0, min_s=0.2)
+    timer.sample("forward", 0.01)
+    assert timer.timeout("forward") == 0.2  # the floor: no wait below min_s
+    waits = []
+    for _ in range(8):
+        waits.append(timer.timeout("forward"))
+        timer.expired("forward")
+    assert waits == [0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0]  # doubling, capped at max_s
+    timer.sample("forward", 0.01)  # a reply to a request sent once: back to the estimate
+    assert timer.timeout("forward") == 0.2
+
+
+def test_timer_keeps_kinds_apart_and_refuses_a_zero_bound() -> None:
+    timer = RetransmitTimer(max_s=30.0, min_s=0.01)
+    timer.sample("evaluate", 2.0)
+    timer.expired("forward")
+    assert timer.timeout("forward") == 2.0  # initial 1 s, backed off once
+    assert timer.timeout("evaluate") == pytest.approx(6.0)
+    with pytest.raises(ConfigError, match="> 0"):
+        RetransmitTimer(max_s=0)
+
+
+# ---- refusals keep their code and reason --------------------------------------------------
+async def test_a_tampered_message_is_named_bad_tag_in_the_client_log(
+    deployment, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: the client's 5th sealed message has one bit flipped on the way out
+    files = deployment(dataset="breast_cancer", epochs=1)
+    reference = (await run_deployment(deployment(dataset="breast_cancer", epochs=1)))["summaries"]
+    original = DealerConnection.send
+    sent: list[int] = []
+
+    async def tampering(self: DealerConnection, message: Message) -> int:
+        sent.append(1)
+        if len(sent) != 5:
+            return await original(self, message)
+        assert self.channel is not None
+        frames = [bytearray(f) for f in self.channel.pack(message)]
+        frames[-1][0] ^= 1
+        await self.sock.send_multipart(frames)
+        return 0
+
+    monkeypatch.setattr(DealerConnection, "send", tampering)
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="sl_pipeline.client"):
+        run = await run_deployment(files)
+    # Assert: the client's log says what the server said, and training recovered
+    assert "[bad_tag]" in caplog.text and "failed authentication" in caplog.text
+    assert "no longer knows" not in caplog.text
+    assert run["summaries"][0]["steps"] == reference[0]["steps"] == run["server"].steps_applied
+
+
+# ---- the relay: checkpoint, resume, and its name in the client's messages -----------------
+async def test_relay_checkpoints_and_a_new_relay_resumes_from_it(deployment) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(topology="multihop", dataset="breast_cancer", epochs=1)
+    base = files["server"].parent
+    files["relay-1"].write_text(
+        files["relay-1"].read_text() + '\n[checkpoint]\ndir = "ckpt/relay"\nfsync = false\n'
+    )
+    run = await run_deployment(files)
+    relay: RelayWorker = run["relay"]
+    # Execute: a new relay on the same directory (as after kill -9 and a restart)
+    again = RelayWorker(load(RelayConfig, files["relay-1"]), base)
+    # Assert: weights, optimizer state, the applied-step log and the reply cache came back
+    assert again.resumed_from == relay.steps_applied == run["summaries"][0]["steps"]
+    assert again.applied_log == relay.applied_log
+    assert len({tuple(e) for e in again.applied_log}) == relay.steps_applied
+    for name, value in relay.segment.state_dict().items():
+        assert torch.equal(again.segment.state_dict()[name], value)
+    last = relay.applied_log[-1]
+    assert again.replies.get(last[0], "forward", (last[1], last[2])) is not None
+    welcome = again.accept({"model": again.fingerprint, "client": last[0]}, None)
+    assert welcome["role"] == "relay" and welcome["applied"] == [last[1], last[2]]
+
+
+async def test_a_relay_that_lost_steps_is_blamed_not_the_server(
+    deployment, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: client -> relay (no checkpoint) -> server, training under way
+    files = deployment(topology="multihop", dataset="breast_cancer", epochs=2, insecure=True)
+    base = files["server"].parent
+    stops = [asyncio.Event() for _ in range(3)]
+    tasks: list[asyncio.Task[Any]] = []
+    server = ServerWorker(load(ServerConfig, files["server"]), base)
+    tasks.append(asyncio.create_task(server.serve(stops[0])))
+    relay = RelayWorker(load(RelayConfig, files["relay-1"]), base)
+    tasks.append(asyncio.create_task(relay.serve(stops[1])))
+    client = ClientWorker(load(ClientConfig, files["client-1"]), base, progress=False)
+    training = asyncio.create_task(client.run())
+    try:
+        for _ in range(300):  # bounded: 30 s
+            if client.steps_done >= 3:
+                break
+            await asyncio.sleep(0.1)
+        # Execute: the relay stops and a fresh one, with no memory of the steps, takes over
+        with caplog.at_level(logging.INFO, logger="sl_pipeline.client"):
+            stops[1].set()
+            await asyncio.wait_for(tasks[1], 10)
+            fresh = RelayWorker(load(RelayConfig, files["relay-1"]), base)
+            tasks.append(asyncio.create_task(fresh.serve(stops[2])))
+            await asyncio.wait_for(training, 120)
+        # Assert: the client names the relay as what it lost and what lost its steps
+        assert "joined relay" in caplog.text
+        assert "the relay lost steps" in caplog.text and "server lost" not in caplog.text
+    finally:
+        for stop in stops:
+            stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, training, return_exceptions=True), 15)
