@@ -151,12 +151,16 @@ class ServerHandshake:
         self._newest[key] = ts
 
 
+COME_BACK_LATER = ("overloaded", "shutting_down")  # refusals of a hello worth retrying
+
+
 def refused(frames: Sequence[Buffer]) -> PeerError | None:
     """The refusal's code and reason as a PeerError, or None if ``frames`` are no refusal."""
     if len(frames) != 2 or bytes(frames[0]) != REFUSE:
         return None
     info = _load(frames[1], "refusal")
-    return PeerError(str(info.get("code", "refused")), str(info.get("reason", ""))[:500])
+    code = str(info.get("code", "refused"))
+    return PeerError(code, str(info.get("reason", ""))[:500], retryable=code in COME_BACK_LATER)
 
 
 def refusal(error: SLError) -> list[bytes]:

@@ -49,7 +49,6 @@ class _Stopped(Exception):
 
 
 MAX_RETRIES_PER_REQUEST = 100
-RETRY_HANDSHAKE = ("overloaded", "shutting_down")  # refusals that say "come back later"
 
 
 class ClientWorker:
@@ -255,7 +254,7 @@ class ClientWorker:
                 self._joined(welcome)
                 return
             except PeerError as exc:
-                if exc.remote_code not in RETRY_HANDSHAKE or time.monotonic() + delay > deadline:
+                if not exc.retryable or time.monotonic() + delay > deadline:
                     raise
                 log.warning(
                     "the %s refused to join (%s); retrying in %.1fs", self.upstream, exc, delay

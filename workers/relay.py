@@ -176,17 +176,24 @@ class RelayWorker(RouterService):
 
     async def _ask_upstream(self, msg: Message) -> Message:
         """Send upstream and wait; when the next hop went away (a retryable refusal such as
-        ``shutting_down``, or a lost link) rejoin it once and resend the same request."""
+        ``shutting_down``, or a lost link) rejoin it once and resend the same request. A
+        link whose rejoin failed earlier is joined again first."""
         for attempt in range(2):
-            assert self.upstream is not None
             try:
+                if self.upstream is None or self.upstream.channel is None:
+                    await self._join_upstream()
+                assert self.upstream is not None
                 await self.upstream.send(msg)
                 return await self.upstream.recv(self.cfg.relay.timeout_s)
             except (PeerError, TransportError) as exc:
-                if attempt or (isinstance(exc, PeerError) and not exc.retryable):
+                if isinstance(exc, PeerError) and not exc.retryable:
+                    raise
+                if self.upstream is not None:
+                    self.upstream.close()
+                    self.upstream = None  # the next attempt (or request) joins afresh
+                if attempt:
                     raise
                 log.warning("lost the upstream hop (%s); rejoining", exc)
-                await self._join_upstream()
         raise AssertionError("unreachable")
 
     async def dispatch(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
