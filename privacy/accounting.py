@@ -197,6 +197,34 @@ def activation_accountant(
     )
 
 
+def activation_release_statement(
+    cfg: NoiseConfig, releases: int, *, delta: float = 1e-5, adjacency: str = "replace"
+) -> dict[str, Any]:
+    """What activation noise proves for one record, **for a fixed encoder**.
+
+    ``releases`` is the largest number of times any one record's activation was released over
+    the run: once per training epoch for a training row, once per evaluation pass for a test
+    row (the two sets are disjoint, so the worst record is the larger count). Returns the
+    epsilon of a single release and the epsilon of ``releases`` releases composed.
+
+    Both treat the client segment as a fixed function. It is not: it trains, without DP, on
+    the same records, so a record also reaches the server through the encoder that shapes
+    every other record's activations. Neither figure bounds that channel.
+    """
+    if releases < 0:
+        raise PrivacyError(f"releases = {releases} is out of range; allowed: >= 0")
+    one = activation_accountant(cfg, delta=delta, adjacency=adjacency)
+    one.step(1)
+    every = activation_accountant(cfg, delta=delta, adjacency=adjacency)
+    every.step(releases)
+    return {
+        "activation_epsilon_per_release": one.epsilon(),
+        "activation_releases": releases,
+        "activation_epsilon": every.epsilon(),
+        "activation_delta": 0.0 if cfg.mechanism == "laplace" else delta,
+    }
+
+
 class DPSGDAccountantView:
     """Reads DP-SGD's epsilon from the accountant of an Opacus ``PrivacyEngine``."""
 
@@ -228,4 +256,5 @@ __all__ = [
     "DPSGDAccountantView",
     "LaplaceReleaseAccountant",
     "activation_accountant",
+    "activation_release_statement",
 ]

@@ -200,3 +200,11 @@ def test_overrides_are_routed_by_key() -> None:
     assert client == ["privacy.noise.sigma=1", "train.epochs=3", "data.seed=1"]
     assert server == ["privacy.label.scale=2", "train.epochs=3", 'server.fuse="sum"']
     assert len(combinations(["privacy.noise.sigma=0,1", "privacy.noise.clip=1,2,3"])) == 6
+
+
+def test_audit_counts_every_release_of_a_record() -> None:
+    # 3 epochs: each training row is sent 3 times, each test row once per evaluation (3).
+    result = run_audit("vanilla", "breast_cancer", ["privacy.noise.sigma=2.0"], epochs=3)
+    assert result["activation_releases"] == 3
+    assert result["epsilon_mechanism"] == "activation_noise"
+    assert result["activation_epsilon"] > result["activation_epsilon_per_release"] > 0

@@ -102,3 +102,20 @@ def test_laplace_basic_composition() -> None:
 def test_bad_accountant_parameters(kwargs: dict[str, object]) -> None:
     with pytest.raises(PrivacyError, match="allowed"):
         ActivationReleaseAccountant(**kwargs)  # type: ignore[arg-type]
+
+
+def test_release_statement_composes_every_release_of_the_worst_record() -> None:
+    # Prepare: sigma 2 (replace: multiplier 1), 10 releases: the documented 19.054.
+    from privacy.accounting import activation_release_statement
+    from privacy.config import NoiseConfig
+
+    # Execute
+    statement = activation_release_statement(NoiseConfig(sigma=2.0), 10)
+    one = activation_release_statement(NoiseConfig(sigma=2.0), 1)
+    # Assert
+    assert statement["activation_epsilon"] == pytest.approx(19.054, abs=1e-3)
+    assert statement["activation_releases"] == 10
+    assert statement["activation_epsilon_per_release"] == one["activation_epsilon"]
+    assert one["activation_epsilon"] < statement["activation_epsilon"]
+    laplace = activation_release_statement(NoiseConfig(sigma=4.0, mechanism="laplace"), 3)
+    assert laplace["activation_epsilon"] == pytest.approx(1.5) and laplace["activation_delta"] == 0

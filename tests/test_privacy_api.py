@@ -22,6 +22,8 @@ ALLOWED_ROOTS = {
     "opacus",
     "sklearn",
     "matplotlib",
+    "scipy",
+    "bisect",
     "privacy",
     "sl_pipeline",
 }

@@ -118,3 +118,23 @@ def test_audit_refuses_nopeek_with_dpsgd_in_one_line(capsys: pytest.CaptureFixtu
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2
     assert len(err) == 1 and "privacy.nopeek and privacy.dpsgd cannot be combined" in err[0]
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--canary-runs", "2"], "--canary-runs 2 must be 0 (off) or at least 4"),
+        (["--canary-runs", "8"], "--canary-runs audits DP-SGD; set privacy.dpsgd"),
+        (
+            ["--canary-runs", "8", "--topology", "ushaped"],
+            "--canary-runs applies to topology vanilla",
+        ),
+    ],
+)
+def test_bad_canary_audit_is_refused_before_training(
+    extra: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    topology = [] if "--topology" in extra else ["--topology", "vanilla"]
+    status = main(["audit", *topology, *extra])
+    err = capsys.readouterr().err
+    assert status == 2 and needle in err and "audit: training" not in err

@@ -21,6 +21,7 @@ import math
 import signal
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,12 +123,34 @@ def _seed_workers(server: ServerWorker, clients: Sequence[ClientWorker], seed: i
 
 @dataclass
 class Trained:
-    """The workers after training, and the gradients each feature party received."""
+    """The workers after training, the gradients each feature party received, and how often
+    each client released each record's activation (by sample id)."""
 
     server: ServerWorker
     clients: list[ClientWorker]
     summaries: list[dict[str, Any]]
     grads: Grads = field(default_factory=dict)
+    releases: list[Counter[int]] = field(default_factory=list)
+
+
+def _count_releases(client: ClientWorker) -> Counter[int]:
+    """Count, per sample id, every activation this client puts on the wire: training forwards
+    (``forward_message``) and evaluation passes (``_infer``), on this instance only."""
+    released: Counter[int] = Counter()
+    runner: Any = client.runner
+    forward, infer = runner.forward_message, runner._infer
+
+    def forward_message(step: int, sent: Any, y: Any, ids: torch.Tensor) -> Any:
+        released.update(int(i) for i in ids.reshape(-1))
+        return forward(step, sent, y, ids)
+
+    async def _infer(x: torch.Tensor, step: int, ids: Any, kind: Any) -> Any:
+        if ids is not None:
+            released.update(int(i) for i in ids.reshape(-1))
+        return await infer(x, step, ids, kind)
+
+    runner.forward_message, runner._infer = forward_message, _infer
+    return released
 
 
 def _record_label_grads(server: ServerWorker, last_epoch: int) -> Grads:
@@ -223,6 +246,7 @@ async def train_in_process(
     for client in clients:
         client.stop = halt
     _seed_workers(server, clients, seed)
+    releases = [_count_releases(c) for c in clients]
     grads = _record_label_grads(server, clients[0].cfg.train.epochs - 1)
     stop = asyncio.Event()
     services = [asyncio.ensure_future(server.serve(stop))]
@@ -247,7 +271,7 @@ async def train_in_process(
         watcher.cancel()
         stop.set()
         await asyncio.wait_for(asyncio.gather(*services, return_exceptions=True), STOP_TIMEOUT_S)
-    return Trained(server, clients, list(summaries), grads)
+    return Trained(server, clients, list(summaries), grads, releases)
 
 
 # ------------------------------------------------------------------------ measures
@@ -300,14 +324,25 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return sum(known) / len(known) if known else None
 
 
-def _epsilons(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Each mechanism's epsilon (the worst client's); ``epsilon`` is the activation-release one
-    when activation noise is on, else DP-SGD's, and ``epsilon_mechanism`` says which."""
+def _epsilons(trained: Trained) -> dict[str, Any]:
+    """Each mechanism's epsilon (the worst client's), never one reported as the other.
+
+    Activation noise: per release for a fixed encoder, and composed over the most releases of
+    any one record counted on the wire (training epochs and evaluation passes alike). DP-SGD:
+    what Opacus' accountant reports. ``epsilon`` is the activation one when that noise is on,
+    else DP-SGD's, and ``epsilon_mechanism`` says which."""
+    from privacy.accounting import activation_release_statement
+
     out: dict[str, Any] = {}
-    for key in ("activation_epsilon", "dpsgd_epsilon"):
-        values = [float(s[key]) for s in summaries if s.get(key) is not None]
-        if values:
-            out[key] = max(values)
+    for client, released in zip(trained.clients, trained.releases, strict=True):
+        noise = client.runner.privacy.noise
+        if noise is not None and noise.sigma > 0 and released:
+            statement = activation_release_statement(noise, max(released.values()))
+            if statement["activation_epsilon"] >= out.get("activation_epsilon", -1.0):
+                out.update(statement)
+    values = [float(s["dpsgd_epsilon"]) for s in trained.summaries if s.get("dpsgd_epsilon")]
+    if values:
+        out["dpsgd_epsilon"] = max(values)
     for key, mechanism in (("activation_epsilon", "activation_noise"), ("dpsgd_epsilon", "dpsgd")):
         if key in out:
             out["epsilon"], out["epsilon_mechanism"] = out[key], mechanism
@@ -327,7 +362,7 @@ def measure(trained: Trained, seed: int) -> dict[str, Any]:
     if ssim is not None:
         result["ssim"] = ssim
     result.update(measure_labels(trained.grads))
-    result.update(_epsilons(trained.summaries))
+    result.update(_epsilons(trained))
     return {
         k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()
     }
@@ -352,13 +387,20 @@ def audit_files(
     seed: int = 0,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     relay_overrides: Sequence[str] = (),
+    *,
+    canary_runs: int = 0,
 ) -> dict[str, Any]:
-    """Train the deployment ``files`` (name -> TOML path) in-process and audit it."""
+    """Train the deployment ``files`` (name -> TOML path) in-process and audit it; with
+    ``canary_runs`` also bound DP-SGD's epsilon from below (:mod:`workers.audit_canary`)."""
     from privacy.config import PrivacyConfig
+
+    from .audit_canary import canary_audit, check_canary
 
     first = min(name for name in files if name.startswith("client-"))
     cfg = load(ClientConfig, files[first], list(client_overrides))
-    PrivacyConfig.from_mapping(cfg.privacy).validate_for_topology(cfg.client.topology)
+    privacy = PrivacyConfig.from_mapping(cfg.privacy)
+    privacy.validate_for_topology(cfg.client.topology)
+    check_canary(cfg.client.topology, privacy, canary_runs)
     scfg = load(ServerConfig, files["server"], list(server_overrides))
     PrivacyConfig.from_mapping(scfg.privacy).validate_for_topology(scfg.server.topology)
     with pinned_threads(), torch.random.fork_rng(devices=[]):
@@ -368,7 +410,11 @@ def audit_files(
                 files, client_overrides, server_overrides, relay_overrides, timeout_s, seed
             )
         )
-        return measure(trained, seed)
+        result = measure(trained, seed)
+        if canary_runs:
+            data = trained.clients[0].data
+            result.update(canary_audit(cfg, data, privacy, canary_runs, seed))
+        return result
 
 
 def run_audit(
@@ -381,6 +427,7 @@ def run_audit(
     *,
     clients: int | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    canary_runs: int = 0,
 ) -> dict[str, Any]:
     """Build a fresh local deployment in a temporary folder, train it in-process, audit it.
 
@@ -401,7 +448,15 @@ def run_audit(
         )
         files = {k: Path(v) for k, v in made["files"].items()}
         shared = [s for s in client_overrides if s.startswith(SHARED_PREFIXES)]
-        result = audit_files(files, client_overrides, server_overrides, seed, timeout_s, shared)
+        result = audit_files(
+            files,
+            client_overrides,
+            server_overrides,
+            seed,
+            timeout_s,
+            shared,
+            canary_runs=canary_runs,
+        )
     return {"topology": topology, "dataset": dataset, **result}
 
 

@@ -29,8 +29,13 @@ AUDIT_KEYS = (
     "label_leak_auc",
     "norm_auc",
     "direction_auc",
+    "activation_epsilon_per_release",
+    "activation_releases",
     "activation_epsilon",
     "dpsgd_epsilon",
+    "canary_accountant_epsilon",
+    "canary_epsilon_lower_bound",
+    "canary_epsilon_lower_bound_frozen_server",
 )
 
 
@@ -59,6 +64,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         help="a client TOML of an existing deployment (server.toml beside it)",
     )
     audit.add_argument("--clients", type=int, default=None)
+    audit.add_argument(
+        "--canary-runs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="DP-SGD only: train 2N times with/without a canary and bound epsilon from below",
+    )
     _common(audit)
     tune = sub.add_parser("tune", help="sweep privacy settings; write results and a frontier")
     tune.add_argument("--topology", required=True, choices=list(TOPOLOGIES))
@@ -127,6 +139,7 @@ def audit_deployment(
     epochs: int | None = None,
     seed: int = 0,
     timeout_s: float = 900.0,
+    canary_runs: int = 0,
 ) -> dict[str, Any]:
     """Audit an existing deployment folder with its own settings. It is retrained from
     scratch on fresh loopback ports; its saved state, checkpoints and ops ports are left alone."""
@@ -152,7 +165,9 @@ def audit_deployment(
             *QUIET,
         ]
     client_sets += [f"client.server={upstream}", 'client.save=""', *QUIET]
-    result = audit_files(files, client_sets, server_sets, seed, timeout_s, relay_sets)
+    result = audit_files(
+        files, client_sets, server_sets, seed, timeout_s, relay_sets, canary_runs=canary_runs
+    )
     return {"topology": topology, "config": str(client_toml), **result}
 
 
@@ -161,7 +176,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     _quiet()
     if args.config is not None:
-        result = audit_deployment(args.config, args.set, args.epochs, args.seed)
+        result = audit_deployment(
+            args.config, args.set, args.epochs, args.seed, canary_runs=args.canary_runs
+        )
     else:
         client, server = split_overrides(args.set)
         result = run_audit(
@@ -172,6 +189,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             args.epochs,
             args.seed,
             clients=args.clients,
+            canary_runs=args.canary_runs,
         )
     if args.json:
         print(json.dumps(_jsonable(result)), flush=True)

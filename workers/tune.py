@@ -39,6 +39,8 @@ METRIC_KEYS = (
     "epsilon",
     "epsilon_mechanism",
     "activation_epsilon",
+    "activation_epsilon_per_release",
+    "activation_releases",
     "dpsgd_epsilon",
 )
 Setting = dict[str, Any]
