@@ -86,7 +86,7 @@ def ssim(
 # ------------------------------------------------------------------ reconstruction
 
 
-def _decoder(d_in: int, d_out: int, hidden: int) -> nn.Module:
+def mlp_decoder(d_in: int, d_out: int, hidden: int) -> nn.Module:
     return nn.Sequential(
         nn.Linear(d_in, hidden),
         nn.ReLU(),
@@ -126,7 +126,7 @@ def reconstruction_attack(
     vx, va = victim_inputs.flatten(1).float(), victim_acts.detach().flatten(1).float()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        decoder = _decoder(aa.shape[1], ax.shape[1], hidden)
+        decoder = mlp_decoder(aa.shape[1], ax.shape[1], hidden)
         opt = torch.optim.Adam(decoder.parameters(), lr=lr)
         for _ in range(epochs):
             for idx in torch.randperm(ax.shape[0]).split(batch_size):
@@ -182,4 +182,4 @@ def label_leak_auc(grads: Tensor, labels: Tensor) -> dict[str, float]:
     }
 
 
-__all__ = ["dcor_leakage", "label_leak_auc", "reconstruction_attack", "ssim"]
+__all__ = ["dcor_leakage", "label_leak_auc", "mlp_decoder", "reconstruction_attack", "ssim"]

@@ -45,6 +45,8 @@ def test_tune_writes_results_frontier_and_json_rows(
         str(out),
         "--json",
         "--no-progress",
+        "--attack-seeds",
+        "1",
     )
     # Assert
     assert status == 0
@@ -63,7 +65,7 @@ def test_tune_writes_results_frontier_and_json_rows(
 
 def test_audit_vertical_reports_label_leakage() -> None:
     # Execute
-    result = run_audit("vertical", "breast_cancer", epochs=2)
+    result = run_audit("vertical", "breast_cancer", epochs=2, attack_seeds=1)
     # Assert
     assert 0.5 <= result["label_leak_auc"] <= 1.0
     assert result["label_leak_auc"] == max(result["norm_auc"], result["direction_auc"])
@@ -103,7 +105,9 @@ def test_audit_of_an_existing_deployment_leaves_it_untouched(tmp_path: Path) -> 
     files = init_deployment(tmp_path / "d", dataset="breast_cancer", epochs=3)["files"]
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     # Execute
-    result = audit_deployment(Path(files["client-1"]), ["privacy.noise.sigma=0.2"], epochs=1)
+    result = audit_deployment(
+        Path(files["client-1"]), ["privacy.noise.sigma=0.2"], epochs=1, attack_seeds=1
+    )
     # Assert
     assert result["topology"] == "vanilla" and result["activation_epsilon"] > 0
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
@@ -204,7 +208,9 @@ def test_overrides_are_routed_by_key() -> None:
 
 def test_audit_counts_every_release_of_a_record() -> None:
     # 3 epochs: each training row is sent 3 times, each test row once per evaluation (3).
-    result = run_audit("vanilla", "breast_cancer", ["privacy.noise.sigma=2.0"], epochs=3)
+    result = run_audit(
+        "vanilla", "breast_cancer", ["privacy.noise.sigma=2.0"], epochs=3, attack_seeds=1
+    )
     assert result["activation_releases"] == 3
     assert result["epsilon_mechanism"] == "activation_noise"
     assert result["activation_epsilon"] > result["activation_epsilon_per_release"] > 0

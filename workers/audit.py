@@ -52,6 +52,7 @@ DEFAULT_TIMEOUT_S = 900.0
 # audit always runs with this many threads, whoever calls it, and restores the caller's count.
 AUDIT_THREADS = 1
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+ATTACK_SEEDS = 3  # the reconstruction attacker's seeds: figures come with a 95 % interval
 Grads = dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
 
 
@@ -277,26 +278,46 @@ async def train_in_process(
 # ------------------------------------------------------------------------ measures
 
 
-def _sent(client: ClientWorker, x: torch.Tensor) -> torch.Tensor:
-    """What the trained client puts on the wire for ``x``: its segment, then its defense."""
+def _clean(client: ClientWorker, x: torch.Tensor) -> torch.Tensor:
+    """The trained client segment's output for ``x``, before its cut-layer defense."""
     runner = client.runner
     runner.bottom.eval()
     with torch.no_grad():
-        out = runner.defense.apply(runner.bottom(x))
+        out = runner.bottom(x)
     runner.bottom.train()
     return out
 
 
-def measure_client(client: ClientWorker, seed: int, attack_epochs: int = 30) -> dict[str, Any]:
-    """dCor and the reconstruction attack against one client's held-out test split."""
-    from privacy.audit import dcor_leakage, reconstruction_attack
+def measure_client(
+    client: ClientWorker, released: Counter[int], seed: int, attack_seeds: int = ATTACK_SEEDS
+) -> dict[str, Any]:
+    """dCor of one release, and the calibrated reconstruction audit, on the client's test split.
 
+    The attacker's auxiliary data is the client's training split (disjoint from the test rows it
+    attacks); it averages as many releases of each test row as the run made."""
+    from privacy.audit import dcor_leakage
+    from privacy.reconstruction import reconstruction_audit, release_of
+
+    runner: Any = client.runner
     train, test = client.data.train, client.data.test
-    victim = _sent(client, test.x)  # 4-D digits images also get SSIM
-    attack = reconstruction_attack(
-        train.x, _sent(client, train.x), test.x, victim, epochs=attack_epochs, seed=seed
+    aux_act, victim_act = _clean(client, train.x), _clean(client, test.x)
+    releases = max([released[int(i)] for i in test.ids] + [1])
+    noise = runner.privacy.noise
+    gen = torch.Generator().manual_seed(seed)
+    one_release = release_of(noise)(victim_act, gen)
+    labels = None
+    if runner.sends_labels and train.y is not None and test.y is not None:
+        labels = (train.y, test.y)  # the labels travel with the activations
+    image = tuple(test.x.shape[1:]) if test.x.dim() == 4 else None
+    attack = reconstruction_audit(
+        (train.x, aux_act),
+        (test.x, victim_act),
+        release_of(noise, releases),
+        seeds=attack_seeds,
+        labels=labels,
+        image_shape=image,
     )
-    return {"dcor": dcor_leakage(test.x, victim), **attack}
+    return {"dcor": dcor_leakage(test.x, one_release), "attack_releases": releases, **attack}
 
 
 def measure_labels(grads: Grads) -> dict[str, Any]:
@@ -350,19 +371,34 @@ def _epsilons(trained: Trained) -> dict[str, Any]:
     return out
 
 
-def measure(trained: Trained, seed: int) -> dict[str, Any]:
-    """All audit figures for a trained deployment (client measures averaged over clients)."""
-    per_client = [measure_client(c, seed) for c in trained.clients]
+def _average(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Each numeric figure averaged over the clients that report it."""
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r)]
+    out = {}
+    for key in keys:
+        mean = _mean([r.get(key) for r in rows])
+        if mean is not None:
+            out[key] = mean
+    return out
+
+
+def measure(trained: Trained, seed: int, attack_seeds: int = ATTACK_SEEDS) -> dict[str, Any]:
+    """All audit figures for a trained deployment (client measures averaged over clients),
+    with the threat model of each attack that ran."""
+    from privacy.threats import THREAT_MODELS
+
+    per_client = [
+        measure_client(c, released, seed, attack_seeds)
+        for c, released in zip(trained.clients, trained.releases, strict=True)
+    ]
     result: dict[str, Any] = {
         "test_accuracy": _mean([s.get("test_accuracy") for s in trained.summaries]),
-        "dcor": _mean([m["dcor"] for m in per_client]),
-        "reconstruction_mse": _mean([m["reconstruction_mse"] for m in per_client]),
+        **_average(per_client),
     }
-    ssim = _mean([m["ssim"] for m in per_client])
-    if ssim is not None:
-        result["ssim"] = ssim
     result.update(measure_labels(trained.grads))
     result.update(_epsilons(trained))
+    attacks = ["dcor", "reconstruction"] + (["label_leakage"] if trained.grads else [])
+    result["threat_models"] = {name: THREAT_MODELS[name] for name in attacks}
     return {
         k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()
     }
@@ -389,6 +425,7 @@ def audit_files(
     relay_overrides: Sequence[str] = (),
     *,
     canary_runs: int = 0,
+    attack_seeds: int = ATTACK_SEEDS,
 ) -> dict[str, Any]:
     """Train the deployment ``files`` (name -> TOML path) in-process and audit it; with
     ``canary_runs`` also bound DP-SGD's epsilon from below (:mod:`workers.audit_canary`)."""
@@ -401,6 +438,8 @@ def audit_files(
     privacy = PrivacyConfig.from_mapping(cfg.privacy)
     privacy.validate_for_topology(cfg.client.topology)
     check_canary(cfg.client.topology, privacy, canary_runs)
+    if attack_seeds < 1:
+        raise ConfigError(f"--attack-seeds {attack_seeds} must be at least 1 (3 for intervals)")
     scfg = load(ServerConfig, files["server"], list(server_overrides))
     PrivacyConfig.from_mapping(scfg.privacy).validate_for_topology(scfg.server.topology)
     with pinned_threads(), torch.random.fork_rng(devices=[]):
@@ -410,7 +449,7 @@ def audit_files(
                 files, client_overrides, server_overrides, relay_overrides, timeout_s, seed
             )
         )
-        result = measure(trained, seed)
+        result = measure(trained, seed, attack_seeds)
         if canary_runs:
             data = trained.clients[0].data
             result.update(canary_audit(cfg, data, privacy, canary_runs, seed))
@@ -428,6 +467,7 @@ def run_audit(
     clients: int | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     canary_runs: int = 0,
+    attack_seeds: int = ATTACK_SEEDS,
 ) -> dict[str, Any]:
     """Build a fresh local deployment in a temporary folder, train it in-process, audit it.
 
@@ -456,6 +496,7 @@ def run_audit(
             timeout_s,
             shared,
             canary_runs=canary_runs,
+            attack_seeds=attack_seeds,
         )
     return {"topology": topology, "dataset": dataset, **result}
 

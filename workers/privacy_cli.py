@@ -24,8 +24,17 @@ from .localdeploy import free_port
 AUDIT_KEYS = (
     "test_accuracy",
     "dcor",
+    "attack_releases",
     "reconstruction_mse",
+    "reconstruction_mse_ci",
+    "baseline_mean_mse",
+    "baseline_class_mean_mse",
+    "baseline_nearest_aux_mse",
     "ssim",
+    "ssim_ci",
+    "baseline_mean_ssim",
+    "baseline_class_mean_ssim",
+    "baseline_nearest_aux_ssim",
     "label_leak_auc",
     "norm_auc",
     "direction_auc",
@@ -51,6 +60,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--epochs", type=int, default=None, help="training epochs per run")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--attack-seeds",
+        type=int,
+        default=3,
+        metavar="N",
+        help="seeds of the reconstruction attacker (figures carry a 95%% interval over them)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON, last line")
 
 
@@ -140,6 +156,7 @@ def audit_deployment(
     seed: int = 0,
     timeout_s: float = 900.0,
     canary_runs: int = 0,
+    attack_seeds: int = 3,
 ) -> dict[str, Any]:
     """Audit an existing deployment folder with its own settings. It is retrained from
     scratch on fresh loopback ports; its saved state, checkpoints and ops ports are left alone."""
@@ -166,7 +183,14 @@ def audit_deployment(
         ]
     client_sets += [f"client.server={upstream}", 'client.save=""', *QUIET]
     result = audit_files(
-        files, client_sets, server_sets, seed, timeout_s, relay_sets, canary_runs=canary_runs
+        files,
+        client_sets,
+        server_sets,
+        seed,
+        timeout_s,
+        relay_sets,
+        canary_runs=canary_runs,
+        attack_seeds=attack_seeds,
     )
     return {"topology": topology, "config": str(client_toml), **result}
 
@@ -177,7 +201,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
     _quiet()
     if args.config is not None:
         result = audit_deployment(
-            args.config, args.set, args.epochs, args.seed, canary_runs=args.canary_runs
+            args.config,
+            args.set,
+            args.epochs,
+            args.seed,
+            canary_runs=args.canary_runs,
+            attack_seeds=args.attack_seeds,
         )
     else:
         client, server = split_overrides(args.set)
@@ -190,13 +219,18 @@ def cmd_audit(args: argparse.Namespace) -> int:
             args.seed,
             clients=args.clients,
             canary_runs=args.canary_runs,
+            attack_seeds=args.attack_seeds,
         )
     if args.json:
         print(json.dumps(_jsonable(result)), flush=True)
         return 0
     for key in AUDIT_KEYS:
         if result.get(key) is not None:
-            print(f"{key:>20}: {result[key]:.4f}")
+            print(f"{key:>41}: {result[key]:.4f}")
+    for attack, model in result.get("threat_models", {}).items():
+        print(f"threat model, {attack}:")
+        for part in ("who", "knows", "sees"):
+            print(f"  {part}: {model[part]}")
     return 0
 
 
@@ -214,6 +248,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         seed=args.seed,
         progress=not args.no_progress,
+        attack_seeds=args.attack_seeds,
     )
     paths = write_results([_jsonable(r) for r in rows], args.out)
     print(format_table(rows))

@@ -32,7 +32,16 @@ METRIC_KEYS = (
     "test_accuracy",
     "dcor",
     "reconstruction_mse",
+    "reconstruction_mse_ci",
     "ssim",
+    "ssim_ci",
+    "baseline_mean_mse",
+    "baseline_class_mean_mse",
+    "baseline_nearest_aux_mse",
+    "baseline_mean_ssim",
+    "baseline_class_mean_ssim",
+    "baseline_nearest_aux_ssim",
+    "attack_releases",
     "label_leak_auc",
     "norm_auc",
     "direction_auc",
@@ -141,6 +150,7 @@ def run_tune(
     seed: int = 0,
     progress: bool = True,
     audit: Auditor = run_audit,
+    attack_seeds: int = 3,
 ) -> list[dict[str, Any]]:
     """Audit every combination; one row per combination with its settings and figures."""
     from tqdm import tqdm
@@ -159,7 +169,9 @@ def run_tune(
     )
     for setting in bar:
         client, server = split_overrides([*sets, *setting_overrides(setting)])
-        result = audit(topology, dataset, client, server, epochs=epochs, seed=seed)
+        result = audit(
+            topology, dataset, client, server, epochs=epochs, seed=seed, attack_seeds=attack_seeds
+        )
         row = {
             "name": row_name(setting),
             **setting,

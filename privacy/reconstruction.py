@@ -1,0 +1,189 @@
+"""Calibrated reconstruction: a tuned decoder against trivial baselines, over several seeds.
+
+*Threat model.* An honest-but-curious server (or relay) that receives the cut-layer
+activations. It knows the architecture and the defense's settings, holds auxiliary data of the
+same kind (disjoint from the victim's evaluated rows) and can query the trained client segment
+on it. It sees every release of each victim row over the run and averages them: for a fixed
+encoder the mean of the releases is the sufficient statistic of Gaussian noise. The decoder is
+trained on the same kind of averaged observation (noise augmentation: fresh draws every epoch),
+with a validation split and early stopping.
+
+A reconstruction is only a leak if it beats what the attacker gets for free, so every figure
+comes beside three baselines: the mean auxiliary image, the mean auxiliary image of the
+victim's class (when labels reach the attacker), and the auxiliary image nearest to the victim
+(an oracle: the best any single auxiliary record could do).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from scipy.stats import t as student_t
+from torch import Tensor, nn
+
+from privacy.audit import mlp_decoder, ssim
+from privacy.config import NoiseConfig
+from privacy.defenses import ActivationNoise
+from sl_pipeline.errors import PrivacyError
+
+Release = Callable[[Tensor, torch.Generator], Tensor]
+
+
+@dataclass(frozen=True)
+class DecoderSettings:
+    """Chosen on digits (cut after the first convolution): against batch 64, lr 1e-3 and
+    patience 15 it loses 0.005 SSIM and trains three times faster."""
+
+    hidden: int = 256
+    lr: float = 3e-3
+    batch_size: int = 128
+    max_epochs: int = 150
+    patience: int = 10
+    val_fraction: float = 0.2
+
+
+def release_of(noise: NoiseConfig | None, releases: int = 1) -> Release:
+    """What the attacker observes for a clean activation: the mean of ``releases`` defended
+    releases (clip, then fresh noise each time) drawn from ``generator``."""
+    if releases < 1:
+        raise PrivacyError(f"releases = {releases} is out of range; allowed: >= 1")
+    if noise is None:
+        return lambda act, generator: act
+    cfg = noise
+
+    def observe(act: Tensor, generator: torch.Generator) -> Tensor:
+        defense = ActivationNoise(cfg.sigma, cfg.clip, cfg.mechanism, generator=generator)
+        return torch.stack([defense.apply(act) for _ in range(releases)]).mean(dim=0)
+
+    return observe
+
+
+def train_decoder(
+    aux_x: Tensor, aux_act: Tensor, observe: Release, seed: int, settings: DecoderSettings
+) -> nn.Module:
+    """Fit activations -> inputs on auxiliary pairs: fresh observation noise every epoch, best
+    validation loss kept, stop after ``patience`` epochs without improvement."""
+    x, act = aux_x.flatten(1).float(), aux_act.detach().float()
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(x.shape[0], generator=gen)
+    n_val = max(1, int(settings.val_fraction * x.shape[0]))
+    val, fit = order[:n_val], order[n_val:]
+    val_obs, fit_x = observe(act[val], gen).flatten(1), x[fit]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        decoder = mlp_decoder(val_obs.shape[1], x.shape[1], settings.hidden)
+    opt = torch.optim.Adam(decoder.parameters(), lr=settings.lr)
+    best, best_state, waited = math.inf, decoder.state_dict(), 0
+    for _ in range(settings.max_epochs):
+        obs = observe(act[fit], gen).flatten(1)
+        for idx in torch.randperm(fit.shape[0], generator=gen).split(settings.batch_size):
+            opt.zero_grad()
+            nn.functional.mse_loss(decoder(obs[idx]), fit_x[idx]).backward()
+            opt.step()
+        with torch.no_grad():
+            loss = float(nn.functional.mse_loss(decoder(val_obs), x[val]))
+        if loss < best:
+            best, waited = loss, 0
+            best_state = {k: v.clone() for k, v in decoder.state_dict().items()}
+        else:
+            waited += 1
+            if waited >= settings.patience:
+                break
+    decoder.load_state_dict(best_state)
+    return decoder
+
+
+def _scores(guess: Tensor, truth: Tensor, image_shape: Sequence[int] | None) -> dict[str, Any]:
+    guess, truth = guess.flatten(1).float(), truth.flatten(1).float()
+    if image_shape is not None:  # the attacker knows pixels lie in [0, 1]
+        guess = guess.clamp(0, 1)
+    out: dict[str, Any] = {"mse": float(nn.functional.mse_loss(guess, truth)), "ssim": None}
+    if image_shape is not None:
+        shape = (-1, *image_shape)
+        out["ssim"] = float(ssim(guess.reshape(shape), truth.reshape(shape)))
+    return out
+
+
+def baselines(
+    aux_x: Tensor,
+    victim_x: Tensor,
+    *,
+    aux_y: Tensor | None = None,
+    victim_y: Tensor | None = None,
+    image_shape: Sequence[int] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """MSE and SSIM of the guesses an attacker gets without the activations."""
+    ax, vx = aux_x.flatten(1).float(), victim_x.flatten(1).float()
+    found = {"mean": _scores(ax.mean(0).expand_as(vx), vx, image_shape)}
+    if aux_y is not None and victim_y is not None:
+        means = {int(c): ax[aux_y == c].mean(0) for c in torch.unique(aux_y)}
+        fallback = ax.mean(0)
+        guess = torch.stack([means.get(int(c), fallback) for c in victim_y])
+        found["class_mean"] = _scores(guess, vx, image_shape)
+    nearest = torch.cdist(vx, ax).argmin(dim=1)
+    found["nearest_aux"] = _scores(ax[nearest], vx, image_shape)
+    return found
+
+
+def interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """(mean, half-width of the Student-t confidence interval) of ``values``."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.inf
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, float(student_t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+
+
+def reconstruction_audit(
+    aux: tuple[Tensor, Tensor],
+    victim: tuple[Tensor, Tensor],
+    observe: Release,
+    *,
+    seeds: int = 3,
+    labels: tuple[Tensor, Tensor] | None = None,
+    image_shape: Sequence[int] | None = None,
+    settings: DecoderSettings | None = None,
+) -> dict[str, Any]:
+    """The tuned attacker over ``seeds`` seeds (decoder and noise draws) and the baselines.
+
+    ``aux`` and ``victim`` are (inputs, clean activations of the trained segment); ``observe``
+    turns clean activations into what the attacker sees (:func:`release_of`); ``labels`` are
+    (aux labels, victim labels) when labels reach the attacker.
+    """
+    if seeds < 1:
+        raise PrivacyError(f"seeds = {seeds} is out of range; allowed: >= 1")
+    settings = settings or DecoderSettings()
+    (ax, aact), (vx, vact) = aux, victim
+    runs = []
+    for seed in range(seeds):
+        decoder = train_decoder(ax, aact, observe, seed, settings)
+        with torch.no_grad():
+            seen = observe(vact.detach().float(), torch.Generator().manual_seed(10_000 + seed))
+            runs.append(_scores(decoder(seen.flatten(1)), vx, image_shape))
+    mse, mse_ci = interval([r["mse"] for r in runs])
+    out: dict[str, Any] = {"reconstruction_mse": mse, "reconstruction_mse_ci": mse_ci}
+    if image_shape is not None:
+        out["ssim"], out["ssim_ci"] = interval([r["ssim"] for r in runs])
+    aux_y, victim_y = labels if labels is not None else (None, None)
+    found = baselines(ax, vx, aux_y=aux_y, victim_y=victim_y, image_shape=image_shape)
+    for name, scores in found.items():
+        out[f"baseline_{name}_mse"] = scores["mse"]
+        if scores["ssim"] is not None:
+            out[f"baseline_{name}_ssim"] = scores["ssim"]
+    out["attack_seeds"] = seeds
+    return out
+
+
+__all__ = [
+    "DecoderSettings",
+    "baselines",
+    "interval",
+    "reconstruction_audit",
+    "release_of",
+    "train_decoder",
+]

@@ -1,0 +1,39 @@
+"""Who attacks, what they know, what they see: one threat model per audit.
+
+`sl-pipeline audit` prints the models of the attacks it ran beside their figures, and
+``docs/privacy.md`` repeats them; a figure means nothing without the attacker it measures.
+"""
+
+from __future__ import annotations
+
+THREAT_MODELS: dict[str, dict[str, str]] = {
+    "reconstruction": {
+        "who": "an honest-but-curious server (or relay) that receives the cut-layer activations",
+        "knows": "the architecture, the defense's settings, and auxiliary data of the same kind "
+        "(the client's training rows, disjoint from the attacked test rows) on which it can "
+        "query the trained client segment; the labels too, where the topology sends them",
+        "sees": "every release of each attacked test row over the run (one per evaluation "
+        "pass), averaged; decoder tuned with a validation split, early stopping and noise "
+        "augmentation; compared with the mean, class-mean and nearest auxiliary image",
+    },
+    "label_leakage": {
+        "who": "a feature party in the vertical topology (it holds no labels)",
+        "knows": "its own features and segment, and that labels are binary",
+        "sees": "the cut gradient of every training batch it took part in, over every epoch "
+        "(after the label holder's protection); each example's scores are averaged over the "
+        "epochs; at evaluation it receives nothing",
+    },
+    "canary": {
+        "who": "an adversary that inserts a canary record (a mislabelled outlier)",
+        "knows": "the architecture, the initial weights and every other training record",
+        "sees": "the trained split model; it guesses from the canary's loss whether the canary "
+        "was trained on",
+    },
+    "dcor": {
+        "who": "no attacker: a statistic of dependence",
+        "knows": "-",
+        "sees": "one defended release of each test row",
+    },
+}
+
+__all__ = ["THREAT_MODELS"]
