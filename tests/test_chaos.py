@@ -45,9 +45,12 @@ class Case:
     deterministic: bool = True  # same accuracy expected (no interleaving of clients)
     dataset: str = "breast_cancer"
     epochs: int = 3
+    client_sets: tuple[str, ...] = ()  # overrides for every client (reference run included)
+    label: str = ""
 
     def __str__(self) -> str:
-        return "-".join([self.topology, *(f"{v}x{n}" for v, n in self.faults)])
+        faults = [f"{v}x{n}" for v, n in self.faults]
+        return "-".join([self.topology, *([self.label] if self.label else []), *faults])
 
 
 # The full matrix (SL_CHAOS_FULL=1): three server kills per topology, a client kill where
@@ -63,6 +66,13 @@ FULL_CASES = [
     Case("vanilla", faults=(("client", 1),)),
     Case("splitfed", faults=(("client", 1),), clients=2, deterministic=False),
     Case("multihop", faults=(("relay", 1),)),
+    # DP-SGD: Poisson-sampled batches and the accountant's history resume mid-epoch
+    Case(
+        "vanilla",
+        faults=(("client", 1),),
+        client_sets=("privacy.dpsgd.noise_multiplier=0.5",),
+        label="dpsgd",
+    ),
 ]
 # The default (the suite's time budget): one short epoch, two runs that between them kill
 # every kind of worker once, each kill in a topology where it matters most.
@@ -113,15 +123,16 @@ def _applied_log(base: Path, role: str) -> list[tuple[str, int, int]]:
 class Run:
     """One deployment's worker processes, each restartable with the same arguments."""
 
-    def __init__(self, procs: Procs, files: dict[str, Path]) -> None:
+    def __init__(self, procs: Procs, files: dict[str, Path], client_sets: tuple[str, ...]) -> None:
         self.procs, self.files = procs, files
+        self.client_sets = [arg for value in client_sets for arg in ("--set", value)]
         self.base = files["server"].parent
         self.live: dict[str, WorkerProcess] = {}
         self.starts: dict[str, int] = {}
 
     def start(self, name: str) -> WorkerProcess:
         role = name.split("-")[0]
-        extra = CLIENT_SETS if role == "client" else ("--json", *CKPT)
+        extra = (*CLIENT_SETS, *self.client_sets) if role == "client" else ("--json", *CKPT)
         argv = [role, "--config", str(self.files[name]), *extra, *_ckpt_sets(role)]
         self.starts[name] = self.starts.get(name, 0) + 1
         stem = self.base / f"{name}-{self.starts[name]}"
@@ -142,7 +153,7 @@ def _reference(deployment, case: Case) -> list[dict[str, Any]]:  # type: ignore[
     files = deployment(
         topology=case.topology, clients=case.clients, dataset=case.dataset, epochs=case.epochs
     )
-    return list(asyncio.run(run_deployment(files))["summaries"])
+    return list(asyncio.run(run_deployment(files, *case.client_sets))["summaries"])
 
 
 @pytest.mark.slow
@@ -153,7 +164,7 @@ def test_kill_9_and_restart(case: Case, deployment, procs: Procs) -> None:  # ty
     files = deployment(
         topology=case.topology, clients=case.clients, dataset=case.dataset, epochs=case.epochs
     )
-    run = Run(procs, files)
+    run = Run(procs, files, case.client_sets)
     run.start("server")
     if "relay-1" in files:
         run.start("relay-1")
@@ -187,6 +198,8 @@ def test_kill_9_and_restart(case: Case, deployment, procs: Procs) -> None:  # ty
         for got, want in zip(summaries, reference, strict=True):
             if want["test_accuracy"] is not None:
                 assert abs(got["test_accuracy"] - want["test_accuracy"]) <= 0.01
+            if "dpsgd_epsilon" in want:  # every step released before the crash still counts
+                assert got["dpsgd_epsilon"] == pytest.approx(want["dpsgd_epsilon"], rel=1e-6)
     if "relay" in victims:  # the client names what it lost: the relay, not the server
         assert "lost the relay" in run.live["client-1"].log.read_text()
 

@@ -183,6 +183,7 @@ class ClientWorker:
             "rng": rng_state(),
             "accounted_epochs": self.runner.accounted_epochs,
             "runner": self.runner.extra_state(),
+            "dpsgd": self.runner.dp_state(),
         }
 
     def _restore(self) -> int:
@@ -201,6 +202,7 @@ class ClientWorker:
         restore_rng(state["rng"])
         self.runner.restore_accounting(int(state["accounted_epochs"]))
         self.runner.load_extra_state(dict(state.get("runner", {})))
+        self.runner.load_dp_state(dict(state.get("dpsgd", {})))
         log.info("resumed from checkpoint %s at epoch %d step %d", path, *self.start)
         return self.steps_done
 
@@ -449,13 +451,15 @@ class ClientWorker:
         return mean
 
     def _batches(self, epoch: int, first_step: int) -> Iterator[tuple[int, Any, Any, Any]]:
-        """This epoch's batches from ``first_step``; stops between steps on SIGTERM/SIGINT."""
-        for step, (x, y, ids) in enumerate(self.runner.epoch_batches(epoch)):
-            if step < first_step:
-                continue
-            if self.stop.is_set():
-                raise _Stopped
-            yield step, x, y, ids
+        """This epoch's batches from ``first_step``; stops between steps on SIGTERM/SIGINT,
+        before the next batch is drawn (a random draw would be lost to the checkpoint)."""
+        batches = self.runner.epoch_batches(epoch, first_step)
+        while not self.stop.is_set():
+            item = next(batches, None)
+            if item is None:
+                return
+            yield item
+        raise _Stopped
 
     def _done(self, epoch: int, step: int, loss: float, started: float, bar: Any) -> None:
         """Bookkeeping after a step's gradient is applied: counters, metrics, checkpoint."""

@@ -6,6 +6,7 @@ A :class:`StepRunner` owns the client's segment(s), optimizer and defenses. The 
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,6 +65,7 @@ class StepRunner:
         if self.privacy.dpsgd is not None:
             self._make_private()
         self.accounted_epochs = 0
+        self.dp_drawn = 0  # DP-SGD: batches drawn from the sampler this epoch
 
     # ---- set-up --------------------------------------------------------------------------
     def build_modules(self) -> dict[str, nn.Module]:
@@ -101,17 +103,72 @@ class StepRunner:
         self.optimizer = self.dp.optimizer
 
     # ---- batches -------------------------------------------------------------------------
-    def epoch_batches(self, epoch: int) -> Iterator[Batch]:
-        train = self.w.data.train
-        if self.dp is not None:  # Opacus' Poisson-sampled batches
-            for x, y, ids in self.dp.data_loader:
-                if len(ids):
-                    yield x, (y if train.y is not None else None), ids
+    def epoch_batches(self, epoch: int, first_step: int = 0) -> Iterator[tuple[int, *Batch]]:
+        """``(step, x, y, ids)`` of this epoch from ``first_step`` (after a resume)."""
+        if self.dp is not None:
+            yield from self._dp_batches(first_step)
             return
-        for idx in batch_order(
-            len(train), self.w.cfg.train.batch_size, self.w.cfg.train.seed, epoch
-        ):
-            yield train.x[idx], (train.y[idx] if train.y is not None else None), train.ids[idx]
+        train = self.w.data.train
+        order = batch_order(len(train), self.w.cfg.train.batch_size, self.w.cfg.train.seed, epoch)
+        for step, idx in enumerate(order):
+            if step >= first_step:
+                y = train.y[idx] if train.y is not None else None
+                yield step, train.x[idx], y, train.ids[idx]
+
+    def _dp_batches(self, first_step: int) -> Iterator[tuple[int, *Batch]]:
+        """Opacus' batches (Poisson-sampled by default), drawn from its batch sampler one at a
+        time so that a resume continues them exactly: the checkpoint holds the RNG state after
+        the last step and how many batches of the epoch were drawn (empty ones included,
+        which are skipped); the remaining ones are drawn from there, none again."""
+        assert self.privacy.dpsgd is not None
+        loader = self.dp.data_loader
+        x_all, y_all, ids_all = loader.dataset.tensors
+        has_labels = self.w.data.train.y is not None
+        if first_step == 0:
+            self.dp_drawn = 0
+        sampler = iter(loader.batch_sampler)
+        if self.privacy.dpsgd.poisson_sampling:  # each draw is fresh: draw only what is left
+            left = len(loader.batch_sampler) - self.dp_drawn
+            batches: Iterator[Any] = (next(sampler) for _ in range(max(0, left)))
+        else:  # a fixed order: skip what was drawn
+            batches = itertools.islice(sampler, self.dp_drawn, None)
+        step = first_step
+        for indices in batches:
+            self.dp_drawn += 1
+            if len(indices):
+                idx = torch.as_tensor(indices, dtype=torch.long)
+                yield step, x_all[idx], (y_all[idx] if has_labels else None), ids_all[idx]
+                step += 1
+
+    def dp_state(self) -> dict[str, Any]:
+        """DP-SGD's part of the client checkpoint: batches drawn this epoch, the accountant's
+        history (so epsilon keeps counting every step released before a crash) and any
+        dedicated generators (the global RNG is saved with the client)."""
+        if self.dp is None:
+            return {}
+        state: dict[str, Any] = {
+            "drawn": self.dp_drawn,
+            "accountant": dict(self.dp.engine.accountant.state_dict()),
+        }
+        for name, gen in self._dp_generators().items():
+            state[name] = gen.get_state()
+        return state
+
+    def load_dp_state(self, state: dict[str, Any]) -> None:
+        if self.dp is None or not state:
+            return
+        self.dp_drawn = int(state["drawn"])
+        self.dp.engine.accountant.load_state_dict(state["accountant"])
+        for name, gen in self._dp_generators().items():
+            if name in state:
+                gen.set_state(state[name])
+
+    def _dp_generators(self) -> dict[str, torch.Generator]:
+        found = {
+            "sampler_rng": getattr(self.dp.data_loader.batch_sampler, "generator", None),
+            "noise_rng": getattr(self.dp.optimizer, "generator", None),
+        }
+        return {name: gen for name, gen in found.items() if gen is not None}
 
     # ---- one step ------------------------------------------------------------------------
     def cut(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
