@@ -149,18 +149,21 @@ class Run:
         assert self.live[name].wait(30) == 0, self.live[name].log.read_text()[-3000:]
 
 
-def _reference(deployment, case: Case) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+def _reference(deployment, case: Case) -> tuple[list[dict[str, Any]], int]:  # type: ignore[no-untyped-def]
+    """The uninterrupted run: each client's summary, and the server's applied steps (a
+    vertical step is one update for all parties)."""
     files = deployment(
         topology=case.topology, clients=case.clients, dataset=case.dataset, epochs=case.epochs
     )
-    return list(asyncio.run(run_deployment(files, *case.client_sets))["summaries"])
+    run = asyncio.run(run_deployment(files, *case.client_sets))
+    return list(run["summaries"]), int(run["server"].steps_applied)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_kill_9_and_restart(case: Case, deployment, procs: Procs) -> None:  # type: ignore[no-untyped-def]
     # Prepare: the uninterrupted run, then the same deployment as processes
-    reference = _reference(deployment, case)
+    reference, server_steps = _reference(deployment, case)
     files = deployment(
         topology=case.topology, clients=case.clients, dataset=case.dataset, epochs=case.epochs
     )
@@ -174,8 +177,7 @@ def test_kill_9_and_restart(case: Case, deployment, procs: Procs) -> None:  # ty
     # Execute: kill each victim at evenly spaced step counts of its own, restart it each time
     planned = [victim for victim, kills in case.faults for _ in range(kills)]
     for i, victim in enumerate(planned):
-        # the victim's own step count: the server's counts every client's steps
-        own = sum(r["steps"] for r in reference) if victim == "server" else reference[0]["steps"]
+        own = server_steps if victim == "server" else reference[0]["steps"]
         name = NAMES[victim]
         _wait_step(run.base, victim, own * (i + 1) // (len(planned) + 1), run.live[name])
         run.kill(name)
