@@ -46,6 +46,7 @@ class Case:
     dataset: str = "breast_cancer"
     epochs: int = 3
     client_sets: tuple[str, ...] = ()  # overrides for every client (reference run included)
+    server_sets: tuple[str, ...] = ()  # overrides for the faulty run's server
     label: str = ""
 
     def __str__(self) -> str:
@@ -66,6 +67,8 @@ FULL_CASES = [
     Case("vanilla", faults=(("client", 1),)),
     Case("splitfed", faults=(("client", 1),), clients=2, deterministic=False),
     Case("multihop", faults=(("relay", 1),)),
+    # a server checkpointing every 4 steps: its clients rewind to the step it resumed from
+    Case("vanilla", server_sets=("checkpoint.every_steps=4",), label="every4"),
     # DP-SGD: Poisson-sampled batches and the accountant's history resume mid-epoch
     Case(
         "vanilla",
@@ -99,13 +102,17 @@ def _step_of(base: Path, role: str) -> int:
     return max(steps, default=0)
 
 
-def _wait_step(base: Path, victim: str, at_least: int, proc: WorkerProcess) -> None:
+def _wait_step(base: Path, victim: str, at_least: int, proc: WorkerProcess, lead: int = 0) -> None:
+    """Until the victim checkpointed ``at_least`` steps and, with ``lead``, client-1 is that
+    many steps past the server's newest checkpoint (so the server loses steps it applied)."""
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        if _step_of(base, victim) >= at_least:
+        reached = _step_of(base, victim)
+        ahead = not lead or _step_of(base, "client") >= _step_of(base, "server") + lead
+        if reached >= at_least and ahead:
             return
         assert proc.poll() is None, f"the {victim} exited before step {at_least}"
-        time.sleep(0.05)
+        time.sleep(0.02)
     raise AssertionError(f"the {victim} never reached step {at_least}")
 
 
@@ -123,16 +130,20 @@ def _applied_log(base: Path, role: str) -> list[tuple[str, int, int]]:
 class Run:
     """One deployment's worker processes, each restartable with the same arguments."""
 
-    def __init__(self, procs: Procs, files: dict[str, Path], client_sets: tuple[str, ...]) -> None:
+    def __init__(self, procs: Procs, files: dict[str, Path], case: Case) -> None:
         self.procs, self.files = procs, files
-        self.client_sets = [arg for value in client_sets for arg in ("--set", value)]
+        self.sets = {
+            "client": [arg for value in case.client_sets for arg in ("--set", value)],
+            "server": [arg for value in case.server_sets for arg in ("--set", value)],
+            "relay": [],
+        }
         self.base = files["server"].parent
         self.live: dict[str, WorkerProcess] = {}
         self.starts: dict[str, int] = {}
 
     def start(self, name: str) -> WorkerProcess:
         role = name.split("-")[0]
-        extra = (*CLIENT_SETS, *self.client_sets) if role == "client" else ("--json", *CKPT)
+        extra = (*(CLIENT_SETS if role == "client" else ("--json", *CKPT)), *self.sets[role])
         argv = [role, "--config", str(self.files[name]), *extra, *_ckpt_sets(role)]
         self.starts[name] = self.starts.get(name, 0) + 1
         stem = self.base / f"{name}-{self.starts[name]}"
@@ -167,7 +178,7 @@ def test_kill_9_and_restart(case: Case, deployment, procs: Procs) -> None:  # ty
     files = deployment(
         topology=case.topology, clients=case.clients, dataset=case.dataset, epochs=case.epochs
     )
-    run = Run(procs, files, case.client_sets)
+    run = Run(procs, files, case)
     run.start("server")
     if "relay-1" in files:
         run.start("relay-1")
@@ -179,7 +190,9 @@ def test_kill_9_and_restart(case: Case, deployment, procs: Procs) -> None:  # ty
     for i, victim in enumerate(planned):
         own = server_steps if victim == "server" else reference[0]["steps"]
         name = NAMES[victim]
-        _wait_step(run.base, victim, own * (i + 1) // (len(planned) + 1), run.live[name])
+        lead = 2 if case.server_sets and victim == "server" else 0
+        at = own * (i + 1) // (len(planned) + 1)
+        _wait_step(run.base, victim, at, run.live[name], lead)
         run.kill(name)
         run.start(name)
     summaries = [_summary(run.live[name]) for name in clients]
@@ -196,6 +209,8 @@ def test_kill_9_and_restart(case: Case, deployment, procs: Procs) -> None:  # ty
     victims = {victim for victim, _ in case.faults}
     if "client" in victims:
         assert summaries[0]["resumed_from"] > 0
+    if case.server_sets:  # the server lost steps between checkpoints: the clients rewound
+        assert sum(s["rewinds"] for s in summaries) > 0
     if case.deterministic:
         for got, want in zip(summaries, reference, strict=True):
             if want["test_accuracy"] is not None:

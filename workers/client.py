@@ -40,6 +40,7 @@ from .client_steps import StepRunner, build_runner
 from .common import install_stop_signals, load_own_key, load_peer_key, start_ops, warn_insecure
 from .metrics import WorkerMetrics
 from .pipeline import check_depth, train_pipelined
+from .rollback import NOTHING, Rewind, UndoPoints
 
 log = logging.getLogger("sl_pipeline.client")
 
@@ -99,6 +100,7 @@ class ClientWorker:
         self.last_applied: tuple[int, int] | None = None
         self.stop = asyncio.Event()
         self.stopped = False
+        self.undo = UndoPoints()
         self.ckpt = self._checkpoint_store()
         self.resumed_from = self._restore() if self.ckpt else 0
 
@@ -192,6 +194,15 @@ class ClientWorker:
         if found is None:
             return 0
         state, path = found
+        self._load_state(state)
+        self.runner.restore_accounting(int(state["accounted_epochs"]))
+        self.runner.load_extra_state(dict(state.get("runner", {})))
+        log.info("resumed from checkpoint %s at epoch %d step %d", path, *self.start)
+        return self.steps_done
+
+    def _load_state(self, state: dict[str, Any], rewind: bool = False) -> None:
+        """Weights, optimizer, position and RNG from a checkpoint or an undo point. A rewind
+        keeps the privacy accountants as they are: releases are never taken back."""
         for name, module in self.runner.modules.items():
             module.load_state_dict(state["modules"][name])
         self.runner.optimizer.load_state_dict(state["optimizer"])
@@ -200,11 +211,10 @@ class ClientWorker:
         self.last_applied = (self.epoch, self.start[1] - 1) if self.start[1] else None
         self.epoch_losses = [float(v) for v in state["epoch_losses"]]
         restore_rng(state["rng"])
-        self.runner.restore_accounting(int(state["accounted_epochs"]))
-        self.runner.load_extra_state(dict(state.get("runner", {})))
-        self.runner.load_dp_state(dict(state.get("dpsgd", {})))
-        log.info("resumed from checkpoint %s at epoch %d step %d", path, *self.start)
-        return self.steps_done
+        dp = dict(state.get("dpsgd", {}))
+        if rewind and dp:
+            dp["accountant"] = self.runner.dp_state()["accountant"]
+        self.runner.load_dp_state(dp)
 
     def _save(self, next_step: int, force: bool = False) -> None:
         every = max(1, self.cfg.checkpoint.every_steps)
@@ -213,16 +223,22 @@ class ClientWorker:
             self.metrics.checkpoints_total.inc()
 
     def _check_resume(self, welcome: dict[str, Any]) -> None:
-        """The server (or relay) says which step of ours it applied last; we must not be
-        ahead of it."""
+        """The server (or relay) says which step of ours it applied last; if it is behind
+        us, rewind to that step when an undo point exists (it checkpoints every N > 1
+        steps), else say what was lost."""
         applied = welcome.get("applied")
+        self.undo.configure(
+            int(welcome.get("checkpoint_every") or 1), self.cfg.train.pipeline_depth
+        )
         if self.last_applied is None:
             return
-        server_step = (int(applied[0]), int(applied[1])) if applied else (-1, -1)
+        server_step = (int(applied[0]), int(applied[1])) if applied else NOTHING
         if server_step < self.last_applied:
+            self.undo.check(server_step, self.last_applied)
             log.error(
                 "the %s lost steps after %s that this client applied (up to %s); "
-                "exactly-once needs the %s's checkpoint.dir and checkpoint.every_steps = 1",
+                "exactly-once needs the %s's checkpoint.dir, and a rewind needs an undo point "
+                "(checkpoint.every_steps > 1 is announced at join)",
                 self.upstream,
                 server_step,
                 self.last_applied,
@@ -360,6 +376,17 @@ class ClientWorker:
         return self.summary(time.perf_counter() - start)
 
     async def train(self) -> None:
+        """Every epoch from ``self.start``; after a rewind, again from the undo point."""
+        self.undo.record(self.last_applied or NOTHING, lambda: self._state(self.start[1]))
+        while True:
+            try:
+                return await self._train_from_start()
+            except Rewind as rewind:
+                self._load_state(rewind.state, rewind=True)
+                if self.ckpt is not None:  # newer checkpoints are another timeline now
+                    self.ckpt.discard_after(self.steps_done)
+
+    async def _train_from_start(self) -> None:
         for epoch in range(self.start[0], self.cfg.train.epochs):
             self.epoch = epoch
             self.metrics.epoch.set(epoch)
@@ -400,6 +427,7 @@ class ClientWorker:
             "bytes_received": self.bytes["received"],
             "retries": self.retries,
             "resumed_from": self.resumed_from,
+            "rewinds": self.undo.rewinds,
             "stopped_early": self.stopped,
             "wall_seconds": round(wall, 3),
             **self.runner.report(),
@@ -469,6 +497,7 @@ class ClientWorker:
         self.metrics.record_step(self.steps_done)
         self.epoch_losses.append(loss)
         self._save(step + 1)
+        self.undo.record((epoch, step), lambda: self._state(step + 1))
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
 

@@ -164,6 +164,8 @@ class ServerWorker(RouterService):
             **super().accept(hello, key),
             "topology": self.cfg.server.topology,
             "applied": list(last) if last else None,
+            # a client keeps undo points for what a crash between checkpoints may lose
+            "checkpoint_every": max(1, self.cfg.checkpoint.every_steps) if self.ckpt else 1,
         }
 
     def forget_peer(self, peer: Peer) -> None:
