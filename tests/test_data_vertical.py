@@ -8,8 +8,6 @@ shows up in anything a party or the server prints or saves.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import io
 import json
 import subprocess
 import tomllib
@@ -114,9 +112,11 @@ async def test_psi_aligned_parties_train_on_the_intersection_and_leak_no_other_i
     new_b = party_csv(tmp_path / "new_b.csv", _shuffled(np.r_[shared[:50], only_b], 5), B_COLUMNS)
     server = _Server(files["server"])
     try:
-        results = await asyncio.gather(
-            *(_predict(files[n], path) for n, path in (("client-1", new_a), ("client-2", new_b)))
-        )
+        predicts = [
+            procs.start("predict", files[n], "--input", str(path), "--json")
+            for n, path in (("client-1", new_a), ("client-2", new_b))
+        ]
+        results = [_last_json((await _finish(run))[0]) for run in predicts]
     finally:
         await server.close()
     # Assert: exactly the intersection, on both sides
@@ -151,18 +151,6 @@ async def test_psi_aligned_parties_train_on_the_intersection_and_leak_no_other_i
     assert baseline["test_samples"] == label_party["test_samples"]
     assert abs(label_party["test_accuracy"] - baseline["test_accuracy"]) <= 0.02
     assert label_party["test_accuracy"] >= 0.9
-
-
-async def _predict(config: Path, rows: Path) -> dict[str, Any]:
-    """``sl-pipeline predict`` through the CLI's entry point, in a thread of its own."""
-    out = io.StringIO()
-
-    def run() -> int:
-        with contextlib.redirect_stdout(out):
-            return main(["predict", "--config", str(config), "--input", str(rows), "--json"])
-
-    assert await asyncio.wait_for(asyncio.to_thread(run), 120) == 0
-    return _last_json(out.getvalue())
 
 
 def test_psi_needs_the_group_key_and_two_named_parties(

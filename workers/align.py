@@ -11,11 +11,15 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 
-from sl_pipeline.config import ClientSection
+from sl_pipeline.config import ClientConfig, ClientSection, resolve_path
+from sl_pipeline.data import PartyData, Split
 from sl_pipeline.errors import ConfigError, ProtocolError
+from sl_pipeline.group import load_group_key
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.psi import PsiParty
 
@@ -24,6 +28,49 @@ log = logging.getLogger("sl_pipeline.client")
 PSI_WAIT_S = 600.0  # the other party may start later than this one
 Request = Callable[[Message, float], Awaitable[Message]]
 MakeMessage = Callable[..., Message]
+
+
+def psi_key(cfg: ClientConfig, base: Path, has_ids: bool) -> bytes | None:
+    """The group key sealing the PSI when this party aligns its rows by PSI, else None.
+
+    Vertical parties with ids align by PSI unless ``data.align = "position"`` says the rows
+    are already aligned; everything PSI needs is checked now, before joining the server."""
+    d, c = cfg.data, cfg.client
+    if d.align and c.topology != "vertical":
+        raise ConfigError(f"data.align applies to vertical parties; this is {c.topology}")
+    if d.align == "psi" and not has_ids:
+        raise ConfigError('data.align = "psi" needs data.id: the column of row ids')
+    if c.topology != "vertical" or not has_ids or d.align == "position":
+        return None
+    if cfg.privacy.get("dpsgd"):
+        raise ConfigError(
+            "privacy.dpsgd with PSI alignment is not supported yet; align the rows "
+            'beforehand and set data.align = "position"'
+        )
+    psi_partner(c)
+    if not c.group_key:
+        raise ConfigError(
+            "vertical alignment by PSI seals its messages with client.group_key, a secret "
+            "both parties hold and the server does not; set client.group_key"
+        )
+    return load_group_key(resolve_path(base, c.group_key, "client.group_key"))
+
+
+def own_view(cfg: ClientConfig, data: PartyData) -> PartyData:
+    """A vertical feature party keeps no labels, even when its file has a label column."""
+    if cfg.client.topology != "vertical" or cfg.client.role == "label":
+        return data
+    return replace(
+        data,
+        train=Split(data.train.x, None, data.train.ids),
+        test=Split(data.test.x, None, data.test.ids),
+    )
+
+
+def no_rows(in_shape: list[int], classes: int) -> PartyData:
+    """Placeholder until the PSI alignment says which rows this party trains on."""
+    empty = Split(torch.empty((0, *in_shape)), None, torch.empty(0, dtype=torch.int64))
+    return PartyData(empty, empty, list(in_shape), classes)
 
 
 def psi_partner(client: ClientSection) -> str:

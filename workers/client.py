@@ -14,7 +14,6 @@ import random
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,8 @@ from tqdm import tqdm
 
 from privacy.config import PrivacyConfig
 from sl_pipeline.config import ClientConfig, check_endpoint, resolve_path
-from sl_pipeline.data import PartyData, Split, prepare
+from sl_pipeline.data import prepare
 from sl_pipeline.errors import ConfigError, PeerError, ReplyTimeoutError, TransportError
-from sl_pipeline.group import load_group_key
 from sl_pipeline.handshake import ClientHandshake
 from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
 from sl_pipeline.models import fingerprint
@@ -34,7 +32,7 @@ from sl_pipeline.retransmit import RetransmitTimer
 from sl_pipeline.sources import Source, load_source
 from sl_pipeline.transport import DealerConnection
 
-from .align import align_rows, psi_partner
+from .align import align_rows, no_rows, own_view, psi_key
 from .checkpoint import CheckpointStore, restore_rng, rng_state
 from .client_steps import StepRunner, build_runner
 from .common import install_stop_signals, load_own_key, load_peer_key, start_ops, warn_insecure
@@ -71,13 +69,13 @@ class ClientWorker:
         )
         m = cfg.model
         source = load_source(cfg.data, base, m.classes, m.in_shape)  # every data error: now
-        self.pending: Source | None = None  # rows waiting for the PSI alignment
+        self.psi_key = psi_key(cfg, base, source.ids is not None)
+        self.pending: Source | None = source if self.psi_key else None  # rows to align first
         self.aligned_rows: int | None = None
-        if self._aligns_by_psi(source):
-            self.pending = source
-            self.data = _no_rows(m.in_shape, m.classes)
+        if self.pending is not None:
+            self.data = no_rows(m.in_shape, m.classes)
         else:
-            self.data = self._own_view(prepare(source, cfg.data, m.classes, m.in_shape))
+            self.data = own_view(cfg, prepare(source, cfg.data, m.classes, m.in_shape))
         self.runner: StepRunner = build_runner(self)
         check_depth(self)
         self.handshake = self._make_handshake()
@@ -104,49 +102,17 @@ class ClientWorker:
         self.ckpt = self._checkpoint_store()
         self.resumed_from = self._restore() if self.ckpt else 0
 
-    # ---- data ----------------------------------------------------------------------------
-    def _aligns_by_psi(self, source: Source) -> bool:
-        """Vertical parties with ids align by PSI unless told the rows are already aligned."""
-        d, c = self.cfg.data, self.cfg.client
-        if d.align and self.topology != "vertical":
-            raise ConfigError(f"data.align applies to vertical parties; this is {self.topology}")
-        if d.align == "psi" and source.ids is None:
-            raise ConfigError('data.align = "psi" needs data.id: the column of row ids')
-        if self.topology != "vertical" or source.ids is None or d.align == "position":
-            return False
-        if self.cfg.privacy.get("dpsgd"):
-            raise ConfigError(
-                "privacy.dpsgd with PSI alignment is not supported yet; align the rows "
-                'beforehand and set data.align = "position"'
-            )
-        psi_partner(c)
-        if not c.group_key:
-            raise ConfigError(
-                "vertical alignment by PSI seals its messages with client.group_key, a secret "
-                "both parties hold and the server does not; set client.group_key"
-            )
-        self.psi_key = load_group_key(resolve_path(self.base, c.group_key, "client.group_key"))
-        return True
-
-    def _own_view(self, data: PartyData) -> PartyData:
-        """A vertical feature party keeps no labels, even when its file has a label column."""
-        if self.topology != "vertical" or self.cfg.client.role == "label":
-            return data
-        return replace(
-            data,
-            train=Split(data.train.x, None, data.train.ids),
-            test=Split(data.test.x, None, data.test.ids),
-        )
-
     async def align(self) -> None:
         """Keep the rows both parties hold, in the agreed order; split and encode them."""
         source = self.pending
         assert source is not None and source.ids is not None
+        assert self.psi_key is not None
         rows = await align_rows(
             source.ids, self.psi_key, self.cfg.client, self.request, self.message
         )
         m = self.cfg.model
-        self.data = self._own_view(prepare(source.take(rows), self.cfg.data, m.classes, m.in_shape))
+        aligned = prepare(source.take(rows), self.cfg.data, m.classes, m.in_shape)
+        self.data = own_view(self.cfg, aligned)
         self.aligned_rows, self.pending = len(rows), None
 
     def _make_handshake(self) -> ClientHandshake:
@@ -508,9 +474,3 @@ class ClientWorker:
     @property
     def bottom(self) -> torch.nn.Module:
         return self.runner.bottom
-
-
-def _no_rows(in_shape: list[int], classes: int) -> PartyData:
-    """Placeholder until the PSI alignment says which rows this party trains on."""
-    empty = Split(torch.empty((0, *in_shape)), None, torch.empty(0, dtype=torch.int64))
-    return PartyData(empty, empty, list(in_shape), classes)

@@ -99,7 +99,7 @@ async def _predict(worker: ClientWorker, inputs: Inputs, psi: bool) -> tuple[tor
     try:
         await worker.connect()
         if psi:
-            assert inputs.ids is not None
+            assert inputs.ids is not None and worker.psi_key is not None
             c = worker.cfg.client
             rows = await align_rows(inputs.ids, worker.psi_key, c, worker.request, worker.message)
             inputs = Inputs(inputs.x[rows], [inputs.ids[r] for r in rows])
@@ -129,12 +129,16 @@ def run_predict(cfg: ClientConfig, base: Path, input_path: Path) -> dict[str, An
         raise ConfigError(f"--input {str(input_path)!r}: no such file")
     enc, names = saved_data(saved)
     inputs = read_inputs(cfg, input_path, enc)
-    # Vertical: every feature party runs predict at the same time on its own columns of the
-    # same rows: aligned by PSI when they have ids, else by row order.
-    psi = cfg.client.topology == "vertical" and inputs.ids is not None
-    psi = psi and cfg.data.align != "position"
     worker = ClientWorker(replace(cfg, train=replace(cfg.train, epochs=0)), base, progress=False)
     worker.runner.load(saved)
+    # Vertical: every feature party runs predict at the same time on its own columns of the
+    # same rows: aligned by PSI when they trained that way, else by row order.
+    psi = worker.psi_key is not None
+    if psi and inputs.ids is None:
+        raise ConfigError(
+            f"--input {str(input_path)!r} has no id column {enc.id if enc else cfg.data.id!r}; "
+            "this party aligns its rows with the other party's by id"
+        )
     logits, inputs = asyncio.run(_predict(worker, inputs, psi))
     predictions = logits.argmax(1).tolist()
     result: dict[str, Any] = {"predictions": predictions, "logits": logits.tolist()}
