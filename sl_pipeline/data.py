@@ -123,6 +123,13 @@ def prepare(
     )
 
 
+def check_width(src: Source, cfg: DataConfig, in_shape: Sequence[int]) -> None:
+    """Before a PSI alignment: refuse now a table whose width cannot fit ``in_shape``."""
+    if src.table is not None and src.shape and not cfg.feature_slice:
+        empty = np.zeros((0, *src.shape), dtype=np.float32)
+        _fit_shape(empty, list(src.shape), in_shape, cfg, None)
+
+
 def _fit_shape(
     x: np.ndarray, shape: list[int], in_shape: Sequence[int], cfg: DataConfig, enc: Encoding | None
 ) -> tuple[np.ndarray, list[int]]:

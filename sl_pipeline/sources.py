@@ -28,7 +28,7 @@ BUILTIN_DATASETS = ("digits", "breast_cancer")
 class Source:
     x: np.ndarray | None  # arrays (built-in, NPZ, images); None for a table
     y: np.ndarray | None
-    shape: list[int]
+    shape: list[int]  # a table's: [] while it depends on the training rows' vocabulary
     table: Table | None = None
     label_names: list[str] | None = None
     ids: list[str] | None = None
@@ -125,8 +125,12 @@ def _table_source(table: Table, cfg: DataConfig, classes: int) -> Source:
         y = np.asarray(labels, dtype=np.int64)
     # A dry run over every row finds stray words, NaN and gaps now, before any connection;
     # the real statistics are fitted on the training rows once the rows are known.
-    encoding.transform(encoding.fit(table, cfg, range(len(table)), names), table)
-    return Source(None, y, [], table=table, label_names=names, ids=table.ids)
+    enc = encoding.fit(table, cfg, range(len(table)), names)
+    encoding.transform(enc, table)
+    # Without one-hot columns the width does not depend on which rows train: known now.
+    fixed = not any(c.kind == "text" and c.onehot for c in enc.columns)
+    shape = [enc.width] if fixed else []
+    return Source(None, y, shape, table=table, label_names=names, ids=table.ids)
 
 
 def check_arrays(src: Source, where: str, classes: int) -> None:

@@ -153,7 +153,7 @@ async def test_psi_aligned_parties_train_on_the_intersection_and_leak_no_other_i
     assert label_party["test_accuracy"] >= 0.9
 
 
-def test_psi_needs_the_group_key_and_two_named_parties(
+def test_psi_settings_and_widths_are_checked_before_joining(
     deployment, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:  # type: ignore[no-untyped-def]
     files = deployment(topology="vertical", clients=2, dataset="breast_cancer", label_client=True)
@@ -164,3 +164,6 @@ def test_psi_needs_the_group_key_and_two_named_parties(
     assert status == 2 and "client.group_key" in capsys.readouterr().err
     status = main(["client", "--config", str(files["client-1"]), "--set", "client.group=[]"])
     assert status == 2 and "client.group" in capsys.readouterr().err
+    # a width that cannot fit is refused before the PSI, too (no server runs here)
+    status = main(["client", "--config", str(files["client-1"]), "--set", "model.in_shape=[14]"])
+    assert status == 2 and "gives [15] features" in capsys.readouterr().err

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from privacy.config import PrivacyConfig
 from sl_pipeline.config import ClientConfig, check_endpoint, resolve_path
-from sl_pipeline.data import prepare
+from sl_pipeline.data import check_width, prepare
 from sl_pipeline.errors import ConfigError, PeerError, ReplyTimeoutError, TransportError
 from sl_pipeline.handshake import ClientHandshake
 from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
@@ -73,6 +73,7 @@ class ClientWorker:
         self.pending: Source | None = source if self.psi_key else None  # rows to align first
         self.aligned_rows: int | None = None
         if self.pending is not None:
+            check_width(source, cfg.data, m.in_shape)
             self.data = no_rows(m.in_shape, m.classes)
         else:
             self.data = own_view(cfg, prepare(source, cfg.data, m.classes, m.in_shape))
