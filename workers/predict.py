@@ -9,6 +9,7 @@ the same way as for training, so each party only needs its own file of its own c
 from __future__ import annotations
 
 import asyncio
+import csv
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -61,6 +62,8 @@ def read_inputs(cfg: ClientConfig, path: Path, enc: Encoding | None = None) -> I
         ids = [str(f.relative_to(path)) for f in files]
     elif path.suffix.lower() == ".npz":
         x, _ = from_npz(path, cfg.data.features, "")
+    elif enc is None and path.suffix.lower() != ".parquet":
+        x = _plain_csv(path)
     else:
         table = read_table(path, DataConfig())
         column = enc.id if enc is not None else cfg.data.id
@@ -80,6 +83,38 @@ def read_inputs(cfg: ClientConfig, path: Path, enc: Encoding | None = None) -> I
             f"was trained with model.in_shape = {expected}"
         )
     return Inputs(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), ids)
+
+
+def _plain_csv(path: Path) -> np.ndarray:
+    """Rows of plain numbers (a model trained without a saved encoding); a first row that is
+    not all numbers is a header."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            rows = [(n, row) for n, row in enumerate(csv.reader(fh), 1) if row]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ConfigError(f"--input {str(path)!r} cannot be read as CSV: {exc}") from None
+    if rows and not all(_is_number(v) for v in rows[0][1]):
+        rows = rows[1:]
+    if not rows:
+        raise ConfigError(f"--input {str(path)!r} has no rows")
+    width = len(rows[0][1])
+    out = np.empty((len(rows), width), dtype=np.float32)
+    for i, (line, row) in enumerate(rows):
+        if len(row) != width or not all(_is_number(v) for v in row):
+            raise ConfigError(
+                f"{path}, line {line}: expected {width} numbers, got {row[:8]}; "
+                "every row needs one number per feature"
+            )
+        out[i] = [float(v) for v in row]
+    return out
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _numbers(table: Table) -> np.ndarray:
