@@ -12,7 +12,7 @@ agreed intersection).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -94,13 +94,13 @@ def prepare(
     src: Source, cfg: DataConfig, classes: int | None = None, in_shape: Sequence[int] = ()
 ) -> PartyData:
     """Split ``src`` with the seed, fit a table's encoding on the training rows, check shapes."""
-    check_arrays(src, f"data.path = {cfg.path!r}" if cfg.path else "data", classes or 0)
-    y = src.y
-    if cfg.task:
+    if cfg.task:  # a task's labels first: the model's classes are the task's, not the data's
         if cfg.task not in TASKS:
             raise ConfigError(f"data.task = {cfg.task!r} is unknown; choose one of {sorted(TASKS)}")
-        if y is not None:
-            y = TASKS[cfg.task](y)
+        if src.y is not None:
+            src = replace(src, y=TASKS[cfg.task](src.y))
+    check_arrays(src, f"data.path = {cfg.path!r}" if cfg.path else "data", classes or 0)
+    y = src.y
     train_idx, test_idx = split_indices(len(src), cfg.test_fraction, cfg.seed)
     if cfg.shards < 1 or not 0 <= cfg.shard < cfg.shards:
         raise ConfigError(f"data.shard = {cfg.shard} must be in [0, data.shards={cfg.shards})")

@@ -14,9 +14,12 @@ import torch
 
 from sl_pipeline.data import load_party_data
 from sl_pipeline.models import build_segments
+from workers.localdeploy import MULTI_PARTY
 
 from .conftest import ROOT, Procs, load_client, wait_listening
 from .inprocess import run_deployment
+
+CONSOLE_SCRIPT = str(Path(sys.executable).parent / "sl-pipeline")
 
 
 def _write_csv(path: Path, x: np.ndarray) -> None:
@@ -188,3 +191,26 @@ async def test_vertical_predict_fuses_every_party(deployment, procs: Procs) -> N
     for result in results:
         assert result["predictions"] == expected.argmax(1).tolist()
         assert torch.allclose(torch.tensor(result["logits"]), expected, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "topology",
+    ["vanilla", "ushaped", "vertical", "multitask", "multihop", "roundrobin", "splitfed"],
+)
+def test_demo_runs_every_topology_with_no_other_flag(topology: str) -> None:
+    # Execute: what a user types, through the console script (one epoch to keep it short)
+    result = subprocess.run(
+        [CONSOLE_SCRIPT, "demo", "--topology", topology, "--baseline", "--json", "--epochs", "1"],
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
+        timeout=400,
+        stdin=subprocess.DEVNULL,
+    )
+    # Assert: the topology picked its own number of parties and trained
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["topology"] == topology and summary["steps"] > 0
+    assert summary["clients"] == (2 if topology in MULTI_PARTY else 1)
+    assert 0 < summary["baseline_accuracy"] <= 1 and 0 < summary["test_accuracy"] <= 1
