@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 
 from sl_pipeline.config import ClientConfig, ClientSection, resolve_path
-from sl_pipeline.data import PartyData, Split
+from sl_pipeline.data import PartyData, Split, check_width, prepare
 from sl_pipeline.errors import ConfigError, ProtocolError
 from sl_pipeline.group import load_group_key
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.psi import PsiParty
+from sl_pipeline.sources import Source
 
 log = logging.getLogger("sl_pipeline.client")
 
@@ -67,10 +68,24 @@ def own_view(cfg: ClientConfig, data: PartyData) -> PartyData:
     )
 
 
-def no_rows(in_shape: list[int], classes: int) -> PartyData:
-    """Placeholder until the PSI alignment says which rows this party trains on."""
-    empty = Split(torch.empty((0, *in_shape)), None, torch.empty(0, dtype=torch.int64))
-    return PartyData(empty, empty, list(in_shape), classes)
+def first_data(cfg: ClientConfig, source: Source, aligned_later: bool) -> PartyData:
+    """This party's split rows; no rows yet while a PSI alignment has to choose them."""
+    m = cfg.model
+    if not aligned_later:
+        return own_view(cfg, prepare(source, cfg.data, m.classes, m.in_shape))
+    check_width(source, cfg.data, m.in_shape)
+    empty = Split(torch.empty((0, *m.in_shape)), None, torch.empty(0, dtype=torch.int64))
+    return PartyData(empty, empty, list(m.in_shape), m.classes)
+
+
+async def aligned_data(
+    cfg: ClientConfig, source: Source, key: bytes, request: Request, make: MakeMessage
+) -> tuple[PartyData, int]:
+    """The rows both parties hold, in the agreed order, split and encoded; and their count."""
+    assert source.ids is not None
+    rows = await align_rows(source.ids, key, cfg.client, request, make)
+    m = cfg.model
+    return own_view(cfg, prepare(source.take(rows), cfg.data, m.classes, m.in_shape)), len(rows)
 
 
 def psi_partner(client: ClientSection) -> str:

@@ -23,7 +23,6 @@ from tqdm import tqdm
 
 from privacy.config import PrivacyConfig
 from sl_pipeline.config import ClientConfig, check_endpoint, resolve_path
-from sl_pipeline.data import check_width, prepare
 from sl_pipeline.errors import ConfigError, PeerError, ReplyTimeoutError, TransportError
 from sl_pipeline.handshake import ClientHandshake
 from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
@@ -32,7 +31,7 @@ from sl_pipeline.retransmit import RetransmitTimer
 from sl_pipeline.sources import Source, load_source
 from sl_pipeline.transport import DealerConnection
 
-from .align import align_rows, no_rows, own_view, psi_key
+from .align import aligned_data, first_data, psi_key
 from .checkpoint import CheckpointStore, restore_rng, rng_state
 from .client_steps import StepRunner, build_runner
 from .common import install_stop_signals, load_own_key, load_peer_key, start_ops, warn_insecure
@@ -72,11 +71,7 @@ class ClientWorker:
         self.psi_key = psi_key(cfg, base, source.ids is not None)
         self.pending: Source | None = source if self.psi_key else None  # rows to align first
         self.aligned_rows: int | None = None
-        if self.pending is not None:
-            check_width(source, cfg.data, m.in_shape)
-            self.data = no_rows(m.in_shape, m.classes)
-        else:
-            self.data = own_view(cfg, prepare(source, cfg.data, m.classes, m.in_shape))
+        self.data = first_data(cfg, source, aligned_later=self.pending is not None)
         self.runner: StepRunner = build_runner(self)
         check_depth(self)
         self.handshake = self._make_handshake()
@@ -105,16 +100,11 @@ class ClientWorker:
 
     async def align(self) -> None:
         """Keep the rows both parties hold, in the agreed order; split and encode them."""
-        source = self.pending
-        assert source is not None and source.ids is not None
-        assert self.psi_key is not None
-        rows = await align_rows(
-            source.ids, self.psi_key, self.cfg.client, self.request, self.message
+        assert self.pending is not None and self.psi_key is not None
+        self.data, self.aligned_rows = await aligned_data(
+            self.cfg, self.pending, self.psi_key, self.request, self.message
         )
-        m = self.cfg.model
-        aligned = prepare(source.take(rows), self.cfg.data, m.classes, m.in_shape)
-        self.data = own_view(self.cfg, aligned)
-        self.aligned_rows, self.pending = len(rows), None
+        self.pending = None
 
     def _make_handshake(self) -> ClientHandshake:
         c = self.cfg.client
