@@ -41,6 +41,13 @@ class LimitError(ProtocolError):
     code = "limit"
 
 
+class StepLostError(ProtocolError):
+    """The peer no longer has this step open (it restarted from a checkpoint taken before
+    the step began): redo the step from its first message."""
+
+    code = "step_lost"
+
+
 class VersionError(ProtocolError):
     """The peer speaks a protocol version we do not."""
 
@@ -138,6 +145,7 @@ __all__ = [
     "ReplayError",
     "ReplyTimeoutError",
     "SLError",
+    "StepLostError",
     "TransportError",
     "VersionError",
 ]

@@ -48,6 +48,7 @@ class Case:
     client_sets: tuple[str, ...] = ()  # overrides for every client (reference run included)
     server_sets: tuple[str, ...] = ()  # overrides for the faulty run's server
     label: str = ""
+    label_client: bool = False  # vertical: client-1 holds the labels and the loss
 
     def __str__(self) -> str:
         faults = [f"{v}x{n}" for v, n in self.faults]
@@ -60,6 +61,7 @@ FULL_CASES = [
     Case("vanilla"),
     Case("ushaped"),
     Case("vertical", clients=2),
+    Case("vertical", clients=2, label_client=True, label="labelclient"),
     Case("multitask", clients=2, deterministic=False, dataset="digits", epochs=1),
     Case("multihop"),
     Case("splitfed", clients=2, deterministic=False),
@@ -160,12 +162,22 @@ class Run:
         assert self.live[name].wait(30) == 0, self.live[name].log.read_text()[-3000:]
 
 
+def _deploy(deployment, case: Case) -> dict[str, Path]:  # type: ignore[no-untyped-def]
+    return dict(
+        deployment(
+            topology=case.topology,
+            clients=case.clients,
+            dataset=case.dataset,
+            epochs=case.epochs,
+            label_client=case.label_client,
+        )
+    )
+
+
 def _reference(deployment, case: Case) -> tuple[list[dict[str, Any]], int]:  # type: ignore[no-untyped-def]
     """The uninterrupted run: each client's summary, and the server's applied steps (a
     vertical step is one update for all parties)."""
-    files = deployment(
-        topology=case.topology, clients=case.clients, dataset=case.dataset, epochs=case.epochs
-    )
+    files = _deploy(deployment, case)
     run = asyncio.run(run_deployment(files, *case.client_sets))
     return list(run["summaries"]), int(run["server"].steps_applied)
 
@@ -175,9 +187,7 @@ def _reference(deployment, case: Case) -> tuple[list[dict[str, Any]], int]:  # t
 def test_kill_9_and_restart(case: Case, deployment, procs: Procs) -> None:  # type: ignore[no-untyped-def]
     # Prepare: the uninterrupted run, then the same deployment as processes
     reference, server_steps = _reference(deployment, case)
-    files = deployment(
-        topology=case.topology, clients=case.clients, dataset=case.dataset, epochs=case.epochs
-    )
+    files = _deploy(deployment, case)
     run = Run(procs, files, case)
     run.start("server")
     if "relay-1" in files:

@@ -18,6 +18,7 @@ from sl_pipeline.transport import DealerConnection
 from workers.client import ClientWorker
 from workers.relay import RelayWorker
 from workers.server import ServerWorker
+from workers.vertical import VerticalEngine
 
 from .inprocess import run_deployment
 
@@ -146,6 +147,56 @@ async def test_a_relay_that_lost_steps_is_blamed_not_the_server(
         # Assert: the client names the relay as what it lost and what lost its steps
         assert "joined relay" in caplog.text
         assert "the relay lost steps" in caplog.text and "server lost" not in caplog.text
+    finally:
+        for stop in stops:
+            stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, training, return_exceptions=True), 15)
+
+
+# ---- vertical with a label client: a step open at a restart is redone ----------------------
+async def test_label_client_redoes_a_step_the_restarted_server_no_longer_has_open(
+    deployment, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: the uninterrupted run; then the server stops right after it sent the label
+    # client the fused output of step (0, 3), before that step's gradient can arrive
+    reference = (
+        await run_deployment(
+            deployment(topology="vertical", clients=2, dataset="breast_cancer", label_client=True)
+        )
+    )["summaries"]
+    files = deployment(topology="vertical", clients=2, dataset="breast_cancer", label_client=True)
+    base = files["server"].parent
+    sets = ['checkpoint.dir="ckpt"', "checkpoint.fsync=false"]
+    cfg = load(ServerConfig, files["server"], sets)
+    stops = [asyncio.Event(), asyncio.Event()]
+    original = VerticalEngine._to_label_holder
+
+    def open_then_stop(self: VerticalEngine, parts: Any) -> Any:
+        replies = original(self, parts)
+        if self._open is not None and self._open[:2] == (0, 3) and not stops[0].is_set():
+            stops[0].set()  # this server finishes this message and goes
+        return replies
+
+    monkeypatch.setattr(VerticalEngine, "_to_label_holder", open_then_stop)
+    tasks = [asyncio.create_task(ServerWorker(cfg, base).serve(stops[0]))]
+    clients = [
+        ClientWorker(load(ClientConfig, files[name]), base, progress=False)
+        for name in ("client-1", "client-2")
+    ]
+    training = asyncio.gather(*(c.run() for c in clients))
+    try:
+        # Execute: a new server resumes from the checkpoint, without the open step
+        with caplog.at_level(logging.WARNING, logger="sl_pipeline.client"):
+            await asyncio.wait_for(tasks[0], 60)
+            second = ServerWorker(cfg, base)
+            tasks.append(asyncio.create_task(second.serve(stops[1])))
+            summaries = await asyncio.wait_for(training, 120)
+        # Assert: the label client redid the step; every step applied once; same result
+        assert "redoing it" in caplog.text
+        assert [s["steps"] for s in summaries] == [r["steps"] for r in reference]
+        applied = [tuple(e) for e in second.applied_log]
+        assert len(applied) == len(set(applied)) == sum(r["steps"] for r in reference)
+        assert abs(summaries[0]["test_accuracy"] - reference[0]["test_accuracy"]) <= 0.01
     finally:
         for stop in stops:
             stop.set()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,7 @@ from privacy.config import PrivacyConfig
 from privacy.defenses import build_defenses
 from sl_pipeline.config import resolve_path
 from sl_pipeline.data import Split, batch_order, iter_batches
-from sl_pipeline.errors import ConfigError, PrivacyError, ProtocolError
+from sl_pipeline.errors import ConfigError, PeerError, PrivacyError, ProtocolError, StepLostError
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.models import build_segments, make_optimizer, resolve_device, vertical_bottom
 
@@ -30,6 +31,8 @@ from .engine import as_input, read_tensor, wire_tensors
 if TYPE_CHECKING:
     from .client import ClientWorker
 
+log = logging.getLogger("sl_pipeline.client")
+MAX_STEP_REDOS = 10
 Batch = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]
 DATA_STATE = "data"  # key of the saved data encoding beside the segments' weights
 
@@ -421,14 +424,22 @@ class VerticalRunner(StepRunner):
         self.optimizer.zero_grad(set_to_none=True)
         act, sent = self.cut(x)
         msg = self.forward_message(step, sent, None, ids)
-        fused = as_input(read_tensor(await self.w.request(msg), "out"), True, self.device)
-        loss = F.cross_entropy(fused, y.to(self.device))
-        loss.backward()
-        assert fused.grad is not None
-        tensors = wire_tensors("grad", fused.grad, self.w.cfg.train.wire_dtype)
-        reply = await self.w.request(msg.reply(Kind.BACKWARD, tensors=tensors))
-        self.apply_gradient(x, act, sent, read_tensor(reply, "grad"))
-        return float(loss.detach())
+        for _ in range(MAX_STEP_REDOS):
+            fused = as_input(read_tensor(await self.w.request(msg), "out"), True, self.device)
+            loss = F.cross_entropy(fused, y.to(self.device))
+            loss.backward()
+            assert fused.grad is not None
+            tensors = wire_tensors("grad", fused.grad, self.w.cfg.train.wire_dtype)
+            try:
+                reply = await self.w.request(msg.reply(Kind.BACKWARD, tensors=tensors))
+            except PeerError as exc:
+                if exc.remote_code != StepLostError.code:
+                    raise
+                log.warning("the server lost open step %s (%s); redoing it", step, exc.reason)
+                continue
+            self.apply_gradient(x, act, sent, read_tensor(reply, "grad"))
+            return float(loss.detach())
+        raise ProtocolError(f"vertical: step {step} was lost {MAX_STEP_REDOS} times; giving up")
 
     def build_modules(self) -> dict[str, nn.Module]:
         group = self.w.cfg.client.group

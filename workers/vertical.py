@@ -23,7 +23,7 @@ from privacy.config import LabelConfig, PrivacyConfig
 from privacy.label import build_label_protection
 from sl_pipeline.config import ServerConfig
 from sl_pipeline.data import load_arrays
-from sl_pipeline.errors import ConfigError, OverloadedError, ProtocolError
+from sl_pipeline.errors import ConfigError, OverloadedError, ProtocolError, StepLostError
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.models import vertical_top
 
@@ -178,7 +178,12 @@ class VerticalEngine(Engine):
         if msg.client != self.label_holder:
             raise ProtocolError("vertical: only the label client sends the output gradient")
         if self._open is None or self._open[:2] != (msg.epoch, msg.step):
-            raise ProtocolError("vertical: output gradient for a batch that is not open")
+            # e.g. this server restarted between the fused output and its gradient: the
+            # label client redoes the step from its forward (the parties resend theirs)
+            raise StepLostError(
+                f"vertical: output gradient for batch {(msg.epoch, msg.step)}, which is not "
+                "open here; send its forward again"
+            )
         _, _, parts, out = self._open
         # A bad gradient raises before anything changes and leaves the step open for a resend.
         grads = self.backprop_output(msg, out, [p.act for p in parts])
