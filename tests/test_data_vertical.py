@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sl_pipeline.config import ServerConfig, load
+from sl_pipeline.config import ClientConfig, ServerConfig, load
 from sl_pipeline.messages import Message
 from workers.cli import main
 from workers.localdeploy import to_toml
+from workers.predict import run_predict
 from workers.server import ServerWorker
 
 from .conftest import Procs
@@ -112,11 +113,16 @@ async def test_psi_aligned_parties_train_on_the_intersection_and_leak_no_other_i
     new_b = party_csv(tmp_path / "new_b.csv", _shuffled(np.r_[shared[:50], only_b], 5), B_COLUMNS)
     server = _Server(files["server"])
     try:
-        predicts = [
-            procs.start("predict", files[n], "--input", str(path), "--json")
-            for n, path in (("client-1", new_a), ("client-2", new_b))
-        ]
-        results = [_last_json((await _finish(run))[0]) for run in predicts]
+        # both at once, each in a thread of its own, through what `sl-pipeline predict` runs
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                *(
+                    asyncio.to_thread(run_predict, load(ClientConfig, files[n]), base, path)
+                    for n, path in (("client-1", new_a), ("client-2", new_b))
+                )
+            ),
+            120,
+        )
     finally:
         await server.close()
     # Assert: exactly the intersection, on both sides
