@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from sl_pipeline import encoding
 from sl_pipeline.config import DataConfig
 from sl_pipeline.data import load_party_data
+from sl_pipeline.encoding import Encoding
 from sl_pipeline.errors import ConfigError
 from sl_pipeline.sources import load_source
+from sl_pipeline.tables import read_table
 from workers.cli import main
 
 from .conftest import Procs
@@ -141,3 +144,25 @@ def test_parquet_loads_like_the_same_csv(tmp_path: Path) -> None:
     assert torch.allclose(from_csv.train.x, from_parquet.train.x)
     assert torch.equal(from_csv.train.y, from_parquet.train.y)  # type: ignore[arg-type]
     assert load_source(cfg, tmp_path).ids == ids[:100]
+
+
+@pytest.mark.parametrize("encode", ["onehot", "ordinal"])
+def test_an_unseen_category_is_encoded_as_none_or_refused_as_configured(
+    tmp_path: Path, encode: str
+) -> None:
+    # Prepare: an encoding fitted on two colours
+    rows = [["id", "y", "colour"]] + [[f"r{i}", str(i % 2), "rb"[i % 2]] for i in range(20)]
+    write_csv(tmp_path / "t.csv", rows[0], rows[1:])
+    cfg = DataConfig(path="t.csv", id="id", label="y", encode=encode)
+    enc = load_party_data(cfg, tmp_path, 2).encoding
+    assert enc is not None
+    new = read_table(
+        write_csv(tmp_path / "n.csv", ["id", "colour"], [["n1", "r"], ["n2", "green"]]),
+        DataConfig(),
+    )
+    # Execute / Assert: "ignore" encodes green as no colour (the training mean for ordinal)
+    x = encoding.transform(enc, new)
+    assert x[1].tolist() == [0.0] * x.shape[1] and x[0].tolist() != x[1].tolist()
+    strict = Encoding.from_dict({**enc.to_dict(), "unknown": "error"})
+    with pytest.raises(ConfigError, match=r"n.csv, line 3, column 'colour': category 'green'"):
+        encoding.transform(strict, new)
