@@ -20,6 +20,7 @@ import pytest
 from sl_pipeline.config import ClientConfig, ServerConfig, load
 from sl_pipeline.messages import Message
 from workers.cli import main
+from workers.client import ClientWorker
 from workers.localdeploy import to_toml
 from workers.predict import run_predict
 from workers.server import ServerWorker
@@ -33,10 +34,12 @@ EPOCHS = 6
 A_COLUMNS, B_COLUMNS = range(0, 15), range(15, 30)
 
 
-def _use_data(config: Path, **data: Any) -> None:
-    """Point a generated client config at the user's own file."""
+def _use_data(config: Path, checkpoint: bool = False, **data: Any) -> None:
+    """Point a generated client config at the user's own file (and keep its state)."""
     cfg = tomllib.loads(config.read_text())
     cfg["data"] = {"seed": 0, **data}
+    if checkpoint:  # saved once at the end: enough to resume from
+        cfg["checkpoint"] = {"dir": "ckpt", "every_steps": 1000, "fsync": False}
     config.write_text(to_toml(cfg))
 
 
@@ -95,8 +98,8 @@ async def test_psi_aligned_parties_train_on_the_intersection_and_leak_no_other_i
     base = files["server"].parent
     a = party_csv(tmp_path / "a.csv", _shuffled(np.r_[shared, only_a], 2), A_COLUMNS, True)
     b = party_csv(tmp_path / "b.csv", _shuffled(np.r_[shared, only_b], 3), B_COLUMNS)
-    _use_data(files["client-1"], path=str(a), id="id", label="diagnosis")
-    _use_data(files["client-2"], path=str(b), id="id")
+    _use_data(files["client-1"], True, path=str(a), id="id", label="diagnosis")
+    _use_data(files["client-2"], True, path=str(b), id="id")
     seen = record_inbound(monkeypatch)
     # Execute: each party through the CLI in its own process
     server = _Server(files["server"])
@@ -144,6 +147,14 @@ async def test_psi_aligned_parties_train_on_the_intersection_and_leak_no_other_i
     assert any(m.meta.get("op") == "psi" for m in seen)
     assert not [i for i in ids if i.encode() in given or i.encode() in server_state]
     assert f"aligned by PSI: {len(shared)} of" in outputs[0][1]
+    # ... a party resuming alone from its checkpoint reuses the agreed rows (no PSI, no server)
+    saved = base / "ckpt" / "client-2.aligned.json"
+    assert not [i for i in ids if i in saved.read_text()]
+    resumed = ClientWorker(load(ClientConfig, files["client-2"]), base, progress=False)
+    assert resumed.resumed_from > 0 and resumed.conn is None
+    await resumed.align()
+    assert resumed.aligned_rows == len(shared)
+    assert len(resumed.data.train) + len(resumed.data.test) == len(shared)
     # ... and the same accuracy as the same rows pre-aligned (by position, same split)
     pre = deployment(
         topology="vertical", clients=2, dataset="breast_cancer", epochs=EPOCHS, label_client=True

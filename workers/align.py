@@ -8,7 +8,10 @@ alignment (training, then ``predict``) never answers this one from its reply cac
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -79,13 +82,62 @@ def first_data(cfg: ClientConfig, source: Source, aligned_later: bool) -> PartyD
 
 
 async def aligned_data(
-    cfg: ClientConfig, source: Source, key: bytes, request: Request, make: MakeMessage
+    cfg: ClientConfig,
+    source: Source,
+    key: bytes,
+    request: Request,
+    make: MakeMessage,
+    saved: Path | None = None,
+    resuming: bool = False,
 ) -> tuple[PartyData, int]:
-    """The rows both parties hold, in the agreed order, split and encoded; and their count."""
+    """The rows both parties hold, in the agreed order, split and encoded; and their count.
+
+    With checkpoints, the agreed rows are kept in ``saved`` (positions in this party's own
+    file, no ids): a party resuming alone from its checkpoint reuses them, since the other
+    party, mid-training, will not run a PSI again."""
     assert source.ids is not None
-    rows = await align_rows(source.ids, key, cfg.client, request, make)
+    rows = _saved_rows(saved, source.ids) if saved is not None and resuming else None
+    if rows is None:
+        rows = await align_rows(source.ids, key, cfg.client, request, make)
+        if saved is not None:
+            _save_rows(saved, source.ids, rows)
+    else:
+        log.info("resuming with the %d aligned rows saved in %s", len(rows), saved)
     m = cfg.model
     return own_view(cfg, prepare(source.take(rows), cfg.data, m.classes, m.in_shape)), len(rows)
+
+
+def rows_file(cfg: ClientConfig, base: Path) -> Path | None:
+    """Where a party with checkpoints keeps its aligned rows; None without checkpoints."""
+    if not cfg.checkpoint.dir:
+        return None
+    folder = resolve_path(base, cfg.checkpoint.dir, "checkpoint.dir", must_exist=False)
+    return folder / f"{cfg.client.name}.aligned.json"
+
+
+def _digest(ids: Sequence[str]) -> str:
+    """Which file the rows belong to: a changed file (other ids, other order) aligns again."""
+    return hashlib.sha256("\x00".join(ids).encode()).hexdigest()
+
+
+def _saved_rows(path: Path, ids: Sequence[str]) -> list[int] | None:
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    rows = saved.get("rows") if isinstance(saved, dict) else None
+    if saved.get("ids") != _digest(ids) or not isinstance(rows, list):
+        return None
+    if not all(isinstance(r, int) and 0 <= r < len(ids) for r in rows):
+        return None
+    return rows
+
+
+def _save_rows(path: Path, ids: Sequence[str], rows: list[int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"ids": _digest(ids), "rows": rows}))
+    os.replace(tmp, path)  # never a half-written file after a crash
 
 
 def psi_partner(client: ClientSection) -> str:

@@ -31,7 +31,7 @@ from sl_pipeline.retransmit import RetransmitTimer
 from sl_pipeline.sources import Source, load_source
 from sl_pipeline.transport import DealerConnection
 
-from .align import aligned_data, first_data, psi_key
+from .align import aligned_data, first_data, psi_key, rows_file
 from .checkpoint import CheckpointStore, restore_rng, rng_state
 from .client_steps import StepRunner, build_runner
 from .common import install_stop_signals, load_own_key, load_peer_key, start_ops, warn_insecure
@@ -101,8 +101,15 @@ class ClientWorker:
     async def align(self) -> None:
         """Keep the rows both parties hold, in the agreed order; split and encode them."""
         assert self.pending is not None and self.psi_key is not None
+        saved = rows_file(self.cfg, self.base)
         self.data, self.aligned_rows = await aligned_data(
-            self.cfg, self.pending, self.psi_key, self.request, self.message
+            self.cfg,
+            self.pending,
+            self.psi_key,
+            self.request,
+            self.message,
+            saved,
+            resuming=self.resumed_from > 0,
         )
         self.pending = None
 
