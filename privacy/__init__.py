@@ -23,6 +23,12 @@ _SOURCES = {
     "dcor_leakage": "audit",
     "label_leak_auc": "audit",
     "reconstruction_attack": "audit",
+    "label_leak_over_run": "label_attacks",
+    "output_leak_auc": "label_attacks",
+    "baselines": "reconstruction",
+    "reconstruction_audit": "reconstruction",
+    "release_of": "reconstruction",
+    "THREAT_MODELS": "threats",
     "ssim": "audit",
     "DPSGDConfig": "config",
     "LabelConfig": "config",
@@ -58,6 +64,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "THREAT_MODELS",
     "ActivationNoise",
     "ActivationReleaseAccountant",
     "CanaryGame",
@@ -78,6 +85,7 @@ __all__ = [
     "PrivateClient",
     "activation_accountant",
     "activation_release_statement",
+    "baselines",
     "build_defenses",
     "build_label_protection",
     "dcor_leakage",
@@ -85,10 +93,14 @@ __all__ = [
     "epsilon_lower_bound",
     "epsilon_spent",
     "label_leak_auc",
+    "label_leak_over_run",
     "make_private_client",
+    "output_leak_auc",
     "pareto_front",
     "plot_frontier",
     "reconstruction_attack",
+    "reconstruction_audit",
+    "release_of",
     "run_canary_game",
     "ssim",
 ]

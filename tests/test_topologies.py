@@ -81,8 +81,8 @@ async def test_vertical_parties_receive_only_their_own_gradient(
             assert set(msg.tensors) <= {"grad", "out"}, msg.tensors.keys()
             if "grad" in msg.tensors:  # the gradient of this party's own 64-unit output only
                 assert msg.tensors["grad"].shape[1] == 64
-            if "out" in msg.tensors:  # fused predictions, never another party's cut output
-                assert msg.tensors["out"].shape[1] == 2
+            if "out" in msg.tensors:  # evaluation: no outputs of labelled rows (label leak)
+                assert msg.tensors["out"].shape[1] == 0
     assert set(received) == {"client-1", "client-2"}
 
 

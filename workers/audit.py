@@ -38,6 +38,7 @@ from sl_pipeline.config import (
     parse_override,
 )
 from sl_pipeline.errors import ConfigError, SLError, TransportError
+from sl_pipeline.messages import Kind
 from workers.client import ClientWorker
 from workers.localdeploy import DATASETS, init_deployment
 from workers.relay import RelayWorker
@@ -53,7 +54,10 @@ DEFAULT_TIMEOUT_S = 900.0
 AUDIT_THREADS = 1
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 ATTACK_SEEDS = 3  # the reconstruction attacker's seeds: figures come with a 95 % interval
-Grads = dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
+# party -> one (epoch, sample ids, gradients sent) per training step
+Grads = dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]]
+# party -> one (sample ids, outputs received) per evaluation batch
+Outputs = dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
 
 
 def split_overrides(sets: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -117,9 +121,8 @@ def _seed_workers(server: ServerWorker, clients: Sequence[ClientWorker], seed: i
             sampler: Any = getattr(runner.dp.data_loader, "batch_sampler", None)
             if hasattr(sampler, "generator"):
                 sampler.generator = torch.Generator().manual_seed(seed * 1000 + 200 + index)
-    protection: Any = getattr(server.engine, "label_protection", None)
-    if protection is not None and hasattr(protection, "generator"):
-        protection.generator = torch.Generator().manual_seed(seed * 1000)
+    if hasattr(server.engine, "label_generator"):  # vertical: each party's protection
+        server.engine.label_generator = torch.Generator().manual_seed(seed * 1000)
 
 
 @dataclass
@@ -132,12 +135,15 @@ class Trained:
     summaries: list[dict[str, Any]]
     grads: Grads = field(default_factory=dict)
     releases: list[Counter[int]] = field(default_factory=list)
+    outputs: Outputs = field(default_factory=dict)
 
 
-def _count_releases(client: ClientWorker) -> Counter[int]:
+def _count_releases(client: ClientWorker, outputs: Outputs) -> Counter[int]:
     """Count, per sample id, every activation this client puts on the wire: training forwards
-    (``forward_message``) and evaluation passes (``_infer``), on this instance only."""
+    (``forward_message``) and evaluation passes (``_infer``), on this instance only. A party
+    without labels also keeps the outputs it receives at evaluation in ``outputs``."""
     released: Counter[int] = Counter()
+    unlabelled = client.data.train.y is None
     runner: Any = client.runner
     forward, infer = runner.forward_message, runner._infer
 
@@ -148,28 +154,31 @@ def _count_releases(client: ClientWorker) -> Counter[int]:
     async def _infer(x: torch.Tensor, step: int, ids: Any, kind: Any) -> Any:
         if ids is not None:
             released.update(int(i) for i in ids.reshape(-1))
-        return await infer(x, step, ids, kind)
+        out, reply = await infer(x, step, ids, kind)
+        if unlabelled and ids is not None and kind is Kind.EVALUATE:
+            outputs.setdefault(client.cfg.client.name, []).append((ids.clone(), out.clone()))
+        return out, reply
 
     runner.forward_message, runner._infer = forward_message, _infer
     return released
 
 
-def _record_label_grads(server: ServerWorker, last_epoch: int) -> Grads:
-    """Wrap the vertical engine's step (on this instance only) to keep, for the last epoch,
-    the gradient each party was sent together with the batch's labels."""
+def _record_label_grads(server: ServerWorker) -> Grads:
+    """Wrap the vertical engine's step (on this instance only) to keep, for every training
+    step of every epoch, the gradient each feature party was sent, with the batch's ids."""
     grads: Grads = {}
     engine: Any = server.engine  # a VerticalEngine when it has _step and last_grads
     original: Callable[..., Any] | None = getattr(engine, "_step", None)
-    if original is None or not hasattr(engine, "last_grads"):
+    if original is None or not hasattr(engine, "last_grads") or engine.label_holder:
         return grads
 
     def step(parts: list[Any], ids: torch.Tensor) -> Any:
         replies = original(parts, ids)
-        if parts and parts[0].msg.epoch == last_epoch:
-            labels = engine.labels[ids]
-            for part in parts:
-                sent = engine.last_grads[part.msg.client]
-                grads.setdefault(part.msg.client, []).append((sent.clone(), labels.clone()))
+        for part in parts:
+            sent = engine.last_grads[part.msg.client]
+            grads.setdefault(part.msg.client, []).append(
+                (part.msg.epoch, ids.clone(), sent.clone())
+            )
         return replies
 
     engine._step = step  # this instance only; the class is untouched
@@ -247,8 +256,9 @@ async def train_in_process(
     for client in clients:
         client.stop = halt
     _seed_workers(server, clients, seed)
-    releases = [_count_releases(c) for c in clients]
-    grads = _record_label_grads(server, clients[0].cfg.train.epochs - 1)
+    outputs: Outputs = {}
+    releases = [_count_releases(c, outputs) for c in clients]
+    grads = _record_label_grads(server)
     stop = asyncio.Event()
     services = [asyncio.ensure_future(server.serve(stop))]
     if "relay-1" in files:
@@ -272,7 +282,7 @@ async def train_in_process(
         watcher.cancel()
         stop.set()
         await asyncio.wait_for(asyncio.gather(*services, return_exceptions=True), STOP_TIMEOUT_S)
-    return Trained(server, clients, list(summaries), grads, releases)
+    return Trained(server, clients, list(summaries), grads, releases, outputs)
 
 
 # ------------------------------------------------------------------------ measures
@@ -320,24 +330,37 @@ def measure_client(
     return {"dcor": dcor_leakage(test.x, one_release), "attack_releases": releases, **attack}
 
 
-def measure_labels(grads: Grads) -> dict[str, Any]:
-    """The label-inference attacks on each party's last-epoch gradients; the worst party wins."""
-    from privacy.audit import label_leak_auc
+def measure_labels(trained: Trained) -> dict[str, Any]:
+    """The cross-epoch label attacks on each feature party's gradients, and the label AUC of
+    the outputs each received at evaluation; the worst party is reported."""
+    from privacy.label_attacks import label_leak_over_run, output_leak_auc
 
-    per_party = {}
-    for party, pairs in sorted(grads.items()):
-        g = torch.cat([p[0].reshape(p[0].shape[0], -1) for p in pairs])
-        y = torch.cat([p[1] for p in pairs])
-        per_party[party] = label_leak_auc(g, y)
-    if not per_party:
+    labels: Any = getattr(trained.server.engine, "labels", None)
+    if labels is None or not (trained.grads or trained.outputs):
         return {}
-    worst = max(per_party.values(), key=lambda r: r["label_leak_auc"])
-    return {
-        "label_leak_auc": worst["label_leak_auc"],
-        "norm_auc": worst["norm_auc"],
-        "direction_auc": worst["direction_auc"],
-        "label_leak_by_party": per_party,
-    }
+    per_party = {}
+    for party, steps in sorted(trained.grads.items()):
+        epochs = sorted({e for e, _, _ in steps})
+        rounds = [
+            (
+                torch.cat([i for e, i, _ in steps if e == epoch]),
+                torch.cat([g.reshape(g.shape[0], -1) for e, _, g in steps if e == epoch]),
+            )
+            for epoch in epochs
+        ]
+        per_party[party] = label_leak_over_run(rounds, labels)
+    out: dict[str, Any] = {}
+    if per_party:
+        worst = max(per_party.values(), key=lambda r: r["label_leak_auc"])
+        out.update({k: worst[k] for k in ("label_leak_auc", "norm_auc", "direction_auc")})
+        out["label_leak_last_epoch_auc"] = worst["last_epoch_auc"]
+        out["label_leak_by_party"] = per_party
+    if trained.outputs:
+        out["eval_output_auc"] = max(
+            output_leak_auc(torch.cat([o for _, o in got]), labels[torch.cat([i for i, _ in got])])
+            for got in trained.outputs.values()
+        )
+    return out
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -395,7 +418,7 @@ def measure(trained: Trained, seed: int, attack_seeds: int = ATTACK_SEEDS) -> di
         "test_accuracy": _mean([s.get("test_accuracy") for s in trained.summaries]),
         **_average(per_client),
     }
-    result.update(measure_labels(trained.grads))
+    result.update(measure_labels(trained))
     result.update(_epsilons(trained))
     attacks = ["dcor", "reconstruction"] + (["label_leakage"] if trained.grads else [])
     result["threat_models"] = {name: THREAT_MODELS[name] for name in attacks}

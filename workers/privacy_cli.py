@@ -38,6 +38,8 @@ AUDIT_KEYS = (
     "label_leak_auc",
     "norm_auc",
     "direction_auc",
+    "label_leak_last_epoch_auc",
+    "eval_output_auc",
     "activation_epsilon_per_release",
     "activation_releases",
     "activation_epsilon",

@@ -45,6 +45,8 @@ METRIC_KEYS = (
     "label_leak_auc",
     "norm_auc",
     "direction_auc",
+    "label_leak_last_epoch_auc",
+    "eval_output_auc",
     "epsilon",
     "epsilon_mechanism",
     "activation_epsilon",

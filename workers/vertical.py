@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from privacy.config import LabelConfig, PrivacyConfig
-from privacy.label import build_label_protection
+from privacy.label import LabelProtection, build_label_protection
 from sl_pipeline.config import ServerConfig
 from sl_pipeline.data import load_arrays
 from sl_pipeline.errors import ConfigError, OverloadedError, ProtocolError, StepLostError
@@ -53,7 +53,11 @@ class VerticalEngine(Engine):
                 "set, this server has no labels to protect: remove [privacy.label]"
             )
         self.labels = None if self.label_holder else self._load_labels(cfg, base or Path("."))
-        self.label_protection = build_label_protection(privacy.label or LabelConfig())
+        # One protection per party: Marvell's plan is fitted to a party's own gradients, and
+        # a shared instance would carry one party's direction into another's batches.
+        self.label_config = privacy.label or LabelConfig()
+        self.label_generator: torch.Generator | None = None  # seeded by audits
+        self.label_protections: dict[str, LabelProtection] = {}
         self._open: tuple[int, int, list[Part], torch.Tensor] | None = None
         self._waiting: dict[tuple[str, int, int], dict[str, Part]] = {}
         self._done: dict[str, tuple[int, int]] = {}  # per kind: newest completed batch
@@ -133,7 +137,7 @@ class VerticalEngine(Engine):
         grads = self.backprop(loss, None, [p.act for p in parts], loss)
         replies = []
         for part, cut_grad in zip(parts, grads, strict=True):
-            grad = self.label_protection.protect(cut_grad.cpu(), labels)
+            grad = self._protection(part.msg.client).protect(cut_grad.cpu(), labels)
             self.last_grads[part.msg.client] = grad.detach()
             reply = part.msg.reply(
                 Kind.BACKWARD,
@@ -143,20 +147,38 @@ class VerticalEngine(Engine):
             replies.append((part.identity, reply))
         return replies
 
+    def _protection(self, party: str) -> LabelProtection:
+        if party not in self.label_protections:
+            self.label_protections[party] = build_label_protection(
+                self.label_config, generator=self.label_generator
+            )
+        return self.label_protections[party]
+
     def _predict(self, parts: list[Part], ids: torch.Tensor) -> list[Reply]:
         self.model.eval()
         with torch.no_grad():
             out = run_segment(self.model, self._fuse([p.act for p in parts]))
         self.model.train()
         meta: dict[str, int] = {}
-        if parts[0].msg.kind is Kind.EVALUATE and not self.label_holder:
+        evaluating = parts[0].msg.kind is Kind.EVALUATE
+        if evaluating and not self.label_holder:
             labels = self._labels_for(ids)
             meta = {"correct": int((out.argmax(1).cpu() == labels).sum()), "total": len(labels)}
+        # Evaluation rows are labelled rows: their outputs would hand a feature party the
+        # labels (AUC ~1), which no label protection covers. Only the label client gets them;
+        # the others get an empty output and at most the batch's count of correct answers.
+        hidden = out[:, :0]
         return [
             (
                 p.identity,
                 p.msg.reply(
-                    Kind.RESULT, meta=meta, tensors=wire_tensors("out", out, self.wire_dtype)
+                    Kind.RESULT,
+                    meta=meta,
+                    tensors=wire_tensors(
+                        "out",
+                        hidden if evaluating and p.msg.client != self.label_holder else out,
+                        self.wire_dtype,
+                    ),
                 ),
             )
             for p in parts

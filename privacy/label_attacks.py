@@ -1,0 +1,101 @@
+"""Label inference over a whole run: norm and direction attacks aggregated across epochs.
+
+A feature party sees the cut gradient of every training example once per epoch. One epoch's
+scores (:func:`privacy.audit.label_leak_auc`) understate what it learns: averaging each
+example's scores over the epochs averages the label protection's noise away. The attacker
+here needs no label:
+
+* norm: each epoch's gradient norms are turned into ranks in [0, 1] (the norms shrink as
+  training goes on, ranks do not), then averaged per example;
+* direction: each epoch's cosine to that epoch's top singular vector. A singular vector's sign
+  is arbitrary, so each epoch's scores are flipped when they correlate negatively with the
+  running average of the epochs before; then averaged per example.
+
+Also: the label leak of outputs a party receives at evaluation (:func:`output_leak_auc`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from privacy.audit import label_leak_auc
+from sl_pipeline.errors import PrivacyError
+
+Round = tuple[Tensor, Tensor]  # (sample ids, per-example gradients) of one epoch
+
+
+def _ranks(values: Tensor) -> Tensor:
+    order = torch.argsort(torch.argsort(values))
+    return order.to(torch.float64) / max(1, values.shape[0] - 1)
+
+
+def _epoch_scores(grads: Tensor) -> tuple[Tensor, Tensor]:
+    flat = grads.detach().reshape(grads.shape[0], -1).to(torch.float64)
+    norms = torch.linalg.vector_norm(flat, dim=1)
+    _, _, vh = torch.linalg.svd(flat, full_matrices=False)
+    return _ranks(norms), (flat @ vh[0]) / norms.clamp_min(1e-12)
+
+
+def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    auc = float(roc_auc_score(labels, scores))
+    return max(auc, 1.0 - auc)
+
+
+def label_leak_over_run(rounds: Sequence[Round], labels: Tensor) -> dict[str, Any]:
+    """AUCs of the cross-epoch norm and direction attacks of one party.
+
+    ``rounds`` holds each epoch's (ids, gradients); ``labels[id]`` is each sample's binary
+    label (the auditor's ground truth). Returns ``norm_auc``, ``direction_auc``,
+    ``label_leak_auc`` (the stronger) over the run, and ``last_epoch_auc`` /
+    ``best_epoch_auc``: the one-epoch attack on the last epoch and on the epoch it did best.
+    """
+    if not rounds:
+        raise PrivacyError("label_leak_over_run needs at least one epoch of gradients")
+    size = int(labels.shape[0])
+    sums = torch.zeros(2, size, dtype=torch.float64)
+    counts = torch.zeros(size, dtype=torch.float64)
+    per_epoch = []
+    for ids, grads in rounds:
+        norm, cos = _epoch_scores(grads)
+        seen = counts[ids] > 0
+        if bool(seen.sum() > 2):
+            before = sums[1, ids][seen] / counts[ids][seen]
+            if float(torch.corrcoef(torch.stack([before, cos[seen]]))[0, 1]) < 0:
+                cos = -cos
+        sums[0].index_add_(0, ids, norm)
+        sums[1].index_add_(0, ids, cos)
+        counts.index_add_(0, ids, torch.ones_like(norm))
+        per_epoch.append(label_leak_auc(grads, labels[ids])["label_leak_auc"])
+    known = counts > 0
+    y = labels[known].cpu().numpy()
+    mean = sums[:, known] / counts[known]
+    norm_auc, direction_auc = _auc(y, mean[0].numpy()), _auc(y, mean[1].numpy())
+    return {
+        "norm_auc": norm_auc,
+        "direction_auc": direction_auc,
+        "label_leak_auc": max(norm_auc, direction_auc),
+        "last_epoch_auc": per_epoch[-1],
+        "best_epoch_auc": max(per_epoch),
+        "epochs": len(per_epoch),
+    }
+
+
+def output_leak_auc(outputs: Tensor, labels: Tensor) -> float:
+    """Label AUC of the outputs a party received at evaluation: score = logit 1 - logit 0.
+    An output without columns carries nothing: 0.5."""
+    flat = outputs.detach().reshape(outputs.shape[0], -1).to(torch.float64)
+    if flat.shape[1] == 0:
+        return 0.5
+    if flat.shape[1] < 2:
+        raise PrivacyError("output_leak_auc needs two output columns (binary labels)")
+    return _auc(labels.cpu().numpy(), (flat[:, 1] - flat[:, 0]).numpy())
+
+
+__all__ = ["label_leak_over_run", "output_leak_auc"]
