@@ -47,6 +47,19 @@ class _Vertical(nn.Module):
 def _train_and_test(
     model: nn.Module, data_cfg: DataConfig, classes: int, epochs: int, seed: int
 ) -> float:
+    # One torch thread, as every worker runs (train.threads = 1): the same reduction order,
+    # so the baseline is comparable bit for bit and repeats exactly.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _fit_and_score(model, data_cfg, classes, epochs, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_and_score(
+    model: nn.Module, data_cfg: DataConfig, classes: int, epochs: int, seed: int
+) -> float:
     data = load_party_data(data_cfg, Path("."), classes)
     assert data.train.y is not None and data.test.y is not None
     opt = make_optimizer(list(model.parameters()), "sgd", LR, MOMENTUM)
