@@ -37,6 +37,10 @@ NoiseMechanism = Literal["gaussian", "laplace"]
 LabelMechanism = Literal["none", "gaussian", "marvell"]
 ACCOUNTANTS = ("rdp", "gdp", "prv")
 LABEL_TOPOLOGY = "vertical"
+# Where label protection runs, per topology whose labels reach another party through the
+# gradients: the vertical server (it holds the labels; feature parties get cut gradients) and
+# the u-shaped client (it holds the labels; the server gets the gradient of its output).
+LABEL_HOLDERS = {"vertical": "server", "ushaped": "client"}
 CLIENT_DEFENSES = ("noise", "nopeek", "dpsgd")
 
 
@@ -208,9 +212,9 @@ class PrivacyConfig:
 
     def validate_for_topology(self, topology: str) -> None:
         """Refuse settings that make no sense for ``topology`` (e.g. label protection)."""
-        if self.label_protection_on and topology != LABEL_TOPOLOGY:
+        if self.label_protection_on and topology not in LABEL_HOLDERS:
             raise PrivacyError(
-                f"privacy.label is only meaningful for topology '{LABEL_TOPOLOGY}', "
+                f"privacy.label is only meaningful for topologies {', '.join(LABEL_HOLDERS)}, "
                 f"not '{topology}'",
                 hint="remove [privacy.label] or set mechanism = 'none'",
             )
@@ -231,13 +235,19 @@ class PrivacyConfig:
                     )
         if self.label is None:
             return
-        if topology != LABEL_TOPOLOGY:
+        if topology not in LABEL_HOLDERS:
             self.validate_for_topology(topology)
-        elif not (server and holds_labels):
+        elif topology == LABEL_TOPOLOGY and not (server and holds_labels):
             raise PrivacyError(
                 "privacy.label is applied by the vertical server that holds the labels; "
                 "this worker does not",
                 hint="put [privacy.label] in server.toml and leave server.label_holder empty",
+            )
+        elif LABEL_HOLDERS.get(topology) == "client" and server:
+            raise PrivacyError(
+                f"privacy.label is applied by the {topology} client that holds the labels; "
+                "a server cannot apply it",
+                hint="put [privacy.label] in each client's config",
             )
 
     @classmethod
@@ -307,6 +317,7 @@ def _type_name(option: Any) -> str:
 
 __all__ = [
     "ACCOUNTANTS",
+    "LABEL_HOLDERS",
     "DPSGDConfig",
     "LabelConfig",
     "NoPeekConfig",

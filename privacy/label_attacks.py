@@ -87,6 +87,40 @@ def label_leak_over_run(rounds: Sequence[Round], labels: Tensor) -> dict[str, An
     }
 
 
+def cluster_label_attack(
+    rounds: Sequence[Round], labels: Tensor, classes: int, *, seed: int = 0
+) -> dict[str, Any]:
+    """k-means (k = ``classes``) on each epoch's L2-normalised gradients.
+
+    The u-shaped server receives the gradient of its output, which carries the label through
+    the client's head. Clusters are named by the best one-to-one matching with the labels (an
+    attacker needs a handful of known labels for that), so the accuracy is the attack's best
+    case. Returns the accuracy in the last epoch and the best epoch, and the chance level (the
+    largest class's share).
+    """
+    from scipy.optimize import linear_sum_assignment
+    from sklearn.cluster import KMeans
+
+    if not rounds:
+        raise PrivacyError("cluster_label_attack needs at least one epoch of gradients")
+    accuracies = []
+    for ids, grads in rounds:
+        flat = grads.detach().reshape(grads.shape[0], -1).to(torch.float64)
+        flat = flat / torch.linalg.vector_norm(flat, dim=1, keepdim=True).clamp_min(1e-12)
+        found = KMeans(n_clusters=classes, n_init=4, random_state=seed).fit_predict(flat.numpy())
+        truth = labels[ids].cpu().numpy()
+        hits = np.zeros((classes, classes))
+        np.add.at(hits, (found, truth), 1)
+        rows, cols = linear_sum_assignment(-hits)
+        accuracies.append(float(hits[rows, cols].sum()) / len(truth))
+    counts = torch.bincount(labels[rounds[-1][0]].reshape(-1), minlength=classes)
+    return {
+        "cluster_label_accuracy": accuracies[-1],
+        "cluster_label_best_epoch_accuracy": max(accuracies),
+        "cluster_label_chance": float(counts.max()) / float(counts.sum()),
+    }
+
+
 def output_leak_auc(outputs: Tensor, labels: Tensor) -> float:
     """Label AUC of the outputs a party received at evaluation: score = logit 1 - logit 0.
     An output without columns carries nothing: 0.5."""
@@ -98,4 +132,4 @@ def output_leak_auc(outputs: Tensor, labels: Tensor) -> float:
     return _auc(labels.cpu().numpy(), (flat[:, 1] - flat[:, 0]).numpy())
 
 
-__all__ = ["label_leak_over_run", "output_leak_auc"]
+__all__ = ["cluster_label_attack", "label_leak_over_run", "output_leak_auc"]

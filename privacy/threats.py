@@ -23,6 +23,12 @@ THREAT_MODELS: dict[str, dict[str, str]] = {
         "(after the label holder's protection); each example's scores are averaged over the "
         "epochs; at evaluation it receives nothing",
     },
+    "label_clustering": {
+        "who": "an honest-but-curious u-shaped server (the client keeps labels and head)",
+        "knows": "the number of classes, and a few labels to name its clusters",
+        "sees": "the gradient of its output for every training example, every epoch (after "
+        "the client's label protection); k-means per epoch, clusters matched to labels at best",
+    },
     "canary": {
         "who": "an adversary that inserts a canary record (a mislabelled outlier)",
         "knows": "the architecture, the initial weights and every other training record",

@@ -104,14 +104,25 @@ def test_label_scale_without_mechanism_is_contradictory() -> None:
         LabelConfig(mechanism="none", scale=1.0)
 
 
-def test_label_protection_only_for_vertical() -> None:
+def test_label_protection_only_where_labels_reach_another_party() -> None:
     # Prepare
     cfg = PrivacyConfig(label=LabelConfig(mechanism="gaussian", scale=1.0))
     # Execute / Assert
     cfg.validate_for_topology("vertical")
-    with pytest.raises(PrivacyError, match="only meaningful for topology 'vertical'"):
+    cfg.validate_for_topology("ushaped")
+    with pytest.raises(PrivacyError, match="only meaningful for topologies vertical, ushaped"):
         cfg.validate_for_topology("horizontal")
     PrivacyConfig(label=LabelConfig()).validate_for_topology("horizontal")
+
+
+def test_label_protection_is_placed_with_the_label_holder() -> None:
+    cfg = PrivacyConfig(label=LabelConfig(mechanism="gaussian", scale=1.0))
+    cfg.check_placement("vertical", server=True, holds_labels=True)
+    cfg.check_placement("ushaped", server=False, holds_labels=False)  # the u-shaped client
+    with pytest.raises(PrivacyError, match="ushaped client that holds the labels"):
+        cfg.check_placement("ushaped", server=True, holds_labels=False)
+    with pytest.raises(PrivacyError, match="vertical server that holds the labels"):
+        cfg.check_placement("vertical", server=False, holds_labels=False)
 
 
 def test_privacy_error_is_sl_and_value_error() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from privacy.label import Marvell
-from privacy.label_attacks import label_leak_over_run, output_leak_auc
+from privacy.label_attacks import cluster_label_attack, label_leak_over_run, output_leak_auc
 from sl_pipeline.config import ServerConfig, load
 from workers.localdeploy import init_deployment
 from workers.vertical import VerticalEngine
@@ -83,3 +83,35 @@ def test_vertical_audit_closes_the_evaluation_leak_and_aggregates_epochs() -> No
     assert {p["epochs"] for p in result["label_leak_by_party"].values()} == {2}
     assert result["test_accuracy"] > 0.8
     assert "label_leakage" in result["threat_models"]
+
+
+def test_clustering_names_the_classes_of_separable_gradients() -> None:
+    # Prepare: three classes, each with its own gradient direction; one epoch of noise only.
+    g = torch.Generator().manual_seed(1)
+    labels = torch.arange(90) % 3
+    centres = torch.eye(3, 6) * 5
+    ids = torch.randperm(90, generator=g)
+    clear = centres[labels[ids]] + 0.5 * torch.randn(90, 6, generator=g)
+    blank = torch.randn(90, 6, generator=g)
+    # Execute
+    found = cluster_label_attack([(ids, blank), (ids, clear)], labels, 3)
+    # Assert
+    assert found["cluster_label_accuracy"] == 1.0  # the last epoch
+    assert found["cluster_label_chance"] == pytest.approx(1 / 3)
+    assert cluster_label_attack([(ids, blank)], labels, 3)["cluster_label_accuracy"] < 0.6
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_ushaped_label_protection_runs_at_the_client_and_blunts_clustering() -> None:
+    from workers.audit import run_audit, split_overrides
+
+    # Prepare: label keys go to the u-shaped client, which holds the labels.
+    sets = ['privacy.label.mechanism="marvell"', "privacy.label.scale=4.0"]
+    client, server = split_overrides(sets, "ushaped")
+    assert client == sets and server == []
+    # Execute
+    plain = run_audit("ushaped", "breast_cancer", epochs=2, attack_seeds=1)
+    protected = run_audit("ushaped", "breast_cancer", client, server, epochs=2, attack_seeds=1)
+    # Assert
+    assert plain["cluster_label_accuracy"] > 0.9 and "label_clustering" in plain["threat_models"]
+    assert protected["label_leak_auc"] < plain["label_leak_auc"] - 0.1

@@ -40,6 +40,7 @@ from sl_pipeline.config import (
 from sl_pipeline.errors import ConfigError, SLError, TransportError
 from sl_pipeline.messages import Kind
 from workers.client import ClientWorker
+from workers.engine import read_tensor
 from workers.localdeploy import DATASETS, init_deployment
 from workers.relay import RelayWorker
 from workers.server import ServerWorker
@@ -60,16 +61,21 @@ Grads = dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]]
 Outputs = dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
 
 
-def split_overrides(sets: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Route ``KEY=VALUE`` overrides: label protection and ``server.*`` to the label holder
-    (server), other ``privacy.*``/``client.*``/``data.*`` to the clients, ``train.*`` and
-    ``model.*`` to both. Anything else is refused by name."""
+def split_overrides(sets: Sequence[str], topology: str = "vertical") -> tuple[list[str], list[str]]:
+    """Route ``KEY=VALUE`` overrides: label protection to the label holder (the server in
+    vertical, the clients in ushaped), ``server.*`` to the server, other
+    ``privacy.*``/``client.*``/``data.*`` to the clients, ``train.*`` and ``model.*`` to both.
+    Anything else is refused by name."""
+    from privacy.config import LABEL_HOLDERS
+
     client: list[str] = []
     server: list[str] = []
     for text in sets:
         path, _ = parse_override(text)
         key = ".".join(path) + "."
-        if key.startswith(SHARED_PREFIXES):
+        if key.startswith("privacy.label.") and LABEL_HOLDERS.get(topology) == "client":
+            client.append(text)
+        elif key.startswith(SHARED_PREFIXES):
             client.append(text)
             server.append(text)
         elif key.startswith(SERVER_PREFIXES):
@@ -136,6 +142,7 @@ class Trained:
     grads: Grads = field(default_factory=dict)
     releases: list[Counter[int]] = field(default_factory=list)
     outputs: Outputs = field(default_factory=dict)
+    sent_grads: Grads = field(default_factory=dict)  # label gradients a client sent (ushaped)
 
 
 def _count_releases(client: ClientWorker, outputs: Outputs) -> Counter[int]:
@@ -161,6 +168,31 @@ def _count_releases(client: ClientWorker, outputs: Outputs) -> Counter[int]:
 
     runner.forward_message, runner._infer = forward_message, _infer
     return released
+
+
+def _record_sent_label_grads(client: ClientWorker, grads: Grads) -> None:
+    """A client that protects labels (u-shaped) sends the server the gradient of the server's
+    output: keep each one, with the ids of the batch whose forward went before it."""
+    runner: Any = client.runner
+    if not runner.protects_labels:
+        return
+    forward, request = runner.forward_message, client.request
+    last: dict[str, torch.Tensor] = {}
+
+    def forward_message(step: int, sent: Any, y: Any, ids: torch.Tensor) -> Any:
+        last["ids"] = ids
+        return forward(step, sent, y, ids)
+
+    async def send(message: Any, timeout_s: float | None = None) -> Any:
+        if message.kind is Kind.BACKWARD and "grad" in message.tensors and "ids" in last:
+            grad = read_tensor(message, "grad").detach().clone()
+            grads.setdefault(client.cfg.client.name, []).append(
+                (message.epoch, last["ids"].clone(), grad)
+            )
+        return await request(message, timeout_s)
+
+    runner.forward_message = forward_message
+    client.request = send  # type: ignore[method-assign]
 
 
 def _record_label_grads(server: ServerWorker) -> Grads:
@@ -258,6 +290,9 @@ async def train_in_process(
     _seed_workers(server, clients, seed)
     outputs: Outputs = {}
     releases = [_count_releases(c, outputs) for c in clients]
+    sent_grads: Grads = {}
+    for client in clients:
+        _record_sent_label_grads(client, sent_grads)
     grads = _record_label_grads(server)
     stop = asyncio.Event()
     services = [asyncio.ensure_future(server.serve(stop))]
@@ -282,7 +317,7 @@ async def train_in_process(
         watcher.cancel()
         stop.set()
         await asyncio.wait_for(asyncio.gather(*services, return_exceptions=True), STOP_TIMEOUT_S)
-    return Trained(server, clients, list(summaries), grads, releases, outputs)
+    return Trained(server, clients, list(summaries), grads, releases, outputs, sent_grads)
 
 
 # ------------------------------------------------------------------------ measures
@@ -340,15 +375,7 @@ def measure_labels(trained: Trained) -> dict[str, Any]:
         return {}
     per_party = {}
     for party, steps in sorted(trained.grads.items()):
-        epochs = sorted({e for e, _, _ in steps})
-        rounds = [
-            (
-                torch.cat([i for e, i, _ in steps if e == epoch]),
-                torch.cat([g.reshape(g.shape[0], -1) for e, _, g in steps if e == epoch]),
-            )
-            for epoch in epochs
-        ]
-        per_party[party] = label_leak_over_run(rounds, labels)
+        per_party[party] = label_leak_over_run(_rounds(steps), labels)
     out: dict[str, Any] = {}
     if per_party:
         worst = max(per_party.values(), key=lambda r: r["label_leak_auc"])
@@ -360,6 +387,42 @@ def measure_labels(trained: Trained) -> dict[str, Any]:
             output_leak_auc(torch.cat([o for _, o in got]), labels[torch.cat([i for i, _ in got])])
             for got in trained.outputs.values()
         )
+    return out
+
+
+def _rounds(steps: Sequence[tuple[int, torch.Tensor, torch.Tensor]]) -> list[Any]:
+    """One (ids, gradients) round per epoch from per-step records."""
+    return [
+        (
+            torch.cat([i for e, i, _ in steps if e == epoch]),
+            torch.cat([g.reshape(g.shape[0], -1) for e, _, g in steps if e == epoch]),
+        )
+        for epoch in sorted({e for e, _, _ in steps})
+    ]
+
+
+def measure_sent_labels(trained: Trained) -> dict[str, Any]:
+    """U-shaped: what the server learns about a client's labels from the gradients the client
+    sends it (clustering; and the cross-epoch attacks where labels are binary)."""
+    from privacy.label_attacks import cluster_label_attack, label_leak_over_run
+
+    out: dict[str, Any] = {}
+    for client in trained.clients:
+        steps = trained.sent_grads.get(client.cfg.client.name)
+        train = client.data.train
+        if not steps or train.y is None:
+            continue
+        labels = torch.zeros(int(train.ids.max()) + 1, dtype=torch.int64)
+        labels[train.ids] = train.y
+        rounds = _rounds(steps)
+        found = cluster_label_attack(rounds, labels, client.data.classes)
+        if client.data.classes == 2:
+            run = label_leak_over_run(rounds, labels)
+            found.update({k: run[k] for k in ("label_leak_auc", "norm_auc", "direction_auc")})
+            found["label_leak_last_epoch_auc"] = run["last_epoch_auc"]
+        for key, value in found.items():
+            if isinstance(value, float) and value >= out.get(key, -1.0):
+                out[key] = value  # the worst client
     return out
 
 
@@ -419,8 +482,10 @@ def measure(trained: Trained, seed: int, attack_seeds: int = ATTACK_SEEDS) -> di
         **_average(per_client),
     }
     result.update(measure_labels(trained))
+    result.update(measure_sent_labels(trained))
     result.update(_epsilons(trained))
     attacks = ["dcor", "reconstruction"] + (["label_leakage"] if trained.grads else [])
+    attacks += ["label_clustering"] if trained.sent_grads else []
     result["threat_models"] = {name: THREAT_MODELS[name] for name in attacks}
     return {
         k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()

@@ -41,6 +41,7 @@ class StepRunner:
     """Vanilla (and the base of the others): act + labels out, gradient at the cut back."""
 
     sends_labels = True
+    protects_labels = False  # label protection runs here (this client sends label gradients)
     supports_pipelining = True  # one exchange per step: the forward can run ahead
     # The reply wait follows the measured round trip; off where a reply waits for other
     # parties (their pace is no round trip of ours, and a resent evaluation part is refused).
@@ -50,8 +51,21 @@ class StepRunner:
         self.w = worker
         cfg = worker.cfg
         self.privacy = PrivacyConfig.from_mapping(cfg.privacy) if cfg.privacy else PrivacyConfig()
-        if self.privacy.label is not None and self.privacy.label.mechanism != "none":
-            raise PrivacyError("privacy.label belongs in the label holder's (server's) config")
+        self.label_protection: Any = None
+        if self.privacy.label_protection_on:
+            if not self.protects_labels:
+                raise PrivacyError("privacy.label belongs in the label holder's config")
+            from privacy.label import build_label_protection
+
+            label = self.privacy.label
+            assert label is not None
+            if label.mechanism == "marvell" and cfg.model.classes != 2:
+                raise PrivacyError(
+                    f"privacy.label.mechanism 'marvell' needs binary labels; "
+                    f"model.classes = {cfg.model.classes}",
+                    hint="use mechanism 'gaussian' for more than two classes",
+                )
+            self.label_protection = build_label_protection(label)
         self.defense = build_defenses(self.privacy)
         self.nopeek = None
         if self.privacy.nopeek is not None and self.privacy.nopeek.alpha > 0:
@@ -377,6 +391,7 @@ class UShapedRunner(StepRunner):
     """Labels and the last layers stay here: two exchanges per step, no labels sent."""
 
     sends_labels = False
+    protects_labels = True  # the gradient of the server's output carries the labels
     supports_pipelining = False
 
     def build_modules(self) -> dict[str, nn.Module]:
@@ -398,8 +413,11 @@ class UShapedRunner(StepRunner):
         loss = F.cross_entropy(self.modules["head"](middle), y.to(self.device))
         loss.backward()
         assert middle.grad is not None
+        grad = middle.grad
+        if self.label_protection is not None:  # before it leaves: the server may cluster it
+            grad = self.label_protection.protect(grad, y.to(self.device))
         back = msg.reply(
-            Kind.BACKWARD, tensors=wire_tensors("grad", middle.grad, self.w.cfg.train.wire_dtype)
+            Kind.BACKWARD, tensors=wire_tensors("grad", grad, self.w.cfg.train.wire_dtype)
         )
         grad_reply = await self.w.request(back)
         self.apply_gradient(x, act, sent, read_tensor(grad_reply, "grad"))

@@ -40,6 +40,8 @@ AUDIT_KEYS = (
     "direction_auc",
     "label_leak_last_epoch_auc",
     "eval_output_auc",
+    "cluster_label_accuracy",
+    "cluster_label_chance",
     "activation_epsilon_per_release",
     "activation_releases",
     "activation_epsilon",
@@ -166,7 +168,7 @@ def audit_deployment(
 
     files = _deployment_files(client_toml)
     topology = str(read_toml(files["server"]).get("server", {}).get("topology", "vanilla"))
-    client_sets, server_sets = split_overrides(sets)
+    client_sets, server_sets = split_overrides(sets, topology)
     if epochs is not None:
         check_args(topology, "digits", epochs)
         client_sets.append(f"train.epochs={epochs}")
@@ -211,7 +213,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             attack_seeds=args.attack_seeds,
         )
     else:
-        client, server = split_overrides(args.set)
+        client, server = split_overrides(args.set, args.topology)
         result = run_audit(
             args.topology,
             args.dataset,

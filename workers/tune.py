@@ -47,6 +47,8 @@ METRIC_KEYS = (
     "direction_auc",
     "label_leak_last_epoch_auc",
     "eval_output_auc",
+    "cluster_label_accuracy",
+    "cluster_label_chance",
     "epsilon",
     "epsilon_mechanism",
     "activation_epsilon",
@@ -130,7 +132,7 @@ def check_setting(topology: str, sets: Sequence[str]) -> None:
     """Refuse a combination before anything runs: bad privacy or train values, by key."""
     from privacy.config import PrivacyConfig
 
-    client, server = split_overrides(sets)
+    client, server = split_overrides(sets, topology)
     for overrides in (client, server):
         data = apply_overrides({}, list(overrides))
         privacy = PrivacyConfig.from_mapping(data.get("privacy", {}))
@@ -170,7 +172,7 @@ def run_tune(
         dynamic_ncols=True,
     )
     for setting in bar:
-        client, server = split_overrides([*sets, *setting_overrides(setting)])
+        client, server = split_overrides([*sets, *setting_overrides(setting)], topology)
         result = audit(
             topology, dataset, client, server, epochs=epochs, seed=seed, attack_seeds=attack_seeds
         )
