@@ -34,12 +34,11 @@ class Column:
     std: float = 1.0
     fill: float | str = 0.0  # what a missing cell becomes with missing = "impute"
     vocab: list[str] = field(default_factory=list)
+    onehot: bool = True  # text: one input per category, else one ordinal code
 
     @property
     def width(self) -> int:
         return len(self.vocab) if self.kind == "text" and self.onehot else 1
-
-    onehot: bool = True
 
 
 @dataclass(frozen=True)

@@ -123,11 +123,8 @@ def _read_parquet(path: Path) -> tuple[list[str], list[list[str]], list[str]]:
 
 
 def _cell(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float) and value.is_integer():
-        return repr(value)
-    return str(value).strip()
+    """Parquet values as the text a CSV would hold (None: a gap; NaN reads as a gap too)."""
+    return "" if value is None else str(value).strip()
 
 
 def _check_header(path: Path, header: list[str]) -> None:

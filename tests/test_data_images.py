@@ -24,7 +24,7 @@ def test_a_folder_of_digit_pngs_trains_through_the_cli(
     # Prepare: 1,797 PNG files in ten class folders
     folder = digits_folder(tmp_path / "digits")
     assert len(list(folder.rglob("*.png"))) >= 1000
-    files = deployment(topology="vanilla", dataset="digits", epochs=8)
+    files = deployment(topology="vanilla", dataset="digits", epochs=12)
     procs.start("server", files["server"])
     # Execute: the user points data.path at the folder
     status = main(

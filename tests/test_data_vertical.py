@@ -166,6 +166,9 @@ async def test_psi_aligned_parties_train_on_the_intersection_and_leak_no_other_i
     _use_data(pre["client-2"], path=str(pb), id="id", align="position")
     baseline = (await run_deployment(pre))["summaries"][0]
     assert baseline["test_samples"] == label_party["test_samples"]
+    print(
+        "accuracy after PSI", label_party["test_accuracy"], "pre-aligned", baseline["test_accuracy"]
+    )
     assert abs(label_party["test_accuracy"] - baseline["test_accuracy"]) <= 0.02
     assert label_party["test_accuracy"] >= 0.9
 
