@@ -11,6 +11,7 @@ agreed intersection).
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -157,7 +158,19 @@ def _standardise(x: np.ndarray, train_idx: np.ndarray) -> np.ndarray:
 
 def _take(x: np.ndarray, y: np.ndarray | None, idx: np.ndarray) -> Split:
     labels = torch.from_numpy(y[idx]) if y is not None else None
-    return Split(torch.from_numpy(np.ascontiguousarray(x[idx])), labels, torch.from_numpy(idx))
+    return Split(torch.from_numpy(take_rows(x, idx)), labels, torch.from_numpy(idx))
+
+
+def take_rows(x: np.ndarray, idx: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """``x[idx]``; rows of a memory-mapped array (a large image set) go to a new mapped file,
+    copied a chunk at a time, so the split is never held in memory whole either."""
+    if not isinstance(x, np.memmap):
+        return np.ascontiguousarray(x[idx])
+    backing = tempfile.TemporaryFile()  # noqa: SIM115 - the mapping owns it from here
+    out = np.memmap(backing, x.dtype, "w+", shape=(len(idx), *x.shape[1:]))
+    for start in range(0, len(idx), chunk):
+        out[start : start + chunk] = x[idx[start : start + chunk]]
+    return out
 
 
 def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:

@@ -2,8 +2,9 @@
 
 Files are decoded with Pillow one at a time into a preallocated array of ``model.in_shape``
 (channels, height, width; 1 channel = greyscale, 3 = RGB), scaled to [0, 1]. When the decoded
-set would exceed ``data.max_memory_mb`` the array is a memory-mapped temporary file, so a
-large folder is streamed through memory rather than held whole. An image of another size
+set would exceed ``data.max_memory_mb`` the array is a memory-mapped temporary file (and so
+are its train/test splits, :func:`sl_pipeline.data.take_rows`), so a large folder is streamed
+through memory a batch at a time rather than held whole. An image of another size
 is refused with its name and size unless ``data.resize = true``.
 """
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 from sl_pipeline.config import DataConfig
-from sl_pipeline.data import load_party_data
+from sl_pipeline.data import load_party_data, take_rows
 from workers.cli import main
 
 from .conftest import Procs
@@ -82,3 +83,14 @@ def test_folder_classes_are_sorted_names(tmp_path: Path) -> None:
     for split in (data.train, data.test):
         assert split.y is not None
         assert split.y.tolist() == [int(v > 0.5) for v in split.x.mean(dim=(1, 2, 3)).tolist()]
+
+
+def test_a_memory_mapped_set_is_split_into_mapped_files() -> None:
+    with tempfile.TemporaryFile() as fh:
+        source = np.memmap(fh, np.float32, "w+", shape=(600, 1, 2, 2))
+        source[:] = np.arange(600, dtype=np.float32).reshape(600, 1, 1, 1)
+        idx = np.random.default_rng(0).permutation(600)[:500]
+        rows = take_rows(source, idx)
+        assert isinstance(rows, np.memmap)
+        assert rows[:, 0, 0, 0].tolist() == idx.astype(np.float32).tolist()
+        assert torch.from_numpy(rows).shape == (500, 1, 2, 2)
