@@ -12,8 +12,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
+from sl_pipeline.config import DataConfig
+from sl_pipeline.data import load_party_data
+from sl_pipeline.errors import ConfigError
 from workers.cli import main
 from workers.localdeploy import free_port, to_toml
 
@@ -229,3 +235,38 @@ def test_malformed_input_is_one_clear_line_and_status_2(
     assert err.count("\n") == 0 and err.startswith("sl-pipeline client: error: "), err
     for needle in needles:
         assert needle in err, (needle, err)
+
+
+CELLS = st.sampled_from(["", "1", "-2.5", "0.3", "x", "NaN", "inf", "?", "a,b", '"', "é", "1e309"])
+LABELS = st.sampled_from(["0", "1", "1", "0", "B", "7", ""])
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    body=st.lists(st.tuples(LABELS, CELLS, CELLS, CELLS), max_size=14),
+    damage=st.sampled_from(["none", "none", "none", "ragged", "duplicate id", "missing id"]),
+    encode=st.sampled_from(["onehot", "ordinal"]),
+    missing=st.sampled_from(["error", "impute"]),
+)
+def test_any_table_loads_or_fails_with_a_config_error(
+    tmp_path: Path, body: list[tuple[str, ...]], damage: str, encode: str, missing: str
+) -> None:
+    # Prepare: id, y and three features; values drawn from what users' files hold
+    rows = [[f"r{i}", *row] for i, row in enumerate(body)]
+    if rows and damage == "ragged":
+        rows[-1] = rows[-1][:3]
+    elif rows and damage == "duplicate id":
+        rows[-1][0] = "r0"
+    elif rows and damage == "missing id":
+        rows[0][0] = ""
+    path = write_csv(tmp_path / "fuzz.csv", ["id", "y", "a", "b", "c"], rows)
+    cfg = DataConfig(path=str(path), id="id", label="y", encode=encode, missing=missing)  # type: ignore[arg-type]
+    # Execute / Assert: either finite data, or one clear ConfigError; never another exception
+    try:
+        data = load_party_data(cfg, tmp_path, 2)
+    except ConfigError as exc:
+        assert "\n" not in str(exc)
+    else:
+        assert bool(torch.isfinite(data.train.x).all()) and bool(torch.isfinite(data.test.x).all())
