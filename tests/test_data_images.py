@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sl_pipeline.config import DataConfig
+from sl_pipeline.config import ClientConfig, DataConfig, load
 from sl_pipeline.data import load_party_data, take_rows
 from workers.cli import main
+from workers.predict import read_inputs
 
 from .conftest import Procs
 from .datafiles import digits_folder, write_csv
@@ -94,3 +95,17 @@ def test_a_memory_mapped_set_is_split_into_mapped_files() -> None:
         assert isinstance(rows, np.memmap)
         assert rows[:, 0, 0, 0].tolist() == idx.astype(np.float32).tolist()
         assert torch.from_numpy(rows).shape == (500, 1, 2, 2)
+
+
+def test_predict_reads_a_folder_of_images_named_by_file(tmp_path: Path) -> None:
+    folder = digits_folder(tmp_path / "digits", count=12)
+    cfg = load(ClientConfig, _client_toml(tmp_path))
+    inputs = read_inputs(cfg, folder)
+    assert inputs.x.shape == (12, 1, 8, 8) and inputs.ids is not None
+    assert inputs.ids[0] == "0/00000.png" and len(set(inputs.ids)) == 12
+
+
+def _client_toml(folder: Path) -> Path:
+    path = folder / "client.toml"
+    path.write_text('[model]\nbuiltin = "cnn"\nin_shape = [1, 8, 8]\nclasses = 10\n')
+    return path
