@@ -65,8 +65,9 @@ FULL_CASES = [
     Case("multitask", clients=2, deterministic=False, dataset="digits", epochs=1),
     Case("multihop"),
     Case("splitfed", clients=2, deterministic=False),
-    # roundrobin: added with the round-robin coordinator's checkpoint (workers/coordination.py)
+    Case("roundrobin", clients=2),  # one client trains at a time: deterministic
     Case("vanilla", faults=(("client", 1),)),
+    Case("roundrobin", faults=(("client", 1),), clients=2),
     Case("splitfed", faults=(("client", 1),), clients=2, deterministic=False),
     Case("multihop", faults=(("relay", 1),)),
     # a server checkpointing every 4 steps: its clients rewind to the step it resumed from

@@ -182,6 +182,7 @@ def test_round_state_survives_a_checkpoint() -> None:
     restored.load_state_dict(state["group"])
     restored.handle(b"2", _submit("client-2", announced["attempt"], words["client-2"]))
     replies = restored.handle(b"3", _submit("client-3", announced["attempt"], words["client-3"]))
+    assert sorted(i for i, _ in replies) == [b"", b"2", b"3"]  # client-1's: to the cache only
     assert len(replies) == 3 and torch.equal(
         average_from_sum(replies[0][1].tensors["sum"], 3), torch.ones(8)
     )

@@ -32,6 +32,7 @@ from sl_pipeline.secagg import NONCE_BYTES, masked_tensor, sum_masked
 from .checkpoint import message_from_state, message_state
 
 Reply = tuple[bytes, Message]
+NOWHERE = b""  # the identity of a request restored from a checkpoint: no live connection
 KEEP_SUMS = 2  # completed rounds whose sum a restarted member may still ask for
 MAX_OPEN_ROUNDS = 2
 _NONCE = re.compile(rf"[0-9a-f]{{{2 * NONCE_BYTES}}}")
@@ -177,21 +178,20 @@ def _attempt_state(attempt: _Attempt) -> dict[str, Any]:
         "id": attempt.id,
         "announced": attempt.announced,
         "joined": {
-            n: {"identity": i, "msg": message_state(m), "nonce": nonce}
-            for n, (i, m, nonce) in attempt.joined.items()
+            n: {"msg": message_state(m), "nonce": nonce}
+            for n, (_, m, nonce) in attempt.joined.items()
         },
-        "submitted": {
-            n: {"identity": i, "msg": message_state(m)}
-            for n, (i, m, _) in attempt.submitted.items()
-        },
+        "submitted": {n: message_state(m) for n, (_, m, _) in attempt.submitted.items()},
     }
 
 
 def _attempt_from_state(state: dict[str, Any]) -> _Attempt:
+    """Restored requests have no connection (NOWHERE): a reply to one is only cached, and
+    the member's resent request is answered from the server's reply cache."""
     attempt = _Attempt(id=str(state["id"]), announced=bool(state["announced"]))
     for name, entry in state["joined"].items():
-        attempt.joined[name] = (entry["identity"], message_from_state(entry["msg"]), entry["nonce"])
+        attempt.joined[name] = (NOWHERE, message_from_state(entry["msg"]), str(entry["nonce"]))
     for name, entry in state["submitted"].items():
-        msg = message_from_state(entry["msg"])
-        attempt.submitted[name] = (entry["identity"], msg, _masked_words(msg, _Attempt()))
+        msg = message_from_state(entry)
+        attempt.submitted[name] = (NOWHERE, msg, _masked_words(msg, _Attempt()))
     return attempt

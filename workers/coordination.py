@@ -30,7 +30,7 @@ from sl_pipeline.config import ServerConfig
 from sl_pipeline.errors import CheckpointError, ConfigError, ProtocolError
 from sl_pipeline.messages import Kind, Message
 
-from .aggregation import SecureAggregator
+from .aggregation import NOWHERE, SecureAggregator
 from .checkpoint import message_from_state, message_state
 from .engine import Reply, VanillaEngine
 
@@ -124,10 +124,7 @@ class TurnCoordinator:
             "turn": self.turn,
             "blob": self.blob,
             "run_nonces": dict(self.run_nonces),
-            "waiting": {
-                name: {"identity": identity, "msg": message_state(msg)}
-                for name, (identity, msg) in self.waiting.items()
-            },
+            "waiting": {name: message_state(msg) for name, (_, msg) in self.waiting.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -139,9 +136,11 @@ class TurnCoordinator:
         self.turn = int(state["turn"])
         self.blob = state["blob"]
         self.run_nonces = {str(k): str(v) for k, v in state["run_nonces"].items()}
+        # A ZeroMQ identity means nothing to the restarted server (it may even be reused
+        # for another connection): a grant for a restored entry goes nowhere but into the
+        # reply cache, which answers the client's resent acquire.
         self.waiting = {
-            name: (entry["identity"], message_from_state(entry["msg"]))
-            for name, entry in state["waiting"].items()
+            name: (NOWHERE, message_from_state(msg)) for name, msg in state["waiting"].items()
         }
 
 
