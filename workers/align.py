@@ -29,7 +29,10 @@ from sl_pipeline.sources import Source
 
 log = logging.getLogger("sl_pipeline.client")
 
-PSI_WAIT_S = 600.0  # the other party may start later than this one
+# The other party may start much later. A wait longer than the server's silence limit
+# (server.client_timeout_s, 120 s by default) would let it drop this party and its post, so
+# wait 60 s at a time: the worker then rejoins and posts again (up to 100 times).
+PSI_WAIT_S = 60.0
 Request = Callable[[Message, float], Awaitable[Message]]
 MakeMessage = Callable[..., Message]
 
