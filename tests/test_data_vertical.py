@@ -19,6 +19,7 @@ import pytest
 
 from sl_pipeline.config import ClientConfig, ServerConfig, load
 from sl_pipeline.messages import Message
+from workers import align
 from workers.cli import main
 from workers.client import ClientWorker
 from workers.localdeploy import to_toml
@@ -187,3 +188,34 @@ def test_psi_settings_and_widths_are_checked_before_joining(
     # a width that cannot fit is refused before the PSI, too (no server runs here)
     status = main(["client", "--config", str(files["client-1"]), "--set", "model.in_shape=[14]"])
     assert status == 2 and "gives [15] features" in capsys.readouterr().err
+
+
+async def test_a_party_that_starts_late_is_waited_for(
+    deployment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: short PSI waits, so the first party reposts while the second is not there yet
+    monkeypatch.setattr(align, "PSI_WAIT_S", 0.5)
+    shared, only_a, only_b = _people()
+    files = deployment(topology="vertical", clients=2, dataset="breast_cancer", label_client=True)
+    base = files["server"].parent
+    a = party_csv(tmp_path / "a.csv", _shuffled(np.r_[shared, only_a], 2), A_COLUMNS, True)
+    b = party_csv(tmp_path / "b.csv", _shuffled(np.r_[shared, only_b], 3), B_COLUMNS)
+    _use_data(files["client-1"], path=str(a), id="id", label="diagnosis")
+    _use_data(files["client-2"], path=str(b), id="id")
+    server = _Server(files["server"])
+    first = ClientWorker(load(ClientConfig, files["client-1"]), base, progress=False)
+    early = asyncio.create_task(first.run())
+    try:
+        # Execute: the second party joins after the first has posted again twice
+        for _ in range(300):  # bounded: 30 s
+            if first.retries >= 2 or early.done():
+                break
+            await asyncio.sleep(0.1)
+        second = ClientWorker(load(ClientConfig, files["client-2"]), base, progress=False)
+        summaries = await asyncio.wait_for(asyncio.gather(early, second.run()), 120)
+    finally:
+        await server.close()
+    # Assert: both aligned on the intersection and trained
+    assert first.retries >= 2
+    assert [s["aligned_rows"] for s in summaries] == [len(shared), len(shared)]
+    assert summaries[0]["steps"] == summaries[1]["steps"] > 0
