@@ -16,6 +16,7 @@ from sl_pipeline.messages import Message
 from sl_pipeline.retransmit import RetransmitTimer
 from sl_pipeline.transport import DealerConnection
 from workers.client import ClientWorker
+from workers.engine import MiddleEngine
 from workers.relay import RelayWorker
 from workers.server import ServerWorker
 from workers.vertical import VerticalEngine
@@ -153,36 +154,43 @@ async def test_a_relay_that_lost_steps_is_blamed_not_the_server(
         await asyncio.wait_for(asyncio.gather(*tasks, training, return_exceptions=True), 15)
 
 
-# ---- vertical with a label client: a step open at a restart is redone ----------------------
-async def test_label_client_redoes_a_step_the_restarted_server_no_longer_has_open(
-    deployment, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:  # type: ignore[no-untyped-def]
-    # Prepare: the uninterrupted run; then the server stops right after it sent the label
-    # client the fused output of step (0, 3), before that step's gradient can arrive
-    reference = (
-        await run_deployment(
-            deployment(topology="vertical", clients=2, dataset="breast_cancer", label_client=True)
-        )
-    )["summaries"]
-    files = deployment(topology="vertical", clients=2, dataset="breast_cancer", label_client=True)
-    base = files["server"].parent
-    sets = ['checkpoint.dir="ckpt"', "checkpoint.fsync=false"]
-    cfg = load(ServerConfig, files["server"], sets)
-    stops = [asyncio.Event(), asyncio.Event()]
-    original = VerticalEngine._to_label_holder
+# ---- two exchanges per step: a step open at a restart is redone ---------------------------
+TWO_EXCHANGES = {  # topology -> (deployment options, the engine method that opens a step)
+    "ushaped": ({"topology": "ushaped"}, MiddleEngine, "_forward"),
+    "vertical-label-client": (
+        {"topology": "vertical", "clients": 2, "label_client": True},
+        VerticalEngine,
+        "_to_label_holder",
+    ),
+}
 
-    def open_then_stop(self: VerticalEngine, parts: Any) -> Any:
-        replies = original(self, parts)
-        if self._open is not None and self._open[:2] == (0, 3) and not stops[0].is_set():
+
+@pytest.mark.parametrize("case", sorted(TWO_EXCHANGES))
+async def test_a_step_open_when_the_server_restarts_is_redone(
+    case: str, deployment, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: the uninterrupted run; then the server stops right after it answered the
+    # forward of step (0, 3), before that step's gradient can arrive
+    options, engine, method = TWO_EXCHANGES[case]
+    options = {**options, "dataset": "breast_cancer"}
+    reference = (await run_deployment(deployment(**options)))["summaries"]
+    files = deployment(**options)
+    base = files["server"].parent
+    cfg = load(ServerConfig, files["server"], ['checkpoint.dir="ckpt"', "checkpoint.fsync=false"])
+    stops = [asyncio.Event(), asyncio.Event()]
+    original = getattr(engine, method)
+
+    def open_then_stop(self: Any, *args: Any) -> Any:
+        replies = original(self, *args)
+        opened = self._open is not None and tuple(self._open[-4:-2]) == (0, 3)
+        if opened and not stops[0].is_set():
             stops[0].set()  # this server finishes this message and goes
         return replies
 
-    monkeypatch.setattr(VerticalEngine, "_to_label_holder", open_then_stop)
+    monkeypatch.setattr(engine, method, open_then_stop)
     tasks = [asyncio.create_task(ServerWorker(cfg, base).serve(stops[0]))]
-    clients = [
-        ClientWorker(load(ClientConfig, files[name]), base, progress=False)
-        for name in ("client-1", "client-2")
-    ]
+    names = sorted(n for n in files if n.startswith("client-"))
+    clients = [ClientWorker(load(ClientConfig, files[n]), base, progress=False) for n in names]
     training = asyncio.gather(*(c.run() for c in clients))
     try:
         # Execute: a new server resumes from the checkpoint, without the open step
@@ -191,8 +199,8 @@ async def test_label_client_redoes_a_step_the_restarted_server_no_longer_has_ope
             second = ServerWorker(cfg, base)
             tasks.append(asyncio.create_task(second.serve(stops[1])))
             summaries = await asyncio.wait_for(training, 120)
-        # Assert: the label client redid the step; every step applied once; same result
-        assert "redoing it" in caplog.text
+        # Assert: the step was redone; every step applied once; the same result
+        assert "step_lost" in caplog.text and "redoing it" in caplog.text
         assert [s["steps"] for s in summaries] == [r["steps"] for r in reference]
         applied = [tuple(e) for e in second.applied_log]
         assert len(applied) == len(set(applied)) == sum(r["steps"] for r in reference)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -262,6 +262,35 @@ class StepRunner:
         self.apply_gradient(x, act, sent, read_tensor(reply, "grad"))
         return float(reply.meta.get("loss", float("nan")))
 
+    async def exchange_twice(
+        self,
+        msg: Message,
+        loss_of: Callable[[torch.Tensor], torch.Tensor],
+        protect_with: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Message]:
+        """FORWARD -> the server's output; the loss here; BACKWARD(its gradient) -> the
+        gradient at the cut. With ``protect_with`` (labels) the label protection runs on
+        that gradient before it leaves (the server may cluster it). A server that lost the
+        open step between the two (it restarted, or dropped our old session) answers
+        ``step_lost``: redo the step."""
+        for _ in range(MAX_STEP_REDOS):
+            self.optimizer.zero_grad(set_to_none=True)  # a redo must not add a second head grad
+            out = as_input(read_tensor(await self.w.request(msg), "out"), True, self.device)
+            loss = loss_of(out)
+            loss.backward()
+            assert out.grad is not None
+            grad = out.grad
+            if self.label_protection is not None and protect_with is not None:
+                grad = self.label_protection.protect(grad, protect_with)
+            tensors = wire_tensors("grad", grad, self.w.cfg.train.wire_dtype)
+            try:
+                return loss, await self.w.request(msg.reply(Kind.BACKWARD, tensors=tensors))
+            except PeerError as exc:
+                if exc.remote_code != StepLostError.code:
+                    raise
+                log.warning("the server lost open step %s (%s); redoing it", msg.step, exc)
+        raise ProtocolError(f"step {msg.step} was lost {MAX_STEP_REDOS} times; giving up")
+
     # ---- evaluation and inference ----------------------------------------------------------
     async def predict(
         self,
@@ -405,21 +434,12 @@ class UShapedRunner(StepRunner):
     ) -> float:
         if y is None:
             raise ConfigError("ushaped: the client holds the labels; set data.label")
-        self.optimizer.zero_grad(set_to_none=True)
         act, sent = self.cut(x)
         msg = self.forward_message(step, sent, None, ids)
-        reply = await self.w.request(msg)
-        middle = as_input(read_tensor(reply, "out"), requires_grad=True, device=self.device)
-        loss = F.cross_entropy(self.modules["head"](middle), y.to(self.device))
-        loss.backward()
-        assert middle.grad is not None
-        grad = middle.grad
-        if self.label_protection is not None:  # before it leaves: the server may cluster it
-            grad = self.label_protection.protect(grad, y.to(self.device))
-        back = msg.reply(
-            Kind.BACKWARD, tensors=wire_tensors("grad", grad, self.w.cfg.train.wire_dtype)
+        head, target = self.modules["head"], y.to(self.device)
+        loss, grad_reply = await self.exchange_twice(
+            msg, lambda out: F.cross_entropy(head(out), target), protect_with=target
         )
-        grad_reply = await self.w.request(back)
         self.apply_gradient(x, act, sent, read_tensor(grad_reply, "grad"))
         return float(loss.detach())
 
@@ -439,25 +459,12 @@ class VerticalRunner(StepRunner):
             return await super().train_step(step, x, y, ids)
         if y is None:
             raise ConfigError("vertical: the label client needs labels; set data.label")
-        self.optimizer.zero_grad(set_to_none=True)
         act, sent = self.cut(x)
         msg = self.forward_message(step, sent, None, ids)
-        for _ in range(MAX_STEP_REDOS):
-            fused = as_input(read_tensor(await self.w.request(msg), "out"), True, self.device)
-            loss = F.cross_entropy(fused, y.to(self.device))
-            loss.backward()
-            assert fused.grad is not None
-            tensors = wire_tensors("grad", fused.grad, self.w.cfg.train.wire_dtype)
-            try:
-                reply = await self.w.request(msg.reply(Kind.BACKWARD, tensors=tensors))
-            except PeerError as exc:
-                if exc.remote_code != StepLostError.code:
-                    raise
-                log.warning("the server lost open step %s (%s); redoing it", step, exc.reason)
-                continue
-            self.apply_gradient(x, act, sent, read_tensor(reply, "grad"))
-            return float(loss.detach())
-        raise ProtocolError(f"vertical: step {step} was lost {MAX_STEP_REDOS} times; giving up")
+        target = y.to(self.device)
+        loss, reply = await self.exchange_twice(msg, lambda fused: F.cross_entropy(fused, target))
+        self.apply_gradient(x, act, sent, read_tensor(reply, "grad"))
+        return float(loss.detach())
 
     def build_modules(self) -> dict[str, nn.Module]:
         group = self.w.cfg.client.group

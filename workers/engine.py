@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sl_pipeline.config import ServerConfig
-from sl_pipeline.errors import ConfigError, ProtocolError
+from sl_pipeline.errors import ConfigError, ProtocolError, StepLostError
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.models import build_segments, make_optimizer, multitask_heads, resolve_device
 
@@ -280,7 +280,9 @@ class MiddleEngine(Engine):
 
     def _backward(self, msg: Message) -> Message:
         if self._open is None or self._open[:3] != (msg.client, msg.epoch, msg.step):
-            raise ProtocolError("backward for a step this server has no open forward for")
+            # this server restarted, or forgot the step with our old session: the client
+            # redoes the step from its forward
+            raise StepLostError("backward for a step this server has no open forward for")
         _, _, _, act, out = self._open
         # A bad gradient raises before anything changes and leaves the step open for a resend.
         (grad,) = self.backprop_output(msg, out, [act])
