@@ -16,6 +16,7 @@ from sl_pipeline.group import load_group_key, open_weights, run_id, seal_weights
 from sl_pipeline.messages import Kind, Message
 from workers.checkpoint import decode, encode
 from workers.client import ClientWorker
+from workers.client_group import RoundRobinRunner
 from workers.coordination import TurnCoordinator
 
 MEMBERS = ["client-1", "client-2"]
@@ -30,7 +31,8 @@ class FakeServer:
         self.sealed: torch.Tensor | None = None
         self.sent: list[Message] = []
 
-    async def request(self, msg: Message, timeout_s: float | None = None) -> Message:
+    async def request(self, message: Message, timeout_s: float | None = None) -> Message:
+        msg = message
         self.sent.append(msg)
         if msg.meta["op"] == "release":
             return msg.reply(Kind.WEIGHTS, meta={"op": "ack"})
@@ -40,10 +42,17 @@ class FakeServer:
 
 
 def _client(files: dict[str, Path], server: FakeServer) -> ClientWorker:
-    worker = ClientWorker(load(ClientConfig, files["client-2"]), files["client-2"].parent, False)
+    worker = ClientWorker(
+        load(ClientConfig, files["client-2"]), files["client-2"].parent, progress=False
+    )
     worker.request = server.request  # type: ignore[method-assign]
-    server.run = {"client-1": secrets.token_hex(32), "client-2": worker.runner.run_nonce}
+    server.run = {"client-1": secrets.token_hex(32), "client-2": _runner(worker).run_nonce}
     return worker
+
+
+def _runner(worker: ClientWorker) -> RoundRobinRunner:
+    assert isinstance(worker.runner, RoundRobinRunner)
+    return worker.runner
 
 
 def _key(worker: ClientWorker) -> bytes:
@@ -72,7 +81,7 @@ async def test_the_client_takes_the_weights_sealed_for_its_turn(files) -> None: 
     release = server.sent[-1]
     opened = open_weights(_key(worker), release.tensors["sealed"], run_id(server.run), 2)
     assert release.meta["op"] == "release" and torch.equal(opened, _weights(worker))
-    assert server.sent[0].meta["run"] == worker.runner.run_nonce
+    assert server.sent[0].meta["run"] == _runner(worker).run_nonce
 
 
 async def test_an_older_blob_is_refused(files) -> None:  # type: ignore[no-untyped-def]
@@ -102,7 +111,7 @@ async def test_a_blob_from_an_earlier_run_with_the_same_key_is_refused(files) ->
     old_blob = seal_weights(_key(first), _weights(first), run_id(earlier.run), 1)
     server = FakeServer()
     again = _client(files, server)  # the same configs and group key: a new run
-    assert again.runner.run_nonce != first.runner.run_nonce
+    assert _runner(again).run_nonce != _runner(first).run_nonce
     server.turn, server.sealed = 1, old_blob
     with pytest.raises(CryptoError, match="not sealed at turn 1 of this run"):
         await again.runner.before_epoch(0)
@@ -114,9 +123,11 @@ async def test_a_blob_from_an_earlier_run_with_the_same_key_is_refused(files) ->
 async def test_no_weights_before_the_first_turn(deployment) -> None:  # type: ignore[no-untyped-def]
     files = deployment(topology="roundrobin", clients=2, dataset="breast_cancer", epochs=2)
     server = FakeServer()
-    worker = ClientWorker(load(ClientConfig, files["client-1"]), files["client-1"].parent, False)
+    worker = ClientWorker(
+        load(ClientConfig, files["client-1"]), files["client-1"].parent, progress=False
+    )
     worker.request = server.request  # type: ignore[method-assign]
-    server.run = {"client-1": worker.runner.run_nonce, "client-2": secrets.token_hex(32)}
+    server.run = {"client-1": _runner(worker).run_nonce, "client-2": secrets.token_hex(32)}
     server.sealed = torch.zeros(64, dtype=torch.uint8)
     with pytest.raises(ProtocolError, match="before the first turn"):
         await worker.runner.before_epoch(0)

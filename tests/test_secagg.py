@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from sl_pipeline.config import ServerConfig, load
+from sl_pipeline.config import ClientConfig, ServerConfig, load
 from sl_pipeline.errors import ConfigError, CryptoError, ProtocolError
 from sl_pipeline.keys import generate_keypair, load_admitted_keys, load_keypair
 from sl_pipeline.messages import Kind, Message
@@ -33,6 +33,7 @@ from sl_pipeline.secagg import (
 )
 from workers.aggregation import SecureAggregator
 from workers.checkpoint import decode, encode
+from workers.client import ClientWorker
 from workers.coordination import GroupEngine
 from workers.engine import build_engine
 
@@ -287,3 +288,57 @@ def test_a_bad_announcement_is_refused() -> None:
     )
     with pytest.raises(CryptoError):
         _announced_nonces(reply, "client-1", nonce)
+
+
+# ---- the client's side of a round -----------------------------------------------------------
+class FakeRound:
+    """A server for one SplitFed client: the other two members' nonces, then a scripted
+    answer to each submission ("retry" first, to see a fresh attempt)."""
+
+    def __init__(self, answers: list[str]) -> None:
+        self.answers = answers
+        self.joins: list[bytes] = []
+        self.submitted: list[Message] = []
+
+    async def request(self, message: Message, timeout_s: float | None = None) -> Message:
+        msg = message
+        if msg.meta["op"] == "join":
+            self.joins.append(bytes.fromhex(msg.meta["nonce"]))
+            nonces = {"client-1": msg.meta["nonce"]}
+            nonces.update({n: new_nonce().hex() for n in NAMES[1:]})
+            meta = {"op": "members", "attempt": f"a{len(self.joins)}", "nonces": nonces}
+            return msg.reply(Kind.WEIGHTS, meta=meta)
+        self.submitted.append(msg)
+        answer = self.answers.pop(0)
+        if answer == "retry":
+            return msg.reply(Kind.WEIGHTS, meta={"op": "retry"})
+        size = msg.tensors["masked"].numel() + (1 if answer == "bad" else 0)
+        fixed = masked_tensor(to_fixed(torch.full((size,), 0.5)))
+        return msg.reply(Kind.WEIGHTS, meta={"op": "sum", "parties": 99}, tensors={"sum": fixed})
+
+
+def _splitfed_client(deployment, server: FakeRound):  # type: ignore[no-untyped-def]
+    files = deployment(topology="splitfed", clients=3, dataset="breast_cancer")
+    worker = ClientWorker(
+        load(ClientConfig, files["client-1"]), files["client-1"].parent, progress=False
+    )
+    worker.request = server.request  # type: ignore[method-assign]
+    return worker
+
+
+async def test_a_retried_round_uses_a_fresh_nonce_and_steps(deployment) -> None:  # type: ignore[no-untyped-def]
+    server = FakeRound(["retry", "sum"])
+    worker = _splitfed_client(deployment, server)
+    await worker.runner.after_epoch(0)
+    assert len(server.joins) == 2 and server.joins[0] != server.joins[1]
+    first, second = server.submitted
+    assert first.step != second.step  # never answered from the cache of the void attempt
+    assert [m.meta["attempt"] for m in server.submitted] == ["a1", "a2"]
+    weights = torch.nn.utils.parameters_to_vector(worker.bottom.parameters())
+    assert torch.allclose(weights, torch.full_like(weights, 0.5 / 3))  # its own count, not 99
+
+
+async def test_a_malformed_sum_is_refused(deployment) -> None:  # type: ignore[no-untyped-def]
+    worker = _splitfed_client(deployment, FakeRound(["bad"]))
+    with pytest.raises(ProtocolError, match="one int64 word per weight"):
+        await worker.runner.after_epoch(0)

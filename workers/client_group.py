@@ -173,7 +173,7 @@ class SplitFedRunner(_GroupRunner):
         join = self.w.message(Kind.WEIGHTS, step, meta={"op": "join", "nonce": nonce.hex()})
         reply = await self.w.request(join, timeout_s=TURN_TIMEOUT_S)
         if reply.meta.get("op") == "sum":
-            return reply.tensor("sum")
+            return self._sum_of(reply)
         nonces = _announced_nonces(reply, self.w.cfg.client.name, nonce)
         words = self.keys.masked(self.vector(), epoch, nonces)
         meta = {"op": "submit", "attempt": str(reply.meta.get("attempt"))}
@@ -181,7 +181,13 @@ class SplitFedRunner(_GroupRunner):
             Kind.WEIGHTS, step + 1, meta=meta, tensors={"masked": masked_tensor(words)}
         )
         reply = await self.w.request(msg, timeout_s=TURN_TIMEOUT_S)
-        return reply.tensor("sum") if reply.meta.get("op") == "sum" else None
+        return self._sum_of(reply) if reply.meta.get("op") == "sum" else None
+
+    def _sum_of(self, reply: Message) -> torch.Tensor:
+        summed = reply.tensor("sum")
+        if summed.dtype != torch.int64 or summed.shape != self.vector().shape:
+            raise ProtocolError("splitfed: the server's sum is not one int64 word per weight")
+        return summed
 
 
 def _announced_nonces(reply: Message, me: str, nonce: bytes) -> dict[str, bytes]:
