@@ -85,6 +85,9 @@ class OpsConfig:
     listen: str = ""  # "HOST:PORT"; empty = no ops HTTP server
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
+    # File holding the token that `sl-pipeline runs` must present (the server's run API);
+    # empty = the run API is off.
+    admin_token: str = ""
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,11 @@ class ServerSection:
     # Send the cut gradient before computing weight gradients when no other request waits
     # (the client's backward overlaps them); same updates, one extra partial backward.
     reply_first: bool = True
+    runs_dir: str = ""  # each run's folder (saved model) and runs.json; "" = next to save
+    max_runs: int = 4  # runs training at once; one more waits (its clients retry)
+    run_clients: int = 0  # a run ends when this many clients finished; 0 = all that joined
+    # A client name whose session sent nothing for this long may be taken by a new session.
+    takeover_after_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,8 @@ class ClientSection:
     group_key: str = ""  # roundrobin, vertical PSI: secret shared by the clients, not the server
     group_keys: str = ""  # splitfed: folder of the other members' public keys (NAME.pub)
     save: str = ""  # where to save this client's segment(s) at the end of training
+    run: str = ""  # the training run to join; "" = the server's current one (or a new one)
+    takeover: bool = False  # replace a live session of the same name (deliberately)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import pytest
 
 from workers.checkpoint import CheckpointStore
 from workers.lossy_proxy import LossyProxy
+from workers.runs import decode_log
 
 from .conftest import Procs
 from .inprocess import run_deployment
@@ -127,7 +128,11 @@ def _summary(proc: WorkerProcess) -> dict[str, Any]:
 def _applied_log(base: Path, role: str) -> list[tuple[str, int, int]]:
     found = CheckpointStore(base / "ckpt" / role, prefix=NAMES[role]).load_latest()
     assert found is not None, f"no {role} checkpoint"
-    return [(str(c), int(e), int(s)) for c, e, s in found[0]["applied_log"]]
+    state = found[0]
+    if "runs" in state:  # the server: the log of its run (one run per case)
+        (run,) = state["runs"]
+        return [(str(c), int(e), int(s)) for c, e, s in decode_log(run["applied_log"])]
+    return [(str(c), int(e), int(s)) for c, e, s in state["applied_log"]]
 
 
 class Run:

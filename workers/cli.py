@@ -48,9 +48,23 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(client)
     client.add_argument("--epochs", type=int, default=None)
     client.add_argument("--no-progress", action="store_true")
+    client.add_argument("--run", default=None, help="the training run to join (client.run)")
+    client.add_argument(
+        "--takeover",
+        action="store_true",
+        help="replace a live session under this client's name (client.takeover)",
+    )
     init = sub.add_parser("init", help="write a ready-to-run local deployment")
     init.add_argument("dir", type=Path)
     _deployment_args(init)
+    provision = sub.add_parser(
+        "provision", help="write one start kit per site (own key, peers' public keys, config)"
+    )
+    provision.add_argument("project", type=Path, help="the project's TOML file")
+    provision.add_argument("--out", type=Path, default=None, help="a new folder for the kits")
+    provision.add_argument(
+        "--example", action="store_true", help="write an example project file and stop"
+    )
     demo = sub.add_parser("demo", help="train across real processes on built-in data")
     _deployment_args(demo)
     demo.add_argument("--json", action="store_true")
@@ -83,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true")
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--only", nargs="+", metavar="SECTION", help="run only these sections")
+    runs = sub.add_parser("runs", help="the server's training runs (needs its admin token)")
+    runs.add_argument("action", choices=["list", "status", "stop", "download"])
+    runs.add_argument("run", nargs="?", default=None, help="the run id (all but list)")
+    runs.add_argument(
+        "--config", required=True, type=Path, help="the server's TOML (its [ops] section)"
+    )
+    runs.add_argument("--out", type=Path, default=None, help="download: where to write it")
+    runs.add_argument("--json", action="store_true")
     health = sub.add_parser("health", help="exit 0 if the worker's /readyz answers 200")
     health.add_argument("--config", required=True, type=Path)
     health.add_argument("--timeout", type=float, default=3.0)
@@ -127,6 +149,10 @@ def _overrides(args: argparse.Namespace, role: str) -> list[str]:
         sets.append(f"{role}.insecure=true")
     if getattr(args, "epochs", None) is not None:
         sets.append(f"train.epochs={args.epochs}")
+    if getattr(args, "run", None):
+        sets.append(f'client.run="{args.run}"')
+    if getattr(args, "takeover", False):
+        sets.append("client.takeover=true")
     return sets
 
 
@@ -206,24 +232,53 @@ def cmd_client(args: argparse.Namespace) -> int:
     _setup_logging(args, cfg.ops.log_format, cfg.ops.log_level, "client")
     _set_threads(cfg.train.threads)
     json_logs = (args.log_format or cfg.ops.log_format) == "json"  # keep stderr pure JSON
-    worker = ClientWorker(cfg, args.config.parent, progress=not (args.no_progress or json_logs))
+    # A bar only on a terminal: in a log file its carriage returns are noise (epoch lines remain).
+    bar = sys.stderr.isatty() and not (args.no_progress or json_logs)
+    worker = ClientWorker(cfg, args.config.parent, progress=bar)
     summary = asyncio.run(worker.run())
     if args.json:
         print(json.dumps(summary), flush=True)
     else:
-        accuracy = summary["test_accuracy"]
-        shown = "n/a (this party holds no labels)" if accuracy is None else f"{accuracy:.4f}"
-        print(f"trained {summary['steps']} steps; test accuracy {shown}")
+        print(_client_report(summary))
     return 0
 
 
+def _client_report(summary: dict[str, Any]) -> str:
+    accuracy = summary["test_accuracy"]
+    shown = "n/a (this party holds no labels)" if accuracy is None else f"{accuracy:.4f}"
+    best = f" (best: epoch {summary['best_epoch']})" if summary.get("best_epoch") else ""
+    model = summary.get("model") or "not saved (set client.save)"
+    return (
+        f"trained {summary['steps']} steps in run {summary.get('run') or '-'} in "
+        f"{summary['wall_seconds']:.1f}s; test accuracy {shown}{best}; model: {model}"
+    )
+
+
 def cmd_init(args: argparse.Namespace) -> int:
-    from .localdeploy import deployment_options, init_deployment
+    from .localdeploy import deployment_options, init_deployment, start_commands
 
     result = init_deployment(args.dir, **deployment_options(args))
     for name, path in result["files"].items():
         print(f"{name}: {path}")
-    print(f"start with: sl-pipeline server --config {result['files']['server']}")
+    print("start each worker in its own terminal, the server first:")
+    for _, command in start_commands(result["files"]):
+        print(f"  {command}")
+    return 0
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from .provision import provision, write_example
+
+    if args.example:
+        print(f"wrote {write_example(args.project)}: edit it, then provision --out DIR")
+        return 0
+    if args.out is None:
+        raise ConfigError("provision needs --out DIR (a new folder for the kits)")
+    result = provision(args.project, args.out)
+    print(f"wrote one folder per site under {result['dir']}; copy each to its machine.")
+    print("on each machine, start its site (the server first):")
+    for site, script in result["sites"].items():
+        print(f"  {site}: sh {script}")
     return 0
 
 
@@ -264,7 +319,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_health(args: argparse.Namespace) -> int:
     from sl_pipeline.config import read_toml
 
-    from .ops import check_health, parse_listen
+    from .diagnose import health_report
+    from .ops import parse_listen
 
     data = read_toml(args.config)
     listen = data.get("ops", {}).get("listen", "")
@@ -273,7 +329,33 @@ def cmd_health(args: argparse.Namespace) -> int:
     host, port = parse_listen(listen)
     host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-    return 0 if asyncio.run(check_health(url, args.timeout)) else 1
+    ready, report = health_report(url, args.timeout)
+    if not ready:
+        print(f"sl-pipeline health: not ready: {report}", file=sys.stderr)
+    return 0 if ready else 1
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from .runs_api import RunClient, format_runs
+
+    api = RunClient(args.config)
+    if args.action == "list":
+        body = api.json("GET", "/runs")
+        print(json.dumps(body) if args.json else format_runs(body["runs"]))
+        return 0
+    if not args.run:
+        raise ConfigError(f"runs {args.action} needs a run id; `runs list` shows them")
+    if args.action == "download":
+        out = args.out or Path(f"{args.run}-server.pt")
+        data = api.call("GET", f"/runs/{args.run}/model")
+        out.write_bytes(data)
+        print(json.dumps({"run": args.run, "file": str(out)}) if args.json else f"wrote {out}")
+        return 0
+    method = "POST" if args.action == "stop" else "GET"
+    suffix = "/stop" if args.action == "stop" else ""
+    info = api.json(method, f"/runs/{args.run}{suffix}")
+    print(json.dumps(info) if args.json else format_runs([info]))
+    return 0
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -282,11 +364,13 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "relay": cmd_relay,
     "predict": cmd_predict,
     "init": cmd_init,
+    "provision": cmd_provision,
     "demo": cmd_demo,
     "keygen": cmd_keygen,
     "bench": cmd_bench,
     "health": cmd_health,
     **privacy_cli.COMMANDS,
+    "runs": cmd_runs,
 }
 
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from privacy.config import PrivacyConfig
 from sl_pipeline.config import ClientConfig, check_endpoint, resolve_path
-from sl_pipeline.errors import ConfigError, PeerError, ReplyTimeoutError, TransportError
+from sl_pipeline.errors import PeerError, ProtocolError, ReplyTimeoutError, TransportError
 from sl_pipeline.handshake import ClientHandshake
 from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
 from sl_pipeline.models import fingerprint
@@ -35,9 +35,11 @@ from .align import aligned_data, first_data, psi_key, rows_file
 from .checkpoint import CheckpointStore, restore_rng, rng_state
 from .client_steps import StepRunner, build_runner
 from .common import install_stop_signals, load_own_key, load_peer_key, start_ops, warn_insecure
+from .diagnose import no_server, refused
 from .metrics import WorkerMetrics
 from .pipeline import check_depth, train_pipelined
 from .rollback import NOTHING, Rewind, UndoPoints
+from .runs import check_run_id
 
 log = logging.getLogger("sl_pipeline.client")
 
@@ -47,6 +49,8 @@ class _Stopped(Exception):
 
 
 MAX_RETRIES_PER_REQUEST = 100
+# Refusals that end by waiting: a full server, a run queue, a name whose old session may be dead.
+WAIT_CODES = ("overloaded", "name_in_use")
 
 
 class ClientWorker:
@@ -66,6 +70,8 @@ class ClientWorker:
         PrivacyConfig.from_mapping(cfg.privacy).check_placement(
             self.topology, server=False, holds_labels=cfg.client.role == "label"
         )
+        if cfg.client.run:
+            check_run_id(cfg.client.run, "client.run")
         m = cfg.model
         source = load_source(cfg.data, base, m.classes, m.in_shape)  # every data error: now
         self.psi_key = psi_key(cfg, base, source.ids is not None)
@@ -92,6 +98,8 @@ class ClientWorker:
         self.epoch_losses: list[float] = []
         self.start = (0, 0)  # (epoch, step) to continue from
         self.last_applied: tuple[int, int] | None = None
+        self.run_id = cfg.client.run
+        self.history: list[tuple[int, float | None, float | None]] = []  # epoch, acc, loss
         self.stop = asyncio.Event()
         self.stopped = False
         self.undo = UndoPoints()
@@ -209,6 +217,17 @@ class ClientWorker:
                 self.upstream,
             )
 
+    def _hello(self) -> dict[str, Any]:
+        """What this client asks for: its run, whether it trains, where it resumes from."""
+        c = self.cfg.client
+        return {
+            **self.handshake.hello,
+            "run": c.run,
+            "takeover": c.takeover,
+            "intent": "train" if self.start[0] < self.cfg.train.epochs else "infer",
+            "resume": list(self.last_applied) if self.last_applied else None,
+        }
+
     # ---- connection --------------------------------------------------------------------
     def _count(self, direction: str, kind: str, nbytes: int) -> None:
         self.bytes[direction] += nbytes
@@ -229,6 +248,7 @@ class ClientWorker:
             )
             sent = time.monotonic()
             try:
+                self.handshake.hello = self._hello()
                 welcome = await self.conn.handshake(
                     self.handshake, self.hello_timer.timeout("hello")
                 )
@@ -236,20 +256,20 @@ class ClientWorker:
                 self._joined(welcome)
                 return
             except PeerError as exc:
-                if not exc.retryable or time.monotonic() + delay > deadline:
-                    raise
+                retry = exc.retryable or exc.remote_code in WAIT_CODES
+                if not retry or time.monotonic() + delay > deadline:
+                    raise refused(exc, self.cfg) from None
                 log.warning(
                     "the %s refused to join (%s); retrying in %.1fs", self.upstream, exc, delay
                 )
-            except TransportError as exc:
+            except (TransportError, ProtocolError) as exc:
                 if isinstance(exc, ReplyTimeoutError):
                     self.hello_timer.expired("hello")
                 if time.monotonic() + delay > deadline:
-                    error = ConfigError if self.steps_done == 0 else TransportError
-                    raise error(
-                        f"client.server = {c.server!r}: no {self.upstream} answered for "
-                        f"{c.retry_for_s:.0f}s; check that it runs and that the address is right"
-                    ) from None
+                    if self.steps_done:  # it was there: a network fault, not a config one
+                        raise TransportError(no_server(self.cfg).message) from None
+                    raise no_server(self.cfg) from None
+                log.warning("no answer from %s (%s); retrying", c.server, exc)
             self.retries += 1
             self.metrics.retries_total.inc()
             await asyncio.sleep(delay * (0.5 + random.random()))
@@ -261,7 +281,13 @@ class ClientWorker:
         self.upstream = role if role in ("server", "relay") else "server"
         assert self.conn is not None
         self.conn.peer = self.upstream
-        log.info("joined %s %s", self.upstream, self.cfg.client.server)
+        self.run_id = welcome.get("run") or self.run_id
+        log.info(
+            "joined %s %s (run %s)",
+            self.upstream,
+            self.cfg.client.server,
+            self.run_id or "not chosen yet",
+        )
         self._check_resume(welcome)
 
     async def request(self, message: Message, timeout_s: float | None = None) -> Message:
@@ -323,7 +349,7 @@ class ClientWorker:
                     "stopped by signal at epoch %d step %d; state saved", self.epoch, self.step
                 )
             assert self.conn is not None
-            await self.conn.send(self.message(Kind.BYE))
+            await self.conn.send(self.message(Kind.BYE, meta={"finished": not self.stopped}))
             self.runner.save()
             if not self.stopped:
                 self.epoch = self.cfg.train.epochs  # finished: a restart has nothing left to do
@@ -353,13 +379,14 @@ class ClientWorker:
     async def _train_from_start(self) -> None:
         for epoch in range(self.start[0], self.cfg.train.epochs):
             self.epoch = epoch
-            self.metrics.epoch.set(epoch)
+            self.metrics.epoch.set(epoch + 1)  # 1-based, as in the logs
             await self.runner.before_epoch(epoch)
             self.last_loss = await self._train_epoch(
                 epoch, self.start[1] if epoch == self.start[0] else 0
             )
             await self.runner.after_epoch(epoch)
             await self._evaluate()
+            self.history.append((epoch + 1, self.last_accuracy, self.last_loss))
             log.info(
                 "epoch %d: train loss %.4f, test accuracy %s",
                 epoch + 1,
@@ -381,6 +408,7 @@ class ClientWorker:
             "topology": self.topology,
             "dataset": self.cfg.data.dataset or self.cfg.data.path,
             "client": self.cfg.client.name,
+            "run": self.run_id or None,
             "epochs": self.cfg.train.epochs,
             "steps": self.steps_done,
             "test_accuracy": self.last_accuracy,
@@ -393,9 +421,23 @@ class ClientWorker:
             "resumed_from": self.resumed_from,
             "rewinds": self.undo.rewinds,
             "stopped_early": self.stopped,
+            "best_epoch": self._best_epoch(),
+            "model": self._model_path(),
             "wall_seconds": round(wall, 3),
             **self.runner.report(),
         }
+
+    def _model_path(self) -> str | None:
+        save = self.cfg.client.save
+        return str(resolve_path(self.base, save, "client.save", must_exist=False)) if save else None
+
+    def _best_epoch(self) -> int | None:
+        """The 1-based epoch with the best test accuracy (lowest train loss without labels)."""
+        scored = [(acc, e) for e, acc, _ in self.history if acc is not None]
+        if scored:
+            return max(scored, key=lambda t: (t[0], -t[1]))[1]
+        losses = [(loss, e) for e, _, loss in self.history if loss is not None]
+        return min(losses)[1] if losses else None
 
     def status(self) -> dict[str, Any]:
         return {

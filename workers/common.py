@@ -59,12 +59,19 @@ async def start_ops(
     metrics: WorkerMetrics,
     status: Callable[[], Mapping[str, Any]],
     ready: Callable[[], bool],
+    routes: Callable[[Any], None] | None = None,
 ) -> OpsServer | None:
     if not cfg.listen:
         return None
     host, port = parse_listen(cfg.listen)
-    ops = OpsServer(metrics, status, ready, host, port)
-    await ops.start()
+    ops = OpsServer(metrics, status, ready, host, port, routes)
+    try:
+        await ops.start()
+    except OSError as exc:
+        raise ConfigError(
+            f"ops.listen = {cfg.listen!r}: cannot listen there ({exc.strerror or exc}); "
+            "another process holds the port: stop it, or choose another port in [ops] listen"
+        ) from None
     log.info("ops HTTP listening on %s", ops.url)
     return ops
 

@@ -66,6 +66,7 @@ BOUNDED_TABLES: tuple[str, ...] = (
 )
 HANDSHAKE_RESULTS: tuple[str, ...] = ("ok", "not_admitted", "bad_handshake", "version")
 PRIVACY_MECHANISMS: tuple[str, ...] = ("dpsgd", "activation_noise")
+RUN_SERIES = 20  # runs whose series a server exports (bounded over months of runs)
 
 #: 1 ms .. 10 s, roughly three buckets per decade: one step's round trip, or the
 #: server's compute for one batch, on CPU or GPU, over a LAN or a WAN.
@@ -218,6 +219,19 @@ class WorkerMetrics:
             "Unix time of the last applied training step; 0 before the first.",
             registry=reg,
         )
+        self.run_steps = Gauge(
+            "sl_run_steps",
+            "Server: training steps applied in each recent run.",
+            ["run"],
+            registry=reg,
+        )
+        self.run_active = Gauge(
+            "sl_run_active",
+            "Server: 1 while a recent run trains, 0 once it finished or was stopped.",
+            ["run"],
+            registry=reg,
+        )
+        self._runs: list[str] = []
         self.build_info = Info(
             "sl_build", "Version and role of this worker (value is always 1).", registry=reg
         )
@@ -273,6 +287,17 @@ class WorkerMetrics:
         self.steps_applied_total.inc()
         self.step.set(step)
         self.last_step_timestamp_seconds.set(time.time() if now_s is None else now_s)
+
+    def record_run(self, run: str, steps: int, active: bool) -> None:
+        """A run's progress; only the newest :data:`RUN_SERIES` runs keep their series."""
+        if run not in self._runs:
+            self._runs.append(run)
+            for old in self._runs[:-RUN_SERIES]:
+                self.run_steps.remove(old)
+                self.run_active.remove(old)
+            self._runs = self._runs[-RUN_SERIES:]
+        self.run_steps.labels(run=run).set(steps)
+        self.run_active.labels(run=run).set(1 if active else 0)
 
     def set_privacy(self, mechanism: str, epsilon: float, budget: float | None = None) -> None:
         """Report ``epsilon`` spent by ``mechanism`` and its budget (``None``: no budget)."""

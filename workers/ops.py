@@ -111,8 +111,10 @@ class OpsServer:
         ready: Callable[[], bool],
         host: str,
         port: int,
+        routes: Callable[[web.Application], None] | None = None,
     ) -> None:
         self.metrics = metrics
+        self._routes = routes  # more routes (the server's run API)
         self.host = host
         self.port = port
         self._status = status
@@ -125,6 +127,8 @@ class OpsServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/status", self._handle_status)
+        if self._routes is not None:
+            self._routes(app)
         return app
 
     async def start(self) -> None:

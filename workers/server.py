@@ -1,15 +1,17 @@
 """The server worker: a long-lived asyncio service on a ZeroMQ ROUTER socket.
 
-It admits authenticated clients, holds the server segment(s) in a topology engine, answers
-each FORWARD with the cut-layer gradient, and keeps serving the others when one misbehaves
-or vanishes. Replies to retransmitted steps come from a cache, so a step is never applied
-twice.
+It admits authenticated clients, holds the server segment(s) of each training run in a
+topology engine (see :mod:`workers.runs`: one process serves run after run), answers each
+FORWARD with the cut-layer gradient, and keeps serving the others when one misbehaves or
+vanishes. Replies to retransmitted steps come from the run's cache, so a step is never
+applied twice.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +24,18 @@ from sl_pipeline.messages import Kind, Message, error_message
 from sl_pipeline.models import fingerprint
 
 from .checkpoint import CheckpointStore, restore_rng, rng_state
-from .engine import Engine, build_engine
+from .engine import Engine
 from .metrics import WorkerMetrics
-from .replycache import ReplyCache
+from .runhost import RunHost, first_line
+from .runs import ACTIVE, Run, RunBook, check_run_id, decode_log
+from .runs_api import RunApi, read_token
 from .service import Listen, Peer, Replies, RouterService, reject_reason
 
 log = logging.getLogger("sl_pipeline.server")
+QUIET_CODES = ("stale_step", "run_ended")  # a client's mistake to explain, not an attack
 
 
-class ServerWorker(RouterService):
+class ServerWorker(RunHost, RouterService):
     role = "server"
 
     def __init__(self, cfg: ServerConfig, base: Path, metrics: WorkerMetrics | None = None) -> None:
@@ -57,21 +62,24 @@ class ServerWorker(RouterService):
         PrivacyConfig.from_mapping(cfg.privacy).check_placement(
             s.topology, server=True, holds_labels=not s.label_holder
         )
-        self.engine: Engine = build_engine(cfg, base)
-        self.engine.on_bound = self.metrics.record_bound
-        self.replies = ReplyCache(
-            max_names=max(1, s.max_names),
-            on_hit=lambda: self.metrics.record_bound("reply_cache"),
-        )
-        self.steps_applied = 0
-        self.last_loss: float | None = None
-        self.applied_log: list[list[Any]] = []  # [client, epoch, step] per applied update
+        self.book = RunBook(self._runs_dir(), s.max_runs, s.run_clients)
+        self.peer_runs: dict[str, str] = {}  # peer name -> the run it trains in
+        self.requested: dict[str, str] = {}  # peer name -> the run it asked for ("" = current)
+        self.steps_applied = 0  # over every run: the checkpoints' step number
         self.from_cache = 0
-        self._load_saved()
+        self._spare: Engine | None = self.build_engine()  # the first run's, or inference's
+        self._spare_trained = self._load_saved(self._spare)
+        self._settle_next: Engine | None = None
+        for info in self.book.read_index():
+            self._add_record(info)
+        self.admin_token = read_token(base, cfg.ops.admin_token) if cfg.ops.admin_token else None
         self.ckpt = self._checkpoint_store()
         self.resumed_from = self._restore() if self.ckpt else 0
         self._saved_at = self.steps_applied
-        self._saved_version = self.engine.coordination_version
+        self._saved_versions = self._versions()
+
+    def ops_routes(self) -> Callable[[Any], None]:
+        return RunApi(self, self.admin_token).add_routes
 
     # ---- checkpoints ---------------------------------------------------------------------
     def _checkpoint_store(self) -> CheckpointStore | None:
@@ -84,11 +92,9 @@ class ServerWorker(RouterService):
     def _state(self) -> dict[str, Any]:
         return {
             "fingerprint": self.fingerprint,
-            "engine": self.engine.state_dict(),
             "steps_applied": self.steps_applied,
             "rng": rng_state(),
-            "replies": self.replies.entries(),
-            "applied_log": self.applied_log,
+            "runs": [run.state_dict() for run in self.book.runs.values()],
         }
 
     def _restore(self) -> int:
@@ -102,74 +108,131 @@ class ServerWorker(RouterService):
                 f"checkpoint {path} is for another model or topology; "
                 "point checkpoint.dir elsewhere or remove it"
             )
-        self.engine.load_state_dict(state["engine"])
-        self.steps_applied = self.engine.steps_applied = int(state["steps_applied"])
+        self.steps_applied = int(state["steps_applied"])
         restore_rng(state["rng"])
-        self.replies.load(state["replies"])
-        self.applied_log = [list(e) for e in state["applied_log"]]
+        self.book.runs.clear()
+        records = state.get("runs")
+        if records is None:  # written before runs existed: one active run
+            records = [{"id": "run-1", "state": ACTIVE, **state}]
+        for record in records:
+            self._restore_run(record, path)
         log.info("resumed from checkpoint %s at %d applied steps", path, self.steps_applied)
         return self.steps_applied
 
-    def checkpoint(self) -> None:
-        version = self.engine.coordination_version
-        changed = self.steps_applied != self._saved_at or version != self._saved_version
-        if self.ckpt is not None and changed:
+    def _restore_run(self, record: dict[str, Any], path: Path) -> None:
+        run = self._add_record(record)
+        if "engine" in record:
+            engine = run.engine or self._new_engine()
+            try:
+                engine.load_state_dict(record["engine"])
+            except (RuntimeError, KeyError, ValueError) as exc:
+                raise ConfigError(
+                    f"checkpoint {path} does not fit this server's model ({first_line(exc)}); "
+                    "point checkpoint.dir elsewhere or remove it"
+                ) from None
+            run.engine = engine
+            engine.steps_applied = run.steps
+        if "replies" in record:
+            run.replies.load(record["replies"])
+        if "applied_log" in record:
+            run.applied_log = decode_log(record["applied_log"])
+
+    def _versions(self) -> list[tuple[str, int]]:
+        """Where each active run's group coordination stands (turns, rounds)."""
+        return [
+            (r.id, r.engine.coordination_version)
+            for r in self.book.active()
+            if r.engine is not None
+        ]
+
+    def checkpoint(self, force: bool = False) -> None:
+        versions = self._versions()
+        changed = self.steps_applied != self._saved_at or versions != self._saved_versions
+        if self.ckpt is not None and (force or changed):
             self.ckpt.save(self._state(), self.steps_applied)
-            self._saved_at, self._saved_version = self.steps_applied, version
+            self._saved_at, self._saved_versions = self.steps_applied, versions
             self.metrics.checkpoints_total.inc()
 
-    def _save_path(self) -> Path | None:
-        if not self.cfg.server.save:
-            return None
-        return resolve_path(self.base, self.cfg.server.save, "server.save", must_exist=False)
-
-    def _load_saved(self) -> None:
-        path = self._save_path()
-        if path is not None and path.exists():
-            self.engine.model.load_state_dict(torch.load(path, weights_only=True))
-            log.info("loaded the server segment from %s", path)
-
     async def on_stop(self) -> None:
-        self.engine.settle()
+        for run in self.book.active():
+            engine = self._engine_of(run)
+            engine.settle()
+            path = self.book.model_path(run)
+            if path is not None and run.steps:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(engine.model.state_dict(), path)
+                run.model = str(path)
+        self.book.write_index()
         self.checkpoint()
-        path = self._save_path()
-        if path is not None and self.steps_applied:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(self.engine.model.state_dict(), path)
-        log.info("server stopped after %d applied steps", self.steps_applied)
+        latest = self.book.latest()
+        if latest is not None and latest.steps:
+            self._save_latest(self._engine_of(latest))
+        runs = len(self.book.runs)
+        log.info("server stopped after %d applied steps in %d runs", self.steps_applied, runs)
 
     def summary(self) -> dict[str, Any]:
         return {
             "role": "server",
             "steps_applied": self.steps_applied,
             "peers": len(self.peers),
+            "runs": [run.id for run in self.book.runs.values()],
             "resumed_from": self.resumed_from,
             "answered_from_cache": self.from_cache,
-            "replied_first": self.engine.deferred_updates,
+            "replied_first": sum(
+                r.engine.deferred_updates for r in self.book.runs.values() if r.engine
+            ),
         }
 
     def status(self) -> dict[str, Any]:
+        latest = self.book.latest()
         return {
             **super().status(),
             "topology": self.cfg.server.topology,
             "steps_applied": self.steps_applied,
             "last_loss": self.last_loss,
+            "current_run": latest.id if latest else None,
+            "runs": [r.info() for r in list(self.book.runs.values())[-5:]],
         }
 
+    # ---- peers ---------------------------------------------------------------------------
     def accept(self, hello: dict[str, Any], key: bytes | None) -> dict[str, Any]:
-        """The welcome carries where this server stands for the client (the resume exchange)."""
+        """The welcome carries the run and where it stands for the client (the resume exchange)."""
+        welcome = super().accept(hello, key)
         name = self.peer_name(hello, key)
-        last = self.replies.newest(name, Kind.FORWARD.value)
+        wanted = str(hello.get("run") or "")
+        if wanted:
+            try:
+                check_run_id(wanted, "client.run")
+            except ConfigError as exc:
+                raise ProtocolError(exc.message) from None
+        self._check_name_free(name, hello)
+        bound = self.book.runs.get(self.peer_runs.get(name, ""))
+        if bound is None or not bound.active or wanted not in ("", bound.id):
+            self.peer_runs.pop(name, None)
+            bound = self.book.runs.get(wanted) if wanted else self.book.current_for(name)
+        if hello.get("intent", "train") == "train":
+            if bound is not None and not bound.active:
+                raise ProtocolError(
+                    f"run {wanted!r} has {bound.state}; name a new run ([client] run) to train"
+                )
+            if bound is None:
+                bound = self._start_run(wanted or self.book.next_id())
+            self.peer_runs[name] = bound.id
+        self.requested[name] = wanted
+        last = bound.replies.newest(name, Kind.FORWARD.value) if bound else None
         return {
-            **super().accept(hello, key),
+            **welcome,
             "topology": self.cfg.server.topology,
             "applied": list(last) if last else None,
+            "run": bound.id if bound else None,
             # a client keeps undo points for what a crash between checkpoints may lose
             "checkpoint_every": max(1, self.cfg.checkpoint.every_steps) if self.ckpt else 1,
         }
 
     def forget_peer(self, peer: Peer) -> None:
-        self.engine.forget(peer.name)
+        run = self.book.runs.get(self.peer_runs.get(peer.name, ""))
+        if run is not None and run.engine is not None:
+            run.engine.forget(peer.name)
 
     def _can_reply_first(self) -> bool:
         """Defer weight gradients past the reply only when it costs nobody anything: no
@@ -181,10 +244,15 @@ class ServerWorker(RouterService):
         return self.ckpt is None or not due
 
     def after_replies(self) -> None:
-        self.engine.settle()
+        self._settle()
+
+    def _settle(self) -> None:
+        engine, self._settle_next = self._settle_next, None
+        if engine is not None:
+            engine.settle()
 
     async def dispatch(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
-        self.engine.settle()  # no request ever sees weights without the last update
+        self._settle()  # no request ever sees weights without the last update
         msg = Message(
             kind=msg.kind,
             session=msg.session,
@@ -198,57 +266,98 @@ class ServerWorker(RouterService):
             if msg.kind in (Kind.FORWARD, Kind.BACKWARD, Kind.WEIGHTS):
                 return self._train(identity, peer, msg)
             if msg.kind in (Kind.EVALUATE, Kind.PREDICT):
-                return self.engine.evaluate(identity, msg)
+                return self._inference_engine(peer).evaluate(identity, msg)
             if msg.kind is Kind.HEARTBEAT:
                 return [(identity, msg.reply(Kind.HEARTBEAT))]
             if msg.kind is Kind.BYE:
-                log.info("client %s said bye after %d steps", peer.name, peer.applied)
-                self.forget(identity)
+                self._bye(identity, peer, msg)
                 return []
             raise ProtocolError(f"a server does not accept {msg.kind.value} messages")
         except ProtocolError as exc:
-            self.reject(peer, reject_reason(exc), exc)
+            if exc.code in QUIET_CODES:
+                log.warning("%s: %s", msg.client, exc.message)
+            else:
+                self.reject(peer, reject_reason(exc), exc)
             retry = isinstance(exc, OverloadedError)
             return [(identity, error_message(exc.code, exc.message, retryable=retry, request=msg))]
 
+    def _bye(self, identity: bytes, peer: Peer, msg: Message) -> None:
+        run = self.book.runs.get(self.peer_runs.get(peer.name, ""))
+        if run is not None and msg.meta.get("finished") and msg.client in run.members:
+            run.done.add(msg.client)
+            log.info("%s finished its part of run %s", msg.client, run.id)
+            if self.book.ready_to_finish(run):
+                self.end_run(run)
+        if msg.client == peer.name:  # a relay's client leaving is not the relay leaving
+            log.info("client %s said bye after %d steps", peer.name, peer.applied)
+            self.forget(identity)
+
     def _train(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
         """Apply a step at most once: a retransmitted request gets the cached reply."""
+        run = self._training_run(peer)
         step = (msg.epoch, msg.step)
-        cached = self.replies.get(msg.client, msg.kind.value, step)
+        cached = run.replies.get(msg.client, msg.kind.value, step)
         if cached is not None:
             log.info("%s resent %s %s: answering from cache", msg.client, msg.kind.value, step)
             self.from_cache += 1
             return [(identity, cached)]
-        newest = self.replies.newest(msg.client, msg.kind.value)
+        newest = run.replies.newest(msg.client, msg.kind.value)
         if msg.kind is Kind.FORWARD and newest is not None and step < newest:
-            raise ProtocolError(f"step {step} is older than the steps this server remembers")
-        before = self.engine.steps_applied
-        self.engine.defer_updates = self._can_reply_first()
+            error = ProtocolError(
+                f"step {step} is older than the steps run {run.id} applied for {msg.client} "
+                f"(up to {newest}): resume the client from its checkpoint ([checkpoint] dir), "
+                "or train a new run ([client] run = a new name)"
+            )
+            error.code = "stale_step"
+            raise error
+        run.members.add(msg.client)
+        if msg.kind is Kind.FORWARD and run.epochs.get(msg.client, -1) < msg.epoch:
+            run.epochs[msg.client] = msg.epoch
+            loss = "n/a" if run.last_loss is None else f"{run.last_loss:.4f}"
+            log.info(
+                "run %s: %s is in epoch %d (%d steps applied in the run, last loss %s)",
+                run.id,
+                msg.client,
+                msg.epoch + 1,
+                run.steps,
+                loss,
+            )
+        engine = self._engine_of(run)
+        before = engine.steps_applied
+        engine.defer_updates = self._can_reply_first()
+        self._settle_next = engine
         start = time.perf_counter()
-        replies = self.engine.handle(identity, msg)
+        replies = engine.handle(identity, msg)
         self.metrics.server_compute_seconds.observe(time.perf_counter() - start)
-        self.metrics.queue_depth.set(self.engine.queue_depth())
-        self.metrics.epoch.set(msg.epoch)
+        self.metrics.queue_depth.set(engine.queue_depth())
+        self.metrics.epoch.set(msg.epoch + 1)
         for _, reply in replies:
             if reply.kind is not Kind.ERROR:
                 kind = msg.kind.value if reply.client == msg.client else _answers(reply)
-                self.replies.put(reply.client, kind, (reply.epoch, reply.step), reply)
-        applied = self.engine.steps_applied - before
+                run.replies.put(reply.client, kind, (reply.epoch, reply.step), reply)
+        applied = engine.steps_applied - before
         if applied:
-            self.applied_log.extend(
-                [r.client, r.epoch, r.step] for _, r in replies if r.kind is Kind.BACKWARD
-            )
-            peer.applied += 1
-            self.steps_applied += applied
-            self.metrics.record_step(self.steps_applied)
-            if self.engine.last_loss is not None:
-                self.last_loss = self.engine.last_loss
-                self.metrics.train_loss.set(self.last_loss)
-            if self.steps_applied - self._saved_at >= max(1, self.cfg.checkpoint.every_steps):
-                self.checkpoint()  # before any reply leaves: what a client saw is durable
-        if self.engine.coordination_version != self._saved_version:
+            self._count_applied(run, peer, replies, applied, engine)
+        if self._versions() != self._saved_versions:
             self.checkpoint()  # a turn or a round moved on: durable before anyone hears of it
         return replies
+
+    def _count_applied(
+        self, run: Run, peer: Peer, replies: Replies, applied: int, engine: Engine
+    ) -> None:
+        run.applied_log.extend(
+            [r.client, r.epoch, r.step] for _, r in replies if r.kind is Kind.BACKWARD
+        )
+        peer.applied += 1
+        run.steps += applied
+        self.steps_applied += applied
+        self.metrics.record_step(self.steps_applied)
+        self.metrics.record_run(run.id, run.steps, True)
+        if engine.last_loss is not None:
+            run.last_loss = engine.last_loss
+            self.metrics.train_loss.set(run.last_loss)
+        if self.steps_applied - self._saved_at >= max(1, self.cfg.checkpoint.every_steps):
+            self.checkpoint()  # before any reply leaves: what a client saw is durable
 
 
 def _answers(reply: Message) -> str:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,10 @@ class RouterService:
     def ready(self) -> bool:
         return self.bound
 
+    def ops_routes(self) -> Callable[[Any], None] | None:
+        """More routes for the ops HTTP server (the server's run API)."""
+        return None
+
     # ---- the loop --------------------------------------------------------------------
     async def serve(self, stop: asyncio.Event) -> dict[str, Any]:
         ctx = zmq.asyncio.Context()
@@ -190,7 +195,9 @@ class RouterService:
         try:
             await self.on_start()
             self.bound = True
-            ops = await start_ops(self.ops_cfg, self.metrics, self.status, self.ready)
+            ops = await start_ops(
+                self.ops_cfg, self.metrics, self.status, self.ready, self.ops_routes()
+            )
             log.info("%s listening on %s", self.role, self.listen.bind)
             await self._run_until(stop, endpoint)
         finally:

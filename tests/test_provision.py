@@ -1,0 +1,154 @@
+"""`sl-pipeline provision`: one kit per site, no site holding another's private key, and the
+kits train together."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from sl_pipeline.config import ClientConfig, RelayConfig, ServerConfig, load
+from workers.cli import main
+from workers.client import ClientWorker
+from workers.localdeploy import free_port
+from workers.server import ServerWorker
+
+PROJECT = """
+[project]
+name = "study"
+topology = "{topology}"
+dataset = "breast_cancer"
+epochs = 1
+
+[server]
+host = "127.0.0.1"
+port = {port}
+ops_port = {ops}
+
+[[client]]
+name = "site-a"
+
+[[client]]
+name = "site-b"
+ops_port = {client_ops}
+{relay}"""
+RELAY = '\n[[relay]]\nname = "hop"\nhost = "127.0.0.1"\nport = {port}\n'
+
+
+def _provision(tmp_path: Path, topology: str = "vanilla") -> tuple[Path, str]:
+    relay = RELAY.format(port=free_port()) if topology == "multihop" else ""
+    project = tmp_path / "project.toml"
+    project.write_text(
+        PROJECT.format(
+            topology=topology,
+            port=free_port(),
+            ops=free_port(),
+            client_ops=free_port(),
+            relay=relay,
+        )
+    )
+    out = tmp_path / "kits"
+    return out, str(project)
+
+
+def _private_keys(out: Path) -> dict[str, str]:
+    """site -> the secret part of its private key file."""
+    return {
+        site.name: (site / "keys" / f"{site.name}.key").read_text().split()[-1]
+        for site in out.iterdir()
+        if (site / "keys" / f"{site.name}.key").exists()
+    }
+
+
+@pytest.mark.parametrize("topology", ["vanilla", "multihop", "splitfed"])
+def test_no_kit_holds_another_sites_private_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], topology: str
+) -> None:
+    out, project = _provision(tmp_path, topology)
+    assert main(["provision", project, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    sites = {"server", "site-a", "site-b", "admin"} | ({"hop"} if topology == "multihop" else set())
+    assert {p.name for p in out.iterdir()} == sites
+    secrets = _private_keys(out)
+    assert set(secrets) == sites - {"admin"}
+    for site in out.iterdir():
+        files = [f for f in site.rglob("*") if f.is_file()]
+        assert [f.name for f in files if f.suffix == ".key"] == (
+            [f"{site.name}.key"] if site.name != "admin" else []
+        )
+        for other, secret in secrets.items():
+            if other != site.name:
+                leaked = [f for f in files if secret in f.read_text(errors="replace")]
+                assert not leaked, f"{site.name} holds {other}'s private key in {leaked}"
+        if site.name != "admin":
+            script = site / "start.sh"
+            assert os.access(script, os.X_OK) and f"sh {script}" in printed
+    server = load(ServerConfig, out / "server" / "server.toml")
+    assert server.checkpoint.dir and server.checkpoint.fsync  # checkpointed by default
+    admitted = {p.name for p in (out / "server" / "keys" / "admitted").iterdir()}
+    assert admitted == ({"hop.pub"} if topology == "multihop" else {"site-a.pub", "site-b.pub"})
+    group = [f for f in out.rglob("group.secret")]
+    assert sorted(f.parent.parent.name for f in group) == (
+        ["site-a", "site-b"] if topology == "splitfed" else []
+    )
+
+
+def test_provision_refuses_a_bad_project(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    project = tmp_path / "p.toml"
+    project.write_text('[project]\ntopology = "vanilla"\n[[client]]\nname = "server"\n')
+    assert main(["provision", str(project), "--out", str(tmp_path / "o")]) == 2
+    assert "not server/admin" in capsys.readouterr().err
+    project.write_text('[project]\ncolour = "red"\n')
+    assert main(["provision", str(project), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown key 'project.colour'" in capsys.readouterr().err
+
+
+async def test_provisioned_kits_train_together(tmp_path: Path) -> None:
+    out, project = _provision(tmp_path)
+    assert main(["provision", project, "--out", str(out)]) == 0
+    server_dir = out / "server"
+    cfg = tomllib.loads((server_dir / "server.toml").read_text())
+    loopback = [  # the kits bind every interface; a test stays on loopback
+        f'server.bind="{cfg["server"]["bind"].replace("0.0.0.0", "127.0.0.1")}"',
+        f'ops.listen="{cfg["ops"]["listen"].replace("0.0.0.0", "127.0.0.1")}"',
+    ]
+    server = ServerWorker(load(ServerConfig, server_dir / "server.toml", loopback), server_dir)
+    stop = asyncio.Event()
+    task = asyncio.create_task(server.serve(stop))
+    try:
+        clients = [
+            ClientWorker(
+                load(ClientConfig, out / s / f"{s}.toml", ['ops.listen=""']),
+                out / s,
+                progress=False,
+            )
+            for s in ("site-a", "site-b")
+        ]
+        summaries = await asyncio.wait_for(asyncio.gather(*(c.run() for c in clients)), 120)
+    finally:
+        stop.set()
+        await task
+    assert all(s["steps"] > 0 for s in summaries)
+    assert server.book.runs["run-1"].state == "finished"
+    assert tomllib.loads((out / "admin" / "admin.toml").read_text())["ops"]["admin_token"]
+
+
+def test_relay_kit_loads(tmp_path: Path) -> None:
+    out, project = _provision(tmp_path, "multihop")
+    assert main(["provision", project, "--out", str(out)]) == 0
+    relay = load(RelayConfig, out / "hop" / "hop.toml")
+    assert relay.relay.name == "hop" and relay.relay.upstream_key == "keys/server.pub"
+
+
+def test_the_example_project_provisions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    project = tmp_path / "project.toml"
+    assert main(["provision", "--example", str(project)]) == 0
+    assert main(["provision", str(project), "--out", str(tmp_path / "kits")]) == 0
+    assert set(_private_keys(tmp_path / "kits")) == {"server", "client-1", "client-2"}
+    assert main(["provision", "--example", str(project)]) == 2  # never overwrites
+    assert "exists" in capsys.readouterr().err

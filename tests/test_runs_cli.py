@@ -1,0 +1,137 @@
+"""`sl-pipeline runs` against a real server process that serves run after run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from sl_pipeline.config import ClientConfig, ServerConfig, load
+from sl_pipeline.errors import PeerError
+from sl_pipeline.models import build_segments
+from workers.cli import main
+from workers.client import ClientWorker
+
+from .conftest import Procs
+from .threadserver import ThreadServer
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _wait_ready(capsys: pytest.CaptureFixture[str], server: Path, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if _cli(capsys, "health", "--config", str(server), "--timeout", "1")[0] == 0:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the server never became ready")
+
+
+def _finish(proc, timeout: float = 120) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_one_server_process_three_runs_listed_and_downloaded(
+    deployment, procs: Procs, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(dataset="breast_cancer", clients=2, epochs=1, ops=True)
+    server = str(files["server"])
+    procs.start("server", files["server"])
+    _wait_ready(capsys, files["server"])
+    for _ in range(3):  # the same two clients, three runs, one server process
+        pair = [
+            procs.start("client", files[n], "--json", "--no-progress")
+            for n in ("client-1", "client-2")
+        ]
+        assert len({_finish(p)["run"] for p in pair}) == 1
+    code, out, _ = _cli(capsys, "runs", "list", "--config", server, "--json")
+    assert code == 0
+    runs = json.loads(out)["runs"]
+    assert [(r["id"], r["state"]) for r in runs] == [(f"run-{i}", "finished") for i in (1, 2, 3)]
+    assert all(r["clients"] == ["client-1", "client-2"] and r["steps"] > 0 for r in runs)
+    code, table, _ = _cli(capsys, "runs", "list", "--config", server)
+    assert code == 0 and "run-3  finished" in table
+    model = build_segments(load(ServerConfig, files["server"]).model, "vanilla")[-1]
+    for run in runs:
+        target = tmp_path / f"{run['id']}.pt"
+        code, out, _ = _cli(
+            capsys, "runs", "download", run["id"], "--config", server, "--out", str(target)
+        )
+        assert code == 0 and str(target) in out
+        model.load_state_dict(torch.load(target, weights_only=True))  # a whole server segment
+    code, out, _ = _cli(capsys, "runs", "status", "run-2", "--config", server, "--json")
+    assert code == 0 and json.loads(out)["id"] == "run-2"
+
+
+def _client_in_thread(config: Path, *sets: str) -> tuple[threading.Thread, list[BaseException]]:
+    errors: list[BaseException] = []
+    worker = ClientWorker(load(ClientConfig, config, list(sets)), config.parent, progress=False)
+
+    def run() -> None:
+        try:
+            asyncio.run(worker.run())
+        except BaseException as exc:  # the test asserts on it
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+def test_an_operator_stops_a_training_run(
+    deployment, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(dataset="breast_cancer", clients=1, ops=True)
+    server = str(files["server"])
+    with ThreadServer(files["server"]) as worker:
+        thread, errors = _client_in_thread(
+            files["client-1"], 'client.run="long"', "train.epochs=500"
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (
+            "long" in worker.book.runs and worker.book.runs["long"].steps
+        ):
+            time.sleep(0.05)
+        code, out, _ = _cli(capsys, "runs", "stop", "long", "--config", server, "--json")
+        assert code == 0 and json.loads(out)["state"] == "stopped"
+        thread.join(60)
+        assert len(errors) == 1 and isinstance(errors[0], PeerError), errors
+        assert "run 'long' has stopped" in str(errors[0])
+        code, out, _ = _cli(
+            capsys, "runs", "download", "long", "--config", server, "--out", str(tmp_path / "l.pt")
+        )
+        assert code == 0
+        assert set(torch.load(tmp_path / "l.pt", weights_only=True)) == set(
+            worker.engine.model.state_dict()
+        )
+
+
+def test_runs_refuses_a_wrong_token_and_names_a_missing_server(
+    deployment, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(dataset="breast_cancer", clients=1, ops=True)
+    cfg = tomllib.loads(files["server"].read_text())
+    admin = tmp_path / "admin.toml"
+    (tmp_path / "wrong.token").write_text("x" * 32)
+    admin.write_text(f'[ops]\nlisten = "{cfg["ops"]["listen"]}"\nadmin_token = "wrong.token"\n')
+    code, _, err = _cli(capsys, "runs", "list", "--config", str(admin))
+    assert code == 5 and "no server answers at http://127.0.0.1:" in err
+    with ThreadServer(files["server"]):
+        code, _, err = _cli(capsys, "runs", "list", "--config", str(admin))
+        assert code == 2 and "refused the admin token" in err
+        code, _, err = _cli(capsys, "runs", "status", "nope", "--config", str(files["server"]))
+        assert code == 2 and "no run 'nope'" in err

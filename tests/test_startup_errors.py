@@ -1,0 +1,106 @@
+"""Every start-up and connection failure is one line naming the cause and what to do,
+through the command line, with its documented exit status."""
+
+from __future__ import annotations
+
+import io
+import socket
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from sl_pipeline.keys import write_keypair
+from workers.cli import main
+from workers.localdeploy import free_port
+from workers.logs import configure_logging
+
+from .threadserver import ThreadServer
+
+FAST = ("--set", "client.retry_for_s=1", "--set", "client.connect_timeout_s=0.3")
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    # main() logs to the captured stderr; the server thread outlives the capture
+    configure_logging("text", "INFO", stream=io.StringIO())
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def test_ops_port_in_use(deployment, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(dataset="breast_cancer")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        sets = ("--set", f'ops.listen="127.0.0.1:{port}"')
+        code, err = _run(capsys, "server", "--config", str(files["server"]), *sets)
+    assert code == 2
+    assert f"ops.listen = '127.0.0.1:{port}': cannot listen there" in err
+    assert "choose another port in [ops] listen" in err
+
+
+def test_saved_state_that_does_not_fit_the_model(
+    deployment, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(dataset="breast_cancer")
+    saved = files["server"].parent / "state" / "server.pt"
+    saved.parent.mkdir(parents=True)
+    torch.save({"0.weight": torch.zeros(3, 3)}, saved)  # another model's segment
+    code, err = _run(capsys, "server", "--config", str(files["server"]))
+    assert code == 2
+    assert "server.save = 'state/server.pt'" in err and "does not fit this server's model" in err
+    assert "move the file away" in err
+
+
+def test_wrong_pinned_server_key(deployment, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(dataset="breast_cancer")
+    client = str(files["client-1"])
+    with ThreadServer(files["server"]):
+        sets = ("--set", 'client.server_key="keys/client-1.pub"')
+        code, err = _run(capsys, "client", "--config", client, *sets, *FAST)
+    assert code == 2
+    assert "client.server_key = 'keys/client-1.pub' is not that server's public key" in err
+
+
+def test_client_key_not_admitted(deployment, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(dataset="breast_cancer")
+    write_keypair("stranger", files["server"].parent / "other")
+    sets = ("--set", 'client.key="other/stranger.key"')
+    with ThreadServer(files["server"]):
+        code, err = _run(capsys, "client", "--config", str(files["client-1"]), *sets, *FAST)
+    assert code == 2 and "does not admit this client's key" in err
+
+
+def test_wrong_port(deployment, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(dataset="breast_cancer", ops=True)
+    client = str(files["client-1"])
+    nothing = ("--set", f'client.server="tcp://127.0.0.1:{free_port()}"')
+    code, err = _run(capsys, "client", "--config", client, *nothing, *FAST)
+    assert code == 2 and "nothing listens there (connection refused)" in err
+    ops = tomllib.loads(files["server"].read_text())["ops"]["listen"]
+    with ThreadServer(files["server"]):  # its ops (HTTP) port is not its protocol port
+        http = ("--set", f'client.server="tcp://{ops}"')
+        code, err = _run(capsys, "client", "--config", client, *http, *FAST)
+    assert code == 2 and "answered no sl-pipeline handshake" in err
+    assert "server's ops (HTTP) port" in err
+
+
+def test_health_of_a_stopped_worker(deployment, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(dataset="breast_cancer", ops=True)
+    code, err = _run(capsys, "health", "--config", str(files["server"]), "--timeout", "1")
+    assert code == 1
+    assert "not ready: no worker answers at http://127.0.0.1:" in err
+    assert "(connection refused): it is stopped" in err
+    with ThreadServer(files["server"]):
+        code, _ = _run(capsys, "health", "--config", str(files["server"]))
+    assert code == 0
+
+
+def test_exit_statuses_are_documented() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for status in (0, 1, 2, 3, 4, 5, 6, 130):
+        assert f"| {status} |" in readme, f"exit status {status} is not in README.md"

@@ -1,0 +1,99 @@
+"""Start-up and connection failures as one message naming the cause and what to do.
+
+A client that cannot join says why: nothing listens at the address, something listens that
+is not an sl-pipeline server, the server is not the one whose key it pins, or the server
+does not admit its key. Each becomes a :class:`ConfigError` (exit status 2), since each is
+fixed in a config file, not by waiting.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import urllib.error
+import urllib.request
+
+from sl_pipeline.config import ClientConfig
+from sl_pipeline.errors import ConfigError, PeerError, SLError
+
+PROBE_TIMEOUT_S = 1.0
+_ENDPOINT = re.compile(r"^tcp://\[?([^\]]+?)\]?:(\d+)$")
+
+
+def probe(endpoint: str) -> str:
+    """What a plain TCP connect to ``endpoint`` finds, in words (for error messages)."""
+    match = _ENDPOINT.match(endpoint)
+    if match is None:
+        return "the address cannot be probed"
+    host, port = match.group(1), int(match.group(2))
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+            return (
+                "a process listens there but answered no sl-pipeline handshake: is it the "
+                "server's ops (HTTP) port or another program? use the port of the server's "
+                "[server] bind"
+            )
+    except ConnectionRefusedError:
+        return (
+            "nothing listens there (connection refused): start the server first, or fix "
+            "the port (the server's [server] bind)"
+        )
+    except TimeoutError:
+        return "the host does not answer (wrong host, or a firewall drops the packets)"
+    except OSError as exc:
+        return f"the address is unreachable ({exc.strerror or exc})"
+
+
+def no_server(cfg: ClientConfig) -> ConfigError:
+    c = cfg.client
+    return ConfigError(
+        f"client.server = {c.server!r}: no sl-pipeline server answered for "
+        f"{c.retry_for_s:g}s; {probe(c.server)}"
+    )
+
+
+def refused(exc: PeerError, cfg: ClientConfig) -> SLError:
+    """A refused handshake that no retry will fix, explained; other errors unchanged."""
+    c = cfg.client
+    if exc.remote_code == "crypto" and "failed authentication" in str(exc):
+        return ConfigError(
+            f"the server at {c.server} could not open this client's hello: "
+            f"client.server_key = {c.server_key!r} is not that server's public key; "
+            "copy the server's .pub file (its kit's keys/server.pub) again"
+        )
+    if exc.remote_code == "not_admitted":
+        return ConfigError(
+            f"the server at {c.server} does not admit this client's key "
+            f"(client.key = {c.key!r}): add {c.name}.pub to the server's [server] admitted "
+            "folder and restart it"
+        )
+    return exc
+
+
+def health_report(url: str, timeout_s: float) -> tuple[bool, str]:
+    """(ready, what was found) for ``GET url/readyz``: the reason, when not ready, in words."""
+    target = f"{url.rstrip('/')}/readyz"
+    try:
+        with urllib.request.urlopen(target, timeout=timeout_s) as response:
+            return response.status == 200, f"{target} answered {response.status}"
+    except urllib.error.HTTPError as err:
+        return False, f"the worker answers but is not ready ({err.code}: {_reason(err)})"
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ConnectionRefusedError):
+            return False, (
+                f"no worker answers at {url} (connection refused): it is stopped, or its "
+                "[ops] listen is not this config's"
+            )
+        return False, f"no answer from {url} within {timeout_s:g}s ({reason})"
+
+
+def _reason(err: urllib.error.HTTPError) -> str:
+    try:
+        return str(json.loads(err.read() or b"{}").get("reason", err.reason))
+    except (json.JSONDecodeError, AttributeError):
+        return str(err.reason)
+
+
+__all__ = ["health_report", "no_server", "probe", "refused"]
