@@ -63,7 +63,7 @@ def _private_keys(out: Path) -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize("topology", ["vanilla", "multihop", "splitfed"])
+@pytest.mark.parametrize("topology", ["vanilla", "multihop", "splitfed", "roundrobin"])
 def test_no_kit_holds_another_sites_private_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], topology: str
 ) -> None:
@@ -90,10 +90,13 @@ def test_no_kit_holds_another_sites_private_key(
     assert server.checkpoint.dir and server.checkpoint.fsync  # checkpointed by default
     admitted = {p.name for p in (out / "server" / "keys" / "admitted").iterdir()}
     assert admitted == ({"hop.pub"} if topology == "multihop" else {"site-a.pub", "site-b.pub"})
-    group = [f for f in out.rglob("group.secret")]
+    group = [f for f in out.rglob("group.secret")]  # a secret the clients share, not the server
     assert sorted(f.parent.parent.name for f in group) == (
-        ["site-a", "site-b"] if topology == "splitfed" else []
+        ["site-a", "site-b"] if topology == "roundrobin" else []
     )
+    masks = [f for f in out.rglob("*") if f.parent.name == "group"]  # splitfed: public keys only
+    assert all(f.suffix == ".pub" for f in masks)
+    assert len(masks) == (4 if topology == "splitfed" else 0)
 
 
 def test_provision_refuses_a_bad_project(
