@@ -149,6 +149,11 @@ def exported_names() -> set[str]:
     """Every sample name a worker exports, histogram series and process metrics included."""
     metrics = WorkerMetrics("server", CollectorRegistry())
     metrics.set_privacy("dpsgd", 1.0, budget=8.0)  # labelled gauges appear once set
+    metrics.record_run("run-1", 1, True)
+    assert metrics.clients is not None
+    metrics.clients.joined("client-1")
+    metrics.clients.stepped("client-1", 1, 0)
+    metrics.clients.done("client-1", 0.5)
     return {s.name for family in metrics.registry.collect() for s in family.samples}
 
 

@@ -82,7 +82,7 @@ async def test_metrics_endpoint_serves_prometheus_text(
     assert "version=0.0.4" in ctype
     assert 'sl_messages_total{direction="sent",kind="forward"} 1.0' in body
     assert 'sl_message_bytes_total{direction="sent",kind="forward"} 1234.0' in body
-    assert 'sl_build_info{role="client",version="1.2.3"} 1.0' in body
+    assert 'sl_build_info{version="1.2.3",worker="client"} 1.0' in body
 
 
 async def test_metrics_endpoint_speaks_openmetrics_when_asked(

@@ -53,6 +53,10 @@ MAX_RETRIES_PER_REQUEST = 100
 WAIT_CODES = ("overloaded", "name_in_use")
 
 
+def _handshake_result(code: str) -> str:
+    return code if code in ("not_admitted", "version") else "bad_handshake"
+
+
 class ClientWorker:
     def __init__(
         self,
@@ -253,9 +257,11 @@ class ClientWorker:
                     self.handshake, self.hello_timer.timeout("hello")
                 )
                 self.hello_timer.sample("hello", time.monotonic() - sent)
+                self.metrics.record_handshake("ok")
                 self._joined(welcome)
                 return
             except PeerError as exc:
+                self.metrics.record_handshake(_handshake_result(exc.remote_code))
                 retry = exc.retryable or exc.remote_code in WAIT_CODES
                 if not retry or time.monotonic() + delay > deadline:
                     raise refused(exc, self.cfg) from None
@@ -349,7 +355,8 @@ class ClientWorker:
                     "stopped by signal at epoch %d step %d; state saved", self.epoch, self.step
                 )
             assert self.conn is not None
-            await self.conn.send(self.message(Kind.BYE, meta={"finished": not self.stopped}))
+            bye = {"finished": not self.stopped, "accuracy": self.last_accuracy}
+            await self.conn.send(self.message(Kind.BYE, meta=bye))
             self.runner.save()
             if not self.stopped:
                 self.epoch = self.cfg.train.epochs  # finished: a restart has nothing left to do
@@ -445,7 +452,8 @@ class ClientWorker:
             "name": self.cfg.client.name,
             "topology": self.topology,
             "epoch": self.epoch,
-            "step": self.step,
+            "step": self.steps_done,  # as sl_step: every applied step so far
+            "epoch_step": self.step,
             "last_loss": self.last_loss,
             "last_accuracy": self.last_accuracy,
             "privacy": self.runner.report(),

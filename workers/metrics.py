@@ -22,8 +22,14 @@ from prometheus_client import (
     Histogram,
     Info,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
+
+from .clientseries import ClientSeries
+
+# A ``*_created`` series per counter and histogram doubles the series for no dashboard use.
+disable_created_metrics()
 
 ROLES: frozenset[str] = frozenset({"server", "client", "relay"})
 DIRECTIONS: tuple[str, ...] = ("sent", "received")
@@ -149,7 +155,9 @@ class WorkerMetrics:
             buckets=LATENCY_BUCKETS_S,
             registry=reg,
         )
-        self.epoch = Gauge("sl_epoch", "Current training epoch (0-based).", registry=reg)
+        self.epoch = Gauge(
+            "sl_epoch", "Current training epoch (1-based, as in the logs).", registry=reg
+        )
         self.step = Gauge("sl_step", "Global step counter of this worker.", registry=reg)
         self.train_loss = Gauge("sl_train_loss", "Last reported training loss.", registry=reg)
         self.test_accuracy = Gauge(
@@ -232,10 +240,13 @@ class WorkerMetrics:
             registry=reg,
         )
         self._runs: list[str] = []
+        # A server's per-client series: visible after a client's own /metrics is gone.
+        self.clients = ClientSeries(reg) if role == "server" else None
         self.build_info = Info(
             "sl_build", "Version and role of this worker (value is always 1).", registry=reg
         )
-        self.build_info.info({"version": version or _package_version(), "role": role})
+        # "worker", not "role": scrape configs label targets with role (no exported_role clash)
+        self.build_info.info({"version": version or _package_version(), "worker": role})
         if process_collector:
             ProcessCollector(registry=reg)
         self._init_label_sets()

@@ -64,6 +64,7 @@ class Run:
     last_loss: float | None = None
     model: str = ""  # where its saved model lies, once saved
     epochs: dict[str, int] = field(default_factory=dict)  # each client's newest epoch (0-based)
+    client_steps: dict[str, int] = field(default_factory=dict)  # steps applied per client
 
     @property
     def active(self) -> bool:

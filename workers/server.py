@@ -67,6 +67,8 @@ class ServerWorker(RunHost, RouterService):
         self.requested: dict[str, str] = {}  # peer name -> the run it asked for ("" = current)
         self.steps_applied = 0  # over every run: the checkpoints' step number
         self.from_cache = 0
+        assert self.metrics.clients is not None  # a server's metrics have them
+        self.clients = self.metrics.clients  # per-client series, visible after they exit
         self._spare: Engine | None = self.build_engine()  # the first run's, or inference's
         self._spare_trained = self._load_saved(self._spare)
         self._settle_next: Engine | None = None
@@ -219,6 +221,7 @@ class ServerWorker(RunHost, RouterService):
                 bound = self._start_run(wanted or self.book.next_id())
             self.peer_runs[name] = bound.id
         self.requested[name] = wanted
+        self.clients.joined(name)
         last = bound.replies.newest(name, Kind.FORWARD.value) if bound else None
         return {
             **welcome,
@@ -230,6 +233,7 @@ class ServerWorker(RunHost, RouterService):
         }
 
     def forget_peer(self, peer: Peer) -> None:
+        self.clients.left(peer.name)
         run = self.book.runs.get(self.peer_runs.get(peer.name, ""))
         if run is not None and run.engine is not None:
             run.engine.forget(peer.name)
@@ -285,6 +289,8 @@ class ServerWorker(RunHost, RouterService):
         run = self.book.runs.get(self.peer_runs.get(peer.name, ""))
         if run is not None and msg.meta.get("finished") and msg.client in run.members:
             run.done.add(msg.client)
+            accuracy = msg.meta.get("accuracy")
+            self.clients.done(msg.client, accuracy if isinstance(accuracy, float) else None)
             log.info("%s finished its part of run %s", msg.client, run.id)
             if self.book.ready_to_finish(run):
                 self.end_run(run)
@@ -310,7 +316,9 @@ class ServerWorker(RunHost, RouterService):
             )
             error.code = "stale_step"
             raise error
-        run.members.add(msg.client)
+        if msg.client not in run.members:
+            run.members.add(msg.client)
+            self.clients.started(msg.client)
         if msg.kind is Kind.FORWARD and run.epochs.get(msg.client, -1) < msg.epoch:
             run.epochs[msg.client] = msg.epoch
             loss = "n/a" if run.last_loss is None else f"{run.last_loss:.4f}"
@@ -345,9 +353,11 @@ class ServerWorker(RunHost, RouterService):
     def _count_applied(
         self, run: Run, peer: Peer, replies: Replies, applied: int, engine: Engine
     ) -> None:
-        run.applied_log.extend(
-            [r.client, r.epoch, r.step] for _, r in replies if r.kind is Kind.BACKWARD
-        )
+        for _, r in replies:
+            if r.kind is Kind.BACKWARD:
+                run.applied_log.append([r.client, r.epoch, r.step])
+                run.client_steps[r.client] = run.client_steps.get(r.client, 0) + 1
+                self.clients.stepped(r.client, run.client_steps[r.client], r.epoch)
         peer.applied += 1
         run.steps += applied
         self.steps_applied += applied

@@ -1,0 +1,84 @@
+"""Per-client series a server exports, so a client is visible after its process ended.
+
+A client's own ``/metrics`` disappears when it finishes (it exits); the server outlives it.
+So the server keeps, per client name: whether it is connected, whether it finished its
+part of its latest run (a completed state the alert rules respect: finished is not down),
+its steps and last step time in that run, its epoch, and the test accuracy it reported on
+leaving. Names are bounded: the newest :data:`MAX_CLIENTS` keep their series.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Gauge
+
+MAX_CLIENTS = 256
+
+
+class ClientSeries:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        def gauge(name: str, text: str) -> Gauge:
+            return Gauge(name, text, ["client"], registry=registry)
+
+        self.connected = gauge("sl_client_connected", "Server: 1 while the client is joined.")
+        self.finished = gauge(
+            "sl_client_finished",
+            "Server: 1 once the client finished its part of its latest run, 0 while it trains.",
+        )
+        self.steps = gauge("sl_client_steps", "Server: steps applied for the client in its run.")
+        self.last_step = gauge(
+            "sl_client_last_step_timestamp_seconds",
+            "Server: Unix time of the client's last applied step.",
+        )
+        self.epoch = gauge("sl_client_epoch", "Server: the client's epoch (1-based).")
+        self.accuracy = gauge(
+            "sl_client_test_accuracy_ratio",
+            "Server: the test accuracy the client reported when it finished.",
+        )
+        self._all = (
+            self.connected,
+            self.finished,
+            self.steps,
+            self.last_step,
+            self.epoch,
+            self.accuracy,
+        )
+        self._names: list[str] = []
+
+    def _touch(self, client: str) -> None:
+        if client in self._names:
+            self._names.remove(client)
+        self._names.append(client)
+        for old in self._names[:-MAX_CLIENTS]:
+            for series in self._all:
+                if old in {s[0] for s in series._metrics}:
+                    series.remove(old)
+        self._names = self._names[-MAX_CLIENTS:]
+
+    def joined(self, client: str) -> None:
+        self._touch(client)
+        self.connected.labels(client=client).set(1)
+        self.finished.labels(client=client).set(0)
+
+    def left(self, client: str) -> None:
+        if client in self._names:
+            self.connected.labels(client=client).set(0)
+
+    def started(self, client: str) -> None:
+        """The client trains in a new run: its counts start again."""
+        self._touch(client)
+        self.finished.labels(client=client).set(0)
+        self.steps.labels(client=client).set(0)
+
+    def stepped(self, client: str, steps: int, epoch: int) -> None:
+        self._touch(client)
+        self.steps.labels(client=client).set(steps)
+        self.epoch.labels(client=client).set(epoch + 1)
+        self.last_step.labels(client=client).set(time.time())
+
+    def done(self, client: str, accuracy: float | None) -> None:
+        self._touch(client)
+        self.finished.labels(client=client).set(1)
+        if accuracy is not None:
+            self.accuracy.labels(client=client).set(accuracy)
