@@ -113,7 +113,7 @@ def test_every_dashboard_query_has_data_during_or_after_the_run(
     finished: Finished, expr: str
 ) -> None:
     during, after = finished.at(expr, finished.t1), finished.at(expr, finished.t2)
-    assert _finite(during) or _finite(after), f"{expr!r}: no data at T1 ({during}) or T2"
+    assert _finite(during) or _finite(after), f"{expr!r}: no data at T1 ({during}) or T2 ({after})"
 
 
 @pytest.mark.parametrize(
