@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from workers.checkpoint import CheckpointStore
 
 from .conftest import Procs
 from .inprocess import run_deployment
+from .workerproc import WorkerProcess
 
 BATCH = "train.batch_size=8"  # a turn of ~90 steps: long enough to kill the server inside it
 SERVER_SETS = ("--set", 'checkpoint.dir="ckpt/server"', "--set", "checkpoint.fsync=false")
@@ -42,10 +42,20 @@ CLIENT_SETS = (
 )
 
 
-def _summary(proc: subprocess.Popen[str], timeout_s: float = 240) -> dict[str, Any]:
-    out, err = proc.communicate(timeout=timeout_s)
-    assert proc.returncode == 0, f"exit {proc.returncode}: {err[-3000:]}"
-    return dict(json.loads(out.strip().splitlines()[-1]))
+def _start(procs: Procs, files: dict[str, Path], name: str, *extra: str) -> WorkerProcess:
+    """A worker forked from a process that imported torch already (seconds saved each)."""
+    role = "server" if name == "server" else "client"
+    stem = files["server"].parent / f"{name}-{len(procs.procs)}"
+    argv = [role, "--config", str(files[name]), *extra]
+    proc = WorkerProcess(argv, stem.with_suffix(".out"), stem.with_suffix(".log"))
+    procs.procs.append(proc)  # type: ignore[arg-type]  # stopped like a Popen
+    return proc
+
+
+def _summary(proc: WorkerProcess, timeout_s: float = 240) -> dict[str, Any]:
+    code = proc.wait(timeout_s)
+    assert code == 0, f"exit {code}: {proc.log.read_text()[-3000:]}"
+    return dict(json.loads(proc.out.read_text().strip().splitlines()[-1]))
 
 
 def _client_steps(base: Path, name: str) -> int:
@@ -57,15 +67,16 @@ def _client_steps(base: Path, name: str) -> int:
     return max(steps, default=0)
 
 
-def _wait_for(what: str, ready: Any, procs: list[subprocess.Popen[str]], timeout_s: float) -> None:
+def _wait_for(what: str, ready: Any, procs: list[WorkerProcess], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if ready():
             return
         for proc in procs:
             if proc.poll() is not None:
-                _, err = proc.communicate()
-                raise AssertionError(f"a worker ended before {what}: {err[-2000:]}")
+                raise AssertionError(
+                    f"a worker ended before {what}: {proc.log.read_text()[-2000:]}"
+                )
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what}")
 
@@ -85,8 +96,8 @@ def test_roundrobin_survives_a_server_kill_during_client_2s_turn(  # type: ignor
     reference = asyncio.run(run_deployment(deployment(**options), BATCH))["summaries"]
     files = deployment(**options)
     base = files["server"].parent
-    server = procs.start("server", files["server"], *SERVER_SETS)
-    clients = [procs.start("client", files[n], *CLIENT_SETS) for n in ("client-1", "client-2")]
+    server = _start(procs, files, "server", *SERVER_SETS)
+    clients = [_start(procs, files, n, *CLIENT_SETS) for n in ("client-1", "client-2")]
     # Execute: kill -9 the server once client-2 is 20 steps into its first turn
     _wait_for("client-2's turn", lambda: _client_steps(base, "client-2") >= 20, clients, 180)
     server.send_signal(signal.SIGKILL)
@@ -94,7 +105,7 @@ def test_roundrobin_survives_a_server_kill_during_client_2s_turn(  # type: ignor
     state = _server_state(base)["engine"]["group"]
     assert state["turn"] == 1 and list(state["waiting"]) == ["client-1"]  # mid-turn, for real
     started = time.monotonic()
-    server = procs.start("server", files["server"], *SERVER_SETS)
+    server = _start(procs, files, "server", *SERVER_SETS)
     summaries = [_summary(c) for c in clients]
     server.send_signal(signal.SIGTERM)
     server.wait(15)
