@@ -31,11 +31,14 @@ from sl_pipeline.secagg import (
     sum_masked,
     to_fixed,
 )
+from sl_pipeline.transport import Channel
 from workers.aggregation import SecureAggregator
 from workers.checkpoint import decode, encode
 from workers.client import ClientWorker
 from workers.coordination import GroupEngine
 from workers.engine import build_engine
+from workers.server import ServerWorker
+from workers.service import Peer
 
 from .inprocess import run_deployment
 from .test_topologies import record_inbound
@@ -104,7 +107,8 @@ def test_the_round_members_must_be_exactly_the_group() -> None:
 def _join(name: str, epoch: int = 0, nonce: bytes | None = None) -> Message:
     nonce = nonce or new_nonce()
     meta = {"op": "join", "nonce": nonce.hex()}
-    return Message(kind=Kind.WEIGHTS, client=name, epoch=epoch, step=0, meta=meta)
+    step = 2 * int.from_bytes(nonce[:6], "big")  # as the client does: a step per attempt
+    return Message(kind=Kind.WEIGHTS, client=name, epoch=epoch, step=step, meta=meta)
 
 
 def _submit(name: str, attempt: str, words: np.ndarray, epoch: int = 0) -> Message:
@@ -342,3 +346,31 @@ async def test_a_malformed_sum_is_refused(deployment) -> None:  # type: ignore[n
     worker = _splitfed_client(deployment, FakeRound(["bad"]))
     with pytest.raises(ProtocolError, match="one int64 word per weight"):
         await worker.runner.after_epoch(0)
+
+
+def test_a_restarted_server_answers_a_finished_round_from_its_checkpoint(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a server with checkpoints, and a round every member submitted to
+    files = deployment(topology="splitfed", clients=3, dataset="breast_cancer")
+    base, sets = files["server"].parent, ['checkpoint.dir="ckpt"', "checkpoint.fsync=false"]
+    server = ServerWorker(load(ServerConfig, files["server"], sets), base)
+    peers = {n: Peer(n, Channel(None), "test") for n in NAMES}  # type: ignore[arg-type]
+    keys = _group()
+    for name in NAMES:
+        replies = server._train(name.encode(), peers[name], _join(name))
+    attempt = dict(replies[0][1].meta)
+    nonces = {n: bytes.fromhex(v) for n, v in attempt["nonces"].items()}
+    for name in NAMES:
+        words = keys[name].masked(torch.ones(8), 0, nonces)
+        replies = server._train(
+            name.encode(), peers[name], _submit(name, attempt["attempt"], words)
+        )
+    summed = replies[0][1].tensors["sum"]
+    # Execute: kill -9 (no on_stop), restart from the checkpoint, client-2 resends its submit
+    again = ServerWorker(load(ServerConfig, files["server"], sets), base)
+    words = keys["client-2"].masked(torch.ones(8), 0, nonces)
+    resent = again._train(b"new", peers["client-2"], _submit("client-2", attempt["attempt"], words))
+    late = again._train(b"new", peers["client-3"], _join("client-3"))
+    # Assert: the same sum, from the checkpointed cache and the round's record
+    assert [(i, m.meta["op"]) for i, m in resent + late] == [(b"new", "sum"), (b"new", "sum")]
+    assert torch.equal(resent[0][1].tensors["sum"], summed)
+    assert torch.equal(late[0][1].tensors["sum"], summed)
