@@ -49,8 +49,10 @@ def _finite(result: list[dict[str, Any]]) -> bool:
 
 
 class Finished:
-    def __init__(self, url: str, t1: float, t2: float, servers: subprocess.Popen[bytes]) -> None:
-        self.url, self.t1, self.t2, self.server = url, t1, t2, servers
+    def __init__(
+        self, url: str, t1: float, t2: float, server: subprocess.Popen[bytes], tmp: Path
+    ) -> None:
+        self.url, self.t1, self.t2, self.server, self.tmp = url, t1, t2, server, tmp
 
     def at(self, expr: str, when: float) -> list[dict[str, Any]]:
         expr = expr.replace("$__rate_interval", RATE_INTERVAL)
@@ -100,7 +102,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Finished]:
         _wait_count(url, "up{role='client'} == 0", 2)  # both scraped as gone
         _wait_count(url, "sl_client_finished == 1", 2)
         t2 = time.time()
-        yield Finished(url, t1, t2, procs["server"])
+        yield Finished(url, t1, t2, procs["server"], tmp)
     finally:
         for proc in procs.values():
             stop_process(proc, timeout_s=10)  # type: ignore[arg-type]
@@ -114,6 +116,19 @@ def test_every_dashboard_query_has_data_during_or_after_the_run(
 ) -> None:
     during, after = finished.at(expr, finished.t1), finished.at(expr, finished.t2)
     assert _finite(during) or _finite(after), f"{expr!r}: no data at T1 ({during}) or T2 ({after})"
+
+
+def test_panel_values_during_the_run_are_written_down(finished: Finished) -> None:
+    """Each panel's values at T1 (while training), one line per series, in
+    ``panel_values.txt`` beside the run: what an operator sees mid-run."""
+    lines = []
+    for param in dashboard_params():
+        (expr,) = param.values
+        for series in finished.at(expr, finished.t1):
+            labels = ",".join(f"{k}={v}" for k, v in sorted(series["metric"].items()))
+            lines.append(f"{param.id}\t{labels}\t{float(series['value'][1]):.4g}")
+    (finished.tmp / "panel_values.txt").write_text("\n".join(lines) + "\n")
+    assert len({line.split("\t")[0] for line in lines}) >= len(dashboard_params()) // 2
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from workers.client import ClientWorker
 from workers.server import ServerWorker
 
 from .conftest import load_client, load_server
+from .inprocess import run_deployment
 
 
 async def _serve(server: ServerWorker) -> tuple[asyncio.Event, asyncio.Task[Any]]:
@@ -147,3 +148,11 @@ async def test_a_silent_name_is_free_again(deployment) -> None:  # type: ignore[
         _leave(first)
         stop.set()
         await task
+
+
+async def test_a_run_behind_a_relay_finishes(deployment) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(topology="multihop", dataset="breast_cancer", clients=1)
+    run = await run_deployment(files)
+    (only,) = run["server"].book.runs.values()
+    assert only.members == only.done == {"relay-1/client-1"}  # the relay passed the bye on
+    assert only.state == "finished" and Path(only.model).exists()

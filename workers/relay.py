@@ -196,6 +196,16 @@ class RelayWorker(RouterService):
                 log.warning("lost the upstream hop (%s); rejoining", exc)
         raise AssertionError("unreachable")
 
+    async def _pass_bye(self, msg: Message) -> None:
+        """Tell the server that a client behind this relay left (finished or not): a run
+        ends when its clients finished. No reply comes; a lost one costs nothing."""
+        if self.upstream is None:
+            return
+        try:
+            await self.upstream.send(msg)
+        except (SLError, zmq.ZMQError) as exc:
+            log.debug("could not pass %s's bye upstream: %s", msg.client, exc)
+
     async def dispatch(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
         msg = Message(
             kind=msg.kind,
@@ -214,6 +224,7 @@ class RelayWorker(RouterService):
                 return [(identity, msg.reply(Kind.HEARTBEAT))]
             if msg.kind is Kind.BYE:
                 self.forget(identity)
+                await self._pass_bye(msg)
                 return []
             raise ProtocolError(f"a relay does not accept {msg.kind.value} messages")
         except PeerError as exc:  # the next hop refused: pass its reason down the chain
