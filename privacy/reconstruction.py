@@ -97,7 +97,7 @@ def train_decoder(
     return decoder
 
 
-def _scores(guess: Tensor, truth: Tensor, image_shape: Sequence[int] | None) -> dict[str, Any]:
+def image_scores(guess: Tensor, truth: Tensor, image_shape: Sequence[int] | None) -> dict[str, Any]:
     guess, truth = guess.flatten(1).float(), truth.flatten(1).float()
     if image_shape is not None:  # the attacker knows pixels lie in [0, 1]
         guess = guess.clamp(0, 1)
@@ -118,14 +118,14 @@ def baselines(
 ) -> dict[str, dict[str, Any]]:
     """MSE and SSIM of the guesses an attacker gets without the activations."""
     ax, vx = aux_x.flatten(1).float(), victim_x.flatten(1).float()
-    found = {"mean": _scores(ax.mean(0).expand_as(vx), vx, image_shape)}
+    found = {"mean": image_scores(ax.mean(0).expand_as(vx), vx, image_shape)}
     if aux_y is not None and victim_y is not None:
         means = {int(c): ax[aux_y == c].mean(0) for c in torch.unique(aux_y)}
         fallback = ax.mean(0)
         guess = torch.stack([means.get(int(c), fallback) for c in victim_y])
-        found["class_mean"] = _scores(guess, vx, image_shape)
+        found["class_mean"] = image_scores(guess, vx, image_shape)
     nearest = torch.cdist(vx, ax).argmin(dim=1)
-    found["nearest_aux"] = _scores(ax[nearest], vx, image_shape)
+    found["nearest_aux"] = image_scores(ax[nearest], vx, image_shape)
     return found
 
 
@@ -164,7 +164,7 @@ def reconstruction_audit(
         decoder = train_decoder(ax, aact, observe, seed, settings)
         with torch.no_grad():
             seen = observe(vact.detach().float(), torch.Generator().manual_seed(10_000 + seed))
-            runs.append(_scores(decoder(seen.flatten(1)), vx, image_shape))
+            runs.append(image_scores(decoder(seen.flatten(1)), vx, image_shape))
     mse, mse_ci = interval([r["mse"] for r in runs])
     out: dict[str, Any] = {"reconstruction_mse": mse, "reconstruction_mse_ci": mse_ci}
     if image_shape is not None:
@@ -182,6 +182,7 @@ def reconstruction_audit(
 __all__ = [
     "DecoderSettings",
     "baselines",
+    "image_scores",
     "interval",
     "reconstruction_audit",
     "release_of",

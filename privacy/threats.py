@@ -29,6 +29,11 @@ THREAT_MODELS: dict[str, dict[str, str]] = {
         "sees": "the gradient of its output for every training example, every epoch (after "
         "the client's label protection); k-means per epoch, clusters matched to labels at best",
     },
+    "fsha": {
+        "who": "a malicious server running the feature-space hijacking attack (FSHA)",
+        "knows": "the client segment's architecture and public data of the same kind",
+        "sees": "the client's activations every step, and it chooses the gradients it returns",
+    },
     "canary": {
         "who": "an adversary that inserts a canary record (a mislabelled outlier)",
         "knows": "the architecture, the initial weights and every other training record",

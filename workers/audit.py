@@ -39,6 +39,7 @@ from sl_pipeline.config import (
 )
 from sl_pipeline.errors import ConfigError, SLError, TransportError
 from sl_pipeline.messages import Kind
+from workers.audit_hijack import attach_scrutinizer
 from workers.client import ClientWorker
 from workers.engine import read_tensor
 from workers.localdeploy import DATASETS, init_deployment
@@ -143,6 +144,7 @@ class Trained:
     releases: list[Counter[int]] = field(default_factory=list)
     outputs: Outputs = field(default_factory=dict)
     sent_grads: Grads = field(default_factory=dict)  # label gradients a client sent (ushaped)
+    detectors: list[Any] = field(default_factory=list)  # each client's hijack detector or None
 
 
 def _count_releases(client: ClientWorker, outputs: Outputs) -> Counter[int]:
@@ -293,6 +295,7 @@ async def train_in_process(
     sent_grads: Grads = {}
     for client in clients:
         _record_sent_label_grads(client, sent_grads)
+    detectors = [attach_scrutinizer(c) for c in clients]
     grads = _record_label_grads(server)
     stop = asyncio.Event()
     services = [asyncio.ensure_future(server.serve(stop))]
@@ -317,7 +320,9 @@ async def train_in_process(
         watcher.cancel()
         stop.set()
         await asyncio.wait_for(asyncio.gather(*services, return_exceptions=True), STOP_TIMEOUT_S)
-    return Trained(server, clients, list(summaries), grads, releases, outputs, sent_grads)
+    return Trained(
+        server, clients, list(summaries), grads, releases, outputs, sent_grads, detectors
+    )
 
 
 # ------------------------------------------------------------------------ measures
@@ -483,6 +488,10 @@ def measure(trained: Trained, seed: int, attack_seeds: int = ATTACK_SEEDS) -> di
     }
     result.update(measure_labels(trained))
     result.update(measure_sent_labels(trained))
+    watching = [d for d in trained.detectors if d is not None]
+    if watching:  # the honest run: any flag here is a false positive
+        result["hijack_flagged"] = any(d.flagged for d in watching)
+        result["hijack_min_score"] = min(min(d.scores, default=math.inf) for d in watching)
     result.update(_epsilons(trained))
     attacks = ["dcor", "reconstruction"] + (["label_leakage"] if trained.grads else [])
     attacks += ["label_clustering"] if trained.sent_grads else []
@@ -514,18 +523,21 @@ def audit_files(
     *,
     canary_runs: int = 0,
     attack_seeds: int = ATTACK_SEEDS,
+    fsha_runs: int = 0,
 ) -> dict[str, Any]:
     """Train the deployment ``files`` (name -> TOML path) in-process and audit it; with
     ``canary_runs`` also bound DP-SGD's epsilon from below (:mod:`workers.audit_canary`)."""
     from privacy.config import PrivacyConfig
 
     from .audit_canary import canary_audit, check_canary
+    from .audit_hijack import check_fsha, fsha_audit
 
     first = min(name for name in files if name.startswith("client-"))
     cfg = load(ClientConfig, files[first], list(client_overrides))
     privacy = PrivacyConfig.from_mapping(cfg.privacy)
     privacy.validate_for_topology(cfg.client.topology)
     check_canary(cfg.client.topology, privacy, canary_runs)
+    check_fsha(cfg.client.topology, fsha_runs)
     if attack_seeds < 1:
         raise ConfigError(f"--attack-seeds {attack_seeds} must be at least 1 (3 for intervals)")
     scfg = load(ServerConfig, files["server"], list(server_overrides))
@@ -541,6 +553,15 @@ def audit_files(
         if canary_runs:
             data = trained.clients[0].data
             result.update(canary_audit(cfg, data, privacy, canary_runs, seed))
+        if fsha_runs:
+            from privacy.threats import THREAT_MODELS
+
+            result.update(fsha_audit(cfg, trained.clients[0].data, fsha_runs, seed))
+            result["threat_models"]["fsha"] = THREAT_MODELS["fsha"]
+        if canary_runs:
+            from privacy.threats import THREAT_MODELS
+
+            result["threat_models"]["canary"] = THREAT_MODELS["canary"]
         return result
 
 
@@ -556,6 +577,7 @@ def run_audit(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     canary_runs: int = 0,
     attack_seeds: int = ATTACK_SEEDS,
+    fsha_runs: int = 0,
 ) -> dict[str, Any]:
     """Build a fresh local deployment in a temporary folder, train it in-process, audit it.
 
@@ -585,6 +607,7 @@ def run_audit(
             shared,
             canary_runs=canary_runs,
             attack_seeds=attack_seeds,
+            fsha_runs=fsha_runs,
         )
     return {"topology": topology, "dataset": dataset, **result}
 

@@ -46,6 +46,15 @@ AUDIT_KEYS = (
     "activation_releases",
     "activation_epsilon",
     "dpsgd_epsilon",
+    "hijack_min_score",
+    "fsha_runs",
+    "fsha_detected",
+    "fsha_detected_within_batches",
+    "fsha_epoch_batches",
+    "fsha_mse",
+    "fsha_nearest_public_mse",
+    "fsha_ssim",
+    "fsha_nearest_public_ssim",
     "canary_accountant_epsilon",
     "canary_epsilon_lower_bound",
     "canary_epsilon_lower_bound_frozen_server",
@@ -90,6 +99,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         default=0,
         metavar="N",
         help="DP-SGD only: train 2N times with/without a canary and bound epsilon from below",
+    )
+    audit.add_argument(
+        "--fsha-runs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="vanilla: play the FSHA malicious server N times against the client's segment",
     )
     _common(audit)
     tune = sub.add_parser("tune", help="sweep privacy settings; write results and a frontier")
@@ -161,6 +177,7 @@ def audit_deployment(
     timeout_s: float = 900.0,
     canary_runs: int = 0,
     attack_seeds: int = 3,
+    fsha_runs: int = 0,
 ) -> dict[str, Any]:
     """Audit an existing deployment folder with its own settings. It is retrained from
     scratch on fresh loopback ports; its saved state, checkpoints and ops ports are left alone."""
@@ -195,6 +212,7 @@ def audit_deployment(
         relay_sets,
         canary_runs=canary_runs,
         attack_seeds=attack_seeds,
+        fsha_runs=fsha_runs,
     )
     return {"topology": topology, "config": str(client_toml), **result}
 
@@ -211,6 +229,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             args.seed,
             canary_runs=args.canary_runs,
             attack_seeds=args.attack_seeds,
+            fsha_runs=args.fsha_runs,
         )
     else:
         client, server = split_overrides(args.set, args.topology)
@@ -224,10 +243,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
             clients=args.clients,
             canary_runs=args.canary_runs,
             attack_seeds=args.attack_seeds,
+            fsha_runs=args.fsha_runs,
         )
     if args.json:
         print(json.dumps(_jsonable(result)), flush=True)
         return 0
+    if "hijack_flagged" in result:
+        print(f"{'hijack_flagged':>41}: {result['hijack_flagged']}")
     for key in AUDIT_KEYS:
         if result.get(key) is not None:
             print(f"{key:>41}: {result[key]:.4f}")

@@ -49,6 +49,8 @@ METRIC_KEYS = (
     "eval_output_auc",
     "cluster_label_accuracy",
     "cluster_label_chance",
+    "hijack_flagged",
+    "hijack_min_score",
     "epsilon",
     "epsilon_mechanism",
     "activation_epsilon",
