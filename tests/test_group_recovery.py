@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from workers.checkpoint import CheckpointStore
+from workers.runs import decode_log
 
 from .conftest import Procs
 from .inprocess import run_deployment
@@ -81,10 +82,12 @@ def _wait_for(what: str, ready: Any, procs: list[WorkerProcess], timeout_s: floa
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _server_state(base: Path) -> dict[str, Any]:
+def _server_run(base: Path) -> dict[str, Any]:
+    """The one run in the server's newest checkpoint."""
     found = CheckpointStore(base / "ckpt" / "server", prefix="server").load_latest()
     assert found is not None
-    return found[0]
+    (run,) = found[0]["runs"]
+    return dict(run)
 
 
 @pytest.mark.slow
@@ -102,7 +105,7 @@ def test_roundrobin_survives_a_server_kill_during_client_2s_turn(  # type: ignor
     _wait_for("client-2's turn", lambda: _client_steps(base, "client-2") >= 20, clients, 180)
     server.send_signal(signal.SIGKILL)
     server.wait(10)
-    state = _server_state(base)["engine"]["group"]
+    state = _server_run(base)["engine"]["group"]
     assert state["turn"] == 1 and list(state["waiting"]) == ["client-1"]  # mid-turn, for real
     started = time.monotonic()
     server = _start(procs, files, "server", *SERVER_SETS)
@@ -111,7 +114,7 @@ def test_roundrobin_survives_a_server_kill_during_client_2s_turn(  # type: ignor
     server.wait(15)
     # Assert
     assert time.monotonic() - started < 120  # nobody waited out a turn timeout
-    log = [tuple(e) for e in _server_state(base)["applied_log"]]
+    log = [tuple(e) for e in decode_log(_server_run(base)["applied_log"])]
     for got, want in zip(summaries, reference, strict=True):
         assert got["steps"] == want["steps"]
         assert abs(got["test_accuracy"] - want["test_accuracy"]) <= 0.01
