@@ -41,7 +41,7 @@ LABEL_TOPOLOGY = "vertical"
 # gradients: the vertical server (it holds the labels; feature parties get cut gradients) and
 # the u-shaped client (it holds the labels; the server gets the gradient of its output).
 LABEL_HOLDERS = {"vertical": "server", "ushaped": "client"}
-CLIENT_DEFENSES = ("noise", "nopeek", "dpsgd")
+CLIENT_DEFENSES = ("noise", "nopeek", "dpsgd", "hijack")
 
 
 def _check_float(
@@ -186,6 +186,28 @@ class LabelConfig:
 
 
 @dataclass(frozen=True)
+class HijackConfig:
+    """The client's detector of a hijacking server (:class:`privacy.hijack.GradientScrutinizer`):
+    on when the section is present; ``stop`` ends training when it flags."""
+
+    threshold: float = 0.1
+    window: int = 5
+    warmup: int = 5
+    stop: bool = False
+
+    def __post_init__(self) -> None:
+        _check_float("privacy.hijack.threshold", self.threshold, low=-1.0, high=2.0)
+        for name in ("window", "warmup"):
+            value = getattr(self, name)
+            if value < (1 if name == "window" else 0) or value > 10_000:
+                raise PrivacyError(
+                    f"privacy.hijack.{name} = {value!r} is out of range; "
+                    f"allowed: [{1 if name == 'window' else 0}, 10000]",
+                    hint="count batches: window 5 and warmup 5 flag FSHA within 6 batches",
+                )
+
+
+@dataclass(frozen=True)
 class PrivacyConfig:
     """All privacy settings of one run; ``None`` means that defense is off."""
 
@@ -193,6 +215,7 @@ class PrivacyConfig:
     nopeek: NoPeekConfig | None = None
     dpsgd: DPSGDConfig | None = None
     label: LabelConfig | None = None
+    hijack: HijackConfig | None = None
 
     def __post_init__(self) -> None:
         if self.dpsgd is not None and self.nopeek is not None and self.nopeek.alpha > 0:
@@ -260,6 +283,7 @@ class PrivacyConfig:
             "nopeek": NoPeekConfig,
             "dpsgd": DPSGDConfig,
             "label": LabelConfig,
+            "hijack": HijackConfig,
         }
         _reject_unknown("privacy", data, sections)
         built: dict[str, Any] = {
@@ -300,6 +324,8 @@ def _check_type(path: str, value: Any, hint: Any) -> Any:
             return float(value)
         if option is bool and isinstance(value, bool):
             return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
         if (option is str or get_origin(option) is Literal) and isinstance(value, str):
             return value
     names = " or ".join(_type_name(o) for o in allowed)
@@ -319,6 +345,7 @@ __all__ = [
     "ACCOUNTANTS",
     "LABEL_HOLDERS",
     "DPSGDConfig",
+    "HijackConfig",
     "LabelConfig",
     "NoPeekConfig",
     "NoiseConfig",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -57,3 +59,35 @@ def test_fsha_is_flagged_within_the_first_epoch() -> None:
     assert all(r["flagged_at_batch"] is not None and r["flagged_at_batch"] <= 8 for r in found)
     assert again == found[0]
     assert found[0]["fsha_ssim"] is None and found[0]["fsha_mse"] > 0
+
+
+def test_live_detector_sets_its_metrics_and_stops_training_on_a_flag(tmp_path: Path) -> None:
+    from sl_pipeline.config import ClientConfig, load
+    from workers.client import ClientWorker
+    from workers.localdeploy import init_deployment
+
+    # Prepare: a client whose [privacy.hijack] stops training on a flag.
+    files = init_deployment(tmp_path / "d", dataset="breast_cancer", epochs=1)["files"]
+    path = Path(files["client-1"])
+    cfg = load(ClientConfig, path, ["privacy.hijack.stop=true"])
+    worker = ClientWorker(cfg, path.parent, progress=False)
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(32) % 2
+    # Execute / Assert: label-free gradients, as a hijacking server sends
+    for _ in range(5):
+        worker.runner.scrutinize(torch.randn(32, 8, generator=g), y)
+    assert worker.metrics.hijack_flagged._value.get() == 0
+    with pytest.raises(PrivacyError, match="server hijack suspected at batch 6"):
+        worker.runner.scrutinize(torch.randn(32, 8, generator=g), y)
+    assert worker.metrics.hijack_flagged._value.get() == 1
+    assert worker.metrics.hijack_score._value.get() < 0.1
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_live_detector_lets_an_honest_run_finish() -> None:
+    from workers.audit import run_audit
+
+    result = run_audit(
+        "vanilla", "breast_cancer", ["privacy.hijack.stop=true"], epochs=1, attack_seeds=1
+    )
+    assert result["test_accuracy"] > 0.8 and result["hijack_flagged"] is False

@@ -72,6 +72,13 @@ class StepRunner:
             from privacy.nopeek import NoPeekLoss
 
             self.nopeek = NoPeekLoss(self.privacy.nopeek.alpha)
+        self.detector: Any = None
+        if self.privacy.hijack is not None:
+            from privacy.hijack import GradientScrutinizer
+
+            h = self.privacy.hijack
+            self.detector = GradientScrutinizer(h.threshold, h.window, h.warmup)
+            worker.metrics.hijack_flagged.set(0)
         self.device = resolve_device(cfg.train.device)
         self.modules = {n: m.to(self.device) for n, m in self.build_modules().items()}
         params = [p for m in self.modules.values() for p in m.parameters()]
@@ -259,8 +266,31 @@ class StepRunner:
         self.optimizer.zero_grad(set_to_none=True)
         act, sent = self.cut(x)
         reply = await self.w.request(self.forward_message(step, sent, y, ids))
-        self.apply_gradient(x, act, sent, read_tensor(reply, "grad"))
+        grad = read_tensor(reply, "grad")
+        self.scrutinize(grad, y)
+        self.apply_gradient(x, act, sent, grad)
         return float(reply.meta.get("loss", float("nan")))
+
+    def scrutinize(self, grad: torch.Tensor, y: torch.Tensor | None) -> None:
+        """Feed the hijack detector (if on) the cut gradient before it is applied; with
+        ``privacy.hijack.stop`` a flag ends training before the gradient touches the weights."""
+        if self.detector is None or y is None or grad.shape[0] != y.shape[0]:
+            return
+        was = self.detector.flagged
+        self.detector.observe(grad, y)
+        metrics = self.w.metrics
+        if len(self.detector.scores) == self.detector.window:
+            metrics.hijack_score.set(sum(self.detector.scores) / self.detector.window)
+        if self.detector.flagged and not was:
+            metrics.hijack_flagged.set(1)
+            message = (
+                f"server hijack suspected at batch {self.detector.flagged_at}: the cut "
+                "gradients stopped depending on the labels"
+            )
+            assert self.privacy.hijack is not None
+            if self.privacy.hijack.stop:
+                raise PrivacyError(message, hint="privacy.hijack.stop ended training")
+            log.warning("%s (privacy.hijack.stop is off: training goes on)", message)
 
     async def exchange_twice(
         self,
@@ -440,7 +470,9 @@ class UShapedRunner(StepRunner):
         loss, grad_reply = await self.exchange_twice(
             msg, lambda out: F.cross_entropy(head(out), target), protect_with=target
         )
-        self.apply_gradient(x, act, sent, read_tensor(grad_reply, "grad"))
+        cut_grad = read_tensor(grad_reply, "grad")
+        self.scrutinize(cut_grad, y)
+        self.apply_gradient(x, act, sent, cut_grad)
         return float(loss.detach())
 
 

@@ -208,6 +208,17 @@ class WorkerMetrics:
             "Distance correlation between inputs and cut-layer activations, last measurement.",
             registry=reg,
         )
+        self.hijack_score = Gauge(
+            "sl_hijack_score",
+            "Hijack detector: mean label-dependence score of the last window of cut gradients "
+            "(same-label minus different-label cosine); NaN before the first window.",
+            registry=reg,
+        )
+        self.hijack_flagged = Gauge(
+            "sl_hijack_flagged",
+            "1 once the hijack detector flagged the server (its gradients ignore the labels).",
+            registry=reg,
+        )
         self.queue_depth = Gauge(
             "sl_queue_depth", "Requests waiting to be processed by this worker.", registry=reg
         )
@@ -266,7 +277,7 @@ class WorkerMetrics:
         # "No value yet" is NaN, not 0: a loss, an accuracy or a dCor of 0 would be a claim.
         # The privacy gauges appear only once a mechanism reports: an epsilon of 0 for a
         # mechanism that is not running would read as "perfect privacy".
-        for gauge in (self.train_loss, self.test_accuracy, self.dcor_last):
+        for gauge in (self.train_loss, self.test_accuracy, self.dcor_last, self.hijack_score):
             gauge.set(math.nan)
 
     def record_message(self, direction: str, kind: str, nbytes: int) -> None:
