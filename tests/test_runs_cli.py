@@ -17,9 +17,10 @@ from sl_pipeline.errors import PeerError
 from sl_pipeline.models import build_segments
 from workers.cli import main
 from workers.client import ClientWorker
+from workers.demo import stop_process
 
-from .conftest import Procs
 from .threadserver import ThreadServer
+from .workerproc import WorkerProcess
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -37,27 +38,54 @@ def _wait_ready(capsys: pytest.CaptureFixture[str], server: Path, timeout_s: flo
     raise AssertionError("the server never became ready")
 
 
-def _finish(proc, timeout: float = 120) -> dict:  # type: ignore[no-untyped-def,type-arg]
-    out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, err[-3000:]
-    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+class Workers:
+    """`sl-pipeline` worker processes, forked from a process that imported torch once
+    (tests/workerproc.py): each runs workers.cli.main(argv) with its output in files."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.procs: list[WorkerProcess] = []
+
+    def start(self, name: str, *argv: str) -> WorkerProcess:
+        index = len(self.procs)
+        out, log = self.folder / f"{name}-{index}.out", self.folder / f"{name}-{index}.log"
+        self.procs.append(WorkerProcess(list(argv), out, log))
+        return self.procs[-1]
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            stop_process(proc, timeout_s=10)  # type: ignore[arg-type]
+
+
+def _finish(proc: WorkerProcess, timeout: float = 120) -> dict:  # type: ignore[type-arg]
+    assert proc.wait(timeout) == 0, proc.log.read_text()[-3000:]
+    return json.loads(proc.out.read_text().strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_one_server_process_three_runs_listed_and_downloaded(
-    deployment, procs: Procs, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    deployment, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
     files = deployment(dataset="breast_cancer", clients=2, epochs=1, ops=True)
     server = str(files["server"])
-    procs.start("server", files["server"])
-    _wait_ready(capsys, files["server"])
-    for _ in range(3):  # the same two clients, three runs, one server process
-        pair = [
-            procs.start("client", files[n], "--json", "--no-progress")
-            for n in ("client-1", "client-2")
-        ]
-        assert len({_finish(p)["run"] for p in pair}) == 1
+    workers = Workers(tmp_path)
+    try:
+        workers.start("server", "server", "--config", server)
+        _wait_ready(capsys, files["server"])
+        for _ in range(3):  # the same two clients, three runs, one server process
+            pair = [
+                workers.start(n, "client", "--config", str(files[n]), "--json", "--no-progress")
+                for n in ("client-1", "client-2")
+            ]
+            assert len({_finish(p)["run"] for p in pair}) == 1
+        _check_runs(capsys, files["server"], tmp_path)
+    finally:
+        workers.stop_all()
+
+
+def _check_runs(capsys: pytest.CaptureFixture[str], config: Path, tmp_path: Path) -> None:
+    server = str(config)
     code, out, _ = _cli(capsys, "runs", "list", "--config", server, "--json")
     assert code == 0
     runs = json.loads(out)["runs"]
@@ -65,7 +93,7 @@ def test_one_server_process_three_runs_listed_and_downloaded(
     assert all(r["clients"] == ["client-1", "client-2"] and r["steps"] > 0 for r in runs)
     code, table, _ = _cli(capsys, "runs", "list", "--config", server)
     assert code == 0 and "run-3  finished" in table
-    model = build_segments(load(ServerConfig, files["server"]).model, "vanilla")[-1]
+    model = build_segments(load(ServerConfig, config).model, "vanilla")[-1]
     for run in runs:
         target = tmp_path / f"{run['id']}.pt"
         code, out, _ = _cli(
