@@ -4,6 +4,7 @@ kits train together."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import tomllib
 from pathlib import Path
@@ -111,7 +112,9 @@ def test_provision_refuses_a_bad_project(
     assert "unknown key 'project.colour'" in capsys.readouterr().err
 
 
-async def test_provisioned_kits_train_together(tmp_path: Path) -> None:
+async def test_provisioned_kits_train_together(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out, project = _provision(tmp_path)
     assert main(["provision", project, "--out", str(out)]) == 0
     server_dir = out / "server"
@@ -133,6 +136,10 @@ async def test_provisioned_kits_train_together(tmp_path: Path) -> None:
             for s in ("site-a", "site-b")
         ]
         summaries = await asyncio.wait_for(asyncio.gather(*(c.run() for c in clients)), 120)
+        capsys.readouterr()
+        admin = ["runs", "list", "--config", str(out / "admin" / "admin.toml"), "--json"]
+        assert await asyncio.to_thread(main, admin) == 0  # the operator's kit reaches it
+        assert json.loads(capsys.readouterr().out)["runs"][0]["state"] == "finished"
     finally:
         stop.set()
         await task
