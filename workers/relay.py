@@ -71,6 +71,7 @@ class RelayWorker(RouterService):
         self.upstream_hs = self._upstream_handshake()
         self.ctx: zmq.asyncio.Context | None = None
         self.upstream: DealerConnection | None = None
+        self.joined_upstream = False
         self.replies = ReplyCache(
             max_names=max(1, r.max_names),
             on_hit=lambda: self.metrics.record_bound("relay_cache"),
@@ -158,6 +159,7 @@ class RelayWorker(RouterService):
             self.ctx, self.cfg.relay.upstream, self.limits, self.metrics.record_message
         )
         await self.upstream.handshake(self.upstream_hs, self.cfg.relay.timeout_s)
+        self.joined_upstream = True
         log.info("relay joined upstream %s", self.cfg.relay.upstream)
 
     async def on_stop(self) -> None:
@@ -172,7 +174,9 @@ class RelayWorker(RouterService):
             torch.save(self.segment.state_dict(), path)
 
     def ready(self) -> bool:
-        return self.bound and self.upstream is not None
+        """Ready once the upstream hop was first joined. A link lost later is joined again
+        by the next request, so the relay must keep taking requests (stay ready) meanwhile."""
+        return self.bound and self.joined_upstream
 
     async def _ask_upstream(self, msg: Message) -> Message:
         """Send upstream and wait; when the next hop went away (a retryable refusal such as
