@@ -176,6 +176,23 @@ def test_a_member_that_starts_over_aborts_the_attempt_with_fresh_nonces() -> Non
     assert abs(_pearson(diff, np.arange(8))) < 0.9 and len(set(diff.tolist())) == 8
 
 
+def test_a_member_opening_far_off_rounds_blocks_nobody() -> None:
+    # The red team's attack: client-1 joins rounds 10**9 and 10**9 + 1 before the others
+    # reach round 0; they must still complete round 0 (a member is in one round at a time).
+    keys, agg = _group(), SecureAggregator(NAMES)
+    for far in (10**9, 10**9 + 1):
+        assert agg.handle(b"1", _join("client-1", epoch=far)) == []
+    assert len(agg.open) == 1  # its second far-off join withdrew it from the first
+    announced = _announce(agg, {n: new_nonce() for n in NAMES})
+    assert set(agg.open) == {0}  # joining round 0 withdrew client-1 from the far-off one
+    got = {n: bytes.fromhex(v) for n, v in announced["nonces"].items()}
+    replies: list[Any] = []
+    for name in NAMES:
+        words = keys[name].masked(torch.ones(4), 0, got)
+        replies = agg.handle(name.encode(), _submit(name, announced["attempt"], words))
+    assert {m.meta["op"] for _, m in replies} == {"sum"} and agg.open == {}
+
+
 def test_round_state_survives_a_checkpoint() -> None:
     keys, agg = _group(), SecureAggregator(NAMES)
     announced = _announce(agg, {n: new_nonce() for n in NAMES})
@@ -346,6 +363,26 @@ async def test_a_malformed_sum_is_refused(deployment) -> None:  # type: ignore[n
     worker = _splitfed_client(deployment, FakeRound(["bad"]))
     with pytest.raises(ProtocolError, match="one int64 word per weight"):
         await worker.runner.after_epoch(0)
+
+
+class ForgedSum(FakeRound):
+    """An active server that answers a join with a sum the client never submitted to."""
+
+    async def request(self, message: Message, timeout_s: float | None = None) -> Message:
+        size = sum(p.numel() for p in self.worker.bottom.parameters())
+        fixed = masked_tensor(to_fixed(torch.zeros(size)))
+        return message.reply(Kind.WEIGHTS, meta={"op": "sum", "parties": 3}, tensors={"sum": fixed})
+
+
+async def test_a_sum_for_a_round_the_client_never_submitted_to_is_refused(deployment) -> None:  # type: ignore[no-untyped-def]
+    server = ForgedSum([])
+    worker = _splitfed_client(deployment, server)
+    server.worker = worker  # type: ignore[attr-defined]
+    weights = torch.nn.utils.parameters_to_vector(worker.bottom.parameters()).detach().clone()
+    with pytest.raises(ProtocolError, match="never submitted"):
+        await worker.runner.after_epoch(0)
+    after = torch.nn.utils.parameters_to_vector(worker.bottom.parameters())
+    assert torch.equal(after, weights)  # the forged sum was not loaded
 
 
 def test_a_restarted_server_answers_a_finished_round_from_its_checkpoint(deployment) -> None:  # type: ignore[no-untyped-def]

@@ -34,7 +34,6 @@ from .checkpoint import message_from_state, message_state
 Reply = tuple[bytes, Message]
 NOWHERE = b""  # the identity of a request restored from a checkpoint: no live connection
 KEEP_SUMS = 2  # completed rounds whose sum a restarted member may still ask for
-MAX_OPEN_ROUNDS = 2
 _NONCE = re.compile(rf"[0-9a-f]{{{2 * NONCE_BYTES}}}")
 
 
@@ -75,20 +74,34 @@ class SecureAggregator:
 
     # ---- phase 1: nonces ------------------------------------------------------------------
     def _attempt(self, epoch: int) -> _Attempt:
-        if epoch not in self.open and len(self.open) >= MAX_OPEN_ROUNDS:
-            raise ProtocolError(f"splitfed: round {epoch} is too far ahead of the open rounds")
         return self.open.setdefault(epoch, _Attempt())
+
+    def _leave_other_rounds(self, member: str, epoch: int) -> list[Reply]:
+        """A member is in one round at a time: joining ``epoch`` withdraws it from any other
+        open round (an announced one starts over). So every member holds at most one open
+        attempt, and no member can block the others' rounds by opening far-off ones."""
+        replies: list[Reply] = []
+        for other in [e for e, a in self.open.items() if e != epoch and member in a.joined]:
+            attempt = self.open[other]
+            if attempt.announced:
+                replies += self._abort(other, attempt)
+            else:
+                del attempt.joined[member]
+            if not self.open[other].joined:
+                del self.open[other]
+        return replies
 
     def _join(self, identity: bytes, msg: Message) -> list[Reply]:
         nonce = msg.meta.get("nonce")
         if not isinstance(nonce, str) or not _NONCE.fullmatch(nonce):
             raise ProtocolError(f"splitfed: a join carries a {NONCE_BYTES}-byte hex nonce")
-        attempt, replies = self._attempt(msg.epoch), []
+        replies = self._leave_other_rounds(msg.client, msg.epoch)
+        attempt = self._attempt(msg.epoch)
         if attempt.announced:
             previous = attempt.joined[msg.client]
             if previous[2] == nonce:  # the same join again: the same announcement
                 return [(identity, self._announcement(attempt, previous[1]))]
-            replies = self._abort(msg.epoch, attempt)
+            replies += self._abort(msg.epoch, attempt)
             attempt = self.open[msg.epoch]
         attempt.joined[msg.client] = (identity, msg, nonce)
         if len(attempt.joined) == len(self.members):

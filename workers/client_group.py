@@ -173,6 +173,7 @@ class SplitFedRunner(_GroupRunner):
         join = self.w.message(Kind.WEIGHTS, step, meta={"op": "join", "nonce": nonce.hex()})
         reply = await self.w.request(join, timeout_s=TURN_TIMEOUT_S)
         if reply.meta.get("op") == "sum":
+            self._check_sum_without_submit(epoch)
             return self._sum_of(reply)
         nonces = _announced_nonces(reply, self.w.cfg.client.name, nonce)
         words = self.keys.masked(self.vector(), epoch, nonces)
@@ -182,6 +183,17 @@ class SplitFedRunner(_GroupRunner):
         )
         reply = await self.w.request(msg, timeout_s=TURN_TIMEOUT_S)
         return self._sum_of(reply) if reply.meta.get("op") == "sum" else None
+
+    def _check_sum_without_submit(self, epoch: int) -> None:
+        """A sum in answer to a join is legitimate only for a client that restarted inside
+        that round (it submitted in its previous life). Anything else is a server forging a
+        round: with made-up sums it could steer the others' segments and read one client's
+        weights out of the next real sum."""
+        if not (self.w.resumed_from > 0 and epoch == self.w.start[0]):
+            raise ProtocolError(
+                f"splitfed: the server answered this client's join of round {epoch} with a sum "
+                "although this client never submitted to it; refusing it"
+            )
 
     def _sum_of(self, reply: Message) -> torch.Tensor:
         summed = reply.tensor("sum")
