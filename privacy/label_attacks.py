@@ -121,6 +121,37 @@ def cluster_label_attack(
     }
 
 
+def model_completion(
+    features: Tensor, labels: Tensor, *, known: int = 40, seed: int = 0
+) -> dict[str, Any]:
+    """Model completion (Fu et al. 2022): a party with a trained bottom segment and ``known``
+    labelled rows fits a small head on its own representations and labels the rest.
+
+    ``features`` are the party's segment outputs for its rows, ``labels`` their true labels.
+    Returns the label AUC on the rows it did not know (binary; ``max(auc, 1 - auc)``) or the
+    accuracy (more classes), and the majority-class share for comparison.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    flat = features.detach().reshape(features.shape[0], -1).to(torch.float64).numpy()
+    y = labels.reshape(-1).cpu().numpy()
+    if known < 2 or known >= len(y):
+        raise PrivacyError(f"known = {known} is out of range; allowed: [2, {len(y) - 1}]")
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)).numpy()
+    classes = np.unique(y)
+    per_class = max(1, known // len(classes))  # the same number of known rows per class
+    taught = np.concatenate([order[y[order] == c][:per_class] for c in classes])
+    rest = np.setdiff1d(np.arange(len(y)), taught)
+    head = LogisticRegression(max_iter=1000).fit(flat[taught], y[taught])
+    out: dict[str, Any] = {"completion_known": len(taught)}
+    if len(np.unique(y)) == 2:
+        out["completion_auc"] = _auc(y[rest], head.decision_function(flat[rest]))
+    else:
+        out["completion_accuracy"] = float((head.predict(flat[rest]) == y[rest]).mean())
+    out["completion_chance"] = float(np.bincount(y[rest]).max() / len(rest))
+    return out
+
+
 def output_leak_auc(outputs: Tensor, labels: Tensor) -> float:
     """Label AUC of the outputs a party received at evaluation: score = logit 1 - logit 0.
     An output without columns carries nothing: 0.5."""
@@ -132,4 +163,4 @@ def output_leak_auc(outputs: Tensor, labels: Tensor) -> float:
     return _auc(labels.cpu().numpy(), (flat[:, 1] - flat[:, 0]).numpy())
 
 
-__all__ = ["cluster_label_attack", "label_leak_over_run", "output_leak_auc"]
+__all__ = ["cluster_label_attack", "label_leak_over_run", "model_completion", "output_leak_auc"]

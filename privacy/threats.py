@@ -34,6 +34,11 @@ THREAT_MODELS: dict[str, dict[str, str]] = {
         "knows": "the client segment's architecture and public data of the same kind",
         "sees": "the client's activations every step, and it chooses the gradients it returns",
     },
+    "model_completion": {
+        "who": "a feature party in the vertical topology (Fu et al. 2022)",
+        "knows": "its own trained segment and features, and the labels of a few rows (40)",
+        "sees": "nothing more: it fits a small head on its own representations",
+    },
     "canary": {
         "who": "an adversary that inserts a canary record (a mislabelled outlier)",
         "knows": "the architecture, the initial weights and every other training record",

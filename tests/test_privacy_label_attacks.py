@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from privacy.label import Marvell
-from privacy.label_attacks import cluster_label_attack, label_leak_over_run, output_leak_auc
+from privacy.label_attacks import (
+    cluster_label_attack,
+    label_leak_over_run,
+    model_completion,
+    output_leak_auc,
+)
 from sl_pipeline.config import ServerConfig, load
 from workers.localdeploy import init_deployment
 from workers.vertical import VerticalEngine
@@ -115,3 +120,20 @@ def test_ushaped_label_protection_runs_at_the_client_and_blunts_clustering() -> 
     # Assert
     assert plain["cluster_label_accuracy"] > 0.9 and "label_clustering" in plain["threat_models"]
     assert protected["label_leak_auc"] < plain["label_leak_auc"] - 0.1
+
+
+def test_model_completion_labels_the_rest_from_a_few_known_rows() -> None:
+    # Prepare: representations that carry the label, and ones that do not.
+    g = torch.Generator().manual_seed(2)
+    labels = torch.arange(300) % 2
+    informative = torch.randn(300, 4, generator=g) + 3.0 * labels[:, None].float()
+    blank = torch.randn(300, 4, generator=g)
+    # Execute
+    found = model_completion(informative, labels, known=20)
+    none = model_completion(blank, labels, known=20)
+    # Assert
+    assert found["completion_known"] == 20 and found["completion_auc"] > 0.95
+    assert none["completion_auc"] < 0.65
+    three = torch.arange(300) % 3
+    spread = torch.randn(300, 3, generator=g) + 3.0 * torch.nn.functional.one_hot(three)
+    assert model_completion(spread, three, known=30)["completion_accuracy"] > 0.8

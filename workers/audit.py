@@ -373,7 +373,7 @@ def measure_client(
 def measure_labels(trained: Trained) -> dict[str, Any]:
     """The cross-epoch label attacks on each feature party's gradients, and the label AUC of
     the outputs each received at evaluation; the worst party is reported."""
-    from privacy.label_attacks import label_leak_over_run, output_leak_auc
+    from privacy.label_attacks import label_leak_over_run, model_completion, output_leak_auc
 
     labels: Any = getattr(trained.server.engine, "labels", None)
     if labels is None or not (trained.grads or trained.outputs):
@@ -387,6 +387,14 @@ def measure_labels(trained: Trained) -> dict[str, Any]:
         out.update({k: worst[k] for k in ("label_leak_auc", "norm_auc", "direction_auc")})
         out["label_leak_last_epoch_auc"] = worst["last_epoch_auc"]
         out["label_leak_by_party"] = per_party
+    completion: list[dict[str, Any]] = [
+        model_completion(_clean(c, c.data.train.x), labels[c.data.train.ids])
+        for c in trained.clients
+        if c.data.train.y is None
+    ]
+    if completion:  # the feature party that completes the model best
+        best = max(completion, key=lambda r: float(r.get("completion_auc", 0.0)))
+        out.update(best)
     if trained.outputs:
         out["eval_output_auc"] = max(
             output_leak_auc(torch.cat([o for _, o in got]), labels[torch.cat([i for i, _ in got])])
@@ -494,6 +502,7 @@ def measure(trained: Trained, seed: int, attack_seeds: int = ATTACK_SEEDS) -> di
         result["hijack_min_score"] = min(min(d.scores, default=math.inf) for d in watching)
     result.update(_epsilons(trained))
     attacks = ["dcor", "reconstruction"] + (["label_leakage"] if trained.grads else [])
+    attacks += ["model_completion"] if "completion_known" in result else []
     attacks += ["label_clustering"] if trained.sent_grads else []
     result["threat_models"] = {name: THREAT_MODELS[name] for name in attacks}
     return {

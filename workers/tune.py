@@ -47,6 +47,8 @@ METRIC_KEYS = (
     "direction_auc",
     "label_leak_last_epoch_auc",
     "eval_output_auc",
+    "completion_auc",
+    "completion_accuracy",
     "cluster_label_accuracy",
     "cluster_label_chance",
     "hijack_flagged",
