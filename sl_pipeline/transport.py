@@ -146,6 +146,8 @@ class DealerConnection:
         """
         lost = self._lost_watcher()
         if lost.done():
+            if self.sock.get(zmq.EVENTS) & zmq.POLLIN:  # what arrived before the link went
+                return list(await self.sock.recv_multipart(copy=False))  # (a shutdown notice)
             self._lost = None
             raise TransportError(
                 f"connection to the {self.peer} at {self.endpoint} lost while waiting for {what}"

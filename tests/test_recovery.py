@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import pytest
 import torch
+import zmq.asyncio
 
 from sl_pipeline.config import ClientConfig, RelayConfig, ServerConfig, load
-from sl_pipeline.errors import ConfigError
-from sl_pipeline.messages import Message
+from sl_pipeline.errors import ConfigError, PeerError
+from sl_pipeline.handshake import ClientHandshake
+from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
 from sl_pipeline.retransmit import RetransmitTimer
 from sl_pipeline.transport import DealerConnection
 from workers.client import ClientWorker
@@ -209,3 +212,46 @@ async def test_a_step_open_when_the_server_restarts_is_redone(
         for stop in stops:
             stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks, training, return_exceptions=True), 15)
+
+
+# ---- a stopping server answers what is queued -----------------------------------------------
+async def test_a_request_queued_while_the_server_stops_is_told_shutting_down_at_once(
+    deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: the server is told to stop while it handles request 1; request 2 is queued
+    files = deployment(dataset="breast_cancer", insecure=True)
+    server = ServerWorker(load(ServerConfig, files["server"]), files["server"].parent)
+    stop = asyncio.Event()
+    handling = asyncio.Event()
+    original = ServerWorker.dispatch
+
+    async def stop_while_handling(self: ServerWorker, identity: bytes, peer: Any, msg: Any) -> Any:
+        if msg.step == 1:
+            stop.set()
+            handling.set()
+            await asyncio.sleep(0.3)  # request 2 arrives meanwhile and waits unread
+        return await original(self, identity, peer, msg)
+
+    monkeypatch.setattr(ServerWorker, "dispatch", stop_while_handling)
+    task = asyncio.create_task(server.serve(stop))
+    ctx = zmq.asyncio.Context()
+    conn = DealerConnection(ctx, server.cfg.server.bind)
+    try:
+        hello = {"v": PROTOCOL_VERSION, "client": "client-1", "model": server.fingerprint}
+        await conn.handshake(ClientHandshake({**hello, "role": "trainer"}, None, None), 10)
+        # Execute
+        await conn.send(Message(kind=Kind.HEARTBEAT, step=1))
+        await asyncio.wait_for(handling.wait(), 10)
+        await conn.send(Message(kind=Kind.HEARTBEAT, step=2))
+        assert (await conn.recv(10)).step == 1
+        started = time.monotonic()
+        with pytest.raises(PeerError) as refused:
+            await conn.recv(30)
+        # Assert: told at once that it may retry, not left to wait out its timeout
+        assert refused.value.remote_code == "shutting_down" and refused.value.retryable
+        assert time.monotonic() - started < 5
+    finally:
+        stop.set()
+        conn.close()
+        await asyncio.wait_for(task, 15)
+        ctx.destroy(linger=0)
