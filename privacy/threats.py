@@ -16,6 +16,12 @@ THREAT_MODELS: dict[str, dict[str, str]] = {
         "pass), averaged; decoder tuned with a validation split, early stopping and noise "
         "augmentation; compared with the mean, class-mean and nearest auxiliary image",
     },
+    "unsplit": {
+        "who": "an honest-but-curious server with no auxiliary data (UnSplit, Erdogan et al. 2022)",
+        "knows": "the client segment's architecture only: no weights, no data",
+        "sees": "the averaged releases of 64 test images; it fits inputs and surrogate weights "
+        "together, with a smoothness prior; compared with a mid-grey image",
+    },
     "label_leakage": {
         "who": "a feature party in the vertical topology (it holds no labels)",
         "knows": "its own features and segment, and that labels are binary",

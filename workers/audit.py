@@ -39,6 +39,7 @@ from sl_pipeline.config import (
 )
 from sl_pipeline.errors import ConfigError, SLError, TransportError
 from sl_pipeline.messages import Kind
+from sl_pipeline.models import build_segments
 from workers.audit_hijack import attach_scrutinizer
 from workers.client import ClientWorker
 from workers.engine import read_tensor
@@ -56,6 +57,7 @@ DEFAULT_TIMEOUT_S = 900.0
 AUDIT_THREADS = 1
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 ATTACK_SEEDS = 3  # the reconstruction attacker's seeds: figures come with a 95 % interval
+UNSPLIT_VICTIMS = 64  # UnSplit optimises one input per victim: a sample keeps it to seconds
 # party -> one (epoch, sample ids, gradients sent) per training step
 Grads = dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]]
 # party -> one (sample ids, outputs received) per evaluation batch
@@ -367,7 +369,23 @@ def measure_client(
         labels=labels,
         image_shape=image,
     )
-    return {"dcor": dcor_leakage(test.x, one_release), "attack_releases": releases, **attack}
+    result = {"dcor": dcor_leakage(test.x, one_release), "attack_releases": releases, **attack}
+    if image is not None:
+        result.update(_unsplit(client, test.x, release_of(noise, releases)(victim_act, gen), seed))
+    return result
+
+
+def _unsplit(client: ClientWorker, x: torch.Tensor, seen: torch.Tensor, seed: int) -> Any:
+    """UnSplit on the first ``UNSPLIT_VICTIMS`` test images: architecture only, no data."""
+    from privacy.unsplit import unsplit_audit
+
+    cfg = client.cfg
+
+    def segment() -> torch.nn.Module:
+        return build_segments(cfg.model, client.topology)[0]
+
+    n = UNSPLIT_VICTIMS
+    return unsplit_audit(segment, x[:n], seen[:n], seed=seed, rounds=10, inner_steps=20)
 
 
 def measure_labels(trained: Trained) -> dict[str, Any]:
@@ -503,6 +521,7 @@ def measure(trained: Trained, seed: int, attack_seeds: int = ATTACK_SEEDS) -> di
     result.update(_epsilons(trained))
     attacks = ["dcor", "reconstruction"] + (["label_leakage"] if trained.grads else [])
     attacks += ["model_completion"] if "completion_known" in result else []
+    attacks += ["unsplit"] if "unsplit_ssim" in result else []
     attacks += ["label_clustering"] if trained.sent_grads else []
     result["threat_models"] = {name: THREAT_MODELS[name] for name in attacks}
     return {

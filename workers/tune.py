@@ -41,6 +41,8 @@ METRIC_KEYS = (
     "baseline_mean_ssim",
     "baseline_class_mean_ssim",
     "baseline_nearest_aux_ssim",
+    "unsplit_mse",
+    "unsplit_ssim",
     "attack_releases",
     "label_leak_auc",
     "norm_auc",
