@@ -37,8 +37,8 @@ README = ROOT / "README.md"
 SHORTEN = {
     "demo": ["--epochs", "1"],
     "init": ["--epochs", "1"],
-    "audit": ["--epochs", "1"],
-    "tune": ["--epochs", "1", "--no-progress"],
+    "audit": ["--epochs", "1", "--attack-seeds", "1"],  # one attacker seed: the suite's budget
+    "tune": ["--epochs", "1", "--no-progress", "--attack-seeds", "1"],
     "bench": ["--only", "flops"],
 }
 JSON_KEYS = {
