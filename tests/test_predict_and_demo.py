@@ -77,70 +77,6 @@ async def test_predict_matches_the_in_process_model(
     assert torch.allclose(torch.tensor(predicted["logits"]), expected, atol=1e-4)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("topology", "dataset", "clients", "extra"),
-    [
-        ("vanilla", "digits", 1, ()),
-        ("ushaped", "digits", 1, ()),
-        ("multihop", "digits", 1, ()),
-        ("vertical", "breast_cancer", 2, ()),
-        ("vertical", "breast_cancer", 2, ("--label-client",)),
-        ("multitask", "digits", 2, ()),
-        ("roundrobin", "digits", 2, ()),
-        ("splitfed", "digits", 2, ()),
-    ],
-)
-def test_demo_reaches_the_central_baseline(
-    topology: str, dataset: str, clients: int, extra: tuple[str, ...]
-) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "workers",
-            "demo",
-            "--topology",
-            topology,
-            "--dataset",
-            dataset,
-            "--clients",
-            str(clients),
-            "--baseline",
-            "--json",
-            *extra,
-        ],
-        cwd=ROOT,
-        text=True,
-        capture_output=True,
-        timeout=400,
-        stdin=subprocess.DEVNULL,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    for key in (
-        "topology",
-        "dataset",
-        "clients",
-        "epochs",
-        "steps",
-        "test_accuracy",
-        "train_loss",
-        "bytes_sent",
-        "bytes_received",
-        "wall_seconds",
-        "baseline_accuracy",
-    ):
-        assert key in summary
-    # SplitFed clients train in parallel against one server segment, so the order in which
-    # the server interleaves their steps (and the result) depends on scheduling: measured
-    # 0.936-0.983 over 20 runs on a loaded 2-core machine. Every other topology is
-    # deterministic or serialised and must stay within 2 points.
-    slack = 0.04 if topology == "splitfed" else 0.02
-    assert summary["test_accuracy"] >= summary["baseline_accuracy"] - slack
-    assert summary["test_accuracy"] >= 0.95 - (slack - 0.02)
-
-
 async def test_vertical_predict_fuses_every_party(deployment, procs: Procs) -> None:  # type: ignore[no-untyped-def]
     files = deployment(topology="vertical", clients=2, dataset="breast_cancer", epochs=2)
     await run_deployment(files)
@@ -193,24 +129,51 @@ async def test_vertical_predict_fuses_every_party(deployment, procs: Procs) -> N
         assert torch.allclose(torch.tensor(result["logits"]), expected, atol=1e-4)
 
 
+DETERMINISTIC = ("vanilla", "ushaped", "multihop", "vertical", "multitask")
+SUMMARY_KEYS = {
+    "topology", "dataset", "clients", "epochs", "steps", "test_accuracy", "train_loss",
+    "bytes_sent", "bytes_received", "wall_seconds", "baseline_accuracy",
+}  # fmt: skip
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "topology",
-    ["vanilla", "ushaped", "vertical", "multitask", "multihop", "roundrobin", "splitfed"],
+    ("topology", "extra"),
+    [
+        ("vanilla", ()),
+        ("ushaped", ()),
+        ("vertical", ()),
+        ("vertical", ("--label-client",)),
+        ("multitask", ()),
+        ("multihop", ()),
+        ("roundrobin", ()),
+        ("splitfed", ()),
+    ],
 )
-def test_demo_runs_every_topology_with_no_other_flag(topology: str) -> None:
+def test_demo_runs_every_topology_with_no_other_flag(topology: str, extra: tuple[str, ...]) -> None:
     # Execute: what a user types, through the console script (one epoch to keep it short)
+    argv = ["demo", "--topology", topology, "--baseline", "--json", "--epochs", "1", *extra]
     result = subprocess.run(
-        [CONSOLE_SCRIPT, "demo", "--topology", topology, "--baseline", "--json", "--epochs", "1"],
+        [CONSOLE_SCRIPT, *argv],
         cwd=ROOT,
         text=True,
         capture_output=True,
         timeout=400,
         stdin=subprocess.DEVNULL,
     )
-    # Assert: the topology picked its own number of parties and trained
+    # Assert: the topology picked its own number of parties, trained, and matches the same
+    # architecture trained centrally (to the sample where the schedule is deterministic;
+    # SplitFed interleaves parallel clients and round-robin takes turns, which reorders updates)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(summary) >= SUMMARY_KEYS
     assert summary["topology"] == topology and summary["steps"] > 0
     assert summary["clients"] == (2 if topology in MULTI_PARTY else 1)
-    assert 0 < summary["baseline_accuracy"] <= 1 and 0 < summary["test_accuracy"] <= 1
+    slack = 0.02 if topology in DETERMINISTIC else 0.08
+    assert summary["test_accuracy"] >= summary["baseline_accuracy"] - slack
+
+
+async def test_vanilla_reaches_its_documented_accuracy_at_default_epochs(deployment) -> None:  # type: ignore[no-untyped-def]
+    # The README's table: vanilla digits at the default 8 epochs, split == central == 0.9694
+    run = await run_deployment(deployment(dataset="digits", epochs=8))
+    assert run["summaries"][0]["test_accuracy"] == pytest.approx(0.9694, abs=0.002)
