@@ -433,12 +433,12 @@ async def test_a_relay_keeps_sub_names_of_configured_relays_only_and_bounds_its_
         for i in range(3):  # a plain client's sub-names are ignored: one name, one entry
             await conn.send(dataclasses.replace(forward(act, step=i), client=f"x{i}"))
             assert (await conn.recv(10)).client == "client-1"
-        assert len(relay.cache) == 1
+        assert relay.replies.names() == 1
         relay.listen = dataclasses.replace(relay.listen, relays=frozenset({"client-1"}))
         for i in range(4):  # a configured relay's sub-names: bounded at 2
             await conn.send(dataclasses.replace(forward(act, step=i), client=f"y{i}"))
             assert (await conn.recv(10)).client == f"client-1/y{i}"
-        assert len(relay.cache) == 2
+        assert relay.replies.names() == 2
         hits = relay.metrics.registry.get_sample_value(
             "sl_bound_hits_total", {"table": "relay_cache"}
         )
