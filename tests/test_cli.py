@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -135,11 +134,3 @@ def test_privacy_tables_are_typed_and_placed_for_every_worker(
     err = capsys.readouterr().err.strip()
     assert status == 2
     assert named in err and "Traceback" not in err and "\n" not in err
-
-
-def test_demo_chooses_the_parties_a_topology_needs(capsys: pytest.CaptureFixture[str]) -> None:
-    # Execute: no --clients: vertical needs two feature parties
-    status = main(["demo", "--topology", "vertical", "--epochs", "1", "--json"])
-    # Assert
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert status == 0 and summary["clients"] == 2 and summary["topology"] == "vertical"
