@@ -22,6 +22,7 @@ from typing import Any
 
 from .crypto import Initiator, PlainSession, Responder, Session
 from .errors import CryptoError, PeerError, ProtocolError, ReplayError, SLError, VersionError
+from .gate import connect_token
 from .keys import KeyPair
 from .messages import PROTOCOL_VERSION
 
@@ -66,6 +67,12 @@ class ClientHandshake:
     def __post_init__(self) -> None:
         self._initiator: Initiator | None = None
         self._last_ts = 0
+
+    def connect_token(self, now_s: float) -> bytes | None:
+        """The gate token for one new connection (None in --insecure mode): see gate.py."""
+        if self.static is None or self.server_key is None:
+            return None
+        return connect_token(self.static, self.server_key, now_s)
 
     def start(self) -> list[bytes]:
         """Hello frames for a fresh attempt (a Noise handshake state is single-use).

@@ -9,29 +9,60 @@ freshly allocated, so nothing is reused while ZeroMQ still holds it.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from .codec import DEFAULT_LIMITS, Limits, decode, encode
 from .errors import PeerError, ProtocolError, ReplyTimeoutError, TransportError
+from .gate import USERNAME, Gate
 from .handshake import AnySession, Buffer, ClientHandshake, is_handshake, refused
 from .messages import Kind, Message
 
+log = logging.getLogger("sl_pipeline.transport")
+
 OnMessage = Callable[[str, str, int], None]  # (direction, kind, nbytes)
+OnGate = Callable[[str, str], None]  # (gate verdict, peer address)
 COPY_THRESHOLD = 64 * 1024
 HEARTBEAT_IVL_MS = 2_000
 HEARTBEAT_TIMEOUT_MS = 10_000
+TAG_BYTES = 16
+HANDSHAKE_FRAME_MAX = 65_535  # the Noise message limit
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+ZAP_DOMAIN = b"sl-pipeline"
+# What a DEALER's monitor reports: a dropped link, or ZeroMQ's own handshake refused.
+_WATCHED = (
+    zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+_MECHANISM_MISMATCH = zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
 
 
 def _noop(direction: str, kind: str, nbytes: int) -> None:
     return None
 
 
+def _no_gate_report(reason: str, address: str) -> None:
+    return None
+
+
 def frames_size(frames: Sequence[Any]) -> int:
     return sum(memoryview(f.buffer if isinstance(f, zmq.Frame) else f).nbytes for f in frames)
+
+
+def peer_address(frames: Sequence[Any]) -> str:
+    """The sender's address as ZeroMQ saw it (``Peer-Address``), for limits per source."""
+    try:
+        return str(frames[0].get("Peer-Address")) if isinstance(frames[0], zmq.Frame) else "?"
+    except (zmq.ZMQError, IndexError):
+        return "?"
 
 
 def frame_buffers(frames: Sequence[Any]) -> list[Buffer]:
@@ -52,12 +83,21 @@ class Channel:
         return decode(self.session.open(frames), self.limits)
 
 
+def max_frame_bytes(limits: Limits) -> int:
+    """libzmq's ``MAXMSGSIZE``: it drops a peer that announces a bigger frame, before
+    reading or allocating it. It is per frame, so it bounds a frame, not a message.
+
+    The largest legitimate frame is one sealed tensor, header or handshake message; twice
+    that leaves room for a frame somewhat over the limits to reach the codec, whose error
+    reply says which limit it broke (a dropped connection would say nothing)."""
+    largest = max(limits.max_tensor_bytes, limits.max_header_bytes, HANDSHAKE_FRAME_MAX)
+    return 2 * (largest + TAG_BYTES) + 4096
+
+
 def new_socket(ctx: zmq.asyncio.Context, kind: int, limits: Limits, hwm: int = 1000) -> Any:
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
-    # libzmq drops a peer that sends a frame above this, before allocating it. Smaller
-    # excesses (over max_tensor_bytes) are refused by the codec with an error reply.
-    sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes + 4096)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes(limits))
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
     # ZMTP heartbeats: a peer that stops answering PINGs is disconnected after the timeout,
@@ -87,13 +127,25 @@ class DealerConnection:
         self.sock = new_socket(ctx, zmq.DEALER, limits)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.sock.connect(endpoint)
+        self.monitor = self.sock.get_monitor_socket(_WATCHED)
         self.channel: Channel | None = None
         self._lost: asyncio.Future[Any] | None = None
+        self._connected = False
+
+    def _connect(self, hs: ClientHandshake) -> None:
+        """Connect once, with a gate token when the server is keyed (see sl_pipeline.gate)."""
+        if self._connected:
+            return
+        token = hs.connect_token(time.time())
+        if token is not None:
+            self.sock.plain_username = USERNAME
+            self.sock.plain_password = token
+        self.sock.connect(self.endpoint)
+        self._connected = True
 
     async def handshake(self, hs: ClientHandshake, timeout_s: float) -> dict[str, Any]:
         """Join the server; PeerError if refused, TransportError if nobody answers."""
+        self._connect(hs)
         await self.sock.send_multipart(hs.start())
         frames = await self._recv_raw(timeout_s, "a handshake answer")
         session, welcome = hs.finish(frame_buffers(frames))
@@ -148,10 +200,7 @@ class DealerConnection:
         if lost.done():
             if self.sock.get(zmq.EVENTS) & zmq.POLLIN:  # what arrived before the link went
                 return list(await self.sock.recv_multipart(copy=False))  # (a shutdown notice)
-            self._lost = None
-            raise TransportError(
-                f"connection to the {self.peer} at {self.endpoint} lost while waiting for {what}"
-            )
+            self._raise_lost(lost, what)
         received = self.sock.recv_multipart(copy=False)
         why: list[str] = []
 
@@ -174,10 +223,7 @@ class DealerConnection:
             timer.cancel()
             lost.remove_done_callback(on_lost)
         if why[0] == "lost":
-            self._lost = None
-            raise TransportError(
-                f"connection to the {self.peer} at {self.endpoint} lost while waiting for {what}"
-            )
+            self._raise_lost(lost, what)
         hint = (
             "the request or its reply may have been lost"
             if self.channel is not None
@@ -186,6 +232,29 @@ class DealerConnection:
         raise ReplyTimeoutError(
             f"no answer from the {self.peer} at {self.endpoint} within {timeout_s:.3g}s while "
             f"waiting for {what}; {hint}"
+        )
+
+    def _raise_lost(self, lost: asyncio.Future[Any], what: str) -> None:
+        """The link went: a refusal during ZeroMQ's handshake says why; a drop is retryable."""
+        self._lost = None
+        event, value = 0, 0
+        if not lost.cancelled():
+            info = parse_monitor_message(lost.result())
+            event, value = info["event"], info["value"]
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            raise PeerError(
+                "not_admitted",
+                f"the {self.peer} at {self.endpoint} refused the connection: our key is not "
+                "admitted there (or the two clocks differ by more than 10 minutes)",
+            )
+        if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == _MECHANISM_MISMATCH:
+            raise PeerError(
+                "crypto",
+                f"the {self.peer} at {self.endpoint} refused the connection: one side runs "
+                "--insecure and the other does not; run both with keys, or both with --insecure",
+            )
+        raise TransportError(
+            f"connection to the {self.peer} at {self.endpoint} lost while waiting for {what}"
         )
 
     def _lost_watcher(self) -> asyncio.Future[Any]:
@@ -206,13 +275,25 @@ class DealerConnection:
 class RouterEndpoint:
     """Server end: one ROUTER socket, many peers identified by ZeroMQ identity."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, limits: Limits, hwm: int) -> None:
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        endpoint: str,
+        limits: Limits,
+        hwm: int,
+        gate: Gate | None = None,
+        on_gate: OnGate = _no_gate_report,
+    ) -> None:
+        self.zap = _start_gate(ctx, gate, on_gate) if gate is not None else None
         self.sock = new_socket(ctx, zmq.ROUTER, limits, hwm)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        if gate is not None:  # strangers are refused during ZeroMQ's handshake
+            self.sock.plain_server = True
+            self.sock.zap_domain = ZAP_DOMAIN
         try:
             self.sock.bind(endpoint)
         except zmq.ZMQError as exc:
-            self.sock.close(linger=0)
+            self.close()
             raise TransportError(f"cannot bind {endpoint}: {exc}; is the port in use?") from None
         self.endpoint = endpoint
 
@@ -227,3 +308,34 @@ class RouterEndpoint:
     def close(self, linger_ms: int = 0) -> None:
         """Close; ``linger_ms`` lets messages already sent leave first (bounded)."""
         self.sock.close(linger=linger_ms)
+        if self.zap is not None:
+            task, sock = self.zap
+            task.cancel()
+            sock.close(linger=0)
+            self.zap = None
+
+
+def _start_gate(
+    ctx: zmq.asyncio.Context, gate: Gate, on_gate: OnGate
+) -> tuple[asyncio.Task[None], Any]:
+    """Bind this context's ZAP handler (before the ROUTER binds: no connection is ever
+    let in unchecked) and answer its requests in the running loop."""
+    sock = ctx.socket(zmq.REP)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(ZAP_ENDPOINT)
+    return asyncio.ensure_future(_serve_gate(sock, gate, on_gate)), sock
+
+
+async def _serve_gate(sock: Any, gate: Gate, on_gate: OnGate) -> None:
+    """ZAP (ZeroMQ RFC 27): one request per new connection, before any message."""
+    while True:
+        request = await sock.recv_multipart()
+        version, request_id, _domain, address, _identity, mechanism = request[:6]
+        credentials = request[6:]
+        verdict = None
+        if mechanism == b"PLAIN" and len(credentials) == 2:
+            verdict = gate.check(credentials[0], credentials[1], time.time())
+        reason = verdict.reason if verdict is not None else "not_admitted"
+        on_gate(reason, address.decode(errors="replace"))
+        status = b"200" if reason == "ok" else b"400"
+        await sock.send_multipart([version, request_id, status, reason.encode(), b"", b""])

@@ -245,7 +245,9 @@ async def test_lossy_link_at_the_default_timeout_costs_round_trips(deployment) -
     clean_s = time.perf_counter() - started
     files = deployment(dataset="breast_cancer", epochs=epochs)
     port = int(files["client-1"].read_text().split("tcp://127.0.0.1:")[1].split('"')[0])
-    proxy = LossyProxy(f"tcp://127.0.0.1:{port}", drop_rate=0.05, delay_s=(0.0, 0.003), seed=3)
+    proxy = LossyProxy(
+        f"tcp://127.0.0.1:{port}", drop_rate=0.05, delay_s=(0.0, 0.003), seed=3, keyed=True
+    )
     await proxy.start()
     proxy.drop_next("downstream")  # at least one lost reply, whatever the dice say
     # Execute: client.timeout_s left at its default (30 s)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,14 +17,17 @@ import pytest
 import torch
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from sl_pipeline.errors import PeerError
+from sl_pipeline.gate import TOKEN_BYTES, USERNAME
 from sl_pipeline.handshake import HELLO, ClientHandshake
-from sl_pipeline.keys import load_keypair, load_public_key
+from sl_pipeline.keys import load_keypair, load_public_key, write_keypair
 from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
 from sl_pipeline.session import PlainSession
 from sl_pipeline.transport import Channel, DealerConnection
 from workers.client import ClientWorker
+from workers.ops import check_health, local_url
 from workers.relay import RelayWorker
 from workers.server import ServerWorker
 from workers.service import Peer
@@ -275,15 +280,37 @@ async def _until(predicate: Any, timeout_s: float = 10.0) -> None:
 
 
 # ---- finding 4: a replayed hello, with no key, changes nothing -------------------------------
-async def _replay(bind: str, frames: list[bytes], ctx: zmq.asyncio.Context) -> list[bytes]:
+async def send_as_stranger(
+    bind: str, frames: list[Any], ctx: zmq.asyncio.Context, token: bytes | None = None
+) -> list[bytes] | str:
+    """Connect (with a gate token, if given), send ``frames``; the reply, or the name of
+    the ZeroMQ handshake failure that closed the connection before anything was read."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    monitor = sock.get_monitor_socket(
+        zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    )
+    if token is not None:
+        sock.plain_username, sock.plain_password = USERNAME, token
     sock.connect(bind)
     try:
-        await sock.send_multipart(frames)
-        return list(await asyncio.wait_for(sock.recv_multipart(), 10))
+        await sock.send_multipart(frames, copy=False)
+        reply = asyncio.ensure_future(sock.recv_multipart())
+        failed = asyncio.ensure_future(monitor.recv_multipart())
+        done, pending = await asyncio.wait(
+            {reply, failed}, timeout=30, return_when="FIRST_COMPLETED"
+        )
+        for future in pending:
+            future.cancel()
+        assert done, "neither a reply nor a refused connection within 30 s"
+        if reply in done:
+            return list(reply.result())
+        event = parse_monitor_message(failed.result())["event"]
+        return "auth" if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH else "protocol"
     finally:
-        sock.close()
+        sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)
 
 
 async def test_a_replayed_hello_leaves_the_real_client_untouched(deployment) -> None:  # type: ignore[no-untyped-def]
@@ -292,6 +319,8 @@ async def test_a_replayed_hello_leaves_the_real_client_untouched(deployment) -> 
     alone = (await run_deployment(deployment(**make)))["summaries"][0]
     files = deployment(**make)
     base = files["server"].parent
+    _, insider_pub = write_keypair("insider", base / "keys")  # another admitted client
+    (base / "keys" / "admitted" / insider_pub.name).write_bytes(insider_pub.read_bytes())
     server = ServerWorker(load_server(files["server"], "server.max_clients=4"), base)
     stop = asyncio.Event()
     task = asyncio.create_task(server.serve(stop))
@@ -299,24 +328,43 @@ async def test_a_replayed_hello_leaves_the_real_client_untouched(deployment) -> 
     try:
         await _until(lambda: server.bound)
         client = ClientWorker(load_client(files["client-1"]), base, progress=False)
-        captured: list[list[bytes]] = []
-        start = client.handshake.start
+        captured: list[Any] = []  # what an on-path observer sees: gate token and hello
+        start, token = client.handshake.start, client.handshake.connect_token
 
-        def recording() -> list[bytes]:  # what an on-path observer sees: the first hello
+        def recording() -> list[bytes]:
             captured.append(start())
-            return captured[-1]
+            return captured[-1]  # type: ignore[no-any-return]
+
+        def recording_token(now_s: float) -> bytes | None:
+            captured.append(token(now_s))
+            return captured[-1]  # type: ignore[no-any-return]
 
         client.handshake.start = recording  # type: ignore[method-assign]
+        client.handshake.connect_token = recording_token  # type: ignore[method-assign]
         training = asyncio.create_task(client.run())
         await _until(lambda: server.steps_applied >= 2)
-        # Execute: the captured hello, replayed from many connections while the client trains
+        # Execute: the captured hello, replayed from many connections while the client
+        # trains: with the captured token, and through connections another admitted
+        # client (insider) opens with tokens of its own
+        bind, (old_token, hello) = server.cfg.server.bind, captured[:2]
+        insider = ClientHandshake({}, load_keypair(base / "keys" / "insider.key"), None)
+        insider.server_key = load_public_key(base / "keys" / "server.pub")
+
+        def fresh() -> bytes | None:
+            return insider.connect_token(time.time())
+
         answers = await asyncio.gather(
-            *(_replay(server.cfg.server.bind, captured[0], ctx) for _ in range(40))
+            *(send_as_stranger(bind, hello, ctx, old_token) for _ in range(20)),
+            *(
+                send_as_stranger(bind, hello, ctx, insider.connect_token(time.time()))
+                for _ in range(20)
+            ),
         )
         summary = await asyncio.wait_for(training, 120)
         # Assert: every replay refused, and the client's run is the one it has alone
-        assert all(answer[0] == b"sl-refuse" for answer in answers)
-        assert b"replayed hello" in answers[0][1]
+        assert answers[:20] == ["auth"] * 20
+        assert all(answer[0] == b"sl-refuse" for answer in answers[20:])
+        assert b"replayed hello" in answers[20][1]
         assert summary["steps"] == alone["steps"]
         assert summary["test_accuracy"] == pytest.approx(alone["test_accuracy"], abs=0.02)
         assert not task.done()
@@ -447,4 +495,53 @@ async def test_a_relay_keeps_sub_names_of_configured_relays_only_and_bounds_its_
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 15)
+        ctx.destroy(linger=0)
+
+
+# ---- finding 5: a stranger's message costs the server no memory ------------------------------
+MIB = 1024 * 1024
+FRAME_MIB = int(os.environ.get("SL_PREAUTH_FRAME_MIB", "16"))  # the issue's figure: 100
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"/proc/{pid}/status has no {field}")
+
+
+async def _ready(listen: str, proc: Any) -> None:
+    url = local_url(listen)
+    for _ in range(600):
+        assert proc.poll() is None, "the server exited"
+        if await check_health(url, 1.0):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the server never became ready")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+async def test_a_strangers_huge_message_costs_the_server_no_memory(deployment, procs) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a real server process, its resident memory once it is ready
+    files = deployment(clients=1, dataset="breast_cancer", ops=True)
+    cfg = load_server(files["server"])
+    proc = procs.start("server", files["server"])
+    await _ready(cfg.ops.listen, proc)
+    before = _status_kib(proc.pid, "VmRSS") * 1024
+    Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # restart the peak (VmHWM) from here
+    frame = bytes(FRAME_MIB * MIB)
+    message = [b"\x00" * 16, *[frame] * 12]  # 12 frames: 12 x FRAME_MIB MiB, no key
+    ctx = zmq.asyncio.Context()
+    try:
+        # Execute: with no key at all, and with a forged gate token
+        keyless = await send_as_stranger(cfg.server.bind, message, ctx)
+        forged = await send_as_stranger(cfg.server.bind, message, ctx, os.urandom(TOKEN_BYTES))
+        # Assert: both refused while connecting; the peak and the resident size stay put
+        peak = _status_kib(proc.pid, "VmHWM") * 1024
+        after = _status_kib(proc.pid, "VmRSS") * 1024
+        print(f"server RSS {before / MIB:.0f} MiB -> peak {peak / MIB:.0f} -> {after / MIB:.0f}")
+        assert (keyless, forged) == ("protocol", "auth")
+        assert peak - before <= 64 * MIB and after - before <= 64 * MIB
+        await _ready(cfg.ops.listen, proc)
+    finally:
         ctx.destroy(linger=0)

@@ -339,7 +339,7 @@ async def training(
     server = ServerWorker(load_server(files["server"]), files["server"].parent)
     stop = asyncio.Event()
     serving = asyncio.create_task(server.serve(stop))
-    proxy = LossyProxy(server.cfg.server.bind, **proxy_kwargs)
+    proxy = LossyProxy(server.cfg.server.bind, keyed=True, **proxy_kwargs)
     await proxy.start()
     overrides = [
         f"client.server={proxy.endpoint}",

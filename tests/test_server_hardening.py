@@ -22,6 +22,7 @@ from workers.client import ClientWorker
 from workers.server import ServerWorker
 
 from .conftest import load_client, load_server
+from .test_hostile_peers import send_as_stranger
 
 
 @pytest.fixture
@@ -117,14 +118,9 @@ async def test_tampered_and_unauthenticated_frames_are_refused(
     with pytest.raises(PeerError, match=r"crypto|tag|authentic"):
         await conn.recv(5)
     assert "bad_tag" in caplog.text
-    # a stranger's garbage, without any handshake
-    raw = ctx.socket(zmq.DEALER)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.connect(server.cfg.server.bind)
-    await raw.send_multipart([b"\x00" * 16, b"garbage"])
-    reply = await asyncio.wait_for(raw.recv_multipart(), 5)
-    assert reply[0] == b"sl-refuse"
-    raw.close()
+    # a stranger's garbage, without any key: refused while connecting, nothing is read
+    refused = await send_as_stranger(server.cfg.server.bind, [b"\x00" * 16, b"garbage"], ctx)
+    assert refused == "protocol"
     conn.close()
 
 

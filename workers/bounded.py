@@ -77,3 +77,26 @@ class LruTable(Generic[K, V]):
 
     def values(self) -> list[V]:
         return list(self._items.values())
+
+
+class RateLimiter:
+    """A token bucket per source (``burst`` at once, ``rate_per_s`` after that), for
+    ``limit`` sources at most: the least recently seen source's bucket goes first."""
+
+    def __init__(
+        self, rate_per_s: float, burst: int, limit: int = 4096, on_hit: Callable[[], None] = no_hit
+    ) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = max(1, burst)
+        self.on_hit = on_hit
+        self._buckets: LruTable[str, tuple[float, float]] = LruTable(limit)
+
+    def allow(self, source: str, now_s: float) -> bool:
+        tokens, then = self._buckets.get(source) or (float(self.burst), now_s)
+        tokens = min(float(self.burst), tokens + (now_s - then) * self.rate_per_s)
+        if tokens < 1.0:
+            self._buckets.put(source, (tokens, now_s))
+            self.on_hit()
+            return False
+        self._buckets.put(source, (tokens - 1.0, now_s))
+        return True

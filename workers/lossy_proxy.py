@@ -33,6 +33,7 @@ import zmq
 import zmq.asyncio
 
 from sl_pipeline.errors import ConfigError
+from sl_pipeline.gate import USERNAME
 
 HANDSHAKE_PREFIXES = (b"sl-hello", b"sl-welcome", b"sl-refuse")
 DIRECTIONS = ("both", "upstream", "downstream")
@@ -67,6 +68,7 @@ class LossyProxy:
         max_messages: int = 1_000_000,
         max_links: int = 1024,
         spare_handshakes: bool = False,
+        keyed: bool = False,
     ) -> None:
         if not 0.0 <= drop_rate <= 1.0:
             raise ConfigError(f"drop_rate = {drop_rate}: use a probability in [0, 1]")
@@ -84,6 +86,10 @@ class LossyProxy:
         self.max_messages = max_messages
         self.max_links = max_links
         self.spare_handshakes = spare_handshakes
+        # A keyed server admits a connection by the client's gate token (sl_pipeline.gate):
+        # the proxy takes each client's token and presents it upstream for that client.
+        self.keyed = keyed
+        self._zap: Any = None
         self._rng = random.Random(seed)
         self._forced = {"upstream": 0, "downstream": 0}
         self.forwarded_up = self.forwarded_down = 0
@@ -137,6 +143,12 @@ class LossyProxy:
             raise RuntimeError("LossyProxy already started")
         self._ctx = zmq.asyncio.Context()
         self._front = self._socket(zmq.ROUTER)
+        if self.keyed:
+            self._zap = self._socket(zmq.REP)
+            self._zap.bind("inproc://zeromq.zap.01")
+            self._tasks.append(self._spawn(self._pass_tokens(), "lossy-zap"))
+            self._front.plain_server = True
+            self._front.zap_domain = b"lossy-proxy"
         self._front.bind("tcp://127.0.0.1:*")
         self._endpoint = self._front.getsockopt_string(zmq.LAST_ENDPOINT)
         self._tasks.append(self._spawn(self._read_front(), "lossy-front"))
@@ -155,6 +167,9 @@ class LossyProxy:
         if self._front is not None:
             self._front.close(linger=0)
             self._front = None
+        if self._zap is not None:
+            self._zap.close(linger=0)
+            self._zap = None
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
@@ -183,7 +198,14 @@ class LossyProxy:
         low, high = self.delay_s
         return time.monotonic() + (self._rng.uniform(low, high) if high > 0 else 0.0)
 
-    def _link(self, identity: bytes) -> _Link:
+    async def _pass_tokens(self) -> None:
+        """Admit every client; its token becomes the connection's User-Id (hex)."""
+        while True:
+            request = await self._zap.recv_multipart()
+            token = request[7].hex().encode() if len(request) >= 8 else b""
+            await self._zap.send_multipart([request[0], request[1], b"200", b"OK", token, b""])
+
+    def _link(self, identity: bytes, token: str = "") -> _Link:
         link = self._links.get(identity)
         if link is not None:
             self._links.move_to_end(identity)
@@ -191,6 +213,8 @@ class LossyProxy:
         if len(self._links) >= self.max_links:
             self._evict(next(iter(self._links)))
         dealer = self._socket(zmq.DEALER)
+        if token:
+            dealer.plain_username, dealer.plain_password = USERNAME, bytes.fromhex(token)
         dealer.connect(self.upstream)
         link = _Link(identity, dealer)
         link.tasks = [
@@ -222,7 +246,8 @@ class LossyProxy:
             if self._drop("upstream", frames):
                 self.dropped_up += 1
                 continue
-            await self._link(identity.bytes).up.put((self._due(), frames))
+            token = frames[0].get("User-Id") if self.keyed and frames else ""
+            await self._link(identity.bytes, token).up.put((self._due(), frames))
 
     async def _read_back(self, link: _Link) -> None:
         while self._budget_left():
@@ -283,6 +308,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="never drop sl-hello/sl-welcome/sl-refuse messages",
     )
+    parser.add_argument(
+        "--keyed",
+        action="store_true",
+        help="the server is keyed (not --insecure): pass each client's connection token on",
+    )
     return parser.parse_args(argv)
 
 
@@ -299,6 +329,7 @@ async def _main(args: argparse.Namespace) -> dict[str, int]:
         drop_direction=args.direction,
         max_messages=args.max_messages,
         spare_handshakes=args.spare_handshakes,
+        keyed=args.keyed,
     )
     await proxy.start()
     try:

@@ -49,6 +49,8 @@ class ServerWorker(RunHost, RouterService):
             s.client_timeout_s,
             "server",
             frozenset(s.relays),
+            s.hellos_per_s,
+            s.hello_burst,
         )
         super().__init__(
             listen,

@@ -33,11 +33,19 @@ from sl_pipeline.errors import (
     UnauthenticatedError,
     VersionError,
 )
+from sl_pipeline.gate import Gate
 from sl_pipeline.handshake import ServerHandshake, is_handshake, refusal
 from sl_pipeline.keys import fingerprint as key_fingerprint
 from sl_pipeline.messages import Message, error_message
-from sl_pipeline.transport import Channel, RouterEndpoint, frame_buffers, frames_size
+from sl_pipeline.transport import (
+    Channel,
+    RouterEndpoint,
+    frame_buffers,
+    frames_size,
+    peer_address,
+)
 
+from .bounded import RateLimiter
 from .common import load_admitted, load_own_key, start_ops, warn_insecure
 from .metrics import WorkerMetrics
 
@@ -61,6 +69,8 @@ class Listen:
     peer_timeout_s: float
     section: str  # "server" or "relay"
     relays: frozenset[str] = frozenset()  # admitted names that may speak for others
+    hellos_per_s: float = 20.0  # per source address, after a burst of hello_burst
+    hello_burst: int = 100
 
 
 @dataclass
@@ -106,7 +116,13 @@ class RouterService:
         self.metrics = metrics or WorkerMetrics(self.role)
         self.peers: dict[bytes, Peer] = {}
         self.admitted_names: dict[bytes, str] = {}
+        self.gate: Gate | None = None
         self.handshake = self._make_handshake()
+        self.hello_rate = RateLimiter(
+            listen.hellos_per_s,
+            listen.hello_burst,
+            on_hit=lambda: self.metrics.record_bound("hello_rate"),
+        )
         self.session_id = secrets.token_hex(8)
         self.bound = False
         self._idle = True  # the receiver waits for a message (not handling one)
@@ -119,6 +135,7 @@ class RouterService:
             return ServerHandshake(None, lambda key: True, insecure=True)
         static = load_own_key(self.base, s.key, f"{section}.key")
         self.admitted_names = load_admitted(self.base, s.admitted, f"{section}.admitted")
+        self.gate = Gate(static, self.admitted_names)
         return ServerHandshake(static, lambda key: key in self.admitted_names)
 
     # ---- to override -----------------------------------------------------------------
@@ -189,7 +206,9 @@ class RouterService:
     # ---- the loop --------------------------------------------------------------------
     async def serve(self, stop: asyncio.Event) -> dict[str, Any]:
         ctx = zmq.asyncio.Context()
-        endpoint = RouterEndpoint(ctx, self.listen.bind, self.limits, hwm=1000)
+        endpoint = RouterEndpoint(
+            ctx, self.listen.bind, self.limits, hwm=1000, gate=self.gate, on_gate=self._gated
+        )
         self._endpoint = endpoint
         ops = None
         try:
@@ -210,6 +229,13 @@ class RouterService:
             await self.on_stop()
             ctx.destroy(linger=0)
         return self.summary()
+
+    def _gated(self, verdict: str, address: str) -> None:
+        """A connection the gate refused, before it could send anything (see gate.py)."""
+        if verdict == "ok":
+            return
+        self.metrics.record_rejected("replay" if verdict == "replay" else "not_admitted")
+        log.warning("refused a connection from %s before any message (%s)", address, verdict)
 
     async def _run_until(self, stop: asyncio.Event, endpoint: RouterEndpoint) -> None:
         """Receive and handle messages until ``stop``; a message being handled is finished.
@@ -310,9 +336,8 @@ class RouterService:
         nbytes = frames_size(frames)
         if is_handshake(buffers):
             self.metrics.record_message("received", "hello", nbytes)
-            await self._send_raw(
-                endpoint, identity, self._answer_hello(identity, buffers), "welcome"
-            )
+            answer = self._answer_hello(identity, buffers, peer_address(frames))
+            await self._send_raw(endpoint, identity, answer, "welcome")
             return
         peer = self.peers.get(identity)
         if peer is None:
@@ -368,8 +393,10 @@ class RouterService:
         nbytes = await endpoint.send(identity, frames)
         self.metrics.record_message("sent", kind, nbytes)
 
-    def _answer_hello(self, identity: bytes, buffers: list[Any]) -> list[bytes]:
+    def _answer_hello(self, identity: bytes, buffers: list[Any], source: str) -> list[bytes]:
         try:
+            if not self.hello_rate.allow(source, time.monotonic()):
+                raise OverloadedError(f"too many hellos from {source}; retry later")
             reply, session, hello, key = self.handshake.answer(buffers, self.accept)
         except SLError as exc:
             result = (
