@@ -88,6 +88,9 @@ class OpsConfig:
     # File holding the token that `sl-pipeline runs` must present (the server's run API);
     # empty = the run API is off.
     admin_token: str = ""
+    # /status names peers and their key fingerprints only for `Authorization: Bearer TOKEN`
+    # with this token; empty: never (peers are counted).
+    status_token: str = ""
 
 
 @dataclass(frozen=True)

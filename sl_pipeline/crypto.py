@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sl_pipeline.errors import ConfigError, CryptoError, LimitError, NotAdmittedError
-from sl_pipeline.keys import KeyPair, fingerprint
+from sl_pipeline.keys import KeyPair
 from sl_pipeline.session import (
     _NONCE,
     DEFAULT_MAX_FRAMES,
@@ -289,7 +289,7 @@ class Responder(_Handshake):
         payload = sym.decrypt_and_hash(data[2 * _DHLEN + _TAGLEN :])
         if not self._admitted(rs):
             raise NotAdmittedError(
-                f"client key {fingerprint(rs)} is not admitted",
+                "this client's key is not admitted",  # plaintext refusal: no fingerprint
                 hint="add the client's .pub file to the server's admitted keys",
             )
         self._re, self._rs, self._step = re, rs, "read1"

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import torch
 import zmq
@@ -545,3 +546,53 @@ async def test_a_strangers_huge_message_costs_the_server_no_memory(deployment, p
         await _ready(cfg.ops.listen, proc)
     finally:
         ctx.destroy(linger=0)
+
+
+# ---- finding 7: /status names nobody without the token; refusals carry no fingerprint --------
+async def test_status_redacts_peers_unless_asked_with_the_token(deployment) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(clients=1, dataset="breast_cancer", ops=True)
+    base = files["server"].parent
+    server = ServerWorker(load_server(files["server"], 'ops.status_token="s3cret"'), base)
+    stop = asyncio.Event()
+    task = asyncio.create_task(server.serve(stop))
+    ctx = zmq.asyncio.Context()
+    try:
+        await _until(lambda: server.bound)
+        conn = await join(server.cfg.server.bind, server.fingerprint, base / "keys", ctx)
+        await assert_serving(conn)  # confirmed: a peer now
+        url = f"{local_url(server.cfg.ops.listen)}/status"
+        async with aiohttp.ClientSession() as http:
+            answers = []
+            for headers in (
+                {},
+                {"Authorization": "Bearer wrong"},
+                {"Authorization": "Bearer s3cret"},
+            ):
+                async with http.get(url, headers=headers) as response:
+                    answers.append((response.status, await response.text()))
+        fp = server.peers[next(iter(server.peers))].key
+        for status, text in answers[:2]:  # anyone who reaches the port: a count, no names
+            body = json.loads(text)
+            assert status == 200 and body["peers"] == 1 and "session" not in body
+            assert "client-1" not in text and fp not in text
+        full = json.loads(answers[2][1])
+        assert full["peers"][0]["name"] == "client-1" and full["peers"][0]["key"] == fp
+        conn.close()
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
+        ctx.destroy(linger=0)
+
+
+def test_the_not_admitted_refusal_carries_no_fingerprint() -> None:
+    from sl_pipeline.crypto import Initiator, Responder
+    from sl_pipeline.errors import NotAdmittedError
+    from sl_pipeline.handshake import refusal
+    from sl_pipeline.keys import fingerprint, generate_keypair
+
+    server, stranger = generate_keypair(), generate_keypair()
+    message1 = Initiator(stranger, server.public).write_message1(b"{}")
+    with pytest.raises(NotAdmittedError) as refused:
+        Responder(server, lambda key: False).read_message1(message1)
+    frames = refusal(refused.value)
+    assert fingerprint(stranger.public).encode() not in b"".join(frames)

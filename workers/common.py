@@ -64,7 +64,7 @@ async def start_ops(
     if not cfg.listen:
         return None
     host, port = parse_listen(cfg.listen)
-    ops = OpsServer(metrics, status, ready, host, port, routes)
+    ops = OpsServer(metrics, status, ready, host, port, routes, cfg.status_token)
     try:
         await ops.start()
     except OSError as exc:

@@ -7,13 +7,16 @@ directly. Routes:
 ``GET /metrics``  Prometheus text format (OpenMetrics when the scraper asks for it).
 ``GET /healthz``  200 ``ok`` while the process and its loop are alive (liveness).
 ``GET /readyz``   200 when ``ready()`` is true, else 503 with a JSON reason (readiness).
-``GET /status``   the JSON object returned by ``status()``.
+``GET /status``   the JSON object returned by ``status()``; peers are only counted and the
+                  session id left out unless the request carries
+                  ``Authorization: Bearer <[ops] status_token>``.
 
 Access logging is off: a scrape every 15 s for weeks would drown the worker's own log.
 """
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import json
 import logging
@@ -112,9 +115,11 @@ class OpsServer:
         host: str,
         port: int,
         routes: Callable[[web.Application], None] | None = None,
+        status_token: str = "",
     ) -> None:
         self.metrics = metrics
         self._routes = routes  # more routes (the server's run API)
+        self.status_token = status_token
         self.host = host
         self.port = port
         self._status = status
@@ -183,7 +188,28 @@ class OpsServer:
         except Exception as exc:
             log.exception("status callback failed")
             return _json_response({"error": f"status unavailable: {exc}"}, 500)
+        if not self._authorized(request):
+            body = redact(body)
         return _json_response(body)
+
+    def _authorized(self, request: web.Request) -> bool:
+        """Whether the request may see who the peers are: only with the configured token."""
+        if not self.status_token:
+            return False
+        given = request.headers.get("Authorization", "").encode()
+        return hmac.compare_digest(given, f"Bearer {self.status_token}".encode())
+
+
+def redact(body: Mapping[str, Any]) -> dict[str, Any]:
+    """``/status`` for anyone who can reach the port: how many peers, not who (names and
+    key fingerprints), and no session id."""
+    out = {k: v for k, v in body.items() if k not in ("peers", "session")}
+    if "peers" in body:
+        peers = body["peers"]
+        out["peers"] = len(peers) if isinstance(peers, list | tuple) else peers
+    if "peers" in body or "session" in body:
+        out["redacted"] = "peer names, key fingerprints and the session id need [ops] status_token"
+    return out
 
 
 def local_url(listen: str) -> str:
@@ -227,4 +253,4 @@ async def check_health(url: str, timeout_s: float) -> bool:
         return False
 
 
-__all__ = ["OpsServer", "check_health", "local_url", "parse_listen"]
+__all__ = ["OpsServer", "check_health", "local_url", "parse_listen", "redact"]

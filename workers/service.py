@@ -191,9 +191,12 @@ class RouterService:
         return {
             "role": self.role,
             "session": self.session_id,
-            "peers": [
-                {"name": p.name, "key": p.key, "applied": p.applied} for p in self.peers.values()
+            "peers": [  # sessions that proved themselves; a replayed hello is not a peer
+                {"name": p.name, "key": p.key, "applied": p.applied}
+                for p in self.peers.values()
+                if p.confirmed
             ],
+            "pending_handshakes": sum(1 for p in self.peers.values() if not p.confirmed),
         }
 
     def ready(self) -> bool:
