@@ -8,9 +8,10 @@ with a ``target_epsilon``, so both privacy mechanisms and a budget exist. Promet
 (the Debian package, installed when missing) runs with the repo's
 ``deploy/prometheus/prometheus.yml`` (intervals cut to 1 s, the static targets replaced by
 the live ops ports) and the repo's ``alerts.yml``. While the clients train, an unadmitted
-key knocks on the server (one refused handshake, one unauthenticated frame), so that the
-handshake and rejection panels have events to show. Then an evaluation time ``T`` is taken
-with every worker up and training; every query is evaluated at ``T``.
+key knocks on the server (refused at the connection gate), and an admitted key's connection
+sends a frame without a session, so that the handshake and rejection panels have events.
+Then an evaluation time ``T`` is taken with every worker up and training; every query is
+evaluated at ``T``.
 
 What is asserted:
 
@@ -49,8 +50,8 @@ import pytest
 import yaml
 import zmq
 
-from sl_pipeline.handshake import ClientHandshake
-from sl_pipeline.keys import generate_keypair, load_public_key
+from sl_pipeline.gate import USERNAME, connect_token
+from sl_pipeline.keys import generate_keypair, load_keypair, load_public_key
 from tests.conftest_prometheus import api_get, query, query_until, start_prometheus, stop_prometheus
 from workers.demo import stop_process
 from workers.localdeploy import init_deployment
@@ -184,20 +185,29 @@ def _prometheus_config(targets: dict[str, str]) -> str:
     return yaml.safe_dump(config)
 
 
-def knock(endpoint: str, server_pub: Path) -> None:
-    """An unadmitted key's handshake, then a frame without a session; both refused."""
-    hello = {"v": 1, "client": "intruder", "model": "none"}
-    frames = ClientHandshake(hello, generate_keypair(), load_public_key(server_pub)).start()
+def knock(endpoint: str, keys: Path) -> None:
+    """An unadmitted key, refused at the connection gate; then an admitted key's connection
+    that sends a frame without a session, refused with ``unauthenticated``."""
+    server_pub = load_public_key(keys / "server.pub")
     ctx = zmq.Context()
     try:
-        sock = ctx.socket(zmq.DEALER)
-        sock.connect(endpoint)
-        for message in (frames, [b"no session"]):
-            sock.send_multipart(message)
-            assert sock.poll(10_000), "the server did not answer the intruder"
-            sock.recv_multipart()
+        for static, expect_reply in (
+            (generate_keypair(), False),
+            (load_keypair(keys / "relay-1.key"), True),
+        ):
+            sock = ctx.socket(zmq.DEALER)
+            monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+            sock.plain_username = USERNAME
+            sock.plain_password = connect_token(static, server_pub, time.time())
+            sock.connect(endpoint)
+            sock.send_multipart([b"no session"])
+            answered = (sock if expect_reply else monitor).poll(10_000)
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=0)
+            assert answered, "the server neither answered nor refused the connection"
     finally:
-        ctx.destroy(linger=0)  # closes the socket too, even after a failed assert
+        ctx.destroy(linger=0)  # closes the sockets too, even after a failed assert
 
 
 def _wait_count(url: str, expr: str, count: int) -> None:
@@ -214,7 +224,7 @@ def _capture(url: str, files: dict[str, Path], procs: dict[str, subprocess.Popen
     _wait_count(url, "sl_test_accuracy_ratio >= 0", 2)  # NaN compares false
     _wait_count(url, "sl_privacy_epsilon", 2)
     bind = tomllib.loads(files["server"].read_text())["server"]["bind"]
-    knock(bind, files["server"].parent / "keys" / "server.pub")
+    knock(bind, files["server"].parent / "keys")
     _wait_count(url, "sl_handshakes_total{result='not_admitted'} > 0", 1)
     _wait_count(url, "sl_rejected_messages_total{reason='unauthenticated'} > 0", 1)
     time.sleep(2 * SCRAPE_S)
