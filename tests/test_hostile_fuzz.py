@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import zmq.asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -205,6 +206,7 @@ class Arena:
             self.loop.close()
 
 
+@pytest.mark.timeout(int(FUZZ_SECONDS) + 300)  # set-up on a loaded host, then the fuzzing
 def test_admitted_fuzzer_kills_nothing_while_honest_clients_train(deployment) -> None:  # type: ignore[no-untyped-def]
     # Prepare: a server, keys for the honest runs, the attacker joined as client-1
     files = deployment(clients=1, dataset="breast_cancer", epochs=1)

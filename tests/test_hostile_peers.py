@@ -381,7 +381,7 @@ def test_an_unconfirmed_session_owns_no_engine_state(deployment) -> None:  # typ
     files = deployment(topology="ushaped", clients=1, dataset="breast_cancer")
     server = ServerWorker(load_server(files["server"]), files["server"].parent)
     forgotten: list[str] = []
-    server.engine.forget = forgotten.append  # type: ignore[method-assign,assignment]
+    server.forget_peer = lambda peer: forgotten.append(peer.name)  # type: ignore[method-assign]
     live = Peer("client-1", Channel(PlainSession()), "k", confirmed=True)
     replayed = Peer("client-1", Channel(PlainSession()), "k")
     server.peers = {b"live": live, b"replayed": replayed}
@@ -446,7 +446,8 @@ async def test_the_reply_cache_is_bounded_in_names_and_counts_the_hits(deploymen
             await conn.send(_act_forward(f"sub-{i}"))
             assert (await conn.recv(10)).kind is Kind.BACKWARD
         # Assert: 3 names kept, 7 evictions counted
-        assert server.replies.names() == 3
+        (run,) = server.book.runs.values()  # one training run; its reply cache
+        assert run.replies.names() == 3
         hits = server.metrics.registry.get_sample_value(
             "sl_bound_hits_total", {"table": "reply_cache"}
         )
