@@ -135,7 +135,12 @@ def _train_once(game: CanaryGame, with_canary: bool) -> tuple[float, float]:
         x, y = torch.cat([x, game.canary_x]), torch.cat([y, game.canary_y])
     loader = DataLoader(TensorDataset(x, y), batch_size=game.batch_size)
     opt = torch.optim.SGD(client.parameters(), lr=game.lr, momentum=game.momentum)
-    private = make_private_client(client, opt, loader, game.dpsgd, game.epochs)
+    # The game's noise follows the caller's seed (a canary audit must repeat exactly); a
+    # worker's DP-SGD noise comes from a secret generator instead.
+    noise = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+    private = make_private_client(
+        client, opt, loader, game.dpsgd, game.epochs, noise_generator=noise
+    )
     server_opt = torch.optim.SGD(server.parameters(), lr=game.lr, momentum=game.momentum)
     server.requires_grad_(game.train_server)
     for _ in range(game.epochs):

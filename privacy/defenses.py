@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from privacy.config import NoiseConfig, PrivacyConfig
+from privacy.randomness import SecretRandomness
 from sl_pipeline.errors import PrivacyError
 
 _TINY = 1e-12
@@ -52,15 +53,16 @@ def clip_per_sample(activations: Tensor, clip: float, *, norm: int = 2) -> Tenso
     return activations * factor.reshape(shape).to(activations.dtype)
 
 
-class ActivationNoise:
+class ActivationNoise(SecretRandomness):
     """Per-sample clipping to ``clip`` then additive noise of scale ``sigma * clip``.
 
     * ``gaussian``: clips the **L2** norm and adds N(0, (sigma*clip)^2) to every coordinate.
     * ``laplace``: clips the **L1** norm (the Laplace mechanism's sensitivity is an L1 bound)
       and adds Laplace noise of scale b = sigma*clip to every coordinate.
 
-    ``sigma = 0`` clips only. ``generator`` makes the noise reproducible for tests; leave it
-    ``None`` in production (a seeded generator makes the noise predictable).
+    ``sigma = 0`` clips only. ``generator`` makes the noise reproducible for audits and tests;
+    leave it ``None`` in production: the noise then comes from a secretly seeded generator
+    (:mod:`privacy.randomness`), never from torch's global one, which a peer can replay.
     """
 
     def __init__(
@@ -91,12 +93,12 @@ class ActivationNoise:
     def _noise(self, like: Tensor) -> Tensor:
         if self.mechanism == "gaussian":
             z = torch.randn(
-                like.shape, generator=self.generator, dtype=like.dtype, device=like.device
+                like.shape, generator=self.rng(like.device), dtype=like.dtype, device=like.device
             )
             return z * self.noise_scale
         # Laplace(0, b) is the difference of two independent Exponential(1/b) variables.
-        e1 = torch.empty_like(like).exponential_(generator=self.generator)
-        e2 = torch.empty_like(like).exponential_(generator=self.generator)
+        e1 = torch.empty_like(like).exponential_(generator=self.rng(like.device))
+        e2 = torch.empty_like(like).exponential_(generator=self.rng(like.device))
         return (e1 - e2) * self.noise_scale
 
     def __repr__(self) -> str:

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 
 from privacy.accounting import DPSGDAccountantView
 from privacy.config import DPSGDConfig
+from privacy.randomness import secret_generator
 from sl_pipeline.errors import PrivacyError
 
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -90,7 +91,8 @@ def make_private_client(
     """Wrap the client segment with Opacus DP-SGD (``make_private`` or ``_with_epsilon``).
 
     ``epochs`` is used to derive the noise when ``cfg.target_epsilon`` is set.
-    ``noise_generator`` is for tests only and is refused in ``secure_mode``.
+    ``noise_generator`` is for audits and tests (refused in ``secure_mode``); without it the
+    noise comes from a secretly seeded generator, never from torch's global one.
     """
     if server_loss_reduction not in LOSS_REDUCTIONS:
         raise PrivacyError(
@@ -102,6 +104,10 @@ def make_private_client(
         raise PrivacyError(f"epochs = {epochs} is out of range; allowed: >= 1")
     if not cfg.poisson_sampling:
         _check_fixed_batches(data_loader)
+    if noise_generator is None and not secure_mode:
+        # Never torch's global generator: peers know the seed it was given (model.seed).
+        device = next(module.parameters()).device
+        noise_generator = secret_generator(device)
     engine = PrivacyEngine(accountant=cfg.accountant, secure_mode=secure_mode)
     common: dict[str, Any] = {
         "module": module,

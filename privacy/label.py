@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from privacy.config import LabelConfig
+from privacy.randomness import SecretRandomness
 from sl_pipeline.errors import PrivacyError
 
 _TINY = 1e-12
@@ -45,7 +46,7 @@ def _flat(grads: Tensor) -> Tensor:
     return grads.reshape(grads.shape[0], -1)
 
 
-class GaussianGradientNoise:
+class GaussianGradientNoise(SecretRandomness):
     """Isotropic Gaussian noise calibrated to the batch's gradient norms.
 
     Every coordinate gets ``N(0, s^2)`` with ``s = scale * median_i ||g_i|| / sqrt(d)``, so the
@@ -66,7 +67,7 @@ class GaussianGradientNoise:
         median = torch.linalg.vector_norm(flat, dim=1).median()
         std = self.scale * median / flat.shape[1] ** 0.5
         noise = torch.randn(
-            flat.shape, generator=self.generator, dtype=flat.dtype, device=flat.device
+            flat.shape, generator=self.rng(flat.device), dtype=flat.dtype, device=flat.device
         )
         return (flat + std * noise).reshape(grads.shape)
 
@@ -146,7 +147,7 @@ def marvell_plan(grads: Tensor, labels: Tensor, scale: float) -> MarvellPlan | N
     return MarvellPlan(diag_var=diag, dir_var=dir_var, direction=u, power=power, budget=budget)
 
 
-class Marvell:
+class Marvell(SecretRandomness):
     """Class-dependent Gaussian noise in the spirit of Marvell (Li et al. 2022), binary labels.
 
     The paper solves, per batch, for two noise covariances (one per class) minimising an upper
@@ -174,15 +175,13 @@ class Marvell:
         flat = _flat(grads)
         plan = marvell_plan(grads, labels, self.scale) or self.last_plan
         if plan is None:
-            return GaussianGradientNoise(self.scale**0.5, self.generator).protect(grads, labels)
+            fallback = GaussianGradientNoise(self.scale**0.5, self.rng(flat.device))
+            return fallback.protect(grads, labels)
         self.last_plan = plan
         pos = _check_binary(labels, flat.shape[0]).long()
-        z = torch.randn(
-            flat.shape, generator=self.generator, dtype=torch.float64, device=flat.device
-        )
-        xi = torch.randn(
-            (flat.shape[0], 1), generator=self.generator, dtype=torch.float64, device=flat.device
-        )
+        rng = self.rng(flat.device)
+        z = torch.randn(flat.shape, generator=rng, dtype=torch.float64, device=flat.device)
+        xi = torch.randn((flat.shape[0], 1), generator=rng, dtype=torch.float64, device=flat.device)
         diag_std = plan.diag_var.to(flat.device).sqrt()[pos]
         dir_std = plan.dir_var.to(flat.device).sqrt()[pos].unsqueeze(1)
         noise = diag_std * z + dir_std * xi * plan.direction.to(flat.device)

@@ -24,6 +24,7 @@ ALLOWED_ROOTS = {
     "matplotlib",
     "scipy",
     "bisect",
+    "secrets",
     "privacy",
     "sl_pipeline",
 }

@@ -1,0 +1,53 @@
+"""Production noise is unpredictable: never drawn from torch's global generator, which every
+worker seeds with model.seed (a value its peers know)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from privacy.config import DPSGDConfig
+from privacy.defenses import ActivationNoise
+from privacy.dpsgd import make_private_client
+from privacy.label import GaussianGradientNoise, Marvell
+
+
+def _draw_after_seeding(draw) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)  # what a peer that knows model.seed can do to the global generator
+    return draw()
+
+
+def test_activation_noise_cannot_be_replayed_from_the_global_seed() -> None:
+    x = torch.zeros(4, 8)
+    first = _draw_after_seeding(lambda: ActivationNoise(1.0, 1.0).apply(x))
+    second = _draw_after_seeding(lambda: ActivationNoise(1.0, 1.0).apply(x))
+    torch.manual_seed(0)
+    replay = torch.randn(x.shape) * 1.0
+    assert not torch.equal(first, second)
+    assert not torch.allclose(first, replay, atol=1e-3)
+
+
+def test_label_noise_cannot_be_replayed_from_the_global_seed() -> None:
+    grads, labels = torch.randn(16, 4), torch.tensor([0, 1] * 8)
+    for make in (lambda: Marvell(4.0), lambda: GaussianGradientNoise(1.0)):
+        first = _draw_after_seeding(lambda make=make: make().protect(grads, labels))
+        second = _draw_after_seeding(lambda make=make: make().protect(grads, labels))
+        assert not torch.equal(first, second)
+
+
+def test_a_seeded_generator_still_makes_audits_repeat() -> None:
+    x = torch.zeros(4, 8)
+    a = ActivationNoise(1.0, 1.0, generator=torch.Generator().manual_seed(3)).apply(x)
+    b = ActivationNoise(1.0, 1.0, generator=torch.Generator().manual_seed(3)).apply(x)
+    assert torch.equal(a, b)
+
+
+def test_dpsgd_noise_has_its_own_secret_generator() -> None:
+    model = nn.Linear(4, 2)
+    loader = DataLoader(TensorDataset(torch.randn(32, 4), torch.zeros(32)), batch_size=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0)
+    private = make_private_client(model, optimizer, loader, cfg, epochs=1)
+    assert private.optimizer.generator is not None
+    assert private.optimizer.generator is not torch.default_generator
