@@ -51,11 +51,16 @@ async def split_training(server_cfg, client_cfg, base: Path, server_out: dict | 
     return client.bottom, server.engine.model, summary
 
 
+NO_CHECKPOINT = 'checkpoint.dir=""'
+
+
 @pytest.mark.parametrize(
     ("dataset", "server_overrides", "replies_first"),
     [
-        ("digits", (), True),
-        ("breast_cancer", (), True),
+        # init checkpoints the server every step, which defers no update: reply-first shows
+        # only without a checkpoint due
+        ("digits", (NO_CHECKPOINT,), True),
+        ("breast_cancer", (NO_CHECKPOINT,), True),
         ("digits", ("server.reply_first=false",), False),
         # A checkpoint due with every step must hold the update before the reply leaves.
         ("digits", ("checkpoint.dir=ckpt-server",), False),
@@ -99,7 +104,8 @@ async def test_reply_first_moves_the_update_not_its_value(deployment, kwargs) ->
     # Execute
     for flag in ("true", "false"):
         files = deployment(epochs=1, **kwargs)
-        runs[flag] = await run_deployment(files, server_overrides=(f"server.reply_first={flag}",))
+        overrides = (f"server.reply_first={flag}", NO_CHECKPOINT)
+        runs[flag] = await run_deployment(files, server_overrides=overrides)
     # Assert
     first, plain = runs["true"]["server"], runs["false"]["server"]
     assert first.engine.deferred_updates > 0
