@@ -110,7 +110,8 @@ def test_sigterm_stops_the_server_and_the_client_fails_cleanly(
     assert client_rc not in (0, None)
     assert "Traceback" not in client_err, client_err[-3000:]
     last = client_err.strip().splitlines()[-1]
-    assert last.startswith("sl-pipeline client: error:") and "no sl-pipeline server answered" in last, last
+    assert last.startswith("sl-pipeline client: error:"), last
+    assert "no sl-pipeline server answered" in last, last
 
 
 def test_health_follows_the_server(
