@@ -111,7 +111,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Finished]:
         _wait_count(url, "sl_test_accuracy_ratio >= 0", 2)
         _wait_count(url, "sl_privacy_epsilon", 2)
         bind = tomllib.loads(files["server"].read_text())["server"]["bind"]
-        knock(bind, files["server"].parent / "keys" / "server.pub")
+        knock(bind, files["server"].parent / "keys", "client-1.key")
         _wait_count(url, "sl_rejected_messages_total{reason='unauthenticated'} > 0", 1)
         t1 = time.time()
         for name in ("client-1", "client-2"):

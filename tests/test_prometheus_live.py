@@ -185,7 +185,7 @@ def _prometheus_config(targets: dict[str, str]) -> str:
     return yaml.safe_dump(config)
 
 
-def knock(endpoint: str, keys: Path) -> None:
+def knock(endpoint: str, keys: Path, admitted: str = "relay-1.key") -> None:
     """An unadmitted key, refused at the connection gate; then an admitted key's connection
     that sends a frame without a session, refused with ``unauthenticated``."""
     server_pub = load_public_key(keys / "server.pub")
@@ -193,7 +193,7 @@ def knock(endpoint: str, keys: Path) -> None:
     try:
         for static, expect_reply in (
             (generate_keypair(), False),
-            (load_keypair(keys / "relay-1.key"), True),
+            (load_keypair(keys / admitted), True),
         ):
             sock = ctx.socket(zmq.DEALER)
             monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
