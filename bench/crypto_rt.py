@@ -67,10 +67,10 @@ async def measure(
 ) -> dict[str, Any]:
     blocks, per_block, budget_s = _plan(quick)
     ctx = zmq.asyncio.Context()
-    plain = await connect(ctx, url, None, "bench-plain")
-    sealed = await connect(ctx, url, server_key, "bench-sealed")
     result: dict[str, Any] = {"rtt_ms": {}, "encryption_overhead": {}}
-    try:
+    try:  # a failed connect must not leave a context for the garbage collector to hang on
+        plain = await connect(ctx, url, None, "bench-plain")
+        sealed = await connect(ctx, url, server_key, "bench-sealed")
         for label, nbytes in (sizes or SIZES).items():
             message = Message(
                 kind=Kind.FORWARD, meta={"reply": "echo"}, tensors={"act": torch.randn(nbytes // 4)}
@@ -88,9 +88,7 @@ async def measure(
             result["rtt_ms"][label] = rtt | {"samples": len(times["plain"])}
             result["encryption_overhead"][label] = rtt["encrypted"] / rtt["plain"]
     finally:
-        plain.close()
-        sealed.close()
-        ctx.term()
+        ctx.destroy(linger=0)
     result["goal_2MiB"] = GOAL_2MIB
     if "2MiB" in result["encryption_overhead"]:
         result["goal_met"] = result["encryption_overhead"]["2MiB"] <= GOAL_2MIB
