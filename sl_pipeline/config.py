@@ -126,7 +126,7 @@ class ServerSection:
     relays: list[str] = field(default_factory=list)
     max_names: int = 256  # names (clients, a relay's clients) whose replies are remembered
     hellos_per_s: float = 20.0  # hellos per source address, after a burst of hello_burst
-    hello_burst: int = 100
+    hello_burst: int = 100  # hellos a source address may send at once before the rate applies
     fuse: Literal["concat", "sum", "mean"] = "concat"
     parties: int = 1  # vertical: feature parties; roundrobin/splitfed: clients per round
     group: list[str] = field(default_factory=list)  # roundrobin/splitfed: the members, by name
