@@ -63,10 +63,13 @@ def refused(exc: PeerError, cfg: ClientConfig) -> SLError:
             "copy the server's .pub file (its kit's keys/server.pub) again"
         )
     if exc.remote_code == "not_admitted":
+        # The connection gate's token depends on both keys, so the server cannot tell a
+        # client it does not admit from one that pinned another server's key: name both.
         return ConfigError(
             f"the server at {c.server} does not admit this client's key "
             f"(client.key = {c.key!r}): add {c.name}.pub to the server's [server] admitted "
-            "folder and restart it"
+            f"folder and restart it; or client.server_key = {c.server_key!r} is not that "
+            "server's public key: copy the server's .pub file (its kit's keys/server.pub) again"
         )
     return exc
 
