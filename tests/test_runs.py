@@ -156,3 +156,25 @@ async def test_a_run_behind_a_relay_finishes(deployment) -> None:  # type: ignor
     (only,) = run["server"].book.runs.values()
     assert only.members == only.done == {"relay-1/client-1"}  # the relay passed the bye on
     assert only.state == "finished" and Path(only.model).exists()
+
+
+async def test_a_client_that_joined_to_infer_starts_no_run(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a trained run, then a client that only infers (no epochs left)
+    files = deployment(dataset="breast_cancer", clients=1)
+    server = ServerWorker(load_server(files["server"]), files["server"].parent)
+    stop, task = await _serve(server)
+    try:
+        await _train(files, ["client-1"])
+        worker = await _join(files, "train.epochs=0")
+        try:
+            # Execute: a training message from it
+            with pytest.raises(PeerError) as refused:
+                await worker.request(worker.message(Kind.FORWARD), timeout_s=10)
+        finally:
+            _leave(worker)
+    finally:
+        stop.set()
+        await task
+    # Assert: refused with the reason, and the finished run is still the only one
+    assert "joined to infer" in str(refused.value)
+    assert [(r.id, r.state) for r in server.book.runs.values()] == [("run-1", "finished")]

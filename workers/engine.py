@@ -186,6 +186,11 @@ class Engine:
     def forget(self, client: str) -> None:
         return None
 
+    def relays_only(self, msg: Message) -> bool:
+        """Whether ``msg`` only passes between parties and changes no weights (a vertical
+        PSI post): a peer that joined to infer may send it without starting a run."""
+        return False
+
     def queue_depth(self) -> int:
         """Requests waiting for other parties (vertical parts, queued steps, turns)."""
         return 0

@@ -67,6 +67,7 @@ class ServerWorker(RunHost, RouterService):
         self.book = RunBook(self._runs_dir(), s.max_runs, s.run_clients)
         self.peer_runs: dict[str, str] = {}  # peer name -> the run it trains in
         self.requested: dict[str, str] = {}  # peer name -> the run it asked for ("" = current)
+        self.inferring: set[str] = set()  # peers whose hello said they only infer
         self.steps_applied = 0  # over every run: the checkpoints' step number
         self.from_cache = 0
         assert self.metrics.clients is not None  # a server's metrics have them
@@ -223,6 +224,10 @@ class ServerWorker(RunHost, RouterService):
                 bound = self._start_run(wanted or self.book.next_id())
             self.peer_runs[name] = bound.id
         self.requested[name] = wanted
+        if hello.get("intent", "train") == "train":
+            self.inferring.discard(name)
+        else:
+            self.inferring.add(name)
         self.clients.joined(name)
         last = bound.replies.newest(name, Kind.FORWARD.value) if bound else None
         return {
@@ -270,6 +275,8 @@ class ServerWorker(RunHost, RouterService):
         )
         try:
             if msg.kind in (Kind.FORWARD, Kind.BACKWARD, Kind.WEIGHTS):
+                if peer.name in self.inferring and peer.name not in self.peer_runs:
+                    return self._infer_side(identity, peer, msg)
                 return self._train(identity, peer, msg)
             if msg.kind in (Kind.EVALUATE, Kind.PREDICT):
                 return self._inference_engine(peer).evaluate(identity, msg)
@@ -286,6 +293,18 @@ class ServerWorker(RunHost, RouterService):
                 self.reject(peer, reject_reason(exc), exc)
             retry = isinstance(exc, OverloadedError)
             return [(identity, error_message(exc.code, exc.message, retryable=retry, request=msg))]
+
+    def _infer_side(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
+        """A peer that joined to infer trains nothing and starts no run: what it may send
+        besides EVALUATE/PREDICT (a PSI post to align rows first) goes to the engine it
+        infers with, so the parties of a vertical predict meet the trained model."""
+        engine = self._inference_engine(peer)
+        if not engine.relays_only(msg):
+            raise ProtocolError(
+                f"{peer.name} joined to infer (its hello said so) and cannot send "
+                f"{msg.kind.value} messages; start it with epochs left to train"
+            )
+        return engine.handle(identity, msg)
 
     def _bye(self, identity: bytes, peer: Peer, msg: Message) -> None:
         run = self.book.runs.get(self.peer_runs.get(peer.name, ""))

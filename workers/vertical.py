@@ -76,7 +76,7 @@ class VerticalEngine(Engine):
     def handle(self, identity: bytes, msg: Message) -> list[Reply]:
         if msg.kind is Kind.BACKWARD and self.label_holder:
             return self._label_backward(msg)
-        if msg.kind is Kind.WEIGHTS and msg.meta.get("op") == "psi":
+        if self.relays_only(msg):
             return self._relay_psi(identity, msg)
         if msg.kind is not Kind.FORWARD:
             return super().handle(identity, msg)
@@ -84,6 +84,9 @@ class VerticalEngine(Engine):
 
     def evaluate(self, identity: bytes, msg: Message) -> list[Reply]:
         return self._gather(identity, msg, train=False)
+
+    def relays_only(self, msg: Message) -> bool:
+        return msg.kind is Kind.WEIGHTS and msg.meta.get("op") == "psi"
 
     def _gather(self, identity: bytes, msg: Message, train: bool) -> list[Reply]:
         kind = "train" if train else "eval"
