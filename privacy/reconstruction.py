@@ -62,6 +62,30 @@ def release_of(noise: NoiseConfig | None, releases: int = 1) -> Release:
     return observe
 
 
+def views_release_of(noise: NoiseConfig | None) -> Release:
+    """What the attacker observes for a row released once through each of several encoders:
+    ``acts`` is (rows, views, ...), one clean activation per encoder (per evaluation pass);
+    each view gets its own defended release (clip, fresh noise), and the views are
+    concatenated so that a decoder can weigh each encoder's view on its own."""
+    one = release_of(noise, 1)
+
+    def observe(acts: Tensor, generator: torch.Generator) -> Tensor:
+        views = [one(acts[:, v], generator).flatten(1) for v in range(acts.shape[1])]
+        return torch.cat(views, dim=1)
+
+    return observe
+
+
+def pass_subsets(passes: int) -> dict[str, list[int]]:
+    """The encoder views the multi-pass attacker tries: every pass, and the geometric subset
+    {0, 1, 2, 4, 8, ..., last} (early encoders are close to the random initialisation and keep
+    more of the input; a red-team review reached SSIM 0.942 with passes {0, 1, 2, 4, 19})."""
+    if passes < 1:
+        raise PrivacyError(f"passes = {passes} is out of range; allowed: >= 1")
+    geometric = sorted({0, passes - 1} | {p for p in (2**k for k in range(16)) if p < passes})
+    return {"all_passes": list(range(passes)), "geometric_passes": geometric}
+
+
 def train_decoder(
     aux_x: Tensor, aux_act: Tensor, observe: Release, seed: int, settings: DecoderSettings
 ) -> nn.Module:
@@ -184,7 +208,9 @@ __all__ = [
     "baselines",
     "image_scores",
     "interval",
+    "pass_subsets",
     "reconstruction_audit",
     "release_of",
     "train_decoder",
+    "views_release_of",
 ]

@@ -214,3 +214,10 @@ def test_audit_counts_every_release_of_a_record() -> None:
     assert result["activation_releases"] == 3
     assert result["epsilon_mechanism"] == "activation_noise"
     assert result["activation_epsilon"] > result["activation_epsilon_per_release"] > 0
+    # The reconstruction attacker also sees each pass through that pass's encoder (3 passes),
+    # and the headline figure is its strongest variant's (tabular data: the lowest MSE).
+    assert result["attack_passes"] == 3
+    variants = {"final", "all_passes", "geometric_passes"}
+    assert {result[f"reconstruction_mse_{v}"] for v in variants} >= {result["reconstruction_mse"]}
+    assert result["reconstruction_mse"] == min(result[f"reconstruction_mse_{v}"] for v in variants)
+    assert result["attack_variant"] in variants

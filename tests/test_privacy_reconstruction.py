@@ -10,8 +10,10 @@ from privacy.reconstruction import (
     DecoderSettings,
     baselines,
     interval,
+    pass_subsets,
     reconstruction_audit,
     release_of,
+    views_release_of,
 )
 from sl_pipeline.errors import PrivacyError
 
@@ -87,3 +89,54 @@ def test_tuned_attacker_beats_baselines_and_gains_from_every_release() -> None:
     assert many["ssim"] > once["ssim"] + 0.2  # 0.90 against 0.50 here
     assert once["reconstruction_mse"] > clean["reconstruction_mse"]
     assert clean["attack_seeds"] == 2 and clean["reconstruction_mse_ci"] >= 0
+
+
+def test_each_view_is_clipped_and_noised_on_its_own() -> None:
+    # Prepare: two views per row; the second far outside the clip.
+    acts = torch.zeros(3000, 2, 4)
+    acts[:, 1, 0] = 10.0
+    noise = NoiseConfig(sigma=0.5, clip=1.0)
+    # Execute
+    seen = views_release_of(noise)(acts, torch.Generator().manual_seed(0))
+    # Assert: concatenated (rows, 2 * 4); view 1 clipped to norm 1, each view one fresh draw
+    assert seen.shape == (3000, 8)
+    assert float(seen[:, 4].mean()) == pytest.approx(1.0, abs=0.05)
+    assert float(seen[:, :4].var()) == pytest.approx(0.25, rel=0.05)
+    assert not torch.equal(seen[:, 1:4], seen[:, 5:8])
+    assert torch.equal(views_release_of(None)(acts, torch.Generator()), acts.flatten(1))
+
+
+def test_pass_subsets_keep_the_first_and_last_pass() -> None:
+    assert pass_subsets(20) == {
+        "all_passes": list(range(20)),
+        "geometric_passes": [0, 1, 2, 4, 8, 16, 19],
+    }
+    assert pass_subsets(1) == {"all_passes": [0], "geometric_passes": [0]}
+    with pytest.raises(PrivacyError, match="passes"):
+        pass_subsets(0)
+
+
+def test_an_early_encoder_view_leaks_what_the_final_one_discards() -> None:
+    # Prepare: the "early" encoder keeps the input, the "final" one keeps only 4 directions of
+    # it (training made it task-specific), as happens between the first and the last pass.
+    aux, victims = smooth_images(300, seed=1), smooth_images(60, seed=2)
+
+    def early(x: torch.Tensor) -> torch.Tensor:
+        return encode(x) / 40
+
+    def final(x: torch.Tensor) -> torch.Tensor:
+        return early(x)[:, :4]
+
+    def views(x: torch.Tensor) -> torch.Tensor:  # (rows, passes, features): final, then early
+        return torch.stack([torch.nn.functional.pad(final(x), (0, 28)), early(x)], 1)
+
+    common = {"seeds": 2, "image_shape": SHAPE, "settings": FAST}
+    # Execute
+    last_only = reconstruction_audit(
+        (aux, final(aux)), (victims, final(victims)), release_of(None), **common
+    )
+    every_pass = reconstruction_audit(
+        (aux, views(aux)), (victims, views(victims)), views_release_of(None), **common
+    )
+    # Assert
+    assert every_pass["ssim"] > last_only["ssim"] + 0.1

@@ -42,7 +42,14 @@ from sl_pipeline.config import (
 from sl_pipeline.errors import ConfigError, SLError, TransportError
 from sl_pipeline.messages import Kind
 from workers.audit_hijack import attach_scrutinizer
-from workers.audit_measures import ATTACK_SEEDS, Grads, Outputs, Trained, measure
+from workers.audit_measures import (
+    ATTACK_SEEDS,
+    Grads,
+    Outputs,
+    Trained,
+    measure,
+    snapshot_encoders,
+)
 from workers.client import ClientWorker
 from workers.engine import read_tensor
 from workers.localdeploy import DATASETS, init_deployment
@@ -275,6 +282,7 @@ async def train_in_process(
     _seed_workers(server, clients, seed)
     outputs: Outputs = {}
     releases = [_count_releases(c, outputs) for c in clients]
+    encoders = [snapshot_encoders(c) for c in clients]
     sent_grads: Grads = {}
     for client in clients:
         _record_sent_label_grads(client, sent_grads)
@@ -304,7 +312,7 @@ async def train_in_process(
         stop.set()
         await asyncio.wait_for(asyncio.gather(*services, return_exceptions=True), STOP_TIMEOUT_S)
     return Trained(
-        server, clients, list(summaries), grads, releases, outputs, sent_grads, detectors
+        server, clients, list(summaries), grads, releases, outputs, sent_grads, detectors, encoders
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from sl_pipeline.messages import Kind
 from sl_pipeline.models import build_segments
 from workers.client import ClientWorker
 from workers.server import ServerWorker
@@ -39,6 +40,8 @@ class Trained:
     outputs: Outputs = field(default_factory=dict)
     sent_grads: Grads = field(default_factory=dict)  # label gradients a client sent (ushaped)
     detectors: list[Any] = field(default_factory=list)  # each client's hijack detector or None
+    # per client: the client segment's weights at each evaluation pass, in order
+    encoders: list[list[dict[str, torch.Tensor]]] = field(default_factory=list)
 
 
 def _clean(client: ClientWorker, x: torch.Tensor) -> torch.Tensor:
@@ -51,35 +54,117 @@ def _clean(client: ClientWorker, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def measure_client(
-    client: ClientWorker, released: Counter[int], seed: int, attack_seeds: int = ATTACK_SEEDS
-) -> dict[str, Any]:
-    """dCor of one release, and the calibrated reconstruction audit, on the client's test split.
+def snapshot_encoders(client: ClientWorker) -> list[dict[str, torch.Tensor]]:
+    """Keep a copy of the client segment's weights at the start of every evaluation pass (on
+    this instance only): each pass releases every test row once, through that encoder."""
+    runner: Any = client.runner
+    infer, kept = runner._infer, []
 
-    The attacker's auxiliary data is the client's training split (disjoint from the test rows it
-    attacks); it averages as many releases of each test row as the run made."""
-    from privacy.audit import dcor_leakage
-    from privacy.reconstruction import reconstruction_audit, release_of
+    async def _infer(x: torch.Tensor, step: int, ids: Any, kind: Any) -> Any:
+        if kind is Kind.EVALUATE and step == 0:
+            kept.append({k: v.detach().clone() for k, v in runner.bottom.state_dict().items()})
+        return await infer(x, step, ids, kind)
+
+    runner._infer = _infer
+    return kept
+
+
+def _views(client: ClientWorker, encoders: Sequence[dict[str, Any]], x: torch.Tensor) -> Any:
+    """(rows, passes, ...): the clean output of each kept encoder for ``x``."""
+    bottom: Any = client.runner.bottom
+    final = {k: v.clone() for k, v in bottom.state_dict().items()}
+    try:
+        views = []
+        for state in encoders:
+            bottom.load_state_dict(state)
+            views.append(_clean(client, x))
+    finally:
+        bottom.load_state_dict(final)
+    return torch.stack(views, dim=1)
+
+
+def _attacks(
+    client: ClientWorker, encoders: Sequence[dict[str, Any]], releases: int
+) -> dict[str, tuple[Any, Any, Any]]:
+    """Each attacker variant: (aux observations' clean source, victims', how it observes).
+
+    ``final`` averages ``releases`` releases through the final encoder; the multi-pass
+    variants see one release per evaluation pass, each through that pass's encoder (what the
+    server really receives), and concatenate the views."""
+    from privacy.reconstruction import pass_subsets, release_of, views_release_of
+
+    noise = client.runner.privacy.noise
+    train, test = client.data.train, client.data.test
+    found = {
+        "final": (_clean(client, train.x), _clean(client, test.x), release_of(noise, releases))
+    }
+    if len(encoders) > 1:
+        aux, victim = _views(client, encoders, train.x), _views(client, encoders, test.x)
+        for name, passes in pass_subsets(len(encoders)).items():
+            found[name] = (aux[:, passes], victim[:, passes], views_release_of(noise))
+    return found
+
+
+def _reconstruction(
+    client: ClientWorker,
+    encoders: Sequence[dict[str, Any]],
+    releases: int,
+    attack_seeds: int,
+) -> dict[str, Any]:
+    """Every attacker variant over ``attack_seeds`` seeds; the headline figures are the
+    strongest variant's (highest SSIM for images, lowest MSE otherwise), each variant's too."""
+    from privacy.reconstruction import reconstruction_audit
 
     runner: Any = client.runner
     train, test = client.data.train, client.data.test
-    aux_act, victim_act = _clean(client, train.x), _clean(client, test.x)
-    releases = max([released[int(i)] for i in test.ids] + [1])
-    noise = runner.privacy.noise
-    gen = torch.Generator().manual_seed(seed)
-    one_release = release_of(noise)(victim_act, gen)
     labels = None
     if runner.sends_labels and train.y is not None and test.y is not None:
         labels = (train.y, test.y)  # the labels travel with the activations
     image = tuple(test.x.shape[1:]) if test.x.dim() == 4 else None
-    attack = reconstruction_audit(
-        (train.x, aux_act),
-        (test.x, victim_act),
-        release_of(noise, releases),
-        seeds=attack_seeds,
-        labels=labels,
-        image_shape=image,
-    )
+    runs = {}
+    for name, (aux_act, victim_act, observe) in _attacks(client, encoders, releases).items():
+        runs[name] = reconstruction_audit(
+            (train.x, aux_act),
+            (test.x, victim_act),
+            observe,
+            seeds=attack_seeds,
+            labels=labels,
+            image_shape=image,
+        )
+    key = "ssim" if image is not None else "reconstruction_mse"
+    sign = 1.0 if image is not None else -1.0
+    best = max(runs, key=lambda name: sign * runs[name][key])
+    out = {**runs[best], "attack_variant": best, "attack_passes": len(encoders)}
+    for name, run in runs.items():
+        out[f"reconstruction_mse_{name}"] = run["reconstruction_mse"]
+        if image is not None:
+            out[f"ssim_{name}"] = run["ssim"]
+    return out
+
+
+def measure_client(
+    client: ClientWorker,
+    released: Counter[int],
+    seed: int,
+    attack_seeds: int = ATTACK_SEEDS,
+    encoders: Sequence[dict[str, Any]] = (),
+) -> dict[str, Any]:
+    """dCor of one release, and the calibrated reconstruction audit, on the client's test split.
+
+    The attacker's auxiliary data is the client's training split (disjoint from the test rows it
+    attacks); it aggregates every release of each test row the run made (:func:`_attacks`)."""
+    from privacy.audit import dcor_leakage
+    from privacy.reconstruction import release_of
+
+    runner: Any = client.runner
+    test = client.data.test
+    victim_act = _clean(client, test.x)
+    releases = max([released[int(i)] for i in test.ids] + [1])
+    noise = runner.privacy.noise
+    gen = torch.Generator().manual_seed(seed)
+    one_release = release_of(noise)(victim_act, gen)
+    image = tuple(test.x.shape[1:]) if test.x.dim() == 4 else None
+    attack = _reconstruction(client, encoders, releases, attack_seeds)
     result = {"dcor": dcor_leakage(test.x, one_release), "attack_releases": releases, **attack}
     if image is not None:
         result.update(_unsplit(client, test.x, release_of(noise, releases)(victim_act, gen), seed))
@@ -202,8 +287,12 @@ def _epsilons(trained: Trained) -> dict[str, Any]:
 def _average(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Each numeric figure averaged over the clients that report it."""
     keys = [k for k in dict.fromkeys(k for r in rows for k in r)]
-    out = {}
+    out: dict[str, Any] = {}
     for key in keys:
+        names = sorted({r[key] for r in rows if isinstance(r.get(key), str)})
+        if names:  # a label such as the strongest attack variant: each client's, once
+            out[key] = ",".join(names)
+            continue
         mean = _mean([r.get(key) for r in rows])
         if mean is not None:
             out[key] = mean
@@ -215,9 +304,10 @@ def measure(trained: Trained, seed: int, attack_seeds: int = ATTACK_SEEDS) -> di
     with the threat model of each attack that ran."""
     from privacy.threats import THREAT_MODELS
 
+    encoders = trained.encoders or [[] for _ in trained.clients]
     per_client = [
-        measure_client(c, released, seed, attack_seeds)
-        for c, released in zip(trained.clients, trained.releases, strict=True)
+        measure_client(c, released, seed, attack_seeds, kept)
+        for c, released, kept in zip(trained.clients, trained.releases, encoders, strict=True)
     ]
     result: dict[str, Any] = {
         "test_accuracy": _mean([s.get("test_accuracy") for s in trained.summaries]),
@@ -240,4 +330,4 @@ def measure(trained: Trained, seed: int, attack_seeds: int = ATTACK_SEEDS) -> di
     }
 
 
-__all__ = ["ATTACK_SEEDS", "Grads", "Outputs", "Trained", "measure"]
+__all__ = ["ATTACK_SEEDS", "Grads", "Outputs", "Trained", "measure", "snapshot_encoders"]
