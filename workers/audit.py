@@ -162,6 +162,21 @@ def _count_releases(client: ClientWorker, outputs: Outputs) -> Counter[int]:
     return released
 
 
+def _record_received_meta(client: ClientWorker, received: dict[str, set[str]]) -> None:
+    """Keep the names of the figures a party without labels is told beside its tensors
+    (such as a loss or a count of correct answers): each is a function of the labels."""
+    if client.data.train.y is not None:
+        return
+    request, seen = client.request, received.setdefault(client.cfg.client.name, set())
+
+    async def send(message: Any, timeout_s: float | None = None) -> Any:
+        reply = await request(message, timeout_s)
+        seen.update(f"{reply.kind.value}.{key}" for key in reply.meta)
+        return reply
+
+    client.request = send  # type: ignore[method-assign]
+
+
 def _record_sent_label_grads(client: ClientWorker, grads: Grads) -> None:
     """A client that protects labels (u-shaped) sends the server the gradient of the server's
     output: keep each one, with the ids of the batch whose forward went before it."""
@@ -283,6 +298,9 @@ async def train_in_process(
     outputs: Outputs = {}
     releases = [_count_releases(c, outputs) for c in clients]
     encoders = [snapshot_encoders(c) for c in clients]
+    received: dict[str, set[str]] = {}
+    for client in clients:
+        _record_received_meta(client, received)
     sent_grads: Grads = {}
     for client in clients:
         _record_sent_label_grads(client, sent_grads)
@@ -312,7 +330,16 @@ async def train_in_process(
         stop.set()
         await asyncio.wait_for(asyncio.gather(*services, return_exceptions=True), STOP_TIMEOUT_S)
     return Trained(
-        server, clients, list(summaries), grads, releases, outputs, sent_grads, detectors, encoders
+        server,
+        clients,
+        list(summaries),
+        grads,
+        releases,
+        outputs,
+        sent_grads,
+        detectors,
+        encoders,
+        received,
     )
 
 

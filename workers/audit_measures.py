@@ -42,6 +42,8 @@ class Trained:
     detectors: list[Any] = field(default_factory=list)  # each client's hijack detector or None
     # per client: the client segment's weights at each evaluation pass, in order
     encoders: list[list[dict[str, torch.Tensor]]] = field(default_factory=list)
+    # party without labels -> "kind.key" of every reply meta it was told (e.g. "result.correct")
+    received: dict[str, set[str]] = field(default_factory=dict)
 
 
 def _clean(client: ClientWorker, x: torch.Tensor) -> torch.Tensor:
@@ -314,6 +316,8 @@ def measure(trained: Trained, seed: int, attack_seeds: int = ATTACK_SEEDS) -> di
         **_average(per_client),
     }
     result.update(measure_labels(trained))
+    if trained.received:
+        result["feature_party_told"] = sorted(set().union(*trained.received.values()))
     result.update(measure_sent_labels(trained))
     watching = [d for d in trained.detectors if d is not None]
     if watching:  # the honest run: any flag here is a false positive

@@ -106,12 +106,17 @@ def aggregate(
         "test_accuracy": round(
             sum(r["test_accuracy"] * r["test_samples"] for r in scored) / total_test, 4
         ),
-        "train_loss": round(sum(losses) / max(1, len(losses)), 4),
+        # None where only the server knows the loss (vertical: feature parties are not told it)
+        "train_loss": round(sum(losses) / len(losses), 4) if losses else None,
         "bytes_sent": sum(r["bytes_sent"] for r in results),
         "bytes_received": sum(r["bytes_received"] for r in results),
         "encrypted": not args.insecure,
         "wall_seconds": round(wall, 2),
     }
+
+
+def _shown(value: float | None) -> str:
+    return "n/a (the server's)" if value is None else f"{value:.4f}"
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -145,7 +150,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             print(f"central baseline (same architecture, pooled data): {baseline:.4f}")
         print(
             f"test accuracy {summary['test_accuracy']:.4f}, "
-            f"train loss {summary['train_loss']:.4f}, "
+            f"train loss {_shown(summary['train_loss'])}, "
             f"{summary['bytes_sent'] / 1e6:.1f} MB sent, {summary['wall_seconds']:.1f}s"
         )
     return summary

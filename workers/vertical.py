@@ -142,10 +142,10 @@ class VerticalEngine(Engine):
         for part, cut_grad in zip(parts, grads, strict=True):
             grad = self._protection(part.msg.client).protect(cut_grad.cpu(), labels)
             self.last_grads[part.msg.client] = grad.detach()
+            # No loss: a feature party does not need it, and a batch's loss is a function of
+            # its labels that no label protection covers.
             reply = part.msg.reply(
-                Kind.BACKWARD,
-                meta={"loss": self.last_loss},
-                tensors=wire_tensors("grad", grad, self.wire_dtype),
+                Kind.BACKWARD, tensors=wire_tensors("grad", grad, self.wire_dtype)
             )
             replies.append((part.identity, reply))
         return replies
