@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sl_pipeline.keys import write_keypair
-from workers.localdeploy import free_port, to_toml
+from workers.tools.localdeploy import free_port, to_toml
 
 REPO = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"

@@ -25,8 +25,7 @@ from sl_pipeline.keys import load_keypair, load_public_key
 from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
 from sl_pipeline.models import build_segments, fingerprint
 from sl_pipeline.transport import DealerConnection
-
-from .common import (
+from workers.runtime.startup import (
     endpoint,
     free_port,
     median,
@@ -36,6 +35,7 @@ from .common import (
     worker_process,
     write_keys,
 )
+
 from .models import BATCH, MODELS, TRAIN
 
 MODEL = "digits_cnn"

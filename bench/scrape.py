@@ -31,9 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from workers.demo import last_json_line
-
-from .common import (
+from workers.runtime.startup import (
     LOOPBACK,
     REPO,
     endpoint,
@@ -45,6 +43,7 @@ from .common import (
     worker_process,
     write_keys,
 )
+from workers.tools.demo import last_json_line
 
 INTERVAL_S = 0.1
 MODEL = {"builtin": "cnn", "in_shape": [1, 8, 8], "classes": 10, "seed": 0}
@@ -170,7 +169,7 @@ def render_ms(created: bool, repeats: int = 200) -> float:
     time one scrape costs a worker), with or without the ``*_created`` series."""
     from prometheus_client import metrics as pc_metrics
 
-    from workers.metrics import WorkerMetrics
+    from workers.ops.metrics import WorkerMetrics
 
     metrics, samples = WorkerMetrics("client"), []
     saved = pc_metrics._use_created

@@ -14,7 +14,7 @@ The group arithmetic, hashing to the curve and the encodings are OpenMined's
 but the framing. Every payload is sealed with the clients' group key (AES-256-GCM, sender,
 receiver and round bound as associated data) before it travels, so the server that relays it
 learns neither blinded points nor the intersection: it sees ciphertext lengths (the set
-sizes) only. Pure code over bytes: :mod:`workers.align` carries the payloads.
+sizes) only. Pure code over bytes: :mod:`workers.client.align` carries the payloads.
 """
 
 from __future__ import annotations

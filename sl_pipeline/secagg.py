@@ -16,8 +16,8 @@ Learning"), without its secret-shared dropout recovery: a round needs every memb
   second, over fixed-point integers mod 2^64: the masks cancel in the sum of all members'
   vectors and nothing else, so the server learns the sum and nothing more.
 
-Everything here is pure: no sockets, no clock. :mod:`workers.client_group` and
-:mod:`workers.coordination` carry the bytes.
+Everything here is pure: no sockets, no clock. :mod:`workers.client.group` and
+:mod:`workers.server.engines.group` carry the bytes.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ import torch
 
 from sl_pipeline.config import ClientConfig, ServerConfig, load
 from sl_pipeline.config import read_toml as load_toml
-from workers.demo import stop_process
-from workers.localdeploy import init_deployment
+from workers.tools.demo import stop_process
+from workers.tools.localdeploy import init_deployment
 
 ROOT = Path(__file__).resolve().parents[1]
 

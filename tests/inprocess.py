@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from sl_pipeline.config import ClientConfig, RelayConfig, ServerConfig, load
-from workers.client import ClientWorker
+from workers.client.worker import ClientWorker
 from workers.relay import RelayWorker
-from workers.server import ServerWorker
+from workers.server.worker import ServerWorker
 
 
 async def wait_until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 
 from sl_pipeline.errors import ConfigError, PrivacyError
-from workers.audit import run_audit, split_overrides
 from workers.cli import main
-from workers.localdeploy import init_deployment
-from workers.privacy_cli import audit_deployment
-from workers.tune import combinations, parse_sweep, run_tune
+from workers.cli.privacy import audit_deployment
+from workers.tools.audit import run_audit, split_overrides
+from workers.tools.localdeploy import init_deployment
+from workers.tools.tune import combinations, parse_sweep, run_tune
 
 ROW_KEYS = {"name", "test_accuracy", "dcor", "reconstruction_mse"}
 

@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 
-from workers.checkpoint import CheckpointStore
-from workers.lossy_proxy import LossyProxy
-from workers.runs import decode_log
+from tests.lossy_proxy import LossyProxy
+from workers.runtime.checkpoint import CheckpointStore
+from workers.server.runs import decode_log
 
 from .conftest import Procs
 from .inprocess import run_deployment

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from sl_pipeline.errors import CheckpointError, SLError
 from sl_pipeline.messages import Kind, Message
-from workers.checkpoint import (
+from workers.runtime.checkpoint import (
     CheckpointStore,
     SnapshotRing,
     _frame,

@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from workers.configdoc import DOC, WORKERS, render
+from workers.tools.configdoc import DOC, WORKERS, render
 
 
 def test_config_reference_is_current() -> None:
     assert DOC.read_text() == render(), (
-        "docs/config.md is stale: run `python -m workers.configdoc --write` and commit it"
+        "docs/config.md is stale: run `python -m workers.tools.configdoc --write` and commit it"
     )
 
 

@@ -21,7 +21,7 @@ from sl_pipeline.config import DataConfig
 from sl_pipeline.data import load_party_data
 from sl_pipeline.errors import ConfigError
 from workers.cli import main
-from workers.localdeploy import free_port, to_toml
+from workers.tools.localdeploy import free_port, to_toml
 
 from .datafiles import write_csv
 

@@ -14,7 +14,7 @@ from PIL import Image
 from sl_pipeline.config import ClientConfig, DataConfig, load
 from sl_pipeline.data import load_party_data, take_rows
 from workers.cli import main
-from workers.predict import read_inputs
+from workers.client.predict import read_inputs
 
 from .conftest import Procs
 from .datafiles import digits_folder, write_csv

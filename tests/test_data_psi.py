@@ -11,7 +11,7 @@ from sl_pipeline.config import DataConfig, ModelConfig, ServerConfig, ServerSect
 from sl_pipeline.errors import CryptoError, ProtocolError
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.psi import PsiParty
-from workers.vertical import VerticalEngine
+from workers.server.engines.vertical import VerticalEngine
 
 
 def _run(

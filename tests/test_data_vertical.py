@@ -19,12 +19,12 @@ import pytest
 
 from sl_pipeline.config import ClientConfig, ServerConfig, load
 from sl_pipeline.messages import Message
-from workers import align
 from workers.cli import main
-from workers.client import ClientWorker
-from workers.localdeploy import to_toml
-from workers.predict import run_predict
-from workers.server import ServerWorker
+from workers.client import align
+from workers.client.predict import run_predict
+from workers.client.worker import ClientWorker
+from workers.server.worker import ServerWorker
+from workers.tools.localdeploy import to_toml
 
 from .conftest import Procs
 from .datafiles import party_csv, wisconsin_rows

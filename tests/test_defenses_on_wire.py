@@ -12,7 +12,7 @@ from torch.nn.utils import parameters_to_vector
 from privacy.defenses import clip_per_sample
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.transport import DealerConnection
-from workers.client_steps import StepRunner
+from workers.client.steps import StepRunner
 
 from .inprocess import run_deployment
 

@@ -25,8 +25,8 @@ from tests.conftest_prometheus import (
     start_prometheus,
     stop_prometheus,
 )
-from workers.metrics import WorkerMetrics
-from workers.ops import OpsServer
+from workers.ops.http import OpsServer
+from workers.ops.metrics import WorkerMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

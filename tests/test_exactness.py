@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from sl_pipeline.data import batch_order, load_party_data
 from sl_pipeline.models import build_segments, make_optimizer
-from workers.client import ClientWorker
-from workers.server import ServerWorker
+from workers.client.worker import ClientWorker
+from workers.server.worker import ServerWorker
 
 from .conftest import load_client, load_server
 from .inprocess import run_deployment

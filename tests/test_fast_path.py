@@ -8,8 +8,8 @@ import torch
 
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.session import Session
+from sl_pipeline.tensors import as_input
 from sl_pipeline.transport import Channel
-from workers.engine import as_input
 
 
 def _pair() -> tuple[Channel, Channel]:

@@ -26,8 +26,8 @@ from sl_pipeline.errors import PeerError, TransportError
 from sl_pipeline.keys import write_keypair
 from sl_pipeline.messages import Kind
 from sl_pipeline.transport import DealerConnection
-from workers.client import ClientWorker
-from workers.server import ServerWorker
+from workers.client.worker import ClientWorker
+from workers.server.worker import ServerWorker
 
 from .conftest import load_client, load_server
 from .test_hostile_peers import join

@@ -27,11 +27,11 @@ from sl_pipeline.keys import load_keypair, load_public_key, write_keypair
 from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
 from sl_pipeline.session import PlainSession
 from sl_pipeline.transport import Channel, DealerConnection
-from workers.client import ClientWorker
-from workers.ops import check_health, local_url
+from workers.client.worker import ClientWorker
+from workers.ops.http import check_health, local_url
 from workers.relay import RelayWorker
-from workers.server import ServerWorker
-from workers.service import Peer
+from workers.runtime.service import Peer
+from workers.server.worker import ServerWorker
 
 from .conftest import load_client, load_server
 from .inprocess import load, run_deployment

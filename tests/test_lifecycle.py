@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT, Procs
-from workers.ops import local_url
+from workers.ops.http import local_url
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

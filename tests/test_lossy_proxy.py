@@ -22,7 +22,7 @@ from sl_pipeline.errors import ConfigError, ReplayError
 from sl_pipeline.handshake import ClientHandshake, ServerHandshake
 from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
 from sl_pipeline.transport import Channel, DealerConnection, RouterEndpoint, frame_buffers
-from workers.lossy_proxy import LossyProxy
+from tests.lossy_proxy import LossyProxy
 
 pytestmark = pytest.mark.timeout(60)
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,7 +257,7 @@ async def test_command_line(rig: Rig) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "workers.lossy_proxy",
+        "tests.lossy_proxy",
         "--upstream",
         rig.echo.endpoint,
         "--drop",
@@ -332,8 +332,8 @@ async def training(
     """A real server, a LossyProxy in front of it and a client (not yet running) with
     short timeouts; yields (server, proxy, client) and stops everything."""
     from tests.conftest import load_client, load_server
-    from workers.client import ClientWorker
-    from workers.server import ServerWorker
+    from workers.client.worker import ClientWorker
+    from workers.server.worker import ServerWorker
 
     files = deployment(clients=1, dataset="breast_cancer", epochs=epochs)
     server = ServerWorker(load_server(files["server"]), files["server"].parent)

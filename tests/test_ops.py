@@ -17,9 +17,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from sl_pipeline.errors import ConfigError
-from workers.logs import configure_logging
-from workers.metrics import REJECT_REASONS, WorkerMetrics
-from workers.ops import OpsServer, check_health, local_url, parse_listen
+from workers.ops.http import OpsServer, check_health, local_url, parse_listen
+from workers.ops.logs import configure_logging
+from workers.ops.metrics import REJECT_REASONS, WorkerMetrics
 
 TIMEOUT_S = 5.0
 

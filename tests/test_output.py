@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from workers.cli import main
-from workers.logs import configure_logging
+from workers.ops.logs import configure_logging
 
 from .inprocess import run_deployment
 from .threadserver import ThreadServer

@@ -14,7 +14,7 @@ import torch
 
 from sl_pipeline.data import load_party_data
 from sl_pipeline.models import build_segments
-from workers.localdeploy import MULTI_PARTY
+from workers.tools.localdeploy import MULTI_PARTY
 
 from .conftest import ROOT, Procs, load_client, wait_listening
 from .inprocess import run_deployment

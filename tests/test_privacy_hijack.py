@@ -63,8 +63,8 @@ def test_fsha_is_flagged_within_the_first_epoch() -> None:
 
 def test_live_detector_sets_its_metrics_and_stops_training_on_a_flag(tmp_path: Path) -> None:
     from sl_pipeline.config import ClientConfig, load
-    from workers.client import ClientWorker
-    from workers.localdeploy import init_deployment
+    from workers.client.worker import ClientWorker
+    from workers.tools.localdeploy import init_deployment
 
     # Prepare: a client whose [privacy.hijack] stops training on a flag.
     files = init_deployment(tmp_path / "d", dataset="breast_cancer", epochs=1)["files"]
@@ -85,7 +85,7 @@ def test_live_detector_sets_its_metrics_and_stops_training_on_a_flag(tmp_path: P
 
 @pytest.mark.filterwarnings("ignore")
 def test_live_detector_lets_an_honest_run_finish() -> None:
-    from workers.audit import run_audit
+    from workers.tools.audit import run_audit
 
     result = run_audit(
         "vanilla", "breast_cancer", ["privacy.hijack.stop=true"], epochs=1, attack_seeds=1

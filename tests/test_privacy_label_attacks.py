@@ -15,8 +15,8 @@ from privacy.label_attacks import (
     output_leak_auc,
 )
 from sl_pipeline.config import ServerConfig, load
-from workers.localdeploy import init_deployment
-from workers.vertical import VerticalEngine
+from workers.server.engines.vertical import VerticalEngine
+from workers.tools.localdeploy import init_deployment
 
 
 def noisy_rounds(epochs: int, n: int = 200, noise: float = 6.0) -> tuple[list, torch.Tensor]:
@@ -78,7 +78,7 @@ def test_vertical_engine_keeps_one_marvell_plan_per_party(tmp_path: Path) -> Non
 
 @pytest.mark.filterwarnings("ignore")
 def test_vertical_audit_closes_the_evaluation_leak_and_aggregates_epochs() -> None:
-    from workers.audit import run_audit
+    from workers.tools.audit import run_audit
 
     # Execute
     result = run_audit("vertical", "breast_cancer", epochs=2, attack_seeds=1)
@@ -110,7 +110,7 @@ def test_clustering_names_the_classes_of_separable_gradients() -> None:
 
 @pytest.mark.filterwarnings("ignore")
 def test_ushaped_label_protection_runs_at_the_client_and_blunts_clustering() -> None:
-    from workers.audit import run_audit, split_overrides
+    from workers.tools.audit import run_audit, split_overrides
 
     # Prepare: label keys go to the u-shaped client, which holds the labels.
     sets = ['privacy.label.mechanism="marvell"', "privacy.label.scale=4.0"]

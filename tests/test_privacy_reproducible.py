@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.audit import run_audit
 from workers.cli import main
-from workers.demo import stop_process
+from workers.tools.audit import run_audit
+from workers.tools.demo import stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 VERTICAL = [

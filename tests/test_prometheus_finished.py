@@ -39,8 +39,8 @@ from tests.test_prometheus_live import (
     dashboard_params,
     knock,
 )
-from workers.demo import stop_process
-from workers.localdeploy import init_deployment
+from workers.tools.demo import stop_process
+from workers.tools.localdeploy import init_deployment
 
 # Opt-in until its race is fixed: it waits for each client's sl_test_accuracy_ratio, which a
 # client that finishes between two scrapes never shows (it failed 2 of 4 fresh-clone runs):

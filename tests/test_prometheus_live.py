@@ -53,8 +53,8 @@ import zmq
 from sl_pipeline.gate import USERNAME, connect_token
 from sl_pipeline.keys import generate_keypair, load_keypair, load_public_key
 from tests.conftest_prometheus import api_get, query, query_until, start_prometheus, stop_prometheus
-from workers.demo import stop_process
-from workers.localdeploy import init_deployment
+from workers.tools.demo import stop_process
+from workers.tools.localdeploy import init_deployment
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.slow, pytest.mark.timeout(240)]
 

@@ -13,9 +13,9 @@ import pytest
 
 from sl_pipeline.config import ClientConfig, RelayConfig, ServerConfig, load
 from workers.cli import main
-from workers.client import ClientWorker
-from workers.localdeploy import free_port
-from workers.server import ServerWorker
+from workers.client.worker import ClientWorker
+from workers.server.worker import ServerWorker
+from workers.tools.localdeploy import free_port
 
 PROJECT = """
 [project]

@@ -132,7 +132,7 @@ def stop(proc: subprocess.Popen[str]) -> int:
 
 
 def test_the_readme_has_commands_for_every_verb() -> None:
-    from workers.cli import COMMANDS
+    from workers.cli.commands import COMMANDS
 
     verbs = {line.split()[1] for block in readme_blocks() for line in block}
     assert set(COMMANDS) - verbs == set(), "README lacks a command for these verbs"

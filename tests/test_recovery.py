@@ -18,11 +18,11 @@ from sl_pipeline.handshake import ClientHandshake
 from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
 from sl_pipeline.retransmit import RetransmitTimer
 from sl_pipeline.transport import DealerConnection
-from workers.client import ClientWorker
-from workers.engine import MiddleEngine
+from workers.client.worker import ClientWorker
 from workers.relay import RelayWorker
-from workers.server import ServerWorker
-from workers.vertical import VerticalEngine
+from workers.server.engines.base import MiddleEngine
+from workers.server.engines.vertical import VerticalEngine
+from workers.server.worker import ServerWorker
 
 from .inprocess import run_deployment
 

@@ -14,10 +14,10 @@ from sl_pipeline.config import ClientConfig, load, resolve_path
 from sl_pipeline.errors import CryptoError, ProtocolError
 from sl_pipeline.group import load_group_key, open_weights, run_id, seal_weights
 from sl_pipeline.messages import Kind, Message
-from workers.checkpoint import decode, encode
-from workers.client import ClientWorker
-from workers.client_group import RoundRobinRunner
-from workers.coordination import TurnCoordinator
+from workers.client.group import RoundRobinRunner
+from workers.client.worker import ClientWorker
+from workers.runtime.checkpoint import decode, encode
+from workers.server.engines.group import TurnCoordinator
 
 MEMBERS = ["client-1", "client-2"]
 

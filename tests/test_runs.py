@@ -13,8 +13,8 @@ import zmq.asyncio
 
 from sl_pipeline.errors import PeerError
 from sl_pipeline.messages import Kind
-from workers.client import ClientWorker
-from workers.server import ServerWorker
+from workers.client.worker import ClientWorker
+from workers.server.worker import ServerWorker
 
 from .conftest import load_client, load_server
 from .inprocess import run_deployment

@@ -16,8 +16,8 @@ from sl_pipeline.config import ClientConfig, ServerConfig, load
 from sl_pipeline.errors import PeerError
 from sl_pipeline.models import build_segments
 from workers.cli import main
-from workers.client import ClientWorker
-from workers.demo import stop_process
+from workers.client.worker import ClientWorker
+from workers.tools.demo import stop_process
 
 from .threadserver import ThreadServer
 from .workerproc import WorkerProcess

@@ -32,13 +32,13 @@ from sl_pipeline.secagg import (
     to_fixed,
 )
 from sl_pipeline.transport import Channel
-from workers.aggregation import SecureAggregator
-from workers.checkpoint import decode, encode
-from workers.client import ClientWorker
-from workers.coordination import GroupEngine
-from workers.engine import build_engine
-from workers.server import ServerWorker
-from workers.service import Peer
+from workers.client.worker import ClientWorker
+from workers.runtime.checkpoint import decode, encode
+from workers.runtime.service import Peer
+from workers.server.aggregation import SecureAggregator
+from workers.server.engines import build_engine
+from workers.server.engines.group import GroupEngine
+from workers.server.worker import ServerWorker
 
 from .inprocess import run_deployment
 from .test_topologies import record_inbound
@@ -301,7 +301,7 @@ def test_a_client_without_its_key_is_told_what_to_set(deployment) -> None:  # ty
 
 
 def test_a_bad_announcement_is_refused() -> None:
-    from workers.client_group import _announced_nonces
+    from workers.client.group import _announced_nonces
 
     nonce = new_nonce()
     reply = Message(

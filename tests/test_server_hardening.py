@@ -18,8 +18,8 @@ from sl_pipeline.keys import generate_keypair, load_keypair, load_public_key
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.models import fingerprint
 from sl_pipeline.transport import DealerConnection
-from workers.client import ClientWorker
-from workers.server import ServerWorker
+from workers.client.worker import ClientWorker
+from workers.server.worker import ServerWorker
 
 from .conftest import load_client, load_server
 from .test_hostile_peers import send_as_stranger

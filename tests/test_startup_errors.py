@@ -13,8 +13,8 @@ import torch
 
 from sl_pipeline.keys import write_keypair
 from workers.cli import main
-from workers.localdeploy import free_port
-from workers.logs import configure_logging
+from workers.ops.logs import configure_logging
+from workers.tools.localdeploy import free_port
 
 from .threadserver import ThreadServer
 

@@ -13,10 +13,10 @@ from sl_pipeline.config import ClientConfig, RelayConfig, ServerConfig, load
 from sl_pipeline.errors import CryptoError
 from sl_pipeline.group import open_weights
 from sl_pipeline.messages import Message
-from workers.client import ClientWorker
+from workers.client.worker import ClientWorker
 from workers.relay import RelayWorker
-from workers.server import ServerWorker
-from workers.service import RouterService
+from workers.runtime.service import RouterService
+from workers.server.worker import ServerWorker
 
 from .inprocess import run_deployment, wait_until
 
@@ -25,7 +25,7 @@ def record_inbound(monkeypatch: pytest.MonkeyPatch) -> list[Message]:
     """Every message a server or relay accepts, as its dispatch sees it."""
     seen: list[Message] = []
     from workers.relay import RelayWorker
-    from workers.server import ServerWorker
+    from workers.server.worker import ServerWorker
 
     for cls in (ServerWorker, RelayWorker):
         original = cls.dispatch
@@ -191,7 +191,7 @@ async def test_pipelined_client_keeps_steps_in_flight_and_applies_each_once(depl
 
 def test_pipelining_is_refused_where_a_step_needs_two_exchanges(deployment) -> None:  # type: ignore[no-untyped-def]
     from sl_pipeline.errors import ConfigError
-    from workers.client import ClientWorker
+    from workers.client.worker import ClientWorker
 
     from .conftest import load_client
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.client import ClientWorker
-from workers.localdeploy import free_port
-from workers.server import ServerWorker
+from workers.client.worker import ClientWorker
+from workers.server.worker import ServerWorker
+from workers.tools.localdeploy import free_port
 
 from .conftest import load_client, load_server
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from sl_pipeline.config import ServerConfig, load
-from workers.server import ServerWorker
+from workers.server.worker import ServerWorker
 
 
 class ThreadServer:

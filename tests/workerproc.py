@@ -4,7 +4,7 @@ Starting ``python -m workers`` costs seconds of CPU (the torch import); a chaos 
 a dozen workers. Each :class:`WorkerProcess` is instead forked by a ``forkserver`` that has
 imported the workers already, runs ``workers.cli.main(argv)`` with its stdout and stderr in
 files, and can be killed (``SIGKILL``) like any process. It offers the part of
-``subprocess.Popen`` that :func:`workers.demo.stop_process` uses.
+``subprocess.Popen`` that :func:`workers.tools.demo.stop_process` uses.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ _CTX.set_forkserver_preload(
         "torch",
         "sklearn.datasets",
         "workers.cli",
-        "workers.server",
-        "workers.client",
+        "workers.server.worker",
+        "workers.client.worker",
         "workers.relay",
     ]
 )

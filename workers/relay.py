@@ -27,14 +27,14 @@ from sl_pipeline.errors import ConfigError, PeerError, ProtocolError, SLError, T
 from sl_pipeline.handshake import ClientHandshake
 from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message, error_message
 from sl_pipeline.models import build_segments, fingerprint, make_optimizer, resolve_device
+from sl_pipeline.tensors import as_input, read_tensor, wire_tensors
 from sl_pipeline.transport import DealerConnection
-
-from .checkpoint import open_store, restore_rng, rng_state
-from .common import load_own_key, load_peer_key, warn_insecure
-from .engine import as_input, read_tensor, run_segment, wire_tensors
-from .metrics import WorkerMetrics
-from .replycache import ReplyCache
-from .service import Listen, Peer, Replies, RouterService, reject_reason
+from workers.ops.metrics import WorkerMetrics
+from workers.runtime.checkpoint import open_store, restore_rng, rng_state
+from workers.runtime.service import Listen, Peer, Replies, RouterService, reject_reason
+from workers.runtime.startup import load_own_key, load_peer_key, warn_insecure
+from workers.server.engines.base import run_segment
+from workers.server.replycache import ReplyCache
 
 log = logging.getLogger("sl_pipeline.relay")
 

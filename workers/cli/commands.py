@@ -1,0 +1,387 @@
+"""`sl-pipeline`: the command line. Every failure is one clear line and an exit status."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sl_pipeline.config import TOPOLOGIES, ClientConfig, RelayConfig, ServerConfig, load
+from sl_pipeline.errors import ConfigError, SLError
+from workers.cli import privacy as privacy_cli
+from workers.ops.logs import configure_logging
+
+log = logging.getLogger("sl_pipeline")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, type=Path, help="the worker's TOML file")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext, no authentication (warns on every start)",
+    )
+    p.add_argument("--log-format", choices=["text", "json"], default=None)
+    p.add_argument("--json", action="store_true", help="print a one-line JSON summary last")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sl-pipeline", description="Split learning over encrypted ZeroMQ"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _config_args(sub.add_parser("server", help="run the server worker"))
+    client = sub.add_parser("client", help="run a client worker (trains, then exits)")
+    _config_args(client)
+    client.add_argument("--epochs", type=int, default=None)
+    client.add_argument("--no-progress", action="store_true")
+    client.add_argument("--run", default=None, help="the training run to join (client.run)")
+    client.add_argument(
+        "--takeover",
+        action="store_true",
+        help="replace a live session under this client's name (client.takeover)",
+    )
+    init = sub.add_parser("init", help="write a ready-to-run local deployment")
+    init.add_argument("dir", type=Path)
+    _deployment_args(init)
+    provision = sub.add_parser(
+        "provision", help="write one start kit per site (own key, peers' public keys, config)"
+    )
+    provision.add_argument("project", type=Path, help="the project's TOML file")
+    provision.add_argument("--out", type=Path, default=None, help="a new folder for the kits")
+    provision.add_argument(
+        "--example", action="store_true", help="write an example project file and stop"
+    )
+    demo = sub.add_parser("demo", help="train across real processes on built-in data")
+    _deployment_args(demo)
+    demo.add_argument("--json", action="store_true")
+    demo.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also train the same architecture centrally and report its accuracy",
+    )
+    relay = sub.add_parser("relay", help="run a relay (a middle segment of a multi-hop chain)")
+    _config_args(relay)
+    predict = sub.add_parser(
+        "predict", help="predictions for an input file; only activations leave"
+    )
+    predict.add_argument("--config", required=True, type=Path, help="the client's TOML file")
+    predict.add_argument(
+        "--input",
+        required=True,
+        type=Path,
+        help=".csv, .parquet or .npz features, or a folder of images",
+    )
+    predict.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    predict.add_argument("--insecure", action="store_true")
+    predict.add_argument("--json", action="store_true")
+    demo.add_argument("--dir", type=Path, default=None, help="keep the deployment here")
+    keygen = sub.add_parser("keygen", help="write an X25519 key pair NAME.key / NAME.pub")
+    keygen.add_argument("name")
+    keygen.add_argument("--out", type=Path, default=Path("."))
+    privacy_cli.add_parsers(sub)
+    bench = sub.add_parser("bench", help="the benchmark suite (from a source checkout)")
+    bench.add_argument("--quick", action="store_true")
+    bench.add_argument("--json", action="store_true")
+    bench.add_argument("--only", nargs="+", metavar="SECTION", help="run only these sections")
+    runs = sub.add_parser("runs", help="the server's training runs (needs its admin token)")
+    runs.add_argument("action", choices=["list", "status", "stop", "download"])
+    runs.add_argument("run", nargs="?", default=None, help="the run id (all but list)")
+    runs.add_argument(
+        "--config", required=True, type=Path, help="the server's TOML (its [ops] section)"
+    )
+    runs.add_argument("--out", type=Path, default=None, help="download: where to write it")
+    runs.add_argument("--json", action="store_true")
+    health = sub.add_parser("health", help="exit 0 if the worker's /readyz answers 200")
+    health.add_argument("--config", required=True, type=Path)
+    health.add_argument("--timeout", type=float, default=3.0)
+    return parser
+
+
+def _deployment_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--topology", default="vanilla", choices=list(TOPOLOGIES))
+    p.add_argument("--dataset", default="digits", choices=["digits", "breast_cancer"])
+    p.add_argument(
+        "--clients",
+        type=int,
+        default=None,
+        help="number of clients (default: what the topology needs, 1 or 2)",
+    )
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--insecure", action="store_true")
+    p.add_argument("--ops", action="store_true", help="give every worker an ops HTTP port")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--label-client",
+        action="store_true",
+        help="vertical: client-1 holds the labels and the loss instead of the server",
+    )
+    p.add_argument(
+        "--pipeline-depth",
+        type=int,
+        default=1,
+        help="steps in flight per client (>1 overlaps client and server compute)",
+    )
+    p.add_argument(
+        "--wire-dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16", "int8"],
+        help="compress activations and gradients on the wire",
+    )
+
+
+def _overrides(args: argparse.Namespace, role: str) -> list[str]:
+    sets = list(args.set)
+    if args.insecure:
+        sets.append(f"{role}.insecure=true")
+    if getattr(args, "epochs", None) is not None:
+        sets.append(f"train.epochs={args.epochs}")
+    if getattr(args, "run", None):
+        sets.append(f'client.run="{args.run}"')
+    if getattr(args, "takeover", False):
+        sets.append("client.takeover=true")
+    return sets
+
+
+def _setup_logging(args: argparse.Namespace, ops_format: str, level: str, role: str) -> None:
+    configure_logging(args.log_format or ops_format, level, role)
+
+
+def _set_threads(threads: int) -> None:
+    """One torch thread per worker by default: client and server processes on the same
+    small host otherwise fight over the cores (a 10x slowdown measured on 2 cores)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _serve(args: argparse.Namespace, role: str) -> int:
+    """Run a listening worker (server or relay) until SIGTERM/SIGINT, then report."""
+    from workers.relay import RelayWorker
+    from workers.runtime.startup import install_stop_signals
+    from workers.server.worker import ServerWorker
+
+    cls, config_cls = (
+        (ServerWorker, ServerConfig) if role == "server" else (RelayWorker, RelayConfig)
+    )
+    cfg: Any = load(config_cls, args.config, _overrides(args, role))
+    _setup_logging(args, cfg.ops.log_format, cfg.ops.log_level, role)
+    _set_threads(cfg.train.threads)
+
+    async def main() -> dict[str, Any]:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        return await cls(cfg, args.config.parent).serve(stop)
+
+    summary = asyncio.run(main())
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    return _serve(args, "server")
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    return _serve(args, "relay")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from workers.client.predict import run_predict
+
+    cfg = load(ClientConfig, args.config, _overrides(args, "client"))
+    configure_logging("text", "WARNING", "client")
+    result = run_predict(cfg, args.config.parent, args.input)
+    if args.json:
+        print(json.dumps(result), flush=True)
+    else:
+        shown = result.get("labels", result["predictions"])
+        for i, value in enumerate(shown):
+            print(f"{result['ids'][i]},{value}" if "ids" in result else value)
+    return 0
+
+
+def _exit_quietly_on_sigterm() -> None:
+    """Before the event loop runs (imports, data loading) a SIGTERM just ends the process
+    with status 0: nothing has been trained or sent yet. The loop then installs its own."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    _exit_quietly_on_sigterm()
+    from workers.client.worker import ClientWorker
+
+    cfg = load(ClientConfig, args.config, _overrides(args, "client"))
+    _setup_logging(args, cfg.ops.log_format, cfg.ops.log_level, "client")
+    _set_threads(cfg.train.threads)
+    json_logs = (args.log_format or cfg.ops.log_format) == "json"  # keep stderr pure JSON
+    # A bar only on a terminal: in a log file its carriage returns are noise (epoch lines remain).
+    bar = sys.stderr.isatty() and not (args.no_progress or json_logs)
+    worker = ClientWorker(cfg, args.config.parent, progress=bar)
+    summary = asyncio.run(worker.run())
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    else:
+        print(_client_report(summary))
+    return 0
+
+
+def _client_report(summary: dict[str, Any]) -> str:
+    accuracy = summary["test_accuracy"]
+    shown = "n/a (this party holds no labels)" if accuracy is None else f"{accuracy:.4f}"
+    best = f" (best: epoch {summary['best_epoch']})" if summary.get("best_epoch") else ""
+    model = summary.get("model") or "not saved (set client.save)"
+    return (
+        f"trained {summary['steps']} steps in run {summary.get('run') or '-'} in "
+        f"{summary['wall_seconds']:.1f}s; test accuracy {shown}{best}; model: {model}"
+    )
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from workers.tools.localdeploy import deployment_options, init_deployment, start_commands
+
+    result = init_deployment(args.dir, **deployment_options(args))
+    for name, path in result["files"].items():
+        print(f"{name}: {path}")
+    print("start each worker in its own terminal, the server first:")
+    for _, command in start_commands(result["files"]):
+        print(f"  {command}")
+    return 0
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from workers.tools.provision import provision, write_example
+
+    if args.example:
+        print(f"wrote {write_example(args.project)}: edit it, then provision --out DIR")
+        return 0
+    if args.out is None:
+        raise ConfigError("provision needs --out DIR (a new folder for the kits)")
+    result = provision(args.project, args.out)
+    print(f"wrote one folder per site under {result['dir']}; copy each to its machine.")
+    print("on each machine, start its site (the server first):")
+    for site, script in result["sites"].items():
+        print(f"  {site}: sh {script}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from workers.tools.demo import run_demo
+
+    configure_logging("text", "WARNING", "demo")
+    summary = run_demo(args)
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run ``python -m bench`` from the source tree this package was installed from."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "bench" / "__main__.py").exists():
+        raise ConfigError(
+            "the benchmark suite lives in the source tree (bench/); run it from a checkout"
+        )
+    flags = [f for f, on in (("--quick", args.quick), ("--json", args.json)) if on]
+    if args.only:
+        flags += ["--only", *args.only]
+    return subprocess.run([sys.executable, "-m", "bench", *flags], cwd=root, check=False).returncode
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from sl_pipeline.keys import fingerprint, load_public_key, write_keypair
+
+    private, public = write_keypair(args.name, args.out)
+    print(f"private key: {private} (mode 0600; keep it secret)")
+    print(f"public key:  {public} (fingerprint {fingerprint(load_public_key(public))})")
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from sl_pipeline.config import read_toml
+    from workers.ops.http import parse_listen
+    from workers.runtime.diagnose import health_report
+
+    data = read_toml(args.config)
+    listen = data.get("ops", {}).get("listen", "")
+    if not listen:
+        raise ConfigError(f"{args.config} has no [ops] listen address to check")
+    host, port = parse_listen(listen)
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    ready, report = health_report(url, args.timeout)
+    if not ready:
+        print(f"sl-pipeline health: not ready: {report}", file=sys.stderr)
+    return 0 if ready else 1
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from workers.server.runs_api import RunClient, format_runs
+
+    api = RunClient(args.config)
+    if args.action == "list":
+        body = api.json("GET", "/runs")
+        print(json.dumps(body) if args.json else format_runs(body["runs"]))
+        return 0
+    if not args.run:
+        raise ConfigError(f"runs {args.action} needs a run id; `runs list` shows them")
+    if args.action == "download":
+        out = args.out or Path(f"{args.run}-server.pt")
+        data = api.call("GET", f"/runs/{args.run}/model")
+        out.write_bytes(data)
+        print(json.dumps({"run": args.run, "file": str(out)}) if args.json else f"wrote {out}")
+        return 0
+    method = "POST" if args.action == "stop" else "GET"
+    suffix = "/stop" if args.action == "stop" else ""
+    info = api.json(method, f"/runs/{args.run}{suffix}")
+    print(json.dumps(info) if args.json else format_runs([info]))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "server": cmd_server,
+    "client": cmd_client,
+    "relay": cmd_relay,
+    "predict": cmd_predict,
+    "init": cmd_init,
+    "provision": cmd_provision,
+    "demo": cmd_demo,
+    "keygen": cmd_keygen,
+    "bench": cmd_bench,
+    "health": cmd_health,
+    **privacy_cli.COMMANDS,
+    "runs": cmd_runs,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except SLError as exc:
+        print(f"sl-pipeline {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Client side of round-robin and SplitFed: weights the server relays but cannot read."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from sl_pipeline.config import resolve_path
+from sl_pipeline.errors import ConfigError, CryptoError, ProtocolError
+from sl_pipeline.group import load_group_key, open_weights, run_id, seal_weights
+from sl_pipeline.keys import load_admitted_keys, load_keypair
+from sl_pipeline.messages import Kind, Message
+from sl_pipeline.secagg import MaskingKeys, average_from_sum, masked_tensor, new_nonce
+from workers.client.steps import StepRunner, parameters_to_vector, vector_to_parameters
+
+TURN_TIMEOUT_S = 900.0
+MAX_ATTEMPTS = 20  # SplitFed: aborted attempts at one round before giving up
+
+
+class _GroupRunner(StepRunner):
+    def members(self) -> list[str]:
+        c = self.w.cfg.client
+        if len(c.group) < 1 or c.name not in c.group:
+            raise ConfigError(
+                f"{c.topology}: client.group must list every client, this one included"
+            )
+        return sorted(c.group)
+
+    def vector(self) -> torch.Tensor:
+        return parameters_to_vector(self.bottom.parameters()).detach()
+
+    def load_vector(self, vector: torch.Tensor) -> None:
+        vector_to_parameters(vector.to(torch.float32), self.bottom.parameters())
+
+    def resumed_mid_epoch(self, epoch: int) -> bool:
+        """True when this epoch's steps restart from a checkpoint, past its first step:
+        the weights restored are newer than any the group handed over."""
+        return self.w.start[0] == epoch and self.w.start[1] > 0
+
+
+class RoundRobinRunner(_GroupRunner):
+    """Clients take turns; the weights of the client segment travel sealed with the group
+    key, bound to this run and to the turn, which this client computes itself."""
+
+    def __init__(self, worker: Any) -> None:
+        super().__init__(worker)
+        self.run_nonce = secrets.token_hex(32)  # fresh per run; kept in the checkpoint
+        self.run: bytes | None = None
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"run_nonce": self.run_nonce}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.run_nonce = str(state.get("run_nonce", self.run_nonce))
+
+    def group_key(self) -> bytes:
+        c = self.w.cfg.client
+        if not c.group_key:
+            raise ConfigError("roundrobin: set client.group_key (a secret shared by the clients)")
+        return load_group_key(resolve_path(self.w.base, c.group_key, "client.group_key"))
+
+    def expected_turn(self, epoch: int) -> int:
+        """Turns completed before this client's turn in ``epoch`` (all of them at the end)."""
+        members = self.members()
+        if epoch >= self.w.cfg.train.epochs:
+            return self.w.cfg.train.epochs * len(members)
+        return epoch * len(members) + members.index(self.w.cfg.client.name)
+
+    def _run_of(self, grant: Message) -> bytes:
+        nonces = grant.meta.get("run")
+        if not isinstance(nonces, Mapping) or sorted(nonces) != self.members():
+            raise ProtocolError("roundrobin: the grant does not name this group's run")
+        if nonces[self.w.cfg.client.name] != self.run_nonce:
+            raise CryptoError("roundrobin: the grant is for another run of this client")
+        run = run_id({str(k): str(v) for k, v in nonces.items()})
+        if self.run is not None and run != self.run:
+            raise CryptoError("roundrobin: the server changed this run's members mid-run")
+        self.run = run
+        return run
+
+    async def _acquire(self, epoch: int, final: bool = False) -> None:
+        key, expected = self.group_key(), self.expected_turn(epoch)
+        meta = {"op": "acquire", "final": final, "run": self.run_nonce}
+        reply = await self.w.request(
+            self.w.message(Kind.WEIGHTS, 0, meta=meta), timeout_s=TURN_TIMEOUT_S
+        )
+        run = self._run_of(reply)
+        turn = reply.meta.get("turn")
+        if turn != expected:
+            raise ProtocolError(
+                f"roundrobin: the server granted turn {turn!r}, but this client's turn is "
+                f"{expected} (a replayed or rolled-back grant); refusing it"
+            )
+        if expected == 0:
+            if "sealed" in reply.tensors:
+                raise ProtocolError("roundrobin: weights handed over before the first turn")
+            return
+        weights = open_weights(key, reply.tensor("sealed"), run, expected)
+        if not self.resumed_mid_epoch(epoch):
+            self.load_vector(weights)
+
+    async def before_epoch(self, epoch: int) -> None:
+        await self._acquire(epoch)
+
+    async def after_epoch(self, epoch: int) -> None:
+        await super().after_epoch(epoch)
+        assert self.run is not None  # set by this epoch's grant
+        turn = self.expected_turn(epoch) + 1
+        sealed = seal_weights(self.group_key(), self.vector(), self.run, turn)
+        await self.w.request(
+            self.w.message(Kind.WEIGHTS, 1, meta={"op": "release"}, tensors={"sealed": sealed})
+        )
+
+    async def after_training(self) -> bool:
+        self.w.epoch = self.w.cfg.train.epochs
+        await self._acquire(self.w.epoch, final=True)
+        return True
+
+
+class SplitFedRunner(_GroupRunner):
+    """Clients train in parallel; client segments are averaged after every round by secure
+    aggregation (:mod:`sl_pipeline.secagg`): the server learns only the sum."""
+
+    def __init__(self, worker: Any) -> None:
+        super().__init__(worker)
+        self.keys = self._masking_keys()
+
+    def _masking_keys(self) -> MaskingKeys:
+        c = self.w.cfg.client
+        if c.group_key:
+            raise ConfigError(
+                "splitfed: client.group_key is no longer used (a secret every client holds "
+                "lets any client remove any mask); set client.group_keys to the folder of "
+                "the clients' public keys instead (`sl-pipeline init` writes it)"
+            )
+        if not c.key or not c.group_keys:
+            raise ConfigError(
+                "splitfed: set client.key (this client's private key) and client.group_keys "
+                "(the folder of the members' NAME.pub files): they make the pairwise masks, "
+                "with or without --insecure"
+            )
+        own = load_keypair(resolve_path(self.w.base, c.key, "client.key"))
+        folder = resolve_path(self.w.base, c.group_keys, "client.group_keys")
+        by_name = {name: key for key, name in load_admitted_keys(folder).items()}
+        missing = [n for n in self.members() if n not in by_name]
+        if missing:
+            raise ConfigError(f"client.group_keys = {c.group_keys!r} lacks {missing}")
+        if by_name[c.name] != own.public:
+            raise ConfigError(f"client.group_keys holds another key for {c.name!r} than client.key")
+        peers = {n: by_name[n] for n in self.members() if n != c.name}
+        return MaskingKeys(c.name, own.private, peers)
+
+    async def after_epoch(self, epoch: int) -> None:
+        await super().after_epoch(epoch)
+        for _ in range(MAX_ATTEMPTS):
+            summed = await self._attempt(epoch)
+            if summed is not None:
+                members = len(self.keys.members)  # ours, not the server's count
+                self.load_vector(average_from_sum(summed, members))
+                return
+        raise ProtocolError(f"splitfed: round {epoch} was aborted {MAX_ATTEMPTS} times")
+
+    async def _attempt(self, epoch: int) -> torch.Tensor | None:
+        """One attempt at the round: join with a fresh nonce, then submit masked weights.
+        Returns the sum, or None when the server asks everyone to start over."""
+        nonce = new_nonce()
+        # A step per attempt, from its nonce: a retry never meets an earlier cached reply.
+        step = 2 * int.from_bytes(nonce[:6], "big")
+        join = self.w.message(Kind.WEIGHTS, step, meta={"op": "join", "nonce": nonce.hex()})
+        reply = await self.w.request(join, timeout_s=TURN_TIMEOUT_S)
+        if reply.meta.get("op") == "sum":
+            self._check_sum_without_submit(epoch)
+            return self._sum_of(reply)
+        nonces = _announced_nonces(reply, self.w.cfg.client.name, nonce)
+        words = self.keys.masked(self.vector(), epoch, nonces)
+        meta = {"op": "submit", "attempt": str(reply.meta.get("attempt"))}
+        msg = self.w.message(
+            Kind.WEIGHTS, step + 1, meta=meta, tensors={"masked": masked_tensor(words)}
+        )
+        reply = await self.w.request(msg, timeout_s=TURN_TIMEOUT_S)
+        return self._sum_of(reply) if reply.meta.get("op") == "sum" else None
+
+    def _check_sum_without_submit(self, epoch: int) -> None:
+        """A sum in answer to a join is legitimate only for a client that restarted inside
+        that round (it submitted in its previous life). Anything else is a server forging a
+        round: with made-up sums it could steer the others' segments and read one client's
+        weights out of the next real sum."""
+        if not (self.w.resumed_from > 0 and epoch == self.w.start[0]):
+            raise ProtocolError(
+                f"splitfed: the server answered this client's join of round {epoch} with a sum "
+                "although this client never submitted to it; refusing it"
+            )
+
+    def _sum_of(self, reply: Message) -> torch.Tensor:
+        summed = reply.tensor("sum")
+        if summed.dtype != torch.int64 or summed.shape != self.vector().shape:
+            raise ProtocolError("splitfed: the server's sum is not one int64 word per weight")
+        return summed
+
+
+def _announced_nonces(reply: Message, me: str, nonce: bytes) -> dict[str, bytes]:
+    if reply.meta.get("op") != "members" or not isinstance(reply.meta.get("nonces"), Mapping):
+        raise ProtocolError(f"splitfed: expected the round's members, got {reply.meta.get('op')!r}")
+    try:
+        nonces = {str(k): bytes.fromhex(str(v)) for k, v in reply.meta["nonces"].items()}
+    except ValueError:
+        raise ProtocolError("splitfed: the announced nonces are not hex") from None
+    if nonces.get(me) != nonce:
+        raise CryptoError("splitfed: the announcement does not carry this attempt's nonce")
+    return nonces

@@ -1,0 +1,184 @@
+"""`sl-pipeline predict`: inference with a trained split model; only activations leave.
+
+New rows are encoded exactly as the training rows were: a table with the encoding saved
+beside the segment (vocabularies, scaling, how unseen categories and gaps are handled), other
+inputs as plain numbers or images. Vertical parties with ids align the rows by PSI first,
+the same way as for training, so each party only needs its own file of its own columns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zmq.asyncio
+
+from sl_pipeline import encoding, images
+from sl_pipeline.config import ClientConfig, DataConfig, resolve_path
+from sl_pipeline.encoding import Encoding
+from sl_pipeline.errors import ConfigError
+from sl_pipeline.messages import Kind
+from sl_pipeline.sources import from_npz
+from sl_pipeline.tables import Table, read_table, with_ids
+from workers.client.align import align_rows
+from workers.client.steps import DATA_STATE
+from workers.client.worker import ClientWorker
+
+BATCH = 256
+
+
+@dataclass(frozen=True)
+class Inputs:
+    x: torch.Tensor
+    ids: list[str] | None = None
+
+
+def saved_data(path: Path) -> tuple[Encoding | None, list[str] | None]:
+    """The encoding and label names saved with a trained segment (None: plain numbers)."""
+    state = torch.load(path, weights_only=True)
+    if DATA_STATE not in state:
+        return None, None
+    raw = json.loads(state[DATA_STATE])
+    enc = Encoding.from_dict(raw["encoding"]) if raw.get("encoding") else None
+    return enc, raw.get("label_names")
+
+
+def read_inputs(cfg: ClientConfig, path: Path, enc: Encoding | None = None) -> Inputs:
+    """Features of every row of ``path``: a table, an .npz, or a folder of image files."""
+    ids = None
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in images.EXTENSIONS)
+        if not files:
+            raise ConfigError(f"--input {str(path)!r}: no image files in this folder")
+        d = cfg.data
+        x = images.decode_all(files, cfg.model.in_shape, d.resize, d.max_memory_mb)
+        ids = [str(f.relative_to(path)) for f in files]
+    elif path.suffix.lower() == ".npz":
+        x, _ = from_npz(path, cfg.data.features, "")
+    elif enc is None and path.suffix.lower() != ".parquet":
+        x = _plain_csv(path)
+    else:
+        table = read_table(path, DataConfig())
+        column = enc.id if enc is not None else cfg.data.id
+        if column and column in table.columns:
+            table = with_ids(table, column)
+            ids = table.ids
+        x = encoding.transform(enc, table) if enc is not None else _numbers(table)
+    if cfg.data.feature_slice:
+        a, z = cfg.data.feature_slice
+        x = x.reshape(len(x), -1)[:, a:z]
+    expected = list(cfg.model.in_shape)
+    if expected and int(np.prod(x.shape[1:])) == int(np.prod(expected)):
+        x = x.reshape(-1, *expected)
+    elif expected and int(np.prod(expected)) > 0:
+        raise ConfigError(
+            f"--input {str(path)!r} gives {list(x.shape[1:])} features per row, but the model "
+            f"was trained with model.in_shape = {expected}"
+        )
+    return Inputs(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), ids)
+
+
+def _plain_csv(path: Path) -> np.ndarray:
+    """Rows of plain numbers (a model trained without a saved encoding); a first row that is
+    not all numbers is a header."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            rows = [(n, row) for n, row in enumerate(csv.reader(fh), 1) if row]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ConfigError(f"--input {str(path)!r} cannot be read as CSV: {exc}") from None
+    if rows and not all(_is_number(v) for v in rows[0][1]):
+        rows = rows[1:]
+    if not rows:
+        raise ConfigError(f"--input {str(path)!r} has no rows")
+    width = len(rows[0][1])
+    out = np.empty((len(rows), width), dtype=np.float32)
+    for i, (line, row) in enumerate(rows):
+        if len(row) != width or not all(_is_number(v) for v in row):
+            raise ConfigError(
+                f"{path}, line {line}: expected {width} numbers, got {row[:8]}; "
+                "every row needs one number per feature"
+            )
+        out[i] = [float(v) for v in row]
+    return out
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _numbers(table: Table) -> np.ndarray:
+    """A table of plain numbers (a model trained without a saved encoding)."""
+    out = np.empty((len(table), len(table.header)), dtype=np.float32)
+    for col, name in enumerate(table.header):
+        for row, value in enumerate(table.columns[name]):
+            try:
+                out[row, col] = float(value)
+            except ValueError:
+                raise ConfigError(f"{table.at(row, name)}: {value!r} is not a number") from None
+    return out
+
+
+async def _predict(worker: ClientWorker, inputs: Inputs, psi: bool) -> tuple[torch.Tensor, Inputs]:
+    worker.ctx = zmq.asyncio.Context()
+    try:
+        await worker.connect()
+        if psi:
+            assert inputs.ids is not None and worker.psi_key is not None
+            c = worker.cfg.client
+            rows = await align_rows(inputs.ids, worker.psi_key, c, worker.request, worker.message)
+            inputs = Inputs(inputs.x[rows], [inputs.ids[r] for r in rows])
+        outs = []
+        for step, start in enumerate(range(0, len(inputs.x), BATCH)):
+            batch = inputs.x[start : start + BATCH]
+            ids = torch.arange(start, start + len(batch))
+            outs.append(await worker.runner.predict(batch, step, ids, Kind.PREDICT))
+        assert worker.conn is not None
+        await worker.conn.send(worker.message(Kind.BYE))
+        return torch.cat(outs), inputs
+    finally:
+        if worker.conn is not None:
+            worker.conn.close()
+        worker.ctx.destroy(linger=0)
+
+
+def run_predict(cfg: ClientConfig, base: Path, input_path: Path) -> dict[str, Any]:
+    if not cfg.client.save:
+        raise ConfigError("client.save is not set: there is no trained segment to predict with")
+    saved = resolve_path(base, cfg.client.save, "client.save", must_exist=False)
+    if not saved.exists():
+        raise ConfigError(
+            f"client.save = {cfg.client.save!r}: no trained segment at {saved}; train first"
+        )
+    if not input_path.exists():
+        raise ConfigError(f"--input {str(input_path)!r}: no such file")
+    enc, names = saved_data(saved)
+    inputs = read_inputs(cfg, input_path, enc)
+    worker = ClientWorker(replace(cfg, train=replace(cfg.train, epochs=0)), base, progress=False)
+    worker.runner.load(saved)
+    # Vertical: every feature party runs predict at the same time on its own columns of the
+    # same rows: aligned by PSI when they trained that way, else by row order.
+    psi = worker.psi_key is not None
+    if psi and inputs.ids is None:
+        raise ConfigError(
+            f"--input {str(input_path)!r} has no id column {enc.id if enc else cfg.data.id!r}; "
+            "this party aligns its rows with the other party's by id"
+        )
+    logits, inputs = asyncio.run(_predict(worker, inputs, psi))
+    predictions = logits.argmax(1).tolist()
+    result: dict[str, Any] = {"predictions": predictions, "logits": logits.tolist()}
+    result["count"] = len(predictions)
+    if inputs.ids is not None:
+        result["ids"] = inputs.ids
+    if names:
+        result["labels"] = [names[p] if p < len(names) else str(p) for p in predictions]
+    return result

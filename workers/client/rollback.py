@@ -1,0 +1,67 @@
+"""Rolling a client back to the step a restarted server resumed from.
+
+A server that checkpoints every N > 1 steps (``checkpoint.every_steps``) loses up to N-1
+applied steps in a crash. Its welcome says which step of this client it holds (``applied``)
+and how often it checkpoints (``checkpoint_every``); the client keeps an undo point after
+each of its last steps (:class:`workers.runtime.checkpoint.SnapshotRing`, enough for N steps) and,
+when the server is behind it, rewinds to the matching point and redoes the steps from there:
+the server applies each of them once, nothing is applied twice and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from workers.runtime.checkpoint import SnapshotRing
+
+log = logging.getLogger("sl_pipeline.client")
+Step = tuple[int, int]
+NOTHING: Step = (-1, -1)  # before this client's first step
+
+
+class Rewind(Exception):
+    """Raised out of a rejoin: restart training from ``state`` (the undo point at ``step``)."""
+
+    def __init__(self, step: Step, state: dict[str, Any]) -> None:
+        super().__init__(f"rewind to {step}")
+        self.step = step
+        self.state = state
+
+
+class UndoPoints:
+    """The client's undo points; off (no copies) until a server checkpoints every N > 1."""
+
+    def __init__(self) -> None:
+        self.ring: SnapshotRing | None = None
+        self.rewinds = 0
+
+    def configure(self, server_every: int, in_flight: int) -> None:
+        """Keep enough points to reach back past everything the server may lose."""
+        if server_every <= 1:
+            return
+        capacity = server_every + in_flight + 1
+        if self.ring is None or self.ring.capacity < capacity:
+            self.ring = SnapshotRing(capacity)  # set at the first join, before any step
+
+    def record(self, step: Step, state: Callable[[], dict[str, Any]]) -> None:
+        """An undo point after ``step`` (``state`` is only built when points are kept)."""
+        if self.ring is not None:
+            self.ring.push(step, state())
+
+    def check(self, server_step: Step, last_applied: Step) -> None:
+        """Raise :class:`Rewind` if the server holds fewer of our steps and a point exists."""
+        state = self.ring.get(server_step) if self.ring is not None else None
+        if state is None:
+            return
+        assert self.ring is not None
+        self.ring.discard_after(server_step)
+        self.rewinds += 1
+        log.warning(
+            "the server resumed at our step %s, behind our %s: rewinding to it and redoing the "
+            "steps after it",
+            server_step,
+            last_applied,
+        )
+        raise Rewind(server_step, state)

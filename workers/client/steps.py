@@ -1,0 +1,537 @@
+"""What a client does in one step, per topology, with its privacy defenses.
+
+A :class:`StepRunner` owns the client's segment(s), optimizer and defenses. The worker
+(:mod:`workers.client.worker`) owns the connection and the loop, and calls the runner's hooks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from privacy.config import PrivacyConfig
+from privacy.defenses import build_defenses
+from sl_pipeline.config import resolve_path
+from sl_pipeline.data import Split, batch_order, iter_batches
+from sl_pipeline.errors import ConfigError, PeerError, PrivacyError, ProtocolError, StepLostError
+from sl_pipeline.messages import Kind, Message
+from sl_pipeline.models import build_segments, make_optimizer, resolve_device, vertical_bottom
+from sl_pipeline.tensors import as_input, read_tensor, wire_tensors
+
+if TYPE_CHECKING:
+    from workers.client.worker import ClientWorker
+
+log = logging.getLogger("sl_pipeline.client")
+MAX_STEP_REDOS = 10
+Batch = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]
+DATA_STATE = "data"  # key of the saved data encoding beside the segments' weights
+
+
+class StepRunner:
+    """Vanilla (and the base of the others): act + labels out, gradient at the cut back."""
+
+    sends_labels = True
+    protects_labels = False  # label protection runs here (this client sends label gradients)
+    supports_pipelining = True  # one exchange per step: the forward can run ahead
+    # The reply wait follows the measured round trip; off where a reply waits for other
+    # parties (their pace is no round trip of ours, and a resent evaluation part is refused).
+    adaptive_wait = True
+
+    def __init__(self, worker: ClientWorker) -> None:
+        self.w = worker
+        cfg = worker.cfg
+        self.privacy = PrivacyConfig.from_mapping(cfg.privacy) if cfg.privacy else PrivacyConfig()
+        self.label_protection: Any = None
+        if self.privacy.label_protection_on:
+            if not self.protects_labels:
+                raise PrivacyError("privacy.label belongs in the label holder's config")
+            from privacy.label import build_label_protection
+
+            label = self.privacy.label
+            assert label is not None
+            if label.mechanism == "marvell" and cfg.model.classes != 2:
+                raise PrivacyError(
+                    f"privacy.label.mechanism 'marvell' needs binary labels; "
+                    f"model.classes = {cfg.model.classes}",
+                    hint="use mechanism 'gaussian' for more than two classes",
+                )
+            self.label_protection = build_label_protection(label)
+        self.defense = build_defenses(self.privacy)
+        self.nopeek = None
+        if self.privacy.nopeek is not None and self.privacy.nopeek.alpha > 0:
+            from privacy.nopeek import NoPeekLoss
+
+            self.nopeek = NoPeekLoss(self.privacy.nopeek.alpha)
+        self.detector: Any = None
+        if self.privacy.hijack is not None:
+            from privacy.hijack import GradientScrutinizer
+
+            h = self.privacy.hijack
+            self.detector = GradientScrutinizer(h.threshold, h.window, h.warmup)
+            worker.metrics.hijack_flagged.set(0)
+        self.device = resolve_device(cfg.train.device)
+        self.modules = {n: m.to(self.device) for n, m in self.build_modules().items()}
+        params = [p for m in self.modules.values() for p in m.parameters()]
+        t = cfg.train
+        self.optimizer = make_optimizer(params, t.optimizer, t.lr, t.momentum)
+        self.accountant = self._activation_accountant()
+        self.dp: Any = None
+        if self.privacy.dpsgd is not None:
+            self._make_private()
+        self.accounted_epochs = 0
+        self.dp_drawn = 0  # DP-SGD: batches drawn from the sampler this epoch
+
+    # ---- set-up --------------------------------------------------------------------------
+    def build_modules(self) -> dict[str, nn.Module]:
+        return {"bottom": build_segments(self.w.cfg.model, self.w.topology)[0]}
+
+    @property
+    def bottom(self) -> nn.Module:
+        return self.modules["bottom"]
+
+    def _activation_accountant(self) -> Any:
+        noise = self.privacy.noise
+        if noise is None or noise.sigma <= 0:
+            return None
+        from privacy.accounting import activation_accountant
+
+        # The server sees which records are in each batch, so no subsampling amplification:
+        # every training record is released once per epoch (sample_rate 1).
+        return activation_accountant(noise, sample_rate=1.0)
+
+    def _make_private(self) -> None:
+        from torch.utils.data import DataLoader, TensorDataset
+
+        from privacy.dpsgd import make_private_client
+
+        train = self.w.data.train
+        labels = train.y if train.y is not None else torch.zeros(len(train), dtype=torch.int64)
+        loader = DataLoader(
+            TensorDataset(train.x, labels, train.ids), batch_size=self.w.cfg.train.batch_size
+        )
+        assert self.privacy.dpsgd is not None
+        self.dp = make_private_client(
+            self.bottom, self.optimizer, loader, self.privacy.dpsgd, self.w.cfg.train.epochs
+        )
+        self.modules["bottom"] = self.dp.module
+        self.optimizer = self.dp.optimizer
+
+    # ---- batches -------------------------------------------------------------------------
+    def epoch_batches(self, epoch: int, first_step: int = 0) -> Iterator[tuple[int, *Batch]]:
+        """``(step, x, y, ids)`` of this epoch from ``first_step`` (after a resume)."""
+        if self.dp is not None:
+            yield from self._dp_batches(first_step)
+            return
+        train = self.w.data.train
+        order = batch_order(len(train), self.w.cfg.train.batch_size, self.w.cfg.train.seed, epoch)
+        for step, idx in enumerate(order):
+            if step >= first_step:
+                y = train.y[idx] if train.y is not None else None
+                yield step, train.x[idx], y, train.ids[idx]
+
+    def _dp_batches(self, first_step: int) -> Iterator[tuple[int, *Batch]]:
+        """Opacus' batches (Poisson-sampled by default), drawn from its batch sampler one at a
+        time so that a resume continues them exactly: the checkpoint holds the RNG state after
+        the last step and how many batches of the epoch were drawn (empty ones included,
+        which are skipped); the remaining ones are drawn from there, none again."""
+        assert self.privacy.dpsgd is not None
+        loader = self.dp.data_loader
+        x_all, y_all, ids_all = loader.dataset.tensors
+        has_labels = self.w.data.train.y is not None
+        if first_step == 0:
+            self.dp_drawn = 0
+        sampler = iter(loader.batch_sampler)
+        if self.privacy.dpsgd.poisson_sampling:  # each draw is fresh: draw only what is left
+            left = len(loader.batch_sampler) - self.dp_drawn
+            batches: Iterator[Any] = (next(sampler) for _ in range(max(0, left)))
+        else:  # a fixed order: skip what was drawn
+            batches = itertools.islice(sampler, self.dp_drawn, None)
+        step = first_step
+        for indices in batches:
+            self.dp_drawn += 1
+            if len(indices):
+                idx = torch.as_tensor(indices, dtype=torch.long)
+                yield step, x_all[idx], (y_all[idx] if has_labels else None), ids_all[idx]
+                step += 1
+
+    def dp_state(self) -> dict[str, Any]:
+        """DP-SGD's part of the client checkpoint: batches drawn this epoch, the accountant's
+        history (so epsilon keeps counting every step released before a crash) and any
+        dedicated generators (the global RNG is saved with the client)."""
+        if self.dp is None:
+            return {}
+        state: dict[str, Any] = {
+            "drawn": self.dp_drawn,
+            "accountant": dict(self.dp.engine.accountant.state_dict()),
+        }
+        for name, gen in self._dp_generators().items():
+            state[name] = gen.get_state()
+        return state
+
+    def load_dp_state(self, state: dict[str, Any]) -> None:
+        if self.dp is None or not state:
+            return
+        self.dp_drawn = int(state["drawn"])
+        self.dp.engine.accountant.load_state_dict(state["accountant"])
+        for name, gen in self._dp_generators().items():
+            if name in state:
+                gen.set_state(state[name])
+
+    def _dp_generators(self) -> dict[str, torch.Generator]:
+        found = {
+            "sampler_rng": getattr(self.dp.data_loader.batch_sampler, "generator", None),
+            "noise_rng": getattr(self.dp.optimizer, "generator", None),
+        }
+        return {name: gen for name, gen in found.items() if gen is not None}
+
+    # ---- one step ------------------------------------------------------------------------
+    def cut(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(raw activations, what is sent): the defenses run here, before the wire."""
+        act = self.bottom(x.to(self.device))
+        return act, self.defense.apply(act)
+
+    def forward_message(
+        self, step: int, sent: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor
+    ) -> Message:
+        tensors = wire_tensors("act", sent, self.w.cfg.train.wire_dtype)
+        if self.sends_labels:
+            if y is None:
+                raise ConfigError("this topology needs labels at the client; set data.label")
+            tensors["labels"] = y
+        return self.w.message(Kind.FORWARD, step, tensors=tensors, meta=self.forward_meta())
+
+    def forward_meta(self) -> dict[str, Any]:
+        return {}
+
+    def apply_gradient(
+        self, x: torch.Tensor, act: torch.Tensor, sent: torch.Tensor, grad: torch.Tensor
+    ) -> None:
+        """Finish backpropagation locally (plus the NoPeek term), then step."""
+        roots, grads = [sent], [as_input(grad, requires_grad=False, device=self.device)]
+        if self.nopeek is not None:
+            penalty = self.nopeek(x.to(self.device), act)  # alpha * dCor(x, act)
+            self.w.metrics.dcor_last.set(float(penalty.detach()) / self.nopeek.alpha)
+            roots.append(penalty)
+            grads.append(torch.ones(()))
+        torch.autograd.backward(roots, grads)
+        self.optimizer.step()
+
+    @property
+    def pipelines(self) -> bool:
+        return self.supports_pipelining and self.dp is None
+
+    def stash_forward(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The forward on a copy of the current weights (weight stashing for pipelining)."""
+        stash = {
+            n: p.detach().clone().requires_grad_(True) for n, p in self.bottom.named_parameters()
+        }
+        state = {**stash, **dict(self.bottom.named_buffers())}
+        act = torch.func.functional_call(self.bottom, state, (x.to(self.device),))
+        return act, self.defense.apply(act), stash
+
+    def apply_stashed(
+        self,
+        x: torch.Tensor,
+        act: torch.Tensor,
+        sent: torch.Tensor,
+        stash: dict[str, torch.Tensor],
+        grad: torch.Tensor,
+    ) -> None:
+        """Backward through the stashed weights; apply that gradient to the current ones."""
+        self.optimizer.zero_grad(set_to_none=True)
+        roots, grads = [sent], [as_input(grad, requires_grad=False, device=self.device)]
+        if self.nopeek is not None:
+            roots.append(self.nopeek(x.to(self.device), act))
+            grads.append(torch.ones(()))
+        torch.autograd.backward(roots, grads)
+        for name, param in self.bottom.named_parameters():
+            param.grad = stash[name].grad
+        self.optimizer.step()
+
+    async def train_step(
+        self, step: int, x: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor
+    ) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        act, sent = self.cut(x)
+        reply = await self.w.request(self.forward_message(step, sent, y, ids))
+        grad = read_tensor(reply, "grad")
+        self.scrutinize(grad, y)
+        self.apply_gradient(x, act, sent, grad)
+        return float(reply.meta.get("loss", float("nan")))
+
+    def scrutinize(self, grad: torch.Tensor, y: torch.Tensor | None) -> None:
+        """Feed the hijack detector (if on) the cut gradient before it is applied; with
+        ``privacy.hijack.stop`` a flag ends training before the gradient touches the weights."""
+        if self.detector is None or y is None or grad.shape[0] != y.shape[0]:
+            return
+        was = self.detector.flagged
+        self.detector.observe(grad, y)
+        metrics = self.w.metrics
+        if len(self.detector.scores) == self.detector.window:
+            metrics.hijack_score.set(sum(self.detector.scores) / self.detector.window)
+        if self.detector.flagged and not was:
+            metrics.hijack_flagged.set(1)
+            message = (
+                f"server hijack suspected at batch {self.detector.flagged_at}: the cut "
+                "gradients stopped depending on the labels"
+            )
+            assert self.privacy.hijack is not None
+            if self.privacy.hijack.stop:
+                raise PrivacyError(message, hint="privacy.hijack.stop ended training")
+            log.warning("%s (privacy.hijack.stop is off: training goes on)", message)
+
+    async def exchange_twice(
+        self,
+        msg: Message,
+        loss_of: Callable[[torch.Tensor], torch.Tensor],
+        protect_with: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Message]:
+        """FORWARD -> the server's output; the loss here; BACKWARD(its gradient) -> the
+        gradient at the cut. With ``protect_with`` (labels) the label protection runs on
+        that gradient before it leaves (the server may cluster it). A server that lost the
+        open step between the two (it restarted, or dropped our old session) answers
+        ``step_lost``: redo the step."""
+        for _ in range(MAX_STEP_REDOS):
+            self.optimizer.zero_grad(set_to_none=True)  # a redo must not add a second head grad
+            out = as_input(read_tensor(await self.w.request(msg), "out"), True, self.device)
+            loss = loss_of(out)
+            loss.backward()
+            assert out.grad is not None
+            grad = out.grad
+            if self.label_protection is not None and protect_with is not None:
+                grad = self.label_protection.protect(grad, protect_with)
+            tensors = wire_tensors("grad", grad, self.w.cfg.train.wire_dtype)
+            try:
+                return loss, await self.w.request(msg.reply(Kind.BACKWARD, tensors=tensors))
+            except PeerError as exc:
+                if exc.remote_code != StepLostError.code:
+                    raise
+                log.warning("the server lost open step %s (%s); redoing it", msg.step, exc)
+        raise ProtocolError(f"step {msg.step} was lost {MAX_STEP_REDOS} times; giving up")
+
+    # ---- evaluation and inference ----------------------------------------------------------
+    async def predict(
+        self,
+        x: torch.Tensor,
+        step: int = 0,
+        ids: torch.Tensor | None = None,
+        kind: Kind = Kind.PREDICT,
+    ) -> torch.Tensor:
+        out, _ = await self._infer(x, step, ids, kind)
+        return out
+
+    async def _infer(
+        self, x: torch.Tensor, step: int, ids: torch.Tensor | None, kind: Kind
+    ) -> tuple[torch.Tensor, Message]:
+        for module in self.modules.values():
+            module.eval()
+        with torch.no_grad():
+            x = x.to(self.device)
+            sent = self.defense.apply(self.bottom(x)) if self.privacy.noise else self.bottom(x)
+        tensors = wire_tensors("act", sent, self.w.cfg.train.wire_dtype)
+        if ids is not None and not self.sends_labels and "head" not in self.modules:
+            tensors["ids"] = ids
+        reply = await self.w.request(
+            self.w.message(kind, step, tensors=tensors, meta=self.forward_meta())
+        )
+        out = as_input(read_tensor(reply, "out"), requires_grad=False, device=self.device)
+        if "head" in self.modules:
+            with torch.no_grad():
+                out = self.modules["head"](out)
+        for module in self.modules.values():
+            module.train()
+        return out.cpu(), reply
+
+    async def evaluate(self, test: Split) -> float | None:
+        """Test accuracy; None for a party that holds no labels and is not told a score."""
+        correct, known = 0, True
+        for step, (x, y, ids) in enumerate(_eval_batches(test)):
+            out, reply = await self._infer(x, step, ids, Kind.EVALUATE)
+            if y is not None:
+                correct += int((out.argmax(dim=1) == y).sum())
+            elif "correct" in reply.meta:
+                correct += int(reply.meta["correct"])
+            else:
+                known = False
+        return correct / max(1, len(test)) if known else None
+
+    # ---- hooks and reports -----------------------------------------------------------------
+    async def before_epoch(self, epoch: int) -> None:
+        return None
+
+    def restore_accounting(self, epochs: int) -> None:
+        """After a resume: the releases already made still count (never rolled back)."""
+        self.accounted_epochs = epochs
+        if self.accountant is not None and epochs:
+            self.accountant.step(epochs)
+
+    async def after_epoch(self, epoch: int) -> None:
+        self.accounted_epochs += 1
+        if self.accountant is not None:
+            self.accountant.step(1)
+            self.w.metrics.set_privacy("activation_noise", self.accountant.epsilon())
+        if self.dp is not None:
+            self.w.metrics.set_privacy(
+                "dpsgd",
+                self.dp.epsilon(),
+                self.privacy.dpsgd.target_epsilon if self.privacy.dpsgd else None,
+            )
+
+    async def after_training(self) -> bool:
+        """True when the weights changed after the last evaluation (group topologies)."""
+        return False
+
+    def extra_state(self) -> dict[str, Any]:
+        """What this runner adds to the client's checkpoint (round-robin: its run nonce)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        return None
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.accountant is not None:
+            out["activation_epsilon"] = round(self.accountant.epsilon(), 4)
+            out["activation_mechanism"] = self.accountant.mechanism_name
+        if self.dp is not None:
+            out["dpsgd_epsilon"] = round(self.dp.epsilon(), 4)
+        return out
+
+    def save(self) -> None:
+        """Each party saves only its own segment(s)."""
+        if not self.w.cfg.client.save:
+            return
+        path = resolve_path(self.w.base, self.w.cfg.client.save, "client.save", must_exist=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state: dict[str, Any] = {name: _plain_state(m) for name, m in self.modules.items()}
+        data = self.w.data
+        if data.encoding is not None or data.label_names is not None:
+            # How this party's rows were encoded, so predict encodes new rows the same way.
+            state[DATA_STATE] = json.dumps(
+                {
+                    "encoding": data.encoding.to_dict() if data.encoding else None,
+                    "label_names": data.label_names,
+                }
+            )
+        torch.save(state, path)
+
+    def load(self, path: Path) -> None:
+        state = torch.load(path, weights_only=True)
+        for name, module in self.modules.items():
+            _unwrap(module).load_state_dict(state[name])
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "_module", module)  # Opacus' GradSampleModule wraps the segment
+
+
+def _plain_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(_unwrap(module).state_dict())
+
+
+def _eval_batches(test: Split) -> Iterator[Batch]:
+    for start, (x, y) in zip(range(0, len(test), 256), iter_batches(test, 256), strict=True):
+        yield x, y, test.ids[start : start + 256]
+
+
+class UShapedRunner(StepRunner):
+    """Labels and the last layers stay here: two exchanges per step, no labels sent."""
+
+    sends_labels = False
+    protects_labels = True  # the gradient of the server's output carries the labels
+    supports_pipelining = False
+
+    def build_modules(self) -> dict[str, nn.Module]:
+        segments = build_segments(self.w.cfg.model, "ushaped")
+        if len(segments) != 3:
+            raise ConfigError("ushaped needs model.cuts with two cut indices")
+        return {"bottom": segments[0], "head": segments[2]}
+
+    async def train_step(
+        self, step: int, x: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor
+    ) -> float:
+        if y is None:
+            raise ConfigError("ushaped: the client holds the labels; set data.label")
+        act, sent = self.cut(x)
+        msg = self.forward_message(step, sent, None, ids)
+        head, target = self.modules["head"], y.to(self.device)
+        loss, grad_reply = await self.exchange_twice(
+            msg, lambda out: F.cross_entropy(head(out), target), protect_with=target
+        )
+        cut_grad = read_tensor(grad_reply, "grad")
+        self.scrutinize(cut_grad, y)
+        self.apply_gradient(x, act, sent, cut_grad)
+        return float(loss.detach())
+
+
+class VerticalRunner(StepRunner):
+    """A feature party: its own bottom on its features; sample ids align the batch.
+    The designated label client (``client.role = "label"``) also computes the loss."""
+
+    sends_labels = False
+    supports_pipelining = False
+    adaptive_wait = False
+
+    async def train_step(
+        self, step: int, x: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor
+    ) -> float:
+        if self.w.cfg.client.role != "label":
+            return await super().train_step(step, x, y, ids)
+        if y is None:
+            raise ConfigError("vertical: the label client needs labels; set data.label")
+        act, sent = self.cut(x)
+        msg = self.forward_message(step, sent, None, ids)
+        target = y.to(self.device)
+        loss, reply = await self.exchange_twice(msg, lambda fused: F.cross_entropy(fused, target))
+        self.apply_gradient(x, act, sent, read_tensor(reply, "grad"))
+        return float(loss.detach())
+
+    def build_modules(self) -> dict[str, nn.Module]:
+        group = self.w.cfg.client.group
+        name = self.w.cfg.client.name
+        index = sorted(group).index(name) if name in group else 0
+        return {"bottom": vertical_bottom(self.w.cfg.model, index)}
+
+    def forward_message(
+        self, step: int, sent: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor
+    ) -> Message:
+        tensors = {**wire_tensors("act", sent, self.w.cfg.train.wire_dtype), "ids": ids}
+        return self.w.message(Kind.FORWARD, step, tensors=tensors)
+
+
+class MultitaskRunner(StepRunner):
+    def forward_meta(self) -> dict[str, Any]:
+        if not self.w.cfg.data.task:
+            raise ConfigError("multitask: set data.task to this client's task")
+        return {"task": self.w.cfg.data.task}
+
+
+def build_runner(worker: ClientWorker) -> StepRunner:
+    topology = worker.topology
+    if topology == "ushaped":
+        return UShapedRunner(worker)
+    if topology == "vertical":
+        return VerticalRunner(worker)
+    if topology == "multitask":
+        return MultitaskRunner(worker)
+    if topology in ("roundrobin", "splitfed"):
+        from workers.client.group import RoundRobinRunner, SplitFedRunner
+
+        return RoundRobinRunner(worker) if topology == "roundrobin" else SplitFedRunner(worker)
+    if topology not in ("vanilla", "multihop"):
+        raise ProtocolError(f"unknown topology {topology!r}")
+    return StepRunner(worker)
+
+
+__all__ = ["StepRunner", "build_runner", "parameters_to_vector", "vector_to_parameters"]

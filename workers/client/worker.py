@@ -1,0 +1,529 @@
+"""The client worker: holds the data and the first layers, drives the training.
+
+For each batch it runs its segment to the cut layer, sends the activations (with the labels
+only where the topology says the server holds the loss), waits for the gradient at the cut
+and finishes backpropagation locally. After each epoch it evaluates on its own test split.
+Topology-specific steps live in :mod:`workers.client.steps`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import zmq.asyncio
+from tqdm import tqdm
+
+from privacy.config import PrivacyConfig
+from sl_pipeline.config import ClientConfig, check_endpoint, resolve_path
+from sl_pipeline.errors import PeerError, ProtocolError, ReplyTimeoutError, TransportError
+from sl_pipeline.handshake import ClientHandshake
+from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
+from sl_pipeline.models import fingerprint
+from sl_pipeline.retransmit import RetransmitTimer
+from sl_pipeline.sources import Source, load_source
+from sl_pipeline.transport import DealerConnection
+from workers.client.align import aligned_data, first_data, psi_key, rows_file
+from workers.client.microbatch import check_depth, train_pipelined
+from workers.client.rollback import NOTHING, Rewind, UndoPoints
+from workers.client.steps import StepRunner, build_runner
+from workers.ops.metrics import WorkerMetrics
+from workers.runtime.checkpoint import CheckpointStore, restore_rng, rng_state
+from workers.runtime.diagnose import no_server, refused
+from workers.runtime.startup import (
+    install_stop_signals,
+    load_own_key,
+    load_peer_key,
+    start_ops,
+    warn_insecure,
+)
+from workers.server.runs import check_run_id
+
+log = logging.getLogger("sl_pipeline.client")
+
+
+class _Stopped(Exception):
+    """Raised between steps once SIGTERM/SIGINT asked the client to stop."""
+
+
+MAX_RETRIES_PER_REQUEST = 100
+# Refusals that end by waiting: a full server, a run queue, a name whose old session may be dead.
+WAIT_CODES = ("overloaded", "name_in_use")
+
+
+def _handshake_result(code: str) -> str:
+    return code if code in ("not_admitted", "version") else "bad_handshake"
+
+
+class ClientWorker:
+    def __init__(
+        self,
+        cfg: ClientConfig,
+        base: Path,
+        metrics: WorkerMetrics | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.base = base
+        self.metrics = metrics or WorkerMetrics("client")
+        self.progress = progress
+        self.topology = cfg.client.topology
+        check_endpoint(cfg.client.server, "client.server")
+        PrivacyConfig.from_mapping(cfg.privacy).check_placement(
+            self.topology, server=False, holds_labels=cfg.client.role == "label"
+        )
+        if cfg.client.run:
+            check_run_id(cfg.client.run, "client.run")
+        m = cfg.model
+        source = load_source(cfg.data, base, m.classes, m.in_shape)  # every data error: now
+        self.psi_key = psi_key(cfg, base, source.ids is not None)
+        self.pending: Source | None = source if self.psi_key else None  # rows to align first
+        self.aligned_rows: int | None = None
+        self.data = first_data(cfg, source, aligned_later=self.pending is not None)
+        self.runner: StepRunner = build_runner(self)
+        check_depth(self)
+        self.handshake = self._make_handshake()
+        self.conn: DealerConnection | None = None
+        self.upstream = "server"  # what client.server points at; a relay says so in its welcome
+        # Reply waits follow the measured round trip (RFC 6298), at most the configured bound.
+        self.timer = RetransmitTimer(cfg.client.timeout_s)
+        self.hello_timer = RetransmitTimer(cfg.client.connect_timeout_s)
+        self.connected = False  # between a completed handshake and a lost server
+        self.ctx: zmq.asyncio.Context | None = None
+        self.epoch = 0
+        self.step = 0
+        self.steps_done = 0
+        self.retries = 0
+        self.last_loss: float | None = None
+        self.last_accuracy: float | None = None
+        self.bytes = {"sent": 0, "received": 0}
+        self.epoch_losses: list[float] = []
+        self.start = (0, 0)  # (epoch, step) to continue from
+        self.last_applied: tuple[int, int] | None = None
+        self.run_id = cfg.client.run
+        self.history: list[tuple[int, float | None, float | None]] = []  # epoch, acc, loss
+        self.stop = asyncio.Event()
+        self.stopped = False
+        self.undo = UndoPoints()
+        self.ckpt = self._checkpoint_store()
+        self.resumed_from = self._restore() if self.ckpt else 0
+
+    async def align(self) -> None:
+        """Keep the rows both parties hold, in the agreed order; split and encode them."""
+        assert self.pending is not None and self.psi_key is not None
+        saved = rows_file(self.cfg, self.base)
+        self.data, self.aligned_rows = await aligned_data(
+            self.cfg,
+            self.pending,
+            self.psi_key,
+            self.request,
+            self.message,
+            saved,
+            resuming=self.resumed_from > 0,
+        )
+        self.pending = None
+
+    def _make_handshake(self) -> ClientHandshake:
+        c = self.cfg.client
+        hello = {
+            "v": PROTOCOL_VERSION,
+            "client": c.name,
+            "model": fingerprint(self.cfg.model, self.topology),
+            "role": c.role,
+        }
+        if c.insecure:
+            warn_insecure("client")
+            return ClientHandshake(hello, None, None)
+        static = load_own_key(self.base, c.key, "client.key")
+        server_key = load_peer_key(self.base, c.server_key, "client.server_key")
+        return ClientHandshake(hello, static, server_key)
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def _checkpoint_store(self) -> CheckpointStore | None:
+        c = self.cfg.checkpoint
+        if not c.dir:
+            return None
+        directory = resolve_path(self.base, c.dir, "checkpoint.dir", must_exist=False)
+        return CheckpointStore(
+            directory, keep=max(1, c.keep), prefix=self.cfg.client.name, fsync=c.fsync
+        )
+
+    def _state(self, next_step: int) -> dict[str, Any]:
+        return {
+            "modules": {n: dict(m.state_dict()) for n, m in self.runner.modules.items()},
+            "optimizer": self.runner.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "next_step": next_step,
+            "steps_done": self.steps_done,
+            "epoch_losses": list(self.epoch_losses),
+            "rng": rng_state(),
+            "accounted_epochs": self.runner.accounted_epochs,
+            "runner": self.runner.extra_state(),
+            "dpsgd": self.runner.dp_state(),
+        }
+
+    def _restore(self) -> int:
+        assert self.ckpt is not None
+        found = self.ckpt.load_latest()
+        if found is None:
+            return 0
+        state, path = found
+        self._load_state(state)
+        self.runner.restore_accounting(int(state["accounted_epochs"]))
+        self.runner.load_extra_state(dict(state.get("runner", {})))
+        log.info("resumed from checkpoint %s at epoch %d step %d", path, *self.start)
+        return self.steps_done
+
+    def _load_state(self, state: dict[str, Any], rewind: bool = False) -> None:
+        """Weights, optimizer, position and RNG from a checkpoint or an undo point. A rewind
+        keeps the privacy accountants as they are: releases are never taken back."""
+        for name, module in self.runner.modules.items():
+            module.load_state_dict(state["modules"][name])
+        self.runner.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.steps_done = int(state["epoch"]), int(state["steps_done"])
+        self.start = (self.epoch, int(state["next_step"]))
+        self.last_applied = (self.epoch, self.start[1] - 1) if self.start[1] else None
+        self.epoch_losses = [float(v) for v in state["epoch_losses"]]
+        restore_rng(state["rng"])
+        dp = dict(state.get("dpsgd", {}))
+        if rewind and dp:
+            dp["accountant"] = self.runner.dp_state()["accountant"]
+        self.runner.load_dp_state(dp)
+
+    def _save(self, next_step: int, force: bool = False) -> None:
+        every = max(1, self.cfg.checkpoint.every_steps)
+        if self.ckpt is not None and (force or self.steps_done % every == 0):
+            self.ckpt.save(self._state(next_step), self.steps_done)
+            self.metrics.checkpoints_total.inc()
+
+    def _check_resume(self, welcome: dict[str, Any]) -> None:
+        """The server (or relay) says which step of ours it applied last; if it is behind
+        us, rewind to that step when an undo point exists (it checkpoints every N > 1
+        steps), else say what was lost."""
+        applied = welcome.get("applied")
+        self.undo.configure(
+            int(welcome.get("checkpoint_every") or 1), self.cfg.train.pipeline_depth
+        )
+        if self.last_applied is None:
+            return
+        server_step = (int(applied[0]), int(applied[1])) if applied else NOTHING
+        if server_step < self.last_applied:
+            self.undo.check(server_step, self.last_applied)
+            log.error(
+                "the %s lost steps after %s that this client applied (up to %s); "
+                "exactly-once needs the %s's checkpoint.dir, and a rewind needs an undo point "
+                "(checkpoint.every_steps > 1 is announced at join)",
+                self.upstream,
+                server_step,
+                self.last_applied,
+                self.upstream,
+            )
+
+    def _hello(self) -> dict[str, Any]:
+        """What this client asks for: its run, whether it trains, where it resumes from."""
+        c = self.cfg.client
+        return {
+            **self.handshake.hello,
+            "run": c.run,
+            "takeover": c.takeover,
+            "intent": "train" if self.start[0] < self.cfg.train.epochs else "infer",
+            "resume": list(self.last_applied) if self.last_applied else None,
+        }
+
+    # ---- connection --------------------------------------------------------------------
+    def _count(self, direction: str, kind: str, nbytes: int) -> None:
+        self.bytes[direction] += nbytes
+        self.metrics.record_message(direction, kind, nbytes)
+
+    async def connect(self) -> None:
+        """Handshake, retrying with capped exponential backoff and jitter."""
+        c = self.cfg.client
+        deadline = time.monotonic() + c.retry_for_s
+        delay = 0.2
+        assert self.ctx is not None
+        while True:
+            self._set_connected(False)
+            if self.conn is not None:
+                self.conn.close()
+            self.conn = DealerConnection(
+                self.ctx, c.server, self.cfg.limits.to_limits(), self._count, self.upstream
+            )
+            sent = time.monotonic()
+            try:
+                self.handshake.hello = self._hello()
+                welcome = await self.conn.handshake(
+                    self.handshake, self.hello_timer.timeout("hello")
+                )
+                self.hello_timer.sample("hello", time.monotonic() - sent)
+                self.metrics.record_handshake("ok")
+                self._joined(welcome)
+                return
+            except PeerError as exc:
+                self.metrics.record_handshake(_handshake_result(exc.remote_code))
+                retry = exc.retryable or exc.remote_code in WAIT_CODES
+                if not retry or time.monotonic() + delay > deadline:
+                    raise refused(exc, self.cfg) from None
+                log.warning(
+                    "the %s refused to join (%s); retrying in %.1fs", self.upstream, exc, delay
+                )
+            except (TransportError, ProtocolError) as exc:
+                if isinstance(exc, ReplyTimeoutError):
+                    self.hello_timer.expired("hello")
+                if time.monotonic() + delay > deadline:
+                    if self.steps_done:  # it was there: a network fault, not a config one
+                        raise TransportError(no_server(self.cfg).message) from None
+                    raise no_server(self.cfg) from None
+                log.warning("no answer from %s (%s); retrying", c.server, exc)
+            self.retries += 1
+            self.metrics.retries_total.inc()
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 5.0)
+
+    def _joined(self, welcome: dict[str, Any]) -> None:
+        self._set_connected(True)
+        role = welcome.get("role", "server")
+        self.upstream = role if role in ("server", "relay") else "server"
+        assert self.conn is not None
+        self.conn.peer = self.upstream
+        self.run_id = welcome.get("run") or self.run_id
+        log.info(
+            "joined %s %s (run %s)",
+            self.upstream,
+            self.cfg.client.server,
+            self.run_id or "not chosen yet",
+        )
+        self._check_resume(welcome)
+
+    async def request(self, message: Message, timeout_s: float | None = None) -> Message:
+        """Send and wait for the reply; on a lost peer or a wait that ran out, rejoin and
+        resend the same step. The wait follows the measured round trip (``self.timer``)
+        unless ``timeout_s`` fixes it (a wait for other clients, which no RTT predicts)."""
+        kind = message.kind.value
+        fixed = timeout_s or (None if self.runner.adaptive_wait else self.cfg.client.timeout_s)
+        for attempt in range(MAX_RETRIES_PER_REQUEST):
+            assert self.conn is not None
+            wait = fixed or self.timer.timeout(kind)
+            sent = time.monotonic()
+            try:
+                await self.conn.send(message)
+                reply = await self.conn.recv(wait)
+            except (TransportError, PeerError) as exc:
+                if isinstance(exc, PeerError) and not exc.retryable:
+                    raise
+                if isinstance(exc, ReplyTimeoutError) and fixed is None:
+                    self.timer.expired(kind)
+                self.lost_upstream(exc)
+                await self.connect()
+                continue
+            if attempt == 0 and fixed is None:  # Karn: a resent request gives no sample
+                self.timer.sample(kind, time.monotonic() - sent)
+            return reply
+        raise TransportError(f"gave up after {MAX_RETRIES_PER_REQUEST} retries of one step")
+
+    def lost_upstream(self, exc: Exception) -> None:
+        log.warning("lost the %s (%s); rejoining", self.upstream, exc)
+        self.retries += 1
+        self.metrics.retries_total.inc()
+
+    def _set_connected(self, connected: bool) -> None:
+        self.connected = connected
+        self.metrics.peers_connected.set(int(connected))
+        self.metrics.peers_authenticated.set(int(connected))
+
+    def message(self, kind: Kind, step: int = 0, **kwargs: Any) -> Message:
+        return Message(
+            kind=kind, client=self.cfg.client.name, epoch=self.epoch, step=step, **kwargs
+        )
+
+    # ---- training ----------------------------------------------------------------------
+    async def run(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        self.ctx = zmq.asyncio.Context()
+        ops = await start_ops(self.cfg.ops, self.metrics, self.status, lambda: self.connected)
+        install_stop_signals(self.stop)
+        try:
+            await self.connect()
+            if self.pending is not None:
+                await self.align()
+            try:
+                await self.train()
+            except _Stopped:
+                self.stopped = True
+                log.warning(
+                    "stopped by signal at epoch %d step %d; state saved", self.epoch, self.step
+                )
+            assert self.conn is not None
+            bye = {"finished": not self.stopped, "accuracy": self.last_accuracy}
+            await self.conn.send(self.message(Kind.BYE, meta=bye))
+            self.runner.save()
+            if not self.stopped:
+                self.epoch = self.cfg.train.epochs  # finished: a restart has nothing left to do
+            last = self.last_applied
+            next_step = last[1] + 1 if self.stopped and last and last[0] == self.epoch else 0
+            self._save(next_step, force=True)
+        finally:
+            if ops is not None:
+                await ops.stop()
+            if self.conn is not None:
+                self.conn.close()
+            self._set_connected(False)
+            self.ctx.term()
+        return self.summary(time.perf_counter() - start)
+
+    async def train(self) -> None:
+        """Every epoch from ``self.start``; after a rewind, again from the undo point."""
+        self.undo.record(self.last_applied or NOTHING, lambda: self._state(self.start[1]))
+        while True:
+            try:
+                return await self._train_from_start()
+            except Rewind as rewind:
+                self._load_state(rewind.state, rewind=True)
+                if self.ckpt is not None:  # newer checkpoints are another timeline now
+                    self.ckpt.discard_after(self.steps_done)
+
+    async def _train_from_start(self) -> None:
+        for epoch in range(self.start[0], self.cfg.train.epochs):
+            self.epoch = epoch
+            self.metrics.epoch.set(epoch + 1)  # 1-based, as in the logs
+            await self.runner.before_epoch(epoch)
+            self.last_loss = await self._train_epoch(
+                epoch, self.start[1] if epoch == self.start[0] else 0
+            )
+            await self.runner.after_epoch(epoch)
+            await self._evaluate()
+            self.history.append((epoch + 1, self.last_accuracy, self.last_loss))
+            log.info(
+                "epoch %d: train loss %.4f, test accuracy %s",
+                epoch + 1,
+                self.last_loss,
+                "n/a (no labels here)"
+                if self.last_accuracy is None
+                else f"{self.last_accuracy:.4f}",
+            )
+        if await self.runner.after_training():
+            await self._evaluate()
+
+    async def _evaluate(self) -> None:
+        self.last_accuracy = await self.runner.evaluate(self.data.test)
+        if self.last_accuracy is not None:
+            self.metrics.test_accuracy.set(self.last_accuracy)
+
+    def summary(self, wall: float) -> dict[str, Any]:
+        return {
+            "topology": self.topology,
+            "dataset": self.cfg.data.dataset or self.cfg.data.path,
+            "client": self.cfg.client.name,
+            "run": self.run_id or None,
+            "epochs": self.cfg.train.epochs,
+            "steps": self.steps_done,
+            "test_accuracy": self.last_accuracy,
+            "test_samples": len(self.data.test),
+            **({"aligned_rows": self.aligned_rows} if self.aligned_rows is not None else {}),
+            "train_loss": self.last_loss,
+            "bytes_sent": self.bytes["sent"],
+            "bytes_received": self.bytes["received"],
+            "retries": self.retries,
+            "resumed_from": self.resumed_from,
+            "rewinds": self.undo.rewinds,
+            "stopped_early": self.stopped,
+            "best_epoch": self._best_epoch(),
+            "model": self._model_path(),
+            "wall_seconds": round(wall, 3),
+            **self.runner.report(),
+        }
+
+    def _model_path(self) -> str | None:
+        save = self.cfg.client.save
+        return str(resolve_path(self.base, save, "client.save", must_exist=False)) if save else None
+
+    def _best_epoch(self) -> int | None:
+        """The 1-based epoch with the best test accuracy (lowest train loss without labels)."""
+        scored = [(acc, e) for e, acc, _ in self.history if acc is not None]
+        if scored:
+            return max(scored, key=lambda t: (t[0], -t[1]))[1]
+        losses = [(loss, e) for e, _, loss in self.history if loss is not None]
+        return min(losses)[1] if losses else None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "role": "client",
+            "name": self.cfg.client.name,
+            "topology": self.topology,
+            "epoch": self.epoch,
+            "step": self.steps_done,  # as sl_step: every applied step so far
+            "epoch_step": self.step,
+            "last_loss": self.last_loss,
+            "last_accuracy": self.last_accuracy,
+            "privacy": self.runner.report(),
+        }
+
+    async def _train_epoch(self, epoch: int, first_step: int = 0) -> float:
+        """One epoch's batches in their fixed order, from ``first_step`` after a resume."""
+        total = -(-len(self.data.train) // self.cfg.train.batch_size)
+        if first_step == 0:
+            self.epoch_losses = []
+        bar = tqdm(
+            total=total,
+            initial=first_step,
+            file=sys.stderr,
+            leave=False,
+            dynamic_ncols=True,
+            desc=f"{self.cfg.client.name} epoch {epoch + 1}/{self.cfg.train.epochs}",
+            disable=not self.progress,
+        )
+        batches = self._batches(epoch, first_step)
+        if self.cfg.train.pipeline_depth > 1:
+            await train_pipelined(
+                self,
+                epoch,
+                batches,
+                lambda step, loss, started: self._done(epoch, step, loss, started, bar),
+            )
+        else:
+            for step, x, y, ids in batches:
+                self.step = step
+                started = time.perf_counter()
+                loss = await self.runner.train_step(step, x, y, ids)
+                self._done(epoch, step, loss, started, bar)
+        bar.close()
+        mean = float(sum(self.epoch_losses) / max(1, len(self.epoch_losses)))
+        self.metrics.train_loss.set(mean)
+        return mean
+
+    def _batches(self, epoch: int, first_step: int) -> Iterator[tuple[int, Any, Any, Any]]:
+        """This epoch's batches from ``first_step``; stops between steps on SIGTERM/SIGINT,
+        before the next batch is drawn (a random draw would be lost to the checkpoint)."""
+        batches = self.runner.epoch_batches(epoch, first_step)
+        while not self.stop.is_set():
+            item = next(batches, None)
+            if item is None:
+                return
+            yield item
+        raise _Stopped
+
+    def _done(self, epoch: int, step: int, loss: float, started: float, bar: Any) -> None:
+        """Bookkeeping after a step's gradient is applied: counters, metrics, checkpoint."""
+        self.metrics.step_rtt_seconds.observe(time.perf_counter() - started)
+        self.steps_done += 1
+        self.last_applied = (epoch, step)
+        self.metrics.record_step(self.steps_done)
+        self.epoch_losses.append(loss)
+        self._save(step + 1)
+        self.undo.record((epoch, step), lambda: self._state(step + 1))
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+
+    async def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Predictions for ``x``: only cut-layer activations leave this party."""
+        return await self.runner.predict(x)
+
+    @property
+    def bottom(self) -> torch.nn.Module:
+        return self.runner.bottom

@@ -1,0 +1,1 @@
+"""Operations: the HTTP endpoint, Prometheus metrics and logging of a worker process."""

@@ -1,0 +1,256 @@
+"""The operations HTTP endpoint of a worker: metrics, liveness, readiness and status.
+
+:class:`OpsServer` runs an aiohttp ``AppRunner``/``TCPSite`` inside the worker's own
+event loop (no thread, no second loop), so the handlers read the worker's state
+directly. Routes:
+
+``GET /metrics``  Prometheus text format (OpenMetrics when the scraper asks for it).
+``GET /healthz``  200 ``ok`` while the process and its loop are alive (liveness).
+``GET /readyz``   200 when ``ready()`` is true, else 503 with a JSON reason (readiness).
+``GET /status``   the JSON object returned by ``status()``; peers are only counted and the
+                  session id left out unless the request carries
+                  ``Authorization: Bearer <[ops] status_token>``.
+
+Access logging is off: a scrape every 15 s for weeks would drown the worker's own log.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from sl_pipeline.errors import ConfigError
+from workers.ops.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?$")
+_SHUTDOWN_TIMEOUT_S = 5.0
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split ``"HOST:PORT"`` or ``"[IPV6]:PORT"`` into ``(host, port)``.
+
+    Port 0 is accepted (the OS picks a free port). Raises :class:`ConfigError` with a
+    message naming the value and an example of the expected form.
+    """
+    example = 'expected "HOST:PORT", e.g. "0.0.0.0:9100", "127.0.0.1:9100" or "[::1]:9100"'
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ConfigError(f"invalid listen address {value!r}", hint=example)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(
+                f"invalid listen address {value!r}: {host!r} is not an IPv6 address",
+                hint=example,
+            ) from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ConfigError(f"invalid listen address {value!r}: no port", hint=example)
+        if ":" in host:
+            raise ConfigError(
+                f"invalid listen address {value!r}: put an IPv6 address in brackets",
+                hint=example,
+            )
+        if not host:
+            raise ConfigError(
+                f"invalid listen address {value!r}: empty host "
+                '(use "0.0.0.0" for every interface or "127.0.0.1" for this machine only)',
+                hint=example,
+            )
+        if not _HOSTNAME_RE.match(host):
+            raise ConfigError(f"invalid listen address {value!r}: bad host {host!r}", hint=example)
+    return host, _parse_port(value, port_text, example)
+
+
+def _parse_port(value: str, port_text: str, example: str) -> int:
+    if not port_text.isascii() or not port_text.isdigit():
+        raise ConfigError(
+            f"invalid listen address {value!r}: port {port_text!r} is not a number",
+            hint=example,
+        )
+    port = int(port_text)
+    if port > 65535:
+        raise ConfigError(
+            f"invalid listen address {value!r}: port {port} is not in 0..65535", hint=example
+        )
+    return port
+
+
+def _json_response(body: Mapping[str, Any], status: int = 200) -> web.Response:
+    return web.Response(
+        status=status,
+        text=json.dumps(body, default=str, sort_keys=True),
+        content_type="application/json",
+    )
+
+
+class OpsServer:
+    """HTTP server for ``/metrics``, ``/healthz``, ``/readyz`` and ``/status``.
+
+    ``status`` and ``ready`` are called on every request, in the event loop: they must be
+    quick and must not block. After :meth:`start`, ``self.port`` is the bound port (useful
+    when ``port`` was 0).
+    """
+
+    def __init__(
+        self,
+        metrics: WorkerMetrics,
+        status: Callable[[], Mapping[str, Any]],
+        ready: Callable[[], bool],
+        host: str,
+        port: int,
+        routes: Callable[[web.Application], None] | None = None,
+        status_token: str = "",
+    ) -> None:
+        self.metrics = metrics
+        self._routes = routes  # more routes (the server's run API)
+        self.status_token = status_token
+        self.host = host
+        self.port = port
+        self._status = status
+        self._ready = ready
+        self._runner: web.AppRunner | None = None
+
+    def _make_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/metrics", make_aiohttp_handler(self.metrics.registry))
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/status", self._handle_status)
+        if self._routes is not None:
+            self._routes(app)
+        return app
+
+    async def start(self) -> None:
+        """Bind and serve in the running loop. Raises ``OSError`` if the port is taken."""
+        if self._runner is not None:
+            raise RuntimeError("OpsServer already started")
+        runner = web.AppRunner(
+            self._make_app(),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=_SHUTDOWN_TIMEOUT_S,
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+        log.info("ops endpoint listening", extra={"host": self.host, "port": self.port})
+
+    async def stop(self) -> None:
+        """Stop serving and close the listening socket. Safe to call twice."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    @property
+    def url(self) -> str:
+        """Base URL of the running server, e.g. ``http://127.0.0.1:9100``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        try:
+            ready = bool(self._ready())
+        except Exception as exc:
+            log.exception("readiness check failed")
+            return _json_response({"ready": False, "reason": f"readiness check failed: {exc}"}, 503)
+        if ready:
+            return _json_response({"ready": True})
+        return _json_response({"ready": False, "reason": "worker is not ready yet"}, 503)
+
+    async def _handle_status(self, request: web.Request) -> web.Response:
+        try:
+            body = dict(self._status())
+        except Exception as exc:
+            log.exception("status callback failed")
+            return _json_response({"error": f"status unavailable: {exc}"}, 500)
+        if not self._authorized(request):
+            body = redact(body)
+        return _json_response(body)
+
+    def _authorized(self, request: web.Request) -> bool:
+        """Whether the request may see who the peers are: only with the configured token."""
+        if not self.status_token:
+            return False
+        given = request.headers.get("Authorization", "").encode()
+        return hmac.compare_digest(given, f"Bearer {self.status_token}".encode())
+
+
+def redact(body: Mapping[str, Any]) -> dict[str, Any]:
+    """``/status`` for anyone who can reach the port: how many peers, not who (names and
+    key fingerprints), and no session id."""
+    out = {k: v for k, v in body.items() if k not in ("peers", "session")}
+    if "peers" in body:
+        peers = body["peers"]
+        out["peers"] = len(peers) if isinstance(peers, list | tuple) else peers
+    if "peers" in body or "session" in body:
+        out["redacted"] = "peer names, key fingerprints and the session id need [ops] status_token"
+    return out
+
+
+def local_url(listen: str) -> str:
+    """Base URL that reaches an ops server listening on ``listen`` from the same machine.
+
+    A wildcard host (``0.0.0.0``, ``::``) becomes the matching loopback address, so
+    ``sl-pipeline health --config ...`` can derive its URL from ``[ops] listen``.
+    """
+    host, port = parse_listen(listen)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _readyz_url(url: str) -> str:
+    """``url`` itself if it names a path, else ``url`` + ``/readyz``."""
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.path in ("", "/"):
+        parts = parts._replace(path="/readyz")
+    return urlunsplit(parts)
+
+
+async def check_health(url: str, timeout_s: float) -> bool:
+    """True when ``GET /readyz`` at ``url`` answers 200 within ``timeout_s`` seconds.
+
+    ``url`` may be a base (``http://host:9100``, ``host:9100``) or a full URL with a path.
+    Every failure (refused, timeout, non-200) is False; the reason is logged at DEBUG.
+    """
+    target = _readyz_url(url)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(target, allow_redirects=False) as response,
+        ):
+            if response.status == 200:
+                return True
+            log.debug("health check failed", extra={"url": target, "status": response.status})
+            return False
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        log.debug("health check failed", extra={"url": target, "error": repr(exc)})
+        return False
+
+
+__all__ = ["OpsServer", "check_health", "local_url", "parse_listen", "redact"]

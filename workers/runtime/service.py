@@ -1,0 +1,447 @@
+"""The part every listening worker shares (server and relay): a ROUTER socket, the
+handshake, the table of authenticated peers, and the rules for bad input.
+
+A subclass implements :meth:`RouterService.dispatch`: one authenticated, decoded message in,
+the replies to send out. Everything before that (authentication, decoding, limits) and the
+bookkeeping after it (metrics, logs, silent peers) lives here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from sl_pipeline.codec import Limits
+from sl_pipeline.config import OpsConfig, check_endpoint
+from sl_pipeline.errors import (
+    CryptoError,
+    LimitError,
+    NotAdmittedError,
+    OverloadedError,
+    ProtocolError,
+    ReplayError,
+    SLError,
+    UnauthenticatedError,
+    VersionError,
+)
+from sl_pipeline.gate import Gate
+from sl_pipeline.handshake import ServerHandshake, is_handshake, refusal
+from sl_pipeline.keys import fingerprint as key_fingerprint
+from sl_pipeline.messages import Message, error_message
+from sl_pipeline.transport import (
+    Channel,
+    RouterEndpoint,
+    frame_buffers,
+    frames_size,
+    peer_address,
+)
+from workers.ops.metrics import WorkerMetrics
+from workers.runtime.bounded import RateLimiter
+from workers.runtime.startup import load_admitted, load_own_key, start_ops, warn_insecure
+
+log = logging.getLogger("sl_pipeline.service")
+POLL_MS = 200
+GOODBYE_LINGER_MS = 500  # how long closing may wait for the shutdown notices to leave
+CONFIRM_TIMEOUT_S = 30.0  # a session must send its first message within this after joining
+PENDING_PER_NAME = 2  # unconfirmed sessions kept per name (a client retrying its join)
+Replies = list[tuple[bytes, Message]]
+
+
+@dataclass(frozen=True)
+class Listen:
+    """Where and how a service listens; the config keys are named for error messages."""
+
+    bind: str
+    key: str
+    admitted: str
+    insecure: bool
+    max_peers: int
+    peer_timeout_s: float
+    section: str  # "server" or "relay"
+    relays: frozenset[str] = frozenset()  # admitted names that may speak for others
+    hellos_per_s: float = 20.0  # per source address, after a burst of hello_burst
+    hello_burst: int = 100
+
+
+@dataclass
+class Peer:
+    name: str
+    channel: Channel
+    key: str  # fingerprint of the static key, or "insecure"
+    last_seen: float = field(default_factory=time.monotonic)
+    applied: int = 0
+    confirmed: bool = False  # set once the peer's first sealed message opens
+
+
+def reject_reason(exc: SLError) -> str:
+    if isinstance(exc, LimitError):
+        return "oversized"
+    if isinstance(exc, VersionError):
+        return "version"
+    if isinstance(exc, ReplayError):
+        return "replay"
+    if isinstance(exc, CryptoError):
+        return "bad_tag"
+    return "malformed"
+
+
+class RouterService:
+    role = "server"
+
+    def __init__(
+        self,
+        listen: Listen,
+        ops: OpsConfig,
+        limits: Limits,
+        base: Path,
+        fingerprint: str,
+        metrics: WorkerMetrics | None,
+    ) -> None:
+        check_endpoint(listen.bind, f"{listen.section}.bind")
+        self.listen = listen
+        self.ops_cfg = ops
+        self.limits = limits
+        self.base = base
+        self.fingerprint = fingerprint
+        self.metrics = metrics or WorkerMetrics(self.role)
+        self.peers: dict[bytes, Peer] = {}
+        self.admitted_names: dict[bytes, str] = {}
+        self.gate: Gate | None = None
+        self.handshake = self._make_handshake()
+        self.hello_rate = RateLimiter(
+            listen.hellos_per_s,
+            listen.hello_burst,
+            on_hit=lambda: self.metrics.record_bound("hello_rate"),
+        )
+        self.session_id = secrets.token_hex(8)
+        self.bound = False
+        self._idle = True  # the receiver waits for a message (not handling one)
+        self._endpoint: RouterEndpoint | None = None
+
+    def _make_handshake(self) -> ServerHandshake:
+        s, section = self.listen, self.listen.section
+        if s.insecure:
+            warn_insecure(self.role)
+            return ServerHandshake(None, lambda key: True, insecure=True)
+        static = load_own_key(self.base, s.key, f"{section}.key")
+        self.admitted_names = load_admitted(self.base, s.admitted, f"{section}.admitted")
+        self.gate = Gate(static, self.admitted_names)
+        return ServerHandshake(static, lambda key: key in self.admitted_names)
+
+    # ---- to override -----------------------------------------------------------------
+    async def dispatch(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
+        raise NotImplementedError
+
+    def forget_peer(self, peer: Peer) -> None:
+        return None
+
+    def accept(self, hello: dict[str, Any], key: bytes | None) -> dict[str, Any]:
+        if hello.get("model") != self.fingerprint:
+            raise ProtocolError(
+                f"model/topology mismatch: peer has {hello.get('model')!r}, this {self.role} has "
+                f"{self.fingerprint!r}; use the same [model] section and topology on both sides"
+            )
+        name = self.peer_name(hello, key)
+        others = {p.name for p in self.peers.values()} - {name}
+        if len(others) >= self.listen.max_peers:  # a rejoin replaces its own old session
+            raise OverloadedError(
+                f"{self.role} is full ({self.listen.max_peers} peers); retry later"
+            )
+        pending = sum(1 for p in self.peers.values() if not p.confirmed and p.name != name)
+        if pending >= self.listen.max_peers:  # refuse the newcomer; never push out others
+            self.metrics.record_bound("pending_handshakes")
+            raise OverloadedError(f"{self.role} has too many unfinished handshakes; retry later")
+        return {"session": self.session_id}
+
+    def speaker(self, peer: Peer, msg: Message) -> str:
+        """Whom a message speaks for. A configured relay forwards for its own clients, who
+        are kept apart under the relay's name (``relay-1/client-1``); anyone else is its
+        admitted name, whatever its ``client`` field says: no peer can open state, fill a
+        group or take a turn under names of its own choosing."""
+        if not msg.client or msg.client == peer.name or peer.name not in self.listen.relays:
+            return peer.name
+        return f"{peer.name}/{msg.client}"
+
+    def peer_name(self, hello: dict[str, Any], key: bytes | None) -> str:
+        """The name a peer goes by: its admitted key's, never what the hello claims."""
+        if key:
+            return self.admitted_names[key]
+        claimed = hello.get("client", "?")  # --insecure: whatever the peer says it is
+        if not isinstance(claimed, str) or not claimed.isprintable() or len(claimed) > 64:
+            raise ProtocolError("the hello's 'client' must be a printable name of 64 chars or less")
+        return claimed
+
+    async def on_start(self) -> None:
+        return None
+
+    async def on_stop(self) -> None:
+        return None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "role": self.role,
+            "session": self.session_id,
+            "peers": [  # sessions that proved themselves; a replayed hello is not a peer
+                {"name": p.name, "key": p.key, "applied": p.applied}
+                for p in self.peers.values()
+                if p.confirmed
+            ],
+            "pending_handshakes": sum(1 for p in self.peers.values() if not p.confirmed),
+        }
+
+    def ready(self) -> bool:
+        return self.bound
+
+    def ops_routes(self) -> Callable[[Any], None] | None:
+        """More routes for the ops HTTP server (the server's run API)."""
+        return None
+
+    # ---- the loop --------------------------------------------------------------------
+    async def serve(self, stop: asyncio.Event) -> dict[str, Any]:
+        ctx = zmq.asyncio.Context()
+        endpoint = RouterEndpoint(
+            ctx, self.listen.bind, self.limits, hwm=1000, gate=self.gate, on_gate=self._gated
+        )
+        self._endpoint = endpoint
+        ops = None
+        try:
+            await self.on_start()
+            self.bound = True
+            ops = await start_ops(
+                self.ops_cfg, self.metrics, self.status, self.ready, self.ops_routes()
+            )
+            log.info("%s listening on %s", self.role, self.listen.bind)
+            await self._run_until(stop, endpoint)
+        finally:
+            self.bound = False
+            self._endpoint = None
+            await self._tell_peers_we_stop(endpoint)
+            endpoint.close(linger_ms=GOODBYE_LINGER_MS)
+            if ops is not None:
+                await ops.stop()
+            await self.on_stop()
+            ctx.destroy(linger=0)
+        return self.summary()
+
+    def _gated(self, verdict: str, address: str) -> None:
+        """A connection the gate refused, before it could send anything (see gate.py)."""
+        if verdict == "ok":
+            return
+        self.metrics.record_handshake("bad_handshake" if verdict == "replay" else "not_admitted")
+        self.metrics.record_rejected("replay" if verdict == "replay" else "not_admitted")
+        log.warning("refused a connection from %s before any message (%s)", address, verdict)
+
+    async def _run_until(self, stop: asyncio.Event, endpoint: RouterEndpoint) -> None:
+        """Receive and handle messages until ``stop``; a message being handled is finished.
+
+        The receiver awaits the socket directly (no poll-then-recv: that costs an extra
+        event-loop round per message); silent peers are dropped by a separate tick.
+        """
+        receiver = asyncio.ensure_future(self._receive(stop, endpoint))
+        ticker = asyncio.ensure_future(self._tick(stop))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({receiver, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not receiver.done():
+                if self._idle:
+                    receiver.cancel()  # waiting for a message that nobody needs any more
+                await asyncio.wait({receiver})
+            if not receiver.cancelled() and (error := receiver.exception()) is not None:
+                raise error
+        finally:
+            for task in (receiver, ticker, stopping):
+                task.cancel()
+            await asyncio.gather(receiver, ticker, stopping, return_exceptions=True)
+
+    async def _receive(self, stop: asyncio.Event, endpoint: RouterEndpoint) -> None:
+        while not stop.is_set():
+            self._idle = True
+            identity, frames = await endpoint.recv()
+            self._idle = False
+            try:
+                await self._handle(endpoint, identity, frames)
+            except Exception as exc:  # the last resort: one peer's message never ends us
+                await self._internal_failure(endpoint, identity, exc)
+
+    async def _internal_failure(
+        self, endpoint: RouterEndpoint, identity: bytes, exc: Exception
+    ) -> None:
+        """An error nobody foresaw while handling one message: a log line with the trace,
+        a metric, and an ``internal`` error reply to an authenticated peer (a stranger gets
+        nothing). The worker goes on serving everyone else."""
+        self.metrics.record_rejected("internal")
+        peer = self.peers.get(identity)
+        log.error(
+            "internal error while handling a message from %s: %s: %s",
+            peer.name if peer else "an unauthenticated peer",
+            type(exc).__name__,
+            str(exc)[:200],
+            exc_info=exc,
+        )
+        if peer is None:
+            return
+        notice = error_message("internal", "the message could not be handled; see the log")
+        try:
+            await self._send(endpoint, identity, peer, notice)
+        except Exception as failure:  # a reply we cannot send is only logged
+            log.warning("could not send the internal error to %s: %s", peer.name, failure)
+
+    async def _tick(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(POLL_MS / 1000)
+            if self._idle:  # never between a message's arrival and its replies
+                self._drop_silent_peers()
+
+    async def _tell_peers_we_stop(self, endpoint: RouterEndpoint) -> None:
+        """A retryable ``shutting_down`` error to every peer: a client waiting for a reply
+        rejoins (with backoff) at once instead of waiting out its whole reply timeout."""
+        notice = error_message(
+            "shutting_down", f"{self.role} is stopping; rejoin when it is back", retryable=True
+        )
+        for identity, peer in list(self.peers.items()):
+            try:
+                await endpoint.send(identity, peer.channel.pack(notice))
+            except (SLError, zmq.ZMQError) as exc:  # best effort: we are going away anyway
+                log.debug("could not tell %s that we stop: %s", peer.name, exc)
+
+    def summary(self) -> dict[str, Any]:
+        return {"role": self.role, "peers": len(self.peers)}
+
+    def _drop_silent_peers(self) -> None:
+        now = time.monotonic()
+        unconfirmed_s = min(self.listen.peer_timeout_s, CONFIRM_TIMEOUT_S)
+        for identity, peer in list(self.peers.items()):
+            limit = self.listen.peer_timeout_s if peer.confirmed else unconfirmed_s
+            if now - peer.last_seen > limit:
+                log.warning("dropping peer %s: silent for %.0fs", peer.name, now - peer.last_seen)
+                self.forget(identity)
+
+    def forget(self, identity: bytes) -> None:
+        peer = self.peers.pop(identity, None)
+        # A session that never proved itself (a replayed hello, a client that vanished
+        # mid-join) owns no engine state: the name's live session keeps its own.
+        if peer is not None and peer.confirmed:
+            self.forget_peer(peer)
+        self.metrics.peers_authenticated.set(len(self.peers))
+        self.metrics.peers_connected.set(len(self.peers))
+
+    async def _handle(self, endpoint: RouterEndpoint, identity: bytes, frames: list[Any]) -> None:
+        buffers = frame_buffers(frames)
+        nbytes = frames_size(frames)
+        if is_handshake(buffers):
+            self.metrics.record_message("received", "hello", nbytes)
+            answer = self._answer_hello(identity, buffers, peer_address(frames))
+            await self._send_raw(endpoint, identity, answer, "welcome")
+            return
+        peer = self.peers.get(identity)
+        if peer is None:
+            self.metrics.record_rejected("unauthenticated")
+            log.warning("rejected a message from an unauthenticated peer (%d bytes)", nbytes)
+            error = UnauthenticatedError("no session: complete the handshake first")
+            await self._send_raw(endpoint, identity, refusal(error), "error")
+            return
+        peer.last_seen = time.monotonic()
+        try:
+            message = peer.channel.unpack(buffers)
+        except CryptoError as exc:
+            self.reject(peer, reject_reason(exc), exc)
+            await self._send_raw(endpoint, identity, refusal(exc), "error")
+            return
+        except ProtocolError as exc:
+            self.reject(peer, reject_reason(exc), exc)
+            await self._send(endpoint, identity, peer, error_message(exc.code, exc.message))
+            return
+        if not peer.confirmed:
+            self._confirm(identity, peer)
+        self.metrics.record_message("received", message.kind.value, nbytes)
+        for target, reply in await self.dispatch(identity, peer, message):
+            receiver = self.peers.get(target)
+            if receiver is not None:
+                await self._send(endpoint, target, receiver, reply)
+        self.after_replies()
+
+    def after_replies(self) -> None:
+        """Work that may wait until this message's replies are on their way."""
+        return None
+
+    def inbox_waiting(self) -> bool:
+        """Whether another message is already queued on the socket."""
+        if self._endpoint is None:
+            return False
+        return bool(self._endpoint.sock.get(zmq.EVENTS) & zmq.POLLIN)
+
+    def reject(self, peer: Peer, reason: str, exc: SLError) -> None:
+        self.metrics.record_rejected(reason)
+        log.warning("rejected message from %s (%s): %s", peer.name, reason, exc.message)
+
+    async def _send(
+        self, endpoint: RouterEndpoint, identity: bytes, peer: Peer, msg: Message
+    ) -> None:
+        frames = peer.channel.pack(msg)
+        nbytes = await endpoint.send(identity, frames)
+        self.metrics.record_message("sent", msg.kind.value, nbytes)
+
+    async def _send_raw(
+        self, endpoint: RouterEndpoint, identity: bytes, frames: list[bytes], kind: str
+    ) -> None:
+        nbytes = await endpoint.send(identity, frames)
+        self.metrics.record_message("sent", kind, nbytes)
+
+    def _answer_hello(self, identity: bytes, buffers: list[Any], source: str) -> list[bytes]:
+        try:
+            if not self.hello_rate.allow(source, time.monotonic()):
+                raise OverloadedError(f"too many hellos from {source}; retry later")
+            reply, session, hello, key = self.handshake.answer(buffers, self.accept)
+        except SLError as exc:
+            result = (
+                "not_admitted"
+                if isinstance(exc, NotAdmittedError)
+                else "version"
+                if isinstance(exc, VersionError)
+                else "bad_handshake"
+            )
+            self.metrics.record_handshake(result)
+            reason = "overloaded" if exc.code == "overloaded" else result
+            reason = "replay" if isinstance(exc, ReplayError) else reason
+            self.metrics.record_rejected(
+                reason if reason in ("not_admitted", "overloaded", "version", "replay") else "other"
+            )
+            log.warning("refused a handshake (%s): %s", result, exc.message)
+            return refusal(exc)
+        # The name comes from the admitted key, never from what the peer claims.
+        name = self.peer_name(hello, key)
+        fp = key_fingerprint(key) if key else "insecure"
+        self.peers[identity] = Peer(name, Channel(session, self.limits), fp)
+        self._bound_unconfirmed(name)
+        self.metrics.record_handshake("ok")
+        self.metrics.peers_authenticated.set(len(self.peers))
+        self.metrics.peers_connected.set(len(self.peers))
+        log.info("peer %s joined (key %s)", name, fp)
+        return reply
+
+    def _confirm(self, identity: bytes, peer: Peer) -> None:
+        """A rejoining peer replaces its old session only once the new one has proved
+        itself with a valid sealed message: a replayed hello cannot evict anybody."""
+        peer.confirmed = True
+        for other_id, other in list(self.peers.items()):
+            if other.name == peer.name and other_id != identity:
+                self.forget(other_id)
+
+    def _bound_unconfirmed(self, name: str) -> None:
+        """Handshakes that never send a message cost bounded memory: at most a few per
+        name (the oldest of the *same* name goes), and :meth:`accept` refuses newcomers
+        when too many names have one pending; nobody's pending handshake is pushed out by
+        another name's."""
+        pending = [i for i, p in self.peers.items() if not p.confirmed and p.name == name]
+        for identity in pending[: max(0, len(pending) - PENDING_PER_NAME)]:
+            self.metrics.record_bound("pending_handshakes")
+            self.forget(identity)

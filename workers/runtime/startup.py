@@ -1,0 +1,83 @@
+"""Pieces every worker shares: keys from config, the ops HTTP server, stop signals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from sl_pipeline.config import OpsConfig, resolve_path
+from sl_pipeline.errors import ConfigError
+from sl_pipeline.keys import KeyPair, load_admitted_keys, load_keypair, load_public_key
+from workers.ops.http import OpsServer, parse_listen
+from workers.ops.metrics import WorkerMetrics
+
+log = logging.getLogger("sl_pipeline")
+
+INSECURE_WARNING = (
+    "INSECURE MODE: activations, gradients and labels cross the network in plaintext and any "
+    "peer may join. Use only for local experiments; remove --insecure and configure keys "
+    "(sl-pipeline keygen / sl-pipeline init) for anything real."
+)
+
+
+def warn_insecure(role: str) -> None:
+    log.warning(INSECURE_WARNING, extra={"role": role})
+
+
+def load_own_key(base: Path, value: str, dotted: str) -> KeyPair:
+    if not value:
+        raise ConfigError(
+            f"{dotted} is not set: encryption needs this worker's private key "
+            "(create one with `sl-pipeline keygen NAME --out DIR`), or pass --insecure"
+        )
+    return load_keypair(resolve_path(base, value, dotted))
+
+
+def load_peer_key(base: Path, value: str, dotted: str) -> bytes:
+    if not value:
+        raise ConfigError(f"{dotted} is not set: pin the peer's public key file (NAME.pub)")
+    return load_public_key(resolve_path(base, value, dotted))
+
+
+def load_admitted(base: Path, value: str, dotted: str) -> dict[bytes, str]:
+    if not value:
+        raise ConfigError(
+            f"{dotted} is not set: list the public keys this worker admits "
+            "(a folder of NAME.pub files, or a file of 'NAME BASE64' lines)"
+        )
+    return load_admitted_keys(resolve_path(base, value, dotted))
+
+
+async def start_ops(
+    cfg: OpsConfig,
+    metrics: WorkerMetrics,
+    status: Callable[[], Mapping[str, Any]],
+    ready: Callable[[], bool],
+    routes: Callable[[Any], None] | None = None,
+) -> OpsServer | None:
+    if not cfg.listen:
+        return None
+    host, port = parse_listen(cfg.listen)
+    ops = OpsServer(metrics, status, ready, host, port, routes, cfg.status_token)
+    try:
+        await ops.start()
+    except OSError as exc:
+        raise ConfigError(
+            f"ops.listen = {cfg.listen!r}: cannot listen there ({exc.strerror or exc}); "
+            "another process holds the port: stop it, or choose another port in [ops] listen"
+        ) from None
+    log.info("ops HTTP listening on %s", ops.url)
+    return ops
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    """SIGTERM/SIGINT set ``stop``: the worker stops intake and drains within a bound."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+            loop.add_signal_handler(sig, stop.set)

@@ -1,0 +1,277 @@
+"""What the server computes for each topology. No sockets here: messages in, messages out.
+
+An engine owns the server's segment(s) and optimizer(s). ``handle`` takes one request from
+one peer and returns the replies to send now, as ``(peer identity, message)`` pairs: most
+requests are answered at once, a vertical party's part waits until every party has sent
+its own. ``steps_applied`` counts optimizer steps, for the exactly-once bookkeeping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sl_pipeline.config import ServerConfig
+from sl_pipeline.errors import ConfigError, ProtocolError, StepLostError
+from sl_pipeline.messages import Kind, Message
+from sl_pipeline.models import make_optimizer, multitask_heads, resolve_device
+from sl_pipeline.tensors import as_input, read_tensor, wire_tensors
+from workers.runtime.bounded import LruTable
+
+Reply = tuple[bytes, Message]
+
+
+def _no_report(table: str) -> None:
+    return None
+
+
+def check_labels(labels: torch.Tensor, batch: int, classes: int) -> torch.Tensor:
+    if labels.dtype not in (torch.int64, torch.int32) or tuple(labels.shape) != (batch,):
+        raise ProtocolError(f"labels must be an int tensor of shape ({batch},)")
+    if batch and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        raise ProtocolError(f"labels must be class indices in [0, {classes})")
+    return labels.to(torch.int64)
+
+
+def run_segment(module: nn.Module, act: torch.Tensor) -> torch.Tensor:
+    try:
+        return module(act)  # type: ignore[no-any-return]
+    except RuntimeError as exc:
+        raise ProtocolError(
+            f"activations of shape {tuple(act.shape)} do not fit the server segment: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+
+
+def _grad_of(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.grad is None:
+        raise ProtocolError("the loss does not depend on a cut tensor; check the model")
+    return tensor.grad
+
+
+class Engine:
+    """Base: one module (possibly several parts), one optimizer; subclasses decide the rest."""
+
+    def __init__(self, module: nn.Module, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.train.device)
+        self.model = module.to(self.device)
+        self.wire_dtype = cfg.train.wire_dtype
+        self.optimizer = make_optimizer(
+            list(module.parameters()), cfg.train.optimizer, cfg.train.lr, cfg.train.momentum
+        )
+        self.steps_applied = 0
+        self.last_loss: float | None = None
+        # Reply-first: the server sets this per request (see ``backprop``).
+        self.defer_updates = False
+        self.deferred_updates = 0  # how many steps replied first (reported in the summary)
+        self.on_bound: Callable[[str], None] = _no_report  # a bounded table was hit
+        self._deferred: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def handle(self, identity: bytes, msg: Message) -> list[Reply]:
+        raise ProtocolError(f"this server does not accept {msg.kind.value} messages")
+
+    def backprop_output(
+        self, msg: Message, out: torch.Tensor, cut: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Apply the gradient of ``out`` that a peer computed (where the loss is not here);
+        returns the gradients at ``cut``."""
+        grad = as_input(read_tensor(msg, "grad"), requires_grad=False, device=self.device)
+        if grad.shape != out.shape:
+            raise ProtocolError(f"gradient shape {tuple(grad.shape)} != output {tuple(out.shape)}")
+        return self.backprop(out, grad, cut)
+
+    def backprop(
+        self,
+        root: torch.Tensor,
+        grad: torch.Tensor | None,
+        cut: list[torch.Tensor],
+        loss: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """This step's update, and the gradients at the ``cut`` tensors (what peers get back).
+
+        With ``defer_updates`` the cut gradients come first (``torch.autograd.grad``, which
+        skips every weight gradient) and the weight gradients and optimizer step wait for
+        :meth:`settle`, which the server calls once the replies have left: the peer's own
+        backward then overlaps our weight-gradient work. The update itself is unchanged,
+        and anything that reads or runs the weights settles first.
+        """
+        self.settle()
+        if self.defer_updates:
+            grads = torch.autograd.grad(root, cut, grad, retain_graph=True)
+            self._deferred = (root, grad)
+            self.deferred_updates += 1
+            self._count_step(loss)
+            return list(grads)
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.autograd.backward(root, grad)
+        self._apply(loss)
+        return [_grad_of(t) for t in cut]
+
+    def settle(self) -> None:
+        """Finish a deferred update: weight gradients (only), then the optimizer step."""
+        if self._deferred is None:
+            return
+        root, grad = self._deferred
+        self._deferred = None
+        self.optimizer.zero_grad(set_to_none=True)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        torch.autograd.backward(root, grad, inputs=params)
+        self.optimizer.step()
+
+    def outputs(self, msg: Message, act: torch.Tensor) -> torch.Tensor:
+        """What the server's layers make of ``act`` (multitask picks the task's head)."""
+        return run_segment(self.model, act)
+
+    def evaluate(self, identity: bytes, msg: Message) -> list[Reply]:
+        self.model.eval()
+        with torch.no_grad():
+            out = self.outputs(msg, as_input(read_tensor(msg, "act"), False, self.device))
+        self.model.train()
+        reply = msg.reply(Kind.RESULT, tensors=wire_tensors("out", out, self.wire_dtype))
+        return [(identity, reply)]
+
+    def forget(self, client: str) -> None:
+        return None
+
+    def relays_only(self, msg: Message) -> bool:
+        """Whether ``msg`` only passes between parties and changes no weights (a vertical
+        PSI post): a peer that joined to infer may send it without starting a run."""
+        return False
+
+    def queue_depth(self) -> int:
+        """Requests waiting for other parties (vertical parts, queued steps, turns)."""
+        return 0
+
+    @property
+    def coordination_version(self) -> int:
+        """Changes when state a client saw changed outside a step (group turns and rounds):
+        the server checkpoints then, as it does after a step."""
+        return 0
+
+    def _apply(self, loss: torch.Tensor | None = None) -> None:
+        self.optimizer.step()
+        self._count_step(loss)
+
+    def _count_step(self, loss: torch.Tensor | None) -> None:
+        self.steps_applied += 1
+        if loss is not None:
+            self.last_loss = float(loss.detach())
+
+    def state_dict(self) -> dict[str, Any]:
+        self.settle()
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class VanillaEngine(Engine):
+    """The server holds the last layers and computes the loss from labels the client sends."""
+
+    def handle(self, identity: bytes, msg: Message) -> list[Reply]:
+        if msg.kind is not Kind.FORWARD:
+            return super().handle(identity, msg)
+        act = as_input(read_tensor(msg, "act"), True, self.device)
+        out = self.outputs(msg, act)
+        labels = check_labels(msg.tensor("labels"), act.shape[0], out.shape[-1])
+        # Mean reduction over the batch: what Opacus' per-sample clipping assumes too.
+        loss = F.cross_entropy(out, labels.to(out.device))
+        (grad,) = self.backprop(loss, None, [act], loss)
+        reply = msg.reply(
+            Kind.BACKWARD,
+            meta={"loss": self.last_loss},
+            tensors=wire_tensors("grad", grad, self.wire_dtype),
+        )
+        return [(identity, reply)]
+
+
+class MiddleEngine(Engine):
+    """U-shaped: the server holds only the middle; labels and loss stay with the client.
+
+    FORWARD(act) -> RESULT(out of the middle); then BACKWARD(grad of out) -> BACKWARD(grad
+    at the client's cut). One step is open at a time: the graph of the open step must not
+    see an optimizer update from another client's step, so other clients' FORWARDs wait
+    (in arrival order) until the open step's BACKWARD has been applied.
+    """
+
+    def __init__(self, module: nn.Module, cfg: ServerConfig) -> None:
+        super().__init__(module, cfg)
+        self._open: tuple[str, int, int, torch.Tensor, torch.Tensor] | None = None
+        self._waiting: LruTable[str, tuple[bytes, Message]] = LruTable(
+            max(1, cfg.server.max_names), lambda: self.on_bound("waiting")
+        )
+
+    def handle(self, identity: bytes, msg: Message) -> list[Reply]:
+        if msg.kind is Kind.FORWARD:
+            if "labels" in msg.tensors:
+                raise ProtocolError(
+                    "u-shaped topology: labels stay at the client; do not send them"
+                )
+            if self._open is not None and self._open[0] != msg.client:
+                # answered when the open step ends; a full queue refuses the newcomer
+                self._waiting.add(msg.client, (identity, msg), "clients waiting for a step")
+                return []
+            return [self._forward(identity, msg)]
+        if msg.kind is Kind.BACKWARD:
+            replies = [(identity, self._backward(msg))]
+            if self._waiting:
+                self.settle()  # the next client's forward must see this step's update
+                client = next(iter(self._waiting))
+                waiting = self._waiting.pop(client)
+                assert waiting is not None
+                replies.append(self._forward(*waiting))
+            return replies
+        return super().handle(identity, msg)
+
+    def _forward(self, identity: bytes, msg: Message) -> Reply:
+        act = as_input(read_tensor(msg, "act"), True, self.device)
+        out = run_segment(self.model, act)
+        self._open = (msg.client, msg.epoch, msg.step, act, out)
+        return identity, msg.reply(Kind.RESULT, tensors=wire_tensors("out", out, self.wire_dtype))
+
+    def _backward(self, msg: Message) -> Message:
+        if self._open is None or self._open[:3] != (msg.client, msg.epoch, msg.step):
+            # this server restarted, or forgot the step with our old session: the client
+            # redoes the step from its forward
+            raise StepLostError("backward for a step this server has no open forward for")
+        _, _, _, act, out = self._open
+        # A bad gradient raises before anything changes and leaves the step open for a resend.
+        (grad,) = self.backprop_output(msg, out, [act])
+        self._open = None
+        return msg.reply(Kind.BACKWARD, tensors=wire_tensors("grad", grad, self.wire_dtype))
+
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    def forget(self, client: str) -> None:
+        self._waiting.pop(client)
+        if self._open is not None and self._open[0] == client:
+            self._open = None  # a waiting client's resend will be served next
+
+
+class MultitaskEngine(VanillaEngine):
+    """One shared trunk, one head per task; each client names its task in ``meta.task``."""
+
+    def __init__(self, trunk: nn.Module, in_features: int, cfg: ServerConfig) -> None:
+        tasks, classes = cfg.server.tasks, cfg.server.task_classes
+        if not tasks or len(tasks) != len(classes):
+            raise ConfigError("multitask: server.tasks and server.task_classes must pair up")
+        self.tasks = list(tasks)
+        self.heads = nn.ModuleList(multitask_heads(cfg.model, in_features, classes))
+        super().__init__(nn.ModuleDict({"trunk": trunk, "heads": self.heads}), cfg)
+        self.trunk = trunk
+
+    def _head(self, msg: Message) -> nn.Module:
+        task = msg.meta.get("task")
+        if task not in self.tasks:
+            raise ProtocolError(f"unknown task {task!r}; this server trains {self.tasks}")
+        return self.heads[self.tasks.index(str(task))]
+
+    def outputs(self, msg: Message, act: torch.Tensor) -> torch.Tensor:
+        return run_segment(self._head(msg), run_segment(self.trunk, act))

@@ -1,0 +1,241 @@
+"""The server's side of training runs: which run a peer trains in, each run's engine and
+saved model, and one live session per client name (see :mod:`workers.server.runs`)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sl_pipeline.config import ServerConfig, resolve_path
+from sl_pipeline.errors import ConfigError, ProtocolError
+from sl_pipeline.messages import Kind
+from workers.ops.metrics import WorkerMetrics
+from workers.runtime.service import Peer
+from workers.server.engines import build_engine
+from workers.server.engines.base import Engine
+from workers.server.replycache import ReplyCache
+from workers.server.runs import FINISHED, STOPPED, Run, RunBook
+
+log = logging.getLogger("sl_pipeline.server")
+
+
+class RunHost:
+    """Mixed into the server worker: the runs it hosts and the peers that train in them."""
+
+    cfg: ServerConfig
+    base: Path
+    metrics: WorkerMetrics
+    peers: dict[bytes, Peer]
+    book: RunBook
+    peer_runs: dict[str, str]  # peer name -> the run it trains in
+    requested: dict[str, str]  # peer name -> the run it asked for ("" = current)
+    _spare: Engine | None  # the first run's engine, or inference's before any run
+    _spare_trained: bool
+
+    def checkpoint(self, force: bool = False) -> None:
+        raise NotImplementedError
+
+    def build_engine(self) -> Engine:
+        """A run's engine, fresh from the model's seed, reporting its bounded tables."""
+        engine = build_engine(self.cfg, self.base)
+        engine.on_bound = self.metrics.record_bound
+        return engine
+
+    def new_replies(self) -> ReplyCache:
+        return ReplyCache(
+            max_names=max(1, self.cfg.server.max_names),
+            on_hit=lambda: self.metrics.record_bound("reply_cache"),
+        )
+
+    def _runs_dir(self) -> Path | None:
+        s = self.cfg.server
+        if s.runs_dir:
+            return resolve_path(self.base, s.runs_dir, "server.runs_dir", must_exist=False)
+        if s.save:
+            return self._save_path().parent / "runs"  # type: ignore[union-attr]
+        return None
+
+    @property
+    def engine(self) -> Engine:
+        """The newest run's engine (before any run: the one a first run will train)."""
+        run = self.book.latest()
+        if run is not None:
+            return self._engine_of(run)
+        assert self._spare is not None
+        return self._spare
+
+    @property
+    def applied_log(self) -> list[list[Any]]:
+        run = self.book.latest()
+        return run.applied_log if run else []
+
+    @property
+    def last_loss(self) -> float | None:
+        run = self.book.latest()
+        return run.last_loss if run else None
+
+    def _new_engine(self) -> Engine:
+        if self._spare is not None and not self._spare_trained:
+            engine, self._spare = self._spare, None
+            return engine
+        return self.build_engine()
+
+    def _engine_of(self, run: Run) -> Engine:
+        """A finished run's model is reloaded from its file when it left memory."""
+        if run.engine is None:
+            engine = self.build_engine()
+            if run.model and Path(run.model).exists():
+                self._load_model(engine, Path(run.model), f"the saved model of run {run.id}")
+            run.engine = engine
+        return run.engine
+
+    def _add_record(self, info: dict[str, Any]) -> Run:
+        run = self.book.add_record(info, None)
+        run.engine = None
+        if run.active and run.model and Path(run.model).exists():
+            self._engine_of(run)  # an interrupted run continues from its last saved weights
+        self.metrics.record_run(run.id, run.steps, run.active)
+        return run
+
+    def _training_run(self, peer: Peer) -> Run:
+        """The run this peer's training message belongs to; a new one when none fits."""
+        run = self.book.runs.get(self.peer_runs.get(peer.name, ""))
+        if run is None:
+            wanted = self.requested.get(peer.name, "")
+            if wanted:
+                run = self.book.runs.get(wanted) or self._start_run(wanted)
+            else:
+                run = self.book.current_for(peer.name) or self._start_run(self.book.next_id())
+            self.peer_runs[peer.name] = run.id
+        if not run.active:
+            error = ProtocolError(
+                f"run {run.id!r} has {run.state}; start the client again to begin a new run "
+                "(or name one with [client] run)"
+            )
+            error.code = "run_ended"
+            raise error
+        return run
+
+    def _start_run(self, run_id: str) -> Run:
+        run = self.book.start(run_id, self._new_engine(), self.new_replies())
+        self.metrics.record_run(run.id, 0, True)
+        return run
+
+    def _inference_engine(self, peer: Peer) -> Engine:
+        """Evaluation and prediction: the peer's run, the run it names, else the newest."""
+        name = self.peer_runs.get(peer.name) or self.requested.get(peer.name, "")
+        run = self.book.runs.get(name) if name else self.book.latest()
+        if run is None:
+            if name:
+                raise ProtocolError(f"no run {name!r} on this server; `runs list` shows them")
+            return self.engine
+        return self._engine_of(run)
+
+    def end_run(self, run: Run, state: str = FINISHED) -> None:
+        """Save the run's model, record it as ended and checkpoint that."""
+        engine = self._engine_of(run)
+        engine.settle()
+        path = self.book.model_path(run)
+        if path is not None and run.steps:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(engine.model.state_dict(), path)
+            run.model = str(path)
+        self._save_latest(engine)
+        self.book.end(run, state)
+        for name in [n for n, r in self.peer_runs.items() if r == run.id]:
+            del self.peer_runs[name]
+        self.metrics.record_run(run.id, run.steps, False)
+        self.checkpoint(force=True)
+        info = run.info()
+        loss = "n/a" if run.last_loss is None else f"{run.last_loss:.4f}"
+        log.info(
+            "run %s %s: %d steps by %s in %.1fs, last loss %s; model %s",
+            run.id,
+            state,
+            run.steps,
+            ", ".join(info["clients"]) or "no client",
+            info["duration_s"],
+            loss,
+            run.model or "not saved (set server.save or server.runs_dir)",
+        )
+
+    def stop_run(self, run_id: str) -> Run:
+        run = self.book.get(run_id)
+        if run.active:
+            log.warning("run %s stopped by an operator", run.id)
+            self.end_run(run, STOPPED)
+        return run
+
+    def _save_path(self) -> Path | None:
+        if not self.cfg.server.save:
+            return None
+        return resolve_path(self.base, self.cfg.server.save, "server.save", must_exist=False)
+
+    def _load_model(self, engine: Engine, path: Path, what: str) -> None:
+        try:
+            engine.model.load_state_dict(torch.load(path, weights_only=True))
+        except (RuntimeError, KeyError, OSError, EOFError) as exc:
+            raise ConfigError(
+                f"{what} ({path}) does not fit this server's model: {first_line(exc)}; "
+                "use the [model] section it was trained with, or move the file away"
+            ) from None
+
+    def _load_saved(self, engine: Engine) -> bool:
+        path = self._save_path()
+        if path is None or not path.exists():
+            return False
+        self._load_model(engine, path, f"server.save = {self.cfg.server.save!r}")
+        log.info("loaded the server segment from %s", path)
+        return True
+
+    def _save_latest(self, engine: Engine) -> None:
+        """``server.save`` always holds the newest run's segment."""
+        path = self._save_path()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(engine.model.state_dict(), path)
+
+    def _check_name_free(self, name: str, hello: dict[str, Any]) -> None:
+        """Refuse a second live session under one name; a restarted client may take over."""
+        live = [p for p in self.peers.values() if p.name == name and p.confirmed]
+        if not live or hello.get("role") == "relay":  # a restarted relay rejoins at once
+            return
+        silent = time.monotonic() - max(p.last_seen for p in live)
+        if hello.get("takeover"):
+            log.warning("%s takes over the session of its name (deliberate takeover)", name)
+            return
+        if silent >= self.cfg.server.takeover_after_s:
+            return  # the old session is silent: presumed gone (killed, cut off)
+        run = self.book.runs.get(self.peer_runs.get(name, ""))
+        resume = hello.get("resume")
+        newest = run.replies.newest(name, Kind.FORWARD.value) if run else None
+        if resumes_within(resume, newest):
+            log.warning("%s resumes from its checkpoint: replacing its old session", name)
+            return
+        where = f" in run {run.id}" if run else ""
+        error = ProtocolError(
+            f"client name {name!r} is in use: another session under it sent a message "
+            f"{silent:.1f}s ago{where}. Stop the other client (or wait "
+            f"{self.cfg.server.takeover_after_s:g}s after it died), or start this one with "
+            "--takeover to replace it"
+        )
+        error.code = "name_in_use"
+        raise error
+
+
+def resumes_within(resume: Any, newest: tuple[int, int] | None) -> bool:
+    """Whether a hello's resume point is one this server has applied (a restarted client)."""
+    if newest is None or not isinstance(resume, list) or len(resume) != 2:
+        return False
+    try:
+        return (int(resume[0]), int(resume[1])) <= newest
+    except (TypeError, ValueError):
+        return False
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

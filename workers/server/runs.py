@@ -1,0 +1,231 @@
+"""Training runs on a long-lived server: which run a client trains in, and what each keeps.
+
+A server process hosts runs one after another, or several at once: each run has an id, its
+own engine (model and optimizer, built fresh from the model's seed), its own reply cache
+(so a new run's step (0, 0) is never "older than the steps this server remembers"), its own
+applied-step log and, once it ends, its own saved model. Runs never share state, so a run
+that starts while another is active is isolated from it; ``max_runs`` bounds how many are
+active at once (a client asking for one more is refused as ``overloaded`` and retries,
+which queues it).
+
+A client names its run (``[client] run``) or takes the server's current one: the newest
+active run it has not already finished, else a new run with the next ``run-N`` id. A run
+ends when ``run_clients`` of its clients (every client that trained in it, when 0) said
+they finished, or when an operator stops it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sl_pipeline.errors import ConfigError, OverloadedError, ProtocolError
+from workers.server.engines.base import Engine
+from workers.server.replycache import ReplyCache
+
+log = logging.getLogger("sl_pipeline.server")
+
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+ACTIVE, FINISHED, STOPPED = "active", "finished", "stopped"
+KEEP_ENGINES = 3  # finished runs whose model stays in memory (older ones reload from disk)
+
+
+def check_run_id(value: str, where: str) -> str:
+    """A run id is also a folder name: letters, digits, '_', '.', '-' only."""
+    if not RUN_ID.fullmatch(value):
+        raise ConfigError(
+            f"{where} = {value!r} is not a valid run id; use 1-64 letters, digits, '_', '.', '-' "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+@dataclass
+class Run:
+    id: str
+    engine: Engine | None
+    replies: ReplyCache = field(default_factory=ReplyCache)
+    state: str = ACTIVE
+    members: set[str] = field(default_factory=set)  # clients that trained in it
+    done: set[str] = field(default_factory=set)  # clients that said they finished
+    steps: int = 0
+    applied_log: list[list[Any]] = field(default_factory=list)  # [client, epoch, step]
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+    last_loss: float | None = None
+    model: str = ""  # where its saved model lies, once saved
+    epochs: dict[str, int] = field(default_factory=dict)  # each client's newest epoch (0-based)
+    client_steps: dict[str, int] = field(default_factory=dict)  # steps applied per client
+
+    @property
+    def active(self) -> bool:
+        return self.state == ACTIVE
+
+    def info(self) -> dict[str, Any]:
+        """What ``runs list`` and ``runs status`` show (JSON-able, no tensors)."""
+        end = self.ended if self.ended is not None else time.time()
+        return {
+            "id": self.id,
+            "state": self.state,
+            "clients": sorted(self.members),
+            "finished_clients": sorted(self.done),
+            "steps": self.steps,
+            "last_loss": self.last_loss,
+            "started": self.started,
+            "ended": self.ended,
+            "duration_s": round(end - self.started, 3),
+            "model": self.model,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpoint form: an active run's engine and cache; an ended run's record (and, for
+        the newest, the applied-step log)."""
+        out: dict[str, Any] = {**self.info(), "members": sorted(self.members)}
+        out["done"] = sorted(self.done)
+        if self.active and self.engine is not None:
+            out["engine"] = self.engine.state_dict()
+            out["replies"] = self.replies.entries()
+        if self.applied_log:  # kept for the newest runs only (see RunBook.end)
+            out["applied_log"] = encode_log(self.applied_log)
+        return out
+
+
+def encode_log(entries: list[list[Any]]) -> dict[str, Any]:
+    """The applied-step log as names plus one int tensor: a checkpoint per step stays cheap
+    on a run of many thousand steps (a list of lists would be pickled entry by entry)."""
+    names = sorted({str(e[0]) for e in entries})
+    index = {n: i for i, n in enumerate(names)}
+    rows = torch.tensor([[index[str(c)], int(e), int(s)] for c, e, s in entries], dtype=torch.long)
+    return {"clients": names, "rows": rows.reshape(-1, 3)}
+
+
+def decode_log(state: Any) -> list[list[Any]]:
+    if isinstance(state, list):  # checkpoints written before runs existed
+        return [list(e) for e in state]
+    names = list(state["clients"])
+    return [[names[c], e, s] for c, e, s in state["rows"].tolist()]
+
+
+class RunBook:
+    """Every run this server hosts, in start order; the newest last."""
+
+    def __init__(self, runs_dir: Path | None, max_runs: int, run_clients: int) -> None:
+        self.dir = runs_dir
+        self.max_runs = max(1, max_runs)
+        self.run_clients = run_clients
+        self.runs: dict[str, Run] = {}
+
+    # ---- lookup --------------------------------------------------------------------------
+    def latest(self) -> Run | None:
+        return next(reversed(self.runs.values()), None)
+
+    def active(self) -> list[Run]:
+        return [r for r in self.runs.values() if r.active]
+
+    def current_for(self, name: str) -> Run | None:
+        """The run a client without a run name trains in: the newest active run it has not
+        finished itself; None means a new run."""
+        for run in reversed(self.runs.values()):
+            if run.active and name not in run.done:
+                return run
+        return None
+
+    def get(self, run_id: str) -> Run:
+        run = self.runs.get(run_id)
+        if run is None:
+            known = ", ".join(list(self.runs)[-5:]) or "none yet"
+            raise ProtocolError(f"no run {run_id!r} on this server (latest runs: {known})")
+        return run
+
+    def next_id(self) -> str:
+        numbers = [int(m.group(1)) for r in self.runs if (m := re.fullmatch(r"run-(\d+)", r))]
+        return f"run-{max(numbers, default=0) + 1}"
+
+    def check_capacity(self) -> None:
+        if len(self.active()) >= self.max_runs:
+            raise OverloadedError(
+                f"{len(self.active())} runs are active (server.max_runs = {self.max_runs}); "
+                "this run waits until one ends"
+            )
+
+    # ---- changes -------------------------------------------------------------------------
+    def start(self, run_id: str, engine: Engine, replies: ReplyCache) -> Run:
+        self.check_capacity()
+        run = Run(run_id, engine, replies)
+        self.runs[run_id] = run
+        log.info("run %s started", run_id)
+        self.write_index()
+        return run
+
+    def ready_to_finish(self, run: Run) -> bool:
+        if not run.active:
+            return False
+        if self.run_clients:
+            return len(run.done) >= self.run_clients
+        return bool(run.members) and run.members <= run.done
+
+    def end(self, run: Run, state: str) -> None:
+        run.state, run.ended = state, time.time()
+        self._drop_old_engines()
+        self.write_index()
+
+    def _drop_old_engines(self) -> None:
+        """Finished runs whose model is on disk need not stay in memory."""
+        ended = [r for r in self.runs.values() if not r.active]
+        for run in ended[:-KEEP_ENGINES]:
+            run.applied_log = []
+            if run.model and Path(run.model).exists():
+                run.engine = None
+
+    def model_path(self, run: Run) -> Path | None:
+        return None if self.dir is None else self.dir / run.id / "server.pt"
+
+    # ---- persistence ---------------------------------------------------------------------
+    def write_index(self) -> None:
+        """``runs.json`` in the runs folder: what ``runs list`` shows, across restarts."""
+        if self.dir is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / ".runs.json.tmp"
+        tmp.write_text(json.dumps([r.info() for r in self.runs.values()], indent=1))
+        os.replace(tmp, self.dir / "runs.json")
+
+    def read_index(self) -> list[dict[str, Any]]:
+        path = None if self.dir is None else self.dir / "runs.json"
+        if path is None or not path.exists():
+            return []
+        try:
+            entries = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(
+                f"{path} cannot be read ({exc}); move it away to start a fresh list of runs"
+            ) from None
+        return [e for e in entries if isinstance(e, dict) and "id" in e]
+
+    def add_record(self, info: dict[str, Any], engine: Engine | None) -> Run:
+        """A run known from ``runs.json`` or a checkpoint (engine state loaded by the caller)."""
+        run = Run(
+            str(info["id"]),
+            engine,
+            state=str(info.get("state", FINISHED)),
+            members=set(info.get("members", info.get("clients", []))),
+            done=set(info.get("done", info.get("finished_clients", []))),
+            steps=int(info.get("steps", 0)),
+            started=float(info.get("started") or time.time()),
+            ended=info.get("ended"),
+            last_loss=info.get("last_loss"),
+            model=str(info.get("model", "")),
+        )
+        self.runs[run.id] = run
+        return run
+
+
+__all__ = ["ACTIVE", "FINISHED", "STOPPED", "Run", "RunBook", "check_run_id"]

@@ -1,0 +1,396 @@
+"""The server worker: a long-lived asyncio service on a ZeroMQ ROUTER socket.
+
+It admits authenticated clients, holds the server segment(s) of each training run in a
+topology engine (see :mod:`workers.server.runs`: one process serves run after run), answers each
+FORWARD with the cut-layer gradient, and keeps serving the others when one misbehaves or
+vanishes. Replies to retransmitted steps come from the run's cache, so a step is never
+applied twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from privacy.config import PrivacyConfig
+from sl_pipeline.config import ServerConfig, resolve_path
+from sl_pipeline.errors import ConfigError, OverloadedError, ProtocolError
+from sl_pipeline.messages import Kind, Message, error_message
+from sl_pipeline.models import fingerprint
+from workers.ops.metrics import WorkerMetrics
+from workers.runtime.checkpoint import CheckpointStore, restore_rng, rng_state
+from workers.runtime.service import Listen, Peer, Replies, RouterService, reject_reason
+from workers.server.engines.base import Engine
+from workers.server.runhost import RunHost, first_line
+from workers.server.runs import ACTIVE, Run, RunBook, check_run_id, decode_log
+from workers.server.runs_api import RunApi, read_token
+
+log = logging.getLogger("sl_pipeline.server")
+QUIET_CODES = ("stale_step", "run_ended")  # a client's mistake to explain, not an attack
+
+
+class ServerWorker(RunHost, RouterService):
+    role = "server"
+
+    def __init__(self, cfg: ServerConfig, base: Path, metrics: WorkerMetrics | None = None) -> None:
+        s = cfg.server
+        listen = Listen(
+            s.bind,
+            s.key,
+            s.admitted,
+            s.insecure,
+            s.max_clients,
+            s.client_timeout_s,
+            "server",
+            frozenset(s.relays),
+            s.hellos_per_s,
+            s.hello_burst,
+        )
+        super().__init__(
+            listen,
+            cfg.ops,
+            cfg.limits.to_limits(),
+            base,
+            fingerprint(cfg.model, s.topology),
+            metrics,
+        )
+        self.cfg = cfg
+        PrivacyConfig.from_mapping(cfg.privacy).check_placement(
+            s.topology, server=True, holds_labels=not s.label_holder
+        )
+        self.book = RunBook(self._runs_dir(), s.max_runs, s.run_clients)
+        self.peer_runs: dict[str, str] = {}  # peer name -> the run it trains in
+        self.requested: dict[str, str] = {}  # peer name -> the run it asked for ("" = current)
+        self.inferring: set[str] = set()  # peers whose hello said they only infer
+        self.steps_applied = 0  # over every run: the checkpoints' step number
+        self.from_cache = 0
+        assert self.metrics.clients is not None  # a server's metrics have them
+        self.clients = self.metrics.clients  # per-client series, visible after they exit
+        self._spare: Engine | None = self.build_engine()  # the first run's, or inference's
+        self._spare_trained = self._load_saved(self._spare)
+        self._settle_next: Engine | None = None
+        for info in self.book.read_index():
+            self._add_record(info)
+        self.admin_token = read_token(base, cfg.ops.admin_token) if cfg.ops.admin_token else None
+        self.ckpt = self._checkpoint_store()
+        self.resumed_from = self._restore() if self.ckpt else 0
+        self._saved_at = self.steps_applied
+        self._saved_versions = self._versions()
+
+    def ops_routes(self) -> Callable[[Any], None]:
+        return RunApi(self, self.admin_token).add_routes
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def _checkpoint_store(self) -> CheckpointStore | None:
+        c = self.cfg.checkpoint
+        if not c.dir:
+            return None
+        directory = resolve_path(self.base, c.dir, "checkpoint.dir", must_exist=False)
+        return CheckpointStore(directory, keep=max(1, c.keep), prefix="server", fsync=c.fsync)
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fingerprint,
+            "steps_applied": self.steps_applied,
+            "rng": rng_state(),
+            "runs": [run.state_dict() for run in self.book.runs.values()],
+        }
+
+    def _restore(self) -> int:
+        assert self.ckpt is not None
+        found = self.ckpt.load_latest()
+        if found is None:
+            return 0
+        state, path = found
+        if state.get("fingerprint") != self.fingerprint:
+            raise ConfigError(
+                f"checkpoint {path} is for another model or topology; "
+                "point checkpoint.dir elsewhere or remove it"
+            )
+        self.steps_applied = int(state["steps_applied"])
+        restore_rng(state["rng"])
+        self.book.runs.clear()
+        records = state.get("runs")
+        if records is None:  # written before runs existed: one active run
+            records = [{"id": "run-1", "state": ACTIVE, **state}]
+        for record in records:
+            self._restore_run(record, path)
+        log.info("resumed from checkpoint %s at %d applied steps", path, self.steps_applied)
+        return self.steps_applied
+
+    def _restore_run(self, record: dict[str, Any], path: Path) -> None:
+        run = self._add_record(record)
+        if "engine" in record:
+            engine = run.engine or self._new_engine()
+            try:
+                engine.load_state_dict(record["engine"])
+            except (RuntimeError, KeyError, ValueError) as exc:
+                raise ConfigError(
+                    f"checkpoint {path} does not fit this server's model ({first_line(exc)}); "
+                    "point checkpoint.dir elsewhere or remove it"
+                ) from None
+            run.engine = engine
+            engine.steps_applied = run.steps
+        if "replies" in record:
+            run.replies.load(record["replies"])
+        if "applied_log" in record:
+            run.applied_log = decode_log(record["applied_log"])
+
+    def _versions(self) -> list[tuple[str, int]]:
+        """Where each active run's group coordination stands (turns, rounds)."""
+        return [
+            (r.id, r.engine.coordination_version)
+            for r in self.book.active()
+            if r.engine is not None
+        ]
+
+    def checkpoint(self, force: bool = False) -> None:
+        versions = self._versions()
+        changed = self.steps_applied != self._saved_at or versions != self._saved_versions
+        if self.ckpt is not None and (force or changed):
+            self.ckpt.save(self._state(), self.steps_applied)
+            self._saved_at, self._saved_versions = self.steps_applied, versions
+            self.metrics.checkpoints_total.inc()
+
+    async def on_stop(self) -> None:
+        for run in self.book.active():
+            engine = self._engine_of(run)
+            engine.settle()
+            path = self.book.model_path(run)
+            if path is not None and run.steps:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(engine.model.state_dict(), path)
+                run.model = str(path)
+        self.book.write_index()
+        self.checkpoint()
+        latest = self.book.latest()
+        if latest is not None and latest.steps:
+            self._save_latest(self._engine_of(latest))
+        runs = len(self.book.runs)
+        log.info("server stopped after %d applied steps in %d runs", self.steps_applied, runs)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "role": "server",
+            "steps_applied": self.steps_applied,
+            "peers": len(self.peers),
+            "runs": [run.id for run in self.book.runs.values()],
+            "resumed_from": self.resumed_from,
+            "answered_from_cache": self.from_cache,
+            "replied_first": sum(
+                r.engine.deferred_updates for r in self.book.runs.values() if r.engine
+            ),
+        }
+
+    def status(self) -> dict[str, Any]:
+        latest = self.book.latest()
+        return {
+            **super().status(),
+            "topology": self.cfg.server.topology,
+            "steps_applied": self.steps_applied,
+            "last_loss": self.last_loss,
+            "current_run": latest.id if latest else None,
+            "runs": [r.info() for r in list(self.book.runs.values())[-5:]],
+        }
+
+    # ---- peers ---------------------------------------------------------------------------
+    def accept(self, hello: dict[str, Any], key: bytes | None) -> dict[str, Any]:
+        """The welcome carries the run and where it stands for the client (the resume exchange)."""
+        welcome = super().accept(hello, key)
+        name = self.peer_name(hello, key)
+        wanted = str(hello.get("run") or "")
+        if wanted:
+            try:
+                check_run_id(wanted, "client.run")
+            except ConfigError as exc:
+                raise ProtocolError(exc.message) from None
+        self._check_name_free(name, hello)
+        bound = self.book.runs.get(self.peer_runs.get(name, ""))
+        if bound is None or not bound.active or wanted not in ("", bound.id):
+            self.peer_runs.pop(name, None)
+            bound = self.book.runs.get(wanted) if wanted else self.book.current_for(name)
+        if hello.get("intent", "train") == "train":
+            if bound is not None and not bound.active:
+                raise ProtocolError(
+                    f"run {wanted!r} has {bound.state}; name a new run ([client] run) to train"
+                )
+            if bound is None:
+                bound = self._start_run(wanted or self.book.next_id())
+            self.peer_runs[name] = bound.id
+        self.requested[name] = wanted
+        if hello.get("intent", "train") == "train":
+            self.inferring.discard(name)
+        else:
+            self.inferring.add(name)
+        self.clients.joined(name)
+        last = bound.replies.newest(name, Kind.FORWARD.value) if bound else None
+        return {
+            **welcome,
+            "topology": self.cfg.server.topology,
+            "applied": list(last) if last else None,
+            "run": bound.id if bound else None,
+            # a client keeps undo points for what a crash between checkpoints may lose
+            "checkpoint_every": max(1, self.cfg.checkpoint.every_steps) if self.ckpt else 1,
+        }
+
+    def forget_peer(self, peer: Peer) -> None:
+        self.clients.left(peer.name)
+        run = self.book.runs.get(self.peer_runs.get(peer.name, ""))
+        if run is not None and run.engine is not None:
+            run.engine.forget(peer.name)
+
+    def _can_reply_first(self) -> bool:
+        """Defer weight gradients past the reply only when it costs nobody anything: no
+        checkpoint is due with this step (it must hold the update before the reply leaves)
+        and no other request is waiting (the deferred work would delay it)."""
+        if not self.cfg.server.reply_first or self.inbox_waiting():
+            return False
+        due = self.steps_applied + 1 - self._saved_at >= max(1, self.cfg.checkpoint.every_steps)
+        return self.ckpt is None or not due
+
+    def after_replies(self) -> None:
+        self._settle()
+
+    def _settle(self) -> None:
+        engine, self._settle_next = self._settle_next, None
+        if engine is not None:
+            engine.settle()
+
+    async def dispatch(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
+        self._settle()  # no request ever sees weights without the last update
+        msg = Message(
+            kind=msg.kind,
+            session=msg.session,
+            client=self.speaker(peer, msg),
+            epoch=msg.epoch,
+            step=msg.step,
+            meta=msg.meta,
+            tensors=msg.tensors,
+        )
+        try:
+            if msg.kind in (Kind.FORWARD, Kind.BACKWARD, Kind.WEIGHTS):
+                if peer.name in self.inferring and peer.name not in self.peer_runs:
+                    return self._infer_side(identity, peer, msg)
+                return self._train(identity, peer, msg)
+            if msg.kind in (Kind.EVALUATE, Kind.PREDICT):
+                return self._inference_engine(peer).evaluate(identity, msg)
+            if msg.kind is Kind.HEARTBEAT:
+                return [(identity, msg.reply(Kind.HEARTBEAT))]
+            if msg.kind is Kind.BYE:
+                self._bye(identity, peer, msg)
+                return []
+            raise ProtocolError(f"a server does not accept {msg.kind.value} messages")
+        except ProtocolError as exc:
+            if exc.code in QUIET_CODES:
+                log.warning("%s: %s", msg.client, exc.message)
+            else:
+                self.reject(peer, reject_reason(exc), exc)
+            retry = isinstance(exc, OverloadedError)
+            return [(identity, error_message(exc.code, exc.message, retryable=retry, request=msg))]
+
+    def _infer_side(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
+        """A peer that joined to infer trains nothing and starts no run: what it may send
+        besides EVALUATE/PREDICT (a PSI post to align rows first) goes to the engine it
+        infers with, so the parties of a vertical predict meet the trained model."""
+        engine = self._inference_engine(peer)
+        if not engine.relays_only(msg):
+            raise ProtocolError(
+                f"{peer.name} joined to infer (its hello said so) and cannot send "
+                f"{msg.kind.value} messages; start it with epochs left to train"
+            )
+        return engine.handle(identity, msg)
+
+    def _bye(self, identity: bytes, peer: Peer, msg: Message) -> None:
+        run = self.book.runs.get(self.peer_runs.get(peer.name, ""))
+        if run is not None and msg.meta.get("finished") and msg.client in run.members:
+            run.done.add(msg.client)
+            accuracy = msg.meta.get("accuracy")
+            self.clients.done(msg.client, accuracy if isinstance(accuracy, float) else None)
+            log.info("%s finished its part of run %s", msg.client, run.id)
+            if self.book.ready_to_finish(run):
+                self.end_run(run)
+        if msg.client == peer.name:  # a relay's client leaving is not the relay leaving
+            log.info("client %s said bye after %d steps", peer.name, peer.applied)
+            self.forget(identity)
+
+    def _train(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
+        """Apply a step at most once: a retransmitted request gets the cached reply."""
+        run = self._training_run(peer)
+        step = (msg.epoch, msg.step)
+        cached = run.replies.get(msg.client, msg.kind.value, step)
+        if cached is not None:
+            log.info("%s resent %s %s: answering from cache", msg.client, msg.kind.value, step)
+            self.from_cache += 1
+            return [(identity, cached)]
+        newest = run.replies.newest(msg.client, msg.kind.value)
+        if msg.kind is Kind.FORWARD and newest is not None and step < newest:
+            error = ProtocolError(
+                f"step {step} is older than the steps run {run.id} applied for {msg.client} "
+                f"(up to {newest}): resume the client from its checkpoint ([checkpoint] dir), "
+                "or train a new run ([client] run = a new name)"
+            )
+            error.code = "stale_step"
+            raise error
+        if msg.client not in run.members:
+            run.members.add(msg.client)
+            self.clients.started(msg.client)
+        if msg.kind is Kind.FORWARD and run.epochs.get(msg.client, -1) < msg.epoch:
+            run.epochs[msg.client] = msg.epoch
+            loss = "n/a" if run.last_loss is None else f"{run.last_loss:.4f}"
+            log.info(
+                "run %s: %s is in epoch %d (%d steps applied in the run, last loss %s)",
+                run.id,
+                msg.client,
+                msg.epoch + 1,
+                run.steps,
+                loss,
+            )
+        engine = self._engine_of(run)
+        before = engine.steps_applied
+        engine.defer_updates = self._can_reply_first()
+        self._settle_next = engine
+        start = time.perf_counter()
+        replies = engine.handle(identity, msg)
+        self.metrics.server_compute_seconds.observe(time.perf_counter() - start)
+        self.metrics.queue_depth.set(engine.queue_depth())
+        self.metrics.epoch.set(msg.epoch + 1)
+        for _, reply in replies:
+            if reply.kind is not Kind.ERROR:
+                kind = msg.kind.value if reply.client == msg.client else _answers(reply)
+                run.replies.put(reply.client, kind, (reply.epoch, reply.step), reply)
+        applied = engine.steps_applied - before
+        if applied:
+            self._count_applied(run, peer, replies, applied, engine)
+        if self._versions() != self._saved_versions:
+            self.checkpoint()  # a turn or a round moved on: durable before anyone hears of it
+        return replies
+
+    def _count_applied(
+        self, run: Run, peer: Peer, replies: Replies, applied: int, engine: Engine
+    ) -> None:
+        for _, r in replies:
+            if r.kind is Kind.BACKWARD:
+                run.applied_log.append([r.client, r.epoch, r.step])
+                run.client_steps[r.client] = run.client_steps.get(r.client, 0) + 1
+                self.clients.stepped(r.client, run.client_steps[r.client], r.epoch)
+        peer.applied += 1
+        run.steps += applied
+        self.steps_applied += applied
+        self.metrics.record_step(self.steps_applied)
+        self.metrics.record_run(run.id, run.steps, True)
+        if engine.last_loss is not None:
+            run.last_loss = engine.last_loss
+            self.metrics.train_loss.set(run.last_loss)
+        if self.steps_applied - self._saved_at >= max(1, self.cfg.checkpoint.every_steps):
+            self.checkpoint()  # before any reply leaves: what a client saw is durable
+
+
+def _answers(reply: Message) -> str:
+    """The request kind a reply to *another* client answers: its waiting WEIGHTS request
+    (a round-robin turn), else its waiting FORWARD (a vertical part, a queued u-shaped step)."""
+    return Kind.WEIGHTS.value if reply.kind is Kind.WEIGHTS else Kind.FORWARD.value

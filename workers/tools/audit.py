@@ -1,0 +1,467 @@
+"""`sl-pipeline audit`: train a deployment in one process, then attack what it sent.
+
+The harness runs the server (plus a relay for multihop) and every client in one event loop
+over real encrypted loopback sockets, keeps the worker objects, records what crossed the wire
+(every release by sample id, the gradients each party got, the outputs feature parties got at
+evaluation), and measures, each attack with its threat model (:mod:`privacy.threats`):
+
+* ``dcor``: dCor between a client's test inputs and one defended release of them;
+* reconstruction: the tuned decoder (:mod:`privacy.reconstruction`) trained on the client's
+  *train* split inverts the averaged releases of its *test* rows, beside trivial baselines,
+  with intervals over attacker seeds; UnSplit (:mod:`privacy.unsplit`) for images;
+* labels: cross-epoch norm/direction attacks (vertical feature parties; the u-shaped server,
+  plus clustering), evaluation outputs, model completion (:mod:`privacy.label_attacks`);
+* the hijack detector on the honest cut gradients, and optionally FSHA and the canary audit;
+* the epsilons, per mechanism (never one reported as another), releases counted on the wire.
+
+A SIGTERM/SIGINT during training ends the audit with :class:`AuditIncomplete` (no figures).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sl_pipeline.config import (
+    TOPOLOGIES,
+    ClientConfig,
+    RelayConfig,
+    ServerConfig,
+    load,
+    parse_override,
+)
+from sl_pipeline.errors import ConfigError, SLError, TransportError
+from sl_pipeline.messages import Kind
+from sl_pipeline.tensors import read_tensor
+from workers.client.worker import ClientWorker
+from workers.relay import RelayWorker
+from workers.server.worker import ServerWorker
+from workers.tools.audit_hijack import attach_scrutinizer
+from workers.tools.audit_measures import (
+    ATTACK_SEEDS,
+    Grads,
+    Outputs,
+    Trained,
+    measure,
+    snapshot_encoders,
+)
+from workers.tools.localdeploy import DATASETS, init_deployment
+
+SERVER_PREFIXES = ("privacy.label.", "server.")
+CLIENT_PREFIXES = ("privacy.", "client.", "data.")
+SHARED_PREFIXES = ("train.", "model.")
+STOP_TIMEOUT_S = 15.0
+DEFAULT_TIMEOUT_S = 900.0
+# Figures depend on torch's intra-op thread count (reductions are split differently), so an
+# audit always runs with this many threads, whoever calls it, and restores the caller's count.
+AUDIT_THREADS = 1
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def split_overrides(sets: Sequence[str], topology: str = "vertical") -> tuple[list[str], list[str]]:
+    """Route ``KEY=VALUE`` overrides: label protection to the label holder (the server in
+    vertical, the clients in ushaped), ``server.*`` to the server, other
+    ``privacy.*``/``client.*``/``data.*`` to the clients, ``train.*`` and ``model.*`` to both.
+    Anything else is refused by name."""
+    from privacy.config import LABEL_HOLDERS
+
+    client: list[str] = []
+    server: list[str] = []
+    for text in sets:
+        path, _ = parse_override(text)
+        key = ".".join(path) + "."
+        if key.startswith("privacy.label.") and LABEL_HOLDERS.get(topology) == "client":
+            client.append(text)
+        elif key.startswith(SHARED_PREFIXES):
+            client.append(text)
+            server.append(text)
+        elif key.startswith(SERVER_PREFIXES):
+            server.append(text)
+        elif key.startswith(CLIENT_PREFIXES):
+            client.append(text)
+        else:
+            raise ConfigError(
+                f"--set {text!r}: key {'.'.join(path)!r} cannot be routed; use privacy.*, "
+                "train.*, model.*, client.*, data.* or server.*"
+            )
+    return client, server
+
+
+class AuditIncomplete(SLError):
+    """Training was stopped by a signal: the figures would describe a truncated run."""
+
+    code = "incomplete"
+    exit_code = 128 + signal.SIGTERM
+
+    def __init__(self, message: str, signum: int | None = None) -> None:
+        super().__init__(message, hint="rerun the audit to completion for figures")
+        if signum is not None:
+            self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int = AUDIT_THREADS) -> Iterator[None]:
+    """Run the block with ``threads`` torch threads, then restore the caller's count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _seed_workers(server: ServerWorker, clients: Sequence[ClientWorker], seed: int) -> None:
+    """Give every noise source its own seeded generator: several workers share this process,
+    and the order in which they draw from the global RNG depends on socket timing."""
+    for index, client in enumerate(clients, start=1):
+        runner: Any = client.runner
+        defense = runner.defense
+        for part in getattr(defense, "defenses", (defense,)):
+            if hasattr(part, "generator"):
+                part.generator = torch.Generator().manual_seed(seed * 1000 + index)
+        if runner.dp is not None:  # Opacus' noise and Poisson sampler
+            runner.dp.optimizer.generator = torch.Generator().manual_seed(seed * 1000 + 100 + index)
+            sampler: Any = getattr(runner.dp.data_loader, "batch_sampler", None)
+            if hasattr(sampler, "generator"):
+                sampler.generator = torch.Generator().manual_seed(seed * 1000 + 200 + index)
+    if hasattr(server.engine, "label_generator"):  # vertical: each party's protection
+        server.engine.label_generator = torch.Generator().manual_seed(seed * 1000)
+
+
+def _count_releases(client: ClientWorker, outputs: Outputs) -> Counter[int]:
+    """Count, per sample id, every activation this client puts on the wire: training forwards
+    (``forward_message``) and evaluation passes (``_infer``), on this instance only. A party
+    without labels also keeps the outputs it receives at evaluation in ``outputs``."""
+    released: Counter[int] = Counter()
+    unlabelled = client.data.train.y is None
+    runner: Any = client.runner
+    forward, infer = runner.forward_message, runner._infer
+
+    def forward_message(step: int, sent: Any, y: Any, ids: torch.Tensor) -> Any:
+        released.update(int(i) for i in ids.reshape(-1))
+        return forward(step, sent, y, ids)
+
+    async def _infer(x: torch.Tensor, step: int, ids: Any, kind: Any) -> Any:
+        if ids is not None:
+            released.update(int(i) for i in ids.reshape(-1))
+        out, reply = await infer(x, step, ids, kind)
+        if unlabelled and ids is not None and kind is Kind.EVALUATE:
+            outputs.setdefault(client.cfg.client.name, []).append((ids.clone(), out.clone()))
+        return out, reply
+
+    runner.forward_message, runner._infer = forward_message, _infer
+    return released
+
+
+def _record_received_meta(client: ClientWorker, received: dict[str, set[str]]) -> None:
+    """Keep the names of the figures a party without labels is told beside its tensors
+    (such as a loss or a count of correct answers): each is a function of the labels."""
+    if client.data.train.y is not None:
+        return
+    request, seen = client.request, received.setdefault(client.cfg.client.name, set())
+
+    async def send(message: Any, timeout_s: float | None = None) -> Any:
+        reply = await request(message, timeout_s)
+        seen.update(f"{reply.kind.value}.{key}" for key in reply.meta)
+        return reply
+
+    client.request = send  # type: ignore[method-assign]
+
+
+def _record_sent_label_grads(client: ClientWorker, grads: Grads) -> None:
+    """A client that protects labels (u-shaped) sends the server the gradient of the server's
+    output: keep each one, with the ids of the batch whose forward went before it."""
+    runner: Any = client.runner
+    if not runner.protects_labels:
+        return
+    forward, request = runner.forward_message, client.request
+    last: dict[str, torch.Tensor] = {}
+
+    def forward_message(step: int, sent: Any, y: Any, ids: torch.Tensor) -> Any:
+        last["ids"] = ids
+        return forward(step, sent, y, ids)
+
+    async def send(message: Any, timeout_s: float | None = None) -> Any:
+        if message.kind is Kind.BACKWARD and "grad" in message.tensors and "ids" in last:
+            grad = read_tensor(message, "grad").detach().clone()
+            grads.setdefault(client.cfg.client.name, []).append(
+                (message.epoch, last["ids"].clone(), grad)
+            )
+        return await request(message, timeout_s)
+
+    runner.forward_message = forward_message
+    client.request = send  # type: ignore[method-assign]
+
+
+def _record_label_grads(server: ServerWorker) -> Grads:
+    """Wrap the vertical engine's step (on this instance only) to keep, for every training
+    step of every epoch, the gradient each feature party was sent, with the batch's ids."""
+    grads: Grads = {}
+    engine: Any = server.engine  # a VerticalEngine when it has _step and last_grads
+    original: Callable[..., Any] | None = getattr(engine, "_step", None)
+    if original is None or not hasattr(engine, "last_grads") or engine.label_holder:
+        return grads
+
+    def step(parts: list[Any], ids: torch.Tensor) -> Any:
+        replies = original(parts, ids)
+        for part in parts:
+            sent = engine.last_grads[part.msg.client]
+            grads.setdefault(part.msg.client, []).append(
+                (part.msg.epoch, ids.clone(), sent.clone())
+            )
+        return replies
+
+    engine._step = step  # this instance only; the class is untouched
+    return grads
+
+
+def _raise_crash(services: Sequence[asyncio.Future[Any]]) -> None:
+    """Re-raise the error of a server or relay that stopped early, as one SLError line."""
+    for service in services:
+        error = service.exception() if service.done() else None
+        if isinstance(error, SLError):
+            raise error
+        if error is not None:
+            raise SLError(
+                f"a worker crashed during training: {type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}"
+            ) from error
+
+
+async def _take_over_signals(clients: Sequence[ClientWorker], caught: list[int]) -> None:
+    """Once every client is training (each has installed its own handlers), make SIGTERM and
+    SIGINT stop them all and remember which signal came. Before that, a signal still reaches
+    the shared stop event through the clients' own handlers."""
+    loop = asyncio.get_running_loop()
+    while not all(c.steps_done or c.stop.is_set() for c in clients):
+        await asyncio.sleep(0.01)
+
+    def on_signal(signum: int) -> None:
+        caught.append(signum)
+        for client in clients:
+            client.stop.set()
+
+    for signum in STOP_SIGNALS:
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+            loop.add_signal_handler(signum, on_signal, signum)
+    print("audit: training; SIGTERM or SIGINT stops it (no figures then)", file=sys.stderr)
+
+
+def _check_complete(
+    clients: Sequence[ClientWorker], summaries: Sequence[dict[str, Any]], caught: list[int]
+) -> None:
+    """Refuse to measure a run that a signal cut short."""
+    stopped = [s for s in summaries if s.get("stopped_early")]
+    if not stopped and not caught and not any(c.stop.is_set() for c in clients):
+        return
+    name = signal.Signals(caught[0]).name if caught else "a signal"
+    epoch = min((c.epoch for c in clients), default=0)
+    epochs = clients[0].cfg.train.epochs if clients else 0
+    raise AuditIncomplete(
+        f"audit interrupted by {name} during epoch {epoch + 1} of {epochs}: the run is "
+        "incomplete and no figures are reported",
+        caught[0] if caught else None,
+    )
+
+
+async def train_in_process(
+    files: dict[str, Path],
+    client_overrides: Sequence[str] = (),
+    server_overrides: Sequence[str] = (),
+    relay_overrides: Sequence[str] = (),
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    seed: int = 0,
+) -> Trained:
+    """Run server (+ relay) and clients in this event loop until every client is done.
+    A worker that crashes, or a run longer than ``timeout_s``, ends it with an error; a
+    SIGTERM/SIGINT stops every client and ends it with :class:`AuditIncomplete`."""
+    base = files["server"].parent
+    server = ServerWorker(load(ServerConfig, files["server"], list(server_overrides)), base)
+    clients = [
+        ClientWorker(load(ClientConfig, path, list(client_overrides)), base, progress=False)
+        for name, path in sorted(files.items())
+        if name.startswith("client-")
+    ]
+    halt = asyncio.Event()  # one stop event: whichever client's handler wins stops them all
+    for client in clients:
+        client.stop = halt
+    _seed_workers(server, clients, seed)
+    outputs: Outputs = {}
+    releases = [_count_releases(c, outputs) for c in clients]
+    encoders = [snapshot_encoders(c) for c in clients]
+    received: dict[str, set[str]] = {}
+    for client in clients:
+        _record_received_meta(client, received)
+    sent_grads: Grads = {}
+    for client in clients:
+        _record_sent_label_grads(client, sent_grads)
+    detectors = [attach_scrutinizer(c) for c in clients]
+    grads = _record_label_grads(server)
+    stop = asyncio.Event()
+    services = [asyncio.ensure_future(server.serve(stop))]
+    if "relay-1" in files:
+        relay = RelayWorker(load(RelayConfig, files["relay-1"], list(relay_overrides)), base)
+        services.append(asyncio.ensure_future(relay.serve(stop)))
+    caught: list[int] = []
+    watcher = asyncio.ensure_future(_take_over_signals(clients, caught))
+    runs = asyncio.ensure_future(asyncio.gather(*(c.run() for c in clients)))
+    try:
+        await asyncio.wait(
+            [runs, *services], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        if not runs.done():
+            runs.cancel()
+            await asyncio.gather(runs, return_exceptions=True)
+            _raise_crash(services)
+            raise TransportError(f"training did not finish within {timeout_s:.0f}s")
+        summaries = runs.result()
+        _check_complete(clients, summaries, caught)
+    finally:
+        watcher.cancel()
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*services, return_exceptions=True), STOP_TIMEOUT_S)
+    return Trained(
+        server,
+        clients,
+        list(summaries),
+        grads,
+        releases,
+        outputs,
+        sent_grads,
+        detectors,
+        encoders,
+        received,
+    )
+
+
+# ------------------------------------------------------------------------ entry points
+
+
+def check_args(topology: str, dataset: str, epochs: int | None) -> None:
+    if topology not in TOPOLOGIES:
+        raise ConfigError(f"--topology {topology!r} is unknown; choose one of {list(TOPOLOGIES)}")
+    if dataset not in DATASETS:
+        raise ConfigError(f"--dataset {dataset!r} is unknown; choose one of {sorted(DATASETS)}")
+    if epochs is not None and epochs < 1:
+        raise ConfigError(f"--epochs {epochs} must be at least 1")
+
+
+def audit_files(
+    files: dict[str, Path],
+    client_overrides: Sequence[str],
+    server_overrides: Sequence[str],
+    seed: int = 0,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    relay_overrides: Sequence[str] = (),
+    *,
+    canary_runs: int = 0,
+    attack_seeds: int = ATTACK_SEEDS,
+    fsha_runs: int = 0,
+) -> dict[str, Any]:
+    """Train the deployment ``files`` (name -> TOML path) in-process and audit it; with
+    ``canary_runs`` also bound DP-SGD's epsilon from below (:mod:`workers.tools.audit_canary`)."""
+    from privacy.config import PrivacyConfig
+    from workers.tools.audit_canary import canary_audit, check_canary
+    from workers.tools.audit_hijack import check_fsha, fsha_audit
+
+    first = min(name for name in files if name.startswith("client-"))
+    cfg = load(ClientConfig, files[first], list(client_overrides))
+    privacy = PrivacyConfig.from_mapping(cfg.privacy)
+    privacy.validate_for_topology(cfg.client.topology)
+    check_canary(cfg.client.topology, privacy, canary_runs)
+    check_fsha(cfg.client.topology, fsha_runs)
+    if attack_seeds < 1:
+        raise ConfigError(f"--attack-seeds {attack_seeds} must be at least 1 (3 for intervals)")
+    scfg = load(ServerConfig, files["server"], list(server_overrides))
+    PrivacyConfig.from_mapping(scfg.privacy).validate_for_topology(scfg.server.topology)
+    with pinned_threads(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        trained = asyncio.run(
+            train_in_process(
+                files, client_overrides, server_overrides, relay_overrides, timeout_s, seed
+            )
+        )
+        result = measure(trained, seed, attack_seeds)
+        if canary_runs:
+            data = trained.clients[0].data
+            result.update(canary_audit(cfg, data, privacy, canary_runs, seed))
+        if fsha_runs:
+            from privacy.threats import THREAT_MODELS
+
+            result.update(fsha_audit(cfg, trained.clients[0].data, fsha_runs, seed))
+            result["threat_models"]["fsha"] = THREAT_MODELS["fsha"]
+        if canary_runs:
+            from privacy.threats import THREAT_MODELS
+
+            result["threat_models"]["canary"] = THREAT_MODELS["canary"]
+        return result
+
+
+def run_audit(
+    topology: str,
+    dataset: str = "digits",
+    client_overrides: Sequence[str] = (),
+    server_overrides: Sequence[str] = (),
+    epochs: int | None = None,
+    seed: int = 0,
+    *,
+    clients: int | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    canary_runs: int = 0,
+    attack_seeds: int = ATTACK_SEEDS,
+    fsha_runs: int = 0,
+) -> dict[str, Any]:
+    """Build a fresh local deployment in a temporary folder, train it in-process, audit it.
+
+    Returns ``test_accuracy``, ``dcor``, ``reconstruction_mse`` (+ ``ssim`` for digits),
+    ``label_leak_auc`` (+ ``norm_auc``, ``direction_auc``) for vertical, and the epsilons
+    that apply. Blocking: call it outside a running event loop.
+    """
+    check_args(topology, dataset, epochs)
+    n = clients or (2 if topology in ("vertical", "multitask") else 1)
+    with tempfile.TemporaryDirectory(prefix="sl-audit-") as tmp:
+        made = init_deployment(
+            Path(tmp) / "deploy",
+            topology=topology,
+            clients=n,
+            dataset=dataset,
+            epochs=epochs,
+            seed=seed,
+        )
+        files = {k: Path(v) for k, v in made["files"].items()}
+        shared = [s for s in client_overrides if s.startswith(SHARED_PREFIXES)]
+        result = audit_files(
+            files,
+            client_overrides,
+            server_overrides,
+            seed,
+            timeout_s,
+            shared,
+            canary_runs=canary_runs,
+            attack_seeds=attack_seeds,
+            fsha_runs=fsha_runs,
+        )
+    return {"topology": topology, "dataset": dataset, **result}
+
+
+__all__ = [
+    "AUDIT_THREADS",
+    "SHARED_PREFIXES",
+    "AuditIncomplete",
+    "Trained",
+    "audit_files",
+    "check_args",
+    "measure",
+    "run_audit",
+    "split_overrides",
+    "train_in_process",
+]

@@ -1,0 +1,94 @@
+"""The malicious-server audit: FSHA against the audited client, and the hijack detector.
+
+``sl-pipeline audit --fsha-runs N`` plays :func:`privacy.hijack.fsha_game` N times (seeded)
+against the audited client's segment for one epoch of batches, with the server's public data
+standing in as the client's test rows, and reports how often the client's
+:class:`~privacy.hijack.GradientScrutinizer` flagged within that epoch. Every audit also runs
+the detector on the honest run's real cut gradients (where the client holds labels), so its
+false positives show up as ``hijack_flagged``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sl_pipeline.config import ClientConfig
+from sl_pipeline.data import PartyData
+from sl_pipeline.errors import ConfigError
+from sl_pipeline.models import build_segments
+from workers.client.worker import ClientWorker
+
+FSHA_TOPOLOGIES = ("vanilla",)
+
+
+def check_fsha(topology: str, runs: int) -> None:
+    if runs and topology not in FSHA_TOPOLOGIES:
+        raise ConfigError(
+            f"--fsha-runs applies to topology {', '.join(FSHA_TOPOLOGIES)}, not {topology!r}"
+        )
+    if runs < 0:
+        raise ConfigError(f"--fsha-runs {runs} must be 0 (off) or more")
+
+
+def attach_scrutinizer(client: ClientWorker) -> Any:
+    """Watch the cut gradients this client receives (on this instance only); ``None`` where
+    the client holds no labels (a vertical feature party cannot scrutinise)."""
+    from privacy.hijack import GradientScrutinizer
+
+    runner: Any = client.runner
+    if client.data.train.y is None:
+        return None
+    detector = GradientScrutinizer()
+    train_step, apply_gradient = runner.train_step, runner.apply_gradient
+    current: dict[str, torch.Tensor] = {}
+
+    async def step(step: int, x: torch.Tensor, y: Any, ids: torch.Tensor) -> float:
+        if y is not None:
+            current["y"] = y
+        return float(await train_step(step, x, y, ids))
+
+    def apply(x: torch.Tensor, act: torch.Tensor, sent: torch.Tensor, grad: torch.Tensor) -> None:
+        if "y" in current and grad.shape[0] == current["y"].shape[0]:
+            detector.observe(grad, current["y"])
+        apply_gradient(x, act, sent, grad)
+
+    runner.train_step, runner.apply_gradient = step, apply
+    return detector
+
+
+def fsha_audit(cfg: ClientConfig, data: PartyData, runs: int, seed: int) -> dict[str, Any]:
+    """FSHA ``runs`` times for one epoch of batches; detection rate and inversion quality."""
+    from privacy.hijack import FSHASetup, GradientScrutinizer, fsha_game
+
+    assert data.train.y is not None
+    t = cfg.train
+    steps = -(-len(data.train) // t.batch_size)  # one epoch
+
+    def segment() -> torch.nn.Module:
+        return build_segments(cfg.model, "vanilla")[0]
+
+    setup = FSHASetup(
+        segment, data.train.x, data.train.y, data.test.x, steps, t.batch_size, t.lr, t.momentum
+    )
+    found = []
+    for run in range(runs):
+        detector = GradientScrutinizer()
+        found.append(fsha_game(setup, seed=seed * 1000 + run, detector=detector))
+    flagged = [r["flagged_at_batch"] for r in found if r["flagged_at_batch"] is not None]
+    out: dict[str, Any] = {
+        "fsha_runs": runs,
+        "fsha_detected": len(flagged),
+        "fsha_detected_within_batches": max(flagged) if flagged else None,
+        "fsha_epoch_batches": steps,
+        "fsha_mse": sum(r["fsha_mse"] for r in found) / runs,
+        "fsha_nearest_public_mse": found[0]["fsha_nearest_public_mse"],
+    }
+    if found[0]["fsha_ssim"] is not None:
+        out["fsha_ssim"] = sum(r["fsha_ssim"] for r in found) / runs
+        out["fsha_nearest_public_ssim"] = found[0]["fsha_nearest_public_ssim"]
+    return out
+
+
+__all__ = ["FSHA_TOPOLOGIES", "attach_scrutinizer", "check_fsha", "fsha_audit"]

@@ -1,0 +1,155 @@
+"""`sl-pipeline demo`: one server and N clients as separate OS processes on loopback TCP."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sl_pipeline.errors import SLError
+from workers.tools.localdeploy import deployment_options, init_deployment
+
+CLIENT_TIMEOUT_S = 600
+STOP_TIMEOUT_S = 15
+
+
+def worker_command(role: str, config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "workers", role, "--config", str(config), *extra]
+
+
+def last_json_line(text: str) -> dict[str, Any]:
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            return dict(json.loads(line))
+    raise SLError(f"a worker printed no JSON summary; its output ended with: {text[-500:]!r}")
+
+
+def stop_process(proc: subprocess.Popen[str], timeout_s: float = STOP_TIMEOUT_S) -> int:
+    """SIGTERM, wait a bounded time, then SIGKILL. Returns the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout_s)
+    return int(proc.returncode)
+
+
+def run_processes(files: dict[str, str], clients: int, show_progress: bool) -> list[dict[str, Any]]:
+    server = subprocess.Popen(
+        worker_command("server", Path(files["server"])),
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        if "relay-1" in files:  # multi-hop: the relay joins the server before clients join it
+            procs.append(
+                subprocess.Popen(
+                    worker_command("relay", Path(files["relay-1"])),
+                    text=True,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
+            )
+        relays = len(procs)
+        for i in range(clients):
+            extra = ["--json"] + ([] if show_progress and i == 0 else ["--no-progress"])
+            procs.append(
+                subprocess.Popen(
+                    worker_command("client", Path(files[f"client-{i + 1}"]), *extra),
+                    text=True,
+                    stdout=subprocess.PIPE,
+                    stderr=None if show_progress and i == 0 else subprocess.PIPE,
+                )
+            )
+        results = []
+        deadline = time.monotonic() + CLIENT_TIMEOUT_S
+        for i, proc in enumerate(procs[relays:]):
+            out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            if proc.returncode != 0:
+                raise SLError(
+                    f"client-{i + 1} failed (exit {proc.returncode}): {(err or '').strip()[-800:]}"
+                )
+            results.append(last_json_line(out))
+        return results
+    finally:
+        for proc in procs:
+            stop_process(proc)
+        status = stop_process(server)
+        if status not in (0, -signal.SIGTERM) and server.stderr is not None:
+            print(server.stderr.read()[-800:], file=sys.stderr)
+
+
+def aggregate(
+    results: list[dict[str, Any]], args: argparse.Namespace, wall: float
+) -> dict[str, Any]:
+    # Parties without labels (vertical feature parties beside a label client) report no score.
+    scored = [r for r in results if r["test_accuracy"] is not None]
+    losses = [r["train_loss"] for r in results if r["train_loss"] == r["train_loss"]]  # not NaN
+    total_test = sum(r["test_samples"] for r in scored) or 1
+    return {
+        "topology": args.topology,
+        "dataset": args.dataset,
+        "clients": len(results),
+        "epochs": results[0]["epochs"],
+        "steps": sum(r["steps"] for r in results),
+        "test_accuracy": round(
+            sum(r["test_accuracy"] * r["test_samples"] for r in scored) / total_test, 4
+        ),
+        # None where only the server knows the loss (vertical: feature parties are not told it)
+        "train_loss": round(sum(losses) / len(losses), 4) if losses else None,
+        "bytes_sent": sum(r["bytes_sent"] for r in results),
+        "bytes_received": sum(r["bytes_received"] for r in results),
+        "encrypted": not args.insecure,
+        "wall_seconds": round(wall, 2),
+    }
+
+
+def _shown(value: float | None) -> str:
+    return "n/a (the server's)" if value is None else f"{value:.4f}"
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="sl-demo-") as tmp:
+        folder = args.dir or Path(tmp)
+        options = deployment_options(args)
+        clients = options["clients"]
+        deployment = init_deployment(folder, **options)
+        if not args.json:
+            print(
+                f"demo: 1 server + {clients} client process(es), topology {args.topology}, "
+                f"dataset {args.dataset}, {'plaintext' if args.insecure else 'encrypted'}"
+            )
+        results = run_processes(deployment["files"], clients, show_progress=sys.stderr.isatty())
+    summary = aggregate(results, args, time.perf_counter() - start)
+    if getattr(args, "baseline", False):
+        from workers.tools.baseline import central_accuracy
+
+        summary["baseline_accuracy"] = round(
+            central_accuracy(args.dataset, args.topology, summary["epochs"], args.seed, clients),
+            4,
+        )
+    if not args.json:
+        for r in results:
+            acc = r["test_accuracy"]
+            shown = "n/a (no labels)" if acc is None else f"{acc:.4f}"
+            print(f"  {r['client']}: {r['steps']} steps, test accuracy {shown}")
+        if "baseline_accuracy" in summary:
+            baseline = summary["baseline_accuracy"]
+            print(f"central baseline (same architecture, pooled data): {baseline:.4f}")
+        print(
+            f"test accuracy {summary['test_accuracy']:.4f}, "
+            f"train loss {_shown(summary['train_loss'])}, "
+            f"{summary['bytes_sent'] / 1e6:.1f} MB sent, {summary['wall_seconds']:.1f}s"
+        )
+    return summary

@@ -1,0 +1,246 @@
+"""`sl-pipeline tune`: audit every combination of privacy settings, map the trade-off.
+
+Each ``--sweep KEY=V1,V2,...`` names one setting and its values (TOML scalars; a bare word is
+a string). Every combination of the sweeps (their cartesian product) is trained and audited
+with :func:`workers.tools.audit.run_audit`; the rows go to ``DIR/results.csv`` and
+``DIR/results.json``, and ``DIR/frontier.png`` plots test accuracy against each leakage
+measure with the Pareto front marked.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import re
+import sys
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sl_pipeline.config import TrainConfig, apply_overrides, from_mapping
+from sl_pipeline.errors import ConfigError
+from workers.tools.audit import check_args, run_audit, split_overrides
+
+SWEEP_PREFIXES = ("privacy.noise.", "privacy.nopeek.", "privacy.dpsgd.", "privacy.label.", "train.")
+MAX_COMBINATIONS = 256
+_BARE_WORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+METRIC_KEYS = (
+    "test_accuracy",
+    "dcor",
+    "reconstruction_mse",
+    "reconstruction_mse_ci",
+    "ssim",
+    "ssim_ci",
+    "attack_variant",
+    "ssim_final",
+    "ssim_all_passes",
+    "ssim_geometric_passes",
+    "reconstruction_mse_final",
+    "reconstruction_mse_all_passes",
+    "reconstruction_mse_geometric_passes",
+    "baseline_mean_mse",
+    "baseline_class_mean_mse",
+    "baseline_nearest_aux_mse",
+    "baseline_mean_ssim",
+    "baseline_class_mean_ssim",
+    "baseline_nearest_aux_ssim",
+    "unsplit_mse",
+    "unsplit_ssim",
+    "attack_releases",
+    "label_leak_auc",
+    "norm_auc",
+    "direction_auc",
+    "label_leak_last_epoch_auc",
+    "eval_output_auc",
+    "completion_auc",
+    "completion_accuracy",
+    "cluster_label_accuracy",
+    "cluster_label_chance",
+    "hijack_flagged",
+    "hijack_min_score",
+    "epsilon",
+    "epsilon_mechanism",
+    "activation_epsilon",
+    "activation_epsilon_per_release",
+    "activation_releases",
+    "dpsgd_epsilon",
+)
+Setting = dict[str, Any]
+Auditor = Callable[..., dict[str, Any]]
+
+
+def parse_value(key: str, text: str) -> Any:
+    """One sweep value as a TOML scalar (``0.5``, ``true``, ``"marvell"``) or a bare word."""
+    text = text.strip()
+    if not text:
+        raise ConfigError(f"--sweep {key}: an empty value in the list; write {key}=V1,V2,...")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        if not _BARE_WORD.match(text):
+            raise ConfigError(f"--sweep {key}: {text!r} is not a TOML scalar") from None
+        return text
+    if isinstance(value, list | dict):
+        raise ConfigError(f"--sweep {key}: {text!r} is not a scalar; sweep one value at a time")
+    return value
+
+
+def parse_sweep(spec: str) -> tuple[str, list[Any]]:
+    """``privacy.noise.sigma=0,0.5,1`` -> ("privacy.noise.sigma", [0, 0.5, 1])."""
+    key, sep, values = spec.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(
+            f"--sweep {spec!r} must look like KEY=V1,V2,... (e.g. privacy.noise.sigma=0.5,1.0)"
+        )
+    if not key.startswith(SWEEP_PREFIXES) or key.count(".") != key.startswith("privacy.") + 1:
+        raise ConfigError(
+            f"--sweep key {key!r} is not sweepable; use privacy.noise.*, "
+            "privacy.nopeek.*, privacy.dpsgd.*, privacy.label.* or train.*"
+        )
+    parsed = [parse_value(key, v) for v in values.split(",")]
+    if len(set(map(repr, parsed))) != len(parsed):
+        raise ConfigError(f"--sweep {key}: a value is listed twice")
+    return key, parsed
+
+
+def toml_literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return repr(value)
+
+
+def combinations(specs: Sequence[str]) -> list[Setting]:
+    """The cartesian product of the sweeps, in order, as ``{key: value}`` settings."""
+    if not specs:
+        raise ConfigError("tune needs at least one --sweep KEY=V1,V2,...")
+    sweeps = [parse_sweep(s) for s in specs]
+    keys = [k for k, _ in sweeps]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(
+            f"--sweep {next(k for k in keys if keys.count(k) > 1)} is given twice; "
+            "list all its values in one --sweep"
+        )
+    total = math.prod(len(v) for _, v in sweeps)
+    if total > MAX_COMBINATIONS:
+        raise ConfigError(f"the sweeps make {total} combinations; at most {MAX_COMBINATIONS}")
+    return [
+        dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(v for _, v in sweeps))
+    ]
+
+
+def setting_overrides(setting: Setting) -> list[str]:
+    return [f"{key}={toml_literal(value)}" for key, value in setting.items()]
+
+
+def check_setting(topology: str, sets: Sequence[str]) -> None:
+    """Refuse a combination before anything runs: bad privacy or train values, by key."""
+    from privacy.config import PrivacyConfig
+
+    client, server = split_overrides(sets, topology)
+    for overrides in (client, server):
+        data = apply_overrides({}, list(overrides))
+        privacy = PrivacyConfig.from_mapping(data.get("privacy", {}))
+        privacy.validate_for_topology(topology)
+        from_mapping(TrainConfig, data.get("train", {}), "train")
+
+
+def row_name(setting: Setting) -> str:
+    return ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in setting.items())
+
+
+def run_tune(
+    topology: str,
+    dataset: str,
+    specs: Sequence[str],
+    *,
+    sets: Sequence[str] = (),
+    epochs: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    audit: Auditor = run_audit,
+    attack_seeds: int = 3,
+) -> list[dict[str, Any]]:
+    """Audit every combination; one row per combination with its settings and figures."""
+    from tqdm import tqdm
+
+    check_args(topology, dataset, epochs)
+    settings = combinations(specs)
+    for setting in settings:
+        check_setting(topology, [*sets, *setting_overrides(setting)])
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(
+        settings,
+        desc=f"tune {topology}/{dataset}",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    for setting in bar:
+        client, server = split_overrides([*sets, *setting_overrides(setting)], topology)
+        result = audit(
+            topology, dataset, client, server, epochs=epochs, seed=seed, attack_seeds=attack_seeds
+        )
+        row = {
+            "name": row_name(setting),
+            **setting,
+            **{k: result[k] for k in (*METRIC_KEYS, "label_leak_by_party") if k in result},
+        }
+        rows.append(row)
+        bar.set_postfix(acc=f"{row.get('test_accuracy') or 0:.3f}")
+    bar.close()
+    return rows
+
+
+def write_results(rows: Sequence[dict[str, Any]], out: Path) -> dict[str, Path]:
+    """DIR/results.csv (scalar columns), DIR/results.json (everything), DIR/frontier.png."""
+    from privacy.frontier import plot_frontier
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / "results.csv", "json": out / "results.json", "png": out / "frontier.png"}
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k, v in row.items() if k not in columns and not isinstance(v, dict)]
+    with paths["csv"].open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    paths["json"].write_text(json.dumps(list(rows), indent=2) + "\n")
+    plotted = [r for r in rows if isinstance(r.get("test_accuracy"), float)]
+    if plotted:
+        plot_frontier(plotted, paths["png"], label_key="name")
+    return paths
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A fixed-width table: the setting's name, then each figure present in any row."""
+    keys = [k for k in METRIC_KEYS if k != "epsilon_mechanism" and any(k in r for r in rows)]
+    width = max([len("setting"), *(len(r["name"]) for r in rows)])
+    lines = ["  ".join(["setting".ljust(width), *(k.rjust(max(8, len(k))) for k in keys)])]
+    for r in rows:
+        cells = [_cell(r.get(k)).rjust(max(8, len(k))) for k in keys]
+        lines.append("  ".join([r["name"].ljust(width), *cells]))
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+__all__ = [
+    "check_setting",
+    "combinations",
+    "format_table",
+    "parse_sweep",
+    "run_tune",
+    "write_results",
+]
