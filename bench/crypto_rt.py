@@ -20,9 +20,9 @@ from sl_pipeline.handshake import ClientHandshake
 from sl_pipeline.keys import generate_keypair
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.transport import DealerConnection
-from workers.runtime.startup import CTX, endpoint, free_port, median, start_child, stop_child
 
 from . import peers
+from .common import CTX, endpoint, free_port, median, start_child, stop_child
 
 SIZES = {"4KiB": 4 * 1024, "64KiB": 64 * 1024, "2MiB": 2 * 1024 * 1024}
 GOAL_2MIB = 1.10

@@ -27,16 +27,8 @@ from sl_pipeline.messages import Kind, Message
 from sl_pipeline.models import full_model, make_optimizer
 from workers.client.microbatch import train_pipelined
 from workers.client.worker import ClientWorker
-from workers.runtime.startup import (
-    endpoint,
-    free_port,
-    median,
-    stop_process,
-    to_toml,
-    worker_process,
-    write_keys,
-)
 
+from .common import endpoint, free_port, median, stop_process, to_toml, worker_process, write_keys
 from .models import BATCH, MODELS, TRAIN
 from .rpc import RpcPeer
 

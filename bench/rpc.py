@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from sl_pipeline.config import ModelConfig, from_mapping
 from sl_pipeline.models import build_segments, make_optimizer
-from workers.runtime.startup import CTX, LOOPBACK, free_port, median, start_child, stop_child
 
+from .common import CTX, LOOPBACK, free_port, median, start_child, stop_child
 from .models import BATCH, MODELS, TRAIN
 
 RESULT_TIMEOUT_S = 180.0

@@ -25,7 +25,8 @@ from sl_pipeline.keys import load_keypair, load_public_key
 from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
 from sl_pipeline.models import build_segments, fingerprint
 from sl_pipeline.transport import DealerConnection
-from workers.runtime.startup import (
+
+from .common import (
     endpoint,
     free_port,
     median,
@@ -35,7 +36,6 @@ from workers.runtime.startup import (
     worker_process,
     write_keys,
 )
-
 from .models import BATCH, MODELS, TRAIN
 
 MODEL = "digits_cnn"

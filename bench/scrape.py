@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from workers.runtime.startup import (
+from workers.tools.demo import last_json_line
+
+from .common import (
     LOOPBACK,
     REPO,
     endpoint,
@@ -43,7 +45,6 @@ from workers.runtime.startup import (
     worker_process,
     write_keys,
 )
-from workers.tools.demo import last_json_line
 
 INTERVAL_S = 0.1
 MODEL = {"builtin": "cnn", "in_shape": [1, 8, 8], "classes": 10, "seed": 0}

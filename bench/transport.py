@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.transport import DealerConnection
-from workers.runtime.startup import CTX, endpoint, free_port, median, start_child, stop_child
 
 from . import peers
+from .common import CTX, endpoint, free_port, median, start_child, stop_child
 from .crypto_rt import TIMEOUT_S, connect
 
 SIZES = {"64KiB": 64 * 1024, "2MiB": 2 * 1024 * 1024}
