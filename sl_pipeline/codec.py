@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .errors import LimitError, ProtocolError, VersionError
+from .limits import DEFAULT_LIMITS, Limits
 from .messages import PROTOCOL_VERSION, Kind, Message
 
 Buffer = bytes | bytearray | memoryview
@@ -33,25 +33,6 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _HEADER_KEYS = {"v", "kind", "session", "client", "epoch", "step", "meta", "tensors"}
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What a peer may send us. Checked before allocation."""
-
-    max_frames: int = 32
-    max_header_bytes: int = 64 * 1024
-    max_tensor_bytes: int = 256 * 1024 * 1024
-    max_message_bytes: int = 512 * 1024 * 1024
-    max_dims: int = 8
-
-    def __post_init__(self) -> None:
-        for name in ("max_frames", "max_header_bytes", "max_tensor_bytes", "max_message_bytes"):
-            if getattr(self, name) <= 0:
-                raise LimitError(f"limits.{name} must be positive")
-
-
-DEFAULT_LIMITS = Limits()
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from .codec import Limits
 from .errors import ConfigError
+from .limits import Limits
 
 TOPOLOGIES = ("vanilla", "ushaped", "vertical", "multitask", "multihop", "roundrobin", "splitfed")
 Topology = Literal[

@@ -14,12 +14,15 @@ import os
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .errors import ConfigError, CryptoError
+
+if TYPE_CHECKING:  # torch is imported where weights are sealed, so `init` and `keygen` start fast
+    import torch
 
 _TAG = "sl-pipeline-group-key-v1"
 
@@ -61,6 +64,8 @@ def _associated(run: bytes, turn: int) -> bytes:
 
 def seal_weights(key: bytes, vector: torch.Tensor, run: bytes, turn: int) -> torch.Tensor:
     """Weights at the end of ``turn`` of run ``run``, for the next client only to open."""
+    import torch
+
     nonce = secrets.token_bytes(12)
     data = vector.detach().to(torch.float32).contiguous().numpy().tobytes()
     sealed = AESGCM(key).encrypt(nonce, data, _associated(run, turn))
@@ -69,6 +74,8 @@ def seal_weights(key: bytes, vector: torch.Tensor, run: bytes, turn: int) -> tor
 
 def open_weights(key: bytes, sealed: torch.Tensor, run: bytes, turn: int) -> torch.Tensor:
     """The weights sealed at the end of ``turn`` of this run; anything else is refused."""
+    import torch
+
     if sealed.dtype != torch.uint8 or sealed.dim() != 1 or sealed.numel() < 28:
         raise CryptoError("roundrobin: the sealed weights are not a byte string")
     blob = sealed.numpy().tobytes()

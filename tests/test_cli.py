@@ -134,3 +134,12 @@ def test_privacy_tables_are_typed_and_placed_for_every_worker(
     err = capsys.readouterr().err.strip()
     assert status == 2
     assert named in err and "Traceback" not in err and "\n" not in err
+
+
+def test_the_command_line_starts_without_importing_torch() -> None:
+    """`init`, `keygen`, `health`, `runs` are run often (scripts, probes): they must not pay torch's import."""
+    import subprocess
+    import sys
+
+    code = "import sys, workers.cli; sys.exit(1 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
