@@ -137,7 +137,7 @@ def test_privacy_tables_are_typed_and_placed_for_every_worker(
 
 
 def test_the_command_line_starts_without_importing_torch() -> None:
-    """`init`, `keygen`, `health`, `runs` are run often (scripts, probes): they must not pay torch's import."""
+    """init, keygen, health and runs are run often (scripts, probes): no torch import for them."""
     import subprocess
     import sys
 
