@@ -17,11 +17,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import SECTIONS
+from .common import machine_load
 
 KEYS = (
     "encryption_overhead",
+    "encryption_overhead_spread",
     "transport_efficiency",
+    "transport_efficiency_spread",
     "overhead_ratio",
+    "overhead_ratio_spread",
     "overhead_ratio_pipelined",
     "rpc_ratio",
     "rpc_ratio_same_host_shm",
@@ -30,6 +34,7 @@ KEYS = (
     "server_mem_per_client_mib",
     "flops_table",
     "scrape_slowdown",
+    "load",
 )
 
 
@@ -57,15 +62,23 @@ def _runner(name: str, quick: bool, results: dict[str, Any]) -> Callable[[], dic
 
 
 def run_all(sections: Sequence[str], quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    results: dict[str, Any] = {"errors": {}, "seconds": {}}
+    """Run each section; ``load`` keeps the machine's load averages before and after each,
+    since a busy machine (other processes on the same cores) moves every figure."""
+    results: dict[str, Any] = {"errors": {}, "seconds": {}, "load": {"start": machine_load()}}
     for name in sections:
         log(f"bench: {name} ...")
         start = time.monotonic()
+        before = machine_load()["loadavg"][0]
         try:
             results.update(_runner(name, quick, results)())
         except Exception as exc:  # one failing section must not hide the others
             results["errors"][name] = f"{type(exc).__name__}: {exc}"
         results["seconds"][name] = round(time.monotonic() - start, 1)
+        results["load"][name] = {
+            "loadavg_1min_before": before,
+            "loadavg_1min_after": machine_load()["loadavg"][0],
+        }
+    results["load"]["end"] = machine_load()
     return results
 
 

@@ -30,6 +30,31 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
+def paired(a: list[float], b: list[float]) -> dict[str, float | int]:
+    """The ratio a/b as the median of per-pair ratios ``a[i] / b[i]``, with its spread.
+
+    Each pair is measured back to back (interleaved A, B, A, B ...), so both sides of one pair
+    see the same machine load; the median of the pair ratios ignores pairs disturbed by a
+    burst of load, and the interquartile range (``q1``..``q3``) says how far pairs disagree.
+    """
+    if len(a) != len(b) or not a:
+        raise ValueError(f"need matched, non-empty pairs; got {len(a)} and {len(b)}")
+    ratios = [x / y for x, y in zip(a, b, strict=True)]
+    q1, q3 = (ratios[0], ratios[0]) if len(ratios) < 2 else _quartiles(ratios)
+    return {"median": median(ratios), "q1": q1, "q3": q3, "iqr": q3 - q1, "pairs": len(ratios)}
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
+def machine_load() -> dict[str, Any]:
+    """How busy this machine is now: load averages (1, 5, 15 min) against its core count."""
+    one, five, fifteen = os.getloadavg()
+    return {"loadavg": [round(one, 2), round(five, 2), round(fifteen, 2)], "cpus": os.cpu_count()}
+
+
 def endpoint(port: int) -> str:
     return f"tcp://{LOOPBACK}:{port}"
 

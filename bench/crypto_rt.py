@@ -3,8 +3,8 @@
 The parent process is the client (:class:`DealerConnection`); a child process is the
 server (``peers.channel_peer``). Each round trip is encode+seal -> send -> open+decode ->
 a reply of the same size -> open+decode. Plaintext (PlainSession) and encrypted (Noise IK
-session, AES-256-GCM) connections run side by side, alternating blocks of round trips, so
-both see the same machine load.
+session, AES-256-GCM) connections run side by side in pairs of blocks of round trips, so
+both sides of a pair see the same machine load; the ratio is the median of the pair ratios.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from sl_pipeline.messages import Kind, Message
 from sl_pipeline.transport import DealerConnection
 
 from . import peers
-from .common import CTX, endpoint, free_port, median, start_child, stop_child
+from .common import CTX, endpoint, free_port, median, paired, start_child, stop_child
 
 SIZES = {"4KiB": 4 * 1024, "64KiB": 64 * 1024, "2MiB": 2 * 1024 * 1024}
 GOAL_2MIB = 1.10
@@ -58,35 +58,53 @@ async def round_trips(conn: DealerConnection, message: Message, count: int) -> l
 
 
 def _plan(quick: bool) -> tuple[int, int, float]:
-    """(blocks, round trips per block, time budget per size in seconds)."""
-    return (5, 6, 4.0) if quick else (10, 20, 20.0)
+    """(pairs of blocks, round trips per block, time budget per size in seconds)."""
+    return (16, 4, 5.0) if quick else (40, 8, 20.0)
+
+
+async def paired_blocks(
+    conns: dict[str, DealerConnection], message: Message, quick: bool
+) -> dict[str, list[float]]:
+    """Median round trip per block, blocks of the two modes interleaved; the order inside a
+    pair alternates (AB, BA, ...) so neither mode always runs first."""
+    pairs, per_block, budget_s = _plan(quick)
+    medians: dict[str, list[float]] = {mode: [] for mode in conns}
+    deadline = time.monotonic() + budget_s
+    for i in range(pairs):
+        order = list(conns) if i % 2 == 0 else list(reversed(conns))
+        for mode in order:
+            medians[mode].append(median(await round_trips(conns[mode], message, per_block)))
+        if i >= 3 and time.monotonic() > deadline:
+            break
+    return medians
 
 
 async def measure(
     url: str, server_key: bytes, quick: bool, sizes: dict[str, int] | None = None
 ) -> dict[str, Any]:
-    blocks, per_block, budget_s = _plan(quick)
     ctx = zmq.asyncio.Context()
-    result: dict[str, Any] = {"rtt_ms": {}, "encryption_overhead": {}}
+    result: dict[str, Any] = {
+        "rtt_ms": {},
+        "encryption_overhead": {},
+        "encryption_overhead_spread": {},
+    }
     try:  # a failed connect must not leave a context for the garbage collector to hang on
-        plain = await connect(ctx, url, None, "bench-plain")
-        sealed = await connect(ctx, url, server_key, "bench-sealed")
+        conns = {
+            "plain": await connect(ctx, url, None, "bench-plain"),
+            "encrypted": await connect(ctx, url, server_key, "bench-sealed"),
+        }
         for label, nbytes in (sizes or SIZES).items():
             message = Message(
                 kind=Kind.FORWARD, meta={"reply": "echo"}, tensors={"act": torch.randn(nbytes // 4)}
             )
-            await round_trips(plain, message, 2)  # warm-up: buffers, first-touch pages
-            await round_trips(sealed, message, 2)
-            times: dict[str, list[float]] = {"plain": [], "encrypted": []}
-            deadline = time.monotonic() + budget_s
-            for _ in range(blocks):
-                times["plain"] += await round_trips(plain, message, per_block)
-                times["encrypted"] += await round_trips(sealed, message, per_block)
-                if time.monotonic() > deadline:
-                    break
-            rtt = {mode: median(t) * 1e3 for mode, t in times.items()}
-            result["rtt_ms"][label] = rtt | {"samples": len(times["plain"])}
-            result["encryption_overhead"][label] = rtt["encrypted"] / rtt["plain"]
+            for conn in conns.values():  # warm-up: buffers, first-touch pages
+                await round_trips(conn, message, 3)
+            blocks = await paired_blocks(conns, message, quick)
+            spread = paired(blocks["encrypted"], blocks["plain"])
+            rtt = {mode: median(t) * 1e3 for mode, t in blocks.items()}
+            result["rtt_ms"][label] = rtt | {"samples": spread["pairs"]}
+            result["encryption_overhead"][label] = spread["median"]
+            result["encryption_overhead_spread"][label] = spread
     finally:
         ctx.destroy(linger=0)
     result["goal_2MiB"] = GOAL_2MIB

@@ -3,8 +3,8 @@
 (a) one process, no split: the whole model, the same optimizer and batches, a plain loop.
 (b) the real server worker (``python -m workers server``) in its own process, and the real
 :class:`ClientWorker` in this one, driven step by step through ``train_step`` (so start-up
-and evaluation are not timed). Blocks of (a) and (b) steps alternate; the ratio of the
-median step times is ``overhead_ratio``.
+and evaluation are not timed). Blocks of (a) and (b) steps run in pairs (the order
+alternates); ``overhead_ratio`` is the median over pairs of (b)'s / (a)'s block median.
 """
 
 from __future__ import annotations
@@ -28,7 +28,16 @@ from sl_pipeline.models import full_model, make_optimizer
 from workers.client.microbatch import train_pipelined
 from workers.client.worker import ClientWorker
 
-from .common import endpoint, free_port, median, stop_process, to_toml, worker_process, write_keys
+from .common import (
+    endpoint,
+    free_port,
+    median,
+    paired,
+    stop_process,
+    to_toml,
+    worker_process,
+    write_keys,
+)
 from .models import BATCH, MODELS, TRAIN
 from .rpc import RpcPeer
 
@@ -93,6 +102,7 @@ class PlainLoop:
 async def train_step(client: ClientWorker, step: int, idx: torch.Tensor) -> float:
     """One real client step; follows the worker's API whether or not it has a step runner."""
     train = client.data.train
+    assert train.y is not None  # the bench's data sets are labelled
     runner = getattr(client, "runner", None)
     if runner is not None:
         return float(await runner.train_step(step, train.x[idx], train.y[idx], train.ids[idx]))
@@ -101,7 +111,7 @@ async def train_step(client: ClientWorker, step: int, idx: torch.Tensor) -> floa
 
 def _plan(quick: bool) -> tuple[int, int, int, float]:
     """(warm-up steps, blocks, steps per block, time budget in seconds) per model."""
-    return (3, 3, 5, 8.0) if quick else (5, 8, 10, 30.0)
+    return (3, 10, 4, 12.0) if quick else (5, 16, 8, 40.0)
 
 
 async def measure(cfg: ClientConfig, base: Path, quick: bool, name: str) -> dict[str, Any]:
@@ -110,10 +120,12 @@ async def measure(cfg: ClientConfig, base: Path, quick: bool, name: str) -> dict
     client = ClientWorker(cfg, base, progress=False)
     plain = PlainLoop(cfg)
     train = client.data.train
+    assert train.y is not None
+    labels = train.y
     batches = batches_all = batch_order(len(train), BATCH, 0, 0)
     client.ctx = zmq.asyncio.Context()
     step = 0
-    times: dict[str, list[float]] = {
+    times: dict[str, list[float]] = {  # one median step time per block
         "single_process": [],
         "split_encrypted": [],
         "split_pipelined": [],
@@ -128,7 +140,7 @@ async def measure(cfg: ClientConfig, base: Path, quick: bool, name: str) -> dict
         def batches():  # type: ignore[no-untyped-def]
             for s in range(first, first + n):
                 idx = batches_all[s % len(batches_all)]
-                yield s, train.x[idx], train.y[idx], train.ids[idx]
+                yield s, train.x[idx], labels[idx], train.ids[idx]
 
         client.cfg = piped_cfg
         start = time.perf_counter()
@@ -140,22 +152,26 @@ async def measure(cfg: ClientConfig, base: Path, quick: bool, name: str) -> dict
 
     async def split_steps(n: int, record: bool) -> None:
         nonlocal step
+        samples = []
         for _ in range(n):
             idx = batches[step % len(batches)]
             start = time.perf_counter()
             await train_step(client, step, idx)
-            if record:
-                times["split_encrypted"].append(time.perf_counter() - start)
+            samples.append(time.perf_counter() - start)
             step += 1
+        if record:
+            times["split_encrypted"].append(median(samples))
 
     def plain_steps(n: int, record: bool) -> None:
+        samples = []
         for i in range(n):
             idx = batches[(step + i) % len(batches)]
             assert train.y is not None
             start = time.perf_counter()
             plain.step(train.x[idx], train.y[idx])
-            if record:
-                times["single_process"].append(time.perf_counter() - start)
+            samples.append(time.perf_counter() - start)
+        if record:
+            times["single_process"].append(median(samples))
 
     try:
         await client.connect()
@@ -164,12 +180,16 @@ async def measure(cfg: ClientConfig, base: Path, quick: bool, name: str) -> dict
         rpc.steps(warmup, record=False)
         deadline = time.monotonic() + budget_s
         await pipelined_steps(warmup, record=False)
-        for _ in range(blocks):
-            plain_steps(per_block, record=True)
-            await split_steps(per_block, record=True)
+        for i in range(blocks):  # one pair (or quadruple) per round; the order alternates
+            if i % 2 == 0:
+                plain_steps(per_block, record=True)
+                await split_steps(per_block, record=True)
+            else:
+                await split_steps(per_block, record=True)
+                plain_steps(per_block, record=True)
             await pipelined_steps(per_block, record=True)
             rpc.steps(per_block, record=True)
-            if time.monotonic() > deadline:
+            if i >= 3 and time.monotonic() > deadline:
                 break
         assert client.conn is not None
         await client.conn.send(Message(kind=Kind.BYE, client=cfg.client.name))
@@ -179,11 +199,15 @@ async def measure(cfg: ClientConfig, base: Path, quick: bool, name: str) -> dict
             client.conn.close()
         client.ctx.term()
     step_ms = {k: median(v) * 1e3 for k, v in times.items()}
+    ratio = paired(times["split_encrypted"], times["single_process"])
+    piped = paired(times["split_pipelined"], times["single_process"])
     return {
-        "step_ms": step_ms | {"steps": len(times["split_encrypted"])},
-        "ratio": step_ms["split_encrypted"] / step_ms["single_process"],
-        "ratio_pipelined": step_ms["split_pipelined"] / step_ms["single_process"],
-        **rpc.result(),
+        "step_ms": step_ms | {"blocks": ratio["pairs"], "steps_per_block": per_block},
+        "ratio": ratio["median"],
+        "ratio_spread": ratio,
+        "ratio_pipelined": piped["median"],
+        "ratio_pipelined_spread": piped,
+        **rpc.result(times["split_encrypted"]),
     }
 
 
@@ -207,17 +231,21 @@ class RpcBlocks:
             self.close()
             return
         if record:
-            self.samples += samples
+            self.samples.append(median(samples))
 
     def close(self) -> None:
         if self.peer is not None:
             self.peer.close()
             self.peer = None
 
-    def result(self) -> dict[str, Any]:
+    def result(self, ours: list[float]) -> dict[str, Any]:
+        """RPC's median step, and our step / RPC's step as the median of per-round ratios."""
         if self.error:
             return {"rpc_error": self.error}
-        return {"rpc_step_ms": median(self.samples) * 1e3} if self.samples else {}
+        if not self.samples:
+            return {}
+        spread = paired(ours[: len(self.samples)], self.samples)
+        return {"rpc_step_ms": median(self.samples) * 1e3, "rpc_ratio_spread": spread}
 
 
 def run_model(name: str, quick: bool) -> dict[str, Any]:
@@ -243,5 +271,6 @@ def run(quick: bool = False) -> dict[str, Any]:
         "overhead": per_model,
         "overhead_ratio": {name: r["ratio"] for name, r in per_model.items()},
         "overhead_ratio_pipelined": {name: r["ratio_pipelined"] for name, r in per_model.items()},
+        "overhead_ratio_spread": {name: r["ratio_spread"] for name, r in per_model.items()},
         "batch_size": BATCH,
     }

@@ -14,16 +14,20 @@ def _fmt(value: Any) -> str:
 
 
 def _pairs(value: Any) -> str:
+    if isinstance(value, dict) and "q1" in value:  # a spread from bench.common.paired
+        return f"{_fmt(value['q1'])}-{_fmt(value['q3'])} ({value['pairs']} pairs)"
     if isinstance(value, dict):
-        return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
+        return ", ".join(f"{k}: {_pairs(v)}" for k, v in value.items())
     return _fmt(value)
 
 
 def headline(results: dict[str, Any]) -> list[str]:
     rows = [
         ("encryption_overhead", "encrypted/plain round trip, by size (goal <= 1.10 at 2MiB)"),
+        ("encryption_overhead_spread", "interquartile range of the pair ratios above"),
         ("transport_efficiency", "our message path / raw pyzmq+AESGCM throughput at 2MiB"),
         ("overhead_ratio", "split encrypted 2-process step / single-process step"),
+        ("overhead_ratio_spread", "interquartile range of the pair ratios above"),
         ("overhead_ratio_pipelined", "the same with pipelining (depth 2) / single-process step"),
         ("rpc_ratio", "our split step / torch.distributed.rpc (TensorPipe, TCP) step"),
         ("rpc_ratio_same_host_shm", "the same against TensorPipe's shared memory (run apart)"),
@@ -63,8 +67,19 @@ def flops_lines(table: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def load_line(load: dict[str, Any] | None) -> str:
+    if not load or "start" not in load:
+        return "machine load: unknown"
+    start, end = load["start"], load.get("end", load["start"])
+    return (
+        f"machine load (1/5/15-min averages, {start['cpus']} cores): start {start['loadavg']}, "
+        f"end {end['loadavg']}"
+    )
+
+
 def render(results: dict[str, Any], errors: dict[str, str], machine: str) -> str:
     lines = [f"sl-pipeline bench ({machine}); ratios and medians from this run only"]
+    lines.append(load_line(results.get("load")))
     lines += headline(results)
     lines += flops_lines(results.get("flops_table"))
     for section, message in errors.items():

@@ -170,7 +170,8 @@ def run(quick: bool = False, overhead: dict[str, Any] | None = None) -> dict[str
         measured = (overhead or {}).get(name, {})
         if "rpc_step_ms" in measured:
             per_model[name] = {"step_ms": measured["rpc_step_ms"], "interleaved": True}
-            ratio[name] = measured["step_ms"]["split_encrypted"] / measured["rpc_step_ms"]
+            ratio[name] = measured["rpc_ratio_spread"]["median"]
+            per_model[name]["ratio_spread"] = measured["rpc_ratio_spread"]
         elif "rpc_error" in measured:
             per_model[name] = {"error": measured["rpc_error"]}
             ratio[name] = measured["rpc_error"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench import crypto_rt, flops
+from bench.common import machine_load, paired
 from bench.models import VGG_CUT, vgg16
 from bench.rpc import RpcPeer
 
@@ -59,3 +60,26 @@ def test_rpc_baseline_runs_blocks_on_request_and_its_processes_stop() -> None:
     assert len(first) == 2 and len(second) == 3
     assert all(seconds > 0 for seconds in first + second)
     assert not any(party.is_alive() for party in peer.parties)
+
+
+def test_paired_ratio_is_the_median_of_pair_ratios_with_its_quartiles() -> None:
+    # Prepare: the third pair was hit by a burst of load on one side only
+    a, b = [2.0, 4.0, 30.0, 6.0, 8.0], [1.0, 2.0, 3.0, 3.0, 4.0]
+
+    # Execute
+    spread = paired(a, b)
+
+    # Assert: pair ratios 2, 2, 10, 2, 2 -> the burst moves the quartiles, not the median
+    assert spread["median"] == 2.0 and spread["pairs"] == 5
+    assert spread["q1"] == 2.0 and spread["q3"] == 2.0 and spread["iqr"] == 0.0
+    with pytest.raises(ValueError, match="matched"):
+        paired([1.0], [])
+
+
+def test_machine_load_names_the_load_averages_and_cores() -> None:
+    # Execute
+    load = machine_load()
+
+    # Assert
+    assert len(load["loadavg"]) == 3 and all(value >= 0 for value in load["loadavg"])
+    assert load["cpus"] >= 1
