@@ -63,7 +63,7 @@ def _plan(quick: bool) -> tuple[int, int, float]:
 
 
 async def paired_blocks(
-    conns: dict[str, DealerConnection], message: Message, quick: bool
+    conns: dict[str, DealerConnection], messages: dict[str, Message], quick: bool
 ) -> dict[str, list[float]]:
     """Median round trip per block, blocks of the two modes interleaved; the order inside a
     pair alternates (AB, BA, ...) so neither mode always runs first."""
@@ -73,7 +73,7 @@ async def paired_blocks(
     for i in range(pairs):
         order = list(conns) if i % 2 == 0 else list(reversed(conns))
         for mode in order:
-            medians[mode].append(median(await round_trips(conns[mode], message, per_block)))
+            medians[mode].append(median(await round_trips(conns[mode], messages[mode], per_block)))
         if i >= 3 and time.monotonic() > deadline:
             break
     return medians
@@ -99,7 +99,7 @@ async def measure(
             )
             for conn in conns.values():  # warm-up: buffers, first-touch pages
                 await round_trips(conn, message, 3)
-            blocks = await paired_blocks(conns, message, quick)
+            blocks = await paired_blocks(conns, dict.fromkeys(conns, message), quick)
             spread = paired(blocks["encrypted"], blocks["plain"])
             rtt = {mode: median(t) * 1e3 for mode, t in blocks.items()}
             result["rtt_ms"][label] = rtt | {"samples": spread["pairs"]}

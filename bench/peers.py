@@ -22,6 +22,7 @@ from sl_pipeline.codec import DEFAULT_LIMITS
 from sl_pipeline.handshake import ServerHandshake, is_handshake
 from sl_pipeline.keys import generate_keypair
 from sl_pipeline.messages import Kind
+from sl_pipeline.session import Session
 from sl_pipeline.transport import Channel, RouterEndpoint, frame_buffers
 
 POLL_MS = 100
@@ -42,7 +43,8 @@ async def _serve(endpoint: str, ready: Queue, stop: Event) -> None:
     ready.put(static.public)
     try:
         while not stop.is_set():
-            if not await router.sock.poll(POLL_MS, zmq.POLLIN):
+            queued = router.sock.get(zmq.EVENTS) & zmq.POLLIN  # the next chunk, often
+            if not queued and not await router.sock.poll(POLL_MS, zmq.POLLIN):
                 continue
             identity, frames = await router.recv()
             buffers = frame_buffers(frames)
@@ -52,15 +54,20 @@ async def _serve(endpoint: str, ready: Queue, stop: Event) -> None:
                 await router.send(identity, reply)
                 continue
             channel = channels[identity]
-            message = channel.unpack(buffers)
+            message = channel.feed(buffers)
+            if message is None:  # more chunks of this message to come
+                continue
             mode = message.meta.get("reply", "echo")
+            if "chunk_bytes" in message.meta and isinstance(channel.session, Session):
+                # bench.chunks: reply with the chunk size the client names
+                channel.session.chunk_bytes = int(message.meta["chunk_bytes"])
             if mode == "echo":
                 answer = message.reply(Kind.BACKWARD, tensors={"grad": message.tensor("act")})
             elif mode == "ack":
                 answer = message.reply(Kind.HEARTBEAT)
             else:
                 continue
-            await router.send(identity, channel.pack(answer))
+            await router.send_parts(identity, channel.parts(answer))
     finally:
         router.close()
         ctx.term()

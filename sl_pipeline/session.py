@@ -4,19 +4,31 @@ Sans-IO. A :class:`Session` seals a multipart message as a 16-byte plaintext env
 ``magic(2) | version(1) | flags(1) | counter(8) | frame_count(4)`` (big-endian) plus one
 AES-256-GCM ciphertext per buffer; frame ``i`` >= 1 uses nonce ``i(4) || counter(8)`` and
 associated data ``envelope || i(4)``, so every byte, the frame order and the frame count are
-authenticated. :class:`PlainSession` keeps the envelope checks without encryption
-(``--insecure`` only). Sessions come from the handshake in :mod:`sl_pipeline.crypto`.
+authenticated. A message larger than the chunk size travels as a sequence of chunk parts
+instead (:mod:`sl_pipeline.chunked`): :meth:`Session.seal_parts` and :meth:`Session.feed`.
+:class:`PlainSession` keeps the envelope checks without encryption (``--insecure`` only).
+Sessions come from the handshake in :mod:`sl_pipeline.crypto`.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Final
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from sl_pipeline.chunked import (
+    DEFAULT_CHUNK_BYTES,
+    Assembly,
+    check_chunk_bytes,
+    chunk_views,
+    empty_buffer,
+    layout,
+    parse_layout,
+    pieces,
+)
 from sl_pipeline.errors import BadTagError, ConfigError, CryptoError, LimitError, ReplayError
 
 Buffer = bytes | bytearray | memoryview
@@ -24,8 +36,11 @@ _TAGLEN = 16
 DEFAULT_REKEY_INTERVAL: Final = 2**20
 DEFAULT_MAX_FRAMES: Final = 1024
 ENVELOPE_MAGIC: Final = b"SL"
-ENVELOPE_VERSION: Final = 1
+ENVELOPE_VERSION: Final = 2  # 2: chunked messages (FLAG_CHUNKED parts) besides v1's
 FLAG_PLAINTEXT: Final = 0x01
+FLAG_CHUNKED: Final = 0x02
+FLAG_FINAL: Final = 0x04
+DEFAULT_MAX_CHUNKED_BYTES: Final = 2**30  # a chunked message's whole payload, by default
 _ENVELOPE = struct.Struct(">2sBBQI")
 ENVELOPE_SIZE: Final = _ENVELOPE.size  # 16
 _NONCE = struct.Struct(">IQ")
@@ -90,8 +105,8 @@ class _Channel:
             ENVELOPE_MAGIC, ENVELOPE_VERSION, self._flags, self._send_counter, len(buffers)
         )
 
-    def _check_envelope(self, frames: Sequence[Buffer]) -> bytes:
-        """Validate frame 0 against the frame list; returns the envelope bytes."""
+    def _parse_envelope(self, frames: Sequence[Buffer]) -> tuple[bytes, int, int, int]:
+        """Frame 0 checked for size, magic and version: ``(envelope, flags, counter, count)``."""
         if len(frames) > self._max_frames + 1:
             raise LimitError(
                 f"message has {len(frames)} frames; the limit is {self._max_frames + 1}",
@@ -109,19 +124,32 @@ class _Channel:
                 f"not an sl-pipeline v{ENVELOPE_VERSION} message (magic {magic!r}, v{version})",
                 hint="both peers must run compatible sl-pipeline versions",
             )
-        if flags != self._flags:
+        if flags & ~(FLAG_CHUNKED | FLAG_FINAL) != self._flags:
             raise CryptoError(
                 f"envelope flags {flags:#04x}, expected {self._flags:#04x}",
                 hint="both peers must agree on --insecure",
             )
-        if count != len(frames) - 1:
-            raise CryptoError(f"envelope announces {count} frames but {len(frames) - 1} arrived")
+        return envelope, flags, counter, count
+
+    def _check_counter(self, counter: int) -> None:
         if counter != self._recv_counter:
             what = "replayed or reordered" if counter < self._recv_counter else "messages lost"
             raise ReplayError(
                 f"message counter {counter}, expected {self._recv_counter} ({what})",
                 hint="the message was dropped; the session stays usable",
             )
+
+    def _check_envelope(self, frames: Sequence[Buffer]) -> bytes:
+        """Validate frame 0 of a one-part message against its frames; returns the envelope."""
+        envelope, flags, counter, count = self._parse_envelope(frames)
+        if flags & FLAG_CHUNKED:
+            raise CryptoError(
+                f"chunk {count} of message {counter} given where a whole message was expected",
+                hint="pass chunked messages through feed()",
+            )
+        if count != len(frames) - 1:
+            raise CryptoError(f"envelope announces {count} frames but {len(frames) - 1} arrived")
+        self._check_counter(counter)
         return envelope
 
 
@@ -140,13 +168,16 @@ class Session(_Channel):
         handshake_hash: bytes,
         rekey_interval: int = DEFAULT_REKEY_INTERVAL,
         max_frames: int = DEFAULT_MAX_FRAMES,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
         _check_session_limits(rekey_interval, max_frames)
         super().__init__(remote_static, handshake_hash, max_frames)
         self._rekey_interval = rekey_interval
+        self.chunk_bytes = check_chunk_bytes(chunk_bytes)
         # (key, cipher) per direction; replaced only after a message fully succeeds.
         self._send = (send_key, AESGCM(send_key))
         self._recv = (recv_key, AESGCM(recv_key))
+        self._assembly: tuple[Assembly, tuple[bytes, AESGCM]] | None = None
 
     def seal(self, buffers: Sequence[Buffer]) -> list[bytes | bytearray]:
         """Encrypt ``buffers`` into ``[envelope, ciphertext_1, ..., ciphertext_n]``.
@@ -167,12 +198,49 @@ class Session(_Channel):
         self._send_counter += 1
         return frames
 
+    def seal_parts(self, buffers: Sequence[Buffer]) -> Iterator[Sequence[Buffer]]:
+        """The ZeroMQ messages that carry ``buffers``: one, or a head and its chunk parts if
+        they hold more than ``chunk_bytes``. Chunks are sealed one at a time as the iterator
+        is consumed, so a caller sending each part at once overlaps sealing with sending.
+        The message counter is taken now: seal nothing else until the iterator is done."""
+        views = [_byte_view(buffer, index) for index, buffer in enumerate(buffers, start=1)]
+        sizes = [view.nbytes for view in views]
+        if sum(sizes) <= self.chunk_bytes:
+            return iter([self.seal(views)])
+        self._envelope(views)  # the frame count and counter limits
+        counter = self._send_counter
+        key, aead = _key_for(self._send, counter, self._rekey_interval)
+        plan = pieces(sizes, self.chunk_bytes)
+        if len(plan) >= _MAX_FRAMES_LIMIT:
+            raise LimitError(f"message needs {len(plan)} chunks; raise the chunk size")
+        head = self._seal_part(aead, counter, 0, False, layout(sizes, self.chunk_bytes))
+        self._send = (key, aead)
+        self._send_counter += 1
+        chunks = (
+            self._seal_part(aead, counter, part, part == len(plan), view)
+            for part, view in enumerate(chunk_views(views, plan), start=1)
+        )
+        return _chain(head, chunks)
+
+    def _seal_part(
+        self, aead: AESGCM, counter: int, part: int, final: bool, plain: Buffer
+    ) -> Sequence[Buffer]:
+        flags = self._flags | FLAG_CHUNKED | (FLAG_FINAL if final else 0)
+        envelope = _ENVELOPE.pack(ENVELOPE_MAGIC, ENVELOPE_VERSION, flags, counter, part)
+        view = memoryview(plain)
+        out = empty_buffer(view.nbytes + _TAGLEN)
+        aead.encrypt_into(
+            _NONCE.pack(part + 1, counter), view, envelope + _INDEX.pack(part + 1), out
+        )
+        return [envelope, out]
+
     def open(self, frames: Sequence[Buffer]) -> list[bytearray]:
-        """Authenticate and decrypt a sealed message; returns writable plaintext buffers.
+        """Authenticate and decrypt a one-part message; returns writable plaintext buffers.
 
         Any failure raises (ReplayError for counter problems, CryptoError otherwise) and
         leaves the session unchanged, so the next genuine message still opens.
         """
+        self._abandon_assembly()
         envelope = self._check_envelope(frames)
         counter = self._recv_counter
         key, aead = _key_for(self._recv, counter, self._rekey_interval)
@@ -182,18 +250,97 @@ class Session(_Channel):
             if view.nbytes < _TAGLEN:
                 raise CryptoError(f"frame {index} is shorter than an authentication tag")
             out = bytearray(view.nbytes - _TAGLEN)
-            aad = envelope + _INDEX.pack(index)
-            try:
-                aead.decrypt_into(_NONCE.pack(index, counter), view, aad, out)
-            except InvalidTag:
-                raise BadTagError(
-                    f"frame {index} of message {counter} failed authentication",
-                    hint="the message was altered in transit or sent under another session",
-                ) from None
+            _decrypt_into(aead, counter, index, envelope, view, memoryview(out))
             plaintexts.append(out)
         self._recv = (key, aead)
         self._recv_counter += 1
         return plaintexts
+
+    def feed(
+        self, frames: Sequence[Buffer], max_bytes: int = DEFAULT_MAX_CHUNKED_BYTES
+    ) -> Sequence[Buffer] | None:
+        """One received ZeroMQ message: the plaintext buffers once a message is complete,
+        ``None`` while a chunked message still lacks parts. ``max_bytes`` bounds what a
+        chunked head may announce (checked before anything is allocated)."""
+        _, flags, _, _ = self._parse_envelope(frames)
+        if not flags & FLAG_CHUNKED:
+            return self.open(frames)
+        try:
+            return self._open_part(frames, max_bytes)
+        except CryptoError:
+            self._assembly = None  # the message is lost; later parts of it are refused
+            raise
+
+    def _open_part(self, frames: Sequence[Buffer], max_bytes: int) -> Sequence[Buffer] | None:
+        envelope, flags, counter, part = self._parse_envelope(frames)
+        if len(frames) != 2:
+            raise CryptoError(f"chunk part has {len(frames) - 1} sealed frames; expected 1")
+        view = _byte_view(frames[1], 1)
+        if part == 0:
+            self._open_head(envelope, flags, counter, view, max_bytes)
+            return None
+        if self._assembly is None:
+            self._check_counter(counter)  # an old message's chunk reads as a replay
+            raise ReplayError(
+                f"chunk {part} of message {counter} arrived without its head (lost, or its "
+                "message was already refused)",
+                hint="the message was dropped; the sender must send it again",
+            )
+        assembly, keyed = self._assembly
+        final = bool(flags & FLAG_FINAL)
+        target = assembly.target(counter, part, final, view.nbytes - _TAGLEN)
+        _decrypt_into(keyed[1], counter, part + 1, envelope, view, target)
+        assembly.next_part += 1
+        if part < assembly.parts:
+            return None
+        self._assembly = None
+        self._recv = keyed
+        self._recv_counter += 1
+        return assembly.outputs
+
+    def _open_head(
+        self, envelope: bytes, flags: int, counter: int, view: memoryview, max_bytes: int
+    ) -> None:
+        self._abandon_assembly()
+        self._check_counter(counter)
+        if flags & FLAG_FINAL or view.nbytes < _TAGLEN:
+            raise CryptoError(f"chunked head of message {counter} is malformed")
+        keyed = _key_for(self._recv, counter, self._rekey_interval)
+        plain = empty_buffer(view.nbytes - _TAGLEN)
+        _decrypt_into(keyed[1], counter, 1, envelope, view, plain)
+        chunk_bytes, sizes = parse_layout(bytes(plain), self._max_frames, max_bytes)
+        assembly = Assembly.start(counter, chunk_bytes, sizes)
+        if assembly.parts == 0:
+            raise CryptoError(f"chunked head of message {counter} announces no chunks")
+        self._assembly = (assembly, keyed)
+
+    def _abandon_assembly(self) -> None:
+        """A new message while a chunked one is incomplete: that one was truncated."""
+        if self._assembly is not None:
+            assembly = self._assembly[0]
+            self._assembly = None
+            raise ReplayError(
+                f"message {assembly.counter} ended after {assembly.next_part - 1} of its "
+                f"{assembly.parts} chunks (truncated)",
+                hint="the message was dropped; the sender must send it again",
+            )
+
+
+def _chain(head: Sequence[Buffer], rest: Iterator[Sequence[Buffer]]) -> Iterator[Sequence[Buffer]]:
+    yield head
+    yield from rest
+
+
+def _decrypt_into(
+    aead: AESGCM, counter: int, index: int, envelope: bytes, view: memoryview, out: memoryview
+) -> None:
+    try:
+        aead.decrypt_into(_NONCE.pack(index, counter), view, envelope + _INDEX.pack(index), out)
+    except InvalidTag:
+        raise BadTagError(
+            f"frame {index} of message {counter} failed authentication",
+            hint="the message was altered in transit or sent under another session",
+        ) from None
 
 
 class PlainSession(_Channel):
@@ -225,8 +372,21 @@ class PlainSession(_Channel):
         self._recv_counter += 1
         return plaintexts
 
+    def seal_parts(
+        self, buffers: Sequence[Buffer]
+    ) -> Iterator[list[bytes | bytearray | memoryview]]:
+        """Always one part: chunking exists to overlap encryption, which this session skips."""
+        return iter([self.seal(buffers)])
+
+    def feed(
+        self, frames: Sequence[Buffer], max_bytes: int = DEFAULT_MAX_CHUNKED_BYTES
+    ) -> list[bytearray]:
+        """The same as :meth:`open` (a chunk part is refused: nobody sends one in plaintext)."""
+        return self.open(frames)
+
 
 __all__ = [
+    "DEFAULT_CHUNK_BYTES",
     "DEFAULT_MAX_FRAMES",
     "DEFAULT_REKEY_INTERVAL",
     "ENVELOPE_SIZE",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import zmq
@@ -75,11 +75,24 @@ class Channel:
     def __init__(self, session: AnySession, limits: Limits = DEFAULT_LIMITS) -> None:
         self.session = session
         self.limits = limits
+        self._max_bytes = limits.max_message_bytes + limits.max_header_bytes
 
     def pack(self, message: Message) -> list[Buffer]:
+        """``message`` as one ZeroMQ message, however large (never chunked)."""
         return list(self.session.seal(encode(message)))
 
+    def parts(self, message: Message) -> Iterator[Sequence[Buffer]]:
+        """``message`` as the ZeroMQ messages to send in order: one, or a chunked sequence
+        sealed lazily (send each part as it comes, so sealing overlaps sending)."""
+        return self.session.seal_parts(encode(message))
+
+    def feed(self, frames: Sequence[Buffer]) -> Message | None:
+        """One received ZeroMQ message: the decoded message once complete, else ``None``."""
+        buffers = self.session.feed(frames, self._max_bytes)
+        return None if buffers is None else decode(buffers, self.limits)
+
     def unpack(self, frames: Sequence[Buffer]) -> Message:
+        """A message that arrived as one ZeroMQ message (a chunk part is refused)."""
         return decode(self.session.open(frames), self.limits)
 
 
@@ -129,6 +142,7 @@ class DealerConnection:
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         self.monitor = self.sock.get_monitor_socket(_WATCHED)
         self.channel: Channel | None = None
+        self._send_lock = asyncio.Lock()  # a chunked message's parts go out back to back
         self._lost: asyncio.Future[Any] | None = None
         self._connected = False
 
@@ -155,9 +169,7 @@ class DealerConnection:
     async def send(self, message: Message) -> int:
         if self.channel is None:
             raise ProtocolError("send before handshake")
-        frames = self.channel.pack(message)
-        await self.sock.send_multipart(frames, copy=False)
-        nbytes = frames_size(frames)
+        nbytes = await send_parts(self.sock, self._send_lock, [], self.channel.parts(message))
         self.on_message("sent", message.kind.value, nbytes)
         return nbytes
 
@@ -165,8 +177,27 @@ class DealerConnection:
         """The next message; a refusal or ERROR reply becomes a PeerError."""
         if self.channel is None:
             raise ProtocolError("recv before handshake")
-        frames = await self._recv_raw(timeout_s, "a reply")
-        buffers = frame_buffers(frames)
+        deadline = time.monotonic() + timeout_s
+        nbytes = 0
+        message: Message | None = None
+        while message is None:  # the parts of a chunked message
+            if self.sock.get(zmq.EVENTS) & zmq.POLLIN:  # already queued: no timer, no watcher
+                frames = list(await self.sock.recv_multipart(copy=False))
+            else:
+                frames = await self._recv_raw(max(0.0, deadline - time.monotonic()), "a reply")
+            nbytes += frames_size(frames)
+            message = self._open(frame_buffers(frames))
+        self.on_message("received", message.kind.value, nbytes)
+        if message.kind is Kind.ERROR:
+            raise PeerError(
+                str(message.meta.get("code", "error")),
+                str(message.meta.get("reason", "")),
+                retryable=bool(message.meta.get("retryable", False)),
+            )
+        return message
+
+    def _open(self, buffers: list[Buffer]) -> Message | None:
+        assert self.channel is not None
         if is_handshake(buffers):
             # A plaintext refusal after joining: the peer dropped our session (it restarted,
             # or refused a message: a counter gap, a failed tag). Rejoining starts afresh.
@@ -179,15 +210,7 @@ class DealerConnection:
                 f"session: {reason}",
                 retryable=True,
             )
-        message = self.channel.unpack(buffers)
-        self.on_message("received", message.kind.value, frames_size(frames))
-        if message.kind is Kind.ERROR:
-            raise PeerError(
-                str(message.meta.get("code", "error")),
-                str(message.meta.get("reason", "")),
-                retryable=bool(message.meta.get("retryable", False)),
-            )
-        return message
+        return self.channel.feed(buffers)
 
     async def _recv_raw(self, timeout_s: float, what: str) -> list[Any]:
         """The next multipart message; TransportError on timeout or a dropped connection
@@ -287,6 +310,7 @@ class RouterEndpoint:
         self.zap = _start_gate(ctx, gate, on_gate) if gate is not None else None
         self.sock = new_socket(ctx, zmq.ROUTER, limits, hwm)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self._send_lock = asyncio.Lock()
         if gate is not None:  # strangers are refused during ZeroMQ's handshake
             self.sock.plain_server = True
             self.sock.zap_domain = ZAP_DOMAIN
@@ -302,8 +326,12 @@ class RouterEndpoint:
         return bytes(parts[0].buffer), list(parts[1:])
 
     async def send(self, identity: bytes, frames: Sequence[Buffer]) -> int:
-        await self.sock.send_multipart([identity, *frames], copy=False)
-        return frames_size(frames)
+        return await send_parts(self.sock, self._send_lock, [identity], [frames])
+
+    async def send_parts(self, identity: bytes, parts: Iterable[Sequence[Buffer]]) -> int:
+        """A message as its parts (``Channel.parts``), back to back: no other message to
+        any peer goes out between two parts of it."""
+        return await send_parts(self.sock, self._send_lock, [identity], parts)
 
     def close(self, linger_ms: int = 0) -> None:
         """Close; ``linger_ms`` lets messages already sent leave first (bounded)."""
@@ -313,6 +341,19 @@ class RouterEndpoint:
             task.cancel()
             sock.close(linger=0)
             self.zap = None
+
+
+async def send_parts(
+    sock: Any, lock: asyncio.Lock, prefix: list[bytes], parts: Iterable[Sequence[Buffer]]
+) -> int:
+    """Send each part as soon as it is sealed: ZeroMQ's I/O thread writes part k to the
+    network while this thread seals part k+1. Returns the bytes sent."""
+    nbytes = 0
+    async with lock:
+        for frames in parts:
+            await sock.send_multipart([*prefix, *frames], copy=False)
+            nbytes += frames_size(frames)
+    return nbytes
 
 
 def _start_gate(

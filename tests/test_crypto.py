@@ -474,7 +474,7 @@ def test_fuzz_read_message2(message: bytes) -> None:
 
 
 def _envelope_prefixed(data: bytes) -> bytes:
-    return b"SL\x01\x00" + bytes(8) + data[:4].ljust(4, b"\x00")
+    return b"SL\x02\x00" + bytes(8) + data[:4].ljust(4, b"\x00")
 
 
 frames_st = st.lists(st.binary(max_size=64), max_size=6)
