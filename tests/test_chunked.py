@@ -106,7 +106,7 @@ def test_reordered_chunks_are_refused(sizes: list[int], data: st.DataObject) -> 
     parts = _parts(sender, _buffers(sizes))
     i = data.draw(st.integers(0, len(parts) - 2), label="swap")
     parts[i], parts[i + 1] = parts[i + 1], parts[i]
-    with pytest.raises(ReplayError, match="chunk|head|truncated"):
+    with pytest.raises(ReplayError, match=r"chunk|head|truncated"):
         _feed_all(receiver, parts)
 
 
@@ -116,7 +116,7 @@ def test_a_repeated_chunk_is_refused(sizes: list[int], data: st.DataObject) -> N
     sender, receiver = _pair()
     parts = _parts(sender, _buffers(sizes))
     i = data.draw(st.integers(1, len(parts) - 1), label="repeat")
-    with pytest.raises(ReplayError, match="repeated|replayed"):
+    with pytest.raises(ReplayError, match=r"repeated|replayed"):
         _feed_all(receiver, [*parts[: i + 1], parts[i], *parts[i + 1 :]])
 
 
@@ -130,7 +130,7 @@ def test_a_missing_chunk_is_refused(sizes: list[int], data: st.DataObject) -> No
     following = _parts(sender, [b"next"])
 
     # Execute / Assert
-    with pytest.raises(ReplayError, match="lost|truncated"):
+    with pytest.raises(ReplayError, match=r"lost|truncated"):
         _feed_all(receiver, [*parts[:i], *parts[i + 1 :], *following])
 
 
