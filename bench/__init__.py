@@ -5,6 +5,16 @@ section reports is a ratio or a median over repeats measured within the same run
 absolute time to compare across runs or machines. See docs/performance.md.
 """
 
-SECTIONS = ("flops", "crypto_rt", "chunks", "transport", "overhead", "rpc", "scaling", "scrape")
+SECTIONS = (
+    "flops",
+    "crypto_rt",
+    "chunks",
+    "wan",
+    "transport",
+    "overhead",
+    "rpc",
+    "scaling",
+    "scrape",
+)
 
 __all__ = ["SECTIONS"]
