@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
-from bench import crypto_rt, flops
-from bench.common import machine_load, paired
+from bench import crypto_rt, flops, shaper
+from bench.common import CTX, free_port, machine_load, paired
 from bench.models import VGG_CUT, vgg16
 from bench.rpc import RpcPeer
+from bench.wan import recommended_depth
 
 
 @pytest.mark.timeout(60)
@@ -83,3 +87,51 @@ def test_machine_load_names_the_load_averages_and_cores() -> None:
     # Assert
     assert len(load["loadavg"]) == 3 and all(value >= 0 for value in load["loadavg"])
     assert load["cpus"] >= 1
+
+
+@pytest.mark.timeout(30)
+async def test_shaper_adds_the_round_trip_and_limits_the_rate() -> None:
+    # Prepare: an echo server behind the shaper, 60 ms round trip, 8 Mbit/s
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    target = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = target.sockets[0].getsockname()[1]
+    link, ready, stop = shaper.LinkSettings(), CTX.Queue(), CTX.Event()
+    link.set(0.060, 8e6)
+    proxy_port = free_port()
+    proxy = asyncio.ensure_future(shaper._proxy(proxy_port, f"127.0.0.1:{port}", link, ready, stop))
+    try:
+        await asyncio.wait_for(asyncio.to_thread(ready.get, timeout=10), 15)
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
+
+        # Execute: one byte there and back, then 100 kB there and back
+        start = time.monotonic()
+        writer.write(b"x")
+        await asyncio.wait_for(reader.readexactly(1), 10)
+        small_s = time.monotonic() - start
+        start = time.monotonic()
+        writer.write(bytes(100_000))
+        await asyncio.wait_for(reader.readexactly(100_000), 10)
+        large_s = time.monotonic() - start
+        writer.close()
+    finally:
+        stop.set()
+        await asyncio.wait_for(proxy, 5)
+        target.close()
+
+    # Assert: the round trip is added; 100 kB at 8 Mbit/s takes 0.1 s on the link
+    assert 0.060 <= small_s < 1.0
+    assert large_s >= 0.060 + 0.1
+    assert link.carried() == (100_001, 100_001)
+
+
+def test_recommended_depth_covers_a_round_trip_plus_a_step() -> None:
+    assert recommended_depth(0.040, 20.0) == 2  # 0.8 + 1 steps in flight
+    assert recommended_depth(0.020, 80.0) == 4  # 1.6 + 1
+    assert recommended_depth(0.040, 80.0) == 8  # 3.2 + 1 is more than 4
+    assert recommended_depth(0.050, 300.0) == 8  # the most there is
+    assert recommended_depth(0.0, 1000.0) == 1  # no latency to hide
