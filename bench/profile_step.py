@@ -94,6 +94,26 @@ async def client_steps(
     return samples
 
 
+CATEGORIES = (  # (name, substrings of a function's file or name), first match wins
+    ("crypto", ("aead", "cryptography", "session.py", "chunked.py")),
+    ("codec+messages", ("codec.py", "messages.py", "json")),
+    ("zmq+asyncio", ("zmq", "asyncio", "selectors", "select.epoll", "transport.py", "socket.py")),
+    ("metrics", ("prometheus_client", "metrics.py")),
+    ("torch", ("torch",)),
+)
+
+
+def budget(stats: pstats.Stats, steps: int) -> dict[str, float]:
+    """Own CPU time per step, in microseconds, summed by category."""
+    totals = dict.fromkeys([name for name, _ in CATEGORIES] + ["other"], 0.0)
+    for (file, _, name), (_, _, own, _, _) in stats.stats.items():  # type: ignore[attr-defined]
+        where = f"{file}:{name}"
+        category = next((c for c, keys in CATEGORIES if any(k in where for k in keys)), "other")
+        totals[category] += own / steps * 1e6
+    totals["total"] = sum(totals.values())
+    return {k: round(v, 1) for k, v in totals.items()}
+
+
 def table(stats: pstats.Stats, steps: int, top: int) -> str:
     """The ``top`` functions by own time, in microseconds per step."""
     rows = []
@@ -138,17 +158,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"(profiled; load {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores)",
             file=out,
         )
+        client_stats = pstats.Stats(profile)
         print("\nclient process (this one), per step:", file=out)
-        print(table(pstats.Stats(profile), len(samples), args.top), file=out)
+        print(table(client_stats, len(samples), args.top), file=out)
+        print(f"client CPU budget, us/step: {budget(client_stats, len(samples))}", file=out)
         if (folder / "server.prof").exists():
-            print(
-                "\nserver process (whole run incl. start-up and warm-up), per profiled step:",
-                file=out,
-            )
-            print(
-                table(pstats.Stats(str(folder / "server.prof")), len(samples) + 20, args.top),
-                file=out,
-            )
+            server_stats = pstats.Stats(str(folder / "server.prof"))
+            print("\nserver process, per step:", file=out)
+            print(table(server_stats, len(samples), args.top), file=out)
+            print(f"server CPU budget, us/step: {budget(server_stats, len(samples))}", file=out)
         else:
             print(
                 "\nserver profile missing; log:\n" + (folder / "server.log").read_text()[-800:],
