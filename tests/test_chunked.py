@@ -3,19 +3,25 @@ parts. Every chunk altered, moved, repeated or missing is refused; driven with b
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Sequence
 
 import pytest
 import torch
+import zmq
+import zmq.asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sl_pipeline.chunked import MIN_CHUNK_BYTES, pieces
+from sl_pipeline.codec import DEFAULT_LIMITS
 from sl_pipeline.errors import BadTagError, CryptoError, LimitError, ReplayError
+from sl_pipeline.handshake import ClientHandshake, ServerHandshake, is_handshake
+from sl_pipeline.keys import generate_keypair
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.session import ENVELOPE_SIZE, PlainSession, Session
-from sl_pipeline.transport import Channel
+from sl_pipeline.transport import Channel, DealerConnection, RouterEndpoint, frame_buffers
 
 CHUNK = MIN_CHUNK_BYTES
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -197,3 +203,52 @@ def test_channel_sends_a_large_tensor_in_chunks_and_decodes_it_whole() -> None:
     assert messages[:-1] == [None] * (len(parts) - 1) and received is not None
     assert received.step == 3 and torch.equal(received.tensors["act"], act)
     received.tensors["act"].add_(1)  # writable: the model may use it in place
+
+
+@pytest.mark.timeout(60)
+async def test_a_large_message_crosses_real_sockets_in_chunks_both_ways() -> None:
+    # Prepare: a ROUTER that echoes every message, behind the real Noise IK handshake
+    ctx = zmq.asyncio.Context()
+    router = RouterEndpoint(ctx, "tcp://127.0.0.1:*", DEFAULT_LIMITS, hwm=1000)
+    url = router.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    server_key = generate_keypair()
+    handshake = ServerHandshake(server_key, lambda key: True, insecure=False)
+    parts_seen: list[int] = []
+
+    async def serve() -> None:
+        channels: dict[bytes, Channel] = {}
+        while True:
+            identity, frames = await router.recv()
+            buffers = frame_buffers(frames)
+            if is_handshake(buffers):
+                reply, session, _, _ = handshake.answer(buffers, lambda hello, key: {})
+                channels[identity] = Channel(session)
+                await router.send(identity, reply)
+                continue
+            parts_seen.append(len(buffers))
+            message = channels[identity].feed(buffers)
+            if message is not None:
+                answer = message.reply(Kind.BACKWARD, tensors={"grad": message.tensor("act") * 2})
+                await router.send_parts(identity, channels[identity].parts(answer))
+
+    server = asyncio.ensure_future(serve())
+    conn = DealerConnection(ctx, url)
+    act = torch.randn(3 * 1024 * 1024 // 4)  # 3 MiB: a head and 3 chunks each way
+    try:
+        hello = ClientHandshake({"client": "c"}, generate_keypair(), server_key.public)
+        hello.connect_token = lambda now_s: None  # type: ignore[method-assign]  # no gate here
+        await asyncio.wait_for(conn.handshake(hello, 10), 15)
+
+        # Execute
+        sent = await conn.send(Message(kind=Kind.FORWARD, step=1, tensors={"act": act}))
+        reply = await asyncio.wait_for(conn.recv(10), 15)
+    finally:
+        server.cancel()
+        conn.close()
+        router.close()
+        ctx.term()
+
+    # Assert
+    assert len(parts_seen) == 1 + 1 + 3  # head, JSON header, three 1 MiB pieces of the tensor
+    assert sent > act.numel() * 4 and reply.step == 1
+    assert torch.equal(reply.tensors["grad"], act * 2)
