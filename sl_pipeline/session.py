@@ -49,6 +49,7 @@ _INDEX = struct.Struct(">I")
 _COUNTER_LIMIT = 2**64 - 1
 _MAX_FRAMES_LIMIT = 2**32 - 1
 _REKEY_NONCE = b"\x00" * 4 + b"\xff" * 8
+_Parsed = tuple[bytes, int, int, int]  # envelope, flags, counter, frame count or part index
 _ZEROS32 = bytes(32)
 
 
@@ -105,7 +106,7 @@ class _Channel:
             ENVELOPE_MAGIC, ENVELOPE_VERSION, self._flags, self._send_counter, len(buffers)
         )
 
-    def _parse_envelope(self, frames: Sequence[Buffer]) -> tuple[bytes, int, int, int]:
+    def _parse_envelope(self, frames: Sequence[Buffer]) -> _Parsed:
         """Frame 0 checked for size, magic and version: ``(envelope, flags, counter, count)``."""
         if len(frames) > self._max_frames + 1:
             raise LimitError(
@@ -139,9 +140,9 @@ class _Channel:
                 hint="the message was dropped; the session stays usable",
             )
 
-    def _check_envelope(self, frames: Sequence[Buffer]) -> bytes:
+    def _check_envelope(self, frames: Sequence[Buffer], parsed: _Parsed | None = None) -> bytes:
         """Validate frame 0 of a one-part message against its frames; returns the envelope."""
-        envelope, flags, counter, count = self._parse_envelope(frames)
+        envelope, flags, counter, count = parsed or self._parse_envelope(frames)
         if flags & FLAG_CHUNKED:
             raise CryptoError(
                 f"chunk {count} of message {counter} given where a whole message was expected",
@@ -234,14 +235,14 @@ class Session(_Channel):
         )
         return [envelope, out]
 
-    def open(self, frames: Sequence[Buffer]) -> list[bytearray]:
+    def open(self, frames: Sequence[Buffer], parsed: _Parsed | None = None) -> list[bytearray]:
         """Authenticate and decrypt a one-part message; returns writable plaintext buffers.
 
         Any failure raises (ReplayError for counter problems, CryptoError otherwise) and
         leaves the session unchanged, so the next genuine message still opens.
         """
         self._abandon_assembly()
-        envelope = self._check_envelope(frames)
+        envelope = self._check_envelope(frames, parsed)
         counter = self._recv_counter
         key, aead = _key_for(self._recv, counter, self._rekey_interval)
         plaintexts: list[bytearray] = []
@@ -262,17 +263,19 @@ class Session(_Channel):
         """One received ZeroMQ message: the plaintext buffers once a message is complete,
         ``None`` while a chunked message still lacks parts. ``max_bytes`` bounds what a
         chunked head may announce (checked before anything is allocated)."""
-        _, flags, _, _ = self._parse_envelope(frames)
-        if not flags & FLAG_CHUNKED:
-            return self.open(frames)
+        parsed = self._parse_envelope(frames)
+        if not parsed[1] & FLAG_CHUNKED:
+            return self.open(frames, parsed)
         try:
-            return self._open_part(frames, max_bytes)
+            return self._open_part(frames, parsed, max_bytes)
         except CryptoError:
             self._assembly = None  # the message is lost; later parts of it are refused
             raise
 
-    def _open_part(self, frames: Sequence[Buffer], max_bytes: int) -> Sequence[Buffer] | None:
-        envelope, flags, counter, part = self._parse_envelope(frames)
+    def _open_part(
+        self, frames: Sequence[Buffer], parsed: _Parsed, max_bytes: int
+    ) -> Sequence[Buffer] | None:
+        envelope, flags, counter, part = parsed
         if len(frames) != 2:
             raise CryptoError(f"chunk part has {len(frames) - 1} sealed frames; expected 1")
         view = _byte_view(frames[1], 1)

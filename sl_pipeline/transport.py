@@ -43,6 +43,8 @@ _WATCHED = (
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
 _MECHANISM_MISMATCH = zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+# Plain ints: pyzmq's flags are enums, and an enum operation costs a microsecond per message.
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 def _noop(direction: str, kind: str, nbytes: int) -> None:
@@ -181,7 +183,7 @@ class DealerConnection:
         nbytes = 0
         message: Message | None = None
         while message is None:  # the parts of a chunked message
-            if self.sock.get(zmq.EVENTS) & zmq.POLLIN:  # already queued: no timer, no watcher
+            if self.sock.get(_EVENTS) & _POLLIN:  # already queued: no timer, no watcher
                 frames = list(await self.sock.recv_multipart(copy=False))
             else:
                 frames = await self._recv_raw(max(0.0, deadline - time.monotonic()), "a reply")
@@ -221,7 +223,7 @@ class DealerConnection:
         """
         lost = self._lost_watcher()
         if lost.done():
-            if self.sock.get(zmq.EVENTS) & zmq.POLLIN:  # what arrived before the link went
+            if self.sock.get(_EVENTS) & _POLLIN:  # what arrived before the link went
                 return list(await self.sock.recv_multipart(copy=False))  # (a shutdown notice)
             self._raise_lost(lost, what)
         received = self.sock.recv_multipart(copy=False)
