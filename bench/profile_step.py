@@ -28,7 +28,7 @@ import zmq.asyncio
 
 from sl_pipeline.config import ClientConfig, from_mapping
 from sl_pipeline.data import batch_order
-from workers.client import ClientWorker
+from workers.client.worker import ClientWorker
 
 from .common import REPO, median, stop_process, wait_for
 from .models import BATCH, MODELS

@@ -28,8 +28,8 @@ import zmq.asyncio
 from sl_pipeline.config import ClientConfig, from_mapping
 from sl_pipeline.data import batch_order
 from sl_pipeline.messages import Kind, Message
-from workers.client import ClientWorker
-from workers.pipeline import train_pipelined
+from workers.client.microbatch import train_pipelined
+from workers.client.worker import ClientWorker
 
 from . import shaper
 from .common import CTX, endpoint, free_port, median, start_child, stop_child, stop_process

@@ -51,7 +51,7 @@ class TrainConfig:
     optimizer: Literal["sgd", "adam"] = "sgd"
     seed: int = 0
     device: str = "cpu"
-    pipeline_depth: int = 1  # >1: the next batch's forward overlaps the server's work (stale by 1)
+    pipeline_depth: int = 1  # >1: steps in flight (client overlaps server); 0: auto from RTT
     threads: int = 1  # torch intra-op threads; 0 = torch's default (oversubscribes small hosts)
     wire_dtype: Literal["float32", "float16", "bfloat16", "int8"] = "float32"
 

@@ -143,3 +143,17 @@ def test_the_command_line_starts_without_importing_torch() -> None:
 
     code = "import sys, workers.cli; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_pipeline_depth_auto_is_written_as_0_and_a_bad_depth_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Execute
+    assert main(["init", str(tmp_path / "d"), "--pipeline-depth", "auto"]) == 0
+    with pytest.raises(SystemExit) as refused:
+        main(["init", str(tmp_path / "e"), "--pipeline-depth", "fast"])
+
+    # Assert
+    assert "pipeline_depth = 0" in (tmp_path / "d" / "client-1.toml").read_text()
+    assert refused.value.code == 2
+    assert "'fast' is not a number of steps or 'auto'" in capsys.readouterr().err

@@ -189,6 +189,17 @@ async def test_pipelined_client_keeps_steps_in_flight_and_applies_each_once(depl
     assert summary["test_accuracy"] >= plain["test_accuracy"] - 0.03  # stale by <= 2 steps
 
 
+async def test_auto_pipeline_depth_chooses_a_depth_and_applies_each_step_once(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Execute: pipeline_depth = 0 is --pipeline-depth auto
+    files = deployment(dataset="breast_cancer", epochs=2)
+    run = await run_deployment(files, "train.pipeline_depth=0")
+
+    # Assert: the depth it chose is a real depth, and no step was lost or applied twice
+    summary = run["summaries"][0]
+    assert 1 <= summary["pipeline_depth"] <= 8
+    assert summary["steps"] == run["server"].steps_applied > 0
+
+
 def test_pipelining_is_refused_where_a_step_needs_two_exchanges(deployment) -> None:  # type: ignore[no-untyped-def]
     from sl_pipeline.errors import ConfigError
     from workers.client.worker import ClientWorker
@@ -267,3 +278,20 @@ async def test_relay_rejoins_a_restarted_server_and_training_finishes(
             event.set()
         pending = [t for t in (first, second, relaying, training) if t is not None]
         await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 15)
+
+
+@pytest.mark.parametrize(
+    ("step_ms", "round_trip_ms", "client_ms", "depth"),
+    [
+        (10.0, 0.0, 5.0, 2),  # no latency: client and server alternate, two in flight
+        (66.0, 40.0, 6.0, 4),  # 40 ms link, server 20 ms: 66 / 20 -> 4
+        (52.0, 40.0, 6.0, 8),  # server 6 ms too: 52 / 6 -> 9, at most 8
+        (5.0, 1.0, 4.0, 2),  # the client is the slower party
+    ],
+)
+def test_auto_depth_keeps_the_slower_party_busy(
+    step_ms: float, round_trip_ms: float, client_ms: float, depth: int
+) -> None:
+    from workers.client.microbatch import auto_depth
+
+    assert auto_depth(step_ms / 1e3, round_trip_ms / 1e3, client_ms / 1e3) == depth

@@ -110,6 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _pipeline_depth(text: str) -> int:
+    """``--pipeline-depth``: a number of steps, or ``auto`` (stored as 0)."""
+    if text == "auto":
+        return 0
+    try:
+        depth = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of steps or 'auto'") from None
+    if depth < 1:
+        raise argparse.ArgumentTypeError(f"{depth} must be at least 1 (or 'auto')")
+    return depth
+
+
 def _deployment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topology", default="vanilla", choices=list(TOPOLOGIES))
     p.add_argument("--dataset", default="digits", choices=["digits", "breast_cancer"])
@@ -130,9 +143,11 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--pipeline-depth",
-        type=int,
+        type=_pipeline_depth,
         default=1,
-        help="steps in flight per client (>1 overlaps client and server compute)",
+        metavar="N|auto",
+        help="steps in flight per client (>1 overlaps client and server compute; auto: "
+        "chosen from the measured round trip and step time)",
     )
     p.add_argument(
         "--wire-dtype",

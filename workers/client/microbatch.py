@@ -1,6 +1,8 @@
 """Micro-batch pipelining on the client: compute batch k+1 while the server works on k.
 
 Off by default (``train.pipeline_depth = 1``). With depth d, up to d steps are in flight.
+``pipeline_depth = 0`` (``--pipeline-depth auto``) measures the round trip (heartbeats) and
+the first steps at depth 1, then keeps the slower party busy (:func:`auto_depth`).
 Each step's forward runs on a *stash* of the client segment's weights (PipeDream-style weight
 stashing), so when its gradient comes back the backward pass runs through exactly the weights
 that produced the activations, and the resulting gradient is applied to the current weights:
@@ -10,23 +12,31 @@ as before; its reply cache answers a resend of any step still in flight after a 
 
 from __future__ import annotations
 
+import logging
+import math
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sl_pipeline.errors import ConfigError, PeerError, ReplyTimeoutError, TransportError
-from sl_pipeline.messages import Message
+from sl_pipeline.messages import Kind, Message
 from sl_pipeline.tensors import read_tensor
 
 if TYPE_CHECKING:
     from workers.client.worker import ClientWorker
 
+log = logging.getLogger("workers.client")
+
 MAX_DEPTH = 8
 MAX_REJOINS = 100
+AUTO = 0  # train.pipeline_depth = 0: chosen from the measured round trip and step time
+PROBE_PINGS = 3
+PROBE_STEPS = 5
 
 
 @dataclass
@@ -38,12 +48,65 @@ class InFlight:
     stash: dict[str, torch.Tensor]
     msg: Message
     started: float
+    client_s: float  # this client's own compute for the step so far
+
+
+@dataclass
+class DepthProbe:
+    """``--pipeline-depth auto``: times the first steps at depth 1, then picks the depth."""
+
+    round_trip_s: float
+    steps_s: list[float] = field(default_factory=list)
+    client_s: list[float] = field(default_factory=list)
+
+    def record(self, step_s: float, client_s: float) -> None:
+        self.steps_s.append(step_s)
+        self.client_s.append(client_s)
+
+    def ready(self) -> bool:
+        return len(self.steps_s) >= PROBE_STEPS
+
+    def choose(self) -> int:
+        step_s, client_s = statistics.median(self.steps_s), statistics.median(self.client_s)
+        depth = auto_depth(step_s, self.round_trip_s, client_s)
+        log.info(
+            "pipeline depth auto: %d (round trip %.1f ms, step at depth 1 %.1f ms, "
+            "client compute %.1f ms)",
+            depth,
+            self.round_trip_s * 1e3,
+            step_s * 1e3,
+            client_s * 1e3,
+        )
+        return depth
+
+
+def auto_depth(step_s: float, round_trip_s: float, client_s: float) -> int:
+    """Steps in flight that keep the slower party busy. At depth 1 a step takes ``step_s`` =
+    round trip + client compute + server compute; the slower party finishes a step every
+    ``max(client, server)`` seconds, so ``step_s`` over that many steps must be in flight."""
+    server_s = max(step_s - round_trip_s - client_s, 0.0)
+    busy_s = max(client_s, server_s, 1e-4)
+    return max(1, min(MAX_DEPTH, math.ceil(step_s / busy_s)))
+
+
+async def measure_round_trip(worker: ClientWorker) -> float:
+    """Median of a few heartbeat round trips to the server (or relay), which answers each."""
+    samples = []
+    for _ in range(PROBE_PINGS):
+        start = time.perf_counter()
+        await worker.request(Message(kind=Kind.HEARTBEAT, client=worker.cfg.client.name))
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
 
 
 def check_depth(worker: ClientWorker) -> int:
     depth = worker.cfg.train.pipeline_depth
-    if not 1 <= depth <= MAX_DEPTH:
-        raise ConfigError(f"train.pipeline_depth = {depth} must be between 1 and {MAX_DEPTH}")
+    if not 0 <= depth <= MAX_DEPTH:
+        raise ConfigError(
+            f"train.pipeline_depth = {depth} must be between 1 and {MAX_DEPTH}, or 0 (auto)"
+        )
+    if depth == AUTO and not worker.runner.pipelines:
+        return 1  # auto: this topology cannot pipeline, so one step at a time
     if depth > 1 and not worker.runner.pipelines:
         raise ConfigError(
             f"train.pipeline_depth > 1 is not available for topology {worker.topology!r} "
@@ -80,18 +143,26 @@ async def train_pipelined(
     epoch: int,
     batches: Iterator[tuple[int, Any, Any, Any]],
     done: Callable[[int, float, float], None],
-) -> None:
+) -> int:
+    """Train ``batches`` with up to the configured depth of steps in flight; returns the
+    depth used (with ``auto``, the one it chose, or AUTO if there were too few steps)."""
     depth = check_depth(worker)
     runner = worker.runner
     inflight: deque[InFlight] = deque()
+    probe = DepthProbe(await measure_round_trip(worker)) if depth == AUTO else None
+    depth = 1 if probe is not None else depth
 
     async def complete_oldest() -> None:
         reply = await _reply(worker, inflight)
         item = inflight.popleft()
         if (reply.epoch, reply.step) != (epoch, item.step):
             raise TransportError(f"reply for step {reply.step} while waiting for {item.step}")
+        start = time.perf_counter()
         runner.apply_stashed(item.x, item.act, item.sent, item.stash, read_tensor(reply, "grad"))
+        end = time.perf_counter()
         done(item.step, float(reply.meta.get("loss", float("nan"))), item.started)
+        if probe is not None:
+            probe.record(end - item.started, item.client_s + end - start)
 
     for step, x, y, ids in batches:
         worker.step = step
@@ -99,9 +170,13 @@ async def train_pipelined(
         act, sent, stash = runner.stash_forward(x)
         msg = runner.forward_message(step, sent, y, ids)
         assert worker.conn is not None
+        client_s = time.perf_counter() - started
         await worker.conn.send(msg)
-        inflight.append(InFlight(step, x, act, sent, stash, msg, started))
+        inflight.append(InFlight(step, x, act, sent, stash, msg, started, client_s))
         if len(inflight) >= depth:
             await complete_oldest()
+        if probe is not None and probe.ready():
+            depth, probe = probe.choose(), None
     while inflight:
         await complete_oldest()
+    return depth if probe is None else AUTO  # too few steps to choose: try again next time

@@ -14,6 +14,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from sl_pipeline.retransmit import RetransmitTimer
 from sl_pipeline.sources import Source, load_source
 from sl_pipeline.transport import DealerConnection
 from workers.client.align import aligned_data, first_data, psi_key, rows_file
-from workers.client.microbatch import check_depth, train_pipelined
+from workers.client.microbatch import MAX_DEPTH, check_depth, train_pipelined
 from workers.client.rollback import NOTHING, Rewind, UndoPoints
 from workers.client.steps import StepRunner, build_runner
 from workers.ops.metrics import WorkerMetrics
@@ -209,7 +210,7 @@ class ClientWorker:
         steps), else say what was lost."""
         applied = welcome.get("applied")
         self.undo.configure(
-            int(welcome.get("checkpoint_every") or 1), self.cfg.train.pipeline_depth
+            int(welcome.get("checkpoint_every") or 1), self.cfg.train.pipeline_depth or MAX_DEPTH
         )
         if self.last_applied is None:
             return
@@ -430,6 +431,7 @@ class ClientWorker:
             "bytes_sent": self.bytes["sent"],
             "bytes_received": self.bytes["received"],
             "retries": self.retries,
+            "pipeline_depth": self.cfg.train.pipeline_depth,  # with auto: the depth it chose
             "resumed_from": self.resumed_from,
             "rewinds": self.undo.rewinds,
             "stopped_early": self.stopped,
@@ -479,13 +481,15 @@ class ClientWorker:
             disable=not self.progress,
         )
         batches = self._batches(epoch, first_step)
-        if self.cfg.train.pipeline_depth > 1:
-            await train_pipelined(
+        if self.cfg.train.pipeline_depth != 1:
+            depth = await train_pipelined(
                 self,
                 epoch,
                 batches,
                 lambda step, loss, started: self._done(epoch, step, loss, started, bar),
             )
+            # auto chooses once per run: later epochs keep the depth it picked
+            self.cfg = replace(self.cfg, train=replace(self.cfg.train, pipeline_depth=depth))
         else:
             for step, x, y, ids in batches:
                 self.step = step

@@ -128,6 +128,7 @@ class WorkerMetrics:
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; expected one of {sorted(ROLES)}")
         self.role = role
+        self._message_series: dict[tuple[str, str], tuple[Counter, Counter]] = {}
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         reg = self.registry
 
@@ -286,9 +287,16 @@ class WorkerMetrics:
             raise ValueError(f"direction must be 'sent' or 'received', not {direction!r}")
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, not {nbytes}")
-        kind = _bounded(kind, MESSAGE_KINDS)
-        self.messages_total.labels(direction=direction, kind=kind).inc()
-        self.bytes_total.labels(direction=direction, kind=kind).inc(nbytes)
+        series = self._message_series.get((direction, kind))
+        if series is None:  # label lookups cost more than the increments: once per pair
+            bounded = _bounded(kind, MESSAGE_KINDS)
+            series = (
+                self.messages_total.labels(direction=direction, kind=bounded),
+                self.bytes_total.labels(direction=direction, kind=bounded),
+            )
+            self._message_series[(direction, kind)] = series
+        series[0].inc()
+        series[1].inc(nbytes)
 
     def record_rejected(self, reason: str) -> None:
         """Count one dropped message; an unknown ``reason`` counts as ``other``."""

@@ -80,6 +80,7 @@ class Peer:
     last_seen: float = field(default_factory=time.monotonic)
     applied: int = 0
     confirmed: bool = False  # set once the peer's first sealed message opens
+    partial_bytes: int = 0  # parts of a chunked message received so far
 
 
 def reject_reason(exc: SLError) -> str:
@@ -351,15 +352,21 @@ class RouterService:
             return
         peer.last_seen = time.monotonic()
         try:
-            message = peer.channel.unpack(buffers)
+            message = peer.channel.feed(buffers)
         except CryptoError as exc:
+            peer.partial_bytes = 0
             self.reject(peer, reject_reason(exc), exc)
             await self._send_raw(endpoint, identity, refusal(exc), "error")
             return
         except ProtocolError as exc:
+            peer.partial_bytes = 0
             self.reject(peer, reject_reason(exc), exc)
             await self._send(endpoint, identity, peer, error_message(exc.code, exc.message))
             return
+        if message is None:  # a part of a chunked message; the rest is on its way
+            peer.partial_bytes += nbytes
+            return
+        nbytes, peer.partial_bytes = nbytes + peer.partial_bytes, 0
         if not peer.confirmed:
             self._confirm(identity, peer)
         self.metrics.record_message("received", message.kind.value, nbytes)
@@ -386,8 +393,7 @@ class RouterService:
     async def _send(
         self, endpoint: RouterEndpoint, identity: bytes, peer: Peer, msg: Message
     ) -> None:
-        frames = peer.channel.pack(msg)
-        nbytes = await endpoint.send(identity, frames)
+        nbytes = await endpoint.send_parts(identity, peer.channel.parts(msg))
         self.metrics.record_message("sent", msg.kind.value, nbytes)
 
     async def _send_raw(
