@@ -9,7 +9,8 @@ no rate limit at depth 8, *bandwidth* is the rate over the bytes per step of the
 direction (counted by the proxy). The recommended depth is the smallest with
 ``d >= RTT * min(compute, bandwidth) + 1``, or 8: a step's reply comes back one round trip
 plus one step's own time after it was sent, so that many steps must be in flight to keep the
-slower side busy (the rule ``--pipeline-depth auto`` uses). Settings and
+slower side busy. Each round also runs a block with ``--pipeline-depth auto``
+(``auto_depth``: the depths it chose; ``auto_steps_s``: its steps/s, probe included). Settings and
 depths run in rounds, each round every setting in turn, so all see the same machine load;
 each figure is the median over rounds.
 """
@@ -28,7 +29,7 @@ import zmq.asyncio
 from sl_pipeline.config import ClientConfig, from_mapping
 from sl_pipeline.data import batch_order
 from sl_pipeline.messages import Kind, Message
-from workers.client.microbatch import train_pipelined
+from workers.client.microbatch import AUTO, train_pipelined
 from workers.client.worker import ClientWorker
 
 from . import shaper
@@ -65,8 +66,8 @@ class Driver:
         self.x, self.y, self.ids = train.x, train.y, train.ids
         self.order = batch_order(len(train), BATCH, 0, 0)
 
-    async def block(self, depth: int, steps: int) -> float:
-        """Steps per second of ``steps`` steps at ``depth``."""
+    async def block(self, depth: int, steps: int) -> tuple[float, int]:
+        """Steps per second of ``steps`` steps at ``depth`` (0: auto), and the depth used."""
         first = self.step
 
         def batches():  # type: ignore[no-untyped-def]
@@ -76,9 +77,9 @@ class Driver:
 
         self.client.cfg = replace(self.cfg, train=replace(self.cfg.train, pipeline_depth=depth))
         start = time.perf_counter()
-        await train_pipelined(self.client, 0, batches(), lambda s, loss, t0: None)
+        used = await train_pipelined(self.client, 0, batches(), lambda s, loss, t0: None)
         self.step += steps
-        return steps / (time.perf_counter() - start)
+        return steps / (time.perf_counter() - start), used
 
 
 def _plan(quick: bool) -> tuple[int, int]:
@@ -94,8 +95,9 @@ async def measure(
     client.ctx = zmq.asyncio.Context()
     driver = Driver(client, cfg)
     rates: dict[str, dict[int, list[float]]] = {
-        f"{ms}ms": {d: [] for d in DEPTHS} for ms in RTTS_MS
+        f"{ms}ms": {d: [] for d in (*DEPTHS, AUTO)} for ms in RTTS_MS
     }
+    chosen: dict[str, list[int]] = {f"{ms}ms": [] for ms in RTTS_MS}
     compute: list[float] = []
     per_step: list[tuple[float, float]] = []
     try:
@@ -104,15 +106,16 @@ async def measure(
         for _ in range(rounds):
             link.set(0.0, 0.0)
             before, steps = link.carried(), 10 + per_depth * 8
-            compute.append(await driver.block(8, steps))
+            compute.append((await driver.block(8, steps))[0])
             after = link.carried()
             per_step.append(((after[0] - before[0]) / steps, (after[1] - before[1]) / steps))
             for ms in RTTS_MS:
                 link.set(ms / 1000, RATE_BIT_S)
-                for depth in DEPTHS:
-                    rates[f"{ms}ms"][depth].append(
-                        await driver.block(depth, 10 + per_depth * depth)
-                    )
+                for depth in (*DEPTHS, AUTO):  # AUTO: the client's own choice, probe included
+                    rate, used = await driver.block(depth, 10 + per_depth * (depth or 8))
+                    rates[f"{ms}ms"][depth].append(rate)
+                    if depth == AUTO:
+                        chosen[f"{ms}ms"].append(used)
         link.set(0.0, 0.0)
         assert client.conn is not None
         await client.conn.send(Message(kind=Kind.BYE, client=cfg.client.name))
@@ -120,18 +123,21 @@ async def measure(
         if client.conn is not None:
             client.conn.close()
         client.ctx.term()
-    return summarise(rates, median(compute), per_step)
+    return summarise(rates, chosen, median(compute), per_step)
 
 
 def summarise(
-    rates: dict[str, dict[int, list[float]]], compute: float, per_step: list[tuple[float, float]]
+    rates: dict[str, dict[int, list[float]]],
+    chosen: dict[str, list[int]],
+    compute: float,
+    per_step: list[tuple[float, float]],
 ) -> dict[str, Any]:
     up, down = median([u for u, _ in per_step]), median([d for _, d in per_step])
     bandwidth = RATE_BIT_S / 8 / max(up, down)
     by_rtt: dict[str, Any] = {}
     for label, by_depth in rates.items():
         rtt_s = float(label.removesuffix("ms")) / 1000
-        steps_s = {d: median(v) for d, v in by_depth.items()}
+        steps_s = {d: median(by_depth[d]) for d in DEPTHS}
         bound = {d: min(compute, bandwidth, d / rtt_s) for d in DEPTHS}
         best = recommended_depth(rtt_s, min(compute, bandwidth))
         by_rtt[label] = {
@@ -141,6 +147,8 @@ def summarise(
             "recommended_depth": best,
             "recommended_of_bound": steps_s[best] / bound[best],
             "recommended_speedup_over_depth_1": steps_s[best] / steps_s[1],
+            "auto_depth": chosen[label],
+            "auto_steps_s": median(by_depth[AUTO]),
         }
     at40 = by_rtt.get("40ms", {})
     return {
