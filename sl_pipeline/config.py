@@ -91,6 +91,9 @@ class OpsConfig:
     # /status names peers and their key fingerprints only for `Authorization: Bearer TOKEN`
     # with this token; empty: never (peers are counted).
     status_token: str = ""
+    # A client that finished keeps serving /metrics until one scrape after its finish (so a
+    # short run's final figures reach Prometheus), at most this long; 0 = exit at once.
+    linger_s: float = 30.0
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 from sl_pipeline.config import ClientConfig, ServerConfig, load
 from sl_pipeline.config import read_toml as load_toml
 from workers.tools.demo import stop_process
-from workers.tools.localdeploy import init_deployment
+from workers.tools.localdeploy import init_deployment, to_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,13 @@ def deployment(tmp_path: Path):  # type: ignore[no-untyped-def]
     def make(**kwargs):  # type: ignore[no-untyped-def]
         kwargs.setdefault("epochs", 1)
         out = tmp_path / f"deploy-{len(list(tmp_path.iterdir()))}"
-        return {k: Path(v) for k, v in init_deployment(out, **kwargs)["files"].items()}
+        files = {k: Path(v) for k, v in init_deployment(out, **kwargs)["files"].items()}
+        for name, path in files.items():
+            if kwargs.get("ops") and name.startswith("client") and path.suffix == ".toml":
+                cfg = load_toml(path)  # no Prometheus here: a finished client exits at once
+                cfg["ops"]["linger_s"] = 0
+                path.write_text(to_toml(cfg))
+        return files
 
     return make
 

@@ -40,6 +40,8 @@ SHORTEN = {
     "audit": ["--epochs", "1", "--attack-seeds", "1"],  # one attacker seed: the suite's budget
     "tune": ["--epochs", "1", "--no-progress", "--attack-seeds", "1"],
     "bench": ["--only", "flops"],
+    # no Prometheus scrapes here: a finished client exits at once instead of lingering
+    "client": ["--set", "ops.linger_s=0"],
 }
 JSON_KEYS = {
     "demo": {"topology", "dataset", "clients", "epochs", "steps", "test_accuracy", "train_loss"},

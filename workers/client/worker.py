@@ -35,6 +35,7 @@ from workers.client.align import aligned_data, first_data, psi_key, rows_file
 from workers.client.microbatch import MAX_DEPTH, check_depth, train_pipelined
 from workers.client.rollback import NOTHING, Rewind, UndoPoints
 from workers.client.steps import StepRunner, build_runner
+from workers.ops.http import OpsServer
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.checkpoint import CheckpointStore, restore_rng, rng_state
 from workers.runtime.diagnose import no_server, refused
@@ -369,6 +370,8 @@ class ClientWorker:
             last = self.last_applied
             next_step = last[1] + 1 if self.stopped and last and last[0] == self.epoch else 0
             self._save(next_step, force=True)
+            if not self.stopped:
+                await self._linger(ops)
         finally:
             if ops is not None:
                 await ops.stop()
@@ -377,6 +380,24 @@ class ClientWorker:
             self._set_connected(False)
             self.ctx.term()
         return self.summary(time.perf_counter() - start)
+
+    async def _linger(self, ops: OpsServer | None) -> None:
+        """Finished: keep serving /metrics until one scrape after the finish (at most
+        ``ops.linger_s``, or until a stop signal), so that even a run shorter than the scrape
+        interval leaves its final figures, and ``sl_finished = 1``, in Prometheus."""
+        self.metrics.finished.set(1)
+        wait_s = self.cfg.ops.linger_s
+        if ops is None or wait_s <= 0:
+            return
+        log.info("finished; serving the final metrics until the next scrape (at most %gs)", wait_s)
+        scraped = asyncio.create_task(ops.scraped_after(ops.scrapes, wait_s))
+        stop = asyncio.create_task(self.stop.wait())
+        await asyncio.wait((scraped, stop), return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not scraped.done():
+            scraped.cancel()
+        elif not scraped.result():
+            log.info("no scrape within ops.linger_s = %gs; exiting", wait_s)
 
     async def train(self) -> None:
         """Every epoch from ``self.start``; after a rewind, again from the undo point."""

@@ -4,7 +4,9 @@
 event loop (no thread, no second loop), so the handlers read the worker's state
 directly. Routes:
 
-``GET /metrics``  Prometheus text format (OpenMetrics when the scraper asks for it).
+``GET /metrics``  Prometheus text format (OpenMetrics when the scraper asks for it); each
+                  answered scrape is counted, so a finished client can wait for the
+                  scrape that carries its final figures (:meth:`OpsServer.scraped_after`).
 ``GET /healthz``  200 ``ok`` while the process and its loop are alive (liveness).
 ``GET /readyz``   200 when ``ready()`` is true, else 503 with a JSON reason (readiness).
 ``GET /status``   the JSON object returned by ``status()``; peers are only counted and the
@@ -16,6 +18,7 @@ Access logging is off: a scrape every 15 s for weeks would drown the worker's ow
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -125,10 +128,27 @@ class OpsServer:
         self._status = status
         self._ready = ready
         self._runner: web.AppRunner | None = None
+        self.scrapes = 0  # /metrics requests begun (numbered as their figures are read)
+        self.sent = 0  # the highest number among the scrapes whose answer went out
+        self._scraped: asyncio.Event | None = None  # set (and replaced) on each answer
 
     def _make_app(self) -> web.Application:
         app = web.Application()
-        app.router.add_get("/metrics", make_aiohttp_handler(self.metrics.registry))
+        exposition = make_aiohttp_handler(self.metrics.registry)
+
+        async def metrics(request: web.Request) -> web.StreamResponse:
+            self.scrapes += 1
+            number = self.scrapes  # before the figures are read (no await in between)
+            response = await exposition(request)
+            await response.prepare(request)  # counts once sent: the figures went out
+            await response.write_eof()
+            self.sent = max(self.sent, number)
+            if self._scraped is not None:
+                self._scraped.set()
+                self._scraped = asyncio.Event()
+            return response
+
+        app.router.add_get("/metrics", metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/status", self._handle_status)
@@ -156,6 +176,22 @@ class OpsServer:
         self._runner = runner
         self.port = int(runner.addresses[0][1])
         log.info("ops endpoint listening", extra={"host": self.host, "port": self.port})
+
+    async def scraped_after(self, count: int, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) until a scrape that began after ``self.scrapes`` was
+        ``count`` has been answered: it carries every value set before ``count`` was read."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self.sent <= count:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0 or self._runner is None:
+                return False
+            if self._scraped is None:
+                self._scraped = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._scraped.wait(), left)
+            except TimeoutError:
+                return False
+        return True
 
     async def stop(self) -> None:
         """Stop serving and close the listening socket. Safe to call twice."""

@@ -220,6 +220,11 @@ class WorkerMetrics:
             "1 once the hijack detector flagged the server (its gradients ignore the labels).",
             registry=reg,
         )
+        self.finished = Gauge(
+            "sl_finished",
+            "1 once this worker finished its work normally (a client: its training), else 0.",
+            registry=reg,
+        )
         self.queue_depth = Gauge(
             "sl_queue_depth", "Requests waiting to be processed by this worker.", registry=reg
         )

@@ -1,0 +1,68 @@
+"""A finished client keeps serving its final metrics until one scrape after its finish, so a
+run shorter than the scrape interval still leaves its figures in Prometheus
+(``[ops] linger_s`` bounds the wait)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tomllib
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from workers.ops.http import local_url
+
+from .inprocess import run_deployment
+
+LINGER = "ops.linger_s=60"  # far above what the tests wait: only the scrape can end it
+
+
+def _metrics_url(files: dict[str, Path]) -> str:
+    listen = tomllib.loads(files["client-1"].read_text())["ops"]["listen"]
+    return f"{local_url(listen)}/metrics"
+
+
+async def _scrape_until_finished(url: str, run: asyncio.Task[object]) -> tuple[str, bool]:
+    """Scrape as Prometheus would, until a scrape says the client finished; whether the
+    run was still going on then."""
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        for _ in range(3000):  # bounded: 3000 x (scrape + 20 ms)
+            if run.done():
+                break
+            try:
+                async with session.get(url) as response:
+                    body = await response.text()
+            except aiohttp.ClientError:
+                body = ""  # not listening yet
+            if "\nsl_finished 1.0" in body:
+                return body, not run.done()
+            await asyncio.sleep(0.02)
+    raise AssertionError("no scrape ever showed sl_finished 1")
+
+
+async def test_a_finished_client_serves_its_final_metrics_until_scraped(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a client with an ops port and a long linger
+    files = deployment(dataset="breast_cancer", clients=1, ops=True)
+    # Execute: train; scrape until a scrape shows the finish
+    run = asyncio.create_task(run_deployment(files, LINGER))
+    body, still_running = await _scrape_until_finished(_metrics_url(files), run)
+    result = await asyncio.wait_for(run, 15)  # that scrape ended the wait, not the 60 s
+    # Assert: the client waited for that scrape, which carried its final accuracy
+    assert still_running
+    accuracy = result["summaries"][0]["test_accuracy"]
+    line = next(x for x in body.splitlines() if x.startswith("sl_test_accuracy_ratio "))
+    assert float(line.split()[1]) == pytest.approx(accuracy)
+
+
+async def test_the_wait_is_bounded_when_nobody_scrapes(
+    deployment, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(dataset="breast_cancer", clients=1, ops=True)
+    with caplog.at_level(logging.INFO, logger="sl_pipeline.client"):
+        result = await asyncio.wait_for(run_deployment(files, "ops.linger_s=0.3"), 60)
+    assert result["summaries"][0]["steps"] > 0
+    assert "no scrape within ops.linger_s = 0.3s; exiting" in caplog.text
+    assert result["clients"][0].metrics.registry.get_sample_value("sl_finished") == 1
