@@ -128,6 +128,7 @@ class ServerSection:
     # message): relays only. Everyone else is known by its admitted name alone.
     relays: list[str] = field(default_factory=list)
     max_names: int = 256  # names (clients, a relay's clients) whose replies are remembered
+    reply_cache_mib: int = 256  # each run's remembered replies, in all (oldest steps go first)
     hellos_per_s: float = 20.0  # hellos per source address, after a burst of hello_burst
     hello_burst: int = 100  # hellos a source address may send at once before the rate applies
     fuse: Literal["concat", "sum", "mean"] = "concat"
@@ -180,6 +181,7 @@ class RelaySection:
     timeout_s: float = 30.0
     relays: list[str] = field(default_factory=list)  # downstream relays (a longer chain)
     max_names: int = 256  # names whose last reply this relay remembers
+    reply_cache_mib: int = 256  # the remembered replies, in all (oldest steps go first)
     save: str = ""
 
 

@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 
 from tests.lossy_proxy import LossyProxy
+from workers.runtime.appliedlog import decode_log
 from workers.runtime.checkpoint import CheckpointStore
-from workers.server.runs import decode_log
 
 from .conftest import Procs
 from .inprocess import run_deployment
@@ -132,7 +132,7 @@ def _applied_log(base: Path, role: str) -> list[tuple[str, int, int]]:
     if "runs" in state:  # the server: the log of its run (one run per case)
         (run,) = state["runs"]
         return [(str(c), int(e), int(s)) for c, e, s in decode_log(run["applied_log"])]
-    return [(str(c), int(e), int(s)) for c, e, s in state["applied_log"]]
+    return [(str(c), int(e), int(s)) for c, e, s in decode_log(state["applied_log"])]
 
 
 class Run:

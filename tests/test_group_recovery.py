@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
+from workers.runtime.appliedlog import decode_log
 from workers.runtime.checkpoint import CheckpointStore
-from workers.server.runs import decode_log
 
 from .conftest import Procs
 from .inprocess import run_deployment

@@ -116,7 +116,8 @@ async def test_relay_checkpoints_and_a_new_relay_resumes_from_it(deployment) -> 
     assert len({tuple(e) for e in again.applied_log}) == relay.steps_applied
     for name, value in relay.segment.state_dict().items():
         assert torch.equal(again.segment.state_dict()[name], value)
-    last = relay.applied_log[-1]
+    last = relay.applied_log.last
+    assert last is not None
     assert again.replies.get(last[0], "forward", (last[1], last[2])) is not None
     welcome = again.accept({"model": again.fingerprint, "client": last[0]}, None)
     assert welcome["role"] == "relay" and welcome["applied"] == [last[1], last[2]]

@@ -62,6 +62,13 @@ async def test_one_server_serves_three_successive_runs(deployment) -> None:  # t
         assert sorted(run.applied_log) == sorted(expected)
         assert Path(run.model).parent.name == run.id and Path(run.model).exists()
     assert server.steps_applied == sum(r.steps for r in runs)
+    # Each run has its own loss and accuracy series: the mean its clients reported
+    metric = server.metrics.registry.get_sample_value
+    for run, pair in zip(runs, summaries, strict=True):
+        mean = sum(s["test_accuracy"] for s in pair) / 2
+        assert run.info()["test_accuracy"] == pytest.approx(mean)
+        assert metric("sl_run_test_accuracy_ratio", {"run": run.id}) == pytest.approx(mean)
+        assert metric("sl_run_train_loss", {"run": run.id}) == pytest.approx(run.last_loss)
 
 
 async def test_concurrent_named_runs_are_isolated(deployment) -> None:  # type: ignore[no-untyped-def]

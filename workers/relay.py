@@ -30,11 +30,12 @@ from sl_pipeline.models import build_segments, fingerprint, make_optimizer, reso
 from sl_pipeline.tensors import as_input, read_tensor, wire_tensors
 from sl_pipeline.transport import DealerConnection
 from workers.ops.metrics import WorkerMetrics
+from workers.runtime.appliedlog import AppliedLog
 from workers.runtime.checkpoint import open_store, restore_rng, rng_state
 from workers.runtime.service import Listen, Peer, Replies, RouterService, reject_reason
 from workers.runtime.startup import load_own_key, load_peer_key, warn_insecure
 from workers.server.engines.base import run_segment
-from workers.server.replycache import ReplyCache
+from workers.server.replycache import MIB, ReplyCache
 
 log = logging.getLogger("sl_pipeline.relay")
 
@@ -75,8 +76,10 @@ class RelayWorker(RouterService):
         self.replies = ReplyCache(
             max_names=max(1, r.max_names),
             on_hit=lambda: self.metrics.record_bound("relay_cache"),
+            max_bytes=max(1, r.reply_cache_mib) * MIB,
+            on_bytes_hit=lambda: self.metrics.record_bound("reply_cache_bytes"),
         )
-        self.applied_log: list[list[Any]] = []  # [client, epoch, step] per applied update
+        self.applied_log = AppliedLog()  # which steps it applied
         self.steps_applied = 0
         self.ckpt = open_store(cfg.checkpoint, base, r.name)
         self.resumed_from = self._restore()
@@ -91,7 +94,7 @@ class RelayWorker(RouterService):
             "steps_applied": self.steps_applied,
             "rng": rng_state(),
             "replies": self.replies.entries(),
-            "applied_log": self.applied_log,
+            "applied_log": self.applied_log.state(),
         }
 
     def _restore(self) -> int:
@@ -109,7 +112,7 @@ class RelayWorker(RouterService):
         self.steps_applied = int(state["steps_applied"])
         restore_rng(state["rng"])
         self.replies.load(state["replies"])
-        self.applied_log = [list(e) for e in state["applied_log"]]
+        self.applied_log = AppliedLog.from_state(state["applied_log"])
         log.info("relay resumed from checkpoint %s at %d applied steps", path, self.steps_applied)
         return self.steps_applied
 
@@ -265,7 +268,7 @@ class RelayWorker(RouterService):
             tensors=wire_tensors("grad", act.grad, self.cfg.train.wire_dtype),
         )
         self.replies.put(msg.client, Kind.FORWARD.value, step, answer)
-        self.applied_log.append([msg.client, msg.epoch, msg.step])
+        self.applied_log.append(msg.client, msg.epoch, msg.step)
         self.checkpoint()  # before the reply leaves: what the client saw is durable
         return answer
 

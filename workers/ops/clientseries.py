@@ -9,6 +9,7 @@ leaving. Names are bounded: the newest :data:`MAX_CLIENTS` keep their series.
 
 from __future__ import annotations
 
+import math
 import time
 
 from prometheus_client import CollectorRegistry, Gauge
@@ -66,10 +67,12 @@ class ClientSeries:
             self.connected.labels(client=client).set(0)
 
     def started(self, client: str) -> None:
-        """The client trains in a new run: its counts start again."""
+        """The client trains in a new run: its counts start again, and the accuracy it
+        reported for its previous run is no figure of this one."""
         self._touch(client)
         self.finished.labels(client=client).set(0)
         self.steps.labels(client=client).set(0)
+        self.accuracy.labels(client=client).set(math.nan)
 
     def stepped(self, client: str, steps: int, epoch: int) -> None:
         self._touch(client)

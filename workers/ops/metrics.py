@@ -65,6 +65,7 @@ BOUNDED_TABLES: tuple[str, ...] = (
     "pending_handshakes",
     "hello_rate",
     "reply_cache",
+    "reply_cache_bytes",
     "relay_cache",
     "round_table",
     "waiting",
@@ -256,6 +257,19 @@ class WorkerMetrics:
             ["run"],
             registry=reg,
         )
+        self.run_train_loss = Gauge(
+            "sl_run_train_loss",
+            "Server: the last training loss of each recent run (NaN before its first step).",
+            ["run"],
+            registry=reg,
+        )
+        self.run_test_accuracy = Gauge(
+            "sl_run_test_accuracy_ratio",
+            "Server: a recent run's test accuracy, the mean its clients reported on finishing "
+            "(NaN until one did).",
+            ["run"],
+            registry=reg,
+        )
         self._runs: list[str] = []
         # A server's per-client series: visible after a client's own /metrics is gone.
         self.clients = ClientSeries(reg) if role == "server" else None
@@ -323,16 +337,26 @@ class WorkerMetrics:
         self.step.set(step)
         self.last_step_timestamp_seconds.set(time.time() if now_s is None else now_s)
 
-    def record_run(self, run: str, steps: int, active: bool) -> None:
+    def record_run(
+        self,
+        run: str,
+        steps: int,
+        active: bool,
+        loss: float | None = None,
+        accuracy: float | None = None,
+    ) -> None:
         """A run's progress; only the newest :data:`RUN_SERIES` runs keep their series."""
+        per_run = (self.run_steps, self.run_active, self.run_train_loss, self.run_test_accuracy)
         if run not in self._runs:
             self._runs.append(run)
             for old in self._runs[:-RUN_SERIES]:
-                self.run_steps.remove(old)
-                self.run_active.remove(old)
+                for gauge in per_run:
+                    gauge.remove(old)
             self._runs = self._runs[-RUN_SERIES:]
         self.run_steps.labels(run=run).set(steps)
         self.run_active.labels(run=run).set(1 if active else 0)
+        self.run_train_loss.labels(run=run).set(math.nan if loss is None else loss)
+        self.run_test_accuracy.labels(run=run).set(math.nan if accuracy is None else accuracy)
 
     def set_privacy(self, mechanism: str, epsilon: float, budget: float | None = None) -> None:
         """Report ``epsilon`` spent by ``mechanism`` and its budget (``None``: no budget)."""

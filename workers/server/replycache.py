@@ -3,9 +3,13 @@
 It makes every step idempotent: a request for a step already applied gets the same reply
 again and is never applied twice. It keeps the last few steps (not only the last one) so a
 pipelining client, with several steps in flight, can resend all of them after a rejoin.
-Both dimensions are bounded: ``depth`` steps per name and kind, ``max_names`` names (the
-least recently active name goes first, and ``on_hit`` reports it), so no peer can grow it
-without limit, in memory or in every checkpoint.
+Every dimension is bounded, so no peer can grow it without limit, in memory or in every
+checkpoint: ``depth`` steps per name and kind, ``max_names`` names (the least recently
+active name goes first; ``on_hit`` reports it), and ``max_bytes`` of replies in all. At the
+byte bound the oldest steps go first, starting with the least recently active name, and a
+name's newest reply per kind goes last (``on_bytes_hit`` reports each eviction): a resent
+newest step must be answered from here, or it would be applied twice, while a resent older
+one whose reply is gone is refused as stale, which is an error and never a double step.
 """
 
 from __future__ import annotations
@@ -15,28 +19,48 @@ from collections.abc import Callable
 from typing import Any
 
 from sl_pipeline.messages import Message
-from workers.runtime.bounded import LruTable, no_hit
+from workers.runtime.bounded import no_hit
 from workers.runtime.checkpoint import message_from_state, message_state
 
 Step = tuple[int, int]
+Steps = OrderedDict[Step, tuple[Message, int]]  # step -> (reply, its size in bytes)
+MIB = 1024 * 1024
+DEFAULT_MAX_BYTES = 256 * MIB
+HEADER_BYTES = 256  # a reply's own fields and meta, roughly, on top of its tensors
+
+
+def reply_size(reply: Message) -> int:
+    return HEADER_BYTES + sum(t.numel() * t.element_size() for t in reply.tensors.values())
 
 
 class ReplyCache:
     def __init__(
-        self, depth: int = 8, max_names: int = 256, on_hit: Callable[[], None] = no_hit
+        self,
+        depth: int = 8,
+        max_names: int = 256,
+        on_hit: Callable[[], None] = no_hit,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        on_bytes_hit: Callable[[], None] = no_hit,
     ) -> None:
+        if max_names < 1 or max_bytes < 1:
+            raise ValueError("a reply cache needs room for at least one name and one byte")
         self.depth = depth
-        self._names: LruTable[str, dict[str, OrderedDict[Step, Message]]] = LruTable(
-            max_names, on_hit
-        )
+        self.max_names, self.max_bytes = max_names, max_bytes
+        self.on_hit, self.on_bytes_hit = on_hit, on_bytes_hit
+        self.bytes = 0  # the replies held, in all
+        self._names: OrderedDict[str, dict[str, Steps]] = OrderedDict()  # least recent first
 
-    def _steps(self, client: str, kind: str) -> OrderedDict[Step, Message] | None:
+    def _steps(self, client: str, kind: str) -> Steps | None:
         kinds = self._names.get(client)
-        return None if kinds is None else kinds.get(kind)
+        if kinds is None:
+            return None
+        self._names.move_to_end(client)
+        return kinds.get(kind)
 
     def get(self, client: str, kind: str, step: Step) -> Message | None:
         steps = self._steps(client, kind)
-        return None if steps is None else steps.get(step)
+        found = None if steps is None else steps.get(step)
+        return None if found is None else found[0]
 
     def newest(self, client: str, kind: str) -> Step | None:
         steps = self._steps(client, kind)
@@ -47,10 +71,51 @@ class ReplyCache:
         return next(iter(steps)) if steps else None
 
     def put(self, client: str, kind: str, step: Step, reply: Message) -> None:
-        steps = self._names.setdefault(client, {}).setdefault(kind, OrderedDict())
-        steps[step] = reply
+        kinds = self._names.setdefault(client, {})
+        self._names.move_to_end(client)
+        steps = kinds.setdefault(kind, OrderedDict())
+        if step in steps:
+            self.bytes -= steps.pop(step)[1]
+        size = reply_size(reply)
+        steps[step] = (reply, size)
+        self.bytes += size
         while len(steps) > self.depth:
-            steps.popitem(last=False)
+            self.bytes -= steps.popitem(last=False)[1][1]
+        while len(self._names) > self.max_names:
+            self._drop_name(next(iter(self._names)))
+            self.on_hit()
+        self._shrink(keep=client)
+
+    def _drop_name(self, name: str) -> None:
+        for steps in self._names.pop(name).values():
+            self.bytes -= sum(size for _, size in steps.values())
+
+    def _shrink(self, keep: str) -> None:
+        """Back under ``max_bytes``: older steps first, then whole names other than
+        ``keep`` (the name just served); a single name's newest replies always stay."""
+        while self.bytes > self.max_bytes:
+            if not self._drop_an_older_step():
+                others = [n for n in self._names if n != keep]
+                if not others:
+                    return
+                self._drop_name(others[0])
+            self.on_bytes_hit()
+
+    def _drop_an_older_step(self) -> bool:
+        for kinds in self._names.values():  # the least recently active name first
+            for steps in kinds.values():
+                if len(steps) > 1:
+                    self.bytes -= steps.popitem(last=False)[1][1]
+                    return True
+        return False
+
+    def compact(self) -> None:
+        """Keep only each name's newest reply per kind (a run that ended answers no more
+        retransmissions; its newest steps still say where each client stood)."""
+        for kinds in self._names.values():
+            for steps in kinds.values():
+                while len(steps) > 1:
+                    self.bytes -= steps.popitem(last=False)[1][1]
 
     def names(self) -> int:
         return len(self._names)
@@ -61,7 +126,7 @@ class ReplyCache:
             {"client": c, "kind": k, "step": list(step), "reply": message_state(m)}
             for c, kinds in self._names.items()
             for k, steps in kinds.items()
-            for step, m in steps.items()
+            for step, (m, _) in steps.items()
         ]
 
     def load(self, entries: list[dict[str, Any]]) -> None:

@@ -14,10 +14,11 @@ from sl_pipeline.config import ServerConfig, resolve_path
 from sl_pipeline.errors import ConfigError, ProtocolError
 from sl_pipeline.messages import Kind
 from workers.ops.metrics import WorkerMetrics
+from workers.runtime.appliedlog import AppliedLog
 from workers.runtime.service import Peer
 from workers.server.engines import build_engine
 from workers.server.engines.base import Engine
-from workers.server.replycache import ReplyCache
+from workers.server.replycache import MIB, ReplyCache
 from workers.server.runs import FINISHED, STOPPED, Run, RunBook
 
 log = logging.getLogger("sl_pipeline.server")
@@ -49,6 +50,8 @@ class RunHost:
         return ReplyCache(
             max_names=max(1, self.cfg.server.max_names),
             on_hit=lambda: self.metrics.record_bound("reply_cache"),
+            max_bytes=max(1, self.cfg.server.reply_cache_mib) * MIB,
+            on_bytes_hit=lambda: self.metrics.record_bound("reply_cache_bytes"),
         )
 
     def _runs_dir(self) -> Path | None:
@@ -69,9 +72,9 @@ class RunHost:
         return self._spare
 
     @property
-    def applied_log(self) -> list[list[Any]]:
+    def applied_log(self) -> AppliedLog:
         run = self.book.latest()
-        return run.applied_log if run else []
+        return run.applied_log if run else AppliedLog()
 
     @property
     def last_loss(self) -> float | None:
@@ -98,7 +101,7 @@ class RunHost:
         run.engine = None
         if run.active and run.model and Path(run.model).exists():
             self._engine_of(run)  # an interrupted run continues from its last saved weights
-        self.metrics.record_run(run.id, run.steps, run.active)
+        self.report_run(run)
         return run
 
     def _training_run(self, peer: Peer) -> Run:
@@ -120,9 +123,13 @@ class RunHost:
             raise error
         return run
 
+    def report_run(self, run: Run) -> None:
+        """The run's series: steps, active, last loss, the accuracy its clients reported."""
+        self.metrics.record_run(run.id, run.steps, run.active, run.last_loss, run.test_accuracy)
+
     def _start_run(self, run_id: str) -> Run:
         run = self.book.start(run_id, self._new_engine(), self.new_replies())
-        self.metrics.record_run(run.id, 0, True)
+        self.report_run(run)
         return run
 
     def _inference_engine(self, peer: Peer) -> Engine:
@@ -135,20 +142,28 @@ class RunHost:
             return self.engine
         return self._engine_of(run)
 
+    def save_models(self, runs: list[Run]) -> None:
+        """Each run's model in its own folder, and the newest run's as ``server.save``
+        (a run ending, or the server stopping with runs still active)."""
+        for run in runs:
+            engine = self._engine_of(run)
+            engine.settle()
+            path = self.book.model_path(run)
+            if path is not None and run.steps:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(engine.model.state_dict(), path)
+                run.model = str(path)
+        latest = self.book.latest()
+        if latest is not None and latest.steps:
+            self._save_latest(self._engine_of(latest))
+
     def end_run(self, run: Run, state: str = FINISHED) -> None:
         """Save the run's model, record it as ended and checkpoint that."""
-        engine = self._engine_of(run)
-        engine.settle()
-        path = self.book.model_path(run)
-        if path is not None and run.steps:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(engine.model.state_dict(), path)
-            run.model = str(path)
-        self._save_latest(engine)
+        self.save_models([run])
         self.book.end(run, state)
         for name in [n for n, r in self.peer_runs.items() if r == run.id]:
             del self.peer_runs[name]
-        self.metrics.record_run(run.id, run.steps, False)
+        self.report_run(run)
         self.checkpoint(force=True)
         info = run.info()
         loss = "n/a" if run.last_loss is None else f"{run.last_loss:.4f}"

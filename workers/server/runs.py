@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from sl_pipeline.errors import ConfigError, OverloadedError, ProtocolError
+from workers.runtime.appliedlog import AppliedLog
 from workers.server.engines.base import Engine
 from workers.server.replycache import ReplyCache
 
@@ -57,13 +56,21 @@ class Run:
     members: set[str] = field(default_factory=set)  # clients that trained in it
     done: set[str] = field(default_factory=set)  # clients that said they finished
     steps: int = 0
-    applied_log: list[list[Any]] = field(default_factory=list)  # [client, epoch, step]
+    applied_log: AppliedLog = field(default_factory=AppliedLog)  # which steps it applied
     started: float = field(default_factory=time.time)
     ended: float | None = None
     last_loss: float | None = None
     model: str = ""  # where its saved model lies, once saved
     epochs: dict[str, int] = field(default_factory=dict)  # each client's newest epoch (0-based)
     client_steps: dict[str, int] = field(default_factory=dict)  # steps applied per client
+    accuracies: dict[str, float] = field(default_factory=dict)  # what finished clients reported
+
+    @property
+    def test_accuracy(self) -> float | None:
+        """The mean test accuracy its clients reported on finishing (None until one did)."""
+        if not self.accuracies:
+            return None
+        return sum(self.accuracies.values()) / len(self.accuracies)
 
     @property
     def active(self) -> bool:
@@ -79,6 +86,8 @@ class Run:
             "finished_clients": sorted(self.done),
             "steps": self.steps,
             "last_loss": self.last_loss,
+            "test_accuracy": self.test_accuracy,
+            "accuracies": dict(sorted(self.accuracies.items())),
             "started": self.started,
             "ended": self.ended,
             "duration_s": round(end - self.started, 3),
@@ -94,24 +103,8 @@ class Run:
             out["engine"] = self.engine.state_dict()
             out["replies"] = self.replies.entries()
         if self.applied_log:  # kept for the newest runs only (see RunBook.end)
-            out["applied_log"] = encode_log(self.applied_log)
+            out["applied_log"] = self.applied_log.state()
         return out
-
-
-def encode_log(entries: list[list[Any]]) -> dict[str, Any]:
-    """The applied-step log as names plus one int tensor: a checkpoint per step stays cheap
-    on a run of many thousand steps (a list of lists would be pickled entry by entry)."""
-    names = sorted({str(e[0]) for e in entries})
-    index = {n: i for i, n in enumerate(names)}
-    rows = torch.tensor([[index[str(c)], int(e), int(s)] for c, e, s in entries], dtype=torch.long)
-    return {"clients": names, "rows": rows.reshape(-1, 3)}
-
-
-def decode_log(state: Any) -> list[list[Any]]:
-    if isinstance(state, list):  # checkpoints written before runs existed
-        return [list(e) for e in state]
-    names = list(state["clients"])
-    return [[names[c], e, s] for c, e, s in state["rows"].tolist()]
 
 
 class RunBook:
@@ -174,6 +167,7 @@ class RunBook:
 
     def end(self, run: Run, state: str) -> None:
         run.state, run.ended = state, time.time()
+        run.replies.compact()  # it answers no more retransmissions
         self._drop_old_engines()
         self.write_index()
 
@@ -181,7 +175,7 @@ class RunBook:
         """Finished runs whose model is on disk need not stay in memory."""
         ended = [r for r in self.runs.values() if not r.active]
         for run in ended[:-KEEP_ENGINES]:
-            run.applied_log = []
+            run.applied_log = AppliedLog()
             if run.model and Path(run.model).exists():
                 run.engine = None
 
@@ -222,6 +216,7 @@ class RunBook:
             started=float(info.get("started") or time.time()),
             ended=info.get("ended"),
             last_loss=info.get("last_loss"),
+            accuracies={str(k): float(v) for k, v in (info.get("accuracies") or {}).items()},
             model=str(info.get("model", "")),
         )
         self.runs[run.id] = run

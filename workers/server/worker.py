@@ -15,19 +15,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from privacy.config import PrivacyConfig
 from sl_pipeline.config import ServerConfig, resolve_path
 from sl_pipeline.errors import ConfigError, OverloadedError, ProtocolError
 from sl_pipeline.messages import Kind, Message, error_message
 from sl_pipeline.models import fingerprint
 from workers.ops.metrics import WorkerMetrics
+from workers.runtime.appliedlog import AppliedLog
 from workers.runtime.checkpoint import CheckpointStore, restore_rng, rng_state
 from workers.runtime.service import Listen, Peer, Replies, RouterService, reject_reason
 from workers.server.engines.base import Engine
 from workers.server.runhost import RunHost, first_line
-from workers.server.runs import ACTIVE, Run, RunBook, check_run_id, decode_log
+from workers.server.runs import ACTIVE, Run, RunBook, check_run_id
 from workers.server.runs_api import RunApi, read_token
 
 log = logging.getLogger("sl_pipeline.server")
@@ -139,7 +138,7 @@ class ServerWorker(RunHost, RouterService):
         if "replies" in record:
             run.replies.load(record["replies"])
         if "applied_log" in record:
-            run.applied_log = decode_log(record["applied_log"])
+            run.applied_log = AppliedLog.from_state(record["applied_log"])
 
     def _versions(self) -> list[tuple[str, int]]:
         """Where each active run's group coordination stands (turns, rounds)."""
@@ -158,19 +157,9 @@ class ServerWorker(RunHost, RouterService):
             self.metrics.checkpoints_total.inc()
 
     async def on_stop(self) -> None:
-        for run in self.book.active():
-            engine = self._engine_of(run)
-            engine.settle()
-            path = self.book.model_path(run)
-            if path is not None and run.steps:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(engine.model.state_dict(), path)
-                run.model = str(path)
+        self.save_models(self.book.active())
         self.book.write_index()
-        self.checkpoint()
-        latest = self.book.latest()
-        if latest is not None and latest.steps:
-            self._save_latest(self._engine_of(latest))
+        self.checkpoint()  # not forced: a step opened since (two exchanges) is not applied
         runs = len(self.book.runs)
         log.info("server stopped after %d applied steps in %d runs", self.steps_applied, runs)
 
@@ -310,7 +299,12 @@ class ServerWorker(RunHost, RouterService):
         if run is not None and msg.meta.get("finished") and msg.client in run.members:
             run.done.add(msg.client)
             accuracy = msg.meta.get("accuracy")
-            self.clients.done(msg.client, accuracy if isinstance(accuracy, float) else None)
+            if not isinstance(accuracy, float) or not 0.0 <= accuracy <= 1.0:
+                accuracy = None  # none measured (no labels here), or not a ratio at all
+            else:
+                run.accuracies[msg.client] = accuracy
+            self.clients.done(msg.client, accuracy)
+            self.report_run(run)
             log.info("%s finished its part of run %s", msg.client, run.id)
             if self.book.ready_to_finish(run):
                 self.end_run(run)
@@ -375,17 +369,17 @@ class ServerWorker(RunHost, RouterService):
     ) -> None:
         for _, r in replies:
             if r.kind is Kind.BACKWARD:
-                run.applied_log.append([r.client, r.epoch, r.step])
+                run.applied_log.append(r.client, r.epoch, r.step)
                 run.client_steps[r.client] = run.client_steps.get(r.client, 0) + 1
                 self.clients.stepped(r.client, run.client_steps[r.client], r.epoch)
         peer.applied += 1
         run.steps += applied
         self.steps_applied += applied
         self.metrics.record_step(self.steps_applied)
-        self.metrics.record_run(run.id, run.steps, True)
         if engine.last_loss is not None:
             run.last_loss = engine.last_loss
             self.metrics.train_loss.set(run.last_loss)
+        self.report_run(run)
         if self.steps_applied - self._saved_at >= max(1, self.cfg.checkpoint.every_steps):
             self.checkpoint()  # before any reply leaves: what a client saw is durable
 

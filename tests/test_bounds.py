@@ -1,0 +1,127 @@
+"""Tables that grow with training are bounded: the reply cache in bytes as well as names,
+and the applied-step log compacted to ranges (still proving each step applied once)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+import zmq.asyncio
+
+from sl_pipeline.messages import Kind, Message
+from workers.runtime.appliedlog import AppliedLog, decode_log
+from workers.server.replycache import HEADER_BYTES, ReplyCache
+from workers.server.worker import ServerWorker
+
+from .conftest import load_server
+from .test_hostile_peers import _until, join
+
+MB = 1024 * 1024
+
+
+def _reply(client: str, step: int, nbytes: int) -> Message:
+    grad = torch.zeros(nbytes // 4, dtype=torch.float32)
+    return Message(kind=Kind.BACKWARD, client=client, step=step, tensors={"grad": grad})
+
+
+def test_the_reply_cache_is_bounded_in_bytes_newest_steps_last() -> None:
+    # Prepare: room for 10 MB; 8 names send 4 steps of 1 MB replies (32 MB unbounded)
+    hits: list[int] = []
+    cache = ReplyCache(max_bytes=10 * MB, on_bytes_hit=lambda: hits.append(1))
+    # Execute
+    for step in range(4):
+        for i in range(8):
+            cache.put(f"c{i}", "forward", (0, step), _reply(f"c{i}", step, MB))
+    # Assert: under the bound; older steps went before any name's newest step
+    assert cache.bytes <= 10 * MB
+    assert len(hits) == 32 - cache.bytes // (MB + HEADER_BYTES)
+    for i in range(8):
+        assert cache.newest(f"c{i}", "forward") == (0, 3)
+        assert cache.get(f"c{i}", "forward", (0, 3)) is not None
+    assert cache.get("c0", "forward", (0, 0)) is None
+
+
+def test_at_the_byte_bound_whole_names_go_least_recent_first_never_the_current() -> None:
+    cache = ReplyCache(max_bytes=3 * MB)
+    for i in range(5):  # newest replies alone: 5 MB
+        cache.put(f"c{i}", "forward", (0, 0), _reply(f"c{i}", 0, MB))
+    assert cache.names() == 2 and cache.newest("c4", "forward") == (0, 0)
+    cache.put("big", "forward", (0, 0), _reply("big", 0, 8 * MB))  # larger than the bound
+    assert cache.names() == 1 and cache.get("big", "forward", (0, 0)) is not None
+
+
+def test_compacting_keeps_each_names_newest_step() -> None:
+    cache = ReplyCache()
+    for step in range(5):
+        cache.put("c", "forward", (0, step), _reply("c", step, 1024))
+    cache.compact()
+    assert cache.oldest("c", "forward") == cache.newest("c", "forward") == (0, 4)
+    assert cache.bytes == 1024 + HEADER_BYTES
+
+
+async def test_a_servers_reply_cache_keeps_to_its_byte_bound_and_counts_evictions(
+    deployment,
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: client-1 may speak for sub-names (a relay); the cache holds 1 MiB
+    files = deployment(clients=1, dataset="breast_cancer")
+    base = files["server"].parent
+    sets = ('server.relays=["client-1"]', "server.reply_cache_mib=1")
+    server = ServerWorker(load_server(files["server"], *sets), base)
+    stop = asyncio.Event()
+    task = asyncio.create_task(server.serve(stop))
+    ctx = zmq.asyncio.Context()
+    try:
+        await _until(lambda: server.bound)
+        conn = await join(server.cfg.server.bind, server.fingerprint, base / "keys", ctx)
+        # Execute: 8 names x 2 steps whose replies are 256 KiB each (4 MiB unbounded)
+        for step in range(2):
+            for i in range(8):
+                act = torch.randn(1024, 64)
+                tensors = {"act": act, "labels": torch.zeros(1024, dtype=torch.int64)}
+                msg = Message(kind=Kind.FORWARD, client=f"s{i}", step=step, tensors=tensors)
+                await conn.send(msg)
+                assert (await conn.recv(10)).kind is Kind.BACKWARD
+        conn.close()
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
+        ctx.destroy(linger=0)
+    # Assert: within the bound, every eviction counted
+    (run,) = server.book.runs.values()
+    assert run.replies.bytes <= MB
+    hits = server.metrics.registry.get_sample_value(
+        "sl_bound_hits_total", {"table": "reply_cache_bytes"}
+    )
+    assert hits is not None and hits >= 12  # 16 replies of 256 KiB, at most 4 kept
+
+
+def test_the_applied_log_keeps_ranges_not_steps() -> None:
+    # Prepare: two clients interleaved, 10 epochs of 1,000 steps each (20,000 steps)
+    log = AppliedLog()
+    for epoch in range(10):
+        for step in range(1000):
+            log.append("client-1", epoch, step)
+            log.append("client-2", epoch, step)
+    # Assert: one range per client and epoch; every step still listed once
+    assert len(log) == 20_000 and log.ranges == 20
+    state = log.state()
+    assert tuple(state["ranges"].shape) == (20, 4)
+    again = AppliedLog.from_state(state)
+    assert again == log and len(again) == 20_000
+    assert sorted(map(tuple, again)) == sorted(map(tuple, log))
+    assert log.last == ["client-2", 9, 999]
+
+
+def test_a_step_applied_twice_still_shows_twice() -> None:
+    log = AppliedLog()
+    for step in (0, 1, 2, 1, 2, 3):  # a redo after a lost checkpoint, done wrong
+        log.append("client-1", 0, step)
+    entries = [tuple(e) for e in decode_log(log.state())]
+    assert len(entries) == 6 and len(set(entries)) == 4
+
+
+def test_checkpoints_written_before_the_ranges_still_load() -> None:
+    steps = [["client-1", 0, 0], ["client-1", 0, 1], ["client-2", 0, 0]]
+    assert decode_log(steps) == steps  # a list of steps (relays, old servers)
+    rows = {"clients": ["client-1", "client-2"], "rows": torch.tensor([[0, 0, 0], [0, 0, 1]])}
+    assert decode_log(rows) == steps[:2]  # names and a tensor of steps
