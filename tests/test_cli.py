@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,17 @@ def test_init_writes_configs_with_tcp_endpoint_and_keys(tmp_path: Path) -> None:
         assert (tmp_path / "d" / f"client-{i}.toml").exists()
         assert (tmp_path / "d" / "keys" / "admitted" / f"client-{i}.pub").exists()
     assert (tmp_path / "d" / "keys" / "server.key").stat().st_mode & 0o077 == 0
+
+
+def test_init_checkpoints_the_server_and_prints_every_start_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["init", str(tmp_path / "d"), "--topology", "multihop", "--clients", "2"]) == 0
+    out = capsys.readouterr().out
+    for site in ("server", "relay-1", "client-1", "client-2"):
+        config = tmp_path / "d" / f"{site}.toml"
+        assert f"sl-pipeline {site.split('-')[0]} --config {config}" in out, out
+    assert tomllib.loads((tmp_path / "d" / "server.toml").read_text())["checkpoint"]["dir"]
 
 
 def test_keygen_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

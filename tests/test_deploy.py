@@ -177,6 +177,21 @@ def test_dashboard_defaults(dashboard: dict[str, Any]) -> None:
             assert 'job=~"$job"' in expr, expr
 
 
+def test_dashboard_counts_and_times_what_it_says(dashboard: dict[str, Any]) -> None:
+    """The defects an operator found (issue 19), each pinned: a by-kind panel counts each
+    message once, at its sender; "All" workers never include Prometheus' own job; a time
+    since the last step is measured at the sample (not the scrape's age); a finished client
+    shows as finished."""
+    panels = {p["title"]: [t["expr"] for t in p.get("targets", [])] for p in _panels(dashboard)}
+    by_kind = [e for title, exprs in panels.items() if "by kind" in title for e in exprs]
+    assert by_kind and all('direction="sent"' in e for e in by_kind), by_kind
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["job"]["definition"].startswith("label_values(sl_build_info")
+    since = [e for title, exprs in panels.items() if title.startswith("Time since") for e in exprs]
+    assert len(since) == 2 and all("timestamp(" in e and "time()" not in e for e in since)
+    assert "sl_finished" in panels["Workers up, down or finished"][0]
+
+
 def test_dashboard_rows_by_concern(dashboard: dict[str, Any]) -> None:
     rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
     for wanted in (
