@@ -1,6 +1,7 @@
 """The wire's tensor rules: how a tensor is cast for the wire and read back from it.
 
-``int8`` quantises symmetrically with one float32 scale per sample, ``float16`` and
+``int8`` quantises symmetrically with one float32 scale per sample, ``int4`` and ``int2``
+pack 2 or 4 stochastically rounded codes per byte (:func:`pack_codes`), ``float16`` and
 ``bfloat16`` halve the bytes, and whatever arrives is widened to a float32 leaf
 (:func:`as_input`) before any model code sees it. Client, relay and server engines all
 use these, so they are part of the protocol, not of one role.
@@ -8,10 +9,15 @@ use these, so they are part of the protocol, not of one role.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from sl_pipeline.errors import ProtocolError
 from sl_pipeline.messages import Message
+
+PACKED_BITS = {"int4": 4, "int2": 2}
+MAX_DIMS = 8
 
 
 def as_input(
@@ -39,6 +45,8 @@ def wire(tensor: torch.Tensor, dtype: str) -> torch.Tensor:
 def wire_tensors(name: str, tensor: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
     """``{name: tensor}`` as it goes on the wire. ``int8`` quantises symmetrically with one
     float32 scale per sample (``name + "_scale"``): 4x fewer bytes than float32."""
+    if dtype in PACKED_BITS and tensor.dim():
+        return pack_codes(name, tensor, PACKED_BITS[dtype])
     if dtype != "int8":
         return {name: wire(tensor, dtype)}
     flat = tensor.detach().cpu().float().reshape(len(tensor), -1) if tensor.dim() else tensor
@@ -52,6 +60,8 @@ def read_tensor(msg: Message, name: str) -> torch.Tensor:
     tensor = msg.tensor(name)
     if tensor.dim() == 0:
         raise ProtocolError(f"{name} must have a batch dimension, got a 0-d tensor")
+    if tensor.dtype == torch.uint8 and f"{name}_shape" in msg.tensors:
+        return unpack_codes(msg, name)
     if tensor.dtype != torch.int8:
         return tensor
     scale = msg.tensor(f"{name}_scale").to(torch.float32)
@@ -59,3 +69,48 @@ def read_tensor(msg: Message, name: str) -> torch.Tensor:
         raise ProtocolError(f"{name}_scale must hold one scale per sample")
     flat = tensor.to(torch.float32).reshape(len(tensor), -1) * scale[:, None]
     return flat.reshape(tensor.shape)
+
+
+def pack_codes(name: str, tensor: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """Each sample's values as ``bits``-bit codes over its own [min, max], rounded
+    stochastically (so the dequantised value is unbiased), ``8 // bits`` codes per byte.
+    With it travel ``name_range`` (float32 min and step per sample) and ``name_shape``
+    (the bit width, then the original shape)."""
+    flat = tensor.detach().cpu().float().reshape(len(tensor), -1)
+    levels = 2**bits - 1
+    low = flat.amin(dim=1, keepdim=True)
+    step = ((flat.amax(dim=1, keepdim=True) - low) / levels).clamp_min(1e-30)
+    scaled = (flat - low) / step
+    codes = torch.floor(scaled + torch.rand_like(scaled)).clamp_(0, levels).to(torch.uint8)
+    per_byte = 8 // bits
+    codes = torch.nn.functional.pad(codes, (0, (-codes.shape[1]) % per_byte))
+    codes = codes.reshape(len(tensor), -1, per_byte)
+    packed = codes[:, :, 0].clone()
+    for i in range(1, per_byte):
+        packed |= codes[:, :, i] << (bits * i)
+    return {
+        name: packed,
+        f"{name}_range": torch.cat([low, step], dim=1),
+        f"{name}_shape": torch.tensor([bits, *tensor.shape], dtype=torch.int64),
+    }
+
+
+def unpack_codes(msg: Message, name: str) -> torch.Tensor:
+    """The float32 tensor :func:`pack_codes` sent, every size checked against the others."""
+    packed, info = msg.tensor(name), msg.tensor(f"{name}_shape")
+    value_range = msg.tensor(f"{name}_range")
+    if info.dtype != torch.int64 or info.dim() != 1 or not 2 <= len(info) <= MAX_DIMS + 1:
+        raise ProtocolError(f"{name}_shape must be int64 [bits, *shape]")
+    bits, *shape = (int(v) for v in info)
+    batch = len(packed)
+    if bits not in PACKED_BITS.values() or packed.dim() != 2 or min(shape) < 0:
+        raise ProtocolError(f"{name} must be a [batch, bytes] uint8 tensor of 2- or 4-bit codes")
+    per_byte, count = 8 // bits, math.prod(shape[1:])
+    if shape[0] != batch or packed.shape[1] != -(-count // per_byte):
+        raise ProtocolError(f"{name} holds {tuple(packed.shape)} bytes, not shape {shape}")
+    if value_range.dtype != torch.float32 or tuple(value_range.shape) != (batch, 2):
+        raise ProtocolError(f"{name}_range must be float32 [batch, 2] (min, step)")
+    shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
+    codes = (packed.unsqueeze(2) >> shifts) & (2**bits - 1)
+    codes = codes.reshape(batch, -1)[:, :count].to(torch.float32)
+    return (value_range[:, :1] + codes * value_range[:, 1:]).reshape(shape)

@@ -152,7 +152,7 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--wire-dtype",
         default="float32",
-        choices=["float32", "float16", "bfloat16", "int8"],
+        choices=["float32", "float16", "bfloat16", "int8", "int4", "int2"],
         help="compress activations and gradients on the wire",
     )
 
