@@ -15,6 +15,7 @@ SECTIONS = (
     "rpc",
     "scaling",
     "scrape",
+    "checkpoint",
 )
 
 __all__ = ["SECTIONS"]

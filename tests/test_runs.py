@@ -185,3 +185,33 @@ async def test_a_client_that_joined_to_infer_starts_no_run(deployment) -> None: 
     # Assert: refused with the reason, and the finished run is still the only one
     assert "joined to infer" in str(refused.value)
     assert [(r.id, r.state) for r in server.book.runs.values()] == [("run-1", "finished")]
+
+
+async def test_a_run_beyond_max_runs_waits_until_the_active_one_ends(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: room for one active run; client-1 trains run "a", client-2 asks for run "b"
+    files = deployment(dataset="breast_cancer", clients=2, epochs=2)
+    sets = ("server.max_runs=1", "server.run_clients=1")
+    server = ServerWorker(load_server(files["server"], *sets), files["server"].parent)
+    stop, task = await _serve(server)
+    base = files["server"].parent
+    one = ClientWorker(load_client(files["client-1"], 'client.run="a"'), base, progress=False)
+    two = ClientWorker(load_client(files["client-2"], 'client.run="b"'), base, progress=False)
+    try:
+        first = asyncio.create_task(one.run())
+        await asyncio.wait_for(_until_run(server, "a"), 30)
+        # Execute: "b" is asked for while "a" trains
+        summaries = await asyncio.wait_for(asyncio.gather(first, two.run()), 120)
+    finally:
+        stop.set()
+        await task
+    # Assert: "b" was queued (refused as overloaded, retried) and began once "a" ended
+    a, b = server.book.runs["a"], server.book.runs["b"]
+    assert a.state == b.state == "finished"
+    assert [s["run"] for s in summaries] == ["a", "b"] and two.retries > 0
+    assert a.ended is not None and b.started >= a.ended
+    assert (a.members, b.members) == ({"client-1"}, {"client-2"})
+
+
+async def _until_run(server: ServerWorker, run_id: str) -> None:
+    while run_id not in server.book.runs or not server.book.runs[run_id].steps:
+        await asyncio.sleep(0.01)
