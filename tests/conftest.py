@@ -88,7 +88,9 @@ class Procs:
         return proc
 
     def stop_all(self) -> None:
-        for proc in self.procs:
+        # Newest first: a client stops between two steps at once while its server still answers,
+        # but waits out a retry when the server went first.
+        for proc in reversed(self.procs):
             stop_process(proc, timeout_s=10)
             for stream in (proc.stdout, proc.stderr):
                 if stream is not None:
@@ -102,3 +104,11 @@ def procs() -> Iterator[Procs]:
         yield manager
     finally:
         manager.stop_all()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make test` runs two workers) every Prometheus test runs on one worker:
+    the package is installed once and each module fixture starts one instance."""
+    for item in items:
+        if item.get_closest_marker("prometheus") is not None:
+            item.add_marker(pytest.mark.xdist_group("prometheus"))
