@@ -83,11 +83,14 @@ class Finished:
         return [v for series in body["data"]["result"] for v in series["values"]]
 
     def mid_run(self) -> float:
-        """The last moment at which Prometheus saw the most clients up and training (both,
-        unless one finished before the other got going: start-up times vary)."""
+        """The middle moment of those at which Prometheus saw the most clients up and
+        training (both, unless one finished before the other got going: start-up times
+        vary); the middle, as the edges catch a client starting or finishing."""
         seen = [(int(v), float(t)) for t, v in self.over_the_run(TRAINING)]
         assert seen, "Prometheus never saw a client training"
-        return max(seen)[1]
+        most = max(n for n, _ in seen)
+        moments = sorted(t for n, t in seen if n == most)
+        return moments[len(moments) // 2]
 
 
 def _grafana(expr: str) -> str:
