@@ -228,6 +228,16 @@ class PrivacyConfig:
                 "bounds one record's influence and its epsilon would not hold",
                 hint="remove [privacy.nopeek] (or set alpha = 0) or remove [privacy.dpsgd]",
             )
+        if self.hijack is not None and self.label_protection_on:
+            # A u-shaped client that protects its labels sends the server label-independent
+            # output gradients, so an honest server's cut gradients stop depending on the
+            # labels too: the detector would flag every honest run (min score -0.04 measured).
+            raise PrivacyError(
+                "privacy.hijack and privacy.label cannot be combined: label protection makes "
+                "an honest server's cut gradients label-independent, which is what the "
+                "detector flags",
+                hint="remove [privacy.hijack] or [privacy.label] from this client's config",
+            )
 
     @property
     def label_protection_on(self) -> bool:

@@ -13,8 +13,10 @@ THREAT_MODELS: dict[str, dict[str, str]] = {
         "(the client's training rows, disjoint from the attacked test rows) on which it can "
         "query the trained client segment; the labels too, where the topology sends them",
         "sees": "every release of each attacked test row over the run (one per evaluation "
-        "pass), averaged; decoder tuned with a validation split, early stopping and noise "
-        "augmentation; compared with the mean, class-mean and nearest auxiliary image",
+        "pass), and it can query the client segment as it was at each pass; the strongest of: "
+        "releases averaged through the final encoder, or each pass's release through that "
+        "pass's encoder, concatenated; decoder tuned with a validation split, early stopping "
+        "and noise augmentation; compared with the mean, class-mean and nearest auxiliary image",
     },
     "unsplit": {
         "who": "an honest-but-curious server with no auxiliary data (UnSplit, Erdogan et al. 2022)",

@@ -138,3 +138,11 @@ def test_nopeek_with_dpsgd_is_refused_naming_both() -> None:
     with pytest.raises(PrivacyError, match=r"privacy\.nopeek and privacy\.dpsgd cannot"):
         PrivacyConfig.from_mapping(table)
     assert PrivacyConfig.from_mapping({"nopeek": {"alpha": 0.5}}).nopeek is not None
+
+
+def test_hijack_detector_with_label_protection_is_refused_naming_both() -> None:
+    # Protected label gradients make an honest server's cut gradients label-independent.
+    table = {"hijack": {}, "label": {"mechanism": "marvell", "scale": 4.0}}
+    with pytest.raises(PrivacyError, match=r"privacy\.hijack and privacy\.label cannot"):
+        PrivacyConfig.from_mapping(table)
+    assert PrivacyConfig.from_mapping({"hijack": {}, "label": {"mechanism": "none"}}).hijack

@@ -122,6 +122,9 @@ def test_ushaped_label_protection_runs_at_the_client_and_blunts_clustering() -> 
     # Assert
     assert plain["cluster_label_accuracy"] > 0.9 and "label_clustering" in plain["threat_models"]
     assert protected["label_leak_auc"] < plain["label_leak_auc"] - 0.1
+    # Protected label gradients make the honest cut gradients label-independent: the hijack
+    # detector, which would flag that, does not run there (and is refused beside it).
+    assert plain["hijack_flagged"] is False and "hijack_flagged" not in protected
 
 
 def test_model_completion_labels_the_rest_from_a_few_known_rows() -> None:

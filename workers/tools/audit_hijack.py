@@ -34,11 +34,12 @@ def check_fsha(topology: str, runs: int) -> None:
 
 def attach_scrutinizer(client: ClientWorker) -> Any:
     """Watch the cut gradients this client receives (on this instance only); ``None`` where
-    the client holds no labels (a vertical feature party cannot scrutinise)."""
+    the client holds no labels (a vertical feature party cannot scrutinise) or protects them
+    (u-shaped: its honest cut gradients are label-independent, see ``PrivacyConfig``)."""
     from privacy.hijack import GradientScrutinizer
 
     runner: Any = client.runner
-    if client.data.train.y is None:
+    if client.data.train.y is None or runner.protects_labels:
         return None
     detector = GradientScrutinizer()
     train_step, apply_gradient = runner.train_step, runner.apply_gradient
