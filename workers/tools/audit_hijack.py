@@ -39,7 +39,7 @@ def attach_scrutinizer(client: ClientWorker) -> Any:
     from privacy.hijack import GradientScrutinizer
 
     runner: Any = client.runner
-    if client.data.train.y is None or runner.protects_labels:
+    if client.data.train.y is None or runner.privacy.label_protection_on:
         return None
     detector = GradientScrutinizer()
     train_step, apply_gradient = runner.train_step, runner.apply_gradient
