@@ -34,6 +34,9 @@ KEYS = (
     "server_mem_per_client_mib",
     "flops_table",
     "scrape_slowdown",
+    "chunk_table",
+    "wan_40ms_of_bound",
+    "wan_40ms_speedup",
     "load",
 )
 

@@ -15,7 +15,8 @@ def _fmt(value: Any) -> str:
 
 def _pairs(value: Any) -> str:
     if isinstance(value, dict) and "q1" in value:  # a spread from bench.common.paired
-        return f"{_fmt(value['q1'])}-{_fmt(value['q3'])} ({value['pairs']} pairs)"
+        spread = f"{_fmt(value['q1'])}-{_fmt(value['q3'])}, {value['pairs']}"
+        return f"{_fmt(value['median'])} [{spread}]"
     if isinstance(value, dict):
         return ", ".join(f"{k}: {_pairs(v)}" for k, v in value.items())
     return _fmt(value)
@@ -24,16 +25,19 @@ def _pairs(value: Any) -> str:
 def headline(results: dict[str, Any]) -> list[str]:
     rows = [
         ("encryption_overhead", "encrypted/plain round trip, by size (goal <= 1.10 at 2MiB)"),
-        ("encryption_overhead_spread", "interquartile range of the pair ratios above"),
+        ("encryption_overhead_spread", "median [interquartile range, pairs] of the ratios above"),
         ("transport_efficiency", "our message path / raw pyzmq+AESGCM throughput at 2MiB"),
         ("overhead_ratio", "split encrypted 2-process step / single-process step"),
-        ("overhead_ratio_spread", "interquartile range of the pair ratios above"),
+        ("overhead_ratio_spread", "median [interquartile range, pairs] of the ratios above"),
         ("overhead_ratio_pipelined", "the same with pipelining (depth 2) / single-process step"),
         ("rpc_ratio", "our split step / torch.distributed.rpc (TensorPipe, TCP) step"),
         ("rpc_ratio_same_host_shm", "the same against TensorPipe's shared memory (run apart)"),
         ("scaling", "aggregate steps/s by number of clients"),
         ("efficiency_64", "steps/s at 64 clients / 1-client server limit"),
         ("server_mem_per_client_mib", "server RSS growth per idle authenticated client"),
+        ("chunk_table", "encrypted/plain 2MiB round trip by chunk size: median [IQR, pairs]"),
+        ("wan_40ms_of_bound", "40 ms RTT: recommended depth's steps/s / its bound (goal >= 0.8)"),
+        ("wan_40ms_speedup", "40 ms RTT: recommended depth's steps/s / depth 1's (goal >= 3)"),
     ]
     lines = ["", "figure                       value", "-" * 78]
     for key, meaning in rows:
