@@ -91,8 +91,11 @@ def _check_runs(capsys: pytest.CaptureFixture[str], config: Path, tmp_path: Path
     runs = json.loads(out)["runs"]
     assert [(r["id"], r["state"]) for r in runs] == [(f"run-{i}", "finished") for i in (1, 2, 3)]
     assert all(r["clients"] == ["client-1", "client-2"] and r["steps"] > 0 for r in runs)
+    assert all(0 <= r["test_accuracy"] <= 1 for r in runs)  # what its clients reported
     code, table, _ = _cli(capsys, "runs", "list", "--config", server)
     assert code == 0 and "run-3  finished" in table
+    assert "ACCURACY" in table.splitlines()[0]
+    assert f"{runs[2]['test_accuracy']:.4f}" in table.splitlines()[3]
     model = build_segments(load(ServerConfig, config).model, "vanilla")[-1]
     for run in runs:
         target = tmp_path / f"{run['id']}.pt"

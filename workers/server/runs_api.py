@@ -154,15 +154,16 @@ def _http_error(err: urllib.error.HTTPError, url: str) -> ConfigError:
 
 
 def format_runs(runs: list[dict[str, Any]]) -> str:
-    rows = [("RUN", "STATE", "STEPS", "CLIENTS", "DURATION", "MODEL")]
+    rows = [("RUN", "STATE", "STEPS", "CLIENTS", "ACCURACY", "DURATION", "MODEL")]
     for r in runs:
         clients = ",".join(r["clients"]) or "-"
-        rows.append(
-            (r["id"], r["state"], str(r["steps"]), clients, f"{r['duration_s']:.1f}s", r["model"])
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        accuracy = r.get("test_accuracy")
+        shown = "-" if accuracy is None else f"{accuracy:.4f}"
+        duration = f"{r['duration_s']:.1f}s"
+        rows.append((r["id"], r["state"], str(r["steps"]), clients, shown, duration, r["model"]))
+    widths = [max(len(row[i]) for row in rows) for i in range(6)]
     return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths, strict=True)) + "  " + row[5]
+        "  ".join(cell.ljust(w) for cell, w in zip(row[:6], widths, strict=True)) + "  " + row[6]
         for row in rows
     ).rstrip()
 
