@@ -215,3 +215,22 @@ async def test_a_run_beyond_max_runs_waits_until_the_active_one_ends(deployment)
 async def _until_run(server: ServerWorker, run_id: str) -> None:
     while run_id not in server.book.runs or not server.book.runs[run_id].steps:
         await asyncio.sleep(0.01)
+
+
+async def test_a_run_active_at_a_clean_stop_keeps_its_model_after_a_restart(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a run that waits for two finished clients; only one trains
+    files = deployment(dataset="breast_cancer", clients=2, epochs=1)
+    sets = ("server.run_clients=2",)
+    server = ServerWorker(load_server(files["server"], *sets), files["server"].parent)
+    stop, task = await _serve(server)
+    try:
+        await _train(files, ["client-1"])
+    finally:
+        stop.set()  # a clean stop: the active run's model is saved
+        await task
+    saved = server.book.runs["run-1"].model
+    # Execute: the server starts again (from its checkpoint and runs.json)
+    again = ServerWorker(load_server(files["server"], *sets), files["server"].parent)
+    # Assert: the run is still active and still knows its saved model
+    run = again.book.runs["run-1"]
+    assert run.active and saved and run.model == saved and Path(saved).exists()

@@ -113,12 +113,16 @@ class ServerWorker(RunHost, RouterService):
             )
         self.steps_applied = int(state["steps_applied"])
         restore_rng(state["rng"])
+        # runs.json knows where a model saved at a clean stop lies (that stop writes no
+        # checkpoint unless a step was applied since the last one)
+        models = {r.id: r.model for r in self.book.runs.values()}
         self.book.runs.clear()
         records = state.get("runs")
         if records is None:  # written before runs existed: one active run
             records = [{"id": "run-1", "state": ACTIVE, **state}]
         for record in records:
-            self._restore_run(record, path)
+            model = record.get("model") or models.get(str(record.get("id")), "")
+            self._restore_run({**record, "model": model}, path)
         log.info("resumed from checkpoint %s at %d applied steps", path, self.steps_applied)
         return self.steps_applied
 
