@@ -28,7 +28,11 @@ async def run_deployment(
     *overrides: str,
     timeout_s: float = 180,
     server_overrides: tuple[str, ...] = (),
+    until: Callable[[ServerWorker], bool] | None = None,
 ) -> dict[str, Any]:
+    """Run every client to its end, then stop the server (and relay). ``until`` is an
+    event on the server to wait for (bounded) before stopping it: a bye is sent without a
+    reply, so a client may return before its bye reached the server."""
     base = files["server"].parent
     server = ServerWorker(load(ServerConfig, files["server"], list(server_overrides)), base)
     stop = asyncio.Event()
@@ -46,6 +50,8 @@ async def run_deployment(
     ]
     try:
         summaries = await asyncio.wait_for(asyncio.gather(*(c.run() for c in clients)), timeout_s)
+        if until is not None:
+            await wait_until(lambda: until(server))
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 15)

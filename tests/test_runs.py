@@ -157,9 +157,14 @@ async def test_a_silent_name_is_free_again(deployment) -> None:  # type: ignore[
         await task
 
 
+def _a_run_finished(server: ServerWorker) -> bool:
+    return any(run.state == "finished" for run in server.book.runs.values())
+
+
 async def test_a_run_behind_a_relay_finishes(deployment) -> None:  # type: ignore[no-untyped-def]
     files = deployment(topology="multihop", dataset="breast_cancer", clients=1)
-    run = await run_deployment(files)
+    # the client's bye travels without a reply through the relay: wait for it to arrive
+    run = await run_deployment(files, until=_a_run_finished)
     (only,) = run["server"].book.runs.values()
     assert only.members == only.done == {"relay-1/client-1"}  # the relay passed the bye on
     assert only.state == "finished" and Path(only.model).exists()
