@@ -1,8 +1,8 @@
 """Split training over a WAN link: steps/s against the bound, by pipeline depth.
 
 The real server worker (digits CNN) and the real :class:`ClientWorker` (driven through the
-pipelined step loop, ``workers.pipeline.train_pipelined``, at depths 1, 2, 4, 8) talk through
-``bench.shaper``, a proxy on loopback that adds a round trip of 20, 40 and 50 ms and limits
+pipelined step loop, ``workers.client.microbatch.train_pipelined``, at depths 1, 2, 4, 8) talk
+through ``bench.shaper``, a proxy on loopback that adds a round trip of 20, 40 and 50 ms and limits
 each direction to 100 Mbit/s. The bound on steps/s at depth ``d`` and round trip ``RTT`` is
 ``min(compute, bandwidth, d / RTT)``: *compute* is steps/s through the proxy with no delay and
 no rate limit at depth 8, *bandwidth* is the rate over the bytes per step of the busier

@@ -36,7 +36,6 @@ from sl_pipeline.errors import PrivacyError
 NoiseMechanism = Literal["gaussian", "laplace"]
 LabelMechanism = Literal["none", "gaussian", "marvell"]
 ACCOUNTANTS = ("rdp", "gdp", "prv")
-LABEL_TOPOLOGY = "vertical"
 # Where label protection runs, per topology whose labels reach another party through the
 # gradients: the vertical server (it holds the labels; feature parties get cut gradients) and
 # the u-shaped client (it holds the labels; the server gets the gradient of its output).
@@ -270,7 +269,7 @@ class PrivacyConfig:
             return
         if topology not in LABEL_HOLDERS:
             self.validate_for_topology(topology)
-        elif topology == LABEL_TOPOLOGY and not (server and holds_labels):
+        elif LABEL_HOLDERS.get(topology) == "server" and not (server and holds_labels):
             raise PrivacyError(
                 "privacy.label is applied by the vertical server that holds the labels; "
                 "this worker does not",

@@ -48,6 +48,25 @@ class StepLostError(ProtocolError):
     code = "step_lost"
 
 
+class StaleStepError(ProtocolError):
+    """A step older than the newest one this run applied for the client: it restarted
+    without its checkpoint, or joined a run it already trained in."""
+
+    code = "stale_step"
+
+
+class RunEndedError(ProtocolError):
+    """The training run this peer belongs to has finished or was stopped."""
+
+    code = "run_ended"
+
+
+class NameInUseError(ProtocolError):
+    """Another live session already trains under this client's name."""
+
+    code = "name_in_use"
+
+
 class VersionError(ProtocolError):
     """The peer speaks a protocol version we do not."""
 
@@ -137,6 +156,7 @@ __all__ = [
     "ConfigError",
     "CryptoError",
     "LimitError",
+    "NameInUseError",
     "NotAdmittedError",
     "OverloadedError",
     "PeerError",
@@ -144,7 +164,9 @@ __all__ = [
     "ProtocolError",
     "ReplayError",
     "ReplyTimeoutError",
+    "RunEndedError",
     "SLError",
+    "StaleStepError",
     "StepLostError",
     "TransportError",
     "VersionError",

@@ -23,10 +23,9 @@ MAX_ID_CHARS = 128
 
 
 class Kind(enum.StrEnum):
-    """Every message kind on the wire. Values are stable: they appear in logs and metrics."""
+    """Every message kind on the wire. Values are stable: they appear in logs and metrics.
+    The hello and the welcome are no messages: they travel inside the handshake's frames."""
 
-    HELLO = "hello"  # client -> server: join; carried inside the handshake
-    WELCOME = "welcome"  # server -> client: accepted; carried inside the handshake
     FORWARD = "forward"  # cut-layer activations (+ labels in vanilla)
     BACKWARD = "backward"  # gradient at a cut layer
     EVALUATE = "evaluate"  # activations for evaluation: no update

@@ -21,12 +21,16 @@ from torch import nn
 from .config import ModelConfig
 from .errors import ConfigError
 
-# How many segments each topology needs, and the default cuts for the built-ins.
-SEGMENTS = {"vanilla": 2, "roundrobin": 2, "splitfed": 2, "multitask": 2, "ushaped": 3}
+# The default cuts of the built-ins, per cut plan: topologies not named in CUT_PLANS cut the
+# model once ("two" segments). Data, not code: the topology registry in workers says the rest.
 DEFAULT_CUTS: dict[str, dict[str, list[int]]] = {
     "cnn": {"two": [3], "ushaped": [3, 8], "multihop": [3, 6]},
     "mlp": {"two": [2], "ushaped": [2, 4], "multihop": [2, 4]},
 }
+CUT_PLANS = {"ushaped": "ushaped", "multihop": "multihop"}
+# Topologies whose parties each hold a different slice of the features: the handshake's
+# model fingerprint leaves their input shape out.
+OWN_FEATURES = frozenset({"vertical"})
 
 
 def cnn(in_shape: Sequence[int], classes: int, hidden: int = 64) -> nn.Sequential:
@@ -83,8 +87,7 @@ def default_cuts(builtin: str, topology: str) -> list[int]:
     table = DEFAULT_CUTS.get(builtin)
     if table is None:
         raise ConfigError(f"model.cuts must be set for model.builtin = {builtin!r}")
-    key = topology if topology in ("ushaped", "multihop") else "two"
-    return list(table[key])
+    return list(table[CUT_PLANS.get(topology, "two")])
 
 
 def full_model(cfg: ModelConfig) -> nn.Sequential:
@@ -152,7 +155,7 @@ def fingerprint(cfg: ModelConfig, topology: str) -> str:
     """A short hash both sides compare in the handshake: same architecture, same cut.
     Vertical parties each see a different slice of the features, so in_shape is left out."""
     model = asdict(cfg)
-    if topology == "vertical":
+    if topology in OWN_FEATURES:
         model.pop("in_shape")
     blob = json.dumps({"model": model, "topology": topology}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

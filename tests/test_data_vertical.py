@@ -213,7 +213,7 @@ async def test_a_party_that_starts_late_is_waited_for(
     try:
         # Execute: the second party joins after the first has posted again twice
         for _ in range(300):  # bounded: 30 s
-            if first.retries >= 2 or early.done():
+            if first.link.retries >= 2 or early.done():
                 break
             await asyncio.sleep(0.1)
         second = ClientWorker(load(ClientConfig, files["client-2"]), base, progress=False)
@@ -221,6 +221,6 @@ async def test_a_party_that_starts_late_is_waited_for(
     finally:
         await server.close()
     # Assert: both aligned on the intersection and trained
-    assert first.retries >= 2
+    assert first.link.retries >= 2
     assert [s["aligned_rows"] for s in summaries] == [len(shared), len(shared)]
     assert summaries[0]["steps"] == summaries[1]["steps"] > 0

@@ -30,7 +30,7 @@ from sl_pipeline.transport import Channel, DealerConnection
 from workers.client.worker import ClientWorker
 from workers.ops.http import check_health, local_url
 from workers.relay import RelayWorker
-from workers.runtime.service import Peer
+from workers.runtime.peers import Peer
 from workers.server.worker import ServerWorker
 
 from .conftest import load_client, load_server

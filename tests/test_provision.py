@@ -39,8 +39,8 @@ ops_port = {client_ops}
 RELAY = '\n[[relay]]\nname = "hop"\nhost = "127.0.0.1"\nport = {port}\n'
 
 
-def _provision(tmp_path: Path, topology: str = "vanilla") -> tuple[Path, str]:
-    relay = RELAY.format(port=free_port()) if topology == "multihop" else ""
+def _provision(tmp_path: Path, topology: str = "vanilla", hops: int = 0) -> tuple[Path, str]:
+    relay = RELAY.format(port=free_port()) if hops else ""
     project = tmp_path / "project.toml"
     project.write_text(
         PROJECT.format(
@@ -64,14 +64,27 @@ def _private_keys(out: Path) -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize("topology", ["vanilla", "multihop", "splitfed", "roundrobin"])
+@pytest.mark.parametrize(
+    ("topology", "hops", "group_secret", "masks"),  # relays, a shared secret, SplitFed's keys
+    [
+        ("vanilla", 0, False, 0),
+        ("multihop", 1, False, 0),
+        ("splitfed", 0, False, 4),
+        ("roundrobin", 0, True, 0),
+    ],
+)
 def test_no_kit_holds_another_sites_private_key(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], topology: str
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    topology: str,
+    hops: int,
+    group_secret: bool,
+    masks: int,
 ) -> None:
-    out, project = _provision(tmp_path, topology)
+    out, project = _provision(tmp_path, topology, hops)
     assert main(["provision", project, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    sites = {"server", "site-a", "site-b", "admin"} | ({"hop"} if topology == "multihop" else set())
+    sites = {"server", "site-a", "site-b", "admin"} | ({"hop"} if hops else set())
     assert {p.name for p in out.iterdir()} == sites
     secrets = _private_keys(out)
     assert set(secrets) == sites - {"admin"}
@@ -90,14 +103,14 @@ def test_no_kit_holds_another_sites_private_key(
     server = load(ServerConfig, out / "server" / "server.toml")
     assert server.checkpoint.dir and server.checkpoint.fsync  # checkpointed by default
     admitted = {p.name for p in (out / "server" / "keys" / "admitted").iterdir()}
-    assert admitted == ({"hop.pub"} if topology == "multihop" else {"site-a.pub", "site-b.pub"})
+    assert admitted == ({"hop.pub"} if hops else {"site-a.pub", "site-b.pub"})
     group = [f for f in out.rglob("group.secret")]  # a secret the clients share, not the server
     assert sorted(f.parent.parent.name for f in group) == (
-        ["site-a", "site-b"] if topology == "roundrobin" else []
+        ["site-a", "site-b"] if group_secret else []
     )
-    masks = [f for f in out.rglob("*") if f.parent.name == "group"]  # splitfed: public keys only
-    assert all(f.suffix == ".pub" for f in masks)
-    assert len(masks) == (4 if topology == "splitfed" else 0)
+    found = [f for f in out.rglob("*") if f.parent.name == "group"]  # splitfed: public keys only
+    assert all(f.suffix == ".pub" for f in found)
+    assert len(found) == masks
 
 
 def test_provision_refuses_a_bad_project(
@@ -149,7 +162,7 @@ async def test_provisioned_kits_train_together(
 
 
 def test_relay_kit_loads(tmp_path: Path) -> None:
-    out, project = _provision(tmp_path, "multihop")
+    out, project = _provision(tmp_path, "multihop", hops=1)
     assert main(["provision", project, "--out", str(out)]) == 0
     relay = load(RelayConfig, out / "hop" / "hop.toml")
     assert relay.relay.name == "hop" and relay.relay.upstream_key == "keys/server.pub"

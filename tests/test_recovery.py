@@ -20,7 +20,7 @@ from sl_pipeline.retransmit import RetransmitTimer
 from sl_pipeline.transport import DealerConnection
 from workers.client.worker import ClientWorker
 from workers.relay import RelayWorker
-from workers.server.engines.base import MiddleEngine
+from workers.server.engines.middle import MiddleEngine
 from workers.server.engines.vertical import VerticalEngine
 from workers.server.worker import ServerWorker
 
@@ -186,7 +186,7 @@ async def test_a_step_open_when_the_server_restarts_is_redone(
 
     def open_then_stop(self: Any, *args: Any) -> Any:
         replies = original(self, *args)
-        opened = self._open is not None and tuple(self._open[-4:-2]) == (0, 3)
+        opened = self._open is not None and (self._open.epoch, self._open.step) == (0, 3)
         if opened and not stops[0].is_set():
             stops[0].set()  # this server finishes this message and goes
         return replies

@@ -34,11 +34,11 @@ from sl_pipeline.secagg import (
 from sl_pipeline.transport import Channel
 from workers.client.worker import ClientWorker
 from workers.runtime.checkpoint import decode, encode
-from workers.runtime.service import Peer
+from workers.runtime.peers import Peer
 from workers.server.aggregation import SecureAggregator
-from workers.server.engines import build_engine
 from workers.server.engines.group import GroupEngine
 from workers.server.worker import ServerWorker
+from workers.topologies import build_engine
 
 from .inprocess import run_deployment
 from .test_topologies import record_inbound

@@ -27,6 +27,7 @@ from sl_pipeline.group import load_group_key
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.psi import PsiParty
 from sl_pipeline.sources import Source
+from workers.topologies import topology
 
 log = logging.getLogger("sl_pipeline.client")
 
@@ -44,11 +45,12 @@ def psi_key(cfg: ClientConfig, base: Path, has_ids: bool) -> bytes | None:
     Vertical parties with ids align by PSI unless ``data.align = "position"`` says the rows
     are already aligned; everything PSI needs is checked now, before joining the server."""
     d, c = cfg.data, cfg.client
-    if d.align and c.topology != "vertical":
+    aligns = topology(c.topology).aligns_rows
+    if d.align and not aligns:
         raise ConfigError(f"data.align applies to vertical parties; this is {c.topology}")
     if d.align == "psi" and not has_ids:
         raise ConfigError('data.align = "psi" needs data.id: the column of row ids')
-    if c.topology != "vertical" or not has_ids or d.align == "position":
+    if not aligns or not has_ids or d.align == "position":
         return None
     if cfg.privacy.get("dpsgd"):
         raise ConfigError(
@@ -66,7 +68,7 @@ def psi_key(cfg: ClientConfig, base: Path, has_ids: bool) -> bytes | None:
 
 def own_view(cfg: ClientConfig, data: PartyData) -> PartyData:
     """A vertical feature party keeps no labels, even when its file has a label column."""
-    if cfg.client.topology != "vertical" or cfg.client.role == "label":
+    if not topology(cfg.client.topology).feature_parties or cfg.client.role == "label":
         return data
     return replace(
         data,

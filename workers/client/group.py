@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from sl_pipeline.config import resolve_path
 from sl_pipeline.errors import ConfigError, CryptoError, ProtocolError
@@ -14,7 +15,7 @@ from sl_pipeline.group import load_group_key, open_weights, run_id, seal_weights
 from sl_pipeline.keys import load_admitted_keys, load_keypair
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.secagg import MaskingKeys, average_from_sum, masked_tensor, new_nonce
-from workers.client.steps import StepRunner, parameters_to_vector, vector_to_parameters
+from workers.client.steps import StepRunner
 
 TURN_TIMEOUT_S = 900.0
 MAX_ATTEMPTS = 20  # SplitFed: aborted attempts at one round before giving up

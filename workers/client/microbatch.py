@@ -19,16 +19,31 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
+from sl_pipeline.config import ClientConfig
 from sl_pipeline.errors import ConfigError, PeerError, ReplyTimeoutError, TransportError
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.tensors import read_tensor
+from workers.client.link import Upstream
+from workers.client.steps import StepRunner
 
-if TYPE_CHECKING:
-    from workers.client.worker import ClientWorker
+
+class PipelineHost(Protocol):
+    """What pipelining uses of the client worker: its connection, reply timer and runner."""
+
+    cfg: ClientConfig
+    topology: str
+    runner: StepRunner
+    link: Upstream
+    step: int
+
+    async def connect(self) -> None: ...
+
+    async def request(self, message: Message, timeout_s: float | None = None) -> Message: ...
+
 
 log = logging.getLogger("workers.client")
 
@@ -93,7 +108,7 @@ def auto_depth(step_s: float, round_trip_s: float, client_s: float) -> int:
     return max(1, min(AUTO_MAX_DEPTH, math.ceil(step_s / busy_s)))
 
 
-async def measure_round_trip(worker: ClientWorker) -> float:
+async def measure_round_trip(worker: PipelineHost) -> float:
     """Median of a few heartbeat round trips to the server (or relay), which answers each."""
     samples = []
     for _ in range(PROBE_PINGS):
@@ -103,7 +118,7 @@ async def measure_round_trip(worker: ClientWorker) -> float:
     return statistics.median(samples)
 
 
-def check_depth(worker: ClientWorker) -> int:
+def check_depth(worker: PipelineHost) -> int:
     depth = worker.cfg.train.pipeline_depth
     if not 0 <= depth <= MAX_DEPTH:
         raise ConfigError(
@@ -119,31 +134,31 @@ def check_depth(worker: ClientWorker) -> int:
     return depth
 
 
-async def _reply(worker: ClientWorker, inflight: deque[InFlight]) -> Message:
+async def _reply(worker: PipelineHost, inflight: deque[InFlight]) -> Message:
     """The oldest step's reply; after a lost server or a wait that ran out (the adaptive
     timer, as for single requests), rejoin and resend every step in flight."""
     for attempt in range(MAX_REJOINS):
-        assert worker.conn is not None
+        assert worker.link.conn is not None
         try:
-            reply = await worker.conn.recv(worker.timer.timeout("forward"))
+            reply = await worker.link.conn.recv(worker.link.timer.timeout("forward"))
         except (TransportError, PeerError) as exc:
             if isinstance(exc, PeerError) and not exc.retryable:
                 raise
             if isinstance(exc, ReplyTimeoutError):
-                worker.timer.expired("forward")
-            worker.lost_upstream(exc)
+                worker.link.timer.expired("forward")
+            worker.link.lost(exc)
             await worker.connect()
             for item in inflight:
-                await worker.conn.send(item.msg)
+                await worker.link.conn.send(item.msg)
             continue
         if attempt == 0:  # the round trip of the oldest step, from when it was sent
-            worker.timer.sample("forward", time.perf_counter() - inflight[0].started)
+            worker.link.timer.sample("forward", time.perf_counter() - inflight[0].started)
         return reply
     raise TransportError(f"gave up after {MAX_REJOINS} rejoins with steps in flight")
 
 
 async def train_pipelined(
-    worker: ClientWorker,
+    worker: PipelineHost,
     epoch: int,
     batches: Iterator[tuple[int, Any, Any, Any]],
     done: Callable[[int, float, float], None],
@@ -173,9 +188,9 @@ async def train_pipelined(
         started = time.perf_counter()
         act, sent, stash = runner.stash_forward(x)
         msg = runner.forward_message(step, sent, y, ids)
-        assert worker.conn is not None
+        assert worker.link.conn is not None
         client_s = time.perf_counter() - started
-        await worker.conn.send(msg)
+        await worker.link.conn.send(msg)
         inflight.append(InFlight(step, x, act, sent, stash, msg, started, client_s))
         if len(inflight) >= depth:
             await complete_oldest()

@@ -65,3 +65,26 @@ class UndoPoints:
             last_applied,
         )
         raise Rewind(server_step, state)
+
+    def after_join(
+        self, welcome: dict[str, Any], last_applied: Step | None, in_flight: int, peer: str
+    ) -> None:
+        """The server (or relay) says which step of ours it applied last; if it is behind
+        us, rewind to that step when an undo point exists (it checkpoints every N > 1
+        steps), else say what was lost."""
+        applied = welcome.get("applied")
+        self.configure(int(welcome.get("checkpoint_every") or 1), in_flight)
+        if last_applied is None:
+            return
+        server_step = (int(applied[0]), int(applied[1])) if applied else NOTHING
+        if server_step < last_applied:
+            self.check(server_step, last_applied)
+            log.error(
+                "the %s lost steps after %s that this client applied (up to %s); "
+                "exactly-once needs the %s's checkpoint.dir, and a rewind needs an undo point "
+                "(checkpoint.every_steps > 1 is announced at join)",
+                peer,
+                server_step,
+                last_applied,
+                peer,
+            )

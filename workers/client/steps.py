@@ -6,17 +6,14 @@ A :class:`StepRunner` owns the client's segment(s), optimizer and defenses. The 
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from privacy.config import PrivacyConfig
 from privacy.defenses import build_defenses
@@ -24,11 +21,10 @@ from sl_pipeline.config import resolve_path
 from sl_pipeline.data import Split, batch_order, iter_batches
 from sl_pipeline.errors import ConfigError, PeerError, PrivacyError, ProtocolError, StepLostError
 from sl_pipeline.messages import Kind, Message
-from sl_pipeline.models import build_segments, make_optimizer, resolve_device, vertical_bottom
+from sl_pipeline.models import build_segments, make_optimizer, resolve_device
 from sl_pipeline.tensors import as_input, read_tensor, wire_tensors
-
-if TYPE_CHECKING:
-    from workers.client.worker import ClientWorker
+from workers.client.host import RunnerHost
+from workers.client.private import PrivateBatches
 
 log = logging.getLogger("sl_pipeline.client")
 MAX_STEP_REDOS = 10
@@ -46,7 +42,7 @@ class StepRunner:
     # parties (their pace is no round trip of ours, and a resent evaluation part is refused).
     adaptive_wait = True
 
-    def __init__(self, worker: ClientWorker) -> None:
+    def __init__(self, worker: RunnerHost) -> None:
         self.w = worker
         cfg = worker.cfg
         self.privacy = PrivacyConfig.from_mapping(cfg.privacy) if cfg.privacy else PrivacyConfig()
@@ -84,11 +80,16 @@ class StepRunner:
         t = cfg.train
         self.optimizer = make_optimizer(params, t.optimizer, t.lr, t.momentum)
         self.accountant = self._activation_accountant()
-        self.dp: Any = None
+        self.dp: Any = None  # Opacus' handle, with DP-SGD
+        self.private: PrivateBatches | None = None
         if self.privacy.dpsgd is not None:
-            self._make_private()
+            self.private = PrivateBatches.attach(
+                self.bottom, self.optimizer, worker.data.train, self.privacy.dpsgd, cfg.train
+            )
+            self.dp = self.private.dp
+            self.modules["bottom"] = self.dp.module
+            self.optimizer = self.dp.optimizer
         self.accounted_epochs = 0
-        self.dp_drawn = 0  # DP-SGD: batches drawn from the sampler this epoch
 
     # ---- set-up --------------------------------------------------------------------------
     def build_modules(self) -> dict[str, nn.Module]:
@@ -108,28 +109,11 @@ class StepRunner:
         # every training record is released once per epoch (sample_rate 1).
         return activation_accountant(noise, sample_rate=1.0)
 
-    def _make_private(self) -> None:
-        from torch.utils.data import DataLoader, TensorDataset
-
-        from privacy.dpsgd import make_private_client
-
-        train = self.w.data.train
-        labels = train.y if train.y is not None else torch.zeros(len(train), dtype=torch.int64)
-        loader = DataLoader(
-            TensorDataset(train.x, labels, train.ids), batch_size=self.w.cfg.train.batch_size
-        )
-        assert self.privacy.dpsgd is not None
-        self.dp = make_private_client(
-            self.bottom, self.optimizer, loader, self.privacy.dpsgd, self.w.cfg.train.epochs
-        )
-        self.modules["bottom"] = self.dp.module
-        self.optimizer = self.dp.optimizer
-
     # ---- batches -------------------------------------------------------------------------
     def epoch_batches(self, epoch: int, first_step: int = 0) -> Iterator[tuple[int, *Batch]]:
         """``(step, x, y, ids)`` of this epoch from ``first_step`` (after a resume)."""
-        if self.dp is not None:
-            yield from self._dp_batches(first_step)
+        if self.private is not None:
+            yield from self.private.batches(first_step)
             return
         train = self.w.data.train
         order = batch_order(len(train), self.w.cfg.train.batch_size, self.w.cfg.train.seed, epoch)
@@ -138,60 +122,13 @@ class StepRunner:
                 y = train.y[idx] if train.y is not None else None
                 yield step, train.x[idx], y, train.ids[idx]
 
-    def _dp_batches(self, first_step: int) -> Iterator[tuple[int, *Batch]]:
-        """Opacus' batches (Poisson-sampled by default), drawn from its batch sampler one at a
-        time so that a resume continues them exactly: the checkpoint holds the RNG state after
-        the last step and how many batches of the epoch were drawn (empty ones included,
-        which are skipped); the remaining ones are drawn from there, none again."""
-        assert self.privacy.dpsgd is not None
-        loader = self.dp.data_loader
-        x_all, y_all, ids_all = loader.dataset.tensors
-        has_labels = self.w.data.train.y is not None
-        if first_step == 0:
-            self.dp_drawn = 0
-        sampler = iter(loader.batch_sampler)
-        if self.privacy.dpsgd.poisson_sampling:  # each draw is fresh: draw only what is left
-            left = len(loader.batch_sampler) - self.dp_drawn
-            batches: Iterator[Any] = (next(sampler) for _ in range(max(0, left)))
-        else:  # a fixed order: skip what was drawn
-            batches = itertools.islice(sampler, self.dp_drawn, None)
-        step = first_step
-        for indices in batches:
-            self.dp_drawn += 1
-            if len(indices):
-                idx = torch.as_tensor(indices, dtype=torch.long)
-                yield step, x_all[idx], (y_all[idx] if has_labels else None), ids_all[idx]
-                step += 1
-
     def dp_state(self) -> dict[str, Any]:
-        """DP-SGD's part of the client checkpoint: batches drawn this epoch, the accountant's
-        history (so epsilon keeps counting every step released before a crash) and any
-        dedicated generators (the global RNG is saved with the client)."""
-        if self.dp is None:
-            return {}
-        state: dict[str, Any] = {
-            "drawn": self.dp_drawn,
-            "accountant": dict(self.dp.engine.accountant.state_dict()),
-        }
-        for name, gen in self._dp_generators().items():
-            state[name] = gen.get_state()
-        return state
+        """DP-SGD's part of the client checkpoint (see :class:`PrivateBatches`)."""
+        return self.private.state() if self.private is not None else {}
 
     def load_dp_state(self, state: dict[str, Any]) -> None:
-        if self.dp is None or not state:
-            return
-        self.dp_drawn = int(state["drawn"])
-        self.dp.engine.accountant.load_state_dict(state["accountant"])
-        for name, gen in self._dp_generators().items():
-            if name in state:
-                gen.set_state(state[name])
-
-    def _dp_generators(self) -> dict[str, torch.Generator]:
-        found = {
-            "sampler_rng": getattr(self.dp.data_loader.batch_sampler, "generator", None),
-            "noise_rng": getattr(self.dp.optimizer, "generator", None),
-        }
-        return {name: gen for name, gen in found.items() if gen is not None}
+        if self.private is not None and state:
+            self.private.load_state(state)
 
     # ---- one step ------------------------------------------------------------------------
     def cut(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -445,93 +382,4 @@ def _eval_batches(test: Split) -> Iterator[Batch]:
         yield x, y, test.ids[start : start + 256]
 
 
-class UShapedRunner(StepRunner):
-    """Labels and the last layers stay here: two exchanges per step, no labels sent."""
-
-    sends_labels = False
-    protects_labels = True  # the gradient of the server's output carries the labels
-    supports_pipelining = False
-
-    def build_modules(self) -> dict[str, nn.Module]:
-        segments = build_segments(self.w.cfg.model, "ushaped")
-        if len(segments) != 3:
-            raise ConfigError("ushaped needs model.cuts with two cut indices")
-        return {"bottom": segments[0], "head": segments[2]}
-
-    async def train_step(
-        self, step: int, x: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor
-    ) -> float:
-        if y is None:
-            raise ConfigError("ushaped: the client holds the labels; set data.label")
-        act, sent = self.cut(x)
-        msg = self.forward_message(step, sent, None, ids)
-        head, target = self.modules["head"], y.to(self.device)
-        loss, grad_reply = await self.exchange_twice(
-            msg, lambda out: F.cross_entropy(head(out), target), protect_with=target
-        )
-        cut_grad = read_tensor(grad_reply, "grad")
-        self.scrutinize(cut_grad, y)
-        self.apply_gradient(x, act, sent, cut_grad)
-        return float(loss.detach())
-
-
-class VerticalRunner(StepRunner):
-    """A feature party: its own bottom on its features; sample ids align the batch.
-    The designated label client (``client.role = "label"``) also computes the loss."""
-
-    sends_labels = False
-    supports_pipelining = False
-    adaptive_wait = False
-
-    async def train_step(
-        self, step: int, x: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor
-    ) -> float:
-        if self.w.cfg.client.role != "label":
-            return await super().train_step(step, x, y, ids)
-        if y is None:
-            raise ConfigError("vertical: the label client needs labels; set data.label")
-        act, sent = self.cut(x)
-        msg = self.forward_message(step, sent, None, ids)
-        target = y.to(self.device)
-        loss, reply = await self.exchange_twice(msg, lambda fused: F.cross_entropy(fused, target))
-        self.apply_gradient(x, act, sent, read_tensor(reply, "grad"))
-        return float(loss.detach())
-
-    def build_modules(self) -> dict[str, nn.Module]:
-        group = self.w.cfg.client.group
-        name = self.w.cfg.client.name
-        index = sorted(group).index(name) if name in group else 0
-        return {"bottom": vertical_bottom(self.w.cfg.model, index)}
-
-    def forward_message(
-        self, step: int, sent: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor
-    ) -> Message:
-        tensors = {**wire_tensors("act", sent, self.w.cfg.train.wire_dtype), "ids": ids}
-        return self.w.message(Kind.FORWARD, step, tensors=tensors)
-
-
-class MultitaskRunner(StepRunner):
-    def forward_meta(self) -> dict[str, Any]:
-        if not self.w.cfg.data.task:
-            raise ConfigError("multitask: set data.task to this client's task")
-        return {"task": self.w.cfg.data.task}
-
-
-def build_runner(worker: ClientWorker) -> StepRunner:
-    topology = worker.topology
-    if topology == "ushaped":
-        return UShapedRunner(worker)
-    if topology == "vertical":
-        return VerticalRunner(worker)
-    if topology == "multitask":
-        return MultitaskRunner(worker)
-    if topology in ("roundrobin", "splitfed"):
-        from workers.client.group import RoundRobinRunner, SplitFedRunner
-
-        return RoundRobinRunner(worker) if topology == "roundrobin" else SplitFedRunner(worker)
-    if topology not in ("vanilla", "multihop"):
-        raise ProtocolError(f"unknown topology {topology!r}")
-    return StepRunner(worker)
-
-
-__all__ = ["StepRunner", "build_runner", "parameters_to_vector", "vector_to_parameters"]
+__all__ = ["StepRunner"]

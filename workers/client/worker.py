@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import sys
 import time
 from collections.abc import Iterator
@@ -24,29 +23,24 @@ from tqdm import tqdm
 
 from privacy.config import PrivacyConfig
 from sl_pipeline.config import ClientConfig, check_endpoint, resolve_path
-from sl_pipeline.errors import PeerError, ProtocolError, ReplyTimeoutError, TransportError
 from sl_pipeline.handshake import ClientHandshake
-from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
-from sl_pipeline.models import fingerprint
-from sl_pipeline.retransmit import RetransmitTimer
+from sl_pipeline.messages import Kind, Message
 from sl_pipeline.sources import Source, load_source
 from sl_pipeline.transport import DealerConnection
 from workers.client.align import aligned_data, first_data, psi_key, rows_file
+from workers.client.link import Upstream, make_handshake
 from workers.client.microbatch import MAX_DEPTH, check_depth, train_pipelined
 from workers.client.rollback import NOTHING, Rewind, UndoPoints
-from workers.client.steps import StepRunner, build_runner
+from workers.client.steps import StepRunner
 from workers.ops.http import OpsServer
 from workers.ops.metrics import WorkerMetrics
-from workers.runtime.checkpoint import CheckpointStore, restore_rng, rng_state
-from workers.runtime.diagnose import no_server, refused
+from workers.runtime.checkpoint import open_store, restore_rng, rng_state
 from workers.runtime.startup import (
     install_stop_signals,
-    load_own_key,
-    load_peer_key,
     start_ops,
-    warn_insecure,
 )
 from workers.server.runs import check_run_id
+from workers.topologies import topology
 
 log = logging.getLogger("sl_pipeline.client")
 
@@ -76,7 +70,7 @@ class ClientWorker:
         self.base = base
         self.metrics = metrics or WorkerMetrics("client")
         self.progress = progress
-        self.topology = cfg.client.topology
+        self.topology: str = cfg.client.topology
         check_endpoint(cfg.client.server, "client.server")
         PrivacyConfig.from_mapping(cfg.privacy).check_placement(
             self.topology, server=False, holds_labels=cfg.client.role == "label"
@@ -89,23 +83,15 @@ class ClientWorker:
         self.pending: Source | None = source if self.psi_key else None  # rows to align first
         self.aligned_rows: int | None = None
         self.data = first_data(cfg, source, aligned_later=self.pending is not None)
-        self.runner: StepRunner = build_runner(self)
+        self.runner: StepRunner = topology(self.topology).runner(self)
         check_depth(self)
-        self.handshake = self._make_handshake()
-        self.conn: DealerConnection | None = None
-        self.upstream = "server"  # what client.server points at; a relay says so in its welcome
-        # Reply waits follow the measured round trip (RFC 6298), at most the configured bound.
-        self.timer = RetransmitTimer(cfg.client.timeout_s)
-        self.hello_timer = RetransmitTimer(cfg.client.connect_timeout_s)
-        self.connected = False  # between a completed handshake and a lost server
-        self.ctx: zmq.asyncio.Context | None = None
+        self.link = Upstream(cfg, self.metrics, make_handshake(cfg, base, self.topology))
+        self.link.adaptive_wait = self.runner.adaptive_wait
         self.epoch = 0
         self.step = 0
         self.steps_done = 0
-        self.retries = 0
         self.last_loss: float | None = None
         self.last_accuracy: float | None = None
-        self.bytes = {"sent": 0, "received": 0}
         self.epoch_losses: list[float] = []
         self.start = (0, 0)  # (epoch, step) to continue from
         self.last_applied: tuple[int, int] | None = None
@@ -114,7 +100,7 @@ class ClientWorker:
         self.stop = asyncio.Event()
         self.stopped = False
         self.undo = UndoPoints()
-        self.ckpt = self._checkpoint_store()
+        self.ckpt = open_store(cfg.checkpoint, base, cfg.client.name)
         self.resumed_from = self._restore() if self.ckpt else 0
 
     async def align(self) -> None:
@@ -132,31 +118,7 @@ class ClientWorker:
         )
         self.pending = None
 
-    def _make_handshake(self) -> ClientHandshake:
-        c = self.cfg.client
-        hello = {
-            "v": PROTOCOL_VERSION,
-            "client": c.name,
-            "model": fingerprint(self.cfg.model, self.topology),
-            "role": c.role,
-        }
-        if c.insecure:
-            warn_insecure("client")
-            return ClientHandshake(hello, None, None)
-        static = load_own_key(self.base, c.key, "client.key")
-        server_key = load_peer_key(self.base, c.server_key, "client.server_key")
-        return ClientHandshake(hello, static, server_key)
-
     # ---- checkpoints ---------------------------------------------------------------------
-    def _checkpoint_store(self) -> CheckpointStore | None:
-        c = self.cfg.checkpoint
-        if not c.dir:
-            return None
-        directory = resolve_path(self.base, c.dir, "checkpoint.dir", must_exist=False)
-        return CheckpointStore(
-            directory, keep=max(1, c.keep), prefix=self.cfg.client.name, fsync=c.fsync
-        )
-
     def _state(self, next_step: int) -> dict[str, Any]:
         return {
             "modules": {n: dict(m.state_dict()) for n, m in self.runner.modules.items()},
@@ -205,29 +167,6 @@ class ClientWorker:
             self.ckpt.save(self._state(next_step), self.steps_done)
             self.metrics.checkpoints_total.inc()
 
-    def _check_resume(self, welcome: dict[str, Any]) -> None:
-        """The server (or relay) says which step of ours it applied last; if it is behind
-        us, rewind to that step when an undo point exists (it checkpoints every N > 1
-        steps), else say what was lost."""
-        applied = welcome.get("applied")
-        self.undo.configure(
-            int(welcome.get("checkpoint_every") or 1), self.cfg.train.pipeline_depth or MAX_DEPTH
-        )
-        if self.last_applied is None:
-            return
-        server_step = (int(applied[0]), int(applied[1])) if applied else NOTHING
-        if server_step < self.last_applied:
-            self.undo.check(server_step, self.last_applied)
-            log.error(
-                "the %s lost steps after %s that this client applied (up to %s); "
-                "exactly-once needs the %s's checkpoint.dir, and a rewind needs an undo point "
-                "(checkpoint.every_steps > 1 is announced at join)",
-                self.upstream,
-                server_step,
-                self.last_applied,
-                self.upstream,
-            )
-
     def _hello(self) -> dict[str, Any]:
         """What this client asks for: its run, whether it trains, where it resumes from."""
         c = self.cfg.client
@@ -240,104 +179,39 @@ class ClientWorker:
         }
 
     # ---- connection --------------------------------------------------------------------
-    def _count(self, direction: str, kind: str, nbytes: int) -> None:
-        self.bytes[direction] += nbytes
-        self.metrics.record_message(direction, kind, nbytes)
+    @property
+    def ctx(self) -> zmq.asyncio.Context | None:
+        return self.link.ctx
+
+    @ctx.setter
+    def ctx(self, ctx: zmq.asyncio.Context | None) -> None:
+        self.link.ctx = ctx
+
+    @property
+    def conn(self) -> DealerConnection | None:
+        return self.link.conn
+
+    @property
+    def handshake(self) -> ClientHandshake:
+        return self.link.handshake
 
     async def connect(self) -> None:
-        """Handshake, retrying with capped exponential backoff and jitter."""
-        c = self.cfg.client
-        deadline = time.monotonic() + c.retry_for_s
-        delay = 0.2
-        assert self.ctx is not None
-        while True:
-            self._set_connected(False)
-            if self.conn is not None:
-                self.conn.close()
-            self.conn = DealerConnection(
-                self.ctx, c.server, self.cfg.limits.to_limits(), self._count, self.upstream
-            )
-            sent = time.monotonic()
-            try:
-                self.handshake.hello = self._hello()
-                welcome = await self.conn.handshake(
-                    self.handshake, self.hello_timer.timeout("hello")
-                )
-                self.hello_timer.sample("hello", time.monotonic() - sent)
-                self.metrics.record_handshake("ok")
-                self._joined(welcome)
-                return
-            except PeerError as exc:
-                self.metrics.record_handshake(_handshake_result(exc.remote_code))
-                retry = exc.retryable or exc.remote_code in WAIT_CODES
-                if not retry or time.monotonic() + delay > deadline:
-                    raise refused(exc, self.cfg) from None
-                log.warning(
-                    "the %s refused to join (%s); retrying in %.1fs", self.upstream, exc, delay
-                )
-            except (TransportError, ProtocolError) as exc:
-                if isinstance(exc, ReplyTimeoutError):
-                    self.hello_timer.expired("hello")
-                if time.monotonic() + delay > deadline:
-                    if self.steps_done:  # it was there: a network fault, not a config one
-                        raise TransportError(no_server(self.cfg).message) from None
-                    raise no_server(self.cfg) from None
-                log.warning("no answer from %s (%s); retrying", c.server, exc)
-            self.retries += 1
-            self.metrics.retries_total.inc()
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 5.0)
-
-    def _joined(self, welcome: dict[str, Any]) -> None:
-        self._set_connected(True)
-        role = welcome.get("role", "server")
-        self.upstream = role if role in ("server", "relay") else "server"
-        assert self.conn is not None
-        self.conn.peer = self.upstream
+        """Join the next hop (retrying), then see where it says this client resumes."""
+        welcome = await self.link.connect(self._hello, lambda: self.steps_done > 0)
         self.run_id = welcome.get("run") or self.run_id
         log.info(
             "joined %s %s (run %s)",
-            self.upstream,
+            self.link.peer,
             self.cfg.client.server,
             self.run_id or "not chosen yet",
         )
-        self._check_resume(welcome)
+        self.undo.after_join(
+            welcome, self.last_applied, self.cfg.train.pipeline_depth or MAX_DEPTH, self.link.peer
+        )
 
     async def request(self, message: Message, timeout_s: float | None = None) -> Message:
-        """Send and wait for the reply; on a lost peer or a wait that ran out, rejoin and
-        resend the same step. The wait follows the measured round trip (``self.timer``)
-        unless ``timeout_s`` fixes it (a wait for other clients, which no RTT predicts)."""
-        kind = message.kind.value
-        fixed = timeout_s or (None if self.runner.adaptive_wait else self.cfg.client.timeout_s)
-        for attempt in range(MAX_RETRIES_PER_REQUEST):
-            assert self.conn is not None
-            wait = fixed or self.timer.timeout(kind)
-            sent = time.monotonic()
-            try:
-                await self.conn.send(message)
-                reply = await self.conn.recv(wait)
-            except (TransportError, PeerError) as exc:
-                if isinstance(exc, PeerError) and not exc.retryable:
-                    raise
-                if isinstance(exc, ReplyTimeoutError) and fixed is None:
-                    self.timer.expired(kind)
-                self.lost_upstream(exc)
-                await self.connect()
-                continue
-            if attempt == 0 and fixed is None:  # Karn: a resent request gives no sample
-                self.timer.sample(kind, time.monotonic() - sent)
-            return reply
-        raise TransportError(f"gave up after {MAX_RETRIES_PER_REQUEST} retries of one step")
-
-    def lost_upstream(self, exc: Exception) -> None:
-        log.warning("lost the %s (%s); rejoining", self.upstream, exc)
-        self.retries += 1
-        self.metrics.retries_total.inc()
-
-    def _set_connected(self, connected: bool) -> None:
-        self.connected = connected
-        self.metrics.peers_connected.set(int(connected))
-        self.metrics.peers_authenticated.set(int(connected))
+        """Send and wait for the reply, rejoining and resending after a lost peer."""
+        return await self.link.request(message, self.connect, timeout_s)
 
     def message(self, kind: Kind, step: int = 0, **kwargs: Any) -> Message:
         return Message(
@@ -347,8 +221,8 @@ class ClientWorker:
     # ---- training ----------------------------------------------------------------------
     async def run(self) -> dict[str, Any]:
         start = time.perf_counter()
-        self.ctx = zmq.asyncio.Context()
-        ops = await start_ops(self.cfg.ops, self.metrics, self.status, lambda: self.connected)
+        self.link.ctx = ctx = zmq.asyncio.Context()
+        ops = await start_ops(self.cfg.ops, self.metrics, self.status, lambda: self.link.connected)
         install_stop_signals(self.stop)
         try:
             await self.connect()
@@ -361,9 +235,9 @@ class ClientWorker:
                 log.warning(
                     "stopped by signal at epoch %d step %d; state saved", self.epoch, self.step
                 )
-            assert self.conn is not None
+            assert self.link.conn is not None
             bye = {"finished": not self.stopped, "accuracy": self.last_accuracy}
-            await self.conn.send(self.message(Kind.BYE, meta=bye))
+            await self.link.conn.send(self.message(Kind.BYE, meta=bye))
             self.runner.save()
             if not self.stopped:
                 self.epoch = self.cfg.train.epochs  # finished: a restart has nothing left to do
@@ -375,10 +249,8 @@ class ClientWorker:
         finally:
             if ops is not None:
                 await ops.stop()
-            if self.conn is not None:
-                self.conn.close()
-            self._set_connected(False)
-            self.ctx.term()
+            self.link.close()
+            ctx.term()
         return self.summary(time.perf_counter() - start)
 
     async def _linger(self, ops: OpsServer | None) -> None:
@@ -449,9 +321,9 @@ class ClientWorker:
             "test_samples": len(self.data.test),
             **({"aligned_rows": self.aligned_rows} if self.aligned_rows is not None else {}),
             "train_loss": self.last_loss,
-            "bytes_sent": self.bytes["sent"],
-            "bytes_received": self.bytes["received"],
-            "retries": self.retries,
+            "bytes_sent": self.link.bytes["sent"],
+            "bytes_received": self.link.bytes["received"],
+            "retries": self.link.retries,
             "pipeline_depth": self.cfg.train.pipeline_depth,  # with auto: the depth it chose
             "resumed_from": self.resumed_from,
             "rewinds": self.undo.rewinds,
@@ -544,10 +416,6 @@ class ClientWorker:
         self.undo.record((epoch, step), lambda: self._state(step + 1))
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
-
-    async def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Predictions for ``x``: only cut-layer activations leave this party."""
-        return await self.runner.predict(x)
 
     @property
     def bottom(self) -> torch.nn.Module:

@@ -198,17 +198,6 @@ class CheckpointStore:
                 log.warning("skipping checkpoint %s: %s", path, exc.message)
         return None
 
-    def load_step(self, step: int) -> dict[str, Any] | None:
-        """The checkpoint at exactly ``step`` if present and valid, else None."""
-        path = self.path_for(step)
-        if not path.is_file():
-            return None
-        try:
-            return self.load(path)
-        except CheckpointError as exc:
-            log.warning("skipping checkpoint %s: %s", path, exc.message)
-            return None
-
     def discard_after(self, step: int) -> builtins.list[Path]:
         """Delete checkpoints newer than ``step`` (after a rollback they are another
         timeline and must not be resumed from); returns what was deleted."""

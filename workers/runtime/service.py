@@ -13,7 +13,6 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,41 +45,13 @@ from sl_pipeline.transport import (
 )
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.bounded import RateLimiter
+from workers.runtime.peers import Listen, Peer, PeerTable
 from workers.runtime.startup import load_admitted, load_own_key, start_ops, warn_insecure
 
 log = logging.getLogger("sl_pipeline.service")
 POLL_MS = 200
 GOODBYE_LINGER_MS = 500  # how long closing may wait for the shutdown notices to leave
-CONFIRM_TIMEOUT_S = 30.0  # a session must send its first message within this after joining
-PENDING_PER_NAME = 2  # unconfirmed sessions kept per name (a client retrying its join)
 Replies = list[tuple[bytes, Message]]
-
-
-@dataclass(frozen=True)
-class Listen:
-    """Where and how a service listens; the config keys are named for error messages."""
-
-    bind: str
-    key: str
-    admitted: str
-    insecure: bool
-    max_peers: int
-    peer_timeout_s: float
-    section: str  # "server" or "relay"
-    relays: frozenset[str] = frozenset()  # admitted names that may speak for others
-    hellos_per_s: float = 20.0  # per source address, after a burst of hello_burst
-    hello_burst: int = 100
-
-
-@dataclass
-class Peer:
-    name: str
-    channel: Channel
-    key: str  # fingerprint of the static key, or "insecure"
-    last_seen: float = field(default_factory=time.monotonic)
-    applied: int = 0
-    confirmed: bool = False  # set once the peer's first sealed message opens
-    partial_bytes: int = 0  # parts of a chunked message received so far
 
 
 def reject_reason(exc: SLError) -> str:
@@ -114,10 +85,12 @@ class RouterService:
         self.base = base
         self.fingerprint = fingerprint
         self.metrics = metrics or WorkerMetrics(self.role)
-        self.peers: dict[bytes, Peer] = {}
         self.admitted_names: dict[bytes, str] = {}
         self.gate: Gate | None = None
         self.handshake = self._make_handshake()
+        self.table = PeerTable(
+            listen, self.role, fingerprint, self.admitted_names, self.metrics.record_bound
+        )
         self.hello_rate = RateLimiter(
             listen.hellos_per_s,
             listen.hello_burst,
@@ -145,41 +118,24 @@ class RouterService:
     def forget_peer(self, peer: Peer) -> None:
         return None
 
+    @property
+    def peers(self) -> dict[bytes, Peer]:
+        return self.table.peers
+
+    @peers.setter
+    def peers(self, peers: dict[bytes, Peer]) -> None:
+        self.table.peers = peers
+
     def accept(self, hello: dict[str, Any], key: bytes | None) -> dict[str, Any]:
-        if hello.get("model") != self.fingerprint:
-            raise ProtocolError(
-                f"model/topology mismatch: peer has {hello.get('model')!r}, this {self.role} has "
-                f"{self.fingerprint!r}; use the same [model] section and topology on both sides"
-            )
-        name = self.peer_name(hello, key)
-        others = {p.name for p in self.peers.values()} - {name}
-        if len(others) >= self.listen.max_peers:  # a rejoin replaces its own old session
-            raise OverloadedError(
-                f"{self.role} is full ({self.listen.max_peers} peers); retry later"
-            )
-        pending = sum(1 for p in self.peers.values() if not p.confirmed and p.name != name)
-        if pending >= self.listen.max_peers:  # refuse the newcomer; never push out others
-            self.metrics.record_bound("pending_handshakes")
-            raise OverloadedError(f"{self.role} has too many unfinished handshakes; retry later")
+        """The welcome's extra fields for a peer that may join (a subclass adds its own)."""
+        self.table.check_admission(hello, key)
         return {"session": self.session_id}
 
     def speaker(self, peer: Peer, msg: Message) -> str:
-        """Whom a message speaks for. A configured relay forwards for its own clients, who
-        are kept apart under the relay's name (``relay-1/client-1``); anyone else is its
-        admitted name, whatever its ``client`` field says: no peer can open state, fill a
-        group or take a turn under names of its own choosing."""
-        if not msg.client or msg.client == peer.name or peer.name not in self.listen.relays:
-            return peer.name
-        return f"{peer.name}/{msg.client}"
+        return self.table.speaker(peer, msg)
 
     def peer_name(self, hello: dict[str, Any], key: bytes | None) -> str:
-        """The name a peer goes by: its admitted key's, never what the hello claims."""
-        if key:
-            return self.admitted_names[key]
-        claimed = hello.get("client", "?")  # --insecure: whatever the peer says it is
-        if not isinstance(claimed, str) or not claimed.isprintable() or len(claimed) > 64:
-            raise ProtocolError("the hello's 'client' must be a printable name of 64 chars or less")
-        return claimed
+        return self.table.name_of(hello, key)
 
     async def on_start(self) -> None:
         return None
@@ -192,11 +148,9 @@ class RouterService:
             "role": self.role,
             "session": self.session_id,
             "peers": [  # sessions that proved themselves; a replayed hello is not a peer
-                {"name": p.name, "key": p.key, "applied": p.applied}
-                for p in self.peers.values()
-                if p.confirmed
+                {"name": p.name, "key": p.key, "applied": p.applied} for p in self.table.confirmed()
             ],
-            "pending_handshakes": sum(1 for p in self.peers.values() if not p.confirmed),
+            "pending_handshakes": self.table.pending(),
         }
 
     def ready(self) -> bool:
@@ -318,16 +272,12 @@ class RouterService:
         return {"role": self.role, "peers": len(self.peers)}
 
     def _drop_silent_peers(self) -> None:
-        now = time.monotonic()
-        unconfirmed_s = min(self.listen.peer_timeout_s, CONFIRM_TIMEOUT_S)
-        for identity, peer in list(self.peers.items()):
-            limit = self.listen.peer_timeout_s if peer.confirmed else unconfirmed_s
-            if now - peer.last_seen > limit:
-                log.warning("dropping peer %s: silent for %.0fs", peer.name, now - peer.last_seen)
-                self.forget(identity)
+        for identity, silent_s in self.table.silent(time.monotonic()):
+            log.warning("dropping peer %s: silent for %.0fs", self.peers[identity].name, silent_s)
+            self.forget(identity)
 
     def forget(self, identity: bytes) -> None:
-        peer = self.peers.pop(identity, None)
+        peer = self.table.remove(identity)
         # A session that never proved itself (a replayed hello, a client that vanished
         # mid-join) owns no engine state: the name's live session keeps its own.
         if peer is not None and peer.confirmed:
@@ -426,8 +376,9 @@ class RouterService:
         # The name comes from the admitted key, never from what the peer claims.
         name = self.peer_name(hello, key)
         fp = key_fingerprint(key) if key else "insecure"
-        self.peers[identity] = Peer(name, Channel(session, self.limits), fp)
-        self._bound_unconfirmed(name)
+        for evicted in self.table.add(identity, Peer(name, Channel(session, self.limits), fp)):
+            self.metrics.record_bound("pending_handshakes")
+            self.forget(evicted)
         self.metrics.record_handshake("ok")
         self.metrics.peers_authenticated.set(len(self.peers))
         self.metrics.peers_connected.set(len(self.peers))
@@ -437,17 +388,5 @@ class RouterService:
     def _confirm(self, identity: bytes, peer: Peer) -> None:
         """A rejoining peer replaces its old session only once the new one has proved
         itself with a valid sealed message: a replayed hello cannot evict anybody."""
-        peer.confirmed = True
-        for other_id, other in list(self.peers.items()):
-            if other.name == peer.name and other_id != identity:
-                self.forget(other_id)
-
-    def _bound_unconfirmed(self, name: str) -> None:
-        """Handshakes that never send a message cost bounded memory: at most a few per
-        name (the oldest of the *same* name goes), and :meth:`accept` refuses newcomers
-        when too many names have one pending; nobody's pending handshake is pushed out by
-        another name's."""
-        pending = [i for i, p in self.peers.items() if not p.confirmed and p.name == name]
-        for identity in pending[: max(0, len(pending) - PENDING_PER_NAME)]:
-            self.metrics.record_bound("pending_handshakes")
-            self.forget(identity)
+        for old in self.table.confirm(identity):
+            self.forget(old)

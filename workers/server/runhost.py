@@ -11,15 +11,15 @@ from typing import Any
 import torch
 
 from sl_pipeline.config import ServerConfig, resolve_path
-from sl_pipeline.errors import ConfigError, ProtocolError
+from sl_pipeline.errors import ConfigError, NameInUseError, ProtocolError, RunEndedError
 from sl_pipeline.messages import Kind
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.appliedlog import AppliedLog
-from workers.runtime.service import Peer
-from workers.server.engines import build_engine
+from workers.runtime.peers import Peer
 from workers.server.engines.base import Engine
 from workers.server.replycache import MIB, ReplyCache
 from workers.server.runs import FINISHED, STOPPED, Run, RunBook
+from workers.topologies import build_engine
 
 log = logging.getLogger("sl_pipeline.server")
 
@@ -67,7 +67,7 @@ class RunHost:
         """The newest run's engine (before any run: the one a first run will train)."""
         run = self.book.latest()
         if run is not None:
-            return self._engine_of(run)
+            return self.engine_of(run)
         assert self._spare is not None
         return self._spare
 
@@ -87,7 +87,7 @@ class RunHost:
             return engine
         return self.build_engine()
 
-    def _engine_of(self, run: Run) -> Engine:
+    def engine_of(self, run: Run) -> Engine:
         """A finished run's model is reloaded from its file when it left memory."""
         if run.engine is None:
             engine = self.build_engine()
@@ -100,7 +100,7 @@ class RunHost:
         run = self.book.add_record(info, None)
         run.engine = None
         if run.active and run.model and Path(run.model).exists():
-            self._engine_of(run)  # an interrupted run continues from its last saved weights
+            self.engine_of(run)  # an interrupted run continues from its last saved weights
         self.report_run(run)
         return run
 
@@ -115,12 +115,10 @@ class RunHost:
                 run = self.book.current_for(peer.name) or self._start_run(self.book.next_id())
             self.peer_runs[peer.name] = run.id
         if not run.active:
-            error = ProtocolError(
+            raise RunEndedError(
                 f"run {run.id!r} has {run.state}; start the client again to begin a new run "
                 "(or name one with [client] run)"
             )
-            error.code = "run_ended"
-            raise error
         return run
 
     def report_run(self, run: Run) -> None:
@@ -140,13 +138,13 @@ class RunHost:
             if name:
                 raise ProtocolError(f"no run {name!r} on this server; `runs list` shows them")
             return self.engine
-        return self._engine_of(run)
+        return self.engine_of(run)
 
     def save_models(self, runs: list[Run]) -> None:
         """Each run's model in its own folder, and the newest run's as ``server.save``
         (a run ending, or the server stopping with runs still active)."""
         for run in runs:
-            engine = self._engine_of(run)
+            engine = self.engine_of(run)
             engine.settle()
             path = self.book.model_path(run)
             if path is not None and run.steps:
@@ -155,7 +153,7 @@ class RunHost:
                 run.model = str(path)
         latest = self.book.latest()
         if latest is not None and latest.steps:
-            self._save_latest(self._engine_of(latest))
+            self._save_latest(self.engine_of(latest))
 
     def end_run(self, run: Run, state: str = FINISHED) -> None:
         """Save the run's model, record it as ended and checkpoint that."""
@@ -232,14 +230,12 @@ class RunHost:
             log.warning("%s resumes from its checkpoint: replacing its old session", name)
             return
         where = f" in run {run.id}" if run else ""
-        error = ProtocolError(
+        raise NameInUseError(
             f"client name {name!r} is in use: another session under it sent a message "
             f"{silent:.1f}s ago{where}. Stop the other client (or wait "
             f"{self.cfg.server.takeover_after_s:g}s after it died), or start this one with "
             "--takeover to replace it"
         )
-        error.code = "name_in_use"
-        raise error
 
 
 def resumes_within(resume: Any, newest: tuple[int, int] | None) -> bool:

@@ -17,7 +17,7 @@ import json
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from aiohttp import web
@@ -25,9 +25,19 @@ from aiohttp import web
 from sl_pipeline.config import read_toml, resolve_path
 from sl_pipeline.errors import ConfigError, ProtocolError, TransportError
 from workers.ops.http import local_url
+from workers.server.engines.base import Engine
+from workers.server.runs import Run, RunBook
 
-if TYPE_CHECKING:
-    from workers.server.worker import ServerWorker
+
+class RunServer(Protocol):
+    """What the run API uses of the server: its runs, and each run's engine."""
+
+    book: RunBook
+
+    def stop_run(self, run_id: str) -> Run: ...
+
+    def engine_of(self, run: Run) -> Engine: ...
+
 
 TOKEN_MIN_CHARS = 16
 
@@ -50,7 +60,7 @@ def _error(status: int, text: str) -> web.Response:
 class RunApi:
     """aiohttp handlers bound to one server worker."""
 
-    def __init__(self, server: ServerWorker, token: str | None) -> None:
+    def __init__(self, server: RunServer, token: str | None) -> None:
         self.server = server
         self.token = token
 
@@ -92,7 +102,7 @@ class RunApi:
         if run.model and Path(run.model).exists():
             body = Path(run.model).read_bytes()
         else:  # an active run, or no runs folder: the weights as they are now
-            engine = self.server._engine_of(run)
+            engine = self.server.engine_of(run)
             engine.settle()
             buf = io.BytesIO()
             torch.save(engine.model.state_dict(), buf)

@@ -17,13 +17,14 @@ from typing import Any
 
 from privacy.config import PrivacyConfig
 from sl_pipeline.config import ServerConfig, resolve_path
-from sl_pipeline.errors import ConfigError, OverloadedError, ProtocolError
+from sl_pipeline.errors import ConfigError, OverloadedError, ProtocolError, StaleStepError
 from sl_pipeline.messages import Kind, Message, error_message
 from sl_pipeline.models import fingerprint
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.appliedlog import AppliedLog
 from workers.runtime.checkpoint import CheckpointStore, restore_rng, rng_state
-from workers.runtime.service import Listen, Peer, Replies, RouterService, reject_reason
+from workers.runtime.peers import Listen, Peer
+from workers.runtime.service import Replies, RouterService, reject_reason
 from workers.server.engines.base import Engine
 from workers.server.runhost import RunHost, first_line
 from workers.server.runs import ACTIVE, Run, RunBook, check_run_id
@@ -327,28 +328,13 @@ class ServerWorker(RunHost, RouterService):
             return [(identity, cached)]
         newest = run.replies.newest(msg.client, msg.kind.value)
         if msg.kind is Kind.FORWARD and newest is not None and step < newest:
-            error = ProtocolError(
+            raise StaleStepError(
                 f"step {step} is older than the steps run {run.id} applied for {msg.client} "
                 f"(up to {newest}): resume the client from its checkpoint ([checkpoint] dir), "
                 "or train a new run ([client] run = a new name)"
             )
-            error.code = "stale_step"
-            raise error
-        if msg.client not in run.members:
-            run.members.add(msg.client)
-            self.clients.started(msg.client)
-        if msg.kind is Kind.FORWARD and run.epochs.get(msg.client, -1) < msg.epoch:
-            run.epochs[msg.client] = msg.epoch
-            loss = "n/a" if run.last_loss is None else f"{run.last_loss:.4f}"
-            log.info(
-                "run %s: %s is in epoch %d (%d steps applied in the run, last loss %s)",
-                run.id,
-                msg.client,
-                msg.epoch + 1,
-                run.steps,
-                loss,
-            )
-        engine = self._engine_of(run)
+        self._track(run, msg)
+        engine = self.engine_of(run)
         before = engine.steps_applied
         engine.defer_updates = self._can_reply_first()
         self._settle_next = engine
@@ -367,6 +353,23 @@ class ServerWorker(RunHost, RouterService):
         if self._versions() != self._saved_versions:
             self.checkpoint()  # a turn or a round moved on: durable before anyone hears of it
         return replies
+
+    def _track(self, run: Run, msg: Message) -> None:
+        """A new member of the run, or a member's new epoch (logged once per epoch)."""
+        if msg.client not in run.members:
+            run.members.add(msg.client)
+            self.clients.started(msg.client)
+        if msg.kind is Kind.FORWARD and run.epochs.get(msg.client, -1) < msg.epoch:
+            run.epochs[msg.client] = msg.epoch
+            loss = "n/a" if run.last_loss is None else f"{run.last_loss:.4f}"
+            log.info(
+                "run %s: %s is in epoch %d (%d steps applied in the run, last loss %s)",
+                run.id,
+                msg.client,
+                msg.epoch + 1,
+                run.steps,
+                loss,
+            )
 
     def _count_applied(
         self, run: Run, peer: Peer, replies: Replies, applied: int, engine: Engine

@@ -55,6 +55,7 @@ from workers.tools.audit_measures import (
     snapshot_encoders,
 )
 from workers.tools.localdeploy import DATASETS, init_deployment
+from workers.topologies import topology as find_topology
 
 SERVER_PREFIXES = ("privacy.label.", "server.")
 CLIENT_PREFIXES = ("privacy.", "client.", "data.")
@@ -427,7 +428,7 @@ def run_audit(
     that apply. Blocking: call it outside a running event loop.
     """
     check_args(topology, dataset, epochs)
-    n = clients or (2 if topology in ("vertical", "multitask") else 1)
+    n = clients or find_topology(topology).min_clients
     with tempfile.TemporaryDirectory(prefix="sl-audit-") as tmp:
         made = init_deployment(
             Path(tmp) / "deploy",

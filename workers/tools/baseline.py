@@ -23,7 +23,8 @@ from sl_pipeline.models import (
     vertical_bottom,
     vertical_top,
 )
-from workers.tools.localdeploy import DATASETS, MULTITASK, _feature_slices
+from workers.topologies import topology as find_topology
+from workers.topologies.base import DATASETS, feature_slices
 
 LR, MOMENTUM, BATCH = 0.05, 0.9, 32
 
@@ -76,16 +77,17 @@ def _fit_and_score(
 def central_accuracy(
     dataset: str, topology: str, epochs: int, seed: int = 0, clients: int = 1
 ) -> float:
-    spec = DATASETS[dataset]
+    known = DATASETS[dataset]
     cfg = ModelConfig(
-        builtin=str(spec["builtin"]),
-        in_shape=list(spec["in_shape"]),
-        classes=int(spec["classes"]),
+        builtin=str(known["builtin"]),
+        in_shape=list(known["in_shape"]),
+        classes=int(known["classes"]),
         seed=seed,
     )
     data_cfg = DataConfig(dataset=dataset, seed=seed)
-    if topology == "vertical":
-        slices = _feature_slices(dataset, clients)
+    spec = find_topology(topology)
+    if spec.feature_parties:
+        slices = feature_slices(dataset, clients)
         bottoms = [
             vertical_bottom(
                 ModelConfig(builtin="mlp", in_shape=[z - a], classes=cfg.classes, seed=seed), i
@@ -96,14 +98,13 @@ def central_accuracy(
             ModelConfig(builtin="mlp", classes=cfg.classes, seed=seed), clients, "concat"
         )
         return _train_and_test(_Vertical(bottoms, top, slices), data_cfg, cfg.classes, epochs, seed)
-    if topology == "multitask":
+    if spec.tasks is not None:
         accuracies = []
-        for i, (task, n) in enumerate(
-            zip(MULTITASK["tasks"], MULTITASK["task_classes"], strict=True)
-        ):
-            bottom, rest = build_segments(cfg, "vanilla")
+        classes = spec.tasks["task_classes"]
+        for i, (task, n) in enumerate(zip(spec.tasks["tasks"], classes, strict=True)):
+            bottom, rest = build_segments(cfg, spec.name)
             assert isinstance(rest, nn.Sequential)
-            head = multitask_heads(cfg, rest[-1].in_features, MULTITASK["task_classes"])[i]  # type: ignore[arg-type]
+            head = multitask_heads(cfg, rest[-1].in_features, classes)[i]  # type: ignore[arg-type]
             model = nn.Sequential(bottom, rest[:-1], head)
             task_cfg = DataConfig(dataset=dataset, seed=seed, task=str(task))
             accuracies.append(_train_and_test(model, task_cfg, int(n), epochs, seed))

@@ -9,19 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sl_pipeline.config import TOPOLOGIES
 from sl_pipeline.errors import ConfigError
 from sl_pipeline.group import write_group_key
 from sl_pipeline.keys import write_keypair
+from workers import topologies
+from workers.topologies import REGISTRY, Topology
+from workers.topologies.base import DATASETS, Deployment, Table
 
-DATASETS: dict[str, dict[str, Any]] = {
-    "digits": {"builtin": "cnn", "in_shape": [1, 8, 8], "classes": 10},
-    "breast_cancer": {"builtin": "mlp", "in_shape": [30], "classes": 2},
-}
 DEFAULT_EPOCHS = {"digits": 8, "breast_cancer": 10}
-MULTITASK: dict[str, Any] = {"tasks": ["digit", "parity"], "task_classes": [10, 2]}
-Table = dict[str, dict[str, Any]]
-MULTI_PARTY = ("vertical", "multitask", "roundrobin", "splitfed")  # two clients by default
+# The topologies a generated deployment gives two clients by default.
+MULTI_PARTY = tuple(name for name, t in REGISTRY.items() if t.default_clients > 1)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -59,63 +56,24 @@ def write_admin_token(path: Path) -> Path:
     return path
 
 
-def _feature_slices(dataset: str, parties: int) -> list[list[int]]:
-    width = 30 if dataset == "breast_cancer" else 64
-    bounds = [round(i * width / parties) for i in range(parties + 1)]
-    return [[bounds[i], bounds[i + 1]] for i in range(parties)]
-
-
-def _model(dataset: str, topology: str, seed: int) -> dict[str, Any]:
-    model: dict[str, Any] = dict(DATASETS[dataset], seed=seed)
-    if topology == "ushaped":
-        model["cuts"] = [3, 8] if dataset == "digits" else [2, 4]
-    if topology == "multihop":
-        model["cuts"] = [3, 6] if dataset == "digits" else [2, 4]
-    if topology == "vertical":
-        model = {
-            "builtin": "mlp",
-            "in_shape": [0],
-            "classes": DATASETS[dataset]["classes"],
-            "seed": seed,
-        }
-    return model
-
-
-def _client(
-    i: int,
-    names: list[str],
-    endpoint: str,
-    dataset: str,
-    topology: str,
-    model: dict[str, Any],
-    train: dict[str, Any],
-    seed: int,
-) -> Table:
-    name, n = names[i], len(names)
-    data: dict[str, Any] = {"dataset": dataset, "seed": seed}
-    client_model = dict(model)
+def _client(i: int, d: Deployment, spec: Topology, endpoint: str, tables: Table) -> Table:
+    name = d.names[i]
     client: dict[str, Any] = {
         "server": endpoint,
         "name": name,
-        "topology": topology,
+        "topology": spec.name,
         "save": f"state/{name}.pt",
     }
-    if topology == "vertical":
-        data["feature_slice"] = _feature_slices(dataset, n)[i]
-        client_model["in_shape"] = [data["feature_slice"][1] - data["feature_slice"][0]]
-        client["role"] = "feature"
-        client["group"] = list(names)
-    elif topology == "multitask":
-        data["task"] = MULTITASK["tasks"][i % len(MULTITASK["tasks"])]
-    else:
-        data.update(shard=i, shards=n)
-    if topology in ("roundrobin", "splitfed", "vertical"):  # vertical: PSI alignment by id
-        client["group"] = list(names)
-    if topology in ("roundrobin", "vertical"):
+    out = {"client": client, "data": {"dataset": d.dataset, "seed": d.seed}, **tables}
+    out["model"] = dict(tables["model"])
+    spec.client_tables(i, d, out)
+    if spec.lists_group:
+        client["group"] = list(d.names)
+    if spec.group_secret:
         client["group_key"] = "keys/group.secret"
-    if topology == "splitfed":  # pairwise masks: its own private key, the others' public keys
+    if spec.pairwise_keys:  # pairwise masks: its own private key, the others' public keys
         client.update(key=f"keys/{name}.key", group_keys="keys/group")
-    return {"client": client, "data": data, "model": client_model, "train": train}
+    return {key: out[key] for key in ("client", "data", "model", "train")}
 
 
 def deployment_options(args: Any) -> dict[str, Any]:
@@ -138,9 +96,9 @@ def deployment_options(args: Any) -> dict[str, Any]:
     return options
 
 
-def default_clients(topology: str) -> int:
+def default_clients(name: str) -> int:
     """Parties a topology needs to show what it does: two where it is about several."""
-    return 2 if topology in MULTI_PARTY else 1
+    return topologies.topology(name).default_clients
 
 
 @dataclass(frozen=True)
@@ -152,19 +110,22 @@ class Plan:
     clients: list[Table]
 
 
-def check_options(topology: str, clients: int, dataset: str, label_client: bool) -> None:
-    if topology not in TOPOLOGIES:
-        raise ConfigError(f"--topology {topology!r} is unknown; choose one of {list(TOPOLOGIES)}")
+def check_options(name: str, clients: int, dataset: str, label_client: bool) -> Topology:
+    if name not in REGISTRY:
+        raise ConfigError(f"--topology {name!r} is unknown; choose one of {list(REGISTRY)}")
+    spec = REGISTRY[name]
     if dataset not in DATASETS:
         raise ConfigError(f"--dataset {dataset!r} is unknown; choose one of {sorted(DATASETS)}")
-    if clients < 1 or (topology in ("vertical", "multitask") and clients < 2):
+    if clients < spec.min_clients:
+        raise ConfigError(f"--clients must be at least {spec.min_clients}")
+    if dataset not in spec.datasets:
         raise ConfigError(
-            f"--clients must be at least {2 if topology in ('vertical', 'multitask') else 1}"
+            f"--topology {name} runs on --dataset {', '.join(spec.datasets)}{spec.datasets_note}"
         )
-    if topology == "multitask" and dataset != "digits":
-        raise ConfigError("--topology multitask runs on --dataset digits (tasks: digit, parity)")
-    if label_client and topology != "vertical":
-        raise ConfigError("--label-client applies to --topology vertical only")
+    if label_client and not spec.label_client:
+        holders = [n for n, t in REGISTRY.items() if t.label_client]
+        raise ConfigError(f"--label-client applies to --topology {', '.join(holders)} only")
+    return spec
 
 
 def plan_deployment(
@@ -183,8 +144,8 @@ def plan_deployment(
 ) -> Plan:
     """The configs of a server, its clients ``names`` and (multihop) a relay at
     ``relay = (bind, endpoint)``; clients reach the server at ``server_endpoint``."""
-    check_options(topology, len(names), dataset, label_client)
-    model = _model(dataset, topology, seed)
+    spec = check_options(topology, len(names), dataset, label_client)
+    d = Deployment(list(names), dataset, seed, label_client)
     train = {
         "epochs": epochs or DEFAULT_EPOCHS[dataset],
         "batch_size": 32,
@@ -194,48 +155,42 @@ def plan_deployment(
         "wire_dtype": wire_dtype,
         "pipeline_depth": pipeline_depth,
     }
-    server_section: dict[str, Any] = {
-        "bind": server_bind,
-        "topology": topology,
-        "save": "state/server.pt",
-        "run_clients": len(names),  # a run ends once every client finished its part
-    }
-    server: Table = {"server": server_section, "model": model, "train": train}
-    if topology == "vertical" and label_client:  # the first client holds the labels
-        server_section.update(parties=len(names), fuse="concat", label_holder=names[0])
-    elif topology == "vertical":
-        server_section.update(parties=len(names), fuse="concat")
-        server["data"] = {"dataset": dataset, "seed": seed}
-    if topology in ("roundrobin", "splitfed"):
-        server_section["parties"] = len(names)
-        server_section["group"] = list(names)
-    if topology == "multitask":
-        server_section.update(MULTITASK)
-    endpoint = server_endpoint
-    relay_cfg: Table | None = None
-    if topology == "multihop":
+    shared: Table = {"model": spec.model_table(d), "train": train}
+    server = _server(d, spec, server_bind, shared)
+    endpoint, relay_cfg = server_endpoint, None
+    if spec.relays:
         if relay is None:
-            raise ConfigError("--topology multihop needs a relay")
-        relay_cfg = {
-            "relay": {
-                "bind": relay[0],
-                "upstream": server_endpoint,
-                "name": "relay-1",
-                "segment": 1,
-                "save": "state/relay-1.pt",
-            },
-            "model": model,
-            "train": train,
-        }
+            raise ConfigError(f"--topology {topology} needs a relay")
+        relay_cfg = _relay(relay[0], server_endpoint, shared)
         endpoint = relay[1]
-        server_section["relays"] = ["relay-1"]  # it speaks for its clients
-    client_cfgs = [
-        _client(i, names, endpoint, dataset, topology, model, train, seed)
-        for i in range(len(names))
-    ]
+        server["server"]["relays"] = ["relay-1"]  # it speaks for its clients
+    clients = [_client(i, d, spec, endpoint, shared) for i in range(len(names))]
     if label_client:
-        client_cfgs[0]["client"]["role"] = "label"
-    return Plan(server, relay_cfg, client_cfgs)
+        clients[0]["client"]["role"] = "label"
+    return Plan(server, relay_cfg, clients)
+
+
+def _server(d: Deployment, spec: Topology, bind: str, shared: Table) -> Table:
+    section: dict[str, Any] = {
+        "bind": bind,
+        "topology": spec.name,
+        "save": "state/server.pt",
+        "run_clients": len(d.names),  # a run ends once every client finished its part
+    }
+    server: Table = {"server": section, **shared}
+    spec.server_tables(d, server)
+    return server
+
+
+def _relay(bind: str, upstream: str, shared: Table) -> Table:
+    section = {
+        "bind": bind,
+        "upstream": upstream,
+        "name": "relay-1",
+        "segment": 1,
+        "save": "state/relay-1.pt",
+    }
+    return {"relay": section, **shared}
 
 
 def init_deployment(
@@ -253,19 +208,18 @@ def init_deployment(
     label_client: bool = False,
 ) -> dict[str, Any]:
     """Write DIR/server.toml, DIR/client-N.toml (and relay-1.toml, keys). Returns the paths."""
-    check_options(topology, clients, dataset, label_client)
+    spec = check_options(topology, clients, dataset, label_client)
     out.mkdir(parents=True, exist_ok=True)
     if (out / "server.toml").exists():
         raise ConfigError(f"{out / 'server.toml'} exists; choose an empty folder for init")
     port = free_port()
-    relay_port = free_port() if topology == "multihop" else 0
+    relay_endpoint = f"tcp://127.0.0.1:{free_port()}" if spec.relays else ""
     endpoint = f"tcp://127.0.0.1:{port}"
-    relay_endpoint = f"tcp://127.0.0.1:{relay_port}"
     plan = plan_deployment(
         [f"client-{i + 1}" for i in range(clients)],
         endpoint,
         endpoint,
-        (relay_endpoint, relay_endpoint) if relay_port else None,
+        (relay_endpoint, relay_endpoint) if relay_endpoint else None,
         topology=topology,
         dataset=dataset,
         epochs=epochs,
@@ -274,25 +228,24 @@ def init_deployment(
         pipeline_depth=pipeline_depth,
         label_client=label_client,
     )
-    server, relay, client_cfgs = plan.server, plan.relay, plan.clients
     # One machine: the server's state is checkpointed every step (exactly-once after a
     # crash); without fsync, as the files share the machine's fate anyway.
-    server["checkpoint"] = {"dir": "state/server-checkpoints", "fsync": False}
-    _secure(out, insecure, server, relay, client_cfgs, topology)
+    plan.server["checkpoint"] = {"dir": "state/server-checkpoints", "fsync": False}
+    _secure(out, insecure, plan, spec)
     if ops:
-        for cfg in [server, *([relay] if relay else []), *client_cfgs]:
+        for cfg in [plan.server, *([plan.relay] if plan.relay else []), *plan.clients]:
             cfg["ops"] = {"listen": f"127.0.0.1:{free_port()}"}
         write_admin_token(out / "keys" / "admin.token")
-        server["ops"]["admin_token"] = "keys/admin.token"
-    paths = {"server": out / "server.toml"}
-    paths["server"].write_text(to_toml(server))
-    if relay is not None:
-        paths["relay-1"] = out / "relay-1.toml"
-        paths["relay-1"].write_text(to_toml(relay))
-    for i, cfg in enumerate(client_cfgs):
-        paths[f"client-{i + 1}"] = out / f"client-{i + 1}.toml"
-        paths[f"client-{i + 1}"].write_text(to_toml(cfg))
-    return {"dir": str(out), "files": {k: str(v) for k, v in paths.items()}, "port": port}
+        plan.server["ops"]["admin_token"] = "keys/admin.token"
+    return {"dir": str(out), "files": _write_plan(out, plan), "port": port}
+
+
+def _write_plan(out: Path, plan: Plan) -> dict[str, str]:
+    tables = {"server": plan.server, **({"relay-1": plan.relay} if plan.relay else {})}
+    tables.update({f"client-{i + 1}": cfg for i, cfg in enumerate(plan.clients)})
+    for name, cfg in tables.items():
+        (out / f"{name}.toml").write_text(to_toml(cfg))
+    return {name: str(out / f"{name}.toml") for name in tables}
 
 
 def start_commands(files: dict[str, str]) -> list[tuple[str, str]]:
@@ -301,28 +254,30 @@ def start_commands(files: dict[str, str]) -> list[tuple[str, str]]:
     return [(name, f"sl-pipeline {name.split('-')[0]} --config {files[name]}") for name in order]
 
 
-def _secure(
-    out: Path,
-    insecure: bool,
-    server: Table,
-    relay: Table | None,
-    clients: list[Table],
-    topology: str,
-) -> None:
-    keys = out / "keys"
-    keys.mkdir(parents=True, exist_ok=True)
-    if topology in ("roundrobin", "vertical"):
+def _client_keys(
+    keys: Path, insecure: bool, clients: list[Table], spec: Topology
+) -> dict[str, Path]:
+    """The clients' key pairs (and the group secret) their topology and security need."""
+    if spec.group_secret:
         write_group_key(keys / "group.secret")  # shared by the clients, never by the server
     client_pubs = {}
-    if not insecure or topology == "splitfed":
+    if not insecure or spec.pairwise_keys:
         client_pubs = {
             c["client"]["name"]: write_keypair(c["client"]["name"], keys)[1] for c in clients
         }
-    if topology == "splitfed":  # each client gets the others' public keys, never a secret
+    if spec.pairwise_keys:  # each client gets the others' public keys, never a secret
         group = keys / "group"
         group.mkdir(exist_ok=True)
         for pub in client_pubs.values():
             (group / pub.name).write_bytes(pub.read_bytes())
+    return client_pubs
+
+
+def _secure(out: Path, insecure: bool, plan: Plan, spec: Topology) -> None:
+    server, relay, clients = plan.server, plan.relay, plan.clients
+    keys = out / "keys"
+    keys.mkdir(parents=True, exist_ok=True)
+    client_pubs = _client_keys(keys, insecure, clients, spec)
     if insecure:
         for cfg, section in [
             (server, "server"),

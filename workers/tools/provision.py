@@ -42,6 +42,8 @@ from sl_pipeline.errors import ConfigError
 from sl_pipeline.group import write_group_key
 from sl_pipeline.keys import write_keypair
 from workers.tools.localdeploy import Plan, Table, plan_deployment, to_toml, write_admin_token
+from workers.topologies import REGISTRY
+from workers.topologies import topology as find_topology
 
 EXAMPLE = """# An sl-pipeline project: one kit per site (`sl-pipeline provision THIS --out kits`).
 [project]
@@ -112,9 +114,12 @@ def _check(project: Project) -> None:
     clash = {n for n in names if names.count(n) > 1} | ({"server", "admin"} & set(names))
     if clash:
         raise ConfigError(f"site names must be unique and not server/admin: {sorted(clash)}")
-    multihop = project.project.topology == "multihop"
-    if multihop != bool(project.relay) or len(project.relay) > 1:
-        raise ConfigError("a multihop project has exactly one [[relay]]; other topologies none")
+    relays = find_topology(project.project.topology).relays
+    if len(project.relay) != relays:
+        with_relay = [name for name, t in REGISTRY.items() if t.relays]
+        raise ConfigError(
+            f"a {', '.join(with_relay)} project has exactly one [[relay]]; other topologies none"
+        )
 
 
 def _script(role: str, config: str, site: str, host: str) -> str:
@@ -209,33 +214,39 @@ def _write_kits(project: Project, plan: Plan, out: Path) -> dict[str, Path]:
         _ops(plan.relay, relay.ops_port)
         plan.server["server"]["relays"] = [relay.name]  # it speaks for its clients
         upstream, downstream = relay_pub, hop
+    group = out / ".group.secret"
     if plan.clients[0]["client"].get("group_key"):
-        group = out / ".group.secret"
         write_group_key(group)  # shared by the clients only, never by the server
     for site, cfg in zip(project.client, plan.clients, strict=True):
-        kit = kits[site.name]
-        kit.trust(upstream)
         downstream.trust(client_pubs[site.name], "admitted")
-        cfg["client"].update(key=f"keys/{site.name}.key", server_key=f"keys/{upstream.name}")
-        if "group_key" in cfg["client"]:
-            (kit.keys / "group.secret").write_bytes(group.read_bytes())
-            os.chmod(kit.keys / "group.secret", 0o600)
-        if "group_keys" in cfg["client"]:  # splitfed masks: every member's public key
-            for pub in client_pubs.values():
-                kit.trust(pub, "group")
-        if "path" in site.data:  # the site's own file instead of the built-in data
-            for key in ("dataset", "shard", "shards"):
-                cfg["data"].pop(key, None)
-        cfg["data"].update(site.data)
-        _ops(cfg, site.ops_port)
-    if plan.clients[0]["client"].get("group_key"):
-        group.unlink()
+        _client_kit(kits[site.name], site, cfg, upstream, client_pubs, group)
+    group.unlink(missing_ok=True)
     scripts = {"server": _server_kit(server, plan.server, srv, out)}
     if hop is not None and relay is not None and plan.relay is not None:
         scripts[relay.name] = hop.write("relay", plan.relay, relay.host)
     for site, cfg in zip(project.client, plan.clients, strict=True):
         scripts[site.name] = kits[site.name].write("client", cfg, site.host)
     return scripts
+
+
+def _client_kit(
+    kit: Kit, site: SiteSection, cfg: Table, upstream: Path, pubs: dict[str, Path], group: Path
+) -> None:
+    """A client site's keys and config: whom it trusts, its group secret or the group's
+    public keys where its topology uses them, its own data file if it has one."""
+    kit.trust(upstream)
+    cfg["client"].update(key=f"keys/{site.name}.key", server_key=f"keys/{upstream.name}")
+    if "group_key" in cfg["client"]:
+        (kit.keys / "group.secret").write_bytes(group.read_bytes())
+        os.chmod(kit.keys / "group.secret", 0o600)
+    if "group_keys" in cfg["client"]:  # splitfed masks: every member's public key
+        for pub in pubs.values():
+            kit.trust(pub, "group")
+    if "path" in site.data:  # the site's own file instead of the built-in data
+        for key in ("dataset", "shard", "shards"):
+            cfg["data"].pop(key, None)
+    cfg["data"].update(site.data)
+    _ops(cfg, site.ops_port)
 
 
 def _ops(cfg: Table, port: int) -> None:

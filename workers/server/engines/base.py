@@ -16,11 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sl_pipeline.config import ServerConfig
-from sl_pipeline.errors import ConfigError, ProtocolError, StepLostError
+from sl_pipeline.errors import ProtocolError
 from sl_pipeline.messages import Kind, Message
-from sl_pipeline.models import make_optimizer, multitask_heads, resolve_device
+from sl_pipeline.models import make_optimizer, resolve_device
 from sl_pipeline.tensors import as_input, read_tensor, wire_tensors
-from workers.runtime.bounded import LruTable
 
 Reply = tuple[bytes, Message]
 
@@ -189,89 +188,3 @@ class VanillaEngine(Engine):
             tensors=wire_tensors("grad", grad, self.wire_dtype),
         )
         return [(identity, reply)]
-
-
-class MiddleEngine(Engine):
-    """U-shaped: the server holds only the middle; labels and loss stay with the client.
-
-    FORWARD(act) -> RESULT(out of the middle); then BACKWARD(grad of out) -> BACKWARD(grad
-    at the client's cut). One step is open at a time: the graph of the open step must not
-    see an optimizer update from another client's step, so other clients' FORWARDs wait
-    (in arrival order) until the open step's BACKWARD has been applied.
-    """
-
-    def __init__(self, module: nn.Module, cfg: ServerConfig) -> None:
-        super().__init__(module, cfg)
-        self._open: tuple[str, int, int, torch.Tensor, torch.Tensor] | None = None
-        self._waiting: LruTable[str, tuple[bytes, Message]] = LruTable(
-            max(1, cfg.server.max_names), lambda: self.on_bound("waiting")
-        )
-
-    def handle(self, identity: bytes, msg: Message) -> list[Reply]:
-        if msg.kind is Kind.FORWARD:
-            if "labels" in msg.tensors:
-                raise ProtocolError(
-                    "u-shaped topology: labels stay at the client; do not send them"
-                )
-            if self._open is not None and self._open[0] != msg.client:
-                # answered when the open step ends; a full queue refuses the newcomer
-                self._waiting.add(msg.client, (identity, msg), "clients waiting for a step")
-                return []
-            return [self._forward(identity, msg)]
-        if msg.kind is Kind.BACKWARD:
-            replies = [(identity, self._backward(msg))]
-            if self._waiting:
-                self.settle()  # the next client's forward must see this step's update
-                client = next(iter(self._waiting))
-                waiting = self._waiting.pop(client)
-                assert waiting is not None
-                replies.append(self._forward(*waiting))
-            return replies
-        return super().handle(identity, msg)
-
-    def _forward(self, identity: bytes, msg: Message) -> Reply:
-        act = as_input(read_tensor(msg, "act"), True, self.device)
-        out = run_segment(self.model, act)
-        self._open = (msg.client, msg.epoch, msg.step, act, out)
-        return identity, msg.reply(Kind.RESULT, tensors=wire_tensors("out", out, self.wire_dtype))
-
-    def _backward(self, msg: Message) -> Message:
-        if self._open is None or self._open[:3] != (msg.client, msg.epoch, msg.step):
-            # this server restarted, or forgot the step with our old session: the client
-            # redoes the step from its forward
-            raise StepLostError("backward for a step this server has no open forward for")
-        _, _, _, act, out = self._open
-        # A bad gradient raises before anything changes and leaves the step open for a resend.
-        (grad,) = self.backprop_output(msg, out, [act])
-        self._open = None
-        return msg.reply(Kind.BACKWARD, tensors=wire_tensors("grad", grad, self.wire_dtype))
-
-    def queue_depth(self) -> int:
-        return len(self._waiting)
-
-    def forget(self, client: str) -> None:
-        self._waiting.pop(client)
-        if self._open is not None and self._open[0] == client:
-            self._open = None  # a waiting client's resend will be served next
-
-
-class MultitaskEngine(VanillaEngine):
-    """One shared trunk, one head per task; each client names its task in ``meta.task``."""
-
-    def __init__(self, trunk: nn.Module, in_features: int, cfg: ServerConfig) -> None:
-        tasks, classes = cfg.server.tasks, cfg.server.task_classes
-        if not tasks or len(tasks) != len(classes):
-            raise ConfigError("multitask: server.tasks and server.task_classes must pair up")
-        self.tasks = list(tasks)
-        self.heads = nn.ModuleList(multitask_heads(cfg.model, in_features, classes))
-        super().__init__(nn.ModuleDict({"trunk": trunk, "heads": self.heads}), cfg)
-        self.trunk = trunk
-
-    def _head(self, msg: Message) -> nn.Module:
-        task = msg.meta.get("task")
-        if task not in self.tasks:
-            raise ProtocolError(f"unknown task {task!r}; this server trains {self.tasks}")
-        return self.heads[self.tasks.index(str(task))]
-
-    def outputs(self, msg: Message, act: torch.Tensor) -> torch.Tensor:
-        return run_segment(self._head(msg), run_segment(self.trunk, act))

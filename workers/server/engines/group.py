@@ -20,7 +20,6 @@ changes whenever a client saw it change, so the server checkpoints before that r
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -30,7 +29,7 @@ from sl_pipeline.config import ServerConfig
 from sl_pipeline.errors import CheckpointError, ConfigError, ProtocolError
 from sl_pipeline.messages import Kind, Message
 from workers.runtime.checkpoint import message_from_state, message_state
-from workers.server.aggregation import NOWHERE, SecureAggregator
+from workers.server.aggregation import NOWHERE
 from workers.server.engines.base import Reply, VanillaEngine
 
 _RUN_NONCE = re.compile(r"[0-9a-f]{64}")
@@ -143,7 +142,7 @@ class TurnCoordinator:
         }
 
 
-def _members(cfg: ServerConfig) -> list[str]:
+def members(cfg: ServerConfig) -> list[str]:
     s = cfg.server
     if len(s.group) < 1 or len(set(s.group)) != len(s.group) or any("/" in n for n in s.group):
         raise ConfigError(
@@ -158,16 +157,13 @@ def _members(cfg: ServerConfig) -> list[str]:
     return list(s.group)
 
 
-COORDINATORS: dict[str, Callable[[ServerConfig], Coordinator]] = {
-    "roundrobin": lambda cfg: TurnCoordinator(_members(cfg), cfg.train.epochs),
-    "splitfed": lambda cfg: SecureAggregator(_members(cfg)),
-}
-
-
 class GroupEngine(VanillaEngine):
-    def __init__(self, module: nn.Module, cfg: ServerConfig) -> None:
+    """Vanilla's steps, plus the rounds in which the clients hand over their segment's
+    weights: turns (round-robin) or secure aggregation (SplitFed), as ``coordinator`` says."""
+
+    def __init__(self, module: nn.Module, cfg: ServerConfig, coordinator: Coordinator) -> None:
         super().__init__(module, cfg)
-        self.coordinator: Coordinator = COORDINATORS[cfg.server.topology](cfg)
+        self.coordinator = coordinator
 
     @property
     def coordination_version(self) -> int:

@@ -39,6 +39,16 @@ class Part:
     act: torch.Tensor
 
 
+@dataclass(frozen=True)
+class OpenBatch:
+    """The batch whose fused output went to the label client, awaiting its gradient."""
+
+    epoch: int
+    step: int
+    parts: list[Part]
+    out: torch.Tensor
+
+
 class VerticalEngine(Engine):
     def __init__(self, cfg: ServerConfig, base: Path | None = None) -> None:
         if cfg.server.parties < 2:
@@ -58,7 +68,7 @@ class VerticalEngine(Engine):
         self.label_config = privacy.label or LabelConfig()
         self.label_generator: torch.Generator | None = None  # seeded by audits
         self.label_protections: dict[str, LabelProtection] = {}
-        self._open: tuple[int, int, list[Part], torch.Tensor] | None = None
+        self._open: OpenBatch | None = None
         self._waiting: dict[tuple[str, int, int], dict[str, Part]] = {}
         self._done: dict[str, tuple[int, int]] = {}  # per kind: newest completed batch
         self.last_grads: dict[str, torch.Tensor] = {}  # what each party got (for audits)
@@ -195,21 +205,21 @@ class VerticalEngine(Engine):
             raise ProtocolError(f"vertical: label client {self.label_holder!r} sent no part")
         out = run_segment(self.model, self._fuse([p.act for p in parts]))
         msg = holder[0].msg
-        self._open = (msg.epoch, msg.step, parts, out)
+        self._open = OpenBatch(msg.epoch, msg.step, parts, out)
         reply = msg.reply(Kind.RESULT, tensors=wire_tensors("out", out, self.wire_dtype))
         return [(holder[0].identity, reply)]
 
     def _label_backward(self, msg: Message) -> list[Reply]:
         if msg.client != self.label_holder:
             raise ProtocolError("vertical: only the label client sends the output gradient")
-        if self._open is None or self._open[:2] != (msg.epoch, msg.step):
+        if self._open is None or (self._open.epoch, self._open.step) != (msg.epoch, msg.step):
             # e.g. this server restarted between the fused output and its gradient: the
             # label client redoes the step from its forward (the parties resend theirs)
             raise StepLostError(
                 f"vertical: output gradient for batch {(msg.epoch, msg.step)}, which is not "
                 "open here; send its forward again"
             )
-        _, _, parts, out = self._open
+        parts, out = self._open.parts, self._open.out
         # A bad gradient raises before anything changes and leaves the step open for a resend.
         grads = self.backprop_output(msg, out, [p.act for p in parts])
         self._open = None

@@ -1,0 +1,152 @@
+"""The client's step runner of every topology, without a socket: the runner's ``request`` is
+answered in-process by the topology's server engine (a relay's segment in between for
+multi-hop), so one step can be checked message by message."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from sl_pipeline.config import TOPOLOGIES, ClientConfig, RelayConfig, ServerConfig, load
+from sl_pipeline.data import PartyData
+from sl_pipeline.messages import Kind, Message
+from sl_pipeline.models import build_segments
+from sl_pipeline.sources import load_source
+from sl_pipeline.tensors import as_input, read_tensor, wire_tensors
+from workers.client.align import first_data
+from workers.client.steps import StepRunner
+from workers.ops.metrics import WorkerMetrics
+from workers.server.engines.base import Engine
+from workers.tools.localdeploy import init_deployment
+from workers.topologies import topology
+
+STEPS = 2
+TIMEOUT_S = 60.0
+
+
+class Hub:
+    """The server's side of every exchange: messages in, each reply to whoever it is for."""
+
+    def __init__(self, engine: Engine, hop: Any = None) -> None:
+        self.engine = engine
+        self.hop = hop  # multi-hop: the relay's segment between the client and the server
+        self.waiting: dict[bytes, asyncio.Future[Message]] = {}
+        self.sent: list[Message] = []
+
+    async def request(self, identity: bytes, msg: Message) -> Message:
+        self.sent.append(msg)
+        answer = self.waiting[identity] = asyncio.get_running_loop().create_future()
+        replies = self.hop(msg) if self.hop else self.engine.handle(identity, msg)
+        for target, reply in replies:
+            self.waiting.pop(target).set_result(reply)
+        return await asyncio.wait_for(answer, TIMEOUT_S)
+
+
+class Host:
+    """What a runner sees of its worker (:class:`workers.client.host.RunnerHost`)."""
+
+    def __init__(self, cfg: ClientConfig, base: Path, hub: Hub) -> None:
+        self.cfg, self.base, self.hub = cfg, base, hub
+        self.topology = cfg.client.topology
+        self.metrics = WorkerMetrics("client")
+        self.epoch, self.start, self.resumed_from = 0, (0, 0), 0
+        m = cfg.model
+        self.data: PartyData = first_data(
+            cfg, load_source(cfg.data, base, m.classes, m.in_shape), aligned_later=False
+        )
+
+    async def request(self, message: Message, timeout_s: float | None = None) -> Message:
+        return await self.hub.request(self.cfg.client.name.encode(), message)
+
+    def message(self, kind: Kind, step: int = 0, **kwargs: Any) -> Message:
+        return Message(
+            kind=kind, client=self.cfg.client.name, epoch=self.epoch, step=step, **kwargs
+        )
+
+
+def relay_hop(cfg: RelayConfig, engine: Engine) -> Any:
+    """The relay's middle segment: forward through it to the engine, and its gradient back."""
+    segment = build_segments(cfg.model, "multihop")[1]
+
+    def hop(msg: Message) -> list[tuple[bytes, Message]]:
+        act = as_input(read_tensor(msg, "act"), True)
+        out = segment(act)
+        tensors = {**wire_tensors("act", out, "float32"), "labels": msg.tensor("labels")}
+        [(_, reply)] = engine.handle(b"relay-1", msg.reply(Kind.FORWARD, tensors=tensors))
+        out.backward(read_tensor(reply, "grad"))
+        assert act.grad is not None
+        grad = wire_tensors("grad", act.grad, "float32")
+        return [
+            (msg.client.encode(), msg.reply(Kind.BACKWARD, meta=dict(reply.meta), tensors=grad))
+        ]
+
+    return hop
+
+
+def deployment(tmp_path: Path, name: str) -> tuple[list[Host], Hub]:
+    spec = topology(name)
+    dataset = spec.datasets[-1]  # breast cancer, the smaller one, where the topology runs on it
+    clients = spec.default_clients
+    made = init_deployment(tmp_path, topology=name, dataset=dataset, clients=clients, insecure=True)
+    files = {site: Path(path) for site, path in made["files"].items()}
+    server = load(ServerConfig, files["server"])
+    engine = topology(name).engine(server, tmp_path)
+    hop = relay_hop(load(RelayConfig, files["relay-1"]), engine) if "relay-1" in files else None
+    hub = Hub(engine, hop)
+    position = ['data.align="position"'] if topology(name).aligns_rows else []
+    clients = sorted(site for site in files if site.startswith("client-"))
+    return [Host(load(ClientConfig, files[c], position), tmp_path, hub) for c in clients], hub
+
+
+async def train(runner: StepRunner) -> list[float]:
+    """What a client worker does in its first epoch, for ``STEPS`` steps."""
+    await runner.before_epoch(0)
+    losses = []
+    for step, x, y, ids in itertools.islice(runner.epoch_batches(0), STEPS):
+        losses.append(await runner.train_step(step, x, y, ids))
+    await runner.after_epoch(0)
+    return losses
+
+
+def weights(runner: StepRunner) -> torch.Tensor:
+    return torch.nn.utils.parameters_to_vector(runner.bottom.parameters()).detach().clone()
+
+
+@pytest.mark.parametrize("name", TOPOLOGIES)
+async def test_a_runner_steps_against_its_engine_without_a_socket(
+    tmp_path: Path, name: str
+) -> None:
+    # Prepare
+    hosts, hub = deployment(tmp_path, name)
+    runners = [topology(name).runner(host) for host in hosts]
+    before = [weights(r) for r in runners]
+    # Execute
+    losses = await asyncio.wait_for(asyncio.gather(*(train(r) for r in runners)), TIMEOUT_S)
+    # Assert: every runner applied the gradients it got back; the server stepped too
+    forwards = [m for m in hub.sent if m.kind is Kind.FORWARD]
+    assert len(forwards) == STEPS * len(runners)
+    assert {m.client for m in forwards} == {h.cfg.client.name for h in hosts}
+    assert all("act" in m.tensors for m in forwards)
+    assert hub.engine.steps_applied >= STEPS
+    for runner, old in zip(runners, before, strict=True):
+        assert not torch.equal(weights(runner), old)
+    # The loss is where the labels are: a client's (u-shaped, a label client) or the server's
+    known = [loss for client in losses for loss in client if not math.isnan(loss)]
+    if hub.engine.last_loss is not None:
+        known.append(hub.engine.last_loss)
+    assert known and all(loss > 0 for loss in known)
+
+
+@pytest.mark.parametrize(("name", "labels_leave"), [("vanilla", True), ("ushaped", False)])
+async def test_labels_leave_the_client_only_where_the_server_holds_the_loss(
+    tmp_path: Path, name: str, labels_leave: bool
+) -> None:
+    hosts, hub = deployment(tmp_path, name)
+    await asyncio.wait_for(train(topology(name).runner(hosts[0])), TIMEOUT_S)
+    assert all(("labels" in m.tensors) == labels_leave for m in hub.sent)

@@ -1,0 +1,184 @@
+"""The client's link to the next hop (the server, or a relay): join and exchange.
+
+:class:`Upstream` joins with the handshake, retrying with capped exponential backoff and
+jitter, and ``request`` sends a message and waits for its reply, rejoining and resending the
+same request after a lost peer or a wait that ran out. It is the one place where a client
+touches the network: the step runners only see its ``request``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zmq.asyncio
+
+from sl_pipeline.config import ClientConfig
+from sl_pipeline.errors import PeerError, ProtocolError, ReplyTimeoutError, TransportError
+from sl_pipeline.handshake import ClientHandshake
+from sl_pipeline.messages import PROTOCOL_VERSION, Message
+from sl_pipeline.models import fingerprint
+from sl_pipeline.retransmit import RetransmitTimer
+from sl_pipeline.transport import DealerConnection
+from workers.ops.metrics import WorkerMetrics
+from workers.runtime.diagnose import no_server, refused
+from workers.runtime.startup import load_own_key, load_peer_key, warn_insecure
+
+log = logging.getLogger("sl_pipeline.client")
+MAX_RETRIES_PER_REQUEST = 100
+# Refusals that end by waiting: a full server, a run queue, a name whose old session may be dead.
+WAIT_CODES = ("overloaded", "name_in_use")
+PEER_ROLES = ("server", "relay")
+
+
+def make_handshake(cfg: ClientConfig, base: Path, topology: str) -> ClientHandshake:
+    """The client's side of the handshake: its hello, and its keys unless insecure."""
+    c = cfg.client
+    hello = {
+        "v": PROTOCOL_VERSION,
+        "client": c.name,
+        "model": fingerprint(cfg.model, topology),
+        "role": c.role,
+    }
+    if c.insecure:
+        warn_insecure("client")
+        return ClientHandshake(hello, None, None)
+    static = load_own_key(base, c.key, "client.key")
+    server_key = load_peer_key(base, c.server_key, "client.server_key")
+    return ClientHandshake(hello, static, server_key)
+
+
+def _handshake_result(code: str) -> str:
+    return code if code in ("not_admitted", "version") else "bad_handshake"
+
+
+class Upstream:
+    """One client's connection to the next hop, with its round-trip timers and counters."""
+
+    def __init__(
+        self, cfg: ClientConfig, metrics: WorkerMetrics, handshake: ClientHandshake
+    ) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.handshake = handshake
+        self.ctx: zmq.asyncio.Context | None = None
+        self.conn: DealerConnection | None = None
+        self.peer = "server"  # what client.server points at; a relay says so in its welcome
+        # Reply waits follow the measured round trip (RFC 6298), at most the configured bound.
+        self.timer = RetransmitTimer(cfg.client.timeout_s)
+        self.hello_timer = RetransmitTimer(cfg.client.connect_timeout_s)
+        self.adaptive_wait = True  # off where a reply waits for other parties
+        self.connected = False  # between a completed handshake and a lost peer
+        self.retries = 0
+        self.bytes = {"sent": 0, "received": 0}
+
+    def _count(self, direction: str, kind: str, nbytes: int) -> None:
+        self.bytes[direction] += nbytes
+        self.metrics.record_message(direction, kind, nbytes)
+
+    def _new_connection(self) -> DealerConnection:
+        self.set_connected(False)
+        if self.conn is not None:
+            self.conn.close()
+        assert self.ctx is not None
+        c = self.cfg
+        self.conn = DealerConnection(
+            self.ctx, c.client.server, c.limits.to_limits(), self._count, self.peer
+        )
+        return self.conn
+
+    async def connect(
+        self, hello: Callable[[], dict[str, Any]], had_steps: Callable[[], bool]
+    ) -> dict[str, Any]:
+        """Handshake (``hello()`` says what to ask for), retrying with capped exponential
+        backoff and jitter; returns the welcome. ``had_steps()`` tells a network fault
+        (the peer was there) from a configuration one when the retries run out."""
+        c = self.cfg.client
+        deadline = time.monotonic() + c.retry_for_s
+        delay = 0.2
+        while True:
+            conn = self._new_connection()
+            sent = time.monotonic()
+            try:
+                self.handshake.hello = hello()
+                welcome = await conn.handshake(self.handshake, self.hello_timer.timeout("hello"))
+                self.hello_timer.sample("hello", time.monotonic() - sent)
+                self.metrics.record_handshake("ok")
+                self._joined(welcome)
+                return welcome
+            except PeerError as exc:
+                self.metrics.record_handshake(_handshake_result(exc.remote_code))
+                retry = exc.retryable or exc.remote_code in WAIT_CODES
+                if not retry or time.monotonic() + delay > deadline:
+                    raise refused(exc, self.cfg) from None
+                log.warning("the %s refused to join (%s); retrying in %.1fs", self.peer, exc, delay)
+            except (TransportError, ProtocolError) as exc:
+                if isinstance(exc, ReplyTimeoutError):
+                    self.hello_timer.expired("hello")
+                if time.monotonic() + delay > deadline:
+                    if had_steps():  # it was there: a network fault, not a config one
+                        raise TransportError(no_server(self.cfg).message) from None
+                    raise no_server(self.cfg) from None
+                log.warning("no answer from %s (%s); retrying", c.server, exc)
+            self.retries += 1
+            self.metrics.retries_total.inc()
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 5.0)
+
+    def _joined(self, welcome: dict[str, Any]) -> None:
+        self.set_connected(True)
+        role = welcome.get("role", "server")
+        self.peer = role if role in PEER_ROLES else "server"
+        assert self.conn is not None
+        self.conn.peer = self.peer
+
+    async def request(
+        self,
+        message: Message,
+        rejoin: Callable[[], Any],
+        timeout_s: float | None = None,
+    ) -> Message:
+        """Send and wait for the reply; on a lost peer or a wait that ran out, ``rejoin()``
+        and resend the same message. The wait follows the measured round trip unless
+        ``timeout_s`` fixes it (a wait for other clients, which no round trip predicts)."""
+        kind = message.kind.value
+        fixed = timeout_s or (None if self.adaptive_wait else self.cfg.client.timeout_s)
+        for attempt in range(MAX_RETRIES_PER_REQUEST):
+            assert self.conn is not None
+            wait = fixed or self.timer.timeout(kind)
+            sent = time.monotonic()
+            try:
+                await self.conn.send(message)
+                reply = await self.conn.recv(wait)
+            except (TransportError, PeerError) as exc:
+                if isinstance(exc, PeerError) and not exc.retryable:
+                    raise
+                if isinstance(exc, ReplyTimeoutError) and fixed is None:
+                    self.timer.expired(kind)
+                self.lost(exc)
+                await rejoin()
+                continue
+            if attempt == 0 and fixed is None:  # Karn: a resent request gives no sample
+                self.timer.sample(kind, time.monotonic() - sent)
+            return reply
+        raise TransportError(f"gave up after {MAX_RETRIES_PER_REQUEST} retries of one step")
+
+    def lost(self, exc: Exception) -> None:
+        log.warning("lost the %s (%s); rejoining", self.peer, exc)
+        self.retries += 1
+        self.metrics.retries_total.inc()
+
+    def set_connected(self, connected: bool) -> None:
+        self.connected = connected
+        self.metrics.peers_connected.set(int(connected))
+        self.metrics.peers_authenticated.set(int(connected))
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.set_connected(False)

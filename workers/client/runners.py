@@ -1,0 +1,89 @@
+"""The client's step for the topologies whose step differs from vanilla's: u-shaped (the
+client keeps the head and the labels), vertical (feature parties, and the label client) and
+multi-task (each client names its task)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sl_pipeline.errors import ConfigError
+from sl_pipeline.messages import Kind, Message
+from sl_pipeline.models import build_segments, vertical_bottom
+from sl_pipeline.tensors import read_tensor, wire_tensors
+from workers.client.steps import StepRunner
+
+
+class UShapedRunner(StepRunner):
+    """Labels and the last layers stay here: two exchanges per step, no labels sent."""
+
+    sends_labels = False
+    protects_labels = True  # the gradient of the server's output carries the labels
+    supports_pipelining = False
+
+    def build_modules(self) -> dict[str, nn.Module]:
+        segments = build_segments(self.w.cfg.model, self.w.topology)
+        if len(segments) != 3:
+            raise ConfigError("ushaped needs model.cuts with two cut indices")
+        return {"bottom": segments[0], "head": segments[2]}
+
+    async def train_step(
+        self, step: int, x: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor
+    ) -> float:
+        if y is None:
+            raise ConfigError("ushaped: the client holds the labels; set data.label")
+        act, sent = self.cut(x)
+        msg = self.forward_message(step, sent, None, ids)
+        head, target = self.modules["head"], y.to(self.device)
+        loss, grad_reply = await self.exchange_twice(
+            msg, lambda out: F.cross_entropy(head(out), target), protect_with=target
+        )
+        cut_grad = read_tensor(grad_reply, "grad")
+        self.scrutinize(cut_grad, y)
+        self.apply_gradient(x, act, sent, cut_grad)
+        return float(loss.detach())
+
+
+class VerticalRunner(StepRunner):
+    """A feature party: its own bottom on its features; sample ids align the batch.
+    The designated label client (``client.role = "label"``) also computes the loss."""
+
+    sends_labels = False
+    supports_pipelining = False
+    adaptive_wait = False
+
+    async def train_step(
+        self, step: int, x: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor
+    ) -> float:
+        if self.w.cfg.client.role != "label":
+            return await super().train_step(step, x, y, ids)
+        if y is None:
+            raise ConfigError("vertical: the label client needs labels; set data.label")
+        act, sent = self.cut(x)
+        msg = self.forward_message(step, sent, None, ids)
+        target = y.to(self.device)
+        loss, reply = await self.exchange_twice(msg, lambda fused: F.cross_entropy(fused, target))
+        self.apply_gradient(x, act, sent, read_tensor(reply, "grad"))
+        return float(loss.detach())
+
+    def build_modules(self) -> dict[str, nn.Module]:
+        group = self.w.cfg.client.group
+        name = self.w.cfg.client.name
+        index = sorted(group).index(name) if name in group else 0
+        return {"bottom": vertical_bottom(self.w.cfg.model, index)}
+
+    def forward_message(
+        self, step: int, sent: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor
+    ) -> Message:
+        tensors = {**wire_tensors("act", sent, self.w.cfg.train.wire_dtype), "ids": ids}
+        return self.w.message(Kind.FORWARD, step, tensors=tensors)
+
+
+class MultitaskRunner(StepRunner):
+    def forward_meta(self) -> dict[str, Any]:
+        if not self.w.cfg.data.task:
+            raise ConfigError("multitask: set data.task to this client's task")
+        return {"task": self.w.cfg.data.task}

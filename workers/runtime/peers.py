@@ -1,0 +1,143 @@
+"""Who may join a listening worker, and who is in: the admission and peer-table rules.
+
+Pure code over peer identities (the ROUTER socket's bytes) and clocks passed in: no socket,
+no logging, no metrics. :class:`workers.runtime.service.RouterService` drives it from its
+asyncio loop and does the I/O around each decision; a test drives it with bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sl_pipeline.errors import OverloadedError, ProtocolError
+from sl_pipeline.messages import Message
+from sl_pipeline.transport import Channel
+
+CONFIRM_TIMEOUT_S = 30.0  # a session must send its first message within this after joining
+PENDING_PER_NAME = 2  # unconfirmed sessions kept per name (a client retrying its join)
+MAX_NAME_CHARS = 64
+
+
+@dataclass(frozen=True)
+class Listen:
+    """Where and how a service listens; the config keys are named for error messages."""
+
+    bind: str
+    key: str
+    admitted: str
+    insecure: bool
+    max_peers: int
+    peer_timeout_s: float
+    section: str  # "server" or "relay"
+    relays: frozenset[str] = frozenset()  # admitted names that may speak for others
+    hellos_per_s: float = 20.0  # per source address, after a burst of hello_burst
+    hello_burst: int = 100
+
+
+@dataclass
+class Peer:
+    name: str
+    channel: Channel
+    key: str  # fingerprint of the static key, or "insecure"
+    last_seen: float = field(default_factory=time.monotonic)
+    applied: int = 0
+    confirmed: bool = False  # set once the peer's first sealed message opens
+    partial_bytes: int = 0  # parts of a chunked message received so far
+
+
+class PeerTable:
+    """The sessions of one listening worker, keyed by socket identity."""
+
+    def __init__(
+        self,
+        listen: Listen,
+        role: str,
+        fingerprint: str,
+        admitted_names: dict[bytes, str],
+        on_bound: Callable[[str], None] = lambda table: None,
+    ) -> None:
+        self.listen = listen
+        self.role = role
+        self.fingerprint = fingerprint  # of the model and topology: both sides must agree
+        self.admitted_names = admitted_names  # static public key -> name
+        self.on_bound = on_bound
+        self.peers: dict[bytes, Peer] = {}
+
+    def name_of(self, hello: dict[str, Any], key: bytes | None) -> str:
+        """The name a peer goes by: its admitted key's, never what the hello claims."""
+        if key:
+            return self.admitted_names[key]
+        claimed = hello.get("client", "?")  # --insecure: whatever the peer says it is
+        printable = isinstance(claimed, str) and claimed.isprintable()
+        if not printable or len(claimed) > MAX_NAME_CHARS:
+            raise ProtocolError("the hello's 'client' must be a printable name of 64 chars or less")
+        return claimed
+
+    def check_admission(self, hello: dict[str, Any], key: bytes | None) -> str:
+        """The peer's name if it may join now; else the error to refuse its hello with."""
+        if hello.get("model") != self.fingerprint:
+            raise ProtocolError(
+                f"model/topology mismatch: peer has {hello.get('model')!r}, this {self.role} has "
+                f"{self.fingerprint!r}; use the same [model] section and topology on both sides"
+            )
+        name = self.name_of(hello, key)
+        others = {p.name for p in self.peers.values()} - {name}
+        if len(others) >= self.listen.max_peers:  # a rejoin replaces its own old session
+            raise OverloadedError(
+                f"{self.role} is full ({self.listen.max_peers} peers); retry later"
+            )
+        pending = sum(1 for p in self.peers.values() if not p.confirmed and p.name != name)
+        if pending >= self.listen.max_peers:  # refuse the newcomer; never push out others
+            self.on_bound("pending_handshakes")
+            raise OverloadedError(f"{self.role} has too many unfinished handshakes; retry later")
+        return name
+
+    def speaker(self, peer: Peer, msg: Message) -> str:
+        """Whom a message speaks for. A configured relay forwards for its own clients, who
+        are kept apart under the relay's name (``relay-1/client-1``); anyone else is its
+        admitted name, whatever its ``client`` field says: no peer can open state, fill a
+        group or take a turn under names of its own choosing."""
+        if not msg.client or msg.client == peer.name or peer.name not in self.listen.relays:
+            return peer.name
+        return f"{peer.name}/{msg.client}"
+
+    def add(self, identity: bytes, peer: Peer) -> list[bytes]:
+        """A session that completed the handshake; returns the sessions to forget now.
+
+        Handshakes that never send a message cost bounded memory: at most a few per name
+        (the oldest of the *same* name go), and :meth:`check_admission` refuses newcomers
+        when too many names have one pending; nobody's pending handshake is pushed out by
+        another name's."""
+        self.peers[identity] = peer
+        pending = [i for i, p in self.peers.items() if not p.confirmed and p.name == peer.name]
+        return pending[: max(0, len(pending) - PENDING_PER_NAME)]
+
+    def confirm(self, identity: bytes) -> list[bytes]:
+        """The session's first sealed message opened: it is the name's session now, and the
+        name's older sessions are to be forgotten (a replayed hello cannot evict anybody)."""
+        peer = self.peers[identity]
+        peer.confirmed = True
+        return [i for i, p in self.peers.items() if p.name == peer.name and i != identity]
+
+    def silent(self, now: float) -> list[tuple[bytes, float]]:
+        """Sessions silent for longer than they may be, with how long; an unconfirmed one
+        gets at most :data:`CONFIRM_TIMEOUT_S` to send its first message."""
+        unconfirmed_s = min(self.listen.peer_timeout_s, CONFIRM_TIMEOUT_S)
+        found = []
+        for identity, peer in self.peers.items():
+            limit = self.listen.peer_timeout_s if peer.confirmed else unconfirmed_s
+            if now - peer.last_seen > limit:
+                found.append((identity, now - peer.last_seen))
+        return found
+
+    def remove(self, identity: bytes) -> Peer | None:
+        return self.peers.pop(identity, None)
+
+    def confirmed(self) -> list[Peer]:
+        return [p for p in self.peers.values() if p.confirmed]
+
+    def pending(self) -> int:
+        return sum(1 for p in self.peers.values() if not p.confirmed)
