@@ -20,17 +20,8 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import ConfigError
+from .topologies import OWN_FEATURES, default_cuts
 
-# The default cuts of the built-ins, per cut plan: topologies not named in CUT_PLANS cut the
-# model once ("two" segments). Data, not code: the topology registry in workers says the rest.
-DEFAULT_CUTS: dict[str, dict[str, list[int]]] = {
-    "cnn": {"two": [3], "ushaped": [3, 8], "multihop": [3, 6]},
-    "mlp": {"two": [2], "ushaped": [2, 4], "multihop": [2, 4]},
-}
-CUT_PLANS = {"ushaped": "ushaped", "multihop": "multihop"}
-# Topologies whose parties each hold a different slice of the features: the handshake's
-# model fingerprint leaves their input shape out.
-OWN_FEATURES = frozenset({"vertical"})
 
 
 def cnn(in_shape: Sequence[int], classes: int, hidden: int = 64) -> nn.Sequential:
@@ -81,13 +72,6 @@ def import_path(spec: str, dotted: str) -> Callable[..., nn.Module]:
     if not callable(factory):
         raise ConfigError(f"{dotted} = {spec!r} is not callable")
     return factory  # type: ignore[no-any-return]
-
-
-def default_cuts(builtin: str, topology: str) -> list[int]:
-    table = DEFAULT_CUTS.get(builtin)
-    if table is None:
-        raise ConfigError(f"model.cuts must be set for model.builtin = {builtin!r}")
-    return list(table[CUT_PLANS.get(topology, "two")])
 
 
 def full_model(cfg: ModelConfig) -> nn.Sequential:

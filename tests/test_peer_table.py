@@ -6,10 +6,17 @@ from typing import Any, cast
 
 import pytest
 
-from sl_pipeline.errors import OverloadedError, ProtocolError
+from sl_pipeline.errors import NotAdmittedError, OverloadedError, ProtocolError, ReplayError
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.transport import Channel
-from workers.runtime.peers import CONFIRM_TIMEOUT_S, PENDING_PER_NAME, Listen, Peer, PeerTable
+from workers.runtime.peers import (
+    CONFIRM_TIMEOUT_S,
+    PENDING_PER_NAME,
+    Listen,
+    Peer,
+    PeerTable,
+    hello_refusal,
+)
 
 FP = "model-fp"
 KEYS = {b"key-a": "site-a", b"key-b": "site-b", b"key-r": "relay-1"}
@@ -106,3 +113,10 @@ def test_only_a_configured_relay_speaks_for_others() -> None:
     msg = Message(kind=Kind.FORWARD, client="client-1")
     assert peers.speaker(peer("relay-1"), msg) == "relay-1/client-1"
     assert peers.speaker(peer("site-a"), msg) == "site-a"
+
+
+def test_a_refused_hello_is_labelled_for_the_metrics() -> None:
+    assert hello_refusal(NotAdmittedError("who?")) == ("not_admitted", "not_admitted")
+    assert hello_refusal(OverloadedError("full")) == ("bad_handshake", "overloaded")
+    assert hello_refusal(ReplayError("again")) == ("bad_handshake", "replay")
+    assert hello_refusal(ProtocolError("odd")) == ("bad_handshake", "other")

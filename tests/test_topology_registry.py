@@ -7,7 +7,7 @@ import pytest
 
 from sl_pipeline.config import TOPOLOGIES
 from sl_pipeline.errors import ConfigError
-from sl_pipeline.models import OWN_FEATURES
+from sl_pipeline.topologies import OWN_FEATURES
 from workers.client.steps import StepRunner
 from workers.topologies import REGISTRY, topology
 

@@ -32,8 +32,8 @@ from sl_pipeline.transport import DealerConnection
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.appliedlog import AppliedLog
 from workers.runtime.checkpoint import open_store, restore_rng, rng_state
-from workers.runtime.peers import Listen, Peer
-from workers.runtime.service import Replies, RouterService, reject_reason
+from workers.runtime.peers import Listen, Peer, reject_reason
+from workers.runtime.service import Replies, RouterService
 from workers.runtime.startup import load_own_key, load_peer_key, warn_insecure
 from workers.server.engines.base import run_segment
 from workers.server.replycache import MIB, ReplyCache

@@ -12,7 +12,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sl_pipeline.errors import OverloadedError, ProtocolError
+from sl_pipeline.errors import (
+    CryptoError,
+    LimitError,
+    NotAdmittedError,
+    OverloadedError,
+    ProtocolError,
+    ReplayError,
+    SLError,
+    VersionError,
+)
 from sl_pipeline.messages import Message
 from sl_pipeline.transport import Channel
 
@@ -141,3 +150,34 @@ class PeerTable:
 
     def pending(self) -> int:
         return sum(1 for p in self.peers.values() if not p.confirmed)
+
+
+def reject_reason(exc: SLError) -> str:
+    """Why a peer's message was refused, as the metric's label."""
+    if isinstance(exc, LimitError):
+        return "oversized"
+    if isinstance(exc, VersionError):
+        return "version"
+    if isinstance(exc, ReplayError):
+        return "replay"
+    if isinstance(exc, CryptoError):
+        return "bad_tag"
+    return "malformed"
+
+
+def hello_refusal(exc: SLError) -> tuple[str, str]:
+    """A refused hello as (handshake result, rejection reason), the metrics' labels."""
+    if isinstance(exc, NotAdmittedError):
+        result = "not_admitted"
+    elif isinstance(exc, VersionError):
+        result = "version"
+    else:
+        result = "bad_handshake"
+    reason = "overloaded" if exc.code == "overloaded" else result
+    reason = "replay" if isinstance(exc, ReplayError) else reason
+    return result, reason if reason in (
+        "not_admitted",
+        "overloaded",
+        "version",
+        "replay",
+    ) else "other"

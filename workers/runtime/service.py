@@ -23,14 +23,10 @@ from sl_pipeline.codec import Limits
 from sl_pipeline.config import OpsConfig, check_endpoint
 from sl_pipeline.errors import (
     CryptoError,
-    LimitError,
-    NotAdmittedError,
     OverloadedError,
     ProtocolError,
-    ReplayError,
     SLError,
     UnauthenticatedError,
-    VersionError,
 )
 from sl_pipeline.gate import Gate
 from sl_pipeline.handshake import ServerHandshake, is_handshake, refusal
@@ -45,25 +41,13 @@ from sl_pipeline.transport import (
 )
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.bounded import RateLimiter
-from workers.runtime.peers import Listen, Peer, PeerTable
+from workers.runtime.peers import Listen, Peer, PeerTable, hello_refusal, reject_reason
 from workers.runtime.startup import load_admitted, load_own_key, start_ops, warn_insecure
 
 log = logging.getLogger("sl_pipeline.service")
 POLL_MS = 200
 GOODBYE_LINGER_MS = 500  # how long closing may wait for the shutdown notices to leave
 Replies = list[tuple[bytes, Message]]
-
-
-def reject_reason(exc: SLError) -> str:
-    if isinstance(exc, LimitError):
-        return "oversized"
-    if isinstance(exc, VersionError):
-        return "version"
-    if isinstance(exc, ReplayError):
-        return "replay"
-    if isinstance(exc, CryptoError):
-        return "bad_tag"
-    return "malformed"
 
 
 class RouterService:
@@ -79,18 +63,15 @@ class RouterService:
         metrics: WorkerMetrics | None,
     ) -> None:
         check_endpoint(listen.bind, f"{listen.section}.bind")
-        self.listen = listen
         self.ops_cfg = ops
         self.limits = limits
         self.base = base
         self.fingerprint = fingerprint
         self.metrics = metrics or WorkerMetrics(self.role)
-        self.admitted_names: dict[bytes, str] = {}
+        # Who is in, and who may join: the rules, without I/O (the admitted keys come next).
+        self.table = PeerTable(listen, self.role, fingerprint, {}, self.metrics.record_bound)
         self.gate: Gate | None = None
         self.handshake = self._make_handshake()
-        self.table = PeerTable(
-            listen, self.role, fingerprint, self.admitted_names, self.metrics.record_bound
-        )
         self.hello_rate = RateLimiter(
             listen.hellos_per_s,
             listen.hello_burst,
@@ -117,6 +98,23 @@ class RouterService:
 
     def forget_peer(self, peer: Peer) -> None:
         return None
+
+    @property
+    def listen(self) -> Listen:
+        return self.table.listen
+
+    @listen.setter
+    def listen(self, listen: Listen) -> None:
+        self.table.listen = listen
+
+    @property
+    def admitted_names(self) -> dict[bytes, str]:
+        """Admitted static public keys -> the names their peers go by."""
+        return self.table.admitted_names
+
+    @admitted_names.setter
+    def admitted_names(self, names: dict[bytes, str]) -> None:
+        self.table.admitted_names = names
 
     @property
     def peers(self) -> dict[bytes, Peer]:
@@ -358,19 +356,9 @@ class RouterService:
                 raise OverloadedError(f"too many hellos from {source}; retry later")
             reply, session, hello, key = self.handshake.answer(buffers, self.accept)
         except SLError as exc:
-            result = (
-                "not_admitted"
-                if isinstance(exc, NotAdmittedError)
-                else "version"
-                if isinstance(exc, VersionError)
-                else "bad_handshake"
-            )
+            result, reason = hello_refusal(exc)
             self.metrics.record_handshake(result)
-            reason = "overloaded" if exc.code == "overloaded" else result
-            reason = "replay" if isinstance(exc, ReplayError) else reason
-            self.metrics.record_rejected(
-                reason if reason in ("not_admitted", "overloaded", "version", "replay") else "other"
-            )
+            self.metrics.record_rejected(reason)
             log.warning("refused a handshake (%s): %s", result, exc.message)
             return refusal(exc)
         # The name comes from the admitted key, never from what the peer claims.

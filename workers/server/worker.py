@@ -23,8 +23,8 @@ from sl_pipeline.models import fingerprint
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.appliedlog import AppliedLog
 from workers.runtime.checkpoint import CheckpointStore, restore_rng, rng_state
-from workers.runtime.peers import Listen, Peer
-from workers.runtime.service import Replies, RouterService, reject_reason
+from workers.runtime.peers import Listen, Peer, reject_reason
+from workers.runtime.service import Replies, RouterService
 from workers.server.engines.base import Engine
 from workers.server.runhost import RunHost, first_line
 from workers.server.runs import ACTIVE, Run, RunBook, check_run_id

@@ -9,12 +9,15 @@ Nothing outside this package compares a topology's name: it asks the topology.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sl_pipeline.config import ServerConfig
 from sl_pipeline.errors import ConfigError
-from workers.server.engines.base import Engine
 from workers.topologies import multihop, multitask, roundrobin, splitfed, ushaped, vanilla, vertical
 from workers.topologies.base import Topology
+
+if TYPE_CHECKING:
+    from workers.server.engines.base import Engine
 
 REGISTRY: dict[str, Topology] = {
     "vanilla": vanilla.TOPOLOGY,

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sl_pipeline.config import ServerConfig
-from sl_pipeline.models import OWN_FEATURES, build_segments
-from workers.client.steps import StepRunner
-from workers.server.engines.base import Engine, VanillaEngine
+from sl_pipeline.topologies import OWN_FEATURES
+
+if TYPE_CHECKING:
+    from workers.client.steps import StepRunner
+    from workers.server.engines.base import Engine
 
 Table = dict[str, dict[str, Any]]
 # The built-in datasets a generated deployment trains on, and the model each one gets.
@@ -38,7 +40,6 @@ class Deployment:
 
 class Topology:
     name = ""
-    runner: type[StepRunner] = StepRunner  # the client's step, built with the worker
     default_clients = 1  # the parties a generated deployment has, to show what it does
     min_clients = 1
     relays = 0  # relays between the clients and the server
@@ -57,8 +58,20 @@ class Topology:
         """Each party holds a different slice of the features (vertical partitioning)."""
         return self.name in OWN_FEATURES
 
+    # Runners and engines are imported when a worker asks for one, not with the registry:
+    # they load torch, which init, provision and the other light commands never need.
+    @property
+    def runner(self) -> type[StepRunner]:
+        """The client's step, built with the worker."""
+        from workers.client.steps import StepRunner
+
+        return StepRunner
+
     def engine(self, cfg: ServerConfig, base: Path) -> Engine:
         """The server's engine for a config of this topology."""
+        from sl_pipeline.models import build_segments
+        from workers.server.engines.base import VanillaEngine
+
         return VanillaEngine(build_segments(cfg.model, self.name)[-1], cfg)
 
     # ---- its part of a generated deployment (init, provision) ---------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sl_pipeline.models import default_cuts
+from sl_pipeline.topologies import default_cuts
 from workers.topologies.base import Deployment, Topology
 
 
