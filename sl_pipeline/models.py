@@ -23,7 +23,6 @@ from .errors import ConfigError
 from .topologies import OWN_FEATURES, default_cuts
 
 
-
 def cnn(in_shape: Sequence[int], classes: int, hidden: int = 64) -> nn.Sequential:
     """A small CNN for small images (digits is 1x8x8)."""
     channels, height, width = in_shape
