@@ -66,6 +66,10 @@ class ReplyCache:
         steps = self._steps(client, kind)
         return next(reversed(steps)) if steps else None
 
+    def oldest(self, client: str, kind: str) -> Step | None:
+        steps = self._steps(client, kind)
+        return next(iter(steps)) if steps else None
+
     def put(self, client: str, kind: str, step: Step, reply: Message) -> None:
         kinds = self._names.setdefault(client, {})
         self._names.move_to_end(client)
