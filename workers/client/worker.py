@@ -195,6 +195,11 @@ class ClientWorker:
     def handshake(self) -> ClientHandshake:
         return self.link.handshake
 
+    @property
+    def retries(self) -> int:
+        """Rejoins and resent requests so far (the link counts them)."""
+        return self.link.retries
+
     async def connect(self) -> None:
         """Join the next hop (retrying), then see where it says this client resumes."""
         welcome = await self.link.connect(self._hello, lambda: self.steps_done > 0)
