@@ -55,8 +55,27 @@ def wire_tensors(name: str, tensor: torch.Tensor, dtype: str) -> dict[str, torch
     return {name: quantised.reshape(tensor.shape), f"{name}_scale": scale}
 
 
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every value of every tensor is a finite number (one sync for them all).
+    Elementwise, not a norm: a norm of large finite half-precision values overflows."""
+    checks = [torch.isfinite(t.detach()).all() for t in tensors if t.is_floating_point()]
+    return not checks or bool(torch.stack(checks).all())
+
+
 def read_tensor(msg: Message, name: str) -> torch.Tensor:
-    """A tensor from a message as float32, dequantising int8 when a scale came with it."""
+    """A tensor from a message as float32, dequantising int8 when a scale came with it.
+    NaN or infinite values are refused here, before any model code sees them: one peer's
+    NaN activations would otherwise reach the optimizer and every other peer's model."""
+    tensor = _decode(msg, name)
+    if not all_finite([tensor]):
+        raise ProtocolError(
+            f"{name} holds NaN or infinite values; the step was not applied "
+            "(lower the learning rate or check the data if this comes from training)"
+        )
+    return tensor
+
+
+def _decode(msg: Message, name: str) -> torch.Tensor:
     tensor = msg.tensor(name)
     if tensor.dim() == 0:
         raise ProtocolError(f"{name} must have a batch dimension, got a 0-d tensor")

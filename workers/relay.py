@@ -27,7 +27,7 @@ from sl_pipeline.errors import ConfigError, PeerError, ProtocolError, SLError, T
 from sl_pipeline.handshake import ClientHandshake
 from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message, error_message
 from sl_pipeline.models import build_segments, fingerprint, make_optimizer, resolve_device
-from sl_pipeline.tensors import as_input, read_tensor, wire_tensors
+from sl_pipeline.tensors import all_finite, as_input, read_tensor, wire_tensors
 from sl_pipeline.transport import DealerConnection
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.appliedlog import AppliedLog
@@ -259,6 +259,9 @@ class RelayWorker(RouterService):
         reply = await self._ask_upstream(msg.reply(Kind.FORWARD, tensors=tensors))
         self.optimizer.zero_grad(set_to_none=True)
         out.backward(as_input(read_tensor(reply, "grad"), False, self.device))
+        params = [p.grad for p in self.segment.parameters() if p.grad is not None]
+        if not all_finite([*params, act.grad] if act.grad is not None else params):
+            raise ProtocolError("this batch's gradients are not finite; the step was not applied")
         self.optimizer.step()
         self.steps_applied += 1
         self.metrics.record_step(self.steps_applied)

@@ -8,6 +8,7 @@ its own. ``steps_applied`` counts optimizer steps, for the exactly-once bookkeep
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -19,9 +20,10 @@ from sl_pipeline.config import ServerConfig
 from sl_pipeline.errors import ProtocolError
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.models import make_optimizer, resolve_device
-from sl_pipeline.tensors import as_input, read_tensor, wire_tensors
+from sl_pipeline.tensors import all_finite, as_input, read_tensor, wire_tensors
 
 Reply = tuple[bytes, Message]
+log = logging.getLogger("sl_pipeline.server")
 
 
 def _no_report(table: str) -> None:
@@ -46,6 +48,14 @@ def run_segment(module: nn.Module, act: torch.Tensor) -> torch.Tensor:
         ) from None
 
 
+def _check_cut_grads(grads: list[torch.Tensor]) -> None:
+    if not all_finite(grads):
+        raise ProtocolError(
+            "the gradients at the cut are not finite (overflowing activations); "
+            "the step was not applied"
+        )
+
+
 def _grad_of(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.grad is None:
         raise ProtocolError("the loss does not depend on a cut tensor; check the model")
@@ -68,6 +78,7 @@ class Engine:
         # Reply-first: the server sets this per request (see ``backprop``).
         self.defer_updates = False
         self.deferred_updates = 0  # how many steps replied first (reported in the summary)
+        self.skipped_updates = 0  # deferred steps whose weight gradients were not finite
         self.on_bound: Callable[[str], None] = _no_report  # a bounded table was hit
         self._deferred: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
@@ -100,19 +111,35 @@ class Engine:
         and anything that reads or runs the weights settles first.
         """
         self.settle()
+        if loss is not None and not all_finite([loss]):
+            raise ProtocolError(
+                "the loss of this batch is not a finite number (NaN or overflowing "
+                "activations); the step was not applied"
+            )
         if self.defer_updates:
-            grads = torch.autograd.grad(root, cut, grad, retain_graph=True)
+            grads = list(torch.autograd.grad(root, cut, grad, retain_graph=True))
+            _check_cut_grads(grads)
             self._deferred = (root, grad)
             self.deferred_updates += 1
             self._count_step(loss)
-            return list(grads)
+            return grads
         self.optimizer.zero_grad(set_to_none=True)
         torch.autograd.backward(root, grad)
+        grads = [_grad_of(t) for t in cut]
+        _check_cut_grads(grads)
+        if not self._weight_grads_finite():
+            self.optimizer.zero_grad(set_to_none=True)
+            raise ProtocolError(
+                "this batch's weight gradients are not finite; the step was not applied"
+            )
         self._apply(loss)
-        return [_grad_of(t) for t in cut]
+        return grads
 
     def settle(self) -> None:
-        """Finish a deferred update: weight gradients (only), then the optimizer step."""
+        """Finish a deferred update: weight gradients (only), then the optimizer step.
+        Its loss and cut gradients were checked before the reply left; weight gradients
+        that still overflow skip the step (counted in ``skipped_updates``), so the shared
+        weights never take a NaN."""
         if self._deferred is None:
             return
         root, grad = self._deferred
@@ -120,7 +147,15 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         params = [p for p in self.model.parameters() if p.requires_grad]
         torch.autograd.backward(root, grad, inputs=params)
+        if not self._weight_grads_finite():
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_updates += 1
+            log.warning("a deferred step's weight gradients were not finite: step skipped")
+            return
         self.optimizer.step()
+
+    def _weight_grads_finite(self) -> bool:
+        return all_finite([p.grad for p in self.model.parameters() if p.grad is not None])
 
     def outputs(self, msg: Message, act: torch.Tensor) -> torch.Tensor:
         """What the server's layers make of ``act`` (multitask picks the task's head)."""
