@@ -163,6 +163,9 @@ class ClientSection:
     group: list[str] = field(default_factory=list)  # roundrobin/splitfed: every client's name
     group_key: str = ""  # roundrobin, vertical PSI: secret shared by the clients, not the server
     group_keys: str = ""  # splitfed: folder of the other members' public keys (NAME.pub)
+    # splitfed: refuse a round's average whose norm exceeds this many times the norm of the
+    # weights this client submitted (at least 1.0); it then keeps its own weights
+    max_average_ratio: float = 10.0
     save: str = ""  # where to save this client's segment(s) at the end of training
     run: str = ""  # the training run to join; "" = the server's current one (or a new one)
     takeover: bool = False  # replace a live session of the same name (deliberately)

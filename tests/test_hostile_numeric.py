@@ -11,10 +11,12 @@ from typing import Any
 import pytest
 import torch
 import zmq.asyncio
+from torch.nn.utils import parameters_to_vector
 
-from sl_pipeline.errors import ProtocolError
+from sl_pipeline.errors import ConfigError, ProtocolError
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.models import build_segments
+from sl_pipeline.secagg import MaskingKeys
 from sl_pipeline.tensors import read_tensor, wire_tensors
 from workers.client.worker import ClientWorker
 from workers.server.worker import ServerWorker
@@ -23,6 +25,7 @@ from workers.topologies import build_engine
 from .conftest import load_client, load_server
 from .inprocess import wait_until
 from .test_hostile_peers import assert_refused, assert_serving, join
+from .test_secagg import FakeRound, _splitfed_client
 
 NAN, INF = float("nan"), float("inf")
 
@@ -129,3 +132,80 @@ async def test_nan_activations_from_one_client_do_not_poison_an_honest_one(deplo
     assert refusals == ["protocol"] * 3
     assert summary["steps"] == alone["steps"]
     assert summary["test_accuracy"] == pytest.approx(alone["test_accuracy"], abs=0.02)
+
+
+# ---- B2: a SplitFed member's garbage submission is not loaded --------------------------------
+class GarbageSum(FakeRound):
+    """The server's honest sum of a round where one member submitted random words."""
+
+    async def request(self, message: Message, timeout_s: float | None = None) -> Message:
+        reply = await super().request(message, timeout_s)
+        if "sum" not in reply.tensors:
+            return reply
+        words = torch.randint(-(2**62), 2**62, reply.tensors["sum"].shape, dtype=torch.int64)
+        return reply.reply(Kind.WEIGHTS, meta=dict(reply.meta), tensors={"sum": words})
+
+
+async def test_a_garbage_average_is_refused_and_the_client_keeps_its_weights(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare
+    worker = _splitfed_client(deployment, GarbageSum(["sum"]))
+    weights = parameters_to_vector(worker.bottom.parameters()).detach().clone()
+    # Execute
+    await worker.runner.after_epoch(0)
+    # Assert: nothing loaded, the round counted as poisoned and reported
+    assert torch.equal(parameters_to_vector(worker.bottom.parameters()), weights)
+    assert worker.runner.report()["poisoned_rounds"] == 1
+    assert worker.runner.extra_state() == {"poisoned_rounds": 1}
+
+
+def test_the_average_bound_is_validated(deployment) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(topology="splitfed", clients=2)
+    with pytest.raises(ConfigError, match=r"client\.max_average_ratio"):
+        ClientWorker(
+            load_client(files["client-1"], "client.max_average_ratio=0.5"),
+            files["client-1"].parent,
+            progress=False,
+        )
+
+
+class RandomWords:
+    """client-3's masking keys, except that in ``bad_round`` it submits random words."""
+
+    def __init__(self, keys: MaskingKeys, bad_round: int) -> None:
+        self.keys, self.bad_round = keys, bad_round
+        self.members = keys.members
+
+    def masked(self, vector: torch.Tensor, round_: int, nonces: Any) -> Any:
+        words = self.keys.masked(vector, round_, nonces)
+        if round_ == self.bad_round:
+            words = torch.randint(-(2**62), 2**62, (len(words),), dtype=torch.int64).numpy()
+        return words
+
+
+async def test_a_member_submitting_random_words_poisons_no_honest_client(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: three clients, three rounds; client-3 sends random words in round 1
+    files = deployment(topology="splitfed", clients=3, dataset="breast_cancer", epochs=3)
+    base = files["server"].parent
+    server = ServerWorker(load_server(files["server"]), base)
+    stop = asyncio.Event()
+    task = asyncio.create_task(server.serve(stop))
+    clients = [
+        ClientWorker(load_client(files[f"client-{i}"]), base, progress=False) for i in (1, 2, 3)
+    ]
+    clients[2].runner.keys = RandomWords(clients[2].runner.keys, bad_round=1)  # type: ignore[attr-defined]
+    try:
+        await wait_until(lambda: server.bound)
+        # Execute
+        summaries = await asyncio.wait_for(asyncio.gather(*(c.run() for c in clients)), 150)
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
+    # Assert: every client finishes; round 1 (only) was refused by everyone; weights sane
+    assert [s["poisoned_rounds"] for s in summaries] == [1, 1, 1]
+    assert all(s["test_accuracy"] is not None and s["test_accuracy"] > 0.8 for s in summaries)
+    for client in clients:
+        weights = parameters_to_vector(client.bottom.parameters()).detach()
+        assert weights.isfinite().all() and float(weights.abs().max()) < 100
+    # rounds 0 and 2 were honest: after round 2 the honest segments are equal again
+    a, b, c = (parameters_to_vector(w.bottom.parameters()).detach() for w in clients)
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, c, atol=1e-5)

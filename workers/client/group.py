@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import secrets
 from collections.abc import Mapping
 from typing import Any
@@ -15,9 +17,11 @@ from sl_pipeline.group import load_group_key, open_weights, run_id, seal_weights
 from sl_pipeline.keys import load_admitted_keys, load_keypair
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.secagg import MaskingKeys, average_from_sum, masked_tensor, new_nonce
+from sl_pipeline.tensors import all_finite
 from workers.client.steps import StepRunner
 
 TURN_TIMEOUT_S = 900.0
+log = logging.getLogger("sl_pipeline.client")
 MAX_ATTEMPTS = 20  # SplitFed: aborted attempts at one round before giving up
 
 
@@ -128,6 +132,21 @@ class SplitFedRunner(_GroupRunner):
     def __init__(self, worker: Any) -> None:
         super().__init__(worker)
         self.keys = self._masking_keys()
+        self.max_ratio = worker.cfg.client.max_average_ratio
+        if not 1.0 <= self.max_ratio < math.inf:
+            raise ConfigError(
+                f"client.max_average_ratio must be a number of at least 1.0, got {self.max_ratio}"
+            )
+        self.poisoned_rounds = 0  # rounds whose average was refused (kept our own weights)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"poisoned_rounds": self.poisoned_rounds}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.poisoned_rounds = int(state.get("poisoned_rounds", 0))
+
+    def report(self) -> dict[str, Any]:
+        return {**super().report(), "poisoned_rounds": self.poisoned_rounds}
 
     def _masking_keys(self) -> MaskingKeys:
         c = self.w.cfg.client
@@ -160,9 +179,31 @@ class SplitFedRunner(_GroupRunner):
             summed = await self._attempt(epoch)
             if summed is not None:
                 members = len(self.keys.members)  # ours, not the server's count
-                self.load_vector(average_from_sum(summed, members))
+                self._load_average(epoch, average_from_sum(summed, members))
                 return
         raise ProtocolError(f"splitfed: round {epoch} was aborted {MAX_ATTEMPTS} times")
+
+    def _load_average(self, epoch: int, average: torch.Tensor) -> None:
+        """Load the round's average unless it is implausible. Secure aggregation hides each
+        update but cannot check one: a member that submits random words makes the average
+        ~1e11 per weight. Such a round is refused (logged and counted) and this client keeps
+        the weights it submitted; the next round tries again."""
+        own = float(self.vector().norm())
+        bound = self.max_ratio * max(own, 1.0)
+        norm = float(average.norm()) if all_finite([average]) else math.inf
+        if norm <= bound:
+            self.load_vector(average)
+            return
+        self.poisoned_rounds += 1
+        log.warning(
+            "splitfed: round %d's average has norm %.3g, over %.3g (%g x this client's "
+            "%.3g): a member submitted garbage; keeping this client's own weights",
+            epoch,
+            norm,
+            bound,
+            self.max_ratio,
+            own,
+        )
 
     async def _attempt(self, epoch: int) -> torch.Tensor | None:
         """One attempt at the round: join with a fresh nonce, then submit masked weights.
