@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .errors import ProtocolError
+from .errors import CheckpointError, ProtocolError
 
 PROTOCOL_VERSION = 1
 MAX_ID_CHARS = 128
@@ -129,3 +129,41 @@ def error_message(
     if request is None:
         return Message(kind=Kind.ERROR, meta=meta)
     return request.reply(Kind.ERROR, meta=meta)
+
+
+# ---- a message as plain state, for checkpoints (``torch.load(weights_only=True)``) ------
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def message_state(msg: Message) -> dict[str, Any]:
+    """A message (e.g. a cached reply) as a ``weights_only``-safe dict."""
+    return {
+        "kind": msg.kind.value,
+        "session": msg.session,
+        "client": msg.client,
+        "epoch": msg.epoch,
+        "step": msg.step,
+        "meta": _plain(msg.meta),
+        "tensors": dict(msg.tensors),
+    }
+
+
+def message_from_state(state: Mapping[str, Any]) -> Message:
+    """Undo :func:`message_state`; the message validates itself again."""
+    try:
+        return Message(
+            kind=Kind(state["kind"]),
+            session=state["session"],
+            client=state["client"],
+            epoch=state["epoch"],
+            step=state["step"],
+            meta=state["meta"],
+            tensors=state["tensors"],
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"cannot restore a cached message from checkpoint: {exc}") from None

@@ -15,15 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sl_pipeline.errors import CheckpointError, SLError
-from sl_pipeline.messages import Kind, Message
+from sl_pipeline.messages import Kind, Message, message_from_state, message_state
 from workers.runtime.checkpoint import (
     CheckpointStore,
     SnapshotRing,
     _frame,
     decode,
     encode,
-    message_from_state,
-    message_state,
     restore_rng,
     rng_state,
 )

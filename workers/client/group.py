@@ -27,7 +27,7 @@ MAX_ATTEMPTS = 20  # SplitFed: aborted attempts at one round before giving up
 
 class _GroupRunner(StepRunner):
     def members(self) -> list[str]:
-        c = self.w.cfg.client
+        c = self.host.cfg.client
         if len(c.group) < 1 or c.name not in c.group:
             raise ConfigError(
                 f"{c.topology}: client.group must list every client, this one included"
@@ -43,7 +43,7 @@ class _GroupRunner(StepRunner):
     def resumed_mid_epoch(self, epoch: int) -> bool:
         """True when this epoch's steps restart from a checkpoint, past its first step:
         the weights restored are newer than any the group handed over."""
-        return self.w.start[0] == epoch and self.w.start[1] > 0
+        return self.host.start[0] == epoch and self.host.start[1] > 0
 
 
 class RoundRobinRunner(_GroupRunner):
@@ -62,23 +62,23 @@ class RoundRobinRunner(_GroupRunner):
         self.run_nonce = str(state.get("run_nonce", self.run_nonce))
 
     def group_key(self) -> bytes:
-        c = self.w.cfg.client
+        c = self.host.cfg.client
         if not c.group_key:
             raise ConfigError("roundrobin: set client.group_key (a secret shared by the clients)")
-        return load_group_key(resolve_path(self.w.base, c.group_key, "client.group_key"))
+        return load_group_key(resolve_path(self.host.base, c.group_key, "client.group_key"))
 
     def expected_turn(self, epoch: int) -> int:
         """Turns completed before this client's turn in ``epoch`` (all of them at the end)."""
         members = self.members()
-        if epoch >= self.w.cfg.train.epochs:
-            return self.w.cfg.train.epochs * len(members)
-        return epoch * len(members) + members.index(self.w.cfg.client.name)
+        if epoch >= self.host.cfg.train.epochs:
+            return self.host.cfg.train.epochs * len(members)
+        return epoch * len(members) + members.index(self.host.cfg.client.name)
 
     def _run_of(self, grant: Message) -> bytes:
         nonces = grant.meta.get("run")
         if not isinstance(nonces, Mapping) or sorted(nonces) != self.members():
             raise ProtocolError("roundrobin: the grant does not name this group's run")
-        if nonces[self.w.cfg.client.name] != self.run_nonce:
+        if nonces[self.host.cfg.client.name] != self.run_nonce:
             raise CryptoError("roundrobin: the grant is for another run of this client")
         run = run_id({str(k): str(v) for k, v in nonces.items()})
         if self.run is not None and run != self.run:
@@ -89,8 +89,8 @@ class RoundRobinRunner(_GroupRunner):
     async def _acquire(self, epoch: int, final: bool = False) -> None:
         key, expected = self.group_key(), self.expected_turn(epoch)
         meta = {"op": "acquire", "final": final, "run": self.run_nonce}
-        reply = await self.w.request(
-            self.w.message(Kind.WEIGHTS, 0, meta=meta), timeout_s=TURN_TIMEOUT_S
+        reply = await self.host.request(
+            self.host.message(Kind.WEIGHTS, 0, meta=meta), timeout_s=TURN_TIMEOUT_S
         )
         run = self._run_of(reply)
         turn = reply.meta.get("turn")
@@ -115,13 +115,13 @@ class RoundRobinRunner(_GroupRunner):
         assert self.run is not None  # set by this epoch's grant
         turn = self.expected_turn(epoch) + 1
         sealed = seal_weights(self.group_key(), self.vector(), self.run, turn)
-        await self.w.request(
-            self.w.message(Kind.WEIGHTS, 1, meta={"op": "release"}, tensors={"sealed": sealed})
+        await self.host.request(
+            self.host.message(Kind.WEIGHTS, 1, meta={"op": "release"}, tensors={"sealed": sealed})
         )
 
     async def after_training(self) -> bool:
-        self.w.epoch = self.w.cfg.train.epochs
-        await self._acquire(self.w.epoch, final=True)
+        self.host.epoch = self.host.cfg.train.epochs
+        await self._acquire(self.host.epoch, final=True)
         return True
 
 
@@ -149,7 +149,7 @@ class SplitFedRunner(_GroupRunner):
         return {**super().report(), "poisoned_rounds": self.poisoned_rounds}
 
     def _masking_keys(self) -> MaskingKeys:
-        c = self.w.cfg.client
+        c = self.host.cfg.client
         if c.group_key:
             raise ConfigError(
                 "splitfed: client.group_key is no longer used (a secret every client holds "
@@ -162,8 +162,8 @@ class SplitFedRunner(_GroupRunner):
                 "(the folder of the members' NAME.pub files): they make the pairwise masks, "
                 "with or without --insecure"
             )
-        own = load_keypair(resolve_path(self.w.base, c.key, "client.key"))
-        folder = resolve_path(self.w.base, c.group_keys, "client.group_keys")
+        own = load_keypair(resolve_path(self.host.base, c.key, "client.key"))
+        folder = resolve_path(self.host.base, c.group_keys, "client.group_keys")
         by_name = {name: key for key, name in load_admitted_keys(folder).items()}
         missing = [n for n in self.members() if n not in by_name]
         if missing:
@@ -211,18 +211,18 @@ class SplitFedRunner(_GroupRunner):
         nonce = new_nonce()
         # A step per attempt, from its nonce: a retry never meets an earlier cached reply.
         step = 2 * int.from_bytes(nonce[:6], "big")
-        join = self.w.message(Kind.WEIGHTS, step, meta={"op": "join", "nonce": nonce.hex()})
-        reply = await self.w.request(join, timeout_s=TURN_TIMEOUT_S)
+        join = self.host.message(Kind.WEIGHTS, step, meta={"op": "join", "nonce": nonce.hex()})
+        reply = await self.host.request(join, timeout_s=TURN_TIMEOUT_S)
         if reply.meta.get("op") == "sum":
             self._check_sum_without_submit(epoch)
             return self._sum_of(reply)
-        nonces = _announced_nonces(reply, self.w.cfg.client.name, nonce)
+        nonces = _announced_nonces(reply, self.host.cfg.client.name, nonce)
         words = self.keys.masked(self.vector(), epoch, nonces)
         meta = {"op": "submit", "attempt": str(reply.meta.get("attempt"))}
-        msg = self.w.message(
+        msg = self.host.message(
             Kind.WEIGHTS, step + 1, meta=meta, tensors={"masked": masked_tensor(words)}
         )
-        reply = await self.w.request(msg, timeout_s=TURN_TIMEOUT_S)
+        reply = await self.host.request(msg, timeout_s=TURN_TIMEOUT_S)
         return self._sum_of(reply) if reply.meta.get("op") == "sum" else None
 
     def _check_sum_without_submit(self, epoch: int) -> None:
@@ -230,7 +230,7 @@ class SplitFedRunner(_GroupRunner):
         that round (it submitted in its previous life). Anything else is a server forging a
         round: with made-up sums it could steer the others' segments and read one client's
         weights out of the next real sum."""
-        if not (self.w.resumed_from > 0 and epoch == self.w.start[0]):
+        if not (self.host.resumed_from > 0 and epoch == self.host.start[0]):
             raise ProtocolError(
                 f"splitfed: the server answered this client's join of round {epoch} with a sum "
                 "although this client never submitted to it; refusing it"

@@ -43,7 +43,7 @@ class StepRunner:
     adaptive_wait = True
 
     def __init__(self, worker: RunnerHost) -> None:
-        self.w = worker
+        self.host = worker
         cfg = worker.cfg
         self.privacy = PrivacyConfig.from_mapping(cfg.privacy) if cfg.privacy else PrivacyConfig()
         self.label_protection: Any = None
@@ -93,7 +93,7 @@ class StepRunner:
 
     # ---- set-up --------------------------------------------------------------------------
     def build_modules(self) -> dict[str, nn.Module]:
-        return {"bottom": build_segments(self.w.cfg.model, self.w.topology)[0]}
+        return {"bottom": build_segments(self.host.cfg.model, self.host.topology)[0]}
 
     @property
     def bottom(self) -> nn.Module:
@@ -115,8 +115,10 @@ class StepRunner:
         if self.private is not None:
             yield from self.private.batches(first_step)
             return
-        train = self.w.data.train
-        order = batch_order(len(train), self.w.cfg.train.batch_size, self.w.cfg.train.seed, epoch)
+        train = self.host.data.train
+        order = batch_order(
+            len(train), self.host.cfg.train.batch_size, self.host.cfg.train.seed, epoch
+        )
         for step, idx in enumerate(order):
             if step >= first_step:
                 y = train.y[idx] if train.y is not None else None
@@ -139,12 +141,12 @@ class StepRunner:
     def forward_message(
         self, step: int, sent: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor
     ) -> Message:
-        tensors = wire_tensors("act", sent, self.w.cfg.train.wire_dtype)
+        tensors = wire_tensors("act", sent, self.host.cfg.train.wire_dtype)
         if self.sends_labels:
             if y is None:
                 raise ConfigError("this topology needs labels at the client; set data.label")
             tensors["labels"] = y
-        return self.w.message(Kind.FORWARD, step, tensors=tensors, meta=self.forward_meta())
+        return self.host.message(Kind.FORWARD, step, tensors=tensors, meta=self.forward_meta())
 
     def forward_meta(self) -> dict[str, Any]:
         return {}
@@ -156,7 +158,7 @@ class StepRunner:
         roots, grads = [sent], [as_input(grad, requires_grad=False, device=self.device)]
         if self.nopeek is not None:
             penalty = self.nopeek(x.to(self.device), act)  # alpha * dCor(x, act)
-            self.w.metrics.dcor_last.set(float(penalty.detach()) / self.nopeek.alpha)
+            self.host.metrics.dcor_last.set(float(penalty.detach()) / self.nopeek.alpha)
             roots.append(penalty)
             grads.append(torch.ones(()))
         torch.autograd.backward(roots, grads)
@@ -201,7 +203,7 @@ class StepRunner:
     ) -> float:
         self.optimizer.zero_grad(set_to_none=True)
         act, sent = self.cut(x)
-        reply = await self.w.request(self.forward_message(step, sent, y, ids))
+        reply = await self.host.request(self.forward_message(step, sent, y, ids))
         grad = read_tensor(reply, "grad")
         self.scrutinize(grad, y)
         self.apply_gradient(x, act, sent, grad)
@@ -214,7 +216,7 @@ class StepRunner:
             return
         was = self.detector.flagged
         self.detector.observe(grad, y)
-        metrics = self.w.metrics
+        metrics = self.host.metrics
         if len(self.detector.scores) == self.detector.window:
             metrics.hijack_score.set(sum(self.detector.scores) / self.detector.window)
         if self.detector.flagged and not was:
@@ -241,16 +243,16 @@ class StepRunner:
         ``step_lost``: redo the step."""
         for _ in range(MAX_STEP_REDOS):
             self.optimizer.zero_grad(set_to_none=True)  # a redo must not add a second head grad
-            out = as_input(read_tensor(await self.w.request(msg), "out"), True, self.device)
+            out = as_input(read_tensor(await self.host.request(msg), "out"), True, self.device)
             loss = loss_of(out)
             loss.backward()
             assert out.grad is not None
             grad = out.grad
             if self.label_protection is not None and protect_with is not None:
                 grad = self.label_protection.protect(grad, protect_with)
-            tensors = wire_tensors("grad", grad, self.w.cfg.train.wire_dtype)
+            tensors = wire_tensors("grad", grad, self.host.cfg.train.wire_dtype)
             try:
-                return loss, await self.w.request(msg.reply(Kind.BACKWARD, tensors=tensors))
+                return loss, await self.host.request(msg.reply(Kind.BACKWARD, tensors=tensors))
             except PeerError as exc:
                 if exc.remote_code != StepLostError.code:
                     raise
@@ -276,11 +278,11 @@ class StepRunner:
         with torch.no_grad():
             x = x.to(self.device)
             sent = self.defense.apply(self.bottom(x)) if self.privacy.noise else self.bottom(x)
-        tensors = wire_tensors("act", sent, self.w.cfg.train.wire_dtype)
+        tensors = wire_tensors("act", sent, self.host.cfg.train.wire_dtype)
         if ids is not None and not self.sends_labels and "head" not in self.modules:
             tensors["ids"] = ids
-        reply = await self.w.request(
-            self.w.message(kind, step, tensors=tensors, meta=self.forward_meta())
+        reply = await self.host.request(
+            self.host.message(kind, step, tensors=tensors, meta=self.forward_meta())
         )
         out = as_input(read_tensor(reply, "out"), requires_grad=False, device=self.device)
         if "head" in self.modules:
@@ -317,9 +319,9 @@ class StepRunner:
         self.accounted_epochs += 1
         if self.accountant is not None:
             self.accountant.step(1)
-            self.w.metrics.set_privacy("activation_noise", self.accountant.epsilon())
+            self.host.metrics.set_privacy("activation_noise", self.accountant.epsilon())
         if self.dp is not None:
-            self.w.metrics.set_privacy(
+            self.host.metrics.set_privacy(
                 "dpsgd",
                 self.dp.epsilon(),
                 self.privacy.dpsgd.target_epsilon if self.privacy.dpsgd else None,
@@ -347,12 +349,14 @@ class StepRunner:
 
     def save(self) -> None:
         """Each party saves only its own segment(s)."""
-        if not self.w.cfg.client.save:
+        if not self.host.cfg.client.save:
             return
-        path = resolve_path(self.w.base, self.w.cfg.client.save, "client.save", must_exist=False)
+        path = resolve_path(
+            self.host.base, self.host.cfg.client.save, "client.save", must_exist=False
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         state: dict[str, Any] = {name: _plain_state(m) for name, m in self.modules.items()}
-        data = self.w.data
+        data = self.host.data
         if data.encoding is not None or data.label_names is not None:
             # How this party's rows were encoded, so predict encodes new rows the same way.
             state[DATA_STATE] = json.dumps(

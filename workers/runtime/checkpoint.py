@@ -30,7 +30,6 @@ import torch
 
 from sl_pipeline.config import CheckpointConfig, resolve_path
 from sl_pipeline.errors import CheckpointError
-from sl_pipeline.messages import Kind, Message
 
 log = logging.getLogger("sl_pipeline.checkpoint")
 
@@ -287,50 +286,11 @@ def restore_rng(state: Mapping[str, Any]) -> None:
         raise CheckpointError(f"cannot restore RNG state from checkpoint: {exc}") from None
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-def message_state(msg: Message) -> dict[str, Any]:
-    """A message (e.g. a cached reply) as a ``weights_only``-safe dict."""
-    return {
-        "kind": msg.kind.value,
-        "session": msg.session,
-        "client": msg.client,
-        "epoch": msg.epoch,
-        "step": msg.step,
-        "meta": _plain(msg.meta),
-        "tensors": dict(msg.tensors),
-    }
-
-
-def message_from_state(state: Mapping[str, Any]) -> Message:
-    """Undo :func:`message_state`; the message validates itself again."""
-    try:
-        return Message(
-            kind=Kind(state["kind"]),
-            session=state["session"],
-            client=state["client"],
-            epoch=state["epoch"],
-            step=state["step"],
-            meta=state["meta"],
-            tensors=state["tensors"],
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"cannot restore a cached message from checkpoint: {exc}") from None
-
-
 __all__ = [
     "CheckpointStore",
     "SnapshotRing",
     "decode",
     "encode",
-    "message_from_state",
-    "message_state",
     "open_store",
     "restore_rng",
     "rng_state",

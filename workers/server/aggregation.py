@@ -26,9 +26,8 @@ import numpy as np
 import torch
 
 from sl_pipeline.errors import CheckpointError, ProtocolError
-from sl_pipeline.messages import Kind, Message
+from sl_pipeline.messages import Kind, Message, message_from_state, message_state
 from sl_pipeline.secagg import NONCE_BYTES, masked_tensor, sum_masked
-from workers.runtime.checkpoint import message_from_state, message_state
 
 Reply = tuple[bytes, Message]
 NOWHERE = b""  # the identity of a request restored from a checkpoint: no live connection

@@ -18,9 +18,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from sl_pipeline.messages import Message
+from sl_pipeline.messages import Message, message_from_state, message_state
 from workers.runtime.bounded import no_hit
-from workers.runtime.checkpoint import message_from_state, message_state
 
 Step = tuple[int, int]
 Steps = OrderedDict[Step, tuple[Message, int]]  # step -> (reply, its size in bytes)

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from privacy.config import PrivacyConfig
-from sl_pipeline.config import ServerConfig, resolve_path
+from sl_pipeline.config import ServerConfig
 from sl_pipeline.errors import ConfigError, OverloadedError, ProtocolError, StaleStepError
 from sl_pipeline.messages import Kind, Message, error_message
 from sl_pipeline.models import fingerprint
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.appliedlog import AppliedLog
-from workers.runtime.checkpoint import CheckpointStore, restore_rng, rng_state
+from workers.runtime.checkpoint import open_store, restore_rng, rng_state
 from workers.runtime.peers import Listen, Peer, reject_reason
 from workers.runtime.service import Replies, RouterService
 from workers.server.engines.base import Engine
@@ -77,7 +77,7 @@ class ServerWorker(RunHost, RouterService):
         for info in self.book.read_index():
             self._add_record(info)
         self.admin_token = read_token(base, cfg.ops.admin_token) if cfg.ops.admin_token else None
-        self.ckpt = self._checkpoint_store()
+        self.ckpt = open_store(cfg.checkpoint, base, "server")
         self.resumed_from = self._restore() if self.ckpt else 0
         self._saved_at = self.steps_applied
         self._saved_versions = self._versions()
@@ -86,13 +86,6 @@ class ServerWorker(RunHost, RouterService):
         return RunApi(self, self.admin_token).add_routes
 
     # ---- checkpoints ---------------------------------------------------------------------
-    def _checkpoint_store(self) -> CheckpointStore | None:
-        c = self.cfg.checkpoint
-        if not c.dir:
-            return None
-        directory = resolve_path(self.base, c.dir, "checkpoint.dir", must_exist=False)
-        return CheckpointStore(directory, keep=max(1, c.keep), prefix="server", fsync=c.fsync)
-
     def _state(self) -> dict[str, Any]:
         return {
             "fingerprint": self.fingerprint,

@@ -27,8 +27,7 @@ from torch import nn
 
 from sl_pipeline.config import ServerConfig
 from sl_pipeline.errors import CheckpointError, ConfigError, ProtocolError
-from sl_pipeline.messages import Kind, Message
-from workers.runtime.checkpoint import message_from_state, message_state
+from sl_pipeline.messages import Kind, Message, message_from_state, message_state
 from workers.server.aggregation import NOWHERE
 from workers.server.engines.base import Reply, VanillaEngine
 
