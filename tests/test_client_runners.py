@@ -5,6 +5,7 @@ multi-hop), so one step can be checked message by message."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import math
 from pathlib import Path
@@ -20,6 +21,8 @@ from sl_pipeline.models import build_segments
 from sl_pipeline.sources import load_source
 from sl_pipeline.tensors import as_input, read_tensor, wire_tensors
 from workers.client.align import first_data
+from workers.client.link import Upstream, make_handshake
+from workers.client.microbatch import Pipeline
 from workers.client.steps import StepRunner
 from workers.ops.metrics import WorkerMetrics
 from workers.server.engines.base import Engine
@@ -150,3 +153,42 @@ async def test_labels_leave_the_client_only_where_the_server_holds_the_loss(
     hosts, hub = deployment(tmp_path, name)
     await asyncio.wait_for(train(topology(name).runner(hosts[0])), TIMEOUT_S)
     assert all(("labels" in m.tensors) == labels_leave for m in hub.sent)
+
+
+class Conn:
+    """A connection whose peer is the engine, in-process: replies queue until received."""
+
+    def __init__(self, hub: Hub, identity: bytes) -> None:
+        self.hub, self.identity = hub, identity
+        self.replies: asyncio.Queue[Message] = asyncio.Queue()
+
+    async def send(self, msg: Message) -> None:
+        self.hub.sent.append(msg)
+        for _, reply in self.hub.engine.handle(self.identity, msg):
+            self.replies.put_nowait(reply)
+
+    async def recv(self, timeout_s: float) -> Message:
+        return await asyncio.wait_for(self.replies.get(), timeout_s)
+
+
+async def test_pipelining_yields_each_applied_step_in_order_without_a_socket(
+    tmp_path: Path,
+) -> None:
+    # Prepare: vanilla with three steps in flight, over a connection to the engine
+    [host], hub = deployment(tmp_path, "vanilla")
+    host.cfg = dataclasses.replace(
+        host.cfg, train=dataclasses.replace(host.cfg.train, pipeline_depth=3)
+    )
+    host.runner = topology("vanilla").runner(host)
+    host.link = Upstream(host.cfg, host.metrics, make_handshake(host.cfg, tmp_path, "vanilla"))
+    host.link.conn = Conn(hub, b"client-1")  # type: ignore[assignment]
+    before = weights(host.runner)
+    batches = itertools.islice(host.runner.epoch_batches(0), 5)
+    # Execute
+    pipeline = Pipeline(host)  # type: ignore[arg-type]
+    applied = [a async for a in pipeline.run(0, batches)]
+    # Assert: every step came back once, in order, with the server's loss; weights moved
+    assert [a.step for a in applied] == [0, 1, 2, 3, 4]
+    assert all(a.loss > 0 for a in applied) and pipeline.depth == 3
+    assert hub.engine.steps_applied == 5
+    assert not torch.equal(weights(host.runner), before)

@@ -17,7 +17,7 @@ import math
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -38,7 +38,6 @@ class PipelineHost(Protocol):
     topology: str
     runner: StepRunner
     link: Upstream
-    step: int
 
     async def connect(self) -> None: ...
 
@@ -157,45 +156,72 @@ async def _reply(worker: PipelineHost, inflight: deque[InFlight]) -> Message:
     raise TransportError(f"gave up after {MAX_REJOINS} rejoins with steps in flight")
 
 
+@dataclass(frozen=True)
+class Applied:
+    """A step whose gradient came back and was applied: what the worker books for it."""
+
+    step: int
+    loss: float
+    started: float  # when its forward began (``time.perf_counter``)
+
+
+class Pipeline:
+    """Up to ``depth`` steps in flight over the host's link. :meth:`run` yields each step
+    as its gradient is applied; the caller does the bookkeeping (counters, checkpoints)."""
+
+    def __init__(self, host: PipelineHost) -> None:
+        self.host = host
+        self.depth = check_depth(host)  # with auto: the depth chosen, once there is one
+
+    async def run(
+        self, epoch: int, batches: Iterator[tuple[int, Any, Any, Any]]
+    ) -> AsyncIterator[Applied]:
+        runner, link = self.host.runner, self.host.link
+        inflight: deque[InFlight] = deque()
+        probe = DepthProbe(await measure_round_trip(self.host)) if self.depth == AUTO else None
+        depth = 1 if probe is not None else self.depth
+        for step, x, y, ids in batches:
+            started = time.perf_counter()
+            act, sent, stash = runner.stash_forward(x)
+            msg = runner.forward_message(step, sent, y, ids)
+            assert link.conn is not None
+            client_s = time.perf_counter() - started
+            await link.conn.send(msg)
+            inflight.append(InFlight(step, x, act, sent, stash, msg, started, client_s))
+            if len(inflight) >= depth:
+                yield await self._complete(epoch, inflight, probe)
+            if probe is not None and probe.ready():
+                depth, probe = probe.choose(), None
+        while inflight:
+            yield await self._complete(epoch, inflight, probe)
+        self.depth = depth if probe is None else AUTO  # too few steps to choose: next time
+
+    async def _complete(
+        self, epoch: int, inflight: deque[InFlight], probe: DepthProbe | None
+    ) -> Applied:
+        """The oldest step's reply, its gradient applied through the stashed weights."""
+        reply = await _reply(self.host, inflight)
+        item = inflight.popleft()
+        if (reply.epoch, reply.step) != (epoch, item.step):
+            raise TransportError(f"reply for step {reply.step} while waiting for {item.step}")
+        start = time.perf_counter()
+        grad = read_tensor(reply, "grad")
+        self.host.runner.apply_stashed(item.x, item.act, item.sent, item.stash, grad)
+        end = time.perf_counter()
+        if probe is not None:
+            probe.record(end - item.started, item.client_s + end - start)
+        return Applied(item.step, float(reply.meta.get("loss", float("nan"))), item.started)
+
+
 async def train_pipelined(
     worker: PipelineHost,
     epoch: int,
     batches: Iterator[tuple[int, Any, Any, Any]],
     done: Callable[[int, float, float], None],
 ) -> int:
-    """Train ``batches`` with up to the configured depth of steps in flight; returns the
-    depth used (with ``auto``, the one it chose, or AUTO if there were too few steps)."""
-    depth = check_depth(worker)
-    runner = worker.runner
-    inflight: deque[InFlight] = deque()
-    probe = DepthProbe(await measure_round_trip(worker)) if depth == AUTO else None
-    depth = 1 if probe is not None else depth
-
-    async def complete_oldest() -> None:
-        reply = await _reply(worker, inflight)
-        item = inflight.popleft()
-        if (reply.epoch, reply.step) != (epoch, item.step):
-            raise TransportError(f"reply for step {reply.step} while waiting for {item.step}")
-        start = time.perf_counter()
-        runner.apply_stashed(item.x, item.act, item.sent, item.stash, read_tensor(reply, "grad"))
-        end = time.perf_counter()
-        done(item.step, float(reply.meta.get("loss", float("nan"))), item.started)
-        if probe is not None:
-            probe.record(end - item.started, item.client_s + end - start)
-
-    for step, x, y, ids in batches:
-        worker.step = step
-        started = time.perf_counter()
-        act, sent, stash = runner.stash_forward(x)
-        msg = runner.forward_message(step, sent, y, ids)
-        assert worker.link.conn is not None
-        client_s = time.perf_counter() - started
-        await worker.link.conn.send(msg)
-        inflight.append(InFlight(step, x, act, sent, stash, msg, started, client_s))
-        if len(inflight) >= depth:
-            await complete_oldest()
-        if probe is not None and probe.ready():
-            depth, probe = probe.choose(), None
-    while inflight:
-        await complete_oldest()
-    return depth if probe is None else AUTO  # too few steps to choose: try again next time
+    """:class:`Pipeline` for a caller that books each step through ``done`` (the benches);
+    returns the depth used (with ``auto``, the one it chose, or AUTO for too few steps)."""
+    pipeline = Pipeline(worker)
+    async for applied in pipeline.run(epoch, batches):
+        done(applied.step, applied.loss, applied.started)
+    return pipeline.depth

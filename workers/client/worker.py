@@ -29,7 +29,7 @@ from sl_pipeline.sources import Source, load_source
 from sl_pipeline.transport import DealerConnection
 from workers.client.align import aligned_data, first_data, psi_key, rows_file
 from workers.client.link import Upstream, make_handshake
-from workers.client.microbatch import MAX_DEPTH, check_depth, train_pipelined
+from workers.client.microbatch import MAX_DEPTH, Pipeline, check_depth
 from workers.client.rollback import NOTHING, Rewind, UndoPoints
 from workers.client.steps import StepRunner
 from workers.ops.http import OpsServer
@@ -380,17 +380,14 @@ class ClientWorker:
         )
         batches = self._batches(epoch, first_step)
         if self.cfg.train.pipeline_depth != 1:
-            depth = await train_pipelined(
-                self,
-                epoch,
-                batches,
-                lambda step, loss, started: self._done(epoch, step, loss, started, bar),
-            )
+            pipeline = Pipeline(self)
+            async for applied in pipeline.run(epoch, batches):
+                self._done(epoch, applied.step, applied.loss, applied.started, bar)
+            depth = pipeline.depth
             # auto chooses once per run: later epochs keep the depth it picked
             self.cfg = replace(self.cfg, train=replace(self.cfg.train, pipeline_depth=depth))
         else:
             for step, x, y, ids in batches:
-                self.step = step
                 started = time.perf_counter()
                 loss = await self.runner.train_step(step, x, y, ids)
                 self._done(epoch, step, loss, started, bar)
@@ -407,6 +404,7 @@ class ClientWorker:
             item = next(batches, None)
             if item is None:
                 return
+            self.step = item[0]  # the step under way (with pipelining: the newest sent)
             yield item
         raise _Stopped
 
