@@ -77,6 +77,17 @@ class Upstream:
         self.retries = 0
         self.bytes = {"sent": 0, "received": 0}
 
+    def hello(self, start: tuple[int, int], last_applied: tuple[int, int] | None) -> dict[str, Any]:
+        """What this client asks for: its run, whether it trains, where it resumes from."""
+        c = self.cfg
+        return {
+            **self.handshake.hello,
+            "run": c.client.run,
+            "takeover": c.client.takeover,
+            "intent": "train" if start[0] < c.train.epochs else "infer",
+            "resume": list(last_applied) if last_applied else None,
+        }
+
     def _count(self, direction: str, kind: str, nbytes: int) -> None:
         self.bytes[direction] += nbytes
         self.metrics.record_message(direction, kind, nbytes)

@@ -22,7 +22,7 @@ import zmq.asyncio
 from tqdm import tqdm
 
 from privacy.config import PrivacyConfig
-from sl_pipeline.config import ClientConfig, check_endpoint, resolve_path
+from sl_pipeline.config import ClientConfig, check_endpoint
 from sl_pipeline.handshake import ClientHandshake
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.sources import Source, load_source
@@ -30,6 +30,7 @@ from sl_pipeline.transport import DealerConnection
 from workers.client.align import aligned_data, first_data, psi_key, rows_file
 from workers.client.link import Upstream, make_handshake
 from workers.client.microbatch import MAX_DEPTH, Pipeline, check_depth
+from workers.client.report import best_epoch, model_path
 from workers.client.rollback import NOTHING, Rewind, UndoPoints
 from workers.client.steps import StepRunner
 from workers.ops.http import OpsServer
@@ -167,17 +168,6 @@ class ClientWorker:
             self.ckpt.save(self._state(next_step), self.steps_done)
             self.metrics.checkpoints_total.inc()
 
-    def _hello(self) -> dict[str, Any]:
-        """What this client asks for: its run, whether it trains, where it resumes from."""
-        c = self.cfg.client
-        return {
-            **self.handshake.hello,
-            "run": c.run,
-            "takeover": c.takeover,
-            "intent": "train" if self.start[0] < self.cfg.train.epochs else "infer",
-            "resume": list(self.last_applied) if self.last_applied else None,
-        }
-
     # ---- connection --------------------------------------------------------------------
     @property
     def ctx(self) -> zmq.asyncio.Context | None:
@@ -202,7 +192,9 @@ class ClientWorker:
 
     async def connect(self) -> None:
         """Join the next hop (retrying), then see where it says this client resumes."""
-        welcome = await self.link.connect(self._hello, lambda: self.steps_done > 0)
+        welcome = await self.link.connect(
+            lambda: self.link.hello(self.start, self.last_applied), lambda: self.steps_done > 0
+        )
         self.run_id = welcome.get("run") or self.run_id
         log.info(
             "joined %s %s (run %s)",
@@ -267,13 +259,7 @@ class ClientWorker:
         if ops is None or wait_s <= 0:
             return
         log.info("finished; serving the final metrics until the next scrape (at most %gs)", wait_s)
-        scraped = asyncio.create_task(ops.scraped_after(ops.scrapes, wait_s))
-        stop = asyncio.create_task(self.stop.wait())
-        await asyncio.wait((scraped, stop), return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
-        if not scraped.done():
-            scraped.cancel()
-        elif not scraped.result():
+        if await ops.linger(wait_s, self.stop) is False:
             log.info("no scrape within ops.linger_s = %gs; exiting", wait_s)
 
     async def train(self) -> None:
@@ -333,23 +319,11 @@ class ClientWorker:
             "resumed_from": self.resumed_from,
             "rewinds": self.undo.rewinds,
             "stopped_early": self.stopped,
-            "best_epoch": self._best_epoch(),
-            "model": self._model_path(),
+            "best_epoch": best_epoch(self.history),
+            "model": model_path(self.cfg, self.base),
             "wall_seconds": round(wall, 3),
             **self.runner.report(),
         }
-
-    def _model_path(self) -> str | None:
-        save = self.cfg.client.save
-        return str(resolve_path(self.base, save, "client.save", must_exist=False)) if save else None
-
-    def _best_epoch(self) -> int | None:
-        """The 1-based epoch with the best test accuracy (lowest train loss without labels)."""
-        scored = [(acc, e) for e, acc, _ in self.history if acc is not None]
-        if scored:
-            return max(scored, key=lambda t: (t[0], -t[1]))[1]
-        losses = [(loss, e) for e, _, loss in self.history if loss is not None]
-        return min(losses)[1] if losses else None
 
     def status(self) -> dict[str, Any]:
         return {

@@ -193,6 +193,18 @@ class OpsServer:
                 return False
         return True
 
+    async def linger(self, wait_s: float, stop: asyncio.Event) -> bool | None:
+        """Serve until one scrape after now has been answered (True), at most ``wait_s``
+        (False), or until ``stop`` is set (None)."""
+        scraped = asyncio.create_task(self.scraped_after(self.scrapes, wait_s))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait((scraped, stopping), return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not scraped.done():
+            scraped.cancel()
+            return None
+        return scraped.result()
+
     async def stop(self) -> None:
         """Stop serving and close the listening socket. Safe to call twice."""
         runner, self._runner = self._runner, None

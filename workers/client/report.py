@@ -1,0 +1,24 @@
+"""Figures a client's summary derives from its run (pure functions)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sl_pipeline.config import ClientConfig, resolve_path
+
+History = list[tuple[int, float | None, float | None]]  # (1-based epoch, accuracy, loss)
+
+
+def best_epoch(history: History) -> int | None:
+    """The 1-based epoch with the best test accuracy (lowest train loss without labels)."""
+    scored = [(acc, e) for e, acc, _ in history if acc is not None]
+    if scored:
+        return max(scored, key=lambda t: (t[0], -t[1]))[1]
+    losses = [(loss, e) for e, _, loss in history if loss is not None]
+    return min(losses)[1] if losses else None
+
+
+def model_path(cfg: ClientConfig, base: Path) -> str | None:
+    """Where the client saved its segment(s), if it saves them."""
+    save = cfg.client.save
+    return str(resolve_path(base, save, "client.save", must_exist=False)) if save else None
