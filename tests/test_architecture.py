@@ -29,7 +29,6 @@ LONG_MODULES = {
 LONG_FUNCTIONS = {
     "privacy.dpsgd.make_private_client",
     "privacy.frontier.plot_frontier",
-    "workers.ops.metrics.WorkerMetrics.__init__",
     "workers.tools.audit.train_in_process",
 }
 

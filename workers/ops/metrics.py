@@ -27,71 +27,20 @@ from prometheus_client import (
 )
 
 from workers.ops.clientseries import ClientSeries
+from workers.ops.labels import (
+    BOUNDED_TABLES,
+    DIRECTIONS,
+    HANDSHAKE_RESULTS,
+    LATENCY_BUCKETS_S,
+    MESSAGE_KINDS,
+    PRIVACY_MECHANISMS,
+    REJECT_REASONS,
+    ROLES,
+    RUN_SERIES,
+)
 
 # A ``*_created`` series per counter and histogram doubles the series for no dashboard use.
 disable_created_metrics()
-
-ROLES: frozenset[str] = frozenset({"server", "client", "relay"})
-DIRECTIONS: tuple[str, ...] = ("sent", "received")
-MESSAGE_KINDS: tuple[str, ...] = (
-    "hello",
-    "welcome",
-    "forward",
-    "backward",
-    "evaluate",
-    "predict",
-    "result",
-    "heartbeat",
-    "error",
-    "bye",
-    "resume",
-    "weights",
-    "other",
-)
-REJECT_REASONS: tuple[str, ...] = (
-    "malformed",
-    "oversized",
-    "bad_tag",
-    "replay",
-    "not_admitted",
-    "version",
-    "unauthenticated",
-    "overloaded",
-    "internal",
-    "other",
-)
-#: Tables a peer's messages fill, each with a bound; ``sl_bound_hits_total`` counts the hits.
-BOUNDED_TABLES: tuple[str, ...] = (
-    "pending_handshakes",
-    "hello_rate",
-    "reply_cache",
-    "reply_cache_bytes",
-    "relay_cache",
-    "round_table",
-    "waiting",
-    "other",
-)
-HANDSHAKE_RESULTS: tuple[str, ...] = ("ok", "not_admitted", "bad_handshake", "version")
-PRIVACY_MECHANISMS: tuple[str, ...] = ("dpsgd", "activation_noise")
-RUN_SERIES = 20  # runs whose series a server exports (bounded over months of runs)
-
-#: 1 ms .. 10 s, roughly three buckets per decade: one step's round trip, or the
-#: server's compute for one batch, on CPU or GPU, over a LAN or a WAN.
-LATENCY_BUCKETS_S: tuple[float, ...] = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
 
 
 def _bounded(value: str, allowed: Iterable[str]) -> str:
@@ -133,6 +82,26 @@ class WorkerMetrics:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         reg = self.registry
 
+        self._traffic_metrics(reg)
+        self._training_metrics(reg)
+        self._peer_metrics(reg)
+        self._privacy_metrics(reg)
+        self._progress_metrics(reg)
+        self._run_metrics(reg)
+        self._runs: list[str] = []
+        # A server's per-client series: visible after a client's own /metrics is gone.
+        self.clients = ClientSeries(reg) if role == "server" else None
+        self.build_info = Info(
+            "sl_build", "Version and role of this worker (value is always 1).", registry=reg
+        )
+        # "worker", not "role": scrape configs label targets with role (no exported_role clash)
+        self.build_info.info({"version": version or _package_version(), "worker": role})
+        if process_collector:
+            ProcessCollector(registry=reg)
+        self._init_label_sets()
+
+    def _traffic_metrics(self, reg: CollectorRegistry) -> None:
+        """Messages and bytes on the wire, and step latency."""
         self.messages_total = Counter(
             "sl_messages_total",
             "Protocol messages sent or received, by direction and message kind.",
@@ -157,6 +126,9 @@ class WorkerMetrics:
             buckets=LATENCY_BUCKETS_S,
             registry=reg,
         )
+
+    def _training_metrics(self, reg: CollectorRegistry) -> None:
+        """Where training is."""
         self.epoch = Gauge(
             "sl_epoch", "Current training epoch (1-based, as in the logs).", registry=reg
         )
@@ -167,6 +139,9 @@ class WorkerMetrics:
             "Last evaluated test accuracy, between 0 and 1.",
             registry=reg,
         )
+
+    def _peer_metrics(self, reg: CollectorRegistry) -> None:
+        """Peers, handshakes and what was refused at the edge."""
         self.peers_connected = Gauge(
             "sl_peers_connected", "Peers with an open connection.", registry=reg
         )
@@ -193,6 +168,9 @@ class WorkerMetrics:
             ["result"],
             registry=reg,
         )
+
+    def _privacy_metrics(self, reg: CollectorRegistry) -> None:
+        """What the privacy mechanisms spent, and what the detectors saw."""
         self.privacy_epsilon = Gauge(
             "sl_privacy_epsilon",
             "Privacy loss epsilon spent so far, by mechanism (as proven by its accountant).",
@@ -221,6 +199,9 @@ class WorkerMetrics:
             "1 once the hijack detector flagged the server (its gradients ignore the labels).",
             registry=reg,
         )
+
+    def _progress_metrics(self, reg: CollectorRegistry) -> None:
+        """Applied steps, retries, checkpoints, and whether the work finished."""
         self.finished = Gauge(
             "sl_finished",
             "1 once this worker finished its work normally (a client: its training), else 0.",
@@ -245,6 +226,9 @@ class WorkerMetrics:
             "Unix time of the last applied training step; 0 before the first.",
             registry=reg,
         )
+
+    def _run_metrics(self, reg: CollectorRegistry) -> None:
+        """Server: each recent training run."""
         self.run_steps = Gauge(
             "sl_run_steps",
             "Server: training steps applied in each recent run.",
@@ -270,17 +254,6 @@ class WorkerMetrics:
             ["run"],
             registry=reg,
         )
-        self._runs: list[str] = []
-        # A server's per-client series: visible after a client's own /metrics is gone.
-        self.clients = ClientSeries(reg) if role == "server" else None
-        self.build_info = Info(
-            "sl_build", "Version and role of this worker (value is always 1).", registry=reg
-        )
-        # "worker", not "role": scrape configs label targets with role (no exported_role clash)
-        self.build_info.info({"version": version or _package_version(), "worker": role})
-        if process_collector:
-            ProcessCollector(registry=reg)
-        self._init_label_sets()
 
     def _init_label_sets(self) -> None:
         """Create every bounded label combination at 0, so series exist from the start."""
