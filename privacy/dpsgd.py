@@ -94,16 +94,7 @@ def make_private_client(
     ``noise_generator`` is for audits and tests (refused in ``secure_mode``); without it the
     noise comes from a secretly seeded generator, never from torch's global one.
     """
-    if server_loss_reduction not in LOSS_REDUCTIONS:
-        raise PrivacyError(
-            f"server_loss_reduction = {server_loss_reduction!r} is not supported; allowed: "
-            f"{', '.join(LOSS_REDUCTIONS)}",
-            hint="pass the reduction of the server's loss",
-        )
-    if epochs < 1:
-        raise PrivacyError(f"epochs = {epochs} is out of range; allowed: >= 1")
-    if not cfg.poisson_sampling:
-        _check_fixed_batches(data_loader)
+    _check_arguments(server_loss_reduction, epochs, cfg, data_loader)
     if noise_generator is None and not secure_mode:
         # Never torch's global generator: peers know the seed it was given (model.seed).
         device = next(module.parameters()).device
@@ -133,6 +124,21 @@ def make_private_client(
         noise_multiplier=float(dp_optimizer.noise_multiplier),
         delta=cfg.delta,
     )
+
+
+def _check_arguments(
+    server_loss_reduction: str, epochs: int, cfg: DPSGDConfig, data_loader: DataLoader[Any]
+) -> None:
+    if server_loss_reduction not in LOSS_REDUCTIONS:
+        raise PrivacyError(
+            f"server_loss_reduction = {server_loss_reduction!r} is not supported; allowed: "
+            f"{', '.join(LOSS_REDUCTIONS)}",
+            hint="pass the reduction of the server's loss",
+        )
+    if epochs < 1:
+        raise PrivacyError(f"epochs = {epochs} is out of range; allowed: >= 1")
+    if not cfg.poisson_sampling:
+        _check_fixed_batches(data_loader)
 
 
 def epsilon_spent(engine: PrivacyEngine, delta: float) -> float:

@@ -85,36 +85,41 @@ def plot_frontier(
     FigureCanvasAgg(fig)
     for i, key in enumerate(keys):
         ax = fig.add_subplot(1, len(keys), i + 1)
-        ax.scatter(
-            [r[x_key] for r in rows], [r[key] for r in rows], color="tab:blue", label="setting"
-        )
-        front = pareto_front(rows, x_key, [key], maximize=maximize)
-        ax.plot(
-            [r[x_key] for r in front],
-            [r[key] for r in front],
-            "o-",
-            color="tab:red",
-            mfc="none",
-            ms=10,
-            label="Pareto front",
-        )
-        for r in rows:
-            if label_key in r:
-                ax.annotate(
-                    str(r[label_key]),
-                    (r[x_key], r[key]),
-                    fontsize=7,
-                    xytext=(3, 3),
-                    textcoords="offset points",
-                )
-        better = "higher" if key in maximize else "lower"
-        ax.set_xlabel(x_key)
-        ax.set_ylabel(f"{key} ({better} = less leakage)")
-        ax.legend(fontsize=8)
+        _panel(ax, rows, x_key, key, label_key, maximize)
     fig.tight_layout()
     out = Path(out_png)
     fig.savefig(out, format="png")
     return out
+
+
+def _panel(
+    ax: Any, rows: Sequence[Row], x_key: str, key: str, label_key: str, maximize: Collection[str]
+) -> None:
+    """One leakage measure against accuracy: every setting, its Pareto front, its labels."""
+    ax.scatter([r[x_key] for r in rows], [r[key] for r in rows], color="tab:blue", label="setting")
+    front = pareto_front(rows, x_key, [key], maximize=maximize)
+    ax.plot(
+        [r[x_key] for r in front],
+        [r[key] for r in front],
+        "o-",
+        color="tab:red",
+        mfc="none",
+        ms=10,
+        label="Pareto front",
+    )
+    for r in rows:
+        if label_key in r:
+            ax.annotate(
+                str(r[label_key]),
+                (r[x_key], r[key]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    better = "higher" if key in maximize else "lower"
+    ax.set_xlabel(x_key)
+    ax.set_ylabel(f"{key} ({better} = less leakage)")
+    ax.legend(fontsize=8)
 
 
 __all__ = ["LEAKAGE_KEYS", "pareto_front", "plot_frontier"]

@@ -27,8 +27,6 @@ LONG_MODULES = {
     "workers/tools/audit.py",
 }
 LONG_FUNCTIONS = {
-    "privacy.dpsgd.make_private_client",
-    "privacy.frontier.plot_frontier",
     "workers.tools.audit.train_in_process",
 }
 
