@@ -24,8 +24,7 @@ import contextlib
 import signal
 import sys
 import tempfile
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +39,6 @@ from sl_pipeline.config import (
     parse_override,
 )
 from sl_pipeline.errors import ConfigError, SLError, TransportError
-from sl_pipeline.messages import Kind
-from sl_pipeline.tensors import read_tensor
 from workers.client.worker import ClientWorker
 from workers.relay import RelayWorker
 from workers.server.worker import ServerWorker
@@ -53,6 +50,13 @@ from workers.tools.audit_measures import (
     Trained,
     measure,
     snapshot_encoders,
+)
+from workers.tools.audit_taps import (
+    count_releases,
+    record_label_grads,
+    record_received_meta,
+    record_sent_label_grads,
+    seed_workers,
 )
 from workers.tools.localdeploy import DATASETS, init_deployment
 from workers.topologies import topology as find_topology
@@ -120,111 +124,6 @@ def pinned_threads(threads: int = AUDIT_THREADS) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _seed_workers(server: ServerWorker, clients: Sequence[ClientWorker], seed: int) -> None:
-    """Give every noise source its own seeded generator: several workers share this process,
-    and the order in which they draw from the global RNG depends on socket timing."""
-    for index, client in enumerate(clients, start=1):
-        runner: Any = client.runner
-        defense = runner.defense
-        for part in getattr(defense, "defenses", (defense,)):
-            if hasattr(part, "generator"):
-                part.generator = torch.Generator().manual_seed(seed * 1000 + index)
-        if runner.dp is not None:  # Opacus' noise and Poisson sampler
-            runner.dp.optimizer.generator = torch.Generator().manual_seed(seed * 1000 + 100 + index)
-            sampler: Any = getattr(runner.dp.data_loader, "batch_sampler", None)
-            if hasattr(sampler, "generator"):
-                sampler.generator = torch.Generator().manual_seed(seed * 1000 + 200 + index)
-    if hasattr(server.engine, "label_generator"):  # vertical: each party's protection
-        server.engine.label_generator = torch.Generator().manual_seed(seed * 1000)
-
-
-def _count_releases(client: ClientWorker, outputs: Outputs) -> Counter[int]:
-    """Count, per sample id, every activation this client puts on the wire: training forwards
-    (``forward_message``) and evaluation passes (``_infer``), on this instance only. A party
-    without labels also keeps the outputs it receives at evaluation in ``outputs``."""
-    released: Counter[int] = Counter()
-    unlabelled = client.data.train.y is None
-    runner: Any = client.runner
-    forward, infer = runner.forward_message, runner._infer
-
-    def forward_message(step: int, sent: Any, y: Any, ids: torch.Tensor) -> Any:
-        released.update(int(i) for i in ids.reshape(-1))
-        return forward(step, sent, y, ids)
-
-    async def _infer(x: torch.Tensor, step: int, ids: Any, kind: Any) -> Any:
-        if ids is not None:
-            released.update(int(i) for i in ids.reshape(-1))
-        out, reply = await infer(x, step, ids, kind)
-        if unlabelled and ids is not None and kind is Kind.EVALUATE:
-            outputs.setdefault(client.cfg.client.name, []).append((ids.clone(), out.clone()))
-        return out, reply
-
-    runner.forward_message, runner._infer = forward_message, _infer
-    return released
-
-
-def _record_received_meta(client: ClientWorker, received: dict[str, set[str]]) -> None:
-    """Keep the names of the figures a party without labels is told beside its tensors
-    (such as a loss or a count of correct answers): each is a function of the labels."""
-    if client.data.train.y is not None:
-        return
-    request, seen = client.request, received.setdefault(client.cfg.client.name, set())
-
-    async def send(message: Any, timeout_s: float | None = None) -> Any:
-        reply = await request(message, timeout_s)
-        seen.update(f"{reply.kind.value}.{key}" for key in reply.meta)
-        return reply
-
-    client.request = send  # type: ignore[method-assign]
-
-
-def _record_sent_label_grads(client: ClientWorker, grads: Grads) -> None:
-    """A client that protects labels (u-shaped) sends the server the gradient of the server's
-    output: keep each one, with the ids of the batch whose forward went before it."""
-    runner: Any = client.runner
-    if not runner.protects_labels:
-        return
-    forward, request = runner.forward_message, client.request
-    last: dict[str, torch.Tensor] = {}
-
-    def forward_message(step: int, sent: Any, y: Any, ids: torch.Tensor) -> Any:
-        last["ids"] = ids
-        return forward(step, sent, y, ids)
-
-    async def send(message: Any, timeout_s: float | None = None) -> Any:
-        if message.kind is Kind.BACKWARD and "grad" in message.tensors and "ids" in last:
-            grad = read_tensor(message, "grad").detach().clone()
-            grads.setdefault(client.cfg.client.name, []).append(
-                (message.epoch, last["ids"].clone(), grad)
-            )
-        return await request(message, timeout_s)
-
-    runner.forward_message = forward_message
-    client.request = send  # type: ignore[method-assign]
-
-
-def _record_label_grads(server: ServerWorker) -> Grads:
-    """Wrap the vertical engine's step (on this instance only) to keep, for every training
-    step of every epoch, the gradient each feature party was sent, with the batch's ids."""
-    grads: Grads = {}
-    engine: Any = server.engine  # a VerticalEngine when it has _step and last_grads
-    original: Callable[..., Any] | None = getattr(engine, "_step", None)
-    if original is None or not hasattr(engine, "last_grads") or engine.label_holder:
-        return grads
-
-    def step(parts: list[Any], ids: torch.Tensor) -> Any:
-        replies = original(parts, ids)
-        for part in parts:
-            sent = engine.last_grads[part.msg.client]
-            grads.setdefault(part.msg.client, []).append(
-                (part.msg.epoch, ids.clone(), sent.clone())
-            )
-        return replies
-
-    engine._step = step  # this instance only; the class is untouched
-    return grads
-
-
 def _raise_crash(services: Sequence[asyncio.Future[Any]]) -> None:
     """Re-raise the error of a server or relay that stopped early, as one SLError line."""
     for service in services:
@@ -286,27 +185,8 @@ async def train_in_process(
     A worker that crashes, or a run longer than ``timeout_s``, ends it with an error; a
     SIGTERM/SIGINT stops every client and ends it with :class:`AuditIncomplete`."""
     base = files["server"].parent
-    server = ServerWorker(load(ServerConfig, files["server"], list(server_overrides)), base)
-    clients = [
-        ClientWorker(load(ClientConfig, path, list(client_overrides)), base, progress=False)
-        for name, path in sorted(files.items())
-        if name.startswith("client-")
-    ]
-    halt = asyncio.Event()  # one stop event: whichever client's handler wins stops them all
-    for client in clients:
-        client.stop = halt
-    _seed_workers(server, clients, seed)
-    outputs: Outputs = {}
-    releases = [_count_releases(c, outputs) for c in clients]
-    encoders = [snapshot_encoders(c) for c in clients]
-    received: dict[str, set[str]] = {}
-    for client in clients:
-        _record_received_meta(client, received)
-    sent_grads: Grads = {}
-    for client in clients:
-        _record_sent_label_grads(client, sent_grads)
-    detectors = [attach_scrutinizer(c) for c in clients]
-    grads = _record_label_grads(server)
+    server, clients = _build(files, client_overrides, server_overrides, seed)
+    taps = _tap(server, clients)
     stop = asyncio.Event()
     services = [asyncio.ensure_future(server.serve(stop))]
     if "relay-1" in files:
@@ -334,14 +214,60 @@ async def train_in_process(
         server,
         clients,
         list(summaries),
-        grads,
-        releases,
-        outputs,
-        sent_grads,
-        detectors,
-        encoders,
-        received,
+        taps["grads"],
+        taps["releases"],
+        taps["outputs"],
+        taps["sent_grads"],
+        taps["detectors"],
+        taps["encoders"],
+        taps["received"],
     )
+
+
+def _build(
+    files: dict[str, Path],
+    client_overrides: Sequence[str],
+    server_overrides: Sequence[str],
+    seed: int,
+) -> tuple[ServerWorker, list[ClientWorker]]:
+    """The server and the clients, sharing one stop event, every noise source seeded."""
+    base = files["server"].parent
+    server = ServerWorker(load(ServerConfig, files["server"], list(server_overrides)), base)
+    clients = [
+        ClientWorker(load(ClientConfig, path, list(client_overrides)), base, progress=False)
+        for name, path in sorted(files.items())
+        if name.startswith("client-")
+    ]
+    halt = asyncio.Event()  # one stop event: whichever client's handler wins stops them all
+    for client in clients:
+        client.stop = halt
+    seed_workers(server, clients, seed)
+    return server, clients
+
+
+def _tap(server: ServerWorker, clients: Sequence[ClientWorker]) -> dict[str, Any]:
+    """Every record the audit's measures read, attached in this order (taps wrap each
+    other: the release count sees a forward before the label-gradient record does)."""
+    outputs: Outputs = {}
+    releases = [count_releases(c, outputs) for c in clients]
+    encoders = [snapshot_encoders(c) for c in clients]
+    received: dict[str, set[str]] = {}
+    for client in clients:
+        record_received_meta(client, received)
+    sent_grads: Grads = {}
+    for client in clients:
+        record_sent_label_grads(client, sent_grads)
+    detectors = [attach_scrutinizer(c) for c in clients]
+    grads = record_label_grads(server)
+    return {
+        "outputs": outputs,
+        "releases": releases,
+        "encoders": encoders,
+        "received": received,
+        "sent_grads": sent_grads,
+        "detectors": detectors,
+        "grads": grads,
+    }
 
 
 # ------------------------------------------------------------------------ entry points
