@@ -25,6 +25,7 @@ from .errors import CryptoError, PeerError, ProtocolError, ReplayError, SLError,
 from .gate import connect_token
 from .keys import KeyPair
 from .messages import PROTOCOL_VERSION
+from .session import DEFAULT_MAX_FRAMES
 
 HELLO = b"sl-hello"
 WELCOME = b"sl-welcome"
@@ -63,6 +64,7 @@ class ClientHandshake:
     hello: Mapping[str, Any]
     static: KeyPair | None
     server_key: bytes | None
+    max_frames: int = DEFAULT_MAX_FRAMES  # per message, for the session (limits.max_frames)
 
     def __post_init__(self) -> None:
         self._initiator: Initiator | None = None
@@ -84,7 +86,7 @@ class ClientHandshake:
         self._last_ts = max(self._last_ts + 1, time.time_ns())
         hello = _dump({**self.hello, "ts": self._last_ts})
         if self.static is not None and self.server_key is not None:
-            self._initiator = Initiator(self.static, self.server_key)
+            self._initiator = Initiator(self.static, self.server_key, max_frames=self.max_frames)
         if self._initiator is None:
             return [HELLO, version, b"plain", hello]
         return [HELLO, version, b"noise", self._initiator.write_message1(hello)]
@@ -97,7 +99,7 @@ class ClientHandshake:
         if len(frames) != 2 or bytes(frames[0]) != WELCOME:
             raise ProtocolError("expected a welcome or refusal from the server")
         if self._initiator is None:
-            return PlainSession(), _load(frames[1], "welcome")
+            return PlainSession(max_frames=self.max_frames), _load(frames[1], "welcome")
         payload, session = self._initiator.read_message2(bytes(frames[1]))
         return session, _load(payload, "welcome")
 
@@ -112,6 +114,7 @@ class ServerHandshake:
     static: KeyPair | None
     admitted: Callable[[bytes], bool]
     insecure: bool = False
+    max_frames: int = DEFAULT_MAX_FRAMES  # per message, for the session (limits.max_frames)
 
     def __post_init__(self) -> None:
         # Per admitted key, the newest hello timestamp seen: one entry per admitted key.
@@ -136,10 +139,11 @@ class ServerHandshake:
                 )
             hello = _load(frames[3], "hello")
             welcome = accept(hello, None)
-            return [WELCOME, _dump(welcome)], PlainSession(), hello, None
+            plain = PlainSession(max_frames=self.max_frames)
+            return [WELCOME, _dump(welcome)], plain, hello, None
         if mode != b"noise" or self.static is None:
             raise CryptoError("this server runs --insecure; run the client with --insecure too")
-        responder = Responder(self.static, self.admitted)
+        responder = Responder(self.static, self.admitted, max_frames=self.max_frames)
         payload, peer_key = responder.read_message1(bytes(frames[3]))
         hello = _load(payload, "hello")
         self._check_fresh(hello, peer_key)

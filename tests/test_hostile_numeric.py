@@ -13,7 +13,9 @@ import torch
 import zmq.asyncio
 from torch.nn.utils import parameters_to_vector
 
-from sl_pipeline.errors import ConfigError, ProtocolError
+from sl_pipeline.errors import ConfigError, LimitError, ProtocolError
+from sl_pipeline.handshake import ClientHandshake, ServerHandshake
+from sl_pipeline.keys import generate_keypair
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.models import build_segments
 from sl_pipeline.secagg import MaskingKeys
@@ -24,7 +26,7 @@ from workers.topologies import build_engine
 
 from .conftest import load_client, load_server
 from .inprocess import wait_until
-from .test_hostile_peers import assert_refused, assert_serving, join
+from .test_hostile_peers import assert_refused, assert_serving, header, join, send_raw
 from .test_secagg import FakeRound, _splitfed_client
 
 NAN, INF = float("nan"), float("inf")
@@ -209,3 +211,62 @@ async def test_a_member_submitting_random_words_poisons_no_honest_client(deploym
     # rounds 0 and 2 were honest: after round 2 the honest segments are equal again
     a, b, c = (parameters_to_vector(w.bottom.parameters()).detach() for w in clients)
     assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, c, atol=1e-5)
+
+
+# ---- B4: the session keeps to the configured frame limit --------------------------------------
+@pytest.mark.parametrize("insecure", [False, True], ids=["noise", "plain"])
+def test_sessions_take_the_configured_frame_limit(insecure: bool) -> None:
+    # Prepare: both sides of a handshake told limits.max_frames = 4 (the default is 32;
+    # a session built without it would allow 1024)
+    server_keys, client_keys = generate_keypair(), generate_keypair()
+    client = ClientHandshake(
+        {"client": "c"},
+        None if insecure else client_keys,
+        None if insecure else server_keys.public,
+        max_frames=4,
+    )
+    server = ServerHandshake(
+        None if insecure else server_keys, lambda key: True, insecure=insecure, max_frames=4
+    )
+    # Execute
+    reply, server_session, _, _ = server.answer(client.start(), lambda hello, key: {})
+    client_session, _ = client.finish(reply)
+    # Assert: four buffers pass, five are refused on both sides, sending and receiving
+    assert server_session.open(client_session.seal([b"x"] * 4)) == [b"x"] * 4
+    for session in (client_session, server_session):
+        with pytest.raises(LimitError, match=r"allowed 1\.\.4"):
+            session.seal([b"x"] * 5)
+    frames = client_session.seal([b"x"] * 4)
+    with pytest.raises(LimitError, match="the limit is 5"):
+        server_session.open([*frames, b"x"])
+
+
+async def test_a_server_session_refuses_frames_over_the_configured_limit(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a server told limits.max_frames = 4; a peer whose session allows more
+    files = deployment(clients=1, dataset="breast_cancer")
+    base = files["server"].parent
+    server = ServerWorker(load_server(files["server"], "limits.max_frames=4"), base)
+    stop = asyncio.Event()
+    task = asyncio.create_task(server.serve(stop))
+    ctx = zmq.asyncio.Context()
+    try:
+        await wait_until(lambda: server.bound)
+        conn = await join(server.cfg.server.bind, server.fingerprint, base / "keys", ctx)
+        # Execute: six sealed buffers (seven frames with the envelope)
+        await send_raw(conn, header(), *[b"x"] * 5)
+        # Assert: the session refused it (envelope + 4) before decrypting a buffer (so its
+        # counter never advanced and that session is spent); the server serves a new one
+        error = await assert_refused(conn)
+        assert error.remote_code == "limit" and "the limit is 5" in str(error)
+        conn.close()
+        conn = await join(server.cfg.server.bind, server.fingerprint, base / "keys", ctx)
+        await assert_serving(conn, task)
+        conn.close()
+        client = ClientWorker(
+            load_client(files["client-1"], "limits.max_frames=7"), base, progress=False
+        )
+        assert client.handshake.max_frames == 7
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
+        ctx.destroy(linger=0)

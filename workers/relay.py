@@ -144,11 +144,12 @@ class RelayWorker(RouterService):
         }
         if r.insecure:
             warn_insecure("relay")
-            return ClientHandshake(hello, None, None)
+            return ClientHandshake(hello, None, None, self.limits.max_frames)
         return ClientHandshake(
             hello,
             load_own_key(self.base, r.key, "relay.key"),
             load_peer_key(self.base, r.upstream_key, "relay.upstream_key"),
+            self.limits.max_frames,
         )
 
     async def on_start(self) -> None:

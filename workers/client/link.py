@@ -47,10 +47,10 @@ def make_handshake(cfg: ClientConfig, base: Path, topology: str) -> ClientHandsh
     }
     if c.insecure:
         warn_insecure("client")
-        return ClientHandshake(hello, None, None)
+        return ClientHandshake(hello, None, None, cfg.limits.max_frames)
     static = load_own_key(base, c.key, "client.key")
     server_key = load_peer_key(base, c.server_key, "client.server_key")
-    return ClientHandshake(hello, static, server_key)
+    return ClientHandshake(hello, static, server_key, cfg.limits.max_frames)
 
 
 def _handshake_result(code: str) -> str:

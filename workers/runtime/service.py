@@ -86,11 +86,15 @@ class RouterService:
         s, section = self.listen, self.listen.section
         if s.insecure:
             warn_insecure(self.role)
-            return ServerHandshake(None, lambda key: True, insecure=True)
+            return ServerHandshake(
+                None, lambda key: True, insecure=True, max_frames=self.limits.max_frames
+            )
         static = load_own_key(self.base, s.key, f"{section}.key")
         self.admitted_names = load_admitted(self.base, s.admitted, f"{section}.admitted")
         self.gate = Gate(static, self.admitted_names)
-        return ServerHandshake(static, lambda key: key in self.admitted_names)
+        return ServerHandshake(
+            static, lambda key: key in self.admitted_names, max_frames=self.limits.max_frames
+        )
 
     # ---- to override -----------------------------------------------------------------
     async def dispatch(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
@@ -224,6 +228,8 @@ class RouterService:
                 await self._handle(endpoint, identity, frames)
             except Exception as exc:  # the last resort: one peer's message never ends us
                 await self._internal_failure(endpoint, identity, exc)
+            # Not held while we wait for the next message: a refused huge message is freed now.
+            del frames
 
     async def _internal_failure(
         self, endpoint: RouterEndpoint, identity: bytes, exc: Exception
