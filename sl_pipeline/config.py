@@ -128,6 +128,9 @@ class ServerSection:
     # message): relays only. Everyone else is known by its admitted name alone.
     relays: list[str] = field(default_factory=list)
     max_names: int = 256  # names (clients, a relay's clients) whose replies are remembered
+    # Samples one forward/evaluate/predict may carry; 0 = the larger of train.batch_size
+    # and 256 (a client's evaluation batch). A bigger batch is refused before any work.
+    max_batch: int = 0
     reply_cache_mib: int = 256  # each run's remembered replies, in all (oldest steps go first)
     hellos_per_s: float = 20.0  # hellos per source address, after a burst of hello_burst
     hello_burst: int = 100  # hellos a source address may send at once before the rate applies

@@ -62,10 +62,17 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     return not checks or bool(torch.stack(checks).all())
 
 
-def read_tensor(msg: Message, name: str) -> torch.Tensor:
+def read_tensor(msg: Message, name: str, max_batch: int | None = None) -> torch.Tensor:
     """A tensor from a message as float32, dequantising int8 when a scale came with it.
     NaN or infinite values are refused here, before any model code sees them: one peer's
-    NaN activations would otherwise reach the optimizer and every other peer's model."""
+    NaN activations would otherwise reach the optimizer and every other peer's model.
+    ``max_batch`` refuses more samples than that before anything is decoded."""
+    raw = msg.tensor(name)
+    if max_batch is not None and raw.dim() and len(raw) > max_batch:
+        raise ProtocolError(
+            f"{name} holds a batch of {len(raw)} samples; this worker takes at most "
+            f"{max_batch} (server.max_batch): send smaller batches or raise the limit"
+        )
     tensor = _decode(msg, name)
     if not all_finite([tensor]):
         raise ProtocolError(

@@ -270,3 +270,40 @@ async def test_a_server_session_refuses_frames_over_the_configured_limit(deploym
         stop.set()
         await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
         ctx.destroy(linger=0)
+
+
+# ---- B6: a batch over the server's cap is refused before any work ---------------------------
+@pytest.mark.parametrize(
+    ("overrides", "cap"), [((), 256), (("server.max_batch=8",), 8)], ids=["default", "set"]
+)
+def test_a_forward_over_the_batch_cap_is_refused_before_any_work(
+    deployment, overrides: tuple[str, ...], cap: int
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: train.batch_size is 32; the default cap is the client's evaluation batch
+    files = deployment(clients=1, dataset="breast_cancer")
+    engine = build_engine(load_server(files["server"], *overrides), files["server"].parent)
+    width = next(engine.model.parameters()).shape[1]
+
+    def forward(batch: int, kind: Kind = Kind.FORWARD) -> Message:
+        tensors = {
+            "act": torch.randn(batch, width),
+            "labels": torch.zeros(batch, dtype=torch.int64),
+        }
+        return Message(kind=kind, client="c", tensors=tensors)
+
+    # Execute / Assert: one over the cap is refused (train and evaluate), the cap passes
+    for kind in (Kind.FORWARD, Kind.EVALUATE):
+        with pytest.raises(ProtocolError, match=rf"batch of {cap + 1} samples.*server\.max_batch"):
+            if kind is Kind.FORWARD:
+                engine.handle(b"c", forward(cap + 1))
+            else:
+                engine.evaluate(b"c", forward(cap + 1, kind))
+    assert engine.steps_applied == 0
+    ((_, reply),) = engine.handle(b"c", forward(cap))
+    assert reply.kind is Kind.BACKWARD and engine.steps_applied == 1
+
+
+def test_a_batch_cap_below_one_is_refused(deployment) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(clients=1, dataset="breast_cancer")
+    with pytest.raises(ConfigError, match=r"server\.max_batch"):
+        build_engine(load_server(files["server"], "server.max_batch=-1"), files["server"].parent)

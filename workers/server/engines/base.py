@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from sl_pipeline.config import ServerConfig
-from sl_pipeline.errors import ProtocolError
+from sl_pipeline.errors import ConfigError, ProtocolError
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.models import make_optimizer, resolve_device
 from sl_pipeline.tensors import all_finite, as_input, read_tensor, wire_tensors
 
 Reply = tuple[bytes, Message]
+EVAL_BATCH = 256  # the batch a client evaluates and predicts with (workers/client/steps.py)
 log = logging.getLogger("sl_pipeline.server")
 
 
@@ -81,6 +82,14 @@ class Engine:
         self.skipped_updates = 0  # deferred steps whose weight gradients were not finite
         self.on_bound: Callable[[str], None] = _no_report  # a bounded table was hit
         self._deferred: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.max_batch = cfg.server.max_batch or max(cfg.train.batch_size, EVAL_BATCH)
+        if self.max_batch < 1:
+            raise ConfigError(f"server.max_batch must be at least 1, got {cfg.server.max_batch}")
+
+    def activations(self, msg: Message, requires_grad: bool) -> torch.Tensor:
+        """A peer's ``act``: at most ``max_batch`` samples, finite, a float32 leaf here."""
+        act = read_tensor(msg, "act", self.max_batch)
+        return as_input(act, requires_grad, self.device)
 
     def handle(self, identity: bytes, msg: Message) -> list[Reply]:
         raise ProtocolError(f"this server does not accept {msg.kind.value} messages")
@@ -164,7 +173,7 @@ class Engine:
     def evaluate(self, identity: bytes, msg: Message) -> list[Reply]:
         self.model.eval()
         with torch.no_grad():
-            out = self.outputs(msg, as_input(read_tensor(msg, "act"), False, self.device))
+            out = self.outputs(msg, self.activations(msg, False))
         self.model.train()
         reply = msg.reply(Kind.RESULT, tensors=wire_tensors("out", out, self.wire_dtype))
         return [(identity, reply)]
@@ -211,7 +220,7 @@ class VanillaEngine(Engine):
     def handle(self, identity: bytes, msg: Message) -> list[Reply]:
         if msg.kind is not Kind.FORWARD:
             return super().handle(identity, msg)
-        act = as_input(read_tensor(msg, "act"), True, self.device)
+        act = self.activations(msg, True)
         out = self.outputs(msg, act)
         labels = check_labels(msg.tensor("labels"), act.shape[0], out.shape[-1])
         # Mean reduction over the batch: what Opacus' per-sample clipping assumes too.

@@ -10,7 +10,7 @@ from torch import nn
 from sl_pipeline.config import ServerConfig
 from sl_pipeline.errors import ProtocolError, StepLostError
 from sl_pipeline.messages import Kind, Message
-from sl_pipeline.tensors import as_input, read_tensor, wire_tensors
+from sl_pipeline.tensors import wire_tensors
 from workers.runtime.bounded import LruTable
 from workers.server.engines.base import Engine, Reply, run_segment
 
@@ -68,7 +68,7 @@ class MiddleEngine(Engine):
         return super().handle(identity, msg)
 
     def _forward(self, identity: bytes, msg: Message) -> Reply:
-        act = as_input(read_tensor(msg, "act"), True, self.device)
+        act = self.activations(msg, True)
         out = run_segment(self.model, act)
         self._open = OpenStep(msg.client, msg.epoch, msg.step, act, out)
         return identity, msg.reply(Kind.RESULT, tensors=wire_tensors("out", out, self.wire_dtype))

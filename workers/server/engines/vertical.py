@@ -26,7 +26,7 @@ from sl_pipeline.data import load_arrays
 from sl_pipeline.errors import ConfigError, OverloadedError, ProtocolError, StepLostError
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.models import vertical_top
-from sl_pipeline.tensors import as_input, read_tensor, wire_tensors
+from sl_pipeline.tensors import wire_tensors
 from workers.server.engines.base import Engine, Reply, run_segment
 
 MAX_OPEN_BATCHES = 64  # batches some parties sent and others not yet (pipelining, stragglers)
@@ -111,9 +111,7 @@ class VerticalEngine(Engine):
             self.on_bound("waiting")  # parties far ahead of the others cannot pile up batches
             raise OverloadedError(f"vertical: {MAX_OPEN_BATCHES} batches already wait; retry")
         parts = self._waiting.setdefault(key, {})
-        parts[msg.client] = Part(
-            identity, msg, as_input(read_tensor(msg, "act"), train, self.device)
-        )
+        parts[msg.client] = Part(identity, msg, self.activations(msg, train))
         if len(parts) < self.parties:
             return []
         del self._waiting[key]
