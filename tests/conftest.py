@@ -64,10 +64,23 @@ def wait_listening(config: Path, timeout_s: float = 60.0) -> None:
     raise AssertionError(f"nothing listens on {section['bind']} after {timeout_s}s")
 
 
-def wait_for_files(folder: Path, pattern: str, count: int, timeout_s: float = 60.0) -> None:
-    """Poll (bounded) until ``folder`` holds ``count`` files matching ``pattern``."""
+def wait_for_files(
+    folder: Path,
+    pattern: str,
+    count: int,
+    *watched: subprocess.Popen[str],
+    timeout_s: float = 240.0,
+) -> None:
+    """Poll until ``folder`` holds ``count`` files matching ``pattern``. The event comes from
+    ``watched`` processes (starting one costs an import of torch and a data load, minutes on
+    a loaded host): one that exited fails the wait at once with its log, and ``timeout_s``
+    only guards against a hang."""
     deadline = time.monotonic() + timeout_s
     while len(list(folder.glob(pattern))) < count:
+        for proc in watched:
+            if proc.poll() is not None:
+                _, err = proc.communicate()
+                raise AssertionError(f"{proc.args} exited ({proc.returncode}): {err[-2000:]}")
         if time.monotonic() > deadline:
             raise AssertionError(f"{folder} did not get {count} {pattern} within {timeout_s}s")
         time.sleep(0.05)

@@ -38,7 +38,8 @@ def test_server_survives_a_client_killed_mid_epoch(deployment, procs: Procs) -> 
     victim = procs.start(
         "client", files["client-1"], "--json", "--no-progress", "--epochs", "50", *ckpt
     )
-    wait_for_files(files["client-1"].parent / "ckpt" / "victim", "*.ckpt", 2)  # mid-epoch
+    ckpts = files["client-1"].parent / "ckpt" / "victim"
+    wait_for_files(ckpts, "*.ckpt", 2, server, victim)  # mid-epoch
     # Execute
     victim.kill()
     victim.wait(10)
@@ -51,12 +52,13 @@ def test_server_survives_a_client_killed_mid_epoch(deployment, procs: Procs) -> 
 
 def test_killed_client_can_rejoin_under_its_name(deployment, procs: Procs) -> None:  # type: ignore[no-untyped-def]
     files = deployment(clients=1, dataset="breast_cancer", epochs=1)
-    procs.start("server", files["server"])
+    server = procs.start("server", files["server"])
     ckpt = ("--set", 'checkpoint.dir="ckpt/first"', "--set", "checkpoint.fsync=false")
     first = procs.start(
         "client", files["client-1"], "--json", "--no-progress", "--epochs", "100", *ckpt
     )
-    wait_for_files(files["client-1"].parent / "ckpt" / "first", "*.ckpt", 2)  # training
+    ckpts = files["client-1"].parent / "ckpt" / "first"
+    wait_for_files(ckpts, "*.ckpt", 2, server, first)  # training
     first.kill()
     first.wait(10)
     again = procs.start("client", files["client-1"], "--json", "--no-progress")
@@ -66,10 +68,12 @@ def test_killed_client_can_rejoin_under_its_name(deployment, procs: Procs) -> No
 def test_sigterm_stops_a_client_cleanly_and_it_resumes(deployment, procs: Procs) -> None:  # type: ignore[no-untyped-def]
     files = deployment(dataset="digits", epochs=3)
     sets = ("--set", 'checkpoint.dir="ckpt/client"', "--set", "checkpoint.fsync=false")
-    procs.start("server", files["server"])
+    server = procs.start("server", files["server"])
     client = procs.start("client", files["client-1"], "--json", "--no-progress", *sets)
     ckpt = files["client-1"].parent / "ckpt" / "client"
-    wait_for_files(ckpt, "*.ckpt", 2)  # training is under way once checkpoints appear
+    wait_for_files(
+        ckpt, "*.ckpt", 2, server, client
+    )  # training is under way once checkpoints appear
     client.send_signal(signal.SIGTERM)
     stopped = _summary(client, timeout=30)
     assert stopped["stopped_early"] is True and 0 < stopped["steps"] < 135
