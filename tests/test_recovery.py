@@ -24,7 +24,7 @@ from workers.server.engines.middle import MiddleEngine
 from workers.server.engines.vertical import VerticalEngine
 from workers.server.worker import ServerWorker
 
-from .inprocess import run_deployment
+from .inprocess import run_deployment, wait_until
 
 
 # ---- the retransmission timer (RFC 6298) ----------------------------------------------------
@@ -256,3 +256,19 @@ async def test_a_request_queued_while_the_server_stops_is_told_shutting_down_at_
         conn.close()
         await asyncio.wait_for(task, 15)
         ctx.destroy(linger=0)
+
+
+async def test_sigterm_interrupts_a_client_rejoining_a_server_that_has_gone(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a client whose server is not there, with a long retry window
+    files = deployment(clients=1, dataset="breast_cancer")
+    cfg = load(ClientConfig, files["client-1"], ["client.retry_for_s=600"])
+    worker = ClientWorker(cfg, files["server"].parent, progress=False)
+    task = asyncio.create_task(worker.run())
+    await wait_until(lambda: worker.retries >= 1)  # in its rejoin loop (backoff, hello wait)
+    # Execute: the stop that SIGTERM sets
+    retries = worker.retries
+    worker.stop.set()
+    summary = await asyncio.wait_for(task, 30)  # a hang guard: the window has 600 s left
+    # Assert: it stopped in the wait, before another attempt, and says so
+    assert summary["stopped_early"] is True and summary["steps"] == 0
+    assert worker.retries == retries

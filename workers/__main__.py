@@ -1,5 +1,3 @@
-import sys
+from workers.cli import console
 
-from workers.cli import main
-
-sys.exit(main())
+console()

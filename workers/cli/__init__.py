@@ -1,5 +1,6 @@
-"""`sl-pipeline`: the command line (``workers.cli.main`` is the console script)."""
+"""`sl-pipeline`: the command line. ``console`` is the console script; ``main`` runs one
+command and returns its exit status (what tests call in-process)."""
 
-from workers.cli.commands import main
+from workers.cli.commands import console, main
 
-__all__ = ["main"]
+__all__ = ["console", "main"]

@@ -12,9 +12,9 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq.asyncio
 
@@ -34,6 +34,11 @@ MAX_RETRIES_PER_REQUEST = 100
 # Refusals that end by waiting: a full server, a run queue, a name whose old session may be dead.
 WAIT_CODES = ("overloaded", "name_in_use")
 PEER_ROLES = ("server", "relay")
+T = TypeVar("T")
+
+
+class Stopped(Exception):
+    """SIGTERM/SIGINT asked the client to stop while it waited for the next hop."""
 
 
 def make_handshake(cfg: ClientConfig, base: Path, topology: str) -> ClientHandshake:
@@ -76,6 +81,7 @@ class Upstream:
         self.connected = False  # between a completed handshake and a lost peer
         self.retries = 0
         self.bytes = {"sent": 0, "received": 0}
+        self.stop = asyncio.Event()  # set by SIGTERM/SIGINT: every wait here ends at once
 
     def hello(self, start: tuple[int, int], last_applied: tuple[int, int] | None) -> dict[str, Any]:
         """What this client asks for: its run, whether it trains, where it resumes from."""
@@ -117,7 +123,9 @@ class Upstream:
             sent = time.monotonic()
             try:
                 self.handshake.hello = hello()
-                welcome = await conn.handshake(self.handshake, self.hello_timer.timeout("hello"))
+                welcome = await self._unless_stopped(
+                    conn.handshake(self.handshake, self.hello_timer.timeout("hello"))
+                )
                 self.hello_timer.sample("hello", time.monotonic() - sent)
                 self.metrics.record_handshake("ok")
                 self._joined(welcome)
@@ -138,8 +146,25 @@ class Upstream:
                 log.warning("no answer from %s (%s); retrying", c.server, exc)
             self.retries += 1
             self.metrics.retries_total.inc()
-            await asyncio.sleep(delay * (0.5 + random.random()))
+            await self._unless_stopped(asyncio.sleep(delay * (0.5 + random.random())))
             delay = min(delay * 2, 5.0)
+
+    async def _unless_stopped(self, waiting: Awaitable[T]) -> T:
+        """``waiting``'s result, unless ``stop`` comes first: then raise ``Stopped``. A wait
+        for a peer that has gone (a reply, a hello, a backoff) must not hold a stopping
+        client; a step whose reply never came is resent after a restart."""
+        task = asyncio.ensure_future(waiting)
+        stop = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if task.cancelled():
+            raise Stopped
+        return task.result()
 
     def _joined(self, welcome: dict[str, Any]) -> None:
         self.set_connected(True)
@@ -165,7 +190,7 @@ class Upstream:
             sent = time.monotonic()
             try:
                 await self.conn.send(message)
-                reply = await self.conn.recv(wait)
+                reply = await self._unless_stopped(self.conn.recv(wait))
             except (TransportError, PeerError) as exc:
                 if isinstance(exc, PeerError) and not exc.retryable:
                     raise

@@ -8,7 +8,6 @@ Topology-specific steps live in :mod:`workers.client.steps`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 import time
@@ -28,7 +27,7 @@ from sl_pipeline.messages import Kind, Message
 from sl_pipeline.sources import Source, load_source
 from sl_pipeline.transport import DealerConnection
 from workers.client.align import aligned_data, first_data, psi_key, rows_file
-from workers.client.link import Upstream, make_handshake
+from workers.client.link import Stopped, Upstream, make_handshake
 from workers.client.microbatch import MAX_DEPTH, Pipeline, check_depth
 from workers.client.report import best_epoch, model_path
 from workers.client.rollback import NOTHING, Rewind, UndoPoints
@@ -46,8 +45,9 @@ from workers.topologies import topology
 log = logging.getLogger("sl_pipeline.client")
 
 
-class _Stopped(Exception):
-    """Raised between steps once SIGTERM/SIGINT asked the client to stop."""
+class _Stopped(Stopped):
+    """Raised between steps once SIGTERM/SIGINT asked the client to stop (``Stopped``: in
+    a wait for the next hop)."""
 
 
 MAX_RETRIES_PER_REQUEST = 100
@@ -98,7 +98,7 @@ class ClientWorker:
         self.last_applied: tuple[int, int] | None = None
         self.run_id = cfg.client.run
         self.history: list[tuple[int, float | None, float | None]] = []  # epoch, acc, loss
-        self.stop = asyncio.Event()
+        self.stop = self.link.stop  # SIGTERM/SIGINT also end a wait for the next hop
         self.stopped = False
         self.undo = UndoPoints()
         self.ckpt = open_store(cfg.checkpoint, base, cfg.client.name)
@@ -222,19 +222,20 @@ class ClientWorker:
         ops = await start_ops(self.cfg.ops, self.metrics, self.status, lambda: self.link.connected)
         install_stop_signals(self.stop)
         try:
-            await self.connect()
-            if self.pending is not None:
-                await self.align()
             try:
+                await self.connect()
+                if self.pending is not None:
+                    await self.align()
                 await self.train()
-            except _Stopped:
+            except Stopped:
                 self.stopped = True
                 log.warning(
                     "stopped by signal at epoch %d step %d; state saved", self.epoch, self.step
                 )
-            assert self.link.conn is not None
-            bye = {"finished": not self.stopped, "accuracy": self.last_accuracy}
-            await self.link.conn.send(self.message(Kind.BYE, meta=bye))
+            if self.link.connected:  # a peer being rejoined is gone: no bye for it
+                assert self.link.conn is not None
+                bye = {"finished": not self.stopped, "accuracy": self.last_accuracy}
+                await self.link.conn.send(self.message(Kind.BYE, meta=bye))
             self.runner.save()
             if not self.stopped:
                 self.epoch = self.cfg.train.epochs  # finished: a restart has nothing left to do
