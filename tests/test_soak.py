@@ -96,7 +96,9 @@ async def test_server_memory_and_fds_stay_flat(deployment, procs: Procs) -> None
     steps = await asyncio.wait_for(loops, 120)
     ctx.destroy(linger=0)
     assert server.poll() is None
-    assert min(steps) > 50  # every client made progress
+    # Every client made progress, and none fell far behind the others: a fair server serves
+    # them alike whatever the host's speed (a loaded 2-core host manages ~20 steps each).
+    assert min(steps) > 0 and 2 * min(steps) >= max(steps), steps
     (rss0, fds0), (_, fds1) = samples[0], samples[-1]
     assert max(r for r, _ in samples) <= rss0 * 1.10, samples
     assert fds1 <= fds0 + 4, samples
