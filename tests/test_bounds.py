@@ -62,10 +62,11 @@ def test_compacting_keeps_each_names_newest_step() -> None:
 async def test_a_servers_reply_cache_keeps_to_its_byte_bound_and_counts_evictions(
     deployment,
 ) -> None:  # type: ignore[no-untyped-def]
-    # Prepare: client-1 may speak for sub-names (a relay); the cache holds 1 MiB
+    # Prepare: client-1 may speak for sub-names (a relay); the cache holds 1 MiB; batches
+    # of 1024 samples are allowed
     files = deployment(clients=1, dataset="breast_cancer")
     base = files["server"].parent
-    sets = ('server.relays=["client-1"]', "server.reply_cache_mib=1")
+    sets = ('server.relays=["client-1"]', "server.reply_cache_mib=1", "server.max_batch=1024")
     server = ServerWorker(load_server(files["server"], *sets), base)
     stop = asyncio.Event()
     task = asyncio.create_task(server.serve(stop))
