@@ -110,6 +110,9 @@ class LimitsConfig:
     max_header_bytes: int = 64 * 1024
     max_tensor_bytes: int = 256 * 1024 * 1024
     max_message_bytes: int = 512 * 1024 * 1024
+    # bytes of unfinished chunked messages, all peers together; over it, the peer holding
+    # the most loses its session (it rejoins and resends)
+    max_inflight_bytes: int = 1024 * 1024 * 1024
 
     def to_limits(self) -> Limits:
         return Limits(**dataclasses.asdict(self))

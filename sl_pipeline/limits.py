@@ -19,9 +19,12 @@ class Limits:
     max_tensor_bytes: int = 256 * 1024 * 1024
     max_message_bytes: int = 512 * 1024 * 1024
     max_dims: int = 8
+    # Chunked messages being assembled, all peers of a worker together
+    max_inflight_bytes: int = 1024 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        for name in ("max_frames", "max_header_bytes", "max_tensor_bytes", "max_message_bytes"):
+        names = ("max_frames", "max_header_bytes", "max_tensor_bytes", "max_message_bytes")
+        for name in (*names, "max_inflight_bytes"):
             if getattr(self, name) <= 0:
                 raise LimitError(f"limits.{name} must be positive")
 

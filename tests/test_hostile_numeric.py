@@ -5,6 +5,8 @@ red-team findings B1, B2, B6)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,9 @@ from sl_pipeline.messages import Kind, Message
 from sl_pipeline.models import build_segments
 from sl_pipeline.secagg import MaskingKeys
 from sl_pipeline.tensors import read_tensor, wire_tensors
+from sl_pipeline.transport import Channel
 from workers.client.worker import ClientWorker
+from workers.runtime.peers import Listen, Peer, PeerTable
 from workers.server.worker import ServerWorker
 from workers.topologies import build_engine
 
@@ -85,26 +89,36 @@ def test_the_engine_never_steps_on_a_batch_it_refuses(
     assert all(p.isfinite().all() for p in engine.model.parameters())
 
 
-async def _train_alone(files: dict[str, Path], attack: Any = None) -> dict[str, Any]:
-    """Serve ``files``; run ``attack(server, ctx, keys)`` first (as client-2), then client-1 to
-    its end; client-1's summary."""
-    base = files["server"].parent
-    server = ServerWorker(load_server(files["server"]), base)
+@contextlib.asynccontextmanager
+async def serving(
+    files: dict[str, Path], *sets: str
+) -> AsyncIterator[tuple[ServerWorker, zmq.asyncio.Context, asyncio.Task[Any]]]:
+    """A server for ``files`` (with ``sets`` overrides), bound, and a context for peers;
+    both stopped afterwards."""
+    server = ServerWorker(load_server(files["server"], *sets), files["server"].parent)
     stop = asyncio.Event()
     task = asyncio.create_task(server.serve(stop))
     ctx = zmq.asyncio.Context()
     try:
         await wait_until(lambda: server.bound)
+        yield server, ctx, task
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
+        ctx.destroy(linger=0)
+
+
+async def _train_alone(files: dict[str, Path], attack: Any = None) -> dict[str, Any]:
+    """Serve ``files``; run ``attack(server, ctx, keys)`` first (as client-2), then client-1 to
+    its end; client-1's summary."""
+    base = files["server"].parent
+    async with serving(files) as (server, ctx, task):
         if attack is not None:
             await attack(server, ctx, base / "keys")
         client = ClientWorker(load_client(files["client-1"]), base, progress=False)
         summary: dict[str, Any] = await asyncio.wait_for(client.run(), 120)
         assert not task.done()
         return summary
-    finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
-        ctx.destroy(linger=0)
 
 
 async def test_nan_activations_from_one_client_do_not_poison_an_honest_one(deployment) -> None:  # type: ignore[no-untyped-def]
@@ -188,20 +202,13 @@ async def test_a_member_submitting_random_words_poisons_no_honest_client(deploym
     # Prepare: three clients, three rounds; client-3 sends random words in round 1
     files = deployment(topology="splitfed", clients=3, dataset="breast_cancer", epochs=3)
     base = files["server"].parent
-    server = ServerWorker(load_server(files["server"]), base)
-    stop = asyncio.Event()
-    task = asyncio.create_task(server.serve(stop))
     clients = [
         ClientWorker(load_client(files[f"client-{i}"]), base, progress=False) for i in (1, 2, 3)
     ]
     clients[2].runner.keys = RandomWords(clients[2].runner.keys, bad_round=1)  # type: ignore[attr-defined]
-    try:
-        await wait_until(lambda: server.bound)
+    async with serving(files):
         # Execute
         summaries = await asyncio.wait_for(asyncio.gather(*(c.run() for c in clients)), 150)
-    finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
     # Assert: every client finishes; round 1 (only) was refused by everyone; weights sane
     assert [s["poisoned_rounds"] for s in summaries] == [1, 1, 1]
     assert all(s["test_accuracy"] is not None and s["test_accuracy"] > 0.8 for s in summaries)
@@ -245,12 +252,7 @@ async def test_a_server_session_refuses_frames_over_the_configured_limit(deploym
     # Prepare: a server told limits.max_frames = 4; a peer whose session allows more
     files = deployment(clients=1, dataset="breast_cancer")
     base = files["server"].parent
-    server = ServerWorker(load_server(files["server"], "limits.max_frames=4"), base)
-    stop = asyncio.Event()
-    task = asyncio.create_task(server.serve(stop))
-    ctx = zmq.asyncio.Context()
-    try:
-        await wait_until(lambda: server.bound)
+    async with serving(files, "limits.max_frames=4") as (server, ctx, task):
         conn = await join(server.cfg.server.bind, server.fingerprint, base / "keys", ctx)
         # Execute: six sealed buffers (seven frames with the envelope)
         await send_raw(conn, header(), *[b"x"] * 5)
@@ -262,14 +264,10 @@ async def test_a_server_session_refuses_frames_over_the_configured_limit(deploym
         conn = await join(server.cfg.server.bind, server.fingerprint, base / "keys", ctx)
         await assert_serving(conn, task)
         conn.close()
-        client = ClientWorker(
-            load_client(files["client-1"], "limits.max_frames=7"), base, progress=False
-        )
-        assert client.handshake.max_frames == 7
-    finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
-        ctx.destroy(linger=0)
+    client = ClientWorker(
+        load_client(files["client-1"], "limits.max_frames=7"), base, progress=False
+    )
+    assert client.handshake.max_frames == 7
 
 
 # ---- B6: a batch over the server's cap is refused before any work ---------------------------
@@ -307,3 +305,55 @@ def test_a_batch_cap_below_one_is_refused(deployment) -> None:  # type: ignore[n
     files = deployment(clients=1, dataset="breast_cancer")
     with pytest.raises(ConfigError, match=r"server\.max_batch"):
         build_engine(load_server(files["server"], "server.max_batch=-1"), files["server"].parent)
+
+
+# ---- B5: unfinished chunked messages hold bounded memory, for a bounded time -----------------
+def _table(peer_timeout_s: float = 60.0) -> PeerTable:
+    listen = Listen("tcp://127.0.0.1:1", "", "", True, 8, peer_timeout_s, "server")
+    return PeerTable(listen, "server", "fp", {})
+
+
+def test_the_peer_table_finds_the_biggest_assembly_over_budget_and_stalled_ones() -> None:
+    # Prepare
+    table = _table(peer_timeout_s=60.0)
+    for name in ("a", "b", "c"):
+        table.add(name.encode(), Peer(name, Channel(None), "k", last_seen=0.0, confirmed=True))  # type: ignore[arg-type]
+    # Execute: b trickles parts in for 100 s, a sends 3 MiB at once, c is quiet
+    table.peers[b"a"].partial(3 * 2**20, now=1.0)
+    for t in range(1, 101):
+        table.peers[b"b"].partial(1000, now=float(t))
+        table.peers[b"b"].last_seen = float(t)
+    table.peers[b"c"].last_seen = 100.0
+    # Assert: over a 2 MiB budget the biggest holder goes; b's assembly is as old as its
+    # first part, however recent its last one
+    assert table.over_budget(4 * 2**20) is None
+    assert table.over_budget(2 * 2**20) == b"a"
+    assert sorted(i for i, _ in table.silent(100.0)) == [b"a", b"b"]
+    assert table.peers[b"b"].whole() == 100_000 and table.peers[b"b"].partial_since is None
+    assert table.silent(100.0) == [(b"a", 99.0)]
+
+
+async def test_a_peer_pinning_unfinished_chunked_messages_loses_its_session(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a server that lets unfinished chunked messages hold 1 MiB in all
+    files = deployment(clients=1, dataset="breast_cancer")
+    base = files["server"].parent
+    async with serving(files, "limits.max_inflight_bytes=1048576") as (server, ctx, task):
+        conn = await join(server.cfg.server.bind, server.fingerprint, base / "keys", ctx)
+        assert conn.channel is not None
+        # Execute: the head and two of the four 1 MiB chunks of a 4 MiB message, no more
+        parts = list(conn.channel.session.seal_parts([b"{}", bytes(4 * 2**20)]))
+        assert len(parts) == 6
+        for part in parts[:3]:
+            await conn.sock.send_multipart(part, copy=False)
+        # Assert: refused with "overloaded" and the session is gone (its buffers with it)
+        error = await assert_refused(conn)
+        assert error.remote_code == "overloaded"
+        await wait_until(lambda: not server.peers)
+        samples = server.metrics.registry.get_sample_value(
+            "sl_bound_hits_total", {"table": "inflight_bytes"}
+        )
+        assert samples == 1.0
+        conn.close()
+        conn = await join(server.cfg.server.bind, server.fingerprint, base / "keys", ctx)
+        await assert_serving(conn, task)
+        conn.close()

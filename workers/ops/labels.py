@@ -44,6 +44,7 @@ BOUNDED_TABLES: tuple[str, ...] = (
     "relay_cache",
     "round_table",
     "waiting",
+    "inflight_bytes",
     "other",
 )
 HANDSHAKE_RESULTS: tuple[str, ...] = ("ok", "not_admitted", "bad_handshake", "version")

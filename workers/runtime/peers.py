@@ -55,6 +55,18 @@ class Peer:
     applied: int = 0
     confirmed: bool = False  # set once the peer's first sealed message opens
     partial_bytes: int = 0  # parts of a chunked message received so far
+    partial_since: float | None = None  # when that message's first part arrived
+
+    def partial(self, nbytes: int, now: float) -> None:
+        """A part of a chunked message arrived (``nbytes`` of it)."""
+        if self.partial_since is None:
+            self.partial_since = now
+        self.partial_bytes += nbytes
+
+    def whole(self) -> int:
+        """The chunked message is complete or refused: the bytes its parts held."""
+        held, self.partial_bytes, self.partial_since = self.partial_bytes, 0, None
+        return held
 
 
 class PeerTable:
@@ -133,14 +145,24 @@ class PeerTable:
 
     def silent(self, now: float) -> list[tuple[bytes, float]]:
         """Sessions silent for longer than they may be, with how long; an unconfirmed one
-        gets at most :data:`CONFIRM_TIMEOUT_S` to send its first message."""
+        gets at most :data:`CONFIRM_TIMEOUT_S` to send its first message. A chunked message
+        still assembling counts as silence from its first part: parts that trickle in
+        cannot pin its buffers for longer than a silent peer is kept."""
         unconfirmed_s = min(self.listen.peer_timeout_s, CONFIRM_TIMEOUT_S)
         found = []
         for identity, peer in self.peers.items():
             limit = self.listen.peer_timeout_s if peer.confirmed else unconfirmed_s
-            if now - peer.last_seen > limit:
-                found.append((identity, now - peer.last_seen))
+            since = peer.last_seen if peer.partial_since is None else peer.partial_since
+            if now - since > limit:
+                found.append((identity, now - since))
         return found
+
+    def over_budget(self, max_bytes: int) -> bytes | None:
+        """When the chunked messages being assembled, all peers together, hold more than
+        ``max_bytes``: the peer holding the most (its session is to be dropped)."""
+        if sum(p.partial_bytes for p in self.peers.values()) <= max_bytes:
+            return None
+        return max(self.peers, key=lambda i: self.peers[i].partial_bytes)
 
     def remove(self, identity: bytes) -> Peer | None:
         return self.peers.pop(identity, None)

@@ -308,19 +308,20 @@ class RouterService:
         try:
             message = peer.channel.feed(buffers)
         except CryptoError as exc:
-            peer.partial_bytes = 0
+            peer.whole()
             self.reject(peer, reject_reason(exc), exc)
             await self._send_raw(endpoint, identity, refusal(exc), "error")
             return
         except ProtocolError as exc:
-            peer.partial_bytes = 0
+            peer.whole()
             self.reject(peer, reject_reason(exc), exc)
             await self._send(endpoint, identity, peer, error_message(exc.code, exc.message))
             return
         if message is None:  # a part of a chunked message; the rest is on its way
-            peer.partial_bytes += nbytes
+            peer.partial(nbytes, peer.last_seen)
+            await self._keep_inflight_budget(endpoint)
             return
-        nbytes, peer.partial_bytes = nbytes + peer.partial_bytes, 0
+        nbytes += peer.whole()
         if not peer.confirmed:
             self._confirm(identity, peer)
         self.metrics.record_message("received", message.kind.value, nbytes)
@@ -329,6 +330,25 @@ class RouterService:
             if receiver is not None:
                 await self._send(endpoint, target, receiver, reply)
         self.after_replies()
+
+    async def _keep_inflight_budget(self, endpoint: RouterEndpoint) -> None:
+        """Chunked messages being assembled hold their parts in memory; all peers together
+        may hold ``limits.max_inflight_bytes``. Over it, the peer holding the most loses
+        its session (and the buffers with it), and is told so: it rejoins and resends."""
+        identity = self.table.over_budget(self.limits.max_inflight_bytes)
+        if identity is None:
+            return
+        peer = self.peers[identity]
+        self.metrics.record_bound("inflight_bytes")
+        log.warning(
+            "dropping %s's session: its unfinished chunked message holds %d bytes and all "
+            "peers' together exceed limits.max_inflight_bytes",
+            peer.name,
+            peer.partial_bytes,
+        )
+        self.forget(identity)
+        error = OverloadedError("too many bytes in unfinished messages; rejoin and resend")
+        await self._send_raw(endpoint, identity, refusal(error), "error")
 
     def after_replies(self) -> None:
         """Work that may wait until this message's replies are on their way."""
