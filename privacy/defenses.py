@@ -61,8 +61,8 @@ class ActivationNoise(SecretRandomness):
       and adds Laplace noise of scale b = sigma*clip to every coordinate.
 
     ``sigma = 0`` clips only. ``generator`` makes the noise reproducible for audits and tests;
-    leave it ``None`` in production: the noise then comes from a secretly seeded generator
-    (:mod:`privacy.randomness`), never from torch's global one, which a peer can replay.
+    leave it ``None`` in production: the noise then comes from a cryptographic keystream
+    (:mod:`privacy.randomness`), never from a torch generator, whose draws a peer can predict.
     """
 
     def __init__(
@@ -92,14 +92,9 @@ class ActivationNoise(SecretRandomness):
 
     def _noise(self, like: Tensor) -> Tensor:
         if self.mechanism == "gaussian":
-            z = torch.randn(
-                like.shape, generator=self.rng(like.device), dtype=like.dtype, device=like.device
-            )
-            return z * self.noise_scale
+            return self.normal(like.shape, like.dtype, like.device) * self.noise_scale
         # Laplace(0, b) is the difference of two independent Exponential(1/b) variables.
-        e1 = torch.empty_like(like).exponential_(generator=self.rng(like.device))
-        e2 = torch.empty_like(like).exponential_(generator=self.rng(like.device))
-        return (e1 - e2) * self.noise_scale
+        return (self.exponential(like) - self.exponential(like)) * self.noise_scale
 
     def __repr__(self) -> str:
         return (

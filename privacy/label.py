@@ -66,9 +66,7 @@ class GaussianGradientNoise(SecretRandomness):
             return grads
         median = torch.linalg.vector_norm(flat, dim=1).median()
         std = self.scale * median / flat.shape[1] ** 0.5
-        noise = torch.randn(
-            flat.shape, generator=self.rng(flat.device), dtype=flat.dtype, device=flat.device
-        )
+        noise = self.normal(flat.shape, flat.dtype, flat.device)
         return (flat + std * noise).reshape(grads.shape)
 
 
@@ -175,13 +173,12 @@ class Marvell(SecretRandomness):
         flat = _flat(grads)
         plan = marvell_plan(grads, labels, self.scale) or self.last_plan
         if plan is None:
-            fallback = GaussianGradientNoise(self.scale**0.5, self.rng(flat.device))
+            fallback = GaussianGradientNoise(self.scale**0.5, self.generator)
             return fallback.protect(grads, labels)
         self.last_plan = plan
         pos = _check_binary(labels, flat.shape[0]).long()
-        rng = self.rng(flat.device)
-        z = torch.randn(flat.shape, generator=rng, dtype=torch.float64, device=flat.device)
-        xi = torch.randn((flat.shape[0], 1), generator=rng, dtype=torch.float64, device=flat.device)
+        z = self.normal(flat.shape, torch.float64, flat.device)
+        xi = self.normal(torch.Size((flat.shape[0], 1)), torch.float64, flat.device)
         diag_std = plan.diag_var.to(flat.device).sqrt()[pos]
         dir_std = plan.dir_var.to(flat.device).sqrt()[pos].unsqueeze(1)
         noise = diag_std * z + dir_std * xi * plan.direction.to(flat.device)

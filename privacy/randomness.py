@@ -1,35 +1,83 @@
-"""Where a defense's noise comes from when nobody passed a generator: a generator seeded from
-the operating system's secret randomness, one per defense.
+"""Where a defense's noise comes from: a cryptographic keystream in production, a seeded torch
+generator only when an audit or a test passes one.
 
 Never torch's global generator: every worker seeds it with ``model.seed`` to build identical
 initial weights, and a peer knows that seed (the handshake checks that the ``[model]``
-sections match), so noise drawn from it can be replayed and subtracted. Audits and tests pass
-seeded generators of their own to make figures repeat.
+sections match), so noise drawn from it can be replayed and subtracted.
+
+Nor a secretly seeded torch generator: torch's CPU generator is Mersenne Twister, whose state
+follows linearly from its outputs. After a ReLU most cut-layer coordinates are exactly zero, so
+a release shows the server raw noise draws there; a red team recovered the generator's uniforms
+from them bit for bit (20 of 24 bits for 99 % of draws), enough in principle to solve for the
+state and subtract every later draw. Production noise is therefore Box-Muller (or inverse-CDF)
+on uniforms taken from a ChaCha20 keystream under a fresh 256-bit key per draw: nothing a peer
+sees predicts another draw.
 """
 
 from __future__ import annotations
 
+import math
 import secrets
 
+import numpy as np
 import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+_MANTISSA_BITS = 53
 
 
 def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator on ``device`` seeded with 63 secret random bits."""
+    """A torch generator seeded with 63 secret random bits (DP-SGD's, whose noise no peer sees
+    raw: it is added to the client's own gradients)."""
     generator = torch.Generator(device=device)
     generator.manual_seed(secrets.randbits(63))
     return generator
 
 
+def secret_uniform(count: int) -> torch.Tensor:
+    """``count`` float64 uniforms in the open interval (0, 1) from a fresh ChaCha20 keystream."""
+    cipher = Cipher(algorithms.ChaCha20(secrets.token_bytes(32), secrets.token_bytes(16)), None)
+    stream = cipher.encryptor().update(bytes(8 * count))
+    words = np.frombuffer(stream, dtype=np.uint64) >> np.uint64(64 - _MANTISSA_BITS)
+    # (k + 0.5) / 2**53: never 0 or 1, so the logarithms below stay finite
+    return torch.from_numpy((words.astype(np.float64) + 0.5) * 2.0**-_MANTISSA_BITS)
+
+
+def secret_normal(shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Standard normal float64 draws of ``shape`` (Box-Muller on keystream uniforms)."""
+    count = math.prod(shape)
+    u = secret_uniform(2 * ((count + 1) // 2)).reshape(2, -1)
+    radius = torch.sqrt(-2.0 * torch.log(u[0]))
+    angle = 2.0 * math.pi * u[1]
+    return torch.cat((radius * torch.cos(angle), radius * torch.sin(angle)))[:count].reshape(shape)
+
+
+def secret_exponential(shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Exponential(1) float64 draws of ``shape`` (inverse CDF on keystream uniforms)."""
+    return -torch.log(secret_uniform(math.prod(shape))).reshape(shape)
+
+
 class SecretRandomness:
-    """Mixin: ``self.generator`` if one was given, else a secret one made on first use."""
+    """Mixin: draws from ``self.generator`` when an audit or test gave one, else from the
+    cryptographic keystream above."""
 
     generator: torch.Generator | None
 
-    def rng(self, device: torch.device) -> torch.Generator:
-        if self.generator is None or self.generator.device.type != device.type:
-            self.generator = secret_generator(device)
-        return self.generator
+    def normal(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if self.generator is not None:
+            return torch.randn(shape, generator=self.generator, dtype=dtype, device=device)
+        return secret_normal(shape).to(dtype=dtype, device=device)
+
+    def exponential(self, like: torch.Tensor) -> torch.Tensor:
+        if self.generator is not None:
+            return torch.empty_like(like).exponential_(generator=self.generator)
+        return secret_exponential(like.shape).to(dtype=like.dtype, device=like.device)
 
 
-__all__ = ["SecretRandomness", "secret_generator"]
+__all__ = [
+    "SecretRandomness",
+    "secret_exponential",
+    "secret_generator",
+    "secret_normal",
+    "secret_uniform",
+]

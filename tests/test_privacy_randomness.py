@@ -11,6 +11,7 @@ from privacy.config import DPSGDConfig
 from privacy.defenses import ActivationNoise
 from privacy.dpsgd import make_private_client
 from privacy.label import GaussianGradientNoise, Marvell
+from privacy.randomness import secret_exponential, secret_normal, secret_uniform
 
 
 def _draw_after_seeding(draw) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -51,3 +52,25 @@ def test_dpsgd_noise_has_its_own_secret_generator() -> None:
     private = make_private_client(model, optimizer, loader, cfg, epochs=1)
     assert private.optimizer.generator is not None
     assert private.optimizer.generator is not torch.default_generator
+
+
+def test_production_noise_is_a_keystream_not_a_torch_generator() -> None:
+    # A torch generator's draws reveal its Mersenne Twister state; production noise must not
+    # come from one, so no generator appears even after drawing.
+    noise, marvell = ActivationNoise(1.0, 1.0), Marvell(4.0)
+    noise.apply(torch.zeros(4, 8))
+    marvell.protect(torch.randn(16, 4), torch.tensor([0, 1] * 8))
+    assert noise.generator is None and marvell.generator is None
+
+
+def test_keystream_draws_have_the_distributions_the_accounting_assumes() -> None:
+    # Gaussian: mean 0, variance 1; Laplace (difference of exponentials): variance 2 b^2
+    z = secret_normal((200_000,))
+    assert abs(float(z.mean())) < 0.01 and abs(float(z.var()) - 1.0) < 0.02
+    assert abs(float((z.abs() > 1.96).double().mean()) - 0.05) < 0.005  # the tails too
+    e = secret_exponential((200_000,))
+    assert float(e.min()) > 0 and abs(float(e.mean()) - 1.0) < 0.01
+    laplace = ActivationNoise(1.0, 1e9, mechanism="laplace").apply(torch.zeros(400, 500))
+    assert abs(float(laplace.var()) / 1e18 - 2.0) < 0.05
+    u = secret_uniform(100_000)
+    assert float(u.min()) > 0 and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.005
