@@ -357,3 +357,36 @@ async def test_a_peer_pinning_unfinished_chunked_messages_loses_its_session(depl
         conn = await join(server.cfg.server.bind, server.fingerprint, base / "keys", ctx)
         await assert_serving(conn, task)
         conn.close()
+
+
+async def test_a_name_assembles_one_chunked_message_at_a_time(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: two sessions of client-1, each beginning a 4 MiB chunked message
+    files = deployment(clients=1, dataset="breast_cancer")
+    keys = files["server"].parent / "keys"
+    message = [b"{}", bytes(4 * 2**20)]
+    async with serving(files) as (server, ctx, task):
+        sessions = []
+        for _ in range(2):
+            conn = await join(server.cfg.server.bind, server.fingerprint, keys, ctx)
+            assert conn.channel is not None
+            sessions.append((conn, list(conn.channel.session.seal_parts(message))))
+        (first, first_parts), (second, second_parts) = sessions
+
+        def holding() -> list[int]:
+            return sorted(p.partial_bytes for p in server.peers.values())
+
+        # Execute: the first session's head and two chunks, then the second's
+        for part in first_parts[:3]:
+            await first.sock.send_multipart(part, copy=False)
+        await wait_until(lambda: holding()[-1] > 2**20)
+        assert len(server.peers) == 2 and holding()[0] == 0
+        for part in second_parts[:3]:
+            await second.sock.send_multipart(part, copy=False)
+        # Assert: the first session (and its buffers) went when the second began
+        await wait_until(lambda: len(server.peers) == 1 and holding()[0] > 2**20)
+        for part in second_parts[3:]:  # the second message completes and is answered
+            await second.sock.send_multipart(part, copy=False)
+        await assert_refused(second)  # "{}" is no message: a protocol error reply
+        await assert_serving(second, task)
+        for conn, _ in sessions:
+            conn.close()

@@ -157,6 +157,17 @@ class PeerTable:
                 found.append((identity, now - since))
         return found
 
+    def other_assemblies(self, identity: bytes) -> list[bytes]:
+        """Other sessions of this peer's name with a chunked message assembling: a name
+        assembles one message at a time, so a key holder's extra sessions (a takeover, a
+        rejoin) cannot each pin a message's buffers."""
+        name = self.peers[identity].name
+        return [
+            i
+            for i, p in self.peers.items()
+            if i != identity and p.name == name and p.partial_since is not None
+        ]
+
     def over_budget(self, max_bytes: int) -> bytes | None:
         """When the chunked messages being assembled, all peers together, hold more than
         ``max_bytes``: the peer holding the most (its session is to be dropped)."""

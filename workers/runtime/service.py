@@ -318,6 +318,12 @@ class RouterService:
             await self._send(endpoint, identity, peer, error_message(exc.code, exc.message))
             return
         if message is None:  # a part of a chunked message; the rest is on its way
+            if peer.partial_since is None:  # a head: the name's older assembly is void
+                for other in self.table.other_assemblies(identity):
+                    log.warning(
+                        "dropping an older session of %s: it began another message", peer.name
+                    )
+                    self.forget(other)
             peer.partial(nbytes, peer.last_seen)
             await self._keep_inflight_budget(endpoint)
             return
