@@ -190,6 +190,7 @@ class RelaySection:
     timeout_s: float = 30.0
     relays: list[str] = field(default_factory=list)  # downstream relays (a longer chain)
     max_names: int = 256  # names whose last reply this relay remembers
+    max_batch: int = 0  # samples per message; 0 = the larger of train.batch_size and 256
     reply_cache_mib: int = 256  # the remembered replies, in all (oldest steps go first)
     save: str = ""
 

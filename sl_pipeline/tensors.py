@@ -71,7 +71,8 @@ def read_tensor(msg: Message, name: str, max_batch: int | None = None) -> torch.
     if max_batch is not None and raw.dim() and len(raw) > max_batch:
         raise ProtocolError(
             f"{name} holds a batch of {len(raw)} samples; this worker takes at most "
-            f"{max_batch} (server.max_batch): send smaller batches or raise the limit"
+            f"{max_batch} (server.max_batch or relay.max_batch): send smaller batches or "
+            "raise the limit"
         )
     tensor = _decode(msg, name)
     if not all_finite([tensor]):

@@ -15,6 +15,7 @@ import torch
 import zmq.asyncio
 from torch.nn.utils import parameters_to_vector
 
+from sl_pipeline.config import RelayConfig, load
 from sl_pipeline.errors import ConfigError, LimitError, ProtocolError
 from sl_pipeline.handshake import ClientHandshake, ServerHandshake
 from sl_pipeline.keys import generate_keypair
@@ -24,6 +25,7 @@ from sl_pipeline.secagg import MaskingKeys
 from sl_pipeline.tensors import read_tensor, wire_tensors
 from sl_pipeline.transport import Channel
 from workers.client.worker import ClientWorker
+from workers.relay import RelayWorker
 from workers.runtime.peers import Listen, Peer, PeerTable
 from workers.server.worker import ServerWorker
 from workers.topologies import build_engine
@@ -390,3 +392,33 @@ async def test_a_name_assembles_one_chunked_message_at_a_time(deployment) -> Non
         await assert_serving(second, task)
         for conn, _ in sessions:
             conn.close()
+
+
+async def test_a_relay_refuses_a_batch_over_its_cap(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a relay that takes at most 8 samples per message
+    files = deployment(topology="multihop", clients=1, dataset="breast_cancer")
+    base = files["server"].parent
+    relay = RelayWorker(load(RelayConfig, files["relay-1"], ["relay.max_batch=8"]), base)
+    width = build_segments(relay.cfg.model, "multihop")[0](
+        torch.zeros(2, *relay.cfg.model.in_shape)
+    ).shape[1]
+    async with serving(files) as (_, ctx, _):
+        stop = asyncio.Event()
+        task = asyncio.create_task(relay.serve(stop))
+        try:
+            await wait_until(relay.ready)
+            conn = await join(
+                relay.cfg.relay.bind, relay.fingerprint, base / "keys", ctx, server="relay-1"
+            )
+            # Execute
+            act, labels = torch.randn(9, width), torch.zeros(9, dtype=torch.int64)
+            await conn.send(Message(kind=Kind.FORWARD, tensors={"act": act, "labels": labels}))
+            # Assert: refused, naming the key; the relay serves on and applied nothing
+            error = await assert_refused(conn)
+            assert error.remote_code == "protocol" and "relay.max_batch" in str(error)
+            await assert_serving(conn, task)
+            assert relay.steps_applied == 0
+            conn.close()
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)

@@ -35,7 +35,7 @@ from workers.runtime.checkpoint import open_store, restore_rng, rng_state
 from workers.runtime.peers import Listen, Peer, reject_reason
 from workers.runtime.service import Replies, RouterService
 from workers.runtime.startup import load_own_key, load_peer_key, warn_insecure
-from workers.server.engines.base import run_segment
+from workers.server.engines.base import EVAL_BATCH, run_segment
 from workers.server.replycache import MIB, ReplyCache
 
 log = logging.getLogger("sl_pipeline.relay")
@@ -65,6 +65,9 @@ class RelayWorker(RouterService):
                 f"relay.segment = {r.segment} must be a middle segment (1..{len(segments) - 2})"
             )
         self.device = resolve_device(cfg.train.device)
+        self.max_batch = r.max_batch or max(cfg.train.batch_size, EVAL_BATCH)
+        if self.max_batch < 1:
+            raise ConfigError(f"relay.max_batch must be at least 1, got {r.max_batch}")
         self.segment = segments[r.segment].to(self.device)
         t = cfg.train
         self.optimizer = make_optimizer(
@@ -252,7 +255,7 @@ class RelayWorker(RouterService):
         if cached is not None:
             log.info("%s resent forward %s: answering from cache", msg.client, step)
             return cached
-        act = as_input(read_tensor(msg, "act"), True, self.device)
+        act = as_input(read_tensor(msg, "act", self.max_batch), True, self.device)
         out = run_segment(self.segment, act)
         tensors: dict[str, Any] = wire_tensors("act", out, self.cfg.train.wire_dtype)
         if "labels" in msg.tensors:
@@ -280,7 +283,8 @@ class RelayWorker(RouterService):
     async def _infer(self, msg: Message) -> Message:
         self.segment.eval()
         with torch.no_grad():
-            out = run_segment(self.segment, as_input(read_tensor(msg, "act"), False, self.device))
+            act = as_input(read_tensor(msg, "act", self.max_batch), False, self.device)
+            out = run_segment(self.segment, act)
         self.segment.train()
         reply = await self._ask_upstream(
             msg.reply(msg.kind, tensors=wire_tensors("act", out, self.cfg.train.wire_dtype))
