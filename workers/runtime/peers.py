@@ -184,6 +184,11 @@ class PeerTable:
     def pending(self) -> int:
         return sum(1 for p in self.peers.values() if not p.confirmed)
 
+    def status(self) -> dict[str, Any]:
+        """Sessions that proved themselves (a replayed hello is no peer), and how many not."""
+        peers = [{"name": p.name, "key": p.key, "applied": p.applied} for p in self.confirmed()]
+        return {"peers": peers, "pending_handshakes": self.pending()}
+
 
 def reject_reason(exc: SLError) -> str:
     """Why a peer's message was refused, as the metric's label."""

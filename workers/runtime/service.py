@@ -83,18 +83,15 @@ class RouterService:
         self._endpoint: RouterEndpoint | None = None
 
     def _make_handshake(self) -> ServerHandshake:
-        s, section = self.listen, self.listen.section
+        s, section, frames = self.listen, self.listen.section, self.limits.max_frames
         if s.insecure:
             warn_insecure(self.role)
-            return ServerHandshake(
-                None, lambda key: True, insecure=True, max_frames=self.limits.max_frames
-            )
+            return ServerHandshake(None, lambda key: True, insecure=True, max_frames=frames)
         static = load_own_key(self.base, s.key, f"{section}.key")
-        self.admitted_names = load_admitted(self.base, s.admitted, f"{section}.admitted")
-        self.gate = Gate(static, self.admitted_names)
-        return ServerHandshake(
-            static, lambda key: key in self.admitted_names, max_frames=self.limits.max_frames
-        )
+        admitted = load_admitted(self.base, s.admitted, f"{section}.admitted")
+        self.table.admitted_names = admitted  # admitted public key -> the name it goes by
+        self.gate = Gate(static, admitted)
+        return ServerHandshake(static, lambda key: key in admitted, max_frames=frames)
 
     # ---- to override -----------------------------------------------------------------
     async def dispatch(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
@@ -110,15 +107,6 @@ class RouterService:
     @listen.setter
     def listen(self, listen: Listen) -> None:
         self.table.listen = listen
-
-    @property
-    def admitted_names(self) -> dict[bytes, str]:
-        """Admitted static public keys -> the names their peers go by."""
-        return self.table.admitted_names
-
-    @admitted_names.setter
-    def admitted_names(self, names: dict[bytes, str]) -> None:
-        self.table.admitted_names = names
 
     @property
     def peers(self) -> dict[bytes, Peer]:
@@ -149,10 +137,7 @@ class RouterService:
         return {
             "role": self.role,
             "session": self.session_id,
-            "peers": [  # sessions that proved themselves; a replayed hello is not a peer
-                {"name": p.name, "key": p.key, "applied": p.applied} for p in self.table.confirmed()
-            ],
-            "pending_handshakes": self.table.pending(),
+            **self.table.status(),
         }
 
     def ready(self) -> bool:
