@@ -162,7 +162,15 @@ class DealerConnection:
     async def handshake(self, hs: ClientHandshake, timeout_s: float) -> dict[str, Any]:
         """Join the server; PeerError if refused, TransportError if nobody answers."""
         self._connect(hs)
-        await self.sock.send_multipart(hs.start())
+        # Bounded too: when the far end is not ZeroMQ (an HTTP port, say) libzmq can drop the
+        # pipe after the failed greeting, and a send with no pipe waits for ever.
+        try:
+            await asyncio.wait_for(self.sock.send_multipart(hs.start()), timeout_s)
+        except TimeoutError:
+            raise ReplyTimeoutError(
+                f"could not send a hello to the {self.peer} at {self.endpoint} within "
+                f"{timeout_s:.3g}s; is the {self.peer} running and the address right?"
+            ) from None
         frames = await self._recv_raw(timeout_s, "a handshake answer")
         session, welcome = hs.finish(frame_buffers(frames))
         self.channel = Channel(session, self.limits)
