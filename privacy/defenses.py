@@ -61,7 +61,7 @@ class ActivationNoise(SecretRandomness):
       and adds Laplace noise of scale b = sigma*clip to every coordinate.
 
     ``sigma = 0`` clips only. ``generator`` makes the noise reproducible for audits and tests;
-    leave it ``None`` in production: the noise then comes from a cryptographic keystream
+    leave it ``None`` in production: the noise then comes from the OS cryptographic generator
     (:mod:`privacy.randomness`), never from a torch generator, whose draws a peer can predict.
     """
 

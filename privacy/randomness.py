@@ -1,5 +1,5 @@
-"""Where a defense's noise comes from: a cryptographic keystream in production, a seeded torch
-generator only when an audit or a test passes one.
+"""Where a defense's noise comes from: the operating system's cryptographic generator in
+production, a seeded torch generator only when an audit or a test passes one.
 
 Never torch's global generator: every worker seeds it with ``model.seed`` to build identical
 initial weights, and a peer knows that seed (the handshake checks that the ``[model]``
@@ -10,8 +10,8 @@ follows linearly from its outputs. After a ReLU most cut-layer coordinates are e
 a release shows the server raw noise draws there; a red team recovered the generator's uniforms
 from them bit for bit (20 of 24 bits for 99 % of draws), enough in principle to solve for the
 state and subtract every later draw. Production noise is therefore Box-Muller (or inverse-CDF)
-on uniforms taken from a ChaCha20 keystream under a fresh 256-bit key per draw: nothing a peer
-sees predicts another draw.
+on uniforms taken from the operating system's cryptographic generator (``secrets``,
+getrandom(2) on Linux): nothing a peer sees predicts another draw.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import secrets
 
 import numpy as np
 import torch
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 _MANTISSA_BITS = 53
 
@@ -35,16 +34,16 @@ def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
 
 
 def secret_uniform(count: int) -> torch.Tensor:
-    """``count`` float64 uniforms in the open interval (0, 1) from a fresh ChaCha20 keystream."""
-    cipher = Cipher(algorithms.ChaCha20(secrets.token_bytes(32), secrets.token_bytes(16)), None)
-    stream = cipher.encryptor().update(bytes(8 * count))
-    words = np.frombuffer(stream, dtype=np.uint64) >> np.uint64(64 - _MANTISSA_BITS)
+    """``count`` float64 uniforms in the open interval (0, 1) from the OS's secret randomness."""
+    words = np.frombuffer(secrets.token_bytes(8 * count), dtype=np.uint64) >> np.uint64(
+        64 - _MANTISSA_BITS
+    )
     # (k + 0.5) / 2**53: never 0 or 1, so the logarithms below stay finite
     return torch.from_numpy((words.astype(np.float64) + 0.5) * 2.0**-_MANTISSA_BITS)
 
 
 def secret_normal(shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-    """Standard normal float64 draws of ``shape`` (Box-Muller on keystream uniforms)."""
+    """Standard normal float64 draws of ``shape`` (Box-Muller on secret uniforms)."""
     count = math.prod(shape)
     u = secret_uniform(2 * ((count + 1) // 2)).reshape(2, -1)
     radius = torch.sqrt(-2.0 * torch.log(u[0]))
@@ -53,13 +52,13 @@ def secret_normal(shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
 
 
 def secret_exponential(shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-    """Exponential(1) float64 draws of ``shape`` (inverse CDF on keystream uniforms)."""
+    """Exponential(1) float64 draws of ``shape`` (inverse CDF on secret uniforms)."""
     return -torch.log(secret_uniform(math.prod(shape))).reshape(shape)
 
 
 class SecretRandomness:
     """Mixin: draws from ``self.generator`` when an audit or test gave one, else from the
-    cryptographic keystream above."""
+    operating system's cryptographic generator (above)."""
 
     generator: torch.Generator | None
 

@@ -54,7 +54,7 @@ def test_dpsgd_noise_has_its_own_secret_generator() -> None:
     assert private.optimizer.generator is not torch.default_generator
 
 
-def test_production_noise_is_a_keystream_not_a_torch_generator() -> None:
+def test_production_noise_comes_from_the_os_not_a_torch_generator() -> None:
     # A torch generator's draws reveal its Mersenne Twister state; production noise must not
     # come from one, so no generator appears even after drawing.
     noise, marvell = ActivationNoise(1.0, 1.0), Marvell(4.0)
@@ -63,7 +63,7 @@ def test_production_noise_is_a_keystream_not_a_torch_generator() -> None:
     assert noise.generator is None and marvell.generator is None
 
 
-def test_keystream_draws_have_the_distributions_the_accounting_assumes() -> None:
+def test_secret_draws_have_the_distributions_the_accounting_assumes() -> None:
     # Gaussian: mean 0, variance 1; Laplace (difference of exponentials): variance 2 b^2
     z = secret_normal((200_000,))
     assert abs(float(z.mean())) < 0.01 and abs(float(z.var()) - 1.0) < 0.02
