@@ -102,14 +102,17 @@ def test_tune_routes_label_keys_to_the_server() -> None:
 
 def test_audit_of_an_existing_deployment_leaves_it_untouched(tmp_path: Path) -> None:
     # Prepare
-    files = init_deployment(tmp_path / "d", dataset="breast_cancer", epochs=3)["files"]
+    topology = "vanilla"
+    files = init_deployment(tmp_path / "d", topology=topology, dataset="breast_cancer", epochs=3)[
+        "files"
+    ]
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     # Execute
     result = audit_deployment(
         Path(files["client-1"]), ["privacy.noise.sigma=0.2"], epochs=1, attack_seeds=1
     )
-    # Assert
-    assert result["topology"] == "vanilla" and result["activation_epsilon"] > 0
+    # Assert: the audit reports the deployment's own topology
+    assert result["topology"] == topology and result["activation_epsilon"] > 0
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
