@@ -15,7 +15,7 @@ import torch
 import zmq.asyncio
 from torch.nn.utils import parameters_to_vector
 
-from sl_pipeline.config import RelayConfig, load
+from sl_pipeline.config import RelayConfig, ServerConfig, load
 from sl_pipeline.errors import ConfigError, LimitError, ProtocolError
 from sl_pipeline.handshake import ClientHandshake, ServerHandshake
 from sl_pipeline.keys import generate_keypair
@@ -27,8 +27,9 @@ from sl_pipeline.transport import Channel
 from workers.client.worker import ClientWorker
 from workers.relay import RelayWorker
 from workers.runtime.peers import Listen, Peer, PeerTable
+from workers.server.engines import Engine
 from workers.server.worker import ServerWorker
-from workers.topologies import build_engine
+from workers.topologies import topology
 
 from .conftest import load_client, load_server
 from .inprocess import wait_until
@@ -36,6 +37,11 @@ from .test_hostile_peers import assert_refused, assert_serving, header, join, se
 from .test_secagg import FakeRound, _splitfed_client
 
 NAN, INF = float("nan"), float("inf")
+
+
+def server_engine(cfg: ServerConfig, base: Path) -> Engine:
+    """The engine a server of ``cfg`` builds: the one its topology names."""
+    return topology(cfg.server.topology).engine(cfg, base)
 
 
 # ---- B1: non-finite tensors are refused where they are read ------------------------------------
@@ -64,7 +70,7 @@ def test_the_engine_never_steps_on_a_batch_it_refuses(
     # Prepare
     files = deployment(clients=1, dataset="breast_cancer")
     cfg = load_server(files["server"])
-    engine = build_engine(cfg, files["server"].parent)
+    engine = server_engine(cfg, files["server"].parent)
     engine.defer_updates = defer
     before = {k: v.clone() for k, v in engine.model.state_dict().items()}
     width = next(engine.model.parameters()).shape[1]
@@ -281,7 +287,7 @@ def test_a_forward_over_the_batch_cap_is_refused_before_any_work(
 ) -> None:  # type: ignore[no-untyped-def]
     # Prepare: train.batch_size is 32; the default cap is the client's evaluation batch
     files = deployment(clients=1, dataset="breast_cancer")
-    engine = build_engine(load_server(files["server"], *overrides), files["server"].parent)
+    engine = server_engine(load_server(files["server"], *overrides), files["server"].parent)
     width = next(engine.model.parameters()).shape[1]
 
     def forward(batch: int, kind: Kind = Kind.FORWARD) -> Message:
@@ -306,7 +312,7 @@ def test_a_forward_over_the_batch_cap_is_refused_before_any_work(
 def test_a_batch_cap_below_one_is_refused(deployment) -> None:  # type: ignore[no-untyped-def]
     files = deployment(clients=1, dataset="breast_cancer")
     with pytest.raises(ConfigError, match=r"server\.max_batch"):
-        build_engine(load_server(files["server"], "server.max_batch=-1"), files["server"].parent)
+        server_engine(load_server(files["server"], "server.max_batch=-1"), files["server"].parent)
 
 
 # ---- B5: unfinished chunked messages hold bounded memory, for a bounded time -----------------

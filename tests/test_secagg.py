@@ -9,6 +9,7 @@ with the missing pair secret recovers them exactly (so the recovery itself is ri
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,14 +37,20 @@ from workers.client.worker import ClientWorker
 from workers.runtime.checkpoint import decode, encode
 from workers.runtime.peers import Peer
 from workers.server.aggregation import SecureAggregator
+from workers.server.engines import Engine
 from workers.server.engines.group import GroupEngine
 from workers.server.worker import ServerWorker
-from workers.topologies import build_engine
+from workers.topologies import topology
 
 from .inprocess import run_deployment
 from .test_topologies import record_inbound
 
 NAMES = ["client-1", "client-2", "client-3"]
+
+
+def server_engine(cfg: ServerConfig, base: Path) -> Engine:
+    """The engine a server of ``cfg`` builds: the one its topology names."""
+    return topology(cfg.server.topology).engine(cfg, base)
 
 
 def _group(names: list[str] = NAMES) -> dict[str, MaskingKeys]:
@@ -213,9 +220,9 @@ def test_round_state_survives_a_checkpoint() -> None:
 def test_the_server_needs_the_group_by_name(deployment) -> None:  # type: ignore[no-untyped-def]
     files = deployment(topology="splitfed", clients=3, dataset="breast_cancer")
     cfg = load(ServerConfig, files["server"])
-    assert isinstance(build_engine(cfg, files["server"].parent), GroupEngine)
+    assert isinstance(server_engine(cfg, files["server"].parent), GroupEngine)
     with pytest.raises(ConfigError, match=r"server\.group"):
-        build_engine(
+        server_engine(
             load(ServerConfig, files["server"], ["server.group=[]"]), files["server"].parent
         )
 

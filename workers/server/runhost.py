@@ -19,7 +19,7 @@ from workers.runtime.peers import Peer
 from workers.server.engines.base import Engine
 from workers.server.replycache import MIB, ReplyCache
 from workers.server.runs import FINISHED, STOPPED, Run, RunBook
-from workers.topologies import build_engine
+from workers.topologies import topology
 
 log = logging.getLogger("sl_pipeline.server")
 
@@ -42,7 +42,7 @@ class RunHost:
 
     def build_engine(self) -> Engine:
         """A run's engine, fresh from the model's seed, reporting its bounded tables."""
-        engine = build_engine(self.cfg, self.base)
+        engine = topology(self.cfg.server.topology).engine(self.cfg, self.base)
         engine.on_bound = self.metrics.record_bound
         return engine
 

@@ -8,16 +8,9 @@ Nothing outside this package compares a topology's name: it asks the topology.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING
-
-from sl_pipeline.config import ServerConfig
 from sl_pipeline.errors import ConfigError
 from workers.topologies import multihop, multitask, roundrobin, splitfed, ushaped, vanilla, vertical
 from workers.topologies.base import Topology
-
-if TYPE_CHECKING:
-    from workers.server.engines.base import Engine
 
 REGISTRY: dict[str, Topology] = {
     "vanilla": vanilla.TOPOLOGY,
@@ -38,9 +31,4 @@ def topology(name: str) -> Topology:
     return found
 
 
-def build_engine(cfg: ServerConfig, base: Path) -> Engine:
-    """The server's engine for ``cfg`` (its topology decides which)."""
-    return topology(cfg.server.topology).engine(cfg, base)
-
-
-__all__ = ["REGISTRY", "Topology", "build_engine", "topology"]
+__all__ = ["REGISTRY", "Topology", "topology"]

@@ -17,7 +17,7 @@ from sl_pipeline.topologies import OWN_FEATURES
 
 if TYPE_CHECKING:
     from workers.client.steps import StepRunner
-    from workers.server.engines.base import Engine
+    from workers.server.engines import Engine
 
 Table = dict[str, dict[str, Any]]
 # The built-in datasets a generated deployment trains on, and the model each one gets.
@@ -50,6 +50,7 @@ class Topology:
     lists_group = False  # each client's config lists the whole group
     group_secret = False  # clients share a secret key that the server never sees
     pairwise_keys = False  # clients hold each other's public keys (secure aggregation)
+    engine_kind = "vanilla"  # the server's engine (a key of workers.server.engines.ENGINES)
     # The tasks of a generated deployment (multi-task: ``tasks`` and ``task_classes``).
     tasks: dict[str, Any] | None = None
 
@@ -68,11 +69,11 @@ class Topology:
         return StepRunner
 
     def engine(self, cfg: ServerConfig, base: Path) -> Engine:
-        """The server's engine for a config of this topology."""
-        from sl_pipeline.models import build_segments
-        from workers.server.engines.base import VanillaEngine
+        """The server's engine for a config of this topology (the engines' factory builds
+        the kind this topology names)."""
+        from workers.server.engines import build_engine
 
-        return VanillaEngine(build_segments(cfg.model, self.name)[-1], cfg)
+        return build_engine(self.engine_kind, cfg, base)
 
     # ---- its part of a generated deployment (init, provision) ---------------------------
     def model_table(self, d: Deployment) -> dict[str, Any]:

@@ -4,19 +4,17 @@ server relays but cannot read."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sl_pipeline.config import ServerConfig
 from workers.topologies.base import GroupTopology
 
 if TYPE_CHECKING:
     from workers.client.steps import StepRunner
-    from workers.server.engines.base import Engine
 
 
 class RoundRobin(GroupTopology):
     name = "roundrobin"
+    engine_kind = "turns"
     group_secret = True
 
     @property
@@ -24,13 +22,6 @@ class RoundRobin(GroupTopology):
         from workers.client.group import RoundRobinRunner
 
         return RoundRobinRunner
-
-    def engine(self, cfg: ServerConfig, base: Path) -> Engine:
-        from sl_pipeline.models import build_segments
-        from workers.server.engines.group import GroupEngine, TurnCoordinator, members
-
-        coordinator = TurnCoordinator(members(cfg), cfg.train.epochs)
-        return GroupEngine(build_segments(cfg.model, self.name)[-1], cfg, coordinator)
 
 
 TOPOLOGY = RoundRobin()

@@ -6,19 +6,17 @@ id (PSI) under a group secret the server never sees."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sl_pipeline.config import ServerConfig
 from workers.topologies.base import DATASETS, Deployment, Table, Topology, feature_slices
 
 if TYPE_CHECKING:
     from workers.client.steps import StepRunner
-    from workers.server.engines.base import Engine
 
 
 class Vertical(Topology):
     name = "vertical"
+    engine_kind = "fusion"
     default_clients = min_clients = 2
     label_client = True
     aligns_rows = True
@@ -30,11 +28,6 @@ class Vertical(Topology):
         from workers.client.runners import VerticalRunner
 
         return VerticalRunner
-
-    def engine(self, cfg: ServerConfig, base: Path) -> Engine:
-        from workers.server.engines.vertical import VerticalEngine
-
-        return VerticalEngine(cfg, base)
 
     def model_table(self, d: Deployment) -> dict[str, Any]:
         classes = DATASETS[d.dataset]["classes"]
