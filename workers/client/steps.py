@@ -293,14 +293,13 @@ class StepRunner:
         return out.cpu(), reply
 
     async def evaluate(self, test: Split) -> float | None:
-        """Test accuracy; None for a party that holds no labels and is not told a score."""
+        """Test accuracy; None for a party that holds no labels (a vertical feature party:
+        only the label holder scores the evaluation, see the vertical engine)."""
         correct, known = 0, True
         for step, (x, y, ids) in enumerate(_eval_batches(test)):
-            out, reply = await self._infer(x, step, ids, Kind.EVALUATE)
+            out, _ = await self._infer(x, step, ids, Kind.EVALUATE)
             if y is not None:
                 correct += int((out.argmax(dim=1) == y).sum())
-            elif "correct" in reply.meta:
-                correct += int(reply.meta["correct"])
             else:
                 known = False
         return correct / max(1, len(test)) if known else None

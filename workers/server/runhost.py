@@ -12,11 +12,11 @@ import torch
 
 from sl_pipeline.config import ServerConfig, resolve_path
 from sl_pipeline.errors import ConfigError, NameInUseError, ProtocolError, RunEndedError
-from sl_pipeline.messages import Kind
+from sl_pipeline.messages import Kind, Message
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.appliedlog import AppliedLog
 from workers.runtime.peers import Peer
-from workers.server.engines.base import Engine
+from workers.server.engines.base import Engine, Reply
 from workers.server.replycache import MIB, ReplyCache
 from workers.server.runs import FINISHED, STOPPED, Run, RunBook
 from workers.topologies import topology
@@ -140,6 +140,19 @@ class RunHost:
             return self.engine
         return self.engine_of(run)
 
+    def evaluate(self, identity: bytes, peer: Peer, msg: Message) -> list[Reply]:
+        """Answer an evaluation or prediction. Where the server holds the labels (vertical)
+        it scores the evaluation itself, and the figure is its own: the run's accuracy (as
+        ``server`` among the clients'), its metrics and its log; the parties are told none."""
+        engine = self._inference_engine(peer)
+        replies = engine.evaluate(identity, msg)
+        run = self.book.runs.get(self.peer_runs.get(peer.name, ""))
+        if msg.kind is Kind.EVALUATE and run is not None and engine.test_accuracy is not None:
+            run.accuracies["server"] = engine.test_accuracy
+            self.metrics.test_accuracy.set(engine.test_accuracy)
+            self.report_run(run)
+        return replies
+
     def save_models(self, runs: list[Run]) -> None:
         """Each run's model in its own folder, and the newest run's as ``server.save``
         (a run ending, or the server stopping with runs still active)."""
@@ -165,14 +178,16 @@ class RunHost:
         self.checkpoint(force=True)
         info = run.info()
         loss = "n/a" if run.last_loss is None else f"{run.last_loss:.4f}"
+        accuracy = "n/a" if run.test_accuracy is None else f"{run.test_accuracy:.4f}"
         log.info(
-            "run %s %s: %d steps by %s in %.1fs, last loss %s; model %s",
+            "run %s %s: %d steps by %s in %.1fs, last loss %s, test accuracy %s; model %s",
             run.id,
             state,
             run.steps,
             ", ".join(info["clients"]) or "no client",
             info["duration_s"],
             loss,
+            accuracy,
             run.model or "not saved (set server.save or server.runs_dir)",
         )
 

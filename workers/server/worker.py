@@ -167,6 +167,8 @@ class ServerWorker(RunHost, RouterService):
             "steps_applied": self.steps_applied,
             "peers": len(self.peers),
             "runs": [run.id for run in self.book.runs.values()],
+            # the newest run's: where the server holds the labels (vertical), its own figure
+            "test_accuracy": latest.test_accuracy if (latest := self.book.latest()) else None,
             "resumed_from": self.resumed_from,
             "answered_from_cache": self.from_cache,
             "replied_first": sum(
@@ -265,7 +267,7 @@ class ServerWorker(RunHost, RouterService):
                     return self._infer_side(identity, peer, msg)
                 return self._train(identity, peer, msg)
             if msg.kind in (Kind.EVALUATE, Kind.PREDICT):
-                return self._inference_engine(peer).evaluate(identity, msg)
+                return self.evaluate(identity, peer, msg)
             if msg.kind is Kind.HEARTBEAT:
                 return [(identity, msg.reply(Kind.HEARTBEAT))]
             if msg.kind is Kind.BYE:

@@ -42,7 +42,7 @@ class Trained:
     detectors: list[Any] = field(default_factory=list)  # each client's hijack detector or None
     # per client: the client segment's weights at each evaluation pass, in order
     encoders: list[list[dict[str, torch.Tensor]]] = field(default_factory=list)
-    # party without labels -> "kind.key" of every reply meta it was told (e.g. "result.correct")
+    # party without labels -> "kind.key" of every reply meta it was told (none in vertical now)
     received: dict[str, set[str]] = field(default_factory=dict)
 
 
@@ -311,8 +311,10 @@ def measure(trained: Trained, seed: int, attack_seeds: int = ATTACK_SEEDS) -> di
         measure_client(c, released, seed, attack_seeds, kept)
         for c, released, kept in zip(trained.clients, trained.releases, encoders, strict=True)
     ]
+    scored = _mean([s.get("test_accuracy") for s in trained.summaries])
     result: dict[str, Any] = {
-        "test_accuracy": _mean([s.get("test_accuracy") for s in trained.summaries]),
+        # vertical: the feature parties are told no score; the label holder's own figure
+        "test_accuracy": scored if scored is not None else trained.server.engine.test_accuracy,
         **_average(per_client),
     }
     result.update(measure_labels(trained))

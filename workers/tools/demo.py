@@ -42,13 +42,17 @@ def stop_process(proc: subprocess.Popen[str], timeout_s: float = STOP_TIMEOUT_S)
     return int(proc.returncode)
 
 
-def run_processes(files: dict[str, str], clients: int, show_progress: bool) -> list[dict[str, Any]]:
+def run_processes(
+    files: dict[str, str], clients: int, show_progress: bool
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Each client's JSON summary, and the server's (printed when it stops)."""
     server = subprocess.Popen(
-        worker_command("server", Path(files["server"])),
+        worker_command("server", Path(files["server"]), "--json"),
         text=True,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+    results: list[dict[str, Any]] = []
     procs: list[subprocess.Popen[str]] = []
     try:
         if "relay-1" in files:  # multi-hop: the relay joins the server before clients join it
@@ -71,7 +75,6 @@ def run_processes(files: dict[str, str], clients: int, show_progress: bool) -> l
                     stderr=None if show_progress and i == 0 else subprocess.PIPE,
                 )
             )
-        results = []
         deadline = time.monotonic() + CLIENT_TIMEOUT_S
         for i, proc in enumerate(procs[relays:]):
             out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
@@ -80,31 +83,33 @@ def run_processes(files: dict[str, str], clients: int, show_progress: bool) -> l
                     f"client-{i + 1} failed (exit {proc.returncode}): {(err or '').strip()[-800:]}"
                 )
             results.append(last_json_line(out))
-        return results
     finally:
         for proc in procs:
             stop_process(proc)
         status = stop_process(server)
         if status not in (0, -signal.SIGTERM) and server.stderr is not None:
             print(server.stderr.read()[-800:], file=sys.stderr)
+    assert server.stdout is not None
+    return results, last_json_line(server.stdout.read())
 
 
 def aggregate(
-    results: list[dict[str, Any]], args: argparse.Namespace, wall: float
+    results: list[dict[str, Any]], args: argparse.Namespace, wall: float, server_accuracy: Any
 ) -> dict[str, Any]:
-    # Parties without labels (vertical feature parties beside a label client) report no score.
+    # Parties without labels (vertical feature parties) report no score; where none has the
+    # labels (vertical, labels on the server) the figure is the server's own.
     scored = [r for r in results if r["test_accuracy"] is not None]
     losses = [r["train_loss"] for r in results if r["train_loss"] == r["train_loss"]]  # not NaN
     total_test = sum(r["test_samples"] for r in scored) or 1
+    accuracy = sum(r["test_accuracy"] * r["test_samples"] for r in scored) / total_test
+    accuracy = accuracy if scored else server_accuracy
     return {
         "topology": args.topology,
         "dataset": args.dataset,
         "clients": len(results),
         "epochs": results[0]["epochs"],
         "steps": sum(r["steps"] for r in results),
-        "test_accuracy": round(
-            sum(r["test_accuracy"] * r["test_samples"] for r in scored) / total_test, 4
-        ),
+        "test_accuracy": None if accuracy is None else round(float(accuracy), 4),
         # None where only the server knows the loss (vertical: feature parties are not told it)
         "train_loss": round(sum(losses) / len(losses), 4) if losses else None,
         "bytes_sent": sum(r["bytes_sent"] for r in results),
@@ -130,8 +135,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                 f"demo: 1 server + {clients} client process(es), topology {args.topology}, "
                 f"dataset {args.dataset}, {'plaintext' if args.insecure else 'encrypted'}"
             )
-        results = run_processes(deployment["files"], clients, show_progress=sys.stderr.isatty())
-    summary = aggregate(results, args, time.perf_counter() - start)
+        results, server = run_processes(
+            deployment["files"], clients, show_progress=sys.stderr.isatty()
+        )
+    summary = aggregate(results, args, time.perf_counter() - start, server.get("test_accuracy"))
     if getattr(args, "baseline", False):
         from workers.tools.baseline import central_accuracy
 
@@ -148,7 +155,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             baseline = summary["baseline_accuracy"]
             print(f"central baseline (same architecture, pooled data): {baseline:.4f}")
         print(
-            f"test accuracy {summary['test_accuracy']:.4f}, "
+            f"test accuracy {_shown(summary['test_accuracy'])}, "
             f"train loss {_shown(summary['train_loss'])}, "
             f"{summary['bytes_sent'] / 1e6:.1f} MB sent, {summary['wall_seconds']:.1f}s"
         )

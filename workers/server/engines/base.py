@@ -76,6 +76,9 @@ class Engine:
         )
         self.steps_applied = 0
         self.last_loss: float | None = None
+        # The server's own test accuracy where it holds the labels (vertical): nobody else
+        # can compute it, and telling the feature parties would leak the labels (see vertical).
+        self.test_accuracy: float | None = None
         # Reply-first: the server sets this per request (see ``backprop``).
         self.defer_updates = False
         self.deferred_updates = 0  # how many steps replied first (reported in the summary)

@@ -27,7 +27,7 @@ from sl_pipeline.errors import ConfigError, OverloadedError, ProtocolError, Step
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.models import vertical_top
 from sl_pipeline.tensors import wire_tensors
-from workers.server.engines.base import Engine, Reply, run_segment
+from workers.server.engines.base import Engine, Reply, log, run_segment
 
 MAX_OPEN_BATCHES = 64  # batches some parties sent and others not yet (pipelining, stragglers)
 
@@ -73,6 +73,7 @@ class VerticalEngine(Engine):
         self._done: dict[str, tuple[int, int]] = {}  # per kind: newest completed batch
         self.last_grads: dict[str, torch.Tensor] = {}  # what each party got (for audits)
         self._psi: dict[int, dict[str, tuple[bytes, Message]]] = {}  # round -> posts
+        self._eval_counts = (0, 0, 0)  # this evaluation pass so far: epoch, correct, rows
 
     @staticmethod
     def _load_labels(cfg: ServerConfig, base: Path) -> torch.Tensor:
@@ -170,21 +171,20 @@ class VerticalEngine(Engine):
         with torch.no_grad():
             out = run_segment(self.model, self._fuse([p.act for p in parts]))
         self.model.train()
-        meta: dict[str, int] = {}
         evaluating = parts[0].msg.kind is Kind.EVALUATE
         if evaluating and not self.label_holder:
-            labels = self._labels_for(ids)
-            meta = {"correct": int((out.argmax(1).cpu() == labels).sum()), "total": len(labels)}
+            self._score(parts[0].msg, out, self._labels_for(ids))
         # Evaluation rows are labelled rows: their outputs would hand a feature party the
-        # labels (AUC ~1), which no label protection covers. Only the label client gets them;
-        # the others get an empty output and at most the batch's count of correct answers.
+        # labels (AUC ~1), and so would any score of them: a party that moves one row's
+        # activation between passes and watches a batch's count of correct answers reads
+        # that row's label. Only the label client gets the outputs; the others get an empty
+        # output and nothing else, and the server keeps the accuracy to itself.
         hidden = out[:, :0]
         return [
             (
                 p.identity,
                 p.msg.reply(
                     Kind.RESULT,
-                    meta=meta,
                     tensors=wire_tensors(
                         "out",
                         hidden if evaluating and p.msg.client != self.label_holder else out,
@@ -194,6 +194,24 @@ class VerticalEngine(Engine):
             )
             for p in parts
         ]
+
+    def _score(self, msg: Message, out: torch.Tensor, labels: torch.Tensor) -> None:
+        """Count this batch into the server's own evaluation of the pass (``test_accuracy``).
+        A pass starts at step 0; the one before is logged then (the last one when the run
+        ends, by the server)."""
+        epoch, correct, total = self._eval_counts
+        if msg.step == 0:
+            if total:
+                log.info(
+                    "vertical evaluation after epoch %d: test accuracy %.4f",
+                    epoch + 1,
+                    correct / total,
+                )
+            epoch, correct, total = msg.epoch, 0, 0
+        correct += int((out.argmax(1).cpu() == labels).sum())
+        total += len(labels)
+        self._eval_counts = (epoch, correct, total)
+        self.test_accuracy = correct / total
 
     # ---- a designated label client holds the labels and the loss -------------------------
     def _to_label_holder(self, parts: list[Part]) -> list[Reply]:
