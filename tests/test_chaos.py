@@ -28,9 +28,9 @@ import pytest
 from tests.lossy_proxy import LossyProxy
 from workers.runtime.appliedlog import decode_log
 from workers.runtime.checkpoint import CheckpointStore
+from workers.tools.inprocess import run_deployment
 
 from .conftest import Procs
-from .inprocess import run_deployment
 from .workerproc import WorkerProcess
 
 FULL = os.environ.get("SL_CHAOS_FULL") == "1"
@@ -185,7 +185,7 @@ def _reference(deployment, case: Case) -> tuple[list[dict[str, Any]], int]:  # t
     vertical step is one update for all parties)."""
     files = _deploy(deployment, case)
     run = asyncio.run(run_deployment(files, *case.client_sets))
-    return list(run["summaries"]), int(run["server"].steps_applied)
+    return list(run.summaries), int(run.server.steps_applied)
 
 
 @pytest.mark.slow
@@ -258,8 +258,8 @@ async def test_lossy_link_at_the_default_timeout_costs_round_trips(deployment) -
         await proxy.stop()
     lossy_s = time.perf_counter() - started
     # Assert: exactly once, and no loss waited anywhere near the 30 s default
-    summary, want = run["summaries"][0], clean["summaries"][0]
+    summary, want = run.summaries[0], clean.summaries[0]
     assert proxy.dropped > 0 and summary["retries"] > 0
-    assert summary["steps"] == want["steps"] == run["server"].steps_applied
+    assert summary["steps"] == want["steps"] == run.server.steps_applied
     assert abs(summary["test_accuracy"] - want["test_accuracy"]) <= 0.01
     assert lossy_s < 2 * clean_s + 10, (lossy_s, clean_s)

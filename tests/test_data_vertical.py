@@ -24,11 +24,11 @@ from workers.client import align
 from workers.client.predict import run_predict
 from workers.client.worker import ClientWorker
 from workers.server.worker import ServerWorker
+from workers.tools.inprocess import run_deployment
 from workers.tools.localdeploy import to_toml
 
 from .conftest import Procs
 from .datafiles import party_csv, wisconsin_rows
-from .inprocess import run_deployment
 from .test_topologies import record_inbound
 
 EPOCHS = 6
@@ -164,7 +164,7 @@ async def test_psi_aligned_parties_train_on_the_intersection_and_leak_no_other_i
     pb = party_csv(tmp_path / "pb.csv", by_id, B_COLUMNS)
     _use_data(pre["client-1"], path=str(pa), id="id", label="diagnosis", align="position")
     _use_data(pre["client-2"], path=str(pb), id="id", align="position")
-    baseline = (await run_deployment(pre))["summaries"][0]
+    baseline = (await run_deployment(pre)).summaries[0]
     assert baseline["test_samples"] == label_party["test_samples"]
     print(
         "accuracy after PSI", label_party["test_accuracy"], "pre-aligned", baseline["test_accuracy"]

@@ -13,8 +13,7 @@ from privacy.defenses import clip_per_sample
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.transport import DealerConnection
 from workers.client.steps import StepRunner
-
-from .inprocess import run_deployment
+from workers.tools.inprocess import run_deployment
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 

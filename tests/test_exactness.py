@@ -13,9 +13,9 @@ from sl_pipeline.data import batch_order, load_party_data
 from sl_pipeline.models import build_segments, make_optimizer
 from workers.client.worker import ClientWorker
 from workers.server.worker import ServerWorker
+from workers.tools.inprocess import run_deployment
 
 from .conftest import load_client, load_server
-from .inprocess import run_deployment
 
 
 def central_training(cfg_client, base: Path) -> tuple[torch.nn.Module, torch.nn.Module]:  # type: ignore[no-untyped-def]
@@ -107,7 +107,7 @@ async def test_reply_first_moves_the_update_not_its_value(deployment, kwargs) ->
         overrides = (f"server.reply_first={flag}", NO_CHECKPOINT)
         runs[flag] = await run_deployment(files, server_overrides=overrides)
     # Assert
-    first, plain = runs["true"]["server"], runs["false"]["server"]
+    first, plain = runs["true"].server, runs["false"].server
     assert first.engine.deferred_updates > 0
     assert plain.engine.deferred_updates == 0
     assert first.steps_applied == plain.steps_applied > 0

@@ -20,9 +20,9 @@ import pytest
 
 from workers.runtime.appliedlog import decode_log
 from workers.runtime.checkpoint import CheckpointStore
+from workers.tools.inprocess import run_deployment
 
 from .conftest import Procs
-from .inprocess import run_deployment
 from .workerproc import WorkerProcess
 
 BATCH = "train.batch_size=8"  # a turn of ~90 steps: long enough to kill the server inside it
@@ -96,7 +96,7 @@ def test_roundrobin_survives_a_server_kill_during_client_2s_turn(  # type: ignor
 ) -> None:
     # Prepare: the uninterrupted run
     options = {"topology": "roundrobin", "clients": 2, "dataset": "digits", "epochs": 1}
-    reference = asyncio.run(run_deployment(deployment(**options), BATCH))["summaries"]
+    reference = asyncio.run(run_deployment(deployment(**options), BATCH)).summaries
     files = deployment(**options)
     base = files["server"].parent
     server = _start(procs, files, "server", *SERVER_SETS)

@@ -29,10 +29,10 @@ from workers.relay import RelayWorker
 from workers.runtime.peers import Listen, Peer, PeerTable
 from workers.server.engines import Engine
 from workers.server.worker import ServerWorker
+from workers.tools.inprocess import wait_until
 from workers.topologies import topology
 
 from .conftest import load_client, load_server
-from .inprocess import wait_until
 from .test_hostile_peers import assert_refused, assert_serving, header, join, send_raw
 from .test_secagg import FakeRound, _splitfed_client
 

@@ -20,6 +20,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from sl_pipeline.config import load
 from sl_pipeline.errors import PeerError
 from sl_pipeline.gate import TOKEN_BYTES, USERNAME
 from sl_pipeline.handshake import HELLO, ClientHandshake
@@ -32,9 +33,9 @@ from workers.ops.http import check_health, local_url
 from workers.relay import RelayWorker
 from workers.runtime.peers import Peer
 from workers.server.worker import ServerWorker
+from workers.tools.inprocess import run_deployment
 
 from .conftest import load_client, load_server
-from .inprocess import load, run_deployment
 
 Served = tuple[ServerWorker, dict[str, Path], zmq.asyncio.Context, asyncio.Task[Any]]
 
@@ -317,7 +318,7 @@ async def send_as_stranger(
 async def test_a_replayed_hello_leaves_the_real_client_untouched(deployment) -> None:  # type: ignore[no-untyped-def]
     # Prepare: what the client achieves alone (u-shaped: the server holds an open step)
     make = dict(topology="ushaped", clients=1, dataset="breast_cancer", epochs=3)
-    alone = (await run_deployment(deployment(**make)))["summaries"][0]
+    alone = (await run_deployment(deployment(**make))).summaries[0]
     files = deployment(**make)
     base = files["server"].parent
     _, insider_pub = write_keypair("insider", base / "keys")  # another admitted client

@@ -13,8 +13,7 @@ import aiohttp
 import pytest
 
 from workers.ops.http import local_url
-
-from .inprocess import run_deployment
+from workers.tools.inprocess import run_deployment
 
 LINGER = "ops.linger_s=60"  # far above what the tests wait: only the scrape can end it
 
@@ -52,7 +51,7 @@ async def test_a_finished_client_serves_its_final_metrics_until_scraped(deployme
     result = await asyncio.wait_for(run, 15)  # that scrape ended the wait, not the 60 s
     # Assert: the client waited for that scrape, which carried its final accuracy
     assert still_running
-    accuracy = result["summaries"][0]["test_accuracy"]
+    accuracy = result.summaries[0]["test_accuracy"]
     line = next(x for x in body.splitlines() if x.startswith("sl_test_accuracy_ratio "))
     assert float(line.split()[1]) == pytest.approx(accuracy)
 
@@ -63,6 +62,6 @@ async def test_the_wait_is_bounded_when_nobody_scrapes(
     files = deployment(dataset="breast_cancer", clients=1, ops=True)
     with caplog.at_level(logging.INFO, logger="sl_pipeline.client"):
         result = await asyncio.wait_for(run_deployment(files, "ops.linger_s=0.3"), 60)
-    assert result["summaries"][0]["steps"] > 0
+    assert result.summaries[0]["steps"] > 0
     assert "no scrape within ops.linger_s = 0.3s; exiting" in caplog.text
-    assert result["clients"][0].metrics.registry.get_sample_value("sl_finished") == 1
+    assert result.clients[0].metrics.registry.get_sample_value("sl_finished") == 1

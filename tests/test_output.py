@@ -10,8 +10,8 @@ import pytest
 
 from workers.cli import main
 from workers.ops.logs import configure_logging
+from workers.tools.inprocess import run_deployment
 
-from .inprocess import run_deployment
 from .threadserver import ThreadServer
 
 
@@ -37,7 +37,7 @@ async def test_server_logs_epochs_and_a_run_summary(
     files = deployment(dataset="breast_cancer", epochs=2)
     with caplog.at_level(logging.INFO, logger="sl_pipeline.server"):
         run = await run_deployment(files)
-    steps = run["summaries"][0]["steps"]
+    steps = run.summaries[0]["steps"]
     text = caplog.text
     assert "run run-1: client-1 is in epoch 1" in text
     assert "run run-1: client-1 is in epoch 2" in text

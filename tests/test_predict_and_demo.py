@@ -14,10 +14,10 @@ import torch
 
 from sl_pipeline.data import load_party_data
 from sl_pipeline.models import build_segments
+from workers.tools.inprocess import run_deployment
 from workers.tools.localdeploy import MULTI_PARTY
 
 from .conftest import ROOT, Procs, load_client, wait_listening
-from .inprocess import run_deployment
 
 CONSOLE_SCRIPT = str(Path(sys.executable).parent / "sl-pipeline")
 
@@ -179,4 +179,4 @@ def test_demo_runs_every_topology_with_no_other_flag(topology: str, extra: tuple
 async def test_vanilla_reaches_its_documented_accuracy_at_default_epochs(deployment) -> None:  # type: ignore[no-untyped-def]
     # The README's table: vanilla digits at the default 8 epochs, split == central == 0.9694
     run = await run_deployment(deployment(dataset="digits", epochs=8))
-    assert run["summaries"][0]["test_accuracy"] == pytest.approx(0.9694, abs=0.002)
+    assert run.summaries[0]["test_accuracy"] == pytest.approx(0.9694, abs=0.002)

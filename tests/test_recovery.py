@@ -23,8 +23,7 @@ from workers.relay import RelayWorker
 from workers.server.engines.middle import MiddleEngine
 from workers.server.engines.vertical import VerticalEngine
 from workers.server.worker import ServerWorker
-
-from .inprocess import run_deployment, wait_until
+from workers.tools.inprocess import run_deployment, wait_until
 
 
 # ---- the retransmission timer (RFC 6298) ----------------------------------------------------
@@ -75,7 +74,7 @@ async def test_a_tampered_message_is_named_bad_tag_in_the_client_log(
 ) -> None:  # type: ignore[no-untyped-def]
     # Prepare: the client's 5th sealed message has one bit flipped on the way out
     files = deployment(dataset="breast_cancer", epochs=1)
-    reference = (await run_deployment(deployment(dataset="breast_cancer", epochs=1)))["summaries"]
+    reference = (await run_deployment(deployment(dataset="breast_cancer", epochs=1))).summaries
     original = DealerConnection.send
     sent: list[int] = []
 
@@ -96,7 +95,7 @@ async def test_a_tampered_message_is_named_bad_tag_in_the_client_log(
     # Assert: the client's log says what the server said, and training recovered
     assert "[bad_tag]" in caplog.text and "failed authentication" in caplog.text
     assert "no longer knows" not in caplog.text
-    assert run["summaries"][0]["steps"] == reference[0]["steps"] == run["server"].steps_applied
+    assert run.summaries[0]["steps"] == reference[0]["steps"] == run.server.steps_applied
 
 
 # ---- the relay: checkpoint, resume, and its name in the client's messages -----------------
@@ -107,11 +106,11 @@ async def test_relay_checkpoints_and_a_new_relay_resumes_from_it(deployment) -> 
         files["relay-1"].read_text() + '\n[checkpoint]\ndir = "ckpt/relay"\nfsync = false\n'
     )
     run = await run_deployment(files)
-    relay: RelayWorker = run["relay"]
+    relay: RelayWorker = run.relay
     # Execute: a new relay on the same directory (as after kill -9 and a restart)
     again = RelayWorker(load(RelayConfig, files["relay-1"]), base)
     # Assert: weights, optimizer state, the applied-step log and the reply cache came back
-    assert again.resumed_from == relay.steps_applied == run["summaries"][0]["steps"]
+    assert again.resumed_from == relay.steps_applied == run.summaries[0]["steps"]
     assert again.applied_log == relay.applied_log
     assert len({tuple(e) for e in again.applied_log}) == relay.steps_applied
     for name, value in relay.segment.state_dict().items():
@@ -177,7 +176,7 @@ async def test_a_step_open_when_the_server_restarts_is_redone(
     # forward of step (0, 3), before that step's gradient can arrive
     options, engine, method = TWO_EXCHANGES[case]
     options = {**options, "dataset": "breast_cancer"}
-    reference = (await run_deployment(deployment(**options)))["summaries"]
+    reference = (await run_deployment(deployment(**options))).summaries
     files = deployment(**options)
     base = files["server"].parent
     cfg = load(ServerConfig, files["server"], ['checkpoint.dir="ckpt"', "checkpoint.fsync=false"])

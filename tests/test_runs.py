@@ -15,9 +15,9 @@ from sl_pipeline.errors import PeerError
 from sl_pipeline.messages import Kind
 from workers.client.worker import ClientWorker
 from workers.server.worker import ServerWorker
+from workers.tools.inprocess import run_deployment
 
 from .conftest import load_client, load_server
-from .inprocess import run_deployment
 
 
 async def _serve(server: ServerWorker) -> tuple[asyncio.Event, asyncio.Task[Any]]:
@@ -165,7 +165,7 @@ async def test_a_run_behind_a_relay_finishes(deployment) -> None:  # type: ignor
     files = deployment(topology="multihop", dataset="breast_cancer", clients=1)
     # the client's bye travels without a reply through the relay: wait for it to arrive
     run = await run_deployment(files, until=_a_run_finished)
-    (only,) = run["server"].book.runs.values()
+    (only,) = run.server.book.runs.values()
     assert only.members == only.done == {"relay-1/client-1"}  # the relay passed the bye on
     assert only.state == "finished" and Path(only.model).exists()
 

@@ -40,9 +40,9 @@ from workers.server.aggregation import SecureAggregator
 from workers.server.engines import Engine
 from workers.server.engines.group import GroupEngine
 from workers.server.worker import ServerWorker
+from workers.tools.inprocess import run_deployment
 from workers.topologies import topology
 
-from .inprocess import run_deployment
 from .test_topologies import record_inbound
 
 NAMES = ["client-1", "client-2", "client-3"]
@@ -292,7 +292,7 @@ async def test_client_1_with_the_servers_view_learns_nothing_of_client_2(
     assert np.abs(exact - x2).max() <= 2.0**-FIXED_POINT_BITS and _pearson(exact, x2) > 0.999
     # and training still averaged: every client ends with the same segment
     a, b, c = (
-        torch.nn.utils.parameters_to_vector(w.bottom.parameters()).detach() for w in run["clients"]
+        torch.nn.utils.parameters_to_vector(w.bottom.parameters()).detach() for w in run.clients
     )
     assert torch.allclose(a, b, atol=1e-6) and torch.allclose(a, c, atol=1e-6)
 

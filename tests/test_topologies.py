@@ -17,8 +17,7 @@ from workers.client.worker import ClientWorker
 from workers.relay import RelayWorker
 from workers.runtime.service import RouterService
 from workers.server.worker import ServerWorker
-
-from .inprocess import run_deployment, wait_until
+from workers.tools.inprocess import run_deployment, wait_until
 
 
 def record_inbound(monkeypatch: pytest.MonkeyPatch) -> list[Message]:
@@ -61,7 +60,7 @@ async def test_ushaped_server_never_receives_labels(
 ) -> None:  # type: ignore[no-untyped-def]
     seen = record_inbound(monkeypatch)
     run = await run_deployment(deployment(topology="ushaped", dataset="digits", epochs=2))
-    assert run["summaries"][0]["test_accuracy"] > 0.75
+    assert run.summaries[0]["test_accuracy"] > 0.75
     assert seen and all("labels" not in m.tensors for m in seen)
     assert all(t.dtype.is_floating_point for m in seen for t in m.tensors.values())
 
@@ -73,12 +72,12 @@ async def test_vertical_parties_receive_only_their_own_gradient(
     run = await run_deployment(
         deployment(topology="vertical", clients=2, dataset="breast_cancer", epochs=2)
     )
-    for client in run["clients"]:
+    for client in run.clients:
         assert client.data.train.y is None  # a feature party holds no labels
     # ... and is told no score: the label holder (the server) measures the accuracy itself
-    assert all(s["test_accuracy"] is None for s in run["summaries"])
-    assert run["server"].book.latest().accuracies["server"] > 0.9
-    assert run["server"].engine.test_accuracy > 0.9
+    assert all(s["test_accuracy"] is None for s in run.summaries)
+    assert run.server.book.latest().accuracies["server"] > 0.9
+    assert run.server.engine.test_accuracy > 0.9
     for messages in received.values():
         for msg in messages:
             assert set(msg.tensors) <= {"grad", "out"}, msg.tensors.keys()
@@ -114,7 +113,7 @@ async def test_roundrobin_weights_are_unreadable_by_the_server(
     )
     blobs = [m.tensors["sealed"] for m in seen if "sealed" in m.tensors]
     assert len(blobs) == 4  # 2 clients x 2 epochs
-    final = torch.nn.utils.parameters_to_vector(run["clients"][0].bottom.parameters()).detach()
+    final = torch.nn.utils.parameters_to_vector(run.clients[0].bottom.parameters()).detach()
     raw = final.numpy().tobytes()
     for blob in blobs:
         data = blob.numpy().tobytes()
@@ -122,7 +121,7 @@ async def test_roundrobin_weights_are_unreadable_by_the_server(
         with pytest.raises(CryptoError):
             open_weights(b"\x00" * 32, blob, b"\x00" * 32, 1)  # the server has no group key
     # both clients end with the same (last) weights
-    other = torch.nn.utils.parameters_to_vector(run["clients"][1].bottom.parameters()).detach()
+    other = torch.nn.utils.parameters_to_vector(run.clients[1].bottom.parameters()).detach()
     assert torch.equal(final, other)
 
 
@@ -136,7 +135,7 @@ async def test_splitfed_server_sees_only_masked_weights(
     masked = [m.tensors["masked"] for m in seen if "masked" in m.tensors]
     assert len(masked) == 4
     a, b = (
-        torch.nn.utils.parameters_to_vector(c.bottom.parameters()).detach() for c in run["clients"]
+        torch.nn.utils.parameters_to_vector(c.bottom.parameters()).detach() for c in run.clients
     )
     assert torch.allclose(a, b, atol=1e-6)  # averaged: every client holds the same segment
     fixed = torch.round(a.double() * 2**24).long()
@@ -148,9 +147,9 @@ async def test_multitask_clients_share_the_trunk(deployment) -> None:  # type: i
     run = await run_deployment(
         deployment(topology="multitask", clients=2, dataset="digits", epochs=2)
     )
-    tasks = {s["client"]: s["test_accuracy"] for s in run["summaries"]}
+    tasks = {s["client"]: s["test_accuracy"] for s in run.summaries}
     assert tasks["client-1"] > 0.8 and tasks["client-2"] > 0.8
-    assert run["server"].engine.steps_applied == sum(s["steps"] for s in run["summaries"])
+    assert run.server.engine.steps_applied == sum(s["steps"] for s in run.summaries)
 
 
 async def test_multihop_passes_through_the_relay(
@@ -158,8 +157,8 @@ async def test_multihop_passes_through_the_relay(
 ) -> None:  # type: ignore[no-untyped-def]
     seen = record_inbound(monkeypatch)
     run = await run_deployment(deployment(topology="multihop", dataset="digits", epochs=2))
-    assert run["summaries"][0]["test_accuracy"] > 0.75
-    assert run["relay"].steps_applied == run["summaries"][0]["steps"]
+    assert run.summaries[0]["test_accuracy"] > 0.75
+    assert run.relay.steps_applied == run.summaries[0]["steps"]
     shapes = {tuple(m.tensors["act"].shape[1:]) for m in seen if m.kind.value == "forward"}
     assert shapes == {(16, 4, 4), (512,)}  # what the relay receives, what the server receives
 
@@ -168,27 +167,25 @@ async def test_ushaped_serves_several_clients_one_open_step_at_a_time(deployment
     run = await run_deployment(
         deployment(topology="ushaped", clients=2, dataset="breast_cancer", epochs=2)
     )
-    assert [s["test_accuracy"] > 0.9 for s in run["summaries"]] == [True, True]
-    assert run["server"].engine.steps_applied == sum(s["steps"] for s in run["summaries"])
+    assert [s["test_accuracy"] > 0.9 for s in run.summaries] == [True, True]
+    assert run.server.engine.steps_applied == sum(s["steps"] for s in run.summaries)
 
 
 async def test_a_full_server_says_so_and_the_client_retries(deployment) -> None:  # type: ignore[no-untyped-def]
     files = deployment(clients=2, dataset="breast_cancer", epochs=1)
     run = await run_deployment(files, server_overrides=("server.max_clients=1",))
-    summaries = run["summaries"]
+    summaries = run.summaries
     assert all(s["steps"] > 0 for s in summaries)
     assert max(s["retries"] for s in summaries) > 0  # one of them waited for a free slot
-    assert (
-        run["server"].metrics.rejected_messages_total.labels(reason="overloaded")._value.get() > 0
-    )
+    assert run.server.metrics.rejected_messages_total.labels(reason="overloaded")._value.get() > 0
 
 
 async def test_pipelined_client_keeps_steps_in_flight_and_applies_each_once(deployment) -> None:  # type: ignore[no-untyped-def]
     files = deployment(dataset="breast_cancer", epochs=3)
-    plain = (await run_deployment(deployment(dataset="breast_cancer", epochs=3)))["summaries"][0]
+    plain = (await run_deployment(deployment(dataset="breast_cancer", epochs=3))).summaries[0]
     run = await run_deployment(files, "train.pipeline_depth=3")
-    summary = run["summaries"][0]
-    assert summary["steps"] == plain["steps"] == run["server"].steps_applied
+    summary = run.summaries[0]
+    assert summary["steps"] == plain["steps"] == run.server.steps_applied
     assert summary["test_accuracy"] >= plain["test_accuracy"] - 0.03  # stale by <= 2 steps
 
 
@@ -198,9 +195,9 @@ async def test_auto_pipeline_depth_chooses_a_depth_and_applies_each_step_once(de
     run = await run_deployment(files, "train.pipeline_depth=0")
 
     # Assert: the depth it chose is a real depth, and no step was lost or applied twice
-    summary = run["summaries"][0]
+    summary = run.summaries[0]
     assert 1 <= summary["pipeline_depth"] <= 4
-    assert summary["steps"] == run["server"].steps_applied > 0
+    assert summary["steps"] == run.server.steps_applied > 0
 
 
 def test_pipelining_is_refused_where_a_step_needs_two_exchanges(deployment) -> None:  # type: ignore[no-untyped-def]
@@ -225,14 +222,14 @@ async def test_vertical_with_a_label_client_keeps_labels_off_the_server(
         topology="vertical", clients=2, dataset="breast_cancer", epochs=3, label_client=True
     )
     run = await run_deployment(files)
-    label, feature = run["summaries"]
-    assert run["server"].engine.labels is None  # the server never loaded labels
+    label, feature = run.summaries
+    assert run.server.engine.labels is None  # the server never loaded labels
     assert label["test_accuracy"] > 0.9 and feature["test_accuracy"] is None
     assert all("labels" not in m.tensors for m in seen)
     # the feature party gets only its own gradient; the label client also gets fused outputs
     assert {k for m in received["client-2"] for k in m.tensors} <= {"grad", "out"}
     assert all(m.kind.value == "backward" for m in received["client-2"] if "grad" in m.tensors)
-    assert run["server"].engine.steps_applied == label["steps"] == feature["steps"]
+    assert run.server.engine.steps_applied == label["steps"] == feature["steps"]
 
 
 async def test_relay_rejoins_a_restarted_server_and_training_finishes(

@@ -33,14 +33,12 @@ import torch
 from sl_pipeline.config import (
     TOPOLOGIES,
     ClientConfig,
-    RelayConfig,
     ServerConfig,
     load,
     parse_override,
 )
-from sl_pipeline.errors import ConfigError, SLError, TransportError
+from sl_pipeline.errors import ConfigError, SLError
 from workers.client.worker import ClientWorker
-from workers.relay import RelayWorker
 from workers.server.worker import ServerWorker
 from workers.tools.audit_hijack import attach_scrutinizer
 from workers.tools.audit_measures import (
@@ -58,13 +56,13 @@ from workers.tools.audit_taps import (
     record_sent_label_grads,
     seed_workers,
 )
+from workers.tools.inprocess import build_deployment, train
 from workers.tools.localdeploy import DATASETS, init_deployment
 from workers.topologies import topology as find_topology
 
 SERVER_PREFIXES = ("privacy.label.", "server.")
 CLIENT_PREFIXES = ("privacy.", "client.", "data.")
 SHARED_PREFIXES = ("train.", "model.")
-STOP_TIMEOUT_S = 15.0
 DEFAULT_TIMEOUT_S = 900.0
 # Figures depend on torch's intra-op thread count (reductions are split differently), so an
 # audit always runs with this many threads, whoever calls it, and restores the caller's count.
@@ -124,19 +122,6 @@ def pinned_threads(threads: int = AUDIT_THREADS) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _raise_crash(services: Sequence[asyncio.Future[Any]]) -> None:
-    """Re-raise the error of a server or relay that stopped early, as one SLError line."""
-    for service in services:
-        error = service.exception() if service.done() else None
-        if isinstance(error, SLError):
-            raise error
-        if error is not None:
-            raise SLError(
-                f"a worker crashed during training: {type(error).__name__}: "
-                f"{str(error).splitlines()[0] if str(error) else ''}"
-            ) from error
-
-
 async def _take_over_signals(clients: Sequence[ClientWorker], caught: list[int]) -> None:
     """Once every client is training (each has installed its own handlers), make SIGTERM and
     SIGINT stop them all and remember which signal came. Before that, a signal still reaches
@@ -181,39 +166,27 @@ async def train_in_process(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     seed: int = 0,
 ) -> Trained:
-    """Run server (+ relay) and clients in this event loop until every client is done.
-    A worker that crashes, or a run longer than ``timeout_s``, ends it with an error; a
-    SIGTERM/SIGINT stops every client and ends it with :class:`AuditIncomplete`."""
-    base = files["server"].parent
-    server, clients = _build(files, client_overrides, server_overrides, seed)
-    taps = _tap(server, clients)
-    stop = asyncio.Event()
-    services = [asyncio.ensure_future(server.serve(stop))]
-    if "relay-1" in files:
-        relay = RelayWorker(load(RelayConfig, files["relay-1"], list(relay_overrides)), base)
-        services.append(asyncio.ensure_future(relay.serve(stop)))
+    """Train the deployment in this event loop (:mod:`workers.tools.inprocess`), its workers
+    seeded and tapped, until every client is done. A worker that crashes, or a run longer
+    than ``timeout_s``, ends it with an error; a SIGTERM/SIGINT stops every client and ends
+    it with :class:`AuditIncomplete`."""
+    run = build_deployment(files, client_overrides, server_overrides, relay_overrides)
+    halt = asyncio.Event()  # one stop event: whichever client's handler wins stops them all
+    for client in run.clients:
+        client.stop = halt
+    seed_workers(run.server, run.clients, seed)
+    taps = _tap(run.server, run.clients)
     caught: list[int] = []
-    watcher = asyncio.ensure_future(_take_over_signals(clients, caught))
-    runs = asyncio.ensure_future(asyncio.gather(*(c.run() for c in clients)))
+    watcher = asyncio.ensure_future(_take_over_signals(run.clients, caught))
     try:
-        await asyncio.wait(
-            [runs, *services], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
-        )
-        if not runs.done():
-            runs.cancel()
-            await asyncio.gather(runs, return_exceptions=True)
-            _raise_crash(services)
-            raise TransportError(f"training did not finish within {timeout_s:.0f}s")
-        summaries = runs.result()
-        _check_complete(clients, summaries, caught)
+        summaries = await train(run, timeout_s)
     finally:
         watcher.cancel()
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*services, return_exceptions=True), STOP_TIMEOUT_S)
+    _check_complete(run.clients, summaries, caught)
     return Trained(
-        server,
-        clients,
-        list(summaries),
+        run.server,
+        run.clients,
+        summaries,
         taps["grads"],
         taps["releases"],
         taps["outputs"],
@@ -222,27 +195,6 @@ async def train_in_process(
         taps["encoders"],
         taps["received"],
     )
-
-
-def _build(
-    files: dict[str, Path],
-    client_overrides: Sequence[str],
-    server_overrides: Sequence[str],
-    seed: int,
-) -> tuple[ServerWorker, list[ClientWorker]]:
-    """The server and the clients, sharing one stop event, every noise source seeded."""
-    base = files["server"].parent
-    server = ServerWorker(load(ServerConfig, files["server"], list(server_overrides)), base)
-    clients = [
-        ClientWorker(load(ClientConfig, path, list(client_overrides)), base, progress=False)
-        for name, path in sorted(files.items())
-        if name.startswith("client-")
-    ]
-    halt = asyncio.Event()  # one stop event: whichever client's handler wins stops them all
-    for client in clients:
-        client.stop = halt
-    seed_workers(server, clients, seed)
-    return server, clients
 
 
 def _tap(server: ServerWorker, clients: Sequence[ClientWorker]) -> dict[str, Any]:
