@@ -61,7 +61,10 @@ async def test_the_wait_is_bounded_when_nobody_scrapes(
 ) -> None:  # type: ignore[no-untyped-def]
     files = deployment(dataset="breast_cancer", clients=1, ops=True)
     with caplog.at_level(logging.INFO, logger="sl_pipeline.client"):
-        result = await asyncio.wait_for(run_deployment(files, "ops.linger_s=0.3"), 60)
+        result = await asyncio.wait_for(run_deployment(files, "ops.linger_s=4"), 60)
     assert result.summaries[0]["steps"] > 0
-    assert "no scrape within ops.linger_s = 0.3s; exiting" in caplog.text
+    assert "no scrape within ops.linger_s = 4s; exiting" in caplog.text
+    # the summary's wall time is the training's, without the 4 s spent waiting for a scrape
+    # (one epoch of breast_cancer takes well under a second)
+    assert result.summaries[0]["wall_seconds"] < 4
     assert result.clients[0].metrics.registry.get_sample_value("sl_finished") == 1

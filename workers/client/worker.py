@@ -218,6 +218,7 @@ class ClientWorker:
     # ---- training ----------------------------------------------------------------------
     async def run(self) -> dict[str, Any]:
         start = time.perf_counter()
+        wall = None  # the run's time, without the linger for a final scrape
         self.link.ctx = ctx = zmq.asyncio.Context()
         ops = await start_ops(self.cfg.ops, self.metrics, self.status, lambda: self.link.connected)
         install_stop_signals(self.stop)
@@ -242,6 +243,7 @@ class ClientWorker:
             last = self.last_applied
             next_step = last[1] + 1 if self.stopped and last and last[0] == self.epoch else 0
             self._save(next_step, force=True)
+            wall = time.perf_counter() - start
             if not self.stopped:
                 await self._linger(ops)
         finally:
@@ -249,7 +251,7 @@ class ClientWorker:
                 await ops.stop()
             self.link.close()
             ctx.term()
-        return self.summary(time.perf_counter() - start)
+        return self.summary(wall if wall is not None else time.perf_counter() - start)
 
     async def _linger(self, ops: OpsServer | None) -> None:
         """Finished: keep serving /metrics until one scrape after the finish (at most
