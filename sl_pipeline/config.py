@@ -53,7 +53,9 @@ class TrainConfig:
     device: str = "cpu"
     pipeline_depth: int = 1  # >1: steps in flight (client overlaps server); 0: auto from RTT
     threads: int = 1  # torch intra-op threads; 0 = torch's default (oversubscribes small hosts)
-    wire_dtype: Literal["float32", "float16", "bfloat16", "int8", "int4", "int2"] = "float32"
+    wire_dtype: Literal["float32", "float16", "bfloat16", "int8", "int4", "int2", "int2-ef"] = (
+        "float32"
+    )
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,16 @@ import math
 
 import torch
 
+from sl_pipeline import lowbit
 from sl_pipeline.errors import ProtocolError
 from sl_pipeline.messages import Message
 
 PACKED_BITS = {"int4": 4, "int2": 2}
+# ``int2-ef`` (sl_pipeline/lowbit.py): per tensor name, (blob mode, bits). Gradients go as
+# signs with error feedback; any other name (outputs) as 8-bit codes.
+EF_DTYPE = "int2-ef"
+EF_SCHEME = {"act": (lowbit.AFFINE, 2), "grad": (lowbit.SIGN, 1)}
+QUANTISED = frozenset({"int8", "int4", "int2", EF_DTYPE})
 MAX_DIMS = 8
 
 
@@ -42,9 +48,24 @@ def wire(tensor: torch.Tensor, dtype: str) -> torch.Tensor:
     return tensor.detach().cpu()
 
 
-def wire_tensors(name: str, tensor: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
+def wire_tensors(
+    name: str,
+    tensor: torch.Tensor,
+    dtype: str,
+    residuals: lowbit.Residuals | None = None,
+    peer: str = "",
+) -> dict[str, torch.Tensor]:
     """``{name: tensor}`` as it goes on the wire. ``int8`` quantises symmetrically with one
-    float32 scale per sample (``name + "_scale"``): 4x fewer bytes than float32."""
+    float32 scale per sample (``name + "_scale"``): 4x fewer bytes than float32. With
+    ``int2-ef`` a gradient sent to ``peer`` carries that peer's error-feedback residual
+    from ``residuals`` (the sender's; without it the signs go out uncorrected)."""
+    if dtype == EF_DTYPE and tensor.dim() and tensor.numel():
+        mode, bits = EF_SCHEME.get(name, (lowbit.AFFINE, 8))
+        if mode == lowbit.SIGN and residuals is not None:
+            return {name: residuals.sign(peer, tensor)}
+        return {name: lowbit.encode(tensor, mode, bits)[0]}
+    if dtype == EF_DTYPE:
+        return {name: wire(tensor, "float32")}
     if dtype in PACKED_BITS and tensor.dim():
         return pack_codes(name, tensor, PACKED_BITS[dtype])
     if dtype != "int8":
@@ -53,6 +74,14 @@ def wire_tensors(name: str, tensor: torch.Tensor, dtype: str) -> dict[str, torch
     scale = flat.abs().amax(dim=1).clamp_min(1e-12) / 127.0
     quantised = torch.round(flat / scale[:, None]).clamp(-127, 127).to(torch.int8)
     return {name: quantised.reshape(tensor.shape), f"{name}_scale": scale}
+
+
+def wire_labels(labels: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Class labels for the wire: one byte each when compressing and they fit (the receiver
+    widens them), else as they are."""
+    if dtype in QUANTISED and len(labels) and 0 <= int(labels.min()) <= int(labels.max()) < 256:
+        return labels.to(torch.uint8)
+    return labels
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -68,13 +97,16 @@ def read_tensor(msg: Message, name: str, max_batch: int | None = None) -> torch.
     NaN activations would otherwise reach the optimizer and every other peer's model.
     ``max_batch`` refuses more samples than that before anything is decoded."""
     raw = msg.tensor(name)
-    if max_batch is not None and raw.dim() and len(raw) > max_batch:
+    if lowbit.is_blob(raw):
+        tensor = lowbit.decode(name, raw, max_batch)
+    elif max_batch is not None and raw.dim() and len(raw) > max_batch:
         raise ProtocolError(
             f"{name} holds a batch of {len(raw)} samples; this worker takes at most "
             f"{max_batch} (server.max_batch or relay.max_batch): send smaller batches or "
             "raise the limit"
         )
-    tensor = _decode(msg, name)
+    else:
+        tensor = _decode(msg, name)
     if not all_finite([tensor]):
         raise ProtocolError(
             f"{name} holds NaN or infinite values; the step was not applied "

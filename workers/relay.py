@@ -25,6 +25,7 @@ import zmq.asyncio
 from sl_pipeline.config import RelayConfig, check_endpoint, resolve_path
 from sl_pipeline.errors import ConfigError, PeerError, ProtocolError, SLError, TransportError
 from sl_pipeline.handshake import ClientHandshake
+from sl_pipeline.lowbit import Residuals
 from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message, error_message
 from sl_pipeline.models import build_segments, fingerprint, make_optimizer, resolve_device
 from sl_pipeline.tensors import all_finite, as_input, read_tensor, wire_tensors
@@ -69,6 +70,7 @@ class RelayWorker(RouterService):
         if self.max_batch < 1:
             raise ConfigError(f"relay.max_batch must be at least 1, got {r.max_batch}")
         self.segment = segments[r.segment].to(self.device)
+        self.residuals = Residuals()  # int2-ef: per client, what its gradients still owe
         t = cfg.train
         self.optimizer = make_optimizer(
             list(self.segment.parameters()), t.optimizer, t.lr, t.momentum
@@ -273,7 +275,9 @@ class RelayWorker(RouterService):
         answer = msg.reply(
             Kind.BACKWARD,
             meta=dict(reply.meta),
-            tensors=wire_tensors("grad", act.grad, self.cfg.train.wire_dtype),
+            tensors=wire_tensors(
+                "grad", act.grad, self.cfg.train.wire_dtype, self.residuals, msg.client
+            ),
         )
         self.replies.put(msg.client, Kind.FORWARD.value, step, answer)
         self.applied_log.append(msg.client, msg.epoch, msg.step)

@@ -159,6 +159,6 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--wire-dtype",
         default="float32",
-        choices=["float32", "float16", "bfloat16", "int8", "int4", "int2"],
+        choices=["float32", "float16", "bfloat16", "int8", "int4", "int2", "int2-ef"],
         help="compress activations and gradients on the wire",
     )

@@ -20,9 +20,10 @@ from privacy.defenses import build_defenses
 from sl_pipeline.config import resolve_path
 from sl_pipeline.data import Split, batch_order, iter_batches
 from sl_pipeline.errors import ConfigError, PeerError, PrivacyError, ProtocolError, StepLostError
+from sl_pipeline.lowbit import Residuals
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.models import build_segments, make_optimizer, resolve_device
-from sl_pipeline.tensors import as_input, read_tensor, wire_tensors
+from sl_pipeline.tensors import as_input, read_tensor, wire_labels, wire_tensors
 from workers.client.host import RunnerHost
 from workers.client.private import PrivateBatches
 
@@ -90,6 +91,7 @@ class StepRunner:
             self.modules["bottom"] = self.dp.module
             self.optimizer = self.dp.optimizer
         self.accounted_epochs = 0
+        self.residuals = Residuals()  # int2-ef (u-shaped): what our output gradients owe
 
     # ---- set-up --------------------------------------------------------------------------
     def build_modules(self) -> dict[str, nn.Module]:
@@ -145,7 +147,7 @@ class StepRunner:
         if self.sends_labels:
             if y is None:
                 raise ConfigError("this topology needs labels at the client; set data.label")
-            tensors["labels"] = y
+            tensors["labels"] = wire_labels(y, self.host.cfg.train.wire_dtype)
         return self.host.message(Kind.FORWARD, step, tensors=tensors, meta=self.forward_meta())
 
     def forward_meta(self) -> dict[str, Any]:
@@ -250,7 +252,9 @@ class StepRunner:
             grad = out.grad
             if self.label_protection is not None and protect_with is not None:
                 grad = self.label_protection.protect(grad, protect_with)
-            tensors = wire_tensors("grad", grad, self.host.cfg.train.wire_dtype)
+            tensors = wire_tensors(
+                "grad", grad, self.host.cfg.train.wire_dtype, self.residuals, "server"
+            )
             try:
                 return loss, await self.host.request(msg.reply(Kind.BACKWARD, tensors=tensors))
             except PeerError as exc:

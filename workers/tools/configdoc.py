@@ -34,7 +34,8 @@ MEANINGS: dict[str, str] = {
     "train.optimizer": "the optimizer of every segment",
     "train.seed": "seed of the batch order",
     "train.device": '"cpu", "cuda", "cuda:N" or "auto"',
-    "train.wire_dtype": "how activations and gradients travel (int8/int4/int2: 4x/8x/16x fewer)",
+    "train.wire_dtype": "how activations and gradients travel (int8/int4/int2: 4x/8x/16x fewer; "
+    "int2-ef: 2-bit activations, 1-bit gradients with error feedback)",
     "ops.log_format": "one line per event, as text or JSON",
     "ops.log_level": "DEBUG, INFO, WARNING, ERROR or CRITICAL",
     "checkpoint.keep": "how many checkpoints to keep (the newest)",

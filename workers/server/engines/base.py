@@ -18,6 +18,7 @@ from torch import nn
 
 from sl_pipeline.config import ServerConfig
 from sl_pipeline.errors import ConfigError, ProtocolError
+from sl_pipeline.lowbit import Residuals
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.models import make_optimizer, resolve_device
 from sl_pipeline.tensors import all_finite, as_input, read_tensor, wire_tensors
@@ -32,7 +33,9 @@ def _no_report(table: str) -> None:
 
 
 def check_labels(labels: torch.Tensor, batch: int, classes: int) -> torch.Tensor:
-    if labels.dtype not in (torch.int64, torch.int32) or tuple(labels.shape) != (batch,):
+    if labels.dtype not in (torch.int64, torch.int32, torch.uint8) or tuple(labels.shape) != (
+        batch,
+    ):
         raise ProtocolError(f"labels must be an int tensor of shape ({batch},)")
     if batch and (int(labels.min()) < 0 or int(labels.max()) >= classes):
         raise ProtocolError(f"labels must be class indices in [0, {classes})")
@@ -71,6 +74,7 @@ class Engine:
         self.device = resolve_device(cfg.train.device)
         self.model = module.to(self.device)
         self.wire_dtype = cfg.train.wire_dtype
+        self.residuals = Residuals()  # int2-ef: per peer, what its gradients still owe
         self.optimizer = make_optimizer(
             list(module.parameters()), cfg.train.optimizer, cfg.train.lr, cfg.train.momentum
         )
@@ -232,6 +236,6 @@ class VanillaEngine(Engine):
         reply = msg.reply(
             Kind.BACKWARD,
             meta={"loss": self.last_loss},
-            tensors=wire_tensors("grad", grad, self.wire_dtype),
+            tensors=wire_tensors("grad", grad, self.wire_dtype, self.residuals, msg.client),
         )
         return [(identity, reply)]

@@ -81,7 +81,8 @@ class MiddleEngine(Engine):
         # A bad gradient raises before anything changes and leaves the step open for a resend.
         (grad,) = self.backprop_output(msg, self._open.out, [self._open.act])
         self._open = None
-        return msg.reply(Kind.BACKWARD, tensors=wire_tensors("grad", grad, self.wire_dtype))
+        tensors = wire_tensors("grad", grad, self.wire_dtype, self.residuals, msg.client)
+        return msg.reply(Kind.BACKWARD, tensors=tensors)
 
     def queue_depth(self) -> int:
         return len(self._waiting)

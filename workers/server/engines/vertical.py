@@ -154,7 +154,10 @@ class VerticalEngine(Engine):
             # No loss: a feature party does not need it, and a batch's loss is a function of
             # its labels that no label protection covers.
             reply = part.msg.reply(
-                Kind.BACKWARD, tensors=wire_tensors("grad", grad, self.wire_dtype)
+                Kind.BACKWARD,
+                tensors=wire_tensors(
+                    "grad", grad, self.wire_dtype, self.residuals, part.msg.client
+                ),
             )
             replies.append((part.identity, reply))
         return replies
@@ -242,7 +245,7 @@ class VerticalEngine(Engine):
         replies = []
         for part, grad in zip(parts, grads, strict=True):
             self.last_grads[part.msg.client] = grad.detach().cpu()
-            tensors = wire_tensors("grad", grad, self.wire_dtype)
+            tensors = wire_tensors("grad", grad, self.wire_dtype, self.residuals, part.msg.client)
             replies.append((part.identity, part.msg.reply(Kind.BACKWARD, tensors=tensors)))
         return replies
 
