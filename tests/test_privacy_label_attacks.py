@@ -9,6 +9,7 @@ import torch
 
 from privacy.label import Marvell
 from privacy.label_attacks import (
+    ATTACKS,
     cluster_label_attack,
     label_leak_over_run,
     model_completion,
@@ -142,3 +143,44 @@ def test_model_completion_labels_the_rest_from_a_few_known_rows() -> None:
     three = torch.arange(300) % 3
     spread = torch.randn(300, 3, generator=g) + 3.0 * torch.nn.functional.one_hot(three)
     assert model_completion(spread, three, known=30)["completion_accuracy"] > 0.8
+
+
+def test_spread_attack_reads_labels_from_a_class_dependent_noise_variance() -> None:
+    # Prepare: zero-mean noise whose variance along one direction depends on the class (what
+    # Marvell adds): the signed cosine averages to zero for both classes, |cosine| does not.
+    g = torch.Generator().manual_seed(3)
+    n, d = 300, 16
+    labels = (torch.arange(n) % 2).long()
+    axis = torch.zeros(d)
+    axis[0] = 1.0
+    rounds = []
+    for _ in range(6):
+        ids = torch.randperm(n, generator=g)
+        spread = torch.where(labels[ids] == 1, 6.0, 1.0)[:, None]
+        grads = torch.randn(n, d, generator=g) + spread * torch.randn(n, 1, generator=g) * axis
+        rounds.append((ids, grads))
+    # Execute
+    found = label_leak_over_run(rounds, labels)
+    # Assert
+    assert found["direction_auc"] < 0.6 and found["norm_auc"] > 0.8
+    assert found["spread_auc"] > 0.9 and found["projection_auc"] > 0.9
+    assert found["label_leak_attack"] in ("spread", "projection")
+    assert found["label_leak_auc"] == max(found[f"{a}_auc"] for a in ATTACKS)
+
+
+def test_one_party_marvell_plan_never_reaches_another_party(tmp_path: Path) -> None:
+    # Prepare: client-1 has a two-class batch (its protection fits a plan to it)
+    files = init_deployment(tmp_path / "d", topology="vertical", clients=2, dataset="breast_cancer")
+    server = Path(files["files"]["server"])
+    sets = ['privacy.label.mechanism="marvell"', "privacy.label.scale=2.0"]
+    engine = VerticalEngine(load(ServerConfig, server, sets), server.parent)
+    g = torch.Generator().manual_seed(4)
+    labels = torch.tensor([0, 1] * 8)
+    grads = torch.randn(16, 6, generator=g) + 5.0 * labels[:, None]
+    engine._protection("client-1").protect(grads, labels)
+    # Execute: client-2's first batch holds one class only
+    engine._protection("client-2").protect(torch.randn(8, 6, generator=g), torch.ones(8).long())
+    # Assert: client-2 fell back to isotropic noise; it never used client-1's direction
+    first, second = engine._protection("client-1"), engine._protection("client-2")
+    assert isinstance(first, Marvell) and isinstance(second, Marvell)
+    assert first.last_plan is not None and second.last_plan is None

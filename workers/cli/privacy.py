@@ -41,6 +41,8 @@ AUDIT_KEYS = (
     "label_leak_auc",
     "norm_auc",
     "direction_auc",
+    "spread_auc",
+    "projection_auc",
     "label_leak_last_epoch_auc",
     "eval_output_auc",
     "completion_auc",
@@ -254,8 +256,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(_jsonable(result)), flush=True)
         return 0
-    if "hijack_flagged" in result:
-        print(f"{'hijack_flagged':>41}: {result['hijack_flagged']}")
+    for key in ("hijack_flagged", "label_leak_attack"):
+        if key in result:
+            print(f"{key:>41}: {result[key]}")
     for key in AUDIT_KEYS:
         if result.get(key) is not None:
             print(f"{key:>41}: {result[key]:.4f}")

@@ -20,6 +20,15 @@ from workers.client.worker import ClientWorker
 from workers.server.worker import ServerWorker
 
 ATTACK_SEEDS = 3  # the reconstruction attacker's seeds: figures come with a 95 % interval
+# every cross-epoch label attacker's AUC, the strongest, and its name (privacy.label_attacks)
+LABEL_LEAK_KEYS = (
+    "label_leak_auc",
+    "label_leak_attack",
+    "norm_auc",
+    "direction_auc",
+    "spread_auc",
+    "projection_auc",
+)
 UNSPLIT_VICTIMS = 64  # UnSplit optimises one input per victim: a sample keeps it to seconds
 # party -> one (epoch, sample ids, gradients sent) per training step
 Grads = dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]]
@@ -200,7 +209,7 @@ def measure_labels(trained: Trained) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if per_party:
         worst = max(per_party.values(), key=lambda r: r["label_leak_auc"])
-        out.update({k: worst[k] for k in ("label_leak_auc", "norm_auc", "direction_auc")})
+        out.update({k: worst[k] for k in LABEL_LEAK_KEYS})
         out["label_leak_last_epoch_auc"] = worst["last_epoch_auc"]
         out["label_leak_by_party"] = per_party
     completion: list[dict[str, Any]] = [
@@ -247,7 +256,7 @@ def measure_sent_labels(trained: Trained) -> dict[str, Any]:
         found = cluster_label_attack(rounds, labels, client.data.classes)
         if client.data.classes == 2:
             run = label_leak_over_run(rounds, labels)
-            found.update({k: run[k] for k in ("label_leak_auc", "norm_auc", "direction_auc")})
+            found.update({k: run[k] for k in LABEL_LEAK_KEYS if k != "label_leak_attack"})
             found["label_leak_last_epoch_auc"] = run["last_epoch_auc"]
         for key, value in found.items():
             if isinstance(value, float) and value >= out.get(key, -1.0):
