@@ -33,12 +33,13 @@ from typing import Any
 
 import torch
 from opacus import PrivacyEngine
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 from torch.utils.data import DataLoader
 
 from privacy.accounting import DPSGDAccountantView
 from privacy.config import DPSGDConfig
-from privacy.randomness import secret_generator
+from privacy.randomness import secret_generator, secret_normal
 from sl_pipeline.errors import PrivacyError
 
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -86,20 +87,18 @@ def make_private_client(
     *,
     server_loss_reduction: str = "mean",
     noise_generator: torch.Generator | None = None,
-    secure_mode: bool = False,
 ) -> PrivateClient:
     """Wrap the client segment with Opacus DP-SGD (``make_private`` or ``_with_epsilon``).
 
     ``epochs`` is used to derive the noise when ``cfg.target_epsilon`` is set.
-    ``noise_generator`` is for audits and tests (refused in ``secure_mode``); without it the
-    noise comes from a secretly seeded generator, never from torch's global one.
+    ``noise_generator`` is for audits and tests; without it the noise comes from the operating
+    system's cryptographic generator (:func:`_draw_noise_from_the_os`) and the Poisson sampler
+    from a secretly seeded generator, never from torch's global one (peers know its seed).
+    Opacus' own ``secure_mode`` needs ``torchcsprng``, which has no build for this torch: it is
+    not offered.
     """
     _check_arguments(server_loss_reduction, epochs, cfg, data_loader)
-    if noise_generator is None and not secure_mode:
-        # Never torch's global generator: peers know the seed it was given (model.seed).
-        device = next(module.parameters()).device
-        noise_generator = secret_generator(device)
-    engine = PrivacyEngine(accountant=cfg.accountant, secure_mode=secure_mode)
+    engine = PrivacyEngine(accountant=cfg.accountant)
     common: dict[str, Any] = {
         "module": module,
         "optimizer": optimizer,
@@ -116,6 +115,11 @@ def make_private_client(
     else:
         private = engine.make_private(noise_multiplier=cfg.noise_multiplier, **common)
     wrapped, dp_optimizer, loader = private[0], private[1], private[-1]
+    if noise_generator is None:
+        _draw_noise_from_the_os(dp_optimizer)
+        sampler = getattr(loader, "batch_sampler", None)
+        if hasattr(sampler, "generator") and sampler.generator is None:  # type: ignore[union-attr]
+            sampler.generator = secret_generator()  # type: ignore[union-attr]
     return PrivateClient(
         module=wrapped,
         optimizer=dp_optimizer,
@@ -124,6 +128,34 @@ def make_private_client(
         noise_multiplier=float(dp_optimizer.noise_multiplier),
         delta=cfg.delta,
     )
+
+
+def _draw_noise_from_the_os(optimizer: Any) -> None:
+    """Make ``optimizer`` (Opacus' ``DPOptimizer``, this instance only) draw its Gaussian noise
+    from the operating system's cryptographic generator, as the activation and label noise do
+    (:mod:`privacy.randomness`), unless an audit gives it a seeded ``generator`` later.
+
+    Opacus takes only a ``torch.Generator``, a Mersenne Twister whose state follows linearly
+    from its outputs; where a peer sees the client's weights move (split-fed averaging,
+    round-robin turns), each update is that noise plus a bounded clipped sum. The noise is
+    drawn in float64 as the sum of four standard normals halved (Opacus' ``secure_mode`` guard
+    against floating-point attacks on the noise's low bits), then cast to the gradient's
+    dtype."""
+    opacus_add_noise = optimizer.add_noise
+
+    def add_noise() -> None:
+        if optimizer.generator is not None:  # an audit's seeded generator: figures repeat
+            opacus_add_noise()
+            return
+        std = optimizer.noise_multiplier * optimizer.max_grad_norm
+        for p in optimizer.params:
+            summed = p.summed_grad
+            _check_processed_flag(summed)
+            noise = std * secret_normal((4, *summed.shape)).sum(dim=0) / 2.0
+            p.grad = (summed + noise.to(device=summed.device, dtype=summed.dtype)).view_as(p)
+            _mark_as_processed(summed)
+
+    optimizer.add_noise = add_noise
 
 
 def _check_arguments(

@@ -26,8 +26,9 @@ _MANTISSA_BITS = 53
 
 
 def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
-    """A torch generator seeded with 63 secret random bits (DP-SGD's, whose noise no peer sees
-    raw: it is added to the client's own gradients)."""
+    """A torch generator seeded with 63 secret random bits: for Opacus' Poisson sampler, whose
+    draws a peer sees at most thresholded (which rows were sampled). DP-SGD's noise does not
+    use one (see :mod:`privacy.dpsgd`)."""
     generator = torch.Generator(device=device)
     generator.manual_seed(secrets.randbits(63))
     return generator

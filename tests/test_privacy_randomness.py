@@ -44,14 +44,51 @@ def test_a_seeded_generator_still_makes_audits_repeat() -> None:
     assert torch.equal(a, b)
 
 
-def test_dpsgd_noise_has_its_own_secret_generator() -> None:
+def _dpsgd_step(noise_generator: torch.Generator | None = None) -> torch.Tensor:
+    """One DP-SGD step (noise multiplier 1) after seeding the global generator as a peer
+    that knows model.seed could; returns the weights."""
+    torch.manual_seed(0)
     model = nn.Linear(4, 2)
     loader = DataLoader(TensorDataset(torch.randn(32, 4), torch.zeros(32)), batch_size=8)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     cfg = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0)
-    private = make_private_client(model, optimizer, loader, cfg, epochs=1)
-    assert private.optimizer.generator is not None
-    assert private.optimizer.generator is not torch.default_generator
+    private = make_private_client(
+        model, optimizer, loader, cfg, epochs=1, noise_generator=noise_generator
+    )
+    if noise_generator is None:  # nor is the Poisson sampling drawn from the global generator
+        assert private.data_loader.batch_sampler.generator is not None  # type: ignore[union-attr]
+    x, _ = next(iter(private.data_loader))
+    private.module(x).sum().backward()
+    private.optimizer.step()
+    return torch.cat([p.detach().reshape(-1) for p in private.unwrapped.parameters()])
+
+
+def test_dpsgd_noise_comes_from_the_os_not_a_torch_generator() -> None:
+    # Execute: the same step twice from the same global seed, no generator given
+    first, second = _dpsgd_step(), _dpsgd_step()
+    # Assert: the noise differs (drawn from the OS), and the optimizer holds no torch
+    # generator whose outputs would reveal its state; a seeded one (audits) still repeats
+    assert not torch.allclose(first, second)
+    seeded = [_dpsgd_step(torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert torch.equal(seeded[0], seeded[1])
+
+
+def test_dpsgd_os_noise_has_the_calibrated_spread() -> None:
+    # The noise added to a zero gradient sum: std noise_multiplier * max_grad_norm
+    model = nn.Linear(400, 500, bias=False)
+    loader = DataLoader(TensorDataset(torch.zeros(8, 400), torch.zeros(8)), batch_size=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    cfg = DPSGDConfig(noise_multiplier=2.0, max_grad_norm=3.0, poisson_sampling=False)
+    private = make_private_client(
+        model, optimizer, loader, cfg, epochs=1, server_loss_reduction="sum"
+    )
+    assert private.optimizer.generator is None
+    x, _ = next(iter(private.data_loader))
+    private.module(x).sum().backward()
+    private.optimizer.pre_step()
+    grad = model.weight.grad
+    assert grad is not None
+    assert abs(float(grad.std()) - 6.0) < 0.06 and abs(float(grad.mean())) < 0.05
 
 
 def test_production_noise_comes_from_the_os_not_a_torch_generator() -> None:
