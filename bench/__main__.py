@@ -22,6 +22,8 @@ from .common import machine_load
 KEYS = (
     "encryption_overhead",
     "encryption_overhead_spread",
+    "encryption_cpu_ratio",
+    "aead_gb_s",
     "transport_efficiency",
     "transport_efficiency_spread",
     "overhead_ratio",
@@ -36,6 +38,7 @@ KEYS = (
     "scrape_slowdown",
     "chunk_table",
     "wan_40ms_of_bound",
+    "wan_40ms_of_pipelined_bound",
     "wan_40ms_speedup",
     "load",
 )

@@ -4,7 +4,8 @@ The same client and server as ``bench.crypto_rt`` (the real Channel over loopbac
 one encrypted connection per chunk size; the server replies with the chunk size the request
 names (``meta["chunk_bytes"]``). Every encrypted mode is paired with the plaintext one in
 interleaved blocks; ``chunk_table`` holds, per chunk size, the median pair ratio and its
-quartiles. "whole" seals the message as one ZeroMQ message (a chunk larger than it).
+quartiles (``chunk_cpu_table``: the same for both processes' CPU time). "whole" seals the
+message as one ZeroMQ message (a chunk larger than it).
 """
 
 from __future__ import annotations
@@ -53,11 +54,12 @@ async def measure(url: str, server_key: bytes, quick: bool) -> dict[str, Any]:
             )
         for mode, conn in conns.items():
             await round_trips(conn, messages[mode], 3)
-        blocks = await paired_blocks(conns, messages, quick)
+        blocks, cpu = await paired_blocks(conns, messages, quick)
     finally:
         ctx.destroy(linger=0)
     table = {label: paired(blocks[label], blocks["plain"]) for label in CHUNKS}
-    return {"chunk_table": table, "chunk_table_size": "2MiB"}
+    cpu_table = {label: paired(cpu[label], cpu["plain"]) for label in CHUNKS}
+    return {"chunk_table": table, "chunk_cpu_table": cpu_table, "chunk_table_size": "2MiB"}
 
 
 def run(quick: bool = False) -> dict[str, Any]:

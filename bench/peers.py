@@ -3,14 +3,17 @@
 ``channel_peer`` is our server side: a ROUTER :class:`RouterEndpoint`, the real handshake
 (plaintext and Noise IK both accepted), and one :class:`Channel` per peer. Each FORWARD
 says in ``meta["reply"]`` what it wants back: ``"echo"`` (the same tensor, same size),
-``"ack"`` (a small reply) or ``"none"``. ``raw_peer`` is the baseline: bare pyzmq plus
-AES-256-GCM on the same bytes, acknowledging every message that ends in ``b"A"``.
+``"ack"`` (a small reply), ``"none"`` or ``"cpu"`` (a small reply whose meta ``cpu_s`` is
+this process's CPU time so far, all threads: ZeroMQ's I/O thread included). ``raw_peer`` is
+the baseline: bare pyzmq plus AES-256-GCM on the same bytes, acknowledging every message
+that ends in ``b"A"``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import struct
+import time
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event
 
@@ -65,6 +68,8 @@ async def _serve(endpoint: str, ready: Queue, stop: Event) -> None:
                 answer = message.reply(Kind.BACKWARD, tensors={"grad": message.tensor("act")})
             elif mode == "ack":
                 answer = message.reply(Kind.HEARTBEAT)
+            elif mode == "cpu":
+                answer = message.reply(Kind.HEARTBEAT, meta={"cpu_s": time.process_time()})
             else:
                 continue
             await router.send_parts(identity, channel.parts(answer))

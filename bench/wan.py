@@ -6,10 +6,13 @@ through ``bench.shaper``, a proxy on loopback that adds a round trip of 20, 40 a
 each direction to 100 Mbit/s. The bound on steps/s at depth ``d`` and round trip ``RTT`` is
 ``min(compute, bandwidth, d / RTT)``: *compute* is steps/s through the proxy with no delay and
 no rate limit at depth 8, *bandwidth* is the rate over the bytes per step of the busier
-direction (counted by the proxy). The recommended depth is the smallest with
-``d >= RTT * min(compute, bandwidth) + 1``, or 8: a step's reply comes back one round trip
-plus one step's own time after it was sent, so that many steps must be in flight to keep the
-slower side busy. Each round also runs a block with ``--pipeline-depth auto``
+direction (counted by the proxy). That bound takes a step's latency to be the round trip
+alone; one step in flight also waits for its bytes to cross the rate limit and for its own
+compute, so ``pipelined_bound_steps_s`` is ``min(compute, bandwidth, d * steps_s(depth 1))``:
+what perfect pipelining of the measured one-step latency gives. The recommended depth is
+the smallest with ``d >= RTT * min(compute, bandwidth) + 1``, or 8: a step's reply comes
+back one round trip plus one step's own time after it was sent, so that many steps must be
+in flight to keep the slower side busy. Each round also runs a block with ``--pipeline-depth auto``
 (``auto_depth``: the depths it chose; ``auto_steps_s``: its steps/s, probe included). Settings and
 depths run in rounds, each round every setting in turn, so all see the same machine load;
 each figure is the median over rounds.
@@ -139,13 +142,21 @@ def summarise(
         rtt_s = float(label.removesuffix("ms")) / 1000
         steps_s = {d: median(by_depth[d]) for d in DEPTHS}
         bound = {d: min(compute, bandwidth, d / rtt_s) for d in DEPTHS}
+        # d steps in flight can at best do d times what one step in flight does: a step
+        # spends more than the round trip on the link (its bytes take time to send, and its
+        # compute runs before its reply), and no depth removes that from its own latency.
+        piped = {d: min(compute, bandwidth, d * steps_s[1]) for d in DEPTHS}
         best = recommended_depth(rtt_s, min(compute, bandwidth))
         by_rtt[label] = {
             "steps_s": steps_s,
             "bound_steps_s": bound,
             "of_bound": {d: steps_s[d] / bound[d] for d in DEPTHS},
+            "pipelined_bound_steps_s": piped,
+            "of_pipelined_bound": {d: steps_s[d] / piped[d] for d in DEPTHS},
+            "step_latency_ms": 1e3 / steps_s[1],
             "recommended_depth": best,
             "recommended_of_bound": steps_s[best] / bound[best],
+            "recommended_of_pipelined_bound": steps_s[best] / piped[best],
             "recommended_speedup_over_depth_1": steps_s[best] / steps_s[1],
             "auto_depth": chosen[label],
             "auto_steps_s": median(by_depth[AUTO]),
@@ -162,6 +173,7 @@ def summarise(
             "targets": {"of_bound": TARGET_OF_BOUND, "speedup_over_depth_1": TARGET_SPEEDUP},
         },
         "wan_40ms_of_bound": at40.get("recommended_of_bound"),
+        "wan_40ms_of_pipelined_bound": at40.get("recommended_of_pipelined_bound"),
         "wan_40ms_speedup": at40.get("recommended_speedup_over_depth_1"),
     }
 

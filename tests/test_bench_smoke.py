@@ -11,7 +11,7 @@ from bench import crypto_rt, flops, shaper
 from bench.common import CTX, free_port, machine_load, paired
 from bench.models import VGG_CUT, vgg16
 from bench.rpc import RpcPeer
-from bench.wan import recommended_depth
+from bench.wan import recommended_depth, summarise
 
 
 @pytest.mark.timeout(60)
@@ -48,6 +48,10 @@ def test_tiny_crypto_round_trip_runs() -> None:
     assert set(result["encryption_overhead"]) == {"4KiB"}
     assert result["encryption_overhead"]["4KiB"] > 0
     assert result["rtt_ms"]["4KiB"]["samples"] >= 3
+    # CPU time of both processes per round trip, and the ciphers' own speed
+    assert result["cpu_ms_per_round_trip"]["4KiB"]["encrypted"] > 0
+    assert result["encryption_cpu_ratio_spread"]["4KiB"]["pairs"] >= 3
+    assert result["aead_gb_s"]["aes256gcm"] > 0 and result["aead_gb_s"]["chacha20poly1305"] > 0
 
 
 @pytest.mark.timeout(120)
@@ -127,6 +131,14 @@ async def test_shaper_adds_the_round_trip_and_limits_the_rate() -> None:
     assert 0.060 <= small_s < 1.0
     assert large_s >= 0.060 + 0.1
     assert link.carried() == (100_001, 100_001)
+
+
+def test_pipelined_bound_is_depth_times_one_step_in_flight() -> None:
+    rates = {"40ms": {1: [10.0, 12.0], 2: [20.0, 22.0], 4: [40.0], 8: [60.0], 0: [30.0]}}
+    summary = summarise(rates, {"40ms": [4]}, 70.0, [(1000.0, 1000.0)])["wan"]["by_rtt"]["40ms"]
+    assert summary["pipelined_bound_steps_s"] == {1: 11.0, 2: 22.0, 4: 44.0, 8: 70.0}
+    assert summary["bound_steps_s"][8] == 70.0 and summary["bound_steps_s"][1] == 25.0
+    assert summary["of_pipelined_bound"][8] == 60.0 / 70.0
 
 
 def test_recommended_depth_covers_a_round_trip_plus_a_step() -> None:
