@@ -17,8 +17,7 @@ from sl_pipeline.errors import ProtocolError
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.tensors import read_tensor, wire_labels, wire_tensors
 from workers.cli import main
-
-from .inprocess import run_deployment
+from workers.tools.inprocess import run_deployment
 
 shapes = st.lists(st.integers(1, 6), min_size=1, max_size=4)
 
@@ -139,15 +138,15 @@ def test_int2_ef_training_sends_8x_fewer_bytes_and_keeps_residuals(
     per_step = {
         dtype: (s["bytes_sent"] + s["bytes_received"]) / s["steps"]
         for dtype, run in runs.items()
-        for s in run["summaries"]
+        for s in run.summaries
     }
     # (u-shaped also sends the server's output, at 8 bits: it may be logits)
     assert per_step["float32"] > (8 if topology == "vanilla" else 5) * per_step["int2-ef"]
-    summary = runs["int2-ef"]["summaries"][0]
+    summary = runs["int2-ef"].summaries[0]
     assert summary["test_accuracy"] > 0.8
-    engine = runs["int2-ef"]["server"].engine
+    engine = runs["int2-ef"].server.engine
     assert len(engine.residuals) == 1  # the server's gradients to client-1 carry feedback
-    runner = runs["int2-ef"]["clients"][0].runner
+    runner = runs["int2-ef"].clients[0].runner
     assert len(runner.residuals) == (1 if topology == "ushaped" else 0)
 
 
