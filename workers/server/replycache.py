@@ -65,10 +65,6 @@ class ReplyCache:
         steps = self._steps(client, kind)
         return next(reversed(steps)) if steps else None
 
-    def oldest(self, client: str, kind: str) -> Step | None:
-        steps = self._steps(client, kind)
-        return next(iter(steps)) if steps else None
-
     def put(self, client: str, kind: str, step: Step, reply: Message) -> None:
         kinds = self._names.setdefault(client, {})
         self._names.move_to_end(client)
@@ -131,4 +127,6 @@ class ReplyCache:
     def load(self, entries: list[dict[str, Any]]) -> None:
         for entry in entries:
             step = (int(entry["step"][0]), int(entry["step"][1]))
-            self.put(entry["client"], entry["kind"], step, message_from_state(entry["reply"]))
+            # a reply saved before replies named their request: its cache entry names it
+            reply = message_from_state(entry["reply"], answers=entry["kind"])
+            self.put(entry["client"], entry["kind"], step, reply)
