@@ -32,7 +32,7 @@ DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
 }
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-_HEADER_KEYS = {"v", "kind", "session", "client", "epoch", "step", "meta", "tensors"}
+_HEADER_KEYS = {"v", "kind", "re", "session", "client", "epoch", "step", "meta", "tensors"}
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -66,6 +66,7 @@ def encode(message: Message) -> list[Buffer]:
     header = {
         "v": PROTOCOL_VERSION,
         "kind": message.kind.value,
+        "re": message.answers.value if message.answers is not None else None,
         "session": message.session,
         "client": message.client,
         "epoch": message.epoch,
@@ -108,6 +109,7 @@ def decode(frames: Sequence[Buffer], limits: Limits = DEFAULT_LIMITS) -> Message
         step=header["step"],
         meta=header["meta"],
         tensors=tensors,
+        answers=header["re"],
     )
 
 
@@ -128,8 +130,12 @@ def _parse_header(frame: Buffer, limits: Limits) -> dict[str, Any]:
         raise VersionError(
             f"peer speaks protocol version {header['v']!r}; this build speaks {PROTOCOL_VERSION}"
         )
-    if not isinstance(header["kind"], str) or header["kind"] not in Kind._value2member_map_:
-        raise ProtocolError(f"unknown message kind {header['kind']!r}")
+    for key in ("kind", "re"):
+        value = header[key]
+        if key == "re" and value is None:  # a request answers nothing
+            continue
+        if not isinstance(value, str) or value not in Kind._value2member_map_:
+            raise ProtocolError(f"header {key!r} names an unknown message kind {value!r}")
     if not isinstance(header["meta"], dict) or not isinstance(header["tensors"], list):
         raise ProtocolError("header 'meta' must be an object and 'tensors' a list")
     for key in ("session", "client"):

@@ -41,6 +41,12 @@ class LimitError(ProtocolError):
     code = "limit"
 
 
+class ReplyMismatchError(ProtocolError):
+    """A reply that does not answer the request waiting for it (another kind or step)."""
+
+    code = "reply_mismatch"
+
+
 class StepLostError(ProtocolError):
     """The peer no longer has this step open (it restarted from a checkpoint taken before
     the step began): redo the step from its first message."""

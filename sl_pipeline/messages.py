@@ -1,8 +1,9 @@
 """Protocol messages: immutable typed values, validated when built.
 
 A :class:`Message` is what the workers exchange: a kind, the routing ids that make every
-step addressable (session, client, epoch, step), a small JSON-able ``meta`` mapping and
-named tensors. The codec turns it into ZeroMQ frames; nothing here does I/O.
+step addressable (session, client, epoch, step), for a reply the kind of the request it
+answers (``answers``, the header's ``re``), a small JSON-able ``meta`` mapping and named
+tensors. The codec turns it into ZeroMQ frames; nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -10,15 +11,16 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
 import torch
 
-from .errors import CheckpointError, ProtocolError
+from .errors import CheckpointError, ProtocolError, ReplyMismatchError
 
-PROTOCOL_VERSION = 1
+# 2: a reply names the request it answers (header "re"); 1 had no "re" and is refused.
+PROTOCOL_VERSION = 2
 MAX_ID_CHARS = 128
 
 
@@ -63,6 +65,13 @@ def _check_meta_value(key: str, value: Any, depth: int = 0) -> Any:
     )
 
 
+def _kind(value: Any) -> Kind:
+    try:
+        return Kind(value)
+    except ValueError as exc:
+        raise ProtocolError(f"unknown message kind {value!r}") from exc
+
+
 def _check_id(name: str, value: str) -> None:
     if not isinstance(value, str) or len(value) > MAX_ID_CHARS or not value.isprintable():
         raise ProtocolError(f"{name} must be a printable string of at most {MAX_ID_CHARS} chars")
@@ -79,12 +88,12 @@ class Message:
     step: int = 0
     meta: Mapping[str, Any] = field(default_factory=dict)
     tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    answers: Kind | None = None  # a reply: the kind of the request it answers (same step)
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "kind", Kind(self.kind))
-        except ValueError as exc:
-            raise ProtocolError(f"unknown message kind {self.kind!r}") from exc
+        object.__setattr__(self, "kind", _kind(self.kind))
+        if self.answers is not None:
+            object.__setattr__(self, "answers", _kind(self.answers))
         _check_id("session", self.session)
         _check_id("client", self.client)
         for name in ("epoch", "step"):
@@ -99,8 +108,9 @@ class Message:
             _check_id("tensor name", name)
         object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
 
-    def reply(self, kind: Kind, **changes: Any) -> Message:
-        """A message answering this one: same routing ids unless overridden."""
+    def follow(self, kind: Kind, **changes: Any) -> Message:
+        """A request that continues this one's step (same routing ids unless overridden):
+        the u-shaped client's BACKWARD after its FORWARD, a relay's request upstream."""
         base: dict[str, Any] = {
             "session": self.session,
             "client": self.client,
@@ -109,6 +119,16 @@ class Message:
         }
         base.update(changes)
         return Message(kind=kind, **base)
+
+    def reply(self, kind: Kind, **changes: Any) -> Message:
+        """A message answering this one: it names this one's kind in ``answers`` and keeps
+        its step (its routing ids unless overridden), so the requester can check it."""
+        return self.follow(kind, answers=self.kind, **changes)
+
+    def spoken_by(self, client: str) -> Message:
+        """This message as sent by ``client``: a server or relay files what a peer sends
+        under the peer's admitted name (or a relay's client's), never a name it claims."""
+        return replace(self, client=client)
 
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor called ``name``, or a ProtocolError saying which one is missing."""
@@ -119,6 +139,22 @@ class Message:
                 f"{self.kind.value} message lacks tensor {name!r} "
                 f"(has: {', '.join(self.tensors) or 'none'})"
             ) from None
+
+
+def check_answers(request: Message, reply: Message) -> Message:
+    """``reply`` if it answers ``request`` (it names the request's kind and carries its
+    epoch and step); a :class:`ReplyMismatchError` otherwise, instead of assuming it does."""
+    if reply.answers is request.kind and (reply.epoch, reply.step) == (
+        request.epoch,
+        request.step,
+    ):
+        return reply
+    answered = reply.answers.value if reply.answers is not None else "no request"
+    raise ReplyMismatchError(
+        f"a {reply.kind.value} reply to {answered} at step ({reply.epoch}, {reply.step}) came "
+        f"while waiting for the reply to {request.kind.value} at step "
+        f"({request.epoch}, {request.step})"
+    )
 
 
 def error_message(
@@ -150,11 +186,14 @@ def message_state(msg: Message) -> dict[str, Any]:
         "step": msg.step,
         "meta": _plain(msg.meta),
         "tensors": dict(msg.tensors),
+        "re": msg.answers.value if msg.answers is not None else None,
     }
 
 
-def message_from_state(state: Mapping[str, Any]) -> Message:
-    """Undo :func:`message_state`; the message validates itself again."""
+def message_from_state(state: Mapping[str, Any], answers: str | None = None) -> Message:
+    """Undo :func:`message_state`; the message validates itself again. ``answers`` is the
+    request kind of a reply saved before replies named it (a checkpoint of protocol 1)."""
+    answered = state.get("re") or answers
     try:
         return Message(
             kind=Kind(state["kind"]),
@@ -164,6 +203,7 @@ def message_from_state(state: Mapping[str, Any]) -> Message:
             step=state["step"],
             meta=state["meta"],
             tensors=state["tensors"],
+            answers=None if answered is None else Kind(answered),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"cannot restore a cached message from checkpoint: {exc}") from None

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sl_pipeline.errors import CheckpointError, SLError
-from sl_pipeline.messages import Kind, Message, message_from_state, message_state
+from sl_pipeline.messages import Kind, Message, check_answers, message_from_state, message_state
 from workers.runtime.checkpoint import (
     CheckpointStore,
     SnapshotRing,
@@ -25,6 +25,7 @@ from workers.runtime.checkpoint import (
     restore_rng,
     rng_state,
 )
+from workers.server.replycache import ReplyCache
 
 MARKER: list[str] = []
 
@@ -263,6 +264,7 @@ def test_cached_reply_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
         step=9,
         meta={"loss": 0.25, "durable": [1, 5], "nested": {"a": [1, {"b": None}]}},
         tensors={"grad": torch.randn(4, 3)},
+        answers=Kind.FORWARD,
     )
     store = CheckpointStore(tmp_path)
     # Execute
@@ -278,6 +280,7 @@ def test_cached_reply_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
         1,
         9,
     )
+    assert again.answers is Kind.FORWARD  # a replayed reply still names its request
     assert _plain_meta(again) == _plain_meta(reply)
     assert torch.equal(again.tensor("grad"), reply.tensor("grad"))
     with pytest.raises(CheckpointError):
@@ -303,3 +306,18 @@ def test_arbitrary_newest_file_never_crashes_load_latest(blob: bytes) -> None:
         store.path_for(2).write_bytes(blob)
         loaded = store.load_latest()
         assert loaded is not None and loaded[0] == {"good": True}
+
+
+def test_a_reply_cache_saved_before_replies_named_their_request_still_answers_it() -> None:
+    # Prepare: a protocol-1 checkpoint's cache entry: the reply state has no "re"
+    reply = Message(kind=Kind.BACKWARD, client="client-1", epoch=0, step=4)
+    state = {k: v for k, v in message_state(reply).items() if k != "re"}
+    entry = {"client": "client-1", "kind": "forward", "step": [0, 4], "reply": state}
+    cache = ReplyCache()
+    # Execute
+    cache.load([entry])
+    # Assert: the entry's request kind fills it in, so a resent forward is answered by a
+    # reply the client accepts
+    request = Message(kind=Kind.FORWARD, client="client-1", epoch=0, step=4)
+    cached = cache.get("client-1", "forward", (0, 4))
+    assert cached is not None and check_answers(request, cached) is cached

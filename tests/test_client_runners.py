@@ -16,7 +16,8 @@ import torch
 
 from sl_pipeline.config import TOPOLOGIES, ClientConfig, RelayConfig, ServerConfig, load
 from sl_pipeline.data import PartyData
-from sl_pipeline.messages import Kind, Message
+from sl_pipeline.errors import ReplyMismatchError
+from sl_pipeline.messages import Kind, Message, check_answers
 from sl_pipeline.models import build_segments
 from sl_pipeline.sources import load_source
 from sl_pipeline.tensors import as_input, read_tensor, wire_tensors
@@ -65,7 +66,10 @@ class Host:
         )
 
     async def request(self, message: Message, timeout_s: float | None = None) -> Message:
-        return await self.hub.request(self.cfg.client.name.encode(), message)
+        # as the link does: every engine's reply must name the request it answers
+        return check_answers(
+            message, await self.hub.request(self.cfg.client.name.encode(), message)
+        )
 
     def message(self, kind: Kind, step: int = 0, **kwargs: Any) -> Message:
         return Message(
@@ -81,7 +85,7 @@ def relay_hop(cfg: RelayConfig, engine: Engine) -> Any:
         act = as_input(read_tensor(msg, "act"), True)
         out = segment(act)
         tensors = {**wire_tensors("act", out, "float32"), "labels": msg.tensor("labels")}
-        [(_, reply)] = engine.handle(b"relay-1", msg.reply(Kind.FORWARD, tensors=tensors))
+        [(_, reply)] = engine.handle(b"relay-1", msg.follow(Kind.FORWARD, tensors=tensors))
         out.backward(read_tensor(reply, "grad"))
         assert act.grad is not None
         grad = wire_tensors("grad", act.grad, "float32")
@@ -92,11 +96,18 @@ def relay_hop(cfg: RelayConfig, engine: Engine) -> Any:
     return hop
 
 
-def deployment(tmp_path: Path, name: str) -> tuple[list[Host], Hub]:
+def deployment(tmp_path: Path, name: str, label_client: bool = False) -> tuple[list[Host], Hub]:
     spec = topology(name)
     dataset = spec.datasets[-1]  # breast cancer, the smaller one, where the topology runs on it
     clients = spec.default_clients
-    made = init_deployment(tmp_path, topology=name, dataset=dataset, clients=clients, insecure=True)
+    made = init_deployment(
+        tmp_path,
+        topology=name,
+        dataset=dataset,
+        clients=clients,
+        insecure=True,
+        label_client=label_client,
+    )
     files = {site: Path(path) for site, path in made["files"].items()}
     server = load(ServerConfig, files["server"])
     engine = topology(name).engine(server, tmp_path)
@@ -121,12 +132,16 @@ def weights(runner: StepRunner) -> torch.Tensor:
     return torch.nn.utils.parameters_to_vector(runner.bottom.parameters()).detach().clone()
 
 
-@pytest.mark.parametrize("name", TOPOLOGIES)
+@pytest.mark.parametrize(
+    ("name", "label_client"),
+    [*((name, False) for name in TOPOLOGIES), ("vertical", True)],
+    ids=[*TOPOLOGIES, "vertical-label-client"],
+)
 async def test_a_runner_steps_against_its_engine_without_a_socket(
-    tmp_path: Path, name: str
+    tmp_path: Path, name: str, label_client: bool
 ) -> None:
     # Prepare
-    hosts, hub = deployment(tmp_path, name)
+    hosts, hub = deployment(tmp_path, name, label_client)
     runners = [topology(name).runner(host) for host in hosts]
     before = [weights(r) for r in runners]
     # Execute
@@ -192,3 +207,74 @@ async def test_pipelining_yields_each_applied_step_in_order_without_a_socket(
     assert all(a.loss > 0 for a in applied) and pipeline.depth == 3
     assert hub.engine.steps_applied == 5
     assert not torch.equal(weights(host.runner), before)
+
+
+class Scripted:
+    """A connection whose peer answers every request with ``answer(request)``."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+        self.replies: list[Message] = []
+
+    async def send(self, msg: Message) -> None:
+        self.replies.append(self.answer(msg))
+
+    async def recv(self, timeout_s: float) -> Message:
+        return self.replies.pop(0)
+
+
+def scripted_link(tmp_path: Path, answer: Any) -> Upstream:
+    [host], _ = deployment(tmp_path, "vanilla")
+    link = Upstream(host.cfg, host.metrics, make_handshake(host.cfg, tmp_path, "vanilla"))
+    link.conn = Scripted(answer)  # type: ignore[assignment]
+    return link
+
+
+async def never_rejoin() -> None:
+    raise AssertionError("a mismatched reply must be refused, not retried")
+
+
+@pytest.mark.parametrize(
+    ("answer", "named"),
+    [
+        (lambda m: m.follow(Kind.EVALUATE).reply(Kind.RESULT), "result reply to evaluate"),
+        (lambda m: m.follow(Kind.FORWARD, step=m.step + 1).reply(Kind.BACKWARD), "step \\(0, 4\\)"),
+        (lambda m: m.follow(Kind.FORWARD, epoch=1).reply(Kind.BACKWARD), "step \\(1, 3\\)"),
+        (lambda m: m.follow(Kind.BACKWARD), "reply to no request"),
+    ],
+    ids=["another-kind", "another-step", "another-epoch", "no-request"],
+)
+async def test_the_link_refuses_a_reply_to_another_request(
+    tmp_path: Path, answer: Any, named: str
+) -> None:
+    # Prepare: a peer that answers a forward of step (0, 3) with a reply to something else
+    link = scripted_link(tmp_path, answer)
+    forward = Message(kind=Kind.FORWARD, client="client-1", epoch=0, step=3)
+    # Execute / Assert: a protocol error naming both, never the reply taken as this one's
+    with pytest.raises(ReplyMismatchError, match=named):
+        await link.request(forward, never_rejoin)
+
+
+async def test_the_link_returns_the_reply_that_answers_its_request(tmp_path: Path) -> None:
+    link = scripted_link(tmp_path, lambda m: m.reply(Kind.BACKWARD, meta={"loss": 0.5}))
+    forward = Message(kind=Kind.FORWARD, client="client-1", epoch=0, step=3)
+    reply = await link.request(forward, never_rejoin)
+    assert (reply.answers, reply.step, reply.meta["loss"]) == (Kind.FORWARD, 3, 0.5)
+
+
+async def test_pipelining_refuses_a_reply_out_of_order(tmp_path: Path) -> None:
+    # Prepare: a peer that answers each forward as if it were the next step
+    [host], _ = deployment(tmp_path, "vanilla")
+    host.cfg = dataclasses.replace(
+        host.cfg, train=dataclasses.replace(host.cfg.train, pipeline_depth=2)
+    )
+    host.runner = topology("vanilla").runner(host)
+    host.link = scripted_link(
+        tmp_path / "link", lambda m: m.follow(Kind.FORWARD, step=m.step + 1).reply(Kind.BACKWARD)
+    )
+    batches = itertools.islice(host.runner.epoch_batches(0), 3)
+    # Execute / Assert: the oldest step's reply must answer it
+    with pytest.raises(
+        ReplyMismatchError, match="waiting for the reply to forward at step \\(0, 0\\)"
+    ):
+        [a async for a in Pipeline(host).run(0, batches)]  # type: ignore[arg-type]

@@ -11,8 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sl_pipeline.codec import DTYPES, Limits, decode, encode
-from sl_pipeline.errors import LimitError, ProtocolError, SLError, VersionError
-from sl_pipeline.messages import Kind, Message
+from sl_pipeline.errors import (
+    LimitError,
+    ProtocolError,
+    ReplyMismatchError,
+    SLError,
+    VersionError,
+)
+from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message, check_answers
 
 shapes = st.lists(st.integers(0, 5), min_size=0, max_size=4)
 
@@ -36,6 +42,7 @@ def messages(draw: st.DrawFn) -> Message:
             "tag": draw(st.text(max_size=8)),
         },
         tensors=tensors,
+        answers=draw(st.sampled_from([None, *Kind])),
     )
 
 
@@ -45,7 +52,7 @@ def test_round_trip_is_exact(message: Message) -> None:
     # Execute
     decoded = decode([bytes(f) for f in encode(message)])
     # Assert
-    assert decoded.kind == message.kind
+    assert (decoded.kind, decoded.answers) == (message.kind, message.answers)
     assert (decoded.session, decoded.client, decoded.epoch, decoded.step) == (
         message.session,
         message.client,
@@ -84,8 +91,9 @@ def test_non_contiguous_tensor_travels_correctly() -> None:
 
 def _header(**changes: object) -> bytes:
     header = {
-        "v": 1,
+        "v": PROTOCOL_VERSION,
         "kind": "forward",
+        "re": None,
         "session": "",
         "client": "",
         "epoch": 0,
@@ -106,6 +114,8 @@ def _header(**changes: object) -> bytes:
         ([_header()], ProtocolError),  # missing frame
         ([_header(v=99), b"\x00" * 8], VersionError),
         ([_header(kind="steal"), b"\x00" * 8], ProtocolError),
+        ([_header(re="steal"), b"\x00" * 8], ProtocolError),
+        ([_header(re=1), b"\x00" * 8], ProtocolError),
         (
             [_header(tensors=[{"name": "a", "dtype": "object", "shape": [2]}]), b"\x00" * 8],
             ProtocolError,
@@ -145,7 +155,9 @@ def test_fuzzed_frames_raise_only_project_errors(frames: list[bytes]) -> None:
 
 @given(
     st.dictionaries(
-        st.sampled_from(["v", "kind", "meta", "tensors", "epoch", "step", "session", "client"]),
+        st.sampled_from(
+            ["v", "kind", "re", "meta", "tensors", "epoch", "step", "session", "client"]
+        ),
         st.one_of(
             st.none(),
             st.integers(),
@@ -173,3 +185,48 @@ def test_message_validation_rejects_bad_values() -> None:
     msg = Message(kind=Kind.FORWARD, meta={"a": [1]})
     with pytest.raises(TypeError):
         msg.meta["b"] = 2  # type: ignore[index]
+
+
+def test_a_reply_names_the_request_it_answers_on_the_wire() -> None:
+    # Prepare: a u-shaped step: the forward, its result, the backward that follows it
+    forward = Message(kind=Kind.FORWARD, client="client-1", epoch=2, step=7)
+    result = forward.reply(Kind.RESULT, tensors={"out": torch.ones(2)})
+    backward = forward.follow(Kind.BACKWARD)
+    # Execute
+    frames = encode(result)
+    decoded = decode([bytes(f) for f in frames])
+    # Assert: the header says which request (kind and step) the reply answers; a request
+    # that follows another answers nothing
+    header = json.loads(bytes(frames[0]))
+    assert (header["re"], header["epoch"], header["step"]) == ("forward", 2, 7)
+    assert json.loads(bytes(encode(backward)[0]))["re"] is None
+    assert decoded.answers is Kind.FORWARD and check_answers(forward, decoded) == decoded
+
+
+def test_a_header_of_protocol_1_without_re_is_refused_as_another_version() -> None:
+    old = json.loads(_header())
+    del old["re"]
+    with pytest.raises(ProtocolError, match="exactly the keys"):
+        decode([json.dumps(old).encode(), b"\x00" * 8])
+    with pytest.raises(VersionError, match="version 1"):
+        decode([_header(v=1), b"\x00" * 8])
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"kind": Kind.EVALUATE},  # the reply to another kind of request, same step
+        {"step": 8},  # the reply to the next step
+        {"epoch": 3},  # the same step of another epoch
+    ],
+    ids=["kind", "step", "epoch"],
+)
+def test_a_reply_to_another_request_does_not_answer_this_one(changes: dict[str, object]) -> None:
+    forward = Message(kind=Kind.FORWARD, client="client-1", epoch=2, step=7)
+    other = Message(
+        **{"kind": Kind.FORWARD, "client": "client-1", "epoch": 2, "step": 7, **changes}
+    )
+    with pytest.raises(ReplyMismatchError, match="while waiting for the reply to forward"):
+        check_answers(forward, other.reply(Kind.BACKWARD))
+    with pytest.raises(ReplyMismatchError, match="reply to no request"):
+        check_answers(forward, forward.follow(Kind.BACKWARD))  # names no request at all

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from sl_pipeline.codec import DTYPES
 from sl_pipeline.errors import PeerError, TransportError
 from sl_pipeline.keys import write_keypair
-from sl_pipeline.messages import Kind
+from sl_pipeline.messages import PROTOCOL_VERSION, Kind
 from sl_pipeline.transport import DealerConnection
 from workers.client.worker import ClientWorker
 from workers.server.worker import ServerWorker
@@ -98,8 +98,9 @@ def sealed_inputs(draw: Any) -> list[bytes]:
         return [draw(st.binary(max_size=64))]  # not JSON at all
     pairs = draw(st.lists(_spec_and_buffer(), max_size=4))
     header: Any = {
-        "v": draw(st.one_of(st.just(1), _JSON)),
+        "v": draw(st.one_of(st.just(PROTOCOL_VERSION), _JSON)),
         "kind": draw(st.one_of(st.sampled_from([k.value for k in Kind]), st.text(max_size=8))),
+        "re": draw(st.one_of(st.none(), st.sampled_from([k.value for k in Kind]), _JSON)),
         "session": draw(st.one_of(st.just(""), _JSON)),
         "client": draw(st.one_of(st.just(""), st.text(max_size=20), _JSON)),
         "epoch": draw(st.one_of(st.integers(0, 3), _JSON)),

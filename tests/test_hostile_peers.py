@@ -82,6 +82,7 @@ def header(**changes: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         "v": PROTOCOL_VERSION,
         "kind": "forward",
+        "re": None,
         "session": "",
         "client": "",
         "epoch": 0,

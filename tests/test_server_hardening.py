@@ -15,7 +15,7 @@ import zmq.asyncio
 from sl_pipeline.errors import PeerError
 from sl_pipeline.handshake import ClientHandshake
 from sl_pipeline.keys import generate_keypair, load_keypair, load_public_key
-from sl_pipeline.messages import Kind, Message
+from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
 from sl_pipeline.models import fingerprint
 from sl_pipeline.transport import DealerConnection
 from workers.client.worker import ClientWorker
@@ -45,7 +45,7 @@ async def running(
 
 
 def _hello(server: ServerWorker, name: str) -> dict[str, object]:
-    return {"v": 1, "client": name, "model": server.fingerprint, "role": "trainer"}
+    return {"v": PROTOCOL_VERSION, "client": name, "model": server.fingerprint, "role": "trainer"}
 
 
 async def _join(

@@ -15,7 +15,7 @@ import zmq.asyncio
 from sl_pipeline.errors import TransportError
 from sl_pipeline.handshake import ClientHandshake
 from sl_pipeline.keys import load_keypair, load_public_key
-from sl_pipeline.messages import Kind, Message
+from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
 from sl_pipeline.models import fingerprint
 from sl_pipeline.transport import DealerConnection
 
@@ -48,7 +48,7 @@ async def client_loop(
     steps, epoch = 0, 0
     while time.monotonic() < deadline:
         conn = DealerConnection(ctx, endpoint)
-        hello = {"v": 1, "client": name, "model": fp, "role": "trainer"}
+        hello = {"v": PROTOCOL_VERSION, "client": name, "model": fp, "role": "trainer"}
         hs = ClientHandshake(
             hello, load_keypair(keys / f"{name}.key"), load_public_key(keys / "server.pub")
         )

@@ -26,7 +26,7 @@ from sl_pipeline.config import RelayConfig, check_endpoint, resolve_path
 from sl_pipeline.errors import ConfigError, PeerError, ProtocolError, SLError, TransportError
 from sl_pipeline.handshake import ClientHandshake
 from sl_pipeline.lowbit import Residuals
-from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message, error_message
+from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message, check_answers, error_message
 from sl_pipeline.models import build_segments, fingerprint, make_optimizer, resolve_device
 from sl_pipeline.tensors import all_finite, as_input, read_tensor, wire_tensors
 from sl_pipeline.transport import DealerConnection
@@ -198,7 +198,7 @@ class RelayWorker(RouterService):
                     await self._join_upstream()
                 assert self.upstream is not None
                 await self.upstream.send(msg)
-                return await self.upstream.recv(self.cfg.relay.timeout_s)
+                return check_answers(msg, await self.upstream.recv(self.cfg.relay.timeout_s))
             except (PeerError, TransportError) as exc:
                 if isinstance(exc, PeerError) and not exc.retryable:
                     raise
@@ -221,14 +221,7 @@ class RelayWorker(RouterService):
             log.debug("could not pass %s's bye upstream: %s", msg.client, exc)
 
     async def dispatch(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
-        msg = Message(
-            kind=msg.kind,
-            client=self.speaker(peer, msg),
-            epoch=msg.epoch,
-            step=msg.step,
-            meta=msg.meta,
-            tensors=msg.tensors,
-        )
+        msg = msg.spoken_by(self.speaker(peer, msg))
         try:
             if msg.kind is Kind.FORWARD:
                 return [(identity, await self._forward(msg))]
@@ -262,7 +255,7 @@ class RelayWorker(RouterService):
         tensors: dict[str, Any] = wire_tensors("act", out, self.cfg.train.wire_dtype)
         if "labels" in msg.tensors:
             tensors["labels"] = msg.tensor("labels")
-        reply = await self._ask_upstream(msg.reply(Kind.FORWARD, tensors=tensors))
+        reply = await self._ask_upstream(msg.follow(Kind.FORWARD, tensors=tensors))
         self.optimizer.zero_grad(set_to_none=True)
         out.backward(as_input(read_tensor(reply, "grad"), False, self.device))
         params = [p.grad for p in self.segment.parameters() if p.grad is not None]
@@ -291,6 +284,6 @@ class RelayWorker(RouterService):
             out = run_segment(self.segment, act)
         self.segment.train()
         reply = await self._ask_upstream(
-            msg.reply(msg.kind, tensors=wire_tensors("act", out, self.cfg.train.wire_dtype))
+            msg.follow(msg.kind, tensors=wire_tensors("act", out, self.cfg.train.wire_dtype))
         )
         return msg.reply(Kind.RESULT, meta=dict(reply.meta), tensors=dict(reply.tensors))

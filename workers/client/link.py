@@ -21,7 +21,7 @@ import zmq.asyncio
 from sl_pipeline.config import ClientConfig
 from sl_pipeline.errors import PeerError, ProtocolError, ReplyTimeoutError, TransportError
 from sl_pipeline.handshake import ClientHandshake
-from sl_pipeline.messages import PROTOCOL_VERSION, Message
+from sl_pipeline.messages import PROTOCOL_VERSION, Message, check_answers
 from sl_pipeline.models import fingerprint
 from sl_pipeline.retransmit import RetransmitTimer
 from sl_pipeline.transport import DealerConnection
@@ -181,7 +181,9 @@ class Upstream:
     ) -> Message:
         """Send and wait for the reply; on a lost peer or a wait that ran out, ``rejoin()``
         and resend the same message. The wait follows the measured round trip unless
-        ``timeout_s`` fixes it (a wait for other clients, which no round trip predicts)."""
+        ``timeout_s`` fixes it (a wait for other clients, which no round trip predicts). A
+        reply that answers another request (kind or step) is refused
+        (``ReplyMismatchError``), never taken for this one's."""
         kind = message.kind.value
         fixed = timeout_s or (None if self.adaptive_wait else self.cfg.client.timeout_s)
         for attempt in range(MAX_RETRIES_PER_REQUEST):
@@ -201,7 +203,7 @@ class Upstream:
                 continue
             if attempt == 0 and fixed is None:  # Karn: a resent request gives no sample
                 self.timer.sample(kind, time.monotonic() - sent)
-            return reply
+            return check_answers(message, reply)
         raise TransportError(f"gave up after {MAX_RETRIES_PER_REQUEST} retries of one step")
 
     def lost(self, exc: Exception) -> None:

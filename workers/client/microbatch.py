@@ -25,7 +25,7 @@ import torch
 
 from sl_pipeline.config import ClientConfig
 from sl_pipeline.errors import ConfigError, PeerError, ReplyTimeoutError, TransportError
-from sl_pipeline.messages import Kind, Message
+from sl_pipeline.messages import Kind, Message, check_answers
 from sl_pipeline.tensors import read_tensor
 from workers.client.link import Upstream
 from workers.client.steps import StepRunner
@@ -202,8 +202,7 @@ class Pipeline:
         """The oldest step's reply, its gradient applied through the stashed weights."""
         reply = await _reply(self.host, inflight)
         item = inflight.popleft()
-        if (reply.epoch, reply.step) != (epoch, item.step):
-            raise TransportError(f"reply for step {reply.step} while waiting for {item.step}")
+        check_answers(item.msg, reply)  # replies come in order: the oldest step's first
         start = time.perf_counter()
         grad = read_tensor(reply, "grad")
         self.host.runner.apply_stashed(item.x, item.act, item.sent, item.stash, grad)

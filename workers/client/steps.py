@@ -256,7 +256,7 @@ class StepRunner:
                 "grad", grad, self.host.cfg.train.wire_dtype, self.residuals, "server"
             )
             try:
-                return loss, await self.host.request(msg.reply(Kind.BACKWARD, tensors=tensors))
+                return loss, await self.host.request(msg.follow(Kind.BACKWARD, tensors=tensors))
             except PeerError as exc:
                 if exc.remote_code != StepLostError.code:
                     raise

@@ -252,15 +252,7 @@ class ServerWorker(RunHost, RouterService):
 
     async def dispatch(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
         self._settle()  # no request ever sees weights without the last update
-        msg = Message(
-            kind=msg.kind,
-            session=msg.session,
-            client=self.speaker(peer, msg),
-            epoch=msg.epoch,
-            step=msg.step,
-            meta=msg.meta,
-            tensors=msg.tensors,
-        )
+        msg = msg.spoken_by(self.speaker(peer, msg))
         try:
             if msg.kind in (Kind.FORWARD, Kind.BACKWARD, Kind.WEIGHTS):
                 if peer.name in self.inferring and peer.name not in self.peer_runs:
@@ -339,9 +331,10 @@ class ServerWorker(RunHost, RouterService):
         self.metrics.queue_depth.set(engine.queue_depth())
         self.metrics.epoch.set(msg.epoch + 1)
         for _, reply in replies:
-            if reply.kind is not Kind.ERROR:
-                kind = msg.kind.value if reply.client == msg.client else _answers(reply)
-                run.replies.put(reply.client, kind, (reply.epoch, reply.step), reply)
+            if reply.kind is not Kind.ERROR:  # filed under the request it names (also
+                # another client's: a vertical part, a round-robin turn, a queued step)
+                answered = reply.answers or msg.kind
+                run.replies.put(reply.client, answered.value, (reply.epoch, reply.step), reply)
         applied = engine.steps_applied - before
         if applied:
             self._count_applied(run, peer, replies, applied, engine)
@@ -384,9 +377,3 @@ class ServerWorker(RunHost, RouterService):
         self.report_run(run)
         if self.steps_applied - self._saved_at >= max(1, self.cfg.checkpoint.every_steps):
             self.checkpoint()  # before any reply leaves: what a client saw is durable
-
-
-def _answers(reply: Message) -> str:
-    """The request kind a reply to *another* client answers: its waiting WEIGHTS request
-    (a round-robin turn), else its waiting FORWARD (a vertical part, a queued u-shaped step)."""
-    return Kind.WEIGHTS.value if reply.kind is Kind.WEIGHTS else Kind.FORWARD.value

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,14 @@ from sl_pipeline.tensors import wire_tensors
 from workers.server.engines.base import Engine, Reply, log, run_segment
 
 MAX_OPEN_BATCHES = 64  # batches some parties sent and others not yet (pipelining, stragglers)
+
+
+class BatchKey(NamedTuple):
+    """A batch the parties send their parts of: training or evaluation, and its step."""
+
+    kind: str  # "train" or "eval"
+    epoch: int
+    step: int
 
 
 @dataclass
@@ -69,7 +78,7 @@ class VerticalEngine(Engine):
         self.label_generator: torch.Generator | None = None  # seeded by audits
         self.label_protections: dict[str, LabelProtection] = {}
         self._open: OpenBatch | None = None
-        self._waiting: dict[tuple[str, int, int], dict[str, Part]] = {}
+        self._waiting: dict[BatchKey, dict[str, Part]] = {}
         self._done: dict[str, tuple[int, int]] = {}  # per kind: newest completed batch
         self.last_grads: dict[str, torch.Tensor] = {}  # what each party got (for audits)
         self._psi: dict[int, dict[str, tuple[bytes, Message]]] = {}  # round -> posts
@@ -101,7 +110,7 @@ class VerticalEngine(Engine):
 
     def _gather(self, identity: bytes, msg: Message, train: bool) -> list[Reply]:
         kind = "train" if train else "eval"
-        key = (kind, msg.epoch, msg.step)
+        key = BatchKey(kind, msg.epoch, msg.step)
         if (msg.epoch, msg.step) <= self._done.get(kind, (-1, -1)):
             raise ProtocolError(
                 f"batch {(msg.epoch, msg.step)} is already done; this party fell behind"
@@ -116,8 +125,8 @@ class VerticalEngine(Engine):
         if len(parts) < self.parties:
             return []
         del self._waiting[key]
-        self._done[kind] = (msg.epoch, msg.step)
-        for stale in [k for k in self._waiting if k[0] == kind and k[1:] < key[1:]]:
+        done = self._done[kind] = (msg.epoch, msg.step)
+        for stale in [k for k in self._waiting if k.kind == kind and (k.epoch, k.step) < done]:
             del self._waiting[stale]  # a batch the others abandoned can never complete
         ordered = [parts[name] for name in sorted(parts)]
         ids = ordered[0].msg.tensor("ids")
@@ -246,7 +255,9 @@ class VerticalEngine(Engine):
         for part, grad in zip(parts, grads, strict=True):
             self.last_grads[part.msg.client] = grad.detach().cpu()
             tensors = wire_tensors("grad", grad, self.wire_dtype, self.residuals, part.msg.client)
-            replies.append((part.identity, part.msg.reply(Kind.BACKWARD, tensors=tensors)))
+            # the label client waits on its BACKWARD, every other party on its FORWARD
+            asked = msg if part.msg.client == msg.client else part.msg
+            replies.append((part.identity, asked.reply(Kind.BACKWARD, tensors=tensors)))
         return replies
 
     # ---- private set intersection: relay sealed payloads it cannot open -------------------
