@@ -115,6 +115,9 @@ class LimitsConfig:
     # bytes of unfinished chunked messages, all peers together; over it, the peer holding
     # the most loses its session (it rejoins and resends)
     max_inflight_bytes: int = 1024 * 1024 * 1024
+    # the largest magnitude a peer's activations or gradients may hold; a tensor beyond it
+    # is refused with a protocol error (finite but huge values would wreck the shared model)
+    max_abs_value: float = 1e6
 
     def to_limits(self) -> Limits:
         return Limits(**dataclasses.asdict(self))
@@ -137,6 +140,8 @@ class ServerSection:
     # and 256 (a client's evaluation batch). A bigger batch is refused before any work.
     max_batch: int = 0
     reply_cache_mib: int = 256  # each run's remembered replies, in all (oldest steps go first)
+    # what a checkpoint keeps of them: each name's newest reply, and older ones up to this
+    checkpoint_replies_mib: int = 16
     hellos_per_s: float = 20.0  # hellos per source address, after a burst of hello_burst
     hello_burst: int = 100  # hellos a source address may send at once before the rate applies
     fuse: Literal["concat", "sum", "mean"] = "concat"
@@ -151,6 +156,9 @@ class ServerSection:
     reply_first: bool = True
     runs_dir: str = ""  # each run's folder (saved model) and runs.json; "" = next to save
     max_runs: int = 4  # runs training at once; one more waits (its clients retry)
+    # A run that applied no step this long after its first training message gives its place
+    # up when a new run needs it (a run starts on its first training message, not a hello)
+    empty_run_s: float = 60.0
     run_clients: int = 0  # a run ends when this many clients finished; 0 = all that joined
     # A client name whose session sent nothing for this long may be taken by a new session.
     takeover_after_s: float = 5.0

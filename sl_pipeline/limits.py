@@ -21,10 +21,12 @@ class Limits:
     max_dims: int = 8
     # Chunked messages being assembled, all peers of a worker together
     max_inflight_bytes: int = 1024 * 1024 * 1024
+    # Activations and gradients a peer sends: the largest magnitude (checked where read)
+    max_abs_value: float = 1e6
 
     def __post_init__(self) -> None:
         names = ("max_frames", "max_header_bytes", "max_tensor_bytes", "max_message_bytes")
-        for name in (*names, "max_inflight_bytes"):
+        for name in (*names, "max_inflight_bytes", "max_abs_value"):
             if getattr(self, name) <= 0:
                 raise LimitError(f"limits.{name} must be positive")
 

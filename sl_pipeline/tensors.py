@@ -101,10 +101,14 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     return not bool(torch.isnan(total))
 
 
-def read_tensor(msg: Message, name: str, max_batch: int | None = None) -> torch.Tensor:
+def read_tensor(
+    msg: Message, name: str, max_batch: int | None = None, max_abs: float | None = None
+) -> torch.Tensor:
     """A tensor from a message as float32, dequantising int8 when a scale came with it.
     NaN or infinite values are refused here, before any model code sees them: one peer's
-    NaN activations would otherwise reach the optimizer and every other peer's model.
+    NaN activations would otherwise reach the optimizer and every other peer's model; so
+    are values beyond ``max_abs`` in magnitude (``limits.max_abs_value``: finite but huge
+    activations train the shared model into garbage just as well).
     ``max_batch`` refuses more samples than that before anything is decoded."""
     raw = msg.tensor(name)
     if lowbit.is_blob(raw):
@@ -122,6 +126,14 @@ def read_tensor(msg: Message, name: str, max_batch: int | None = None) -> torch.
             f"{name} holds NaN or infinite values; the step was not applied "
             "(lower the learning rate or check the data if this comes from training)"
         )
+    if max_abs is not None and tensor.is_floating_point() and tensor.numel():
+        largest = float(tensor.detach().abs().amax())
+        if largest > max_abs:
+            raise ProtocolError(
+                f"{name} holds a value of magnitude {largest:.3g}, beyond "
+                f"limits.max_abs_value = {max_abs:g}; the step was not applied (raise the "
+                "limit on the receiving worker if such values are expected)"
+            )
     return tensor
 
 

@@ -18,6 +18,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from .chunked import DEFAULT_CHUNK_BYTES
 from .codec import DEFAULT_LIMITS, Limits, decode, encode
 from .errors import PeerError, ProtocolError, ReplyTimeoutError, TransportError
 from .gate import USERNAME, Gate
@@ -33,6 +34,8 @@ HEARTBEAT_IVL_MS = 2_000
 HEARTBEAT_TIMEOUT_MS = 10_000
 TAG_BYTES = 16
 HANDSHAKE_FRAME_MAX = 65_535  # the Noise message limit
+HANDSHAKE_IVL_MS = 15_000
+FRAME_SLACK = 4096
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"sl-pipeline"
 # What a DEALER's monitor reports: a dropped link, or ZeroMQ's own handshake refused.
@@ -80,7 +83,8 @@ class Channel:
         self._max_bytes = limits.max_message_bytes + limits.max_header_bytes
 
     def pack(self, message: Message) -> list[Buffer]:
-        """``message`` as one ZeroMQ message, however large (never chunked)."""
+        """``message`` as one ZeroMQ message, never chunked: for small notices only (a frame
+        over the chunk size is dropped by the receiver's ``MAXMSGSIZE``)."""
         return list(self.session.seal(encode(message)))
 
     def parts(self, message: Message) -> Iterator[Sequence[Buffer]]:
@@ -100,19 +104,21 @@ class Channel:
 
 def max_frame_bytes(limits: Limits) -> int:
     """libzmq's ``MAXMSGSIZE``: it drops a peer that announces a bigger frame, before
-    reading or allocating it. It is per frame, so it bounds a frame, not a message.
-
-    The largest legitimate frame is one sealed tensor, header or handshake message; twice
-    that leaves room for a frame somewhat over the limits to reach the codec, whose error
-    reply says which limit it broke (a dropped connection would say nothing)."""
-    largest = max(limits.max_tensor_bytes, limits.max_header_bytes, HANDSHAKE_FRAME_MAX)
-    return 2 * (largest + TAG_BYTES) + 4096
+    reading or allocating it, during ZeroMQ's own handshake too (a stranger's handshake
+    command is a frame). Every message over the chunk size travels chunked, in both modes
+    (:mod:`sl_pipeline.envelope`), so no legitimate frame is bigger than one chunk (or a
+    Noise handshake message) plus its tag; the slack covers ZMTP's own commands."""
+    largest = max(DEFAULT_CHUNK_BYTES, HANDSHAKE_FRAME_MAX)
+    return largest + TAG_BYTES + FRAME_SLACK
 
 
 def new_socket(ctx: zmq.asyncio.Context, kind: int, limits: Limits, hwm: int = 1000) -> Any:
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes(limits))
+    # A connection that has not finished ZeroMQ's handshake (the gate included) is dropped
+    # after this long: a stranger cannot hold a half-open connection and its buffer.
+    sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
     # ZMTP heartbeats: a peer that stops answering PINGs is disconnected after the timeout,

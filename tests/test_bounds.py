@@ -59,14 +59,12 @@ def test_compacting_keeps_each_names_newest_step() -> None:
     assert cache.bytes == 1024 + HEADER_BYTES
 
 
-async def test_a_servers_reply_cache_keeps_to_its_byte_bound_and_counts_evictions(
-    deployment,
-) -> None:  # type: ignore[no-untyped-def]
-    # Prepare: client-1 may speak for sub-names (a relay); the cache holds 1 MiB; batches
-    # of 1024 samples are allowed
+async def _fill_reply_cache(deployment, steps: int, *sets: str) -> ServerWorker:  # type: ignore[no-untyped-def]
+    """A server where client-1 may speak for sub-names (a relay) and batches of 1024 samples
+    are allowed; 8 sub-names send ``steps`` steps whose replies are 256 KiB each."""
     files = deployment(clients=1, dataset="breast_cancer")
     base = files["server"].parent
-    sets = ('server.relays=["client-1"]', "server.reply_cache_mib=1", "server.max_batch=1024")
+    sets = ('server.relays=["client-1"]', "server.max_batch=1024", *sets)
     server = ServerWorker(load_server(files["server"], *sets), base)
     stop = asyncio.Event()
     task = asyncio.create_task(server.serve(stop))
@@ -74,11 +72,9 @@ async def test_a_servers_reply_cache_keeps_to_its_byte_bound_and_counts_eviction
     try:
         await _until(lambda: server.bound)
         conn = await join(server.cfg.server.bind, server.fingerprint, base / "keys", ctx)
-        # Execute: 8 names x 2 steps whose replies are 256 KiB each (4 MiB unbounded)
-        for step in range(2):
+        for step in range(steps):
             for i in range(8):
-                act = torch.randn(1024, 64)
-                tensors = {"act": act, "labels": torch.zeros(1024, dtype=torch.int64)}
+                tensors = {"act": torch.randn(1024, 64), "labels": torch.zeros(1024).long()}
                 msg = Message(kind=Kind.FORWARD, client=f"s{i}", step=step, tensors=tensors)
                 await conn.send(msg)
                 assert (await conn.recv(10)).kind is Kind.BACKWARD
@@ -87,6 +83,14 @@ async def test_a_servers_reply_cache_keeps_to_its_byte_bound_and_counts_eviction
         stop.set()
         await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
         ctx.destroy(linger=0)
+    return server
+
+
+async def test_a_servers_reply_cache_keeps_to_its_byte_bound_and_counts_evictions(
+    deployment,
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare / Execute: the cache holds 1 MiB; 8 names x 2 steps of 256 KiB replies (4 MiB)
+    server = await _fill_reply_cache(deployment, 2, "server.reply_cache_mib=1")
     # Assert: within the bound, every eviction counted
     (run,) = server.book.runs.values()
     assert run.replies.bytes <= MB
@@ -126,3 +130,36 @@ def test_checkpoints_written_before_the_ranges_still_load() -> None:
     assert decode_log(steps) == steps  # a list of steps (relays, old servers)
     rows = {"clients": ["client-1", "client-2"], "rows": torch.tensor([[0, 0, 0], [0, 0, 1]])}
     assert decode_log(rows) == steps[:2]  # names and a tensor of steps
+
+
+def test_a_checkpoint_keeps_each_names_newest_reply_and_older_ones_within_its_bound() -> None:
+    # Prepare: 8 names x 4 steps of 1 MB replies held (32 MB); a checkpoint may add 3 MB of
+    # older replies to the newest ones
+    cache = ReplyCache(max_bytes=64 * MB, checkpoint_bytes=3 * MB)
+    for step in range(4):
+        for i in range(8):
+            cache.put(f"c{i}", "forward", (0, step), _reply(f"c{i}", step, MB))
+    # Execute
+    entries = cache.entries()
+    restored = ReplyCache()
+    restored.load(entries)
+    # Assert: the 8 newest, and two older replies of the newest older step; nothing more
+    steps = sorted((e["client"], e["step"][1]) for e in entries)
+    assert len(entries) == 10 and [s for s in steps if s[1] < 3] == [("c6", 2), ("c7", 2)]
+    assert cache.checkpoint_size() == 10 * (MB + HEADER_BYTES)
+    assert all(restored.newest(f"c{i}", "forward") == (0, 3) for i in range(8))
+
+
+async def test_a_servers_checkpoint_holds_replies_within_its_bound(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare / Execute: a big cache, 1 MiB of older replies allowed in a checkpoint;
+    # 8 names x 3 steps of 256 KiB replies (6 MiB in the cache)
+    sets = ("server.reply_cache_mib=64", "server.checkpoint_replies_mib=1")
+    server = await _fill_reply_cache(deployment, 3, *sets)
+    state = server._state()
+    # Assert: the cache holds all 24, the checkpoint the 8 newest and 1 MiB of older ones
+    (run,) = server.book.runs.values()
+    assert run.replies.bytes > 5 * MB
+    (record,) = [r for r in state["runs"] if r["id"] == run.id]
+    newest = [e for e in record["replies"] if e["step"][1] == 2]
+    assert len(newest) == 8 and len(record["replies"]) == 8 + 3  # 3 older of 256 KiB fit
+    assert run.replies.checkpoint_size() <= 8 * 300 * 1024 + MB

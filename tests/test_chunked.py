@@ -174,13 +174,17 @@ def test_a_head_announcing_more_than_the_limit_is_refused_before_allocating() ->
         receiver.feed(parts[0], max_bytes=2 * CHUNK)
 
 
-def test_a_plaintext_session_refuses_chunk_parts() -> None:
-    sender, _ = _pair()
-    part = _parts(sender, [bytes(2 * CHUNK)])[1]
-    plain_envelope = bytearray(part[0])
-    plain_envelope[3] |= 0x01  # the plaintext flag, so only the chunk flag is wrong
-    with pytest.raises(CryptoError, match="whole message was expected"):
-        PlainSession().feed([bytes(plain_envelope), part[1]])
+def test_a_plaintext_session_chunks_large_messages_too() -> None:
+    # Prepare: --insecure sessions, so that no frame exceeds a chunk (MAXMSGSIZE) there either
+    sender, receiver = PlainSession(chunk_bytes=CHUNK), PlainSession(chunk_bytes=CHUNK)
+    buffers = _buffers([3 * CHUNK + 5, 7])
+    # Execute
+    parts = [[bytes(frame) for frame in part] for part in sender.seal_parts(buffers)]
+    # Assert: every frame within a chunk, the message whole, a part without its head refused
+    assert len(parts) > 2 and max(len(f) for part in parts for f in part) <= CHUNK
+    assert [bytes(b) for b in _feed_all(receiver, parts) or []] == buffers
+    with pytest.raises(ReplayError, match="without its head"):
+        PlainSession(chunk_bytes=CHUNK).feed(parts[1])
 
 
 def test_a_chunk_size_outside_the_limits_is_refused() -> None:

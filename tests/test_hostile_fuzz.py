@@ -125,6 +125,7 @@ class Arena:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.honest_steps: list[int] = []
+        self.honest_accuracy: list[float] = []
         self.sent = self.errors = self.rejoins = 0
         t0, self.deadline = time.monotonic(), math.inf
         self._run(self._start())
@@ -161,6 +162,7 @@ class Arena:
             )
             summary = await ClientWorker(cfg, self.base, progress=False).run()
             self.honest_steps.append(summary["steps"])
+            self.honest_accuracy.append(summary["test_accuracy"])
 
     def attack(self, frames: list[bytes]) -> None:
         self._run(self._attack(frames), 60)
@@ -239,7 +241,8 @@ def test_admitted_fuzzer_kills_nothing_while_honest_clients_train(deployment) ->
         print(
             f"fuzz: {arena.sent} sealed messages ({arena.errors} error replies, "
             f"{arena.rejoins} rejoins) in {FUZZ_SECONDS:.0f}s; honest runs: "
-            f"{len(arena.honest_steps)} x {arena.honest_steps[0]} steps; server alive "
+            f"{len(arena.honest_steps)} x {arena.honest_steps[0]} steps, test accuracy "
+            f"{min(arena.honest_accuracy):.4f}..{max(arena.honest_accuracy):.4f}; server alive "
             f"(setup {arena.setup_s:.1f}s)"
         )
     finally:

@@ -62,6 +62,23 @@ def test_read_tensor_refuses_non_finite_values_in_every_wire_dtype(dtype: str, b
         read_tensor(Message(kind=Kind.FORWARD, tensors=tensors), "act")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+def test_read_tensor_refuses_values_beyond_the_magnitude_bound(dtype: str) -> None:
+    # Prepare: an honest batch, and the same with one value far beyond the bound
+    honest = torch.randn(4, 6)
+    huge = honest.clone()
+    huge[1, 2] = 6e4 if dtype == "float16" else 1e30  # float16 tops out at 65504
+    # Execute / Assert: refused only beyond limits.max_abs_value, with the key to change
+    read = Message(kind=Kind.FORWARD, tensors=wire_tensors("act", honest, dtype))
+    assert read_tensor(read, "act", max_abs=1e3).isfinite().all()
+    spoiled = Message(kind=Kind.FORWARD, tensors=wire_tensors("act", huge, dtype))
+    with pytest.raises(
+        ProtocolError, match=r"act holds a value of magnitude .*limits.max_abs_value"
+    ):
+        read_tensor(spoiled, "act", max_abs=1e3)
+    assert read_tensor(spoiled, "act").abs().max() > 1e3  # no bound given, none applied
+
+
 @pytest.mark.parametrize("defer", [False, True], ids=["step-first", "reply-first"])
 @pytest.mark.parametrize("scale", [NAN, 3e38], ids=["nan-act", "overflowing-act"])
 def test_the_engine_never_steps_on_a_batch_it_refuses(
@@ -129,7 +146,10 @@ async def _train_alone(files: dict[str, Path], attack: Any = None) -> dict[str, 
         return summary
 
 
-async def test_nan_activations_from_one_client_do_not_poison_an_honest_one(deployment) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("value", [NAN, 1e30], ids=["nan", "huge-finite"])
+async def test_nan_activations_from_one_client_do_not_poison_an_honest_one(
+    deployment, value: float
+) -> None:  # type: ignore[no-untyped-def]
     # Prepare: what client-1 achieves with nobody else on the server
     make = dict(clients=2, dataset="breast_cancer", epochs=2)
     alone = await _train_alone(deployment(**make))
@@ -140,7 +160,7 @@ async def test_nan_activations_from_one_client_do_not_poison_an_honest_one(deplo
         seg = build_segments(server.cfg.model, server.cfg.server.topology)[0]
         shape = seg(torch.zeros(2, *server.cfg.model.in_shape)).shape[1:]
         for step in range(3):
-            act = torch.full((16, *shape), NAN)
+            act = torch.full((16, *shape), value)
             labels = torch.zeros(16, dtype=torch.int64)
             await conn.send(
                 Message(kind=Kind.FORWARD, step=step, tensors={"act": act, "labels": labels})

@@ -69,6 +69,7 @@ class RelayWorker(RouterService):
         self.max_batch = r.max_batch or max(cfg.train.batch_size, EVAL_BATCH)
         if self.max_batch < 1:
             raise ConfigError(f"relay.max_batch must be at least 1, got {r.max_batch}")
+        self.max_abs = cfg.limits.max_abs_value  # activations and gradients it is sent
         self.segment = segments[r.segment].to(self.device)
         self.residuals = Residuals()  # int2-ef: per client, what its gradients still owe
         t = cfg.train
@@ -250,14 +251,14 @@ class RelayWorker(RouterService):
         if cached is not None:
             log.info("%s resent forward %s: answering from cache", msg.client, step)
             return cached
-        act = as_input(read_tensor(msg, "act", self.max_batch), True, self.device)
+        act = as_input(read_tensor(msg, "act", self.max_batch, self.max_abs), True, self.device)
         out = run_segment(self.segment, act)
         tensors: dict[str, Any] = wire_tensors("act", out, self.cfg.train.wire_dtype)
         if "labels" in msg.tensors:
             tensors["labels"] = msg.tensor("labels")
         reply = await self._ask_upstream(msg.follow(Kind.FORWARD, tensors=tensors))
         self.optimizer.zero_grad(set_to_none=True)
-        out.backward(as_input(read_tensor(reply, "grad"), False, self.device))
+        out.backward(as_input(read_tensor(reply, "grad", max_abs=self.max_abs), False, self.device))
         params = [p.grad for p in self.segment.parameters() if p.grad is not None]
         if not all_finite([*params, act.grad] if act.grad is not None else params):
             raise ProtocolError("this batch's gradients are not finite; the step was not applied")
@@ -280,7 +281,8 @@ class RelayWorker(RouterService):
     async def _infer(self, msg: Message) -> Message:
         self.segment.eval()
         with torch.no_grad():
-            act = as_input(read_tensor(msg, "act", self.max_batch), False, self.device)
+            act = read_tensor(msg, "act", self.max_batch, self.max_abs)
+            act = as_input(act, False, self.device)
             out = run_segment(self.segment, act)
         self.segment.train()
         reply = await self._ask_upstream(

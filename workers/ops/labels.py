@@ -45,6 +45,7 @@ BOUNDED_TABLES: tuple[str, ...] = (
     "round_table",
     "waiting",
     "inflight_bytes",
+    "empty_runs",
     "other",
 )
 HANDSHAKE_RESULTS: tuple[str, ...] = ("ok", "not_admitted", "bad_handshake", "version")

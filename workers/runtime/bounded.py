@@ -7,6 +7,7 @@ refuses the newcomer, and reports the hit (``sl_bound_hits_total``) through ``on
 
 from __future__ import annotations
 
+import ctypes
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
@@ -15,6 +16,19 @@ from sl_pipeline.errors import OverloadedError
 
 K = TypeVar("K")
 V = TypeVar("V")
+# No legitimate ZeroMQ message is this big (messages over a chunk travel chunked): one that
+# is was a hostile peer's, and its memory is given back once it is refused and freed.
+TRIM_BYTES = 64 * 1024 * 1024
+
+
+def trim_heap() -> bool:
+    """Give freed heap memory back to the OS. glibc keeps large freed blocks in its arenas,
+    so a huge message libzmq buffered (thousands of frames, which no socket option bounds)
+    would otherwise hold the resident size up long after it was refused and freed."""
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return False
 
 
 def no_hit() -> None:

@@ -40,7 +40,7 @@ from sl_pipeline.transport import (
     peer_address,
 )
 from workers.ops.metrics import WorkerMetrics
-from workers.runtime.bounded import RateLimiter
+from workers.runtime.bounded import TRIM_BYTES, RateLimiter, trim_heap
 from workers.runtime.peers import Listen, Peer, PeerTable, hello_refusal, reject_reason
 from workers.runtime.startup import load_admitted, load_own_key, start_ops, warn_insecure
 
@@ -80,6 +80,7 @@ class RouterService:
         self.session_id = secrets.token_hex(8)
         self.bound = False
         self._idle = True  # the receiver waits for a message (not handling one)
+        self._trim_due = False
         self._endpoint: RouterEndpoint | None = None
 
     def _make_handshake(self) -> ServerHandshake:
@@ -134,11 +135,7 @@ class RouterService:
         return None
 
     def status(self) -> dict[str, Any]:
-        return {
-            "role": self.role,
-            "session": self.session_id,
-            **self.table.status(),
-        }
+        return {"role": self.role, "session": self.session_id, **self.table.status()}
 
     def ready(self) -> bool:
         return self.bound
@@ -209,6 +206,7 @@ class RouterService:
             self._idle = True
             identity, frames = await endpoint.recv()
             self._idle = False
+            self._trim_due |= frames_size(frames) >= TRIM_BYTES  # hostile: trim at a tick
             try:
                 await self._handle(endpoint, identity, frames)
             except Exception as exc:  # the last resort: one peer's message never ends us
@@ -244,6 +242,9 @@ class RouterService:
             await asyncio.sleep(POLL_MS / 1000)
             if self._idle:  # never between a message's arrival and its replies
                 self._drop_silent_peers()
+                if self._trim_due:  # a huge refused message (see _receive): memory back
+                    self._trim_due = False
+                    trim_heap()
 
     async def _tell_peers_we_stop(self, endpoint: RouterEndpoint) -> None:
         """A retryable ``shutting_down`` error to every peer: a client waiting for a reply

@@ -10,6 +10,9 @@ byte bound the oldest steps go first, starting with the least recently active na
 name's newest reply per kind goes last (``on_bytes_hit`` reports each eviction): a resent
 newest step must be answered from here, or it would be applied twice, while a resent older
 one whose reply is gone is refused as stale, which is an error and never a double step.
+
+A checkpoint holds less (:meth:`ReplyCache.entries`): every name's newest reply per kind
+(bounded with the cache), and older replies, newest first, only within ``checkpoint_bytes``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ Step = tuple[int, int]
 Steps = OrderedDict[Step, tuple[Message, int]]  # step -> (reply, its size in bytes)
 MIB = 1024 * 1024
 DEFAULT_MAX_BYTES = 256 * MIB
+DEFAULT_CHECKPOINT_BYTES = 16 * MIB  # older replies a checkpoint keeps, beyond the newest
 HEADER_BYTES = 256  # a reply's own fields and meta, roughly, on top of its tensors
 
 
@@ -40,11 +44,13 @@ class ReplyCache:
         on_hit: Callable[[], None] = no_hit,
         max_bytes: int = DEFAULT_MAX_BYTES,
         on_bytes_hit: Callable[[], None] = no_hit,
+        checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES,
     ) -> None:
-        if max_names < 1 or max_bytes < 1:
+        if max_names < 1 or max_bytes < 1 or checkpoint_bytes < 0:
             raise ValueError("a reply cache needs room for at least one name and one byte")
         self.depth = depth
         self.max_names, self.max_bytes = max_names, max_bytes
+        self.checkpoint_bytes = checkpoint_bytes
         self.on_hit, self.on_bytes_hit = on_hit, on_bytes_hit
         self.bytes = 0  # the replies held, in all
         self._names: OrderedDict[str, dict[str, Steps]] = OrderedDict()  # least recent first
@@ -116,13 +122,47 @@ class ReplyCache:
         return len(self._names)
 
     def entries(self) -> list[dict[str, Any]]:
-        """A checkpoint-safe list (the safe loader refuses tuple keys)."""
+        """What a checkpoint keeps (:meth:`_kept`), checkpoint-safe (the safe loader
+        refuses tuple keys)."""
+        kept = self._kept()
         return [
             {"client": c, "kind": k, "step": list(step), "reply": message_state(m)}
+            for c, k, step, m, _ in self._all()
+            if (c, k, step) in kept
+        ]
+
+    def checkpoint_size(self) -> int:
+        """The bytes of replies a checkpoint keeps."""
+        kept = self._kept()
+        return sum(size for c, k, step, _, size in self._all() if (c, k, step) in kept)
+
+    def _all(self) -> list[tuple[str, str, Step, Message, int]]:
+        return [
+            (c, k, step, m, size)
             for c, kinds in self._names.items()
             for k, steps in kinds.items()
-            for step, (m, _) in steps.items()
+            for step, (m, size) in steps.items()
         ]
+
+    def _kept(self) -> set[tuple[str, str, Step]]:
+        """Every name's newest reply per kind (a resent newest step must never be applied
+        twice after a restart), then older replies, newest first, while they fit in
+        ``checkpoint_bytes``: an older step whose reply was left out is refused as stale."""
+        kept = {
+            (c, k, next(reversed(steps)))
+            for c, kinds in self._names.items()
+            for k, steps in kinds.items()
+            if steps
+        }
+        budget = self.checkpoint_bytes
+        older = [
+            (step, c, k, size) for c, k, step, _, size in self._all() if (c, k, step) not in kept
+        ]
+        for step, c, k, size in sorted(older, reverse=True):
+            if size <= budget:
+                kept.add((c, k, step))
+                budget -= size
+        return kept
 
     def load(self, entries: list[dict[str, Any]]) -> None:
         for entry in entries:

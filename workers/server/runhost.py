@@ -52,6 +52,7 @@ class RunHost:
             on_hit=lambda: self.metrics.record_bound("reply_cache"),
             max_bytes=max(1, self.cfg.server.reply_cache_mib) * MIB,
             on_bytes_hit=lambda: self.metrics.record_bound("reply_cache_bytes"),
+            checkpoint_bytes=max(0, self.cfg.server.checkpoint_replies_mib) * MIB,
         )
 
     def _runs_dir(self) -> Path | None:
@@ -105,14 +106,14 @@ class RunHost:
         return run
 
     def _training_run(self, peer: Peer) -> Run:
-        """The run this peer's training message belongs to; a new one when none fits."""
+        """The run this peer's training message belongs to; a new one (started by this
+        message, never by a hello) when none fits."""
         run = self.book.runs.get(self.peer_runs.get(peer.name, ""))
         if run is None:
             wanted = self.requested.get(peer.name, "")
-            if wanted:
-                run = self.book.runs.get(wanted) or self._start_run(wanted)
-            else:
-                run = self.book.current_for(peer.name) or self._start_run(self.book.next_id())
+            run = self.book.runs.get(wanted) if wanted else self.book.current_for(peer.name)
+            if run is None:
+                run = self._start_run(wanted or self.book.next_id(), peer.name)
             self.peer_runs[peer.name] = run.id
         if not run.active:
             raise RunEndedError(
@@ -125,8 +126,13 @@ class RunHost:
         """The run's series: steps, active, last loss, the accuracy its clients reported."""
         self.metrics.record_run(run.id, run.steps, run.active, run.last_loss, run.test_accuracy)
 
-    def _start_run(self, run_id: str) -> Run:
-        run = self.book.start(run_id, self._new_engine(), self.new_replies())
+    def _start_run(self, run_id: str, owner: str = "") -> Run:
+        self.book.check_start(run_id, owner)
+        if len(self.book.active()) >= self.book.max_runs:  # empty runs give their place up
+            for gone in self.book.expire_empty(time.monotonic()):
+                self.metrics.record_bound("empty_runs")
+                self.report_run(gone)
+        run = self.book.start(run_id, self._new_engine(), self.new_replies(), owner)
         self.report_run(run)
         return run
 

@@ -9,9 +9,14 @@ active at once (a client asking for one more is refused as ``overloaded`` and re
 which queues it).
 
 A client names its run (``[client] run``) or takes the server's current one: the newest
-active run it has not already finished, else a new run with the next ``run-N`` id. A run
-ends when ``run_clients`` of its clients (every client that trained in it, when 0) said
-they finished, or when an operator stops it.
+active ``run-N`` it has not already finished (never a run another client named), else a new
+run with the next ``run-N`` id (a client cannot start a run of that form under its own name).
+A run starts on its first training message, never on a hello; a client has at most one open
+run (one it started or trained in and has not finished); a run with no applied step gives
+its place up ``empty_run_s`` after it started when a new run needs it. So one admitted
+client cannot fill ``max_runs`` nor draw others into a run it named. A run ends when
+``run_clients`` of its clients (every client that trained in it, when 0) said they
+finished, or when an operator stops it.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from workers.server.replycache import ReplyCache
 log = logging.getLogger("sl_pipeline.server")
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+SERVER_RUN_ID = re.compile(r"run-(\d+)")  # the ids the server gives; no client may start one
 ACTIVE, FINISHED, STOPPED = "active", "finished", "stopped"
 KEEP_ENGINES = 3  # finished runs whose model stays in memory (older ones reload from disk)
 
@@ -64,6 +70,13 @@ class Run:
     epochs: dict[str, int] = field(default_factory=dict)  # each client's newest epoch (0-based)
     client_steps: dict[str, int] = field(default_factory=dict)  # steps applied per client
     accuracies: dict[str, float] = field(default_factory=dict)  # what finished clients reported
+    owner: str = ""  # the peer whose training message started it
+    opened: float = field(default_factory=time.monotonic)  # when its first message came
+
+    @property
+    def named(self) -> bool:
+        """Named by a client (``[client] run``), not one of the server's ``run-N``."""
+        return SERVER_RUN_ID.fullmatch(self.id) is None
 
     @property
     def test_accuracy(self) -> float | None:
@@ -110,10 +123,13 @@ class Run:
 class RunBook:
     """Every run this server hosts, in start order; the newest last."""
 
-    def __init__(self, runs_dir: Path | None, max_runs: int, run_clients: int) -> None:
+    def __init__(
+        self, runs_dir: Path | None, max_runs: int, run_clients: int, empty_run_s: float = 60.0
+    ) -> None:
         self.dir = runs_dir
         self.max_runs = max(1, max_runs)
         self.run_clients = run_clients
+        self.empty_run_s = empty_run_s
         self.runs: dict[str, Run] = {}
 
     # ---- lookup --------------------------------------------------------------------------
@@ -124,10 +140,18 @@ class RunBook:
         return [r for r in self.runs.values() if r.active]
 
     def current_for(self, name: str) -> Run | None:
-        """The run a client without a run name trains in: the newest active run it has not
-        finished itself; None means a new run."""
+        """The run a client without a run name trains in: the newest active ``run-N`` it
+        has not finished itself (a run some client named is joined by its name only);
+        None means a new run."""
         for run in reversed(self.runs.values()):
-            if run.active and name not in run.done:
+            if run.active and not run.named and name not in run.done:
+                return run
+        return None
+
+    def open_run_of(self, name: str) -> Run | None:
+        """The active run ``name`` started or trains in and has not finished, if any."""
+        for run in self.active():
+            if name not in run.done and (run.owner == name or name in run.members):
                 return run
         return None
 
@@ -150,13 +174,39 @@ class RunBook:
             )
 
     # ---- changes -------------------------------------------------------------------------
-    def start(self, run_id: str, engine: Engine, replies: ReplyCache) -> Run:
+    def check_start(self, run_id: str, owner: str) -> None:
+        """Whether ``owner`` may start run ``run_id`` now (a ``ProtocolError`` says why not)."""
+        if owner and (other := self.open_run_of(owner)) is not None:
+            raise ProtocolError(
+                f"{owner} already trains in run {other.id!r} and has not finished it; a "
+                "client has one open run at a time: finish or stop that run first"
+            )
+        if owner and SERVER_RUN_ID.fullmatch(run_id) and run_id != self.next_id():
+            raise ProtocolError(
+                f"run {run_id!r} does not exist, and run-N ids are the server's to give; "
+                "name a new run differently, or leave [client] run empty"
+            )
+
+    def start(self, run_id: str, engine: Engine, replies: ReplyCache, owner: str = "") -> Run:
+        self.check_start(run_id, owner)
         self.check_capacity()
-        run = Run(run_id, engine, replies)
+        run = Run(run_id, engine, replies, owner=owner)
         self.runs[run_id] = run
-        log.info("run %s started", run_id)
+        log.info("run %s started by %s", run_id, owner or "the server")
         self.write_index()
         return run
+
+    def expire_empty(self, now: float) -> list[Run]:
+        """Runs that applied no step within ``empty_run_s`` of their start: forgotten, their
+        places freed (however often their clients keep sending steps that fail)."""
+        gone = [r for r in self.active() if not r.steps and now - r.opened >= self.empty_run_s]
+        for run in gone:
+            del self.runs[run.id]
+            run.state, run.ended = STOPPED, time.time()
+            log.warning("run %s expired: no step applied in %.0fs", run.id, now - run.opened)
+        if gone:
+            self.write_index()
+        return gone
 
     def ready_to_finish(self, run: Run) -> bool:
         if not run.active:

@@ -63,7 +63,7 @@ class ServerWorker(RunHost, RouterService):
         PrivacyConfig.from_mapping(cfg.privacy).check_placement(
             s.topology, server=True, holds_labels=not s.label_holder
         )
-        self.book = RunBook(self._runs_dir(), s.max_runs, s.run_clients)
+        self.book = RunBook(self._runs_dir(), s.max_runs, s.run_clients, s.empty_run_s)
         self.peer_runs: dict[str, str] = {}  # peer name -> the run it trains in
         self.requested: dict[str, str] = {}  # peer name -> the run it asked for ("" = current)
         self.inferring: set[str] = set()  # peers whose hello said they only infer
@@ -208,9 +208,8 @@ class ServerWorker(RunHost, RouterService):
                 raise ProtocolError(
                     f"run {wanted!r} has {bound.state}; name a new run ([client] run) to train"
                 )
-            if bound is None:
-                bound = self._start_run(wanted or self.book.next_id())
-            self.peer_runs[name] = bound.id
+            if bound is not None:  # else the run starts with its first training message
+                self.peer_runs[name] = bound.id
         self.requested[name] = wanted
         if hello.get("intent", "train") == "train":
             self.inferring.discard(name)
@@ -222,7 +221,8 @@ class ServerWorker(RunHost, RouterService):
             **welcome,
             "topology": self.cfg.server.topology,
             "applied": list(last) if last else None,
-            "run": bound.id if bound else None,
+            # the run it trains in; a new one's id is the one it will most likely get
+            "run": bound.id if bound else (wanted or self.book.next_id()),
             # a client keeps undo points for what a crash between checkpoints may lose
             "checkpoint_every": max(1, self.cfg.checkpoint.every_steps) if self.ckpt else 1,
         }

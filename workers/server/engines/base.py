@@ -92,10 +92,12 @@ class Engine:
         self.max_batch = cfg.server.max_batch or max(cfg.train.batch_size, EVAL_BATCH)
         if self.max_batch < 1:
             raise ConfigError(f"server.max_batch must be at least 1, got {cfg.server.max_batch}")
+        self.max_abs = cfg.limits.max_abs_value  # a peer's activations and gradients
 
     def activations(self, msg: Message, requires_grad: bool) -> torch.Tensor:
-        """A peer's ``act``: at most ``max_batch`` samples, finite, a float32 leaf here."""
-        act = read_tensor(msg, "act", self.max_batch)
+        """A peer's ``act``: at most ``max_batch`` samples, finite and within ``max_abs``, a
+        float32 leaf here."""
+        act = read_tensor(msg, "act", self.max_batch, self.max_abs)
         return as_input(act, requires_grad, self.device)
 
     def handle(self, identity: bytes, msg: Message) -> list[Reply]:
@@ -106,7 +108,8 @@ class Engine:
     ) -> list[torch.Tensor]:
         """Apply the gradient of ``out`` that a peer computed (where the loss is not here);
         returns the gradients at ``cut``."""
-        grad = as_input(read_tensor(msg, "grad"), requires_grad=False, device=self.device)
+        grad = read_tensor(msg, "grad", max_abs=self.max_abs)
+        grad = as_input(grad, requires_grad=False, device=self.device)
         if grad.shape != out.shape:
             raise ProtocolError(f"gradient shape {tuple(grad.shape)} != output {tuple(out.shape)}")
         return self.backprop(out, grad, cut)

@@ -1,0 +1,142 @@
+"""Run squatting (issue 15, B6): an admitted client cannot fill ``server.max_runs`` nor draw
+an honest client into a run it named. A run starts on its first training message (never on
+a hello), a client has one open run at a time, and a run with no applied step gives its
+place up ``server.empty_run_s`` after it started when a new run needs it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import zmq.asyncio
+
+from sl_pipeline.errors import PeerError, ProtocolError
+from sl_pipeline.handshake import ClientHandshake
+from sl_pipeline.keys import load_keypair, load_public_key
+from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
+from sl_pipeline.transport import DealerConnection
+from workers.client.worker import ClientWorker
+from workers.server.runs import RunBook
+from workers.server.worker import ServerWorker
+
+from .conftest import load_client, load_server
+from .test_runs import _serve
+
+
+async def _honest(files: dict[str, Path]) -> dict[str, Any]:
+    client = ClientWorker(load_client(files["client-1"]), files["server"].parent, progress=False)
+    return dict(await asyncio.wait_for(client.run(), 120))
+
+
+async def _hostile(
+    server: ServerWorker, keys: Path, ctx: zmq.asyncio.Context, run: str
+) -> DealerConnection:
+    """client-2's admitted key, joining by hand under ``run`` (taking over its old session)."""
+    hello = {
+        "v": PROTOCOL_VERSION,
+        "client": "client-2",
+        "model": server.fingerprint,
+        "role": "trainer",
+        "run": run,
+        "takeover": True,
+    }
+    conn = DealerConnection(ctx, server.cfg.server.bind)
+    hs = ClientHandshake(
+        hello, load_keypair(keys / "client-2.key"), load_public_key(keys / "server.pub")
+    )
+    await conn.handshake(hs, 10)
+    return conn
+
+
+async def _bogus_step(conn: DealerConnection) -> PeerError:
+    """A training message that fails (activations of the wrong width): it applies nothing."""
+    act = torch.zeros(4, 3)
+    await conn.send(
+        Message(
+            kind=Kind.FORWARD, tensors={"act": act, "labels": torch.zeros(4, dtype=torch.int64)}
+        )
+    )
+    with pytest.raises(PeerError) as refused:
+        await conn.recv(10)
+    return refused.value
+
+
+async def test_an_admitted_key_squatting_runs_leaves_an_honest_client_training(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: what the honest client achieves alone; a server with room for one run
+    sets = ("server.max_runs=1", "server.empty_run_s=1.0", "server.takeover_after_s=0.5")
+    make = dict(clients=2, dataset="breast_cancer", epochs=1)
+    files = deployment(**make)
+    alone_server = ServerWorker(load_server(files["server"], *sets), files["server"].parent)
+    stop, task = await _serve(alone_server)
+    try:
+        alone = await _honest(files)
+    finally:
+        stop.set()
+        await task
+    files = deployment(**make)  # the same model and data; a fresh server state
+    base = files["server"].parent
+    server = ServerWorker(load_server(files["server"], *sets), base)
+    stop, task = await _serve(server)
+    ctx = zmq.asyncio.Context()
+    try:
+        # Execute: hellos under five run names; then a run named by a failing step; then
+        # more names, and a run-N of its choice, each with a step
+        for index in range(5):
+            (await _hostile(server, base / "keys", ctx, f"squat-{index}")).close()
+        hellos_left = dict(server.book.runs)
+        conn = await _hostile(server, base / "keys", ctx, "squat-0")
+        first = await _bogus_step(conn)
+        conn.close()
+        refusals = []
+        for run in ("squat-1", "squat-2", "run-7"):
+            conn = await _hostile(server, base / "keys", ctx, run)
+            refusals.append(await _bogus_step(conn))
+            conn.close()
+        squatted = set(server.book.runs)
+        honest = await _honest(files)
+    finally:
+        ctx.destroy(linger=0)
+        stop.set()
+        await task
+    # Assert: hellos started nothing; the squatter held one (empty) run, which gave its place
+    # up; the honest client trained in a run of its own exactly as alone
+    assert hellos_left == {}
+    assert first.remote_code != "overloaded" and squatted == {"squat-0"}
+    assert all("one open run" in str(refusal) for refusal in refusals)
+    assert set(server.book.runs) == {"run-1"}
+    assert server.book.runs["run-1"].members == {"client-1"}
+    assert honest["steps"] == alone["steps"] > 0
+    assert honest["test_accuracy"] == pytest.approx(alone["test_accuracy"], abs=0.02)
+    metric = server.metrics.registry.get_sample_value
+    assert metric("sl_bound_hits_total", {"table": "empty_runs"}) == 1.0
+
+
+def test_a_client_has_one_open_run_and_unnamed_clients_never_join_a_named_one() -> None:
+    # Prepare: a run named by client-2, and an unnamed run of client-1's
+    book = RunBook(None, max_runs=4, run_clients=0, empty_run_s=60.0)
+    named = book.start("mine", engine=None, replies=None, owner="client-2")  # type: ignore[arg-type]
+    # Execute / Assert: an unnamed client is never placed in it; its owner opens no other
+    assert book.current_for("client-1") is None
+    with pytest.raises(ProtocolError, match="one open run"):
+        book.check_start(book.next_id(), "client-2")
+    with pytest.raises(ProtocolError, match="run-N ids are the server's"):
+        book.check_start("run-9", "client-1")
+    current = book.start(book.next_id(), engine=None, replies=None, owner="client-1")  # type: ignore[arg-type]
+    assert book.current_for("client-3") is current and named.named and not current.named
+    # once client-2 finished its run it may start another
+    named.done.add("client-2")
+    book.check_start("another", "client-2")
+
+
+def test_only_runs_that_applied_nothing_expire() -> None:
+    book = RunBook(None, max_runs=2, run_clients=0, empty_run_s=5.0)
+    empty = book.start("a", engine=None, replies=None, owner="x")  # type: ignore[arg-type]
+    busy = book.start("b", engine=None, replies=None, owner="y")  # type: ignore[arg-type]
+    busy.steps = 3
+    now = time.monotonic()
+    assert book.expire_empty(now) == []  # not yet 5 s old
+    assert book.expire_empty(now + 5.0) == [empty] and set(book.runs) == {"b"}

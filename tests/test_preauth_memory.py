@@ -1,0 +1,174 @@
+"""What a peer can make a worker buffer before any check (issue 15, B3 and B4).
+
+libzmq reads a whole frame, and a whole multipart message, before the worker sees it; its
+``MAXMSGSIZE`` refuses a frame from its size header, before allocating it, even during
+ZeroMQ's own handshake (where a stranger's frames are handshake commands). Every message
+over the chunk size travels chunked, so the workers set ``MAXMSGSIZE`` to about one chunk:
+these tests measure a real server process's resident memory (``/proc/PID/status``) while a
+stranger speaking raw ZMTP, and an admitted key, send frames of hundreds of MiB.
+``SL_PREAUTH_FRAME_MIB=100`` runs the issue's 12 x 100 MB figure (16 MiB frames by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from sl_pipeline.codec import DEFAULT_LIMITS
+from sl_pipeline.errors import SLError
+from sl_pipeline.transport import max_frame_bytes
+from workers.server.worker import ServerWorker
+
+from .conftest import load_server
+from .test_hostile_peers import _ready, _status_kib, join
+
+MIB = 1024 * 1024
+FRAME_MIB = int(os.environ.get("SL_PREAUTH_FRAME_MIB", "16"))
+CEILING = 64 * MIB
+pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+
+# ZMTP 3.0 greeting (RFC 23): signature, version 3.0, mechanism PLAIN, as-server 0, filler
+GREETING = b"\xff" + bytes(7) + b"\x01\x7f" + b"\x03\x00" + b"PLAIN".ljust(20, b"\x00")
+GREETING += b"\x00" + bytes(31)
+LONG, MORE, COMMAND = 0x02, 0x01, 0x04
+
+
+def _raw_zmtp_stranger(host: str, port: int, frames: int, frame_bytes: int) -> int:
+    """A stranger speaking raw ZMTP: the greeting, then ``frames`` long frames (the first a
+    handshake command, all but the last flagged MORE). Returns the bytes the server took
+    before it closed the connection."""
+    body = memoryview(bytes(frame_bytes))
+    sent = 0
+    with socket.create_connection((host, port), timeout=20) as sock:
+        try:
+            sock.sendall(GREETING)
+            for index in range(frames):
+                flags = LONG | (COMMAND if index == 0 else 0) | (MORE if index < frames - 1 else 0)
+                sock.sendall(struct.pack(">BQ", flags, frame_bytes))
+                for start in range(0, frame_bytes, MIB):
+                    sent += sock.send(body[start : start + MIB])
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass  # the server closed the connection: what we want
+    return sent
+
+
+def _rss(pid: int) -> int:
+    return _status_kib(pid, "VmRSS") * 1024
+
+
+def _restart_peak(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM counts from here
+
+
+async def _falls_back(pid: int, before: int, timeout_s: float = 20.0) -> int:
+    """Poll (bounded) until the server's resident size is back within the ceiling."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while (rss := _rss(pid)) - before > CEILING and loop.time() < deadline:
+        await asyncio.sleep(0.1)
+    return rss
+
+
+async def _server(deployment: Any, procs: Any) -> tuple[Any, Any, dict[str, Path]]:
+    files = deployment(clients=1, dataset="breast_cancer", ops=True)
+    cfg = load_server(files["server"])
+    proc = procs.start("server", files["server"])
+    await _ready(cfg.ops.listen, proc)
+    return cfg, proc, files
+
+
+def test_the_frame_cap_is_about_one_chunk() -> None:
+    # The socket limit the tests below rely on: a chunk (1 MiB) plus its tag and some slack
+    assert MIB < max_frame_bytes(DEFAULT_LIMITS) <= MIB + 8192
+
+
+async def test_a_strangers_raw_zmtp_frames_cost_the_server_at_most_64_mib(
+    deployment, procs
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a real keyed server process and its resident size once ready
+    cfg, proc, _ = await _server(deployment, procs)
+    host, port = cfg.server.bind.removeprefix("tcp://").rsplit(":", 1)
+    before = _rss(proc.pid)
+    _restart_peak(proc.pid)
+    # Execute: 12 strangers at once, each a 12-frame message of FRAME_MIB per frame, no key
+    with ThreadPoolExecutor(12) as pool:
+        jobs = [
+            pool.submit(_raw_zmtp_stranger, host, int(port), 12, FRAME_MIB * MIB) for _ in range(12)
+        ]
+        taken = [await asyncio.wrap_future(job) for job in jobs]
+    peak = _status_kib(proc.pid, "VmHWM") * 1024
+    after = await _falls_back(proc.pid, before)
+    # Assert: the peak and the resident size stay within 64 MiB; the server still serves
+    print(
+        f"12 strangers x 12 x {FRAME_MIB} MiB raw ZMTP: server RSS {before / MIB:.0f} MiB -> "
+        f"peak {peak / MIB:.0f} -> {after / MIB:.0f}; the server took {max(taken) / MIB:.1f} MiB "
+        "from the greediest"
+    )
+    assert peak - before <= CEILING and after - before <= CEILING
+    await _ready(cfg.ops.listen, proc)
+
+
+async def test_an_admitted_keys_huge_frames_are_dropped_unbuffered(deployment, procs) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a real server and an admitted client's connection, made by hand
+    cfg, proc, files = await _server(deployment, procs)
+    base = files["server"].parent
+    ctx = zmq.asyncio.Context()
+    try:
+        model = ServerWorker(cfg, base).fingerprint  # what a hello must name; nothing served
+        conn = await join(cfg.server.bind, model, base / "keys", ctx)
+        before = _rss(proc.pid)
+        _restart_peak(proc.pid)
+        huge = bytes(250 * MIB)  # calloc'd: costs this process no resident memory
+        # Execute: B4, a 4 x 250 MiB multipart message from an admitted key
+        await conn.sock.send_multipart([bytes(16), huge, huge, huge, huge], copy=False)
+        # Assert: libzmq dropped the connection at the first frame's size (the client sees
+        # it lost), the server's memory never moved and it still serves a new session
+        with pytest.raises(SLError):
+            await conn.recv(20)
+        peak = _status_kib(proc.pid, "VmHWM") * 1024
+        print(f"4 x 250 MiB from an admitted key: RSS {before / MIB:.0f} -> peak {peak / MIB:.0f}")
+        assert peak - before <= CEILING
+        conn.close()
+        again = await join(cfg.server.bind, model, base / "keys", ctx)
+        again.close()
+    finally:
+        ctx.destroy(linger=0)
+
+
+async def test_an_admitted_keys_many_frames_are_refused_and_their_memory_given_back(
+    deployment, procs
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a real server and an admitted client's connection, made by hand
+    cfg, proc, files = await _server(deployment, procs)
+    base = files["server"].parent
+    ctx = zmq.asyncio.Context()
+    try:
+        model = ServerWorker(cfg, base).fingerprint
+        conn = await join(cfg.server.bind, model, base / "keys", ctx)
+        before = _rss(proc.pid)
+        _restart_peak(proc.pid)
+        frame = bytes(MIB - 64)  # each frame within MAXMSGSIZE: libzmq buffers them all
+        # Execute: one message of 200 such frames (no socket option bounds the count)
+        await conn.sock.send_multipart([bytes(16), *[frame] * 200], copy=False)
+        with pytest.raises(SLError, match="message has 201 frames; the limit is 33"):
+            await conn.recv(30)
+        peak = _status_kib(proc.pid, "VmHWM") * 1024
+        after = await _falls_back(proc.pid, before)
+        # Assert: refused by the frame cap, and the memory given back to the OS afterwards
+        print(
+            f"200 x 1 MiB frames from an admitted key: RSS {before / MIB:.0f} MiB -> peak "
+            f"{peak / MIB:.0f} -> {after / MIB:.0f}"
+        )
+        assert after - before <= CEILING
+        conn.close()
+    finally:
+        ctx.destroy(linger=0)
