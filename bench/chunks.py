@@ -5,7 +5,8 @@ one encrypted connection per chunk size; the server replies with the chunk size 
 names (``meta["chunk_bytes"]``). Every encrypted mode is paired with the plaintext one in
 interleaved blocks; ``chunk_table`` holds, per chunk size, the median pair ratio and its
 quartiles (``chunk_cpu_table``: the same for both processes' CPU time). "whole" seals the
-message as one ZeroMQ message (a chunk larger than it).
+message as one ZeroMQ message (a chunk larger than it): both ends of this bench lift the
+workers' frame cap (``MAXMSGSIZE`` of one default chunk) to allow it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ NBYTES = 2 * 1024 * KIB
 
 
 async def measure(url: str, server_key: bytes, quick: bool) -> dict[str, Any]:
+    peers.unbounded_frames()  # chunks beyond the default one, and "whole"
     ctx = zmq.asyncio.Context()
     tensor = torch.randn(NBYTES // 4)
     try:
@@ -65,7 +67,7 @@ async def measure(url: str, server_key: bytes, quick: bool) -> dict[str, Any]:
 def run(quick: bool = False) -> dict[str, Any]:
     url = endpoint(free_port())
     ready, stop = CTX.Queue(), CTX.Event()
-    child = start_child(peers.channel_peer, url, ready, stop)
+    child = start_child(peers.unbounded_channel_peer, url, ready, stop)
     try:
         return asyncio.run(measure(url, ready.get(timeout=60), quick))
     finally:

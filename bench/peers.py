@@ -21,6 +21,7 @@ import zmq
 import zmq.asyncio
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from sl_pipeline import transport
 from sl_pipeline.codec import DEFAULT_LIMITS
 from sl_pipeline.handshake import ServerHandshake, is_handshake
 from sl_pipeline.keys import generate_keypair
@@ -35,6 +36,19 @@ NONCE = struct.Struct(">4xQ")  # 12-byte GCM nonce from a 64-bit message counter
 def channel_peer(endpoint: str, ready: Queue, stop: Event) -> None:
     """Serve until ``stop`` is set; puts the server's public key on ``ready`` once bound."""
     asyncio.run(_serve(endpoint, ready, stop))
+
+
+def unbounded_frames() -> None:
+    """Lift the workers' frame cap (``MAXMSGSIZE`` of one chunk) in this process, for
+    ``bench.chunks``' chunk sizes beyond the default (its ``whole`` mode): no worker sends
+    such frames, so none accepts them."""
+    transport.max_frame_bytes = lambda limits: -1
+
+
+def unbounded_channel_peer(endpoint: str, ready: Queue, stop: Event) -> None:
+    """:func:`channel_peer` that takes frames of any size (see :func:`unbounded_frames`)."""
+    unbounded_frames()
+    channel_peer(endpoint, ready, stop)
 
 
 async def _serve(endpoint: str, ready: Queue, stop: Event) -> None:
