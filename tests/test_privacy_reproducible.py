@@ -132,6 +132,7 @@ def test_audit_refuses_nopeek_with_dpsgd_in_one_line(capsys: pytest.CaptureFixtu
             "--canary-runs applies to topology vanilla",
         ),
         (["--fsha-runs", "3", "--topology", "ushaped"], "--fsha-runs applies to topology vanilla"),
+        (["--fsha-runs", "3", "--fsha-steps", "0"], "--fsha-steps 0 must be at least 1"),
     ],
 )
 def test_bad_canary_audit_is_refused_before_training(

@@ -20,6 +20,8 @@ from sl_pipeline.config import TOPOLOGIES, read_toml
 from sl_pipeline.errors import ConfigError
 from workers.tools.localdeploy import free_port
 
+FSHA_STEPS = 2000  # privacy.hijack.FSHA_STEPS (the parser loads no torch; a test checks they match)
+
 AUDIT_KEYS = (
     "test_accuracy",
     "dcor",
@@ -56,6 +58,7 @@ AUDIT_KEYS = (
     "dpsgd_epsilon",
     "hijack_min_score",
     "fsha_runs",
+    "fsha_steps",
     "fsha_detected",
     "fsha_detected_within_batches",
     "fsha_epoch_batches",
@@ -114,6 +117,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         default=0,
         metavar="N",
         help="vanilla: play the FSHA malicious server N times against the client's segment",
+    )
+    audit.add_argument(
+        "--fsha-steps",
+        type=int,
+        default=FSHA_STEPS,
+        metavar="S",
+        help=f"client steps each FSHA run lasts (default {FSHA_STEPS}; the detector is judged "
+        "on the first epoch of them)",
     )
     _common(audit)
     tune = sub.add_parser("tune", help="sweep privacy settings; write results and a frontier")
@@ -186,6 +197,7 @@ def audit_deployment(
     canary_runs: int = 0,
     attack_seeds: int = 3,
     fsha_runs: int = 0,
+    fsha_steps: int = FSHA_STEPS,
 ) -> dict[str, Any]:
     """Audit an existing deployment folder with its own settings. It is retrained from
     scratch on fresh loopback ports; its saved state, checkpoints and ops ports are left alone."""
@@ -221,6 +233,7 @@ def audit_deployment(
         canary_runs=canary_runs,
         attack_seeds=attack_seeds,
         fsha_runs=fsha_runs,
+        fsha_steps=fsha_steps,
     )
     return {"topology": topology, "config": str(client_toml), **result}
 
@@ -238,6 +251,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             canary_runs=args.canary_runs,
             attack_seeds=args.attack_seeds,
             fsha_runs=args.fsha_runs,
+            fsha_steps=args.fsha_steps,
         )
     else:
         client, server = split_overrides(args.set, args.topology)
@@ -252,6 +266,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             canary_runs=args.canary_runs,
             attack_seeds=args.attack_seeds,
             fsha_runs=args.fsha_runs,
+            fsha_steps=args.fsha_steps,
         )
     if args.json:
         print(json.dumps(_jsonable(result)), flush=True)

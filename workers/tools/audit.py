@@ -40,7 +40,7 @@ from sl_pipeline.config import (
 from sl_pipeline.errors import ConfigError, SLError
 from workers.client.worker import ClientWorker
 from workers.server.worker import ServerWorker
-from workers.tools.audit_hijack import attach_scrutinizer
+from workers.tools.audit_hijack import FSHA_STEPS, attach_scrutinizer
 from workers.tools.audit_measures import (
     ATTACK_SEEDS,
     Grads,
@@ -245,6 +245,7 @@ def audit_files(
     canary_runs: int = 0,
     attack_seeds: int = ATTACK_SEEDS,
     fsha_runs: int = 0,
+    fsha_steps: int = FSHA_STEPS,
 ) -> dict[str, Any]:
     """Train the deployment ``files`` (name -> TOML path) in-process and audit it; with
     ``canary_runs`` also bound DP-SGD's epsilon from below (:mod:`workers.tools.audit_canary`)."""
@@ -257,7 +258,7 @@ def audit_files(
     privacy = PrivacyConfig.from_mapping(cfg.privacy)
     privacy.validate_for_topology(cfg.client.topology)
     check_canary(cfg.client.topology, privacy, canary_runs)
-    check_fsha(cfg.client.topology, fsha_runs)
+    check_fsha(cfg.client.topology, fsha_runs, fsha_steps)
     if attack_seeds < 1:
         raise ConfigError(f"--attack-seeds {attack_seeds} must be at least 1 (3 for intervals)")
     scfg = load(ServerConfig, files["server"], list(server_overrides))
@@ -276,7 +277,8 @@ def audit_files(
         if fsha_runs:
             from privacy.threats import THREAT_MODELS
 
-            result.update(fsha_audit(cfg, trained.clients[0].data, fsha_runs, seed))
+            data = trained.clients[0].data
+            result.update(fsha_audit(cfg, data, fsha_runs, seed, fsha_steps))
             result["threat_models"]["fsha"] = THREAT_MODELS["fsha"]
         if canary_runs:
             from privacy.threats import THREAT_MODELS
@@ -298,6 +300,7 @@ def run_audit(
     canary_runs: int = 0,
     attack_seeds: int = ATTACK_SEEDS,
     fsha_runs: int = 0,
+    fsha_steps: int = FSHA_STEPS,
 ) -> dict[str, Any]:
     """Build a fresh local deployment in a temporary folder, train it in-process, audit it.
 
@@ -328,6 +331,7 @@ def run_audit(
             canary_runs=canary_runs,
             attack_seeds=attack_seeds,
             fsha_runs=fsha_runs,
+            fsha_steps=fsha_steps,
         )
     return {"topology": topology, "dataset": dataset, **result}
 
