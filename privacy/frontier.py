@@ -122,4 +122,68 @@ def _panel(
     ax.legend(fontsize=8)
 
 
-__all__ = ["LEAKAGE_KEYS", "pareto_front", "plot_frontier"]
+TARGET_LOSS_POINTS = 3.0  # issue 16: at most 3 points of accuracy below the undefended run
+TARGET_LABEL_AUC = 0.65
+
+
+def _number(row: Row, key: str) -> float | None:
+    value = row.get(key)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _reconstruction_held(row: Row) -> bool | None:
+    """Whether the strongest reconstruction attacker (each variant's mean over seeds, or the
+    ensemble of its decoders) stays at or below the nearest auxiliary row: SSIM for images,
+    MSE otherwise. ``None`` where the row has no such figures."""
+    baseline = _number(row, "baseline_nearest_aux_ssim")
+    found = [v for k in ("ssim", "ssim_ensemble") if (v := _number(row, k)) is not None]
+    if baseline is not None and found:
+        return max(found) <= baseline
+    baseline = _number(row, "baseline_nearest_aux_mse")
+    keys = ("reconstruction_mse", "reconstruction_mse_ensemble")
+    found = [v for k in keys if (v := _number(row, k)) is not None]
+    if baseline is not None and found:
+        return min(found) >= baseline
+    return None
+
+
+def assess(
+    row: Row,
+    base: Row,
+    *,
+    max_loss_points: float = TARGET_LOSS_POINTS,
+    max_label_auc: float = TARGET_LABEL_AUC,
+) -> dict[str, Any]:
+    """How a defended ``row`` stands against the targets of issue 16, beside the undefended
+    ``base`` of the same run: its accuracy change in points, whether reconstruction is held at
+    the nearest auxiliary row (:func:`_reconstruction_held`), whether the label AUC over the run
+    is at most ``max_label_auc``, and ``meets_target``: every measure that applies held, within
+    ``max_loss_points`` of the base's accuracy."""
+    out: dict[str, Any] = {}
+    accuracy, reference = _number(row, "test_accuracy"), _number(base, "test_accuracy")
+    if accuracy is not None and reference is not None:
+        out["accuracy_change_points"] = round(100.0 * (accuracy - reference), 6)
+    held = _reconstruction_held(row)
+    if held is not None:
+        out["reconstruction_held"] = held
+    auc = _number(row, "label_leak_auc")
+    if auc is not None:
+        out["label_held"] = auc <= max_label_auc
+    checks = [v for k, v in out.items() if k.endswith("_held")]
+    change = out.get("accuracy_change_points")
+    out["meets_target"] = bool(
+        checks and all(checks) and change is not None and change >= -max_loss_points
+    )
+    return out
+
+
+__all__ = [
+    "LEAKAGE_KEYS",
+    "TARGET_LABEL_AUC",
+    "TARGET_LOSS_POINTS",
+    "assess",
+    "pareto_front",
+    "plot_frontier",
+]

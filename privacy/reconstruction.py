@@ -173,7 +173,9 @@ def reconstruction_audit(
     image_shape: Sequence[int] | None = None,
     settings: DecoderSettings | None = None,
 ) -> dict[str, Any]:
-    """The tuned attacker over ``seeds`` seeds (decoder and noise draws) and the baselines.
+    """The tuned attacker over ``seeds`` seeds (decoder and noise draws) and the baselines;
+    with two seeds or more also the ensemble attacker (``*_ensemble``): the mean of the seeds'
+    decoders applied to one observation of each victim (a red-team review's stronger attacker).
 
     ``aux`` and ``victim`` are (inputs, clean activations of the trained segment); ``observe``
     turns clean activations into what the attacker sees (:func:`release_of`); ``labels`` are
@@ -183,16 +185,24 @@ def reconstruction_audit(
         raise PrivacyError(f"seeds = {seeds} is out of range; allowed: >= 1")
     settings = settings or DecoderSettings()
     (ax, aact), (vx, vact) = aux, victim
-    runs = []
+    runs, decoders = [], []
     for seed in range(seeds):
-        decoder = train_decoder(ax, aact, observe, seed, settings)
+        decoders.append(train_decoder(ax, aact, observe, seed, settings))
         with torch.no_grad():
             seen = observe(vact.detach().float(), torch.Generator().manual_seed(10_000 + seed))
-            runs.append(image_scores(decoder(seen.flatten(1)), vx, image_shape))
+            runs.append(image_scores(decoders[-1](seen.flatten(1)), vx, image_shape))
     mse, mse_ci = interval([r["mse"] for r in runs])
     out: dict[str, Any] = {"reconstruction_mse": mse, "reconstruction_mse_ci": mse_ci}
     if image_shape is not None:
         out["ssim"], out["ssim_ci"] = interval([r["ssim"] for r in runs])
+    if seeds > 1:  # one attacker averaging its decoders on the one observation it has
+        with torch.no_grad():
+            seen = observe(vact.detach().float(), torch.Generator().manual_seed(10_000))
+            mean = torch.stack([d(seen.flatten(1)) for d in decoders]).mean(dim=0)
+        ensemble = image_scores(mean, vx, image_shape)
+        out["reconstruction_mse_ensemble"] = ensemble["mse"]
+        if image_shape is not None:
+            out["ssim_ensemble"] = ensemble["ssim"]
     aux_y, victim_y = labels if labels is not None else (None, None)
     found = baselines(ax, vx, aux_y=aux_y, victim_y=victim_y, image_shape=image_shape)
     for name, scores in found.items():

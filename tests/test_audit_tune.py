@@ -52,13 +52,23 @@ def test_tune_writes_results_frontier_and_json_rows(
     assert status == 0
     assert {p.name for p in out.iterdir()} == {"results.csv", "results.json", "frontier.png"}
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = capsys.readouterr().out.strip().splitlines()
+    rows = json.loads(printed[-1])
+    base, rows = rows[0], rows[1:]  # the undefended run comes first: the reference
+    assert base["name"] == "base" and "privacy.noise.sigma" not in base
     assert [r["privacy.noise.sigma"] for r in rows] == [0, 0.5]
-    assert all(set(r) >= ROW_KEYS for r in rows)
+    assert all(set(r) >= ROW_KEYS for r in [base, *rows])
     assert "epsilon" not in rows[0]  # clip only: nothing to account
     assert rows[1]["epsilon"] > 0 and rows[1]["epsilon_mechanism"] == "activation_noise"
     assert all("label_leak_auc" not in r for r in rows)  # no label party to attack
-    assert json.loads((out / "results.json").read_text()) == rows
+    for row in rows:  # each setting against the base, and the verdict line
+        change = 100 * (row["test_accuracy"] - base["test_accuracy"])
+        assert row["accuracy_change_points"] == pytest.approx(change, abs=1e-6)
+        held = row["reconstruction_mse"] >= row["baseline_nearest_aux_mse"]
+        assert row["reconstruction_held"] is held
+        assert row["meets_target"] is (held and change >= -3)
+    assert any(line.startswith("target (within 3 points") for line in printed)
+    assert json.loads((out / "results.json").read_text()) == [base, *rows]
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert {"privacy.noise.sigma", "test_accuracy", "epsilon"} <= set(header)
 
@@ -95,11 +105,14 @@ def test_tune_routes_label_keys_to_the_server() -> None:
         progress=False,
         audit=fake_audit,
     )
-    # Assert
-    assert [r["name"] for r in rows] == ["scale=1,sigma=0.5", "scale=2,sigma=0.5"]
-    client, server = calls[1]
+    # Assert: the undefended base first (no privacy.* set), then each combination
+    assert [r["name"] for r in rows] == ["base", "scale=1,sigma=0.5", "scale=2,sigma=0.5"]
+    assert calls[0] == ([], [])
+    client, server = calls[2]
     assert client == ["privacy.noise.sigma=0.5"]
     assert server == ['privacy.label.mechanism="marvell"', "privacy.label.scale=2"]
+    assert rows[1]["label_held"] is True and rows[1]["accuracy_change_points"] == 0.0
+    assert rows[1]["meets_target"] is True  # no reconstruction figures to hold here
 
 
 def test_audit_of_an_existing_deployment_leaves_it_untouched(tmp_path: Path) -> None:

@@ -37,3 +37,30 @@ def test_missing_key_is_named() -> None:
 def test_plot_frontier_writes_png(tmp_path: Path) -> None:
     out = plot_frontier(ROWS, tmp_path / "frontier.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_assess_holds_a_setting_to_the_strongest_attacker_and_3_points() -> None:
+    from privacy.frontier import assess
+
+    base = {"test_accuracy": 0.975}
+    held = {
+        "test_accuracy": 0.972,
+        "ssim": 0.84,
+        "ssim_ensemble": 0.86,
+        "baseline_nearest_aux_ssim": 0.912,
+        "reconstruction_mse": 0.028,
+        "baseline_nearest_aux_mse": 0.018,
+    }
+    found = assess(held, base)
+    assert found["accuracy_change_points"] == pytest.approx(-0.3)
+    assert found["reconstruction_held"] is True and found["meets_target"] is True
+    # the ensemble attacker reaches the baseline: not held, whatever the mean says
+    assert assess({**held, "ssim_ensemble": 0.913}, base)["meets_target"] is False
+    # 3.5 points lost: not within the target
+    assert assess({**held, "test_accuracy": 0.94}, base)["meets_target"] is False
+    # tabular: MSE must stay at or above the nearest auxiliary row's
+    tabular = {"test_accuracy": 0.97, "reconstruction_mse": 0.3, "baseline_nearest_aux_mse": 0.35}
+    assert assess(tabular, base)["reconstruction_held"] is False
+    # labels: AUC at most 0.65; nothing to judge at all is no success
+    assert assess({"test_accuracy": 0.97, "label_leak_auc": 0.651}, base)["label_held"] is False
+    assert assess({"test_accuracy": 0.97}, base)["meets_target"] is False

@@ -89,6 +89,9 @@ def test_tuned_attacker_beats_baselines_and_gains_from_every_release() -> None:
     assert many["ssim"] > once["ssim"] + 0.2  # 0.90 against 0.50 here
     assert once["reconstruction_mse"] > clean["reconstruction_mse"]
     assert clean["attack_seeds"] == 2 and clean["reconstruction_mse_ci"] >= 0
+    # the ensemble: both decoders on one observation (never a second draw of the release)
+    assert many["ssim_ensemble"] > many["baseline_nearest_aux_ssim"]
+    assert 0 < once["reconstruction_mse_ensemble"] < once["baseline_mean_mse"]
 
 
 def test_each_view_is_clipped_and_noised_on_its_own() -> None:

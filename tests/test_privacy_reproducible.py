@@ -142,3 +142,20 @@ def test_bad_canary_audit_is_refused_before_training(
     status = main(["audit", *topology, *extra])
     err = capsys.readouterr().err
     assert status == 2 and needle in err and "audit: training" not in err
+
+
+def test_same_tune_command_twice_gives_same_figures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Execute: one sweep, twice, as a user types it (two attacker seeds: the ensemble too)
+    runs = []
+    for out in ("first", "second"):
+        argv = ["tune", "--topology", "vanilla", "--dataset", "breast_cancer", "--epochs", "1"]
+        argv += ["--sweep", "privacy.noise.sigma=0.5", "--attack-seeds", "2", "--json"]
+        argv += ["--no-progress", "--out", str(tmp_path / out)]
+        assert main(argv) == 0
+        runs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    # Assert: the base and the setting, figure for figure
+    assert runs[0] == runs[1]
+    assert [r["name"] for r in runs[0]] == ["base", "sigma=0.5"]
+    assert "reconstruction_mse_ensemble" in runs[0][1] and "meets_target" in runs[0][1]

@@ -285,7 +285,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from workers.tools.tune import format_table, run_tune, write_results
+    from workers.tools.tune import format_table, run_tune, verdict, write_results
 
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {str(args.out)!r} is a file; give a folder for the results")
@@ -302,6 +302,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     )
     paths = write_results([_jsonable(r) for r in rows], args.out)
     print(format_table(rows))
+    print(verdict(rows))
     print(f"wrote {paths['csv']}, {paths['json']}, {paths['png']}")
     if args.json:
         print(json.dumps(_jsonable(rows)), flush=True)

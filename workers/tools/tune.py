@@ -70,8 +70,15 @@ METRIC_KEYS = (
     "activation_epsilon_per_release",
     "activation_releases",
     "dpsgd_epsilon",
+    "ssim_ensemble",
+    "reconstruction_mse_ensemble",
+    "accuracy_change_points",
+    "reconstruction_held",
+    "label_held",
+    "meets_target",
 )
 Setting = dict[str, Any]
+BASE_ROW = "base"  # the undefended run (the --set values without privacy.*), run first
 Auditor = Callable[..., dict[str, Any]]
 
 
@@ -178,28 +185,48 @@ def run_tune(
     settings = combinations(specs)
     for setting in settings:
         check_setting(topology, [*sets, *setting_overrides(setting)])
+    from privacy.frontier import assess
+
     rows: list[dict[str, Any]] = []
+    undefended = [s for s in sets if not s.startswith("privacy.")]
     bar = tqdm(
-        settings,
+        [None, *settings],
         desc=f"tune {topology}/{dataset}",
         file=sys.stderr,
         disable=not progress,
         dynamic_ncols=True,
     )
     for setting in bar:
-        client, server = split_overrides([*sets, *setting_overrides(setting)], topology)
+        chosen = undefended if setting is None else [*sets, *setting_overrides(setting)]
+        client, server = split_overrides(chosen, topology)
         result = audit(
             topology, dataset, client, server, epochs=epochs, seed=seed, attack_seeds=attack_seeds
         )
         row = {
-            "name": row_name(setting),
-            **setting,
+            "name": BASE_ROW if setting is None else row_name(setting),
+            **(setting or {}),
             **{k: result[k] for k in (*METRIC_KEYS, "label_leak_by_party") if k in result},
         }
+        if setting is not None:  # against the undefended run of the same seed
+            row.update(assess(row, rows[0]))
         rows.append(row)
         bar.set_postfix(acc=f"{row.get('test_accuracy') or 0:.3f}")
     bar.close()
     return rows
+
+
+def verdict(rows: Sequence[dict[str, Any]]) -> str:
+    """One line: the settings that meet issue 16's target, or that none does."""
+    from privacy.frontier import TARGET_LABEL_AUC, TARGET_LOSS_POINTS
+
+    met = [r["name"] for r in rows if r.get("meets_target")]
+    target = (
+        f"within {TARGET_LOSS_POINTS:g} points of the undefended run's accuracy, reconstruction "
+        f"at or below the nearest auxiliary row, label AUC at most {TARGET_LABEL_AUC:g}"
+    )
+    return f"target ({target}): " + (
+        f"met by {', '.join(met)}" if met else "met by no setting of this sweep"
+    )
 
 
 def write_results(rows: Sequence[dict[str, Any]], out: Path) -> dict[str, Path]:
@@ -240,10 +267,12 @@ def _cell(value: Any) -> str:
 
 
 __all__ = [
+    "BASE_ROW",
     "check_setting",
     "combinations",
     "format_table",
     "parse_sweep",
     "run_tune",
+    "verdict",
     "write_results",
 ]
