@@ -22,6 +22,7 @@ from sl_pipeline.models import build_segments
 from sl_pipeline.sources import load_source
 from sl_pipeline.tensors import as_input, read_tensor, wire_tensors
 from workers.client.align import first_data
+from workers.client.host import RunnerConfig
 from workers.client.link import Upstream, make_handshake
 from workers.client.microbatch import Pipeline
 from workers.client.steps import StepRunner
@@ -142,7 +143,7 @@ async def test_a_runner_steps_against_its_engine_without_a_socket(
 ) -> None:
     # Prepare
     hosts, hub = deployment(tmp_path, name, label_client)
-    runners = [topology(name).runner(host) for host in hosts]
+    runners = [topology(name).runner(host, RunnerConfig.of(host.cfg)) for host in hosts]
     before = [weights(r) for r in runners]
     # Execute
     losses = await asyncio.wait_for(asyncio.gather(*(train(r) for r in runners)), TIMEOUT_S)
@@ -166,7 +167,9 @@ async def test_labels_leave_the_client_only_where_the_server_holds_the_loss(
     tmp_path: Path, name: str, labels_leave: bool
 ) -> None:
     hosts, hub = deployment(tmp_path, name)
-    await asyncio.wait_for(train(topology(name).runner(hosts[0])), TIMEOUT_S)
+    await asyncio.wait_for(
+        train(topology(name).runner(hosts[0], RunnerConfig.of(hosts[0].cfg))), TIMEOUT_S
+    )
     assert all(("labels" in m.tensors) == labels_leave for m in hub.sent)
 
 
@@ -194,7 +197,7 @@ async def test_pipelining_yields_each_applied_step_in_order_without_a_socket(
     host.cfg = dataclasses.replace(
         host.cfg, train=dataclasses.replace(host.cfg.train, pipeline_depth=3)
     )
-    host.runner = topology("vanilla").runner(host)
+    host.runner = topology("vanilla").runner(host, RunnerConfig.of(host.cfg))
     host.link = Upstream(host.cfg, host.metrics, make_handshake(host.cfg, tmp_path, "vanilla"))
     host.link.conn = Conn(hub, b"client-1")  # type: ignore[assignment]
     before = weights(host.runner)
@@ -268,7 +271,7 @@ async def test_pipelining_refuses_a_reply_out_of_order(tmp_path: Path) -> None:
     host.cfg = dataclasses.replace(
         host.cfg, train=dataclasses.replace(host.cfg.train, pipeline_depth=2)
     )
-    host.runner = topology("vanilla").runner(host)
+    host.runner = topology("vanilla").runner(host, RunnerConfig.of(host.cfg))
     host.link = scripted_link(
         tmp_path / "link", lambda m: m.follow(Kind.FORWARD, step=m.step + 1).reply(Kind.BACKWARD)
     )

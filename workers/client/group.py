@@ -18,6 +18,7 @@ from sl_pipeline.keys import load_admitted_keys, load_keypair
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.secagg import MaskingKeys, average_from_sum, masked_tensor, new_nonce
 from sl_pipeline.tensors import all_finite
+from workers.client.host import RunnerConfig, RunnerHost
 from workers.client.steps import StepRunner
 
 TURN_TIMEOUT_S = 900.0
@@ -27,7 +28,7 @@ MAX_ATTEMPTS = 20  # SplitFed: aborted attempts at one round before giving up
 
 class _GroupRunner(StepRunner):
     def members(self) -> list[str]:
-        c = self.host.cfg.client
+        c = self.cfg.client
         if len(c.group) < 1 or c.name not in c.group:
             raise ConfigError(
                 f"{c.topology}: client.group must list every client, this one included"
@@ -50,8 +51,8 @@ class RoundRobinRunner(_GroupRunner):
     """Clients take turns; the weights of the client segment travel sealed with the group
     key, bound to this run and to the turn, which this client computes itself."""
 
-    def __init__(self, worker: Any) -> None:
-        super().__init__(worker)
+    def __init__(self, worker: RunnerHost, cfg: RunnerConfig) -> None:
+        super().__init__(worker, cfg)
         self.run_nonce = secrets.token_hex(32)  # fresh per run; kept in the checkpoint
         self.run: bytes | None = None
 
@@ -62,7 +63,7 @@ class RoundRobinRunner(_GroupRunner):
         self.run_nonce = str(state.get("run_nonce", self.run_nonce))
 
     def group_key(self) -> bytes:
-        c = self.host.cfg.client
+        c = self.cfg.client
         if not c.group_key:
             raise ConfigError("roundrobin: set client.group_key (a secret shared by the clients)")
         return load_group_key(resolve_path(self.host.base, c.group_key, "client.group_key"))
@@ -70,15 +71,15 @@ class RoundRobinRunner(_GroupRunner):
     def expected_turn(self, epoch: int) -> int:
         """Turns completed before this client's turn in ``epoch`` (all of them at the end)."""
         members = self.members()
-        if epoch >= self.host.cfg.train.epochs:
-            return self.host.cfg.train.epochs * len(members)
-        return epoch * len(members) + members.index(self.host.cfg.client.name)
+        if epoch >= self.cfg.train.epochs:
+            return self.cfg.train.epochs * len(members)
+        return epoch * len(members) + members.index(self.cfg.client.name)
 
     def _run_of(self, grant: Message) -> bytes:
         nonces = grant.meta.get("run")
         if not isinstance(nonces, Mapping) or sorted(nonces) != self.members():
             raise ProtocolError("roundrobin: the grant does not name this group's run")
-        if nonces[self.host.cfg.client.name] != self.run_nonce:
+        if nonces[self.cfg.client.name] != self.run_nonce:
             raise CryptoError("roundrobin: the grant is for another run of this client")
         run = run_id({str(k): str(v) for k, v in nonces.items()})
         if self.run is not None and run != self.run:
@@ -120,7 +121,7 @@ class RoundRobinRunner(_GroupRunner):
         )
 
     async def after_training(self) -> bool:
-        self.host.epoch = self.host.cfg.train.epochs
+        self.host.epoch = self.cfg.train.epochs
         await self._acquire(self.host.epoch, final=True)
         return True
 
@@ -129,10 +130,10 @@ class SplitFedRunner(_GroupRunner):
     """Clients train in parallel; client segments are averaged after every round by secure
     aggregation (:mod:`sl_pipeline.secagg`): the server learns only the sum."""
 
-    def __init__(self, worker: Any) -> None:
-        super().__init__(worker)
+    def __init__(self, worker: RunnerHost, cfg: RunnerConfig) -> None:
+        super().__init__(worker, cfg)
         self.keys = self._masking_keys()
-        self.max_ratio = worker.cfg.client.max_average_ratio
+        self.max_ratio = cfg.client.max_average_ratio
         if not 1.0 <= self.max_ratio < math.inf:
             raise ConfigError(
                 f"client.max_average_ratio must be a number of at least 1.0, got {self.max_ratio}"
@@ -149,7 +150,7 @@ class SplitFedRunner(_GroupRunner):
         return {**super().report(), "poisoned_rounds": self.poisoned_rounds}
 
     def _masking_keys(self) -> MaskingKeys:
-        c = self.host.cfg.client
+        c = self.cfg.client
         if c.group_key:
             raise ConfigError(
                 "splitfed: client.group_key is no longer used (a secret every client holds "
@@ -216,7 +217,7 @@ class SplitFedRunner(_GroupRunner):
         if reply.meta.get("op") == "sum":
             self._check_sum_without_submit(epoch)
             return self._sum_of(reply)
-        nonces = _announced_nonces(reply, self.host.cfg.client.name, nonce)
+        nonces = _announced_nonces(reply, self.cfg.client.name, nonce)
         words = self.keys.masked(self.vector(), epoch, nonces)
         meta = {"op": "submit", "attempt": str(reply.meta.get("attempt"))}
         msg = self.host.message(

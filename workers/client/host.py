@@ -1,20 +1,40 @@
-"""The narrow view a step runner has of the client worker that drives it."""
+"""The narrow view a step runner has of the client worker that drives it: the config
+sections it reads (:class:`RunnerConfig`), and the worker's data, metrics and ``request``
+(:class:`RunnerHost`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from sl_pipeline.config import ClientConfig
+from privacy.config import PrivacyConfig
+from sl_pipeline.config import ClientConfig, ClientSection, DataConfig, ModelConfig, TrainConfig
 from sl_pipeline.data import PartyData
 from sl_pipeline.messages import Kind, Message
 from workers.ops.metrics import WorkerMetrics
 
 
+@dataclass(frozen=True)
+class RunnerConfig:
+    """The sections of a client's config that a step runner reads: not the worker's own
+    (its endpoint's limits, ops, checkpoints), which the worker and its link keep."""
+
+    client: ClientSection  # its name, role, group and keys, where it saves its segment
+    model: ModelConfig
+    train: TrainConfig
+    data: DataConfig  # the task of a multi-task client
+    privacy: PrivacyConfig  # parsed once, here
+
+    @classmethod
+    def of(cls, cfg: ClientConfig) -> RunnerConfig:
+        privacy = PrivacyConfig.from_mapping(cfg.privacy) if cfg.privacy else PrivacyConfig()
+        return cls(cfg.client, cfg.model, cfg.train, cfg.data, privacy)
+
+
 class RunnerHost(Protocol):
     """What a runner uses of the client worker that drives it."""
 
-    cfg: ClientConfig
     base: Path
     topology: str
     data: PartyData

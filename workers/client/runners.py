@@ -25,7 +25,7 @@ class UShapedRunner(StepRunner):
     supports_pipelining = False
 
     def build_modules(self) -> dict[str, nn.Module]:
-        segments = build_segments(self.host.cfg.model, self.host.topology)
+        segments = build_segments(self.cfg.model, self.host.topology)
         if len(segments) != 3:
             raise ConfigError("ushaped needs model.cuts with two cut indices")
         return {"bottom": segments[0], "head": segments[2]}
@@ -58,7 +58,7 @@ class VerticalRunner(StepRunner):
     async def train_step(
         self, step: int, x: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor
     ) -> float:
-        if self.host.cfg.client.role != "label":
+        if self.cfg.client.role != "label":
             return await super().train_step(step, x, y, ids)
         if y is None:
             raise ConfigError("vertical: the label client needs labels; set data.label")
@@ -70,20 +70,20 @@ class VerticalRunner(StepRunner):
         return float(loss.detach())
 
     def build_modules(self) -> dict[str, nn.Module]:
-        group = self.host.cfg.client.group
-        name = self.host.cfg.client.name
+        group = self.cfg.client.group
+        name = self.cfg.client.name
         index = sorted(group).index(name) if name in group else 0
-        return {"bottom": vertical_bottom(self.host.cfg.model, index)}
+        return {"bottom": vertical_bottom(self.cfg.model, index)}
 
     def forward_message(
         self, step: int, sent: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor
     ) -> Message:
-        tensors = {**wire_tensors("act", sent, self.host.cfg.train.wire_dtype), "ids": ids}
+        tensors = {**wire_tensors("act", sent, self.cfg.train.wire_dtype), "ids": ids}
         return self.host.message(Kind.FORWARD, step, tensors=tensors)
 
 
 class MultitaskRunner(StepRunner):
     def forward_meta(self) -> dict[str, Any]:
-        if not self.host.cfg.data.task:
+        if not self.cfg.data.task:
             raise ConfigError("multitask: set data.task to this client's task")
-        return {"task": self.host.cfg.data.task}
+        return {"task": self.cfg.data.task}

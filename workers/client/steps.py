@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from privacy.config import PrivacyConfig
 from privacy.defenses import build_defenses
 from sl_pipeline.config import resolve_path
 from sl_pipeline.data import Split, batch_order, iter_batches
@@ -24,7 +23,7 @@ from sl_pipeline.lowbit import Residuals
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.models import build_segments, make_optimizer, resolve_device
 from sl_pipeline.tensors import as_input, read_tensor, wire_labels, wire_tensors
-from workers.client.host import RunnerHost
+from workers.client.host import RunnerConfig, RunnerHost
 from workers.client.private import PrivateBatches
 
 log = logging.getLogger("sl_pipeline.client")
@@ -43,10 +42,10 @@ class StepRunner:
     # parties (their pace is no round trip of ours, and a resent evaluation part is refused).
     adaptive_wait = True
 
-    def __init__(self, worker: RunnerHost) -> None:
+    def __init__(self, worker: RunnerHost, cfg: RunnerConfig) -> None:
         self.host = worker
-        cfg = worker.cfg
-        self.privacy = PrivacyConfig.from_mapping(cfg.privacy) if cfg.privacy else PrivacyConfig()
+        self.cfg = cfg
+        self.privacy = cfg.privacy
         self.label_protection: Any = None
         if self.privacy.label_protection_on:
             if not self.protects_labels:
@@ -95,7 +94,7 @@ class StepRunner:
 
     # ---- set-up --------------------------------------------------------------------------
     def build_modules(self) -> dict[str, nn.Module]:
-        return {"bottom": build_segments(self.host.cfg.model, self.host.topology)[0]}
+        return {"bottom": build_segments(self.cfg.model, self.host.topology)[0]}
 
     @property
     def bottom(self) -> nn.Module:
@@ -118,9 +117,7 @@ class StepRunner:
             yield from self.private.batches(first_step)
             return
         train = self.host.data.train
-        order = batch_order(
-            len(train), self.host.cfg.train.batch_size, self.host.cfg.train.seed, epoch
-        )
+        order = batch_order(len(train), self.cfg.train.batch_size, self.cfg.train.seed, epoch)
         for step, idx in enumerate(order):
             if step >= first_step:
                 y = train.y[idx] if train.y is not None else None
@@ -143,11 +140,11 @@ class StepRunner:
     def forward_message(
         self, step: int, sent: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor
     ) -> Message:
-        tensors = wire_tensors("act", sent, self.host.cfg.train.wire_dtype)
+        tensors = wire_tensors("act", sent, self.cfg.train.wire_dtype)
         if self.sends_labels:
             if y is None:
                 raise ConfigError("this topology needs labels at the client; set data.label")
-            tensors["labels"] = wire_labels(y, self.host.cfg.train.wire_dtype)
+            tensors["labels"] = wire_labels(y, self.cfg.train.wire_dtype)
         return self.host.message(Kind.FORWARD, step, tensors=tensors, meta=self.forward_meta())
 
     def forward_meta(self) -> dict[str, Any]:
@@ -253,7 +250,7 @@ class StepRunner:
             if self.label_protection is not None and protect_with is not None:
                 grad = self.label_protection.protect(grad, protect_with)
             tensors = wire_tensors(
-                "grad", grad, self.host.cfg.train.wire_dtype, self.residuals, "server"
+                "grad", grad, self.cfg.train.wire_dtype, self.residuals, "server"
             )
             try:
                 return loss, await self.host.request(msg.follow(Kind.BACKWARD, tensors=tensors))
@@ -282,7 +279,7 @@ class StepRunner:
         with torch.no_grad():
             x = x.to(self.device)
             sent = self.defense.apply(self.bottom(x)) if self.privacy.noise else self.bottom(x)
-        tensors = wire_tensors("act", sent, self.host.cfg.train.wire_dtype)
+        tensors = wire_tensors("act", sent, self.cfg.train.wire_dtype)
         if ids is not None and not self.sends_labels and "head" not in self.modules:
             tensors["ids"] = ids
         reply = await self.host.request(
@@ -352,11 +349,9 @@ class StepRunner:
 
     def save(self) -> None:
         """Each party saves only its own segment(s)."""
-        if not self.host.cfg.client.save:
+        if not self.cfg.client.save:
             return
-        path = resolve_path(
-            self.host.base, self.host.cfg.client.save, "client.save", must_exist=False
-        )
+        path = resolve_path(self.host.base, self.cfg.client.save, "client.save", must_exist=False)
         path.parent.mkdir(parents=True, exist_ok=True)
         state: dict[str, Any] = {name: _plain_state(m) for name, m in self.modules.items()}
         data = self.host.data

@@ -27,6 +27,7 @@ from sl_pipeline.messages import Kind, Message
 from sl_pipeline.sources import Source, load_source
 from sl_pipeline.transport import DealerConnection
 from workers.client.align import aligned_data, first_data, psi_key, rows_file
+from workers.client.host import RunnerConfig
 from workers.client.link import Stopped, Upstream, make_handshake
 from workers.client.microbatch import MAX_DEPTH, Pipeline, check_depth
 from workers.client.report import best_epoch, model_path
@@ -48,15 +49,6 @@ log = logging.getLogger("sl_pipeline.client")
 class _Stopped(Stopped):
     """Raised between steps once SIGTERM/SIGINT asked the client to stop (``Stopped``: in
     a wait for the next hop)."""
-
-
-MAX_RETRIES_PER_REQUEST = 100
-# Refusals that end by waiting: a full server, a run queue, a name whose old session may be dead.
-WAIT_CODES = ("overloaded", "name_in_use")
-
-
-def _handshake_result(code: str) -> str:
-    return code if code in ("not_admitted", "version") else "bad_handshake"
 
 
 class ClientWorker:
@@ -84,7 +76,7 @@ class ClientWorker:
         self.pending: Source | None = source if self.psi_key else None  # rows to align first
         self.aligned_rows: int | None = None
         self.data = first_data(cfg, source, aligned_later=self.pending is not None)
-        self.runner: StepRunner = topology(self.topology).runner(self)
+        self.runner: StepRunner = topology(self.topology).runner(self, RunnerConfig.of(cfg))
         check_depth(self)
         self.link = Upstream(cfg, self.metrics, make_handshake(cfg, base, self.topology))
         self.link.adaptive_wait = self.runner.adaptive_wait
