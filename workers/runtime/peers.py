@@ -211,7 +211,7 @@ def hello_refusal(exc: SLError) -> tuple[str, str]:
         result = "version"
     else:
         result = "bad_handshake"
-    reason = "overloaded" if exc.code == "overloaded" else result
+    reason = "overloaded" if isinstance(exc, OverloadedError) else result
     reason = "replay" if isinstance(exc, ReplayError) else reason
     return result, reason if reason in (
         "not_admitted",

@@ -19,13 +19,20 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from sl_pipeline.messages import Message, message_from_state, message_state
 from workers.runtime.bounded import no_hit
 
 Step = tuple[int, int]
-Steps = OrderedDict[Step, tuple[Message, int]]  # step -> (reply, its size in bytes)
+
+
+class Cached(NamedTuple):
+    reply: Message
+    size: int  # its bytes, counted against ``max_bytes``
+
+
+Steps = OrderedDict[Step, Cached]
 MIB = 1024 * 1024
 DEFAULT_MAX_BYTES = 256 * MIB
 DEFAULT_CHECKPOINT_BYTES = 16 * MIB  # older replies a checkpoint keeps, beyond the newest
@@ -65,7 +72,7 @@ class ReplyCache:
     def get(self, client: str, kind: str, step: Step) -> Message | None:
         steps = self._steps(client, kind)
         found = None if steps is None else steps.get(step)
-        return None if found is None else found[0]
+        return None if found is None else found.reply
 
     def newest(self, client: str, kind: str) -> Step | None:
         steps = self._steps(client, kind)
@@ -76,12 +83,12 @@ class ReplyCache:
         self._names.move_to_end(client)
         steps = kinds.setdefault(kind, OrderedDict())
         if step in steps:
-            self.bytes -= steps.pop(step)[1]
+            self.bytes -= steps.pop(step).size
         size = reply_size(reply)
-        steps[step] = (reply, size)
+        steps[step] = Cached(reply, size)
         self.bytes += size
         while len(steps) > self.depth:
-            self.bytes -= steps.popitem(last=False)[1][1]
+            self.bytes -= steps.popitem(last=False)[1].size
         while len(self._names) > self.max_names:
             self._drop_name(next(iter(self._names)))
             self.on_hit()
@@ -89,7 +96,7 @@ class ReplyCache:
 
     def _drop_name(self, name: str) -> None:
         for steps in self._names.pop(name).values():
-            self.bytes -= sum(size for _, size in steps.values())
+            self.bytes -= sum(cached.size for cached in steps.values())
 
     def _shrink(self, keep: str) -> None:
         """Back under ``max_bytes``: older steps first, then whole names other than
@@ -106,7 +113,7 @@ class ReplyCache:
         for kinds in self._names.values():  # the least recently active name first
             for steps in kinds.values():
                 if len(steps) > 1:
-                    self.bytes -= steps.popitem(last=False)[1][1]
+                    self.bytes -= steps.popitem(last=False)[1].size
                     return True
         return False
 
@@ -116,7 +123,7 @@ class ReplyCache:
         for kinds in self._names.values():
             for steps in kinds.values():
                 while len(steps) > 1:
-                    self.bytes -= steps.popitem(last=False)[1][1]
+                    self.bytes -= steps.popitem(last=False)[1].size
 
     def names(self) -> int:
         return len(self._names)
