@@ -270,19 +270,15 @@ def audit_files(
                 files, client_overrides, server_overrides, relay_overrides, timeout_s, seed
             )
         )
-        result = measure(trained, seed, attack_seeds)
+        from privacy.threats import THREAT_MODELS
+
+        result, data = measure(trained, seed, attack_seeds), trained.clients[0].data
         if canary_runs:
-            data = trained.clients[0].data
             result.update(canary_audit(cfg, data, privacy, canary_runs, seed))
         if fsha_runs:
-            from privacy.threats import THREAT_MODELS
-
-            data = trained.clients[0].data
             result.update(fsha_audit(cfg, data, fsha_runs, seed, fsha_steps))
             result["threat_models"]["fsha"] = THREAT_MODELS["fsha"]
         if canary_runs:
-            from privacy.threats import THREAT_MODELS
-
             result["threat_models"]["canary"] = THREAT_MODELS["canary"]
         return result
 
