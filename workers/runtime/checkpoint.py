@@ -254,11 +254,6 @@ class SnapshotRing:
         item = self._items.get(key)
         return None if item is None else copy.deepcopy(item)
 
-    def discard_before(self, key: tuple[int, int]) -> None:
-        """Drop snapshots older than ``key`` (the server made ``key`` durable)."""
-        for k in [k for k in self._items if k < key]:
-            del self._items[k]
-
     def discard_after(self, key: tuple[int, int]) -> None:
         for k in [k for k in self._items if k > key]:
             del self._items[k]
