@@ -60,11 +60,11 @@ def test_error_feedback_delivers_the_sum_of_gradients() -> None:
     residuals = lowbit.Residuals()
     grads = [torch.randn(8, 20) * 1e-3 for _ in range(50)]
     sent = [_over_wire(wire_tensors("grad", g, "int2-ef", residuals, "c1"), "grad") for g in grads]
-    owed = sum(grads) - sum(sent)  # the last residual only
-    without = sum(lowbit.encode(g, lowbit.SIGN, 1)[1] for g in grads)
+    owed = torch.stack(grads).sum(0) - torch.stack(sent).sum(0)  # the last residual only
+    without = torch.stack([lowbit.encode(g, lowbit.SIGN, 1)[1] for g in grads]).sum(0)
     assert len(residuals) == 1
     assert float(owed.abs().max()) < 4 * float(grads[0].abs().max())
-    assert float((sum(grads) - without).norm()) > 3 * float(owed.norm())
+    assert float((torch.stack(grads).sum(0) - without).norm()) > 3 * float(owed.norm())
 
 
 def test_residuals_are_kept_per_peer_and_bounded() -> None:
