@@ -29,6 +29,7 @@ KEYS = (
     "overhead_ratio",
     "overhead_ratio_spread",
     "overhead_ratio_pipelined",
+    "overhead_cpu_ratio",
     "rpc_ratio",
     "rpc_ratio_same_host_shm",
     "scaling",

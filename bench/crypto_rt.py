@@ -64,7 +64,7 @@ async def round_trips(conn: DealerConnection, message: Message, count: int) -> l
 
 def _plan(quick: bool) -> tuple[int, int, float]:
     """(pairs of blocks, round trips per block, time budget per size in seconds)."""
-    return (16, 4, 5.0) if quick else (40, 8, 20.0)
+    return (40, 4, 5.0) if quick else (60, 8, 20.0)
 
 
 _CPU_QUERY = Message(kind=Kind.FORWARD, meta={"reply": "cpu"})

@@ -30,6 +30,7 @@ def headline(results: dict[str, Any]) -> list[str]:
         ("aead_gb_s", "sealing speed of each AEAD on one core, 2 MiB, GB/s"),
         ("transport_efficiency", "our message path / raw pyzmq+AESGCM throughput at 2MiB"),
         ("overhead_ratio", "split encrypted 2-process step / single-process step"),
+        ("overhead_cpu_ratio", "the same ratio of CPU time per step (both processes / one)"),
         ("overhead_ratio_spread", "median [interquartile range, pairs] of the ratios above"),
         ("overhead_ratio_pipelined", "the same with pipelining (depth 2) / single-process step"),
         ("rpc_ratio", "our split step / torch.distributed.rpc (TensorPipe, TCP) step"),

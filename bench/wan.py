@@ -87,7 +87,7 @@ class Driver:
 
 def _plan(quick: bool) -> tuple[int, int]:
     """(rounds, steps per block per unit of depth)."""
-    return (2, 8) if quick else (4, 16)
+    return (3, 8) if quick else (5, 16)
 
 
 async def measure(
