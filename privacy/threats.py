@@ -42,7 +42,10 @@ THREAT_MODELS: dict[str, dict[str, str]] = {
     "fsha": {
         "who": "a malicious server running the feature-space hijacking attack (FSHA)",
         "knows": "the client segment's architecture and public data of the same kind",
-        "sees": "the client's activations every step, and it chooses the gradients it returns",
+        "sees": "the client's activations every step, and it chooses the gradients it returns: "
+        "a WGAN-GP critic's, pulling them into its pilot encoder's space, for 2000 client "
+        "steps; then it decodes them with the pilot's decoder; compared with the nearest "
+        "public row",
     },
     "model_completion": {
         "who": "a feature party in the vertical topology (Fu et al. 2022)",
