@@ -24,6 +24,7 @@ KEYS = (
     "encryption_overhead_spread",
     "encryption_cpu_ratio",
     "aead_gb_s",
+    "aead_gil",
     "transport_efficiency",
     "transport_efficiency_spread",
     "overhead_ratio",

@@ -7,13 +7,15 @@ session, AES-256-GCM) connections run side by side in pairs of blocks of round t
 both sides of a pair see the same machine load; the ratio is the median of the pair ratios.
 Beside the wall-clock ratio, ``encryption_cpu_ratio`` is the same ratio of the CPU time both
 processes spent (all their threads), which waiting for a busy core does not inflate, and
-``aead_gb_s`` the ciphers' own speed on one core (hot 2 MiB buffer, no I/O).
+``aead_gb_s`` the ciphers' own speed on one core (hot 2 MiB buffer, no I/O), and
+``aead_gil`` whether sealing releases the GIL (so could run in a thread beside Python work).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from typing import Any
 
@@ -114,6 +116,45 @@ def aead_gb_s(nbytes: int = 2 * 1024 * 1024, repeats: int = 40) -> dict[str, flo
     return speeds
 
 
+def aead_gil(nbytes: int = 2 * 1024 * 1024, calls: int = 30) -> dict[str, float]:
+    """Does sealing release the GIL? A pure-Python thread counts while this one seals:
+    its rate against its rate while this one sleeps (near 1: released; near 0: held), and
+    what a seal then takes, against a seal alone (the GIL handed back costs a switch)."""
+    aead, data, out = AESGCM(os.urandom(32)), os.urandom(nbytes), bytearray(nbytes + 16)
+
+    def seal_s() -> float:
+        start = time.perf_counter()
+        aead.encrypt_into(bytes(12), data, None, out)
+        return time.perf_counter() - start
+
+    alone = median([seal_s() for _ in range(calls)])
+    count, stop = [0], threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            count[0] += 1
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
+    try:
+        first, start = count[0], time.perf_counter()
+        time.sleep(0.2)
+        idle_rate = (count[0] - first) / (time.perf_counter() - start)
+        first, start = count[0], time.perf_counter()
+        for _ in range(calls):
+            seal_s()
+        beside = (time.perf_counter() - start) / calls  # the mean: GIL waits included
+        busy_rate = (count[0] - first) / (beside * calls)
+    finally:
+        stop.set()
+        spinner.join()
+    return {
+        "spinner_rate_while_sealing": busy_rate / idle_rate,
+        "seal_ms_alone": alone * 1e3,  # median
+        "seal_ms_beside_a_python_thread": beside * 1e3,  # mean
+    }
+
+
 async def measure(
     url: str, server_key: bytes, quick: bool, sizes: dict[str, int] | None = None
 ) -> dict[str, Any]:
@@ -126,6 +167,7 @@ async def measure(
         "encryption_cpu_ratio_spread": {},
         "cpu_ms_per_round_trip": {},
         "aead_gb_s": aead_gb_s(),
+        "aead_gil": aead_gil(),
     }
     try:  # a failed connect must not leave a context for the garbage collector to hang on
         conns = {

@@ -52,6 +52,7 @@ def test_tiny_crypto_round_trip_runs() -> None:
     assert result["cpu_ms_per_round_trip"]["4KiB"]["encrypted"] > 0
     assert result["encryption_cpu_ratio_spread"]["4KiB"]["pairs"] >= 3
     assert result["aead_gb_s"]["aes256gcm"] > 0 and result["aead_gb_s"]["chacha20poly1305"] > 0
+    assert result["aead_gil"]["seal_ms_alone"] > 0
 
 
 @pytest.mark.timeout(120)
