@@ -106,6 +106,8 @@ def decode(name: str, blob: torch.Tensor, max_batch: int | None = None) -> torch
         raise ProtocolError(f"{name}: blob of {ndim} dims is malformed")
     shape = struct.unpack_from(f">{ndim}I", head, _HEAD.size)
     batch, count = shape[0], math.prod(shape[1:])
+    if batch < 1:
+        raise ProtocolError(f"{name}: blob of shape {shape} holds no sample")
     if max_batch is not None and batch > max_batch:
         raise ProtocolError(
             f"{name} holds a batch of {batch} samples; this worker takes at most "

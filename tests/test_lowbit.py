@@ -4,6 +4,7 @@ nothing for good, and every malformed blob is refused as a protocol error (a pee
 from __future__ import annotations
 
 import asyncio
+import math
 import struct
 
 import pytest
@@ -107,11 +108,38 @@ def _blob(head: bytes, body: int) -> torch.Tensor:
         (_blob(b"SLQ\x01\x01\x02\x02" + struct.pack(">II", 4, 8), 41), "56 bytes"),
         (_blob(b"SLQ\x01\x01\x01\x03" + struct.pack(">III", 2, 2**20, 2**20), 8), "over"),
         (_blob(b"SLQ\x01\x01\x02\x02" + struct.pack(">II", 300, 8), 8), "batch of 300"),
+        (_blob(b"SLQ\x01\x01\x02\x02" + struct.pack(">II", 0, 5), 0), "holds no sample"),
     ],
 )
 def test_malformed_blobs_are_refused(blob: torch.Tensor, match: str) -> None:
     with pytest.raises(ProtocolError, match=match):
         read_tensor(Message(kind=Kind.FORWARD, tensors={"act": blob}), "act", max_batch=256)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    head=st.tuples(st.sampled_from([1, 2, 3]), st.sampled_from([0, 1, 2, 4, 8]), st.integers(0, 9)),
+    dims=st.lists(st.integers(0, 6) | st.integers(0, 2**32 - 1), max_size=9),
+    slack=st.integers(-3, 3),
+    fill=st.binary(min_size=1, max_size=16),
+)
+def test_any_blob_a_peer_sends_decodes_or_is_a_protocol_error(
+    head: tuple[int, int, int], dims: list[int], slack: int, fill: bytes
+) -> None:
+    # Bodies near the length the head implies, so that the decoding itself is reached too
+    mode, bits, ndim = head
+    batch, count = (dims[0], math.prod(dims[1:])) if dims else (0, 1)
+    params = 8 if mode == 1 else 4
+    size = max(0, min(4096, batch * (params + -(-count * max(bits, 1) // 8)) + slack))
+    body = (fill * (size // len(fill) + 1))[:size]
+    raw = b"SLQ\x01" + bytes([mode, bits, ndim]) + struct.pack(f">{len(dims)}I", *dims) + body
+    blob = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    try:
+        out = read_tensor(Message(kind=Kind.FORWARD, tensors={"act": blob}), "act", 256)
+    except ProtocolError:
+        return
+    assert out.dtype == torch.float32 and out.numel() * 4 <= lowbit.MAX_DECODED_BYTES
+    assert tuple(out.shape) == tuple(dims) or len(dims) != ndim
 
 
 def test_non_finite_parameters_are_refused() -> None:
