@@ -68,7 +68,7 @@ class RawSender:
 
 def _plan(quick: bool) -> tuple[int, float]:
     """(trials per size, time budget per size in seconds)."""
-    return (10, 5.0) if quick else (20, 15.0)
+    return (24, 6.0) if quick else (40, 15.0)
 
 
 async def measure(
