@@ -73,6 +73,8 @@ class Engine:
         self.cfg = cfg
         self.device = resolve_device(cfg.train.device)
         self.model = module.to(self.device)
+        # Walked twice per step (deferred backward, finite check): the module tree once here.
+        self._params = list(self.model.parameters())
         self.wire_dtype = cfg.train.wire_dtype
         self.residuals = Residuals()  # int2-ef: per peer, what its gradients still owe
         self.optimizer = make_optimizer(
@@ -164,7 +166,7 @@ class Engine:
         root, grad = self._deferred
         self._deferred = None
         self.optimizer.zero_grad(set_to_none=True)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for p in self._params if p.requires_grad]
         torch.autograd.backward(root, grad, inputs=params)
         if not self._weight_grads_finite():
             self.optimizer.zero_grad(set_to_none=True)
@@ -174,7 +176,7 @@ class Engine:
         self.optimizer.step()
 
     def _weight_grads_finite(self) -> bool:
-        return all_finite([p.grad for p in self.model.parameters() if p.grad is not None])
+        return all_finite([p.grad for p in self._params if p.grad is not None])
 
     def outputs(self, msg: Message, act: torch.Tensor) -> torch.Tensor:
         """What the server's layers make of ``act`` (multitask picks the task's head)."""
