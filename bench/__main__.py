@@ -92,7 +92,9 @@ def run_all(sections: Sequence[str], quick: bool, log: Callable[[str], None]) ->
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="few repeats, no 64 clients (<3 min)")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer pairs, no 64 clients (3-4 min quiet)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads per party")
