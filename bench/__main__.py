@@ -32,6 +32,7 @@ KEYS = (
     "overhead_ratio_pipelined",
     "overhead_cpu_ratio",
     "rpc_ratio",
+    "rpc_cpu_ratio",
     "rpc_ratio_same_host_shm",
     "scaling",
     "efficiency_64",

@@ -225,7 +225,7 @@ async def measure(
         "ratio_spread": ratio,
         "ratio_pipelined": piped["median"],
         "ratio_pipelined_spread": piped,
-        **rpc.result(times["split_encrypted"]),
+        **rpc.result(times["split_encrypted"], cpu["split_encrypted"]),
     }
 
 
@@ -237,11 +237,14 @@ class RpcBlocks:
     def __init__(self, name: str) -> None:
         self.peer: RpcPeer | None = RpcPeer(name)
         self.samples: list[float] = []
+        self.cpu: list[float] = []  # CPU seconds per step, both RPC processes
         self.error = ""
 
     def steps(self, count: int, record: bool) -> None:
         if self.peer is None:
             return
+        pids = [p.pid for p in self.peer.parties if p.pid is not None]
+        before = sum(cpu_seconds(pid) for pid in pids)
         try:
             samples = self.peer.steps(count)
         except RuntimeError as exc:
@@ -250,20 +253,28 @@ class RpcBlocks:
             return
         if record:
             self.samples.append(median(samples))
+            self.cpu.append((sum(cpu_seconds(pid) for pid in pids) - before) / count)
 
     def close(self) -> None:
         if self.peer is not None:
             self.peer.close()
             self.peer = None
 
-    def result(self, ours: list[float]) -> dict[str, Any]:
-        """RPC's median step, and our step / RPC's step as the median of per-round ratios."""
+    def result(self, ours: list[float], ours_cpu: list[float]) -> dict[str, Any]:
+        """RPC's median step, and our step / RPC's step as the median of per-round ratios
+        (wall time, and CPU time of both processes on each side)."""
         if self.error:
             return {"rpc_error": self.error}
         if not self.samples:
             return {}
         spread = paired(ours[: len(self.samples)], self.samples)
-        return {"rpc_step_ms": median(self.samples) * 1e3, "rpc_ratio_spread": spread}
+        cpu = paired(ours_cpu[: len(self.cpu)], self.cpu)
+        return {
+            "rpc_step_ms": median(self.samples) * 1e3,
+            "rpc_ratio_spread": spread,
+            "rpc_cpu_ms_per_step": median(self.cpu) * 1e3,
+            "rpc_cpu_ratio_spread": cpu,
+        }
 
 
 def run_model(name: str, quick: bool) -> dict[str, Any]:

@@ -31,6 +31,7 @@ def headline(results: dict[str, Any]) -> list[str]:
         ("transport_efficiency", "our message path / raw pyzmq+AESGCM throughput at 2MiB"),
         ("overhead_ratio", "split encrypted 2-process step / single-process step"),
         ("overhead_cpu_ratio", "the same ratio of CPU time per step (both processes / one)"),
+        ("rpc_cpu_ratio", "our split step / torch.distributed.rpc's, CPU time of both sides"),
         ("overhead_ratio_spread", "median [interquartile range, pairs] of the ratios above"),
         ("overhead_ratio_pipelined", "the same with pipelining (depth 2) / single-process step"),
         ("rpc_ratio", "our split step / torch.distributed.rpc (TensorPipe, TCP) step"),

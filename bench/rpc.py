@@ -165,6 +165,7 @@ def run(quick: bool = False, overhead: dict[str, Any] | None = None) -> dict[str
     """
     per_model: dict[str, Any] = {}
     ratio: dict[str, Any] = {}
+    cpu_ratio: dict[str, Any] = {}
     shm_ratio: dict[str, Any] = {}
     for name in MODELS:
         measured = (overhead or {}).get(name, {})
@@ -172,6 +173,9 @@ def run(quick: bool = False, overhead: dict[str, Any] | None = None) -> dict[str
             per_model[name] = {"step_ms": measured["rpc_step_ms"], "interleaved": True}
             ratio[name] = measured["rpc_ratio_spread"]["median"]
             per_model[name]["ratio_spread"] = measured["rpc_ratio_spread"]
+            cpu_ratio[name] = measured["rpc_cpu_ratio_spread"]["median"]
+            per_model[name]["cpu_ms_per_step"] = measured["rpc_cpu_ms_per_step"]
+            per_model[name]["cpu_ratio_spread"] = measured["rpc_cpu_ratio_spread"]
         elif "rpc_error" in measured:
             per_model[name] = {"error": measured["rpc_error"]}
             ratio[name] = measured["rpc_error"]
@@ -184,5 +188,6 @@ def run(quick: bool = False, overhead: dict[str, Any] | None = None) -> dict[str
     return {
         "rpc": per_model,
         "rpc_ratio": ratio or None,
+        "rpc_cpu_ratio": cpu_ratio or None,
         "rpc_ratio_same_host_shm": shm_ratio or None,
     }

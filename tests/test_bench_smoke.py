@@ -10,7 +10,7 @@ import pytest
 from bench import crypto_rt, flops, shaper
 from bench.common import CTX, free_port, machine_load, paired
 from bench.models import VGG_CUT, vgg16
-from bench.rpc import RpcPeer
+from bench.overhead import RpcBlocks
 from bench.wan import recommended_depth, summarise
 
 
@@ -58,16 +58,21 @@ def test_tiny_crypto_round_trip_runs() -> None:
 @pytest.mark.timeout(120)
 def test_rpc_baseline_runs_blocks_on_request_and_its_processes_stop() -> None:
     # Setup
-    peer = RpcPeer("digits_cnn")
+    blocks = RpcBlocks("digits_cnn")
+    peer = blocks.peer
+    assert peer is not None
     try:
         # Execute: two blocks, as bench.overhead interleaves them with its own
-        first, second = peer.steps(2), peer.steps(3)
+        first = peer.steps(2)
+        blocks.steps(3, record=True)
     finally:
-        peer.close()
+        blocks.close()
 
-    # Assert
-    assert len(first) == 2 and len(second) == 3
-    assert all(seconds > 0 for seconds in first + second)
+    # Assert: step times, and the CPU time of both RPC processes per step
+    assert len(first) == 2 and all(seconds > 0 for seconds in first)
+    assert len(blocks.samples) == 1 and blocks.samples[0] > 0 and blocks.cpu[0] > 0
+    result = blocks.result([0.01], [0.004])
+    assert result["rpc_cpu_ratio_spread"]["pairs"] == 1 and result["rpc_cpu_ms_per_step"] > 0
     assert not any(party.is_alive() for party in peer.parties)
 
 
