@@ -81,8 +81,9 @@ class FSHASetup:
     ``steps`` is the attack's length; the detector is judged on the first ``epoch_batches``
     of them (one epoch of the client's data). ``scale`` multiplies the gradient the server
     returns: the client applies it with its own optimizer (plain SGD with momentum here),
-    and a critic's raw gradient makes that optimizer throw the segment's ReLUs dead (the
-    inversion fell to SSIM 0.02 within 400 steps at scale 1); a malicious server tunes it."""
+    and a critic's raw gradient makes that optimizer throw the segment's ReLUs dead (at scale
+    1 the inversion collapsed, as the earlier version of this game did); a malicious server
+    tunes it."""
 
     client: Callable[[], nn.Module]
     private_x: Tensor
