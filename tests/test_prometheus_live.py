@@ -225,10 +225,14 @@ def _capture(url: str, files: dict[str, Path], procs: dict[str, subprocess.Popen
     _wait_count(url, "sl_privacy_epsilon", 2)
     bind = tomllib.loads(files["server"].read_text())["server"]["bind"]
     knock(bind, files["server"].parent / "keys")
+    # Both counters rose during the knock. A rate over 4 scrapes shows the rise only while its
+    # window holds a scrape from before the knock and one after: so evaluate 1.2 scrapes after
+    # the knock, not "now", which under load can be seconds later, when the rise has left it.
+    at_s = time.time() + 1.2 * SCRAPE_S
     _wait_count(url, "sl_handshakes_total{result='not_admitted'} > 0", 1)
     _wait_count(url, "sl_rejected_messages_total{reason='unauthenticated'} > 0", 1)
-    time.sleep(2 * SCRAPE_S)
-    at_s = time.time()
+    while time.time() < at_s + SCRAPE_S:  # bounded: at most 2.2 scrapes
+        time.sleep(0.1)
     ended = [name for name, proc in procs.items() if proc.poll() is not None]
     assert not ended, f"{ended} stopped before the evaluation time; raise EPOCHS"
     return at_s
