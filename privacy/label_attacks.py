@@ -15,7 +15,9 @@ here needs no label:
   by class, so the class with more noise there sits further from zero on both sides (this
   score broke Marvell 16 at one seed in a red-team review, 0.677 where direction gave 0.642);
 * projection: the rank, within the epoch, of |g . v| (the size of the component along the top
-  singular vector, not divided by the norm), averaged per example.
+  singular vector, not divided by the norm), averaged per example;
+* batch spread (:func:`batch_spread_over_run`): the spread score with each batch's own top
+  singular vector, as Marvell fits its noise per batch.
 
 Also: the label leak of outputs a party receives at evaluation (:func:`output_leak_auc`).
 """
@@ -102,6 +104,30 @@ def label_leak_over_run(rounds: Sequence[Round], labels: Tensor) -> dict[str, An
     return out
 
 
+def batch_spread_over_run(batches: Sequence[Round], labels: Tensor) -> dict[str, Any]:
+    """The spread attack per batch: each batch's |cosine| to that batch's own top singular
+    vector, averaged per example over the run. Marvell fits its plan (the direction along which
+    the classes' noise variance differs) per batch, so a batch's own direction is sharper than
+    an epoch's. ``batches`` holds (ids, gradients) per training step; batches of fewer than 3
+    rows are skipped. Returns ``batch_spread_auc``."""
+    size = int(labels.shape[0])
+    sums = torch.zeros(size, dtype=torch.float64)
+    counts = torch.zeros(size, dtype=torch.float64)
+    for ids, grads in batches:
+        flat = grads.detach().reshape(grads.shape[0], -1).to(torch.float64)
+        if flat.shape[0] < 3:
+            continue
+        _, _, vh = torch.linalg.svd(flat, full_matrices=False)
+        cos = (flat @ vh[0]).abs() / torch.linalg.vector_norm(flat, dim=1).clamp_min(1e-12)
+        sums.index_add_(0, ids, cos)
+        counts.index_add_(0, ids, torch.ones_like(cos))
+    known = counts > 0
+    if not bool(known.any()):
+        raise PrivacyError("batch_spread_over_run needs a batch of at least 3 rows")
+    y = labels[known].cpu().numpy()
+    return {"batch_spread_auc": _auc(y, (sums[known] / counts[known]).numpy())}
+
+
 def cluster_label_attack(
     rounds: Sequence[Round], labels: Tensor, classes: int, *, seed: int = 0
 ) -> dict[str, Any]:
@@ -180,6 +206,7 @@ def output_leak_auc(outputs: Tensor, labels: Tensor) -> float:
 
 __all__ = [
     "ATTACKS",
+    "batch_spread_over_run",
     "cluster_label_attack",
     "label_leak_over_run",
     "model_completion",

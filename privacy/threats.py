@@ -29,9 +29,10 @@ THREAT_MODELS: dict[str, dict[str, str]] = {
         "knows": "its own features and segment, and that labels are binary",
         "sees": "the cut gradient of every training batch it took part in, over every epoch "
         "(after the label holder's protection); each example's scores are averaged over the "
-        "epochs, under four attacks (norm rank, sign-aligned cosine to each epoch's top "
-        "singular vector, its absolute value, and the rank of the component along it), the "
-        "strongest reported; at evaluation it receives nothing (no output, no score)",
+        "epochs, under five attacks (norm rank, sign-aligned cosine to each epoch's top "
+        "singular vector, its absolute value, the rank of the component along it, and the "
+        "absolute cosine to each batch's own top singular vector), the strongest reported; "
+        "at evaluation it receives nothing (no output, no score)",
     },
     "label_clustering": {
         "who": "an honest-but-curious u-shaped server (the client keeps labels and head)",

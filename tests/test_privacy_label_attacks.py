@@ -184,3 +184,29 @@ def test_one_party_marvell_plan_never_reaches_another_party(tmp_path: Path) -> N
     first, second = engine._protection("client-1"), engine._protection("client-2")
     assert isinstance(first, Marvell) and isinstance(second, Marvell)
     assert first.last_plan is not None and second.last_plan is None
+
+
+def test_batch_spread_reads_a_direction_that_changes_every_batch() -> None:
+    # Prepare: Marvell-like noise whose class-dependent variance lies along a new random
+    # direction in every batch: an epoch's top singular vector blurs them, a batch's does not.
+    from privacy.label_attacks import batch_spread_over_run
+
+    g = torch.Generator().manual_seed(5)
+    n, d, batch = 256, 16, 32
+    labels = (torch.arange(n) % 2).long()
+    batches, rounds = [], []
+    for _ in range(4):
+        ids = torch.randperm(n, generator=g)
+        grads = []
+        for part in ids.split(batch):
+            axis = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+            spread = torch.where(labels[part] == 1, 8.0, 1.0)[:, None]
+            noise = torch.randn(len(part), d, generator=g)
+            grads.append(noise + spread * torch.randn(len(part), 1, generator=g) * axis)
+            batches.append((part, grads[-1]))
+        rounds.append((ids, torch.cat(grads)))
+    # Execute
+    per_batch = batch_spread_over_run(batches, labels)["batch_spread_auc"]
+    per_epoch = label_leak_over_run(rounds, labels)["spread_auc"]
+    # Assert
+    assert per_batch > 0.9 and per_batch > per_epoch + 0.1

@@ -28,6 +28,7 @@ LABEL_LEAK_KEYS = (
     "direction_auc",
     "spread_auc",
     "projection_auc",
+    "batch_spread_auc",
 )
 UNSPLIT_VICTIMS = 64  # UnSplit optimises one input per victim: a sample keeps it to seconds
 # party -> one (epoch, sample ids, gradients sent) per training step
@@ -198,14 +199,24 @@ def _unsplit(client: ClientWorker, x: torch.Tensor, seen: torch.Tensor, seed: in
 def measure_labels(trained: Trained) -> dict[str, Any]:
     """The cross-epoch label attacks on each feature party's gradients, and the label AUC of
     the outputs each received at evaluation; the worst party is reported."""
-    from privacy.label_attacks import label_leak_over_run, model_completion, output_leak_auc
+    from privacy.label_attacks import (
+        batch_spread_over_run,
+        label_leak_over_run,
+        model_completion,
+        output_leak_auc,
+    )
 
     labels: Any = getattr(trained.server.engine, "labels", None)
     if labels is None or not (trained.grads or trained.outputs):
         return {}
     per_party = {}
     for party, steps in sorted(trained.grads.items()):
-        per_party[party] = label_leak_over_run(_rounds(steps), labels)
+        found = label_leak_over_run(_rounds(steps), labels)
+        found.update(batch_spread_over_run([(i, g) for _, i, g in steps], labels))
+        if found["batch_spread_auc"] > found["label_leak_auc"]:
+            found["label_leak_auc"] = found["batch_spread_auc"]
+            found["label_leak_attack"] = "batch_spread"
+        per_party[party] = found
     out: dict[str, Any] = {}
     if per_party:
         worst = max(per_party.values(), key=lambda r: r["label_leak_auc"])
@@ -242,7 +253,11 @@ def _rounds(steps: Sequence[tuple[int, torch.Tensor, torch.Tensor]]) -> list[Any
 def measure_sent_labels(trained: Trained) -> dict[str, Any]:
     """U-shaped: what the server learns about a client's labels from the gradients the client
     sends it (clustering; and the cross-epoch attacks where labels are binary)."""
-    from privacy.label_attacks import cluster_label_attack, label_leak_over_run
+    from privacy.label_attacks import (
+        batch_spread_over_run,
+        cluster_label_attack,
+        label_leak_over_run,
+    )
 
     out: dict[str, Any] = {}
     for client in trained.clients:
@@ -256,6 +271,8 @@ def measure_sent_labels(trained: Trained) -> dict[str, Any]:
         found = cluster_label_attack(rounds, labels, client.data.classes)
         if client.data.classes == 2:
             run = label_leak_over_run(rounds, labels)
+            run.update(batch_spread_over_run([(i, g) for _, i, g in steps], labels))
+            run["label_leak_auc"] = max(run["label_leak_auc"], run["batch_spread_auc"])
             found.update({k: run[k] for k in LABEL_LEAK_KEYS if k != "label_leak_attack"})
             found["label_leak_last_epoch_auc"] = run["last_epoch_auc"]
         for key, value in found.items():

@@ -56,6 +56,7 @@ METRIC_KEYS = (
     "direction_auc",
     "spread_auc",
     "projection_auc",
+    "batch_spread_auc",
     "label_leak_last_epoch_auc",
     "eval_output_auc",
     "completion_auc",
