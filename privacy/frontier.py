@@ -157,25 +157,26 @@ def assess(
     max_label_auc: float = TARGET_LABEL_AUC,
 ) -> dict[str, Any]:
     """How a defended ``row`` stands against the targets of issue 16, beside the undefended
-    ``base`` of the same run: its accuracy change in points, whether reconstruction is held at
-    the nearest auxiliary row (:func:`_reconstruction_held`), whether the label AUC over the run
-    is at most ``max_label_auc``, and ``meets_target``: every measure that applies held, within
-    ``max_loss_points`` of the base's accuracy."""
+    ``base`` of the same run: its accuracy change in points; whether reconstruction is held at
+    the nearest auxiliary row (:func:`_reconstruction_held`) and whether the label AUC over the
+    run is at most ``max_label_auc``; and for each measure that applies, whether its target is
+    met (``reconstruction_target``, ``label_target``): held, at most ``max_loss_points`` below
+    the base's accuracy. Each target stands on its own: a label sweep on tabular data need not
+    also hide the features."""
     out: dict[str, Any] = {}
     accuracy, reference = _number(row, "test_accuracy"), _number(base, "test_accuracy")
+    change = None
     if accuracy is not None and reference is not None:
-        out["accuracy_change_points"] = round(100.0 * (accuracy - reference), 6)
+        change = out["accuracy_change_points"] = round(100.0 * (accuracy - reference), 6)
+    within = change is not None and change >= -max_loss_points
     held = _reconstruction_held(row)
     if held is not None:
         out["reconstruction_held"] = held
+        out["reconstruction_target"] = held and within
     auc = _number(row, "label_leak_auc")
     if auc is not None:
         out["label_held"] = auc <= max_label_auc
-    checks = [v for k, v in out.items() if k.endswith("_held")]
-    change = out.get("accuracy_change_points")
-    out["meets_target"] = bool(
-        checks and all(checks) and change is not None and change >= -max_loss_points
-    )
+        out["label_target"] = out["label_held"] and within
     return out
 
 

@@ -158,4 +158,4 @@ def test_same_tune_command_twice_gives_same_figures(
     # Assert: the base and the setting, figure for figure
     assert runs[0] == runs[1]
     assert [r["name"] for r in runs[0]] == ["base", "sigma=0.5"]
-    assert "reconstruction_mse_ensemble" in runs[0][1] and "meets_target" in runs[0][1]
+    assert "reconstruction_mse_ensemble" in runs[0][1] and "reconstruction_target" in runs[0][1]
