@@ -1,7 +1,8 @@
 """Run squatting (issue 15, B6): an admitted client cannot fill ``server.max_runs`` nor draw
 an honest client into a run it named. A run starts on its first training message (never on
-a hello), a client has one open run at a time, and a run with no applied step gives its
-place up ``server.empty_run_s`` after it started when a new run needs it."""
+a hello), a client has one open run at a time and starts one active run at a time, and a
+run with no applied step, or whose every client finished, gives its place up
+``server.empty_run_s`` later when a new run needs it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 import zmq.asyncio
 
-from sl_pipeline.errors import PeerError, ProtocolError
+from sl_pipeline.errors import OverloadedError, PeerError, ProtocolError
 from sl_pipeline.handshake import ClientHandshake
 from sl_pipeline.keys import load_keypair, load_public_key
 from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
@@ -127,9 +128,10 @@ def test_a_client_has_one_open_run_and_unnamed_clients_never_join_a_named_one() 
         book.check_start("run-9", "client-1")
     current = book.start(book.next_id(), engine=None, replies=None, owner="client-1")  # type: ignore[arg-type]
     assert book.current_for("client-3") is current and named.named and not current.named
-    # once client-2 finished its run it may start another
+    # once client-2 finished its run it still holds it (it started it) while it is active
     named.done.add("client-2")
-    book.check_start("another", "client-2")
+    with pytest.raises(OverloadedError, match="one active run"):
+        book.check_start("another", "client-2")
 
 
 def test_only_runs_that_applied_nothing_expire() -> None:
@@ -140,3 +142,43 @@ def test_only_runs_that_applied_nothing_expire() -> None:
     now = time.monotonic()
     assert book.expire_empty(now) == []  # not yet 5 s old
     assert book.expire_empty(now + 5.0) == [empty] and set(book.runs) == {"b"}
+
+
+def test_a_client_starts_one_active_run_finished_or_not() -> None:
+    # Prepare: client-2 started run evil-1, trained in it and finished; it waits for one more
+    book = RunBook(None, max_runs=4, run_clients=2, empty_run_s=5.0)
+    evil = book.start("evil-1", engine=None, replies=None, owner="client-2")  # type: ignore[arg-type]
+    evil.members.add("client-2")
+    evil.steps = 3
+    evil.done.add("client-2")
+    # Execute / Assert: no second run of its own while that one is active; not idle yet
+    with pytest.raises(OverloadedError, match="one active run"):
+        book.check_start("evil-2", "client-2")
+    book.check_start(book.next_id(), "client-1")  # another client still may
+    assert book.idle_runs(evil.last_active + 4.0) == []
+    assert book.idle_runs(evil.last_active + 5.0) == [evil]
+
+
+async def test_finished_runs_of_one_client_never_fill_max_runs(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: two places, a run ends when two clients finished (red team's a2_run_fill)
+    sets = ("server.max_runs=2", "server.run_clients=2", "server.empty_run_s=1.0")
+    files = deployment(clients=2, dataset="breast_cancer", epochs=1)
+    server = ServerWorker(load_server(files["server"], *sets), files["server"].parent)
+    stop, task = await _serve(server)
+    try:
+        # Execute: client-2 trains one epoch in each of two runs it names, finishing each
+        for name in ("evil-1", "evil-2"):
+            cfg = load_client(files["client-2"], f"client.run={name}")
+            client = ClientWorker(cfg, files["server"].parent, progress=False)
+            await asyncio.wait_for(client.run(), 120)
+        evil_active = [r.id for r in server.book.active() if r.owner == "client-2"]
+        honest = await asyncio.wait_for(_honest(files), 120)
+    finally:
+        stop.set()
+        await task
+    # Assert: its first run gave its place up to its second; the honest client trained
+    assert evil_active == ["evil-2"]
+    assert server.book.runs["evil-1"].state == "stopped"
+    assert honest["steps"] > 0 and server.book.runs["run-1"].members == {"client-1"}
+    metric = server.metrics.registry.get_sample_value
+    assert metric("sl_bound_hits_total", {"table": "idle_runs"}) == 1.0

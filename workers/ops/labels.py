@@ -46,6 +46,7 @@ BOUNDED_TABLES: tuple[str, ...] = (
     "waiting",
     "inflight_bytes",
     "empty_runs",
+    "idle_runs",
     "other",
 )
 HANDSHAKE_RESULTS: tuple[str, ...] = ("ok", "not_admitted", "bad_handshake", "version")

@@ -127,11 +127,18 @@ class RunHost:
         self.metrics.record_run(run.id, run.steps, run.active, run.last_loss, run.test_accuracy)
 
     def _start_run(self, run_id: str, owner: str = "") -> Run:
+        now = time.monotonic()
+        mine = self.book.owned_run(owner) if owner else None
+        if mine is not None and self.book.idle(mine, now):
+            self._give_up(mine)  # its owner's earlier run, which only waited for more clients
         self.book.check_start(run_id, owner)
-        if len(self.book.active()) >= self.book.max_runs:  # empty runs give their place up
-            for gone in self.book.expire_empty(time.monotonic()):
+        if len(self.book.active()) >= self.book.max_runs:  # empty or idle runs give way
+            for gone in self.book.expire_empty(now):
                 self.metrics.record_bound("empty_runs")
                 self.report_run(gone)
+        if len(self.book.active()) >= self.book.max_runs:
+            for idle in self.book.idle_runs(now)[:1]:
+                self._give_up(idle)
         run = self.book.start(run_id, self._new_engine(), self.new_replies(), owner)
         self.report_run(run)
         return run
@@ -196,6 +203,19 @@ class RunHost:
             accuracy,
             run.model or "not saved (set server.save or server.runs_dir)",
         )
+
+    def _give_up(self, run: Run) -> None:
+        """A run whose every client finished long ago ends (stopped, its model saved)."""
+        log.warning(
+            "run %s gave its place up: its %d client(s) finished and it waited %.0fs for "
+            "server.run_clients = %d",
+            run.id,
+            len(run.members),
+            time.monotonic() - run.last_active,
+            self.book.run_clients,
+        )
+        self.metrics.record_bound("idle_runs")
+        self.end_run(run, STOPPED)
 
     def stop_run(self, run_id: str) -> Run:
         run = self.book.get(run_id)

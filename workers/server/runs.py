@@ -12,9 +12,12 @@ A client names its run (``[client] run``) or takes the server's current one: the
 active ``run-N`` it has not already finished (never a run another client named), else a new
 run with the next ``run-N`` id (a client cannot start a run of that form under its own name).
 A run starts on its first training message, never on a hello; a client has at most one open
-run (one it started or trained in and has not finished); a run with no applied step gives
-its place up ``empty_run_s`` after it started when a new run needs it. So one admitted
-client cannot fill ``max_runs`` nor draw others into a run it named. A run ends when
+run (one it started or trained in and has not finished) and has started at most one active
+run (finished by it or not: a client that asks for another waits, as ``overloaded``); a run
+with no applied step gives its place up ``empty_run_s`` after it started, and a run whose
+every client finished gives it up ``empty_run_s`` after its last step or finish, when a new
+run needs it. So one admitted client holds at most one of the ``max_runs`` places and
+cannot draw others into a run it named. A run ends when
 ``run_clients`` of its clients (every client that trained in it, when 0) said they
 finished, or when an operator stops it.
 """
@@ -72,6 +75,7 @@ class Run:
     accuracies: dict[str, float] = field(default_factory=dict)  # what finished clients reported
     owner: str = ""  # the peer whose training message started it
     opened: float = field(default_factory=time.monotonic)  # when its first message came
+    last_active: float = field(default_factory=time.monotonic)  # its last step or finish
 
     @property
     def named(self) -> bool:
@@ -155,6 +159,19 @@ class RunBook:
                 return run
         return None
 
+    def owned_run(self, name: str) -> Run | None:
+        """The active run ``name`` started (finished by it or not), if any."""
+        return next((r for r in self.active() if r.owner == name), None)
+
+    def idle(self, run: Run, now: float) -> bool:
+        """Every client that trained in it finished, ``empty_run_s`` ago or more: it only
+        waits for ``run_clients`` to be reached, and may give its place up."""
+        waiting = bool(run.members) and run.members <= run.done
+        return run.active and waiting and now - run.last_active >= self.empty_run_s
+
+    def idle_runs(self, now: float) -> list[Run]:
+        return [r for r in self.active() if self.idle(r, now)]
+
     def get(self, run_id: str) -> Run:
         run = self.runs.get(run_id)
         if run is None:
@@ -180,6 +197,14 @@ class RunBook:
             raise ProtocolError(
                 f"{owner} already trains in run {other.id!r} and has not finished it; a "
                 "client has one open run at a time: finish or stop that run first"
+            )
+        if owner and (mine := self.owned_run(owner)) is not None:
+            need = self.run_clients or len(mine.members)
+            raise OverloadedError(
+                f"{owner} started run {mine.id!r}, which is still active ({len(mine.done)} of "
+                f"{need} clients finished); a client starts one active run at a time: this "
+                f"run waits until that one ends or gives its place up (server.empty_run_s = "
+                f"{self.empty_run_s:g} after its last step)"
             )
         if owner and SERVER_RUN_ID.fullmatch(run_id) and run_id != self.next_id():
             raise ProtocolError(

@@ -290,6 +290,7 @@ class ServerWorker(RunHost, RouterService):
         run = self.book.runs.get(self.peer_runs.get(peer.name, ""))
         if run is not None and msg.meta.get("finished") and msg.client in run.members:
             run.done.add(msg.client)
+            run.last_active = time.monotonic()
             accuracy = msg.meta.get("accuracy")
             if not isinstance(accuracy, float) or not 0.0 <= accuracy <= 1.0:
                 accuracy = None  # none measured (no labels here), or not a ratio at all
@@ -369,6 +370,7 @@ class ServerWorker(RunHost, RouterService):
                 self.clients.stepped(r.client, run.client_steps[r.client], r.epoch)
         peer.applied += 1
         run.steps += applied
+        run.last_active = time.monotonic()
         self.steps_applied += applied
         self.metrics.record_step(self.steps_applied)
         if engine.last_loss is not None:
