@@ -74,13 +74,25 @@ def test_a_full_table_refuses_newcomers_but_lets_a_name_rejoin() -> None:
     assert peers.check_admission(hello(), b"key-a") == "site-a"
 
 
-def test_too_many_pending_handshakes_refuse_the_newcomer_and_count_a_bound() -> None:
+def test_too_many_pending_names_refuse_the_newcomer_and_count_a_bound() -> None:
     peers, bounds = table(max_peers=2)
     peers.add(b"id-1", peer("site-a"))
-    peers.add(b"id-2", peer("site-a"))  # one name retrying its join
+    peers.add(b"id-2", peer("relay-1"))
     with pytest.raises(OverloadedError, match="unfinished handshakes"):
         peers.check_admission(hello(), b"key-b")
     assert bounds == ["pending_handshakes"]
+
+
+def test_one_names_pending_sessions_count_once_and_lock_no_other_name_out() -> None:
+    # Prepare: site-a holds as many unconfirmed sessions as a name may (red team's a4 flood)
+    peers, bounds = table(max_peers=2)
+    for index in range(PENDING_PER_NAME + 3):
+        for gone in peers.add(bytes([index]), peer("site-a")):
+            del peers.peers[gone]
+    # Execute / Assert: site-b is admitted; site-a holds one place, not PENDING_PER_NAME
+    assert peers.check_admission(hello(), b"key-b") == "site-b"
+    assert sum(not p.confirmed for p in peers.peers.values()) == PENDING_PER_NAME
+    assert bounds == []
 
 
 def test_pending_sessions_of_one_name_are_bounded_oldest_first() -> None:

@@ -105,15 +105,19 @@ class PeerTable:
                 f"{self.fingerprint!r}; use the same [model] section and topology on both sides"
             )
         name = self.name_of(hello, key)
+        # Names, not sessions: a name's few pending sessions (PENDING_PER_NAME) hold one place
+        # between them, so one admitted name cannot lock other names out.
         others = {p.name for p in self.peers.values()} - {name}
         if len(others) >= self.listen.max_peers:  # a rejoin replaces its own old session
+            confirmed = {p.name for p in self.peers.values() if p.confirmed} - {name}
+            if len(confirmed) < self.listen.max_peers:  # refuse the newcomer; push out nobody
+                self.on_bound("pending_handshakes")
+                raise OverloadedError(
+                    f"{self.role} has too many unfinished handshakes; retry later"
+                )
             raise OverloadedError(
                 f"{self.role} is full ({self.listen.max_peers} peers); retry later"
             )
-        pending = sum(1 for p in self.peers.values() if not p.confirmed and p.name != name)
-        if pending >= self.listen.max_peers:  # refuse the newcomer; never push out others
-            self.on_bound("pending_handshakes")
-            raise OverloadedError(f"{self.role} has too many unfinished handshakes; retry later")
         return name
 
     def speaker(self, peer: Peer, msg: Message) -> str:
@@ -130,7 +134,7 @@ class PeerTable:
 
         Handshakes that never send a message cost bounded memory: at most a few per name
         (the oldest of the *same* name go), and :meth:`check_admission` refuses newcomers
-        when too many names have one pending; nobody's pending handshake is pushed out by
+        when too many names have one pending (a name counts once, however many it has); nobody's pending handshake is pushed out by
         another name's."""
         self.peers[identity] = peer
         pending = [i for i, p in self.peers.items() if not p.confirmed and p.name == peer.name]
