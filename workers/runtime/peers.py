@@ -134,8 +134,8 @@ class PeerTable:
 
         Handshakes that never send a message cost bounded memory: at most a few per name
         (the oldest of the *same* name go), and :meth:`check_admission` refuses newcomers
-        when too many names have one pending (a name counts once, however many it has); nobody's pending handshake is pushed out by
-        another name's."""
+        when too many names have one pending (a name counts once, however many it has);
+        nobody's pending handshake is pushed out by another name's."""
         self.peers[identity] = peer
         pending = [i for i, p in self.peers.items() if not p.confirmed and p.name == peer.name]
         return pending[: max(0, len(pending) - PENDING_PER_NAME)]
