@@ -399,3 +399,34 @@ def test_text_logs_are_readable() -> None:
 def test_configure_logging_rejects_bad_values(fmt: str, level: str) -> None:
     with pytest.raises(ConfigError):
         configure_logging(fmt, level)
+
+
+async def test_status_names_no_run_client_without_the_token(
+    metrics: WorkerMetrics, state: _State, http: aiohttp.ClientSession
+) -> None:
+    # Prepare: a server's status with a run two clients trained in (red team's a6 leak)
+    run = {
+        "id": "run-1",
+        "steps": 40,
+        "clients": ["client-1", "client-2"],
+        "finished_clients": ["client-2"],
+        "accuracies": {"client-2": 0.9},
+        "test_accuracy": 0.9,
+    }
+    state.status = {"role": "server", "peers": [], "runs": [run]}
+    ops = OpsServer(metrics, lambda: state.status, lambda: True, "127.0.0.1", 0, None, "tok")
+    await asyncio.wait_for(ops.start(), TIMEOUT_S)
+    try:
+        # Execute
+        _, _, anyone = await _get(http, f"{ops.url}/status")
+        headers = {"Authorization": "Bearer tok"}
+        async with http.get(f"{ops.url}/status", headers=headers) as response:
+            operator = json.loads(await response.text())
+    finally:
+        await asyncio.wait_for(ops.stop(), TIMEOUT_S)
+    # Assert: counts for anyone, the names unchanged for the token's holder
+    assert "client-" not in anyone
+    counted = json.loads(anyone)["runs"][0]
+    assert (counted["clients"], counted["finished_clients"], counted["accuracies"]) == (2, 1, 1)
+    assert counted["steps"] == 40 and counted["test_accuracy"] == 0.9
+    assert operator["runs"] == [run]

@@ -248,16 +248,33 @@ class OpsServer:
         return hmac.compare_digest(given, f"Bearer {self.status_token}".encode())
 
 
+NAMED_RUN_FIELDS = ("clients", "finished_clients", "accuracies")  # keyed by client name
+
+
 def redact(body: Mapping[str, Any]) -> dict[str, Any]:
     """``/status`` for anyone who can reach the port: how many peers, not who (names and
-    key fingerprints), and no session id."""
+    key fingerprints), no session id, and each run's clients as counts."""
     out = {k: v for k, v in body.items() if k not in ("peers", "session")}
     if "peers" in body:
-        peers = body["peers"]
-        out["peers"] = len(peers) if isinstance(peers, list | tuple) else peers
-    if "peers" in body or "session" in body:
-        out["redacted"] = "peer names, key fingerprints and the session id need [ops] status_token"
+        out["peers"] = _count(body["peers"])
+    if isinstance(body.get("runs"), list | tuple):
+        out["runs"] = [_redact_run(run) for run in body["runs"]]
+    if "peers" in body or "session" in body or "runs" in body:
+        out["redacted"] = (
+            "peer and client names, key fingerprints and the session id need [ops] status_token"
+        )
     return out
+
+
+def _count(value: Any) -> Any:
+    return len(value) if isinstance(value, list | tuple | dict) else value
+
+
+def _redact_run(run: Any) -> Any:
+    """A run's entry with its clients counted, not named (per-client accuracies included)."""
+    if not isinstance(run, Mapping):
+        return run
+    return {k: _count(v) if k in NAMED_RUN_FIELDS else v for k, v in run.items()}
 
 
 def local_url(listen: str) -> str:
