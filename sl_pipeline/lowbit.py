@@ -55,7 +55,8 @@ def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return grouped.sum(dim=2).to(torch.uint8)
 
 
-def _unpack_rows(rows: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+def unpack_rows(rows: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """``[batch, bytes]`` packed codes as ``[batch, count]`` float32 codes (not yet scaled)."""
     per_byte = 8 // bits
     shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
     codes = (rows.unsqueeze(2) >> shifts) & (2**bits - 1)
@@ -91,9 +92,12 @@ def encode(tensor: torch.Tensor, mode: int, bits: int) -> tuple[torch.Tensor, to
     return blob, sent.reshape(shape)
 
 
-def decode(name: str, blob: torch.Tensor, max_batch: int | None = None) -> torch.Tensor:
-    """The float32 tensor a blob carries; every size is checked before anything is decoded,
-    so a peer cannot make us allocate more than the blob's announced, bounded shape."""
+def announced_shape(name: str, blob: torch.Tensor) -> tuple[int, ...]:
+    """The shape a blob says it carries, read from its header alone (nothing decoded)."""
+    return _header(name, blob)[2]
+
+
+def _header(name: str, blob: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
     head = blob[: _HEAD.size + 4 * MAX_DIMS].numpy().tobytes()
     if len(head) < _HEAD.size:
         raise ProtocolError(f"{name} is a {len(head)}-byte uint8 tensor, too short for a blob")
@@ -104,8 +108,14 @@ def decode(name: str, blob: torch.Tensor, max_batch: int | None = None) -> torch
         raise ProtocolError(f"{name}: blob mode {mode} with {bits} bits is not defined")
     if not 1 <= ndim <= MAX_DIMS or len(head) < _HEAD.size + 4 * ndim:
         raise ProtocolError(f"{name}: blob of {ndim} dims is malformed")
-    shape = struct.unpack_from(f">{ndim}I", head, _HEAD.size)
-    batch, count = shape[0], math.prod(shape[1:])
+    return mode, bits, struct.unpack_from(f">{ndim}I", head, _HEAD.size)
+
+
+def decode(name: str, blob: torch.Tensor, max_batch: int | None = None) -> torch.Tensor:
+    """The float32 tensor a blob carries; every size is checked before anything is decoded,
+    so a peer cannot make us allocate more than the blob's announced, bounded shape."""
+    mode, bits, shape = _header(name, blob)
+    ndim, batch, count = len(shape), shape[0], math.prod(shape[1:])
     if batch < 1:
         raise ProtocolError(f"{name}: blob of shape {shape} holds no sample")
     if max_batch is not None and batch > max_batch:
@@ -127,7 +137,7 @@ def decode(name: str, blob: torch.Tensor, max_batch: int | None = None) -> torch
     values = blob[start : start + batch * 4 * params].clone().view(torch.float32)
     values = values.reshape(batch, params)
     rows = blob[start + batch * 4 * params :].reshape(batch, row)
-    codes = _unpack_rows(rows, bits, count)
+    codes = unpack_rows(rows, bits, count)
     out = (codes * 2 - 1) * values if mode == SIGN else values[:, :1] + codes * values[:, 1:]
     return out.reshape(shape)
 

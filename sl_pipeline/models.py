@@ -22,6 +22,8 @@ from .config import ModelConfig
 from .errors import ConfigError
 from .topologies import OWN_FEATURES, default_cuts
 
+Shape = tuple[int, ...]
+
 
 def cnn(in_shape: Sequence[int], classes: int, hidden: int = 64) -> nn.Sequential:
     """A small CNN for small images (digits is 1x8x8)."""
@@ -108,6 +110,30 @@ def build_segments(cfg: ModelConfig, topology: str = "vanilla") -> list[nn.Modul
         )
     bounds = [0, *cuts, len(model)]
     return [model[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def segment_inputs(segments: Sequence[nn.Module], in_shape: Sequence[int]) -> list[Shape | None]:
+    """The per-sample shape each segment takes, found by passing a ``meta`` tensor (shapes
+    only: no memory, no arithmetic, the weights untouched) through them in order. A peer's
+    activations are checked against it before any layer runs: a wrong spatial size would
+    otherwise make a conv compute on it before a later layer refuses it. ``None`` where it
+    is not known: no ``in_shape`` configured, or a model that does not run on it on
+    ``meta`` (then ``in_shape`` itself is in doubt, and nothing is checked)."""
+    unknown: list[Shape | None] = [None] * len(segments)
+    if not in_shape:
+        return unknown
+    x = torch.empty(2, *in_shape, device="meta")
+    shapes: list[Shape | None] = []
+    for segment in segments:
+        shapes.append(tuple(x.shape[1:]))
+        state = {k: torch.empty_like(v, device="meta") for k, v in segment.state_dict().items()}
+        try:
+            x = torch.func.functional_call(segment, state, (x,))
+        except Exception:  # any failure: shapes unknown, so none is checked
+            return unknown
+        if not isinstance(x, torch.Tensor):
+            return unknown
+    return shapes
 
 
 def vertical_bottom(cfg: ModelConfig, party: int) -> nn.Sequential:

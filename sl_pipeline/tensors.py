@@ -102,15 +102,22 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
 
 
 def read_tensor(
-    msg: Message, name: str, max_batch: int | None = None, max_abs: float | None = None
+    msg: Message,
+    name: str,
+    max_batch: int | None = None,
+    max_abs: float | None = None,
+    sample_shape: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """A tensor from a message as float32, dequantising int8 when a scale came with it.
     NaN or infinite values are refused here, before any model code sees them: one peer's
     NaN activations would otherwise reach the optimizer and every other peer's model; so
     are values beyond ``max_abs`` in magnitude (``limits.max_abs_value``: finite but huge
     activations train the shared model into garbage just as well).
-    ``max_batch`` refuses more samples than that before anything is decoded."""
+    ``max_batch`` refuses more samples than that, and ``sample_shape`` any other shape of
+    one sample than that, before anything is decoded or computed."""
     raw = msg.tensor(name)
+    if sample_shape is not None:
+        check_sample_shape(msg, name, sample_shape)
     if lowbit.is_blob(raw):
         tensor = lowbit.decode(name, raw, max_batch)
     elif max_batch is not None and raw.dim() and len(raw) > max_batch:
@@ -135,6 +142,32 @@ def read_tensor(
                 "limit on the receiving worker if such values are expected)"
             )
     return tensor
+
+
+def check_sample_shape(msg: Message, name: str, expected: tuple[int, ...]) -> None:
+    """Refuse ``name`` unless one sample of it has shape ``expected``, from what the sender
+    announces (the tensor's own shape, a packed tensor's ``name_shape`` or a blob's header),
+    so a wrong-shaped tensor costs neither a decode nor a layer's compute."""
+    got = announced_shape(msg, name)
+    if tuple(got[1:]) != tuple(expected):
+        raise ProtocolError(
+            f"{name} has shape {list(got)}: one sample must be {list(expected)} here "
+            "(model.in_shape and model.cuts); check that both sides use the same model config"
+        )
+
+
+def announced_shape(msg: Message, name: str) -> tuple[int, ...]:
+    """The shape ``name`` will decode to, nothing decoded (malformed packing is refused
+    later, by the decoder)."""
+    raw = msg.tensor(name)
+    if lowbit.is_blob(raw):
+        return lowbit.announced_shape(name, raw)
+    info = msg.tensors.get(f"{name}_shape")
+    if raw.dtype != torch.uint8 or info is None or info.dtype != torch.int64:
+        return tuple(raw.shape)
+    if info.dim() == 1 and 2 <= len(info) <= MAX_DIMS + 1:
+        return tuple(int(v) for v in info[1:])
+    return tuple(raw.shape)
 
 
 def _decode(msg: Message, name: str) -> torch.Tensor:
@@ -191,7 +224,12 @@ def unpack_codes(msg: Message, name: str) -> torch.Tensor:
         raise ProtocolError(f"{name} holds {tuple(packed.shape)} bytes, not shape {shape}")
     if value_range.dtype != torch.float32 or tuple(value_range.shape) != (batch, 2):
         raise ProtocolError(f"{name}_range must be float32 [batch, 2] (min, step)")
-    shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
-    codes = (packed.unsqueeze(2) >> shifts) & (2**bits - 1)
-    codes = codes.reshape(batch, -1)[:, :count].to(torch.float32)
-    return (value_range[:, :1] + codes * value_range[:, 1:]).reshape(shape)
+    # Codes widen 16x (int2) or 8x (int4) into float32: bound the result, not the bytes
+    # sent, before anything is allocated (the same bound lowbit blobs have).
+    if batch * count * 4 > lowbit.MAX_DECODED_BYTES:
+        raise ProtocolError(
+            f"{name} announces shape {shape}: {batch * count * 4} bytes once decoded, over "
+            f"{lowbit.MAX_DECODED_BYTES}; send smaller batches"
+        )
+    values = lowbit.unpack_rows(packed, bits, count)  # in place from here: one float32 copy
+    return values.mul_(value_range[:, 1:]).add_(value_range[:, :1]).reshape(shape)

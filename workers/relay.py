@@ -27,7 +27,13 @@ from sl_pipeline.errors import ConfigError, PeerError, ProtocolError, SLError, T
 from sl_pipeline.handshake import ClientHandshake
 from sl_pipeline.lowbit import Residuals
 from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message, check_answers, error_message
-from sl_pipeline.models import build_segments, fingerprint, make_optimizer, resolve_device
+from sl_pipeline.models import (
+    build_segments,
+    fingerprint,
+    make_optimizer,
+    resolve_device,
+    segment_inputs,
+)
 from sl_pipeline.tensors import all_finite, as_input, read_tensor, wire_tensors
 from sl_pipeline.transport import DealerConnection
 from workers.ops.metrics import WorkerMetrics
@@ -71,6 +77,8 @@ class RelayWorker(RouterService):
             raise ConfigError(f"relay.max_batch must be at least 1, got {r.max_batch}")
         self.max_abs = cfg.limits.max_abs_value  # activations and gradients it is sent
         self.segment = segments[r.segment].to(self.device)
+        # One sample of a client's ``act``, checked before the segment runs on it.
+        self.act_shape = segment_inputs(segments, cfg.model.in_shape)[r.segment]
         self.residuals = Residuals()  # int2-ef: per client, what its gradients still owe
         t = cfg.train
         self.optimizer = make_optimizer(
@@ -251,7 +259,8 @@ class RelayWorker(RouterService):
         if cached is not None:
             log.info("%s resent forward %s: answering from cache", msg.client, step)
             return cached
-        act = as_input(read_tensor(msg, "act", self.max_batch, self.max_abs), True, self.device)
+        act = read_tensor(msg, "act", self.max_batch, self.max_abs, self.act_shape)
+        act = as_input(act, True, self.device)
         out = run_segment(self.segment, act)
         tensors: dict[str, Any] = wire_tensors("act", out, self.cfg.train.wire_dtype)
         if "labels" in msg.tensors:
@@ -281,7 +290,7 @@ class RelayWorker(RouterService):
     async def _infer(self, msg: Message) -> Message:
         self.segment.eval()
         with torch.no_grad():
-            act = read_tensor(msg, "act", self.max_batch, self.max_abs)
+            act = read_tensor(msg, "act", self.max_batch, self.max_abs, self.act_shape)
             act = as_input(act, False, self.device)
             out = run_segment(self.segment, act)
         self.segment.train()

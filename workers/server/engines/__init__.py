@@ -15,7 +15,7 @@ from torch import nn
 
 from sl_pipeline.config import ServerConfig
 from sl_pipeline.errors import ConfigError
-from sl_pipeline.models import build_segments
+from sl_pipeline.models import Shape, build_segments, segment_inputs
 from workers.server.aggregation import SecureAggregator
 from workers.server.engines.base import Engine, VanillaEngine
 from workers.server.engines.group import GroupEngine, TurnCoordinator, members
@@ -26,17 +26,21 @@ from workers.server.engines.vertical import VerticalEngine
 EngineBuilder = Callable[[ServerConfig, Path], Engine]
 
 
-def _segment(cfg: ServerConfig, index: int) -> nn.Module:
-    """The server's segment of the model: the last one, or the middle one (u-shaped)."""
-    return build_segments(cfg.model, cfg.server.topology)[index]
+def _segment(cfg: ServerConfig, index: int) -> tuple[nn.Module, Shape | None]:
+    """The server's segment of the model (the last one, or the middle one: u-shaped) and
+    the shape of one sample it takes, where the model config tells it."""
+    segments = build_segments(cfg.model, cfg.server.topology)
+    return segments[index], segment_inputs(segments, cfg.model.in_shape)[index]
 
 
 def _vanilla(cfg: ServerConfig, base: Path) -> Engine:
-    return VanillaEngine(_segment(cfg, -1), cfg)
+    segment, shape = _segment(cfg, -1)
+    return VanillaEngine(segment, cfg).expect(shape)
 
 
 def _middle(cfg: ServerConfig, base: Path) -> Engine:
-    return MiddleEngine(_segment(cfg, 1), cfg)
+    segment, shape = _segment(cfg, 1)
+    return MiddleEngine(segment, cfg).expect(shape)
 
 
 def _fusion(cfg: ServerConfig, base: Path) -> Engine:
@@ -44,18 +48,21 @@ def _fusion(cfg: ServerConfig, base: Path) -> Engine:
 
 
 def _multitask(cfg: ServerConfig, base: Path) -> Engine:
-    trunk = _segment(cfg, -1)
+    trunk, shape = _segment(cfg, -1)
     if not isinstance(trunk, nn.Sequential) or not isinstance(trunk[-1], nn.Linear):
         raise ConfigError("multitask needs a Sequential model whose last layer is a Linear")
-    return MultitaskEngine(trunk[:-1], trunk[-1].in_features, cfg)
+    return MultitaskEngine(trunk[:-1], trunk[-1].in_features, cfg).expect(shape)
 
 
 def _turns(cfg: ServerConfig, base: Path) -> Engine:
-    return GroupEngine(_segment(cfg, -1), cfg, TurnCoordinator(members(cfg), cfg.train.epochs))
+    segment, shape = _segment(cfg, -1)
+    turns = TurnCoordinator(members(cfg), cfg.train.epochs)
+    return GroupEngine(segment, cfg, turns).expect(shape)
 
 
 def _secure_aggregation(cfg: ServerConfig, base: Path) -> Engine:
-    return GroupEngine(_segment(cfg, -1), cfg, SecureAggregator(members(cfg)))
+    segment, shape = _segment(cfg, -1)
+    return GroupEngine(segment, cfg, SecureAggregator(members(cfg))).expect(shape)
 
 
 ENGINES: dict[str, EngineBuilder] = {

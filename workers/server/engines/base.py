@@ -20,7 +20,7 @@ from sl_pipeline.config import ServerConfig
 from sl_pipeline.errors import ConfigError, ProtocolError
 from sl_pipeline.lowbit import Residuals
 from sl_pipeline.messages import Kind, Message
-from sl_pipeline.models import make_optimizer, resolve_device
+from sl_pipeline.models import Shape, make_optimizer, resolve_device
 from sl_pipeline.tensors import all_finite, as_input, read_tensor, wire_tensors
 
 Reply = tuple[bytes, Message]
@@ -95,11 +95,18 @@ class Engine:
         if self.max_batch < 1:
             raise ConfigError(f"server.max_batch must be at least 1, got {cfg.server.max_batch}")
         self.max_abs = cfg.limits.max_abs_value  # a peer's activations and gradients
+        # One sample of a peer's ``act`` (models.segment_inputs); None: not known, unchecked.
+        self.act_shape: Shape | None = None
+
+    def expect(self, act_shape: Shape | None) -> Engine:
+        """Refuse activations whose samples are not ``act_shape`` (before any layer runs)."""
+        self.act_shape = act_shape
+        return self
 
     def activations(self, msg: Message, requires_grad: bool) -> torch.Tensor:
-        """A peer's ``act``: at most ``max_batch`` samples, finite and within ``max_abs``, a
-        float32 leaf here."""
-        act = read_tensor(msg, "act", self.max_batch, self.max_abs)
+        """A peer's ``act``: at most ``max_batch`` samples of ``act_shape``, finite and within
+        ``max_abs``, a float32 leaf here."""
+        act = read_tensor(msg, "act", self.max_batch, self.max_abs, self.act_shape)
         return as_input(act, requires_grad, self.device)
 
     def handle(self, identity: bytes, msg: Message) -> list[Reply]:
@@ -110,7 +117,7 @@ class Engine:
     ) -> list[torch.Tensor]:
         """Apply the gradient of ``out`` that a peer computed (where the loss is not here);
         returns the gradients at ``cut``."""
-        grad = read_tensor(msg, "grad", max_abs=self.max_abs)
+        grad = read_tensor(msg, "grad", max_abs=self.max_abs, sample_shape=tuple(out.shape[1:]))
         grad = as_input(grad, requires_grad=False, device=self.device)
         if grad.shape != out.shape:
             raise ProtocolError(f"gradient shape {tuple(grad.shape)} != output {tuple(out.shape)}")

@@ -63,6 +63,7 @@ class VerticalEngine(Engine):
         if cfg.server.parties < 2:
             raise ConfigError("vertical: server.parties must be at least 2 feature parties")
         super().__init__(vertical_top(cfg.model, cfg.server.parties, cfg.server.fuse), cfg)
+        self.act_shape = (cfg.model.hidden,)  # each party's cut: models.vertical_bottom
         self.parties = cfg.server.parties
         self.label_holder = cfg.server.label_holder
         privacy = PrivacyConfig.from_mapping(cfg.privacy) if cfg.privacy else PrivacyConfig()
