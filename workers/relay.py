@@ -267,7 +267,10 @@ class RelayWorker(RouterService):
             tensors["labels"] = msg.tensor("labels")
         reply = await self._ask_upstream(msg.follow(Kind.FORWARD, tensors=tensors))
         self.optimizer.zero_grad(set_to_none=True)
-        out.backward(as_input(read_tensor(reply, "grad", max_abs=self.max_abs), False, self.device))
+        grad = read_tensor(reply, "grad", max_abs=self.max_abs, sample_shape=tuple(out.shape[1:]))
+        if grad.shape != out.shape:
+            raise ProtocolError(f"upstream gradient {list(grad.shape)} != output {list(out.shape)}")
+        out.backward(as_input(grad, False, self.device))
         params = [p.grad for p in self.segment.parameters() if p.grad is not None]
         if not all_finite([*params, act.grad] if act.grad is not None else params):
             raise ProtocolError("this batch's gradients are not finite; the step was not applied")
