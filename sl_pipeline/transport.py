@@ -322,9 +322,12 @@ class RouterEndpoint:
         hwm: int,
         gate: Gate | None = None,
         on_gate: OnGate = _no_gate_report,
+        rcvhwm: int | None = None,
     ) -> None:
         self.zap = _start_gate(ctx, gate, on_gate) if gate is not None else None
         self.sock = new_socket(ctx, zmq.ROUTER, limits, hwm)
+        if rcvhwm is not None:  # a smaller inbound queue per connection (before bind)
+            self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self._send_lock = asyncio.Lock()
         if gate is not None:  # strangers are refused during ZeroMQ's handshake

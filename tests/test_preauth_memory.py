@@ -172,3 +172,46 @@ async def test_an_admitted_keys_many_frames_are_refused_and_their_memory_given_b
         conn.close()
     finally:
         ctx.destroy(linger=0)
+
+
+def _half_sent_hellos(host: str, port: int, count: int) -> list[socket.socket]:
+    """``count`` raw connections, each the PLAIN greeting and a 1 MiB HELLO command missing
+    its last byte: libzmq holds each buffer until the handshake times out (red team's a3)."""
+    size = MIB
+    frame = struct.pack(">BQ", LONG | COMMAND, size) + b"\x05HELLO" + bytes(size - 7)
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection((host, port), timeout=10)
+        socks.append(sock)
+        sock.sendall(GREETING + frame)
+    return socks
+
+
+async def test_half_open_strangers_memory_goes_back_to_the_os_when_they_close(
+    deployment, procs
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a real keyed server process and its resident size once ready
+    cfg, proc, _ = await _server(deployment, procs)
+    host, port = cfg.server.bind.removeprefix("tcp://").rsplit(":", 1)
+    before = _rss(proc.pid)
+    count = 128
+    loop = asyncio.get_running_loop()
+    # Execute: 128 strangers each leave a 1 MiB handshake command one byte short, then close
+    socks = await loop.run_in_executor(None, _half_sent_hellos, host, int(port), count)
+    try:
+        deadline = loop.time() + 20
+        while _rss(proc.pid) - before < count * MIB // 2 and loop.time() < deadline:
+            await asyncio.sleep(0.1)  # libzmq has taken most of the bytes
+        held = _rss(proc.pid)
+    finally:
+        for sock in socks:
+            sock.close()
+    after = await _falls_back(proc.pid, before)
+    # Assert: the buffers were really held, and are given back once the connections close
+    print(
+        f"{count} half-sent 1 MiB hellos: RSS {before / MIB:.0f} -> {held / MIB:.0f} -> "
+        f"{after / MIB:.0f} MiB after close"
+    )
+    assert held - before >= count * MIB // 2
+    assert after - before <= CEILING
+    await _ready(cfg.ops.listen, proc)

@@ -42,11 +42,13 @@ from sl_pipeline.transport import (
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.bounded import TRIM_BYTES, RateLimiter, trim_heap
 from workers.runtime.peers import Listen, Peer, PeerTable, hello_refusal, reject_reason
+from workers.runtime.quietlog import QuietLog
 from workers.runtime.startup import load_admitted, load_own_key, start_ops, warn_insecure
 
 log = logging.getLogger("sl_pipeline.service")
 POLL_MS = 200
 GOODBYE_LINGER_MS = 500  # how long closing may wait for the shutdown notices to leave
+ROUTER_RCVHWM = 64  # messages queued per connection (<= 64 MiB); a peer's sends then block
 Replies = list[tuple[bytes, Message]]
 
 
@@ -82,6 +84,7 @@ class RouterService:
         self._idle = True  # the receiver waits for a message (not handling one)
         self._trim_due = False
         self._endpoint: RouterEndpoint | None = None
+        self.quiet = QuietLog(log)  # what peers can make us log, once per peer per interval
 
     def _make_handshake(self) -> ServerHandshake:
         s, section, frames = self.listen, self.listen.section, self.limits.max_frames
@@ -148,7 +151,7 @@ class RouterService:
     async def serve(self, stop: asyncio.Event) -> dict[str, Any]:
         ctx = zmq.asyncio.Context()
         endpoint = RouterEndpoint(
-            ctx, self.listen.bind, self.limits, hwm=1000, gate=self.gate, on_gate=self._gated
+            ctx, self.listen.bind, self.limits, 1000, self.gate, self._gated, ROUTER_RCVHWM
         )
         self._endpoint = endpoint
         ops = None
@@ -177,7 +180,8 @@ class RouterService:
             return
         self.metrics.record_handshake("bad_handshake" if verdict == "replay" else "not_admitted")
         self.metrics.record_rejected("replay" if verdict == "replay" else "not_admitted")
-        log.warning("refused a connection from %s before any message (%s)", address, verdict)
+        line = "refused a connection from %s before any message (%s)"
+        self.quiet.warning(f"gate {address}", line, address, verdict)
 
     async def _run_until(self, stop: asyncio.Event, endpoint: RouterEndpoint) -> None:
         """Receive and handle messages until ``stop``; a message being handled is finished.
@@ -286,7 +290,8 @@ class RouterService:
         peer = self.peers.get(identity)
         if peer is None:
             self.metrics.record_rejected("unauthenticated")
-            log.warning("rejected a message from an unauthenticated peer (%d bytes)", nbytes)
+            source = peer_address(frames)
+            self.quiet.warning(f"new {source}", "rejected a message from %s: no session", source)
             error = UnauthenticatedError("no session: complete the handshake first")
             await self._send_raw(endpoint, identity, refusal(error), "error")
             return
@@ -354,7 +359,8 @@ class RouterService:
 
     def reject(self, peer: Peer, reason: str, exc: SLError) -> None:
         self.metrics.record_rejected(reason)
-        log.warning("rejected message from %s (%s): %s", peer.name, reason, exc.message)
+        line = "rejected message from %s (%s): %s"  # each reason of a peer's once a while
+        self.quiet.warning(f"{peer.name} {reason}", line, peer.name, reason, exc.message)
 
     async def _send(
         self, endpoint: RouterEndpoint, identity: bytes, peer: Peer, msg: Message
@@ -377,7 +383,8 @@ class RouterService:
             result, reason = hello_refusal(exc)
             self.metrics.record_handshake(result)
             self.metrics.record_rejected(reason)
-            log.warning("refused a handshake (%s): %s", result, exc.message)
+            line = "refused a handshake (%s): %s"
+            self.quiet.warning(f"hello {source}", line, result, exc.message)
             return refusal(exc)
         # The name comes from the admitted key, never from what the peer claims.
         name = self.peer_name(hello, key)
