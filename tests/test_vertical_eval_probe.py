@@ -86,3 +86,70 @@ def test_the_probe_would_read_every_label_from_a_count_of_correct_answers(
         scores.append(engine.test_accuracy)  # the count the server used to send (one row)
     auc = roc_auc_score(engine.labels[:PROBED_ROWS].numpy(), scores)
     assert max(auc, 1 - auc) == 1.0
+
+
+# ---- red team 16, finding 1: a party sends its evaluation parts as PREDICT ----------------
+
+
+def _server(tmp_path: Path, intent: str) -> tuple[Any, dict[str, Any]]:
+    """An in-process vertical server both feature parties joined with ``intent``."""
+    from workers.runtime.peers import Peer
+    from workers.server.worker import ServerWorker
+
+    made = init_deployment(
+        tmp_path / "d", topology="vertical", clients=2, dataset="breast_cancer", insecure=True
+    )
+    path = Path(made["files"]["server"])
+    server = ServerWorker(load(ServerConfig, path), path.parent)
+    peers = {}
+    for name in ("client-1", "client-2"):
+        server.accept({"model": server.fingerprint, "client": name, "intent": intent}, None)
+        peers[name] = Peer(name, None, "insecure")  # type: ignore[arg-type]
+    return server, peers
+
+
+async def _pass(
+    server: Any, peers: dict[str, Any], kinds: dict[str, Kind], step: int = 0
+) -> dict[str, Any]:
+    """One batch of 40 labelled rows, each party's part sent with its kind; what each got."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.arange(40, dtype=torch.int64)
+    got: dict[str, Any] = {}
+    for name, kind in kinds.items():
+        act = torch.relu(torch.randn(40, server.cfg.model.hidden, generator=g))
+        msg = Message(kind, client=name, step=step, tensors={"act": act, "ids": ids})
+        for identity, reply in await server.dispatch(name.encode(), peers[name], msg):
+            got[identity.decode()] = reply
+    return got
+
+
+async def test_a_training_party_that_sends_predict_for_evaluation_gets_no_outputs(
+    tmp_path: Path,
+) -> None:
+    # Prepare: both feature parties joined to train; client-1 (sorting first) swaps the kind
+    server, peers = _server(tmp_path, "train")
+    kinds = {"client-2": Kind.EVALUATE, "client-1": Kind.PREDICT}
+    # Execute: the kind swap, and the same swap with client-2 sending PREDICT
+    swapped = await _pass(server, peers, kinds)
+    other = await _pass(server, peers, {"client-1": Kind.EVALUATE, "client-2": Kind.PREDICT}, 1)
+    # Assert: the PREDICT part is refused; no logits reach either party; the mixed batch
+    # never completes
+    for got in (swapped, other):
+        outs = [r.tensors["out"] for r in got.values() if "out" in r.tensors]
+        assert all(out.numel() == 0 for out in outs)
+        assert [r.kind for r in got.values()] == [Kind.ERROR]
+        assert "gets no predictions" in next(iter(got.values())).meta["reason"]
+
+
+async def test_parties_that_joined_to_infer_still_get_the_fused_predictions(
+    tmp_path: Path,
+) -> None:
+    # Prepare: both parties joined to infer (what `sl-pipeline predict` says in its hello)
+    server, peers = _server(tmp_path, "infer")
+    # Execute: an honest prediction, and a mixed-kind batch from the same parties
+    honest = await _pass(server, peers, {"client-1": Kind.PREDICT, "client-2": Kind.PREDICT})
+    mixed = await _pass(server, peers, {"client-1": Kind.PREDICT, "client-2": Kind.EVALUATE}, 1)
+    # Assert: each gets the outputs of every row; a mixed batch completes for nobody
+    assert sorted(honest) == ["client-1", "client-2"]
+    assert all(r.tensors["out"].shape == (40, 2) for r in honest.values())
+    assert mixed == {}

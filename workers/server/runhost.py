@@ -34,6 +34,7 @@ class RunHost:
     book: RunBook
     peer_runs: dict[str, str]  # peer name -> the run it trains in
     requested: dict[str, str]  # peer name -> the run it asked for ("" = current)
+    inferring: set[str]  # peers whose hello said they only infer
     _spare: Engine | None  # the first run's engine, or inference's before any run
     _spare_trained: bool
 
@@ -158,6 +159,14 @@ class RunHost:
         it scores the evaluation itself, and the figure is its own: the run's accuracy (as
         ``server`` among the clients'), its metrics and its log; the parties are told none."""
         engine = self._inference_engine(peer)
+        member = peer.name in self.peer_runs or peer.name not in self.inferring
+        if msg.kind is Kind.PREDICT and member and not engine.predicts_for_members:
+            # a member's PREDICT parts of its evaluation batches would fetch the fused
+            # outputs of labelled rows (the label AUC ~1), which EVALUATE keeps from it
+            raise ProtocolError(
+                f"{peer.name} trains in a run here and gets no predictions; run "
+                "`sl-pipeline predict` (it joins to infer) for them"
+            )
         replies = engine.evaluate(identity, msg)
         run = self.book.runs.get(self.peer_runs.get(peer.name, ""))
         if msg.kind is Kind.EVALUATE and run is not None and engine.test_accuracy is not None:

@@ -85,6 +85,10 @@ class Engine:
         # The server's own test accuracy where it holds the labels (vertical): nobody else
         # can compute it, and telling the feature parties would leak the labels (see vertical).
         self.test_accuracy: float | None = None
+        # Whether a training run's members may ask for predictions (PREDICT). Not where the
+        # outputs fuse other parties' parts of labelled rows (vertical): there, only peers
+        # that joined to infer get outputs (RunHost.evaluate).
+        self.predicts_for_members = True
         # Reply-first: the server sets this per request (see ``backprop``).
         self.defer_updates = False
         self.deferred_updates = 0  # how many steps replied first (reported in the summary)

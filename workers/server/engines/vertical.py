@@ -34,9 +34,11 @@ MAX_OPEN_BATCHES = 64  # batches some parties sent and others not yet (pipelinin
 
 
 class BatchKey(NamedTuple):
-    """A batch the parties send their parts of: training or evaluation, and its step."""
+    """A batch the parties send their parts of: its message kind, and its step. The kind
+    is part of the key: an evaluation batch never completes with a party's PREDICT part, so
+    one party cannot decide what the others' parts of a batch get back."""
 
-    kind: str  # "train" or "eval"
+    kind: str  # "forward", "evaluate" or "predict" (Kind values)
     epoch: int
     step: int
 
@@ -64,6 +66,7 @@ class VerticalEngine(Engine):
             raise ConfigError("vertical: server.parties must be at least 2 feature parties")
         super().__init__(vertical_top(cfg.model, cfg.server.parties, cfg.server.fuse), cfg)
         self.act_shape = (cfg.model.hidden,)  # each party's cut: models.vertical_bottom
+        self.predicts_for_members = False  # a PREDICT part would fetch the fused test outputs
         self.parties = cfg.server.parties
         self.label_holder = cfg.server.label_holder
         privacy = PrivacyConfig.from_mapping(cfg.privacy) if cfg.privacy else PrivacyConfig()
@@ -110,7 +113,7 @@ class VerticalEngine(Engine):
         return msg.kind is Kind.WEIGHTS and msg.meta.get("op") == "psi"
 
     def _gather(self, identity: bytes, msg: Message, train: bool) -> list[Reply]:
-        kind = "train" if train else "eval"
+        kind = msg.kind.value
         key = BatchKey(kind, msg.epoch, msg.step)
         if (msg.epoch, msg.step) <= self._done.get(kind, (-1, -1)):
             raise ProtocolError(
@@ -184,7 +187,11 @@ class VerticalEngine(Engine):
         with torch.no_grad():
             out = run_segment(self.model, self._fuse([p.act for p in parts]))
         self.model.train()
+        # every part has one kind (the batch key); PREDICT comes only from peers that joined
+        # to infer (RunHost.evaluate refuses it from a training run's members)
         evaluating = parts[0].msg.kind is Kind.EVALUATE
+        if any(p.msg.kind is not parts[0].msg.kind for p in parts):
+            raise ProtocolError("vertical: the parts of one batch must have one message kind")
         if evaluating and not self.label_holder:
             self._score(parts[0].msg, out, self._labels_for(ids))
         # Evaluation rows are labelled rows: their outputs would hand a feature party the
