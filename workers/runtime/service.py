@@ -32,13 +32,7 @@ from sl_pipeline.gate import Gate
 from sl_pipeline.handshake import ServerHandshake, is_handshake, refusal
 from sl_pipeline.keys import fingerprint as key_fingerprint
 from sl_pipeline.messages import Message, error_message
-from sl_pipeline.transport import (
-    Channel,
-    RouterEndpoint,
-    frame_buffers,
-    frames_size,
-    peer_address,
-)
+from sl_pipeline.transport import Channel, RouterEndpoint, frame_buffers, frames_size, peer_address
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.bounded import TRIM_BYTES, RateLimiter, trim_heap
 from workers.runtime.peers import Listen, Peer, PeerTable, hello_refusal, reject_reason
@@ -217,6 +211,8 @@ class RouterService:
                 await self._internal_failure(endpoint, identity, exc)
             # Not held while we wait for the next message: a refused huge message is freed now.
             del frames
+            # recv never yields while messages wait: the gate, ticker and /metrics must run
+            await asyncio.sleep(0)
 
     async def _internal_failure(
         self, endpoint: RouterEndpoint, identity: bytes, exc: Exception
@@ -272,8 +268,7 @@ class RouterService:
 
     def forget(self, identity: bytes) -> None:
         peer = self.table.remove(identity)
-        # A session that never proved itself (a replayed hello, a client that vanished
-        # mid-join) owns no engine state: the name's live session keeps its own.
+        # A session that never proved itself (a replayed hello) owns no engine state.
         if peer is not None and peer.confirmed:
             self.forget_peer(peer)
         self.metrics.peers_authenticated.set(len(self.peers))
