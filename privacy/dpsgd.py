@@ -28,18 +28,20 @@ approximation, and the dataset size must be a multiple of the batch size (Opacus
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from opacus import PrivacyEngine
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader
 
 from privacy.accounting import DPSGDAccountantView
 from privacy.config import DPSGDConfig
-from privacy.randomness import secret_generator, secret_normal
+from privacy.randomness import secret_normal, secret_uniform
 from sl_pipeline.errors import PrivacyError
 
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -92,8 +94,9 @@ def make_private_client(
 
     ``epochs`` is used to derive the noise when ``cfg.target_epsilon`` is set.
     ``noise_generator`` is for audits and tests; without it the noise comes from the operating
-    system's cryptographic generator (:func:`_draw_noise_from_the_os`) and the Poisson sampler
-    from a secretly seeded generator, never from torch's global one (peers know its seed).
+    system's cryptographic generator (:func:`_draw_noise_from_the_os`), and so does the Poisson
+    sampling (:class:`SecretPoissonSampler`): never torch's global generator (peers know its
+    seed), nor a secretly seeded one (32 bits of seed, searchable from batch sizes).
     Opacus' own ``secure_mode`` needs ``torchcsprng``, which has no build for this torch: it is
     not offered.
     """
@@ -118,8 +121,10 @@ def make_private_client(
     if noise_generator is None:
         _draw_noise_from_the_os(dp_optimizer)
         sampler = getattr(loader, "batch_sampler", None)
-        if hasattr(sampler, "generator") and sampler.generator is None:  # type: ignore[union-attr]
-            sampler.generator = secret_generator()  # type: ignore[union-attr]
+        if type(sampler) is UniformWithReplacementSampler:
+            # the loader refuses a new batch_sampler once built; this one only gains an
+            # __iter__ drawing from the OS (same fields, no state of its own)
+            sampler.__class__ = SecretPoissonSampler
     return PrivateClient(
         module=wrapped,
         optimizer=dp_optimizer,
@@ -128,6 +133,25 @@ def make_private_client(
         noise_multiplier=float(dp_optimizer.noise_multiplier),
         delta=cfg.delta,
     )
+
+
+class SecretPoissonSampler(UniformWithReplacementSampler):
+    """Opacus' Poisson sampler with its mask drawn from the operating system's generator.
+
+    A torch generator keeps only 32 bits of any seed (CPU Mersenne Twister), so a server that
+    sees the batch sizes could try every seed of Opacus' sampler until the sizes match, then
+    know which rows each batch holds, which voids the subsampling amplification the
+    accountant counts. Each row here is in a batch with probability ``sample_rate``, drawn
+    from :func:`privacy.randomness.secret_uniform`: no seed to search. An audit that sets
+    ``generator`` gets Opacus' draws from it (figures that repeat)."""
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.generator is not None:
+            yield from super().__iter__()
+            return
+        for _ in range(self.steps):
+            mask = secret_uniform(self.num_samples) < self.sample_rate
+            yield mask.nonzero(as_tuple=False).reshape(-1).tolist()
 
 
 def _draw_noise_from_the_os(optimizer: Any) -> None:

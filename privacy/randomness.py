@@ -11,7 +11,9 @@ a release shows the server raw noise draws there; a red team recovered the gener
 from them bit for bit (20 of 24 bits for 99 % of draws), enough in principle to solve for the
 state and subtract every later draw. Production noise is therefore Box-Muller (or inverse-CDF)
 on uniforms taken from the operating system's cryptographic generator (``secrets``,
-getrandom(2) on Linux): nothing a peer sees predicts another draw.
+getrandom(2) on Linux): nothing a peer sees predicts another draw. Nor may a secret seed stand
+in for it: torch's CPU generator keeps only the low 32 bits of any seed, a space a peer can
+search (DP-SGD's Poisson sampling draws from the OS too: :mod:`privacy.dpsgd`).
 """
 
 from __future__ import annotations
@@ -23,15 +25,6 @@ import numpy as np
 import torch
 
 _MANTISSA_BITS = 53
-
-
-def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
-    """A torch generator seeded with 63 secret random bits: for Opacus' Poisson sampler, whose
-    draws a peer sees at most thresholded (which rows were sampled). DP-SGD's noise does not
-    use one (see :mod:`privacy.dpsgd`)."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(secrets.randbits(63))
-    return generator
 
 
 def secret_uniform(count: int) -> torch.Tensor:
@@ -77,7 +70,6 @@ class SecretRandomness:
 __all__ = [
     "SecretRandomness",
     "secret_exponential",
-    "secret_generator",
     "secret_normal",
     "secret_uniform",
 ]

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from privacy.config import DPSGDConfig
 from privacy.defenses import ActivationNoise
-from privacy.dpsgd import make_private_client
+from privacy.dpsgd import SecretPoissonSampler, make_private_client
 from privacy.label import GaussianGradientNoise, Marvell
 from privacy.randomness import secret_exponential, secret_normal, secret_uniform
 
@@ -55,8 +55,8 @@ def _dpsgd_step(noise_generator: torch.Generator | None = None) -> torch.Tensor:
     private = make_private_client(
         model, optimizer, loader, cfg, epochs=1, noise_generator=noise_generator
     )
-    if noise_generator is None:  # nor is the Poisson sampling drawn from the global generator
-        assert private.data_loader.batch_sampler.generator is not None  # type: ignore[union-attr]
+    if noise_generator is None:  # nor is the Poisson sampling drawn from a torch generator
+        assert isinstance(private.data_loader.batch_sampler, SecretPoissonSampler)
     x, _ = next(iter(private.data_loader))
     private.module(x).sum().backward()
     private.optimizer.step()
@@ -111,3 +111,50 @@ def test_secret_draws_have_the_distributions_the_accounting_assumes() -> None:
     assert abs(float(laplace.var()) / 1e18 - 2.0) < 0.05
     u = secret_uniform(100_000)
     assert float(u.min()) > 0 and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.005
+
+
+def _poisson_batches(rows: int, batch: int, generator: torch.Generator | None) -> list[list[int]]:
+    """Every batch of one epoch of DP-SGD's Poisson sampling, after seeding the global
+    generator (as a peer that knows model.seed could); ``generator``: the sampler's, set
+    afterwards as the audits do (workers.tools.audit_taps.seed_workers)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    loader = DataLoader(TensorDataset(torch.randn(rows, 4), torch.zeros(rows)), batch_size=batch)
+    cfg = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    private = make_private_client(model, optimizer, loader, cfg, epochs=1)
+    sampler = private.data_loader.batch_sampler
+    assert isinstance(sampler, SecretPoissonSampler)
+    sampler.generator = generator
+    torch.manual_seed(0)
+    return list(sampler)
+
+
+def test_poisson_sampling_does_not_repeat_under_a_known_or_searched_seed() -> None:
+    # Prepare + Execute: two epochs' batch memberships, each after torch.manual_seed(0); a
+    # seeded generator (what a 32-bit secret seed amounts to, once searched) for comparison
+    first, second = _poisson_batches(64, 8, None), _poisson_batches(64, 8, None)
+    seeded = [_poisson_batches(64, 8, torch.Generator().manual_seed(7)) for _ in range(2)]
+    # Assert: the OS-drawn memberships differ; a seeded generator's repeat exactly (so a seed
+    # found by search would replay them: the must-fail counterpart)
+    assert first != second
+    assert seeded[0] == seeded[1]
+    assert len(first) == len(seeded[0]) == 8
+
+
+def test_poisson_sampling_from_the_os_keeps_the_sampling_rate() -> None:
+    # Prepare: 1000 rows, expected batch 100 (rate 0.1), 200 batches drawn from the OS
+    sampler = SecretPoissonSampler(num_samples=1000, sample_rate=0.1, steps=200)
+    # Execute
+    batches = list(sampler)
+    sizes = torch.tensor([len(b) for b in batches], dtype=torch.float64)
+    counts = torch.zeros(1000)
+    for b in batches:
+        counts[b] += 1
+    # Assert: Binomial(1000, 0.1) sizes (mean 100, variance 90; bounds ~6 and ~4.5 standard
+    # errors), valid distinct rows, and no row range favoured (each half ~10,000 picks)
+    assert len(batches) == len(sampler) == 200
+    assert abs(float(sizes.mean()) - 100.0) < 4.0
+    assert 50.0 < float(sizes.var()) < 135.0
+    assert all(b == sorted(set(b)) and b[0] >= 0 and b[-1] < 1000 for b in batches if b)
+    assert abs(float(counts[:500].sum() - counts[500:].sum())) < 600
