@@ -120,11 +120,7 @@ def make_private_client(
     wrapped, dp_optimizer, loader = private[0], private[1], private[-1]
     if noise_generator is None:
         _draw_noise_from_the_os(dp_optimizer)
-        sampler = getattr(loader, "batch_sampler", None)
-        if type(sampler) is UniformWithReplacementSampler:
-            # the loader refuses a new batch_sampler once built; this one only gains an
-            # __iter__ drawing from the OS (same fields, no state of its own)
-            sampler.__class__ = SecretPoissonSampler
+        _sample_from_the_os(loader)
     return PrivateClient(
         module=wrapped,
         optimizer=dp_optimizer,
@@ -133,6 +129,14 @@ def make_private_client(
         noise_multiplier=float(dp_optimizer.noise_multiplier),
         delta=cfg.delta,
     )
+
+
+def _sample_from_the_os(loader: DataLoader[Any]) -> None:
+    sampler = getattr(loader, "batch_sampler", None)
+    if type(sampler) is UniformWithReplacementSampler:
+        # the loader refuses a new batch_sampler once built; this one only gains an
+        # __iter__ drawing from the OS (same fields, no state of its own)
+        sampler.__class__ = SecretPoissonSampler
 
 
 class SecretPoissonSampler(UniformWithReplacementSampler):

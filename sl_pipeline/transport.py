@@ -326,8 +326,7 @@ class RouterEndpoint:
     ) -> None:
         self.zap = _start_gate(ctx, gate, on_gate) if gate is not None else None
         self.sock = new_socket(ctx, zmq.ROUTER, limits, hwm)
-        if rcvhwm is not None:  # a smaller inbound queue per connection (before bind)
-            self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        self.sock.setsockopt(zmq.RCVHWM, rcvhwm or hwm)  # inbound queue per peer (before bind)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self._send_lock = asyncio.Lock()
         if gate is not None:  # strangers are refused during ZeroMQ's handshake
