@@ -302,13 +302,13 @@ class DealerConnection:
             self._lost = asyncio.ensure_future(self.monitor.recv_multipart())
         return self._lost
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = 0) -> None:
         if self._lost is not None:
             self._lost.cancel()
             self._lost = None
         self.sock.disable_monitor()
         self.monitor.close(linger=0)
-        self.sock.close(linger=0)
+        self.sock.close(linger=linger_ms)
 
 
 class RouterEndpoint:

@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from workers.client.worker import BYE_LINGER_MS
 from workers.ops.http import local_url
 from workers.tools.inprocess import run_deployment
 
@@ -68,3 +69,28 @@ async def test_the_wait_is_bounded_when_nobody_scrapes(
     # (one epoch of breast_cancer takes well under a second)
     assert result.summaries[0]["wall_seconds"] < 4
     assert result.clients[0].metrics.registry.get_sample_value("sl_finished") == 1
+
+
+async def test_a_closing_client_lets_its_last_message_leave() -> None:
+    # A client's bye is its last message: closed with linger 0 right after the send, ZeroMQ
+    # may drop it, and the server then holds the name until the session times out
+    # (a restart is refused with name_in_use).
+    import zmq
+    import zmq.asyncio
+
+    from sl_pipeline.transport import DealerConnection
+
+    ctx = zmq.asyncio.Context()
+    router = ctx.socket(zmq.ROUTER)
+    try:
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        conn = DealerConnection(ctx, f"tcp://127.0.0.1:{port}")
+        conn.sock.connect(f"tcp://127.0.0.1:{port}")
+        await conn.sock.send(b"b" * (512 * 1024))  # a last message, as large as a chunk
+        conn.close(linger_ms=BYE_LINGER_MS)
+        assert await router.poll(5000), "the last message was dropped at close"
+        _, body = await router.recv_multipart()
+        assert len(body) == 512 * 1024
+    finally:
+        router.close(linger=0)
+        ctx.term()

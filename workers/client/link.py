@@ -216,7 +216,8 @@ class Upstream:
         self.metrics.peers_connected.set(int(connected))
         self.metrics.peers_authenticated.set(int(connected))
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = 0) -> None:
+        """Close; ``linger_ms`` lets a message already sent (the bye) leave first."""
         if self.conn is not None:
-            self.conn.close()
+            self.conn.close(linger_ms)
         self.set_connected(False)

@@ -28,7 +28,7 @@ from sl_pipeline.sources import from_npz
 from sl_pipeline.tables import Table, read_table, with_ids
 from workers.client.align import align_rows
 from workers.client.steps import DATA_STATE
-from workers.client.worker import ClientWorker
+from workers.client.worker import BYE_LINGER_MS, ClientWorker
 
 BATCH = 256
 
@@ -147,7 +147,7 @@ async def _predict(worker: ClientWorker, inputs: Inputs, psi: bool) -> tuple[tor
         return torch.cat(outs), inputs
     finally:
         if worker.conn is not None:
-            worker.conn.close()
+            worker.conn.close(BYE_LINGER_MS)  # the bye leaves: the name is free at once
         worker.ctx.destroy(linger=0)
 
 

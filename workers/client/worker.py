@@ -44,6 +44,7 @@ from workers.server.runs import check_run_id
 from workers.topologies import topology
 
 log = logging.getLogger("sl_pipeline.client")
+BYE_LINGER_MS = 500  # how long closing may wait for the bye to leave
 
 
 class _Stopped(Stopped):
@@ -241,7 +242,7 @@ class ClientWorker:
         finally:
             if ops is not None:
                 await ops.stop()
-            self.link.close()
+            self.link.close(BYE_LINGER_MS)  # else the bye can be dropped: the name stays taken
             ctx.term()
         return self.summary(wall if wall is not None else time.perf_counter() - start)
 
