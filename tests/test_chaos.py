@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -32,6 +34,8 @@ from workers.tools.inprocess import run_deployment
 
 from .conftest import Procs
 from .workerproc import WorkerProcess
+
+WAITED = re.compile(r"within ([0-9.e+-]+)s while waiting for a reply")
 
 FULL = os.environ.get("SL_CHAOS_FULL") == "1"
 CKPT = ("--set", "checkpoint.fsync=false")
@@ -237,12 +241,12 @@ def test_kill_9_and_restart(case: Case, deployment, procs: Procs) -> None:  # ty
         assert "lost the relay" in run.live["client-1"].log.read_text()
 
 
-async def test_lossy_link_at_the_default_timeout_costs_round_trips(deployment) -> None:  # type: ignore[no-untyped-def]
-    # Prepare: the clean run's time, and a proxy dropping 5% of messages each way
+async def test_lossy_link_at_the_default_timeout_costs_round_trips(
+    deployment, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a clean run, and a proxy dropping 5% of messages each way
     epochs = 3 if FULL else 2
-    started = time.perf_counter()
     clean = await run_deployment(deployment(dataset="breast_cancer", epochs=epochs))
-    clean_s = time.perf_counter() - started
     files = deployment(dataset="breast_cancer", epochs=epochs)
     port = int(files["client-1"].read_text().split("tcp://127.0.0.1:")[1].split('"')[0])
     proxy = LossyProxy(
@@ -251,15 +255,17 @@ async def test_lossy_link_at_the_default_timeout_costs_round_trips(deployment) -
     await proxy.start()
     proxy.drop_next("downstream")  # at least one lost reply, whatever the dice say
     # Execute: client.timeout_s left at its default (30 s)
-    started = time.perf_counter()
     try:
-        run = await run_deployment(files, f'client.server="{proxy.endpoint}"')
+        with caplog.at_level(logging.WARNING, logger="sl_pipeline"):
+            run = await run_deployment(files, f'client.server="{proxy.endpoint}"')
     finally:
         await proxy.stop()
-    lossy_s = time.perf_counter() - started
+    waits = [float(w) for w in WAITED.findall(caplog.text)]  # each lost reply's wait
     # Assert: exactly once, and no loss waited anywhere near the 30 s default
     summary, want = run.summaries[0], clean.summaries[0]
     assert proxy.dropped > 0 and summary["retries"] > 0
     assert summary["steps"] == want["steps"] == run.server.steps_applied
     assert abs(summary["test_accuracy"] - want["test_accuracy"]) <= 0.01
-    assert lossy_s < 2 * clean_s + 10, (lossy_s, clean_s)
+    # each loss was noticed after the adaptive wait (the measured step time's multiple), not
+    # the configured 30 s: the wait each time out names is the evidence, not the wall time
+    assert waits and max(waits) < 10, waits
