@@ -72,18 +72,25 @@ class GaussianGradientNoise(SecretRandomness):
 
 @dataclass(frozen=True)
 class MarvellPlan:
-    """Per-class noise for one batch: diagonal variances plus a rank-one part along ``u``.
+    """Per-class noise for one batch: a full-covariance part plus a rank-one part along ``u``.
 
-    Class ``c`` examples get ``sqrt(diag_var[c]) * z + sqrt(dir_var[c]) * xi * u`` with
-    ``z ~ N(0, I_d)``, ``xi ~ N(0, 1)``. ``power`` is the expected noise power averaged over
-    the batch's class mix; it never exceeds ``budget = scale * ||mean_1 - mean_0||^2``.
+    Class ``c`` examples get ``factor[c] @ z + sqrt(dir_var[c]) * xi * u`` with
+    ``z ~ N(0, I_d)``, ``xi ~ N(0, 1)``, so the first part's covariance is
+    ``factor[c] @ factor[c].T`` (:attr:`noise_cov`). ``power`` is the expected noise power
+    averaged over the batch's class mix; it never exceeds
+    ``budget = scale * ||mean_1 - mean_0||^2``.
     """
 
-    diag_var: Tensor  # (2, d)
+    factor: Tensor  # (2, d, d)
     dir_var: Tensor  # (2,)
     direction: Tensor  # (d,) unit vector along mean_1 - mean_0
     power: float
     budget: float
+
+    @property
+    def noise_cov(self) -> Tensor:
+        """(2, d, d): each class's covariance from the full-covariance part."""
+        return self.factor @ self.factor.transpose(1, 2)
 
 
 def _check_binary(labels: Tensor, n: int) -> Tensor:
@@ -106,12 +113,33 @@ def _sym_kl(d2: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return 0.5 * (a / b + b / a - 2.0) + 0.5 * d2 * (1.0 / a + 1.0 / b)
 
 
+def _covariance_gap(groups: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Square-root factors ``(2, d, d)`` of the noise that gives both classes one covariance,
+    and each factor's power ``(2,)``.
+
+    With ``S_1 - S_0 = V diag(l) V^T``, class 0 gets ``V diag(max(l, 0)) V^T`` and class 1
+    ``V diag(max(-l, 0)) V^T``: both then have covariance ``S_0 + (S_1 - S_0)_+``, in every
+    direction, not only per coordinate. A diagonal match (the earlier plan) left the class with
+    small rank-one gradients with isotropic noise, whose energy off the main direction gave its
+    label away (red team 16).
+    """
+    covs = []
+    for g in groups:
+        centred = g - g.mean(dim=0)
+        covs.append(centred.T @ centred / g.shape[0])
+    gap = covs[1] - covs[0]
+    eigval, eigvec = torch.linalg.eigh(0.5 * (gap + gap.T))
+    lifts = (eigval.clamp_min(0.0), (-eigval).clamp_min(0.0))
+    factor = torch.stack([eigvec * lift.sqrt() for lift in lifts])
+    return factor, torch.stack([lift.sum() for lift in lifts])
+
+
 def marvell_plan(grads: Tensor, labels: Tensor, scale: float) -> MarvellPlan | None:
     """Choose the per-class noise for one batch; ``None`` if a class is absent.
 
-    1. Estimate each class's mean and per-coordinate variance.
-    2. Second moments: give each class the extra diagonal variance that lifts it to the
-       coordinate-wise maximum of the two classes (scaled down if the budget is too small).
+    1. Estimate each class's mean and covariance matrix.
+    2. Second moments: give each class the extra covariance that lifts both to one common
+       covariance (:func:`_covariance_gap`; scaled down if the budget is too small).
     3. First moments: spend the remaining budget along ``u = (mean_1 - mean_0)/||...||``,
        splitting it between the classes to minimise the symmetrised KL divergence of the two
        classes' projections on ``u`` (the quantity Marvell's AUC bound is built on).
@@ -123,26 +151,26 @@ def marvell_plan(grads: Tensor, labels: Tensor, scale: float) -> MarvellPlan | N
     if n0 == 0 or n1 == 0:
         return None
     groups = (flat[~pos], flat[pos])
-    means = torch.stack([g.mean(dim=0) for g in groups])
-    var = torch.stack([g.var(dim=0, unbiased=False) for g in groups])
-    delta = means[1] - means[0]
+    delta = groups[1].mean(dim=0) - groups[0].mean(dim=0)
     d2 = float(delta.square().sum())
     budget = scale * d2
     weights = torch.tensor([n0, n1], dtype=torch.float64) / flat.shape[0]
-    diag = var.max(dim=0).values.unsqueeze(0) - var  # (2, d), >= 0
-    eq_cost = float((weights[:, None] * diag).sum())
+    factor, lift_power = _covariance_gap(groups)
+    eq_cost = float((weights * lift_power).sum())
     if eq_cost > budget:
-        diag = diag * (budget / eq_cost)
+        factor = factor * (budget / eq_cost) ** 0.5
         eq_cost = budget
     rest = max(budget - eq_cost, 0.0)
     u = delta / max(d2**0.5, _TINY)
-    base = ((var + diag) * u.square()).sum(dim=1).clamp_min(_TINY)  # class variance along u
+    noise_along = (factor.transpose(1, 2) @ u).square().sum(dim=1)
+    own_along = torch.stack([(g @ u).var(unbiased=False) for g in groups])
+    base = (own_along + noise_along).clamp_min(_TINY)  # class variance along u
     t = torch.linspace(0.0, 1.0, _SPLIT_GRID, dtype=torch.float64)
     lam0, lam1 = t * rest / weights[0], (1.0 - t) * rest / weights[1]
     best = int(torch.argmin(_sym_kl(torch.tensor(d2), base[0] + lam0, base[1] + lam1)))
     dir_var = torch.stack([lam0[best], lam1[best]])
     power = eq_cost + float((weights * dir_var).sum())
-    return MarvellPlan(diag_var=diag, dir_var=dir_var, direction=u, power=power, budget=budget)
+    return MarvellPlan(factor=factor, dir_var=dir_var, direction=u, power=power, budget=budget)
 
 
 class Marvell(SecretRandomness):
@@ -154,13 +182,14 @@ class Marvell(SecretRandomness):
     ``(1-p) tr(S_0) + p tr(S_1) <= P`` with ``P = scale * ||mean_1 - mean_0||^2``.
 
     This version keeps the paper's power constraint and objective but restricts the search to a
-    simple family (see :func:`marvell_plan`): diagonal variance that equalises the classes'
-    second moments, plus noise along the mean-difference direction split between classes by a
-    1-D grid search on the symmetrised KL. It does not solve the paper's full optimisation
-    over covariance matrices, and it treats each batch on its own (the last batch's plan is
-    reused when a batch holds one class only; before any two-class batch, isotropic noise of
-    power ``scale * median ||g||^2`` is used instead). Noise is zero-mean, so it cannot move
-    the class means: with ``scale = s`` the projected classes still differ by
+    simple family (see :func:`marvell_plan`): noise that gives both classes one covariance
+    matrix (not only equal per-coordinate variances), plus noise along the mean-difference
+    direction split between classes by a 1-D grid search on the symmetrised KL. It does not
+    solve the paper's full optimisation (the common covariance is one upper bound of the two,
+    not the cheapest for the AUC bound), and it treats each batch on its own (the last
+    batch's plan is reused when a batch holds one class only; before any two-class batch,
+    isotropic noise of power ``scale * median ||g||^2`` is used instead). Noise is zero-mean,
+    so it cannot move the class means: with ``scale = s`` the projected classes differ by
     ``||mean_1 - mean_0||`` against a noise std of about ``sqrt(s) * ||mean_1 - mean_0||``.
     """
 
@@ -179,9 +208,9 @@ class Marvell(SecretRandomness):
         pos = _check_binary(labels, flat.shape[0]).long()
         z = self.normal(flat.shape, torch.float64, flat.device)
         xi = self.normal(torch.Size((flat.shape[0], 1)), torch.float64, flat.device)
-        diag_std = plan.diag_var.to(flat.device).sqrt()[pos]
+        factor = plan.factor.to(flat.device)[pos]  # (batch, d, d)
         dir_std = plan.dir_var.to(flat.device).sqrt()[pos].unsqueeze(1)
-        noise = diag_std * z + dir_std * xi * plan.direction.to(flat.device)
+        noise = (factor @ z.unsqueeze(2)).squeeze(2) + dir_std * xi * plan.direction.to(flat.device)
         return (flat + noise.to(flat.dtype)).reshape(grads.shape)
 
 

@@ -67,24 +67,43 @@ def test_marvell_respects_power_budget() -> None:
     assert plan.budget == pytest.approx(2.0 * gap)
     assert plan.power <= plan.budget * (1 + 1e-9)
     assert plan.power == pytest.approx(plan.budget, rel=1e-6)
-    assert bool((plan.diag_var >= 0).all()) and bool((plan.dir_var >= 0).all())
+    assert bool((torch.linalg.eigvalsh(plan.noise_cov) > -1e-9).all())
+    assert bool((plan.dir_var >= 0).all())
 
 
-def test_marvell_equalises_second_moments_when_budget_allows() -> None:
-    # Prepare: classes with equal means but different spreads, and a big budget.
+def _class_covariances(grads: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    flat = grads.double()
+    out = []
+    for c in (0, 1):
+        centred = flat[y == c] - flat[y == c].mean(0)
+        out.append(centred.T @ centred / centred.shape[0])
+    return out
+
+
+def test_marvell_equalises_full_covariance_when_budget_allows() -> None:
+    # Prepare: the red team's case. Class 1 (minority): large gradients along one direction;
+    # class 0 (majority): small gradients along the same direction plus a little spread, and
+    # correlated coordinates, so that matching the diagonals alone leaves the matrices apart.
     g = torch.Generator().manual_seed(0)
-    y = torch.tensor([0, 1] * 200)
-    spread = torch.where(y == 1, 3.0, 1.0)[:, None]
-    grads = torch.randn(400, 5, generator=g) * spread
-    grads[y == 1] += 0.5
+    y = (torch.arange(300) % 3 == 0).long()
+    v = torch.nn.functional.normalize(torch.randn(6, generator=g), dim=0)
+    size = torch.where(y == 1, 3.0, 0.3) * (1 + 0.5 * torch.randn(300, generator=g))
+    grads = size[:, None] * v + 0.05 * torch.randn(300, 6, generator=g)
+    grads[y == 1] -= 0.8 * v
+    cov0, cov1 = _class_covariances(grads, y)
+    assert float((cov1 - cov0).norm()) > 0.5 * float(cov1.norm())  # far apart before
     # Execute
     plan = marvell_plan(grads, y, scale=1000.0)
-    # Assert: per-coordinate variances after noise match.
+    # Assert: the whole second-moment matrices after noise match, off-diagonal terms included.
     assert plan is not None
-    flat = grads.double()
-    var0 = flat[y == 0].var(0, unbiased=False) + plan.diag_var[0]
-    var1 = flat[y == 1].var(0, unbiased=False) + plan.diag_var[1]
-    assert torch.allclose(var0, var1)
+    after0, after1 = cov0 + plan.noise_cov[0], cov1 + plan.noise_cov[1]
+    assert torch.allclose(after0, after1, atol=1e-9)
+    # Sampled noise realises it: off the direction u, the output's class covariances agree.
+    ys, many = torch.cat([y] * 40), torch.cat([grads] * 40)
+    noisy = Marvell(1000.0, generator=torch.Generator().manual_seed(2)).protect(many, ys).double()
+    off = noisy - (noisy @ plan.direction)[:, None] * plan.direction  # u carries the mean gap
+    emp0, emp1 = _class_covariances(off, ys)
+    assert float((emp0 - emp1).norm()) < 0.1 * float(emp1.norm())
 
 
 def test_marvell_single_class_batch_reuses_last_plan() -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 
 from privacy.label import Marvell
 from privacy.label_attacks import (
@@ -166,6 +167,52 @@ def test_spread_attack_reads_labels_from_a_class_dependent_noise_variance() -> N
     assert found["spread_auc"] > 0.9 and found["projection_auc"] > 0.9
     assert found["label_leak_attack"] in ("spread", "projection")
     assert found["label_leak_auc"] == max(found[f"{a}_auc"] for a in ATTACKS)
+
+
+def offdir_rounds(
+    seed: int,
+    residual: tuple[float, float] = (0.6, 0.4),
+    epochs: int = 6,
+    n: int = 300,
+    d: int = 16,
+) -> tuple[list, Tensor]:
+    """The leak a diagonal-only Marvell left (red team 16): a large zero-mean component along
+    one direction, the same for both classes, and energy off that direction that depends on
+    the class (the well-classified majority got isotropic noise)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.arange(n) % 3 == 0).long()
+    v = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+    rounds = []
+    for _ in range(epochs):
+        ids = torch.randperm(n, generator=g)
+        off = (
+            torch.randn(n, d, generator=g)
+            * torch.where(labels[ids] == 1, residual[1], residual[0])[:, None]
+        )
+        along = 10.0 * torch.randn(n, generator=g)
+        rounds.append((ids, along[:, None] * v + off - (off @ v)[:, None] * v))
+    return rounds, labels
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_offdir_reads_labels_from_energy_off_the_main_direction(seed: int) -> None:
+    # Prepare
+    rounds, labels = offdir_rounds(seed)
+    # Execute
+    found = label_leak_over_run(rounds, labels)
+    # Assert: the earlier attacks stay at or under 0.71 (norm and direction near chance),
+    # offdir separates the classes, and the combined score keeps most of it.
+    earlier = ("norm", "direction", "spread", "projection")
+    assert max(found[f"{a}_auc"] for a in earlier) < 0.72
+    assert found["offdir_auc"] > 0.97 and found["offdir_projection_auc"] > 0.85
+    assert found["label_leak_attack"] == "offdir"
+
+
+def test_offdir_stays_near_chance_when_both_classes_share_the_residual() -> None:
+    # What the full-covariance Marvell plan aims at: the same energy off the main direction.
+    rounds, labels = offdir_rounds(0, residual=(0.5, 0.5))
+    found = label_leak_over_run(rounds, labels)
+    assert found["offdir_auc"] < 0.62 and found["offdir_projection_auc"] < 0.62
 
 
 def test_one_party_marvell_plan_never_reaches_another_party(tmp_path: Path) -> None:

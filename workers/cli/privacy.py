@@ -45,6 +45,8 @@ AUDIT_KEYS = (
     "direction_auc",
     "spread_auc",
     "projection_auc",
+    "offdir_auc",
+    "offdir_projection_auc",
     "batch_spread_auc",
     "label_leak_last_epoch_auc",
     "eval_output_auc",

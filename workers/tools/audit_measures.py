@@ -28,6 +28,8 @@ LABEL_LEAK_KEYS = (
     "direction_auc",
     "spread_auc",
     "projection_auc",
+    "offdir_auc",
+    "offdir_projection_auc",
     "batch_spread_auc",
 )
 UNSPLIT_VICTIMS = 64  # UnSplit optimises one input per victim: a sample keeps it to seconds
