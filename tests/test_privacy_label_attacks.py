@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -257,3 +258,27 @@ def test_batch_spread_reads_a_direction_that_changes_every_batch() -> None:
     per_epoch = label_leak_over_run(rounds, labels)["spread_auc"]
     # Assert
     assert per_batch > 0.9 and per_batch > per_epoch + 0.1
+
+
+def test_audit_seeds_the_ushaped_clients_label_protection() -> None:
+    # Prepare: a u-shaped client runner (it protects the gradients it sends) and a server
+    # without a vertical engine; Marvell draws from the OS until the audit seeds it
+    from types import SimpleNamespace
+
+    from workers.tools.audit_taps import seed_workers
+
+    def client() -> Any:
+        runner = SimpleNamespace(defense=None, dp=None, label_protection=Marvell(4.0))
+        return SimpleNamespace(runner=runner)
+
+    grads = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(32) % 2
+    draws = []
+    for _ in range(2):
+        clients = [client()]
+        assert clients[0].runner.label_protection.generator is None
+        # Execute
+        seed_workers(SimpleNamespace(engine=object()), clients, seed=3)  # type: ignore[arg-type]
+        draws.append(clients[0].runner.label_protection.protect(grads, labels))
+    # Assert: two audits of one seed draw the same noise
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], grads)

@@ -26,6 +26,10 @@ def seed_workers(server: ServerWorker, clients: Sequence[ClientWorker], seed: in
         for part in getattr(defense, "defenses", (defense,)):
             if hasattr(part, "generator"):
                 part.generator = torch.Generator().manual_seed(seed * 1000 + index)
+        if hasattr(runner.label_protection, "generator"):  # u-shaped: the client's own
+            runner.label_protection.generator = torch.Generator().manual_seed(
+                seed * 1000 + 300 + index
+            )
         if runner.dp is not None:  # Opacus' noise and Poisson sampler
             runner.dp.optimizer.generator = torch.Generator().manual_seed(seed * 1000 + 100 + index)
             sampler: Any = getattr(runner.dp.data_loader, "batch_sampler", None)
