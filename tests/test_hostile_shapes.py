@@ -131,6 +131,28 @@ def test_a_packed_gradient_bomb_is_refused_at_the_ushaped_server(
     assert reply.kind is Kind.BACKWARD and engine.steps_applied == 1 and unpacks == [1]
 
 
+def test_a_packed_gradient_for_a_larger_batch_is_refused_before_it_is_decoded(
+    deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: an open u-shaped step of 4 samples; a packed gradient of the right sample
+    # shape that announces 64 times the batch (red team 15, round 2)
+    engine = engine_of(deployment(topology="ushaped", clients=1))
+    shape = engine.act_shape
+    assert shape is not None
+    honest = forward(dict(wire_tensors("act", torch.rand(4, *shape), "float32")), 4, False)
+    ((_, result),) = engine.handle(b"c", honest)
+    out_shape = read_tensor(result, "out").shape
+    unpacks = count_unpacks(monkeypatch)
+    grad = wire_tensors("grad", torch.randn(256, *out_shape[1:]), "int2")
+    # Execute / Assert: refused on the announced batch, nothing decoded, the step still open
+    with pytest.raises(ProtocolError, match="grad holds a batch of 256 samples"):
+        engine.handle(b"c", Message(Kind.BACKWARD, client="c", tensors=grad))
+    assert unpacks == [0] and engine.steps_applied == 0
+    grad = wire_tensors("grad", torch.randn(out_shape), "int2")
+    ((_, reply),) = engine.handle(b"c", Message(Kind.BACKWARD, client="c", tensors=grad))
+    assert reply.kind is Kind.BACKWARD and engine.steps_applied == 1
+
+
 # ---- A8: activations of the wrong shape never reach a layer ---------------------------------
 def test_each_segment_knows_the_sample_shape_it_takes() -> None:
     cfg = ModelConfig(builtin="cnn", in_shape=[1, 8, 8], classes=10)

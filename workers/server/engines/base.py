@@ -121,7 +121,8 @@ class Engine:
     ) -> list[torch.Tensor]:
         """Apply the gradient of ``out`` that a peer computed (where the loss is not here);
         returns the gradients at ``cut``."""
-        grad = read_tensor(msg, "grad", max_abs=self.max_abs, sample_shape=tuple(out.shape[1:]))
+        # the open step's batch bounds the gradient's before anything is decoded
+        grad = read_tensor(msg, "grad", len(out), self.max_abs, tuple(out.shape[1:]))
         grad = as_input(grad, requires_grad=False, device=self.device)
         if grad.shape != out.shape:
             raise ProtocolError(f"gradient shape {tuple(grad.shape)} != output {tuple(out.shape)}")
