@@ -50,7 +50,6 @@ def _set_threads(threads: int) -> None:
 def _serve(args: argparse.Namespace, role: str) -> int:
     """Run a listening worker (server or relay) until SIGTERM/SIGINT, then report."""
     from workers.relay import RelayWorker
-    from workers.runtime.bounded import mmap_large_blocks
     from workers.runtime.startup import install_stop_signals
     from workers.server.worker import ServerWorker
 
@@ -60,7 +59,6 @@ def _serve(args: argparse.Namespace, role: str) -> int:
     cfg: Any = load(config_cls, args.config, _overrides(args, role))
     _setup_logging(args, cfg.ops.log_format, cfg.ops.log_level, role)
     _set_threads(cfg.train.threads)
-    mmap_large_blocks()  # peers' buffers go back to the OS once freed (docs/security.md)
 
     async def main() -> dict[str, Any]:
         stop = asyncio.Event()

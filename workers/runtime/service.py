@@ -34,7 +34,7 @@ from sl_pipeline.keys import fingerprint as key_fingerprint
 from sl_pipeline.messages import Message, error_message
 from sl_pipeline.transport import Channel, RouterEndpoint, frame_buffers, frames_size, peer_address
 from workers.ops.metrics import WorkerMetrics
-from workers.runtime.bounded import TRIM_BYTES, RateLimiter, trim_heap
+from workers.runtime.bounded import TRIM_BYTES, TRIM_EVERY_S, RateLimiter, trim_heap
 from workers.runtime.peers import Listen, Peer, PeerTable, hello_refusal, reject_reason
 from workers.runtime.quietlog import QuietLog
 from workers.runtime.startup import load_admitted, load_own_key, start_ops, warn_insecure
@@ -76,7 +76,7 @@ class RouterService:
         self.session_id = secrets.token_hex(8)
         self.bound = False
         self._idle = True  # the receiver waits for a message (not handling one)
-        self._trim_due = False
+        self._trim_due, self._trimmed_at = False, 0.0
         self._endpoint: RouterEndpoint | None = None
         self.quiet = QuietLog(log)  # what peers can make us log, once per peer per interval
 
@@ -211,8 +211,7 @@ class RouterService:
                 await self._internal_failure(endpoint, identity, exc)
             # Not held while we wait for the next message: a refused huge message is freed now.
             del frames
-            # recv never yields while messages wait: the gate, ticker and /metrics must run
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # recv never yields while messages wait: gate, ticker, ops
 
     async def _internal_failure(
         self, endpoint: RouterEndpoint, identity: bytes, exc: Exception
@@ -242,8 +241,9 @@ class RouterService:
             await asyncio.sleep(POLL_MS / 1000)
             if self._idle:  # never between a message's arrival and its replies
                 self._drop_silent_peers()
-                if self._trim_due:  # a huge refused message (see _receive): memory back
-                    self._trim_due = False
+                self._trim_due |= time.monotonic() - self._trimmed_at >= TRIM_EVERY_S
+                if self._trim_due:  # freed buffers (refused messages, closed strangers') back
+                    self._trim_due, self._trimmed_at = False, time.monotonic()
                     trim_heap()
 
     async def _tell_peers_we_stop(self, endpoint: RouterEndpoint) -> None:
