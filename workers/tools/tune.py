@@ -23,6 +23,7 @@ from typing import Any
 from sl_pipeline.config import TrainConfig, apply_overrides, from_mapping
 from sl_pipeline.errors import ConfigError
 from workers.tools.audit import check_args, run_audit, split_overrides
+from workers.tools.audit_measures import LABEL_LEAK_KEYS
 
 SWEEP_PREFIXES = ("privacy.noise.", "privacy.nopeek.", "privacy.dpsgd.", "privacy.label.", "train.")
 MAX_COMBINATIONS = 256
@@ -50,15 +51,7 @@ METRIC_KEYS = (
     "unsplit_mse",
     "unsplit_ssim",
     "attack_releases",
-    "label_leak_auc",
-    "label_leak_attack",
-    "norm_auc",
-    "direction_auc",
-    "spread_auc",
-    "projection_auc",
-    "offdir_auc",
-    "offdir_projection_auc",
-    "batch_spread_auc",
+    *LABEL_LEAK_KEYS,
     "label_leak_last_epoch_auc",
     "eval_output_auc",
     "completion_auc",
