@@ -18,6 +18,7 @@ real authentication; the gate only decides who may make the server buffer anythi
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
 import secrets
 import struct
@@ -31,6 +32,9 @@ from .keys import KeyPair
 USERNAME = b"sl-pipeline/1"
 WINDOW_S = 600  # how far apart the client's and the server's clocks may be
 TOKEN_BYTES = 56
+# Connections one admitted key may open inside one window (20 minutes): far above any honest
+# reconnect rate, and it bounds the replay table at this many entries per admitted key.
+MAX_TOKENS_PER_KEY = 4096
 _LABEL = b"sl-pipeline connection gate v1"
 _TS = struct.Struct(">Q")
 
@@ -52,7 +56,9 @@ class Verdict:
     """The gate's answer: ``key`` is the admitted key that made the token, or None."""
 
     key: bytes | None
-    reason: str  # "ok", "not_admitted" (no admitted key made it), "stale", "replay"
+    # "ok", "not_admitted" (no admitted key made it), "stale", "replay", or "rate" (this key
+    # opened MAX_TOKENS_PER_KEY connections inside the window)
+    reason: str
 
 
 class Gate:
@@ -60,7 +66,9 @@ class Gate:
 
     def __init__(self, static: KeyPair, admitted: Iterable[bytes]) -> None:
         self._keys = {pub: _gate_key(static, pub, pub, static.public) for pub in admitted}
-        self._seen: dict[bytes, int] = {}  # nonce -> ts, for tokens inside the window
+        self._seen: dict[bytes, bytes] = {}  # nonce -> key, for tokens inside the window
+        self._expiry: list[tuple[int, bytes]] = []  # (ts, nonce), a heap: oldest first
+        self._live: dict[bytes, int] = {}  # key -> its tokens in the table
 
     def check(self, username: bytes, token: bytes, now_s: float) -> Verdict:
         if username != USERNAME or len(token) != TOKEN_BYTES:
@@ -83,11 +91,23 @@ class Gate:
         nonce = head[8:]
         if nonce in self._seen:
             return Verdict(None, "replay")
-        # Only admitted key holders add entries, each one connection: bounded by their rate.
-        self._seen[nonce] = ts
+        if self._live.get(key, 0) >= MAX_TOKENS_PER_KEY:
+            return Verdict(None, "rate")
+        self._seen[nonce] = key
+        self._live[key] = self._live.get(key, 0) + 1
+        heapq.heappush(self._expiry, (ts, nonce))
         return Verdict(key, "ok")
 
+    def __len__(self) -> int:
+        """Tokens remembered (inside the window), for replay checks."""
+        return len(self._seen)
+
     def _forget_old(self, now_s: float) -> None:
-        old = [nonce for nonce, ts in self._seen.items() if now_s - ts > WINDOW_S]
-        for nonce in old:
-            del self._seen[nonce]
+        """Drop tokens that left the window: oldest first from the heap, so a check costs
+        O(log n) however many tokens a flood put in the table (a scan cost O(n) per check)."""
+        while self._expiry and now_s - self._expiry[0][0] > WINDOW_S:
+            _, nonce = heapq.heappop(self._expiry)
+            key = self._seen.pop(nonce)
+            self._live[key] -= 1
+            if not self._live[key]:
+                del self._live[key]

@@ -47,6 +47,7 @@ BOUNDED_TABLES: tuple[str, ...] = (
     "inflight_bytes",
     "empty_runs",
     "idle_runs",
+    "gate_tokens",
     "other",
 )
 HANDSHAKE_RESULTS: tuple[str, ...] = ("ok", "not_admitted", "bad_handshake", "version")

@@ -298,6 +298,14 @@ class WorkerMetrics:
         """A bounded table refused or evicted an entry; an unknown ``table`` counts as ``other``."""
         self.bound_hits_total.labels(table=_bounded(table, BOUNDED_TABLES)).inc()
 
+    def record_gate_refusal(self, verdict: str) -> None:
+        """A connection the gate refused (``gate.Verdict.reason``, not ``ok``)."""
+        if verdict == "rate":
+            self.record_bound("gate_tokens")
+        self.record_handshake("bad_handshake" if verdict == "replay" else "not_admitted")
+        reason = {"replay": "replay", "rate": "overloaded"}.get(verdict, "not_admitted")
+        self.record_rejected(reason)
+
     def record_handshake(self, result: str) -> None:
         """Count one handshake; ``result`` must be one of :data:`HANDSHAKE_RESULTS`."""
         if result not in HANDSHAKE_RESULTS:

@@ -172,8 +172,7 @@ class RouterService:
         """A connection the gate refused, before it could send anything (see gate.py)."""
         if verdict == "ok":
             return
-        self.metrics.record_handshake("bad_handshake" if verdict == "replay" else "not_admitted")
-        self.metrics.record_rejected("replay" if verdict == "replay" else "not_admitted")
+        self.metrics.record_gate_refusal(verdict)
         line = "refused a connection from %s before any message (%s)"
         self.quiet.warning(f"gate {address}", line, address, verdict)
 
