@@ -587,6 +587,20 @@ async def test_status_redacts_peers_unless_asked_with_the_token(deployment) -> N
         ctx.destroy(linger=0)
 
 
+def test_redacted_status_hides_run_ids_that_clients_chose() -> None:
+    from workers.ops.http import redact
+
+    runs = [
+        {"id": "run-3", "clients": ["client-1"], "accuracies": {"client-1": 0.9}, "steps": 4},
+        {"id": "hospital-a-trial", "clients": ["a", "b"], "finished_clients": ["a"]},
+    ]
+    text = json.dumps(redact({"runs": runs, "peers": [{"name": "a"}]}))
+    body = json.loads(text)
+    assert [r["id"] for r in body["runs"]] == ["run-3", "#2"]
+    assert body["runs"][0]["clients"] == 1 and body["runs"][1]["finished_clients"] == 1
+    assert "hospital" not in text and "client-1" not in text and body["runs"][0]["steps"] == 4
+
+
 def test_the_not_admitted_refusal_carries_no_fingerprint() -> None:
     from sl_pipeline.crypto import Initiator, Responder
     from sl_pipeline.errors import NotAdmittedError

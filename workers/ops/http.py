@@ -249,6 +249,7 @@ class OpsServer:
 
 
 NAMED_RUN_FIELDS = ("clients", "finished_clients", "accuracies")  # keyed by client name
+_SERVER_RUN_ID = re.compile(r"run-[0-9]+")  # the ids a server numbers itself (runs.py)
 
 
 def redact(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -258,7 +259,7 @@ def redact(body: Mapping[str, Any]) -> dict[str, Any]:
     if "peers" in body:
         out["peers"] = _count(body["peers"])
     if isinstance(body.get("runs"), list | tuple):
-        out["runs"] = [_redact_run(run) for run in body["runs"]]
+        out["runs"] = [_redact_run(run, i) for i, run in enumerate(body["runs"], start=1)]
     if "peers" in body or "session" in body or "runs" in body:
         out["redacted"] = (
             "peer and client names, key fingerprints and the session id need [ops] status_token"
@@ -270,11 +271,16 @@ def _count(value: Any) -> Any:
     return len(value) if isinstance(value, list | tuple | dict) else value
 
 
-def _redact_run(run: Any) -> Any:
-    """A run's entry with its clients counted, not named (per-client accuracies included)."""
+def _redact_run(run: Any, index: int) -> Any:
+    """A run's entry with its clients counted, not named (per-client accuracies included).
+    A run id a client chose (``hospital-a-trial``) may say who it is, so it shows as its
+    place in the list; the server's own ``run-N`` ids say nothing and stay."""
     if not isinstance(run, Mapping):
         return run
-    return {k: _count(v) if k in NAMED_RUN_FIELDS else v for k, v in run.items()}
+    out = {k: _count(v) if k in NAMED_RUN_FIELDS else v for k, v in run.items()}
+    if "id" in out and not _SERVER_RUN_ID.fullmatch(str(out["id"])):
+        out["id"] = f"#{index}"
+    return out
 
 
 def local_url(listen: str) -> str:
