@@ -65,11 +65,17 @@ def _check_meta_value(key: str, value: Any, depth: int = 0) -> Any:
     )
 
 
+_KINDS = {kind.value: kind for kind in Kind}
+
+
 def _kind(value: Any) -> Kind:
+    # A dict lookup, not ``Kind(value)``: an enum call costs microseconds per message.
+    if value.__class__ is Kind:
+        return value  # type: ignore[no-any-return]
     try:
-        return Kind(value)
-    except ValueError as exc:
-        raise ProtocolError(f"unknown message kind {value!r}") from exc
+        return _KINDS[value]
+    except (KeyError, TypeError):
+        raise ProtocolError(f"unknown message kind {value!r}") from None
 
 
 def _check_id(name: str, value: str) -> None:
@@ -128,7 +134,7 @@ class Message:
     def spoken_by(self, client: str) -> Message:
         """This message as sent by ``client``: a server or relay files what a peer sends
         under the peer's admitted name (or a relay's client's), never a name it claims."""
-        return replace(self, client=client)
+        return self if client == self.client else replace(self, client=client)
 
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor called ``name``, or a ProtocolError saying which one is missing."""

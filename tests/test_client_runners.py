@@ -23,7 +23,7 @@ from sl_pipeline.sources import load_source
 from sl_pipeline.tensors import as_input, read_tensor, wire_tensors
 from workers.client.align import first_data
 from workers.client.host import RunnerConfig
-from workers.client.link import Upstream, make_handshake
+from workers.client.link import Stopped, Upstream, make_handshake
 from workers.client.microbatch import Pipeline
 from workers.client.steps import StepRunner
 from workers.ops.metrics import WorkerMetrics
@@ -281,3 +281,46 @@ async def test_pipelining_refuses_a_reply_out_of_order(tmp_path: Path) -> None:
         ReplyMismatchError, match="waiting for the reply to forward at step \\(0, 0\\)"
     ):
         [a async for a in Pipeline(host).run(0, batches)]  # type: ignore[arg-type]
+
+
+class Silent:
+    """A connection whose peer takes every request and never answers."""
+
+    def __init__(self) -> None:
+        self.sent = asyncio.Event()
+
+    async def send(self, msg: Message) -> None:
+        self.sent.set()
+
+    async def recv(self, timeout_s: float) -> Message:
+        await asyncio.Event().wait()  # until cancelled
+        raise AssertionError("unreachable")
+
+    def close(self, linger_ms: int = 0) -> None:
+        return None
+
+
+async def test_a_stop_ends_the_wait_for_a_reply_and_a_cancel_stays_a_cancel(
+    tmp_path: Path,
+) -> None:
+    # Prepare: a link waiting for a reply that never comes
+    link = scripted_link(tmp_path, None)
+    link.conn = silent = Silent()  # type: ignore[assignment]
+    forward = Message(kind=Kind.FORWARD, client="client-1", epoch=0, step=3)
+    waiting = asyncio.ensure_future(link.request(forward, never_rejoin))
+    await asyncio.wait_for(silent.sent.wait(), TIMEOUT_S)
+    # Execute: the caller cancels the wait (not a stop)
+    waiting.cancel()
+    # Assert: the cancel reaches the caller as a cancel
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiting, TIMEOUT_S)
+    # Execute: the next request waits, then SIGTERM's stop is set
+    silent.sent.clear()
+    waiting = asyncio.ensure_future(link.request(forward, never_rejoin))
+    await asyncio.wait_for(silent.sent.wait(), TIMEOUT_S)
+    link.stop.set()
+    # Assert: the wait ends with Stopped, and the task is not left half-cancelled
+    with pytest.raises(Stopped):
+        await asyncio.wait_for(waiting, TIMEOUT_S)
+    assert waiting.cancelling() == 0
+    link.close()

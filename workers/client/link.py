@@ -82,6 +82,7 @@ class Upstream:
         self.retries = 0
         self.bytes = {"sent": 0, "received": 0}
         self.stop = asyncio.Event()  # set by SIGTERM/SIGINT: every wait here ends at once
+        self._stop_watch: asyncio.Future[Any] | None = None  # done once ``stop`` is set
 
     def hello(self, start: tuple[int, int], last_applied: tuple[int, int] | None) -> dict[str, Any]:
         """What this client asks for: its run, whether it trains, where it resumes from."""
@@ -166,6 +167,42 @@ class Upstream:
             raise Stopped
         return task.result()
 
+    def _stop_watcher(self) -> asyncio.Future[Any]:
+        """One task per event loop that ends when ``stop`` is set."""
+        loop = asyncio.get_running_loop()
+        watcher = self._stop_watch
+        if watcher is None or watcher.get_loop() is not loop:
+            watcher = self._stop_watch = loop.create_task(self.stop.wait())
+        return watcher
+
+    async def _reply_unless_stopped(self, conn: DealerConnection, wait: float) -> Message:
+        """``conn.recv(wait)``, unless ``stop`` comes first: then raise ``Stopped``. The hot
+        path of every step: a callback on one long-lived watcher cancels the wait, instead
+        of two new tasks and an ``asyncio.wait`` per reply (``_unless_stopped``)."""
+        watcher = self._stop_watcher()
+        if watcher.done():
+            raise Stopped
+        task = asyncio.current_task()
+        assert task is not None
+        state = {"waiting": True, "stopped": False}
+
+        def on_stop(_: object) -> None:
+            if state["waiting"]:  # a callback already queued when the wait ended does nothing
+                state["stopped"] = True
+                task.cancel()
+
+        watcher.add_done_callback(on_stop)
+        try:
+            return await conn.recv(wait)
+        except asyncio.CancelledError:
+            if not state["stopped"]:
+                raise  # our caller was cancelled
+            task.uncancel()
+            raise Stopped from None
+        finally:
+            state["waiting"] = False
+            watcher.remove_done_callback(on_stop)
+
     def _joined(self, welcome: dict[str, Any]) -> None:
         self.set_connected(True)
         role = welcome.get("role", "server")
@@ -192,7 +229,7 @@ class Upstream:
             sent = time.monotonic()
             try:
                 await self.conn.send(message)
-                reply = await self._unless_stopped(self.conn.recv(wait))
+                reply = await self._reply_unless_stopped(self.conn, wait)
             except (TransportError, PeerError) as exc:
                 if isinstance(exc, PeerError) and not exc.retryable:
                     raise
@@ -220,4 +257,7 @@ class Upstream:
         """Close; ``linger_ms`` lets a message already sent (the bye) leave first."""
         if self.conn is not None:
             self.conn.close(linger_ms)
+        if self._stop_watch is not None:
+            self._stop_watch.cancel()
+            self._stop_watch = None
         self.set_connected(False)

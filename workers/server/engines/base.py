@@ -9,6 +9,7 @@ its own. ``steps_applied`` counts optimizer steps, for the exactly-once bookkeep
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -144,7 +145,9 @@ class Engine:
         and anything that reads or runs the weights settles first.
         """
         self.settle()
-        if loss is not None and not all_finite([loss]):
+        # One sync for both the finiteness check and the reported loss.
+        value = None if loss is None else float(loss.detach())
+        if value is not None and not math.isfinite(value):
             raise ProtocolError(
                 "the loss of this batch is not a finite number (NaN or overflowing "
                 "activations); the step was not applied"
@@ -154,7 +157,7 @@ class Engine:
             _check_cut_grads(grads)
             self._deferred = (root, grad)
             self.deferred_updates += 1
-            self._count_step(loss)
+            self._count_step(value)
             return grads
         self.optimizer.zero_grad(set_to_none=True)
         torch.autograd.backward(root, grad)
@@ -165,7 +168,7 @@ class Engine:
             raise ProtocolError(
                 "this batch's weight gradients are not finite; the step was not applied"
             )
-        self._apply(loss)
+        self._apply(value)
         return grads
 
     def settle(self) -> None:
@@ -220,14 +223,14 @@ class Engine:
         the server checkpoints then, as it does after a step."""
         return 0
 
-    def _apply(self, loss: torch.Tensor | None = None) -> None:
+    def _apply(self, loss: float | None = None) -> None:
         self.optimizer.step()
         self._count_step(loss)
 
-    def _count_step(self, loss: torch.Tensor | None) -> None:
+    def _count_step(self, loss: float | None) -> None:
         self.steps_applied += 1
         if loss is not None:
-            self.last_loss = float(loss.detach())
+            self.last_loss = loss
 
     def state_dict(self) -> dict[str, Any]:
         self.settle()
