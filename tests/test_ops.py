@@ -17,7 +17,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from sl_pipeline.errors import ConfigError
+from workers.ops.clientseries import MAX_CLIENTS
 from workers.ops.http import OpsServer, check_health, local_url, parse_listen
+from workers.ops.labels import RUN_SERIES
 from workers.ops.logs import configure_logging
 from workers.ops.metrics import REJECT_REASONS, WorkerMetrics
 
@@ -290,6 +292,33 @@ def test_record_message_bounds_the_kind(metrics: WorkerMetrics) -> None:
         metrics.record_message("sideways", "forward", 1)
     with pytest.raises(ValueError, match="nbytes"):
         metrics.record_message("sent", "forward", -1)
+
+
+def test_run_and_client_series_stay_bounded_and_follow_each_step() -> None:
+    # Prepare: a server's metrics, one run and one client that step
+    server = WorkerMetrics("server", CollectorRegistry())
+    assert server.clients is not None
+    server.record_run("run-0", 1, True, 0.5)
+    server.clients.stepped("client-0", 1, 0)
+    # Execute: the same run and client step again, then more runs and clients than are kept
+    server.record_run("run-0", 2, True, 0.25)
+    server.clients.stepped("client-0", 2, 1)
+    assert _value(server, "sl_run_steps", run="run-0") == 2
+    assert _value(server, "sl_run_train_loss", run="run-0") == 0.25
+    assert _value(server, "sl_client_steps", client="client-0") == 2
+    assert _value(server, "sl_client_epoch", client="client-0") == 2
+    for i in range(1, RUN_SERIES + 1):
+        server.record_run(f"run-{i}", i, True)
+    for i in range(1, MAX_CLIENTS + 1):
+        server.clients.stepped(f"client-{i}", i, 0)
+    # Assert: the oldest run and client lost their series, the newest have theirs
+    assert _value(server, "sl_run_steps", run="run-0") is None
+    assert _value(server, "sl_run_steps", run=f"run-{RUN_SERIES}") == RUN_SERIES
+    assert _value(server, "sl_client_steps", client="client-0") is None
+    assert _value(server, "sl_client_steps", client=f"client-{MAX_CLIENTS}") == MAX_CLIENTS
+    # Execute / Assert: an evicted run that reports again gets exported series again
+    server.record_run("run-0", 3, False)
+    assert _value(server, "sl_run_steps", run="run-0") == 3
 
 
 def test_record_rejected_maps_unknown_reasons_to_other(metrics: WorkerMetrics) -> None:

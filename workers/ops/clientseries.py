@@ -46,12 +46,17 @@ class ClientSeries:
             self.accuracy,
         )
         self._names: list[str] = []
+        # client -> its steps, epoch and last-step series: every applied step sets them
+        self._stepping: dict[str, tuple[Gauge, Gauge, Gauge]] = {}
 
     def _touch(self, client: str) -> None:
+        if self._names and self._names[-1] == client:
+            return  # already the newest name: nothing moves, nothing is evicted
         if client in self._names:
             self._names.remove(client)
         self._names.append(client)
         for old in self._names[:-MAX_CLIENTS]:
+            self._stepping.pop(old, None)
             for series in self._all:
                 if old in {s[0] for s in series._metrics}:
                     series.remove(old)
@@ -76,9 +81,16 @@ class ClientSeries:
 
     def stepped(self, client: str, steps: int, epoch: int) -> None:
         self._touch(client)
-        self.steps.labels(client=client).set(steps)
-        self.epoch.labels(client=client).set(epoch + 1)
-        self.last_step.labels(client=client).set(time.time())
+        series = self._stepping.get(client)
+        if series is None:
+            series = self._stepping[client] = (
+                self.steps.labels(client=client),
+                self.epoch.labels(client=client),
+                self.last_step.labels(client=client),
+            )
+        series[0].set(steps)
+        series[1].set(epoch + 1)
+        series[2].set(time.time())
 
     def done(self, client: str, accuracy: float | None) -> None:
         self._touch(client)

@@ -88,7 +88,7 @@ class WorkerMetrics:
         self._privacy_metrics(reg)
         self._progress_metrics(reg)
         self._run_metrics(reg)
-        self._runs: list[str] = []
+        self._runs: dict[str, tuple[Gauge, ...]] = {}  # run -> its series (labels looked up once)
         # A server's per-client series: visible after a client's own /metrics is gone.
         self.clients = ClientSeries(reg) if role == "server" else None
         self.build_info = Info(
@@ -327,17 +327,19 @@ class WorkerMetrics:
         accuracy: float | None = None,
     ) -> None:
         """A run's progress; only the newest :data:`RUN_SERIES` runs keep their series."""
-        per_run = (self.run_steps, self.run_active, self.run_train_loss, self.run_test_accuracy)
-        if run not in self._runs:
-            self._runs.append(run)
-            for old in self._runs[:-RUN_SERIES]:
+        series = self._runs.get(run)
+        if series is None:  # every step of a server reports its run: label lookups once
+            per_run = (self.run_steps, self.run_active, self.run_train_loss, self.run_test_accuracy)
+            series = self._runs[run] = tuple(gauge.labels(run=run) for gauge in per_run)
+            for old in list(self._runs)[:-RUN_SERIES]:
+                del self._runs[old]
                 for gauge in per_run:
                     gauge.remove(old)
-            self._runs = self._runs[-RUN_SERIES:]
-        self.run_steps.labels(run=run).set(steps)
-        self.run_active.labels(run=run).set(1 if active else 0)
-        self.run_train_loss.labels(run=run).set(math.nan if loss is None else loss)
-        self.run_test_accuracy.labels(run=run).set(math.nan if accuracy is None else accuracy)
+        steps_gauge, active_gauge, loss_gauge, accuracy_gauge = series
+        steps_gauge.set(steps)
+        active_gauge.set(1 if active else 0)
+        loss_gauge.set(math.nan if loss is None else loss)
+        accuracy_gauge.set(math.nan if accuracy is None else accuracy)
 
     def set_privacy(self, mechanism: str, epsilon: float, budget: float | None = None) -> None:
         """Report ``epsilon`` spent by ``mechanism`` and its budget (``None``: no budget)."""
