@@ -25,6 +25,7 @@ from sl_pipeline.messages import PROTOCOL_VERSION, Message, check_answers
 from sl_pipeline.models import fingerprint
 from sl_pipeline.retransmit import RetransmitTimer
 from sl_pipeline.transport import DealerConnection
+from workers.client.connection import ClientConnection
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.diagnose import no_server, refused
 from workers.runtime.startup import load_own_key, load_peer_key, warn_insecure
@@ -105,7 +106,7 @@ class Upstream:
             self.conn.close()
         assert self.ctx is not None
         c = self.cfg
-        self.conn = DealerConnection(
+        self.conn = ClientConnection(
             self.ctx, c.client.server, c.limits.to_limits(), self._count, self.peer
         )
         return self.conn
