@@ -52,6 +52,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     pipeline_depth: int = 1  # >1: steps in flight (client overlaps server); 0: auto from RTT
+    # pipelining: the client's momentum less the ~(1 - 1/depth) its stale gradients add
+    staleness_compensation: bool = True
     threads: int = 1  # torch intra-op threads; 0 = torch's default (oversubscribes small hosts)
     wire_dtype: Literal["float32", "float16", "bfloat16", "int8", "int4", "int2", "int2-ef"] = (
         "float32"

@@ -11,7 +11,7 @@ from bench import crypto_rt, flops, shaper
 from bench.common import CTX, free_port, machine_load, paired
 from bench.models import VGG_CUT, vgg16
 from bench.overhead import RpcBlocks
-from bench.wan import recommended_depth, summarise
+from bench.wan import Rounds, recommended_depth, summarise
 
 
 @pytest.mark.timeout(60)
@@ -139,17 +139,27 @@ async def test_shaper_adds_the_round_trip_and_limits_the_rate() -> None:
     assert link.carried() == (100_001, 100_001)
 
 
-def test_pipelined_bound_is_depth_times_one_step_in_flight() -> None:
-    rates = {"40ms": {1: [10.0, 12.0], 2: [20.0, 22.0], 4: [40.0], 8: [60.0], 0: [30.0]}}
-    summary = summarise(rates, {"40ms": [4]}, 70.0, [(1000.0, 1000.0)])["wan"]["by_rtt"]["40ms"]
-    assert summary["pipelined_bound_steps_s"] == {1: 11.0, 2: 22.0, 4: 44.0, 8: 70.0}
-    assert summary["bound_steps_s"][8] == 70.0 and summary["bound_steps_s"][1] == 25.0
-    assert summary["of_pipelined_bound"][8] == 60.0 / 70.0
+def test_wan_ratios_pair_each_round_with_its_own_compute_bound() -> None:
+    out = Rounds()
+    rates = {1: [10.0, 12.0], 2: [20.0, 22.0], 4: [40.0, 40.0], 8: [60.0, 60.0], 16: [60.0, 90.0]}
+    out.steps_s["40ms"] = {**{d: list(r) for d, r in rates.items()}, 0: [30.0, 30.0]}
+    out.latency_s["40ms"] = {d: [0.05, 0.05] for d in rates}
+    out.compute["40ms"] = [70.0, 100.0]  # the second round ran on a quieter machine
+    out.per_step = [(1000.0, 1000.0)]
+    summary = summarise(out)["wan"]["by_rtt"]["40ms"]
+    assert summary["compute_bound_steps_s"] == 85.0
+    assert summary["pipelined_bound_steps_s"] == {1: 11.0, 2: 22.0, 4: 44.0, 8: 85.0, 16: 85.0}
+    assert summary["bound_steps_s"][8] == 85.0 and summary["bound_steps_s"][1] == 25.0
+    # 16: 60/70 and 90/100 in their own rounds, not 75/85 of the medians
+    assert summary["of_bound"][16] == pytest.approx((60 / 70 + 90 / 100) / 2)
+    # 85 steps/s x 50 ms + 1 = 5.25 in flight: depth 8
+    assert summary["recommended_depth"] == 8
+    assert summary["recommended_speedup_over_depth_1"] == pytest.approx((6.0 + 5.0) / 2)
 
 
-def test_recommended_depth_covers_a_round_trip_plus_a_step() -> None:
-    assert recommended_depth(0.040, 20.0) == 2  # 0.8 + 1 steps in flight
-    assert recommended_depth(0.020, 80.0) == 4  # 1.6 + 1
-    assert recommended_depth(0.040, 80.0) == 8  # 3.2 + 1 is more than 4
-    assert recommended_depth(0.050, 300.0) == 8  # the most there is
+def test_recommended_depth_covers_one_step_in_flight_plus_the_one_computed() -> None:
+    assert recommended_depth(0.050, 20.0) == 2  # 1.0 + 1 steps in flight
+    assert recommended_depth(0.025, 80.0) == 4  # 2.0 + 1
+    assert recommended_depth(0.053, 150.0) == 16  # 7.95 + 1 is more than 8
+    assert recommended_depth(0.050, 400.0) == 16  # the most there is
     assert recommended_depth(0.0, 1000.0) == 1  # no latency to hide

@@ -6,8 +6,10 @@ the first steps at depth 1, then keeps the slower party busy (:func:`auto_depth`
 Each step's forward runs on a *stash* of the client segment's weights (PipeDream-style weight
 stashing), so when its gradient comes back the backward pass runs through exactly the weights
 that produced the activations, and the resulting gradient is applied to the current weights:
-the client's update is stale by up to d-1 steps, bounded. The server applies steps in order
-as before; its reply cache answers a resend of any step still in flight after a rejoin.
+the client's update is stale by up to d-1 steps, bounded, and its momentum is lowered by the
+implicit momentum that staleness adds (:mod:`workers.client.staleness`). The server applies
+steps in order as before; its reply cache answers a resend of any step still in flight after
+a rejoin.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from sl_pipeline.errors import ConfigError, PeerError, ReplyTimeoutError, Transp
 from sl_pipeline.messages import Kind, Message, check_answers
 from sl_pipeline.tensors import read_tensor
 from workers.client.link import Upstream
+from workers.client.staleness import MomentumCompensation
 from workers.client.steps import StepRunner
 
 
@@ -46,12 +49,12 @@ class PipelineHost(Protocol):
 
 log = logging.getLogger("workers.client")
 
-MAX_DEPTH = 8
+# Deeper than 16 costs more than a point of digits accuracy even with staleness compensation
+# (depth 32: 0.9610 against 0.9742 at depth 1, mean of 8 seeds; 16: 0.9669; docs/performance.md)
+MAX_DEPTH = 16
 MAX_REJOINS = 100
 AUTO = 0  # train.pipeline_depth = 0: chosen from the measured round trip and step time
-# auto stops at 4: at depth 8 the digits demo diverged on one seed of four (test accuracy
-# 0.70 against 0.98 at depth 1; docs/performance.md), at 4 it matched depth 1
-AUTO_MAX_DEPTH = 4
+AUTO_MAX_DEPTH = MAX_DEPTH  # staleness compensation keeps depth 16 within a point of depth 1
 PROBE_PINGS = 3
 PROBE_STEPS = 5
 
@@ -180,20 +183,26 @@ class Pipeline:
         inflight: deque[InFlight] = deque()
         probe = DepthProbe(await measure_round_trip(self.host)) if self.depth == AUTO else None
         depth = 1 if probe is not None else self.depth
-        for step, x, y, ids in batches:
-            started = time.perf_counter()
-            act, sent, stash = runner.stash_forward(x)
-            msg = runner.forward_message(step, sent, y, ids)
-            assert link.conn is not None
-            client_s = time.perf_counter() - started
-            await link.conn.send(msg)
-            inflight.append(InFlight(step, x, act, sent, stash, msg, started, client_s))
-            if len(inflight) >= depth:
+        momentum = MomentumCompensation(runner.optimizer, self.host.cfg.train)
+        momentum.set_depth(depth)
+        try:
+            for step, x, y, ids in batches:
+                started = time.perf_counter()
+                act, sent, stash = runner.stash_forward(x)
+                msg = runner.forward_message(step, sent, y, ids)
+                assert link.conn is not None
+                client_s = time.perf_counter() - started
+                await link.conn.send(msg)
+                inflight.append(InFlight(step, x, act, sent, stash, msg, started, client_s))
+                if len(inflight) >= depth:
+                    yield await self._complete(epoch, inflight, probe)
+                if probe is not None and probe.ready():
+                    depth, probe = probe.choose(), None
+                    momentum.set_depth(depth)
+            while inflight:
                 yield await self._complete(epoch, inflight, probe)
-            if probe is not None and probe.ready():
-                depth, probe = probe.choose(), None
-        while inflight:
-            yield await self._complete(epoch, inflight, probe)
+        finally:
+            momentum.restore()  # the configured momentum for whatever runs next
         self.depth = depth if probe is None else AUTO  # too few steps to choose: next time
 
     async def _complete(

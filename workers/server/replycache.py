@@ -46,7 +46,7 @@ def reply_size(reply: Message) -> int:
 class ReplyCache:
     def __init__(
         self,
-        depth: int = 8,
+        depth: int = 16,  # steps kept per name and kind: the deepest client pipeline
         max_names: int = 256,
         on_hit: Callable[[], None] = no_hit,
         max_bytes: int = DEFAULT_MAX_BYTES,
