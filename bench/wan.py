@@ -15,10 +15,11 @@ measured one-step latency, plus the step being computed), or 16.
 
 A block's steps/s counts from its first applied step to its last (the steady rate: filling
 the pipeline costs one latency per block here, once per epoch in training). Each round, for
-each round trip in turn, measures the compute bound and then every depth, and a block with
+each round trip in turn, measures every depth, deepest first, and a block with
 ``--pipeline-depth auto`` (``auto_depth``: the depths it chose; ``auto_steps_s``: its steps/s,
-probe included). Every ratio to the bound is the median over rounds of that round's block
-over the bound from the compute measured in the same round (``of_bound_spread``: quartiles).
+probe included), and the compute bound just before and just after the deepest block (the
+mean of the two is that round's). Every ratio to the bound is the median over rounds of that
+round's block over the bound from that round's compute (``of_bound_spread``: quartiles).
 """
 
 from __future__ import annotations
@@ -122,29 +123,40 @@ class Rounds:
         self.latency_s: dict[str, dict[int, list[float]]] = {
             k: {d: [] for d in DEPTHS} for k in labels
         }
-        # the compute bound, measured in each round just before that round trip's blocks
+        # the compute bound, measured in each round around that round trip's deepest block
         self.compute: dict[str, list[float]] = {k: [] for k in labels}
         self.chosen: dict[str, list[int]] = {k: [] for k in labels}
         self.per_step: list[tuple[float, float]] = []  # bytes per step, up and down
 
 
+async def _compute(driver: Driver, link: shaper.LinkSettings, per_depth: int, out: Rounds) -> float:
+    """Steps/s at the deepest depth with no delay and no rate limit, and the bytes per step."""
+    link.set(0.0, 0.0)
+    before, steps = link.carried(), 10 + per_depth * DEPTHS[-1]
+    rate = (await driver.block(DEPTHS[-1], steps)).steps_s
+    after = link.carried()
+    out.per_step.append(((after[0] - before[0]) / steps, (after[1] - before[1]) / steps))
+    return rate
+
+
 async def _round(driver: Driver, link: shaper.LinkSettings, per_depth: int, out: Rounds) -> None:
-    """One round: for each round trip, the compute bound, then every depth and auto."""
+    """One round: for each round trip, every depth (deepest first) and auto; the compute bound
+    is measured just before and just after the deepest block, whose ratio to it is the most
+    sensitive to machine load (both are CPU-bound), and the round uses their mean."""
     for ms in RTTS_MS:
         label = f"{ms}ms"
-        link.set(0.0, 0.0)
-        before, steps = link.carried(), 10 + per_depth * DEPTHS[-1]
-        out.compute[label].append((await driver.block(DEPTHS[-1], steps)).steps_s)
-        after = link.carried()
-        out.per_step.append(((after[0] - before[0]) / steps, (after[1] - before[1]) / steps))
-        link.set(ms / 1000, RATE_BIT_S)
-        for depth in (*DEPTHS, AUTO):  # AUTO: the client's own choice, probe included
+        compute = [await _compute(driver, link, per_depth, out)]
+        for depth in (*reversed(DEPTHS), AUTO):  # AUTO: the client's own choice, probe included
+            link.set(ms / 1000, RATE_BIT_S)
             block = await driver.block(depth, 10 + per_depth * (depth or 8))
+            if depth == DEPTHS[-1]:
+                compute.append(await _compute(driver, link, per_depth, out))
             out.steps_s[label][depth].append(block.steps_s)
             if depth == AUTO:
                 out.chosen[label].append(block.depth)
             else:
                 out.latency_s[label][depth].append(block.latency_s)
+        out.compute[label].append(sum(compute) / len(compute))
 
 
 async def measure(
