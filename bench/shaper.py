@@ -1,4 +1,4 @@
-"""A WAN link on loopback: an asyncio TCP proxy with a one-way delay and a rate limit.
+"""A WAN link on loopback: a TCP proxy with a one-way delay and a rate limit.
 
 Each direction is a bottleneck link followed by a propagation delay: a chunk read from one
 side leaves the link once the link has sent everything before it at ``rate_bit_s``, and is
@@ -7,12 +7,21 @@ settings live in shared memory (:class:`LinkSettings`) and apply to every chunk 
 change, so one proxy serves several settings in turn; it also counts the bytes it carried
 each way. It runs in a child process (``serve``), so its timers do not share the client's
 event loop.
+
+Each direction is a pair of threads (one reads and stamps each chunk with its due time, one
+sleeps until then and writes it), not asyncio tasks: an event loop wakes its timers on
+epoll's millisecond ticks, rounded up, which added 1.4 ms (median; 4 ms at the 90th
+percentile) to a 40 ms round trip and 0.9 ms to each direction of a 33 KB step;
+``time.sleep`` wakes within tens of microseconds.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import queue
+import socket
+import threading
+import time
 from multiprocessing.queues import Queue
 from multiprocessing.sharedctypes import Synchronized
 from multiprocessing.synchronize import Event
@@ -21,6 +30,7 @@ from .common import CTX, LOOPBACK
 
 READ_BYTES = 64 * 1024
 POLL_S = 0.1
+JOIN_S = 5.0
 
 
 class LinkSettings:
@@ -41,61 +51,66 @@ class LinkSettings:
         return self.up.value, self.down.value
 
 
-async def _link(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    settings: LinkSettings,
-    counter: Synchronized[int],
+def _deliver(chunks: queue.SimpleQueue[tuple[float, bytes] | None], dst: socket.socket) -> None:
+    while (item := chunks.get()) is not None:
+        due, data = item
+        if (wait := due - time.monotonic()) > 0:
+            time.sleep(wait)
+        dst.sendall(data)
+
+
+def _direction(
+    src: socket.socket, dst: socket.socket, settings: LinkSettings, counter: Synchronized[int]
 ) -> None:
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
-
-    async def deliver() -> None:
-        while (item := await queue.get()) is not None:
-            due, data = item
-            if (wait := due - loop.time()) > 0:
-                await asyncio.sleep(wait)
-            writer.write(data)
-            await writer.drain()
-
-    sender = asyncio.ensure_future(deliver())
+    """Carry ``src``'s bytes to ``dst`` through the link until either side closes."""
+    chunks: queue.SimpleQueue[tuple[float, bytes] | None] = queue.SimpleQueue()
+    sender = threading.Thread(target=_deliver, args=(chunks, dst), daemon=True)
+    sender.start()
     link_free = 0.0  # when the bottleneck has sent everything queued so far
-    try:
-        while data := await reader.read(READ_BYTES):
+    with contextlib.suppress(OSError):
+        while data := src.recv(READ_BYTES):
             rate = settings.rate_bit_s.value
-            now = loop.time()
+            now = time.monotonic()
             link_free = max(link_free, now) + (len(data) * 8 / rate if rate > 0 else 0.0)
-            queue.put_nowait((link_free + settings.delay_s.value, data))
+            chunks.put((link_free + settings.delay_s.value, data))
             counter.value += len(data)
-        queue.put_nowait(None)
-        await sender
-    finally:
-        sender.cancel()
-        writer.close()
+    chunks.put(None)
+    sender.join(JOIN_S)
+    for sock in (dst, src):  # the other direction's read ends too
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
-async def _proxy(port: int, target: str, settings: LinkSettings, ready: Queue, stop: Event) -> None:
-    host, target_port = target.rsplit(":", 1)
-
-    async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(host, int(target_port))
-        except OSError:
-            writer.close()
-            return
-        with contextlib.suppress(OSError, asyncio.CancelledError):
-            await asyncio.gather(
-                _link(reader, up_writer, settings, settings.up),
-                _link(up_reader, writer, settings, settings.down),
-            )
-
-    server = await asyncio.start_server(connection, LOOPBACK, port)
-    ready.put("shaper")
-    async with server:
-        while not stop.is_set():
-            await asyncio.sleep(POLL_S)
+def _connect(client: socket.socket, target: str, settings: LinkSettings) -> list[threading.Thread]:
+    host, port = target.rsplit(":", 1)
+    try:
+        upstream = socket.create_connection((host, int(port)))
+    except OSError:
+        client.close()
+        return []
+    pumps = []
+    for sock in (client, upstream):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for src, dst, counter in ((client, upstream, settings.up), (upstream, client, settings.down)):
+        pump = threading.Thread(target=_direction, args=(src, dst, settings, counter), daemon=True)
+        pump.start()
+        pumps.append(pump)
+    return pumps
 
 
 def serve(port: int, target: str, settings: LinkSettings, ready: Queue, stop: Event) -> None:
     """Proxy ``127.0.0.1:port`` to ``target`` (``host:port``) until ``stop`` is set."""
-    asyncio.run(_proxy(port, target, settings, ready, stop))
+    listener = socket.create_server((LOOPBACK, port))
+    listener.settimeout(POLL_S)
+    pumps: list[threading.Thread] = []
+    ready.put("shaper")
+    try:
+        while not stop.is_set():
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            client.settimeout(None)
+            pumps += _connect(client, target, settings)
+    finally:
+        listener.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -113,7 +114,10 @@ async def test_shaper_adds_the_round_trip_and_limits_the_rate() -> None:
     link, ready, stop = shaper.LinkSettings(), CTX.Queue(), CTX.Event()
     link.set(0.060, 8e6)
     proxy_port = free_port()
-    proxy = asyncio.ensure_future(shaper._proxy(proxy_port, f"127.0.0.1:{port}", link, ready, stop))
+    proxy = threading.Thread(
+        target=shaper.serve, args=(proxy_port, f"127.0.0.1:{port}", link, ready, stop)
+    )
+    proxy.start()
     try:
         await asyncio.wait_for(asyncio.to_thread(ready.get, timeout=10), 15)
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
@@ -130,7 +134,7 @@ async def test_shaper_adds_the_round_trip_and_limits_the_rate() -> None:
         writer.close()
     finally:
         stop.set()
-        await asyncio.wait_for(proxy, 5)
+        await asyncio.to_thread(proxy.join, 5)
         target.close()
 
     # Assert: the round trip is added; 100 kB at 8 Mbit/s takes 0.1 s on the link
