@@ -20,7 +20,7 @@ from torch import nn
 
 from sl_pipeline.config import TrainConfig
 from sl_pipeline.messages import Kind, Message
-from workers.client.microbatch import MAX_DEPTH, Pipeline
+from workers.client.microbatch import MAX_DEPTH, DepthProbe, Pipeline
 from workers.client.staleness import compensated_momentum
 from workers.client.steps import StepRunner
 from workers.server.replycache import ReplyCache
@@ -107,3 +107,19 @@ def test_compensated_momentum_takes_off_the_implicit_part(
 def test_the_server_keeps_a_reply_for_every_step_the_deepest_pipeline_has_in_flight() -> None:
     # a rejoining client resends all its steps in flight; each must be answered from the cache
     assert ReplyCache().depth >= MAX_DEPTH
+
+
+def test_auto_doubles_the_depth_while_latency_stays_flat_and_undoes_the_one_that_queues() -> None:
+    probe = DepthProbe(round_trip_s=0.040)
+    for _ in range(5):  # depth 1: 53 ms a step, 3 ms of it this client's
+        probe.record(0.053, 0.003)
+    assert probe.depth == 6  # 53 / (53 - 40 - 3) -> 6
+    for _ in range(12):
+        probe.record(0.054, 0.003)
+    assert (probe.depth, probe.done) == (12, False)  # no queueing at 6: double
+    for _ in range(24):
+        probe.record(0.055, 0.003)
+    assert (probe.depth, probe.done) == (16, False)  # at most 16
+    for _ in range(32):
+        probe.record(0.090, 0.003)  # steps now wait for a busy party
+    assert (probe.depth, probe.done) == (12, True)

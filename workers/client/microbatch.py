@@ -57,6 +57,7 @@ AUTO = 0  # train.pipeline_depth = 0: chosen from the measured round trip and st
 AUTO_MAX_DEPTH = MAX_DEPTH  # staleness compensation keeps depth 16 within a point of depth 1
 PROBE_PINGS = 3
 PROBE_STEPS = 5
+GROW_SLACK = 1.2  # auto doubles the depth while a step takes at most this x depth 1's time
 
 
 @dataclass
@@ -73,18 +74,52 @@ class InFlight:
 
 @dataclass
 class DepthProbe:
-    """``--pipeline-depth auto``: times the first steps at depth 1, then picks the depth."""
+    """``--pipeline-depth auto``: times the first steps at depth 1 and picks a depth from
+    them (:func:`auto_depth`), then doubles it while a step's latency stays within
+    :data:`GROW_SLACK` of depth 1's: a latency that does not grow means nothing queues, so
+    the link's latency, not a busy party, limits the steps/s, and more in flight means more
+    steps/s. The first doubling that queues is undone."""
 
     round_trip_s: float
     steps_s: list[float] = field(default_factory=list)
     client_s: list[float] = field(default_factory=list)
+    depth: int = 1  # the depth to use now
+    previous: int = 0  # the depth before the last doubling (0: none yet)
+    window: list[float] = field(default_factory=list)  # latencies since ``depth`` was set
+    done: bool = False
+
+    @property
+    def chosen(self) -> bool:
+        return len(self.steps_s) >= PROBE_STEPS
 
     def record(self, step_s: float, client_s: float) -> None:
-        self.steps_s.append(step_s)
-        self.client_s.append(client_s)
+        """One applied step: its latency, and this client's compute in it."""
+        if not self.chosen:
+            self.steps_s.append(step_s)
+            self.client_s.append(client_s)
+            if self.chosen:
+                self.depth = self.choose()
+            return
+        self.window.append(step_s)
+        if len(self.window) >= 2 * self.depth:  # the first half was sent at the old depth
+            self._grow(statistics.median(self.window[self.depth :]))
 
-    def ready(self) -> bool:
-        return len(self.steps_s) >= PROBE_STEPS
+    def _grow(self, latency_s: float) -> None:
+        base_s = statistics.median(self.steps_s)
+        self.window = []
+        if latency_s > GROW_SLACK * base_s:  # steps queue: a party is busy, more won't help
+            self.depth, self.done = self.previous or self.depth, True
+        elif self.depth >= AUTO_MAX_DEPTH:
+            self.done = True
+        else:
+            self.previous, self.depth = self.depth, min(AUTO_MAX_DEPTH, 2 * self.depth)
+        log.info(
+            "pipeline depth auto: %s %d (latency %.1f ms, %.1f ms at depth 1)",
+            "settled at" if self.done else "grew to",
+            self.depth,
+            latency_s * 1e3,
+            base_s * 1e3,
+        )
 
     def choose(self) -> int:
         step_s, client_s = statistics.median(self.steps_s), statistics.median(self.client_s)
@@ -194,16 +229,18 @@ class Pipeline:
                 client_s = time.perf_counter() - started
                 await link.conn.send(msg)
                 inflight.append(InFlight(step, x, act, sent, stash, msg, started, client_s))
-                if len(inflight) >= depth:
+                while len(inflight) >= depth:  # more than one after auto lowered the depth
                     yield await self._complete(epoch, inflight, probe)
-                if probe is not None and probe.ready():
-                    depth, probe = probe.choose(), None
-                    momentum.set_depth(depth)
+                    if probe is not None:
+                        depth = probe.depth
+                        momentum.set_depth(depth)
+                        probe = None if probe.done else probe
             while inflight:
                 yield await self._complete(epoch, inflight, probe)
         finally:
             momentum.restore()  # the configured momentum for whatever runs next
-        self.depth = depth if probe is None else AUTO  # too few steps to choose: next time
+        # auto: too few steps to choose, so choose next time; or keep the depth it reached
+        self.depth = AUTO if probe is not None and not probe.chosen else depth
 
     async def _complete(
         self, epoch: int, inflight: deque[InFlight], probe: DepthProbe | None
