@@ -43,6 +43,7 @@ KEYS = (
     "wan_40ms_of_bound",
     "wan_40ms_of_pipelined_bound",
     "wan_40ms_speedup",
+    "wan_40ms_depth",
     "load",
 )
 

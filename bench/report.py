@@ -46,6 +46,7 @@ def headline(results: dict[str, Any]) -> list[str]:
             "40 ms RTT: recommended depth's steps/s / depth x depth 1's (goal >= 0.8)",
         ),
         ("wan_40ms_speedup", "40 ms RTT: recommended depth's steps/s / depth 1's (goal >= 3)"),
+        ("wan_40ms_depth", "40 ms RTT: the recommended depth (covers depth 1's step latency)"),
     ]
     lines = ["", "figure                       value", "-" * 78]
     for key, meaning in rows:
