@@ -42,6 +42,12 @@ class ModelConfig:
     seed: int = 0
 
 
+# Steps a pipelined client may keep in flight (train.pipeline_depth); the server's reply cache
+# keeps as many per client. Deeper cost more than a point of digits accuracy even with
+# staleness compensation (docs/performance.md, "Accuracy by depth").
+MAX_PIPELINE_DEPTH = 16
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 5

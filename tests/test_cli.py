@@ -164,8 +164,12 @@ def test_pipeline_depth_auto_is_written_as_0_and_a_bad_depth_is_named(
     assert main(["init", str(tmp_path / "d"), "--pipeline-depth", "auto"]) == 0
     with pytest.raises(SystemExit) as refused:
         main(["init", str(tmp_path / "e"), "--pipeline-depth", "fast"])
+    with pytest.raises(SystemExit) as too_deep:
+        main(["init", str(tmp_path / "f"), "--pipeline-depth", "17"])
 
     # Assert
     assert "pipeline_depth = 0" in (tmp_path / "d" / "client-1.toml").read_text()
-    assert refused.value.code == 2
-    assert "'fast' is not a number of steps or 'auto'" in capsys.readouterr().err
+    assert refused.value.code == too_deep.value.code == 2
+    err = capsys.readouterr().err
+    assert "'fast' is not a number of steps or 'auto'" in err
+    assert "17 must be between 1 and 16 (or 'auto')" in err

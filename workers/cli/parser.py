@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from sl_pipeline.config import TOPOLOGIES
+from sl_pipeline.config import MAX_PIPELINE_DEPTH, TOPOLOGIES
 from workers.cli import privacy as privacy_cli
 
 
@@ -125,8 +125,10 @@ def _pipeline_depth(text: str) -> int:
         depth = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of steps or 'auto'") from None
-    if depth < 1:
-        raise argparse.ArgumentTypeError(f"{depth} must be at least 1 (or 'auto')")
+    if not 1 <= depth <= MAX_PIPELINE_DEPTH:
+        raise argparse.ArgumentTypeError(
+            f"{depth} must be between 1 and {MAX_PIPELINE_DEPTH} (or 'auto')"
+        )
     return depth
 
 

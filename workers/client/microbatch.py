@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
-from sl_pipeline.config import ClientConfig
+from sl_pipeline.config import MAX_PIPELINE_DEPTH, ClientConfig
 from sl_pipeline.errors import ConfigError, PeerError, ReplyTimeoutError, TransportError
 from sl_pipeline.messages import Kind, Message, check_answers
 from sl_pipeline.tensors import read_tensor
@@ -51,7 +51,7 @@ log = logging.getLogger("workers.client")
 
 # Deeper than 16 costs more than a point of digits accuracy even with staleness compensation
 # (depth 32: 0.9610 against 0.9742 at depth 1, mean of 8 seeds; 16: 0.9669; docs/performance.md)
-MAX_DEPTH = 16
+MAX_DEPTH = MAX_PIPELINE_DEPTH
 MAX_REJOINS = 100
 AUTO = 0  # train.pipeline_depth = 0: chosen from the measured round trip and step time
 AUTO_MAX_DEPTH = MAX_DEPTH  # staleness compensation keeps depth 16 within a point of depth 1

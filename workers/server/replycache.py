@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from sl_pipeline.config import MAX_PIPELINE_DEPTH
 from sl_pipeline.messages import Message, message_from_state, message_state
 from workers.runtime.bounded import no_hit
 
@@ -46,7 +47,7 @@ def reply_size(reply: Message) -> int:
 class ReplyCache:
     def __init__(
         self,
-        depth: int = 16,  # steps kept per name and kind: the deepest client pipeline
+        depth: int = MAX_PIPELINE_DEPTH,  # steps kept per name and kind: the deepest pipeline
         max_names: int = 256,
         on_hit: Callable[[], None] = no_hit,
         max_bytes: int = DEFAULT_MAX_BYTES,
