@@ -18,12 +18,12 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from .chunked import DEFAULT_CHUNK_BYTES
 from .codec import DEFAULT_LIMITS, Limits, decode, encode
 from .errors import PeerError, ProtocolError, ReplyTimeoutError, TransportError
 from .gate import USERNAME, Gate
 from .handshake import AnySession, Buffer, ClientHandshake, is_handshake, refused
 from .messages import Kind, Message
+from .zmtp import max_frame_bytes  # libzmq's MAXMSGSIZE on every socket here
 
 log = logging.getLogger("sl_pipeline.transport")
 
@@ -32,10 +32,7 @@ OnGate = Callable[[str, str], None]  # (gate verdict, peer address)
 COPY_THRESHOLD = 64 * 1024
 HEARTBEAT_IVL_MS = 2_000
 HEARTBEAT_TIMEOUT_MS = 10_000
-TAG_BYTES = 16
-HANDSHAKE_FRAME_MAX = 65_535  # the Noise message limit
 HANDSHAKE_IVL_MS = 15_000
-FRAME_SLACK = 4096
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"sl-pipeline"
 # What a DEALER's monitor reports: a dropped link, or ZeroMQ's own handshake refused.
@@ -100,16 +97,6 @@ class Channel:
     def unpack(self, frames: Sequence[Buffer]) -> Message:
         """A message that arrived as one ZeroMQ message (a chunk part is refused)."""
         return decode(self.session.open(frames), self.limits)
-
-
-def max_frame_bytes(limits: Limits) -> int:
-    """libzmq's ``MAXMSGSIZE``: it drops a peer that announces a bigger frame, before
-    reading or allocating it, during ZeroMQ's own handshake too (a stranger's handshake
-    command is a frame). Every message over the chunk size travels chunked, in both modes
-    (:mod:`sl_pipeline.envelope`), so no legitimate frame is bigger than one chunk (or a
-    Noise handshake message) plus its tag; the slack covers ZMTP's own commands."""
-    largest = max(DEFAULT_CHUNK_BYTES, HANDSHAKE_FRAME_MAX)
-    return largest + TAG_BYTES + FRAME_SLACK
 
 
 def new_socket(ctx: zmq.asyncio.Context, kind: int, limits: Limits, hwm: int = 1000) -> Any:

@@ -48,6 +48,7 @@ BOUNDED_TABLES: tuple[str, ...] = (
     "empty_runs",
     "idle_runs",
     "gate_tokens",
+    "outbound_bytes",
     "other",
 )
 HANDSHAKE_RESULTS: tuple[str, ...] = ("ok", "not_admitted", "bad_handshake", "version")

@@ -1,4 +1,4 @@
-"""The part every listening worker shares (server and relay): a ROUTER socket, the
+"""The part every listening worker shares (server and relay): the ZMTP listener, the
 handshake, the table of authenticated peers, and the rules for bad input.
 
 A subclass implements :meth:`RouterService.dispatch`: one authenticated, decoded message in,
@@ -16,9 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import zmq
-import zmq.asyncio
-
 from sl_pipeline.codec import Limits
 from sl_pipeline.config import OpsConfig, check_endpoint
 from sl_pipeline.errors import (
@@ -32,9 +29,11 @@ from sl_pipeline.gate import Gate
 from sl_pipeline.handshake import ServerHandshake, is_handshake, refusal
 from sl_pipeline.keys import fingerprint as key_fingerprint
 from sl_pipeline.messages import Message, error_message
-from sl_pipeline.transport import Channel, RouterEndpoint, frame_buffers, frames_size, peer_address
+from sl_pipeline.transport import Channel, frame_buffers, frames_size
+from sl_pipeline.zmtp_router import ZmtpRouter
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.bounded import TRIM_BYTES, TRIM_EVERY_S, RateLimiter, trim_heap
+from workers.runtime.edge import EdgeReports
 from workers.runtime.peers import Listen, Peer, PeerTable, hello_refusal, reject_reason
 from workers.runtime.quietlog import QuietLog
 from workers.runtime.startup import load_admitted, load_own_key, start_ops, warn_insecure
@@ -42,7 +41,7 @@ from workers.runtime.startup import load_admitted, load_own_key, start_ops, warn
 log = logging.getLogger("sl_pipeline.service")
 POLL_MS = 200
 GOODBYE_LINGER_MS = 500  # how long closing may wait for the shutdown notices to leave
-ROUTER_RCVHWM = 64  # messages queued per connection (<= 64 MiB); a peer's sends then block
+ROUTER_RCVHWM = 64  # messages queued per connection (each <= zmtp.caps_for); then reading pauses
 Replies = list[tuple[bytes, Message]]
 
 
@@ -77,8 +76,9 @@ class RouterService:
         self.bound = False
         self._idle = True  # the receiver waits for a message (not handling one)
         self._trim_due, self._trimmed_at = False, 0.0
-        self._endpoint: RouterEndpoint | None = None
+        self._endpoint: ZmtpRouter | None = None
         self.quiet = QuietLog(log)  # what peers can make us log, once per peer per interval
+        self.edge = EdgeReports(self.metrics, self.quiet)
 
     def _make_handshake(self) -> ServerHandshake:
         s, section, frames = self.listen, self.listen.section, self.limits.max_frames
@@ -143,9 +143,13 @@ class RouterService:
 
     # ---- the loop --------------------------------------------------------------------
     async def serve(self, stop: asyncio.Event) -> dict[str, Any]:
-        ctx = zmq.asyncio.Context()
-        endpoint = RouterEndpoint(
-            ctx, self.listen.bind, self.limits, 1000, self.gate, self._gated, ROUTER_RCVHWM
+        endpoint = await ZmtpRouter.bind(
+            self.listen.bind,
+            self.limits,
+            gate=self.gate,
+            on_gate=self.edge.gated,
+            rcvhwm=ROUTER_RCVHWM,
+            on_drop=self.edge.dropped,
         )
         self._endpoint = endpoint
         ops = None
@@ -161,22 +165,14 @@ class RouterService:
             self.bound = False
             self._endpoint = None
             await self._tell_peers_we_stop(endpoint)
+            await endpoint.drain(GOODBYE_LINGER_MS / 1000)
             endpoint.close(linger_ms=GOODBYE_LINGER_MS)
             if ops is not None:
                 await ops.stop()
             await self.on_stop()
-            ctx.destroy(linger=0)
         return self.summary()
 
-    def _gated(self, verdict: str, address: str) -> None:
-        """A connection the gate refused, before it could send anything (see gate.py)."""
-        if verdict == "ok":
-            return
-        self.metrics.record_gate_refusal(verdict)
-        line = "refused a connection from %s before any message (%s)"
-        self.quiet.warning(f"gate {address}", line, address, verdict)
-
-    async def _run_until(self, stop: asyncio.Event, endpoint: RouterEndpoint) -> None:
+    async def _run_until(self, stop: asyncio.Event, endpoint: ZmtpRouter) -> None:
         """Receive and handle messages until ``stop``; a message being handled is finished.
 
         The receiver awaits the socket directly (no poll-then-recv: that costs an extra
@@ -198,7 +194,7 @@ class RouterService:
                 task.cancel()
             await asyncio.gather(receiver, ticker, stopping, return_exceptions=True)
 
-    async def _receive(self, stop: asyncio.Event, endpoint: RouterEndpoint) -> None:
+    async def _receive(self, stop: asyncio.Event, endpoint: ZmtpRouter) -> None:
         while not stop.is_set():
             self._idle = True
             identity, frames = await endpoint.recv()
@@ -213,7 +209,7 @@ class RouterService:
             await asyncio.sleep(0)  # recv never yields while messages wait: gate, ticker, ops
 
     async def _internal_failure(
-        self, endpoint: RouterEndpoint, identity: bytes, exc: Exception
+        self, endpoint: ZmtpRouter, identity: bytes, exc: Exception
     ) -> None:
         """An error nobody foresaw while handling one message: a log line with the trace,
         a metric, and an ``internal`` error reply to an authenticated peer (a stranger gets
@@ -245,7 +241,7 @@ class RouterService:
                     self._trim_due, self._trimmed_at = False, time.monotonic()
                     trim_heap()
 
-    async def _tell_peers_we_stop(self, endpoint: RouterEndpoint) -> None:
+    async def _tell_peers_we_stop(self, endpoint: ZmtpRouter) -> None:
         """A retryable ``shutting_down`` error to every peer: a client waiting for a reply
         rejoins (with backoff) at once instead of waiting out its whole reply timeout."""
         notice = error_message(
@@ -254,7 +250,7 @@ class RouterService:
         for identity, peer in list(self.peers.items()):
             try:
                 await endpoint.send(identity, peer.channel.pack(notice))
-            except (SLError, zmq.ZMQError) as exc:  # best effort: we are going away anyway
+            except (SLError, OSError) as exc:  # best effort: we are going away anyway
                 log.debug("could not tell %s that we stop: %s", peer.name, exc)
 
     def summary(self) -> dict[str, Any]:
@@ -273,18 +269,18 @@ class RouterService:
         self.metrics.peers_authenticated.set(len(self.peers))
         self.metrics.peers_connected.set(len(self.peers))
 
-    async def _handle(self, endpoint: RouterEndpoint, identity: bytes, frames: list[Any]) -> None:
+    async def _handle(self, endpoint: ZmtpRouter, identity: bytes, frames: list[Any]) -> None:
         buffers = frame_buffers(frames)
         nbytes = frames_size(frames)
         if is_handshake(buffers):
             self.metrics.record_message("received", "hello", nbytes)
-            answer = self._answer_hello(identity, buffers, peer_address(frames))
+            answer = self._answer_hello(identity, buffers, endpoint.address_of(identity))
             await self._send_raw(endpoint, identity, answer, "welcome")
             return
         peer = self.peers.get(identity)
         if peer is None:
             self.metrics.record_rejected("unauthenticated")
-            source = peer_address(frames)
+            source = endpoint.address_of(identity)
             self.quiet.warning(f"new {source}", "rejected a message from %s: no session", source)
             error = UnauthenticatedError("no session: complete the handshake first")
             await self._send_raw(endpoint, identity, refusal(error), "error")
@@ -322,7 +318,7 @@ class RouterService:
                 await self._send(endpoint, target, receiver, reply)
         self.after_replies()
 
-    async def _keep_inflight_budget(self, endpoint: RouterEndpoint) -> None:
+    async def _keep_inflight_budget(self, endpoint: ZmtpRouter) -> None:
         """Chunked messages being assembled hold their parts in memory; all peers together
         may hold ``limits.max_inflight_bytes``. Over it, the peer holding the most loses
         its session (and the buffers with it), and is told so: it rejoins and resends."""
@@ -349,21 +345,19 @@ class RouterService:
         """Whether another message is already queued on the socket."""
         if self._endpoint is None:
             return False
-        return bool(self._endpoint.sock.get(zmq.EVENTS) & zmq.POLLIN)
+        return self._endpoint.pending()
 
     def reject(self, peer: Peer, reason: str, exc: SLError) -> None:
         self.metrics.record_rejected(reason)
         line = "rejected message from %s (%s): %s"  # each reason of a peer's once a while
         self.quiet.warning(f"{peer.name} {reason}", line, peer.name, reason, exc.message)
 
-    async def _send(
-        self, endpoint: RouterEndpoint, identity: bytes, peer: Peer, msg: Message
-    ) -> None:
+    async def _send(self, endpoint: ZmtpRouter, identity: bytes, peer: Peer, msg: Message) -> None:
         nbytes = await endpoint.send_parts(identity, peer.channel.parts(msg))
         self.metrics.record_message("sent", msg.kind.value, nbytes)
 
     async def _send_raw(
-        self, endpoint: RouterEndpoint, identity: bytes, frames: list[bytes], kind: str
+        self, endpoint: ZmtpRouter, identity: bytes, frames: list[bytes], kind: str
     ) -> None:
         nbytes = await endpoint.send(identity, frames)
         self.metrics.record_message("sent", kind, nbytes)
