@@ -29,6 +29,7 @@ from .zmtp_frames import (
     MORE,
     Buffer,
     command,
+    frame_head,
     greeting,
     metadata,
     parse_metadata,
@@ -46,6 +47,11 @@ COMMAND_MAX = 1024  # after the handshake: PING/PONG are <= 24 bytes
 SCRATCH_BYTES = 256 * 1024  # headers and small frames are read into this, many per recv
 BIG_FRAME = 64 * 1024  # a frame this big is read straight into its own buffer
 _SIZE = struct.Struct(">Q")
+# libzmq 4.3 spells the PLAIN ERROR command's name "\x5ERROR" in C, a hex escape: 0x5E then
+# "RROR". Its clients recognise only that form (and then report a failed authentication,
+# which is what a refused client must see); the RFC's "\x05ERROR" reads to them as an
+# unexpected command. Either way the connection is refused.
+_ERROR = b"\x5eRROR"
 _PEER_TYPES = (b"DEALER", b"REQ", b"ROUTER")  # what a ROUTER talks to (RFC 28)
 _GREETING, _HEADER, _HANDSHAKE, _READY = range(4)
 
@@ -354,7 +360,8 @@ class ZmtpServer:
     def refuse(self, status: bytes = b"400") -> None:
         """Refuse the PLAIN peer: ERROR with a ZAP status (libzmq reports a failed auth)."""
         self._verdict_due = False
-        self._out.append(command(b"ERROR", bytes((len(status),)) + status))
+        self._out.append(frame_head(len(_ERROR) + 1 + len(status), COMMAND) + _ERROR)
+        self._out.append(bytes((len(status),)) + status)
         self.closed = Violation("not_admitted", "the gate refused the connection token")
         self._buf = bytearray()
         self._start = self._end = 0
