@@ -1,8 +1,8 @@
 """Child-process peers for the message-path benchmarks (run under the ``spawn`` context).
 
-``channel_peer`` is our server side: a ROUTER :class:`RouterEndpoint`, the real handshake
-(plaintext and Noise IK both accepted), and one :class:`Channel` per peer. Each FORWARD
-says in ``meta["reply"]`` what it wants back: ``"echo"`` (the same tensor, same size),
+``channel_peer`` is our server side: the workers' ZMTP listener (:class:`ZmtpRouter`), the
+real handshake (plaintext and Noise IK both accepted), and one :class:`Channel` per peer.
+Each FORWARD says in ``meta["reply"]`` what it wants back: ``"echo"`` (the same tensor, same size),
 ``"ack"`` (a small reply), ``"none"`` or ``"cpu"`` (a small reply whose meta ``cpu_s`` is
 this process's CPU time so far, all threads: ZeroMQ's I/O thread included). ``raw_peer`` is
 the baseline: bare pyzmq plus AES-256-GCM on the same bytes, acknowledging every message
@@ -27,9 +27,12 @@ from sl_pipeline.handshake import ServerHandshake, is_handshake
 from sl_pipeline.keys import generate_keypair
 from sl_pipeline.messages import Kind
 from sl_pipeline.session import Session
-from sl_pipeline.transport import Channel, RouterEndpoint, frame_buffers
+from sl_pipeline.transport import Channel, frame_buffers
+from sl_pipeline.zmtp import Caps
+from sl_pipeline.zmtp_router import ZmtpRouter
 
 POLL_MS = 100
+_caps: Caps | None = None  # the workers' caps unless unbounded_frames() lifts them
 NONCE = struct.Struct(">4xQ")  # 12-byte GCM nonce from a 64-bit message counter
 
 
@@ -42,7 +45,9 @@ def unbounded_frames() -> None:
     """Lift the workers' frame cap (``MAXMSGSIZE`` of one chunk) in this process, for
     ``bench.chunks``' chunk sizes beyond the default (its ``whole`` mode): no worker sends
     such frames, so none accepts them."""
+    global _caps
     transport.max_frame_bytes = lambda limits: -1
+    _caps = Caps(frame_bytes=2**62, message_frames=2**20, message_bytes=2**62)
 
 
 def unbounded_channel_peer(endpoint: str, ready: Queue, stop: Event) -> None:
@@ -52,18 +57,20 @@ def unbounded_channel_peer(endpoint: str, ready: Queue, stop: Event) -> None:
 
 
 async def _serve(endpoint: str, ready: Queue, stop: Event) -> None:
-    ctx = zmq.asyncio.Context()
-    router = RouterEndpoint(ctx, endpoint, DEFAULT_LIMITS, hwm=1000)
+    router = await ZmtpRouter.bind(endpoint, DEFAULT_LIMITS, caps=_caps)
     static = generate_keypair()
     handshake = ServerHandshake(static, lambda key: True, insecure=True)
     channels: dict[bytes, Channel] = {}
     ready.put(static.public)
     try:
         while not stop.is_set():
-            queued = router.sock.get(zmq.EVENTS) & zmq.POLLIN  # the next chunk, often
-            if not queued and not await router.sock.poll(POLL_MS, zmq.POLLIN):
-                continue
-            identity, frames = await router.recv()
+            if router.pending():  # the next chunk, often: no timer
+                identity, frames = await router.recv()
+            else:
+                try:
+                    identity, frames = await asyncio.wait_for(router.recv(), POLL_MS / 1000)
+                except TimeoutError:
+                    continue
             buffers = frame_buffers(frames)
             if is_handshake(buffers):
                 reply, session, _, _ = handshake.answer(buffers, lambda hello, key: {})
@@ -89,7 +96,6 @@ async def _serve(endpoint: str, ready: Queue, stop: Event) -> None:
             await router.send_parts(identity, channel.parts(answer))
     finally:
         router.close()
-        ctx.term()
 
 
 def raw_peer(endpoint: str, key: bytes, ready: Queue, stop: Event) -> None:

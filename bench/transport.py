@@ -3,7 +3,7 @@
 Both stream ``count`` messages of one size one way to a child process that decrypts each,
 and wait for one acknowledgement after the last. Ours: Message -> encode -> Session.seal
 -> ``send_multipart(copy=False)`` through :class:`DealerConnection`, and on the far side
-RouterEndpoint -> Session.open -> decode. Raw: ``AESGCM.encrypt`` of the same bytes ->
+ZmtpRouter -> Session.open -> decode. Raw: ``AESGCM.encrypt`` of the same bytes ->
 ``send(copy=False)`` on a plain DEALER, ``AESGCM.decrypt`` on a plain ROUTER. Trials of
 the two run in pairs so they share the machine's load; the efficiency is the median of
 the pair ratios.

@@ -142,8 +142,9 @@ class ZmtpRouter:
         on_gate: OnGate = _nothing,
         rcvhwm: int = 64,
         on_drop: OnDrop = _nothing,
+        caps: Caps | None = None,  # what caps_for(limits) derives, unless told (benches)
     ) -> None:
-        self.caps: Caps = caps_for(limits)
+        self.caps: Caps = caps or caps_for(limits)
         self.mechanism = b"PLAIN" if gate is not None else b"NULL"
         self.gate = gate
         self.on_gate, self.on_drop = on_gate, on_drop
