@@ -1,11 +1,10 @@
-"""The connection gate: only holders of an admitted key get past ZeroMQ's own handshake.
+"""The connection gate: only holders of an admitted key get past the ZMTP handshake.
 
-Sans-IO. ZeroMQ reads a whole multipart message into memory before the application sees
-any of it, so a check on the first frame comes too late for a stranger's 1 GB message.
-The gate runs earlier: a client puts a *connection token* in the ZMTP PLAIN password (sent
-before any message), and the server's ZAP handler (``transport.serve_gate``) admits the
-connection only if the token verifies. A stranger's connection is closed during the ZMTP
-handshake, before a single message frame is read.
+Sans-IO. A check on a message's first frame comes too late for a stranger's 1 GB message,
+so the gate runs earlier: a client puts a *connection token* in the ZMTP PLAIN password
+(sent before any message), and the listener (``zmtp_router.ZmtpRouter.admit``, as a ZAP
+handler would) admits the connection only if the token verifies. A stranger's connection
+is closed during the ZMTP handshake, before a single message frame is read.
 
 Token (56 bytes) = ``ts`` (8, seconds, BE) | ``nonce`` (16) | ``HMAC-SHA256(K, ts | nonce)``
 with ``K = SHA-256(label | X25519(client static, server static) | client pub | server pub)``:

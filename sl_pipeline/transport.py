@@ -1,9 +1,9 @@
 """Thin asyncio/ZeroMQ adapters over the sans-IO core (codec, crypto session, handshake).
 
 A :class:`Channel` turns messages into sealed frames for one authenticated peer and back.
-:class:`DealerConnection` is the client end (one server); :class:`RouterEndpoint` the
-server end (many clients). Large frames go out with ``copy=False``; each sealed buffer is
-freshly allocated, so nothing is reused while ZeroMQ still holds it.
+:class:`DealerConnection` is the client end (one server); the server end (many clients)
+reads ZMTP itself: :mod:`sl_pipeline.zmtp_router`. Large frames go out with ``copy=False``;
+each sealed buffer is freshly allocated, so nothing is reused while ZeroMQ still holds it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from .codec import DEFAULT_LIMITS, Limits, decode, encode
 from .errors import PeerError, ProtocolError, ReplyTimeoutError, TransportError
-from .gate import USERNAME, Gate
+from .gate import USERNAME
 from .handshake import AnySession, Buffer, ClientHandshake, is_handshake, refused
 from .messages import Kind, Message
 from .zmtp import max_frame_bytes  # libzmq's MAXMSGSIZE on every socket here
@@ -28,13 +28,10 @@ from .zmtp import max_frame_bytes  # libzmq's MAXMSGSIZE on every socket here
 log = logging.getLogger("sl_pipeline.transport")
 
 OnMessage = Callable[[str, str, int], None]  # (direction, kind, nbytes)
-OnGate = Callable[[str, str], None]  # (gate verdict, peer address)
 COPY_THRESHOLD = 64 * 1024
 HEARTBEAT_IVL_MS = 2_000
 HEARTBEAT_TIMEOUT_MS = 10_000
 HANDSHAKE_IVL_MS = 15_000
-ZAP_ENDPOINT = "inproc://zeromq.zap.01"
-ZAP_DOMAIN = b"sl-pipeline"
 # What a DEALER's monitor reports: a dropped link, or ZeroMQ's own handshake refused.
 _WATCHED = (
     zmq.EVENT_DISCONNECTED
@@ -51,20 +48,8 @@ def _noop(direction: str, kind: str, nbytes: int) -> None:
     return None
 
 
-def _no_gate_report(reason: str, address: str) -> None:
-    return None
-
-
 def frames_size(frames: Sequence[Any]) -> int:
     return sum(memoryview(f.buffer if isinstance(f, zmq.Frame) else f).nbytes for f in frames)
-
-
-def peer_address(frames: Sequence[Any]) -> str:
-    """The sender's address as ZeroMQ saw it (``Peer-Address``), for limits per source."""
-    try:
-        return str(frames[0].get("Peer-Address")) if isinstance(frames[0], zmq.Frame) else "?"
-    except (zmq.ZMQError, IndexError):
-        return "?"
 
 
 def frame_buffers(frames: Sequence[Any]) -> list[Buffer]:
@@ -298,56 +283,6 @@ class DealerConnection:
         self.sock.close(linger=linger_ms)
 
 
-class RouterEndpoint:
-    """Server end: one ROUTER socket, many peers identified by ZeroMQ identity."""
-
-    def __init__(
-        self,
-        ctx: zmq.asyncio.Context,
-        endpoint: str,
-        limits: Limits,
-        hwm: int,
-        gate: Gate | None = None,
-        on_gate: OnGate = _no_gate_report,
-        rcvhwm: int | None = None,
-    ) -> None:
-        self.zap = _start_gate(ctx, gate, on_gate) if gate is not None else None
-        self.sock = new_socket(ctx, zmq.ROUTER, limits, hwm)
-        self.sock.setsockopt(zmq.RCVHWM, rcvhwm or hwm)  # inbound queue per peer (before bind)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self._send_lock = asyncio.Lock()
-        if gate is not None:  # strangers are refused during ZeroMQ's handshake
-            self.sock.plain_server = True
-            self.sock.zap_domain = ZAP_DOMAIN
-        try:
-            self.sock.bind(endpoint)
-        except zmq.ZMQError as exc:
-            self.close()
-            raise TransportError(f"cannot bind {endpoint}: {exc}; is the port in use?") from None
-        self.endpoint = endpoint
-
-    async def recv(self) -> tuple[bytes, list[Any]]:
-        parts = await self.sock.recv_multipart(copy=False)
-        return bytes(parts[0].buffer), list(parts[1:])
-
-    async def send(self, identity: bytes, frames: Sequence[Buffer]) -> int:
-        return await send_parts(self.sock, self._send_lock, [identity], [frames])
-
-    async def send_parts(self, identity: bytes, parts: Iterable[Sequence[Buffer]]) -> int:
-        """A message as its parts (``Channel.parts``), back to back: no other message to
-        any peer goes out between two parts of it."""
-        return await send_parts(self.sock, self._send_lock, [identity], parts)
-
-    def close(self, linger_ms: int = 0) -> None:
-        """Close; ``linger_ms`` lets messages already sent leave first (bounded)."""
-        self.sock.close(linger=linger_ms)
-        if self.zap is not None:
-            task, sock = self.zap
-            task.cancel()
-            sock.close(linger=0)
-            self.zap = None
-
-
 async def send_parts(
     sock: Any, lock: asyncio.Lock, prefix: list[bytes], parts: Iterable[Sequence[Buffer]]
 ) -> int:
@@ -359,29 +294,3 @@ async def send_parts(
             await sock.send_multipart([*prefix, *frames], copy=False)
             nbytes += frames_size(frames)
     return nbytes
-
-
-def _start_gate(
-    ctx: zmq.asyncio.Context, gate: Gate, on_gate: OnGate
-) -> tuple[asyncio.Task[None], Any]:
-    """Bind this context's ZAP handler (before the ROUTER binds: no connection is ever
-    let in unchecked) and answer its requests in the running loop."""
-    sock = ctx.socket(zmq.REP)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.bind(ZAP_ENDPOINT)
-    return asyncio.ensure_future(_serve_gate(sock, gate, on_gate)), sock
-
-
-async def _serve_gate(sock: Any, gate: Gate, on_gate: OnGate) -> None:
-    """ZAP (ZeroMQ RFC 27): one request per new connection, before any message."""
-    while True:
-        request = await sock.recv_multipart()
-        version, request_id, _domain, address, _identity, mechanism = request[:6]
-        credentials = request[6:]
-        verdict = None
-        if mechanism == b"PLAIN" and len(credentials) == 2:
-            verdict = gate.check(credentials[0], credentials[1], time.time())
-        reason = verdict.reason if verdict is not None else "not_admitted"
-        on_gate(reason, address.decode(errors="replace"))
-        status = b"200" if reason == "ok" else b"400"
-        await sock.send_multipart([version, request_id, status, reason.encode(), b"", b""])

@@ -232,7 +232,10 @@ class ZmtpRouter:
     def drop(self, conn: _Connection, reason: str, detail: str) -> None:
         """Disconnect a peer (a broken protocol, a cap, silence); says why to ``on_drop``."""
         self.on_drop(reason, conn.address, detail)
-        conn.transport.abort()
+        if conn.transport.get_write_buffer_size():
+            conn.transport.abort()  # what waits to go out to it is dropped with it
+        else:  # a FIN after what was sent (the greeting: libzmq then names a mismatch)
+            conn.transport.close()
         self.lost(conn)
 
     def lost(self, conn: _Connection) -> None:

@@ -21,7 +21,8 @@ from sl_pipeline.handshake import ClientHandshake, ServerHandshake, is_handshake
 from sl_pipeline.keys import generate_keypair
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.session import ENVELOPE_SIZE, PlainSession, Session
-from sl_pipeline.transport import Channel, DealerConnection, RouterEndpoint, frame_buffers
+from sl_pipeline.transport import Channel, DealerConnection, frame_buffers
+from sl_pipeline.zmtp_router import ZmtpRouter
 
 CHUNK = MIN_CHUNK_BYTES
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -211,10 +212,10 @@ def test_channel_sends_a_large_tensor_in_chunks_and_decodes_it_whole() -> None:
 
 @pytest.mark.timeout(60)
 async def test_a_large_message_crosses_real_sockets_in_chunks_both_ways() -> None:
-    # Prepare: a ROUTER that echoes every message, behind the real Noise IK handshake
+    # Prepare: the workers' listener echoing every message, behind the real Noise IK handshake
     ctx = zmq.asyncio.Context()
-    router = RouterEndpoint(ctx, "tcp://127.0.0.1:*", DEFAULT_LIMITS, hwm=1000)
-    url = router.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    router = await ZmtpRouter.bind("tcp://127.0.0.1:*", DEFAULT_LIMITS)
+    url = router.endpoint
     server_key = generate_keypair()
     handshake = ServerHandshake(server_key, lambda key: True, insecure=False)
     parts_seen: list[int] = []

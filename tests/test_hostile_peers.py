@@ -296,14 +296,16 @@ async def send_as_stranger(
     if token is not None:
         sock.plain_username, sock.plain_password = USERNAME, token
     sock.connect(bind)
+    # Not awaited alone: once the handshake fails libzmq may drop the pipe, and a send with
+    # no pipe waits for ever; the refusal is what this waits for.
+    sending = asyncio.ensure_future(sock.send_multipart(frames, copy=False))
     try:
-        await sock.send_multipart(frames, copy=False)
         reply = asyncio.ensure_future(sock.recv_multipart())
         failed = asyncio.ensure_future(monitor.recv_multipart())
         done, pending = await asyncio.wait(
             {reply, failed}, timeout=30, return_when="FIRST_COMPLETED"
         )
-        for future in pending:
+        for future in (*pending, sending):
             future.cancel()
         assert done, "neither a reply nor a refused connection within 30 s"
         if reply in done:

@@ -21,7 +21,8 @@ from sl_pipeline.codec import DEFAULT_LIMITS
 from sl_pipeline.errors import ConfigError, ReplayError
 from sl_pipeline.handshake import ClientHandshake, ServerHandshake
 from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
-from sl_pipeline.transport import Channel, DealerConnection, RouterEndpoint, frame_buffers
+from sl_pipeline.transport import Channel, DealerConnection, frame_buffers
+from sl_pipeline.zmtp_router import ZmtpRouter
 from tests.lossy_proxy import LossyProxy
 
 pytestmark = pytest.mark.timeout(60)
@@ -81,6 +82,7 @@ class Rig:
         self.echo = Echo(self.ctx)
         self.proxies: list[LossyProxy] = []
         self.socks: list[Any] = []
+        self.closers: list[Any] = []  # close() of listeners that are not ZeroMQ sockets
 
     async def proxy(self, **kwargs: Any) -> LossyProxy:
         proxy = LossyProxy(self.echo.endpoint, **kwargs)
@@ -98,6 +100,8 @@ class Rig:
     async def close(self) -> None:
         for sock in self.socks:
             sock.close(linger=0)
+        for close in self.closers:
+            close()
         for proxy in self.proxies:
             await proxy.stop()
         await self.echo.close()
@@ -287,9 +291,9 @@ async def test_a_dropped_sealed_message_leaves_a_gap_the_server_rejects(rig: Rig
     """The interplay docs/reliability.md describes: loss shows up as a counter gap, and
     only a new handshake (a new session) recovers."""
     # Prepare: a real (insecure, but counter-checked) session through the proxy
-    server = RouterEndpoint(rig.ctx, "tcp://127.0.0.1:*", DEFAULT_LIMITS, hwm=100)
-    rig.socks.append(server.sock)
-    proxy = LossyProxy(server.sock.getsockopt_string(zmq.LAST_ENDPOINT))
+    server = await ZmtpRouter.bind("tcp://127.0.0.1:*", DEFAULT_LIMITS)
+    rig.closers.append(server.close)
+    proxy = LossyProxy(server.endpoint)
     rig.proxies.append(proxy)
     await proxy.start()
     hs_server = ServerHandshake(None, lambda key: True, insecure=True)
