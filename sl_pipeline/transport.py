@@ -140,15 +140,21 @@ class DealerConnection:
     async def handshake(self, hs: ClientHandshake, timeout_s: float) -> dict[str, Any]:
         """Join the server; PeerError if refused, TransportError if nobody answers."""
         self._connect(hs)
-        # Bounded too: when the far end is not ZeroMQ (an HTTP port, say) libzmq can drop the
-        # pipe after the failed greeting, and a send with no pipe waits for ever.
-        try:
-            await asyncio.wait_for(self.sock.send_multipart(hs.start()), timeout_s)
-        except TimeoutError:
+        # Bounded too, and beside the monitor: when the far end is not ZeroMQ (an HTTP port,
+        # say) or refuses us during ZMTP's handshake, libzmq can drop the pipe, and a send
+        # with no pipe waits for ever; a refusal is reported as such.
+        sending = asyncio.ensure_future(self.sock.send_multipart(hs.start()))
+        lost = self._lost_watcher()
+        await asyncio.wait({sending, lost}, timeout=timeout_s, return_when="FIRST_COMPLETED")
+        if not sending.done():
+            sending.cancel()
+            if lost.done():
+                self._raise_lost(lost, "a handshake answer")
             raise ReplyTimeoutError(
                 f"could not send a hello to the {self.peer} at {self.endpoint} within "
                 f"{timeout_s:.3g}s; is the {self.peer} running and the address right?"
-            ) from None
+            )
+        sending.result()
         frames = await self._recv_raw(timeout_s, "a handshake answer")
         session, welcome = hs.finish(frame_buffers(frames))
         self.channel = Channel(session, self.limits)

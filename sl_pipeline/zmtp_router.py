@@ -153,6 +153,7 @@ class ZmtpRouter:
         self.max_outbound = limits.max_message_bytes + self.caps.message_bytes
         self.connections: dict[bytes, _Connection] = {}
         self.routable: dict[bytes, _Connection] = {}  # past the handshake
+        self.departed: dict[bytes, _Connection] = {}  # closed, with messages still to read
         self._ring: deque[_Connection] = deque()  # connections with messages, in turn
         self._waiter: asyncio.Future[None] | None = None
         self._next_id = secrets.randbelow(2**31)
@@ -199,6 +200,7 @@ class ZmtpRouter:
                 self._ring.append(conn)
             else:
                 conn.queued = False
+                self.departed.pop(conn.identity, None)
             conn.taken()
             return conn.identity, frames
 
@@ -207,7 +209,7 @@ class ZmtpRouter:
         return bool(self._ring)
 
     def address_of(self, identity: bytes) -> str:
-        conn = self.connections.get(identity)
+        conn = self.connections.get(identity) or self.departed.get(identity)
         return conn.address if conn is not None else "?"
 
     def arrived(self, conn: _Connection) -> None:
@@ -236,12 +238,16 @@ class ZmtpRouter:
             conn.transport.abort()  # what waits to go out to it is dropped with it
         else:  # a FIN after what was sent (the greeting: libzmq then names a mismatch)
             conn.transport.close()
+        conn.inbox.clear()  # a dropped peer's unread messages go with it
         self.lost(conn)
 
     def lost(self, conn: _Connection) -> None:
+        """A closed connection: what it sent before it closed is still read (as libzmq
+        reads a pipe up to its end); replies to it are dropped."""
         self.connections.pop(conn.identity, None)
         self.routable.pop(conn.identity, None)
-        conn.inbox.clear()  # what it sent and nobody read is dropped, as libzmq does
+        if conn.inbox:
+            self.departed[conn.identity] = conn
 
     # ---- sending ---------------------------------------------------------------------
     async def send(self, identity: bytes, frames: Sequence[Buffer]) -> int:
@@ -308,9 +314,14 @@ class ZmtpRouter:
         if self._server is not None:
             self._server.close()
             self._server = None
+        loop = asyncio.get_event_loop()
         for conn in list(self.connections.values()):
             if linger_ms > 0:
-                conn.transport.close()
+                conn.transport.close()  # after what is queued, for at most linger_ms
+                loop.call_later(linger_ms / 1000, conn.transport.abort)
             else:
                 conn.transport.abort()
+            conn.inbox.clear()
             self.lost(conn)
+        self.departed.clear()
+        self._ring.clear()
