@@ -116,6 +116,8 @@ def aggregate(
         "bytes_received": sum(r["bytes_received"] for r in results),
         "encrypted": not args.insecure,
         "wall_seconds": round(wall, 2),
+        # steps in flight, the deepest client's (with auto: the depth it settled at)
+        "pipeline_depth": max(r.get("pipeline_depth", 1) for r in results),
     }
 
 
