@@ -33,6 +33,8 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _HEADER_KEYS = {"v", "kind", "re", "session", "client", "epoch", "step", "meta", "tensors"}
+# Built once: ``json.dumps`` with ``separators`` builds a new encoder for every header.
+_HEADER_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -74,7 +76,7 @@ def encode(message: Message) -> list[Buffer]:
         "meta": _plain(message.meta),
         "tensors": specs,
     }
-    return [json.dumps(header, separators=(",", ":")).encode(), *buffers]
+    return [_HEADER_ENCODER.encode(header).encode(), *buffers]
 
 
 def _plain(value: Any) -> Any:
