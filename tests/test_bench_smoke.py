@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from bench import crypto_rt, flops, shaper
+from bench import crypto_rt, fixed_costs, flops, shaper
 from bench.common import CTX, free_port, machine_load, paired
 from bench.models import VGG_CUT, vgg16
 from bench.overhead import RpcBlocks
@@ -167,3 +167,17 @@ def test_recommended_depth_covers_one_step_in_flight_plus_the_one_computed() -> 
     assert recommended_depth(0.053, 150.0) == 16  # 7.95 + 1 is more than 8
     assert recommended_depth(0.050, 400.0) == 16  # the most there is
     assert recommended_depth(0.0, 1000.0) == 1  # no latency to hide
+
+
+def test_fixed_costs_measures_every_piece_of_a_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: a few calls per piece (the real tool takes 4,000)
+    monkeypatch.setattr(fixed_costs, "CALLS", 20)
+    monkeypatch.setattr(fixed_costs, "WARM", 2)
+    # Execute
+    costs = fixed_costs.main()
+    # Assert: every piece took some time (the request machinery is a difference of two
+    # medians, which a few noisy calls can tip either way), and the total is their sum
+    pieces = {k: v for k, v in costs.items() if k != "total"}
+    timed = [v for k, v in pieces.items() if k != "client: request machinery"]
+    assert len(pieces) == 12 and all(v > 0 for v in timed)
+    assert costs["total"] == pytest.approx(sum(pieces.values()), abs=0.5)
