@@ -31,7 +31,7 @@ class ClientConnection(DealerConnection):
         super().__init__(*args, **kwargs)
         self._raw: Any = zmq.Socket.shadow(self.sock.underlying)  # the same socket, plain calls
         self._reader: tuple[asyncio.AbstractEventLoop, int] | None = None  # (loop, dup'd fd)
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiters: set[asyncio.Future[None]] = set()  # woken by the reader or the watcher
 
     async def _recv_raw(self, timeout_s: float, what: str) -> list[Any]:
         if self.channel is None:  # the handshake takes the general path
@@ -52,7 +52,11 @@ class ClientConnection(DealerConnection):
         self._watch(loop)
         deadline = loop.time() + timeout_s
         lost = self._lost_watcher()
-        lost.add_done_callback(self._on_lost)
+
+        def on_lost(_: object) -> None:  # one callback object per wait: removed as added
+            self._on_readable()
+
+        lost.add_done_callback(on_lost)
         try:
             # ZMQ_FD signals that the state may have changed, not that a message came:
             # check again after every wake-up.
@@ -60,15 +64,16 @@ class ClientConnection(DealerConnection):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     return
-                waiter = self._waiter = loop.create_future()
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._waiters.add(waiter)
                 timer = loop.call_later(remaining, _wake, waiter)
                 try:
                     await waiter
                 finally:
                     timer.cancel()
+                    self._waiters.discard(waiter)
         finally:
-            self._waiter = None
-            lost.remove_done_callback(self._on_lost)
+            lost.remove_done_callback(on_lost)
 
     def _queued(self) -> bool:
         return bool(self._raw.get(_EVENTS) & _POLLIN)
@@ -84,11 +89,8 @@ class ClientConnection(DealerConnection):
         self._reader = (loop, fd)
 
     def _on_readable(self) -> None:
-        if self._waiter is not None:
-            _wake(self._waiter)
-
-    def _on_lost(self, _: object) -> None:
-        self._on_readable()
+        for waiter in self._waiters:
+            _wake(waiter)
 
     def _unwatch(self) -> None:
         if self._reader is None:
