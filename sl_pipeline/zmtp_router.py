@@ -22,15 +22,18 @@ from typing import Any
 from .errors import TransportError
 from .gate import Gate
 from .limits import Limits
+from .transport import HANDSHAKE_IVL_MS, HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS
 from .zmtp import Caps, Credentials, Event, Ready, Received, Violation, ZmtpServer, caps_for
 from .zmtp_frames import Buffer, encode, ping
 
 log = logging.getLogger("sl_pipeline.zmtp")
 OnGate = Callable[[str, str], None]  # (gate verdict, peer address)
 OnDrop = Callable[[str, str, str], None]  # (reason, peer address, detail)
-HEARTBEAT_IVL_S = 2.0
-HEARTBEAT_TIMEOUT_S = 10.0
-HANDSHAKE_IVL_S = 15.0
+# The clients' libzmq settings (sl_pipeline.transport), in seconds: PING every 2 s, a peer
+# silent for 10 s is gone, a handshake must finish within 15 s.
+HEARTBEAT_IVL_S = HEARTBEAT_IVL_MS / 1000
+HEARTBEAT_TIMEOUT_S = HEARTBEAT_TIMEOUT_MS / 1000
+HANDSHAKE_IVL_S = HANDSHAKE_IVL_MS / 1000
 MAX_TTL_S = 60.0  # a peer's announced heartbeat TTL is believed up to this
 _JOIN_BELOW = 16 * 1024  # frames this small are joined into one write with their headers
 
