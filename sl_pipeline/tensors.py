@@ -104,7 +104,8 @@ def largest_magnitude(tensors: list[torch.Tensor]) -> float:
         return float(floats[0].abs().amax())
     if sum(t.numel() for t in floats) <= _CONCAT_LIMIT:
         return float(torch.cat([t.reshape(-1) for t in floats]).abs().amax())
-    return float(torch.stack([t.abs().amax().float() for t in floats]).amax())
+    # float64, not float32: a finite float64 beyond float32's range must not read as infinite
+    return float(torch.stack([t.abs().amax().double() for t in floats]).amax())
 
 
 def read_tensor(

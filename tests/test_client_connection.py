@@ -65,3 +65,36 @@ async def test_a_reply_arrives_a_silent_peer_times_out_and_a_drop_ends_the_wait(
         conn.close()
         router.close(linger=0)
         ctx.term()
+
+
+async def test_a_send_from_another_task_does_not_hide_a_reply_queued_for_a_waiter() -> None:
+    # Prepare: inproc, so a reply is in the client's queue, and its descriptor signalled,
+    # as soon as the router's send returns; one task waits for a reply on the reader
+    ctx = zmq.asyncio.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind("inproc://client-connection-send-race")
+    conn = ClientConnection(ctx, "inproc://client-connection-send-race")
+    mine, theirs = _sessions()
+    conn.channel, peer = Channel(mine), Channel(theirs)
+    conn.sock.connect("inproc://client-connection-send-race")
+    try:
+        first = Message(kind=Kind.FORWARD, client="client-1", step=1)
+        await conn.send(first)
+        identity, *_ = await asyncio.wait_for(router.recv_multipart(), TIMEOUT_S)
+        waiting = asyncio.ensure_future(conn.recv(60.0))
+        await asyncio.sleep(0)  # one turn: the wait checked the queue (empty) and sleeps
+        assert not waiting.done()
+        await router.send_multipart([identity, *peer.pack(first.reply(Kind.BACKWARD))])
+        # Execute: another task sends before the loop polls the descriptor. A send handles
+        # the socket's pending commands, the reply's signal among them (libzmq skips that
+        # within about a millisecond of the last time: the wait on the CPU stands for a
+        # step's compute), so the descriptor is quiet while the reply sits in the queue.
+        time.sleep(0.01)
+        await conn.send(Message(kind=Kind.FORWARD, client="client-1", step=2))
+        # Assert: the waiter gets the reply now, not after its 60 s time-out
+        reply = await asyncio.wait_for(waiting, 2.0)
+        assert (reply.kind, reply.step) == (Kind.BACKWARD, 1)
+    finally:
+        conn.close()
+        router.close(linger=0)
+        ctx.term()

@@ -22,7 +22,7 @@ from sl_pipeline.keys import generate_keypair
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.models import build_segments
 from sl_pipeline.secagg import MaskingKeys
-from sl_pipeline.tensors import read_tensor, wire_tensors
+from sl_pipeline.tensors import all_finite, read_tensor, wire_tensors
 from sl_pipeline.transport import Channel
 from workers.client.worker import ClientWorker
 from workers.relay import RelayWorker
@@ -77,6 +77,17 @@ def test_read_tensor_refuses_values_beyond_the_magnitude_bound(dtype: str) -> No
     ):
         read_tensor(spoiled, "act", max_abs=1e3)
     assert read_tensor(spoiled, "act").abs().max() > 1e3  # no bound given, none applied
+
+
+def test_all_finite_takes_finite_float64_beyond_float32s_range_as_finite() -> None:
+    # Prepare: tensors too many to reduce as one concatenation, one holding 1e300 (finite)
+    big = torch.zeros(700_000, dtype=torch.float64)
+    big[3] = 1e300
+    other = torch.zeros(700_000, dtype=torch.float64)
+    # Execute / Assert: finite, and a NaN among them is still found
+    assert all_finite([big, other])
+    other[5] = NAN
+    assert not all_finite([big, other])
 
 
 @pytest.mark.parametrize("defer", [False, True], ids=["step-first", "reply-first"])

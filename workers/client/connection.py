@@ -18,6 +18,7 @@ from typing import Any
 import zmq
 
 from sl_pipeline.errors import ReplyTimeoutError
+from sl_pipeline.messages import Message
 from sl_pipeline.transport import DealerConnection
 
 # Plain ints: pyzmq's flags are enums, and enum operations cost microseconds per message.
@@ -32,6 +33,15 @@ class ClientConnection(DealerConnection):
         self._raw: Any = zmq.Socket.shadow(self.sock.underlying)  # the same socket, plain calls
         self._reader: tuple[asyncio.AbstractEventLoop, int] | None = None  # (loop, dup'd fd)
         self._waiters: set[asyncio.Future[None]] = set()  # woken by the reader or the watcher
+
+    async def send(self, message: Message) -> int:
+        try:
+            return await super().send(message)
+        finally:
+            # A send handles the socket's pending commands, and with them the signal of a
+            # reply that came meanwhile: the descriptor then stays quiet while the reply is
+            # queued, so a wait in another task checks the queue again.
+            self._on_readable()
 
     async def _recv_raw(self, timeout_s: float, what: str) -> list[Any]:
         if self.channel is None:  # the handshake takes the general path
