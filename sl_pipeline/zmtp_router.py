@@ -301,6 +301,8 @@ class ZmtpRouter:
             if now - conn.opened > HANDSHAKE_IVL_S:
                 self.drop(conn, "handshake_timeout", "no handshake within 15 s")
             return
+        if conn.paused:  # not read while its queue is full: that silence is ours, not its
+            conn.heard = now
         ttl = max(HEARTBEAT_TIMEOUT_S, min(conn.codec.peer_ttl_s, MAX_TTL_S))
         if now - conn.heard > ttl:
             self.drop(conn, "silent", f"silent for {now - conn.heard:.0f}s")

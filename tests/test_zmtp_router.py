@@ -191,3 +191,29 @@ async def test_heartbeats_keep_an_idle_peer_and_drop_a_silent_one(
         mute.close()
         half.close()
         router.close()
+
+
+async def test_a_peer_whose_queue_is_full_is_not_taken_for_silent(
+    ctx: zmq.asyncio.Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: short clocks, and a peer whose messages fill its inbound queue: reading it
+    # pauses, so its PONGs go unread until the worker takes a message
+    monkeypatch.setattr(zmtp_router, "HEARTBEAT_IVL_S", 0.1)
+    monkeypatch.setattr(zmtp_router, "HEARTBEAT_TIMEOUT_S", 0.6)
+    reports: Reports = []
+    router = await _router(False, reports, rcvhwm=4)
+    try:
+        sock = _dealer(ctx, router, None)
+        for index in range(10):
+            await sock.send_multipart([b"%d" % index])
+        await _until(lambda: bool(router.routable))
+        conn = next(iter(router.routable.values()))
+        await _until(lambda: conn.paused)
+        # Execute: a busy worker takes nothing for over two silence time-outs
+        await asyncio.sleep(1.5)
+        # Assert: the peer is kept (its silence was ours), and nothing it sent is lost
+        assert not [r for r in reports if r[0] == "drop"]
+        got = [bytes((await asyncio.wait_for(router.recv(), 10))[1][0]) for _ in range(10)]
+        assert got == [b"%d" % index for index in range(10)]
+    finally:
+        router.close()
