@@ -157,6 +157,9 @@ class ZmtpServer:
         self._big_at = self._big_flags = 0
         self._out: list[Buffer] = [greeting(mechanism)]
         self._unfed = b""  # what feed() held back while a verdict was due
+        # Whole messages it may still hand out: the reader's queue has room for this many.
+        # At 0, bytes already read stay unparsed (raw, in the read buffer) until allow().
+        self.room = 2**62
 
     @property
     def ready(self) -> bool:
@@ -203,7 +206,7 @@ class ZmtpServer:
         return events
 
     def _parse(self, events: list[Event]) -> None:
-        while self.closed is None and not self._verdict_due and self._big is None:
+        while self.closed is None and not self._verdict_due and self._big is None and self.room:
             if not self._step(events):
                 break
         if self._start == self._end:
@@ -290,6 +293,7 @@ class ZmtpServer:
             if not flags & MORE:
                 events.append(Received(self._frames))
                 self._frames, self._message_bytes = [], 0
+                self.room -= 1
             return
         data = bytes(body)
         name = data[1 : 1 + data[0]] if data else b""
@@ -344,6 +348,14 @@ class ZmtpServer:
         self._buf, self._start, self._end = scratch, 0, self._end - self._start
         events.append(Ready(meta))
         return None
+
+    def allow(self, room: int) -> list[Event]:
+        """The reader's queue has room for ``room`` more messages: those already read."""
+        self.room = room
+        events: list[Event] = []
+        if self.closed is None and self._big is None:
+            self._parse(events)
+        return events
 
     # ---- the gate's verdict, and writing ---------------------------------------------
     def accept(self) -> list[Event]:

@@ -5,7 +5,8 @@ Every connection gets a 5-byte routing id (``0x00`` + a counter, as libzmq makes
 message to an id that is gone is dropped silently (libzmq's ``ROUTER_MANDATORY=0``). Reading
 goes through ``asyncio.BufferedProtocol``: a large frame is read straight into one buffer
 of its announced, already capped, size. Each connection's inbound queue holds at most
-``rcvhwm`` messages (reading pauses while it is full); what waits to go out to one peer is
+``rcvhwm`` messages (what one read brings beyond them stays raw in the codec's read
+buffer, and reading pauses, until there is room); what waits to go out to one peer is
 bounded in bytes (over it, that peer is disconnected: a slow reader never blocks the rest).
 """
 
@@ -58,6 +59,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.router = router
         self.identity = identity
         self.codec = ZmtpServer(router.caps, router.mechanism)
+        self.codec.room = router.rcvhwm  # messages past that stay raw in its read buffer
         self.transport: Any = None
         self.address = "?"
         self.inbox: deque[list[Buffer]] = deque()
@@ -101,10 +103,20 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport.pause_reading()
 
     def taken(self) -> None:
-        """A message left the inbound queue: read again once there is room."""
-        if self.paused and len(self.inbox) < self.router.rcvhwm and not self.transport.is_closing():
+        """A message left the inbound queue: messages already read fill the room first
+        (also after the peer closed), then reading resumes."""
+        room = self.router.rcvhwm - len(self.inbox)
+        if not self.paused:
+            self.codec.room = room
+            return
+        events = self.codec.allow(room)
+        if events:
+            self.handle(events)
+        if len(self.inbox) < self.router.rcvhwm and not self.transport.is_closing():
             self.paused = False
             self.transport.resume_reading()
+        if self.codec.wants_write:
+            self.flush()
 
     def flush(self) -> None:
         out = self.codec.data_to_send()
@@ -199,12 +211,12 @@ class ZmtpRouter:
                 conn.queued = False
                 continue
             frames = conn.inbox.popleft()
+            conn.taken()  # may queue messages it had read but not parsed
             if conn.inbox:
                 self._ring.append(conn)
             else:
                 conn.queued = False
                 self.departed.pop(conn.identity, None)
-            conn.taken()
             return conn.identity, frames
 
     def pending(self) -> bool:

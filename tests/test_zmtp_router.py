@@ -130,6 +130,29 @@ async def test_the_inbound_queue_pauses_reading_and_loses_nothing(
         router.close()
 
 
+async def test_one_read_of_many_small_messages_queues_no_more_than_the_bound(
+    ctx: zmq.asyncio.Context,
+) -> None:
+    # Prepare: hundreds of tiny messages, many of them in each read of the socket
+    router = await _router(False, [], rcvhwm=4)
+    try:
+        sock = _dealer(ctx, router, None)
+        for index in range(300):
+            await sock.send_multipart([b"%d" % index])
+        await _until(lambda: bool(router.routable))
+        conn = next(iter(router.routable.values()))
+        await _until(lambda: conn.paused)
+        # Execute / Assert: the queue holds the bound, the rest waits unparsed; every
+        # message still comes, in order, and the queue never grows past the bound
+        got = []
+        for _ in range(300):
+            assert len(conn.inbox) <= 4
+            got.append(bytes((await asyncio.wait_for(router.recv(), 10))[1][0]))
+        assert got == [b"%d" % index for index in range(300)]
+    finally:
+        router.close()
+
+
 def _raw_null_peer(port: int) -> socket.socket:
     """A peer that completes the NULL handshake, then neither reads nor answers."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
