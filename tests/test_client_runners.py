@@ -324,3 +324,28 @@ async def test_a_stop_ends_the_wait_for_a_reply_and_a_cancel_stays_a_cancel(
         await asyncio.wait_for(waiting, TIMEOUT_S)
     assert waiting.cancelling() == 0
     link.close()
+
+
+async def test_a_stop_ends_a_pipelined_wait_for_a_reply(tmp_path: Path) -> None:
+    # Prepare: two steps in flight to a peer that never answers, with a long reply wait
+    [host], _ = deployment(tmp_path, "vanilla")
+    host.cfg = dataclasses.replace(
+        host.cfg, train=dataclasses.replace(host.cfg.train, pipeline_depth=2)
+    )
+    host.runner = topology("vanilla").runner(host, RunnerConfig.of(host.cfg))
+    host.link = scripted_link(tmp_path / "link", None)
+    host.link.conn = silent = Silent()  # type: ignore[assignment]
+    host.link.timer.timeout = lambda kind: 3600.0  # type: ignore[method-assign]
+    batches = itertools.islice(host.runner.epoch_batches(0), 3)
+    running = asyncio.ensure_future(_drain(Pipeline(host).run(0, batches)))  # type: ignore[arg-type]
+    await asyncio.wait_for(silent.sent.wait(), TIMEOUT_S)
+    # Execute: SIGTERM's stop, while the pipeline waits for the oldest step's reply
+    host.link.stop.set()
+    # Assert: the wait ends at once with Stopped, not after the reply time-out
+    with pytest.raises(Stopped):
+        await asyncio.wait_for(running, 10.0)
+    host.link.close()
+
+
+async def _drain(applied: Any) -> list[Any]:
+    return [a async for a in applied]

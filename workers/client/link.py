@@ -176,7 +176,7 @@ class Upstream:
             watcher = self._stop_watch = loop.create_task(self.stop.wait())
         return watcher
 
-    async def _reply_unless_stopped(self, conn: DealerConnection, wait: float) -> Message:
+    async def reply_unless_stopped(self, conn: DealerConnection, wait: float) -> Message:
         """``conn.recv(wait)``, unless ``stop`` comes first: then raise ``Stopped``. The hot
         path of every step: a callback on one long-lived watcher cancels the wait, instead
         of two new tasks and an ``asyncio.wait`` per reply (``_unless_stopped``)."""
@@ -230,7 +230,7 @@ class Upstream:
             sent = time.monotonic()
             try:
                 await self.conn.send(message)
-                reply = await self._reply_unless_stopped(self.conn, wait)
+                reply = await self.reply_unless_stopped(self.conn, wait)
             except (TransportError, PeerError) as exc:
                 if isinstance(exc, PeerError) and not exc.retryable:
                     raise

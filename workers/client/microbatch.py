@@ -173,11 +173,13 @@ def check_depth(worker: PipelineHost) -> int:
 
 async def _reply(worker: PipelineHost, inflight: deque[InFlight]) -> Message:
     """The oldest step's reply; after a lost server or a wait that ran out (the adaptive
-    timer, as for single requests), rejoin and resend every step in flight."""
+    timer, as for single requests), rejoin and resend every step in flight. A stop signal
+    ends the wait at once (``Stopped``), as it does a single request's."""
     for attempt in range(MAX_REJOINS):
         assert worker.link.conn is not None
         try:
-            reply = await worker.link.conn.recv(worker.link.timer.timeout("forward"))
+            wait = worker.link.timer.timeout("forward")
+            reply = await worker.link.reply_unless_stopped(worker.link.conn, wait)
         except (TransportError, PeerError) as exc:
             if isinstance(exc, PeerError) and not exc.retryable:
                 raise
