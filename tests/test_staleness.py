@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -18,12 +19,14 @@ import pytest
 import torch
 from torch import nn
 
-from sl_pipeline.config import TrainConfig
+from sl_pipeline.config import ClientConfig, TrainConfig, load
 from sl_pipeline.messages import Kind, Message
 from workers.client.microbatch import MAX_DEPTH, DepthProbe, Pipeline
-from workers.client.staleness import compensated_momentum
+from workers.client.staleness import MomentumCompensation, compensated_momentum
 from workers.client.steps import StepRunner
+from workers.client.worker import ClientWorker
 from workers.server.replycache import ReplyCache
+from workers.tools.localdeploy import init_deployment
 
 DIM, STEPS, LR = 4, 150, 0.2  # curvature 1/DIM per direction: lr * curvature = 0.05
 
@@ -68,7 +71,11 @@ def train(depth: int, compensate: bool) -> tuple[float, list[float]]:
         cfg=SimpleNamespace(train=cfg),
         topology="vanilla",
         runner=runner,
-        link=SimpleNamespace(conn=QuadraticServer(), timer=timer),
+        link=SimpleNamespace(
+            conn=QuadraticServer(),
+            timer=timer,
+            reply_unless_stopped=lambda conn, wait: conn.recv(wait),
+        ),
     )
     x = torch.eye(DIM)
     batches = ((s, x, None, torch.arange(DIM)) for s in range(STEPS))
@@ -123,3 +130,24 @@ def test_auto_doubles_the_depth_while_latency_stays_flat_and_undoes_the_one_that
     for _ in range(32):
         probe.record(0.090, 0.003)  # steps now wait for a busy party
     assert (probe.depth, probe.done) == (12, True)
+
+
+def test_a_client_resumed_from_a_checkpoint_taken_while_compensating_has_its_momentum(
+    tmp_path: Path,
+) -> None:
+    # Prepare: a client whose checkpoint was saved mid pipelined run, at depth 8's momentum
+    made = init_deployment(tmp_path, topology="vanilla", dataset="breast_cancer", insecure=True)
+    ckpt = f'checkpoint.dir="{tmp_path / "ckpt"}"'
+    cfg = load(ClientConfig, Path(made["files"]["client-1"]), [ckpt])
+    first = ClientWorker(cfg, tmp_path, progress=False)
+    MomentumCompensation(first.runner.optimizer, cfg.train).set_depth(8)
+    assert first.runner.optimizer.param_groups[0]["momentum"] < cfg.train.momentum
+    first.steps_done = 3
+    first._save(3, force=True)
+    # Execute: it restarts (at depth 1, as configured) from that checkpoint
+    resumed = ClientWorker(cfg, tmp_path, progress=False)
+    # Assert: the configured momentum, not the lowered one it would keep for good
+    assert resumed.resumed_from == 3
+    assert [g["momentum"] for g in resumed.runner.optimizer.param_groups] == [
+        cfg.train.momentum
+    ] * len(resumed.runner.optimizer.param_groups)

@@ -64,10 +64,22 @@ class MomentumCompensation:
         self.set_depth(1)
 
     def _set(self, value: float) -> None:
-        groups: list[dict[str, Any]] = self.optimizer.param_groups
-        for group in groups:
-            if "momentum" in group:
-                group["momentum"] = value
+        _set_momentum(self.optimizer, value)
 
 
-__all__ = ["MomentumCompensation", "compensated_momentum"]
+def configured_momentum(optimizer: torch.optim.Optimizer, train: TrainConfig) -> None:
+    """Put the configured momentum back after loading a state: one saved while a pipelined
+    run compensated (a checkpoint, an undo point) holds the lowered value, which a run at
+    depth 1 would keep for good (a pipelined run compensates afresh from the config)."""
+    if train.staleness_compensation and train.optimizer == "sgd":
+        _set_momentum(optimizer, train.momentum)
+
+
+def _set_momentum(optimizer: torch.optim.Optimizer, value: float) -> None:
+    groups: list[dict[str, Any]] = optimizer.param_groups
+    for group in groups:
+        if "momentum" in group:
+            group["momentum"] = value
+
+
+__all__ = ["MomentumCompensation", "compensated_momentum", "configured_momentum"]

@@ -32,6 +32,7 @@ from workers.client.link import Stopped, Upstream, make_handshake
 from workers.client.microbatch import MAX_DEPTH, Pipeline, check_depth
 from workers.client.report import best_epoch, model_path
 from workers.client.rollback import NOTHING, Rewind, UndoPoints
+from workers.client.staleness import configured_momentum
 from workers.client.steps import StepRunner
 from workers.ops.http import OpsServer
 from workers.ops.metrics import WorkerMetrics
@@ -145,6 +146,7 @@ class ClientWorker:
         for name, module in self.runner.modules.items():
             module.load_state_dict(state["modules"][name])
         self.runner.optimizer.load_state_dict(state["optimizer"])
+        configured_momentum(self.runner.optimizer, self.cfg.train)  # not a compensated one
         self.epoch, self.steps_done = int(state["epoch"]), int(state["steps_done"])
         self.start = (self.epoch, int(state["next_step"]))
         self.last_applied = (self.epoch, self.start[1] - 1) if self.start[1] else None
