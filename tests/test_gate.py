@@ -25,11 +25,13 @@ def test_an_admitted_token_opens_one_connection_and_its_copy_none() -> None:
 
 
 def test_a_stranger_and_a_stale_token_are_refused() -> None:
-    gate, _, _, server = setup()
+    gate, alice, _, server = setup()
     stranger = generate_keypair()
     assert gate.check(USERNAME, connect_token(stranger, server, NOW), NOW).reason == "not_admitted"
-    old = connect_token(setup()[1], server, NOW - WINDOW_S - 5)  # type: ignore[arg-type]
-    assert gate.check(USERNAME, old, NOW).reason in {"stale", "not_admitted"}
+    old = connect_token(alice, server, NOW - WINDOW_S - 5)  # type: ignore[arg-type]
+    assert gate.check(USERNAME, old, NOW).reason == "stale"
+    ahead = connect_token(alice, server, NOW + WINDOW_S + 5)  # type: ignore[arg-type]
+    assert gate.check(USERNAME, ahead, NOW).reason == "stale"
 
 
 def test_tokens_leave_the_table_when_they_leave_the_window() -> None:
