@@ -51,12 +51,18 @@ class LinkSettings:
         return self.up.value, self.down.value
 
 
-def _deliver(chunks: queue.SimpleQueue[tuple[float, bytes] | None], dst: socket.socket) -> None:
-    while (item := chunks.get()) is not None:
-        due, data = item
-        if (wait := due - time.monotonic()) > 0:
-            time.sleep(wait)
-        dst.sendall(data)
+def _deliver(
+    chunks: queue.SimpleQueue[tuple[float, bytes] | None], dst: socket.socket, src: socket.socket
+) -> None:
+    try:
+        while (item := chunks.get()) is not None:
+            due, data = item
+            if (wait := due - time.monotonic()) > 0:
+                time.sleep(wait)
+            dst.sendall(data)
+    except OSError:  # the far side went: end the read side too, or it queues for ever
+        with contextlib.suppress(OSError):
+            src.shutdown(socket.SHUT_RDWR)
 
 
 def _direction(
@@ -64,7 +70,7 @@ def _direction(
 ) -> None:
     """Carry ``src``'s bytes to ``dst`` through the link until either side closes."""
     chunks: queue.SimpleQueue[tuple[float, bytes] | None] = queue.SimpleQueue()
-    sender = threading.Thread(target=_deliver, args=(chunks, dst), daemon=True)
+    sender = threading.Thread(target=_deliver, args=(chunks, dst, src), daemon=True)
     sender.start()
     link_free = 0.0  # when the bottleneck has sent everything queued so far
     with contextlib.suppress(OSError):
@@ -95,7 +101,17 @@ def _connect(client: socket.socket, target: str, settings: LinkSettings) -> list
         pump = threading.Thread(target=_direction, args=(src, dst, settings, counter), daemon=True)
         pump.start()
         pumps.append(pump)
-    return pumps
+    closer = threading.Thread(target=_close_after, args=(pumps, (client, upstream)), daemon=True)
+    closer.start()
+    return [*pumps, closer]
+
+
+def _close_after(pumps: list[threading.Thread], socks: tuple[socket.socket, ...]) -> None:
+    """Close a connection's two sockets once both directions are done with them."""
+    for pump in pumps:
+        pump.join()
+    for sock in socks:
+        sock.close()
 
 
 def serve(port: int, target: str, settings: LinkSettings, ready: Queue, stop: Event) -> None:

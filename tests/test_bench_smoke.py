@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
@@ -181,3 +182,43 @@ def test_fixed_costs_measures_every_piece_of_a_step(monkeypatch: pytest.MonkeyPa
     timed = [v for k, v in pieces.items() if k != "client: request machinery"]
     assert len(pieces) == 12 and all(v > 0 for v in timed)
     assert costs["total"] == pytest.approx(sum(pieces.values()), abs=0.5)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.timeout(60)
+async def test_the_shaper_closes_the_sockets_of_each_finished_connection() -> None:
+    # Prepare: a server that closes every connection at once, behind the shaper (in-process)
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.close()
+
+    target = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = target.sockets[0].getsockname()[1]
+    link, ready, stop = shaper.LinkSettings(), CTX.Queue(), CTX.Event()
+    proxy_port = free_port()
+    proxy = threading.Thread(
+        target=shaper.serve, args=(proxy_port, f"127.0.0.1:{port}", link, ready, stop)
+    )
+    proxy.start()
+    try:
+        await asyncio.wait_for(asyncio.to_thread(ready.get, timeout=10), 15)
+        before = _open_fds()
+        # Execute: ten connections through it, each ended by both sides
+        for _ in range(10):
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
+            writer.write(b"x")
+            assert await asyncio.wait_for(reader.read(1), 10) == b""
+            writer.close()
+            await writer.wait_closed()
+        # Assert: the proxy holds no socket of them (they stayed open until a garbage collection)
+        deadline = time.monotonic() + 10
+        while _open_fds() > before:
+            assert time.monotonic() < deadline, f"{_open_fds() - before} descriptors left open"
+            await asyncio.sleep(0.02)
+    finally:
+        stop.set()
+        await asyncio.to_thread(proxy.join, 5)
+        target.close()
