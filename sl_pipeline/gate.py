@@ -34,6 +34,12 @@ TOKEN_BYTES = 56
 # Connections one admitted key may open inside one window (20 minutes): far above any honest
 # reconnect rate, and it bounds the replay table at this many entries per admitted key.
 MAX_TOKENS_PER_KEY = 4096
+# Connections one admitted key may hold open at once (the listener refuses the next with a
+# ZAP status 300, ZAP_TOO_MANY): a client needs one, and one more while a reconnect overlaps
+# its old connection not yet seen closed. Each connection may make a worker buffer up to
+# zmtp_router.INBOX_BYTES, so this bounds what one key can hold.
+MAX_CONNECTIONS_PER_KEY = 4
+ZAP_TOO_MANY = 300
 _LABEL = b"sl-pipeline connection gate v1"
 _TS = struct.Struct(">Q")
 
@@ -55,6 +61,7 @@ class Verdict:
     """The gate's answer: ``key`` is the admitted key that made the token, or None."""
 
     key: bytes | None
+    # "connections" (the listener's: the key holds MAX_CONNECTIONS_PER_KEY open already),
     # "ok", "not_admitted" (no admitted key made it), "stale", "replay", or "rate" (this key
     # opened MAX_TOKENS_PER_KEY connections inside the window)
     reason: str

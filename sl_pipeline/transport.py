@@ -20,7 +20,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from .codec import DEFAULT_LIMITS, Limits, decode, encode
 from .errors import PeerError, ProtocolError, ReplyTimeoutError, TransportError
-from .gate import USERNAME
+from .gate import MAX_CONNECTIONS_PER_KEY, USERNAME, ZAP_TOO_MANY
 from .handshake import AnySession, Buffer, ClientHandshake, is_handshake, refused
 from .messages import Kind, Message
 from .zmtp import max_frame_bytes  # libzmq's MAXMSGSIZE on every socket here
@@ -258,6 +258,14 @@ class DealerConnection:
         if not lost.cancelled():
             info = parse_monitor_message(lost.result())
             event, value = info["event"], info["value"]
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH and value == ZAP_TOO_MANY:
+            raise PeerError(
+                "overloaded",
+                f"the {self.peer} at {self.endpoint} refused the connection: our key holds "
+                f"{MAX_CONNECTIONS_PER_KEY} connections there already, the most one key may; "
+                "stop the other clients that use this key, or retry once they are gone",
+                retryable=True,
+            )
         if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             raise PeerError(
                 "not_admitted",

@@ -19,9 +19,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from .chunked import DEFAULT_CHUNK_BYTES, empty_buffer
-from .envelope import ENVELOPE_SIZE
-from .limits import Limits
+from .chunked import empty_buffer
 from .zmtp_frames import (
     COMMAND,
     GREETING_BYTES,
@@ -35,17 +33,19 @@ from .zmtp_frames import (
     parse_metadata,
     ttl_of,
 )
+from .zmtp_frames import HANDSHAKE_BYTES as HANDSHAKE_BYTES
+from .zmtp_frames import Caps as Caps
+from .zmtp_frames import caps_for as caps_for
+from .zmtp_frames import max_frame_bytes as max_frame_bytes
 
-TAG_BYTES = 16  # an AES-GCM tag: what sealing adds to each frame
-HANDSHAKE_FRAME_MAX = 65_535  # the Noise message limit
-FRAME_SLACK = 4096
-HELLO_FRAMES = 4  # sl_pipeline.handshake's hello: [b"sl-hello", version, mode, payload]
-# Greeting and every command before READY: a PLAIN HELLO holds two strings of <= 255
-# bytes, libzmq's INITIATE/READY metadata about 40: a stranger costs at most this much.
-HANDSHAKE_BYTES = 4096
 COMMAND_MAX = 1024  # after the handshake: PING/PONG are <= 24 bytes
 SCRATCH_BYTES = 256 * 1024  # headers and small frames are read into this, many per recv
 BIG_FRAME = 64 * 1024  # a frame this big is read straight into its own buffer
+# What one queued frame costs beyond its bytes (a bytes object, its list slot): the byte
+# budgets of inbound queues count it, so a flood of empty frames is not free.
+FRAME_OVERHEAD = 100
+# Items (frames, commands) parsed per call: one peer's read cannot hold the loop for long.
+STEPS_PER_CALL = 512
 _SIZE = struct.Struct(">Q")
 # libzmq 4.3 spells the PLAIN ERROR command's name "\x5ERROR" in C, a hex escape: 0x5E then
 # "RROR". Its clients recognise only that form (and then report a failed authentication,
@@ -54,42 +54,6 @@ _SIZE = struct.Struct(">Q")
 _ERROR = b"\x5eRROR"
 _PEER_TYPES = (b"DEALER", b"REQ", b"ROUTER")  # what a ROUTER talks to (RFC 28)
 _GREETING, _HEADER, _HANDSHAKE, _READY = range(4)
-
-
-def max_frame_bytes(limits: Limits) -> int:
-    """The largest frame a worker reads (libzmq's ``MAXMSGSIZE`` on the client side).
-    Every message over the chunk size travels chunked, in both modes
-    (:mod:`sl_pipeline.envelope`), so no legitimate frame is bigger than one chunk (or a
-    Noise handshake message) plus its tag; the slack covers ZMTP's own commands."""
-    largest = max(DEFAULT_CHUNK_BYTES, HANDSHAKE_FRAME_MAX)
-    return largest + TAG_BYTES + FRAME_SLACK
-
-
-@dataclass(frozen=True)
-class Caps:
-    """What one connection may make us buffer, checked at each frame header."""
-
-    frame_bytes: int
-    message_frames: int
-    message_bytes: int
-    handshake_bytes: int = HANDSHAKE_BYTES
-
-
-def caps_for(limits: Limits) -> Caps:
-    """The true maxima of what sl-pipeline sends (``Session.seal`` / ``seal_parts``):
-
-    * a one-part message is ``[envelope, c_1 .. c_n]``, ``n <= limits.max_frames`` (the
-      session refuses more), and is one part only while its plaintexts hold at most one
-      chunk: ``16 + chunk + 16 n`` bytes;
-    * a chunk part is ``[envelope, one sealed piece]``: ``16 + chunk + 16``; a chunked head
-      ``[envelope, sealed layout]`` has ``8 + 8 n + 32``;
-    * a hello is 4 frames, its Noise message at most 65,535 bytes.
-
-    So ``max_frames + 1`` frames (at least the hello's 4) and one largest frame plus a tag
-    and an envelope per frame bound every legitimate message; nothing more is buffered."""
-    frames = max(limits.max_frames + 1, HELLO_FRAMES)
-    frame = max_frame_bytes(limits)
-    return Caps(frame, frames, frame + frames * TAG_BYTES + ENVELOPE_SIZE)
 
 
 @dataclass(frozen=True)
@@ -109,9 +73,10 @@ class Ready:
 
 @dataclass(frozen=True)
 class Received:
-    """One whole multipart message."""
+    """One whole multipart message; ``cost`` is its bytes plus ``FRAME_OVERHEAD`` a frame."""
 
     frames: list[Buffer]
+    cost: int = 0
 
 
 @dataclass(frozen=True)
@@ -157,9 +122,14 @@ class ZmtpServer:
         self._big_at = self._big_flags = 0
         self._out: list[Buffer] = [greeting(mechanism)]
         self._unfed = b""  # what feed() held back while a verdict was due
-        # Whole messages it may still hand out: the reader's queue has room for this many.
-        # At 0, bytes already read stay unparsed (raw, in the read buffer) until allow().
+        # Whole messages (and their cost, in bytes) it may still hand out: the reader's
+        # queue has room for this much. At 0, bytes already read stay unparsed (raw, in the
+        # read buffer) until allow(). ``blocked``: the last parse stopped at a budget (room,
+        # or STEPS_PER_CALL) with bytes left, not for want of bytes.
         self.room = 2**62
+        self.room_bytes = 2**62
+        self.blocked = False
+        self._pong: bytes | None = None  # one PONG pending at most, to the latest PING
 
     @property
     def ready(self) -> bool:
@@ -206,7 +176,12 @@ class ZmtpServer:
         return events
 
     def _parse(self, events: list[Event]) -> None:
-        while self.closed is None and not self._verdict_due and self._big is None and self.room:
+        steps, self.blocked = STEPS_PER_CALL, False
+        while self.closed is None and not self._verdict_due and self._big is None:
+            if self.room <= 0 or self.room_bytes <= 0 or steps <= 0:
+                self.blocked = self._end > self._start
+                break
+            steps -= 1
             if not self._step(events):
                 break
         if self._start == self._end:
@@ -291,9 +266,11 @@ class ZmtpServer:
         if not flags & COMMAND:
             self._frames.append(body)
             if not flags & MORE:
-                events.append(Received(self._frames))
+                cost = self._message_bytes + FRAME_OVERHEAD * len(self._frames)
+                events.append(Received(self._frames, cost))
                 self._frames, self._message_bytes = [], 0
                 self.room -= 1
+                self.room_bytes -= cost
             return
         data = bytes(body)
         name = data[1 : 1 + data[0]] if data else b""
@@ -306,12 +283,12 @@ class ZmtpServer:
             self._plain_step(name, rest, events)
 
     def _command(self, name: bytes, rest: bytes, events: list[Event]) -> None:
-        if name == b"PING":
+        if name == b"PING":  # answered once, to the latest: a flood of PINGs queues nothing
             self.peer_ttl_s = ttl_of(rest)
-            self._out.append(command(b"PONG", rest[2:18]))  # the context, echoed
+            self._pong = command(b"PONG", rest[2:18])  # the context, echoed
         elif name == b"ERROR":
             return self._violate("malformed", "the peer sent ERROR", events)
-        events.append(Command(name, rest))
+        events.append(Command(name, rest))  # a flood's are few per call (STEPS_PER_CALL)
         return None
 
     def _null_step(self, name: bytes, rest: bytes, events: list[Event]) -> None:
@@ -349,9 +326,10 @@ class ZmtpServer:
         events.append(Ready(meta))
         return None
 
-    def allow(self, room: int) -> list[Event]:
-        """The reader's queue has room for ``room`` more messages: those already read."""
-        self.room = room
+    def allow(self, room: int, room_bytes: int = 2**62) -> list[Event]:
+        """The reader's queue has room for ``room`` more messages of ``room_bytes`` in all
+        (costs as :attr:`Received.cost`): those already read."""
+        self.room, self.room_bytes = room, room_bytes
         events: list[Event] = []
         if self.closed is None and self._big is None:
             self._parse(events)
@@ -380,8 +358,23 @@ class ZmtpServer:
 
     @property
     def wants_write(self) -> bool:
-        return bool(self._out)
+        return bool(self._out) or self._pong is not None
+
+    @property
+    def unparsed(self) -> int:
+        """Bytes read but not parsed yet (held back by :attr:`room`)."""
+        return self._end - self._start + (self._big_at if self._big is not None else 0)
+
+    def discard(self) -> None:
+        """Forget what was read and not parsed (a closed peer's backlog, dropped)."""
+        self._frames, self._big, self._buf = [], None, bytearray()
+        self._start = self._end = 0
+        if self.closed is None:
+            self.closed = Violation("malformed", "closed; its backlog was dropped")
 
     def data_to_send(self) -> list[Buffer]:
         out, self._out = self._out, []
+        if self._pong is not None:
+            out.append(self._pong)
+            self._pong = None
         return out

@@ -1,4 +1,5 @@
-"""ZMTP 3.x wire pieces (RFC 23/37): greeting, frame headers, commands, metadata. Pure.
+"""ZMTP 3.x wire pieces (RFC 23/37): greeting, frame headers, commands, metadata, and the
+caps a listener holds each frame to. Pure.
 
 The codec that reads them is :mod:`sl_pipeline.zmtp`; these build what it writes (and what
 tests send as a hostile peer would).
@@ -8,6 +9,11 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .chunked import DEFAULT_CHUNK_BYTES
+from .envelope import ENVELOPE_SIZE
+from .limits import Limits
 
 Buffer = bytes | bytearray | memoryview
 MORE, LONG, COMMAND = 0x01, 0x02, 0x04
@@ -15,6 +21,49 @@ GREETING_BYTES = 64
 _LONG = struct.Struct(">BQ")
 _TTL = struct.Struct(">H")
 _PROPERTY_SIZE = struct.Struct(">I")
+TAG_BYTES = 16  # an AES-GCM tag: what sealing adds to each frame
+HANDSHAKE_FRAME_MAX = 65_535  # the Noise message limit
+FRAME_SLACK = 4096
+HELLO_FRAMES = 4  # sl_pipeline.handshake's hello: [b"sl-hello", version, mode, payload]
+# Greeting and every command before READY: a PLAIN HELLO holds two strings of <= 255
+# bytes, libzmq's INITIATE/READY metadata about 40: a stranger costs at most this much.
+HANDSHAKE_BYTES = 4096
+
+
+def max_frame_bytes(limits: Limits) -> int:
+    """The largest frame a worker reads (libzmq's ``MAXMSGSIZE`` on the client side).
+    Every message over the chunk size travels chunked, in both modes
+    (:mod:`sl_pipeline.envelope`), so no legitimate frame is bigger than one chunk (or a
+    Noise handshake message) plus its tag; the slack covers ZMTP's own commands."""
+    largest = max(DEFAULT_CHUNK_BYTES, HANDSHAKE_FRAME_MAX)
+    return largest + TAG_BYTES + FRAME_SLACK
+
+
+@dataclass(frozen=True)
+class Caps:
+    """What one connection may make us buffer, checked at each frame header."""
+
+    frame_bytes: int
+    message_frames: int
+    message_bytes: int
+    handshake_bytes: int = HANDSHAKE_BYTES
+
+
+def caps_for(limits: Limits) -> Caps:
+    """The true maxima of what sl-pipeline sends (``Session.seal`` / ``seal_parts``):
+
+    * a one-part message is ``[envelope, c_1 .. c_n]``, ``n <= limits.max_frames`` (the
+      session refuses more), and is one part only while its plaintexts hold at most one
+      chunk: ``16 + chunk + 16 n`` bytes;
+    * a chunk part is ``[envelope, one sealed piece]``: ``16 + chunk + 16``; a chunked head
+      ``[envelope, sealed layout]`` has ``8 + 8 n + 32``;
+    * a hello is 4 frames, its Noise message at most 65,535 bytes.
+
+    So ``max_frames + 1`` frames (at least the hello's 4) and one largest frame plus a tag
+    and an envelope per frame bound every legitimate message; nothing more is buffered."""
+    frames = max(limits.max_frames + 1, HELLO_FRAMES)
+    frame = max_frame_bytes(limits)
+    return Caps(frame, frames, frame + frames * TAG_BYTES + ENVELOPE_SIZE)
 
 
 def greeting(mechanism: bytes, as_server: bool = True) -> bytes:

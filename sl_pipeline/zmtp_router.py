@@ -5,9 +5,11 @@ Every connection gets a 5-byte routing id (``0x00`` + a counter, as libzmq makes
 message to an id that is gone is dropped silently (libzmq's ``ROUTER_MANDATORY=0``). Reading
 goes through ``asyncio.BufferedProtocol``: a large frame is read straight into one buffer
 of its announced, already capped, size. Each connection's inbound queue holds at most
-``rcvhwm`` messages (what one read brings beyond them stays raw in the codec's read
-buffer, and reading pauses, until there is room); what waits to go out to one peer is
-bounded in bytes (over it, that peer is disconnected: a slow reader never blocks the rest).
+``rcvhwm`` messages and ``INBOX_BYTES``, all queues ``INBOUND_BYTES`` together (what a read
+brings beyond them stays raw in the codec's read buffer, and reading pauses, until there is
+room; :mod:`sl_pipeline.zmtp_conn`); one admitted key holds ``MAX_CONNECTIONS_PER_KEY``
+connections at most; what waits to go out to one peer is bounded in bytes (over it, that
+peer is disconnected: a slow reader never blocks the rest).
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .errors import TransportError
-from .gate import Gate
+from .gate import MAX_CONNECTIONS_PER_KEY, ZAP_TOO_MANY, Gate, Verdict
 from .limits import Limits
 from .transport import HANDSHAKE_IVL_MS, HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS
-from .zmtp import Caps, Credentials, Event, Ready, Received, Violation, ZmtpServer, caps_for
-from .zmtp_frames import Buffer, encode, ping
+from .zmtp import Caps, Credentials, Event, caps_for
+from .zmtp_conn import Connection
+from .zmtp_frames import Buffer, ping
 
 log = logging.getLogger("sl_pipeline.zmtp")
 OnGate = Callable[[str, str], None]  # (gate verdict, peer address)
@@ -36,7 +39,13 @@ HEARTBEAT_IVL_S = HEARTBEAT_IVL_MS / 1000
 HEARTBEAT_TIMEOUT_S = HEARTBEAT_TIMEOUT_MS / 1000
 HANDSHAKE_IVL_S = HANDSHAKE_IVL_MS / 1000
 MAX_TTL_S = 60.0  # a peer's announced heartbeat TTL is believed up to this
-_JOIN_BELOW = 16 * 1024  # frames this small are joined into one write with their headers
+# What one connection's inbound queue may hold (costs as zmtp.Received.cost: bytes, plus
+# zmtp.FRAME_OVERHEAD a frame), and what all queues hold together, closed connections'
+# included; past either, reading pauses until they drain. A queue always takes one
+# message, so the process-wide ceiling is INBOUND_BYTES plus one message a connection.
+INBOX_BYTES = 8 * 2**20
+INBOUND_BYTES = 64 * 2**20
+WRITE_STALL_S = 60.0  # a peer that takes nothing this long while output waits is dropped
 
 
 def _nothing(*_: str) -> None:
@@ -50,100 +59,6 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
     host, port = endpoint[6:].rsplit(":", 1)
     host = "0.0.0.0" if host == "*" else host.strip("[]")
     return host, 0 if port == "*" else int(port)
-
-
-class _Connection(asyncio.BufferedProtocol):
-    """One peer's connection: the codec, its inbound queue, its writes."""
-
-    def __init__(self, router: ZmtpRouter, identity: bytes) -> None:
-        self.router = router
-        self.identity = identity
-        self.codec = ZmtpServer(router.caps, router.mechanism)
-        self.codec.room = router.rcvhwm  # messages past that stay raw in its read buffer
-        self.transport: Any = None
-        self.address = "?"
-        self.inbox: deque[list[Buffer]] = deque()
-        self.queued = self.paused = False
-        self.opened = self.heard = self.pinged = time.monotonic()
-        self.lock: asyncio.Lock | None = None  # a chunked message's parts back to back
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.address = str(peer[0]) if peer else "?"
-        self.router.connections[self.identity] = self
-        self.flush()
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.codec.get_buffer()
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.heard = time.monotonic()
-        events = self.codec.received(nbytes)
-        if events:
-            self.handle(events)
-        if self.codec.wants_write:
-            self.flush()
-
-    def handle(self, events: list[Event]) -> None:
-        router = self.router
-        for event in events:
-            if type(event) is Received:
-                self.inbox.append(event.frames)
-                router.arrived(self)
-            elif isinstance(event, Credentials):
-                self.handle(router.admit(self, event))
-            elif isinstance(event, Ready):
-                router.routable[self.identity] = self
-            elif isinstance(event, Violation):
-                router.drop(self, event.reason, event.detail)
-                return
-        if len(self.inbox) >= router.rcvhwm and not self.paused:
-            self.paused = True
-            self.transport.pause_reading()
-
-    def taken(self) -> None:
-        """A message left the inbound queue: messages already read fill the room first
-        (also after the peer closed), then reading resumes."""
-        room = self.router.rcvhwm - len(self.inbox)
-        if not self.paused:
-            self.codec.room = room
-            return
-        events = self.codec.allow(room)
-        if events:
-            self.handle(events)
-        if len(self.inbox) < self.router.rcvhwm and not self.transport.is_closing():
-            self.paused = False
-            self.transport.resume_reading()
-        if self.codec.wants_write:
-            self.flush()
-
-    def flush(self) -> None:
-        out = self.codec.data_to_send()
-        if out and not self.transport.is_closing():
-            self.transport.write(b"".join(out))
-
-    def write(self, frames: Sequence[Buffer]) -> int:
-        """One multipart message, bodies of large frames not copied; returns the bytes."""
-        pieces = encode(frames)
-        small: list[Buffer] = []
-        nbytes = 0
-        for index, piece in enumerate(pieces):
-            size = memoryview(piece).nbytes
-            nbytes += size if index % 2 else 0  # the bodies, as libzmq's sends counted
-            if size < _JOIN_BELOW:
-                small.append(piece)
-                continue
-            if small:
-                self.transport.write(b"".join(small))
-                small = []
-            self.transport.write(piece)
-        if small:
-            self.transport.write(b"".join(small))
-        return nbytes
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.router.lost(self)
 
 
 class ZmtpRouter:
@@ -166,10 +81,15 @@ class ZmtpRouter:
         self.rcvhwm = rcvhwm
         # What may wait to go out to one peer: the largest message a peer may take, and one more.
         self.max_outbound = limits.max_message_bytes + self.caps.message_bytes
-        self.connections: dict[bytes, _Connection] = {}
-        self.routable: dict[bytes, _Connection] = {}  # past the handshake
-        self.departed: dict[bytes, _Connection] = {}  # closed, with messages still to read
-        self._ring: deque[_Connection] = deque()  # connections with messages, in turn
+        self.connections: dict[bytes, Connection] = {}
+        self.routable: dict[bytes, Connection] = {}  # past the handshake
+        self.departed: dict[bytes, Connection] = {}  # closed, with messages still to read
+        self.inbox_bytes, self.inbound_bytes = INBOX_BYTES, INBOUND_BYTES  # the budgets
+        self.inbound = 0  # the costs queued on all connections
+        self.departed_raw = 0  # bytes closed connections sent that are not parsed yet
+        self.starved: deque[Connection] = deque()  # held back by a budget, in turn
+        self.per_key: dict[bytes, int] = {}  # open connections of each admitted key
+        self._ring: deque[Connection] = deque()  # connections with messages, in turn
         self._waiter: asyncio.Future[None] | None = None
         self._next_id = secrets.randbelow(2**31)
         self._server: asyncio.AbstractServer | None = None
@@ -192,9 +112,9 @@ class ZmtpRouter:
         router._ticker = asyncio.ensure_future(router._tick())
         return router
 
-    def _new_connection(self) -> _Connection:
+    def _new_connection(self) -> Connection:
         self._next_id = (self._next_id + 1) % 2**32
-        return _Connection(self, b"\x00" + self._next_id.to_bytes(4, "big"))
+        return Connection(self, b"\x00" + self._next_id.to_bytes(4, "big"))
 
     # ---- receiving -------------------------------------------------------------------
     async def recv(self) -> tuple[bytes, list[Buffer]]:
@@ -210,14 +130,27 @@ class ZmtpRouter:
             if not conn.inbox:  # closed meanwhile
                 conn.queued = False
                 continue
-            frames = conn.inbox.popleft()
-            conn.taken()  # may queue messages it had read but not parsed
+            frames = conn.take()  # may queue messages it had read but not parsed
             if conn.inbox:
                 self._ring.append(conn)
             else:
                 conn.queued = False
-                self.departed.pop(conn.identity, None)
+                if not conn.codec.blocked:
+                    self.settle(conn)
+            self.wake()
             return conn.identity, frames
+
+    def wake(self) -> None:
+        """Room was made: the longest held-back connection parses what it can."""
+        if self.starved:
+            conn = self.starved.popleft()
+            conn.starving = False
+            conn.pump()
+
+    def settle(self, conn: Connection) -> None:
+        """A closed connection with nothing left to read is forgotten."""
+        if self.departed.pop(conn.identity, None) is not None:
+            self.departed_raw -= conn.raw
 
     def pending(self) -> bool:
         """Whether a message is already waiting (the next ``recv`` returns at once)."""
@@ -227,42 +160,58 @@ class ZmtpRouter:
         conn = self.connections.get(identity) or self.departed.get(identity)
         return conn.address if conn is not None else "?"
 
-    def arrived(self, conn: _Connection) -> None:
+    def arrived(self, conn: Connection) -> None:
         if not conn.queued:
             conn.queued = True
             self._ring.append(conn)
             if self._waiter is not None and not self._waiter.done():
                 self._waiter.set_result(None)
 
-    def admit(self, conn: _Connection, hello: Credentials) -> list[Event]:
+    def admit(self, conn: Connection, hello: Credentials) -> list[Event]:
         """The gate decides on a PLAIN HELLO, as libzmq's ZAP handler did (RFC 27)."""
         assert self.gate is not None
         verdict = self.gate.check(hello.username, hello.password, time.time())
+        key = verdict.key
+        if key is not None and self.per_key.get(key, 0) >= MAX_CONNECTIONS_PER_KEY:
+            verdict = Verdict(key, "connections")  # the client reports ZAP_TOO_MANY
         self.on_gate(verdict.reason, conn.address)
-        if verdict.reason == "ok":
+        if verdict.reason == "ok" and key is not None:
+            conn.key = key
+            self.per_key[key] = self.per_key.get(key, 0) + 1
             return conn.codec.accept()
-        conn.codec.refuse(b"400")
+        too_many = verdict.reason == "connections"
+        conn.codec.refuse(str(ZAP_TOO_MANY).encode() if too_many else b"400")
         conn.flush()
         conn.transport.close()  # after the ERROR has gone out
         return []
 
-    def drop(self, conn: _Connection, reason: str, detail: str) -> None:
+    def drop(self, conn: Connection, reason: str, detail: str) -> None:
         """Disconnect a peer (a broken protocol, a cap, silence); says why to ``on_drop``."""
         self.on_drop(reason, conn.address, detail)
         if conn.transport.get_write_buffer_size():
             conn.transport.abort()  # what waits to go out to it is dropped with it
         else:  # a FIN after what was sent (the greeting: libzmq then names a mismatch)
             conn.transport.close()
-        conn.inbox.clear()  # a dropped peer's unread messages go with it
+        conn.discard()  # a dropped peer's unread messages go with it
         self.lost(conn)
 
-    def lost(self, conn: _Connection) -> None:
+    def lost(self, conn: Connection) -> None:
         """A closed connection: what it sent before it closed is still read (as libzmq
         reads a pipe up to its end); replies to it are dropped."""
-        self.connections.pop(conn.identity, None)
+        if self.connections.pop(conn.identity, None) is not None and conn.key is not None:
+            left = self.per_key.pop(conn.key) - 1
+            if left:
+                self.per_key[conn.key] = left
         self.routable.pop(conn.identity, None)
-        if conn.inbox:
-            self.departed[conn.identity] = conn
+        if conn.identity in self.departed or not (conn.inbox or conn.codec.blocked):
+            return
+        conn.raw = conn.codec.unparsed
+        if self.inbound + self.departed_raw + conn.raw > self.inbound_bytes:
+            self.on_drop("backlog", conn.address, "closed; its backlog is over the inbound budget")
+            conn.discard()  # what all queues share is spent: a closed peer's is dropped first
+            return
+        self.departed[conn.identity] = conn
+        self.departed_raw += conn.raw
 
     # ---- sending ---------------------------------------------------------------------
     async def send(self, identity: bytes, frames: Sequence[Buffer]) -> int:
@@ -308,12 +257,14 @@ class ZmtpRouter:
             for conn in list(self.connections.values()):
                 self._check_time(conn, now)
 
-    def _check_time(self, conn: _Connection, now: float) -> None:
+    def _check_time(self, conn: Connection, now: float) -> None:
         if not conn.codec.ready:
             if now - conn.opened > HANDSHAKE_IVL_S:
                 self.drop(conn, "handshake_timeout", "no handshake within 15 s")
             return
-        if conn.paused:  # not read while its queue is full: that silence is ours, not its
+        if conn.write_paused and now - conn.stalled > WRITE_STALL_S:
+            return self.drop(conn, "outbound", f"took nothing for {now - conn.stalled:.0f}s")
+        if conn.paused:  # not read while a budget held it back: that silence is ours
             conn.heard = now
         ttl = max(HEARTBEAT_TIMEOUT_S, min(conn.codec.peer_ttl_s, MAX_TTL_S))
         if now - conn.heard > ttl:
@@ -321,6 +272,7 @@ class ZmtpRouter:
         elif now - conn.pinged >= HEARTBEAT_IVL_S and not conn.transport.is_closing():
             conn.pinged = now
             conn.transport.write(ping(int(HEARTBEAT_TIMEOUT_S * 10)))
+        return None
 
     def close(self, linger_ms: int = 0) -> None:
         """Stop listening and close every connection (what is queued to go out may leave
@@ -338,7 +290,11 @@ class ZmtpRouter:
                 loop.call_later(linger_ms / 1000, conn.transport.abort)
             else:
                 conn.transport.abort()
-            conn.inbox.clear()
+            conn.discard()
             self.lost(conn)
+        for conn in self.departed.values():
+            conn.discard()
         self.departed.clear()
+        self.departed_raw = 0
+        self.starved.clear()
         self._ring.clear()

@@ -49,6 +49,8 @@ BOUNDED_TABLES: tuple[str, ...] = (
     "idle_runs",
     "gate_tokens",
     "outbound_bytes",
+    "connections_per_key",
+    "inbound_backlog",
     "other",
 )
 HANDSHAKE_RESULTS: tuple[str, ...] = ("ok", "not_admitted", "bad_handshake", "version")

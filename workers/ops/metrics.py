@@ -300,11 +300,12 @@ class WorkerMetrics:
 
     def record_gate_refusal(self, verdict: str) -> None:
         """A connection the gate refused (``gate.Verdict.reason``, not ``ok``)."""
-        if verdict == "rate":
-            self.record_bound("gate_tokens")
+        tables = {"rate": "gate_tokens", "connections": "connections_per_key"}
+        if verdict in tables:
+            self.record_bound(tables[verdict])
         self.record_handshake("bad_handshake" if verdict == "replay" else "not_admitted")
-        reason = {"replay": "replay", "rate": "overloaded"}.get(verdict, "not_admitted")
-        self.record_rejected(reason)
+        reason = "overloaded" if verdict in tables else "replay"
+        self.record_rejected(reason if verdict in (*tables, "replay") else "not_admitted")
 
     def record_handshake(self, result: str) -> None:
         """Count one handshake; ``result`` must be one of :data:`HANDSHAKE_RESULTS`."""

@@ -30,6 +30,8 @@ class EdgeReports:
         message), too much waiting to go out to it (a bound hit), or silence."""
         if reason == "outbound":
             self.metrics.record_bound("outbound_bytes")
+        elif reason == "backlog":
+            self.metrics.record_bound("inbound_backlog")
         elif reason in ("oversized", "malformed"):
             self.metrics.record_rejected(reason)
         line = "closed the connection from %s (%s): %s"
