@@ -250,8 +250,13 @@ async def test_lossy_link_at_the_default_timeout_costs_round_trips(
     files = deployment(dataset="breast_cancer", epochs=epochs)
     port = int(files["client-1"].read_text().split("tcp://127.0.0.1:")[1].split('"')[0])
     proxy = LossyProxy(
-        f"tcp://127.0.0.1:{port}", drop_rate=0.05, delay_s=(0.0, 0.003), seed=3, keyed=True
-    )
+        f"tcp://127.0.0.1:{port}",
+        drop_rate=0.05,
+        delay_s=(0.0, 0.003),
+        seed=3,
+        keyed=True,
+        max_links=3,  # the two clients' links and one more: old ones, unused, are evicted
+    )  # (it cannot see a client's connection close; the server admits 4 per key at once)
     await proxy.start()
     proxy.drop_next("downstream")  # at least one lost reply, whatever the dice say
     # Execute: client.timeout_s left at its default (30 s)

@@ -19,6 +19,7 @@ import zmq.asyncio
 
 from sl_pipeline.codec import DEFAULT_LIMITS
 from sl_pipeline.errors import ConfigError, ReplayError
+from sl_pipeline.gate import MAX_CONNECTIONS_PER_KEY
 from sl_pipeline.handshake import ClientHandshake, ServerHandshake
 from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
 from sl_pipeline.transport import Channel, DealerConnection, frame_buffers
@@ -343,6 +344,9 @@ async def training(
     server = ServerWorker(load_server(files["server"]), files["server"].parent)
     stop = asyncio.Event()
     serving = asyncio.create_task(server.serve(stop))
+    # The proxy cannot see a client's connection close: it keeps the link until evicted. The
+    # server admits 4 connections per key at once, so it keeps 3 (this client's last ones)
+    proxy_kwargs.setdefault("max_links", MAX_CONNECTIONS_PER_KEY - 1)
     proxy = LossyProxy(server.cfg.server.bind, keyed=True, **proxy_kwargs)
     await proxy.start()
     overrides = [
