@@ -130,6 +130,7 @@ class ZmtpServer:
         self.room_bytes = 2**62
         self.blocked = False
         self._pong: bytes | None = None  # one PONG pending at most, to the latest PING
+        self._final = False  # the peer closed: the buffer holds exactly what is left
 
     @property
     def ready(self) -> bool:
@@ -186,7 +187,7 @@ class ZmtpServer:
                 break
         if self._start == self._end:
             self._start = self._end = 0
-        elif len(self._buf) - self._start < BIG_FRAME + 9:  # the next item must fit
+        elif not self._final and len(self._buf) - self._start < BIG_FRAME + 9:  # must fit
             self._buf[: self._end - self._start] = self._buf[self._start : self._end]
             self._start, self._end = 0, self._end - self._start
 
@@ -364,6 +365,12 @@ class ZmtpServer:
     def unparsed(self) -> int:
         """Bytes read but not parsed yet (held back by :attr:`room`)."""
         return self._end - self._start + (self._big_at if self._big is not None else 0)
+
+    def finish(self) -> None:
+        """The peer closed: keep only the bytes read and not parsed, not the read buffer."""
+        if self._big is None and not self._final:
+            self._buf = bytearray(self._buf[self._start : self._end])
+            self._start, self._end, self._final = 0, len(self._buf), True
 
     def discard(self) -> None:
         """Forget what was read and not parsed (a closed peer's backlog, dropped)."""

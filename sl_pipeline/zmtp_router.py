@@ -205,6 +205,7 @@ class ZmtpRouter:
         self.routable.pop(conn.identity, None)
         if conn.identity in self.departed or not (conn.inbox or conn.codec.blocked):
             return
+        conn.codec.finish()  # what it holds is then what it sent and we did not parse
         conn.raw = conn.codec.unparsed
         if self.inbound + self.departed_raw + conn.raw > self.inbound_bytes:
             self.on_drop("backlog", conn.address, "closed; its backlog is over the inbound budget")

@@ -163,3 +163,21 @@ async def test_one_key_holds_a_few_connections_at_most(ctx: zmq.asyncio.Context)
         assert [bytes(f) for f in (await asyncio.wait_for(router.recv(), 10))[1]] == [b"back"]
     finally:
         router.close()
+
+
+def test_a_closed_peers_backlog_keeps_its_bytes_not_the_read_buffer() -> None:
+    # Prepare: 1,000 messages read, room for 10
+    codec = ZmtpServer(caps_for(DEFAULT_LIMITS), b"NULL")
+    codec.feed(NULL_CLIENT)
+    codec.room = 10
+    assert len(codec.feed(EMPTY * 1_000)) == 10
+    # Execute: the peer closes; what is left is kept as its bytes only
+    codec.finish()
+    assert codec.unparsed == 2 * 990 and codec.get_buffer().nbytes == 0
+    # Assert: it is still all read, in turns
+    got = 0
+    for _ in range(200):
+        got += len(codec.allow(64))
+        if not codec.blocked:
+            break
+    assert got == 990
