@@ -10,12 +10,16 @@ import asyncio
 import socket
 import time
 
+import pytest
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from sl_pipeline.codec import DEFAULT_LIMITS
+from sl_pipeline.errors import PeerError
 from sl_pipeline.gate import MAX_CONNECTIONS_PER_KEY, ZAP_TOO_MANY, connect_token
+from sl_pipeline.handshake import ClientHandshake
+from sl_pipeline.transport import DealerConnection
 from sl_pipeline.zmtp import FRAME_OVERHEAD, STEPS_PER_CALL, Received, ZmtpServer, caps_for
 from sl_pipeline.zmtp_frames import command, greeting, metadata, ping
 
@@ -181,3 +185,24 @@ def test_a_closed_peers_backlog_keeps_its_bytes_not_the_read_buffer() -> None:
         if not codec.blocked:
             break
     assert got == 990
+
+
+async def test_a_client_over_its_keys_connections_is_told_why(ctx: zmq.asyncio.Context) -> None:
+    # Prepare: the key's connections all open
+    router = await _router(True, [])
+    try:
+        socks = []  # held: a socket collected is a connection closed
+        for _ in range(MAX_CONNECTIONS_PER_KEY):
+            socks.append(_dealer(ctx, router, connect_token(CLIENT, SERVER.public, time.time())))
+            await socks[-1].send_multipart([b"hi"])
+            await asyncio.wait_for(router.recv(), 10)
+        # Execute: a client joins with the same key
+        conn = DealerConnection(ctx, router.endpoint)
+        handshake = ClientHandshake({"name": "client-1"}, CLIENT, SERVER.public)
+        # Assert: a retryable refusal that says what to do
+        with pytest.raises(PeerError, match="holds 4 connections there already") as refused:
+            await conn.handshake(handshake, 10)
+        assert refused.value.remote_code == "overloaded" and refused.value.retryable
+        conn.close()
+    finally:
+        router.close()
