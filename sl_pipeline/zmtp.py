@@ -217,6 +217,9 @@ class ZmtpServer:
             self._start += head + size
             self._frame(flags, bytes(buf[at + head : at + head + size]), events)
             return True
+        if self._final:  # the peer closed: the rest of this frame never comes
+            self._frames, self._message_bytes, self._start = [], 0, self._end
+            return False
         self._big, self._big_flags = empty_buffer(size), flags  # read straight into it
         self._big_at = have - head
         self._big[: self._big_at] = buf[at + head : self._end]
@@ -363,19 +366,28 @@ class ZmtpServer:
 
     @property
     def unparsed(self) -> int:
-        """Bytes read but not parsed yet (held back by :attr:`room`)."""
-        return self._end - self._start + (self._big_at if self._big is not None else 0)
+        """What is held and not handed over yet: bytes read and not parsed (held back by
+        :attr:`room`) and the message in progress, counted as a queued message is (its
+        ``_message_bytes`` include a large frame still being read, at its full size)."""
+        held = self._end - self._start + self._message_bytes
+        return held + FRAME_OVERHEAD * len(self._frames)
 
     def finish(self) -> None:
-        """The peer closed: keep only the bytes read and not parsed, not the read buffer."""
-        if self._big is None and not self._final:
+        """The peer closed: keep only what can still become a message. A large frame still
+        being read never completes now (its bytes only ever went into it), so it goes, with
+        the message it belonged to; the read buffer shrinks to the bytes not parsed."""
+        if self._big is not None:
+            self._big, self._big_at = None, 0
+            self._frames, self._message_bytes = [], 0
+        if not self._final:
             self._buf = bytearray(self._buf[self._start : self._end])
             self._start, self._end, self._final = 0, len(self._buf), True
 
     def discard(self) -> None:
         """Forget what was read and not parsed (a closed peer's backlog, dropped)."""
         self._frames, self._big, self._buf = [], None, bytearray()
-        self._start = self._end = 0
+        self._start = self._end = self._message_bytes = 0
+        self.blocked = False  # nothing is held back any more
         if self.closed is None:
             self.closed = Violation("malformed", "closed; its backlog was dropped")
 

@@ -151,6 +151,13 @@ class ZmtpRouter:
         """A closed connection with nothing left to read is forgotten."""
         if self.departed.pop(conn.identity, None) is not None:
             self.departed_raw -= conn.raw
+            self._release_key(conn)
+
+    def _release_key(self, conn: Connection) -> None:
+        if conn.key is not None and conn.key in self.per_key:
+            left = self.per_key.pop(conn.key) - 1
+            if left:
+                self.per_key[conn.key] = left
 
     def pending(self) -> bool:
         """Whether a message is already waiting (the next ``recv`` returns at once)."""
@@ -198,18 +205,23 @@ class ZmtpRouter:
     def lost(self, conn: Connection) -> None:
         """A closed connection: what it sent before it closed is still read (as libzmq
         reads a pipe up to its end); replies to it are dropped."""
-        if self.connections.pop(conn.identity, None) is not None and conn.key is not None:
-            left = self.per_key.pop(conn.key) - 1
-            if left:
-                self.per_key[conn.key] = left
+        # A closed connection with a backlog keeps its place among its key's connections
+        # until the backlog is read (settle): else one key could leave backlogs without end.
+        was_open = self.connections.pop(conn.identity, None) is not None
         self.routable.pop(conn.identity, None)
-        if conn.identity in self.departed or not (conn.inbox or conn.codec.blocked):
+        if conn.identity in self.departed:
+            return
+        if not (conn.inbox or conn.codec.blocked):
+            if was_open:
+                self._release_key(conn)
             return
         conn.codec.finish()  # what it holds is then what it sent and we did not parse
         conn.raw = conn.codec.unparsed
         if self.inbound + self.departed_raw + conn.raw > self.inbound_bytes:
             self.on_drop("backlog", conn.address, "closed; its backlog is over the inbound budget")
             conn.discard()  # what all queues share is spent: a closed peer's is dropped first
+            if was_open:
+                self._release_key(conn)
             return
         self.departed[conn.identity] = conn
         self.departed_raw += conn.raw

@@ -26,6 +26,8 @@ from sl_pipeline.zmtp_frames import command, greeting, metadata, ping
 from .test_zmtp_router import CLIENT, SERVER, Reports, _dealer, _raw_null_peer, _router, _until
 from .test_zmtp_router import ctx as ctx  # the fixture
 
+MORE_LONG = 0x03  # frame flags: more frames follow, an 8-byte size
+EMPTY_MORE = b"\x01\x00"  # an empty frame, more to come
 EMPTY = b"\x00\x00"  # one message of one empty frame: 2 bytes on the wire, a queue entry here
 NULL_CLIENT = greeting(b"NULL", False) + command(b"READY", metadata({"Socket-Type": b"DEALER"}))
 
@@ -185,6 +187,36 @@ def test_a_closed_peers_backlog_keeps_its_bytes_not_the_read_buffer() -> None:
         if not codec.blocked:
             break
     assert got == 990
+
+
+def test_a_closed_peers_unfinished_message_is_dropped_not_held() -> None:
+    # Prepare: 63 empty messages read with room for none, then a large frame of a message
+    # begun and never finished (red team round 2, d1: 1.2 MiB held per closed connection)
+    codec = ZmtpServer(caps_for(DEFAULT_LIMITS), b"NULL")
+    codec.feed(NULL_CLIENT)
+    codec.room = 0
+    big = bytes([MORE_LONG]) + (900_000).to_bytes(8, "big") + b"\x01" * 1000
+    assert codec.feed(EMPTY * 63 + big) == []
+    # Execute: the peer closes; the held-back bytes are then read
+    codec.finish()
+    assert codec.unparsed < 64 * (2 + FRAME_OVERHEAD) + len(big)  # what the budget counts
+    got = 0
+    for _ in range(200):
+        got += len(codec.allow(64))
+        if not codec.blocked:
+            break
+    # Assert: every whole message, and no buffer for a frame whose rest never comes
+    assert got == 63 and codec.unparsed == 0 and codec.get_buffer().nbytes < 2048
+
+
+def test_a_large_frame_cut_by_the_close_is_dropped_with_its_message() -> None:
+    codec = ZmtpServer(caps_for(DEFAULT_LIMITS), b"NULL")
+    codec.feed(NULL_CLIENT)
+    head = bytes([MORE_LONG]) + (900_000).to_bytes(8, "big")
+    assert codec.feed(EMPTY_MORE + head + b"\x01" * 300_000) == []
+    assert codec.unparsed >= 900_000  # counted at its full size while it may complete
+    codec.finish()
+    assert codec.unparsed == 0
 
 
 async def test_a_client_over_its_keys_connections_is_told_why(ctx: zmq.asyncio.Context) -> None:
