@@ -119,6 +119,7 @@ def procs() -> Iterator[Procs]:
         manager.stop_all()
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`make test` runs two workers) every Prometheus test runs on one worker:
     the package is installed once and each module fixture starts one instance."""
