@@ -84,18 +84,23 @@ class Session(EnvelopeChannel):
 
         Each ciphertext is a fresh bytearray, so it may be sent zero-copy and left in flight.
         """
-        envelope = self._envelope(buffers)
+        return self._seal_views([byte_view(buffer, i) for i, buffer in enumerate(buffers, 1)])
+
+    def _seal_views(self, views: Sequence[memoryview]) -> list[bytes | bytearray]:
+        # The hot path of every message: one AEAD call per buffer and little else.
+        envelope = self._envelope(views)
         counter = self._send_counter
-        key, aead = _key_for(self._send, counter, self._rekey_interval)
+        keyed = self._send
+        if not counter % self._rekey_interval:
+            keyed = _key_for(keyed, counter, self._rekey_interval)
+        encrypt_into = keyed[1].encrypt_into
         frames: list[bytes | bytearray] = [envelope]
-        for index, buffer in enumerate(buffers, start=1):
-            view = byte_view(buffer, index)
+        for index, view in enumerate(views, start=1):
             out = bytearray(view.nbytes + _TAGLEN)
-            aad = envelope + _INDEX.pack(index)
-            aead.encrypt_into(_NONCE.pack(index, counter), view, aad, out)
+            encrypt_into(_NONCE.pack(index, counter), view, envelope + _INDEX.pack(index), out)
             frames.append(out)
-        self._send = (key, aead)
-        self._send_counter += 1
+        self._send = keyed
+        self._send_counter = counter + 1
         return frames
 
     def open(self, frames: Sequence[Buffer], parsed: Parsed | None = None) -> list[bytearray]:
@@ -104,20 +109,27 @@ class Session(EnvelopeChannel):
         Any failure raises (ReplayError for counter problems, CryptoError otherwise) and
         leaves the session unchanged, so the next genuine message still opens.
         """
-        self._abandon_assembly()
+        if self._assembly is not None:
+            self._abandon_assembly()
         envelope = self._check_envelope(frames, parsed)
         counter = self._recv_counter
-        key, aead = _key_for(self._recv, counter, self._rekey_interval)
+        keyed = self._recv
+        if not counter % self._rekey_interval:
+            keyed = _key_for(keyed, counter, self._rekey_interval)
+        decrypt_into = keyed[1].decrypt_into
         plaintexts: list[bytearray] = []
         for index in range(1, len(frames)):
             view = byte_view(frames[index], index)
             if view.nbytes < _TAGLEN:
                 raise CryptoError(f"frame {index} is shorter than an authentication tag")
             out = bytearray(view.nbytes - _TAGLEN)
-            _decrypt_into(aead, counter, index, envelope, view, memoryview(out))
+            try:
+                decrypt_into(_NONCE.pack(index, counter), view, envelope + _INDEX.pack(index), out)
+            except InvalidTag:
+                raise _bad_tag(index, counter) from None
             plaintexts.append(out)
-        self._recv = (key, aead)
-        self._recv_counter += 1
+        self._recv = keyed
+        self._recv_counter = counter + 1
         return plaintexts
 
     # ---- one piece of a chunked message ------------------------------------------------
@@ -152,16 +164,20 @@ class Session(EnvelopeChannel):
         _decrypt_into(keys[1], counter, index, envelope, view, out)
 
 
+def _bad_tag(index: int, counter: int) -> BadTagError:
+    return BadTagError(
+        f"frame {index} of message {counter} failed authentication",
+        hint="the message was altered in transit or sent under another session",
+    )
+
+
 def _decrypt_into(
     aead: AESGCM, counter: int, index: int, envelope: bytes, view: memoryview, out: memoryview
 ) -> None:
     try:
         aead.decrypt_into(_NONCE.pack(index, counter), view, envelope + _INDEX.pack(index), out)
     except InvalidTag:
-        raise BadTagError(
-            f"frame {index} of message {counter} failed authentication",
-            hint="the message was altered in transit or sent under another session",
-        ) from None
+        raise _bad_tag(index, counter) from None
 
 
 class PlainSession(EnvelopeChannel):
