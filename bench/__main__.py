@@ -31,6 +31,8 @@ KEYS = (
     "overhead_ratio_spread",
     "overhead_ratio_pipelined",
     "overhead_cpu_ratio",
+    "overhead_ratio_pinned",
+    "overhead_cpu_ratio_pinned",
     "rpc_ratio",
     "rpc_cpu_ratio",
     "rpc_ratio_same_host_shm",

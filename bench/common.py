@@ -55,6 +55,26 @@ def machine_load() -> dict[str, Any]:
     return {"loadavg": [round(one, 2), round(five, 2), round(fifteen, 2)], "cpus": os.cpu_count()}
 
 
+def party_cores() -> tuple[int, int] | None:
+    """Two cores for a two-party measurement (client, server), or None with fewer than two.
+
+    Each party of a split step on its own core is what two hosts give; the one-process
+    baseline then runs on the client's core alone, as it would on one of those hosts.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    return (cores[0], cores[-1]) if len(cores) >= 2 else None
+
+
+def pin_process(pid: int, cores: set[int]) -> None:
+    """Every thread of process ``pid`` (this one's too) on ``cores`` from now on; threads
+    started later inherit it from the thread that starts them."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cores)
+        except (OSError, ValueError):  # the thread ended under us
+            continue
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU time of every thread of process ``pid`` so far, in seconds, to the nanosecond
     (``/proc/PID/task/*/schedstat``; ``/proc/PID/stat`` counts in 10 ms ticks). A thread

@@ -8,11 +8,17 @@ alternates); ``overhead_ratio`` is the median over pairs of (b)'s / (a)'s block 
 ``overhead_cpu_ratio`` is the same pairing of CPU time per step: (b)'s client process plus
 the server process (every thread, ZeroMQ's included) over (a)'s process, which waiting for
 a core held by other work does not inflate.
+
+With two cores or more, every round also runs a pair with each party on its own core (this
+process, the client, on one; the server worker on another), as on two hosts, the one-process
+loop then on the client's core alone: ``ratio_pinned`` / ``cpu_ratio_pinned``. The pinned and
+the free pairs alternate in each round, so both see the same load.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 import time
 from dataclasses import replace
@@ -37,6 +43,8 @@ from .common import (
     free_port,
     median,
     paired,
+    party_cores,
+    pin_process,
     stop_process,
     to_toml,
     worker_process,
@@ -117,7 +125,26 @@ def _plan(quick: bool) -> tuple[int, int, int, float]:
     """(warm-up steps, blocks, steps per block, time budget in seconds) per model. The
     budget stops the CIFAR-shaped model after about a dozen pairs; the digits CNN's short
     steps take all the blocks (ratios of 3 ms steps need many pairs to settle)."""
-    return (3, 40, 6, 15.0) if quick else (5, 60, 8, 40.0)
+    return (3, 40, 6, 20.0) if quick else (5, 60, 8, 50.0)
+
+
+class Placement:
+    """Where the two parties run: free (the scheduler's choice, every core) or pinned (the
+    client, this process, on one core; the server worker on another), switched per block."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+        self.every = os.sched_getaffinity(0)
+        self.cores = party_cores()
+
+    def pin(self) -> None:
+        assert self.cores is not None
+        pin_process(os.getpid(), {self.cores[0]})
+        pin_process(self.server_pid, {self.cores[1]})
+
+    def free(self) -> None:
+        pin_process(os.getpid(), self.every)
+        pin_process(self.server_pid, self.every)
 
 
 async def measure(
@@ -133,12 +160,11 @@ async def measure(
     batches = batches_all = batch_order(len(train), BATCH, 0, 0)
     client.ctx = zmq.asyncio.Context()
     step = 0
-    times: dict[str, list[float]] = {  # one median step time per block
-        "single_process": [],
-        "split_encrypted": [],
-        "split_pipelined": [],
-    }
-    cpu: dict[str, list[float]] = {"single_process": [], "split_encrypted": []}
+    placement = Placement(server_pid)
+    modes = ["", "_pinned"] if placement.cores is not None else [""]
+    sides = [f"{side}{mode}" for side in ("single_process", "split_encrypted") for mode in modes]
+    times: dict[str, list[float]] = {k: [] for k in [*sides, "split_pipelined"]}  # block medians
+    cpu: dict[str, list[float]] = {k: [] for k in sides}
     piped_cfg = replace(cfg, train=replace(cfg.train, pipeline_depth=2))
 
     async def pipelined_steps(n: int, record: bool) -> None:
@@ -159,7 +185,7 @@ async def measure(
         client.cfg = cfg
         step += n
 
-    async def split_steps(n: int, record: bool) -> None:
+    async def split_steps(n: int, record: bool, mode: str = "") -> None:
         nonlocal step
         samples = []
         cpu_before = time.process_time() + cpu_seconds(server_pid)
@@ -170,11 +196,11 @@ async def measure(
             samples.append(time.perf_counter() - start)
             step += 1
         if record:
-            times["split_encrypted"].append(median(samples))
+            times[f"split_encrypted{mode}"].append(median(samples))
             used = time.process_time() + cpu_seconds(server_pid) - cpu_before
-            cpu["split_encrypted"].append(used / n)
+            cpu[f"split_encrypted{mode}"].append(used / n)
 
-    def plain_steps(n: int, record: bool) -> None:
+    def plain_steps(n: int, record: bool, mode: str = "") -> None:
         samples = []
         cpu_before = time.process_time()
         for i in range(n):
@@ -184,8 +210,23 @@ async def measure(
             plain.step(train.x[idx], train.y[idx])
             samples.append(time.perf_counter() - start)
         if record:
-            times["single_process"].append(median(samples))
-            cpu["single_process"].append((time.process_time() - cpu_before) / n)
+            times[f"single_process{mode}"].append(median(samples))
+            cpu[f"single_process{mode}"].append((time.process_time() - cpu_before) / n)
+
+    async def pair(mode: str, plain_first: bool) -> None:
+        """One block of each side, in the given order, free or pinned."""
+        if mode:
+            placement.pin()
+        try:
+            if plain_first:
+                plain_steps(per_block, True, mode)
+                await split_steps(per_block, True, mode)
+            else:
+                await split_steps(per_block, True, mode)
+                plain_steps(per_block, True, mode)
+        finally:
+            if mode:
+                placement.free()
 
     try:
         await client.connect()
@@ -194,13 +235,9 @@ async def measure(
         rpc.steps(warmup, record=False)
         deadline = time.monotonic() + budget_s
         await pipelined_steps(warmup, record=False)
-        for i in range(blocks):  # one pair (or quadruple) per round; the order alternates
-            if i % 2 == 0:
-                plain_steps(per_block, record=True)
-                await split_steps(per_block, record=True)
-            else:
-                await split_steps(per_block, record=True)
-                plain_steps(per_block, record=True)
+        for i in range(blocks):  # one pair per mode per round; the orders alternate
+            for mode in modes if i % 2 == 0 else modes[::-1]:
+                await pair(mode, plain_first=i % 2 == 0)
             await pipelined_steps(per_block, record=True)
             rpc.steps(per_block, record=True)
             if i >= 3 and time.monotonic() > deadline:
@@ -216,6 +253,16 @@ async def measure(
     ratio = paired(times["split_encrypted"], times["single_process"])
     piped = paired(times["split_pipelined"], times["single_process"])
     cpu_ratio = paired(cpu["split_encrypted"], cpu["single_process"])
+    pinned: dict[str, Any] = {}
+    if "_pinned" in modes:
+        ratio_pinned = paired(times["split_encrypted_pinned"], times["single_process_pinned"])
+        cpu_pinned = paired(cpu["split_encrypted_pinned"], cpu["single_process_pinned"])
+        pinned = {
+            "ratio_pinned": ratio_pinned["median"],
+            "ratio_pinned_spread": ratio_pinned,
+            "cpu_ratio_pinned": cpu_pinned["median"],
+            "cpu_ratio_pinned_spread": cpu_pinned,
+        }
     return {
         "cpu_ratio": cpu_ratio["median"],
         "cpu_ratio_spread": cpu_ratio,
@@ -225,6 +272,7 @@ async def measure(
         "ratio_spread": ratio,
         "ratio_pipelined": piped["median"],
         "ratio_pipelined_spread": piped,
+        **pinned,
         **rpc.result(times["split_encrypted"], cpu["split_encrypted"]),
     }
 
@@ -302,5 +350,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         "overhead_ratio_pipelined": {name: r["ratio_pipelined"] for name, r in per_model.items()},
         "overhead_ratio_spread": {name: r["ratio_spread"] for name, r in per_model.items()},
         "overhead_cpu_ratio": {name: r["cpu_ratio"] for name, r in per_model.items()},
+        # Each party on its own core, as on two hosts (None with one core).
+        "overhead_ratio_pinned": {n: r.get("ratio_pinned") for n, r in per_model.items()},
+        "overhead_cpu_ratio_pinned": {n: r.get("cpu_ratio_pinned") for n, r in per_model.items()},
         "batch_size": BATCH,
     }

@@ -33,6 +33,8 @@ def headline(results: dict[str, Any]) -> list[str]:
         ("overhead_cpu_ratio", "the same ratio of CPU time per step (both processes / one)"),
         ("rpc_cpu_ratio", "our split step / torch.distributed.rpc's, CPU time of both sides"),
         ("overhead_ratio_spread", "median [interquartile range, pairs] of the ratios above"),
+        ("overhead_ratio_pinned", "the same, each party on its own core, the one process on one"),
+        ("overhead_cpu_ratio_pinned", "its CPU ratio (pinned pairs alternate with the free ones)"),
         ("overhead_ratio_pipelined", "the same with pipelining (depth 2) / single-process step"),
         ("rpc_ratio", "our split step / torch.distributed.rpc (TensorPipe, TCP) step"),
         ("rpc_ratio_same_host_shm", "the same against TensorPipe's shared memory (run apart)"),

@@ -6,13 +6,14 @@ import asyncio
 import os
 import threading
 import time
+from typing import Any
 
 import pytest
 
 from bench import crypto_rt, fixed_costs, flops, shaper
-from bench.common import CTX, free_port, machine_load, paired
+from bench.common import CTX, free_port, machine_load, paired, party_cores
 from bench.models import VGG_CUT, vgg16
-from bench.overhead import RpcBlocks
+from bench.overhead import Placement, RpcBlocks
 from bench.wan import Rounds, recommended_depth, summarise
 
 
@@ -76,6 +77,39 @@ def test_rpc_baseline_runs_blocks_on_request_and_its_processes_stop() -> None:
     result = blocks.result([0.01], [0.004])
     assert result["rpc_cpu_ratio_spread"]["pairs"] == 1 and result["rpc_cpu_ms_per_step"] > 0
     assert not any(party.is_alive() for party in peer.parties)
+
+
+def _wait(inbox: Any) -> None:
+    inbox.get(timeout=60)
+
+
+def test_pinned_blocks_put_each_party_on_its_own_core_and_free_ones_give_all_back() -> None:
+    # Prepare: a stand-in for the server worker
+    every = os.sched_getaffinity(0)
+    if party_cores() is None:
+        pytest.skip("needs two cores")
+    inbox = CTX.Queue()
+    server = CTX.Process(target=_wait, args=(inbox,), daemon=True)
+    server.start()
+    assert server.pid is not None
+    placement = Placement(server.pid)
+    assert placement.cores is not None
+    client_core, server_core = placement.cores
+    try:
+        # Execute
+        placement.pin()
+        pinned = os.sched_getaffinity(0), os.sched_getaffinity(server.pid)
+        placement.free()
+        freed = os.sched_getaffinity(0), os.sched_getaffinity(server.pid)
+    finally:
+        placement.free()
+        inbox.put(None)
+        server.join(30)
+
+    # Assert: every thread of both processes moves (zmq's I/O thread with this one's)
+    assert client_core != server_core
+    assert pinned == ({client_core}, {server_core})
+    assert freed == (every, every)
 
 
 def test_paired_ratio_is_the_median_of_pair_ratios_with_its_quartiles() -> None:
