@@ -30,17 +30,23 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     return code, err
 
 
-def test_ops_port_in_use(deployment, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("ops.listen", "127.0.0.1:{port}"), ("server.bind", "tcp://127.0.0.1:{port}")],
+)
+def test_port_in_use(deployment, capsys: pytest.CaptureFixture[str], key: str, value: str) -> None:  # type: ignore[no-untyped-def]
+    """Either port held by another process is a config problem (exit 2) naming the key."""
     files = deployment(dataset="breast_cancer")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = taken.getsockname()[1]
-        sets = ("--set", f'ops.listen="127.0.0.1:{port}"')
+        value = value.format(port=taken.getsockname()[1])
+        sets = ("--set", f'{key}="{value}"')
         code, err = _run(capsys, "server", "--config", str(files["server"]), *sets)
     assert code == 2
-    assert f"ops.listen = '127.0.0.1:{port}': cannot listen there" in err
-    assert "choose another port in [ops] listen" in err
+    assert f"{key} = {value!r}: cannot listen there" in err
+    section, name = key.split(".")
+    assert f"choose another port in [{section}] {name}" in err
 
 
 def test_saved_state_that_does_not_fit_the_model(

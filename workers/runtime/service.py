@@ -19,10 +19,12 @@ from typing import Any
 from sl_pipeline.codec import Limits
 from sl_pipeline.config import OpsConfig, check_endpoint
 from sl_pipeline.errors import (
+    ConfigError,
     CryptoError,
     OverloadedError,
     ProtocolError,
     SLError,
+    TransportError,
     UnauthenticatedError,
 )
 from sl_pipeline.gate import Gate
@@ -142,15 +144,27 @@ class RouterService:
         return None
 
     # ---- the loop --------------------------------------------------------------------
+    async def _bind(self) -> ZmtpRouter:
+        """Listen on the configured endpoint. A port another process holds is a config
+        problem (exit status 2, naming the key), not a network failure."""
+        bind, section = self.listen.bind, self.listen.section
+        try:
+            return await ZmtpRouter.bind(
+                bind,
+                self.limits,
+                gate=self.gate,
+                on_gate=self.edge.gated,
+                rcvhwm=ROUTER_RCVHWM,
+                on_drop=self.edge.dropped,
+            )
+        except TransportError as exc:
+            raise ConfigError(
+                f"{section}.bind = {bind!r}: cannot listen there ({exc}); "
+                f"stop the process holding the port, or choose another port in [{section}] bind"
+            ) from None
+
     async def serve(self, stop: asyncio.Event) -> dict[str, Any]:
-        endpoint = await ZmtpRouter.bind(
-            self.listen.bind,
-            self.limits,
-            gate=self.gate,
-            on_gate=self.edge.gated,
-            rcvhwm=ROUTER_RCVHWM,
-            on_drop=self.edge.dropped,
-        )
+        endpoint = await self._bind()
         self._endpoint = endpoint
         ops = None
         try:
