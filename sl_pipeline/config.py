@@ -69,7 +69,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = ""  # "digits" | "breast_cancer" ; or a file below
-    path: str = ""  # .csv or .npz
+    path: str = ""  # .csv, .parquet or .npz, or a folder of images (docs/data.md)
     label: str = ""  # label column (CSV) or array name (NPZ); "" = this party has no labels
     features: str = "x"  # NPZ array of features
     test_fraction: float = 0.2

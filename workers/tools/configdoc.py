@@ -46,7 +46,10 @@ MEANINGS: dict[str, str] = {
     "server.bind": "where the server listens, tcp://HOST:PORT",
     "server.topology": "how the model is split between the parties",
     "server.key": "this server's private key file",
-    "server.admitted": "the clients' (and relays') public keys: a folder of NAME.pub files",
+    "server.admitted": (
+        "the clients' (and relays') public keys: a folder of NAME.pub files, "
+        "or a file of 'NAME BASE64' lines"
+    ),
     "server.insecure": "plaintext, no authentication (warns on every start)",
     "server.max_clients": "peers at once; one more is refused as overloaded (it retries)",
     "server.client_timeout_s": "a peer silent for this long is dropped",
@@ -68,7 +71,9 @@ MEANINGS: dict[str, str] = {
     "relay.upstream": "the next hop towards the server, tcp://HOST:PORT",
     "relay.name": "this relay's name",
     "relay.key": "this relay's private key file",
-    "relay.admitted": "its clients' public keys: a folder of NAME.pub files",
+    "relay.admitted": (
+        "its clients' public keys: a folder of NAME.pub files, or a file of 'NAME BASE64' lines"
+    ),
     "relay.upstream_key": "the next hop's public key, pinned",
     "relay.insecure": "plaintext, no authentication (warns on every start)",
     "relay.timeout_s": "how long to wait for the next hop's reply",
