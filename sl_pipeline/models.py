@@ -171,11 +171,16 @@ def fingerprint(cfg: ModelConfig, topology: str) -> str:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``train.device``: "cpu" (the default, what CI tests) or "cuda[:N]" where a GPU exists."""
+    """``train.device``: "cpu" (the default, what CI tests), "cuda[:N]" where a GPU exists,
+    or "auto": the GPU when one is visible, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"train.device = {name!r} is not a device; use 'cpu' or 'cuda'") from None
+        raise ConfigError(
+            f"train.device = {name!r} is not a device; use 'cpu', 'cuda' or 'auto'"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device = {name!r} but no CUDA GPU is visible; use 'cpu'")
     if device.type not in ("cpu", "cuda"):

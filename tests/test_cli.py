@@ -12,6 +12,7 @@ import pytest
 from workers.cli import main
 
 from .conftest import ROOT
+from .threadserver import ThreadServer
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -116,6 +117,14 @@ def test_cuda_without_a_gpu_is_a_clear_config_error(
     files = deployment()
     assert main(["server", "--config", str(files["server"]), "--set", 'train.device="cuda"']) == 2
     assert "train.device" in capsys.readouterr().err
+
+
+def test_device_auto_trains_where_it_can(deployment) -> None:  # type: ignore[no-untyped-def]
+    """train.device = "auto" (docs/config.md): the GPU when one is visible, else the CPU."""
+    files = deployment(dataset="breast_cancer")
+    auto = ("--set", 'train.device="auto"')
+    with ThreadServer(files["server"], *auto[1:]):
+        assert main(["client", "--config", str(files["client-1"]), "--json", *auto]) == 0
 
 
 @pytest.mark.parametrize(
