@@ -19,12 +19,10 @@ from typing import Any
 from sl_pipeline.codec import Limits
 from sl_pipeline.config import OpsConfig, check_endpoint
 from sl_pipeline.errors import (
-    ConfigError,
     CryptoError,
     OverloadedError,
     ProtocolError,
     SLError,
-    TransportError,
     UnauthenticatedError,
 )
 from sl_pipeline.gate import Gate
@@ -38,7 +36,13 @@ from workers.runtime.bounded import TRIM_BYTES, TRIM_EVERY_S, RateLimiter, trim_
 from workers.runtime.edge import EdgeReports
 from workers.runtime.peers import Listen, Peer, PeerTable, hello_refusal, reject_reason
 from workers.runtime.quietlog import QuietLog
-from workers.runtime.startup import load_admitted, load_own_key, start_ops, warn_insecure
+from workers.runtime.startup import (
+    bind_router,
+    load_admitted,
+    load_own_key,
+    start_ops,
+    warn_insecure,
+)
 
 log = logging.getLogger("sl_pipeline.service")
 POLL_MS = 200
@@ -144,27 +148,16 @@ class RouterService:
         return None
 
     # ---- the loop --------------------------------------------------------------------
-    async def _bind(self) -> ZmtpRouter:
-        """Listen on the configured endpoint. A port another process holds is a config
-        problem (exit status 2, naming the key), not a network failure."""
-        bind, section = self.listen.bind, self.listen.section
-        try:
-            return await ZmtpRouter.bind(
-                bind,
-                self.limits,
-                gate=self.gate,
-                on_gate=self.edge.gated,
-                rcvhwm=ROUTER_RCVHWM,
-                on_drop=self.edge.dropped,
-            )
-        except TransportError as exc:
-            raise ConfigError(
-                f"{section}.bind = {bind!r}: cannot listen there ({exc}); "
-                f"stop the process holding the port, or choose another port in [{section}] bind"
-            ) from None
-
     async def serve(self, stop: asyncio.Event) -> dict[str, Any]:
-        endpoint = await self._bind()
+        endpoint = await bind_router(
+            self.listen.bind,
+            self.listen.section,
+            self.limits,
+            gate=self.gate,
+            on_gate=self.edge.gated,
+            rcvhwm=ROUTER_RCVHWM,
+            on_drop=self.edge.dropped,
+        )
         self._endpoint = endpoint
         ops = None
         try:

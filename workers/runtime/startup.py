@@ -10,9 +10,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from sl_pipeline.codec import Limits
 from sl_pipeline.config import OpsConfig, resolve_path
-from sl_pipeline.errors import ConfigError
+from sl_pipeline.errors import ConfigError, TransportError
 from sl_pipeline.keys import KeyPair, load_admitted_keys, load_keypair, load_public_key
+from sl_pipeline.zmtp_router import ZmtpRouter
 from workers.ops.http import OpsServer, parse_listen
 from workers.ops.metrics import WorkerMetrics
 
@@ -51,6 +53,18 @@ def load_admitted(base: Path, value: str, dotted: str) -> dict[bytes, str]:
             "(a folder of NAME.pub files, or a file of 'NAME BASE64' lines)"
         )
     return load_admitted_keys(resolve_path(base, value, dotted))
+
+
+async def bind_router(bind: str, section: str, limits: Limits, **options: Any) -> ZmtpRouter:
+    """Listen on ``[section] bind``. A port another process holds is a config problem
+    (exit status 2, naming the key), not a network failure."""
+    try:
+        return await ZmtpRouter.bind(bind, limits, **options)
+    except TransportError as exc:
+        raise ConfigError(
+            f"{section}.bind = {bind!r}: cannot listen there ({exc}); "
+            f"stop the process holding the port, or choose another port in [{section}] bind"
+        ) from None
 
 
 async def start_ops(
