@@ -102,12 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads per party")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="overhead: also run pairs with each party on its own core (SL_BENCH_PIN=1)",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     pin_threads(args.threads)
+    if args.pin:
+        os.environ["SL_BENCH_PIN"] = "1"
     from .report import render
 
     results = run_all(args.only, args.quick, lambda text: print(text, file=sys.stderr))

@@ -9,10 +9,12 @@ alternates); ``overhead_ratio`` is the median over pairs of (b)'s / (a)'s block 
 the server process (every thread, ZeroMQ's included) over (a)'s process, which waiting for
 a core held by other work does not inflate.
 
-With two cores or more, every round also runs a pair with each party on its own core (this
-process, the client, on one; the server worker on another), as on two hosts, the one-process
-loop then on the client's core alone: ``ratio_pinned`` / ``cpu_ratio_pinned``. The pinned and
-the free pairs alternate in each round, so both see the same load.
+With ``--pin`` (``SL_BENCH_PIN=1``) and two cores or more, every round also runs a pair with
+each party on its own core (this process, the client, on one; the server worker on another),
+as on two hosts, the one-process loop then on the client's core alone: ``ratio_pinned`` /
+``cpu_ratio_pinned``. The pinned and the free pairs alternate in each round, so both see the
+same load. Off by default: on a machine that other work shares, a pinned party cannot leave
+a busy core (see docs/performance.md, "fourth session").
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ def _plan(quick: bool) -> tuple[int, int, int, float]:
     """(warm-up steps, blocks, steps per block, time budget in seconds) per model. The
     budget stops the CIFAR-shaped model after about a dozen pairs; the digits CNN's short
     steps take all the blocks (ratios of 3 ms steps need many pairs to settle)."""
-    return (3, 40, 6, 20.0) if quick else (5, 60, 8, 50.0)
+    return (3, 40, 6, 15.0) if quick else (5, 60, 8, 40.0)
 
 
 class Placement:
@@ -161,7 +163,8 @@ async def measure(
     client.ctx = zmq.asyncio.Context()
     step = 0
     placement = Placement(server_pid)
-    modes = ["", "_pinned"] if placement.cores is not None else [""]
+    pin = os.environ.get("SL_BENCH_PIN") == "1" and placement.cores is not None
+    modes = ["", "_pinned"] if pin else [""]
     sides = [f"{side}{mode}" for side in ("single_process", "split_encrypted") for mode in modes]
     times: dict[str, list[float]] = {k: [] for k in [*sides, "split_pipelined"]}  # block medians
     cpu: dict[str, list[float]] = {k: [] for k in sides}
@@ -350,7 +353,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "overhead_ratio_pipelined": {name: r["ratio_pipelined"] for name, r in per_model.items()},
         "overhead_ratio_spread": {name: r["ratio_spread"] for name, r in per_model.items()},
         "overhead_cpu_ratio": {name: r["cpu_ratio"] for name, r in per_model.items()},
-        # Each party on its own core, as on two hosts (None with one core).
+        # Each party on its own core, as on two hosts (None without --pin or with one core).
         "overhead_ratio_pinned": {n: r.get("ratio_pinned") for n, r in per_model.items()},
         "overhead_cpu_ratio_pinned": {n: r.get("cpu_ratio_pinned") for n, r in per_model.items()},
         "batch_size": BATCH,

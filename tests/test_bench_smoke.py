@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from bench import crypto_rt, fixed_costs, flops, shaper
+from bench import crypto_rt, fixed_costs, flops, shaper, step_trace
 from bench.common import CTX, free_port, machine_load, paired, party_cores
 from bench.models import VGG_CUT, vgg16
 from bench.overhead import Placement, RpcBlocks
@@ -256,3 +256,37 @@ async def test_the_shaper_closes_the_sockets_of_each_finished_connection() -> No
         stop.set()
         await asyncio.to_thread(proxy.join, 5)
         target.close()
+
+
+def test_step_trace_orders_both_processes_stamps_into_pieces_of_a_step() -> None:
+    # Prepare: two steps; the server's deferred update ends after the client's next start
+    edges = [edge for a, b, _ in step_trace.PIECES for edge in (a, b)]
+    order = list(dict.fromkeys(edges))  # the edges of one step, in order
+    stamps: list[tuple[str, int]] = []
+    for first in (0, 100_000):
+        stamps += [(edge, first + 1000 * i) for i, edge in enumerate(order)]
+    stamps += [("Srecv0", 4_000), ("Ssettle0", 10_000), ("Ssettle1", 14_000)]
+    stamps += [("Srecv0", 104_000), ("Ssettle0", 110_000), ("Ssettle1", 116_000)]
+
+    # Execute: in any order, as the two processes' lists arrive
+    result = step_trace.timeline(list(reversed(stamps)))
+
+    # Assert: every piece 1 us, the step the sum, the server's own spans per occurrence
+    assert result["steps"] == 2
+    assert set(result["pieces_us"].values()) == {1.0}
+    assert result["step_us"] == len(step_trace.PIECES)
+    assert result["settle_us"] == 5.0  # medians of 4 and 6 us
+    assert result["idle_us"] == 1.0  # each Srecv0 to the Sread0 after it
+    assert step_trace.timeline([])["steps"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_step_trace_runs_the_real_step_in_both_processes() -> None:
+    # Execute: a few traced steps of the real client and server worker
+    result = step_trace.trace("digits_cnn", 8, pin=True)
+
+    # Assert: every piece was seen in every step (the wrapped methods still exist and run)
+    assert result["steps"] == 8
+    assert all(value is not None for value in result["pieces_us"].values())
+    assert result["step_us"] > 0 and result["settle_us"] > 0
+    assert result["pinned"] == (party_cores() is not None)
