@@ -43,3 +43,11 @@ async def test_server_logs_epochs_and_a_run_summary(
     assert "run run-1: client-1 is in epoch 2" in text
     assert f"run run-1 finished: {steps} steps by client-1 in" in text
     assert "runs/run-1/server.pt" in text
+
+
+async def test_a_party_without_labels_names_no_best_epoch(deployment) -> None:  # type: ignore[no-untyped-def]
+    """A vertical feature party knows neither accuracy nor loss (NaN): no epoch is "best"."""
+    files = deployment(topology="vertical", clients=2, dataset="breast_cancer", epochs=2)
+    run = await run_deployment(files)
+    assert [s["test_accuracy"] for s in run.summaries] == [None, None]
+    assert [s["best_epoch"] for s in run.summaries] == [None, None]

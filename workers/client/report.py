@@ -10,11 +10,12 @@ History = list[tuple[int, float | None, float | None]]  # (1-based epoch, accura
 
 
 def best_epoch(history: History) -> int | None:
-    """The 1-based epoch with the best test accuracy (lowest train loss without labels)."""
+    """The 1-based epoch with the best test accuracy (lowest train loss without labels;
+    None for a party told neither, whose loss is NaN: a vertical feature party)."""
     scored = [(acc, e) for e, acc, _ in history if acc is not None]
     if scored:
         return max(scored, key=lambda t: (t[0], -t[1]))[1]
-    losses = [(loss, e) for e, _, loss in history if loss is not None]
+    losses = [(loss, e) for e, _, loss in history if loss is not None and loss == loss]
     return min(losses)[1] if losses else None
 
 
