@@ -28,7 +28,7 @@ import math
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from sl_pipeline.errors import PrivacyError
@@ -320,7 +320,17 @@ def _build(cls: type[_T], data: Any, path: str) -> _T:
     valid = {f.name: hints[f.name] for f in fields(cls)}  # type: ignore[arg-type]
     _reject_unknown(path, data, valid)
     values = {key: _check_type(f"{path}.{key}", value, valid[key]) for key, value in data.items()}
+    missing = [f.name for f in fields(cls) if f.name not in values and _required(f)]  # type: ignore[arg-type]
+    if missing:
+        raise PrivacyError(
+            f"{path}.{missing[0]} is required in [{path}]",
+            hint=f"set {path}.{missing[0]} (docs/privacy.md), or remove the [{path}] table",
+        )
     return cls(**values)
+
+
+def _required(f: Any) -> bool:
+    return f.default is MISSING and f.default_factory is MISSING
 
 
 def _check_type(path: str, value: Any, hint: Any) -> Any:

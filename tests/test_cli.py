@@ -135,6 +135,7 @@ def test_device_auto_trains_where_it_can(deployment) -> None:  # type: ignore[no
         ("server", '[privacy.label]\nmechanism = "marvell"\nscale = 1.0\n', "privacy.label"),
         ("client-1", '[privacy.label]\nmechanism = "marvell"\nscale = 1.0\n', "privacy.label"),
         ("client-1", "[privacy.noise]\nsigmaa = 1.0\n", "privacy.noise.sigmaa"),
+        ("client-1", "[privacy.nopeek]\n", "privacy.nopeek.alpha"),  # a required key missing
     ],
 )
 def test_privacy_tables_are_typed_and_placed_for_every_worker(
