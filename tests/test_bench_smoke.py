@@ -290,3 +290,23 @@ def test_step_trace_runs_the_real_step_in_both_processes() -> None:
     assert all(value is not None for value in result["pieces_us"].values())
     assert result["step_us"] > 0 and result["settle_us"] > 0
     assert result["pinned"] == (party_cores() is not None)
+
+
+def test_the_bench_verb_passes_every_flag_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Arrange: catch the `python -m bench` command the console verb starts
+    import subprocess
+
+    from workers import cli
+
+    started: list[list[str]] = []
+
+    def fake_run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
+        started.append(argv)
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    # Act
+    code = cli.main(["bench", "--quick", "--json", "--pin", "--only", "overhead"])
+    # Assert
+    assert code == 0
+    assert started[0][1:] == ["-m", "bench", "--quick", "--json", "--pin", "--only", "overhead"]

@@ -179,7 +179,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError(
             "the benchmark suite lives in the source tree (bench/); run it from a checkout"
         )
-    flags = [f for f, on in (("--quick", args.quick), ("--json", args.json)) if on]
+    chosen = (("--quick", args.quick), ("--json", args.json), ("--pin", args.pin))
+    flags = [flag for flag, on in chosen if on]
     if args.only:
         flags += ["--only", *args.only]
     return subprocess.run([sys.executable, "-m", "bench", *flags], cwd=root, check=False).returncode

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true")
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--only", nargs="+", metavar="SECTION", help="run only these sections")
+    bench.add_argument(
+        "--pin", action="store_true", help="overhead: also each party on its own core"
+    )
     _ops_parsers(sub)
     return parser
 
