@@ -113,7 +113,7 @@ def instrument_client() -> None:
 
 
 def serve_traced(config: str, out: str) -> int:
-    """The server worker with stamps: SIGUSR1 starts afresh, SIGUSR2 writes them to ``out``."""
+    """The server worker with stamps; SIGUSR2 writes them to ``out``."""
     from workers.cli import main as cli_main
 
     instrument_server()
@@ -121,7 +121,6 @@ def serve_traced(config: str, out: str) -> int:
     def dump(signum: int, frame: object) -> None:
         Path(out).write_text(json.dumps(STAMPS))
 
-    signal.signal(signal.SIGUSR1, lambda signum, frame: STAMPS.clear())
     signal.signal(signal.SIGUSR2, dump)
     return cli_main(["server", "--config", config])
 
@@ -139,6 +138,11 @@ def timeline(stamps: Sequence[Stamp]) -> dict[str, Any]:
             steps.append({})
         if steps and edge not in steps[-1]:
             steps[-1][edge] = t
+    for step in steps:
+        if "Cwait1" not in step and "Csend1" in step and "Ssend1" in step:
+            # The reply was queued before the client looked for it (its send returned after
+            # the server had answered), so it never waited: it got to the reply then.
+            step["Cwait1"] = max(step["Csend1"], step["Ssend1"])
     edges = [a for a, _, _ in PIECES] + [PIECES[-1][1]]
     whole = [s for s in steps if all(e in s for e in edges)]
     pieces = {
@@ -171,7 +175,8 @@ def _durations(stamps: list[Stamp], start: str, end: str) -> list[float]:
 
 async def client_steps(
     cfg: ClientConfig, base: Path, steps: int, server: subprocess.Popen[bytes], pin: bool
-) -> None:
+) -> int:
+    """Warm up, then run ``steps`` traced steps; returns the clock when the first began."""
     from workers.client.worker import ClientWorker
 
     client = ClientWorker(cfg, base, progress=False)
@@ -185,12 +190,18 @@ async def client_steps(
             pin_process(server.pid, {cores[1]})
         for step in range(WARMUP):
             await train_step(client, step, batches[step % len(batches)])
-        server.send_signal(signal.SIGUSR1)
-        await asyncio.sleep(0.2)  # the server's handler runs before the first traced step
         STAMPS.clear()
+        started_ns = time.monotonic_ns()  # the server's stamps from here on are traced steps'
         for step in range(WARMUP, WARMUP + steps):
             await train_step(client, step, batches[step % len(batches)])
+        traced = list(STAMPS)
+        # One more step: the server handles requests in order, so once it answers this one
+        # it has stamped every edge of the last traced step (its deferred update included).
+        last = WARMUP + steps
+        await train_step(client, last, batches[last % len(batches)])
+        STAMPS[:] = traced
         server.send_signal(signal.SIGUSR2)
+        return started_ns
     finally:
         if client.conn is not None:
             client.conn.close()
@@ -217,9 +228,9 @@ def trace(model: str, steps: int, pin: bool) -> dict[str, Any]:
             )
         try:
             cfg = from_mapping(ClientConfig, client_map)
-            asyncio.run(client_steps(cfg, folder, steps, server, pin))
+            started_ns = asyncio.run(client_steps(cfg, folder, steps, server, pin))
             wait_for(lambda: out.exists() and out.stat().st_size > 0, 30, "the server's stamps")
-            server_stamps = [tuple(s) for s in json.loads(out.read_text())]
+            server_stamps = [tuple(s) for s in json.loads(out.read_text()) if s[1] >= started_ns]
         finally:
             stop_process(server)
             pin_process(os.getpid(), every)

@@ -280,6 +280,23 @@ def test_step_trace_orders_both_processes_stamps_into_pieces_of_a_step() -> None
     assert step_trace.timeline([])["steps"] == 0
 
 
+def test_a_step_whose_reply_was_queued_before_the_client_looked_still_counts() -> None:
+    # Prepare: the client's send returns after the server answered, so it never waits
+    order = list(dict.fromkeys(edge for a, b, _ in step_trace.PIECES for edge in (a, b)))
+    at = {edge: 1000 * i for i, edge in enumerate(order)}
+    at["Csend1"] = at["Ssend1"] + 3000  # preempted by the I/O thread and the server
+    del at["Cwait1"]
+    at["Capply0"] = at["Csend1"] + 2000
+    at["Capply1"], at["Cstep1"] = at["Capply0"] + 1000, at["Capply0"] + 2000
+
+    # Execute
+    result = step_trace.timeline(list(at.items()))
+
+    # Assert: the step counts; the client got to the reply when its send returned
+    assert result["steps"] == 1
+    assert result["pieces_us"]["client: receive, open, decode, check"] == 2.0
+
+
 @pytest.mark.timeout(120)
 def test_step_trace_runs_the_real_step_in_both_processes() -> None:
     # Execute: a few traced steps of the real client and server worker
