@@ -140,8 +140,7 @@ SUMMARY_KEYS = {
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("topology", "extra"),
-    [
-        ("vanilla", ()),
+    [  # vanilla, the default topology: README's `sl-pipeline demo` block (tests/test_readme.py)
         ("ushaped", ()),
         ("vertical", ()),
         ("vertical", ("--label-client",)),
