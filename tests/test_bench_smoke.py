@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -135,6 +137,30 @@ def test_machine_load_names_the_load_averages_and_cores() -> None:
     assert load["cpus"] >= 1
 
 
+@contextlib.asynccontextmanager
+async def _behind_the_shaper(
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    link: shaper.LinkSettings,
+) -> AsyncIterator[int]:
+    """A loopback server running ``handler`` behind the shaper's proxy thread; yields the
+    proxy's port, and stops the proxy and the server afterwards."""
+    target = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = target.sockets[0].getsockname()[1]
+    ready, stop = CTX.Queue(), CTX.Event()
+    proxy_port = free_port()
+    proxy = threading.Thread(
+        target=shaper.serve, args=(proxy_port, f"127.0.0.1:{port}", link, ready, stop)
+    )
+    proxy.start()
+    try:
+        await asyncio.wait_for(asyncio.to_thread(ready.get, timeout=10), 15)
+        yield proxy_port
+    finally:
+        stop.set()
+        await asyncio.to_thread(proxy.join, 5)
+        target.close()
+
+
 @pytest.mark.timeout(30)
 async def test_shaper_adds_the_round_trip_and_limits_the_rate() -> None:
     # Prepare: an echo server behind the shaper, 60 ms round trip, 8 Mbit/s
@@ -144,17 +170,9 @@ async def test_shaper_adds_the_round_trip_and_limits_the_rate() -> None:
             await writer.drain()
         writer.close()
 
-    target = await asyncio.start_server(echo, "127.0.0.1", 0)
-    port = target.sockets[0].getsockname()[1]
-    link, ready, stop = shaper.LinkSettings(), CTX.Queue(), CTX.Event()
+    link = shaper.LinkSettings()
     link.set(0.060, 8e6)
-    proxy_port = free_port()
-    proxy = threading.Thread(
-        target=shaper.serve, args=(proxy_port, f"127.0.0.1:{port}", link, ready, stop)
-    )
-    proxy.start()
-    try:
-        await asyncio.wait_for(asyncio.to_thread(ready.get, timeout=10), 15)
+    async with _behind_the_shaper(echo, link) as proxy_port:
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
 
         # Execute: one byte there and back, then 100 kB there and back
@@ -167,10 +185,6 @@ async def test_shaper_adds_the_round_trip_and_limits_the_rate() -> None:
         await asyncio.wait_for(reader.readexactly(100_000), 10)
         large_s = time.monotonic() - start
         writer.close()
-    finally:
-        stop.set()
-        await asyncio.to_thread(proxy.join, 5)
-        target.close()
 
     # Assert: the round trip is added; 100 kB at 8 Mbit/s takes 0.1 s on the link
     assert 0.060 <= small_s < 1.0
@@ -229,16 +243,7 @@ async def test_the_shaper_closes_the_sockets_of_each_finished_connection() -> No
         await reader.read(1)
         writer.close()
 
-    target = await asyncio.start_server(hang_up, "127.0.0.1", 0)
-    port = target.sockets[0].getsockname()[1]
-    link, ready, stop = shaper.LinkSettings(), CTX.Queue(), CTX.Event()
-    proxy_port = free_port()
-    proxy = threading.Thread(
-        target=shaper.serve, args=(proxy_port, f"127.0.0.1:{port}", link, ready, stop)
-    )
-    proxy.start()
-    try:
-        await asyncio.wait_for(asyncio.to_thread(ready.get, timeout=10), 15)
+    async with _behind_the_shaper(hang_up, shaper.LinkSettings()) as proxy_port:
         before = _open_fds()
         # Execute: ten connections through it, each ended by both sides
         for _ in range(10):
@@ -252,10 +257,6 @@ async def test_the_shaper_closes_the_sockets_of_each_finished_connection() -> No
         while _open_fds() > before:
             assert time.monotonic() < deadline, f"{_open_fds() - before} descriptors left open"
             await asyncio.sleep(0.02)
-    finally:
-        stop.set()
-        await asyncio.to_thread(proxy.join, 5)
-        target.close()
 
 
 def test_step_trace_orders_both_processes_stamps_into_pieces_of_a_step() -> None:
