@@ -18,6 +18,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
+from . import optim
 from .config import ModelConfig
 from .errors import ConfigError
 from .topologies import OWN_FEATURES, default_cuts
@@ -196,5 +197,5 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     params = list(params)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    return torch.optim.SGD(params, lr=lr, momentum=momentum)
+        return optim.Adam(params, lr=lr)
+    return optim.SGD(params, lr=lr, momentum=momentum)

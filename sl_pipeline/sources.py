@@ -9,6 +9,7 @@ so a bad file ends the party with one clear line before it joins the server.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,16 +51,30 @@ class Source:
 
 
 def builtin(name: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    from sklearn import datasets
-
     if name == "digits":
-        bunch = datasets.load_digits()
-        x = (bunch.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
-        return x, bunch.target.astype(np.int64), [1, 8, 8]
+        table = _sklearn_bundled("digits.csv.gz", skiprows=0)
+        x = (table[:, :-1] / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+        return x, table[:, -1].astype(np.int64), [1, 8, 8]
     if name == "breast_cancer":
-        bunch = datasets.load_breast_cancer()
-        return bunch.data.astype(np.float32), bunch.target.astype(np.int64), [30]
+        table = _sklearn_bundled("breast_cancer.csv", skiprows=1)  # a "569,30,names" header
+        return table[:, :-1].astype(np.float32), table[:, -1].astype(np.int64), [30]
     raise ConfigError(f"data.dataset = {name!r} is unknown; choose one of {list(BUILTIN_DATASETS)}")
+
+
+def _sklearn_bundled(filename: str, skiprows: int) -> np.ndarray:
+    """A built-in set's rows, read from the CSV that scikit-learn ships with its loaders.
+
+    Importing ``sklearn.datasets`` costs about a second of CPU (it pulls in SciPy) in every
+    worker process that starts; the loaders only parse these files, so we parse them
+    ourselves. ``find_spec`` locates the package without running it.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the built-in datasets need scikit-learn: run `make install`")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / filename
+    if not path.exists():
+        raise ConfigError(f"scikit-learn's {filename} is missing ({path}): run `make install`")
+    return np.loadtxt(path, delimiter=",", skiprows=skiprows, dtype=np.float64)
 
 
 def from_npz(path: Path, features: str, label: str) -> tuple[np.ndarray, np.ndarray | None]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +73,22 @@ def test_ragged_csv_is_refused(tmp_path: Path) -> None:
     (tmp_path / "d.csv").write_text("a,b\n1,2\n3\n")
     with pytest.raises(ConfigError, match="ragged"):
         load_party_data(DataConfig(path="d.csv", label="b"), tmp_path)
+
+
+@pytest.mark.parametrize("name", ["digits", "breast_cancer"])
+def test_builtin_sets_are_scikit_learns_rows_without_importing_it(name: str) -> None:
+    """We parse the CSVs scikit-learn ships (its import costs a worker ~1 s of CPU)."""
+    from sklearn import datasets
+
+    from sl_pipeline.sources import builtin
+
+    x, y, shape = builtin(name)
+    bunch = datasets.load_digits() if name == "digits" else datasets.load_breast_cancer()
+    scale = 16.0 if name == "digits" else 1.0
+    expected = (bunch.data / scale).astype(np.float32).reshape(len(bunch.data), *shape)
+    assert np.array_equal(x, expected)
+    assert np.array_equal(y, bunch.target)
+    script = f"import sys; from sl_pipeline.sources import builtin; builtin({name!r}); "
+    script += "print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
