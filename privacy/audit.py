@@ -127,7 +127,7 @@ def reconstruction_attack(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         decoder = mlp_decoder(aa.shape[1], ax.shape[1], hidden)
-        opt = torch.optim.Adam(decoder.parameters(), lr=lr)
+        opt = torch.optim.Adam(decoder.parameters(), lr=lr, fused=True)
         for _ in range(epochs):
             for idx in torch.randperm(ax.shape[0]).split(batch_size):
                 opt.zero_grad()
