@@ -51,7 +51,12 @@ def test_tune_writes_results_frontier_and_json_rows(
     )
     # Assert
     assert status == 0
-    assert {p.name for p in out.iterdir()} == {"results.csv", "results.json", "frontier.png"}
+    assert {p.name for p in out.iterdir()} == {
+        "results.csv",
+        "results.json",
+        "frontier.png",
+        "tune.json",
+    }
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out.strip().splitlines()
     rows = json.loads(printed[-1])

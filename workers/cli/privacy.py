@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 from sl_pipeline.config import TOPOLOGIES, read_toml
 from sl_pipeline.errors import ConfigError
 from workers.tools.localdeploy import free_port
+from workers.tools.tune_store import jsonable
 
 FSHA_STEPS = 2000  # privacy.hijack.FSHA_STEPS (the parser loads no torch; a test checks they match)
 
@@ -157,16 +157,6 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha")
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def _deployment_files(client_toml: Path) -> dict[str, Path]:
     """The deployment around a client TOML: server.toml beside it, relay and other clients."""
     if not client_toml.is_file():
@@ -272,7 +262,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             fsha_steps=args.fsha_steps,
         )
     if args.json:
-        print(json.dumps(_jsonable(result)), flush=True)
+        print(json.dumps(jsonable(result)), flush=True)
         return 0
     for key in ("hijack_flagged", "label_leak_attack"):
         if key in result:
@@ -288,10 +278,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from workers.tools.tune import format_table, run_tune, verdict, write_results
+    from workers.tools.tune import format_table, plot_results, run_tune, verdict
 
-    if args.out.exists() and not args.out.is_dir():
-        raise ConfigError(f"--out {str(args.out)!r} is a file; give a folder for the results")
     _quiet()
     rows = run_tune(
         args.topology,
@@ -302,13 +290,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
         attack_seeds=args.attack_seeds,
+        out=args.out,
     )
-    paths = write_results([_jsonable(r) for r in rows], args.out)
+    png = plot_results(rows, args.out)
     print(format_table(rows))
     print(verdict(rows))
-    print(f"wrote {paths['csv']}, {paths['json']}, {paths['png']}")
+    print(f"wrote {args.out / 'results.csv'}, {args.out / 'results.json'}, {png}")
     if args.json:
-        print(json.dumps(_jsonable(rows)), flush=True)
+        print(json.dumps(rows), flush=True)
     return 0
 
 

@@ -24,7 +24,8 @@ import contextlib
 import signal
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +235,19 @@ def check_args(topology: str, dataset: str, epochs: int | None) -> None:
         raise ConfigError(f"--epochs {epochs} must be at least 1")
 
 
+def run_keeping_signals(training: Coroutine[Any, Any, Trained]) -> Trained:
+    """``asyncio.run`` that gives SIGINT and SIGTERM back their handlers afterwards: closing
+    the loop resets them to the defaults, which would take away a caller's (tune's)."""
+    if threading.current_thread() is not threading.main_thread():
+        return asyncio.run(training)
+    before = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    try:
+        return asyncio.run(training)
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
 def audit_files(
     files: dict[str, Path],
     client_overrides: Sequence[str],
@@ -265,7 +279,7 @@ def audit_files(
     PrivacyConfig.from_mapping(scfg.privacy).validate_for_topology(scfg.server.topology)
     with pinned_threads(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        trained = asyncio.run(
+        trained = run_keeping_signals(
             train_in_process(
                 files, client_overrides, server_overrides, relay_overrides, timeout_s, seed
             )

@@ -3,27 +3,37 @@
 Each ``--sweep KEY=V1,V2,...`` names one setting and its values (TOML scalars; a bare word is
 a string). Every combination of the sweeps (their cartesian product) is trained and audited
 with :func:`workers.tools.audit.run_audit`; the rows go to ``DIR/results.csv`` and
-``DIR/results.json``, and ``DIR/frontier.png`` plots test accuracy against each leakage
+``DIR/results.json`` after every setting (:mod:`workers.tools.tune_store`: a rerun continues
+an interrupted tune), and ``DIR/frontier.png`` plots test accuracy against each leakage
 measure with the Pareto front marked.
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import itertools
 import json
 import math
 import re
+import signal
 import sys
+import threading
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from sl_pipeline.config import TrainConfig, apply_overrides, from_mapping
-from sl_pipeline.errors import ConfigError
-from workers.tools.audit import check_args, run_audit, split_overrides
+from sl_pipeline.errors import ConfigError, SLError
+from workers.tools.audit import (
+    STOP_SIGNALS,
+    AuditIncomplete,
+    check_args,
+    run_audit,
+    split_overrides,
+)
 from workers.tools.audit_measures import LABEL_LEAK_KEYS
+from workers.tools.tune_store import TuneSpec, TuneStore, jsonable
 
 SWEEP_PREFIXES = ("privacy.noise.", "privacy.nopeek.", "privacy.dpsgd.", "privacy.label.", "train.")
 MAX_COMBINATIONS = 256
@@ -163,6 +173,41 @@ def row_name(setting: Setting) -> str:
     return ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in setting.items())
 
 
+class TuneInterrupted(SLError):
+    """A signal stopped the tune; the settings measured before it are saved."""
+
+    code = "incomplete"
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message, hint="rerun the same command to measure the rest")
+        self.exit_code = 128 + signum
+
+
+class _Stopped(BaseException):
+    """Raised by the signal handler, outside training (where the audit has its own)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_stop_the_tune() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise _Stopped(signum)
+
+    before = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
 def run_tune(
     topology: str,
     dataset: str,
@@ -174,42 +219,107 @@ def run_tune(
     progress: bool = True,
     audit: Auditor = run_audit,
     attack_seeds: int = 3,
+    out: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Audit every combination; one row per combination with its settings and figures."""
-    from tqdm import tqdm
-
+    """Audit every combination; one row per combination with its settings and figures. With
+    ``out``, every row is saved as soon as it is measured and rows saved there by an earlier
+    run of the same tune are taken instead of measured again."""
     check_args(topology, dataset, epochs)
     settings = combinations(specs)
-    for setting in settings:
-        check_setting(topology, [*sets, *setting_overrides(setting)])
-    from privacy.frontier import assess
-
+    for combo in settings:
+        check_setting(topology, [*sets, *setting_overrides(combo)])
+    spec = TuneSpec(topology, dataset, tuple(sets), epochs, seed, attack_seeds)
+    store = TuneStore.open(out, spec.identity()) if out is not None else None
+    plan: list[Setting | None] = [None, *settings]
+    saved = [store.find(_name(s), s) if store else None for s in plan]
+    if store and any(saved):
+        print(
+            f"tune: {sum(map(bool, saved))} of {len(plan)} settings (the base run included) "
+            f"are already measured in {out}; measuring the other {saved.count(None)}",
+            file=sys.stderr,
+        )
     rows: list[dict[str, Any]] = []
-    undefended = [s for s in sets if not s.startswith("privacy.")]
+    measure = _measurer(spec, audit)
+    current, kept = BASE_ROW, 0
+    try:
+        with _signals_stop_the_tune(), _progress(plan, topology, dataset, progress) as bar:
+            for setting, found in zip(plan, saved, strict=True):
+                current = _name(setting)
+                row = found or measure(setting, rows[0] if rows else None)
+                rows.append(row)
+                if store:
+                    store.save(rows)
+                kept = len(rows)
+                bar.update()
+                bar.set_postfix(acc=f"{row.get('test_accuracy') or 0:.3f}")
+    except (_Stopped, AuditIncomplete) as exc:
+        raise _interrupted(exc, current, kept, len(plan), out) from None
+    return rows
+
+
+def _name(setting: Setting | None) -> str:
+    return BASE_ROW if setting is None else row_name(setting)
+
+
+@contextlib.contextmanager
+def _progress(plan: Sequence[object], topology: str, dataset: str, shown: bool) -> Iterator[Any]:
+    from tqdm import tqdm
+
     bar = tqdm(
-        [None, *settings],
+        total=len(plan),
         desc=f"tune {topology}/{dataset}",
         file=sys.stderr,
-        disable=not progress,
+        disable=not shown,
         dynamic_ncols=True,
     )
-    for setting in bar:
-        chosen = undefended if setting is None else [*sets, *setting_overrides(setting)]
-        client, server = split_overrides(chosen, topology)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def _measurer(
+    spec: TuneSpec, audit: Auditor
+) -> Callable[[Setting | None, dict[str, Any] | None], dict[str, Any]]:
+    """Train and audit one setting (``None``: the undefended base) into its row."""
+    from privacy.frontier import assess
+
+    undefended = [s for s in spec.sets if not s.startswith("privacy.")]
+
+    def measure(setting: Setting | None, base: dict[str, Any] | None) -> dict[str, Any]:
+        chosen = undefended if setting is None else [*spec.sets, *setting_overrides(setting)]
+        client, server = split_overrides(chosen, spec.topology)
         result = audit(
-            topology, dataset, client, server, epochs=epochs, seed=seed, attack_seeds=attack_seeds
+            spec.topology,
+            spec.dataset,
+            client,
+            server,
+            epochs=spec.epochs,
+            seed=spec.seed,
+            attack_seeds=spec.attack_seeds,
         )
         row = {
-            "name": BASE_ROW if setting is None else row_name(setting),
+            "name": _name(setting),
             **(setting or {}),
             **{k: result[k] for k in (*METRIC_KEYS, "label_leak_by_party") if k in result},
         }
-        if setting is not None:  # against the undefended run of the same seed
-            row.update(assess(row, rows[0]))
-        rows.append(row)
-        bar.set_postfix(acc=f"{row.get('test_accuracy') or 0:.3f}")
-    bar.close()
-    return rows
+        if base is not None:  # against the undefended run of the same seed
+            row.update(assess(row, base))
+        return jsonable(row)  # type: ignore[no-any-return]
+
+    return measure
+
+
+def _interrupted(
+    exc: _Stopped | AuditIncomplete, name: str, done: int, total: int, out: Path | None
+) -> TuneInterrupted:
+    signum = exc.signum if isinstance(exc, _Stopped) else (exc.exit_code - 128)
+    where = f"; they are in {out / 'results.json'}" if out is not None and done else ""
+    return TuneInterrupted(
+        f"tune interrupted by {signal.Signals(signum).name} while measuring {name}: "
+        f"{done} of {total} settings were measured{where}",
+        signum,
+    )
 
 
 def verdict(rows: Sequence[dict[str, Any]]) -> str:
@@ -229,24 +339,16 @@ def verdict(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) or "target: no setting of this sweep is judged (no leakage figure)"
 
 
-def write_results(rows: Sequence[dict[str, Any]], out: Path) -> dict[str, Path]:
-    """DIR/results.csv (scalar columns), DIR/results.json (everything), DIR/frontier.png."""
+def plot_results(rows: Sequence[dict[str, Any]], out: Path) -> Path:
+    """DIR/frontier.png: accuracy against each leakage measure, the Pareto front marked."""
     from privacy.frontier import plot_frontier
 
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out / "results.csv", "json": out / "results.json", "png": out / "frontier.png"}
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k, v in row.items() if k not in columns and not isinstance(v, dict)]
-    with paths["csv"].open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    paths["json"].write_text(json.dumps(list(rows), indent=2) + "\n")
+    png = out / "frontier.png"
     plotted = [r for r in rows if isinstance(r.get("test_accuracy"), float)]
     if plotted:
-        plot_frontier(plotted, paths["png"], label_key="name")
-    return paths
+        out.mkdir(parents=True, exist_ok=True)
+        plot_frontier(plotted, png, label_key="name")
+    return png
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -272,7 +374,7 @@ __all__ = [
     "combinations",
     "format_table",
     "parse_sweep",
+    "plot_results",
     "run_tune",
     "verdict",
-    "write_results",
 ]
