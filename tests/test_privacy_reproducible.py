@@ -103,6 +103,32 @@ def test_audit_stopped_by_sigterm_reports_incomplete_and_fails() -> None:
     assert "test_accuracy" not in out and "reconstruction_mse" not in out
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_audit_stopped_while_attacking_says_so_in_one_line(signum: int) -> None:
+    # Prepare: a short training, then the attacks (tens of seconds at three attacker seeds)
+    cmd = [sys.executable, "-m", "workers", "audit", "--topology", "vanilla", "--epochs", "1"]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        started = read_until(proc, "audit: attacking", timeout_s=120)
+        assert "audit: attacking" in started, started
+        # Execute
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        stop_process(proc, timeout_s=10)
+    # Assert: the exit status of the signal, one error line, no traceback, no figures
+    name = signal.Signals(signum).name
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert proc.returncode == 128 + signum
+    assert errors == [
+        f"sl-pipeline audit: error: audit interrupted by {name} while attacking the trained "
+        "model: no figures are reported (rerun the audit to completion for figures)"
+    ]
+    assert "Traceback" not in err and "reconstruction_mse" not in out
+
+
 def test_audit_refuses_nopeek_with_dpsgd_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     # Execute
     status = main(

@@ -112,6 +112,37 @@ class AuditIncomplete(SLError):
             self.exit_code = 128 + signum
 
 
+class _Signalled(BaseException):
+    """Raised by :func:`stopped_by_signals`' handler: not an Exception, so nothing swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stopped_by_signals(phase: str) -> Iterator[None]:
+    """SIGTERM and SIGINT end the block with :class:`AuditIncomplete` naming ``phase``. Inside
+    it, an in-process training's event loop installs its own handlers for its duration
+    (:func:`_take_over_signals`; :func:`run_keeping_signals` gives these back)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise _Signalled(signum)
+
+    before = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+    try:
+        yield
+    except _Signalled as exc:
+        name = signal.Signals(exc.signum).name
+        raise AuditIncomplete(f"audit interrupted by {name} {phase}", exc.signum) from None
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
 @contextlib.contextmanager
 def pinned_threads(threads: int = AUDIT_THREADS) -> Iterator[None]:
     """Run the block with ``threads`` torch threads, then restore the caller's count."""
@@ -277,7 +308,8 @@ def audit_files(
         raise ConfigError(f"--attack-seeds {attack_seeds} must be at least 1 (3 for intervals)")
     scfg = load(ServerConfig, files["server"], list(server_overrides))
     PrivacyConfig.from_mapping(scfg.privacy).validate_for_topology(scfg.server.topology)
-    with pinned_threads(), torch.random.fork_rng(devices=[]):
+    attacking = "while attacking the trained model: no figures are reported"
+    with pinned_threads(), torch.random.fork_rng(devices=[]), stopped_by_signals(attacking):
         torch.manual_seed(seed)
         trained = run_keeping_signals(
             train_in_process(
@@ -286,6 +318,7 @@ def audit_files(
         )
         from privacy.threats import THREAT_MODELS
 
+        print("audit: attacking the trained model; SIGTERM or SIGINT stops it", file=sys.stderr)
         result, data = measure(trained, seed, attack_seeds), trained.clients[0].data
         if canary_runs:
             result.update(canary_audit(cfg, data, privacy, canary_runs, seed))

@@ -17,7 +17,6 @@ import math
 import re
 import signal
 import sys
-import threading
 import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -26,11 +25,11 @@ from typing import Any
 from sl_pipeline.config import TrainConfig, apply_overrides, from_mapping
 from sl_pipeline.errors import ConfigError, SLError
 from workers.tools.audit import (
-    STOP_SIGNALS,
     AuditIncomplete,
     check_args,
     run_audit,
     split_overrides,
+    stopped_by_signals,
 )
 from workers.tools.audit_measures import LABEL_LEAK_KEYS
 from workers.tools.tune_store import TuneSpec, TuneStore, jsonable
@@ -183,31 +182,6 @@ class TuneInterrupted(SLError):
         self.exit_code = 128 + signum
 
 
-class _Stopped(BaseException):
-    """Raised by the signal handler, outside training (where the audit has its own)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _signals_stop_the_tune() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum: int, _frame: object) -> None:
-        raise _Stopped(signum)
-
-    before = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for signum, handler in before.items():
-            signal.signal(signum, handler)
-
-
 def run_tune(
     topology: str,
     dataset: str,
@@ -240,9 +214,9 @@ def run_tune(
         )
     rows: list[dict[str, Any]] = []
     measure = _measurer(spec, audit)
-    current, kept = BASE_ROW, 0
+    current, kept, between = BASE_ROW, 0, "between two settings"
     try:
-        with _signals_stop_the_tune(), _progress(plan, topology, dataset, progress) as bar:
+        with stopped_by_signals(between), _progress(plan, topology, dataset, progress) as bar:
             for setting, found in zip(plan, saved, strict=True):
                 current = _name(setting)
                 row = found or measure(setting, rows[0] if rows else None)
@@ -252,7 +226,7 @@ def run_tune(
                 kept = len(rows)
                 bar.update()
                 bar.set_postfix(acc=f"{row.get('test_accuracy') or 0:.3f}")
-    except (_Stopped, AuditIncomplete) as exc:
+    except AuditIncomplete as exc:
         raise _interrupted(exc, current, kept, len(plan), out) from None
     return rows
 
@@ -311,9 +285,9 @@ def _measurer(
 
 
 def _interrupted(
-    exc: _Stopped | AuditIncomplete, name: str, done: int, total: int, out: Path | None
+    exc: AuditIncomplete, name: str, done: int, total: int, out: Path | None
 ) -> TuneInterrupted:
-    signum = exc.signum if isinstance(exc, _Stopped) else (exc.exit_code - 128)
+    signum = exc.exit_code - 128
     where = f"; they are in {out / 'results.json'}" if out is not None and done else ""
     return TuneInterrupted(
         f"tune interrupted by {signal.Signals(signum).name} while measuring {name}: "
