@@ -83,45 +83,39 @@ def read_until(proc: subprocess.Popen[str], needle: str, timeout_s: float) -> st
     return seen
 
 
-def test_audit_stopped_by_sigterm_reports_incomplete_and_fails() -> None:
-    # Prepare: far more epochs than the test waits for.
-    cmd = [sys.executable, "-m", "workers", "audit", "--topology", "vanilla", "--epochs", "500"]
+def signal_once_printed(epochs: str, needle: str, signum: int) -> tuple[int, str, str]:
+    """Run `audit`, send ``signum`` once stderr shows ``needle``: (status, stdout, stderr)."""
+    cmd = [sys.executable, "-m", "workers", "audit", "--topology", "vanilla", "--epochs", epochs]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     try:
-        started = read_until(proc, "audit: training", timeout_s=120)
-        assert "audit: training" in started, started
-        # Execute
-        proc.send_signal(signal.SIGTERM)
+        started = read_until(proc, needle, timeout_s=120)
+        assert needle in started, started
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=60)
     finally:
         stop_process(proc, timeout_s=10)
+    return proc.returncode, out, started + err
+
+
+def test_audit_stopped_by_sigterm_reports_incomplete_and_fails() -> None:
+    # Execute: far more epochs than the test waits for
+    status, out, err = signal_once_printed("500", "audit: training", signal.SIGTERM)
     # Assert
-    assert proc.returncode == 128 + signal.SIGTERM
+    assert status == 128 + signal.SIGTERM
     assert "interrupted by SIGTERM" in err and "incomplete" in err
     assert "test_accuracy" not in out and "reconstruction_mse" not in out
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_audit_stopped_while_attacking_says_so_in_one_line(signum: int) -> None:
-    # Prepare: a short training, then the attacks (tens of seconds at three attacker seeds)
-    cmd = [sys.executable, "-m", "workers", "audit", "--topology", "vanilla", "--epochs", "1"]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    try:
-        started = read_until(proc, "audit: attacking", timeout_s=120)
-        assert "audit: attacking" in started, started
-        # Execute
-        proc.send_signal(signum)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        stop_process(proc, timeout_s=10)
+    # Execute: a short training, then the attacks (tens of seconds at three attacker seeds)
+    status, out, err = signal_once_printed("1", "audit: attacking", signum)
     # Assert: the exit status of the signal, one error line, no traceback, no figures
     name = signal.Signals(signum).name
     errors = [line for line in err.splitlines() if "error:" in line]
-    assert proc.returncode == 128 + signum
+    assert status == 128 + signum
     assert errors == [
         f"sl-pipeline audit: error: audit interrupted by {name} while attacking the trained "
         "model: no figures are reported (rerun the audit to completion for figures)"
