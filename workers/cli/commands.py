@@ -261,6 +261,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:  # a path the command could not use: the operator's to fix
+        if exc.filename is None:
+            raise
+        print(f"sl-pipeline {args.command}: error: {_path_problem(exc)}", file=sys.stderr)
+        return 2
+
+
+def _path_problem(exc: OSError) -> str:
+    where = f"{exc.filename!r}" + (f" -> {exc.filename2!r}" if exc.filename2 else "")
+    return (
+        f"cannot use {where}: {exc.strerror or exc}; check the path (does its folder exist, "
+        "is a file in the way of a folder, may this user write there?)"
+    )
 
 
 # Commands whose process ends without the interpreter's teardown (see ``console``).

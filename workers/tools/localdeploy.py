@@ -14,7 +14,7 @@ from sl_pipeline.group import write_group_key
 from sl_pipeline.keys import write_keypair
 from workers import topologies
 from workers.topologies import REGISTRY, Topology
-from workers.topologies.base import DATASETS, Deployment, Table
+from workers.topologies.base import DATASETS, FEATURES, Deployment, Table
 
 DEFAULT_EPOCHS = {"digits": 8, "breast_cancer": 10}
 # The topologies a generated deployment gives two clients by default.
@@ -110,7 +110,18 @@ class Plan:
     clients: list[Table]
 
 
-def check_options(name: str, clients: int, dataset: str, label_client: bool) -> Topology:
+def check_options(
+    name: str,
+    clients: int,
+    dataset: str,
+    label_client: bool,
+    epochs: int | None = None,
+    seed: int = 0,
+) -> Topology:
+    if epochs is not None and epochs < 1:
+        raise ConfigError(f"--epochs must be at least 1, got {epochs}")
+    if seed < 0:
+        raise ConfigError(f"--seed must not be negative, got {seed}")
     if name not in REGISTRY:
         raise ConfigError(f"--topology {name!r} is unknown; choose one of {list(REGISTRY)}")
     spec = REGISTRY[name]
@@ -118,6 +129,11 @@ def check_options(name: str, clients: int, dataset: str, label_client: bool) -> 
         raise ConfigError(f"--dataset {dataset!r} is unknown; choose one of {sorted(DATASETS)}")
     if clients < spec.min_clients:
         raise ConfigError(f"--clients must be at least {spec.min_clients}")
+    if spec.feature_parties and clients > FEATURES[dataset]:  # each party needs a column
+        raise ConfigError(
+            f"--clients must be at most {FEATURES[dataset]} for --topology {name} on "
+            f"--dataset {dataset} (one feature column per party at least)"
+        )
     if dataset not in spec.datasets:
         raise ConfigError(
             f"--topology {name} runs on --dataset {', '.join(spec.datasets)}{spec.datasets_note}"
@@ -144,7 +160,7 @@ def plan_deployment(
 ) -> Plan:
     """The configs of a server, its clients ``names`` and (multihop) a relay at
     ``relay = (bind, endpoint)``; clients reach the server at ``server_endpoint``."""
-    spec = check_options(topology, len(names), dataset, label_client)
+    spec = check_options(topology, len(names), dataset, label_client, epochs, seed)
     d = Deployment(list(names), dataset, seed, label_client)
     train = {
         "epochs": epochs or DEFAULT_EPOCHS[dataset],
@@ -208,7 +224,7 @@ def init_deployment(
     label_client: bool = False,
 ) -> dict[str, Any]:
     """Write DIR/server.toml, DIR/client-N.toml (and relay-1.toml, keys). Returns the paths."""
-    spec = check_options(topology, clients, dataset, label_client)
+    spec = check_options(topology, clients, dataset, label_client, epochs, seed)
     out.mkdir(parents=True, exist_ok=True)
     if (out / "server.toml").exists():
         raise ConfigError(f"{out / 'server.toml'} exists; choose an empty folder for init")

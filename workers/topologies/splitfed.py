@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 class SplitFed(GroupTopology):
     name = "splitfed"
     engine_kind = "secure_aggregation"
+    min_clients = 2  # pairwise masks need a pair: one client's sum would be its own weights
     pairwise_keys = True
 
     @property
