@@ -3,11 +3,18 @@ the documented exit status, never a traceback, and nothing already saved is lost
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
+import torch
 
 from workers.cli import main
+from workers.client.worker import ClientWorker
+from workers.server.worker import ServerWorker
+from workers.tools.inprocess import build_deployment, wait_until
+
+from .conftest import load_client
 
 
 def _fails(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
@@ -51,3 +58,38 @@ def test_init_and_demo_refuse_impossible_options_before_writing_anything(
         code, line = _fails(capsys, *verb, *flags)
         assert code == 2 and named in line, line
         assert not (tmp_path / "d").exists()
+
+
+async def test_a_long_lived_relay_serves_each_run_afresh(deployment) -> None:  # type: ignore[no-untyped-def]
+    """Two runs one after the other through one server and one relay: the second is the
+    first again (same seeds, fresh segments), not answered from the relay's memory of the
+    first (a run of fewer steps than its reply cache holds was never sent on) nor trained
+    on the first run's relay segment."""
+    files = deployment(topology="multihop", dataset="breast_cancer", clients=1)
+    run = build_deployment(files)
+    assert run.relay is not None
+    base = files["server"].parent
+    stop = asyncio.Event()
+    services = [asyncio.ensure_future(run.server.serve(stop))]
+    summaries = []
+    try:
+        await wait_until(run.server.ready)
+        services.append(asyncio.ensure_future(run.relay.serve(stop)))
+        await wait_until(run.relay.ready)
+        for count in (1, 2):
+            client = ClientWorker(load_client(files["client-1"]), base, progress=False)
+            summaries.append(await asyncio.wait_for(client.run(), 120))
+            await wait_until(lambda n=count: _finished(run.server) == n)  # type: ignore[misc]
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*services, return_exceptions=True), 30)
+    first, second = run.server.book.runs.values()
+    assert first.steps == second.steps == summaries[0]["steps"] > 0
+    assert summaries[1]["test_accuracy"] == summaries[0]["test_accuracy"]
+    assert run.relay.steps_applied == 2 * summaries[0]["steps"]
+    one, two = (torch.load(r.model, weights_only=True) for r in (first, second))
+    assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+def _finished(server: ServerWorker) -> int:
+    return sum(r.state == "finished" for r in server.book.runs.values())

@@ -11,6 +11,11 @@ leaves (segment, optimizer, reply cache, applied-step log), as the server does, 
 ``kill -9`` and a restart resume where it stood: a step resent by the client is answered
 from the restored cache, or, if the relay died before its checkpoint, redone from the
 previous weights with the next hop answering from its own cache.
+
+A long-lived relay serves run after run, as the server does: when a client starts afresh
+it joins the server again, whose welcome names the run the chain trains in now; if that is
+not the run its segment trained in, it saves that segment (``relay.save``) and starts the
+new run from the initial weights, with an empty reply cache.
 """
 
 from __future__ import annotations
@@ -77,33 +82,58 @@ class RelayWorker(RouterService):
             raise ConfigError(f"relay.max_batch must be at least 1, got {r.max_batch}")
         self.max_abs = cfg.limits.max_abs_value  # activations and gradients it is sent
         self.segment = segments[r.segment].to(self.device)
+        self.initial = {k: v.clone() for k, v in self.segment.state_dict().items()}
         # One sample of a client's ``act``, checked before the segment runs on it.
         self.act_shape = segment_inputs(segments, cfg.model.in_shape)[r.segment]
         self.residuals = Residuals()  # int2-ef: per client, what its gradients still owe
-        t = cfg.train
-        self.optimizer = make_optimizer(
-            list(self.segment.parameters()), t.optimizer, t.lr, t.momentum
-        )
+        self.optimizer = self._new_optimizer()
         self.upstream_hs = self._upstream_handshake()
         self.ctx: zmq.asyncio.Context | None = None
         self.upstream: DealerConnection | None = None
         self.joined_upstream = False
-        self.replies = ReplyCache(
-            max_names=max(1, r.max_names),
-            on_hit=lambda: self.metrics.record_bound("relay_cache"),
-            max_bytes=max(1, r.reply_cache_mib) * MIB,
-            on_bytes_hit=lambda: self.metrics.record_bound("reply_cache_bytes"),
-        )
+        self.replies = self._new_replies()
         self.applied_log = AppliedLog()  # which steps it applied
+        self.run_id = ""  # the run the server's last welcome named
+        self.trained_run = ""  # the run the segment's weights trained in ("" = none yet)
+        self.check_run = False  # a client started afresh: ask the server for the run first
         self.steps_applied = 0
         self.ckpt = open_store(cfg.checkpoint, base, r.name)
         self.resumed_from = self._restore()
         self._saved_at = self.steps_applied
 
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        return make_optimizer(list(self.segment.parameters()), t.optimizer, t.lr, t.momentum)
+
+    def _new_replies(self) -> ReplyCache:
+        r = self.cfg.relay
+        return ReplyCache(
+            max_names=max(1, r.max_names),
+            on_hit=lambda: self.metrics.record_bound("relay_cache"),
+            max_bytes=max(1, r.reply_cache_mib) * MIB,
+            on_bytes_hit=lambda: self.metrics.record_bound("reply_cache_bytes"),
+        )
+
+    async def _follow_run(self) -> None:
+        """Join the server again to learn the run the chain trains in now; a run other than
+        the segment's starts from the initial weights (the server's does too)."""
+        self.check_run = False
+        await self._join_upstream()
+        if not self.trained_run or self.trained_run == self.run_id:
+            return
+        log.info("run %s ended here; run %s starts afresh", self.trained_run, self.run_id)
+        self._save_segment()
+        self.segment.load_state_dict(self.initial)
+        self.optimizer = self._new_optimizer()
+        self.replies, self.applied_log = self._new_replies(), AppliedLog()
+        self.residuals = Residuals()
+        self.trained_run = ""
+
     # ---- checkpoints ---------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
         return {
             "fingerprint": self.fingerprint,
+            "trained_run": self.trained_run,
             "segment": dict(self.segment.state_dict()),
             "optimizer": self.optimizer.state_dict(),
             "steps_applied": self.steps_applied,
@@ -128,6 +158,7 @@ class RelayWorker(RouterService):
         restore_rng(state["rng"])
         self.replies.load(state["replies"])
         self.applied_log = AppliedLog.from_state(state["applied_log"])
+        self.trained_run = str(state.get("trained_run", ""))
         log.info("relay resumed from checkpoint %s at %d applied steps", path, self.steps_applied)
         return self.steps_applied
 
@@ -142,6 +173,8 @@ class RelayWorker(RouterService):
     def accept(self, hello: dict[str, Any], key: bytes | None) -> dict[str, Any]:
         """The welcome says this is a relay and which step of the peer it applied last."""
         last = self.replies.newest(self.peer_name(hello, key), Kind.FORWARD.value)
+        if hello.get("intent", "train") == "train" and hello.get("resume") is None:
+            self.check_run = True  # perhaps a new run: ask the server before its first step
         return {
             **super().accept(hello, key),
             "role": "relay",
@@ -177,7 +210,8 @@ class RelayWorker(RouterService):
         self.upstream = DealerConnection(
             self.ctx, self.cfg.relay.upstream, self.limits, self.metrics.record_message
         )
-        await self.upstream.handshake(self.upstream_hs, self.cfg.relay.timeout_s)
+        welcome = await self.upstream.handshake(self.upstream_hs, self.cfg.relay.timeout_s)
+        self.run_id = str(welcome.get("run") or "")
         self.joined_upstream = True
         log.info("relay joined upstream %s", self.cfg.relay.upstream)
 
@@ -187,7 +221,10 @@ class RelayWorker(RouterService):
         if self.ctx is not None:
             self.ctx.destroy(linger=0)
         self.checkpoint(force=True)
-        if self.cfg.relay.save and self.steps_applied:
+        self._save_segment()
+
+    def _save_segment(self) -> None:
+        if self.cfg.relay.save and self.trained_run:
             path = resolve_path(self.base, self.cfg.relay.save, "relay.save", must_exist=False)
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(self.segment.state_dict(), path)
@@ -233,6 +270,8 @@ class RelayWorker(RouterService):
         msg = msg.spoken_by(self.speaker(peer, msg))
         try:
             if msg.kind is Kind.FORWARD:
+                if self.check_run:
+                    await self._follow_run()
                 return [(identity, await self._forward(msg))]
             if msg.kind in (Kind.EVALUATE, Kind.PREDICT):
                 return [(identity, await self._infer(msg))]
@@ -275,6 +314,7 @@ class RelayWorker(RouterService):
         if not all_finite([*params, act.grad] if act.grad is not None else params):
             raise ProtocolError("this batch's gradients are not finite; the step was not applied")
         self.optimizer.step()
+        self.trained_run = self.trained_run or self.run_id or "-"
         self.steps_applied += 1
         self.metrics.record_step(self.steps_applied)
         assert act.grad is not None
