@@ -17,7 +17,9 @@ victim's class (when labels reach the attacker), and the auxiliary image nearest
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +33,9 @@ from privacy.defenses import ActivationNoise
 from sl_pipeline.errors import PrivacyError
 
 Release = Callable[[Tensor, torch.Generator], Tensor]
+# Decoders may train in threads (one torch thread each: the same figures as one after another);
+# their initial weights come from the global generator, which only one may reseed at a time.
+_INIT_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -87,22 +92,30 @@ def pass_subsets(passes: int) -> dict[str, list[int]]:
 
 
 def train_decoder(
-    aux_x: Tensor, aux_act: Tensor, observe: Release, seed: int, settings: DecoderSettings
+    aux_x: Tensor,
+    aux_act: Tensor,
+    observe: Release,
+    seed: int,
+    settings: DecoderSettings,
+    cancelled: threading.Event | None = None,
 ) -> nn.Module:
     """Fit activations -> inputs on auxiliary pairs: fresh observation noise every epoch, best
-    validation loss kept, stop after ``patience`` epochs without improvement."""
+    validation loss kept, stop after ``patience`` epochs without improvement (or at the next
+    epoch once ``cancelled`` is set: the caller then discards the decoder)."""
     x, act = aux_x.flatten(1).float(), aux_act.detach().float()
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(x.shape[0], generator=gen)
     n_val = max(1, int(settings.val_fraction * x.shape[0]))
     val, fit = order[:n_val], order[n_val:]
     val_obs, fit_x = observe(act[val], gen).flatten(1), x[fit]
-    with torch.random.fork_rng(devices=[]):
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         decoder = mlp_decoder(val_obs.shape[1], x.shape[1], settings.hidden)
     opt = torch.optim.Adam(decoder.parameters(), lr=settings.lr, fused=True)  # one pass, not ~10
     best, best_state, waited = math.inf, decoder.state_dict(), 0
     for _ in range(settings.max_epochs):
+        if cancelled is not None and cancelled.is_set():
+            break
         obs = observe(act[fit], gen).flatten(1)
         for idx in torch.randperm(fit.shape[0], generator=gen).split(settings.batch_size):
             opt.zero_grad()
@@ -163,6 +176,29 @@ def interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, 
     return mean, float(student_t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
 
 
+def _train_decoders(
+    aux_x: Tensor,
+    aux_act: Tensor,
+    observe: Release,
+    seeds: int,
+    settings: DecoderSettings,
+    pool: Executor | None,
+) -> list[nn.Module]:
+    """One decoder per seed, in ``pool`` when given; any failure or signal cancels the rest."""
+    if pool is None:
+        return [train_decoder(aux_x, aux_act, observe, seed, settings) for seed in range(seeds)]
+    cancelled = threading.Event()
+    jobs = [
+        pool.submit(train_decoder, aux_x, aux_act, observe, seed, settings, cancelled)
+        for seed in range(seeds)
+    ]
+    try:
+        return [job.result() for job in jobs]
+    except BaseException:
+        cancelled.set()  # running decoders stop at their next epoch; queued ones do nothing
+        raise
+
+
 def reconstruction_audit(
     aux: tuple[Tensor, Tensor],
     victim: tuple[Tensor, Tensor],
@@ -172,6 +208,7 @@ def reconstruction_audit(
     labels: tuple[Tensor, Tensor] | None = None,
     image_shape: Sequence[int] | None = None,
     settings: DecoderSettings | None = None,
+    pool: Executor | None = None,
 ) -> dict[str, Any]:
     """The tuned attacker over ``seeds`` seeds (decoder and noise draws) and the baselines;
     with two seeds or more also the ensemble attacker (``*_ensemble``): the mean of the seeds'
@@ -179,18 +216,19 @@ def reconstruction_audit(
 
     ``aux`` and ``victim`` are (inputs, clean activations of the trained segment); ``observe``
     turns clean activations into what the attacker sees (:func:`release_of`); ``labels`` are
-    (aux labels, victim labels) when labels reach the attacker.
+    (aux labels, victim labels) when labels reach the attacker. ``pool`` trains the seeds'
+    decoders side by side (threads, each with one torch thread: the same figures).
     """
     if seeds < 1:
         raise PrivacyError(f"seeds = {seeds} is out of range; allowed: >= 1")
     settings = settings or DecoderSettings()
     (ax, aact), (vx, vact) = aux, victim
-    runs, decoders = [], []
-    for seed in range(seeds):
-        decoders.append(train_decoder(ax, aact, observe, seed, settings))
+    decoders = _train_decoders(ax, aact, observe, seeds, settings, pool)
+    runs = []
+    for seed, decoder in enumerate(decoders):
         with torch.no_grad():
             seen = observe(vact.detach().float(), torch.Generator().manual_seed(10_000 + seed))
-            runs.append(image_scores(decoders[-1](seen.flatten(1)), vx, image_shape))
+            runs.append(image_scores(decoder(seen.flatten(1)), vx, image_shape))
     mse, mse_ci = interval([r["mse"] for r in runs])
     out: dict[str, Any] = {"reconstruction_mse": mse, "reconstruction_mse_ci": mse_ci}
     if image_shape is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -143,3 +145,45 @@ def test_an_early_encoder_view_leaks_what_the_final_one_discards() -> None:
     )
     # Assert
     assert every_pass["ssim"] > last_only["ssim"] + 0.1
+
+
+def test_decoders_trained_side_by_side_give_the_same_figures() -> None:
+    # Prepare: noisy releases (the noise draws must follow each seed, not thread timing)
+    aux, victims = smooth_images(200, seed=1), smooth_images(40, seed=2)
+    aux_act, victim_act = encode(aux) / 40, encode(victims) / 40
+    observe = release_of(NoiseConfig(sigma=0.15, clip=1.0), 2)
+    common = {"seeds": 3, "image_shape": SHAPE, "settings": FAST}
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the audit runs it: one torch thread per decoder
+    try:
+        # Execute
+        alone = reconstruction_audit((aux, aux_act), (victims, victim_act), observe, **common)
+        with ThreadPoolExecutor(3) as pool:
+            together = reconstruction_audit(
+                (aux, aux_act), (victims, victim_act), observe, pool=pool, **common
+            )
+    finally:
+        torch.set_num_threads(before)
+    # Assert: figure for figure
+    assert together == alone
+
+
+def test_a_failing_decoder_cancels_the_others() -> None:
+    # Prepare: an observation that fails on its third call (the first decoder's second epoch)
+    aux = smooth_images(100, seed=1)
+    calls: list[int] = []
+
+    def observe(act: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 3:
+            raise PrivacyError("boom")
+        return act
+
+    # Execute / Assert: the error surfaces, and the pool is left with nothing running
+    with ThreadPoolExecutor(1) as pool, pytest.raises(PrivacyError, match="boom"):
+        reconstruction_audit(
+            (aux, encode(aux)), (aux, encode(aux)), observe, seeds=3, settings=FAST, pool=pool
+        )
+    # the two queued decoders stopped at once: uncancelled, each would observe at least
+    # 1 + patience + 1 times (validation, then epochs until patience runs out)
+    assert len(calls) < 3 + 2 * (FAST.patience + 2)

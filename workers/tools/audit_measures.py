@@ -7,8 +7,10 @@ figures, each attack beside its threat model (:mod:`privacy.threats`).
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +121,14 @@ def _attacks(
     return found
 
 
+def _cores() -> int:
+    """The cores this process may run on: one decoder per core at most."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def _reconstruction(
     client: ClientWorker,
     encoders: Sequence[dict[str, Any]],
@@ -136,15 +146,17 @@ def _reconstruction(
         labels = (train.y, test.y)  # the labels travel with the activations
     image = tuple(test.x.shape[1:]) if test.x.dim() == 4 else None
     runs = {}
-    for name, (aux_act, victim_act, observe) in _attacks(client, encoders, releases).items():
-        runs[name] = reconstruction_audit(
-            (train.x, aux_act),
-            (test.x, victim_act),
-            observe,
-            seeds=attack_seeds,
-            labels=labels,
-            image_shape=image,
-        )
+    with ThreadPoolExecutor(min(attack_seeds, _cores()), thread_name_prefix="decoder") as pool:
+        for name, (aux_act, victim_act, observe) in _attacks(client, encoders, releases).items():
+            runs[name] = reconstruction_audit(
+                (train.x, aux_act),
+                (test.x, victim_act),
+                observe,
+                seeds=attack_seeds,
+                labels=labels,
+                image_shape=image,
+                pool=pool,
+            )
     key = "ssim" if image is not None else "reconstruction_mse"
     sign = 1.0 if image is not None else -1.0
     best = max(runs, key=lambda name: sign * runs[name][key])
