@@ -4,6 +4,7 @@ the documented exit status, never a traceback, and nothing already saved is lost
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,38 @@ async def test_a_long_lived_relay_serves_each_run_afresh(deployment) -> None:  #
 
 def _finished(server: ServerWorker) -> int:
     return sum(r.state == "finished" for r in server.book.runs.values())
+
+
+@pytest.mark.parametrize("content", [b"x", b"PK\x03\x04 truncated"])
+def test_a_corrupt_saved_model_is_one_line(
+    deployment, capsys: pytest.CaptureFixture[str], content: bytes
+) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(dataset="breast_cancer")
+    state = files["server"].parent / "state"
+    state.mkdir()
+    for name in ("server.pt", "client-1.pt"):
+        (state / name).write_bytes(content)
+    rows = files["server"].parent / "rows.csv"
+    rows.write_text(",".join(["1.0"] * 30) + "\n")
+    predict = ["predict", "--config", str(files["client-1"]), "--input", str(rows)]
+    for argv in (["server", "--config", str(files["server"])], predict):
+        code, line = _fails(capsys, *argv)
+        assert code == 2 and "is not a readable saved model" in line, line
+        assert "move it away" in line
+
+
+@pytest.mark.parametrize(("role", "key"), [("server", "server.save"), ("client-1", "client.save")])
+def test_an_unwritable_model_folder_is_refused_before_training(
+    deployment, capsys: pytest.CaptureFixture[str], role: str, key: str
+) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(dataset="breast_cancer")
+    blocker = files["server"].parent / "a-file"
+    blocker.write_text("")
+    sets = ["--set", f'{key}="{blocker}/sub/model.pt"', "--set", "client.retry_for_s=1"]
+    with socket.socket() as taken:  # were the folder not checked, a server would stop here
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        bind = f'server.bind="tcp://127.0.0.1:{taken.getsockname()[1]}"'
+        sets = sets if role.startswith("client") else [*sets[:2], "--set", bind]
+        code, line = _fails(capsys, role.split("-")[0], "--config", str(files[role]), *sets)
+    assert code == 2 and f"{key} = " in line and "cannot write in" in line, line

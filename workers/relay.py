@@ -43,7 +43,13 @@ from sl_pipeline.tensors import all_finite, as_input, read_tensor, wire_tensors
 from sl_pipeline.transport import DealerConnection
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.appliedlog import AppliedLog
-from workers.runtime.checkpoint import open_store, restore_rng, rng_state
+from workers.runtime.checkpoint import (
+    check_writable,
+    open_store,
+    restore_rng,
+    rng_state,
+    save_weights,
+)
 from workers.runtime.peers import Listen, Peer, reject_reason
 from workers.runtime.service import Replies, RouterService
 from workers.runtime.startup import load_own_key, load_peer_key, warn_insecure
@@ -97,6 +103,8 @@ class RelayWorker(RouterService):
         self.trained_run = ""  # the run the segment's weights trained in ("" = none yet)
         self.check_run = False  # a client started afresh: ask the server for the run first
         self.steps_applied = 0
+        if (save := self._save_path()) is not None:
+            check_writable(save, "relay.save")
         self.ckpt = open_store(cfg.checkpoint, base, r.name)
         self.resumed_from = self._restore()
         self._saved_at = self.steps_applied
@@ -223,11 +231,14 @@ class RelayWorker(RouterService):
         self.checkpoint(force=True)
         self._save_segment()
 
+    def _save_path(self) -> Path | None:
+        save = self.cfg.relay.save
+        return resolve_path(self.base, save, "relay.save", must_exist=False) if save else None
+
     def _save_segment(self) -> None:
-        if self.cfg.relay.save and self.trained_run:
-            path = resolve_path(self.base, self.cfg.relay.save, "relay.save", must_exist=False)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(self.segment.state_dict(), path)
+        path = self._save_path()
+        if path is not None and self.trained_run:
+            save_weights(self.segment.state_dict(), path, "the relay's segment (relay.save)")
 
     def ready(self) -> bool:
         """Ready once the upstream hop was first joined. A link lost later is joined again

@@ -29,6 +29,7 @@ from sl_pipeline.tables import Table, read_table, with_ids
 from workers.client.align import align_rows
 from workers.client.steps import DATA_STATE
 from workers.client.worker import BYE_LINGER_MS, ClientWorker
+from workers.runtime.checkpoint import load_weights
 
 BATCH = 256
 
@@ -41,7 +42,7 @@ class Inputs:
 
 def saved_data(path: Path) -> tuple[Encoding | None, list[str] | None]:
     """The encoding and label names saved with a trained segment (None: plain numbers)."""
-    state = torch.load(path, weights_only=True)
+    state = load_weights(path, "client.save")
     if DATA_STATE not in state:
         return None, None
     raw = json.loads(state[DATA_STATE])

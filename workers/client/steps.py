@@ -25,6 +25,7 @@ from sl_pipeline.models import build_segments, make_optimizer, resolve_device
 from sl_pipeline.tensors import as_input, read_tensor, wire_labels, wire_tensors
 from workers.client.host import RunnerConfig, RunnerHost
 from workers.client.private import PrivateBatches
+from workers.runtime.checkpoint import load_weights, save_weights
 
 log = logging.getLogger("sl_pipeline.client")
 MAX_STEP_REDOS = 10
@@ -352,7 +353,6 @@ class StepRunner:
         if not self.cfg.client.save:
             return
         path = resolve_path(self.host.base, self.cfg.client.save, "client.save", must_exist=False)
-        path.parent.mkdir(parents=True, exist_ok=True)
         state: dict[str, Any] = {name: _plain_state(m) for name, m in self.modules.items()}
         data = self.host.data
         if data.encoding is not None or data.label_names is not None:
@@ -363,10 +363,10 @@ class StepRunner:
                     "label_names": data.label_names,
                 }
             )
-        torch.save(state, path)
+        save_weights(state, path, "the trained segment (client.save)")
 
     def load(self, path: Path) -> None:
-        state = torch.load(path, weights_only=True)
+        state = load_weights(path, "client.save")
         for name, module in self.modules.items():
             _unwrap(module).load_state_dict(state[name])
 

@@ -36,7 +36,7 @@ from workers.client.staleness import configured_momentum
 from workers.client.steps import StepRunner
 from workers.ops.http import OpsServer
 from workers.ops.metrics import WorkerMetrics
-from workers.runtime.checkpoint import open_store, restore_rng, rng_state
+from workers.runtime.checkpoint import check_writable, open_store, restore_rng, rng_state
 from workers.runtime.startup import (
     install_stop_signals,
     start_ops,
@@ -214,6 +214,8 @@ class ClientWorker:
     async def run(self) -> dict[str, Any]:
         start = time.perf_counter()
         wall = None  # the run's time, without the linger for a final scrape
+        if (save := model_path(self.cfg, self.base)) is not None:
+            check_writable(Path(save), "client.save")  # now, not after hours of training
         self.link.ctx = ctx = zmq.asyncio.Context()
         ops = await start_ops(self.cfg.ops, self.metrics, self.status, lambda: self.link.connected)
         install_stop_signals(self.stop)

@@ -8,13 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from sl_pipeline.config import ServerConfig, resolve_path
 from sl_pipeline.errors import ConfigError, NameInUseError, ProtocolError, RunEndedError
 from sl_pipeline.messages import Kind, Message
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.appliedlog import AppliedLog
+from workers.runtime.checkpoint import check_writable, load_weights, save_weights
 from workers.runtime.peers import Peer
 from workers.server.engines.base import Engine, Reply
 from workers.server.replycache import MIB, ReplyCache
@@ -183,8 +182,7 @@ class RunHost:
             engine.settle()
             path = self.book.model_path(run)
             if path is not None and run.steps:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(engine.model.state_dict(), path)
+                save_weights(engine.model.state_dict(), path, f"run {run.id}'s model")
                 run.model = str(path)
         latest = self.book.latest()
         if latest is not None and latest.steps:
@@ -240,7 +238,7 @@ class RunHost:
 
     def _load_model(self, engine: Engine, path: Path, what: str) -> None:
         try:
-            engine.model.load_state_dict(torch.load(path, weights_only=True))
+            engine.model.load_state_dict(load_weights(path, what))
         except (RuntimeError, KeyError, OSError, EOFError) as exc:
             raise ConfigError(
                 f"{what} ({path}) does not fit this server's model: {first_line(exc)}; "
@@ -259,8 +257,15 @@ class RunHost:
         """``server.save`` always holds the newest run's segment."""
         path = self._save_path()
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(engine.model.state_dict(), path)
+            save_weights(engine.model.state_dict(), path, "the newest run's model (server.save)")
+
+    def check_outputs_writable(self) -> None:
+        """A read-only or missing output folder is found at start, not when a run ends."""
+        path = self._save_path()
+        if path is not None:
+            check_writable(path, "server.save")
+        if self.book.dir is not None:
+            check_writable(self.book.dir / "runs.json", "server.runs_dir")
 
     def _check_name_free(self, name: str, hello: dict[str, Any]) -> None:
         """Refuse a second live session under one name; a restarted client may take over."""

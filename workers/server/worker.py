@@ -64,6 +64,7 @@ class ServerWorker(RunHost, RouterService):
             s.topology, server=True, holds_labels=not s.label_holder
         )
         self.book = RunBook(self._runs_dir(), s.max_runs, s.run_clients, s.empty_run_s)
+        self.check_outputs_writable()
         self.peer_runs: dict[str, str] = {}  # peer name -> the run it trains in
         self.requested: dict[str, str] = {}  # peer name -> the run it asked for ("" = current)
         self.inferring: set[str] = set()  # peers whose hello said they only infer
