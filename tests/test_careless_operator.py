@@ -13,9 +13,12 @@ import torch
 from workers.cli import main
 from workers.client.worker import ClientWorker
 from workers.server.worker import ServerWorker
+from workers.tools.demo import stop_process
 from workers.tools.inprocess import build_deployment, wait_until
+from workers.tools.localdeploy import free_port
 
-from .conftest import load_client
+from .conftest import load_client, wait_listening
+from .workerproc import WorkerProcess
 
 
 def _fails(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
@@ -129,3 +132,26 @@ def test_an_unwritable_model_folder_is_refused_before_training(
         sets = sets if role.startswith("client") else [*sets[:2], "--set", bind]
         code, line = _fails(capsys, role.split("-")[0], "--config", str(files[role]), *sets)
     assert code == 2 and f"{key} = " in line and "cannot write in" in line, line
+
+
+def test_a_second_server_on_the_same_state_is_refused(
+    deployment, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """The port was taken, so the operator starts the same config on another port: both
+    would write one checkpoint set and runs.json. The second is refused; the first runs on."""
+    files = deployment(dataset="breast_cancer")
+    config = str(files["server"])
+    first = WorkerProcess(["server", "--config", config], tmp_path / "s.out", tmp_path / "s.log")
+    try:
+        wait_listening(files["server"])
+        other = ["--set", f'server.bind="tcp://127.0.0.1:{free_port()}"']
+        with socket.socket() as taken:  # were it not refused, it would stop here, not serve
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            other += ["--set", f'ops.listen="127.0.0.1:{taken.getsockname()[1]}"']
+            code, line = _fails(capsys, "server", "--config", config, *other)
+        assert code == 2 and "is in use by another running worker named 'server'" in line, line
+        assert f"(pid {first.pid})" in line
+        assert first.poll() is None
+    finally:
+        assert stop_process(first) == 0  # type: ignore[arg-type]

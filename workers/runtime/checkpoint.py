@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import builtins
 import copy
+import fcntl
 import hashlib
 import io
 import logging
@@ -135,7 +136,38 @@ class CheckpointStore:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise CheckpointError(f"cannot create checkpoint dir {directory}: {exc}") from None
+        self._lock_fd = self._lock()
         self._remove_stale_temps()
+
+    def _lock(self) -> int:
+        """Hold ``.PREFIX.lock`` for this process's life: a second worker of the same name
+        on these checkpoints (a second server started on the same state, the same client
+        started twice) would write over this one's. A POSIX lock ends with its process,
+        ``kill -9`` included, and never conflicts with its own process (in-process tests)."""
+        path = self.directory / f".{self.prefix}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise CheckpointError(f"cannot open {path}: {exc}") from None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(
+                f"checkpoint.dir {self.directory} is in use by another running worker named "
+                f"{self.prefix!r} (pid {holder}); two would overwrite each other's state: stop "
+                "that one first, or give this one its own [checkpoint] dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    def __del__(self) -> None:  # the lock goes with the store (tests make many per process)
+        fd = getattr(self, "_lock_fd", -1)
+        if fd >= 0:
+            os.close(fd)
+            self._lock_fd = -1
 
     def path_for(self, step: int) -> Path:
         if not 0 <= step < 10**12:
