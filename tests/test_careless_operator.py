@@ -4,7 +4,12 @@ the documented exit status, never a traceback, and nothing already saved is lost
 from __future__ import annotations
 
 import asyncio
+import re
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -155,3 +160,38 @@ def test_a_second_server_on_the_same_state_is_refused(
         assert first.poll() is None
     finally:
         assert stop_process(first) == 0  # type: ignore[arg-type]
+
+
+def test_a_client_stopped_before_its_first_step_keeps_the_saved_model(deployment) -> None:  # type: ignore[no-untyped-def]
+    """Ctrl-C while the client still waits for its server: the model trained before is
+    not overwritten with untrained weights, and the report says it stopped (not that it
+    trained, nor that the party holds no labels)."""
+    files = deployment(dataset="breast_cancer")
+    saved = files["server"].parent / "state" / "client-1.pt"
+    saved.parent.mkdir()
+    saved.write_bytes(b"the model of last week's run")
+    err = files["server"].parent / "client.err"
+    argv = [sys.executable, "-m", "workers", "client", "--config", str(files["client-1"])]
+    with err.open("w") as stderr:
+        proc = subprocess.Popen(  # nothing listens: it retries until stopped
+            [*argv, "--set", "client.retry_for_s=60"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "retrying" not in err.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, err.read_text()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    assert saved.read_bytes() == b"the model of last week's run"
+    report = r"stopped by signal after 0 steps in run - in [0-9.]+s; test accuracy n/a \(not "
+    assert re.fullmatch(report + r"evaluated yet\); model: none trained", out.strip()), out
+    assert "no [checkpoint] dir, so this client cannot resume" in err.read_text()

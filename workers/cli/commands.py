@@ -123,11 +123,20 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 def _client_report(summary: dict[str, Any]) -> str:
     accuracy = summary["test_accuracy"]
-    shown = "n/a (this party holds no labels)" if accuracy is None else f"{accuracy:.4f}"
+    stopped = summary.get("stopped_early")
+    if accuracy is not None:
+        shown = f"{accuracy:.4f}"
+    elif stopped and not summary.get("best_epoch"):
+        shown = "n/a (not evaluated yet)"
+    else:
+        shown = "n/a (this party holds no labels)"
     best = f" (best: epoch {summary['best_epoch']})" if summary.get("best_epoch") else ""
-    model = summary.get("model") or "not saved (set client.save)"
+    model = summary.get("model") or (
+        "none trained" if not summary["steps"] else "not saved (set client.save)"
+    )
+    verb = "stopped by signal after" if stopped else "trained"
     return (
-        f"trained {summary['steps']} steps in run {summary.get('run') or '-'} in "
+        f"{verb} {summary['steps']} steps in run {summary.get('run') or '-'} in "
         f"{summary['wall_seconds']:.1f}s; test accuracy {shown}{best}; model: {model}"
     )
 

@@ -30,7 +30,7 @@ from workers.client.align import aligned_data, first_data, psi_key, rows_file
 from workers.client.host import RunnerConfig
 from workers.client.link import Stopped, Upstream, make_handshake
 from workers.client.microbatch import MAX_DEPTH, Pipeline, check_depth
-from workers.client.report import best_epoch, model_path
+from workers.client.report import best_epoch, log_stop, model_path
 from workers.client.rollback import NOTHING, Rewind, UndoPoints
 from workers.client.staleness import configured_momentum
 from workers.client.steps import StepRunner
@@ -227,14 +227,13 @@ class ClientWorker:
                 await self.train()
             except Stopped:
                 self.stopped = True
-                log.warning(
-                    "stopped by signal at epoch %d step %d; state saved", self.epoch, self.step
-                )
+                log_stop(self.epoch, self.step, self.ckpt is not None, self.run_id)
             if self.link.connected:  # a peer being rejoined is gone: no bye for it
                 assert self.link.conn is not None
                 bye = {"finished": not self.stopped, "accuracy": self.last_accuracy}
                 await self.link.conn.send(self.message(Kind.BYE, meta=bye))
-            self.runner.save()
+            if self.steps_done > self.resumed_from:  # else the saved model stays as it was
+                self.runner.save()
             if not self.stopped:
                 self.epoch = self.cfg.train.epochs  # finished: a restart has nothing left to do
             last = self.last_applied
@@ -320,7 +319,7 @@ class ClientWorker:
             "rewinds": self.undo.rewinds,
             "stopped_early": self.stopped,
             "best_epoch": best_epoch(self.history),
-            "model": model_path(self.cfg, self.base),
+            "model": model_path(self.cfg, self.base) if self.steps_done else None,
             "wall_seconds": round(wall, 3),
             **self.runner.report(),
         }

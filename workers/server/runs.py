@@ -196,7 +196,8 @@ class RunBook:
         if owner and (other := self.open_run_of(owner)) is not None:
             raise ProtocolError(
                 f"{owner} already trains in run {other.id!r} and has not finished it; a "
-                "client has one open run at a time: finish or stop that run first"
+                "client has one open run at a time: finish it, or stop it on the server "
+                f"(`sl-pipeline runs stop {other.id}`)"
             )
         if owner and (mine := self.owned_run(owner)) is not None:
             need = self.run_clients or len(mine.members)
