@@ -372,4 +372,11 @@ def resolve_path(base: Path, value: str, dotted: str, *, must_exist: bool = True
 def load(cls: type[T], path: Path, overrides: list[str] | None = None) -> T:
     """Read, override and validate one worker's TOML config."""
     data = apply_overrides(read_toml(path), overrides or [])
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for role in ("server", "client", "relay"):  # another worker's file, given to this one
+        if role in data and role not in names and names & {"server", "client", "relay"}:
+            raise ConfigError(
+                f"{path} is a {role}'s config (it has a [{role}] section); start it with "
+                f"`sl-pipeline {role} --config {path}`, or give this command its own file"
+            )
     return from_mapping(cls, data)

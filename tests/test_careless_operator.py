@@ -195,3 +195,24 @@ def test_a_client_stopped_before_its_first_step_keeps_the_saved_model(deployment
     report = r"stopped by signal after 0 steps in run - in [0-9.]+s; test accuracy n/a \(not "
     assert re.fullmatch(report + r"evaluated yet\); model: none trained", out.strip()), out
     assert "no [checkpoint] dir, so this client cannot resume" in err.read_text()
+
+
+@pytest.mark.parametrize(
+    ("verb", "given", "role"),
+    [
+        ("server", "client-1", "client"),
+        ("client", "server", "server"),
+        ("client", "relay-1", "relay"),
+        ("relay", "client-1", "client"),
+        ("predict", "relay-1", "relay"),
+    ],
+)
+def test_another_workers_config_names_the_command_it_is_for(
+    deployment, capsys: pytest.CaptureFixture[str], verb: str, given: str, role: str
+) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(topology="multihop")
+    extra = ["--input", "rows.csv"] if verb == "predict" else []
+    code, line = _fails(capsys, verb, "--config", str(files[given]), *extra)
+    assert code == 2
+    assert f"is a {role}'s config" in line
+    assert f"`sl-pipeline {role} --config {files[given]}`" in line
