@@ -10,6 +10,7 @@ Each measures one attack; a low number says this attack failed, not that no atta
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -86,14 +87,29 @@ def ssim(
 # ------------------------------------------------------------------ reconstruction
 
 
-def mlp_decoder(d_in: int, d_out: int, hidden: int) -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(d_in, hidden),
+def mlp_decoder(
+    d_in: int, d_out: int, hidden: int, generator: torch.Generator | None = None
+) -> nn.Module:
+    """Three linear layers. With ``generator``, their initial weights are drawn from it alone
+    (the draws ``nn.Linear`` makes from the global generator, in the same order: the same
+    weights as after ``torch.manual_seed`` with its seed), so decoders can be built in threads."""
+    device = "meta" if generator is not None else None  # meta: no draws from the global one
+    decoder = nn.Sequential(
+        nn.Linear(d_in, hidden, device=device),
         nn.ReLU(),
-        nn.Linear(hidden, hidden),
+        nn.Linear(hidden, hidden, device=device),
         nn.ReLU(),
-        nn.Linear(hidden, d_out),
+        nn.Linear(hidden, d_out, device=device),
     )
+    if generator is None:
+        return decoder
+    decoder = decoder.to_empty(device="cpu")
+    for layer in decoder:
+        if isinstance(layer, nn.Linear):  # as nn.Linear.reset_parameters
+            nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+            bound = 1 / math.sqrt(layer.in_features)
+            nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+    return decoder
 
 
 def reconstruction_attack(

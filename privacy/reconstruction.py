@@ -17,9 +17,7 @@ victim's class (when labels reach the attacker), and the auxiliary image nearest
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +31,16 @@ from privacy.defenses import ActivationNoise
 from sl_pipeline.errors import PrivacyError
 
 Release = Callable[[Tensor, torch.Generator], Tensor]
-# Decoders may train in threads (one torch thread each: the same figures as one after another);
-# their initial weights come from the global generator, which only one may reseed at a time.
-_INIT_LOCK = threading.Lock()
+# One decoder's training, given a "should it stop now?" check (polled once per epoch).
+DecoderJob = Callable[[Callable[[], bool]], nn.Module]
+# Runs decoder jobs and returns their decoders in order: one after another by default; the
+# audit runs them side by side in threads (workers.tools.audit_measures), since a decoder draws
+# only from its own generators the figures are the same.
+JobRunner = Callable[[Sequence[DecoderJob]], list[nn.Module]]
+
+
+def one_after_another(jobs: Sequence[DecoderJob]) -> list[nn.Module]:
+    return [job(lambda: False) for job in jobs]
 
 
 @dataclass(frozen=True)
@@ -97,24 +102,24 @@ def train_decoder(
     observe: Release,
     seed: int,
     settings: DecoderSettings,
-    cancelled: threading.Event | None = None,
+    cancelled: Callable[[], bool] = lambda: False,
 ) -> nn.Module:
     """Fit activations -> inputs on auxiliary pairs: fresh observation noise every epoch, best
     validation loss kept, stop after ``patience`` epochs without improvement (or at the next
-    epoch once ``cancelled`` is set: the caller then discards the decoder)."""
+    epoch once ``cancelled()`` says so: the caller then discards the decoder). Every draw comes
+    from generators seeded with ``seed``, none from the global one."""
     x, act = aux_x.flatten(1).float(), aux_act.detach().float()
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(x.shape[0], generator=gen)
     n_val = max(1, int(settings.val_fraction * x.shape[0]))
     val, fit = order[:n_val], order[n_val:]
     val_obs, fit_x = observe(act[val], gen).flatten(1), x[fit]
-    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        decoder = mlp_decoder(val_obs.shape[1], x.shape[1], settings.hidden)
+    init = torch.Generator().manual_seed(seed)
+    decoder = mlp_decoder(val_obs.shape[1], x.shape[1], settings.hidden, generator=init)
     opt = torch.optim.Adam(decoder.parameters(), lr=settings.lr, fused=True)  # one pass, not ~10
     best, best_state, waited = math.inf, decoder.state_dict(), 0
     for _ in range(settings.max_epochs):
-        if cancelled is not None and cancelled.is_set():
+        if cancelled():
             break
         obs = observe(act[fit], gen).flatten(1)
         for idx in torch.randperm(fit.shape[0], generator=gen).split(settings.batch_size):
@@ -176,27 +181,10 @@ def interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, 
     return mean, float(student_t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
 
 
-def _train_decoders(
-    aux_x: Tensor,
-    aux_act: Tensor,
-    observe: Release,
-    seeds: int,
-    settings: DecoderSettings,
-    pool: Executor | None,
-) -> list[nn.Module]:
-    """One decoder per seed, in ``pool`` when given; any failure or signal cancels the rest."""
-    if pool is None:
-        return [train_decoder(aux_x, aux_act, observe, seed, settings) for seed in range(seeds)]
-    cancelled = threading.Event()
-    jobs = [
-        pool.submit(train_decoder, aux_x, aux_act, observe, seed, settings, cancelled)
-        for seed in range(seeds)
-    ]
-    try:
-        return [job.result() for job in jobs]
-    except BaseException:
-        cancelled.set()  # running decoders stop at their next epoch; queued ones do nothing
-        raise
+def _decoder_job(
+    aux_x: Tensor, aux_act: Tensor, observe: Release, seed: int, settings: DecoderSettings
+) -> DecoderJob:
+    return lambda cancelled: train_decoder(aux_x, aux_act, observe, seed, settings, cancelled)
 
 
 def reconstruction_audit(
@@ -208,7 +196,7 @@ def reconstruction_audit(
     labels: tuple[Tensor, Tensor] | None = None,
     image_shape: Sequence[int] | None = None,
     settings: DecoderSettings | None = None,
-    pool: Executor | None = None,
+    run_jobs: JobRunner = one_after_another,
 ) -> dict[str, Any]:
     """The tuned attacker over ``seeds`` seeds (decoder and noise draws) and the baselines;
     with two seeds or more also the ensemble attacker (``*_ensemble``): the mean of the seeds'
@@ -216,14 +204,14 @@ def reconstruction_audit(
 
     ``aux`` and ``victim`` are (inputs, clean activations of the trained segment); ``observe``
     turns clean activations into what the attacker sees (:func:`release_of`); ``labels`` are
-    (aux labels, victim labels) when labels reach the attacker. ``pool`` trains the seeds'
-    decoders side by side (threads, each with one torch thread: the same figures).
+    (aux labels, victim labels) when labels reach the attacker. ``run_jobs`` trains the
+    seeds' decoders (:data:`JobRunner`).
     """
     if seeds < 1:
         raise PrivacyError(f"seeds = {seeds} is out of range; allowed: >= 1")
     settings = settings or DecoderSettings()
     (ax, aact), (vx, vact) = aux, victim
-    decoders = _train_decoders(ax, aact, observe, seeds, settings, pool)
+    decoders = run_jobs([_decoder_job(ax, aact, observe, seed, settings) for seed in range(seeds)])
     runs = []
     for seed, decoder in enumerate(decoders):
         with torch.no_grad():
@@ -252,10 +240,13 @@ def reconstruction_audit(
 
 
 __all__ = [
+    "DecoderJob",
     "DecoderSettings",
+    "JobRunner",
     "baselines",
     "image_scores",
     "interval",
+    "one_after_another",
     "pass_subsets",
     "reconstruction_audit",
     "release_of",

@@ -18,6 +18,7 @@ from privacy.reconstruction import (
     views_release_of,
 )
 from sl_pipeline.errors import PrivacyError
+from workers.tools.audit_measures import side_by_side
 
 FAST = DecoderSettings(hidden=64, batch_size=32, max_epochs=40, patience=5)
 SHAPE = (1, 8, 8)
@@ -160,7 +161,11 @@ def test_decoders_trained_side_by_side_give_the_same_figures() -> None:
         alone = reconstruction_audit((aux, aux_act), (victims, victim_act), observe, **common)
         with ThreadPoolExecutor(3) as pool:
             together = reconstruction_audit(
-                (aux, aux_act), (victims, victim_act), observe, pool=pool, **common
+                (aux, aux_act),
+                (victims, victim_act),
+                observe,
+                run_jobs=side_by_side(pool),
+                **common,
             )
     finally:
         torch.set_num_threads(before)
@@ -182,7 +187,12 @@ def test_a_failing_decoder_cancels_the_others() -> None:
     # Execute / Assert: the error surfaces, and the pool is left with nothing running
     with ThreadPoolExecutor(1) as pool, pytest.raises(PrivacyError, match="boom"):
         reconstruction_audit(
-            (aux, encode(aux)), (aux, encode(aux)), observe, seeds=3, settings=FAST, pool=pool
+            (aux, encode(aux)),
+            (aux, encode(aux)),
+            observe,
+            seeds=3,
+            settings=FAST,
+            run_jobs=side_by_side(pool),
         )
     # the two queued decoders stopped at once: uncancelled, each would observe at least
     # 1 + patience + 1 times (validation, then epochs until patience runs out)

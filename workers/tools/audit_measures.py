@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +21,9 @@ from sl_pipeline.messages import Kind
 from sl_pipeline.models import build_segments
 from workers.client.worker import ClientWorker
 from workers.server.worker import ServerWorker
+
+if TYPE_CHECKING:
+    from privacy.reconstruction import DecoderJob, JobRunner
 
 ATTACK_SEEDS = 3  # the reconstruction attacker's seeds: figures come with a 95 % interval
 # every cross-epoch label attacker's AUC, the strongest, and its name (privacy.label_attacks)
@@ -121,6 +125,23 @@ def _attacks(
     return found
 
 
+def side_by_side(pool: Executor) -> JobRunner:
+    """Decoder jobs in ``pool``'s threads (torch ops release the GIL; each runs on one torch
+    thread, so the figures are those of one after another). A failure or a signal in the
+    caller cancels the others at their next epoch."""
+
+    def run(jobs: Sequence[DecoderJob]) -> list[torch.nn.Module]:
+        cancelled = threading.Event()
+        futures = [pool.submit(job, cancelled.is_set) for job in jobs]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            cancelled.set()
+            raise
+
+    return run
+
+
 def _cores() -> int:
     """The cores this process may run on: one decoder per core at most."""
     try:
@@ -155,7 +176,7 @@ def _reconstruction(
                 seeds=attack_seeds,
                 labels=labels,
                 image_shape=image,
-                pool=pool,
+                run_jobs=side_by_side(pool),
             )
     key = "ssim" if image is not None else "reconstruction_mse"
     sign = 1.0 if image is not None else -1.0
