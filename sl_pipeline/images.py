@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .config import DataConfig
 from .errors import ConfigError
-from .tables import Table, encode_labels, is_missing, read_table
+from .tables import Table, check_every_class, encode_labels, is_missing, read_table
 
 EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
@@ -94,6 +94,7 @@ def load_image_folder(
             f"data.path = {str(root)!r} has {len(names)} class folders {names[:10]} but "
             f"model.classes = {classes}; set model.classes = {len(names)}"
         )
+    check_every_class(names, classes, f"data.path = {str(root)!r} (class folders)")
     x = decode_all(files, in_shape, cfg.resize, cfg.max_memory_mb)
     return x, np.asarray(labels, dtype=np.int64), names
 

@@ -181,12 +181,15 @@ def encode_labels(
                     "(or set model.classes)"
                 )
         return labels, None
+    learned = names is None
     names = names if names is not None else sorted(set(cells))
     if classes and len(names) > classes:
         raise ConfigError(
             f"{table.path}, column {column!r}: {len(names)} distinct labels {names[:10]} but "
             f"model.classes = {classes}; set model.classes = {len(names)} or fix the labels"
         )
+    if learned:
+        check_every_class(names, classes, f"{table.path}, column {column!r}")
     index = {name: i for i, name in enumerate(names)}
     for row, value in enumerate(cells):
         if value not in index:
@@ -195,6 +198,18 @@ def encode_labels(
                 f"labels {names}"
             )
     return [index[v] for v in cells], names
+
+
+def check_every_class(names: list[str], classes: int, where: str) -> None:
+    """Class names are numbered in sorted order, so a party missing a class would number
+    the others differently from its peers (with only 'M' rows, M would be class 0, which
+    is 'B' everywhere else), and one class alone teaches nothing: refuse both."""
+    if classes and len(names) < classes:
+        raise ConfigError(
+            f"{where}: {len(names)} distinct label(s) {names[:10]} but model.classes = "
+            f"{classes}; class names are numbered in sorted order, so every party must hold "
+            f"every class: check the rows (a filter?), or write the labels as 0..{classes - 1}"
+        )
 
 
 def _whole(value: str) -> int | None:

@@ -216,3 +216,18 @@ def test_another_workers_config_names_the_command_it_is_for(
     assert code == 2
     assert f"is a {role}'s config" in line
     assert f"`sl-pipeline {role} --config {files[given]}`" in line
+
+
+def test_text_labels_missing_a_class_are_refused(
+    deployment, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """A hospital whose rows hold only 'M' (a filter gone wrong, or skewed data) would
+    number M as class 0, which is 'B' at every other party: refused, not trained."""
+    files = deployment(dataset="breast_cancer")
+    rows = tmp_path / "only-m.csv"
+    rows.write_text("id,diagnosis,x\n" + "".join(f"{i},M,{i / 10}\n" for i in range(40)))
+    data = ["--set", "data.dataset=", "--set", f"data.path={rows}", "--set", "data.label=diagnosis"]
+    code, line = _fails(capsys, "client", "--config", str(files["client-1"]), *data)
+    assert code == 2, line
+    assert "1 distinct label(s) ['M'] but model.classes = 2" in line
+    assert "every party must hold every class" in line
