@@ -12,6 +12,8 @@ Dropping a sealed client->server message leaves a counter gap the server rejects
 is the point (see docs/reliability.md). Run it by hand with::
 
     python -m tests.lossy_proxy --upstream tcp://127.0.0.1:5555 --drop 0.05 --delay 0.001,0.01
+
+and add ``--keyed`` in front of a keyed server (the default; not ``--insecure``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import zmq
 import zmq.asyncio
 
 from sl_pipeline.errors import ConfigError
-from sl_pipeline.gate import USERNAME
+from sl_pipeline.gate import MAX_CONNECTIONS_PER_KEY, USERNAME
 
 HANDSHAKE_PREFIXES = (b"sl-hello", b"sl-welcome", b"sl-refuse")
 DIRECTIONS = ("both", "upstream", "downstream")
@@ -313,7 +315,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="the server is keyed (not --insecure): pass each client's connection token on",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--max-links",
+        type=int,
+        default=None,
+        help="upstream connections kept, the least recently used closed beyond it (default: "
+        f"{MAX_CONNECTIONS_PER_KEY - 1} with --keyed, as the server admits "
+        f"{MAX_CONNECTIONS_PER_KEY} per key at once and the proxy cannot see a client's "
+        "old connection close; 1024 without)",
+    )
+    args = parser.parse_args(argv)
+    if args.max_links is None:
+        args.max_links = MAX_CONNECTIONS_PER_KEY - 1 if args.keyed else 1024
+    return args
 
 
 async def _main(args: argparse.Namespace) -> dict[str, int]:
@@ -328,6 +342,7 @@ async def _main(args: argparse.Namespace) -> dict[str, int]:
         seed=args.seed,
         drop_direction=args.direction,
         max_messages=args.max_messages,
+        max_links=args.max_links,
         spare_handshakes=args.spare_handshakes,
         keyed=args.keyed,
     )

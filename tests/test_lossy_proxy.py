@@ -391,3 +391,43 @@ async def test_training_under_random_loss_applies_each_step_once(deployment: Any
         summary = await asyncio.wait_for(client.run(), 120.0)
         assert proxy.dropped_up > 0 and proxy.dropped_down > 0
         assert summary["steps"] > 0 and server.steps_applied == summary["steps"]
+
+
+async def test_the_command_lines_keyed_proxy_survives_more_rejoins_than_a_key_may_hold(
+    deployment: Any,
+) -> None:
+    """docs/reliability.md's lossy run: `python -m tests.lossy_proxy --keyed` in front of a
+    keyed server. The proxy cannot see a client's old connection close, and the server admits
+    MAX_CONNECTIONS_PER_KEY at once, so the command line must let old links go by itself."""
+    from tests.conftest import load_client, load_server
+    from workers.client.worker import ClientWorker
+    from workers.server.worker import ServerWorker
+
+    # Prepare: a real keyed server, the proxy as a process, a client with short waits
+    files = deployment(clients=1, dataset="breast_cancer", epochs=2)
+    server = ServerWorker(load_server(files["server"]), files["server"].parent)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(server.serve(stop))
+    argv = ["--keyed", "--upstream", server.cfg.server.bind, "--drop", "0.1", "--seed", "3"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.lossy_proxy", *argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        endpoint = (await asyncio.wait_for(proc.stdout.readline(), 20.0)).decode().strip()
+        overrides = [f"client.server={endpoint}", "client.timeout_s=0.5"]
+        overrides += ["client.connect_timeout_s=0.5", "client.retry_for_s=5"]
+        client = ClientWorker(
+            load_client(files["client-1"], *overrides), files["client-1"].parent, progress=False
+        )
+        # Execute
+        summary = await asyncio.wait_for(client.run(), 50.0)
+        # Assert: more rejoins than one key may hold connections, and every step applied once
+        assert summary["retries"] > MAX_CONNECTIONS_PER_KEY
+        assert server.steps_applied == summary["steps"] > 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        stop.set()
+        await asyncio.wait_for(serving, 10.0)
