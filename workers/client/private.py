@@ -28,6 +28,7 @@ class PrivateBatches:
         self.poisson_sampling = poisson_sampling
         self.has_labels = has_labels
         self.drawn = 0  # batches drawn from the sampler this epoch
+        self.next_batch: list[int] | None = None  # drawn, not yet handed out
 
     @classmethod
     def attach(
@@ -46,33 +47,47 @@ class PrivateBatches:
         return cls(dp, cfg.poisson_sampling, train.y is not None)
 
     def batches(self, first_step: int) -> Iterator[Batch]:
-        """``(step, x, y, ids)`` from ``first_step``: the checkpoint holds the RNG state after
-        the last step and how many batches of the epoch were drawn (empty ones included,
-        which are skipped); the remaining ones are drawn from there, none again."""
+        """``(step, x, y, ids)`` from ``first_step``. Each batch's successor is drawn before
+        the batch is handed out, so the checkpoint saved after a step holds the rows of the
+        next one (``next_batch``): the Poisson mask comes from the operating system, and a
+        client resumed after sending a step the server applied must send the same rows again
+        (the server answers from its cache). The checkpoint also holds how many batches of
+        the epoch were drawn (empty ones included, which are skipped): the rest are drawn
+        from there, none again."""
         loader = self.dp.data_loader
         x_all, y_all, ids_all = loader.dataset.tensors
         if first_step == 0:
-            self.drawn = 0
+            self.drawn, self.next_batch = 0, None
+        draws = self._draws(loader)
+        if self.next_batch is None:
+            self.next_batch = next(draws, None)
+        step = first_step
+        while self.next_batch is not None:
+            idx = torch.as_tensor(self.next_batch, dtype=torch.long)
+            self.next_batch = next(draws, None)
+            yield step, x_all[idx], (y_all[idx] if self.has_labels else None), ids_all[idx]
+            step += 1
+
+    def _draws(self, loader: Any) -> Iterator[list[int]]:
+        """The epoch's non-empty batches not drawn yet, counted in ``drawn``."""
         sampler = iter(loader.batch_sampler)
         if self.poisson_sampling:  # each draw is fresh: draw only what is left
             left = len(loader.batch_sampler) - self.drawn
             batches: Iterator[Any] = (next(sampler) for _ in range(max(0, left)))
         else:  # a fixed order: skip what was drawn
             batches = itertools.islice(sampler, self.drawn, None)
-        step = first_step
         for indices in batches:
             self.drawn += 1
             if len(indices):
-                idx = torch.as_tensor(indices, dtype=torch.long)
-                yield step, x_all[idx], (y_all[idx] if self.has_labels else None), ids_all[idx]
-                step += 1
+                yield [int(i) for i in indices]
 
     def state(self) -> dict[str, Any]:
-        """Batches drawn this epoch, the accountant's history (so epsilon keeps counting
-        every step released before a crash) and any dedicated generators (the global RNG is
-        saved with the client)."""
+        """Batches drawn this epoch, the next batch's rows, the accountant's history (so
+        epsilon keeps counting every step released before a crash) and any dedicated
+        generators (the global RNG is saved with the client)."""
         state: dict[str, Any] = {
             "drawn": self.drawn,
+            "next_batch": self.next_batch,
             "accountant": dict(self.dp.engine.accountant.state_dict()),
         }
         for name, gen in self._generators().items():
@@ -81,6 +96,8 @@ class PrivateBatches:
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.drawn = int(state["drawn"])
+        pending = state.get("next_batch")  # absent from checkpoints of older versions
+        self.next_batch = None if pending is None else [int(i) for i in pending]
         self.dp.engine.accountant.load_state_dict(state["accountant"])
         for name, gen in self._generators().items():
             if name in state:
