@@ -125,8 +125,8 @@ class RelayWorker(RouterService):
     async def _follow_run(self) -> None:
         """Join the server again to learn the run the chain trains in now; a run other than
         the segment's starts from the initial weights (the server's does too)."""
-        self.check_run = False
         await self._join_upstream()
+        self.check_run = False  # only once the server answered: a failed join asks again
         if not self.trained_run or self.trained_run == self.run_id:
             return
         log.info("run %s ended here; run %s starts afresh", self.trained_run, self.run_id)
