@@ -231,3 +231,17 @@ def test_text_labels_missing_a_class_are_refused(
     assert code == 2, line
     assert "1 distinct label(s) ['M'] but model.classes = 2" in line
     assert "every party must hold every class" in line
+
+
+def test_a_relay_started_before_its_server_is_a_config_error(
+    deployment, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """README's table: no server at the address is exit status 2 (5 is a network that
+    failed after training had started), and the line says what to do."""
+    files = deployment(topology="multihop")
+    upstream = f"tcp://127.0.0.1:{free_port()}"
+    sets = ["--set", f'relay.upstream="{upstream}"', "--set", "relay.timeout_s=1"]
+    code, line = _fails(capsys, "relay", "--config", str(files["relay-1"]), *sets)
+    assert code == 2, line
+    assert f"relay.upstream = {upstream!r}: no sl-pipeline server answered" in line
+    assert "start the server first" in line

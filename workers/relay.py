@@ -50,6 +50,7 @@ from workers.runtime.checkpoint import (
     rng_state,
     save_weights,
 )
+from workers.runtime.diagnose import probe
 from workers.runtime.peers import Listen, Peer, reject_reason
 from workers.runtime.service import Replies, RouterService
 from workers.runtime.startup import load_own_key, load_peer_key, warn_insecure
@@ -209,7 +210,14 @@ class RelayWorker(RouterService):
 
     async def on_start(self) -> None:
         self.ctx = zmq.asyncio.Context()
-        await self._join_upstream()
+        try:
+            await self._join_upstream()
+        except TransportError:  # before any step: an address or a start order to fix
+            upstream = self.cfg.relay.upstream
+            raise ConfigError(
+                f"relay.upstream = {upstream!r}: no sl-pipeline server answered within "
+                f"{self.cfg.relay.timeout_s:g}s; {probe(upstream)}"
+            ) from None
 
     async def _join_upstream(self) -> None:
         assert self.ctx is not None
