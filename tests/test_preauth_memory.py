@@ -27,10 +27,10 @@ import zmq.asyncio
 
 from sl_pipeline.codec import DEFAULT_LIMITS
 from sl_pipeline.errors import SLError
+from sl_pipeline.models import fingerprint
 from sl_pipeline.transport import max_frame_bytes
 from sl_pipeline.zmtp import HANDSHAKE_BYTES, SCRATCH_BYTES, caps_for
 from workers.client.worker import ClientWorker
-from workers.server.worker import ServerWorker
 
 from .conftest import load_client, load_server
 from .test_hostile_peers import _ready, _status_kib, join
@@ -128,7 +128,8 @@ async def test_an_admitted_keys_huge_frames_are_dropped_unbuffered(deployment, p
     base = files["server"].parent
     ctx = zmq.asyncio.Context()
     try:
-        model = ServerWorker(cfg, base).fingerprint  # what a hello must name; nothing served
+        # what a hello must name (the server process holds the checkpoint dir: no 2nd worker)
+        model = fingerprint(cfg.model, cfg.server.topology)
         conn = await join(cfg.server.bind, model, base / "keys", ctx)
         before = _rss(proc.pid)
         _restart_peak(proc.pid)
@@ -170,7 +171,7 @@ async def test_an_admitted_keys_message_of_many_frames_is_cut_off_at_the_cap(
         honest = ClientWorker(load_client(files["client-1"]), base, progress=False)
         training = asyncio.create_task(honest.run())
         await _steps(honest, 3, training)
-        model = ServerWorker(cfg, base).fingerprint
+        model = fingerprint(cfg.model, cfg.server.topology)
         attacker = await join(cfg.server.bind, model, base / "keys", ctx, name="client-2")
         before = _rss(proc.pid)
         _restart_peak(proc.pid)
