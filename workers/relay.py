@@ -128,7 +128,10 @@ class RelayWorker(RouterService):
         the segment's starts from the initial weights (the server's does too)."""
         await self._join_upstream()
         self.check_run = False  # only once the server answered: a failed join asks again
-        if not self.trained_run or self.trained_run == self.run_id:
+        self._start_afresh_if_new_run()
+
+    def _start_afresh_if_new_run(self) -> None:
+        if not self.trained_run or not self.run_id or self.trained_run == self.run_id:
             return
         log.info("run %s ended here; run %s starts afresh", self.trained_run, self.run_id)
         self._save_segment()
@@ -181,9 +184,16 @@ class RelayWorker(RouterService):
 
     def accept(self, hello: dict[str, Any], key: bytes | None) -> dict[str, Any]:
         """The welcome says this is a relay and which step of the peer it applied last."""
-        last = self.replies.newest(self.peer_name(hello, key), Kind.FORWARD.value)
+        name = self.peer_name(hello, key)
         if hello.get("intent", "train") == "train" and hello.get("resume") is None:
             self.check_run = True  # perhaps a new run: ask the server before its first step
+        if hello.get("fresh") is True:
+            # A new client process from nothing: none of its earlier steps comes again, and
+            # one answered from this cache would be another run's (or an old) gradient. (A
+            # reconnect before its first reply says resume null too, but not fresh: the steps
+            # it resends must be answered from the cache, not applied twice.)
+            self.replies.forget(name)
+        last = self.replies.newest(name, Kind.FORWARD.value)
         return {
             **super().accept(hello, key),
             "role": "relay",
@@ -218,6 +228,9 @@ class RelayWorker(RouterService):
                 f"relay.upstream = {upstream!r}: no sl-pipeline server answered within "
                 f"{self.cfg.relay.timeout_s:g}s; {probe(upstream)}"
             ) from None
+        # restored from a checkpoint taken in a run that has ended since (checkpoints every
+        # N > 1 steps): the client resumes, so no fresh hello would ask
+        self._start_afresh_if_new_run()
 
     async def _join_upstream(self) -> None:
         assert self.ctx is not None

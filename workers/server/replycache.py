@@ -95,6 +95,11 @@ class ReplyCache:
             self.on_hit()
         self._shrink(keep=client)
 
+    def forget(self, name: str) -> None:
+        """Drop every reply kept for ``name`` (it starts afresh: none of its steps comes again)."""
+        if name in self._names:
+            self._drop_name(name)
+
     def _drop_name(self, name: str) -> None:
         for steps in self._names.pop(name).values():
             self.bytes -= sum(cached.size for cached in steps.values())

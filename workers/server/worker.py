@@ -17,7 +17,13 @@ from typing import Any
 
 from privacy.config import PrivacyConfig
 from sl_pipeline.config import ServerConfig
-from sl_pipeline.errors import ConfigError, OverloadedError, ProtocolError, StaleStepError
+from sl_pipeline.errors import (
+    ConfigError,
+    OverloadedError,
+    ProtocolError,
+    RunEndedError,
+    StaleStepError,
+)
 from sl_pipeline.messages import Kind, Message, error_message
 from sl_pipeline.models import fingerprint
 from workers.ops.metrics import WorkerMetrics
@@ -309,6 +315,13 @@ class ServerWorker(RunHost, RouterService):
     def _train(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
         """Apply a step at most once: a retransmitted request gets the cached reply."""
         run = self._training_run(peer)
+        if msg.client != peer.name and msg.client in run.done:
+            raise RunEndedError(
+                f"{msg.client} finished its part of run {run.id}, which {peer.name} still "
+                f"serves for its other clients: a relay trains one run at a time; stop that "
+                f"run (`sl-pipeline runs stop {run.id}`) or let it end, then start "
+                f"{msg.client} again"
+            )
         step = (msg.epoch, msg.step)
         cached = run.replies.get(msg.client, msg.kind.value, step)
         if cached is not None:

@@ -1,0 +1,62 @@
+"""A relay serving run after run, when one of its clients never finishes (red team, relay
+round): a client that starts afresh is never answered from an earlier run's replies."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from sl_pipeline.errors import PeerError
+from workers.client.worker import ClientWorker
+from workers.tools.inprocess import build_deployment, wait_until
+
+from .conftest import load_client
+
+
+@contextlib.asynccontextmanager
+async def serving(files: dict[str, Any]) -> AsyncIterator[Any]:
+    """The server and the relay in this event loop, stopped when the block ends."""
+    run = build_deployment(files)
+    stop = asyncio.Event()
+    services = [asyncio.ensure_future(run.server.serve(stop))]
+    try:
+        await wait_until(run.server.ready)
+        services.append(asyncio.ensure_future(run.relay.serve(stop)))
+        await wait_until(run.relay.ready)
+        yield run
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*services, return_exceptions=True), 30)
+
+
+async def test_a_client_starting_afresh_in_a_run_held_open_is_refused_not_fed_old_replies(
+    deployment,  # type: ignore[no-untyped-def]
+) -> None:
+    # Prepare: two clients behind one relay; client-2 takes one step and vanishes (a crash,
+    # or a hostile member), so run-1 stays open; client-1 trains it to the end
+    files = deployment(topology="multihop", dataset="breast_cancer", clients=2)
+    base = files["server"].parent
+    async with serving(files) as run:
+        vanished = ClientWorker(load_client(files["client-2"]), base, progress=False)
+        gone = asyncio.ensure_future(vanished.run())
+        await wait_until(lambda: vanished.steps_done >= 1)
+        gone.cancel()
+        await asyncio.gather(gone, return_exceptions=True)
+        first = await asyncio.wait_for(
+            ClientWorker(load_client(files["client-1"]), base, progress=False).run(), 120
+        )
+        applied = (run.relay.steps_applied, run.server.steps_applied)
+        # Execute: client-1 starts afresh, while run-1 waits for client-2
+        again = ClientWorker(load_client(files["client-1"]), base, progress=False)
+        with pytest.raises(PeerError) as refused:
+            await asyncio.wait_for(again.run(), 120)
+        # Assert: one clear refusal; no step answered from run-1's replies or applied again
+        assert "a relay trains one run at a time" in str(refused.value)
+        assert "runs stop run-1" in str(refused.value)
+        assert again.steps_done == 0 and first["steps"] > 0
+        assert (run.relay.steps_applied, run.server.steps_applied) == applied
+        assert [(r.id, r.active) for r in run.server.book.runs.values()] == [("run-1", True)]
