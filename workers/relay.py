@@ -102,7 +102,8 @@ class RelayWorker(RouterService):
         self.applied_log = AppliedLog()  # which steps it applied
         self.run_id = ""  # the run the server's last welcome named
         self.trained_run = ""  # the run the segment's weights trained in ("" = none yet)
-        self.check_run = False  # a client started afresh: ask the server for the run first
+        # clients that started afresh: the server is asked for the run at their first step
+        self.check_run: set[str] = set()
         self.steps_applied = 0
         if (save := self._save_path()) is not None:
             check_writable(save, "relay.save")
@@ -123,11 +124,13 @@ class RelayWorker(RouterService):
             on_bytes_hit=lambda: self.metrics.record_bound("reply_cache_bytes"),
         )
 
-    async def _follow_run(self) -> None:
+    async def _follow_run(self, msg: Message) -> None:
         """Join the server again to learn the run the chain trains in now; a run other than
-        the segment's starts from the initial weights (the server's does too)."""
+        the segment's starts from the initial weights (the server's does too). Only for a
+        well-formed step: a malformed one (or a flood of them) asks nothing of the server."""
+        read_tensor(msg, "act", self.max_batch, self.max_abs, self.act_shape)
         await self._join_upstream()
-        self.check_run = False  # only once the server answered: a failed join asks again
+        self.check_run.discard(msg.client)  # once the server answered: a failed join asks again
         self._start_afresh_if_new_run()
 
     def _start_afresh_if_new_run(self) -> None:
@@ -186,7 +189,7 @@ class RelayWorker(RouterService):
         """The welcome says this is a relay and which step of the peer it applied last."""
         name = self.peer_name(hello, key)
         if hello.get("intent", "train") == "train" and hello.get("resume") is None:
-            self.check_run = True  # perhaps a new run: ask the server before its first step
+            self.check_run.add(name)  # perhaps a new run: ask the server before its first step
         if hello.get("fresh") is True:
             # A new client process from nothing: none of its earlier steps comes again, and
             # one answered from this cache would be another run's (or an old) gradient. (A
@@ -302,8 +305,8 @@ class RelayWorker(RouterService):
         msg = msg.spoken_by(self.speaker(peer, msg))
         try:
             if msg.kind is Kind.FORWARD:
-                if self.check_run:
-                    await self._follow_run()
+                if msg.client in self.check_run:
+                    await self._follow_run(msg)
                 return [(identity, await self._forward(msg))]
             if msg.kind in (Kind.EVALUATE, Kind.PREDICT):
                 return [(identity, await self._infer(msg))]
