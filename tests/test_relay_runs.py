@@ -9,8 +9,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import torch
+import zmq.asyncio
 
 from sl_pipeline.errors import PeerError
+from sl_pipeline.messages import Kind, Message
+from sl_pipeline.transport import DealerConnection
+from workers.client.link import make_handshake
 from workers.client.worker import ClientWorker
 from workers.tools.inprocess import build_deployment, wait_until
 
@@ -60,3 +65,43 @@ async def test_a_client_starting_afresh_in_a_run_held_open_is_refused_not_fed_ol
         assert again.steps_done == 0 and first["steps"] > 0
         assert (run.relay.steps_applied, run.server.steps_applied) == applied
         assert [(r.id, r.active) for r in run.server.book.runs.values()] == [("run-1", True)]
+
+
+async def test_malformed_steps_after_fresh_hellos_never_make_the_relay_rejoin_the_server(
+    deployment,  # type: ignore[no-untyped-def]
+) -> None:
+    # Prepare: an admitted client that says hello afresh, then sends a malformed step, again
+    # and again (each pair used to make the relay join the server once more)
+    files = deployment(topology="multihop", dataset="breast_cancer", clients=1)
+    cfg = load_client(files["client-1"])
+    handshake = make_handshake(cfg, files["server"].parent, "multihop")
+    ctx = zmq.asyncio.Context()
+    async with serving(files) as run:
+        joins = []
+        join = run.relay._join_upstream
+
+        async def counted() -> None:
+            joins.append(1)
+            await join()
+
+        run.relay._join_upstream = counted
+        try:
+            for attempt in range(20):  # bounded
+                conn = DealerConnection(ctx, cfg.client.server, cfg.limits.to_limits())
+                handshake.hello = {**handshake.hello, "resume": None, "fresh": True}
+                await conn.handshake(handshake, 10.0)
+                bad = Message(
+                    Kind.FORWARD,
+                    client=cfg.client.name,
+                    epoch=0,
+                    step=attempt,
+                    tensors={"act": torch.zeros(1, 1)},
+                )
+                await conn.send(bad)
+                with pytest.raises(PeerError):
+                    await conn.recv(10.0)
+                conn.close()
+        finally:
+            ctx.destroy(linger=0)
+        # Assert: the server was never asked again, and no step was applied
+        assert joins == [] and run.relay.steps_applied == 0
