@@ -286,6 +286,10 @@ def _convert(hint: Any, raw: Any, dotted: str) -> Any:
     return _scalar(hint, raw, dotted)
 
 
+# Integers whose small values mean nothing: a batch of 0 samples, a classifier of one class.
+AT_LEAST = {"train.batch_size": 1, "model.classes": 2}
+
+
 def _scalar(hint: Any, raw: Any, dotted: str) -> Any:
     if hint is bool:
         if not isinstance(raw, bool):
@@ -296,6 +300,8 @@ def _scalar(hint: Any, raw: Any, dotted: str) -> Any:
             raise ConfigError(f"{dotted} must be an integer, got {raw!r}")
         if raw < 0:
             raise ConfigError(f"{dotted} must not be negative, got {raw}")
+        if raw < AT_LEAST.get(dotted, 0):
+            raise ConfigError(f"{dotted} must be at least {AT_LEAST[dotted]}, got {raw}")
         return raw
     if hint is float:
         if isinstance(raw, bool) or not isinstance(raw, int | float):

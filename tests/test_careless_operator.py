@@ -23,6 +23,7 @@ from workers.tools.inprocess import build_deployment, wait_until
 from workers.tools.localdeploy import free_port
 
 from .conftest import load_client, wait_listening
+from .threadserver import ThreadServer
 from .workerproc import WorkerProcess
 
 
@@ -245,3 +246,31 @@ def test_a_relay_started_before_its_server_is_a_config_error(
     assert code == 2, line
     assert f"relay.upstream = {upstream!r}: no sl-pipeline server answered" in line
     assert "start the server first" in line
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        ("train.batch_size=0", "train.batch_size must be at least 1, got 0"),
+        ("model.classes=0", "model.classes must be at least 2, got 0"),
+        ("model.classes=1", "model.classes must be at least 2, got 1"),
+    ],
+)
+def test_a_value_that_means_nothing_is_named(
+    deployment, capsys: pytest.CaptureFixture[str], setting: str, named: str
+) -> None:  # type: ignore[no-untyped-def]
+    """A batch of 0 samples ended in a ZeroDivisionError traceback after joining; 0 classes
+    built an empty model that the server refused as another model."""
+    files = deployment(dataset="breast_cancer")
+    code, line = _fails(capsys, "client", "--config", str(files["client-1"]), "--set", setting)
+    assert code == 2 and named in line, line
+
+
+def test_a_client_with_no_epochs_left_does_not_claim_to_hold_no_labels(
+    deployment, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(dataset="breast_cancer")
+    with ThreadServer(files["server"]):
+        assert main(["client", "--config", str(files["client-1"]), "--epochs", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "trained 0 steps" in out and "test accuracy n/a (not evaluated yet)" in out, out

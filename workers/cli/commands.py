@@ -126,10 +126,10 @@ def _client_report(summary: dict[str, Any]) -> str:
     stopped = summary.get("stopped_early")
     if accuracy is not None:
         shown = f"{accuracy:.4f}"
-    elif stopped and not summary.get("best_epoch"):
-        shown = "n/a (not evaluated yet)"
-    else:
+    elif summary.get("best_epoch") or (summary["steps"] and not stopped):
         shown = "n/a (this party holds no labels)"
+    else:
+        shown = "n/a (not evaluated yet)"
     best = f" (best: epoch {summary['best_epoch']})" if summary.get("best_epoch") else ""
     model = summary.get("model") or (
         "none trained" if not summary["steps"] else "not saved (set client.save)"

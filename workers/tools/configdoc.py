@@ -24,11 +24,11 @@ _COMMENT = re.compile(r"^\s+#\s?(.*)$")
 # Meanings of the keys that carry no comment in sl_pipeline/config.py ("section.key").
 MEANINGS: dict[str, str] = {
     "model.in_shape": "shape of one input sample, e.g. [1, 8, 8]",
-    "model.classes": "number of output classes",
+    "model.classes": "number of output classes (at least 2)",
     "model.hidden": "width of the built-in MLP's hidden layers",
     "model.seed": "seed every party builds the initial weights from (must match)",
     "train.epochs": "passes over the training data",
-    "train.batch_size": "samples per step",
+    "train.batch_size": "samples per step (at least 1)",
     "train.lr": "learning rate",
     "train.momentum": "SGD momentum",
     "train.optimizer": "the optimizer of every segment",
