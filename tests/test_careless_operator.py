@@ -274,3 +274,18 @@ def test_a_client_with_no_epochs_left_does_not_claim_to_hold_no_labels(
         assert main(["client", "--config", str(files["client-1"]), "--epochs", "0"]) == 0
     out = capsys.readouterr().out
     assert "trained 0 steps" in out and "test accuracy n/a (not evaluated yet)" in out, out
+
+
+def test_tune_into_an_unwritable_folder_is_refused_before_any_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    sweep = ["--topology", "vanilla", "--sweep", "privacy.noise.sigma=1", "--epochs", "1"]
+    code, line = _fails(capsys, "tune", "--out", str(blocker / "tuned"), *sweep)
+    assert code == 2 and "--out = " in line and "cannot write in" in line, line
+
+
+def test_audit_refuses_zero_clients(capsys: pytest.CaptureFixture[str]) -> None:
+    code, line = _fails(capsys, "audit", "--topology", "vanilla", "--clients", "0")
+    assert code == 2 and "--clients must be at least 1" in line, line

@@ -352,7 +352,7 @@ def run_audit(
     that apply. Blocking: call it outside a running event loop.
     """
     check_args(topology, dataset, epochs)
-    n = clients or find_topology(topology).min_clients
+    n = find_topology(topology).min_clients if clients is None else clients  # 0: refused
     with tempfile.TemporaryDirectory(prefix="sl-audit-") as tmp:
         made = init_deployment(
             Path(tmp) / "deploy",
