@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, Procs
+from tests.conftest import ROOT, Procs, wait_listening
 from workers.ops.http import local_url
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -80,6 +80,9 @@ def test_sigterm_stops_the_server_and_the_client_fails_cleanly(
     # Prepare: a client in mid-training, with a short rejoin budget
     files = deployment(clients=1, epochs=LONG_EPOCHS, ops=True)
     server = procs.start("server", files["server"])
+    wait_listening(
+        files["server"]
+    )  # the client's 2 s rejoin budget is for the stop, not a slow start
     client = procs.start(
         "client",
         files["client-1"],

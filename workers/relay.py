@@ -253,6 +253,8 @@ class RelayWorker(RouterService):
         if self.ctx is not None:
             self.ctx.destroy(linger=0)
         self.checkpoint(force=True)
+        if self.ckpt is not None:
+            self.ckpt.release()
         self._save_segment()
 
     def _save_path(self) -> Path | None:

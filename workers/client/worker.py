@@ -247,6 +247,8 @@ class ClientWorker:
                 await ops.stop()
             self.link.close(BYE_LINGER_MS)  # else the bye can be dropped: the name stays taken
             ctx.term()
+            if self.ckpt is not None:
+                self.ckpt.release()
         return self.summary(wall if wall is not None else time.perf_counter() - start)
 
     async def _linger(self, ops: OpsServer | None) -> None:

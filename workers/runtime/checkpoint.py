@@ -163,11 +163,16 @@ class CheckpointStore:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
 
-    def __del__(self) -> None:  # the lock goes with the store (tests make many per process)
+    def release(self) -> None:
+        """Give the lock up: the worker stopped (a long-lived process that ran it in-process,
+        as the audit and the tests do, must not keep others off its directory). A later save
+        takes the lock again."""
         fd = getattr(self, "_lock_fd", -1)
         if fd >= 0:
             os.close(fd)
             self._lock_fd = -1
+
+    __del__ = release  # the lock goes with the store too
 
     def path_for(self, step: int) -> Path:
         if not 0 <= step < 10**12:
@@ -188,6 +193,8 @@ class CheckpointStore:
 
     def save(self, state: Mapping[str, Any], step: int) -> Path:
         """Write atomically, then prune to the newest ``keep``; returns the file."""
+        if self._lock_fd < 0:  # released at a stop, and the worker runs again
+            self._lock_fd = self._lock()
         final = self.path_for(step)
         blob = encode(state, step)
         tmp = self.directory / f".{self.prefix}-{step:012d}.{secrets.token_hex(4)}.tmp"

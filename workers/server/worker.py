@@ -165,6 +165,8 @@ class ServerWorker(RunHost, RouterService):
         self.save_models(self.book.active())
         self.book.write_index()
         self.checkpoint()  # not forced: a step opened since (two exchanges) is not applied
+        if self.ckpt is not None:
+            self.ckpt.release()
         runs = len(self.book.runs)
         log.info("server stopped after %d applied steps in %d runs", self.steps_applied, runs)
 
