@@ -15,7 +15,7 @@ from sl_pipeline.errors import PeerError
 from sl_pipeline.messages import Kind
 from workers.client.worker import ClientWorker
 from workers.server.worker import ServerWorker
-from workers.tools.inprocess import run_deployment
+from workers.tools.inprocess import run_deployment, wait_until
 
 from .conftest import load_client, load_server
 
@@ -45,7 +45,10 @@ async def test_one_server_serves_three_successive_runs(deployment) -> None:  # t
     server = ServerWorker(load_server(files["server"]), files["server"].parent)
     stop, task = await _serve(server)
     try:
-        summaries = [await _train(files, ["client-1", "client-2"]) for _ in range(3)]
+        summaries = []
+        for count in (1, 2, 3):  # a bye has no reply: wait until it ended the run
+            summaries.append(await _train(files, ["client-1", "client-2"]))
+            await wait_until(lambda n=count: _finished(server) == n)  # type: ignore[misc]
     finally:
         stop.set()
         await task
@@ -90,6 +93,8 @@ async def test_concurrent_named_runs_are_isolated(deployment) -> None:  # type: 
         one = ClientWorker(load_client(files["client-1"], 'client.run="a"'), base, progress=False)
         two = ClientWorker(load_client(files["client-2"], 'client.run="b"'), base, progress=False)
         await asyncio.wait_for(asyncio.gather(one.run(), two.run()), 120)
+        ends = server.book.runs  # the byes have no reply: wait until they ended both runs
+        await wait_until(lambda: all(ends[r].state == "finished" for r in "ab" if r in ends))
     finally:
         stop.set()
         await task
@@ -155,6 +160,10 @@ async def test_a_silent_name_is_free_again(deployment) -> None:  # type: ignore[
         _leave(first)
         stop.set()
         await task
+
+
+def _finished(server: ServerWorker) -> int:
+    return sum(run.state == "finished" for run in server.book.runs.values())
 
 
 def _a_run_finished(server: ServerWorker) -> bool:
