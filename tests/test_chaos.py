@@ -82,6 +82,7 @@ FULL_CASES = [
         "vanilla",
         faults=(("client", 1),),
         client_sets=("privacy.dpsgd.noise_multiplier=0.5",),
+        deterministic=False,  # noise and Poisson mask from the OS: runs differ in accuracy
         label="dpsgd",
     ),
 ]
@@ -231,12 +232,11 @@ def test_kill_9_and_restart(case: Case, deployment, procs: Procs) -> None:  # ty
         assert summaries[0]["resumed_from"] > 0
     if case.server_sets:  # the server lost steps between checkpoints: the clients rewound
         assert sum(s["rewinds"] for s in summaries) > 0
-    if case.deterministic:
-        for got, want in zip(summaries, reference, strict=True):
-            if want["test_accuracy"] is not None:
-                assert abs(got["test_accuracy"] - want["test_accuracy"]) <= 0.01
-            if "dpsgd_epsilon" in want:  # every step released before the crash still counts
-                assert got["dpsgd_epsilon"] == pytest.approx(want["dpsgd_epsilon"], rel=1e-6)
+    for got, want in zip(summaries, reference, strict=True):
+        if case.deterministic and want["test_accuracy"] is not None:
+            assert abs(got["test_accuracy"] - want["test_accuracy"]) <= 0.01
+        if "dpsgd_epsilon" in want:  # every step released before the crash still counts
+            assert got["dpsgd_epsilon"] == pytest.approx(want["dpsgd_epsilon"], rel=1e-6)
     if "relay" in victims:  # the client names what it lost: the relay, not the server
         assert "lost the relay" in run.live["client-1"].log.read_text()
 

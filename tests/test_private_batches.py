@@ -52,3 +52,19 @@ def test_an_epoch_draws_its_batches_once_and_a_new_one_starts_afresh() -> None:
     assert steps == list(range(len(steps))) and private.drawn == ROWS // BATCH
     assert private.state()["next_batch"] is None  # nothing pre-drawn past the epoch's end
     assert [s for s, *_ in itertools.islice(private.batches(0), 2)] == [0, 1]
+
+
+def test_a_pipelined_client_resumes_with_the_batches_it_had_in_flight() -> None:
+    # Prepare: steps 0..5 handed out with 3 in flight (train.pipeline_depth = 3); the state
+    # saved after step 2 was applied, then the client was killed with steps 3..5 sent
+    first = _attach()
+    handed = list(itertools.islice(first.batches(0), 6))
+    saved = first.state()
+    # Execute: a restarted client resumes at step 3
+    second = _attach()
+    second.load_state(saved)
+    again = list(itertools.islice(second.batches(3), 3))
+    # Assert: steps 3..5 carry the rows sent before the crash, then the epoch goes on
+    assert [(s, ids.tolist()) for s, _x, _y, ids in again] == [
+        (s, ids.tolist()) for s, _x, _y, ids in handed[3:]
+    ]

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from privacy.config import DPSGDConfig
-from sl_pipeline.config import TrainConfig
+from sl_pipeline.config import MAX_PIPELINE_DEPTH, TrainConfig
 from sl_pipeline.data import Split
 
 Batch = tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor]
@@ -29,6 +29,7 @@ class PrivateBatches:
         self.has_labels = has_labels
         self.drawn = 0  # batches drawn from the sampler this epoch
         self.next_batch: list[int] | None = None  # drawn, not yet handed out
+        self.handed: list[tuple[int, list[int]]] = []  # the last steps handed out, with rows
 
     @classmethod
     def attach(
@@ -51,20 +52,30 @@ class PrivateBatches:
         the batch is handed out, so the checkpoint saved after a step holds the rows of the
         next one (``next_batch``): the Poisson mask comes from the operating system, and a
         client resumed after sending a step the server applied must send the same rows again
-        (the server answers from its cache). The checkpoint also holds how many batches of
-        the epoch were drawn (empty ones included, which are skipped): the rest are drawn
-        from there, none again."""
+        (the server answers from its cache); it also holds the last steps handed out with
+        their rows, so a pipelining client resends the steps it had in flight as they were,
+        and how many batches of the epoch were drawn (empty ones included, which are
+        skipped): the rest are drawn from there, none again."""
         loader = self.dp.data_loader
         x_all, y_all, ids_all = loader.dataset.tensors
         if first_step == 0:
-            self.drawn, self.next_batch = 0, None
+            self.drawn, self.next_batch, self.handed = 0, None, []
+        # steps a pipelining client had in flight when it stopped: sent, so sent again as they were
+        replay = [rows for step, rows in self.handed if step >= first_step]
+        self.handed = [(step, rows) for step, rows in self.handed if step < first_step]
         draws = self._draws(loader)
         if self.next_batch is None:
             self.next_batch = next(draws, None)
         step = first_step
-        while self.next_batch is not None:
-            idx = torch.as_tensor(self.next_batch, dtype=torch.long)
-            self.next_batch = next(draws, None)
+        while True:
+            if replay:
+                rows = replay.pop(0)
+            elif self.next_batch is not None:
+                rows, self.next_batch = self.next_batch, next(draws, None)
+            else:
+                return
+            self.handed = [*self.handed[-MAX_PIPELINE_DEPTH:], (step, rows)]
+            idx = torch.as_tensor(rows, dtype=torch.long)
             yield step, x_all[idx], (y_all[idx] if self.has_labels else None), ids_all[idx]
             step += 1
 
@@ -88,6 +99,7 @@ class PrivateBatches:
         state: dict[str, Any] = {
             "drawn": self.drawn,
             "next_batch": self.next_batch,
+            "handed": [[step, rows] for step, rows in self.handed],
             "accountant": dict(self.dp.engine.accountant.state_dict()),
         }
         for name, gen in self._generators().items():
@@ -98,6 +110,9 @@ class PrivateBatches:
         self.drawn = int(state["drawn"])
         pending = state.get("next_batch")  # absent from checkpoints of older versions
         self.next_batch = None if pending is None else [int(i) for i in pending]
+        self.handed = [
+            (int(step), [int(i) for i in rows]) for step, rows in state.get("handed", [])
+        ]
         self.dp.engine.accountant.load_state_dict(state["accountant"])
         for name, gen in self._generators().items():
             if name in state:
