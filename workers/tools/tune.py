@@ -18,7 +18,7 @@ import re
 import signal
 import sys
 import tomllib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -235,8 +235,7 @@ def _name(setting: Setting | None) -> str:
     return BASE_ROW if setting is None else row_name(setting)
 
 
-@contextlib.contextmanager
-def _progress(plan: Sequence[object], topology: str, dataset: str, shown: bool) -> Iterator[Any]:
+def _progress(plan: Sequence[object], topology: str, dataset: str, shown: bool) -> Any:
     from tqdm import tqdm
 
     bar = tqdm(
@@ -246,10 +245,7 @@ def _progress(plan: Sequence[object], topology: str, dataset: str, shown: bool) 
         disable=not shown,
         dynamic_ncols=True,
     )
-    try:
-        yield bar
-    finally:
-        bar.close()
+    return contextlib.closing(bar)
 
 
 def _measurer(
