@@ -289,3 +289,30 @@ def test_tune_into_an_unwritable_folder_is_refused_before_any_training(
 def test_audit_refuses_zero_clients(capsys: pytest.CaptureFixture[str]) -> None:
     code, line = _fails(capsys, "audit", "--topology", "vanilla", "--clients", "0")
     assert code == 2 and "--clients must be at least 1" in line, line
+
+
+def _killed_by_default(signum: int, frame: object) -> None:
+    raise AssertionError("SIGTERM took its default action: the process would end with 143")
+
+
+@pytest.mark.parametrize("role", ["server", "relay-1"])
+def test_a_listening_worker_stopped_while_it_starts_exits_0(
+    deployment, monkeypatch: pytest.MonkeyPatch, role: str
+) -> None:  # type: ignore[no-untyped-def]
+    """systemd stops a server or relay while it still imports and reads its config (before
+    its event loop handles signals): README's table says exit status 0, as for a client; it
+    was 143, killed by the signal."""
+    files = deployment(topology="multihop")
+    from workers.cli import commands
+
+    def interrupted(threads: int) -> None:  # called between the config and the event loop
+        signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(commands, "_set_threads", interrupted)
+    previous = signal.signal(signal.SIGTERM, _killed_by_default)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            main([role.split("-")[0], "--config", str(files[role])])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.code == 0

@@ -49,6 +49,7 @@ def _set_threads(threads: int) -> None:
 
 def _serve(args: argparse.Namespace, role: str) -> int:
     """Run a listening worker (server or relay) until SIGTERM/SIGINT, then report."""
+    _exit_quietly_on_sigterm()
     from workers.relay import RelayWorker
     from workers.runtime.startup import install_stop_signals
     from workers.server.worker import ServerWorker
