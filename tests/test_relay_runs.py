@@ -88,7 +88,7 @@ async def test_malformed_steps_after_fresh_hellos_never_make_the_relay_rejoin_th
         try:
             for attempt in range(20):  # bounded
                 conn = DealerConnection(ctx, cfg.client.server, cfg.limits.to_limits())
-                handshake.hello = {**handshake.hello, "resume": None, "fresh": True}
+                handshake.hello = {**handshake.hello, "resume": None}
                 await conn.handshake(handshake, 10.0)
                 bad = Message(
                     Kind.FORWARD,
@@ -105,3 +105,24 @@ async def test_malformed_steps_after_fresh_hellos_never_make_the_relay_rejoin_th
             ctx.destroy(linger=0)
         # Assert: the server was never asked again, and no step was applied
         assert joins == [] and run.relay.steps_applied == 0
+
+
+async def test_a_client_restarted_within_its_run_is_answered_once_through_the_relay(
+    deployment,  # type: ignore[no-untyped-def]
+) -> None:
+    # Prepare: a client without checkpoints dies a few steps into its run
+    files = deployment(topology="multihop", dataset="breast_cancer", clients=1, epochs=2)
+    base = files["server"].parent
+    async with serving(files) as run:
+        dying = ClientWorker(load_client(files["client-1"]), base, progress=False)
+        task = asyncio.ensure_future(dying.run())
+        await wait_until(lambda: dying.steps_done >= 4)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        # Execute: it starts again from nothing and resends the steps it had taken
+        again = await asyncio.wait_for(
+            ClientWorker(load_client(files["client-1"]), base, progress=False).run(), 120
+        )
+        # Assert: every step applied once at the relay, as at the server
+        assert again["steps"] > 0
+        assert run.relay.steps_applied == run.server.steps_applied

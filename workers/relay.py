@@ -129,9 +129,14 @@ class RelayWorker(RouterService):
         the segment's starts from the initial weights (the server's does too). Only for a
         well-formed step: a malformed one (or a flood of them) asks nothing of the server."""
         read_tensor(msg, "act", self.max_batch, self.max_abs, self.act_shape)
-        await self._join_upstream()
+        welcome = await self._join_upstream(speaking_for=msg.client)
         self.check_run.discard(msg.client)  # once the server answered: a failed join asks again
         self._start_afresh_if_new_run()
+        if welcome.get("finished") is True:
+            # It finished its part of this run already: a new process of it starts over, and
+            # none of these replies is its. (A restart within its run resends its steps: they
+            # are answered from here, as the server answers them from its cache.)
+            self.replies.forget(msg.client)
 
     def _start_afresh_if_new_run(self) -> None:
         if not self.trained_run or not self.run_id or self.trained_run == self.run_id:
@@ -190,12 +195,6 @@ class RelayWorker(RouterService):
         name = self.peer_name(hello, key)
         if hello.get("intent", "train") == "train" and hello.get("resume") is None:
             self.check_run.add(name)  # perhaps a new run: ask the server before its first step
-        if hello.get("fresh") is True:
-            # A new client process from nothing: none of its earlier steps comes again, and
-            # one answered from this cache would be another run's (or an old) gradient. (A
-            # reconnect before its first reply says resume null too, but not fresh: the steps
-            # it resends must be answered from the cache, not applied twice.)
-            self.replies.forget(name)
         last = self.replies.newest(name, Kind.FORWARD.value)
         return {
             **super().accept(hello, key),
@@ -235,17 +234,22 @@ class RelayWorker(RouterService):
         # N > 1 steps): the client resumes, so no fresh hello would ask
         self._start_afresh_if_new_run()
 
-    async def _join_upstream(self) -> None:
+    async def _join_upstream(self, speaking_for: str = "") -> dict[str, Any]:
+        """Join the next hop; ``speaking_for`` asks the server whether that client of this
+        relay finished its part of the run (the welcome's ``finished``)."""
         assert self.ctx is not None
         if self.upstream is not None:
             self.upstream.close()
         self.upstream = DealerConnection(
             self.ctx, self.cfg.relay.upstream, self.limits, self.metrics.record_message
         )
+        hello = {k: v for k, v in self.upstream_hs.hello.items() if k != "for"}
+        self.upstream_hs.hello = {**hello, "for": speaking_for} if speaking_for else hello
         welcome = await self.upstream.handshake(self.upstream_hs, self.cfg.relay.timeout_s)
         self.run_id = str(welcome.get("run") or "")
         self.joined_upstream = True
         log.info("relay joined upstream %s", self.cfg.relay.upstream)
+        return welcome
 
     async def on_stop(self) -> None:
         if self.upstream is not None:

@@ -80,7 +80,6 @@ class Upstream:
         self.hello_timer = RetransmitTimer(cfg.client.connect_timeout_s)
         self.adaptive_wait = True  # off where a reply waits for other parties
         self.connected = False  # between a completed handshake and a lost peer
-        self.ever_joined = False  # a later hello is a reconnect: steps may be resent
         self.retries = 0
         self.bytes = {"sent": 0, "received": 0}
         self.stop = asyncio.Event()  # set by SIGTERM/SIGINT: every wait here ends at once
@@ -95,9 +94,6 @@ class Upstream:
             "takeover": c.client.takeover,
             "intent": "train" if start[0] < c.train.epochs else "infer",
             "resume": list(last_applied) if last_applied else None,
-            # this process starts from nothing and has not joined yet: it will resend none of
-            # its name's earlier steps (a relay drops the replies it keeps for them)
-            "fresh": last_applied is None and start == (0, 0) and not self.ever_joined,
         }
 
     def _count(self, direction: str, kind: str, nbytes: int) -> None:
@@ -210,7 +206,6 @@ class Upstream:
 
     def _joined(self, welcome: dict[str, Any]) -> None:
         self.set_connected(True)
-        self.ever_joined = True
         role = welcome.get("role", "server")
         self.peer = role if role in PEER_ROLES else "server"
         assert self.conn is not None

@@ -226,6 +226,9 @@ class ServerWorker(RunHost, RouterService):
             self.inferring.add(name)
         self.clients.joined(name)
         last = bound.replies.newest(name, Kind.FORWARD.value) if bound else None
+        behind = hello.get("for")  # a relay asking about one of its clients (relay-1/client-1)
+        if isinstance(behind, str) and behind and name in self.cfg.server.relays:
+            welcome["finished"] = bound is not None and f"{name}/{behind}" in bound.done
         return {
             **welcome,
             "topology": self.cfg.server.topology,
