@@ -324,7 +324,7 @@ class RelayWorker(RouterService):
                 return []
             raise ProtocolError(f"a relay does not accept {msg.kind.value} messages")
         except PeerError as exc:  # the next hop refused: pass its reason down the chain
-            reply = error_message(exc.remote_code, str(exc), retryable=exc.retryable, request=msg)
+            reply = error_message(exc.remote_code, exc.reason, retryable=exc.retryable, request=msg)
             return [(identity, reply)]
         except TransportError as exc:  # the next hop is unreachable: the client may retry
             self.reject(peer, reject_reason(exc), exc)
