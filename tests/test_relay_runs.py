@@ -61,6 +61,7 @@ async def test_a_client_starting_afresh_in_a_run_held_open_is_refused_not_fed_ol
             await asyncio.wait_for(again.run(), 120)
         # Assert: one clear refusal; no step answered from run-1's replies or applied again
         assert "a relay trains one run at a time" in str(refused.value)
+        assert str(refused.value).count("peer error [run_ended]") == 1  # the relay adds none
         assert "runs stop run-1" in str(refused.value)
         assert again.steps_done == 0 and first["steps"] > 0
         assert (run.relay.steps_applied, run.server.steps_applied) == applied
