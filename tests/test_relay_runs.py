@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,6 +39,15 @@ async def serving(files: dict[str, Any]) -> AsyncIterator[Any]:
         await asyncio.wait_for(asyncio.gather(*services, return_exceptions=True), 30)
 
 
+async def crash_after(config: Path, base: Path, steps: int) -> None:
+    """Run a client until it has applied ``steps`` steps, then end it without a goodbye."""
+    client = ClientWorker(load_client(config), base, progress=False)
+    task = asyncio.ensure_future(client.run())
+    await wait_until(lambda: client.steps_done >= steps)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 async def test_a_client_starting_afresh_in_a_run_held_open_is_refused_not_fed_old_replies(
     deployment,  # type: ignore[no-untyped-def]
 ) -> None:
@@ -46,11 +56,7 @@ async def test_a_client_starting_afresh_in_a_run_held_open_is_refused_not_fed_ol
     files = deployment(topology="multihop", dataset="breast_cancer", clients=2)
     base = files["server"].parent
     async with serving(files) as run:
-        vanished = ClientWorker(load_client(files["client-2"]), base, progress=False)
-        gone = asyncio.ensure_future(vanished.run())
-        await wait_until(lambda: vanished.steps_done >= 1)
-        gone.cancel()
-        await asyncio.gather(gone, return_exceptions=True)
+        await crash_after(files["client-2"], base, steps=1)
         first = await asyncio.wait_for(
             ClientWorker(load_client(files["client-1"]), base, progress=False).run(), 120
         )
@@ -115,11 +121,7 @@ async def test_a_client_restarted_within_its_run_is_answered_once_through_the_re
     files = deployment(topology="multihop", dataset="breast_cancer", clients=1, epochs=2)
     base = files["server"].parent
     async with serving(files) as run:
-        dying = ClientWorker(load_client(files["client-1"]), base, progress=False)
-        task = asyncio.ensure_future(dying.run())
-        await wait_until(lambda: dying.steps_done >= 4)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await crash_after(files["client-1"], base, steps=4)
         # Execute: it starts again from nothing and resends the steps it had taken
         again = await asyncio.wait_for(
             ClientWorker(load_client(files["client-1"]), base, progress=False).run(), 120
