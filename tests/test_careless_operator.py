@@ -195,7 +195,8 @@ def test_a_client_stopped_before_its_first_step_keeps_the_saved_model(deployment
     assert saved.read_bytes() == b"the model of last week's run"
     report = r"stopped by signal after 0 steps in run - in [0-9.]+s; test accuracy n/a \(not "
     assert re.fullmatch(report + r"evaluated yet\); model: none trained", out.strip()), out
-    assert "no [checkpoint] dir, so this client cannot resume" in err.read_text()
+    assert "before any step was applied: a restart starts afresh" in err.read_text()
+    assert not list(saved.parent.glob("client-1.stopped-*"))  # nothing to resume from
 
 
 @pytest.mark.parametrize(

@@ -28,18 +28,11 @@ def model_path(cfg: ClientConfig, base: Path) -> str | None:
     return str(resolve_path(base, save, "client.save", must_exist=False)) if save else None
 
 
-def log_stop(epoch: int, step: int, checkpointed: bool, run_id: str) -> None:
-    """What a client stopped by a signal leaves: a resumable state, or a run it cannot
-    rejoin (its steps there cannot be replayed without a checkpoint)."""
+def log_stop(epoch: int, step: int, saved: Path | None, steps_done: int) -> None:
+    """What a client stopped by a signal leaves: the state a restart resumes from (its
+    checkpoint, or its stop state), or nothing when no step was applied yet."""
     where = f"stopped by signal at epoch {epoch + 1} step {step}"
-    if checkpointed:
-        log.warning("%s; state saved: a restart resumes here", where)
-        return
-    run = run_id or "RUN"
-    log.warning(
-        "%s; no [checkpoint] dir, so this client cannot resume run %s: a restart is refused "
-        "as stale; `sl-pipeline runs stop %s` ends that run, or train another (--run NAME)",
-        where,
-        run,
-        run,
-    )
+    if saved is not None:
+        log.warning("%s; state saved in %s: the same command resumes here", where, saved)
+    elif not steps_done:
+        log.warning("%s, before any step was applied: a restart starts afresh", where)

@@ -34,13 +34,11 @@ from workers.client.report import best_epoch, log_stop, model_path
 from workers.client.rollback import NOTHING, Rewind, UndoPoints
 from workers.client.staleness import configured_momentum
 from workers.client.steps import StepRunner
+from workers.client.stopstate import ClientStore
 from workers.ops.http import OpsServer
 from workers.ops.metrics import WorkerMetrics
-from workers.runtime.checkpoint import check_writable, open_store, restore_rng, rng_state
-from workers.runtime.startup import (
-    install_stop_signals,
-    start_ops,
-)
+from workers.runtime.checkpoint import check_writable, restore_rng, rng_state
+from workers.runtime.startup import install_stop_signals, start_ops
 from workers.server.runs import check_run_id
 from workers.topologies import topology
 
@@ -95,8 +93,8 @@ class ClientWorker:
         self.stop = self.link.stop  # SIGTERM/SIGINT also end a wait for the next hop
         self.stopped = False
         self.undo = UndoPoints()
-        self.ckpt = open_store(cfg.checkpoint, base, cfg.client.name)
-        self.resumed_from = self._restore() if self.ckpt else 0
+        self.ckpt = ClientStore(cfg, base)
+        self.resumed_from = self._restore()
 
     async def align(self) -> None:
         """Keep the rows both parties hold, in the agreed order; split and encode them."""
@@ -120,6 +118,7 @@ class ClientWorker:
             "optimizer": self.runner.optimizer.state_dict(),
             "epoch": self.epoch,
             "next_step": next_step,
+            "run": self.run_id,
             "steps_done": self.steps_done,
             "epoch_losses": list(self.epoch_losses),
             "rng": rng_state(),
@@ -129,15 +128,15 @@ class ClientWorker:
         }
 
     def _restore(self) -> int:
-        assert self.ckpt is not None
-        found = self.ckpt.load_latest()
+        found = self.ckpt.restore(self.cfg.client.run)
         if found is None:
             return 0
         state, path = found
+        self.run_id = self.ckpt.stopped_in or self.run_id
         self._load_state(state)
         self.runner.restore_accounting(int(state["accounted_epochs"]))
         self.runner.load_extra_state(dict(state.get("runner", {})))
-        log.info("resumed from checkpoint %s at epoch %d step %d", path, *self.start)
+        log.info("resumed from %s at epoch %d step %d", path, self.start[0] + 1, self.start[1])
         return self.steps_done
 
     def _load_state(self, state: dict[str, Any], rewind: bool = False) -> None:
@@ -157,11 +156,19 @@ class ClientWorker:
             dp["accountant"] = self.runner.dp_state()["accountant"]
         self.runner.load_dp_state(dp)
 
-    def _save(self, next_step: int, force: bool = False) -> None:
-        every = max(1, self.cfg.checkpoint.every_steps)
-        if self.ckpt is not None and (force or self.steps_done % every == 0):
+    def _save(self, next_step: int) -> None:
+        if self.ckpt.due(self.steps_done):
             self.ckpt.save(self._state(next_step), self.steps_done)
             self.metrics.checkpoints_total.inc()
+
+    def _save_at_end(self) -> Path | None:
+        if not self.stopped:
+            self.epoch = self.cfg.train.epochs  # finished: a restart has nothing left to do
+        last = self.last_applied
+        next_step = last[1] + 1 if self.stopped and last and last[0] == self.epoch else 0
+        saved = self.ckpt.at_end(self.stopped, self.steps_done, lambda: self._state(next_step))
+        self.metrics.checkpoints_total.inc(int(saved is not None))
+        return saved
 
     # ---- connection --------------------------------------------------------------------
     @property
@@ -191,12 +198,9 @@ class ClientWorker:
             lambda: self.link.hello(self.start, self.last_applied), lambda: self.steps_done > 0
         )
         self.run_id = welcome.get("run") or self.run_id
-        log.info(
-            "joined %s %s (run %s)",
-            self.link.peer,
-            self.cfg.client.server,
-            self.run_id or "not chosen yet",
-        )
+        self.ckpt.check_joined(self.run_id)
+        where = (self.link.peer, self.cfg.client.server, self.run_id or "not chosen yet")
+        log.info("joined %s %s (run %s)", *where)
         self.undo.after_join(
             welcome, self.last_applied, self.cfg.train.pipeline_depth or MAX_DEPTH, self.link.peer
         )
@@ -227,18 +231,15 @@ class ClientWorker:
                 await self.train()
             except Stopped:
                 self.stopped = True
-                log_stop(self.epoch, self.step, self.ckpt is not None, self.run_id)
             if self.link.connected:  # a peer being rejoined is gone: no bye for it
                 assert self.link.conn is not None
                 bye = {"finished": not self.stopped, "accuracy": self.last_accuracy}
                 await self.link.conn.send(self.message(Kind.BYE, meta=bye))
             if self.steps_done > self.resumed_from:  # else the saved model stays as it was
                 self.runner.save()
-            if not self.stopped:
-                self.epoch = self.cfg.train.epochs  # finished: a restart has nothing left to do
-            last = self.last_applied
-            next_step = last[1] + 1 if self.stopped and last and last[0] == self.epoch else 0
-            self._save(next_step, force=True)
+            saved = self._save_at_end()
+            if self.stopped:
+                log_stop(self.epoch, self.step, saved, self.steps_done)
             wall = time.perf_counter() - start
             if not self.stopped:
                 await self._linger(ops)
@@ -247,8 +248,7 @@ class ClientWorker:
                 await ops.stop()
             self.link.close(BYE_LINGER_MS)  # else the bye can be dropped: the name stays taken
             ctx.term()
-            if self.ckpt is not None:
-                self.ckpt.release()
+            self.ckpt.release()
         return self.summary(wall if wall is not None else time.perf_counter() - start)
 
     async def _linger(self, ops: OpsServer | None) -> None:
@@ -271,8 +271,7 @@ class ClientWorker:
                 return await self._train_from_start()
             except Rewind as rewind:
                 self._load_state(rewind.state, rewind=True)
-                if self.ckpt is not None:  # newer checkpoints are another timeline now
-                    self.ckpt.discard_after(self.steps_done)
+                self.ckpt.discard_after(self.steps_done)  # newer ones: another timeline now
 
     async def _train_from_start(self) -> None:
         for epoch in range(self.start[0], self.cfg.train.epochs):
