@@ -14,7 +14,9 @@ import pytest
 
 from workers.cli import main
 from workers.server.worker import ServerWorker
+from workers.tools.demo import stop_process
 
+from .conftest import wait_listening
 from .threadserver import ThreadServer
 from .workerproc import WorkerProcess
 
@@ -98,3 +100,28 @@ def test_a_stop_state_whose_run_was_stopped_meanwhile_is_one_line_then_a_fresh_s
     assert "run the same command again to train from the start" in lines[0]
     assert again == 0 and summary["run"] == "run-2" and summary["resumed_from"] == 0
     assert summary["steps"] == 8 * 15 and list(state.glob("client-1.stopped-*")) == []
+
+
+def test_a_client_behind_a_relay_reports_the_servers_run(
+    deployment, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """It said `in run -`: the relay's welcome names no run (the relay asks the server only
+    at the client's first step). Two runs through one long-lived relay: each is named."""
+    files = deployment(topology="multihop", dataset="breast_cancer")
+    config = ["client", "--config", str(files["client-1"])]
+    with ThreadServer(files["server"]) as server:
+        logs = (tmp_path / "relay.out", tmp_path / "relay.log")
+        relay = WorkerProcess(["relay", "--config", str(files["relay-1"])], *logs)
+        try:
+            wait_listening(files["relay-1"])
+            reports = []
+            for run in ("run-1", "run-2"):
+                assert main(config) == 0
+                out, err = capsys.readouterr()
+                reports.append(out.strip())
+                assert f"the relay trains this client in run {run}" in err, err
+                _until(lambda r=run: server.book.runs[r].state == "finished", f"{run}'s end")  # type: ignore[misc]
+        finally:
+            assert stop_process(relay) == 0  # type: ignore[arg-type]
+    for report, run in zip(reports, ("run-1", "run-2"), strict=True):
+        assert report.startswith(f"trained 15 steps in run {run} in "), report

@@ -361,7 +361,7 @@ class RelayWorker(RouterService):
         assert act.grad is not None
         answer = msg.reply(
             Kind.BACKWARD,
-            meta=dict(reply.meta),
+            meta={**reply.meta, "run": self.run_id},  # the client learns its server's run
             tensors=wire_tensors(
                 "grad", act.grad, self.cfg.train.wire_dtype, self.residuals, msg.client
             ),

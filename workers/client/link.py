@@ -21,7 +21,7 @@ import zmq.asyncio
 from sl_pipeline.config import ClientConfig
 from sl_pipeline.errors import PeerError, ProtocolError, ReplyTimeoutError, TransportError
 from sl_pipeline.handshake import ClientHandshake
-from sl_pipeline.messages import PROTOCOL_VERSION, Message, check_answers
+from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message, check_answers
 from sl_pipeline.models import fingerprint
 from sl_pipeline.retransmit import RetransmitTimer
 from sl_pipeline.transport import DealerConnection
@@ -83,6 +83,7 @@ class Upstream:
         self.retries = 0
         self.bytes = {"sent": 0, "received": 0}
         self.stop = asyncio.Event()  # set by SIGTERM/SIGINT: every wait here ends at once
+        self.run = ""  # the server's run, as a relay's answers name it (a server's welcome does)
         self._stop_watch: asyncio.Future[Any] | None = None  # done once ``stop`` is set
 
     def hello(self, start: tuple[int, int], last_applied: tuple[int, int] | None) -> dict[str, Any]:
@@ -194,7 +195,7 @@ class Upstream:
 
         watcher.add_done_callback(on_stop)
         try:
-            return await conn.recv(wait)
+            reply = await conn.recv(wait)
         except asyncio.CancelledError:
             if not state["stopped"]:
                 raise  # our caller was cancelled
@@ -203,6 +204,16 @@ class Upstream:
         finally:
             state["waiting"] = False
             watcher.remove_done_callback(on_stop)
+        if self.peer == "relay" and reply.kind is Kind.BACKWARD:
+            self._note_run(reply.meta.get("run"))
+        return reply
+
+    def _note_run(self, run: object) -> None:
+        """A relay's answer to a step names the server's run it was trained in: the relay
+        learns it from the server at the client's first step, after its own welcome."""
+        if isinstance(run, str) and run and run != self.run:
+            self.run = run
+            log.info("the relay trains this client in run %s", run)
 
     def _joined(self, welcome: dict[str, Any]) -> None:
         self.set_connected(True)

@@ -118,7 +118,7 @@ class ClientWorker:
             "optimizer": self.runner.optimizer.state_dict(),
             "epoch": self.epoch,
             "next_step": next_step,
-            "run": self.run_id,
+            "run": self.link.run or self.run_id,
             "steps_done": self.steps_done,
             "epoch_losses": list(self.epoch_losses),
             "rng": rng_state(),
@@ -305,7 +305,7 @@ class ClientWorker:
             "topology": self.topology,
             "dataset": self.cfg.data.dataset or self.cfg.data.path,
             "client": self.cfg.client.name,
-            "run": self.run_id or None,
+            "run": self.link.run or self.run_id or None,  # behind a relay: its answers say
             "epochs": self.cfg.train.epochs,
             "steps": self.steps_done,
             "test_accuracy": self.last_accuracy,
