@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads per party")
     parser.add_argument(
+        "--device",
+        default="cpu",
+        help="overhead: where both sides train (cpu, cuda; SL_BENCH_DEVICE)",
+    )
+    parser.add_argument(
         "--pin",
         action="store_true",
         help="overhead: also run pairs with each party on its own core (SL_BENCH_PIN=1)",
@@ -115,10 +120,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     pin_threads(args.threads)
     if args.pin:
         os.environ["SL_BENCH_PIN"] = "1"
+    if args.device != "cpu":
+        from sl_pipeline.errors import ConfigError
+        from sl_pipeline.models import resolve_device
+
+        try:
+            resolve_device(args.device)
+        except ConfigError as exc:
+            print(f"bench: --device {args.device}: {exc}", file=sys.stderr)
+            return 2
+    os.environ["SL_BENCH_DEVICE"] = args.device
     from .report import render
 
     results = run_all(args.only, args.quick, lambda text: print(text, file=sys.stderr))
     results.update(machine=machine(), quick=args.quick, threads_per_party=args.threads)
+    results["device"] = args.device
     print(render(results, results["errors"], results["machine"]))
     if args.json:
         summary = {key: results.get(key) for key in KEYS}

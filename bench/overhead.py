@@ -9,6 +9,10 @@ alternates); ``overhead_ratio`` is the median over pairs of (b)'s / (a)'s block 
 the server process (every thread, ZeroMQ's included) over (a)'s process, which waiting for
 a core held by other work does not inflate.
 
+With ``--device cuda`` (``SL_BENCH_DEVICE``) both sides train on the GPU: the one-process
+loop, and the server and client workers (``train.device``); the RPC blocks are left out
+(they run on the CPU only).
+
 With ``--pin`` (``SL_BENCH_PIN=1``) and two cores or more, every round also runs a pair with
 each party on its own core (this process, the client, on one; the server worker on another),
 as on two hosts, the one-process loop then on the client's core alone: ``ratio_pinned`` /
@@ -35,7 +39,7 @@ import zmq.asyncio
 from sl_pipeline.config import ClientConfig, from_mapping
 from sl_pipeline.data import batch_order
 from sl_pipeline.messages import Kind, Message
-from sl_pipeline.models import full_model, make_optimizer
+from sl_pipeline.models import full_model, make_optimizer, resolve_device
 from workers.client.microbatch import train_pipelined
 from workers.client.worker import ClientWorker
 
@@ -65,9 +69,15 @@ def write_cifar_npz(path: Path, samples: int = CIFAR_SAMPLES) -> None:
     np.savez(path, x=x, y=rng.integers(0, 10, samples).astype(np.int64))
 
 
+def bench_device() -> str:
+    """Where the overhead section trains: ``bench --device`` (cpu by default)."""
+    return os.environ.get("SL_BENCH_DEVICE", "cpu")
+
+
 def configs(folder: Path, name: str) -> tuple[Path, dict[str, Any]]:
     """Write server.toml for ``name``; return it and the client's config mapping."""
     keys = write_keys(folder, ["bench-client"])
+    train = TRAIN | {"device": bench_device()}
     url = endpoint(free_port())
     model = MODELS[name]
     data: dict[str, Any] = {"dataset": "digits"}
@@ -77,7 +87,7 @@ def configs(folder: Path, name: str) -> tuple[Path, dict[str, Any]]:
     server = {
         "server": {"bind": url, "key": keys["server_key"], "admitted": keys["admitted"]},
         "model": model,
-        "train": TRAIN,
+        "train": train,
         "ops": {"log_level": "WARNING"},
     }
     (folder / "server.toml").write_text(to_toml(server))
@@ -91,7 +101,7 @@ def configs(folder: Path, name: str) -> tuple[Path, dict[str, Any]]:
         },
         "data": data,
         "model": model,
-        "train": TRAIN,
+        "train": train,
     }
     return folder / "server.toml", client
 
@@ -100,12 +110,14 @@ class PlainLoop:
     """(a): the whole model in this process, trained with a plain torch loop."""
 
     def __init__(self, cfg: ClientConfig) -> None:
-        self.model = full_model(cfg.model)
+        self.device = resolve_device(cfg.train.device)
+        self.model = full_model(cfg.model).to(self.device)
         t = cfg.train
         params = list(self.model.parameters())
         self.optimizer = make_optimizer(params, t.optimizer, t.lr, t.momentum)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        x, y = x.to(self.device), y.to(self.device)  # as the split client does each step
         loss = F.cross_entropy(self.model(x), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -153,7 +165,7 @@ async def measure(
     cfg: ClientConfig, base: Path, quick: bool, name: str, server_pid: int
 ) -> dict[str, Any]:
     warmup, blocks, per_block, budget_s = _plan(quick)
-    rpc = RpcBlocks(name)
+    rpc = RpcBlocks(name, on_cpu=cfg.train.device == "cpu")
     client = ClientWorker(cfg, base, progress=False)
     plain = PlainLoop(cfg)
     train = client.data.train
@@ -285,11 +297,11 @@ class RpcBlocks:
     run between our blocks so that ``rpc_ratio`` compares the two under the same load.
     If RPC cannot run here, the reason is kept and the other figures still come."""
 
-    def __init__(self, name: str) -> None:
-        self.peer: RpcPeer | None = RpcPeer(name)
+    def __init__(self, name: str, on_cpu: bool = True) -> None:
+        self.peer: RpcPeer | None = RpcPeer(name) if on_cpu else None
         self.samples: list[float] = []
         self.cpu: list[float] = []  # CPU seconds per step, both RPC processes
-        self.error = ""
+        self.error = "" if on_cpu else "not run: the RPC comparison runs on the CPU only"
 
     def steps(self, count: int, record: bool) -> None:
         if self.peer is None:
@@ -357,4 +369,5 @@ def run(quick: bool = False) -> dict[str, Any]:
         "overhead_ratio_pinned": {n: r.get("ratio_pinned") for n, r in per_model.items()},
         "overhead_cpu_ratio_pinned": {n: r.get("cpu_ratio_pinned") for n, r in per_model.items()},
         "batch_size": BATCH,
+        "overhead_device": bench_device(),
     }

@@ -324,7 +324,8 @@ def test_the_bench_verb_passes_every_flag_on(monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     # Act
-    code = cli.main(["bench", "--quick", "--json", "--pin", "--only", "overhead"])
+    argv = ["--quick", "--json", "--pin", "--only", "overhead", "--device", "cuda:1"]
+    code = cli.main(["bench", *argv])
     # Assert
     assert code == 0
-    assert started[0][1:] == ["-m", "bench", "--quick", "--json", "--pin", "--only", "overhead"]
+    assert started[0][1:] == ["-m", "bench", *argv]

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sl_pipeline.config import ClientConfig
 from sl_pipeline.data import batch_order, load_party_data
 from sl_pipeline.models import build_segments, make_optimizer
 from workers.client.worker import ClientWorker
@@ -18,10 +19,13 @@ from workers.tools.inprocess import run_deployment
 from .conftest import load_client, load_server
 
 
-def central_training(cfg_client, base: Path) -> tuple[torch.nn.Module, torch.nn.Module]:  # type: ignore[no-untyped-def]
+def central_training(
+    cfg_client: ClientConfig, base: Path, device: str = "cpu"
+) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The reference: the same network, seed and batches, trained in one process."""
     data = load_party_data(cfg_client.data, base, cfg_client.model.classes)
-    bottom, top = build_segments(cfg_client.model, "vanilla")
+    bottom, top = (part.to(device) for part in build_segments(cfg_client.model, "vanilla"))
+    x, y = data.train.x.to(device), data.train.y.to(device)
     t = cfg_client.train
     opt_b = make_optimizer(list(bottom.parameters()), t.optimizer, t.lr, t.momentum)
     opt_t = make_optimizer(list(top.parameters()), t.optimizer, t.lr, t.momentum)
@@ -29,7 +33,7 @@ def central_training(cfg_client, base: Path) -> tuple[torch.nn.Module, torch.nn.
         for idx in batch_order(len(data.train), t.batch_size, t.seed, epoch):
             opt_b.zero_grad()
             opt_t.zero_grad()
-            loss = F.cross_entropy(top(bottom(data.train.x[idx])), data.train.y[idx])
+            loss = F.cross_entropy(top(bottom(x[idx])), y[idx])
             loss.backward()
             opt_b.step()
             opt_t.step()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -137,23 +138,10 @@ SUMMARY_KEYS = {
 }  # fmt: skip
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("topology", "extra"),
-    [  # vanilla, the default topology: README's `sl-pipeline demo` block (tests/test_readme.py)
-        ("ushaped", ()),
-        ("vertical", ()),
-        ("vertical", ("--label-client",)),
-        ("multitask", ()),
-        ("multihop", ()),
-        ("roundrobin", ()),
-        ("splitfed", ()),
-    ],
-)
-def test_demo_runs_every_topology_with_no_other_flag(topology: str, extra: tuple[str, ...]) -> None:
-    # Execute: what a user types, through the console script (one epoch to keep it short)
-    # One epoch where split == central step for step; three where parallel clients or turns
-    # reorder the updates (after one epoch of 46 steps, SplitFed reads 0.33 against 0.47)
+def demo_against_baseline(topology: str, *extra: str) -> dict[str, Any]:
+    """``sl-pipeline demo --topology T --baseline --json ...`` through the console script:
+    one epoch where split == central step for step, three where parallel clients or turns
+    reorder the updates (after one epoch of 46 steps, SplitFed reads 0.33 against 0.47)."""
     epochs = "1" if topology in DETERMINISTIC else "3"
     argv = ["demo", "--topology", topology, "--baseline", "--json", "--epochs", epochs, *extra]
     result = subprocess.run(
@@ -164,13 +152,33 @@ def test_demo_runs_every_topology_with_no_other_flag(topology: str, extra: tuple
         timeout=400,
         stdin=subprocess.DEVNULL,
     )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+# vanilla, the default topology, is README's `sl-pipeline demo` block (tests/test_readme.py)
+OTHER_TOPOLOGIES: list[tuple[str, tuple[str, ...]]] = [
+    ("ushaped", ()),
+    ("vertical", ()),
+    ("vertical", ("--label-client",)),
+    ("multitask", ()),
+    ("multihop", ()),
+    ("roundrobin", ()),
+    ("splitfed", ()),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("topology", "extra"), OTHER_TOPOLOGIES)
+def test_demo_runs_every_topology_with_no_other_flag(topology: str, extra: tuple[str, ...]) -> None:
+    # Execute: what a user types, through the console script
+    summary = demo_against_baseline(topology, *extra)
     # Assert: the topology picked its own number of parties, trained, and matches the same
     # architecture trained centrally (to the sample where the schedule is deterministic;
     # SplitFed interleaves parallel clients and round-robin takes turns, which reorders updates)
-    assert result.returncode == 0, result.stderr[-2000:]
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(summary) >= SUMMARY_KEYS
     assert summary["topology"] == topology and summary["steps"] > 0
+    assert summary["devices"] == ["cpu"]  # the server and every client
     assert summary["clients"] == (2 if topology in MULTI_PARTY else 1)
     # SplitFed's parallel clients meet the shared server segment in whatever order the OS
     # schedules them: 11 runs at load 6 on 2 cores read 0.880-0.953 against 0.9415

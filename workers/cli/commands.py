@@ -193,6 +193,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     flags = [flag for flag, on in chosen if on]
     if args.only:
         flags += ["--only", *args.only]
+    flags += ["--device", args.device]
     return subprocess.run([sys.executable, "-m", "bench", *flags], cwd=root, check=False).returncode
 
 

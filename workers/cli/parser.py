@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--pin", action="store_true", help="overhead: also each party on its own core"
     )
+    bench.add_argument(
+        "--device", default="cpu", help="overhead: where both sides train (cpu, cuda, cuda:N)"
+    )
     _ops_parsers(sub)
     return parser
 
@@ -160,6 +163,12 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
         metavar="N|auto",
         help="steps in flight per client (>1 overlaps client and server compute; auto: "
         "chosen from the measured round trip and step time)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        metavar="cpu|cuda[:N]|auto",
+        help="where every party trains (train.device; auto: a CUDA GPU where one is visible)",
     )
     p.add_argument(
         "--wire-dtype",

@@ -2,9 +2,8 @@
 
 For each batch it runs its segment to the cut layer, sends the activations (with the labels
 only where the topology says the server holds the loss), waits for the gradient at the cut
-and finishes backpropagation locally. After each epoch it evaluates on its own test split.
-Topology-specific steps live in :mod:`workers.client.steps`.
-"""
+and finishes backpropagation locally, then evaluates on its own test split after each
+epoch. Topology-specific steps live in :mod:`workers.client.steps`."""
 
 from __future__ import annotations
 
@@ -316,6 +315,7 @@ class ClientWorker:
             "bytes_received": self.link.bytes["received"],
             "retries": self.link.retries,
             "pipeline_depth": self.cfg.train.pipeline_depth,  # with auto: the depth it chose
+            "device": str(self.runner.device),
             "resumed_from": self.resumed_from,
             "rewinds": self.undo.rewinds,
             "stopped_early": self.stopped,

@@ -3,9 +3,7 @@
 It admits authenticated clients, holds the server segment(s) of each training run in a
 topology engine (see :mod:`workers.server.runs`: one process serves run after run), answers each
 FORWARD with the cut-layer gradient, and keeps serving the others when one misbehaves or
-vanishes. Replies to retransmitted steps come from the run's cache, so a step is never
-applied twice.
-"""
+vanishes. Replies to retransmitted steps come from the run's cache: no step applies twice."""
 
 from __future__ import annotations
 
@@ -25,7 +23,7 @@ from sl_pipeline.errors import (
     StaleStepError,
 )
 from sl_pipeline.messages import Kind, Message, error_message
-from sl_pipeline.models import fingerprint
+from sl_pipeline.models import fingerprint, resolve_device
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.appliedlog import AppliedLog
 from workers.runtime.checkpoint import open_store, restore_rng, rng_state
@@ -178,6 +176,7 @@ class ServerWorker(RunHost, RouterService):
             "runs": [run.id for run in self.book.runs.values()],
             # the newest run's: where the server holds the labels (vertical), its own figure
             "test_accuracy": latest.test_accuracy if (latest := self.book.latest()) else None,
+            "device": str(resolve_device(self.cfg.train.device)),
             "resumed_from": self.resumed_from,
             "answered_from_cache": self.from_cache,
             "replied_first": sum(

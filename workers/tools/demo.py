@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sl_pipeline.errors import SLError
-from workers.tools.localdeploy import deployment_options, init_deployment
+from sl_pipeline.errors import ConfigError, SLError
+from workers.tools.localdeploy import DEVICE_NAME, deployment_options, init_deployment
 
 CLIENT_TIMEOUT_S = 600
 STOP_TIMEOUT_S = 15
@@ -94,7 +94,7 @@ def run_processes(
 
 
 def aggregate(
-    results: list[dict[str, Any]], args: argparse.Namespace, wall: float, server_accuracy: Any
+    results: list[dict[str, Any]], args: argparse.Namespace, wall: float, server: dict[str, Any]
 ) -> dict[str, Any]:
     # Parties without labels (vertical feature parties) report no score; where none has the
     # labels (vertical, labels on the server) the figure is the server's own.
@@ -102,7 +102,7 @@ def aggregate(
     losses = [r["train_loss"] for r in results if r["train_loss"] == r["train_loss"]]  # not NaN
     total_test = sum(r["test_samples"] for r in scored) or 1
     accuracy = sum(r["test_accuracy"] * r["test_samples"] for r in scored) / total_test
-    accuracy = accuracy if scored else server_accuracy
+    accuracy = accuracy if scored else server.get("test_accuracy")
     return {
         "topology": args.topology,
         "dataset": args.dataset,
@@ -118,6 +118,8 @@ def aggregate(
         "wall_seconds": round(wall, 2),
         # steps in flight, the deepest client's (with auto: the depth it settled at)
         "pipeline_depth": max(r.get("pipeline_depth", 1) for r in results),
+        # where each party trained: the server's device, then each client's
+        "devices": sorted({server["device"], *(r["device"] for r in results)}),
     }
 
 
@@ -125,22 +127,39 @@ def _shown(value: float | None) -> str:
     return "n/a (the server's)" if value is None else f"{value:.4f}"
 
 
+def check_device(name: str) -> None:
+    """Refuse a GPU the demo cannot use before any worker starts (each would refuse it
+    itself, one by one, while the others wait for it)."""
+    if name == "cpu" or not DEVICE_NAME.fullmatch(name):
+        return  # a name that is no device: init_deployment says so
+    from sl_pipeline.models import resolve_device  # imports torch: only for a GPU demo
+
+    try:
+        resolve_device(name)
+    except ConfigError:
+        raise ConfigError(
+            f"--device {name}: no CUDA GPU is visible here; use --device cpu"
+        ) from None
+
+
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sl-demo-") as tmp:
         folder = args.dir or Path(tmp)
         options = deployment_options(args)
+        check_device(options["device"])
         clients = options["clients"]
         deployment = init_deployment(folder, **options)
         if not args.json:
             print(
                 f"demo: 1 server + {clients} client process(es), topology {args.topology}, "
-                f"dataset {args.dataset}, {'plaintext' if args.insecure else 'encrypted'}"
+                f"dataset {args.dataset}, {'plaintext' if args.insecure else 'encrypted'}, "
+                f"on {options['device']}"
             )
         results, server = run_processes(
             deployment["files"], clients, show_progress=sys.stderr.isatty()
         )
-    summary = aggregate(results, args, time.perf_counter() - start, server.get("test_accuracy"))
+    summary = aggregate(results, args, time.perf_counter() - start, server)
     if getattr(args, "baseline", False):
         from workers.tools.baseline import central_accuracy
 

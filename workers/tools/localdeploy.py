@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import socket
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from workers.topologies import REGISTRY, Topology
 from workers.topologies.base import DATASETS, FEATURES, Deployment, Table
 
 DEFAULT_EPOCHS = {"digits": 8, "breast_cancer": 10}
+DEVICE_NAME = re.compile(r"cpu|auto|cuda(:\d+)?")  # what train.device accepts
 # The topologies a generated deployment gives two clients by default.
 MULTI_PARTY = tuple(name for name, t in REGISTRY.items() if t.default_clients > 1)
 
@@ -89,6 +91,7 @@ def deployment_options(args: Any) -> dict[str, Any]:
         "wire_dtype",
         "pipeline_depth",
         "label_client",
+        "device",
     )
     options = {name: getattr(args, name) for name in names}
     if options["clients"] is None:
@@ -117,11 +120,14 @@ def check_options(
     label_client: bool,
     epochs: int | None = None,
     seed: int = 0,
+    device: str = "cpu",
 ) -> Topology:
     if epochs is not None and epochs < 1:
         raise ConfigError(f"--epochs must be at least 1, got {epochs}")
     if seed < 0:
         raise ConfigError(f"--seed must not be negative, got {seed}")
+    if not DEVICE_NAME.fullmatch(device):
+        raise ConfigError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or auto")
     if name not in REGISTRY:
         raise ConfigError(f"--topology {name!r} is unknown; choose one of {list(REGISTRY)}")
     spec = REGISTRY[name]
@@ -157,10 +163,11 @@ def plan_deployment(
     wire_dtype: str = "float32",
     pipeline_depth: int = 1,
     label_client: bool = False,
+    device: str = "cpu",
 ) -> Plan:
     """The configs of a server, its clients ``names`` and (multihop) a relay at
     ``relay = (bind, endpoint)``; clients reach the server at ``server_endpoint``."""
-    spec = check_options(topology, len(names), dataset, label_client, epochs, seed)
+    spec = check_options(topology, len(names), dataset, label_client, epochs, seed, device)
     d = Deployment(list(names), dataset, seed, label_client)
     train = {
         "epochs": epochs or DEFAULT_EPOCHS[dataset],
@@ -171,6 +178,8 @@ def plan_deployment(
         "wire_dtype": wire_dtype,
         "pipeline_depth": pipeline_depth,
     }
+    if device != "cpu":  # cpu is the default: configs written without --device stay as before
+        train["device"] = device
     shared: Table = {"model": spec.model_table(d), "train": train}
     server = _server(d, spec, server_bind, shared)
     endpoint, relay_cfg = server_endpoint, None
@@ -222,9 +231,10 @@ def init_deployment(
     wire_dtype: str = "float32",
     pipeline_depth: int = 1,
     label_client: bool = False,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Write DIR/server.toml, DIR/client-N.toml (and relay-1.toml, keys). Returns the paths."""
-    spec = check_options(topology, clients, dataset, label_client, epochs, seed)
+    spec = check_options(topology, clients, dataset, label_client, epochs, seed, device)
     out.mkdir(parents=True, exist_ok=True)
     if (out / "server.toml").exists():
         raise ConfigError(f"{out / 'server.toml'} exists; choose an empty folder for init")
@@ -243,6 +253,7 @@ def init_deployment(
         wire_dtype=wire_dtype,
         pipeline_depth=pipeline_depth,
         label_client=label_client,
+        device=device,
     )
     # One machine: the server's state is checkpointed every step (exactly-once after a
     # crash); without fsync, as the files share the machine's fate anyway.
