@@ -42,7 +42,7 @@ step() { # step NAME SECONDS COMMAND...: run bounded; log its output; keep its J
     "$py" -c 'import torch; print("torch", torch.__version__, torch.version.cuda, torch.cuda.is_available())'
     echo "cores $(nproc), load $(cut -d' ' -f1-3 /proc/loadavg)"
 } 2>&1 | tee -a "$out/log.txt"
-step pytest_cuda 240 "$py" -m pytest -q -p no:cacheprovider -n 8 tests/test_cuda.py
+step pytest_cuda 200 "$py" -m pytest -q -p no:cacheprovider -n 8 tests/test_cuda.py
 grep -E "passed|failed|error|skipped" "$tmp/pytest_cuda.out" | tail -3
 step demo_cuda 120 "$script" demo --device cuda --json
 step demo_cpu 120 "$script" demo --device cpu --json
