@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from sl_pipeline.errors import PeerError
 from workers.cli import main
+from workers.client.patience import Patience, max_tries
 from workers.server.worker import ServerWorker
 from workers.tools.demo import stop_process
 
@@ -125,3 +127,49 @@ def test_a_client_behind_a_relay_reports_the_servers_run(
             assert stop_process(relay) == 0  # type: ignore[arg-type]
     for report, run in zip(reports, ("run-1", "run-2"), strict=True):
         assert report.startswith(f"trained 15 steps in run {run} in "), report
+
+
+@pytest.mark.timeout(120)
+def test_a_refused_client_gives_up_within_its_window_with_one_line(
+    deployment, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """After its part of run-1, a client starts run `other` while run-1 waits for client-2.
+    Each refusal (`overloaded`) made it rejoin, refused then by its own old session
+    (`name_in_use`), each rejoin with a fresh window: it asked again without end."""
+    # Prepare: client-1 finished its part of run-1, which waits for client-2
+    files = deployment(dataset="breast_cancer", clients=2)
+    config = ["client", "--config", str(files["client-1"])]
+    sets = ("server.empty_run_s=600", "server.takeover_after_s=1")
+    with ThreadServer(files["server"], *sets) as server:
+        assert main(config) == 0
+        capsys.readouterr()
+        # Execute: another run, with a window longer than server.takeover_after_s, so that
+        # each rejoin used to get in at last, be refused again, and rejoin
+        started = time.monotonic()
+        code = main([*config, "--run", "other", "--set", "client.retry_for_s=3"])
+        took = time.monotonic() - started
+        err = capsys.readouterr().err
+        assert [r.state for r in server.book.runs.values()] == ["active"]
+    # Assert: within the window and its count; one line naming what to do; exit 4
+    errors = [line for line in err.splitlines() if ": error:" in line]
+    assert code == 4 and len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0] == err.strip().splitlines()[-1]
+    assert errors[0].startswith("sl-pipeline client: error: peer error [overloaded]: client-1 ")
+    assert "`sl-pipeline runs stop run-1`" in errors[0]
+    assert "(client.retry_for_s = 3): start this client again" in errors[0]
+    assert "name_in_use" not in err  # it left its old session before asking again
+    assert took < 3 + 10 and 1 < err.count("refused the step") <= max_tries(3)
+
+
+@pytest.mark.parametrize("window_s", [0.0, 3.0, 60.0, 1e9, float("inf")])
+def test_the_wait_window_bounds_tries_and_time_and_an_answer_reopens_it(window_s: float) -> None:
+    later = PeerError("overloaded", "full; retry later.")
+    patience, now, tries = Patience(window_s), 0.0, 0
+    with pytest.raises(PeerError) as spent:
+        for _ in range(20_000):  # bounded: the window must end long before
+            now += patience.refused(later, now, jitter=0.0)
+            tries += 1
+    assert tries < max_tries(window_s) <= 10_000 and now <= window_s
+    assert str(spent.value).startswith("peer error [overloaded]: full; retry later; still ")
+    patience.answered()  # a new window: the short first wait again
+    assert patience.since is None and patience.tries == 0 and patience.delay == 0.2

@@ -9,6 +9,7 @@ touches the network: the step runners only see its ``request``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -19,21 +20,27 @@ from typing import Any, TypeVar
 import zmq.asyncio
 
 from sl_pipeline.config import ClientConfig
-from sl_pipeline.errors import PeerError, ProtocolError, ReplyTimeoutError, TransportError
+from sl_pipeline.errors import (
+    PeerError,
+    ProtocolError,
+    ReplyTimeoutError,
+    SLError,
+    TransportError,
+)
 from sl_pipeline.handshake import ClientHandshake
 from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message, check_answers
 from sl_pipeline.models import fingerprint
 from sl_pipeline.retransmit import RetransmitTimer
 from sl_pipeline.transport import DealerConnection
 from workers.client.connection import ClientConnection
+from workers.client.patience import WAIT_CODES, Patience
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.diagnose import no_server, refused
 from workers.runtime.startup import load_own_key, load_peer_key, warn_insecure
 
 log = logging.getLogger("sl_pipeline.client")
 MAX_RETRIES_PER_REQUEST = 100
-# Refusals that end by waiting: a full server, a run queue, a name whose old session may be dead.
-WAIT_CODES = ("overloaded", "name_in_use")
+BYE_LINGER_MS = 500  # how long closing may wait for a bye to leave
 PEER_ROLES = ("server", "relay")
 T = TypeVar("T")
 
@@ -83,6 +90,7 @@ class Upstream:
         self.retries = 0
         self.bytes = {"sent": 0, "received": 0}
         self.stop = asyncio.Event()  # set by SIGTERM/SIGINT: every wait here ends at once
+        self.patience = Patience(cfg.client.retry_for_s)  # for refusals that mean "later"
         self.run = ""  # the server's run, as a relay's answers name it (a server's welcome does)
         self._stop_watch: asyncio.Future[Any] | None = None  # done once ``stop`` is set
 
@@ -135,10 +143,13 @@ class Upstream:
                 return welcome
             except PeerError as exc:
                 self.metrics.record_handshake(_handshake_result(exc.remote_code))
-                retry = exc.retryable or exc.remote_code in WAIT_CODES
-                if not retry or time.monotonic() + delay > deadline:
+                if exc.remote_code in WAIT_CODES:  # one window across every rejoin
+                    wait = self.patience.refused(exc, time.monotonic(), random.random())
+                elif not exc.retryable or time.monotonic() + delay > deadline:
                     raise refused(exc, self.cfg) from None
-                log.warning("the %s refused to join (%s); retrying in %.1fs", self.peer, exc, delay)
+                else:
+                    wait = delay * (0.5 + random.random())
+                log.warning("the %s refused to join (%s); retrying in %.1fs", self.peer, exc, wait)
             except (TransportError, ProtocolError) as exc:
                 if isinstance(exc, ReplyTimeoutError):
                     self.hello_timer.expired("hello")
@@ -147,9 +158,10 @@ class Upstream:
                         raise TransportError(no_server(self.cfg).message) from None
                     raise no_server(self.cfg) from None
                 log.warning("no answer from %s (%s); retrying", c.server, exc)
+                wait = delay * (0.5 + random.random())
             self.retries += 1
             self.metrics.retries_total.inc()
-            await self._unless_stopped(asyncio.sleep(delay * (0.5 + random.random())))
+            await self._unless_stopped(asyncio.sleep(wait))
             delay = min(delay * 2, 5.0)
 
     async def _unless_stopped(self, waiting: Awaitable[T]) -> T:
@@ -204,6 +216,8 @@ class Upstream:
         finally:
             state["waiting"] = False
             watcher.remove_done_callback(on_stop)
+        if self.patience.since is not None:
+            self.patience.answered()
         if self.peer == "relay" and reply.kind is Kind.BACKWARD:
             self._note_run(reply.meta.get("run"))
         return reply
@@ -247,13 +261,33 @@ class Upstream:
                     raise
                 if isinstance(exc, ReplyTimeoutError) and fixed is None:
                     self.timer.expired(kind)
-                self.lost(exc)
+                if isinstance(exc, PeerError) and exc.remote_code in WAIT_CODES:
+                    await self.wait_out(exc)
+                else:
+                    self.lost(exc)
                 await rejoin()
                 continue
             if attempt == 0 and fixed is None:  # Karn: a resent request gives no sample
                 self.timer.sample(kind, time.monotonic() - sent)
             return check_answers(message, reply)
         raise TransportError(f"gave up after {MAX_RETRIES_PER_REQUEST} retries of one step")
+
+    async def wait_out(self, exc: PeerError) -> None:
+        """A step refused with a code that means "later" (``WAIT_CODES``): leave the live
+        session with a bye (a rejoin beside it would be refused as ``name_in_use``), then
+        wait within the window; the caller rejoins and resends."""
+        wait = self.patience.refused(exc, time.monotonic(), random.random())
+        log.warning("the %s refused the step (%s); asking again in %.1fs", self.peer, exc, wait)
+        if self.conn is not None and self.connected:
+            bye = Message(kind=Kind.BYE, client=self.cfg.client.name, meta={"finished": False})
+            with contextlib.suppress(SLError, zmq.ZMQError):
+                await self.conn.send(bye)
+            self.conn.close(BYE_LINGER_MS)
+            self.conn = None
+        self.set_connected(False)
+        self.retries += 1
+        self.metrics.retries_total.inc()
+        await self._unless_stopped(asyncio.sleep(wait))
 
     def lost(self, exc: Exception) -> None:
         log.warning("lost the %s (%s); rejoining", self.peer, exc)

@@ -30,6 +30,7 @@ from sl_pipeline.errors import ConfigError, PeerError, ReplyTimeoutError, Transp
 from sl_pipeline.messages import Kind, Message, check_answers
 from sl_pipeline.tensors import read_tensor
 from workers.client.link import Upstream
+from workers.client.patience import WAIT_CODES
 from workers.client.staleness import MomentumCompensation
 from workers.client.steps import StepRunner
 
@@ -185,7 +186,10 @@ async def _reply(worker: PipelineHost, inflight: deque[InFlight]) -> Message:
                 raise
             if isinstance(exc, ReplyTimeoutError):
                 worker.link.timer.expired("forward")
-            worker.link.lost(exc)
+            if isinstance(exc, PeerError) and exc.remote_code in WAIT_CODES:
+                await worker.link.wait_out(exc)  # bounded in time and count
+            else:
+                worker.link.lost(exc)
             await worker.connect()
             for item in inflight:
                 await worker.link.conn.send(item.msg)

@@ -27,7 +27,7 @@ from sl_pipeline.sources import Source, load_source
 from sl_pipeline.transport import DealerConnection
 from workers.client.align import aligned_data, first_data, psi_key, rows_file
 from workers.client.host import RunnerConfig
-from workers.client.link import Stopped, Upstream, make_handshake
+from workers.client.link import BYE_LINGER_MS, Stopped, Upstream, make_handshake
 from workers.client.microbatch import MAX_DEPTH, Pipeline, check_depth
 from workers.client.report import best_epoch, log_stop, model_path
 from workers.client.rollback import NOTHING, Rewind, UndoPoints
@@ -42,7 +42,6 @@ from workers.server.runs import check_run_id
 from workers.topologies import topology
 
 log = logging.getLogger("sl_pipeline.client")
-BYE_LINGER_MS = 500  # how long closing may wait for the bye to leave
 
 
 class _Stopped(Stopped):

@@ -204,7 +204,8 @@ class RunBook:
             raise OverloadedError(
                 f"{owner} started run {mine.id!r}, which is still active ({len(mine.done)} of "
                 f"{need} clients finished); a client starts one active run at a time: this "
-                f"run waits until that one ends or gives its place up (server.empty_run_s = "
+                f"run waits until that one ends (its other clients finish, or `sl-pipeline "
+                f"runs stop {mine.id}`) or gives its place up (server.empty_run_s = "
                 f"{self.empty_run_s:g} after its last step)"
             )
         if owner and SERVER_RUN_ID.fullmatch(run_id) and run_id != self.next_id():

@@ -64,7 +64,10 @@ MEANINGS: dict[str, str] = {
     "client.insecure": "plaintext, no authentication (warns on every start)",
     "client.timeout_s": "how long to wait for a reply before resending",
     "client.connect_timeout_s": "how long one handshake attempt waits",
-    "client.retry_for_s": "how long to keep trying to (re)join before giving up",
+    "client.retry_for_s": (
+        "how long to keep trying to (re)join, or to wait out refusals that mean later "
+        "(overloaded, name_in_use), before giving up"
+    ),
     "client.topology": "must match the server's",
     "client.role": 'vertical: "feature" (a feature party) or "label" (holds the labels)',
     "relay.bind": "where the relay listens for its clients, tcp://HOST:PORT",
