@@ -167,6 +167,10 @@ class ServerSection:
     # A run that applied no step this long after its first training message gives its place
     # up when a new run needs it (a run starts on its first training message, not a hello)
     empty_run_s: float = 60.0
+    # A run in which no client applied a step or finished this long gives its place up when
+    # a new run needs it, or when the client that started it asks for a new one: a member
+    # that vanished (a crash, or a hostile co-client) cannot hold a run open forever. 0 = never.
+    stalled_run_s: float = 3600.0
     run_clients: int = 0  # a run ends when this many clients finished; 0 = all that joined
     # A client name whose session sent nothing for this long may be taken by a new session.
     takeover_after_s: float = 5.0

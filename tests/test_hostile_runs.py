@@ -23,8 +23,10 @@ from sl_pipeline.transport import DealerConnection
 from workers.client.worker import ClientWorker
 from workers.server.runs import RunBook
 from workers.server.worker import ServerWorker
+from workers.tools.inprocess import wait_until
 
 from .conftest import load_client, load_server
+from .test_relay_runs import crash_after
 from .test_runs import _serve
 
 
@@ -180,5 +182,47 @@ async def test_finished_runs_of_one_client_never_fill_max_runs(deployment) -> No
     assert evil_active == ["evil-2"]
     assert server.book.runs["evil-1"].state == "stopped"
     assert honest["steps"] > 0 and server.book.runs["run-1"].members == {"client-1"}
+    metric = server.metrics.registry.get_sample_value
+    assert metric("sl_bound_hits_total", {"table": "idle_runs"}) == 1.0
+
+
+def test_a_run_a_member_abandoned_is_idle_after_stalled_run_s() -> None:
+    # Prepare: client-1 started the run and finished; client-2 stepped once and vanished
+    book = RunBook(None, max_runs=4, run_clients=2, empty_run_s=5.0, stalled_run_s=50.0)
+    run = book.start("run-1", engine=None, replies=None, owner="client-1")  # type: ignore[arg-type]
+    run.members |= {"client-1", "client-2"}
+    run.done.add("client-1")
+    run.steps = 10
+    # Execute / Assert: not after empty_run_s (a member has not finished), after stalled_run_s
+    assert book.idle_runs(run.last_active + 49.0) == []
+    assert book.idle_runs(run.last_active + 50.0) == [run]
+    never = RunBook(None, max_runs=4, run_clients=2, empty_run_s=5.0, stalled_run_s=0.0)
+    assert not never.idle(run, run.last_active + 1e9)  # 0 = never
+
+
+async def test_a_vanished_co_client_cannot_hold_its_run_open_forever(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: run-1 ends when both clients finished; client-1 starts it, client-2 joins,
+    # takes one step and vanishes (a crash, or a hostile member)
+    files = deployment(clients=2, dataset="breast_cancer", epochs=1)
+    base = files["server"].parent
+    sets = ("server.stalled_run_s=0.3", "server.takeover_after_s=0.5")
+    server = ServerWorker(load_server(files["server"], *sets), base)
+    stop, task = await _serve(server)
+    try:
+        honest = ClientWorker(load_client(files["client-1"]), base, progress=False)
+        first = asyncio.ensure_future(honest.run())
+        await wait_until(lambda: honest.steps_done >= 1)
+        await crash_after(files["client-2"], base, steps=1)
+        first_summary = await asyncio.wait_for(first, 120)
+        # Execute: client-1 starts again while run-1 still waits for client-2
+        second = await asyncio.wait_for(_honest(files), 120)
+    finally:
+        stop.set()
+        await task
+    # Assert: run-1 gave its place up once nobody stepped in it for 0.3 s; run-2 trained
+    assert (first_summary["run"], second["run"]) == ("run-1", "run-2")
+    assert server.book.runs["run-1"].state == "stopped"
+    assert server.book.runs["run-1"].members == {"client-1", "client-2"}
+    assert second["steps"] == first_summary["steps"] > 0
     metric = server.metrics.registry.get_sample_value
     assert metric("sl_bound_hits_total", {"table": "idle_runs"}) == 1.0

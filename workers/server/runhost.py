@@ -212,15 +212,21 @@ class RunHost:
         )
 
     def _give_up(self, run: Run) -> None:
-        """A run whose every client finished long ago ends (stopped, its model saved)."""
-        log.warning(
-            "run %s gave its place up: its %d client(s) finished and it waited %.0fs for "
-            "server.run_clients = %d",
-            run.id,
-            len(run.members),
-            time.monotonic() - run.last_active,
-            self.book.run_clients,
-        )
+        """An idle run (see ``RunBook.idle``) ends: stopped, its model saved."""
+        quiet = time.monotonic() - run.last_active
+        waiting = len(run.members - run.done)
+        if waiting:  # a member vanished: server.stalled_run_s
+            log.warning(
+                "run %s gave its place up: no client stepped or finished in it for %.0fs "
+                "(server.stalled_run_s); %d of its clients never finished",
+                *(run.id, quiet, waiting),
+            )
+        else:
+            log.warning(
+                "run %s gave its place up: its %d client(s) finished and it waited %.0fs "
+                "for server.run_clients = %d",
+                *(run.id, len(run.members), quiet, self.book.run_clients),
+            )
         self.metrics.record_bound("idle_runs")
         self.end_run(run, STOPPED)
 

@@ -14,10 +14,12 @@ run with the next ``run-N`` id (a client cannot start a run of that form under i
 A run starts on its first training message, never on a hello; a client has at most one open
 run (one it started or trained in and has not finished) and has started at most one active
 run (finished by it or not: a client that asks for another waits, as ``overloaded``); a run
-with no applied step gives its place up ``empty_run_s`` after it started, and a run whose
-every client finished gives it up ``empty_run_s`` after its last step or finish, when a new
-run needs it. So one admitted client holds at most one of the ``max_runs`` places and
-cannot draw others into a run it named. A run ends when
+with no applied step gives its place up ``empty_run_s`` after it started, a run whose
+every client finished gives it up ``empty_run_s`` after its last step or finish, and a run
+in which no client stepped or finished for ``stalled_run_s`` (a member vanished) gives it up,
+when a new run needs it or the client that started it asks for a new one. So one admitted
+client holds at most one of the ``max_runs`` places and cannot draw others into a run it
+named. A run ends when
 ``run_clients`` of its clients (every client that trained in it, when 0) said they
 finished, or when an operator stops it.
 """
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sl_pipeline.config import ServerSection
 from sl_pipeline.errors import ConfigError, OverloadedError, ProtocolError
 from workers.runtime.appliedlog import AppliedLog
 from workers.server.engines.base import Engine
@@ -44,6 +47,21 @@ RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 SERVER_RUN_ID = re.compile(r"run-(\d+)")  # the ids the server gives; no client may start one
 ACTIVE, FINISHED, STOPPED = "active", "finished", "stopped"
 KEEP_ENGINES = 3  # finished runs whose model stays in memory (older ones reload from disk)
+
+
+def finished_message(client: str, sender: str, run_id: str) -> str:
+    """Why ``client``'s training message for run ``run_id``, which it finished, is refused
+    (``sender`` is the peer that sent it: the client itself, or the relay it trains behind)."""
+    if client != sender:
+        return (
+            f"{client} finished its part of run {run_id}, which {sender} still serves for its "
+            f"other clients: a relay trains one run at a time; stop that run (`sl-pipeline "
+            f"runs stop {run_id}`) or let it end, then start {client} again"
+        )
+    return (
+        f"{client} finished its part of run {run_id}; start it again to train a new run, or "
+        "name one with [client] run"
+    )
 
 
 def check_run_id(value: str, where: str) -> str:
@@ -128,15 +146,27 @@ class RunBook:
     """Every run this server hosts, in start order; the newest last."""
 
     def __init__(
-        self, runs_dir: Path | None, max_runs: int, run_clients: int, empty_run_s: float = 60.0
+        self,
+        runs_dir: Path | None,
+        max_runs: int,
+        run_clients: int,
+        empty_run_s: float = 60.0,
+        stalled_run_s: float = 0.0,
     ) -> None:
         self.dir = runs_dir
         self.max_runs = max(1, max_runs)
         self.run_clients = run_clients
         self.empty_run_s = empty_run_s
+        self.stalled_run_s = stalled_run_s
         self.runs: dict[str, Run] = {}
 
     # ---- lookup --------------------------------------------------------------------------
+    @classmethod
+    def for_server(cls, runs_dir: Path | None, server: ServerSection) -> RunBook:
+        """The book of a server with these ``[server]`` settings."""
+        bounds = (server.max_runs, server.run_clients, server.empty_run_s, server.stalled_run_s)
+        return cls(runs_dir, *bounds)
+
     def latest(self) -> Run | None:
         return next(reversed(self.runs.values()), None)
 
@@ -164,10 +194,13 @@ class RunBook:
         return next((r for r in self.active() if r.owner == name), None)
 
     def idle(self, run: Run, now: float) -> bool:
-        """Every client that trained in it finished, ``empty_run_s`` ago or more: it only
-        waits for ``run_clients`` to be reached, and may give its place up."""
+        """It may give its place up: every client that trained in it finished
+        ``empty_run_s`` ago or more (it only waits for ``run_clients`` to be reached), or no
+        client stepped or finished in it for ``stalled_run_s`` (a member vanished)."""
+        quiet = now - run.last_active
         waiting = bool(run.members) and run.members <= run.done
-        return run.active and waiting and now - run.last_active >= self.empty_run_s
+        stalled = 0 < self.stalled_run_s <= quiet
+        return run.active and ((waiting and quiet >= self.empty_run_s) or stalled)
 
     def idle_runs(self, now: float) -> list[Run]:
         return [r for r in self.active() if self.idle(r, now)]
@@ -206,7 +239,8 @@ class RunBook:
                 f"{need} clients finished); a client starts one active run at a time: this "
                 f"run waits until that one ends (its other clients finish, or `sl-pipeline "
                 f"runs stop {mine.id}`) or gives its place up (server.empty_run_s = "
-                f"{self.empty_run_s:g} after its last step)"
+                f"{self.empty_run_s:g} s after its clients all finished, server.stalled_run_s "
+                f"= {self.stalled_run_s:g} s after its last step while a client never finishes)"
             )
         if owner and SERVER_RUN_ID.fullmatch(run_id) and run_id != self.next_id():
             raise ProtocolError(

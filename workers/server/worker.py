@@ -31,7 +31,7 @@ from workers.runtime.peers import Listen, Peer, reject_reason
 from workers.runtime.service import Replies, RouterService
 from workers.server.engines.base import Engine
 from workers.server.runhost import RunHost, first_line
-from workers.server.runs import ACTIVE, Run, RunBook, check_run_id
+from workers.server.runs import ACTIVE, Run, RunBook, check_run_id, finished_message
 from workers.server.runs_api import RunApi, read_token
 
 log = logging.getLogger("sl_pipeline.server")
@@ -67,7 +67,7 @@ class ServerWorker(RunHost, RouterService):
         PrivacyConfig.from_mapping(cfg.privacy).check_placement(
             s.topology, server=True, holds_labels=not s.label_holder
         )
-        self.book = RunBook(self._runs_dir(), s.max_runs, s.run_clients, s.empty_run_s)
+        self.book = RunBook.for_server(self._runs_dir(), s)
         self.check_outputs_writable()
         self.peer_runs: dict[str, str] = {}  # peer name -> the run it trains in
         self.requested: dict[str, str] = {}  # peer name -> the run it asked for ("" = current)
@@ -208,7 +208,7 @@ class ServerWorker(RunHost, RouterService):
                 raise ProtocolError(exc.message) from None
         self._check_name_free(name, hello)
         bound = self.book.runs.get(self.peer_runs.get(name, ""))
-        if bound is None or not bound.active or wanted not in ("", bound.id):
+        if bound is None or not bound.active or wanted not in ("", bound.id) or name in bound.done:
             self.peer_runs.pop(name, None)
             bound = self.book.runs.get(wanted) if wanted else self.book.current_for(name)
         if hello.get("intent", "train") == "train":
@@ -319,13 +319,8 @@ class ServerWorker(RunHost, RouterService):
     def _train(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
         """Apply a step at most once: a retransmitted request gets the cached reply."""
         run = self._training_run(peer)
-        if msg.client != peer.name and msg.client in run.done:
-            raise RunEndedError(
-                f"{msg.client} finished its part of run {run.id}, which {peer.name} still "
-                f"serves for its other clients: a relay trains one run at a time; stop that "
-                f"run (`sl-pipeline runs stop {run.id}`) or let it end, then start "
-                f"{msg.client} again"
-            )
+        if msg.client in run.done:  # its replies there are not answers to a new run's steps
+            raise RunEndedError(finished_message(msg.client, peer.name, run.id))
         step = (msg.epoch, msg.step)
         cached = run.replies.get(msg.client, msg.kind.value, step)
         if cached is not None:
