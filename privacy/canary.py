@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from scipy.stats import beta
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
 from privacy.config import DPSGDConfig
 from privacy.dpsgd import make_private_client
@@ -123,17 +123,37 @@ class CanaryGame:
     init_seed: int = 0
 
 
-def _train_once(game: CanaryGame, with_canary: bool) -> tuple[float, float]:
-    """Train one split model (client under DP-SGD); return the canary's score (-loss) and
-    the epsilon the accountant reports for the run."""
+@dataclass(frozen=True)
+class _Run:
+    score: float  # the canary's -loss under the trained split model
+    epsilon: float  # what the run's accountant reports
+    sample_rate: float
+    steps: int
+
+
+def _loader(game: CanaryGame, with_canary: bool) -> DataLoader[Any]:
+    """The run's loader. Opacus takes the sampling rate and the steps per epoch from the
+    loader's length (1 / len, len); a loader over the rows with the canary would be one batch
+    longer whenever the batch size divides the other rows' count, so both worlds would run
+    different mechanisms (more, smaller-rate steps with the canary) and the audit would not
+    test the mechanism the accountant counts. Both get the length of the loader without it."""
+    x, y = game.x, game.y
+    if with_canary:
+        x, y = torch.cat([x, game.canary_x]), torch.cat([y, game.canary_y])
+    # Poisson sampling replaces this sampler (every row, the canary too, is drawn w.p. 1/len);
+    # only its length is read.
+    batches = BatchSampler(SequentialSampler(range(len(game.x))), game.batch_size, False)
+    return DataLoader(TensorDataset(x, y), batch_sampler=batches)
+
+
+def _train_once(game: CanaryGame, with_canary: bool) -> _Run:
+    """Train one split model (client under DP-SGD); return the canary's score and what the
+    accountant counted."""
     state = torch.random.get_rng_state()
     torch.manual_seed(game.init_seed)  # one fixed start: only DP noise and sampling vary
     client, server = game.segments()
     torch.random.set_rng_state(state)
-    x, y = game.x, game.y
-    if with_canary:
-        x, y = torch.cat([x, game.canary_x]), torch.cat([y, game.canary_y])
-    loader = DataLoader(TensorDataset(x, y), batch_size=game.batch_size)
+    loader = _loader(game, with_canary)
     opt = torch.optim.SGD(client.parameters(), lr=game.lr, momentum=game.momentum)
     # The game's noise follows the caller's seed (a canary audit must repeat exactly); a
     # worker's DP-SGD noise comes from a secret generator instead.
@@ -159,28 +179,42 @@ def _train_once(game: CanaryGame, with_canary: bool) -> tuple[float, float]:
     with torch.no_grad():
         out = server(private.unwrapped(game.canary_x))
         score = -float(nn.functional.cross_entropy(out, game.canary_y))
-    return score, private.epsilon()
+    history = private.engine.accountant.history  # [(noise multiplier, sample rate, steps)]
+    steps = sum(int(n) for _, _, n in history)
+    return _Run(score, private.epsilon(), float(history[0][1]) if history else 0.0, steps)
 
 
 def run_canary_game(game: CanaryGame, runs: int, *, seed: int = 0) -> dict[str, Any]:
     """``runs`` trainings with the canary and ``runs`` without, alternating, each seeded.
 
-    Returns the canary scores and :func:`epsilon_lower_bound`'s figures.
+    Returns the canary scores' :func:`epsilon_lower_bound` figures and the accountant's epsilon
+    with what it counted (sample rate and steps, the same in every run).
     """
     if runs < 4:
         raise PrivacyError(f"runs = {runs} is out of range; allowed: >= 4")
-    inside: list[float] = []
-    outside: list[float] = []
-    epsilon = 0.0
+    if not game.dpsgd.poisson_sampling:
+        raise PrivacyError(
+            "the canary game needs privacy.dpsgd.poisson_sampling = true: fixed batches give "
+            "the runs with and without the canary different batches and an approximate epsilon",
+            hint="enable poisson_sampling",
+        )
+    done: list[_Run] = []
     with torch.random.fork_rng(devices=[]):
         for i in range(2 * runs):
             torch.manual_seed(seed * 100_003 + i)
-            score, spent = _train_once(game, i % 2 == 0)
-            (inside if i % 2 == 0 else outside).append(score)
-            epsilon = max(epsilon, spent)
+            done.append(_train_once(game, i % 2 == 0))
+    rates = {run.sample_rate for run in done}
+    if len(rates) != 1:  # _loader makes them equal; anything else audits two mechanisms
+        raise PrivacyError(f"internal: the canary game's runs sampled at different rates {rates}")
     return {
-        **epsilon_lower_bound(inside, outside, delta=game.dpsgd.delta),
-        "accountant_epsilon": epsilon,
+        **epsilon_lower_bound(
+            [run.score for run in done[0::2]],
+            [run.score for run in done[1::2]],
+            delta=game.dpsgd.delta,
+        ),
+        "accountant_epsilon": max(run.epsilon for run in done),
+        "accountant_sample_rate": rates.pop(),
+        "accountant_steps": max(run.steps for run in done),  # fewer only if a batch was empty
         "server_trained": game.train_server,
     }
 

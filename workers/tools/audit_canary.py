@@ -35,6 +35,11 @@ def check_canary(topology: str, privacy: Any, runs: int) -> None:
         raise ConfigError(
             "--canary-runs audits DP-SGD; set privacy.dpsgd.noise_multiplier (or target_epsilon)"
         )
+    if not privacy.dpsgd.poisson_sampling:
+        raise ConfigError(
+            "--canary-runs audits Poisson-sampled DP-SGD; remove privacy.dpsgd.poisson_sampling "
+            "= false (fixed batches differ with and without the canary)"
+        )
 
 
 def make_canary(data: PartyData) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,6 +84,8 @@ def canary_audit(
         result = run_canary_game(game, runs, seed=seed)
         out[f"canary_epsilon_lower_bound{suffix}"] = result["epsilon_lower_bound"]
         out["canary_accountant_epsilon"] = result["accountant_epsilon"]
+        out["canary_accountant_steps"] = result["accountant_steps"]
+        out["canary_accountant_sample_rate"] = result["accountant_sample_rate"]
     return out
 
 
