@@ -148,8 +148,10 @@ def test_audit_refuses_nopeek_with_dpsgd_in_one_line(capsys: pytest.CaptureFixtu
         (["--canary-runs", "2"], "--canary-runs 2 must be 0 (off) or at least 4"),
         (["--canary-runs", "8"], "--canary-runs audits DP-SGD; set privacy.dpsgd"),
         (
-            ["--canary-runs", "8", "--set", "privacy.dpsgd.noise_multiplier=1"]
-            + ["--set", "privacy.dpsgd.poisson_sampling=false"],
+            [
+                *["--canary-runs", "8", "--set", "privacy.dpsgd.noise_multiplier=1"],
+                *["--set", "privacy.dpsgd.poisson_sampling=false"],
+            ],
             "--canary-runs audits Poisson-sampled DP-SGD",
         ),
         (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,9 @@ from .conftest import load_client
 
 
 @contextlib.asynccontextmanager
-async def serving(files: dict[str, Any]) -> AsyncIterator[Any]:
+async def serving(files: dict[str, Any], *server_overrides: str) -> AsyncIterator[Any]:
     """The server and the relay in this event loop, stopped when the block ends."""
-    run = build_deployment(files)
+    run = build_deployment(files, server_overrides=server_overrides)
     stop = asyncio.Event()
     services = [asyncio.ensure_future(run.server.serve(stop))]
     try:
@@ -129,3 +130,31 @@ async def test_a_client_restarted_within_its_run_is_answered_once_through_the_re
         # Assert: every step applied once at the relay, as at the server
         assert again["steps"] > 0
         assert run.relay.steps_applied == run.server.steps_applied
+
+
+async def test_a_run_held_open_behind_a_relay_gives_way_once_it_stalled(
+    deployment,  # type: ignore[no-untyped-def]
+) -> None:
+    # Prepare: as above (client-2 takes one step and vanishes, client-1 trains run-1 to the
+    # end), with a server whose runs count as stalled after 0.3 s without a step or finish
+    files = deployment(topology="multihop", dataset="breast_cancer", clients=2)
+    base = files["server"].parent
+    async with serving(files, "server.stalled_run_s=0.3") as run:
+        await crash_after(files["client-2"], base, steps=1)
+        first = await asyncio.wait_for(
+            ClientWorker(load_client(files["client-1"]), base, progress=False).run(), 120
+        )
+        book = run.server.book
+        await wait_until(lambda: book.idle(book.runs["run-1"], time.monotonic()))
+        # Execute: client-1 starts afresh
+        second = await asyncio.wait_for(
+            ClientWorker(load_client(files["client-1"]), base, progress=False).run(), 120
+        )
+    # Assert: run-1 gave its place up; the second run trained in run-2, every step applied
+    # at the server (none answered from run-1's replies at the relay or the server)
+    assert (first["run"], second["run"]) == ("run-1", "run-2")
+    assert [(r.id, r.state) for r in book.runs.values()] == [
+        ("run-1", "stopped"),
+        ("run-2", "active"),  # waits for client-2 (server.run_clients = 2)
+    ]
+    assert book.runs["run-2"].steps == second["steps"] == first["steps"] > 0

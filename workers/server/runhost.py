@@ -211,6 +211,20 @@ class RunHost:
             run.model or "not saved (set server.save or server.runs_dir)",
         )
 
+    def restarts_a_stalled_run(self, relay: str, hello: dict[str, Any], run: Run) -> bool:
+        """A relay asks about a client of its that finished its part of ``run`` and starts
+        again, while the run still waits for another client: a relay trains one run at a
+        time, so where the run is idle (``server.stalled_run_s``: that client vanished) it
+        gives its place up here, and the relay's next step starts a new run instead of being
+        refused. Not idle: the run goes on, and the step is refused (``run_ended``)."""
+        behind = hello.get("for")
+        if not (isinstance(behind, str) and behind and relay in self.cfg.server.relays):
+            return False
+        if f"{relay}/{behind}" not in run.done or not self.book.idle(run, time.monotonic()):
+            return False
+        self._give_up(run)
+        return True
+
     def _give_up(self, run: Run) -> None:
         """An idle run (see ``RunBook.idle``) ends: stopped, its model saved."""
         quiet = time.monotonic() - run.last_active

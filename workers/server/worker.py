@@ -211,6 +211,9 @@ class ServerWorker(RunHost, RouterService):
         if bound is None or not bound.active or wanted not in ("", bound.id) or name in bound.done:
             self.peer_runs.pop(name, None)
             bound = self.book.runs.get(wanted) if wanted else self.book.current_for(name)
+        if bound is not None and self.restarts_a_stalled_run(name, hello, bound):
+            bound = None  # it ended: the relay's next step starts a new run
+            self.peer_runs.pop(name, None)
         if hello.get("intent", "train") == "train":
             if bound is not None and not bound.active:
                 raise ProtocolError(
