@@ -232,7 +232,7 @@ class RunHost:
         if waiting:  # a member vanished: server.stalled_run_s
             log.warning(
                 "run %s gave its place up: no client stepped or finished in it for %.0fs "
-                "(server.stalled_run_s); %d of its clients never finished",
+                "(server.stalled_run_s); %d of its clients have not finished",
                 *(run.id, quiet, waiting),
             )
         else:
