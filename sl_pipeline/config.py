@@ -9,6 +9,7 @@ paths are resolved against the config file's folder. Flags override file values 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import types
@@ -310,6 +311,8 @@ def _scalar(hint: Any, raw: Any, dotted: str) -> Any:
     if hint is float:
         if isinstance(raw, bool) or not isinstance(raw, int | float):
             raise ConfigError(f"{dotted} must be a number, got {raw!r}")
+        if not math.isfinite(raw):  # a window of inf seconds is a loop without end
+            raise ConfigError(f"{dotted} must be a finite number, got {raw}")
         if raw < 0:
             raise ConfigError(f"{dotted} must not be negative, got {raw}")
         return float(raw)

@@ -255,6 +255,8 @@ def test_a_relay_started_before_its_server_is_a_config_error(
         ("train.batch_size=0", "train.batch_size must be at least 1, got 0"),
         ("model.classes=0", "model.classes must be at least 2, got 0"),
         ("model.classes=1", "model.classes must be at least 2, got 1"),
+        ("client.retry_for_s=inf", "client.retry_for_s must be a finite number, got inf"),
+        ("train.lr=nan", "train.lr must be a finite number, got nan"),
     ],
 )
 def test_a_value_that_means_nothing_is_named(

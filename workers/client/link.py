@@ -33,7 +33,7 @@ from sl_pipeline.models import fingerprint
 from sl_pipeline.retransmit import RetransmitTimer
 from sl_pipeline.transport import DealerConnection
 from workers.client.connection import ClientConnection
-from workers.client.patience import WAIT_CODES, Patience
+from workers.client.patience import WAIT_CODES, Patience, max_tries
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.diagnose import no_server, refused
 from workers.runtime.startup import load_own_key, load_peer_key, warn_insecure
@@ -129,7 +129,7 @@ class Upstream:
         c = self.cfg.client
         deadline = time.monotonic() + c.retry_for_s
         delay = 0.2
-        while True:
+        for _ in range(2 * max_tries(c.retry_for_s)):  # ends by the deadline before
             conn = self._new_connection()
             sent = time.monotonic()
             try:
@@ -163,6 +163,7 @@ class Upstream:
             self.metrics.retries_total.inc()
             await self._unless_stopped(asyncio.sleep(wait))
             delay = min(delay * 2, 5.0)
+        raise TransportError(no_server(self.cfg).message) if had_steps() else no_server(self.cfg)
 
     async def _unless_stopped(self, waiting: Awaitable[T]) -> T:
         """``waiting``'s result, unless ``stop`` comes first: then raise ``Stopped``. A wait
