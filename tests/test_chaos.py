@@ -4,7 +4,9 @@ Each faulty run must end with every client's uninterrupted step count, the appli
 logs (server, relay) must hold every step once, and where the run is deterministic (one
 client, or parties the server always combines in the same order) the final accuracy must be
 within 0.01 of the uninterrupted run. Kills happen at a step count read from the victim's
-checkpoint files, never after a sleep. A lossy link (5% of messages dropped each way) at the
+checkpoint files, never after a sleep; a server that must lose steps its client has seen (it
+checkpoints every 4 steps) stops itself at that exact point and is killed while stopped
+(:class:`tests.workerproc.StopBehind`). A lossy link (5% of messages dropped each way) at the
 default ``client.timeout_s`` must cost round trips, not reply timeouts.
 
 By default two short runs kill each kind of worker once (the suite's time budget); set
@@ -33,7 +35,7 @@ from workers.runtime.checkpoint import CheckpointStore
 from workers.tools.inprocess import run_deployment
 
 from .conftest import Procs
-from .workerproc import WorkerProcess
+from .workerproc import StopBehind, WorkerProcess
 
 WAITED = re.compile(r"within ([0-9.e+-]+)s while waiting for a reply")
 
@@ -111,18 +113,26 @@ def _step_of(base: Path, role: str) -> int:
     return max(steps, default=0)
 
 
-def _wait_step(base: Path, victim: str, at_least: int, proc: WorkerProcess, lead: int = 0) -> None:
-    """Until the victim checkpointed ``at_least`` steps and, with ``lead``, client-1 is that
-    many steps past the server's newest checkpoint (so the server loses steps it applied)."""
+def _wait_step(base: Path, victim: str, at_least: int, proc: WorkerProcess) -> None:
+    """Until the victim checkpointed ``at_least`` steps."""
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        reached = _step_of(base, victim)
-        ahead = not lead or _step_of(base, "client") >= _step_of(base, "server") + lead
-        if reached >= at_least and ahead:
+        if _step_of(base, victim) >= at_least:
             return
         assert proc.poll() is None, f"the {victim} exited before step {at_least}"
         time.sleep(0.02)
     raise AssertionError(f"the {victim} never reached step {at_least}")
+
+
+def _wait_stopped(victim: str, point: StopBehind, proc: WorkerProcess) -> None:
+    """Until the victim stopped itself at ``point`` (applied steps its checkpoints lack)."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.stopped():
+            return
+        assert proc.poll() is None, f"the {victim} exited before it stopped at {point}"
+        time.sleep(0.02)
+    raise AssertionError(f"the {victim} never stopped at {point}")
 
 
 def _summary(proc: WorkerProcess) -> dict[str, Any]:
@@ -154,13 +164,15 @@ class Run:
         self.live: dict[str, WorkerProcess] = {}
         self.starts: dict[str, int] = {}
 
-    def start(self, name: str) -> WorkerProcess:
+    def start(self, name: str, stop: StopBehind | None = None) -> WorkerProcess:
         role = name.split("-")[0]
         extra = (*(CLIENT_SETS if role == "client" else ("--json", *CKPT)), *self.sets[role])
         argv = [role, "--config", str(self.files[name]), *extra, *_ckpt_sets(role)]
         self.starts[name] = self.starts.get(name, 0) + 1
         stem = self.base / f"{name}-{self.starts[name]}"
-        self.live[name] = WorkerProcess(argv, stem.with_suffix(".out"), stem.with_suffix(".log"))
+        self.live[name] = WorkerProcess(
+            argv, stem.with_suffix(".out"), stem.with_suffix(".log"), stop
+        )
         self.procs.procs.append(self.live[name])  # type: ignore[arg-type]  # stopped like a Popen
         return self.live[name]
 
@@ -185,6 +197,32 @@ def _deploy(deployment, case: Case) -> dict[str, Path]:  # type: ignore[no-untyp
     )
 
 
+@dataclass(frozen=True)
+class Kill:
+    victim: str
+    at: int  # the victim's own step count (checkpointed, or applied where it stops itself)
+    stop: StopBehind | None  # where the victim stops itself to be killed, if it does
+
+
+def _plan(case: Case, reference: list[dict[str, Any]], server_steps: int) -> list[Kill]:
+    """Each kill at evenly spaced step counts of its victim's own. A server checkpointing
+    every 4 steps stops itself 2 steps past its newest checkpoint, so that the kill loses
+    steps its client applied (the point lasts milliseconds: a poll from here can miss it)."""
+    planned = [victim for victim, kills in case.faults for _ in range(kills)]
+    kills = []
+    for i, victim in enumerate(planned):
+        own = server_steps if victim == "server" else reference[0]["steps"]
+        at = own * (i + 1) // (len(planned) + 1)
+        lost = victim == "server" and bool(case.server_sets)
+        kills.append(Kill(victim, at, StopBehind(at, lead=2) if lost else None))
+    return kills
+
+
+def _stop_point(kills: list[Kill], victim: str, after: int) -> StopBehind | None:
+    """Where the victim's next kill (from kill ``after`` on) wants it stopped, if anywhere."""
+    return next((k.stop for k in kills[after:] if k.victim == victim), None)
+
+
 def _reference(deployment, case: Case) -> tuple[list[dict[str, Any]], int]:  # type: ignore[no-untyped-def]
     """The uninterrupted run: each client's summary, and the server's applied steps (a
     vertical step is one update for all parties)."""
@@ -200,22 +238,22 @@ def test_kill_9_and_restart(case: Case, deployment, procs: Procs) -> None:  # ty
     reference, server_steps = _reference(deployment, case)
     files = _deploy(deployment, case)
     run = Run(procs, files, case)
-    run.start("server")
+    kills = _plan(case, reference, server_steps)
+    run.start("server", _stop_point(kills, "server", 0))
     if "relay-1" in files:
         run.start("relay-1")
     clients = sorted(name for name in files if name.startswith("client-"))
     for name in clients:
         run.start(name)
-    # Execute: kill each victim at evenly spaced step counts of its own, restart it each time
-    planned = [victim for victim, kills in case.faults for _ in range(kills)]
-    for i, victim in enumerate(planned):
-        own = server_steps if victim == "server" else reference[0]["steps"]
-        name = NAMES[victim]
-        lead = 2 if case.server_sets and victim == "server" else 0
-        at = own * (i + 1) // (len(planned) + 1)
-        _wait_step(run.base, victim, at, run.live[name], lead)
+    # Execute: kill each victim at its step count, restart it each time
+    for i, kill in enumerate(kills):
+        name = NAMES[kill.victim]
+        if kill.stop is not None:
+            _wait_stopped(kill.victim, kill.stop, run.live[name])
+        else:
+            _wait_step(run.base, kill.victim, kill.at, run.live[name])
         run.kill(name)
-        run.start(name)
+        run.start(name, _stop_point(kills, kill.victim, i + 1))
     summaries = [_summary(run.live[name]) for name in clients]
     run.stop("server")
     if "relay-1" in files:
@@ -230,8 +268,8 @@ def test_kill_9_and_restart(case: Case, deployment, procs: Procs) -> None:  # ty
     victims = {victim for victim, _ in case.faults}
     if "client" in victims:
         assert summaries[0]["resumed_from"] > 0
-    if case.server_sets:  # the server lost steps between checkpoints: the clients rewound
-        assert sum(s["rewinds"] for s in summaries) > 0
+    if case.server_sets:  # each kill lost steps the client had applied: it rewound each time
+        assert sum(s["rewinds"] for s in summaries) == sum(k.stop is not None for k in kills)
     for got, want in zip(summaries, reference, strict=True):
         if case.deterministic and want["test_accuracy"] is not None:
             assert abs(got["test_accuracy"] - want["test_accuracy"]) <= 0.01

@@ -5,14 +5,22 @@ a dozen workers. Each :class:`WorkerProcess` is instead forked by a ``forkserver
 imported the workers already, runs ``workers.cli.main(argv)`` with its stdout and stderr in
 files, and can be killed (``SIGKILL``) like any process. It offers the part of
 ``subprocess.Popen`` that :func:`workers.tools.demo.stop_process` uses.
+
+A fault test that must kill a server at an exact point (one that has applied steps its
+checkpoints do not hold yet) gives it a :class:`StopBehind`: the forked server stops itself
+(``SIGSTOP``) there, and the test kills it while it is stopped. Watching the checkpoint
+files from outside cannot do that: the point lasts a few milliseconds and comes back only
+every ``checkpoint.every_steps`` steps, so a poll can miss it until the run ends.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 _CTX = multiprocessing.get_context("forkserver")
@@ -28,11 +36,40 @@ _CTX.set_forkserver_preload(
 )
 
 
-def _run(argv: list[str], stdout: str, stderr: str) -> None:
+@dataclass(frozen=True)
+class StopBehind:
+    """Where a forked server stops itself: after the replies to a message, once it has
+    applied ``at`` steps or more and ``lead`` or more past its newest checkpoint (steps a
+    ``kill -9`` now loses, and that its client has seen: their replies are out)."""
+
+    at: int
+    lead: int
+
+
+def _stop_behind_checkpoint(point: StopBehind) -> None:
+    """Install ``point`` in this forked process only (the forkserver and the test keep the
+    worker as it is)."""
+    from workers.server.worker import ServerWorker
+
+    after_replies = ServerWorker.after_replies
+
+    def stop_when_behind(self: ServerWorker) -> None:
+        after_replies(self)
+        assert self.ckpt is not None, "StopBehind needs a server with checkpoint.dir"
+        saved = max((int(p.stem.rsplit("-", 1)[-1]) for p in self.ckpt.list()), default=0)
+        if self.steps_applied >= point.at and self.steps_applied - saved >= point.lead:
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+    ServerWorker.after_replies = stop_when_behind  # type: ignore[method-assign]
+
+
+def _run(argv: list[str], stdout: str, stderr: str, stop: StopBehind | None = None) -> None:
     for fd, path in ((1, stdout), (2, stderr)):
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.dup2(target, fd)
         os.close(target)
+    if stop is not None:
+        _stop_behind_checkpoint(stop)
     from workers.cli import main
 
     try:
@@ -47,9 +84,11 @@ class WorkerProcess:
     stdout = None  # what stop_process closes on a Popen
     stderr = None
 
-    def __init__(self, argv: list[str], out: Path, log: Path) -> None:
+    def __init__(
+        self, argv: list[str], out: Path, log: Path, stop: StopBehind | None = None
+    ) -> None:
         self.out, self.log = out, log
-        self._proc = _CTX.Process(target=_run, args=(argv, str(out), str(log)))
+        self._proc = _CTX.Process(target=_run, args=(argv, str(out), str(log), stop))
         self._proc.start()
         assert self._proc.pid is not None
         self.pid: int = self._proc.pid
@@ -66,6 +105,14 @@ class WorkerProcess:
         if self._proc.exitcode is None:
             raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout or 0)
         return self._proc.exitcode
+
+    def stopped(self) -> bool:
+        """Whether it is stopped (``SIGSTOP``: a :class:`StopBehind` point was reached)."""
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+        except OSError:  # gone already
+            return False
+        return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")  # the name may hold ')'
 
     def send_signal(self, sig: int) -> None:
         if self._proc.exitcode is None:
