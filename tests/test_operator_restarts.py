@@ -104,6 +104,23 @@ def test_a_stop_state_whose_run_was_stopped_meanwhile_is_one_line_then_a_fresh_s
     assert summary["steps"] == 8 * 15 and list(state.glob("client-1.stopped-*")) == []
 
 
+def test_a_client_that_saves_nothing_keeps_no_stop_state_and_reads_none(
+    deployment,
+) -> None:  # type: ignore[no-untyped-def]
+    """`audit --config` retrains a deployment's clients with client.save = "": they must
+    neither resume from the deployment's stop state nor leave one there."""
+    files = deployment(dataset="breast_cancer", epochs=8)
+    theirs = files["server"].parent / "state" / "client-1.stopped-000000000005.ckpt"
+    theirs.parent.mkdir()
+    theirs.write_bytes(b"the operator's stop state")
+    nothing = ("--set", 'client.save=""')
+    with ThreadServer(files["server"]) as server:
+        log = _interrupted(files["client-1"], theirs.parent.parent, server, *nothing)
+    assert "resumed" not in log and "nothing was saved, so a restart in run run-1" in log, log
+    assert [p.name for p in theirs.parent.glob("client-1.stopped-*")] == [theirs.name]
+    assert theirs.read_bytes() == b"the operator's stop state"
+
+
 def test_a_client_behind_a_relay_reports_the_servers_run(
     deployment, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]

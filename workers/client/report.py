@@ -28,11 +28,22 @@ def model_path(cfg: ClientConfig, base: Path) -> str | None:
     return str(resolve_path(base, save, "client.save", must_exist=False)) if save else None
 
 
-def log_stop(epoch: int, step: int, saved: Path | None, steps_done: int) -> None:
+def log_stop(epoch: int, step: int, saved: Path | None, steps_done: int, run_id: str) -> None:
     """What a client stopped by a signal leaves: the state a restart resumes from (its
-    checkpoint, or its stop state), or nothing when no step was applied yet."""
+    checkpoint, or its stop state), nothing when no step was applied yet, or nothing at all
+    (no [checkpoint] dir and no client.save): then its steps in the run cannot be replayed."""
     where = f"stopped by signal at epoch {epoch + 1} step {step}"
     if saved is not None:
         log.warning("%s; state saved in %s: the same command resumes here", where, saved)
     elif not steps_done:
         log.warning("%s, before any step was applied: a restart starts afresh", where)
+    else:
+        run = run_id or "RUN"
+        log.warning(
+            "%s; with neither [checkpoint] dir nor client.save nothing was saved, so a "
+            "restart in run %s is refused as stale: `sl-pipeline runs stop %s` ends that "
+            "run, or train another (--run NAME)",
+            where,
+            run,
+            run,
+        )

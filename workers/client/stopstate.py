@@ -4,11 +4,11 @@ state a graceful stop leaves, so that the same command carries on.
 A client stopped by SIGTERM/SIGINT stops between steps: everything it applied is in its
 memory, and the server holds the same steps for it. Without ``[checkpoint] dir`` that state
 used to be dropped, and the restarted client, back at step 0 of a run that had applied its
-steps, was refused as stale. Now a stop writes it to one file beside ``client.save`` (or in
-``state/`` beside the config when the client saves no model): ``NAME.stopped-STEP.ckpt``,
-in the checkpoint format (atomic, hashed, safe to load). The next start resumes from it,
-in the run it stopped in; a finished run removes it. What a stop state cannot cover is a
-client killed without a stop (``kill -9``, a power cut): that needs ``[checkpoint] dir``.
+steps, was refused as stale. Now a stop writes it to one file beside ``client.save``:
+``NAME.stopped-STEP.ckpt``, in the checkpoint format (atomic, hashed, safe to load). The
+next start resumes from it, in the run it stopped in; a finished run removes it. What a
+stop state cannot cover is a client killed without a stop (``kill -9``, a power cut): that
+needs ``[checkpoint] dir``.
 """
 
 from __future__ import annotations
@@ -69,9 +69,12 @@ class ClientStore:
         name = cfg.client.name
         self.periodic = open_store(cfg.checkpoint, base, name)
         self.every = max(1, cfg.checkpoint.every_steps)
-        folder = stop_folder(cfg, base)
-        # predict (no epochs) neither resumes from a stop state nor removes one
-        stops = self.periodic is None and cfg.train.epochs > 0
+        # Only beside a saved model: a client that keeps nothing (an audit's, with
+        # client.save = "") neither leaves a state nor resumes from the deployment's.
+        # predict (no epochs) neither resumes from a stop state nor removes one.
+        save = cfg.client.save
+        stops = self.periodic is None and cfg.train.epochs > 0 and bool(save)
+        folder = resolve_path(base, save, "client.save", must_exist=False).parent
         self.on_stop = StopState(folder, name) if stops else None
         self.stopped_in = ""  # the run of the stop state this client resumed from
 
@@ -136,11 +139,3 @@ class ClientStore:
         for store in (self.periodic, self.on_stop):
             if store is not None:
                 store.release()
-
-
-def stop_folder(cfg: ClientConfig, base: Path) -> Path:
-    """Beside the client's saved model, else ``state/`` beside its config."""
-    save = cfg.client.save
-    if save:
-        return resolve_path(base, save, "client.save", must_exist=False).parent
-    return base / "state"

@@ -235,9 +235,9 @@ class ClientWorker:
                 await self.link.conn.send(self.message(Kind.BYE, meta=bye))
             if self.steps_done > self.resumed_from:  # else the saved model stays as it was
                 self.runner.save()
-            saved = self._save_at_end()
+            saved, run = self._save_at_end(), self.link.run or self.run_id
             if self.stopped:
-                log_stop(self.epoch, self.step, saved, self.steps_done)
+                log_stop(self.epoch, self.step, saved, self.steps_done, run)
             wall = time.perf_counter() - start
             if not self.stopped:
                 await self._linger(ops)
