@@ -4,7 +4,12 @@ sl_step, `_created` series, a build-info label clashing with the scrape config's
 
 from __future__ import annotations
 
-from workers.tools.inprocess import run_deployment
+import asyncio
+
+from sklearn.datasets import load_breast_cancer
+
+from workers.cli import main
+from workers.tools.inprocess import build_deployment, run_deployment, wait_until
 
 
 async def test_metrics_and_status_agree_after_a_run(deployment) -> None:  # type: ignore[no-untyped-def]
@@ -22,3 +27,33 @@ async def test_metrics_and_status_agree_after_a_run(deployment) -> None:  # type
     assert 'sl_client_finished{client="client-1"} 1.0' in served
     assert 'sl_client_connected{client="client-1"} 0.0' in served
     assert 'sl_run_active{run="run-1"} 0.0' in served
+
+
+FINISHED = 'sl_client_finished{client="client-1"} 1.0'
+BYES = 'sl_messages_total{direction="received",kind="bye"} '
+
+
+async def test_a_predict_session_leaves_a_finished_client_finished(deployment, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: client-1 trained to the end of its run; the server stays up
+    files = deployment(dataset="breast_cancer", epochs=1)
+    run = build_deployment(files)
+    stop = asyncio.Event()
+    serving = asyncio.ensure_future(run.server.serve(stop))
+    try:
+        await wait_until(run.server.ready)
+        await run.clients[0].run()
+        served = lambda: run.server.metrics.render().decode()  # noqa: E731
+        await wait_until(lambda: FINISHED in served() and f"{BYES}1.0" in served())
+        rows = tmp_path / "rows.csv"
+        data = load_breast_cancer().data[:3]
+        rows.write_text("".join(",".join(map(str, row)) + "\n" for row in data))
+        # Execute: predict as client-1 (its hello says it only infers), as a user runs it
+        argv = ["predict", "--config", str(files["client-1"]), "--input", str(rows), "--json"]
+        assert await asyncio.to_thread(main, argv) == 0
+        await wait_until(lambda: f"{BYES}2.0" in served())  # the predict session's bye
+        # Assert: still finished, so SLClientLost (connected 0 and finished 0) stays quiet
+        assert 'sl_client_connected{client="client-1"} 0.0' in served()
+        assert FINISHED in served()
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, 10)

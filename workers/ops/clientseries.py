@@ -62,10 +62,13 @@ class ClientSeries:
                     series.remove(old)
         self._names = self._names[-MAX_CLIENTS:]
 
-    def joined(self, client: str) -> None:
+    def joined(self, client: str, training: bool = True) -> None:
+        """A peer joined. One that only infers (``predict``, a client past its epochs) trains
+        nothing: whether it finished stays as it was, so its leaving is no lost client."""
         self._touch(client)
         self.connected.labels(client=client).set(1)
-        self.finished.labels(client=client).set(0)
+        if training:
+            self.finished.labels(client=client).set(0)
 
     def left(self, client: str) -> None:
         if client in self._names:
