@@ -51,8 +51,7 @@ class Patience:
             self.since = now
         self.tries += 1
         waited = now - self.since
-        wait = self.delay * (0.5 + jitter)
-        if self.tries >= self.max_tries or waited + wait > self.window_s:
+        if self.tries >= self.max_tries or waited >= self.window_s:
             raise PeerError(
                 exc.remote_code,
                 f"{exc.reason.rstrip('.')}; still refused after {self.tries} tries in "
@@ -60,6 +59,7 @@ class Patience:
                 "again once that has changed, or let it wait longer with --set "
                 "client.retry_for_s=SECONDS",
             )
+        wait = min(self.delay * (0.5 + jitter), self.window_s - waited)  # the last try: at its end
         self.delay = min(self.delay * 2, MAX_DELAY_S)
         return wait
 
