@@ -183,3 +183,26 @@ def test_pipeline_depth_auto_is_written_as_0_and_a_bad_depth_is_named(
     err = capsys.readouterr().err
     assert "'fast' is not a number of steps or 'auto'" in err
     assert "17 must be between 1 and 16 (or 'auto')" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["init", "d", "--dataset", "nope"],
+        ["client"],
+        ["demo", "--epochs", "many"],
+        ["runs", "rename", "--config", "s.toml"],
+        [],
+    ],
+    ids=["bad-choice", "missing-flag", "not-a-number", "unknown-verb", "no-command"],
+)
+def test_a_usage_error_is_one_line_naming_the_problem_and_the_help(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README: every failure is one line on stderr naming the cause and what to do, exit 2;
+    argparse printed its whole usage block (9 lines for init) above the error."""
+    with pytest.raises(SystemExit) as refused:
+        main(argv)
+    assert refused.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and ": error: " in lines[0] and "--help" in lines[0], lines

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from sl_pipeline.config import MAX_PIPELINE_DEPTH, TOPOLOGIES
 from workers.cli import privacy as privacy_cli
@@ -28,10 +28,17 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a one-line JSON summary last")
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line naming the problem and where the flags are listed, exit 2
+    (README: every failure is one line), not argparse's usage block above it. Every verb's
+    parser is one too: ``add_subparsers`` builds them with the parent's class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sl-pipeline", description="Split learning over encrypted ZeroMQ"
-    )
+    parser = _Parser(prog="sl-pipeline", description="Split learning over encrypted ZeroMQ")
     sub = parser.add_subparsers(dest="command", required=True)
     _config_args(sub.add_parser("server", help="run the server worker"))
     _client_parser(sub)
