@@ -57,3 +57,15 @@ async def test_a_predict_session_leaves_a_finished_client_finished(deployment, t
     finally:
         stop.set()
         await asyncio.wait_for(serving, 10)
+
+
+async def test_a_relay_is_never_a_client_lost_mid_run(deployment) -> None:  # type: ignore[no-untyped-def]
+    """A relay joins the server like a client but trains no run of its own: a finished
+    series of 0 for it read as "training" on the dashboard for ever, and SLClientLost
+    fired whenever the relay stopped (connected 0, finished 0). Its clients keep theirs."""
+    files = deployment(topology="multihop", dataset="breast_cancer", epochs=1)
+    run = await run_deployment(files)
+    served = run.server.metrics.render().decode()
+    assert 'sl_client_finished{client="relay-1/client-1"} 1.0' in served
+    assert 'sl_client_connected{client="relay-1"}' in served  # it is seen joining
+    assert 'sl_client_finished{client="relay-1"}' not in served

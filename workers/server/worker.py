@@ -226,7 +226,8 @@ class ServerWorker(RunHost, RouterService):
             self.inferring.discard(name)
         else:
             self.inferring.add(name)
-        self.clients.joined(name, training=name not in self.inferring)
+        relay = name in self.cfg.server.relays  # its clients train (relay-1/client-1), not it
+        self.clients.joined(name, training=name not in self.inferring and not relay)
         last = bound.replies.newest(name, Kind.FORWARD.value) if bound else None
         behind = hello.get("for")  # a relay asking about one of its clients (relay-1/client-1)
         if isinstance(behind, str) and behind and name in self.cfg.server.relays:
