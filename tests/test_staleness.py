@@ -143,7 +143,7 @@ def test_a_client_resumed_from_a_checkpoint_taken_while_compensating_has_its_mom
     MomentumCompensation(first.runner.optimizer, cfg.train).set_depth(8)
     assert first.runner.optimizer.param_groups[0]["momentum"] < cfg.train.momentum
     first.steps_done = 3
-    first._save(3, force=True)
+    first.ckpt.save(first._state(3), first.steps_done)
     # Execute: it restarts (at depth 1, as configured) from that checkpoint
     resumed = ClientWorker(cfg, tmp_path, progress=False)
     # Assert: the configured momentum, not the lowered one it would keep for good
