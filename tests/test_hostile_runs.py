@@ -205,7 +205,9 @@ async def test_a_vanished_co_client_cannot_hold_its_run_open_forever(deployment)
     # takes one step and vanishes (a crash, or a hostile member)
     files = deployment(clients=2, dataset="breast_cancer", epochs=1)
     base = files["server"].parent
-    sets = ("server.stalled_run_s=0.3", "server.takeover_after_s=0.5")
+    # one place: client-1's new run needs run-1's (it no longer waits for run-1 itself,
+    # which client-2 holds open: tests/test_run_lifecycle.py)
+    sets = ("server.stalled_run_s=0.3", "server.takeover_after_s=0.5", "server.max_runs=1")
     server = ServerWorker(load_server(files["server"], *sets), base)
     stop, task = await _serve(server)
     try:

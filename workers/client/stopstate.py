@@ -77,12 +77,16 @@ class ClientStore:
         folder = resolve_path(base, save, "client.save", must_exist=False).parent
         self.on_stop = StopState(folder, name) if stops else None
         self.stopped_in = ""  # the run of the stop state this client resumed from
+        self.resumed_in = ""  # the run of the state it resumed from (checkpoint or stop state)
+        self.where = str(self.periodic.directory) if self.periodic is not None else ""
 
     def restore(self, wanted_run: str) -> tuple[dict[str, Any], Path] | None:
         """The state to resume from: the newest checkpoint, or the stop state when this
         client trains the run it stopped in (``wanted_run`` empty: the server's choice)."""
         if self.periodic is not None:
-            return self.periodic.load_latest()
+            found = self.periodic.load_latest()
+            self.resumed_in = str(found[0].get("run") or "") if found else ""
+            return found
         found = self.on_stop.load_latest() if self.on_stop is not None else None
         if found is None:
             return None
@@ -90,13 +94,21 @@ class ClientStore:
         if wanted_run not in ("", run):
             log.info("not resuming from %s: it stopped in run %s", found[1], run or "-")
             return None
-        self.stopped_in = run
+        self.stopped_in = self.resumed_in = run
         return found
 
     def check_joined(self, run: str) -> None:
-        """After the first join of a client resumed from its stop state: the server still
-        trains it in that run. Else that run ended meanwhile (stopped with ``runs stop``):
-        the state is of no use, and training on from it in another run would be wrong."""
+        """After the first join of a client resumed from its checkpoint or stop state, with
+        steps left to train: the server still trains it in that run. Else that run ended
+        meanwhile (stopped with ``runs stop``, or gave its place up): training on from that
+        state in another run would be wrong (and report steps that run never applied)."""
+        resumed_in, self.resumed_in = self.resumed_in, ""
+        if self.periodic is not None and resumed_in and run and run != resumed_in:
+            raise ConfigError(
+                f"this client's checkpoint ({self.where}) is of run {resumed_in}, which the "
+                f"server no longer trains it in (it would join run {run}); to train a new run "
+                "from the start, move that folder away or set another [checkpoint] dir"
+            )
         stopped_in, self.stopped_in = self.stopped_in, ""
         if not stopped_in or run == stopped_in:
             return

@@ -130,7 +130,7 @@ class ClientWorker:
         if found is None:
             return 0
         state, path = found
-        self.run_id = self.ckpt.stopped_in or self.run_id
+        self.run_id = self.ckpt.resumed_in or self.run_id
         self._load_state(state)
         self.runner.restore_accounting(int(state["accounted_epochs"]))
         self.runner.load_extra_state(dict(state.get("runner", {})))
@@ -195,8 +195,9 @@ class ClientWorker:
         welcome = await self.link.connect(
             lambda: self.link.hello(self.start, self.last_applied), lambda: self.steps_done > 0
         )
-        self.run_id = welcome.get("run") or self.run_id
-        self.ckpt.check_joined(self.run_id)
+        if self.start[0] < self.cfg.train.epochs:  # else it trained its run: that one's
+            self.run_id = welcome.get("run") or self.run_id
+            self.ckpt.check_joined(self.run_id)
         where = (self.link.peer, self.cfg.client.server, self.run_id or "not chosen yet")
         log.info("joined %s %s (run %s)", *where)
         self.undo.after_join(

@@ -40,6 +40,11 @@ class RunHost:
     def checkpoint(self, force: bool = False) -> None:
         raise NotImplementedError
 
+    def _current_run(self, name: str) -> Run | None:
+        """Where a client that names no run trains: the run it has open (a restart, also
+        of this server, which forgot its binding), else the current ``run-N``."""
+        return self.book.open_run_of(name) or self.book.current_for(name)
+
     def build_engine(self) -> Engine:
         """A run's engine, fresh from the model's seed, reporting its bounded tables."""
         engine = topology(self.cfg.server.topology).engine(self.cfg, self.base)
@@ -111,7 +116,7 @@ class RunHost:
         run = self.book.runs.get(self.peer_runs.get(peer.name, ""))
         if run is None:
             wanted = self.requested.get(peer.name, "")
-            run = self.book.runs.get(wanted) if wanted else self.book.current_for(peer.name)
+            run = self.book.runs.get(wanted) if wanted else self._current_run(peer.name)
             if run is None:
                 run = self._start_run(wanted or self.book.next_id(), peer.name)
             self.peer_runs[peer.name] = run.id

@@ -64,6 +64,14 @@ def finished_message(client: str, sender: str, run_id: str) -> str:
     )
 
 
+def one_open_run(client: str, run_id: str) -> str:
+    return (
+        f"{client} already trains in run {run_id!r} and has not finished it; a client has one "
+        f"open run at a time: finish it, or stop it on the server (`sl-pipeline runs stop "
+        f"{run_id}`)"
+    )
+
+
 def check_run_id(value: str, where: str) -> str:
     """A run id is also a folder name: letters, digits, '_', '.', '-' only."""
     if not RUN_ID.fullmatch(value):
@@ -190,8 +198,16 @@ class RunBook:
         return None
 
     def owned_run(self, name: str) -> Run | None:
-        """The active run ``name`` started (finished by it or not), if any."""
-        return next((r for r in self.active() if r.owner == name), None)
+        """The active run ``name`` started and still answers for (finished by it or not),
+        if any. Once ``name`` finished it, a member still training in it holds it open
+        instead: that member has no other open run, and the run's place is its one; else a
+        member trickling a step now and then (never stalled) held ``name`` off any new run."""
+        return next((r for r in self.active() if r.owner == name and not self.held(r)), None)
+
+    @staticmethod
+    def held(run: Run) -> bool:
+        """Held open by members other than its owner: the owner finished, they have not."""
+        return run.owner in run.done and bool(run.members - run.done - {run.owner})
 
     def idle(self, run: Run, now: float) -> bool:
         """It may give its place up: every client that trained in it finished
@@ -224,14 +240,17 @@ class RunBook:
             )
 
     # ---- changes -------------------------------------------------------------------------
+    def check_join(self, run: Run, client: str) -> None:
+        """Whether ``client`` may train in ``run`` (new to it): not while another run is
+        open for it, or one key could hold every place open by trickling steps in each."""
+        other = self.open_run_of(client)
+        if other is not None and other is not run:
+            raise ProtocolError(one_open_run(client, other.id))
+
     def check_start(self, run_id: str, owner: str) -> None:
         """Whether ``owner`` may start run ``run_id`` now (a ``ProtocolError`` says why not)."""
         if owner and (other := self.open_run_of(owner)) is not None:
-            raise ProtocolError(
-                f"{owner} already trains in run {other.id!r} and has not finished it; a "
-                "client has one open run at a time: finish it, or stop it on the server "
-                f"(`sl-pipeline runs stop {other.id}`)"
-            )
+            raise ProtocolError(one_open_run(owner, other.id))
         if owner and (mine := self.owned_run(owner)) is not None:
             need = self.run_clients or len(mine.members)
             raise OverloadedError(

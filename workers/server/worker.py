@@ -210,7 +210,7 @@ class ServerWorker(RunHost, RouterService):
         bound = self.book.runs.get(self.peer_runs.get(name, ""))
         if bound is None or not bound.active or wanted not in ("", bound.id) or name in bound.done:
             self.peer_runs.pop(name, None)
-            bound = self.book.runs.get(wanted) if wanted else self.book.current_for(name)
+            bound = self.book.runs.get(wanted) if wanted else self._current_run(name)
         if bound is not None and self.restarts_a_stalled_run(name, hello, bound):
             bound = None  # it ended: the relay's next step starts a new run
             self.peer_runs.pop(name, None)
@@ -316,6 +316,9 @@ class ServerWorker(RunHost, RouterService):
             log.info("%s finished its part of run %s", msg.client, run.id)
             if self.book.ready_to_finish(run):
                 self.end_run(run)
+            else:  # durable: restored without it, the client would be fed this run's cache
+                self.book.write_index()
+                self.checkpoint(force=True)
         if msg.client == peer.name:  # a relay's client leaving is not the relay leaving
             log.info("client %s said bye after %d steps", peer.name, peer.applied)
             self.forget(identity)
@@ -335,8 +338,9 @@ class ServerWorker(RunHost, RouterService):
         if msg.kind is Kind.FORWARD and newest is not None and step < newest:
             raise StaleStepError(
                 f"step {step} is older than the steps run {run.id} applied for {msg.client} "
-                f"(up to {newest}): resume the client from its checkpoint ([checkpoint] dir), "
-                "or train a new run ([client] run = a new name)"
+                f"(up to {newest}): it started again without its state; resume it from its "
+                f"checkpoint ([checkpoint] dir), else stop that run (`sl-pipeline runs stop "
+                f"{run.id}`, its model is saved) and start it again"
             )
         self._track(run, msg)
         engine = self.engine_of(run)
@@ -363,6 +367,7 @@ class ServerWorker(RunHost, RouterService):
     def _track(self, run: Run, msg: Message) -> None:
         """A new member of the run, or a member's new epoch (logged once per epoch)."""
         if msg.client not in run.members:
+            self.book.check_join(run, msg.client)
             run.members.add(msg.client)
             self.clients.started(msg.client)
         if msg.kind is Kind.FORWARD and run.epochs.get(msg.client, -1) < msg.epoch:

@@ -1,0 +1,179 @@
+"""A client's part of a run across restarts, from the third red team (runs on a long-lived
+server): a finish survives a server restart, a resumed client never trains on in a run other
+than its checkpoint's, a member that never finishes holds neither its run's owner off new
+runs nor a second place, and the stale-step refusal names what works. In-process, over real
+loopback sockets; every wait is for an event."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sl_pipeline.errors import ConfigError, PeerError, ProtocolError
+from workers.client.worker import ClientWorker
+from workers.server.runs import RunBook
+from workers.server.worker import ServerWorker
+from workers.tools.inprocess import wait_until
+
+from .conftest import load_client, load_server
+from .test_runs import _serve
+
+DATA = dict(clients=2, dataset="breast_cancer", epochs=1)  # 8 steps per client and epoch
+
+
+async def _client(files: dict[str, Path], name: str, *sets: str) -> dict[str, Any]:
+    client = ClientWorker(load_client(files[name], *sets), files["server"].parent, progress=False)
+    return dict(await asyncio.wait_for(client.run(), 120))
+
+
+async def _crash(files: dict[str, Path], name: str, steps: int, *sets: str) -> None:
+    """A client that applies ``steps`` steps and ends without a goodbye (kill -9)."""
+    client = ClientWorker(load_client(files[name], *sets), files["server"].parent, progress=False)
+    task = asyncio.ensure_future(client.run())
+    await wait_until(lambda: client.steps_done >= steps)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_finish_survives_a_server_restart(deployment) -> None:  # type: ignore[no-untyped-def]
+    """Red team A1: restarted from its checkpoint, the server had forgotten that client-1
+    finished run-1 (still waiting for client-2): client-1 started again was bound to run-1
+    and got its 8 steps from run-1's cache in 0.5 s, reported as trained."""
+    # Prepare: client-1 finishes its part of run-1; the server stops and starts again
+    files = deployment(**DATA)
+    sets = ("server.run_clients=2", "server.empty_run_s=0.3")
+    first_server = ServerWorker(load_server(files["server"], *sets), files["server"].parent)
+    stop, task = await _serve(first_server)
+    try:
+        first = await _client(files, "client-1")
+        await wait_until(lambda: "client-1" in first_server.book.runs["run-1"].done)
+    finally:
+        stop.set()
+        await task
+    server = ServerWorker(load_server(files["server"], *sets), files["server"].parent)
+    stop, task = await _serve(server)
+    try:
+        # Execute: client-1 again
+        again = await _client(files, "client-1")
+    finally:
+        stop.set()
+        await task
+    # Assert: run-1 still knows it finished; the new steps trained a new run
+    assert server.book.runs["run-1"].done == {"client-1"}
+    assert (first["run"], again["run"]) == ("run-1", "run-2")
+    assert server.from_cache == 0 and server.book.runs["run-2"].steps == again["steps"] == 8
+
+
+async def test_a_member_that_never_finishes_holds_neither_the_owner_nor_a_second_place(
+    deployment,  # type: ignore[no-untyped-def]
+) -> None:
+    """Red team A5/A6: client-2 joined client-1's run and never finished (trickling a step
+    now and then keeps the run from stalling): client-1 could start no run while it lasted,
+    and client-2 could join a second run and hold that place too."""
+    # Prepare: client-1 trains run-1 to its end; client-2 takes one step in it and vanishes
+    files = deployment(**DATA)
+    sets = ("server.run_clients=2", "server.stalled_run_s=3600", "server.max_runs=2")
+    server = ServerWorker(load_server(files["server"], *sets), files["server"].parent)
+    stop, task = await _serve(server)
+    try:
+        honest = ClientWorker(load_client(files["client-1"]), files["server"].parent)
+        honest.progress = False
+        first = asyncio.ensure_future(honest.run())
+        await wait_until(lambda: honest.steps_done >= 1)
+        await _crash(files, "client-2", 1)
+        await asyncio.wait_for(first, 120)
+        # Execute: client-1 asks for a new run; client-2 asks to train in it too
+        again = await _client(files, "client-1", "client.retry_for_s=3")
+        with pytest.raises(PeerError, match="already trains in run 'run-1'"):
+            await _client(files, "client-2", "client.run=run-2", "client.takeover=true")
+    finally:
+        stop.set()
+        await task
+    # Assert: client-1 trained run-2 at once; client-2 is a member of run-1 only
+    assert again["run"] == "run-2" and again["steps"] == 8
+    assert server.book.runs["run-1"].active and "client-2" in server.book.runs["run-1"].members
+    assert server.book.runs["run-2"].members == {"client-1"}
+
+
+def test_one_open_run_holds_for_joining_as_for_starting() -> None:
+    book = RunBook(None, max_runs=4, run_clients=0)
+    first = book.start("a", engine=None, replies=None, owner="client-1")  # type: ignore[arg-type]
+    first.members |= {"client-1", "client-2"}
+    other = book.start("b", engine=None, replies=None, owner="client-3")  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError, match="one open run"):
+        book.check_join(other, "client-2")
+    book.check_join(first, "client-2")  # its own run
+    first.done.add("client-1")  # the owner finished, client-2 has not: client-2 holds it
+    assert book.owned_run("client-1") is None and book.held(first)
+    first.done.add("client-2")
+    assert book.owned_run("client-1") is first
+    book.check_join(other, "client-2")
+
+
+async def test_a_checkpoint_of_a_run_that_ended_is_refused_not_trained_on(deployment) -> None:  # type: ignore[no-untyped-def]
+    """Red team A3: a client with [checkpoint] dir killed 3 steps into run-1, run-1 stopped
+    by an operator, started again: it trained on in run-2 and reported 8 steps there, of
+    which run-2 applied 5."""
+    files = deployment(**DATA)
+    ckpt = ("checkpoint.dir=state/c1",)
+    server = ServerWorker(load_server(files["server"]), files["server"].parent)
+    stop, task = await _serve(server)
+    try:
+        await _crash(files, "client-1", 3, *ckpt)
+        server.stop_run("run-1")
+        # Execute: the same command again
+        with pytest.raises(ConfigError) as refused:
+            await _client(files, "client-1", *ckpt)
+    finally:
+        stop.set()
+        await task
+    # Assert: one line naming the run, the folder and what to do; no run-2 trained
+    assert "of run run-1, which the server no longer trains it in" in refused.value.message
+    assert "move that folder away" in refused.value.message
+    assert "\n" not in refused.value.message, repr(refused.value.message)
+    assert "run-2" not in server.book.runs
+
+
+async def test_a_finished_checkpoint_reports_its_own_run(deployment) -> None:  # type: ignore[no-untyped-def]
+    """Red team A2: restarted after it finished, a client with [checkpoint] dir reported its
+    8 steps as trained in run-2 (a run that never existed) in 0.014 s."""
+    files = deployment(**DATA)
+    ckpt = ("checkpoint.dir=state/c1",)
+    server = ServerWorker(
+        load_server(files["server"], "server.run_clients=2"), files["server"].parent
+    )
+    stop, task = await _serve(server)
+    try:
+        first = await _client(files, "client-1", *ckpt)
+        again = await _client(files, "client-1", *ckpt)
+    finally:
+        stop.set()
+        await task
+    assert first["run"] == again["run"] == "run-1" and again["steps"] == first["steps"] == 8
+    assert server.book.runs["run-1"].steps == 8 and "run-2" not in server.book.runs
+
+
+async def test_the_stale_step_refusal_names_what_works(deployment) -> None:  # type: ignore[no-untyped-def]
+    """Red team A4: its advice, "train a new run ([client] run = a new name)", was refused
+    in turn (one open run at a time)."""
+    files = deployment(**{**DATA, "epochs": 3})  # 24 steps: more than the cache keeps
+    server = ServerWorker(
+        load_server(files["server"], "server.run_clients=0"), files["server"].parent
+    )
+    stop, task = await _serve(server)
+    try:
+        await _crash(files, "client-1", 20)
+        with pytest.raises(PeerError) as refused:
+            await _client(files, "client-1")
+        # Execute: what it says
+        server.stop_run("run-1")
+        again = await _client(files, "client-1")
+    finally:
+        stop.set()
+        await task
+    assert refused.value.remote_code == "stale_step"
+    assert "`sl-pipeline runs stop run-1`" in str(refused.value)
+    assert again["run"] == "run-2" and again["steps"] == 24
