@@ -63,6 +63,8 @@ async def test_a_finish_survives_a_server_restart(deployment) -> None:  # type: 
         await task
     # Assert: run-1 still knows it finished; the new steps trained a new run
     assert server.book.runs["run-1"].done == {"client-1"}
+    assert server.book.runs["run-1"].owner == "client-1"  # so it gave its place up first
+    assert server.book.runs["run-1"].state == "stopped"
     assert (first["run"], again["run"]) == ("run-1", "run-2")
     assert server.from_cache == 0 and server.book.runs["run-2"].steps == again["steps"] == 8
 
@@ -177,3 +179,31 @@ async def test_the_stale_step_refusal_names_what_works(deployment) -> None:  # t
     assert refused.value.remote_code == "stale_step"
     assert "`sl-pipeline runs stop run-1`" in str(refused.value)
     assert again["run"] == "run-2" and again["steps"] == 24
+
+
+async def test_a_run_stopped_while_its_client_trains_refuses_its_next_step(deployment) -> None:  # type: ignore[no-untyped-def]
+    """Red team A10: `runs stop run-1` while client-1 trained: its next step started run-2
+    (fresh server weights) and it trained on there, reporting 2,400 steps in run-1, which
+    had applied 332."""
+    files = deployment(**{**DATA, "epochs": 30})
+    server = ServerWorker(
+        load_server(files["server"], "server.run_clients=0"), files["server"].parent
+    )
+    stop, task = await _serve(server)
+    try:
+        client = ClientWorker(load_client(files["client-1"]), files["server"].parent)
+        client.progress = False
+        training = asyncio.ensure_future(client.run())
+        await wait_until(lambda: client.steps_done >= 5)
+        # Execute: the operator stops its run
+        server.stop_run("run-1")
+        with pytest.raises(PeerError) as refused:
+            await asyncio.wait_for(training, 120)
+    finally:
+        stop.set()
+        await task
+    # Assert: refused in one line naming the run; no run started by its next step
+    assert refused.value.remote_code == "run_ended" and "run 'run-1' has stopped" in str(
+        refused.value
+    )
+    assert list(server.book.runs) == ["run-1"]

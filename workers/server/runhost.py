@@ -197,7 +197,10 @@ class RunHost:
         """Save the run's model, record it as ended and checkpoint that."""
         self.save_models([run])
         self.book.end(run, state)
-        for name in [n for n, r in self.peer_runs.items() if r == run.id]:
+        # a stopped run's clients stay bound to it: their next step is refused (run_ended),
+        # never the first step of a new run (one client went on silently in run-2 and
+        # reported its 2,400 steps in run-1, which had applied 332)
+        for name in [n for n, r in self.peer_runs.items() if r == run.id and state != STOPPED]:
             del self.peer_runs[name]
         self.report_run(run)
         self.checkpoint(force=True)

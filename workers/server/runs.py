@@ -141,7 +141,7 @@ class Run:
         """Checkpoint form: an active run's engine and cache; an ended run's record (and, for
         the newest, the applied-step log)."""
         out: dict[str, Any] = {**self.info(), "members": sorted(self.members)}
-        out["done"] = sorted(self.done)
+        out["done"], out["owner"] = sorted(self.done), self.owner  # its rules outlive a restart
         if self.active and self.engine is not None:
             out["engine"] = self.engine.state_dict()
             out["replies"] = self.replies.entries()
@@ -348,6 +348,7 @@ class RunBook:
             last_loss=info.get("last_loss"),
             accuracies={str(k): float(v) for k, v in (info.get("accuracies") or {}).items()},
             model=str(info.get("model", "")),
+            owner=str(info.get("owner", "")),
         )
         self.runs[run.id] = run
         return run

@@ -303,7 +303,8 @@ class ServerWorker(RunHost, RouterService):
 
     def _bye(self, identity: bytes, peer: Peer, msg: Message) -> None:
         run = self.book.runs.get(self.peer_runs.get(peer.name, ""))
-        if run is not None and msg.meta.get("finished") and msg.client in run.members:
+        open_in = run is not None and run.active and msg.client in run.members - run.done
+        if run is not None and open_in and msg.meta.get("finished"):
             run.done.add(msg.client)
             run.last_active = time.monotonic()
             accuracy = msg.meta.get("accuracy")
