@@ -11,6 +11,7 @@ from typing import Any
 from sl_pipeline.config import ServerConfig, resolve_path
 from sl_pipeline.errors import ConfigError, NameInUseError, ProtocolError, RunEndedError
 from sl_pipeline.messages import Kind, Message
+from workers.ops.clientseries import ClientSeries
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.appliedlog import AppliedLog
 from workers.runtime.checkpoint import check_writable, load_weights, save_weights
@@ -29,6 +30,7 @@ class RunHost:
     cfg: ServerConfig
     base: Path
     metrics: WorkerMetrics
+    clients: ClientSeries  # per-client series
     peers: dict[bytes, Peer]
     book: RunBook
     peer_runs: dict[str, str]  # peer name -> the run it trains in
@@ -218,6 +220,25 @@ class RunHost:
             accuracy,
             run.model or "not saved (set server.save or server.runs_dir)",
         )
+
+    def finish_part(self, run: Run, client: str, accuracy: Any) -> None:
+        """``client`` said it finished its part of ``run``: the run ends once enough did;
+        until then the finish is checkpointed at once (a server restored without it bound
+        the client to this run again, and fed it the run's cached replies as if it trained)."""
+        run.done.add(client)
+        run.last_active = time.monotonic()
+        if not isinstance(accuracy, float) or not 0.0 <= accuracy <= 1.0:
+            accuracy = None  # none measured (no labels here), or not a ratio at all
+        else:
+            run.accuracies[client] = accuracy
+        self.clients.done(client, accuracy)
+        self.report_run(run)
+        log.info("%s finished its part of run %s", client, run.id)
+        if self.book.ready_to_finish(run):
+            self.end_run(run)
+        else:
+            self.book.write_index()
+            self.checkpoint(force=True)
 
     def restarts_a_stalled_run(self, relay: str, hello: dict[str, Any], run: Run) -> bool:
         """A relay asks about a client of its that finished its part of ``run`` and starts

@@ -305,21 +305,7 @@ class ServerWorker(RunHost, RouterService):
         run = self.book.runs.get(self.peer_runs.get(peer.name, ""))
         open_in = run is not None and run.active and msg.client in run.members - run.done
         if run is not None and open_in and msg.meta.get("finished"):
-            run.done.add(msg.client)
-            run.last_active = time.monotonic()
-            accuracy = msg.meta.get("accuracy")
-            if not isinstance(accuracy, float) or not 0.0 <= accuracy <= 1.0:
-                accuracy = None  # none measured (no labels here), or not a ratio at all
-            else:
-                run.accuracies[msg.client] = accuracy
-            self.clients.done(msg.client, accuracy)
-            self.report_run(run)
-            log.info("%s finished its part of run %s", msg.client, run.id)
-            if self.book.ready_to_finish(run):
-                self.end_run(run)
-            else:  # durable: restored without it, the client would be fed this run's cache
-                self.book.write_index()
-                self.checkpoint(force=True)
+            self.finish_part(run, msg.client, msg.meta.get("accuracy"))
         if msg.client == peer.name:  # a relay's client leaving is not the relay leaving
             log.info("client %s said bye after %d steps", peer.name, peer.applied)
             self.forget(identity)
