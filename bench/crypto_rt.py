@@ -198,7 +198,19 @@ async def measure(
     return result
 
 
-def run(quick: bool = False, sizes: dict[str, int] | None = None) -> dict[str, Any]:
+def run(
+    quick: bool = False, sizes: dict[str, int] | None = None, wan: bool = True
+) -> dict[str, Any]:
+    """Loopback figures, then (``wan``) the same round trips on a shaped link (``crypto_wan``)."""
+    result = _loopback(quick, sizes)
+    if wan:
+        from . import crypto_wan  # imports this module: not at the top
+
+        result |= crypto_wan.run(quick)
+    return result
+
+
+def _loopback(quick: bool, sizes: dict[str, int] | None) -> dict[str, Any]:
     url = endpoint(free_port())
     ready, stop = CTX.Queue(), CTX.Event()
     child = start_child(peers.channel_peer, url, ready, stop)

@@ -27,6 +27,14 @@ def headline(results: dict[str, Any]) -> list[str]:
         ("encryption_overhead", "encrypted/plain round trip, by size (goal <= 1.10 at 2MiB)"),
         ("encryption_overhead_spread", "median [interquartile range, pairs] of the ratios above"),
         ("encryption_cpu_ratio", "the same ratio of both processes' CPU time per round trip"),
+        (
+            "encryption_overhead_wan_spread",
+            "the same on a shaped link (20 ms RTT; 100 Mbit/s, 1 Gbit/s): median [IQR, pairs]",
+        ),
+        (
+            "chunked_vs_whole_wan_spread",
+            "on that link, 2MiB sealed in 1 MiB chunks / sealed whole: median [IQR, pairs]",
+        ),
         ("aead_gb_s", "sealing speed of each AEAD on one core, 2 MiB, GB/s"),
         ("transport_efficiency", "our message path / raw pyzmq+AESGCM throughput at 2MiB"),
         ("overhead_ratio", "split encrypted 2-process step / single-process step"),

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bench import crypto_rt, fixed_costs, flops, shaper, step_trace
+from bench import crypto_rt, crypto_wan, fixed_costs, flops, shaper, step_trace
 from bench.common import CTX, free_port, machine_load, paired, party_cores
 from bench.models import VGG_CUT, vgg16
 from bench.overhead import Placement, RpcBlocks
@@ -47,7 +47,7 @@ def test_segment_flops_are_a_part_of_the_whole_model() -> None:
 @pytest.mark.timeout(60)
 def test_tiny_crypto_round_trip_runs() -> None:
     # Execute
-    result = crypto_rt.run(quick=True, sizes={"4KiB": 4 * 1024})
+    result = crypto_rt.run(quick=True, sizes={"4KiB": 4 * 1024}, wan=False)
 
     # Assert
     assert set(result["encryption_overhead"]) == {"4KiB"}
@@ -58,6 +58,28 @@ def test_tiny_crypto_round_trip_runs() -> None:
     assert result["encryption_cpu_ratio_spread"]["4KiB"]["pairs"] >= 3
     assert result["aead_gb_s"]["aes256gcm"] > 0 and result["aead_gb_s"]["chacha20poly1305"] > 0
     assert result["aead_gil"]["seal_ms_alone"] > 0
+
+
+@pytest.mark.timeout(90)
+def test_encryption_overhead_on_a_shaped_link_pairs_plain_encrypted_and_whole() -> None:
+    # Execute: one short link; 2 MiB is over one chunk, so it is also sealed whole
+    sizes = {"8KiB": 8 * 1024, "2MiB": 2 * 1024 * 1024}
+    result = crypto_wan.run(quick=True, sizes=sizes, links={"2ms_1Gbit": (0.002, 1e9)})
+
+    # Assert: each ratio with its spread, for every size; chunked vs whole only above a chunk
+    spread = result["encryption_overhead_wan_spread"]["2ms_1Gbit"]
+    assert set(spread) == set(sizes)
+    for size, ratio in result["encryption_overhead_wan"]["2ms_1Gbit"].items():
+        assert ratio == spread[size]["median"] > 0
+        assert spread[size]["q1"] <= ratio <= spread[size]["q3"] and spread[size]["pairs"] >= 4
+    chunked = result["chunked_vs_whole_wan_spread"]["2ms_1Gbit"]
+    assert set(chunked) == {"2MiB"} and chunked["2MiB"]["pairs"] >= 4
+    assert set(result["whole_overhead_wan"]["2ms_1Gbit"]) == {"2MiB"}
+    # the round trips went through the shaper: none is shorter than its delay
+    rtt = result["wan_rtt_ms"]["2ms_1Gbit"]
+    assert set(rtt["2MiB"]) == {"plain", "encrypted", "whole"}
+    assert min(ms for modes in rtt.values() for ms in modes.values()) >= 2.0
+    assert result["wan_links"]["2ms_1Gbit"]["rate_mbit_s"] == 1000.0
 
 
 @pytest.mark.timeout(120)
