@@ -14,7 +14,7 @@ from sl_pipeline.config import ClientConfig, load, resolve_path
 from sl_pipeline.errors import CryptoError, ProtocolError
 from sl_pipeline.group import load_group_key, open_weights, run_id, seal_weights
 from sl_pipeline.messages import Kind, Message
-from workers.client.group import RoundRobinRunner
+from workers.client.group import RoundRobinRunner, load_segment_vector, segment_vector
 from workers.client.worker import ClientWorker
 from workers.runtime.checkpoint import decode, encode
 from workers.server.engines.group import TurnCoordinator
@@ -177,3 +177,17 @@ def test_turn_state_survives_a_checkpoint() -> None:
     # grant goes to the reply cache only, which answers client-1's resent acquire.
     assert [(i, m.meta["op"]) for i, m in replies] == [(b"2", "ack"), (b"", "grant")]
     assert replies[1][1].meta["turn"] == 2 and version > 0
+
+
+def test_group_weights_travel_in_host_memory_and_land_on_the_segments_device() -> None:
+    # Prepare: a segment on a device other than the CPU ("meta" stands in for a GPU here:
+    # a parameter's data cannot be swapped for a tensor on another device, on either)
+    segment = torch.nn.Linear(3, 2, device="meta")
+    weights = torch.arange(8, dtype=torch.float64)  # what the wire hands over
+    # Execute
+    load_segment_vector(segment, weights)
+    sent = segment_vector(torch.nn.Linear(3, 2))
+    # Assert: loaded where the segment trains, in float32; sent from host memory
+    assert {p.device.type for p in segment.parameters()} == {"meta"}
+    assert {p.dtype for p in segment.parameters()} == {torch.float32}
+    assert sent.device.type == "cpu" and sent.shape == (8,) and not sent.requires_grad

@@ -26,6 +26,19 @@ log = logging.getLogger("sl_pipeline.client")
 MAX_ATTEMPTS = 20  # SplitFed: aborted attempts at one round before giving up
 
 
+def segment_vector(segment: torch.nn.Module) -> torch.Tensor:
+    """The segment's weights as one vector in host memory, where they are sealed, masked
+    and sent (``train.device = "cuda"`` keeps them on the GPU)."""
+    return parameters_to_vector(segment.parameters()).detach().cpu()
+
+
+def load_segment_vector(segment: torch.nn.Module, vector: torch.Tensor) -> None:
+    """Weights from the wire into the segment, on the device it trains on: a parameter's
+    data cannot be swapped for a tensor on another device."""
+    first = next(segment.parameters())
+    vector_to_parameters(vector.to(first.device, torch.float32), segment.parameters())
+
+
 class _GroupRunner(StepRunner):
     def members(self) -> list[str]:
         c = self.cfg.client
@@ -36,10 +49,10 @@ class _GroupRunner(StepRunner):
         return sorted(c.group)
 
     def vector(self) -> torch.Tensor:
-        return parameters_to_vector(self.bottom.parameters()).detach()
+        return segment_vector(self.bottom)
 
     def load_vector(self, vector: torch.Tensor) -> None:
-        vector_to_parameters(vector.to(torch.float32), self.bottom.parameters())
+        load_segment_vector(self.bottom, vector)
 
     def resumed_mid_epoch(self, epoch: int) -> bool:
         """True when this epoch's steps restart from a checkpoint, past its first step:
