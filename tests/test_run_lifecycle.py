@@ -19,6 +19,7 @@ from workers.server.worker import ServerWorker
 from workers.tools.inprocess import wait_until
 
 from .conftest import load_client, load_server
+from .test_relay_runs import serving
 from .test_runs import _serve
 
 DATA = dict(clients=2, dataset="breast_cancer", epochs=1)  # 8 steps per client and epoch
@@ -181,29 +182,40 @@ async def test_the_stale_step_refusal_names_what_works(deployment) -> None:  # t
     assert again["run"] == "run-2" and again["steps"] == 24
 
 
-async def test_a_run_stopped_while_its_client_trains_refuses_its_next_step(deployment) -> None:  # type: ignore[no-untyped-def]
-    """Red team A10: `runs stop run-1` while client-1 trained: its next step started run-2
-    (fresh server weights) and it trained on there, reporting 2,400 steps in run-1, which
-    had applied 332."""
-    files = deployment(**{**DATA, "epochs": 30})
-    server = ServerWorker(
-        load_server(files["server"], "server.run_clients=0"), files["server"].parent
-    )
-    stop, task = await _serve(server)
-    try:
-        client = ClientWorker(load_client(files["client-1"]), files["server"].parent)
-        client.progress = False
-        training = asyncio.ensure_future(client.run())
-        await wait_until(lambda: client.steps_done >= 5)
-        # Execute: the operator stops its run
-        server.stop_run("run-1")
-        with pytest.raises(PeerError) as refused:
-            await asyncio.wait_for(training, 120)
-    finally:
-        stop.set()
-        await task
+async def _stopped_while_training(files: dict[str, Path], server: ServerWorker) -> PeerError:
+    """client-1 trains; 5 steps in, the operator stops run-1; what client-1 is told."""
+    client = ClientWorker(load_client(files["client-1"]), files["server"].parent)
+    client.progress = False
+    training = asyncio.ensure_future(client.run())
+    await wait_until(lambda: client.steps_done >= 5)
+    server.stop_run("run-1")
+    with pytest.raises(PeerError) as refused:
+        await asyncio.wait_for(training, 120)
+    return refused.value
+
+
+@pytest.mark.parametrize("topology", ["vanilla", "multihop"])
+async def test_a_run_stopped_while_its_client_trains_refuses_its_next_step(
+    deployment,  # type: ignore[no-untyped-def]
+    topology: str,
+) -> None:
+    """Red team A10/A12: `runs stop run-1` while client-1 trained (directly, or behind a
+    relay): its next step started run-2 (fresh server weights) and it trained on there,
+    reporting 2,400 steps in run-1, which had applied 332 (510 behind the relay)."""
+    files = deployment(**{**DATA, "epochs": 30, "topology": topology})
+    sets = ("server.run_clients=0",)
+    if topology == "vanilla":
+        server = ServerWorker(load_server(files["server"], *sets), files["server"].parent)
+        stop, task = await _serve(server)
+        try:
+            refused = await _stopped_while_training(files, server)
+        finally:
+            stop.set()
+            await task
+    else:
+        async with serving(files, *sets) as deployed:
+            server = deployed.server
+            refused = await _stopped_while_training(files, server)
     # Assert: refused in one line naming the run; no run started by its next step
-    assert refused.value.remote_code == "run_ended" and "run 'run-1' has stopped" in str(
-        refused.value
-    )
+    assert refused.remote_code == "run_ended" and "run 'run-1' has stopped" in str(refused)
     assert list(server.book.runs) == ["run-1"]
