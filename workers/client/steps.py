@@ -160,7 +160,7 @@ class StepRunner:
             penalty = self.nopeek(x.to(self.device), act)  # alpha * dCor(x, act)
             self.host.metrics.dcor_last.set(float(penalty.detach()) / self.nopeek.alpha)
             roots.append(penalty)
-            grads.append(torch.ones(()))
+            grads.append(torch.ones_like(penalty))  # on its device
         torch.autograd.backward(roots, grads)
         self.optimizer.step()
 
@@ -192,7 +192,7 @@ class StepRunner:
         roots, grads = [sent], [as_input(grad, requires_grad=False, device=self.device)]
         if self.nopeek is not None:
             roots.append(self.nopeek(x.to(self.device), act))
-            grads.append(torch.ones(()))
+            grads.append(torch.ones_like(roots[-1]))
         torch.autograd.backward(roots, grads)
         for name, param in self.bottom.named_parameters():
             param.grad = stash[name].grad
