@@ -184,6 +184,11 @@ def resolve_device(name: str) -> torch.device:
         ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device = {name!r} but no CUDA GPU is visible; use 'cpu'")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"train.device = {name!r} but this machine shows {torch.cuda.device_count()} "
+            "CUDA GPU(s), numbered from 0; use 'cuda' or 'cuda:N' with N below that"
+        )
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"train.device = {name!r} is not supported; use 'cpu' or 'cuda'")
     return device

@@ -9,11 +9,13 @@ and the bench's overhead section on a GPU machine (docs/performance.md, "GPU").
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
 from sl_pipeline.tensors import as_input
+from workers.cli import main
 from workers.tools.localdeploy import MULTI_PARTY
 
 from .conftest import load_client, load_server
@@ -103,3 +105,15 @@ def test_every_topology_trains_on_the_gpu(topology: str, extra: tuple[str, ...])
     schedule = 0.0 if topology in DETERMINISTIC else SCHEDULE_SLACK.get(topology, 0.08)
     slack = GPU_SLACK + schedule
     assert summary["test_accuracy"] >= summary["baseline_accuracy"] - slack
+
+
+def test_a_gpu_number_beyond_the_machines_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Execute: a config written for a bigger machine
+    beyond = f"cuda:{torch.cuda.device_count()}"
+    code = main(["demo", "--dir", str(tmp_path / "d"), "--device", beyond])
+    # Assert: refused in one line naming the count, before anything is written or started
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and not (tmp_path / "d").exists()
+    assert "numbered from 0" in err and len(err.splitlines()) == 1

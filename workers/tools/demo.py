@@ -132,11 +132,15 @@ def check_device(name: str) -> None:
     itself, one by one, while the others wait for it)."""
     if name == "cpu" or not DEVICE_NAME.fullmatch(name):
         return  # a name that is no device: init_deployment says so
-    from sl_pipeline.models import resolve_device  # imports torch: only for a GPU demo
+    import torch  # only for a GPU demo
+
+    from sl_pipeline.models import resolve_device
 
     try:
         resolve_device(name)
-    except ConfigError:
+    except ConfigError as exc:
+        if torch.cuda.is_available():  # a GPU number beyond this machine's
+            raise ConfigError(f"--device {name}: {exc.message}") from None
         raise ConfigError(
             f"--device {name}: no CUDA GPU is visible here; use --device cpu"
         ) from None
