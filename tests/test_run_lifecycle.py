@@ -219,3 +219,22 @@ async def test_a_run_stopped_while_its_client_trains_refuses_its_next_step(
     # Assert: refused in one line naming the run; no run started by its next step
     assert refused.remote_code == "run_ended" and "run 'run-1' has stopped" in str(refused)
     assert list(server.book.runs) == ["run-1"]
+
+
+def test_a_client_without_a_run_name_goes_back_to_the_run_it_has_open(deployment) -> None:  # type: ignore[no-untyped-def]
+    """Red team A13: after a server restart (which forgets whom it bound where), client-1,
+    open in run-1, was bound to the newer run-2: its stop state was removed as of an ended
+    run (836 steps lost, exit 2), or with [checkpoint] dir it trained on in run-2 and
+    reported 2,400 steps there."""
+    files = deployment(**DATA)
+    server = ServerWorker(load_server(files["server"]), files["server"].parent)
+    first = server.book.start("run-1", engine=None, replies=None, owner="client-1")  # type: ignore[arg-type]
+    first.members |= {"client-1", "client-2"}
+    first.done.add("client-2")
+    second = server.book.start("run-2", engine=None, replies=None, owner="client-2")  # type: ignore[arg-type]
+    second.members.add("client-2")
+    assert server._current_run("client-1") is first
+    assert server._current_run("client-2") is second
+    assert server._current_run("client-3") is second  # the current run-N, as before
+    if server.ckpt is not None:
+        server.ckpt.release()
