@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from sl_pipeline.errors import ConfigError, PeerError, ProtocolError
+from sl_pipeline.errors import ConfigError, PeerError, ProtocolError, TransportError
 from workers.client.worker import ClientWorker
 from workers.server.runs import RunBook
 from workers.server.worker import ServerWorker
@@ -162,7 +162,7 @@ async def test_a_finished_checkpoint_reports_its_own_run(deployment) -> None:  #
 async def test_the_stale_step_refusal_names_what_works(deployment) -> None:  # type: ignore[no-untyped-def]
     """Red team A4: its advice, "train a new run ([client] run = a new name)", was refused
     in turn (one open run at a time)."""
-    files = deployment(**{**DATA, "epochs": 3})  # 24 steps: more than the cache keeps
+    files = deployment(**{**DATA, "epochs": 6})  # 48 steps: more than the cache keeps
     server = ServerWorker(
         load_server(files["server"], "server.run_clients=0"), files["server"].parent
     )
@@ -179,7 +179,7 @@ async def test_the_stale_step_refusal_names_what_works(deployment) -> None:  # t
         await task
     assert refused.value.remote_code == "stale_step"
     assert "`sl-pipeline runs stop run-1`" in str(refused.value)
-    assert again["run"] == "run-2" and again["steps"] == 24
+    assert again["run"] == "run-2" and again["steps"] == 48
 
 
 async def _stopped_while_training(files: dict[str, Path], server: ServerWorker) -> PeerError:
@@ -238,3 +238,36 @@ def test_a_client_without_a_run_name_goes_back_to_the_run_it_has_open(deployment
     assert server._current_run("client-3") is second  # the current run-N, as before
     if server.ckpt is not None:
         server.ckpt.release()
+
+
+async def test_a_client_that_lost_its_server_carries_on_once_it_is_back(deployment) -> None:  # type: ignore[no-untyped-def]
+    """Red team A14: a client whose server froze mid-run ended (exit 5) asking whether it
+    had the ops port, saved nothing, and the same command later was refused as stale."""
+    files = deployment(**{**DATA, "epochs": 6})  # 48 steps
+    base, sets = files["server"].parent, ("server.run_clients=0",)
+    server = ServerWorker(load_server(files["server"], *sets), base)
+    stop, task = await _serve(server)
+    client = ClientWorker(load_client(files["client-1"], "client.retry_for_s=1"), base)
+    client.progress = False
+    training = asyncio.ensure_future(client.run())
+    try:
+        await wait_until(lambda: client.steps_done >= 20)
+    finally:
+        stop.set()  # the server goes away mid-run
+        await task
+    with pytest.raises(TransportError) as lost:
+        await asyncio.wait_for(training, 60)
+    assert "stopped answering" in lost.value.message and "ops" not in lost.value.message
+    assert len(list((base / "state").glob("client-1.stopped-*.ckpt"))) == 1
+    # Execute: the server is back; the same command
+    server = ServerWorker(load_server(files["server"], *sets), base)
+    stop, task = await _serve(server)
+    try:
+        again = await _client(files, "client-1")
+    finally:
+        stop.set()
+        await task
+    # Assert: it carried on in run-1; each step applied once
+    run = server.book.runs["run-1"]
+    assert again["run"] == "run-1" and 20 <= again["resumed_from"] < again["steps"] == 48
+    assert run.state == "finished" and run.steps == 48

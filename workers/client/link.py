@@ -35,7 +35,7 @@ from sl_pipeline.transport import DealerConnection
 from workers.client.connection import ClientConnection
 from workers.client.patience import WAIT_CODES, Patience, max_tries
 from workers.ops.metrics import WorkerMetrics
-from workers.runtime.diagnose import no_server, refused
+from workers.runtime.diagnose import lost_server, no_server, refused
 from workers.runtime.startup import load_own_key, load_peer_key, warn_insecure
 
 log = logging.getLogger("sl_pipeline.client")
@@ -155,7 +155,7 @@ class Upstream:
                     self.hello_timer.expired("hello")
                 if time.monotonic() + delay > deadline:
                     if had_steps():  # it was there: a network fault, not a config one
-                        raise TransportError(no_server(self.cfg).message) from None
+                        raise lost_server(self.cfg) from None
                     raise no_server(self.cfg) from None
                 log.warning("no answer from %s (%s); retrying", c.server, exc)
                 wait = delay * (0.5 + random.random())
@@ -163,7 +163,7 @@ class Upstream:
             self.metrics.retries_total.inc()
             await self._unless_stopped(asyncio.sleep(wait))
             delay = min(delay * 2, 5.0)
-        raise TransportError(no_server(self.cfg).message) if had_steps() else no_server(self.cfg)
+        raise lost_server(self.cfg) if had_steps() else no_server(self.cfg)
 
     async def _unless_stopped(self, waiting: Awaitable[T]) -> T:
         """``waiting``'s result, unless ``stop`` comes first: then raise ``Stopped``. A wait

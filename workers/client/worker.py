@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from privacy.config import PrivacyConfig
 from sl_pipeline.config import ClientConfig, check_endpoint
+from sl_pipeline.errors import TransportError
 from sl_pipeline.handshake import ClientHandshake
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.sources import Source, load_source
@@ -230,6 +231,11 @@ class ClientWorker:
                 await self.train()
             except Stopped:
                 self.stopped = True
+            except TransportError:  # gone for good (exit 5): keep what a stop keeps, so
+                self.stopped = bool(self.steps_done)  # the same command carries on
+                if self.stopped and (saved := self._save_at_end()) is not None:
+                    log.warning("state saved in %s: the same command resumes here", saved)
+                raise
             if self.link.connected:  # a peer being rejoined is gone: no bye for it
                 assert self.link.conn is not None
                 bye = {"finished": not self.stopped, "accuracy": self.last_accuracy}

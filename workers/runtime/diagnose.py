@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 
 from sl_pipeline.config import ClientConfig
-from sl_pipeline.errors import ConfigError, PeerError, SLError
+from sl_pipeline.errors import ConfigError, PeerError, SLError, TransportError
 
 PROBE_TIMEOUT_S = 1.0
 _ENDPOINT = re.compile(r"^tcp://\[?([^\]]+?)\]?:(\d+)$")
@@ -50,6 +50,16 @@ def no_server(cfg: ClientConfig) -> ConfigError:
     return ConfigError(
         f"client.server = {c.server!r}: no sl-pipeline server answered for "
         f"{c.retry_for_s:g}s; {probe(c.server)}"
+    )
+
+
+def lost_server(cfg: ClientConfig) -> TransportError:
+    """The server this client trained with stopped answering (no probe: it was there)."""
+    c = cfg.client
+    return TransportError(
+        f"the server at {c.server} stopped answering: no handshake for {c.retry_for_s:g}s "
+        "after this client's steps there (stopped, frozen or cut off); once it answers "
+        "again, run the same command: it resumes from the state it saved"
     )
 
 
@@ -99,4 +109,4 @@ def _reason(err: urllib.error.HTTPError) -> str:
         return str(err.reason)
 
 
-__all__ = ["health_report", "no_server", "probe", "refused"]
+__all__ = ["health_report", "lost_server", "no_server", "probe", "refused"]
