@@ -39,6 +39,19 @@ async def _crash(files: dict[str, Path], name: str, steps: int, *sets: str) -> N
     await asyncio.gather(task, return_exceptions=True)
 
 
+async def _client_on_a_new_server(
+    files: dict[str, Path], sets: tuple[str, ...]
+) -> tuple[ServerWorker, dict[str, Any]]:
+    """A server started (again) on the deployment's state, and client-1 run against it."""
+    server = ServerWorker(load_server(files["server"], *sets), files["server"].parent)
+    stop, task = await _serve(server)
+    try:
+        return server, await _client(files, "client-1")
+    finally:
+        stop.set()
+        await task
+
+
 async def test_a_finish_survives_a_server_restart(deployment) -> None:  # type: ignore[no-untyped-def]
     """Red team A1: restarted from its checkpoint, the server had forgotten that client-1
     finished run-1 (still waiting for client-2): client-1 started again was bound to run-1
@@ -54,14 +67,8 @@ async def test_a_finish_survives_a_server_restart(deployment) -> None:  # type: 
     finally:
         stop.set()
         await task
-    server = ServerWorker(load_server(files["server"], *sets), files["server"].parent)
-    stop, task = await _serve(server)
-    try:
-        # Execute: client-1 again
-        again = await _client(files, "client-1")
-    finally:
-        stop.set()
-        await task
+    # Execute: client-1 again
+    server, again = await _client_on_a_new_server(files, sets)
     # Assert: run-1 still knows it finished; the new steps trained a new run
     assert server.book.runs["run-1"].done == {"client-1"}
     assert server.book.runs["run-1"].owner == "client-1"  # so it gave its place up first
@@ -260,13 +267,7 @@ async def test_a_client_that_lost_its_server_carries_on_once_it_is_back(deployme
     assert "stopped answering" in lost.value.message and "ops" not in lost.value.message
     assert len(list((base / "state").glob("client-1.stopped-*.ckpt"))) == 1
     # Execute: the server is back; the same command
-    server = ServerWorker(load_server(files["server"], *sets), base)
-    stop, task = await _serve(server)
-    try:
-        again = await _client(files, "client-1")
-    finally:
-        stop.set()
-        await task
+    server, again = await _client_on_a_new_server(files, sets)
     # Assert: it carried on in run-1; each step applied once
     run = server.book.runs["run-1"]
     assert again["run"] == "run-1" and 20 <= again["resumed_from"] < again["steps"] == 48
