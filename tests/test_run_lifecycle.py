@@ -272,3 +272,26 @@ async def test_a_client_that_lost_its_server_carries_on_once_it_is_back(deployme
     run = server.book.runs["run-1"]
     assert again["run"] == "run-1" and 20 <= again["resumed_from"] < again["steps"] == 48
     assert run.state == "finished" and run.steps == 48
+
+
+async def test_a_dpsgd_client_restarted_without_its_state_is_refused_not_fed_other_rows(
+    deployment,  # type: ignore[no-untyped-def]
+) -> None:
+    """Red team A15: a DP-SGD client (batches from the OS) killed -9 nine steps in and
+    started again resent its steps with other rows; the cached gradients failed it with a
+    traceback (`Mismatch in shape`, exit 1), or, where the sizes agreed, were applied."""
+    files = deployment(**{**DATA, "epochs": 4})
+    dp = ("privacy.dpsgd.noise_multiplier=1.0",)
+    sets = ("server.run_clients=0", "server.takeover_after_s=0.3")  # the old session's name
+    server = ServerWorker(load_server(files["server"], *sets), files["server"].parent)
+    stop, task = await _serve(server)
+    try:
+        await _crash(files, "client-1", 3, *dp)
+        with pytest.raises(ConfigError) as refused:
+            await _client(files, "client-1", *dp)
+    finally:
+        stop.set()
+        await task
+    assert "DP-SGD batches cannot be drawn again" in refused.value.message
+    assert "`sl-pipeline runs stop run-1`" in refused.value.message
+    assert server.from_cache == 0 and server.book.runs["run-1"].steps >= 3

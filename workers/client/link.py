@@ -92,6 +92,7 @@ class Upstream:
         self.stop = asyncio.Event()  # set by SIGTERM/SIGINT: every wait here ends at once
         self.patience = Patience(cfg.client.retry_for_s)  # for refusals that mean "later"
         self.run = ""  # the server's run, as a relay's answers name it (a server's welcome does)
+        self.welcome: dict[str, Any] = {}  # the last one
         self._stop_watch: asyncio.Future[Any] | None = None  # done once ``stop`` is set
 
     def hello(self, start: tuple[int, int], last_applied: tuple[int, int] | None) -> dict[str, Any]:
@@ -232,6 +233,7 @@ class Upstream:
 
     def _joined(self, welcome: dict[str, Any]) -> None:
         self.set_connected(True)
+        self.welcome = welcome
         role = welcome.get("role", "server")
         self.peer = role if role in PEER_ROLES else "server"
         assert self.conn is not None

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from privacy.config import DPSGDConfig
 from sl_pipeline.config import MAX_PIPELINE_DEPTH, TrainConfig
 from sl_pipeline.data import Split
+from sl_pipeline.errors import ConfigError
 
 Batch = tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor]
 
@@ -124,3 +125,23 @@ class PrivateBatches:
             "noise_rng": getattr(self.dp.optimizer, "generator", None),
         }
         return {name: gen for name, gen in found.items() if gen is not None}
+
+
+def check_replayable(
+    private: PrivateBatches | None, welcome: dict[str, Any], resumed: bool
+) -> None:
+    """At a fresh start (no checkpoint or stop state), the next hop holds steps of this
+    client: a client without DP-SGD sends them again, the same requests, and is answered
+    from the cache; a DP-SGD client cannot, its batches come from the operating system, and
+    the cached gradients of other rows failed it (a shape mismatch traceback, or, where the
+    sizes agreed, wrong gradients applied)."""
+    applied = welcome.get("applied")
+    if private is None or resumed or not applied:
+        return
+    run = welcome.get("run") or "its run"
+    raise ConfigError(
+        f"run {run} already applied this client's steps up to {tuple(applied)}, and DP-SGD "
+        "batches cannot be drawn again without the client's state: resume it from its "
+        f"checkpoint ([checkpoint] dir), else stop that run (`sl-pipeline runs stop {run}`) "
+        "and start it again"
+    )

@@ -30,6 +30,7 @@ from workers.client.align import aligned_data, first_data, psi_key, rows_file
 from workers.client.host import RunnerConfig
 from workers.client.link import BYE_LINGER_MS, Stopped, Upstream, make_handshake
 from workers.client.microbatch import MAX_DEPTH, Pipeline, check_depth
+from workers.client.private import check_replayable
 from workers.client.report import best_epoch, log_stop, model_path
 from workers.client.rollback import NOTHING, Rewind, UndoPoints
 from workers.client.staleness import configured_momentum
@@ -226,6 +227,7 @@ class ClientWorker:
         try:
             try:
                 await self.connect()
+                check_replayable(self.runner.private, self.link.welcome, bool(self.last_applied))
                 if self.pending is not None:
                     await self.align()
                 await self.train()
