@@ -7,6 +7,8 @@ loopback sockets; every wait is for an event."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,18 @@ from .test_relay_runs import serving
 from .test_runs import _serve
 
 DATA = dict(clients=2, dataset="breast_cancer", epochs=1)  # 8 steps per client and epoch
+
+
+@contextlib.asynccontextmanager
+async def _serving(files: dict[str, Path], *sets: str) -> AsyncIterator[ServerWorker]:
+    """A server on the deployment's config and state, in this event loop, for the block."""
+    server = ServerWorker(load_server(files["server"], *sets), files["server"].parent)
+    stop, task = await _serve(server)
+    try:
+        yield server
+    finally:
+        stop.set()
+        await task
 
 
 async def _client(files: dict[str, Path], name: str, *sets: str) -> dict[str, Any]:
@@ -43,13 +57,8 @@ async def _client_on_a_new_server(
     files: dict[str, Path], sets: tuple[str, ...]
 ) -> tuple[ServerWorker, dict[str, Any]]:
     """A server started (again) on the deployment's state, and client-1 run against it."""
-    server = ServerWorker(load_server(files["server"], *sets), files["server"].parent)
-    stop, task = await _serve(server)
-    try:
+    async with _serving(files, *sets) as server:
         return server, await _client(files, "client-1")
-    finally:
-        stop.set()
-        await task
 
 
 async def test_a_finish_survives_a_server_restart(deployment) -> None:  # type: ignore[no-untyped-def]
@@ -59,14 +68,9 @@ async def test_a_finish_survives_a_server_restart(deployment) -> None:  # type: 
     # Prepare: client-1 finishes its part of run-1; the server stops and starts again
     files = deployment(**DATA)
     sets = ("server.run_clients=2", "server.empty_run_s=0.3")
-    first_server = ServerWorker(load_server(files["server"], *sets), files["server"].parent)
-    stop, task = await _serve(first_server)
-    try:
+    async with _serving(files, *sets) as first_server:
         first = await _client(files, "client-1")
         await wait_until(lambda: "client-1" in first_server.book.runs["run-1"].done)
-    finally:
-        stop.set()
-        await task
     # Execute: client-1 again
     server, again = await _client_on_a_new_server(files, sets)
     # Assert: run-1 still knows it finished; the new steps trained a new run
@@ -86,9 +90,7 @@ async def test_a_member_that_never_finishes_holds_neither_the_owner_nor_a_second
     # Prepare: client-1 trains run-1 to its end; client-2 takes one step in it and vanishes
     files = deployment(**DATA)
     sets = ("server.run_clients=2", "server.stalled_run_s=3600", "server.max_runs=2")
-    server = ServerWorker(load_server(files["server"], *sets), files["server"].parent)
-    stop, task = await _serve(server)
-    try:
+    async with _serving(files, *sets) as server:
         honest = ClientWorker(load_client(files["client-1"]), files["server"].parent)
         honest.progress = False
         first = asyncio.ensure_future(honest.run())
@@ -99,9 +101,6 @@ async def test_a_member_that_never_finishes_holds_neither_the_owner_nor_a_second
         again = await _client(files, "client-1", "client.retry_for_s=3")
         with pytest.raises(PeerError, match="already trains in run 'run-1'"):
             await _client(files, "client-2", "client.run=run-2", "client.takeover=true")
-    finally:
-        stop.set()
-        await task
     # Assert: client-1 trained run-2 at once; client-2 is a member of run-1 only
     assert again["run"] == "run-2" and again["steps"] == 8
     assert server.book.runs["run-1"].active and "client-2" in server.book.runs["run-1"].members
@@ -129,17 +128,12 @@ async def test_a_checkpoint_of_a_run_that_ended_is_refused_not_trained_on(deploy
     which run-2 applied 5."""
     files = deployment(**DATA)
     ckpt = ("checkpoint.dir=state/c1",)
-    server = ServerWorker(load_server(files["server"]), files["server"].parent)
-    stop, task = await _serve(server)
-    try:
+    async with _serving(files) as server:
         await _crash(files, "client-1", 3, *ckpt)
         server.stop_run("run-1")
         # Execute: the same command again
         with pytest.raises(ConfigError) as refused:
             await _client(files, "client-1", *ckpt)
-    finally:
-        stop.set()
-        await task
     # Assert: one line naming the run, the folder and what to do; no run-2 trained
     assert "of run run-1, which the server no longer trains it in" in refused.value.message
     assert "move that folder away" in refused.value.message
@@ -152,16 +146,9 @@ async def test_a_finished_checkpoint_reports_its_own_run(deployment) -> None:  #
     8 steps as trained in run-2 (a run that never existed) in 0.014 s."""
     files = deployment(**DATA)
     ckpt = ("checkpoint.dir=state/c1",)
-    server = ServerWorker(
-        load_server(files["server"], "server.run_clients=2"), files["server"].parent
-    )
-    stop, task = await _serve(server)
-    try:
+    async with _serving(files, "server.run_clients=2") as server:
         first = await _client(files, "client-1", *ckpt)
         again = await _client(files, "client-1", *ckpt)
-    finally:
-        stop.set()
-        await task
     assert first["run"] == again["run"] == "run-1" and again["steps"] == first["steps"] == 8
     assert server.book.runs["run-1"].steps == 8 and "run-2" not in server.book.runs
 
@@ -170,20 +157,13 @@ async def test_the_stale_step_refusal_names_what_works(deployment) -> None:  # t
     """Red team A4: its advice, "train a new run ([client] run = a new name)", was refused
     in turn (one open run at a time)."""
     files = deployment(**{**DATA, "epochs": 6})  # 48 steps: more than the cache keeps
-    server = ServerWorker(
-        load_server(files["server"], "server.run_clients=0"), files["server"].parent
-    )
-    stop, task = await _serve(server)
-    try:
+    async with _serving(files, "server.run_clients=0") as server:
         await _crash(files, "client-1", 20)
         with pytest.raises(PeerError) as refused:
             await _client(files, "client-1")
         # Execute: what it says
         server.stop_run("run-1")
         again = await _client(files, "client-1")
-    finally:
-        stop.set()
-        await task
     assert refused.value.remote_code == "stale_step"
     assert "`sl-pipeline runs stop run-1`" in str(refused.value)
     assert again["run"] == "run-2" and again["steps"] == 48
@@ -212,13 +192,8 @@ async def test_a_run_stopped_while_its_client_trains_refuses_its_next_step(
     files = deployment(**{**DATA, "epochs": 30, "topology": topology})
     sets = ("server.run_clients=0",)
     if topology == "vanilla":
-        server = ServerWorker(load_server(files["server"], *sets), files["server"].parent)
-        stop, task = await _serve(server)
-        try:
+        async with _serving(files, *sets) as server:
             refused = await _stopped_while_training(files, server)
-        finally:
-            stop.set()
-            await task
     else:
         async with serving(files, *sets) as deployed:
             server = deployed.server
@@ -283,15 +258,10 @@ async def test_a_dpsgd_client_restarted_without_its_state_is_refused_not_fed_oth
     files = deployment(**{**DATA, "epochs": 4})
     dp = ("privacy.dpsgd.noise_multiplier=1.0",)
     sets = ("server.run_clients=0", "server.takeover_after_s=0.3")  # the old session's name
-    server = ServerWorker(load_server(files["server"], *sets), files["server"].parent)
-    stop, task = await _serve(server)
-    try:
+    async with _serving(files, *sets) as server:
         await _crash(files, "client-1", 3, *dp)
         with pytest.raises(ConfigError) as refused:
             await _client(files, "client-1", *dp)
-    finally:
-        stop.set()
-        await task
     assert "DP-SGD batches cannot be drawn again" in refused.value.message
     assert "`sl-pipeline runs stop run-1`" in refused.value.message
     assert server.from_cache == 0 and server.book.runs["run-1"].steps >= 3
