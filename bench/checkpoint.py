@@ -39,7 +39,9 @@ async def _one_run(every: int | None, epochs: int) -> tuple[float, int, int]:
         sets = ['checkpoint.dir=""'] if every is None else [f"checkpoint.every_steps={every}"]
         base = paths["server"].parent
         server = ServerWorker(load(ServerConfig, paths["server"], sets), base)
-        client = ClientWorker(load(ClientConfig, paths["client-1"]), base, progress=False)
+        # the server's cost alone: the client keeps no checkpoints (init gives it some)
+        client_cfg = load(ClientConfig, paths["client-1"], ['checkpoint.dir=""'])
+        client = ClientWorker(client_cfg, base, progress=False)
         stop = asyncio.Event()
         serving = asyncio.create_task(server.serve(stop))
         start = time.process_time()

@@ -150,7 +150,9 @@ async def test_psi_aligned_parties_train_on_the_intersection_and_leak_no_other_i
     # ... a party resuming alone from its checkpoint reuses the agreed rows (no PSI, no server)
     saved = base / "ckpt" / "client-2.aligned.json"
     assert not [i for i in ids if i in saved.read_text()]
-    resumed = ClientWorker(load(ClientConfig, files["client-2"]), base, progress=False)
+    # (one epoch more: the finished run's checkpoint would start a new run afresh)
+    more = [f"train.epochs={EPOCHS + 1}"]
+    resumed = ClientWorker(load(ClientConfig, files["client-2"], more), base, progress=False)
     assert resumed.resumed_from > 0 and resumed.conn is None
     await resumed.align()
     assert resumed.aligned_rows == len(shared)

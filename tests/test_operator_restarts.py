@@ -52,21 +52,23 @@ def _interrupted(config: Path, folder: Path, server: ServerWorker, *flags: str) 
     return log.read_text()
 
 
+NO_DIR = ("--set", 'checkpoint.dir=""')  # a config without [checkpoint] dir (before init wrote one)
+
+
 def test_the_same_command_after_ctrl_c_carries_on_without_a_checkpoint_dir(
     deployment, capsys: pytest.CaptureFixture[str]
 ) -> None:  # type: ignore[no-untyped-def]
-    """`init` writes no [checkpoint] dir for a client. Ctrl-C used to leave nothing behind,
-    and the same command again was refused as stale (`stale_step`, exit 4)."""
-    # Prepare: a server, and a client of `init`'s config stopped by Ctrl-C a few steps in
+    """A client without [checkpoint] dir: Ctrl-C used to leave nothing behind, and the same
+    command again was refused as stale (`stale_step`, exit 4)."""
+    # Prepare: a server, and a client without a checkpoint dir stopped by Ctrl-C a few steps in
     files = deployment(dataset="breast_cancer", epochs=8)
-    assert "[checkpoint]" not in files["client-1"].read_text()
     config, state = files["client-1"], files["server"].parent / "state"
     with ThreadServer(files["server"]) as server:
-        log = _interrupted(config, files["server"].parent, server)
+        log = _interrupted(config, files["server"].parent, server, *NO_DIR)
         assert "state saved in" in log and "the same command resumes here" in log, log
         assert len(list(state.glob("client-1.stopped-*.ckpt"))) == 1
         # Execute: the same command again
-        code = main(["client", "--config", str(config), "--json"])
+        code = main(["client", "--config", str(config), "--json", *NO_DIR])
         out, err = capsys.readouterr()
         summary = json.loads(out.strip().splitlines()[-1])
         # Assert: it carried on in its run; each step applied once; the stop state is gone
@@ -81,24 +83,27 @@ def test_the_same_command_after_ctrl_c_carries_on_without_a_checkpoint_dir(
 def test_a_stop_state_whose_run_was_stopped_meanwhile_is_one_line_then_a_fresh_start(
     deployment, capsys: pytest.CaptureFixture[str]
 ) -> None:  # type: ignore[no-untyped-def]
-    """The operator ended the run (`runs stop`) while the client was stopped: its state
-    belongs to no open run. Training on from it in the next run would mix two runs."""
+    """The operator ended the run (`runs stop`) while the client was stopped: its stop state
+    belongs to no open run. Training on from it in the next run would mix two runs. (With
+    [checkpoint] dir: tests/test_run_lifecycle.py, the checkpoints stay.)"""
+    flags = NO_DIR
     # Prepare: a client stopped by Ctrl-C, then its run stopped on the server
     files = deployment(dataset="breast_cancer", epochs=8, ops=True)
     config, state = str(files["client-1"]), files["server"].parent / "state"
     with ThreadServer(files["server"]) as server:
-        _interrupted(files["client-1"], files["server"].parent, server)
+        _interrupted(files["client-1"], files["server"].parent, server, *flags)
         assert main(["runs", "stop", "run-1", "--config", str(files["server"])]) == 0
         capsys.readouterr()
         # Execute: the same command, twice
-        code = main(["client", "--config", config])
+        code = main(["client", "--config", config, *flags])
         err = capsys.readouterr().err
-        again = main(["client", "--config", config, "--json"])
+        again = main(["client", "--config", config, "--json", *flags])
         summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # Assert: one line saying what happened and what to do; then a run from the start
     lines = [line for line in err.splitlines() if "error" in line]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert "this client stopped in run run-1, which the server no longer trains" in lines[0]
+    assert "its stop state is removed" in lines[0]
     assert "run the same command again to train from the start" in lines[0]
     assert again == 0 and summary["run"] == "run-2" and summary["resumed_from"] == 0
     assert summary["steps"] == 8 * 15 and list(state.glob("client-1.stopped-*")) == []
@@ -113,7 +118,7 @@ def test_a_client_that_saves_nothing_keeps_no_stop_state_and_reads_none(
     theirs = files["server"].parent / "state" / "client-1.stopped-000000000005.ckpt"
     theirs.parent.mkdir()
     theirs.write_bytes(b"the operator's stop state")
-    nothing = ("--set", 'client.save=""')
+    nothing = ("--set", 'client.save=""', *NO_DIR)  # as audit_deployment retrains them
     with ThreadServer(files["server"]) as server:
         log = _interrupted(files["client-1"], theirs.parent.parent, server, *nothing)
     assert "resumed" not in log and "nothing was saved, so a restart in run run-1" in log, log

@@ -102,6 +102,9 @@ def test_no_kit_holds_another_sites_private_key(
             assert os.access(script, os.X_OK) and f"sh {script}" in printed
     server = load(ServerConfig, out / "server" / "server.toml")
     assert server.checkpoint.dir and server.checkpoint.fsync  # checkpointed by default
+    for name in ("site-a", "site-b"):  # and each client, every step: a kill -9 costs nothing
+        ckpt = load(ClientConfig, out / name / f"{name}.toml").checkpoint
+        assert (ckpt.dir, ckpt.every_steps, ckpt.fsync) == ("state/client-checkpoints", 1, True)
     admitted = {p.name for p in (out / "server" / "keys" / "admitted").iterdir()}
     assert admitted == ({"hop.pub"} if hops else {"site-a.pub", "site-b.pub"})
     group = [f for f in out.rglob("group.secret")]  # a secret the clients share, not the server

@@ -25,6 +25,7 @@ from .test_relay_runs import serving
 from .test_runs import _serve
 
 DATA = dict(clients=2, dataset="breast_cancer", epochs=1)  # 8 steps per client and epoch
+NONE = 'checkpoint.dir=""'  # a client without [checkpoint] dir (init writes one)
 
 
 @contextlib.asynccontextmanager
@@ -54,11 +55,11 @@ async def _crash(files: dict[str, Path], name: str, steps: int, *sets: str) -> N
 
 
 async def _client_on_a_new_server(
-    files: dict[str, Path], sets: tuple[str, ...]
+    files: dict[str, Path], sets: tuple[str, ...], *client_sets: str
 ) -> tuple[ServerWorker, dict[str, Any]]:
     """A server started (again) on the deployment's state, and client-1 run against it."""
     async with _serving(files, *sets) as server:
-        return server, await _client(files, "client-1")
+        return server, await _client(files, "client-1", *client_sets)
 
 
 async def test_a_finish_survives_a_server_restart(deployment) -> None:  # type: ignore[no-untyped-def]
@@ -95,12 +96,12 @@ async def test_a_member_that_never_finishes_holds_neither_the_owner_nor_a_second
         honest.progress = False
         first = asyncio.ensure_future(honest.run())
         await wait_until(lambda: honest.steps_done >= 1)
-        await _crash(files, "client-2", 1)
+        await _crash(files, "client-2", 1, NONE)  # it asks as a fresh client would
         await asyncio.wait_for(first, 120)
         # Execute: client-1 asks for a new run; client-2 asks to train in it too
         again = await _client(files, "client-1", "client.retry_for_s=3")
         with pytest.raises(PeerError, match="already trains in run 'run-1'"):
-            await _client(files, "client-2", "client.run=run-2", "client.takeover=true")
+            await _client(files, "client-2", "client.run=run-2", "client.takeover=true", NONE)
     # Assert: client-1 trained run-2 at once; client-2 is a member of run-1 only
     assert again["run"] == "run-2" and again["steps"] == 8
     assert server.book.runs["run-1"].active and "client-2" in server.book.runs["run-1"].members
@@ -141,16 +142,19 @@ async def test_a_checkpoint_of_a_run_that_ended_is_refused_not_trained_on(deploy
     assert "run-2" not in server.book.runs
 
 
-async def test_a_finished_checkpoint_reports_its_own_run(deployment) -> None:  # type: ignore[no-untyped-def]
+async def test_a_finished_checkpoint_starts_a_new_run_it_really_trains(deployment) -> None:  # type: ignore[no-untyped-def]
     """Red team A2: restarted after it finished, a client with [checkpoint] dir reported its
-    8 steps as trained in run-2 (a run that never existed) in 0.014 s."""
+    8 steps as trained in run-2 (a run that never existed) in 0.014 s. Its finished run's
+    checkpoint now starts the next run from the start, as without one (init's clients have
+    one): every step it reports, that run applied."""
     files = deployment(**DATA)
     ckpt = ("checkpoint.dir=state/c1",)
-    async with _serving(files, "server.run_clients=2") as server:
+    async with _serving(files) as server:
         first = await _client(files, "client-1", *ckpt)
         again = await _client(files, "client-1", *ckpt)
-    assert first["run"] == again["run"] == "run-1" and again["steps"] == first["steps"] == 8
-    assert server.book.runs["run-1"].steps == 8 and "run-2" not in server.book.runs
+    assert (first["run"], again["run"]) == ("run-1", "run-2") and again["resumed_from"] == 0
+    assert server.book.runs["run-1"].steps == first["steps"] == 8
+    assert server.book.runs["run-2"].steps == again["steps"] == 8
 
 
 async def test_the_stale_step_refusal_names_what_works(deployment) -> None:  # type: ignore[no-untyped-def]
@@ -158,12 +162,12 @@ async def test_the_stale_step_refusal_names_what_works(deployment) -> None:  # t
     in turn (one open run at a time)."""
     files = deployment(**{**DATA, "epochs": 6})  # 48 steps: more than the cache keeps
     async with _serving(files, "server.run_clients=0") as server:
-        await _crash(files, "client-1", 20)
+        await _crash(files, "client-1", 20, NONE)
         with pytest.raises(PeerError) as refused:
-            await _client(files, "client-1")
+            await _client(files, "client-1", NONE)
         # Execute: what it says
         server.stop_run("run-1")
-        again = await _client(files, "client-1")
+        again = await _client(files, "client-1", NONE)
     assert refused.value.remote_code == "stale_step"
     assert "`sl-pipeline runs stop run-1`" in str(refused.value)
     assert again["run"] == "run-2" and again["steps"] == 48
@@ -229,7 +233,7 @@ async def test_a_client_that_lost_its_server_carries_on_once_it_is_back(deployme
     base, sets = files["server"].parent, ("server.run_clients=0",)
     server = ServerWorker(load_server(files["server"], *sets), base)
     stop, task = await _serve(server)
-    client = ClientWorker(load_client(files["client-1"], "client.retry_for_s=1"), base)
+    client = ClientWorker(load_client(files["client-1"], "client.retry_for_s=1", NONE), base)
     client.progress = False
     training = asyncio.ensure_future(client.run())
     try:
@@ -242,7 +246,7 @@ async def test_a_client_that_lost_its_server_carries_on_once_it_is_back(deployme
     assert "stopped answering" in lost.value.message and "ops" not in lost.value.message
     assert len(list((base / "state").glob("client-1.stopped-*.ckpt"))) == 1
     # Execute: the server is back; the same command
-    server, again = await _client_on_a_new_server(files, sets)
+    server, again = await _client_on_a_new_server(files, sets, NONE)
     # Assert: it carried on in run-1; each step applied once
     run = server.book.runs["run-1"]
     assert again["run"] == "run-1" and 20 <= again["resumed_from"] < again["steps"] == 48
@@ -256,7 +260,7 @@ async def test_a_dpsgd_client_restarted_without_its_state_is_refused_not_fed_oth
     started again resent its steps with other rows; the cached gradients failed it with a
     traceback (`Mismatch in shape`, exit 1), or, where the sizes agreed, were applied."""
     files = deployment(**{**DATA, "epochs": 4})
-    dp = ("privacy.dpsgd.noise_multiplier=1.0",)
+    dp = ("privacy.dpsgd.noise_multiplier=1.0", NONE)
     sets = ("server.run_clients=0", "server.takeover_after_s=0.3")  # the old session's name
     async with _serving(files, *sets) as server:
         await _crash(files, "client-1", 3, *dp)

@@ -1,14 +1,15 @@
 """Where a client's state goes: periodic checkpoints (``[checkpoint] dir``), or else the
 state a graceful stop leaves, so that the same command carries on.
 
-A client stopped by SIGTERM/SIGINT stops between steps: everything it applied is in its
-memory, and the server holds the same steps for it. Without ``[checkpoint] dir`` that state
-used to be dropped, and the restarted client, back at step 0 of a run that had applied its
-steps, was refused as stale. Now a stop writes it to one file beside ``client.save``:
-``NAME.stopped-STEP.ckpt``, in the checkpoint format (atomic, hashed, safe to load). The
-next start resumes from it, in the run it stopped in; a finished run removes it. What a
-stop state cannot cover is a client killed without a stop (``kill -9``, a power cut): that
-needs ``[checkpoint] dir``.
+``sl-pipeline init`` and ``provision`` give every client a ``[checkpoint] dir`` (every step):
+a client killed without a stop (``kill -9``, the OOM killer, a power cut) resumes from its
+newest checkpoint, and resends a step it had sent, which the server answers from its cache.
+A config without one still keeps what a graceful stop (SIGTERM/SIGINT, between steps) has in
+memory: one file beside ``client.save``, ``NAME.stopped-STEP.ckpt``, in the checkpoint format
+(atomic, hashed, safe to load). Either state is resumed from only in the run it was saved in;
+a finished run's starts the next run afresh. A client without a dir that was killed restarts
+behind the steps the server applied for it: the server's ``stale_step`` refusal then says why
+and what to do (:meth:`ClientStore.explain`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sl_pipeline.config import ClientConfig, resolve_path
-from sl_pipeline.errors import ConfigError
+from sl_pipeline.errors import ConfigError, PeerError
 from workers.runtime.checkpoint import CheckpointStore, open_store
 
 log = logging.getLogger("sl_pipeline.client")
@@ -63,12 +64,15 @@ class StopState:
 class ClientStore:
     """The client's state store: periodic checkpoints when ``[checkpoint] dir`` is set
     (saved every ``every_steps`` steps, at a stop and at the end), else a :class:`StopState`
-    (saved at a stop only, removed at the end of its run)."""
+    (saved at a stop only, removed at the end of its run). Either is resumed from only in
+    the run it was saved in; a finished run's state starts the next run afresh."""
 
     def __init__(self, cfg: ClientConfig, base: Path) -> None:
         name = cfg.client.name
-        self.periodic = open_store(cfg.checkpoint, base, name)
+        # predict (no epochs) trains nothing: it neither reads, writes nor locks a checkpoint
+        self.periodic = open_store(cfg.checkpoint, base, name) if cfg.train.epochs > 0 else None
         self.every = max(1, cfg.checkpoint.every_steps)
+        self.epochs = cfg.train.epochs
         # Only beside a saved model: a client that keeps nothing (an audit's, with
         # client.save = "") neither leaves a state nor resumes from the deployment's.
         # predict (no epochs) neither resumes from a stop state nor removes one.
@@ -76,57 +80,75 @@ class ClientStore:
         stops = self.periodic is None and cfg.train.epochs > 0 and bool(save)
         folder = resolve_path(base, save, "client.save", must_exist=False).parent
         self.on_stop = StopState(folder, name) if stops else None
-        self.stopped_in = ""  # the run of the stop state this client resumed from
-        self.resumed_in = ""  # the run of the state it resumed from (checkpoint or stop state)
-        self.where = str(self.periodic.directory) if self.periodic is not None else ""
+        self.resumed_in = ""  # the run of the state this client resumed from
 
     def restore(self, wanted_run: str) -> tuple[dict[str, Any], Path] | None:
-        """The state to resume from: the newest checkpoint, or the stop state when this
-        client trains the run it stopped in (``wanted_run`` empty: the server's choice)."""
-        if self.periodic is not None:
-            found = self.periodic.load_latest()
-            self.resumed_in = str(found[0].get("run") or "") if found else ""
-            return found
-        found = self.on_stop.load_latest() if self.on_stop is not None else None
+        """The state to resume from: the newest checkpoint, or the stop state, when this
+        client trains the run it was saved in (``wanted_run`` empty: the server's choice)."""
+        store = self.periodic or self.on_stop
+        found = store.load_latest() if store is not None else None
         if found is None:
             return None
         run = str(found[0].get("run", ""))
-        if wanted_run not in ("", run):
+        if int(found[0]["epoch"]) >= self.epochs:
+            # Its run finished: the same command trains a new run (it did nothing, 0 steps)
+            log.info("%s is the end of run %s: training a new run from the start", found[1], run)
+            self.clear()
+            return None
+        # Another run named (client.run): a stop state waits for its own run; checkpoints
+        # are resumed from, and the server or check_joined refuses the mismatch
+        if self.periodic is None and wanted_run not in ("", run):
             log.info("not resuming from %s: it stopped in run %s", found[1], run or "-")
             return None
-        self.stopped_in = self.resumed_in = run
+        self.resumed_in = run
         return found
 
     def check_joined(self, run: str) -> None:
-        """After the first join of a client resumed from its checkpoint or stop state, with
-        steps left to train: the server still trains it in that run. Else that run ended
-        meanwhile (stopped with ``runs stop``, or gave its place up): training on from that
-        state in another run would be wrong (and report steps that run never applied)."""
+        """After the first join of a client resumed from its state, with steps left to train:
+        the server still trains it in that run. Else that run ended meanwhile (stopped with
+        ``runs stop``, or gave its place up): training on from that state in another run would
+        be wrong (and report steps that run never applied). A stop state is removed (the model
+        was saved at the stop); checkpoints stay: after a kill they hold the only copy of the
+        client's newest weights."""
         resumed_in, self.resumed_in = self.resumed_in, ""
-        if self.periodic is not None and resumed_in and run and run != resumed_in:
-            raise ConfigError(
-                f"this client's checkpoint ({self.where}) is of run {resumed_in}, which the "
-                f"server no longer trains it in (it would join run {run}); to train a new run "
-                "from the start, move that folder away or set another [checkpoint] dir"
-            )
-        stopped_in, self.stopped_in = self.stopped_in, ""
-        if not stopped_in or run == stopped_in:
+        if not resumed_in or not run or run == resumed_in:
             return
-        self.clear_stop_state()
+        if self.periodic is not None:
+            raise ConfigError(
+                f"this client's checkpoint ({self.periodic.directory}) is of run {resumed_in}, "
+                f"which the server no longer trains it in (it would join run {run}); to train a "
+                "new run from the start, move that folder away or set another [checkpoint] dir"
+            )
+        self.clear()
         raise ConfigError(
-            f"this client stopped in run {stopped_in}, which the server no longer trains it "
-            f"in (it would join run {run or '-'}); its stop state is removed: run the same "
+            f"this client stopped in run {resumed_in}, which the server no longer trains it "
+            f"in (it would join run {run}); its stop state is removed: run the same "
             "command again to train from the start"
+        )
+
+    def explain(self, exc: PeerError, run: str) -> PeerError:
+        """A ``stale_step`` refusal of a client with no periodic checkpoints: it was killed
+        without a stop, so it restarted behind the steps the server applied for it."""
+        if exc.remote_code != "stale_step" or self.periodic is not None:
+            return exc
+        return PeerError(
+            exc.remote_code,
+            f"{exc.reason.split(': ', 1)[0]}: this client started again without them, having "
+            "no [checkpoint] dir to keep them through a kill without a stop (kill -9, the OOM "
+            "killer, a power cut). Set one (sl-pipeline init and provision do) for the same "
+            "command to carry on after such a kill; to train now, stop that run "
+            f"(`sl-pipeline runs stop {run or 'RUN'}`, its model is saved) and start it again",
         )
 
     def at_end(
         self, stopped: bool, steps_done: int, state: Callable[[], Mapping[str, Any]]
     ) -> Path | None:
         """Saved when the client ends: the last periodic checkpoint; or, stopped after a
-        step, the stop state; finished, the stop state goes (a restart trains afresh)."""
-        if self.periodic is None and not (stopped and steps_done):
-            if not stopped:
-                self.clear_stop_state()
+        step, the stop state; finished, the stop state goes (a restart trains afresh).
+        Stopped before its first step, nothing is saved: a restart starts afresh anyway."""
+        if not steps_done or (self.periodic is None and not stopped):
+            if not stopped and self.on_stop is not None:
+                self.on_stop.clear()
             return None
         return self.save(state(), steps_done)
 
@@ -143,9 +165,9 @@ class ClientStore:
         if store is not None:
             store.discard_after(step)
 
-    def clear_stop_state(self) -> None:
-        if self.on_stop is not None:
-            self.on_stop.clear()
+    def clear(self) -> None:
+        """Remove the saved state: a later start trains afresh."""
+        self.discard_after(-1)
 
     def release(self) -> None:
         for store in (self.periodic, self.on_stop):

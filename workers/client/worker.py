@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from privacy.config import PrivacyConfig
 from sl_pipeline.config import ClientConfig, check_endpoint
-from sl_pipeline.errors import TransportError
+from sl_pipeline.errors import PeerError, TransportError
 from sl_pipeline.handshake import ClientHandshake
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.sources import Source, load_source
@@ -238,6 +238,8 @@ class ClientWorker:
                 if self.stopped and (saved := self._save_at_end()) is not None:
                     log.warning("state saved in %s: the same command resumes here", saved)
                 raise
+            except PeerError as exc:  # a refused step: what this client's own state explains
+                raise self.ckpt.explain(exc, self.link.run or self.run_id) from None
             if self.link.connected:  # a peer being rejoined is gone: no bye for it
                 assert self.link.conn is not None
                 bye = {"finished": not self.stopped, "accuracy": self.last_accuracy}

@@ -39,6 +39,7 @@ MAGIC = b"SLCKPT\x00\x01"
 _HEADER = struct.Struct(">8sQ32s")  # magic, payload length, sha256
 FORMAT = 1
 _SAFE_SCALARS = (str, bytes, int, float, bool, type(None), torch.dtype, torch.Size)
+_PLAIN = frozenset((str, int, float, bool, type(None)))  # exact types: a list of them is safe
 
 
 def _frame(payload: bytes) -> bytes:
@@ -72,6 +73,8 @@ def _check_safe(obj: Any, where: str, depth: int = 0) -> None:
             _check_safe(value, f"{where}.{key}", depth + 1)
         return
     if isinstance(obj, list | tuple):
+        if all(type(value) in _PLAIN for value in obj):  # losses, ids: no path to format
+            return
         for i, value in enumerate(obj):
             _check_safe(value, f"{where}[{i}]", depth + 1)
         return
@@ -348,9 +351,12 @@ class SnapshotRing:
 def rng_state() -> dict[str, Any]:
     """torch (CPU) and Python ``random`` state in a ``weights_only``-safe form."""
     version, internal, gauss = random.getstate()
+    # One tensor, not 625 ints: each int costs the checkpoint's pickler a call, and a
+    # checkpoint is written after every step (restore_rng reads the older list form too)
+    words = torch.tensor(internal, dtype=torch.int64)
     return {
         "torch": torch.get_rng_state(),
-        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+        "python": {"version": version, "internal": words, "gauss": gauss},
     }
 
 
@@ -359,7 +365,9 @@ def restore_rng(state: Mapping[str, Any]) -> None:
     try:
         torch.set_rng_state(state["torch"])
         py = state["python"]
-        random.setstate((int(py["version"]), tuple(int(x) for x in py["internal"]), py["gauss"]))
+        words = py["internal"]
+        words = words.tolist() if isinstance(words, torch.Tensor) else words
+        random.setstate((int(py["version"]), tuple(int(x) for x in words), py["gauss"]))
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot restore RNG state from checkpoint: {exc}") from None
 

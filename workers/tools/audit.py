@@ -366,7 +366,7 @@ def run_audit(
         shared = [s for s in client_overrides if s.startswith(SHARED_PREFIXES)]
         result = audit_files(
             files,
-            client_overrides,
+            [*client_overrides, 'checkpoint.dir=""'],  # trained once here: nothing to resume
             server_overrides,
             seed,
             timeout_s,

@@ -21,6 +21,9 @@ DEFAULT_EPOCHS = {"digits": 8, "breast_cancer": 10}
 DEVICE_NAME = re.compile(r"cpu|auto|cuda(:\d+)?")  # what train.device accepts
 # The topologies a generated deployment gives two clients by default.
 MULTI_PARTY = tuple(name for name, t in REGISTRY.items() if t.default_clients > 1)
+# Every client's state after every applied step (docs/reliability.md: a client killed
+# without a stop carries on with the same command; its measured cost is there too).
+CLIENT_CHECKPOINT: dict[str, Any] = {"dir": "state/client-checkpoints", "every_steps": 1}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -258,6 +261,8 @@ def init_deployment(
     # One machine: the server's state is checkpointed every step (exactly-once after a
     # crash); without fsync, as the files share the machine's fate anyway.
     plan.server["checkpoint"] = {"dir": "state/server-checkpoints", "fsync": False}
+    for client in plan.clients:  # and a client's, so a kill -9 costs nothing applied
+        client["checkpoint"] = dict(CLIENT_CHECKPOINT, fsync=False)
     _secure(out, insecure, plan, spec)
     if ops:
         for cfg in [plan.server, *([plan.relay] if plan.relay else []), *plan.clients]:

@@ -41,7 +41,14 @@ from sl_pipeline.config import from_mapping, read_toml
 from sl_pipeline.errors import ConfigError
 from sl_pipeline.group import write_group_key
 from sl_pipeline.keys import write_keypair
-from workers.tools.localdeploy import Plan, Table, plan_deployment, to_toml, write_admin_token
+from workers.tools.localdeploy import (
+    CLIENT_CHECKPOINT,
+    Plan,
+    Table,
+    plan_deployment,
+    to_toml,
+    write_admin_token,
+)
 from workers.topologies import REGISTRY
 from workers.topologies import topology as find_topology
 
@@ -236,6 +243,7 @@ def _client_kit(
     public keys where its topology uses them, its own data file if it has one."""
     kit.trust(upstream)
     cfg["client"].update(key=f"keys/{site.name}.key", server_key=f"keys/{upstream.name}")
+    cfg["checkpoint"] = dict(CLIENT_CHECKPOINT)  # with fsync: a site's power loss too
     if "group_key" in cfg["client"]:
         (kit.keys / "group.secret").write_bytes(group.read_bytes())
         os.chmod(kit.keys / "group.secret", 0o600)
