@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from sl_pipeline.config import ClientConfig, resolve_path
 
@@ -47,3 +48,32 @@ def log_stop(epoch: int, step: int, saved: Path | None, steps_done: int, run_id:
             run,
             run,
         )
+
+
+def client_summary(client: Any, wall: float) -> dict[str, Any]:
+    """The JSON summary a ``ClientWorker`` prints when it ends (``--json``) and the demo adds
+    up (``Any``: this module is imported by the worker's, not the other way round)."""
+    return {
+        "topology": client.topology,
+        "dataset": client.cfg.data.dataset or client.cfg.data.path,
+        "client": client.cfg.client.name,
+        "run": client.link.run or client.run_id or None,  # behind a relay: its answers say
+        "epochs": client.cfg.train.epochs,
+        "steps": client.steps_done,
+        "test_accuracy": client.last_accuracy,
+        "test_samples": len(client.data.test),
+        **({"aligned_rows": client.aligned_rows} if client.aligned_rows is not None else {}),
+        "train_loss": client.last_loss,
+        "bytes_sent": client.link.bytes["sent"],
+        "bytes_received": client.link.bytes["received"],
+        "retries": client.link.retries,
+        "pipeline_depth": client.cfg.train.pipeline_depth,  # with auto: the depth it chose
+        "device": str(client.runner.device),
+        "resumed_from": client.resumed_from,
+        "rewinds": client.undo.rewinds,
+        "stopped_early": client.stopped,
+        "best_epoch": best_epoch(client.history),
+        "model": model_path(client.cfg, client.base) if client.steps_done else None,
+        "wall_seconds": round(wall, 3),
+        **client.runner.report(),
+    }

@@ -31,7 +31,7 @@ from workers.client.host import RunnerConfig
 from workers.client.link import BYE_LINGER_MS, Stopped, Upstream, make_handshake
 from workers.client.microbatch import MAX_DEPTH, Pipeline, check_depth
 from workers.client.private import check_replayable
-from workers.client.report import best_epoch, log_stop, model_path
+from workers.client.report import client_summary, log_stop, model_path
 from workers.client.rollback import NOTHING, Rewind, UndoPoints
 from workers.client.staleness import configured_momentum
 from workers.client.steps import StepRunner
@@ -310,30 +310,7 @@ class ClientWorker:
             self.metrics.test_accuracy.set(self.last_accuracy)
 
     def summary(self, wall: float) -> dict[str, Any]:
-        return {
-            "topology": self.topology,
-            "dataset": self.cfg.data.dataset or self.cfg.data.path,
-            "client": self.cfg.client.name,
-            "run": self.link.run or self.run_id or None,  # behind a relay: its answers say
-            "epochs": self.cfg.train.epochs,
-            "steps": self.steps_done,
-            "test_accuracy": self.last_accuracy,
-            "test_samples": len(self.data.test),
-            **({"aligned_rows": self.aligned_rows} if self.aligned_rows is not None else {}),
-            "train_loss": self.last_loss,
-            "bytes_sent": self.link.bytes["sent"],
-            "bytes_received": self.link.bytes["received"],
-            "retries": self.link.retries,
-            "pipeline_depth": self.cfg.train.pipeline_depth,  # with auto: the depth it chose
-            "device": str(self.runner.device),
-            "resumed_from": self.resumed_from,
-            "rewinds": self.undo.rewinds,
-            "stopped_early": self.stopped,
-            "best_epoch": best_epoch(self.history),
-            "model": model_path(self.cfg, self.base) if self.steps_done else None,
-            "wall_seconds": round(wall, 3),
-            **self.runner.report(),
-        }
+        return client_summary(self, wall)
 
     def status(self) -> dict[str, Any]:
         return {
