@@ -69,3 +69,21 @@ async def test_a_relay_is_never_a_client_lost_mid_run(deployment) -> None:  # ty
     assert 'sl_client_finished{client="relay-1/client-1"} 1.0' in served
     assert 'sl_client_connected{client="relay-1"}' in served  # it is seen joining
     assert 'sl_client_finished{client="relay-1"}' not in served
+
+
+async def test_a_relays_client_is_watched_like_a_direct_one(deployment) -> None:  # type: ignore[no-untyped-def]
+    """SLClientLost joins sl_client_connected and sl_client_finished on the client's name:
+    a client behind a relay had only the second (the server never sees its hello), so no
+    lost relayed client could ever fire it. Now its first step shows it connected, its bye
+    or its relay's leaving shows it gone."""
+    files = deployment(topology="multihop", dataset="breast_cancer", clients=2, epochs=1)
+    run = await run_deployment(files)
+    served = run.server.metrics.render().decode()
+    for name in ("relay-1/client-1", "relay-1/client-2"):
+        assert f'sl_client_finished{{client="{name}"}} 1.0' in served
+        assert f'sl_client_connected{{client="{name}"}} 0.0' in served  # said bye
+    series = run.server.clients
+    series.started("relay-1/client-3", connected=True)  # a third one, still training
+    assert series.connected.labels(client="relay-1/client-3")._value.get() == 1.0
+    series.left("relay-1")  # its relay goes: it goes too
+    assert series.connected.labels(client="relay-1/client-3")._value.get() == 0.0

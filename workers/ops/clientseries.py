@@ -71,13 +71,19 @@ class ClientSeries:
             self.finished.labels(client=client).set(0)
 
     def left(self, client: str) -> None:
-        if client in self._names:
-            self.connected.labels(client=client).set(0)
+        """The client left; a relay leaving takes its clients (``relay-1/client-1``) along:
+        the server hears of them only through it."""
+        for name in self._names:
+            if name == client or name.startswith(f"{client}/"):
+                self.connected.labels(client=name).set(0)
 
-    def started(self, client: str) -> None:
+    def started(self, client: str, connected: bool = False) -> None:
         """The client trains in a new run: its counts start again, and the accuracy it
-        reported for its previous run is no figure of this one."""
+        reported for its previous run is no figure of this one. ``connected``: its first step
+        shows it there (a relay's client, whose hello the server never sees)."""
         self._touch(client)
+        if connected:
+            self.connected.labels(client=client).set(1)
         self.finished.labels(client=client).set(0)
         self.steps.labels(client=client).set(0)
         self.accuracy.labels(client=client).set(math.nan)

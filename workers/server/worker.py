@@ -309,6 +309,8 @@ class ServerWorker(RunHost, RouterService):
         if msg.client == peer.name:  # a relay's client leaving is not the relay leaving
             log.info("client %s said bye after %d steps", peer.name, peer.applied)
             self.forget(identity)
+        else:
+            self.clients.left(msg.client)
 
     def _train(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
         """Apply a step at most once: a retransmitted request gets the cached reply."""
@@ -356,7 +358,7 @@ class ServerWorker(RunHost, RouterService):
         if msg.client not in run.members:
             self.book.check_join(run, msg.client)
             run.members.add(msg.client)
-            self.clients.started(msg.client)
+            self.clients.started(msg.client, connected=True)
         if msg.kind is Kind.FORWARD and run.epochs.get(msg.client, -1) < msg.epoch:
             run.epochs[msg.client] = msg.epoch
             loss = "n/a" if run.last_loss is None else f"{run.last_loss:.4f}"
