@@ -129,7 +129,8 @@ async def test_a_checkpoint_of_a_run_that_ended_is_refused_not_trained_on(deploy
     which run-2 applied 5."""
     files = deployment(**DATA)
     ckpt = ("checkpoint.dir=state/c1",)
-    async with _serving(files) as server:
+    # run-1 waits for client-2: it gives its place up to run-2 empty_run_s later (60 s)
+    async with _serving(files, "server.empty_run_s=0.5") as server:
         await _crash(files, "client-1", 3, *ckpt)
         server.stop_run("run-1")
         # Execute: the same command again
@@ -149,7 +150,8 @@ async def test_a_finished_checkpoint_starts_a_new_run_it_really_trains(deploymen
     one): every step it reports, that run applied."""
     files = deployment(**DATA)
     ckpt = ("checkpoint.dir=state/c1",)
-    async with _serving(files) as server:
+    # run-1 waits for client-2: it gives its place up to run-2 empty_run_s later (60 s)
+    async with _serving(files, "server.empty_run_s=0.5") as server:
         first = await _client(files, "client-1", *ckpt)
         again = await _client(files, "client-1", *ckpt)
     assert (first["run"], again["run"]) == ("run-1", "run-2") and again["resumed_from"] == 0
@@ -161,7 +163,9 @@ async def test_the_stale_step_refusal_names_what_works(deployment) -> None:  # t
     """Red team A4: its advice, "train a new run ([client] run = a new name)", was refused
     in turn (one open run at a time)."""
     files = deployment(**{**DATA, "epochs": 6})  # 48 steps: more than the cache keeps
-    async with _serving(files, "server.run_clients=0") as server:
+    # a crashed session holds its name takeover_after_s (5 s) before the next may join
+    sets = ("server.run_clients=0", "server.takeover_after_s=0.5")
+    async with _serving(files, *sets) as server:
         await _crash(files, "client-1", 20, NONE)
         with pytest.raises(PeerError) as refused:
             await _client(files, "client-1", NONE)
