@@ -215,6 +215,11 @@ class RelaySection:
     max_names: int = 256  # names whose last reply this relay remembers
     max_batch: int = 0  # samples per message; 0 = the larger of train.batch_size and 256
     reply_cache_mib: int = 256  # the remembered replies, in all (oldest steps go first)
+    # A client's fresh start (a hello without a resume point, then a step) makes the relay
+    # join the server again, to learn the run: per client name, this many per second after
+    # a burst of rejoin_burst; one more is refused as a retryable `overloaded`.
+    rejoins_per_s: float = 0.2
+    rejoin_burst: int = 10  # such joins a client name may cause at once, before the rate
     save: str = ""
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,11 @@ from .conftest import load_client
 
 
 @contextlib.asynccontextmanager
-async def serving(files: dict[str, Any], *server_overrides: str) -> AsyncIterator[Any]:
+async def serving(
+    files: dict[str, Any], *server_overrides: str, relay: Sequence[str] = ()
+) -> AsyncIterator[Any]:
     """The server and the relay in this event loop, stopped when the block ends."""
-    run = build_deployment(files, server_overrides=server_overrides)
+    run = build_deployment(files, server_overrides=server_overrides, relay_overrides=relay)
     stop = asyncio.Event()
     services = [asyncio.ensure_future(run.server.serve(stop))]
     try:
@@ -38,6 +40,19 @@ async def serving(files: dict[str, Any], *server_overrides: str) -> AsyncIterato
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*services, return_exceptions=True), 30)
+
+
+def count_joins(relay: Any) -> list[str]:
+    """The clients each of the relay's joins of the server speaks for, from now on."""
+    joins: list[str] = []
+    join = relay._join_upstream
+
+    async def counted(speaking_for: str = "") -> Any:
+        joins.append(speaking_for)
+        return await join(speaking_for)
+
+    relay._join_upstream = counted
+    return joins
 
 
 async def crash_after(config: Path, base: Path, steps: int) -> None:
@@ -85,14 +100,7 @@ async def test_malformed_steps_after_fresh_hellos_never_make_the_relay_rejoin_th
     handshake = make_handshake(cfg, files["server"].parent, "multihop")
     ctx = zmq.asyncio.Context()
     async with serving(files) as run:
-        joins = []
-        join = run.relay._join_upstream
-
-        async def counted() -> None:
-            joins.append(1)
-            await join()
-
-        run.relay._join_upstream = counted
+        joins = count_joins(run.relay)
         try:
             for attempt in range(20):  # bounded
                 conn = DealerConnection(ctx, cfg.client.server, cfg.limits.to_limits())
@@ -158,3 +166,61 @@ async def test_a_run_held_open_behind_a_relay_gives_way_once_it_stalled(
         ("run-2", "active"),  # waits for client-2 (server.run_clients = 2)
     ]
     assert book.runs["run-2"].steps == second["steps"] == first["steps"] > 0
+
+
+async def fresh_start_then_step(ctx: Any, cfg: Any, handshake: Any, act_shape: Any) -> str:
+    """Say hello without a resume point, send a well-formed step (0, 0): "" if it was
+    answered, else the refusal."""
+    conn = DealerConnection(ctx, cfg.client.server, cfg.limits.to_limits())
+    try:
+        handshake.hello = {**handshake.hello, "resume": None}
+        await conn.handshake(handshake, 10.0)
+        tensors = {"act": torch.zeros(4, *act_shape), "labels": torch.zeros(4, dtype=torch.long)}
+        await conn.send(
+            Message(Kind.FORWARD, client=cfg.client.name, epoch=0, step=0, tensors=tensors)
+        )
+        await conn.recv(10.0)
+        return ""
+    except PeerError as exc:
+        assert exc.retryable
+        return str(exc)
+    finally:
+        conn.close()
+
+
+async def test_fresh_starts_over_and_over_make_the_relay_rejoin_a_bounded_number_of_times(
+    deployment,  # type: ignore[no-untyped-def]
+) -> None:
+    # Prepare: client-1's key says hello afresh and sends a well-formed step, again and again
+    # (each pair made the relay join the server again: 80 joins a second, unbounded)
+    files = deployment(topology="multihop", dataset="breast_cancer", clients=2)
+    cfg = load_client(files["client-1"])
+    handshake = make_handshake(cfg, files["server"].parent, "multihop")
+    ctx = zmq.asyncio.Context()
+    bound = ("relay.rejoin_burst=3", "relay.rejoins_per_s=0.01")
+    async with serving(files, relay=bound) as run:
+        joins = count_joins(run.relay)
+        try:  # Execute: 12 fresh starts (bounded), then an honest client behind the relay
+            refusals = [
+                await fresh_start_then_step(ctx, cfg, handshake, run.relay.act_shape)
+                for _ in range(12)
+            ]
+        finally:
+            ctx.destroy(linger=0)
+        honest = await asyncio.wait_for(
+            ClientWorker(
+                load_client(files["client-2"]), files["server"].parent, progress=False
+            ).run(),
+            120,
+        )
+        hits = run.relay.metrics.registry.get_sample_value(
+            "sl_bound_hits_total", {"table": "relay_rejoins"}
+        )
+    # Assert: three joins for client-1 (the burst), then one clear retryable refusal each;
+    # client-2 trained its epoch, every step applied once at the relay as at the server
+    assert joins.count("client-1") == 3 and refusals[:3] == ["", "", ""]
+    assert len(refusals[3:]) == hits == 9
+    assert all("[overloaded]" in r and "relay.rejoins_per_s" in r for r in refusals[3:])
+    assert all("\n" not in r for r in refusals)
+    assert honest["steps"] > 0 and joins.count("client-2") == 1
+    assert run.relay.steps_applied == run.server.steps_applied == honest["steps"] + 1

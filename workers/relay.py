@@ -20,7 +20,9 @@ new run from the initial weights, with an empty reply cache.
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,14 @@ import torch
 import zmq.asyncio
 
 from sl_pipeline.config import RelayConfig, check_endpoint, resolve_path
-from sl_pipeline.errors import ConfigError, PeerError, ProtocolError, SLError, TransportError
+from sl_pipeline.errors import (
+    ConfigError,
+    OverloadedError,
+    PeerError,
+    ProtocolError,
+    SLError,
+    TransportError,
+)
 from sl_pipeline.handshake import ClientHandshake
 from sl_pipeline.lowbit import Residuals
 from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message, check_answers, error_message
@@ -51,6 +60,7 @@ from workers.runtime.checkpoint import (
     save_weights,
 )
 from workers.runtime.diagnose import probe
+from workers.runtime.freshstarts import FreshStarts
 from workers.runtime.peers import Listen, Peer, reject_reason
 from workers.runtime.service import Replies, RouterService
 from workers.runtime.startup import load_own_key, load_peer_key, warn_insecure
@@ -103,7 +113,8 @@ class RelayWorker(RouterService):
         self.run_id = ""  # the run the server's last welcome named
         self.trained_run = ""  # the run the segment's weights trained in ("" = none yet)
         # clients that started afresh: the server is asked for the run at their first step
-        self.check_run: set[str] = set()
+        hit = functools.partial(self.metrics.record_bound, "relay_rejoins")
+        self.check_run = FreshStarts(r.rejoins_per_s, r.rejoin_burst, r.max_names, hit)
         self.steps_applied = 0
         if (save := self._save_path()) is not None:
             check_writable(save, "relay.save")
@@ -129,8 +140,9 @@ class RelayWorker(RouterService):
         the segment's starts from the initial weights (the server's does too). Only for a
         well-formed step: a malformed one (or a flood of them) asks nothing of the server."""
         read_tensor(msg, "act", self.max_batch, self.max_abs, self.act_shape)
+        self.check_run.allow(msg.client, time.monotonic())  # bounded: each costs the server
         welcome = await self._join_upstream(speaking_for=msg.client)
-        self.check_run.discard(msg.client)  # once the server answered: a failed join asks again
+        self.check_run.asked(msg.client)  # once the server answered: a failed join asks again
         self._start_afresh_if_new_run()
         if welcome.get("finished") is True:
             # It finished its part of this run already: a new process of it starts over, and
@@ -194,7 +206,7 @@ class RelayWorker(RouterService):
         """The welcome says this is a relay and which step of the peer it applied last."""
         name = self.peer_name(hello, key)
         if hello.get("intent", "train") == "train" and hello.get("resume") is None:
-            self.check_run.add(name)  # perhaps a new run: ask the server before its first step
+            self.check_run.mark(name)  # perhaps a new run: ask the server before its first step
         last = self.replies.newest(name, Kind.FORWARD.value)
         return {
             **super().accept(hello, key),
@@ -331,7 +343,8 @@ class RelayWorker(RouterService):
             return [(identity, error_message(exc.code, exc.message, retryable=True, request=msg))]
         except SLError as exc:
             self.reject(peer, reject_reason(exc), exc)
-            return [(identity, error_message(exc.code, exc.message, request=msg))]
+            retry = isinstance(exc, OverloadedError)  # "later", as the server says it
+            return [(identity, error_message(exc.code, exc.message, retryable=retry, request=msg))]
 
     async def _forward(self, msg: Message) -> Message:
         step = (msg.epoch, msg.step)

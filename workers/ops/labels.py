@@ -42,6 +42,7 @@ BOUNDED_TABLES: tuple[str, ...] = (
     "reply_cache",
     "reply_cache_bytes",
     "relay_cache",
+    "relay_rejoins",
     "round_table",
     "waiting",
     "inflight_bytes",

@@ -204,6 +204,8 @@ def reject_reason(exc: SLError) -> str:
         return "replay"
     if isinstance(exc, CryptoError):
         return "bad_tag"
+    if isinstance(exc, OverloadedError):
+        return "overloaded"
     return "malformed"
 
 
