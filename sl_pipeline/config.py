@@ -33,7 +33,7 @@ _ENDPOINT = re.compile(r"^tcp://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.*-]+):(\d{1,5})$"
 class ModelConfig:
     """Which network, and where it is cut. All parties build it from the same seed."""
 
-    builtin: str = ""  # "cnn" | "mlp" | "vertical_mlp"
+    builtin: str = ""  # "cnn" | "mlp"
     sequential: str = ""  # "pkg.module:function" returning an nn.Sequential
     factories: list[str] = field(default_factory=list)  # one import path per segment
     cuts: list[int] = field(default_factory=list)  # indices into the Sequential
@@ -80,6 +80,7 @@ class DataConfig:
     feature_slice: list[int] = field(default_factory=list)  # vertical: [start, stop)
     task: str = ""  # multitask: which task's labels
     # Tables (CSV/Parquet) and image folders; see docs/data.md.
+
     id: str = ""  # identifier column: kept as the row id, never a feature
     align: Literal["", "psi", "position"] = ""  # vertical: "" = psi when data.id is set
     encode: Literal["onehot", "ordinal"] = "onehot"  # text feature columns
@@ -212,7 +213,7 @@ class RelaySection:
     segment: int = 1  # which segment of the model this relay holds
     timeout_s: float = 30.0
     relays: list[str] = field(default_factory=list)  # downstream relays (a longer chain)
-    max_names: int = 256  # names whose last reply this relay remembers
+    max_names: int = 256  # names whose replies (their last steps) this relay remembers
     max_batch: int = 0  # samples per message; 0 = the larger of train.batch_size and 256
     reply_cache_mib: int = 256  # the remembered replies, in all (oldest steps go first)
     # A client's fresh start (a hello without a resume point, then a step) makes the relay

@@ -62,8 +62,11 @@ MEANINGS: dict[str, str] = {
     "client.key": "this client's private key file",
     "client.server_key": "the server's public key, pinned: the client talks to it only",
     "client.insecure": "plaintext, no authentication (warns on every start)",
-    "client.timeout_s": "how long to wait for a reply before resending",
-    "client.connect_timeout_s": "how long one handshake attempt waits",
+    "client.timeout_s": (
+        "the longest wait for a reply before resending: the wait follows the round trip "
+        "(RFC 6298: 1 s at first, at least 0.2 s, doubled at each expiry) up to this"
+    ),
+    "client.connect_timeout_s": "the longest one handshake attempt waits (adapting as timeout_s)",
     "client.retry_for_s": (
         "how long to keep trying to (re)join, or to wait out refusals that mean later "
         "(overloaded, name_in_use), before giving up"
