@@ -166,6 +166,7 @@ def _train_once(game: CanaryGame, with_canary: bool) -> _Run:
     for _ in range(game.epochs):
         for bx, by in private.data_loader:
             if len(by) == 0:
+                private.noise_only_step()  # as a worker's client does
                 continue
             private.optimizer.zero_grad(set_to_none=True)
             server_opt.zero_grad(set_to_none=True)
@@ -203,9 +204,12 @@ def run_canary_game(game: CanaryGame, runs: int, *, seed: int = 0) -> dict[str, 
         for i in range(2 * runs):
             torch.manual_seed(seed * 100_003 + i)
             done.append(_train_once(game, i % 2 == 0))
-    rates = {run.sample_rate for run in done}
-    if len(rates) != 1:  # _loader makes them equal; anything else audits two mechanisms
-        raise PrivacyError(f"internal: the canary game's runs sampled at different rates {rates}")
+    rates, steps = {run.sample_rate for run in done}, {run.steps for run in done}
+    if len(rates) != 1 or len(steps) != 1:  # _loader makes them equal: else two mechanisms
+        raise PrivacyError(
+            f"internal: the canary game's runs took different mechanisms: sample rates {rates}, "
+            f"steps {steps}"
+        )
     return {
         **epsilon_lower_bound(
             [run.score for run in done[0::2]],
@@ -214,7 +218,7 @@ def run_canary_game(game: CanaryGame, runs: int, *, seed: int = 0) -> dict[str, 
         ),
         "accountant_epsilon": max(run.epsilon for run in done),
         "accountant_sample_rate": rates.pop(),
-        "accountant_steps": max(run.steps for run in done),  # fewer only if a batch was empty
+        "accountant_steps": steps.pop(),
         "server_trained": game.train_server,
     }
 

@@ -20,7 +20,8 @@ a step driven by the server's gradient equals plain training of the joint model.
 
 **Sampling.** With ``poisson_sampling=True`` (default, what the accountant assumes) Opacus
 replaces the data loader by a Poisson-sampled one with the same expected batch size: batch
-sizes vary and the server must accept any size, including (rarely) empty batches. With
+sizes vary; an empty batch is a step of noise alone (:meth:`PrivateClient.noise_only_step`),
+which the server never sees. With
 ``poisson_sampling=False`` the loader is kept, the epsilon Opacus reports is only an
 approximation, and the dataset size must be a multiple of the batch size (Opacus divides by
 ``len(dataset) / len(loader)``, which otherwise differs from the real batch size).
@@ -67,6 +68,17 @@ class PrivateClient:
 
     def epsilon(self) -> float:
         return epsilon_spent(self.engine, self.delta)
+
+    def noise_only_step(self) -> None:
+        """The step of an empty Poisson batch, as Opacus takes it: no example, so the update
+        is the Gaussian noise alone (scaled like any other step), and the accountant counts
+        it. Its analysis assumes a step for every batch drawn, empty or not."""
+        optimizer = self.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        for param in optimizer.params:  # no example: per-example gradients of batch size 0
+            param.grad_sample = param.new_zeros((0, *param.shape))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
 
 def _check_fixed_batches(data_loader: DataLoader[Any]) -> None:

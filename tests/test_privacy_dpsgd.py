@@ -198,3 +198,31 @@ def test_fixed_batches_need_divisible_dataset() -> None:
             epochs=1,
             server_loss_reduction="none",
         )
+
+
+def test_an_empty_batch_is_a_step_of_noise_alone_that_the_accountant_counts() -> None:
+    """Opacus' mechanism takes a step for every batch drawn; an empty one is noise alone."""
+    # Prepare
+    client, _, data = make_parts()
+    private = make_private_client(
+        client,
+        torch.optim.SGD(client.parameters(), lr=0.1),
+        DataLoader(data, batch_size=8),
+        DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0),
+        epochs=1,
+        noise_generator=torch.Generator().manual_seed(0),
+    )
+    before = [p.detach().clone() for p in private.unwrapped.parameters()]
+    # Execute
+    private.noise_only_step()
+    # Assert: counted once, every weight moved by noise of the step's scale, nothing left over
+    history = private.engine.accountant.history
+    assert [(sigma, steps) for sigma, _, steps in history] == [(1.0, 1)]
+    assert private.epsilon() > 0
+    expected_std = 0.1 * 1.0 * 1.0 / 8  # lr * sigma * clip / expected batch size
+    params = list(private.unwrapped.parameters())
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(params, before, strict=True)])
+    assert moved.abs().min() > 0
+    assert 0.5 * expected_std < float(moved.std()) < 2 * expected_std
+    assert all(p.grad is None for p in private.unwrapped.parameters())
+    assert all(getattr(p, "grad_sample", None) is None for p in private.unwrapped.parameters())

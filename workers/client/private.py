@@ -30,6 +30,7 @@ class PrivateBatches:
         self.has_labels = has_labels
         self.drawn = 0  # batches drawn from the sampler this epoch
         self.next_batch: list[int] | None = None  # drawn, not yet handed out
+        self.empty_before_next = 0  # empty batches drawn before next_batch: noise-only steps
         self.handed: list[tuple[int, list[int]]] = []  # the last steps handed out, with rows
 
     @classmethod
@@ -55,8 +56,9 @@ class PrivateBatches:
         client resumed after sending a step the server applied must send the same rows again
         (the server answers from its cache); it also holds the last steps handed out with
         their rows, so a pipelining client resends the steps it had in flight as they were,
-        and how many batches of the epoch were drawn (empty ones included, which are
-        skipped): the rest are drawn from there, none again."""
+        and how many batches of the epoch were drawn (empty ones included: each is a
+        noise-only step, :meth:`_release_empty_batches`): the rest are drawn from there,
+        none again."""
         loader = self.dp.data_loader
         x_all, y_all, ids_all = loader.dataset.tensors
         if first_step == 0:
@@ -66,32 +68,52 @@ class PrivateBatches:
         self.handed = [(step, rows) for step, rows in self.handed if step < first_step]
         draws = self._draws(loader)
         if self.next_batch is None:
-            self.next_batch = next(draws, None)
+            self.empty_before_next, self.next_batch = next(draws, (0, None))
         step = first_step
         while True:
             if replay:
                 rows = replay.pop(0)
-            elif self.next_batch is not None:
-                rows, self.next_batch = self.next_batch, next(draws, None)
             else:
-                return
+                self._release_empty_batches()
+                if not self.next_batch:  # the epoch's end (after any empty batches at its end)
+                    return
+                rows = self.next_batch
+                self.empty_before_next, self.next_batch = next(draws, (0, None))
             self.handed = [*self.handed[-MAX_PIPELINE_DEPTH:], (step, rows)]
             idx = torch.as_tensor(rows, dtype=torch.long)
             yield step, x_all[idx], (y_all[idx] if self.has_labels else None), ids_all[idx]
             step += 1
 
-    def _draws(self, loader: Any) -> Iterator[list[int]]:
-        """The epoch's non-empty batches not drawn yet, counted in ``drawn``."""
+    def _draws(self, loader: Any) -> Iterator[tuple[int, list[int]]]:
+        """The epoch's batches not drawn yet, counted in ``drawn``: each non-empty one with
+        the number of empty ones drawn just before it, and the empty ones at the epoch's end
+        as ``(count, [])``."""
         sampler = iter(loader.batch_sampler)
         if self.poisson_sampling:  # each draw is fresh: draw only what is left
             left = len(loader.batch_sampler) - self.drawn
             batches: Iterator[Any] = (next(sampler) for _ in range(max(0, left)))
         else:  # a fixed order: skip what was drawn
             batches = itertools.islice(sampler, self.drawn, None)
+        empty = 0
         for indices in batches:
             self.drawn += 1
             if len(indices):
-                yield [int(i) for i in indices]
+                yield empty, [int(i) for i in indices]
+                empty = 0
+            else:
+                empty += 1
+        if empty:
+            yield empty, []
+
+    def _release_empty_batches(self) -> None:
+        """An empty Poisson batch is a step too: Opacus' update for it is the noise alone,
+        and the accountant counts it. Skipping it (as before) counted fewer steps than the
+        mechanism took, an epsilon too low by up to a third at an expected batch of one, and
+        told whoever sees the weights that no row was drawn. Run after the previous step's
+        checkpoint, which holds the count, so a resume releases them once."""
+        for _ in range(self.empty_before_next):
+            self.dp.noise_only_step()
+        self.empty_before_next = 0
 
     def state(self) -> dict[str, Any]:
         """Batches drawn this epoch, the next batch's rows, the accountant's history (so
@@ -100,6 +122,7 @@ class PrivateBatches:
         state: dict[str, Any] = {
             "drawn": self.drawn,
             "next_batch": self.next_batch,
+            "empty_before_next": self.empty_before_next,
             "handed": [[step, rows] for step, rows in self.handed],
             "accountant": dict(self.dp.engine.accountant.state_dict()),
         }
@@ -111,6 +134,7 @@ class PrivateBatches:
         self.drawn = int(state["drawn"])
         pending = state.get("next_batch")  # absent from checkpoints of older versions
         self.next_batch = None if pending is None else [int(i) for i in pending]
+        self.empty_before_next = int(state.get("empty_before_next", 0))
         self.handed = [
             (int(step), [int(i) for i in rows]) for step, rows in state.get("handed", [])
         ]
