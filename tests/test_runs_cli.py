@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 import threading
 import time
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -160,9 +163,67 @@ def test_runs_refuses_a_wrong_token_and_names_a_missing_server(
     (tmp_path / "wrong.token").write_text("x" * 32)
     admin.write_text(f'[ops]\nlisten = "{cfg["ops"]["listen"]}"\nadmin_token = "wrong.token"\n')
     code, _, err = _cli(capsys, "runs", "list", "--config", str(admin))
-    assert code == 5 and "no server answers at http://127.0.0.1:" in err
+    # nothing listens there: exit 2 (an address or a start order to fix, as for a worker that
+    # finds no server at start), one line naming the address, the config and what to do
+    assert code == 2 and "no server answers at http://127.0.0.1:" in err
+    assert f"start the server, or set [ops] listen in {admin}" in err and err.count("\n") == 1
     with ThreadServer(files["server"]):
         code, _, err = _cli(capsys, "runs", "list", "--config", str(admin))
         assert code == 2 and "refused the admin token" in err
         code, _, err = _cli(capsys, "runs", "status", "nope", "--config", str(files["server"]))
         assert code == 2 and "no run 'nope'" in err
+
+
+@contextlib.contextmanager
+def answering(reply: bytes) -> Iterator[str]:
+    """A loopback port that answers every connection with ``reply`` (not an ops port)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():  # bounded by the test: it sets ``done``
+            with contextlib.suppress(TimeoutError):
+                conn, _ = listener.accept()
+                with conn:
+                    conn.settimeout(5)
+                    conn.recv(4096)
+                    conn.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        done.set()
+        thread.join(5)
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [b"\xff\x00garbage\r\n\r\n", b"HTTP/1.0 200 OK\r\n\r\n<html>a web page</html>"],
+    ids=["not_http", "not_json"],
+)
+def test_ops_verbs_at_a_port_of_another_program_say_so_in_one_line(
+    reply: bytes, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # Prepare: [ops] listen names a port where something else answers (a traceback before)
+    (tmp_path / "admin.token").write_text("x" * 32)
+    with answering(reply) as listen:
+        config = tmp_path / "admin.toml"
+        config.write_text(f'[ops]\nlisten = "{listen}"\nadmin_token = "admin.token"\n')
+        # Execute
+        runs = _cli(capsys, "runs", "list", "--config", str(config))
+        health = _cli(capsys, "health", "--config", str(config), "--timeout", "5")
+    # Assert: runs, a config problem (exit 2); health, not ready (exit 1, a probe's answer
+    # when the not-HTTP port cannot be read) or ready (a web page answered 200: a probe
+    # asks only for that); each one line naming the address and what to do
+    assert runs[0] == 2 and runs[2].count("\n") == 1
+    assert f"something answers at http://{listen}" in runs[2]
+    assert f"set [ops] listen in {config} to the server's ops address" in runs[2]
+    if reply.startswith(b"HTTP"):
+        assert health[0] == 0
+    else:
+        assert health[0] == 1 and health[2].count("\n") == 1
+        assert f"something answers at http://{listen}" in health[2]

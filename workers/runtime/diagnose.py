@@ -8,6 +8,7 @@ fixed in a config file, not by waiting.
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import socket
@@ -99,7 +100,15 @@ def health_report(url: str, timeout_s: float) -> tuple[bool, str]:
                 f"no worker answers at {url} (connection refused): it is stopped, or its "
                 "[ops] listen is not this config's"
             )
-        return False, f"no answer from {url} within {timeout_s:g}s ({reason})"
+        return False, (
+            f"no answer from {url} within {timeout_s:g}s ({reason}): the worker is stuck or "
+            "overloaded, or its [ops] listen is not this config's"
+        )
+    except http.client.HTTPException as exc:  # something else listens there
+        return False, (
+            f"something answers at {url} ({type(exc).__name__}), but not as an sl-pipeline "
+            "worker's ops port: its [ops] listen is not this config's"
+        )
 
 
 def _reason(err: urllib.error.HTTPError) -> str:

@@ -12,6 +12,7 @@ Routes (every one needs ``Authorization: Bearer <token>``, the token in the file
 from __future__ import annotations
 
 import hmac
+import http.client
 import io
 import json
 import urllib.error
@@ -23,7 +24,7 @@ import torch
 from aiohttp import web
 
 from sl_pipeline.config import read_toml, resolve_path
-from sl_pipeline.errors import ConfigError, ProtocolError, TransportError
+from sl_pipeline.errors import ConfigError, ProtocolError
 from workers.ops.http import local_url
 from workers.server.engines.base import Engine
 from workers.server.runs import Run, RunBook
@@ -124,6 +125,7 @@ class RunClient:
             raise ConfigError(f"{config} has no [ops] listen: the run API lives on the ops port")
         if not ops.get("admin_token"):
             raise ConfigError(f"{config} has no [ops] admin_token: the run API needs the token")
+        self.config = config
         self.url = local_url(str(ops["listen"]))
         self.token = read_token(config.parent, str(ops["admin_token"]))
         self.timeout_s = timeout_s
@@ -140,14 +142,29 @@ class RunClient:
         except urllib.error.HTTPError as err:
             raise _http_error(err, self.url) from None
         except (urllib.error.URLError, OSError) as exc:
+            # exit 2, as for a worker that finds no server at start: an address or a start
+            # order to fix (exit 5 means a network that failed after training had started)
             reason = getattr(exc, "reason", exc)
-            raise TransportError(
-                f"no server answers at {self.url} ({reason}); check that the server runs "
-                "and that [ops] listen in this config is its ops address"
+            hung = isinstance(reason, TimeoutError)  # it accepted, then said nothing
+            todo = "is the server stuck or overloaded? else" if hung else "start the server, or"
+            raise ConfigError(
+                f"no server answers at {self.url} ({reason}); {todo} set [ops] listen in "
+                f"{self.config} to the server's ops address"
             ) from None
+        except http.client.HTTPException as exc:  # something else listens there
+            raise self._not_ours(f"no HTTP reply: {type(exc).__name__}") from None
 
     def json(self, method: str, path: str) -> Any:
-        return json.loads(self.call(method, path))
+        try:
+            return json.loads(self.call(method, path))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise self._not_ours("a reply that is not JSON") from None
+
+    def _not_ours(self, what: str) -> ConfigError:
+        return ConfigError(
+            f"something answers at {self.url} ({what}), but not as an sl-pipeline server's "
+            f"ops port; set [ops] listen in {self.config} to the server's ops address"
+        )
 
 
 def _http_error(err: urllib.error.HTTPError, url: str) -> ConfigError:
