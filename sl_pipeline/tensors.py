@@ -183,6 +183,11 @@ def _decode(msg: Message, name: str) -> torch.Tensor:
     if tensor.dtype == torch.uint8 and f"{name}_shape" in msg.tensors:
         return unpack_codes(msg, name)
     if tensor.dtype != torch.int8:
+        if not tensor.is_floating_point():  # an int64 or bool "gradient" is no wire form
+            raise ProtocolError(
+                f"{name} has dtype {str(tensor.dtype).removeprefix('torch.')}: values travel "
+                "as floats, as int8 with a scale or as packed codes"
+            )
         return tensor
     scale = msg.tensor(f"{name}_scale").to(torch.float32)
     if scale.shape != (len(tensor),):

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from sl_pipeline.config import ClientConfig, TrainConfig, load
+from sl_pipeline.config import ClientConfig, LimitsConfig, TrainConfig, load
 from sl_pipeline.messages import Kind, Message
 from workers.client.microbatch import MAX_DEPTH, DepthProbe, Pipeline
 from workers.client.staleness import MomentumCompensation, compensated_momentum
@@ -68,7 +68,7 @@ def train(depth: int, compensate: bool) -> tuple[float, list[float]]:
     runner = ToyRunner(cfg)
     timer = SimpleNamespace(timeout=lambda kind: 1.0, sample=lambda kind, s: None)
     host = SimpleNamespace(
-        cfg=SimpleNamespace(train=cfg),
+        cfg=SimpleNamespace(train=cfg, limits=LimitsConfig()),
         topology="vanilla",
         runner=runner,
         link=SimpleNamespace(

@@ -17,8 +17,8 @@ class ThreadServer:
     """A server worker in a thread of its own (its own event loop), so that the blocking
     CLI can call it from the test's thread."""
 
-    def __init__(self, config: Path, *sets: str) -> None:
-        self.worker = ServerWorker(load(ServerConfig, config, list(sets)), config.parent)
+    def __init__(self, config: Path, *sets: str, worker: type[ServerWorker] = ServerWorker) -> None:
+        self.worker = worker(load(ServerConfig, config, list(sets)), config.parent)
         self.loop = asyncio.new_event_loop()
         self.stop = asyncio.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)

@@ -25,11 +25,13 @@ class RunnerConfig:
     train: TrainConfig
     data: DataConfig  # the task of a multi-task client
     privacy: PrivacyConfig  # parsed once, here
+    max_abs: float = 1e6  # limits.max_abs_value: the largest value a reply's tensor may hold
 
     @classmethod
     def of(cls, cfg: ClientConfig) -> RunnerConfig:
         privacy = PrivacyConfig.from_mapping(cfg.privacy) if cfg.privacy else PrivacyConfig()
-        return cls(cfg.client, cfg.model, cfg.train, cfg.data, privacy)
+        max_abs = cfg.limits.max_abs_value
+        return cls(cfg.client, cfg.model, cfg.train, cfg.data, privacy, max_abs)
 
 
 class RunnerHost(Protocol):

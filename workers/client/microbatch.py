@@ -28,9 +28,9 @@ import torch
 from sl_pipeline.config import MAX_PIPELINE_DEPTH, ClientConfig
 from sl_pipeline.errors import ConfigError, PeerError, ReplyTimeoutError, TransportError
 from sl_pipeline.messages import Kind, Message, check_answers
-from sl_pipeline.tensors import read_tensor
 from workers.client.link import Upstream
 from workers.client.patience import WAIT_CODES
+from workers.client.replies import reply_loss, reply_tensor
 from workers.client.staleness import MomentumCompensation
 from workers.client.steps import StepRunner
 
@@ -256,12 +256,14 @@ class Pipeline:
         item = inflight.popleft()
         check_answers(item.msg, reply)  # replies come in order: the oldest step's first
         start = time.perf_counter()
-        grad = read_tensor(reply, "grad")
+        max_abs = self.host.cfg.limits.max_abs_value
+        grad = reply_tensor(reply, Kind.BACKWARD, "grad", max_abs, item.sent.shape)
+        loss = reply_loss(reply)  # all of the reply checked before any of it is applied
         self.host.runner.apply_stashed(item.x, item.act, item.sent, item.stash, grad)
         end = time.perf_counter()
         if probe is not None:
             probe.record(end - item.started, item.client_s + end - start)
-        return Applied(item.step, float(reply.meta.get("loss", float("nan"))), item.started)
+        return Applied(item.step, loss, item.started)
 
 
 async def train_pipelined(

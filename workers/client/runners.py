@@ -12,8 +12,9 @@ from torch import nn
 
 from sl_pipeline.errors import ConfigError
 from sl_pipeline.messages import Kind, Message
-from sl_pipeline.models import build_segments, vertical_bottom
-from sl_pipeline.tensors import read_tensor, wire_tensors
+from sl_pipeline.models import build_segments, segment_inputs, vertical_bottom
+from sl_pipeline.tensors import wire_tensors
+from workers.client.replies import Shape, reply_tensor
 from workers.client.steps import StepRunner
 
 
@@ -28,7 +29,13 @@ class UShapedRunner(StepRunner):
         segments = build_segments(self.cfg.model, self.host.topology)
         if len(segments) != 3:
             raise ConfigError("ushaped needs model.cuts with two cut indices")
+        self.head_in = segment_inputs(segments, self.cfg.model.in_shape)[2]
         return {"bottom": segments[0], "head": segments[2]}
+
+    @property
+    def out_sample(self) -> Shape:
+        """The server's output is the head's input (any shape where that is not known)."""
+        return self.head_in if self.head_in is not None else (...,)
 
     async def train_step(
         self, step: int, x: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor
@@ -39,9 +46,12 @@ class UShapedRunner(StepRunner):
         msg = self.forward_message(step, sent, None, ids)
         head, target = self.modules["head"], y.to(self.device)
         loss, grad_reply = await self.exchange_twice(
-            msg, lambda out: F.cross_entropy(head(out), target), protect_with=target
+            msg,
+            (len(x), *self.out_sample),
+            lambda out: F.cross_entropy(head(out), target),
+            protect_with=target,
         )
-        cut_grad = read_tensor(grad_reply, "grad")
+        cut_grad = reply_tensor(grad_reply, Kind.BACKWARD, "grad", self.cfg.max_abs, sent.shape)
         self.scrutinize(cut_grad, y)
         self.apply_gradient(x, act, sent, cut_grad)
         return float(loss.detach())
@@ -65,8 +75,10 @@ class VerticalRunner(StepRunner):
         act, sent = self.cut(x)
         msg = self.forward_message(step, sent, None, ids)
         target = y.to(self.device)
-        loss, reply = await self.exchange_twice(msg, lambda fused: F.cross_entropy(fused, target))
-        self.apply_gradient(x, act, sent, read_tensor(reply, "grad"))
+        logits = (len(x), self.cfg.model.classes)  # the server's output
+        loss, reply = await self.exchange_twice(msg, logits, lambda o: F.cross_entropy(o, target))
+        grad = reply_tensor(reply, Kind.BACKWARD, "grad", self.cfg.max_abs, sent.shape)
+        self.apply_gradient(x, act, sent, grad)
         return float(loss.detach())
 
     def build_modules(self) -> dict[str, nn.Module]:

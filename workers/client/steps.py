@@ -22,9 +22,10 @@ from sl_pipeline.errors import ConfigError, PeerError, PrivacyError, ProtocolErr
 from sl_pipeline.lowbit import Residuals
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.models import build_segments, make_optimizer, resolve_device
-from sl_pipeline.tensors import as_input, read_tensor, wire_labels, wire_tensors
+from sl_pipeline.tensors import as_input, wire_labels, wire_tensors
 from workers.client.host import RunnerConfig, RunnerHost
 from workers.client.private import PrivateBatches
+from workers.client.replies import Shape, reply_loss, reply_tensor
 from workers.runtime.checkpoint import load_weights, save_weights
 
 log = logging.getLogger("sl_pipeline.client")
@@ -100,6 +101,11 @@ class StepRunner:
     @property
     def bottom(self) -> nn.Module:
         return self.modules["bottom"]
+
+    @property
+    def out_sample(self) -> Shape:
+        """One sample of the output an evaluation's reply holds: the server's logits."""
+        return (None,)
 
     def _activation_accountant(self) -> Any:
         noise = self.privacy.noise
@@ -204,10 +210,11 @@ class StepRunner:
         self.optimizer.zero_grad(set_to_none=True)
         act, sent = self.cut(x)
         reply = await self.host.request(self.forward_message(step, sent, y, ids))
-        grad = read_tensor(reply, "grad")
+        grad = reply_tensor(reply, Kind.BACKWARD, "grad", self.cfg.max_abs, sent.shape)
+        loss = reply_loss(reply)  # all of the reply checked before any of it is applied
         self.scrutinize(grad, y)
         self.apply_gradient(x, act, sent, grad)
-        return float(reply.meta.get("loss", float("nan")))
+        return loss
 
     def scrutinize(self, grad: torch.Tensor, y: torch.Tensor | None) -> None:
         """Feed the hijack detector (if on) the cut gradient before it is applied; with
@@ -233,17 +240,20 @@ class StepRunner:
     async def exchange_twice(
         self,
         msg: Message,
+        out_shape: Shape,
         loss_of: Callable[[torch.Tensor], torch.Tensor],
         protect_with: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Message]:
-        """FORWARD -> the server's output; the loss here; BACKWARD(its gradient) -> the
-        gradient at the cut. With ``protect_with`` (labels) the label protection runs on
-        that gradient before it leaves (the server may cluster it). A server that lost the
-        open step between the two (it restarted, or dropped our old session) answers
-        ``step_lost``: redo the step."""
+        """FORWARD -> the server's output (of ``out_shape``); the loss here; BACKWARD(its
+        gradient) -> the gradient at the cut. With ``protect_with`` (labels) the label
+        protection runs on that gradient before it leaves (the server may cluster it).
+        A server that lost the open step between the two (it restarted, or dropped our old
+        session) answers ``step_lost``: redo the step."""
         for _ in range(MAX_STEP_REDOS):
             self.optimizer.zero_grad(set_to_none=True)  # a redo must not add a second head grad
-            out = as_input(read_tensor(await self.host.request(msg), "out"), True, self.device)
+            reply = await self.host.request(msg)
+            out = reply_tensor(reply, Kind.RESULT, "out", self.cfg.max_abs, out_shape)
+            out = as_input(out, True, self.device)
             loss = loss_of(out)
             loss.backward()
             assert out.grad is not None
@@ -286,7 +296,8 @@ class StepRunner:
         reply = await self.host.request(
             self.host.message(kind, step, tensors=tensors, meta=self.forward_meta())
         )
-        out = as_input(read_tensor(reply, "out"), requires_grad=False, device=self.device)
+        out = reply_tensor(reply, Kind.RESULT, "out", self.cfg.max_abs, (len(x), *self.out_sample))
+        out = as_input(out, requires_grad=False, device=self.device)
         if "head" in self.modules:
             with torch.no_grad():
                 out = self.modules["head"](out)

@@ -1,0 +1,291 @@
+"""A hostile or broken server: nothing it sends crashes a client, hangs it, or reaches its
+weights (docs/security.md, "A hostile server").
+
+Each wrong reply ends the client with one line naming the problem (an ``SLError``, exit 3)
+before any of it is applied; its saved state stays that of its last applied step, so the
+same command carries on against an honest server. In-process tests hand a runner a crafted
+reply (no sockets); the CLI tests run ``sl-pipeline client`` against a real server whose
+replies a test tampers with, then against the same server answering honestly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.nn.utils import parameters_to_vector
+
+from sl_pipeline.errors import ProtocolError
+from sl_pipeline.messages import Kind, Message
+from workers.cli import main
+from workers.client.worker import ClientWorker
+from workers.runtime.peers import Peer
+from workers.server.worker import ServerWorker
+from workers.topologies import topology
+
+from .conftest import load_client, load_server
+from .threadserver import ThreadServer
+
+Tamper = Callable[[Message, Message], Message | None]  # (request, honest reply) -> sent
+
+
+def _with(reply: Message, **changes: Any) -> Message:
+    """``reply`` with some fields changed (tensors and meta replaced, not merged)."""
+    fields = {
+        "kind": reply.kind,
+        "client": reply.client,
+        "epoch": reply.epoch,
+        "step": reply.step,
+        "meta": reply.meta,
+        "tensors": reply.tensors,
+        "answers": reply.answers,
+    }
+    return Message(**{**fields, **changes})
+
+
+def _grad(reply: Message, make: Callable[[torch.Tensor], torch.Tensor]) -> Message:
+    return _with(reply, tensors={"grad": make(reply.tensors["grad"])})
+
+
+# name -> (the server's reply, made from the honest one; what the client's error says)
+WRONG_GRADIENTS: dict[str, tuple[Callable[[Message], Message], str]] = {
+    "wrong width": (lambda r: _grad(r, lambda g: torch.zeros(len(g), 3)), r"shape \[32, 3\]"),
+    "larger batch": (
+        lambda r: _grad(r, lambda g: torch.zeros(len(g) + 5, *g.shape[1:])),
+        r"shape \[37, 64\]; this step needs \[32, 64\]",
+    ),
+    "smaller batch": (lambda r: _grad(r, lambda g: g[:1]), r"shape \[1, 64\]"),
+    "no batch dim": (lambda r: _grad(r, lambda g: torch.tensor(1.0)), r"shape \[\]"),
+    "NaN": (lambda r: _grad(r, lambda g: torch.full_like(g, float("nan"))), "NaN or infinite"),
+    "infinite": (lambda r: _grad(r, lambda g: torch.full_like(g, float("-inf"))), "NaN or inf"),
+    "huge": (lambda r: _grad(r, lambda g: torch.full_like(g, 1e30)), "max_abs_value"),
+    "int64": (lambda r: _grad(r, lambda g: torch.ones(g.shape, dtype=torch.int64)), "int64"),
+    "int8 no scale": (lambda r: _grad(r, lambda g: g.to(torch.int8)), "grad_scale"),
+    "no grad": (lambda r: _with(r, tensors={}), "lacks tensor 'grad'"),
+    "another kind": (lambda r: _with(r, kind=Kind.RESULT), "is no backward"),
+    "loss not a number": (lambda r: _with(r, meta={"loss": "abc"}), "loss of 'abc'"),
+    "loss a list": (lambda r: _with(r, meta={"loss": [1.0]}), "not a number"),
+}
+
+
+def _client(deployment: Any, *sets: str, **kwargs: Any) -> ClientWorker:
+    files = deployment(clients=1, dataset="breast_cancer", **kwargs)
+    return ClientWorker(load_client(files["client-1"], *sets), files["client-1"].parent, False)
+
+
+def _weights(worker: ClientWorker) -> torch.Tensor:
+    vectors = [parameters_to_vector(m.parameters()) for m in worker.runner.modules.values()]
+    return torch.cat(vectors).detach().clone()
+
+
+@pytest.mark.parametrize("attack", list(WRONG_GRADIENTS))
+async def test_a_wrong_gradient_is_refused_before_it_touches_the_weights(
+    deployment: Any, attack: str
+) -> None:
+    # Prepare: a vanilla client whose server answers its step with a wrong reply
+    worker = _client(deployment)
+    tamper, says = WRONG_GRADIENTS[attack]
+
+    async def request(msg: Message, timeout_s: float | None = None) -> Message:
+        act = msg.tensors["act"]
+        honest = msg.reply(Kind.BACKWARD, meta={"loss": 0.5}, tensors={"grad": act * 0 + 1e-3})
+        return tamper(honest)
+
+    worker.request = request  # type: ignore[method-assign]
+    _, x, y, ids = next(worker.runner.epoch_batches(0))
+    before = _weights(worker)
+    # Execute / Assert: a ProtocolError naming the problem; the weights untouched
+    try:
+        with pytest.raises(ProtocolError, match=says):
+            await worker.runner.train_step(0, x, y, ids)
+        assert torch.equal(_weights(worker), before)
+    finally:
+        worker.ckpt.release()
+
+
+# ---- the same through the CLI, against a real server -------------------------------------
+class TamperingServer(ServerWorker):
+    """A real server whose replies to training steps from ``FROM_STEP`` on pass through
+    ``tamper`` (None: honest). What it applies and caches is its honest work."""
+
+    tamper: Tamper | None = None
+    FROM_STEP = 2
+
+    async def dispatch(self, identity: bytes, peer: Peer, msg: Message) -> Any:
+        replies = await super().dispatch(identity, peer, msg)
+        tamper = self.tamper
+        if tamper is None or msg.kind is not Kind.FORWARD or msg.step < self.FROM_STEP:
+            return replies
+        out = [(target, tamper(msg, reply)) for target, reply in replies]
+        return [(target, reply) for target, reply in out if reply is not None]
+
+
+@pytest.fixture
+def hostile(deployment: Any) -> Iterator[tuple[dict[str, Path], TamperingServer]]:
+    files = deployment(clients=1, dataset="breast_cancer")
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # the CLI sends logs to this test's stderr
+    try:
+        with ThreadServer(files["server"], worker=TamperingServer) as server:
+            assert isinstance(server, TamperingServer)
+            yield files, server
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def _client_cli(files: dict[str, Path], *sets: str) -> list[str]:
+    config = str(files["client-1"])
+    extra = [arg for s in sets for arg in ("--set", s)]
+    return ["client", "--config", config, "--no-progress", "--json", *extra]
+
+
+CLI_ATTACKS: dict[str, tuple[Tamper, str, tuple[str, ...]]] = {
+    # the known break: a traceback (RuntimeError: Mismatch in shape) before
+    "wrong-shaped gradient": (
+        lambda m, r: _grad(r, lambda g: torch.zeros(len(g), 3)),
+        r"the server's grad has shape \[32, 3\]; this step needs \[32, 64\]",
+        (),
+    ),
+    "wrong-shaped gradient, pipelined": (
+        lambda m, r: _grad(r, lambda g: torch.zeros(len(g), 3)),
+        r"the server's grad has shape \[32, 3\]; this step needs \[32, 64\]",
+        ("train.pipeline_depth=2",),
+    ),
+    "loss not a number": (
+        lambda m, r: _with(r, meta={"loss": "abc"}),
+        "the server's reply reports a loss of 'abc', not a number",
+        (),
+    ),
+    "reply to another step": (
+        lambda m, r: _with(r, step=r.step + 1),
+        r"a backward reply to forward at step \(0, 3\) came while waiting for the reply to "
+        r"forward at step \(0, 2\)",
+        (),
+    ),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("attack", list(CLI_ATTACKS))
+def test_a_wrong_reply_ends_the_client_in_one_line_and_the_same_command_carries_on(
+    capsys: pytest.CaptureFixture[str],  # first: the server stops (and logs) before it goes
+    hostile: tuple[dict[str, Path], TamperingServer],
+    attack: str,
+) -> None:
+    # Prepare
+    files, server = hostile
+    server.tamper, says, sets = CLI_ATTACKS[attack]
+    # Execute: the client against the tampering server
+    status = main(_client_cli(files, *sets))
+    # Assert: exit 3, one line naming the problem, no traceback
+    err = capsys.readouterr().err
+    assert status == ProtocolError.exit_code
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("sl-pipeline client: error: ")
+    assert re.search(says, last), last
+    # Execute: the same command, the server honest again
+    server.tamper = None
+    assert main(_client_cli(files, *sets)) == 0
+    # Assert: it carried on from its state (2 steps applied before the wrong reply)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 15 and summary["test_accuracy"] > 0.8
+
+
+# ---- u-shaped and evaluation replies: an honest engine's answer, tampered ----------------
+def _served(worker: ClientWorker, files: dict[str, Path], tamper: Tamper) -> None:
+    """``worker``'s requests answered by its topology's server engine, through ``tamper``."""
+    cfg = load_server(files["server"])
+    engine = topology(cfg.server.topology).engine(cfg, files["server"].parent)
+
+    async def request(msg: Message, timeout_s: float | None = None) -> Message:
+        answer = engine.evaluate if msg.kind is Kind.EVALUATE else engine.handle
+        ((_, reply),) = answer(b"client-1", msg)
+        changed = tamper(msg, reply)
+        assert changed is not None
+        return changed
+
+    worker.request = request  # type: ignore[method-assign]
+
+
+def _out(reply: Message, make: Callable[[torch.Tensor], torch.Tensor]) -> Message:
+    return _with(reply, tensors={"out": make(reply.tensors["out"])})
+
+
+def _on(kind: Kind, change: Callable[[Message], Message]) -> Tamper:
+    return lambda msg, reply: change(reply) if msg.kind is kind else reply
+
+
+USHAPED: dict[str, tuple[Tamper, str]] = {
+    "out too wide": (
+        _on(Kind.FORWARD, lambda r: _out(r, lambda o: torch.zeros(len(o), o.shape[1] + 1))),
+        r"the server's out has shape \[32, 65\]; this step needs \[32, 64\]",
+    ),
+    "out for a larger batch": (
+        _on(Kind.FORWARD, lambda r: _out(r, lambda o: torch.zeros(len(o) + 1, *o.shape[1:]))),
+        r"out has shape \[33, 64\]",
+    ),
+    "out NaN": (
+        _on(Kind.FORWARD, lambda r: _out(r, lambda o: torch.full_like(o, float("nan")))),
+        "NaN",
+    ),
+    "out as a backward": (_on(Kind.FORWARD, lambda r: _with(r, kind=Kind.BACKWARD)), "no result"),
+    "cut gradient of the wrong shape": (
+        _on(Kind.BACKWARD, lambda r: _grad(r, lambda g: g[:, :3])),
+        r"grad has shape \[32, 3, 4, 4\]; this step needs \[32, 16, 4, 4\]",
+    ),
+    "cut gradient huge": (
+        _on(Kind.BACKWARD, lambda r: _grad(r, lambda g: g * 0 + 1e9)),
+        "max_abs_value",
+    ),
+}
+
+
+@pytest.mark.parametrize("attack", list(USHAPED))
+async def test_a_wrong_ushaped_reply_is_refused_before_the_weights_move(
+    deployment: Any, attack: str
+) -> None:
+    # Prepare: a u-shaped client (its head and labels here) and its server's engine
+    files = deployment(topology="ushaped", clients=1)
+    worker = ClientWorker(load_client(files["client-1"]), files["client-1"].parent, False)
+    tamper, says = USHAPED[attack]
+    _served(worker, files, tamper)
+    _, x, y, ids = next(worker.runner.epoch_batches(0))
+    before = _weights(worker)
+    # Execute / Assert: refused, neither the bottom nor the head stepped
+    try:
+        with pytest.raises(ProtocolError, match=says):
+            await worker.runner.train_step(0, x, y, ids)
+        assert torch.equal(_weights(worker), before)
+    finally:
+        worker.ckpt.release()
+
+
+EVALUATION: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], str]] = {
+    # one row for the batch: compared with the labels it broadcast into an accuracy
+    "one row for the batch": (lambda o: o[:1], r"out has shape \[1, 2\]; this step needs \[114"),
+    "no class dimension": (lambda o: o[:, 0], r"out has shape \[114\]"),
+    "NaN": (lambda o: torch.full_like(o, float("nan")), "NaN"),
+}
+
+
+@pytest.mark.parametrize("attack", list(EVALUATION))
+async def test_a_wrong_evaluation_output_is_refused(deployment: Any, attack: str) -> None:
+    # Prepare: a vanilla client evaluating against its server's engine, outputs tampered
+    files = deployment(clients=1, dataset="breast_cancer")
+    worker = ClientWorker(load_client(files["client-1"]), files["client-1"].parent, False)
+    change, says = EVALUATION[attack]
+    _served(worker, files, _on(Kind.EVALUATE, lambda r: _out(r, change)))
+    # Execute / Assert
+    try:
+        with pytest.raises(ProtocolError, match=says):
+            await worker.runner.evaluate(worker.data.test)
+    finally:
+        worker.ckpt.release()
