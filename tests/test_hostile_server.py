@@ -76,7 +76,9 @@ WRONG_GRADIENTS: dict[str, tuple[Callable[[Message], Message], str]] = {
 
 def _client(deployment: Any, *sets: str, **kwargs: Any) -> ClientWorker:
     files = deployment(clients=1, dataset="breast_cancer", **kwargs)
-    return ClientWorker(load_client(files["client-1"], *sets), files["client-1"].parent, False)
+    return ClientWorker(
+        load_client(files["client-1"], *sets), files["client-1"].parent, progress=False
+    )
 
 
 def _weights(worker: ClientWorker) -> torch.Tensor:
@@ -97,7 +99,7 @@ async def test_a_wrong_gradient_is_refused_before_it_touches_the_weights(
         honest = msg.reply(Kind.BACKWARD, meta={"loss": 0.5}, tensors={"grad": act * 0 + 1e-3})
         return tamper(honest)
 
-    worker.request = request  # type: ignore[method-assign]
+    worker.request = request  # type: ignore[method-assign,assignment]
     _, x, y, ids = next(worker.runner.epoch_batches(0))
     before = _weights(worker)
     # Execute / Assert: a ProtocolError naming the problem; the weights untouched
@@ -212,7 +214,7 @@ def _served(worker: ClientWorker, files: dict[str, Path], tamper: Tamper) -> Non
         assert changed is not None
         return changed
 
-    worker.request = request  # type: ignore[method-assign]
+    worker.request = request  # type: ignore[method-assign,assignment]
 
 
 def _out(reply: Message, make: Callable[[torch.Tensor], torch.Tensor]) -> Message:
@@ -254,7 +256,7 @@ async def test_a_wrong_ushaped_reply_is_refused_before_the_weights_move(
 ) -> None:
     # Prepare: a u-shaped client (its head and labels here) and its server's engine
     files = deployment(topology="ushaped", clients=1)
-    worker = ClientWorker(load_client(files["client-1"]), files["client-1"].parent, False)
+    worker = ClientWorker(load_client(files["client-1"]), files["client-1"].parent, progress=False)
     tamper, says = USHAPED[attack]
     _served(worker, files, tamper)
     _, x, y, ids = next(worker.runner.epoch_batches(0))
@@ -280,7 +282,7 @@ EVALUATION: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], str]] = {
 async def test_a_wrong_evaluation_output_is_refused(deployment: Any, attack: str) -> None:
     # Prepare: a vanilla client evaluating against its server's engine, outputs tampered
     files = deployment(clients=1, dataset="breast_cancer")
-    worker = ClientWorker(load_client(files["client-1"]), files["client-1"].parent, False)
+    worker = ClientWorker(load_client(files["client-1"]), files["client-1"].parent, progress=False)
     change, says = EVALUATION[attack]
     _served(worker, files, _on(Kind.EVALUATE, lambda r: _out(r, change)))
     # Execute / Assert
