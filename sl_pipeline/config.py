@@ -79,9 +79,7 @@ class DataConfig:
     shards: int = 1
     feature_slice: list[int] = field(default_factory=list)  # vertical: [start, stop)
     task: str = ""  # multitask: which task's labels
-    # Tables (CSV/Parquet) and image folders; see docs/data.md.
-
-    id: str = ""  # identifier column: kept as the row id, never a feature
+    id: str = ""  # identifier column, kept as the row id, never a feature (docs/data.md)
     align: Literal["", "psi", "position"] = ""  # vertical: "" = psi when data.id is set
     encode: Literal["onehot", "ordinal"] = "onehot"  # text feature columns
     unknown: Literal["ignore", "error"] = "ignore"  # a category not seen in training rows
