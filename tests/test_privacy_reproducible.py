@@ -106,6 +106,8 @@ def test_audit_stopped_by_sigterm_reports_incomplete_and_fails() -> None:
     assert status == 128 + signal.SIGTERM
     assert "interrupted by SIGTERM" in err and "incomplete" in err
     assert "test_accuracy" not in out and "reconstruction_mse" not in out
+    # no client's resume advice: its state was in the audit's temporary folder, now gone
+    assert "resumes here" not in err and "runs stop" not in err, err
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

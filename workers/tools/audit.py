@@ -57,7 +57,7 @@ from workers.tools.audit_taps import (
     record_sent_label_grads,
     seed_workers,
 )
-from workers.tools.inprocess import build_deployment, train
+from workers.tools.inprocess import build_deployment, train, without_resume_advice
 from workers.tools.localdeploy import DATASETS, init_deployment
 from workers.topologies import topology as find_topology
 
@@ -211,7 +211,8 @@ async def train_in_process(
     caught: list[int] = []
     watcher = asyncio.ensure_future(_take_over_signals(run.clients, caught))
     try:
-        summaries = await train(run, timeout_s)
+        with without_resume_advice():  # its state is in a temporary folder
+            summaries = await train(run, timeout_s)
     finally:
         watcher.cancel()
     _check_complete(run.clients, summaries, caught)
