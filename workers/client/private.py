@@ -84,6 +84,15 @@ class PrivateBatches:
             yield step, x_all[idx], (y_all[idx] if self.has_labels else None), ids_all[idx]
             step += 1
 
+    def last_replayable(self, first_step: int) -> int:
+        """The last step that a resume at ``first_step`` sends with the rows it had: the
+        steps in flight at the checkpoint, then the batch drawn ahead (``next_batch``). A
+        new epoch's batches are all drawn afresh."""
+        if first_step == 0:
+            return -1
+        in_flight = sum(1 for step, _ in self.handed if step >= first_step)
+        return first_step + in_flight - (self.next_batch is None)
+
     def _draws(self, loader: Any) -> Iterator[tuple[int, list[int]]]:
         """The epoch's batches not drawn yet, counted in ``drawn``: each non-empty one with
         the number of empty ones drawn just before it, and the empty ones at the epoch's end
@@ -152,20 +161,32 @@ class PrivateBatches:
 
 
 def check_replayable(
-    private: PrivateBatches | None, welcome: dict[str, Any], resumed: bool
+    private: PrivateBatches | None, welcome: dict[str, Any], resumed_at: tuple[int, int] | None
 ) -> None:
-    """At a fresh start (no checkpoint or stop state), the next hop holds steps of this
-    client: a client without DP-SGD sends them again, the same requests, and is answered
-    from the cache; a DP-SGD client cannot, its batches come from the operating system, and
-    the cached gradients of other rows failed it (a shape mismatch traceback, or, where the
-    sizes agreed, wrong gradients applied)."""
+    """The next hop holds steps of this client past its state (a fresh start, or a resume at
+    ``resumed_at`` = (epoch, next step) from a checkpoint older than them: ``every_steps >
+    1``): a client without DP-SGD sends them again, the same requests, and is answered from
+    the cache; a DP-SGD client can only for the steps its state holds the rows of, as its
+    batches come from the operating system, and the cached gradients of other rows failed
+    it (a shape mismatch traceback, or, where the sizes agreed, wrong gradients applied)."""
     applied = welcome.get("applied")
-    if private is None or resumed or not applied:
+    if private is None or not applied:
+        return
+    held = (int(applied[0]), int(applied[1]))
+    if resumed_at is not None and held <= (resumed_at[0], private.last_replayable(resumed_at[1])):
         return
     run = welcome.get("run") or "its run"
+    where = (
+        "without the client's state"
+        if resumed_at is None
+        else (
+            f"past its checkpoint's step {(resumed_at[0], resumed_at[1] - 1)}: its checkpoints "
+            "come every checkpoint.every_steps steps, and a kill between two loses the rows "
+            "(checkpoint.every_steps = 1, init's, loses none)"
+        )
+    )
     raise ConfigError(
-        f"run {run} already applied this client's steps up to {tuple(applied)}, and DP-SGD "
-        "batches cannot be drawn again without the client's state: resume it from its "
-        f"checkpoint ([checkpoint] dir), else stop that run (`sl-pipeline runs stop {run}`) "
-        "and start it again"
+        f"run {run} already applied this client's steps up to {held}, and DP-SGD batches "
+        f"cannot be drawn again {where}: resume it from a checkpoint that holds them, else "
+        f"stop that run (`sl-pipeline runs stop {run}`) and start it again"
     )

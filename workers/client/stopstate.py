@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from sl_pipeline.config import ClientConfig, resolve_path
+from sl_pipeline.config import MAX_PIPELINE_DEPTH, ClientConfig, resolve_path
 from sl_pipeline.errors import ConfigError, PeerError
 from workers.runtime.checkpoint import CheckpointStore, open_store
 
@@ -127,17 +127,29 @@ class ClientStore:
         )
 
     def explain(self, exc: PeerError, run: str) -> PeerError:
-        """A ``stale_step`` refusal of a client with no periodic checkpoints: it was killed
-        without a stop, so it restarted behind the steps the server applied for it."""
-        if exc.remote_code != "stale_step" or self.periodic is not None:
+        """A ``stale_step`` refusal: the client was killed without a stop, and restarted
+        behind the steps the server applied for it, by more than the server answers again
+        from its cache (its last 16 steps of a client): it had no periodic checkpoints, or
+        they came too far apart (``every_steps``)."""
+        if exc.remote_code != "stale_step":
             return exc
+        if self.periodic is None:
+            why = (
+                "this client started again without them, having no [checkpoint] dir to keep "
+                "them through a kill without a stop (kill -9, the OOM killer, a power cut). "
+                "Set one (sl-pipeline init and provision do)"
+            )
+        else:
+            why = (
+                "this client's newest checkpoint is older than the steps the server answers "
+                f"again (its last {MAX_PIPELINE_DEPTH}): checkpoint.every_steps = {self.every} "
+                "let a kill without a stop lose more. Set it to 1 (init's)"
+            )
         return PeerError(
             exc.remote_code,
-            f"{exc.reason.split(': ', 1)[0]}: this client started again without them, having "
-            "no [checkpoint] dir to keep them through a kill without a stop (kill -9, the OOM "
-            "killer, a power cut). Set one (sl-pipeline init and provision do) for the same "
-            "command to carry on after such a kill; to train now, stop that run "
-            f"(`sl-pipeline runs stop {run or 'RUN'}`, its model is saved) and start it again",
+            f"{exc.reason.split(': ', 1)[0]}: {why} for the same command to carry on after "
+            f"such a kill; to train now, stop that run (`sl-pipeline runs stop {run or 'RUN'}`, "
+            "its model is saved) and start it again",
         )
 
     def at_end(

@@ -227,7 +227,8 @@ class ClientWorker:
         try:
             try:
                 await self.connect()
-                check_replayable(self.runner.private, self.link.welcome, bool(self.last_applied))
+                resumed_at = self.start if self.last_applied else None
+                check_replayable(self.runner.private, self.link.welcome, resumed_at)
                 if self.pending is not None:
                     await self.align()
                 await self.train()
