@@ -10,6 +10,7 @@ replies a test tampers with, then against the same server answering honestly.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -24,6 +25,8 @@ from torch.nn.utils import parameters_to_vector
 from sl_pipeline.errors import ProtocolError
 from sl_pipeline.messages import Kind, Message
 from workers.cli import main
+from workers.client.microbatch import MAX_DEPTH
+from workers.client.replies import MAX_UNDO_POINTS
 from workers.client.worker import ClientWorker
 from workers.runtime.peers import Peer
 from workers.server.worker import ServerWorker
@@ -117,7 +120,11 @@ class TamperingServer(ServerWorker):
     ``tamper`` (None: honest). What it applies and caches is its honest work."""
 
     tamper: Tamper | None = None
+    welcome: dict[str, Any] = {}  # fields that replace the honest welcome's
     FROM_STEP = 2
+
+    def accept(self, hello: dict[str, Any], key: bytes | None) -> dict[str, Any]:
+        return {**super().accept(hello, key), **self.welcome}
 
     async def dispatch(self, identity: bytes, peer: Peer, msg: Message) -> Any:
         replies = await super().dispatch(identity, peer, msg)
@@ -291,3 +298,51 @@ async def test_a_wrong_evaluation_output_is_refused(deployment: Any, attack: str
             await worker.runner.evaluate(worker.data.test)
     finally:
         worker.ckpt.release()
+
+
+# ---- the welcome -------------------------------------------------------------------------
+BAD_WELCOMES: dict[str, tuple[dict[str, Any], str]] = {
+    # each crashed the client (ValueError, TypeError) or was taken as a run id
+    "checkpoint_every a word": ({"checkpoint_every": "abc"}, "checkpoint_every = 'abc'"),
+    "checkpoint_every a list": ({"checkpoint_every": [1]}, r"checkpoint_every = \[1\]"),
+    "checkpoint_every zero": ({"checkpoint_every": 0}, "checkpoint_every = 0"),
+    "run a number": ({"run": 5}, "run = 5"),
+    "run a path": ({"run": "../../x"}, "run = '../../x'"),
+    "run of 5000 chars": ({"run": "r" * 5000}, r"run = 'rrr.*\.\.\., which"),
+    "applied a word": ({"applied": "xy"}, "applied = 'xy'"),
+    "applied one number": ({"applied": [1]}, r"applied = \[1\]"),
+}
+
+
+@pytest.mark.parametrize("attack", list(BAD_WELCOMES))
+def test_a_wrong_welcome_is_refused_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+    hostile: tuple[dict[str, Path], TamperingServer],
+    attack: str,
+) -> None:
+    # Prepare
+    files, server = hostile
+    server.welcome, says = BAD_WELCOMES[attack]
+    # Execute
+    status = main(_client_cli(files))
+    # Assert: exit 3, one line naming the field, no traceback
+    err = capsys.readouterr().err
+    assert status == ProtocolError.exit_code and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert re.search(f"sl-pipeline client: error: the server's welcome has {says}", last), last
+
+
+def test_a_welcome_asking_for_an_undo_point_per_step_gets_a_bounded_ring(
+    hostile: tuple[dict[str, Path], TamperingServer],
+) -> None:
+    # Prepare: a server claiming to checkpoint every 10**15 steps (a full copy of the client's
+    # state per step for the whole run, before)
+    files, server = hostile
+    server.welcome = {"checkpoint_every": 10**15}
+    worker = ClientWorker(load_client(files["client-1"]), files["client-1"].parent, progress=False)
+    # Execute
+    summary = asyncio.run(worker.run())
+    # Assert: trained, with at most MAX_UNDO_POINTS (+ the pipeline's depth + 1) undo points
+    assert summary["steps"] == 15
+    assert worker.undo.ring is not None
+    assert worker.undo.ring.capacity <= MAX_UNDO_POINTS + MAX_DEPTH + 1

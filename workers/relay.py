@@ -50,6 +50,7 @@ from sl_pipeline.models import (
 )
 from sl_pipeline.tensors import all_finite, as_input, read_tensor, wire_tensors
 from sl_pipeline.transport import DealerConnection
+from workers.client.replies import checked_welcome
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.appliedlog import AppliedLog
 from workers.runtime.checkpoint import (
@@ -258,7 +259,7 @@ class RelayWorker(RouterService):
         hello = {k: v for k, v in self.upstream_hs.hello.items() if k != "for"}
         self.upstream_hs.hello = {**hello, "for": speaking_for} if speaking_for else hello
         welcome = await self.upstream.handshake(self.upstream_hs, self.cfg.relay.timeout_s)
-        self.run_id = str(welcome.get("run") or "")
+        self.run_id = str(checked_welcome(welcome).get("run") or "")
         self.joined_upstream = True
         log.info("relay joined upstream %s", self.cfg.relay.upstream)
         return welcome

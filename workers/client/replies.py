@@ -13,8 +13,9 @@ the same command carries on against an honest server.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,6 +23,12 @@ import torch
 from sl_pipeline.errors import ProtocolError, ReplyMismatchError
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.tensors import announced_shape, read_tensor
+from workers.server.runs import RUN_ID
+
+log = logging.getLogger("sl_pipeline.client")
+# Undo points a client keeps for a server that checkpoints every N > 1 steps (each a copy of
+# its whole state): a welcome asking for more gets this many, not a copy per step of the run.
+MAX_UNDO_POINTS = 256
 
 # None: any size in that dimension; a last ``...``: any further dimensions (a custom model
 # whose layers' input shapes are not known without running them)
@@ -74,4 +81,39 @@ def reply_loss(reply: Message) -> float:
     return float(loss)
 
 
-__all__ = ["reply_loss", "reply_tensor"]
+def checked_welcome(welcome: Mapping[str, Any]) -> dict[str, Any]:
+    """``welcome`` if the fields a client uses are what a server or relay sends: ``run`` a
+    run id, ``applied`` an ``[epoch, step]`` pair, ``checkpoint_every`` a positive count
+    (capped at ``MAX_UNDO_POINTS``); a ``ProtocolError`` naming the field otherwise."""
+    run = welcome.get("run")
+    if run is not None and not (isinstance(run, str) and (not run or RUN_ID.fullmatch(run))):
+        raise _bad_field("run", run)
+    applied = welcome.get("applied")
+    pair = isinstance(applied, list | tuple) and len(applied) == 2
+    if applied is not None and not (pair and all(_count(v) for v in applied)):
+        raise _bad_field("applied", applied)
+    every = welcome.get("checkpoint_every")
+    if every is not None and not (_count(every) and every >= 1):
+        raise _bad_field("checkpoint_every", every)
+    if every is not None and every > MAX_UNDO_POINTS:
+        log.warning(
+            "the server checkpoints every %d steps; this client keeps at most %d undo points "
+            "(a restart of that server may lose steps it cannot redo)",
+            every,
+            MAX_UNDO_POINTS,
+        )
+        every = MAX_UNDO_POINTS
+    return {**welcome, "checkpoint_every": every}
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**53
+
+
+def _bad_field(name: str, value: object) -> ProtocolError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else f"{shown[:77]}..."
+    return ProtocolError(f"the server's welcome has {name} = {shown}, which no server sends")
+
+
+__all__ = ["MAX_UNDO_POINTS", "checked_welcome", "reply_loss", "reply_tensor"]

@@ -31,6 +31,7 @@ from workers.client.host import RunnerConfig
 from workers.client.link import BYE_LINGER_MS, Stopped, Upstream, make_handshake
 from workers.client.microbatch import MAX_DEPTH, Pipeline, check_depth
 from workers.client.private import check_replayable
+from workers.client.replies import checked_welcome
 from workers.client.report import client_summary, log_stop, model_path
 from workers.client.rollback import NOTHING, Rewind, UndoPoints
 from workers.client.staleness import configured_momentum
@@ -194,8 +195,10 @@ class ClientWorker:
 
     async def connect(self) -> None:
         """Join the next hop (retrying), then see where it says this client resumes."""
-        welcome = await self.link.connect(
-            lambda: self.link.hello(self.start, self.last_applied), lambda: self.steps_done > 0
+        welcome = checked_welcome(
+            await self.link.connect(
+                lambda: self.link.hello(self.start, self.last_applied), lambda: self.steps_done > 0
+            )
         )
         if self.start[0] < self.cfg.train.epochs:  # else it trained its run: that one's
             self.run_id = welcome.get("run") or self.run_id
