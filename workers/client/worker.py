@@ -64,6 +64,7 @@ class ClientWorker:
         self.base = base
         self.metrics = metrics or WorkerMetrics("client")
         self.progress = progress
+        self.resumable = True  # False where nobody can rerun it (an audit's temporary folder)
         self.topology: str = cfg.client.topology
         check_endpoint(cfg.client.server, "client.server")
         PrivacyConfig.from_mapping(cfg.privacy).check_placement(
@@ -251,7 +252,7 @@ class ClientWorker:
             if self.steps_done > self.resumed_from:  # else the saved model stays as it was
                 self.runner.save()
             saved, run = self._save_at_end(), self.link.run or self.run_id
-            if self.stopped:
+            if self.stopped and self.resumable:
                 log_stop(self.epoch, self.step, saved, self.steps_done, run)
             wall = time.perf_counter() - start
             if not self.stopped:

@@ -57,7 +57,7 @@ from workers.tools.audit_taps import (
     record_sent_label_grads,
     seed_workers,
 )
-from workers.tools.inprocess import build_deployment, train, without_resume_advice
+from workers.tools.inprocess import build_deployment, train
 from workers.tools.localdeploy import DATASETS, init_deployment
 from workers.topologies import topology as find_topology
 
@@ -206,13 +206,13 @@ async def train_in_process(
     halt = asyncio.Event()  # one stop event: whichever client's handler wins stops them all
     for client in run.clients:
         client.stop = halt
+        client.resumable = False  # its state is in a temporary folder: no resume advice
     seed_workers(run.server, run.clients, seed)
     taps = _tap(run.server, run.clients)
     caught: list[int] = []
     watcher = asyncio.ensure_future(_take_over_signals(run.clients, caught))
     try:
-        with without_resume_advice():  # its state is in a temporary folder
-            summaries = await train(run, timeout_s)
+        summaries = await train(run, timeout_s)
     finally:
         watcher.cancel()
     _check_complete(run.clients, summaries, caught)

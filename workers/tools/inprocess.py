@@ -10,9 +10,7 @@ makes the workers (so that a caller can attach its taps before anything runs),
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,27 +138,10 @@ async def run_deployment(
     return run
 
 
-@contextlib.contextmanager
-def without_resume_advice() -> Iterator[None]:
-    """Inside, a stopped client's advice on resuming (``report.log_stop``) is dropped: a
-    deployment trained in a temporary folder (an audit's) leaves nothing to resume from."""
-
-    def keep(record: logging.LogRecord) -> bool:
-        return record.funcName != "log_stop"
-
-    client_log = logging.getLogger("sl_pipeline.client")
-    client_log.addFilter(keep)
-    try:
-        yield
-    finally:
-        client_log.removeFilter(keep)
-
-
 __all__ = [
     "InProcess",
     "build_deployment",
     "run_deployment",
     "train",
     "wait_until",
-    "without_resume_advice",
 ]
