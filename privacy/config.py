@@ -244,11 +244,33 @@ class PrivacyConfig:
 
     def validate_for_topology(self, topology: str) -> None:
         """Refuse settings that make no sense for ``topology`` (e.g. label protection)."""
+        self._check_dpsgd_topology(topology)
         if self.label_protection_on and topology not in LABEL_HOLDERS:
             raise PrivacyError(
                 f"privacy.label is only meaningful for topologies {', '.join(LABEL_HOLDERS)}, "
                 f"not '{topology}'",
                 hint="remove [privacy.label] or set mechanism = 'none'",
+            )
+
+    def _check_dpsgd_topology(self, topology: str) -> None:
+        """DP-SGD where its mechanism cannot run: before, a u-shaped client stopped on
+        Opacus' traceback (its optimizer holds the head's weights too) and vertical parties,
+        each drawing its own Poisson batch, on "different sample ids ... check data.seed"."""
+        if self.dpsgd is None:
+            return
+        if topology == "ushaped":
+            raise PrivacyError(
+                "privacy.dpsgd is not supported for topology ushaped: the client's optimizer "
+                "also trains the head, whose gradients Opacus would not clip",
+                hint="remove [privacy.dpsgd], or train vanilla",
+            )
+        if topology == "vertical" and self.dpsgd.poisson_sampling:
+            raise PrivacyError(
+                "privacy.dpsgd in a vertical party needs poisson_sampling = false: each party "
+                "would draw its own Poisson batch from the operating system, so the parties' "
+                "rows of a step would differ",
+                hint="set privacy.dpsgd.poisson_sampling = false in every party (its epsilon "
+                "is then only approximate), or remove [privacy.dpsgd]",
             )
 
     def check_placement(self, topology: str, *, server: bool, holds_labels: bool) -> None:
@@ -265,6 +287,7 @@ class PrivacyConfig:
                         f"privacy.{name} is a client-side defense; a server cannot apply it",
                         hint=f"move [privacy.{name}] to each client's config",
                     )
+        self._check_dpsgd_topology(topology)
         if self.label is None:
             return
         if topology not in LABEL_HOLDERS:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from privacy.config import DPSGDConfig
-from sl_pipeline.config import MAX_PIPELINE_DEPTH, TrainConfig
+from sl_pipeline.config import MAX_PIPELINE_DEPTH, ClientConfig, TrainConfig
 from sl_pipeline.data import Split
 from sl_pipeline.errors import ConfigError
 
@@ -158,6 +158,21 @@ class PrivateBatches:
             "noise_rng": getattr(self.dp.optimizer, "generator", None),
         }
         return {name: gen for name, gen in found.items() if gen is not None}
+
+
+def check_checkpoints(cfg: ClientConfig) -> None:
+    """A DP-SGD client checkpoints after every step. Its batches come from the operating
+    system, so a client killed between checkpoints drew other rows for the steps after its
+    checkpoint: the server answered them from its cache with gradients of the old rows (a
+    shape mismatch traceback, or wrong gradients where the sizes agreed), and its epsilon
+    no longer counted the steps it had released before the kill."""
+    every = cfg.checkpoint.every_steps
+    if cfg.privacy.get("dpsgd") is not None and cfg.checkpoint.dir and every > 1:
+        raise ConfigError(
+            f"checkpoint.every_steps = {every} with privacy.dpsgd: a DP-SGD client's batches "
+            "cannot be drawn again, so a resume must start from its last step; set "
+            "checkpoint.every_steps = 1"
+        )
 
 
 def check_replayable(

@@ -30,7 +30,7 @@ from workers.client.align import aligned_data, first_data, psi_key, rows_file
 from workers.client.host import RunnerConfig
 from workers.client.link import BYE_LINGER_MS, Stopped, Upstream, make_handshake
 from workers.client.microbatch import MAX_DEPTH, Pipeline, check_depth
-from workers.client.private import check_replayable
+from workers.client.private import check_checkpoints, check_replayable
 from workers.client.replies import checked_welcome
 from workers.client.report import client_summary, log_stop, model_path
 from workers.client.rollback import NOTHING, Rewind, UndoPoints
@@ -70,6 +70,7 @@ class ClientWorker:
         PrivacyConfig.from_mapping(cfg.privacy).check_placement(
             self.topology, server=False, holds_labels=cfg.client.role == "label"
         )
+        check_checkpoints(cfg)
         if cfg.client.run:
             check_run_id(cfg.client.run, "client.run")
         m = cfg.model

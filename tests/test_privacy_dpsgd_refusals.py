@@ -1,0 +1,61 @@
+"""DP-SGD where its mechanism cannot run is refused at start, in one line naming the key and
+what to do (red team of the DP-SGD accounting claim). Before: a u-shaped client stopped on
+Opacus' traceback, vertical parties on a misleading "check data.seed" after joining, and a
+client checkpointing every N > 1 steps, killed between checkpoints, on a shape-mismatch
+traceback at resume (its epsilon had also lost the steps released before the kill)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from privacy.config import PrivacyConfig
+from workers.cli import main
+from workers.ops.logs import configure_logging
+
+DP = ("--set", "privacy.dpsgd.noise_multiplier=1.0")
+
+
+@pytest.mark.parametrize(
+    ("topology", "sets", "says"),
+    [
+        ("ushaped", (), "privacy.dpsgd is not supported for topology ushaped"),
+        ("vertical", (), "privacy.dpsgd in a vertical party needs poisson_sampling = false"),
+        (
+            "vanilla",
+            ("--set", "checkpoint.every_steps=5"),
+            "checkpoint.every_steps = 5 with privacy.dpsgd",
+        ),
+    ],
+)
+def test_dpsgd_is_refused_in_one_line_where_it_cannot_run(
+    deployment,  # type: ignore[no-untyped-def]
+    capsys: pytest.CaptureFixture[str],
+    topology: str,
+    sets: tuple[str, ...],
+    says: str,
+) -> None:
+    # Prepare
+    clients = 2 if topology == "vertical" else 1
+    files = deployment(topology=topology, clients=clients, dataset="breast_cancer")
+    # Execute
+    code = main(["client", "--config", str(files["client-1"]), *DP, *sets])
+    configure_logging("text", "INFO", stream=io.StringIO())
+    err = capsys.readouterr().err
+    # Assert
+    assert code == 2
+    assert "Traceback" not in err
+    assert says in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_vertical_party_with_fixed_batches_is_accepted(
+    deployment,  # type: ignore[no-untyped-def]
+) -> None:
+    """The refusal names what works: fixed batches, the same rows in every party."""
+    cfg = PrivacyConfig.from_mapping(
+        {"dpsgd": {"noise_multiplier": 1.0, "poisson_sampling": False}}
+    )
+    cfg.check_placement("vertical", server=False, holds_labels=False)
+    cfg.validate_for_topology("vertical")
