@@ -267,7 +267,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
                     stderr=log,
                 )
         at_s = _capture(url, files, procs)
-        for proc in procs.values():
+        # Newest first: each stops at once while its upstream still answers (a relay whose
+        # server went first waits out its rejoin of the server before it stops)
+        for proc in reversed(procs.values()):
             stop_process(proc, timeout_s=10)  # type: ignore[arg-type]
         result = Live(url, at_s, targets)
         for name, definition in variables():
@@ -279,7 +281,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             result.values[name], result.found[name] = f"({escaped})", found
         yield result
     finally:
-        for proc in procs.values():
+        for proc in reversed(procs.values()):
             stop_process(proc, timeout_s=10)  # type: ignore[arg-type]
         stop_prometheus(prometheus)
 
