@@ -76,10 +76,12 @@ def _bytes_seen(messages: list[Message]) -> bytes:
 class _Server:
     """The server in this test's loop, so the test sees every message it accepts."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, *overrides: str) -> None:
         self.stop = asyncio.Event()
         self.task = asyncio.create_task(
-            ServerWorker(load(ServerConfig, config), config.parent).serve(self.stop)
+            ServerWorker(load(ServerConfig, config, list(overrides)), config.parent).serve(
+                self.stop
+            )
         )
 
     async def close(self) -> None:
@@ -200,7 +202,9 @@ def test_psi_settings_and_widths_are_checked_before_joining(
 async def test_a_party_that_starts_late_is_waited_for(
     deployment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
-    # Prepare: short PSI waits, so the first party reposts while the second is not there yet
+    # Prepare: short PSI waits, so the first party reposts while the second is not there yet;
+    # and the session a party left on a PSI wait gives its name up to the party's rejoin
+    # after 0.5 s, not the default 5 s (each party rejoins after each wait)
     monkeypatch.setattr(align, "PSI_WAIT_S", 0.5)
     shared, only_a, only_b = _people()
     files = deployment(topology="vertical", clients=2, dataset="breast_cancer", label_client=True)
@@ -209,7 +213,7 @@ async def test_a_party_that_starts_late_is_waited_for(
     b = party_csv(tmp_path / "b.csv", _shuffled(np.r_[shared, only_b], 3), B_COLUMNS)
     _use_data(files["client-1"], path=str(a), id="id", label="diagnosis")
     _use_data(files["client-2"], path=str(b), id="id")
-    server = _Server(files["server"])
+    server = _Server(files["server"], "server.takeover_after_s=0.5")
     first = ClientWorker(load(ClientConfig, files["client-1"]), base, progress=False)
     early = asyncio.create_task(first.run())
     try:
