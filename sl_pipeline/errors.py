@@ -116,15 +116,24 @@ class OverloadedError(ProtocolError):
     code = "overloaded"
 
 
+def one_line(text: str, limit: int) -> str:
+    """``text`` as one printable line of at most ``limit`` characters: a peer's words reach
+    the terminal and the log, and a newline or an escape sequence in them must not forge
+    lines there or move the cursor (each such character shows as ``\\xNN``)."""
+    shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text[: limit + 1])
+    return shown if len(shown) <= limit else f"{shown[: limit - 3]}..."
+
+
 class PeerError(SLError, RuntimeError):
-    """The peer replied with an ERROR message; ``remote_code`` is its code."""
+    """The peer replied with an ERROR message; ``remote_code`` is its code. Both are the
+    peer's words: shown as one printable line (a code at most 64 characters, a reason 2000)."""
 
     code = "peer"
     exit_code = 4
 
     def __init__(self, remote_code: str, message: str, *, retryable: bool = False) -> None:
-        self.remote_code = remote_code
-        self.reason = message  # the peer's own words, without our prefix
+        self.remote_code = remote_code = one_line(remote_code, 64)
+        self.reason = message = one_line(message, 2000) or "no reason given"
         self.retryable = retryable
         super().__init__(f"peer error [{remote_code}]: {message}")
 

@@ -186,7 +186,7 @@ class DealerConnection:
             raise PeerError(
                 str(message.meta.get("code", "error")),
                 str(message.meta.get("reason", "")),
-                retryable=bool(message.meta.get("retryable", False)),
+                retryable=message.meta.get("retryable") is True,
             )
         return message
 

@@ -346,3 +346,56 @@ def test_a_welcome_asking_for_an_undo_point_per_step_gets_a_bounded_ring(
     assert summary["steps"] == 15
     assert worker.undo.ring is not None
     assert worker.undo.ring.capacity <= MAX_UNDO_POINTS + MAX_DEPTH + 1
+
+
+# ---- error replies -----------------------------------------------------------------------
+def _error(meta: dict[str, Any]) -> Tamper:
+    return lambda msg, reply: msg.reply(Kind.ERROR, meta=meta)
+
+
+ESCAPES = "first line\nsl-pipeline client: finished\x1b[2J\x1b[31m"
+ERRORS: dict[str, tuple[Tamper, int, str]] = {
+    # a reason of several lines and terminal escapes: printed as they came, before
+    "escapes in the reason": (
+        _error({"code": "zzz", "reason": ESCAPES}),
+        4,
+        r"peer error \[zzz\]: first line\\nsl-pipeline client: finished\\x1b\[2J",
+    ),
+    "30,000 characters": (_error({"code": "zzz", "reason": "x" * 30_000}), 4, r"x{1997}\.\.\.$"),
+    "no reason": (_error({"code": "zzz"}), 4, r"peer error \[zzz\]: no reason given$"),
+    # "yes" is no JSON true: 100 rejoins and "gave up after 100 retries of one step", before
+    "retryable a word": (
+        _error({"code": "zzz", "reason": "r", "retryable": "yes"}),
+        4,
+        r"peer error \[zzz\]: r$",
+    ),
+    # retryable without end: still 100 tries, now saying what the server answered
+    "retryable forever": (
+        _error({"code": "zzz", "reason": "later", "retryable": True}),
+        5,
+        r"gave up after 100 retries of one forward \(the last: peer error \[zzz\]: later\)",
+    ),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("attack", list(ERRORS))
+def test_an_error_reply_ends_the_client_in_one_printable_line(
+    capsys: pytest.CaptureFixture[str],
+    hostile: tuple[dict[str, Path], TamperingServer],
+    attack: str,
+) -> None:
+    # Prepare
+    files, server = hostile
+    server.tamper, exit_code, says = ERRORS[attack]
+    # Execute
+    status = main(_client_cli(files))
+    # Assert: the exit code, one printable line naming the server's words
+    err = capsys.readouterr().err
+    assert status == exit_code, err[-300:]
+    assert "Traceback" not in err and "\x1b" not in err
+    last = err.rstrip("\n").splitlines()[-1]
+    assert last.startswith("sl-pipeline client: error: ") and re.search(says, last), last[:300]
+    # Execute / Assert: the same command carries on against the honest server
+    server.tamper = None
+    assert main(_client_cli(files)) == 0

@@ -252,6 +252,7 @@ class Upstream:
         (``ReplyMismatchError``), never taken for this one's."""
         kind = message.kind.value
         fixed = timeout_s or (None if self.adaptive_wait else self.cfg.client.timeout_s)
+        last: SLError | None = None
         for attempt in range(MAX_RETRIES_PER_REQUEST):
             assert self.conn is not None
             wait = fixed or self.timer.timeout(kind)
@@ -262,6 +263,7 @@ class Upstream:
             except (TransportError, PeerError) as exc:
                 if isinstance(exc, PeerError) and not exc.retryable:
                     raise
+                last = exc
                 if isinstance(exc, ReplyTimeoutError) and fixed is None:
                     self.timer.expired(kind)
                 if isinstance(exc, PeerError) and exc.remote_code in WAIT_CODES:
@@ -273,7 +275,9 @@ class Upstream:
             if attempt == 0 and fixed is None:  # Karn: a resent request gives no sample
                 self.timer.sample(kind, time.monotonic() - sent)
             return check_answers(message, reply)
-        raise TransportError(f"gave up after {MAX_RETRIES_PER_REQUEST} retries of one step")
+        raise TransportError(
+            f"gave up after {MAX_RETRIES_PER_REQUEST} retries of one {kind} (the last: {last})"
+        )
 
     async def wait_out(self, exc: PeerError) -> None:
         """A step refused with a code that means "later" (``WAIT_CODES``): leave the live
