@@ -4,11 +4,14 @@ client over real loopback sockets."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import pytest
 from opacus.accountants import create_accountant
 
 from workers.client.worker import ClientWorker
+from workers.tools.inprocess import wait_until
 
 from .conftest import load_client
 from .test_run_lifecycle import _crash, _serving
@@ -46,3 +49,27 @@ async def test_every_batch_drawn_counts_the_empty_ones_too_once_across_a_crash(
     assert 0 < summary["resumed_from"] < summary["steps"] < draws  # some batches were empty
     assert sum(steps for _, _, steps in history) == draws
     assert summary["dpsgd_epsilon"] == round(epsilon, 4)
+
+
+async def test_the_epsilon_gauge_is_the_accountants_at_every_scrape(
+    deployment,  # type: ignore[no-untyped-def]
+) -> None:
+    """Before, sl_privacy_epsilon{mechanism="dpsgd"} was set at epoch ends only: absent for
+    the whole first epoch (a one-epoch run's whole training), and after a resume until that
+    epoch ended, while the accountant had counted every step so far."""
+    files = deployment(clients=1, dataset="breast_cancer", epochs=1)
+    client = ClientWorker(load_client(files["client-1"], *DP), files["server"].parent)
+    client.progress = False
+
+    def gauge() -> float | None:
+        labels = {"mechanism": "dpsgd"}
+        return client.metrics.registry.get_sample_value("sl_privacy_epsilon", labels)
+
+    async with _serving(files):
+        task = asyncio.ensure_future(client.run())
+        await wait_until(lambda: client.steps_done >= 20)
+        mid = (gauge(), client.runner.dp.epsilon())  # type: ignore[union-attr]
+        summary = await asyncio.wait_for(task, 120)
+    assert mid[1] > 0
+    assert mid[0] == mid[1]
+    assert gauge() == pytest.approx(summary["dpsgd_epsilon"], abs=1e-4)

@@ -91,6 +91,8 @@ class StepRunner:
             self.dp = self.private.dp
             self.modules["bottom"] = self.dp.module
             self.optimizer = self.dp.optimizer
+            budget = self.privacy.dpsgd.target_epsilon
+            worker.metrics.track_privacy("dpsgd", self.private.epsilon, budget)  # every step
         self.accounted_epochs = 0
         self.residuals = Residuals()  # int2-ef (u-shaped): what our output gradients owe
 
@@ -332,12 +334,6 @@ class StepRunner:
         if self.accountant is not None:
             self.accountant.step(1)
             self.host.metrics.set_privacy("activation_noise", self.accountant.epsilon())
-        if self.dp is not None:
-            self.host.metrics.set_privacy(
-                "dpsgd",
-                self.dp.epsilon(),
-                self.privacy.dpsgd.target_epsilon if self.privacy.dpsgd else None,
-            )
 
     async def after_training(self) -> bool:
         """True when the weights changed after the last evaluation (group topologies)."""
@@ -355,8 +351,8 @@ class StepRunner:
         if self.accountant is not None:
             out["activation_epsilon"] = round(self.accountant.epsilon(), 4)
             out["activation_mechanism"] = self.accountant.mechanism_name
-        if self.dp is not None:
-            out["dpsgd_epsilon"] = round(self.dp.epsilon(), 4)
+        if self.private is not None:
+            out["dpsgd_epsilon"] = round(self.private.epsilon(), 4)
         return out
 
     def save(self) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -350,6 +350,14 @@ class WorkerMetrics:
             )
         self.privacy_epsilon.labels(mechanism=mechanism).set(epsilon)
         self.privacy_epsilon_budget.labels(mechanism=mechanism).set(budget or 0.0)
+
+    def track_privacy(
+        self, mechanism: str, epsilon: Callable[[], float], budget: float | None = None
+    ) -> None:
+        """Like :meth:`set_privacy`, with ``epsilon`` read at each scrape: for an accountant
+        that counts every step (DP-SGD), not only at epoch ends."""
+        self.set_privacy(mechanism, 0.0, budget)  # checks the name
+        self.privacy_epsilon.labels(mechanism=mechanism).set_function(epsilon)
 
     def render(self) -> bytes:
         """The registry in the Prometheus text exposition format."""
