@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from privacy.config import DPSGDConfig
 from privacy.defenses import build_defenses
 from sl_pipeline.config import resolve_path
 from sl_pipeline.data import Split, batch_order, iter_batches
@@ -85,20 +86,24 @@ class StepRunner:
         self.dp: Any = None  # Opacus' handle, with DP-SGD
         self.private: PrivateBatches | None = None
         if self.privacy.dpsgd is not None:
-            self.private = PrivateBatches.attach(
-                self.bottom, self.optimizer, worker.data.train, self.privacy.dpsgd, cfg.train
-            )
-            self.dp = self.private.dp
-            self.modules["bottom"] = self.dp.module
-            self.optimizer = self.dp.optimizer
-            budget = self.privacy.dpsgd.target_epsilon
-            worker.metrics.track_privacy("dpsgd", self.private.epsilon, budget)  # every step
+            self._attach_dpsgd(self.privacy.dpsgd)
         self.accounted_epochs = 0
         self.residuals = Residuals()  # int2-ef (u-shaped): what our output gradients owe
 
     # ---- set-up --------------------------------------------------------------------------
     def build_modules(self) -> dict[str, nn.Module]:
         return {"bottom": build_segments(self.cfg.model, self.host.topology)[0]}
+
+    def _attach_dpsgd(self, cfg: DPSGDConfig) -> None:
+        """Opacus' segment, optimizer and batches in place of the plain ones; the epsilon
+        gauge reads the accountant at each scrape (it counts every step)."""
+        self.private = PrivateBatches.attach(
+            self.bottom, self.optimizer, self.host.data.train, cfg, self.cfg.train
+        )
+        self.dp = self.private.dp
+        self.modules["bottom"] = self.dp.module
+        self.optimizer = self.dp.optimizer
+        self.host.metrics.track_privacy("dpsgd", self.private.epsilon, cfg.target_epsilon)
 
     @property
     def bottom(self) -> nn.Module:
