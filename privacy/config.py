@@ -270,7 +270,7 @@ class PrivacyConfig:
                 "would draw its own Poisson batch from the operating system, so the parties' "
                 "rows of a step would differ",
                 hint="set privacy.dpsgd.poisson_sampling = false in every party (its epsilon "
-                "is then only approximate), or remove [privacy.dpsgd]",
+                "then counts each pass over the data, unamplified), or remove [privacy.dpsgd]",
             )
 
     def check_placement(self, topology: str, *, server: bool, holds_labels: bool) -> None:

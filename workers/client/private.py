@@ -80,6 +80,8 @@ class PrivateBatches:
                     return
                 rows = self.next_batch
                 self.empty_before_next, self.next_batch = next(draws, (0, None))
+                if step == 0 and not self.poisson_sampling:  # fixed batches: step = batch
+                    self.dp.count_pass()
             self.handed = [*self.handed[-MAX_PIPELINE_DEPTH:], (step, rows)]
             idx = torch.as_tensor(rows, dtype=torch.long)
             yield step, x_all[idx], (y_all[idx] if self.has_labels else None), ids_all[idx]
@@ -157,6 +159,8 @@ class PrivateBatches:
             (int(step), [int(i) for i in rows]) for step, rows in state.get("handed", [])
         ]
         self.dp.engine.accountant.load_state_dict(state["accountant"])
+        if state.get("rewound") and not self.poisson_sampling:
+            self.dp.count_pass()  # the redone steps release their fixed batches once more
         for name, gen in self._generators().items():
             if name in state:
                 gen.set_state(state[name])

@@ -156,7 +156,7 @@ class ClientWorker:
         restore_rng(state["rng"])
         dp = dict(state.get("dpsgd", {}))
         if rewind and dp:
-            dp["accountant"] = self.runner.dp_state()["accountant"]
+            dp.update(accountant=self.runner.dp_state()["accountant"], rewound=True)
         self.runner.load_dp_state(dp)
 
     def _save(self, next_step: int) -> None:
