@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import pytest
 import torch
 from torch.nn.utils import parameters_to_vector
 
-from sl_pipeline.errors import ProtocolError
+from sl_pipeline.errors import ProtocolError, TransportError
 from sl_pipeline.messages import Kind, Message
 from workers.cli import main
 from workers.client.microbatch import MAX_DEPTH
@@ -399,3 +400,32 @@ def test_an_error_reply_ends_the_client_in_one_printable_line(
     # Execute / Assert: the same command carries on against the honest server
     server.tamper = None
     assert main(_client_cli(files)) == 0
+
+
+# ---- a server that stops answering --------------------------------------------------------
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("depth", [1, 2], ids=["one step", "pipelined"])
+def test_a_server_that_answers_no_step_is_given_up_within_retry_for_s(
+    capsys: pytest.CaptureFixture[str],
+    hostile: tuple[dict[str, Path], TamperingServer],
+    depth: int,
+) -> None:
+    # Prepare: a server that joins the client again and again but answers no step from
+    # step 2 on (before: 100 resends, each waiting up to client.timeout_s, 50 min by default)
+    files, server = hostile
+    server.tamper = lambda msg, reply: None
+    sets = ("client.timeout_s=0.3", "client.retry_for_s=1", f"train.pipeline_depth={depth}")
+    # Execute
+    started = time.monotonic()
+    status = main(_client_cli(files, *sets))
+    took = time.monotonic() - started
+    # Assert: exit 5 after 8 unanswered sends (about 8 x 0.3 s and the rejoins), not 100
+    err = capsys.readouterr().err
+    assert status == TransportError.exit_code, err[-300:]
+    last = err.rstrip("\n").splitlines()[-1]
+    assert re.search(r"no answer to .* after 8 tries in \ds \(client\.retry_for_s = 1\)", last)
+    assert took < 20, took
+    # Execute / Assert: the same command carries on against the honest server
+    server.tamper = None
+    assert main(_client_cli(files, *sets)) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 15

@@ -68,7 +68,9 @@ def train(depth: int, compensate: bool) -> tuple[float, list[float]]:
     runner = ToyRunner(cfg)
     timer = SimpleNamespace(timeout=lambda kind: 1.0, sample=lambda kind, s: None)
     host = SimpleNamespace(
-        cfg=SimpleNamespace(train=cfg, limits=LimitsConfig()),
+        cfg=SimpleNamespace(
+            train=cfg, limits=LimitsConfig(), client=SimpleNamespace(retry_for_s=60)
+        ),
         topology="vanilla",
         runner=runner,
         link=SimpleNamespace(

@@ -33,7 +33,7 @@ from sl_pipeline.models import fingerprint
 from sl_pipeline.retransmit import RetransmitTimer
 from sl_pipeline.transport import DealerConnection
 from workers.client.connection import ClientConnection
-from workers.client.patience import WAIT_CODES, Patience, max_tries
+from workers.client.patience import MIN_TRIES, WAIT_CODES, Patience, max_tries
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.diagnose import lost_server, no_server, refused
 from workers.runtime.startup import load_own_key, load_peer_key, warn_insecure
@@ -43,6 +43,29 @@ MAX_RETRIES_PER_REQUEST = 100
 BYE_LINGER_MS = 500  # how long closing may wait for a bye to leave
 PEER_ROLES = ("server", "relay")
 T = TypeVar("T")
+
+
+class Unanswered:
+    """How long one request (or the steps in flight) went unanswered across its resends and
+    rejoins. A server that joins the client again and again but answers none of them (a
+    broken or hostile one, or a link that loses every reply) ends the client once
+    ``client.retry_for_s`` has passed and ``MIN_TRIES`` sends went unanswered: before, it
+    was asked 100 times, each wait up to ``client.timeout_s`` (50 minutes by default)."""
+
+    def __init__(self, window_s: float, what: str) -> None:
+        self.window_s, self.what = window_s, what
+        self.since, self.tries = time.monotonic(), 0
+
+    def failed(self, exc: SLError) -> None:
+        """One more send went unanswered (``exc`` says how): a TransportError past the bound."""
+        self.tries += 1
+        waited = time.monotonic() - self.since
+        if self.tries >= MIN_TRIES and waited >= self.window_s:
+            raise TransportError(
+                f"no answer to {self.what} after {self.tries} tries in {waited:.0f}s "
+                f"(client.retry_for_s = {self.window_s:g}): the next hop takes this client's "
+                f"requests but answers none (the last: {exc})"
+            )
 
 
 class Stopped(Exception):
@@ -253,6 +276,8 @@ class Upstream:
         kind = message.kind.value
         fixed = timeout_s or (None if self.adaptive_wait else self.cfg.client.timeout_s)
         last: SLError | None = None
+        step = f"its {kind} of step ({message.epoch}, {message.step})"
+        unanswered = Unanswered(self.cfg.client.retry_for_s, step)
         for attempt in range(MAX_RETRIES_PER_REQUEST):
             assert self.conn is not None
             wait = fixed or self.timer.timeout(kind)
@@ -270,6 +295,8 @@ class Upstream:
                     await self.wait_out(exc)
                 else:
                     self.lost(exc)
+                    if fixed is None:  # a fixed wait waits for other parties' pace
+                        unanswered.failed(exc)
                 await rejoin()
                 continue
             if attempt == 0 and fixed is None:  # Karn: a resent request gives no sample

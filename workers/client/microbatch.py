@@ -28,7 +28,7 @@ import torch
 from sl_pipeline.config import MAX_PIPELINE_DEPTH, ClientConfig
 from sl_pipeline.errors import ConfigError, PeerError, ReplyTimeoutError, TransportError
 from sl_pipeline.messages import Kind, Message, check_answers
-from workers.client.link import Upstream
+from workers.client.link import Unanswered, Upstream
 from workers.client.patience import WAIT_CODES
 from workers.client.replies import reply_loss, reply_tensor
 from workers.client.staleness import MomentumCompensation
@@ -176,6 +176,7 @@ async def _reply(worker: PipelineHost, inflight: deque[InFlight]) -> Message:
     """The oldest step's reply; after a lost server or a wait that ran out (the adaptive
     timer, as for single requests), rejoin and resend every step in flight. A stop signal
     ends the wait at once (``Stopped``), as it does a single request's."""
+    unanswered = Unanswered(worker.cfg.client.retry_for_s, f"the {len(inflight)} steps in flight")
     for attempt in range(MAX_REJOINS):
         assert worker.link.conn is not None
         try:
@@ -190,6 +191,7 @@ async def _reply(worker: PipelineHost, inflight: deque[InFlight]) -> Message:
                 await worker.link.wait_out(exc)  # bounded in time and count
             else:
                 worker.link.lost(exc)
+                unanswered.failed(exc)
             await worker.connect()
             for item in inflight:
                 await worker.link.conn.send(item.msg)

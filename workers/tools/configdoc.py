@@ -68,8 +68,9 @@ MEANINGS: dict[str, str] = {
     ),
     "client.connect_timeout_s": "the longest one handshake attempt waits (adapting as timeout_s)",
     "client.retry_for_s": (
-        "how long to keep trying to (re)join, or to wait out refusals that mean later "
-        "(overloaded, name_in_use), before giving up"
+        "how long to keep trying to (re)join, to wait out refusals that mean later "
+        "(overloaded, name_in_use), or to resend a step no reply answers (8 sends at least), "
+        "before giving up"
     ),
     "client.topology": "must match the server's",
     "client.role": 'vertical: "feature" (a feature party) or "label" (holds the labels)',
