@@ -429,3 +429,23 @@ def test_a_server_that_answers_no_step_is_given_up_within_retry_for_s(
     server.tamper = None
     assert main(_client_cli(files, *sets)) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 15
+
+
+@pytest.mark.parametrize("run", ["bad\nrun", 5, "../up"])
+def test_a_relays_reply_naming_no_run_id_is_refused(
+    capsys: pytest.CaptureFixture[str],
+    hostile: tuple[dict[str, Path], TamperingServer],
+    run: object,
+) -> None:
+    # Prepare: a next hop saying it is a relay, whose answers name a run no server has (a
+    # newline in it was logged as a second line, and the client's checkpoint kept it)
+    files, server = hostile
+    server.welcome = {"role": "relay"}
+    server.tamper = lambda msg, reply: _with(reply, meta={**reply.meta, "run": run})
+    # Execute
+    status = main(_client_cli(files))
+    # Assert
+    err = capsys.readouterr().err
+    assert status == ProtocolError.exit_code, err[-300:]
+    last = err.rstrip("\n").splitlines()[-1]
+    assert last.endswith(f"the relay's reply names run {run!r}, which is no run id"), last

@@ -34,6 +34,7 @@ from sl_pipeline.retransmit import RetransmitTimer
 from sl_pipeline.transport import DealerConnection
 from workers.client.connection import ClientConnection
 from workers.client.patience import MIN_TRIES, WAIT_CODES, Patience, max_tries
+from workers.client.replies import is_run_id, shown
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.diagnose import lost_server, no_server, refused
 from workers.runtime.startup import load_own_key, load_peer_key, warn_insecure
@@ -250,9 +251,12 @@ class Upstream:
     def _note_run(self, run: object) -> None:
         """A relay's answer to a step names the server's run it was trained in: the relay
         learns it from the server at the client's first step, after its own welcome."""
-        if isinstance(run, str) and run and run != self.run:
-            self.run = run
-            log.info("the relay trains this client in run %s", run)
+        if run is None or run == "" or run == self.run:
+            return
+        if not is_run_id(run):  # it goes into the client's log and checkpoint
+            raise ProtocolError(f"the relay's reply names run {shown(run)}, which is no run id")
+        self.run = str(run)
+        log.info("the relay trains this client in run %s", run)
 
     def _joined(self, welcome: dict[str, Any]) -> None:
         self.set_connected(True)

@@ -86,7 +86,7 @@ def checked_welcome(welcome: Mapping[str, Any]) -> dict[str, Any]:
     run id, ``applied`` an ``[epoch, step]`` pair, ``checkpoint_every`` a positive count
     (capped at ``MAX_UNDO_POINTS``); a ``ProtocolError`` naming the field otherwise."""
     run = welcome.get("run")
-    if run is not None and not (isinstance(run, str) and (not run or RUN_ID.fullmatch(run))):
+    if run is not None and run != "" and not is_run_id(run):
         raise _bad_field("run", run)
     applied = welcome.get("applied")
     pair = isinstance(applied, list | tuple) and len(applied) == 2
@@ -106,14 +106,23 @@ def checked_welcome(welcome: Mapping[str, Any]) -> dict[str, Any]:
     return {**welcome, "checkpoint_every": every}
 
 
+def is_run_id(value: object) -> bool:
+    """Whether ``value`` is a run id (a server's ``run-N`` or a name a client chose)."""
+    return isinstance(value, str) and RUN_ID.fullmatch(value) is not None
+
+
+def shown(value: object) -> str:
+    """``value`` as a peer sent it, for a message: its repr, cut at 80 characters."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
 def _count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**53
 
 
 def _bad_field(name: str, value: object) -> ProtocolError:
-    shown = repr(value)
-    shown = shown if len(shown) <= 80 else f"{shown[:77]}..."
-    return ProtocolError(f"the server's welcome has {name} = {shown}, which no server sends")
+    return ProtocolError(f"the server's welcome has {name} = {shown(value)}, which no server sends")
 
 
-__all__ = ["MAX_UNDO_POINTS", "checked_welcome", "reply_loss", "reply_tensor"]
+__all__ = ["MAX_UNDO_POINTS", "checked_welcome", "is_run_id", "reply_loss", "reply_tensor", "shown"]
