@@ -77,7 +77,8 @@ async def test_a_relays_client_is_watched_like_a_direct_one(deployment) -> None:
     lost relayed client could ever fire it. Now its first step shows it connected, its bye
     or its relay's leaving shows it gone."""
     files = deployment(topology="multihop", dataset="breast_cancer", clients=2, epochs=1)
-    run = await run_deployment(files)
+    # until both byes are in (they get no reply: a client may end before the server has it)
+    run = await run_deployment(files, until=lambda server: not server.book.runs["run-1"].active)
     served = run.server.metrics.render().decode()
     for name in ("relay-1/client-1", "relay-1/client-2"):
         assert f'sl_client_finished{{client="{name}"}} 1.0' in served
