@@ -23,7 +23,7 @@ import pytest
 import torch
 from torch.nn.utils import parameters_to_vector
 
-from sl_pipeline.errors import ProtocolError, TransportError
+from sl_pipeline.errors import PeerError, ProtocolError, TransportError
 from sl_pipeline.messages import Kind, Message
 from workers.cli import main
 from workers.client.microbatch import MAX_DEPTH
@@ -31,6 +31,7 @@ from workers.client.replies import MAX_UNDO_POINTS
 from workers.client.worker import ClientWorker
 from workers.runtime.peers import Peer
 from workers.server.worker import ServerWorker
+from workers.tools.inprocess import build_deployment, wait_until
 from workers.topologies import topology
 
 from .conftest import load_client, load_server
@@ -449,3 +450,49 @@ def test_a_relays_reply_naming_no_run_id_is_refused(
     assert status == ProtocolError.exit_code, err[-300:]
     last = err.rstrip("\n").splitlines()[-1]
     assert last.endswith(f"the relay's reply names run {run!r}, which is no run id"), last
+
+
+# ---- a relay is a client of the server too ------------------------------------------------
+RELAYED: dict[str, tuple[Tamper, str]] = {
+    # a result carrying a gradient was applied by the relay, before
+    "another kind": (lambda m, r: _with(r, kind=Kind.RESULT), "is no backward"),
+    "wrong shape": (lambda m, r: _grad(r, lambda g: g[:, :1]), "shape [32, 1]; this step needs"),
+    "int64": (lambda m, r: _grad(r, lambda g: g.to(torch.int64)), "dtype int64"),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("attack", list(RELAYED))
+async def test_a_relay_refuses_a_wrong_reply_from_its_server(deployment: Any, attack: str) -> None:
+    # Prepare: client -> relay -> a server whose answers to the relay's steps from step 2 on
+    # are tampered with
+    files = deployment(topology="multihop", clients=1, dataset="breast_cancer")
+    run = build_deployment(files)
+    tamper, says = RELAYED[attack]
+    honest = run.server.dispatch
+
+    async def dispatch(identity: bytes, peer: Peer, msg: Message) -> Any:
+        replies = await honest(identity, peer, msg)
+        if msg.kind is not Kind.FORWARD or msg.step < 2:
+            return replies
+        return [(target, tamper(msg, reply)) for target, reply in replies]
+
+    run.server.dispatch = dispatch  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    services = [asyncio.ensure_future(run.server.serve(stop))]
+    client = ClientWorker(load_client(files["client-1"]), files["client-1"].parent, progress=False)
+    try:
+        await wait_until(run.server.ready)
+        services.append(asyncio.ensure_future(run.relay.serve(stop)))
+        await wait_until(run.relay.ready)
+        # Execute
+        with pytest.raises(PeerError) as refused:
+            await asyncio.wait_for(client.run(), 30)
+        # Assert: the relay refused it (the client hears why) before its optimizer stepped
+        # (steps 0 and 1 applied, not 2), and serves on
+        assert refused.value.remote_code in ("protocol", "reply_mismatch")
+        assert says in refused.value.reason
+        assert run.relay.steps_applied == 2 and not any(s.done() for s in services)
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*services, return_exceptions=True), 30)

@@ -50,7 +50,7 @@ from sl_pipeline.models import (
 )
 from sl_pipeline.tensors import all_finite, as_input, read_tensor, wire_tensors
 from sl_pipeline.transport import DealerConnection
-from workers.client.replies import checked_welcome
+from workers.client.replies import checked_welcome, reply_tensor
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.appliedlog import AppliedLog
 from workers.runtime.checkpoint import (
@@ -361,9 +361,7 @@ class RelayWorker(RouterService):
             tensors["labels"] = msg.tensor("labels")
         reply = await self._ask_upstream(msg.follow(Kind.FORWARD, tensors=tensors))
         self.optimizer.zero_grad(set_to_none=True)
-        grad = read_tensor(reply, "grad", max_abs=self.max_abs, sample_shape=tuple(out.shape[1:]))
-        if grad.shape != out.shape:
-            raise ProtocolError(f"upstream gradient {list(grad.shape)} != output {list(out.shape)}")
+        grad = reply_tensor(reply, Kind.BACKWARD, "grad", self.max_abs, out.shape)
         out.backward(as_input(grad, False, self.device))
         params = [p.grad for p in self.segment.parameters() if p.grad is not None]
         if not all_finite([*params, act.grad] if act.grad is not None else params):
