@@ -13,6 +13,7 @@ import pytest
 from privacy.config import PrivacyConfig
 from workers.cli import main
 from workers.ops.logs import configure_logging
+from workers.tools.inprocess import run_deployment
 
 DP = ("--set", "privacy.dpsgd.noise_multiplier=1.0")
 
@@ -59,3 +60,22 @@ def test_a_vertical_party_with_fixed_batches_is_accepted(
     )
     cfg.check_placement("vertical", server=False, holds_labels=False)
     cfg.validate_for_topology("vertical")
+
+
+@pytest.mark.parametrize(
+    ("topology", "sets"),
+    [("vanilla", ("privacy.dpsgd.noise_multiplier=1.0",)), ("ushaped", ())],
+)
+async def test_auto_pipeline_depth_where_no_pipelining_is_one_step_at_a_time(
+    deployment,  # type: ignore[no-untyped-def]
+    topology: str,
+    sets: tuple[str, ...],
+) -> None:
+    """Before, train.pipeline_depth = 0 (auto) ran the pipeline at depth 1 where the client
+    cannot pipeline: a DP-SGD client stopped on "'Tensor' object has no attribute
+    '_forward_counter'" (the stashed weights bypass Opacus), a u-shaped one on a reply
+    mismatch (two exchanges a step)."""
+    files = deployment(topology=topology, dataset="breast_cancer")
+    run = await run_deployment(files, "train.pipeline_depth=0", *sets)
+    assert run.summaries[0]["pipeline_depth"] == 1
+    assert run.summaries[0]["steps"] > 0

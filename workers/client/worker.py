@@ -80,7 +80,8 @@ class ClientWorker:
         self.aligned_rows: int | None = None
         self.data = first_data(cfg, source, aligned_later=self.pending is not None)
         self.runner: StepRunner = topology(self.topology).runner(self, RunnerConfig.of(cfg))
-        check_depth(self)
+        depth = check_depth(self)  # auto where this runner cannot pipeline: 1 (the plain loop)
+        self.cfg = replace(cfg, train=replace(cfg.train, pipeline_depth=depth))
         self.link = Upstream(cfg, self.metrics, make_handshake(cfg, base, self.topology))
         self.link.adaptive_wait = self.runner.adaptive_wait
         self.epoch = 0
