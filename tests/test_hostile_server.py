@@ -157,6 +157,26 @@ def _client_cli(files: dict[str, Path], *sets: str) -> list[str]:
     return ["client", "--config", config, "--no-progress", "--json", *extra]
 
 
+def _one_line_error(
+    capsys: pytest.CaptureFixture[str], files: dict[str, Path], *sets: str, exit_code: int = 3
+) -> str:
+    """Run ``sl-pipeline client``; assert it ended with ``exit_code`` and one printable line
+    of error, no traceback; that line."""
+    status = main(_client_cli(files, *sets))
+    err = capsys.readouterr().err
+    assert status == exit_code, err[-300:]
+    assert "Traceback" not in err and "\x1b" not in err
+    last = err.rstrip("\n").splitlines()[-1]
+    assert last.startswith("sl-pipeline client: error: "), last[:300]
+    return last
+
+
+def _carries_on(capsys: pytest.CaptureFixture[str], files: dict[str, Path], *sets: str) -> None:
+    """The same command, the server honest again, finishes the run (15 steps in all)."""
+    assert main(_client_cli(files, *sets)) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 15
+
+
 CLI_ATTACKS: dict[str, tuple[Tamper, str, tuple[str, ...]]] = {
     # the known break: a traceback (RuntimeError: Mismatch in shape) before
     "wrong-shaped gradient": (
@@ -193,21 +213,12 @@ def test_a_wrong_reply_ends_the_client_in_one_line_and_the_same_command_carries_
     # Prepare
     files, server = hostile
     server.tamper, says, sets = CLI_ATTACKS[attack]
-    # Execute: the client against the tampering server
-    status = main(_client_cli(files, *sets))
-    # Assert: exit 3, one line naming the problem, no traceback
-    err = capsys.readouterr().err
-    assert status == ProtocolError.exit_code
-    assert "Traceback" not in err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("sl-pipeline client: error: ")
+    # Execute / Assert: exit 3, one line naming the problem, no traceback
+    last = _one_line_error(capsys, files, *sets)
     assert re.search(says, last), last
-    # Execute: the same command, the server honest again
+    # Execute / Assert: the same command, the server honest again, carries on from its state
     server.tamper = None
-    assert main(_client_cli(files, *sets)) == 0
-    # Assert: it carried on from its state (2 steps applied before the wrong reply)
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["steps"] == 15 and summary["test_accuracy"] > 0.8
+    _carries_on(capsys, files, *sets)
 
 
 # ---- u-shaped and evaluation replies: an honest engine's answer, tampered ----------------
@@ -325,13 +336,9 @@ def test_a_wrong_welcome_is_refused_in_one_line(
     # Prepare
     files, server = hostile
     server.welcome, says = BAD_WELCOMES[attack]
-    # Execute
-    status = main(_client_cli(files))
-    # Assert: exit 3, one line naming the field, no traceback
-    err = capsys.readouterr().err
-    assert status == ProtocolError.exit_code and "Traceback" not in err
-    last = err.strip().splitlines()[-1]
-    assert re.search(f"sl-pipeline client: error: the server's welcome has {says}", last), last
+    # Execute / Assert: exit 3, one line naming the field
+    last = _one_line_error(capsys, files)
+    assert re.search(f"error: the server's welcome has {says}", last), last
 
 
 def test_a_welcome_asking_for_an_undo_point_per_step_gets_a_bounded_ring(
@@ -390,17 +397,12 @@ def test_an_error_reply_ends_the_client_in_one_printable_line(
     # Prepare
     files, server = hostile
     server.tamper, exit_code, says = ERRORS[attack]
-    # Execute
-    status = main(_client_cli(files))
-    # Assert: the exit code, one printable line naming the server's words
-    err = capsys.readouterr().err
-    assert status == exit_code, err[-300:]
-    assert "Traceback" not in err and "\x1b" not in err
-    last = err.rstrip("\n").splitlines()[-1]
-    assert last.startswith("sl-pipeline client: error: ") and re.search(says, last), last[:300]
+    # Execute / Assert: the exit code, one printable line naming the server's words
+    last = _one_line_error(capsys, files, exit_code=exit_code)
+    assert re.search(says, last), last[:300]
     # Execute / Assert: the same command carries on against the honest server
     server.tamper = None
-    assert main(_client_cli(files)) == 0
+    _carries_on(capsys, files)
 
 
 # ---- a server that stops answering --------------------------------------------------------
@@ -418,18 +420,14 @@ def test_a_server_that_answers_no_step_is_given_up_within_retry_for_s(
     sets = ("client.timeout_s=0.3", "client.retry_for_s=1", f"train.pipeline_depth={depth}")
     # Execute
     started = time.monotonic()
-    status = main(_client_cli(files, *sets))
+    last = _one_line_error(capsys, files, *sets, exit_code=TransportError.exit_code)
     took = time.monotonic() - started
     # Assert: exit 5 after 8 unanswered sends (about 8 x 0.3 s and the rejoins), not 100
-    err = capsys.readouterr().err
-    assert status == TransportError.exit_code, err[-300:]
-    last = err.rstrip("\n").splitlines()[-1]
     assert re.search(r"no answer to .* after 8 tries in \ds \(client\.retry_for_s = 1\)", last)
     assert took < 20, took
     # Execute / Assert: the same command carries on against the honest server
     server.tamper = None
-    assert main(_client_cli(files, *sets)) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 15
+    _carries_on(capsys, files, *sets)
 
 
 @pytest.mark.parametrize("run", ["bad\nrun", 5, "../up"])
@@ -443,12 +441,8 @@ def test_a_relays_reply_naming_no_run_id_is_refused(
     files, server = hostile
     server.welcome = {"role": "relay"}
     server.tamper = lambda msg, reply: _with(reply, meta={**reply.meta, "run": run})
-    # Execute
-    status = main(_client_cli(files))
-    # Assert
-    err = capsys.readouterr().err
-    assert status == ProtocolError.exit_code, err[-300:]
-    last = err.rstrip("\n").splitlines()[-1]
+    # Execute / Assert
+    last = _one_line_error(capsys, files)
     assert last.endswith(f"the relay's reply names run {run!r}, which is no run id"), last
 
 
