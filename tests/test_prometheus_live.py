@@ -38,8 +38,6 @@ import json
 import math
 import re
 import shutil
-import subprocess
-import sys
 import time
 import tomllib
 from collections.abc import Iterator
@@ -53,6 +51,7 @@ import zmq
 from sl_pipeline.gate import USERNAME, connect_token
 from sl_pipeline.keys import generate_keypair, load_keypair, load_public_key
 from tests.conftest_prometheus import api_get, query, query_until, start_prometheus, stop_prometheus
+from tests.workerproc import WorkerProcess
 from workers.tools.demo import stop_process
 from workers.tools.localdeploy import init_deployment
 
@@ -219,7 +218,7 @@ def _wait_count(url: str, expr: str, count: int) -> None:
     )
 
 
-def _capture(url: str, files: dict[str, Path], procs: dict[str, subprocess.Popen[bytes]]) -> float:
+def _capture(url: str, files: dict[str, Path], procs: dict[str, WorkerProcess]) -> float:
     _wait_count(url, "up{job='sl-pipeline'} == 1", len(files))
     _wait_count(url, "sl_test_accuracy_ratio >= 0", 2)  # NaN compares false
     _wait_count(url, "sl_privacy_epsilon", 2)
@@ -254,18 +253,13 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     }
     shutil.copy(PROMETHEUS_DIR / "alerts.yml", tmp / "alerts.yml")
     prometheus, url = start_prometheus(_prometheus_config(targets), tmp)
-    procs: dict[str, subprocess.Popen[bytes]] = {}
+    procs: dict[str, WorkerProcess] = {}
     try:
-        for name, path in files.items():
+        for name, path in files.items():  # forked from a process that imported torch once
             role = name.split("-")[0]
             extra = ["--no-progress"] if role == "client" else []
-            with (tmp / f"{name}.log").open("wb") as log:
-                procs[name] = subprocess.Popen(
-                    [sys.executable, "-m", "workers", role, "--config", str(path), *extra],
-                    cwd=ROOT,
-                    stdout=subprocess.DEVNULL,
-                    stderr=log,
-                )
+            argv = [role, "--config", str(path), *extra]
+            procs[name] = WorkerProcess(argv, tmp / f"{name}.out", tmp / f"{name}.log")
         at_s = _capture(url, files, procs)
         # Newest first: each stops at once while its upstream still answers (a relay whose
         # server went first waits out its rejoin of the server before it stops)
