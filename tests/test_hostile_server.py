@@ -37,7 +37,8 @@ from workers.topologies import topology
 from .conftest import load_client, load_server
 from .threadserver import ThreadServer
 
-Tamper = Callable[[Message, Message], Message | None]  # (request, honest reply) -> sent
+# (request, honest reply) -> what is sent instead: a reply, several, or nothing
+Tamper = Callable[[Message, Message], Message | list[Message] | None]
 
 
 def _with(reply: Message, **changes: Any) -> Message:
@@ -133,8 +134,11 @@ class TamperingServer(ServerWorker):
         tamper = self.tamper
         if tamper is None or msg.kind is not Kind.FORWARD or msg.step < self.FROM_STEP:
             return replies
-        out = [(target, tamper(msg, reply)) for target, reply in replies]
-        return [(target, reply) for target, reply in out if reply is not None]
+        out = []
+        for target, reply in replies:
+            sent = tamper(msg, reply)
+            out += [(target, m) for m in (sent if isinstance(sent, list) else [sent]) if m]
+        return out
 
 
 @pytest.fixture
@@ -194,6 +198,12 @@ CLI_ATTACKS: dict[str, tuple[Tamper, str, tuple[str, ...]]] = {
         "the server's reply reports a loss of 'abc', not a number",
         (),
     ),
+    "duplicate reply": (
+        lambda m, r: [r, r],
+        r"a backward reply to forward at step \(0, 2\) came while waiting for the reply to "
+        r"forward at step \(0, 3\)",
+        (),
+    ),
     "reply to another step": (
         lambda m, r: _with(r, step=r.step + 1),
         r"a backward reply to forward at step \(0, 3\) came while waiting for the reply to "
@@ -231,7 +241,7 @@ def _served(worker: ClientWorker, files: dict[str, Path], tamper: Tamper) -> Non
         answer = engine.evaluate if msg.kind is Kind.EVALUATE else engine.handle
         ((_, reply),) = answer(b"client-1", msg)
         changed = tamper(msg, reply)
-        assert changed is not None
+        assert isinstance(changed, Message)
         return changed
 
     worker.request = request  # type: ignore[method-assign,assignment]
@@ -462,6 +472,8 @@ async def test_a_relay_refuses_a_wrong_reply_from_its_server(deployment: Any, at
     # are tampered with
     files = deployment(topology="multihop", clients=1, dataset="breast_cancer")
     run = build_deployment(files)
+    relay = run.relay
+    assert relay is not None
     tamper, says = RELAYED[attack]
     honest = run.server.dispatch
 
@@ -477,8 +489,8 @@ async def test_a_relay_refuses_a_wrong_reply_from_its_server(deployment: Any, at
     client = ClientWorker(load_client(files["client-1"]), files["client-1"].parent, progress=False)
     try:
         await wait_until(run.server.ready)
-        services.append(asyncio.ensure_future(run.relay.serve(stop)))
-        await wait_until(run.relay.ready)
+        services.append(asyncio.ensure_future(relay.serve(stop)))
+        await wait_until(relay.ready)
         # Execute
         with pytest.raises(PeerError) as refused:
             await asyncio.wait_for(client.run(), 30)
@@ -486,7 +498,7 @@ async def test_a_relay_refuses_a_wrong_reply_from_its_server(deployment: Any, at
         # (steps 0 and 1 applied, not 2), and serves on
         assert refused.value.remote_code in ("protocol", "reply_mismatch")
         assert says in refused.value.reason
-        assert run.relay.steps_applied == 2 and not any(s.done() for s in services)
+        assert relay.steps_applied == 2 and not any(s.done() for s in services)
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*services, return_exceptions=True), 30)
