@@ -119,12 +119,13 @@ async def test_a_wrong_gradient_is_refused_before_it_touches_the_weights(
 
 # ---- the same through the CLI, against a real server -------------------------------------
 class TamperingServer(ServerWorker):
-    """A real server whose replies to training steps from ``FROM_STEP`` on pass through
+    """A real server whose replies to ``kinds`` of request from ``from_step`` on pass through
     ``tamper`` (None: honest). What it applies and caches is its honest work."""
 
     tamper: Tamper | None = None
     welcome: dict[str, Any] = {}  # fields that replace the honest welcome's
-    FROM_STEP = 2
+    kinds = (Kind.FORWARD,)  # the requests whose replies are tampered with
+    from_step = 2
 
     def accept(self, hello: dict[str, Any], key: bytes | None) -> dict[str, Any]:
         return {**super().accept(hello, key), **self.welcome}
@@ -132,7 +133,7 @@ class TamperingServer(ServerWorker):
     async def dispatch(self, identity: bytes, peer: Peer, msg: Message) -> Any:
         replies = await super().dispatch(identity, peer, msg)
         tamper = self.tamper
-        if tamper is None or msg.kind is not Kind.FORWARD or msg.step < self.FROM_STEP:
+        if tamper is None or msg.kind not in self.kinds or msg.step < self.from_step:
             return replies
         out = []
         for target, reply in replies:
@@ -518,3 +519,35 @@ def test_a_client_without_checkpoints_carries_on_after_a_wrong_reply(
     assert "this step needs [32, 64]" in _one_line_error(capsys, files, *sets)
     server.tamper = None
     _carries_on(capsys, files, *sets)
+
+
+PREDICTIONS: dict[str, tuple[Tamper, str]] = {
+    # argmax over no scores, and batches of scores of two widths: tracebacks, before
+    "no scores": (lambda m, r: _out(r, lambda o: o[:, :0]), "batch 0 have 0 scores a row, not 1"),
+    "widths differ": (
+        lambda m, r: _out(r, lambda o: torch.zeros(len(o), 3)) if m.step else r,
+        "batch 1 have 3 scores a row, not 2",
+    ),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("attack", list(PREDICTIONS))
+def test_wrong_predictions_end_predict_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+    hostile: tuple[dict[str, Path], TamperingServer],
+    attack: str,
+) -> None:
+    # Prepare: client-1 trained (honest server); 300 rows to predict (two batches)
+    files, server = hostile
+    assert main(_client_cli(files)) == 0
+    rows = files["client-1"].parent / "rows.csv"
+    rows.write_text("".join(",".join(["0.5"] * 30) + "\n" for _ in range(300)))
+    server.tamper, says = PREDICTIONS[attack]
+    server.kinds, server.from_step = (Kind.PREDICT,), 0
+    # Execute
+    status = main(["predict", "--config", str(files["client-1"]), "--input", str(rows)])
+    # Assert
+    err = capsys.readouterr().err
+    assert status == ProtocolError.exit_code and "Traceback" not in err, err[-300:]
+    assert says in err.rstrip("\n").splitlines()[-1]

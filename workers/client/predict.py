@@ -22,7 +22,7 @@ import zmq.asyncio
 from sl_pipeline import encoding, images
 from sl_pipeline.config import ClientConfig, DataConfig, resolve_path
 from sl_pipeline.encoding import Encoding
-from sl_pipeline.errors import ConfigError
+from sl_pipeline.errors import ConfigError, ProtocolError
 from sl_pipeline.messages import Kind
 from sl_pipeline.sources import from_npz
 from sl_pipeline.tables import Table, read_table, with_ids
@@ -142,7 +142,14 @@ async def _predict(worker: ClientWorker, inputs: Inputs, psi: bool) -> tuple[tor
         for step, start in enumerate(range(0, len(inputs.x), BATCH)):
             batch = inputs.x[start : start + BATCH]
             ids = torch.arange(start, start + len(batch))
-            outs.append(await worker.runner.predict(batch, step, ids, Kind.PREDICT))
+            out = await worker.runner.predict(batch, step, ids, Kind.PREDICT)
+            width = outs[0].shape[1] if outs else max(1, out.shape[1])  # one score a class
+            if out.shape[1] != width:
+                raise ProtocolError(
+                    f"the server's predictions for batch {step} have {out.shape[1]} scores a "
+                    f"row, not {width}: it answered with another model, or a faulty one"
+                )
+            outs.append(out)
         assert worker.conn is not None
         await worker.conn.send(worker.message(Kind.BYE))
         return torch.cat(outs), inputs
