@@ -26,6 +26,7 @@ from torch.nn.utils import parameters_to_vector
 from sl_pipeline.errors import PeerError, ProtocolError, TransportError
 from sl_pipeline.messages import Kind, Message
 from workers.cli import main
+from workers.client import align
 from workers.client.microbatch import MAX_DEPTH
 from workers.client.replies import MAX_UNDO_POINTS
 from workers.client.worker import ClientWorker
@@ -551,3 +552,22 @@ def test_wrong_predictions_end_predict_in_one_line(
     err = capsys.readouterr().err
     assert status == ProtocolError.exit_code and "Traceback" not in err, err[-300:]
     assert says in err.rstrip("\n").splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "sealed",
+    [torch.zeros(40, dtype=torch.bfloat16), torch.zeros(4, 10, dtype=torch.uint8)],
+    ids=["bfloat16", "2-d"],
+)
+async def test_a_psi_post_that_is_no_byte_string_is_refused(sealed: torch.Tensor) -> None:
+    # Prepare: the server hands over the other party's PSI post as a bfloat16 tensor (a
+    # TypeError traceback from .numpy(), before) or as a 2-d one
+    async def request(msg: Message, timeout_s: float | None = None) -> Message:
+        return msg.reply(Kind.WEIGHTS, meta={"round": 0}, tensors={"sealed": sealed})
+
+    def make(kind: Kind, step: int = 0, **kwargs: Any) -> Message:
+        return Message(kind=kind, client="a", step=step, **kwargs)
+
+    # Execute / Assert
+    with pytest.raises(ProtocolError, match="PSI round 0: the other party's post is no byte"):
+        await align._exchange(request, make, 1, 0, b"payload")

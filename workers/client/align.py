@@ -190,4 +190,7 @@ async def _exchange(
     reply = await request(msg, PSI_WAIT_S)
     if reply.kind is not Kind.WEIGHTS or reply.meta.get("round") != round_:
         raise ProtocolError(f"PSI round {round_}: unexpected reply {reply.kind.value}")
-    return reply.tensor("sealed").numpy().tobytes()
+    sealed = reply.tensor("sealed")
+    if sealed.dtype != torch.uint8 or sealed.dim() != 1:  # .numpy() fails on bfloat16
+        raise ProtocolError(f"PSI round {round_}: the other party's post is no byte string")
+    return sealed.numpy().tobytes()

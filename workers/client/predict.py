@@ -138,7 +138,7 @@ async def _predict(worker: ClientWorker, inputs: Inputs, psi: bool) -> tuple[tor
             c = worker.cfg.client
             rows = await align_rows(inputs.ids, worker.psi_key, c, worker.request, worker.message)
             inputs = Inputs(inputs.x[rows], [inputs.ids[r] for r in rows])
-        outs = []
+        outs: list[torch.Tensor] = []
         for step, start in enumerate(range(0, len(inputs.x), BATCH)):
             batch = inputs.x[start : start + BATCH]
             ids = torch.arange(start, start + len(batch))
