@@ -17,6 +17,8 @@ from sl_pipeline.config import read_toml as load_toml
 from workers.tools.demo import stop_process
 from workers.tools.localdeploy import init_deployment, to_toml
 
+from .workerproc import WorkerProcess
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Workers run one torch thread each (train.threads = 1); in-process runs must match them so
@@ -68,7 +70,7 @@ def wait_for_files(
     folder: Path,
     pattern: str,
     count: int,
-    *watched: subprocess.Popen[str],
+    *watched: subprocess.Popen[str] | WorkerProcess,
     timeout_s: float = 240.0,
 ) -> None:
     """Poll until ``folder`` holds ``count`` files matching ``pattern``. The event comes from
@@ -89,15 +91,27 @@ def wait_for_files(
 class Procs:
     """Starts worker processes and guarantees they are stopped (SIGTERM, then SIGKILL)."""
 
-    def __init__(self) -> None:
+    def __init__(self, folder: Path) -> None:
         self.procs: list[subprocess.Popen[str]] = []
+        self.folder = folder  # the stdout and stderr files of forked workers
 
     def start(self, role: str, config: Path, *extra: str) -> subprocess.Popen[str]:
+        """``python -m workers ROLE ...``, as an operator starts a worker."""
         cmd = [sys.executable, "-m", "workers", role, "--config", str(config), *extra]
         proc = subprocess.Popen(
             cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
         self.procs.append(proc)
+        return proc
+
+    def fork(self, role: str, config: Path, *extra: str) -> WorkerProcess:
+        """The same worker forked from a process that imported torch once (seconds of CPU
+        less each): for tests of what workers do, not of how ``python -m workers`` starts
+        and ends one. Offers what these tests use of a ``Popen`` (``communicate`` included)."""
+        stem = self.folder / f"{role}-{len(self.procs)}"
+        argv = [role, "--config", str(config), *extra]
+        proc = WorkerProcess(argv, stem.with_suffix(".out"), stem.with_suffix(".log"))
+        self.procs.append(proc)  # type: ignore[arg-type]  # stopped like a Popen
         return proc
 
     def stop_all(self) -> None:
@@ -111,8 +125,8 @@ class Procs:
 
 
 @pytest.fixture
-def procs() -> Iterator[Procs]:
-    manager = Procs()
+def procs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Procs]:
+    manager = Procs(tmp_path_factory.mktemp("procs"))
     try:
         yield manager
     finally:

@@ -1,4 +1,5 @@
-"""Real worker processes over real loopback sockets."""
+"""Real worker processes over real loopback sockets (forked from a process that imported
+torch once: ``Procs.fork``; tests/test_lifecycle.py starts them as an operator does)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ def _summary(proc, timeout: float = 180) -> dict:  # type: ignore[no-untyped-def
 def test_two_clients_train_against_one_server(deployment, procs: Procs) -> None:  # type: ignore[no-untyped-def]
     # Prepare
     files = deployment(clients=2, dataset="breast_cancer", epochs=3)
-    procs.start("server", files["server"])
+    procs.fork("server", files["server"])
     # Execute
     clients = [
-        procs.start("client", files[f"client-{i}"], "--json", "--no-progress") for i in (1, 2)
+        procs.fork("client", files[f"client-{i}"], "--json", "--no-progress") for i in (1, 2)
     ]
     summaries = [_summary(c) for c in clients]
     # Assert
@@ -33,9 +34,9 @@ def test_two_clients_train_against_one_server(deployment, procs: Procs) -> None:
 def test_server_survives_a_client_killed_mid_epoch(deployment, procs: Procs) -> None:  # type: ignore[no-untyped-def]
     # Prepare: client-1 trains long enough to be killed mid-epoch
     files = deployment(clients=2, dataset="digits", epochs=1)
-    server = procs.start("server", files["server"])
+    server = procs.fork("server", files["server"])
     ckpt = ("--set", 'checkpoint.dir="ckpt/victim"', "--set", "checkpoint.fsync=false")
-    victim = procs.start(
+    victim = procs.fork(
         "client", files["client-1"], "--json", "--no-progress", "--epochs", "50", *ckpt
     )
     ckpts = files["client-1"].parent / "ckpt" / "victim"
@@ -43,7 +44,7 @@ def test_server_survives_a_client_killed_mid_epoch(deployment, procs: Procs) -> 
     # Execute
     victim.kill()
     victim.wait(10)
-    survivor = procs.start("client", files["client-2"], "--json", "--no-progress", "--epochs", "4")
+    survivor = procs.fork("client", files["client-2"], "--json", "--no-progress", "--epochs", "4")
     # Assert: the other client trains to the end against the same server
     summary = _summary(survivor)
     assert summary["steps"] == 4 * 23 and summary["test_accuracy"] > 0.7
@@ -52,24 +53,24 @@ def test_server_survives_a_client_killed_mid_epoch(deployment, procs: Procs) -> 
 
 def test_killed_client_can_rejoin_under_its_name(deployment, procs: Procs) -> None:  # type: ignore[no-untyped-def]
     files = deployment(clients=1, dataset="breast_cancer", epochs=1)
-    server = procs.start("server", files["server"])
+    server = procs.fork("server", files["server"])
     ckpt = ("--set", 'checkpoint.dir="ckpt/first"', "--set", "checkpoint.fsync=false")
-    first = procs.start(
+    first = procs.fork(
         "client", files["client-1"], "--json", "--no-progress", "--epochs", "100", *ckpt
     )
     ckpts = files["client-1"].parent / "ckpt" / "first"
     wait_for_files(ckpts, "*.ckpt", 2, server, first)  # training
     first.kill()
     first.wait(10)
-    again = procs.start("client", files["client-1"], "--json", "--no-progress")
+    again = procs.fork("client", files["client-1"], "--json", "--no-progress")
     assert _summary(again)["steps"] > 0
 
 
 def test_sigterm_stops_a_client_cleanly_and_it_resumes(deployment, procs: Procs) -> None:  # type: ignore[no-untyped-def]
     files = deployment(dataset="digits", epochs=3)
     sets = ("--set", 'checkpoint.dir="ckpt/client"', "--set", "checkpoint.fsync=false")
-    server = procs.start("server", files["server"])
-    client = procs.start("client", files["client-1"], "--json", "--no-progress", *sets)
+    server = procs.fork("server", files["server"])
+    client = procs.fork("client", files["client-1"], "--json", "--no-progress", *sets)
     ckpt = files["client-1"].parent / "ckpt" / "client"
     wait_for_files(
         ckpt, "*.ckpt", 2, server, client
@@ -77,7 +78,7 @@ def test_sigterm_stops_a_client_cleanly_and_it_resumes(deployment, procs: Procs)
     client.send_signal(signal.SIGTERM)
     stopped = _summary(client, timeout=30)
     assert stopped["stopped_early"] is True and 0 < stopped["steps"] < 135
-    again = procs.start("client", files["client-1"], "--json", "--no-progress", *sets)
+    again = procs.fork("client", files["client-1"], "--json", "--no-progress", *sets)
     final = _summary(again)
     assert final["resumed_from"] == stopped["steps"]
     assert final["steps"] == 135 and final["stopped_early"] is False

@@ -87,7 +87,7 @@ class WorkerProcess:
     def __init__(
         self, argv: list[str], out: Path, log: Path, stop: StopBehind | None = None
     ) -> None:
-        self.out, self.log = out, log
+        self.args, self.out, self.log = argv, out, log
         self._proc = _CTX.Process(target=_run, args=(argv, str(out), str(log), stop))
         self._proc.start()
         assert self._proc.pid is not None
@@ -105,6 +105,11 @@ class WorkerProcess:
         if self._proc.exitcode is None:
             raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout or 0)
         return self._proc.exitcode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """(stdout, stderr) once it has exited, as ``Popen.communicate`` gives them."""
+        self.wait(timeout)
+        return self.out.read_text(errors="replace"), self.log.read_text(errors="replace")
 
     def stopped(self) -> bool:
         """Whether it is stopped (``SIGSTOP``: a :class:`StopBehind` point was reached)."""
