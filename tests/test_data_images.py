@@ -26,8 +26,9 @@ def test_a_folder_of_digit_pngs_trains_through_the_cli(
     # Prepare: 1,797 PNG files in ten class folders
     folder = digits_folder(tmp_path / "digits")
     assert len(list(folder.rglob("*.png"))) >= 1000
-    files = deployment(topology="vanilla", dataset="digits", epochs=12)
-    procs.start("server", files["server"])
+    # 4 epochs read 0.972 (12 read 0.986): well clear of 0.95, which wrong labels or pixels miss
+    files = deployment(topology="vanilla", dataset="digits", epochs=4)
+    procs.fork("server", files["server"])
     # Execute: the user points data.path at the folder
     status = main(
         [
