@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -226,3 +227,38 @@ def test_an_empty_batch_is_a_step_of_noise_alone_that_the_accountant_counts() ->
     assert 0.5 * expected_std < float(moved.std()) < 2 * expected_std
     assert all(p.grad is None for p in private.unwrapped.parameters())
     assert all(getattr(p, "grad_sample", None) is None for p in private.unwrapped.parameters())
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
+def test_a_noise_only_step_is_opacus_step_for_an_empty_batch_bit_for_bit(optimizer: str) -> None:
+    """Red team (held): the same update as Opacus' own step on a batch of zero rows, its
+    noise scaled by the expected batch size and fed through the optimizer's state."""
+
+    def build() -> Any:
+        client, _, data = make_parts()
+        params = client.parameters()
+        opt = {
+            "sgd": lambda: torch.optim.SGD(params, lr=0.1),
+            "momentum": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+            "adam": lambda: torch.optim.Adam(params, lr=0.01),
+        }[optimizer]()
+        cfg = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0)
+        gen = torch.Generator().manual_seed(7)
+        loader = DataLoader(data, batch_size=8)
+        private = make_private_client(client, opt, loader, cfg, epochs=1, noise_generator=gen)
+        x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+        private.optimizer.zero_grad()
+        act = private.module(x)
+        act.backward(torch.ones_like(act))
+        private.optimizer.step()  # a real step first: momentum and Adam have state
+        return private
+
+    opacus, ours = build(), build()
+    opacus.optimizer.zero_grad()
+    act = opacus.module(torch.zeros(0, 6))  # Opacus' own empty batch
+    act.backward(torch.zeros_like(act))
+    opacus.optimizer.step()
+    ours.noise_only_step()
+    pairs = zip(opacus.unwrapped.parameters(), ours.unwrapped.parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    assert opacus.engine.accountant.history == ours.engine.accountant.history == [(1.0, 0.25, 2)]

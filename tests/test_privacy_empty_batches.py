@@ -14,7 +14,7 @@ from workers.client.worker import ClientWorker
 from workers.tools.inprocess import wait_until
 
 from .conftest import load_client
-from .test_run_lifecycle import _crash, _serving
+from .test_run_lifecycle import NONE, _crash, _serving
 
 SIGMA = 1.0
 # An expected batch of 2 rows: about one batch in seven (e^-2) draws no row at all
@@ -73,3 +73,29 @@ async def test_the_epsilon_gauge_is_the_accountants_at_every_scrape(
     assert mid[1] > 0
     assert mid[0] == mid[1]
     assert gauge() == pytest.approx(summary["dpsgd_epsilon"], abs=1e-4)
+
+
+async def test_every_batch_drawn_counts_once_across_ctrl_c_stops(
+    deployment,  # type: ignore[no-untyped-def]
+) -> None:
+    """A client without [checkpoint] dir stopped twice by a signal (its stop state,
+    workers/client/stopstate.py) and started again: every draw counted once (red team:
+    held, kept as a regression test)."""
+    files = deployment(clients=1, dataset="breast_cancer", epochs=1)
+    sets = (*DP, NONE)
+    draws, epsilon = _expected(files, epochs=1)
+    async with _serving(files, "server.takeover_after_s=0.3"):
+        for at in (60, 120):
+            stopped = ClientWorker(load_client(files["client-1"], *sets), files["server"].parent)
+            stopped.progress = False
+            task = asyncio.ensure_future(stopped.run())
+            await wait_until(lambda c=stopped, n=at: c.steps_done >= n)  # type: ignore[misc]
+            stopped.stop.set()
+            assert (await asyncio.wait_for(task, 60))["stopped_early"]
+        client = ClientWorker(load_client(files["client-1"], *sets), files["server"].parent)
+        client.progress = False
+        summary = await asyncio.wait_for(client.run(), 120)
+    history = client.runner.private.dp.engine.accountant.history  # type: ignore[union-attr]
+    assert summary["resumed_from"] >= 120
+    assert sum(steps for _, _, steps in history) == draws
+    assert summary["dpsgd_epsilon"] == round(epsilon, 4)
