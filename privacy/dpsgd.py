@@ -31,6 +31,7 @@ accountant counts each pass over the data as one unamplified Gaussian mechanism
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -153,8 +154,10 @@ def make_private_client(
 def _make_private(
     engine: PrivacyEngine, cfg: DPSGDConfig, epochs: int, common: dict[str, Any]
 ) -> tuple[Any, Any, Any]:
-    """Opacus' module, optimizer and loader; fixed batches are counted per pass (by
-    :meth:`PrivateClient.count_pass`), not by Opacus' per-step hook."""
+    """Opacus' module, optimizer and loader. Fixed batches are counted per pass, not by
+    Opacus' per-step hook: here at every ``len(loader)``-th step from the first (a caller
+    that resumes or redoes steps replaces the hook and calls
+    :meth:`PrivateClient.count_pass` itself, as ``workers.client.private`` does)."""
     if cfg.target_epsilon is not None and cfg.poisson_sampling:
         private = engine.make_private_with_epsilon(
             target_epsilon=cfg.target_epsilon, target_delta=cfg.delta, epochs=epochs, **common
@@ -162,8 +165,18 @@ def _make_private(
     else:
         private = engine.make_private(noise_multiplier=_noise(cfg, epochs), **common)
     if not cfg.poisson_sampling:
-        private[1].step_hook = None
+        private[1].step_hook = _pass_counter(engine, len(common["data_loader"]))
     return private[0], private[1], private[-1]
+
+
+def _pass_counter(engine: PrivacyEngine, steps_per_pass: int) -> Any:
+    taken = itertools.count()
+
+    def hook(optimizer: Any) -> None:
+        if next(taken) % steps_per_pass == 0:  # a pass's first step
+            engine.accountant.step(noise_multiplier=optimizer.noise_multiplier, sample_rate=1.0)
+
+    return hook
 
 
 def _noise(cfg: DPSGDConfig, epochs: int) -> float:

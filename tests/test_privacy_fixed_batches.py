@@ -13,8 +13,10 @@ import pytest
 import torch
 from opacus.accountants import create_accountant
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from privacy.config import DPSGDConfig
+from privacy.dpsgd import make_private_client
 from sl_pipeline.config import TrainConfig
 from sl_pipeline.data import Split
 from workers.client.private import PrivateBatches
@@ -68,6 +70,26 @@ def test_a_pass_over_fixed_batches_is_one_unamplified_gaussian_mechanism() -> No
     assert after_one == pytest.approx(_epsilon(1.0, 1))
     assert after_one > 4  # Opacus' per-step count said about 1.3
     assert private.dp.epsilon() == pytest.approx(_epsilon(1.0, 3))
+
+
+def test_the_library_counts_a_pass_at_every_len_loader_th_step() -> None:
+    """make_private_client used alone (no PrivateBatches): its own hook counts passes."""
+    torch.manual_seed(0)
+    bottom = nn.Linear(4, 3)
+    loader = DataLoader(TensorDataset(torch.randn(ROWS, 4)), batch_size=BATCH)
+    cfg = DPSGDConfig(noise_multiplier=1.0, poisson_sampling=False, delta=DELTA)
+    optimizer = torch.optim.SGD(bottom.parameters(), lr=0.1)
+    private = make_private_client(bottom, optimizer, loader, cfg, epochs=2)
+    epsilons = []
+    for _epoch in range(2):
+        for (x,) in private.data_loader:
+            private.optimizer.zero_grad(set_to_none=True)
+            act = private.module(x)
+            act.backward(torch.ones_like(act))
+            private.optimizer.step()
+            epsilons.append(private.epsilon())
+    assert epsilons[:5] == [pytest.approx(_epsilon(1.0, 1))] * 5
+    assert epsilons[5:] == [pytest.approx(_epsilon(1.0, 2))] * 5
 
 
 def test_target_epsilon_with_fixed_batches_derives_the_noise_for_its_passes() -> None:

@@ -48,6 +48,8 @@ class PrivateBatches:
         labels = train.y if train.y is not None else torch.zeros(len(train), dtype=torch.int64)
         loader = DataLoader(TensorDataset(train.x, labels, train.ids), batch_size=t.batch_size)
         dp = make_private_client(bottom, optimizer, loader, cfg, t.epochs)
+        if not cfg.poisson_sampling:  # counted per pass by batches(), which knows a rewind
+            dp.optimizer.step_hook = None
         return cls(dp, cfg.poisson_sampling, train.y is not None)
 
     def batches(self, first_step: int) -> Iterator[Batch]:
