@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 from opacus.accountants import create_accountant
 
+from sl_pipeline.messages import Kind
 from workers.client.worker import ClientWorker
 from workers.tools.inprocess import wait_until
 
 from .conftest import load_client
 from .test_run_lifecycle import NONE, _crash, _serving
+from .test_topologies import record_inbound
 
 SIGMA = 1.0
 # An expected batch of 2 rows: about one batch in seven (e^-2) draws no row at all
@@ -53,10 +55,13 @@ async def test_every_batch_drawn_counts_the_empty_ones_too_once_across_a_crash(
 
 async def test_the_epsilon_gauge_is_the_accountants_at_every_scrape(
     deployment,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Before, sl_privacy_epsilon{mechanism="dpsgd"} was set at epoch ends only: absent for
     the whole first epoch (a one-epoch run's whole training), and after a resume until that
-    epoch ended, while the accountant had counted every step so far."""
+    epoch ended, while the accountant had counted every step so far. Also: the server gets
+    one FORWARD per non-empty batch, none for an empty one."""
+    seen = record_inbound(monkeypatch)
     files = deployment(clients=1, dataset="breast_cancer", epochs=1)
     client = ClientWorker(load_client(files["client-1"], *DP), files["server"].parent)
     client.progress = False
@@ -73,6 +78,9 @@ async def test_the_epsilon_gauge_is_the_accountants_at_every_scrape(
     assert mid[1] > 0
     assert mid[0] == mid[1]
     assert gauge() == pytest.approx(summary["dpsgd_epsilon"], abs=1e-4)
+    forwards = [m for m in seen if m.kind == Kind.FORWARD]  # a resend repeats a step
+    assert len({(m.epoch, m.step) for m in forwards}) == summary["steps"]
+    assert min(len(m.tensor("act")) for m in forwards) >= 1
 
 
 async def test_every_batch_drawn_counts_once_across_ctrl_c_stops(
