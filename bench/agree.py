@@ -3,7 +3,9 @@
 Each argument is the output of ``sl-pipeline bench --json`` (the file may hold the whole
 stdout: the last line that starts with ``{`` is read). For every ratio the issue's targets
 name, prints each run's value, the spread ``max / min - 1`` and whether it is within the
-tolerance (10 %), then the machine load each run recorded. Exit status 0 when every ratio
+tolerance (10 %); under a ratio that differs, each run's interquartile range of pair ratios
+and its number of pairs where the run kept them; then the machine load each run recorded.
+Exit status 0 when every ratio
 present in all runs agrees, 1 when one does not, 2 on unreadable input.
 """
 
@@ -52,6 +54,19 @@ def flatten(run: dict[str, Any]) -> dict[str, float]:
         elif isinstance(value, int | float):
             flat[key] = float(value)
     return flat
+
+
+def quartiles(run: dict[str, Any], name: str) -> str | None:
+    """``[q1-q3, pairs]`` of one ratio in one run, from its ``*_spread`` figure, or None.
+    A wide range or few pairs says the run's own median is unsure; a narrow one whose
+    runs still differ says the machine moved between runs."""
+    key, _, label = name.partition(".")
+    figure = run.get(f"{key}_spread")
+    if label and isinstance(figure, dict):
+        figure = figure.get(label)
+    if not isinstance(figure, dict) or not {"q1", "q3", "pairs"} <= set(figure):
+        return None
+    return f"[{figure['q1']:.2f}-{figure['q3']:.2f}, {figure['pairs']}]"
 
 
 def spread(values: Sequence[float]) -> float:
@@ -111,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         values = " ".join(f"{v:7.3f}" for v in row["values"])
         verdict = "agree" if row["agree"] else "DIFFER"
         print(f"{row['ratio']:<{width}} {values}  spread {row['spread']:6.1%}  {verdict}")
+        ranges = [quartiles(run, row["ratio"]) for run in runs]
+        if not row["agree"] and all(ranges):
+            print(f"{'  quartiles, pairs':<{width}} " + " ".join(str(r) for r in ranges))
     print("load (1-minute average during each run): " + ", ".join(load_of(r) for r in runs))
     return 0 if all(row["agree"] for row in rows) else 1
 

@@ -46,3 +46,26 @@ def test_a_file_without_json_is_a_clear_error(
     empty.write_text("the bench crashed\n")
     assert agree.main([str(empty), str(_run(tmp_path / "r.json", 1.6, 0.9))]) == 2
     assert "no JSON line" in capsys.readouterr().err
+
+
+def test_a_ratio_that_differs_shows_each_runs_quartiles_and_pairs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Setup: digits apart by 12 %, each run with its pairs' spread as the bench writes it.
+    paths = []
+    for i, (median, q1, q3, pairs) in enumerate([(1.77, 1.67, 2.0, 40), (1.98, 1.8, 2.1, 120)]):
+        path = _run(tmp_path / f"r{i}.json", median, 0.85)
+        figures = json.loads(path.read_text().splitlines()[-1])
+        spread = {"median": median, "q1": q1, "q3": q3, "iqr": q3 - q1, "pairs": pairs}
+        figures["overhead_ratio_spread"] = {"digits_cnn": spread}
+        path.write_text(json.dumps(figures) + "\n")
+        paths.append(str(path))
+    # Execute
+    assert agree.main(paths) == 1
+    # Check: the line under the differing ratio holds both runs' ranges; none under the rest.
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("overhead_ratio.digits_cnn"))
+    assert lines[at].endswith("DIFFER")
+    assert lines[at + 1].split()[:2] == ["quartiles,", "pairs"]
+    assert "[1.67-2.00, 40] [1.80-2.10, 120]" in lines[at + 1]
+    assert sum("quartiles" in line for line in lines) == 1
