@@ -6,14 +6,35 @@ loopback sockets; a kill is a cancelled client (no bye, no checkpoint at the end
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from prometheus_client import CollectorRegistry
 
 from sl_pipeline.errors import ConfigError, PeerError
+from workers.server.worker import ServerWorker
+from workers.tools.inprocess import wait_until
 
 from .test_run_lifecycle import DATA, NONE, _client, _crash, _serving
 
 EPOCHS = {**DATA, "epochs": 4}  # 32 steps of client-1
 SETS = ("server.run_clients=0", "server.takeover_after_s=0.3")  # the killed session's name
+
+
+def _forwards(registry: CollectorRegistry, direction: str) -> float:
+    labels = {"direction": direction, "kind": "forward"}
+    return registry.get_sample_value("sl_messages_total", labels) or 0.0
+
+
+async def _killed(server: ServerWorker, files: dict[str, Path], steps: int, *sets: str) -> int:
+    """client-1 killed ``steps`` steps in (``_crash``), once the server has every step it
+    sent: its last may still be on the way when it dies, and land after a count taken at
+    once (22 applied, not 21, 1 run in 6 here). The steps run-1 applied by then."""
+    before = _forwards(server.metrics.registry, "received")
+    client = await _crash(files, "client-1", steps, *sets)
+    sent = _forwards(client.metrics.registry, "sent")
+    await wait_until(lambda: _forwards(server.metrics.registry, "received") - before >= sent)
+    return server.book.runs["run-1"].steps
 
 
 async def test_a_client_killed_between_checkpoints_carries_on_exactly_once(
@@ -49,8 +70,7 @@ async def test_a_client_killed_further_past_its_checkpoint_than_the_cache_is_tol
     files = deployment(**EPOCHS)
     every = "checkpoint.every_steps=50"
     async with _serving(files, *SETS) as server:
-        await _crash(files, "client-1", 20, every)
-        applied = server.book.runs["run-1"].steps
+        applied = await _killed(server, files, 20, every)
         # Execute: the same command
         with pytest.raises(PeerError) as refused:
             await _client(files, "client-1", every)
@@ -69,12 +89,11 @@ async def test_a_dpsgd_client_whose_newest_checkpoints_were_lost_is_refused_not_
     files = deployment(**EPOCHS)
     dp = ("privacy.dpsgd.noise_multiplier=1.0", "checkpoint.keep=40")
     async with _serving(files, *SETS) as server:
-        await _crash(files, "client-1", 13, *dp)
+        applied = await _killed(server, files, 13, *dp)
         folder = files["client-1"].parent / "state" / "client-checkpoints"
         for path in folder.glob("*.ckpt"):
             if int(path.stem.rsplit("-", 1)[-1]) > 5:
                 path.unlink()
-        applied = server.book.runs["run-1"].steps
         # Execute: the same command
         with pytest.raises(ConfigError) as refused:
             await _client(files, "client-1", *dp)

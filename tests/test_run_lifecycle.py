@@ -45,13 +45,14 @@ async def _client(files: dict[str, Path], name: str, *sets: str) -> dict[str, An
     return dict(await asyncio.wait_for(client.run(), 120))
 
 
-async def _crash(files: dict[str, Path], name: str, steps: int, *sets: str) -> None:
+async def _crash(files: dict[str, Path], name: str, steps: int, *sets: str) -> ClientWorker:
     """A client that applies ``steps`` steps and ends without a goodbye (kill -9)."""
     client = ClientWorker(load_client(files[name], *sets), files["server"].parent, progress=False)
     task = asyncio.ensure_future(client.run())
     await wait_until(lambda: client.steps_done >= steps)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+    return client
 
 
 async def _client_on_a_new_server(
