@@ -25,9 +25,9 @@ USE_CSV = ["--set", "data.dataset=", "--set", "data.id=id", "--set", "data.label
 
 
 def _train(files: dict[str, Path], procs: Procs, csv: Path, *model: str) -> None:
-    """Server in its own process; the client through the CLI, as a user runs it.
+    """Server in its own (forked) process; the client through the CLI, as a user runs it.
     ``model``: --set flags for [model], which both sides must share."""
-    procs.start("server", files["server"], *model)
+    procs.fork("server", files["server"], *model)
     args = ["client", "--config", str(files["client-1"]), "--no-progress", "--json"]
     status = main([*args, *USE_CSV, "--set", f"data.path={csv}", *model])
     assert status == 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from workers.tools.localdeploy import to_toml
 from .conftest import Procs
 from .datafiles import party_csv, wisconsin_rows
 from .test_topologies import record_inbound
+from .workerproc import WorkerProcess
 
 EPOCHS = 6
 A_COLUMNS, B_COLUMNS = range(0, 15), range(15, 30)
@@ -56,7 +56,7 @@ def _shuffled(rows: np.ndarray, seed: int) -> list[int]:
     return [int(r) for r in np.random.default_rng(seed).permutation(rows)]
 
 
-async def _finish(proc: subprocess.Popen[str], timeout_s: float = 240) -> tuple[str, str]:
+async def _finish(proc: WorkerProcess, timeout_s: float = 240) -> tuple[str, str]:
     out, err = await asyncio.to_thread(proc.communicate, timeout=timeout_s)
     assert proc.returncode == 0, err[-2000:]
     return out, err
@@ -104,10 +104,10 @@ async def test_psi_aligned_parties_train_on_the_intersection_and_leak_no_other_i
     _use_data(files["client-1"], True, path=str(a), id="id", label="diagnosis")
     _use_data(files["client-2"], True, path=str(b), id="id")
     seen = record_inbound(monkeypatch)
-    # Execute: each party through the CLI in its own process
+    # Execute: each party through the CLI in its own (forked) process
     server = _Server(files["server"])
     runs = [
-        procs.start("client", files[n], "--json", "--no-progress") for n in ("client-1", "client-2")
+        procs.fork("client", files[n], "--json", "--no-progress") for n in ("client-1", "client-2")
     ]
     try:
         outputs = [await _finish(run) for run in runs]

@@ -40,7 +40,7 @@ async def test_predict_matches_the_in_process_model(
     x = load_party_data(cfg.data, base, 2).test.x[:40]
     _write_csv(base / "inputs.csv", x.numpy())
     # Execute: the server restarts from its saved segment; predict sends only activations
-    procs.start("server", files["server"])
+    procs.fork("server", files["server"])
     wait_listening(files["server"])
     result = subprocess.run(
         [
@@ -85,7 +85,7 @@ async def test_vertical_predict_fuses_every_party(deployment, procs: Procs) -> N
     cfgs = [load_client(files[f"client-{i}"]) for i in (1, 2)]
     full = load_party_data(replace(cfgs[0].data, feature_slice=[]), base, 2).test.x[:30]
     _write_csv(base / "rows.csv", full.numpy())
-    procs.start("server", files["server"])
+    procs.fork("server", files["server"])
     wait_listening(files["server"])
     runs = [
         subprocess.Popen(
