@@ -84,6 +84,11 @@ class Channel:
         return decode(self.session.open(frames), self.limits)
 
 
+# Messages a client's (or relay's) link queues unread: 16 of at most limits.max_frames
+# chunks each, 512 MiB, what one reply may be anyway (1000 held a hostile server's 32 GiB).
+DEALER_RCVHWM = 16
+
+
 def new_socket(ctx: zmq.asyncio.Context, kind: int, limits: Limits, hwm: int = 1000) -> Any:
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
@@ -118,6 +123,9 @@ class DealerConnection:
         self.on_message = on_message
         self.peer = peer  # what the other end is ("server", "relay"), for messages
         self.sock = new_socket(ctx, zmq.DEALER, limits)
+        # What the peer may push unasked while we compute: libzmq reads on into this queue;
+        # past it, reading pauses and TCP holds the peer back.
+        self.sock.setsockopt(zmq.RCVHWM, DEALER_RCVHWM)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         self.monitor = self.sock.get_monitor_socket(_WATCHED)

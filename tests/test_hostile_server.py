@@ -21,10 +21,13 @@ from typing import Any
 
 import pytest
 import torch
+import zmq
+import zmq.asyncio
 from torch.nn.utils import parameters_to_vector
 
 from sl_pipeline.errors import PeerError, ProtocolError, TransportError
 from sl_pipeline.messages import Kind, Message
+from sl_pipeline.transport import DealerConnection
 from workers.cli import main
 from workers.client import align
 from workers.client.microbatch import MAX_DEPTH
@@ -571,3 +574,39 @@ async def test_a_psi_post_that_is_no_byte_string_is_refused(sealed: torch.Tensor
     # Execute / Assert
     with pytest.raises(ProtocolError, match="PSI round 0: the other party's post is no byte"):
         await align._exchange(request, make, 1, 0, b"payload")
+
+
+# ---- what a server can push unasked -------------------------------------------------------
+@pytest.mark.timeout(60)
+async def test_a_server_pushing_unasked_messages_fills_a_bounded_queue() -> None:
+    # Prepare: a hostile server's socket (ROUTER_MANDATORY: a send it cannot hand on fails)
+    # and a client's link, connected, that reads nothing (it computes a step)
+    ctx, plain = zmq.asyncio.Context(), zmq.Context()
+    router = plain.socket(zmq.ROUTER)  # not asyncio: a send that cannot go raises at once
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    router.setsockopt(zmq.SNDHWM, 1)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    conn = DealerConnection(ctx, f"tcp://127.0.0.1:{port}")
+    conn.sock.connect(f"tcp://127.0.0.1:{port}")
+    chunk, taken, cap = b"x" * (1 << 20), 0, 300
+    try:
+        await conn.sock.send_multipart([b"hello"])
+        deadline = time.monotonic() + 10
+        while not router.poll(0) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        identity, _ = router.recv_multipart(flags=zmq.NOBLOCK)
+        # Execute: push 1 MiB messages until the link takes no more for 0.5 s (or 300 MiB)
+        idle_since = time.monotonic()
+        while taken < cap and time.monotonic() - idle_since < 0.5:
+            try:
+                router.send_multipart([identity, chunk], flags=zmq.NOBLOCK)
+                taken, idle_since = taken + 1, time.monotonic()
+            except zmq.Again:
+                await asyncio.sleep(0.01)
+    finally:
+        conn.close()
+        router.close(0)
+        ctx.term()
+        plain.term()
+    # Assert: the link's queue (16) and the kernel's buffers, not 1000 MiB (before: all 300)
+    assert taken < 100, taken
