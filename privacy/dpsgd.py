@@ -63,6 +63,22 @@ class PrivateClient:
     noise_multiplier: float
     delta: float
 
+    def forget_forward(self) -> None:
+        """Drop what Opacus' hooks captured for a forward that got no backward (a step
+        abandoned by a rewind): else the next backward pairs with the newest capture, its
+        count of open forwards stays above zero, and no per-sample gradient is promoted
+        ("Per sample gradient is not initialized", the red team's rewound DP-SGD client)."""
+        for module in self.module.modules():
+            if getattr(module, "activations", None):
+                module.activations = []  # type: ignore[assignment]
+            if hasattr(module, "max_batch_len"):
+                del module.max_batch_len
+        for param in self.module.parameters():
+            if hasattr(param, "_forward_counter"):
+                param._forward_counter = 0
+            if hasattr(param, "_current_grad_sample"):
+                del param._current_grad_sample
+
     def count_pass(self) -> None:
         """Fixed batches (``poisson_sampling = false``) are counted here, not per step: an
         example is in exactly one batch of each pass over the data, so a pass is one

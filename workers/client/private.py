@@ -153,6 +153,7 @@ class PrivateBatches:
         return state
 
     def load_state(self, state: dict[str, Any]) -> None:
+        self.dp.forget_forward()  # a rewind abandons the open step's forward
         self.drawn = int(state["drawn"])
         pending = state.get("next_batch")  # absent from checkpoints of older versions
         self.next_batch = None if pending is None else [int(i) for i in pending]
