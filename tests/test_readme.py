@@ -4,8 +4,8 @@ through the installed console script (the binary a user types), in a temporary f
 Rules a README command follows so that this test can run it as written:
 - lines of one code block run in order, in one temporary working folder per block;
 - a line ending in ``&`` is a long-lived worker (its config has an ops port): it is started,
-  and the next line runs once `sl-pipeline health` says it is ready; it is stopped with
-  SIGTERM when the block ends and must then exit 0;
+  and the next line runs once it answers ``/readyz`` and `sl-pipeline health` says it is
+  ready; it is stopped with SIGTERM when the block ends and must then exit 0;
 - training is shortened by adding ``--epochs 1`` to the verbs that take it, and the
   benchmark by ``--only flops`` (its other sections are covered by test_bench_smoke.py);
 - ``rows.csv`` (the input that `predict` reads) is written by this test from digits rows;
@@ -25,11 +25,16 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
+
+from workers.ops.http import local_url
 
 from .conftest import ROOT
 
@@ -97,18 +102,31 @@ def write_rows(folder: Path, count: int = 5) -> None:
     np.savetxt(folder / "rows.csv", rows, delimiter=",", fmt="%.6f")
 
 
+def _answers_ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 def wait_ready(cmd: list[str], proc: subprocess.Popen[str], cwd: Path) -> None:
-    """Wait (bounded) until `sl-pipeline health` answers 0 for the worker's config."""
+    """Wait (bounded) until the worker answers ``/readyz``, then `sl-pipeline health` must
+    answer 0 for its config. The wait polls from here: a `health` process per poll took a
+    core's worth of CPU from the worker starting beside it."""
     config = cmd[cmd.index("--config") + 1]
-    assert "listen" in (cwd / config).read_text(), f"{config}: a README worker needs --ops"
+    ops = tomllib.loads((cwd / config).read_text()).get("ops", {})
+    assert ops.get("listen"), f"{config}: a README worker needs --ops"
+    url = f"{local_url(ops['listen'])}/readyz"
     deadline = time.monotonic() + READY_TIMEOUT_S
-    probe = [console_script(), "health", "--config", config, "--timeout", "1"]
-    while time.monotonic() < deadline:
+    while not _answers_ready(url):
         assert proc.poll() is None, f"{shlex.join(cmd)} exited early with {proc.returncode}"
-        if subprocess.run(probe, cwd=cwd, capture_output=True).returncode == 0:
-            return
-        time.sleep(0.2)  # a bounded poll of the readiness probe
-    pytest.fail(f"{shlex.join(cmd)} was not ready within {READY_TIMEOUT_S}s")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{shlex.join(cmd)} was not ready within {READY_TIMEOUT_S}s")
+        time.sleep(0.1)  # a bounded poll of the readiness endpoint
+    probe = [console_script(), "health", "--config", config, "--timeout", "5"]
+    done = subprocess.run(probe, cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"{shlex.join(cmd)} is ready, but health says: {done.stderr}"
 
 
 def check_json(verb: str, stdout: str, line: str) -> None:
