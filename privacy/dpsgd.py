@@ -31,7 +31,6 @@ accountant counts each pass over the data as one unamplified Gaussian mechanism
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -186,11 +185,12 @@ def _make_private(
 
 
 def _pass_counter(engine: PrivacyEngine, steps_per_pass: int) -> Any:
-    taken = itertools.count()
+    taken = [0]  # steps so far
 
     def hook(optimizer: Any) -> None:
-        if next(taken) % steps_per_pass == 0:  # a pass's first step
+        if taken[0] % steps_per_pass == 0:  # a pass's first step
             engine.accountant.step(noise_multiplier=optimizer.noise_multiplier, sample_rate=1.0)
+        taken[0] += 1
 
     return hook
 
