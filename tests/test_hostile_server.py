@@ -610,3 +610,24 @@ async def test_a_server_pushing_unasked_messages_fills_a_bounded_queue() -> None
         plain.term()
     # Assert: the link's queue (16) and the kernel's buffers, not 1000 MiB (before: all 300)
     assert taken < 100, taken
+
+
+@pytest.mark.timeout(120)
+def test_a_rejoin_into_another_run_is_refused(
+    capsys: pytest.CaptureFixture[str],
+    hostile: tuple[dict[str, Path], TamperingServer],
+) -> None:
+    # Prepare: after 2 steps in run-1 the server drops a reply (the client rejoins) and its
+    # welcome now names another run (the client carried on there with run-1's state, before)
+    files, server = hostile
+
+    def switch(msg: Message, reply: Message) -> None:
+        server.welcome, server.tamper = {"run": "other-run"}, None
+
+    server.tamper = switch
+    # Execute / Assert
+    last = _one_line_error(capsys, files, "client.timeout_s=0.3")
+    assert "put this client in run 'other-run', but it trains in run 'run-1'" in last, last
+    # Execute / Assert: the server training it in run-1 again, the same command carries on
+    server.welcome = {}
+    _carries_on(capsys, files, "client.timeout_s=0.3")

@@ -106,6 +106,17 @@ def checked_welcome(welcome: Mapping[str, Any]) -> dict[str, Any]:
     return {**welcome, "checkpoint_every": every}
 
 
+def check_same_run(trained_in: str, joined: str) -> None:
+    """A rejoin's welcome must name the run this client trains in: its weights and step
+    count belong to that run, and carried into another they would train it wrongly."""
+    if trained_in and joined != trained_in:
+        raise ProtocolError(
+            f"on rejoining, the server put this client in run {shown(joined)}, but it trains "
+            f"in run {trained_in!r}: refusing to carry that run's state into another one; "
+            "the same command resumes from its state when the server trains it there again"
+        )
+
+
 def is_run_id(value: object) -> bool:
     """Whether ``value`` is a run id (a server's ``run-N`` or a name a client chose)."""
     return isinstance(value, str) and RUN_ID.fullmatch(value) is not None
@@ -125,4 +136,12 @@ def _bad_field(name: str, value: object) -> ProtocolError:
     return ProtocolError(f"the server's welcome has {name} = {shown(value)}, which no server sends")
 
 
-__all__ = ["MAX_UNDO_POINTS", "checked_welcome", "is_run_id", "reply_loss", "reply_tensor", "shown"]
+__all__ = [
+    "MAX_UNDO_POINTS",
+    "check_same_run",
+    "checked_welcome",
+    "is_run_id",
+    "reply_loss",
+    "reply_tensor",
+    "shown",
+]

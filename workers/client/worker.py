@@ -31,7 +31,7 @@ from workers.client.host import RunnerConfig
 from workers.client.link import BYE_LINGER_MS, Stopped, Upstream, make_handshake
 from workers.client.microbatch import MAX_DEPTH, Pipeline, check_depth
 from workers.client.private import check_checkpoints, check_replayable
-from workers.client.replies import checked_welcome
+from workers.client.replies import check_same_run, checked_welcome
 from workers.client.report import client_summary, log_stop, model_path
 from workers.client.rollback import NOTHING, Rewind, UndoPoints
 from workers.client.staleness import configured_momentum
@@ -204,7 +204,10 @@ class ClientWorker:
             )
         )
         if self.start[0] < self.cfg.train.epochs:  # else it trained its run: that one's
-            self.run_id = welcome.get("run") or self.run_id
+            joined = welcome.get("run") or self.run_id
+            if self.last_applied is not None and not self.ckpt.resumed_in:  # a rejoin
+                check_same_run(self.run_id, joined)
+            self.run_id = joined
             self.ckpt.check_joined(self.run_id)
         where = (self.link.peer, self.cfg.client.server, self.run_id or "not chosen yet")
         log.info("joined %s %s (run %s)", *where)
