@@ -1,6 +1,7 @@
 """The CUDA path on a GPU (``train.device = "cuda"``): every topology's demo trains there
-through the console script, split training on the GPU equals the whole model trained on the
-GPU in one process, and received tensors reach the GPU through pinned memory.
+(``sl-pipeline demo`` through ``workers.cli.main``), split training on the GPU equals the
+whole model trained on the GPU in one process, and received tensors reach the GPU through
+pinned memory.
 
 Skipped where no GPU is visible, as in CI. ``bench/gpu_check.sh`` runs this file, the demo
 and the bench's overhead section on a GPU machine (docs/performance.md, "GPU").
@@ -96,7 +97,7 @@ DEMOS = [
 @pytest.mark.slow
 @pytest.mark.parametrize(("topology", "extra"), DEMOS)
 def test_every_topology_trains_on_the_gpu(topology: str, extra: tuple[str, ...]) -> None:
-    # Execute: what a user types, through the console script
+    # Execute: what a user types
     summary = demo_against_baseline(topology, "--device", "cuda", *extra)
     # Assert: the server and every client trained on the GPU, as well as the same
     # architecture trained centrally (on the CPU)

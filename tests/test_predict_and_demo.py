@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -15,12 +17,11 @@ import torch
 
 from sl_pipeline.data import load_party_data
 from sl_pipeline.models import build_segments
+from workers.cli import main
 from workers.tools.inprocess import run_deployment
 from workers.tools.localdeploy import MULTI_PARTY
 
 from .conftest import ROOT, Procs, load_client, wait_listening
-
-CONSOLE_SCRIPT = str(Path(sys.executable).parent / "sl-pipeline")
 
 
 def _write_csv(path: Path, x: np.ndarray) -> None:
@@ -146,20 +147,17 @@ EPOCHS = {"roundrobin": "2", "splitfed": "3"}
 
 
 def demo_against_baseline(topology: str, *extra: str) -> dict[str, Any]:
-    """``sl-pipeline demo --topology T --baseline --json ...`` through the console script,
-    ``EPOCHS`` epochs (one where split == central step for step)."""
+    """``sl-pipeline demo --topology T --baseline --json ...`` through ``workers.cli.main``,
+    ``EPOCHS`` epochs (one where split == central step for step). In this process: the demo
+    starts its workers as processes all the same, and the console script's own start (a torch
+    import, seconds of CPU) is tested by tests/test_readme.py's demo block."""
     epochs = EPOCHS.get(topology, "1")
     argv = ["demo", "--topology", topology, "--baseline", "--json", "--epochs", epochs, *extra]
-    result = subprocess.run(
-        [CONSOLE_SCRIPT, *argv],
-        cwd=ROOT,
-        text=True,
-        capture_output=True,
-        timeout=400,
-        stdin=subprocess.DEVNULL,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(argv)
+    assert status == 0, err.getvalue()[-2000:]
+    return dict(json.loads(out.getvalue().strip().splitlines()[-1]))
 
 
 # vanilla, the default topology, is README's `sl-pipeline demo` block (tests/test_readme.py)
@@ -177,7 +175,7 @@ OTHER_TOPOLOGIES: list[tuple[str, tuple[str, ...]]] = [
 @pytest.mark.slow
 @pytest.mark.parametrize(("topology", "extra"), OTHER_TOPOLOGIES)
 def test_demo_runs_every_topology_with_no_other_flag(topology: str, extra: tuple[str, ...]) -> None:
-    # Execute: what a user types, through the console script
+    # Execute: what a user types
     summary = demo_against_baseline(topology, *extra)
     # Assert: the topology picked its own number of parties, trained, and matches the same
     # architecture trained centrally (to the sample where the schedule is deterministic;
