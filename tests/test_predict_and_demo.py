@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from workers.cli import main
 from workers.tools.inprocess import run_deployment
 from workers.tools.localdeploy import MULTI_PARTY
 
-from .conftest import ROOT, Procs, load_client, wait_listening
+from .conftest import Procs, load_client, wait_listening
 
 
 def _write_csv(path: Path, x: np.ndarray) -> None:
@@ -43,25 +41,11 @@ async def test_predict_matches_the_in_process_model(
     # Execute: the server restarts from its saved segment; predict sends only activations
     procs.fork("server", files["server"])
     wait_listening(files["server"])
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "workers",
-            "predict",
-            "--config",
-            str(files["client-1"]),
-            "--input",
-            str(base / "inputs.csv"),
-            "--json",
-        ],
-        cwd=ROOT,
-        text=True,
-        capture_output=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    predicted = json.loads(result.stdout.strip().splitlines()[-1])
+    # `sl-pipeline predict` in a process of its own, forked (a torch import less)
+    run = procs.fork("predict", files["client-1"], "--input", str(base / "inputs.csv"), "--json")
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err
+    predicted = json.loads(out.strip().splitlines()[-1])
     # Assert: the same as running the saved segments in one process
     segments = build_segments(cfg.model, topology)
     mine = torch.load(base / "state" / "client-1.pt", weights_only=True)
@@ -88,24 +72,8 @@ async def test_vertical_predict_fuses_every_party(deployment, procs: Procs) -> N
     _write_csv(base / "rows.csv", full.numpy())
     procs.fork("server", files["server"])
     wait_listening(files["server"])
-    runs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "workers",
-                "predict",
-                "--config",
-                str(files[f"client-{i}"]),
-                "--input",
-                str(base / "rows.csv"),
-                "--json",
-            ],
-            cwd=ROOT,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+    runs = [  # each party's `sl-pipeline predict` at once, in forked processes
+        procs.fork("predict", files[f"client-{i}"], "--input", str(base / "rows.csv"), "--json")
         for i in (1, 2)
     ]
     outs = [r.communicate(timeout=120) for r in runs]
