@@ -509,22 +509,6 @@ async def test_a_relay_refuses_a_wrong_reply_from_its_server(deployment: Any, at
         await asyncio.wait_for(asyncio.gather(*services, return_exceptions=True), 30)
 
 
-@pytest.mark.timeout(120)
-def test_a_client_without_checkpoints_carries_on_after_a_wrong_reply(
-    capsys: pytest.CaptureFixture[str],
-    hostile: tuple[dict[str, Path], TamperingServer],
-) -> None:
-    # Prepare: no [checkpoint] dir (only a stop state beside client.save); a wrong gradient
-    files, server = hostile
-    server.tamper, _, _ = CLI_ATTACKS["wrong-shaped gradient"]
-    sets = ('checkpoint.dir=""',)
-    # Execute / Assert: exit 3 after 2 steps applied; the same command starts afresh, and the
-    # server answers the steps it applied from its cache (the same requests: a seeded start)
-    assert "this step needs [32, 64]" in _one_line_error(capsys, files, *sets)
-    server.tamper = None
-    _carries_on(capsys, files, *sets)
-
-
 PREDICTIONS: dict[str, tuple[Tamper, str]] = {
     # argmax over no scores, and batches of scores of two widths: tracebacks, before
     "no scores": (lambda m, r: _out(r, lambda o: o[:, :0]), "batch 0 have 0 scores a row, not 1"),
