@@ -262,3 +262,17 @@ def test_a_noise_only_step_is_opacus_step_for_an_empty_batch_bit_for_bit(optimiz
     pairs = zip(opacus.unwrapped.parameters(), ours.unwrapped.parameters(), strict=True)
     assert all(torch.equal(a, b) for a, b in pairs)
     assert opacus.engine.accountant.history == ours.engine.accountant.history == [(1.0, 0.25, 2)]
+
+
+def test_a_step_divides_by_the_expected_batch_not_opacus_rounded_one() -> None:
+    """32 rows in 11 Poisson batches: an expected batch of 2.9, which Opacus rounds to 2."""
+    client, _, data = make_parts()
+    private = make_private_client(
+        client,
+        torch.optim.SGD(client.parameters(), lr=0.1),
+        DataLoader(data, batch_size=3),
+        DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0),
+        epochs=1,
+        noise_generator=torch.Generator().manual_seed(0),
+    )
+    assert private.optimizer.expected_batch_size == pytest.approx(32 / 11)
