@@ -104,12 +104,13 @@ class Procs:
         self.procs.append(proc)
         return proc
 
-    def fork(self, role: str, config: Path, *extra: str) -> WorkerProcess:
-        """The same worker forked from a process that imported torch once (seconds of CPU
-        less each): for tests of what workers do, not of how ``python -m workers`` starts
-        and ends one. Offers what these tests use of a ``Popen`` (``communicate`` included)."""
-        stem = self.folder / f"{role}-{len(self.procs)}"
-        argv = [role, "--config", str(config), *extra]
+    def fork(self, verb: str, config: Path, *extra: str) -> WorkerProcess:
+        """``sl-pipeline VERB --config CONFIG ...`` (a worker, or ``predict``) in a process
+        forked from one that imported torch once (seconds of CPU less each): for tests of what
+        the command does, not of how ``python -m workers`` starts and ends. Offers what these
+        tests use of a ``Popen`` (``communicate`` included)."""
+        stem = self.folder / f"{verb}-{len(self.procs)}"
+        argv = [verb, "--config", str(config), *extra]
         proc = WorkerProcess(argv, stem.with_suffix(".out"), stem.with_suffix(".log"))
         self.procs.append(proc)  # type: ignore[arg-type]  # stopped like a Popen
         return proc

@@ -7,8 +7,6 @@ import asyncio
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -171,15 +169,10 @@ def test_a_client_stopped_before_its_first_step_keeps_the_saved_model(deployment
     saved = files["server"].parent / "state" / "client-1.pt"
     saved.parent.mkdir()
     saved.write_bytes(b"the model of last week's run")
-    err = files["server"].parent / "client.err"
-    argv = [sys.executable, "-m", "workers", "client", "--config", str(files["client-1"])]
-    with err.open("w") as stderr:
-        proc = subprocess.Popen(  # nothing listens: it retries until stopped
-            [*argv, "--set", "client.retry_for_s=60"],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-        )
+    err, stdout = files["server"].parent / "client.err", files["server"].parent / "client.out"
+    argv = ["client", "--config", str(files["client-1"]), "--set", "client.retry_for_s=60"]
+    err.touch()  # read below before the worker opens it
+    proc = WorkerProcess(argv, stdout, err)  # nothing listens: it retries until stopped
     try:
         deadline = time.monotonic() + 60
         while "retrying" not in err.read_text() and time.monotonic() < deadline:
