@@ -6,7 +6,6 @@ import json
 import selectors
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +16,8 @@ from workers.cli import main
 from workers.tools.audit import run_audit
 from workers.tools.demo import stop_process
 
-ROOT = Path(__file__).resolve().parents[1]
+from .workerproc import WorkerProcess
+
 VERTICAL = [
     "audit",
     "--topology",
@@ -83,25 +83,31 @@ def read_until(proc: subprocess.Popen[str], needle: str, timeout_s: float) -> st
     return seen
 
 
-def signal_once_printed(epochs: str, needle: str, signum: int) -> tuple[int, str, str]:
-    """Run `audit`, send ``signum`` once stderr shows ``needle``: (status, stdout, stderr)."""
-    cmd = [sys.executable, "-m", "workers", "audit", "--topology", "vanilla", "--epochs", epochs]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+def signal_once_printed(
+    epochs: str, needle: str, signum: int, folder: Path
+) -> tuple[int, str, str]:
+    """Run `audit` in a process of its own (forked from one that imported torch once), send
+    ``signum`` once its stderr shows ``needle``: (status, stdout, stderr)."""
+    argv = ["audit", "--topology", "vanilla", "--epochs", epochs]
+    out, err = folder / "audit.out", folder / "audit.err"
+    err.touch()  # read below before the process opens it
+    proc = WorkerProcess(argv, out, err)
     try:
-        started = read_until(proc, needle, timeout_s=120)
-        assert needle in started, started
+        deadline = time.monotonic() + 120
+        while needle not in err.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, err.read_text()[-2000:]
+            time.sleep(0.05)  # a bounded poll of the process's stderr file
+        assert needle in err.read_text(), err.read_text()[-2000:]
         proc.send_signal(signum)
-        out, err = proc.communicate(timeout=60)
+        proc.wait(60)
     finally:
-        stop_process(proc, timeout_s=10)
-    return proc.returncode, out, started + err
+        stop_process(proc, timeout_s=10)  # type: ignore[arg-type]
+    return int(proc.wait(10)), out.read_text(), err.read_text()
 
 
-def test_audit_stopped_by_sigterm_reports_incomplete_and_fails() -> None:
+def test_audit_stopped_by_sigterm_reports_incomplete_and_fails(tmp_path: Path) -> None:
     # Execute: far more epochs than the test waits for
-    status, out, err = signal_once_printed("500", "audit: training", signal.SIGTERM)
+    status, out, err = signal_once_printed("500", "audit: training", signal.SIGTERM, tmp_path)
     # Assert
     assert status == 128 + signal.SIGTERM
     assert "interrupted by SIGTERM" in err and "incomplete" in err
@@ -111,9 +117,9 @@ def test_audit_stopped_by_sigterm_reports_incomplete_and_fails() -> None:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_audit_stopped_while_attacking_says_so_in_one_line(signum: int) -> None:
+def test_audit_stopped_while_attacking_says_so_in_one_line(signum: int, tmp_path: Path) -> None:
     # Execute: a short training, then the attacks (tens of seconds at three attacker seeds)
-    status, out, err = signal_once_printed("1", "audit: attacking", signum)
+    status, out, err = signal_once_printed("1", "audit: attacking", signum, tmp_path)
     # Assert: the exit status of the signal, one error line, no traceback, no figures
     name = signal.Signals(signum).name
     errors = [line for line in err.splitlines() if "error:" in line]
