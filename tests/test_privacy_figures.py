@@ -66,3 +66,22 @@ def test_canary_seeds_refuses_keys_the_game_does_not_read(
     assert "the game reads only privacy., train., model., data. keys" in capsys.readouterr().err
     assert main(["--runs", "4", "--game-seeds", "0"]) == 2  # no DP-SGD: nothing to audit
     assert "privacy.dpsgd.noise_multiplier" in capsys.readouterr().err
+
+
+def test_dcor_bias_grows_with_width_and_shrinks_with_rows(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from workers.tools.dcor_bias import main
+
+    # Execute: independent samples, few and many rows, narrow and wide
+    argv = ["--rows", "30", "300", "--dims", "1", "32", "--repeats", "2", "--json"]
+    assert main(argv) == 0
+    found = {(r["rows"], r["dims"]): r["dcor"] for r in json.loads(capsys.readouterr().out)}
+    assert main(argv) == 0  # seeded: the same figures again
+    again = {(r["rows"], r["dims"]): r["dcor"] for r in json.loads(capsys.readouterr().out)}
+    # Assert: the V-statistic's floor, above 0 although the sides are independent
+    assert found == again
+    assert found[(30, 32)] > found[(30, 1)] > found[(300, 1)] > 0.0
+    assert found[(30, 32)] > found[(300, 32)]
+    assert main(["--rows", "1"]) == 2
+    assert capsys.readouterr().err.startswith("error: --rows need at least 2")
