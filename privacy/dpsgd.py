@@ -153,10 +153,12 @@ def make_private_client(
         "noise_generator": noise_generator,
     }
     wrapped, dp_optimizer, loader = _make_private(engine, cfg, epochs, common)
-    if cfg.poisson_sampling:
-        # Opacus rounds the expected batch down (455 rows in 228 batches: 1, not 1.996), and
-        # a "mean" step divides the noisy sum by it: twice the gradient and the noise there
-        dp_optimizer.expected_batch_size = len(data_loader.dataset) * loader.sample_rate  # type: ignore[arg-type]
+    if cfg.poisson_sampling and data_loader.batch_size:
+        # A "mean" step divides the noisy sum by the expected batch. Opacus' figure, the row
+        # count times the rate rounded down, was 1 instead of 2 at 455 rows in 228 batches
+        # (twice the update), and any figure from the row count differs between neighbouring
+        # datasets; the configured batch size is a public constant (within one row of it)
+        dp_optimizer.expected_batch_size = data_loader.batch_size
     if noise_generator is None:
         _draw_noise_from_the_os(dp_optimizer)
         _sample_from_the_os(loader)
