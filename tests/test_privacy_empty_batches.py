@@ -72,7 +72,7 @@ async def test_the_epsilon_gauge_is_the_accountants_at_every_scrape(
 
     async with _serving(files):
         task = asyncio.ensure_future(client.run())
-        await wait_until(lambda: client.steps_done >= 20)
+        await wait_until(lambda: client.steps_done >= 20 or task.done())
         mid = (gauge(), client.runner.dp.epsilon())  # type: ignore[union-attr]
         summary = await asyncio.wait_for(task, 120)
     assert mid[1] > 0
@@ -97,7 +97,8 @@ async def test_every_batch_drawn_counts_once_across_ctrl_c_stops(
             stopped = ClientWorker(load_client(files["client-1"], *sets), files["server"].parent)
             stopped.progress = False
             task = asyncio.ensure_future(stopped.run())
-            await wait_until(lambda c=stopped, n=at: c.steps_done >= n)  # type: ignore[misc]
+            # (or its end: a client that stopped on an error says so now, not in 30 s)
+            await wait_until(lambda c=stopped, n=at, t=task: c.steps_done >= n or t.done())  # type: ignore[misc]
             stopped.stop.set()
             assert (await asyncio.wait_for(task, 60))["stopped_early"]
         client = ClientWorker(load_client(files["client-1"], *sets), files["server"].parent)

@@ -49,7 +49,9 @@ async def _crash(files: dict[str, Path], name: str, steps: int, *sets: str) -> C
     """A client that applies ``steps`` steps and ends without a goodbye (kill -9)."""
     client = ClientWorker(load_client(files[name], *sets), files["server"].parent, progress=False)
     task = asyncio.ensure_future(client.run())
-    await wait_until(lambda: client.steps_done >= steps)
+    await wait_until(lambda: client.steps_done >= steps or task.done())
+    if task.done():  # it ended first: its own error now, not a wait that times out
+        raise AssertionError(f"{name} ended before {steps} steps: {task.result()}")
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     return client
