@@ -65,13 +65,14 @@ from workers.runtime.freshstarts import FreshStarts
 from workers.runtime.peers import Listen, Peer, reject_reason
 from workers.runtime.service import Replies, RouterService
 from workers.runtime.startup import load_own_key, load_peer_key, warn_insecure
+from workers.runtime.stopping import GivesWayOnStop
 from workers.server.engines.base import EVAL_BATCH, run_segment
 from workers.server.replycache import MIB, ReplyCache
 
 log = logging.getLogger("sl_pipeline.relay")
 
 
-class RelayWorker(RouterService):
+class RelayWorker(GivesWayOnStop, RouterService):
     role = "relay"
 
     def __init__(self, cfg: RelayConfig, base: Path, metrics: WorkerMetrics | None = None) -> None:
@@ -142,7 +143,7 @@ class RelayWorker(RouterService):
         well-formed step: a malformed one (or a flood of them) asks nothing of the server."""
         read_tensor(msg, "act", self.max_batch, self.max_abs, self.act_shape)
         self.check_run.allow(msg.client, time.monotonic())  # bounded: each costs the server
-        welcome = await self._join_upstream(speaking_for=msg.client)
+        welcome = await self.unless_stopping(self._join_upstream(speaking_for=msg.client))
         self.check_run.asked(msg.client)  # once the server answered: a failed join asks again
         self._start_afresh_if_new_run()
         if welcome.get("finished") is True:
@@ -289,6 +290,9 @@ class RelayWorker(RouterService):
         return self.bound and self.joined_upstream
 
     async def _ask_upstream(self, msg: Message) -> Message:
+        return await self.unless_stopping(self._ask_upstream_twice(msg))  # a stop cuts it short
+
+    async def _ask_upstream_twice(self, msg: Message) -> Message:
         """Send upstream and wait; when the next hop went away (a retryable refusal such as
         ``shutting_down``, or a lost link) rejoin it once and resend the same request. A
         link whose rejoin failed earlier is joined again first."""
