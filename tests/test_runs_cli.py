@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 import tomllib
@@ -227,3 +229,20 @@ def test_ops_verbs_at_a_port_of_another_program_say_so_in_one_line(
     else:
         assert health[0] == 1 and health[2].count("\n") == 1
         assert f"something answers at http://{listen}" in health[2]
+
+
+def test_the_runs_verb_starts_without_torch(tmp_path: Path) -> None:
+    """An operator's `runs` call imported torch through the API's server side (2-3 s of CPU
+    a call); its client side lives apart."""
+    (tmp_path / "admin.token").write_text("x" * 32)
+    admin = tmp_path / "admin.toml"
+    admin.write_text('[ops]\nlisten = "127.0.0.1:9"\nadmin_token = "admin.token"\n')
+    probe = (
+        "import sys\nfrom workers.cli import main\n"
+        f"code = main(['runs', 'list', '--config', {str(admin)!r}])\n"
+        "print(code, 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr

@@ -225,7 +225,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from workers.server.runs_api import RunClient, format_runs
+    from workers.ops.runsclient import RunClient, format_runs
 
     api = RunClient(args.config)
     if args.action == "list":

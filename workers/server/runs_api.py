@@ -12,20 +12,15 @@ Routes (every one needs ``Authorization: Bearer <token>``, the token in the file
 from __future__ import annotations
 
 import hmac
-import http.client
 import io
-import json
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from aiohttp import web
 
-from sl_pipeline.config import read_toml, resolve_path
-from sl_pipeline.errors import ConfigError, ProtocolError
-from workers.ops.http import local_url
+from sl_pipeline.errors import ProtocolError
+from workers.ops.runsclient import read_token
 from workers.server.engines.base import Engine
 from workers.server.runs import Run, RunBook
 
@@ -38,20 +33,6 @@ class RunServer(Protocol):
     def stop_run(self, run_id: str) -> Run: ...
 
     def engine_of(self, run: Run) -> Engine: ...
-
-
-TOKEN_MIN_CHARS = 16
-
-
-def read_token(base: Path, value: str, dotted: str = "ops.admin_token") -> str:
-    path = resolve_path(base, value, dotted)
-    token = path.read_text().strip()
-    if len(token) < TOKEN_MIN_CHARS:
-        raise ConfigError(
-            f"{dotted} = {value!r}: the token is shorter than {TOKEN_MIN_CHARS} characters; "
-            "write a long random one (sl-pipeline init and provision do)"
-        )
-    return token
 
 
 def _error(status: int, text: str) -> web.Response:
@@ -115,84 +96,4 @@ class RunApi:
         )
 
 
-# ---- the CLI's side ---------------------------------------------------------------------
-class RunClient:
-    """Calls the run API of the server whose config (or admin kit) is ``config``."""
-
-    def __init__(self, config: Path, timeout_s: float = 10.0) -> None:
-        ops = read_toml(config).get("ops", {})
-        if not ops.get("listen"):
-            raise ConfigError(f"{config} has no [ops] listen: the run API lives on the ops port")
-        if not ops.get("admin_token"):
-            raise ConfigError(f"{config} has no [ops] admin_token: the run API needs the token")
-        self.config = config
-        self.url = local_url(str(ops["listen"]))
-        self.token = read_token(config.parent, str(ops["admin_token"]))
-        self.timeout_s = timeout_s
-
-    def call(self, method: str, path: str) -> bytes:
-        request = urllib.request.Request(
-            f"{self.url}{path}",
-            method=method,
-            headers={"Authorization": f"Bearer {self.token}"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                return bytes(response.read())
-        except urllib.error.HTTPError as err:
-            raise _http_error(err, self.url) from None
-        except (urllib.error.URLError, OSError) as exc:
-            # exit 2, as for a worker that finds no server at start: an address or a start
-            # order to fix (exit 5 means a network that failed after training had started)
-            reason = getattr(exc, "reason", exc)
-            hung = isinstance(reason, TimeoutError)  # it accepted, then said nothing
-            todo = "is the server stuck or overloaded? else" if hung else "start the server, or"
-            raise ConfigError(
-                f"no server answers at {self.url} ({reason}); {todo} set [ops] listen in "
-                f"{self.config} to the server's ops address"
-            ) from None
-        except http.client.HTTPException as exc:  # something else listens there
-            raise self._not_ours(f"no HTTP reply: {type(exc).__name__}") from None
-
-    def json(self, method: str, path: str) -> Any:
-        try:
-            return json.loads(self.call(method, path))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise self._not_ours("a reply that is not JSON") from None
-
-    def _not_ours(self, what: str) -> ConfigError:
-        return ConfigError(
-            f"something answers at {self.url} ({what}), but not as an sl-pipeline server's "
-            f"ops port; set [ops] listen in {self.config} to the server's ops address"
-        )
-
-
-def _http_error(err: urllib.error.HTTPError, url: str) -> ConfigError:
-    try:
-        text = json.loads(err.read() or b"{}").get("error", "")
-    except (json.JSONDecodeError, AttributeError):
-        text = ""
-    if err.code == 401:
-        return ConfigError(
-            f"the server at {url} refused the admin token ({text}); "
-            "use the token file from the server's [ops] admin_token"
-        )
-    return ConfigError(f"the server at {url} answered {err.code}: {text or err.reason}")
-
-
-def format_runs(runs: list[dict[str, Any]]) -> str:
-    rows = [("RUN", "STATE", "STEPS", "CLIENTS", "ACCURACY", "DURATION", "MODEL")]
-    for r in runs:
-        clients = ",".join(r["clients"]) or "-"
-        accuracy = r.get("test_accuracy")
-        shown = "-" if accuracy is None else f"{accuracy:.4f}"
-        duration = f"{r['duration_s']:.1f}s"
-        rows.append((r["id"], r["state"], str(r["steps"]), clients, shown, duration, r["model"]))
-    widths = [max(len(row[i]) for row in rows) for i in range(6)]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row[:6], widths, strict=True)) + "  " + row[6]
-        for row in rows
-    ).rstrip()
-
-
-__all__ = ["RunApi", "RunClient", "format_runs", "read_token"]
+__all__ = ["RunApi", "read_token"]
