@@ -144,8 +144,9 @@ def read_tensor(
     if max_abs is not None and largest > max_abs:
         raise ProtocolError(
             f"{name} holds a value of magnitude {largest:.3g}, beyond "
-            f"limits.max_abs_value = {max_abs:g}; the step was not applied (raise the "
-            "limit on the receiving worker if such values are expected)"
+            f"limits.max_abs_value = {max_abs:g}; the step was not applied (a diverging "
+            "run? lower train.lr; else raise the limit on the receiving worker if such "
+            "values are expected)"
         )
     return tensor
 
