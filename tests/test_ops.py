@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import re
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -422,6 +423,19 @@ def test_text_logs_are_readable() -> None:
     logging.getLogger("workers.relay").warning("peer gone", extra={"peer": "a b"})
     line = stream.getvalue().strip()
     assert re.search(r'WARNING relay workers\.relay: peer gone peer="a b"$', line), line
+
+
+@pytest.mark.usefixtures("restore_root_logger")
+def test_logs_go_to_stderr_as_it_is_now_not_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stderr replaced and closed since the call (a test's capture) made every later record
+    a 'Logging error' traceback on the new one."""
+    old, new = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", old)
+    configure_logging("text", "info", "client")
+    old.close()
+    monkeypatch.setattr(sys, "stderr", new)
+    logging.getLogger("workers.client").warning("still seen")
+    assert new.getvalue().count("\n") == 1 and "still seen" in new.getvalue()
 
 
 @pytest.mark.parametrize(("fmt", "level"), [("xml", "INFO"), ("json", "LOUD")])

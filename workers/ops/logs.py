@@ -97,7 +97,19 @@ def _one_line(text: str) -> str:
 
 
 class _SLHandler(logging.StreamHandler[TextIO]):
-    """Marks the handler we install, so a second call replaces it instead of adding one."""
+    """Marks the handler we install, so a second call replaces it instead of adding one.
+    Without a stream of its own it writes to ``sys.stderr`` as it is at each record: one
+    bound at the call kept a replaced stderr, closed since (an embedding program's, a test's
+    capture), and every later record was a 'Logging error' traceback on the new one."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        super().__init__(stream if stream is not None else sys.stderr)
+        self.follows_stderr = stream is None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.follows_stderr:
+            self.stream = sys.stderr
+        super().emit(record)
 
 
 def configure_logging(
@@ -118,7 +130,7 @@ def configure_logging(
     level_name = level.strip().upper()
     if level_name not in _LEVELS:
         raise ConfigError(f"unknown log level {level!r}", hint=f"use one of {', '.join(_LEVELS)}")
-    handler = _SLHandler(stream if stream is not None else sys.stderr)
+    handler = _SLHandler(stream)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _SLHandler)]:
