@@ -74,8 +74,11 @@ class Finished:
 
     def over_the_run(self, expr: str) -> list[list[Any]]:
         """Every ``[time, value]`` of ``expr`` from the start of the run to after its end, as
-        a Grafana panel over that time range would plot them (1 s resolution)."""
-        params = {"query": _grafana(expr), "start": self.t0, "end": self.t2, "step": 1}
+        a Grafana panel over that time range would plot them (1 s resolution). The steps end
+        exactly at ``t2``: the scrape that showed the run finished (and its accuracy) may lie
+        in the last second, which steps counted from ``t0`` could end before."""
+        start = self.t2 - math.floor(self.t2 - self.t0)
+        params = {"query": _grafana(expr), "start": start, "end": self.t2, "step": 1}
         target = f"{self.url}/api/v1/query_range?{urllib.parse.urlencode(params)}"
         with urllib.request.urlopen(target, timeout=10) as response:
             body = json.load(response)
