@@ -108,7 +108,11 @@ class _SLHandler(logging.StreamHandler[TextIO]):
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.follows_stderr:
-            self.stream = sys.stderr
+            stream = sys.stderr
+            # a worker's thread may log while its host swaps stderr: the process's own then
+            if getattr(stream, "closed", False) and sys.__stderr__ is not None:
+                stream = sys.__stderr__
+            self.stream = stream
         super().emit(record)
 
 
