@@ -22,8 +22,8 @@ import torch
 
 from sl_pipeline.errors import ProtocolError, ReplyMismatchError
 from sl_pipeline.messages import Kind, Message
+from sl_pipeline.runid import RUN_ID
 from sl_pipeline.tensors import announced_shape, read_tensor
-from workers.server.runs import RUN_ID
 
 log = logging.getLogger("sl_pipeline.client")
 # Undo points a client keeps for a server that checkpoints every N > 1 steps (each a copy of

@@ -24,6 +24,7 @@ from sl_pipeline.config import ClientConfig, check_endpoint
 from sl_pipeline.errors import PeerError, TransportError
 from sl_pipeline.handshake import ClientHandshake
 from sl_pipeline.messages import Kind, Message
+from sl_pipeline.runid import check_run_id
 from sl_pipeline.sources import Source, load_source
 from sl_pipeline.transport import DealerConnection
 from workers.client.align import aligned_data, first_data, psi_key, rows_file
@@ -41,7 +42,6 @@ from workers.ops.http import OpsServer
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.checkpoint import check_writable, restore_rng, rng_state
 from workers.runtime.startup import install_stop_signals, start_ops
-from workers.server.runs import check_run_id
 from workers.topologies import topology
 
 log = logging.getLogger("sl_pipeline.client")

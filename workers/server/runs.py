@@ -37,14 +37,13 @@ from typing import Any
 
 from sl_pipeline.config import ServerSection
 from sl_pipeline.errors import ConfigError, OverloadedError, ProtocolError
+from sl_pipeline.runid import SERVER_RUN_ID, check_run_id
 from workers.runtime.appliedlog import AppliedLog
 from workers.server.engines.base import Engine
 from workers.server.replycache import ReplyCache
 
 log = logging.getLogger("sl_pipeline.server")
 
-RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-SERVER_RUN_ID = re.compile(r"run-(\d+)")  # the ids the server gives; no client may start one
 ACTIVE, FINISHED, STOPPED = "active", "finished", "stopped"
 KEEP_ENGINES = 3  # finished runs whose model stays in memory (older ones reload from disk)
 
@@ -70,16 +69,6 @@ def one_open_run(client: str, run_id: str) -> str:
         f"open run at a time: finish it, or stop it on the server (`sl-pipeline runs stop "
         f"{run_id}`)"
     )
-
-
-def check_run_id(value: str, where: str) -> str:
-    """A run id is also a folder name: letters, digits, '_', '.', '-' only."""
-    if not RUN_ID.fullmatch(value):
-        raise ConfigError(
-            f"{where} = {value!r} is not a valid run id; use 1-64 letters, digits, '_', '.', '-' "
-            "starting with a letter or digit"
-        )
-    return value
 
 
 @dataclass
