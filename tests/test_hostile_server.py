@@ -110,9 +110,14 @@ async def test_a_wrong_gradient_is_refused_before_it_touches_the_weights(
         return tamper(honest)
 
     worker.request = request  # type: ignore[method-assign,assignment]
+    # Execute / Assert: a ProtocolError naming the problem; the weights untouched
+    await _first_step_refused(worker, says)
+
+
+async def _first_step_refused(worker: ClientWorker, says: str) -> None:
+    """The worker's first training step is refused with ``says``, its weights untouched."""
     _, x, y, ids = next(worker.runner.epoch_batches(0))
     before = _weights(worker)
-    # Execute / Assert: a ProtocolError naming the problem; the weights untouched
     try:
         with pytest.raises(ProtocolError, match=says):
             await worker.runner.train_step(0, x, y, ids)
@@ -294,15 +299,8 @@ async def test_a_wrong_ushaped_reply_is_refused_before_the_weights_move(
     worker = ClientWorker(load_client(files["client-1"]), files["client-1"].parent, progress=False)
     tamper, says = USHAPED[attack]
     _served(worker, files, tamper)
-    _, x, y, ids = next(worker.runner.epoch_batches(0))
-    before = _weights(worker)
     # Execute / Assert: refused, neither the bottom nor the head stepped
-    try:
-        with pytest.raises(ProtocolError, match=says):
-            await worker.runner.train_step(0, x, y, ids)
-        assert torch.equal(_weights(worker), before)
-    finally:
-        worker.ckpt.release()
+    await _first_step_refused(worker, says)
 
 
 EVALUATION: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], str]] = {
