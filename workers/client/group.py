@@ -19,6 +19,7 @@ from sl_pipeline.messages import Kind, Message
 from sl_pipeline.secagg import MaskingKeys, average_from_sum, masked_tensor, new_nonce
 from sl_pipeline.tensors import all_finite
 from workers.client.host import RunnerConfig, RunnerHost
+from workers.client.parties import WAITS_FOR, PartyWindow
 from workers.client.steps import StepRunner
 
 TURN_TIMEOUT_S = 900.0
@@ -189,8 +190,12 @@ class SplitFedRunner(_GroupRunner):
 
     async def after_epoch(self, epoch: int) -> None:
         await super().after_epoch(epoch)
+        # One window for the round: each attempt's requests have one of their own, and a
+        # server that aborts every attempt would otherwise hold the client 20 of them.
+        what = f"round {epoch}'s aggregation"
+        window = PartyWindow(self.cfg.client.wait_for_parties_s, what, WAITS_FOR["splitfed"])
         for _ in range(MAX_ATTEMPTS):
-            summed = await self._attempt(epoch)
+            summed = await window.within(self._attempt(epoch))
             if summed is not None:
                 members = len(self.keys.members)  # ours, not the server's count
                 self._load_average(epoch, average_from_sum(summed, members))

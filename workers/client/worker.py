@@ -31,6 +31,7 @@ from workers.client.align import aligned_data, first_data, psi_key, rows_file
 from workers.client.host import RunnerConfig
 from workers.client.link import BYE_LINGER_MS, Stopped, Upstream, make_handshake
 from workers.client.microbatch import MAX_DEPTH, Pipeline, check_depth
+from workers.client.parties import for_parties
 from workers.client.private import check_checkpoints, check_replayable
 from workers.client.replies import check_same_run, checked_welcome
 from workers.client.report import client_summary, log_stop, model_path
@@ -216,8 +217,11 @@ class ClientWorker:
         )
 
     async def request(self, message: Message, timeout_s: float | None = None) -> Message:
-        """Send and wait for the reply, rejoining and resending after a lost peer."""
-        return await self.link.request(message, self.connect, timeout_s)
+        """Send and wait for the reply, rejoining and resending after a lost peer; a wait
+        for other parties (a fixed one) within ``client.wait_for_parties_s``."""
+        asked = self.link.request(message, self.connect, timeout_s)
+        fixed = timeout_s is not None or not self.link.adaptive_wait  # waits for other parties
+        return await for_parties(asked, fixed, self.cfg.client, self.topology, message)
 
     def message(self, kind: Kind, step: int = 0, **kwargs: Any) -> Message:
         return Message(

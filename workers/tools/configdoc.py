@@ -72,6 +72,12 @@ MEANINGS: dict[str, str] = {
         "(overloaded, name_in_use), or to resend a step no reply answers (8 sends at least), "
         "before giving up"
     ),
+    "client.wait_for_parties_s": (
+        "the longest a request may go unanswered while the server waits for other parties "
+        "(a vertical batch's other parts or PSI post, a round-robin turn, a SplitFed round), "
+        "resends and rejoins included; then the client ends (exit 5, its state saved). "
+        "Round-robin and SplitFed: above the other members' epochs together"
+    ),
     "client.topology": "must match the server's",
     "client.role": 'vertical: "feature" (a feature party) or "label" (holds the labels)',
     "relay.bind": "where the relay listens for its clients, tcp://HOST:PORT",
