@@ -81,6 +81,12 @@ class VerticalRunner(StepRunner):
         self.apply_gradient(x, act, sent, grad)
         return float(loss.detach())
 
+    @property
+    def out_sample(self) -> Shape:
+        """The label client's outputs are the server's logits, one score per class (an
+        evaluation's decide its accuracy); a feature party's evaluation gets none."""
+        return (self.cfg.model.classes,) if self.cfg.client.role == "label" else (None,)
+
     def build_modules(self) -> dict[str, nn.Module]:
         group = self.cfg.client.group
         name = self.cfg.client.name
