@@ -20,7 +20,9 @@ from . import SECTIONS
 from .common import machine_load
 
 KEYS = (
+    "cipher",
     "encryption_overhead",
+    "encryption_overhead_by_cipher",
     "encryption_overhead_spread",
     "encryption_cpu_ratio",
     "encryption_overhead_wan",

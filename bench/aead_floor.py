@@ -3,12 +3,12 @@
 ``python -m bench.aead_floor [--pairs N] [--json]``. The client (this process, the real
 :class:`DealerConnection`) and the server (a child: ``bench.peers``' ZMTP listener and
 ``Channel``) run plaintext and encrypted round trips in alternating blocks, as
-``bench.crypto_rt`` does, while every AES-GCM call of the sessions in both processes is timed
+``bench.crypto_rt`` does, while every AEAD call of the sessions in both processes is timed
 (``perf_counter_ns`` around ``encrypt_into``/``decrypt_into``). Per size it reports the
 plaintext and encrypted round trip (medians of the block medians), their ratio (median of the
 pair ratios), the AEAD time per encrypted round trip (both processes), and the **floor**
 ``(plain + aead) / plain`` (median of the pairs): the ratio an encrypted round trip would
-show if encryption cost nothing besides its AES-GCM calls and none of them overlapped other
+show if encryption cost nothing besides its AEAD calls and none of them overlapped other
 work. Timing a call costs about a microsecond, which the encrypted side carries here.
 
 The calls are timed where they run, after the wake-ups and beside the other process, so they
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -29,9 +30,9 @@ from typing import Any
 
 import torch
 import zmq.asyncio
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sl_pipeline import session as session_module
+from sl_pipeline import ciphers
+from sl_pipeline.ciphers import Aead
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.transport import DealerConnection
 
@@ -39,44 +40,50 @@ from . import peers
 from .common import CTX, endpoint, free_port, median, paired, start_child, stop_child
 from .crypto_rt import SIZES, connect, round_trips
 
-Totals = Any  # a RawArray("q", 2): nanoseconds in AES-GCM calls, and their number
+Totals = Any  # a RawArray("q", 2): nanoseconds in AEAD calls, and their number
 
 
-class TimedAESGCM:
-    """AES-256-GCM whose sealing and opening calls add their time to :attr:`totals`."""
+class TimedAead:
+    """A suite's AEAD whose sealing and opening calls add their time to :attr:`totals`."""
 
     totals: Totals = None
 
-    def __init__(self, key: bytes) -> None:
-        self._aead = AESGCM(key)
+    def __init__(self, aead: Aead) -> None:
+        self._aead = aead
 
     def encrypt(self, nonce: bytes, data: bytes, aad: bytes | None) -> bytes:
         return self._aead.encrypt(nonce, data, aad)  # REKEY only: once in 2^20 messages
 
-    def encrypt_into(self, nonce: bytes, data: Any, aad: Any, out: Any) -> None:
-        start = time.perf_counter_ns()
-        self._aead.encrypt_into(nonce, data, aad, out)
-        self._count(start)
-
-    def decrypt_into(self, nonce: bytes, data: Any, aad: Any, out: Any) -> None:
+    def encrypt_into(self, nonce: bytes, data: Any, aad: Any, out: Any) -> int:
         start = time.perf_counter_ns()
         try:
-            self._aead.decrypt_into(nonce, data, aad, out)
+            return self._aead.encrypt_into(nonce, data, aad, out)
+        finally:
+            self._count(start)
+
+    def decrypt_into(self, nonce: bytes, data: Any, aad: Any, out: Any) -> int:
+        start = time.perf_counter_ns()
+        try:
+            return self._aead.decrypt_into(nonce, data, aad, out)
         finally:
             self._count(start)
 
     def _count(self, start: int) -> None:
-        totals = TimedAESGCM.totals
+        totals = TimedAead.totals
         totals[0] += time.perf_counter_ns() - start
         totals[1] += 1
 
 
-def install(totals: Totals) -> type:
-    """Sessions made from now on in this process time their AES-GCM calls into ``totals``;
-    returns the cipher class they used before (to put back)."""
-    before: type = session_module.AESGCM
-    TimedAESGCM.totals = totals
-    session_module.AESGCM = TimedAESGCM  # type: ignore[misc,assignment]
+def _timed(suite: ciphers.CipherSuite) -> ciphers.CipherSuite:
+    return dataclasses.replace(suite, make=lambda key: TimedAead(suite.make(key)))
+
+
+def install(totals: Totals) -> dict[str, ciphers.CipherSuite]:
+    """Sessions negotiated from now on in this process time their AEAD calls into
+    ``totals``; returns the suites they used before (to put back)."""
+    before = dict(ciphers.SUITES)
+    TimedAead.totals = totals
+    ciphers.SUITES.update({name: _timed(suite) for name, suite in before.items()})
     return before
 
 
@@ -137,7 +144,7 @@ async def _measure(url: str, key: bytes, pairs: int, per_block: int, totals: Tot
 def run(pairs: int = 20, per_block: int = 10) -> dict[str, Any]:
     """Per size: plain and encrypted round trip, ratio, AEAD time, floor (module doc)."""
     here, there = RawArray("q", 2), RawArray("q", 2)
-    cipher = install(here)
+    suites = install(here)
     url = endpoint(free_port())
     ready, stop = CTX.Queue(), CTX.Event()
     child = start_child(timed_peer, url, ready, stop, there)
@@ -148,7 +155,7 @@ def run(pairs: int = 20, per_block: int = 10) -> dict[str, Any]:
     finally:
         stop.set()
         stop_child(child)
-        session_module.AESGCM = cipher  # type: ignore[misc,assignment]
+        ciphers.SUITES.update(suites)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

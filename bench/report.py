@@ -24,7 +24,9 @@ def _pairs(value: Any) -> str:
 
 def headline(results: dict[str, Any]) -> list[str]:
     rows = [
+        ("cipher", "the transport suite peers pick by default (encryption_overhead's)"),
         ("encryption_overhead", "encrypted/plain round trip, by size (goal <= 1.10 at 2MiB)"),
+        ("encryption_overhead_by_cipher", "the same per suite, each on its own connection"),
         ("encryption_overhead_spread", "median [interquartile range, pairs] of the ratios above"),
         ("encryption_cpu_ratio", "the same ratio of both processes' CPU time per round trip"),
         (

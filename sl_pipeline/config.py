@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import tomllib
 import types
 import typing
 from collections.abc import Mapping
@@ -19,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from .ciphers import DEFAULT_CIPHERS, CipherName
+from .configfile import apply_overrides, read_toml
 from .errors import ConfigError
 from .limits import Limits
 
@@ -138,6 +139,7 @@ class ServerSection:
     key: str = ""
     admitted: str = ""
     insecure: bool = False
+    ciphers: list[CipherName] = field(default_factory=lambda: list(DEFAULT_CIPHERS))
     max_clients: int = 64
     client_timeout_s: float = 120.0
     # Admitted peers that may speak for clients of their own (the `client` field of a
@@ -183,6 +185,7 @@ class ClientSection:
     key: str = ""
     server_key: str = ""
     insecure: bool = False
+    ciphers: list[CipherName] = field(default_factory=lambda: list(DEFAULT_CIPHERS))
     timeout_s: float = 30.0
     connect_timeout_s: float = 10.0
     retry_for_s: float = 60.0
@@ -209,6 +212,7 @@ class RelaySection:
     admitted: str = ""
     upstream_key: str = ""
     insecure: bool = False
+    ciphers: list[CipherName] = field(default_factory=lambda: list(DEFAULT_CIPHERS))
     segment: int = 1  # which segment of the model this relay holds
     timeout_s: float = 30.0
     relays: list[str] = field(default_factory=list)  # downstream relays (a longer chain)
@@ -286,6 +290,8 @@ def _convert(hint: Any, raw: Any, dotted: str) -> Any:
         (item,) = typing.get_args(hint)
         if not isinstance(raw, list):
             raise ConfigError(f"{dotted} must be a list, got {type(raw).__name__}")
+        if len(raw) < AT_LEAST.get(dotted, 0):
+            raise ConfigError(f"{dotted} must list at least {AT_LEAST[dotted]}, got none")
         return [_convert(item, v, f"{dotted}[{i}]") for i, v in enumerate(raw)]
     if origin is dict:
         if not isinstance(raw, Mapping):
@@ -296,8 +302,10 @@ def _convert(hint: Any, raw: Any, dotted: str) -> Any:
     return _scalar(hint, raw, dotted)
 
 
-# Integers whose small values mean nothing: a batch of 0 samples, a classifier of one class.
+# Integers whose small values mean nothing (a batch of 0 samples, a classifier of one class),
+# and lists that must not be empty (no cipher suite: no session).
 AT_LEAST = {"train.batch_size": 1, "model.classes": 2}
+AT_LEAST.update({f"{side}.ciphers": 1 for side in ("server", "client", "relay")})
 
 
 def _scalar(hint: Any, raw: Any, dotted: str) -> Any:
@@ -326,45 +334,6 @@ def _scalar(hint: Any, raw: Any, dotted: str) -> Any:
             raise ConfigError(f"{dotted} must be a string, got {raw!r}")
         return raw
     raise ConfigError(f"internal: no converter for {dotted} ({hint})")
-
-
-def read_toml(path: Path) -> dict[str, Any]:
-    """Parse a TOML file, turning every failure into a ConfigError naming the file."""
-    try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config path {str(path)!r} is a directory; give a .toml file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
-    except OSError as exc:
-        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror}") from None
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``section.key=value`` -> (["section", "key"], value parsed as a TOML value or string)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {text!r} must look like section.key=value")
-    try:
-        parsed = tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
-        parsed = value
-    return key.strip().split("."), parsed
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides:
-        path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is not a table")
-        node[path[-1]] = value
-    return data
 
 
 def check_endpoint(value: str, dotted: str) -> str:

@@ -3,7 +3,9 @@
 No I/O: callers feed bytes in and send what comes out. The handshake ends in a transport
 session (:class:`~sl_pipeline.session.Session`, in ``session.py``), which seals a multipart
 message as a 16-byte plaintext envelope ``magic(2) | version(1) | flags(1) | counter(8) |
-frame_count(4)`` (big-endian) plus one AES-256-GCM ciphertext per buffer; frame ``i`` >= 1
+frame_count(4)`` (big-endian) plus one ciphertext per buffer, under the transport suite the
+peers agreed on (:mod:`sl_pipeline.ciphers`; the handshake itself is always AES-256-GCM as
+the protocol name says); frame ``i`` >= 1
 uses nonce ``i(4) || counter(8)`` and associated data ``envelope || i(4)``, so every byte,
 the frame order and the frame count are authenticated. See docs/security.md.
 """
@@ -19,6 +21,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from sl_pipeline.ciphers import AES256_GCM, CipherSuite
 from sl_pipeline.errors import ConfigError, CryptoError, LimitError, NotAdmittedError
 from sl_pipeline.keys import KeyPair
 from sl_pipeline.session import (
@@ -193,7 +196,9 @@ class _Handshake:
         # Marked failed until the step completes: a half-mixed transcript must never be reused.
         self._step = "failed"
 
-    def _session(self, send: bytes, recv: bytes, remote_static: bytes) -> Session:
+    def _session(
+        self, send: bytes, recv: bytes, remote_static: bytes, cipher: CipherSuite
+    ) -> Session:
         interval, max_frames = self._session_args
         return Session(
             send_key=send,
@@ -202,6 +207,7 @@ class _Handshake:
             handshake_hash=self._sym.h,
             rekey_interval=interval,
             max_frames=max_frames,
+            cipher=cipher,
         )
 
 
@@ -238,8 +244,13 @@ class Initiator(_Handshake):
         self._e, self._step = e, "sent1"
         return e_pub + encrypted_s + encrypted_payload
 
-    def read_message2(self, message: Buffer) -> tuple[bytes, Session]:
-        """``<- e, ee, se``; returns the server's payload and the transport session."""
+    def read_message2(
+        self, message: Buffer, cipher: Callable[[bytes], CipherSuite] | None = None
+    ) -> tuple[bytes, Session]:
+        """``<- e, ee, se``; returns the server's payload and the transport session.
+
+        ``cipher`` reads the transport suite from the (authenticated) payload; without it
+        the session uses AES-256-GCM, as Noise's own transport phase does."""
         self._advance("sent1", "read_message2")
         data = _check_message(message, _MSG2_OVERHEAD, "handshake reply")
         assert self._e is not None  # set by write_message1, which "sent1" implies
@@ -248,9 +259,10 @@ class Initiator(_Handshake):
         sym.mix_key(_dh(self._e, re))
         sym.mix_key(_dh(self._s.private, re))
         payload = sym.decrypt_and_hash(data[_DHLEN:])
+        suite = AES256_GCM if cipher is None else cipher(payload)
         send, recv = sym.split()
         self._e, self._step = None, "done"
-        return payload, self._session(send, recv, self._rs)
+        return payload, self._session(send, recv, self._rs, suite)
 
 
 class Responder(_Handshake):
@@ -295,8 +307,11 @@ class Responder(_Handshake):
         self._re, self._rs, self._step = re, rs, "read1"
         return payload, rs
 
-    def write_message2(self, payload: bytes) -> tuple[bytes, Session]:
-        """``<- e, ee, se`` plus the encrypted payload; returns the reply and the session."""
+    def write_message2(
+        self, payload: bytes, cipher: CipherSuite = AES256_GCM
+    ) -> tuple[bytes, Session]:
+        """``<- e, ee, se`` plus the encrypted payload; returns the reply and the session
+        (sealing with ``cipher``, which the payload should name to the client)."""
         payload = _check_payload(payload)
         self._advance("read1", "write_message2")
         sym, e = self._sym, _generate_ephemeral()
@@ -307,7 +322,7 @@ class Responder(_Handshake):
         encrypted_payload = sym.encrypt_and_hash(payload)
         initiator_to_responder, responder_to_initiator = sym.split()
         self._step = "done"
-        session = self._session(responder_to_initiator, initiator_to_responder, self._rs)
+        session = self._session(responder_to_initiator, initiator_to_responder, self._rs, cipher)
         return e_pub + encrypted_payload, session
 
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .ciphers import DEFAULT_CIPHERS, CipherSuite, check_names, client_check, server_choice
 from .crypto import Initiator, PlainSession, Responder, Session
 from .errors import CryptoError, PeerError, ProtocolError, ReplayError, SLError, VersionError
 from .gate import connect_token
@@ -65,8 +66,10 @@ class ClientHandshake:
     static: KeyPair | None
     server_key: bytes | None
     max_frames: int = DEFAULT_MAX_FRAMES  # per message, for the session (limits.max_frames)
+    ciphers: Sequence[str] = DEFAULT_CIPHERS  # transport suites offered, preferred first
 
     def __post_init__(self) -> None:
+        self.ciphers = check_names(self.ciphers)
         self._initiator: Initiator | None = None
         self._last_ts = 0
 
@@ -84,12 +87,13 @@ class ClientHandshake:
         so a captured hello replayed by someone without the key gets nowhere."""
         version = str(PROTOCOL_VERSION).encode()
         self._last_ts = max(self._last_ts + 1, time.time_ns())
-        hello = _dump({**self.hello, "ts": self._last_ts})
+        hello = {**self.hello, "ts": self._last_ts}
         if self.static is not None and self.server_key is not None:
             self._initiator = Initiator(self.static, self.server_key, max_frames=self.max_frames)
         if self._initiator is None:
-            return [HELLO, version, b"plain", hello]
-        return [HELLO, version, b"noise", self._initiator.write_message1(hello)]
+            return [HELLO, version, b"plain", _dump(hello)]
+        offer = _dump({**hello, "ciphers": list(self.ciphers)})
+        return [HELLO, version, b"noise", self._initiator.write_message1(offer)]
 
     def finish(self, frames: Sequence[Buffer]) -> tuple[AnySession, dict[str, Any]]:
         """The session and the welcome; PeerError if the server refused us."""
@@ -100,8 +104,11 @@ class ClientHandshake:
             raise ProtocolError("expected a welcome or refusal from the server")
         if self._initiator is None:
             return PlainSession(max_frames=self.max_frames), _load(frames[1], "welcome")
-        payload, session = self._initiator.read_message2(bytes(frames[1]))
+        payload, session = self._initiator.read_message2(bytes(frames[1]), self._cipher)
         return session, _load(payload, "welcome")
+
+    def _cipher(self, payload: bytes) -> CipherSuite:
+        return client_check(_load(payload, "welcome").get("cipher"), self.ciphers)
 
 
 Accept = Callable[[dict[str, Any], bytes | None], dict[str, Any]]
@@ -115,8 +122,10 @@ class ServerHandshake:
     admitted: Callable[[bytes], bool]
     insecure: bool = False
     max_frames: int = DEFAULT_MAX_FRAMES  # per message, for the session (limits.max_frames)
+    ciphers: Sequence[str] = DEFAULT_CIPHERS  # transport suites accepted, preferred first
 
     def __post_init__(self) -> None:
+        self.ciphers = check_names(self.ciphers)
         # Per admitted key, the newest hello timestamp seen: one entry per admitted key.
         self._newest: dict[bytes, int] = {}
 
@@ -147,8 +156,9 @@ class ServerHandshake:
         payload, peer_key = responder.read_message1(bytes(frames[3]))
         hello = _load(payload, "hello")
         self._check_fresh(hello, peer_key)
-        welcome = accept(hello, peer_key)
-        reply, session = responder.write_message2(_dump(welcome))
+        suite = server_choice(hello.get("ciphers"), self.ciphers)
+        welcome = {**accept(hello, peer_key), "cipher": suite.name}
+        reply, session = responder.write_message2(_dump(welcome), suite)
         return [WELCOME, reply], session, hello, peer_key
 
     def _check_fresh(self, hello: Mapping[str, Any], key: bytes) -> None:

@@ -2,13 +2,14 @@
 
 Sans-IO. A :class:`Session` seals a multipart message as a 16-byte plaintext envelope
 ``magic(2) | version(1) | flags(1) | counter(8) | frame_count(4)`` (big-endian) plus one
-AES-256-GCM ciphertext per buffer; frame ``i`` >= 1 uses nonce ``i(4) || counter(8)`` and
-associated data ``envelope || i(4)``, so every byte, the frame order and the frame count are
-authenticated. A message larger than the chunk size travels as a sequence of chunk parts
-instead (:mod:`sl_pipeline.chunked`, :mod:`sl_pipeline.envelope`): :meth:`Session.seal_parts`
-and :meth:`Session.feed`. :class:`PlainSession` keeps the envelope checks and the chunking
-without encryption (``--insecure`` only). Sessions come from the handshake in
-:mod:`sl_pipeline.crypto`.
+ciphertext per buffer, under the suite the handshake chose (:mod:`sl_pipeline.ciphers`:
+AES-256-GCM or AES-128-OCB3, 16-byte tags both); frame ``i`` >= 1 uses nonce ``i(4) ||
+counter(8)`` and associated data ``envelope || i(4)``, so every byte, the frame order and the
+frame count are authenticated. A message larger than the chunk size travels as a sequence of
+chunk parts instead (:mod:`sl_pipeline.chunked`, :mod:`sl_pipeline.envelope`):
+:meth:`Session.seal_parts` and :meth:`Session.feed`. :class:`PlainSession` keeps the envelope
+checks and the chunking without encryption (``--insecure`` only). Sessions come from the
+handshake in :mod:`sl_pipeline.crypto`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sl_pipeline.chunked import DEFAULT_CHUNK_BYTES, empty_buffer
+from sl_pipeline.ciphers import AES256_GCM, TAG_BYTES, Aead, CipherSuite
 from sl_pipeline.envelope import (
     DEFAULT_MAX_FRAMES,
     DEFAULT_REKEY_INTERVAL,
@@ -34,23 +36,25 @@ from sl_pipeline.envelope import (
 )
 from sl_pipeline.errors import BadTagError, CryptoError
 
-_TAGLEN = 16
+_TAGLEN = TAG_BYTES
 _NONCE = struct.Struct(">IQ")
 _INDEX = struct.Struct(">I")
 _REKEY_NONCE = b"\x00" * 4 + b"\xff" * 8
 _ZEROS32 = bytes(32)
 _check_session_limits = check_session_limits  # the name crypto.py imports
-Keyed = tuple[bytes, AESGCM]
+Keyed = tuple[bytes, Aead]  # (the 32-byte key, the suite's AEAD keyed from it)
 
 
-def _key_for(current: Keyed, counter: int, interval: int) -> Keyed:
+def _key_for(current: Keyed, counter: int, interval: int, suite: CipherSuite) -> Keyed:
     """Key for message ``counter``: both sides rekey before every ``interval``-th message."""
     if counter == 0 or counter % interval:
         return current
-    # Noise REKEY: k' = first 32 bytes of ENCRYPT(k, 2^64-1, empty ad, 32 zero bytes).
-    # Transport frames use index >= 1, so this nonce never collides with theirs.
-    new_key = current[1].encrypt(_REKEY_NONCE, _ZEROS32, None)[:32]
-    return new_key, AESGCM(new_key)
+    # Noise REKEY with AESGCM in every suite, over the full 32-byte key: k' = first 32 bytes
+    # of ENCRYPT(k, 2^64-1, empty ad, 32 zero bytes), so the key chain is the one Noise
+    # defines whichever AEAD seals the messages. Transport frames use index >= 1, so this
+    # nonce never collides with theirs (in the aes256-gcm suite the key is the same).
+    new_key = AESGCM(current[0]).encrypt(_REKEY_NONCE, _ZEROS32, None)[:32]
+    return new_key, suite.aead(new_key)
 
 
 class Session(EnvelopeChannel):
@@ -71,13 +75,15 @@ class Session(EnvelopeChannel):
         rekey_interval: int = DEFAULT_REKEY_INTERVAL,
         max_frames: int = DEFAULT_MAX_FRAMES,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        cipher: CipherSuite = AES256_GCM,
     ) -> None:
         check_session_limits(rekey_interval, max_frames)
         super().__init__(remote_static, handshake_hash, max_frames, chunk_bytes)
         self._rekey_interval = rekey_interval
-        # (key, cipher) per direction; replaced only after a message fully succeeds.
-        self._send: Keyed = (send_key, AESGCM(send_key))
-        self._recv: Keyed = (recv_key, AESGCM(recv_key))
+        self.cipher = cipher
+        # (key, AEAD) per direction; replaced only after a message fully succeeds.
+        self._send: Keyed = (send_key, cipher.aead(send_key))
+        self._recv: Keyed = (recv_key, cipher.aead(recv_key))
 
     def seal(self, buffers: Sequence[Buffer]) -> list[bytes | bytearray]:
         """Encrypt ``buffers`` into ``[envelope, ciphertext_1, ..., ciphertext_n]``.
@@ -92,7 +98,7 @@ class Session(EnvelopeChannel):
         counter = self._send_counter
         keyed = self._send
         if not counter % self._rekey_interval:
-            keyed = _key_for(keyed, counter, self._rekey_interval)
+            keyed = _key_for(keyed, counter, self._rekey_interval, self.cipher)
         encrypt_into = keyed[1].encrypt_into
         frames: list[bytes | bytearray] = [envelope]
         for index, view in enumerate(views, start=1):
@@ -115,7 +121,7 @@ class Session(EnvelopeChannel):
         counter = self._recv_counter
         keyed = self._recv
         if not counter % self._rekey_interval:
-            keyed = _key_for(keyed, counter, self._rekey_interval)
+            keyed = _key_for(keyed, counter, self._rekey_interval, self.cipher)
         decrypt_into = keyed[1].decrypt_into
         plaintexts: list[bytearray] = []
         for index in range(1, len(frames)):
@@ -134,7 +140,7 @@ class Session(EnvelopeChannel):
 
     # ---- one piece of a chunked message ------------------------------------------------
     def _send_keys(self, counter: int) -> Keyed:
-        return _key_for(self._send, counter, self._rekey_interval)
+        return _key_for(self._send, counter, self._rekey_interval, self.cipher)
 
     def _commit_send(self, keys: Any) -> None:
         self._send = keys
@@ -147,7 +153,7 @@ class Session(EnvelopeChannel):
         return out
 
     def _recv_keys(self, counter: int) -> Keyed:
-        return _key_for(self._recv, counter, self._rekey_interval)
+        return _key_for(self._recv, counter, self._rekey_interval, self.cipher)
 
     def _commit_recv(self, keys: Any) -> None:
         self._recv = keys
@@ -172,7 +178,7 @@ def _bad_tag(index: int, counter: int) -> BadTagError:
 
 
 def _decrypt_into(
-    aead: AESGCM, counter: int, index: int, envelope: bytes, view: memoryview, out: memoryview
+    aead: Aead, counter: int, index: int, envelope: bytes, view: memoryview, out: memoryview
 ) -> None:
     try:
         aead.decrypt_into(_NONCE.pack(index, counter), view, envelope + _INDEX.pack(index), out)

@@ -1,11 +1,11 @@
-"""bench.aead_floor: the AES-GCM calls of both processes are timed inside real round trips."""
+"""bench.aead_floor: the AEAD calls of both processes are timed inside real round trips."""
 
 from __future__ import annotations
 
 import pytest
 
 from bench import aead_floor
-from sl_pipeline import session
+from sl_pipeline import ciphers
 
 
 @pytest.mark.timeout(90)
@@ -21,4 +21,5 @@ def test_aead_floor_times_every_cipher_call_of_both_processes() -> None:
     for row in result.values():
         assert row["plain_ms"] > 0 and row["aead_ms"] > 0 and row["floor"] > 1
     assert result["2MiB"]["aead_ms"] > result["4KiB"]["aead_ms"]
-    assert session.AESGCM is aead_floor.AESGCM  # the sessions' own cipher is put back
+    assert ciphers.SUITES["aes256-gcm"] is ciphers.AES256_GCM  # the suites are put back
+    assert ciphers.SUITES["aes128-ocb3"] is ciphers.AES128_OCB3

@@ -20,6 +20,7 @@ new run from the initial weights, with an empty reply cache.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -80,6 +81,7 @@ class RelayWorker(GivesWayOnStop, RouterService):
         listen = Listen(
             r.bind, r.key, r.admitted, r.insecure, 64, 600.0, "relay", frozenset(r.relays)
         )
+        listen = dataclasses.replace(listen, ciphers=tuple(r.ciphers))
         super().__init__(
             listen,
             cfg.ops,
@@ -218,12 +220,8 @@ class RelayWorker(GivesWayOnStop, RouterService):
 
     def _upstream_handshake(self) -> ClientHandshake:
         r = self.cfg.relay
-        hello = {
-            "v": PROTOCOL_VERSION,
-            "client": r.name,
-            "model": self.fingerprint,
-            "role": "relay",
-        }
+        hello = {"v": PROTOCOL_VERSION, "client": r.name, "role": "relay"}
+        hello["model"] = self.fingerprint
         if r.insecure:
             warn_insecure("relay")
             return ClientHandshake(hello, None, None, self.limits.max_frames)
@@ -232,6 +230,7 @@ class RelayWorker(GivesWayOnStop, RouterService):
             load_own_key(self.base, r.key, "relay.key"),
             load_peer_key(self.base, r.upstream_key, "relay.upstream_key"),
             self.limits.max_frames,
+            r.ciphers,
         )
 
     async def on_start(self) -> None:

@@ -87,7 +87,7 @@ def make_handshake(cfg: ClientConfig, base: Path, topology: str) -> ClientHandsh
         return ClientHandshake(hello, None, None, cfg.limits.max_frames)
     static = load_own_key(base, c.key, "client.key")
     server_key = load_peer_key(base, c.server_key, "client.server_key")
-    return ClientHandshake(hello, static, server_key, cfg.limits.max_frames)
+    return ClientHandshake(hello, static, server_key, cfg.limits.max_frames, c.ciphers)
 
 
 def _handshake_result(code: str) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sl_pipeline.ciphers import DEFAULT_CIPHERS
 from sl_pipeline.errors import (
     CryptoError,
     LimitError,
@@ -44,6 +45,7 @@ class Listen:
     relays: frozenset[str] = frozenset()  # admitted names that may speak for others
     hellos_per_s: float = 20.0  # per source address, after a burst of hello_burst
     hello_burst: int = 100
+    ciphers: tuple[str, ...] = DEFAULT_CIPHERS  # transport suites accepted, preferred first
 
 
 @dataclass

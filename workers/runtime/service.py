@@ -95,7 +95,7 @@ class RouterService:
         admitted = load_admitted(self.base, s.admitted, f"{section}.admitted")
         self.table.admitted_names = admitted  # admitted public key -> the name it goes by
         self.gate = Gate(static, admitted)
-        return ServerHandshake(static, lambda key: key in admitted, max_frames=frames)
+        return ServerHandshake(static, lambda key: key in admitted, False, frames, s.ciphers)
 
     # ---- to override -----------------------------------------------------------------
     async def dispatch(self, identity: bytes, peer: Peer, msg: Message) -> Replies:

@@ -54,6 +54,7 @@ class ServerWorker(RunHost, RouterService):
             frozenset(s.relays),
             s.hellos_per_s,
             s.hello_burst,
+            tuple(s.ciphers),
         )
         super().__init__(
             listen,

@@ -31,13 +31,8 @@ from typing import Any
 
 import torch
 
-from sl_pipeline.config import (
-    TOPOLOGIES,
-    ClientConfig,
-    ServerConfig,
-    load,
-    parse_override,
-)
+from sl_pipeline.config import TOPOLOGIES, ClientConfig, ServerConfig, load
+from sl_pipeline.configfile import parse_override
 from sl_pipeline.errors import ConfigError, SLError
 from workers.client.worker import ClientWorker
 from workers.server.worker import ServerWorker

@@ -51,6 +51,8 @@ MEANINGS: dict[str, str] = {
         "or a file of 'NAME BASE64' lines"
     ),
     "server.insecure": "plaintext, no authentication (warns on every start)",
+    "server.ciphers": "transport AEADs a client may pick from, the server's preference first "
+    "(docs/security.md, 'Cipher suites'); a client offering none of them is refused",
     "server.max_clients": "peers at once; one more is refused as overloaded (it retries)",
     "server.client_timeout_s": "a peer silent for this long is dropped",
     "server.fuse": "vertical: how the parties' activations are joined",
@@ -58,6 +60,7 @@ MEANINGS: dict[str, str] = {
     "data.seed": "seed of the train/test split and the shards",
     "data.shards": "how many horizontal shards the data is cut into",
     "client.server": "the server (or relay) to join, tcp://HOST:PORT",
+    "client.ciphers": "transport AEADs this client offers; the server picks one (docs/security.md)",
     "client.name": "this client's name (the server knows it by its key's name)",
     "client.key": "this client's private key file",
     "client.server_key": "the server's public key, pinned: the client talks to it only",
@@ -83,6 +86,7 @@ MEANINGS: dict[str, str] = {
     "relay.bind": "where the relay listens for its clients, tcp://HOST:PORT",
     "relay.upstream": "the next hop towards the server, tcp://HOST:PORT",
     "relay.name": "this relay's name",
+    "relay.ciphers": "transport AEADs the relay offers upstream and accepts from its clients",
     "relay.key": "this relay's private key file",
     "relay.admitted": (
         "its clients' public keys: a folder of NAME.pub files, or a file of 'NAME BASE64' lines"
