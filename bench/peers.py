@@ -19,9 +19,9 @@ from multiprocessing.synchronize import Event
 
 import zmq
 import zmq.asyncio
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sl_pipeline import transport
+from sl_pipeline.ciphers import DEFAULT_CIPHERS, SUITES, Aead
 from sl_pipeline.codec import DEFAULT_LIMITS
 from sl_pipeline.handshake import ServerHandshake, is_handshake
 from sl_pipeline.keys import generate_keypair
@@ -99,12 +99,12 @@ async def _serve(endpoint: str, ready: Queue, stop: Event) -> None:
 
 
 def raw_peer(endpoint: str, key: bytes, ready: Queue, stop: Event) -> None:
-    """Decrypt every frame (AES-256-GCM); answer ``b"ok"`` when the plaintext ends in ``A``."""
+    """Decrypt every frame (:func:`raw_aead`); answer ``b"ok"`` when the plaintext ends in ``A``."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind(endpoint)
-    aead = AESGCM(key)
+    aead = raw_aead(key)
     counters: dict[bytes, int] = {}
     ready.put(b"raw")
     try:
@@ -123,7 +123,12 @@ def raw_peer(endpoint: str, key: bytes, ready: Queue, stop: Event) -> None:
         ctx.term()
 
 
-def raw_seal(aead: AESGCM, counter: int, payload: bytearray, ack: bool) -> bytes:
+def raw_aead(key: bytes) -> Aead:
+    """The raw baseline's cipher: the suite sessions pick by default, from a 32-byte key."""
+    return SUITES[DEFAULT_CIPHERS[0]].aead(key)
+
+
+def raw_seal(aead: Aead, counter: int, payload: bytearray, ack: bool) -> bytes:
     """The raw sender's frame: payload's last byte marks whether an ack is wanted."""
     payload[-1:] = b"A" if ack else b"N"
     return aead.encrypt(NONCE.pack(counter), payload, None)

@@ -38,7 +38,7 @@ def headline(results: dict[str, Any]) -> list[str]:
             "on that link, 2MiB sealed in 1 MiB chunks / sealed whole: median [IQR, pairs]",
         ),
         ("aead_gb_s", "sealing speed of each AEAD on one core, 2 MiB, GB/s"),
-        ("transport_efficiency", "our message path / raw pyzmq+AESGCM throughput at 2MiB"),
+        ("transport_efficiency", "our message path / raw pyzmq + same AEAD, throughput at 2MiB"),
         ("overhead_ratio", "split encrypted 2-process step / single-process step"),
         ("overhead_cpu_ratio", "the same ratio of CPU time per step (both processes / one)"),
         ("rpc_cpu_ratio", "our split step / torch.distributed.rpc's, CPU time of both sides"),

@@ -1,10 +1,11 @@
-"""Message-path throughput: our Channel + ZeroMQ against bare pyzmq + AES-256-GCM.
+"""Message-path throughput: our Channel + ZeroMQ against bare pyzmq + the same AEAD.
 
 Both stream ``count`` messages of one size one way to a child process that decrypts each,
 and wait for one acknowledgement after the last. Ours: Message -> encode -> Session.seal
 -> ``send_multipart(copy=False)`` through :class:`DealerConnection`, and on the far side
-ZmtpRouter -> Session.open -> decode. Raw: ``AESGCM.encrypt`` of the same bytes ->
-``send(copy=False)`` on a plain DEALER, ``AESGCM.decrypt`` on a plain ROUTER. Trials of
+ZmtpRouter -> Session.open -> decode. Raw: the default suite's AEAD (``encrypt``) over the
+same bytes -> ``send(copy=False)`` on a plain DEALER, its ``decrypt`` on a plain ROUTER (the
+connection ours uses picks that suite too). Trials of
 the two run in pairs so they share the machine's load; the efficiency is the median of
 the pair ratios.
 """
@@ -19,7 +20,6 @@ from typing import Any
 import torch
 import zmq
 import zmq.asyncio
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.transport import DealerConnection
@@ -45,13 +45,13 @@ async def ours_trial(conn: DealerConnection, tensor: torch.Tensor, count: int) -
 
 
 class RawSender:
-    """Bare pyzmq DEALER + AES-256-GCM, one frame per message, ``copy=False``."""
+    """Bare pyzmq DEALER + the default suite's AEAD, one frame per message, ``copy=False``."""
 
     def __init__(self, ctx: zmq.Context, url: str, key: bytes) -> None:
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(url)
-        self.aead = AESGCM(key)
+        self.aead = peers.raw_aead(key)
         self.counter = 0
 
     def trial(self, payload: bytearray, count: int) -> float:
@@ -113,7 +113,7 @@ async def measure(
 
 def run(quick: bool = False) -> dict[str, Any]:
     ours_url, raw_url = endpoint(free_port()), endpoint(free_port())
-    key = AESGCM.generate_key(bit_length=256)
+    key = os.urandom(32)
     ready, stop = CTX.Queue(), CTX.Event()
     children = [
         start_child(peers.channel_peer, ours_url, ready, stop),

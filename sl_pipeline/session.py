@@ -81,6 +81,7 @@ class Session(EnvelopeChannel):
         super().__init__(remote_static, handshake_hash, max_frames, chunk_bytes)
         self._rekey_interval = rekey_interval
         self.cipher = cipher
+        self.cipher_name = cipher.name
         # (key, AEAD) per direction; replaced only after a message fully succeeds.
         self._send: Keyed = (send_key, cipher.aead(send_key))
         self._recv: Keyed = (recv_key, cipher.aead(recv_key))
@@ -195,6 +196,7 @@ class PlainSession(EnvelopeChannel):
     """
 
     _flags = FLAG_PLAINTEXT
+    cipher_name = "none"  # what a joined peer's log line says seals its messages
 
     def __init__(
         self,

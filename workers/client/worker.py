@@ -211,7 +211,7 @@ class ClientWorker:
             self.run_id = joined
             self.ckpt.check_joined(self.run_id)
         where = (self.link.peer, self.cfg.client.server, self.run_id or "not chosen yet")
-        log.info("joined %s %s (run %s)", *where)
+        log.info("joined %s %s (run %s, cipher %s)", *where, welcome.get("cipher", "none"))
         self.undo.after_join(
             welcome, self.last_applied, self.cfg.train.pipeline_depth or MAX_DEPTH, self.link.peer
         )

@@ -390,7 +390,7 @@ class RouterService:
         self.metrics.record_handshake("ok")
         self.metrics.peers_authenticated.set(len(self.peers))
         self.metrics.peers_connected.set(len(self.peers))
-        log.info("peer %s joined (key %s)", name, fp)
+        log.info("peer %s joined (key %s, cipher %s)", name, fp, session.cipher_name)
         return reply
 
     def _confirm(self, identity: bytes, peer: Peer) -> None:
