@@ -7,6 +7,7 @@ time and keeps what a checkpoint needs to continue exactly where training stoppe
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Iterator
 from typing import Any
@@ -23,11 +24,24 @@ from sl_pipeline.errors import ConfigError
 Batch = tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor]
 
 
+# What fixes a DP-SGD run's mechanism, with the key that sets it (checked at a resume)
+MECHANISM_KEYS = {
+    "rows": "data",
+    "poisson_sampling": "privacy.dpsgd.poisson_sampling",
+    "accountant": "privacy.dpsgd.accountant",
+    "sample_rate": "train.batch_size",
+    "noise_multiplier": "privacy.dpsgd.noise_multiplier",
+}
+
+
 class PrivateBatches:
-    def __init__(self, dp: Any, poisson_sampling: bool, has_labels: bool) -> None:
+    def __init__(
+        self, dp: Any, poisson_sampling: bool, has_labels: bool, mechanism: dict[str, Any]
+    ) -> None:
         self.dp = dp  # Opacus' handle: module, optimizer, data_loader, engine, epsilon()
         self.poisson_sampling = poisson_sampling
         self.has_labels = has_labels
+        self.mechanism = mechanism  # saved with the state; a resume must find it unchanged
         self.drawn = 0  # batches drawn from the sampler this epoch
         self.next_batch: list[int] | None = None  # drawn, not yet handed out
         self.empty_before_next = 0  # empty batches drawn before next_batch: noise-only steps
@@ -50,7 +64,15 @@ class PrivateBatches:
         dp = make_private_client(bottom, optimizer, loader, cfg, t.epochs)
         if not cfg.poisson_sampling:  # counted per pass by batches(), which knows a rewind
             dp.optimizer.step_hook = None
-        return cls(dp, cfg.poisson_sampling, train.y is not None)
+        mechanism = {
+            "rows": _digest(train.x, labels, train.ids),
+            "poisson_sampling": cfg.poisson_sampling,
+            "accountant": cfg.accountant,
+            "sample_rate": 1.0 / len(dp.data_loader),
+            "noise_multiplier": dp.noise_multiplier,
+            "derived": cfg.target_epsilon is not None,  # from target_epsilon and train.epochs
+        }
+        return cls(dp, cfg.poisson_sampling, train.y is not None, mechanism)
 
     def batches(self, first_step: int) -> Iterator[Batch]:
         """``(step, x, y, ids)`` from ``first_step``. Each batch's successor is drawn before
@@ -148,12 +170,15 @@ class PrivateBatches:
             "empty_before_next": self.empty_before_next,
             "handed": [[step, rows] for step, rows in self.handed],
             "accountant": dict(self.dp.engine.accountant.state_dict()),
+            "mechanism": dict(self.mechanism),
         }
         for name, gen in self._generators().items():
             state[name] = gen.get_state()
         return state
 
     def load_state(self, state: dict[str, Any]) -> None:
+        if not state.get("rewound"):  # a rewind is this process's own state
+            self.check_mechanism(dict(state.get("mechanism") or self.mechanism))
         self.dp.forget_forward()  # a rewind abandons the open step's forward
         self.drawn = int(state["drawn"])
         pending = state.get("next_batch")  # absent from checkpoints of older versions
@@ -169,12 +194,41 @@ class PrivateBatches:
             if name in state:
                 gen.set_state(state[name])
 
+    def check_mechanism(self, saved: dict[str, Any]) -> None:
+        """A resume continues the mechanism its checkpoint's steps went through. Otherwise
+        the epsilon reads low: over fixed batches the pass under way was counted at its start
+        (at the old noise; a new batch size or data order sent rows twice in one pass: 4.73
+        reported for 7.08), a Poisson batch drawn ahead at the old rate was counted at the new
+        one, and Opacus' GDP accountant keeps only the newest (noise, rate) it saw."""
+        for field, key in MECHANISM_KEYS.items():
+            was, now = saved.get(field), self.mechanism[field]
+            if was == now:
+                continue
+            if field == "noise_multiplier" and self.mechanism["derived"]:
+                key = "privacy.dpsgd.target_epsilon (with train.epochs)"
+            shown = "" if field == "rows" else f" ({field} {was} there, {now} now)"
+            raise ConfigError(
+                f"{key} changed since this DP-SGD client's checkpoint{shown}: its steps so far "
+                "were drawn and counted with the checkpoint's, and a run keeps one mechanism "
+                "for its epsilon to hold; set it back to resume, or train a new run afresh"
+            )
+
     def _generators(self) -> dict[str, torch.Generator]:
         found = {
             "sampler_rng": getattr(self.dp.data_loader.batch_sampler, "generator", None),
             "noise_rng": getattr(self.dp.optimizer, "generator", None),
         }
         return {name: gen for name, gen in found.items() if gen is not None}
+
+
+def _digest(*tensors: torch.Tensor) -> str:
+    """The training rows' fingerprint: other rows, or the same in another order, after a
+    resume change which rows the checkpoint's counts (and fixed batches) refer to."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def check_checkpoints(cfg: ClientConfig) -> None:

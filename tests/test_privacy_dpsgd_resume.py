@@ -1,0 +1,80 @@
+"""A DP-SGD client resumed from its checkpoint with another mechanism is refused in one line
+naming the key (red team of the DP-SGD accounting claim). Before, each resumed and reported
+an epsilon below the true one: over fixed batches (455 rows) the pass under way had been
+counted at its first step, so a noise multiplier lowered from 4 to 0.5 mid-pass reported
+1.01 for rows that went through noise 0.5 (10.7), and a batch size of 13 instead of 35, or
+other rows (``data.seed``), sent rows 65-174 twice in one pass, counted once (4.73 for 7.08);
+a Poisson batch drawn ahead at rate 1/15 was counted at the new rate 1/57 (``train.batch_size``
+32 to 8); and another accountant stopped on Opacus' traceback. The crash is in-process over
+loopback; the refused resume goes through ``workers.cli.main``, as a user's command."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import pytest
+
+from workers.cli import main
+from workers.ops.logs import configure_logging
+
+from .test_run_lifecycle import _crash
+from .threadserver import ThreadServer
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+COMMON = ("checkpoint.dir=state/c1", "train.lr=0.01", "train.momentum=0")
+FIXED = ("privacy.dpsgd.poisson_sampling=false", "train.batch_size=35")  # 13 batches a pass
+POISSON = ("privacy.dpsgd.noise_multiplier=1", "train.batch_size=32")
+TARGET = ("privacy.dpsgd.target_epsilon=3", "train.batch_size=32")
+CASES = [
+    (
+        (*FIXED, "privacy.dpsgd.noise_multiplier=4"),
+        [
+            ("privacy.dpsgd.noise_multiplier=0.5", "privacy.dpsgd.noise_multiplier changed"),
+            ("train.batch_size=13", "train.batch_size changed"),
+            ("data.seed=1", "data changed"),
+            ("privacy.dpsgd.poisson_sampling=true", "privacy.dpsgd.poisson_sampling changed"),
+        ],
+    ),
+    (
+        POISSON,
+        [
+            ("train.batch_size=8", "train.batch_size changed"),
+            ("privacy.dpsgd.accountant=prv", "privacy.dpsgd.accountant changed"),
+        ],
+    ),
+    (
+        TARGET,
+        [("train.epochs=3", "privacy.dpsgd.target_epsilon (with train.epochs) changed")],
+    ),
+]
+
+
+def _resume(files: dict[str, Path], sets: tuple[str, ...]) -> int:
+    args = ["client", "--config", str(files["client-1"]), "--json"]
+    return main([*args, *(f for s in sets for f in ("--set", s))])
+
+
+@pytest.mark.parametrize(("before", "changes"), CASES, ids=["fixed", "poisson", "target"])
+def test_a_resume_with_another_dpsgd_mechanism_is_refused_naming_the_key(
+    deployment,  # type: ignore[no-untyped-def]
+    capsys: pytest.CaptureFixture[str],
+    before: tuple[str, ...],
+    changes: list[tuple[str, str]],
+) -> None:
+    # Prepare: a DP-SGD client killed after 5 steps of its first epoch, its checkpoint left
+    # (a server beside it: before the fix, the resumed clients trained, 0 for 2)
+    files = deployment(clients=1, dataset="breast_cancer", epochs=1)
+    with ThreadServer(files["server"], "server.takeover_after_s=0.3"):
+        asyncio.run(_crash(files, "client-1", 5, *COMMON, *before))
+        capsys.readouterr()
+        for change, says in changes:
+            # Execute: the same command with one setting changed
+            code = _resume(files, (*COMMON, *before, change))
+            configure_logging("text", "INFO", stream=io.StringIO())
+            # Assert: refused before any step, in one line naming the key
+            err = capsys.readouterr().err.strip()
+            assert code == 2, err
+            assert says in err
+            assert len(err.splitlines()) == 1, err
