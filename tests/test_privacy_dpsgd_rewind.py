@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from sl_pipeline.messages import Kind
 from workers.client.worker import ClientWorker
 from workers.server.worker import ServerWorker
 
@@ -83,3 +84,52 @@ async def test_a_rewound_dpsgd_client_redoes_its_steps_and_counts_them_again(
         assert history == [(1.0, 1.0, 2)]  # one pass, and one more for the redone batches
     else:
         assert sum(n for _, _, n in history) == len(taken) > summary["steps"]
+
+
+async def test_a_dpsgd_client_rewound_during_its_evaluation_trains_again(
+    deployment,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server (checkpoints every 4 steps: 15 applied, 12 saved) dies while the client
+    evaluates after its epoch; the client rejoins it restarted, rewinds to step 12 and
+    redoes the rest. Before, the rewind left the segment in evaluation mode (the evaluation's
+    ``eval()`` was never undone), Opacus captured no forward, and the redo stopped on its
+    "pop from empty list" traceback (red team: 2 of 15 ``kill -9`` runs as processes)."""
+    # Prepare: a server that hangs at the client's first evaluation request
+    files = deployment(clients=1, dataset="breast_cancer", epochs=1)
+    base = files["server"].parent
+    evaluating = asyncio.Event()
+    dispatch = ServerWorker.dispatch
+
+    async def hang_at_evaluation(self: ServerWorker, identity: bytes, peer: Any, msg: Any) -> Any:
+        if msg.kind is Kind.EVALUATE and not evaluating.is_set():
+            assert self.ckpt is not None
+            self.ckpt.save = lambda *_a, **_k: None  # type: ignore[method-assign,assignment]
+            evaluating.set()  # no more checkpoints: what a kill -9 loses
+            await asyncio.Event().wait()  # until the test kills this server
+        return await dispatch(self, identity, peer, msg)
+
+    monkeypatch.setattr(ServerWorker, "dispatch", hang_at_evaluation)
+    sets = ("privacy.dpsgd.noise_multiplier=1.0", "train.batch_size=32")
+    client = ClientWorker(load_client(files["client-1"], *sets), base, progress=False)
+    stop, task = await _serve(ServerWorker(load_server(files["server"], *SERVER), base))
+    training = asyncio.ensure_future(client.run())
+    # Execute: the server is killed there and started again on its checkpoints
+    await asyncio.wait_for(evaluating.wait(), 60)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    monkeypatch.undo()
+    restarted = ServerWorker(load_server(files["server"], *SERVER), base)
+    kept = restarted.steps_applied  # of the client's 15: its newest checkpoint's
+    stop, task = await _serve(restarted)
+    try:
+        summary = await asyncio.wait_for(training, 60)
+    finally:
+        stop.set()
+        await task
+    # Assert: rewound once, every draw and the redone ones counted, in training mode again
+    history = client.runner.dp.engine.accountant.history  # type: ignore[union-attr]
+    assert summary["rewinds"] == 1
+    assert kept < 15
+    assert history == [(1.0, 1 / 15, 15 + 15 - kept)]  # those lost were released, then redone
+    assert client.bottom.training

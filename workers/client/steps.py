@@ -294,22 +294,25 @@ class StepRunner:
     ) -> tuple[torch.Tensor, Message]:
         for module in self.modules.values():
             module.eval()
-        with torch.no_grad():
-            x = x.to(self.device)
-            sent = self.defense.apply(self.bottom(x)) if self.privacy.noise else self.bottom(x)
-        tensors = wire_tensors("act", sent, self.cfg.train.wire_dtype)
-        if ids is not None and not self.sends_labels and "head" not in self.modules:
-            tensors["ids"] = ids
-        reply = await self.host.request(
-            self.host.message(kind, step, tensors=tensors, meta=self.forward_meta())
-        )
-        out = reply_tensor(reply, Kind.RESULT, "out", self.cfg.max_abs, (len(x), *self.out_sample))
-        out = as_input(out, requires_grad=False, device=self.device)
-        if "head" in self.modules:
+        try:  # a rewind raised out of the request must find the segments training again
             with torch.no_grad():
-                out = self.modules["head"](out)
-        for module in self.modules.values():
-            module.train()
+                act = self.bottom(x.to(self.device))
+                sent = self.defense.apply(act) if self.privacy.noise else act
+            tensors = wire_tensors("act", sent, self.cfg.train.wire_dtype)
+            if ids is not None and not self.sends_labels and "head" not in self.modules:
+                tensors["ids"] = ids
+            reply = await self.host.request(
+                self.host.message(kind, step, tensors=tensors, meta=self.forward_meta())
+            )
+            shape = (len(x), *self.out_sample)
+            out = reply_tensor(reply, Kind.RESULT, "out", self.cfg.max_abs, shape)
+            out = as_input(out, requires_grad=False, device=self.device)
+            if "head" in self.modules:
+                with torch.no_grad():
+                    out = self.modules["head"](out)
+        finally:
+            for module in self.modules.values():
+                module.train()
         return out.cpu(), reply
 
     async def evaluate(self, test: Split) -> float | None:
@@ -369,12 +372,8 @@ class StepRunner:
         data = self.host.data
         if data.encoding is not None or data.label_names is not None:
             # How this party's rows were encoded, so predict encodes new rows the same way.
-            state[DATA_STATE] = json.dumps(
-                {
-                    "encoding": data.encoding.to_dict() if data.encoding else None,
-                    "label_names": data.label_names,
-                }
-            )
+            encoding = data.encoding.to_dict() if data.encoding else None
+            state[DATA_STATE] = json.dumps({"encoding": encoding, "label_names": data.label_names})
         save_weights(state, path, "the trained segment (client.save)")
 
     def load(self, path: Path) -> None:
