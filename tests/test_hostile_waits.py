@@ -100,7 +100,10 @@ async def test_a_splitfed_client_whose_round_never_completes_gives_up_with_its_s
         await _gives_up(client, "every member of this round")
     assert client.steps_done > 0
     restored = _client(files, "client-1")  # the same command resumes from that state
-    assert restored.resumed_from == client.steps_done
+    try:
+        assert restored.resumed_from == client.steps_done
+    finally:
+        restored.ckpt.release()
 
 
 # ---- through the command line: one line, exit 5, and the same command carries on --------
@@ -110,7 +113,8 @@ def _cli(files: dict[str, Path], name: str, *sets: str) -> list[str]:
 
 
 def _in_thread(files: dict[str, Path], name: str) -> tuple[threading.Thread, list[Any]]:
-    """``name`` running in a thread of its own (its own event loop); its summary or error."""
+    """``name`` running in a thread of its own (its own event loop), returned once it has
+    joined the server; its summary or error."""
     out: list[Any] = []
     worker = ClientWorker(load_client(files[name]), files["server"].parent, progress=False)
 
@@ -122,6 +126,9 @@ def _in_thread(files: dict[str, Path], name: str) -> tuple[threading.Thread, lis
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
+    deadline = time.monotonic() + BOUND_S
+    while not worker.link.connected and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)  # polls an event (joined), bounded; the other thread does the work
     return thread, out
 
 
@@ -144,7 +151,7 @@ def test_the_cli_ends_a_lonely_vertical_party_in_one_line_and_the_same_command_c
         assert last.startswith("sl-pipeline client: error: no answer to its forward"), last
         assert "--set client.wait_for_parties_s=SECONDS" in last
         assert took < 20, took
-        # Execute: the same command, client-2 running beside it this time
+        # Execute: the same command, client-2 running (joined, waiting) beside it this time
         thread, other = _in_thread(files, "client-2")
         status = main(_cli(files, "client-1"))
         thread.join(150)
@@ -176,10 +183,13 @@ async def test_a_vertical_party_whose_partner_dies_mid_run_keeps_its_state(
         assert time.monotonic() - started < 15
         applied = first.steps_done
         assert applied >= 3
-        # Execute: both parties again, the same commands
-        again = [_client(files, n) for n in ("client-1", "client-2")]
-        assert again[0].resumed_from == applied  # its state was saved on giving up
-        summaries = await asyncio.wait_for(asyncio.gather(*(c.run() for c in again)), 120)
+        # Execute: both parties again, client-1 with the same command once client-2 runs
+        partner = _client(files, "client-2", "client.wait_for_parties_s=60")
+        partner_run = asyncio.ensure_future(partner.run())
+        await wait_until(lambda: partner.link.connected or partner_run.done())
+        again = _client(files, "client-1")
+        assert again.resumed_from == applied  # its state was saved on giving up
+        summaries = await asyncio.wait_for(asyncio.gather(again.run(), partner_run), 120)
         await wait_until(lambda: all(not r.active for r in server.book.runs.values()))
     # Assert: both finished the epoch, client-1 resuming where it stopped
     assert summaries[0]["steps"] == summaries[1]["steps"] > applied

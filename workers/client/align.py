@@ -33,7 +33,8 @@ log = logging.getLogger("sl_pipeline.client")
 
 # The other party may start much later. A wait longer than the server's silence limit
 # (server.client_timeout_s, 120 s by default) would let it drop this party and its post, so
-# wait 60 s at a time: the worker then rejoins and posts again (up to 100 times).
+# wait 60 s at a time: the worker then rejoins and posts again, for at most
+# client.wait_for_parties_s in all (workers/client/parties.py).
 PSI_WAIT_S = 60.0
 Request = Callable[[Message, float], Awaitable[Message]]
 MakeMessage = Callable[..., Message]
