@@ -33,6 +33,7 @@ TAG_BYTES: Final = 16  # every suite's tag; the wire layout is the same for all
 DEFAULT_CIPHERS: Final[tuple[CipherName, ...]] = ("aes128-ocb3", "aes256-gcm")
 # What a peer that names no suite (an older build) speaks.
 LEGACY_CIPHER: Final = "aes256-gcm"
+MAX_SHOWN: Final = 200  # characters of a refused offer that a refusal (and the log) repeats
 
 
 class Aead(Protocol):
@@ -87,7 +88,9 @@ def server_choice(offered: object, accepted: Sequence[str]) -> CipherSuite:
     for name in accepted:
         if name in offered:
             return SUITES[name]
-    shown = [name[:32] for name in offered[:8]]
+    # Bounded after escaping: a name of control or astral characters grows up to 10-fold.
+    shown = str([name[:32] for name in offered[:8]])
+    shown = shown if len(shown) <= MAX_SHOWN else shown[: MAX_SHOWN - 4] + "...]"
     # The whole advice goes in the message: a refusal carries the message, not the hint.
     raise CryptoError(
         f"no common cipher: the client offers {shown}, the server accepts {list(accepted)}; "

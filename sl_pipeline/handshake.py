@@ -96,16 +96,22 @@ class ClientHandshake:
         return [HELLO, version, b"noise", self._initiator.write_message1(offer)]
 
     def finish(self, frames: Sequence[Buffer]) -> tuple[AnySession, dict[str, Any]]:
-        """The session and the welcome; PeerError if the server refused us."""
+        """The session and the welcome; PeerError if the server refused us.
+
+        The welcome's ``cipher`` is what seals the session (``none`` in plaintext mode), not
+        what the server wrote: an older server names none and its session is AES-256-GCM."""
         error = refused(frames)
         if error is not None:
             raise error
         if len(frames) != 2 or bytes(frames[0]) != WELCOME:
             raise ProtocolError("expected a welcome or refusal from the server")
+        session: AnySession
         if self._initiator is None:
-            return PlainSession(max_frames=self.max_frames), _load(frames[1], "welcome")
-        payload, session = self._initiator.read_message2(bytes(frames[1]), self._cipher)
-        return session, _load(payload, "welcome")
+            session, welcome = PlainSession(max_frames=self.max_frames), _load(frames[1], "welcome")
+        else:
+            payload, session = self._initiator.read_message2(bytes(frames[1]), self._cipher)
+            welcome = _load(payload, "welcome")
+        return session, {**welcome, "cipher": session.cipher_name}
 
     def _cipher(self, payload: bytes) -> CipherSuite:
         return client_check(_load(payload, "welcome").get("cipher"), self.ciphers)
