@@ -186,7 +186,7 @@ class DealerConnection:
             if self.sock.get(_EVENTS) & _POLLIN:  # already queued: no timer, no watcher
                 frames = list(await self.sock.recv_multipart(copy=False))
             else:
-                frames = await self._recv_raw(max(0.0, deadline - time.monotonic()), "a reply")
+                frames = await self._recv_part(deadline, timeout_s, nbytes)
             nbytes += frames_size(frames)
             message = self._open(frame_buffers(frames))
         self.on_message("received", message.kind.value, nbytes)
@@ -197,6 +197,19 @@ class DealerConnection:
                 retryable=message.meta.get("retryable") is True,
             )
         return message
+
+    async def _recv_part(self, deadline: float, timeout_s: float, nbytes: int) -> list[Any]:
+        """The next part of a reply by ``deadline``: one wait of ``timeout_s`` covers all the
+        parts of a chunked one, and a rest that comes too slowly is said to be one."""
+        try:
+            return await self._recv_raw(max(0.0, deadline - time.monotonic()), "a reply")
+        except ReplyTimeoutError:
+            if not nbytes:
+                raise
+        raise ReplyTimeoutError(
+            f"the {self.peer} at {self.endpoint} sent {nbytes} bytes of a chunked reply but "
+            f"not the rest within {timeout_s:.3g}s; the reply or its rest may have been lost"
+        )
 
     def _open(self, buffers: list[Buffer]) -> Message | None:
         assert self.channel is not None
