@@ -26,6 +26,7 @@ from sl_pipeline.chunked import MIN_CHUNK_BYTES
 from sl_pipeline.crypto import Initiator, Responder
 from sl_pipeline.errors import (
     BadTagError,
+    ConfigError,
     CryptoError,
     LimitError,
     PeerError,
@@ -38,6 +39,7 @@ from sl_pipeline.keys import generate_keypair
 from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
 from sl_pipeline.session import Session
 from sl_pipeline.transport import DealerConnection
+from workers.cli import main
 from workers.client.link import make_handshake
 from workers.tools.inprocess import build_deployment, wait_until
 
@@ -627,3 +629,29 @@ async def test_a_relay_refuses_what_its_list_lacks_in_both_directions(
     assert "the client offers ['aes128-ocb3'], the server accepts ['aes256-gcm']" in str(
         refused.value
     )
+
+
+@pytest.mark.parametrize("role", ["server", "relay"])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("[]", "ciphers must list at least 1, got none"),
+        ('["aes128-gcm"]', "ciphers[0] = 'aes128-gcm' is not allowed"),
+        ('["aes256-gcm", 1]', "ciphers[1]"),
+    ],
+)
+def test_a_bad_server_or_relay_cipher_list_is_a_config_error_naming_the_key(
+    deployment,  # type: ignore[no-untyped-def]
+    capsys: pytest.CaptureFixture[str],
+    role: str,
+    value: str,
+    message: str,
+) -> None:
+    files = deployment(topology="multihop", dataset="breast_cancer")
+    config = files["server" if role == "server" else "relay-1"]
+
+    code = main([role, "--config", str(config), "--set", f"{role}.ciphers={value}"])
+
+    err = capsys.readouterr().err
+    assert code == ConfigError.exit_code, err
+    assert f"{role}.{message}" in err and "Traceback" not in err
