@@ -40,6 +40,7 @@ from opacus import PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -142,6 +143,7 @@ def make_private_client(
     not offered.
     """
     _check_arguments(server_loss_reduction, epochs, cfg, data_loader)
+    _check_module(module)  # before the engine, whose warnings would come first
     engine = PrivacyEngine(accountant=cfg.accountant)
     common: dict[str, Any] = {
         "module": module,
@@ -188,6 +190,20 @@ def _make_private(
     if not cfg.poisson_sampling:
         private[1].step_hook = _pass_counter(engine, len(common["data_loader"]))
     return private[0], private[1], private[-1]
+
+
+def _check_module(module: nn.Module) -> None:
+    """Opacus refuses a segment whose layers mix the rows of a batch (BatchNorm: a row's
+    output depends on its batch, so clipping its gradient no longer bounds its influence);
+    its traceback becomes one line naming what to change."""
+    errors = ModuleValidator.validate(module, strict=False)
+    if errors:
+        why = str(errors[0]).split(". ")[0].strip("'\" ")
+        raise PrivacyError(
+            f"privacy.dpsgd cannot train this client segment: {why}",
+            hint="use layers that treat each row alone in model.sequential or model.factories "
+            "(GroupNorm or LayerNorm for BatchNorm)",
+        )
 
 
 def _pass_counter(engine: PrivacyEngine, steps_per_pass: int) -> Any:

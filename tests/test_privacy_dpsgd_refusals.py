@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 
 import pytest
+from torch import nn
 
 from privacy.config import PrivacyConfig
 from workers.cli import main
@@ -79,3 +80,33 @@ async def test_auto_pipeline_depth_where_no_pipelining_is_one_step_at_a_time(
     run = await run_deployment(files, "train.pipeline_depth=0", *sets)
     assert run.summaries[0]["pipeline_depth"] == 1
     assert run.summaries[0]["steps"] > 0
+
+
+def batchnorm_mlp() -> nn.Sequential:
+    """``model.sequential`` of the test below: a BatchNorm layer in the client's segment."""
+    return nn.Sequential(nn.Linear(30, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+
+
+def test_a_segment_opacus_cannot_train_privately_is_refused_in_one_line(
+    deployment,  # type: ignore[no-untyped-def]
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Before, Opacus' UnsupportedModuleError ended the client on a traceback."""
+    # Prepare
+    files = deployment(dataset="breast_cancer")
+    model = [
+        "--set",
+        "model.builtin=",
+        "--set",
+        f"model.sequential={__name__}:batchnorm_mlp",
+        "--set",
+        "model.cuts=[3]",
+    ]
+    # Execute
+    code = main(["client", "--config", str(files["client-1"]), *DP, *model])
+    configure_logging("text", "INFO", stream=io.StringIO())
+    err = capsys.readouterr().err
+    # Assert
+    assert code == 2
+    assert "privacy.dpsgd cannot train this client segment: BatchNorm" in err
+    assert len(err.strip().splitlines()) == 1
