@@ -144,17 +144,18 @@ async def _measure(url: str, key: bytes, pairs: int, per_block: int, totals: Tot
 def run(pairs: int = 20, per_block: int = 10) -> dict[str, Any]:
     """Per size: plain and encrypted round trip, ratio, AEAD time, floor (module doc)."""
     here, there = RawArray("q", 2), RawArray("q", 2)
-    suites = install(here)
-    url = endpoint(free_port())
     ready, stop = CTX.Queue(), CTX.Event()
-    child = start_child(timed_peer, url, ready, stop, there)
-    try:
-        key = ready.get(timeout=60)
-        result: dict[str, Any] = asyncio.run(_measure(url, key, pairs, per_block, (here, there)))
-        return result
+    suites = install(here)
+    try:  # the suites go back even if the child never starts
+        url = endpoint(free_port())
+        child = start_child(timed_peer, url, ready, stop, there)
+        try:
+            key = ready.get(timeout=60)
+            return dict(asyncio.run(_measure(url, key, pairs, per_block, (here, there))))
+        finally:
+            stop.set()
+            stop_child(child)
     finally:
-        stop.set()
-        stop_child(child)
         ciphers.SUITES.update(suites)
 
 

@@ -23,7 +23,7 @@ from typing import Final, Literal, Protocol
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESOCB3
 
-from .errors import ConfigError, CryptoError, ProtocolError
+from .errors import CipherError, ConfigError, CryptoError, ProtocolError
 
 Buffer = bytes | bytearray | memoryview
 CipherName = Literal["aes128-ocb3", "aes256-gcm"]
@@ -92,7 +92,7 @@ def server_choice(offered: object, accepted: Sequence[str]) -> CipherSuite:
     shown = str([name[:32] for name in offered[:8]])
     shown = shown if len(shown) <= MAX_SHOWN else shown[: MAX_SHOWN - 4] + "...]"
     # The whole advice goes in the message: a refusal carries the message, not the hint.
-    raise CryptoError(
+    raise CipherError(
         f"no common cipher: the client offers {shown}, the server accepts {list(accepted)}; "
         "list a common suite in client.ciphers or server.ciphers (docs/security.md)"
     )
@@ -104,7 +104,7 @@ def client_check(chosen: object, offered: Sequence[str]) -> CipherSuite:
         chosen = LEGACY_CIPHER
     if not isinstance(chosen, str) or chosen not in offered:
         shown = repr(chosen)[:40]
-        raise CryptoError(
+        raise CipherError(
             f"the server chose cipher {shown}, which this client did not offer ({list(offered)})",
             hint="a server may only pick a suite from the client's ciphers (docs/security.md)",
         )

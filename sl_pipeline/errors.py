@@ -85,6 +85,12 @@ class CryptoError(ProtocolError):
     code = "crypto"
 
 
+class CipherError(CryptoError):
+    """The peers share no transport cipher suite, or a server picked one not offered."""
+
+    code = "cipher"
+
+
 class ReplayError(CryptoError):
     """A message counter was reused or went backwards."""
 

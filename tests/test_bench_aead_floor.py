@@ -23,3 +23,18 @@ def test_aead_floor_times_every_cipher_call_of_both_processes() -> None:
     assert result["2MiB"]["aead_ms"] > result["4KiB"]["aead_ms"]
     assert ciphers.SUITES["aes256-gcm"] is ciphers.AES256_GCM  # the suites are put back
     assert ciphers.SUITES["aes128-ocb3"] is ciphers.AES128_OCB3
+
+
+def test_the_suites_go_back_when_the_server_child_cannot_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_child(*args: object) -> None:
+        raise OSError("cannot fork")
+
+    monkeypatch.setattr(aead_floor, "start_child", no_child)
+
+    with pytest.raises(OSError, match="cannot fork"):
+        aead_floor.run(pairs=1, per_block=1)
+
+    assert ciphers.SUITES["aes256-gcm"] is ciphers.AES256_GCM
+    assert ciphers.SUITES["aes128-ocb3"] is ciphers.AES128_OCB3

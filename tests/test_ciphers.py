@@ -10,9 +10,9 @@ import struct
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESOCB3
 
-from sl_pipeline import ciphers
+from sl_pipeline import ciphers, handshake
 from sl_pipeline.crypto import Initiator, Responder
-from sl_pipeline.errors import ConfigError, CryptoError, PeerError, ProtocolError
+from sl_pipeline.errors import CipherError, ConfigError, CryptoError, PeerError, ProtocolError
 from sl_pipeline.handshake import HELLO, WELCOME, ClientHandshake, ServerHandshake
 from sl_pipeline.keys import generate_keypair
 from sl_pipeline.messages import PROTOCOL_VERSION
@@ -202,6 +202,29 @@ def test_client_and_server_without_a_common_suite_stop_in_one_line(
     err = capsys.readouterr().err
     assert code == PeerError.exit_code, err  # 4: the peer refused, its reason printed
     (line,) = [line for line in err.splitlines() if line.startswith("sl-pipeline client:")]
-    assert "[crypto]: no common cipher" in line and "server accepts ['aes256-gcm']" in line
+    assert "[cipher]: no common cipher" in line and "server accepts ['aes256-gcm']" in line
     assert "list a common suite in client.ciphers or server.ciphers" in line
     assert "Traceback" not in err
+
+
+def test_a_server_picking_a_suite_not_offered_stops_the_client_at_once(
+    deployment,  # type: ignore[no-untyped-def]
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Arrange: a server that seals with AES-256-GCM whatever the client offers
+    monkeypatch.setattr(handshake, "server_choice", lambda offered, accepted: ciphers.AES256_GCM)
+    files = deployment(dataset="breast_cancer")
+    only_ocb = ["--set", 'client.ciphers=["aes128-ocb3"]', "--set", "client.retry_for_s=30"]
+
+    # Execute
+    with ThreadServer(files["server"]):
+        code = main(["client", "--config", str(files["client-1"]), *only_ocb])
+    configure_logging("text", "INFO", stream=io.StringIO())
+
+    # Assert: one line naming the pick and the offer, exit 3, no retries of the same answer
+    err = capsys.readouterr().err
+    assert code == CipherError.exit_code == 3, err
+    (line,) = [line for line in err.splitlines() if line.startswith("sl-pipeline client:")]
+    assert "the server chose cipher 'aes256-gcm', which this client did not offer" in line
+    assert "retrying" not in err and "Traceback" not in err

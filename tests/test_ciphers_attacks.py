@@ -545,7 +545,7 @@ async def test_a_flood_of_bad_offers_is_refused_each_time_and_logged_once(
 
     # Assert: every bad offer refused (a hello naming none gets AES-256-GCM), no OCB session,
     # and the refusals of one source logged in one line (the next interval says how many)
-    assert refusals == ["crypto", "protocol", "protocol", "crypto", "crypto", GCM] * 5
+    assert refusals == ["cipher", "protocol", "protocol", "cipher", "cipher", GCM] * 5
     assert sessions == {GCM}
     lines = [r.getMessage() for r in caplog.records if "refused a handshake" in r.getMessage()]
     assert len(lines) == 1 and "\n" not in lines[0], lines
@@ -594,7 +594,7 @@ async def test_a_relay_between_a_fips_server_and_an_ocb_client_keeps_each_hop_to
     assert conns[0].channel is not None and conns[0].channel.session.cipher_name == OCB
     assert answer.kind == Kind.BACKWARD
     assert (upstream, at_server) == (GCM, {GCM})
-    assert refused.value.remote_code == "crypto"
+    assert refused.value.remote_code == "cipher"
     assert "the server accepts ['aes128-ocb3', 'aes256-gcm']" in refused.value.reason
 
 

@@ -261,7 +261,7 @@ class RelayWorker(GivesWayOnStop, RouterService):
         welcome = await self.upstream.handshake(self.upstream_hs, self.cfg.relay.timeout_s)
         self.run_id = str(checked_welcome(welcome).get("run") or "")
         self.joined_upstream = True
-        log.info("relay joined upstream %s", self.cfg.relay.upstream)
+        log.info("relay joined upstream %s (cipher %s)", self.cfg.relay.upstream, welcome["cipher"])
         return welcome
 
     async def on_stop(self) -> None:

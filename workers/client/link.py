@@ -21,6 +21,7 @@ import zmq.asyncio
 
 from sl_pipeline.config import ClientConfig
 from sl_pipeline.errors import (
+    CipherError,
     PeerError,
     ProtocolError,
     ReplyTimeoutError,
@@ -175,6 +176,8 @@ class Upstream:
                 else:
                     wait = delay * (0.5 + random.random())
                 log.warning("the %s refused to join (%s); retrying in %.1fs", self.peer, exc, wait)
+            except CipherError:
+                raise  # an authentic server's pick outside our offer: retrying repeats it
             except (TransportError, ProtocolError) as exc:
                 if isinstance(exc, ReplyTimeoutError):
                     self.hello_timer.expired("hello")
