@@ -73,9 +73,13 @@ async def round_trips(conn: DealerConnection, message: Message, count: int) -> l
     return samples
 
 
-def _plan(quick: bool) -> tuple[int, int, float]:
-    """(pairs of blocks, round trips per block, time budget per size in seconds)."""
-    return (40, 4, 5.0) if quick else (60, 8, 20.0)
+def _plan(quick: bool, nbytes: int = 0) -> tuple[int, int, float]:
+    """(pairs of blocks, round trips per block, time budget per size in seconds). At 2 MiB
+    the pair ratios' quartiles were 0.3-0.4 apart, so 40 pairs left the median's own noise
+    near 5 % and three quick runs 26 % apart (docs/performance.md): three times the pairs."""
+    if quick:
+        return (120, 4, 15.0) if nbytes >= 1024 * 1024 else (40, 4, 5.0)
+    return (120, 8, 40.0) if nbytes >= 1024 * 1024 else (60, 8, 20.0)
 
 
 _CPU_QUERY = Message(kind=Kind.FORWARD, meta={"reply": "cpu"})
@@ -89,12 +93,15 @@ async def both_cpu_s(conn: DealerConnection) -> float:
 
 
 async def paired_blocks(
-    conns: dict[str, DealerConnection], messages: dict[str, Message], quick: bool
+    conns: dict[str, DealerConnection],
+    messages: dict[str, Message],
+    quick: bool,
+    nbytes: int = 0,
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Per block: the median round trip, and the CPU seconds per round trip of both
     processes. Blocks of the two modes are interleaved; the order inside a pair alternates
     (AB, BA, ...) so neither mode always runs first."""
-    pairs, per_block, budget_s = _plan(quick)
+    pairs, per_block, budget_s = _plan(quick, nbytes)
     medians: dict[str, list[float]] = {mode: [] for mode in conns}
     cpu: dict[str, list[float]] = {mode: [] for mode in conns}
     deadline = time.monotonic() + budget_s
@@ -209,7 +216,7 @@ async def _one_size(
     )
     for conn in conns.values():  # warm-up: buffers, first-touch pages
         await round_trips(conn, message, 3)
-    blocks, cpu = await paired_blocks(conns, dict.fromkeys(conns, message), quick)
+    blocks, cpu = await paired_blocks(conns, dict.fromkeys(conns, message), quick, nbytes)
     for name in SUITES:
         spread = paired(blocks[name], blocks["plain"])
         result["encryption_overhead_by_cipher"][name][label] = spread["median"]
