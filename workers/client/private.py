@@ -46,6 +46,8 @@ class PrivateBatches:
         self.next_batch: list[int] | None = None  # drawn, not yet handed out
         self.empty_before_next = 0  # empty batches drawn before next_batch: noise-only steps
         self.handed: list[tuple[int, list[int]]] = []  # the last steps handed out, with rows
+        # the next epoch's first batch, drawn with the epoch's last: (draws, empties, rows)
+        self.ahead: tuple[int, int, list[int]] | None = None
         self._epsilon: tuple[tuple[Any, ...], float] | None = None  # (history, its epsilon)
 
     @classmethod
@@ -74,7 +76,7 @@ class PrivateBatches:
         }
         return cls(dp, cfg.poisson_sampling, train.y is not None, mechanism)
 
-    def batches(self, first_step: int) -> Iterator[Batch]:
+    def batches(self, first_step: int, more: bool = False) -> Iterator[Batch]:
         """``(step, x, y, ids)`` from ``first_step``. Each batch's successor is drawn before
         the batch is handed out, so the checkpoint saved after a step holds the rows of the
         next one (``next_batch``): the Poisson mask comes from the operating system, and a
@@ -83,11 +85,16 @@ class PrivateBatches:
         their rows, so a pipelining client resends the steps it had in flight as they were,
         and how many batches of the epoch were drawn (empty ones included: each is a
         noise-only step, :meth:`_release_empty_batches`): the rest are drawn from there,
-        none again."""
+        none again. With ``more`` epochs to come, the next epoch's first batch is drawn with
+        this epoch's last (``ahead``): the epoch's last checkpoint holds it, so a client
+        killed after the server applied it sends it again (before, a fresh draw: refused)."""
         loader = self.dp.data_loader
         x_all, y_all, ids_all = loader.dataset.tensors
         if first_step == 0:
             self.drawn, self.next_batch, self.handed = 0, None, []
+            if self.ahead is not None:
+                self.drawn, self.empty_before_next, self.next_batch = self.ahead
+                self.ahead = None
         # steps a pipelining client had in flight when it stopped: sent, so sent again as they were
         replay = [rows for step, rows in self.handed if step >= first_step]
         self.handed = [(step, rows) for step, rows in self.handed if step < first_step]
@@ -104,6 +111,8 @@ class PrivateBatches:
                     return
                 rows = self.next_batch
                 self.empty_before_next, self.next_batch = next(draws, (0, None))
+                if more and not self.next_batch:  # this epoch's last: draw the next's first
+                    self.ahead = self._first_of_next_epoch(loader)
                 if step == 0 and not self.poisson_sampling:  # fixed batches: step = batch
                     self.dp.count_pass()
             self.handed = [*self.handed[-MAX_PIPELINE_DEPTH:], (step, rows)]
@@ -111,14 +120,26 @@ class PrivateBatches:
             yield step, x_all[idx], (y_all[idx] if self.has_labels else None), ids_all[idx]
             step += 1
 
-    def last_replayable(self, first_step: int) -> int:
-        """The last step that a resume at ``first_step`` sends with the rows it had: the
-        steps in flight at the checkpoint, then the batch drawn ahead (``next_batch``). A
-        new epoch's batches are all drawn afresh."""
+    def last_replayable(self, epoch: int, first_step: int) -> tuple[int, int]:
+        """The last (epoch, step) that a resume at ``first_step`` of ``epoch`` sends with the
+        rows it had: the steps in flight at the checkpoint, then the batch drawn ahead
+        (``next_batch``, or at the epoch's end the next epoch's first, ``ahead``)."""
         if first_step == 0:
-            return -1
+            return (epoch, 0 if self.ahead and self.ahead[2] else -1)
         in_flight = sum(1 for step, _ in self.handed if step >= first_step)
-        return first_step + in_flight - (self.next_batch is None)
+        if not self.next_batch and self.ahead and self.ahead[2]:
+            return (epoch + 1, 0)
+        return (epoch, first_step + in_flight - (not self.next_batch))
+
+    def _first_of_next_epoch(self, loader: Any) -> tuple[int, int, list[int]]:
+        """The next epoch's first draws: its empty batches before its first rows, and those
+        rows (none if the whole epoch drew none), with how many draws that took."""
+        drawn, self.drawn = self.drawn, 0
+        try:
+            empties, rows = next(self._draws(loader), (0, []))
+            return self.drawn, empties, rows
+        finally:
+            self.drawn = drawn
 
     def _draws(self, loader: Any) -> Iterator[tuple[int, list[int]]]:
         """The epoch's batches not drawn yet, counted in ``drawn``: each non-empty one with
@@ -169,6 +190,7 @@ class PrivateBatches:
             "next_batch": self.next_batch,
             "empty_before_next": self.empty_before_next,
             "handed": [[step, rows] for step, rows in self.handed],
+            "ahead": None if self.ahead is None else list(self.ahead),
             "accountant": dict(self.dp.engine.accountant.state_dict()),
             "mechanism": dict(self.mechanism),
         }
@@ -187,6 +209,10 @@ class PrivateBatches:
         self.handed = [
             (int(step), [int(i) for i in rows]) for step, rows in state.get("handed", [])
         ]
+        ahead = state.get("ahead")
+        self.ahead = (
+            None if ahead is None else (int(ahead[0]), int(ahead[1]), [int(i) for i in ahead[2]])
+        )
         self.dp.engine.accountant.load_state_dict(state["accountant"])
         if state.get("rewound") and not self.poisson_sampling:
             self.dp.count_pass()  # the redone steps release their fixed batches once more
@@ -259,7 +285,7 @@ def check_replayable(
     if private is None or not applied:
         return
     held = (int(applied[0]), int(applied[1]))
-    if resumed_at is not None and held <= (resumed_at[0], private.last_replayable(resumed_at[1])):
+    if resumed_at is not None and held <= private.last_replayable(*resumed_at):
         return
     run = welcome.get("run") or "its run"
     where = (

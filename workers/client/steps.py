@@ -128,7 +128,7 @@ class StepRunner:
     def epoch_batches(self, epoch: int, first_step: int = 0) -> Iterator[tuple[int, *Batch]]:
         """``(step, x, y, ids)`` of this epoch from ``first_step`` (after a resume)."""
         if self.private is not None:
-            yield from self.private.batches(first_step)
+            yield from self.private.batches(first_step, epoch + 1 < self.cfg.train.epochs)
             return
         train = self.host.data.train
         order = batch_order(len(train), self.cfg.train.batch_size, self.cfg.train.seed, epoch)
