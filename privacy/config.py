@@ -155,14 +155,10 @@ class DPSGDConfig:
             high_open=True,
             hint="delta should be well below 1/dataset size, e.g. 1e-5",
         )
-        if self.accountant == "gdp":
-            # Opacus' GDP is a central-limit approximation ("can underestimate"): at the
-            # init default (noise 1, 15 steps at rate 1/15) it gave 1.29 where PRV proves
-            # epsilon >= 2.31; the figure a DP-SGD client reports must be a bound
+        if self.accountant == "gdp":  # Opacus' central-limit approximation: not a bound
             raise PrivacyError(
                 "privacy.dpsgd.accountant = 'gdp' underestimates DP-SGD's epsilon (1.29 for "
-                "at least 2.31 at noise 1 over 15 steps at rate 1/15)",
-                hint="use 'prv' (the tightest bound) or 'rdp'",
+                "at least 2.31 at noise 1 over 15 steps at rate 1/15); use 'prv' or 'rdp'"
             )
         _check_choice("privacy.dpsgd.accountant", self.accountant, ACCOUNTANTS)
 

@@ -73,5 +73,5 @@ def test_the_gdp_accountant_is_refused_for_dpsgd_in_one_line(
     assert code == 2
     assert "privacy.dpsgd.accountant = 'gdp' underestimates" in err
     assert len(err.splitlines()) == 1
-    with pytest.raises(PrivacyError, match="use 'prv'"):
+    with pytest.raises(PrivacyError, match="use 'prv' or 'rdp'"):
         PrivacyConfig.from_mapping({"dpsgd": {"target_epsilon": 3.0, "accountant": "gdp"}})
