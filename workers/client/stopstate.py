@@ -90,7 +90,7 @@ class ClientStore:
         if found is None:
             return None
         run = str(found[0].get("run", ""))
-        if int(found[0]["epoch"]) >= self.epochs:
+        if found[0].get("finished") or int(found[0]["epoch"]) >= self.epochs:
             # Its run finished: the same command trains a new run (it did nothing, 0 steps)
             log.info("%s is the end of run %s: training a new run from the start", found[1], run)
             self.clear()

@@ -122,6 +122,9 @@ class ClientWorker:
             "modules": {n: dict(m.state_dict()) for n, m in self.runner.modules.items()},
             "optimizer": self.runner.optimizer.state_dict(),
             "epoch": self.epoch,
+            # the end of its run, whatever epochs a later start asks for: that start trains
+            # a new run (resumed as "epoch 9 of 150", a finished run-1 was refused)
+            "finished": self.epoch >= self.cfg.train.epochs,
             "next_step": next_step,
             "run": self.link.run or self.run_id,
             "steps_done": self.steps_done,

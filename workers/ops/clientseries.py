@@ -101,6 +101,17 @@ class ClientSeries:
         series[1].set(epoch + 1)
         series[2].set(time.time())
 
+    def restored(self, client: str, steps: int, epoch: int | None, finished: bool) -> None:
+        """A member of an active run, as a restarted server's checkpoint knows it: not joined
+        yet (one that never comes back is a lost client, ``SLClientLost``; the series were
+        absent until its next step, so nothing could fire), its steps counted on."""
+        self._touch(client)
+        self.connected.labels(client=client).set(0)
+        self.finished.labels(client=client).set(int(finished))
+        self.steps.labels(client=client).set(steps)
+        if epoch is not None:
+            self.epoch.labels(client=client).set(epoch + 1)
+
     def done(self, client: str, accuracy: float | None) -> None:
         self._touch(client)
         self.finished.labels(client=client).set(1)

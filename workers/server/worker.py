@@ -123,6 +123,10 @@ class ServerWorker(RunHost, RouterService):
         for record in records:
             model = record.get("model") or models.get(str(record.get("id")), "")
             self._restore_run({**record, "model": model}, path)
+        for run in self.book.active():  # the newest last: its members' series win
+            for name in sorted(run.members):
+                steps, epoch = run.client_steps.get(name, 0), run.epochs.get(name)
+                self.clients.restored(name, steps, epoch, name in run.done)
         log.info("resumed from checkpoint %s at %d applied steps", path, self.steps_applied)
         return self.steps_applied
 
