@@ -120,3 +120,36 @@ async def test_a_client_killed_after_a_new_epochs_first_step_resumes_and_resends
     assert summary["steps"] == 30
     assert history == [(1.0, 1 / 15, 30)]
     assert summary["dpsgd_epsilon"] == 3.4483
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "says"),
+    [
+        ((), POISSON, "privacy.dpsgd is set, but this client's checkpoint trained without it"),
+        (POISSON, (), "privacy.dpsgd is not set, but this client's checkpoint trained with it"),
+    ],
+    ids=["added", "removed"],
+)
+def test_a_resume_that_adds_or_removes_dpsgd_is_refused_in_one_line(
+    deployment,  # type: ignore[no-untyped-def]
+    capsys: pytest.CaptureFixture[str],
+    before: tuple[str, ...],
+    after: tuple[str, ...],
+    says: str,
+) -> None:
+    """Before, a state_dict traceback (Opacus' wrapped segment against the plain one); had
+    it loaded, a client adding DP-SGD would have reported the epsilon of its own steps for
+    weights trained without it."""
+    # Prepare
+    files = deployment(clients=1, dataset="breast_cancer", epochs=1)
+    with ThreadServer(files["server"], "server.takeover_after_s=0.3"):
+        asyncio.run(_crash(files, "client-1", 5, *COMMON, *before))
+        capsys.readouterr()
+        # Execute
+        code = _resume(files, (*COMMON, *after))
+        configure_logging("text", "INFO", stream=io.StringIO())
+        err = capsys.readouterr().err.strip()
+    # Assert
+    assert code == 2, err
+    assert says in err
+    assert len(err.splitlines()) == 1, err

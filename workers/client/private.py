@@ -257,6 +257,26 @@ def _digest(*tensors: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+def check_dpsgd_kept(private: PrivateBatches | None, saved: dict[str, Any]) -> dict[str, Any]:
+    """``saved``, the DP-SGD part of a client's state, if that state trained with DP-SGD
+    exactly when this client does. Otherwise its weights are of the other kind (Opacus'
+    wrapped segment or the plain one: a state_dict traceback before), and a DP-SGD client
+    resumed from weights trained without it would report the epsilon of its own steps for
+    weights that no accountant bounds."""
+    if (private is None) == (not saved):
+        return saved
+    if private is not None:
+        raise ConfigError(
+            "privacy.dpsgd is set, but this client's checkpoint trained without it: its "
+            "weights went through steps no accountant counted; train a new run afresh with "
+            "privacy.dpsgd from its first step"
+        )
+    raise ConfigError(
+        "privacy.dpsgd is not set, but this client's checkpoint trained with it; set it back "
+        "to resume, or train a new run afresh"
+    )
+
+
 def check_checkpoints(cfg: ClientConfig) -> None:
     """A DP-SGD client checkpoints after every step. Its batches come from the operating
     system, so a client killed between checkpoints drew other rows for the steps after its

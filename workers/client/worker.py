@@ -32,7 +32,7 @@ from workers.client.host import RunnerConfig
 from workers.client.link import BYE_LINGER_MS, Stopped, Upstream, make_handshake
 from workers.client.microbatch import MAX_DEPTH, Pipeline, check_depth
 from workers.client.parties import for_parties
-from workers.client.private import check_checkpoints, check_replayable
+from workers.client.private import check_checkpoints, check_dpsgd_kept, check_replayable
 from workers.client.replies import check_same_run, checked_welcome
 from workers.client.report import client_summary, log_stop, model_path
 from workers.client.rollback import NOTHING, Rewind, UndoPoints
@@ -150,6 +150,7 @@ class ClientWorker:
     def _load_state(self, state: dict[str, Any], rewind: bool = False) -> None:
         """Weights, optimizer, position and RNG from a checkpoint or an undo point. A rewind
         keeps the privacy accountants as they are: releases are never taken back."""
+        dp = check_dpsgd_kept(self.runner.private, dict(state.get("dpsgd", {})))
         for name, module in self.runner.modules.items():
             module.load_state_dict(state["modules"][name])
         self.runner.optimizer.load_state_dict(state["optimizer"])
@@ -159,7 +160,6 @@ class ClientWorker:
         self.last_applied = (self.epoch, self.start[1] - 1) if self.start[1] else None
         self.epoch_losses = [float(v) for v in state["epoch_losses"]]
         restore_rng(state["rng"])
-        dp = dict(state.get("dpsgd", {}))
         if rewind and dp:
             dp.update(accountant=self.runner.dp_state()["accountant"], rewound=True)
         self.runner.load_dp_state(dp)
