@@ -198,7 +198,11 @@ class PrivateBatches:
             state[name] = gen.get_state()
         return state
 
-    def load_state(self, state: dict[str, Any]) -> None:
+    def load_state(self, state: dict[str, Any], rewind: bool = False) -> None:
+        """A checkpoint's state, or an undo point's (``rewind``): the accountant then keeps
+        counting as it is, as releases are never taken back."""
+        if rewind:
+            state = {**state, "accountant": self.state()["accountant"], "rewound": True}
         if not state.get("rewound"):  # a rewind is this process's own state
             self.check_mechanism(dict(state.get("mechanism") or self.mechanism))
         self.dp.forget_forward()  # a rewind abandons the open step's forward

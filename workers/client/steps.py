@@ -141,9 +141,9 @@ class StepRunner:
         """DP-SGD's part of the client checkpoint (see :class:`PrivateBatches`)."""
         return self.private.state() if self.private is not None else {}
 
-    def load_dp_state(self, state: dict[str, Any]) -> None:
+    def load_dp_state(self, state: dict[str, Any], rewind: bool = False) -> None:
         if self.private is not None and state:
-            self.private.load_state(state)
+            self.private.load_state(state, rewind)
 
     # ---- one step ------------------------------------------------------------------------
     def cut(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

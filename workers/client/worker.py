@@ -148,8 +148,7 @@ class ClientWorker:
         return self.steps_done
 
     def _load_state(self, state: dict[str, Any], rewind: bool = False) -> None:
-        """Weights, optimizer, position and RNG from a checkpoint or an undo point. A rewind
-        keeps the privacy accountants as they are: releases are never taken back."""
+        """Weights, optimizer, position, RNG and DP-SGD state from a checkpoint or undo point."""
         dp = check_dpsgd_kept(self.runner.private, dict(state.get("dpsgd", {})))
         for name, module in self.runner.modules.items():
             module.load_state_dict(state["modules"][name])
@@ -160,9 +159,7 @@ class ClientWorker:
         self.last_applied = (self.epoch, self.start[1] - 1) if self.start[1] else None
         self.epoch_losses = [float(v) for v in state["epoch_losses"]]
         restore_rng(state["rng"])
-        if rewind and dp:
-            dp.update(accountant=self.runner.dp_state()["accountant"], rewound=True)
-        self.runner.load_dp_state(dp)
+        self.runner.load_dp_state(dp, rewind)
 
     def _save(self, next_step: int) -> None:
         if self.ckpt.due(self.steps_done):
