@@ -75,3 +75,24 @@ async def test_a_restarted_server_still_sees_each_member_of_its_run(deployment) 
     assert done["run"] == "run-1" and done["steps"] == 8
     assert _series(registry, "sl_client_steps", "client-2") == 8
     assert _series(registry, "sl_client_finished", "client-2") == 1
+
+
+async def test_a_run_stopped_by_the_operator_loses_no_client(deployment) -> None:  # type: ignore[no-untyped-def]
+    """client-2 was killed mid-run; the operator gave up on it: `sl-pipeline runs stop
+    run-1`. Its sl_client_connected 0 and sl_client_finished 0 stayed as they were, so
+    ``SLClientLost`` kept firing for a run that no longer existed, until that name joined
+    again (on a long-lived server, maybe never)."""
+    files = deployment(**DATA)
+    # a silent peer is dropped after client_timeout_s: 1 s, not the default 120 s
+    sets = ("server.run_clients=2", "server.empty_run_s=3600", "server.client_timeout_s=1")
+    async with _serving(files, *sets) as server:
+        await _client(files, "client-1")
+        await _crash(files, "client-2", 3)
+        registry = server.metrics.registry
+        await wait_until(lambda: _series(registry, "sl_client_connected", "client-2") == 0)
+        assert _series(registry, "sl_client_finished", "client-2") == 0  # lost: the alert
+        # Execute: what an operator does about a client that will not come back
+        server.stop_run("run-1")
+        # Assert: its part of that run is over; nobody is lost any more
+        assert _series(registry, "sl_client_finished", "client-2") == 1
+        assert _series(registry, "sl_client_finished", "client-1") == 1

@@ -112,6 +112,13 @@ class ClientSeries:
         if epoch is not None:
             self.epoch.labels(client=client).set(epoch + 1)
 
+    def part_over(self, client: str) -> None:
+        """Its run was stopped (``runs stop``, or it gave its place up) before it finished:
+        nothing is left for it to do there, so it is not lost (``SLClientLost`` fired on
+        for a stopped run until that name joined again)."""
+        self._touch(client)
+        self.finished.labels(client=client).set(1)
+
     def done(self, client: str, accuracy: float | None) -> None:
         self._touch(client)
         self.finished.labels(client=client).set(1)

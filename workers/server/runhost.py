@@ -198,6 +198,9 @@ class RunHost:
     def end_run(self, run: Run, state: str = FINISHED) -> None:
         """Save the run's model, record it as ended and checkpoint that."""
         self.save_models([run])
+        if state == STOPPED:  # their part of it is over: a member it lost is lost no more
+            for name in sorted(run.members - run.done):
+                self.clients.part_over(name)
         self.book.end(run, state)
         # a stopped run's clients stay bound to it: their next step is refused (run_ended),
         # never the first step of a new run (one client went on silently in run-2 and
