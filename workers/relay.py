@@ -20,7 +20,6 @@ new run from the initial weights, with an empty reply cache.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import time
@@ -78,10 +77,10 @@ class RelayWorker(GivesWayOnStop, RouterService):
 
     def __init__(self, cfg: RelayConfig, base: Path, metrics: WorkerMetrics | None = None) -> None:
         r = cfg.relay
+        relays, ciphers = frozenset(r.relays), tuple(r.ciphers)
         listen = Listen(
-            r.bind, r.key, r.admitted, r.insecure, 64, 600.0, "relay", frozenset(r.relays)
+            r.bind, r.key, r.admitted, r.insecure, 64, 600.0, "relay", relays, ciphers=ciphers
         )
-        listen = dataclasses.replace(listen, ciphers=tuple(r.ciphers))
         super().__init__(
             listen,
             cfg.ops,
