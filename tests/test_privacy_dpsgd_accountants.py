@@ -75,3 +75,13 @@ def test_the_gdp_accountant_is_refused_for_dpsgd_in_one_line(
     assert len(err.splitlines()) == 1
     with pytest.raises(PrivacyError, match="use 'prv' or 'rdp'"):
         PrivacyConfig.from_mapping({"dpsgd": {"target_epsilon": 3.0, "accountant": "gdp"}})
+
+
+def test_an_unknown_dpsgd_accountant_is_refused_naming_only_those_dpsgd_accepts() -> None:
+    """The refusal lists what DP-SGD takes: before, it offered 'gdp', which it then refused."""
+    # Execute
+    with pytest.raises(PrivacyError) as refused:
+        PrivacyConfig.from_mapping({"dpsgd": {"noise_multiplier": 1.0, "accountant": "moments"}})
+    # Assert
+    assert "allowed: rdp, prv" in str(refused.value)
+    assert "gdp" not in str(refused.value)
