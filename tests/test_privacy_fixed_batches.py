@@ -63,7 +63,7 @@ def test_a_pass_over_fixed_batches_is_one_unamplified_gaussian_mechanism() -> No
     undo_point = private.state()
     for _step_no, x, _y, _ids in itertools.islice(batches, 2):
         _step(private, x)
-    private.load_state({**undo_point, "accountant": private.state()["accountant"], "rewound": True})
+    private.load_state(undo_point, rewind=True)
     for _step_no, x, _y, _ids in private.batches(2):
         _step(private, x)
     # Assert: one pass each epoch, and one more for the batches the rewind released again

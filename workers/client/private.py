@@ -201,9 +201,7 @@ class PrivateBatches:
     def load_state(self, state: dict[str, Any], rewind: bool = False) -> None:
         """A checkpoint's state, or an undo point's (``rewind``): the accountant then keeps
         counting as it is, as releases are never taken back."""
-        if rewind:
-            state = {**state, "accountant": self.state()["accountant"], "rewound": True}
-        if not state.get("rewound"):  # a rewind is this process's own state
+        if not rewind:  # a rewind is this process's own state
             self.check_mechanism(dict(state.get("mechanism") or self.mechanism))
         self.dp.forget_forward()  # a rewind abandons the open step's forward
         self.drawn = int(state["drawn"])
@@ -217,10 +215,11 @@ class PrivateBatches:
         self.ahead = (
             None if ahead is None else (int(ahead[0]), int(ahead[1]), [int(i) for i in ahead[2]])
         )
-        self.dp.engine.accountant.load_state_dict(state["accountant"])
-        if state.get("rewound") and not self.poisson_sampling:
+        if not rewind:
+            self.dp.engine.accountant.load_state_dict(state["accountant"])
+        elif not self.poisson_sampling:
             self.dp.count_pass()  # the redone steps release their fixed batches once more
-        elif state.get("rewound"):
+        else:
             self._forget_drawn_ahead()
         for name, gen in self._generators().items():
             if name in state:
