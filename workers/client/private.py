@@ -269,9 +269,8 @@ def _digest(*tensors: torch.Tensor) -> str:
     digest = hashlib.sha256()
     for tensor in tensors:
         digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
-        digest.update(
-            tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().data
-        )  # not copied again
+        rows = tensor.detach().cpu().reshape(-1).view(torch.uint8)
+        digest.update(rows.numpy().data)  # hashed in place: no bytes copy of the data set
     return digest.hexdigest()
 
 
