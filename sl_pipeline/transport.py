@@ -316,6 +316,10 @@ class DealerConnection:
         self.sock.disable_monitor()
         self.monitor.close(linger=0)
         self.sock.close(linger=linger_ms)
+        # The session goes with the link, and with it the buffers of a chunked reply whose
+        # rest never came (up to limits.max_message_bytes): an exception raised out of recv
+        # keeps this connection for as long as it is kept, which must not keep them too.
+        self.channel = None
 
 
 async def send_parts(

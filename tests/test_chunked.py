@@ -4,7 +4,9 @@ parts. Every chunk altered, moved, repeated or missing is refused; driven with b
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
+import weakref
 from collections.abc import Sequence
 
 import pytest
@@ -257,3 +259,23 @@ async def test_a_large_message_crosses_real_sockets_in_chunks_both_ways() -> Non
     assert len(parts_seen) == 1 + 1 + 3  # head, JSON header, three 1 MiB pieces of the tensor
     assert sent > act.numel() * 4 and reply.step == 1
     assert torch.equal(reply.tensors["grad"], act * 2)
+
+
+async def test_a_closed_dealer_connection_lets_go_of_an_unfinished_chunked_reply() -> None:
+    """A link closed with a chunked reply half in holds none of its buffers (up to
+    limits.max_message_bytes) while the connection lives on: an exception raised out of its
+    recv keeps it for as long as that exception is kept (the relay's upstream too)."""
+    # Prepare: the head and first part of a 3 MiB reply fed in, the rest never comes
+    ctx = zmq.asyncio.Context()
+    conn = DealerConnection(ctx, "tcp://127.0.0.1:9")
+    conn.channel = Channel(PlainSession())
+    big = Message(kind=Kind.RESULT, step=1, tensors={"out": torch.zeros(3 * 2**20 // 4)})
+    head, first, *_ = Channel(PlainSession()).parts(big)
+    assert conn.channel.feed(head) is None and conn.channel.feed(first) is None
+    pending = weakref.ref(conn.channel)
+    # Execute
+    conn.close()
+    ctx.term()
+    gc.collect()
+    # Assert: the connection lives, its half-assembled reply does not
+    assert conn.endpoint and pending() is None

@@ -113,11 +113,7 @@ class ClientConnection(DealerConnection):
 
     def close(self, linger_ms: int = 0) -> None:
         self._unwatch()  # before the socket (and its descriptor) goes
-        super().close(linger_ms)
-        # The session goes with the link, and with it the buffers of a chunked reply whose
-        # rest never came (up to limits.max_message_bytes): the last failed try's exception
-        # keeps this connection for its message, which must not keep them too.
-        self.channel = None
+        super().close(linger_ms)  # which drops the session, and a chunked reply half in
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
