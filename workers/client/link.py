@@ -269,6 +269,11 @@ class Upstream:
         assert self.conn is not None
         self.conn.peer = self.peer
 
+    def fixed_wait(self, timeout_s: float | None) -> float | None:
+        """A request's fixed wait per try, where it waits for other parties (``timeout_s``,
+        or ``client.timeout_s`` for a runner whose replies do); None: the round trip's."""
+        return timeout_s or (None if self.adaptive_wait else self.cfg.client.timeout_s)
+
     async def request(
         self,
         message: Message,
@@ -281,7 +286,7 @@ class Upstream:
         reply that answers another request (kind or step) is refused
         (``ReplyMismatchError``), never taken for this one's."""
         kind = message.kind.value
-        fixed = timeout_s or (None if self.adaptive_wait else self.cfg.client.timeout_s)
+        fixed = self.fixed_wait(timeout_s)
         last: SLError | None = None
         step = f"its {kind} of step ({message.epoch}, {message.step})"
         unanswered = Unanswered(self.cfg.client.retry_for_s, step)

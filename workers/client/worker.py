@@ -220,7 +220,7 @@ class ClientWorker:
         """Send and wait for the reply, rejoining and resending after a lost peer; a wait
         for other parties (a fixed one) within ``client.wait_for_parties_s``."""
         asked = self.link.request(message, self.connect, timeout_s)
-        fixed = timeout_s is not None or not self.link.adaptive_wait  # waits for other parties
+        fixed = self.link.fixed_wait(timeout_s) is not None  # it waits for other parties
         return await for_parties(asked, fixed, self.cfg.client, self.topology, message)
 
     def message(self, kind: Kind, step: int = 0, **kwargs: Any) -> Message:
