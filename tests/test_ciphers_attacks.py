@@ -585,13 +585,15 @@ async def test_a_relay_between_a_fips_server_and_an_ocb_client_keeps_each_hop_to
                 await conns[1].handshake(hs, 10.0)
             upstream = run.relay.upstream.channel.session.cipher_name
             at_server = {peer.channel.session.cipher_name for peer in run.server.peers.values()}
+            assert conns[0].channel is not None  # until closed: the session goes with the link
+            client_hop = conns[0].channel.session.cipher_name
     finally:
         for conn in conns:
             conn.close()
         ctx.term()
 
     # Assert: OCB on the client's hop, AES-256-GCM on the server's, the step answered
-    assert conns[0].channel is not None and conns[0].channel.session.cipher_name == OCB
+    assert client_hop == OCB
     assert answer.kind == Kind.BACKWARD
     assert (upstream, at_server) == (GCM, {GCM})
     assert refused.value.remote_code == "cipher"
