@@ -81,10 +81,14 @@ class Session(EnvelopeChannel):
         super().__init__(remote_static, handshake_hash, max_frames, chunk_bytes)
         self._rekey_interval = rekey_interval
         self.cipher = cipher
-        self.cipher_name = cipher.name
         # (key, AEAD) per direction; replaced only after a message fully succeeds.
         self._send: Keyed = (send_key, cipher.aead(send_key))
         self._recv: Keyed = (recv_key, cipher.aead(recv_key))
+
+    @property
+    def cipher_name(self) -> str:
+        """The suite's name, as a joined peer's log line and the welcome give it."""
+        return self.cipher.name
 
     def seal(self, buffers: Sequence[Buffer]) -> list[bytes | bytearray]:
         """Encrypt ``buffers`` into ``[envelope, ciphertext_1, ..., ciphertext_n]``.
