@@ -240,8 +240,8 @@ class PrivateBatches:
         """A resume continues the mechanism its checkpoint's steps went through. Otherwise
         the epsilon reads low: over fixed batches the pass under way was counted at its start
         (at the old noise; a new batch size or data order sent rows twice in one pass: 4.73
-        reported for 7.08), a Poisson batch drawn ahead at the old rate was counted at the new
-        one, and Opacus' GDP accountant keeps only the newest (noise, rate) it saw."""
+        reported for 7.08), and a Poisson batch drawn ahead at the old rate was counted at the
+        new one."""
         for field, key in MECHANISM_KEYS.items():
             was, now = saved.get(field), self.mechanism[field]
             if was == now:
