@@ -39,8 +39,8 @@ def _use_data(config: Path, checkpoint: bool = False, **data: Any) -> None:
     """Point a generated client config at the user's own file (and keep its state)."""
     cfg = tomllib.loads(config.read_text())
     cfg["data"] = {"seed": 0, **data}
-    if checkpoint:  # saved once at the end: enough to resume from
-        cfg["checkpoint"] = {"dir": "ckpt", "every_steps": 1000, "fsync": False}
+    if checkpoint:  # every 10 steps, the last two kept: one of them before the run's end
+        cfg["checkpoint"] = {"dir": "ckpt", "every_steps": 10, "keep": 2, "fsync": False}
     config.write_text(to_toml(cfg))
 
 
@@ -152,9 +152,12 @@ async def test_psi_aligned_parties_train_on_the_intersection_and_leak_no_other_i
     # ... a party resuming alone from its checkpoint reuses the agreed rows (no PSI, no server)
     saved = base / "ckpt" / "client-2.aligned.json"
     assert not [i for i in ids if i in saved.read_text()]
-    # (one epoch more: the finished run's checkpoint would start a new run afresh)
-    more = [f"train.epochs={EPOCHS + 1}"]
-    resumed = ClientWorker(load(ClientConfig, files["client-2"], more), base, progress=False)
+    # (from the checkpoint before the last: the last says the run finished, and a start after
+    # a finished run trains a new run afresh, whatever epochs it asks for)
+    checkpoints = sorted((base / "ckpt").glob("client-2-*.ckpt"))
+    assert len(checkpoints) == 2, checkpoints
+    checkpoints[-1].unlink()
+    resumed = ClientWorker(load(ClientConfig, files["client-2"]), base, progress=False)
     assert resumed.resumed_from > 0 and resumed.conn is None
     await resumed.align()
     assert resumed.aligned_rows == len(shared)
