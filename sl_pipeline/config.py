@@ -189,7 +189,7 @@ class ClientSection:
     timeout_s: float = 30.0
     connect_timeout_s: float = 10.0
     retry_for_s: float = 60.0
-    wait_for_parties_s: float = 900.0
+    wait_for_parties_s: float = 0.0
     topology: Topology = "vanilla"
     role: Literal["trainer", "feature", "label"] = "trainer"
     group: list[str] = field(default_factory=list)  # roundrobin/splitfed: every client's name

@@ -22,9 +22,11 @@ from typing import Any
 
 import pytest
 
+from sl_pipeline.config import ClientSection
 from sl_pipeline.errors import TransportError
 from workers.cli import main
 from workers.client import align
+from workers.client.parties import window_s
 from workers.client.worker import ClientWorker
 from workers.tools.inprocess import wait_until
 
@@ -193,3 +195,20 @@ async def test_a_vertical_party_whose_partner_dies_mid_run_keeps_its_state(
         await wait_until(lambda: all(not r.active for r in server.book.runs.values()))
     # Assert: both finished the epoch, client-1 resuming where it stopped
     assert summaries[0]["steps"] == summaries[1]["steps"] > applied
+
+
+@pytest.mark.parametrize(
+    ("topology", "setting", "window"),
+    [
+        ("vertical", 0.0, 900.0),  # partners that run beside it
+        ("roundrobin", 0.0, 86400.0),  # members wait through the others' epochs
+        ("splitfed", 0.0, 86400.0),
+        ("roundrobin", 1.5, 1.5),  # a value set is the window, whatever the topology
+    ],
+)
+def test_the_default_window_for_other_parties_follows_the_topology(
+    topology: str, setting: float, window: float
+) -> None:
+    client = ClientSection(topology=topology, wait_for_parties_s=setting)  # type: ignore[arg-type]
+
+    assert window_s(client, topology) == window

@@ -19,7 +19,7 @@ from sl_pipeline.messages import Kind, Message
 from sl_pipeline.secagg import MaskingKeys, average_from_sum, masked_tensor, new_nonce
 from sl_pipeline.tensors import all_finite
 from workers.client.host import RunnerConfig, RunnerHost
-from workers.client.parties import WAITS_FOR, PartyWindow
+from workers.client.parties import WAITS_FOR, PartyWindow, window_s
 from workers.client.steps import StepRunner
 
 TURN_TIMEOUT_S = 900.0
@@ -193,7 +193,8 @@ class SplitFedRunner(_GroupRunner):
         # One window for the round: each attempt's requests have one of their own, and a
         # server that aborts every attempt would otherwise hold the client 20 of them.
         what = f"round {epoch}'s aggregation"
-        window = PartyWindow(self.cfg.client.wait_for_parties_s, what, WAITS_FOR["splitfed"])
+        waits = window_s(self.cfg.client, "splitfed")
+        window = PartyWindow(waits, what, WAITS_FOR["splitfed"])
         for _ in range(MAX_ATTEMPTS):
             summed = await window.within(self._attempt(epoch))
             if summed is not None:

@@ -10,7 +10,8 @@ must not end the others). That left only a count as the bound: 100 tries of
 comes, or a server that never answers, held the client that long.
 
 So each such request, and each SplitFed round across its attempts, is bounded by time too:
-past ``client.wait_for_parties_s`` from its first send it ends the client with a
+past ``client.wait_for_parties_s`` (0: 15 minutes for a vertical party, 24 hours for a
+round-robin or SplitFed member) from its first send it ends the client with a
 ``TransportError`` (exit 5) naming the key and what was waited for. The worker saves its
 state on that error as on a lost server, so the same command carries on once the others run.
 """
@@ -27,6 +28,11 @@ from sl_pipeline.messages import Kind, Message
 
 T = TypeVar("T")
 
+# client.wait_for_parties_s = 0 (the default): the window by topology. A vertical party or a
+# PSI post waits for partners that run beside it; a round-robin or SplitFed member waits
+# through the others' epochs, which on real data take hours (a turn's count alone allowed 25).
+AUTO_WAIT_S = {"vertical": 900.0, "roundrobin": 86400.0, "splitfed": 86400.0}
+
 # What the server waits for before it answers, by topology (the key names what to raise).
 WAITS_FOR = {
     "vertical": "the other parties' parts of this batch",
@@ -40,6 +46,12 @@ def waited_for(topology: str, message: Message) -> str:
     if message.kind is Kind.WEIGHTS and message.meta.get("op") == "psi":
         return "the other party's PSI post"
     return WAITS_FOR.get(topology, "the other parties")
+
+
+def window_s(client: ClientSection, topology: str) -> float:
+    """The window of a wait for other parties: ``client.wait_for_parties_s``, or where that
+    is 0, the topology's own (:data:`AUTO_WAIT_S`)."""
+    return client.wait_for_parties_s or AUTO_WAIT_S.get(topology, 900.0)
 
 
 class PartyWindow:
@@ -79,8 +91,8 @@ async def for_parties(
     if not fixed:
         return await waiting
     what = f"its {message.kind.value} of step ({message.epoch}, {message.step})"
-    window = PartyWindow(client.wait_for_parties_s, what, waited_for(topology, message))
+    window = PartyWindow(window_s(client, topology), what, waited_for(topology, message))
     return await window.within(waiting)
 
 
-__all__ = ["WAITS_FOR", "PartyWindow", "for_parties", "waited_for"]
+__all__ = ["AUTO_WAIT_S", "WAITS_FOR", "PartyWindow", "for_parties", "waited_for", "window_s"]

@@ -79,7 +79,8 @@ MEANINGS: dict[str, str] = {
         "the longest a request may go unanswered while the server waits for other parties "
         "(a vertical batch's other parts or PSI post, a round-robin turn, a SplitFed round), "
         "resends and rejoins included; then the client ends (exit 5, its state saved). "
-        "Round-robin and SplitFed: above the other members' epochs together"
+        "0: by topology, 900 s for vertical (and its PSI post), 86400 s for round-robin and "
+        "SplitFed, whose members wait through the others' epochs"
     ),
     "client.topology": "must match the server's",
     "client.role": 'vertical: "feature" (a feature party) or "label" (holds the labels)',
