@@ -81,15 +81,15 @@ class RelayWorker(GivesWayOnStop, RouterService):
         listen = Listen(
             r.bind, r.key, r.admitted, r.insecure, 64, 600.0, "relay", relays, ciphers=ciphers
         )
-        super().__init__(
-            listen,
-            cfg.ops,
-            cfg.limits.to_limits(),
-            base,
-            fingerprint(cfg.model, "multihop"),
-            metrics,
-        )
+        limits, model = cfg.limits.to_limits(), fingerprint(cfg.model, "multihop")
+        super().__init__(listen, cfg.ops, limits, base, model, metrics)
         check_endpoint(r.upstream, "relay.upstream")
+        if cfg.checkpoint.dir and cfg.checkpoint.every_steps > 1:  # docs/reliability.md
+            raise ConfigError(
+                f"checkpoint.every_steps = {cfg.checkpoint.every_steps}: a relay checkpoints "
+                "every step (a relay killed between checkpoints would lose its updates of the "
+                "steps since); set it to 1 in the relay's config"
+            )
         self.cfg = cfg
         segments = build_segments(cfg.model, "multihop")
         if not 0 < r.segment < len(segments) - 1:
