@@ -16,14 +16,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.zmtp_router import ZmtpRouter
 from workers.runtime.peers import Peer
 from workers.server.worker import ServerWorker
 from workers.tools.localdeploy import init_deployment
 
+from .test_hostile_chunks import padded
 from .threadserver import ThreadServer
 
 RAISED = ("limits.max_message_bytes=2000000000", "limits.max_tensor_bytes=2000000000")
@@ -37,17 +36,7 @@ class AllButLast(ServerWorker):
     async def _send(self, endpoint: ZmtpRouter, identity: bytes, peer: Peer, msg: Message) -> None:
         if msg.kind is not Kind.BACKWARD or msg.step < 2:
             return await super()._send(endpoint, identity, peer, msg)
-        pad = {"pad": torch.zeros(self.pad_floats)}
-        big = Message(
-            kind=msg.kind,
-            client=msg.client,
-            epoch=msg.epoch,
-            step=msg.step,
-            meta=msg.meta,
-            tensors={**msg.tensors, **pad},
-            answers=msg.answers,
-        )
-        parts: list[Any] = list(peer.channel.parts(big))
+        parts: list[Any] = list(peer.channel.parts(padded(msg, self.pad_floats)))
         await endpoint.send_parts(identity, parts[:-1])
 
 

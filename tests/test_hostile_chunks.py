@@ -42,6 +42,19 @@ TRICKLE_S = 0.25  # between two parts; the client waits at most client.timeout_s
 FAST = ("client.timeout_s=0.3", "client.retry_for_s=1")
 
 
+def padded(msg: Message, floats: int) -> Message:
+    """``msg`` with a tensor of ``floats`` zeros more: a reply big enough to be chunked."""
+    return Message(
+        kind=msg.kind,
+        client=msg.client,
+        epoch=msg.epoch,
+        step=msg.step,
+        meta=msg.meta,
+        tensors={**msg.tensors, "pad": torch.zeros(floats)},
+        answers=msg.answers,
+    )
+
+
 class ChunkingServer(ServerWorker):
     """A real server whose replies to forwards from step 2 on carry 3 MiB more, and whose
     ``mode`` says what of such a reply's parts it sends (None: all, at once)."""
@@ -60,15 +73,7 @@ class ChunkingServer(ServerWorker):
     async def _send(self, endpoint: ZmtpRouter, identity: bytes, peer: Peer, msg: Message) -> None:
         if msg.kind is not Kind.BACKWARD or msg.step < 2:
             return await super()._send(endpoint, identity, peer, msg)
-        big = Message(
-            kind=msg.kind,
-            client=msg.client,
-            epoch=msg.epoch,
-            step=msg.step,
-            meta=msg.meta,
-            tensors={**msg.tensors, "pad": torch.zeros(PAD_FLOATS)},
-            answers=msg.answers,
-        )
+        big = padded(msg, PAD_FLOATS)
         parts = list(peer.channel.parts(big))
         assert len(parts) > 3, len(parts)  # a head and its chunk parts
         if self.mode is None:
