@@ -242,10 +242,15 @@ class OpsServer:
 
     def _authorized(self, request: web.Request) -> bool:
         """Whether the request may see who the peers are: only with the configured token."""
-        if not self.status_token:
-            return False
-        given = request.headers.get("Authorization", "").encode()
-        return hmac.compare_digest(given, f"Bearer {self.status_token}".encode())
+        return bool(self.status_token) and bearer_matches(request, self.status_token)
+
+
+def bearer_matches(request: web.Request, token: str) -> bool:
+    """Whether the request's ``Authorization`` is ``Bearer <token>``, compared in constant
+    time. aiohttp keeps a header's bytes that are no UTF-8 as surrogates, which ``encode()``
+    refuses (a 500 with a traceback per request): they are compared as the bytes sent."""
+    given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(given, f"Bearer {token}".encode())
 
 
 NAMED_RUN_FIELDS = ("clients", "finished_clients", "accuracies")  # keyed by client name
@@ -324,4 +329,4 @@ async def check_health(url: str, timeout_s: float) -> bool:
         return False
 
 
-__all__ = ["OpsServer", "check_health", "local_url", "parse_listen", "redact"]
+__all__ = ["OpsServer", "bearer_matches", "check_health", "local_url", "parse_listen", "redact"]

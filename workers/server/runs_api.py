@@ -11,7 +11,6 @@ Routes (every one needs ``Authorization: Bearer <token>``, the token in the file
 
 from __future__ import annotations
 
-import hmac
 import io
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +19,7 @@ import torch
 from aiohttp import web
 
 from sl_pipeline.errors import ProtocolError
+from workers.ops.http import bearer_matches
 from workers.ops.runsclient import read_token
 from workers.server.engines.base import Engine
 from workers.server.runs import Run, RunBook
@@ -56,8 +56,7 @@ class RunApi:
         async def guarded(request: web.Request) -> web.StreamResponse:
             if self.token is None:
                 return _error(403, "the run API is off: set [ops] admin_token on the server")
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+            if not bearer_matches(request, self.token):
                 return _error(401, "missing or wrong admin token")
             try:
                 return await handler(request)  # type: ignore[no-any-return]

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from sl_pipeline.config import ServerConfig
-from sl_pipeline.errors import ProtocolError, StepLostError
-from sl_pipeline.messages import Kind, Message
+from sl_pipeline.errors import ProtocolError, SLError, StepLostError
+from sl_pipeline.messages import Kind, Message, error_message
 from sl_pipeline.tensors import wire_tensors
 from workers.runtime.bounded import LruTable
-from workers.server.engines.base import Engine, Reply, run_segment
+from workers.server.engines.base import Engine, Reply, log, run_segment
 
 
 @dataclass(frozen=True)
@@ -52,20 +52,34 @@ class MiddleEngine(Engine):
                     "u-shaped topology: labels stay at the client; do not send them"
                 )
             if self._open is not None and self._open.client != msg.client:
+                self.activations(msg, False)  # a bad forward is refused now, to its sender
                 # answered when the open step ends; a full queue refuses the newcomer
                 self._waiting.add(msg.client, (identity, msg), "clients waiting for a step")
                 return []
             return [self._forward(identity, msg)]
         if msg.kind is Kind.BACKWARD:
-            replies = [(identity, self._backward(msg))]
-            if self._waiting:
-                self.settle()  # the next client's forward must see this step's update
-                client = next(iter(self._waiting))
-                waiting = self._waiting.pop(client)
-                assert waiting is not None
-                replies.append(self._forward(*waiting))
-            return replies
+            return [(identity, self._backward(msg)), *self._next_waiting()]
         return super().handle(identity, msg)
+
+    def _next_waiting(self) -> list[Reply]:
+        """The forward queued longest opens the next step. One that fails is refused to its
+        own sender (never to the client whose step just ended, which got its gradient and
+        must not redo an applied step), and the next one in the queue is served."""
+        refused: list[Reply] = []
+        while self._waiting:
+            self.settle()  # the next client's forward must see this step's update
+            waiting = self._waiting.pop(next(iter(self._waiting)))
+            assert waiting is not None
+            identity, msg = waiting
+            try:
+                return [*refused, self._forward(identity, msg)]
+            except Exception as exc:  # a peer's message: it ends as that peer's error reply
+                failure = exc if isinstance(exc, SLError) else None
+                code = failure.code if failure else "internal"
+                reason = failure.message if failure else "the message could not be handled"
+                log.warning("refused %s's queued forward (%s): %s", msg.client, code, exc)
+                refused.append((identity, error_message(code, reason, request=msg)))
+        return refused
 
     def _forward(self, identity: bytes, msg: Message) -> Reply:
         act = self.activations(msg, True)

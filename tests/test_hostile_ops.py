@@ -1,0 +1,84 @@
+"""Hostile HTTP requests to a worker's ops port (``/status``, the server's run API): anyone
+who reaches the port gets a refusal, never a 500 with a traceback in the worker's log
+(issue 15, the fourth red team). Raw requests over a loopback socket, as an attacker writes
+them (an HTTP client library would refuse to send these headers)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from workers.ops.http import OpsServer
+from workers.ops.metrics import WorkerMetrics
+from workers.server.runs_api import RunApi
+
+TIMEOUT_S = 5.0
+
+
+class _NoRuns:
+    """The run API's view of a server with no run: a guard that lets a request through
+    would answer it from here."""
+
+    class book:
+        runs: dict[str, Any] = {}
+
+        @staticmethod
+        def latest() -> None:
+            return None
+
+
+@pytest.fixture
+async def ops() -> AsyncIterator[OpsServer]:
+    metrics = WorkerMetrics("server", CollectorRegistry(), version="1")
+    status = {"role": "server", "peers": [{"name": "client-1", "key": "ab"}]}
+    routes = RunApi(_NoRuns(), "admin-secret").add_routes  # type: ignore[arg-type]
+    server = OpsServer(metrics, lambda: status, lambda: True, "127.0.0.1", 0, routes, "tok")
+    await asyncio.wait_for(server.start(), TIMEOUT_S)
+    try:
+        yield server
+    finally:
+        await asyncio.wait_for(server.stop(), TIMEOUT_S)
+
+
+async def raw_get(port: int, path: str, authorization: bytes) -> tuple[int, bytes]:
+    """One request with an ``Authorization`` header of exactly these bytes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            b"GET "
+            + path.encode()
+            + b" HTTP/1.1\r\nHost: x\r\nAuthorization: "
+            + authorization
+            + b"\r\nConnection: close\r\n\r\n"
+        )
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), TIMEOUT_S)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+@pytest.mark.parametrize("token", [b"Bearer \xff\xfe", b"\xc3(", b"Bearer tok\x80"])
+async def test_a_token_of_no_utf8_is_a_refusal_not_a_500(
+    ops: OpsServer, token: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Execute: /status and the run API, each with a header whose bytes are no UTF-8
+    with caplog.at_level(logging.ERROR):
+        status, body = await raw_get(ops.port, "/status", token)
+        runs, refusal = await raw_get(ops.port, "/runs", token)
+    # Assert: the redacted status and a 401, and no traceback in the log
+    assert status == 200 and json.loads(body)["peers"] == 1
+    assert runs == 401 and json.loads(refusal) == {"error": "missing or wrong admin token"}
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
+    # the right tokens still open both
+    status, body = await raw_get(ops.port, "/status", b"Bearer tok")
+    assert json.loads(body)["peers"][0]["name"] == "client-1"
+    runs, listing = await raw_get(ops.port, "/runs", b"Bearer admin-secret")
+    assert runs == 200 and json.loads(listing) == {"runs": [], "current": None}
