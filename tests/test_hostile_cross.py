@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from sl_pipeline.messages import Kind, Message
+from sl_pipeline.models import build_segments
 from sl_pipeline.tensors import read_tensor
 
 from .test_hostile_numeric import serving
@@ -70,3 +71,42 @@ def test_a_queued_forward_that_fails_is_refused_to_its_own_sender(deployment) ->
     assert (to_c2, refusal.kind, refusal.client) == (b"c2", Kind.ERROR, "c2")
     assert refusal.meta["code"] == "protocol" and refusal.answers is Kind.FORWARD
     assert engine.steps_applied == 1 and engine.queue_depth() == 0
+
+
+# ---- SplitFed: one member's wrong-sized vector is its own refusal -------------------------
+def join_round(nonce: str) -> Message:
+    return Message(Kind.WEIGHTS, step=2, meta={"op": "join", "nonce": nonce})
+
+
+def submit(attempt: str, words: torch.Tensor, step: int = 3) -> Message:
+    meta = {"op": "submit", "attempt": attempt}
+    return Message(Kind.WEIGHTS, step=step, meta=meta, tensors={"masked": words})
+
+
+async def test_a_wrong_sized_submission_is_refused_to_its_sender_only(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: both members of a SplitFed round joined and got the announcement
+    files = deployment(topology="splitfed", clients=2, dataset="breast_cancer")
+    keys = files["server"].parent / "keys"
+    async with serving(files) as (server, ctx, task):
+        size = sum(p.numel() for p in build_segments(server.cfg.model, "splitfed")[0].parameters())
+        bind, fp = server.cfg.server.bind, server.fingerprint
+        honest = await join(bind, fp, keys, ctx, "client-1")
+        hostile = await join(bind, fp, keys, ctx, "client-2")
+        await honest.send(join_round("11" * 32))
+        await hostile.send(join_round("22" * 32))
+        attempt = (await honest.recv(10)).meta["attempt"]
+        assert (await hostile.recv(10)).meta["attempt"] == attempt
+        # Execute: client-2 submits first, a vector of another size; then client-1, rightly
+        await hostile.send(submit(attempt, torch.zeros(size + 1, dtype=torch.int64)))
+        error = await assert_refused(hostile)
+        await honest.send(submit(attempt, torch.ones(size, dtype=torch.int64)))
+        # Assert: client-2 is told the size; client-1's submission waits for the round
+        assert error.remote_code == "protocol" and f"{size} words" in str(error)
+        await assert_serving(honest)  # no refusal came before this heartbeat's answer
+        await hostile.send(submit(attempt, torch.full((size,), 2, dtype=torch.int64), 5))
+        summed = (await honest.recv(10)).tensors["sum"]
+        assert torch.equal(summed, torch.full((size,), 3, dtype=torch.int64))
+        assert torch.equal((await hostile.recv(10)).tensors["sum"], summed)
+        await assert_serving(hostile, task)
+        honest.close()
+        hostile.close()

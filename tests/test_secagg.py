@@ -404,19 +404,20 @@ def test_a_restarted_server_answers_a_finished_round_from_its_checkpoint(deploym
     server = ServerWorker(load(ServerConfig, files["server"], sets), base)
     peers = {n: Peer(n, Channel(None), "test") for n in NAMES}  # type: ignore[arg-type]
     keys = _group()
+    weights = torch.ones(server.engine.coordinator.size)  # type: ignore[attr-defined]
     for name in NAMES:
         replies = server._train(name.encode(), peers[name], _join(name))
     attempt = dict(replies[0][1].meta)
     nonces = {n: bytes.fromhex(v) for n, v in attempt["nonces"].items()}
     for name in NAMES:
-        words = keys[name].masked(torch.ones(8), 0, nonces)
+        words = keys[name].masked(weights, 0, nonces)
         replies = server._train(
             name.encode(), peers[name], _submit(name, attempt["attempt"], words)
         )
     summed = replies[0][1].tensors["sum"]
     # Execute: kill -9 (no on_stop), restart from the checkpoint, client-2 resends its submit
     again = ServerWorker(load(ServerConfig, files["server"], sets), base)
-    words = keys["client-2"].masked(torch.ones(8), 0, nonces)
+    words = keys["client-2"].masked(weights, 0, nonces)
     resent = again._train(b"new", peers["client-2"], _submit("client-2", attempt["attempt"], words))
     late = again._train(b"new", peers["client-3"], _join("client-3"))
     # Assert: the same sum, from the checkpointed cache and the round's record

@@ -47,8 +47,12 @@ class SecureAggregator:
     """The rounds of one SplitFed group; ``version`` changes whenever a client-visible
     outcome (a sum, an abort) happens, which is when the server checkpoints."""
 
-    def __init__(self, members: list[str]) -> None:
+    def __init__(self, members: list[str], size: int | None = None) -> None:
         self.members = sorted(members)
+        # Words in a masked vector: one per weight of the clients' segment (None: the first
+        # submission's). Known, a member's vector of another size is that member's refusal;
+        # taken from the first, one member submitting first made everyone else's refused.
+        self.size = size
         self.open: dict[int, _Attempt] = {}
         self.sums: dict[int, torch.Tensor] = {}
         self.version = 0
@@ -127,7 +131,7 @@ class SecureAggregator:
         attempt = self.open.get(msg.epoch)
         if attempt is None or not attempt.announced or msg.meta.get("attempt") != attempt.id:
             return [(identity, msg.reply(Kind.WEIGHTS, meta={"op": "retry"}))]
-        words = _masked_words(msg, attempt)
+        words = _masked_words(msg, attempt, self.size)
         earlier = attempt.submitted.get(msg.client)
         if earlier is not None:
             if not np.array_equal(earlier[2], words):
@@ -173,10 +177,15 @@ class SecureAggregator:
         self.open = {int(e): _attempt_from_state(a) for e, a in state["open"].items()}
 
 
-def _masked_words(msg: Message, attempt: _Attempt) -> np.ndarray:
+def _masked_words(msg: Message, attempt: _Attempt, size: int | None = None) -> np.ndarray:
     masked = msg.tensor("masked")
     if masked.dtype != torch.int64 or masked.dim() != 1:
         raise ProtocolError("splitfed: masked weights must be a 1-D int64 tensor")
+    if size is not None and masked.numel() != size:
+        raise ProtocolError(
+            f"splitfed: masked weights are {masked.numel()} words; the client segment of "
+            f"this model has {size} words (one per weight): check the [model] section"
+        )
     words = masked.numpy().view(np.uint64).copy()
     sizes = {w.size for _, _, w in attempt.submitted.values()}
     if sizes and sizes != {words.size}:

@@ -62,7 +62,9 @@ def _turns(cfg: ServerConfig, base: Path) -> Engine:
 
 def _secure_aggregation(cfg: ServerConfig, base: Path) -> Engine:
     segment, shape = _segment(cfg, -1)
-    return GroupEngine(segment, cfg, SecureAggregator(members(cfg))).expect(shape)
+    clients = build_segments(cfg.model, cfg.server.topology)[0]  # what each member masks
+    words = sum(p.numel() for p in clients.parameters())
+    return GroupEngine(segment, cfg, SecureAggregator(members(cfg), words)).expect(shape)
 
 
 ENGINES: dict[str, EngineBuilder] = {
