@@ -114,27 +114,42 @@ def build_segments(cfg: ModelConfig, topology: str = "vanilla") -> list[nn.Modul
 
 
 def segment_inputs(segments: Sequence[nn.Module], in_shape: Sequence[int]) -> list[Shape | None]:
-    """The per-sample shape each segment takes, found by passing a ``meta`` tensor (shapes
-    only: no memory, no arithmetic, the weights untouched) through them in order. A peer's
-    activations are checked against it before any layer runs: a wrong spatial size would
-    otherwise make a conv compute on it before a later layer refuses it. ``None`` where it
-    is not known: no ``in_shape`` configured, or a model that does not run on it on
-    ``meta`` (then ``in_shape`` itself is in doubt, and nothing is checked)."""
+    """The per-sample shape each segment takes, found by passing two zero samples through
+    them in order, in eval mode and without autograd (so no weight, gradient or BatchNorm
+    statistic changes). A peer's activations are checked against it before any layer runs:
+    a wrong spatial size would otherwise make a conv compute on it before a later layer
+    refuses it. ``None`` where it is not known: no ``in_shape`` configured, or a model that
+    does not run on it (then ``in_shape`` itself is in doubt, and nothing is checked).
+
+    Not on ``meta`` tensors: the first meta convolution loads torch's decompositions, about
+    2 s of every worker's start-up, against milliseconds for two real samples."""
     unknown: list[Shape | None] = [None] * len(segments)
     if not in_shape:
         return unknown
-    x = torch.empty(2, *in_shape, device="meta")
     shapes: list[Shape | None] = []
-    for segment in segments:
-        shapes.append(tuple(x.shape[1:]))
-        state = {k: torch.empty_like(v, device="meta") for k, v in segment.state_dict().items()}
-        try:
-            x = torch.func.functional_call(segment, state, (x,))
-        except Exception:  # any failure: shapes unknown, so none is checked
-            return unknown
-        if not isinstance(x, torch.Tensor):
-            return unknown
+    modes = [(m, m.training) for segment in segments for m in segment.modules()]
+    try:
+        for segment in segments:
+            segment.eval()
+        with torch.inference_mode():
+            x = torch.zeros(2, *in_shape, device=_device_of(segments[0]))
+            for segment in segments:
+                shapes.append(tuple(x.shape[1:]))
+                x = segment(x.to(_device_of(segment, x.device)))
+                if not isinstance(x, torch.Tensor):
+                    return unknown
+    except Exception:  # any failure: shapes unknown, so none is checked
+        return unknown
+    finally:
+        for module, training in modes:
+            module.training = training
     return shapes
+
+
+def _device_of(module: nn.Module, default: torch.device | str = "cpu") -> torch.device | str:
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device
+    return default
 
 
 def vertical_bottom(cfg: ModelConfig, party: int) -> nn.Sequential:
