@@ -76,9 +76,11 @@ async def round_trips(conn: DealerConnection, message: Message, count: int) -> l
 def _plan(quick: bool, nbytes: int = 0) -> tuple[int, int, float]:
     """(pairs of blocks, round trips per block, time budget per size in seconds). At 2 MiB
     the pair ratios' quartiles were 0.3-0.4 apart, so 40 pairs left the median's own noise
-    near 5 % and three quick runs 26 % apart (docs/performance.md): three times the pairs."""
+    near 5 % and three quick runs 26 % apart (docs/performance.md): three times the pairs.
+    With 120, three quiet runs were still 9.9 % apart (quartiles [1.10-1.53]: a median's
+    own noise about 3 %), so quick takes 240 (about 10 s more on a quiet machine)."""
     if quick:
-        return (120, 4, 15.0) if nbytes >= 1024 * 1024 else (40, 4, 5.0)
+        return (240, 4, 30.0) if nbytes >= 1024 * 1024 else (40, 4, 5.0)
     return (120, 8, 40.0) if nbytes >= 1024 * 1024 else (60, 8, 20.0)
 
 
