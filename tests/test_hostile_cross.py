@@ -7,6 +7,7 @@ in this process."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sl_pipeline.messages import Kind, Message
@@ -108,5 +109,68 @@ async def test_a_wrong_sized_submission_is_refused_to_its_sender_only(deployment
         assert torch.equal(summed, torch.full((size,), 3, dtype=torch.int64))
         assert torch.equal((await hostile.recv(10)).tensors["sum"], summed)
         await assert_serving(hostile, task)
+        honest.close()
+        hostile.close()
+
+
+# ---- vertical: a party's sample ids are checked with its part ------------------------------
+BAD_IDS = {
+    "two-d": torch.tensor([[0, 1], [2, 3]]),
+    "too-few": torch.tensor([0, 1]),
+    "empty": torch.zeros(0, dtype=torch.int64),
+    "float": torch.tensor([0.0, 1.0, 2.0, 3.0]),
+    "out-of-range": torch.tensor([0, 1, 2, 10**9]),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_IDS))
+async def test_a_partys_wrong_ids_are_its_own_refusal(deployment, bad: str) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: client-1's honest part of batch 0 waits for client-2's
+    files = deployment(topology="vertical", clients=2, dataset="breast_cancer")
+    keys = files["server"].parent / "keys"
+    async with serving(files) as (server, ctx, task):
+        width = server.cfg.model.hidden
+        bind, fp = server.cfg.server.bind, server.fingerprint
+        honest = await join(bind, fp, keys, ctx, "client-1")
+        hostile = await join(bind, fp, keys, ctx, "client-2")
+        ids = torch.arange(4)
+        await honest.send(Message(Kind.FORWARD, tensors={"act": torch.rand(4, width), "ids": ids}))
+        # Execute: client-2's part of the same batch, with wrong ids
+        act = torch.rand(4, width)
+        await hostile.send(Message(Kind.FORWARD, tensors={"act": act, "ids": BAD_IDS[bad]}))
+        error = await assert_refused(hostile)
+        # Assert: a protocol refusal naming the ids, to client-2 only; the batch still open,
+        # which client-2's right part completes: each party gets its own gradient
+        assert error.remote_code == "protocol" and "ids" in str(error)
+        await assert_serving(honest)
+        await hostile.send(Message(Kind.FORWARD, tensors={"act": act, "ids": ids}))
+        for conn in (honest, hostile):
+            reply = await conn.recv(10)
+            assert reply.kind is Kind.BACKWARD and reply.tensors["grad"].shape == (4, width)
+        assert server.steps_applied == 1
+        await assert_serving(hostile, task)
+        honest.close()
+        hostile.close()
+
+
+async def test_parts_of_one_batch_with_different_ids_end_it_for_every_party(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: client-1's part of batch 0 waits for client-2's
+    files = deployment(topology="vertical", clients=2, dataset="breast_cancer")
+    keys = files["server"].parent / "keys"
+    async with serving(files) as (server, ctx, task):
+        width = server.cfg.model.hidden
+        bind, fp = server.cfg.server.bind, server.fingerprint
+        honest = await join(bind, fp, keys, ctx, "client-1")
+        hostile = await join(bind, fp, keys, ctx, "client-2")
+        act = torch.rand(4, width)
+        await honest.send(Message(Kind.FORWARD, tensors={"act": act, "ids": torch.arange(4)}))
+        # Execute: client-2's part names other rows (each id valid)
+        await hostile.send(Message(Kind.FORWARD, tensors={"act": act, "ids": torch.arange(1, 5)}))
+        # Assert: both are told at once, nothing applied; before, client-1 heard nothing
+        for conn in (hostile, honest):
+            error = await assert_refused(conn)
+            assert error.remote_code == "protocol" and "different sample ids" in str(error)
+        assert server.steps_applied == 0
+        await assert_serving(honest, task)
         honest.close()
         hostile.close()

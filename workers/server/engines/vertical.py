@@ -25,7 +25,7 @@ from privacy.label import LabelProtection, build_label_protection
 from sl_pipeline.config import ServerConfig
 from sl_pipeline.data import load_arrays
 from sl_pipeline.errors import ConfigError, OverloadedError, ProtocolError, StepLostError
-from sl_pipeline.messages import Kind, Message
+from sl_pipeline.messages import Kind, Message, error_message
 from sl_pipeline.models import vertical_top
 from sl_pipeline.tensors import wire_tensors
 from workers.server.engines.base import Engine, Reply, log, run_segment
@@ -124,8 +124,11 @@ class VerticalEngine(Engine):
         if key not in self._waiting and len(self._waiting) >= MAX_OPEN_BATCHES:
             self.on_bound("waiting")  # parties far ahead of the others cannot pile up batches
             raise OverloadedError(f"vertical: {MAX_OPEN_BATCHES} batches already wait; retry")
+        act = self.activations(msg, train)
+        # a part's own refusal, before it waits (predicted rows are no rows of the labels)
+        self._check_ids(msg.tensor("ids"), len(act), labelled=msg.kind is not Kind.PREDICT)
         parts = self._waiting.setdefault(key, {})
-        parts[msg.client] = Part(identity, msg, self.activations(msg, train))
+        parts[msg.client] = Part(identity, msg, act)
         if len(parts) < self.parties:
             return []
         del self._waiting[key]
@@ -135,9 +138,23 @@ class VerticalEngine(Engine):
         ordered = [parts[name] for name in sorted(parts)]
         ids = ordered[0].msg.tensor("ids")
         if any(not torch.equal(p.msg.tensor("ids"), ids) for p in ordered[1:]):
+            # every party of the batch is told (the batch is over for each of them), not
+            # only the last to send, while the others waited for a reply that never came
             error = "parties sent different sample ids for the same batch; check data.seed"
-            raise ProtocolError(error)
+            return [(p.identity, error_message("protocol", error, request=p.msg)) for p in ordered]
         return self._step(ordered, ids) if train else self._predict(ordered, ids)
+
+    def _check_ids(self, ids: torch.Tensor, batch: int, labelled: bool) -> None:
+        """One int64 sample id per row of the part's ``act`` (and, where the labels are
+        here, each a row of them). Checked at completion, ids of another shape were an
+        ``internal`` error with a traceback, and the other parties' parts were lost."""
+        if ids.dtype != torch.int64 or tuple(ids.shape) != (batch,):
+            raise ProtocolError(
+                f"vertical: ids must be int64 of shape ({batch},), one per row of act; "
+                f"got {ids.dtype} of shape {list(ids.shape)}"
+            )
+        if labelled and self.labels is not None and batch:
+            self._labels_for(ids)
 
     def _fuse(self, acts: list[torch.Tensor]) -> torch.Tensor:
         if self.cfg.server.fuse == "concat":
