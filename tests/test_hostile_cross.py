@@ -7,16 +7,42 @@ in this process."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
 import pytest
 import torch
 
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.models import build_segments
 from sl_pipeline.tensors import read_tensor
+from sl_pipeline.transport import DealerConnection
+from workers.server.worker import ServerWorker
 
 from .test_hostile_numeric import serving
 from .test_hostile_peers import assert_refused, assert_serving, join
 from .test_hostile_shapes import engine_of
+
+
+@contextlib.asynccontextmanager
+async def two_clients(
+    deployment: Any, topology: str
+) -> AsyncIterator[tuple[ServerWorker, DealerConnection, DealerConnection, asyncio.Task[Any]]]:
+    """A server of ``topology`` bound here, and client-1 (honest) and client-2 (hostile)
+    joined with their admitted keys, by hand, so a test can send them anything."""
+    files = deployment(topology=topology, clients=2, dataset="breast_cancer")
+    keys = files["server"].parent / "keys"
+    async with serving(files) as (server, ctx, task):
+        bind, fp = server.cfg.server.bind, server.fingerprint
+        honest = await join(bind, fp, keys, ctx, "client-1")
+        hostile = await join(bind, fp, keys, ctx, "client-2")
+        try:
+            yield server, honest, hostile, task
+        finally:
+            honest.close()
+            hostile.close()
 
 
 # ---- u-shaped: a queued forward is the queued client's, not the open step's ------------------
@@ -24,13 +50,9 @@ async def test_a_bad_queued_forward_never_reaches_the_open_step_of_another_clien
     deployment,
 ) -> None:  # type: ignore[no-untyped-def]
     # Prepare: client-1 opens a step; client-2's forward of the wrong shape queues behind it
-    files = deployment(topology="ushaped", clients=2, dataset="breast_cancer")
-    keys = files["server"].parent / "keys"
-    async with serving(files) as (server, ctx, task):
+    async with two_clients(deployment, "ushaped") as (server, honest, hostile, task):
         shape = server.engine.act_shape
         assert shape is not None
-        honest = await join(server.cfg.server.bind, server.fingerprint, keys, ctx, "client-1")
-        hostile = await join(server.cfg.server.bind, server.fingerprint, keys, ctx, "client-2")
         act = torch.rand(4, *shape)
         await honest.send(Message(Kind.FORWARD, tensors={"act": act}))
         out = read_tensor(await honest.recv(10), "out")
@@ -51,8 +73,6 @@ async def test_a_bad_queued_forward_never_reaches_the_open_step_of_another_clien
         again = await honest.recv(10)
         assert again.kind is Kind.BACKWARD and server.steps_applied == 1
         await assert_serving(honest, task)
-        honest.close()
-        hostile.close()
 
 
 def test_a_queued_forward_that_fails_is_refused_to_its_own_sender(deployment) -> None:  # type: ignore[no-untyped-def]
@@ -86,13 +106,8 @@ def submit(attempt: str, words: torch.Tensor, step: int = 3) -> Message:
 
 async def test_a_wrong_sized_submission_is_refused_to_its_sender_only(deployment) -> None:  # type: ignore[no-untyped-def]
     # Prepare: both members of a SplitFed round joined and got the announcement
-    files = deployment(topology="splitfed", clients=2, dataset="breast_cancer")
-    keys = files["server"].parent / "keys"
-    async with serving(files) as (server, ctx, task):
+    async with two_clients(deployment, "splitfed") as (server, honest, hostile, task):
         size = sum(p.numel() for p in build_segments(server.cfg.model, "splitfed")[0].parameters())
-        bind, fp = server.cfg.server.bind, server.fingerprint
-        honest = await join(bind, fp, keys, ctx, "client-1")
-        hostile = await join(bind, fp, keys, ctx, "client-2")
         await honest.send(join_round("11" * 32))
         await hostile.send(join_round("22" * 32))
         attempt = (await honest.recv(10)).meta["attempt"]
@@ -109,8 +124,6 @@ async def test_a_wrong_sized_submission_is_refused_to_its_sender_only(deployment
         assert torch.equal(summed, torch.full((size,), 3, dtype=torch.int64))
         assert torch.equal((await hostile.recv(10)).tensors["sum"], summed)
         await assert_serving(hostile, task)
-        honest.close()
-        hostile.close()
 
 
 # ---- vertical: a party's sample ids are checked with its part ------------------------------
@@ -126,13 +139,8 @@ BAD_IDS = {
 @pytest.mark.parametrize("bad", list(BAD_IDS))
 async def test_a_partys_wrong_ids_are_its_own_refusal(deployment, bad: str) -> None:  # type: ignore[no-untyped-def]
     # Prepare: client-1's honest part of batch 0 waits for client-2's
-    files = deployment(topology="vertical", clients=2, dataset="breast_cancer")
-    keys = files["server"].parent / "keys"
-    async with serving(files) as (server, ctx, task):
+    async with two_clients(deployment, "vertical") as (server, honest, hostile, task):
         width = server.cfg.model.hidden
-        bind, fp = server.cfg.server.bind, server.fingerprint
-        honest = await join(bind, fp, keys, ctx, "client-1")
-        hostile = await join(bind, fp, keys, ctx, "client-2")
         ids = torch.arange(4)
         await honest.send(Message(Kind.FORWARD, tensors={"act": torch.rand(4, width), "ids": ids}))
         # Execute: client-2's part of the same batch, with wrong ids
@@ -149,19 +157,12 @@ async def test_a_partys_wrong_ids_are_its_own_refusal(deployment, bad: str) -> N
             assert reply.kind is Kind.BACKWARD and reply.tensors["grad"].shape == (4, width)
         assert server.steps_applied == 1
         await assert_serving(hostile, task)
-        honest.close()
-        hostile.close()
 
 
 async def test_parts_of_one_batch_with_different_ids_end_it_for_every_party(deployment) -> None:  # type: ignore[no-untyped-def]
     # Prepare: client-1's part of batch 0 waits for client-2's
-    files = deployment(topology="vertical", clients=2, dataset="breast_cancer")
-    keys = files["server"].parent / "keys"
-    async with serving(files) as (server, ctx, task):
+    async with two_clients(deployment, "vertical") as (server, honest, hostile, task):
         width = server.cfg.model.hidden
-        bind, fp = server.cfg.server.bind, server.fingerprint
-        honest = await join(bind, fp, keys, ctx, "client-1")
-        hostile = await join(bind, fp, keys, ctx, "client-2")
         act = torch.rand(4, width)
         await honest.send(Message(Kind.FORWARD, tensors={"act": act, "ids": torch.arange(4)}))
         # Execute: client-2's part names other rows (each id valid)
@@ -172,5 +173,3 @@ async def test_parts_of_one_batch_with_different_ids_end_it_for_every_party(depl
             assert error.remote_code == "protocol" and "different sample ids" in str(error)
         assert server.steps_applied == 0
         await assert_serving(honest, task)
-        honest.close()
-        hostile.close()
