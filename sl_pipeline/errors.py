@@ -61,6 +61,13 @@ class StaleStepError(ProtocolError):
     code = "stale_step"
 
 
+class RedoError(StaleStepError):
+    """A step the peer applied already, sent again with other inputs (a redo, not a resend):
+    answering it from the reply cache would hand back the other inputs' gradients."""
+
+    code = "redo"
+
+
 class RunEndedError(ProtocolError):
     """The training run this peer belongs to has finished or was stopped."""
 

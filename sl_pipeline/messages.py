@@ -9,6 +9,7 @@ tensors. The codec turns it into ZeroMQ frames; nothing here does I/O.
 from __future__ import annotations
 
 import enum
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -161,6 +162,21 @@ def check_answers(request: Message, reply: Message) -> Message:
         f"while waiting for the reply to {request.kind.value} at step "
         f"({request.epoch}, {request.step})"
     )
+
+
+def request_digest(msg: Message) -> str:
+    """What a request asks, as 32 hex digits: its kind, step and tensors (name, dtype, shape
+    and bytes). Two sends of one request (a resend after a lost reply, a client replaying
+    its recorded steps) have the same digest; a redo of a step with other inputs (a rewound
+    client that drew other rows) has another, and is never answered with the first one's
+    reply."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{msg.kind.value}|{msg.epoch}|{msg.step}".encode())
+    for name in sorted(msg.tensors):
+        t = msg.tensors[name].detach()
+        h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
 
 
 def error_message(

@@ -4,14 +4,15 @@ Each faulty run must end with every client's uninterrupted step count, the appli
 logs (server, relay) must hold every step once, and where the run is deterministic (one
 client, or parties the server always combines in the same order) the final accuracy must be
 within 0.01 of the uninterrupted run. Kills happen at a step count read from the victim's
-checkpoint files, never after a sleep; a server that must lose steps its client has seen (it
-checkpoints every 4 steps) stops itself at that exact point and is killed while stopped
-(:class:`tests.workerproc.StopBehind`). A lossy link (5% of messages dropped each way) at the
-default ``client.timeout_s`` must cost round trips, not reply timeouts.
+checkpoint files, never after a sleep; a server or relay that must lose steps its client has
+seen (it checkpoints every 4 steps) stops itself at that exact point and is killed while
+stopped (:class:`tests.workerproc.StopBehind`). A lossy link (5% of messages dropped each way)
+at the default ``client.timeout_s`` must cost round trips, not reply timeouts.
 
-By default two short runs kill each kind of worker once (the suite's time budget); set
-``SL_CHAOS_FULL=1`` for the full matrix: three epochs and three server kills per topology,
-client and relay kills (see docs/reliability.md).
+By default three short runs kill each kind of worker once, and a relay that checkpoints
+every 4 steps between its checkpoints (the suite's time budget); set ``SL_CHAOS_FULL=1`` for
+the full matrix: three epochs and three server kills per topology, client and relay kills
+(see docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ WAITED = re.compile(r"within ([0-9.e+-]+)s while waiting for a reply")
 
 FULL = os.environ.get("SL_CHAOS_FULL") == "1"
 CKPT = ("--set", "checkpoint.fsync=false")
+EVERY4 = ("checkpoint.every_steps=4",)
 CLIENT_SETS = ("--json", "--no-progress", "--set", "client.retry_for_s=90", *CKPT)
 
 
@@ -54,6 +56,7 @@ class Case:
     epochs: int = 3
     client_sets: tuple[str, ...] = ()  # overrides for every client (reference run included)
     server_sets: tuple[str, ...] = ()  # overrides for the faulty run's server
+    relay_sets: tuple[str, ...] = ()  # overrides for the faulty run's relay
     label: str = ""
     label_client: bool = False  # vertical: client-1 holds the labels and the loss
 
@@ -79,6 +82,24 @@ FULL_CASES = [
     Case("multihop", faults=(("relay", 1),)),
     # a server checkpointing every 4 steps: its clients rewind to the step it resumed from
     Case("vanilla", server_sets=("checkpoint.every_steps=4",), label="every4"),
+    # a relay checkpointing every 4 steps: its client resends the steps it lost, the same
+    # requests (nothing new released, so a DP-SGD client's epsilon is the uninterrupted one)
+    Case("multihop", faults=(("relay", 3),), relay_sets=EVERY4, label="relayevery4"),
+    Case(
+        "multihop",
+        faults=(("relay", 2),),
+        relay_sets=EVERY4,
+        client_sets=("train.pipeline_depth=4",),
+        label="relayevery4-depth4",
+    ),
+    Case(
+        "multihop",
+        faults=(("relay", 2),),
+        relay_sets=EVERY4,
+        client_sets=("privacy.dpsgd.noise_multiplier=0.5",),
+        deterministic=False,
+        label="relayevery4-dpsgd",
+    ),
     # DP-SGD: Poisson-sampled batches and the accountant's history resume mid-epoch
     Case(
         "vanilla",
@@ -92,6 +113,7 @@ FULL_CASES = [
 # every kind of worker once, each kill in a topology where it matters most.
 SHORT_CASES = [
     Case("multihop", faults=(("relay", 1), ("server", 1)), epochs=1),
+    Case("multihop", faults=(("relay", 1),), relay_sets=EVERY4, label="relayevery4", epochs=1),
     Case(
         "splitfed", faults=(("client", 1), ("server", 1)), clients=2, deterministic=False, epochs=1
     ),
@@ -158,7 +180,7 @@ class Run:
         self.sets = {
             "client": [arg for value in case.client_sets for arg in ("--set", value)],
             "server": [arg for value in case.server_sets for arg in ("--set", value)],
-            "relay": [],
+            "relay": [arg for value in case.relay_sets for arg in ("--set", value)],
         }
         self.base = files["server"].parent
         self.live: dict[str, WorkerProcess] = {}
@@ -213,8 +235,8 @@ def _plan(case: Case, reference: list[dict[str, Any]], server_steps: int) -> lis
     for i, victim in enumerate(planned):
         own = server_steps if victim == "server" else reference[0]["steps"]
         at = own * (i + 1) // (len(planned) + 1)
-        lost = victim == "server" and bool(case.server_sets)
-        kills.append(Kill(victim, at, StopBehind(at, lead=2) if lost else None))
+        lost = bool({"server": case.server_sets, "relay": case.relay_sets}.get(victim))
+        kills.append(Kill(victim, at, StopBehind(at, lead=2, role=victim) if lost else None))
     return kills
 
 
@@ -241,7 +263,7 @@ def test_kill_9_and_restart(case: Case, deployment, procs: Procs) -> None:  # ty
     kills = _plan(case, reference, server_steps)
     run.start("server", _stop_point(kills, "server", 0))
     if "relay-1" in files:
-        run.start("relay-1")
+        run.start("relay-1", _stop_point(kills, "relay", 0))
     clients = sorted(name for name in files if name.startswith("client-"))
     for name in clients:
         run.start(name)
@@ -270,6 +292,9 @@ def test_kill_9_and_restart(case: Case, deployment, procs: Procs) -> None:  # ty
         assert summaries[0]["resumed_from"] > 0
     if case.server_sets:  # each kill lost steps the client had applied: it rewound each time
         assert sum(s["rewinds"] for s in summaries) == sum(k.stop is not None for k in kills)
+    if case.relay_sets:  # each kill lost 2 or more steps: the client resent them, no rewind
+        assert sum(s["rewinds"] for s in summaries) == 0
+        assert sum(s["resent_steps"] for s in summaries) >= 2 * len(kills)
     for got, want in zip(summaries, reference, strict=True):
         if case.deterministic and want["test_accuracy"] is not None:
             assert abs(got["test_accuracy"] - want["test_accuracy"]) <= 0.01

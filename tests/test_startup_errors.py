@@ -112,18 +112,3 @@ def test_exit_statuses_are_documented() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for status in (0, 1, 2, 3, 4, 5, 6, 130):
         assert f"| {status} |" in readme, f"exit status {status} is not in README.md"
-
-
-def test_a_relay_checkpointing_less_than_every_step_is_refused(
-    deployment, capsys: pytest.CaptureFixture[str]
-) -> None:  # type: ignore[no-untyped-def]
-    """Its welcome makes no client keep undo points: a kill between checkpoints would lose
-    the relay's updates of the steps since (docs/reliability.md)."""
-    files = deployment(topology="multihop", dataset="breast_cancer")
-    sets = ("--set", 'checkpoint.dir="state/relay"', "--set", "checkpoint.every_steps=4")
-
-    code, err = _run(capsys, "relay", "--config", str(files["relay-1"]), *sets)
-
-    assert code == 2
-    assert "checkpoint.every_steps = 4: a relay checkpoints every step" in err
-    assert "set it to 1 in the relay's config" in err

@@ -38,29 +38,32 @@ _CTX.set_forkserver_preload(
 
 @dataclass(frozen=True)
 class StopBehind:
-    """Where a forked server stops itself: after the replies to a message, once it has
-    applied ``at`` steps or more and ``lead`` or more past its newest checkpoint (steps a
-    ``kill -9`` now loses, and that its client has seen: their replies are out)."""
+    """Where a forked server (or relay) stops itself: after the replies to a message, once
+    it has applied ``at`` steps or more and ``lead`` or more past its newest checkpoint
+    (steps a ``kill -9`` now loses, and that its client has seen: their replies are out)."""
 
     at: int
     lead: int
+    role: str = "server"  # or "relay"
 
 
 def _stop_behind_checkpoint(point: StopBehind) -> None:
     """Install ``point`` in this forked process only (the forkserver and the test keep the
     worker as it is)."""
+    from workers.relay import RelayWorker
     from workers.server.worker import ServerWorker
 
-    after_replies = ServerWorker.after_replies
+    worker = RelayWorker if point.role == "relay" else ServerWorker
+    after_replies = worker.after_replies
 
-    def stop_when_behind(self: ServerWorker) -> None:
-        after_replies(self)
-        assert self.ckpt is not None, "StopBehind needs a server with checkpoint.dir"
+    def stop_when_behind(self: ServerWorker | RelayWorker) -> None:
+        after_replies(self)  # type: ignore[arg-type]
+        assert self.ckpt is not None, "StopBehind needs a worker with checkpoint.dir"
         saved = max((int(p.stem.rsplit("-", 1)[-1]) for p in self.ckpt.list()), default=0)
         if self.steps_applied >= point.at and self.steps_applied - saved >= point.lead:
             os.kill(os.getpid(), signal.SIGSTOP)
 
-    ServerWorker.after_replies = stop_when_behind  # type: ignore[method-assign]
+    worker.after_replies = stop_when_behind  # type: ignore[method-assign,assignment]
 
 
 def _run(argv: list[str], stdout: str, stderr: str, stop: StopBehind | None = None) -> None:

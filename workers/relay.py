@@ -6,11 +6,11 @@ own Noise session, so what one hop seals only the next hop can open. Forward: ru
 segment, pass the output upstream, get the gradient of the output back, finish the local
 backward pass and step, return the gradient at this relay's input.
 
-With ``[checkpoint] dir`` the relay checkpoints after applying a step and before its reply
-leaves (segment, optimizer, reply cache, applied-step log), as the server does, so a
-``kill -9`` and a restart resume where it stood: a step resent by the client is answered
-from the restored cache, or, if the relay died before its checkpoint, redone from the
-previous weights with the next hop answering from its own cache.
+With ``[checkpoint] dir`` the relay checkpoints every ``checkpoint.every_steps`` applied
+steps, before the reply leaves (segment, optimizer, reply cache, applied-step log), so a
+``kill -9`` and a restart resume from there: its welcome names the last step of the client
+it holds, and the client resends its recorded requests after it
+(:mod:`workers.runtime.resends`), which the next hop answers from its own cache.
 
 A long-lived relay serves run after run, as the server does: when a client starts afresh
 it joins the server again, whose welcome names the run the chain trains in now; if that is
@@ -63,6 +63,7 @@ from workers.runtime.checkpoint import (
 from workers.runtime.diagnose import probe
 from workers.runtime.freshstarts import FreshStarts
 from workers.runtime.peers import Listen, Peer, reject_reason
+from workers.runtime.resends import RESEND, check_resends
 from workers.runtime.service import Replies, RouterService
 from workers.runtime.startup import load_own_key, load_peer_key, warn_insecure
 from workers.runtime.stopping import GivesWayOnStop
@@ -84,12 +85,6 @@ class RelayWorker(GivesWayOnStop, RouterService):
         limits, model = cfg.limits.to_limits(), fingerprint(cfg.model, "multihop")
         super().__init__(listen, cfg.ops, limits, base, model, metrics)
         check_endpoint(r.upstream, "relay.upstream")
-        if cfg.checkpoint.dir and cfg.checkpoint.every_steps > 1:  # docs/reliability.md
-            raise ConfigError(
-                f"checkpoint.every_steps = {cfg.checkpoint.every_steps}: a relay checkpoints "
-                "every step (a relay killed between checkpoints would lose its updates of the "
-                "steps since); set it to 1 in the relay's config"
-            )
         self.cfg = cfg
         segments = build_segments(cfg.model, "multihop")
         if not 0 < r.segment < len(segments) - 1:
@@ -122,6 +117,7 @@ class RelayWorker(GivesWayOnStop, RouterService):
         if (save := self._save_path()) is not None:
             check_writable(save, "relay.save")
         self.ckpt = open_store(cfg.checkpoint, base, r.name)
+        self.checkpoint_every = max(1, cfg.checkpoint.every_steps) if self.ckpt else 1
         self.resumed_from = self._restore()
         self._saved_at = self.steps_applied
 
@@ -206,8 +202,10 @@ class RelayWorker(GivesWayOnStop, RouterService):
             self.metrics.checkpoints_total.inc()
 
     def accept(self, hello: dict[str, Any], key: bytes | None) -> dict[str, Any]:
-        """The welcome says this is a relay and which step of the peer it applied last."""
+        """The welcome: a relay, the peer's last step it holds, how often it checkpoints
+        (``recover = "resend"``: a peer ahead of ``applied`` resends its steps after it)."""
         name = self.peer_name(hello, key)
+        check_resends(hello, name, self.cfg.relay.name, self.checkpoint_every)
         if hello.get("intent", "train") == "train" and hello.get("resume") is None:
             self.check_run.mark(name)  # perhaps a new run: ask the server before its first step
         last = self.replies.newest(name, Kind.FORWARD.value)
@@ -215,6 +213,8 @@ class RelayWorker(GivesWayOnStop, RouterService):
             **super().accept(hello, key),
             "role": "relay",
             "applied": list(last) if last else None,
+            "checkpoint_every": self.checkpoint_every,
+            "recover": RESEND,
         }
 
     def _upstream_handshake(self) -> ClientHandshake:
@@ -351,7 +351,7 @@ class RelayWorker(GivesWayOnStop, RouterService):
 
     async def _forward(self, msg: Message) -> Message:
         step = (msg.epoch, msg.step)
-        cached = self.replies.get(msg.client, Kind.FORWARD.value, step)
+        cached = self.replies.get(msg.client, Kind.FORWARD.value, step, msg)
         if cached is not None:
             log.info("%s resent forward %s: answering from cache", msg.client, step)
             return cached
@@ -361,7 +361,8 @@ class RelayWorker(GivesWayOnStop, RouterService):
         tensors: dict[str, Any] = wire_tensors("act", out, self.cfg.train.wire_dtype)
         if "labels" in msg.tensors:
             tensors["labels"] = msg.tensor("labels")
-        reply = await self._ask_upstream(msg.follow(Kind.FORWARD, tensors=tensors))
+        redo = {k: v for k, v in msg.meta.items() if k == "redo"}  # a redone step says so
+        reply = await self._ask_upstream(msg.follow(Kind.FORWARD, tensors=tensors, meta=redo))
         self.optimizer.zero_grad(set_to_none=True)
         grad = reply_tensor(reply, Kind.BACKWARD, "grad", self.max_abs, out.shape)
         out.backward(as_input(grad, False, self.device))
@@ -380,7 +381,7 @@ class RelayWorker(GivesWayOnStop, RouterService):
                 "grad", act.grad, self.cfg.train.wire_dtype, self.residuals, msg.client
             ),
         )
-        self.replies.put(msg.client, Kind.FORWARD.value, step, answer)
+        self.replies.put(msg.client, Kind.FORWARD.value, step, answer, msg)
         self.applied_log.append(msg.client, msg.epoch, msg.step)
         self.checkpoint()  # before the reply leaves: what the client saw is durable
         return answer

@@ -38,6 +38,7 @@ from workers.client.patience import MIN_TRIES, WAIT_CODES, Patience, max_tries
 from workers.client.replies import is_run_id, shown
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.diagnose import lost_server, no_server, refused
+from workers.runtime.resends import RESEND, RecordedSteps
 from workers.runtime.startup import load_own_key, load_peer_key, warn_insecure
 
 log = logging.getLogger("sl_pipeline.client")
@@ -82,6 +83,7 @@ def make_handshake(cfg: ClientConfig, base: Path, topology: str) -> ClientHandsh
         "client": c.name,
         "model": fingerprint(cfg.model, topology),
         "role": c.role,
+        "recover": [RESEND],  # it resends the steps a relay lost (workers/runtime/resends.py)
     }
     if c.insecure:
         warn_insecure("client")
@@ -118,6 +120,7 @@ class Upstream:
         self.patience = Patience(cfg.client.retry_for_s)  # for refusals that mean "later"
         self.run = ""  # the server's run, as a relay's answers name it (a server's welcome does)
         self.welcome: dict[str, Any] = {}  # the last one
+        self.recorded = RecordedSteps()  # the last steps' requests, for a relay that lost them
         self._stop_watch: asyncio.Future[Any] | None = None  # done once ``stop`` is set
 
     def hello(self, start: tuple[int, int], last_applied: tuple[int, int] | None) -> dict[str, Any]:
@@ -295,6 +298,7 @@ class Upstream:
             wait = fixed or self.timer.timeout(kind)
             sent = time.monotonic()
             try:
+                self.recorded.record(message)
                 await self.conn.send(message)
                 reply = await self.reply_unless_stopped(self.conn, wait)
             except (TransportError, PeerError) as exc:

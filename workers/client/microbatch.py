@@ -235,6 +235,7 @@ class Pipeline:
                 msg = runner.forward_message(step, sent, y, ids)
                 assert link.conn is not None
                 client_s = time.perf_counter() - started
+                link.recorded.record(msg)
                 await link.conn.send(msg)
                 inflight.append(InFlight(step, x, act, sent, stash, msg, started, client_s))
                 while len(inflight) >= depth:  # more than one after auto lowered the depth

@@ -71,6 +71,7 @@ def client_summary(client: Any, wall: float) -> dict[str, Any]:
         "device": str(client.runner.device),
         "resumed_from": client.resumed_from,
         "rewinds": client.undo.rewinds,
+        "resent_steps": client.link.recorded.resent,  # to a relay that lost them
         "stopped_early": client.stopped,
         "best_epoch": best_epoch(client.history),
         "model": model_path(client.cfg, client.base) if client.steps_done else None,

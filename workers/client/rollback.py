@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
+from sl_pipeline.messages import Kind, Message
 from workers.runtime.checkpoint import SnapshotRing
 
 log = logging.getLogger("sl_pipeline.client")
@@ -36,6 +38,7 @@ class UndoPoints:
     def __init__(self) -> None:
         self.ring: SnapshotRing | None = None
         self.rewinds = 0
+        self.redone: tuple[Step, Step] | None = None  # after a rewind: (held, last applied]
 
     def configure(self, server_every: int, in_flight: int) -> None:
         """Keep enough points to reach back past everything the server may lose."""
@@ -58,6 +61,8 @@ class UndoPoints:
         assert self.ring is not None
         self.ring.discard_after(server_step)
         self.rewinds += 1
+        held, until = self.redone or (server_step, last_applied)
+        self.redone = (min(held, server_step), max(until, last_applied))
         log.warning(
             "the server resumed at our step %s, behind our %s: rewinding to it and redoing the "
             "steps after it",
@@ -66,12 +71,26 @@ class UndoPoints:
         )
         raise Rewind(server_step, state)
 
+    def marked(self, msg: Message) -> Message:
+        """``msg``, with meta ``redo`` if it redoes a step sent before the rewind (its inputs
+        may be new: a DP-SGD client draws its rows afresh). A next hop that holds that step
+        refuses such a request unless it is the same one (``RedoError``), instead of
+        answering it with the first inputs' gradients."""
+        if msg.kind is not Kind.FORWARD or self.redone is None:
+            return msg
+        held, until = self.redone
+        if not held < (msg.epoch, msg.step) <= until:
+            return msg
+        return replace(msg, meta={**msg.meta, "redo": True})
+
     def after_join(
         self, welcome: dict[str, Any], last_applied: Step | None, in_flight: int, peer: str
     ) -> None:
         """The server (or relay) says which step of ours it applied last; if it is behind
         us, rewind to that step when an undo point exists (it checkpoints every N > 1
         steps), else say what was lost."""
+        if welcome.get("recover") == "resend":
+            return  # a relay: this client resends its steps instead (Upstream.resend_lost)
         applied = welcome.get("applied")
         self.configure(int(welcome.get("checkpoint_every") or 1), in_flight)
         if last_applied is None:

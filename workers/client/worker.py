@@ -35,6 +35,7 @@ from workers.client.parties import for_parties
 from workers.client.private import check_checkpoints, check_dpsgd_kept, check_replayable
 from workers.client.replies import check_same_run, checked_welcome
 from workers.client.report import client_summary, log_stop, model_path
+from workers.client.resend import rejoined
 from workers.client.rollback import NOTHING, Rewind, UndoPoints
 from workers.client.staleness import configured_momentum
 from workers.client.steps import StepRunner
@@ -61,8 +62,7 @@ class ClientWorker:
         metrics: WorkerMetrics | None = None,
         progress: bool = True,
     ) -> None:
-        self.cfg = cfg
-        self.base = base
+        self.cfg, self.base = cfg, base
         self.metrics = metrics or WorkerMetrics("client")
         self.progress = progress
         self.resumable = True  # False where nobody can rerun it (an audit's temporary folder)
@@ -85,9 +85,7 @@ class ClientWorker:
         self.cfg = replace(cfg, train=replace(cfg.train, pipeline_depth=depth))
         self.link = Upstream(cfg, self.metrics, make_handshake(cfg, base, self.topology))
         self.link.adaptive_wait = self.runner.adaptive_wait
-        self.epoch = 0
-        self.step = 0
-        self.steps_done = 0
+        self.epoch = self.step = self.steps_done = 0
         self.last_loss: float | None = None
         self.last_accuracy: float | None = None
         self.epoch_losses: list[float] = []
@@ -198,7 +196,10 @@ class ClientWorker:
         return self.link.retries
 
     async def connect(self) -> None:
-        """Join the next hop (retrying), then see where it says this client resumes."""
+        """Join the next hop (retrying); send again the steps a relay lost there."""
+        await rejoined(self.link, self._join, lambda: self.last_applied)
+
+    async def _join(self) -> None:
         welcome = checked_welcome(
             await self.link.connect(
                 lambda: self.link.hello(self.start, self.last_applied), lambda: self.steps_done > 0
@@ -212,9 +213,8 @@ class ClientWorker:
             self.ckpt.check_joined(self.run_id)
         where = (self.link.peer, self.cfg.client.server, self.run_id or "not chosen yet")
         log.info("joined %s %s (run %s, cipher %s)", *where, welcome.get("cipher", "none"))
-        self.undo.after_join(
-            welcome, self.last_applied, self.cfg.train.pipeline_depth or MAX_DEPTH, self.link.peer
-        )
+        depth = self.cfg.train.pipeline_depth or MAX_DEPTH
+        self.undo.after_join(welcome, self.last_applied, depth, self.link.peer)
 
     async def request(self, message: Message, timeout_s: float | None = None) -> Message:
         """Send and wait for the reply, rejoining and resending after a lost peer; a wait
@@ -224,9 +224,8 @@ class ClientWorker:
         return await for_parties(asked, fixed, self.cfg.client, self.topology, message)
 
     def message(self, kind: Kind, step: int = 0, **kwargs: Any) -> Message:
-        return Message(
-            kind=kind, client=self.cfg.client.name, epoch=self.epoch, step=step, **kwargs
-        )
+        msg = Message(kind=kind, client=self.cfg.client.name, epoch=self.epoch, step=step, **kwargs)
+        return self.undo.marked(msg)  # a redone step says so (meta redo)
 
     # ---- training ----------------------------------------------------------------------
     async def run(self) -> dict[str, Any]:

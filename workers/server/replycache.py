@@ -11,6 +11,14 @@ name's newest reply per kind goes last (``on_bytes_hit`` reports each eviction):
 newest step must be answered from here, or it would be applied twice, while a resent older
 one whose reply is gone is refused as stale, which is an error and never a double step.
 
+A reply is kept with the digest of the request it answers
+(:func:`sl_pipeline.messages.request_digest`). A request that says it redoes a step (meta
+``redo``: a rewound client, whose DP-SGD rows are drawn afresh) is answered from here only
+if it is that request again; with other inputs it is refused (``RedoError``), never answered
+with the other inputs' gradients and never applied a second time. A request without it is a
+resend: a restarted client that recomputed its step in flight over the same rows (with a
+cut-layer noise defense, fresh noise) gets the gradient those rows were applied with.
+
 A checkpoint holds less (:meth:`ReplyCache.entries`): every name's newest reply per kind
 (bounded with the cache), and older replies, newest first, only within ``checkpoint_bytes``.
 """
@@ -22,7 +30,8 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from sl_pipeline.config import MAX_PIPELINE_DEPTH
-from sl_pipeline.messages import Message, message_from_state, message_state
+from sl_pipeline.errors import RedoError
+from sl_pipeline.messages import Message, message_from_state, message_state, request_digest
 from workers.runtime.bounded import no_hit
 
 Step = tuple[int, int]
@@ -31,6 +40,7 @@ Step = tuple[int, int]
 class Cached(NamedTuple):
     reply: Message
     size: int  # its bytes, counted against ``max_bytes``
+    digest: str = ""  # the request it answers (request_digest); "" = not known
 
 
 Steps = OrderedDict[Step, Cached]
@@ -70,23 +80,45 @@ class ReplyCache:
         self._names.move_to_end(client)
         return kinds.get(kind)
 
-    def get(self, client: str, kind: str, step: Step) -> Message | None:
+    def get(
+        self, client: str, kind: str, step: Step, request: Message | None = None
+    ) -> Message | None:
+        """The reply kept for ``step``, if any. A ``request`` that says it redoes the step
+        (meta ``redo``) gets it only if it is the request that reply answers, else a
+        ``RedoError``: it came with other inputs (other rows)."""
         steps = self._steps(client, kind)
         found = None if steps is None else steps.get(step)
-        return None if found is None else found.reply
+        if found is None:
+            return None
+        redo = request is not None and request.meta.get("redo") is True and found.digest
+        if redo and request is not None and request_digest(request) != found.digest:
+            raise RedoError(
+                f"{client}'s {kind} of step {step} was applied already with other inputs: "
+                "it is refused rather than answered with those inputs' gradients (a rewound "
+                "client redoes steps only where the next hop lost them; resend the recorded "
+                "request instead)"
+            )
+        return found.reply
 
     def newest(self, client: str, kind: str) -> Step | None:
         steps = self._steps(client, kind)
         return next(reversed(steps)) if steps else None
 
-    def put(self, client: str, kind: str, step: Step, reply: Message) -> None:
+    def put(
+        self, client: str, kind: str, step: Step, reply: Message, request: Message | None = None
+    ) -> None:
+        """Keep ``reply``; with ``request`` (the request it answers), that request's digest."""
+        digest = request_digest(request) if request is not None else ""
+        self._put(client, kind, step, reply, digest)
+
+    def _put(self, client: str, kind: str, step: Step, reply: Message, digest: str) -> None:
         kinds = self._names.setdefault(client, {})
         self._names.move_to_end(client)
         steps = kinds.setdefault(kind, OrderedDict())
         if step in steps:
             self.bytes -= steps.pop(step).size
         size = reply_size(reply)
-        steps[step] = Cached(reply, size)
+        steps[step] = Cached(reply, size, digest)
         self.bytes += size
         while len(steps) > self.depth:
             self.bytes -= steps.popitem(last=False)[1].size
@@ -139,7 +171,13 @@ class ReplyCache:
         refuses tuple keys)."""
         kept = self._kept()
         return [
-            {"client": c, "kind": k, "step": list(step), "reply": message_state(m)}
+            {
+                "client": c,
+                "kind": k,
+                "step": list(step),
+                "reply": message_state(m),
+                "digest": self._names[c][k][step].digest,
+            }
             for c, k, step, m, _ in self._all()
             if (c, k, step) in kept
         ]
@@ -154,7 +192,7 @@ class ReplyCache:
             (c, k, step, m, size)
             for c, kinds in self._names.items()
             for k, steps in kinds.items()
-            for step, (m, size) in steps.items()
+            for step, (m, size, _) in steps.items()
         ]
 
     def _kept(self) -> set[tuple[str, str, Step]]:
@@ -182,4 +220,5 @@ class ReplyCache:
             step = (int(entry["step"][0]), int(entry["step"][1]))
             # a reply saved before replies named their request: its cache entry names it
             reply = message_from_state(entry["reply"], answers=entry["kind"])
-            self.put(entry["client"], entry["kind"], step, reply)
+            digest = str(entry.get("digest", ""))  # absent from older checkpoints
+            self._put(entry["client"], entry["kind"], step, reply, digest)

@@ -35,7 +35,7 @@ from workers.server.runs import ACTIVE, Run, RunBook, check_run_id, finished_mes
 from workers.server.runs_api import RunApi, read_token
 
 log = logging.getLogger("sl_pipeline.server")
-QUIET_CODES = ("stale_step", "run_ended")  # a client's mistake to explain, not an attack
+QUIET_CODES = ("stale_step", "redo", "run_ended")  # a client's mistake to explain, not an attack
 
 
 class ServerWorker(RunHost, RouterService):
@@ -323,7 +323,7 @@ class ServerWorker(RunHost, RouterService):
         if msg.client in run.done:  # its replies there are not answers to a new run's steps
             raise RunEndedError(finished_message(msg.client, peer.name, run.id))
         step = (msg.epoch, msg.step)
-        cached = run.replies.get(msg.client, msg.kind.value, step)
+        cached = run.replies.get(msg.client, msg.kind.value, step, msg)
         if cached is not None:
             log.info("%s resent %s %s: answering from cache", msg.client, msg.kind.value, step)
             self.from_cache += 1
@@ -349,8 +349,9 @@ class ServerWorker(RunHost, RouterService):
         for _, reply in replies:
             if reply.kind is not Kind.ERROR:  # filed under the request it names (also
                 # another client's: a vertical part, a round-robin turn, a queued step)
-                answered = reply.answers or msg.kind
-                run.replies.put(reply.client, answered.value, (reply.epoch, reply.step), reply)
+                answered, at = reply.answers or msg.kind, (reply.epoch, reply.step)
+                own = (reply.client, answered, at) == (msg.client, msg.kind, step)
+                run.replies.put(reply.client, answered.value, at, reply, msg if own else None)
         applied = engine.steps_applied - before
         if applied:
             self._count_applied(run, peer, replies, applied, engine)
