@@ -90,7 +90,8 @@ def test_the_client_keeps_nothing_unless_a_relay_checkpoints_every_n_steps() -> 
     for recorded in (server, plain_relay):
         recorded.record(_step(0, torch.zeros(1, 1)))
         assert recorded.kept is None
-        assert recorded.lost(_relay_welcome(None), (0, 0)) == []
+        assert recorded.lost(_relay_welcome([0, 0]), (0, 0)) == []
+        assert recorded.lost(_relay_welcome(None), (0, 0)) is None  # lost: said so
 
 
 def test_the_client_resends_exactly_the_steps_after_the_relays_and_no_others() -> None:

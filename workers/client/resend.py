@@ -48,11 +48,12 @@ async def resend_lost(link: Upstream, last_applied: Step | None) -> None:
     held = link.welcome.get("applied")
     if lost is None:
         log.error(
-            "the %s resumed at our step %s, behind our %s, and this client no longer "
-            "keeps the steps in between: they are lost there",
+            "the %s lost steps after %s that this client applied (up to %s), and this client "
+            "keeps no copy of them to resend: exactly-once needs the %s's checkpoint.dir",
             link.peer,
             held,
             last_applied,
+            link.peer,
         )
     elif lost:
         log.warning(

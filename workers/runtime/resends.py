@@ -88,8 +88,10 @@ class RecordedSteps:
         than we applied; [] when it holds them all; None when some are no longer kept."""
         applied = welcome.get("applied")
         held = (int(applied[0]), int(applied[1])) if applied else NOTHING
-        if self.kept is None or last_applied is None or held >= last_applied:
+        if last_applied is None or held >= last_applied:
             return []
+        if self.kept is None:  # a relay without checkpoints (or of an older version)
+            return None
         steps = [_step(m) for m in self.kept]
         if held not in steps and not (held == NOTHING and self.whole):
             return None
