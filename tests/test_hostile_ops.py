@@ -82,3 +82,17 @@ async def test_a_token_of_no_utf8_is_a_refusal_not_a_500(
     assert json.loads(body)["peers"][0]["name"] == "client-1"
     runs, listing = await raw_get(ops.port, "/runs", b"Bearer admin-secret")
     assert runs == 200 and json.loads(listing) == {"runs": [], "current": None}
+
+
+async def test_unparsable_requests_log_one_line_without_a_trace(
+    ops: OpsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Execute: five requests with a header over aiohttp's 8 KiB line limit
+    with caplog.at_level(logging.WARNING):
+        answers = [await raw_get(ops.port, "/status", b"x" * 20000) for _ in range(5)]
+    # Assert: each refused (400), and one log line for the five, one line with no trace
+    assert [status for status, _ in answers] == [400] * 5
+    lines = [r for r in caplog.records if "request" in r.getMessage()]
+    assert len(lines) == 1, caplog.text
+    assert not lines[0].exc_info and "\n" not in lines[0].getMessage()
+    assert "LineTooLong" in lines[0].getMessage()

@@ -24,6 +24,7 @@ import ipaddress
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -34,6 +35,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from sl_pipeline.errors import ConfigError
 from workers.ops.metrics import WorkerMetrics
+from workers.runtime.quietlog import INTERVAL_S
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,39 @@ def _parse_port(value: str, port_text: str, example: str) -> int:
             f"invalid listen address {value!r}: port {port} is not in 0..65535", hint=example
         )
     return port
+
+
+class QuietRequestErrors(logging.Filter):
+    """aiohttp logs every request it cannot parse (a header over 8 KiB, too many headers)
+    with its traceback: anyone reaching the port could write a trace per request. One line
+    per kind of error and interval passes, without the trace, saying how many were held."""
+
+    def __init__(self, interval_s: float = INTERVAL_S) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._seen: dict[str, tuple[float, int]] = {}  # error type -> last line, held back
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        kind = type(exc).__name__ if exc is not None else "error"
+        now = time.monotonic()
+        last, held = self._seen.get(kind, (None, 0))
+        if last is not None and now - last < self.interval_s:
+            self._seen[kind] = (last, held + 1)
+            return False
+        self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.interval_s}
+        self._seen[kind] = (now, 0)
+        first = str(exc).strip().splitlines()[0][:200] if exc is not None and str(exc) else ""
+        record.msg = f"{record.getMessage()}: {kind}: {first}"
+        if held:
+            record.msg += f" (and {held} more in the last {now - last:.0f}s)"  # type: ignore[operator]
+        record.args, record.exc_info, record.exc_text = None, None, None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+REQUEST_ERRORS = logging.getLogger("sl_pipeline.ops.requests")
+REQUEST_ERRORS.addFilter(QuietRequestErrors())
 
 
 def _json_response(body: Mapping[str, Any], status: int = 200) -> web.Response:
@@ -165,6 +200,7 @@ class OpsServer:
             access_log=None,
             handle_signals=False,
             shutdown_timeout=_SHUTDOWN_TIMEOUT_S,
+            logger=REQUEST_ERRORS,
         )
         await runner.setup()
         try:
