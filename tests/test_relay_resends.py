@@ -70,6 +70,37 @@ def test_the_reply_cache_answers_a_resend_and_refuses_a_redo_with_other_inputs()
         cache.get("client-1", "forward", (0, 5), _step(5, other, redo=True))
 
 
+def test_the_digest_is_taken_after_the_reply_leaves_and_the_request_then_let_go(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: count the hashing of requests (0.1 ms a digits batch, 2 ms for 1 MiB)
+    import workers.server.replycache as replycache
+
+    hashed: list[Message] = []
+
+    def counting(msg: Message) -> str:
+        hashed.append(msg)
+        return request_digest(msg)
+
+    monkeypatch.setattr(replycache, "request_digest", counting)
+    cache, first = ReplyCache(), _step(5, torch.randn(4, 3))
+
+    # Execute: the step's reply is kept, then (its reply sent) the cache settles
+    cache.put("client-1", "forward", (0, 5), first.reply(Kind.BACKWARD), first)
+    assert hashed == []  # not on the step's critical path
+    cache.settle()
+
+    # Assert: hashed once, the request not held any more, a redo still told apart
+    assert hashed == [first]
+    kept = cache._names["client-1"]["forward"][(0, 5)]
+    assert kept.request is None and kept.digest == request_digest(first)
+    redo = _step(5, torch.randn(4, 3), redo=True)
+    with pytest.raises(RedoError):
+        cache.get("client-1", "forward", (0, 5), redo)
+    cache.settle()
+    assert hashed == [first, redo]  # the redo's own, and nothing again
+
+
 def test_a_checkpointed_reply_cache_still_tells_a_redo_from_a_resend() -> None:
     cache, first = ReplyCache(), _step(5, torch.randn(4, 3))
     cache.put("client-1", "forward", (0, 5), first.reply(Kind.BACKWARD), first)

@@ -2,15 +2,14 @@
 
 It holds one middle segment. Downstream peers join it as they would a server (its own key,
 its own admitted set); it joins the next hop upstream as a client would. Each hop has its
-own Noise session, so what one hop seals only the next hop can open. Forward: run the
-segment, pass the output upstream, get the gradient of the output back, finish the local
-backward pass and step, return the gradient at this relay's input.
+own Noise session, so what one hop seals only the next hop can open. Forward: run the segment,
+pass the output upstream, get its gradient back, finish the backward pass and step, return
+the gradient at this relay's input.
 
-With ``[checkpoint] dir`` the relay checkpoints every ``checkpoint.every_steps`` applied
-steps, before the reply leaves (segment, optimizer, reply cache, applied-step log), so a
-``kill -9`` and a restart resume from there: its welcome names the last step of the client
-it holds, and the client resends its recorded requests after it
-(:mod:`workers.runtime.resends`), which the next hop answers from its own cache.
+With ``[checkpoint] dir`` it checkpoints every ``checkpoint.every_steps`` applied steps,
+before the reply leaves (segment, optimizer, reply cache, applied-step log); after a ``kill
+-9`` its welcome names the client's last step it holds, and the client resends its requests
+after it (:mod:`workers.runtime.resends`), which the next hop answers from its cache.
 
 A long-lived relay serves run after run, as the server does: when a client starts afresh
 it joins the server again, whose welcome names the run the chain trains in now; if that is
@@ -106,8 +105,7 @@ class RelayWorker(GivesWayOnStop, RouterService):
         self.ctx: zmq.asyncio.Context | None = None
         self.upstream: DealerConnection | None = None
         self.joined_upstream = False
-        self.replies = self._new_replies()
-        self.applied_log = AppliedLog()  # which steps it applied
+        self.replies, self.applied_log = self._new_replies(), AppliedLog()  # steps applied
         self.run_id = ""  # the run the server's last welcome named
         self.trained_run = ""  # the run the segment's weights trained in ("" = none yet)
         # clients that started afresh: the server is asked for the run at their first step
@@ -120,6 +118,9 @@ class RelayWorker(GivesWayOnStop, RouterService):
         self.checkpoint_every = max(1, cfg.checkpoint.every_steps) if self.ckpt else 1
         self.resumed_from = self._restore()
         self._saved_at = self.steps_applied
+
+    def after_replies(self) -> None:
+        self.replies.settle()  # the digests of the requests just answered (ReplyCache.put)
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         t = self.cfg.train

@@ -269,6 +269,8 @@ class ServerWorker(RunHost, RouterService):
         engine, self._settle_next = self._settle_next, None
         if engine is not None:
             engine.settle()
+        for run in self.book.runs.values():  # the digests of the requests just answered
+            run.replies.settle()
 
     async def dispatch(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
         self._settle()  # no request ever sees weights without the last update
