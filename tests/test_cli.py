@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import subprocess
 import sys
 import tomllib
@@ -206,3 +208,25 @@ def test_a_usage_error_is_one_line_naming_the_problem_and_the_help(
     assert refused.value.code == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and ": error: " in lines[0] and "--help" in lines[0], lines
+
+
+def test_with_json_logs_the_final_error_is_a_json_line(deployment, capsys) -> None:  # type: ignore[no-untyped-def]
+    """README: `--log-format json` gives one JSON object per log line, and a collector reading
+    stderr must get the line that says why the worker ended as JSON too, not as plain text."""
+    # Prepare: a server whose private key is gone, found once logging is set up
+    files = deployment()
+    (files["server"].parent / "keys" / "server.key").unlink()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    # Execute
+    try:
+        status = main(["server", "--config", str(files["server"]), "--log-format", "json"])
+    finally:  # the JSON handler must not outlive this test in its process
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    # Assert
+    assert status == 2
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line]
+    last = lines[-1]
+    assert last["level"] == "ERROR" and "server.key" in last["msg"], last
+    assert last["msg"].startswith("sl-pipeline server: error: ")

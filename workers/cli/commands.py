@@ -16,7 +16,7 @@ from sl_pipeline.config import ClientConfig, RelayConfig, ServerConfig, load
 from sl_pipeline.errors import ConfigError, SLError
 from workers.cli import privacy as privacy_cli
 from workers.cli.parser import build_parser
-from workers.ops.logs import configure_logging
+from workers.ops.logs import configure_logging, json_error_line
 
 log = logging.getLogger("sl_pipeline")
 
@@ -268,15 +268,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except SLError as exc:
-        print(f"sl-pipeline {args.command}: error: {exc}", file=sys.stderr)
+        _error(args.command, str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
     except OSError as exc:  # a path the command could not use: the operator's to fix
         if exc.filename is None:
             raise
-        print(f"sl-pipeline {args.command}: error: {_path_problem(exc)}", file=sys.stderr)
+        _error(args.command, _path_problem(exc))
         return 2
+
+
+def _error(command: str, problem: str) -> None:
+    """The one line saying why the command failed: a JSON record where the logs are JSON."""
+    line = f"sl-pipeline {command}: error: {problem}"
+    if not json_error_line(line):
+        print(line, file=sys.stderr)
 
 
 def _path_problem(exc: OSError) -> str:

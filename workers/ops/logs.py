@@ -144,4 +144,25 @@ def configure_logging(
     logging.captureWarnings(True)
 
 
-__all__ = ["JsonFormatter", "LogFormat", "TextFormatter", "configure_logging"]
+def json_error_line(line: str) -> bool:
+    """Write ``line`` (the command line's last word, why the process ends) as an ERROR record
+    through the JSON handler :func:`configure_logging` installed, whatever the level: with
+    JSON logs a collector reading stderr gets that line as JSON too. False where no JSON
+    handler is installed (the caller prints the line as text)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, _SLHandler) and isinstance(handler.formatter, JsonFormatter):
+            handler.handle(
+                logging.makeLogRecord(
+                    {
+                        "name": "sl_pipeline",
+                        "msg": line,
+                        "levelno": logging.ERROR,
+                        "levelname": "ERROR",
+                    }
+                )
+            )
+            return True
+    return False
+
+
+__all__ = ["JsonFormatter", "LogFormat", "TextFormatter", "configure_logging", "json_error_line"]
