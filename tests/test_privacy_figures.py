@@ -85,3 +85,26 @@ def test_dcor_bias_grows_with_width_and_shrinks_with_rows(
     assert found[(30, 32)] > found[(300, 32)]
     assert main(["--rows", "1"]) == 2
     assert capsys.readouterr().err.startswith("error: --rows need at least 2")
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_hijack_noise_reports_false_alarms_and_detections_per_sigma(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from workers.tools.hijack_noise import main
+
+    # Execute: 8 steps of each game at sigma 0 and 1.0 (clip 5), one seed
+    assert main(["--sigmas", "0", "1.0", "--seeds", "0", "--steps", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    # Assert: FSHA flagged at batch 6 at both (early on an honest server would still answer
+    # with label structure, so the reference resolves); the honest server is not flagged;
+    # no reference without noise
+    plain, heavy = out["rows"]
+    for row in (plain, heavy):
+        assert (row["fsha_flagged_at_batch"], row["fsha_verdict"]) == (6, "flagged")
+        assert row["honest_flagged"] is False and row["honest_verdict"] == "pass"
+    assert plain["honest_reference_score"] != plain["honest_reference_score"]  # NaN
+    assert heavy["fsha_reference_score"] > 0.2
+    assert [r["fsha_flagged_rate"] for r in out["summary"]] == [1.0, 1.0]
+    assert main(["--games", "patient", "--steps", "1"]) == 2
+    assert "--patient-steps" in capsys.readouterr().err

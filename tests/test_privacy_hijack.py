@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from privacy.hijack import FSHASetup, GradientScrutinizer, fsha_game
+from privacy.hijack import (
+    FSHASetup,
+    GradientScrutinizer,
+    HonestReference,
+    fsha_game,
+    label_score,
+)
 from sl_pipeline.errors import PrivacyError
 
 
@@ -106,13 +112,13 @@ def test_live_detector_sets_its_metrics_and_stops_training_on_a_flag(tmp_path: P
     cfg = load(ClientConfig, path, ["privacy.hijack.stop=true"])
     worker = ClientWorker(cfg, path.parent, progress=False)
     g = torch.Generator().manual_seed(0)
-    y = torch.arange(32) % 2
+    y, sent = torch.arange(32) % 2, torch.zeros(32, 64)
     # Execute / Assert: label-free gradients, as a hijacking server sends
     for _ in range(5):
-        worker.runner.scrutinize(torch.randn(32, 8, generator=g), y)
+        worker.runner.scrutinize(torch.randn(32, 8, generator=g), y, sent)
     assert worker.metrics.hijack_flagged._value.get() == 0
     with pytest.raises(PrivacyError, match="server hijack suspected at batch 6"):
-        worker.runner.scrutinize(torch.randn(32, 8, generator=g), y)
+        worker.runner.scrutinize(torch.randn(32, 8, generator=g), y, sent)
     assert worker.metrics.hijack_flagged._value.get() == 1
     assert worker.metrics.hijack_score._value.get() < 0.1
 
@@ -146,3 +152,81 @@ def test_audit_fsha_through_the_cli_counts_first_epoch_flags(
     assert result["fsha_epoch_batches"] == 15
     assert result["fsha_detected"] == 2 and result["fsha_detected_within_batches"] == 6
     assert "fsha" in result["threat_models"]
+
+
+class FixedReference(HonestReference):
+    """An honest replica that always scores ``score`` (the verdict logic alone)."""
+
+    def __init__(self, score: float) -> None:
+        self.score, self.seen = score, 0
+
+    def observe(self, sent: torch.Tensor, labels: torch.Tensor) -> float:
+        self.seen += 1
+        return self.score
+
+
+def test_label_score_is_same_minus_different_label_cosine() -> None:
+    grads = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    y = torch.tensor([0, 0, 1, 1])
+    # same: cos(g0, g1) = 1, cos(g2, g3) = 1/sqrt 2; different: 0, 1/sqrt 2, 0, 1/sqrt 2
+    half = 2**-0.5
+    assert label_score(grads, y) == pytest.approx((1 + half) / 2 - half / 2, abs=1e-12)
+    assert label_score(grads, torch.zeros(4, dtype=torch.long)) != label_score(grads, y)
+
+
+@pytest.mark.parametrize(
+    ("honest", "verdict", "flagged_at", "unjudged"),
+    [
+        (0.0, "cannot_judge", None, 15),  # an honest server would score as low: no alarm
+        (0.19, "cannot_judge", None, 15),  # below threshold 0.1 + margin 0.1
+        (0.2, "flagged", 6, 0),  # resolvable: the first low window flags, as without one
+        (0.8, "flagged", 6, 0),
+    ],
+)
+def test_a_low_window_is_judged_against_the_honest_reference(
+    honest: float, verdict: str, flagged_at: int | None, unjudged: int
+) -> None:
+    # Prepare: label-free gradients (a hijacking server's, or a starved honest one's)
+    g = torch.Generator().manual_seed(0)
+    reference = FixedReference(honest)
+    detector = GradientScrutinizer(reference=reference)
+    y = torch.arange(32) % 4
+    # Execute
+    for _ in range(20):
+        detector.observe(torch.randn(32, 4, generator=g), y, torch.zeros(32, 4))
+    # Assert: 20 batches, windows judged from batch 6 on (15 of them) until a flag
+    assert (detector.run_verdict, detector.flagged_at, detector.unjudged) == (
+        verdict,
+        flagged_at,
+        unjudged,
+    )
+    assert reference.seen == 20 and detector.reference_score == pytest.approx(honest)
+    with pytest.raises(PrivacyError, match="needs the sent activations"):
+        detector.observe(torch.randn(32, 4), y)
+
+
+def test_a_window_that_passes_is_never_cannot_judge() -> None:
+    # Prepare: label-dependent gradients, a reference that says nothing could be resolved
+    detector = GradientScrutinizer(reference=FixedReference(0.0))
+    y = torch.arange(32) % 2
+    grads = torch.where(y[:, None] == 1, 1.0, -1.0) * torch.ones(32, 4)
+    # Execute
+    for _ in range(10):
+        detector.observe(grads, y, torch.zeros(32, 4))
+    # Assert
+    assert detector.run_verdict == "pass" and detector.judged == 5 and detector.unjudged == 0
+
+
+def test_honest_reference_scores_the_replicas_cut_gradients_and_trains_it() -> None:
+    # Prepare: a linear replica at fixed weights; its cut gradient is W^T (softmax - onehot)
+    rest = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        rest.weight.copy_(torch.eye(2))
+    reference = HonestReference(rest, torch.optim.SGD(rest.parameters(), lr=0.1))
+    sent = torch.ones(4, 2)  # equal logits: every softmax is (1/2, 1/2)
+    y = torch.tensor([0, 0, 0, 1])
+    # Execute
+    score = reference.observe(sent, y)
+    # Assert: per-class gradients (-1/2, 1/2) and (1/2, -1/2): same cos 1, different -1
+    assert score == pytest.approx(2.0, abs=1e-12)
+    assert not torch.equal(rest.weight.detach(), torch.eye(2))  # one honest step taken

@@ -60,11 +60,13 @@ AUDIT_KEYS = (
     "activation_epsilon",
     "dpsgd_epsilon",
     "hijack_min_score",
+    "hijack_reference_score",
     "fsha_runs",
     "fsha_steps",
     "fsha_detected",
     "fsha_detected_within_batches",
     "fsha_epoch_batches",
+    "fsha_cannot_judge",
     "fsha_mse",
     "fsha_nearest_public_mse",
     "fsha_ssim",
@@ -264,7 +266,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(jsonable(result)), flush=True)
         return 0
-    for key in ("hijack_flagged", "label_leak_attack"):
+    for key in ("hijack_flagged", "hijack_verdict", "label_leak_attack"):
         if key in result:
             print(f"{key:>41}: {result[key]}")
     for key in AUDIT_KEYS:

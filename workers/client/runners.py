@@ -52,7 +52,7 @@ class UShapedRunner(StepRunner):
             protect_with=target,
         )
         cut_grad = reply_tensor(grad_reply, Kind.BACKWARD, "grad", self.cfg.max_abs, sent.shape)
-        self.scrutinize(cut_grad, y)
+        self.scrutinize(cut_grad, y, sent)
         self.apply_gradient(x, act, sent, cut_grad)
         return float(loss.detach())
 
@@ -64,6 +64,7 @@ class VerticalRunner(StepRunner):
     sends_labels = False
     supports_pipelining = False
     adaptive_wait = False
+    replicable = False  # the server fuses every party's activations: no one replicates it
 
     async def train_step(
         self, step: int, x: torch.Tensor, y: torch.Tensor | None, ids: torch.Tensor
@@ -101,6 +102,8 @@ class VerticalRunner(StepRunner):
 
 
 class MultitaskRunner(StepRunner):
+    replicable = False  # the server's head is this client's task's, not model.classes'
+
     def forward_meta(self) -> dict[str, Any]:
         if not self.cfg.data.task:
             raise ConfigError("multitask: set data.task to this client's task")

@@ -24,6 +24,7 @@ from sl_pipeline.lowbit import Residuals
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.models import build_segments, make_optimizer, resolve_device
 from sl_pipeline.tensors import as_input, wire_labels, wire_tensors
+from workers.client.hijack_watch import HijackWatch, build_detector
 from workers.client.host import RunnerConfig, RunnerHost
 from workers.client.private import PrivateBatches
 from workers.client.replies import Shape, reply_loss, reply_tensor
@@ -44,6 +45,9 @@ class StepRunner:
     # The reply wait follows the measured round trip; off where a reply waits for other
     # parties (their pace is no round trip of ours, and a resent evaluation part is refused).
     adaptive_wait = True
+    # The rest of the model after the first segment is what an honest party computes with
+    # cross-entropy on this client's labels: the hijack detector can replicate it.
+    replicable = True
 
     def __init__(self, worker: RunnerHost, cfg: RunnerConfig) -> None:
         self.host = worker
@@ -70,14 +74,14 @@ class StepRunner:
             from privacy.nopeek import NoPeekLoss
 
             self.nopeek = NoPeekLoss(self.privacy.nopeek.alpha)
-        self.detector: Any = None
-        if self.privacy.hijack is not None:
-            from privacy.hijack import GradientScrutinizer
-
-            h = self.privacy.hijack
-            self.detector = GradientScrutinizer(h.threshold, h.window, h.warmup)
-            worker.metrics.hijack_flagged.set(0)
         self.device = resolve_device(cfg.train.device)
+        self.watch: HijackWatch | None = None
+        if self.privacy.hijack is not None:
+            args = (cfg.model, cfg.train, worker.topology)
+            found = build_detector(
+                self.privacy, *args, replicable=self.replicable, device=self.device
+            )
+            self.watch = HijackWatch(found, self.privacy.hijack, worker.metrics)
         self.modules = {n: m.to(self.device) for n, m in self.build_modules().items()}
         params = [p for m in self.modules.values() for p in m.parameters()]
         t = cfg.train
@@ -219,30 +223,16 @@ class StepRunner:
         reply = await self.host.request(self.forward_message(step, sent, y, ids))
         grad = reply_tensor(reply, Kind.BACKWARD, "grad", self.cfg.max_abs, sent.shape)
         loss = reply_loss(reply)  # all of the reply checked before any of it is applied
-        self.scrutinize(grad, y)
+        self.scrutinize(grad, y, sent)
         self.apply_gradient(x, act, sent, grad)
         return loss
 
-    def scrutinize(self, grad: torch.Tensor, y: torch.Tensor | None) -> None:
-        """Feed the hijack detector (if on) the cut gradient before it is applied; with
-        ``privacy.hijack.stop`` a flag ends training before the gradient touches the weights."""
-        if self.detector is None or y is None or grad.shape[0] != y.shape[0]:
-            return
-        was = self.detector.flagged
-        self.detector.observe(grad, y)
-        metrics = self.host.metrics
-        if len(self.detector.scores) == self.detector.window:
-            metrics.hijack_score.set(sum(self.detector.scores) / self.detector.window)
-        if self.detector.flagged and not was:
-            metrics.hijack_flagged.set(1)
-            message = (
-                f"server hijack suspected at batch {self.detector.flagged_at}: the cut "
-                "gradients stopped depending on the labels"
-            )
-            assert self.privacy.hijack is not None
-            if self.privacy.hijack.stop:
-                raise PrivacyError(message, hint="privacy.hijack.stop ended training")
-            log.warning("%s (privacy.hijack.stop is off: training goes on)", message)
+    def scrutinize(self, grad: torch.Tensor, y: torch.Tensor | None, sent: torch.Tensor) -> None:
+        """Feed the hijack detector (if on) the cut gradient, and the activations it answers,
+        before it is applied; with ``privacy.hijack.stop`` a flag ends training before the
+        gradient touches the weights."""
+        if self.watch is not None and y is not None and grad.shape[0] == y.shape[0]:
+            self.watch.observe(grad, y, sent)
 
     async def exchange_twice(
         self,
@@ -361,6 +351,8 @@ class StepRunner:
             out["activation_mechanism"] = self.accountant.mechanism_name
         if self.private is not None:
             out["dpsgd_epsilon"] = round(self.private.epsilon(), 4)
+        if self.watch is not None:
+            out.update(self.watch.report())
         return out
 
     def save(self) -> None:

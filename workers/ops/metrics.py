@@ -199,6 +199,18 @@ class WorkerMetrics:
             "1 once the hijack detector flagged the server (its gradients ignore the labels).",
             registry=reg,
         )
+        self.hijack_cannot_judge = Gauge(
+            "sl_hijack_cannot_judge",
+            "1 while the hijack detector's last window was low but cannot be judged: an honest "
+            "server would score as low for what this client sends (its own noise).",
+            registry=reg,
+        )
+        self.hijack_reference_score = Gauge(
+            "sl_hijack_reference_score",
+            "Hijack detector: an honest replica's mean score over the last window (NaN "
+            "without a reference: no privacy.noise or privacy.nopeek on this client).",
+            registry=reg,
+        )
 
     def _progress_metrics(self, reg: CollectorRegistry) -> None:
         """Applied steps, retries, checkpoints, and whether the work finished."""
@@ -270,7 +282,8 @@ class WorkerMetrics:
         # "No value yet" is NaN, not 0: a loss, an accuracy or a dCor of 0 would be a claim.
         # The privacy gauges appear only once a mechanism reports: an epsilon of 0 for a
         # mechanism that is not running would read as "perfect privacy".
-        for gauge in (self.train_loss, self.test_accuracy, self.dcor_last, self.hijack_score):
+        nan = (self.train_loss, self.test_accuracy, self.dcor_last, self.hijack_score)
+        for gauge in (*nan, self.hijack_reference_score):
             gauge.set(math.nan)
 
     def record_message(self, direction: str, kind: str, nbytes: int) -> None:

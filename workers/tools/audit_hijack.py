@@ -11,15 +11,19 @@ false positives show up as ``hijack_flagged``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
+from privacy.defenses import build_defenses
 from privacy.hijack import FSHA_STEPS, FSHASetup, GradientScrutinizer, fsha_game
 from sl_pipeline.config import ClientConfig
 from sl_pipeline.data import PartyData
 from sl_pipeline.errors import ConfigError
 from sl_pipeline.models import build_segments
+from workers.client.hijack_watch import build_detector
+from workers.client.host import RunnerConfig
 from workers.client.worker import ClientWorker
 
 FSHA_TOPOLOGIES = ("vanilla",)
@@ -43,7 +47,11 @@ def attach_scrutinizer(client: ClientWorker) -> Any:
     runner: Any = client.runner
     if client.data.train.y is None or runner.privacy.label_protection_on:
         return None
-    detector = GradientScrutinizer()
+    model, train = runner.cfg.model, runner.cfg.train
+    detector = build_detector(
+        runner.privacy, model, train, client.topology, replicable=runner.replicable,
+        device=runner.device,
+    )  # fmt: skip
     train_step, apply_gradient = runner.train_step, runner.apply_gradient
     current: dict[str, torch.Tensor] = {}
 
@@ -54,11 +62,28 @@ def attach_scrutinizer(client: ClientWorker) -> Any:
 
     def apply(x: torch.Tensor, act: torch.Tensor, sent: torch.Tensor, grad: torch.Tensor) -> None:
         if "y" in current and grad.shape[0] == current["y"].shape[0]:
-            detector.observe(grad, current["y"])
+            detector.observe(grad, current["y"], sent)
         apply_gradient(x, act, sent, grad)
 
     runner.train_step, runner.apply_gradient = step, apply
     return detector
+
+
+def hijack_measures(detectors: list[GradientScrutinizer | None]) -> dict[str, Any]:
+    """The honest run's detectors (any flag is a false alarm): whether one flagged, the
+    lowest score of their last window, the run's verdict (``cannot_judge`` where a low window
+    was below what the test resolves), and the honest reference's last score."""
+    watching = [d for d in detectors if d is not None]
+    if not watching:
+        return {}
+    verdicts = {d.run_verdict for d in watching}
+    order = ("flagged", "cannot_judge", "pass", "warming")
+    return {
+        "hijack_flagged": any(d.flagged for d in watching),
+        "hijack_min_score": min(min(d.scores, default=math.inf) for d in watching),
+        "hijack_verdict": next(v for v in order if v in verdicts),
+        "hijack_reference_score": min(d.reference_score for d in watching),
+    }
 
 
 def fsha_audit(
@@ -73,12 +98,18 @@ def fsha_audit(
     def segment() -> torch.nn.Module:
         return build_segments(cfg.model, "vanilla")[0]
 
-    setup = FSHASetup(
-        segment, data.train.x, data.train.y, data.test.x, steps, t.batch_size, t.lr, t.momentum
-    )
+    privacy = RunnerConfig.of(cfg).privacy
     found = []
     for run in range(runs):
-        detector = GradientScrutinizer()
+        # the client's own cut-layer defense, its noise seeded for the audit to repeat
+        noise = torch.Generator().manual_seed(seed * 1000 + run)
+        defense = build_defenses(privacy, generator=noise)
+        setup = FSHASetup(
+            segment, data.train.x, data.train.y, data.test.x, steps, t.batch_size, t.lr,
+            t.momentum, defense=defense.apply,
+        )  # fmt: skip
+        cpu = torch.device("cpu")
+        detector = build_detector(privacy, cfg.model, t, "vanilla", replicable=True, device=cpu)
         found.append(fsha_game(setup, seed=seed * 1000 + run, detector=detector))
     flagged = [r["flagged_at_batch"] for r in found if r["flagged_at_batch"] is not None]
     in_epoch = [at for at in flagged if at <= epoch]
@@ -88,6 +119,8 @@ def fsha_audit(
         "fsha_detected": len(in_epoch),  # within the first epoch
         "fsha_detected_within_batches": max(in_epoch) if in_epoch else None,
         "fsha_epoch_batches": epoch,
+        # never flagged, and some low window the detector could not judge (its own noise)
+        "fsha_cannot_judge": sum(r["verdict"] == "cannot_judge" for r in found),
         "fsha_mse": sum(r["fsha_mse"] for r in found) / runs,
         "fsha_nearest_public_mse": found[0]["fsha_nearest_public_mse"],
     }
@@ -97,4 +130,11 @@ def fsha_audit(
     return out
 
 
-__all__ = ["FSHA_STEPS", "FSHA_TOPOLOGIES", "attach_scrutinizer", "check_fsha", "fsha_audit"]
+__all__ = [
+    "FSHA_STEPS",
+    "FSHA_TOPOLOGIES",
+    "attach_scrutinizer",
+    "check_fsha",
+    "fsha_audit",
+    "hijack_measures",
+]

@@ -21,6 +21,7 @@ from sl_pipeline.messages import Kind
 from sl_pipeline.models import build_segments
 from workers.client.worker import ClientWorker
 from workers.server.worker import ServerWorker
+from workers.tools.audit_hijack import hijack_measures
 
 if TYPE_CHECKING:
     from privacy.reconstruction import DecoderJob, JobRunner
@@ -382,10 +383,7 @@ def measure(trained: Trained, seed: int, attack_seeds: int = ATTACK_SEEDS) -> di
     if trained.received:
         result["feature_party_told"] = sorted(set().union(*trained.received.values()))
     result.update(measure_sent_labels(trained))
-    watching = [d for d in trained.detectors if d is not None]
-    if watching:  # the honest run: any flag here is a false positive
-        result["hijack_flagged"] = any(d.flagged for d in watching)
-        result["hijack_min_score"] = min(min(d.scores, default=math.inf) for d in watching)
+    result.update(hijack_measures(trained.detectors))  # the honest run: a flag is false
     result.update(_epsilons(trained))
     attacks = ["dcor", "reconstruction"] + (["label_leakage"] if trained.grads else [])
     attacks += ["model_completion"] if "completion_known" in result else []

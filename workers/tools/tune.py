@@ -69,6 +69,8 @@ METRIC_KEYS = (
     "cluster_label_chance",
     "hijack_flagged",
     "hijack_min_score",
+    "hijack_verdict",
+    "hijack_reference_score",
     "epsilon",
     "epsilon_mechanism",
     "activation_epsilon",
