@@ -20,6 +20,7 @@ from sl_pipeline.models import build_segments
 from sl_pipeline.tensors import read_tensor
 from sl_pipeline.transport import DealerConnection
 from workers.server.worker import ServerWorker
+from workers.tools.inprocess import wait_until
 
 from .test_hostile_numeric import serving
 from .test_hostile_peers import assert_refused, assert_serving, join
@@ -173,3 +174,26 @@ async def test_parts_of_one_batch_with_different_ids_end_it_for_every_party(depl
             assert error.remote_code == "protocol" and "different sample ids" in str(error)
         assert server.steps_applied == 0
         await assert_serving(honest, task)
+
+
+async def test_a_client_leaving_mid_step_leaves_no_stale_forward_for_the_next(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: client-2 opens a step; client-1's forward queues behind it; client-2 leaves
+    async with two_clients(deployment, "ushaped") as (server, honest, hostile, task):
+        shape = server.engine.act_shape
+        assert shape is not None
+        act = torch.rand(4, *shape)
+        await hostile.send(Message(Kind.FORWARD, tensors={"act": act}))
+        await hostile.recv(10)
+        first = Message(Kind.FORWARD, tensors={"act": act})
+        await honest.send(first)
+        await hostile.send(Message(Kind.BYE))
+        await wait_until(lambda: server.engine.queue_depth() == 1 and len(server.peers) == 1)
+        # Execute: client-1's resend (its reply timed out) is served; it ends its step
+        await honest.send(first)
+        out = read_tensor(await honest.recv(10), "out")
+        await honest.send(Message(Kind.BACKWARD, tensors={"grad": torch.randn(out.shape)}))
+        assert (await honest.recv(10)).kind is Kind.BACKWARD
+        # Assert: nothing more comes for the step (before, its stale queued copy was served
+        # as a new step: an unasked result that ended the client as a mismatched reply)
+        await assert_serving(honest, task)
+        assert server.engine.queue_depth() == 0 and server.steps_applied == 1

@@ -56,6 +56,9 @@ class MiddleEngine(Engine):
                 # answered when the open step ends; a full queue refuses the newcomer
                 self._waiting.add(msg.client, (identity, msg), "clients waiting for a step")
                 return []
+            # served now: a copy of it still queued (its step's client left, and it resent)
+            # would open the same step again later, an answer its client never asked for
+            self._waiting.pop(msg.client)
             return [self._forward(identity, msg)]
         if msg.kind is Kind.BACKWARD:
             return [(identity, self._backward(msg)), *self._next_waiting()]
