@@ -230,3 +230,19 @@ def test_with_json_logs_the_final_error_is_a_json_line(deployment, capsys) -> No
     last = lines[-1]
     assert last["level"] == "ERROR" and "server.key" in last["msg"], last
     assert last["msg"].startswith("sl-pipeline server: error: ")
+
+
+def test_with_json_logs_a_bad_config_key_is_a_json_line(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """The same before the worker set its logging up: the config is refused first."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[train]\nepochz = 3\n")
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        status = main(["client", "--config", str(cfg), "--log-format", "json"])
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    assert status == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "train.epochz" in json.loads(line)["msg"]

@@ -268,20 +268,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except SLError as exc:
-        _error(args.command, str(exc))
+        _error(args, str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
     except OSError as exc:  # a path the command could not use: the operator's to fix
         if exc.filename is None:
             raise
-        _error(args.command, _path_problem(exc))
+        _error(args, _path_problem(exc))
         return 2
 
 
-def _error(command: str, problem: str) -> None:
-    """The one line saying why the command failed: a JSON record where the logs are JSON."""
-    line = f"sl-pipeline {command}: error: {problem}"
+def _error(args: argparse.Namespace, problem: str) -> None:
+    """The one line saying why the command failed: a JSON record where the logs are JSON
+    (also when it failed before its logging was set up, e.g. on a bad config key)."""
+    line = f"sl-pipeline {args.command}: error: {problem}"
+    if getattr(args, "log_format", None) == "json" and not json_error_line(line):
+        configure_logging("json", "INFO", args.command)
     if not json_error_line(line):
         print(line, file=sys.stderr)
 
