@@ -25,6 +25,7 @@ from workers.client.microbatch import MAX_DEPTH, DepthProbe, Pipeline
 from workers.client.staleness import MomentumCompensation, compensated_momentum
 from workers.client.steps import StepRunner
 from workers.client.worker import ClientWorker
+from workers.runtime.resends import RecordedSteps
 from workers.server.replycache import ReplyCache
 from workers.tools.localdeploy import init_deployment
 
@@ -77,6 +78,7 @@ def train(depth: int, compensate: bool) -> tuple[float, list[float]]:
             conn=QuadraticServer(),
             timer=timer,
             reply_unless_stopped=lambda conn, wait: conn.recv(wait),
+            recorded=RecordedSteps(),
         ),
     )
     x = torch.eye(DIM)

@@ -119,9 +119,6 @@ class RelayWorker(GivesWayOnStop, RouterService):
         self.resumed_from = self._restore()
         self._saved_at = self.steps_applied
 
-    def after_replies(self) -> None:
-        self.replies.settle()  # the digests of the requests just answered (ReplyCache.put)
-
     def _new_optimizer(self) -> torch.optim.Optimizer:
         t = self.cfg.train
         return make_optimizer(list(self.segment.parameters()), t.optimizer, t.lr, t.momentum)
@@ -133,6 +130,7 @@ class RelayWorker(GivesWayOnStop, RouterService):
             on_hit=lambda: self.metrics.record_bound("relay_cache"),
             max_bytes=max(1, r.reply_cache_mib) * MIB,
             on_bytes_hit=lambda: self.metrics.record_bound("reply_cache_bytes"),
+            digests=False,  # its clients resend the steps it lost, the same requests
         )
 
     async def _follow_run(self, msg: Message) -> None:

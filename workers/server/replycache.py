@@ -12,12 +12,14 @@ newest step must be answered from here, or it would be applied twice, while a re
 one whose reply is gone is refused as stale, which is an error and never a double step.
 
 A reply is kept with the digest of the request it answers
-(:func:`sl_pipeline.messages.request_digest`). A request that says it redoes a step (meta
-``redo``: a rewound client, whose DP-SGD rows are drawn afresh) is answered from here only
-if it is that request again; with other inputs it is refused (``RedoError``), never answered
-with the other inputs' gradients and never applied a second time. A request without it is a
-resend: a restarted client that recomputed its step in flight over the same rows (with a
-cut-layer noise defense, fresh noise) gets the gradient those rows were applied with.
+(:func:`sl_pipeline.messages.request_digest`; ``digests``: a server keeps them where its
+clients may rewind and redo steps, as it checkpoints every N > 1 steps). A request that
+says it redoes a step (meta ``redo``: a rewound client, whose DP-SGD rows are drawn afresh)
+is answered from here only if it is that request again; with other inputs it is refused
+(``RedoError``), never answered with the other inputs' gradients and never applied a second
+time. A request without it is a resend: a restarted client that recomputed its step in
+flight over the same rows (with a cut-layer noise defense, fresh noise) gets the gradient
+those rows were applied with.
 
 A checkpoint holds less (:meth:`ReplyCache.entries`): every name's newest reply per kind
 (bounded with the cache), and older replies, newest first, only within ``checkpoint_bytes``.
@@ -64,12 +66,14 @@ class ReplyCache:
         max_bytes: int = DEFAULT_MAX_BYTES,
         on_bytes_hit: Callable[[], None] = no_hit,
         checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES,
+        digests: bool = True,  # keep each request's digest (off where no redo can come)
     ) -> None:
         if max_names < 1 or max_bytes < 1 or checkpoint_bytes < 0:
             raise ValueError("a reply cache needs room for at least one name and one byte")
         self.depth = depth
         self.max_names, self.max_bytes = max_names, max_bytes
         self.checkpoint_bytes = checkpoint_bytes
+        self.digests = digests
         self.on_hit, self.on_bytes_hit = on_hit, on_bytes_hit
         self.bytes = 0  # the replies held, in all
         self._names: OrderedDict[str, dict[str, Steps]] = OrderedDict()  # least recent first
@@ -114,8 +118,9 @@ class ReplyCache:
         taken by :meth:`settle` once the reply is on its way (hashing the request's tensors
         costs 0.1 ms for a digits batch and 2 ms for 1 MiB: not on the step's critical path),
         or at once where it is asked for before (:meth:`get`, :meth:`entries`)."""
-        self._put(client, kind, step, reply, "", request)
-        if request is not None:
+        kept = request if self.digests else None
+        self._put(client, kind, step, reply, "", kept)
+        if kept is not None:
             self._undigested.append((client, kind, step))
 
     def settle(self) -> None:

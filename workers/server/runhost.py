@@ -60,6 +60,7 @@ class RunHost:
             max_bytes=max(1, self.cfg.server.reply_cache_mib) * MIB,
             on_bytes_hit=lambda: self.metrics.record_bound("reply_cache_bytes"),
             checkpoint_bytes=max(0, self.cfg.server.checkpoint_replies_mib) * MIB,
+            digests=self.cfg.checkpoint.every_steps > 1,  # only then may a client redo steps
         )
 
     def _runs_dir(self) -> Path | None:
