@@ -128,12 +128,13 @@ async def test_a_wrong_sized_submission_is_refused_to_its_sender_only(deployment
 
 
 # ---- vertical: a party's sample ids are checked with its part ------------------------------
-BAD_IDS = {
-    "two-d": torch.tensor([[0, 1], [2, 3]]),
-    "too-few": torch.tensor([0, 1]),
-    "empty": torch.zeros(0, dtype=torch.int64),
-    "float": torch.tensor([0.0, 1.0, 2.0, 3.0]),
-    "out-of-range": torch.tensor([0, 1, 2, 10**9]),
+BAD_IDS = {  # rows of act, ids
+    "two-d": (4, torch.tensor([[0, 1], [2, 3]])),
+    "too-few": (4, torch.tensor([0, 1])),
+    "empty": (4, torch.zeros(0, dtype=torch.int64)),
+    "float": (4, torch.tensor([0.0, 1.0, 2.0, 3.0])),
+    "out-of-range": (4, torch.tensor([0, 1, 2, 10**9])),
+    "rows-of-act": (3, torch.arange(4)),  # the other party's ids, for fewer rows
 }
 
 
@@ -145,8 +146,9 @@ async def test_a_partys_wrong_ids_are_its_own_refusal(deployment, bad: str) -> N
         ids = torch.arange(4)
         await honest.send(Message(Kind.FORWARD, tensors={"act": torch.rand(4, width), "ids": ids}))
         # Execute: client-2's part of the same batch, with wrong ids
+        rows, wrong = BAD_IDS[bad]
         act = torch.rand(4, width)
-        await hostile.send(Message(Kind.FORWARD, tensors={"act": act, "ids": BAD_IDS[bad]}))
+        await hostile.send(Message(Kind.FORWARD, tensors={"act": act[:rows], "ids": wrong}))
         error = await assert_refused(hostile)
         # Assert: a protocol refusal naming the ids, to client-2 only; the batch still open,
         # which client-2's right part completes: each party gets its own gradient
