@@ -107,6 +107,8 @@ class QuietRequestErrors(logging.Filter):
         self._seen: dict[str, tuple[float, int]] = {}  # error type -> last line, held back
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR and not record.exc_info:
+            return True  # aiohttp's debug lines, when asked for, stay as they are
         exc = record.exc_info[1] if record.exc_info else None
         kind = type(exc).__name__ if exc is not None else "error"
         now = time.monotonic()
@@ -114,8 +116,7 @@ class QuietRequestErrors(logging.Filter):
         if last is not None and now - last < self.interval_s:
             self._seen[kind] = (last, held + 1)
             return False
-        self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.interval_s}
-        self._seen[kind] = (now, 0)
+        self._seen[kind] = (now, 0)  # bounded: a key per exception type aiohttp raises
         first = str(exc).strip().splitlines()[0][:200] if exc is not None and str(exc) else ""
         record.msg = f"{record.getMessage()}: {kind}: {first}"
         if held:
