@@ -62,7 +62,7 @@ from workers.runtime.checkpoint import (
 from workers.runtime.diagnose import probe
 from workers.runtime.freshstarts import FreshStarts
 from workers.runtime.peers import Listen, Peer, reject_reason
-from workers.runtime.resends import RESEND, check_resends
+from workers.runtime.resends import RESEND, check_resends, check_server_every
 from workers.runtime.service import Replies, RouterService
 from workers.runtime.startup import load_own_key, load_peer_key, warn_insecure
 from workers.runtime.stopping import GivesWayOnStop
@@ -258,6 +258,7 @@ class RelayWorker(GivesWayOnStop, RouterService):
         self.upstream_hs.hello = {**hello, "for": speaking_for} if speaking_for else hello
         welcome = await self.upstream.handshake(self.upstream_hs, self.cfg.relay.timeout_s)
         self.run_id = str(checked_welcome(welcome).get("run") or "")
+        check_server_every(welcome, self.cfg.relay.upstream)
         self.joined_upstream = True
         log.info("relay joined upstream %s (cipher %s)", self.cfg.relay.upstream, welcome["cipher"])
         return welcome

@@ -22,7 +22,7 @@ import logging
 from collections import deque
 from typing import Any
 
-from sl_pipeline.errors import VersionError
+from sl_pipeline.errors import ConfigError, VersionError
 from sl_pipeline.messages import Kind, Message
 
 log = logging.getLogger("sl_pipeline.client")
@@ -51,6 +51,19 @@ def check_resends(hello: dict[str, Any], name: str, relay: str, every: int) -> N
         f'a restart of it loses (its hello has no recover = ["resend"]): {fix}, or set '
         f"checkpoint.every_steps = 1 in {relay}'s config"
     )
+
+
+def check_server_every(welcome: dict[str, Any], upstream: str) -> None:
+    """A server that checkpoints every N > 1 steps loses up to N-1 applied steps in a crash
+    and counts on its clients to rewind and redo them; a relay cannot (its segment applied
+    them, and its clients resend to it rather than rewind), so it would carry on past them."""
+    every = int(welcome.get("checkpoint_every") or 1)
+    if every > 1:
+        raise ConfigError(
+            f"the server at relay.upstream = {upstream!r} checkpoints every {every} steps, "
+            "and a relay cannot rewind the steps a restart of it between checkpoints loses: "
+            "set checkpoint.every_steps = 1 in the server's config"
+        )
 
 
 class RecordedSteps:
