@@ -15,6 +15,7 @@ from sl_pipeline.config import MAX_PIPELINE_DEPTH
 from sl_pipeline.errors import PeerError, SLError, TransportError
 from sl_pipeline.messages import check_answers
 from workers.client.link import MAX_RETRIES_PER_REQUEST, Upstream
+from workers.client.patience import WAIT_CODES
 from workers.runtime.resends import Step
 
 log = logging.getLogger("sl_pipeline.client")
@@ -34,7 +35,10 @@ async def rejoined(
             if isinstance(exc, PeerError) and not exc.retryable:
                 raise
             last = exc
-            link.lost(exc)
+            if isinstance(exc, PeerError) and exc.remote_code in WAIT_CODES:
+                await link.wait_out(exc)  # "later": within the one window (Patience)
+            else:
+                link.lost(exc)
     raise TransportError(f"gave up resending the steps the relay lost (the last: {last})")
 
 
