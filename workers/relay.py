@@ -62,7 +62,7 @@ from workers.runtime.checkpoint import (
 from workers.runtime.diagnose import probe
 from workers.runtime.freshstarts import FreshStarts
 from workers.runtime.peers import Listen, Peer, reject_reason
-from workers.runtime.resends import RESEND, check_resends, check_server_every
+from workers.runtime.resends import RESEND, check_not_stale, check_resends, check_server_every
 from workers.runtime.service import Replies, RouterService
 from workers.runtime.startup import load_own_key, load_peer_key, warn_insecure
 from workers.runtime.stopping import GivesWayOnStop
@@ -355,6 +355,7 @@ class RelayWorker(GivesWayOnStop, RouterService):
         if cached is not None:
             log.info("%s resent forward %s: answering from cache", msg.client, step)
             return cached
+        check_not_stale(step, self.replies.newest(msg.client, Kind.FORWARD.value), msg.client)
         act = read_tensor(msg, "act", self.max_batch, self.max_abs, self.act_shape)
         act = as_input(act, True, self.device)
         out = run_segment(self.segment, act)

@@ -22,7 +22,7 @@ import logging
 from collections import deque
 from typing import Any
 
-from sl_pipeline.errors import ConfigError, VersionError
+from sl_pipeline.errors import ConfigError, StaleStepError, VersionError
 from sl_pipeline.messages import Kind, Message
 
 log = logging.getLogger("sl_pipeline.client")
@@ -63,6 +63,18 @@ def check_server_every(welcome: dict[str, Any], upstream: str) -> None:
             f"the server at relay.upstream = {upstream!r} checkpoints every {every} steps, "
             "and a relay cannot rewind the steps a restart of it between checkpoints loses: "
             "set checkpoint.every_steps = 1 in the server's config"
+        )
+
+
+def check_not_stale(step: Step, newest: Step | None, client: str) -> None:
+    """A relay applies no step older than the newest it applied for ``client`` and no longer
+    holds the reply of (as the server refuses it): the server may still answer it from its
+    cache, and the relay would apply it a second time."""
+    if newest is not None and step < newest:
+        raise StaleStepError(
+            f"step {step} is older than the steps this relay applied for {client} (up to "
+            f"{newest}) and its reply is no longer kept: it is refused rather than applied "
+            "again; resume the client from its checkpoint ([checkpoint] dir)"
         )
 
 
