@@ -114,3 +114,26 @@ def test_audit_reports_the_verdict_and_the_honest_reference(
     assert result["hijack_flagged"] is False and result["hijack_verdict"] == "cannot_judge"
     assert result["hijack_reference_score"] < 0.2
     assert result["fsha_detected"] == 1 and result["fsha_cannot_judge"] == 0
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.filterwarnings("ignore")
+def test_a_pipelined_client_feeds_the_detector_too(
+    capsys: pytest.CaptureFixture[str], served: Any
+) -> None:
+    # Prepare: the label-free server above, and a client with two steps in flight (before,
+    # only the plain and u-shaped steps reached the detector: a pipelined client trained on)
+    files, server = served("breast_cancer")
+    g = torch.Generator().manual_seed(0)
+
+    def noise_like(request: Message, reply: Message) -> Message:
+        return _grad(reply, lambda grad: torch.randn(grad.shape, generator=g) * grad.std())
+
+    server.tamper, server.from_step = noise_like, 0
+    # Execute
+    status = main(_client(files, "train.pipeline_depth=2"))
+    err = capsys.readouterr().err
+    # Assert: stopped at the first window after the warm-up, in one line
+    assert status == 2, err[-400:]
+    last = err.rstrip("\n").splitlines()[-1]
+    assert "server hijack suspected at batch 6" in last and "Traceback" not in err

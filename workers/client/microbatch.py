@@ -71,6 +71,7 @@ class InFlight:
     msg: Message
     started: float
     client_s: float  # this client's own compute for the step so far
+    y: torch.Tensor | None = None  # its labels, for the hijack detector
 
 
 @dataclass
@@ -237,7 +238,7 @@ class Pipeline:
                 client_s = time.perf_counter() - started
                 link.recorded.record(msg)
                 await link.conn.send(msg)
-                inflight.append(InFlight(step, x, act, sent, stash, msg, started, client_s))
+                inflight.append(InFlight(step, x, act, sent, stash, msg, started, client_s, y))
                 while len(inflight) >= depth:  # more than one after auto lowered the depth
                     yield await self._complete(epoch, inflight, probe)
                     if probe is not None:
@@ -262,6 +263,7 @@ class Pipeline:
         max_abs = self.host.cfg.limits.max_abs_value
         grad = reply_tensor(reply, Kind.BACKWARD, "grad", max_abs, item.sent.shape)
         loss = reply_loss(reply)  # all of the reply checked before any of it is applied
+        self.host.runner.scrutinize(grad, item.y, item.sent)  # the hijack detector, if on
         self.host.runner.apply_stashed(item.x, item.act, item.sent, item.stash, grad)
         end = time.perf_counter()
         if probe is not None:
