@@ -49,6 +49,19 @@ def served(deployment: Any) -> Iterator[Any]:
         root.setLevel(level)
 
 
+def _label_free(served: Any) -> dict[str, Path]:
+    """breast_cancer's files, and a server answering every step with noise-like, label-free
+    gradients (what a hijacker hiding as "the client's own noise" would send)."""
+    files, server = served("breast_cancer")
+    g = torch.Generator().manual_seed(0)
+
+    def noise_like(request: Message, reply: Message) -> Message:
+        return _grad(reply, lambda grad: torch.randn(grad.shape, generator=g) * grad.std())
+
+    server.tamper, server.from_step = noise_like, 0
+    return files
+
+
 def _client(files: dict[str, Path], *sets: str) -> list[str]:
     extra = [arg for s in (*sets, "privacy.hijack.stop=true") for arg in ("--set", s)]
     return ["client", "--config", str(files["client-1"]), "--no-progress", "--json", *extra]
@@ -82,13 +95,7 @@ def test_label_free_gradients_are_still_flagged_under_noise_the_test_resolves(
     # Prepare: a server that answers every step with noise-like, label-free gradients
     # (what a hijacker hiding as "the client's own noise" would send); the client's noise is
     # as heavy, but breast_cancer's honest gradients keep their label structure under it
-    files, server = served("breast_cancer")
-    g = torch.Generator().manual_seed(0)
-
-    def noise_like(request: Message, reply: Message) -> Message:
-        return _grad(reply, lambda grad: torch.randn(grad.shape, generator=g) * grad.std())
-
-    server.tamper, server.from_step = noise_like, 0
+    files = _label_free(served)
     # Execute
     status = main(_client(files, *HEAVY))
     err = capsys.readouterr().err
@@ -123,13 +130,7 @@ def test_a_pipelined_client_feeds_the_detector_too(
 ) -> None:
     # Prepare: the label-free server above, and a client with two steps in flight (before,
     # only the plain and u-shaped steps reached the detector: a pipelined client trained on)
-    files, server = served("breast_cancer")
-    g = torch.Generator().manual_seed(0)
-
-    def noise_like(request: Message, reply: Message) -> Message:
-        return _grad(reply, lambda grad: torch.randn(grad.shape, generator=g) * grad.std())
-
-    server.tamper, server.from_step = noise_like, 0
+    files = _label_free(served)
     # Execute
     status = main(_client(files, "train.pipeline_depth=2"))
     err = capsys.readouterr().err
