@@ -39,7 +39,7 @@ class ToyRunner(StepRunner):
         torch.manual_seed(0)
         self.modules = {"bottom": nn.Linear(DIM, DIM, bias=False)}
         self.device = torch.device("cpu")
-        self.nopeek, self.dp = None, None
+        self.nopeek, self.dp, self.watch = None, None, None  # no hijack detector
         self.defense = SimpleNamespace(apply=lambda act: act)
         self.optimizer = torch.optim.SGD(
             self.bottom.parameters(), lr=train.lr, momentum=train.momentum
