@@ -78,10 +78,12 @@ def _plan(quick: bool, nbytes: int = 0) -> tuple[int, int, float]:
     the pair ratios' quartiles were 0.3-0.4 apart, so 40 pairs left the median's own noise
     near 5 % and three quick runs 26 % apart (docs/performance.md): three times the pairs.
     With 120, three quiet runs were still 9.9 % apart (quartiles [1.10-1.53]: a median's
-    own noise about 3 %), so quick takes 240 (about 10 s more on a quiet machine)."""
+    own noise about 3 %), so quick takes 240 (about 10 s more on a quiet machine). At 64 KiB
+    the quartiles were 0.6 apart on this host (three quick runs 27 % apart with 40 pairs);
+    its round trips take well under a millisecond, so 400 pairs of 8 cost a few seconds."""
     if quick:
-        return (240, 4, 30.0) if nbytes >= 1024 * 1024 else (40, 4, 5.0)
-    return (120, 8, 40.0) if nbytes >= 1024 * 1024 else (60, 8, 20.0)
+        return (240, 4, 30.0) if nbytes >= 1024 * 1024 else (400, 8, 10.0)
+    return (120, 8, 40.0) if nbytes >= 1024 * 1024 else (600, 8, 20.0)
 
 
 _CPU_QUERY = Message(kind=Kind.FORWARD, meta={"reply": "cpu"})
