@@ -38,6 +38,7 @@ from workers.tools.inprocess import run_deployment
 from .conftest import Procs
 from .workerproc import StopBehind, WorkerProcess
 
+RESENT = re.compile(r"resending the (\d+) steps after it")
 WAITED = re.compile(r"within ([0-9.e+-]+)s while waiting for a reply")
 
 FULL = os.environ.get("SL_CHAOS_FULL") == "1"
@@ -100,6 +101,24 @@ FULL_CASES = [
         deterministic=False,
         label="relayevery4-dpsgd",
     ),
+    # the relay and its client killed together (one machine rebooted): the client's
+    # checkpoint kept the requests it resends (pipelined: those in flight too)
+    Case("multihop", faults=(("relay+client", 2),), relay_sets=EVERY4, label="relayevery4"),
+    Case(
+        "multihop",
+        faults=(("relay+client", 2),),
+        relay_sets=EVERY4,
+        client_sets=("train.pipeline_depth=4",),
+        label="relayevery4-depth4",
+    ),
+    Case(
+        "multihop",
+        faults=(("relay+client", 1),),
+        relay_sets=EVERY4,
+        client_sets=("privacy.dpsgd.noise_multiplier=0.5",),
+        deterministic=False,
+        label="relayevery4-dpsgd",
+    ),
     # DP-SGD: Poisson-sampled batches and the accountant's history resume mid-epoch
     Case(
         "vanilla",
@@ -113,7 +132,13 @@ FULL_CASES = [
 # every kind of worker once, each kill in a topology where it matters most.
 SHORT_CASES = [
     Case("multihop", faults=(("relay", 1), ("server", 1)), epochs=1),
-    Case("multihop", faults=(("relay", 1),), relay_sets=EVERY4, label="relayevery4", epochs=1),
+    Case(
+        "multihop",
+        faults=(("relay", 1), ("relay+client", 1)),  # the relay alone, then both together
+        relay_sets=EVERY4,
+        label="relayevery4",
+        epochs=1,
+    ),
     Case(
         "splitfed", faults=(("client", 1), ("server", 1)), clients=2, deterministic=False, epochs=1
     ),
@@ -232,17 +257,18 @@ def _plan(case: Case, reference: list[dict[str, Any]], server_steps: int) -> lis
     steps its client applied (the point lasts milliseconds: a poll from here can miss it)."""
     planned = [victim for victim, kills in case.faults for _ in range(kills)]
     kills = []
-    for i, victim in enumerate(planned):
+    for i, victims in enumerate(planned):
+        victim = victims.split("+")[0]  # "relay+client": the relay stops, both are killed
         own = server_steps if victim == "server" else reference[0]["steps"]
         at = own * (i + 1) // (len(planned) + 1)
         lost = bool({"server": case.server_sets, "relay": case.relay_sets}.get(victim))
-        kills.append(Kill(victim, at, StopBehind(at, lead=2, role=victim) if lost else None))
+        kills.append(Kill(victims, at, StopBehind(at, lead=2, role=victim) if lost else None))
     return kills
 
 
 def _stop_point(kills: list[Kill], victim: str, after: int) -> StopBehind | None:
     """Where the victim's next kill (from kill ``after`` on) wants it stopped, if anywhere."""
-    return next((k.stop for k in kills[after:] if k.victim == victim), None)
+    return next((k.stop for k in kills[after:] if k.victim.split("+")[0] == victim), None)
 
 
 def _reference(deployment, case: Case) -> tuple[list[dict[str, Any]], int]:  # type: ignore[no-untyped-def]
@@ -269,13 +295,18 @@ def test_kill_9_and_restart(case: Case, deployment, procs: Procs) -> None:  # ty
         run.start(name)
     # Execute: kill each victim at its step count, restart it each time
     for i, kill in enumerate(kills):
-        name = NAMES[kill.victim]
+        victims = kill.victim.split("+")
+        name = NAMES[victims[0]]
         if kill.stop is not None:
-            _wait_stopped(kill.victim, kill.stop, run.live[name])
+            _wait_stopped(victims[0], kill.stop, run.live[name])
         else:
-            _wait_step(run.base, kill.victim, kill.at, run.live[name])
-        run.kill(name)
-        run.start(name, _stop_point(kills, kill.victim, i + 1))
+            _wait_step(run.base, victims[0], kill.at, run.live[name])
+        for other in victims[1:]:  # its checkpoint holds the steps the relay lost
+            _wait_step(run.base, other, kill.at, run.live[NAMES[other]])
+        for victim in victims:
+            run.kill(NAMES[victim])
+        for victim in victims:
+            run.start(NAMES[victim], _stop_point(kills, victim, i + 1))
     summaries = [_summary(run.live[name]) for name in clients]
     run.stop("server")
     if "relay-1" in files:
@@ -287,21 +318,26 @@ def test_kill_9_and_restart(case: Case, deployment, procs: Procs) -> None:  # ty
     if "relay-1" in files:
         relayed = _applied_log(run.base, "relay")
         assert len(relayed) == len(set(relayed)) == reference[0]["steps"]
-    victims = {victim for victim, _ in case.faults}
+    victims = {victim for victims, _ in case.faults for victim in victims.split("+")}
     if "client" in victims:
         assert summaries[0]["resumed_from"] > 0
     if case.server_sets:  # each kill lost steps the client had applied: it rewound each time
         assert sum(s["rewinds"] for s in summaries) == sum(k.stop is not None for k in kills)
     if case.relay_sets:  # each kill lost 2 or more steps: the client resent them, no rewind
         assert sum(s["rewinds"] for s in summaries) == 0
-        assert sum(s["resent_steps"] for s in summaries) >= 2 * len(kills)
+        assert sum(s["resent_steps"] for s in summaries) >= 2  # the last process's, and
+        logs = "".join(p.read_text() for p in run.base.glob("client-*.log"))  # every one's
+        assert sum(int(n) for n in RESENT.findall(logs)) >= 2 * len(kills)
     for got, want in zip(summaries, reference, strict=True):
         if case.deterministic and want["test_accuracy"] is not None:
             assert abs(got["test_accuracy"] - want["test_accuracy"]) <= 0.01
         if "dpsgd_epsilon" in want:  # every step released before the crash still counts
             assert got["dpsgd_epsilon"] == pytest.approx(want["dpsgd_epsilon"], rel=1e-6)
     if "relay" in victims:  # the client names what it lost: the relay, not the server
-        assert "lost the relay" in run.live["client-1"].log.read_text()
+        logs = [p.read_text() for p in run.base.glob("client-1-*.log")]
+        assert any("lost the relay" in text for text in logs)
+    if any("+" in victim for victim, _ in case.faults):  # restarted, it resent them all
+        assert RESENT.search(run.live["client-1"].log.read_text())
 
 
 async def test_lossy_link_at_the_default_timeout_costs_round_trips(

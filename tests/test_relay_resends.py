@@ -22,6 +22,7 @@ from sl_pipeline.transport import DealerConnection
 from workers.client.link import make_handshake
 from workers.client.rollback import Rewind, UndoPoints
 from workers.client.worker import ClientWorker
+from workers.runtime.checkpoint import decode, encode
 from workers.runtime.resends import RESEND, RecordedSteps
 from workers.server.replycache import ReplyCache
 from workers.tools.inprocess import build_deployment, wait_until
@@ -126,7 +127,7 @@ def test_the_client_keeps_nothing_unless_a_relay_checkpoints_every_n_steps() -> 
 
 
 def test_the_client_resends_exactly_the_steps_after_the_relays_and_no_others() -> None:
-    # Prepare: steps (0, 0)..(0, 6) sent; (0, 6) is in flight (the link resends it itself)
+    # Prepare: steps (0, 0)..(0, 6) sent; (0, 6) is in flight
     recorded = RecordedSteps()
     recorded.configure(_relay_welcome(None), in_flight=1, fresh=True)
     sent = [_step(s, torch.full((1, 1), float(s))) for s in range(7)]
@@ -136,11 +137,37 @@ def test_the_client_resends_exactly_the_steps_after_the_relays_and_no_others() -
 
     # Execute
     lost = recorded.lost(_relay_welcome([0, 3]), last_applied=(0, 5))
-    nothing = recorded.lost(_relay_welcome([0, 5]), last_applied=(0, 5))
+    in_flight = recorded.lost(_relay_welcome([0, 5]), last_applied=(0, 5))
+    nothing = recorded.lost(_relay_welcome([0, 6]), last_applied=(0, 5))
 
-    # Assert: (0, 4) and (0, 5), the very requests sent first
-    assert lost == sent[4:6] and nothing == []
+    # Assert: (0, 4) to (0, 6), the very requests sent first, the one in flight too (a
+    # client restarted from its checkpoint would recompute it, other bytes where it pipelines)
+    assert lost == sent[4:7] and in_flight == sent[6:7] and nothing == []
     assert recorded.kept is not None and len(recorded.kept) == 4 + 1 + 1
+
+
+def test_the_recorded_requests_come_back_from_a_client_checkpoint_byte_for_byte() -> None:
+    # Prepare: a client behind a relay checkpointing every 4 steps sent (0, 0)..(0, 5)
+    recorded = RecordedSteps()
+    recorded.configure(_relay_welcome(None), in_flight=2, fresh=True)
+    sent = [_step(s, torch.randn(8, 3)) for s in range(6)]
+    for msg in sent:
+        recorded.record(msg)
+
+    # Execute: through a checkpoint file's bytes (the client is killed, then restarted)
+    state, _ = decode(encode({"resends": recorded.state()}, 6))
+    restored = RecordedSteps()
+    restored.load(state["resends"])
+
+    # Assert: the same requests (digests), as many kept, the same steps to resend
+    assert restored.kept is not None and recorded.kept is not None
+    assert restored.kept.maxlen == recorded.kept.maxlen == 4 + 2 + 1
+    assert [request_digest(m) for m in restored.kept] == [request_digest(m) for m in sent]
+    lost = restored.lost(_relay_welcome([0, 2]), last_applied=(0, 4))
+    assert [request_digest(m) for m in lost or []] == [request_digest(m) for m in sent[3:]]
+    nothing = RecordedSteps()
+    nothing.load(None)  # a checkpoint of an older version, or one that kept none
+    assert nothing.kept is None
 
 
 def test_a_step_no_longer_kept_is_reported_lost_not_skipped() -> None:

@@ -52,16 +52,11 @@ from sl_pipeline.transport import DealerConnection
 from workers.client.replies import checked_welcome, reply_tensor
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.appliedlog import AppliedLog
-from workers.runtime.checkpoint import (
-    check_writable,
-    open_store,
-    restore_rng,
-    rng_state,
-    save_weights,
-)
+from workers.runtime.checkpoint import check_writable, open_store, save_weights
 from workers.runtime.diagnose import probe
 from workers.runtime.freshstarts import FreshStarts
 from workers.runtime.peers import Listen, Peer, reject_reason
+from workers.runtime.relaystate import RelayCheckpoints
 from workers.runtime.resends import RESEND, check_not_stale, check_resends, check_server_every
 from workers.runtime.service import Replies, RouterService
 from workers.runtime.startup import load_own_key, load_peer_key, warn_insecure
@@ -72,7 +67,7 @@ from workers.server.replycache import MIB, ReplyCache
 log = logging.getLogger("sl_pipeline.relay")
 
 
-class RelayWorker(GivesWayOnStop, RouterService):
+class RelayWorker(RelayCheckpoints, GivesWayOnStop, RouterService):
     role = "relay"
 
     def __init__(self, cfg: RelayConfig, base: Path, metrics: WorkerMetrics | None = None) -> None:
@@ -116,6 +111,7 @@ class RelayWorker(GivesWayOnStop, RouterService):
             check_writable(save, "relay.save")
         self.ckpt = open_store(cfg.checkpoint, base, r.name)
         self.checkpoint_every = max(1, cfg.checkpoint.every_steps) if self.ckpt else 1
+        self.digests = self._open_digests(self.checkpoint_every)
         self.resumed_from = self._restore()
         self._saved_at = self.steps_applied
 
@@ -147,6 +143,8 @@ class RelayWorker(GivesWayOnStop, RouterService):
             # none of these replies is its. (A restart within its run resends its steps: they
             # are answered from here, as the server answers them from its cache.)
             self.replies.forget(msg.client)
+            if self.digests is not None:
+                self.digests.forget(msg.client)
 
     def _start_afresh_if_new_run(self) -> None:
         if not self.trained_run or not self.run_id or self.trained_run == self.run_id:
@@ -158,47 +156,8 @@ class RelayWorker(GivesWayOnStop, RouterService):
         self.replies, self.applied_log = self._new_replies(), AppliedLog()
         self.residuals = Residuals()
         self.trained_run = ""
-
-    # ---- checkpoints ---------------------------------------------------------------------
-    def _state(self) -> dict[str, Any]:
-        return {
-            "fingerprint": self.fingerprint,
-            "trained_run": self.trained_run,
-            "segment": dict(self.segment.state_dict()),
-            "optimizer": self.optimizer.state_dict(),
-            "steps_applied": self.steps_applied,
-            "rng": rng_state(),
-            "replies": self.replies.entries(),
-            "applied_log": self.applied_log.state(),
-        }
-
-    def _restore(self) -> int:
-        found = self.ckpt.load_latest() if self.ckpt is not None else None
-        if found is None:
-            return 0
-        state, path = found
-        if state.get("fingerprint") != self.fingerprint:
-            raise ConfigError(
-                f"checkpoint {path} is for another model or topology; "
-                "point checkpoint.dir elsewhere or remove it"
-            )
-        self.segment.load_state_dict(state["segment"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.steps_applied = int(state["steps_applied"])
-        restore_rng(state["rng"])
-        self.replies.load(state["replies"])
-        self.applied_log = AppliedLog.from_state(state["applied_log"])
-        self.trained_run = str(state.get("trained_run", ""))
-        log.info("relay resumed from checkpoint %s at %d applied steps", path, self.steps_applied)
-        return self.steps_applied
-
-    def checkpoint(self, force: bool = False) -> None:
-        """Save when ``every_steps`` steps were applied since the last save (or ``force``)."""
-        due = self.steps_applied - self._saved_at >= max(1, self.cfg.checkpoint.every_steps)
-        if self.ckpt is not None and self.steps_applied != self._saved_at and (force or due):
-            self.ckpt.save(self._state(), self.steps_applied)
-            self._saved_at = self.steps_applied
-            self.metrics.checkpoints_total.inc()
+        if self.digests is not None:
+            self.digests.forget()
 
     def accept(self, hello: dict[str, Any], key: bytes | None) -> dict[str, Any]:
         """The welcome: a relay, the peer's last step it holds, how often it checkpoints
@@ -271,6 +230,8 @@ class RelayWorker(GivesWayOnStop, RouterService):
         self.checkpoint(force=True)
         if self.ckpt is not None:
             self.ckpt.release()
+        if self.digests is not None:
+            self.digests.close()
         self._save_segment()
 
     def _save_path(self) -> Path | None:
@@ -356,6 +317,7 @@ class RelayWorker(GivesWayOnStop, RouterService):
             log.info("%s resent forward %s: answering from cache", msg.client, step)
             return cached
         check_not_stale(step, self.replies.newest(msg.client, Kind.FORWARD.value), msg.client)
+        digest = self._check_lost(msg)  # a step it lost: only the request first sent
         act = read_tensor(msg, "act", self.max_batch, self.max_abs, self.act_shape)
         act = as_input(act, True, self.device)
         out = run_segment(self.segment, act)
@@ -384,6 +346,7 @@ class RelayWorker(GivesWayOnStop, RouterService):
         )
         self.replies.put(msg.client, Kind.FORWARD.value, step, answer, msg)
         self.applied_log.append(msg.client, msg.epoch, msg.step)
+        self._log_step(msg, digest)
         self.checkpoint()  # before the reply leaves: what the client saw is durable
         return answer
 

@@ -50,8 +50,7 @@ log = logging.getLogger("sl_pipeline.client")
 
 
 class _Stopped(Stopped):
-    """Raised between steps once SIGTERM/SIGINT asked the client to stop (``Stopped``: in
-    a wait for the next hop)."""
+    """Raised between steps on SIGTERM/SIGINT (``Stopped``: in a wait for the next hop)."""
 
 
 class ClientWorker:
@@ -131,6 +130,7 @@ class ClientWorker:
             "accounted_epochs": self.runner.accounted_epochs,
             "runner": self.runner.extra_state(),
             "dpsgd": self.runner.dp_state(),
+            "resends": self.link.recorded.state(),  # for a relay that lost them (resends.py)
         }
 
     def _restore(self) -> int:
@@ -142,6 +142,7 @@ class ClientWorker:
         self._load_state(state)
         self.runner.restore_accounting(int(state["accounted_epochs"]))
         self.runner.load_extra_state(dict(state.get("runner", {})))
+        self.link.recorded.load(state.get("resends"))  # sent before it, kept with it
         log.info("resumed from %s at epoch %d step %d", path, self.start[0] + 1, self.start[1])
         return self.steps_done
 

@@ -22,8 +22,8 @@ import logging
 from collections import deque
 from typing import Any
 
-from sl_pipeline.errors import ConfigError, StaleStepError, VersionError
-from sl_pipeline.messages import Kind, Message
+from sl_pipeline.errors import CheckpointError, ConfigError, StaleStepError, VersionError
+from sl_pipeline.messages import Kind, Message, message_from_state, message_state
 
 log = logging.getLogger("sl_pipeline.client")
 RESEND = "resend"  # the welcome's ``recover``, and what a hello's ``recover`` lists
@@ -110,17 +110,39 @@ class RecordedSteps:
 
     def lost(self, welcome: dict[str, Any], last_applied: Step | None) -> list[Message] | None:
         """The requests to send again, oldest first, when the relay holds fewer of our steps
-        than we applied; [] when it holds them all; None when some are no longer kept."""
+        than we sent: every kept one after its ``applied``, those in flight too (a client
+        restarted from its checkpoint recomputes them, not byte for byte where it pipelines);
+        [] when it holds them all; None when some are no longer kept."""
         applied = welcome.get("applied")
         held = (int(applied[0]), int(applied[1])) if applied else NOTHING
-        if last_applied is None or held >= last_applied:
-            return []
         if self.kept is None:  # a relay without checkpoints (or of an older version)
-            return None
+            return None if last_applied is not None and held < last_applied else []
+        newest = max([_step(m) for m in self.kept] + [last_applied or NOTHING])
+        if held >= newest:
+            return []
         steps = [_step(m) for m in self.kept]
         if held not in steps and not (held == NOTHING and self.whole):
             return None
-        return [m for m in self.kept if held < _step(m) <= last_applied]
+        return [m for m in self.kept if held < _step(m)]
+
+    def state(self) -> dict[str, Any] | None:
+        """What a client checkpoint keeps of them (with its weights, in the same file): a
+        client restarted from it still resends what its restarted relay lost."""
+        if self.kept is None:
+            return None
+        requests = [message_state(m) for m in self.kept]
+        return {"capacity": self.kept.maxlen or 0, "whole": self.whole, "requests": requests}
+
+    def load(self, state: Any) -> None:
+        """Undo :meth:`state` (None: a checkpoint with none kept, or of an older version)."""
+        if state is None:
+            return
+        try:
+            capacity = max(1, min(int(state["capacity"]), 2 * MAX_KEPT))
+            kept = [message_from_state(m) for m in state["requests"]][-capacity:]
+            self.kept, self.whole = deque(kept, maxlen=capacity), bool(state["whole"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"cannot restore the recorded requests: {exc}") from None
 
 
 def _step(msg: Message) -> Step:

@@ -1,0 +1,139 @@
+"""A relay that checkpoints every N > 1 steps, restarted past its checkpoint: what a client
+may send it for the steps it lost (red team's known limit, closed).
+
+Before, the relay kept no record of a step its restart lost, so a client could resend
+*other* activations there: the relay ran its segment on them while the server answered from
+its cache with the gradient of the first ones (a mismatched update). Now it logs each step's
+request digest between checkpoints (:mod:`workers.runtime.digestlog`) and runs a lost step
+only on the request first sent, each client's in their order; anything else is refused in
+one line and runs nothing, and the honest resends still bring it back where it stood.
+Over loopback sockets; the kill -9 runs are in tests/test_chaos.py (``relayevery4``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import zmq.asyncio
+
+from sl_pipeline.config import RelayConfig, load
+from sl_pipeline.errors import PeerError
+from sl_pipeline.messages import Kind, Message
+from sl_pipeline.models import build_segments, segment_inputs
+from sl_pipeline.transport import DealerConnection
+from workers.client.link import make_handshake
+from workers.relay import RelayWorker
+from workers.tools.inprocess import build_deployment, wait_until
+
+from .conftest import load_client
+
+EVERY4 = ("checkpoint.dir='state/relay'", "checkpoint.every_steps=4", "checkpoint.fsync=false")
+
+
+def _step(client: str, step: int, act: torch.Tensor) -> Message:
+    labels = torch.zeros(act.shape[0], dtype=torch.long)
+    return Message(Kind.FORWARD, client=client, step=step, tensors={"act": act, "labels": labels})
+
+
+@contextlib.asynccontextmanager
+async def _serving(worker: Any) -> AsyncIterator[asyncio.Event]:
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(worker.serve(stop))
+    try:
+        await wait_until(worker.ready)
+        yield stop
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 30)
+
+
+class Peer:
+    """A client's raw connection to the relay: what a hostile enrolled client can send."""
+
+    def __init__(self, files: dict[str, Path], name: str, ctx: zmq.asyncio.Context) -> None:
+        self.cfg = load_client(files[name])
+        self.hs = lambda: make_handshake(self.cfg, files["server"].parent, "multihop")
+        self.ctx, self.conn, self.welcome = ctx, None, {}  # type: ignore[var-annotated]
+
+    async def join(self) -> dict[str, Any]:
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = DealerConnection(self.ctx, self.cfg.client.server, self.cfg.limits.to_limits())
+        self.welcome = await self.conn.handshake(self.hs(), 10.0)
+        return self.welcome
+
+    async def ask(self, msg: Message) -> Message:
+        assert self.conn is not None
+        await self.conn.send(msg)
+        return await self.conn.recv(30.0)
+
+    async def refused(self, msg: Message) -> PeerError:
+        with pytest.raises(PeerError) as refusal:
+            await self.ask(msg)
+        assert "\n" not in refusal.value.reason
+        return refusal.value
+
+
+async def test_after_a_restart_a_relay_runs_a_lost_step_only_on_the_request_first_sent(
+    deployment,  # type: ignore[no-untyped-def]
+) -> None:
+    # Prepare: client-1 takes steps 0..5 through a relay checkpointing every 4 steps, which
+    # is then killed (no checkpoint at its stop): steps 4 and 5 are lost, the server holds them
+    files = deployment(topology="multihop", dataset="breast_cancer", clients=2)
+    base = files["server"].parent
+    run = build_deployment(files, relay_overrides=EVERY4)
+    cfg = load_client(files["client-1"])
+    shape = segment_inputs(build_segments(cfg.model, "multihop"), cfg.model.in_shape)[1]
+    sent = [_step("client-1", i, torch.randn(8, *shape)) for i in range(6)]
+    ctx = zmq.asyncio.Context()
+    one, two = Peer(files, "client-1", ctx), Peer(files, "client-2", ctx)
+    try:
+        async with _serving(run.server):
+            async with _serving(run.relay):
+                await one.join()
+                first = [await one.ask(msg) for msg in sent]
+                weights = {k: v.clone() for k, v in run.relay.segment.state_dict().items()}
+                run.relay.ckpt = None  # a kill -9: nothing saved at its stop
+            relay = RelayWorker(load(RelayConfig, files["relay-1"], list(EVERY4)), base)
+            async with _serving(relay):
+                welcome = await one.join()
+                # Execute: what a hostile client may send for the steps the relay lost
+                other = _step("client-1", 4, sent[4].tensors["act"] + 0.5)
+                different = [await one.refused(other) for _ in range(20)]  # a flood too
+                skipped = await one.refused(sent[5])  # the later lost step first
+                ahead = await one.refused(_step("client-1", 6, torch.randn(8, *shape)))
+                replayed = await one.ask(sent[2])  # an old step: its cached reply
+                hostile = relay.steps_applied
+                # the honest resends, as first sent
+                again = [await one.ask(msg) for msg in sent[4:]]
+                restored = {k: v.clone() for k, v in relay.segment.state_dict().items()}
+                then = await one.ask(other)  # step 4 is held again: its reply, not a run
+                await two.join()  # another client sending "client-1"'s step 4: its own step 4
+                theirs = await two.ask(_step("client-1", 4, sent[4].tensors["act"] + 0.5))
+    finally:
+        for peer in (one, two):
+            if peer.conn is not None:
+                peer.conn.close()
+        ctx.destroy(linger=0)
+
+    # Assert: each hostile send refused in one line, nothing run for client-1 meanwhile
+    assert welcome["applied"] == [0, 3]
+    assert {r.remote_code for r in different} == {"redo"}
+    assert "other inputs" in different[0].reason
+    assert skipped.remote_code == ahead.remote_code == "stale_step"
+    assert "resend the recorded steps first" in skipped.reason
+    assert torch.equal(replayed.tensors["grad"], first[2].tensors["grad"])
+    assert hostile == 4  # none of them ran
+    # the honest resends ran again on the same weights: the same gradients as the first
+    # time, and the relay stands where it stood before the kill
+    for got, want in zip(again, first[4:], strict=True):
+        assert torch.equal(got.tensors["grad"], want.tensors["grad"])
+    assert all(torch.equal(restored[k], weights[k]) for k in weights)
+    assert torch.equal(then.tensors["grad"], first[4].tensors["grad"])
+    assert theirs.kind is Kind.BACKWARD and relay.steps_applied == 4 + 2 + 1
+    assert [tuple(s) for s in relay.applied_log].count(("client-1", 0, 4)) == 1
