@@ -173,6 +173,12 @@ class ServerSection:
     # a new run needs it, or when the client that started it asks for a new one: a member
     # that vanished (a crash, or a hostile co-client) cannot hold a run open forever. 0 = never.
     stalled_run_s: float = 3600.0
+    # U-shaped: a step whose output went to a client and whose gradient has not come back
+    # this long is abandoned once another client's forward waits for it (nothing of it is
+    # applied; a late gradient is answered step_lost and its client redoes the step), so a
+    # client that died or stalls mid-step holds the others up at most this long. 0 = never
+    # (a step is then abandoned only when its client leaves: bye, or its session goes).
+    open_step_s: float = 10.0
     run_clients: int = 0  # a run ends when this many clients finished; 0 = all that joined
     # A client name whose session sent nothing for this long may be taken by a new session.
     takeover_after_s: float = 5.0

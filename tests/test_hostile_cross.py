@@ -188,10 +188,10 @@ async def test_a_client_leaving_mid_step_leaves_no_stale_forward_for_the_next(de
         await hostile.recv(10)
         first = Message(Kind.FORWARD, tensors={"act": act})
         await honest.send(first)
+        await wait_until(lambda: server.engine.queue_depth() == 1)
         await hostile.send(Message(Kind.BYE))
-        await wait_until(lambda: server.engine.queue_depth() == 1 and len(server.peers) == 1)
-        # Execute: client-1's resend (its reply timed out) is served; it ends its step
-        await honest.send(first)
+        # Execute: client-1's queued forward is served at its client's leaving (before, only
+        # at its resend, once its reply had timed out); it ends its step
         out = read_tensor(await honest.recv(10), "out")
         await honest.send(Message(Kind.BACKWARD, tensors={"grad": torch.randn(out.shape)}))
         assert (await honest.recv(10)).kind is Kind.BACKWARD

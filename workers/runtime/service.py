@@ -104,6 +104,10 @@ class RouterService:
     def forget_peer(self, peer: Peer) -> None:
         return None
 
+    def due(self) -> Replies:
+        """Replies that came due outside a request (time passed, a peer left): sent soon."""
+        return []
+
     @property
     def listen(self) -> Listen:
         return self.table.listen
@@ -186,7 +190,7 @@ class RouterService:
         event-loop round per message); silent peers are dropped by a separate tick.
         """
         receiver = asyncio.ensure_future(self._receive(stop, endpoint))
-        ticker = asyncio.ensure_future(self._tick(stop))
+        ticker = asyncio.ensure_future(self._tick(stop, endpoint))
         stopping = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait({receiver, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -223,13 +227,9 @@ class RouterService:
         nothing). The worker goes on serving everyone else."""
         self.metrics.record_rejected("internal")
         peer = self.peers.get(identity)
-        log.error(
-            "internal error while handling a message from %s: %s: %s",
-            peer.name if peer else "an unauthenticated peer",
-            type(exc).__name__,
-            str(exc)[:200],
-            exc_info=exc,
-        )
+        who = peer.name if peer else "an unauthenticated peer"
+        line = "internal error while handling a message from %s: %s: %s"
+        log.error(line, who, type(exc).__name__, str(exc)[:200], exc_info=exc)
         if peer is None:
             return
         notice = error_message("internal", "the message could not be handled; see the log")
@@ -238,11 +238,12 @@ class RouterService:
         except Exception as failure:  # a reply we cannot send is only logged
             log.warning("could not send the internal error to %s: %s", peer.name, failure)
 
-    async def _tick(self, stop: asyncio.Event) -> None:
+    async def _tick(self, stop: asyncio.Event, endpoint: ZmtpRouter) -> None:
         while not stop.is_set():
             await asyncio.sleep(POLL_MS / 1000)
             if self._idle:  # never between a message's arrival and its replies
                 self._drop_silent_peers()
+                await self._send_all(endpoint, self.due())
                 self._trim_due |= time.monotonic() - self._trimmed_at >= TRIM_EVERY_S
                 if self._trim_due:  # freed buffers (refused messages, closed strangers') back
                     self._trim_due, self._trimmed_at = False, time.monotonic()
@@ -319,11 +320,15 @@ class RouterService:
         if not peer.confirmed:
             self._confirm(identity, peer)
         self.metrics.record_message("received", message.kind.value, nbytes)
-        for target, reply in await self.dispatch(identity, peer, message):
-            receiver = self.peers.get(target)
-            if receiver is not None:
-                await self._send(endpoint, target, receiver, reply)
+        await self._send_all(endpoint, await self.dispatch(identity, peer, message))
+        await self._send_all(endpoint, self.due())
         self.after_replies()
+
+    async def _send_all(self, endpoint: ZmtpRouter, replies: Replies) -> None:
+        for target, reply in replies:
+            receiver = self.peers.get(target)
+            if receiver is not None:  # a peer gone meanwhile resends, and is answered then
+                await self._send(endpoint, target, receiver, reply)
 
     async def _keep_inflight_budget(self, endpoint: ZmtpRouter) -> None:
         """Chunked messages being assembled hold their parts in memory; all peers together
@@ -334,12 +339,9 @@ class RouterService:
             return
         peer = self.peers[identity]
         self.metrics.record_bound("inflight_bytes")
-        log.warning(
-            "dropping %s's session: its unfinished chunked message holds %d bytes and all "
-            "peers' together exceed limits.max_inflight_bytes",
-            peer.name,
-            peer.partial_bytes,
-        )
+        line = "dropping %s's session: its unfinished chunked message holds %d bytes and all "
+        line += "peers' together exceed limits.max_inflight_bytes"
+        log.warning(line, peer.name, peer.partial_bytes)
         self.forget(identity)
         error = OverloadedError("too many bytes in unfinished messages; rejoin and resend")
         await self._send_raw(endpoint, identity, refusal(error), "error")
@@ -350,9 +352,7 @@ class RouterService:
 
     def inbox_waiting(self) -> bool:
         """Whether another message is already queued on the socket."""
-        if self._endpoint is None:
-            return False
-        return self._endpoint.pending()
+        return self._endpoint is not None and self._endpoint.pending()
 
     def reject(self, peer: Peer, reason: str, exc: SLError) -> None:
         self.metrics.record_rejected(reason)

@@ -38,6 +38,7 @@ class RunHost:
     inferring: set[str]  # peers whose hello said they only infer
     _spare: Engine | None  # the first run's engine, or inference's before any run
     _spare_trained: bool
+    due_replies: list[Reply]  # came due outside a request: sent after the next replies
 
     def checkpoint(self, force: bool = False) -> None:
         raise NotImplementedError
@@ -129,6 +130,44 @@ class RunHost:
                 "(or name one with [client] run)"
             )
         return run
+
+    def file_replies(self, run: Run, replies: list[Reply], msg: Message | None = None) -> None:
+        """Keep ``run``'s replies for resends, each under the request it names (also another
+        client's: a vertical part, a round-robin turn, a queued step); ``msg`` is the request
+        answered (its own reply keeps it, for its digest); None for replies that came due."""
+        asked = None if msg is None else (msg.client, msg.kind, (msg.epoch, msg.step))
+        for _, reply in replies:
+            answered = reply.answers or (msg.kind if msg else None)
+            if reply.kind is Kind.ERROR or answered is None:
+                continue
+            at = (reply.epoch, reply.step)
+            own = (reply.client, answered, at) == asked
+            run.replies.put(reply.client, answered.value, at, reply, msg if own else None)
+
+    def came_due(self, run: Run, replies: list[Reply]) -> None:
+        """Replies ``run``'s engine gave outside a request: kept for resends, sent soon."""
+        self.file_replies(run, replies)
+        self.due_replies.extend(replies)
+
+    def due(self) -> list[Reply]:
+        """What came due: each active run's engine told the time (a u-shaped step held too
+        long is abandoned, a waiting forward served), and what leaving clients freed."""
+        now = time.monotonic()
+        for run in self.book.active():
+            if run.engine is not None:
+                self.came_due(run, run.engine.at(now))
+        due, self.due_replies = self.due_replies, []
+        return due
+
+    def cached_reply(self, run: Run, engine: Engine, msg: Message) -> Message | None:
+        """The reply cached for a resent ``msg``, where its step's state still stands (a
+        u-shaped output whose open step was abandoned does not: the forward runs again)."""
+        step = (msg.epoch, msg.step)
+        cached = run.replies.get(msg.client, msg.kind.value, step, msg)
+        if cached is None:
+            return None
+        applied = run.replies.get(msg.client, Kind.BACKWARD.value, step) is not None
+        return cached if engine.replays(msg, applied) else None
 
     def report_run(self, run: Run) -> None:
         """The run's series: steps, active, last loss, the accuracy its clients reported."""

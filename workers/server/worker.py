@@ -80,6 +80,7 @@ class ServerWorker(RunHost, RouterService):
         self._spare: Engine | None = self.build_engine()  # the first run's, or inference's
         self._spare_trained = self._load_saved(self._spare)
         self._settle_next: Engine | None = None
+        self.due_replies: Replies = []  # came due outside a request (RunHost.due)
         for info in self.book.read_index():
             self._add_record(info)
         self.admin_token = read_token(base, cfg.ops.admin_token) if cfg.ops.admin_token else None
@@ -251,7 +252,7 @@ class ServerWorker(RunHost, RouterService):
         self.clients.left(peer.name)
         run = self.book.runs.get(self.peer_runs.get(peer.name, ""))
         if run is not None and run.engine is not None:
-            run.engine.forget(peer.name)
+            self.came_due(run, run.engine.forget(peer.name))
 
     def _can_reply_first(self) -> bool:
         """Defer weight gradients past the reply only when it costs nobody anything: no
@@ -324,8 +325,9 @@ class ServerWorker(RunHost, RouterService):
         run = self._training_run(peer)
         if msg.client in run.done:  # its replies there are not answers to a new run's steps
             raise RunEndedError(finished_message(msg.client, peer.name, run.id))
-        step = (msg.epoch, msg.step)
-        cached = run.replies.get(msg.client, msg.kind.value, step, msg)
+        step, engine = (msg.epoch, msg.step), self.engine_of(run)
+        self.came_due(run, engine.at(time.monotonic()))  # the engine's clock, before the step
+        cached = self.cached_reply(run, engine, msg)
         if cached is not None:
             log.info("%s resent %s %s: answering from cache", msg.client, msg.kind.value, step)
             self.from_cache += 1
@@ -339,7 +341,6 @@ class ServerWorker(RunHost, RouterService):
                 f"{run.id}`, its model is saved) and start it again"
             )
         self._track(run, msg)
-        engine = self.engine_of(run)
         before = engine.steps_applied
         engine.defer_updates = self._can_reply_first()
         self._settle_next = engine
@@ -348,12 +349,7 @@ class ServerWorker(RunHost, RouterService):
         self.metrics.server_compute_seconds.observe(time.perf_counter() - start)
         self.metrics.queue_depth.set(engine.queue_depth())
         self.metrics.epoch.set(msg.epoch + 1)
-        for _, reply in replies:
-            if reply.kind is not Kind.ERROR:  # filed under the request it names (also
-                # another client's: a vertical part, a round-robin turn, a queued step)
-                answered, at = reply.answers or msg.kind, (reply.epoch, reply.step)
-                own = (reply.client, answered, at) == (msg.client, msg.kind, step)
-                run.replies.put(reply.client, answered.value, at, reply, msg if own else None)
+        self.file_replies(run, replies, msg)
         applied = engine.steps_applied - before
         if applied:
             self._count_applied(run, peer, replies, applied, engine)

@@ -95,6 +95,7 @@ class Engine:
         self.deferred_updates = 0  # how many steps replied first (reported in the summary)
         self.skipped_updates = 0  # deferred steps whose weight gradients were not finite
         self.on_bound: Callable[[str], None] = _no_report  # a bounded table was hit
+        self.now = 0.0  # the server's clock (monotonic seconds), as last fed to ``at``
         self._deferred: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.max_batch = cfg.server.max_batch or max(cfg.train.batch_size, EVAL_BATCH)
         if self.max_batch < 1:
@@ -205,8 +206,21 @@ class Engine:
         reply = msg.reply(Kind.RESULT, tensors=wire_tensors("out", out, self.wire_dtype))
         return [(identity, reply)]
 
-    def forget(self, client: str) -> None:
-        return None
+    def at(self, now: float) -> list[Reply]:
+        """The server's clock moved on to ``now`` (before each request, and a few times a
+        second): the replies that came due meanwhile (none here; see the u-shaped engine)."""
+        self.now = now
+        return []
+
+    def forget(self, client: str) -> list[Reply]:
+        """``client`` left (bye, or its session was dropped or replaced): what it held goes,
+        and the replies that frees come back (to other clients it held up)."""
+        return []
+
+    def replays(self, msg: Message, applied: bool) -> bool:
+        """Whether a resent ``msg`` may get the reply cached for it (``applied``: its step's
+        update was applied); always, but where a step needs two exchanges."""
+        return True
 
     def relays_only(self, msg: Message) -> bool:
         """Whether ``msg`` only passes between parties and changes no weights (a vertical

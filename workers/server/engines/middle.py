@@ -24,6 +24,7 @@ class OpenStep:
     step: int
     act: torch.Tensor
     out: torch.Tensor
+    since: float  # when its client began holding the server (a step it replaced: earlier)
 
     def answers(self, msg: Message) -> bool:
         return (self.client, self.epoch, self.step) == (msg.client, msg.epoch, msg.step)
@@ -36,10 +37,18 @@ class MiddleEngine(Engine):
     at the client's cut). One step is open at a time: the graph of the open step must not
     see an optimizer update from another client's step, so other clients' FORWARDs wait
     (in arrival order) until the open step's BACKWARD has been applied.
+
+    An open step is *abandoned* (nothing of it applied, its forward's state dropped) when
+    its client leaves (:meth:`forget`: bye, its session dropped or replaced), or when it
+    held the server ``server.open_step_s`` while another client's forward waited
+    (:meth:`at`, fed the server's clock). The next waiting forward is served then; the
+    abandoned step's late gradient is answered ``step_lost`` and its client redoes it.
     """
 
     def __init__(self, module: nn.Module, cfg: ServerConfig) -> None:
         super().__init__(module, cfg)
+        self.open_step_s = cfg.server.open_step_s
+        self.abandoned = 0  # open steps abandoned (their client left, or no gradient in time)
         self._open: OpenStep | None = None
         self._waiting: LruTable[str, tuple[bytes, Message]] = LruTable(
             max(1, cfg.server.max_names), lambda: self.on_bound("waiting")
@@ -55,7 +64,7 @@ class MiddleEngine(Engine):
                 self.activations(msg, False)  # a bad forward is refused now, to its sender
                 # answered when the open step ends; a full queue refuses the newcomer
                 self._waiting.add(msg.client, (identity, msg), "clients waiting for a step")
-                return []
+                return self._expire()  # the open step may have held the server too long
             # served now: a copy of it still queued (its step's client left, and it resent)
             # would open the same step again later, an answer its client never asked for
             self._waiting.pop(msg.client)
@@ -63,6 +72,41 @@ class MiddleEngine(Engine):
         if msg.kind is Kind.BACKWARD:
             return [(identity, self._backward(msg)), *self._next_waiting()]
         return super().handle(identity, msg)
+
+    def at(self, now: float) -> list[Reply]:
+        super().at(now)
+        return self._expire()
+
+    def replays(self, msg: Message, applied: bool) -> bool:
+        """A resent forward gets its cached output while its step is open or once it was
+        applied; a step that was abandoned, or lost in a restart, is opened afresh (its
+        old output would only be answered ``step_lost`` again, every time it is redone)."""
+        if msg.kind is not Kind.FORWARD or applied:
+            return True
+        return self._open is not None and self._open.answers(msg)
+
+    def _expire(self) -> list[Reply]:
+        """Abandon the open step if it held the server ``open_step_s`` while others wait."""
+        held = self._open
+        if held is None or not self._waiting or self.open_step_s <= 0:
+            return []
+        if self.now - held.since < self.open_step_s:
+            return []
+        waited = f"{len(self._waiting)} other client(s) waited"
+        self._abandon(f"no gradient within server.open_step_s = {self.open_step_s:g}s; {waited}")
+        return self._next_waiting()
+
+    def _abandon(self, why: str) -> None:
+        held = self._open
+        assert held is not None
+        self._open = None  # its graph goes with it; no update was computed for it
+        self.abandoned += 1
+        self.on_bound("open_steps")
+        log.warning(
+            "abandoned %s's open step (%d, %d): %s; nothing of it was applied, and its "
+            "gradient, if it comes, is answered step_lost",
+            *(held.client, held.epoch, held.step, why),
+        )
 
     def _next_waiting(self) -> list[Reply]:
         """The forward queued longest opens the next step. One that fails is refused to its
@@ -87,13 +131,17 @@ class MiddleEngine(Engine):
     def _forward(self, identity: bytes, msg: Message) -> Reply:
         act = self.activations(msg, True)
         out = run_segment(self.model, act)
-        self._open = OpenStep(msg.client, msg.epoch, msg.step, act, out)
+        held = self._open
+        # a client that replaces its own open step goes on holding the server: the bound
+        # counts from its first, or it could hold it forever with ever new forwards
+        since = held.since if held is not None and held.client == msg.client else self.now
+        self._open = OpenStep(msg.client, msg.epoch, msg.step, act, out, since)
         return identity, msg.reply(Kind.RESULT, tensors=wire_tensors("out", out, self.wire_dtype))
 
     def _backward(self, msg: Message) -> Message:
         if self._open is None or not self._open.answers(msg):
-            # this server restarted, or forgot the step with our old session: the client
-            # redoes the step from its forward
+            # this server restarted, or abandoned the step (its client left, or sent no
+            # gradient in time): the client redoes the step from its forward
             raise StepLostError("backward for a step this server has no open forward for")
         # A bad gradient raises before anything changes and leaves the step open for a resend.
         (grad,) = self.backprop_output(msg, self._open.out, [self._open.act])
@@ -104,7 +152,11 @@ class MiddleEngine(Engine):
     def queue_depth(self) -> int:
         return len(self._waiting)
 
-    def forget(self, client: str) -> None:
+    def forget(self, client: str) -> list[Reply]:
+        """``client`` left: its queued forward goes, and its open step is abandoned (only
+        its own: the name is the session's, never one a message claims)."""
         self._waiting.pop(client)
-        if self._open is not None and self._open.client == client:
-            self._open = None  # a waiting client's resend will be served next
+        if self._open is None or self._open.client != client:
+            return []
+        self._abandon("its client left (bye, or its session was dropped or replaced)")
+        return self._next_waiting()

@@ -312,11 +312,12 @@ class VerticalEngine(Engine):
     def queue_depth(self) -> int:
         return sum(len(parts) for parts in self._waiting.values())
 
-    def forget(self, client: str) -> None:
+    def forget(self, client: str) -> list[Reply]:
         for key in list(self._waiting):
             self._waiting[key].pop(client, None)
         for posts in self._psi.values():
             posts.pop(client, None)
+        return []
 
 
 def _psi_reply(to: Message, other: Message) -> Message:
