@@ -10,7 +10,8 @@ stopped (:class:`tests.workerproc.StopBehind`). A lossy link (5% of messages dro
 at the default ``client.timeout_s`` must cost round trips, not reply timeouts.
 
 By default three short runs kill each kind of worker once, and a relay that checkpoints
-every 4 steps between its checkpoints (the suite's time budget); set ``SL_CHAOS_FULL=1`` for
+every 4 steps between its checkpoints, alone and then together with its client (the suite's
+time budget); set ``SL_CHAOS_FULL=1`` for
 the full matrix: three epochs and three server kills per topology, client and relay kills
 (see docs/reliability.md).
 """

@@ -9,7 +9,8 @@ the gradient at this relay's input.
 With ``[checkpoint] dir`` it checkpoints every ``checkpoint.every_steps`` applied steps,
 before the reply leaves (segment, optimizer, reply cache, applied-step log); after a ``kill
 -9`` its welcome names the client's last step it holds, and the client resends its requests
-after it (:mod:`workers.runtime.resends`), which the next hop answers from its cache.
+after it (:mod:`workers.runtime.resends`), which the next hop answers from its cache; a step
+it lost runs again only on the request first sent (:mod:`workers.runtime.digestlog`).
 
 A long-lived relay serves run after run, as the server does: when a client starts afresh
 it joins the server again, whose welcome names the run the chain trains in now; if that is

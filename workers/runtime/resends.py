@@ -10,7 +10,9 @@ those after the relay's ``applied`` again, byte for byte the same: the restarted
 its segment on them from the same weights and RNG, the server answers each from its cache
 (the same request: :func:`sl_pipeline.messages.request_digest`), and the relay applies the
 same updates again. The client keeps its own state: it applied those steps once, and a
-DP-SGD client releases nothing new (no rows drawn, no noise added).
+DP-SGD client releases nothing new (no rows drawn, no noise added). The requests go into the
+client's checkpoint too (:meth:`RecordedSteps.state`), so a client killed together with its
+relay still resends them from there.
 
 A peer that cannot resend (an older client, a relay in front of this one) is refused at its
 hello by a relay that checkpoints every N > 1 steps (:func:`check_resends`).
