@@ -16,10 +16,12 @@ import torch
 from sl_pipeline.data import load_party_data
 from sl_pipeline.models import build_segments
 from workers.cli import main
+from workers.tools import demo
 from workers.tools.inprocess import run_deployment
 from workers.tools.localdeploy import MULTI_PARTY
 
 from .conftest import Procs, load_client, wait_listening
+from .workerproc import forked_subprocess
 
 
 def _write_csv(path: Path, x: np.ndarray) -> None:
@@ -140,8 +142,17 @@ OTHER_TOPOLOGIES: list[tuple[str, tuple[str, ...]]] = [
 ]
 
 
+@pytest.fixture
+def forked_demo(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The demo's workers forked from the forkserver, not started as ``python -m workers``
+    (3-4 torch imports less per demo, seconds of CPU each): what is tested here is what the
+    demo does; tests/test_readme.py's demo block starts it as a user does."""
+    monkeypatch.setattr(demo, "subprocess", forked_subprocess(tmp_path))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("topology", "extra"), OTHER_TOPOLOGIES)
+@pytest.mark.usefixtures("forked_demo")
 def test_demo_runs_every_topology_with_no_other_flag(topology: str, extra: tuple[str, ...]) -> None:
     # Execute: what a user types
     summary = demo_against_baseline(topology, *extra)

@@ -15,11 +15,13 @@ every ``checkpoint.every_steps`` steps, so a poll can miss it until the run ends
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
 import signal
 import subprocess
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,3 +130,34 @@ class WorkerProcess:
 
     def kill(self) -> None:
         self._proc.kill()
+
+
+class ForkedPopen(WorkerProcess):
+    """What ``subprocess.Popen([python, "-m", "workers", ...])`` gives
+    :func:`workers.tools.demo.run_processes`, forked instead (see :func:`forked_subprocess`):
+    its ``stdout``/``stderr`` are read once it has exited."""
+
+    def __init__(self, cmd: list[str], folder: Path) -> None:
+        assert cmd[1:3] == ["-m", "workers"], cmd
+        stem = folder / f"{cmd[3]}-{len(list(folder.glob('*.out')))}"
+        super().__init__(cmd[3:], stem.with_suffix(".out"), stem.with_suffix(".log"))
+
+    @property  # type: ignore[override]
+    def stdout(self) -> io.StringIO:
+        return io.StringIO(self.out.read_text(errors="replace"))
+
+    @property  # type: ignore[override]
+    def stderr(self) -> io.StringIO:
+        return io.StringIO(self.log.read_text(errors="replace"))
+
+
+def forked_subprocess(folder: Path) -> types.SimpleNamespace:
+    """A stand-in for the ``subprocess`` module of :mod:`workers.tools.demo` whose ``Popen``
+    forks each worker from the forkserver (a torch import less each, seconds of CPU): for
+    tests of what the demo does; tests/test_readme.py runs it as a user does."""
+    return types.SimpleNamespace(
+        Popen=lambda cmd, **_: ForkedPopen(cmd, folder),
+        PIPE=subprocess.PIPE,
+        DEVNULL=subprocess.DEVNULL,
+        TimeoutExpired=subprocess.TimeoutExpired,
+    )
