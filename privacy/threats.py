@@ -28,17 +28,20 @@ THREAT_MODELS: dict[str, dict[str, str]] = {
         "who": "a feature party in the vertical topology (it holds no labels)",
         "knows": "its own features and segment, and that labels are binary",
         "sees": "the cut gradient of every training batch it took part in, over every epoch "
-        "(after the label holder's protection); each example's scores are averaged over the "
-        "epochs, under five attacks (norm rank, sign-aligned cosine to each epoch's top "
-        "singular vector, its absolute value, the rank of the component along it, and the "
-        "absolute cosine to each batch's own top singular vector), the strongest reported; "
-        "at evaluation it receives nothing (no output, no score)",
+        "(after the label holder's protection); eight attacks, the strongest reported: each "
+        "example's scores averaged over the epochs (norm rank, sign-aligned cosine to each "
+        "epoch's top singular vector, its absolute value, the rank of the component along it, "
+        "the energy off it, that beside the signed component, the absolute cosine to each "
+        "batch's own top singular vector), and each example's gradients averaged over the run "
+        "before scoring (the protection's fresh noise averages away), projected on the top "
+        "singular vector of those means; at evaluation it receives nothing (no output, no score)",
     },
     "label_clustering": {
         "who": "an honest-but-curious u-shaped server (the client keeps labels and head)",
         "knows": "the number of classes, and a few labels to name its clusters",
         "sees": "the gradient of its output for every training example, every epoch (after "
-        "the client's label protection); k-means per epoch, clusters matched to labels at best",
+        "the client's label protection); k-means per epoch, clusters matched to labels at best; "
+        "for binary labels also the feature party's eight attacks over the whole run",
     },
     "fsha": {
         "who": "a malicious server running the feature-space hijacking attack (FSHA)",

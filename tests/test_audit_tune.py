@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from privacy.label_attacks import ATTACKS
+from privacy.label_attacks import ATTACKS, PER_STEP_ATTACKS
 from sl_pipeline.errors import ConfigError, PrivacyError
 from workers.cli import main
 from workers.cli.privacy import audit_deployment
@@ -84,7 +84,7 @@ def test_audit_vertical_reports_label_leakage() -> None:
     result = run_audit("vertical", "breast_cancer", epochs=2, attack_seeds=1)
     # Assert
     assert 0.5 <= result["label_leak_auc"] <= 1.0
-    attacks = (*ATTACKS, "batch_spread")
+    attacks = (*ATTACKS, *PER_STEP_ATTACKS)
     assert result["label_leak_auc"] == max(result[f"{a}_auc"] for a in attacks)
     assert result["label_leak_auc"] == result[f"{result['label_leak_attack']}_auc"]
     assert set(result["label_leak_by_party"]) == {"client-1", "client-2"}

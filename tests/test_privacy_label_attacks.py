@@ -282,3 +282,36 @@ def test_audit_seeds_the_ushaped_clients_label_protection() -> None:
         draws.append(clients[0].runner.label_protection.protect(grads, labels))
     # Assert: two audits of one seed draw the same noise
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], grads)
+
+
+def fresh_noise_steps(epochs: int, seed: int = 6, n: int = 320, d: int = 32) -> tuple[list, Tensor]:
+    """What label protection leaves over a run: a small class-dependent component along one
+    direction, under isotropic noise drawn afresh at every step, plus a drift common to each
+    batch (training moves every row's gradient); (epoch, ids, gradients) per step of 32 rows."""
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.arange(n) % 3 == 0).long()
+    w = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+    signal = torch.where(labels == 1, 0.5, -0.5)[:, None] * w
+    steps = []
+    for epoch in range(epochs):
+        for ids in torch.randperm(n, generator=g).split(32):
+            drift = 3.0 * torch.randn(1, d, generator=g)
+            steps.append((epoch, ids, signal[ids] + drift + torch.randn(len(ids), d, generator=g)))
+    return steps, labels
+
+
+def test_averaging_each_rows_gradients_beats_averaging_its_scores() -> None:
+    from privacy.label_attacks import label_leak_whole_run, row_mean_over_run
+
+    # Prepare: ten epochs of fresh noise, each too loud for one epoch's singular vector
+    steps, labels = fresh_noise_steps(epochs=10)
+    # Execute
+    found = label_leak_whole_run(steps, labels)
+    # Assert: the score-averaging attacks stay near chance, the row mean reads the labels
+    assert max(found[f"{a}_auc"] for a in (*ATTACKS, "batch_spread")) < 0.65
+    assert found["row_mean_auc"] > 0.95
+    assert found["label_leak_attack"] == "row_mean"
+    assert found["label_leak_auc"] == found["row_mean_auc"]
+    # one epoch has no average to take: the same attack is near chance there
+    one = [(i, grads) for e, i, grads in steps if e == 0]
+    assert row_mean_over_run(one, labels)["row_mean_auc"] < 0.75

@@ -48,6 +48,7 @@ AUDIT_KEYS = (
     "offdir_auc",
     "offdir_projection_auc",
     "batch_spread_auc",
+    "row_mean_auc",
     "label_leak_last_epoch_auc",
     "eval_output_auc",
     "completion_auc",

@@ -38,6 +38,7 @@ LABEL_LEAK_KEYS = (
     "offdir_auc",
     "offdir_projection_auc",
     "batch_spread_auc",
+    "row_mean_auc",
 )
 UNSPLIT_VICTIMS = 64  # UnSplit optimises one input per victim: a sample keeps it to seconds
 # party -> one (epoch, sample ids, gradients sent) per training step
@@ -235,24 +236,14 @@ def _unsplit(client: ClientWorker, x: torch.Tensor, seen: torch.Tensor, seed: in
 def measure_labels(trained: Trained) -> dict[str, Any]:
     """The cross-epoch label attacks on each feature party's gradients, and the label AUC of
     the outputs each received at evaluation; the worst party is reported."""
-    from privacy.label_attacks import (
-        batch_spread_over_run,
-        label_leak_over_run,
-        model_completion,
-        output_leak_auc,
-    )
+    from privacy.label_attacks import label_leak_whole_run, model_completion, output_leak_auc
 
     labels: Any = getattr(trained.server.engine, "labels", None)
     if labels is None or not (trained.grads or trained.outputs):
         return {}
-    per_party = {}
-    for party, steps in sorted(trained.grads.items()):
-        found = label_leak_over_run(_rounds(steps), labels)
-        found.update(batch_spread_over_run([(i, g) for _, i, g in steps], labels))
-        if found["batch_spread_auc"] > found["label_leak_auc"]:
-            found["label_leak_auc"] = found["batch_spread_auc"]
-            found["label_leak_attack"] = "batch_spread"
-        per_party[party] = found
+    per_party = {
+        party: label_leak_whole_run(steps, labels) for party, steps in sorted(trained.grads.items())
+    }
     out: dict[str, Any] = {}
     if per_party:
         worst = max(per_party.values(), key=lambda r: r["label_leak_auc"])
@@ -275,25 +266,10 @@ def measure_labels(trained: Trained) -> dict[str, Any]:
     return out
 
 
-def _rounds(steps: Sequence[tuple[int, torch.Tensor, torch.Tensor]]) -> list[Any]:
-    """One (ids, gradients) round per epoch from per-step records."""
-    return [
-        (
-            torch.cat([i for e, i, _ in steps if e == epoch]),
-            torch.cat([g.reshape(g.shape[0], -1) for e, _, g in steps if e == epoch]),
-        )
-        for epoch in sorted({e for e, _, _ in steps})
-    ]
-
-
 def measure_sent_labels(trained: Trained) -> dict[str, Any]:
     """U-shaped: what the server learns about a client's labels from the gradients the client
     sends it (clustering; and the cross-epoch attacks where labels are binary)."""
-    from privacy.label_attacks import (
-        batch_spread_over_run,
-        cluster_label_attack,
-        label_leak_over_run,
-    )
+    from privacy.label_attacks import cluster_label_attack, label_leak_whole_run, rounds_of
 
     out: dict[str, Any] = {}
     for client in trained.clients:
@@ -303,12 +279,9 @@ def measure_sent_labels(trained: Trained) -> dict[str, Any]:
             continue
         labels = torch.zeros(int(train.ids.max()) + 1, dtype=torch.int64)
         labels[train.ids] = train.y
-        rounds = _rounds(steps)
-        found = cluster_label_attack(rounds, labels, client.data.classes)
+        found = cluster_label_attack(rounds_of(steps), labels, client.data.classes)
         if client.data.classes == 2:
-            run = label_leak_over_run(rounds, labels)
-            run.update(batch_spread_over_run([(i, g) for _, i, g in steps], labels))
-            run["label_leak_auc"] = max(run["label_leak_auc"], run["batch_spread_auc"])
+            run = label_leak_whole_run(steps, labels)
             found.update({k: run[k] for k in LABEL_LEAK_KEYS if k != "label_leak_attack"})
             found["label_leak_last_epoch_auc"] = run["last_epoch_auc"]
         for key, value in found.items():
