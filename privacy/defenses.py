@@ -9,6 +9,7 @@ additive, so the gradient the server returns still reaches the client's layers.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from privacy.config import NoiseConfig, PrivacyConfig
-from privacy.randomness import SecretRandomness
+from privacy.randomness import SecretRandomness, keyed_exponential, keyed_normal
 from sl_pipeline.errors import PrivacyError
 
 _TINY = 1e-12
@@ -62,7 +63,10 @@ class ActivationNoise(SecretRandomness):
 
     ``sigma = 0`` clips only. ``generator`` makes the noise reproducible for audits and tests;
     leave it ``None`` in production: the noise then comes from the OS cryptographic generator
-    (:mod:`privacy.randomness`), never from a torch generator, whose draws a peer can predict.
+    (:mod:`privacy.randomness`), never from a torch generator, whose draws a peer can predict,
+    and is keyed: a row's noise is a function of a secret key drawn at construction and of the
+    row's exact clipped activation, so the same row through the same weights is released bit
+    for bit again (a redone step, a repeated prediction) and averaging repeats gains nothing.
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class ActivationNoise(SecretRandomness):
         self.clip = cfg.clip
         self.mechanism = cfg.mechanism
         self.generator = generator
+        self.key = secrets.token_bytes(32)  # keys each row's noise to its exact bytes
 
     @property
     def noise_scale(self) -> float:
@@ -91,6 +96,13 @@ class ActivationNoise(SecretRandomness):
         return clipped + self._noise(clipped)
 
     def _noise(self, like: Tensor) -> Tensor:
+        if self.generator is None:  # production: keyed by the row (privacy.randomness)
+            if self.mechanism == "gaussian":
+                drawn = keyed_normal(self.key, like)
+            else:
+                drawn = keyed_exponential(self.key, like, 2)
+                drawn = drawn[0] - drawn[1]
+            return drawn.to(dtype=like.dtype, device=like.device) * self.noise_scale
         if self.mechanism == "gaussian":
             return self.normal(like.shape, like.dtype, like.device) * self.noise_scale
         # Laplace(0, b) is the difference of two independent Exponential(1/b) variables.

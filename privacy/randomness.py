@@ -14,10 +14,19 @@ on uniforms taken from the operating system's cryptographic generator (``secrets
 getrandom(2) on Linux): nothing a peer sees predicts another draw. Nor may a secret seed stand
 in for it: torch's CPU generator keeps only the low 32 bits of any seed, a space a peer can
 search (DP-SGD's Poisson sampling draws from the OS too: :mod:`privacy.dpsgd`).
+
+Activation noise is *keyed* (:func:`keyed_normal`): each row's draws are a function of a secret
+key, drawn from the OS once per client, and of that row's exact bytes. A row computed again
+through the same weights (a step redone after a server's rewind, which a malicious server can
+ask for at will; a prediction asked again) is released again bit for bit, so averaging its
+repeats takes no noise away; anything else about the row (another encoder, another row) draws
+independent noise. Fresh draws per release let a server that forces K redos of a step divide
+the noise's variance on its rows by K + 1.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 
@@ -50,6 +59,40 @@ def secret_exponential(shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
     return -torch.log(secret_uniform(math.prod(shape))).reshape(shape)
 
 
+def keyed_uniform(key: bytes, rows: torch.Tensor, count: int) -> torch.Tensor:
+    """``(len(rows), count)`` float64 uniforms in (0, 1): row i's are SHAKE-256 output seeded
+    with a BLAKE2b MAC, under the secret ``key``, of row i's exact bytes (and dtype)."""
+    flat = rows.detach().reshape(rows.shape[0], -1).contiguous().cpu()
+    raw = flat.view(torch.uint8).numpy() if flat.numel() else np.zeros((len(flat), 0), np.uint8)
+    tag = str(flat.dtype).encode()
+    words = np.empty((len(raw), count), dtype=np.uint64)
+    for i, row in enumerate(raw):
+        seed = hashlib.blake2b(tag + row.tobytes(), key=key, digest_size=32).digest()
+        words[i] = np.frombuffer(hashlib.shake_256(seed).digest(8 * count), dtype=np.uint64)
+    words >>= np.uint64(64 - _MANTISSA_BITS)
+    return torch.from_numpy((words.astype(np.float64) + 0.5) * 2.0**-_MANTISSA_BITS)
+
+
+def keyed_normal(key: bytes, rows: torch.Tensor) -> torch.Tensor:
+    """Standard normal float64 draws shaped like ``rows``, each row's a function of ``key``
+    and that row's exact bytes (Box-Muller on :func:`keyed_uniform`)."""
+    width = math.prod(rows.shape[1:])
+    half = (width + 1) // 2
+    u = keyed_uniform(key, rows, 2 * half)
+    radius = torch.sqrt(-2.0 * torch.log(u[:, :half]))
+    angle = 2.0 * math.pi * u[:, half:]
+    both = torch.cat((radius * torch.cos(angle), radius * torch.sin(angle)), dim=1)
+    return both[:, :width].reshape(rows.shape)
+
+
+def keyed_exponential(key: bytes, rows: torch.Tensor, draws: int) -> torch.Tensor:
+    """``draws`` Exponential(1) float64 tensors shaped like ``rows``, stacked on a first
+    dimension; each row's a function of ``key`` and that row's exact bytes."""
+    width = math.prod(rows.shape[1:])
+    u = keyed_uniform(key, rows, draws * width).reshape(len(rows), draws, width)
+    return -torch.log(u).transpose(0, 1).reshape(draws, *rows.shape)
+
+
 class SecretRandomness:
     """Mixin: draws from ``self.generator`` when an audit or test gave one, else from the
     operating system's cryptographic generator (above)."""
@@ -69,6 +112,9 @@ class SecretRandomness:
 
 __all__ = [
     "SecretRandomness",
+    "keyed_exponential",
+    "keyed_normal",
+    "keyed_uniform",
     "secret_exponential",
     "secret_normal",
     "secret_uniform",

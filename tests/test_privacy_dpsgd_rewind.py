@@ -41,6 +41,29 @@ def _lose_steps_after(monkeypatch: pytest.MonkeyPatch, steps: int) -> asyncio.Ev
     return frozen
 
 
+async def rewound_run(
+    files: dict[str, Any], client: ClientWorker, killed: asyncio.Event, monkeypatch: Any
+) -> tuple[dict[str, Any], int]:
+    """Serve ``client`` until ``killed`` is set (the server has stopped checkpointing), kill
+    the server there, start it again on its checkpoints; the client's summary and the steps
+    the restarted server held (its newest checkpoint's)."""
+    base = files["server"].parent
+    stop, task = await _serve(ServerWorker(load_server(files["server"], *SERVER), base))
+    training = asyncio.ensure_future(client.run())
+    await asyncio.wait_for(killed.wait(), 60)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    monkeypatch.undo()
+    restarted = ServerWorker(load_server(files["server"], *SERVER), base)
+    held = restarted.steps_applied
+    stop, task = await _serve(restarted)
+    try:
+        return dict(await asyncio.wait_for(training, 60)), held
+    finally:
+        stop.set()
+        await task
+
+
 @pytest.mark.parametrize("fixed", [False, True], ids=["poisson", "fixed-batches"])
 async def test_a_rewound_dpsgd_client_redoes_its_steps_and_counts_them_again(
     deployment,  # type: ignore[no-untyped-def]
@@ -73,19 +96,8 @@ async def test_a_rewound_dpsgd_client_redoes_its_steps_and_counts_them_again(
         return await train_step(step, x, y, ids)
 
     client.runner.train_step = recorded  # type: ignore[method-assign]
-    stop, task = await _serve(ServerWorker(load_server(files["server"], *SERVER), base))
-    training = asyncio.ensure_future(client.run())
     # Execute: the server is killed there and started again on its checkpoints
-    await asyncio.wait_for(frozen.wait(), 60)
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    monkeypatch.undo()
-    stop, task = await _serve(ServerWorker(load_server(files["server"], *SERVER), base))
-    try:
-        summary = await asyncio.wait_for(training, 60)
-    finally:
-        stop.set()
-        await task
+    summary, _ = await rewound_run(files, client, frozen, monkeypatch)
     # Assert: rewound once, finished; the redone steps counted on top of the first ones
     history = client.runner.dp.engine.accountant.history  # type: ignore[union-attr]
     assert summary["rewinds"] == 1
@@ -129,21 +141,8 @@ async def test_a_dpsgd_client_rewound_during_its_evaluation_trains_again(
     monkeypatch.setattr(ServerWorker, "dispatch", hang_at_evaluation)
     sets = ("privacy.dpsgd.noise_multiplier=1.0", "train.batch_size=32")
     client = ClientWorker(load_client(files["client-1"], *sets), base, progress=False)
-    stop, task = await _serve(ServerWorker(load_server(files["server"], *SERVER), base))
-    training = asyncio.ensure_future(client.run())
     # Execute: the server is killed there and started again on its checkpoints
-    await asyncio.wait_for(evaluating.wait(), 60)
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    monkeypatch.undo()
-    restarted = ServerWorker(load_server(files["server"], *SERVER), base)
-    kept = restarted.steps_applied  # of the client's 15: its newest checkpoint's
-    stop, task = await _serve(restarted)
-    try:
-        summary = await asyncio.wait_for(training, 60)
-    finally:
-        stop.set()
-        await task
+    summary, kept = await rewound_run(files, client, evaluating, monkeypatch)  # of its 15
     # Assert: rewound once, every draw and the redone ones counted, in training mode again
     history = client.runner.dp.engine.accountant.history  # type: ignore[union-attr]
     assert summary["rewinds"] == 1

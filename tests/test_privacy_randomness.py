@@ -107,8 +107,12 @@ def test_secret_draws_have_the_distributions_the_accounting_assumes() -> None:
     assert abs(float((z.abs() > 1.96).double().mean()) - 0.05) < 0.005  # the tails too
     e = secret_exponential((200_000,))
     assert float(e.min()) > 0 and abs(float(e.mean()) - 1.0) < 0.01
-    laplace = ActivationNoise(1.0, 1e9, mechanism="laplace").apply(torch.zeros(400, 500))
+    rows = torch.rand(400, 500, generator=torch.Generator().manual_seed(0))  # 400 distinct rows
+    laplace = ActivationNoise(1.0, 1e9, mechanism="laplace").apply(rows)
     assert abs(float(laplace.var()) / 1e18 - 2.0) < 0.05
+    gauss = ActivationNoise(1.0, 1e9).apply(rows) / 1e9
+    assert abs(float(gauss.mean())) < 0.01 and abs(float(gauss.var()) - 1.0) < 0.02
+    assert abs(float((gauss.abs() > 1.96).double().mean()) - 0.05) < 0.005
     u = secret_uniform(100_000)
     assert float(u.min()) > 0 and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.005
 
@@ -158,3 +162,26 @@ def test_poisson_sampling_from_the_os_keeps_the_sampling_rate() -> None:
     assert 50.0 < float(sizes.var()) < 135.0
     assert all(b == sorted(set(b)) and b[0] >= 0 and b[-1] < 1000 for b in batches if b)
     assert abs(float(counts[:500].sum() - counts[500:].sum())) < 600
+
+
+def test_a_row_released_again_through_the_same_weights_is_the_same_release() -> None:
+    # Prepare: a server that makes the client redo a step (a rewind, which it can ask for at
+    # will) gets each of its rows again; with fresh draws, the mean of 16 releases kept noise
+    # of std sigma * clip / 4, the noise averaged away
+    noise = ActivationNoise(0.5, 1.0)
+    act = torch.rand(64, 32, generator=torch.Generator().manual_seed(1)) * 0.05
+    # Execute
+    releases = torch.stack([noise.apply(act) for _ in range(16)])
+    # Assert: every repeat is the first release, bit for bit; the mean keeps all the noise
+    assert all(torch.equal(r, releases[0]) for r in releases)
+    residual = float((releases.mean(dim=0) - act).std())
+    assert abs(residual - 0.5) < 0.03
+    # anything else about a row draws independent noise: another activation of it (the
+    # next encoder's), and the same activation under another client's key
+    moved = act.clone()
+    moved[:, 0] += 1e-6
+    first, again = (releases[0] - act)[:, 1:], (noise.apply(moved) - moved)[:, 1:]
+    elsewhere = ActivationNoise(0.5, 1.0).apply(act) - act
+    for other in (again, elsewhere[:, 1:]):
+        correlation = torch.corrcoef(torch.stack([first.flatten(), other.flatten()]))[0, 1]
+        assert abs(float(correlation)) < 0.1
