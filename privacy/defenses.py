@@ -9,7 +9,6 @@ additive, so the gradient the server returns still reaches the client's layers.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -81,7 +80,6 @@ class ActivationNoise(SecretRandomness):
         self.clip = cfg.clip
         self.mechanism = cfg.mechanism
         self.generator = generator
-        self.key = secrets.token_bytes(32)  # keys each row's noise to its exact bytes
 
     @property
     def noise_scale(self) -> float:

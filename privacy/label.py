@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from privacy.config import LabelConfig
-from privacy.randomness import SecretRandomness
+from privacy.randomness import SecretRandomness, keyed_normal
 from sl_pipeline.errors import PrivacyError
 
 _TINY = 1e-12
@@ -66,7 +66,10 @@ class GaussianGradientNoise(SecretRandomness):
             return grads
         median = torch.linalg.vector_norm(flat, dim=1).median()
         std = self.scale * median / flat.shape[1] ** 0.5
-        noise = self.normal(flat.shape, flat.dtype, flat.device)
+        if self.generator is not None:  # an audit's: the draws its figures were measured on
+            noise = self.normal(flat.shape, flat.dtype, flat.device)
+        else:  # keyed to each row's exact gradient: a redone step is released again as it was
+            noise = keyed_normal(self.key, flat).to(dtype=flat.dtype, device=flat.device)
         return (flat + std * noise).reshape(grads.shape)
 
 
@@ -203,11 +206,16 @@ class Marvell(SecretRandomness):
         plan = marvell_plan(grads, labels, self.scale) or self.last_plan
         if plan is None:
             fallback = GaussianGradientNoise(self.scale**0.5, self.generator)
+            fallback._key = self.key
             return fallback.protect(grads, labels)
         self.last_plan = plan
         pos = _check_binary(labels, flat.shape[0]).long()
-        z = self.normal(flat.shape, torch.float64, flat.device)
-        xi = self.normal(torch.Size((flat.shape[0], 1)), torch.float64, flat.device)
+        if self.generator is not None:  # an audit's: the draws its figures were measured on
+            z = self.normal(flat.shape, torch.float64, flat.device)
+            xi = self.normal(torch.Size((flat.shape[0], 1)), torch.float64, flat.device)
+        else:  # keyed to each row's exact gradient (as GaussianGradientNoise's)
+            drawn = keyed_normal(self.key, flat, flat.shape[1] + 1).to(flat.device)
+            z, xi = drawn[:, :-1], drawn[:, -1:]
         factor = plan.factor.to(flat.device)[pos]  # (batch, d, d)
         dir_std = plan.dir_var.to(flat.device).sqrt()[pos].unsqueeze(1)
         noise = (factor @ z.unsqueeze(2)).squeeze(2) + dir_std * xi * plan.direction.to(flat.device)

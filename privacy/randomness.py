@@ -73,16 +73,17 @@ def keyed_uniform(key: bytes, rows: torch.Tensor, count: int) -> torch.Tensor:
     return torch.from_numpy((words.astype(np.float64) + 0.5) * 2.0**-_MANTISSA_BITS)
 
 
-def keyed_normal(key: bytes, rows: torch.Tensor) -> torch.Tensor:
-    """Standard normal float64 draws shaped like ``rows``, each row's a function of ``key``
-    and that row's exact bytes (Box-Muller on :func:`keyed_uniform`)."""
-    width = math.prod(rows.shape[1:])
-    half = (width + 1) // 2
+def keyed_normal(key: bytes, rows: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """Standard normal float64 draws shaped like ``rows`` (or ``(len(rows), width)``), each
+    row's a function of ``key`` and that row's exact bytes (Box-Muller on
+    :func:`keyed_uniform`)."""
+    count = math.prod(rows.shape[1:]) if width is None else width
+    half = (count + 1) // 2
     u = keyed_uniform(key, rows, 2 * half)
     radius = torch.sqrt(-2.0 * torch.log(u[:, :half]))
     angle = 2.0 * math.pi * u[:, half:]
-    both = torch.cat((radius * torch.cos(angle), radius * torch.sin(angle)), dim=1)
-    return both[:, :width].reshape(rows.shape)
+    both = torch.cat((radius * torch.cos(angle), radius * torch.sin(angle)), dim=1)[:, :count]
+    return both.reshape(rows.shape) if width is None else both
 
 
 def keyed_exponential(key: bytes, rows: torch.Tensor, draws: int) -> torch.Tensor:
@@ -98,6 +99,14 @@ class SecretRandomness:
     operating system's cryptographic generator (above)."""
 
     generator: torch.Generator | None
+    _key: bytes | None = None
+
+    @property
+    def key(self) -> bytes:
+        """This instance's secret key for keyed draws (drawn from the OS at first use)."""
+        if self._key is None:
+            self._key = secrets.token_bytes(32)
+        return self._key
 
     def normal(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         if self.generator is not None:
