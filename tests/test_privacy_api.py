@@ -25,6 +25,7 @@ ALLOWED_ROOTS = {
     "scipy",
     "bisect",
     "secrets",
+    "hashlib",
     "privacy",
     "sl_pipeline",
 }
