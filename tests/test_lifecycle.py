@@ -1,7 +1,9 @@
 """Worker lifecycle as an operator sees it: SIGTERM, `health`, JSON logs, /status, /readyz.
 
-Every test runs real worker processes on loopback (the ``procs`` fixture stops them all),
-and every wait is bounded.
+Every test runs real worker processes on loopback (the ``procs`` fixture stops them all):
+``python -m workers`` where how a process starts, logs or stops is under test, else forked
+from the tests' forkserver (tests/workerproc.py: a torch import less each). Every wait is
+bounded.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def test_sigterm_stops_the_server_and_the_client_fails_cleanly(
     wait_listening(
         files["server"]
     )  # the client's 2 s rejoin budget is for the stop, not a slow start
-    client = procs.start(
+    client = procs.fork(  # the server's stop is under test as it runs; the client's answer
         "client",
         files["client-1"],
         "--no-progress",
@@ -172,8 +174,8 @@ def test_client_status_and_readiness_while_training(
     # Prepare
     files = deployment(clients=1, epochs=LONG_EPOCHS, ops=True)
     url = ops_url(files["client-1"])
-    procs.start("server", files["server"])
-    procs.start("client", files["client-1"], "--no-progress")
+    procs.fork("server", files["server"])  # forked: what the ops port says, not how it starts
+    procs.fork("client", files["client-1"], "--no-progress")
 
     # Execute
     wait_until(lambda: training(url), START_TIMEOUT_S, "training")
@@ -197,12 +199,12 @@ def test_client_is_not_ready_before_it_has_joined(
     # Prepare: a client whose server is not running yet
     files = deployment(clients=1, epochs=LONG_EPOCHS, ops=True)
     url = ops_url(files["client-1"])
-    procs.start("client", files["client-1"], "--no-progress")
+    procs.fork("client", files["client-1"], "--no-progress")  # forked, as above
     wait_until(lambda: http_get(f"{url}/healthz")[0] == 200, START_TIMEOUT_S, "the ops port")
 
     # Execute
     before = http_get(f"{url}/readyz")
-    procs.start("server", files["server"])
+    procs.fork("server", files["server"])
     wait_until(lambda: training(url), START_TIMEOUT_S, "training")
     after = http_get(f"{url}/readyz")
 
