@@ -22,12 +22,13 @@ import torch
 import zmq.asyncio
 
 from sl_pipeline.config import RelayConfig, load
-from sl_pipeline.errors import PeerError
+from sl_pipeline.errors import PeerError, RedoError, StaleStepError
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.models import build_segments, segment_inputs
 from sl_pipeline.transport import DealerConnection
 from workers.client.link import make_handshake
 from workers.relay import RelayWorker
+from workers.runtime.digestlog import DigestLog
 from workers.tools.inprocess import build_deployment, wait_until
 
 from .conftest import load_client
@@ -137,3 +138,32 @@ async def test_after_a_restart_a_relay_runs_a_lost_step_only_on_the_request_firs
     assert torch.equal(then.tensors["grad"], first[4].tensors["grad"])
     assert theirs.kind is Kind.BACKWARD and relay.steps_applied == 4 + 2 + 1
     assert [tuple(s) for s in relay.applied_log].count(("client-1", 0, 4)) == 1
+
+
+def test_lost_steps_not_run_again_survive_a_checkpoint_and_a_second_restart(
+    tmp_path: Path,
+) -> None:
+    # Prepare: steps 0..3 applied past the checkpoint at 10 applied steps; the last line
+    # torn (killed mid-write: that step's reply never left)
+    sent = [_step("client-1", i, torch.randn(2, 3)) for i in range(4)]
+    log = DigestLog(tmp_path, "relay-1", fsync=False)
+    for count, msg in enumerate(sent, start=11):
+        log.append(count, msg)
+    with open(log.path, "a", encoding="utf-8") as fh:
+        fh.write('[15, "client-1", 0, 4, "ab')
+    restarted = DigestLog(tmp_path, "relay-1", fsync=False)
+    assert restarted.restore(10, []) == 4
+    # Execute: step 0 runs again, then a checkpoint, then a second restart from it
+    assert restarted.check(sent[0]) is not None
+    restarted.ran(sent[0])
+    kept = restarted.state()
+    restarted.checkpointed()
+    again = DigestLog(tmp_path, "relay-1", fsync=False)
+
+    # Assert: steps 1..3 are still lost, in order, and still only as first sent
+    assert again.restore(11, kept) == 3
+    with pytest.raises(StaleStepError):
+        again.check(sent[2])
+    with pytest.raises(RedoError):
+        again.check(_step("client-1", 1, torch.randn(2, 3)))
+    assert again.check(sent[1]) is not None
