@@ -246,6 +246,7 @@ class StepRunner:
         protection runs on that gradient before it leaves (the server may cluster it).
         A server that lost the open step between the two (it restarted, or dropped our old
         session) answers ``step_lost``: redo the step."""
+        why = ""
         for _ in range(MAX_STEP_REDOS):
             self.optimizer.zero_grad(set_to_none=True)  # a redo must not add a second head grad
             reply = await self.host.request(msg)
@@ -266,7 +267,8 @@ class StepRunner:
                 if exc.remote_code != StepLostError.code:
                     raise
                 log.warning("the server lost open step %s (%s); redoing it", msg.step, exc)
-        raise ProtocolError(f"step {msg.step} was lost {MAX_STEP_REDOS} times; giving up")
+                why = exc.reason
+        raise ProtocolError(f"step {msg.step} was lost {MAX_STEP_REDOS} times ({why}); giving up")
 
     # ---- evaluation and inference ----------------------------------------------------------
     async def predict(

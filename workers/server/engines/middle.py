@@ -53,6 +53,8 @@ class MiddleEngine(Engine):
         self._waiting: LruTable[str, tuple[bytes, Message]] = LruTable(
             max(1, cfg.server.max_names), lambda: self.on_bound("waiting")
         )
+        # why each client's last abandoned step was abandoned: its late gradient is told
+        self._why: LruTable[str, tuple[int, int, str]] = LruTable(max(1, cfg.server.max_names))
 
     def handle(self, identity: bytes, msg: Message) -> list[Reply]:
         if msg.kind is Kind.FORWARD:
@@ -101,6 +103,7 @@ class MiddleEngine(Engine):
         assert held is not None
         self._open = None  # its graph goes with it; no update was computed for it
         self.abandoned += 1
+        self._why.put(held.client, (held.epoch, held.step, why))
         self.on_bound("open_steps")
         log.warning(
             "abandoned %s's open step (%d, %d): %s; nothing of it was applied, and its "
@@ -142,12 +145,26 @@ class MiddleEngine(Engine):
         if self._open is None or not self._open.answers(msg):
             # this server restarted, or abandoned the step (its client left, or sent no
             # gradient in time): the client redoes the step from its forward
-            raise StepLostError("backward for a step this server has no open forward for")
+            raise StepLostError(self._lost_reason(msg))
         # A bad gradient raises before anything changes and leaves the step open for a resend.
         (grad,) = self.backprop_output(msg, self._open.out, [self._open.act])
         self._open = None
         tensors = wire_tensors("grad", grad, self.wire_dtype, self.residuals, msg.client)
         return msg.reply(Kind.BACKWARD, tensors=tensors)
+
+    def _lost_reason(self, msg: Message) -> str:
+        """Why ``msg``'s step is not open: its client is told why it was abandoned (a head
+        slower than the bound is abandoned at every redo while others wait: it must know)."""
+        why = self._why.get(msg.client)
+        if why is None or why[:2] != (msg.epoch, msg.step):
+            return "backward for a step this server has no open forward for"
+        line = f"this server abandoned your open step {why[:2]}: {why[2]}"
+        if "open_step_s" in why[2]:
+            line += (
+                "; a step whose gradient takes longer than that is abandoned again at each "
+                "redo while other clients wait: ask the operator to raise server.open_step_s"
+            )
+        return line
 
     def queue_depth(self) -> int:
         return len(self._waiting)
