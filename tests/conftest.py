@@ -14,6 +14,7 @@ import torch
 
 from sl_pipeline.config import ClientConfig, ServerConfig, load
 from sl_pipeline.config import read_toml as load_toml
+from workers.client.link import Upstream
 from workers.tools.demo import stop_process
 from workers.tools.localdeploy import init_deployment, to_toml
 
@@ -132,6 +133,23 @@ def procs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Procs]:
         yield manager
     finally:
         manager.stop_all()
+
+
+@pytest.fixture
+def joins(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """When a client of this process joined its next hop (each time). A bound on how long a
+    client takes to give up counts from its first join, not from its start: its data load
+    and model took 9 s at load 8, more than the waits under test."""
+    times: list[float] = []
+    set_connected = Upstream.set_connected
+
+    def noting(self: Upstream, connected: bool) -> None:
+        if connected:
+            times.append(time.monotonic())
+        set_connected(self, connected)
+
+    monkeypatch.setattr(Upstream, "set_connected", noting)
+    return times
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
