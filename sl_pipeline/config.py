@@ -20,7 +20,7 @@ from typing import Any, Literal, TypeVar
 
 from .ciphers import DEFAULT_CIPHERS, CipherName
 from .configfile import apply_overrides, read_toml
-from .errors import ConfigError
+from .errors import ConfigError, LimitError
 from .limits import Limits
 
 TOPOLOGIES = ("vanilla", "ushaped", "vertical", "multitask", "multihop", "roundrobin", "splitfed")
@@ -129,7 +129,10 @@ class LimitsConfig:
     max_abs_value: float = 1e6
 
     def to_limits(self) -> Limits:
-        return Limits(**dataclasses.asdict(self))
+        try:
+            return Limits(**dataclasses.asdict(self))
+        except LimitError as exc:  # a config value, not a peer's message: exit 2, not 3
+            raise ConfigError(f"{exc}; raise it in [limits]") from None
 
 
 @dataclass(frozen=True)
@@ -310,8 +313,19 @@ def _convert(hint: Any, raw: Any, dotted: str) -> Any:
 
 # Integers whose small values mean nothing (a batch of 0 samples, a classifier of one class),
 # and lists that must not be empty (no cipher suite: no session).
-AT_LEAST = {"train.batch_size": 1, "model.classes": 2}
+# A server of 0 clients refuses everyone as "full"; a limit of 0 admits no message.
+AT_LEAST = {"train.batch_size": 1, "model.classes": 2, "server.max_clients": 1}
 AT_LEAST.update({f"{side}.ciphers": 1 for side in ("server", "client", "relay")})
+AT_LEAST.update(
+    {
+        f"limits.{name}": 1
+        for name in ("max_frames", "max_header_bytes", "max_tensor_bytes", "max_message_bytes")
+    }
+)
+AT_LEAST["limits.max_inflight_bytes"] = 1
+# Values beyond which a setting means nothing sensible: torch crashes (a segfault) asked for
+# 100000 threads; momentum above 1 makes every step larger than the last (training diverges).
+AT_MOST: dict[str, int | float] = {"train.threads": 1024, "train.momentum": 1.0}
 
 
 def _scalar(hint: Any, raw: Any, dotted: str) -> Any:
@@ -326,7 +340,7 @@ def _scalar(hint: Any, raw: Any, dotted: str) -> Any:
             raise ConfigError(f"{dotted} must not be negative, got {raw}")
         if raw < AT_LEAST.get(dotted, 0):
             raise ConfigError(f"{dotted} must be at least {AT_LEAST[dotted]}, got {raw}")
-        return raw
+        return _at_most(raw, dotted)
     if hint is float:
         if isinstance(raw, bool) or not isinstance(raw, int | float):
             raise ConfigError(f"{dotted} must be a number, got {raw!r}")
@@ -334,12 +348,18 @@ def _scalar(hint: Any, raw: Any, dotted: str) -> Any:
             raise ConfigError(f"{dotted} must be a finite number, got {raw}")
         if raw < 0:
             raise ConfigError(f"{dotted} must not be negative, got {raw}")
-        return float(raw)
+        return _at_most(float(raw), dotted)
     if hint is str:
         if not isinstance(raw, str):
             raise ConfigError(f"{dotted} must be a string, got {raw!r}")
         return raw
     raise ConfigError(f"internal: no converter for {dotted} ({hint})")
+
+
+def _at_most(raw: Any, dotted: str) -> Any:
+    if dotted in AT_MOST and raw > AT_MOST[dotted]:
+        raise ConfigError(f"{dotted} must be at most {AT_MOST[dotted]}, got {raw}")
+    return raw
 
 
 def check_endpoint(value: str, dotted: str) -> str:

@@ -23,6 +23,11 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config path {str(path)!r} is a directory; give a .toml file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:  # a binary file, or text saved in another encoding
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text; give the worker's .toml file "
+            "(saved as UTF-8)"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror}") from None
 

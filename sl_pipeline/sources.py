@@ -78,18 +78,42 @@ def _sklearn_bundled(filename: str, skiprows: int) -> np.ndarray:
 
 
 def from_npz(path: Path, features: str, label: str) -> tuple[np.ndarray, np.ndarray | None]:
+    where = f"data.path = {str(path)!r}"
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"data.path = {str(path)!r} is not a readable .npz: {exc}") from None
+    except (OSError, ValueError, EOFError):  # numpy's own words suggest unpickling: never
+        raise ConfigError(
+            f"{where} is not a readable .npz (a zip of .npy arrays); write it with numpy.savez"
+        ) from None
     with archive:
         if features not in archive:
             raise ConfigError(f"data.features = {features!r} is not in {path}: {archive.files}")
         if label and label not in archive:
             raise ConfigError(f"data.label = {label!r} is not in {path}: {archive.files}")
-        x = archive[features].astype(np.float32)
-        y = archive[label].astype(np.int64) if label else None
-    return x, y
+        x, y = archive[features], archive[label] if label else None
+    return _npz_features(x, where, features), _npz_labels(y, len(x), where, label)
+
+
+def _npz_features(x: np.ndarray, where: str, name: str) -> np.ndarray:
+    if x.ndim < 2 or x.dtype.kind not in "biuf":
+        raise ConfigError(
+            f"{where}: array {name!r} must hold numbers, one row per sample "
+            f"(at least 2 dimensions), got dtype {x.dtype} with shape {list(x.shape)}"
+        )
+    return x.astype(np.float32)
+
+
+def _npz_labels(y: np.ndarray | None, rows: int, where: str, name: str) -> np.ndarray | None:
+    if y is None:
+        return None
+    if y.ndim != 1 or len(y) != rows:
+        raise ConfigError(
+            f"{where}: array {name!r} must hold one label per sample ({rows}, as the features "
+            f"have), got shape {list(y.shape)}"
+        )
+    if y.dtype.kind not in "biuf" or (y.dtype.kind == "f" and not np.all(y == np.round(y))):
+        raise ConfigError(f"{where}: array {name!r} must hold whole-number class labels")
+    return y.astype(np.int64)
 
 
 def data_path(cfg: DataConfig, base: Path) -> Path:

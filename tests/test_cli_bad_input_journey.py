@@ -1,0 +1,121 @@
+"""A hostile user's bad input, through ``workers.cli.main``: each is one line on stderr that
+names the file, key or value and what to do, with exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from workers.cli import main
+
+
+def _refused(argv: list[str], capsys: pytest.CaptureFixture[str], *named: str) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for word in named:
+        assert word in err, err
+    return err
+
+
+def test_a_binary_config_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "server.toml"
+    cfg.write_bytes(b"\x97\xff\x00[server]\n" * 50)
+    _refused(["server", "--config", str(cfg)], capsys, "server.toml", "UTF-8")
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        ("train.threads=100000", "at most 1024"),  # torch segfaulted
+        ("train.momentum=1.5", "at most 1.0"),  # every step larger than the last
+        ("server.max_clients=0", "at least 1"),  # a server that refuses everyone, forever
+        ("limits.max_frames=0", "at least 1"),  # was exit 3, a protocol error
+        ("limits.max_abs_value=0", "[limits]"),
+    ],
+)
+def test_a_value_out_of_range_is_named_before_the_worker_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], setting: str, named: str
+) -> None:
+    cfg = tmp_path / "server.toml"
+    cfg.write_text('[server]\nbind = "tcp://127.0.0.1:1"\n')
+    argv = ["server", "--config", str(cfg), "--insecure", "--set", setting]
+    _refused(argv, capsys, setting.split("=")[0], named)
+
+
+def _npz_client(tmp_path: Path, **arrays: np.ndarray) -> Path:
+    np.savez(tmp_path / "rows.npz", **arrays)  # type: ignore[arg-type]
+    cfg = tmp_path / "client.toml"
+    cfg.write_text(
+        '[client]\nserver = "tcp://127.0.0.1:1"\n[data]\npath = "rows.npz"\nlabel = "y"\n'
+        '[model]\nbuiltin = "mlp"\nin_shape = [4]\nclasses = 3\n'
+    )
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("arrays", "named"),
+    [
+        ({"x": np.zeros((20, 4)), "y": np.zeros(5, dtype=np.int64)}, "one label per sample"),
+        ({"x": np.zeros((20, 4)), "y": np.full(20, 0.5)}, "whole-number class labels"),
+        ({"x": np.zeros((20, 4)), "y": np.array(["a"] * 20)}, "whole-number class labels"),
+        ({"x": np.zeros(20), "y": np.zeros(20, dtype=np.int64)}, "at least 2 dimensions"),
+        ({"x": np.array(["a"] * 20), "y": np.zeros(20, dtype=np.int64)}, "must hold numbers"),
+    ],
+)
+def test_an_npz_of_the_wrong_shape_is_named(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    arrays: dict[str, np.ndarray],
+    named: str,
+) -> None:
+    cfg = _npz_client(tmp_path, **arrays)
+    _refused(["client", "--config", str(cfg), "--insecure"], capsys, "rows.npz", named)
+
+
+def test_a_file_that_is_no_npz_is_not_told_to_unpickle(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = _npz_client(tmp_path, x=np.zeros((2, 4)))
+    (tmp_path / "rows.npz").write_bytes(bytes(range(256)) * 4)
+    err = _refused(["client", "--config", str(cfg), "--insecure"], capsys, "rows.npz", "savez")
+    assert "pickle" not in err
+
+
+def _predict_client(tmp_path: Path) -> Path:
+    import torch
+
+    torch.save({}, tmp_path / "segment.pt")  # read for its saved encoding: none, plain numbers
+    cfg = tmp_path / "client.toml"
+    cfg.write_text(
+        '[client]\nserver = "tcp://127.0.0.1:1"\nsave = "segment.pt"\n'
+        '[model]\nbuiltin = "mlp"\nin_shape = [3]\nclasses = 2\n'
+    )
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("rows", "named"),
+    [
+        ("1,2,3\n4,nan,6\n", "row 2 of the data holds NaN"),  # was the server's peer error
+        ("1,inf,3\n", "row 1 of the data holds NaN"),
+    ],
+)
+def test_predict_refuses_rows_it_cannot_send(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], rows: str, named: str
+) -> None:
+    cfg = _predict_client(tmp_path)
+    (tmp_path / "rows.csv").write_text(rows)
+    argv = ["predict", "--config", str(cfg), "--insecure", "--input", str(tmp_path / "rows.csv")]
+    _refused(argv, capsys, "rows.csv", named)
+
+
+def test_predict_names_input_that_is_not_utf8(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = _predict_client(tmp_path)
+    (tmp_path / "rows.csv").write_bytes("1,2,\xe9\n".encode("latin-1"))
+    argv = ["predict", "--config", str(cfg), "--insecure", "--input", str(tmp_path / "rows.csv")]
+    _refused(argv, capsys, "rows.csv", "save it as UTF-8")
