@@ -82,7 +82,21 @@ def read_inputs(cfg: ClientConfig, path: Path, enc: Encoding | None = None) -> I
             f"--input {str(path)!r} gives {list(x.shape[1:])} features per row, but the model "
             f"was trained with model.in_shape = {expected}"
         )
+    _check_finite(x, path, ids)
     return Inputs(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), ids)
+
+
+def _check_finite(x: np.ndarray, path: Path, ids: list[str] | None) -> None:
+    """NaN or inf in a row is refused here, naming the row, not by the server (its
+    activations would be NaN: a peer error that names no row)."""
+    bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+    if len(bad):
+        row = int(bad[0])
+        name = f"id {ids[row]!r}" if ids else f"row {row + 1} of the data"
+        raise ConfigError(
+            f"--input {str(path)!r}: {name} holds NaN or infinite values ({len(bad)} such "
+            "rows); fill them in or drop those rows"
+        )
 
 
 def _plain_csv(path: Path) -> np.ndarray:
@@ -91,7 +105,9 @@ def _plain_csv(path: Path) -> np.ndarray:
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
             rows = [(n, row) for n, row in enumerate(csv.reader(fh), 1) if row]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+    except UnicodeDecodeError:
+        raise ConfigError(f"--input {str(path)!r} is not UTF-8 text; save it as UTF-8") from None
+    except (OSError, csv.Error) as exc:
         raise ConfigError(f"--input {str(path)!r} cannot be read as CSV: {exc}") from None
     if rows and not all(_is_number(v) for v in rows[0][1]):
         rows = rows[1:]
