@@ -53,6 +53,16 @@ async def _serving(worker: Any) -> AsyncIterator[asyncio.Event]:
         await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 30)
 
 
+def _chain(deployment: Any, steps: int) -> tuple[dict[str, Path], Any, list[Message], Any]:
+    """A multihop deployment whose relay checkpoints every 4 steps, and client-1's first
+    ``steps`` requests (and the activations' shape)."""
+    files = deployment(topology="multihop", dataset="breast_cancer", clients=2)
+    run = build_deployment(files, relay_overrides=EVERY4)
+    cfg = load_client(files["client-1"])
+    shape = segment_inputs(build_segments(cfg.model, "multihop"), cfg.model.in_shape)[1]
+    return files, run, [_step("client-1", i, torch.randn(8, *shape)) for i in range(steps)], shape
+
+
 class Peer:
     """A client's raw connection to the relay: what a hostile enrolled client can send."""
 
@@ -85,12 +95,8 @@ async def test_after_a_restart_a_relay_runs_a_lost_step_only_on_the_request_firs
 ) -> None:
     # Prepare: client-1 takes steps 0..5 through a relay checkpointing every 4 steps, which
     # is then killed (no checkpoint at its stop): steps 4 and 5 are lost, the server holds them
-    files = deployment(topology="multihop", dataset="breast_cancer", clients=2)
+    files, run, sent, shape = _chain(deployment, 6)
     base = files["server"].parent
-    run = build_deployment(files, relay_overrides=EVERY4)
-    cfg = load_client(files["client-1"])
-    shape = segment_inputs(build_segments(cfg.model, "multihop"), cfg.model.in_shape)[1]
-    sent = [_step("client-1", i, torch.randn(8, *shape)) for i in range(6)]
     ctx = zmq.asyncio.Context()
     one, two = Peer(files, "client-1", ctx), Peer(files, "client-2", ctx)
     try:
@@ -167,3 +173,48 @@ def test_lost_steps_not_run_again_survive_a_checkpoint_and_a_second_restart(
     with pytest.raises(RedoError):
         again.check(_step("client-1", 1, torch.randn(2, 3)))
     assert again.check(sent[1]) is not None
+
+
+async def test_a_digest_torn_by_a_crash_does_not_swallow_the_next_one(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: client-1's steps 0..4 through a relay checkpointing every 4 steps, killed while
+    # appending step 4's digest (its last line torn: a power loss mid-append)
+    files, run, sent, _ = _chain(deployment, 5)
+    base = files["server"].parent
+    ctx = zmq.asyncio.Context()
+    one = Peer(files, "client-1", ctx)
+
+    def relay() -> RelayWorker:
+        return RelayWorker(load(RelayConfig, files["relay-1"], list(EVERY4)), base)
+
+    try:
+        async with _serving(run.server):
+            async with _serving(run.relay):
+                await one.join()
+                [await one.ask(msg) for msg in sent]
+                run.relay.ckpt = None  # a kill -9: nothing saved at its stop
+                digests = run.relay.digests
+                assert digests is not None
+            torn = digests.path.read_bytes()
+            digests.path.write_bytes(torn[: len(torn) - 20])
+            # its restart: step 4's digest was torn, so step 4 runs again as a new step
+            # (the request the client recorded); then it is killed again before step 5
+            second = relay()
+            async with _serving(second):
+                await one.join()
+                await one.ask(sent[4])
+                second.ckpt = None
+            # Execute: the third start; client-1 sends other activations for step 4
+            third = relay()
+            async with _serving(third):
+                await one.join()
+                other = await one.refused(_step("client-1", 4, sent[4].tensors["act"] + 0.5))
+                ran = third.steps_applied
+    finally:
+        if one.conn is not None:
+            one.conn.close()
+        ctx.destroy(linger=0)
+    # Assert: step 4's digest from the second start survived the torn line before it: the
+    # third start runs step 4 only on the request first sent (before, the second start's
+    # line was appended onto the torn one, and both read as one garbled line: the third
+    # start ran step 4 on other activations while the server answered the first ones')
+    assert other.remote_code == "redo" and ran == 4

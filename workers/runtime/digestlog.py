@@ -44,10 +44,17 @@ class DigestLog:
     def restore(self, applied: int, kept: list[Any]) -> int:
         """The steps past the checkpoint (``applied`` steps) are lost, and those its
         checkpoint says are still lost (``kept``: :meth:`state`): keep their digests. A torn
-        last line (killed mid-write) is a step whose reply never left: skipped."""
+        last line (killed mid-write) is a step whose reply never left: cut off the file, so
+        that the next line appended is whole."""
         self.lost.clear()
-        with open(self.path, encoding="utf-8", errors="replace") as fh:
-            lines = fh.read().splitlines()
+        data = self.path.read_bytes()
+        whole = data.rfind(b"\n") + 1
+        if whole < len(data):  # the torn line goes, or the next append would join it
+            os.ftruncate(self._fd, whole)
+            if self.fsync:
+                os.fdatasync(self._fd)
+            log.warning("%s: dropped a torn last line (the relay stopped mid-write)", self.path)
+        lines = data[:whole].decode("utf-8", errors="replace").splitlines()
         for line in [json.dumps([applied + 1, *entry]) for entry in kept] + lines:
             try:
                 count, client, epoch, step, digest = json.loads(line)
