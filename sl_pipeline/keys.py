@@ -220,6 +220,12 @@ def _admitted_from_file(path: Path) -> dict[bytes, str]:
         parts = line.split()
         if len(parts) != 2:
             raise ConfigError(f"{where}: expected 'NAME BASE64', got {len(parts)} fields")
+        if parts[0] in (PRIVATE_TAG, PUBLIC_TAG):  # a key file, not a list of admitted keys
+            raise ConfigError(
+                f"{path} is a {parts[0].split('-')[3]} key file, not a list of admitted keys: "
+                "set admitted to the folder of the clients' NAME.pub files (or to a file of "
+                "'NAME BASE64' lines)"
+            )
         _add_admitted(keys, _decode_key(parts[1], where), parts[0], where)
     return keys
 

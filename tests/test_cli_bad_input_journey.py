@@ -119,3 +119,38 @@ def test_predict_names_input_that_is_not_utf8(
     (tmp_path / "rows.csv").write_bytes("1,2,\xe9\n".encode("latin-1"))
     argv = ["predict", "--config", str(cfg), "--insecure", "--input", str(tmp_path / "rows.csv")]
     _refused(argv, capsys, "rows.csv", "save it as UTF-8")
+
+
+@pytest.mark.parametrize("given", ["server.key", "client-1.pub"])
+def test_a_key_file_given_as_the_admitted_list_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], given: str
+) -> None:
+    from sl_pipeline.keys import write_keypair
+
+    write_keypair("server", tmp_path)
+    write_keypair("client-1", tmp_path)  # read as 'NAME BASE64', each admitted a stranger
+    cfg = tmp_path / "server.toml"
+    cfg.write_text(
+        f'[server]\nbind = "tcp://127.0.0.1:1"\nkey = "server.key"\nadmitted = "{given}"\n'
+    )
+    _refused(["server", "--config", str(cfg)], capsys, given, "not a list of admitted keys")
+
+
+def test_init_refuses_more_clients_than_a_server_admits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _refused(["init", str(tmp_path / "site"), "--clients", "65"], capsys, "at most 64")
+    assert not (tmp_path / "site").exists()  # the 65th would have waited forever
+
+
+def test_runs_download_keeps_a_file_already_there(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "token").write_text("a-long-random-admin-token\n")
+    cfg = tmp_path / "server.toml"
+    cfg.write_text('[ops]\nlisten = "127.0.0.1:1"\nadmin_token = "token"\n')
+    mine = tmp_path / "mine.pt"
+    mine.write_text("the user's own model\n")
+    argv = ["runs", "download", "run-1", "--config", str(cfg), "--out", str(mine)]
+    _refused(argv, capsys, "mine.pt", "exists")
+    assert mine.read_text() == "the user's own model\n"  # was overwritten without a word

@@ -236,8 +236,11 @@ def cmd_runs(args: argparse.Namespace) -> int:
         raise ConfigError(f"runs {args.action} needs a run id; `runs list` shows them")
     if args.action == "download":
         out = args.out or Path(f"{args.run}-server.pt")
+        if out.exists():  # another run's model, or anything else: the user's to keep
+            raise ConfigError(f"--out {str(out)!r} exists; give a new file name (or move it)")
         data = api.call("GET", f"/runs/{args.run}/model")
-        out.write_bytes(data)
+        with out.open("xb") as fh:  # created now, not replaced: a file that appeared meanwhile
+            fh.write(data)
         print(json.dumps({"run": args.run, "file": str(out)}) if args.json else f"wrote {out}")
         return 0
     method = "POST" if args.action == "stop" else "GET"

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sl_pipeline.config import ServerSection
 from sl_pipeline.errors import ConfigError
 from sl_pipeline.group import write_group_key
 from sl_pipeline.keys import write_keypair
@@ -138,6 +139,11 @@ def check_options(
         raise ConfigError(f"--dataset {dataset!r} is unknown; choose one of {sorted(DATASETS)}")
     if clients < spec.min_clients:
         raise ConfigError(f"--clients must be at least {spec.min_clients}")
+    if clients > (most := ServerSection.max_clients):  # the rest would wait forever
+        raise ConfigError(
+            f"--clients must be at most {most}, the peers a server admits at once "
+            "(server.max_clients); for more, provision the sites and raise it in server.toml"
+        )
     if spec.feature_parties and clients > FEATURES[dataset]:  # each party needs a column
         raise ConfigError(
             f"--clients must be at most {FEATURES[dataset]} for --topology {name} on "
