@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -119,8 +120,31 @@ class SecretRandomness:
         return secret_exponential(like.shape).to(dtype=like.dtype, device=like.device)
 
 
+def export_keys(parts: Mapping[str, object]) -> dict[str, str]:
+    """The keys of those ``parts`` that draw keyed noise, in hex, for a checkpoint: a client
+    restarted from it releases a row computed again bit for bit as before (a relay that lost
+    the step takes the same request; an observer of both releases can average nothing),
+    where a key drawn afresh at the restart would release it with new noise."""
+    return {
+        name: part.key.hex()
+        for name, part in parts.items()
+        if isinstance(part, SecretRandomness) and part.generator is None
+    }
+
+
+def import_keys(parts: Mapping[str, object], keys: Mapping[str, str] | None) -> None:
+    """Give ``parts`` back the keys :func:`export_keys` took (a checkpoint without them, from
+    an older version, leaves the keys drawn at this start)."""
+    for name, value in (keys or {}).items():
+        part = parts.get(name)
+        if isinstance(part, SecretRandomness) and part.generator is None:
+            part._key = bytes.fromhex(value)
+
+
 __all__ = [
     "SecretRandomness",
+    "export_keys",
+    "import_keys",
     "keyed_exponential",
     "keyed_normal",
     "keyed_uniform",

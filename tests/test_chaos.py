@@ -120,6 +120,16 @@ FULL_CASES = [
         deterministic=False,
         label="relayevery4-dpsgd",
     ),
+    # a cut-layer noise defense: the step in flight at the kill is recomputed after the
+    # restart, and released as before (the noise key is in the client's checkpoint)
+    Case(
+        "multihop",
+        faults=(("relay+client", 2),),
+        relay_sets=EVERY4,
+        client_sets=("privacy.noise.sigma=0.3", "privacy.noise.clip=5.0"),
+        deterministic=False,  # each run's noise key is its own: accuracy differs
+        label="relayevery4-noise",
+    ),
     # DP-SGD: Poisson-sampled batches and the accountant's history resume mid-epoch
     Case(
         "vanilla",

@@ -56,3 +56,28 @@ async def test_a_rewound_client_sends_its_redone_steps_noise_unchanged(
     redone = [tries for tries in sent.values() if len(tries) > 1]
     assert redone
     assert all(torch.equal(first, again) for first, *rest in redone for again in rest)
+
+
+def test_a_client_restarted_from_its_checkpoint_releases_a_row_as_before(
+    deployment,  # type: ignore[no-untyped-def]
+) -> None:
+    # Prepare: a client with activation noise and label-free breast_cancer; one release
+    files = deployment(clients=1, dataset="breast_cancer", epochs=1)
+    base = files["server"].parent
+    sets = ("privacy.noise.sigma=0.5", "privacy.noise.clip=1.0", "checkpoint.every_steps=1")
+
+    def start() -> ClientWorker:
+        return ClientWorker(load_client(files["client-1"], *sets), base, progress=False)
+
+    first, unrestored = start(), start()  # the second: a client started without it
+    row = torch.randn(4, 16)
+    released = first.runner.defense.apply(row)
+    first.ckpt.save(first._state(3), 3)
+    # Execute: a restart from that checkpoint (a kill, e.g. with its relay)
+    restarted = start()
+    assert restarted.resumed_from == first.steps_done
+    # Assert: the restarted client releases the same row bit for bit (a relay that lost the
+    # step takes its recomputed request; an observer of both releases averages nothing); a
+    # key drawn afresh would have released it with other noise
+    assert torch.equal(restarted.runner.defense.apply(row), released)
+    assert not torch.equal(unrestored.runner.defense.apply(row), released)

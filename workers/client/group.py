@@ -71,9 +71,10 @@ class RoundRobinRunner(_GroupRunner):
         self.run: bytes | None = None
 
     def extra_state(self) -> dict[str, Any]:
-        return {"run_nonce": self.run_nonce}
+        return {**super().extra_state(), "run_nonce": self.run_nonce}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_state(state)
         self.run_nonce = str(state.get("run_nonce", self.run_nonce))
 
     def group_key(self) -> bytes:
@@ -155,9 +156,10 @@ class SplitFedRunner(_GroupRunner):
         self.poisoned_rounds = 0  # rounds whose average was refused (kept our own weights)
 
     def extra_state(self) -> dict[str, Any]:
-        return {"poisoned_rounds": self.poisoned_rounds}
+        return {**super().extra_state(), "poisoned_rounds": self.poisoned_rounds}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_state(state)
         self.poisoned_rounds = int(state.get("poisoned_rounds", 0))
 
     def report(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from torch import nn
 
 from privacy.config import DPSGDConfig
 from privacy.defenses import build_defenses
+from privacy.randomness import export_keys, import_keys
 from sl_pipeline.config import resolve_path
 from sl_pipeline.data import Split, batch_order, iter_batches
 from sl_pipeline.errors import ConfigError, PeerError, PrivacyError, ProtocolError, StepLostError
@@ -340,11 +341,15 @@ class StepRunner:
         return False
 
     def extra_state(self) -> dict[str, Any]:
-        """What this runner adds to the client's checkpoint (round-robin: its run nonce)."""
-        return {}
+        """What this runner adds to the client's checkpoint: its keyed noise's keys (a step
+        recomputed after a restart is released as before), round-robin its run nonce."""
+        return {"noise_keys": export_keys(self._keyed())}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        return None
+        import_keys(self._keyed(), state.get("noise_keys"))
+
+    def _keyed(self) -> dict[str, object]:
+        return {"defense": self.defense, "label": self.label_protection}
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
