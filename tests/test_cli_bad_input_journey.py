@@ -154,3 +154,16 @@ def test_runs_download_keeps_a_file_already_there(
     argv = ["runs", "download", "run-1", "--config", str(cfg), "--out", str(mine)]
     _refused(argv, capsys, "mine.pt", "exists")
     assert mine.read_text() == "the user's own model\n"  # was overwritten without a word
+
+
+@pytest.mark.parametrize("timeout", ["-1", "nan", "0", "soon"])
+def test_health_names_a_timeout_that_is_no_wait(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], timeout: str
+) -> None:
+    cfg = tmp_path / "server.toml"
+    cfg.write_text('[ops]\nlisten = "127.0.0.1:1"\n')
+    with pytest.raises(SystemExit) as stop:  # argparse: a usage error, one line
+        main(["health", "--config", str(cfg), "--timeout", timeout])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--timeout" in err and "positive number of seconds" in err and "Traceback" not in err

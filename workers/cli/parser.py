@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -127,7 +128,18 @@ def _ops_parsers(sub: Any) -> None:
     runs.add_argument("--json", action="store_true")
     health = sub.add_parser("health", help="exit 0 if the worker's /readyz answers 200")
     health.add_argument("--config", required=True, type=Path)
-    health.add_argument("--timeout", type=float, default=3.0)
+    health.add_argument("--timeout", type=_seconds, default=3.0, help="seconds to wait")
+
+
+def _seconds(text: str) -> float:
+    """A wait in seconds: a positive finite number (a socket refuses -1 and NaN)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 def _pipeline_depth(text: str) -> int:
