@@ -55,15 +55,16 @@ class DigestLog:
                 os.fdatasync(self._fd)
             log.warning("%s: dropped a torn last line (the relay stopped mid-write)", self.path)
         lines = data[:whole].decode("utf-8", errors="replace").splitlines()
+        seen: set[tuple[str, Step]] = set()  # a set: a list scan made a restart quadratic
         for line in [json.dumps([applied + 1, *entry]) for entry in kept] + lines:
             try:
                 count, client, epoch, step, digest = json.loads(line)
-                entry = ((int(epoch), int(step)), str(digest))
+                entry, after = ((int(epoch), int(step)), str(digest)), int(count) > applied
             except (ValueError, TypeError):
                 continue
-            steps = self.lost.setdefault(str(client), deque())
-            if int(count) > applied and entry[0] not in [s for s, _ in steps]:
-                steps.append(entry)
+            if after and (str(client), entry[0]) not in seen:
+                seen.add((str(client), entry[0]))
+                self.lost.setdefault(str(client), deque()).append(entry)
         self.lost = {client: steps for client, steps in self.lost.items() if steps}
         return sum(len(steps) for steps in self.lost.values())
 
