@@ -177,7 +177,8 @@ class ServerSection:
     # that vanished (a crash, or a hostile co-client) cannot hold a run open forever. 0 = never.
     stalled_run_s: float = 3600.0
     # U-shaped: a step whose output went to a client and whose gradient has not come back
-    # this long is abandoned once another client's forward waits for it (nothing of it is
+    # this long, counted from when another client's forward began to wait (or from the step,
+    # if later), is abandoned (nothing of it is
     # applied; a late gradient is answered step_lost and its client redoes the step), so a
     # client that died or stalls mid-step holds the others up at most this long. 0 = never
     # (a step is then abandoned only when its client leaves: bye, or its session goes).

@@ -137,6 +137,25 @@ def test_a_client_alone_may_take_its_time(deployment) -> None:  # type: ignore[n
     assert grad.kind is Kind.BACKWARD and engine.steps_applied == 1
 
 
+def test_the_bound_counts_from_when_another_client_waits(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: c1 alone opens a step at t=0 and takes its time
+    engine = middle(deployment(topology="ushaped", clients=2, dataset="breast_cancer"))
+    engine.at(0.0)
+    ((_, opened),) = engine.handle(b"c1", fwd(engine, "c1"))
+    # Execute: c2's forward comes far past the bound, then waits a little
+    engine.at(50 * BOUND_S)
+    arrived = engine.handle(b"c2", fwd(engine, "c2"))
+    early = engine.at(50 * BOUND_S + BOUND_S / 2)
+    # Assert: c1's step held nobody up until c2 came, so it is not abandoned the moment
+    # c2's forward arrives (before, it was: the bound counted from c1's step, while the docs
+    # say "held the server open_step_s while another client's forward waited"); its gradient
+    # within the bound of c2's arrival is applied, then c2 is served
+    assert arrived == [] and early == [] and engine.abandoned == 0
+    ((_, grad), (to, result)) = engine.handle(b"c1", bwd(opened))
+    assert grad.kind is Kind.BACKWARD and (to, result.kind) == (b"c2", Kind.RESULT)
+    assert engine.steps_applied == 1
+
+
 def test_new_forwards_do_not_hold_the_server_past_the_bound(deployment) -> None:  # type: ignore[no-untyped-def]
     # Prepare: c1 opens a step at t=0; c2 waits
     engine = middle(deployment(topology="ushaped", clients=2, dataset="breast_cancer"))

@@ -55,6 +55,7 @@ class MiddleEngine(Engine):
         )
         # why each client's last abandoned step was abandoned: its late gradient is told
         self._why: LruTable[str, tuple[int, int, str]] = LruTable(max(1, cfg.server.max_names))
+        self._queued_at = 0.0  # when the queue last went from empty to waiting
 
     def handle(self, identity: bytes, msg: Message) -> list[Reply]:
         if msg.kind is Kind.FORWARD:
@@ -65,6 +66,8 @@ class MiddleEngine(Engine):
             if self._open is not None and self._open.client != msg.client:
                 self.activations(msg, False)  # a bad forward is refused now, to its sender
                 # answered when the open step ends; a full queue refuses the newcomer
+                if not self._waiting:
+                    self._queued_at = self.now  # the bound counts while someone waits
                 self._waiting.add(msg.client, (identity, msg), "clients waiting for a step")
                 return self._expire()  # the open step may have held the server too long
             # served now: a copy of it still queued (its step's client left, and it resent)
@@ -92,7 +95,7 @@ class MiddleEngine(Engine):
         held = self._open
         if held is None or not self._waiting or self.open_step_s <= 0:
             return []
-        if self.now - held.since < self.open_step_s:
+        if self.now - max(held.since, self._queued_at) < self.open_step_s:
             return []
         waited = f"{len(self._waiting)} other client(s) waited"
         self._abandon(f"no gradient within server.open_step_s = {self.open_step_s:g}s; {waited}")
