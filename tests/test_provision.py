@@ -178,3 +178,17 @@ def test_the_example_project_provisions(tmp_path: Path, capsys: pytest.CaptureFi
     assert set(_private_keys(tmp_path / "kits")) == {"server", "client-1", "client-2"}
     assert main(["provision", "--example", str(project)]) == 2  # never overwrites
     assert "exists" in capsys.readouterr().err
+
+
+def test_a_project_of_more_sites_than_the_default_server_limit_admits_them_all(
+    tmp_path: Path,
+) -> None:
+    # Prepare: a project of 65 client sites (the server admits 64 unless told more)
+    sites = "".join(f'\n[[client]]\nname = "site-{i}"\n' for i in range(65))
+    project = tmp_path / "big.toml"
+    project.write_text(f'[project]\nname = "big"\ntopology = "vanilla"\n{sites}')
+    # Execute
+    assert main(["provision", str(project), "--out", str(tmp_path / "kits")]) == 0
+    # Assert: the server's config admits every site (before, the 65th waited forever)
+    server = load(ServerConfig, tmp_path / "kits" / "server" / "server.toml", [])
+    assert server.server.max_clients == 65

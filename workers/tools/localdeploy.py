@@ -125,6 +125,7 @@ def check_options(
     epochs: int | None = None,
     seed: int = 0,
     device: str = "cpu",
+    most_clients: int | None = ServerSection.max_clients,
 ) -> Topology:
     if epochs is not None and epochs < 1:
         raise ConfigError(f"--epochs must be at least 1, got {epochs}")
@@ -139,10 +140,10 @@ def check_options(
         raise ConfigError(f"--dataset {dataset!r} is unknown; choose one of {sorted(DATASETS)}")
     if clients < spec.min_clients:
         raise ConfigError(f"--clients must be at least {spec.min_clients}")
-    if clients > (most := ServerSection.max_clients):  # the rest would wait forever
+    if most_clients is not None and clients > most_clients:  # the rest would wait forever
         raise ConfigError(
-            f"--clients must be at most {most}, the peers a server admits at once "
-            "(server.max_clients); for more, provision the sites and raise it in server.toml"
+            f"--clients must be at most {most_clients}, the peers a server admits at once "
+            "(server.max_clients); for more, sl-pipeline provision (it raises it to the sites)"
         )
     if spec.feature_parties and clients > FEATURES[dataset]:  # each party needs a column
         raise ConfigError(
@@ -173,10 +174,14 @@ def plan_deployment(
     pipeline_depth: int = 1,
     label_client: bool = False,
     device: str = "cpu",
+    most_clients: int | None = ServerSection.max_clients,
 ) -> Plan:
     """The configs of a server, its clients ``names`` and (multihop) a relay at
-    ``relay = (bind, endpoint)``; clients reach the server at ``server_endpoint``."""
-    spec = check_options(topology, len(names), dataset, label_client, epochs, seed, device)
+    ``relay = (bind, endpoint)``; clients reach the server at ``server_endpoint``.
+    ``most_clients = None``: any count (the caller raises ``server.max_clients`` to it)."""
+    spec = check_options(
+        topology, len(names), dataset, label_client, epochs, seed, device, most_clients
+    )
     d = Deployment(list(names), dataset, seed, label_client)
     train = {
         "epochs": epochs or DEFAULT_EPOCHS[dataset],

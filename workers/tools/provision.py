@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sl_pipeline.config import from_mapping, read_toml
+from sl_pipeline.config import ServerSection, from_mapping, read_toml
 from sl_pipeline.errors import ConfigError
 from sl_pipeline.group import write_group_key
 from sl_pipeline.keys import write_keypair
@@ -190,6 +190,7 @@ def provision(project_file: Path, out: Path) -> dict[str, Any]:
         wire_dtype=p.wire_dtype,
         pipeline_depth=p.pipeline_depth,
         label_client=p.label_client,
+        most_clients=None,  # any number of sites: the server's max_clients is raised to it
     )
     out.mkdir(parents=True, exist_ok=True)
     scripts = _write_kits(project, plan, out)
@@ -201,6 +202,8 @@ def _write_kits(project: Project, plan: Plan, out: Path) -> dict[str, Path]:
     server = Kit(out, "server")
     server_pub = server.own_key()
     plan.server["server"].update(key="keys/server.key", admitted="keys/admitted")
+    if len(project.client) > ServerSection.max_clients:  # the rest would wait forever
+        plan.server["server"]["max_clients"] = len(project.client)
     # Its state survives a crash, and on a real site a power loss too (fsync).
     plan.server["checkpoint"] = {"dir": "state/checkpoints"}
     (server.keys / "admitted").mkdir()
