@@ -12,6 +12,8 @@ others speak over loopback sockets to a server bound here, or run the workers as
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import signal
 import subprocess
@@ -27,18 +29,20 @@ import pytest
 import torch
 
 from sl_pipeline.config import ServerConfig
-from sl_pipeline.errors import StepLostError
+from sl_pipeline.errors import PeerError, StepLostError, TransportError
 from sl_pipeline.handshake import ClientHandshake
 from sl_pipeline.keys import load_keypair, load_public_key
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.tensors import read_tensor
 from sl_pipeline.transport import DealerConnection
+from workers.client.worker import ClientWorker
 from workers.server.engines.middle import MiddleEngine
 from workers.tools.demo import stop_process
+from workers.tools.inprocess import wait_until
 from workers.tools.localdeploy import free_port
 from workers.topologies import topology
 
-from .conftest import ROOT, load_server, wait_listening
+from .conftest import ROOT, load_client, load_server, wait_listening
 from .test_hostile_numeric import serving
 from .test_hostile_peers import assert_refused, hello_for, join
 
@@ -307,6 +311,50 @@ async def test_an_abandoned_steps_client_redoes_it_behind_the_waiting_one(deploy
         finally:
             late.close()
             waiting.close()
+
+
+async def test_a_client_that_never_closes_its_steps_slows_an_honest_one_only_by_the_bound(
+    deployment,
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a server with open_step_s = 0.5 s; client-2 (hostile, by hand) opens step
+    # after step and never sends a gradient: each time its output comes back, it sends the
+    # forward of its next step at once
+    files = deployment(topology="ushaped", clients=2, dataset="breast_cancer")
+    base, bound_s = files["server"].parent, 0.5
+    async with serving(files, f"server.open_step_s={bound_s}") as (server, ctx, task):
+        bind, fp = server.cfg.server.bind, server.fingerprint
+        hostile = await join(bind, fp, base / "keys", ctx, "client-2")
+        assert server.engine.act_shape is not None
+        act = torch.rand(4, *server.engine.act_shape)
+        opened = [0]
+
+        async def hold_forever() -> None:
+            while True:
+                step = opened[0]
+                await hostile.send(Message(Kind.FORWARD, step=step, tensors={"act": act}))
+                with contextlib.suppress(PeerError, TransportError):
+                    if (await hostile.recv(30)).kind is Kind.RESULT:
+                        opened[0] += 1
+
+        holding = asyncio.create_task(hold_forever())
+        await wait_until(lambda: opened[0] >= 1)
+        # Execute: client-1 trains its epoch meanwhile
+        client = ClientWorker(load_client(files["client-1"]), base, progress=False)
+        started = time.monotonic()
+        try:
+            summary = await asyncio.wait_for(client.run(), 120)
+        finally:
+            holding.cancel()
+            await asyncio.gather(holding, return_exceptions=True)
+            hostile.close()
+        took_s = time.monotonic() - started
+        # Assert: client-1 trained every step, each applied once; the hostile client's
+        # steps were abandoned, never applied; client-1 waited at most about one bound a step
+        assert summary["steps"] == server.steps_applied > 0
+        assert server.engine.abandoned >= 1 and opened[0] >= 2
+        assert took_s < summary["steps"] * (bound_s + 1.0), took_s
+        assert not task.done()
+        print(f"{summary['steps']} steps in {took_s:.1f}s, {server.engine.abandoned} abandoned")
 
 
 # ---- the workers as processes: a client killed mid-step -------------------------------------
