@@ -64,10 +64,8 @@ class RouterService:
         metrics: WorkerMetrics | None,
     ) -> None:
         check_endpoint(listen.bind, f"{listen.section}.bind")
-        self.ops_cfg = ops
-        self.limits = limits
-        self.base = base
-        self.fingerprint = fingerprint
+        self.ops_cfg, self.limits = ops, limits
+        self.base, self.fingerprint = base, fingerprint
         self.metrics = metrics or WorkerMetrics(self.role)
         # Who is in, and who may join: the rules, without I/O (the admitted keys come next).
         self.table = PeerTable(listen, self.role, fingerprint, {}, self.metrics.record_bound)
@@ -243,18 +241,20 @@ class RouterService:
             await asyncio.sleep(POLL_MS / 1000)
             if self._idle:  # never between a message's arrival and its replies
                 self._drop_silent_peers()
-                await self._send_all(endpoint, self.due())
                 self._trim_due |= time.monotonic() - self._trimmed_at >= TRIM_EVERY_S
                 if self._trim_due:  # freed buffers (refused messages, closed strangers') back
                     self._trim_due, self._trimmed_at = False, time.monotonic()
                     trim_heap()
+                try:  # what came due (time passed, a peer left); a failure ends no tick
+                    await self._send_all(endpoint, self.due())
+                except Exception as exc:
+                    log.error("could not send what came due: %s", exc, exc_info=exc)
 
     async def _tell_peers_we_stop(self, endpoint: ZmtpRouter) -> None:
         """A retryable ``shutting_down`` error to every peer: a client waiting for a reply
         rejoins (with backoff) at once instead of waiting out its whole reply timeout."""
-        notice = error_message(
-            "shutting_down", f"{self.role} is stopping; rejoin when it is back", retryable=True
-        )
+        words = f"{self.role} is stopping; rejoin when it is back"
+        notice = error_message("shutting_down", words, retryable=True)
         for identity, peer in list(self.peers.items()):
             try:
                 await endpoint.send(identity, peer.channel.pack(notice))
