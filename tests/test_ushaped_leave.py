@@ -43,6 +43,7 @@ from workers.tools.localdeploy import free_port
 from workers.topologies import topology
 
 from .conftest import ROOT, load_client, load_server, wait_listening
+from .test_hostile_cross import two_clients
 from .test_hostile_numeric import serving
 from .test_hostile_peers import assert_refused, hello_for, join
 
@@ -315,28 +316,19 @@ async def test_an_abandoned_steps_client_redoes_it_behind_the_waiting_one(deploy
 
 async def test_a_bye_naming_another_client_abandons_only_the_senders_step(deployment) -> None:  # type: ignore[no-untyped-def]
     # Prepare: client-1's step is open
-    files = deployment(topology="ushaped", clients=2, dataset="breast_cancer")
-    keys = files["server"].parent / "keys"
-    async with serving(files) as (server, ctx, _):
-        bind, fp = server.cfg.server.bind, server.fingerprint
-        honest = await join(bind, fp, keys, ctx, "client-1")
-        hostile = await join(bind, fp, keys, ctx, "client-2")
-        try:
-            assert server.engine.act_shape is not None
-            act = torch.rand(4, *server.engine.act_shape)
-            await honest.send(Message(Kind.FORWARD, tensors={"act": act}))
-            opened = await honest.recv(10)
-            # Execute: client-2 says bye in client-1's name (its session is its own name)
-            await hostile.send(Message(Kind.BYE, client="client-1"))
-            await wait_until(lambda: len(server.peers) == 1)
-            await honest.send(bwd(opened))
-            reply = await honest.recv(10)
-            # Assert: client-2 left, client-1's step was still open and was applied
-            assert reply.kind is Kind.BACKWARD and server.steps_applied == 1
-            assert server.engine.abandoned == 0
-        finally:
-            honest.close()
-            hostile.close()
+    async with two_clients(deployment, "ushaped") as (server, honest, hostile, _):
+        assert server.engine.act_shape is not None
+        act = torch.rand(4, *server.engine.act_shape)
+        await honest.send(Message(Kind.FORWARD, tensors={"act": act}))
+        opened = await honest.recv(10)
+        # Execute: client-2 says bye in client-1's name (its session is its own name)
+        await hostile.send(Message(Kind.BYE, client="client-1"))
+        await wait_until(lambda: len(server.peers) == 1)
+        await honest.send(bwd(opened))
+        reply = await honest.recv(10)
+        # Assert: client-2 left, client-1's step was still open and was applied
+        assert reply.kind is Kind.BACKWARD and server.steps_applied == 1
+        assert server.engine.abandoned == 0
 
 
 async def test_a_client_that_never_closes_its_steps_slows_an_honest_one_only_by_the_bound(
