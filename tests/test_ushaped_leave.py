@@ -395,6 +395,7 @@ def applied_steps(status_url: str) -> int:
         return -1
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_client_killed_mid_step_does_not_stall_the_others(deployment, procs, tmp_path) -> None:  # type: ignore[no-untyped-def]
     # Prepare: a u-shaped server (open_step_s = 2 s), client-1 and client-2 training (the
