@@ -45,7 +45,9 @@ def test_segment_flops_are_a_part_of_the_whole_model() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_tiny_crypto_round_trip_runs() -> None:
+def test_tiny_crypto_round_trip_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: a few pairs (quick's 400 of 8 take up to 10 s: the figure is not under test)
+    monkeypatch.setattr(crypto_rt, "_plan", lambda quick, nbytes=0: (8, 4, 5.0))
     # Execute
     result = crypto_rt.run(quick=True, sizes={"4KiB": 4 * 1024}, wan=False)
 
