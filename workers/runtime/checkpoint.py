@@ -270,6 +270,15 @@ def open_store(cfg: CheckpointConfig, base: Path, prefix: str) -> CheckpointStor
     return CheckpointStore(directory, keep=max(1, cfg.keep), prefix=prefix, fsync=cfg.fsync)
 
 
+def check_fingerprint(state: Mapping[str, Any], path: Path, fingerprint: str) -> None:
+    """Refuse a checkpoint written for another model or topology than this worker's."""
+    if state.get("fingerprint") != fingerprint:
+        raise ConfigError(
+            f"checkpoint {path} is for another model or topology; "
+            "point checkpoint.dir elsewhere or remove it"
+        )
+
+
 def load_weights(path: Path, what: str) -> dict[str, Any]:
     """A saved segment file (``torch.save`` of state dicts), read with the safe loader. A file
     that is not one (truncated, another format, a copy gone wrong) is one line naming it."""

@@ -15,11 +15,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sl_pipeline.config import RelayConfig
-from sl_pipeline.errors import ConfigError
 from sl_pipeline.messages import Message
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.appliedlog import AppliedLog
-from workers.runtime.checkpoint import CheckpointStore, restore_rng, rng_state
+from workers.runtime.checkpoint import CheckpointStore, check_fingerprint, restore_rng, rng_state
 from workers.runtime.digestlog import DigestLog
 
 if TYPE_CHECKING:
@@ -69,11 +68,7 @@ class RelayCheckpoints:
             self._restore_digests([])
             return 0
         state, path = found
-        if state.get("fingerprint") != self.fingerprint:
-            raise ConfigError(
-                f"checkpoint {path} is for another model or topology; "
-                "point checkpoint.dir elsewhere or remove it"
-            )
+        check_fingerprint(state, path, self.fingerprint)
         self.segment.load_state_dict(state["segment"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.steps_applied = int(state["steps_applied"])

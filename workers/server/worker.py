@@ -26,7 +26,7 @@ from sl_pipeline.messages import Kind, Message, error_message
 from sl_pipeline.models import fingerprint, resolve_device
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.appliedlog import AppliedLog
-from workers.runtime.checkpoint import open_store, restore_rng, rng_state
+from workers.runtime.checkpoint import check_fingerprint, open_store, restore_rng, rng_state
 from workers.runtime.peers import Listen, Peer, reject_reason
 from workers.runtime.service import Replies, RouterService
 from workers.server.engines.base import Engine
@@ -107,11 +107,7 @@ class ServerWorker(RunHost, RouterService):
         if found is None:
             return 0
         state, path = found
-        if state.get("fingerprint") != self.fingerprint:
-            raise ConfigError(
-                f"checkpoint {path} is for another model or topology; "
-                "point checkpoint.dir elsewhere or remove it"
-            )
+        check_fingerprint(state, path, self.fingerprint)
         self.steps_applied = int(state["steps_applied"])
         restore_rng(state["rng"])
         # runs.json knows where a model saved at a clean stop lies (that stop writes no
