@@ -84,6 +84,9 @@ class ZmtpRouter:
         self.connections: dict[bytes, Connection] = {}
         self.routable: dict[bytes, Connection] = {}  # past the handshake
         self.departed: dict[bytes, Connection] = {}  # closed, with messages still to read
+        # Closed connections with nothing left to read: their sessions can end now (a
+        # reconnect is a new connection, a new identity, so nothing can resume them).
+        self.gone: list[bytes] = []
         self.inbox_bytes, self.inbound_bytes = INBOX_BYTES, INBOUND_BYTES  # the budgets
         self.inbound = 0  # the costs queued on all connections
         self.departed_raw = 0  # bytes closed connections sent that are not parsed yet
@@ -152,6 +155,7 @@ class ZmtpRouter:
         if self.departed.pop(conn.identity, None) is not None:
             self.departed_raw -= conn.raw
             self._release_key(conn)
+            self.gone.append(conn.identity)
 
     def _release_key(self, conn: Connection) -> None:
         if conn.key is not None and conn.key in self.per_key:
@@ -214,6 +218,7 @@ class ZmtpRouter:
         if not (conn.inbox or conn.codec.blocked):
             if was_open:
                 self._release_key(conn)
+                self.gone.append(conn.identity)
             return
         conn.codec.finish()  # what it holds is then what it sent and we did not parse
         conn.raw = conn.codec.unparsed
@@ -222,6 +227,7 @@ class ZmtpRouter:
             conn.discard()  # what all queues share is spent: a closed peer's is dropped first
             if was_open:
                 self._release_key(conn)
+                self.gone.append(conn.identity)
             return
         self.departed[conn.identity] = conn
         self.departed_raw += conn.raw

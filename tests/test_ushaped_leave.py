@@ -314,6 +314,37 @@ async def test_an_abandoned_steps_client_redoes_it_behind_the_waiting_one(deploy
             waiting.close()
 
 
+async def test_a_connection_closed_mid_step_frees_the_server_at_once(
+    deployment,
+) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: no time bound (open_step_s = 0); client-1 opens a step, client-2's forward waits
+    files = deployment(topology="ushaped", clients=2, dataset="breast_cancer")
+    keys = files["server"].parent / "keys"
+    async with serving(files, "server.open_step_s=0") as (server, ctx, _):
+        bind, fp = server.cfg.server.bind, server.fingerprint
+        dying = await join(bind, fp, keys, ctx, "client-1")
+        waiting = await join(bind, fp, keys, ctx, "client-2")
+        try:
+            assert server.engine.act_shape is not None
+            act = torch.rand(4, *server.engine.act_shape)
+            await dying.send(Message(Kind.FORWARD, tensors={"act": act}))
+            assert (await dying.recv(10)).kind is Kind.RESULT
+            await waiting.send(Message(Kind.FORWARD, tensors={"act": act}))
+            await wait_until(lambda: server.engine.queue_depth() == 1)
+            # Execute: client-1's connection closes without a bye (its process killed, say)
+            dying.close()
+            served = await waiting.recv(10)
+            # Assert: client-2 was served as soon as the server saw the connection close
+            # (before, only when client-1's silence ran out, server.client_timeout_s = 120 s,
+            # or never with the bound off); client-1's session ended, its step abandoned
+            assert served.kind is Kind.RESULT and server.engine.abandoned == 1
+            assert [peer.name for peer in server.peers.values()] == ["client-2"]
+        finally:
+            if dying.channel is not None:  # not closed yet: the test failed before
+                dying.close()
+            waiting.close()
+
+
 async def test_a_bye_naming_another_client_abandons_only_the_senders_step(deployment) -> None:  # type: ignore[no-untyped-def]
     # Prepare: client-1's step is open
     async with two_clients(deployment, "ushaped") as (server, honest, hostile, _):

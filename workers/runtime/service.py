@@ -41,6 +41,7 @@ from workers.runtime.startup import (
     load_admitted,
     load_own_key,
     start_ops,
+    tell_peers_we_stop,
     warn_insecure,
 )
 
@@ -173,7 +174,7 @@ class RouterService:
         finally:
             self.bound = False
             self._endpoint = None
-            await self._tell_peers_we_stop(endpoint)
+            await tell_peers_we_stop(endpoint, self.peers, self.role)
             await endpoint.drain(GOODBYE_LINGER_MS / 1000)
             endpoint.close(linger_ms=GOODBYE_LINGER_MS)
             if ops is not None:
@@ -240,7 +241,7 @@ class RouterService:
         while not stop.is_set():
             await asyncio.sleep(POLL_MS / 1000)
             if self._idle:  # never between a message's arrival and its replies
-                self._drop_silent_peers()
+                self._end_quiet_sessions(endpoint)
                 self._trim_due |= time.monotonic() - self._trimmed_at >= TRIM_EVERY_S
                 if self._trim_due:  # freed buffers (refused messages, closed strangers') back
                     self._trim_due, self._trimmed_at = False, time.monotonic()
@@ -250,24 +251,21 @@ class RouterService:
                 except Exception as exc:
                     log.error("could not send what came due: %s", exc, exc_info=exc)
 
-    async def _tell_peers_we_stop(self, endpoint: ZmtpRouter) -> None:
-        """A retryable ``shutting_down`` error to every peer: a client waiting for a reply
-        rejoins (with backoff) at once instead of waiting out its whole reply timeout."""
-        words = f"{self.role} is stopping; rejoin when it is back"
-        notice = error_message("shutting_down", words, retryable=True)
-        for identity, peer in list(self.peers.items()):
-            try:
-                await endpoint.send(identity, peer.channel.pack(notice))
-            except (SLError, OSError) as exc:  # best effort: we are going away anyway
-                log.debug("could not tell %s that we stop: %s", peer.name, exc)
-
     def summary(self) -> dict[str, Any]:
         return {"role": self.role, "peers": len(self.peers)}
 
-    def _drop_silent_peers(self) -> None:
+    def _end_quiet_sessions(self, endpoint: ZmtpRouter) -> None:
+        """Sessions that ended without a word: silent too long, or their connection closed
+        (killed, or it left) with its last messages read. What they held (a u-shaped open
+        step, a vertical part) stops holding up the others now, not at the silence bound."""
         for identity, silent_s in self.table.silent(time.monotonic()):
             log.warning("dropping peer %s: silent for %.0fs", self.peers[identity].name, silent_s)
             self.forget(identity)
+        gone, endpoint.gone = endpoint.gone, []
+        for identity in gone:
+            if (peer := self.peers.get(identity)) is not None:
+                log.info("peer %s closed its connection; its session ends", peer.name)
+                self.forget(identity)
 
     def forget(self, identity: bytes) -> None:
         peer = self.table.remove(identity)

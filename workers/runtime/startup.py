@@ -12,8 +12,9 @@ from typing import Any
 
 from sl_pipeline.codec import Limits
 from sl_pipeline.config import OpsConfig, resolve_path
-from sl_pipeline.errors import ConfigError, TransportError
+from sl_pipeline.errors import ConfigError, SLError, TransportError
 from sl_pipeline.keys import KeyPair, load_admitted_keys, load_keypair, load_public_key
+from sl_pipeline.messages import error_message
 from sl_pipeline.zmtp_router import ZmtpRouter
 from workers.ops.http import OpsServer, parse_listen
 from workers.ops.metrics import WorkerMetrics
@@ -95,3 +96,16 @@ def install_stop_signals(stop: asyncio.Event) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
             loop.add_signal_handler(sig, stop.set)
+
+
+async def tell_peers_we_stop(endpoint: ZmtpRouter, peers: Mapping[bytes, Any], role: str) -> None:
+    """A retryable ``shutting_down`` error to every peer: a client waiting for a reply
+    rejoins (with backoff) at once instead of waiting out its whole reply timeout."""
+    notice = error_message(
+        "shutting_down", f"{role} is stopping; rejoin when it is back", retryable=True
+    )
+    for identity, peer in list(peers.items()):
+        try:
+            await endpoint.send(identity, peer.channel.pack(notice))
+        except (SLError, OSError) as exc:  # best effort: we are going away anyway
+            log.debug("could not tell %s that we stop: %s", peer.name, exc)
