@@ -9,7 +9,6 @@ paths are resolved against the config file's folder. Flags override file values 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import types
 import typing
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from .ciphers import DEFAULT_CIPHERS, CipherName
+from .configbounds import AT_LEAST, check_float, check_int
 from .configfile import apply_overrides, read_toml
 from .errors import ConfigError, LimitError
 from .limits import Limits
@@ -312,55 +312,20 @@ def _convert(hint: Any, raw: Any, dotted: str) -> Any:
     return _scalar(hint, raw, dotted)
 
 
-# Integers whose small values mean nothing (a batch of 0 samples, a classifier of one class),
-# and lists that must not be empty (no cipher suite: no session).
-# A server of 0 clients refuses everyone as "full"; a limit of 0 admits no message.
-AT_LEAST = {"train.batch_size": 1, "model.classes": 2, "server.max_clients": 1}
-AT_LEAST.update({f"{side}.ciphers": 1 for side in ("server", "client", "relay")})
-AT_LEAST.update(
-    {
-        f"limits.{name}": 1
-        for name in ("max_frames", "max_header_bytes", "max_tensor_bytes", "max_message_bytes")
-    }
-)
-AT_LEAST["limits.max_inflight_bytes"] = 1
-# Values beyond which a setting means nothing sensible: torch crashes (a segfault) asked for
-# 100000 threads; momentum above 1 makes every step larger than the last (training diverges).
-AT_MOST: dict[str, int | float] = {"train.threads": 1024, "train.momentum": 1.0}
-
-
 def _scalar(hint: Any, raw: Any, dotted: str) -> Any:
     if hint is bool:
         if not isinstance(raw, bool):
             raise ConfigError(f"{dotted} must be true or false, got {raw!r}")
         return raw
     if hint is int:
-        if isinstance(raw, bool) or not isinstance(raw, int):
-            raise ConfigError(f"{dotted} must be an integer, got {raw!r}")
-        if raw < 0:
-            raise ConfigError(f"{dotted} must not be negative, got {raw}")
-        if raw < AT_LEAST.get(dotted, 0):
-            raise ConfigError(f"{dotted} must be at least {AT_LEAST[dotted]}, got {raw}")
-        return _at_most(raw, dotted)
+        return check_int(raw, dotted)
     if hint is float:
-        if isinstance(raw, bool) or not isinstance(raw, int | float):
-            raise ConfigError(f"{dotted} must be a number, got {raw!r}")
-        if not math.isfinite(raw):  # a window of inf seconds is a loop without end
-            raise ConfigError(f"{dotted} must be a finite number, got {raw}")
-        if raw < 0:
-            raise ConfigError(f"{dotted} must not be negative, got {raw}")
-        return _at_most(float(raw), dotted)
+        return check_float(raw, dotted)
     if hint is str:
         if not isinstance(raw, str):
             raise ConfigError(f"{dotted} must be a string, got {raw!r}")
         return raw
     raise ConfigError(f"internal: no converter for {dotted} ({hint})")
-
-
-def _at_most(raw: Any, dotted: str) -> Any:
-    if dotted in AT_MOST and raw > AT_MOST[dotted]:
-        raise ConfigError(f"{dotted} must be at most {AT_MOST[dotted]}, got {raw}")
-    return raw
 
 
 def check_endpoint(value: str, dotted: str) -> str:

@@ -7,12 +7,13 @@ same seed, so the split network starts from exactly the weights a central one wo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import itertools
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 
 import torch
@@ -86,13 +87,28 @@ def full_model(cfg: ModelConfig) -> nn.Sequential:
             )
         if not cfg.in_shape:
             raise ConfigError("model.in_shape must be set for a built-in model")
-        return BUILTINS[cfg.builtin](cfg.in_shape, cfg.classes, cfg.hidden)
+        with _buildable(cfg):
+            return BUILTINS[cfg.builtin](cfg.in_shape, cfg.classes, cfg.hidden)
     if cfg.sequential:
         model = import_path(cfg.sequential, "model.sequential")()
         if not isinstance(model, nn.Sequential):
             raise ConfigError("model.sequential must return an nn.Sequential")
         return model
     raise ConfigError("set one of model.builtin, model.sequential or model.factories")
+
+
+@contextlib.contextmanager
+def _buildable(cfg: ModelConfig) -> Iterator[None]:
+    """A built-in network the sizes in ``[model]`` cannot make (more weights than memory
+    holds, an in_shape of the wrong length): one line naming the keys, not torch's traceback."""
+    try:
+        yield
+    except (RuntimeError, MemoryError, ValueError, OverflowError) as exc:
+        why = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise ConfigError(
+            f"model.builtin = {cfg.builtin or 'mlp'!r} with in_shape = {cfg.in_shape}, classes = "
+            f"{cfg.classes}, hidden = {cfg.hidden} cannot be built ({why}); check those keys"
+        ) from None
 
 
 def build_segments(cfg: ModelConfig, topology: str = "vanilla") -> list[nn.Module]:
@@ -155,16 +171,18 @@ def _device_of(module: nn.Module, default: torch.device | str = "cpu") -> torch.
 def vertical_bottom(cfg: ModelConfig, party: int) -> nn.Sequential:
     """A vertical feature party's own layers: its features -> ``hidden`` units."""
     torch.manual_seed(cfg.seed + 1 + party)
-    return nn.Sequential(nn.Linear(math.prod(cfg.in_shape), cfg.hidden), nn.ReLU())
+    with _buildable(cfg):
+        return nn.Sequential(nn.Linear(math.prod(cfg.in_shape), cfg.hidden), nn.ReLU())
 
 
 def vertical_top(cfg: ModelConfig, parties: int, fuse: str) -> nn.Sequential:
     """The server's layers above the fusion of every party's cut-layer output."""
     torch.manual_seed(cfg.seed)
     width = cfg.hidden * parties if fuse == "concat" else cfg.hidden
-    return nn.Sequential(
-        nn.Linear(width, cfg.hidden // 2), nn.ReLU(), nn.Linear(cfg.hidden // 2, cfg.classes)
-    )
+    with _buildable(cfg):
+        return nn.Sequential(
+            nn.Linear(width, cfg.hidden // 2), nn.ReLU(), nn.Linear(cfg.hidden // 2, cfg.classes)
+        )
 
 
 def multitask_heads(cfg: ModelConfig, in_features: int, classes: Sequence[int]) -> list[nn.Module]:

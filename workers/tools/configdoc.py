@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sl_pipeline.config import ClientConfig, RelayConfig, ServerConfig
+from sl_pipeline.configbounds import describe
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 WORKERS: dict[str, type] = {"server": ServerConfig, "client": ClientConfig, "relay": RelayConfig}
@@ -102,7 +103,9 @@ HEADER = """# Configuration reference
 Generated from `sl_pipeline/config.py` by `python -m workers.tools.configdoc --write`; do not edit
 by hand (a test fails when this file is stale). One TOML file per worker; relative paths are
 relative to the file; an unknown key is refused with its dotted name; `--set SECTION.KEY=VALUE`
-overrides one value. The sections each worker's file may have:
+overrides one value. A number is never negative, nor NaN or infinite; a tighter range is
+given after its type, and a value out of it is refused when the file is loaded, naming the
+key. The sections each worker's file may have:
 
 """
 
@@ -164,7 +167,9 @@ def _section(name: str, cls: type, users: list[str]) -> list[str]:
     hints, notes = typing.get_type_hints(cls), _comments(cls)
     for f in dataclasses.fields(cls):
         note = (notes.get(f.name) or MEANINGS.get(f"{name}.{f.name}", "")).replace("|", "\\|")
-        lines.append(f"| `{f.name}` | {_type(hints[f.name])} | {_default(f)} | {note} |")
+        bound = describe(f"{name}.{f.name}")
+        kind = f"{_type(hints[f.name])}, {bound}" if bound else _type(hints[f.name])
+        lines.append(f"| `{f.name}` | {kind} | {_default(f)} | {note} |")
     return [*lines, ""]
 
 
