@@ -53,12 +53,13 @@ from sl_pipeline.transport import DealerConnection
 from workers.client.replies import checked_welcome, reply_tensor
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.appliedlog import AppliedLog
-from workers.runtime.checkpoint import check_writable, open_store, save_weights
+from workers.runtime.checkpoint import open_store
 from workers.runtime.diagnose import probe
 from workers.runtime.freshstarts import FreshStarts
 from workers.runtime.peers import Listen, Peer, reject_reason
 from workers.runtime.relaystate import RelayCheckpoints
 from workers.runtime.resends import RESEND, check_not_stale, check_resends, check_server_every
+from workers.runtime.savedmodel import check_writable, save_weights
 from workers.runtime.service import Replies, RouterService
 from workers.runtime.startup import load_own_key, load_peer_key, warn_insecure
 from workers.runtime.stopping import GivesWayOnStop

@@ -238,9 +238,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         out = args.out or Path(f"{args.run}-server.pt")
         if out.exists():  # another run's model, or anything else: the user's to keep
             raise ConfigError(f"--out {str(out)!r} exists; give a new file name (or move it)")
-        data = api.call("GET", f"/runs/{args.run}/model")
-        with out.open("xb") as fh:  # created now, not replaced: a file that appeared meanwhile
-            fh.write(data)
+        _write_new(out, api.call("GET", f"/runs/{args.run}/model"))
         print(json.dumps({"run": args.run, "file": str(out)}) if args.json else f"wrote {out}")
         return 0
     method = "POST" if args.action == "stop" else "GET"
@@ -248,6 +246,27 @@ def cmd_runs(args: argparse.Namespace) -> int:
     info = api.json(method, f"/runs/{args.run}{suffix}")
     print(json.dumps(info) if args.json else format_runs([info]))
     return 0
+
+
+def _write_new(out: Path, data: bytes) -> None:
+    """Write ``out`` whole or not at all: a temp file beside it, then linked in under its name
+    (a full disk or a Ctrl-C leaves no half file; a file that appeared meanwhile is kept)."""
+    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    try:
+        with tmp.open("xb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.link(tmp, out)
+    except FileExistsError:
+        raise ConfigError(f"--out {str(out)!r} exists; give a new file name (or move it)") from None
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write --out {str(out)!r}: {exc.strerror or exc}; check that its folder "
+            "exists, may be written and has space, or choose another"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

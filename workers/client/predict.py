@@ -29,7 +29,7 @@ from sl_pipeline.tables import Table, read_table, with_ids
 from workers.client.align import align_rows
 from workers.client.steps import DATA_STATE
 from workers.client.worker import BYE_LINGER_MS, ClientWorker
-from workers.runtime.checkpoint import load_weights
+from workers.runtime.savedmodel import load_weights
 
 BATCH = 256
 

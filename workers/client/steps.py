@@ -29,7 +29,7 @@ from workers.client.hijack_watch import HijackWatch, build_detector
 from workers.client.host import RunnerConfig, RunnerHost
 from workers.client.private import PrivateBatches
 from workers.client.replies import Shape, reply_loss, reply_tensor
-from workers.runtime.checkpoint import load_weights, save_weights
+from workers.runtime.savedmodel import load_weights, save_weights
 
 log = logging.getLogger("sl_pipeline.client")
 MAX_STEP_REDOS = 10

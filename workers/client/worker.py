@@ -1,9 +1,8 @@
 """The client worker: holds the data and the first layers, drives the training.
 
-For each batch it runs its segment to the cut layer, sends the activations (with the labels
-only where the topology says the server holds the loss), waits for the gradient at the cut
-and finishes backpropagation locally, then evaluates on its own test split after each
-epoch. Topology-specific steps live in :mod:`workers.client.steps`."""
+Per batch: its segment to the cut layer, the activations sent (labels only where the server
+holds the loss), the cut gradient awaited and backpropagated locally; an evaluation on its own
+test split after each epoch. Topology-specific steps live in :mod:`workers.client.steps`."""
 
 from __future__ import annotations
 
@@ -42,7 +41,8 @@ from workers.client.steps import StepRunner
 from workers.client.stopstate import ClientStore
 from workers.ops.http import OpsServer
 from workers.ops.metrics import WorkerMetrics
-from workers.runtime.checkpoint import check_writable, restore_rng, rng_state
+from workers.runtime.checkpoint import restore_rng, rng_state
+from workers.runtime.savedmodel import check_writable
 from workers.runtime.startup import install_stop_signals, start_ops
 from workers.topologies import topology
 

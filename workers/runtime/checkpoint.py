@@ -22,7 +22,6 @@ import random
 import re
 import secrets
 import struct
-import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -279,49 +278,6 @@ def check_fingerprint(state: Mapping[str, Any], path: Path, fingerprint: str) ->
         )
 
 
-def load_weights(path: Path, what: str) -> dict[str, Any]:
-    """A saved segment file (``torch.save`` of state dicts), read with the safe loader. A file
-    that is not one (truncated, another format, a copy gone wrong) is one line naming it."""
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as exc:  # the loader's many failure types all mean "not a model file"
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise ConfigError(
-            f"{what}: {path} is not a readable saved model ({reason}); restore the file, "
-            "train again, or move it away"
-        ) from None
-    if not isinstance(state, dict):
-        raise ConfigError(f"{what}: {path} holds a {type(state).__name__}, not a saved model")
-    return state
-
-
-def save_weights(state: Mapping[str, Any], path: Path, what: str) -> None:
-    """Write a segment file; a full disk or a read-only folder is a CheckpointError naming
-    it (training already done is still in the checkpoints, where they are on)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(dict(state), path)
-    except (OSError, RuntimeError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise CheckpointError(f"cannot save {what} to {path}: {reason}") from None
-
-
-def check_writable(path: Path, what: str) -> None:
-    """Before any training: the folder of ``path`` can be made and written, so that a read-
-    only or missing folder is found at start, not when a finished run's model is saved."""
-    folder = path.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise ConfigError(
-            f"{what} = {str(path)!r}: cannot write in {folder} ({exc.strerror or exc}); "
-            "choose a folder this user may write to"
-        ) from None
-
-
 class SnapshotRing:
     """In-memory deep copies of state keyed by (epoch, step), oldest dropped beyond
     ``capacity``: the undo points a client rolls back to after a server restart."""
@@ -384,12 +340,9 @@ def restore_rng(state: Mapping[str, Any]) -> None:
 __all__ = [
     "CheckpointStore",
     "SnapshotRing",
-    "check_writable",
     "decode",
     "encode",
-    "load_weights",
     "open_store",
     "restore_rng",
     "rng_state",
-    "save_weights",
 ]

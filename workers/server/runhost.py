@@ -14,8 +14,8 @@ from sl_pipeline.messages import Kind, Message
 from workers.ops.clientseries import ClientSeries
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.appliedlog import AppliedLog
-from workers.runtime.checkpoint import check_writable, load_weights, save_weights
 from workers.runtime.peers import Peer
+from workers.runtime.savedmodel import check_writable, load_weights, save_weights
 from workers.server.engines.base import Engine, Reply
 from workers.server.replycache import MIB, ReplyCache
 from workers.server.runs import FINISHED, STOPPED, Run, RunBook

@@ -72,7 +72,7 @@ class TuneStore:
         """The store at ``out``: empty, or the rows of an earlier tune with this identity."""
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {str(out)!r} is a file; give a folder for the results")
-        from workers.runtime.checkpoint import check_writable  # torch: not at CLI import
+        from workers.runtime.savedmodel import check_writable  # torch: not at CLI import
 
         check_writable(out / RESULTS, "--out")  # now, not after the first setting trained
         manifest, results = out / MANIFEST, out / RESULTS

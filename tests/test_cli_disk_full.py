@@ -1,0 +1,87 @@
+"""A disk that fills while a command writes, through the console script: one line naming the
+file, and what was there before kept whole. The full disk is a file-size limit
+(``RLIMIT_FSIZE``) on the command's process, with ``SIGXFSZ`` ignored so that a write past
+it fails with EFBIG, as one on a full disk fails with ENOSPC."""
+
+from __future__ import annotations
+
+import http.server
+import resource
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.threadserver import ThreadServer
+
+LIMIT_BYTES = 4096  # far less than a trained segment
+
+
+def _small_disk() -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT_BYTES, LIMIT_BYTES))
+
+
+def _console(*argv: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "workers", *argv],
+        preexec_fn=_small_disk,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_a_client_saves_keeps_its_previous_model(deployment) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(dataset="breast_cancer")
+    saved = files["client-1"].parent / "state" / "client-1.pt"
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"previous": torch.arange(4 * LIMIT_BYTES)}, saved)  # last week's model
+    before = saved.read_bytes()
+    with ThreadServer(files["server"]):
+        done = _console("client", "--config", str(files["client-1"]), "--set", 'checkpoint.dir=""')
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 6 and "Traceback" not in done.stderr, done.stderr
+    assert "cannot save the trained segment (client.save)" in lines[-1], lines[-1]
+    assert saved.read_bytes() == before  # was cut to 4 KiB: last week's model lost
+    assert not list(saved.parent.glob(".client-1.pt*"))  # no temp file left
+
+
+class _ModelServer(http.server.BaseHTTPRequestHandler):
+    """A server's run API, as far as ``runs download`` goes: one run's model, 64 KiB."""
+
+    def do_GET(self) -> None:
+        body = bytes(16 * LIMIT_BYTES)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_full_disk_while_runs_download_writes_leaves_no_half_model(tmp_path: Path) -> None:
+    api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ModelServer)
+    threading.Thread(target=api.serve_forever, daemon=True).start()
+    try:
+        (tmp_path / "admin.token").write_text("a-long-random-admin-token\n")
+        cfg = tmp_path / "admin.toml"
+        port = api.server_address[1]
+        cfg.write_text(f'[ops]\nlisten = "127.0.0.1:{port}"\nadmin_token = "admin.token"\n')
+        out = tmp_path / "run-1.pt"
+        done = _console("runs", "download", "run-1", "--config", str(cfg), "--out", str(out))
+    finally:
+        api.shutdown()
+        api.server_close()
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "cannot write --out" in done.stderr and "run-1.pt" in done.stderr, done.stderr
+    assert not out.exists()  # a 4 KiB stub that the next download refused to replace
+    assert not list(tmp_path.glob(".run-1.pt*"))
