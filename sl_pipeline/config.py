@@ -229,6 +229,9 @@ class RelaySection:
     max_names: int = 256  # names whose replies (their last steps) this relay remembers
     max_batch: int = 0  # samples per message; 0 = the larger of train.batch_size and 256
     reply_cache_mib: int = 256  # the remembered replies, in all (oldest steps go first)
+    # with checkpoint.every_steps > 1: the requests applied since the last checkpoint, kept
+    # to run again after a restart; a step that would take the log over it checkpoints
+    request_log_mib: float = 256.0
     # A client's fresh start (a hello without a resume point, then a step) makes the relay
     # join the server again, to learn the run: per client name, this many per second after
     # a burst of rejoin_burst; one more is refused as a retryable `overloaded`.

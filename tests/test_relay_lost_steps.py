@@ -1,20 +1,17 @@
-"""A relay that checkpoints every N > 1 steps, restarted past its checkpoint: what a client
-may send it for the steps it lost (red team's known limit, closed).
+"""A relay that checkpoints every N > 1 steps, restarted past its checkpoint: it runs the
+steps it lost again itself, from its log of the requests (:mod:`workers.runtime.requestlog`).
 
-Before, the relay kept no record of a step its restart lost, so a client could resend
-*other* activations there: the relay ran its segment on them while the server answered from
-its cache with the gradient of the first ones (a mismatched update). Now it logs each step's
-request digest between checkpoints (:mod:`workers.runtime.digestlog`) and runs a lost step
-only on the request first sent, each client's in their order; anything else is refused in
-one line and runs nothing, and the honest resends still bring it back where it stood.
-Over loopback sockets; the kill -9 runs are in tests/test_chaos.py (``relayevery4``)."""
+Before, it kept only their digests, and its clients had to resend each lost step as the
+request first sent: a client restarted with it that recomputed a step in flight (other
+bytes) was refused (``redo``, the run could not go on), and several clients' resends ran
+interleaved otherwise than the first time (the relay's replay diverged). Now it runs them in
+their first order before it takes a message, and answers every resend from the replayed
+replies. Over loopback sockets; the kill -9 runs are in tests/test_chaos.py (``relayevery4``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,14 +20,15 @@ import pytest
 import torch
 import zmq.asyncio
 
-from sl_pipeline.config import RelayConfig, load
-from sl_pipeline.errors import PeerError, RedoError, StaleStepError
+from sl_pipeline.config import LimitsConfig, RelayConfig, load
+from sl_pipeline.errors import CheckpointError, PeerError
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.models import build_segments, segment_inputs
 from sl_pipeline.transport import DealerConnection
+from workers.cli import main
 from workers.client.link import make_handshake
 from workers.relay import RelayWorker
-from workers.runtime.digestlog import DigestLog
+from workers.runtime.requestlog import RequestLog
 from workers.tools.inprocess import build_deployment, wait_until
 
 from .conftest import load_client
@@ -92,13 +90,24 @@ class Peer:
         return refusal.value
 
 
-async def test_after_a_restart_a_relay_runs_a_lost_step_only_on_the_request_first_sent(
+def _weights(worker: RelayWorker) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in worker.segment.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _restarted(files: dict[str, Path]) -> RelayWorker:
+    return RelayWorker(load(RelayConfig, files["relay-1"], list(EVERY4)), files["server"].parent)
+
+
+async def test_a_restarted_relay_runs_the_steps_it_lost_itself_and_answers_resends_from_them(
     deployment,  # type: ignore[no-untyped-def]
 ) -> None:
     # Prepare: client-1 takes steps 0..5 through a relay checkpointing every 4 steps, which
     # is then killed (no checkpoint at its stop): steps 4 and 5 are lost, the server holds them
     files, run, sent, shape = _chain(deployment, 6)
-    base = files["server"].parent
     ctx = zmq.asyncio.Context()
     one, two = Peer(files, "client-1", ctx), Peer(files, "client-2", ctx)
     try:
@@ -106,133 +115,183 @@ async def test_after_a_restart_a_relay_runs_a_lost_step_only_on_the_request_firs
             async with _serving(run.relay):
                 await one.join()
                 first = [await one.ask(msg) for msg in sent]
-                weights = {k: v.clone() for k, v in run.relay.segment.state_dict().items()}
+                weights = _weights(run.relay)
                 run.relay.ckpt = None  # a kill -9: nothing saved at its stop
-            relay = RelayWorker(load(RelayConfig, files["relay-1"], list(EVERY4)), base)
+            # Execute: its restart (ready once it ran the lost steps again), then what a
+            # client restarted with it sends
+            relay = _restarted(files)
             async with _serving(relay):
+                replayed, ran = _weights(relay), relay.steps_applied
                 welcome = await one.join()
-                # Execute: what a hostile client may send for the steps the relay lost
-                other = _step("client-1", 4, sent[4].tensors["act"] + 0.5)
-                different = [await one.refused(other) for _ in range(20)]  # a flood too
-                skipped = await one.refused(sent[5])  # the later lost step first
-                ahead = await one.refused(_step("client-1", 6, torch.randn(8, *shape)))
-                replayed = await one.ask(sent[2])  # an old step: its cached reply
-                hostile = relay.steps_applied
-                # the honest resends, as first sent
-                again = [await one.ask(msg) for msg in sent[4:]]
-                restored = {k: v.clone() for k, v in relay.segment.state_dict().items()}
-                then = await one.ask(other)  # step 4 is held again: its reply, not a run
-                await two.join()  # another client sending "client-1"'s step 4: its own step 4
-                theirs = await two.ask(_step("client-1", 4, sent[4].tensors["act"] + 0.5))
+                resent = await one.ask(sent[4])  # its recorded request
+                # its step 5 recomputed with other weights (a pipelined client restarted from
+                # an older checkpoint): before, refused as a redo, and the run stopped
+                recomputed = await one.ask(_step("client-1", 5, sent[5].tensors["act"] + 0.5))
+                old = await one.ask(sent[2])
+                after = _weights(relay)
+                ahead = await one.ask(_step("client-1", 6, torch.randn(8, *shape)))
+                await two.join()  # another client naming client-1's step 4: its own step 4
+                theirs = await two.ask(_step("client-1", 4, sent[4].tensors["act"]))
     finally:
         for peer in (one, two):
             if peer.conn is not None:
                 peer.conn.close()
         ctx.destroy(linger=0)
 
-    # Assert: each hostile send refused in one line, nothing run for client-1 meanwhile
-    assert welcome["applied"] == [0, 3]
-    assert {r.remote_code for r in different} == {"redo"}
-    assert "other inputs" in different[0].reason
-    assert skipped.remote_code == ahead.remote_code == "stale_step"
-    assert "resend the recorded steps first" in skipped.reason
-    assert torch.equal(replayed.tensors["grad"], first[2].tensors["grad"])
-    assert hostile == 4  # none of them ran
-    # the honest resends ran again on the same weights: the same gradients as the first
-    # time, and the relay stands where it stood before the kill
-    for got, want in zip(again, first[4:], strict=True):
+    # Assert: the relay stood where it stood before the kill once started, and said so
+    assert welcome["applied"] == [0, 5]
+    assert ran == 6 and _same(replayed, weights)
+    # every resend of client-1's, whatever its bytes, answered from the replayed replies
+    for got, want in ((resent, first[4]), (recomputed, first[5]), (old, first[2])):
         assert torch.equal(got.tensors["grad"], want.tensors["grad"])
-    assert all(torch.equal(restored[k], weights[k]) for k in weights)
-    assert torch.equal(then.tensors["grad"], first[4].tensors["grad"])
-    assert theirs.kind is Kind.BACKWARD and relay.steps_applied == 4 + 2 + 1
-    assert [tuple(s) for s in relay.applied_log].count(("client-1", 0, 4)) == 1
+    assert _same(after, weights)  # none of them ran
+    assert ahead.kind is theirs.kind is Kind.BACKWARD and relay.steps_applied == 6 + 2
+    steps = [tuple(s) for s in relay.applied_log]
+    assert steps.count(("client-1", 0, 4)) == steps.count(("client-1", 0, 5)) == 1
+    assert ("client-2", 0, 4) in steps  # filed under its own name: it touched no one else's
+    assert not torch.equal(theirs.tensors["grad"], first[4].tensors["grad"])
 
 
-def test_lost_steps_not_run_again_survive_a_checkpoint_and_a_second_restart(
-    tmp_path: Path,
+async def test_several_clients_lost_steps_run_again_in_their_first_order(
+    deployment,  # type: ignore[no-untyped-def]
 ) -> None:
-    # Prepare: steps 0..3 applied past the checkpoint at 10 applied steps; the last line
-    # torn (killed mid-write: that step's reply never left)
-    sent = [_step("client-1", i, torch.randn(2, 3)) for i in range(4)]
-    log = DigestLog(tmp_path, "relay-1", fsync=False)
-    for count, msg in enumerate(sent, start=11):
-        log.append(count, msg)
-    with open(log.path, "a", encoding="utf-8") as fh:
-        fh.write('[15, "client-1", 0, 4, "ab')
-    restarted = DigestLog(tmp_path, "relay-1", fsync=False)
-    assert restarted.restore(10, []) == 4
-    # Execute: step 0 runs again, then a checkpoint, then a second restart from it
-    assert restarted.check(sent[0]) is not None
-    restarted.ran(sent[0])
-    kept = restarted.state()
-    restarted.checkpointed()
-    again = DigestLog(tmp_path, "relay-1", fsync=False)
-
-    # Assert: steps 1..3 are still lost, in order, and still only as first sent
-    assert again.restore(11, kept) == 3
-    with pytest.raises(StaleStepError):
-        again.check(sent[2])
-    with pytest.raises(RedoError):
-        again.check(_step("client-1", 1, torch.randn(2, 3)))
-    assert again.check(sent[1]) is not None
-
-
-async def test_a_digest_torn_by_a_crash_does_not_swallow_the_next_one(deployment) -> None:  # type: ignore[no-untyped-def]
-    # Prepare: client-1's steps 0..4 through a relay checkpointing every 4 steps, killed while
-    # appending step 4's digest (its last line torn: a power loss mid-append)
-    files, run, sent, _ = _chain(deployment, 5)
-    base = files["server"].parent
+    # Prepare: two clients behind a relay checkpointing every 4 steps, their steps
+    # interleaved (1: 0, 2: 0, 1: 1, 2: 1 | 1: 2, 2: 2, 1: 3); killed past its checkpoint,
+    # so the last three are lost
+    files, run, ones, shape = _chain(deployment, 4)
+    twos = [_step("client-2", i, torch.randn(8, *shape)) for i in range(3)]
+    order = [ones[0], twos[0], ones[1], twos[1], ones[2], twos[2], ones[3]]
     ctx = zmq.asyncio.Context()
-    one = Peer(files, "client-1", ctx)
-
-    def relay() -> RelayWorker:
-        return RelayWorker(load(RelayConfig, files["relay-1"], list(EVERY4)), base)
-
+    one, two = Peer(files, "client-1", ctx), Peer(files, "client-2", ctx)
+    peers = {"client-1": one, "client-2": two}
     try:
         async with _serving(run.server):
             async with _serving(run.relay):
                 await one.join()
-                [await one.ask(msg) for msg in sent]
+                await two.join()
+                first = [await peers[msg.client].ask(msg) for msg in order]
+                weights = _weights(run.relay)
+                run.relay.ckpt = None  # a kill -9
+            # Execute: restarted; client-2 rejoins first and resends its lost step, then
+            # client-1 its two (each client in its own order: not the first interleaving)
+            relay = _restarted(files)
+            async with _serving(relay):
+                await two.join()
+                await one.join()
+                again = [await peers[msg.client].ask(msg) for msg in (twos[2], *ones[2:])]
+                restored = _weights(relay)
+    finally:
+        for peer in (one, two):
+            if peer.conn is not None:
+                peer.conn.close()
+        ctx.destroy(linger=0)
+
+    # Assert: the same gradients as the first time and the weights of before the kill
+    # (before, client-2's step 2 ran first, on weights without client-1's step 2)
+    for got, want in zip(again, [first[5], first[4], first[6]], strict=True):
+        assert torch.equal(got.tensors["grad"], want.tensors["grad"])
+    assert _same(restored, weights)
+    steps = [tuple(s) for s in relay.applied_log]
+    assert len(steps) == len(set(steps)) == 7 and relay.steps_applied == 7
+
+
+async def test_a_request_torn_by_a_crash_is_cut_off_and_the_next_one_kept(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: client-1's steps 0..4 through a relay checkpointing every 4 steps, killed while
+    # appending step 4's request (its last record torn: a power loss mid-append)
+    files, run, sent, _ = _chain(deployment, 5)
+    ctx = zmq.asyncio.Context()
+    one = Peer(files, "client-1", ctx)
+    try:
+        async with _serving(run.server):
+            async with _serving(run.relay):
+                await one.join()
+                first = [await one.ask(msg) for msg in sent]
                 run.relay.ckpt = None  # a kill -9: nothing saved at its stop
-                digests = run.relay.digests
-                assert digests is not None
-            torn = digests.path.read_bytes()
-            digests.path.write_bytes(torn[: len(torn) - 20])
-            # its restart: step 4's digest was torn, so step 4 runs again as a new step
-            # (the request the client recorded); then it is killed again before step 5
-            second = relay()
+                path = run.relay.requests.path if run.relay.requests else Path()
+            torn = path.read_bytes()
+            path.write_bytes(torn[: len(torn) - 20])
+            # its restart cuts step 4 off (its reply never left); the client resends it and
+            # it runs as new; then the relay is killed again before its next checkpoint
+            second = _restarted(files)
             async with _serving(second):
-                await one.join()
-                await one.ask(sent[4])
+                start = (await one.join())["applied"]
+                resent = await one.ask(sent[4])
+                weights, whole = _weights(second), path.stat().st_size
                 second.ckpt = None
-            # Execute: the third start; client-1 sends other activations for step 4
-            third = relay()
+            # Execute: the third start
+            third = _restarted(files)
             async with _serving(third):
-                await one.join()
-                other = await one.refused(_step("client-1", 4, sent[4].tensors["act"] + 0.5))
-                ran = third.steps_applied
+                welcome = await one.join()
+                replayed, ran = _weights(third), third.steps_applied
     finally:
         if one.conn is not None:
             one.conn.close()
         ctx.destroy(linger=0)
-    # Assert: step 4's digest from the second start survived the torn line before it: the
-    # third start runs step 4 only on the request first sent (before, the second start's
-    # line was appended onto the torn one, and both read as one garbled line: the third
-    # start ran step 4 on other activations while the server answered the first ones')
-    assert other.remote_code == "redo" and ran == 4
+    # Assert: the torn record went, the step appended after it was whole, and the third
+    # start ran it again from the log (a torn tail left in place would have swallowed it)
+    assert start == [0, 3] and torch.equal(resent.tensors["grad"], first[4].tensors["grad"])
+    assert whole == len(torn)
+    assert welcome["applied"] == [0, 4] and ran == 5 and _same(replayed, weights)
 
 
-def test_a_long_digest_log_is_read_back_in_linear_time(tmp_path: Path) -> None:
-    # Prepare: a relay with checkpoint.every_steps = 30000 killed just before its checkpoint:
-    # 29999 lost steps of one client in its digest log
-    lines = [json.dumps([i + 1, "client-1", 0, i, f"{i:032x}"]) for i in range(29999)]
-    (tmp_path / "relay-1.digests").write_text("\n".join(lines) + "\n")
-    digests = DigestLog(tmp_path, "relay-1", fsync=False)
-    # Execute: its restart reads them back
-    started = time.monotonic()
-    lost = digests.restore(0, [])
-    took = time.monotonic() - started
-    digests.close()
-    # Assert: all of them, in well under the bound (before, each line scanned the client's
-    # steps so far: 8000 lines took 9.4 s at load 8, these about two minutes; now ~0.5 s)
-    assert lost == 29999 and took < 15, took
+def test_the_request_log_stops_at_its_cap_and_a_restart_refuses_one_over_it(
+    tmp_path: Path,
+) -> None:
+    # Prepare: a log with room for one 8-row request but not two
+    msg = _step("client-1", 0, torch.randn(8, 30))
+    (tmp_path / "probe").mkdir()
+    probe = RequestLog(tmp_path / "probe", "r", fsync=False, max_bytes=2**20)
+    assert probe.append(1, msg)
+    log = RequestLog(tmp_path, "relay-1", fsync=False, max_bytes=probe.size * 3 // 2)
+    # Execute
+    took = [log.append(1, msg), log.append(2, msg)]
+    size = log.size
+    log.checkpointed()
+    after = [log.append(3, msg), log.size]
+    lowered = RequestLog(tmp_path, "relay-1", fsync=False, max_bytes=probe.size - 1)
+    with pytest.raises(CheckpointError) as over:
+        lowered.read(0, LimitsConfig().to_limits())
+    # Assert: the second append wrote nothing (the relay checkpoints instead), and a log
+    # over the cap is refused in one line naming the setting
+    assert took == [True, False] and size == probe.size
+    assert after == [True, probe.size]
+    assert "relay.request_log_mib" in str(over.value) and "\n" not in str(over.value)
+
+
+async def test_a_relay_checkpoints_a_step_that_would_take_its_log_over_the_cap(
+    deployment,  # type: ignore[no-untyped-def]
+) -> None:
+    # Prepare: a relay whose log has room for one request
+    files, run, sent, _ = _chain(deployment, 3)
+    ctx = zmq.asyncio.Context()
+    one = Peer(files, "client-1", ctx)
+    try:
+        async with _serving(run.server), _serving(run.relay):
+            requests = run.relay.requests
+            assert requests is not None and run.relay.ckpt is not None
+            await one.join()
+            await one.ask(sent[0])
+            requests.max_bytes = requests.size * 3 // 2
+            # Execute: step 1 would take it over
+            await one.ask(sent[1])
+            at_cap = (requests.size, [int(p.stem[8:]) for p in run.relay.ckpt.list()])
+            await one.ask(sent[2])
+            size = requests.size
+    finally:
+        if one.conn is not None:
+            one.conn.close()
+        ctx.destroy(linger=0)
+    # Assert: checkpointed at step count 2 (every_steps = 4 would wait for 4), the log
+    # emptied; the next step logged again
+    assert at_cap == (0, [2]) and 0 < size <= requests.max_bytes
+
+
+def test_a_request_log_cap_of_zero_is_refused_in_one_line(
+    deployment,  # type: ignore[no-untyped-def]
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    files = deployment(topology="multihop", dataset="breast_cancer")
+    sets = [arg for value in (*EVERY4, "relay.request_log_mib=0") for arg in ("--set", value)]
+    code = main(["relay", "--config", str(files["relay-1"]), *sets])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "relay.request_log_mib" in lines[0], lines

@@ -9,8 +9,10 @@ the gradient at this relay's input.
 With ``[checkpoint] dir`` it checkpoints every ``checkpoint.every_steps`` applied steps,
 before the reply leaves (segment, optimizer, reply cache, applied-step log); after a ``kill
 -9`` its welcome names the client's last step it holds, and the client resends its requests
-after it (:mod:`workers.runtime.resends`), which the next hop answers from its cache; a step
-it lost runs again only on the request first sent (:mod:`workers.runtime.digestlog`).
+after it (:mod:`workers.runtime.resends`). Every N > 1 steps, it logs the requests applied
+between checkpoints and, restarted, runs the steps it lost again itself in their first
+order before it takes a message (:mod:`workers.runtime.requestlog`); the next hop answers
+them from its cache, and the clients' resends are answered from the replayed replies.
 
 A long-lived relay serves run after run, as the server does: when a client starts afresh
 it joins the server again, whose welcome names the run the chain trains in now; if that is
@@ -31,6 +33,7 @@ import zmq.asyncio
 
 from sl_pipeline.config import RelayConfig, check_endpoint, resolve_path
 from sl_pipeline.errors import (
+    CheckpointError,
     ConfigError,
     OverloadedError,
     PeerError,
@@ -113,7 +116,7 @@ class RelayWorker(RelayCheckpoints, GivesWayOnStop, RouterService):
             check_writable(save, "relay.save")
         self.ckpt = open_store(cfg.checkpoint, base, r.name)
         self.checkpoint_every = max(1, cfg.checkpoint.every_steps) if self.ckpt else 1
-        self.digests = self._open_digests(self.checkpoint_every)
+        self.requests = self._open_requests(self.checkpoint_every)
         self.resumed_from = self._restore()
         self._saved_at = self.steps_applied
 
@@ -145,8 +148,6 @@ class RelayWorker(RelayCheckpoints, GivesWayOnStop, RouterService):
             # none of these replies is its. (A restart within its run resends its steps: they
             # are answered from here, as the server answers them from its cache.)
             self.replies.forget(msg.client)
-            if self.digests is not None:
-                self.digests.forget(msg.client)
 
     def _start_afresh_if_new_run(self) -> None:
         if not self.trained_run or not self.run_id or self.trained_run == self.run_id:
@@ -158,8 +159,10 @@ class RelayWorker(RelayCheckpoints, GivesWayOnStop, RouterService):
         self.replies, self.applied_log = self._new_replies(), AppliedLog()
         self.residuals = Residuals()
         self.trained_run = ""
-        if self.digests is not None:
-            self.digests.forget()
+        if self.pending:  # lost steps of the run that ended: not run again
+            self.pending, self.replaying = [], False
+            if self.requests is not None:
+                self.requests.checkpointed()
 
     def accept(self, hello: dict[str, Any], key: bytes | None) -> dict[str, Any]:
         """The welcome: a relay, the peer's last step it holds, how often it checkpoints
@@ -205,6 +208,27 @@ class RelayWorker(RelayCheckpoints, GivesWayOnStop, RouterService):
         # restored from a checkpoint taken in a run that has ended since (checkpoints every
         # N > 1 steps): the client resumes, so no fresh hello would ask
         self._start_afresh_if_new_run()
+        await self._replay()
+
+    async def _replay(self) -> None:
+        """Run the steps the restart lost again, in the order first applied (every
+        client's, interleaved as they were), before any message is taken: from the same
+        weights and RNG, the next hop answers each from its cache, and the relay stands
+        where it stood. Its clients' resends are then answered from the reply cache."""
+        for msg in self.pending:
+            try:
+                await self._apply(msg)
+            except SLError as exc:  # the log keeps them; the next start tries again
+                raise CheckpointError(
+                    f"relay {self.cfg.relay.name} could not run again {msg.client}'s step "
+                    f"{(msg.epoch, msg.step)}, lost in its restart ({exc}); start it again "
+                    f"once {self.cfg.relay.upstream} answers (removing "
+                    f"{self.requests.path if self.requests else 'its log'} loses those steps)"
+                ) from None
+        if self.pending:
+            log.info("relay ran the %d steps it lost again", len(self.pending))
+        self.pending, self.replaying = [], False
+        self.checkpoint()
 
     async def _join_upstream(self, speaking_for: str = "") -> dict[str, Any]:
         """Join the next hop; ``speaking_for`` asks the server whether that client of this
@@ -232,8 +256,8 @@ class RelayWorker(RelayCheckpoints, GivesWayOnStop, RouterService):
         self.checkpoint(force=True)
         if self.ckpt is not None:
             self.ckpt.release()
-        if self.digests is not None:
-            self.digests.close()
+        if self.requests is not None:
+            self.requests.close()
         self._save_segment()
 
     def _save_path(self) -> Path | None:
@@ -319,7 +343,13 @@ class RelayWorker(RelayCheckpoints, GivesWayOnStop, RouterService):
             log.info("%s resent forward %s: answering from cache", msg.client, step)
             return cached
         check_not_stale(step, self.replies.newest(msg.client, Kind.FORWARD.value), msg.client)
-        digest = self._check_lost(msg)  # a step it lost: only the request first sent
+        answer = await self._apply(msg)
+        self._log_step(msg)
+        self.checkpoint()  # before the reply leaves: what the client saw is durable
+        return answer
+
+    async def _apply(self, msg: Message) -> Message:
+        """Run the segment, ask the next hop, step; the reply, held in the reply cache."""
         act = read_tensor(msg, "act", self.max_batch, self.max_abs, self.act_shape)
         act = as_input(act, True, self.device)
         out = run_segment(self.segment, act)
@@ -346,10 +376,8 @@ class RelayWorker(RelayCheckpoints, GivesWayOnStop, RouterService):
                 "grad", act.grad, self.cfg.train.wire_dtype, self.residuals, msg.client
             ),
         )
-        self.replies.put(msg.client, Kind.FORWARD.value, step, answer, msg)
+        self.replies.put(msg.client, Kind.FORWARD.value, (msg.epoch, msg.step), answer, msg)
         self.applied_log.append(msg.client, msg.epoch, msg.step)
-        self._log_step(msg, digest)
-        self.checkpoint()  # before the reply leaves: what the client saw is durable
         return answer
 
     async def _infer(self, msg: Message) -> Message:

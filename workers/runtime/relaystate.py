@@ -2,9 +2,10 @@
 
 Every ``checkpoint.every_steps`` applied steps, before that step's reply leaves: its
 segment's weights, optimizer state, ``steps_applied``, RNG state, reply cache and applied-step
-log. With ``every_steps`` above 1, also the digests of the requests applied since, in a log
-beside the checkpoints (:class:`workers.runtime.digestlog.DigestLog`): after a restart the
-steps it lost are run again only on the requests first sent.
+log. With ``every_steps`` above 1, also the requests applied since, in a log beside the
+checkpoints (:class:`workers.runtime.requestlog.RequestLog`): after a restart the relay runs
+the steps it lost again itself, in the order it first applied them, before it takes a
+message (:meth:`workers.relay.RelayWorker.on_start`).
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sl_pipeline.config import RelayConfig
+from sl_pipeline.errors import ConfigError
+from sl_pipeline.limits import Limits
 from sl_pipeline.messages import Message
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.appliedlog import AppliedLog
 from workers.runtime.checkpoint import CheckpointStore, check_fingerprint, restore_rng, rng_state
-from workers.runtime.digestlog import DigestLog
+from workers.runtime.requestlog import RequestLog
 
 if TYPE_CHECKING:
     from workers.server.replycache import ReplyCache
@@ -40,14 +43,19 @@ class RelayCheckpoints:
     trained_run: str
     steps_applied: int
     ckpt: CheckpointStore | None
-    digests: DigestLog | None  # with checkpoint.every_steps > 1: the steps since the last
+    limits: Limits
+    requests: RequestLog | None  # with checkpoint.every_steps > 1: the steps since the last
+    pending: list[Message]  # the steps its restart lost, to run again (in order) at its start
+    replaying: bool  # until they all ran: no checkpoint (the log must keep them)
     _saved_at: int
 
-    def _open_digests(self, every: int) -> DigestLog | None:
+    def _open_requests(self, every: int) -> RequestLog | None:
         if self.ckpt is None or every <= 1:
             return None
-        fsync = self.cfg.checkpoint.fsync
-        return DigestLog(self.ckpt.directory, self.cfg.relay.name, fsync)
+        fsync, cap = self.cfg.checkpoint.fsync, self.cfg.relay.request_log_mib
+        if cap <= 0:
+            raise ConfigError(f"relay.request_log_mib must be above 0, got {cap:g}")
+        return RequestLog(self.ckpt.directory, self.cfg.relay.name, fsync, int(cap * 2**20))
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -59,13 +67,12 @@ class RelayCheckpoints:
             "rng": rng_state(),
             "replies": self.replies.entries(),
             "applied_log": self.applied_log.state(),
-            "lost": self.digests.state() if self.digests is not None else [],
         }
 
     def _restore(self) -> int:
         found = self.ckpt.load_latest() if self.ckpt is not None else None
         if found is None:
-            self._restore_digests([])
+            self._restore_requests()
             return 0
         state, path = found
         check_fingerprint(state, path, self.fingerprint)
@@ -77,32 +84,32 @@ class RelayCheckpoints:
         self.applied_log = AppliedLog.from_state(state["applied_log"])
         self.trained_run = str(state.get("trained_run", ""))
         log.info("relay resumed from checkpoint %s at %d applied steps", path, self.steps_applied)
-        self._restore_digests(list(state.get("lost", [])))
+        self._restore_requests()
         return self.steps_applied
 
-    def _restore_digests(self, kept: list[Any]) -> None:
-        if self.digests is None:
-            return
-        lost = self.digests.restore(self.steps_applied, kept)
-        if lost:
-            log.warning("relay lost %d applied steps: its clients resend them", lost)
+    def _restore_requests(self) -> None:
+        self.pending = (
+            [] if self.requests is None else self.requests.read(self.steps_applied, self.limits)
+        )
+        self.replaying = bool(self.pending)
+        if self.pending:
+            log.warning("relay lost %d applied steps: it runs them again", len(self.pending))
 
     def checkpoint(self, force: bool = False) -> None:
         """Save when ``every_steps`` steps were applied since the last save (or ``force``)."""
         due = self.steps_applied - self._saved_at >= max(1, self.cfg.checkpoint.every_steps)
+        if self.replaying:  # a lost step not run again yet: the log and the checkpoint stay
+            return
         if self.ckpt is not None and self.steps_applied != self._saved_at and (force or due):
             self.ckpt.save(self._state(), self.steps_applied)
             self._saved_at = self.steps_applied
             self.metrics.checkpoints_total.inc()
-            if self.digests is not None:
-                self.digests.checkpointed()
+            if self.requests is not None:
+                self.requests.checkpointed()
 
-    def _check_lost(self, msg: Message) -> str | None:
-        """Before a step runs: a step the relay lost comes again as the request first sent."""
-        return self.digests.check(msg) if self.digests is not None else None
-
-    def _log_step(self, msg: Message, digest: str | None) -> None:
-        """After a step is applied, before its reply leaves (and before a checkpoint)."""
-        if self.digests is not None:
-            self.digests.ran(msg)
-            self.digests.append(self.steps_applied, msg, digest)
+    def _log_step(self, msg: Message) -> None:
+        """After a step is applied, before its reply leaves: its request is on disk, or a
+        checkpoint holds it (one that would take the log over its cap)."""
+        if self.requests is not None and not self.requests.append(self.steps_applied, msg):
+            log.info("%s is full (relay.request_log_mib): checkpointing", self.requests.path)
+            self.checkpoint(force=True)
