@@ -21,7 +21,7 @@ import torch
 import zmq.asyncio
 
 from sl_pipeline.config import LimitsConfig, RelayConfig, load
-from sl_pipeline.errors import CheckpointError, PeerError
+from sl_pipeline.errors import CheckpointError, PeerError, TransportError
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.models import build_segments, segment_inputs
 from sl_pipeline.transport import DealerConnection
@@ -295,3 +295,44 @@ def test_a_request_log_cap_of_zero_is_refused_in_one_line(
     code = main(["relay", "--config", str(files["relay-1"]), *sets])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "relay.request_log_mib" in lines[0], lines
+
+
+async def test_a_relay_that_cannot_run_a_lost_step_again_stops_in_one_line_and_keeps_it(
+    deployment,  # type: ignore[no-untyped-def]
+) -> None:
+    # Prepare: steps 0..5, the relay killed past its checkpoint (steps 4 and 5 lost)
+    files, run, sent, _ = _chain(deployment, 6)
+    ctx = zmq.asyncio.Context()
+    one = Peer(files, "client-1", ctx)
+
+    async def unreachable(msg: Message) -> Message:
+        raise TransportError("the server went away")
+
+    try:
+        async with _serving(run.server):
+            async with _serving(run.relay):
+                await one.join()
+                [await one.ask(msg) for msg in sent]
+                run.relay.ckpt = None  # a kill -9
+                path = run.relay.requests.path if run.relay.requests else Path()
+            saved, logged = sorted(path.parent.glob("*.ckpt")), path.read_bytes()
+            # Execute: a start whose next hop does not answer the replayed step, then one
+            # whose does
+            failing = _restarted(files)
+            failing._ask_upstream = unreachable  # type: ignore[method-assign]
+            with pytest.raises(CheckpointError) as stopped:
+                await asyncio.wait_for(failing.serve(asyncio.Event()), 30)
+            kept = (sorted(path.parent.glob("*.ckpt")), path.read_bytes())
+            relay = _restarted(files)
+            async with _serving(relay):
+                welcome = await one.join()
+    finally:
+        if one.conn is not None:
+            one.conn.close()
+        ctx.destroy(linger=0)
+    # Assert: one line naming the client, the step and the cause; no checkpoint taken at that
+    # stop and the log kept, so the next start ran them again
+    reason = str(stopped.value)
+    assert "client-1's step (0, 4)" in reason and "went away" in reason and "\n" not in reason
+    assert kept == (saved, logged)
+    assert welcome["applied"] == [0, 5] and relay.steps_applied == 6
