@@ -59,6 +59,7 @@ ABOVE_ZERO = {
     "server.client_timeout_s",
     "relay.rejoins_per_s",
     "relay.timeout_s",
+    "relay.request_log_mib",  # a log of no bytes: a checkpoint at every step, unsaid
     "client.timeout_s",
     "client.connect_timeout_s",
 }

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sl_pipeline.config import RelayConfig
-from sl_pipeline.errors import ConfigError
 from sl_pipeline.limits import Limits
 from sl_pipeline.messages import Message
 from workers.ops.metrics import WorkerMetrics
@@ -53,8 +52,6 @@ class RelayCheckpoints:
         if self.ckpt is None or every <= 1:
             return None
         fsync, cap = self.cfg.checkpoint.fsync, self.cfg.relay.request_log_mib
-        if cap <= 0:
-            raise ConfigError(f"relay.request_log_mib must be above 0, got {cap:g}")
         return RequestLog(self.ckpt.directory, self.cfg.relay.name, fsync, int(cap * 2**20))
 
     def _state(self) -> dict[str, Any]:
