@@ -230,7 +230,7 @@ async def test_a_request_torn_by_a_crash_is_cut_off_and_the_next_one_kept(deploy
     # Assert: the torn record went, the step appended after it was whole, and the third
     # start ran it again from the log (a torn tail left in place would have swallowed it)
     assert start == [0, 3] and torch.equal(resent.tensors["grad"], first[4].tensors["grad"])
-    assert whole == len(torn)
+    assert whole == len(torn) and path.stat().st_mode & 0o777 == 0o600  # its clients' data
     assert welcome["applied"] == [0, 4] and ran == 5 and _same(replayed, weights)
 
 

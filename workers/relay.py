@@ -131,7 +131,7 @@ class RelayWorker(RelayCheckpoints, GivesWayOnStop, RouterService):
             on_hit=lambda: self.metrics.record_bound("relay_cache"),
             max_bytes=max(1, r.reply_cache_mib) * MIB,
             on_bytes_hit=lambda: self.metrics.record_bound("reply_cache_bytes"),
-            digests=False,  # its clients resend the steps it lost, the same requests
+            digests=False,  # it runs the steps it lost again itself: no redo reaches it
         )
 
     async def _follow_run(self, msg: Message) -> None:
