@@ -286,6 +286,20 @@ async def test_a_relay_checkpoints_a_step_that_would_take_its_log_over_the_cap(
     assert at_cap == (0, [2]) and 0 < size <= requests.max_bytes
 
 
+def test_a_relay_checkpointing_less_often_than_the_server_holds_steps_is_refused(
+    deployment,  # type: ignore[no-untyped-def]
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # a restart would lose up to 17 steps of one client, the server holds its newest 16: the
+    # replay (and before it, the client's resends) would be refused as stale, past the start
+    files = deployment(topology="multihop", dataset="breast_cancer")
+    sets = ["--set", "checkpoint.dir='state/relay'", "--set", "checkpoint.every_steps=18"]
+    code = main(["relay", "--config", str(files["relay-1"]), *sets])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "checkpoint.every_steps = 18" in lines[0], lines
+    assert "at most 17" in lines[0]
+
+
 def test_a_request_log_cap_of_zero_is_refused_in_one_line(
     deployment,  # type: ignore[no-untyped-def]
     capsys: pytest.CaptureFixture[str],

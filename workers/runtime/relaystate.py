@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sl_pipeline.config import RelayConfig
+from sl_pipeline.config import MAX_PIPELINE_DEPTH, RelayConfig
+from sl_pipeline.errors import ConfigError
 from sl_pipeline.limits import Limits
 from sl_pipeline.messages import Message
 from workers.ops.metrics import WorkerMetrics
@@ -51,6 +52,13 @@ class RelayCheckpoints:
     def _open_requests(self, every: int) -> RequestLog | None:
         if self.ckpt is None or every <= 1:
             return None
+        if every > MAX_PIPELINE_DEPTH + 1:  # the server holds each client's newest 16 replies
+            raise ConfigError(
+                f"checkpoint.every_steps = {every} in relay {self.cfg.relay.name}'s config: at "
+                f"most {MAX_PIPELINE_DEPTH + 1}, as a restart loses up to every_steps - 1 steps "
+                f"and the server answers them again only from its cache of each client's "
+                f"newest {MAX_PIPELINE_DEPTH}"
+            )
         fsync, cap = self.cfg.checkpoint.fsync, self.cfg.relay.request_log_mib
         return RequestLog(self.ckpt.directory, self.cfg.relay.name, fsync, int(cap * 2**20))
 
