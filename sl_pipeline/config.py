@@ -186,6 +186,9 @@ class ServerSection:
     run_clients: int = 0  # a run ends when this many clients finished; 0 = all that joined
     # A client name whose session sent nothing for this long may be taken by a new session.
     takeover_after_s: float = 5.0
+    # Who may train in one run (docs/security.md): GROUP = [NAME, ...], or a table of members
+    # and token (a run-API token for its runs only). Empty: every admitted client is in one.
+    groups: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

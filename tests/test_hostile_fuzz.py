@@ -28,8 +28,9 @@ from sl_pipeline.messages import PROTOCOL_VERSION, Kind
 from sl_pipeline.transport import DealerConnection
 from workers.client.worker import ClientWorker
 from workers.server.worker import ServerWorker
+from workers.tools.localdeploy import to_toml
 
-from .conftest import load_client, load_server
+from .conftest import load_client, load_server, load_toml
 from .test_hostile_peers import join
 
 FUZZ_SECONDS = float(os.environ.get("SL_FUZZ_SECONDS", "15"))
@@ -217,6 +218,9 @@ def test_admitted_fuzzer_kills_nothing_while_honest_clients_train(deployment) ->
     for i in range(HONEST_KEYS):
         _, pub = write_keypair(f"honest-{i}", keys)
         (keys / "admitted" / pub.name).write_bytes(pub.read_bytes())
+    cfg = load_toml(files["server"])  # the honest keys are the project's too
+    cfg["server"]["groups"]["project"] += [f"honest-{i}" for i in range(HONEST_KEYS)]
+    files["server"].write_text(to_toml(cfg))
     arena = Arena(files)
     try:
         # Execute: hypothesis-generated sealed messages until the time is up

@@ -326,7 +326,8 @@ async def test_a_replayed_hello_leaves_the_real_client_untouched(deployment) -> 
     base = files["server"].parent
     _, insider_pub = write_keypair("insider", base / "keys")  # another admitted client
     (base / "keys" / "admitted" / insider_pub.name).write_bytes(insider_pub.read_bytes())
-    server = ServerWorker(load_server(files["server"], "server.max_clients=4"), base)
+    project = 'server.groups={project=["client-1", "insider"]}'  # it may train beside client-1
+    server = ServerWorker(load_server(files["server"], "server.max_clients=4", project), base)
     stop = asyncio.Event()
     task = asyncio.create_task(server.serve(stop))
     ctx = zmq.asyncio.Context()

@@ -302,6 +302,10 @@ def redact(body: Mapping[str, Any]) -> dict[str, Any]:
         out["peers"] = _count(body["peers"])
     if isinstance(body.get("runs"), list | tuple):
         out["runs"] = [_redact_run(run, i) for i, run in enumerate(body["runs"], start=1)]
+    current = body.get("current_run")
+    if isinstance(current, str) and not _SERVER_RUN_ID.fullmatch(current):
+        ids = [run.get("id") for run in body.get("runs") or [] if isinstance(run, Mapping)]
+        out["current_run"] = f"#{ids.index(current) + 1}" if current in ids else "#"
     if "peers" in body or "session" in body or "runs" in body:
         out["redacted"] = (
             "peer and client names, key fingerprints and the session id need [ops] status_token"
@@ -315,8 +319,9 @@ def _count(value: Any) -> Any:
 
 def _redact_run(run: Any, index: int) -> Any:
     """A run's entry with its clients counted, not named (per-client accuracies included).
-    A run id a client chose (``hospital-a-trial``) may say who it is, so it shows as its
-    place in the list; the server's own ``run-N`` ids say nothing and stay."""
+    A run id a client chose (``hospital-a-trial``), or a group's (``hospital:run-1``), may
+    say who it is, so it shows as its place in the list; the server's own ``run-N`` ids
+    (of a server without groups) say nothing and stay."""
     if not isinstance(run, Mapping):
         return run
     out = {k: _count(v) if k in NAMED_RUN_FIELDS else v for k, v in run.items()}

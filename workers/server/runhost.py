@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from sl_pipeline.config import ServerConfig, resolve_path
-from sl_pipeline.errors import ConfigError, NameInUseError, ProtocolError, RunEndedError
+from sl_pipeline.errors import ConfigError, ProtocolError, RunEndedError
 from sl_pipeline.messages import Kind, Message
+from sl_pipeline.tenancy import Groups
 from workers.ops.clientseries import ClientSeries
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.appliedlog import AppliedLog
@@ -33,7 +34,8 @@ class RunHost:
     clients: ClientSeries  # per-client series
     peers: dict[bytes, Peer]
     book: RunBook
-    peer_runs: dict[str, str]  # peer name -> the run it trains in
+    groups: Groups  # who may train with whom ([server] groups)
+    peer_runs: dict[str, str]  # peer name -> the run it trains in (its qualified id)
     requested: dict[str, str]  # peer name -> the run it asked for ("" = current)
     inferring: set[str]  # peers whose hello said they only infer
     _spare: Engine | None  # the first run's engine, or inference's before any run
@@ -43,10 +45,24 @@ class RunHost:
     def checkpoint(self, force: bool = False) -> None:
         raise NotImplementedError
 
+    def group_of(self, name: str) -> str:
+        """The group of peer ``name`` (an admitted name: a relay speaks for its clients)."""
+        group = self.groups.group_of(name)
+        if group is None:  # only --insecure names can be in none: admitted ones are checked
+            raise ProtocolError(
+                f"{name} is in no group of [server] groups, so it may train in no run here; "
+                "add it to its project's group"
+            )
+        return group
+
     def _current_run(self, name: str) -> Run | None:
-        """Where a client that names no run trains: the run it has open (a restart, also
-        of this server, which forgot its binding), else the current ``run-N``."""
-        return self.book.open_run_of(name) or self.book.current_for(name)
+        """Where a client that names no run trains: the run of its group it has open (a
+        restart, also of this server, which forgot its binding), else the current ``run-N``."""
+        group = self.group_of(name)
+        mine = self.book.open_run_of(name)
+        if mine is not None and mine.group == group:
+            return mine
+        return self.book.current_for(name, group)
 
     def build_engine(self) -> Engine:
         """A run's engine, fresh from the model's seed, reporting its bounded tables."""
@@ -102,7 +118,7 @@ class RunHost:
         if run.engine is None:
             engine = self.build_engine()
             if run.model and Path(run.model).exists():
-                self._load_model(engine, Path(run.model), f"the saved model of run {run.id}")
+                self._load_model(engine, Path(run.model), f"the saved model of run {run.key}")
             run.engine = engine
         return run.engine
 
@@ -119,11 +135,11 @@ class RunHost:
         message, never by a hello) when none fits."""
         run = self.book.runs.get(self.peer_runs.get(peer.name, ""))
         if run is None:
-            wanted = self.requested.get(peer.name, "")
-            run = self.book.runs.get(wanted) if wanted else self._current_run(peer.name)
-            if run is None:
-                run = self._start_run(wanted or self.book.next_id(), peer.name)
-            self.peer_runs[peer.name] = run.id
+            group, wanted = self.group_of(peer.name), self.requested.get(peer.name, "")
+            run = self.book.find(group, wanted) if wanted else self._current_run(peer.name)
+            if run is None:  # another group's run of that id is none: this group's starts
+                run = self._start_run(wanted or self.book.next_id(group), peer.name, group)
+            self.peer_runs[peer.name] = run.key
         if not run.active:
             raise RunEndedError(
                 f"run {run.id!r} has {run.state}; start the client again to begin a new run "
@@ -171,14 +187,14 @@ class RunHost:
 
     def report_run(self, run: Run) -> None:
         """The run's series: steps, active, last loss, the accuracy its clients reported."""
-        self.metrics.record_run(run.id, run.steps, run.active, run.last_loss, run.test_accuracy)
+        self.metrics.record_run(run.key, run.steps, run.active, run.last_loss, run.test_accuracy)
 
-    def _start_run(self, run_id: str, owner: str = "") -> Run:
+    def _start_run(self, run_id: str, owner: str = "", group: str = "") -> Run:
         now = time.monotonic()
         mine = self.book.owned_run(owner) if owner else None
         if mine is not None and self.book.idle(mine, now):
             self._give_up(mine)  # its owner's earlier run, which only waited for more clients
-        self.book.check_start(run_id, owner)
+        self.book.check_start(run_id, owner, group)
         if len(self.book.active()) >= self.book.max_runs:  # empty or idle runs give way
             for gone in self.book.expire_empty(now):
                 self.metrics.record_bound("empty_runs")
@@ -186,17 +202,24 @@ class RunHost:
         if len(self.book.active()) >= self.book.max_runs:
             for idle in self.book.idle_runs(now)[:1]:
                 self._give_up(idle)
-        run = self.book.start(run_id, self._new_engine(), self.new_replies(), owner)
+        run = self.book.start(run_id, self._new_engine(), self.new_replies(), owner, group)
         self.report_run(run)
         return run
 
     def _inference_engine(self, peer: Peer) -> Engine:
-        """Evaluation and prediction: the peer's run, the run it names, else the newest."""
-        name = self.peer_runs.get(peer.name) or self.requested.get(peer.name, "")
-        run = self.book.runs.get(name) if name else self.book.latest()
-        if run is None:
-            if name:
-                raise ProtocolError(f"no run {name!r} on this server; `runs list` shows them")
+        """Evaluation and prediction: the peer's run, the run it names, else its group's
+        newest (never another group's: a run it may not join is one that does not exist)."""
+        group, key = self.group_of(peer.name), self.peer_runs.get(peer.name, "")
+        name = self.requested.get(peer.name, "")
+        if key or name:
+            run = self.book.runs.get(key) if key else self.book.find(group, name)
+            if run is None:
+                raise ProtocolError(
+                    f"no run {name or key!r} on this server; `runs list` shows them"
+                )
+        elif (run := self.book.latest(group)) is None:
+            if self.groups.configured:  # the spare may hold server.save: any group's model
+                raise ProtocolError(f"no run of {peer.name}'s group on this server yet")
             return self.engine
         return self.engine_of(run)
 
@@ -245,7 +268,7 @@ class RunHost:
         # a stopped run's clients stay bound to it: their next step is refused (run_ended),
         # never the first step of a new run (one client went on silently in run-2 and
         # reported its 2,400 steps in run-1, which had applied 332)
-        for name in [n for n, r in self.peer_runs.items() if r == run.id and state != STOPPED]:
+        for name in [n for n, r in self.peer_runs.items() if r == run.key and state != STOPPED]:
             del self.peer_runs[name]
         self.report_run(run)
         self.checkpoint(force=True)
@@ -254,7 +277,7 @@ class RunHost:
         accuracy = "n/a" if run.test_accuracy is None else f"{run.test_accuracy:.4f}"
         log.info(
             "run %s %s: %d steps by %s in %.1fs, last loss %s, test accuracy %s; model %s",
-            run.id,
+            run.key,
             state,
             run.steps,
             ", ".join(info["clients"]) or "no client",
@@ -276,7 +299,7 @@ class RunHost:
             run.accuracies[client] = accuracy
         self.clients.done(client, accuracy)
         self.report_run(run)
-        log.info("%s finished its part of run %s", client, run.id)
+        log.info("%s finished its part of run %s", client, run.key)
         if self.book.ready_to_finish(run):
             self.end_run(run)
         else:
@@ -305,21 +328,22 @@ class RunHost:
             log.warning(
                 "run %s gave its place up: no client stepped or finished in it for %.0fs "
                 "(server.stalled_run_s); %d of its clients have not finished",
-                *(run.id, quiet, waiting),
+                *(run.key, quiet, waiting),
             )
         else:
             log.warning(
                 "run %s gave its place up: its %d client(s) finished and it waited %.0fs "
                 "for server.run_clients = %d",
-                *(run.id, len(run.members), quiet, self.book.run_clients),
+                *(run.key, len(run.members), quiet, self.book.run_clients),
             )
         self.metrics.record_bound("idle_runs")
         self.end_run(run, STOPPED)
 
-    def stop_run(self, run_id: str) -> Run:
-        run = self.book.get(run_id)
+    def stop_run(self, key: str, group: str | None = None) -> Run:
+        """Stop run ``key`` (for a group's token: of that group only)."""
+        run = self.book.get(key, group)
         if run.active:
-            log.warning("run %s stopped by an operator", run.id)
+            log.warning("run %s stopped by %s", run.key, "an operator" if group is None else group)
             self.end_run(run, STOPPED)
         return run
 
@@ -358,41 +382,6 @@ class RunHost:
             check_writable(path, "server.save")
         if self.book.dir is not None:
             check_writable(self.book.dir / "runs.json", "server.runs_dir")
-
-    def _check_name_free(self, name: str, hello: dict[str, Any]) -> None:
-        """Refuse a second live session under one name; a restarted client may take over."""
-        live = [p for p in self.peers.values() if p.name == name and p.confirmed]
-        if not live or hello.get("role") == "relay":  # a restarted relay rejoins at once
-            return
-        silent = time.monotonic() - max(p.last_seen for p in live)
-        if hello.get("takeover"):
-            log.warning("%s takes over the session of its name (deliberate takeover)", name)
-            return
-        if silent >= self.cfg.server.takeover_after_s:
-            return  # the old session is silent: presumed gone (killed, cut off)
-        run = self.book.runs.get(self.peer_runs.get(name, ""))
-        resume = hello.get("resume")
-        newest = run.replies.newest(name, Kind.FORWARD.value) if run else None
-        if resumes_within(resume, newest):
-            log.warning("%s resumes from its checkpoint: replacing its old session", name)
-            return
-        where = f" in run {run.id}" if run else ""
-        raise NameInUseError(
-            f"client name {name!r} is in use: another session under it sent a message "
-            f"{silent:.1f}s ago{where}. Stop the other client (or wait "
-            f"{self.cfg.server.takeover_after_s:g}s after it died), or start this one with "
-            "--takeover to replace it"
-        )
-
-
-def resumes_within(resume: Any, newest: tuple[int, int] | None) -> bool:
-    """Whether a hello's resume point is one this server has applied (a restarted client)."""
-    if newest is None or not isinstance(resume, list) or len(resume) != 2:
-        return False
-    try:
-        return (int(resume[0]), int(resume[1])) <= newest
-    except (TypeError, ValueError):
-        return False
 
 
 def first_line(exc: BaseException) -> str:

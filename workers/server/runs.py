@@ -22,6 +22,10 @@ client holds at most one of the ``max_runs`` places and cannot draw others into 
 named. A run ends when
 ``run_clients`` of its clients (every client that trained in it, when 0) said they
 finished, or when an operator stops it.
+
+On a server with ``[server] groups`` each run belongs to the group of the client that
+started it, and every lookup by a client's run id is within that client's group
+(:mod:`sl_pipeline.tenancy`): the book keys runs by their qualified id ``GROUP:RUN``.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from typing import Any
 from sl_pipeline.config import ServerSection
 from sl_pipeline.errors import ConfigError, OverloadedError, ProtocolError
 from sl_pipeline.runid import SERVER_RUN_ID, check_run_id
+from sl_pipeline.tenancy import ONE_GROUP, SEPARATOR, qualify
 from workers.runtime.appliedlog import AppliedLog
 from workers.server.engines.base import Engine
 from workers.server.replycache import ReplyCache
@@ -91,6 +96,12 @@ class Run:
     owner: str = ""  # the peer whose training message started it
     opened: float = field(default_factory=time.monotonic)  # when its first message came
     last_active: float = field(default_factory=time.monotonic)  # its last step or finish
+    group: str = ONE_GROUP  # whose members alone may train in it ([server] groups)
+
+    @property
+    def key(self) -> str:
+        """Its id on this server: ``GROUP:RUN`` where groups are configured."""
+        return qualify(self.group, self.id)
 
     @property
     def named(self) -> bool:
@@ -112,7 +123,8 @@ class Run:
         """What ``runs list`` and ``runs status`` show (JSON-able, no tensors)."""
         end = self.ended if self.ended is not None else time.time()
         return {
-            "id": self.id,
+            "id": self.key,
+            **({"group": self.group} if self.group else {}),
             "state": self.state,
             "clients": sorted(self.members),
             "finished_clients": sorted(self.done),
@@ -166,18 +178,24 @@ class RunBook:
         bounds = (server.max_runs, server.run_clients, server.empty_run_s, server.stalled_run_s)
         return cls(runs_dir, *bounds)
 
-    def latest(self) -> Run | None:
-        return next(reversed(self.runs.values()), None)
+    def latest(self, group: str | None = None) -> Run | None:
+        """The newest run (of ``group``, unless None)."""
+        runs = (r for r in reversed(self.runs.values()) if group in (None, r.group))
+        return next(runs, None)
+
+    def find(self, group: str, run_id: str) -> Run | None:
+        """Run ``run_id`` as a member of ``group`` sees it: another group's is none."""
+        return self.runs.get(qualify(group, run_id))
 
     def active(self) -> list[Run]:
         return [r for r in self.runs.values() if r.active]
 
-    def current_for(self, name: str) -> Run | None:
-        """The run a client without a run name trains in: the newest active ``run-N`` it
-        has not finished itself (a run some client named is joined by its name only);
-        None means a new run."""
+    def current_for(self, name: str, group: str = ONE_GROUP) -> Run | None:
+        """The run a client of ``group`` without a run name trains in: the group's newest
+        active ``run-N`` it has not finished itself (a run some client named is joined by
+        its name only); None means a new run."""
         for run in reversed(self.runs.values()):
-            if run.active and not run.named and name not in run.done:
+            if run.group == group and run.active and not run.named and name not in run.done:
                 return run
         return None
 
@@ -212,15 +230,20 @@ class RunBook:
     def idle_runs(self, now: float) -> list[Run]:
         return [r for r in self.active() if self.idle(r, now)]
 
-    def get(self, run_id: str) -> Run:
-        run = self.runs.get(run_id)
-        if run is None:
-            known = ", ".join(list(self.runs)[-5:]) or "none yet"
-            raise ProtocolError(f"no run {run_id!r} on this server (latest runs: {known})")
+    def get(self, key: str, group: str | None = None) -> Run:
+        """Run ``key`` (a qualified id) for the operator, or for a group's token (``group``:
+        another group's run is one that does not exist, named in no answer)."""
+        run = self.runs.get(key)
+        if run is None or group not in (None, run.group):
+            seen = [k for k, r in self.runs.items() if group in (None, r.group)]
+            known = ", ".join(seen[-5:]) or "none yet"
+            raise ProtocolError(f"no run {key!r} on this server (latest runs: {known})")
         return run
 
-    def next_id(self) -> str:
-        numbers = [int(m.group(1)) for r in self.runs if (m := re.fullmatch(r"run-(\d+)", r))]
+    def next_id(self, group: str = ONE_GROUP) -> str:
+        """The next ``run-N`` of ``group`` (each group numbers its own runs)."""
+        ids = [r.id for r in self.runs.values() if r.group == group]
+        numbers = [int(m.group(1)) for i in ids if (m := re.fullmatch(r"run-(\d+)", i))]
         return f"run-{max(numbers, default=0) + 1}"
 
     def check_capacity(self) -> None:
@@ -236,34 +259,37 @@ class RunBook:
         open for it, or one key could hold every place open by trickling steps in each."""
         other = self.open_run_of(client)
         if other is not None and other is not run:
-            raise ProtocolError(one_open_run(client, other.id))
+            raise ProtocolError(one_open_run(client, other.key))
 
-    def check_start(self, run_id: str, owner: str) -> None:
-        """Whether ``owner`` may start run ``run_id`` now (a ``ProtocolError`` says why not)."""
+    def check_start(self, run_id: str, owner: str, group: str = ONE_GROUP) -> None:
+        """Whether ``owner`` may start run ``run_id`` of ``group`` now (a ``ProtocolError``
+        says why not)."""
         if owner and (other := self.open_run_of(owner)) is not None:
-            raise ProtocolError(one_open_run(owner, other.id))
+            raise ProtocolError(one_open_run(owner, other.key))
         if owner and (mine := self.owned_run(owner)) is not None:
             need = self.run_clients or len(mine.members)
             raise OverloadedError(
-                f"{owner} started run {mine.id!r}, which is still active ({len(mine.done)} of "
+                f"{owner} started run {mine.key!r}, which is still active ({len(mine.done)} of "
                 f"{need} clients finished); a client starts one active run at a time: this "
                 f"run waits until that one ends (its other clients finish, or `sl-pipeline "
-                f"runs stop {mine.id}`) or gives its place up (server.empty_run_s = "
+                f"runs stop {mine.key}`) or gives its place up (server.empty_run_s = "
                 f"{self.empty_run_s:g} s after its clients all finished, server.stalled_run_s "
                 f"= {self.stalled_run_s:g} s after its last step while a client never finishes)"
             )
-        if owner and SERVER_RUN_ID.fullmatch(run_id) and run_id != self.next_id():
+        if owner and SERVER_RUN_ID.fullmatch(run_id) and run_id != self.next_id(group):
             raise ProtocolError(
                 f"run {run_id!r} does not exist, and run-N ids are the server's to give; "
                 "name a new run differently, or leave [client] run empty"
             )
 
-    def start(self, run_id: str, engine: Engine, replies: ReplyCache, owner: str = "") -> Run:
-        self.check_start(run_id, owner)
+    def start(
+        self, run_id: str, engine: Engine, replies: ReplyCache, owner: str = "", group: str = ""
+    ) -> Run:
+        self.check_start(run_id, owner, group)
         self.check_capacity()
-        run = Run(run_id, engine, replies, owner=owner)
-        self.runs[run_id] = run
-        log.info("run %s started by %s", run_id, owner or "the server")
+        run = Run(run_id, engine, replies, owner=owner, group=group)
+        self.runs[run.key] = run
+        log.info("run %s started by %s", run.key, owner or "the server")
         self.write_index()
         return run
 
@@ -272,9 +298,9 @@ class RunBook:
         places freed (however often their clients keep sending steps that fail)."""
         gone = [r for r in self.active() if not r.steps and now - r.opened >= self.empty_run_s]
         for run in gone:
-            del self.runs[run.id]
+            del self.runs[run.key]
             run.state, run.ended = STOPPED, time.time()
-            log.warning("run %s expired: no step applied in %.0fs", run.id, now - run.opened)
+            log.warning("run %s expired: no step applied in %.0fs", run.key, now - run.opened)
         if gone:
             self.write_index()
         return gone
@@ -301,7 +327,9 @@ class RunBook:
                 run.engine = None
 
     def model_path(self, run: Run) -> Path | None:
-        return None if self.dir is None else self.dir / run.id / "server.pt"
+        if self.dir is None:
+            return None
+        return self.dir / run.group / run.id / "server.pt"  # a group's runs in its folder
 
     # ---- persistence ---------------------------------------------------------------------
     def write_index(self) -> None:
@@ -327,8 +355,9 @@ class RunBook:
 
     def add_record(self, info: dict[str, Any], engine: Engine | None) -> Run:
         """A run known from ``runs.json`` or a checkpoint (engine state loaded by the caller)."""
+        group = str(info.get("group") or ONE_GROUP)
         run = Run(
-            str(info["id"]),
+            str(info["id"]).removeprefix(f"{group}{SEPARATOR}" if group else ""),
             engine,
             state=str(info.get("state", FINISHED)),
             members=set(info.get("members", info.get("clients", []))),
@@ -342,8 +371,9 @@ class RunBook:
             owner=str(info.get("owner", "")),
             client_steps={str(k): int(v) for k, v in (info.get("client_steps") or {}).items()},
             epochs={str(k): int(v) for k, v in (info.get("epochs") or {}).items()},
+            group=group,
         )
-        self.runs[run.id] = run
+        self.runs[run.key] = run
         return run
 
 

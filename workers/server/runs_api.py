@@ -1,7 +1,9 @@
 """The run management API on the server's ops port, and its client (`sl-pipeline runs`).
 
 Routes (every one needs ``Authorization: Bearer <token>``, the token in the file named by
-``[ops] admin_token``; without that key the routes answer 403):
+``[ops] admin_token``, or a group's token, ``[server] groups``: that one sees and acts on its
+group's runs only, another group's run being one that does not exist; without any token
+configured the routes answer 403):
 
 ``GET  /runs``               every run the server knows, oldest first
 ``GET  /runs/{id}``          one run
@@ -19,6 +21,7 @@ import torch
 from aiohttp import web
 
 from sl_pipeline.errors import ProtocolError
+from sl_pipeline.tenancy import Groups
 from workers.ops.http import bearer_matches
 from workers.ops.runsclient import read_token
 from workers.server.engines.base import Engine
@@ -30,7 +33,7 @@ class RunServer(Protocol):
 
     book: RunBook
 
-    def stop_run(self, run_id: str) -> Run: ...
+    def stop_run(self, key: str, group: str | None = None) -> Run: ...
 
     def engine_of(self, run: Run) -> Engine: ...
 
@@ -39,12 +42,23 @@ def _error(status: int, text: str) -> web.Response:
     return web.json_response({"error": text}, status=status)
 
 
+def group_tokens(base: Path, groups: Groups) -> dict[str, str]:
+    """Each group's run-API token (read from its file) -> the group it opens."""
+    return {
+        read_token(base, path, f"server.groups.{group}.token"): groups.namespace(group)
+        for group, path in groups.tokens.items()
+    }
+
+
 class RunApi:
     """aiohttp handlers bound to one server worker."""
 
-    def __init__(self, server: RunServer, token: str | None) -> None:
+    def __init__(
+        self, server: RunServer, token: str | None, group_tokens: dict[str, str] | None = None
+    ) -> None:
         self.server = server
         self.token = token
+        self.group_tokens = group_tokens or {}  # token -> the group whose runs it opens
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/runs", self._guard(self.list_runs))
@@ -52,34 +66,44 @@ class RunApi:
         app.router.add_post("/runs/{run}/stop", self._guard(self.stop))
         app.router.add_get("/runs/{run}/model", self._guard(self.model))
 
+    def _scope(self, request: web.Request) -> str | bool | None:
+        """Whose runs the request's token opens: every one (None), a group's (its name),
+        or none (False). Every token is compared, in constant time each."""
+        scopes = [g for t, g in self.group_tokens.items() if bearer_matches(request, t)]
+        if self.token is not None and bearer_matches(request, self.token):
+            return None
+        return scopes[0] if scopes else False
+
     def _guard(self, handler: Any) -> Any:
         async def guarded(request: web.Request) -> web.StreamResponse:
-            if self.token is None:
+            if self.token is None and not self.group_tokens:
                 return _error(403, "the run API is off: set [ops] admin_token on the server")
-            if not bearer_matches(request, self.token):
+            scope = self._scope(request)
+            if scope is False:
                 return _error(401, "missing or wrong admin token")
             try:
-                return await handler(request)  # type: ignore[no-any-return]
+                return await handler(request, scope)  # type: ignore[no-any-return]
             except ProtocolError as exc:
                 return _error(404, exc.message)
 
         return guarded
 
-    async def list_runs(self, request: web.Request) -> web.Response:
-        latest = self.server.book.latest()
-        runs = [r.info() for r in self.server.book.runs.values()]
-        return web.json_response({"runs": runs, "current": latest.id if latest else None})
+    async def list_runs(self, request: web.Request, scope: str | None) -> web.Response:
+        book = self.server.book
+        latest = book.latest(scope)
+        runs = [r.info() for r in book.runs.values() if scope in (None, r.group)]
+        return web.json_response({"runs": runs, "current": latest.key if latest else None})
 
-    async def status(self, request: web.Request) -> web.Response:
-        run = self.server.book.get(request.match_info["run"])
+    async def status(self, request: web.Request, scope: str | None) -> web.Response:
+        run = self.server.book.get(request.match_info["run"], scope)
         return web.json_response(run.info())
 
-    async def stop(self, request: web.Request) -> web.Response:
-        run = self.server.stop_run(request.match_info["run"])
+    async def stop(self, request: web.Request, scope: str | None) -> web.Response:
+        run = self.server.stop_run(request.match_info["run"], scope)
         return web.json_response(run.info())
 
-    async def model(self, request: web.Request) -> web.Response:
-        run = self.server.book.get(request.match_info["run"])
+    async def model(self, request: web.Request, scope: str | None) -> web.Response:
+        run = self.server.book.get(request.match_info["run"], scope)
         if run.model and Path(run.model).exists():
             body = Path(run.model).read_bytes()
         else:  # an active run, or no runs folder: the weights as they are now
@@ -95,4 +119,4 @@ class RunApi:
         )
 
 
-__all__ = ["RunApi", "read_token"]
+__all__ = ["RunApi", "group_tokens", "read_token"]

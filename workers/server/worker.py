@@ -24,15 +24,17 @@ from sl_pipeline.errors import (
 )
 from sl_pipeline.messages import Kind, Message, error_message
 from sl_pipeline.models import fingerprint, resolve_device
+from sl_pipeline.tenancy import Groups
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.appliedlog import AppliedLog
 from workers.runtime.checkpoint import check_fingerprint, open_store, restore_rng, rng_state
 from workers.runtime.peers import Listen, Peer, reject_reason
 from workers.runtime.service import Replies, RouterService
 from workers.server.engines.base import Engine
+from workers.server.names import check_name_free
 from workers.server.runhost import RunHost, first_line
 from workers.server.runs import ACTIVE, Run, RunBook, check_run_id, finished_message
-from workers.server.runs_api import RunApi, read_token
+from workers.server.runs_api import RunApi, group_tokens, read_token
 
 log = logging.getLogger("sl_pipeline.server")
 QUIET_CODES = ("stale_step", "redo", "run_ended")  # a client's mistake to explain, not an attack
@@ -68,6 +70,8 @@ class ServerWorker(RunHost, RouterService):
         PrivacyConfig.from_mapping(cfg.privacy).check_placement(
             s.topology, server=True, holds_labels=not s.label_holder
         )
+        admitted = None if s.insecure else self.table.admitted_names.values()
+        self.groups = Groups.for_server(s.groups, admitted, s.group)  # who trains with whom
         self.book = RunBook.for_server(self._runs_dir(), s)
         self.check_outputs_writable()
         self.peer_runs: dict[str, str] = {}  # peer name -> the run it trains in
@@ -84,13 +88,14 @@ class ServerWorker(RunHost, RouterService):
         for info in self.book.read_index():
             self._add_record(info)
         self.admin_token = read_token(base, cfg.ops.admin_token) if cfg.ops.admin_token else None
+        self.group_tokens = group_tokens(base, self.groups)  # the run API for a group's runs
         self.ckpt = open_store(cfg.checkpoint, base, "server")
         self.resumed_from = self._restore() if self.ckpt else 0
         self._saved_at = self.steps_applied
         self._saved_versions = self._versions()
 
     def ops_routes(self) -> Callable[[Any], None]:
-        return RunApi(self, self.admin_token).add_routes
+        return RunApi(self, self.admin_token, self.group_tokens).add_routes
 
     # ---- checkpoints ---------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -193,7 +198,7 @@ class ServerWorker(RunHost, RouterService):
             "topology": self.cfg.server.topology,
             "steps_applied": self.steps_applied,
             "last_loss": self.last_loss,
-            "current_run": latest.id if latest else None,
+            "current_run": latest.key if latest else None,
             "runs": [r.info() for r in list(self.book.runs.values())[-5:]],
         }
 
@@ -202,17 +207,18 @@ class ServerWorker(RunHost, RouterService):
         """The welcome carries the run and where it stands for the client (the resume exchange)."""
         welcome = super().accept(hello, key)
         name = self.peer_name(hello, key)
+        group = self.group_of(name)  # the runs it may see: its group's alone
         wanted = str(hello.get("run") or "")
         if wanted:
             try:
                 check_run_id(wanted, "client.run")
             except ConfigError as exc:
                 raise ProtocolError(exc.message) from None
-        self._check_name_free(name, hello)
         bound = self.book.runs.get(self.peer_runs.get(name, ""))
+        check_name_free(self.peers.values(), name, hello, self.cfg.server.takeover_after_s, bound)
         if bound is None or not bound.active or wanted not in ("", bound.id) or name in bound.done:
             self.peer_runs.pop(name, None)
-            bound = self.book.runs.get(wanted) if wanted else self._current_run(name)
+            bound = self.book.find(group, wanted) if wanted else self._current_run(name)
         if bound is not None and self.restarts_a_stalled_run(name, hello, bound):
             bound = None  # it ended: the relay's next step starts a new run
             self.peer_runs.pop(name, None)
@@ -222,7 +228,7 @@ class ServerWorker(RunHost, RouterService):
                     f"run {wanted!r} has {bound.state}; name a new run ([client] run) to train"
                 )
             if bound is not None:  # else the run starts with its first training message
-                self.peer_runs[name] = bound.id
+                self.peer_runs[name] = bound.key
         self.requested[name] = wanted
         if hello.get("intent", "train") == "train":
             self.inferring.discard(name)
@@ -239,7 +245,7 @@ class ServerWorker(RunHost, RouterService):
             "topology": self.cfg.server.topology,
             "applied": list(last) if last else None,
             # the run it trains in; a new one's id is the one it will most likely get
-            "run": bound.id if bound else (wanted or self.book.next_id()),
+            "run": bound.id if bound else (wanted or self.book.next_id(group)),
             # a client keeps undo points for what a crash between checkpoints may lose
             "checkpoint_every": max(1, self.cfg.checkpoint.every_steps) if self.ckpt else 1,
         }

@@ -40,11 +40,15 @@ def _toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table: {"key" = value, ...}
+        return (
+            "{" + ", ".join(f"{_toml_value(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+        )
     return repr(value)
 
 
 def to_toml(data: Table) -> str:
-    """Tiny TOML writer for our two-level configs (tables of scalars and lists)."""
+    """Tiny TOML writer for our two-level configs (tables of scalars, lists, inline tables)."""
     lines: list[str] = []
     for section, table in data.items():
         lines.append(f"[{section}]")
@@ -175,9 +179,11 @@ def plan_deployment(
     label_client: bool = False,
     device: str = "cpu",
     most_clients: int | None = ServerSection.max_clients,
+    group: str = "project",
 ) -> Plan:
     """The configs of a server, its clients ``names`` and (multihop) a relay at
-    ``relay = (bind, endpoint)``; clients reach the server at ``server_endpoint``.
+    ``relay = (bind, endpoint)``; clients reach the server at ``server_endpoint``; the
+    server's peers form ``group``, the one whose members may train together.
     ``most_clients = None``: any count (the caller raises ``server.max_clients`` to it)."""
     spec = check_options(
         topology, len(names), dataset, label_client, epochs, seed, device, most_clients
@@ -203,6 +209,7 @@ def plan_deployment(
         relay_cfg = _relay(relay[0], server_endpoint, shared)
         endpoint = relay[1]
         server["server"]["relays"] = ["relay-1"]  # it speaks for its clients
+    server["server"]["groups"] = {group: server["server"].get("relays") or list(names)}
     clients = [_client(i, d, spec, endpoint, shared) for i in range(len(names))]
     if label_client:
         clients[0]["client"]["role"] = "label"

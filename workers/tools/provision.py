@@ -115,6 +115,10 @@ def _check(project: Project) -> None:
     names = [c.name for c in project.client] + [r.name for r in project.relay]
     if not project.client:
         raise ConfigError("the project has no [[client]]: add one table per client site")
+    if not NAME.fullmatch(project.project.name):  # it names the group of the project's sites
+        raise ConfigError(
+            f"project name {project.project.name!r}: use 1-64 letters, digits, '_', '.', '-'"
+        )
     for name in names:
         if not NAME.fullmatch(name):
             raise ConfigError(f"site name {name!r}: use 1-64 letters, digits, '_', '.', '-'")
@@ -191,6 +195,7 @@ def provision(project_file: Path, out: Path) -> dict[str, Any]:
         pipeline_depth=p.pipeline_depth,
         label_client=p.label_client,
         most_clients=None,  # any number of sites: the server's max_clients is raised to it
+        group=p.name,  # its sites alone train in its runs ([server] groups)
     )
     out.mkdir(parents=True, exist_ok=True)
     scripts = _write_kits(project, plan, out)
@@ -223,6 +228,7 @@ def _write_kits(project: Project, plan: Plan, out: Path) -> dict[str, Path]:
         )
         _ops(plan.relay, relay.ops_port)
         plan.server["server"]["relays"] = [relay.name]  # it speaks for its clients
+        plan.server["server"]["groups"] = {project.project.name: [relay.name]}
         upstream, downstream = relay_pub, hop
     group = out / ".group.secret"
     if plan.clients[0]["client"].get("group_key"):
