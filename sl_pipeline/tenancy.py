@@ -82,7 +82,12 @@ class Groups:
     def namespace(self, group: str) -> str:
         """Where ``group``'s runs are kept: under its name, or unqualified (ONE_GROUP) where
         it is the only group, since every admitted name is then in it."""
-        return group if len(set(self.by_name.values())) > 1 else ONE_GROUP
+        return group if self.several else ONE_GROUP
+
+    @property
+    def several(self) -> bool:
+        """More than one group: their runs are kept apart (ids qualified)."""
+        return len(set(self.by_name.values())) > 1
 
     def check_admitted(self, admitted: Iterable[str], where: str = "server.groups") -> None:
         """Every admitted name is in a group and every member is admitted (a typo would

@@ -18,7 +18,7 @@ import pytest
 import torch
 import zmq.asyncio
 
-from sl_pipeline.errors import ConfigError
+from sl_pipeline.errors import ConfigError, PeerError
 from sl_pipeline.handshake import ClientHandshake
 from sl_pipeline.keys import load_keypair, load_public_key
 from sl_pipeline.messages import Kind, Message
@@ -127,6 +127,30 @@ async def test_the_current_run_n_is_the_groups_own(deployment) -> None:  # type:
         assert by_name["applied"] == [0, 1]  # its own steps, in its own run
         c1.close()
         named.close()
+
+
+async def test_another_groups_run_serves_no_evaluation_nor_prediction(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: the hospital's run "trial" applied a step
+    files = deployment(topology="vanilla", clients=2, dataset="breast_cancer")
+    async with serving(files, *APART) as (server, ctx, _):
+        c1, _ = await _hello(server, ctx, "client-1", "trial")
+        await _step(server, c1)
+        refusals = []
+        # Execute: the bank's key joins to infer, naming "trial", an unknown id, and none
+        for run in ("trial", "nope", ""):
+            conn, _ = await _hello(server, ctx, "client-2", run, intent="infer", takeover=True)
+            act = torch.rand(4, *(server.engine.act_shape or ()))
+            await conn.send(Message(Kind.EVALUATE, tensors={"act": act}))
+            with pytest.raises(PeerError) as refused:
+                await conn.recv(10)
+            refusals.append(str(refused.value))
+            conn.close()
+        # Assert: the hospital's model answers none of them (before: "trial" was evaluated
+        # on it); its id gets the words of an unknown one
+        named, unknown, none = refusals
+        assert named.replace("trial", "ID") == unknown.replace("nope", "ID")
+        assert "no run of client-2's group on this server yet" in none
+        c1.close()
 
 
 async def _until(condition: Any) -> None:

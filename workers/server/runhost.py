@@ -218,7 +218,7 @@ class RunHost:
                     f"no run {name or key!r} on this server; `runs list` shows them"
                 )
         elif (run := self.book.latest(group)) is None:
-            if self.groups.configured:  # the spare may hold server.save: any group's model
+            if self.groups.several:  # the spare may hold server.save: any group's model
                 raise ProtocolError(f"no run of {peer.name}'s group on this server yet")
             return self.engine
         return self.engine_of(run)

@@ -180,7 +180,7 @@ class ServerWorker(RunHost, RouterService):
             "role": "server",
             "steps_applied": self.steps_applied,
             "peers": len(self.peers),
-            "runs": [run.id for run in self.book.runs.values()],
+            "runs": [run.key for run in self.book.runs.values()],
             # the newest run's: where the server holds the labels (vertical), its own figure
             "test_accuracy": latest.test_accuracy if (latest := self.book.latest()) else None,
             "device": str(resolve_device(self.cfg.train.device)),
@@ -326,7 +326,7 @@ class ServerWorker(RunHost, RouterService):
         """Apply a step at most once: a retransmitted request gets the cached reply."""
         run = self._training_run(peer)
         if msg.client in run.done:  # its replies there are not answers to a new run's steps
-            raise RunEndedError(finished_message(msg.client, peer.name, run.id))
+            raise RunEndedError(finished_message(msg.client, peer.name, run.key))
         step, engine = (msg.epoch, msg.step), self.engine_of(run)
         self.came_due(run, engine.at(time.monotonic()))  # the engine's clock, before the step
         cached = self.cached_reply(run, engine, msg)
@@ -340,7 +340,7 @@ class ServerWorker(RunHost, RouterService):
                 f"step {step} is older than the steps run {run.id} applied for {msg.client} "
                 f"(up to {newest}): it started again without its state; resume it from its "
                 f"checkpoint ([checkpoint] dir), else stop that run (`sl-pipeline runs stop "
-                f"{run.id}`, its model is saved) and start it again"
+                f"{run.key}`, its model is saved) and start it again"
             )
         self._track(run, msg)
         before = engine.steps_applied
@@ -370,7 +370,7 @@ class ServerWorker(RunHost, RouterService):
             loss = "n/a" if run.last_loss is None else f"{run.last_loss:.4f}"
             log.info(
                 "run %s: %s is in epoch %d (%d steps applied in the run, last loss %s)",
-                run.id,
+                run.key,
                 msg.client,
                 msg.epoch + 1,
                 run.steps,
