@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from scipy.stats import t as student_t
 from torch import Tensor, nn
 
 from privacy.audit import mlp_decoder, ssim
@@ -178,6 +177,10 @@ def interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, 
     if n < 2:
         return mean, math.inf
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    # imported here: a client imports this module (its hijack detector), and scipy.stats
+    # costs its start-up ~1.7 s of CPU
+    from scipy.stats import t as student_t
+
     return mean, float(student_t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
 
 

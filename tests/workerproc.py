@@ -29,6 +29,9 @@ _CTX = multiprocessing.get_context("forkserver")
 _CTX.set_forkserver_preload(
     [
         "torch",
+        # what torch imports on a client's first backward with given gradients (sympy:
+        # ~0.7 s of CPU in each forked client otherwise)
+        "torch.fx.experimental.symbolic_shapes",
         "sklearn.datasets",
         "workers.cli",
         "workers.server.worker",
