@@ -202,6 +202,22 @@ def test_the_cli_refuses_a_server_whose_groups_leave_a_client_out(
 GROUPS = ((1, "hospital"), (2, "bank"))
 
 
+async def test_an_insecure_name_in_no_group_is_refused_at_its_hello(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: --insecure, where names are claimed: client-9 is in no group
+    files = deployment(topology="vanilla", clients=2, dataset="breast_cancer", insecure=True)
+    async with serving(files, APART[0]) as (server, ctx, _):
+        conn = DealerConnection(ctx, server.cfg.server.bind)
+        hello = hello_for(server.fingerprint, "client-9")
+        # Execute / Assert: refused, one line naming what to do; a member is welcome
+        with pytest.raises(PeerError, match=r"client-9 is in no group of \[server\] groups"):
+            await conn.handshake(ClientHandshake(hello, None, None), 10)
+        conn.close()
+        member = DealerConnection(ctx, server.cfg.server.bind)
+        hello = hello_for(server.fingerprint, "client-1")
+        assert (await member.handshake(ClientHandshake(hello, None, None), 10))["run"] == "run-1"
+        member.close()
+
+
 def _kit(folder: Path, listen: str, group: str) -> Path:
     """A tenant's run-API kit: the server's ops address and its group's token."""
     token = folder / f"{group}.token"
