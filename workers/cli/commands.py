@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -49,7 +50,7 @@ def _set_threads(threads: int) -> None:
 
 def _serve(args: argparse.Namespace, role: str) -> int:
     """Run a listening worker (server or relay) until SIGTERM/SIGINT, then report."""
-    _exit_quietly_on_sigterm()
+    _exit_quietly_on_sigterm(args)
     from workers.relay import RelayWorker
     from workers.runtime.startup import install_stop_signals
     from workers.server.worker import ServerWorker
@@ -95,16 +96,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _exit_quietly_on_sigterm() -> None:
+def _exit_quietly_on_sigterm(args: argparse.Namespace) -> None:
     """Before the event loop runs (imports, data loading) a SIGTERM just ends the process
-    with status 0: nothing has been trained or sent yet. The loop then installs its own."""
+    with status 0: nothing has been trained or sent yet; a Ctrl-C ends it at once with 130
+    and one line. (Raised as KeyboardInterrupt, it could land in an import that swallows it
+    and leaves numpy half-imported: a RecursionError 20 s later, status 1.) The loop then
+    installs its own; both are given back when the command returns (in-process callers)."""
     import signal
 
+    def interrupted(signum: int, frame: object) -> None:
+        with contextlib.suppress(Exception):  # a print it interrupted may hold stderr
+            _error(args, "interrupted (Ctrl-C) while starting; nothing was trained yet")
+        os._exit(130)
+
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    signal.signal(signal.SIGINT, interrupted)
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    _exit_quietly_on_sigterm()
+    _exit_quietly_on_sigterm(args)
     from workers.client.worker import ClientWorker
 
     cfg = load(ClientConfig, args.config, _overrides(args, "client"))
@@ -288,17 +298,33 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with _signals_given_back():
+            return COMMANDS[args.command](args)
     except SLError as exc:
         _error(args, str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
+        _error(args, "interrupted (Ctrl-C); run the command again to start over")
         return 130
     except OSError as exc:  # a path the command could not use: the operator's to fix
         if exc.filename is None:
             raise
         _error(args, _path_problem(exc))
         return 2
+
+
+@contextlib.contextmanager
+def _signals_given_back() -> Iterator[None]:
+    """The SIGINT and SIGTERM handlers as they were before the command, after it."""
+    import signal
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            with contextlib.suppress(ValueError, TypeError):  # not the main thread; not Python's
+                signal.signal(sig, handler)
 
 
 def _error(args: argparse.Namespace, problem: str) -> None:

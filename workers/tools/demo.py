@@ -19,6 +19,12 @@ CLIENT_TIMEOUT_S = 600
 STOP_TIMEOUT_S = 15
 
 
+# Each worker in a session of its own: a Ctrl-C at the demo's terminal reaches the demo alone,
+# which stops its workers (SIGTERM: each drains and exits 0) and says so in one line, rather
+# than every worker printing its own interruption, or a traceback from one still importing.
+APART = True
+
+
 def worker_command(role: str, config: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "workers", role, "--config", str(config), *extra]
 
@@ -51,6 +57,7 @@ def run_processes(
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        start_new_session=APART,
     )
     results: list[dict[str, Any]] = []
     procs: list[subprocess.Popen[str]] = []
@@ -62,6 +69,7 @@ def run_processes(
                     text=True,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,
+                    start_new_session=APART,
                 )
             )
         relays = len(procs)
@@ -73,6 +81,7 @@ def run_processes(
                     text=True,
                     stdout=subprocess.PIPE,
                     stderr=None if show_progress and i == 0 else subprocess.PIPE,
+                    start_new_session=APART,
                 )
             )
         deadline = time.monotonic() + CLIENT_TIMEOUT_S
