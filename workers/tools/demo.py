@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from subprocess import PIPE, Popen
 from typing import Any
 
 from sl_pipeline.errors import ConfigError, SLError
@@ -48,42 +49,32 @@ def stop_process(proc: subprocess.Popen[str], timeout_s: float = STOP_TIMEOUT_S)
     return int(proc.returncode)
 
 
+def _start(role: str, config: str, *extra: str, out: int | None, err: int | None) -> Popen[str]:
+    return subprocess.Popen(
+        worker_command(role, Path(config), *extra),
+        text=True,
+        stdout=out,
+        stderr=err,
+        start_new_session=APART,
+    )
+
+
 def run_processes(
     files: dict[str, str], clients: int, show_progress: bool
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Each client's JSON summary, and the server's (printed when it stops)."""
-    server = subprocess.Popen(
-        worker_command("server", Path(files["server"]), "--json"),
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=APART,
-    )
+    server = _start("server", files["server"], "--json", out=PIPE, err=PIPE)
     results: list[dict[str, Any]] = []
     procs: list[subprocess.Popen[str]] = []
     try:
         if "relay-1" in files:  # multi-hop: the relay joins the server before clients join it
-            procs.append(
-                subprocess.Popen(
-                    worker_command("relay", Path(files["relay-1"])),
-                    text=True,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                    start_new_session=APART,
-                )
-            )
+            procs.append(_start("relay", files["relay-1"], out=subprocess.DEVNULL, err=PIPE))
         relays = len(procs)
         for i in range(clients):
-            extra = ["--json"] + ([] if show_progress and i == 0 else ["--no-progress"])
-            procs.append(
-                subprocess.Popen(
-                    worker_command("client", Path(files[f"client-{i + 1}"]), *extra),
-                    text=True,
-                    stdout=subprocess.PIPE,
-                    stderr=None if show_progress and i == 0 else subprocess.PIPE,
-                    start_new_session=APART,
-                )
-            )
+            shown = show_progress and i == 0
+            extra = ["--json"] + ([] if shown else ["--no-progress"])
+            config = files[f"client-{i + 1}"]
+            procs.append(_start("client", config, *extra, out=PIPE, err=None if shown else PIPE))
         deadline = time.monotonic() + CLIENT_TIMEOUT_S
         for i, proc in enumerate(procs[relays:]):
             out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
