@@ -13,19 +13,8 @@ import pytest
 
 from workers.cli import main
 
-from .conftest import ROOT
+from .conftest import Procs
 from .threadserver import ThreadServer
-
-
-def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "workers", *args],
-        cwd=ROOT,
-        text=True,
-        capture_output=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 def test_unknown_key_is_named_with_exit_2(
@@ -66,20 +55,23 @@ def test_bad_endpoint_is_named(deployment, capsys: pytest.CaptureFixture[str]) -
     assert "client.server" in capsys.readouterr().err
 
 
-def test_unreachable_server_exits_2(deployment) -> None:  # type: ignore[no-untyped-def]
+def test_unreachable_server_exits_2(deployment, procs: Procs) -> None:  # type: ignore[no-untyped-def]
+    # a process of its own (its exit status is under test), forked from one that imported
+    # torch once: what the client does, not how `python -m workers` starts
     files = deployment()
-    result = run_cli(
+    client = procs.fork(
         "client",
-        "--config",
-        str(files["client-1"]),
+        files["client-1"],
         "--no-progress",
         "--set",
         "client.retry_for_s=1",
         "--set",
         "client.connect_timeout_s=0.5",
     )
-    assert result.returncode == 2, result.stderr
-    assert "client.server" in result.stderr and "Traceback" not in result.stderr
+    returncode = client.wait(timeout=60)
+    _, stderr = client.communicate()
+    assert returncode == 2, stderr
+    assert "client.server" in stderr and "Traceback" not in stderr
 
 
 def test_init_writes_configs_with_tcp_endpoint_and_keys(tmp_path: Path) -> None:
@@ -162,8 +154,6 @@ def test_privacy_tables_are_typed_and_placed_for_every_worker(
 
 def test_the_command_line_starts_without_importing_torch() -> None:
     """init, keygen, health and runs are run often (scripts, probes): no torch import for them."""
-    import subprocess
-    import sys
 
     code = "import sys, workers.cli; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
