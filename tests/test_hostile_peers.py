@@ -535,7 +535,8 @@ async def test_a_strangers_huge_message_costs_the_server_no_memory(deployment, p
     # Prepare: a real server process, its resident memory once it is ready
     files = deployment(clients=1, dataset="breast_cancer", ops=True)
     cfg = load_server(files["server"])
-    proc = procs.start("server", files["server"])
+    # forked (tests/workerproc.py): a torch import less; its memory is under test, not its start
+    proc = procs.fork("server", files["server"])
     await _ready(cfg.ops.listen, proc)
     before = _status_kib(proc.pid, "VmRSS") * 1024
     Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # restart the peak (VmHWM) from here

@@ -86,7 +86,8 @@ async def _falls_back(pid: int, before: int, timeout_s: float = 20.0) -> int:
 async def _server(deployment: Any, procs: Any) -> tuple[Any, Any, dict[str, Path]]:
     files = deployment(clients=1, dataset="breast_cancer", ops=True)
     cfg = load_server(files["server"])
-    proc = procs.start("server", files["server"])
+    # forked (tests/workerproc.py): a torch import less; its memory is under test, not its start
+    proc = procs.fork("server", files["server"])
     await _ready(cfg.ops.listen, proc)
     return cfg, proc, files
 
@@ -163,7 +164,8 @@ async def test_an_admitted_keys_message_of_many_frames_is_cut_off_at_the_cap(
     # Prepare: a real server; an honest client training; an admitted attacker's connection
     files = deployment(clients=2, dataset="breast_cancer", ops=True, epochs=3)
     cfg = load_server(files["server"])
-    proc = procs.start("server", files["server"])
+    # forked (tests/workerproc.py): a torch import less; its memory is under test, not its start
+    proc = procs.fork("server", files["server"])
     await _ready(cfg.ops.listen, proc)
     base = files["server"].parent
     ctx = zmq.asyncio.Context()

@@ -88,7 +88,8 @@ async def client_loop(
 @pytest.mark.slow
 async def test_server_memory_and_fds_stay_flat(deployment, procs: Procs) -> None:  # type: ignore[no-untyped-def]
     files = deployment(clients=CLIENTS, dataset="breast_cancer")
-    server = procs.start("server", files["server"])
+    # forked (tests/workerproc.py): a torch import less; its memory and fds are under test
+    server = procs.fork("server", files["server"])
     cfg = load_server(files["server"])
     wait_listening(files["server"])
     ctx = zmq.asyncio.Context()
