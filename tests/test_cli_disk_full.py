@@ -16,23 +16,24 @@ from pathlib import Path
 import pytest
 import torch
 
+from sl_pipeline.config import ServerConfig, load
 from tests.threadserver import ThreadServer
+from workers.cli import main
 
 LIMIT_BYTES = 4096  # far less than a trained segment
 
 
-def _small_disk() -> None:
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT_BYTES, LIMIT_BYTES))
+def _console(*argv: str, limit: int = LIMIT_BYTES) -> subprocess.CompletedProcess[str]:
+    def small_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-
-def _console(*argv: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "workers", *argv],
-        preexec_fn=_small_disk,
+        preexec_fn=small_disk,
         capture_output=True,
         text=True,
-        timeout=timeout_s,
+        timeout=120,
         check=False,
     )
 
@@ -85,3 +86,14 @@ def test_a_full_disk_while_runs_download_writes_leaves_no_half_model(tmp_path: P
     assert "cannot write --out" in done.stderr and "run-1.pt" in done.stderr, done.stderr
     assert not out.exists()  # a 4 KiB stub that the next download refused to replace
     assert not list(tmp_path.glob(".run-1.pt*"))
+
+
+def test_a_full_disk_during_init_keeps_nothing_and_init_runs_again(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    done = _console("init", str(site), "--clients", "2", "--ops", limit=300)  # keys fit
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "cannot write the deployment in" in done.stderr and "nothing was kept" in done.stderr
+    assert list(site.iterdir()) == []  # was keys and half a server.toml: the rerun refused
+    assert main(["init", str(site), "--clients", "2", "--ops"]) == 0
+    assert load(ServerConfig, site / "server.toml").server.key == "keys/server.key"

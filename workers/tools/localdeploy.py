@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
+import shutil
 import socket
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -281,21 +285,49 @@ def init_deployment(
     plan.server["checkpoint"] = {"dir": "state/server-checkpoints", "fsync": False}
     for client in plan.clients:  # and a client's, so a kill -9 costs nothing applied
         client["checkpoint"] = dict(CLIENT_CHECKPOINT, fsync=False)
-    _secure(out, insecure, plan, spec)
     if ops:
         for cfg in [plan.server, *([plan.relay] if plan.relay else []), *plan.clients]:
             cfg["ops"] = {"listen": f"127.0.0.1:{free_port()}"}
-        write_admin_token(out / "keys" / "admin.token")
         plan.server["ops"]["admin_token"] = "keys/admin.token"
-    return {"dir": str(out), "files": _write_plan(out, plan), "port": port}
+    with _staged(out) as stage:
+        _secure(stage, insecure, plan, spec)
+        if ops:
+            write_admin_token(stage / "keys" / "admin.token")
+        names = _write_plan(stage, plan)
+    return {"dir": str(out), "files": {n: str(out / f"{n}.toml") for n in names}, "port": port}
 
 
-def _write_plan(out: Path, plan: Plan) -> dict[str, str]:
+@contextlib.contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A folder inside ``out`` to write the deployment in; when it is whole, its keys and
+    files are moved into ``out``, server.toml last (init's mark of a finished folder). A full
+    disk or a Ctrl-C before leaves ``out`` as it was: no half key or config that a rerun
+    would refuse as existing, or a worker would trust."""
+    stage = Path(tempfile.mkdtemp(prefix=".init-", dir=out))
+    try:
+        try:
+            yield stage
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write the deployment in {out}: {exc.strerror or exc}; free some "
+                "space (or choose another folder) and run init again: nothing was kept"
+            ) from None
+        made = sorted(stage.iterdir(), key=lambda p: p.name == "server.toml")
+        for path in made:
+            if (out / path.name).exists():
+                raise ConfigError(f"{out / path.name} exists; choose an empty folder for init")
+        for path in made:
+            path.rename(out / path.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _write_plan(out: Path, plan: Plan) -> list[str]:
     tables = {"server": plan.server, **({"relay-1": plan.relay} if plan.relay else {})}
     tables.update({f"client-{i + 1}": cfg for i, cfg in enumerate(plan.clients)})
     for name, cfg in tables.items():
         (out / f"{name}.toml").write_text(to_toml(cfg))
-    return {name: str(out / f"{name}.toml") for name in tables}
+    return list(tables)
 
 
 def start_commands(files: dict[str, str]) -> list[tuple[str, str]]:
