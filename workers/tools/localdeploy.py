@@ -291,8 +291,6 @@ def init_deployment(
         plan.server["ops"]["admin_token"] = "keys/admin.token"
     with _staged(out) as stage:
         _secure(stage, insecure, plan, spec)
-        if ops:
-            write_admin_token(stage / "keys" / "admin.token")
         names = _write_plan(stage, plan)
     return {"dir": str(out), "files": {n: str(out / f"{n}.toml") for n in names}, "port": port}
 
@@ -323,6 +321,8 @@ def _staged(out: Path) -> Iterator[Path]:
 
 
 def _write_plan(out: Path, plan: Plan) -> list[str]:
+    if "admin_token" in plan.server.get("ops", {}):
+        write_admin_token(out / "keys" / "admin.token")
     tables = {"server": plan.server, **({"relay-1": plan.relay} if plan.relay else {})}
     tables.update({f"client-{i + 1}": cfg for i, cfg in enumerate(plan.clients)})
     for name, cfg in tables.items():
