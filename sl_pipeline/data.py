@@ -11,7 +11,6 @@ agreed intersection).
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +22,7 @@ from . import encoding
 from .config import DataConfig
 from .encoding import Encoding
 from .errors import ConfigError
+from .images import mapped_array
 from .sources import Source, check_arrays, load_source
 
 
@@ -166,8 +166,7 @@ def take_rows(x: np.ndarray, idx: np.ndarray, chunk: int = 256) -> np.ndarray:
     copied a chunk at a time, so the split is never held in memory whole either."""
     if not isinstance(x, np.memmap):
         return np.ascontiguousarray(x[idx])
-    backing = tempfile.TemporaryFile()  # noqa: SIM115 - the mapping owns it from here
-    out = np.memmap(backing, x.dtype, "w+", shape=(len(idx), *x.shape[1:]))
+    out = mapped_array((len(idx), *x.shape[1:]), x.dtype)
     for start in range(0, len(idx), chunk):
         out[start : start + chunk] = x[idx[start : start + chunk]]
     return out

@@ -10,6 +10,7 @@ is refused with its name and size unless ``data.resize = true``.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -105,14 +106,30 @@ def decode_all(
     shape = (len(files), *image_shape(in_shape))
     nbytes = int(np.prod(shape)) * 4
     if nbytes > max_memory_mb * 2**20:
-        # Unlinked on close; the mapping keeps it alive as long as the array is.
-        backing = tempfile.TemporaryFile()  # noqa: SIM115 - the mapping owns it from here
-        out: np.ndarray = np.memmap(backing, np.float32, "w+", shape=shape)
+        out: np.ndarray = mapped_array(shape, np.dtype(np.float32))
     else:
         out = np.empty(shape, dtype=np.float32)
     for i, file in enumerate(files):
         out[i] = decode(file, shape[1:], resize)
     return out
+
+
+def mapped_array(shape: Sequence[int], dtype: np.dtype) -> np.memmap:
+    """A zeroed array in a temporary file (unlinked on close; the mapping keeps it alive as
+    long as the array is). Its space is taken on disk now: a write into a mapping of a full
+    disk ends the process with SIGBUS, and the failure is one line naming the folder."""
+    backing = tempfile.TemporaryFile()  # noqa: SIM115 - the mapping owns it from here
+    nbytes = max(1, int(np.prod(shape)) * dtype.itemsize)
+    try:
+        os.posix_fallocate(backing.fileno(), 0, nbytes)
+    except OSError as exc:
+        backing.close()
+        raise ConfigError(
+            f"the decoded images need {nbytes / 2**20:.1f} MiB of temporary space in "
+            f"{tempfile.gettempdir()} ({exc.strerror}); free some, point TMPDIR elsewhere, or "
+            "raise data.max_memory_mb to keep them in memory"
+        ) from None
+    return np.memmap(backing, dtype, "r+", shape=tuple(shape))
 
 
 def decode(file: Path, chw: Sequence[int], resize: bool) -> np.ndarray:

@@ -97,3 +97,21 @@ def test_a_full_disk_during_init_keeps_nothing_and_init_runs_again(tmp_path: Pat
     assert list(site.iterdir()) == []  # was keys and half a server.toml: the rerun refused
     assert main(["init", str(site), "--clients", "2", "--ops"]) == 0
     assert load(ServerConfig, site / "server.toml").server.key == "keys/server.key"
+
+
+def test_a_full_disk_for_decoded_images_is_one_line(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for label in ("a", "b"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(20):  # 40 images of 8x8 floats: 10 KiB, over the limit
+            Image.new("L", (8, 8), i).save(tmp_path / "images" / label / f"{i}.png")
+    (tmp_path / "client.toml").write_text(
+        '[client]\nserver = "tcp://127.0.0.1:1"\ninsecure = true\n'
+        '[data]\npath = "images"\nmax_memory_mb = 0\n'  # every image set on disk
+        '[model]\nbuiltin = "cnn"\nin_shape = [1, 8, 8]\nclasses = 2\n'
+    )
+    done = _console("client", "--config", str(tmp_path / "client.toml"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr  # was one
+    lines = done.stderr.strip().splitlines()
+    assert "temporary space" in lines[-1] and "data.max_memory_mb" in lines[-1], lines
