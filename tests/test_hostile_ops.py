@@ -29,7 +29,7 @@ class _NoRuns:
         runs: dict[str, Any] = {}
 
         @staticmethod
-        def latest() -> None:
+        def latest(group: str | None = None) -> None:
             return None
 
 
