@@ -271,3 +271,20 @@ def test_redacted_status_names_no_group_nor_chosen_id_as_the_current_run() -> No
     # Assert: its place in the list (before: the id itself, which the runs list hid)
     assert json.loads(grouped)["current_run"] == "#2" and "hospital" not in grouped
     assert chosen["current_run"] == "#" and plain["current_run"] == "run-3"
+
+
+async def test_redacted_status_of_a_live_server_names_no_group_nor_chosen_id(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: the hospital's run "trial" applied a step and finished, its model saved
+    # in the runs folder (state/runs/hospital/trial/server.pt)
+    files = deployment(topology="vanilla", clients=2, dataset="breast_cancer")
+    async with serving(files, *APART, 'server.runs_dir="state/runs"') as (server, ctx, _):
+        c1, _ = await _hello(server, ctx, "client-1", "trial")
+        await _step(server, c1)
+        await c1.send(Message(Kind.BYE, meta={"finished": True}))
+        await asyncio.wait_for(_until(lambda: not server.book.runs["hospital:trial"].active), 10)
+        # Execute: /status as anyone who reaches the ops port sees it
+        seen = json.dumps(redact(server.status()))
+    # Assert: neither the group nor the id its client chose (before: the run's "group"
+    # field and its model's path named both, though its id showed as "#1")
+    assert server.book.runs["hospital:trial"].model
+    assert "hospital" not in seen and "trial" not in seen

@@ -318,15 +318,18 @@ def _count(value: Any) -> Any:
 
 
 def _redact_run(run: Any, index: int) -> Any:
-    """A run's entry with its clients counted, not named (per-client accuracies included).
-    A run id a client chose (``hospital-a-trial``), or a group's (``hospital:run-1``), may
-    say who it is, so it shows as its place in the list; the server's own ``run-N`` ids
+    """A run's entry with its clients counted, not named (per-client accuracies included),
+    without its group, and its model as "saved" (its path names the group and the run). A
+    run id a client chose (``hospital-a-trial``), or a group's (``hospital:run-1``), may say
+    who it is, so it shows as its place in the list; the server's own ``run-N`` ids
     (of a server without groups) say nothing and stay."""
     if not isinstance(run, Mapping):
         return run
-    out = {k: _count(v) if k in NAMED_RUN_FIELDS else v for k, v in run.items()}
+    out = {k: _count(v) if k in NAMED_RUN_FIELDS else v for k, v in run.items() if k != "group"}
     if "id" in out and not _SERVER_RUN_ID.fullmatch(str(out["id"])):
         out["id"] = f"#{index}"
+    if out.get("model"):  # its path holds the group's folder and the run's id
+        out["model"] = "saved"
     return out
 
 
