@@ -16,6 +16,7 @@ arriving, into buffers allocated once from the head's layout. See docs/protocol.
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -27,6 +28,7 @@ from sl_pipeline.errors import CryptoError, LimitError, ReplayError
 DEFAULT_CHUNK_BYTES: Final = 1024 * 1024  # from the chunk-size table in docs/performance.md
 MIN_CHUNK_BYTES: Final = 4 * 1024
 MAX_CHUNK_BYTES: Final = 64 * 1024 * 1024
+POOLED_FROM: Final = 64 * 1024  # smaller pieces (heads, headers, a last piece) are not pooled
 _LAYOUT = struct.Struct(">II")
 _SIZE = struct.Struct(">Q")
 
@@ -76,6 +78,47 @@ def empty_buffer(nbytes: int) -> memoryview:
     """A writable buffer that is not zero-filled first (the AEAD pass writes every byte)."""
     view: memoryview = np.empty(nbytes, dtype=np.uint8).data
     return view
+
+
+def _holders(buffers: list[np.ndarray], index: int) -> int:
+    """The reference count of ``buffers[index]``, as this interpreter counts it here."""
+    return sys.getrefcount(buffers[index])
+
+
+_FREE: Final = _holders([np.empty(0, dtype=np.uint8)], 0)  # a buffer that only its list holds
+
+
+class PieceBuffers:
+    """Buffers that a sender seals chunk pieces into, reused once nothing else holds them.
+
+    A sealed piece is sent zero-copy: ZeroMQ (until its I/O thread has written it) or the event
+    loop's transport (while the kernel has not taken it all) keep a reference to it, through
+    the memoryview handed out. A buffer is handed out again only when its reference count
+    says this object alone holds it, so a piece in flight is never overwritten. A fresh 1 MiB
+    buffer per piece made glibc give the pages back and fault them in again: up to 500 page
+    faults (about 2 ms here) per 1 MiB message (docs/performance.md, "Eleventh session").
+    At most ``slots`` buffers are kept; beyond them, and below ``POOLED_FROM`` bytes (which
+    malloc serves from its free lists without faults), a piece gets a buffer of its own.
+    """
+
+    def __init__(self, slots: int = 2) -> None:
+        self._buffers: list[np.ndarray] = []
+        self._slots = slots
+
+    def take(self, nbytes: int, capacity: int) -> memoryview:
+        """``nbytes`` of a buffer of at least ``capacity`` bytes that nothing else holds."""
+        if nbytes < POOLED_FROM:
+            return empty_buffer(nbytes)
+        buffers = self._buffers
+        for index in range(len(buffers)):
+            if buffers[index].nbytes >= nbytes and _holders(buffers, index) == _FREE:
+                view: memoryview = buffers[index].data
+                return view[:nbytes]
+        buffer = np.empty(max(nbytes, capacity), dtype=np.uint8)
+        if len(self._buffers) < self._slots:
+            self._buffers.append(buffer)
+        fresh: memoryview = buffer.data
+        return fresh[:nbytes]
 
 
 @dataclass
@@ -129,4 +172,11 @@ def chunk_views(buffers: Sequence[memoryview], plan: list[Piece]) -> Iterator[me
         yield buffers[index][start:stop]
 
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "Assembly", "check_chunk_bytes", "layout", "pieces"]
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "Assembly",
+    "PieceBuffers",
+    "check_chunk_bytes",
+    "layout",
+    "pieces",
+]

@@ -21,7 +21,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sl_pipeline.chunked import DEFAULT_CHUNK_BYTES, empty_buffer
+from sl_pipeline.chunked import DEFAULT_CHUNK_BYTES, PieceBuffers
 from sl_pipeline.ciphers import AES256_GCM, TAG_BYTES, Aead, CipherSuite
 from sl_pipeline.envelope import (
     DEFAULT_MAX_FRAMES,
@@ -84,6 +84,7 @@ class Session(EnvelopeChannel):
         # (key, AEAD) per direction; replaced only after a message fully succeeds.
         self._send: Keyed = (send_key, cipher.aead(send_key))
         self._recv: Keyed = (recv_key, cipher.aead(recv_key))
+        self._pieces = PieceBuffers()  # what chunk pieces are sealed into, reused
 
     @property
     def cipher_name(self) -> str:
@@ -160,7 +161,7 @@ class Session(EnvelopeChannel):
     def _seal_piece(
         self, keys: Any, counter: int, envelope: bytes, index: int, view: memoryview
     ) -> Buffer:
-        out = empty_buffer(view.nbytes + _TAGLEN)
+        out = self._pieces.take(view.nbytes + _TAGLEN, self.chunk_bytes + _TAGLEN)
         nonce, aad = _NONCE.pack(index, counter), envelope + _INDEX.pack(index)
         _sealed(keys[1].encrypt_into(nonce, view, aad, out), out, index)
         return out

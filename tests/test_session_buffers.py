@@ -99,3 +99,40 @@ def test_a_seal_that_leaves_a_byte_unwritten_sends_nothing(tensor_bytes: int) ->
     sender, _ = _pair(sender_suite=SHORT)
     with pytest.raises(CryptoError, match=r"wrote \d+ of its \d+ bytes"):
         list(sender.seal_parts([b"header", os.urandom(tensor_bytes)]))
+
+
+def test_pieces_still_in_flight_are_never_sealed_over() -> None:
+    # Prepare: the parts of several chunked messages all held, as ZeroMQ holds what it sends
+    sender, receiver = _pair()
+    messages = [[b"header", os.urandom(6 * BIG)] for _ in range(4)]
+
+    # Execute: seal them all before any is delivered, then deliver in order
+    in_flight = [list(sender.seal_parts(message)) for message in messages]
+    opened = []
+    for parts in in_flight:
+        for part in parts:
+            result = receiver.feed([bytes(frame) for frame in part])
+        opened.append([bytes(b) for b in result])
+
+    # Assert: every message opens to its own bytes (an overwritten piece fails its tag)
+    assert opened == messages
+
+
+def test_released_pieces_are_sealed_into_again_and_the_pool_stays_bounded() -> None:
+    # Prepare: other work allocates piece-sized buffers in between, taking freed memory
+    sender, receiver = _pair()
+    addresses: set[int] = set()
+    other_work = []
+    for _ in range(8):
+        parts = list(sender.seal_parts([b"header", os.urandom(6 * BIG)]))
+        for part in parts:
+            frame = np.frombuffer(part[1], dtype=np.uint8)
+            if frame.nbytes >= 4 * BIG:  # a full piece
+                addresses.add(frame.__array_interface__["data"][0])
+            del frame
+            receiver.feed([bytes(f) for f in part])
+        del parts, part
+        other_work.append(np.ones(4 * BIG + 16, dtype=np.uint8))
+
+    # Assert: the full pieces of all eight messages went into the same two buffers
+    assert len(addresses) <= 2
