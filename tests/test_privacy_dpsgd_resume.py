@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import pytest
 from workers.cli import main
 from workers.client.worker import ClientWorker
 from workers.ops.logs import configure_logging
+from workers.server.worker import ServerWorker
 
 from .conftest import load_client
 from .test_run_lifecycle import _crash, _serving
@@ -53,6 +55,14 @@ CASES = [
 ]
 
 
+def _sessions_ended(server: ServerWorker) -> None:
+    """Wait (bounded) until the server has ended every session whose connection closed."""
+    deadline = time.monotonic() + 10
+    while server.peers:
+        assert time.monotonic() < deadline, f"sessions still open: {len(server.peers)}"
+        time.sleep(0.02)
+
+
 def _resume(files: dict[str, Path], sets: tuple[str, ...]) -> int:
     args = ["client", "--config", str(files["client-1"]), "--json"]
     return main([*args, *(f for s in sets for f in ("--set", s))])
@@ -68,12 +78,14 @@ def test_a_resume_with_another_dpsgd_mechanism_is_refused_naming_the_key(
     # Prepare: a DP-SGD client killed after 5 steps of its first epoch, its checkpoint left
     # (a server beside it: before the fix, the resumed clients trained, 0 for 2)
     files = deployment(clients=1, dataset="breast_cancer", epochs=1)
-    with ThreadServer(files["server"], "server.takeover_after_s=0.3"):
+    with ThreadServer(files["server"], "server.takeover_after_s=0.3") as server:
         asyncio.run(_crash(files, "client-1", 5, *COMMON, *before))
+        _sessions_ended(server)  # the server logs each closed one: not the client's words
         capsys.readouterr()
         for change, says in changes:
             # Execute: the same command with one setting changed
             code = _resume(files, (*COMMON, *before, change))
+            _sessions_ended(server)
             configure_logging("text", "INFO", stream=io.StringIO())
             # Assert: refused before any step, in one line naming the key
             err = capsys.readouterr().err.strip()

@@ -264,7 +264,9 @@ class RouterService:
         gone, endpoint.gone = endpoint.gone, []
         for identity in gone:
             if (peer := self.peers.get(identity)) is not None:
-                log.info("peer %s closed its connection; its session ends", peer.name)
+                # debug: every client closes one at its end; what it held is logged where it
+                # matters (an abandoned step is a warning)
+                log.debug("peer %s closed its connection; its session ends", peer.name)
                 self.forget(identity)
 
     def forget(self, identity: bytes) -> None:
