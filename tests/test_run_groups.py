@@ -288,3 +288,30 @@ async def test_redacted_status_of_a_live_server_names_no_group_nor_chosen_id(dep
     # field and its model's path named both, though its id showed as "#1")
     assert server.book.runs["hospital:trial"].model
     assert "hospital" not in seen and "trial" not in seen
+
+
+def test_a_token_that_opens_more_than_its_groups_runs_stops_the_server(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: the hospital's and the bank's token files hold one token; then the bank's is
+    # the operator's admin token (a tenant's kit given the file the server's config names)
+    files = deployment(topology="vanilla", clients=2, dataset="breast_cancer", ops=True)
+    keys, base = files["server"].parent / "keys", files["server"].parent
+    (keys / "shared.token").write_text(secrets.token_urlsafe(32) + "\n")
+    (keys / "copy.token").write_text((keys / "shared.token").read_text())
+    admin = load_server(files["server"]).ops.admin_token
+    shared = (
+        "server.groups={"
+        + ", ".join(
+            f'{g}={{members=["client-{i}"], token="keys/{t}"}}'
+            for (i, g), t in zip(GROUPS, ("shared.token", "copy.token"), strict=True)
+        )
+        + "}"
+    )
+    as_admin = (
+        f'server.groups={{hospital=["client-1"], bank={{members=["client-2"], token="{admin}"}}}}'
+    )
+    # Execute / Assert: one line naming both; before, the server started, and the hospital's
+    # token listed the bank's runs only (the last group named won), the bank's listed every run
+    with pytest.raises(ConfigError, match=r"server\.groups\.bank\.token .* server\.groups\.hosp"):
+        ServerWorker(load_server(files["server"], shared), base)
+    with pytest.raises(ConfigError, match=r"server\.groups\.bank\.token .* ops\.admin_token"):
+        ServerWorker(load_server(files["server"], as_admin), base)

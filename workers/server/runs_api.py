@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 from aiohttp import web
 
-from sl_pipeline.errors import ProtocolError
+from sl_pipeline.errors import ConfigError, ProtocolError
 from sl_pipeline.tenancy import Groups
 from workers.ops.http import bearer_matches
 from workers.ops.runsclient import read_token
@@ -42,12 +42,25 @@ def _error(status: int, text: str) -> web.Response:
     return web.json_response({"error": text}, status=status)
 
 
-def group_tokens(base: Path, groups: Groups) -> dict[str, str]:
-    """Each group's run-API token (read from its file) -> the group it opens."""
-    return {
-        read_token(base, path, f"server.groups.{group}.token"): groups.namespace(group)
-        for group, path in groups.tokens.items()
-    }
+def group_tokens(
+    base: Path, groups: Groups, admin: str | None = None, status: str = ""
+) -> dict[str, str]:
+    """Each group's run-API token (read from its file) -> the group it opens. A token that
+    is another group's or the operator's (``admin``, which opens every run, or ``status``)
+    would open more than its group's runs: the server does not start."""
+    taken = {"ops.admin_token": admin, "ops.status_token": status}
+    owners = {token: where for where, token in taken.items() if token}
+    out: dict[str, str] = {}
+    for group, path in groups.tokens.items():
+        where = f"server.groups.{group}.token"
+        token = read_token(base, path, where)
+        if token in owners:
+            raise ConfigError(
+                f"{where} = {path!r} holds the token of {owners[token]}, so it would open "
+                "more than its group's runs; give each group a token of its own"
+            )
+        owners[token], out[token] = where, groups.namespace(group)
+    return out
 
 
 class RunApi:

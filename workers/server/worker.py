@@ -88,7 +88,7 @@ class ServerWorker(RunHost, RouterService):
         for info in self.book.read_index():
             self._add_record(info)
         self.admin_token = read_token(base, cfg.ops.admin_token) if cfg.ops.admin_token else None
-        self.group_tokens = group_tokens(base, self.groups)  # the run API for a group's runs
+        self.group_tokens = group_tokens(base, self.groups, self.admin_token, cfg.ops.status_token)
         self.ckpt = open_store(cfg.checkpoint, base, "server")
         self.resumed_from = self._restore() if self.ckpt else 0
         self._saved_at = self.steps_applied
