@@ -140,7 +140,11 @@ class VerticalEngine(Engine):
         if any(not torch.equal(p.msg.tensor("ids"), ids) for p in ordered[1:]):
             # every party of the batch is told (the batch is over for each of them), not
             # only the last to send, while the others waited for a reply that never came
-            error = "parties sent different sample ids for the same batch; check data.seed"
+            error = (
+                "parties sent different sample ids for the same batch: give every party the "
+                "same rows in the same order (as many rows each) and the same data.seed, or "
+                "set data.id on each to align the rows by their ids"
+            )
             return [(p.identity, error_message("protocol", error, request=p.msg)) for p in ordered]
         return self._step(ordered, ids) if train else self._predict(ordered, ids)
 
