@@ -167,3 +167,12 @@ def test_health_names_a_timeout_that_is_no_wait(
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "--timeout" in err and "positive number of seconds" in err and "Traceback" not in err
+
+
+def test_runs_names_an_admin_token_file_that_is_not_text(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "token").write_bytes(b"\xff\xfe\x00" + bytes(range(128, 256)))
+    cfg = tmp_path / "server.toml"
+    cfg.write_text('[ops]\nlisten = "127.0.0.1:1"\nadmin_token = "token"\n')
+    _refused(["runs", "list", "--config", str(cfg)], capsys, "ops.admin_token", "not a text file")

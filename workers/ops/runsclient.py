@@ -20,7 +20,13 @@ TOKEN_MIN_CHARS = 16
 
 def read_token(base: Path, value: str, dotted: str = "ops.admin_token") -> str:
     path = resolve_path(base, value, dotted)
-    token = path.read_text().strip()
+    try:
+        token = path.read_text().strip()
+    except UnicodeDecodeError:  # a key file, or some other binary file, named by mistake
+        raise ConfigError(
+            f"{dotted} = {value!r} is not a text file; name the token file that init or "
+            "provision wrote (keys/admin.token)"
+        ) from None
     if len(token) < TOKEN_MIN_CHARS:
         raise ConfigError(
             f"{dotted} = {value!r}: the token is shorter than {TOKEN_MIN_CHARS} characters; "
