@@ -350,3 +350,23 @@ async def test_a_relay_that_cannot_run_a_lost_step_again_stops_in_one_line_and_k
     assert "client-1's step (0, 4)" in reason and "went away" in reason and "\n" not in reason
     assert kept == (saved, logged)
     assert welcome["applied"] == [0, 5] and relay.steps_applied == 6
+
+
+def test_a_request_log_damaged_before_its_end_is_refused_not_cut(tmp_path: Path) -> None:
+    # Prepare: three logged steps; a byte of the first one's body flipped (the disk, not a
+    # crash: a crash tears only the last record, and the whole ones after it are steps)
+    log = RequestLog(tmp_path, "relay-1", fsync=False, max_bytes=2**20)
+    for count in (1, 2, 3):
+        assert log.append(count, _step("client-1", count, torch.randn(8, 30)))
+    log.close()
+    data = bytearray(log.path.read_bytes())
+    data[40] ^= 0xFF
+    log.path.write_bytes(bytes(data))
+    # Execute
+    again = RequestLog(tmp_path, "relay-1", fsync=False, max_bytes=2**20)
+    with pytest.raises(CheckpointError) as damaged:
+        again.read(0, LimitsConfig().to_limits())
+    # Assert: refused in one line, the file as it was (before: read as a torn tail, the
+    # three steps cut off the file under "dropped a torn last record")
+    assert "count 1" in str(damaged.value) and "\n" not in str(damaged.value)
+    assert log.path.read_bytes() == bytes(data)

@@ -12,9 +12,11 @@ cache, and the relay stands where it stood (:meth:`workers.relay.RelayWorker.on_
 Each record: ``[count u64][body length u64][crc32 u32]`` then the body, ``[frames u32]`` and
 each frame as ``[length u64][bytes]`` (:func:`sl_pipeline.codec.encode`, read back with the
 relay's own limits: never unpickled). ``count`` is the relay's applied steps after that step.
-A record cut short or failing its CRC (killed mid-write: its reply never left) ends the log:
-the start cuts it off the file before anything is appended. The file never grows past
-``relay.request_log_mib``: a step that would take it over is checkpointed instead.
+A last record cut short or failing its CRC (killed mid-write: its reply never left) ends the
+log: the start cuts it off the file before anything is appended. A record failing its CRC
+with more after it is damage, not a crash: the start refuses it, the file left as it is.
+The file never grows past ``relay.request_log_mib``: a step that would take it over is
+checkpointed instead.
 """
 
 from __future__ import annotations
@@ -120,13 +122,23 @@ class RequestLog:
 
 def _record(data: memoryview, at: int, limits: Limits) -> tuple[int, Message, int] | None:
     """The record at ``at``: (count, request, where the next starts); None if torn (cut
-    short, or not the bytes its CRC names). A whole record that does not decode (limits
-    lowered since it was written) is an error: cutting it off would lose it."""
+    short, or the last and not the bytes its CRC names). One failing its CRC with more
+    after it is damage, not a crash (only the last record tears): an error. A whole record
+    that does not decode (limits lowered since it was written) is an error: cutting it off
+    would lose it."""
     if len(data) - at < _RECORD.size:
         return None
     count, length, crc = _RECORD.unpack_from(data, at)
     body = data[at + _RECORD.size : at + _RECORD.size + length]
-    if len(body) < length or zlib.crc32(body) != crc:
+    if len(body) < length:
+        return None
+    if zlib.crc32(body) != crc:
+        if at + _RECORD.size + length < len(data):  # whole records follow: not a torn tail
+            raise CheckpointError(
+                f"the request logged at count {count} is damaged (its CRC fails) and "
+                f"{len(data) - at - _RECORD.size - length} bytes of requests follow it; move "
+                "the file away to start without the steps it holds"
+            )
         return None
     try:
         msg = decode(_frames(body, limits.max_frames), limits)
