@@ -3,9 +3,12 @@
 Prints CPU microseconds per step (``time.process_time``, one torch thread) of (a) the whole
 digits CNN trained in one process, (b) the server's engine alone (its segment, the loss,
 the backward and the optimizer step, fed ready-made messages in this process, no sockets),
-with and without reply-first, and (c) the client's segment alone (forward, backward from a
-given cut gradient, optimizer step). What a split step costs beyond (b) + (c) is messaging:
-encoding, sealing, sockets, the event loop, the worker code around them.
+with and without reply-first, (c) the client's segment alone (forward, backward from a
+given cut gradient, optimizer step), and (d) the server's segment in a hand-written loop
+(forward, loss, backward to the cut and the weights, step; no checks), plain and with
+reply-first's two passes. (b) beyond (d) is the engine's own work (the checks on what
+arrives and on the gradients, the reply); what a split step costs beyond (b) + (c) is
+messaging: encoding, sealing, sockets, the event loop, the worker code around them.
 """
 
 from __future__ import annotations
@@ -37,6 +40,29 @@ def cpu_us(step: Callable[[int], object], steps: int) -> float:
     return (time.process_time() - start) / steps * 1e6
 
 
+def server_segment(
+    top: torch.nn.Module, y: torch.Tensor, reply_first: bool
+) -> Callable[[int], None]:
+    """The server's segment trained by hand: no checks, no messages. With ``reply_first``
+    the cut gradient first and the weight gradients in a second pass, as the engine does."""
+    optimizer = torch.optim.SGD(top.parameters(), lr=0.05, momentum=0.9)
+    params = list(top.parameters())
+    act = torch.randn(BATCH, 16, 4, 4).relu()
+
+    def step(_: int) -> None:
+        cut = act.detach().requires_grad_(True)
+        loss = F.cross_entropy(top(cut), y)
+        optimizer.zero_grad(set_to_none=True)
+        if reply_first:
+            torch.autograd.grad(loss, [cut], retain_graph=True)
+            torch.autograd.backward(loss, inputs=params)
+        else:
+            loss.backward()
+        optimizer.step()
+
+    return step
+
+
 def main(steps: int) -> dict[str, float]:
     torch.set_num_threads(1)
     model = cnn([1, 8, 8], 10)
@@ -49,7 +75,7 @@ def main(steps: int) -> dict[str, float]:
         loss.backward()
         optimizer.step()
 
-    bottom = model[:3]
+    bottom, top = model[:3], cnn([1, 8, 8], 10)[3:]
     bottom_opt = torch.optim.SGD(bottom.parameters(), lr=0.05, momentum=0.9)
     cut_grad = torch.randn(BATCH, 16, 4, 4) * 1e-3
 
@@ -59,6 +85,9 @@ def main(steps: int) -> dict[str, float]:
         bottom_opt.step()
 
     result = {"whole_model": cpu_us(whole, steps), "client_segment": cpu_us(client, steps)}
+    for reply_first in (False, True):
+        label = "server_segment_reply_first" if reply_first else "server_segment"
+        result[label] = cpu_us(server_segment(top, y, reply_first), steps)
     with tempfile.TemporaryDirectory(prefix="sl-bench-engine-") as tmp:
         files = init_deployment(Path(tmp) / "d", clients=1, dataset="digits")["files"]
         server = Path(files["server"])

@@ -101,11 +101,19 @@ def largest_magnitude(tensors: list[torch.Tensor]) -> float:
     if not floats:
         return 0.0
     if len(floats) == 1:
-        return float(floats[0].abs().amax())
+        return _extreme(floats[0])
     if sum(t.numel() for t in floats) <= _CONCAT_LIMIT:
-        return float(torch.cat([t.reshape(-1) for t in floats]).abs().amax())
+        return _extreme(torch.cat([t.reshape(-1) for t in floats]))
     # float64, not float32: a finite float64 beyond float32's range must not read as infinite
     return float(torch.stack([t.abs().amax().double() for t in floats]).amax())
+
+
+def _extreme(tensor: torch.Tensor) -> float:
+    """``max |x|`` of one tensor from ``aminmax`` (one pass, no ``abs`` copy: about half
+    the CPU of ``abs().amax()`` on a step's gradients); NaN if any value is NaN."""
+    low, high = torch.aminmax(tensor)
+    most, least = float(high), -float(low)
+    return math.nan if math.isnan(most) or math.isnan(least) else max(most, least)
 
 
 def read_tensor(

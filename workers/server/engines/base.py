@@ -38,7 +38,8 @@ def check_labels(labels: torch.Tensor, batch: int, classes: int) -> torch.Tensor
         batch,
     ):
         raise ProtocolError(f"labels must be an int tensor of shape ({batch},)")
-    if batch and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+    low, high = torch.aminmax(labels) if batch else (0, 0)
+    if int(low) < 0 or int(high) >= classes:
         raise ProtocolError(f"labels must be class indices in [0, {classes})")
     return labels.to(torch.int64)
 
