@@ -220,7 +220,8 @@ def test_a_client_without_a_run_name_goes_back_to_the_run_it_has_open(deployment
     run (836 steps lost, exit 2), or with [checkpoint] dir it trained on in run-2 and
     reported 2,400 steps there."""
     files = deployment(**DATA)
-    server = ServerWorker(load_server(files["server"]), files["server"].parent)
+    ungrouped = "server.groups={}"  # client-3, admitted nowhere here, is in the one group
+    server = ServerWorker(load_server(files["server"], ungrouped), files["server"].parent)
     first = server.book.start("run-1", engine=None, replies=None, owner="client-1")  # type: ignore[arg-type]
     first.members |= {"client-1", "client-2"}
     first.done.add("client-2")
