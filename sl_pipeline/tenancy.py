@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sl_pipeline.errors import ConfigError
-from sl_pipeline.runid import RUN_ID
+from sl_pipeline.runid import is_run_id
 
 ONE_GROUP = ""  # the group of every name on a server without [server] groups
 SEPARATOR = ":"  # GROUP:RUN; no run id or group name holds it
@@ -42,10 +42,10 @@ class Groups:
         tokens: dict[str, str] = {}
         for group, entry in raw.items():
             at = f"{where}.{group}"
-            if not RUN_ID.fullmatch(str(group)):
+            if not is_run_id(str(group)):
                 raise ConfigError(
                     f"{at}: a group name is 1-64 letters, digits, '_', '.', '-' starting with a "
-                    "letter or digit"
+                    "letter or digit, and not 'runs.json' (the runs folder's index)"
                 )
             members, token = _entry(entry, at)
             for name in members:

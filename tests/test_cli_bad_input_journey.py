@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sl_pipeline.errors import ConfigError
+from sl_pipeline.tenancy import Groups
 from workers.cli import main
 
 
@@ -176,3 +178,16 @@ def test_runs_names_an_admin_token_file_that_is_not_text(
     cfg = tmp_path / "server.toml"
     cfg.write_text('[ops]\nlisten = "127.0.0.1:1"\nadmin_token = "token"\n')
     _refused(["runs", "list", "--config", str(cfg)], capsys, "ops.admin_token", "not a text file")
+
+
+def test_a_run_or_group_named_like_the_runs_index_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A run of that name had its folder where the runs folder keeps runs.json: its model
+    # could never be saved, and the run held a server.max_runs place until it stalled out
+    # (red team); a group of that name, likewise
+    with pytest.raises(ConfigError, match="runs folder's index"):
+        Groups.from_config({"runs.json": ["client-1"]})
+    client = _npz_client(tmp_path, x=np.zeros((4, 4), np.float32), y=np.zeros(4, np.int64))
+    argv = ["client", "--config", str(client), "--insecure", "--set", 'client.run="runs.json"']
+    _refused(argv, capsys, "client.run", "runs.json")
