@@ -178,10 +178,11 @@ class ServerSection:
     stalled_run_s: float = 3600.0
     # U-shaped: a step whose output went to a client and whose gradient has not come back
     # this long, counted from when another client's forward began to wait (or from the step,
-    # if later), is abandoned (nothing of it is
-    # applied; a late gradient is answered step_lost and its client redoes the step), so a
-    # client that died or stalls mid-step holds the others up at most this long. 0 = never
-    # (a step is then abandoned only when its client leaves: bye, or its session goes).
+    # if later), is abandoned (nothing of it is applied; a late gradient is answered
+    # step_lost and its client redoes the step), so a client that died or stalls mid-step
+    # holds the others up at most this long. A client whose late gradients showed it slow
+    # gets twice, then 4x this, until its steps fit again. 0 = never (a step is then
+    # abandoned only when its client leaves: bye, or its session goes).
     open_step_s: float = 10.0
     run_clients: int = 0  # a run ends when this many clients finished; 0 = all that joined
     # A client name whose session sent nothing for this long may be taken by a new session.

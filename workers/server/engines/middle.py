@@ -14,6 +14,11 @@ from sl_pipeline.tensors import wire_tensors
 from workers.runtime.bounded import LruTable
 from workers.server.engines.base import Engine, Reply, log, run_segment
 
+# A client whose step was abandoned for time and whose gradient then came late is slow, not
+# gone: its bound doubles (at most this many times) until its steps fit the smaller bound
+# again. Without it, two clients slower than the bound abandon each other's steps forever.
+MAX_GRACE_DOUBLINGS = 2
+
 
 @dataclass(frozen=True)
 class OpenStep:
@@ -43,6 +48,10 @@ class MiddleEngine(Engine):
     held the server ``server.open_step_s`` while another client's forward waited
     (:meth:`at`, fed the server's clock). The next waiting forward is served then; the
     abandoned step's late gradient is answered ``step_lost`` and its client redoes it.
+
+    That late gradient shows its client is slow, not gone, so its bound doubles (at most
+    :data:`MAX_GRACE_DOUBLINGS` times: 4x) and halves again once a step of it is applied
+    within the smaller bound. A client that never sends a gradient earns no grace.
     """
 
     def __init__(self, module: nn.Module, cfg: ServerConfig) -> None:
@@ -56,6 +65,8 @@ class MiddleEngine(Engine):
         # why each client's last abandoned step was abandoned: its late gradient is told
         self._why: LruTable[str, tuple[int, int, str]] = LruTable(max(1, cfg.server.max_names))
         self._queued_at = 0.0  # when the queue last went from empty to waiting
+        # doublings of each slow client's bound (its late gradients earned them)
+        self._grace: LruTable[str, int] = LruTable(max(1, cfg.server.max_names))
 
     def handle(self, identity: bytes, msg: Message) -> list[Reply]:
         if msg.kind is Kind.FORWARD:
@@ -95,11 +106,19 @@ class MiddleEngine(Engine):
         held = self._open
         if held is None or not self._waiting or self.open_step_s <= 0:
             return []
-        if self.now - max(held.since, self._queued_at) < self.open_step_s:
+        bound_s = self.bound_for(held.client)
+        if self.now - max(held.since, self._queued_at) < bound_s:
             return []
         waited = f"{len(self._waiting)} other client(s) waited"
-        self._abandon(f"no gradient within server.open_step_s = {self.open_step_s:g}s; {waited}")
+        within = f"server.open_step_s = {self.open_step_s:g}s"
+        if bound_s != self.open_step_s:
+            within = f"{bound_s:g}s ({within}, doubled for a client seen to be slow)"
+        self._abandon(f"no gradient within {within}; {waited}")
         return self._next_waiting()
+
+    def bound_for(self, client: str) -> float:
+        """How long ``client``'s open step may hold the server while others wait."""
+        return self.open_step_s * 2 ** (self._grace.get(client) or 0)
 
     def _abandon(self, why: str) -> None:
         held = self._open
@@ -145,13 +164,15 @@ class MiddleEngine(Engine):
         return identity, msg.reply(Kind.RESULT, tensors=wire_tensors("out", out, self.wire_dtype))
 
     def _backward(self, msg: Message) -> Message:
-        if self._open is None or not self._open.answers(msg):
+        held = self._open
+        if held is None or not held.answers(msg):
             # this server restarted, or abandoned the step (its client left, or sent no
             # gradient in time): the client redoes the step from its forward
             raise StepLostError(self._lost_reason(msg))
         # A bad gradient raises before anything changes and leaves the step open for a resend.
-        (grad,) = self.backprop_output(msg, self._open.out, [self._open.act])
+        (grad,) = self.backprop_output(msg, held.out, [held.act])
         self._open = None
+        self._ease_grace(held)
         tensors = wire_tensors("grad", grad, self.wire_dtype, self.residuals, msg.client)
         return msg.reply(Kind.BACKWARD, tensors=tensors)
 
@@ -163,11 +184,20 @@ class MiddleEngine(Engine):
             return "backward for a step this server has no open forward for"
         line = f"this server abandoned your open step {why[:2]}: {why[2]}"
         if "open_step_s" in why[2]:
+            self._why.pop(msg.client)  # one late gradient earns one doubling, not a resend
+            doublings = min(MAX_GRACE_DOUBLINGS, (self._grace.get(msg.client) or 0) + 1)
+            self._grace.put(msg.client, doublings)
             line += (
                 "; a step whose gradient takes longer than that is abandoned again at each "
                 "redo while other clients wait: ask the operator to raise server.open_step_s"
             )
         return line
+
+    def _ease_grace(self, applied: OpenStep) -> None:
+        """A slow client's step that fitted half its bound gives one doubling back."""
+        doublings = self._grace.get(applied.client)
+        if doublings and self.now - applied.since <= self.bound_for(applied.client) / 2:
+            self._grace.put(applied.client, doublings - 1)
 
     def queue_depth(self) -> int:
         return len(self._waiting)
