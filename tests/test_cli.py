@@ -202,7 +202,8 @@ def test_a_usage_error_is_one_line_naming_the_problem_and_the_help(
 
 def test_with_json_logs_the_final_error_is_a_json_line(deployment, capsys) -> None:  # type: ignore[no-untyped-def]
     """README: `--log-format json` gives one JSON object per log line, and a collector reading
-    stderr must get the line that says why the worker ended as JSON too, not as plain text."""
+    stderr must get the line that says why the worker ended as JSON too, not as plain text,
+    and once (every failure is one line)."""
     # Prepare: a server whose private key is gone, found once logging is set up
     files = deployment()
     (files["server"].parent / "keys" / "server.key").unlink()
@@ -220,6 +221,8 @@ def test_with_json_logs_the_final_error_is_a_json_line(deployment, capsys) -> No
     last = lines[-1]
     assert last["level"] == "ERROR" and "server.key" in last["msg"], last
     assert last["msg"].startswith("sl-pipeline server: error: ")
+    # once: the line was written twice when --log-format json had set the JSON logs up
+    assert [line["msg"] for line in lines].count(last["msg"]) == 1, lines
 
 
 def test_with_json_logs_a_bad_config_key_is_a_json_line(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]

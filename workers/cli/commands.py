@@ -331,10 +331,13 @@ def _error(args: argparse.Namespace, problem: str) -> None:
     """The one line saying why the command failed: a JSON record where the logs are JSON
     (also when it failed before its logging was set up, e.g. on a bad config key)."""
     line = f"sl-pipeline {args.command}: error: {problem}"
-    if getattr(args, "log_format", None) == "json" and not json_error_line(line):
+    if json_error_line(line):
+        return
+    if getattr(args, "log_format", None) == "json":
         configure_logging("json", "INFO", args.command)
-    if not json_error_line(line):
-        print(line, file=sys.stderr)
+        if json_error_line(line):
+            return
+    print(line, file=sys.stderr)
 
 
 def _path_problem(exc: OSError) -> str:
