@@ -96,3 +96,29 @@ async def test_unparsable_requests_log_one_line_without_a_trace(
     assert len(lines) == 1, caplog.text
     assert not lines[0].exc_info and "\n" not in lines[0].getMessage()
     assert "LineTooLong" in lines[0].getMessage()
+
+
+async def test_a_request_head_dribbled_or_never_sent_is_cut_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: an ops port whose heads must come within 1 s (the default is IDLE_S, 10 s)
+    monkeypatch.setattr("workers.ops.http.IDLE_S", 1.0)
+    metrics = WorkerMetrics("server", CollectorRegistry(), version="1")
+    server = OpsServer(metrics, dict, lambda: True, "127.0.0.1", 0)
+    await asyncio.wait_for(server.start(), TIMEOUT_S)
+    try:
+        silent = await asyncio.open_connection("127.0.0.1", server.port)
+        slow = await asyncio.open_connection("127.0.0.1", server.port)
+        slow[1].write(b"GET /status HTTP/1.1\r\nHost: x\r\n")
+
+        async def dribble() -> bytes:  # one header line every 0.2 s, never the blank line
+            while not slow[0].at_eof():
+                slow[1].write(b"X-Slow: 1\r\n")
+                await asyncio.sleep(0.2)
+            return await slow[0].read()
+
+        # Execute and Assert: both closed by the server (before: held an hour each)
+        assert await asyncio.wait_for(silent[0].read(), TIMEOUT_S) == b""
+        assert await asyncio.wait_for(dribble(), TIMEOUT_S) == b""
+    finally:
+        await asyncio.wait_for(server.stop(), TIMEOUT_S)

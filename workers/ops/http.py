@@ -1,8 +1,8 @@
 """The operations HTTP endpoint of a worker: metrics, liveness, readiness and status.
 
-:class:`OpsServer` runs an aiohttp ``AppRunner``/``TCPSite`` inside the worker's own
-event loop (no thread, no second loop), so the handlers read the worker's state
-directly. Routes:
+:class:`OpsServer` runs an aiohttp ``AppRunner`` on a ``GuardedSite`` (``httpguard``: what a
+client can hold) inside the worker's own event loop (no thread, no second loop), so the
+handlers read the worker's state directly. Routes:
 
 ``GET /metrics``  Prometheus text format (OpenMetrics when the scraper asks for it); each
                   answered scrape is counted, so a finished client can wait for the
@@ -34,8 +34,9 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from sl_pipeline.errors import ConfigError
+from workers.ops.httpguard import IDLE_S, MAX_CONNECTIONS, GuardedSite
 from workers.ops.metrics import WorkerMetrics
-from workers.runtime.quietlog import INTERVAL_S
+from workers.runtime.quietlog import INTERVAL_S, QuietLog
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ class QuietRequestErrors(logging.Filter):
 
 REQUEST_ERRORS = logging.getLogger("sl_pipeline.ops.requests")
 REQUEST_ERRORS.addFilter(QuietRequestErrors())
+_REFUSALS = QuietLog(REQUEST_ERRORS)
 
 
 def _json_response(body: Mapping[str, Any], status: int = 200) -> web.Response:
@@ -202,10 +204,11 @@ class OpsServer:
             handle_signals=False,
             shutdown_timeout=_SHUTDOWN_TIMEOUT_S,
             logger=REQUEST_ERRORS,
+            keepalive_timeout=IDLE_S,
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
+            site = GuardedSite(runner, self.host, self.port, self._refused)
             await site.start()
         except BaseException:
             await runner.cleanup()
@@ -213,6 +216,14 @@ class OpsServer:
         self._runner = runner
         self.port = int(runner.addresses[0][1])
         log.info("ops endpoint listening", extra={"host": self.host, "port": self.port})
+
+    def _refused(self) -> None:
+        self.metrics.record_bound("ops_connections")
+        _REFUSALS.warning(
+            "connections",
+            "the ops port refused a connection: %d are open (its cap)",
+            MAX_CONNECTIONS,
+        )
 
     async def scraped_after(self, count: int, timeout_s: float) -> bool:
         """Wait (at most ``timeout_s``) until a scrape that began after ``self.scrapes`` was

@@ -52,6 +52,7 @@ BOUNDED_TABLES: tuple[str, ...] = (
     "gate_tokens",
     "outbound_bytes",
     "connections_per_key",
+    "ops_connections",
     "inbound_backlog",
     "other",
 )
