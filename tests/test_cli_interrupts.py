@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -106,3 +107,47 @@ def test_ctrl_c_during_the_demo_is_one_line_and_stops_its_workers(tmp_path: Path
     assert line.startswith("sl-pipeline demo: error: interrupted")
     for pid in workers:  # stopped by the demo, not left running
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+
+
+# Modules the command line imports before ``main`` runs, in order: the package itself (the
+# first point a Ctrl-C can be taken by its code), the config, the last of the commands, and
+# the command line whole (``main`` parsing the arguments, then the command).
+IMPORTED = ("workers", "sl_pipeline.config", "workers.cli.privacy", "workers.cli")
+
+
+@pytest.mark.parametrize("entry", ["console script", "python -m workers"])
+@pytest.mark.parametrize("after", IMPORTED)
+def test_ctrl_c_while_the_command_line_starts_is_one_line(
+    tmp_path: Path, entry: str, after: str
+) -> None:
+    os.mkfifo(tmp_path / "project.toml")  # provision waits on it: the command never ends
+    console = Path(sys.executable).with_name("sl-pipeline")
+    argv = [str(console)] if entry == "console script" else [sys.executable, "-m", "workers"]
+    proc = subprocess.Popen(
+        [*argv, "provision", str(tmp_path / "project.toml"), "--out", str(tmp_path / "kits")],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"},  # a line as each module is in
+    )
+    never = threading.Timer(WAIT_S, proc.kill)  # the read below ends, whatever happens
+    never.start()
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # "import time: SELF | CUMULATIVE |   NAME"
+            if line.rsplit("|", 1)[-1].strip() == after:
+                break
+        assert proc.poll() is None, f"ended before importing {after}"
+        proc.send_signal(signal.SIGINT)  # was a traceback (status -2) while importing
+        _, err = proc.communicate(timeout=WAIT_S)
+    finally:
+        never.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(WAIT_S)
+    lines = [line for line in err.splitlines() if not line.startswith("import time:")]
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert len(lines) == 1 and "interrupted (Ctrl-C)" in lines[0], err
+    assert lines[0].startswith("sl-pipeline provision: error:"), lines
+    assert not (tmp_path / "kits").exists()

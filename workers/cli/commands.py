@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 from sl_pipeline.config import ClientConfig, RelayConfig, ServerConfig, load
 from sl_pipeline.errors import ConfigError, SLError
+from workers import interrupted_while_starting
 from workers.cli import privacy as privacy_cli
 from workers.cli.parser import build_parser
 from workers.ops.logs import configure_logging, json_error_line
@@ -315,10 +316,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def _signals_given_back() -> Iterator[None]:
-    """The SIGINT and SIGTERM handlers as they were before the command, after it."""
+    """The SIGINT and SIGTERM handlers as they were before the command, after it. In the
+    console script's process a Ctrl-C raises KeyboardInterrupt while the command runs (its
+    own handling: rows kept, one line), not the start-up's exit at once."""
     import signal
 
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if before[signal.SIGINT] is interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
@@ -358,8 +363,11 @@ def console() -> NoReturn:
     torch and every module, about 1 s of CPU, ten times that on a loaded host. So a worker's
     process flushes its output and ends at once: SIGTERM stops it within its drain (the step
     in flight, 0.5 s for the notices), not after a teardown that no one needs."""
+    import signal
+
     argv = sys.argv[1:]
     code = main(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # done: a Ctrl-C now would only lose the status
     if argv and argv[0] in WORKER_COMMANDS:
         logging.shutdown()
         sys.stdout.flush()
