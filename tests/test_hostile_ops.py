@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -120,5 +121,39 @@ async def test_a_request_head_dribbled_or_never_sent_is_cut_off(
         # Execute and Assert: both closed by the server (before: held an hour each)
         assert await asyncio.wait_for(silent[0].read(), TIMEOUT_S) == b""
         assert await asyncio.wait_for(dribble(), TIMEOUT_S) == b""
+    finally:
+        await asyncio.wait_for(server.stop(), TIMEOUT_S)
+
+
+async def test_a_client_that_reads_no_answer_loses_its_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: answers of 200 kB; a connection that reads none is closed after 1 s
+    monkeypatch.setattr("workers.ops.http.STALL_S", 1.0)
+    metrics = WorkerMetrics("server", CollectorRegistry(), version="1")
+    big = {"pad": "x" * 200_000}
+    server = OpsServer(metrics, lambda: big, lambda: True, "127.0.0.1", 0)
+    await asyncio.wait_for(server.start(), TIMEOUT_S)
+    try:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        _, writer = await asyncio.open_connection(sock=sock)
+        # Execute: 100 requests on one connection, and not one byte of their answers read
+        writer.write(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
+
+        def closed() -> float | None:
+            return metrics.registry.get_sample_value(
+                "sl_bound_hits_total", {"table": "ops_stalled"}
+            )
+
+        # Assert: the server closed it (before: held as long as the client lived)
+        deadline = asyncio.get_running_loop().time() + TIMEOUT_S
+        while not closed():
+            assert asyncio.get_running_loop().time() < deadline, "never closed"
+            await asyncio.sleep(0.05)
+        assert not server._runner.server.connections  # type: ignore[union-attr]
+        assert (await raw_get(server.port, "/healthz", b""))[0] == 200
+        writer.close()
     finally:
         await asyncio.wait_for(server.stop(), TIMEOUT_S)

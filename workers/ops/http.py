@@ -34,9 +34,9 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from sl_pipeline.errors import ConfigError
-from workers.ops.httpguard import IDLE_S, MAX_CONNECTIONS, GuardedSite
+from workers.ops.httpguard import IDLE_S, STALL_S, GuardedSite
 from workers.ops.metrics import WorkerMetrics
-from workers.runtime.quietlog import INTERVAL_S, QuietLog
+from workers.runtime.quietlog import INTERVAL_S
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,6 @@ class QuietRequestErrors(logging.Filter):
 
 REQUEST_ERRORS = logging.getLogger("sl_pipeline.ops.requests")
 REQUEST_ERRORS.addFilter(QuietRequestErrors())
-_REFUSALS = QuietLog(REQUEST_ERRORS)
 
 
 def _json_response(body: Mapping[str, Any], status: int = 200) -> web.Response:
@@ -208,7 +207,9 @@ class OpsServer:
         )
         await runner.setup()
         try:
-            site = GuardedSite(runner, self.host, self.port, self._refused)
+            site = GuardedSite(
+                runner, self.host, self.port, self.metrics.record_bound, stall_s=STALL_S
+            )
             await site.start()
         except BaseException:
             await runner.cleanup()
@@ -216,14 +217,6 @@ class OpsServer:
         self._runner = runner
         self.port = int(runner.addresses[0][1])
         log.info("ops endpoint listening", extra={"host": self.host, "port": self.port})
-
-    def _refused(self) -> None:
-        self.metrics.record_bound("ops_connections")
-        _REFUSALS.warning(
-            "connections",
-            "the ops port refused a connection: %d are open (its cap)",
-            MAX_CONNECTIONS,
-        )
 
     async def scraped_after(self, count: int, timeout_s: float) -> bool:
         """Wait (at most ``timeout_s``) until a scrape that began after ``self.scrapes`` was

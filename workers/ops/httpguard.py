@@ -10,18 +10,27 @@ anyone who reaches it may connect. :class:`GuardedSite` (an aiohttp site) keeps 
 - a request's head within :data:`IDLE_S` of the connection or of the previous answer
   (aiohttp's ``keepalive_timeout``, which also ends a connection dribbling its headers:
   before, aiohttp's default held either for an hour);
+- an answer the client does not read: its connection is closed once the bytes waiting to go
+  to it stayed the same for :data:`STALL_S` (before, such a connection was held for as
+  long as the client lived, past the head's deadline: 64 of them closed the port for good).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import Callable
 
 from aiohttp import web
 
+from workers.runtime.quietlog import QuietLog
+
+_LOG = QuietLog(logging.getLogger("sl_pipeline.ops.requests"))
 MAX_CONNECTIONS = 64
 IDLE_S = 10.0
+STALL_S = 20.0
 _WHY = b"the ops port has too many connections\n"
 REFUSAL = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
@@ -39,20 +48,25 @@ class _Refused(asyncio.Protocol):
 
 
 class GuardedSite(web.BaseSite):
-    """A TCP site that serves at most ``max_connections`` at once; ``on_refused`` is called
-    for each connection over the cap."""
+    """A TCP site that serves at most ``max_connections`` at once and closes connections
+    whose answers are not read; each is counted (``record_bound``: ``ops_connections``,
+    ``ops_stalled``) and logged once per interval."""
 
     def __init__(
         self,
         runner: web.BaseRunner,
         host: str,
         port: int,
-        on_refused: Callable[[], None] = lambda: None,
+        record_bound: Callable[[str], None] = lambda table: None,
         max_connections: int = MAX_CONNECTIONS,
+        stall_s: float = STALL_S,
     ) -> None:
         super().__init__(runner)
         self.host, self.port = host, port
-        self.max_connections, self._on_refused = max_connections, on_refused
+        self.max_connections, self.stall_s = max_connections, stall_s
+        self._record = record_bound
+        self._backlogs: dict[object, tuple[int, float]] = {}  # handler -> (bytes, since)
+        self._sweeper: asyncio.Task[None] | None = None
         # handlers made but maybe not yet connected (asyncio calls connection_made a loop
         # turn later: one burst of accepts would pass the cap) -> when made
         self._fresh: dict[object, float] = {}
@@ -67,7 +81,10 @@ class GuardedSite(web.BaseSite):
         live, now = set(server.connections), time.monotonic()
         self._fresh = {h: t for h, t in self._fresh.items() if h not in live and now - t < 1.0}
         if len(live) + len(self._fresh) >= self.max_connections:
-            self._on_refused()
+            self._record("ops_connections")
+            _LOG.warning(
+                "connections", "ops port: %d connections open (its cap); refused one", len(live)
+            )
             return _Refused()
         handler = server()
         self._fresh[handler] = now
@@ -79,6 +96,45 @@ class GuardedSite(web.BaseSite):
         self._server = await loop.create_server(
             self._protocol, self.host, self.port, reuse_address=True
         )
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await super().stop()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.stall_s / 4)
+            self.sweep(asyncio.get_running_loop().time())
+
+    def sweep(self, now: float) -> None:
+        """Close each connection whose answer bytes waiting to go out stayed the same, and
+        more than none, for ``stall_s`` (one the client reads from drains them, and its
+        handler then writes more)."""
+        server = self._runner.server
+        backlogs: dict[object, tuple[int, float]] = {}
+        for handler in server.connections if server is not None else []:
+            transport = handler.transport
+            waiting = transport.get_write_buffer_size() if transport is not None else 0
+            if transport is None or waiting == 0:
+                continue
+            before, since = self._backlogs.get(handler, (-1, now))
+            if waiting != before:
+                since = now
+            elif now - since >= self.stall_s:
+                transport.abort()
+                self._record("ops_stalled")
+                _LOG.warning(
+                    "stalled",
+                    "ops port: closed a connection that read nothing for %.0fs",
+                    self.stall_s,
+                )
+                continue
+            backlogs[handler] = (waiting, since)
+        self._backlogs = backlogs
 
 
-__all__ = ["IDLE_S", "MAX_CONNECTIONS", "GuardedSite"]
+__all__ = ["IDLE_S", "MAX_CONNECTIONS", "STALL_S", "GuardedSite"]

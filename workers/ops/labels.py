@@ -53,6 +53,7 @@ BOUNDED_TABLES: tuple[str, ...] = (
     "outbound_bytes",
     "connections_per_key",
     "ops_connections",
+    "ops_stalled",
     "inbound_backlog",
     "other",
 )
