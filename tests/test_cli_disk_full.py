@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,14 +20,16 @@ import torch
 from sl_pipeline.config import ServerConfig, load
 from tests.threadserver import ThreadServer
 from workers.cli import main
+from workers.tools.localdeploy import Table, to_toml
 
 LIMIT_BYTES = 4096  # far less than a trained segment
 
 
-def _console(*argv: str, limit: int = LIMIT_BYTES) -> subprocess.CompletedProcess[str]:
+def _console(*argv: str, limit: int | None = LIMIT_BYTES) -> subprocess.CompletedProcess[str]:
     def small_disk() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        if limit is not None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     return subprocess.run(
         [sys.executable, "-m", "workers", *argv],
@@ -115,3 +118,74 @@ def test_a_full_disk_for_decoded_images_is_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr  # was one
     lines = done.stderr.strip().splitlines()
     assert "temporary space" in lines[-1] and "data.max_memory_mb" in lines[-1], lines
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real disk of 32 KiB (a tmpfs, where this user may mount one): it fills with ENOSPC."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(disk)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def _project(where: Path) -> Path:
+    project = where / "project.toml"
+    assert main(["provision", "--example", str(project)]) == 0
+    return project
+
+
+def _provisioned_again(project: Path, kits: Path) -> None:
+    """Nothing of the failed provision is left, and the same command now succeeds."""
+    assert not kits.exists()  # was half a kits folder: the rerun said it was not empty
+    assert not list(kits.parent.glob(".provision-*"))  # nor its staging folder
+    assert main(["provision", str(project), "--out", str(kits)]) == 0
+    assert load(ServerConfig, kits / "server" / "server.toml").server.key == "keys/server.key"
+
+
+def test_a_full_disk_while_provision_writes_keeps_no_half_kit(tmp_path: Path) -> None:
+    project, kits = _project(tmp_path), tmp_path / "kits"
+    done = _console("provision", str(project), "--out", str(kits), limit=300)  # keys fit
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "cannot write the kits in" in done.stderr and "nothing was kept" in done.stderr
+    _provisioned_again(project, kits)
+
+
+def test_provision_onto_a_disk_that_fills_keeps_no_half_kit(tmp_path: Path, tmpfs: Path) -> None:
+    project, kits = _project(tmp_path), tmpfs / "kits"
+    done = _console("provision", str(project), "--out", str(kits), limit=None)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "No space left on device" in done.stderr and "nothing was kept" in done.stderr
+    assert list(tmpfs.iterdir()) == []  # the disk as it was: the space given back
+    subprocess.run(["mount", "-o", "remount,size=1m", str(tmpfs)], check=True)  # space freed
+    _provisioned_again(project, kits)
+
+
+def test_a_ctrl_c_while_provision_writes_keeps_no_half_kit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    project, kits = _project(tmp_path), tmp_path / "kits"
+    configs: list[object] = []
+
+    def interrupted(cfg: Table) -> str:  # the keys and the admin kit written, a config not
+        configs.append(cfg)
+        if len(configs) == 2:
+            raise KeyboardInterrupt
+        return to_toml(cfg)
+
+    monkeypatch.setattr("workers.tools.provision.to_toml", interrupted)
+    assert main(["provision", str(project), "--out", str(kits)]) == 130
+    monkeypatch.undo()
+    assert "interrupted (Ctrl-C)" in capsys.readouterr().err
+    _provisioned_again(project, kits)

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import secrets
-import shutil
 import socket
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +15,7 @@ from sl_pipeline.errors import ConfigError
 from sl_pipeline.group import write_group_key
 from sl_pipeline.keys import write_keypair
 from workers import topologies
+from workers.tools.staging import staged
 from workers.topologies import REGISTRY, Topology
 from workers.topologies.base import DATASETS, FEATURES, Deployment, Table
 
@@ -289,35 +286,21 @@ def init_deployment(
         for cfg in [plan.server, *([plan.relay] if plan.relay else []), *plan.clients]:
             cfg["ops"] = {"listen": f"127.0.0.1:{free_port()}"}
         plan.server["ops"]["admin_token"] = "keys/admin.token"
-    with _staged(out) as stage:
+    with staged(out, "the deployment", "init", _moved_into, beside=False) as stage:
         _secure(stage, insecure, plan, spec)
         names = _write_plan(stage, plan)
     return {"dir": str(out), "files": {n: str(out / f"{n}.toml") for n in names}, "port": port}
 
 
-@contextlib.contextmanager
-def _staged(out: Path) -> Iterator[Path]:
-    """A folder inside ``out`` to write the deployment in; when it is whole, its keys and
-    files are moved into ``out``, server.toml last (init's mark of a finished folder). A full
-    disk or a Ctrl-C before leaves ``out`` as it was: no half key or config that a rerun
-    would refuse as existing, or a worker would trust."""
-    stage = Path(tempfile.mkdtemp(prefix=".init-", dir=out))
-    try:
-        try:
-            yield stage
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot write the deployment in {out}: {exc.strerror or exc}; free some "
-                "space (or choose another folder) and run init again: nothing was kept"
-            ) from None
-        made = sorted(stage.iterdir(), key=lambda p: p.name == "server.toml")
-        for path in made:
-            if (out / path.name).exists():
-                raise ConfigError(f"{out / path.name} exists; choose an empty folder for init")
-        for path in made:
-            path.rename(out / path.name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+def _moved_into(stage: Path, out: Path) -> None:
+    """The staged keys and files moved into ``out``, server.toml last (init's mark of a
+    finished folder); refused if any is there already."""
+    made = sorted(stage.iterdir(), key=lambda p: p.name == "server.toml")
+    for path in made:
+        if (out / path.name).exists():
+            raise ConfigError(f"{out / path.name} exists; choose an empty folder for init")
+    for path in made:
+        path.rename(out / path.name)
 
 
 def _write_plan(out: Path, plan: Plan) -> list[str]:

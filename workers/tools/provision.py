@@ -49,6 +49,7 @@ from workers.tools.localdeploy import (
     to_toml,
     write_admin_token,
 )
+from workers.tools.staging import renamed, staged
 from workers.topologies import REGISTRY
 from workers.topologies import topology as find_topology
 
@@ -197,9 +198,13 @@ def provision(project_file: Path, out: Path) -> dict[str, Any]:
         most_clients=None,  # any number of sites: the server's max_clients is raised to it
         group=p.name,  # its sites alone train in its runs ([server] groups)
     )
-    out.mkdir(parents=True, exist_ok=True)
-    scripts = _write_kits(project, plan, out)
-    return {"dir": str(out), "sites": {k: str(v) for k, v in scripts.items()}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside --out, renamed into place whole: a full disk or a Ctrl-C leaves no
+    # half kits folder (that the rerun would refuse as not empty).
+    with staged(out, "the kits", "provision", renamed, beside=True) as stage:
+        scripts = _write_kits(project, plan, stage)
+    sites = {site: out / script.relative_to(stage) for site, script in scripts.items()}
+    return {"dir": str(out), "sites": {k: str(v) for k, v in sites.items()}}
 
 
 def _write_kits(project: Project, plan: Plan, out: Path) -> dict[str, Path]:
