@@ -31,6 +31,7 @@ accountant counts each pass over the data as one unamplified Gaussian mechanism
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -144,7 +145,12 @@ def make_private_client(
     """
     _check_arguments(server_loss_reduction, epochs, cfg, data_loader)
     _check_module(module)  # before the engine, whose warnings would come first
-    engine = PrivacyEngine(accountant=cfg.accountant)
+    with warnings.catch_warnings():
+        # "Secure RNG turned off ... turn it on before production": the noise and the batches
+        # come from the OS's generator below (or an audit's seeded one), not from the one
+        # that warning is about, so it would tell every DP-SGD client the opposite
+        warnings.filterwarnings("ignore", "Secure RNG turned off", UserWarning)
+        engine = PrivacyEngine(accountant=cfg.accountant)
     common: dict[str, Any] = {
         "module": module,
         "optimizer": optimizer,

@@ -165,10 +165,16 @@ def check_depth(worker: PipelineHost) -> int:
         )
     if depth == AUTO and not worker.runner.pipelines:
         return 1  # auto: this topology cannot pipeline, so one step at a time
+    if depth > 1 and worker.runner.dp is not None:
+        raise ConfigError(
+            f"train.pipeline_depth = {depth} with privacy.dpsgd: pipelining runs each forward "
+            "on a stashed copy of the weights, which Opacus' per-example gradients do not "
+            "see; set train.pipeline_depth = 1"
+        )
     if depth > 1 and not worker.runner.pipelines:
         raise ConfigError(
-            f"train.pipeline_depth > 1 is not available for topology {worker.topology!r} "
-            "or with DP-SGD; set it to 1"
+            f"train.pipeline_depth > 1 is not available for topology {worker.topology!r}; "
+            "set it to 1"
         )
     return depth
 
