@@ -123,6 +123,15 @@ def _check_fixed_batches(data_loader: DataLoader[Any]) -> None:
         )
 
 
+def _quiet_engine(accountant: str) -> PrivacyEngine:
+    """Opacus' engine, without its "Secure RNG turned off ... turn it on before production":
+    the noise and the batches come from the OS's generator (or an audit's seeded one), not
+    from the one that warning is about, so it would tell every DP-SGD client the opposite."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Secure RNG turned off", UserWarning)
+        return PrivacyEngine(accountant=accountant)
+
+
 def make_private_client(
     module: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -145,12 +154,7 @@ def make_private_client(
     """
     _check_arguments(server_loss_reduction, epochs, cfg, data_loader)
     _check_module(module)  # before the engine, whose warnings would come first
-    with warnings.catch_warnings():
-        # "Secure RNG turned off ... turn it on before production": the noise and the batches
-        # come from the OS's generator below (or an audit's seeded one), not from the one
-        # that warning is about, so it would tell every DP-SGD client the opposite
-        warnings.filterwarnings("ignore", "Secure RNG turned off", UserWarning)
-        engine = PrivacyEngine(accountant=cfg.accountant)
+    engine = _quiet_engine(cfg.accountant)
     common: dict[str, Any] = {
         "module": module,
         "optimizer": optimizer,
