@@ -9,7 +9,9 @@ import asyncio
 import json
 import logging
 import socket
+import types
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +22,7 @@ from workers.ops.metrics import WorkerMetrics
 from workers.server.runs_api import RunApi
 
 TIMEOUT_S = 5.0
+MIB = 1 << 20
 
 
 class _NoRuns:
@@ -156,4 +159,60 @@ async def test_a_client_that_reads_no_answer_loses_its_connection(
         assert (await raw_get(server.port, "/healthz", b""))[0] == 200
         writer.close()
     finally:
+        await asyncio.wait_for(server.stop(), TIMEOUT_S)
+
+
+class _SavedRun:
+    """The run API's view of a server with one finished run whose model lies in ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        run = types.SimpleNamespace(id="run-1", model=str(path))
+        self.book = types.SimpleNamespace(get=lambda key, scope: run)
+
+
+def _kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(field)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs /proc")
+async def test_model_downloads_that_read_slowly_hold_no_model_in_memory(tmp_path: Path) -> None:
+    # Prepare: a saved model of 64 MiB, on an ops port in this process
+    model = tmp_path / "server.pt"
+    with model.open("wb") as fh:
+        fh.truncate(64 * MIB)
+        fh.seek(64 * MIB - 3)
+        fh.write(b"END")
+    metrics = WorkerMetrics("server", CollectorRegistry(), version="1")
+    routes = RunApi(_SavedRun(model), "admin-secret").add_routes  # type: ignore[arg-type]
+    server = OpsServer(metrics, dict, lambda: True, "127.0.0.1", 0, routes)
+    await asyncio.wait_for(server.start(), TIMEOUT_S)
+    request = (
+        b"GET /runs/run-1/model HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer admin-secret\r\n\r\n"
+    )
+    slow = []
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) from here
+        before = _kib("VmRSS")
+        # Execute: 8 downloads that read their first byte, and nothing more
+        for _ in range(8):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", server.port))
+            reader, writer = await asyncio.open_connection(sock=sock)
+            writer.write(request)
+            await asyncio.wait_for(reader.readexactly(1), TIMEOUT_S)
+            slow.append(writer)
+        peak = _kib("VmHWM")
+        print(f"8 slow downloads of a 64 MiB model: peak RSS +{(peak - before) / 1024:.0f} MiB")
+        # Assert: less than one model's worth held for the 8 (before: 8 x 64 MiB and more)
+        assert (peak - before) * 1024 < 32 * MIB, (before, peak)
+        # and one that reads gets the whole file
+        status, body = await raw_get(server.port, "/runs/run-1/model", b"Bearer admin-secret")
+        assert status == 200 and len(body) == 64 * MIB and body.endswith(b"END")
+    finally:
+        for writer in slow:
+            writer.close()
         await asyncio.wait_for(server.stop(), TIMEOUT_S)

@@ -8,12 +8,15 @@ configured the routes answer 403):
 ``GET  /runs``               every run the server knows, oldest first
 ``GET  /runs/{id}``          one run
 ``POST /runs/{id}/stop``     end an active run now (its model is saved; its clients are refused)
-``GET  /runs/{id}/model``    the run's server segment (``torch.save`` of its ``state_dict``)
+``GET  /runs/{id}/model``    the run's server segment (``torch.save`` of its ``state_dict``), sent
+                             in chunks as the client reads them
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
+import os
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,6 +29,9 @@ from workers.ops.http import bearer_matches
 from workers.ops.runsclient import read_token
 from workers.server.engines.base import Engine
 from workers.server.runs import Run, RunBook
+
+CHUNK = 1 << 20  # bytes of a model read and sent at a time
+SNAPSHOTS = 2  # active runs' models in memory at once, being sent
 
 
 class RunServer(Protocol):
@@ -72,6 +78,7 @@ class RunApi:
         self.server = server
         self.token = token
         self.group_tokens = group_tokens or {}  # token -> the group whose runs it opens
+        self.snapshots = 0  # active runs' models being sent
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/runs", self._guard(self.list_runs))
@@ -115,21 +122,39 @@ class RunApi:
         run = self.server.stop_run(request.match_info["run"], scope)
         return web.json_response(run.info())
 
-    async def model(self, request: web.Request, scope: str | None) -> web.Response:
+    async def model(self, request: web.Request, scope: str | None) -> web.StreamResponse:
+        """Sent in chunks as the client reads them: a saved model from its file (a save
+        meanwhile replaces the file, and this one stays whole), an active run's as its
+        weights are now, at most :data:`SNAPSHOTS` of those at once."""
         run = self.server.book.get(request.match_info["run"], scope)
+        name = f'attachment; filename="{run.id}-server.pt"'
+        response = web.StreamResponse(headers={"Content-Disposition": name})
+        response.content_type = "application/octet-stream"
         if run.model and Path(run.model).exists():
-            body = Path(run.model).read_bytes()
+            with Path(run.model).open("rb") as fh:
+                response.content_length = os.fstat(fh.fileno()).st_size
+                await response.prepare(request)
+                loop = asyncio.get_running_loop()
+                while chunk := await loop.run_in_executor(None, fh.read, CHUNK):
+                    await response.write(chunk)
         else:  # an active run, or no runs folder: the weights as they are now
+            if self.snapshots >= SNAPSHOTS:
+                return _error(503, f"{SNAPSHOTS} models are being sent; try again shortly")
             engine = self.server.engine_of(run)
             engine.settle()
             buf = io.BytesIO()
             torch.save(engine.model.state_dict(), buf)
-            body = buf.getvalue()
-        return web.Response(
-            body=body,
-            content_type="application/octet-stream",
-            headers={"Content-Disposition": f'attachment; filename="{run.id}-server.pt"'},
-        )
+            self.snapshots += 1
+            try:
+                body = buf.getbuffer()
+                response.content_length = len(body)
+                await response.prepare(request)
+                for start in range(0, len(body), CHUNK):
+                    await response.write(body[start : start + CHUNK])
+            finally:
+                self.snapshots -= 1
+        await response.write_eof()
+        return response
 
 
 __all__ = ["RunApi", "group_tokens", "read_token"]
