@@ -155,8 +155,8 @@ class ServerSection:
     reply_cache_mib: int = 256  # each run's remembered replies, in all (oldest steps go first)
     # what a checkpoint keeps of them: each name's newest reply, and older ones up to this
     checkpoint_replies_mib: int = 16
-    hellos_per_s: float = 20.0  # hellos per source address, after a burst of hello_burst
-    hello_burst: int = 100  # hellos a source address may send at once before the rate applies
+    hellos_per_s: float = 20.0  # per key and group (--insecure: address), after hello_burst
+    hello_burst: int = 100  # hellos a key may send at once before the rate applies
     fuse: Literal["concat", "sum", "mean"] = "concat"
     parties: int = 1  # vertical: feature parties; roundrobin/splitfed: clients per round
     group: list[str] = field(default_factory=list)  # roundrobin/splitfed: the members, by name
@@ -168,7 +168,7 @@ class ServerSection:
     # (the client's backward overlaps them); same updates, one extra partial backward.
     reply_first: bool = True
     runs_dir: str = ""  # each run's folder (saved model) and runs.json; "" = next to save
-    max_runs: int = 4  # runs training at once; one more waits (its clients retry)
+    max_runs: int = 4  # runs training at once; one more waits (its clients retry); split by groups
     # A run that applied no step this long after its first training message gives its place
     # up when a new run needs it (a run starts on its first training message, not a hello)
     empty_run_s: float = 60.0
@@ -187,8 +187,9 @@ class ServerSection:
     run_clients: int = 0  # a run ends when this many clients finished; 0 = all that joined
     # A client name whose session sent nothing for this long may be taken by a new session.
     takeover_after_s: float = 5.0
-    # Who may train in one run (docs/security.md): GROUP = [NAME, ...], or a table of members
-    # and token (a run-API token for its runs only). Empty: every admitted client is in one.
+    # Who may train in one run (docs/security.md): GROUP = [NAME, ...], or a table of members,
+    # token (a run-API token for its runs only), max_clients and max_runs (its own share of
+    # the server's; else an even share). Empty: every admitted client is in one.
     groups: dict[str, Any] = field(default_factory=dict)
 
 

@@ -11,7 +11,11 @@ every client of the project), or none (every admitted name in one), run ids stay
 unqualified, as before groups existed.
 
 A group may name a token file: that token opens the run API (``sl-pipeline runs``) for the
-group's runs only; the operator's ``[ops] admin_token`` opens it for every run."""
+group's runs only; the operator's ``[ops] admin_token`` opens it for every run.
+
+Where there are several groups, each has places of its own: peers (``server.max_clients``)
+and active runs (``server.max_runs``) are split between the groups (:meth:`Groups.shares`),
+so one group's clients, however many or hostile, can fill only their own group's places."""
 
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ class Groups:
     by_name: Mapping[str, str] = field(default_factory=dict)  # member name -> its group
     tokens: Mapping[str, str] = field(default_factory=dict)  # group -> its token file
     configured: bool = False
+    # group -> {"max_clients": N, "max_runs": N}: what the group set itself
+    quotas: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, raw: Mapping[str, Any], where: str = "server.groups") -> Groups:
@@ -40,6 +46,7 @@ class Groups:
         each name in one group at most."""
         by_name: dict[str, str] = {}
         tokens: dict[str, str] = {}
+        quotas: dict[str, dict[str, int]] = {}
         for group, entry in raw.items():
             at = f"{where}.{group}"
             if not is_run_id(str(group)):
@@ -47,7 +54,7 @@ class Groups:
                     f"{at}: a group name is 1-64 letters, digits, '_', '.', '-' starting with a "
                     "letter or digit, and not 'runs.json' (the runs folder's index)"
                 )
-            members, token = _entry(entry, at)
+            members, token, quotas[str(group)] = _entry(entry, at)
             for name in members:
                 if name in by_name:
                     raise ConfigError(
@@ -57,7 +64,7 @@ class Groups:
                 by_name[name] = str(group)
             if token:
                 tokens[str(group)] = token
-        return cls(by_name, tokens, configured=bool(raw))
+        return cls(by_name, tokens, configured=bool(raw), quotas=quotas)
 
     @classmethod
     def for_server(
@@ -88,6 +95,38 @@ class Groups:
     def several(self) -> bool:
         """More than one group: their runs are kept apart (ids qualified)."""
         return len(set(self.by_name.values())) > 1
+
+    def shares(self, total: int, key: str) -> dict[str, int]:
+        """Each group's places of the server's ``total`` (``key``: ``max_clients`` or
+        ``max_runs``), by :meth:`namespace`; {}: one pool of ``total`` (no group says more).
+
+        A group that sets ``key`` gets that many; the places left are split between the
+        others evenly, none given more than it has members (a member is one peer and starts
+        one run at a time: more would stand idle), what one does not need going to the rest.
+        The shares add up to ``total`` at most, so each group's places are its own whatever
+        the other groups do; a group left with none stops the server at start."""
+        members = {g: list(self.by_name.values()).count(g) for g in set(self.by_name.values())}
+        own = {g: q[key] for g, q in self.quotas.items() if key in q and g in members}
+        if not self.several:  # one group: the server's places, or fewer where it says so
+            return {ONE_GROUP: min(total, *own.values())} if own else {}
+        if sum(own.values()) > total:
+            raise ConfigError(
+                f"server.groups: the groups' {key} add up to {sum(own.values())}, over "
+                f"server.{key} = {total}; raise server.{key} or lower a group's {key}"
+            )
+        rest = sorted((g for g in members if g not in own), key=lambda g: (members[g], g))
+        left = total - sum(own.values())
+        if len(rest) > left:
+            raise ConfigError(
+                f"server.groups: {len(rest)} groups without {key} of their own share the "
+                f"{left} place(s) server.{key} = {total} leaves them, one each at least; raise "
+                f"server.{key}, or set each group's {key}"
+            )
+        shares = dict(own)
+        for i, group in enumerate(rest):  # the smallest first: what it leaves goes on
+            shares[group] = min(members[group], left // (len(rest) - i))
+            left -= shares[group]
+        return shares
 
     def check_admitted(self, admitted: Iterable[str], where: str = "server.groups") -> None:
         """Every admitted name is in a group and every member is admitted (a typo would
@@ -122,15 +161,29 @@ def qualify(group: str, run_id: str) -> str:
     return f"{group}{SEPARATOR}{run_id}" if group else run_id
 
 
-def _entry(entry: Any, at: str) -> tuple[list[str], str]:
-    token = ""
+QUOTA_KEYS = ("max_clients", "max_runs")  # a group's own share of the server's places
+
+
+def _entry(entry: Any, at: str) -> tuple[list[str], str, dict[str, int]]:
+    token, quotas = "", {}
     if isinstance(entry, Mapping):
-        unknown = sorted(set(entry) - {"members", "token"})
+        unknown = sorted(set(entry) - {"members", "token", *QUOTA_KEYS})
         if unknown:
-            raise ConfigError(f"unknown key '{at}.{unknown[0]}'; valid keys here: members, token")
+            raise ConfigError(
+                f"unknown key '{at}.{unknown[0]}'; valid keys here: members, token, "
+                + ", ".join(QUOTA_KEYS)
+            )
         token = entry.get("token", "")
         if not isinstance(token, str):
             raise ConfigError(f"{at}.token must be a string (a token file), got {token!r}")
+        for key in QUOTA_KEYS:
+            value = entry.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{at}.{key} must be a whole number of places, got {value!r}")
+            if value is not None and value < 1:
+                raise ConfigError(f"{at}.{key} = {value} must be at least 1")
+            if value is not None:
+                quotas[key] = value
         entry = entry.get("members", [])
     if not isinstance(entry, list) or not entry or not all(isinstance(n, str) for n in entry):
         raise ConfigError(
@@ -138,7 +191,7 @@ def _entry(entry: Any, at: str) -> tuple[list[str], str]:
             '(or be a table with members = [...] and token = "FILE"), got '
             f"{entry!r}"
         )
-    return list(entry), token
+    return list(entry), token, quotas
 
 
-__all__ = ["ONE_GROUP", "SEPARATOR", "Groups", "qualify"]
+__all__ = ["ONE_GROUP", "QUOTA_KEYS", "SEPARATOR", "Groups", "qualify"]

@@ -171,6 +171,11 @@ class ZmtpRouter:
         conn = self.connections.get(identity) or self.departed.get(identity)
         return conn.address if conn is not None else "?"
 
+    def key_of(self, identity: bytes) -> bytes | None:
+        """The admitted key the gate let connection ``identity`` in with (None: no gate)."""
+        conn = self.connections.get(identity) or self.departed.get(identity)
+        return conn.key if conn is not None else None
+
     def arrived(self, conn: Connection) -> None:
         if not conn.queued:
             conn.queued = True

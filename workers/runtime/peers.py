@@ -8,7 +8,7 @@ asyncio loop and does the I/O around each decision; a test drives it with bytes.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +88,10 @@ class PeerTable:
         self.admitted_names = admitted_names  # static public key -> name
         self.on_bound = on_bound
         self.peers: dict[bytes, Peer] = {}
+        # Whose places a name takes: its group's (sl_pipeline.tenancy), each group's count
+        # of places; a group not in ``places`` (or every name, by default) shares max_peers.
+        self.group_of: Callable[[str], str] = lambda name: ""
+        self.places: Mapping[str, int] = {}
 
     def name_of(self, hello: dict[str, Any], key: bytes | None) -> str:
         """The name a peer goes by: its admitted key's, never what the hello claims."""
@@ -107,20 +111,33 @@ class PeerTable:
                 f"{self.fingerprint!r}; use the same [model] section and topology on both sides"
             )
         name = self.name_of(hello, key)
-        # Names, not sessions: a name's few pending sessions (PENDING_PER_NAME) hold one place
-        # between them, so one admitted name cannot lock other names out.
-        others = {p.name for p in self.peers.values()} - {name}
-        if len(others) >= self.listen.max_peers:  # a rejoin replaces its own old session
-            confirmed = {p.name for p in self.peers.values() if p.confirmed} - {name}
-            if len(confirmed) < self.listen.max_peers:  # refuse the newcomer; push out nobody
-                self.on_bound("pending_handshakes")
-                raise OverloadedError(
-                    f"{self.role} has too many unfinished handshakes; retry later"
-                )
-            raise OverloadedError(
-                f"{self.role} is full ({self.listen.max_peers} peers); retry later"
-            )
+        self.check_place(name)
         return name
+
+    def check_place(self, name: str) -> None:
+        """Whether ``name`` finds a place among its group's (every name's, without groups).
+
+        Names, not sessions: a name's few pending sessions (PENDING_PER_NAME) hold one place
+        between them, so one admitted name cannot lock other names out; and a name counts
+        against its own group's places only, so one group's names cannot lock another's out."""
+        pool = self.pool_of(name)
+        limit = self.places.get(pool, self.listen.max_peers)
+        mine = [p for p in self.peers.values() if p.name != name and self.pool_of(p.name) == pool]
+        if len({p.name for p in mine}) < limit:  # a rejoin replaces its own old session
+            return
+        whose = f" (group {pool}'s places)" if pool else ""
+        if len({p.name for p in mine if p.confirmed}) < limit:  # refuse; push out nobody
+            self.on_bound("pending_handshakes")
+            raise OverloadedError(
+                f"{self.role} has too many unfinished handshakes{whose}; retry later"
+            )
+        raise OverloadedError(f"{self.role} is full ({limit} peers{whose}); retry later")
+
+    def pool_of(self, name: str) -> str:
+        """Whose places ``name`` takes: its group's, where it has places of its own; else
+        "", the pool of every other name."""
+        group = self.group_of(name)
+        return group if group in self.places else ""
 
     def speaker(self, peer: Peer, msg: Message) -> str:
         """Whom a message speaks for. A configured relay forwards for its own clients, who
@@ -176,10 +193,18 @@ class PeerTable:
 
     def over_budget(self, max_bytes: int) -> bytes | None:
         """When the chunked messages being assembled, all peers together, hold more than
-        ``max_bytes``: the peer holding the most (its session is to be dropped)."""
+        ``max_bytes``: the peer holding the most (its session is to be dropped) of the group
+        holding the most, where groups have places of their own: one group's many keys, each
+        holding a little, push out their own, never another group's one big message."""
         if sum(p.partial_bytes for p in self.peers.values()) <= max_bytes:
             return None
-        return max(self.peers, key=lambda i: self.peers[i].partial_bytes)
+        held: dict[str, int] = {}
+        for peer in self.peers.values():
+            pool = self.pool_of(peer.name)
+            held[pool] = held.get(pool, 0) + peer.partial_bytes
+        most = max(held, key=held.__getitem__)
+        mine = [i for i, p in self.peers.items() if self.pool_of(p.name) == most]
+        return max(mine, key=lambda i: self.peers[i].partial_bytes)
 
     def remove(self, identity: bytes) -> Peer | None:
         return self.peers.pop(identity, None)

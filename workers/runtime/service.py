@@ -32,8 +32,9 @@ from sl_pipeline.messages import Message, error_message
 from sl_pipeline.transport import Channel, frame_buffers, frames_size
 from sl_pipeline.zmtp_router import ZmtpRouter
 from workers.ops.metrics import WorkerMetrics
-from workers.runtime.bounded import TRIM_BYTES, TRIM_EVERY_S, RateLimiter, trim_heap
+from workers.runtime.bounded import TRIM_BYTES, TRIM_EVERY_S, trim_heap
 from workers.runtime.edge import EdgeReports
+from workers.runtime.hellorates import HelloRates
 from workers.runtime.peers import Listen, Peer, PeerTable, hello_refusal, reject_reason
 from workers.runtime.quietlog import QuietLog
 from workers.runtime.startup import (
@@ -72,11 +73,8 @@ class RouterService:
         self.table = PeerTable(listen, self.role, fingerprint, {}, self.metrics.record_bound)
         self.gate: Gate | None = None
         self.handshake = self._make_handshake()
-        self.hello_rate = RateLimiter(
-            listen.hellos_per_s,
-            listen.hello_burst,
-            on_hit=lambda: self.metrics.record_bound("hello_rate"),
-        )
+        hit = lambda: self.metrics.record_bound("hello_rate")  # noqa: E731
+        self.hello_rate = HelloRates(listen.hellos_per_s, listen.hello_burst, hit)
         self.session_id = secrets.token_hex(8)
         self.bound = False
         self._idle = True  # the receiver waits for a message (not handling one)
@@ -282,7 +280,8 @@ class RouterService:
         nbytes = frames_size(frames)
         if is_handshake(buffers):
             self.metrics.record_message("received", "hello", nbytes)
-            answer = self._answer_hello(identity, buffers, endpoint.address_of(identity))
+            where = (endpoint.key_of(identity), endpoint.address_of(identity))
+            answer = self._answer_hello(identity, buffers, *where)
             await self._send_raw(endpoint, identity, answer, "welcome")
             return
         peer = self.peers.get(identity)
@@ -369,10 +368,11 @@ class RouterService:
         nbytes = await endpoint.send(identity, frames)
         self.metrics.record_message("sent", kind, nbytes)
 
-    def _answer_hello(self, identity: bytes, buffers: list[Any], source: str) -> list[bytes]:
+    def _answer_hello(
+        self, identity: bytes, buffers: list[Any], gate_key: bytes | None, source: str
+    ) -> list[bytes]:
         try:
-            if not self.hello_rate.allow(source, time.monotonic()):
-                raise OverloadedError(f"too many hellos from {source}; retry later")
+            self.hello_rate.check(gate_key, source, time.monotonic())
             reply, session, hello, key = self.handshake.answer(buffers, self.accept)
         except SLError as exc:
             result, reason = hello_refusal(exc)

@@ -11,11 +11,12 @@ from typing import Any
 from sl_pipeline.config import ServerConfig, resolve_path
 from sl_pipeline.errors import ConfigError, ProtocolError, RunEndedError
 from sl_pipeline.messages import Kind, Message
-from sl_pipeline.tenancy import Groups
+from sl_pipeline.tenancy import ONE_GROUP, Groups
 from workers.ops.clientseries import ClientSeries
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.appliedlog import AppliedLog
-from workers.runtime.peers import Peer
+from workers.runtime.hellorates import HelloRates
+from workers.runtime.peers import Peer, PeerTable
 from workers.runtime.savedmodel import check_writable, load_weights, save_weights
 from workers.server.engines.base import Engine, Reply
 from workers.server.replycache import MIB, ReplyCache
@@ -54,6 +55,17 @@ class RunHost:
                 "add it to its project's group"
             )
         return group
+
+    def open_book(self, table: PeerTable, hellos: HelloRates) -> RunBook:
+        """The book of runs; each group's own places (peers, runs) and bucket of hellos,
+        so that what one group holds or sends never takes another's (Groups.shares)."""
+        groups, book = self.groups, RunBook.for_server(self._runs_dir(), self.cfg.server)
+        table.group_of = lambda name: groups.group_of(name) or ONE_GROUP
+        table.places = groups.shares(self.cfg.server.max_clients, "max_clients")
+        book.run_places = groups.shares(self.cfg.server.max_runs, "max_runs")
+        if groups.several:
+            hellos.group_of = lambda key: groups.group_of(table.admitted_names.get(key, ""))
+        return book
 
     def _current_run(self, name: str) -> Run | None:
         """Where a client that names no run trains: the run of its group it has open (a
@@ -195,12 +207,12 @@ class RunHost:
         if mine is not None and self.book.idle(mine, now):
             self._give_up(mine)  # its owner's earlier run, which only waited for more clients
         self.book.check_start(run_id, owner, group)
-        if len(self.book.active()) >= self.book.max_runs:  # empty or idle runs give way
-            for gone in self.book.expire_empty(now):
+        if self.book.full(group):  # empty or idle runs of the group's places give way
+            for gone in self.book.expire_empty(now, group):
                 self.metrics.record_bound("empty_runs")
                 self.report_run(gone)
-        if len(self.book.active()) >= self.book.max_runs:
-            for idle in self.book.idle_runs(now)[:1]:
+        if self.book.full(group):
+            for idle in self.book.idle_runs(now, group)[:1]:
                 self._give_up(idle)
         run = self.book.start(run_id, self._new_engine(), self.new_replies(), owner, group)
         self.report_run(run)

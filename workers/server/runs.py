@@ -170,6 +170,8 @@ class RunBook:
         self.empty_run_s = empty_run_s
         self.stalled_run_s = stalled_run_s
         self.runs: dict[str, Run] = {}
+        # each group's places among the active runs (Groups.shares); {}: one pool of max_runs
+        self.run_places: dict[str, int] = {}
 
     # ---- lookup --------------------------------------------------------------------------
     @classmethod
@@ -227,8 +229,9 @@ class RunBook:
         stalled = 0 < self.stalled_run_s <= quiet
         return run.active and ((waiting and quiet >= self.empty_run_s) or stalled)
 
-    def idle_runs(self, now: float) -> list[Run]:
-        return [r for r in self.active() if self.idle(r, now)]
+    def idle_runs(self, now: float, group: str = ONE_GROUP) -> list[Run]:
+        """Idle runs that hold ``group``'s places (another group's runs give none of theirs)."""
+        return [r for r in self.pool(group) if self.idle(r, now)]
 
     def get(self, key: str, group: str | None = None) -> Run:
         """Run ``key`` (a qualified id) for the operator, or for a group's token (``group``:
@@ -246,12 +249,24 @@ class RunBook:
         numbers = [int(m.group(1)) for i in ids if (m := re.fullmatch(r"run-(\d+)", i))]
         return f"run-{max(numbers, default=0) + 1}"
 
-    def check_capacity(self) -> None:
-        if len(self.active()) >= self.max_runs:
-            raise OverloadedError(
-                f"{len(self.active())} runs are active (server.max_runs = {self.max_runs}); "
-                "this run waits until one ends"
-            )
+    def pool(self, group: str = ONE_GROUP) -> list[Run]:
+        """The active runs that hold ``group``'s places: its own where groups have places of
+        their own (another group's runs never take them), else every active run."""
+        mine = group in self.run_places
+        return [r for r in self.active() if not mine or r.group == group]
+
+    def full(self, group: str = ONE_GROUP) -> bool:
+        return len(self.pool(group)) >= self.run_places.get(group, self.max_runs)
+
+    def check_capacity(self, group: str = ONE_GROUP) -> None:
+        if not self.full(group):
+            return
+        places = f"server.max_runs = {self.max_runs}"
+        if group in self.run_places:  # its own: server.groups.G.max_runs, or its share
+            places = f"group {group}'s places: {self.run_places[group]}"
+        raise OverloadedError(
+            f"{len(self.pool(group))} runs are active ({places}); this run waits until one ends"
+        )
 
     # ---- changes -------------------------------------------------------------------------
     def check_join(self, run: Run, client: str) -> None:
@@ -286,17 +301,18 @@ class RunBook:
         self, run_id: str, engine: Engine, replies: ReplyCache, owner: str = "", group: str = ""
     ) -> Run:
         self.check_start(run_id, owner, group)
-        self.check_capacity()
+        self.check_capacity(group)
         run = Run(run_id, engine, replies, owner=owner, group=group)
         self.runs[run.key] = run
         log.info("run %s started by %s", run.key, owner or "the server")
         self.write_index()
         return run
 
-    def expire_empty(self, now: float) -> list[Run]:
-        """Runs that applied no step within ``empty_run_s`` of their start: forgotten, their
-        places freed (however often their clients keep sending steps that fail)."""
-        gone = [r for r in self.active() if not r.steps and now - r.opened >= self.empty_run_s]
+    def expire_empty(self, now: float, group: str = ONE_GROUP) -> list[Run]:
+        """Runs (of ``group``'s places) that applied no step within ``empty_run_s`` of their
+        start: forgotten, their places freed (however often their clients keep sending steps
+        that fail)."""
+        gone = [r for r in self.pool(group) if not r.steps and now - r.opened >= self.empty_run_s]
         for run in gone:
             del self.runs[run.key]
             run.state, run.ended = STOPPED, time.time()

@@ -33,7 +33,7 @@ from workers.runtime.service import Replies, RouterService
 from workers.server.engines.base import Engine
 from workers.server.names import check_name_free
 from workers.server.runhost import RunHost, first_line
-from workers.server.runs import ACTIVE, Run, RunBook, check_run_id, finished_message
+from workers.server.runs import ACTIVE, Run, check_run_id, finished_message
 from workers.server.runs_api import RunApi, group_tokens, read_token
 
 log = logging.getLogger("sl_pipeline.server")
@@ -72,7 +72,7 @@ class ServerWorker(RunHost, RouterService):
         )
         admitted = None if s.insecure else self.table.admitted_names.values()
         self.groups = Groups.for_server(s.groups, admitted, s.group)  # who trains with whom
-        self.book = RunBook.for_server(self._runs_dir(), s)
+        self.book = self.open_book(self.table, self.hello_rate)
         self.check_outputs_writable()
         self.peer_runs: dict[str, str] = {}  # peer name -> the run it trains in
         self.requested: dict[str, str] = {}  # peer name -> the run it asked for ("" = current)
@@ -205,9 +205,9 @@ class ServerWorker(RunHost, RouterService):
     # ---- peers ---------------------------------------------------------------------------
     def accept(self, hello: dict[str, Any], key: bytes | None) -> dict[str, Any]:
         """The welcome carries the run and where it stands for the client (the resume exchange)."""
-        welcome = super().accept(hello, key)
         name = self.peer_name(hello, key)
-        group = self.group_of(name)  # the runs it may see: its group's alone
+        group = self.group_of(name)  # the runs it may see (its group's alone), its places
+        welcome = super().accept(hello, key)
         wanted = str(hello.get("run") or "")
         if wanted:
             try:

@@ -54,7 +54,8 @@ MEANINGS: dict[str, str] = {
     "server.insecure": "plaintext, no authentication (warns on every start)",
     "server.ciphers": "transport AEADs a client may pick from, the server's preference first "
     "(docs/security.md, 'Cipher suites'); a client offering none of them is refused",
-    "server.max_clients": "peers at once; one more is refused as overloaded (it retries)",
+    "server.max_clients": "peers at once; one more is refused as overloaded (it retries); "
+    "split between several [server] groups (docs/security.md)",
     "server.client_timeout_s": "a peer silent for this long is dropped",
     "server.fuse": "vertical: how the parties' activations are joined",
     "data.test_fraction": "share of the rows held out for the test split",
