@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import zmq.asyncio
+from prometheus_client import CollectorRegistry
 
 from sl_pipeline.errors import ConfigError, OverloadedError, PeerError
 from sl_pipeline.handshake import ClientHandshake, refused
@@ -20,6 +21,9 @@ from sl_pipeline.messages import Kind, Message
 from sl_pipeline.tenancy import Groups
 from sl_pipeline.transport import DealerConnection
 from workers.client.worker import ClientWorker
+from workers.ops.clientseries import MAX_CLIENTS
+from workers.ops.labels import RUN_SERIES
+from workers.ops.metrics import WorkerMetrics
 from workers.runtime.hellorates import HelloRates
 from workers.runtime.peers import Listen, Peer, PeerTable
 from workers.server.runs import RunBook
@@ -280,3 +284,31 @@ def test_over_the_inflight_budget_the_group_holding_the_most_loses_its_biggest()
     assert gone is not None and table.peers[gone].name.startswith("a")
     table.places = {}  # without groups' places: the biggest holder, as before
     assert table.peers[table.over_budget(10 * 2**20) or b""].name == "b1"
+
+
+# ---- what one group's keys can do to another group's metrics ------------------------------
+def test_another_groups_churn_of_runs_and_names_keeps_an_active_runs_and_clients_series() -> None:
+    # Prepare: the bank's run trains, its client steps
+    server = WorkerMetrics("server", CollectorRegistry())
+    assert server.clients is not None
+    server.record_run("bank:run-1", 3, True)
+    server.clients.stepped("client-3", 3, 0)
+    # Execute: the hospital's key starts and ends more runs than are kept, and its relay
+    # names more clients behind it than are kept
+    for i in range(RUN_SERIES + 5):
+        server.record_run(f"hospital:r{i}", 1, True)
+        server.record_run(f"hospital:r{i}", 1, False)
+    for i in range(MAX_CLIENTS + 5):
+        server.clients.started(f"relay-1/x{i}", connected=True)
+    # Assert: the bank's series stay (before: both were pushed out); the oldest of the
+    # hospital's own went, and what is exported stays bounded
+    sample = server.registry.get_sample_value
+    assert sample("sl_run_steps", {"run": "bank:run-1"}) == 3
+    assert sample("sl_client_steps", {"client": "client-3"}) == 3
+    assert sample("sl_run_steps", {"run": "hospital:r0"}) is None
+    assert sample("sl_client_connected", {"client": "relay-1/x0"}) is None
+    assert sample("sl_client_connected", {"client": f"relay-1/x{MAX_CLIENTS + 4}"}) == 1
+    runs = {
+        s.labels["run"] for m in server.registry.collect() for s in m.samples if "run" in s.labels
+    }
+    assert len(runs) == RUN_SERIES

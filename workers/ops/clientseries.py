@@ -4,7 +4,8 @@ A client's own ``/metrics`` disappears when it finishes (it exits); the server o
 So the server keeps, per client name: whether it is connected, whether it finished its
 part of its latest run (a completed state the alert rules respect: finished is not down),
 its steps and last step time in that run, its epoch, and the test accuracy it reported on
-leaving. Names are bounded: the newest :data:`MAX_CLIENTS` keep their series.
+leaving. Names are bounded: :data:`MAX_CLIENTS` keep their series (the oldest goes; for a
+relay's client, the oldest of that relay's clients).
 """
 
 from __future__ import annotations
@@ -55,12 +56,21 @@ class ClientSeries:
         if client in self._names:
             self._names.remove(client)
         self._names.append(client)
-        for old in self._names[:-MAX_CLIENTS]:
+        if len(self._names) > MAX_CLIENTS:
+            old = self._oldest_of(client)
+            self._names.remove(old)
             self._stepping.pop(old, None)
             for series in self._all:
                 if old in {s[0] for s in series._metrics}:
                     series.remove(old)
-        self._names = self._names[-MAX_CLIENTS:]
+
+    def _oldest_of(self, client: str) -> str:
+        """Whose series go for newcomer ``client``: the oldest of its own relay's other
+        clients (``relay-1/...``: a relay names them, so its churn of names pushes out its
+        own, never another project's clients), else the oldest name."""
+        relay, _, behind = client.partition("/")
+        mine = (n for n in self._names if behind and n.startswith(f"{relay}/") and n != client)
+        return next(mine, self._names[0])
 
     def joined(self, client: str, training: bool = True) -> None:
         """A peer joined. One that only infers (``predict``, a client past its epochs) trains

@@ -89,6 +89,7 @@ class WorkerMetrics:
         self._progress_metrics(reg)
         self._run_metrics(reg)
         self._runs: dict[str, tuple[Gauge, ...]] = {}  # run -> its series (labels looked up once)
+        self._ended: set[str] = set()  # runs of _runs that ended: their series go first
         # A server's per-client series: visible after a client's own /metrics is gone.
         self.clients = ClientSeries(reg) if role == "server" else None
         self.build_info = Info(
@@ -340,15 +341,24 @@ class WorkerMetrics:
         loss: float | None = None,
         accuracy: float | None = None,
     ) -> None:
-        """A run's progress; only the newest :data:`RUN_SERIES` runs keep their series."""
+        """A run's progress; :data:`RUN_SERIES` runs keep their series, the oldest ended
+        run's going first (else the oldest run's): another group's churn of short runs
+        cannot take an active run's series away."""
         series = self._runs.get(run)
         if series is None:  # every step of a server reports its run: label lookups once
             per_run = (self.run_steps, self.run_active, self.run_train_loss, self.run_test_accuracy)
             series = self._runs[run] = tuple(gauge.labels(run=run) for gauge in per_run)
-            for old in list(self._runs)[:-RUN_SERIES]:
+            ended = [r for r in self._runs if r in self._ended]
+            gone = (ended + [r for r in self._runs if r not in self._ended])[:-RUN_SERIES]
+            for old in gone:
                 del self._runs[old]
+                self._ended.discard(old)
                 for gauge in per_run:
                     gauge.remove(old)
+        if active:
+            self._ended.discard(run)
+        else:
+            self._ended.add(run)
         steps_gauge, active_gauge, loss_gauge, accuracy_gauge = series
         steps_gauge.set(steps)
         active_gauge.set(1 if active else 0)
