@@ -18,6 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from workers.ops.http import OpsServer
+from workers.ops.httpguard import RATE, SCRAPE_COST
 from workers.ops.metrics import WorkerMetrics
 from workers.server.runs_api import RunApi
 
@@ -216,3 +217,31 @@ async def test_model_downloads_that_read_slowly_hold_no_model_in_memory(tmp_path
         for writer in slow:
             writer.close()
         await asyncio.wait_for(server.stop(), TIMEOUT_S)
+
+
+async def test_scrapes_as_fast_as_a_client_can_take_at_most_their_share_of_the_loop(
+    ops: OpsServer,
+) -> None:
+    # Prepare: 8 connections, each asking /metrics again as soon as it has its answer
+    answered: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def scrape(until: float) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", ops.port)
+        try:
+            while loop.time() < until:
+                writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                answered.append(loop.time())
+        finally:
+            writer.close()
+
+    # Execute: for 2 s
+    start = loop.time()
+    await asyncio.wait_for(asyncio.gather(*(scrape(start + 2.0) for _ in range(8))), 30)
+    # Assert: the burst (10 scrapes), then 5 a second (before: hundreds); the last waited
+    # at most 8 turns of a scrape
+    assert 10 <= len([t for t in answered if t < start + 2.0]) <= 10 + 2 * 5 + 1, len(answered)
+    assert max(answered) - start < 2.0 + 8 * SCRAPE_COST / RATE + 1.0

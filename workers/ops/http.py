@@ -34,7 +34,7 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from sl_pipeline.errors import ConfigError
-from workers.ops.httpguard import IDLE_S, STALL_S, GuardedSite
+from workers.ops.httpguard import IDLE_S, SCRAPE_COST, STALL_S, GuardedSite, Throttle
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.quietlog import INTERVAL_S
 
@@ -159,6 +159,7 @@ class OpsServer:
     ) -> None:
         self.metrics = metrics
         self._routes = routes  # more routes (the server's run API)
+        self.throttle = Throttle()
         self.status_token = status_token
         self.host = host
         self.port = port
@@ -170,7 +171,7 @@ class OpsServer:
         self._scraped: asyncio.Event | None = None  # set (and replaced) on each answer
 
     def _make_app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._throttled])
         exposition = make_aiohttp_handler(self.metrics.registry)
 
         async def metrics(request: web.Request) -> web.StreamResponse:
@@ -192,6 +193,12 @@ class OpsServer:
         if self._routes is not None:
             self._routes(app)
         return app
+
+    @web.middleware
+    async def _throttled(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Each request waits its turn (``httpguard``): the loop also runs training."""
+        await self.throttle.turn(SCRAPE_COST if request.path == "/metrics" else 1.0)
+        return await handler(request)  # type: ignore[no-any-return]
 
     async def start(self) -> None:
         """Bind and serve in the running loop. Raises ``OSError`` if the port is taken."""

@@ -12,7 +12,12 @@ anyone who reaches it may connect. :class:`GuardedSite` (an aiohttp site) keeps 
   before, aiohttp's default held either for an hour);
 - an answer the client does not read: its connection is closed once the bytes waiting to go
   to it stayed the same for :data:`STALL_S` (before, such a connection was held for as
-  long as the client lived, past the head's deadline: 64 of them closed the port for good).
+  long as the client lived, past the head's deadline: 64 of them closed the port for good);
+- the event loop's time: requests are answered at :data:`RATE` a second after a burst of
+  :data:`BURST`, a ``/metrics`` scrape (a few ms of rendering) costing :data:`SCRAPE_COST`
+  of them, so at most 5 scrapes a second; one over waits its turn, which costs the loop
+  nothing (before, four clients scraping every millisecond took ~80 scrapes a second and
+  training lost 15-25% of its steps).
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ from workers.runtime.quietlog import QuietLog
 
 _LOG = QuietLog(logging.getLogger("sl_pipeline.ops.requests"))
 MAX_CONNECTIONS = 64
+RATE = 50.0  # requests a second, after BURST
+BURST = 100.0
+SCRAPE_COST = 10.0  # a /metrics scrape counts as this many requests
 IDLE_S = 10.0
 STALL_S = 20.0
 _WHY = b"the ops port has too many connections\n"
@@ -36,6 +44,31 @@ REFUSAL = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_WHY), _WHY)
 )
+
+
+class Throttle:
+    """Turns at ``rate`` a second after a burst of ``burst``, first come first served: each
+    caller is given its time as it asks, and sleeps until then. The callers are the ops
+    port's connections (at most :data:`MAX_CONNECTIONS`, one request at a time each), so a
+    wait is at most ``MAX_CONNECTIONS * SCRAPE_COST / rate`` seconds."""
+
+    def __init__(
+        self, rate: float = RATE, burst: float = BURST, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self._tokens, self._at = burst, clock()
+
+    def reserve(self, cost: float = 1.0) -> float:
+        """Take ``cost`` turns; the seconds to wait before using them."""
+        now = self.clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate) - cost
+        self._at = now
+        return max(0.0, -self._tokens / self.rate)
+
+    async def turn(self, cost: float = 1.0) -> None:
+        wait = self.reserve(cost)
+        if wait > 0:
+            await asyncio.sleep(wait)
 
 
 class _Refused(asyncio.Protocol):
@@ -137,4 +170,4 @@ class GuardedSite(web.BaseSite):
         self._backlogs = backlogs
 
 
-__all__ = ["IDLE_S", "MAX_CONNECTIONS", "STALL_S", "GuardedSite"]
+__all__ = ["IDLE_S", "MAX_CONNECTIONS", "RATE", "SCRAPE_COST", "STALL_S", "GuardedSite", "Throttle"]
