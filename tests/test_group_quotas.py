@@ -26,7 +26,8 @@ from workers.ops.labels import RUN_SERIES
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.hellorates import HelloRates
 from workers.runtime.peers import Listen, Peer, PeerTable
-from workers.server.runs import RunBook
+from workers.server.replycache import ReplyCache
+from workers.server.runs import KEEP_ENDED, RunBook
 from workers.server.worker import ServerWorker
 from workers.tools.inprocess import wait_until
 
@@ -312,3 +313,18 @@ def test_another_groups_churn_of_runs_and_names_keeps_an_active_runs_and_clients
         s.labels["run"] for m in server.registry.collect() for s in m.samples if "run" in s.labels
     }
     assert len(runs) == RUN_SERIES
+
+
+def test_another_groups_churn_of_runs_leaves_the_book_bounded_and_a_groups_runs_listed() -> None:
+    # Prepare: the bank's run ended first (the oldest of all)
+    book = RunBook(None, max_runs=2, run_clients=0)
+    book.run_places = {"hospital": 1, "bank": 1}
+    book.end(book.start("trial", None, ReplyCache(), group="bank"), "finished")  # type: ignore[arg-type]
+    # Execute: the hospital starts and ends more runs than a group's kept
+    for i in range(KEEP_ENDED + 3):
+        run = book.start(f"r{i}", None, ReplyCache(), group="hospital")  # type: ignore[arg-type]
+        book.end(run, "finished")
+    # Assert: the hospital's oldest left the book (what runs.json and each checkpoint hold);
+    # the bank's run is still listed (before: every run was kept, without bound)
+    assert "bank:trial" in book.runs and "hospital:r2" not in book.runs
+    assert len(book.runs) == KEEP_ENDED + 1

@@ -51,6 +51,7 @@ log = logging.getLogger("sl_pipeline.server")
 
 ACTIVE, FINISHED, STOPPED = "active", "finished", "stopped"
 KEEP_ENGINES = 3  # finished runs whose model stays in memory (older ones reload from disk)
+KEEP_ENDED = 500  # ended runs of a group the server lists (older ones: their folders only)
 
 
 def finished_message(client: str, sender: str, run_id: str) -> str:
@@ -250,10 +251,8 @@ class RunBook:
         return f"run-{max(numbers, default=0) + 1}"
 
     def pool(self, group: str = ONE_GROUP) -> list[Run]:
-        """The active runs that hold ``group``'s places: its own where groups have places of
-        their own (another group's runs never take them), else every active run."""
-        mine = group in self.run_places
-        return [r for r in self.active() if not mine or r.group == group]
+        """The active runs that hold ``group``'s places (its own, if it has places)."""
+        return [r for r in self.active() if group not in self.run_places or r.group == group]
 
     def full(self, group: str = ONE_GROUP) -> bool:
         return len(self.pool(group)) >= self.run_places.get(group, self.max_runs)
@@ -331,12 +330,16 @@ class RunBook:
     def end(self, run: Run, state: str) -> None:
         run.state, run.ended = state, time.time()
         run.replies.compact()  # it answers no more retransmissions
-        self._drop_old_engines()
+        self._retire(run.group)
         self.write_index()
 
-    def _drop_old_engines(self) -> None:
-        """Finished runs whose model is on disk need not stay in memory."""
+    def _retire(self, group: str) -> None:
+        """Ended runs whose model is on disk leave memory, and ``group``'s ended runs past
+        the newest KEEP_ENDED leave the book (runs.json, the checkpoint; their models stay in
+        their folders): no group's churn of runs grows what each step's checkpoint writes."""
         ended = [r for r in self.runs.values() if not r.active]
+        for old in [r for r in ended if r.group == group][:-KEEP_ENDED]:
+            del self.runs[old.key]
         for run in ended[:-KEEP_ENGINES]:
             run.applied_log = AppliedLog()
             if run.model and Path(run.model).exists():
