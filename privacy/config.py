@@ -48,7 +48,7 @@ def _check_float(
     value: float,
     *,
     low: float,
-    high: float = math.inf,
+    high: float = 1e6,  # no privacy setting means anything beyond a million
     low_open: bool = False,
     high_open: bool = False,
     hint: str | None = None,
@@ -87,7 +87,6 @@ class NoiseConfig:
             "privacy.noise.sigma",
             self.sigma,
             low=0.0,
-            high=1e6,
             hint="sigma is the noise multiplier; 0 means clipping only",
         )
         _check_float(
@@ -111,7 +110,6 @@ class NoPeekConfig:
             "privacy.nopeek.alpha",
             self.alpha,
             low=0.0,
-            high=1e6,
             hint="alpha weighs dCor(inputs, activations) in the loss; typical 0.01-10",
         )
 
@@ -136,7 +134,7 @@ class DPSGDConfig:
                 hint="set noise_multiplier to fix the noise, or target_epsilon to have it derived",
             )
         if self.noise_multiplier is not None:
-            _check_float("privacy.dpsgd.noise_multiplier", self.noise_multiplier, low=0.0, high=1e6)
+            _check_float("privacy.dpsgd.noise_multiplier", self.noise_multiplier, low=0.0)
         if self.target_epsilon is not None:
             _check_float(
                 "privacy.dpsgd.target_epsilon",
@@ -183,7 +181,6 @@ class LabelConfig:
             "privacy.label.scale",
             self.scale,
             low=0.0,
-            high=1e6,
             low_open=True,
             hint="scale is the noise power relative to the gradients; try 1-4",
         )

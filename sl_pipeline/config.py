@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar
 
 from .ciphers import DEFAULT_CIPHERS, CipherName
 from .configbounds import AT_LEAST, check_float, check_int
+from .configbounds import MAX_PIPELINE_DEPTH as MAX_PIPELINE_DEPTH  # train.pipeline_depth
 from .configfile import apply_overrides, read_toml
 from .errors import ConfigError, LimitError
 from .limits import Limits
@@ -42,12 +43,6 @@ class ModelConfig:
     classes: int = 2
     hidden: int = 64
     seed: int = 0
-
-
-# Steps a pipelined client may keep in flight (train.pipeline_depth); the server's reply cache
-# keeps as many per client. Deeper cost more than a point of digits accuracy even with
-# staleness compensation (docs/performance.md, "Accuracy by depth").
-MAX_PIPELINE_DEPTH = 16
 
 
 @dataclass(frozen=True)

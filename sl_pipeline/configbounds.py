@@ -10,6 +10,7 @@ traceback (a seed of 2**64). Keys where 0 has a documented meaning (``train.thre
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from .errors import ConfigError
@@ -71,7 +72,106 @@ ABOVE_ZERO = {
 MAX_SEED = 2**32 - 1
 AT_MOST: dict[str, int | float] = {"train.threads": 1024, "train.momentum": 1.0}
 AT_MOST.update({f"{section}.seed": MAX_SEED for section in ("model", "train", "data")})
+# Every other number has a ceiling too: a timeout of 1e300 s (or 1e12) was taken, and a client
+# waited on a server that was not there until it was killed; 99999999999 epochs, a port of
+# 99999. Beyond these nothing sensible is meant: a typo, or a unit mistaken.
+YEAR_S = 365 * 24 * 3600  # any duration
+MAX_MIB = 4 * 1024 * 1024  # 4 TiB: any memory or disk budget in MiB
+MAX_BYTES = 2**40  # 1 TiB: a message, a tensor, what is in flight
+MAX_COUNT = 1_000_000  # peers, names, runs, parties, epochs, bursts, checkpoints kept
+MAX_DIM = 2**24  # a model's width, a feature count, a column index, a class count
+AT_MOST.update(
+    {
+        key: YEAR_S
+        for key in (
+            "ops.linger_s",
+            "server.client_timeout_s",
+            "server.empty_run_s",
+            "server.stalled_run_s",
+            "server.open_step_s",
+            "server.takeover_after_s",
+            "client.timeout_s",
+            "client.connect_timeout_s",
+            "client.retry_for_s",
+            "client.wait_for_parties_s",
+            "relay.timeout_s",
+        )
+    }
+)
+AT_MOST.update(
+    {
+        key: MAX_MIB
+        for key in (
+            "data.max_memory_mb",
+            "server.reply_cache_mib",
+            "server.checkpoint_replies_mib",
+            "relay.reply_cache_mib",
+            "relay.request_log_mib",
+        )
+    }
+)
+AT_MOST.update(
+    {
+        f"limits.{name}": MAX_BYTES
+        for name in ("max_header_bytes", "max_tensor_bytes", "max_message_bytes")
+    }
+)
+AT_MOST.update({"limits.max_inflight_bytes": MAX_BYTES, "limits.max_frames": MAX_COUNT})
+AT_MOST.update(
+    {
+        key: MAX_COUNT
+        for key in (
+            "train.epochs",
+            "checkpoint.every_steps",
+            "checkpoint.keep",
+            "server.max_clients",
+            "server.max_names",
+            "server.hello_burst",
+            "server.parties",
+            "server.max_runs",
+            "server.run_clients",
+            "data.shard",
+            "data.shards",
+            "relay.max_names",
+            "relay.rejoin_burst",
+            "server.hellos_per_s",
+            "relay.rejoins_per_s",
+            "client.max_average_ratio",
+        )
+    }
+)
+AT_MOST.update(
+    {
+        key: MAX_DIM
+        for key in (
+            "model.classes",
+            "model.hidden",
+            "model.in_shape",
+            "model.cuts",
+            "server.task_classes",
+            "data.feature_slice",
+            "train.batch_size",
+            "server.max_batch",
+            "relay.max_batch",
+            "relay.segment",
+        )
+    }
+)
+# float32's largest is 3.4e38: a bound above it bounds nothing; a learning rate above 100
+# sends any model's weights to inf in a step or two.
+AT_MOST.update({"limits.max_abs_value": 1e38, "train.lr": 100.0})
+# Steps a pipelined client may keep in flight; the server's reply cache keeps as many per
+# client. Deeper cost more than a point of digits accuracy even with staleness compensation
+# (docs/performance.md, "Accuracy by depth").
+MAX_PIPELINE_DEPTH = 16
+AT_MOST["train.pipeline_depth"] = MAX_PIPELINE_DEPTH
+# provision's project file
+AT_MOST.update({"project.epochs": MAX_COUNT, "project.seed": MAX_SEED})
+AT_MOST["project.pipeline_depth"] = MAX_PIPELINE_DEPTH
+for _site in ("server", "client", "relay"):
+    AT_MOST.update({f"{_site}.port": 65535, f"{_site}.ops_port": 65535})
 MAX_INT = 2**63 - 1
+_ITEM = re.compile(r"\[\d+\]")  # model.in_shape[2] -> model.in_shape
 # Fractions strictly between 0 and 1: a test split of no row, or of every row.
 FRACTIONS = {"data.test_fraction"}
 
@@ -123,8 +223,14 @@ def describe(dotted: str) -> str:
 
 
 def _at_most(raw: int | float, dotted: str) -> int | float:
-    if dotted in AT_MOST and raw > AT_MOST[dotted]:
-        raise ConfigError(f"{dotted} must be at most {AT_MOST[dotted]}, got {raw}")
+    key = _ITEM.sub("", dotted)  # a list's items share its bound
+    most = AT_MOST.get(key)
+    if most is not None and raw > most:
+        low = "above 0" if key in ABOVE_ZERO else f"at least {AT_LEAST.get(key, 0)}"
+        raise ConfigError(
+            f"{dotted} = {raw} is out of range: it must be {low} and at most {most}; "
+            "give a value in that range"
+        )
     return raw
 
 
@@ -132,6 +238,7 @@ __all__ = [
     "ABOVE_ZERO",
     "AT_LEAST",
     "AT_MOST",
+    "MAX_PIPELINE_DEPTH",
     "MAX_SEED",
     "check_float",
     "check_int",
