@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from workers.ops.http import OpsServer
-from workers.ops.httpguard import RATE, SCRAPE_COST
+from workers.ops.httpguard import MAX_CONNECTIONS, RATE, SCRAPE_COST, GuardedSite
 from workers.ops.metrics import WorkerMetrics
 from workers.server.runs_api import RunApi
 
@@ -245,3 +246,39 @@ async def test_scrapes_as_fast_as_a_client_can_take_at_most_their_share_of_the_l
     # at most 8 turns of a scrape
     assert 10 <= len([t for t in answered if t < start + 2.0]) <= 10 + 2 * 5 + 1, len(answered)
     assert max(answered) - start < 2.0 + 8 * SCRAPE_COST / RATE + 1.0
+
+
+async def _served(port: int) -> int:
+    """The status of a ``/healthz`` request, or 0 for a connection reset unanswered."""
+    try:
+        return (await raw_get(port, "/healthz", b""))[0]
+    except ConnectionError:
+        return 0
+
+
+async def test_connections_closed_at_once_leave_the_cap_free() -> None:
+    # Prepare: a guarded site whose clock stands still (a place is never freed by time)
+    app = web.Application()
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = GuardedSite(runner, "127.0.0.1", 0, clock=lambda: 0.0)
+    await site.start()
+    port = int(runner.addresses[0][1])
+    try:
+        # Execute: while the loop is busy (a training step), more than the cap's connections
+        # come, each closed at once; the loop then accepts them in one burst
+        for _ in range(MAX_CONNECTIONS + 20):
+            socket.create_connection(("127.0.0.1", port)).close()
+        # Assert: once the server has seen them closed, none holds a place; before, each
+        # burst's connections held theirs for a second after they were gone
+        deadline = asyncio.get_running_loop().time() + TIMEOUT_S
+        while await _served(port) != 200:
+            assert asyncio.get_running_loop().time() < deadline, "refused for good"
+            await asyncio.sleep(0.05)
+    finally:
+        await runner.cleanup()

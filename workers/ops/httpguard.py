@@ -27,6 +27,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -93,6 +94,7 @@ class GuardedSite(web.BaseSite):
         record_bound: Callable[[str], None] = lambda table: None,
         max_connections: int = MAX_CONNECTIONS,
         stall_s: float = STALL_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(runner)
         self.host, self.port = host, port
@@ -100,9 +102,10 @@ class GuardedSite(web.BaseSite):
         self._record = record_bound
         self._backlogs: dict[object, tuple[int, float]] = {}  # handler -> (bytes, since)
         self._sweeper: asyncio.Task[None] | None = None
-        # handlers made but maybe not yet connected (asyncio calls connection_made a loop
-        # turn later: one burst of accepts would pass the cap) -> when made
+        # handlers made but not yet connected (asyncio calls connection_made a loop turn
+        # later: one burst of accepts would pass the cap) -> when made
         self._fresh: dict[object, float] = {}
+        self._clock = clock
 
     @property
     def name(self) -> str:
@@ -111,20 +114,32 @@ class GuardedSite(web.BaseSite):
     def _protocol(self) -> asyncio.BaseProtocol:
         server = self._runner.server
         assert server is not None
-        live, now = set(server.connections), time.monotonic()
-        self._fresh = {h: t for h, t in self._fresh.items() if h not in live and now - t < 1.0}
-        if len(live) + len(self._fresh) >= self.max_connections:
+        now = self._clock()  # one whose transport failed never connects: forgotten in 1 s
+        self._fresh = {h: t for h, t in self._fresh.items() if now - t < 1.0}
+        if len(server.connections) + len(self._fresh) >= self.max_connections:
             self._record("ops_connections")
             _LOG.warning(
-                "connections", "ops port: %d connections open (its cap); refused one", len(live)
+                "connections",
+                "ops port: %d connections open (its cap); refused one",
+                len(server.connections) + len(self._fresh),
             )
             return _Refused()
         handler = server()
         self._fresh[handler] = now
         return handler
 
+    def _connected(self, handler: Any, transport: asyncio.Transport) -> None:
+        """``Server.connection_made``, which each handler calls as it connects: from here it
+        counts among the server's connections, until it is closed and done."""
+        self._fresh.pop(handler, None)
+        self._made(handler, transport)
+
     async def start(self) -> None:
         await super().start()
+        server = self._runner.server
+        assert server is not None
+        self._made = server.connection_made
+        server.connection_made = self._connected  # type: ignore[method-assign]
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self._protocol, self.host, self.port, reuse_address=True
