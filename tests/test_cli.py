@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import logging
 import subprocess
 import sys
+import threading
 import tomllib
 from pathlib import Path
 
@@ -239,3 +241,41 @@ def test_with_json_logs_a_bad_config_key_is_a_json_line(tmp_path: Path, capsys) 
     assert status == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert "train.epochz" in json.loads(line)["msg"]
+
+
+class _NotAWorker(http.server.BaseHTTPRequestHandler):
+    """Another service on the ops port (node_exporter's default is 9100 too): a page or a
+    404 for every path, /readyz included."""
+
+    status = 200
+
+    def do_GET(self) -> None:
+        self.send_response(self.status)
+        self.end_headers()
+        self.wfile.write(b"<html>node exporter</html>")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("status", [200, 404])
+def test_health_is_not_fooled_by_another_http_service(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], status: int
+) -> None:
+    """README: `health` exits 1 when something other than a worker answers at its ops address;
+    a page answering 200 was taken as a ready worker (exit 0), a 404 as a worker not ready."""
+    handler = type("Handler", (_NotAWorker,), {"status": status})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        cfg = tmp_path / "server.toml"
+        cfg.write_text(f'[ops]\nlisten = "127.0.0.1:{server.server_address[1]}"\n')
+        code = main(["health", "--config", str(cfg), "--timeout", "5"])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "not as an sl-pipeline worker's ops port" in err and len(err.splitlines()) == 1, err

@@ -14,6 +14,7 @@ import re
 import socket
 import urllib.error
 import urllib.request
+from typing import Any
 
 from sl_pipeline.config import ClientConfig
 from sl_pipeline.errors import ConfigError, PeerError, SLError, TransportError
@@ -86,13 +87,21 @@ def refused(exc: PeerError, cfg: ClientConfig) -> SLError:
 
 
 def health_report(url: str, timeout_s: float) -> tuple[bool, str]:
-    """(ready, what was found) for ``GET url/readyz``: the reason, when not ready, in words."""
+    """(ready, what was found) for ``GET url/readyz``: the reason, when not ready, in words.
+    Ready only on the worker's own answer, 200 and ``{"ready": true}``: another service
+    on that port (a page for every path) is not a ready worker."""
     target = f"{url.rstrip('/')}/readyz"
     try:
         with urllib.request.urlopen(target, timeout=timeout_s) as response:
-            return response.status == 200, f"{target} answered {response.status}"
+            body = _readiness(response.read())
+            if body is None:
+                return False, _not_a_worker(url, f"HTTP {response.status}, no readiness")
+            return response.status == 200 and body["ready"], f"{target} answered {response.status}"
     except urllib.error.HTTPError as err:
-        return False, f"the worker answers but is not ready ({err.code}: {_reason(err)})"
+        body = _readiness(err.read())
+        if body is None:
+            return False, _not_a_worker(url, f"HTTP {err.code}")
+        return False, f"the worker answers but is not ready ({err.code}: {body.get('reason')})"
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         if isinstance(reason, ConnectionRefusedError):
@@ -105,17 +114,23 @@ def health_report(url: str, timeout_s: float) -> tuple[bool, str]:
             "overloaded, or its [ops] listen is not this config's"
         )
     except http.client.HTTPException as exc:  # something else listens there
-        return False, (
-            f"something answers at {url} ({type(exc).__name__}), but not as an sl-pipeline "
-            "worker's ops port: its [ops] listen is not this config's"
-        )
+        return False, _not_a_worker(url, type(exc).__name__)
 
 
-def _reason(err: urllib.error.HTTPError) -> str:
+def _readiness(raw: bytes) -> dict[str, Any] | None:
+    """A worker's /readyz body, ``{"ready": BOOL, ...}``; None for anything else."""
     try:
-        return str(json.loads(err.read() or b"{}").get("reason", err.reason))
-    except (json.JSONDecodeError, AttributeError):
-        return str(err.reason)
+        body = json.loads(raw or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return body if isinstance(body, dict) and isinstance(body.get("ready"), bool) else None
+
+
+def _not_a_worker(url: str, what: str) -> str:
+    return (
+        f"something answers at {url} ({what}), but not as an sl-pipeline worker's ops port: "
+        "its [ops] listen is not this config's"
+    )
 
 
 __all__ = ["health_report", "lost_server", "no_server", "probe", "refused"]
