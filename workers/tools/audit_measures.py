@@ -302,12 +302,14 @@ def _epsilons(trained: Trained) -> dict[str, Any]:
     any one record counted on the wire (training epochs and evaluation passes alike). DP-SGD:
     what Opacus' accountant reports. ``epsilon`` is the activation one when that noise is on,
     else DP-SGD's, and ``epsilon_mechanism`` says which."""
-    from privacy.accounting import activation_release_statement
-
     out: dict[str, Any] = {}
     for client, released in zip(trained.clients, trained.releases, strict=True):
         noise = client.runner.privacy.noise
         if noise is not None and noise.sigma > 0 and released:
+            # imported here: Opacus' accountants import scipy (~2 s of CPU an audit without
+            # activation noise never needs)
+            from privacy.accounting import activation_release_statement
+
             statement = activation_release_statement(noise, max(released.values()))
             if statement["activation_epsilon"] >= out.get("activation_epsilon", -1.0):
                 out.update(statement)
