@@ -131,8 +131,8 @@ def assemblies(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
     return seen
 
 
-def _cli(files: dict[str, Path]) -> list[str]:
-    extra = [arg for s in FAST for arg in ("--set", s)]
+def _cli(files: dict[str, Path], *sets: str) -> list[str]:
+    extra = [arg for s in sets for arg in ("--set", s)]
     return ["client", "--config", str(files["client-1"]), "--no-progress", "--json", *extra]
 
 
@@ -161,7 +161,7 @@ def test_an_unfinished_chunked_reply_ends_the_client_in_one_line_within_its_boun
     server.mode = mode
     status, says = ATTACKS[mode]
     # Execute
-    code = main(_cli(files))
+    code = main(_cli(files, *FAST))
     ended = time.monotonic()
     err = capsys.readouterr().err
     # Assert: one line, within the bounds; one unfinished message held at a time, none after
@@ -181,7 +181,9 @@ def test_an_unfinished_chunked_reply_ends_the_client_in_one_line_within_its_boun
     assert assemblies["made"] and max(assemblies["alive"]) == 0, assemblies["alive"]
     gc.collect()
     assert all(ref() is None for ref in assemblies["made"])
-    # Execute / Assert: the same command carries on against the server answering honestly
+    # Execute / Assert: the same command carries on against the server answering honestly,
+    # within the client's configured bounds (FAST's 0.3 s for a 3 MiB reply had the client
+    # rejoin at most steps of this run at load 4: 11-19 s of the test's 14-38)
     server.mode = None
     assert main(_cli(files)) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 15
