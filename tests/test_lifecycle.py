@@ -147,7 +147,7 @@ def test_json_logs_are_json_on_every_stderr_line(
     deployment: Callable[..., dict[str, Path]], procs: Procs, progress: list[str]
 ) -> None:
     # Prepare
-    files = deployment(clients=1, epochs=2, ops=True)
+    files = deployment(clients=1, dataset="breast_cancer", epochs=2, ops=True)
     server = procs.start("server", files["server"], "--log-format", "json")
 
     # Execute: a full (short) training, then a clean stop of the server
