@@ -110,9 +110,10 @@ def test_a_results_file_of_unknown_origin_is_not_overwritten(
 def test_sigterm_through_the_console_script_then_the_same_command_finishes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # Prepare: a real tune of a base and two settings, stopped once the base is saved
+    # Prepare: a real tune of a base and a setting, stopped once the base is saved (one
+    # setting: the rerun's measuring a second one cost ~4 s and checked nothing more)
     out = tmp_path / "tuned"
-    argv = ["tune", *SMALL, "--sweep", "privacy.noise.sigma=0.5,1", "--out", str(out)]
+    argv = ["tune", *SMALL, "--sweep", "privacy.noise.sigma=0.5", "--out", str(out)]
     script = Path(sys.executable).parent / "sl-pipeline"
     proc = subprocess.Popen(
         [str(script), *argv], cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -132,16 +133,14 @@ def test_sigterm_through_the_console_script_then_the_same_command_finishes(
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "Traceback" not in err
     assert "tune interrupted by SIGTERM" in err and "rerun the same command" in err
-    assert saved[0]["name"] == "base" and len(saved) < 3
+    assert [row["name"] for row in saved] == ["base"]
     # Execute: the same command again
     status = main([*argv, "--json"])
     # Assert: it measured the rest and kept what was saved
     captured = capsys.readouterr()
     rows = json.loads(captured.out.strip().splitlines()[-1])
     assert status == 0
-    assert (
-        f"{len(saved)} of 3 settings (the base run included) are already measured" in captured.err
-    )
-    assert [r["name"] for r in rows] == ["base", "sigma=0.5", "sigma=1"]
-    assert rows[: len(saved)] == saved
+    assert "1 of 2 settings (the base run included) are already measured" in captured.err
+    assert [r["name"] for r in rows] == ["base", "sigma=0.5"]
+    assert rows[:1] == saved
     assert json.loads((out / "results.json").read_text()) == rows
