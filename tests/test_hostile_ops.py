@@ -282,3 +282,28 @@ async def test_connections_closed_at_once_leave_the_cap_free() -> None:
             await asyncio.sleep(0.05)
     finally:
         await runner.cleanup()
+
+
+async def test_a_head_of_a_model_has_no_body_to_confuse_the_next_answer(tmp_path: Path) -> None:
+    # Prepare: a saved model, on an ops port
+    model = tmp_path / "server.pt"
+    model.write_bytes(b"MODEL" * 1000)
+    metrics = WorkerMetrics("server", CollectorRegistry(), version="1")
+    routes = RunApi(_SavedRun(model), "admin-secret").add_routes  # type: ignore[arg-type]
+    server = OpsServer(metrics, dict, lambda: True, "127.0.0.1", 0, routes)
+    await asyncio.wait_for(server.start(), TIMEOUT_S)
+    try:
+        # Execute: HEAD of the model, then another request on the same connection
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(
+            b"HEAD /runs/run-1/model HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer admin-secret"
+            b"\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        answer = await asyncio.wait_for(reader.read(), TIMEOUT_S)
+        writer.close()
+        # Assert: the model's length and no byte of it; the next answer follows the head
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Length: 5000" in head
+        assert rest.startswith(b"HTTP/1.1 200 ") and rest.endswith(b"\r\n\r\nok\n"), rest[:80]
+    finally:
+        await asyncio.wait_for(server.stop(), TIMEOUT_S)

@@ -135,7 +135,9 @@ class RunApi:
                 response.content_length = os.fstat(fh.fileno()).st_size
                 await response.prepare(request)
                 loop = asyncio.get_running_loop()
-                while chunk := await loop.run_in_executor(None, fh.read, CHUNK):
+                while body_wanted(request) and (
+                    chunk := await loop.run_in_executor(None, fh.read, CHUNK)
+                ):
                     await response.write(chunk)
         else:  # an active run, or no runs folder: the weights as they are now
             if self.snapshots >= SNAPSHOTS:
@@ -149,12 +151,18 @@ class RunApi:
                 body = buf.getbuffer()
                 response.content_length = len(body)
                 await response.prepare(request)
-                for start in range(0, len(body), CHUNK):
+                for start in range(0, len(body) if body_wanted(request) else 0, CHUNK):
                     await response.write(body[start : start + CHUNK])
             finally:
                 self.snapshots -= 1
         await response.write_eof()
         return response
+
+
+def body_wanted(request: web.Request) -> bool:
+    """Not for ``HEAD``: a body written after its head would be read as the answer to the
+    connection's next request (aiohttp leaves a streamed body to the handler)."""
+    return request.method != "HEAD"
 
 
 __all__ = ["RunApi", "group_tokens", "read_token"]
