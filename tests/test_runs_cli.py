@@ -218,17 +218,14 @@ def test_ops_verbs_at_a_port_of_another_program_say_so_in_one_line(
         # Execute
         runs = _cli(capsys, "runs", "list", "--config", str(config))
         health = _cli(capsys, "health", "--config", str(config), "--timeout", "5")
-    # Assert: runs, a config problem (exit 2); health, not ready (exit 1, a probe's answer
-    # when the not-HTTP port cannot be read) or ready (a web page answered 200: a probe
-    # asks only for that); each one line naming the address and what to do
+    # Assert: runs, a config problem (exit 2); health, not ready (exit 1, a probe's answer;
+    # a web page answering 200 is no worker's readiness either: README); each one line
+    # naming the address and what to do
     assert runs[0] == 2 and runs[2].count("\n") == 1
     assert f"something answers at http://{listen}" in runs[2]
     assert f"set [ops] listen in {config} to the server's ops address" in runs[2]
-    if reply.startswith(b"HTTP"):
-        assert health[0] == 0
-    else:
-        assert health[0] == 1 and health[2].count("\n") == 1
-        assert f"something answers at http://{listen}" in health[2]
+    assert health[0] == 1 and health[2].count("\n") == 1
+    assert f"something answers at http://{listen}" in health[2]
 
 
 def test_the_runs_verb_starts_without_torch(tmp_path: Path) -> None:
