@@ -279,3 +279,44 @@ def test_health_is_not_fooled_by_another_http_service(
     err = capsys.readouterr().err
     assert code == 1
     assert "not as an sl-pipeline worker's ops port" in err and len(err.splitlines()) == 1, err
+
+
+class _OtherJsonApi(_NotAWorker):
+    """Another JSON API on the address the run API should be at."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"status": "ok", "runs": [{"id": 5}]}')
+
+    do_POST = do_GET
+
+
+@pytest.mark.parametrize(
+    "action", [["list"], ["status", "run-1"], ["stop", "run-1"], ["download", "run-1"]]
+)
+def test_runs_is_not_fooled_by_another_json_api(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], action: list[str]
+) -> None:
+    """README: `runs` exits 2, one line, when something other than the server's ops port
+    answers at [ops] listen; JSON of another shape was a KeyError traceback (exit 1), and
+    `download` wrote the other API's answer as the run's model."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OtherJsonApi)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        (tmp_path / "token").write_text("a-long-random-admin-token\n")
+        cfg = tmp_path / "server.toml"
+        port = server.server_address[1]
+        cfg.write_text(f'[ops]\nlisten = "127.0.0.1:{port}"\nadmin_token = "token"\n')
+        out = ["--out", str(tmp_path / "run-1.pt")] if action[0] == "download" else []
+        code = main(["runs", *action, "--config", str(cfg), *out])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "not as an sl-pipeline server's ops port" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run-1.pt").exists()

@@ -240,7 +240,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
     api = RunClient(args.config)
     if args.action == "list":
-        body = api.json("GET", "/runs")
+        body = api.runs()
         print(json.dumps(body) if args.json else format_runs(body["runs"]))
         return 0
     if not args.run:
@@ -249,12 +249,12 @@ def cmd_runs(args: argparse.Namespace) -> int:
         out = args.out or Path(f"{args.run}-server.pt")
         if out.exists():  # another run's model, or anything else: the user's to keep
             raise ConfigError(f"--out {str(out)!r} exists; give a new file name (or move it)")
-        _write_new(out, api.call("GET", f"/runs/{args.run}/model"))
+        _write_new(out, api.model(args.run))
         print(json.dumps({"run": args.run, "file": str(out)}) if args.json else f"wrote {out}")
         return 0
     method = "POST" if args.action == "stop" else "GET"
     suffix = "/stop" if args.action == "stop" else ""
-    info = api.json(method, f"/runs/{args.run}{suffix}")
+    info = api.run(method, f"/runs/{args.run}{suffix}")
     print(json.dumps(info) if args.json else format_runs([info]))
     return 0
 

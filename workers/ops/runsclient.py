@@ -79,6 +79,28 @@ class RunClient:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise self._not_ours("a reply that is not JSON") from None
 
+    def runs(self) -> dict[str, Any]:
+        """``GET /runs``: ``{"runs": [RUN, ...]}``, or a one-line refusal for another API."""
+        body = self.json("GET", "/runs")
+        runs = body.get("runs") if isinstance(body, dict) else None
+        if not isinstance(runs, list) or not all(map(_is_run, runs)):
+            raise self._not_ours("JSON that lists no runs")
+        return dict(body)
+
+    def run(self, method: str, path: str) -> dict[str, Any]:
+        """One run's record (``status``, ``stop``)."""
+        info = self.json(method, path)
+        if not _is_run(info):
+            raise self._not_ours("JSON that describes no run")
+        return dict(info)
+
+    def model(self, run: str) -> bytes:
+        """A run's saved server segment: ``torch.save``'s zip archive, nothing else."""
+        data = self.call("GET", f"/runs/{run}/model")
+        if not data.startswith(b"PK\x03\x04"):
+            raise self._not_ours("a reply that is no saved model")
+        return data
+
     def _not_ours(self, what: str) -> ConfigError:
         return ConfigError(
             f"something answers at {self.url} ({what}), but not as an sl-pipeline server's "
@@ -97,6 +119,18 @@ def _http_error(err: urllib.error.HTTPError, url: str) -> ConfigError:
             "use the token file from the server's [ops] admin_token"
         )
     return ConfigError(f"the server at {url} answered {err.code}: {text or err.reason}")
+
+
+RUN_FIELDS = ("id", "state", "steps", "clients", "duration_s", "model")
+
+
+def _is_run(record: Any) -> bool:
+    """A run's record as the run API sends it (what :func:`format_runs` shows)."""
+    return (
+        isinstance(record, dict)
+        and all(key in record for key in RUN_FIELDS)
+        and isinstance(record["clients"], list)
+    )
 
 
 def format_runs(runs: list[dict[str, Any]]) -> str:
