@@ -165,6 +165,8 @@ LONG_FIRST = (
     "test_privacy_reproducible.py",
     "test_e2e.py",
     "test_group_recovery.py",
+    "test_privacy_label_attacks.py",
+    "test_predict_and_demo.py",
     "test_lifecycle.py",
     "test_ushaped_leave.py",
     "test_bench_smoke.py",
