@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -154,6 +155,9 @@ def _quiet() -> None:
     from workers.ops.logs import configure_logging
 
     configure_logging("text", "WARNING", "audit")
+    # A message the in-process server failed (a full disk) ends the command as its one line
+    # (inprocess.raise_failure), not also as the server's log line.
+    logging.getLogger("sl_pipeline.service").setLevel(logging.CRITICAL)
     torch.set_num_threads(1)
     # Opacus says this on every DP-SGD step of a first segment (its inputs need no grad).
     warnings.filterwarnings("ignore", message="Full backward hook is firing")

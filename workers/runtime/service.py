@@ -82,6 +82,7 @@ class RouterService:
         self._endpoint: ZmtpRouter | None = None
         self.quiet = QuietLog(log)  # what peers can make us log, once per peer per interval
         self.edge = EdgeReports(self.metrics, self.quiet)
+        self.failure: Exception | None = None  # the last message's that ended as `internal`
 
     def _make_handshake(self) -> ServerHandshake:
         s, section, frames = self.listen, self.listen.section, self.limits.max_frames
@@ -219,14 +220,13 @@ class RouterService:
     async def _internal_failure(
         self, endpoint: ZmtpRouter, identity: bytes, exc: Exception
     ) -> None:
-        """An error nobody foresaw while handling one message: a log line with the trace,
-        a metric, and an ``internal`` error reply to an authenticated peer (a stranger gets
-        nothing). The worker goes on serving everyone else."""
+        """An error nobody foresaw handling one message, kept as ``failure``: a log line (the
+        trace unless an SLError's: a full disk's), a metric, an ``internal`` reply to a peer."""
         self.metrics.record_rejected("internal")
-        peer = self.peers.get(identity)
-        who = peer.name if peer else "an unauthenticated peer"
+        peer, self.failure = self.peers.get(identity), exc
+        who, trace = peer.name if peer else "an unauthenticated peer", not isinstance(exc, SLError)
         line = "internal error while handling a message from %s: %s: %s"
-        log.error(line, who, type(exc).__name__, str(exc)[:200], exc_info=exc)
+        log.error(line, who, type(exc).__name__, str(exc)[:200], exc_info=exc if trace else None)
         if peer is None:
             return
         notice = error_message("internal", "the message could not be handled; see the log")

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import signal
 import sys
-import tempfile
 import threading
 from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
@@ -54,6 +53,7 @@ from workers.tools.audit_taps import (
 )
 from workers.tools.inprocess import build_deployment, train
 from workers.tools.localdeploy import DATASETS, init_deployment
+from workers.tools.staging import scratch
 from workers.topologies import topology as find_topology
 
 SERVER_PREFIXES = ("privacy.label.", "server.")
@@ -349,9 +349,9 @@ def run_audit(
     """
     check_args(topology, dataset, epochs)
     n = find_topology(topology).min_clients if clients is None else clients  # 0: refused
-    with tempfile.TemporaryDirectory(prefix="sl-audit-") as tmp:
+    with scratch("audit") as tmp:
         made = init_deployment(
-            Path(tmp) / "deploy",
+            tmp / "deploy",
             topology=topology,
             clients=n,
             dataset=dataset,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sl_pipeline.config import ClientConfig, RelayConfig, ServerConfig, load
-from sl_pipeline.errors import SLError, TransportError
+from sl_pipeline.errors import PeerError, SLError, TransportError
 from workers.client.worker import ClientWorker
 from workers.relay import RelayWorker
 from workers.server.worker import ServerWorker
@@ -80,6 +80,17 @@ def raise_crash(services: Sequence[asyncio.Future[Any]]) -> None:
             ) from error
 
 
+def raise_failure(run: InProcess) -> None:
+    """A client was told ``internal``: the server's or relay's own failure (a full disk
+    while it checkpoints) in its place, as one SLError line."""
+    for worker in (run.server, run.relay):
+        failure = worker.failure if worker is not None else None
+        if isinstance(failure, SLError):
+            raise failure
+        if failure is not None:
+            raise SLError(f"a worker failed: {type(failure).__name__}: {failure}") from failure
+
+
 async def _started(service: asyncio.Future[Any], ready: Callable[[], bool]) -> None:
     """Wait (bounded) until a service is ready; a service that ended first re-raises."""
     await wait_until(lambda: ready() or service.done())
@@ -115,6 +126,9 @@ async def train(
             if any(service.done() for service in services):
                 raise TransportError("a worker stopped before the clients finished")
             raise TransportError(f"training did not finish within {timeout_s:.0f}s")
+        error = runs.exception()
+        if isinstance(error, PeerError) and error.remote_code == "internal":
+            raise_failure(run)
         run.summaries = list(runs.result())
         if until is not None:
             await wait_until(lambda: until(run.server))

@@ -8,12 +8,13 @@ a rerun would refuse as existing, or a worker would trust.
 from __future__ import annotations
 
 import contextlib
+import errno
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from sl_pipeline.errors import ConfigError
+from sl_pipeline.errors import ConfigError, SLError
 
 
 @contextlib.contextmanager
@@ -45,4 +46,33 @@ def renamed(stage: Path, out: Path) -> None:
         raise ConfigError(f"{out} is not empty; give a new folder (nothing was written)") from exc
 
 
-__all__ = ["renamed", "staged"]
+FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # a full disk, a file-size limit, a quota
+
+
+@contextlib.contextmanager
+def scratch(command: str) -> Iterator[Path]:
+    """A temporary folder to train a throwaway deployment in (audit, tune, the canary runs),
+    removed after. A disk that fills there (a checkpoint, a saved model) is one line naming
+    the reason and TMPDIR, not what the worker that hit it could say."""
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"sl-{command}-") as tmp:
+            yield Path(tmp)
+    except (SLError, OSError) as exc:
+        full = (e for e in _chain(exc) if isinstance(e, OSError) and e.errno in FULL)
+        reason = next((e.strerror for e in full), None)
+        if reason is None:
+            raise
+        raise ConfigError(
+            f"cannot write in the {command}'s temporary folder ({reason}): free some space in "
+            f"{tempfile.gettempdir()}, or set TMPDIR to a folder with room; then run it again"
+        ) from exc
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling."""
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+__all__ = ["renamed", "scratch", "staged"]

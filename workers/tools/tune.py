@@ -319,7 +319,14 @@ def plot_results(rows: Sequence[dict[str, Any]], out: Path) -> Path:
     plotted = [r for r in rows if isinstance(r.get("test_accuracy"), float)]
     if plotted:
         out.mkdir(parents=True, exist_ok=True)
-        plot_frontier(plotted, png, label_key="name")
+        try:
+            plot_frontier(plotted, png, label_key="name")
+        except OSError as exc:  # a full disk: no half picture; the rows are saved already
+            png.unlink(missing_ok=True)
+            raise ConfigError(
+                f"cannot write {png} ({exc.strerror or exc}): free some space and run the same "
+                "command again; its rows are saved and not measured again"
+            ) from None
     return png
 
 

@@ -140,5 +140,12 @@ def _csv_text(rows: Sequence[Row]) -> str:
 def _replace(path: Path, text: str) -> None:
     """Write ``path`` whole or not at all: a kill mid-write leaves the previous file."""
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except OSError as exc:  # a full disk: the rows saved before stay, whole
+        partial.unlink(missing_ok=True)
+        raise ConfigError(
+            f"cannot save the tune's rows in {path} ({exc.strerror or exc}): free some space "
+            "and run the same command again; the rows saved before are kept and not measured again"
+        ) from None
