@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,6 +34,7 @@ from workers.server.runs import Run, RunBook
 
 CHUNK = 1 << 20  # bytes of a model read and sent at a time
 SNAPSHOTS = 2  # active runs' models in memory at once, being sent
+SNAPSHOT_EVERY_S = 10.0  # an active run's model is saved (in the event loop) this seldom
 
 
 class RunServer(Protocol):
@@ -46,6 +49,14 @@ class RunServer(Protocol):
 
 def _error(status: int, text: str) -> web.Response:
     return web.json_response({"error": text}, status=status)
+
+
+def _busy(retry_s: int) -> web.Response:
+    text = (
+        f"an active run's model is saved for download once every {SNAPSHOT_EVERY_S:.0f}s, "
+        f"{SNAPSHOTS} at a time; try again in {retry_s}s"
+    )
+    return web.json_response({"error": text}, status=503, headers={"Retry-After": str(retry_s)})
 
 
 def group_tokens(
@@ -79,6 +90,7 @@ class RunApi:
         self.token = token
         self.group_tokens = group_tokens or {}  # token -> the group whose runs it opens
         self.snapshots = 0  # active runs' models being sent
+        self.snapshot_at = -SNAPSHOT_EVERY_S  # when the last was taken (monotonic)
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/runs", self._guard(self.list_runs))
@@ -125,7 +137,8 @@ class RunApi:
     async def model(self, request: web.Request, scope: str | None) -> web.StreamResponse:
         """Sent in chunks as the client reads them: a saved model from its file (a save
         meanwhile replaces the file, and this one stays whole), an active run's as its
-        weights are now, at most :data:`SNAPSHOTS` of those at once."""
+        weights are now: saving them holds the event loop (training), so one every
+        :data:`SNAPSHOT_EVERY_S` at most, :data:`SNAPSHOTS` of them in memory at once."""
         run = self.server.book.get(request.match_info["run"], scope)
         name = f'attachment; filename="{run.id}-server.pt"'
         response = web.StreamResponse(headers={"Content-Disposition": name})
@@ -140,8 +153,10 @@ class RunApi:
                 ):
                     await response.write(chunk)
         else:  # an active run, or no runs folder: the weights as they are now
-            if self.snapshots >= SNAPSHOTS:
-                return _error(503, f"{SNAPSHOTS} models are being sent; try again shortly")
+            wait = self.snapshot_at + SNAPSHOT_EVERY_S - time.monotonic()
+            if self.snapshots >= SNAPSHOTS or wait > 0:
+                return _busy(max(1, math.ceil(wait)))
+            self.snapshot_at = time.monotonic()
             engine = self.server.engine_of(run)
             engine.settle()
             buf = io.BytesIO()
