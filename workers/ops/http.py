@@ -211,6 +211,7 @@ class OpsServer:
             shutdown_timeout=_SHUTDOWN_TIMEOUT_S,
             logger=REQUEST_ERRORS,
             keepalive_timeout=IDLE_S,
+            lingering_time=0.0,  # a body nobody asked for is not read: the connection ends
         )
         await runner.setup()
         try:
