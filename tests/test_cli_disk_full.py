@@ -5,6 +5,7 @@ it fails with EFBIG, as one on a full disk fails with ENOSPC."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.server
 import resource
@@ -14,19 +15,25 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
+import numpy as np
 import pytest
 import torch
 
-from sl_pipeline.config import ServerConfig, load
+from sl_pipeline.config import ClientConfig, ServerConfig, load
+from sl_pipeline.data import load_party_data
 from tests.threadserver import ThreadServer
 from workers.cli import main
+from workers.tools.inprocess import run_deployment
 from workers.tools.localdeploy import Table, to_toml
 
 LIMIT_BYTES = 4096  # far less than a trained segment
 
 
-def _console(*argv: str, limit: int | None = LIMIT_BYTES) -> subprocess.CompletedProcess[str]:
+def _console(
+    *argv: str, limit: int | None = LIMIT_BYTES, stdout: IO[str] | None = None
+) -> subprocess.CompletedProcess[str]:
     def small_disk() -> None:
         if limit is not None:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -35,7 +42,8 @@ def _console(*argv: str, limit: int | None = LIMIT_BYTES) -> subprocess.Complete
     return subprocess.run(
         [sys.executable, "-m", "workers", *argv],
         preexec_fn=small_disk,
-        capture_output=True,
+        stdout=stdout or subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         timeout=120,
         check=False,
@@ -238,3 +246,25 @@ def test_a_full_disk_while_tune_saves_keeps_the_rows_saved_before(
     assert "No space left on device" in lines[0] and "kept" in lines[0], lines
     # was a results.json.partial cut short, and the raw error naming it
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix != ".png"} == saved
+
+
+@pytest.mark.slow
+def test_predictions_onto_a_full_disk_are_one_line_and_the_model_is_kept(deployment) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(dataset="breast_cancer")
+    asyncio.run(run_deployment(files))
+    base = files["server"].parent
+    x = load_party_data(load(ClientConfig, files["client-1"]).data, base, 2).test.x[:100]
+    header = ",".join(f"f{i}" for i in range(x.shape[1]))
+    np.savetxt(base / "inputs.csv", x.numpy(), delimiter=",", header=header, comments="")
+    model = base / "state" / "client-1.pt"
+    before = model.read_bytes()
+    predict = ["predict", "--config", str(files["client-1"]), "--input", str(base / "inputs.csv")]
+    with ThreadServer(files["server"]):
+        for flags in (["--json"], []):  # `> predictions.csv` on a disk that fills
+            with (base / "predictions.csv").open("w") as out:
+                done = _console(*predict, *flags, limit=100, stdout=out)
+            # was a traceback: OSError: [Errno 27] File too large, from print
+            assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+            assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+            assert "cannot write the output (File too large)" in done.stderr, done.stderr
+    assert model.read_bytes() == before

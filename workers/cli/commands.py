@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -308,9 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(args, "interrupted (Ctrl-C); run the command again to start over")
         return 130
     except OSError as exc:  # a path the command could not use: the operator's to fix
-        if exc.filename is None:
+        if exc.filename is None and exc.errno not in DISK_FULL:
             raise
-        _error(args, _path_problem(exc))
+        _error(args, _path_problem(exc) if exc.filename else _output_problem(exc))
         return 2
 
 
@@ -345,6 +346,17 @@ def _error(args: argparse.Namespace, problem: str) -> None:
     print(line, file=sys.stderr)
 
 
+# A full disk, a file-size limit, a quota: with no file named, the output (stdout) it is.
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def _output_problem(exc: OSError) -> str:
+    return (
+        f"cannot write the output ({exc.strerror or exc}); what was written is incomplete: "
+        "free some space where it goes (or send it elsewhere) and run the command again"
+    )
+
+
 def _path_problem(exc: OSError) -> str:
     where = f"{exc.filename!r}" + (f" -> {exc.filename2!r}" if exc.filename2 else "")
     return (
@@ -368,6 +380,13 @@ def console() -> NoReturn:
     argv = sys.argv[1:]
     code = main(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # done: a Ctrl-C now would only lose the status
+    try:
+        sys.stdout.flush()
+    except OSError as exc:  # what is left of the output: its disk is full (said once)
+        if code == 0:
+            print(f"sl-pipeline {argv[0]}: error: {_output_problem(exc)}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(code or 2)  # no second try at interpreter exit ("Exception ignored in")
     if argv and argv[0] in WORKER_COMMANDS:
         logging.shutdown()
         sys.stdout.flush()
