@@ -143,7 +143,7 @@ class ServerSection:
     # Admitted peers that may speak for clients of their own (the `client` field of a
     # message): relays only. Everyone else is known by its admitted name alone.
     relays: list[str] = field(default_factory=list)
-    max_names: int = 256  # names (clients, a relay's clients) whose replies are remembered
+    max_names: int = 256  # names (clients, a relay's clients) a run holds, replies remembered
     # Samples one forward/evaluate/predict may carry; 0 = the larger of train.batch_size
     # and 256 (a client's evaluation batch). A bigger batch is refused before any work.
     max_batch: int = 0

@@ -1,4 +1,5 @@
-"""One live session per client name on a server: who may take a name over."""
+"""One live session per client name on a server: who may take a name over; and how many
+names one run may hold."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from sl_pipeline.errors import NameInUseError
+from sl_pipeline.errors import LimitError, NameInUseError
 from sl_pipeline.messages import Kind
 from workers.runtime.peers import Peer
 from workers.server.runs import Run
@@ -54,3 +55,16 @@ def resumes_within(resume: Any, newest: tuple[int, int] | None) -> bool:
         return (int(resume[0]), int(resume[1])) <= newest
     except (TypeError, ValueError):
         return False
+
+
+def check_room(run: Run, client: str, max_names: int) -> None:
+    """Whether ``client``, new to ``run``, may join it: a run holds ``server.max_names``
+    names at most. A relay names the clients behind it, and every name a run ever held is
+    in each checkpoint and ``runs.json`` (every group's step writes them): without a bound,
+    one group's relay making names up grew what each step of every group cost."""
+    if client not in run.members and len(run.members) >= max_names:
+        raise LimitError(
+            f"run {run.id} holds {len(run.members)} clients (server.max_names = {max_names}); "
+            "a run takes no more: train this client in a new run ([client] run), or ask the "
+            "server's operator to raise server.max_names"
+        )

@@ -31,7 +31,7 @@ from workers.runtime.checkpoint import check_fingerprint, open_store, restore_rn
 from workers.runtime.peers import Listen, Peer, reject_reason
 from workers.runtime.service import Replies, RouterService
 from workers.server.engines.base import Engine
-from workers.server.names import check_name_free
+from workers.server.names import check_name_free, check_room
 from workers.server.runhost import RunHost, first_line
 from workers.server.runs import ACTIVE, Run, check_run_id, finished_message
 from workers.server.runs_api import RunApi, group_tokens, read_token
@@ -363,6 +363,7 @@ class ServerWorker(RunHost, RouterService):
         """A new member of the run, or a member's new epoch (logged once per epoch)."""
         if msg.client not in run.members:
             self.book.check_join(run, msg.client)
+            check_room(run, msg.client, self.cfg.server.max_names)
             run.members.add(msg.client)
             self.clients.started(msg.client, connected=True)
         if msg.kind is Kind.FORWARD and run.epochs.get(msg.client, -1) < msg.epoch:
