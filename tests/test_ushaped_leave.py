@@ -252,6 +252,36 @@ def test_a_client_that_never_sends_its_gradient_earns_no_longer_bound(deployment
     assert engine.bound_for("c1") == BOUND_S
 
 
+def test_a_client_answering_each_abandon_with_no_gradient_earns_no_longer_bound(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: c1 opens steps and computes nothing; c2 waits behind each (red team)
+    engine = middle(deployment(topology="ushaped", clients=2, dataset="breast_cancer"))
+    now = 0.0
+    engine.at(now)
+    ((_, c1_out),) = engine.handle(b"c1", fwd(engine, "c1"))
+    # Execute: at each abandon c1 sends a BACKWARD for its step with no gradient in it (or
+    # one of another shape), costing it nothing, then opens its step again
+    held = []  # bounds c1's step held c2 each time
+    for step in range(4):
+        engine.handle(b"c2", fwd(engine, "c2", step))
+        served: list[Any] = []
+        while not served:
+            now += BOUND_S
+            served = engine.at(now)
+            held.append(step)
+        ((_, c2_out),) = served
+        junk = {} if step % 2 else {"grad": torch.zeros(1)}
+        with pytest.raises(StepLostError):
+            engine.handle(b"c1", c1_out.follow(Kind.BACKWARD, answers=None, tensors=junk))
+        engine.handle(b"c1", fwd(engine, "c1"))  # queued behind c2's open step
+        replies = engine.handle(b"c2", bwd(c2_out))
+        c1_out = replies[-1][1]
+    # Assert: no gradient, no grace: each abandon came after the plain bound (before: the
+    # first empty BACKWARD doubled c1's bound and the second made it 4x, for a client that
+    # never computed a gradient)
+    assert held == [0, 1, 2, 3] and engine.abandoned == 4
+    assert engine.bound_for("c1") == BOUND_S
+
+
 # ---- over loopback sockets, to a server bound here ------------------------------------------
 async def takeover(bind: str, fingerprint: str, keys: Path, ctx: Any, name: str) -> Any:
     """A second session of ``name`` (a client that rejoined), replacing its live one."""

@@ -62,8 +62,11 @@ class MiddleEngine(Engine):
         self._waiting: LruTable[str, tuple[bytes, Message]] = LruTable(
             max(1, cfg.server.max_names), lambda: self.on_bound("waiting")
         )
-        # why each client's last abandoned step was abandoned: its late gradient is told
-        self._why: LruTable[str, tuple[int, int, str]] = LruTable(max(1, cfg.server.max_names))
+        # why each client's last abandoned step was abandoned (and its output's shape): its
+        # late gradient is told
+        self._why: LruTable[str, tuple[int, int, str, torch.Size]] = LruTable(
+            max(1, cfg.server.max_names)
+        )
         self._queued_at = 0.0  # when the queue last went from empty to waiting
         # doublings of each slow client's bound (its late gradients earned them)
         self._grace: LruTable[str, int] = LruTable(max(1, cfg.server.max_names))
@@ -125,7 +128,7 @@ class MiddleEngine(Engine):
         assert held is not None
         self._open = None  # its graph goes with it; no update was computed for it
         self.abandoned += 1
-        self._why.put(held.client, (held.epoch, held.step, why))
+        self._why.put(held.client, (held.epoch, held.step, why, held.out.shape))
         self.on_bound("open_steps")
         log.warning(
             "abandoned %s's open step (%d, %d): %s; nothing of it was applied, and its "
@@ -183,8 +186,11 @@ class MiddleEngine(Engine):
         if why is None or why[:2] != (msg.epoch, msg.step):
             return "backward for a step this server has no open forward for"
         line = f"this server abandoned your open step {why[:2]}: {why[2]}"
-        if "open_step_s" in why[2]:
-            self._why.pop(msg.client)  # one late gradient earns one doubling, not a resend
+        grad = msg.tensors.get("grad")
+        if "open_step_s" in why[2] and grad is not None and grad.shape == why[3]:
+            # a gradient of the step's shape (a BACKWARD without one costs nothing to send);
+            # one late gradient earns one doubling, not a resend
+            self._why.pop(msg.client)
             doublings = min(MAX_GRACE_DOUBLINGS, (self._grace.get(msg.client) or 0) + 1)
             self._grace.put(msg.client, doublings)
             line += (
