@@ -195,7 +195,9 @@ async def test_a_vertical_party_whose_partner_dies_mid_run_keeps_its_state(
         partner = _client(files, "client-2", "client.wait_for_parties_s=60")
         partner_run = asyncio.ensure_future(partner.run())
         await wait_until(lambda: partner.link.connected or partner_run.done())
-        again = _client(files, "client-1")
+        # (its wait now as long as its partner's: under load a partner's part can take
+        # longer than FAST's window, and the window's end is checked above)
+        again = _client(files, "client-1", "client.wait_for_parties_s=60")
         assert again.resumed_from == applied  # its state was saved on giving up
         summaries = await asyncio.wait_for(asyncio.gather(again.run(), partner_run), 120)
         await wait_until(lambda: all(not r.active for r in server.book.runs.values()))
