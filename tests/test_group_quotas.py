@@ -232,15 +232,19 @@ async def test_a_group_b_client_trains_while_group_a_holds_its_places_and_floods
             hits = {"table": "hello_rate"}
             metric = server.metrics.registry.get_sample_value
             await wait_until(lambda: (metric("sl_bound_hits_total", hits) or 0) >= 5)
-            # Execute: the bank's client trains to its end (a refused hello or run start
-            # would be retried for 5 s only, then end it)
+            # Execute: the bank's client joins and starts its run while the flood goes on
+            # (a refused hello or run start would be retried for 5 s only, then end it),
+            # then trains to its end
             bank = ClientWorker(
                 load_client(files["client-3"], "client.retry_for_s=5"), base, progress=False
             )
-            summary = await asyncio.wait_for(bank.run(), 120)
+            training = asyncio.create_task(bank.run())
+            started = lambda: "bank:run-1" in server.book.runs or training.done()  # noqa: E731
+            await wait_until(started, 120)
         finally:
             flood.cancel()
             await asyncio.gather(flood, return_exceptions=True)
+        summary = await asyncio.wait_for(training, 120)
         # Assert: the bank trained its run; the hospital's second run waited in its own
         # place, and its flood was refused (overloaded) while the bank was admitted
         assert summary["steps"] > 0 and server.book.runs["bank:run-1"].members == {"client-3"}
