@@ -23,7 +23,20 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Free-form tables: any key below them is the user's (a group's name, a member's name).
 FREE_FORM = {"server.groups"}
 # Last parts that make `a.b` a file name, not a key.
-FILE_SUFFIXES = {"py", "toml", "pub", "key", "json", "csv", "sh", "md", "npz", "parquet", "log"}
+FILE_SUFFIXES = {
+    "py",
+    "toml",
+    "pub",
+    "key",
+    "json",
+    "csv",
+    "sh",
+    "md",
+    "npz",
+    "parquet",
+    "log",
+    "pt",
+}
 BACKTICKED = re.compile(r"`(?:--set )?([a-z_]+(?:\.[a-z_0-9]+)+)(?:\s*=[^`]*)?`")
 BRACKETED = re.compile(r"\[([a-z_]+(?:\.[a-z_]+)?)\] ([a-z_]+)(?=`| =|>)")
 SET_FLAG = re.compile(r"--set ([a-z_]+(?:\.[a-z_0-9]+)+)=")

@@ -154,12 +154,12 @@ async def test_a_client_that_reads_no_answer_loses_its_connection(
                 "sl_bound_hits_total", {"table": "ops_stalled"}
             )
 
-        # Assert: the server closed it (before: held as long as the client lived)
+        # Assert: the server closed it (before: held as long as the client lived); the
+        # count comes when the stall is seen, the connection goes at its close's callback
         deadline = asyncio.get_running_loop().time() + TIMEOUT_S
-        while not closed():
+        while not closed() or server._runner.server.connections:  # type: ignore[union-attr]
             assert asyncio.get_running_loop().time() < deadline, "never closed"
             await asyncio.sleep(0.05)
-        assert not server._runner.server.connections  # type: ignore[union-attr]
         assert (await raw_get(server.port, "/healthz", b""))[0] == 200
         writer.close()
     finally:

@@ -51,3 +51,30 @@ async def test_a_party_without_labels_names_no_best_epoch(deployment) -> None:  
     run = await run_deployment(files)
     assert [s["test_accuracy"] for s in run.summaries] == [None, None]
     assert [s["best_epoch"] for s in run.summaries] == [None, None]
+
+
+def test_a_quieted_logger_is_quiet_only_on_the_commands_own_handler(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: the handler tune and audit install, quieting the in-process server's service
+    # log; an output it writes to, and pytest's capture beside it
+    out = io.StringIO()
+    service = logging.getLogger("sl_pipeline.service")
+    level_before = service.level
+    configure_logging("text", "WARNING", "audit", stream=out, quiet=("sl_pipeline.service",))
+    try:
+        caplog.set_level(logging.WARNING)
+        # Execute
+        service.warning("rejected message from client-1 (oversized)")
+        service.critical("the server stopped")
+        logging.getLogger("sl_pipeline.client").warning("a client warning")
+    finally:
+        configure_logging("text", "INFO", stream=io.StringIO())  # the capture ends here
+    # Assert: the command's output drops the service's warning, not its critical line nor
+    # other loggers'; the logger itself is untouched, so pytest's capture (and any later
+    # handler in the same process) still sees the warning (before: its level was set to
+    # CRITICAL, and later tests' caplog read nothing from it)
+    assert "oversized" not in out.getvalue()
+    assert "the server stopped" in out.getvalue() and "a client warning" in out.getvalue()
+    assert service.level == level_before
+    assert "oversized" in caplog.text

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -154,10 +153,11 @@ def _quiet() -> None:
 
     from workers.ops.logs import configure_logging
 
-    configure_logging("text", "WARNING", "audit")
     # A message the in-process server failed (a full disk) ends the command as its one line
-    # (inprocess.raise_failure), not also as the server's log line.
-    logging.getLogger("sl_pipeline.service").setLevel(logging.CRITICAL)
+    # (inprocess.raise_failure), not also as the server's log line. A filter on this
+    # command's handler, not the logger's level: main() called in a process that goes on
+    # (tests, an embedding program) must leave that logger as it found it.
+    configure_logging("text", "WARNING", "audit", quiet=("sl_pipeline.service",))
     torch.set_num_threads(1)
     # Opacus says this on every DP-SGD step of a first segment (its inputs need no grad).
     warnings.filterwarnings("ignore", message="Full backward hook is firing")

@@ -117,12 +117,19 @@ class _SLHandler(logging.StreamHandler[TextIO]):
 
 
 def configure_logging(
-    fmt: LogFormat | str, level: str = "INFO", role: str = "", *, stream: TextIO | None = None
+    fmt: LogFormat | str,
+    level: str = "INFO",
+    role: str = "",
+    *,
+    stream: TextIO | None = None,
+    quiet: tuple[str, ...] = (),
 ) -> None:
-    """Send every log record to ``stream`` (default stderr) in ``fmt``, at ``level`` and up.
+    """Send every log record to ``stream`` (default stderr) in ``fmt``, at ``level`` and up,
+    except records below CRITICAL of the loggers named in ``quiet`` (and their children).
 
     Idempotent: calling it again replaces the handler installed by the previous call
-    (handlers installed by others, such as pytest's, are left alone).
+    (handlers installed by others, such as pytest's, are left alone). ``quiet`` is this
+    handler's filter, never a logger's level, so it goes with the handler.
     """
     formatter: logging.Formatter
     if fmt == "json":
@@ -136,12 +143,21 @@ def configure_logging(
         raise ConfigError(f"unknown log level {level!r}", hint=f"use one of {', '.join(_LEVELS)}")
     handler = _SLHandler(stream)
     handler.setFormatter(formatter)
+    if quiet:
+        handler.addFilter(lambda record: not _named(record, quiet))
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _SLHandler)]:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level_name)
     logging.captureWarnings(True)
+
+
+def _named(record: logging.LogRecord, quiet: tuple[str, ...]) -> bool:
+    """``record`` is below CRITICAL and from a logger of ``quiet`` (or a child of one)."""
+    if record.levelno >= logging.CRITICAL:
+        return False
+    return any(record.name == name or record.name.startswith(name + ".") for name in quiet)
 
 
 def json_error_line(line: str) -> bool:
