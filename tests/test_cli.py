@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import logging
+import socket
 import subprocess
 import sys
 import threading
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -243,6 +246,19 @@ def test_with_json_logs_a_bad_config_key_is_a_json_line(tmp_path: Path, capsys) 
     assert "train.epochz" in json.loads(line)["msg"]
 
 
+@contextlib.contextmanager
+def _serving(server: http.server.ThreadingHTTPServer) -> Iterator[int]:
+    """``server`` answering in a thread while the block runs; its port."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
 class _NotAWorker(http.server.BaseHTTPRequestHandler):
     """Another service on the ops port (node_exporter's default is 9100 too): a page or a
     404 for every path, /readyz included."""
@@ -265,17 +281,10 @@ def test_health_is_not_fooled_by_another_http_service(
     """README: `health` exits 1 when something other than a worker answers at its ops address;
     a page answering 200 was taken as a ready worker (exit 0), a 404 as a worker not ready."""
     handler = type("Handler", (_NotAWorker,), {"status": status})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with _serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)) as port:
         cfg = tmp_path / "server.toml"
-        cfg.write_text(f'[ops]\nlisten = "127.0.0.1:{server.server_address[1]}"\n')
+        cfg.write_text(f'[ops]\nlisten = "127.0.0.1:{port}"\n')
         code = main(["health", "--config", str(cfg), "--timeout", "5"])
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
     err = capsys.readouterr().err
     assert code == 1
     assert "not as an sl-pipeline worker's ops port" in err and len(err.splitlines()) == 1, err
@@ -302,21 +311,66 @@ def test_runs_is_not_fooled_by_another_json_api(
     """README: `runs` exits 2, one line, when something other than the server's ops port
     answers at [ops] listen; JSON of another shape was a KeyError traceback (exit 1), and
     `download` wrote the other API's answer as the run's model."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OtherJsonApi)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with _serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OtherJsonApi)) as port:
         (tmp_path / "token").write_text("a-long-random-admin-token\n")
         cfg = tmp_path / "server.toml"
-        port = server.server_address[1]
         cfg.write_text(f'[ops]\nlisten = "127.0.0.1:{port}"\nadmin_token = "token"\n')
         out = ["--out", str(tmp_path / "run-1.pt")] if action[0] == "download" else []
         code = main(["runs", *action, "--config", str(cfg), *out])
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
     err = capsys.readouterr().err
     assert code == 2, err
     assert "not as an sl-pipeline server's ops port" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "run-1.pt").exists()
+
+
+def _closed_port(host: str) -> int:
+    """A port on ``host`` that nothing listens on (bound, then closed)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize(("wildcard", "loopback"), [("0.0.0.0", "127.0.0.1"), ("::", "::1")])
+def test_health_and_runs_call_the_loopback_of_a_wildcard_listen(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], wildcard: str, loopback: str
+) -> None:
+    """`health` and `runs` call the same address for an [ops] listen on every interface: this
+    machine's loopback of that family. `health` took "::" as the address to call (it named
+    http://[::]:PORT, which only Linux routes to this machine) where `runs` called [::1]."""
+    # Prepare: nothing listens; each command names the address it called
+    port = _closed_port(loopback)
+    listen = f"[{wildcard}]:{port}" if ":" in wildcard else f"{wildcard}:{port}"
+    (tmp_path / "token").write_text("a-long-random-admin-token\n")
+    cfg = tmp_path / "server.toml"
+    cfg.write_text(f'[ops]\nlisten = "{listen}"\nadmin_token = "token"\n')
+    url = f"http://[{loopback}]:{port}" if ":" in loopback else f"http://{loopback}:{port}"
+    # Execute
+    health = main(["health", "--config", str(cfg), "--timeout", "5"])
+    health_err = capsys.readouterr().err
+    runs = main(["runs", "list", "--config", str(cfg)])
+    runs_err = capsys.readouterr().err
+    # Assert
+    assert health == 1 and f"no worker answers at {url} " in health_err, health_err
+    assert runs == 2 and f"no server answers at {url} " in runs_err, runs_err
+
+
+class _ReadyWorker(_NotAWorker):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"ready": true}')
+
+
+class _Ipv6Server(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def test_health_of_a_worker_listening_on_every_ipv6_interface(tmp_path: Path) -> None:
+    """A worker whose [ops] listen is "[::]:PORT" is healthy: `health` calls [::1]."""
+    with _serving(_Ipv6Server(("::1", 0), _ReadyWorker)) as port:
+        cfg = tmp_path / "server.toml"
+        cfg.write_text(f'[ops]\nlisten = "[::]:{port}"\n')
+        code = main(["health", "--config", str(cfg), "--timeout", "5"])
+    assert code == 0

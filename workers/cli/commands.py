@@ -220,17 +220,15 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_health(args: argparse.Namespace) -> int:
     from sl_pipeline.config import read_toml
-    from workers.ops.http import parse_listen
+    from workers.ops.http import local_url
     from workers.runtime.diagnose import health_report
 
     data = read_toml(args.config)
     listen = data.get("ops", {}).get("listen", "")
     if not listen:
         raise ConfigError(f"{args.config} has no [ops] listen address to check")
-    host, port = parse_listen(listen)
-    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-    ready, report = health_report(url, args.timeout)
+    # the address `runs` calls too: a wildcard (0.0.0.0, ::) is this machine's loopback
+    ready, report = health_report(local_url(str(listen)), args.timeout)
     if not ready:
         print(f"sl-pipeline health: not ready: {report}", file=sys.stderr)
     return 0 if ready else 1
