@@ -21,7 +21,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from workers.ops.http import OpsServer
-from workers.ops.httpguard import MAX_CONNECTIONS, RATE, SCRAPE_COST, GuardedSite
+from workers.ops.httpguard import MAX_CONNECTIONS, RATE, SCRAPE_COST, AcceptRate, GuardedSite
 from workers.ops.metrics import WorkerMetrics
 from workers.server.runs_api import RunApi
 
@@ -259,7 +259,8 @@ async def _served(port: int) -> int:
 
 
 async def test_connections_closed_at_once_leave_the_cap_free() -> None:
-    # Prepare: a guarded site whose clock stands still (a place is never freed by time)
+    # Prepare: a guarded site whose clock stands still (a place is never freed by time), and
+    # that takes every new connection from one address (the cap is under test, not the rate)
     app = web.Application()
 
     async def healthz(request: web.Request) -> web.Response:
@@ -268,7 +269,8 @@ async def test_connections_closed_at_once_leave_the_cap_free() -> None:
     app.router.add_get("/healthz", healthz)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = GuardedSite(runner, "127.0.0.1", 0, clock=lambda: 0.0)
+    accepts = AcceptRate(burst=10_000, clock=lambda: 0.0)
+    site = GuardedSite(runner, "127.0.0.1", 0, accepts=accepts)
     await site.start()
     port = int(runner.addresses[0][1])
     try:

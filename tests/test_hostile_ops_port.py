@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from workers.ops.http import parse_listen
-from workers.ops.httpguard import MAX_CONNECTIONS
+from workers.ops.httpguard import MAX_CONNECTIONS, NEW_BURST
 
 from .conftest import load_server
 from .test_hostile_peers import _ready
@@ -25,13 +25,16 @@ FDS = 256  # the worker's descriptor limit here (1,024 is the common default)
 
 @contextlib.asynccontextmanager
 async def _hold(listen: str, count: int) -> AsyncIterator[list[asyncio.StreamReader]]:
-    """Open ``count`` idle connections to ``listen`` (each says nothing)."""
+    """Open ``count`` idle connections to ``listen`` (each says nothing), from as many
+    loopback addresses as the ops port's rate of new connections per address asks."""
     host, port = parse_listen(listen)
     held: list[asyncio.StreamWriter] = []
     readers = []
+    per_source = int(NEW_BURST) // 2
     try:
-        for _ in range(count):
-            reader, writer = await asyncio.open_connection(host, port)
+        for i in range(count):
+            source = (f"127.0.1.{1 + i // per_source}", 0)
+            reader, writer = await asyncio.open_connection(host, port, local_addr=source)
             held.append(writer)
             readers.append(reader)
         yield readers

@@ -3,6 +3,10 @@
 The ops port shares the worker's event loop, process and file descriptors with training, and
 anyone who reaches it may connect. :class:`GuardedSite` (an aiohttp site) keeps it to:
 
+- from one address (an IPv6 address's /64), at most :data:`NEW_PER_S` new connections a
+  second after a burst of :data:`NEW_BURST`; one over is answered ``503`` and closed as it
+  connects, before aiohttp makes a handler for it (before, a client opening and closing
+  connections as fast as it could, 262 a second here, had each served);
 - at most :data:`MAX_CONNECTIONS` connections at once; the next is answered ``503`` and
   closed as it is accepted, so it holds no descriptor (before, 1,100 idle connections to a
   server whose limit was the common 1,024 descriptors left it unable to accept its client:
@@ -24,10 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 from aiohttp import web
 
@@ -40,11 +44,22 @@ BURST = 100.0
 SCRAPE_COST = 10.0  # a /metrics scrape counts as this many requests
 IDLE_S = 10.0
 STALL_S = 20.0
-_WHY = b"the ops port has too many connections\n"
-REFUSAL = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
-    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_WHY), _WHY)
-)
+# New connections one address may open: a scrape a second, health checks and `sl-pipeline
+# runs` from one host, or a test polling /readyz every 50 ms, stay well under it.
+NEW_PER_S = 20.0
+NEW_BURST = 40.0
+SOURCES = 1024  # addresses whose new connections are counted at once
+
+
+def _refusal(why: bytes) -> bytes:
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(why), why)
+    )
+
+
+REFUSAL = _refusal(b"the ops port has too many connections\n")
+TOO_FAST = _refusal(b"too many new connections from this address; try again in a second\n")
 
 
 class Throttle:
@@ -72,19 +87,82 @@ class Throttle:
             await asyncio.sleep(wait)
 
 
+class AcceptRate:
+    """New connections per source address: ``rate`` a second after a burst of ``burst``.
+    An IPv6 address counts as its /64 (one host holds all of it). At most ``sources``
+    addresses are counted at once; one whose bucket refilled is forgotten, and while every
+    place holds one that did not, a new address is refused."""
+
+    def __init__(
+        self,
+        rate: float = NEW_PER_S,
+        burst: float = NEW_BURST,
+        sources: int = SOURCES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rate, self.burst, self.sources, self.clock = rate, burst, sources, clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # source -> (tokens, at), oldest first
+
+    def allow(self, address: str) -> bool:
+        """Whether ``address`` may open one more connection now (it takes a token)."""
+        now, source = self.clock(), _source(address)
+        tokens, at = self._buckets.pop(source, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        self._forget_refilled(now)
+        if len(self._buckets) >= self.sources:
+            return False
+        allowed = tokens >= 1.0
+        self._buckets[source] = (tokens - 1.0 if allowed else tokens, now)  # now the newest
+        return allowed
+
+    def _forget_refilled(self, now: float) -> None:
+        refill_s = self.burst / self.rate
+        while self._buckets:
+            source, (_, at) = next(iter(self._buckets.items()))
+            if now - at < refill_s:
+                return
+            del self._buckets[source]
+
+
+def _source(address: str) -> str:
+    if ":" not in address:
+        return address
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.IPv6Network(f"{address}/64", strict=False))
+    return address
+
+
 class _Refused(asyncio.Protocol):
-    """A connection over the cap: told why, and closed at once."""
+    """A connection refused as it connects: told why, and closed at once."""
+
+    def __init__(self, why: bytes = REFUSAL) -> None:
+        self.why = why
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(REFUSAL)
+        transport.write(self.why)
         transport.close()
 
 
+class _Gate(asyncio.Protocol):
+    """A connection just accepted: ``admit`` picks the protocol that serves it (aiohttp's
+    handler, or a refusal), which takes the transport over from here."""
+
+    def __init__(self, admit: Callable[[asyncio.Transport], asyncio.Protocol]) -> None:
+        self._admit = admit
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        protocol = self._admit(transport)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+
+
 class GuardedSite(web.BaseSite):
-    """A TCP site that serves at most ``max_connections`` at once and closes connections
-    whose answers are not read; each is counted (``record_bound``: ``ops_connections``,
-    ``ops_stalled``) and logged once per interval."""
+    """A TCP site that takes new connections from one address at the rate of ``accepts``,
+    serves at most ``max_connections`` at once and closes connections whose answers are
+    not read; each is counted (``record_bound``: ``ops_new_connections``,
+    ``ops_connections``, ``ops_stalled``) and logged once per interval."""
 
     def __init__(
         self,
@@ -94,55 +172,45 @@ class GuardedSite(web.BaseSite):
         record_bound: Callable[[str], None] = lambda table: None,
         max_connections: int = MAX_CONNECTIONS,
         stall_s: float = STALL_S,
-        clock: Callable[[], float] = time.monotonic,
+        accepts: AcceptRate | None = None,
     ) -> None:
         super().__init__(runner)
         self.host, self.port = host, port
         self.max_connections, self.stall_s = max_connections, stall_s
+        self.accepts = accepts or AcceptRate()
         self._record = record_bound
         self._backlogs: dict[object, tuple[int, float]] = {}  # handler -> (bytes, since)
         self._sweeper: asyncio.Task[None] | None = None
-        # handlers made but not yet connected (asyncio calls connection_made a loop turn
-        # later: one burst of accepts would pass the cap) -> when made
-        self._fresh: dict[object, float] = {}
-        self._clock = clock
 
     @property
     def name(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def _protocol(self) -> asyncio.BaseProtocol:
+    def _admit(self, transport: asyncio.Transport) -> asyncio.Protocol:
+        """The protocol for a connection as it connects (the count of the server's
+        connections is exact then: each handler joins it as it connects)."""
         server = self._runner.server
         assert server is not None
-        now = self._clock()  # one whose transport failed never connects: forgotten in 1 s
-        self._fresh = {h: t for h, t in self._fresh.items() if now - t < 1.0}
-        if len(server.connections) + len(self._fresh) >= self.max_connections:
+        peer = transport.get_extra_info("peername")
+        if not self.accepts.allow(str(peer[0]) if peer else ""):
+            self._record("ops_new_connections")
+            _LOG.warning("accepts", "ops port: too many new connections from one address")
+            return _Refused(TOO_FAST)
+        if len(server.connections) >= self.max_connections:
             self._record("ops_connections")
             _LOG.warning(
                 "connections",
                 "ops port: %d connections open (its cap); refused one",
-                len(server.connections) + len(self._fresh),
+                len(server.connections),
             )
             return _Refused()
-        handler = server()
-        self._fresh[handler] = now
-        return handler
-
-    def _connected(self, handler: Any, transport: asyncio.Transport) -> None:
-        """``Server.connection_made``, which each handler calls as it connects: from here it
-        counts among the server's connections, until it is closed and done."""
-        self._fresh.pop(handler, None)
-        self._made(handler, transport)
+        return server()  # type: ignore[no-any-return]
 
     async def start(self) -> None:
         await super().start()
-        server = self._runner.server
-        assert server is not None
-        self._made = server.connection_made
-        server.connection_made = self._connected  # type: ignore[method-assign]
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            self._protocol, self.host, self.port, reuse_address=True
+            lambda: _Gate(self._admit), self.host, self.port, reuse_address=True
         )
         self._sweeper = asyncio.create_task(self._sweep_forever())
 
@@ -185,4 +253,15 @@ class GuardedSite(web.BaseSite):
         self._backlogs = backlogs
 
 
-__all__ = ["IDLE_S", "MAX_CONNECTIONS", "RATE", "SCRAPE_COST", "STALL_S", "GuardedSite", "Throttle"]
+__all__ = [
+    "IDLE_S",
+    "MAX_CONNECTIONS",
+    "NEW_BURST",
+    "NEW_PER_S",
+    "RATE",
+    "SCRAPE_COST",
+    "STALL_S",
+    "AcceptRate",
+    "GuardedSite",
+    "Throttle",
+]

@@ -52,6 +52,7 @@ BOUNDED_TABLES: tuple[str, ...] = (
     "gate_tokens",
     "outbound_bytes",
     "connections_per_key",
+    "ops_new_connections",
     "ops_connections",
     "ops_stalled",
     "inbound_backlog",
