@@ -180,6 +180,12 @@ class ServerSection:
     # abandoned only when its client leaves: bye, or its session goes).
     open_step_s: float = 10.0
     run_clients: int = 0  # a run ends when this many clients finished; 0 = all that joined
+    # Ended runs of a group kept, listed and on disk (each run's folder under runs_dir); an
+    # older one leaves the list and its folder is removed. 0 = folders kept forever (the list
+    # still holds the newest 500 only; older folders are the operator's to archive)
+    keep_ended_runs: int = 500
+    # An ended run is removed (list and folder) this long after it ended; 0 = no age limit
+    keep_ended_for_s: float = 0.0
     # A client name whose session sent nothing for this long may be taken by a new session.
     takeover_after_s: float = 5.0
     # Who may train in one run (docs/security.md): GROUP = [NAME, ...], or a table of members,

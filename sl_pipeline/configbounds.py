@@ -157,6 +157,9 @@ AT_MOST.update(
         )
     }
 )
+# A group's ended runs kept: the runs list (runs.json, each checkpoint) holds 500 at most
+# (workers.server.runs.KEEP_ENDED); a run's files are kept up to 10 years after it ended.
+AT_MOST.update({"server.keep_ended_runs": 500, "server.keep_ended_for_s": 10 * YEAR_S})
 # float32's largest is 3.4e38: a bound above it bounds nothing; a learning rate above 100
 # sends any model's weights to inf in a step or two.
 AT_MOST.update({"limits.max_abs_value": 1e38, "train.lr": 100.0})

@@ -48,6 +48,7 @@ BOUNDED_TABLES: tuple[str, ...] = (
     "inflight_bytes",
     "empty_runs",
     "idle_runs",
+    "ended_runs",
     "open_steps",
     "gate_tokens",
     "outbound_bytes",

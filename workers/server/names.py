@@ -68,3 +68,18 @@ def check_room(run: Run, client: str, max_names: int) -> None:
             "a run takes no more: train this client in a new run ([client] run), or ask the "
             "server's operator to raise server.max_names"
         )
+
+
+def finished_message(client: str, sender: str, run_id: str) -> str:
+    """Why ``client``'s training message for run ``run_id``, which it finished, is refused
+    (``sender`` is the peer that sent it: the client itself, or the relay it trains behind)."""
+    if client != sender:
+        return (
+            f"{client} finished its part of run {run_id}, which {sender} still serves for its "
+            f"other clients: a relay trains one run at a time; stop that run (`sl-pipeline "
+            f"runs stop {run_id}`) or let it end, then start {client} again"
+        )
+    return (
+        f"{client} finished its part of run {run_id}; start it again to train a new run, or "
+        "name one with [client] run"
+    )

@@ -20,13 +20,14 @@ from workers.runtime.peers import Peer, PeerTable
 from workers.runtime.savedmodel import check_writable, load_weights, save_weights
 from workers.server.engines.base import Engine, Reply
 from workers.server.replycache import MIB, ReplyCache
+from workers.server.retiring import Retiring
 from workers.server.runs import FINISHED, STOPPED, Run, RunBook
 from workers.topologies import topology
 
 log = logging.getLogger("sl_pipeline.server")
 
 
-class RunHost:
+class RunHost(Retiring):
     """Mixed into the server worker: the runs it hosts and the peers that train in them."""
 
     cfg: ServerConfig
@@ -34,7 +35,6 @@ class RunHost:
     metrics: WorkerMetrics
     clients: ClientSeries  # per-client series
     peers: dict[bytes, Peer]
-    book: RunBook
     groups: Groups  # who may train with whom ([server] groups)
     peer_runs: dict[str, str]  # peer name -> the run it trains in (its qualified id)
     requested: dict[str, str]  # peer name -> the run it asked for ("" = current)
@@ -42,9 +42,6 @@ class RunHost:
     _spare: Engine | None  # the first run's engine, or inference's before any run
     _spare_trained: bool
     due_replies: list[Reply]  # came due outside a request: sent after the next replies
-
-    def checkpoint(self, force: bool = False) -> None:
-        raise NotImplementedError
 
     def group_of(self, name: str) -> str:
         """The group of peer ``name`` (an admitted name: a relay speaks for its clients)."""
@@ -63,6 +60,7 @@ class RunHost:
         table.group_of = lambda name: groups.group_of(name) or ONE_GROUP
         table.places = groups.shares(self.cfg.server.max_clients, "max_clients")
         book.run_places = groups.shares(self.cfg.server.max_runs, "max_runs")
+        self.folders = self.open_folders(book)
         if groups.several:
             hellos.group_of = lambda key: groups.group_of(table.admitted_names.get(key, ""))
         return book
@@ -181,6 +179,7 @@ class RunHost:
         """What came due: each active run's engine told the time (a u-shaped step held too
         long is abandoned, a waiting forward served), and what leaving clients freed."""
         now = time.monotonic()
+        self.retire_aged(now)
         for run in self.book.active():
             if run.engine is not None:
                 self.came_due(run, run.engine.at(now))
@@ -276,7 +275,7 @@ class RunHost:
         if state == STOPPED:  # their part of it is over: a member it lost is lost no more
             for name in sorted(run.members - run.done):
                 self.clients.part_over(name)
-        self.book.end(run, state)
+        gone = self.book.end(run, state, self.bound_runs())
         # a stopped run's clients stay bound to it: their next step is refused (run_ended),
         # never the first step of a new run (one client went on silently in run-2 and
         # reported its 2,400 steps in run-1, which had applied 332)
@@ -284,6 +283,7 @@ class RunHost:
             del self.peer_runs[name]
         self.report_run(run)
         self.checkpoint(force=True)
+        self.folders.forgotten(gone)  # once no record on disk names them
         info = run.info()
         loss = "n/a" if run.last_loss is None else f"{run.last_loss:.4f}"
         accuracy = "n/a" if run.test_accuracy is None else f"{run.test_accuracy:.4f}"

@@ -46,27 +46,12 @@ from sl_pipeline.tenancy import ONE_GROUP, SEPARATOR, qualify
 from workers.runtime.appliedlog import AppliedLog
 from workers.server.engines.base import Engine
 from workers.server.replycache import ReplyCache
+from workers.server.retention import KEEP_ENDED, Retention
 
 log = logging.getLogger("sl_pipeline.server")
 
 ACTIVE, FINISHED, STOPPED = "active", "finished", "stopped"
 KEEP_ENGINES = 3  # finished runs whose model stays in memory (older ones reload from disk)
-KEEP_ENDED = 500  # ended runs of a group the server lists (older ones: their folders only)
-
-
-def finished_message(client: str, sender: str, run_id: str) -> str:
-    """Why ``client``'s training message for run ``run_id``, which it finished, is refused
-    (``sender`` is the peer that sent it: the client itself, or the relay it trains behind)."""
-    if client != sender:
-        return (
-            f"{client} finished its part of run {run_id}, which {sender} still serves for its "
-            f"other clients: a relay trains one run at a time; stop that run (`sl-pipeline "
-            f"runs stop {run_id}`) or let it end, then start {client} again"
-        )
-    return (
-        f"{client} finished its part of run {run_id}; start it again to train a new run, or "
-        "name one with [client] run"
-    )
 
 
 def one_open_run(client: str, run_id: str) -> str:
@@ -173,13 +158,17 @@ class RunBook:
         self.runs: dict[str, Run] = {}
         # each group's places among the active runs (Groups.shares); {}: one pool of max_runs
         self.run_places: dict[str, int] = {}
+        self.retention = Retention()  # which ended runs it keeps (server.keep_ended_*)
+        self.floor: dict[str, int] = {}  # each group's highest run-N removed: never reused
 
     # ---- lookup --------------------------------------------------------------------------
     @classmethod
     def for_server(cls, runs_dir: Path | None, server: ServerSection) -> RunBook:
         """The book of a server with these ``[server]`` settings."""
         bounds = (server.max_runs, server.run_clients, server.empty_run_s, server.stalled_run_s)
-        return cls(runs_dir, *bounds)
+        book = cls(runs_dir, *bounds)
+        book.retention = Retention.for_server(server)
+        return book
 
     def latest(self, group: str | None = None) -> Run | None:
         """The newest run (of ``group``, unless None)."""
@@ -248,7 +237,7 @@ class RunBook:
         """The next ``run-N`` of ``group`` (each group numbers its own runs)."""
         ids = [r.id for r in self.runs.values() if r.group == group]
         numbers = [int(m.group(1)) for i in ids if (m := re.fullmatch(r"run-(\d+)", i))]
-        return f"run-{max(numbers, default=0) + 1}"
+        return f"run-{max(numbers, default=self.floor.get(group, 0)) + 1}"
 
     def pool(self, group: str = ONE_GROUP) -> list[Run]:
         """The active runs that hold ``group``'s places (its own, if it has places)."""
@@ -327,23 +316,31 @@ class RunBook:
             return len(run.done) >= self.run_clients
         return bool(run.members) and run.members <= run.done
 
-    def end(self, run: Run, state: str) -> None:
+    def end(self, run: Run, state: str, bound: set[str] | None = None) -> list[tuple[Run, str]]:
+        """``run`` ended; returns the ended runs the book forgot (``retire``)."""
         run.state, run.ended = state, time.time()
         run.replies.compact()  # it answers no more retransmissions
-        self._retire(run.group)
+        gone = self.retire(time.time(), bound or set())
         self.write_index()
+        return gone
 
-    def _retire(self, group: str) -> None:
-        """Ended runs whose model is on disk leave memory, and ``group``'s ended runs past
-        the newest KEEP_ENDED leave the book (runs.json, the checkpoint; their models stay in
-        their folders): no group's churn of runs grows what each step's checkpoint writes."""
+    def retire(self, now: float, bound: set[str]) -> list[tuple[Run, str]]:
+        """Ended runs whose model is on disk leave memory, and ended runs past what
+        ``retention`` keeps (a group's newest, KEEP_ENDED at most) leave the book (runs.json,
+        the checkpoint), never one a client is ``bound`` to: no group's churn of runs grows
+        what each step's checkpoint writes. Returns them, with why (their folders go next)."""
         ended = [r for r in self.runs.values() if not r.active]
-        for old in [r for r in ended if r.group == group][:-KEEP_ENDED]:
+        gone: list[tuple[Run, str]] = []
+        for group in {r.group for r in ended}:
+            mine = self.retention.expired([r for r in ended if r.group == group], now)
+            gone += [(r, why) for r, why in mine if r.key not in bound]
+        for old, _ in gone:
             del self.runs[old.key]
-        for run in ended[:-KEEP_ENGINES]:
+        for run in [r for r in ended if r.key in self.runs][:-KEEP_ENGINES]:
             run.applied_log = AppliedLog()
             if run.model and Path(run.model).exists():
                 run.engine = None
+        return gone
 
     def model_path(self, run: Run) -> Path | None:
         if self.dir is None:
@@ -396,4 +393,4 @@ class RunBook:
         return run
 
 
-__all__ = ["ACTIVE", "FINISHED", "STOPPED", "Run", "RunBook", "check_run_id"]
+__all__ = ["ACTIVE", "FINISHED", "KEEP_ENDED", "STOPPED", "Run", "RunBook", "check_run_id"]

@@ -10,6 +10,9 @@ configured the routes answer 403):
 ``POST /runs/{id}/stop``     end an active run now (its model is saved; its clients are refused)
 ``GET  /runs/{id}/model``    the run's server segment (``torch.save`` of its ``state_dict``), sent
                              in chunks as the client reads them
+
+A run the server removed (``server.keep_ended_runs``, ``server.keep_ended_for_s``: see
+:mod:`workers.server.retention`) is answered ``410 Gone``, saying when and why.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from sl_pipeline.tenancy import Groups
 from workers.ops.http import bearer_matches
 from workers.ops.runsclient import read_token
 from workers.server.engines.base import Engine
+from workers.server.retention import RunFolders
 from workers.server.runs import Run, RunBook
 
 CHUNK = 1 << 20  # bytes of a model read and sent at a time
@@ -41,6 +45,7 @@ class RunServer(Protocol):
     """What the run API uses of the server: its runs, and each run's engine."""
 
     book: RunBook
+    folders: RunFolders  # ended runs removed (server.keep_ended_*)
 
     def stop_run(self, key: str, group: str | None = None) -> Run: ...
 
@@ -115,8 +120,10 @@ class RunApi:
                 return _error(401, "missing or wrong admin token")
             try:
                 return await handler(request, scope)  # type: ignore[no-any-return]
-            except ProtocolError as exc:
-                return _error(404, exc.message)
+            except ProtocolError as exc:  # no such run, or one whose files were removed
+                whose = None if scope is None else str(scope)
+                gone = self.server.folders.gone(request.match_info.get("run", ""), whose)
+                return _error(404, exc.message) if gone is None else _error(410, gone)
 
         return guarded
 

@@ -31,9 +31,9 @@ from workers.runtime.checkpoint import check_fingerprint, open_store, restore_rn
 from workers.runtime.peers import Listen, Peer, reject_reason
 from workers.runtime.service import Replies, RouterService
 from workers.server.engines.base import Engine
-from workers.server.names import check_name_free, check_room
+from workers.server.names import check_name_free, check_room, finished_message
 from workers.server.runhost import RunHost, first_line
-from workers.server.runs import ACTIVE, Run, check_run_id, finished_message
+from workers.server.runs import ACTIVE, Run, check_run_id
 from workers.server.runs_api import RunApi, group_tokens, read_token
 
 log = logging.getLogger("sl_pipeline.server")
@@ -91,8 +91,8 @@ class ServerWorker(RunHost, RouterService):
         self.group_tokens = group_tokens(base, self.groups, self.admin_token, cfg.ops.status_token)
         self.ckpt = open_store(cfg.checkpoint, base, "server")
         self.resumed_from = self._restore() if self.ckpt else 0
-        self._saved_at = self.steps_applied
-        self._saved_versions = self._versions()
+        self.retire_at_start()  # what the list and the checkpoint hold, by server.keep_ended_*
+        self._saved_at, self._saved_versions = self.steps_applied, self._versions()
 
     def ops_routes(self) -> Callable[[Any], None]:
         return RunApi(self, self.admin_token, self.group_tokens).add_routes

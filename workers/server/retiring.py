@@ -1,0 +1,67 @@
+"""The server's side of ended runs' retention (:mod:`workers.server.retention`): when the
+book forgets ended runs and their folders go: at start, when a run ends, and once a minute
+on a server that keeps runs for a time (``server.keep_ended_for_s``)."""
+
+from __future__ import annotations
+
+import time
+
+from workers.ops.metrics import WorkerMetrics
+from workers.server.retention import RETIRE_EVERY_S, RunFolders
+from workers.server.runs import Run, RunBook
+
+
+class Retiring:
+    """Mixed into the server worker, beside :class:`workers.server.runhost.RunHost`."""
+
+    book: RunBook
+    folders: RunFolders
+    metrics: WorkerMetrics
+    peer_runs: dict[str, str]  # peer name -> the run it trains in (its qualified id)
+
+    def checkpoint(self, force: bool = False) -> None:
+        raise NotImplementedError
+
+    def open_folders(self, book: RunBook) -> RunFolders:
+        """The runs folder's ended runs; the book numbers no run-N a removed run had."""
+        folders = RunFolders(book.dir, book.retention)
+        folders.on_removed = lambda: self.metrics.record_bound("ended_runs")
+        book.floor = folders.numbers
+        return folders
+
+    def bound_runs(self) -> set[str]:
+        """Runs a connected client is bound to (a stopped run's clients are refused from
+        it, never moved to a new one): none is forgotten while so."""
+        return set(self.peer_runs.values())
+
+    def retire_at_start(self) -> None:
+        """Once the runs list and the checkpoint are read: a run an older checkpoint still
+        lists though it was removed stays removed, the policy applies (a restart after a
+        long stop, or with a smaller keep), and folders of runs no list knows go."""
+        removed = [
+            key
+            for key, run in self.book.runs.items()
+            if not run.active and self.folders.was_removed(key, run.started)
+        ]
+        for key in removed:
+            del self.book.runs[key]
+        gone = self.book.retire(time.time(), set())
+        if removed or gone:
+            self.book.write_index()
+        self.folders.forgotten(gone)
+        self.folders.sweep(set(self.book.runs))
+
+    def retire_aged(self, now: float) -> None:
+        """Ended runs past ``server.keep_ended_for_s`` go, on a server where none ends."""
+        if not self.book.retention.keep_for_s or now - self.folders.checked_at < RETIRE_EVERY_S:
+            return
+        self.folders.checked_at = now
+        self.retired(self.book.retire(time.time(), self.bound_runs()))
+
+    def retired(self, gone: list[tuple[Run, str]]) -> None:
+        """The book forgot ``gone``: written down (the list, the checkpoint), then their
+        folders go, so that no record left on disk names a folder that is no more."""
+        if gone:
+            self.book.write_index()
+            self.checkpoint(force=True)
+            self.folders.forgotten(gone)
