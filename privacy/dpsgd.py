@@ -31,6 +31,7 @@ accountant counts each pass over the data as one unamplified Gaussian mechanism
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -123,10 +124,29 @@ def _check_fixed_batches(data_loader: DataLoader[Any]) -> None:
         )
 
 
+# What torch says on each first backward through Opacus' hooks when the segment's input needs
+# no gradient (the first segment's never does): the hooks then get no input gradient, which
+# they never use (a per-example gradient is the weights', from activations and backprops).
+NO_INPUT_GRADIENT = re.escape(
+    "Full backward hook is firing when gradients are computed with respect to module outputs "
+    "since no inputs require gradients"
+)
+
+
+def _quiet_hooks() -> None:
+    """Ignore that one message, as a UserWarning (another warning, or another message, still
+    shows). Process-wide, not a ``catch_warnings`` around each step: the warning comes in the
+    step's backward, and a ``catch_warnings`` per step would reset every module's registry of
+    warnings shown once, which then repeat every step."""
+    warnings.filterwarnings("ignore", NO_INPUT_GRADIENT, UserWarning)
+
+
 def _quiet_engine(accountant: str) -> PrivacyEngine:
     """Opacus' engine, without its "Secure RNG turned off ... turn it on before production":
     the noise and the batches come from the OS's generator (or an audit's seeded one), not
-    from the one that warning is about, so it would tell every DP-SGD client the opposite."""
+    from the one that warning is about, so it would tell every DP-SGD client the opposite.
+    Nor, later, torch's message on its hooks (:func:`_quiet_hooks`)."""
+    _quiet_hooks()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Secure RNG turned off", UserWarning)
         return PrivacyEngine(accountant=accountant)
