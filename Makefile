@@ -20,7 +20,7 @@ demo: install
 	$(BIN)/sl-pipeline demo
 
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=25
+	$(BIN)/python -m pytest -q -n 3 --dist loadgroup --durations=25
 
 lint: install
 	$(BIN)/ruff check sl_pipeline privacy workers tests bench
