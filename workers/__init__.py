@@ -4,11 +4,17 @@ Started as the console script (``sl-pipeline ...``) or as ``python -m workers``,
 takes Ctrl-C first of all: until ``workers.cli.main`` runs a command, a Ctrl-C (in an
 import, in torch's, while the arguments are read) ends it at once with status 130 and one
 line, never a traceback. Imported as a library (tests, in-process callers) it changes nothing.
+
+The handler is in place before this package imports anything the interpreter has not loaded
+already: ``_signal`` (the C module under ``signal``, which imports ``enum``) and ``os`` and
+``sys``. ``contextlib`` and ``signal`` took 25 ms and 11 ms on a loaded host, in which a
+Ctrl-C was a traceback. Before this package, the interpreter's own start and ``site`` are no
+code of ours: a Ctrl-C there ends the process as SIGINT's default does (status 130 in the
+shell, no line), or, in ``site``, with the interpreter's own traceback.
 """
 
-import contextlib as _contextlib
+import _signal
 import os as _os
-import signal as _signal
 import sys as _sys
 
 
@@ -19,8 +25,10 @@ def interrupted_while_starting(signum: int, frame: object) -> None:
         f"sl-pipeline{' ' + command if command else ''}: error: interrupted (Ctrl-C) while "
         "starting; nothing was done, run the command again\n"
     )
-    with _contextlib.suppress(OSError):  # no stderr to say it on: the status says it
+    try:  # noqa: SIM105 (no contextlib: this runs before any import but the handler's)
         _os.write(2, line.encode(errors="replace"))
+    except OSError:  # no stderr to say it on: the status says it
+        pass
     _os._exit(130)
 
 
