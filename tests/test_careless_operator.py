@@ -299,12 +299,12 @@ def test_a_listening_worker_stopped_while_it_starts_exits_0(
     its event loop handles signals): README's table says exit status 0, as for a client; it
     was 143, killed by the signal."""
     files = deployment(topology="multihop")
-    from workers.cli import commands
+    from workers.cli import roles
 
     def interrupted(threads: int) -> None:  # called between the config and the event loop
         signal.raise_signal(signal.SIGTERM)
 
-    monkeypatch.setattr(commands, "_set_threads", interrupted)
+    monkeypatch.setattr(roles, "_set_threads", interrupted)
     previous = signal.signal(signal.SIGTERM, _killed_by_default)
     try:
         with pytest.raises(SystemExit) as stopped:
