@@ -97,6 +97,15 @@ class OpsConfig:
     # /status names peers and their key fingerprints only for `Authorization: Bearer TOKEN`
     # with this token; empty: never (peers are counted).
     status_token: str = ""
+    # File holding the token that /metrics asks for (`Authorization: Bearer TOKEN`: a
+    # Prometheus scrape config's `authorization: {credentials_file: FILE}`); without it,
+    # /metrics answers 401. Empty: /metrics is open to whoever reaches the port.
+    metrics_token: str = ""
+    # How a server's run ids and client names, which may name tenants (a group's name, a
+    # hospital's client), show as /metrics label values: "plain", or "hashed": a short hash
+    # keyed with the worker's private key ([server] key; not with --insecure), stable while
+    # the key is; /status with status_token lists which name each hash stands for.
+    label_names: Literal["plain", "hashed"] = "plain"
     # A client that finished keeps serving /metrics until one scrape after its finish (so a
     # short run's final figures reach Prometheus), at most this long; 0 = exit at once.
     linger_s: float = 30.0

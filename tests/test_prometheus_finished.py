@@ -45,6 +45,7 @@ from tests.test_prometheus_live import (
     _wait_count,
     dashboard_params,
     knock,
+    token_beside,
 )
 from tests.workerproc import WorkerProcess
 from workers.tools.demo import stop_process
@@ -133,6 +134,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Finished]:
     _configure(files)
     targets = {n: tomllib.loads(p.read_text())["ops"]["listen"] for n, p in files.items()}
     _alerts_without_for(tmp)
+    token_beside(tmp, files["server"])
     prometheus, url = start_prometheus(_prometheus_config(targets), tmp)
     procs: dict[str, WorkerProcess] = {}
     try:

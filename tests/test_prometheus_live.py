@@ -184,6 +184,13 @@ def _prometheus_config(targets: dict[str, str]) -> str:
     return yaml.safe_dump(config)
 
 
+def token_beside(tmp: Path, server: Path) -> None:
+    """The server's metrics token where the shipped config's ``credentials_file`` looks for
+    it (``secrets/``, beside the config), as docs/deploy.md tells an operator to put it."""
+    (tmp / "secrets").mkdir(exist_ok=True)
+    shutil.copy(server.parent / "keys" / "metrics.token", tmp / "secrets" / "metrics.token")
+
+
 def knock(endpoint: str, keys: Path, admitted: str = "relay-1.key") -> None:
     """An unadmitted key, refused at the connection gate; then an admitted key's connection
     that sends a frame without a session, refused with ``unauthenticated``."""
@@ -271,6 +278,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         name: tomllib.loads(path.read_text())["ops"]["listen"] for name, path in files.items()
     }
     shutil.copy(PROMETHEUS_DIR / "alerts.yml", tmp / "alerts.yml")
+    token_beside(tmp, files["server"])
     prometheus, url = start_prometheus(_prometheus_config(targets), tmp)
     procs: dict[str, WorkerProcess] = {}
     try:

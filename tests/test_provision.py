@@ -7,6 +7,8 @@ import asyncio
 import json
 import os
 import tomllib
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -128,6 +130,11 @@ def test_provision_refuses_a_bad_project(
     assert "unknown key 'project.colour'" in capsys.readouterr().err
 
 
+def _read(request: urllib.request.Request) -> bytes:
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return bytes(answer.read())
+
+
 async def test_provisioned_kits_train_together(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -156,6 +163,13 @@ async def test_provisioned_kits_train_together(
         admin = ["runs", "list", "--config", str(out / "admin" / "admin.toml"), "--json"]
         assert await asyncio.to_thread(main, admin) == 0  # the operator's kit reaches it
         assert json.loads(capsys.readouterr().out)["runs"][0]["state"] == "finished"
+        # the operator's Prometheus reads the server's /metrics with the kit's metrics.token
+        token = (out / "admin" / "metrics.token").read_text().strip()
+        url = f"http://{server.cfg.ops.listen}/metrics"
+        scrape = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        assert b"sl_run_steps" in await asyncio.to_thread(_read, scrape)
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            await asyncio.to_thread(_read, urllib.request.Request(url))
     finally:
         stop.set()
         await task

@@ -43,7 +43,7 @@ from workers.ops.http import OpsServer
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.checkpoint import restore_rng, rng_state
 from workers.runtime.savedmodel import check_writable
-from workers.runtime.startup import install_stop_signals, start_ops
+from workers.runtime.startup import install_stop_signals, read_metrics_token, start_ops
 from workers.topologies import topology
 
 log = logging.getLogger("sl_pipeline.client")
@@ -230,12 +230,12 @@ class ClientWorker:
 
     # ---- training ----------------------------------------------------------------------
     async def run(self) -> dict[str, Any]:
-        start = time.perf_counter()
-        wall = None  # the run's time, without the linger for a final scrape
+        start, wall = time.perf_counter(), None  # wall: the run's, without the final linger
         if (save := model_path(self.cfg, self.base)) is not None:
             check_writable(Path(save), "client.save")  # now, not after hours of training
         self.link.ctx = ctx = zmq.asyncio.Context()
-        ops = await start_ops(self.cfg.ops, self.metrics, self.status, lambda: self.link.connected)
+        ready, token = (lambda: self.link.connected), read_metrics_token(self.cfg.ops, self.base)
+        ops = await start_ops(self.cfg.ops, self.metrics, self.status, ready, None, token)
         install_stop_signals(self.stop)
         try:
             try:

@@ -15,11 +15,15 @@ import time
 
 from prometheus_client import CollectorRegistry, Gauge
 
+from workers.ops.labels import NameLabels
+
 MAX_CLIENTS = 256
 
 
 class ClientSeries:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, label: NameLabels | None = None) -> None:
+        self.label = label or NameLabels()  # a client's name -> its label value
+
         def gauge(name: str, text: str) -> Gauge:
             return Gauge(name, text, ["client"], registry=registry)
 
@@ -50,6 +54,11 @@ class ClientSeries:
         # client -> its steps, epoch and last-step series: every applied step sets them
         self._stepping: dict[str, tuple[Gauge, Gauge, Gauge]] = {}
 
+    @property
+    def names(self) -> list[str]:
+        """The clients whose series are exported."""
+        return list(self._names)
+
     def _touch(self, client: str) -> None:
         if self._names and self._names[-1] == client:
             return  # already the newest name: nothing moves, nothing is evicted
@@ -61,8 +70,8 @@ class ClientSeries:
             self._names.remove(old)
             self._stepping.pop(old, None)
             for series in self._all:
-                if old in {s[0] for s in series._metrics}:
-                    series.remove(old)
+                if self.label(old) in {s[0] for s in series._metrics}:
+                    series.remove(self.label(old))
 
     def _oldest_of(self, client: str) -> str:
         """Whose series go for newcomer ``client``: the oldest of its own relay's other
@@ -76,16 +85,16 @@ class ClientSeries:
         """A peer joined. One that only infers (``predict``, a client past its epochs) trains
         nothing: whether it finished stays as it was, so its leaving is no lost client."""
         self._touch(client)
-        self.connected.labels(client=client).set(1)
+        self.connected.labels(self.label(client)).set(1)
         if training:
-            self.finished.labels(client=client).set(0)
+            self.finished.labels(self.label(client)).set(0)
 
     def left(self, client: str) -> None:
         """The client left; a relay leaving takes its clients (``relay-1/client-1``) along:
         the server hears of them only through it."""
         for name in self._names:
             if name == client or name.startswith(f"{client}/"):
-                self.connected.labels(client=name).set(0)
+                self.connected.labels(self.label(name)).set(0)
 
     def started(self, client: str, connected: bool = False) -> None:
         """The client trains in a new run: its counts start again, and the accuracy it
@@ -93,19 +102,19 @@ class ClientSeries:
         shows it there (a relay's client, whose hello the server never sees)."""
         self._touch(client)
         if connected:
-            self.connected.labels(client=client).set(1)
-        self.finished.labels(client=client).set(0)
-        self.steps.labels(client=client).set(0)
-        self.accuracy.labels(client=client).set(math.nan)
+            self.connected.labels(self.label(client)).set(1)
+        self.finished.labels(self.label(client)).set(0)
+        self.steps.labels(self.label(client)).set(0)
+        self.accuracy.labels(self.label(client)).set(math.nan)
 
     def stepped(self, client: str, steps: int, epoch: int) -> None:
         self._touch(client)
         series = self._stepping.get(client)
         if series is None:
             series = self._stepping[client] = (
-                self.steps.labels(client=client),
-                self.epoch.labels(client=client),
-                self.last_step.labels(client=client),
+                self.steps.labels(self.label(client)),
+                self.epoch.labels(self.label(client)),
+                self.last_step.labels(self.label(client)),
             )
         series[0].set(steps)
         series[1].set(epoch + 1)
@@ -116,21 +125,21 @@ class ClientSeries:
         yet (one that never comes back is a lost client, ``SLClientLost``; the series were
         absent until its next step, so nothing could fire), its steps counted on."""
         self._touch(client)
-        self.connected.labels(client=client).set(0)
-        self.finished.labels(client=client).set(int(finished))
-        self.steps.labels(client=client).set(steps)
+        self.connected.labels(self.label(client)).set(0)
+        self.finished.labels(self.label(client)).set(int(finished))
+        self.steps.labels(self.label(client)).set(steps)
         if epoch is not None:
-            self.epoch.labels(client=client).set(epoch + 1)
+            self.epoch.labels(self.label(client)).set(epoch + 1)
 
     def part_over(self, client: str) -> None:
         """Its run was stopped (``runs stop``, or it gave its place up) before it finished:
         nothing is left for it to do there, so it is not lost (``SLClientLost`` fired on
         for a stopped run until that name joined again)."""
         self._touch(client)
-        self.finished.labels(client=client).set(1)
+        self.finished.labels(self.label(client)).set(1)
 
     def done(self, client: str, accuracy: float | None) -> None:
         self._touch(client)
-        self.finished.labels(client=client).set(1)
+        self.finished.labels(self.label(client)).set(1)
         if accuracy is not None:
-            self.accuracy.labels(client=client).set(accuracy)
+            self.accuracy.labels(self.label(client)).set(accuracy)

@@ -7,11 +7,14 @@ handlers read the worker's state directly. Routes:
 ``GET /metrics``  Prometheus text format (OpenMetrics when the scraper asks for it); each
                   answered scrape is counted, so a finished client can wait for the
                   scrape that carries its final figures (:meth:`OpsServer.scraped_after`).
+                  With ``[ops] metrics_token``, only for ``Authorization: Bearer <it>``
+                  (else 401, not counted as a scrape).
 ``GET /healthz``  200 ``ok`` while the process and its loop are alive (liveness).
 ``GET /readyz``   200 when ``ready()`` is true, else 503 with a JSON reason (readiness).
 ``GET /status``   the JSON object returned by ``status()``; peers are only counted and the
                   session id left out unless the request carries
-                  ``Authorization: Bearer <[ops] status_token>``.
+                  ``Authorization: Bearer <[ops] status_token>``, which also lists the
+                  name each hashed label value stands for (``[ops] label_names``).
 
 Access logging is off: a scrape every 15 s for weeks would drown the worker's own log.
 """
@@ -36,6 +39,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from sl_pipeline.errors import ConfigError
 from workers.ops.httpguard import IDLE_S, SCRAPE_COST, STALL_S, GuardedSite, Throttle
 from workers.ops.metrics import WorkerMetrics
+from workers.ops.redact import redact
 from workers.runtime.quietlog import INTERVAL_S
 
 log = logging.getLogger(__name__)
@@ -139,6 +143,14 @@ def _json_response(body: Mapping[str, Any], status: int = 200) -> web.Response:
     )
 
 
+def _unauthorized() -> web.Response:
+    return web.Response(
+        status=401,
+        text="/metrics needs Authorization: Bearer <the token in [ops] metrics_token's file>\n",
+        headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+    )
+
+
 class OpsServer:
     """HTTP server for ``/metrics``, ``/healthz``, ``/readyz`` and ``/status``.
 
@@ -156,8 +168,10 @@ class OpsServer:
         port: int,
         routes: Callable[[web.Application], None] | None = None,
         status_token: str = "",
+        metrics_token: str = "",
     ) -> None:
         self.metrics = metrics
+        self.metrics_token = metrics_token
         self._routes = routes  # more routes (the server's run API)
         self.throttle = Throttle()
         self.status_token = status_token
@@ -175,6 +189,8 @@ class OpsServer:
         exposition = make_aiohttp_handler(self.metrics.registry)
 
         async def metrics(request: web.Request) -> web.StreamResponse:
+            if self.metrics_token and not bearer_matches(request, self.metrics_token):
+                return _unauthorized()
             self.scrapes += 1
             number = self.scrapes  # before the figures are read (no await in between)
             response = await exposition(request)
@@ -286,8 +302,9 @@ class OpsServer:
             log.exception("status callback failed")
             return _json_response({"error": f"status unavailable: {exc}"}, 500)
         if not self._authorized(request):
-            body = redact(body)
-        return _json_response(body)
+            return _json_response(redact(body))
+        legend = self.metrics.name_legend()
+        return _json_response({**body, "labels": legend} if legend else body)
 
     def _authorized(self, request: web.Request) -> bool:
         """Whether the request may see who the peers are: only with the configured token."""
@@ -300,49 +317,6 @@ def bearer_matches(request: web.Request, token: str) -> bool:
     refuses (a 500 with a traceback per request): they are compared as the bytes sent."""
     given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
     return hmac.compare_digest(given, f"Bearer {token}".encode())
-
-
-NAMED_RUN_FIELDS = ("clients", "finished_clients", "accuracies")  # keyed by client name
-_SERVER_RUN_ID = re.compile(r"run-[0-9]+")  # the ids a server numbers itself (runs.py)
-
-
-def redact(body: Mapping[str, Any]) -> dict[str, Any]:
-    """``/status`` for anyone who can reach the port: how many peers, not who (names and
-    key fingerprints), no session id, and each run's clients as counts."""
-    out = {k: v for k, v in body.items() if k not in ("peers", "session")}
-    if "peers" in body:
-        out["peers"] = _count(body["peers"])
-    if isinstance(body.get("runs"), list | tuple):
-        out["runs"] = [_redact_run(run, i) for i, run in enumerate(body["runs"], start=1)]
-    current = body.get("current_run")
-    if isinstance(current, str) and not _SERVER_RUN_ID.fullmatch(current):
-        ids = [run.get("id") for run in body.get("runs") or [] if isinstance(run, Mapping)]
-        out["current_run"] = f"#{ids.index(current) + 1}" if current in ids else "#"
-    if "peers" in body or "session" in body or "runs" in body:
-        out["redacted"] = (
-            "peer and client names, key fingerprints and the session id need [ops] status_token"
-        )
-    return out
-
-
-def _count(value: Any) -> Any:
-    return len(value) if isinstance(value, list | tuple | dict) else value
-
-
-def _redact_run(run: Any, index: int) -> Any:
-    """A run's entry with its clients counted, not named (per-client accuracies included),
-    without its group, and its model as "saved" (its path names the group and the run). A
-    run id a client chose (``hospital-a-trial``), or a group's (``hospital:run-1``), may say
-    who it is, so it shows as its place in the list; the server's own ``run-N`` ids
-    (of a server without groups) say nothing and stay."""
-    if not isinstance(run, Mapping):
-        return run
-    out = {k: _count(v) if k in NAMED_RUN_FIELDS else v for k, v in run.items() if k != "group"}
-    if "id" in out and not _SERVER_RUN_ID.fullmatch(str(out["id"])):
-        out["id"] = f"#{index}"
-    if out.get("model"):  # its path holds the group's folder and the run's id
-        out["model"] = "saved"
-    return out
 
 
 def local_url(listen: str) -> str:

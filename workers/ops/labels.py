@@ -6,6 +6,10 @@ time series; every combination is created at start-up (see :mod:`workers.ops.met
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+from collections.abc import Iterable
+
 ROLES: frozenset[str] = frozenset({"server", "client", "relay"})
 DIRECTIONS: tuple[str, ...] = ("sent", "received")
 MESSAGE_KINDS: tuple[str, ...] = (
@@ -80,3 +84,32 @@ LATENCY_BUCKETS_S: tuple[float, ...] = (
     5.0,
     10.0,
 )
+
+
+class NameLabels:
+    """How a name that may say who a tenant is (a run id, a client's name) shows as a label
+    value: as it is, or, once :meth:`hash_with` gave a key, as ``h-`` and 12 hex digits of
+    its HMAC-SHA256 under that key. Without the key, nobody can tell which name a hash
+    stands for, nor test a guess (a hospital's name is easy to guess; the scraper's
+    token is no key for this)."""
+
+    def __init__(self) -> None:
+        self._key: bytes | None = None
+
+    def hash_with(self, secret: bytes) -> None:
+        """Hash from now on, with a key derived from ``secret`` (the worker's private key)."""
+        self._key = hmac.new(secret, b"sl-pipeline metrics label names", hashlib.sha256).digest()
+
+    @property
+    def hashed(self) -> bool:
+        return self._key is not None
+
+    def __call__(self, name: str) -> str:
+        if self._key is None:
+            return name
+        data = name.encode("utf-8", "surrogatepass")
+        return "h-" + hmac.new(self._key, data, hashlib.sha256).hexdigest()[:12]
+
+    def legend(self, names: Iterable[str]) -> dict[str, str]:
+        """Each hashed label -> the name it stands for (empty when names are not hashed)."""
+        return {self(name): name for name in names} if self.hashed else {}

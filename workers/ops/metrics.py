@@ -36,8 +36,9 @@ from workers.ops.labels import (
     PRIVACY_MECHANISMS,
     REJECT_REASONS,
     ROLES,
-    RUN_SERIES,
+    NameLabels,
 )
+from workers.ops.runseries import RunSeries
 
 # A ``*_created`` series per counter and histogram doubles the series for no dashboard use.
 disable_created_metrics()
@@ -87,11 +88,11 @@ class WorkerMetrics:
         self._peer_metrics(reg)
         self._privacy_metrics(reg)
         self._progress_metrics(reg)
-        self._run_metrics(reg)
-        self._runs: dict[str, tuple[Gauge, ...]] = {}  # run -> its series (labels looked up once)
-        self._ended: set[str] = set()  # runs of _runs that ended: their series go first
+        self.names = NameLabels()  # run ids and client names as label values
+        self.runs = RunSeries(reg, self.names)
+        self.record_run = self.runs.record  # a server's run's progress
         # A server's per-client series: visible after a client's own /metrics is gone.
-        self.clients = ClientSeries(reg) if role == "server" else None
+        self.clients = ClientSeries(reg, self.names) if role == "server" else None
         self.build_info = Info(
             "sl_build", "Version and role of this worker (value is always 1).", registry=reg
         )
@@ -240,34 +241,6 @@ class WorkerMetrics:
             registry=reg,
         )
 
-    def _run_metrics(self, reg: CollectorRegistry) -> None:
-        """Server: each recent training run."""
-        self.run_steps = Gauge(
-            "sl_run_steps",
-            "Server: training steps applied in each recent run.",
-            ["run"],
-            registry=reg,
-        )
-        self.run_active = Gauge(
-            "sl_run_active",
-            "Server: 1 while a recent run trains, 0 once it finished or was stopped.",
-            ["run"],
-            registry=reg,
-        )
-        self.run_train_loss = Gauge(
-            "sl_run_train_loss",
-            "Server: the last training loss of each recent run (NaN before its first step).",
-            ["run"],
-            registry=reg,
-        )
-        self.run_test_accuracy = Gauge(
-            "sl_run_test_accuracy_ratio",
-            "Server: a recent run's test accuracy, the mean its clients reported on finishing "
-            "(NaN until one did).",
-            ["run"],
-            registry=reg,
-        )
-
     def _init_label_sets(self) -> None:
         """Create every bounded label combination at 0, so series exist from the start."""
         for direction in DIRECTIONS:
@@ -333,37 +306,14 @@ class WorkerMetrics:
         self.step.set(step)
         self.last_step_timestamp_seconds.set(time.time() if now_s is None else now_s)
 
-    def record_run(
-        self,
-        run: str,
-        steps: int,
-        active: bool,
-        loss: float | None = None,
-        accuracy: float | None = None,
-    ) -> None:
-        """A run's progress; :data:`RUN_SERIES` runs keep their series, the oldest ended
-        run's going first (else the oldest run's): another group's churn of short runs
-        cannot take an active run's series away."""
-        series = self._runs.get(run)
-        if series is None:  # every step of a server reports its run: label lookups once
-            per_run = (self.run_steps, self.run_active, self.run_train_loss, self.run_test_accuracy)
-            series = self._runs[run] = tuple(gauge.labels(run=run) for gauge in per_run)
-            ended = [r for r in self._runs if r in self._ended]
-            gone = (ended + [r for r in self._runs if r not in self._ended])[:-RUN_SERIES]
-            for old in gone:
-                del self._runs[old]
-                self._ended.discard(old)
-                for gauge in per_run:
-                    gauge.remove(old)
-        if active:
-            self._ended.discard(run)
-        else:
-            self._ended.add(run)
-        steps_gauge, active_gauge, loss_gauge, accuracy_gauge = series
-        steps_gauge.set(steps)
-        active_gauge.set(1 if active else 0)
-        loss_gauge.set(math.nan if loss is None else loss)
-        accuracy_gauge.set(math.nan if accuracy is None else accuracy)
+    def hash_names(self, secret: bytes) -> None:
+        """Run ids and client names show as keyed hashes (``[ops] label_names``)."""
+        self.names.hash_with(secret)
+
+    def name_legend(self) -> dict[str, str]:
+        """Each hashed label value now on /metrics -> the name it stands for."""
+        clients = self.clients.names if self.clients is not None else []
+        return self.names.legend([*self.runs.names, *clients])
 
     def set_privacy(self, mechanism: str, epsilon: float, budget: float | None = None) -> None:
         """Report ``epsilon`` spent by ``mechanism`` and its budget (``None``: no budget)."""

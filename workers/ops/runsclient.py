@@ -25,7 +25,7 @@ def read_token(base: Path, value: str, dotted: str = "ops.admin_token") -> str:
     except UnicodeDecodeError:  # a key file, or some other binary file, named by mistake
         raise ConfigError(
             f"{dotted} = {value!r} is not a text file; name the token file that init or "
-            "provision wrote (keys/admin.token)"
+            "provision wrote (keys/admin.token, keys/metrics.token)"
         ) from None
     if len(token) < TOKEN_MIN_CHARS:
         raise ConfigError(

@@ -41,6 +41,7 @@ from workers.runtime.startup import (
     bind_router,
     load_admitted,
     load_own_key,
+    ops_secrets,
     start_ops,
     tell_peers_we_stop,
     warn_insecure,
@@ -73,10 +74,10 @@ class RouterService:
         self.table = PeerTable(listen, self.role, fingerprint, {}, self.metrics.record_bound)
         self.gate: Gate | None = None
         self.handshake = self._make_handshake()
+        self.ops_token = ops_secrets(ops, base, self.metrics, self.handshake.static)
         hit = lambda: self.metrics.record_bound("hello_rate")  # noqa: E731
         self.hello_rate = HelloRates(listen.hellos_per_s, listen.hello_burst, hit)
-        self.session_id = secrets.token_hex(8)
-        self.bound = False
+        self.session_id, self.bound = secrets.token_hex(8), False
         self._idle = True  # the receiver waits for a message (not handling one)
         self._trim_due, self._trimmed_at = False, 0.0
         self._endpoint: ZmtpRouter | None = None
@@ -165,9 +166,8 @@ class RouterService:
         try:
             await self.on_start()
             self.bound = True
-            ops = await start_ops(
-                self.ops_cfg, self.metrics, self.status, self.ready, self.ops_routes()
-            )
+            paths, token = self.ops_routes(), self.ops_token
+            ops = await start_ops(self.ops_cfg, self.metrics, self.status, self.ready, paths, token)
             log.info("%s listening on %s", self.role, self.listen.bind)
             await self._run_until(stop, endpoint)
         finally:

@@ -10,6 +10,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
 from sl_pipeline.codec import Limits
 from sl_pipeline.config import OpsConfig, resolve_path
 from sl_pipeline.errors import ConfigError, SLError, TransportError
@@ -18,6 +20,7 @@ from sl_pipeline.messages import error_message
 from sl_pipeline.zmtp_router import ZmtpRouter
 from workers.ops.http import OpsServer, parse_listen
 from workers.ops.metrics import WorkerMetrics
+from workers.ops.runsclient import read_token
 
 log = logging.getLogger("sl_pipeline")
 
@@ -68,17 +71,40 @@ async def bind_router(bind: str, section: str, limits: Limits, **options: Any) -
         ) from None
 
 
+def ops_secrets(
+    cfg: OpsConfig, base: Path, metrics: WorkerMetrics, key: KeyPair | None = None
+) -> str:
+    """The token /metrics asks for ("": none), read at start-up; and, with
+    ``label_names = "hashed"``, names hashed with a key derived from the worker's own (a
+    server's run ids and client names; a client's series name nobody)."""
+    if cfg.label_names == "hashed":
+        if key is None:
+            raise ConfigError(
+                'ops.label_names = "hashed" hashes names with this worker\'s private key, '
+                'and it runs --insecure, without one: use "plain", or run with keys'
+            )
+        metrics.hash_names(
+            key.private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        )
+    return read_metrics_token(cfg, base)
+
+
+def read_metrics_token(cfg: OpsConfig, base: Path) -> str:
+    return read_token(base, cfg.metrics_token, "ops.metrics_token") if cfg.metrics_token else ""
+
+
 async def start_ops(
     cfg: OpsConfig,
     metrics: WorkerMetrics,
     status: Callable[[], Mapping[str, Any]],
     ready: Callable[[], bool],
     routes: Callable[[Any], None] | None = None,
+    metrics_token: str = "",
 ) -> OpsServer | None:
     if not cfg.listen:
         return None
     host, port = parse_listen(cfg.listen)
-    ops = OpsServer(metrics, status, ready, host, port, routes, cfg.status_token)
+    ops = OpsServer(metrics, status, ready, host, port, routes, cfg.status_token, metrics_token)
     try:
         await ops.start()
     except OSError as exc:

@@ -59,7 +59,8 @@ def to_toml(data: Table) -> str:
 
 
 def write_admin_token(path: Path) -> Path:
-    """A random token for the server's run API (`sl-pipeline runs`), readable by its owner."""
+    """A random token for the server's run API (`sl-pipeline runs`) or its /metrics,
+    readable by its owner."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -283,13 +284,19 @@ def init_deployment(
     for client in plan.clients:  # and a client's, so a kill -9 costs nothing applied
         client["checkpoint"] = dict(CLIENT_CHECKPOINT, fsync=False)
     if ops:
-        for cfg in [plan.server, *([plan.relay] if plan.relay else []), *plan.clients]:
-            cfg["ops"] = {"listen": f"127.0.0.1:{free_port()}"}
-        plan.server["ops"]["admin_token"] = "keys/admin.token"
+        _ops_ports(plan)
     with staged(out, "the deployment", "init", _moved_into, beside=False) as stage:
         _secure(stage, insecure, plan, spec)
         names = _write_plan(stage, plan)
     return {"dir": str(out), "files": {n: str(out / f"{n}.toml") for n in names}, "port": port}
+
+
+def _ops_ports(plan: Plan) -> None:
+    """An ops port on loopback for every worker; the server's run API token, and the one its
+    /metrics, which names the clients and runs, asks for."""
+    for cfg in [plan.server, *([plan.relay] if plan.relay else []), *plan.clients]:
+        cfg["ops"] = {"listen": f"127.0.0.1:{free_port()}"}
+    plan.server["ops"].update(admin_token="keys/admin.token", metrics_token="keys/metrics.token")
 
 
 def _moved_into(stage: Path, out: Path) -> None:
@@ -304,8 +311,9 @@ def _moved_into(stage: Path, out: Path) -> None:
 
 
 def _write_plan(out: Path, plan: Plan) -> list[str]:
-    if "admin_token" in plan.server.get("ops", {}):
-        write_admin_token(out / "keys" / "admin.token")
+    for key in ("admin_token", "metrics_token"):
+        if key in plan.server.get("ops", {}):
+            write_admin_token(out / plan.server["ops"][key])
     tables = {"server": plan.server, **({"relay-1": plan.relay} if plan.relay else {})}
     tables.update({f"client-{i + 1}": cfg for i, cfg in enumerate(plan.clients)})
     for name, cfg in tables.items():

@@ -280,13 +280,14 @@ def _server_kit(kit: Kit, cfg: Table, site: ServerSite, out: Path) -> Path:
     """The server's folder, and the operator's admin kit: the run API's address and token."""
     if site.ops_port:
         _ops(cfg, site.ops_port)
-        write_admin_token(kit.keys / "admin.token")
-        cfg["ops"]["admin_token"] = "keys/admin.token"
         admin = out / "admin"
         admin.mkdir(mode=0o700)
-        write_admin_token(admin / "admin.token").write_bytes(
-            (kit.keys / "admin.token").read_bytes()
-        )
+        for name in ("admin", "metrics"):  # the run API's token; the one /metrics asks for
+            write_admin_token(kit.keys / f"{name}.token")
+            cfg["ops"][f"{name}_token"] = f"keys/{name}.token"
+            write_admin_token(admin / f"{name}.token").write_bytes(
+                (kit.keys / f"{name}.token").read_bytes()
+            )
         ops = {"ops": {"listen": f"{site.host}:{site.ops_port}", "admin_token": "admin.token"}}
         (admin / "admin.toml").write_text(to_toml(ops))
     return kit.write("server", cfg, site.host)
