@@ -1,6 +1,6 @@
 """Connection churn on the ops port: a client opening and closing connections as fast as it
 can (each within the 64-connection cap) is held to ``httpguard.NEW_PER_S`` new connections a
-second from its address, the rest refused as they connect; Prometheus, from another address,
+second from its address, the rest refused as they are accepted; Prometheus, from another address,
 still scrapes. Over real loopback sockets (the churner on 127.0.0.2, the scraper on
 127.0.0.1), and the bucket's arithmetic with a clock of the test's."""
 

@@ -5,8 +5,8 @@ anyone who reaches it may connect. :class:`GuardedSite` (an aiohttp site) keeps 
 
 - from one address (an IPv6 address's /64), at most :data:`NEW_PER_S` new connections a
   second after a burst of :data:`NEW_BURST`; one over is answered ``503`` and closed as it
-  connects, before aiohttp makes a handler for it (before, a client opening and closing
-  connections as fast as it could, 262 a second here, had each served);
+  is accepted, before asyncio makes a transport for it (``acceptor``; before, a client
+  opening and closing connections as fast as it could, 262 a second here, had each served);
 - at most :data:`MAX_CONNECTIONS` connections at once; the next is answered ``503`` and
   closed as it is accepted, so it holds no descriptor (before, 1,100 idle connections to a
   server whose limit was the common 1,024 descriptors left it unable to accept its client:
@@ -35,6 +35,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from workers.ops.acceptor import Acceptor
 from workers.runtime.quietlog import QuietLog
 
 _LOG = QuietLog(logging.getLogger("sl_pipeline.ops.requests"))
@@ -181,21 +182,18 @@ class GuardedSite(web.BaseSite):
         self._record = record_bound
         self._backlogs: dict[object, tuple[int, float]] = {}  # handler -> (bytes, since)
         self._sweeper: asyncio.Task[None] | None = None
+        self._acceptor: Acceptor | None = None
 
     @property
     def name(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     def _admit(self, transport: asyncio.Transport) -> asyncio.Protocol:
-        """The protocol for a connection as it connects (the count of the server's
-        connections is exact then: each handler joins it as it connects)."""
+        """The protocol for a connection its address's rate let through, as it connects
+        (the count of the server's connections is exact then: each handler joins it as it
+        connects)."""
         server = self._runner.server
         assert server is not None
-        peer = transport.get_extra_info("peername")
-        if not self.accepts.allow(str(peer[0]) if peer else ""):
-            self._record("ops_new_connections")
-            _LOG.warning("accepts", "ops port: too many new connections from one address")
-            return _Refused(TOO_FAST)
         if len(server.connections) >= self.max_connections:
             self._record("ops_connections")
             _LOG.warning(
@@ -206,15 +204,24 @@ class GuardedSite(web.BaseSite):
             return _Refused()
         return server()  # type: ignore[no-any-return]
 
+    def _too_fast(self) -> None:
+        self._record("ops_new_connections")
+        _LOG.warning("accepts", "ops port: too many new connections from one address")
+
     async def start(self) -> None:
         await super().start()
         loop = asyncio.get_running_loop()
+        gate = lambda: _Gate(self._admit)  # noqa: E731
         self._server = await loop.create_server(
-            lambda: _Gate(self._admit), self.host, self.port, reuse_address=True
+            gate, self.host, self.port, reuse_address=True, start_serving=False
         )
+        self._acceptor = Acceptor(self._server, self.accepts.allow, self._too_fast, gate, TOO_FAST)
+        self._acceptor.start()
         self._sweeper = asyncio.create_task(self._sweep_forever())
 
     async def stop(self) -> None:
+        if self._acceptor is not None:
+            self._acceptor.stop()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
