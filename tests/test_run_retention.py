@@ -22,7 +22,7 @@ from workers.server.runs import RunBook
 from workers.tools.inprocess import wait_until
 
 from .conftest import load_client
-from .test_run_lifecycle import _client, _serving
+from .test_run_lifecycle import _client, _crash, _serving
 from .threadserver import ThreadServer
 
 DATA = dict(clients=1, dataset="breast_cancer", epochs=1, ops=True)  # 15 steps a run
@@ -155,6 +155,22 @@ async def test_runs_past_keep_ended_for_s_go_on_a_server_where_none_ends(
         second = await _client(files, "client-1")
     assert (first["run"], second["run"]) == ("run-1", "run-2")
     assert said is not None and "kept 5.79e-06 days (server.keep_ended_for_s = 0.5)" in said
+
+
+async def test_a_stopped_run_whose_client_left_is_removed_in_its_turn(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: client-2 trains in run-1 and vanishes; an operator stops run-1
+    files = deployment(**{**DATA, "clients": 2})
+    sets = ("server.keep_ended_runs=1", "server.run_clients=1")
+    async with _serving(files, *sets) as server:
+        await _crash(files, "client-2", 2, 'checkpoint.dir=""')
+        await wait_until(lambda: not server.peers, timeout_s=30)
+        server.stop_run("run-1")
+        # Execute: client-1 trains run-2 to its end
+        second = await _client(files, "client-1")
+        kept = sorted(server.book.runs)
+    # Assert: run-1 went at run-2's end (before: client-2's binding kept it, and its
+    # folder, for as long as the server ran)
+    assert second["run"] == "run-2" and kept == ["run-2"] and _folders(files) == ["run-2"]
 
 
 def _ended(book: RunBook, run_id: str, group: str, ended: float) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 from workers.ops.metrics import WorkerMetrics
+from workers.runtime.peers import Peer
 from workers.server.retention import RETIRE_EVERY_S, RunFolders
 from workers.server.runs import Run, RunBook
 
@@ -18,6 +19,7 @@ class Retiring:
     folders: RunFolders
     metrics: WorkerMetrics
     peer_runs: dict[str, str]  # peer name -> the run it trains in (its qualified id)
+    peers: dict[bytes, Peer]  # the live sessions
 
     def checkpoint(self, force: bool = False) -> None:
         raise NotImplementedError
@@ -30,9 +32,12 @@ class Retiring:
         return folders
 
     def bound_runs(self) -> set[str]:
-        """Runs a connected client is bound to (a stopped run's clients are refused from
-        it, never moved to a new one): none is forgotten while so."""
-        return set(self.peer_runs.values())
+        """Runs a client with a live session is bound to (a stopped run's clients are
+        refused from it, never moved to a new one): none is forgotten while so. A binding
+        outlives its session, but the name's next hello drops one to an ended run, so one
+        of a name that left pins nothing (every name stopped in its run pinned its run)."""
+        live = {p.name for p in self.peers.values()}
+        return {run for name, run in self.peer_runs.items() if name.split("/")[0] in live}
 
     def retire_at_start(self) -> None:
         """Once the runs list and the checkpoint are read: a run an older checkpoint still
