@@ -133,6 +133,8 @@ async def test_init_writes_a_metrics_token_that_the_server_asks_for(
     [
         ('ops.label_names="sha256"', "ops.label_names = 'sha256' is not allowed"),
         ('ops.metrics_token="keys/nothing.token"', "ops.metrics_token"),
+        # Prometheus, which holds the metrics token, must not hold the run API's
+        ('ops.metrics_token="keys/admin.token"', "holds the token of ops.admin_token"),
     ],
 )
 def test_a_bad_ops_setting_is_named_in_one_line(

@@ -65,12 +65,18 @@ def _busy(retry_s: int) -> web.Response:
 
 
 def group_tokens(
-    base: Path, groups: Groups, admin: str | None = None, status: str = ""
+    base: Path, groups: Groups, admin: str | None = None, status: str = "", metrics: str = ""
 ) -> dict[str, str]:
     """Each group's run-API token (read from its file) -> the group it opens. A token that
-    is another group's or the operator's (``admin``, which opens every run, or ``status``)
-    would open more than its group's runs: the server does not start."""
-    taken = {"ops.admin_token": admin, "ops.status_token": status}
+    is another group's or the operator's (``admin``, which opens every run, ``status`` or
+    ``metrics``, which Prometheus holds) would open more than its group's runs, as would an
+    admin token that Prometheus holds: the server does not start."""
+    if metrics and metrics == admin:
+        raise ConfigError(
+            "ops.metrics_token holds the token of ops.admin_token, so whoever scrapes /metrics "
+            "could stop and download runs; give /metrics a token of its own"
+        )
+    taken = {"ops.admin_token": admin, "ops.status_token": status, "ops.metrics_token": metrics}
     owners = {token: where for where, token in taken.items() if token}
     out: dict[str, str] = {}
     for group, path in groups.tokens.items():

@@ -77,8 +77,7 @@ class ServerWorker(RunHost, RouterService):
         self.peer_runs: dict[str, str] = {}  # peer name -> the run it trains in
         self.requested: dict[str, str] = {}  # peer name -> the run it asked for ("" = current)
         self.inferring: set[str] = set()  # peers whose hello said they only infer
-        self.steps_applied = 0  # over every run: the checkpoints' step number
-        self.from_cache = 0
+        self.steps_applied = self.from_cache = 0  # applied: over every run (checkpoints' step)
         assert self.metrics.clients is not None  # a server's metrics have them
         self.clients = self.metrics.clients  # per-client series, visible after they exit
         self._spare: Engine | None = self.build_engine()  # the first run's, or inference's
@@ -88,7 +87,8 @@ class ServerWorker(RunHost, RouterService):
         for info in self.book.read_index():
             self._add_record(info)
         self.admin_token = read_token(base, cfg.ops.admin_token) if cfg.ops.admin_token else None
-        self.group_tokens = group_tokens(base, self.groups, self.admin_token, cfg.ops.status_token)
+        tokens = (self.admin_token, cfg.ops.status_token, self.ops_token)  # taken: none a group's
+        self.group_tokens = group_tokens(base, self.groups, *tokens)
         self.ckpt = open_store(cfg.checkpoint, base, "server")
         self.resumed_from = self._restore() if self.ckpt else 0
         self.retire_at_start()  # what the list and the checkpoint hold, by server.keep_ended_*
