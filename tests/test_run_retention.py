@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -85,6 +86,8 @@ async def test_a_restart_applies_the_policy_and_sweeps_forgotten_folders(deploym
     runs = files["server"].parent / "state" / "runs"
     (runs / "run-0").mkdir()
     (runs / "run-0" / "server.pt").write_bytes((runs / "run-1" / "server.pt").read_bytes())
+    year_ago = time.time() - 365 * 86400  # saved before the runs listed now
+    os.utime(runs / "run-0" / "server.pt", (year_ago, year_ago))
     (runs / "notes").mkdir()
     (runs / "notes" / "server.pt").write_text("mine")
     (runs / "notes" / "readme.txt").write_text("mine too")

@@ -45,6 +45,22 @@ MODEL_FILE = re.compile(r"server\.pt|\.server\.pt\.[0-9a-f]+\.tmp")  # what a ru
 
 
 @dataclass(frozen=True)
+class Orphan:
+    """A run folder no listed run owns, as an ended run (ended when last written)."""
+
+    key: str
+    started: float
+
+    @property
+    def group(self) -> str:
+        return self.key.partition(SEPARATOR)[0] if SEPARATOR in self.key else ""
+
+    @property
+    def ended(self) -> float:
+        return self.started
+
+
+@dataclass(frozen=True)
 class Retention:
     """``server.keep_ended_runs`` and ``server.keep_ended_for_s``."""
 
@@ -147,7 +163,12 @@ class RunFolders:
         assert self.root is not None
         trash = self.root / f"{TRASH}{secrets.token_hex(6)}"
         try:
-            os.replace(folder, trash)
+            if _holds_a_run(folder):
+                os.replace(folder, trash)
+            else:  # it holds more (another group's folder of that name): its model alone
+                trash.mkdir()
+                for name in [p.name for p in folder.iterdir() if MODEL_FILE.fullmatch(p.name)]:
+                    os.replace(folder / name, trash / name)
         except OSError as exc:
             log.warning("could not remove %s (%s); the next start tries again", folder, exc)
             return False
@@ -178,21 +199,42 @@ class RunFolders:
         entry = self.removed.get(key)
         return entry is not None and abs(float(entry.get("started") or 0) - started) < 1e-3
 
-    def sweep(self, listed: set[str]) -> None:
-        """At start: trash a crash left, and run folders no listed run owns (the runs list
-        forgot them: before this policy, beyond its 500), unless folders are kept."""
+    def sweep(self, listed: list[Any]) -> None:
+        """At start: trash a crash left, and run folders no ``listed`` run (``Run``) owns
+        (the runs list forgot them: before this policy, beyond its 500) that the policy lets
+        go, counted with their group's listed ended runs by the folder's time: a runs list
+        lost or moved away, or an older checkpoint, takes no run the policy keeps."""
         if self.root is None or not self.root.is_dir():
             return
         for trash in self.root.glob(f"{TRASH}*"):
             self._empty(trash)
         if not self.retention.keep_runs or not (self.root / "runs.json").exists():
             return  # folders kept forever; or no list yet, nothing it could have forgotten
+        keys = {r.key for r in listed}
+        orphans = [
+            Orphan(key, (folder / "server.pt").stat().st_mtime)  # when its model was saved
+            for key, folder in run_folders(self.root)
+            if key not in keys
+        ]
         now = time.time()
-        for key, folder in run_folders(self.root):
-            if key not in listed:
-                group = key.partition(SEPARATOR)[0] if SEPARATOR in key else ""
-                self._remove(key, group, "orphan", folder.stat().st_mtime, now)
+        for group in {o.group for o in orphans}:
+            mine = [r for r in listed if r.group == group and r.ended is not None]
+            for orphan, _ in self.retention.expired(
+                mine + [o for o in orphans if o.group == group], now
+            ):
+                if isinstance(orphan, Orphan):
+                    self._remove(orphan.key, group, "orphan", orphan.started, now)
         self._write()
+
+    def on_disk(self) -> None:
+        """Each group's highest ``run-N`` with a folder counts as taken: a runs list moved
+        away numbers no new run into an earlier run's folder (its model overwritten)."""
+        if self.root is None or not self.root.is_dir():
+            return
+        for key, _ in run_folders(self.root):
+            group, _, run_id = key.rpartition(SEPARATOR)
+            if m := re.fullmatch(r"run-(\d+)", run_id):
+                self.numbers[group] = max(self.numbers.get(group, 0), int(m.group(1)))
 
     def gone(self, key: str, group: str | None) -> str | None:
         """Why run ``key`` is no more, for one who may see it (``group``: a group's token,

@@ -28,8 +28,16 @@ class Retiring:
         """The runs folder's ended runs; the book numbers no run-N a removed run had."""
         folders = RunFolders(book.dir, book.retention)
         folders.on_removed = lambda: self.metrics.record_bound("ended_runs")
+        folders.on_disk()
         book.floor = folders.numbers
         return folders
+
+    def keep_listed(self, listed: dict[str, Run]) -> None:
+        """Ended runs the runs list holds and the checkpoint just restored does not (an
+        older one: a backup put back) stay listed, and so keep their folders."""
+        ended = [(k, r) for k, r in listed.items() if not r.active and k not in self.book.runs]
+        runs = [*ended, *self.book.runs.items()]
+        self.book.runs = dict(sorted(runs, key=lambda kr: kr[1].started))  # in start order
 
     def bound_runs(self) -> set[str]:
         """Runs a client with a live session is bound to (a stopped run's clients are
@@ -54,7 +62,7 @@ class Retiring:
         if removed or gone:
             self.book.write_index()
         self.folders.forgotten(gone)
-        self.folders.sweep(set(self.book.runs))
+        self.folders.sweep(list(self.book.runs.values()))
 
     def retire_aged(self, now: float) -> None:
         """Ended runs past ``server.keep_ended_for_s`` go, on a server where none ends."""

@@ -237,7 +237,7 @@ class RunBook:
         """The next ``run-N`` of ``group`` (each group numbers its own runs)."""
         ids = [r.id for r in self.runs.values() if r.group == group]
         numbers = [int(m.group(1)) for i in ids if (m := re.fullmatch(r"run-(\d+)", i))]
-        return f"run-{max(numbers, default=self.floor.get(group, 0)) + 1}"
+        return f"run-{max([*numbers, self.floor.get(group, 0)]) + 1}"  # none removed reused
 
     def pool(self, group: str = ONE_GROUP) -> list[Run]:
         """The active runs that hold ``group``'s places (its own, if it has places)."""

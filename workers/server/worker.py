@@ -118,13 +118,14 @@ class ServerWorker(RunHost, RouterService):
         # runs.json knows where a model saved at a clean stop lies (that stop writes no
         # checkpoint unless a step was applied since the last one)
         models = {r.id: r.model for r in self.book.runs.values()}
-        self.book.runs.clear()
+        listed, self.book.runs = self.book.runs, {}
         records = state.get("runs")
         if records is None:  # written before runs existed: one active run
             records = [{"id": "run-1", "state": ACTIVE, **state}]
         for record in records:
             model = record.get("model") or models.get(str(record.get("id")), "")
             self._restore_run({**record, "model": model}, path)
+        self.keep_listed(listed)
         for run in self.book.active():  # the newest last: its members' series win
             for name in sorted(run.members):
                 steps, epoch = run.client_steps.get(name, 0), run.epochs.get(name)

@@ -1,0 +1,100 @@
+"""Red team on ended runs' retention: an operator's ordinary mistakes (a runs list moved
+away, an older checkpoint) and run numbers; real servers and clients over loopback."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from workers.server.replycache import ReplyCache
+from workers.server.retention import Retention, RunFolders
+from workers.server.runs import RunBook
+
+from .test_run_lifecycle import _client, _serving
+
+DATA = dict(clients=1, dataset="breast_cancer", epochs=1, ops=True)  # 15 steps a run
+NO_CHECKPOINT = ('checkpoint.dir=""',)  # a server without checkpoints (the default)
+
+
+def _runs(files: dict[str, Path]) -> Path:
+    return files["server"].parent / "state" / "runs"
+
+
+async def test_a_runs_list_moved_away_removes_no_earlier_run_at_the_next_start(
+    deployment,  # type: ignore[no-untyped-def]
+) -> None:
+    # Prepare: three runs; runs.json moved away (what its read error tells an operator)
+    files = deployment(**DATA)
+    async with _serving(files, *NO_CHECKPOINT):
+        for _ in range(3):
+            await _client(files, "client-1")
+    runs = _runs(files)
+    models = {n: (runs / n / "server.pt").read_bytes() for n in ("run-1", "run-2", "run-3")}
+    (runs / "runs.json").rename(runs.parent / "runs.json.old")
+    # Execute: one run on the fresh list, then a restart
+    async with _serving(files, *NO_CHECKPOINT):
+        fresh = await _client(files, "client-1")
+    async with _serving(files, *NO_CHECKPOINT):
+        pass
+    # Assert: every earlier run's model is still there, unchanged; the new run is run-4
+    kept = {n: (runs / n / "server.pt").read_bytes() for n in models if (runs / n).exists()}
+    assert kept == models and fresh["run"] == "run-4"
+
+
+async def test_a_restart_from_an_older_checkpoint_keeps_the_runs_the_list_holds(
+    deployment,  # type: ignore[no-untyped-def]
+) -> None:
+    # Prepare: run-1, a copy of the checkpoints (a backup), run-2 and run-3; the backup put
+    # back (an operator's restore, or checkpoint.dir pointed elsewhere and back)
+    files = deployment(**DATA)
+    state = files["server"].parent / "state"
+    ckpts, backup = state / "server-checkpoints", state.parent / "backup"
+    async with _serving(files):
+        await _client(files, "client-1")
+        shutil.copytree(ckpts, backup)
+        for _ in range(2):
+            await _client(files, "client-1")
+    shutil.rmtree(ckpts)
+    backup.rename(ckpts)
+    # Execute: the server starts again from the older checkpoint; client-1 trains
+    async with _serving(files) as server:
+        listed = sorted(server.book.runs)
+        again = await _client(files, "client-1")
+    # Assert: run-2 and run-3 (ended after that checkpoint) stay listed and on disk
+    assert listed == ["run-1", "run-2", "run-3"] and again["run"] == "run-4"
+    assert all((_runs(files) / n / "server.pt").exists() for n in listed)
+
+
+def test_a_run_n_removed_above_the_listed_ones_is_not_numbered_again(tmp_path: Path) -> None:
+    # Prepare: keep 1 ended run; run-5 trains long while run-6 and run-7 end
+    book = RunBook(tmp_path, max_runs=3, run_clients=0)
+    book.retention = Retention(keep_runs=1)
+    folders = RunFolders(tmp_path, book.retention)
+    book.floor = folders.numbers
+    long = book.start("run-5", None, ReplyCache())  # type: ignore[arg-type]
+    for run_id in ("run-6", "run-7"):
+        folders.forgotten(book.end(book.start(run_id, None, ReplyCache()), "finished"))  # type: ignore[arg-type]
+    # Execute: run-5 ends last (run-7, which ended before it, goes)
+    folders.forgotten(book.end(long, "finished"))
+    # Assert: run-5 alone is listed; the next run is run-8, not run-6 again
+    assert sorted(book.runs) == ["run-5"] and book.next_id() == "run-8"
+
+
+def test_removing_a_run_takes_no_other_group_folder_inside_its_own(tmp_path: Path) -> None:
+    # Prepare: run "hospital" of a server without groups; then groups, and the hospital
+    # group's run-1 in runs/hospital/run-1 (the same folder as that run's)
+    (tmp_path / "hospital" / "run-1").mkdir(parents=True)
+    (tmp_path / "hospital" / "server.pt").write_text("the old run's")
+    (tmp_path / "hospital" / "run-1" / "server.pt").write_text("the hospital's run-1")
+    book = RunBook(tmp_path, max_runs=3, run_clients=0)
+    book.retention = Retention(keep_runs=1)
+    folders = RunFolders(tmp_path, book.retention)
+    old = book.start("hospital", None, ReplyCache())  # type: ignore[arg-type]
+    book.end(old, "finished")
+    # Execute: a newer ungrouped run ends; run "hospital" goes
+    gone = book.end(book.start("later", None, ReplyCache()), "finished")  # type: ignore[arg-type]
+    folders.forgotten(gone)
+    # Assert: its model went; the hospital group's run-1 is still there
+    assert [r.key for r, _ in gone] == ["hospital"]
+    assert not (tmp_path / "hospital" / "server.pt").exists()
+    assert (tmp_path / "hospital" / "run-1" / "server.pt").read_text() == "the hospital's run-1"
