@@ -6,10 +6,12 @@ runs`` answer a removed run with when and why. Real servers and clients over loo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from workers.server import retention, retiring
 from workers.server.replycache import ReplyCache
 from workers.server.retention import Retention, RunFolders
 from workers.server.runs import RunBook
+from workers.server.worker import ServerWorker
 from workers.tools.inprocess import wait_until
 
 from .conftest import load_client
@@ -39,20 +42,28 @@ def _listed(files: dict[str, Path]) -> list[str]:
     return [r["id"] for r in json.loads(index.read_text())]
 
 
+@contextlib.contextmanager
+def _after_runs(
+    files: dict[str, Path], count: int, *sets: str
+) -> Iterator[tuple[str, ServerWorker]]:
+    """A server (with ``sets``) in a thread of its own, once client-1 trained ``count`` runs
+    to their ends on it, one after the other: its config file, and the worker."""
+    with ThreadServer(files["server"], *sets) as worker:
+        for _ in range(count):
+            client = ClientWorker(load_client(files["client-1"]), files["server"].parent)
+            client.progress = False
+            asyncio.run(asyncio.wait_for(client.run(), 120))
+        yield str(files["server"]), worker
+
+
 def test_runs_past_keep_ended_runs_are_removed_and_the_cli_says_so(
     deployment,  # type: ignore[no-untyped-def]
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
 ) -> None:
-    # Prepare: a server that keeps 2 ended runs
+    # Prepare / Execute: a server that keeps 2 ended runs; three runs, one after another
     files = deployment(**DATA)
-    server = str(files["server"])
-    with ThreadServer(files["server"], "server.keep_ended_runs=2") as worker:
-        # Execute: client-1 trains three runs, one after the other
-        for _ in range(3):
-            client = ClientWorker(load_client(files["client-1"]), files["server"].parent)
-            client.progress = False
-            asyncio.run(asyncio.wait_for(client.run(), 120))
+    with _after_runs(files, 3, "server.keep_ended_runs=2") as (server, worker):
         status = main(["runs", "status", "run-1", "--config", server])
         _, said = capsys.readouterr()
         out = tmp_path / "run-1.pt"
@@ -70,6 +81,28 @@ def test_runs_past_keep_ended_runs_are_removed_and_the_cli_says_so(
     assert "a group keeps its newest 2 ended runs (server.keep_ended_runs = 2)" in said
     assert "Traceback" not in said + download_said and "removed" in download_said
     assert not out.exists()
+
+
+def test_without_a_runs_folder_old_ended_runs_models_leave_memory_and_are_refused(
+    deployment,  # type: ignore[no-untyped-def]
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    # Prepare / Execute: a server with neither server.save nor server.runs_dir; four runs;
+    # the first's model is asked for
+    files = deployment(**DATA)
+    with _after_runs(files, 4, 'server.save=""') as (server, worker):
+        first = worker.book.runs["run-1"].engine
+        out = tmp_path / "run-1.pt"
+        refused = main(["runs", "download", "run-1", "--config", server, "--out", str(out)])
+        _, said = capsys.readouterr()
+        newest = main(["runs", "download", "run-4", "--config", server, "--out", str(out)])
+    # Assert: the newest 3 ended runs keep their models in memory, the oldest's went (before:
+    # each of a group's 500 ended runs kept its model in memory); it is refused, not
+    # answered with freshly initialised weights
+    assert worker.book.dir is None and first is None and refused == 2 and newest == 0
+    assert "run-1's model was kept in memory only and has left it" in said
+    assert "set server.runs_dir (or server.save)" in said
 
 
 async def _three_runs(files: dict[str, Path], *sets: str) -> None:

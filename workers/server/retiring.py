@@ -5,11 +5,13 @@ on a server that keeps runs for a time (``server.keep_ended_for_s``)."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
+from sl_pipeline.errors import ProtocolError
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.peers import Peer
 from workers.server.retention import RETIRE_EVERY_S, RunFolders
-from workers.server.runs import Run, RunBook
+from workers.server.runs import KEEP_ENGINES, Run, RunBook
 
 
 class Retiring:
@@ -46,6 +48,22 @@ class Retiring:
         of a name that left pins nothing (every name stopped in its run pinned its run)."""
         live = {p.name for p in self.peers.values()}
         return {run for name, run in self.peer_runs.items() if name.split("/")[0] in live}
+
+    def kept(self, run: Run) -> Run:
+        """``run``, whose model is in memory or in its file: an ended run's that is in
+        neither (no runs folder: the newest KEEP_ENGINES ended runs keep theirs in memory
+        only; or its file was deleted) is refused, never answered with fresh weights."""
+        if run.engine is not None or run.active or not run.steps:
+            return run
+        if not run.model:
+            raise ProtocolError(
+                f"run {run.key}'s model was kept in memory only and has left it: without a "
+                f"runs folder the server keeps the newest {KEEP_ENGINES} ended runs' models; set "
+                "server.runs_dir (or server.save) to keep each run's model in a file"
+            )
+        if not Path(run.model).exists():
+            raise ProtocolError(f"run {run.key}'s model file {run.model} is gone")
+        return run
 
     def retire_at_start(self) -> None:
         """Once the runs list and the checkpoint are read: a run an older checkpoint still

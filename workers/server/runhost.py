@@ -232,7 +232,7 @@ class RunHost(Retiring):
             if self.groups.several:  # the spare may hold server.save: any group's model
                 raise ProtocolError(f"no run of {peer.name}'s group on this server yet")
             return self.engine
-        return self.engine_of(run)
+        return self.engine_of(self.kept(run))
 
     def evaluate(self, identity: bytes, peer: Peer, msg: Message) -> list[Reply]:
         """Answer an evaluation or prediction. Where the server holds the labels (vertical)

@@ -337,8 +337,8 @@ class RunBook:
         for old, _ in gone:
             del self.runs[old.key]
         for run in [r for r in ended if r.key in self.runs][:-KEEP_ENGINES]:
-            run.applied_log = AppliedLog()
-            if run.model and Path(run.model).exists():
+            run.applied_log = AppliedLog()  # without a runs folder its model goes too
+            if self.dir is None or (run.model and Path(run.model).exists()):
                 run.engine = None
         return gone
 

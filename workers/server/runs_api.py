@@ -51,6 +51,8 @@ class RunServer(Protocol):
 
     def engine_of(self, run: Run) -> Engine: ...
 
+    def kept(self, run: Run) -> Run: ...
+
 
 def _error(status: int, text: str) -> web.Response:
     return web.json_response({"error": text}, status=status)
@@ -152,7 +154,7 @@ class RunApi:
         meanwhile replaces the file, and this one stays whole), an active run's as its
         weights are now: saving them holds the event loop (training), so one every
         :data:`SNAPSHOT_EVERY_S` at most, :data:`SNAPSHOTS` of them in memory at once."""
-        run = self.server.book.get(request.match_info["run"], scope)
+        run = self.server.kept(self.server.book.get(request.match_info["run"], scope))
         name = f'attachment; filename="{run.id}-server.pt"'
         response = web.StreamResponse(headers={"Content-Disposition": name})
         response.content_type = "application/octet-stream"
