@@ -3,8 +3,11 @@ away, an older checkpoint) and run numbers; real servers and clients over loopba
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
+
+import pytest
 
 from workers.server.replycache import ReplyCache
 from workers.server.retention import Retention, RunFolders
@@ -98,3 +101,33 @@ def test_removing_a_run_takes_no_other_group_folder_inside_its_own(tmp_path: Pat
     assert [r.key for r, _ in gone] == ["hospital"]
     assert not (tmp_path / "hospital" / "server.pt").exists()
     assert (tmp_path / "hospital" / "run-1" / "server.pt").read_text() == "the hospital's run-1"
+
+
+async def test_a_folder_the_server_may_not_read_leaves_its_start_alone(
+    deployment,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: one run; an operator's folder under the runs folder the server's user may
+    # not read (another user's, mode 0700: simulated, as the tests run as root)
+    files = deployment(**DATA)
+    async with _serving(files):
+        await _client(files, "client-1")
+    private = _runs(files) / "archive"
+    private.mkdir()
+    listing = Path.iterdir
+
+    def iterdir(path: Path):  # type: ignore[no-untyped-def]
+        if path == private:
+            raise PermissionError(13, "Permission denied", str(path))
+        return listing(path)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    caplog.set_level(logging.WARNING, "sl_pipeline.server")
+    # Execute: the server starts again, and client-1 trains
+    async with _serving(files) as server:
+        again = await _client(files, "client-1")
+        listed = sorted(server.book.runs)
+    # Assert: it started and served; the folder is named in a warning and left
+    assert again["run"] == "run-2" and listed == ["run-1", "run-2"]
+    assert private.is_dir() and f"cannot read {private}" in caplog.text

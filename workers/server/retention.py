@@ -260,16 +260,22 @@ def run_folders(root: Path) -> list[tuple[str, Path]]:
         if _holds_a_run(entry):
             found.append((entry.name, entry))
             continue
-        for sub in sorted(entry.iterdir()):
+        try:
+            subs = sorted(entry.iterdir())
+        except OSError as exc:  # an operator's folder this server may not read: not a run's
+            log.warning("cannot read %s (%s); it is left as it is", entry, exc)
+            continue
+        for sub in subs:
             if is_run_id(sub.name) and not sub.is_symlink() and _holds_a_run(sub):
                 found.append((qualify(entry.name, sub.name), sub))
     return found
 
 
 def _holds_a_run(folder: Path) -> bool:
-    if not folder.is_dir():
+    try:
+        names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    except OSError:  # unreadable: no folder of a run this server wrote
         return False
-    names = [p.name for p in folder.iterdir()]
     files = all(MODEL_FILE.fullmatch(n) and (folder / n).is_file() for n in names)
     return bool(names) and files and "server.pt" in names
 
