@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from workers.server import retention
 from workers.server.replycache import ReplyCache
 from workers.server.retention import Retention, RunFolders
 from workers.server.runs import RunBook
@@ -131,3 +132,26 @@ async def test_a_folder_the_server_may_not_read_leaves_its_start_alone(
     # Assert: it started and served; the folder is named in a warning and left
     assert again["run"] == "run-2" and listed == ["run-1", "run-2"]
     assert private.is_dir() and f"cannot read {private}" in caplog.text
+
+
+def test_one_group_s_churn_keeps_another_group_s_removed_runs_answered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: 3 removed runs remembered (10,000 on a server); the bank's trial removed
+    monkeypatch.setattr(retention, "KEEP_REMOVED", 3)
+    book = RunBook(tmp_path, max_runs=4, run_clients=0)
+    book.retention = Retention(keep_runs=1)
+    book.run_places = {"hospital": 2, "bank": 2}
+    folders = RunFolders(tmp_path, book.retention)
+    for run_id in ("trial", "second"):
+        run = book.start(run_id, None, ReplyCache(), group="bank")  # type: ignore[arg-type]
+        folders.forgotten(book.end(run, "finished"))
+    # Execute: a hospital client churns through 6 short runs
+    for i in range(6):
+        run = book.start(f"h{i}", None, ReplyCache(), group="hospital")  # type: ignore[arg-type]
+        folders.forgotten(book.end(run, "finished"))
+    # Assert: the bank's token still learns why its trial is gone (also after a restart)
+    again = RunFolders(tmp_path, book.retention)
+    assert folders.gone("bank:trial", "bank") is not None
+    assert again.gone("bank:trial", "bank") is not None
+    assert len([k for k in again.removed if k.startswith("hospital:")]) == 3

@@ -10,7 +10,7 @@ Active runs, and ended ones a connected client is still bound to, are never remo
 A folder goes by a rename out of its place (``RUNS/.trash-*``), then is deleted: a crash
 midway leaves either the whole folder or a trash folder, which the next start deletes; a
 failure is a warning in the log, never the server's end. What was removed is remembered
-(``RUNS/.removed.json``, the newest :data:`KEEP_REMOVED`), so the run API answers a removed
+(``RUNS/.removed.json``, each group's newest :data:`KEEP_REMOVED`), so the run API answers a removed
 run's id with when and why, and a run that an older checkpoint still lists is not restored.
 At start the policy applies again, and run folders the runs list no longer knows (forgotten
 before this policy existed) are removed too."""
@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from sl_pipeline.tenancy import SEPARATOR, qualify
 log = logging.getLogger("sl_pipeline.server")
 
 KEEP_ENDED = 500  # ended runs of a group the server lists (older ones: removed, or unlisted)
-KEEP_REMOVED = 10_000  # removed runs remembered, for the run API's answer
+KEEP_REMOVED = 10_000  # removed runs of a group remembered, for the run API's answer
 TOMBSTONES = ".removed.json"  # a dot name: no run or group is called so
 TRASH = ".trash-"
 RETIRE_EVERY_S = 60.0  # how often an idle server looks for runs past keep_ended_for_s
@@ -151,8 +152,6 @@ class RunFolders:
         self.removed.pop(key, None)
         why = self.retention.why(reason)  # the keys as they were then
         self.removed[key] = dict(id=key, group=group, why=why, started=started, removed=now)
-        while len(self.removed) > KEEP_REMOVED:
-            del self.removed[next(iter(self.removed))]
         self.count += 1
         self.on_removed()
         log.info("removed run %s and its files: %s", key, why)
@@ -183,6 +182,11 @@ class RunFolders:
             log.warning("could not delete %s (%s); the next start tries again", trash, exc)
 
     def _write(self) -> None:
+        count = Counter(e.get("group") for e in self.removed.values())
+        for key, entry in list(self.removed.items()):  # each group's newest KEEP_REMOVED
+            if count[entry.get("group")] > KEEP_REMOVED:  # (one's churn forgets no other's)
+                count[entry.get("group")] -= 1
+                del self.removed[key]
         if self.root is None:
             return
         state = {"removed": list(self.removed.values()), "numbers": self.numbers}
