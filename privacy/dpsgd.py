@@ -31,7 +31,6 @@ accountant counts each pass over the data as one unamplified Gaussian mechanism
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -127,7 +126,8 @@ def _check_fixed_batches(data_loader: DataLoader[Any]) -> None:
 # What torch says on each first backward through Opacus' hooks when the segment's input needs
 # no gradient (the first segment's never does): the hooks then get no input gradient, which
 # they never use (a per-example gradient is the weights', from activations and backprops).
-NO_INPUT_GRADIENT = re.escape(
+# (a pattern for filterwarnings: it holds no character special to a regular expression)
+NO_INPUT_GRADIENT = (
     "Full backward hook is firing when gradients are computed with respect to module outputs "
     "since no inputs require gradients"
 )
