@@ -155,3 +155,25 @@ def test_one_group_s_churn_keeps_another_group_s_removed_runs_answered(
     assert folders.gone("bank:trial", "bank") is not None
     assert again.gone("bank:trial", "bank") is not None
     assert len([k for k in again.removed if k.startswith("hospital:")]) == 3
+
+
+async def test_runs_removed_at_start_stay_removed_when_their_record_could_not_be_written(
+    deployment,  # type: ignore[no-untyped-def]
+) -> None:
+    # Prepare: three runs; a restart keeping 1 ended run, while .removed.json cannot be
+    # written (a full disk: simulated by a folder where its temp file goes)
+    files = deployment(**DATA)
+    async with _serving(files):
+        for _ in range(3):
+            await _client(files, "client-1")
+    blocker = _runs(files) / ".removed.json.tmp"
+    blocker.mkdir()
+    async with _serving(files, "server.keep_ended_runs=1"):
+        pass
+    blocker.rmdir()
+    # Execute: the operator goes back to the default keep
+    async with _serving(files) as server:
+        listed = sorted(server.book.runs)
+    # Assert: run-1 and run-2, whose models are gone, are not listed again
+    assert listed == ["run-3"]
+    assert not (_runs(files) / "run-1").exists()

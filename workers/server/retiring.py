@@ -77,9 +77,9 @@ class Retiring:
         for key in removed:
             del self.book.runs[key]
         gone = self.book.retire(time.time(), set())
-        if removed or gone:
+        if removed and not gone:
             self.book.write_index()
-        self.folders.forgotten(gone)
+        self.retired(gone)  # the checkpoint too: a removal it still named came back
         self.folders.sweep(list(self.book.runs.values()))
 
     def retire_aged(self, now: float) -> None:

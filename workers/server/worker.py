@@ -91,8 +91,8 @@ class ServerWorker(RunHost, RouterService):
         self.group_tokens = group_tokens(base, self.groups, *tokens)
         self.ckpt = open_store(cfg.checkpoint, base, "server")
         self.resumed_from = self._restore() if self.ckpt else 0
-        self.retire_at_start()  # what the list and the checkpoint hold, by server.keep_ended_*
         self._saved_at, self._saved_versions = self.steps_applied, self._versions()
+        self.retire_at_start()  # what the list and the checkpoint hold, by server.keep_ended_*
 
     def ops_routes(self) -> Callable[[Any], None]:
         return RunApi(self, self.admin_token, self.group_tokens).add_routes
