@@ -211,3 +211,33 @@ def test_client_is_not_ready_before_it_has_joined(
     # Assert
     assert before[0] == 503 and before[1]["ready"] is False
     assert after == (200, {"ready": True})
+
+
+def test_a_server_started_with_sigint_ignored_keeps_it_ignored(
+    deployment: Callable[..., dict[str, Path]], procs: Procs
+) -> None:
+    # Prepare: the server as a shell without job control starts a background job
+    # (`sl-pipeline server ... &` in a script): SIGINT ignored from the start
+    files = deployment(clients=1, ops=True)
+    cmd = [sys.executable, "-m", "workers", "server", "--config", str(files["server"])]
+    server = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    procs.procs.append(server)
+    url = ops_url(files["server"])
+    wait_until(lambda: http_get(f"{url}/readyz")[0] == 200, START_TIMEOUT_S, "the server ready")
+    # Execute: the Ctrl-C meant for the script's foreground, then the operator's SIGTERM
+    server.send_signal(signal.SIGINT)
+    # Assert: it still answers (its loop ran after the signal: two requests later), and
+    # stops on SIGTERM as usual (before: the SIGINT stopped it, status 0, "server stopped")
+    assert http_get(f"{url}/readyz")[0] == 200 and http_get(f"{url}/readyz")[0] == 200
+    assert server.poll() is None
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=STOP_BOUND_S) == 0
+    _, err = output(server)
+    assert "server stopped after" in err and "Traceback" not in err, err[-2000:]

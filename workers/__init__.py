@@ -41,5 +41,10 @@ def _the_command_line() -> bool:
     return _sys.argv[0] == "-m" and run[:1] == ["workers"]
 
 
-if _the_command_line():
+# A shell without job control starts a background job (``sl-pipeline server ... &`` in a
+# script) with SIGINT ignored, so that a Ctrl-C meant for the script's foreground leaves it
+# running; a worker started so keeps it ignored throughout (SIGTERM still stops it).
+SIGINT_IGNORED_AT_START = _signal.getsignal(_signal.SIGINT) == _signal.SIG_IGN
+
+if _the_command_line() and not SIGINT_IGNORED_AT_START:
     _signal.signal(_signal.SIGINT, interrupted_while_starting)

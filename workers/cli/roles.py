@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sl_pipeline.config import ClientConfig, RelayConfig, ServerConfig, load
+from workers import SIGINT_IGNORED_AT_START
 from workers.cli.errors import say_error
 from workers.ops.logs import configure_logging
 
@@ -105,7 +106,8 @@ def _exit_quietly_on_sigterm(args: argparse.Namespace) -> None:
         os._exit(130)
 
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    signal.signal(signal.SIGINT, interrupted)
+    if not SIGINT_IGNORED_AT_START:  # a shell's background job: it stays ignored
+        signal.signal(signal.SIGINT, interrupted)
 
 
 def cmd_client(args: argparse.Namespace) -> int:

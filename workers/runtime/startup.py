@@ -117,9 +117,12 @@ async def start_ops(
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:
-    """SIGTERM/SIGINT set ``stop``: the worker stops intake and drains within a bound."""
+    """SIGTERM/SIGINT set ``stop``: the worker stops intake and drains within a bound. A
+    SIGINT ignored when the process started (a shell's background job) stays ignored."""
+    from workers import SIGINT_IGNORED_AT_START
+
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM,) if SIGINT_IGNORED_AT_START else (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
             loop.add_signal_handler(sig, stop.set)
 
