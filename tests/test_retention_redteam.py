@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,27 @@ async def test_runs_removed_at_start_stay_removed_when_their_record_could_not_be
     # Assert: run-1 and run-2, whose models are gone, are not listed again
     assert listed == ["run-3"]
     assert not (_runs(files) / "run-1").exists()
+
+
+def test_a_group_folder_on_another_disk_has_its_runs_removed(tmp_path: Path) -> None:
+    # Prepare: the bank's runs on another disk (its folder a link to /dev/shm), two ended
+    disk = Path("/dev/shm")
+    if not disk.is_dir() or disk.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second filesystem at /dev/shm")
+    elsewhere = Path(tempfile.mkdtemp(dir=disk))
+    try:
+        (tmp_path / "bank").symlink_to(elsewhere)
+        book = RunBook(tmp_path, max_runs=2, run_clients=0)
+        book.retention = Retention(keep_runs=1)
+        folders = RunFolders(tmp_path, book.retention)
+        for run_id in ("trial", "second"):
+            (elsewhere / run_id).mkdir()
+            (elsewhere / run_id / "server.pt").write_text(run_id)
+            run = book.start(run_id, None, ReplyCache(), group="bank")  # type: ignore[arg-type]
+            # Execute: each ends; the second's end lets the trial go
+            folders.forgotten(book.end(run, "finished"))
+        left = sorted(p.name for p in elsewhere.iterdir())
+    finally:
+        shutil.rmtree(elsewhere)
+    # Assert: the trial's folder went (a rename across disks failed: kept forever)
+    assert sorted(book.runs) == ["bank:second"] and left == ["second"]

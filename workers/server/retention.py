@@ -7,7 +7,7 @@ at most), and, where ``server.keep_ended_for_s`` is set, none that ended longer 
 one leaves the runs list (``runs.json``, the checkpoint) first, then its folder is removed.
 Active runs, and ended ones a connected client is still bound to, are never removed.
 
-A folder goes by a rename out of its place (``RUNS/.trash-*``), then is deleted: a crash
+A folder goes by a rename out of its place (``.trash-*`` beside it), then is deleted: a crash
 midway leaves either the whole folder or a trash folder, which the next start deletes; a
 failure is a warning in the log, never the server's end. What was removed is remembered
 (``RUNS/.removed.json``, each group's newest :data:`KEEP_REMOVED`), so the run API answers a removed
@@ -160,7 +160,8 @@ class RunFolders:
         """Moved out of its place at once (a rename), then deleted: never half a folder
         where a run's lies; False (logged) where it could not be moved."""
         assert self.root is not None
-        trash = self.root / f"{TRASH}{secrets.token_hex(6)}"
+        # beside it: a group's folder may be another disk (mounted, or a link to one)
+        trash = folder.parent / f"{TRASH}{secrets.token_hex(6)}"
         try:
             if _holds_a_run(folder):
                 os.replace(folder, trash)
@@ -210,7 +211,7 @@ class RunFolders:
         lost or moved away, or an older checkpoint, takes no run the policy keeps."""
         if self.root is None or not self.root.is_dir():
             return
-        for trash in self.root.glob(f"{TRASH}*"):
+        for trash in [*self.root.glob(f"{TRASH}*"), *self.root.glob(f"*/{TRASH}*")]:
             self._empty(trash)
         if not self.retention.keep_runs or not (self.root / "runs.json").exists():
             return  # folders kept forever; or no list yet, nothing it could have forgotten
