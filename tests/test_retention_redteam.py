@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from sl_pipeline.errors import PeerError
 from workers.server import retention
 from workers.server.replycache import ReplyCache
 from workers.server.retention import Retention, RunFolders
 from workers.server.runs import RunBook
 
-from .test_run_lifecycle import _client, _serving
+from .test_run_lifecycle import _client, _crash, _serving
 
 DATA = dict(clients=1, dataset="breast_cancer", epochs=1, ops=True)  # 15 steps a run
 NO_CHECKPOINT = ('checkpoint.dir=""',)  # a server without checkpoints (the default)
@@ -202,3 +203,25 @@ def test_a_group_folder_on_another_disk_has_its_runs_removed(tmp_path: Path) -> 
         shutil.rmtree(elsewhere)
     # Assert: the trial's folder went (a rename across disks failed: kept forever)
     assert sorted(book.runs) == ["bank:second"] and left == ["second"]
+
+
+async def test_a_client_resuming_into_its_removed_run_is_refused_not_moved_into_a_new_one(
+    deployment,  # type: ignore[no-untyped-def]
+) -> None:
+    # Prepare: client-1 trains run "mine" and dies; the operator stops "mine"; client-2's
+    # run ends after it, so a server keeping 1 ended run removes "mine" (at its next start)
+    files = deployment(**{**DATA, "clients": 2, "epochs": 30})
+    sets = ("server.keep_ended_runs=1", "server.run_clients=0")
+    async with _serving(files, *sets) as server:
+        await _crash(files, "client-1", 3, "client.run=mine")
+        server.stop_run("mine")
+        await _client(files, "client-2", "train.epochs=1")
+    async with _serving(files, *sets) as server:
+        listed = sorted(server.book.runs)
+        # Execute: client-1 starts again (from its checkpoint) for run "mine"
+        with pytest.raises(PeerError) as refused:
+            await _client(files, "client-1", "client.run=mine")
+        after = sorted(server.book.runs)
+    # Assert: refused in one line saying the run was removed; no fresh "mine" trained
+    assert listed == after == ["run-1"]
+    assert refused.value.remote_code == "run_ended" and "removed" in str(refused.value)

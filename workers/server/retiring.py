@@ -7,7 +7,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from sl_pipeline.errors import ProtocolError
+from sl_pipeline.errors import ProtocolError, RunEndedError
+from sl_pipeline.tenancy import qualify
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.peers import Peer
 from workers.server.retention import RETIRE_EVERY_S, RunFolders
@@ -33,6 +34,14 @@ class Retiring:
         folders.on_disk()
         book.floor = folders.numbers
         return folders
+
+    def check_start(self, run_id: str, owner: str, group: str) -> None:
+        """Whether ``owner`` may start run ``run_id`` of ``group``: not one whose files were
+        removed (its client, resuming from its checkpoint, trained on fresh weights)."""
+        gone = self.folders.gone(qualify(group, run_id), group) if owner else None
+        if gone is not None:
+            raise RunEndedError(f"{gone}; to train again, name a new run ([client] run)")
+        self.book.check_start(run_id, owner, group)
 
     def keep_listed(self, listed: dict[str, Run]) -> None:
         """Ended runs the runs list holds and the checkpoint just restored does not (an

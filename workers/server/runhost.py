@@ -205,7 +205,7 @@ class RunHost(Retiring):
         mine = self.book.owned_run(owner) if owner else None
         if mine is not None and self.book.idle(mine, now):
             self._give_up(mine)  # its owner's earlier run, which only waited for more clients
-        self.book.check_start(run_id, owner, group)
+        self.check_start(run_id, owner, group)
         if self.book.full(group):  # empty or idle runs of the group's places give way
             for gone in self.book.expire_empty(now, group):
                 self.metrics.record_bound("empty_runs")
