@@ -86,9 +86,10 @@ class Retiring:
         for key in removed:
             del self.book.runs[key]
         gone = self.book.retire(time.time(), set())
-        if removed and not gone:
+        if removed or gone:  # the checkpoint too: a removal it still named came back
             self.book.write_index()
-        self.retired(gone)  # the checkpoint too: a removal it still named came back
+            self.checkpoint(force=True)
+        self.folders.forgotten(gone)
         self.folders.sweep(list(self.book.runs.values()))
 
     def retire_aged(self, now: float) -> None:
