@@ -124,6 +124,8 @@ def test_the_rate_counts_addresses_and_ipv6_networks() -> None:
     # an IPv6 host's addresses are one /64: changing the last bits gets no new bucket
     assert all(rate.allow(f"2001:db8::{i:x}") for i in range(1, 5))
     assert not rate.allow("2001:db8::ffff:1")
+    # an IPv4 client of a dual-stack socket counts as its IPv4 address, not as one /64
+    assert not rate.allow("::ffff:10.0.0.1") and rate.allow("::ffff:10.0.0.2")
     # the table is full (3 sources), and none has refilled: a new address is refused...
     assert not rate.allow("10.0.0.9")
     # ...until one has (its bucket full again: it holds nothing worth remembering)

@@ -126,10 +126,13 @@ class AcceptRate:
 
 
 def _source(address: str) -> str:
+    """What one host holds: an IPv4 address (also written as ``::ffff:a.b.c.d``), or an
+    IPv6 address's /64."""
     if ":" not in address:
         return address
     with contextlib.suppress(ValueError):
-        return str(ipaddress.IPv6Network(f"{address}/64", strict=False))
+        mapped = ipaddress.IPv6Address(address.partition("%")[0]).ipv4_mapped
+        return str(mapped) if mapped else str(ipaddress.IPv6Network(f"{address}/64", False))
     return address
 
 
