@@ -126,8 +126,7 @@ def test_the_rate_counts_addresses_and_ipv6_networks() -> None:
     assert not rate.allow("2001:db8::ffff:1")
     # an IPv4 client of a dual-stack socket counts as its IPv4 address, not as one /64
     assert not rate.allow("::ffff:10.0.0.1") and rate.allow("::ffff:10.0.0.2")
-    # the table is full (3 sources), and none has refilled: a new address is refused...
-    assert not rate.allow("10.0.0.9")
-    # ...until one has (its bucket full again: it holds nothing worth remembering)
-    now[0] = 3.0
+    # the table is full (3 sources), and none has refilled: a new address takes the place of
+    # the one seen least recently (the /64, refused above), which starts afresh
     assert rate.allow("10.0.0.9")
+    assert [rate.allow("2001:db8::1") for _ in range(5)] == [True] * 4 + [False]

@@ -92,7 +92,11 @@ class AcceptRate:
     """New connections per source address: ``rate`` a second after a burst of ``burst``.
     An IPv6 address counts as its /64 (one host holds all of it). At most ``sources``
     addresses are counted at once; one whose bucket refilled is forgotten, and while every
-    place holds one that did not, a new address is refused."""
+    place holds one that did not, the address seen least recently is: a new address is
+    never refused for the table's size (refusing it let a stranger keeping 1,024 addresses
+    busy lock Prometheus and the CLI out). A stranger cycling through more addresses than
+    that escapes the rate, as one with 1,024 got 20,480 connections a second anyway: the
+    rate holds a host to its share, the connection cap and the descriptors bound the rest."""
 
     def __init__(
         self,
@@ -110,8 +114,8 @@ class AcceptRate:
         tokens, at = self._buckets.pop(source, (self.burst, now))
         tokens = min(self.burst, tokens + (now - at) * self.rate)
         self._forget_refilled(now)
-        if len(self._buckets) >= self.sources:
-            return False
+        if len(self._buckets) >= self.sources:  # the address seen least recently goes
+            del self._buckets[next(iter(self._buckets))]
         allowed = tokens >= 1.0
         self._buckets[source] = (tokens - 1.0 if allowed else tokens, now)  # now the newest
         return allowed

@@ -1,0 +1,115 @@
+"""The ops port's red team (its token, hashed labels and new-connection rate): what a
+stranger who holds no token can still take from Prometheus. Over real loopback sockets, the
+stranger on 127.0.0.2 and up, Prometheus on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import socket
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from workers.ops import httpguard
+from workers.ops.http import OpsServer
+from workers.ops.metrics import WorkerMetrics
+
+TIMEOUT_S = 10.0
+TOKEN = "metrics-token-0123456789abcdef"
+STRANGERS = 40  # the stranger's connections (its address's burst opens them at once)
+
+
+@pytest.fixture
+async def ops() -> AsyncIterator[OpsServer]:
+    metrics = WorkerMetrics("server", CollectorRegistry(), version="1")
+    server = OpsServer(metrics, dict, lambda: True, "127.0.0.1", 0, metrics_token=TOKEN)
+    await asyncio.wait_for(server.start(), TIMEOUT_S)
+    try:
+        yield server
+    finally:
+        await asyncio.wait_for(server.stop(), TIMEOUT_S)
+
+
+def _scrape(port: int) -> tuple[int, float]:
+    """Prometheus's scrape with the token: (status, seconds it took)."""
+    start = time.monotonic()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    with urllib.request.urlopen(request, timeout=3 * TIMEOUT_S) as response:
+        response.read()
+        return response.status, time.monotonic() - start
+
+
+async def _ask_without_token(port: int, asked: list[int]) -> None:
+    """From 127.0.0.2: GET /metrics with no token on one kept-alive connection, again as
+    soon as each 401 is in."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+    try:
+        while True:
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            await reader.readexactly(length)
+            asked.append(int(head.split()[1]))
+    finally:
+        writer.close()
+
+
+async def test_requests_refused_for_no_token_do_not_hold_prometheus_past_its_timeout(
+    ops: OpsServer,
+) -> None:
+    # Prepare: a stranger asks /metrics without the token on 40 connections, over and over
+    asked: list[int] = []
+    strangers = [asyncio.create_task(_ask_without_token(ops.port, asked)) for _ in range(STRANGERS)]
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while len(asked) < 2 * STRANGERS and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        # Execute: Prometheus scrapes with the token
+        status, took = await asyncio.to_thread(_scrape, ops.port)
+    finally:
+        for task in strangers:
+            task.cancel()
+        await asyncio.gather(*strangers, return_exceptions=True)
+    # Assert: the stranger got 401s; the scrape came well within Prometheus's 10 s timeout
+    # (before: each 401 took a scrape's share of the port's turns, 40 waiting ones 8 s of them)
+    assert asked and set(asked) == {401}
+    assert status == 200 and took < 3.0, f"the scrape took {took:.1f}s"
+
+
+async def test_a_stranger_with_many_addresses_does_not_lock_prometheus_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: a port counting at most 8 addresses (1,024 in a worker)
+    monkeypatch.setattr(httpguard, "AcceptRate", functools.partial(httpguard.AcceptRate, sources=8))
+    metrics = WorkerMetrics("server", CollectorRegistry(), version="1")
+    server = OpsServer(metrics, dict, lambda: True, "127.0.0.1", 0)
+    await asyncio.wait_for(server.start(), TIMEOUT_S)
+    try:
+        # Execute: a stranger connects from 8 addresses, then Prometheus from its own
+        def connect_from(count: int) -> None:
+            for i in range(count):
+                source = (f"127.0.3.{1 + i}", 0)
+                with socket.create_connection(("127.0.0.1", server.port), TIMEOUT_S, source):
+                    pass
+
+        await asyncio.to_thread(connect_from, 8)
+        status = await asyncio.to_thread(_healthz, server.port)
+    finally:
+        await asyncio.wait_for(server.stop(), TIMEOUT_S)
+    # Assert: answered (before: 503, every place of the table held by the stranger's addresses)
+    assert status == 200
+
+
+def _healthz(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=TIMEOUT_S) as r:
+        return int(r.status)
