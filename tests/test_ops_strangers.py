@@ -113,3 +113,22 @@ async def test_a_stranger_with_many_addresses_does_not_lock_prometheus_out(
 def _healthz(port: int) -> int:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=TIMEOUT_S) as r:
         return int(r.status)
+
+
+def _ask(port: int, authorization: str) -> bytes:
+    """GET /metrics with this ``Authorization`` header: the answer's status line."""
+    with socket.create_connection(("127.0.0.1", port), TIMEOUT_S) as sock:
+        sock.settimeout(TIMEOUT_S)
+        head = f"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: {authorization}\r\n"
+        sock.sendall(f"{head}Connection: close\r\n\r\n".encode())
+        return sock.recv(4096).split(b"\r\n")[0]
+
+
+async def test_the_token_is_taken_as_rfc_6750_writes_it_and_nothing_else(ops: OpsServer) -> None:
+    honest = [f"Bearer {TOKEN}", f"bearer {TOKEN}", f"BEARER  {TOKEN}"]
+    wrong = [f"Bearer {TOKEN}x", f"Basic {TOKEN}", TOKEN, "Bearer", f"Bearer{TOKEN}", "Bearer x"]
+    # Execute
+    answers = [await asyncio.to_thread(_ask, ops.port, value) for value in honest + wrong]
+    # Assert: the scheme's case and the spaces after it are the client's (before: 401 for
+    # `bearer <token>`); anything but the token is refused
+    assert answers == [b"HTTP/1.1 200 OK"] * 3 + [b"HTTP/1.1 401 Unauthorized"] * 6

@@ -318,11 +318,18 @@ class OpsServer:
 
 
 def bearer_matches(request: web.Request, token: str) -> bool:
-    """Whether the request's ``Authorization`` is ``Bearer <token>``, compared in constant
-    time. aiohttp keeps a header's bytes that are no UTF-8 as surrogates, which ``encode()``
-    refuses (a 500 with a traceback per request): they are compared as the bytes sent."""
+    """Whether the request's ``Authorization`` is ``Bearer <token>``, the token compared in
+    constant time; the scheme's case and the spaces after it are the client's (RFC 7235,
+    RFC 6750: ``bearer <token>`` from a hand-written ``curl -H`` was refused). aiohttp keeps
+    a header's bytes that are no UTF-8 as surrogates, which ``encode()`` refuses (a 500 with
+    a traceback per request): they are compared as the bytes sent."""
     given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-    return hmac.compare_digest(given, f"Bearer {token}".encode())
+    scheme, _, credentials = given.partition(b" ")
+    return (
+        bool(token)
+        and scheme.lower() == b"bearer"
+        and hmac.compare_digest(credentials.lstrip(b" "), token.encode())
+    )
 
 
 def local_url(listen: str) -> str:
