@@ -3,6 +3,7 @@ away, an older checkpoint) and run numbers; real servers and clients over loopba
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -17,6 +18,7 @@ from workers.server.retention import Retention, RunFolders
 from workers.server.runs import RunBook
 
 from .test_run_lifecycle import _client, _crash, _serving
+from .test_run_retention import _three_runs
 
 DATA = dict(clients=1, dataset="breast_cancer", epochs=1, ops=True)  # 15 steps a run
 NO_CHECKPOINT = ('checkpoint.dir=""',)  # a server without checkpoints (the default)
@@ -31,9 +33,7 @@ async def test_a_runs_list_moved_away_removes_no_earlier_run_at_the_next_start(
 ) -> None:
     # Prepare: three runs; runs.json moved away (what its read error tells an operator)
     files = deployment(**DATA)
-    async with _serving(files, *NO_CHECKPOINT):
-        for _ in range(3):
-            await _client(files, "client-1")
+    await _three_runs(files, *NO_CHECKPOINT)
     runs = _runs(files)
     models = {n: (runs / n / "server.pt").read_bytes() for n in ("run-1", "run-2", "run-3")}
     (runs / "runs.json").rename(runs.parent / "runs.json.old")
@@ -165,9 +165,7 @@ async def test_runs_removed_at_start_stay_removed_when_their_record_could_not_be
     # Prepare: three runs; a restart keeping 1 ended run, while .removed.json cannot be
     # written (a full disk: simulated by a folder where its temp file goes)
     files = deployment(**DATA)
-    async with _serving(files):
-        for _ in range(3):
-            await _client(files, "client-1")
+    await _three_runs(files)
     blocker = _runs(files) / ".removed.json.tmp"
     blocker.mkdir()
     async with _serving(files, "server.keep_ended_runs=1"):
@@ -225,3 +223,19 @@ async def test_a_client_resuming_into_its_removed_run_is_refused_not_moved_into_
     # Assert: refused in one line saying the run was removed; no fresh "mine" trained
     assert listed == after == ["run-1"]
     assert refused.value.remote_code == "run_ended" and "removed" in str(refused.value)
+
+
+async def test_an_unreadable_removed_runs_record_is_kept_aside_not_overwritten(
+    deployment,  # type: ignore[no-untyped-def]
+) -> None:
+    # Prepare: three runs; .removed.json torn (a disk fault, a careless edit)
+    files = deployment(**DATA)
+    await _three_runs(files)
+    record = _runs(files) / ".removed.json"
+    record.write_text('{"removed": [{"id": "run-0"')
+    # Execute: a start that removes run-1 and run-2 (keeping 1)
+    async with _serving(files, "server.keep_ended_runs=1"):
+        pass
+    # Assert: the torn record is kept for its operator beside the new one
+    assert (_runs(files) / ".removed.json.bad").read_text() == '{"removed": [{"id": "run-0"'
+    assert sorted(json.loads(record.read_text())["numbers"].items()) == [("", 3)]

@@ -17,6 +17,7 @@ before this policy existed) are removed too."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -124,7 +125,15 @@ class RunFolders:
             self.removed = {str(e["id"]): dict(e) for e in state["removed"]}
             self.numbers = {str(g): int(n) for g, n in state["numbers"].items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.warning("%s cannot be read (%s); removed runs are answered as unknown", path, exc)
+            bad = path.with_name(f"{TOMBSTONES}.bad")  # not overwritten by the next removal
+            with contextlib.suppress(OSError):
+                os.replace(path, bad)
+            log.warning(
+                "%s cannot be read (%s; kept as %s); removed runs are answered as unknown",
+                path,
+                exc,
+                bad.name,
+            )
 
     def folder(self, key: str) -> Path | None:
         """Where run ``key``'s files lie (as ``RunBook.model_path`` places them)."""
