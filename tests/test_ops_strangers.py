@@ -20,7 +20,7 @@ from workers.ops.metrics import WorkerMetrics
 
 TIMEOUT_S = 10.0
 TOKEN = "metrics-token-0123456789abcdef"
-STRANGERS = 40  # the stranger's connections (its address's burst opens them at once)
+STRANGERS = 40  # the stranger's connections (each address's burst opens its share at once)
 
 
 @pytest.fixture
@@ -45,10 +45,10 @@ def _scrape(port: int) -> tuple[int, float]:
         return response.status, time.monotonic() - start
 
 
-async def _ask_without_token(port: int, asked: list[int]) -> None:
-    """From 127.0.0.2: GET /metrics with no token on one kept-alive connection, again as
+async def _ask_without_token(port: int, source: str, asked: list[int]) -> None:
+    """From ``source``: GET /metrics with no token on one kept-alive connection, again as
     soon as each 401 is in."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
     try:
         while True:
             writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -67,9 +67,13 @@ async def _ask_without_token(port: int, asked: list[int]) -> None:
 async def test_requests_refused_for_no_token_do_not_hold_prometheus_past_its_timeout(
     ops: OpsServer,
 ) -> None:
-    # Prepare: a stranger asks /metrics without the token on 40 connections, over and over
+    # Prepare: a stranger asks /metrics without the token on 40 connections (from 4 of its
+    # addresses), over and over
     asked: list[int] = []
-    strangers = [asyncio.create_task(_ask_without_token(ops.port, asked)) for _ in range(STRANGERS)]
+    strangers = [
+        asyncio.create_task(_ask_without_token(ops.port, f"127.0.0.{2 + i % 4}", asked))
+        for i in range(STRANGERS)
+    ]
     try:
         deadline = time.monotonic() + TIMEOUT_S
         while len(asked) < 2 * STRANGERS and time.monotonic() < deadline:
@@ -132,3 +136,32 @@ async def test_the_token_is_taken_as_rfc_6750_writes_it_and_nothing_else(ops: Op
     # Assert: the scheme's case and the spaces after it are the client's (before: 401 for
     # `bearer <token>`); anything but the token is refused
     assert answers == [b"HTTP/1.1 200 OK"] * 3 + [b"HTTP/1.1 401 Unauthorized"] * 6
+
+
+async def test_one_address_holding_every_connection_does_not_lock_prometheus_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: a port taking every new connection from one address (the cap is under test)
+    monkeypatch.setattr(
+        httpguard, "AcceptRate", functools.partial(httpguard.AcceptRate, burst=10_000)
+    )
+    metrics = WorkerMetrics("server", CollectorRegistry(), version="1")
+    server = OpsServer(metrics, dict, lambda: True, "127.0.0.1", 0)
+    await asyncio.wait_for(server.start(), TIMEOUT_S)
+    held = []
+    try:
+        # Execute: a stranger on 127.0.0.2 opens the port's cap of idle connections, and one
+        # more; then Prometheus asks from its own address
+        for _ in range(httpguard.MAX_CONNECTIONS + 1):
+            held.append(
+                await asyncio.open_connection("127.0.0.1", server.port, local_addr=("127.0.0.2", 0))
+            )
+        last = await asyncio.wait_for(held[-1][0].read(), TIMEOUT_S)
+        status = await asyncio.to_thread(_healthz, server.port)
+    finally:
+        for _, writer in held:
+            writer.close()
+        await asyncio.wait_for(server.stop(), TIMEOUT_S)
+    # Assert: one address holds at most its share; Prometheus is answered (before: 503)
+    assert last.startswith(b"HTTP/1.1 503 ") and b"from this address" in last
+    assert status == 200

@@ -7,8 +7,10 @@ anyone who reaches it may connect. :class:`GuardedSite` (an aiohttp site) keeps 
   second after a burst of :data:`NEW_BURST`; one over is answered ``503`` and closed as it
   is accepted, before asyncio makes a transport for it (``acceptor``; before, a client
   opening and closing connections as fast as it could, 262 a second here, had each served);
-- at most :data:`MAX_CONNECTIONS` connections at once; the next is answered ``503`` and
-  closed as it is accepted, so it holds no descriptor (before, 1,100 idle connections to a
+- at most :data:`MAX_CONNECTIONS` connections at once, :data:`MAX_PER_ADDRESS` of them from
+  one address (before, one address holding 64 idle ones, re-opened as the server closed
+  them, kept Prometheus out); the next is answered ``503`` and closed as it is accepted, so
+  it holds no descriptor (before, 1,100 idle connections to a
   server whose limit was the common 1,024 descriptors left it unable to accept its client:
   training stopped, and asyncio logged 48,000 tracebacks in 30 s);
 - a request's head within :data:`IDLE_S` of the connection or of the previous answer
@@ -40,6 +42,7 @@ from workers.runtime.quietlog import QuietLog
 
 _LOG = QuietLog(logging.getLogger("sl_pipeline.ops.requests"))
 MAX_CONNECTIONS = 64
+MAX_PER_ADDRESS = 16  # of them from one address (an IPv6 /64): one host cannot take them all
 RATE = 50.0  # requests a second, after BURST
 BURST = 100.0
 SCRAPE_COST = 10.0  # a /metrics scrape counts as this many requests
@@ -60,6 +63,7 @@ def _refusal(why: bytes) -> bytes:
 
 
 REFUSAL = _refusal(b"the ops port has too many connections\n")
+CROWDED = _refusal(b"the ops port has too many connections from this address\n")
 TOO_FAST = _refusal(b"too many new connections from this address; try again in a second\n")
 
 
@@ -140,6 +144,12 @@ def _source(address: str) -> str:
     return address
 
 
+def _peer_source(transport: asyncio.BaseTransport | None) -> str | None:
+    """The source (``_source``) a connection came from; None once it has no transport."""
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return _source(str(peer[0])) if peer else None
+
+
 class _Refused(asyncio.Protocol):
     """A connection refused as it connects: told why, and closed at once."""
 
@@ -179,12 +189,14 @@ class GuardedSite(web.BaseSite):
         port: int,
         record_bound: Callable[[str], None] = lambda table: None,
         max_connections: int = MAX_CONNECTIONS,
+        max_per_address: int = MAX_PER_ADDRESS,
         stall_s: float = STALL_S,
         accepts: AcceptRate | None = None,
     ) -> None:
         super().__init__(runner)
         self.host, self.port = host, port
         self.max_connections, self.stall_s = max_connections, stall_s
+        self.max_per_address = max_per_address
         self.accepts = accepts or AcceptRate()
         self._record = record_bound
         self._backlogs: dict[object, tuple[int, float]] = {}  # handler -> (bytes, since)
@@ -209,6 +221,16 @@ class GuardedSite(web.BaseSite):
                 len(server.connections),
             )
             return _Refused()
+        source = _peer_source(transport)
+        held = sum(1 for h in server.connections if _peer_source(h.transport) == source)
+        if held >= self.max_per_address:
+            self._record("ops_connections")
+            _LOG.warning(
+                "crowded",
+                "ops port: %d connections open from one address (its cap); refused one",
+                held,
+            )
+            return _Refused(CROWDED)
         return server()  # type: ignore[no-any-return]
 
     def _too_fast(self) -> None:
@@ -270,6 +292,7 @@ class GuardedSite(web.BaseSite):
 __all__ = [
     "IDLE_S",
     "MAX_CONNECTIONS",
+    "MAX_PER_ADDRESS",
     "NEW_BURST",
     "NEW_PER_S",
     "RATE",
