@@ -10,10 +10,12 @@ import socket
 import time
 import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from workers.cli import main
 from workers.ops import httpguard
 from workers.ops.http import OpsServer
 from workers.ops.metrics import WorkerMetrics
@@ -165,3 +167,21 @@ async def test_one_address_holding_every_connection_does_not_lock_prometheus_out
     # Assert: one address holds at most its share; Prometheus is answered (before: 503)
     assert last.startswith(b"HTTP/1.1 503 ") and b"from this address" in last
     assert status == 200
+
+
+def test_a_status_token_that_is_the_metrics_token_is_refused_at_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: `init --ops`, whose metrics token Prometheus holds
+    assert main(["init", str(tmp_path / "d"), "--ops"]) == 0
+    capsys.readouterr()
+    token = (tmp_path / "d" / "keys" / "metrics.token").read_text().strip()
+    server = str(tmp_path / "d" / "server.toml")
+    # Execute: a careless operator gives /status the same token, with hashed labels
+    settings = ["--set", f'ops.status_token="{token}"', "--set", 'ops.label_names="hashed"']
+    code = main(["server", "--config", server, *settings])
+    # Assert: refused in one line (before: it started, and Prometheus's token read the names
+    # each hashed label stands for on /status)
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "ops.status_token is the token of ops.metrics_token" in err, err

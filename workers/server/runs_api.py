@@ -78,6 +78,12 @@ def group_tokens(
             "ops.metrics_token holds the token of ops.admin_token, so whoever scrapes /metrics "
             "could stop and download runs; give /metrics a token of its own"
         )
+    if metrics and metrics == status:
+        raise ConfigError(
+            "ops.status_token is the token of ops.metrics_token, so whoever scrapes /metrics "
+            "could read /status's peer names and which name each hashed label stands for; "
+            "give /status a token of its own"
+        )
     taken = {"ops.admin_token": admin, "ops.status_token": status, "ops.metrics_token": metrics}
     owners = {token: where for where, token in taken.items() if token}
     out: dict[str, str] = {}
