@@ -132,8 +132,8 @@ class RunHost(Retiring):
             run.engine = engine
         return run.engine
 
-    def _add_record(self, info: dict[str, Any]) -> Run:
-        run = self.book.add_record(info, None)
+    def _add_record(self, info: dict[str, Any], source: str = "") -> Run:
+        run = self.book.add_record(info, None, source)
         run.engine = None
         if run.active and run.model and Path(run.model).exists():
             self.engine_of(run)  # an interrupted run continues from its last saved weights

@@ -40,13 +40,14 @@ from pathlib import Path
 from typing import Any
 
 from sl_pipeline.config import ServerSection
-from sl_pipeline.errors import ConfigError, OverloadedError, ProtocolError
+from sl_pipeline.errors import OverloadedError, ProtocolError
 from sl_pipeline.runid import SERVER_RUN_ID, check_run_id
-from sl_pipeline.tenancy import ONE_GROUP, SEPARATOR, qualify
+from sl_pipeline.tenancy import ONE_GROUP, qualify
 from workers.runtime.appliedlog import AppliedLog
 from workers.server.engines.base import Engine
 from workers.server.replycache import ReplyCache
 from workers.server.retention import KEEP_ENDED, Retention
+from workers.server.runindex import read_index, run_fields
 
 log = logging.getLogger("sl_pipeline.server")
 
@@ -358,37 +359,13 @@ class RunBook:
         os.replace(tmp, self.dir / "runs.json")
 
     def read_index(self) -> list[dict[str, Any]]:
-        path = None if self.dir is None else self.dir / "runs.json"
-        if path is None or not path.exists():
-            return []
-        try:
-            entries = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(
-                f"{path} cannot be read ({exc}); move it away to start a fresh list of runs"
-            ) from None
-        return [e for e in entries if isinstance(e, dict) and "id" in e]
+        return [] if self.dir is None else read_index(self.dir / "runs.json")
 
-    def add_record(self, info: dict[str, Any], engine: Engine | None) -> Run:
-        """A run known from ``runs.json`` or a checkpoint (engine state loaded by the caller)."""
-        group = str(info.get("group") or ONE_GROUP)
-        run = Run(
-            str(info["id"]).removeprefix(f"{group}{SEPARATOR}" if group else ""),
-            engine,
-            state=str(info.get("state", FINISHED)),
-            members=set(info.get("members", info.get("clients", []))),
-            done=set(info.get("done", info.get("finished_clients", []))),
-            steps=int(info.get("steps", 0)),
-            started=float(info.get("started") or time.time()),
-            ended=info.get("ended"),
-            last_loss=info.get("last_loss"),
-            accuracies={str(k): float(v) for k, v in (info.get("accuracies") or {}).items()},
-            model=str(info.get("model", "")),
-            owner=str(info.get("owner", "")),
-            client_steps={str(k): int(v) for k, v in (info.get("client_steps") or {}).items()},
-            epochs={str(k): int(v) for k, v in (info.get("epochs") or {}).items()},
-            group=group,
-        )
+    def add_record(self, info: dict[str, Any], engine: Engine | None, source: str = "") -> Run:
+        """A run known from ``runs.json`` or a checkpoint (engine state loaded by the caller);
+        a value of a wrong type is a ConfigError naming the run and ``source``."""
+        run_id, fields = run_fields(info, source or "a checkpoint")
+        run = Run(run_id, engine, **fields)
         self.runs[run.key] = run
         return run
 

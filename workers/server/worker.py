@@ -85,7 +85,7 @@ class ServerWorker(RunHost, RouterService):
         self._settle_next: Engine | None = None
         self.due_replies: Replies = []  # came due outside a request (RunHost.due)
         for info in self.book.read_index():
-            self._add_record(info)
+            self._add_record(info, f"{self.book.dir}/runs.json")
         self.admin_token = read_token(base, cfg.ops.admin_token) if cfg.ops.admin_token else None
         tokens = (self.admin_token, cfg.ops.status_token, self.ops_token)  # taken: none a group's
         self.group_tokens = group_tokens(base, self.groups, *tokens)
