@@ -13,7 +13,7 @@ from typing import Any
 from sl_pipeline.errors import ConfigError
 from sl_pipeline.tenancy import ONE_GROUP, SEPARATOR
 
-STATES = ("active", "finished", "stopped")  # runs.py's ACTIVE, FINISHED, STOPPED
+ACTIVE, FINISHED, STOPPED = STATES = ("active", "finished", "stopped")  # a run's states
 FRESH = "move it away to start a fresh list of runs"
 
 
@@ -40,7 +40,7 @@ def run_fields(info: dict[str, Any], source: str) -> tuple[str, dict[str, Any]]:
     try:
         group = str(info.get("group") or ONE_GROUP)
         fields = dict(
-            state=str(info.get("state", "finished")),
+            state=str(info.get("state", FINISHED)),
             members=set(map(str, info.get("members", info.get("clients", [])))),
             done=set(map(str, info.get("done", info.get("finished_clients", [])))),
             steps=int(info.get("steps", 0)),
@@ -63,4 +63,4 @@ def run_fields(info: dict[str, Any], source: str) -> tuple[str, dict[str, Any]]:
     return str(info["id"]).removeprefix(f"{group}{SEPARATOR}" if group else ""), fields
 
 
-__all__ = ["read_index", "run_fields"]
+__all__ = ["ACTIVE", "FINISHED", "STATES", "STOPPED", "read_index", "run_fields"]

@@ -47,11 +47,10 @@ from workers.runtime.appliedlog import AppliedLog
 from workers.server.engines.base import Engine
 from workers.server.replycache import ReplyCache
 from workers.server.retention import KEEP_ENDED, Retention
-from workers.server.runindex import read_index, run_fields
+from workers.server.runindex import ACTIVE, FINISHED, STOPPED, read_index, run_fields
 
 log = logging.getLogger("sl_pipeline.server")
 
-ACTIVE, FINISHED, STOPPED = "active", "finished", "stopped"
 KEEP_ENGINES = 3  # finished runs whose model stays in memory (older ones reload from disk)
 
 
