@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from sl_pipeline.config import read_toml as load_toml
 from workers.client.link import Upstream
 from workers.tools.demo import stop_process
 from workers.tools.localdeploy import init_deployment, to_toml
+from workers.tools.ports import use_port_range
 
 from .workerproc import WorkerProcess
 
@@ -25,6 +27,21 @@ ROOT = Path(__file__).resolve().parents[1]
 # Workers run one torch thread each (train.threads = 1); in-process runs must match them so
 # results are comparable bit for bit, and two cores are not oversubscribed.
 torch.set_num_threads(1)
+
+# Each parallel test process (pytest-xdist) picks its loopback ports from a range of its
+# own, below the kernel's ephemeral range: two processes cannot hand out one port to two
+# workers, and no outgoing connection's source port takes one (workers/tools/ports.py).
+PORTS_LOW, PORTS_HIGH = 15000, 32000
+
+
+def _ports_of_this_process() -> tuple[int, int]:
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    width = (PORTS_HIGH - PORTS_LOW) // count
+    return PORTS_LOW + index * width, PORTS_LOW + (index + 1) * width - 1
+
+
+use_port_range(*_ports_of_this_process())
 
 
 @pytest.fixture
@@ -53,18 +70,39 @@ def load_client(path: Path, *overrides: str) -> ClientConfig:
     return load(ClientConfig, path, list(overrides))
 
 
-def wait_listening(config: Path, timeout_s: float = 60.0) -> None:
-    """Poll (bounded) until the worker of ``config`` accepts TCP connections on its bind port."""
+def wait_listening(
+    config: Path, *watched: subprocess.Popen[str] | WorkerProcess, timeout_s: float = 60.0
+) -> None:
+    """Poll (bounded) until the worker of ``config`` accepts TCP connections on its bind port.
+    A ``watched`` process (the worker itself) that exits fails the wait at once, with its
+    log: a worker that cannot start says why, and the test does not wait out the timeout."""
     data = load_toml(config)
     section = data.get("server") or data.get("relay") or {}
     host, port = section["bind"].removeprefix("tcp://").rsplit(":", 1)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        _fail_if_exited(watched)
         with socket.socket() as sock:
             if sock.connect_ex((host, int(port))) == 0:
                 return
         time.sleep(0.05)
-    raise AssertionError(f"nothing listens on {section['bind']} after {timeout_s}s")
+    logs = "".join(_log_tail(proc) for proc in watched)
+    raise AssertionError(f"nothing listens on {section['bind']} after {timeout_s}s{logs}")
+
+
+def _fail_if_exited(watched: tuple[subprocess.Popen[str] | WorkerProcess, ...]) -> None:
+    for proc in watched:
+        if proc.poll() is not None:
+            _, err = proc.communicate()
+            text = err or _log_tail(proc)  # a Popen whose stderr went to a file: None
+            raise AssertionError(f"{proc.args} exited ({proc.returncode}): {text[-2000:]}")
+
+
+def _log_tail(proc: subprocess.Popen[str] | WorkerProcess) -> str:
+    """The end of a running worker's log (a forked one writes it to a file)."""
+    log = getattr(proc, "log", None)
+    text = log.read_text(errors="replace")[-2000:] if isinstance(log, Path) else ""
+    return f"\n{proc.args} log:\n{text}"
 
 
 def wait_for_files(
@@ -80,10 +118,7 @@ def wait_for_files(
     only guards against a hang."""
     deadline = time.monotonic() + timeout_s
     while len(list(folder.glob(pattern))) < count:
-        for proc in watched:
-            if proc.poll() is not None:
-                _, err = proc.communicate()
-                raise AssertionError(f"{proc.args} exited ({proc.returncode}): {err[-2000:]}")
+        _fail_if_exited(watched)
         if time.monotonic() > deadline:
             raise AssertionError(f"{folder} did not get {count} {pattern} within {timeout_s}s")
         time.sleep(0.05)

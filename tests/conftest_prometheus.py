@@ -17,7 +17,6 @@ import functools
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from workers.tools.ports import free_port
 
 APT_TIMEOUT_S = 600.0
 READY_TIMEOUT_S = 30.0
@@ -78,13 +79,6 @@ def run_promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedPro
     return subprocess.run(
         [promtool, *args], cwd=cwd, capture_output=True, text=True, timeout=120, check=False
     )
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _get_json(url: str, timeout_s: float = HTTP_TIMEOUT_S) -> Any:

@@ -147,7 +147,7 @@ def test_a_second_server_on_the_same_state_is_refused(
     config = str(files["server"])
     first = WorkerProcess(["server", "--config", config], tmp_path / "s.out", tmp_path / "s.log")
     try:
-        wait_listening(files["server"])
+        wait_listening(files["server"], first)
         other = ["--set", f'server.bind="tcp://127.0.0.1:{free_port()}"']
         with socket.socket() as taken:  # were it not refused, it would stop here, not serve
             taken.bind(("127.0.0.1", 0))

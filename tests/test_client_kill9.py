@@ -37,7 +37,7 @@ class Deployment:
         listen = self.status_url.removeprefix("http://").removesuffix("/status")
         server = ["--config", str(self.dir / "server.toml"), "--set", f'ops.listen="{listen}"']
         self.server = self.process("server", *server)
-        wait_listening(self.dir / "server.toml")
+        wait_listening(self.dir / "server.toml", self.server)
         self.count = 0
 
     def process(self, *argv: str) -> WorkerProcess:

@@ -82,9 +82,8 @@ def test_sigterm_stops_the_server_and_the_client_fails_cleanly(
     # Prepare: a client in mid-training, with a short rejoin budget
     files = deployment(clients=1, epochs=LONG_EPOCHS, ops=True)
     server = procs.start("server", files["server"])
-    wait_listening(
-        files["server"]
-    )  # the client's 2 s rejoin budget is for the stop, not a slow start
+    # the client's 2 s rejoin budget is for the stop, not a slow start
+    wait_listening(files["server"], server)
     client = procs.fork(  # the server's stop is under test as it runs; the client's answer
         "client",
         files["client-1"],

@@ -137,7 +137,7 @@ def test_a_client_behind_a_relay_reports_the_servers_run(
         logs = (tmp_path / "relay.out", tmp_path / "relay.log")
         relay = WorkerProcess(["relay", "--config", str(files["relay-1"])], *logs)
         try:
-            wait_listening(files["relay-1"])
+            wait_listening(files["relay-1"], relay)
             reports = []
             for run in ("run-1", "run-2"):
                 assert main(config) == 0

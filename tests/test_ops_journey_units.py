@@ -88,7 +88,7 @@ def test_the_units_command_lines_serve_stop_and_resume(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     server = start("sl-pipeline-server.service", "", tmp_path, log)
     try:
-        wait_listening(config)
+        wait_listening(config, server)
         client = start("sl-pipeline-client@.service", "1", tmp_path, tmp_path / "client-1.log")
         assert client.wait(120) == 0, (tmp_path / "client-1.log").read_text()[-2000:]
         # Execute: systemctl restart = SIGTERM, then the same command line

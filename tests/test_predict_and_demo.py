@@ -41,8 +41,8 @@ async def test_predict_matches_the_in_process_model(
     x = load_party_data(cfg.data, base, 2).test.x[:40]
     _write_csv(base / "inputs.csv", x.numpy())
     # Execute: the server restarts from its saved segment; predict sends only activations
-    procs.fork("server", files["server"])
-    wait_listening(files["server"])
+    server = procs.fork("server", files["server"])
+    wait_listening(files["server"], server)
     # `sl-pipeline predict` in a process of its own, forked (a torch import less)
     run = procs.fork("predict", files["client-1"], "--input", str(base / "inputs.csv"), "--json")
     out, err = run.communicate(timeout=120)
@@ -72,8 +72,8 @@ async def test_vertical_predict_fuses_every_party(deployment, procs: Procs) -> N
     cfgs = [load_client(files[f"client-{i}"]) for i in (1, 2)]
     full = load_party_data(replace(cfgs[0].data, feature_slice=[]), base, 2).test.x[:30]
     _write_csv(base / "rows.csv", full.numpy())
-    procs.fork("server", files["server"])
-    wait_listening(files["server"])
+    server = procs.fork("server", files["server"])
+    wait_listening(files["server"], server)
     runs = [  # each party's `sl-pipeline predict` at once, in forked processes
         procs.fork("predict", files[f"client-{i}"], "--input", str(base / "rows.csv"), "--json")
         for i in (1, 2)

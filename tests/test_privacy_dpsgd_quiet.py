@@ -22,8 +22,8 @@ HOOKS = "Full backward hook"
 def test_a_dpsgd_client_says_nothing_of_opacus_hooks(deployment, procs: Procs) -> None:  # type: ignore[no-untyped-def]
     # Prepare
     files = deployment(clients=1, dataset="breast_cancer", epochs=1)
-    procs.fork("server", files["server"])
-    wait_listening(files["server"])
+    server = procs.fork("server", files["server"])
+    wait_listening(files["server"], server)
     # Execute: the console's own process (a fresh interpreter: no warning shown before)
     dp = ("--set", "privacy.dpsgd.noise_multiplier=1", "--no-progress")
     client = procs.start("client", files["client-1"], *dp)

@@ -141,7 +141,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Finished]:
         t0 = time.time()
         for name, path in files.items():  # together: clients retry until the server listens
             procs[name] = _start(name, path, tmp)
-        wait_listening(files["server"])
+        wait_listening(files["server"], procs["server"])
         _wait_count(url, "up{role='server'} == 1", 1)  # scraped before the knock: a rate
         bind = tomllib.loads(files["server"].read_text())["server"]["bind"]
         knock(bind, files["server"].parent / "keys", "client-1.key")

@@ -91,7 +91,7 @@ async def test_server_memory_and_fds_stay_flat(deployment, procs: Procs) -> None
     # forked (tests/workerproc.py): a torch import less; its memory and fds are under test
     server = procs.fork("server", files["server"])
     cfg = load_server(files["server"])
-    wait_listening(files["server"])
+    wait_listening(files["server"], server)
     ctx = zmq.asyncio.Context()
     keys = files["server"].parent / "keys"
     fp = fingerprint(cfg.model, "vanilla")

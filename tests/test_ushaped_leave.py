@@ -494,7 +494,7 @@ def test_a_client_killed_mid_step_does_not_stall_the_others(deployment, procs, t
     status = f"http://127.0.0.1:{port}/status"
     bound, listen = f"server.open_step_s={BOUND_S}", f'ops.listen="127.0.0.1:{port}"'
     server = procs.fork("server", files["server"], "--set", bound, "--set", listen)
-    wait_listening(files["server"])
+    wait_listening(files["server"], server)
     holder_cmd = [sys.executable, "-m", "tests.ushaped_holder", str(files["server"])]
     holder = subprocess.Popen([*holder_cmd, "client-3", str(tmp_path)], cwd=ROOT, text=True)
     procs.procs.append(holder)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from sl_pipeline.errors import ConfigError
 from sl_pipeline.group import write_group_key
 from sl_pipeline.keys import write_keypair
 from workers import topologies
+from workers.tools.ports import free_port
 from workers.tools.staging import staged
 from workers.topologies import REGISTRY, Topology
 from workers.topologies.base import DATASETS, FEATURES, Deployment, Table
@@ -26,12 +26,6 @@ MULTI_PARTY = tuple(name for name, t in REGISTRY.items() if t.default_clients > 
 # Every client's state after every applied step (docs/reliability.md: a client killed
 # without a stop carries on with the same command; its measured cost is there too).
 CLIENT_CHECKPOINT: dict[str, Any] = {"dir": "state/client-checkpoints", "every_steps": 1}
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def _toml_value(value: Any) -> str:
