@@ -24,6 +24,7 @@ import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 _CTX = multiprocessing.get_context("forkserver")
 _CTX.set_forkserver_preload(
@@ -71,11 +72,15 @@ def _stop_behind_checkpoint(point: StopBehind) -> None:
     worker.after_replies = stop_when_behind  # type: ignore[method-assign,assignment]
 
 
-def _run(argv: list[str], stdout: str, stderr: str, stop: StopBehind | None = None) -> None:
+def _redirect(stdout: str, stderr: str) -> None:
     for fd, path in ((1, stdout), (2, stderr)):
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.dup2(target, fd)
         os.close(target)
+
+
+def _run(argv: list[str], stdout: str, stderr: str, stop: StopBehind | None = None) -> None:
+    _redirect(stdout, stderr)
     if stop is not None:
         _stop_behind_checkpoint(stop)
     from workers.cli import main
@@ -88,6 +93,16 @@ def _run(argv: list[str], stdout: str, stderr: str, stop: StopBehind | None = No
     sys.exit(code)
 
 
+def _console(argv: list[str], cwd: str, stdout: str, stderr: str) -> None:
+    """What the ``sl-pipeline`` console script runs, in ``cwd``, after its imports."""
+    os.chdir(cwd)
+    _redirect(stdout, stderr)
+    sys.argv = ["sl-pipeline", *argv]
+    from workers.cli import console
+
+    console()
+
+
 class WorkerProcess:
     stdout = None  # what stop_process closes on a Popen
     stderr = None
@@ -96,7 +111,10 @@ class WorkerProcess:
         self, argv: list[str], out: Path, log: Path, stop: StopBehind | None = None
     ) -> None:
         self.args, self.out, self.log = argv, out, log
-        self._proc = _CTX.Process(target=_run, args=(argv, str(out), str(log), stop))
+        self._start(_run, (argv, str(out), str(log), stop))
+
+    def _start(self, target: Any, args: tuple[Any, ...]) -> None:
+        self._proc = _CTX.Process(target=target, args=args)
         self._proc.start()
         assert self._proc.pid is not None
         self.pid: int = self._proc.pid
@@ -152,6 +170,17 @@ class ForkedPopen(WorkerProcess):
     @property  # type: ignore[override]
     def stderr(self) -> io.StringIO:
         return io.StringIO(self.log.read_text(errors="replace"))
+
+
+class ConsoleProcess(WorkerProcess):
+    """``sl-pipeline ARGV`` typed in ``cwd``: the console script's own entry
+    (``workers.cli.console``: its signal handling, flushes and exit status), run in a
+    process forked after the imports that a fresh interpreter pays seconds of CPU for. Its
+    stdin is /dev/null; its stdout and stderr go to ``out`` and ``log``."""
+
+    def __init__(self, argv: list[str], cwd: Path, out: Path, log: Path) -> None:
+        self.args, self.out, self.log = ["sl-pipeline", *argv], out, log
+        self._start(_console, (argv, str(cwd), str(out), str(log)))
 
 
 def forked_subprocess(folder: Path) -> types.SimpleNamespace:
