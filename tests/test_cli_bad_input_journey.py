@@ -123,6 +123,43 @@ def test_predict_names_input_that_is_not_utf8(
     _refused(argv, capsys, "rows.csv", "save it as UTF-8")
 
 
+@pytest.mark.parametrize(
+    ("saved", "setting", "rows", "named"),
+    [
+        ({"unknown": "ignore"}, "data.unknown=error", "west,1.0", "category 'west'"),
+        ({"missing": "impute"}, "data.missing=error", "east,", "missing value ''"),
+    ],
+)
+def test_predict_handles_unseen_categories_and_gaps_as_its_config_says(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    saved: dict[str, str],
+    setting: str,
+    rows: str,
+    named: str,
+) -> None:
+    # Prepare: a segment trained with the other policy (saved with its encoding); the
+    # refusals say to change data.unknown / data.missing, so predict's own config must count
+    import json
+
+    import torch
+
+    from sl_pipeline.encoding import Column, Encoding
+
+    columns = [Column("clinic", "text", vocab=["east", "north"]), Column("size", "numeric")]
+    enc = Encoding(columns, **saved).to_dict()
+    torch.save({"data": json.dumps({"encoding": enc, "label_names": None})}, tmp_path / "seg.pt")
+    cfg = tmp_path / "client.toml"
+    cfg.write_text(
+        '[client]\nserver = "tcp://127.0.0.1:1"\nsave = "seg.pt"\n'
+        '[model]\nbuiltin = "mlp"\nin_shape = [3]\nclasses = 2\n'
+    )
+    (tmp_path / "new.csv").write_text(f"clinic,size\n{rows}\n")
+    argv = ["predict", "--config", str(cfg), "--insecure", "--input", str(tmp_path / "new.csv")]
+    # Execute / Assert
+    _refused([*argv, "--set", setting], capsys, "new.csv", "line 2", named)
+
+
 @pytest.mark.parametrize("given", ["server.key", "client-1.pub"])
 def test_a_key_file_given_as_the_admitted_list_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], given: str

@@ -1,9 +1,11 @@
 """`sl-pipeline predict`: inference with a trained split model; only activations leave.
 
 New rows are encoded exactly as the training rows were: a table with the encoding saved
-beside the segment (vocabularies, scaling, how unseen categories and gaps are handled), other
-inputs as plain numbers or images. Vertical parties with ids align the rows by PSI first,
-the same way as for training, so each party only needs its own file of its own columns.
+beside the segment (vocabularies, scaling, fill values), other inputs as plain numbers or
+images. How an unseen category or a gap is handled (``data.unknown``, ``data.missing``) is
+the config's at predict, as the refusals' advice says, not the one saved at training.
+Vertical parties with ids align the rows by PSI first, the same way as for training, so each
+party only needs its own file of its own columns.
 """
 
 from __future__ import annotations
@@ -186,6 +188,8 @@ def run_predict(cfg: ClientConfig, base: Path, input_path: Path) -> dict[str, An
     if not input_path.exists():
         raise ConfigError(f"--input {str(input_path)!r}: no such file")
     enc, names = saved_data(saved)
+    if enc is not None:  # a policy, not a fitted value: the config in effect decides
+        enc = replace(enc, unknown=cfg.data.unknown, missing=cfg.data.missing)
     inputs = read_inputs(cfg, input_path, enc)
     worker = ClientWorker(replace(cfg, train=replace(cfg.train, epochs=0)), base, progress=False)
     worker.runner.load(saved)
