@@ -371,3 +371,15 @@ async def test_a_body_nobody_reads_ends_its_connection_at_once(ops: OpsServer) -
         pass  # closed with the body unread: the kernel may reset before the 405 is read
     finally:
         writer.close()
+
+
+@pytest.mark.parametrize(
+    "host, url", [("127.0.0.1", "http://127.0.0.1:9100"), ("::1", "http://[::1]:9100")]
+)
+async def test_a_guarded_site_names_itself_as_a_url(host: str, url: str) -> None:
+    runner = web.AppRunner(web.Application())
+    await runner.setup()
+    try:
+        assert GuardedSite(runner, host, 9100).name == url  # an IPv6 address in brackets
+    finally:
+        await runner.cleanup()

@@ -205,7 +205,9 @@ class GuardedSite(web.BaseSite):
 
     @property
     def name(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        """Where the site listens, as a URL (an IPv6 address in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     def _admit(self, transport: asyncio.Transport) -> asyncio.Protocol:
         """The protocol for a connection its address's rate let through, as it connects
