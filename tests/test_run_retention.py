@@ -124,8 +124,10 @@ async def test_a_restart_applies_the_policy_and_sweeps_forgotten_folders(deploym
     (runs / "notes").mkdir()
     (runs / "notes" / "server.pt").write_text("mine")
     (runs / "notes" / "readme.txt").write_text("mine too")
-    (runs / ".trash-0123").mkdir()
-    (runs / ".trash-0123" / "server.pt").write_text("half")
+    (runs / ".trash-0123456789ab").mkdir()
+    (runs / ".trash-0123456789ab" / "server.pt").write_text("half")
+    (runs / ".trash-mine").mkdir()  # an operator's, named like the trash: not the server's
+    (runs / ".trash-mine" / "notes.txt").write_text("keep")
     # Execute: the server starts again, keeping 1 ended run; then again with the default
     async with _serving(files, "server.keep_ended_runs=1") as server:
         kept = sorted(server.book.runs)
@@ -137,6 +139,7 @@ async def test_a_restart_applies_the_policy_and_sweeps_forgotten_folders(deploym
     assert kept == restored == ["run-3"] and _listed(files) == ["run-3"]
     assert sorted(p.name for p in runs.iterdir()) == [
         ".removed.json",
+        ".trash-mine",
         "notes",
         "run-3",
         "runs.json",

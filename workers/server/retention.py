@@ -41,6 +41,7 @@ KEEP_ENDED = 500  # ended runs of a group the server lists (older ones: removed,
 KEEP_REMOVED = 10_000  # removed runs of a group remembered, for the run API's answer
 TOMBSTONES = ".removed.json"  # a dot name: no run or group is called so
 TRASH = ".trash-"
+TRASH_NAME = re.compile(r"\.trash-[0-9a-f]{12}")  # what delete() names: no operator's folder
 RETIRE_EVERY_S = 60.0  # how often an idle server looks for runs past keep_ended_for_s
 DAY_S = 86400.0
 MODEL_FILE = re.compile(r"server\.pt|\.server\.pt\.[0-9a-f]+\.tmp")  # what a run's folder holds
@@ -221,7 +222,8 @@ class RunFolders:
         if self.root is None or not self.root.is_dir():
             return
         for trash in [*self.root.glob(f"{TRASH}*"), *self.root.glob(f"*/{TRASH}*")]:
-            self._empty(trash)
+            if TRASH_NAME.fullmatch(trash.name) and trash.is_dir():
+                self._empty(trash)
         if not self.retention.keep_runs or not (self.root / "runs.json").exists():
             return  # folders kept forever; or no list yet, nothing it could have forgotten
         keys = {r.key for r in listed}
