@@ -157,3 +157,20 @@ def test_without_a_checkpoint_dir_a_sigkill_is_one_line_naming_what_to_do(
     assert "no [checkpoint] dir" in errors[0] and "kill -9" in errors[0]
     assert "sl-pipeline runs stop run-1" in errors[0]
     assert deployed.run_info("run-1")["steps"] >= 20  # nothing applied again
+
+
+@pytest.mark.timeout(120)
+def test_a_checkpoint_dir_without_the_runs_steps_is_not_blamed_on_every_steps(
+    deployed: Deployment,
+) -> None:
+    """Killed without a [checkpoint] dir, then started with init's (every step, empty): the
+    line said `checkpoint.every_steps = 1 let a kill without a stop lose more. Set it to 1`."""
+    deployed.killed("run-1", 20, "--set", 'checkpoint.dir=""')
+    # Execute: the deployment's own command, whose checkpoint folder holds nothing of run-1
+    code, summary, log = deployed.finished("--takeover")
+    # Assert
+    errors = [line for line in log.splitlines() if ": error:" in line]
+    assert code == 4 and summary == {} and len(errors) == 1 and "Traceback" not in log, log
+    assert "every_steps" not in errors[0] and "client-checkpoints" in errors[0], errors[0]
+    assert "holds no checkpoint of them" in errors[0]
+    assert "sl-pipeline runs stop run-1" in errors[0]

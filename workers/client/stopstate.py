@@ -133,6 +133,15 @@ class ClientStore:
         they came too far apart (``every_steps``)."""
         if exc.remote_code != "stale_step":
             return exc
+        head = exc.reason.split(": ", 1)[0]
+        stop = f"stop that run (`sl-pipeline runs stop {run or 'RUN'}`, its model is saved)"
+        if self.periodic is not None and self.every == 1:  # no checkpoint of them at all
+            return PeerError(
+                exc.remote_code,
+                f"{head}: this client's checkpoint folder ({self.periodic.directory}) holds "
+                "no checkpoint of them (moved or emptied, or those steps were trained "
+                f"without it); put that folder back to carry on, or {stop} and start again",
+            )
         if self.periodic is None:
             why = (
                 "this client started again without them, having no [checkpoint] dir to keep "
@@ -147,9 +156,8 @@ class ClientStore:
             )
         return PeerError(
             exc.remote_code,
-            f"{exc.reason.split(': ', 1)[0]}: {why} for the same command to carry on after "
-            f"such a kill; to train now, stop that run (`sl-pipeline runs stop {run or 'RUN'}`, "
-            "its model is saved) and start it again",
+            f"{head}: {why} for the same command to carry on after such a kill; to train "
+            f"now, {stop} and start it again",
         )
 
     def at_end(
