@@ -9,9 +9,9 @@ import logging
 import tomllib
 from pathlib import Path
 
-import aiohttp
 import pytest
 
+from tests.scrape import metrics_token, scrape_until_finished
 from workers.client.worker import BYE_LINGER_MS
 from workers.ops.http import local_url
 from workers.tools.inprocess import run_deployment
@@ -24,31 +24,13 @@ def _metrics_url(files: dict[str, Path]) -> str:
     return f"{local_url(listen)}/metrics"
 
 
-async def _scrape_until_finished(url: str, run: asyncio.Task[object]) -> tuple[str, bool]:
-    """Scrape as Prometheus would, until a scrape says the client finished; whether the
-    run was still going on then."""
-    timeout = aiohttp.ClientTimeout(total=5)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        for _ in range(3000):  # bounded: 3000 x (scrape + 20 ms)
-            if run.done():
-                break
-            try:
-                async with session.get(url) as response:
-                    body = await response.text()
-            except aiohttp.ClientError:
-                body = ""  # not listening yet
-            if "\nsl_finished 1.0" in body:
-                return body, not run.done()
-            await asyncio.sleep(0.02)
-    raise AssertionError("no scrape ever showed sl_finished 1")
-
-
 async def test_a_finished_client_serves_its_final_metrics_until_scraped(deployment) -> None:  # type: ignore[no-untyped-def]
     # Prepare: a client with an ops port and a long linger
     files = deployment(dataset="breast_cancer", clients=1, ops=True)
     # Execute: train; scrape until a scrape shows the finish
     run = asyncio.create_task(run_deployment(files, LINGER))
-    body, still_running = await _scrape_until_finished(_metrics_url(files), run)
+    token = metrics_token(files["server"].parent)  # what the operator's Prometheus sends
+    body, still_running = await scrape_until_finished(_metrics_url(files), token, run)
     result = await asyncio.wait_for(run, 15)  # that scrape ended the wait, not the 60 s
     # Assert: the client waited for that scrape, which carried its final accuracy
     assert still_running

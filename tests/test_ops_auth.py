@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import stat
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -18,10 +19,12 @@ from prometheus_client import CollectorRegistry
 
 from sl_pipeline.config import ServerConfig, load
 from tests.conftest_prometheus import query_until, start_prometheus, stop_prometheus
+from tests.scrape import listening, metrics_token, scrape, scrape_until_finished
 from workers.cli import main
-from workers.ops.http import OpsServer, check_health
+from workers.ops.http import OpsServer, check_health, local_url
 from workers.ops.metrics import WorkerMetrics
 from workers.server.worker import ServerWorker
+from workers.tools.inprocess import run_deployment
 
 TIMEOUT_S = 10.0
 TOKEN = "metrics-token-0123456789abcdef"
@@ -126,6 +129,37 @@ async def test_init_writes_a_metrics_token_that_the_server_asks_for(
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
     assert server.cfg.ops.metrics_token == "keys/metrics.token"
     assert refused[0] == 401 and scraped[0] == 200
+
+
+async def test_init_puts_the_relays_and_each_clients_metrics_behind_the_same_token(
+    tmp_path: Path,
+) -> None:
+    """A client's /metrics shows its training (before: open to whoever reached the port);
+    one machine has one Prometheus, so every worker asks for the one token it sends."""
+    # Prepare: a multihop deployment from `sl-pipeline init --ops`; the finished client
+    # waits (60 s at most) for a scrape that carries its finish
+    folder = tmp_path / "d"
+    argv = ["init", str(folder), "--ops", "--topology", "multihop", "--clients", "1"]
+    argv += ["--dataset", "breast_cancer", "--epochs", "1"]
+    assert await asyncio.to_thread(main, argv) == 0
+    files = {name: folder / f"{name}.toml" for name in ("server", "relay-1", "client-1")}
+    configs = {name: tomllib.loads(path.read_text())["ops"] for name, path in files.items()}
+    url = {name: f"{local_url(ops['listen'])}/metrics" for name, ops in configs.items()}
+    token = metrics_token(folder)  # what the deployment's Prometheus sends every target
+    run = asyncio.ensure_future(run_deployment(files, "ops.linger_s=60"))
+    # Execute: once the client listens (the relay before it), scrape each without the
+    # token, then with it; the client until a scrape shows its finish
+    await asyncio.wait_for(listening(url["client-1"], run), 60)
+    refused = {name: await scrape(url[name]) for name in ("relay-1", "client-1")}
+    relay = await scrape(url["relay-1"], token)
+    body, running = await scrape_until_finished(url["client-1"], token, run)
+    await asyncio.wait_for(run, 30)  # that scrape ended its wait
+    # Assert: each config names the one file; a one-line 401 without it, the figures with it
+    assert {ops["metrics_token"] for ops in configs.values()} == {"keys/metrics.token"}
+    for status, text in refused.values():
+        assert status == 401 and text.count("\n") == 1 and "metrics_token" in text
+    assert relay[0] == 200 and 'worker="relay"' in relay[1]
+    assert running and 'worker="client"' in body
 
 
 @pytest.mark.parametrize(

@@ -185,8 +185,9 @@ def _prometheus_config(targets: dict[str, str]) -> str:
 
 
 def token_beside(tmp: Path, server: Path) -> None:
-    """The server's metrics token where the shipped config's ``credentials_file`` looks for
-    it (``secrets/``, beside the config), as docs/deploy.md tells an operator to put it."""
+    """The deployment's metrics token (``init --ops`` gives every worker the server's) where
+    the shipped config's ``credentials_file`` looks for it (``secrets/``, beside the config),
+    as docs/deploy.md tells an operator to put it: it scrapes the relay and clients too."""
     (tmp / "secrets").mkdir(exist_ok=True)
     shutil.copy(server.parent / "keys" / "metrics.token", tmp / "secrets" / "metrics.token")
 

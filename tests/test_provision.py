@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat
 import tomllib
 import urllib.error
 import urllib.request
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from sl_pipeline.config import ClientConfig, RelayConfig, ServerConfig, load
+from tests.scrape import listening, metrics_token, scrape, scrape_until_finished
 from workers.cli import main
 from workers.client.worker import ClientWorker
 from workers.server.worker import ServerWorker
@@ -38,11 +40,11 @@ name = "site-a"
 name = "site-b"
 ops_port = {client_ops}
 {relay}"""
-RELAY = '\n[[relay]]\nname = "hop"\nhost = "127.0.0.1"\nport = {port}\n'
+RELAY = '\n[[relay]]\nname = "hop"\nhost = "127.0.0.1"\nport = {port}\nops_port = {ops}\n'
 
 
 def _provision(tmp_path: Path, topology: str = "vanilla", hops: int = 0) -> tuple[Path, str]:
-    relay = RELAY.format(port=free_port()) if hops else ""
+    relay = RELAY.format(port=free_port(), ops=free_port()) if hops else ""
     project = tmp_path / "project.toml"
     project.write_text(
         PROJECT.format(
@@ -147,18 +149,26 @@ async def test_provisioned_kits_train_together(
         f'ops.listen="{cfg["ops"]["listen"].replace("0.0.0.0", "127.0.0.1")}"',
     ]
     server = ServerWorker(load(ServerConfig, server_dir / "server.toml", loopback), server_dir)
+    # site-b's ops port, on loopback; it waits (60 s at most) for a scrape of its finish
+    listen = f"127.0.0.1:{free_port()}"
+    site_b = f"http://{listen}/metrics"
+    ops = {"site-a": [], "site-b": [f'ops.listen="{listen}"', "ops.linger_s=60"]}
+    clients = [
+        ClientWorker(load(ClientConfig, out / s / f"{s}.toml", ops[s]), out / s, progress=False)
+        for s in ("site-a", "site-b")
+    ]
     stop = asyncio.Event()
     task = asyncio.create_task(server.serve(stop))
+    runs = asyncio.gather(*(c.run() for c in clients))
     try:
-        clients = [
-            ClientWorker(
-                load(ClientConfig, out / s / f"{s}.toml", ['ops.listen=""']),
-                out / s,
-                progress=False,
-            )
-            for s in ("site-a", "site-b")
-        ]
-        summaries = await asyncio.wait_for(asyncio.gather(*(c.run() for c in clients)), 120)
+        # site-b's Prometheus sends the kit's own token; the server's, or none, is refused
+        await asyncio.wait_for(listening(site_b, runs), 60)
+        own, server_token = metrics_token(out / "site-b"), metrics_token(server_dir)
+        refused = [await scrape(site_b, token) for token in (None, server_token)]
+        body, _ = await scrape_until_finished(site_b, own, runs)
+        summaries = await asyncio.wait_for(runs, 120)
+        assert [status for status, _ in refused] == [401, 401]
+        assert 'worker="client"' in body
         capsys.readouterr()
         admin = ["runs", "list", "--config", str(out / "admin" / "admin.toml"), "--json"]
         assert await asyncio.to_thread(main, admin) == 0  # the operator's kit reaches it
@@ -166,16 +176,40 @@ async def test_provisioned_kits_train_together(
         # the operator's Prometheus reads the server's /metrics with the kit's metrics.token
         token = (out / "admin" / "metrics.token").read_text().strip()
         url = f"http://{server.cfg.ops.listen}/metrics"
-        scrape = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
-        assert b"sl_run_steps" in await asyncio.to_thread(_read, scrape)
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        assert b"sl_run_steps" in await asyncio.to_thread(_read, request)
         with pytest.raises(urllib.error.HTTPError, match="401"):
             await asyncio.to_thread(_read, urllib.request.Request(url))
     finally:
         stop.set()
         await task
+        for client in clients:  # done already, unless the test failed before their end
+            client.stop.set()
+        await asyncio.wait_for(asyncio.gather(runs, return_exceptions=True), 30)
     assert all(s["steps"] > 0 for s in summaries)
     assert server.book.runs["run-1"].state == "finished"
     assert tomllib.loads((out / "admin" / "admin.toml").read_text())["ops"]["admin_token"]
+
+
+def test_each_site_with_an_ops_port_holds_a_metrics_token_of_its_own(tmp_path: Path) -> None:
+    """A client's /metrics shows its training to whoever reaches its port (before: open on
+    every interface); each site runs its own Prometheus, holding its own token alone."""
+    # Execute: a multihop project; the server, the relay and site-b have ops ports
+    out, project = _provision(tmp_path, "multihop", hops=1)
+    assert main(["provision", project, "--out", str(out)]) == 0
+    # Assert: each of them holds a token file of its own, its owner's alone, that its config
+    # names and its start.sh tells the site's Prometheus to send; site-a, no ops port, none
+    tokens = {site: metrics_token(out / site) for site in ("server", "hop", "site-b")}
+    operator = (out / "admin" / "metrics.token").read_text().strip()  # the server's copy
+    assert len(set(tokens.values())) == 3 and tokens["server"] == operator
+    for site, config in (("server", "server"), ("hop", "hop"), ("site-b", "site-b")):
+        token_file = out / site / "keys" / "metrics.token"
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        ops = tomllib.loads((out / site / f"{config}.toml").read_text())["ops"]
+        assert ops["metrics_token"] == "keys/metrics.token", (site, ops)
+        assert "keys/metrics.token" in (out / site / "start.sh").read_text()
+    assert not (out / "site-a" / "keys" / "metrics.token").exists()
+    assert "ops" not in tomllib.loads((out / "site-a" / "site-a.toml").read_text())
 
 
 def test_relay_kit_loads(tmp_path: Path) -> None:

@@ -26,6 +26,8 @@ MULTI_PARTY = tuple(name for name, t in REGISTRY.items() if t.default_clients > 
 # Every client's state after every applied step (docs/reliability.md: a client killed
 # without a stop carries on with the same command; its measured cost is there too).
 CLIENT_CHECKPOINT: dict[str, Any] = {"dir": "state/client-checkpoints", "every_steps": 1}
+# The file of the token a worker's /metrics asks for ([ops] metrics_token), in its folder.
+METRICS_TOKEN = "keys/metrics.token"
 
 
 def _toml_value(value: Any) -> str:
@@ -286,11 +288,12 @@ def init_deployment(
 
 
 def _ops_ports(plan: Plan) -> None:
-    """An ops port on loopback for every worker; the server's run API token, and the one its
-    /metrics, which names the clients and runs, asks for."""
+    """An ops port on loopback for every worker, each /metrics behind one token (the server's
+    names the clients and runs, a client's shows its training): one machine, one Prometheus,
+    whose one ``credentials_file`` then reads them all; and the server's run API token."""
     for cfg in [plan.server, *([plan.relay] if plan.relay else []), *plan.clients]:
-        cfg["ops"] = {"listen": f"127.0.0.1:{free_port()}"}
-    plan.server["ops"].update(admin_token="keys/admin.token", metrics_token="keys/metrics.token")
+        cfg["ops"] = {"listen": f"127.0.0.1:{free_port()}", "metrics_token": METRICS_TOKEN}
+    plan.server["ops"]["admin_token"] = "keys/admin.token"
 
 
 def _moved_into(stage: Path, out: Path) -> None:

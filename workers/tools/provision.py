@@ -2,7 +2,10 @@
 
 Each site (the server, every client, the relay, and the operator's admin kit) gets a folder
 holding its own private key and nothing of anybody else's: the public keys of the peers it
-talks to, its config and a start script. Copy each folder to its machine; nothing else moves.
+talks to, its config and a start script. A site given an ``ops_port`` also holds
+``keys/metrics.token``, a token of its own that its /metrics asks for: the site's Prometheus
+sends that file (the operator's admin kit holds a copy of the server's). Copy each folder to
+its machine; nothing else moves.
 ``init`` stays the one-machine shortcut (every key in one folder).
 
 A project file::
@@ -43,6 +46,7 @@ from sl_pipeline.group import write_group_key
 from sl_pipeline.keys import write_keypair
 from workers.tools.localdeploy import (
     CLIENT_CHECKPOINT,
+    METRICS_TOKEN,
     Plan,
     Table,
     plan_deployment,
@@ -134,11 +138,16 @@ def _check(project: Project) -> None:
         )
 
 
-def _script(role: str, config: str, site: str, host: str) -> str:
+def _script(role: str, config: str, site: str, host: str, metrics_token: str = "") -> str:
+    scrape = (
+        f"# Its /metrics answers only Authorization: Bearer <the token in {metrics_token}>:\n"
+        f"# give that file to this site's Prometheus (authorization: credentials_file).\n"
+    )
     return (
         "#!/bin/sh\n"
         f"# Start {role} {site!r}. Run it on {host}, where this folder was copied.\n"
-        f'cd "$(dirname "$0")" && exec sl-pipeline {role} --config {config} "$@"\n'
+        + (scrape if metrics_token else "")
+        + f'cd "$(dirname "$0")" && exec sl-pipeline {role} --config {config} "$@"\n'
     )
 
 
@@ -163,7 +172,8 @@ class Kit:
         name = "server.toml" if role == "server" else f"{self.site}.toml"
         (self.dir / name).write_text(to_toml(cfg))
         script = self.dir / "start.sh"
-        script.write_text(_script(role, name, self.site, host))
+        token = cfg.get("ops", {}).get("metrics_token", "")
+        script.write_text(_script(role, name, self.site, host, token))
         os.chmod(script, 0o755)
         return script
 
@@ -231,7 +241,7 @@ def _write_kits(project: Project, plan: Plan, out: Path) -> dict[str, Path]:
             admitted="keys/admitted",
             upstream_key="keys/server.pub",
         )
-        _ops(plan.relay, relay.ops_port)
+        _ops(hop, plan.relay, relay.ops_port)
         plan.server["server"]["relays"] = [relay.name]  # it speaks for its clients
         plan.server["server"]["groups"] = {project.project.name: [relay.name]}
         upstream, downstream = relay_pub, hop
@@ -268,23 +278,27 @@ def _client_kit(
         for key in ("dataset", "shard", "shards"):
             cfg["data"].pop(key, None)
     cfg["data"].update(site.data)
-    _ops(cfg, site.ops_port)
+    _ops(kit, cfg, site.ops_port)
 
 
-def _ops(cfg: Table, port: int) -> None:
+def _ops(kit: Kit, cfg: Table, port: int) -> None:
+    """An ops port on every interface, its /metrics behind a token of this kit's own (a
+    client's shows its training to whoever reaches the port): the site's Prometheus sends
+    ``keys/metrics.token``, and no other site holds it."""
     if port:
-        cfg["ops"] = {"listen": f"0.0.0.0:{port}"}
+        write_admin_token(kit.dir / METRICS_TOKEN)
+        cfg["ops"] = {"listen": f"0.0.0.0:{port}", "metrics_token": METRICS_TOKEN}
 
 
 def _server_kit(kit: Kit, cfg: Table, site: ServerSite, out: Path) -> Path:
     """The server's folder, and the operator's admin kit: the run API's address and token."""
     if site.ops_port:
-        _ops(cfg, site.ops_port)
+        _ops(kit, cfg, site.ops_port)  # and the token its /metrics asks for
+        write_admin_token(kit.keys / "admin.token")  # the run API's
+        cfg["ops"]["admin_token"] = "keys/admin.token"
         admin = out / "admin"
         admin.mkdir(mode=0o700)
-        for name in ("admin", "metrics"):  # the run API's token; the one /metrics asks for
-            write_admin_token(kit.keys / f"{name}.token")
-            cfg["ops"][f"{name}_token"] = f"keys/{name}.token"
+        for name in ("admin", "metrics"):  # the operator's copies
             write_admin_token(admin / f"{name}.token").write_bytes(
                 (kit.keys / f"{name}.token").read_bytes()
             )
