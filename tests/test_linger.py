@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import tomllib
 from pathlib import Path
 
@@ -43,13 +44,17 @@ async def test_the_wait_is_bounded_when_nobody_scrapes(
     deployment, caplog: pytest.LogCaptureFixture
 ) -> None:  # type: ignore[no-untyped-def]
     files = deployment(dataset="breast_cancer", clients=1, ops=True)
+    started = time.monotonic()
     with caplog.at_level(logging.INFO, logger="sl_pipeline.client"):
         result = await asyncio.wait_for(run_deployment(files, "ops.linger_s=4"), 60)
+    elapsed = time.monotonic() - started
     assert result.summaries[0]["steps"] > 0
     assert "no scrape within ops.linger_s = 4s; exiting" in caplog.text
     # the summary's wall time is the training's, without the 4 s spent waiting for a scrape
-    # (one epoch of breast_cancer takes well under a second)
-    assert result.summaries[0]["wall_seconds"] < 4
+    # after it, however long a loaded host makes the training (6.9 s at load 5 once; quiet:
+    # 0.92 s of 5.00 s, so a summary counting the wait would read 8.92 here); 0.05 s for
+    # the summary's rounding
+    assert result.summaries[0]["wall_seconds"] + 4 <= elapsed + 0.05, (result.summaries, elapsed)
     assert result.clients[0].metrics.registry.get_sample_value("sl_finished") == 1
 
 

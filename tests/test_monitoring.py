@@ -5,6 +5,7 @@ sl_step, `_created` series, a build-info label clashing with the scrape config's
 from __future__ import annotations
 
 import asyncio
+import re
 
 from sklearn.datasets import load_breast_cancer
 
@@ -27,7 +28,8 @@ async def test_metrics_and_status_agree_after_a_run(deployment) -> None:  # type
     assert "_created" not in served and "_created" not in own
     assert "sl_build_info{version=" in own and 'worker="client"' in own and "role=" not in own
     assert "sl_epoch 2.0" in own and "sl_epoch 2.0" in served  # 1-based, as the logs say
-    assert 'sl_handshakes_total{result="ok"} 1.0' in own  # the client counts its own
+    # the client counts its own (more than one where a loaded host had its hello retried)
+    assert re.search(r'sl_handshakes_total\{result="ok"\} [1-9][0-9]*\.0', own), own
     steps = run.summaries[0]["steps"]
     assert client.status()["step"] == steps and f"sl_step {float(steps)}" in own
     assert f'sl_client_steps{{client="client-1"}} {float(steps)}' in served
