@@ -81,7 +81,7 @@ def wait_listening(
     host, port = section["bind"].removeprefix("tcp://").rsplit(":", 1)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        _fail_if_exited(watched)
+        fail_if_exited(watched)
         with socket.socket() as sock:
             if sock.connect_ex((host, int(port))) == 0:
                 return
@@ -90,7 +90,7 @@ def wait_listening(
     raise AssertionError(f"nothing listens on {section['bind']} after {timeout_s}s{logs}")
 
 
-def _fail_if_exited(watched: tuple[subprocess.Popen[str] | WorkerProcess, ...]) -> None:
+def fail_if_exited(watched: tuple[subprocess.Popen[str] | WorkerProcess, ...]) -> None:
     for proc in watched:
         if proc.poll() is not None:
             _, err = proc.communicate()
@@ -118,7 +118,7 @@ def wait_for_files(
     only guards against a hang."""
     deadline = time.monotonic() + timeout_s
     while len(list(folder.glob(pattern))) < count:
-        _fail_if_exited(watched)
+        fail_if_exited(watched)
         if time.monotonic() > deadline:
             raise AssertionError(f"{folder} did not get {count} {pattern} within {timeout_s}s")
         time.sleep(0.05)

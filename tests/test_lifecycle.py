@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, Procs, wait_listening
+from tests.conftest import ROOT, Procs, fail_if_exited, wait_listening
 from workers.ops.http import local_url
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -51,9 +51,15 @@ def http_get(url: str) -> tuple[int, Any]:
         return status, body.decode(errors="replace")
 
 
-def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+def wait_until(
+    check: Callable[[], bool], timeout_s: float, what: str, watched: Procs | None = None
+) -> None:
+    """Poll ``check`` until it holds; a process of ``watched`` that exits meanwhile fails
+    the wait at once, with its log (a worker that could not start says why)."""
     deadline = time.monotonic() + timeout_s
     while not check():
+        if watched is not None:
+            fail_if_exited(tuple(watched.procs))
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
         time.sleep(0.2)
@@ -97,7 +103,7 @@ def test_sigterm_stops_the_server_and_the_client_fails_cleanly(
         "--set",
         "client.timeout_s=5",
     )
-    wait_until(lambda: training(ops_url(files["client-1"])), START_TIMEOUT_S, "training")
+    wait_until(lambda: training(ops_url(files["client-1"])), START_TIMEOUT_S, "training", procs)
 
     # Execute
     started = time.monotonic()
@@ -128,7 +134,7 @@ def test_health_follows_the_server(
     # Execute / Assert: 0 once the server is ready, 1 after it stopped (readiness is polled
     # from here: a `health` process per poll took CPU from the server starting beside it)
     url = ops_url(files["server"])
-    wait_until(lambda: http_get(f"{url}/readyz")[0] == 200, START_TIMEOUT_S, "/readyz")
+    wait_until(lambda: http_get(f"{url}/readyz")[0] == 200, START_TIMEOUT_S, "/readyz", procs)
     assert health(files["server"]) == 0
     server.send_signal(signal.SIGTERM)
     assert server.wait(timeout=STOP_BOUND_S) == 0
@@ -177,7 +183,7 @@ def test_client_status_and_readiness_while_training(
     procs.fork("client", files["client-1"], "--no-progress")
 
     # Execute
-    wait_until(lambda: training(url), START_TIMEOUT_S, "training")
+    wait_until(lambda: training(url), START_TIMEOUT_S, "training", procs)
     ready_status, ready = http_get(f"{url}/readyz")
     _, first = http_get(f"{url}/status")
     wait_until(lambda: http_get(f"{url}/status")[1] != first, 10, "/status to move on")
@@ -199,12 +205,12 @@ def test_client_is_not_ready_before_it_has_joined(
     files = deployment(clients=1, epochs=LONG_EPOCHS, ops=True)
     url = ops_url(files["client-1"])
     procs.fork("client", files["client-1"], "--no-progress")  # forked, as above
-    wait_until(lambda: http_get(f"{url}/healthz")[0] == 200, START_TIMEOUT_S, "the ops port")
+    wait_until(lambda: http_get(f"{url}/healthz")[0] == 200, START_TIMEOUT_S, "the ops port", procs)
 
     # Execute
     before = http_get(f"{url}/readyz")
     procs.fork("server", files["server"])
-    wait_until(lambda: training(url), START_TIMEOUT_S, "training")
+    wait_until(lambda: training(url), START_TIMEOUT_S, "training", procs)
     after = http_get(f"{url}/readyz")
 
     # Assert
@@ -229,7 +235,9 @@ def test_a_server_started_with_sigint_ignored_keeps_it_ignored(
     )
     procs.procs.append(server)
     url = ops_url(files["server"])
-    wait_until(lambda: http_get(f"{url}/readyz")[0] == 200, START_TIMEOUT_S, "the server ready")
+    wait_until(
+        lambda: http_get(f"{url}/readyz")[0] == 200, START_TIMEOUT_S, "the server ready", procs
+    )
     # Execute: the Ctrl-C meant for the script's foreground, then the operator's SIGTERM
     server.send_signal(signal.SIGINT)
     # Assert: it still answers (its loop ran after the signal: two requests later), and
