@@ -410,6 +410,43 @@ def test_example_configs_load(path: Path) -> None:
     config.from_mapping(cls, data)  # the worker's own loader: catches schema drift
 
 
+def test_every_compose_worker_asks_for_the_token_keys_init_gives_it() -> None:
+    """Every worker's /metrics asks for [ops] metrics_token, and keys-init writes that file
+    into the volume the worker mounts at /keys (one token: one Prometheus scrapes them)."""
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    init = compose["services"]["keys-init"]
+    written = "".join(init["command"])
+    loop = re.search(
+        r'for name in ([^;]+); do\s+\(umask 077; cp (\S+) "/out/\$\$name/metrics', written
+    )
+    assert loop is not None and loop.group(2) == "/out/server/metrics.token", written
+    copied = {f"/out/{name}" for name in loop.group(1).split()}
+    out_of = {v.split(":")[0]: v.split(":")[1] for v in init["volumes"]}  # volume -> /out/...
+    workers = {n: s for n, s in compose["services"].items() if "--config" in s.get("command", [])}
+    assert len(workers) == 3
+    for name, service in workers.items():
+        config = next(v.split(":")[0] for v in service["volumes"] if ":/etc/sl-pipeline/" in v)
+        ops = tomllib.loads((DEPLOY / config).read_text())["ops"]
+        assert ops["metrics_token"] == "/keys/metrics.token", name
+        keys = next(v.split(":")[0] for v in service["volumes"] if ":/keys" in v)
+        folder = out_of[keys]
+        assert folder in copied or f"> {folder}/metrics.token" in written, (name, folder)
+
+
+def test_every_k8s_worker_asks_for_the_token_its_secret_holds() -> None:
+    docs = _k8s_docs()
+    config = next(d for d in docs if d["kind"] == "ConfigMap")
+    for name, text in config["data"].items():
+        assert tomllib.loads(text)["ops"]["metrics_token"] == "/keys/metrics.token", name
+    secrets = {d["metadata"]["name"]: d["stringData"] for d in docs if d["kind"] == "Secret"}
+    for workload in (d for d in docs if d["kind"] in ("Deployment", "StatefulSet")):
+        pod = workload["spec"]["template"]["spec"]
+        (secret,) = [v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v]
+        assert "metrics.token" in secrets[secret], secret
+        script = "".join(arg for c in pod["initContainers"] for arg in c["args"])
+        assert "install -m 0600 /secret/metrics.token /keys/metrics.token" in script
+
+
 def test_dockerfile() -> None:
     text = (DEPLOY / "Dockerfile").read_text()
     pin = re.search(r'"torch==([^"]+)"', (ROOT / "pyproject.toml").read_text())
