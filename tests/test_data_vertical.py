@@ -62,8 +62,12 @@ async def _finish(proc: WorkerProcess, timeout_s: float = 240) -> tuple[str, str
     return out, err
 
 
+def _strict(constant: str) -> None:
+    raise AssertionError(f"--json printed {constant}, which is not JSON (jq, JSON.parse refuse it)")
+
+
 def _last_json(out: str) -> dict[str, Any]:
-    return json.loads(out.strip().splitlines()[-1])
+    return json.loads(out.strip().splitlines()[-1], parse_constant=_strict)
 
 
 def _bytes_seen(messages: list[Message]) -> bytes:
@@ -134,6 +138,7 @@ async def test_psi_aligned_parties_train_on_the_intersection_and_leak_no_other_i
     # Assert: exactly the intersection, on both sides
     assert label_party["aligned_rows"] == feature_party["aligned_rows"] == len(shared)
     assert label_party["steps"] == feature_party["steps"] > 0
+    assert feature_party["train_loss"] is None and label_party["train_loss"] > 0  # no labels
     expected_ids = sorted(ids[i] for i in shared[:50])
     assert results[0]["ids"] == results[1]["ids"] == expected_ids
     assert results[0]["predictions"] == results[1]["predictions"]

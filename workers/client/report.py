@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,11 @@ def log_stop(epoch: int, step: int, saved: Path | None, steps_done: int, run_id:
         )
 
 
+def _finite(value: float | None) -> float | None:
+    """None for NaN or inf: ``json.dumps`` would print a bare NaN, which is not JSON."""
+    return value if value is not None and math.isfinite(value) else None
+
+
 def client_summary(client: Any, wall: float) -> dict[str, Any]:
     """The JSON summary a ``ClientWorker`` prints when it ends (``--json``) and the demo adds
     up (``Any``: this module is imported by the worker's, not the other way round)."""
@@ -63,7 +69,7 @@ def client_summary(client: Any, wall: float) -> dict[str, Any]:
         "test_accuracy": client.last_accuracy,
         "test_samples": len(client.data.test),
         **({"aligned_rows": client.aligned_rows} if client.aligned_rows is not None else {}),
-        "train_loss": client.last_loss,
+        "train_loss": _finite(client.last_loss),  # a party without labels has none
         "bytes_sent": client.link.bytes["sent"],
         "bytes_received": client.link.bytes["received"],
         "retries": client.link.retries,

@@ -99,7 +99,7 @@ def aggregate(
     # Parties without labels (vertical feature parties) report no score; where none has the
     # labels (vertical, labels on the server) the figure is the server's own.
     scored = [r for r in results if r["test_accuracy"] is not None]
-    losses = [r["train_loss"] for r in results if r["train_loss"] == r["train_loss"]]  # not NaN
+    losses = [r["train_loss"] for r in results if r["train_loss"] is not None]  # labels held
     total_test = sum(r["test_samples"] for r in scored) or 1
     accuracy = sum(r["test_accuracy"] * r["test_samples"] for r in scored) / total_test
     accuracy = accuracy if scored else server.get("test_accuracy")
