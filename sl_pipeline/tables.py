@@ -53,12 +53,14 @@ class Table:
         return f"{self.path}, {self.where[row]}, column {column!r}"
 
 
-def read_table(path: Path, cfg: DataConfig) -> Table:
-    """Read and check one table; the id, label and image columns must exist when named."""
+def read_table(path: Path, cfg: DataConfig, key: str = "data.path =") -> Table:
+    """Read and check one table; the id, label and image columns must exist when named.
+    ``key``: how a refusal names the file (``predict``'s is ``--input``)."""
+    named = f"{key} {str(path)!r}"
     if path.suffix.lower() == ".parquet":
-        header, rows, where = _read_parquet(path)
+        header, rows, where = _read_parquet(path, named)
     else:
-        header, rows, where = _read_csv(path)
+        header, rows, where = _read_csv(path, named)
     _check_header(path, header)
     columns = {name: [row[i] for row in rows] for i, name in enumerate(header)}
     for key, name in (("data.id", cfg.id), ("data.label", cfg.label), ("data.image", cfg.image)):
@@ -70,7 +72,7 @@ def read_table(path: Path, cfg: DataConfig) -> Table:
     return with_ids(table, cfg.id) if cfg.id else table
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[list[str]], list[str]]:
+def _read_csv(path: Path, named: str) -> tuple[list[str], list[list[str]], list[str]]:
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
@@ -80,20 +82,16 @@ def _read_csv(path: Path) -> tuple[list[str], list[list[str]], list[str]]:
                     rows.append([cell.strip() for cell in row])
                     where.append(f"line {reader.line_num}")
     except UnicodeDecodeError:
-        raise ConfigError(
-            f"data.path = {str(path)!r} is not UTF-8 text; save the CSV as UTF-8"
-        ) from None
+        raise ConfigError(f"{named} is not UTF-8 text; save the CSV as UTF-8") from None
     except csv.Error as exc:
-        raise ConfigError(f"data.path = {str(path)!r} is not a valid CSV: {exc}") from None
+        raise ConfigError(f"{named} is not a valid CSV: {exc}") from None
     except OSError as exc:
-        raise ConfigError(f"data.path = {str(path)!r} cannot be read: {exc.strerror}") from None
+        raise ConfigError(f"{named} cannot be read: {exc.strerror}") from None
     if not rows:
-        raise ConfigError(
-            f"data.path = {str(path)!r} is empty; it needs a header row and data rows"
-        )
+        raise ConfigError(f"{named} is empty; it needs a header row and data rows")
     header, body, where = rows[0], rows[1:], where[1:]
     if not body:
-        raise ConfigError(f"data.path = {str(path)!r} has a header row but no data rows")
+        raise ConfigError(f"{named} has a header row but no data rows")
     for row, place in zip(body, where, strict=True):
         if len(row) != len(header):
             raise ConfigError(
@@ -103,7 +101,7 @@ def _read_csv(path: Path) -> tuple[list[str], list[list[str]], list[str]]:
     return header, body, where
 
 
-def _read_parquet(path: Path) -> tuple[list[str], list[list[str]], list[str]]:
+def _read_parquet(path: Path, named: str) -> tuple[list[str], list[list[str]], list[str]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:  # pragma: no cover - pyarrow is a dependency
@@ -111,13 +109,11 @@ def _read_parquet(path: Path) -> tuple[list[str], list[list[str]], list[str]]:
     try:
         data = pq.read_table(path).to_pydict()
     except Exception as exc:  # pyarrow raises many types for a damaged file
-        raise ConfigError(
-            f"data.path = {str(path)!r} is not a readable Parquet file: {exc}"
-        ) from None
+        raise ConfigError(f"{named} is not a readable Parquet file: {exc}") from None
     header = [str(name) for name in data]
     count = len(next(iter(data.values()))) if data else 0
     if not header or count == 0:
-        raise ConfigError(f"data.path = {str(path)!r} has no data rows")
+        raise ConfigError(f"{named} has no data rows")
     rows = [[_cell(data[name][i]) for name in data] for i in range(count)]
     return header, rows, [f"row {i + 1}" for i in range(count)]
 

@@ -140,6 +140,25 @@ def test_predict_handles_unseen_categories_and_gaps_as_its_config_says(
 ) -> None:
     # Prepare: a segment trained with the other policy (saved with its encoding); the
     # refusals say to change data.unknown / data.missing, so predict's own config must count
+    argv = _table_client(tmp_path, saved, f"clinic,size\n{rows}\n")
+    # Execute / Assert
+    _refused([*argv, "--set", setting], capsys, "new.csv", "line 2", named)
+
+
+@pytest.mark.parametrize(
+    ("text", "named"), [("", "is empty"), ("clinic,size\n", "has a header row but no data rows")]
+)
+def test_predict_names_its_input_not_data_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, named: str
+) -> None:
+    # it said "data.path = 'new.csv' is empty", a key the user had not given
+    argv = _table_client(tmp_path, {}, text)
+    err = _refused(argv, capsys, f"--input '{tmp_path / 'new.csv'}' {named}")
+    assert "data.path" not in err
+
+
+def _table_client(tmp_path: Path, saved: dict[str, str], rows: str) -> list[str]:
+    """A predict command line: a segment saved with a table's encoding, an input file."""
     import json
 
     import torch
@@ -154,10 +173,8 @@ def test_predict_handles_unseen_categories_and_gaps_as_its_config_says(
         '[client]\nserver = "tcp://127.0.0.1:1"\nsave = "seg.pt"\n'
         '[model]\nbuiltin = "mlp"\nin_shape = [3]\nclasses = 2\n'
     )
-    (tmp_path / "new.csv").write_text(f"clinic,size\n{rows}\n")
-    argv = ["predict", "--config", str(cfg), "--insecure", "--input", str(tmp_path / "new.csv")]
-    # Execute / Assert
-    _refused([*argv, "--set", setting], capsys, "new.csv", "line 2", named)
+    (tmp_path / "new.csv").write_text(rows)
+    return ["predict", "--config", str(cfg), "--insecure", "--input", str(tmp_path / "new.csv")]
 
 
 @pytest.mark.parametrize("given", ["server.key", "client-1.pub"])

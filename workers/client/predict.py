@@ -67,7 +67,7 @@ def read_inputs(cfg: ClientConfig, path: Path, enc: Encoding | None = None) -> I
     elif enc is None and path.suffix.lower() != ".parquet":
         x = _plain_csv(path)
     else:
-        table = read_table(path, DataConfig())
+        table = read_table(path, DataConfig(), "--input")
         column = enc.id if enc is not None else cfg.data.id
         if column and column in table.columns:
             table = with_ids(table, column)
