@@ -95,7 +95,8 @@ class OpsConfig:
     # empty = the run API is off.
     admin_token: str = ""
     # /status names peers and their key fingerprints only for `Authorization: Bearer TOKEN`
-    # with this token; empty: never (peers are counted).
+    # with this token; empty: never (peers are counted; with metrics_token, only for its
+    # token, and without either token /status shows the role alone).
     status_token: str = ""
     # File holding the token that /metrics asks for (`Authorization: Bearer TOKEN`: a
     # Prometheus scrape config's `authorization: {credentials_file: FILE}`); without it,

@@ -36,6 +36,7 @@ from workers.server.worker import ServerWorker
 from workers.tools.inprocess import run_deployment
 
 from .conftest import load_client, load_server
+from .scrape import metrics_token
 
 Served = tuple[ServerWorker, dict[str, Path], zmq.asyncio.Context, asyncio.Task[Any]]
 
@@ -578,16 +579,19 @@ async def test_status_redacts_peers_unless_asked_with_the_token(deployment) -> N
             for headers in (
                 {},
                 {"Authorization": "Bearer wrong"},
+                {"Authorization": f"Bearer {metrics_token(base)}"},
                 {"Authorization": "Bearer s3cret"},
             ):
                 async with http.get(url, headers=headers) as response:
                     answers.append((response.status, await response.text()))
         fp = server.peers[next(iter(server.peers))].key
-        for status, text in answers[:2]:  # anyone who reaches the port: a count, no names
-            body = json.loads(text)
-            assert status == 200 and body["peers"] == 1 and "session" not in body
-            assert "client-1" not in text and fp not in text
-        full = json.loads(answers[2][1])
+        for status, text in answers[:2]:  # anyone who reaches the port: the role alone
+            assert status == 200 and set(json.loads(text)) == {"role", "redacted"}, text
+        status, text = answers[2]  # Prometheus's token: a count, no names
+        body = json.loads(text)
+        assert status == 200 and body["peers"] == 1 and "session" not in body
+        assert "client-1" not in text and fp not in text
+        full = json.loads(answers[3][1])
         assert full["peers"][0]["name"] == "client-1" and full["peers"][0]["key"] == fp
         conn.close()
     finally:

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT, Procs, fail_if_exited, wait_listening
+from tests.scrape import metrics_token
 from workers.ops.http import local_url
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -36,10 +37,14 @@ def ops_url(config: Path) -> str:
     return local_url(tomllib.loads(config.read_text())["ops"]["listen"])
 
 
-def http_get(url: str) -> tuple[int, Any]:
-    """(status, parsed JSON or text); status 0 when nothing answers."""
+def http_get(url: str, token: str | None = None) -> tuple[int, Any]:
+    """(status, parsed JSON or text); status 0 when nothing answers. ``token``: sent as
+    ``Authorization: Bearer`` (a worker's /status shows its figures only for the
+    metrics token its /metrics asks for)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(url, timeout=2.0) as response:
+        request = urllib.request.Request(url, headers=headers)
+        with urllib.request.urlopen(request, timeout=2.0) as response:
             status, body = response.status, response.read()
     except urllib.error.HTTPError as err:
         status, body = err.code, err.read()
@@ -65,9 +70,9 @@ def wait_until(
         time.sleep(0.2)
 
 
-def training(url: str) -> bool:
+def training(url: str, token: str | None = None) -> bool:
     """True once the client at ``url`` has applied a step (its /status says so)."""
-    status, body = http_get(f"{url}/status")
+    status, body = http_get(f"{url}/status", token)
     return status == 200 and (body["epoch"] > 0 or body["step"] > 0)
 
 
@@ -103,7 +108,8 @@ def test_sigterm_stops_the_server_and_the_client_fails_cleanly(
         "--set",
         "client.timeout_s=5",
     )
-    wait_until(lambda: training(ops_url(files["client-1"])), START_TIMEOUT_S, "training", procs)
+    url, token = ops_url(files["client-1"]), metrics_token(files["client-1"].parent)
+    wait_until(lambda: training(url, token), START_TIMEOUT_S, "training", procs)
 
     # Execute
     started = time.monotonic()
@@ -182,16 +188,20 @@ def test_client_status_and_readiness_while_training(
     procs.fork("server", files["server"])  # forked: what the ops port says, not how it starts
     procs.fork("client", files["client-1"], "--no-progress")
 
-    # Execute
-    wait_until(lambda: training(url), START_TIMEOUT_S, "training", procs)
-    ready_status, ready = http_get(f"{url}/readyz")
-    _, first = http_get(f"{url}/status")
-    wait_until(lambda: http_get(f"{url}/status")[1] != first, 10, "/status to move on")
-    _, later = http_get(f"{url}/status")
+    token = metrics_token(files["client-1"].parent)  # what the deployment's Prometheus sends
 
-    # Assert
+    # Execute
+    wait_until(lambda: training(url, token), START_TIMEOUT_S, "training", procs)
+    ready_status, ready = http_get(f"{url}/readyz")
+    _, first = http_get(f"{url}/status", token)
+    wait_until(lambda: http_get(f"{url}/status", token)[1] != first, 10, "/status to move on")
+    _, later = http_get(f"{url}/status", token)
+    _, stranger = http_get(f"{url}/status")
+
+    # Assert: the figures for the metrics token, the client's name for the status token only
     assert (ready_status, ready) == (200, {"ready": True})
-    assert first["role"] == "client" and first["name"] == "client-1"
+    assert first["role"] == "client" and "name" not in first
+    assert set(stranger) == {"role", "redacted"}
     for body in (first, later):
         assert isinstance(body["epoch"], int) and isinstance(body["step"], int)
         assert body["epoch"] >= 0 and body["step"] >= 0
@@ -210,7 +220,8 @@ def test_client_is_not_ready_before_it_has_joined(
     # Execute
     before = http_get(f"{url}/readyz")
     procs.fork("server", files["server"])
-    wait_until(lambda: training(url), START_TIMEOUT_S, "training", procs)
+    token = metrics_token(files["client-1"].parent)
+    wait_until(lambda: training(url, token), START_TIMEOUT_S, "training", procs)
     after = http_get(f"{url}/readyz")
 
     # Assert

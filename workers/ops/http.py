@@ -11,10 +11,12 @@ handlers read the worker's state directly. Routes:
                   (else 401, not counted as a scrape).
 ``GET /healthz``  200 ``ok`` while the process and its loop are alive (liveness).
 ``GET /readyz``   200 when ``ready()`` is true, else 503 with a JSON reason (readiness).
-``GET /status``   the JSON object returned by ``status()``; peers are only counted and the
-                  session id left out unless the request carries
+``GET /status``   the JSON object returned by ``status()``; peers are only counted, and the
+                  session id and a client's name left out, unless the request carries
                   ``Authorization: Bearer <[ops] status_token>``, which also lists the
-                  name each hashed label value stands for (``[ops] label_names``).
+                  name each hashed label value stands for (``[ops] label_names``). With
+                  ``[ops] metrics_token``, a request with neither token sees the role alone
+                  (the figures are what that token keeps).
 
 Access logging is off: a scrape every 15 s for weeks would drown the worker's own log.
 """
@@ -39,7 +41,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from sl_pipeline.errors import ConfigError
 from workers.ops.httpguard import IDLE_S, SCRAPE_COST, STALL_S, GuardedSite, Throttle
 from workers.ops.metrics import WorkerMetrics
-from workers.ops.redact import redact
+from workers.ops.redact import figures_hidden, redact
 from workers.runtime.quietlog import INTERVAL_S
 
 log = logging.getLogger(__name__)
@@ -308,6 +310,8 @@ class OpsServer:
             log.exception("status callback failed")
             return _json_response({"error": f"status unavailable: {exc}"}, 500)
         if not self._authorized(request):
+            if self.metrics_token and not bearer_matches(request, self.metrics_token):
+                return _json_response(figures_hidden(body))
             return _json_response(redact(body))
         legend = self.metrics.name_legend()
         return _json_response({**body, "labels": legend} if legend else body)

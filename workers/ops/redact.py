@@ -1,4 +1,5 @@
-"""``/status`` as anyone who reaches the ops port sees it: peers counted, not named."""
+"""``/status`` as anyone who reaches the ops port sees it: peers counted, not named; and,
+where ``/metrics`` asks for a token, no training figure either (:func:`figures_hidden`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ _SERVER_RUN_ID = re.compile(r"run-[0-9]+")  # the ids a server numbers itself (r
 def redact(body: Mapping[str, Any]) -> dict[str, Any]:
     """``/status`` for anyone who can reach the port: how many peers, not who (names and
     key fingerprints), no session id, and each run's clients as counts."""
-    out = {k: v for k, v in body.items() if k not in ("peers", "session")}
+    out = {k: v for k, v in body.items() if k not in ("peers", "session", "name")}
     if "peers" in body:
         out["peers"] = _count(body["peers"])
     if isinstance(body.get("runs"), list | tuple):
@@ -22,11 +23,22 @@ def redact(body: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(current, str) and not _SERVER_RUN_ID.fullmatch(current):
         ids = [run.get("id") for run in body.get("runs") or [] if isinstance(run, Mapping)]
         out["current_run"] = f"#{ids.index(current) + 1}" if current in ids else "#"
-    if "peers" in body or "session" in body or "runs" in body:
+    if {"peers", "session", "runs", "name"} & set(body):
         out["redacted"] = (
             "peer and client names, key fingerprints and the session id need [ops] status_token"
         )
     return out
+
+
+def figures_hidden(body: Mapping[str, Any]) -> dict[str, Any]:
+    """``/status`` of a worker whose ``/metrics`` asks for a token, for a request without
+    it: its role alone. Its loss, accuracy, privacy budget, steps and runs are the figures
+    the token keeps (before, a client's /status showed them to whoever reached the port)."""
+    return {
+        "role": body.get("role"),
+        "redacted": "training figures need [ops] metrics_token's token; names, key "
+        "fingerprints and the session id need [ops] status_token",
+    }
 
 
 def _count(value: Any) -> Any:
@@ -49,4 +61,4 @@ def _redact_run(run: Any, index: int) -> Any:
     return out
 
 
-__all__ = ["redact"]
+__all__ = ["figures_hidden", "redact"]
