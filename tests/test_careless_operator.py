@@ -312,3 +312,37 @@ def test_a_listening_worker_stopped_while_it_starts_exits_0(
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert stopped.value.code == 0
+
+
+def test_a_client_started_twice_without_a_checkpoint_dir_names_its_stop_states_folder(
+    deployment, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """The same command run twice, after a stop, with checkpoint.dir = "": the stop state
+    beside client.save is locked. The refusal said `checkpoint.dir state/ is in use ...:
+    give this one its own [checkpoint] dir`, a key set to nothing."""
+    # Prepare: another process holds the stop state's lock, as a running client does
+    import subprocess
+    import sys
+
+    files = deployment(dataset="breast_cancer")
+    state = files["client-1"].parent / "state"
+    state.mkdir(exist_ok=True)
+    (state / "client-1.stopped-000000000005.ckpt").write_bytes(b"")
+    hold = (
+        "import sys; from pathlib import Path; from workers.runtime.checkpoint import "
+        f"CheckpointStore; s = CheckpointStore(Path({str(state)!r}), 1, 'client-1.stopped'); "
+        "print('held', flush=True); sys.stdin.read()"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        # Execute
+        config = str(files["client-1"])
+        code, line = _fails(capsys, "client", "--config", config, "--set", 'checkpoint.dir=""')
+    finally:
+        holder.communicate("", timeout=30)
+    # Assert
+    assert code == 2 and f"client.save's folder {state} is in use" in line, line
+    assert "checkpoint.dir" not in line and f"(pid {holder.pid})" in line

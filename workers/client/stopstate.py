@@ -37,7 +37,8 @@ class StopState:
 
     def _open(self) -> CheckpointStore:
         if self._store is None:
-            self._store = CheckpointStore(self.folder, keep=1, prefix=self.prefix)
+            where = "client.save's folder"  # no [checkpoint] dir: the stop state is there
+            self._store = CheckpointStore(self.folder, keep=1, prefix=self.prefix, key=where)
         return self._store
 
     def _exists(self) -> bool:

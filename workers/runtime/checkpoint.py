@@ -123,9 +123,15 @@ class CheckpointStore:
     """
 
     def __init__(
-        self, directory: Path, keep: int = 3, prefix: str = "ckpt", fsync: bool = True
+        self,
+        directory: Path,
+        keep: int = 3,
+        prefix: str = "ckpt",
+        fsync: bool = True,
+        key: str = "checkpoint.dir",
     ) -> None:
         self.fsync = fsync
+        self.key = key  # the setting that names the directory, for a refusal
         if keep < 1:
             raise CheckpointError(f"keep = {keep}: keep at least one checkpoint")
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", prefix):
@@ -157,9 +163,9 @@ class CheckpointStore:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise ConfigError(
-                f"checkpoint.dir {self.directory} is in use by another running worker named "
+                f"{self.key} {self.directory} is in use by another running worker named "
                 f"{self.prefix!r} (pid {holder}); two would overwrite each other's state: stop "
-                "that one first, or give this one its own [checkpoint] dir"
+                f"that one first, or give this one its own {self.key}"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
