@@ -86,6 +86,15 @@ def test_a_file_that_is_no_npz_is_not_told_to_unpickle(
     assert "pickle" not in err
 
 
+def test_a_labelled_topology_without_labels_is_refused_before_joining(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # it joined the server first (opening a run there), then failed at its first step
+    cfg = _npz_client(tmp_path, x=np.zeros((20, 4)))
+    argv = ["client", "--config", str(cfg), "--insecure", "--set", 'data.label=""']
+    _refused([*argv, "--set", "client.retry_for_s=1"], capsys, "needs labels", "data.label")
+
+
 def _predict_client(tmp_path: Path) -> Path:
     import torch
 

@@ -53,6 +53,8 @@ class StepRunner:
     def __init__(self, worker: RunnerHost, cfg: RunnerConfig) -> None:
         self.host = worker
         self.cfg = cfg
+        if self.sends_labels and cfg.train.epochs > 0 and worker.data.train.y is None:
+            raise ConfigError("this topology needs labels at the client; set data.label")
         self.privacy = cfg.privacy
         self.label_protection: Any = None
         if self.privacy.label_protection_on:
