@@ -84,7 +84,9 @@ async def test_a_vertical_party_whose_psi_partner_never_posts_gives_up(
     files = _parties(deployment, tmp_path)
     async with _serving(files):
         # Execute / Assert
-        await _gives_up(_client(files, "client-1"), "the other party's PSI post")
+        text = await _gives_up(_client(files, "client-1"), "the other party's PSI post")
+    # it said "no answer to its weights of step (0, 1529586041324)": a nonce, no step
+    assert text.startswith("no answer to its PSI post within"), text
 
 
 async def test_a_roundrobin_client_whose_predecessor_never_comes_gives_up(

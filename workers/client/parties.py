@@ -91,6 +91,8 @@ async def for_parties(
     if not fixed:
         return await waiting
     what = f"its {message.kind.value} of step ({message.epoch}, {message.step})"
+    if message.meta.get("op") == "psi":  # its step is a round's nonce, no training step
+        what = "its PSI post"
     window = PartyWindow(window_s(client, topology), what, waited_for(topology, message))
     return await window.within(waiting)
 
