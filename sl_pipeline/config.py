@@ -96,7 +96,8 @@ class OpsConfig:
     admin_token: str = ""
     # /status names peers and their key fingerprints only for `Authorization: Bearer TOKEN`
     # with this token; empty: never (peers are counted; with metrics_token, only for its
-    # token, and without either token /status shows the role alone).
+    # token, and without either token /status shows the role alone). At least 16 characters,
+    # and not the metrics token.
     status_token: str = ""
     # File holding the token that /metrics asks for (`Authorization: Bearer TOKEN`: a
     # Prometheus scrape config's `authorization: {credentials_file: FILE}`); without it,

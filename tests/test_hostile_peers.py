@@ -565,7 +565,8 @@ async def test_a_strangers_huge_message_costs_the_server_no_memory(deployment, p
 async def test_status_redacts_peers_unless_asked_with_the_token(deployment) -> None:  # type: ignore[no-untyped-def]
     files = deployment(clients=1, dataset="breast_cancer", ops=True)
     base = files["server"].parent
-    server = ServerWorker(load_server(files["server"], 'ops.status_token="s3cret"'), base)
+    cfg = load_server(files["server"], 'ops.status_token="s3cret-status-token"')
+    server = ServerWorker(cfg, base)
     stop = asyncio.Event()
     task = asyncio.create_task(server.serve(stop))
     ctx = zmq.asyncio.Context()
@@ -580,7 +581,7 @@ async def test_status_redacts_peers_unless_asked_with_the_token(deployment) -> N
                 {},
                 {"Authorization": "Bearer wrong"},
                 {"Authorization": f"Bearer {metrics_token(base)}"},
-                {"Authorization": "Bearer s3cret"},
+                {"Authorization": "Bearer s3cret-status-token"},
             ):
                 async with http.get(url, headers=headers) as response:
                     answers.append((response.status, await response.text()))

@@ -9,6 +9,8 @@ import json
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from tests.scrape import listening, metrics_token, scrape, scrape_until_finished
 from workers.cli import main
 from workers.ops.http import local_url
@@ -44,3 +46,74 @@ async def test_status_without_a_token_shows_no_training_figure_nor_name(tmp_path
         assert "client-1" not in text and "redacted" in body, (name, text)
     assert scraper[0] == 200 and "steps_applied" in json.loads(scraper[1])
     assert "client-1" not in scraper[1]
+
+
+@pytest.fixture
+def multihop(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    """`sl-pipeline init --ops` of a relay and a client: every worker's /metrics asks for
+    keys/metrics.token."""
+    folder = tmp_path / "d"
+    assert main(["init", str(folder), "--ops", "--topology", "multihop", "--clients", "1"]) == 0
+    capsys.readouterr()
+    return folder
+
+
+@pytest.mark.parametrize("role", ["client-1", "relay-1"])
+@pytest.mark.parametrize(
+    ("status_token", "named"),
+    [
+        (None, "ops.status_token is the token of ops.metrics_token"),  # Prometheus holds it
+        ("s3cret", "ops.status_token is shorter than 16 characters"),
+    ],
+)
+def test_a_client_or_relay_refuses_a_status_token_others_hold_or_could_guess(
+    multihop: Path,
+    capsys: pytest.CaptureFixture[str],
+    role: str,
+    status_token: str | None,
+    named: str,
+) -> None:
+    """Before: only a server refused its metrics token as its status token, and no worker a
+    short one; a client or relay started, and whoever scraped (or guessed) read its names."""
+    # Execute
+    token = status_token or metrics_token(multihop)
+    kind = role.split("-")[0]
+    settings = ["--set", f'ops.status_token="{token}"', "--set", "client.retry_for_s=1"]
+    code = main(
+        [
+            kind,
+            "--config",
+            str(multihop / f"{role}.toml"),
+            *settings[: 4 if kind == "client" else 2],
+        ]
+    )
+    # Assert: refused in one line, naming the setting, the token not echoed
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert named in err and token not in err, err
+
+
+def test_a_token_given_inline_is_refused_without_echoing_it(
+    multihop: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: the error line (in the worker's log, its journal, its container's log) read
+    `ops.metrics_token = '<the token>': no such file or directory`."""
+    token = metrics_token(multihop)
+    argv = ["server", "--config", str(multihop / "server.toml")]
+    code = main([*argv, "--set", f'ops.metrics_token="{token}"'])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "looks like a token itself" in err and token not in err, err
+
+
+def test_a_token_file_every_user_may_read_is_warned_about(
+    multihop: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: a `chmod 644` metrics.token was read without a word (a private key so is
+    warned about); any user of the machine could read every worker's figures with it."""
+    (multihop / "keys" / "metrics.token").chmod(0o644)
+    argv = ["client", "--config", str(multihop / "client-1.toml"), "--set", "client.retry_for_s=1"]
+    main(argv)  # no relay runs: it gives up after its second
+    err = capsys.readouterr().err
+    assert "ops.metrics_token" in err and "readable by every user" in err, err
+    assert "chmod 600" in err, err

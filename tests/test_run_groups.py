@@ -222,6 +222,7 @@ def _kit(folder: Path, listen: str, group: str) -> Path:
     """A tenant's run-API kit: the server's ops address and its group's token."""
     token = folder / f"{group}.token"
     token.write_text(secrets.token_urlsafe(32) + "\n")
+    token.chmod(0o600)  # its group's alone (one others may read is warned about)
     kit = folder / f"{group}.toml"
     kit.write_text(to_toml({"ops": {"listen": listen, "admin_token": token.name}}))
     return kit

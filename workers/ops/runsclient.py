@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
+import re
+import stat
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,10 +18,22 @@ from sl_pipeline.config import read_toml, resolve_path
 from sl_pipeline.errors import ConfigError
 from workers.ops.http import local_url
 
+log = logging.getLogger("sl_pipeline")
 TOKEN_MIN_CHARS = 16
+_INLINE = re.compile(rf"[A-Za-z0-9_\-]{{{TOKEN_MIN_CHARS},}}")  # no dot, no slash: no file name
 
 
-def read_token(base: Path, value: str, dotted: str = "ops.admin_token") -> str:
+def read_token(
+    base: Path, value: str, dotted: str = "ops.admin_token", *, warn: bool = True
+) -> str:
+    """The token in the file ``value`` names. A value that names no file and looks like a
+    token is not echoed (the error goes to logs others may read); a worker's file that
+    others may read is warned about (``warn``), as a private key is."""
+    if _INLINE.fullmatch(value) and not (base / Path(value).expanduser()).exists():
+        raise ConfigError(
+            f"{dotted} names no file, and looks like a token itself: it names the file that "
+            "holds the token (e.g. keys/metrics.token, mode 0600); put the token there"
+        )
     path = resolve_path(base, value, dotted)
     try:
         token = path.read_text().strip()
@@ -31,6 +46,14 @@ def read_token(base: Path, value: str, dotted: str = "ops.admin_token") -> str:
         raise ConfigError(
             f"{dotted} = {value!r}: the token is shorter than {TOKEN_MIN_CHARS} characters; "
             "write a long random one (sl-pipeline init and provision do)"
+        )
+    if warn and path.stat().st_mode & stat.S_IROTH:
+        log.warning(
+            "%s: %s is readable by every user of this machine (mode %o); run: chmod 600 %s",
+            dotted,
+            path,
+            stat.S_IMODE(path.stat().st_mode),
+            path,
         )
     return token
 
@@ -46,7 +69,7 @@ class RunClient:
             raise ConfigError(f"{config} has no [ops] admin_token: the run API needs the token")
         self.config = config
         self.url = local_url(str(ops["listen"]))
-        self.token = read_token(config.parent, str(ops["admin_token"]))
+        self.token = read_token(config.parent, str(ops["admin_token"]), warn=False)
         self.timeout_s = timeout_s
 
     def call(self, method: str, path: str) -> bytes:

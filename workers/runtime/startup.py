@@ -20,7 +20,7 @@ from sl_pipeline.messages import error_message
 from sl_pipeline.zmtp_router import ZmtpRouter
 from workers.ops.http import OpsServer, parse_listen
 from workers.ops.metrics import WorkerMetrics
-from workers.ops.runsclient import read_token
+from workers.ops.runsclient import TOKEN_MIN_CHARS, read_token
 
 log = logging.getLogger("sl_pipeline")
 
@@ -90,7 +90,26 @@ def ops_secrets(
 
 
 def read_metrics_token(cfg: OpsConfig, base: Path) -> str:
-    return read_token(base, cfg.metrics_token, "ops.metrics_token") if cfg.metrics_token else ""
+    """The token /metrics asks for ("": none); ``[ops] status_token`` checked against it."""
+    token = read_token(base, cfg.metrics_token, "ops.metrics_token") if cfg.metrics_token else ""
+    check_status_token(cfg.status_token, token)
+    return token
+
+
+def check_status_token(status: str, metrics: str) -> None:
+    """Every worker (before, only a server checked the second): a status token anyone
+    could guess, or the one Prometheus holds, would show /status's names to them."""
+    if status and len(status) < TOKEN_MIN_CHARS:
+        raise ConfigError(
+            f"ops.status_token is shorter than {TOKEN_MIN_CHARS} characters: whoever reaches "
+            "the ops port could guess it and read /status's names; write a long random one"
+        )
+    if status and status == metrics:
+        raise ConfigError(
+            "ops.status_token is the token of ops.metrics_token, so whoever scrapes /metrics "
+            "could read /status's peer names and which name each hashed label stands for; "
+            "give /status a token of its own"
+        )
 
 
 async def start_ops(
