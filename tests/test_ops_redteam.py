@@ -117,3 +117,18 @@ def test_a_token_file_every_user_may_read_is_warned_about(
     err = capsys.readouterr().err
     assert "ops.metrics_token" in err and "readable by every user" in err, err
     assert "chmod 600" in err, err
+
+
+def test_a_server_refuses_its_admin_token_as_its_status_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: it started, and whoever was given the status token (written inline in the
+    config, which init writes readable by every user) could stop and download runs."""
+    assert main(["init", str(tmp_path / "d"), "--ops", "--clients", "1"]) == 0
+    capsys.readouterr()
+    admin = (tmp_path / "d" / "keys" / "admin.token").read_text().strip()
+    argv = ["server", "--config", str(tmp_path / "d" / "server.toml")]
+    code = main([*argv, "--set", f'ops.status_token="{admin}"'])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "ops.status_token is the token of ops.admin_token" in err and admin not in err, err

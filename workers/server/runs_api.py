@@ -72,7 +72,7 @@ def group_tokens(
     """Each group's run-API token (read from its file) -> the group it opens. A token that
     is another group's or the operator's (``admin``, which opens every run, ``status`` or
     ``metrics``, which Prometheus holds) would open more than its group's runs, as would an
-    admin token that Prometheus holds: the server does not start."""
+    admin token that Prometheus holds, or that /status asks for: the server does not start."""
     if metrics and metrics == admin:
         raise ConfigError(
             "ops.metrics_token holds the token of ops.admin_token, so whoever scrapes /metrics "
@@ -83,6 +83,12 @@ def group_tokens(
             "ops.status_token is the token of ops.metrics_token, so whoever scrapes /metrics "
             "could read /status's peer names and which name each hashed label stands for; "
             "give /status a token of its own"
+        )
+    if status and status == admin:
+        raise ConfigError(
+            "ops.status_token is the token of ops.admin_token, so whoever may read /status's "
+            "names (or the config it is written in) could stop and download runs; give /status "
+            "a token of its own"
         )
     taken = {"ops.admin_token": admin, "ops.status_token": status, "ops.metrics_token": metrics}
     owners = {token: where for where, token in taken.items() if token}
