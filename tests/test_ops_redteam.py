@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
 from tests.scrape import listening, metrics_token, scrape, scrape_until_finished
 from workers.cli import main
 from workers.ops.http import local_url
@@ -132,3 +133,23 @@ def test_a_server_refuses_its_admin_token_as_its_status_token(
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "ops.status_token is the token of ops.admin_token" in err and admin not in err, err
+
+
+def test_the_kubernetes_examples_placeholder_token_is_refused(
+    multihop: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: deploy/k8s/secret.yaml applied with its keys replaced but not its token gave
+    every worker a metrics token anyone can read in this repository (27 characters, long
+    enough for the length check)."""
+    # Prepare: the Secret's placeholder, installed as its init container installs it
+    secret = (ROOT / "deploy" / "k8s" / "secret.yaml").read_text()
+    placeholder = next(
+        line.split('"')[1] for line in secret.splitlines() if "metrics.token:" in line
+    )
+    (multihop / "keys" / "metrics.token").write_text(placeholder + "\n")
+    # Execute
+    code = main(["relay", "--config", str(multihop / "relay-1.toml")])
+    # Assert
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "ops.metrics_token" in err and "placeholder" in err, err

@@ -20,6 +20,7 @@ from workers.ops.http import local_url
 
 log = logging.getLogger("sl_pipeline")
 TOKEN_MIN_CHARS = 16
+PLACEHOLDER = "REPLACE-WITH"  # how the shipped examples' secrets begin
 _INLINE = re.compile(rf"[A-Za-z0-9_\-]{{{TOKEN_MIN_CHARS},}}")  # no dot, no slash: no file name
 
 
@@ -46,6 +47,12 @@ def read_token(
         raise ConfigError(
             f"{dotted} = {value!r}: the token is shorter than {TOKEN_MIN_CHARS} characters; "
             "write a long random one (sl-pipeline init and provision do)"
+        )
+    if token.startswith(PLACEHOLDER):  # deploy/k8s/secret.yaml's, public in this repository
+        raise ConfigError(
+            f"{dotted} = {value!r} holds the example's placeholder ({token}), which anyone "
+            "can read in this project's repository; write a long random token there "
+            "(head -c 32 /dev/urandom | base64)"
         )
     if warn and path.stat().st_mode & stat.S_IROTH:
         log.warning(
