@@ -89,6 +89,8 @@ def test_wrong_port(deployment, capsys: pytest.CaptureFixture[str]) -> None:  # 
     nothing = ("--set", f'client.server="tcp://127.0.0.1:{free_port()}"')
     code, err = _run(capsys, "client", "--config", client, *nothing, *FAST)
     assert code == 2 and "nothing listens there (connection refused)" in err
+    # a client of a multihop deployment names a relay's port: the line names both ends
+    assert "start the server first (or the relay, " in err and "a relay's [relay] bind" in err
     ops = tomllib.loads(files["server"].read_text())["ops"]["listen"]
     with ThreadServer(files["server"]):  # its ops (HTTP) port is not its protocol port
         http = ("--set", f'client.server="tcp://{ops}"')

@@ -38,8 +38,9 @@ def probe(endpoint: str) -> str:
             )
     except ConnectionRefusedError:
         return (
-            "nothing listens there (connection refused): start the server first, or fix "
-            "the port (the server's [server] bind)"
+            "nothing listens there (connection refused): start the server first (or the "
+            "relay, where this names a relay's port), or fix the port (the server's "
+            "[server] bind, or a relay's [relay] bind)"
         )
     except TimeoutError:
         return "the host does not answer (wrong host, or a firewall drops the packets)"
@@ -50,7 +51,7 @@ def probe(endpoint: str) -> str:
 def no_server(cfg: ClientConfig) -> ConfigError:
     c = cfg.client
     return ConfigError(
-        f"client.server = {c.server!r}: no sl-pipeline server answered for "
+        f"client.server = {c.server!r}: no sl-pipeline server (or relay) answered for "
         f"{c.retry_for_s:g}s; {probe(c.server)}"
     )
 
