@@ -346,3 +346,4 @@ def test_a_client_started_twice_without_a_checkpoint_dir_names_its_stop_states_f
     # Assert
     assert code == 2 and f"client.save's folder {state} is in use" in line, line
     assert "checkpoint.dir" not in line and f"(pid {holder.pid})" in line
+    assert "worker named 'client-1' (pid" in line, line  # not its file's 'client-1.stopped'

@@ -32,13 +32,15 @@ class StopState:
 
     def __init__(self, folder: Path, name: str) -> None:
         self.folder = folder
-        self.prefix = f"{name}.stopped"
+        self.name, self.prefix = name, f"{name}.stopped"
         self._store: CheckpointStore | None = None
 
     def _open(self) -> CheckpointStore:
         if self._store is None:
             where = "client.save's folder"  # no [checkpoint] dir: the stop state is there
-            self._store = CheckpointStore(self.folder, keep=1, prefix=self.prefix, key=where)
+            self._store = CheckpointStore(
+                self.folder, keep=1, prefix=self.prefix, key=where, owner=self.name
+            )
         return self._store
 
     def _exists(self) -> bool:

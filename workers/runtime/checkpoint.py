@@ -129,9 +129,11 @@ class CheckpointStore:
         prefix: str = "ckpt",
         fsync: bool = True,
         key: str = "checkpoint.dir",
+        owner: str = "",
     ) -> None:
         self.fsync = fsync
         self.key = key  # the setting that names the directory, for a refusal
+        self.owner = owner or prefix  # the worker's name, for a refusal
         if keep < 1:
             raise CheckpointError(f"keep = {keep}: keep at least one checkpoint")
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", prefix):
@@ -164,7 +166,7 @@ class CheckpointStore:
             os.close(fd)
             raise ConfigError(
                 f"{self.key} {self.directory} is in use by another running worker named "
-                f"{self.prefix!r} (pid {holder}); two would overwrite each other's state: stop "
+                f"{self.owner!r} (pid {holder}); two would overwrite each other's state: stop "
                 f"that one first, or give this one its own {self.key}"
             ) from None
         os.ftruncate(fd, 0)
