@@ -383,3 +383,40 @@ async def test_a_guarded_site_names_itself_as_a_url(host: str, url: str) -> None
         assert GuardedSite(runner, host, 9100).name == url  # an IPv6 address in brackets
     finally:
         await runner.cleanup()
+
+
+async def test_a_failing_status_says_so_without_its_error_text(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: a status callback that fails with a message naming a private path
+    def broken() -> dict[str, Any]:
+        raise OSError(13, "Permission denied", "/srv/hospital-a/patients.parquet")
+
+    metrics = WorkerMetrics("client", CollectorRegistry(), version="1")
+    server = OpsServer(metrics, broken, lambda: True, "127.0.0.1", 0)
+    await asyncio.wait_for(server.start(), TIMEOUT_S)
+    try:
+        # Execute: a stranger asks /status
+        status, body = await raw_get(server.port, "/status", b"")
+    finally:
+        await asyncio.wait_for(server.stop(), TIMEOUT_S)
+    # Assert: a 500 that says where to look; the path is in the worker's log only
+    assert status == 500 and b"patients" not in body and b"log says why" in body, body
+    assert "patients.parquet" in caplog.text
+
+
+async def test_no_answer_names_the_python_or_aiohttp_version() -> None:
+    metrics = WorkerMetrics("client", CollectorRegistry(), version="1")
+    server = OpsServer(metrics, dict, lambda: True, "127.0.0.1", 0, metrics_token="t" * 32)
+    await asyncio.wait_for(server.start(), TIMEOUT_S)
+    heads = []
+    try:
+        for path in ("/healthz", "/metrics", "/no-such-page"):  # 200, 401, 404
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            heads.append(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT_S))
+            writer.close()
+    finally:
+        await asyncio.wait_for(server.stop(), TIMEOUT_S)
+    for head in heads:
+        assert b"\r\nServer: sl-pipeline\r\n" in head and b"aiohttp" not in head, head

@@ -137,6 +137,12 @@ REQUEST_ERRORS = logging.getLogger("sl_pipeline.ops.requests")
 REQUEST_ERRORS.addFilter(QuietRequestErrors())
 
 
+async def _plain_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """``Server: sl-pipeline`` on every answer: aiohttp's default names the Python and
+    aiohttp versions to whoever reaches the port (a stranger's list of known flaws)."""
+    response.headers["Server"] = "sl-pipeline"
+
+
 def _json_response(body: Mapping[str, Any], status: int = 200) -> web.Response:
     return web.Response(
         status=status,
@@ -188,6 +194,7 @@ class OpsServer:
 
     def _make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._throttled])
+        app.on_response_prepare.append(_plain_server_header)
         exposition = make_aiohttp_handler(self.metrics.registry)
 
         async def metrics(request: web.Request) -> web.StreamResponse:
@@ -306,9 +313,9 @@ class OpsServer:
     async def _handle_status(self, request: web.Request) -> web.Response:
         try:
             body = dict(self._status())
-        except Exception as exc:
+        except Exception:  # the error's text (paths, names) is the log's, not the caller's
             log.exception("status callback failed")
-            return _json_response({"error": f"status unavailable: {exc}"}, 500)
+            return _json_response({"error": "status unavailable; the worker's log says why"}, 500)
         if not self._authorized(request):
             if self.metrics_token and not bearer_matches(request, self.metrics_token):
                 return _json_response(figures_hidden(body))
