@@ -78,12 +78,8 @@ def group_tokens(
             "ops.metrics_token holds the token of ops.admin_token, so whoever scrapes /metrics "
             "could stop and download runs; give /metrics a token of its own"
         )
-    if metrics and metrics == status:
-        raise ConfigError(
-            "ops.status_token is the token of ops.metrics_token, so whoever scrapes /metrics "
-            "could read /status's peer names and which name each hashed label stands for; "
-            "give /status a token of its own"
-        )
+    # a status token equal to the metrics token: refused for every worker as the metrics
+    # token is read (workers.runtime.startup.check_status_token), before this runs
     if status and status == admin:
         raise ConfigError(
             "ops.status_token is the token of ops.admin_token, so whoever may read /status's "
