@@ -123,20 +123,37 @@ class PieceBuffers:
 
 @dataclass
 class Assembly:
-    """A chunked message being received: the head's plan and the buffers it fills."""
+    """A chunked message being received: the head's layout and the buffers it fills.
+
+    The pieces are found as they come (they come in order), never listed up front: a head
+    of a few bytes may announce a million 4 KiB chunks, and listing them cost the receiver
+    0.1-0.7 s and 17 MiB before any of them arrived."""
 
     counter: int
-    plan: list[Piece]
+    chunk_bytes: int
+    sizes: list[int]
     outputs: list[memoryview]
+    parts: int
     next_part: int = 1
+    _buffer: int = 0  # the buffer the next piece goes into
+    _start: int = 0  # where in it
 
     @classmethod
     def start(cls, counter: int, chunk_bytes: int, sizes: list[int]) -> Assembly:
-        return cls(counter, pieces(sizes, chunk_bytes), [empty_buffer(s) for s in sizes])
+        parts = sum(-(-size // chunk_bytes) for size in sizes)
+        return cls(counter, chunk_bytes, sizes, [empty_buffer(s) for s in sizes], parts)
 
-    @property
-    def parts(self) -> int:
-        return len(self.plan)
+    def _piece(self) -> Piece:
+        """The next piece: (buffer index, start, stop); empty buffers have none."""
+        index, start = self._buffer, self._start
+        while start >= self.sizes[index]:
+            index, start = index + 1, 0
+        return index, start, min(self.sizes[index], start + self.chunk_bytes)
+
+    def advance(self) -> None:
+        """The piece :meth:`target` gave was filled: the next one is due."""
+        self._buffer, _, self._start = self._piece()
+        self.next_part += 1
 
     def target(self, counter: int, part: int, final: bool, nbytes: int) -> memoryview:
         """Where chunk ``part`` goes; refuses any chunk out of order, extra or misplaced."""
@@ -158,7 +175,7 @@ class Assembly:
                 f"chunk {part} of message {counter}: final flag {final}, but the head "
                 f"announced {self.parts} chunks"
             )
-        index, start, stop = self.plan[part - 1]
+        index, start, stop = self._piece()
         if nbytes != stop - start:
             raise CryptoError(
                 f"chunk {part} of message {counter} is {nbytes} bytes, its layout says "

@@ -250,7 +250,7 @@ class EnvelopeChannel:
         final = bool(flags & FLAG_FINAL)
         target = assembly.target(counter, part, final, view.nbytes - self._tag)
         self._open_piece(keys, counter, envelope, part + 1, view, target)
-        assembly.next_part += 1
+        assembly.advance()
         if part < assembly.parts:
             return None
         self._assembly = None
