@@ -97,8 +97,12 @@ class OpsConfig:
     # /status names peers and their key fingerprints only for `Authorization: Bearer TOKEN`
     # with this token; empty: never (peers are counted; with metrics_token, only for its
     # token, and without either token /status shows the role alone). At least 16 characters,
-    # and not the metrics token.
+    # and not the metrics token. Written here, it is a secret in the config file: prefer
+    # status_token_file.
     status_token: str = ""
+    # File holding the /status token (as status_token, read at start; mode 0600, as init and
+    # provision write keys/status.token). Set this or status_token, not both.
+    status_token_file: str = ""
     # File holding the token that /metrics asks for (`Authorization: Bearer TOKEN`: a
     # Prometheus scrape config's `authorization: {credentials_file: FILE}`); without it,
     # /metrics answers 401. Empty: /metrics is open to whoever reaches the port.

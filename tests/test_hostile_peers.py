@@ -565,7 +565,8 @@ async def test_a_strangers_huge_message_costs_the_server_no_memory(deployment, p
 async def test_status_redacts_peers_unless_asked_with_the_token(deployment) -> None:  # type: ignore[no-untyped-def]
     files = deployment(clients=1, dataset="breast_cancer", ops=True)
     base = files["server"].parent
-    cfg = load_server(files["server"], 'ops.status_token="s3cret-status-token"')
+    inline = 'ops.status_token="s3cret-status-token"'
+    cfg = load_server(files["server"], inline, 'ops.status_token_file=""')
     server = ServerWorker(cfg, base)
     stop = asyncio.Event()
     task = asyncio.create_task(server.serve(stop))

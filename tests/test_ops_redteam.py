@@ -79,13 +79,14 @@ def test_a_client_or_relay_refuses_a_status_token_others_hold_or_could_guess(
     # Execute
     token = status_token or metrics_token(multihop)
     kind = role.split("-")[0]
-    settings = ["--set", f'ops.status_token="{token}"', "--set", "client.retry_for_s=1"]
+    inline = ["--set", 'ops.status_token_file=""', "--set", f'ops.status_token="{token}"']
+    settings = [*inline, "--set", "client.retry_for_s=1"]
     code = main(
         [
             kind,
             "--config",
             str(multihop / f"{role}.toml"),
-            *settings[: 4 if kind == "client" else 2],
+            *settings[: 6 if kind == "client" else 4],
         ]
     )
     # Assert: refused in one line, naming the setting, the token not echoed
@@ -129,7 +130,8 @@ def test_a_server_refuses_its_admin_token_as_its_status_token(
     capsys.readouterr()
     admin = (tmp_path / "d" / "keys" / "admin.token").read_text().strip()
     argv = ["server", "--config", str(tmp_path / "d" / "server.toml")]
-    code = main([*argv, "--set", f'ops.status_token="{admin}"'])
+    inline = ["--set", 'ops.status_token_file=""', "--set", f'ops.status_token="{admin}"']
+    code = main([*argv, *inline])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "ops.status_token is the token of ops.admin_token" in err and admin not in err, err

@@ -179,6 +179,7 @@ def test_a_status_token_that_is_the_metrics_token_is_refused_at_start(
     server = str(tmp_path / "d" / "server.toml")
     # Execute: a careless operator gives /status the same token, with hashed labels
     settings = ["--set", f'ops.status_token="{token}"', "--set", 'ops.label_names="hashed"']
+    settings += ["--set", 'ops.status_token_file=""']  # init's: the token given inline
     code = main(["server", "--config", server, *settings])
     # Assert: refused in one line (before: it started, and Prometheus's token read the names
     # each hashed label stands for on /status)

@@ -43,7 +43,7 @@ from workers.ops.http import OpsServer
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.checkpoint import restore_rng, rng_state
 from workers.runtime.savedmodel import check_writable
-from workers.runtime.startup import install_stop_signals, read_metrics_token, start_ops
+from workers.runtime.startup import install_stop_signals, ops_tokens, start_ops
 from workers.topologies import topology
 
 log = logging.getLogger("sl_pipeline.client")
@@ -234,8 +234,8 @@ class ClientWorker:
         if (save := model_path(self.cfg, self.base)) is not None:
             check_writable(Path(save), "client.save")  # now, not after hours of training
         self.link.ctx = ctx = zmq.asyncio.Context()
-        ready, token = (lambda: self.link.connected), read_metrics_token(self.cfg.ops, self.base)
-        ops = await start_ops(self.cfg.ops, self.metrics, self.status, ready, None, token)
+        (ops_cfg, token), ready = ops_tokens(self.cfg.ops, self.base), (lambda: self.link.connected)
+        ops = await start_ops(ops_cfg, self.metrics, self.status, ready, None, token)
         install_stop_signals(self.stop)
         try:
             try:

@@ -39,8 +39,10 @@ from workers.runtime.startup import (
     load_own_key,
     ops_secrets,
     start_ops,
+    status_key,
     tell_peers_we_stop,
     warn_insecure,
+    with_status_token,
 )
 
 log = logging.getLogger("sl_pipeline.service")
@@ -62,14 +64,15 @@ class RouterService(MessageIntake):
         metrics: WorkerMetrics | None,
     ) -> None:
         check_endpoint(listen.bind, f"{listen.section}.bind")
-        self.ops_cfg, self.limits = ops, limits
+        self.ops_cfg, self.limits = with_status_token(ops, base), limits
+        self.status_key = status_key(ops)  # the setting errors name
         self.base, self.fingerprint = base, fingerprint
         self.metrics = metrics or WorkerMetrics(self.role)
         # Who is in, and who may join: the rules, without I/O (the admitted keys come next).
         self.table = PeerTable(listen, self.role, fingerprint, {}, self.metrics.record_bound)
         self.gate: Gate | None = None
         self.handshake = self._make_handshake()
-        self.ops_token = ops_secrets(ops, base, self.metrics, self.handshake.static)
+        self.ops_token = ops_secrets(self.ops_cfg, base, self.metrics, self.handshake.static)
         hit = lambda: self.metrics.record_bound("hello_rate")  # noqa: E731
         self.hello_rate = HelloRates(listen.hellos_per_s, listen.hello_burst, hit)
         self.session_id, self.bound = secrets.token_hex(8), False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 from collections.abc import Callable, Mapping
@@ -20,7 +21,7 @@ from sl_pipeline.messages import error_message
 from sl_pipeline.zmtp_router import ZmtpRouter
 from workers.ops.http import OpsServer, parse_listen
 from workers.ops.metrics import WorkerMetrics
-from workers.ops.runsclient import TOKEN_MIN_CHARS, read_token
+from workers.ops.runsclient import PLACEHOLDER, TOKEN_MIN_CHARS, read_token
 
 log = logging.getLogger("sl_pipeline")
 
@@ -90,23 +91,54 @@ def ops_secrets(
 
 
 def read_metrics_token(cfg: OpsConfig, base: Path) -> str:
-    """The token /metrics asks for ("": none); ``[ops] status_token`` checked against it."""
+    """The token /metrics asks for ("": none); the status token (``with_status_token``)
+    checked against it."""
     token = read_token(base, cfg.metrics_token, "ops.metrics_token") if cfg.metrics_token else ""
-    check_status_token(cfg.status_token, token)
+    check_status_token(cfg.status_token, token, status_key(cfg))
     return token
 
 
-def check_status_token(status: str, metrics: str) -> None:
+def ops_tokens(cfg: OpsConfig, base: Path) -> tuple[OpsConfig, str]:
+    """``cfg`` with its status token read (``with_status_token``), and the metrics token."""
+    cfg = with_status_token(cfg, base)
+    return cfg, read_metrics_token(cfg, base)
+
+
+def status_key(cfg: OpsConfig) -> str:
+    """The setting the status token came from, as errors name it."""
+    return "ops.status_token_file" if cfg.status_token_file else "ops.status_token"
+
+
+def with_status_token(cfg: OpsConfig, base: Path) -> OpsConfig:
+    """``cfg`` with ``status_token`` read from ``[ops] status_token_file`` (its file checked
+    as the metrics token's is: long, no placeholder, a warning where others may read it)."""
+    if cfg.status_token and cfg.status_token_file:
+        raise ConfigError(
+            "ops.status_token and ops.status_token_file are both set: keep the file "
+            "(status_token_file) and remove status_token, the token written in the config"
+        )
+    if not cfg.status_token_file:
+        return cfg
+    token = read_token(base, cfg.status_token_file, "ops.status_token_file")
+    return dataclasses.replace(cfg, status_token=token)
+
+
+def check_status_token(status: str, metrics: str, key: str = "ops.status_token") -> None:
     """Every worker (before, only a server checked the second): a status token anyone
     could guess, or the one Prometheus holds, would show /status's names to them."""
     if status and len(status) < TOKEN_MIN_CHARS:
         raise ConfigError(
-            f"ops.status_token is shorter than {TOKEN_MIN_CHARS} characters: whoever reaches "
+            f"{key} is shorter than {TOKEN_MIN_CHARS} characters: whoever reaches "
             "the ops port could guess it and read /status's names; write a long random one"
+        )
+    if status.startswith(PLACEHOLDER):  # deploy/k8s's example, public in this repository
+        raise ConfigError(
+            f"{key} holds the example's placeholder, which anyone can read in this "
+            "project's repository; write a long random token (head -c 32 /dev/urandom | base64)"
         )
     if status and status == metrics:
         raise ConfigError(
-            "ops.status_token is the token of ops.metrics_token, so whoever scrapes /metrics "
+            f"{key} is the token of ops.metrics_token, so whoever scrapes /metrics "
             "could read /status's peer names and which name each hashed label stands for; "
             "give /status a token of its own"
         )

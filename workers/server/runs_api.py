@@ -67,7 +67,12 @@ def _busy(retry_s: int) -> web.Response:
 
 
 def group_tokens(
-    base: Path, groups: Groups, admin: str | None = None, status: str = "", metrics: str = ""
+    base: Path,
+    groups: Groups,
+    admin: str | None = None,
+    status: str = "",
+    metrics: str = "",
+    status_key: str = "ops.status_token",
 ) -> dict[str, str]:
     """Each group's run-API token (read from its file) -> the group it opens. A token that
     is another group's or the operator's (``admin``, which opens every run, ``status`` or
@@ -82,11 +87,11 @@ def group_tokens(
     # token is read (workers.runtime.startup.check_status_token), before this runs
     if status and status == admin:
         raise ConfigError(
-            "ops.status_token is the token of ops.admin_token, so whoever may read /status's "
+            f"{status_key} is the token of ops.admin_token, so whoever may read /status's "
             "names (or the config it is written in) could stop and download runs; give /status "
             "a token of its own"
         )
-    taken = {"ops.admin_token": admin, "ops.status_token": status, "ops.metrics_token": metrics}
+    taken = {"ops.admin_token": admin, status_key: status, "ops.metrics_token": metrics}
     owners = {token: where for where, token in taken.items() if token}
     out: dict[str, str] = {}
     for group, path in groups.tokens.items():

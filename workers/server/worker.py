@@ -87,8 +87,8 @@ class ServerWorker(RunHost, RouterService):
         for info in self.book.read_index():
             self._add_record(info, f"{self.book.dir}/runs.json")
         self.admin_token = read_token(base, cfg.ops.admin_token) if cfg.ops.admin_token else None
-        tokens = (self.admin_token, cfg.ops.status_token, self.ops_token)  # taken: none a group's
-        self.group_tokens = group_tokens(base, self.groups, *tokens)
+        tokens = (self.admin_token, self.ops_cfg.status_token, self.ops_token)  # none a group's
+        self.group_tokens = group_tokens(base, self.groups, *tokens, self.status_key)
         self.ckpt = open_store(cfg.checkpoint, base, "server")
         self.resumed_from = self._restore() if self.ckpt else 0
         self._saved_at, self._saved_versions = self.steps_applied, self._versions()

@@ -28,6 +28,8 @@ MULTI_PARTY = tuple(name for name, t in REGISTRY.items() if t.default_clients > 
 CLIENT_CHECKPOINT: dict[str, Any] = {"dir": "state/client-checkpoints", "every_steps": 1}
 # The file of the token a worker's /metrics asks for ([ops] metrics_token), in its folder.
 METRICS_TOKEN = "keys/metrics.token"
+# The file of the token /status asks for before it names peers ([ops] status_token_file).
+STATUS_TOKEN = "keys/status.token"
 
 
 def _toml_value(value: Any) -> str:
@@ -293,6 +295,7 @@ def _ops_ports(plan: Plan) -> None:
     whose one ``credentials_file`` then reads them all; and the server's run API token."""
     for cfg in [plan.server, *([plan.relay] if plan.relay else []), *plan.clients]:
         cfg["ops"] = {"listen": f"127.0.0.1:{free_port()}", "metrics_token": METRICS_TOKEN}
+        cfg["ops"]["status_token_file"] = STATUS_TOKEN  # a file: no secret in the config
     plan.server["ops"]["admin_token"] = "keys/admin.token"
 
 
@@ -308,7 +311,7 @@ def _moved_into(stage: Path, out: Path) -> None:
 
 
 def _write_plan(out: Path, plan: Plan) -> list[str]:
-    for key in ("admin_token", "metrics_token"):
+    for key in ("admin_token", "metrics_token", "status_token_file"):
         if key in plan.server.get("ops", {}):
             write_admin_token(out / plan.server["ops"][key])
     tables = {"server": plan.server, **({"relay-1": plan.relay} if plan.relay else {})}

@@ -4,7 +4,9 @@ Each site (the server, every client, the relay, and the operator's admin kit) ge
 holding its own private key and nothing of anybody else's: the public keys of the peers it
 talks to, its config and a start script. A site given an ``ops_port`` also holds
 ``keys/metrics.token``, a token of its own that its /metrics asks for: the site's Prometheus
-sends that file (the operator's admin kit holds a copy of the server's). Copy each folder to
+sends that file (the operator's admin kit holds a copy of the server's), and
+``keys/status.token``, the token /status asks for before it names peers ([ops]
+status_token_file; the admin kit holds the server's too). Copy each folder to
 its machine; nothing else moves.
 ``init`` stays the one-machine shortcut (every key in one folder).
 
@@ -47,6 +49,7 @@ from sl_pipeline.keys import write_keypair
 from workers.tools.localdeploy import (
     CLIENT_CHECKPOINT,
     METRICS_TOKEN,
+    STATUS_TOKEN,
     Plan,
     Table,
     plan_deployment,
@@ -287,7 +290,9 @@ def _ops(kit: Kit, cfg: Table, port: int) -> None:
     ``keys/metrics.token``, and no other site holds it."""
     if port:
         write_admin_token(kit.dir / METRICS_TOKEN)
+        write_admin_token(kit.dir / STATUS_TOKEN)  # /status's names: for the site's operator
         cfg["ops"] = {"listen": f"0.0.0.0:{port}", "metrics_token": METRICS_TOKEN}
+        cfg["ops"]["status_token_file"] = STATUS_TOKEN
 
 
 def _server_kit(kit: Kit, cfg: Table, site: ServerSite, out: Path) -> Path:
@@ -298,7 +303,7 @@ def _server_kit(kit: Kit, cfg: Table, site: ServerSite, out: Path) -> Path:
         cfg["ops"]["admin_token"] = "keys/admin.token"
         admin = out / "admin"
         admin.mkdir(mode=0o700)
-        for name in ("admin", "metrics"):  # the operator's copies
+        for name in ("admin", "metrics", "status"):  # the operator's copies
             write_admin_token(admin / f"{name}.token").write_bytes(
                 (kit.keys / f"{name}.token").read_bytes()
             )
