@@ -14,6 +14,10 @@ is the point (see docs/reliability.md). Run it by hand with::
     python -m tests.lossy_proxy --upstream tcp://127.0.0.1:5555 --drop 0.05 --delay 0.001,0.01
 
 and add ``--keyed`` in front of a keyed server (the default; not ``--insecure``).
+The command exits with a one-line error (status 2) when ``--upstream`` is no TCP endpoint,
+when nothing accepts connections there within ``--wait-s`` of its start, or when the
+upstream refuses connections for ``--wait-s`` once it ran; status 1 when one of its own
+tasks failed. Where it exits, its counters are printed as at a stop.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from sl_pipeline.config import check_endpoint
 from sl_pipeline.errors import ConfigError
 from sl_pipeline.gate import MAX_CONNECTIONS_PER_KEY, USERNAME
 
@@ -81,6 +86,7 @@ class LossyProxy:
             raise ConfigError(f"drop_direction = {drop_direction!r}: use one of {DIRECTIONS}")
         if max_messages < 1 or max_links < 1:
             raise ConfigError("max_messages and max_links must be at least 1")
+        check_endpoint(upstream, "upstream")  # before a client's first message finds it bad
         self.upstream = upstream
         self.drop_rate = drop_rate
         self.delay_s = (low, high)
@@ -102,6 +108,7 @@ class LossyProxy:
         self._links: OrderedDict[bytes, _Link] = OrderedDict()
         self._tasks: list[asyncio.Task[None]] = []
         self._endpoint: str | None = None
+        self.failed: asyncio.Future[str] | None = None  # a task's failure, once one failed
 
     # ---- public surface ----------------------------------------------------------------
     @property
@@ -144,6 +151,7 @@ class LossyProxy:
         if self._ctx is not None:
             raise RuntimeError("LossyProxy already started")
         self._ctx = zmq.asyncio.Context()
+        self.failed = asyncio.get_running_loop().create_future()
         self._front = self._socket(zmq.ROUTER)
         if self.keyed:
             self._zap = self._socket(zmq.REP)
@@ -235,11 +243,17 @@ class LossyProxy:
         self._tasks = [t for t in self._tasks if not t.done()] + link.tasks
         link.dealer.close(linger=0)
 
-    @staticmethod
-    def _spawn(coro: Any, name: str) -> asyncio.Task[None]:
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
-        task.add_done_callback(_report)
+        task.add_done_callback(self._report)
         return task
+
+    def _report(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("lossy proxy task %s failed: %r", task.get_name(), task.exception())
+        if self.failed is not None and not self.failed.done():
+            self.failed.set_result(f"its task {task.get_name()} failed: {task.exception()!r}")
 
     async def _read_front(self) -> None:
         while self._budget_left():
@@ -274,11 +288,6 @@ class LossyProxy:
             else:
                 await self._front.send_multipart([link.identity, *frames], copy=False)
                 self.forwarded_down += 1
-
-
-def _report(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("lossy proxy task %s failed: %r", task.get_name(), task.exception())
 
 
 # ---- command line ------------------------------------------------------------------------
@@ -324,6 +333,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"{MAX_CONNECTIONS_PER_KEY} per key at once and the proxy cannot see a client's "
         "old connection close; 1024 without)",
     )
+    parser.add_argument(
+        "--wait-s",
+        type=float,
+        default=10.0,
+        help="how long the upstream may refuse connections, at start or later, before the "
+        "proxy exits with an error (default: 10)",
+    )
     args = parser.parse_args(argv)
     if args.max_links is None:
         args.max_links = MAX_CONNECTIONS_PER_KEY - 1 if args.keyed else 1024
@@ -346,22 +362,67 @@ async def _main(args: argparse.Namespace) -> dict[str, int]:
         spare_handshakes=args.spare_handshakes,
         keyed=args.keyed,
     )
+    await upstream_answers(args.upstream, args.wait_s)
     await proxy.start()
+    assert proxy.failed is not None
+    watch = asyncio.ensure_future(watch_upstream(args.upstream, args.wait_s))
+    stopped = asyncio.ensure_future(stop.wait())
     try:
         print(proxy.endpoint, flush=True)
-        await stop.wait()
+        await asyncio.wait([stopped, watch, proxy.failed], return_when=asyncio.FIRST_COMPLETED)
     finally:
+        for waiter in (watch, stopped):
+            waiter.cancel()
         await proxy.stop()
+    print(json.dumps(proxy.counters()), flush=True)
+    if proxy.failed.done():
+        raise ProxyFailed(proxy.failed.result())
+    if watch.done() and not watch.cancelled():
+        watch.result()  # raises: the upstream went away
     return proxy.counters()
+
+
+class ProxyFailed(Exception):
+    """One of the proxy's own tasks failed: it forwards nothing more."""
+
+
+async def upstream_answers(upstream: str, wait_s: float) -> None:
+    """Return once the upstream accepts a TCP connection; ConfigError after ``wait_s``."""
+    host, port = upstream.removeprefix("tcp://").rsplit(":", 1)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(host.strip("[]"), int(port)), max(0.1, wait_s)
+            )
+        except (OSError, TimeoutError) as exc:
+            if time.monotonic() >= deadline:
+                raise ConfigError(
+                    f"upstream {upstream}: nothing accepts connections there ({exc}) after "
+                    f"{wait_s:g} s; start the server first, or give its endpoint in --upstream"
+                ) from None
+            await asyncio.sleep(0.2)
+            continue
+        writer.close()
+        return
+
+
+async def watch_upstream(upstream: str, wait_s: float, every_s: float = 2.0) -> None:
+    """Raise ConfigError once the upstream refused connections for ``wait_s``."""
+    while True:
+        await asyncio.sleep(every_s)
+        await upstream_answers(upstream, wait_s)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        counters = asyncio.run(_main(parse_args(argv)))
+        asyncio.run(_main(parse_args(argv)))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    print(json.dumps(counters), flush=True)
+    except ProxyFailed as exc:
+        print(f"error: the lossy proxy stopped: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
