@@ -45,7 +45,10 @@ class Connection(asyncio.BufferedProtocol):
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH)
         peer = transport.get_extra_info("peername")
-        self.address = str(peer[0]) if peer else "?"
+        self.address = str(peer[0]) if peer else self.address
+        if not self.router.made(self):  # closed to make room before its transport existed
+            transport.abort()
+            return
         self.router.connections[self.identity] = self
         self.flush()
 
@@ -108,6 +111,7 @@ class Connection(asyncio.BufferedProtocol):
                 self.handle(router.admit(self, event))
             elif isinstance(event, Ready):
                 router.routable[self.identity] = self
+                router.handshaking.close(self.identity)
             elif isinstance(event, Violation):
                 router.drop(self, event.reason, event.detail)
                 return

@@ -27,8 +27,10 @@ from .gate import MAX_CONNECTIONS_PER_KEY, ZAP_TOO_MANY, Gate, Verdict
 from .limits import Limits
 from .transport import HANDSHAKE_IVL_MS, HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS
 from .zmtp import Caps, Credentials, Event, caps_for
+from .zmtp_accept import Acceptor
 from .zmtp_conn import Connection
 from .zmtp_frames import Buffer, ping
+from .zmtp_pending import PER_ADDRESS, PendingHandshakes
 
 log = logging.getLogger("sl_pipeline.zmtp")
 OnGate = Callable[[str, str], None]  # (gate verdict, peer address)
@@ -92,6 +94,9 @@ class ZmtpRouter:
         self.departed_raw = 0  # bytes closed connections sent that are not parsed yet
         self.starved: deque[Connection] = deque()  # held back by a budget, in turn
         self.per_key: dict[bytes, int] = {}  # open connections of each admitted key
+        self.handshaking = PendingHandshakes()  # connections still in the handshake
+        self._accepting: dict[bytes, Connection] = {}  # accepted, no transport yet
+        self._acceptor: Acceptor | None = None
         self._ring: deque[Connection] = deque()  # connections with messages, in turn
         self._waiter: asyncio.Future[None] | None = None
         self._next_id = secrets.randbelow(2**31)
@@ -106,12 +111,14 @@ class ZmtpRouter:
         loop = asyncio.get_running_loop()
         try:
             router._server = await loop.create_server(
-                router._new_connection, host, port, reuse_address=True
+                router._new_connection, host, port, reuse_address=True, start_serving=False
             )
         except OSError as exc:
             raise TransportError(f"cannot bind {endpoint}: {exc}; is the port in use?") from None
         bound = router._server.sockets[0].getsockname()
         router.endpoint = f"tcp://{host}:{bound[1]}"
+        router._acceptor = Acceptor(router._server, router._admit_address)
+        router._acceptor.start()
         router._ticker = asyncio.ensure_future(router._tick())
         return router
 
@@ -183,6 +190,33 @@ class ZmtpRouter:
             if self._waiter is not None and not self._waiter.done():
                 self._waiter.set_result(None)
 
+    def _admit_address(self, address: str) -> Connection | None:
+        """A connection just accepted from ``address``: its protocol, or None (close it at
+        once) when its address holds PER_ADDRESS handshakes already. All addresses together
+        hold a bounded number; at it, the biggest holder's oldest goes (zmtp_pending)."""
+        conn = self._new_connection()
+        keep, evicted = self.handshaking.open(conn.identity, address)
+        if evicted is not None:
+            self._evict(evicted)
+        if not keep:
+            detail = f"{PER_ADDRESS} connections from its address are in the handshake already"
+            self.on_drop("pending", address, detail)
+            return None
+        conn.address = address
+        self._accepting[conn.identity] = conn
+        return conn
+
+    def _evict(self, identity: bytes) -> None:
+        conn = self.connections.get(identity)
+        if conn is not None:
+            self.drop(conn, "pending", "closed to make room: strangers hold the handshakes")
+        elif (waiting := self._accepting.pop(identity, None)) is not None:  # no transport yet
+            self.on_drop("pending", waiting.address, "closed to make room before it started")
+
+    def made(self, conn: Connection) -> bool:
+        """Its transport exists: whether it may go on (it was not closed to make room)."""
+        return self._accepting.pop(conn.identity, None) is not None
+
     def admit(self, conn: Connection, hello: Credentials) -> list[Event]:
         """The gate decides on a PLAIN HELLO, as libzmq's ZAP handler did (RFC 27)."""
         assert self.gate is not None
@@ -216,6 +250,8 @@ class ZmtpRouter:
         reads a pipe up to its end); replies to it are dropped."""
         # A closed connection with a backlog keeps its place among its key's connections
         # until the backlog is read (settle): else one key could leave backlogs without end.
+        self.handshaking.close(conn.identity)
+        self._accepting.pop(conn.identity, None)
         was_open = self.connections.pop(conn.identity, None) is not None
         self.routable.pop(conn.identity, None)
         if conn.identity in self.departed:
@@ -304,6 +340,9 @@ class ZmtpRouter:
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
+        if self._acceptor is not None:
+            self._acceptor.stop()
+            self._acceptor = None
         if self._server is not None:
             self._server.close()
             self._server = None

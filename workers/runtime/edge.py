@@ -32,6 +32,8 @@ class EdgeReports:
             self.metrics.record_bound("outbound_bytes")
         elif reason == "backlog":
             self.metrics.record_bound("inbound_backlog")
+        elif reason == "pending":  # too many connections in the ZMTP handshake
+            self.metrics.record_bound("pending_handshakes")
         elif reason in ("oversized", "malformed"):
             self.metrics.record_rejected(reason)
         line = "closed the connection from %s (%s): %s"
