@@ -35,7 +35,9 @@ here needs no label:
 
 :func:`label_leak_whole_run` runs them all on per-step records and reports the strongest.
 
-Also: the label leak of outputs a party receives at evaluation (:func:`output_leak_auc`).
+Also: the label leak of outputs a party receives at evaluation (:func:`output_leak_auc`), and
+of a party's own representations (:func:`representation_leak`: the u-shaped server's outputs,
+which label protection never touches).
 """
 
 from __future__ import annotations
@@ -288,6 +290,42 @@ def model_completion(
     return out
 
 
+def representation_leak(
+    steps: Sequence[tuple[int, Tensor, Tensor]],
+    labels: Tensor,
+    classes: int,
+    *,
+    known: int = 40,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """What a party learns of the labels from its **own representations** of the rows, the
+    last epoch's (``steps``: one (epoch, ids, outputs) per training step). The u-shaped
+    server computes its segment's output for every row at every step; the client's head
+    turns it into the prediction, so it separates the classes, and label protection (which
+    acts on the gradients the server gets back) never touches it. Three attackers:
+
+    * ``representation_auc`` (binary, no label needed): the rows' centred outputs projected
+      on their top singular vector (``max(auc, 1 - auc)``, like every AUC here);
+    * ``representation_cluster_accuracy``: k-means as :func:`cluster_label_attack`;
+    * model completion (:func:`model_completion`): a head fitted on ``known`` labelled rows.
+    """
+    last = rounds_of(steps)[-1]
+    ids, flat = last[0], last[1].detach().to(torch.float64)
+    rows, where = torch.unique(ids, return_inverse=True)  # a row twice in an epoch: its mean
+    sums = torch.zeros(len(rows), flat.shape[1], dtype=torch.float64).index_add_(0, where, flat)
+    counts = torch.bincount(where, minlength=len(rows)).to(torch.float64)
+    means = sums / counts[:, None]
+    truth = labels[rows]
+    found = cluster_label_attack([(rows, means)], labels, classes, seed=seed)
+    out: dict[str, Any] = {"representation_cluster_accuracy": found["cluster_label_accuracy"]}
+    if classes == 2:
+        centred = means - means.mean(dim=0)
+        _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+        out["representation_auc"] = _auc(truth.cpu().numpy(), (centred @ vh[0]).numpy())
+    out.update(model_completion(means, truth, known=known, seed=seed))
+    return out
+
+
 def output_leak_auc(outputs: Tensor, labels: Tensor) -> float:
     """Label AUC of the outputs a party received at evaluation: score = logit 1 - logit 0.
     An output without columns carries nothing: 0.5."""
@@ -308,6 +346,7 @@ __all__ = [
     "label_leak_whole_run",
     "model_completion",
     "output_leak_auc",
+    "representation_leak",
     "rounds_of",
     "row_mean_over_run",
 ]

@@ -56,6 +56,14 @@ THREAT_MODELS: dict[str, dict[str, str]] = {
         "knows": "its own trained segment and features, and the labels of a few rows (40)",
         "sees": "nothing more: it fits a small head on its own representations",
     },
+    "representation": {
+        "who": "an honest-but-curious u-shaped server (the client keeps labels and head)",
+        "knows": "the number of classes; for model completion the labels of a few rows (40)",
+        "sees": "its own segment's output for every training row in the last epoch (what it "
+        "computes from the client's release and sends to the client's head): label protection "
+        "acts on the gradients it gets back and never touches these; the top singular vector "
+        "of the centred outputs (binary, no label), k-means, and a head fitted on 40 labels",
+    },
     "canary": {
         "who": "an adversary that inserts a canary record (a mislabelled outlier)",
         "knows": "the architecture, the initial weights and every other training record",

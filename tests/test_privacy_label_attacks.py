@@ -151,6 +151,11 @@ def test_ushaped_label_protection_runs_at_the_client_and_blunts_clustering() -> 
     # Assert
     assert plain["cluster_label_accuracy"] > 0.9 and "label_clustering" in plain["threat_models"]
     assert protected["label_leak_auc"] < plain["label_leak_auc"] - 0.1
+    # The server's own outputs, which no label protection touches, still give the labels
+    # away without any label (its top singular vector), and to a head on 40 known labels.
+    assert protected["representation_auc"] > 0.9 and protected["completion_auc"] > 0.9
+    assert "representation" in protected["threat_models"]
+    assert "model_completion" not in protected["threat_models"]  # that is vertical's
     # Protected label gradients make the honest cut gradients label-independent: the hijack
     # detector, which would flag that, does not run there (and is refused beside it).
     assert plain["hijack_flagged"] is False and "hijack_flagged" not in protected

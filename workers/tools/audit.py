@@ -222,6 +222,7 @@ async def train_in_process(
         taps["detectors"],
         taps["encoders"],
         taps["received"],
+        taps["server_outputs"],
     )
 
 
@@ -235,8 +236,9 @@ def _tap(server: ServerWorker, clients: Sequence[ClientWorker]) -> dict[str, Any
     for client in clients:
         record_received_meta(client, received)
     sent_grads: Grads = {}
+    server_outputs: Grads = {}
     for client in clients:
-        record_sent_label_grads(client, sent_grads)
+        record_sent_label_grads(client, sent_grads, server_outputs)
     detectors = [attach_scrutinizer(c) for c in clients]
     grads = record_label_grads(server)
     return {
@@ -245,6 +247,7 @@ def _tap(server: ServerWorker, clients: Sequence[ClientWorker]) -> dict[str, Any
         "encoders": encoders,
         "received": received,
         "sent_grads": sent_grads,
+        "server_outputs": server_outputs,
         "detectors": detectors,
         "grads": grads,
     }

@@ -64,6 +64,8 @@ class Trained:
     encoders: list[list[dict[str, torch.Tensor]]] = field(default_factory=list)
     # party without labels -> "kind.key" of every reply meta it was told (none in vertical now)
     received: dict[str, set[str]] = field(default_factory=dict)
+    # u-shaped: the server's output of every training step (epoch, ids, output), per client
+    server_outputs: Grads = field(default_factory=dict)
 
 
 def _clean(client: ClientWorker, x: torch.Tensor) -> torch.Tensor:
@@ -268,8 +270,14 @@ def measure_labels(trained: Trained) -> dict[str, Any]:
 
 def measure_sent_labels(trained: Trained) -> dict[str, Any]:
     """U-shaped: what the server learns about a client's labels from the gradients the client
-    sends it (clustering; and the cross-epoch attacks where labels are binary)."""
-    from privacy.label_attacks import cluster_label_attack, label_leak_whole_run, rounds_of
+    sends it (clustering; and the cross-epoch attacks where labels are binary), and from its
+    own outputs (:func:`privacy.label_attacks.representation_leak`)."""
+    from privacy.label_attacks import (
+        cluster_label_attack,
+        label_leak_whole_run,
+        representation_leak,
+        rounds_of,
+    )
 
     out: dict[str, Any] = {}
     for client in trained.clients:
@@ -284,8 +292,15 @@ def measure_sent_labels(trained: Trained) -> dict[str, Any]:
             run = label_leak_whole_run(steps, labels)
             found.update({k: run[k] for k in LABEL_LEAK_KEYS if k != "label_leak_attack"})
             found["label_leak_last_epoch_auc"] = run["last_epoch_auc"]
+        outputs = trained.server_outputs.get(client.cfg.client.name)
+        if outputs:
+            found.update(representation_leak(outputs, labels, client.data.classes))
+            raw = representation_leak([(0, train.ids, train.x)], labels, client.data.classes)
+            for key in ("representation_auc", "representation_cluster_accuracy"):
+                if key in raw:  # the baseline: the same label-free attack on the raw inputs
+                    found[key.replace("representation", "representation_input")] = raw[key]
         for key, value in found.items():
-            if isinstance(value, float) and value >= out.get(key, -1.0):
+            if isinstance(value, int | float) and value >= out.get(key, -1.0):
                 out[key] = value  # the worst client
     return out
 
@@ -364,6 +379,8 @@ def measure(trained: Trained, seed: int, attack_seeds: int = ATTACK_SEEDS) -> di
     attacks += ["model_completion"] if "completion_known" in result else []
     attacks += ["unsplit"] if "unsplit_ssim" in result else []
     attacks += ["label_clustering"] if trained.sent_grads else []
+    if "representation_cluster_accuracy" in result:  # u-shaped: the server's completion
+        attacks = [a for a in attacks if a != "model_completion"] + ["representation"]
     result["threat_models"] = {name: THREAT_MODELS[name] for name in attacks}
     return {
         k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()

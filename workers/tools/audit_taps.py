@@ -79,14 +79,17 @@ def record_received_meta(client: ClientWorker, received: dict[str, set[str]]) ->
     client.request = send  # type: ignore[method-assign]
 
 
-def record_sent_label_grads(client: ClientWorker, grads: Grads) -> None:
+def record_sent_label_grads(client: ClientWorker, grads: Grads, outputs: Grads) -> None:
     """A client that protects labels (u-shaped) sends the server the gradient of the server's
-    output: keep each one, with the ids of the batch whose forward went before it."""
+    output: keep each one, with the ids of the batch whose forward went before it; and keep
+    the server's output of each training step (what the server computed from the client's
+    release: its own representation of the batch, which no label protection touches)."""
     runner: Any = client.runner
     if not runner.protects_labels:
         return
     forward, request = runner.forward_message, client.request
     last: dict[str, torch.Tensor] = {}
+    name = client.cfg.client.name
 
     def forward_message(step: int, sent: Any, y: Any, ids: torch.Tensor) -> Any:
         last["ids"] = ids
@@ -95,10 +98,12 @@ def record_sent_label_grads(client: ClientWorker, grads: Grads) -> None:
     async def send(message: Any, timeout_s: float | None = None) -> Any:
         if message.kind is Kind.BACKWARD and "grad" in message.tensors and "ids" in last:
             grad = read_tensor(message, "grad").detach().clone()
-            grads.setdefault(client.cfg.client.name, []).append(
-                (message.epoch, last["ids"].clone(), grad)
-            )
-        return await request(message, timeout_s)
+            grads.setdefault(name, []).append((message.epoch, last["ids"].clone(), grad))
+        reply = await request(message, timeout_s)
+        if message.kind is Kind.FORWARD and "ids" in last and "out" in reply.tensors:
+            out = read_tensor(reply, "out").detach().clone()
+            outputs.setdefault(name, []).append((message.epoch, last["ids"].clone(), out))
+        return reply
 
     runner.forward_message = forward_message
     client.request = send  # type: ignore[method-assign]
