@@ -215,7 +215,7 @@ async def test_a_stopped_run_whose_client_left_is_removed_in_its_turn(deployment
 def _ended(book: RunBook, run_id: str, group: str, ended: float) -> None:
     run = book.start(run_id, None, ReplyCache(), group=group)  # type: ignore[arg-type]
     book.end(run, "finished")
-    run.ended = ended
+    run.ended, run.ended_mono = ended, None  # as if it ended before the server started
 
 
 def test_the_policy_keeps_the_newest_ended_by_end_and_each_group_sees_its_own(
@@ -252,7 +252,7 @@ def test_a_removed_run_n_is_never_numbered_again(tmp_path: Path) -> None:
     book.retention = Retention(keep_for_s=60)
     for i in (1, 2):
         _ended(book, f"run-{i}", "", time.time() - 120)
-    RunFolders(tmp_path, book.retention).forgotten(book.retire(time.time(), set()))
+    RunFolders(tmp_path, book.retention).forgotten(book.retire(set()))
     # Execute: a server starts on that folder
     again = RunBook(tmp_path, max_runs=1, run_clients=0)
     again.floor = RunFolders(tmp_path, book.retention).numbers

@@ -13,7 +13,14 @@ failure is a warning in the log, never the server's end. What was removed is rem
 (``RUNS/.removed.json``, each group's newest :data:`KEEP_REMOVED`), so the run API answers a removed
 run's id with when and why, and a run that an older checkpoint still lists is not restored.
 At start the policy applies again, and run folders the runs list no longer knows (forgotten
-before this policy existed) are removed too."""
+before this policy existed) are removed too.
+
+An ended run's age (``keep_ended_for_s``) is the smaller of two: by the wall clock (now less
+its recorded end), and as this process saw it pass on the monotonic clock (from its end, or,
+for a run that ended before the process started, from the start plus its age by the wall
+clock then): a wall clock set forward while the server runs (a VM resumed, NTP stepping a
+clock that drifted, an operator's ``date -s``) removes no run early, and the jump is
+logged. At start the wall clock is taken as it is."""
 
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from shutil import rmtree
 from typing import Any
@@ -44,6 +51,7 @@ TRASH = ".trash-"
 TRASH_NAME = re.compile(r"\.trash-[0-9a-f]{12}")  # what delete() names: no operator's folder
 RETIRE_EVERY_S = 60.0  # how often an idle server looks for runs past keep_ended_for_s
 DAY_S = 86400.0
+JUMP_S = 60.0  # the wall clock moving this far against the monotonic one is logged
 MODEL_FILE = re.compile(r"server\.pt|\.server\.pt\.[0-9a-f]+\.tmp")  # what a run's folder holds
 
 
@@ -63,12 +71,38 @@ class Orphan:
         return self.started
 
 
+class Clock:
+    """The wall and monotonic clocks, read together from the process's start (this
+    object's making), so that an ended run's age holds against a wall clock that jumps."""
+
+    def __init__(self) -> None:
+        self.wall0, self.mono0 = time.time(), time.monotonic()
+        self.offset = self.wall0 - self.mono0  # as last logged
+
+    def age_s(self, ended: float, ended_mono: float | None = None) -> float:
+        """Seconds since a run ended at wall time ``ended`` (monotonic ``ended_mono``, where
+        this process saw it end): the smaller of its age by either clock."""
+        if ended_mono is None:  # ended before this process started, by the wall clock then
+            ended_mono = self.mono0 - max(0.0, self.wall0 - ended)
+        return min(time.time() - ended, time.monotonic() - ended_mono)
+
+    def jumped_s(self) -> float | None:
+        """How far the wall clock moved against the monotonic one since last asked (None:
+        less than :data:`JUMP_S`, which drift and NTP's slewing never reach in a minute)."""
+        offset = time.time() - time.monotonic()
+        if abs(offset - self.offset) < JUMP_S:
+            return None
+        moved, self.offset = offset - self.offset, offset
+        return moved
+
+
 @dataclass(frozen=True)
 class Retention:
     """``server.keep_ended_runs`` and ``server.keep_ended_for_s``."""
 
     keep_runs: int = KEEP_ENDED  # 0: folders kept (the list holds KEEP_ENDED)
     keep_for_s: float = 0.0  # 0: no age limit
+    clock: Clock = field(default_factory=Clock, compare=False, repr=False)
 
     @classmethod
     def for_server(cls, server: ServerSection) -> Retention:
@@ -93,14 +127,16 @@ class Retention:
             f"(server.keep_ended_runs = {self.keep_runs})"
         )
 
-    def expired(self, ended: list[Any], now: float) -> list[tuple[Any, str]]:
+    def expired(self, ended: list[Any]) -> list[tuple[Any, str]]:
         """Of one group's ended runs (``Run``), those to forget, each with its reason:
-        beyond the newest :attr:`listed` (by end time), or ended ``keep_for_s`` ago."""
+        beyond the newest :attr:`listed` (by end time), or ended ``keep_for_s`` ago (by
+        both clocks: :meth:`Clock.age_s`)."""
         order = sorted(ended, key=lambda r: r.ended if r.ended is not None else r.started)
         old = {id(r) for r in order[: max(0, len(order) - self.listed)]}
         out = []
         for run in order:
-            aged = 0 < self.keep_for_s <= now - (run.ended or run.started)
+            age = self.clock.age_s(run.ended or run.started, getattr(run, "ended_mono", None))
+            aged = 0 < self.keep_for_s <= age
             if aged or id(run) in old:
                 out.append((run, "age" if aged else "count"))
         return out
@@ -235,9 +271,8 @@ class RunFolders:
         now = time.time()
         for group in {o.group for o in orphans}:
             mine = [r for r in listed if r.group == group and r.ended is not None]
-            for orphan, _ in self.retention.expired(
-                mine + [o for o in orphans if o.group == group], now
-            ):
+            mine += [o for o in orphans if o.group == group]
+            for orphan, _ in self.retention.expired(mine):
                 if isinstance(orphan, Orphan):
                     self._remove(orphan.key, group, "orphan", orphan.started, now)
         self._write()

@@ -4,7 +4,7 @@ on a server that keeps runs for a time (``server.keep_ended_for_s``)."""
 
 from __future__ import annotations
 
-import time
+import logging
 from pathlib import Path
 
 from sl_pipeline.errors import ProtocolError, RunEndedError
@@ -13,6 +13,8 @@ from workers.ops.metrics import WorkerMetrics
 from workers.runtime.peers import Peer
 from workers.server.retention import RETIRE_EVERY_S, RunFolders
 from workers.server.runs import KEEP_ENGINES, Run, RunBook
+
+log = logging.getLogger("sl_pipeline.server")
 
 
 class Retiring:
@@ -85,7 +87,7 @@ class Retiring:
         ]
         for key in removed:
             del self.book.runs[key]
-        gone = self.book.retire(time.time(), set())
+        gone = self.book.retire(set())
         if removed or gone:  # the checkpoint too: a removal it still named came back
             self.book.write_index()
             self.checkpoint(force=True)
@@ -97,7 +99,14 @@ class Retiring:
         if not self.book.retention.keep_for_s or now - self.folders.checked_at < RETIRE_EVERY_S:
             return
         self.folders.checked_at = now
-        self.retired(self.book.retire(time.time(), self.bound_runs()))
+        if (moved := self.book.retention.clock.jumped_s()) is not None:
+            log.warning(
+                "the wall clock moved %+.0f s against the monotonic clock; ended runs' ages "
+                "(server.keep_ended_for_s) count as this server saw them pass, so none goes "
+                "early",
+                moved,
+            )
+        self.retired(self.book.retire(self.bound_runs()))
 
     def retired(self, gone: list[tuple[Run, str]]) -> None:
         """The book forgot ``gone``: written down (the list, the checkpoint), then their

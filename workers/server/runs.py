@@ -74,6 +74,7 @@ class Run:
     applied_log: AppliedLog = field(default_factory=AppliedLog)  # which steps it applied
     started: float = field(default_factory=time.time)
     ended: float | None = None
+    ended_mono: float | None = None  # when it ended, where this process saw it end
     last_loss: float | None = None
     model: str = ""  # where its saved model lies, once saved
     epochs: dict[str, int] = field(default_factory=dict)  # each client's newest epoch (0-based)
@@ -303,7 +304,7 @@ class RunBook:
         gone = [r for r in self.pool(group) if not r.steps and now - r.opened >= self.empty_run_s]
         for run in gone:
             del self.runs[run.key]
-            run.state, run.ended = STOPPED, time.time()
+            run.state, run.ended, run.ended_mono = STOPPED, time.time(), time.monotonic()
             log.warning("run %s expired: no step applied in %.0fs", run.key, now - run.opened)
         if gone:
             self.write_index()
@@ -318,13 +319,13 @@ class RunBook:
 
     def end(self, run: Run, state: str, bound: set[str] | None = None) -> list[tuple[Run, str]]:
         """``run`` ended; returns the ended runs the book forgot (``retire``)."""
-        run.state, run.ended = state, time.time()
+        run.state, run.ended, run.ended_mono = state, time.time(), time.monotonic()
         run.replies.compact()  # it answers no more retransmissions
-        gone = self.retire(time.time(), bound or set())
+        gone = self.retire(bound or set())
         self.write_index()
         return gone
 
-    def retire(self, now: float, bound: set[str]) -> list[tuple[Run, str]]:
+    def retire(self, bound: set[str]) -> list[tuple[Run, str]]:
         """Ended runs whose model is on disk leave memory, and ended runs past what
         ``retention`` keeps (a group's newest, KEEP_ENDED at most) leave the book (runs.json,
         the checkpoint), never one a client is ``bound`` to: no group's churn of runs grows
@@ -332,7 +333,7 @@ class RunBook:
         ended = [r for r in self.runs.values() if not r.active]
         gone: list[tuple[Run, str]] = []
         for group in {r.group for r in ended}:
-            mine = self.retention.expired([r for r in ended if r.group == group], now)
+            mine = self.retention.expired([r for r in ended if r.group == group])
             gone += [(r, why) for r, why in mine if r.key not in bound]
         for old, _ in gone:
             del self.runs[old.key]
