@@ -4,13 +4,20 @@ Each test failed on the code before its fix (see docs/security.md, "Hostile peer
 
 from __future__ import annotations
 
+import asyncio
 import time
+
+import pytest
+import zmq.asyncio
 
 from sl_pipeline.chunked import MIN_CHUNK_BYTES, layout
 from sl_pipeline.errors import PeerError
+from sl_pipeline.messages import MAX_ID_CHARS
 from sl_pipeline.session import Session
+from workers.server.worker import ServerWorker
 
-from .test_hostile_peers import Served, assert_serving, join, served
+from .conftest import load_server
+from .test_hostile_peers import Served, _act_forward, _until, assert_serving, join, served
 
 __all__ = ["served"]  # the fixture, used by name
 
@@ -57,3 +64,32 @@ async def test_chunk_heads_announcing_a_million_tiny_chunks_cost_the_server_no_t
     assert elapsed < 2.0, f"{HEADS} chunk heads held the server {elapsed:.1f}s"
     await assert_serving(honest, task)
     honest.close()
+
+
+async def test_a_relays_sub_name_too_long_to_qualify_is_refused_as_such(deployment) -> None:  # type: ignore[no-untyped-def]
+    """A configured relay's client of 128 characters (the longest a message names) is one
+    of ``relay/client`` over 128: before, qualifying it raised outside the server's refusals,
+    and the relay was told ``internal: the message could not be handled; see the log``."""
+    # Prepare: client-1 is a configured relay
+    files = deployment(clients=2, dataset="breast_cancer")
+    base = files["server"].parent
+    server = ServerWorker(load_server(files["server"], 'server.relays=["client-1"]'), base)
+    stop = asyncio.Event()
+    task = asyncio.create_task(server.serve(stop))
+    ctx = zmq.asyncio.Context()
+    try:
+        await _until(lambda: server.bound)
+        relay = await join(server.cfg.server.bind, server.fingerprint, base / "keys", ctx)
+        # Execute
+        await relay.send(_act_forward("c" * MAX_ID_CHARS))
+        with pytest.raises(PeerError) as refused:
+            await relay.recv(10)
+        # Assert: a protocol error naming the name, and the relay is still served
+        assert refused.value.remote_code == "protocol"
+        assert "client" in refused.value.reason and "128" in refused.value.reason
+        await assert_serving(relay, task)
+        relay.close()
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
+        ctx.destroy(linger=0)

@@ -310,8 +310,8 @@ class RelayWorker(RelayCheckpoints, GivesWayOnStop, RouterService):
             log.debug("could not pass %s's bye upstream: %s", msg.client, exc)
 
     async def dispatch(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
-        msg = msg.spoken_by(self.speaker(peer, msg))
         try:
+            msg = msg.spoken_by(self.speaker(peer, msg))
             if msg.kind is Kind.FORWARD:
                 if msg.client in self.check_run:
                     await self._follow_run(msg)

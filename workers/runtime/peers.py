@@ -23,7 +23,7 @@ from sl_pipeline.errors import (
     SLError,
     VersionError,
 )
-from sl_pipeline.messages import Message
+from sl_pipeline.messages import MAX_ID_CHARS, Message
 from sl_pipeline.transport import Channel
 
 CONFIRM_TIMEOUT_S = 30.0  # a session must send its first message within this after joining
@@ -146,7 +146,14 @@ class PeerTable:
         group or take a turn under names of its own choosing."""
         if not msg.client or msg.client == peer.name or peer.name not in self.listen.relays:
             return peer.name
-        return f"{peer.name}/{msg.client}"
+        qualified = f"{peer.name}/{msg.client}"
+        if len(qualified) > MAX_ID_CHARS:
+            raise ProtocolError(
+                f"relay {peer.name}'s client {msg.client[:32]!r}... makes the name "
+                f"{peer.name}/... of {len(qualified)} characters; at most {MAX_ID_CHARS} "
+                "name a client here: give the clients behind the relay shorter names"
+            )
+        return qualified
 
     def add(self, identity: bytes, peer: Peer) -> list[bytes]:
         """A session that completed the handshake; returns the sessions to forget now.

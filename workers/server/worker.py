@@ -278,8 +278,8 @@ class ServerWorker(RunHost, RouterService):
 
     async def dispatch(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
         self._settle()  # no request ever sees weights without the last update
-        msg = msg.spoken_by(self.speaker(peer, msg))
         try:
+            msg = msg.spoken_by(self.speaker(peer, msg))
             if msg.kind in (Kind.FORWARD, Kind.BACKWARD, Kind.WEIGHTS):
                 if peer.name in self.inferring and peer.name not in self.peer_runs:
                     return self._infer_side(identity, peer, msg)
