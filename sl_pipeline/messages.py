@@ -23,6 +23,7 @@ from .errors import CheckpointError, ProtocolError, ReplyMismatchError
 # 2: a reply names the request it answers (header "re"); 1 had no "re" and is refused.
 PROTOCOL_VERSION = 2
 MAX_ID_CHARS = 128
+MAX_META_KEYS = 256  # per object of meta, meta itself included
 
 
 class Kind(enum.StrEnum):
@@ -55,8 +56,10 @@ def _check_meta_value(key: str, value: Any, depth: int = 0) -> Any:
     if isinstance(value, list | tuple):
         return tuple(_check_meta_value(key, v, depth + 1) for v in value)
     if isinstance(value, Mapping):
-        if len(value) > 256:
-            raise ProtocolError(f"meta value for {key!r} has too many entries (max 256)")
+        if len(value) > MAX_META_KEYS:
+            raise ProtocolError(
+                f"meta value for {key!r} has too many entries (max {MAX_META_KEYS})"
+            )
         return MappingProxyType(
             {str(k): _check_meta_value(f"{key}.{k}", v, depth + 1) for k, v in value.items()}
         )
@@ -107,6 +110,8 @@ class Message:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**53:
                 raise ProtocolError(f"{name} must be an integer in [0, 2**53), got {value!r}")
+        if len(self.meta) > MAX_META_KEYS:
+            raise ProtocolError(f"meta has {len(self.meta)} keys; at most {MAX_META_KEYS}")
         meta = {str(k): _check_meta_value(str(k), v) for k, v in self.meta.items()}
         object.__setattr__(self, "meta", MappingProxyType(meta))
         for name, tensor in self.tensors.items():

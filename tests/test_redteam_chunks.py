@@ -12,12 +12,21 @@ import zmq.asyncio
 
 from sl_pipeline.chunked import MIN_CHUNK_BYTES, layout
 from sl_pipeline.errors import PeerError
-from sl_pipeline.messages import MAX_ID_CHARS
+from sl_pipeline.messages import MAX_ID_CHARS, MAX_META_KEYS
 from sl_pipeline.session import Session
 from workers.server.worker import ServerWorker
 
 from .conftest import load_server
-from .test_hostile_peers import Served, _act_forward, _until, assert_serving, join, served
+from .test_hostile_peers import (
+    Served,
+    _act_forward,
+    _until,
+    assert_serving,
+    header,
+    join,
+    send_raw,
+    served,
+)
 
 __all__ = ["served"]  # the fixture, used by name
 
@@ -93,3 +102,22 @@ async def test_a_relays_sub_name_too_long_to_qualify_is_refused_as_such(deployme
         stop.set()
         await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
         ctx.destroy(linger=0)
+
+
+async def test_a_meta_of_more_keys_than_its_bound_is_refused(served: Served) -> None:
+    """docs/protocol.md bounds every object of meta to 256 keys; meta itself was not
+    bounded (only by the 64 KiB header: some 7,000 keys)."""
+    # Prepare
+    server, files, ctx, task = served
+    conn = await join(
+        server.cfg.server.bind, server.fingerprint, files["server"].parent / "keys", ctx
+    )
+    # Execute
+    await send_raw(conn, header(meta={f"k{i}": 0 for i in range(MAX_META_KEYS + 1)}))
+    with pytest.raises(PeerError) as refused:
+        await conn.recv(10)
+    # Assert
+    assert refused.value.remote_code == "protocol"
+    assert f"meta has {MAX_META_KEYS + 1} keys" in refused.value.reason
+    await assert_serving(conn, task)
+    conn.close()
