@@ -173,7 +173,9 @@ class ServerSection:
     tasks: list[str] = field(default_factory=list)  # multitask: task names
     task_classes: list[int] = field(default_factory=list)  # multitask: classes per task
     label_holder: str = ""  # vertical: "" = this server holds the labels; else a client's name
-    save: str = ""  # where to save this server's segment(s) at the end / load at start
+    # Where to save this server's segment(s) at the end / load at start: the newest run's
+    # model, a copy that retention (keep_ended_*) removes with that run's files
+    save: str = ""
     # Send the cut gradient before computing weight gradients when no other request waits
     # (the client's backward overlaps them); same updates, one extra partial backward.
     reply_first: bool = True

@@ -7,6 +7,10 @@ at most), and, where ``server.keep_ended_for_s`` is set, none that ended longer 
 one leaves the runs list (``runs.json``, the checkpoint) first, then its folder is removed.
 Active runs, and ended ones a connected client is still bound to, are never removed.
 
+``server.save``, a copy of the newest run's model, goes with that run's files: what
+retention removes leaves no copy behind (a file the server did not write for a run, one an
+operator put there to start from, is never removed).
+
 A folder goes by a rename out of its place (``.trash-*`` beside it), then is deleted: a crash
 midway leaves either the whole folder or a trash folder, which the next start deletes; a
 failure is a warning in the log, never the server's end. What was removed is remembered
@@ -150,6 +154,7 @@ class RunFolders:
         self.retention = retention
         self.removed: dict[str, dict[str, Any]] = {}  # qualified id -> when, why
         self.numbers: dict[str, int] = {}  # each group's highest run-N removed: never reused
+        self.saved: dict[str, str] = {}  # server.save: {"id": run, "path": file} it copies
         self.count = 0  # folders removed since start (sl_bound_hits_total{table="ended_runs"})
         self.checked_at = time.monotonic()
         self.on_removed: Callable[[], None] = lambda: None  # counted in a metric
@@ -161,6 +166,7 @@ class RunFolders:
             state = json.loads(path.read_text())
             self.removed = {str(e["id"]): dict(e) for e in state["removed"]}
             self.numbers = {str(g): int(n) for g, n in state["numbers"].items()}
+            self.saved = {str(k): str(v) for k, v in state.get("saved", {}).items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             bad = path.with_name(f"{TOMBSTONES}.bad")  # not overwritten by the next removal
             with contextlib.suppress(OSError):
@@ -191,16 +197,35 @@ class RunFolders:
         if runs:
             self._write()
 
+    def saved_as(self, key: str, path: Path) -> None:
+        """``server.save`` (``path``) now holds run ``key``'s model: it goes with the run."""
+        if self.saved != {"id": key, "path": str(path)}:
+            self.saved = {"id": key, "path": str(path)}
+            self._write()
+
     def _remove(self, key: str, group: str, reason: str, started: float, now: float) -> None:
         folder = self.folder(key)
         if folder is not None and folder.exists() and not self.delete(folder):
             return  # left as it is: the next start tries again
+        if self.saved.get("id") == key:  # server.save, the copy of its model, goes too
+            self._remove_saved(key)
         self.removed.pop(key, None)
         why = self.retention.why(reason)  # the keys as they were then
         self.removed[key] = dict(id=key, group=group, why=why, started=started, removed=now)
         self.count += 1
         self.on_removed()
         log.info("removed run %s and its files: %s", key, why)
+
+    def _remove_saved(self, key: str) -> None:
+        path, self.saved = self.saved["path"], {}
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("could not remove %s (server.save, run %s's model): %s", path, key, exc)
+            return
+        log.info("removed %s (server.save), run %s's model, with the run", path, key)
 
     def delete(self, folder: Path) -> bool:
         """Moved out of its place at once (a rename), then deleted: never half a folder
@@ -236,7 +261,8 @@ class RunFolders:
                 del self.removed[key]
         if self.root is None:
             return
-        state = {"removed": list(self.removed.values()), "numbers": self.numbers}
+        state: dict[str, Any] = {"removed": list(self.removed.values()), "numbers": self.numbers}
+        state["saved"] = self.saved
         tmp = self.root / f"{TOMBSTONES}.tmp"
         try:
             self.root.mkdir(parents=True, exist_ok=True)

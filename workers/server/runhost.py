@@ -267,7 +267,7 @@ class RunHost(Retiring):
                 run.model = str(path)
         latest = self.book.latest()
         if latest is not None and latest.steps:
-            self._save_latest(self.engine_of(latest))
+            self._save_latest(self.engine_of(latest), latest.key)
 
     def end_run(self, run: Run, state: str = FINISHED) -> None:
         """Save the run's model, record it as ended and checkpoint that."""
@@ -381,11 +381,11 @@ class RunHost(Retiring):
         log.info("loaded the server segment from %s", path)
         return True
 
-    def _save_latest(self, engine: Engine) -> None:
-        """``server.save`` always holds the newest run's segment."""
-        path = self._save_path()
-        if path is not None:
+    def _save_latest(self, engine: Engine, key: str) -> None:
+        """``server.save`` always holds the newest run's segment (removed with its files)."""
+        if (path := self._save_path()) is not None:
             save_weights(engine.model.state_dict(), path, "the newest run's model (server.save)")
+            self.folders.saved_as(key, path)
 
     def check_outputs_writable(self) -> None:
         """A read-only or missing output folder is found at start, not when a run ends."""
