@@ -225,6 +225,32 @@ def activation_release_statement(
     }
 
 
+def linked_dpsgd_epsilon(
+    noise_multiplier: float, participations: int, delta: float, accountant: str = "rdp"
+) -> float:
+    """DP-SGD's epsilon for one row against a party that knows **which steps it took part
+    in**: ``participations`` Gaussian mechanisms at ``noise_multiplier``, composed with no
+    subsampling amplification (conditioned on the sampling, which does not depend on the
+    data, each step the row is in is a Gaussian mechanism on it; the others do not touch it).
+
+    Opacus' figure amplifies by the sample rate, which holds only while the observer cannot
+    tell which rows a batch holds. A server that sees the activations can: it links a row's
+    releases by their nearest neighbour (``python -m workers.tools.audit_link``).
+    """
+    if participations < 0:
+        raise PrivacyError(f"participations = {participations} is out of range; allowed: >= 0")
+    if not (0.0 < delta < 1.0):
+        raise PrivacyError(f"delta = {delta!r} is out of range; allowed: (0, 1)")
+    if participations == 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    counted = create_accountant(accountant)
+    for _ in range(participations):
+        counted.step(noise_multiplier=noise_multiplier, sample_rate=1.0)
+    return float(counted.get_epsilon(delta=delta))
+
+
 class DPSGDAccountantView:
     """Reads DP-SGD's epsilon from the accountant of an Opacus ``PrivacyEngine``."""
 
@@ -257,4 +283,5 @@ __all__ = [
     "LaplaceReleaseAccountant",
     "activation_accountant",
     "activation_release_statement",
+    "linked_dpsgd_epsilon",
 ]

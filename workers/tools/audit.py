@@ -24,7 +24,7 @@ import contextlib
 import signal
 import sys
 import threading
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,11 +192,13 @@ async def train_in_process(
     relay_overrides: Sequence[str] = (),
     timeout_s: float = DEFAULT_TIMEOUT_S,
     seed: int = 0,
+    tap: Callable[[Sequence[ClientWorker]], None] | None = None,
 ) -> Trained:
     """Train the deployment in this event loop (:mod:`workers.tools.inprocess`), its workers
-    seeded and tapped, until every client is done. A worker that crashes, or a run longer
-    than ``timeout_s``, ends it with an error; a SIGTERM/SIGINT stops every client and ends
-    it with :class:`AuditIncomplete`."""
+    seeded and tapped (``tap``: a caller's own record, attached after the audit's), until
+    every client is done. A worker that crashes, or a run longer than ``timeout_s``, ends it
+    with an error; a SIGTERM/SIGINT stops every client and ends it with
+    :class:`AuditIncomplete`."""
     run = build_deployment(files, client_overrides, server_overrides, relay_overrides)
     halt = asyncio.Event()  # one stop event: whichever client's handler wins stops them all
     for client in run.clients:
@@ -204,6 +206,8 @@ async def train_in_process(
         client.resumable = False  # its state is in a temporary folder: no resume advice
     seed_workers(run.server, run.clients, seed)
     taps = _tap(run.server, run.clients)
+    if tap is not None:
+        tap(run.clients)
     caught: list[int] = []
     watcher = asyncio.ensure_future(_take_over_signals(run.clients, caught))
     try:
