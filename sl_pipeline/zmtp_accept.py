@@ -61,7 +61,11 @@ class Acceptor:
                     raise
                 self._pause(listener, exc)
                 return
-            protocol = self._admit(str(address[0]) if address else "?")
+            try:
+                protocol = self._admit(str(address[0]) if address else "?")
+            except Exception:  # a bug must not leak the descriptor, nor stop accepting
+                log.exception("could not admit a connection from %s", address)
+                protocol = None
             if protocol is None:
                 conn.close()
                 continue
