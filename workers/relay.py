@@ -304,6 +304,13 @@ class RelayWorker(RelayCheckpoints, GivesWayOnStop, RouterService):
         ends when its clients finished. No reply comes; a lost one costs nothing."""
         if self.upstream is None:
             return
+        if not self.upstream.sock.get(zmq.EVENTS) & zmq.POLLOUT:
+            # its server is gone and the link's queue full: a send would wait for ever, the
+            # relay answering nobody; the next request joins afresh
+            log.warning("could not pass %s's bye upstream: the link takes nothing", msg.client)
+            self.upstream.close()
+            self.upstream = None
+            return
         try:
             await self.upstream.send(msg)
         except (SLError, zmq.ZMQError) as exc:
