@@ -65,6 +65,7 @@ async def test_init_keeps_the_status_token_in_a_file_and_status_names_peers_for_
     # Assert: the token names the peers; without it, none
     assert "client-1" in named and "redacted" not in json.loads(named), named
     assert "client-1" not in stranger and "redacted" in json.loads(stranger), stranger
+    assert "([ops] status_token_file)" in json.loads(stranger)["redacted"], stranger
 
 
 def _placeholder() -> str:

@@ -13,8 +13,9 @@ handlers read the worker's state directly. Routes:
 ``GET /readyz``   200 when ``ready()`` is true, else 503 with a JSON reason (readiness).
 ``GET /status``   the JSON object returned by ``status()``; peers are only counted, and the
                   session id and a client's name left out, unless the request carries
-                  ``Authorization: Bearer <[ops] status_token>``, which also lists the
-                  name each hashed label value stands for (``[ops] label_names``). With
+                  ``Authorization: Bearer <the status token>`` (``[ops] status_token_file``),
+                  which also lists the name each hashed label value stands for
+                  (``[ops] label_names``). With
                   ``[ops] metrics_token``, a request with neither token sees the role alone
                   (the figures are what that token keeps).
 

@@ -25,7 +25,8 @@ def redact(body: Mapping[str, Any]) -> dict[str, Any]:
         out["current_run"] = f"#{ids.index(current) + 1}" if current in ids else "#"
     if {"peers", "session", "runs", "name"} & set(body):
         out["redacted"] = (
-            "peer and client names, key fingerprints and the session id need [ops] status_token"
+            "peer and client names, key fingerprints and the session id need the status token "
+            "([ops] status_token_file)"
         )
     return out
 
@@ -37,7 +38,7 @@ def figures_hidden(body: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "role": body.get("role"),
         "redacted": "training figures need [ops] metrics_token's token; names, key "
-        "fingerprints and the session id need [ops] status_token",
+        "fingerprints and the session id need the status token ([ops] status_token_file)",
     }
 
 
