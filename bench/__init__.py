@@ -8,6 +8,7 @@ absolute time to compare across runs or machines. See docs/performance.md.
 SECTIONS = (
     "flops",
     "crypto_rt",
+    "event_loop",
     "chunks",
     "wan",
     "transport",

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from workers.runtime import eventloop
+
 from . import SECTIONS
 from .common import machine_load
 
@@ -138,7 +140,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .report import render
 
     results = run_all(args.only, args.quick, lambda text: print(text, file=sys.stderr))
-    results.update(machine=machine(), quick=args.quick, threads_per_party=args.threads)
+    results.update(
+        machine=machine(),
+        event_loop=eventloop.loop_name(),
+        quick=args.quick,
+        threads_per_party=args.threads,
+    )
     results["device"] = args.device
     print(render(results, results["errors"], results["machine"]))
     if args.json:

@@ -18,7 +18,6 @@ cost what they cost in a round trip, not what ``aead_gb_s`` measures in a hot lo
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import time
@@ -35,6 +34,7 @@ from sl_pipeline import ciphers
 from sl_pipeline.ciphers import Aead
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.transport import DealerConnection
+from workers.runtime import eventloop
 
 from . import peers
 from .common import CTX, endpoint, free_port, median, paired, start_child, stop_child
@@ -151,7 +151,7 @@ def run(pairs: int = 20, per_block: int = 10) -> dict[str, Any]:
         child = start_child(timed_peer, url, ready, stop, there)
         try:
             key = ready.get(timeout=60)
-            return dict(asyncio.run(_measure(url, key, pairs, per_block, (here, there))))
+            return dict(eventloop.run(_measure(url, key, pairs, per_block, (here, there))))
         finally:
             stop.set()
             stop_child(child)

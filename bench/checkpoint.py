@@ -25,6 +25,7 @@ from typing import Any
 
 from sl_pipeline.config import ClientConfig, ServerConfig, load
 from workers.client.worker import ClientWorker
+from workers.runtime import eventloop
 from workers.server.worker import ServerWorker
 from workers.tools.localdeploy import init_deployment
 
@@ -62,7 +63,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     for _ in range(repeats):  # settings interleaved: a burst of load hits them all alike
         for every in SETTINGS:
             name = "none" if every is None else f"every_{every}"
-            cpu, replied_first, steps = asyncio.run(_one_run(every, epochs))
+            cpu, replied_first, steps = eventloop.run(_one_run(every, epochs))
             per_step.setdefault(name, []).append(cpu)
             first[name] = replied_first / steps
     medians = {name: statistics.median(values) for name, values in per_step.items()}

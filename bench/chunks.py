@@ -11,7 +11,6 @@ workers' frame cap (``MAXMSGSIZE`` of one default chunk) to allow it.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import torch
@@ -19,6 +18,7 @@ import zmq.asyncio
 
 from sl_pipeline.chunked import MAX_CHUNK_BYTES
 from sl_pipeline.messages import Kind, Message
+from workers.runtime import eventloop
 
 from . import peers
 from .common import CTX, endpoint, free_port, paired, start_child, stop_child
@@ -69,7 +69,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     ready, stop = CTX.Queue(), CTX.Event()
     child = start_child(peers.unbounded_channel_peer, url, ready, stop)
     try:
-        return asyncio.run(measure(url, ready.get(timeout=60), quick))
+        return eventloop.run(measure(url, ready.get(timeout=60), quick))
     finally:
         stop.set()
         stop_child(child)

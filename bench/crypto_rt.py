@@ -15,7 +15,6 @@ processes spent (all their threads), which waiting for a busy core does not infl
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 import time
@@ -30,6 +29,7 @@ from sl_pipeline.handshake import ClientHandshake
 from sl_pipeline.keys import generate_keypair
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.transport import DealerConnection
+from workers.runtime import eventloop
 
 from . import peers
 from .common import CTX, endpoint, free_port, median, paired, start_child, stop_child
@@ -253,7 +253,7 @@ def _loopback(quick: bool, sizes: dict[str, int] | None) -> dict[str, Any]:
     child = start_child(peers.channel_peer, url, ready, stop)
     try:
         server_key = ready.get(timeout=60)
-        return asyncio.run(measure(url, server_key, quick, sizes))
+        return eventloop.run(measure(url, server_key, quick, sizes))
     finally:
         stop.set()
         stop_child(child)

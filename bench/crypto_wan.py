@@ -16,7 +16,6 @@ overlaps sending chunk k) over whole, and ``whole_overhead_wan`` whole over plai
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -27,6 +26,7 @@ from sl_pipeline import transport
 from sl_pipeline.chunked import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.transport import DealerConnection
+from workers.runtime import eventloop
 
 from . import peers, shaper
 from .common import CTX, endpoint, free_port, median, paired, start_child, stop_child
@@ -180,7 +180,7 @@ def run(
     try:
         got = [ready.get(timeout=READY_S), ready.get(timeout=READY_S)]
         server_key = next(item for item in got if isinstance(item, bytes))
-        return asyncio.run(
+        return eventloop.run(
             measure(endpoint(proxy_port), server_key, link, quick, sizes or SIZES, links or LINKS)
         )
     finally:

@@ -30,6 +30,7 @@ from sl_pipeline.tensors import all_finite, read_tensor, wire_tensors
 from sl_pipeline.transport import Channel
 from workers.client.link import Upstream, make_handshake
 from workers.ops.metrics import WorkerMetrics
+from workers.runtime import eventloop
 from workers.server.engines.base import check_labels
 from workers.tools.localdeploy import init_deployment
 
@@ -162,7 +163,7 @@ def main() -> dict[str, float]:
     costs = message_costs()
     costs["server: per-step metrics"] = metrics_cost()
     with tempfile.TemporaryDirectory(prefix="sl-bench-fixed-") as tmp:
-        costs["client: request machinery"] = asyncio.run(request_cost(Path(tmp)))
+        costs["client: request machinery"] = eventloop.run(request_cost(Path(tmp)))
     costs["total"] = sum(costs.values())
     return {k: round(v, 1) for k, v in costs.items()}
 

@@ -23,7 +23,6 @@ a busy core (see docs/performance.md, "fourth session").
 
 from __future__ import annotations
 
-import asyncio
 import os
 import tempfile
 import time
@@ -42,6 +41,7 @@ from sl_pipeline.messages import Kind, Message
 from sl_pipeline.models import full_model, make_optimizer, resolve_device
 from workers.client.microbatch import train_pipelined
 from workers.client.worker import ClientWorker
+from workers.runtime import eventloop
 
 from .common import (
     cpu_seconds,
@@ -353,7 +353,7 @@ def run_model(name: str, quick: bool) -> dict[str, Any]:
         server = worker_process("server", server_toml, folder / "server.log")
         try:
             cfg = from_mapping(ClientConfig, client_map)
-            return asyncio.run(measure(cfg, folder, quick, name, server.pid))
+            return eventloop.run(measure(cfg, folder, quick, name, server.pid))
         except Exception as exc:
             stop_process(server)
             tail = (folder / "server.log").read_text(errors="replace")[-1500:]

@@ -30,6 +30,7 @@ from sl_pipeline.session import Session
 from sl_pipeline.transport import Channel, frame_buffers
 from sl_pipeline.zmtp import Caps
 from sl_pipeline.zmtp_router import ZmtpRouter
+from workers.runtime import eventloop
 
 POLL_MS = 100
 _caps: Caps | None = None  # the workers' caps unless unbounded_frames() lifts them
@@ -38,7 +39,7 @@ NONCE = struct.Struct(">4xQ")  # 12-byte GCM nonce from a 64-bit message counter
 
 def channel_peer(endpoint: str, ready: Queue, stop: Event) -> None:
     """Serve until ``stop`` is set; puts the server's public key on ``ready`` once bound."""
-    asyncio.run(_serve(endpoint, ready, stop))
+    eventloop.run(_serve(endpoint, ready, stop))
 
 
 def unbounded_frames() -> None:

@@ -29,6 +29,7 @@ import zmq.asyncio
 from sl_pipeline.config import ClientConfig, from_mapping
 from sl_pipeline.data import batch_order
 from workers.client.worker import ClientWorker
+from workers.runtime import eventloop
 
 from .common import REPO, median, stop_process, wait_for
 from .models import BATCH, MODELS
@@ -148,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile = cProfile.Profile(time.thread_time)
         try:
             cfg = from_mapping(ClientConfig, client_map)
-            samples = asyncio.run(client_steps(cfg, folder, args.steps, profile, server))
+            samples = eventloop.run(client_steps(cfg, folder, args.steps, profile, server))
             wait_for(lambda: (folder / "server.prof").exists(), 30, "the server's profile")
         finally:
             stop_process(server)

@@ -31,6 +31,7 @@ from sl_pipeline.messages import Kind, Message
 from sl_pipeline.transport import DealerConnection
 from workers.client.link import make_handshake
 from workers.client.worker import ClientWorker
+from workers.runtime import eventloop
 from workers.runtime.bounded import RateLimiter
 from workers.tools.inprocess import InProcess, build_deployment, wait_until
 from workers.tools.localdeploy import init_deployment
@@ -117,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--many-addresses", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    print(json.dumps(asyncio.run(measure(args.seconds, args.many_addresses))))
+    print(json.dumps(eventloop.run(measure(args.seconds, args.many_addresses))))
     return 0
 
 

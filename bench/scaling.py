@@ -25,6 +25,7 @@ from sl_pipeline.keys import load_keypair, load_public_key
 from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
 from sl_pipeline.models import build_segments, fingerprint
 from sl_pipeline.transport import DealerConnection
+from workers.runtime import eventloop
 
 from .common import (
     endpoint,
@@ -175,9 +176,9 @@ async def _with_server(job: str, quick: bool) -> dict[str, Any]:
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    result = asyncio.run(_with_server("throughput", quick))
+    result = eventloop.run(_with_server("throughput", quick))
     table = result["table"]
-    mem = asyncio.run(_with_server("memory", quick))
+    mem = eventloop.run(_with_server("memory", quick))
     efficiency = result["paired_ratio"] if "64" in table else None
     return {
         "scaling": table,

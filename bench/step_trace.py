@@ -34,6 +34,7 @@ import zmq.asyncio
 
 from sl_pipeline.config import ClientConfig, from_mapping
 from sl_pipeline.data import batch_order
+from workers.runtime import eventloop
 
 from .common import REPO, median, party_cores, pin_process, stop_process, wait_for
 from .models import BATCH, MODELS
@@ -228,7 +229,7 @@ def trace(model: str, steps: int, pin: bool) -> dict[str, Any]:
             )
         try:
             cfg = from_mapping(ClientConfig, client_map)
-            started_ns = asyncio.run(client_steps(cfg, folder, steps, server, pin))
+            started_ns = eventloop.run(client_steps(cfg, folder, steps, server, pin))
             wait_for(lambda: out.exists() and out.stat().st_size > 0, 30, "the server's stamps")
             server_stamps = [tuple(s) for s in json.loads(out.read_text()) if s[1] >= started_ns]
         finally:

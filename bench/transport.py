@@ -12,7 +12,6 @@ the pair ratios.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from typing import Any
@@ -23,6 +22,7 @@ import zmq.asyncio
 
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.transport import DealerConnection
+from workers.runtime import eventloop
 
 from . import peers
 from .common import CTX, endpoint, free_port, median, paired, start_child, stop_child
@@ -122,7 +122,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     try:
         answers = [ready.get(timeout=60) for _ in children]
         server_key = next(a for a in answers if a != b"raw")
-        return asyncio.run(measure(ours_url, raw_url, server_key, key, quick))
+        return eventloop.run(measure(ours_url, raw_url, server_key, key, quick))
     finally:
         stop.set()
         for child in children:

@@ -24,7 +24,6 @@ round's block over the bound from that round's compute (``of_bound_spread``: qua
 
 from __future__ import annotations
 
-import asyncio
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -38,6 +37,7 @@ from sl_pipeline.data import batch_order
 from sl_pipeline.messages import Kind, Message
 from workers.client.microbatch import AUTO, train_pipelined
 from workers.client.worker import ClientWorker
+from workers.runtime import eventloop
 
 from . import shaper
 from .common import CTX, endpoint, free_port, median, paired, start_child, stop_child, stop_process
@@ -254,7 +254,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         try:
             ready.get(timeout=60)
             cfg = from_mapping(ClientConfig, client_map)
-            return asyncio.run(measure(cfg, folder, link, quick))
+            return eventloop.run(measure(cfg, folder, link, quick))
         finally:
             stop_process(server)
             stop.set()

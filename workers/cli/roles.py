@@ -16,6 +16,7 @@ from sl_pipeline.config import ClientConfig, RelayConfig, ServerConfig, load
 from workers import SIGINT_IGNORED_AT_START
 from workers.cli.errors import say_error
 from workers.ops.logs import configure_logging
+from workers.runtime import eventloop
 
 
 def _overrides(args: argparse.Namespace, role: str) -> list[str]:
@@ -63,7 +64,7 @@ def _serve(args: argparse.Namespace, role: str) -> int:
         install_stop_signals(stop)
         return await cls(cfg, args.config.parent).serve(stop)
 
-    summary = asyncio.run(main())
+    summary = eventloop.run(main())
     if args.json:
         print(json.dumps(summary), flush=True)
     return 0
@@ -121,7 +122,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     # A bar only on a terminal: in a log file its carriage returns are noise (epoch lines remain).
     bar = sys.stderr.isatty() and not (args.no_progress or json_logs)
     worker = ClientWorker(cfg, args.config.parent, progress=bar)
-    summary = asyncio.run(worker.run())
+    summary = eventloop.run(worker.run())
     if args.json:
         print(json.dumps(summary), flush=True)
     else:

@@ -10,7 +10,6 @@ party only needs its own file of its own columns.
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import json
 from dataclasses import dataclass, replace
@@ -31,6 +30,7 @@ from sl_pipeline.tables import Table, read_table, with_ids
 from workers.client.align import align_rows
 from workers.client.steps import DATA_STATE
 from workers.client.worker import BYE_LINGER_MS, ClientWorker
+from workers.runtime import eventloop
 from workers.runtime.savedmodel import load_weights
 
 BATCH = 256
@@ -201,7 +201,7 @@ def run_predict(cfg: ClientConfig, base: Path, input_path: Path) -> dict[str, An
             f"--input {str(input_path)!r} has no id column {enc.id if enc else cfg.data.id!r}; "
             "this party aligns its rows with the other party's by id"
         )
-    logits, inputs = asyncio.run(_predict(worker, inputs, psi))
+    logits, inputs = eventloop.run(_predict(worker, inputs, psi))
     predictions = logits.argmax(1).tolist()
     result: dict[str, Any] = {"predictions": predictions, "logits": logits.tolist()}
     result["count"] = len(predictions)

@@ -34,6 +34,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable
+from typing import cast
 
 from aiohttp import web
 
@@ -157,9 +158,10 @@ class _Refused(asyncio.Protocol):
         self.why = why
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(self.why)
-        transport.close()
+        # A TCP transport, though not an asyncio class on every loop (uvloop's are its own)
+        stream = cast(asyncio.Transport, transport)
+        stream.write(self.why)
+        stream.close()
 
 
 class _Gate(asyncio.Protocol):
@@ -170,10 +172,10 @@ class _Gate(asyncio.Protocol):
         self._admit = admit
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        protocol = self._admit(transport)
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
+        stream = cast(asyncio.Transport, transport)  # see _Refused.connection_made
+        protocol = self._admit(stream)
+        stream.set_protocol(protocol)
+        protocol.connection_made(stream)
 
 
 class GuardedSite(web.BaseSite):

@@ -29,6 +29,7 @@ from sl_pipeline.zmtp_router import ZmtpRouter
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.bounded import TRIM_BYTES, TRIM_EVERY_S, trim_heap
 from workers.runtime.edge import EdgeReports
+from workers.runtime.eventloop import running_loop
 from workers.runtime.hellorates import HelloRates
 from workers.runtime.intake import MessageIntake, Replies
 from workers.runtime.peers import Listen, Peer, PeerTable
@@ -139,7 +140,9 @@ class RouterService(MessageIntake):
             self.bound = True
             paths, token = self.ops_routes(), self.ops_token
             ops = await start_ops(self.ops_cfg, self.metrics, self.status, self.ready, paths, token)
-            log.info("%s listening on %s", self.role, self.listen.bind)
+            log.info(
+                "%s listening on %s (event loop: %s)", self.role, self.listen.bind, running_loop()
+            )
             await self._run_until(stop, endpoint)
         finally:
             self.bound = False

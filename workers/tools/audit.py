@@ -34,6 +34,7 @@ from sl_pipeline.config import TOPOLOGIES, ClientConfig, ServerConfig, load
 from sl_pipeline.configfile import parse_override
 from sl_pipeline.errors import ConfigError, SLError
 from workers.client.worker import ClientWorker
+from workers.runtime import eventloop
 from workers.server.worker import ServerWorker
 from workers.tools.audit_hijack import FSHA_STEPS, attach_scrutinizer
 from workers.tools.audit_measures import (
@@ -270,13 +271,13 @@ def check_args(topology: str, dataset: str, epochs: int | None) -> None:
 
 
 def run_keeping_signals(training: Coroutine[Any, Any, Trained]) -> Trained:
-    """``asyncio.run`` that gives SIGINT and SIGTERM back their handlers afterwards: closing
+    """``eventloop.run`` that gives SIGINT and SIGTERM back their handlers afterwards: closing
     the loop resets them to the defaults, which would take away a caller's (tune's)."""
     if threading.current_thread() is not threading.main_thread():
-        return asyncio.run(training)
+        return eventloop.run(training)
     before = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     try:
-        return asyncio.run(training)
+        return eventloop.run(training)
     finally:
         for signum, handler in before.items():
             signal.signal(signum, handler)
