@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,14 +122,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    try:
+
+    def measured() -> dict[str, Any]:
         if args.epochs < 2:
             raise ConfigError(f"--epochs {args.epochs} must be at least 2 (rows are linked)")
-        found = measure_links(args.dataset, args.set, args.epochs, args.seed)
+        return measure_links(args.dataset, args.set, args.epochs, args.seed)
+
+    return run_tool(measured, args.json)
+
+
+def run_tool(measured: Callable[[], dict[str, Any]], as_json: bool) -> int:
+    """Print what ``measured`` returns (one JSON line, or a line per figure); a bad input is
+    one line on stderr and exit status 2."""
+    try:
+        found = measured()
     except SLError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.json:
+    if as_json:
         print(json.dumps(found))
     else:
         for key, value in found.items():
