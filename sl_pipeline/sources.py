@@ -34,6 +34,7 @@ class Source:
     label_names: list[str] | None = None
     ids: list[str] | None = None
     scale: bool = True  # standardise arrays with the training rows' statistics
+    arrays: list[str] | None = None  # an NPZ file's array names (data.features, data.label)
 
     def __len__(self) -> int:
         return len(self.table) if self.table is not None else len(self.x)  # type: ignore[arg-type]
@@ -85,6 +86,11 @@ def from_npz(path: Path, features: str, label: str) -> tuple[np.ndarray, np.ndar
         raise ConfigError(
             f"{where} is not a readable .npz (a zip of .npy arrays); write it with numpy.savez"
         ) from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):  # one .npy array under an .npz name
+        raise ConfigError(
+            f"{where} holds one array (a .npy file), not named arrays; write the features and "
+            "labels with numpy.savez(path, x=features, y=labels)"
+        )
     with archive:
         if features not in archive:
             raise ConfigError(f"data.features = {features!r} is not in {path}: {archive.files}")
@@ -92,6 +98,12 @@ def from_npz(path: Path, features: str, label: str) -> tuple[np.ndarray, np.ndar
             raise ConfigError(f"data.label = {label!r} is not in {path}: {archive.files}")
         x, y = archive[features], archive[label] if label else None
     return _npz_features(x, where, features), _npz_labels(y, len(x), where, label)
+
+
+def npz_names(path: Path) -> list[str]:
+    """The arrays an NPZ file holds (read before: it opens)."""
+    with np.load(path, allow_pickle=False) as archive:
+        return list(archive.files)
 
 
 def _npz_features(x: np.ndarray, where: str, name: str) -> np.ndarray:
@@ -145,7 +157,7 @@ def load_source(
     suffix = path.suffix.lower()
     if suffix == ".npz":
         arrays, targets = from_npz(path, cfg.features, cfg.label)
-        return Source(arrays, targets, list(arrays.shape[1:]))
+        return Source(arrays, targets, list(arrays.shape[1:]), arrays=npz_names(path))
     if suffix not in TABLE_SUFFIXES:
         raise ConfigError(
             f"data.path = {cfg.path!r} must be a .csv, .parquet or .npz file, or a folder"
@@ -170,6 +182,22 @@ def _table_source(table: Table, cfg: DataConfig, classes: int) -> Source:
     fixed = not any(c.kind == "text" and c.onehot for c in enc.columns)
     shape = [enc.width] if fixed else []
     return Source(None, y, shape, table=table, label_names=names, ids=table.ids)
+
+
+def require_labels(src: Source, cfg: DataConfig, holder: str) -> None:
+    """A party that holds the labels has none without ``data.label``: say that first, before
+    a table's width (its label column read as features) gets advice about model.in_shape."""
+    if src.y is not None:
+        return
+    where = f"data.path = {cfg.path!r}" if cfg.path else "the data"
+    if src.table is not None:
+        columns = [c for c in src.table.header if c != cfg.id]
+        what = f"its label column in {where} (its columns: {columns})"
+    elif src.arrays is not None:
+        what = f"its labels' array in {where} (its arrays: {src.arrays})"
+    else:
+        what = f"its label column in {where}"
+    raise ConfigError(f"data.label is not set, but {holder} holds the labels: set it to {what}")
 
 
 def check_arrays(src: Source, where: str, classes: int) -> None:

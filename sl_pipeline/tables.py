@@ -63,7 +63,9 @@ def read_table(path: Path, cfg: DataConfig, key: str = "data.path =") -> Table:
         header, rows, where = _read_csv(path, named)
     _check_header(path, header)
     columns = {name: [row[i] for row in rows] for i, name in enumerate(header)}
-    for key, name in (("data.id", cfg.id), ("data.label", cfg.label), ("data.image", cfg.image)):
+    keyed = [("data.id", cfg.id), ("data.label", cfg.label), ("data.image", cfg.image)]
+    keyed += [("data.categorical", name) for name in cfg.categorical]  # a typo: not silent
+    for key, name in keyed:
         if name and name not in columns:
             raise ConfigError(
                 f"{key} = {name!r} is not a column of {path}; its columns are {header}"

@@ -92,7 +92,7 @@ def test_a_labelled_topology_without_labels_is_refused_before_joining(
     # it joined the server first (opening a run there), then failed at its first step
     cfg = _npz_client(tmp_path, x=np.zeros((20, 4)))
     argv = ["client", "--config", str(cfg), "--insecure", "--set", 'data.label=""']
-    _refused([*argv, "--set", "client.retry_for_s=1"], capsys, "needs labels", "data.label")
+    _refused([*argv, "--set", "client.retry_for_s=1"], capsys, "holds the labels", "data.label")
 
 
 def _predict_client(tmp_path: Path) -> Path:

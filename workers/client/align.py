@@ -26,7 +26,7 @@ from sl_pipeline.errors import ConfigError, ProtocolError
 from sl_pipeline.group import load_group_key
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.psi import PsiParty
-from sl_pipeline.sources import Source
+from sl_pipeline.sources import Source, require_labels
 from workers.topologies import topology
 
 log = logging.getLogger("sl_pipeline.client")
@@ -67,9 +67,14 @@ def psi_key(cfg: ClientConfig, base: Path, has_ids: bool) -> bytes | None:
     return load_group_key(resolve_path(base, c.group_key, "client.group_key"))
 
 
+def holds_labels(cfg: ClientConfig) -> bool:
+    """Every client but a vertical feature party holds its rows' labels."""
+    return not topology(cfg.client.topology).feature_parties or cfg.client.role == "label"
+
+
 def own_view(cfg: ClientConfig, data: PartyData) -> PartyData:
     """A vertical feature party keeps no labels, even when its file has a label column."""
-    if not topology(cfg.client.topology).feature_parties or cfg.client.role == "label":
+    if holds_labels(cfg):
         return data
     return replace(
         data,
@@ -81,6 +86,9 @@ def own_view(cfg: ClientConfig, data: PartyData) -> PartyData:
 def first_data(cfg: ClientConfig, source: Source, aligned_later: bool) -> PartyData:
     """This party's split rows; no rows yet while a PSI alignment has to choose them."""
     m = cfg.model
+    if cfg.train.epochs > 0 and holds_labels(cfg):
+        role = "label" if cfg.client.role == "label" else cfg.client.topology
+        require_labels(source, cfg.data, f"this {role} client")
     if not aligned_later:
         return own_view(cfg, prepare(source, cfg.data, m.classes, m.in_shape))
     check_width(source, cfg.data, m.in_shape)
