@@ -357,9 +357,14 @@ def _scalar(hint: Any, raw: Any, dotted: str) -> Any:
 def check_endpoint(value: str, dotted: str) -> str:
     """Validate a ZeroMQ TCP endpoint such as ``tcp://127.0.0.1:5555``."""
     match = _ENDPOINT.match(value)
-    if not match or not 0 < int(match.group(2)) < 65536:
+    if not match:
         raise ConfigError(
             f"{dotted} = {value!r} is not a TCP endpoint; write it as tcp://HOST:PORT"
+        )
+    if not 0 < int(match.group(2)) < 65536:
+        raise ConfigError(
+            f"{dotted} = {value!r}: port {int(match.group(2))} is out of range; "
+            "give a port from 1 to 65535"
         )
     return value
 
@@ -376,12 +381,13 @@ def resolve_path(base: Path, value: str, dotted: str, *, must_exist: bool = True
 
 def load(cls: type[T], path: Path, overrides: list[str] | None = None) -> T:
     """Read, override and validate one worker's TOML config."""
-    data = apply_overrides(read_toml(path), overrides or [])
+    data = read_toml(path)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for role in ("server", "client", "relay"):  # another worker's file, given to this one
+        # (the file's own sections: a --set of another role's key is an unknown key, below)
         if role in data and role not in names and names & {"server", "client", "relay"}:
             raise ConfigError(
                 f"{path} is a {role}'s config (it has a [{role}] section); start it with "
                 f"`sl-pipeline {role} --config {path}`, or give this command its own file"
             )
-    return from_mapping(cls, data)
+    return from_mapping(cls, apply_overrides(data, overrides or []))

@@ -1,0 +1,33 @@
+"""A worker's config as a user gets it wrong, through ``workers.cli.main``: one line naming
+the key or file and what to do, exit status 2, and never a blame on the wrong thing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli_bad_input_journey import _refused
+
+
+def test_a_set_of_another_roles_key_names_the_key_not_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: a client's file; the user passes a server key with --set
+    cfg = tmp_path / "client-1.toml"
+    cfg.write_text('[client]\nserver = "tcp://127.0.0.1:1"\n[data]\ndataset = "digits"\n')
+    argv = ["client", "--config", str(cfg), "--insecure", "--set", "server.bind=x"]
+    # Execute / Assert: it said the file "is a server's config (it has a [server] section)"
+    err = _refused(argv, capsys, "unknown key 'server'")
+    assert "server's config" not in err, err
+
+
+@pytest.mark.parametrize("port", [0, 65536])
+def test_a_port_out_of_range_is_named_as_such(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], port: int
+) -> None:
+    cfg = tmp_path / "server.toml"
+    cfg.write_text(f'[server]\nbind = "tcp://127.0.0.1:{port}"\n')
+    # it said "is not a TCP endpoint; write it as tcp://HOST:PORT", which it was
+    err = _refused(["server", "--config", str(cfg), "--insecure"], capsys, "server.bind")
+    assert f"port {port} is out of range" in err and "1 to 65535" in err, err
