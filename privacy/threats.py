@@ -70,6 +70,21 @@ THREAT_MODELS: dict[str, dict[str, str]] = {
         "sees": "the trained split model; it guesses from the canary's loss whether the canary "
         "was trained on",
     },
+    "activation_epsilon": {
+        "who": "any party that receives the client's activations (server, relay)",
+        "knows": "every other record and the client segment's weights at each release",
+        "sees": "each record's noised releases, counted on the wire; the figure treats the "
+        "encoder as fixed: it trains on the same records without DP, and no figure bounds "
+        "that channel",
+    },
+    "dpsgd_epsilon": {
+        "who": "a party that sees the client segment's weights alone (Opacus' figure)",
+        "knows": "every other record and the initial weights, not which steps a row was in",
+        "sees": "the weights after every step; not the activations, which DP-SGD does not "
+        "noise, and not against the server, which links a row's releases by their "
+        "activations and voids the sampling amplification (python -m workers.tools.audit_link "
+        "reports the epsilon without it)",
+    },
     "dcor": {
         "who": "no attacker: a statistic of dependence",
         "knows": "-",

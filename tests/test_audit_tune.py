@@ -224,6 +224,9 @@ def test_audit_counts_every_release_of_a_record() -> None:
     assert result["activation_releases"] == 3
     assert result["epsilon_mechanism"] == "activation_noise"
     assert result["activation_epsilon"] > result["activation_epsilon_per_release"] > 0
+    # The epsilon names its attacker, and that it treats the encoder as fixed
+    assert "encoder as fixed" in result["threat_models"]["activation_epsilon"]["sees"]
+    assert "dpsgd_epsilon" not in result["threat_models"]
     # The reconstruction attacker also sees each pass through that pass's encoder (3 passes),
     # and the headline figure is its strongest variant's (tabular data: the lowest MSE).
     assert result["attack_passes"] == 3

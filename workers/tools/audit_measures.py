@@ -381,6 +381,7 @@ def measure(trained: Trained, seed: int, attack_seeds: int = ATTACK_SEEDS) -> di
     attacks += ["label_clustering"] if trained.sent_grads else []
     if "representation_cluster_accuracy" in result:  # u-shaped: the server's completion
         attacks = [a for a in attacks if a != "model_completion"] + ["representation"]
+    attacks += [key for key in ("activation_epsilon", "dpsgd_epsilon") if key in result]
     result["threat_models"] = {name: THREAT_MODELS[name] for name in attacks}
     return {
         k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()
