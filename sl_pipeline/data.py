@@ -11,6 +11,7 @@ agreed intersection).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,6 +38,30 @@ class Split:
 
 
 @dataclass(frozen=True)
+class Scaling:
+    """The mean and spread of this party's training rows (arrays: NPZ, breast_cancer), per
+    feature, flattened: saved with the segment, so ``predict`` scales new rows the same way."""
+
+    mean: list[float]
+    std: list[float]
+
+    @classmethod
+    def fit(cls, x: np.ndarray) -> Scaling:
+        flat = x.reshape(len(x), -1)  # float32, as the rows are: the same figures as ever
+        return cls(flat.mean(axis=0).tolist(), (flat.std(axis=0) + 1e-6).tolist())
+
+    def apply(self, x: np.ndarray, where: str) -> np.ndarray:
+        flat = x.reshape(len(x), -1)
+        if flat.shape[1] != len(self.mean):
+            raise ConfigError(
+                f"{where} gives {flat.shape[1]} features per row, but the model was trained "
+                f"on {len(self.mean)}; give rows with the training file's features"
+            )
+        mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
+        return ((flat - mean) / std).astype(np.float32).reshape(x.shape)
+
+
+@dataclass(frozen=True)
 class PartyData:
     train: Split
     test: Split
@@ -44,6 +69,18 @@ class PartyData:
     classes: int
     encoding: Encoding | None = None  # a table's fitted encoding, saved with the segment
     label_names: list[str] | None = None  # text labels: the name of each class index
+    scaling: Scaling | None = None  # arrays standardised with the training rows' statistics
+
+    def saved_state(self) -> str | None:
+        """How this party's rows were turned into inputs (JSON, beside its weights), so
+        predict does the same to new rows; None where raw values went in unchanged."""
+        if self.encoding is None and self.label_names is None and self.scaling is None:
+            return None
+        scaling = vars(self.scaling) if self.scaling is not None else None
+        encoding = self.encoding.to_dict() if self.encoding is not None else None
+        return json.dumps(
+            {"encoding": encoding, "label_names": self.label_names, "scaling": scaling}
+        )
 
 
 def _slice_features(x: np.ndarray, bounds: list[int]) -> tuple[np.ndarray, list[int]]:
@@ -107,21 +144,22 @@ def prepare(
         raise ConfigError(f"data.shard = {cfg.shard} must be in [0, data.shards={cfg.shards})")
     train_idx = np.array_split(train_idx, cfg.shards)[cfg.shard]
     test_idx = np.array_split(test_idx, cfg.shards)[cfg.shard]
-    enc = None
+    enc, scaling = None, None
     if src.table is not None:
         enc = encoding.fit(src.table, cfg, sorted(train_idx.tolist()), src.label_names)
         x, shape = encoding.transform(enc, src.table), [enc.width]
     else:
         assert src.x is not None
         x, shape = src.x, src.shape
-        x = _standardise(x, train_idx) if src.scale else x
+        if src.scale:  # with this party's own training rows' statistics (no pooled stats)
+            scaling = Scaling.fit(x[train_idx])
+            x = scaling.apply(x, "data")
     if cfg.feature_slice:
         x, shape = _slice_features(x, cfg.feature_slice)
     x, shape = _fit_shape(x, shape, in_shape, cfg, enc)
     n_classes = classes or (int(y.max()) + 1 if y is not None and len(y) else 0)
-    return PartyData(
-        _take(x, y, train_idx), _take(x, y, test_idx), shape, n_classes, enc, src.label_names
-    )
+    train, test = _take(x, y, train_idx), _take(x, y, test_idx)
+    return PartyData(train, test, shape, n_classes, enc, src.label_names, scaling)
 
 
 def check_width(src: Source, cfg: DataConfig, in_shape: Sequence[int]) -> None:
@@ -147,13 +185,6 @@ def _fit_shape(
             f"set model.in_shape = {shape if len(shape) > 1 else [have]} or check the columns"
         )
     return np.ascontiguousarray(x.reshape(len(x), *want)), want
-
-
-def _standardise(x: np.ndarray, train_idx: np.ndarray) -> np.ndarray:
-    """Scale with statistics of this party's own training rows only (no pooled stats)."""
-    mean = x[train_idx].mean(axis=0, keepdims=True)
-    std = x[train_idx].std(axis=0, keepdims=True) + 1e-6
-    return ((x - mean) / std).astype(np.float32)
 
 
 def _take(x: np.ndarray, y: np.ndarray | None, idx: np.ndarray) -> Split:

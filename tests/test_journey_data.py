@@ -4,6 +4,7 @@ never a traceback, never another problem's advice first, never silently accepted
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -62,3 +63,26 @@ def test_a_single_npy_array_under_an_npz_name_is_one_line(
         np.save(fh, np.zeros((20, 30)))
     argv = _client(tmp_path, 'path = "rows.npz"\nlabel = "y"\n')
     _refused(argv, capsys, "rows.npz", "numpy.savez")
+
+
+def test_predict_refuses_arrays_for_a_segment_trained_on_a_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: a segment saved with the encoding of the table it was trained on
+    from sl_pipeline import encoding
+    from sl_pipeline.config import DataConfig
+    from sl_pipeline.tables import read_table
+    from workers.runtime.savedmodel import save_weights
+
+    wisconsin_csv(tmp_path / "wdbc.csv")
+    table = read_table(tmp_path / "wdbc.csv", DataConfig(id="id", label="diagnosis"))
+    enc = encoding.fit(table, DataConfig(id="id", label="diagnosis"), range(len(table)), None)
+    state = {"data": json.dumps({"encoding": enc.to_dict(), "label_names": ["B", "M"]})}
+    save_weights(state, tmp_path / "client-1.pt", "the segment")
+    np.savez(tmp_path / "new.npz", x=np.zeros((5, 30)))
+    data = 'path = "wdbc.csv"\nid = "id"\nlabel = "diagnosis"\n'
+    argv = [*_client(tmp_path, data), "--set", 'client.save="client-1.pt"']
+    argv += ["--set", "client.retry_for_s=1"]  # no server: it went on to look for one
+    argv[0] = "predict"
+    # Execute / Assert: the raw arrays went to the model unencoded, unscaled, without a word
+    _refused([*argv, "--input", str(tmp_path / "new.npz")], capsys, "new.npz", ".csv")

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from sl_pipeline.config import ClientConfig
 from sl_pipeline.data import load_party_data
 from sl_pipeline.models import build_segments
+from sl_pipeline.sources import load_source
 from workers.cli import main
 from workers.tools import demo
 from workers.tools.inprocess import run_deployment
@@ -29,6 +31,14 @@ def _write_csv(path: Path, x: np.ndarray) -> None:
     np.savetxt(path, x, delimiter=",", header=header, comments="")
 
 
+def _raw_rows(cfg: ClientConfig, base: Path, ids: torch.Tensor) -> np.ndarray:
+    """Rows as the data set holds them, unscaled (predict scales them as training did:
+    these tests wrote the scaled rows, and passed while predict did not scale)."""
+    raw = load_source(cfg.data, base).x
+    assert raw is not None
+    return raw[ids.numpy()]
+
+
 @pytest.mark.parametrize("topology", ["vanilla", "ushaped"])
 async def test_predict_matches_the_in_process_model(
     deployment, procs: Procs, topology: str
@@ -38,8 +48,9 @@ async def test_predict_matches_the_in_process_model(
     await run_deployment(files)
     base = files["server"].parent
     cfg = load_client(files["client-1"])
-    x = load_party_data(cfg.data, base, 2).test.x[:40]
-    _write_csv(base / "inputs.csv", x.numpy())
+    test = load_party_data(cfg.data, base, 2).test
+    x = test.x[:40]  # scaled with the training rows' statistics, as the segments saw them
+    _write_csv(base / "inputs.csv", _raw_rows(cfg, base, test.ids[:40]))  # as a user has them
     # Execute: the server restarts from its saved segment; predict sends only activations
     server = procs.fork("server", files["server"])
     wait_listening(files["server"], server)
@@ -70,8 +81,9 @@ async def test_vertical_predict_fuses_every_party(deployment, procs: Procs) -> N
     await run_deployment(files)
     base = files["server"].parent
     cfgs = [load_client(files[f"client-{i}"]) for i in (1, 2)]
-    full = load_party_data(replace(cfgs[0].data, feature_slice=[]), base, 2).test.x[:30]
-    _write_csv(base / "rows.csv", full.numpy())
+    test = load_party_data(replace(cfgs[0].data, feature_slice=[]), base, 2).test
+    full = test.x[:30]
+    _write_csv(base / "rows.csv", _raw_rows(cfgs[0], base, test.ids[:30]))
     server = procs.fork("server", files["server"])
     wait_listening(files["server"], server)
     runs = [  # each party's `sl-pipeline predict` at once, in forked processes

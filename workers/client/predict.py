@@ -22,6 +22,7 @@ import zmq.asyncio
 
 from sl_pipeline import encoding, images
 from sl_pipeline.config import ClientConfig, DataConfig, resolve_path
+from sl_pipeline.data import Scaling
 from sl_pipeline.encoding import Encoding
 from sl_pipeline.errors import ConfigError, ProtocolError
 from sl_pipeline.messages import Kind
@@ -42,19 +43,27 @@ class Inputs:
     ids: list[str] | None = None
 
 
-def saved_data(path: Path) -> tuple[Encoding | None, list[str] | None]:
-    """The encoding and label names saved with a trained segment (None: plain numbers)."""
+def saved_data(path: Path) -> tuple[Encoding | None, list[str] | None, Scaling | None]:
+    """The encoding, label names and scaling saved with a trained segment (None: plain)."""
     state = load_weights(path, "client.save")
     if DATA_STATE not in state:
-        return None, None
+        return None, None, None
     raw = json.loads(state[DATA_STATE])
     enc = Encoding.from_dict(raw["encoding"]) if raw.get("encoding") else None
-    return enc, raw.get("label_names")
+    scaling = Scaling(**raw["scaling"]) if raw.get("scaling") else None
+    return enc, raw.get("label_names"), scaling
 
 
-def read_inputs(cfg: ClientConfig, path: Path, enc: Encoding | None = None) -> Inputs:
+def read_inputs(
+    cfg: ClientConfig, path: Path, enc: Encoding | None = None, scaling: Scaling | None = None
+) -> Inputs:
     """Features of every row of ``path``: a table, an .npz, or a folder of image files."""
     ids = None
+    if enc is not None and (path.is_dir() or path.suffix.lower() == ".npz"):
+        raise ConfigError(
+            f"--input {str(path)!r}: this segment was trained on a table, whose columns it "
+            "encodes; give the new rows as a .csv or .parquet with the training file's columns"
+        )
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in images.EXTENSIONS)
         if not files:
@@ -73,6 +82,8 @@ def read_inputs(cfg: ClientConfig, path: Path, enc: Encoding | None = None) -> I
             table = with_ids(table, column)
             ids = table.ids
         x = encoding.transform(enc, table) if enc is not None else _numbers(table)
+    if scaling is not None:  # as the training rows were (before any feature_slice)
+        x = scaling.apply(x, f"--input {str(path)!r}")
     if cfg.data.feature_slice:
         a, z = cfg.data.feature_slice
         x = x.reshape(len(x), -1)[:, a:z]
@@ -187,10 +198,10 @@ def run_predict(cfg: ClientConfig, base: Path, input_path: Path) -> dict[str, An
         )
     if not input_path.exists():
         raise ConfigError(f"--input {str(input_path)!r}: no such file")
-    enc, names = saved_data(saved)
+    enc, names, scaling = saved_data(saved)
     if enc is not None:  # a policy, not a fitted value: the config in effect decides
         enc = replace(enc, unknown=cfg.data.unknown, missing=cfg.data.missing)
-    inputs = read_inputs(cfg, input_path, enc)
+    inputs = read_inputs(cfg, input_path, enc, scaling)
     worker = ClientWorker(replace(cfg, train=replace(cfg.train, epochs=0)), base, progress=False)
     worker.runner.load(saved)
     # Vertical: every feature party runs predict at the same time on its own columns of the

@@ -6,7 +6,6 @@ A :class:`StepRunner` owns the client's segment(s), optimizer and defenses. The 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -370,11 +369,9 @@ class StepRunner:
             return
         path = resolve_path(self.host.base, self.cfg.client.save, "client.save", must_exist=False)
         state: dict[str, Any] = {name: _plain_state(m) for name, m in self.modules.items()}
-        data = self.host.data
-        if data.encoding is not None or data.label_names is not None:
-            # How this party's rows were encoded, so predict encodes new rows the same way.
-            encoding = data.encoding.to_dict() if data.encoding else None
-            state[DATA_STATE] = json.dumps({"encoding": encoding, "label_names": data.label_names})
+        data_state = self.host.data.saved_state()  # predict encodes/scales new rows the same
+        if data_state is not None:
+            state[DATA_STATE] = data_state
         save_weights(state, path, "the trained segment (client.save)")
 
     def load(self, path: Path) -> None:
