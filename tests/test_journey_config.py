@@ -31,3 +31,26 @@ def test_a_port_out_of_range_is_named_as_such(
     # it said "is not a TCP endpoint; write it as tcp://HOST:PORT", which it was
     err = _refused(["server", "--config", str(cfg), "--insecure"], capsys, "server.bind")
     assert f"port {port} is out of range" in err and "1 to 65535" in err, err
+
+
+def _runs_config(tmp_path: Path) -> Path:
+    (tmp_path / "admin.token").write_text("t" * 32)
+    cfg = tmp_path / "server.toml"
+    cfg.write_text('[ops]\nlisten = "127.0.0.1:1"\nadmin_token = "admin.token"\n')
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["list", "run-1"], "runs list takes no run id"),  # it listed every run
+        (["status", "../etc"], "is not a run id"),  # the server answered "404: Not Found"
+        (["download", "run-1/../x"], "is not a run id"),
+    ],
+)
+def test_runs_arguments_are_checked_before_calling_the_server(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], named: str
+) -> None:
+    # nothing listens at 127.0.0.1:1: without the check, each said it found no server
+    cfg = _runs_config(tmp_path)
+    _refused(["runs", *argv, "--config", str(cfg)], capsys, named)

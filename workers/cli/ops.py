@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sl_pipeline.errors import ConfigError
+from sl_pipeline.runid import is_run_id
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -34,11 +35,18 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
     api = RunClient(args.config)
     if args.action == "list":
+        if args.run:  # it listed every run, as if the id were not there
+            raise ConfigError(f"runs list takes no run id; for one run: runs status {args.run}")
         body = api.runs()
         print(json.dumps(body) if args.json else format_runs(body["runs"]))
         return 0
     if not args.run:
         raise ConfigError(f"runs {args.action} needs a run id; `runs list` shows them")
+    if not is_run_id(args.run):  # the server answered "404: Not Found" (a path, not a run)
+        raise ConfigError(
+            f"runs {args.action}: {args.run!r} is not a run id (letters, digits, '_', '.', "
+            "'-'); `runs list` shows them"
+        )
     if args.action == "download":
         out = args.out or Path(f"{args.run}-server.pt")
         if out.exists():  # another run's model, or anything else: the user's to keep
