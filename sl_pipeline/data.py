@@ -137,7 +137,8 @@ def prepare(
             raise ConfigError(f"data.task = {cfg.task!r} is unknown; choose one of {sorted(TASKS)}")
         if src.y is not None:
             src = replace(src, y=TASKS[cfg.task](src.y))
-    check_arrays(src, f"data.path = {cfg.path!r}" if cfg.path else "data", classes or 0)
+    where = f"data.path = {cfg.path!r}" if cfg.path else f"data.dataset = {cfg.dataset!r}"
+    check_arrays(src, where, classes or 0)
     y = src.y
     train_idx, test_idx = split_indices(len(src), cfg.test_fraction, cfg.seed)
     if cfg.shards < 1 or not 0 <= cfg.shard < cfg.shards:

@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .config import DataConfig
 from .errors import ConfigError
-from .tables import Table, check_every_class, encode_labels, is_missing, read_table
+from .tables import Table, check_every_class, encode_labels, is_missing, read_table, shown
 
 EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
@@ -92,7 +92,7 @@ def load_image_folder(
     files, labels, names = scan_folder(root)
     if classes and len(names) > classes:
         raise ConfigError(
-            f"data.path = {str(root)!r} has {len(names)} class folders {names[:10]} but "
+            f"data.path = {str(root)!r} has {len(names)} class folders {shown(names)} but "
             f"model.classes = {classes}; set model.classes = {len(names)}"
         )
     check_every_class(names, classes, f"data.path = {str(root)!r} (class folders)")

@@ -183,7 +183,7 @@ def encode_labels(
     names = names if names is not None else sorted(set(cells))
     if classes and len(names) > classes:
         raise ConfigError(
-            f"{table.path}, column {column!r}: {len(names)} distinct labels {names[:10]} but "
+            f"{table.path}, column {column!r}: {len(names)} distinct labels {shown(names)} but "
             f"model.classes = {classes}; set model.classes = {len(names)} or fix the labels"
         )
     if learned:
@@ -204,10 +204,15 @@ def check_every_class(names: list[str], classes: int, where: str) -> None:
     is 'B' everywhere else), and one class alone teaches nothing: refuse both."""
     if classes and len(names) < classes:
         raise ConfigError(
-            f"{where}: {len(names)} distinct label(s) {names[:10]} but model.classes = "
+            f"{where}: {len(names)} distinct label(s) {shown(names)} but model.classes = "
             f"{classes}; class names are numbered in sorted order, so every party must hold "
             f"every class: check the rows (a filter?), or write the labels as 0..{classes - 1}"
         )
+
+
+def shown(names: Sequence[str], limit: int = 10) -> str:
+    """The first ``limit`` names, and "..." where there are more (a cut list reads whole)."""
+    return str(list(names)) if len(names) <= limit else str(list(names[:limit]))[:-1] + ", ...]"
 
 
 def _whole(value: str) -> int | None:

@@ -86,3 +86,27 @@ def test_predict_refuses_arrays_for_a_segment_trained_on_a_table(
     argv[0] = "predict"
     # Execute / Assert: the raw arrays went to the model unencoded, unscaled, without a word
     _refused([*argv, "--input", str(tmp_path / "new.npz")], capsys, "new.npz", ".csv")
+
+
+def test_a_built_in_set_with_too_few_classes_names_the_set(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # it said "data: sample 5 has label 5", naming no key
+    cfg = tmp_path / "client.toml"
+    cfg.write_text(CLIENT.replace("[30]", "[1, 8, 8]") + 'dataset = "digits"\n')
+    argv = ["client", "--config", str(cfg), "--insecure", "--set", "model.classes=5"]
+    _refused(argv, capsys, "data.dataset = 'digits'", "model.classes = 5")
+
+
+def test_a_cut_list_of_class_folders_says_it_is_cut(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "has 11 class folders ['0', ..., '9'] but model.classes = 10": ten names for eleven
+    from PIL import Image
+
+    for name in [*map(str, range(10)), "x"]:
+        (tmp_path / "png" / name).mkdir(parents=True)
+        Image.new("L", (8, 8)).save(tmp_path / "png" / name / "a.png")
+    cfg = tmp_path / "client.toml"
+    cfg.write_text(CLIENT.replace("[30]", "[1, 8, 8]").replace("= 2", "= 10") + 'path = "png"\n')
+    _refused(["client", "--config", str(cfg), "--insecure"], capsys, "11 class folders", "...]")
