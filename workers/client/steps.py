@@ -27,6 +27,7 @@ from sl_pipeline.tensors import as_input, wire_labels, wire_tensors
 from workers.client.hijack_watch import HijackWatch, build_detector
 from workers.client.host import RunnerConfig, RunnerHost
 from workers.client.private import PrivateBatches
+from workers.client.releases import ActivationAccounting
 from workers.client.replies import Shape, reply_loss, reply_tensor
 from workers.runtime.savedmodel import load_weights, save_weights
 
@@ -88,12 +89,11 @@ class StepRunner:
         params = [p for m in self.modules.values() for p in m.parameters()]
         t = cfg.train
         self.optimizer = make_optimizer(params, t.optimizer, t.lr, t.momentum)
-        self.accountant = self._activation_accountant()
         self.dp: Any = None  # Opacus' handle, with DP-SGD
         self.private: PrivateBatches | None = None
         if self.privacy.dpsgd is not None:
             self._attach_dpsgd(self.privacy.dpsgd)
-        self.accounted_epochs = 0
+        self.activation = ActivationAccounting(self.privacy.noise, self.private is not None)
         self.residuals = Residuals()  # int2-ef (u-shaped): what our output gradients owe
 
     # ---- set-up --------------------------------------------------------------------------
@@ -120,21 +120,13 @@ class StepRunner:
         """One sample of the output an evaluation's reply holds: the server's logits."""
         return (None,)
 
-    def _activation_accountant(self) -> Any:
-        noise = self.privacy.noise
-        if noise is None or noise.sigma <= 0:
-            return None
-        from privacy.accounting import activation_accountant
-
-        # The server sees which records are in each batch, so no subsampling amplification:
-        # every training record is released once per epoch (sample_rate 1).
-        return activation_accountant(noise, sample_rate=1.0)
-
     # ---- batches -------------------------------------------------------------------------
     def epoch_batches(self, epoch: int, first_step: int = 0) -> Iterator[tuple[int, *Batch]]:
         """``(step, x, y, ids)`` of this epoch from ``first_step`` (after a resume)."""
         if self.private is not None:
-            yield from self.private.batches(first_step, epoch + 1 < self.cfg.train.epochs)
+            for batch in self.private.batches(first_step, epoch + 1 < self.cfg.train.epochs):
+                self.activation.handed_out(batch[3])
+                yield batch
             return
         train = self.host.data.train
         order = batch_order(len(train), self.cfg.train.batch_size, self.cfg.train.seed, epoch)
@@ -325,17 +317,14 @@ class StepRunner:
     async def before_epoch(self, epoch: int) -> None:
         return None
 
-    def restore_accounting(self, epochs: int) -> None:
+    def restore_accounting(self, state: dict[str, Any]) -> None:
         """After a resume: the releases already made still count (never rolled back)."""
-        self.accounted_epochs = epochs
-        if self.accountant is not None and epochs:
-            self.accountant.step(epochs)
+        self.activation.restore(state)
 
     async def after_epoch(self, epoch: int) -> None:
-        self.accounted_epochs += 1
-        if self.accountant is not None:
-            self.accountant.step(1)
-            self.host.metrics.set_privacy("activation_noise", self.accountant.epsilon())
+        epsilon = self.activation.epoch_ended()
+        if epsilon is not None:
+            self.host.metrics.set_privacy("activation_noise", epsilon)
 
     async def after_training(self) -> bool:
         """True when the weights changed after the last evaluation (group topologies)."""
@@ -353,10 +342,7 @@ class StepRunner:
         return {"defense": self.defense, "label": self.label_protection}
 
     def report(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.accountant is not None:
-            out["activation_epsilon"] = round(self.accountant.epsilon(), 4)
-            out["activation_mechanism"] = self.accountant.mechanism_name
+        out: dict[str, Any] = self.activation.report()
         if self.private is not None:
             out["dpsgd_epsilon"] = round(self.private.epsilon(), 4)
         if self.watch is not None:

@@ -127,7 +127,7 @@ class ClientWorker:
             "steps_done": self.steps_done,
             "epoch_losses": list(self.epoch_losses),
             "rng": rng_state(),
-            "accounted_epochs": self.runner.accounted_epochs,
+            **self.runner.activation.state(),
             "runner": self.runner.extra_state(),
             "dpsgd": self.runner.dp_state(),
             "resends": self.link.recorded.state(),  # for a relay that lost them (resends.py)
@@ -140,7 +140,7 @@ class ClientWorker:
         state, path = found
         self.run_id = self.ckpt.resumed_in or self.run_id
         self._load_state(state)
-        self.runner.restore_accounting(int(state["accounted_epochs"]))
+        self.runner.restore_accounting(state)
         self.runner.load_extra_state(dict(state.get("runner", {})))
         self.link.recorded.load(state.get("resends"))  # sent before it, kept with it
         log.info("resumed from %s at epoch %d step %d", path, self.start[0] + 1, self.start[1])
