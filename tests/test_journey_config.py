@@ -46,6 +46,8 @@ def _runs_config(tmp_path: Path) -> Path:
         (["list", "run-1"], "runs list takes no run id"),  # it listed every run
         (["status", "../etc"], "is not a run id"),  # the server answered "404: Not Found"
         (["download", "run-1/../x"], "is not a run id"),
+        (["stop", "a:b:c"], "is not a run id"),
+        (["status", "hospital:trial"], "no server answers"),  # GROUP:RUN: asked for
     ],
 )
 def test_runs_arguments_are_checked_before_calling_the_server(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from sl_pipeline.errors import ConfigError
 from sl_pipeline.runid import is_run_id
+from sl_pipeline.tenancy import SEPARATOR
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -42,10 +43,11 @@ def cmd_runs(args: argparse.Namespace) -> int:
         return 0
     if not args.run:
         raise ConfigError(f"runs {args.action} needs a run id; `runs list` shows them")
-    if not is_run_id(args.run):  # the server answered "404: Not Found" (a path, not a run)
+    parts = args.run.split(SEPARATOR)  # RUN, or GROUP:RUN
+    if len(parts) > 2 or not all(map(is_run_id, parts)):  # the server answered "404: Not Found"
         raise ConfigError(
-            f"runs {args.action}: {args.run!r} is not a run id (letters, digits, '_', '.', "
-            "'-'); `runs list` shows them"
+            f"runs {args.action}: {args.run!r} is not a run id (RUN or GROUP:RUN, each letters, "
+            "digits, '_', '.', '-'); `runs list` shows them"
         )
     if args.action == "download":
         out = args.out or Path(f"{args.run}-server.pt")
