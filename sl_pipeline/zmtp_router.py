@@ -15,6 +15,7 @@ peer is disconnected: a slow reader never blocks the rest).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import secrets
 import time
@@ -52,6 +53,18 @@ WRITE_STALL_S = 60.0  # a peer that takes nothing this long while output waits i
 
 def _nothing(*_: str) -> None:
     return None
+
+
+def listen_advice(exc: OSError, host: str, key: str) -> str:
+    """What to do when listening on ``host`` (the config's ``key``) failed with ``exc``."""
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (
+            f"this machine has no address {host}: set {key} to one of its own addresses "
+            "(or 0.0.0.0 for all of them)"
+        )
+    if exc.errno == errno.EACCES:
+        return f"ports below 1024 need privileges: choose a port from 1024 up in {key}"
+    return f"another process holds the port: stop it, or choose another port in {key}"
 
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:
@@ -114,7 +127,7 @@ class ZmtpRouter:
                 router._new_connection, host, port, reuse_address=True, start_serving=False
             )
         except OSError as exc:
-            raise TransportError(f"cannot bind {endpoint}: {exc}; is the port in use?") from None
+            raise TransportError(f"cannot bind {endpoint}: {exc.strerror or exc}") from exc
         bound = router._server.sockets[0].getsockname()
         router.endpoint = f"tcp://{host}:{bound[1]}"
         router._acceptor = Acceptor(router._server, router._admit_address)

@@ -234,3 +234,15 @@ def test_audit_counts_every_release_of_a_record() -> None:
     assert {result[f"reconstruction_mse_{v}"] for v in variants} >= {result["reconstruction_mse"]}
     assert result["reconstruction_mse"] == min(result[f"reconstruction_mse_{v}"] for v in variants)
     assert result["attack_variant"] in variants
+
+
+def test_the_text_audit_prints_the_u_shaped_servers_own_label_channel(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The u-shaped server reads the labels from its own outputs (docs/privacy.md); --json
+    # carried the figures, the text report left them out
+    argv = ["audit", "--topology", "ushaped", "--dataset", "breast_cancer", "--epochs", "1"]
+    assert cli(*argv, "--attack-seeds", "1") == 0
+    out = capsys.readouterr().out
+    for key in ("representation_auc", "representation_input_auc"):
+        assert f"{key}: " in out, out

@@ -49,6 +49,25 @@ def test_port_in_use(deployment, capsys: pytest.CaptureFixture[str], key: str, v
     assert f"choose another port in [{section}] {name}" in err
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("ops.listen", "192.0.2.1:{port}"), ("server.bind", "tcp://192.0.2.1:{port}")],
+)
+def test_an_address_this_machine_does_not_have(  # type: ignore[no-untyped-def]
+    deployment, capsys: pytest.CaptureFixture[str], key: str, value: str
+) -> None:
+    """A documentation-range address (RFC 5737) no machine here holds: the bind is refused
+    by the kernel, nothing is sent; the advice is the address, not a port in use."""
+    files = deployment(dataset="breast_cancer")
+    value = value.format(port=free_port())
+    sets = ("--set", f'{key}="{value}"')
+    code, err = _run(capsys, "server", "--config", str(files["server"]), *sets)
+    assert code == 2
+    section, name = key.split(".")
+    assert f"this machine has no address 192.0.2.1: set [{section}] {name}" in err, err
+    assert "holds the port" not in err
+
+
 def test_saved_state_that_does_not_fit_the_model(
     deployment, capsys: pytest.CaptureFixture[str]
 ) -> None:  # type: ignore[no-untyped-def]

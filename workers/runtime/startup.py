@@ -18,7 +18,7 @@ from sl_pipeline.config import OpsConfig, resolve_path
 from sl_pipeline.errors import ConfigError, SLError, TransportError
 from sl_pipeline.keys import KeyPair, load_admitted_keys, load_keypair, load_public_key
 from sl_pipeline.messages import error_message
-from sl_pipeline.zmtp_router import ZmtpRouter
+from sl_pipeline.zmtp_router import ZmtpRouter, listen_advice
 from workers.ops.http import OpsServer, parse_listen
 from workers.ops.metrics import WorkerMetrics
 from workers.ops.runsclient import PLACEHOLDER, TOKEN_MIN_CHARS, read_token
@@ -66,9 +66,11 @@ async def bind_router(bind: str, section: str, limits: Limits, **options: Any) -
     try:
         return await ZmtpRouter.bind(bind, limits, **options)
     except TransportError as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else OSError()
+        host = bind.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+        advice = listen_advice(cause, host, f"[{section}] bind")
         raise ConfigError(
-            f"{section}.bind = {bind!r}: cannot listen there ({exc}); "
-            f"stop the process holding the port, or choose another port in [{section}] bind"
+            f"{section}.bind = {bind!r}: cannot listen there ({exc}); {advice}"
         ) from None
 
 
@@ -161,7 +163,7 @@ async def start_ops(
     except OSError as exc:
         raise ConfigError(
             f"ops.listen = {cfg.listen!r}: cannot listen there ({exc.strerror or exc}); "
-            "another process holds the port: stop it, or choose another port in [ops] listen"
+            f"{listen_advice(exc, host, '[ops] listen')}"
         ) from None
     log.info("ops HTTP listening on %s", ops.url)
     return ops
