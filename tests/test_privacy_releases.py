@@ -1,5 +1,5 @@
-"""Activation noise's accountant counts the worst row's releases: once per epoch with fixed
-batches, each row handed out with DP-SGD's Poisson batches (workers/client/releases.py)."""
+"""Activation noise's accountant counts the worst row's releases: every row handed out for a
+step, with fixed or DP-SGD's Poisson batches (workers/client/releases.py)."""
 
 from __future__ import annotations
 
@@ -16,38 +16,41 @@ from tests.conftest import Procs, wait_listening
 from workers.client.releases import ActivationAccounting, Releases
 
 
-def test_poisson_batches_count_the_most_released_row() -> None:
-    releases = Releases(per_row=True)
-    for batch in ([0, 1, 2], [1, 2], [], [2]):
+def test_the_most_released_row_is_counted_whatever_drew_the_batches() -> None:
+    releases = Releases()
+    for batch in ([0, 1, 2], [1, 2], [], [2]):  # Poisson: row 2 in three batches of an epoch
         releases.handed_out(torch.tensor(batch, dtype=torch.long))
-    releases.epoch_ended()
-    assert releases.total == 3  # row 2 went in three batches of one epoch
+    assert releases.total == 3
+    releases.handed_out(torch.tensor([0, 1]))  # a redone step's rows go out again
+    releases.handed_out(torch.tensor([0, 1]))
+    assert releases.total == 4 and releases.counts[0] == 3  # row 1: 2 + 2
     releases.restore(releases.state())  # a resume: the figure kept, the rows counted afresh
-    releases.handed_out(torch.tensor([0]))
-    assert releases.total == 4  # 3 before, 1 since: never below what was sent
+    releases.handed_out(torch.tensor([5]))
+    assert releases.total == 5  # 4 before, 1 since: never below what was sent
 
 
-def test_fixed_batches_count_epochs_and_old_checkpoints_still_restore() -> None:
-    releases = Releases(per_row=False)
-    releases.handed_out(torch.tensor([0, 0, 0]))  # each row once per epoch: rows not counted
-    releases.epoch_ended()
-    releases.epoch_ended()
-    assert releases.total == 2
-    releases.restore({"accounted_epochs": 5})  # written before the count existed
-    releases.epoch_ended()
-    assert releases.total == 6
+def test_checkpoints_written_before_the_count_restore_to_a_bound() -> None:
+    releases = Releases()
+    releases.restore({"accounted_epochs": 5, "steps_done": 80, "dpsgd": {}})
+    assert releases.total == 5  # fixed batches: one release per epoch ended
+    releases.restore({"accounted_epochs": 2, "steps_done": 30, "dpsgd": {"drawn": 3}})
+    assert releases.total == 30  # Poisson: at most one release per step
+    releases.restore({"activation_releases": 7, "accounted_epochs": 2})
+    assert releases.total == 7
 
 
 def test_the_accountant_composes_each_release_once() -> None:
     noise = NoiseConfig(sigma=1.0, clip=1.0)
-    accounting = ActivationAccounting(noise, per_row=True)
+    accounting = ActivationAccounting(noise)
     accounting.handed_out(torch.tensor([4, 4, 4, 5]))
-    first = accounting.epoch_ended()
+    first = accounting.epsilon()
     assert accounting.report()["activation_releases"] == 3
     assert accounting.epsilon() == first  # asking again composes nothing more
     expected = activation_release_statement(noise, 3)["activation_epsilon"]
     assert first == pytest.approx(expected, rel=1e-6)
-    assert ActivationAccounting(None, per_row=True).epoch_ended() is None
+    silent = ActivationAccounting(None)  # no noise: nothing counted, nothing reported
+    silent.handed_out(torch.tensor([1]))
+    assert silent.epsilon() is None and silent.report() == {} and not silent.releases.counts
 
 
 @pytest.mark.timeout(300)

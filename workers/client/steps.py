@@ -93,7 +93,8 @@ class StepRunner:
         self.private: PrivateBatches | None = None
         if self.privacy.dpsgd is not None:
             self._attach_dpsgd(self.privacy.dpsgd)
-        self.activation = ActivationAccounting(self.privacy.noise, self.private is not None)
+        self.activation = ActivationAccounting(self.privacy.noise)
+        self.activation.track(worker.metrics)
         self.residuals = Residuals()  # int2-ef (u-shaped): what our output gradients owe
 
     # ---- set-up --------------------------------------------------------------------------
@@ -133,6 +134,7 @@ class StepRunner:
         for step, idx in enumerate(order):
             if step >= first_step:
                 y = train.y[idx] if train.y is not None else None
+                self.activation.handed_out(train.ids[idx])
                 yield step, train.x[idx], y, train.ids[idx]
 
     def dp_state(self) -> dict[str, Any]:
@@ -322,9 +324,7 @@ class StepRunner:
         self.activation.restore(state)
 
     async def after_epoch(self, epoch: int) -> None:
-        epsilon = self.activation.epoch_ended()
-        if epsilon is not None:
-            self.host.metrics.set_privacy("activation_noise", epsilon)
+        return None
 
     async def after_training(self) -> bool:
         """True when the weights changed after the last evaluation (group topologies)."""
