@@ -145,6 +145,11 @@ def _read_small(path: Path, limit: int, what: str) -> str:
             data = fh.read(limit + 1)
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} does not exist", hint="run the keygen command") from None
+    except IsADirectoryError:
+        raise ConfigError(
+            f"{what} {path} is a folder: name the key file in it (NAME.key for this worker's "
+            "own key, NAME.pub for a peer's)"
+        ) from None
     except OSError as err:
         raise ConfigError(f"cannot read {what} {path}: {err.strerror}") from err
     if len(data) > limit:
@@ -158,6 +163,12 @@ def _read_small(path: Path, limit: int, what: str) -> str:
 def _parse_key_file(path: Path, tag: str, what: str) -> bytes:
     text = _read_small(path, _MAX_KEY_FILE_BYTES, what)
     parts = text.split()
+    if parts[:1] == [PRIVATE_TAG] and tag == PUBLIC_TAG:
+        raise ConfigError(
+            f"{what} {path} is a private key: a peer's key is pinned by its public half; "
+            f"name the .pub file written beside it ({path.with_suffix('.pub').name}), and keep "
+            "the private key on its own host"
+        )
     if len(parts) != 2 or parts[0] != tag:
         raise ConfigError(
             f"{what} {path} is garbled: expected one line '{tag} <base64>'",

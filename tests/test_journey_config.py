@@ -56,3 +56,25 @@ def test_runs_arguments_are_checked_before_calling_the_server(
     # nothing listens at 127.0.0.1:1: without the check, each said it found no server
     cfg = _runs_config(tmp_path)
     _refused(["runs", *argv, "--config", str(cfg)], capsys, named)
+
+
+def test_a_private_key_pinned_as_the_servers_is_named_as_such(
+    deployment, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(clients=1, dataset="breast_cancer")
+    private = files["server"].parent / "keys" / "server.key"
+    argv = ["client", "--config", str(files["client-1"]), "--set", f'client.server_key="{private}"']
+    # it said the public key file was garbled
+    err = _refused(argv, capsys, "is a private key")
+    assert "server.pub" in err and "garbled" not in err, err
+
+
+def test_a_key_path_that_is_a_folder_says_what_to_name(
+    deployment, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(clients=1, dataset="breast_cancer")
+    keys = files["server"].parent / "keys"
+    argv = ["server", "--config", str(files["server"]), "--set", f'server.key="{keys}"']
+    # it said "cannot read private key file ...: Is a directory", and no more
+    err = _refused(argv, capsys, "is a folder: name the key file in it")
+    assert "NAME.key" in err, err

@@ -132,6 +132,36 @@ def test_provision_refuses_a_bad_project(
     assert "unknown key 'project.colour'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        # it said "site name ''"
+        ('[[client]]\nname = "a"\n[[client]]\nhost = "h"\n', "[[client]] number 2 has no name"),
+        # it said "--dataset 'mnist'", a flag nobody gave
+        ('[project]\ndataset = "mnist"\n[[client]]\nname = "a"\n', "project.dataset = 'mnist'"),
+        ('[project]\ntopology = "star"\n[[client]]\nname = "a"\n', "project.topology = 'star'"),
+        # accepted: the server then could not start
+        (
+            '[server]\nport = 9100\nops_port = 9100\n[[client]]\nname = "a"\n',
+            "the server ops_port and the server port are both 127.0.0.1:9100",
+        ),
+        (
+            '[[client]]\nname = "a"\nops_port = 9200\n[[client]]\nname = "b"\nops_port = 9200\n',
+            "the 'b' ops_port and the 'a' ops_port are both 127.0.0.1:9200",
+        ),
+    ],
+)
+def test_provision_names_the_projects_own_mistake(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, named: str
+) -> None:
+    project = tmp_path / "p.toml"
+    project.write_text(text)
+    assert main(["provision", str(project), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err, err
+    assert "--dataset" not in err and not (tmp_path / "o").exists()
+
+
 def _read(request: urllib.request.Request) -> bytes:
     with urllib.request.urlopen(request, timeout=10) as answer:
         return bytes(answer.read())

@@ -48,6 +48,7 @@ from sl_pipeline.group import write_group_key
 from sl_pipeline.keys import write_keypair
 from workers.tools.localdeploy import (
     CLIENT_CHECKPOINT,
+    DATASETS,
     METRICS_TOKEN,
     STATUS_TOKEN,
     Plan,
@@ -127,6 +128,12 @@ def _check(project: Project) -> None:
         raise ConfigError(
             f"project name {project.project.name!r}: use 1-64 letters, digits, '_', '.', '-'"
         )
+    for kind, sites in (("client", project.client), ("relay", project.relay)):
+        for index, site in enumerate(sites, 1):
+            if not site.name:
+                raise ConfigError(f'[[{kind}]] number {index} has no name: add name = "..."')
+    _check_choices(project.project)
+    _check_ports(project)
     for name in names:
         if not NAME.fullmatch(name):
             raise ConfigError(f"site name {name!r}: use 1-64 letters, digits, '_', '.', '-'")
@@ -139,6 +146,39 @@ def _check(project: Project) -> None:
         raise ConfigError(
             f"a {', '.join(with_relay)} project has exactly one [[relay]]; other topologies none"
         )
+
+
+def _check_choices(p: ProjectSection) -> None:
+    """Named by the project's keys: init's own messages name its flags (--dataset ...)."""
+    if p.topology not in REGISTRY:
+        raise ConfigError(
+            f"project.topology = {p.topology!r} is unknown; choose one of {list(REGISTRY)}"
+        )
+    if p.dataset not in DATASETS:
+        raise ConfigError(
+            f"project.dataset = {p.dataset!r} is unknown; choose one of {sorted(DATASETS)}"
+        )
+
+
+def _check_ports(project: Project) -> None:
+    """Two listeners on one host and port: the second worker to start could not."""
+    taken: dict[tuple[str, int], str] = {}
+    server = project.server
+    listeners = [("server port", server.host, server.port)]
+    listeners.append(("server ops_port", server.host, server.ops_port))
+    for relay in project.relay:
+        listeners.append((f"relay {relay.name!r} port", relay.host, relay.port))
+    for site in [*project.relay, *project.client]:
+        listeners.append((f"{site.name!r} ops_port", site.host, site.ops_port))
+    for what, host, port in listeners:
+        if not port:
+            continue
+        if (host, port) in taken:
+            raise ConfigError(
+                f"the {what} and the {taken[host, port]} are both {host}:{port}: one of "
+                "them could not start; give each listener on a host its own port"
+            )
+        taken[host, port] = what
 
 
 def _script(role: str, config: str, site: str, host: str, metrics_token: str = "") -> str:
