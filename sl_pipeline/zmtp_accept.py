@@ -21,15 +21,25 @@ BACKLOG = 100  # connections the kernel holds until accepted (asyncio's default)
 ACCEPTS_PER_TURN = 16  # connections taken per wake-up; the rest wait in the kernel's queue
 RETRY_S = 1.0  # out of descriptors: accepting pauses this long, as asyncio's does
 _SHORT = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-# address -> the connection's protocol, or None: close it at once
+# address -> the connection's protocol, or None: refuse it (close it at once, by default)
 Admit = Callable[[str], asyncio.BaseProtocol | None]
+Refuse = Callable[[socket.socket], None]
 
 
 class Acceptor:
-    """Accepts on each listening socket of ``server`` (made with ``start_serving=False``)."""
+    """Accepts on each listening socket of ``server`` (made with ``start_serving=False``),
+    ``per_turn`` connections per wake-up; one ``admit`` gives no protocol goes to ``refuse``
+    (which closes it), never to asyncio. The workers' ZMTP listeners and their ops ports
+    (``workers.ops.httpguard``) both take their connections this way."""
 
-    def __init__(self, server: asyncio.Server, admit: Admit) -> None:
-        self._server, self._admit = server, admit
+    def __init__(
+        self,
+        server: asyncio.Server,
+        admit: Admit,
+        refuse: Refuse = socket.socket.close,
+        per_turn: int = ACCEPTS_PER_TURN,
+    ) -> None:
+        self._server, self._admit, self._refuse, self._per_turn = server, admit, refuse, per_turn
         self._listeners: list[socket.socket] = []
         self._handing: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()
@@ -51,7 +61,7 @@ class Acceptor:
             task.cancel()
 
     def _ready(self, listener: socket.socket) -> None:
-        for _ in range(ACCEPTS_PER_TURN):
+        for _ in range(self._per_turn):
             try:
                 conn, address = listener.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -67,7 +77,7 @@ class Acceptor:
                 log.exception("could not admit a connection from %s", address)
                 protocol = None
             if protocol is None:
-                conn.close()
+                self._refuse(conn)
                 continue
             conn.setblocking(False)
             task = self._loop.create_task(self._hand_over(conn, protocol))
