@@ -17,6 +17,7 @@ from workers import SIGINT_IGNORED_AT_START
 from workers.cli.errors import say_error
 from workers.ops.logs import configure_logging
 from workers.runtime import eventloop
+from workers.runtime.parentwatch import stop_with_parent
 
 
 def _overrides(args: argparse.Namespace, role: str) -> list[str]:
@@ -107,6 +108,7 @@ def _exit_quietly_on_sigterm(args: argparse.Namespace) -> None:
         os._exit(130)
 
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    stop_with_parent()  # after the handler above: a launcher gone already means exit 0
     if not SIGINT_IGNORED_AT_START:  # a shell's background job: it stays ignored
         signal.signal(signal.SIGINT, interrupted)
 

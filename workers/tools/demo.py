@@ -14,6 +14,7 @@ from subprocess import PIPE, Popen
 from typing import Any
 
 from sl_pipeline.errors import ConfigError, SLError
+from workers.runtime.parentwatch import child_environment
 from workers.tools.localdeploy import DEVICE_NAME, deployment_options, init_deployment
 
 CLIENT_TIMEOUT_S = 600
@@ -56,6 +57,7 @@ def _start(role: str, config: str, *extra: str, out: int | None, err: int | None
         stdout=out,
         stderr=err,
         start_new_session=APART,
+        env=child_environment(),  # a demo killed by SIGKILL takes its workers with it
     )
 
 
