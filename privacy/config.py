@@ -331,7 +331,7 @@ def _reject_unknown(path: str, data: Mapping[str, Any], valid: Mapping[str, Any]
         if key not in valid:
             raise PrivacyError(
                 f"unknown key '{path}.{key}'; valid keys: {', '.join(valid)}",
-                hint="check the spelling in the [privacy] table",
+                hint=f"check its spelling in the [{path}] table or in --set {path}.KEY=VALUE",
             )
 
 
@@ -375,7 +375,7 @@ def _check_type(path: str, value: Any, hint: Any) -> Any:
     names = " or ".join(_type_name(o) for o in allowed)
     raise PrivacyError(
         f"{path} must be {names}, got {type(value).__name__} {value!r}",
-        hint=f"write {path} as {names} in the TOML file",
+        hint=f"write {path} as {names}, in the config file or in --set {path}=VALUE",
     )
 
 

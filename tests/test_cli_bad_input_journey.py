@@ -254,3 +254,16 @@ def test_a_run_or_group_named_like_the_runs_index_is_refused(
     client = _npz_client(tmp_path, x=np.zeros((4, 4), np.float32), y=np.zeros(4, np.int64))
     argv = ["client", "--config", str(client), "--insecure", "--set", 'client.run="runs.json"']
     _refused(argv, capsys, "client.run", "runs.json")
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [  # each said "check the spelling in the [privacy] table" / "in the TOML file"
+        ("privacy.noise.bogus=1", "[privacy.noise] table or in --set"),
+        ("privacy.noise.sigma=abc", "in --set privacy.noise.sigma"),
+    ],
+)
+def test_a_bad_privacy_override_names_its_table_and_the_flag(
+    capsys: pytest.CaptureFixture[str], setting: str, named: str
+) -> None:
+    _refused(["audit", "--topology", "vanilla", "--set", setting], capsys, named)
