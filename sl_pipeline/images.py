@@ -75,15 +75,16 @@ def listed_files(path: Path, cfg: DataConfig, classes: int) -> tuple[Table, list
 
 def load_image_csv(
     path: Path, cfg: DataConfig, in_shape: Sequence[int], classes: int
-) -> tuple[np.ndarray, np.ndarray | None, list[str] | None, list[str] | None]:
-    """(images, labels or None, class names of text labels, ids) from a CSV of paths."""
+) -> tuple[np.ndarray, np.ndarray | None, list[str] | None, list[str] | None, list[str]]:
+    """(images, labels or None, class names of text labels, ids, the CSV's columns) from a
+    CSV of paths."""
     table, files = listed_files(path, cfg, classes)
     y, names = None, None
     if cfg.label:
         labels, names = encode_labels(table, cfg.label, classes)
         y = np.asarray(labels, dtype=np.int64)
     x = decode_all(files, in_shape, cfg.resize, cfg.max_memory_mb)
-    return x, y, names, table.ids
+    return x, y, names, table.ids, list(table.header)
 
 
 def load_image_folder(

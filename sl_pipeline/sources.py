@@ -35,6 +35,7 @@ class Source:
     ids: list[str] | None = None
     scale: bool = True  # standardise arrays with the training rows' statistics
     arrays: list[str] | None = None  # an NPZ file's array names (data.features, data.label)
+    columns: list[str] | None = None  # a CSV of image paths: its columns (data.label)
 
     def __len__(self) -> int:
         return len(self.table) if self.table is not None else len(self.x)  # type: ignore[arg-type]
@@ -163,9 +164,11 @@ def load_source(
             f"data.path = {cfg.path!r} must be a .csv, .parquet or .npz file, or a folder"
         )
     if cfg.image:
-        pixels, listed, texts, ids = images.load_image_csv(path, cfg, in_shape, classes)
+        pixels, listed, texts, ids, header = images.load_image_csv(path, cfg, in_shape, classes)
         shape = list(pixels.shape[1:])
-        return Source(pixels, listed, shape, label_names=texts, ids=ids, scale=False)
+        return Source(
+            pixels, listed, shape, label_names=texts, ids=ids, scale=False, columns=header
+        )
     return _table_source(read_table(path, cfg), cfg, classes)
 
 
@@ -190,8 +193,9 @@ def require_labels(src: Source, cfg: DataConfig, holder: str) -> None:
     if src.y is not None:
         return
     where = f"data.path = {cfg.path!r}" if cfg.path else "the data"
-    if src.table is not None:
-        columns = [c for c in src.table.header if c != cfg.id]
+    header = src.table.header if src.table is not None else src.columns
+    if header is not None:
+        columns = [c for c in header if c not in (cfg.id, cfg.image)]
         what = f"its label column in {where} (its columns: {columns})"
     elif src.arrays is not None:
         what = f"its labels' array in {where} (its arrays: {src.arrays})"

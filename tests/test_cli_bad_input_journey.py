@@ -267,3 +267,24 @@ def test_a_bad_privacy_override_names_its_table_and_the_flag(
     capsys: pytest.CaptureFixture[str], setting: str, named: str
 ) -> None:
     _refused(["audit", "--topology", "vanilla", "--set", setting], capsys, named)
+
+
+def test_a_csv_of_images_without_a_label_lists_its_columns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a CSV of image paths said only "set it to its label column in data.path = 'list.csv'"
+    from PIL import Image
+
+    rows = ["file,kind,id"]
+    for i in range(4):
+        Image.new("L", (8, 8), color=40 * i).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{'dark' if i < 2 else 'light'},img-{i}")
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    cfg = tmp_path / "client.toml"
+    cfg.write_text(
+        '[client]\nserver = "tcp://127.0.0.1:1"\n[data]\npath = "list.csv"\nimage = "file"\n'
+        'id = "id"\n[model]\nbuiltin = "cnn"\nin_shape = [1, 8, 8]\nclasses = 2\n'
+    )
+    argv = ["client", "--config", str(cfg), "--insecure", "--set", "client.retry_for_s=1"]
+    err = _refused(argv, capsys, "holds the labels", "data.label", "['kind']")
+    assert "'file'" not in err and "'id'" not in err  # the image and id columns are no labels
