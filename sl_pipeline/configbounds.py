@@ -135,6 +135,7 @@ AT_MOST.update(
             "relay.max_names",
             "relay.rejoin_burst",
             "server.hellos_per_s",
+            "server.run_starts_per_min",
             "relay.rejoins_per_s",
             "client.max_average_ratio",
         )

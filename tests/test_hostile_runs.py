@@ -158,7 +158,7 @@ def test_a_client_starts_one_active_run_finished_or_not() -> None:
         book.check_start("evil-2", "client-2")
     book.check_start(book.next_id(), "client-1")  # another client still may
     assert book.idle_runs(evil.last_active + 4.0) == []
-    assert book.idle_runs(evil.last_active + 5.0) == [evil]
+    assert book.idle_runs(evil.last_active + 5.001) == [evil]
 
 
 async def test_finished_runs_of_one_client_never_fill_max_runs(deployment) -> None:  # type: ignore[no-untyped-def]
@@ -195,7 +195,8 @@ def test_a_run_a_member_abandoned_is_idle_after_stalled_run_s() -> None:
     run.steps = 10
     # Execute / Assert: not after empty_run_s (a member has not finished), after stalled_run_s
     assert book.idle_runs(run.last_active + 49.0) == []
-    assert book.idle_runs(run.last_active + 50.0) == [run]
+    # (not + 50.0 exactly: (t + 50.0) - t reads 49.999999999998 for some clock values t)
+    assert book.idle_runs(run.last_active + 50.001) == [run]
     never = RunBook(None, max_runs=4, run_clients=2, empty_run_s=5.0, stalled_run_s=0.0)
     assert not never.idle(run, run.last_active + 1e9)  # 0 = never
 
@@ -228,3 +229,43 @@ async def test_a_vanished_co_client_cannot_hold_its_run_open_forever(deployment)
     assert second["steps"] == first_summary["steps"] > 0
     metric = server.metrics.registry.get_sample_value
     assert metric("sl_bound_hits_total", {"table": "idle_runs"}) == 1.0
+
+
+async def test_one_key_starting_and_finishing_runs_is_held_to_its_start_rate(deployment) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a run ends as soon as its one client finished; one start a minute per client
+    # (the message red team's admitted key made 113 runs in 10 s, each a saved model)
+    sets = ("server.run_clients=1", "server.run_starts_per_min=1")
+    files = deployment(clients=2, dataset="breast_cancer", epochs=1)
+    server = ServerWorker(load_server(files["server"], *sets), files["server"].parent)
+    stop, task = await _serve(server)
+
+    async def train(name: str, run: str) -> dict[str, Any]:
+        cfg = load_client(files[name], f"client.run={run}", "client.retry_for_s=2")
+        client = ClientWorker(cfg, files["server"].parent, progress=False)
+        return dict(await asyncio.wait_for(client.run(), 120))
+
+    try:
+        # Execute: client-2 trains and finishes one run, then asks for a second at once
+        first = await train("client-2", "churn-1")
+        with pytest.raises(PeerError, match=r"server\.run_starts_per_min = 1") as refused:
+            await train("client-2", "churn-2")
+        honest = await train("client-1", "mine")  # another key's starts are its own
+    finally:
+        stop.set()
+        await task
+    # Assert: one run of client-2's, refused as retryable; the honest client unaffected
+    assert first["steps"] > 0 and honest["steps"] > 0
+    assert refused.value.remote_code == "overloaded" and "still refused after" in str(refused.value)
+    assert [r.id for r in server.book.runs.values() if r.owner == "client-2"] == ["churn-1"]
+
+
+def test_run_starts_per_client_refill_at_their_rate() -> None:
+    book = RunBook(None, max_runs=4, run_clients=1)
+    book.limit_starts(60.0)  # a burst of 60, then one a second
+    assert book.starts is not None
+    for _ in range(60):
+        assert book.starts.allow("client-2", 100.0)
+    assert not book.starts.ready("client-2", 100.5) and book.starts.ready("client-2", 101.0)
+    assert book.starts.ready("client-1", 100.0)
+    book.limit_starts(0.0)
+    assert book.starts is None  # 0: no bound

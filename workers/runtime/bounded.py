@@ -111,6 +111,11 @@ class RateLimiter:
         self.on_hit = on_hit
         self._buckets: LruTable[str, tuple[float, float]] = LruTable(limit)
 
+    def ready(self, source: str, now_s: float) -> bool:
+        """Whether :meth:`allow` would say yes now (it takes no token)."""
+        tokens, then = self._buckets.get(source) or (float(self.burst), now_s)
+        return min(float(self.burst), tokens + (now_s - then) * self.rate_per_s) >= 1.0
+
     def allow(self, source: str, now_s: float) -> bool:
         tokens, then = self._buckets.get(source) or (float(self.burst), now_s)
         tokens = min(float(self.burst), tokens + (now_s - then) * self.rate_per_s)

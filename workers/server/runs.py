@@ -19,7 +19,8 @@ every client finished gives it up ``empty_run_s`` after its last step or finish,
 in which no client stepped or finished for ``stalled_run_s`` (a member vanished) gives it up,
 when a new run needs it or the client that started it asks for a new one. So one admitted
 client holds at most one of the ``max_runs`` places and cannot draw others into a run it
-named. A run ends when
+named; and it starts at most ``run_starts_per_min`` runs a minute (after a burst of as
+many), as each run that ends costs the server a saved model and fsynced checkpoints. A run ends when
 ``run_clients`` of its clients (every client that trained in it, when 0) said they
 finished, or when an operator stops it.
 
@@ -44,6 +45,7 @@ from sl_pipeline.errors import OverloadedError, ProtocolError
 from sl_pipeline.runid import SERVER_RUN_ID, check_run_id
 from sl_pipeline.tenancy import ONE_GROUP, qualify
 from workers.runtime.appliedlog import AppliedLog
+from workers.runtime.bounded import RateLimiter
 from workers.server.engines.base import Engine
 from workers.server.replycache import ReplyCache
 from workers.server.retention import KEEP_ENDED, Retention
@@ -161,6 +163,7 @@ class RunBook:
         self.run_places: dict[str, int] = {}
         self.retention = Retention()  # which ended runs it keeps (server.keep_ended_*)
         self.floor: dict[str, int] = {}  # each group's highest run-N removed: never reused
+        self.starts: RateLimiter | None = None  # each client's run starts (run_starts_per_min)
 
     # ---- lookup --------------------------------------------------------------------------
     @classmethod
@@ -169,7 +172,14 @@ class RunBook:
         bounds = (server.max_runs, server.run_clients, server.empty_run_s, server.stalled_run_s)
         book = cls(runs_dir, *bounds)
         book.retention = Retention.for_server(server)
+        book.limit_starts(server.run_starts_per_min)
         return book
+
+    def limit_starts(self, per_min: float) -> None:
+        """At most ``per_min`` run starts a minute per client after a burst of as many
+        (0: no bound)."""
+        burst = max(1, round(per_min))
+        self.starts = RateLimiter(per_min / 60.0, burst) if per_min > 0 else None
 
     def latest(self, group: str | None = None) -> Run | None:
         """The newest run (of ``group``, unless None)."""
@@ -285,12 +295,20 @@ class RunBook:
                 f"run {run_id!r} does not exist, and run-N ids are the server's to give; "
                 "name a new run differently, or leave [client] run empty"
             )
+        if owner and self.starts is not None and not self.starts.ready(owner, time.monotonic()):
+            per_min = self.starts.rate_per_s * 60.0
+            raise OverloadedError(
+                f"{owner} starts runs faster than server.run_starts_per_min = {per_min:g} "
+                f"allows (after a burst of {self.starts.burst}); this run waits its turn"
+            )
 
     def start(
         self, run_id: str, engine: Engine, replies: ReplyCache, owner: str = "", group: str = ""
     ) -> Run:
         self.check_start(run_id, owner, group)
         self.check_capacity(group)
+        if owner and self.starts is not None:  # taken only by a run that starts
+            self.starts.allow(owner, time.monotonic())
         run = Run(run_id, engine, replies, owner=owner, group=group)
         self.runs[run.key] = run
         log.info("run %s started by %s", run.key, owner or "the server")
