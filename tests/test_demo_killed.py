@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.runtime.parentwatch import PARENT_ENV, child_environment, stop_with_parent
+from workers.runtime.parentwatch import PARENT_ENV, child_environment, started, stop_with_parent
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
 
@@ -76,28 +76,48 @@ def test_a_demo_killed_by_sigkill_leaves_no_worker_running(tmp_path: Path) -> No
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_a_worker_whose_launcher_is_gone_already_stops_at_once() -> None:
-    """The launcher died while the worker was still importing: nothing would signal it."""
+def _worker_with(value: str) -> subprocess.CompletedProcess[str]:
+    """A process that arms the tie as a worker does, with ``value`` in the variable; its
+    SIGTERM handler exits 7 (a worker's drains and exits 0), else it exits 0 itself (a
+    signal a process sends itself is delivered before ``kill`` returns)."""
     code = (
         "import os, signal, sys\n"
-        "from workers.runtime.parentwatch import stop_with_parent\n"
+        "from workers.runtime.parentwatch import PARENT_ENV, stop_with_parent\n"
         "signal.signal(signal.SIGTERM, lambda *a: sys.exit(7))\n"
-        f"os.environ[{PARENT_ENV!r}] = '1'  # a parent this process does not have\n"
-        "stop_with_parent()\n"
-        "signal.pause()\n"
+        f"os.environ[PARENT_ENV] = {value!r}\n"
+        "print(stop_with_parent(), PARENT_ENV in os.environ, flush=True)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], timeout=WAIT_S, check=False)
-    assert done.returncode == 7
+    return subprocess.run(
+        [sys.executable, "-c", code], timeout=WAIT_S, capture_output=True, text=True, check=False
+    )
+
+
+def test_a_worker_whose_launcher_is_gone_already_stops_at_once() -> None:
+    """The launcher died while the worker was still importing: nothing would signal it."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    launcher = f"{gone.pid}:{started(gone.pid)}"  # named while it lives, as a launcher does
+    gone.wait(WAIT_S)
+    done = _worker_with(launcher)
+    assert done.returncode == 7, done
+    assert "is gone; stopping" in done.stderr
+
+
+def test_a_stale_variable_naming_another_live_process_is_ignored_with_a_warning() -> None:
+    """A service whose environment was copied from a demo's worker must not stop silently
+    (it exited 0 with no word: red team); the init process is alive and no one's launcher."""
+    done = _worker_with(f"1:{started(1)}")
+    assert done.returncode == 0 and done.stdout.split() == ["False", "False"], done
+    assert "is not this worker's parent" in done.stderr
 
 
 def test_the_parent_is_named_only_to_the_launched_worker(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    assert child_environment()[PARENT_ENV] == str(os.getpid())
+    assert child_environment()[PARENT_ENV] == f"{os.getpid()}:{started(os.getpid())}"
     monkeypatch.delenv(PARENT_ENV, raising=False)
     assert stop_with_parent() is False  # a worker a user started: no tie to its shell
     code = (  # armed in a process of its own: this one's parent is pytest's
         "import os\n"
-        "from workers.runtime.parentwatch import PARENT_ENV, stop_with_parent\n"
-        "os.environ[PARENT_ENV] = str(os.getppid())\n"
+        "from workers.runtime.parentwatch import PARENT_ENV, started, stop_with_parent\n"
+        "os.environ[PARENT_ENV] = f'{os.getppid()}:{started(os.getppid())}'\n"
         "print(stop_with_parent(), PARENT_ENV in os.environ)\n"
     )
     done = subprocess.run(

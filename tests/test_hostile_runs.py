@@ -269,3 +269,40 @@ def test_run_starts_per_client_refill_at_their_rate() -> None:
     assert book.starts.ready("client-1", 100.0)
     book.limit_starts(0.0)
     assert book.starts is None  # 0: no bound
+
+
+async def test_clients_behind_one_relay_each_have_their_own_starts(deployment) -> None:  # type: ignore[no-untyped-def]
+    # the bucket was the relay's: client-2's one start refused client-1, another key (red team)
+    from .test_relay_runs import serving
+
+    files = deployment(topology="multihop", dataset="breast_cancer", clients=2)
+    base = files["server"].parent
+    async with serving(files, "server.run_clients=1", "server.run_starts_per_min=1"):
+        cfg = load_client(files["client-2"], "client.run=churn-1")
+        first = await asyncio.wait_for(ClientWorker(cfg, base, progress=False).run(), 120)
+        cfg = load_client(files["client-1"], "client.run=honest", "client.retry_for_s=3")
+        honest = await asyncio.wait_for(ClientWorker(cfg, base, progress=False).run(), 120)
+    assert first["steps"] > 0 and honest["steps"] > 0
+
+
+async def test_unproven_names_share_their_addresss_starts(deployment) -> None:  # type: ignore[no-untyped-def]
+    # --insecure: a name is claimed, not proven; five names from one address each started a
+    # run under run_starts_per_min = 1 (red team); hellos were already counted by address
+    files = deployment(clients=1, dataset="breast_cancer", epochs=1, insecure=True)
+    base = files["server"].parent
+    text = files["server"].read_text()  # no groups: any claimed name joins
+    kept = [line for line in text.splitlines() if "groups" not in line]
+    files["server"].write_text("\n".join(kept))
+    sets = ("server.run_clients=1", "server.run_starts_per_min=1")
+    server = ServerWorker(load_server(files["server"], *sets), base)
+    stop, task = await _serve(server)
+    try:
+        cfg = load_client(files["client-1"], "client.name=evil-1", "client.retry_for_s=2")
+        first = await asyncio.wait_for(ClientWorker(cfg, base, progress=False).run(), 120)
+        cfg = load_client(files["client-1"], "client.name=evil-2", "client.retry_for_s=2")
+        with pytest.raises(PeerError, match=r"address 127\.0\.0\.1 starts runs faster"):
+            await asyncio.wait_for(ClientWorker(cfg, base, progress=False).run(), 120)
+    finally:
+        stop.set()
+        await task
+    assert first["steps"] > 0 and len(server.book.runs) == 1

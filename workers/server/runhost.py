@@ -130,6 +130,7 @@ class RunHost(Retiring):
             if run.model and Path(run.model).exists():
                 self._load_model(engine, Path(run.model), f"the saved model of run {run.key}")
             run.engine = engine
+            self.book.drop_old_engines(keep=run)  # predicting on each old run held them all
         return run.engine
 
     def _add_record(self, info: dict[str, Any], source: str = "") -> Run:
@@ -140,15 +141,17 @@ class RunHost(Retiring):
         self.report_run(run)
         return run
 
-    def _training_run(self, peer: Peer) -> Run:
+    def _training_run(self, peer: Peer, starter: str) -> Run:
         """The run this peer's training message belongs to; a new one (started by this
-        message, never by a hello) when none fits."""
+        message, never by a hello, and counted as one of ``starter``'s starts) when none
+        fits."""
         run = self.book.runs.get(self.peer_runs.get(peer.name, ""))
         if run is None:
             group, wanted = self.group_of(peer.name), self.requested.get(peer.name, "")
             run = self.book.find(group, wanted) if wanted else self._current_run(peer.name)
             if run is None:  # another group's run of that id is none: this group's starts
-                run = self._start_run(wanted or self.book.next_id(group), peer.name, group)
+                run_id = wanted or self.book.next_id(group)
+                run = self._start_run(run_id, peer.name, group, starter or peer.name)
             self.peer_runs[peer.name] = run.key
         if not run.active:
             raise RunEndedError(
@@ -200,12 +203,14 @@ class RunHost(Retiring):
         """The run's series: steps, active, last loss, the accuracy its clients reported."""
         self.metrics.record_run(run.key, run.steps, run.active, run.last_loss, run.test_accuracy)
 
-    def _start_run(self, run_id: str, owner: str = "", group: str = "") -> Run:
+    def _start_run(self, run_id: str, owner: str = "", group: str = "", starter: str = "") -> Run:
         now = time.monotonic()
         mine = self.book.owned_run(owner) if owner else None
         if mine is not None and self.book.idle(mine, now):
             self._give_up(mine)  # its owner's earlier run, which only waited for more clients
         self.check_start(run_id, owner, group)
+        if starter:  # before the engine is built: a refused start costs the server nothing
+            self.book.check_start_rate(starter, now)
         if self.book.full(group):  # empty or idle runs of the group's places give way
             for gone in self.book.expire_empty(now, group):
                 self.metrics.record_bound("empty_runs")
@@ -214,6 +219,8 @@ class RunHost(Retiring):
             for idle in self.book.idle_runs(now, group)[:1]:
                 self._give_up(idle)
         run = self.book.start(run_id, self._new_engine(), self.new_replies(), owner, group)
+        if starter:
+            self.book.took_start(starter, now)
         self.report_run(run)
         return run
 

@@ -175,6 +175,21 @@ class RunBook:
         book.limit_starts(server.run_starts_per_min)
         return book
 
+    def check_start_rate(self, starter: str, now: float) -> None:
+        """Refuse (``overloaded``) a start by ``starter`` (a client's name; a relayed
+        client's ``relay/client``; an unproven name's address) over its rate."""
+        if self.starts is not None and not self.starts.ready(starter, now):
+            per_min = self.starts.rate_per_s * 60.0
+            raise OverloadedError(
+                f"{starter} starts runs faster than server.run_starts_per_min = {per_min:g} "
+                f"allows (after a burst of {self.starts.burst}); this run waits its turn"
+            )
+
+    def took_start(self, starter: str, now: float) -> None:
+        """A run ``starter`` asked for started: it takes one of its starts."""
+        if self.starts is not None:
+            self.starts.allow(starter, now)
+
     def limit_starts(self, per_min: float) -> None:
         """At most ``per_min`` run starts a minute per client after a burst of as many
         (0: no bound)."""
@@ -295,20 +310,12 @@ class RunBook:
                 f"run {run_id!r} does not exist, and run-N ids are the server's to give; "
                 "name a new run differently, or leave [client] run empty"
             )
-        if owner and self.starts is not None and not self.starts.ready(owner, time.monotonic()):
-            per_min = self.starts.rate_per_s * 60.0
-            raise OverloadedError(
-                f"{owner} starts runs faster than server.run_starts_per_min = {per_min:g} "
-                f"allows (after a burst of {self.starts.burst}); this run waits its turn"
-            )
 
     def start(
         self, run_id: str, engine: Engine, replies: ReplyCache, owner: str = "", group: str = ""
     ) -> Run:
         self.check_start(run_id, owner, group)
         self.check_capacity(group)
-        if owner and self.starts is not None:  # taken only by a run that starts
-            self.starts.allow(owner, time.monotonic())
         run = Run(run_id, engine, replies, owner=owner, group=group)
         self.runs[run.key] = run
         log.info("run %s started by %s", run.key, owner or "the server")
@@ -355,11 +362,17 @@ class RunBook:
             gone += [(r, why) for r, why in mine if r.key not in bound]
         for old, _ in gone:
             del self.runs[old.key]
-        for run in [r for r in ended if r.key in self.runs][:-KEEP_ENGINES]:
+        self.drop_old_engines()
+        return gone
+
+    def drop_old_engines(self, keep: Run | None = None) -> None:
+        """Ended runs' models past the KEEP_ENGINES newest leave memory (but ``keep``, just
+        reloaded to answer a prediction): each reloads from its file when asked again."""
+        ended = [r for r in self.runs.values() if not r.active and r is not keep]
+        for run in ended[:-KEEP_ENGINES]:
             run.applied_log = AppliedLog()  # without a runs folder its model goes too
             if self.dir is None or (run.model and Path(run.model).exists()):
                 run.engine = None
-        return gone
 
     def model_path(self, run: Run) -> Path | None:
         if self.dir is None:

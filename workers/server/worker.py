@@ -323,9 +323,17 @@ class ServerWorker(RunHost, RouterService):
         else:
             self.clients.left(msg.client)
 
+    def _starter(self, identity: bytes, peer: Peer, msg: Message) -> str:
+        """Whose starts a run this message starts counts against: a relayed client's own
+        (``relay/client``: one hostile client behind a relay spends none of the others'),
+        an unproven (``--insecure``) name's address, as for its hellos."""
+        if peer.key == "insecure" and self._endpoint is not None:
+            return f"address {self._endpoint.address_of(identity)}"
+        return msg.client if peer.name in self.cfg.server.relays else peer.name
+
     def _train(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
         """Apply a step at most once: a retransmitted request gets the cached reply."""
-        run = self._training_run(peer)
+        run = self._training_run(peer, self._starter(identity, peer, msg))
         if msg.client in run.done:  # its replies there are not answers to a new run's steps
             raise RunEndedError(finished_message(msg.client, peer.name, run.key))
         step, engine = (msg.epoch, msg.step), self.engine_of(run)
