@@ -22,6 +22,7 @@ from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
 from sl_pipeline.transport import DealerConnection
 from workers.client.worker import ClientWorker
 from workers.server.runs import RunBook
+from workers.server.runstarts import RunStarts
 from workers.server.worker import ServerWorker
 from workers.tools.inprocess import wait_until
 
@@ -260,15 +261,18 @@ async def test_one_key_starting_and_finishing_runs_is_held_to_its_start_rate(dep
 
 
 def test_run_starts_per_client_refill_at_their_rate() -> None:
-    book = RunBook(None, max_runs=4, run_clients=1)
-    book.limit_starts(60.0)  # a burst of 60, then one a second
-    assert book.starts is not None
+    starts = RunStarts(60.0)  # a burst of 60, then one a second
     for _ in range(60):
-        assert book.starts.allow("client-2", 100.0)
-    assert not book.starts.ready("client-2", 100.5) and book.starts.ready("client-2", 101.0)
-    assert book.starts.ready("client-1", 100.0)
-    book.limit_starts(0.0)
-    assert book.starts is None  # 0: no bound
+        starts.check("client-2", 100.0)
+        starts.took("client-2", 100.0)
+    with pytest.raises(OverloadedError, match="run_starts_per_min = 60"):
+        starts.check("client-2", 100.5)
+    starts.check("client-2", 101.0)
+    starts.check("client-1", 100.0)  # another client's are its own
+    unbounded = RunStarts(0.0)
+    for _ in range(1000):
+        unbounded.took("client-2", 100.0)
+    unbounded.check("client-2", 100.0)  # 0: no bound
 
 
 async def test_clients_behind_one_relay_each_have_their_own_starts(deployment) -> None:  # type: ignore[no-untyped-def]

@@ -9,25 +9,28 @@ from pathlib import Path
 from typing import Any
 
 from sl_pipeline.config import ServerConfig, resolve_path
-from sl_pipeline.errors import ConfigError, ProtocolError, RunEndedError
+from sl_pipeline.errors import ProtocolError, RunEndedError
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.tenancy import ONE_GROUP, Groups
+from sl_pipeline.zmtp_router import ZmtpRouter
 from workers.ops.clientseries import ClientSeries
 from workers.ops.metrics import WorkerMetrics
 from workers.runtime.appliedlog import AppliedLog
 from workers.runtime.hellorates import HelloRates
 from workers.runtime.peers import Peer, PeerTable
-from workers.runtime.savedmodel import check_writable, load_weights, save_weights
+from workers.runtime.savedmodel import save_weights
 from workers.server.engines.base import Engine, Reply
 from workers.server.replycache import MIB, ReplyCache
 from workers.server.retiring import Retiring
 from workers.server.runs import FINISHED, STOPPED, Run, RunBook
+from workers.server.runstarts import starter_of
+from workers.server.savedmodels import SavedModels
 from workers.topologies import topology
 
 log = logging.getLogger("sl_pipeline.server")
 
 
-class RunHost(Retiring):
+class RunHost(SavedModels, Retiring):
     """Mixed into the server worker: the runs it hosts and the peers that train in them."""
 
     cfg: ServerConfig
@@ -42,6 +45,7 @@ class RunHost(Retiring):
     _spare: Engine | None  # the first run's engine, or inference's before any run
     _spare_trained: bool
     due_replies: list[Reply]  # came due outside a request: sent after the next replies
+    _endpoint: ZmtpRouter | None  # the listening router (RouterService's)
 
     def group_of(self, name: str) -> str:
         """The group of peer ``name`` (an admitted name: a relay speaks for its clients)."""
@@ -203,6 +207,11 @@ class RunHost(Retiring):
         """The run's series: steps, active, last loss, the accuracy its clients reported."""
         self.metrics.record_run(run.key, run.steps, run.active, run.last_loss, run.test_accuracy)
 
+    def _starter(self, identity: bytes, peer: Peer, msg: Message) -> str:
+        """Whose starts a run this message starts counts against (``runstarts``)."""
+        address = self._endpoint.address_of(identity) if self._endpoint is not None else "?"
+        return starter_of(peer.name, peer.key, msg.client, self.cfg.server.relays, address)
+
     def _start_run(self, run_id: str, owner: str = "", group: str = "", starter: str = "") -> Run:
         now = time.monotonic()
         mine = self.book.owned_run(owner) if owner else None
@@ -210,7 +219,7 @@ class RunHost(Retiring):
             self._give_up(mine)  # its owner's earlier run, which only waited for more clients
         self.check_start(run_id, owner, group)
         if starter:  # before the engine is built: a refused start costs the server nothing
-            self.book.check_start_rate(starter, now)
+            self.book.starts.check(starter, now)
         if self.book.full(group):  # empty or idle runs of the group's places give way
             for gone in self.book.expire_empty(now, group):
                 self.metrics.record_bound("empty_runs")
@@ -220,7 +229,7 @@ class RunHost(Retiring):
                 self._give_up(idle)
         run = self.book.start(run_id, self._new_engine(), self.new_replies(), owner, group)
         if starter:
-            self.book.took_start(starter, now)
+            self.book.starts.took(starter, now)
         self.report_run(run)
         return run
 
@@ -365,43 +374,3 @@ class RunHost(Retiring):
             log.warning("run %s stopped by %s", run.key, "an operator" if group is None else group)
             self.end_run(run, STOPPED)
         return run
-
-    def _save_path(self) -> Path | None:
-        if not self.cfg.server.save:
-            return None
-        return resolve_path(self.base, self.cfg.server.save, "server.save", must_exist=False)
-
-    def _load_model(self, engine: Engine, path: Path, what: str) -> None:
-        try:
-            engine.model.load_state_dict(load_weights(path, what))
-        except (RuntimeError, KeyError, OSError, EOFError) as exc:
-            raise ConfigError(
-                f"{what} ({path}) does not fit this server's model: {first_line(exc)}; "
-                "use the [model] section it was trained with, or move the file away"
-            ) from None
-
-    def _load_saved(self, engine: Engine) -> bool:
-        path = self._save_path()
-        if path is None or not path.exists():
-            return False
-        self._load_model(engine, path, f"server.save = {self.cfg.server.save!r}")
-        log.info("loaded the server segment from %s", path)
-        return True
-
-    def _save_latest(self, engine: Engine, key: str) -> None:
-        """``server.save`` always holds the newest run's segment (removed with its files)."""
-        if (path := self._save_path()) is not None:
-            save_weights(engine.model.state_dict(), path, "the newest run's model (server.save)")
-            self.folders.saved_as(key, path)
-
-    def check_outputs_writable(self) -> None:
-        """A read-only or missing output folder is found at start, not when a run ends."""
-        path = self._save_path()
-        if path is not None:
-            check_writable(path, "server.save")
-        if self.book.dir is not None:
-            check_writable(self.book.dir / "runs.json", "server.runs_dir")
-
-
-def first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

@@ -45,11 +45,11 @@ from sl_pipeline.errors import OverloadedError, ProtocolError
 from sl_pipeline.runid import SERVER_RUN_ID, check_run_id
 from sl_pipeline.tenancy import ONE_GROUP, qualify
 from workers.runtime.appliedlog import AppliedLog
-from workers.runtime.bounded import RateLimiter
 from workers.server.engines.base import Engine
 from workers.server.replycache import ReplyCache
 from workers.server.retention import KEEP_ENDED, Retention
 from workers.server.runindex import ACTIVE, FINISHED, STOPPED, read_index, run_fields
+from workers.server.runstarts import RunStarts
 
 log = logging.getLogger("sl_pipeline.server")
 
@@ -163,7 +163,7 @@ class RunBook:
         self.run_places: dict[str, int] = {}
         self.retention = Retention()  # which ended runs it keeps (server.keep_ended_*)
         self.floor: dict[str, int] = {}  # each group's highest run-N removed: never reused
-        self.starts: RateLimiter | None = None  # each client's run starts (run_starts_per_min)
+        self.starts = RunStarts()  # each client's run starts (server.run_starts_per_min)
 
     # ---- lookup --------------------------------------------------------------------------
     @classmethod
@@ -172,29 +172,8 @@ class RunBook:
         bounds = (server.max_runs, server.run_clients, server.empty_run_s, server.stalled_run_s)
         book = cls(runs_dir, *bounds)
         book.retention = Retention.for_server(server)
-        book.limit_starts(server.run_starts_per_min)
+        book.starts = RunStarts(server.run_starts_per_min)
         return book
-
-    def check_start_rate(self, starter: str, now: float) -> None:
-        """Refuse (``overloaded``) a start by ``starter`` (a client's name; a relayed
-        client's ``relay/client``; an unproven name's address) over its rate."""
-        if self.starts is not None and not self.starts.ready(starter, now):
-            per_min = self.starts.rate_per_s * 60.0
-            raise OverloadedError(
-                f"{starter} starts runs faster than server.run_starts_per_min = {per_min:g} "
-                f"allows (after a burst of {self.starts.burst}); this run waits its turn"
-            )
-
-    def took_start(self, starter: str, now: float) -> None:
-        """A run ``starter`` asked for started: it takes one of its starts."""
-        if self.starts is not None:
-            self.starts.allow(starter, now)
-
-    def limit_starts(self, per_min: float) -> None:
-        """At most ``per_min`` run starts a minute per client after a burst of as many
-        (0: no bound)."""
-        burst = max(1, round(per_min))
-        self.starts = RateLimiter(per_min / 60.0, burst) if per_min > 0 else None
 
     def latest(self, group: str | None = None) -> Run | None:
         """The newest run (of ``group``, unless None)."""

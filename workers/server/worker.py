@@ -32,7 +32,7 @@ from workers.runtime.peers import Listen, Peer, reject_reason
 from workers.runtime.service import Replies, RouterService
 from workers.server.engines.base import Engine
 from workers.server.names import check_name_free, check_room, finished_message
-from workers.server.runhost import RunHost, first_line
+from workers.server.runhost import RunHost
 from workers.server.runs import ACTIVE, Run, check_run_id
 from workers.server.runs_api import RunApi, group_tokens, read_token
 
@@ -137,13 +137,7 @@ class ServerWorker(RunHost, RouterService):
         run = self._add_record(record)
         if "engine" in record:
             engine = run.engine or self._new_engine()
-            try:
-                engine.load_state_dict(record["engine"])
-            except (RuntimeError, KeyError, ValueError) as exc:
-                raise ConfigError(
-                    f"checkpoint {path} does not fit this server's model ({first_line(exc)}); "
-                    "point checkpoint.dir elsewhere or remove it"
-                ) from None
+            self._load_checkpointed(engine, record["engine"], path)
             run.engine = engine
             engine.steps_applied = run.steps
         if "replies" in record:
@@ -322,14 +316,6 @@ class ServerWorker(RunHost, RouterService):
             self.forget(identity)
         else:
             self.clients.left(msg.client)
-
-    def _starter(self, identity: bytes, peer: Peer, msg: Message) -> str:
-        """Whose starts a run this message starts counts against: a relayed client's own
-        (``relay/client``: one hostile client behind a relay spends none of the others'),
-        an unproven (``--insecure``) name's address, as for its hellos."""
-        if peer.key == "insecure" and self._endpoint is not None:
-            return f"address {self._endpoint.address_of(identity)}"
-        return msg.client if peer.name in self.cfg.server.relays else peer.name
 
     def _train(self, identity: bytes, peer: Peer, msg: Message) -> Replies:
         """Apply a step at most once: a retransmitted request gets the cached reply."""
