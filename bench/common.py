@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -149,6 +150,31 @@ def worker_process(role: str, config: Path, log: Path) -> subprocess.Popen[bytes
             stdout=subprocess.DEVNULL,
             stderr=fh,
         )
+
+
+def listening_worker(role: str, config: Path, log: Path, url: str) -> subprocess.Popen[bytes]:
+    """:func:`worker_process`, returned once ``url`` (its ``tcp://HOST:PORT``) takes a
+    connection: a client started beside a worker still importing torch timed its first hello
+    out after 1 s, and said so, on every run."""
+    proc = worker_process(role, config, log)
+    host, port = url.removeprefix("tcp://").rsplit(":", 1)
+
+    def listening() -> bool:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-1500:]
+            raise RuntimeError(f"the {role} exited ({proc.returncode}) before listening: {tail}")
+        try:
+            socket.create_connection((host, int(port)), timeout=1.0).close()
+        except OSError:
+            return False
+        return True
+
+    try:
+        wait_for(listening, 120, f"the {role} to listen on {url}")
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc
 
 
 def write_keys(folder: Path, clients: list[str]) -> dict[str, str]:

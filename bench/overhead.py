@@ -47,13 +47,13 @@ from .common import (
     cpu_seconds,
     endpoint,
     free_port,
+    listening_worker,
     median,
     paired,
     party_cores,
     pin_process,
     stop_process,
     to_toml,
-    worker_process,
     write_keys,
 )
 from .models import BATCH, MODELS, TRAIN
@@ -350,7 +350,8 @@ def run_model(name: str, quick: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="sl-bench-") as tmp:
         folder = Path(tmp)
         server_toml, client_map = configs(folder, name)
-        server = worker_process("server", server_toml, folder / "server.log")
+        url = client_map["client"]["server"]
+        server = listening_worker("server", server_toml, folder / "server.log", url)
         try:
             cfg = from_mapping(ClientConfig, client_map)
             return eventloop.run(measure(cfg, folder, quick, name, server.pid))

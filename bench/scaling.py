@@ -30,11 +30,11 @@ from workers.runtime import eventloop
 from .common import (
     endpoint,
     free_port,
+    listening_worker,
     median,
     rss_mib,
     stop_process,
     to_toml,
-    worker_process,
     write_keys,
 )
 from .models import BATCH, MODELS, TRAIN
@@ -161,7 +161,7 @@ async def _with_server(job: str, quick: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="sl-bench-") as tmp:
         folder = Path(tmp)
         config, url = write_server(folder)
-        server = worker_process("server", config, folder / "server.log")
+        server = listening_worker("server", config, folder / "server.log", url)
         fleet = Fleet(folder, url)
         try:
             if job == "memory":

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -365,3 +367,22 @@ def test_the_bench_verb_passes_every_flag_on(monkeypatch: pytest.MonkeyPatch) ->
     # Assert
     assert code == 0
     assert started[0][1:] == ["-m", "bench", *argv]
+
+
+def test_a_bench_server_is_handed_over_once_it_listens(tmp_path: Path) -> None:
+    # a client started beside a server still importing torch timed its hello out once a run
+    from bench.common import listening_worker, stop_process
+    from bench.overhead import configs
+
+    server_toml, client_map = configs(tmp_path, "digits_cnn")
+    url = client_map["client"]["server"]
+    server = listening_worker("server", server_toml, tmp_path / "server.log", url)
+    try:
+        host, port = url.removeprefix("tcp://").rsplit(":", 1)
+        socket.create_connection((host, int(port)), timeout=5).close()  # at once, no retry
+    finally:
+        stop_process(server)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server]\nbogus = 1\n")
+    with pytest.raises(RuntimeError, match=r"exited \(2\) before listening: .*bogus"):
+        listening_worker("server", bad, tmp_path / "bad.log", url)
