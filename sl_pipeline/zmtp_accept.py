@@ -11,6 +11,7 @@ the others are handed to asyncio (``connect_accepted_socket``) with their protoc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import socket
@@ -86,7 +87,8 @@ class Acceptor:
                 # here reached plain asyncio without it: Nagle held each reply's last small
                 # write for the peer's delayed ACK, 40 ms a step (digits 33x slower than
                 # central under SL_EVENT_LOOP=asyncio, 1.8x under uvloop)
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                with contextlib.suppress(OSError):  # macOS: EINVAL once the peer shut down
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             task = self._loop.create_task(self._hand_over(conn, protocol))
             self._handing.add(task)
             task.add_done_callback(self._handing.discard)

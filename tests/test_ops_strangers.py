@@ -186,3 +186,42 @@ def test_a_status_token_that_is_the_metrics_token_is_refused_at_start(
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "ops.status_token is the token of ops.metrics_token" in err, err
+
+
+def _scrape_and_leave(port: int, source: str, count: int) -> None:
+    """``count`` connections from ``source``, each sending GET /metrics and closing at once."""
+    for _ in range(count):
+        with socket.create_connection(("127.0.0.1", port), TIMEOUT_S, (source, 0)) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+
+
+async def test_requests_left_waiting_by_closed_connections_count_against_their_address(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A closed connection's request waits its scrape turn with no transport to name its
+    # address: at the allowed rate, one address filled the port's cap of 64 with them and
+    # Prometheus was refused (a review's run, 19 connections a second for 4 s); each counts
+    # against its address now. The rate is lifted here: what is under test is the count.
+    monkeypatch.setattr(httpguard.AcceptRate, "allow", lambda self, address: True)
+    metrics = WorkerMetrics("server", CollectorRegistry(), version="1")
+    ops = OpsServer(metrics, dict, lambda: True, "127.0.0.1", 0)  # scrapes cost 10 turns
+    await asyncio.wait_for(ops.start(), TIMEOUT_S)
+    server = ops._runner.server
+    assert server is not None
+
+    async def left_waiting() -> int:
+        """A wave sent, closed and seen closed: the handlers still waiting for a turn."""
+        await asyncio.to_thread(_scrape_and_leave, ops.port, "127.0.0.2", 16)
+        deadline = time.monotonic() + TIMEOUT_S
+        while any(h.transport is not None for h in server.connections):
+            assert time.monotonic() < deadline, "the server never saw the connections close"
+            await asyncio.sleep(0.01)
+        return len(server.connections)
+
+    try:
+        held = [await left_waiting() for _ in range(5)]  # 80 connections, 5 scrapes a second
+        status, _ = await asyncio.to_thread(_scrape, ops.port)
+    finally:
+        await asyncio.wait_for(ops.stop(), TIMEOUT_S)
+    assert status == 200
+    assert max(held) <= httpguard.MAX_PER_ADDRESS, held

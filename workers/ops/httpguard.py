@@ -204,6 +204,9 @@ class GuardedSite(web.BaseSite):
         self.accepts = accepts or AcceptRate()
         self._record = record_bound
         self._backlogs: dict[object, tuple[int, float]] = {}  # handler -> (bytes, since)
+        # handler -> its source, as admitted: a closed one's waiting request keeps its place
+        # in server.connections with no transport to name its address any more
+        self._sources: dict[object, str | None] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._acceptor: Acceptor | None = None
 
@@ -228,7 +231,9 @@ class GuardedSite(web.BaseSite):
             )
             return _Refused()
         source = _peer_source(transport)
-        held = sum(1 for h in server.connections if _peer_source(h.transport) == source)
+        self._sources = {h: self._sources.get(h) for h in server.connections}  # gone: forgotten
+        # (no source: reset before it was accepted, and closed at once whatever is answered)
+        held = sum(1 for s in self._sources.values() if s == source) if source else 0
         if held >= self.max_per_address:
             self._record("ops_connections")
             _LOG.warning(
@@ -237,7 +242,9 @@ class GuardedSite(web.BaseSite):
                 held,
             )
             return _Refused(CROWDED)
-        return server()  # type: ignore[no-any-return]
+        handler = server()
+        self._sources[handler] = source
+        return handler  # type: ignore[no-any-return]
 
     def _refuse_too_fast(self, conn: socket.socket) -> None:
         """Counted, told why and closed: an ``accept``, a ``send`` and a ``close``, never an
