@@ -141,7 +141,8 @@ async def test_a_checkpoint_of_a_run_that_ended_is_refused_not_trained_on(deploy
             await _client(files, "client-1", *ckpt)
     # Assert: one line naming the run, the folder and what to do; no run-2 trained
     assert "of run run-1, which the server no longer trains it in" in refused.value.message
-    assert "move that folder away" in refused.value.message
+    assert "move those files away" in refused.value.message
+    assert "client-1-*.ckpt" in refused.value.message  # its own: not the others in that folder
     assert "\n" not in refused.value.message, repr(refused.value.message)
     assert "run-2" not in server.book.runs
 
@@ -212,6 +213,10 @@ async def test_a_run_stopped_while_its_client_trains_refuses_its_next_step(
     # Assert: refused in one line naming the run; no run started by its next step
     assert refused.remote_code == "run_ended" and "run 'run-1' has stopped" in str(refused)
     assert list(server.book.runs) == ["run-1"]
+    # and it names this client's checkpoints to move first: "start the client again" alone
+    # was refused next, "move that folder away" (a journey review), with client-2's in it
+    assert "first move this client's checkpoints" in str(refused)
+    assert "client-1-*.ckpt" in str(refused) and "\n" not in str(refused)
 
 
 def test_a_client_without_a_run_name_goes_back_to_the_run_it_has_open(deployment) -> None:  # type: ignore[no-untyped-def]

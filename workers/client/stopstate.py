@@ -118,9 +118,10 @@ class ClientStore:
             return
         if self.periodic is not None:
             raise ConfigError(
-                f"this client's checkpoint ({self.periodic.directory}) is of run {resumed_in}, "
-                f"which the server no longer trains it in (it would join run {run}); to train a "
-                "new run from the start, move that folder away or set another [checkpoint] dir"
+                f"this client's checkpoint ({self.own_files()}) is of run {resumed_in}, which "
+                f"the server no longer trains it in (it would join run {run}); to train a new "
+                "run from the start, move those files away (the folder's other files are other "
+                "workers') or set another [checkpoint] dir"
             )
         self.clear()
         raise ConfigError(
@@ -129,11 +130,31 @@ class ClientStore:
             "command again to train from the start"
         )
 
+    def own_files(self) -> str:
+        """This client's checkpoint files, as a pattern a user can move (``init`` gives every
+        client of a site one folder: moving it took the others' resume state too)."""
+        assert self.periodic is not None
+        return str(self.periodic.directory / f"{self.periodic.prefix}-*.ckpt")
+
+    def after_run_ended(self, exc: PeerError) -> PeerError:
+        """``run_ended`` says "start the client again"; with checkpoints of that run the
+        same command is refused (see :meth:`check_joined`): say what to move first."""
+        if self.periodic is None or "start the client again" not in exc.reason:
+            return exc
+        return PeerError(
+            exc.remote_code,
+            f"{exc.reason}; first move this client's checkpoints of that run away "
+            f"({self.own_files()}), or it resumes that run and is refused",
+        )
+
     def explain(self, exc: PeerError, run: str) -> PeerError:
         """A ``stale_step`` refusal: the client was killed without a stop, and restarted
         behind the steps the server applied for it, by more than the server answers again
         from its cache (its last 16 steps of a client): it had no periodic checkpoints, or
-        they came too far apart (``every_steps``)."""
+        they came too far apart (``every_steps``). A ``run_ended``: see
+        :meth:`after_run_ended`."""
+        if exc.remote_code == "run_ended":
+            return self.after_run_ended(exc)
         if exc.remote_code != "stale_step":
             return exc
         head = exc.reason.split(": ", 1)[0]
