@@ -34,6 +34,8 @@ mechanisms we run are never reported as one another:
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from opacus.accountants import IAccountant, create_accountant
@@ -42,6 +44,20 @@ from privacy.config import ACCOUNTANTS, NoiseConfig
 from sl_pipeline.errors import PrivacyError
 
 ADJACENCIES = ("replace", "add_remove")
+
+
+# Opacus's RDP accountant warns when its smallest order (1.1) gives the smallest epsilon. The
+# figure stays a valid upper bound; a tighter one could only sit at orders below 1.1, where
+# noise this small protects nothing anyway. In a worker's log the warning was a raw library
+# line (its newlines shown as \n) no user could act on.
+SMALLEST_ORDER_WARNING = "Optimal order is the smallest alpha"
+
+
+def quiet_epsilon(compute: Callable[[], float]) -> float:
+    """``compute()`` (an Opacus epsilon) without the smallest-order warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", SMALLEST_ORDER_WARNING, UserWarning)
+        return float(compute())
 
 
 class Accountant(Protocol):
@@ -129,7 +145,7 @@ class ActivationReleaseAccountant:
             return 0.0
         if self.sigma == 0.0:
             return math.inf
-        return float(self._accountant.get_epsilon(delta=self.delta))
+        return quiet_epsilon(lambda: self._accountant.get_epsilon(delta=self.delta))
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -248,7 +264,7 @@ def linked_dpsgd_epsilon(
     counted = create_accountant(accountant)
     for _ in range(participations):
         counted.step(noise_multiplier=noise_multiplier, sample_rate=1.0)
-    return float(counted.get_epsilon(delta=delta))
+    return quiet_epsilon(lambda: counted.get_epsilon(delta=delta))
 
 
 class DPSGDAccountantView:
@@ -269,7 +285,7 @@ class DPSGDAccountantView:
     def epsilon(self) -> float:
         if len(self.engine.accountant) == 0:
             return 0.0
-        return float(self.engine.get_epsilon(self.delta))
+        return quiet_epsilon(lambda: self.engine.get_epsilon(self.delta))
 
     def describe(self) -> dict[str, Any]:
         return {"mechanism": self.mechanism_name, "epsilon": self.epsilon(), "delta": self.delta}
