@@ -130,3 +130,13 @@ def test_the_rate_counts_addresses_and_ipv6_networks() -> None:
     # the one seen least recently (the /64, refused above), which starts afresh
     assert rate.allow("10.0.0.9")
     assert [rate.allow("2001:db8::1") for _ in range(5)] == [True] * 4 + [False]
+
+
+def test_link_local_hosts_each_have_their_own_rate() -> None:
+    # every host on a link is in fe80::/64: counted as that /64, one host spent the rate of
+    # all of them (the ops review's finding); a global address still counts as its /64
+    rate = AcceptRate(rate=2.0, burst=4.0, sources=8, clock=lambda: 0.0)
+    assert [rate.allow("fe80::1%eth0") for _ in range(5)] == [True] * 4 + [False]
+    assert rate.allow("fe80::2%eth0")
+    assert all(rate.allow(f"2001:db8::{i:x}") for i in range(1, 5))
+    assert not rate.allow("2001:db8::ffff:1")

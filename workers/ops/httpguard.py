@@ -137,13 +137,16 @@ class AcceptRate:
 
 
 def _source(address: str) -> str:
-    """What one host holds: an IPv4 address (also written as ``::ffff:a.b.c.d``), or an
-    IPv6 address's /64."""
+    """What one host holds: an IPv4 address (also written as ``::ffff:a.b.c.d``), an IPv6
+    address's /64, or a link-local IPv6 address itself (every host on a link has its
+    address in the one fe80::/64: as a /64, one host spent the rate of all of them)."""
     if ":" not in address:
         return address
     with contextlib.suppress(ValueError):
-        mapped = ipaddress.IPv6Address(address.partition("%")[0]).ipv4_mapped
-        return str(mapped) if mapped else str(ipaddress.IPv6Network(f"{address}/64", False))
+        ip = ipaddress.IPv6Address(address.partition("%")[0])
+        if ip.ipv4_mapped:
+            return str(ip.ipv4_mapped)
+        return address if ip.is_link_local else str(ipaddress.IPv6Network(f"{ip}/64", False))
     return address
 
 
