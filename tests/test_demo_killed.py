@@ -124,3 +124,16 @@ def test_the_parent_is_named_only_to_the_launched_worker(monkeypatch) -> None:  
         [sys.executable, "-c", code], timeout=WAIT_S, capture_output=True, text=True, check=True
     )
     assert done.stdout.split() == ["True", "False"]  # armed, and not passed on
+
+
+def test_a_ctrl_c_while_a_worker_starts_waits_until_it_is_listed() -> None:
+    # raised inside Popen, after the fork, it left that worker with no one to stop it (the
+    # Ctrl-C test of the demo failed once in CI: a worker still running after the demo)
+    from workers.tools.demo import _ctrl_c_after_listing
+
+    listed: list[str] = []
+    with pytest.raises(KeyboardInterrupt), _ctrl_c_after_listing():
+        os.kill(os.getpid(), signal.SIGINT)  # delivered before kill returns
+        listed.append("worker")  # still runs: the interrupt waits for the block's end
+    assert listed == ["worker"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back

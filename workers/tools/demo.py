@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from subprocess import PIPE, Popen
 from typing import Any
@@ -50,35 +52,59 @@ def stop_process(proc: subprocess.Popen[str], timeout_s: float = STOP_TIMEOUT_S)
     return int(proc.returncode)
 
 
-def _start(role: str, config: str, *extra: str, out: int | None, err: int | None) -> Popen[str]:
-    return subprocess.Popen(
-        worker_command(role, Path(config), *extra),
-        text=True,
-        stdout=out,
-        stderr=err,
-        start_new_session=APART,
-        env=child_environment(),  # a demo killed by SIGKILL takes its workers with it
-    )
+@contextlib.contextmanager
+def _ctrl_c_after_listing() -> Iterator[None]:
+    """A Ctrl-C that comes while a worker starts takes effect once it is listed to be
+    stopped: raised inside ``Popen`` (after the fork, before exec's report), it left that
+    worker running with no one to stop it (a test's Ctrl-C, sent once the worker existed)."""
+    caught: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    except ValueError:  # not the main thread: no Ctrl-C comes here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            previous(signal.SIGINT, None)  # KeyboardInterrupt, now that it can be stopped
+
+
+def _start(
+    started: list[Popen[str]], role: str, config: str, *extra: str, out: int | None, err: int | None
+) -> Popen[str]:
+    with _ctrl_c_after_listing():
+        proc = subprocess.Popen(
+            worker_command(role, Path(config), *extra),
+            text=True,
+            stdout=out,
+            stderr=err,
+            start_new_session=APART,
+            env=child_environment(),  # a demo killed by SIGKILL takes its workers with it
+        )
+        started.append(proc)
+    return proc
 
 
 def run_processes(
     files: dict[str, str], clients: int, show_progress: bool
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Each client's JSON summary, and the server's (printed when it stops)."""
-    server = _start("server", files["server"], "--json", out=PIPE, err=PIPE)
     results: list[dict[str, Any]] = []
-    procs: list[subprocess.Popen[str]] = []
+    procs: list[subprocess.Popen[str]] = []  # the server first
     try:
+        server = _start(procs, "server", files["server"], "--json", out=PIPE, err=PIPE)
         if "relay-1" in files:  # multi-hop: the relay joins the server before clients join it
-            procs.append(_start("relay", files["relay-1"], out=subprocess.DEVNULL, err=PIPE))
-        relays = len(procs)
+            _start(procs, "relay", files["relay-1"], out=subprocess.DEVNULL, err=PIPE)
+        relays = len(procs) - 1
         for i in range(clients):
             shown = show_progress and i == 0
             extra = ["--json"] + ([] if shown else ["--no-progress"])
             config = files[f"client-{i + 1}"]
-            procs.append(_start("client", config, *extra, out=PIPE, err=None if shown else PIPE))
+            _start(procs, "client", config, *extra, out=PIPE, err=None if shown else PIPE)
         deadline = time.monotonic() + CLIENT_TIMEOUT_S
-        for i, proc in enumerate(procs[relays:]):
+        for i, proc in enumerate(procs[1 + relays :]):
             out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
             if proc.returncode != 0:
                 raise SLError(
@@ -86,11 +112,12 @@ def run_processes(
                 )
             results.append(last_json_line(out))
     finally:
-        for proc in procs:
+        for proc in procs[1:]:
             stop_process(proc)
-        status = stop_process(server)
-        if status not in (0, -signal.SIGTERM) and server.stderr is not None:
-            print(server.stderr.read()[-800:], file=sys.stderr)
+        if procs:
+            status = stop_process(procs[0])
+            if status not in (0, -signal.SIGTERM) and procs[0].stderr is not None:
+                print(procs[0].stderr.read()[-800:], file=sys.stderr)
     assert server.stdout is not None
     return results, last_json_line(server.stdout.read())
 
