@@ -259,3 +259,18 @@ def test_a_server_started_with_sigint_ignored_keeps_it_ignored(
     assert server.wait(timeout=STOP_BOUND_S) == 0
     _, err = output(server)
     assert "server stopped after" in err and "Traceback" not in err, err[-2000:]
+
+
+def test_a_server_dying_of_a_fatal_signal_prints_its_stack(
+    deployment: Callable[..., dict[str, Path]], procs: Procs
+) -> None:
+    # Prepare: the console script's server, listening
+    files = deployment(clients=1)
+    server = procs.start("server", files["server"])
+    wait_listening(files["server"], server)
+    # Execute: what a crash in a native library (libzmq, torch) delivers
+    server.send_signal(signal.SIGSEGV)
+    # Assert: it says so, with where each thread was (before: the status alone, no word)
+    assert server.wait(timeout=STOP_BOUND_S) == -signal.SIGSEGV
+    _, err = output(server)
+    assert "Fatal Python error: Segmentation fault" in err and "File " in err, err[-2000:]

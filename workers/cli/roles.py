@@ -108,9 +108,21 @@ def _exit_quietly_on_sigterm(args: argparse.Namespace) -> None:
         os._exit(130)
 
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    _report_crashes()
     stop_with_parent()  # after the handler above: a launcher gone already means exit 0
     if not SIGINT_IGNORED_AT_START:  # a shell's background job: it stays ignored
         signal.signal(signal.SIGINT, interrupted)
+
+
+def _report_crashes() -> None:
+    """A worker that dies of a fatal signal (a segfault or abort in a native library) prints
+    each thread's Python stack first: without it, it ended without a word (a demo's server
+    once ended so while being stopped, and nothing told which)."""
+    import faulthandler
+
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # stderr not a file (tests)
+        if not faulthandler.is_enabled():
+            faulthandler.enable(file=sys.stderr)
 
 
 def cmd_client(args: argparse.Namespace) -> int:

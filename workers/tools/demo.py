@@ -87,6 +87,18 @@ def _start(
     return proc
 
 
+def _stop_server(server: Popen[str], interrupted: bool) -> None:
+    """Stop the server; if it ended some other way than a clean stop, say how and show the end
+    of its log. Not after a Ctrl-C: the user stopped the demo, and its one line says so (a
+    server that ended oddly while being stopped then printed its log above that line)."""
+    status = stop_process(server)
+    if status in (0, -signal.SIGTERM) or interrupted or server.stderr is None:
+        return
+    how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+    print(f"the demo's server {how}; its log ended with:", file=sys.stderr)
+    print(server.stderr.read()[-800:], file=sys.stderr)
+
+
 def run_processes(
     files: dict[str, str], clients: int, show_progress: bool
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -115,9 +127,7 @@ def run_processes(
         for proc in procs[1:]:
             stop_process(proc)
         if procs:
-            status = stop_process(procs[0])
-            if status not in (0, -signal.SIGTERM) and procs[0].stderr is not None:
-                print(procs[0].stderr.read()[-800:], file=sys.stderr)
+            _stop_server(procs[0], interrupted=isinstance(sys.exc_info()[1], KeyboardInterrupt))
     assert server.stdout is not None
     return results, last_json_line(server.stdout.read())
 
