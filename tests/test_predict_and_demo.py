@@ -114,7 +114,7 @@ async def test_vertical_predict_fuses_every_party(deployment, procs: Procs) -> N
 
 
 DETERMINISTIC = ("vanilla", "ushaped", "multihop", "vertical", "multitask")
-SCHEDULE_SLACK = {"splitfed": 0.10}  # accuracy slack where the OS orders parallel clients
+SCHEDULE_SLACK = 0.08  # accuracy slack where turns or the OS order the clients' updates
 SUMMARY_KEYS = {
     "topology", "dataset", "clients", "epochs", "steps", "test_accuracy", "train_loss",
     "bytes_sent", "bytes_received", "wall_seconds", "baseline_accuracy",
@@ -124,8 +124,10 @@ SUMMARY_KEYS = {
 # Epochs where one is not enough (DETERMINISTIC topologies train one): round-robin's turns
 # reorder the updates, and two epochs pass the segment's weights from client-1 to client-2 and
 # back (it reads 0.8579 against 0.8245, every run); SplitFed's parallel clients reorder them
-# by scheduling (after one epoch of 46 steps it reads 0.33 against 0.47)
-EPOCHS = {"roundrobin": "2", "splitfed": "3"}
+# by scheduling (after one epoch of 46 steps it reads 0.33 against 0.47). SplitFed at 3
+# epochs read 0.891-0.953 against 0.9415 in 12 runs two at a time, and 0.8389 once in a fresh
+# clone's CI; at 5 epochs 0.9387-0.9582 against 0.9443 in 12 runs two at a time
+EPOCHS = {"roundrobin": "2", "splitfed": "5"}
 
 
 def demo_against_baseline(topology: str, *extra: str) -> dict[str, Any]:
@@ -176,9 +178,8 @@ def test_demo_runs_every_topology_with_no_other_flag(topology: str, extra: tuple
     assert summary["devices"] == ["cpu"]  # the server and every client
     assert summary["clients"] == (2 if topology in MULTI_PARTY else 1)
     # SplitFed's parallel clients meet the shared server segment in whatever order the OS
-    # schedules them: 11 runs at load 6 on 2 cores read 0.880-0.953 against 0.9415
-    # (mean 0.92), hence its wider slack
-    slack = 0.02 if topology in DETERMINISTIC else SCHEDULE_SLACK.get(topology, 0.08)
+    # schedules them; its 5 epochs (``EPOCHS``) keep that within 0.006 of central
+    slack = 0.02 if topology in DETERMINISTIC else SCHEDULE_SLACK
     assert summary["test_accuracy"] >= summary["baseline_accuracy"] - slack
 
 
