@@ -37,6 +37,8 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
 def test_port_in_use(deployment, capsys: pytest.CaptureFixture[str], key: str, value: str) -> None:  # type: ignore[no-untyped-def]
     """Either port held by another process is a config problem (exit 2) naming the key."""
     files = deployment(dataset="breast_cancer")
+    site = files["server"].parent
+    before = sorted(site.rglob("*"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -47,6 +49,8 @@ def test_port_in_use(deployment, capsys: pytest.CaptureFixture[str], key: str, v
     assert f"{key} = {value!r}: cannot listen there" in err
     section, name = key.split(".")
     assert f"choose another port in [{section}] {name}" in err
+    # nothing left on disk: was an empty checkpoint folder with its lock, and the runs folder
+    assert sorted(site.rglob("*")) == before
 
 
 @pytest.mark.parametrize(
@@ -133,3 +137,21 @@ def test_exit_statuses_are_documented() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for status in (0, 1, 2, 3, 4, 5, 6, 130):
         assert f"| {status} |" in readme, f"exit status {status} is not in README.md"
+
+
+def test_a_refused_start_keeps_what_was_there(
+    deployment, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """Only folders the refused start made go; a folder that was there stays, with its files."""
+    files = deployment(dataset="breast_cancer")
+    state = files["server"].parent / "state"
+    state.mkdir()
+    (state / "notes.txt").write_text("the operator's")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        bind = f'server.bind="tcp://127.0.0.1:{taken.getsockname()[1]}"'
+        code, _ = _run(capsys, "server", "--config", str(files["server"]), "--set", bind)
+    assert code == 2
+    assert [p.name for p in state.iterdir()] == ["notes.txt"]
+    assert (state / "notes.txt").read_text() == "the operator's"

@@ -12,6 +12,7 @@ checkpoint name. :class:`SnapshotRing` keeps in-memory undo points between check
 from __future__ import annotations
 
 import builtins
+import contextlib
 import copy
 import fcntl
 import hashlib
@@ -31,6 +32,7 @@ import torch
 
 from sl_pipeline.config import CheckpointConfig, resolve_path
 from sl_pipeline.errors import CheckpointError, ConfigError
+from workers.runtime.savedmodel import missing_folders, remove_empty
 
 log = logging.getLogger("sl_pipeline.checkpoint")
 
@@ -142,6 +144,7 @@ class CheckpointStore:
         self.keep = keep
         self.prefix = prefix
         self._pattern = re.compile(rf"{re.escape(prefix)}-(\d{{12}})\.ckpt")
+        self._made = missing_folders(self.directory)  # innermost first
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
@@ -183,6 +186,17 @@ class CheckpointStore:
             self._lock_fd = -1
 
     __del__ = release  # the lock goes with the store too
+
+    def discard_if_unused(self) -> None:
+        """Remove the folders this store created, if they hold nothing but its lock: the worker
+        never started (its port was taken), and a folder it made then would be left behind."""
+        lock = self.directory / f".{self.prefix}.lock"
+        self.release()
+        if not self._made or any(p != lock for p in self.directory.iterdir()):
+            return
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        remove_empty(self._made)
 
     def path_for(self, step: int) -> Path:
         if not 0 <= step < 10**12:

@@ -4,6 +4,7 @@ dicts, for the user's own tools; it is still written atomically."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import tempfile
@@ -52,10 +53,30 @@ def save_weights(state: Mapping[str, Any], path: Path, what: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def check_writable(path: Path, what: str) -> None:
+def missing_folders(folder: Path) -> list[Path]:
+    """The folders that creating ``folder`` makes, innermost first."""
+    missing = []
+    for each in (folder, *folder.parents):
+        if each.exists():
+            break
+        missing.append(each)
+    return missing
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove those of ``folders`` that are empty, innermost first (so that a folder that only
+    held others goes too)."""
+    for folder in sorted(folders, key=lambda path: len(path.parts), reverse=True):
+        with contextlib.suppress(OSError):  # not empty (written meanwhile), or gone: it stays
+            folder.rmdir()
+
+
+def check_writable(path: Path, what: str) -> list[Path]:
     """Before any training: the folder of ``path`` can be made and written, so that a read-
-    only or missing folder is found at start, not when a finished run's model is saved."""
+    only or missing folder is found at start, not when a finished run's model is saved. The
+    folders it made, innermost first (a worker that then cannot start removes them)."""
     folder = path.parent
+    made = missing_folders(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
@@ -66,6 +87,7 @@ def check_writable(path: Path, what: str) -> None:
             f"{what} = {str(path)!r}: cannot write in {folder} ({exc.strerror or exc}); "
             "choose a folder this user may write to"
         ) from None
+    return made
 
 
-__all__ = ["check_writable", "load_weights", "save_weights"]
+__all__ = ["check_writable", "load_weights", "missing_folders", "remove_empty", "save_weights"]

@@ -112,6 +112,13 @@ class RouterService(MessageIntake):
     async def on_stop(self) -> None:
         return None
 
+    async def on_never_served(self, bound: bool) -> None:
+        """It could not start serving: its port taken (``bound`` false), its ops port taken
+        or its upstream not there. By default a stop once bound; a worker may instead undo
+        what building it left on disk."""
+        if bound:
+            await self.on_stop()
+
     def status(self) -> dict[str, Any]:
         return {"role": self.role, "session": self.session_id, **self.table.status()}
 
@@ -124,22 +131,27 @@ class RouterService(MessageIntake):
 
     # ---- the loop --------------------------------------------------------------------
     async def serve(self, stop: asyncio.Event) -> dict[str, Any]:
-        endpoint = await bind_router(
-            self.listen.bind,
-            self.listen.section,
-            self.limits,
-            gate=self.gate,
-            on_gate=self.edge.gated,
-            rcvhwm=ROUTER_RCVHWM,
-            on_drop=self.edge.dropped,
-        )
+        try:
+            endpoint = await bind_router(
+                self.listen.bind,
+                self.listen.section,
+                self.limits,
+                gate=self.gate,
+                on_gate=self.edge.gated,
+                rcvhwm=ROUTER_RCVHWM,
+                on_drop=self.edge.dropped,
+            )
+        except BaseException:
+            await self.on_never_served(bound=False)
+            raise
         self._endpoint = endpoint
-        ops = None
+        ops, serving = None, False
         try:
             await self.on_start()
             self.bound = True
             paths, token = self.ops_routes(), self.ops_token
             ops = await start_ops(self.ops_cfg, self.metrics, self.status, self.ready, paths, token)
+            serving = True
             log.info(
                 "%s listening on %s (event loop: %s)", self.role, self.listen.bind, running_loop()
             )
@@ -152,7 +164,7 @@ class RouterService(MessageIntake):
             endpoint.close(linger_ms=GOODBYE_LINGER_MS)
             if ops is not None:
                 await ops.stop()
-            await self.on_stop()
+            await (self.on_stop() if serving else self.on_never_served(bound=True))
         return self.summary()
 
     async def _run_until(self, stop: asyncio.Event, endpoint: ZmtpRouter) -> None:

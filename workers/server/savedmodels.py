@@ -1,5 +1,6 @@
 """The server's model files: ``server.save`` (the newest run's segment, loaded at start)
-and each file checked before it is used or written."""
+and each file checked before it is used or written; its output folders removed again when
+it never served."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Any
 
 from sl_pipeline.config import ServerConfig, resolve_path
 from sl_pipeline.errors import ConfigError
-from workers.runtime.savedmodel import check_writable, load_weights, save_weights
+from workers.runtime.checkpoint import CheckpointStore
+from workers.runtime.savedmodel import check_writable, load_weights, remove_empty, save_weights
 from workers.server.engines.base import Engine
 from workers.server.retention import RunFolders
 from workers.server.runs import RunBook
@@ -24,6 +26,8 @@ class SavedModels:
     base: Path
     book: RunBook
     folders: RunFolders
+    ckpt: CheckpointStore | None
+    made_folders: list[Path]
 
     def _save_path(self) -> Path | None:
         if not self.cfg.server.save:
@@ -63,13 +67,23 @@ class SavedModels:
             save_weights(engine.model.state_dict(), path, "the newest run's model (server.save)")
             self.folders.saved_as(key, path)
 
-    def check_outputs_writable(self) -> None:
-        """A read-only or missing output folder is found at start, not when a run ends."""
+    async def on_never_served(self, bound: bool) -> None:
+        """Its port taken: no runs list or checkpoint written, and the folders made at start
+        removed (a refused start left an empty checkpoint folder with its lock behind)."""
+        if self.ckpt is not None:
+            self.ckpt.discard_if_unused()
+        remove_empty(self.made_folders)
+
+    def check_outputs_writable(self) -> list[Path]:
+        """A read-only or missing output folder is found at start, not when a run ends. The
+        folders made to check, innermost first."""
+        made = []
         path = self._save_path()
         if path is not None:
-            check_writable(path, "server.save")
+            made += check_writable(path, "server.save")
         if self.book.dir is not None:
-            check_writable(self.book.dir / "runs.json", "server.runs_dir")
+            made += check_writable(self.book.dir / "runs.json", "server.runs_dir")
+        return made
 
 
 def first_line(exc: BaseException) -> str:

@@ -73,7 +73,7 @@ class ServerWorker(RunHost, RouterService):
         admitted = None if s.insecure else self.table.admitted_names.values()
         self.groups = Groups.for_server(s.groups, admitted, s.group)  # who trains with whom
         self.book = self.open_book(self.table, self.hello_rate)
-        self.check_outputs_writable()
+        self.made_folders = self.check_outputs_writable()  # removed if it never starts
         self.peer_runs: dict[str, str] = {}  # peer name -> the run it trains in
         self.requested: dict[str, str] = {}  # peer name -> the run it asked for ("" = current)
         self.inferring: set[str] = set()  # peers whose hello said they only infer
