@@ -74,6 +74,11 @@ class RunEndedError(ProtocolError):
     code = "run_ended"
 
 
+# In a ``run_ended`` reason where the same command starts a new run: a client with checkpoints
+# of the ended run adds which of its files to move first (they would resume the ended run)
+START_AGAIN = "start the client again to begin a new run"
+
+
 class NameInUseError(ProtocolError):
     """Another live session already trains under this client's name."""
 
@@ -179,6 +184,7 @@ class CheckpointError(SLError, OSError):
 
 
 __all__ = [
+    "START_AGAIN",
     "BadTagError",
     "CheckpointError",
     "ConfigError",

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sl_pipeline.config import MAX_PIPELINE_DEPTH, ClientConfig, resolve_path
-from sl_pipeline.errors import ConfigError, PeerError
+from sl_pipeline.errors import START_AGAIN, ConfigError, PeerError
 from workers.runtime.checkpoint import CheckpointStore, open_store
 
 log = logging.getLogger("sl_pipeline.client")
@@ -137,9 +137,9 @@ class ClientStore:
         return str(self.periodic.directory / f"{self.periodic.prefix}-*.ckpt")
 
     def after_run_ended(self, exc: PeerError) -> PeerError:
-        """``run_ended`` says "start the client again"; with checkpoints of that run the
-        same command is refused (see :meth:`check_joined`): say what to move first."""
-        if self.periodic is None or "start the client again" not in exc.reason:
+        """``run_ended`` says :data:`START_AGAIN`; with checkpoints of that run the same
+        command is refused (see :meth:`check_joined`): say what to move first."""
+        if self.periodic is None or START_AGAIN not in exc.reason:
             return exc
         return PeerError(
             exc.remote_code,

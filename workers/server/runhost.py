@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sl_pipeline.config import ServerConfig, resolve_path
-from sl_pipeline.errors import ProtocolError, RunEndedError
+from sl_pipeline.errors import START_AGAIN, ProtocolError, RunEndedError
 from sl_pipeline.messages import Kind, Message
 from sl_pipeline.tenancy import ONE_GROUP, Groups
 from sl_pipeline.zmtp_router import ZmtpRouter
@@ -159,8 +159,7 @@ class RunHost(SavedModels, Retiring):
             self.peer_runs[peer.name] = run.key
         if not run.active:
             raise RunEndedError(
-                f"run {run.id!r} has {run.state}; start the client again to begin a new run "
-                "(or name one with [client] run)"
+                f"run {run.id!r} has {run.state}; {START_AGAIN} (or name one with [client] run)"
             )
         return run
 
