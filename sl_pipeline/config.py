@@ -190,7 +190,8 @@ class ServerSection:
     stalled_run_s: float = 3600.0
     # Runs one client may start a minute, after a burst of as many: each run that ends saves
     # its model and fsyncs checkpoints, and one admitted key starting and finishing runs at
-    # its hello rate made 113 in 10 s. One more waits (overloaded: it retries). 0 = no bound.
+    # its hello rate made 113 in 10 s. One more waits (overloaded: it retries). The clients
+    # behind one relay together start at most 16 times as many. 0 = no bound.
     run_starts_per_min: float = 6.0
     # U-shaped: a step whose output went to a client and whose gradient has not come back
     # this long, counted from when another client's forward began to wait (or from the step,

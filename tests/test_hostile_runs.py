@@ -22,7 +22,7 @@ from sl_pipeline.messages import PROTOCOL_VERSION, Kind, Message
 from sl_pipeline.transport import DealerConnection
 from workers.client.worker import ClientWorker
 from workers.server.runs import RunBook
-from workers.server.runstarts import RunStarts
+from workers.server.runstarts import RELAY_SHARE, RunStarts
 from workers.server.worker import ServerWorker
 from workers.tools.inprocess import wait_until
 
@@ -273,6 +273,19 @@ def test_run_starts_per_client_refill_at_their_rate() -> None:
     for _ in range(1000):
         unbounded.took("client-2", 100.0)
     unbounded.check("client-2", 100.0)  # 0: no bound
+
+
+def test_a_relay_naming_new_clients_is_held_to_its_share_of_starts() -> None:
+    # a relay names its clients itself: a hostile one (enrolled) invented a bucket per start
+    starts = RunStarts(1.0)  # a client: one start; a relay's clients: 16 together
+    for i in range(RELAY_SHARE):
+        starts.check(f"relay-1/invented-{i}", 100.0)
+        starts.took(f"relay-1/invented-{i}", 100.0)
+    with pytest.raises(OverloadedError, match="clients behind relay relay-1 start runs faster"):
+        starts.check("relay-1/invented-new", 100.0)
+    starts.check("relay-2/client-1", 100.0)  # another relay's clients have their own share
+    starts.check("client-1", 100.0)  # and a client of the server's own
+    starts.check("relay-1/invented-new", 100.0 + 60.0 / RELAY_SHARE)  # it refills
 
 
 async def test_clients_behind_one_relay_each_have_their_own_starts(deployment) -> None:  # type: ignore[no-untyped-def]
