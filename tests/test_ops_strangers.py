@@ -225,3 +225,71 @@ async def test_requests_left_waiting_by_closed_connections_count_against_their_a
         await asyncio.wait_for(ops.stop(), TIMEOUT_S)
     assert status == 200
     assert max(held) <= httpguard.MAX_PER_ADDRESS, held
+
+
+class _CountedCollects:
+    """A collector that counts the scrapes rendered (``describe``: none at registration)."""
+
+    def __init__(self) -> None:
+        self.collects = 0
+
+    def describe(self) -> list[object]:
+        return []
+
+    def collect(self) -> list[object]:
+        self.collects += 1
+        return []
+
+
+async def test_requests_of_closed_connections_give_their_turns_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A closed connection's request still took its scrape turn (rendered for nobody), and
+    # Prometheus waited behind them: 3.2 s behind 16 (the ops review's run)
+    monkeypatch.setattr(httpguard.AcceptRate, "allow", lambda self, address: True)
+    registry = CollectorRegistry()
+    counted = _CountedCollects()
+    registry.register(counted)  # type: ignore[arg-type]
+    metrics = WorkerMetrics("server", registry, version="1")
+    ops = OpsServer(metrics, dict, lambda: True, "127.0.0.1", 0)  # scrapes cost 10 turns
+    await asyncio.wait_for(ops.start(), TIMEOUT_S)
+    burst = int(httpguard.BURST / httpguard.SCRAPE_COST)  # scrapes answered at once: 10
+    try:
+        await asyncio.to_thread(_scrape_and_leave, ops.port, "127.0.0.2", burst + 16)
+        deadline = time.monotonic() + TIMEOUT_S
+        while ops.throttle.waiting:  # each gives its turn back once it sees its client left
+            assert time.monotonic() < deadline, "requests of closed connections kept waiting"
+            await asyncio.sleep(0.01)
+        status, _ = await asyncio.to_thread(_scrape, ops.port)
+    finally:
+        await asyncio.wait_for(ops.stop(), TIMEOUT_S)
+    # Assert: Prometheus's scrape, and at most the burst before it, were rendered (was 27)
+    assert status == 200
+    assert counted.collects <= burst + 1, counted.collects
+
+
+def test_a_turn_given_back_moves_the_later_ones_up() -> None:
+    now = [100.0]
+
+    async def advancing(seconds: float) -> None:  # a sleep on the throttle's own clock
+        now[0] += seconds
+        await asyncio.sleep(0)
+
+    throttle = httpguard.Throttle(10.0, 1.0, lambda: now[0], poll_s=0.01, sleep=advancing)
+    looks = [0]
+
+    def left() -> bool:  # the first waiter's client leaves after its first look
+        looks[0] += 1
+        return looks[0] > 1
+
+    async def scenario() -> tuple[bool, bool]:
+        assert throttle.reserve(1.0) == 0.0  # the burst, taken
+        first = asyncio.ensure_future(throttle.turn(1.0, left))  # due at +0.1
+        await asyncio.sleep(0)
+        second = asyncio.ensure_future(throttle.turn(1.0))  # due at +0.2, behind it
+        return await first, await second
+
+    # Assert: the first gave its turn back; the second came a turn sooner than it was due
+    assert asyncio.run(scenario()) == (False, True)
+    assert now[0] - 100.0 == pytest.approx(0.1, abs=0.011)
+    assert not throttle.waiting

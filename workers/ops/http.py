@@ -225,11 +225,14 @@ class OpsServer:
         """Each request waits its turn (``httpguard``): the loop also runs training. A scrape
         costs :data:`SCRAPE_COST` turns, one refused for its token one turn, as it costs the
         loop no more (at a scrape's cost, 40 connections asking without the token held
-        Prometheus's scrape 8 s, near its 10 s timeout)."""
+        Prometheus's scrape 8 s, near its 10 s timeout). A request whose client left while
+        it waited gives its turn back, unanswered."""
         scrape = request.path == "/metrics" and (
             not self.metrics_token or bearer_matches(request, self.metrics_token)
         )
-        await self.throttle.turn(SCRAPE_COST if scrape else 1.0)
+        gone = lambda: request.transport is None or request.transport.is_closing()  # noqa: E731
+        if not await self.throttle.turn(SCRAPE_COST if scrape else 1.0, gone):
+            return web.Response(status=499, text="the client left\n")  # never sent: it left
         return await handler(request)  # type: ignore[no-any-return]
 
     async def start(self) -> None:
