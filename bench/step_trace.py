@@ -120,7 +120,11 @@ def serve_traced(config: str, out: str) -> int:
     instrument_server()
 
     def dump(signum: int, frame: object) -> None:
-        Path(out).write_text(json.dumps(STAMPS))
+        # whole or not at all: the tracer reads it as soon as it exists and is not empty (it
+        # once read the first 8,192 bytes of a write still going on)
+        partial = Path(f"{out}.partial")
+        partial.write_text(json.dumps(STAMPS))
+        os.replace(partial, out)
 
     signal.signal(signal.SIGUSR2, dump)
     return cli_main(["server", "--config", config])
