@@ -28,8 +28,8 @@ TIMEOUT_S = 30.0
 TOKEN = "bench-metrics-token-0123456789"
 
 
-class _Counted:
-    """Counts the scrapes rendered."""
+class CountedScrapes:
+    """A collector that counts the scrapes rendered (``describe``: none at registration)."""
 
     def __init__(self) -> None:
         self.collects = 0
@@ -65,7 +65,7 @@ def _prometheus(port: int) -> float:
 async def measure(left: int) -> dict[str, float]:
     httpguard.AcceptRate.allow = lambda self, address: True  # type: ignore[method-assign]
     registry = CollectorRegistry()
-    counted = _Counted()
+    counted = CountedScrapes()
     registry.register(counted)  # type: ignore[arg-type]
     metrics = WorkerMetrics("server", registry, version="1")
     ops = OpsServer(metrics, dict, lambda: True, "127.0.0.1", 0, metrics_token=TOKEN)

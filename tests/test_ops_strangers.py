@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from bench.ops_wait import CountedScrapes
 from workers.cli import main
 from workers.ops import httpguard
 from workers.ops.http import OpsServer
@@ -227,20 +228,6 @@ async def test_requests_left_waiting_by_closed_connections_count_against_their_a
     assert max(held) <= httpguard.MAX_PER_ADDRESS, held
 
 
-class _CountedCollects:
-    """A collector that counts the scrapes rendered (``describe``: none at registration)."""
-
-    def __init__(self) -> None:
-        self.collects = 0
-
-    def describe(self) -> list[object]:
-        return []
-
-    def collect(self) -> list[object]:
-        self.collects += 1
-        return []
-
-
 async def test_requests_of_closed_connections_give_their_turns_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -248,7 +235,7 @@ async def test_requests_of_closed_connections_give_their_turns_back(
     # Prometheus waited behind them: 3.2 s behind 16 (the ops review's run)
     monkeypatch.setattr(httpguard.AcceptRate, "allow", lambda self, address: True)
     registry = CollectorRegistry()
-    counted = _CountedCollects()
+    counted = CountedScrapes()
     registry.register(counted)  # type: ignore[arg-type]
     metrics = WorkerMetrics("server", registry, version="1")
     ops = OpsServer(metrics, dict, lambda: True, "127.0.0.1", 0)  # scrapes cost 10 turns
