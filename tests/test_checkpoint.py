@@ -321,3 +321,44 @@ def test_a_reply_cache_saved_before_replies_named_their_request_still_answers_it
     request = Message(kind=Kind.FORWARD, client="client-1", epoch=0, step=4)
     cached = cache.get("client-1", "forward", (0, 4))
     assert cached is not None and check_answers(request, cached) is cached
+
+
+def test_a_lock_on_a_file_removed_meanwhile_is_taken_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A refused start removes its lock file (CheckpointStore.discard_if_unused); a worker that
+    # opened it just before held a lock on a file no other worker could see, and a third then
+    # locked a new one: two writers on one state (the red team's race)
+    import fcntl
+    import os
+
+    from workers.runtime import checkpoint
+
+    folder, real_lockf = tmp_path / "ckpt", fcntl.lockf
+    removed: list[bool] = []
+
+    def lockf_as_the_file_goes(fd: int, operation: int) -> None:
+        real_lockf(fd, operation)
+        if not removed:  # the refused start's unlink lands between our open and lock
+            removed.append(True)
+            (folder / ".server.lock").unlink()
+
+    monkeypatch.setattr(checkpoint.fcntl, "lockf", lockf_as_the_file_goes)
+    store = CheckpointStore(folder, prefix="server")
+    held, there = os.fstat(store._lock_fd), os.stat(folder / ".server.lock")
+    assert (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
+    store.release()
+
+
+def test_a_refused_start_removes_its_folder_only_while_it_holds_nothing_else(
+    tmp_path: Path,
+) -> None:
+    made = CheckpointStore(tmp_path / "state" / "ckpt", prefix="server")
+    made.discard_if_unused()
+    assert not (tmp_path / "state").exists()  # it made both: both gone
+    kept = CheckpointStore(tmp_path / "other" / "ckpt", prefix="server")
+    (tmp_path / "other" / "ckpt" / "notes").write_text("someone's")
+    kept.discard_if_unused()
+    assert (tmp_path / "other" / "ckpt" / "notes").exists()
+    again = CheckpointStore(tmp_path / "other" / "ckpt", prefix="server")  # released
+    again.release()

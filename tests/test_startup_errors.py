@@ -155,3 +155,40 @@ def test_a_refused_start_keeps_what_was_there(
     assert code == 2
     assert [p.name for p in state.iterdir()] == ["notes.txt"]
     assert (state / "notes.txt").read_text() == "the operator's"
+
+
+def test_a_start_refused_for_its_config_leaves_nothing_either(
+    deployment, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """A refusal after the output folders were made (here a missing token file) removes
+    them too (the red team's: it left ``state/`` and ``state/runs/``)."""
+    files = deployment(dataset="breast_cancer")
+    site = files["server"].parent
+    before = sorted(site.rglob("*"))
+    missing = 'ops.admin_token="keys/no-such.token"'
+    code, err = _run(capsys, "server", "--config", str(files["server"]), "--set", missing)
+    assert code == 2 and "ops.admin_token" in err, err
+    assert sorted(site.rglob("*")) == before
+
+
+def test_a_path_through_dot_dot_removes_only_what_the_start_made(
+    deployment, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """``x/../shared``: ``shared`` was the operator's (empty) folder; counted as made by the
+    refused start, it was removed (the red team's)."""
+    files = deployment(dataset="breast_cancer")
+    site = files["server"].parent
+    for name in ("shared", "shared2"):
+        (site / name).mkdir()
+    before = sorted(site.rglob("*"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        sets = (
+            "--set", 'checkpoint.dir="x/../shared/ckpt"',
+            "--set", 'server.save="y/../shared2/server.pt"',
+            "--set", f'server.bind="tcp://127.0.0.1:{taken.getsockname()[1]}"',
+        )  # fmt: skip
+        code, _ = _run(capsys, "server", "--config", str(files["server"]), *sets)
+    assert code == 2
+    assert sorted(site.rglob("*")) == before

@@ -32,13 +32,14 @@ import torch
 
 from sl_pipeline.config import CheckpointConfig, resolve_path
 from sl_pipeline.errors import CheckpointError, ConfigError
-from workers.runtime.savedmodel import missing_folders, remove_empty
+from workers.runtime.savedmodel import make_folders, remove_empty
 
 log = logging.getLogger("sl_pipeline.checkpoint")
 
 MAGIC = b"SLCKPT\x00\x01"
 _HEADER = struct.Struct(">8sQ32s")  # magic, payload length, sha256
 FORMAT = 1
+LOCK_TRIES = 3  # a lock file removed under a starting worker (a refused start's): open it again
 _SAFE_SCALARS = (str, bytes, int, float, bool, type(None), torch.dtype, torch.Size)
 _PLAIN = frozenset((str, int, float, bool, type(None)))  # exact types: a list of them is safe
 
@@ -144,9 +145,8 @@ class CheckpointStore:
         self.keep = keep
         self.prefix = prefix
         self._pattern = re.compile(rf"{re.escape(prefix)}-(\d{{12}})\.ckpt")
-        self._made = missing_folders(self.directory)  # innermost first
         try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._made = make_folders(self.directory, mode=0o700)
         except OSError as exc:
             raise CheckpointError(f"cannot create checkpoint dir {directory}: {exc}") from None
         self._lock_fd = self._lock()
@@ -158,23 +158,27 @@ class CheckpointStore:
         started twice) would write over this one's. A POSIX lock ends with its process,
         ``kill -9`` included, and never conflicts with its own process (in-process tests)."""
         path = self.directory / f".{self.prefix}.lock"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise CheckpointError(f"cannot open {path}: {exc}") from None
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise ConfigError(
-                f"{self.key} {self.directory} is in use by another running worker named "
-                f"{self.owner!r} (pid {holder}); two would overwrite each other's state: stop "
-                f"that one first, or give this one its own {self.key}"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return fd
+        for _ in range(LOCK_TRIES):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as exc:
+                raise CheckpointError(f"cannot open {path}: {exc}") from None
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise ConfigError(
+                    f"{self.key} {self.directory} is in use by another running worker named "
+                    f"{self.owner!r} (pid {holder}); two would overwrite each other's state: "
+                    f"stop that one first, or give this one its own {self.key}"
+                ) from None
+            if _same_file(fd, path):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                return fd
+            os.close(fd)  # a lock on a file removed meanwhile (a refused start's): locks none
+        raise CheckpointError(f"cannot lock {path}: it was removed {LOCK_TRIES} times over")
 
     def release(self) -> None:
         """Give the lock up: the worker stopped (a long-lived process that ran it in-process,
@@ -191,12 +195,12 @@ class CheckpointStore:
         """Remove the folders this store created, if they hold nothing but its lock: the worker
         never started (its port was taken), and a folder it made then would be left behind."""
         lock = self.directory / f".{self.prefix}.lock"
+        if self._made and self._lock_fd >= 0 and all(p == lock for p in self.directory.iterdir()):
+            with contextlib.suppress(OSError):
+                lock.unlink()  # still holding it: a worker that opened it meanwhile is refused
+            self.release()
+            remove_empty(self._made)
         self.release()
-        if not self._made or any(p != lock for p in self.directory.iterdir()):
-            return
-        with contextlib.suppress(OSError):
-            lock.unlink()
-        remove_empty(self._made)
 
     def path_for(self, step: int) -> Path:
         if not 0 <= step < 10**12:
@@ -281,6 +285,16 @@ class CheckpointStore:
         for path in self.directory.glob(f".{self.prefix}-*.tmp"):
             log.info("removing stale checkpoint temp file %s", path)
             path.unlink(missing_ok=True)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``fd`` is the file at ``path`` now (not one unlinked since it was opened)."""
+    try:
+        there = os.stat(path)
+    except OSError:
+        return False
+    here = os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def open_store(cfg: CheckpointConfig, base: Path, prefix: str) -> CheckpointStore | None:

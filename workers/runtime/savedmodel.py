@@ -53,20 +53,31 @@ def save_weights(state: Mapping[str, Any], path: Path, what: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def missing_folders(folder: Path) -> list[Path]:
-    """The folders that creating ``folder`` makes, innermost first."""
+def make_folders(folder: Path, mode: int = 0o777) -> list[Path]:
+    """Create ``folder`` (with ``mode``) and its missing parents, one level at a time; the
+    folders this call created, in the order it made them. A level that exists when it comes
+    to it is not counted, whatever made it: another process, or a path through ``..``
+    (``x/../shared`` names the ``shared`` that was there; counted as made, it was removed)."""
     missing = []
     for each in (folder, *folder.parents):
         if each.exists():
             break
         missing.append(each)
-    return missing
+    made = []
+    for each in reversed(missing):
+        try:
+            each.mkdir(mode=mode if each == folder else 0o777)
+        except FileExistsError:
+            continue
+        made.append(each)
+    return made
 
 
-def remove_empty(folders: list[Path]) -> None:
-    """Remove those of ``folders`` that are empty, innermost first (so that a folder that only
-    held others goes too)."""
-    for folder in sorted(folders, key=lambda path: len(path.parts), reverse=True):
+def remove_empty(made: list[Path]) -> None:
+    """Remove those of ``made`` (folders in the order they were made) that are empty, the
+    newest first: a folder that only held later ones goes too, and a path through ``..`` is
+    removed while the folder it passes through is still there."""
+    for folder in reversed(made):
         with contextlib.suppress(OSError):  # not empty (written meanwhile), or gone: it stays
             folder.rmdir()
 
@@ -74,11 +85,10 @@ def remove_empty(folders: list[Path]) -> None:
 def check_writable(path: Path, what: str) -> list[Path]:
     """Before any training: the folder of ``path`` can be made and written, so that a read-
     only or missing folder is found at start, not when a finished run's model is saved. The
-    folders it made, innermost first (a worker that then cannot start removes them)."""
+    folders it made, in that order (a worker that then cannot start removes them)."""
     folder = path.parent
-    made = missing_folders(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        made = make_folders(folder)
         fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
         os.close(fd)
         os.unlink(probe)
@@ -90,4 +100,4 @@ def check_writable(path: Path, what: str) -> list[Path]:
     return made
 
 
-__all__ = ["check_writable", "load_weights", "missing_folders", "remove_empty", "save_weights"]
+__all__ = ["check_writable", "load_weights", "make_folders", "remove_empty", "save_weights"]

@@ -4,7 +4,9 @@ it never served."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,13 +72,28 @@ class SavedModels:
     async def on_never_served(self, bound: bool) -> None:
         """Its port taken: no runs list or checkpoint written, and the folders made at start
         removed (a refused start left an empty checkpoint folder with its lock behind)."""
-        if self.ckpt is not None:
-            self.ckpt.discard_if_unused()
+        self.undo_start()
+
+    @contextlib.contextmanager
+    def undone_if_refused(self) -> Iterator[None]:
+        """What the start made so far undone (:meth:`undo_start`) if what it runs raises."""
+        try:
+            yield
+        except BaseException:
+            self.undo_start()
+            raise
+
+    def undo_start(self) -> None:
+        """The folders this start made removed again while empty (the checkpoint's, then the
+        outputs'): it is refused (its port, a token file, a lock another worker holds)."""
+        ckpt = getattr(self, "ckpt", None)  # none yet where opening it was refused
+        if ckpt is not None:
+            ckpt.discard_if_unused()
         remove_empty(self.made_folders)
 
     def check_outputs_writable(self) -> list[Path]:
         """A read-only or missing output folder is found at start, not when a run ends. The
-        folders made to check, innermost first."""
+        folders made to check, in the order they were made."""
         made = []
         path = self._save_path()
         if path is not None:

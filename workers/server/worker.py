@@ -74,6 +74,10 @@ class ServerWorker(RunHost, RouterService):
         self.groups = Groups.for_server(s.groups, admitted, s.group)  # who trains with whom
         self.book = self.open_book(self.table, self.hello_rate)
         self.made_folders = self.check_outputs_writable()  # removed if it never starts
+        with self.undone_if_refused():
+            self._load_state(cfg, base)  # runs, models, tokens, the checkpoint
+
+    def _load_state(self, cfg: ServerConfig, base: Path) -> None:
         self.peer_runs: dict[str, str] = {}  # peer name -> the run it trains in
         self.requested: dict[str, str] = {}  # peer name -> the run it asked for ("" = current)
         self.inferring: set[str] = set()  # peers whose hello said they only infer
