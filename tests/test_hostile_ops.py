@@ -366,7 +366,7 @@ async def test_a_body_nobody_reads_ends_its_connection_at_once(ops: OpsServer) -
     # a 10 ms ticker in the loop late 47% of the time)
     try:
         answer = await asyncio.wait_for(reader.read(), TIMEOUT_S / 2)
-        assert answer == b"" or answer.startswith(b"HTTP/1.1 405 ")
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 413 ")  # a body: refused
     except ConnectionResetError:
         pass  # closed with the body unread: the kernel may reset before the 405 is read
     finally:

@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 
 _HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?$")
 _SHUTDOWN_TIMEOUT_S = 5.0
+# No route of the ops port takes a body. One that comes is refused before its turn, unread:
+# past aiohttp's read buffer its sender's close queues behind it, unseen, so a request sent
+# with a large body and left still took its turn, rendered for nobody (the red team's)
+NO_BODY = "the ops port takes no request body\n"
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -230,6 +234,8 @@ class OpsServer:
         scrape = request.path == "/metrics" and (
             not self.metrics_token or bearer_matches(request, self.metrics_token)
         )
+        if request.body_exists:  # none is read, nor waits its turn (see NO_BODY)
+            return web.Response(status=413, text=NO_BODY, headers={"Connection": "close"})
         gone = lambda: request.transport is None or request.transport.is_closing()  # noqa: E731
         if not await self.throttle.turn(SCRAPE_COST if scrape else 1.0, gone):
             return web.Response(status=499, text="the client left\n")  # never sent: it left
