@@ -192,3 +192,18 @@ def test_a_path_through_dot_dot_removes_only_what_the_start_made(
         code, _ = _run(capsys, "server", "--config", str(files["server"]), *sets)
     assert code == 2
     assert sorted(site.rglob("*")) == before
+
+
+def test_a_relay_refused_for_its_port_leaves_nothing(
+    deployment, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    files = deployment(topology="multihop", dataset="breast_cancer")
+    site = files["relay-1"].parent
+    before = sorted(site.rglob("*"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        bind = f'relay.bind="tcp://127.0.0.1:{taken.getsockname()[1]}"'
+        code, err = _run(capsys, "relay", "--config", str(files["relay-1"]), "--set", bind)
+    assert code == 2 and "choose another port in [relay] bind" in err
+    assert sorted(site.rglob("*")) == before  # was its save folder, state/

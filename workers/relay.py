@@ -112,8 +112,8 @@ class RelayWorker(RelayCheckpoints, GivesWayOnStop, RouterService):
         hit = functools.partial(self.metrics.record_bound, "relay_rejoins")
         self.check_run = FreshStarts(r.rejoins_per_s, r.rejoin_burst, r.max_names, hit)
         self.steps_applied = 0
-        if (save := self._save_path()) is not None:
-            check_writable(save, "relay.save")
+        save = self._save_path()
+        self.made_folders = check_writable(save, "relay.save") if save is not None else []
         self.ckpt = open_store(cfg.checkpoint, base, r.name)
         self.checkpoint_every = max(1, cfg.checkpoint.every_steps) if self.ckpt else 1
         self.requests = self._open_requests(self.checkpoint_every)

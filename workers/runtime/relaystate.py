@@ -11,6 +11,7 @@ message (:meth:`workers.relay.RelayWorker.on_start`).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,6 +24,7 @@ from workers.ops.metrics import WorkerMetrics
 from workers.runtime.appliedlog import AppliedLog
 from workers.runtime.checkpoint import CheckpointStore, check_fingerprint, restore_rng, rng_state
 from workers.runtime.requestlog import RequestLog
+from workers.runtime.savedmodel import remove_empty
 
 if TYPE_CHECKING:
     from workers.server.replycache import ReplyCache
@@ -48,6 +50,19 @@ class RelayCheckpoints:
     pending: list[Message]  # the steps its restart lost, to run again (in order) at its start
     replaying: bool  # until they all ran: no checkpoint (the log must keep them)
     _saved_at: int
+    made_folders: list[Path]  # by its start: removed again if it never serves
+
+    async def on_never_served(self, bound: bool) -> None:
+        """Its port taken: the folders its start made removed while empty (a refused start
+        left its ``state/``). Refused once bound (its upstream not there), it stops as ever."""
+        if bound:
+            await super().on_never_served(bound)  # type: ignore[misc]
+            return
+        if self.requests is not None:
+            self.requests.close()
+        if self.ckpt is not None:
+            self.ckpt.discard_if_unused()
+        remove_empty(self.made_folders)
 
     def _open_requests(self, every: int) -> RequestLog | None:
         if self.ckpt is None or every <= 1:
