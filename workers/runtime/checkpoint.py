@@ -195,12 +195,14 @@ class CheckpointStore:
         """Remove the folders this store created, if they hold nothing but its lock: the worker
         never started (its port was taken), and a folder it made then would be left behind."""
         lock = self.directory / f".{self.prefix}.lock"
-        if self._made and self._lock_fd >= 0 and all(p == lock for p in self.directory.iterdir()):
+        held = self._lock_fd >= 0
+        unused = bool(self._made) and held and all(p == lock for p in self.directory.iterdir())
+        if unused:
             with contextlib.suppress(OSError):
                 lock.unlink()  # still holding it: a worker that opened it meanwhile is refused
-            self.release()
-            remove_empty(self._made)
         self.release()
+        if unused:
+            remove_empty(self._made)
 
     def path_for(self, step: int) -> Path:
         if not 0 <= step < 10**12:
